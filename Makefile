@@ -1,0 +1,65 @@
+# The project's interface: CI, hooks and people run these same targets. `make help` lists them.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PROTO_OUT := python/sandboxd/_proto
+
+.DEFAULT_GOAL := help
+
+.PHONY: help
+help: ## list the targets
+	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+
+.PHONY: install
+install: $(PY) ## build the Rust extension (release) and install sandboxd with test and dev tools into .venv
+	$(PY) -m pip install -q -e '.[dev]'
+
+.PHONY: dev
+dev: $(PY) ## rebuild the Rust extension into .venv after a Rust change (release build)
+	$(VENV)/bin/maturin develop --release -q
+
+.PHONY: proto
+proto: ## regenerate the committed Python protobuf/gRPC code from proto/
+	rm -rf $(PROTO_OUT) && mkdir -p $(PROTO_OUT)
+	PATH=$(abspath $(VENV))/bin:$$PATH $(PY) -m grpc_tools.protoc -Iproto --python_out=$(PROTO_OUT) --mypy_out=$(PROTO_OUT) \
+		--grpc_python_out=$(PROTO_OUT) proto/filesystem/filesystem.proto proto/process/process.proto
+	sed -i -E 's/^from (filesystem|process) import /from sandboxd._proto.\1 import /' $(PROTO_OUT)/*/*.py $(PROTO_OUT)/*/*.pyi
+	touch $(PROTO_OUT)/__init__.py $(PROTO_OUT)/filesystem/__init__.py $(PROTO_OUT)/process/__init__.py
+
+.PHONY: lint
+lint: ## cargo fmt --check, clippy -D warnings, ruff, mypy --strict
+	cargo fmt --all --check
+	cargo clippy --workspace --all-targets -- -D warnings
+	$(VENV)/bin/ruff check python tests benches
+	$(VENV)/bin/ruff format --check python tests benches
+	$(VENV)/bin/mypy
+
+.PHONY: fmt
+fmt: ## format Rust and Python
+	cargo fmt --all
+	$(VENV)/bin/ruff format python tests benches
+	$(VENV)/bin/ruff check --fix python tests benches
+
+.PHONY: test-rust
+test-rust: ## cargo test for the core crates
+	cargo test --workspace --exclude sandboxd-py
+
+.PHONY: test-py
+test-py: ## pytest: the binding, the services over real loopback servers, the official E2B SDK
+	$(VENV)/bin/pytest -q
+
+.PHONY: test
+test: install lint test-rust test-py ## everything CI runs: install, lint, cargo test, pytest
+
+.PHONY: bench
+bench: ## the full benchmark suite on a release build (prints a Markdown table, writes benches/results/)
+	$(PY) -m benches
+
+.PHONY: bench-quick
+bench-quick: ## a short benchmark run (a few minutes)
+	$(PY) -m benches --quick

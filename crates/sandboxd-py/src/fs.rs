@@ -1,0 +1,330 @@
+//! Bindings of `sandboxd-fs`: entry info, listing, mkdir/rename/remove, metadata, and the chunked
+//! reader and atomic writer used by `GET /files` and `POST /files`.
+//!
+//! Every call into the kernel runs inside `py.detach`, so other Python threads (and the event
+//! loop, when called through `asyncio.to_thread`) keep running while a disk is slow.
+
+use std::collections::BTreeMap;
+use std::ffi::OsStr;
+use std::path::{Path, PathBuf};
+
+use pyo3::exceptions::PyValueError;
+use pyo3::prelude::*;
+use pyo3::types::PyBytes;
+use sandboxd_fs as core;
+
+use crate::errors::to_pyerr;
+
+/// Adds this binding's functions, classes and constants to the module.
+pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add("FILE_TYPE_UNSPECIFIED", core::FileType::Unspecified as i32)?;
+    m.add("FILE_TYPE_FILE", core::FileType::File as i32)?;
+    m.add("FILE_TYPE_DIRECTORY", core::FileType::Directory as i32)?;
+    m.add("FILE_TYPE_SYMLINK", core::FileType::Symlink as i32)?;
+    m.add("READ_CHUNK", core::READ_CHUNK)?;
+    m.add_class::<EntryInfo>()?;
+    m.add_class::<FileReader>()?;
+    m.add_class::<AtomicWriter>()?;
+    m.add_function(wrap_pyfunction!(entry_info, m)?)?;
+    m.add_function(wrap_pyfunction!(list_dir, m)?)?;
+    m.add_function(wrap_pyfunction!(make_dir, m)?)?;
+    m.add_function(wrap_pyfunction!(rename, m)?)?;
+    m.add_function(wrap_pyfunction!(remove_all, m)?)?;
+    m.add_function(wrap_pyfunction!(set_metadata, m)?)?;
+    Ok(())
+}
+
+/// One filesystem entry, built as envd builds `filesystem.EntryInfo` (spec §4.1).
+#[pyclass(frozen, module = "sandboxd._core", name = "EntryInfo")]
+pub(crate) struct EntryInfo(core::EntryInfo);
+
+#[pymethods]
+impl EntryInfo {
+    #[getter]
+    fn name(&self) -> &str {
+        &self.0.name
+    }
+
+    #[getter]
+    fn path(&self) -> &str {
+        &self.0.path
+    }
+
+    #[getter(r#type)]
+    fn file_type(&self) -> i32 {
+        self.0.file_type as i32
+    }
+
+    #[getter]
+    fn size(&self) -> u64 {
+        self.0.size
+    }
+
+    #[getter]
+    fn mode(&self) -> u32 {
+        self.0.mode
+    }
+
+    #[getter]
+    fn permissions(&self) -> &str {
+        &self.0.permissions
+    }
+
+    #[getter]
+    fn owner(&self) -> &str {
+        &self.0.owner
+    }
+
+    #[getter]
+    fn group(&self) -> &str {
+        &self.0.group
+    }
+
+    #[getter]
+    fn mtime_sec(&self) -> i64 {
+        self.0.mtime_sec
+    }
+
+    #[getter]
+    fn mtime_nsec(&self) -> u32 {
+        self.0.mtime_nsec
+    }
+
+    #[getter]
+    fn symlink_target(&self) -> Option<&str> {
+        self.0.symlink_target.as_deref()
+    }
+
+    #[getter]
+    fn is_symlink(&self) -> bool {
+        self.0.is_symlink
+    }
+
+    #[getter]
+    fn metadata(&self) -> &BTreeMap<String, String> {
+        &self.0.metadata
+    }
+
+    fn __repr__(&self) -> String {
+        let e = &self.0;
+        format!(
+            "EntryInfo(path={:?}, type={}, size={}, permissions={:?}, owner={:?}, group={:?}, symlink_target={:?})",
+            e.path, e.file_type as i32, e.size, e.permissions, e.owner, e.group, e.symlink_target
+        )
+    }
+}
+
+/// `lstat` `path` and describe it; a symlink's type and mode are its target's.
+#[pyfunction]
+fn entry_info(py: Python<'_>, path: PathBuf) -> PyResult<EntryInfo> {
+    py.detach(|| core::entry_info(&path))
+        .map(EntryInfo)
+        .map_err(to_pyerr)
+}
+
+/// List `path` to `depth` levels (0 means 1), lexically, as envd's `ListDir`.
+#[pyfunction]
+fn list_dir(py: Python<'_>, path: PathBuf, depth: u32) -> PyResult<Vec<EntryInfo>> {
+    let entries = py
+        .detach(|| core::list_dir(&path, depth))
+        .map_err(to_pyerr)?;
+    Ok(entries.into_iter().map(EntryInfo).collect())
+}
+
+/// Create `path` and its missing parents (0755, chowned to uid/gid when running as root).
+#[pyfunction]
+fn make_dir(py: Python<'_>, path: PathBuf, uid: u32, gid: u32) -> PyResult<EntryInfo> {
+    py.detach(|| core::make_dir(&path, uid, gid))
+        .map(EntryInfo)
+        .map_err(to_pyerr)
+}
+
+/// Create the destination's missing parents, then `rename(2)`; returns the destination's entry.
+#[pyfunction]
+fn rename(
+    py: Python<'_>,
+    source: PathBuf,
+    destination: PathBuf,
+    uid: u32,
+    gid: u32,
+) -> PyResult<EntryInfo> {
+    py.detach(|| core::rename(&source, &destination, uid, gid))
+        .map(EntryInfo)
+        .map_err(to_pyerr)
+}
+
+/// Remove `path` recursively without following symlinks; a missing path is not an error.
+#[pyfunction]
+fn remove_all(py: Python<'_>, path: PathBuf) -> PyResult<()> {
+    py.detach(|| core::remove_all(&path)).map_err(to_pyerr)
+}
+
+/// Replace the `user.e2b.*` extended attributes of `path` with `metadata`.
+#[pyfunction]
+fn set_metadata(py: Python<'_>, path: PathBuf, metadata: core::Metadata) -> PyResult<()> {
+    py.detach(|| core::set_metadata(&path, &metadata))
+        .map_err(to_pyerr)
+}
+
+/// The `ValueError` Python's own file objects raise after `close()`.
+fn closed(path: &Path) -> PyErr {
+    to_pyerr(core::Error::Closed { path: path.into() })
+}
+
+/// A file opened for chunked reading; iterating yields chunks until EOF.
+#[pyclass(module = "sandboxd._core", name = "FileReader")]
+pub(crate) struct FileReader {
+    inner: core::FileReader,
+}
+
+#[pymethods]
+impl FileReader {
+    #[new]
+    #[pyo3(signature = (path, offset = 0, length = None, chunk = core::READ_CHUNK))]
+    fn new(
+        py: Python<'_>,
+        path: PathBuf,
+        offset: u64,
+        length: Option<u64>,
+        chunk: usize,
+    ) -> PyResult<Self> {
+        if chunk == 0 {
+            return Err(PyValueError::new_err("chunk must be positive"));
+        }
+        let inner = py
+            .detach(|| core::FileReader::open(&path, offset, length, chunk))
+            .map_err(to_pyerr)?;
+        Ok(Self { inner })
+    }
+
+    /// The file's size when it was opened.
+    #[getter]
+    fn size(&self) -> u64 {
+        self.inner.size()
+    }
+
+    /// The next chunk; `b""` at the end.
+    ///
+    /// The `bytes` object is allocated at the chunk's size and filled by `read(2)` with the GIL
+    /// released, so a chunk is copied once (kernel to Python); only a short read (a file that
+    /// shrank, or a stream) costs a second copy into a smaller object.
+    fn read<'py>(&mut self, py: Python<'py>) -> PyResult<Bound<'py, PyBytes>> {
+        if self.inner.is_closed() {
+            return Err(closed(self.inner.path()));
+        }
+        let want = self.inner.next_len();
+        if want == 0 {
+            return Ok(PyBytes::new(py, b""));
+        }
+        let reader = &mut self.inner;
+        let mut got = 0;
+        let bytes = PyBytes::new_with(py, want, |buf| {
+            got = py.detach(|| reader.read_into(buf)).map_err(to_pyerr)?;
+            Ok(())
+        })?;
+        if got == want {
+            Ok(bytes)
+        } else {
+            Ok(PyBytes::new(py, &bytes.as_bytes()[..got]))
+        }
+    }
+
+    /// Close the file; later reads raise `ValueError`.
+    fn close(&mut self) {
+        self.inner.close();
+    }
+
+    fn __iter__(slf: PyRef<'_, Self>) -> PyRef<'_, Self> {
+        slf
+    }
+
+    fn __next__<'py>(&mut self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyBytes>>> {
+        let chunk = self.read(py)?;
+        Ok((!chunk.as_bytes().is_empty()).then_some(chunk))
+    }
+
+    fn __enter__(slf: PyRef<'_, Self>) -> PyRef<'_, Self> {
+        slf
+    }
+
+    #[pyo3(signature = (exc_type = None, exc = None, tb = None))]
+    fn __exit__(
+        &mut self,
+        exc_type: Option<Bound<'_, PyAny>>,
+        exc: Option<Bound<'_, PyAny>>,
+        tb: Option<Bound<'_, PyAny>>,
+    ) {
+        let _ = (exc_type, exc, tb);
+        self.inner.close();
+    }
+}
+
+/// Writes a file atomically through a hidden temporary file that `commit` renames over the target.
+#[pyclass(module = "sandboxd._core", name = "AtomicWriter")]
+pub(crate) struct AtomicWriter {
+    inner: core::AtomicWriter,
+}
+
+#[pymethods]
+impl AtomicWriter {
+    #[new]
+    fn new(py: Python<'_>, path: PathBuf, uid: u32, gid: u32) -> PyResult<Self> {
+        let inner = py
+            .detach(|| core::AtomicWriter::create(&path, uid, gid))
+            .map_err(to_pyerr)?;
+        Ok(Self { inner })
+    }
+
+    /// The path as given (a `str`, decoded as `os.fsdecode` does).
+    #[getter]
+    fn path(&self) -> &OsStr {
+        self.inner.path().as_os_str()
+    }
+
+    /// Bytes written so far.
+    #[getter]
+    fn written(&self) -> u64 {
+        self.inner.written()
+    }
+
+    /// Append all of `data` to the temporary file.
+    fn write(&mut self, py: Python<'_>, data: &[u8]) -> PyResult<()> {
+        let inner = &mut self.inner;
+        py.detach(|| inner.write(data)).map_err(to_pyerr)
+    }
+
+    /// Set `user.e2b.*` metadata (replacing any), chown to uid/gid, and rename into place.
+    #[pyo3(signature = (metadata = None))]
+    fn commit(&mut self, py: Python<'_>, metadata: Option<core::Metadata>) -> PyResult<()> {
+        let metadata = metadata.unwrap_or_default();
+        let inner = &mut self.inner;
+        py.detach(|| inner.commit(&metadata)).map_err(to_pyerr)
+    }
+
+    /// Remove the temporary file; the target is untouched. Does nothing after commit or abort.
+    fn abort(&mut self, py: Python<'_>) -> PyResult<()> {
+        let inner = &mut self.inner;
+        py.detach(|| inner.abort()).map_err(to_pyerr)
+    }
+
+    fn __enter__(slf: PyRef<'_, Self>) -> PyRef<'_, Self> {
+        slf
+    }
+
+    /// With an exception, abort; without one, do nothing (the caller commits explicitly).
+    #[pyo3(signature = (exc_type = None, exc = None, tb = None))]
+    fn __exit__(
+        &mut self,
+        py: Python<'_>,
+        exc_type: Option<Bound<'_, PyAny>>,
+        exc: Option<Bound<'_, PyAny>>,
+        tb: Option<Bound<'_, PyAny>>,
+    ) -> PyResult<()> {
+        let _ = (exc, tb);
+        if exc_type.is_some() {
+            self.abort(py)
+        } else {
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,22 @@
+//! `sandboxd._core`: the PyO3 extension over the sandboxd core crates, the only crate that
+//! imports pyo3.
+//!
+//! Each submodule binds one core crate and registers its functions and classes here; the typed
+//! interface and its docstrings are in `python/sandboxd/_core.pyi`. Every call that touches the
+//! kernel releases the GIL, and core errors become Python's built-in `OSError` subclasses
+//! ([`errors`]).
+
+#![deny(unsafe_code)]
+
+mod errors;
+mod fs;
+
+use pyo3::prelude::*;
+
+/// The module initialiser: `__version__` (the crate version) and each binding's contents.
+#[pymodule]
+fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    fs::register(m)?;
+    Ok(())
+}

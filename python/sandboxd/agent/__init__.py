@@ -1,0 +1,1 @@
+"""The agent: an envd-compatible daemon that runs inside each sandbox."""

@@ -1,0 +1,97 @@
+"""The agent's ASGI application: one port for Connect RPCs and envd's REST endpoints."""
+
+from __future__ import annotations
+
+from .asgi import Receive, Scope, Send, header_map, send_empty, send_http_error
+from .auth import TOKEN_ERROR
+from .connect import ConnectTransport
+from .files import download, upload
+from .rest import envs, health, init, metrics
+from .rpc import Method
+from .state import AgentState
+
+MAX_HEADER_BYTES = 64 << 10
+"""Requests whose headers add up to more than 64 KiB are refused with 431 (nginx's default is 32 KiB
+per line; no SDK call comes near it)."""
+
+CORS = [
+    ("access-control-allow-origin", "*"),
+    ("access-control-allow-methods", "*"),
+    ("access-control-allow-headers", "*"),
+    ("access-control-expose-headers", "*"),
+    ("access-control-max-age", "86400"),
+]
+
+
+class AgentApp:
+    """Routes a request to the Connect transport or a REST handler (envd's routing and auth)."""
+
+    def __init__(self, state: AgentState, methods: list[Method]) -> None:
+        self.state = state
+        self.connect = ConnectTransport(methods, state)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await _lifespan(receive, send)
+            return
+        if scope["type"] != "http":
+            return
+        send = _with_cors(send)
+        if sum(len(k) + len(v) for k, v in scope["headers"]) > MAX_HEADER_BYTES:
+            await send_http_error(send, 431, f"request headers exceed {MAX_HEADER_BYTES} bytes")
+            return
+        path: str = scope["path"]
+        verb: str = scope["method"]
+        if verb == "OPTIONS":
+            await send_empty(send, 204)
+            return
+        rpc = self.connect.routes.get(path)
+        if rpc is not None:
+            if verb != "POST":
+                await send_http_error(send, 405, f"{path} is a Connect RPC: use POST", [("allow", "POST")])
+                return
+            if not self.state.token_matches(header_map(scope).get("x-access-token")):
+                await send_http_error(send, 401, TOKEN_ERROR)
+                return
+            await self.connect(scope, receive, send, rpc)
+            return
+        if path == "/health" and verb in ("GET", "HEAD"):
+            await health(send)
+        elif path == "/files" and verb in ("GET", "HEAD"):
+            await download(self.state, scope, receive, send)
+        elif path == "/files" and verb == "POST":
+            await upload(self.state, scope, receive, send)
+        elif path == "/init" and verb == "POST":
+            await init(self.state, header_map(scope), receive, send)
+        elif path in ("/envs", "/metrics") and verb == "GET":
+            if not self.state.token_matches(header_map(scope).get("x-access-token")):
+                await send_http_error(send, 401, TOKEN_ERROR)
+            elif path == "/envs":
+                await envs(self.state, send)
+            else:
+                await metrics(send)
+        elif path in ("/health", "/files", "/init", "/envs", "/metrics"):
+            await send_http_error(send, 405, f"method {verb} is not allowed on {path}")
+        else:
+            await send_http_error(send, 404, f"no such endpoint: {verb} {path}")
+
+
+def _with_cors(send: Send) -> Send:
+    """envd answers every request with open CORS headers."""
+
+    async def wrapped(message: dict) -> None:  # type: ignore[type-arg]
+        if message["type"] == "http.response.start":
+            message["headers"] = [*message.get("headers", []), *((k.encode(), v.encode()) for k, v in CORS)]
+        await send(message)
+
+    return wrapped  # type: ignore[return-value]
+
+
+async def _lifespan(receive: Receive, send: Send) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.complete"})
+        elif message["type"] == "lifespan.shutdown":
+            await send({"type": "lifespan.shutdown.complete"})
+            return

@@ -1,0 +1,80 @@
+"""Small ASGI helpers shared by the transports: headers, bodies and JSON replies."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, MutableMapping
+from typing import Any
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+RawHeaders = list[tuple[bytes, bytes]]
+
+
+class ClientDisconnected(Exception):
+    """The client went away before the request body was complete."""
+
+
+def header_map(scope: Scope) -> dict[str, str]:
+    """Request headers as a dict with lower-case names (the last value wins), decoded as latin-1."""
+    return {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+
+
+def raw_headers(pairs: Iterable[tuple[str, str]]) -> RawHeaders:
+    """``(name, value)`` strings as ASGI header bytes."""
+    return [(k.encode("latin-1"), v.encode("latin-1")) for k, v in pairs]
+
+
+async def body_chunks(receive: Receive) -> AsyncIterator[bytes]:
+    """The request body as it arrives; raises :class:`ClientDisconnected` if the client leaves."""
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientDisconnected
+        chunk = message.get("body", b"")
+        if chunk:
+            yield chunk
+        if not message.get("more_body", False):
+            return
+
+
+async def read_body(receive: Receive, limit: int) -> bytes | None:
+    """The whole body, or None when it is larger than ``limit`` bytes."""
+    parts: list[bytes] = []
+    size = 0
+    async for chunk in body_chunks(receive):
+        size += len(chunk)
+        if size > limit:
+            return None
+        parts.append(chunk)
+    return b"".join(parts)
+
+
+async def send_bytes(
+    send: Send, status: int, body: bytes, content_type: str | None, headers: Iterable[tuple[str, str]] = ()
+) -> None:
+    """A complete response in one go."""
+    pairs = [("content-length", str(len(body))), *headers]
+    if content_type is not None:
+        pairs.append(("content-type", content_type))
+    await send({"type": "http.response.start", "status": status, "headers": raw_headers(pairs)})
+    await send({"type": "http.response.body", "body": body})
+
+
+async def send_json(send: Send, status: int, payload: Any, headers: Iterable[tuple[str, str]] = ()) -> None:
+    """A JSON response."""
+    body = json.dumps(payload, separators=(",", ":")).encode()
+    await send_bytes(send, status, body, "application/json", headers)
+
+
+async def send_http_error(send: Send, status: int, message: str, headers: Iterable[tuple[str, str]] = ()) -> None:
+    """envd's REST error shape: ``{"code": <http status>, "message": ...}``."""
+    await send_json(send, status, {"code": status, "message": message}, headers)
+
+
+async def send_empty(send: Send, status: int, headers: Iterable[tuple[str, str]] = ()) -> None:
+    """A response with no body (204 and the like)."""
+    await send({"type": "http.response.start", "status": status, "headers": raw_headers(headers)})
+    await send({"type": "http.response.body", "body": b""})

@@ -1,0 +1,301 @@
+"""The Connect protocol over HTTP/1.1 (what the E2B SDKs speak), as a thin ASGI adapter.
+
+Written here rather than taken from ``connectrpc``/``connect-python``: those own the whole ASGI app and
+routing, while the agent serves Connect, REST and envd's plain-HTTP auth semantics on one port, and
+must match details the SDK checks byte for byte (the exact ``application/connect+json`` stream type,
+errors of streams as HTTP 200 + end-stream frame, envd's 401 JSON). The adapter is ~300 lines.
+
+* unary: ``application/json`` or ``application/proto`` body → same type reply, errors as JSON with
+  the code's HTTP status;
+* streams: ``application/connect+json`` / ``+proto`` envelopes (1 flag byte, 4-byte big-endian length),
+  ending with an end-stream frame (flag 0x02) holding ``{}`` or ``{"error": ...}``;
+* ``connect-timeout-ms`` is the handler's deadline; ``gzip`` request compression is accepted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import struct
+import time
+import zlib
+from collections.abc import AsyncIterator, Iterable
+from typing import Any
+
+from google.protobuf import json_format
+from google.protobuf.message import DecodeError, Message
+
+from .asgi import ClientDisconnected, Receive, Scope, Send, body_chunks, header_map, raw_headers, read_body, send_bytes
+from .auth import rpc_user
+from .errors import Code, RpcError, to_rpc_error
+from .keepalive import with_keepalives
+from .rpc import Context, Kind, Method
+from .state import AgentState
+
+MAX_UNARY_BODY = 16 << 20
+"""Largest unary request accepted (bytes). envd's messages are paths and small structs; 16 MiB leaves
+room for big ``SendInput`` payloads while bounding memory per request."""
+
+MAX_ENVELOPE = 16 << 20
+"""Largest single streamed message accepted (bytes), for the same reason."""
+
+FLAG_COMPRESSED = 0x01
+FLAG_END_STREAM = 0x02
+_HEADER = struct.Struct(">BI")
+
+UNARY_TYPES = {"application/json": "json", "application/proto": "proto"}
+STREAM_TYPES = {"application/connect+json": "json", "application/connect+proto": "proto"}
+
+
+class Codec:
+    """Protobuf messages to and from JSON (proto3 canonical JSON) or binary."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def decode(self, data: bytes, message_type: type[Message]) -> Message:
+        message = message_type()
+        try:
+            if self.name == "proto":
+                message.ParseFromString(data)
+            else:
+                json_format.Parse(data or b"{}", message, ignore_unknown_fields=True)
+        except (json_format.ParseError, DecodeError, UnicodeDecodeError, ValueError, RecursionError) as exc:
+            detail = str(exc) or type(exc).__name__
+            raise RpcError(
+                Code.INVALID_ARGUMENT, f"cannot decode {message_type.DESCRIPTOR.full_name}: {detail}"
+            ) from None
+        return message
+
+    def encode(self, message: Message) -> bytes:
+        if self.name == "proto":
+            return message.SerializeToString()
+        return json.dumps(json_format.MessageToDict(message), separators=(",", ":")).encode()
+
+
+def error_json(error: RpcError) -> dict[str, Any]:
+    """The Connect error object."""
+    return {"code": str(error.code), "message": error.message}
+
+
+def envelope(flags: int, payload: bytes) -> bytes:
+    """One Connect stream frame."""
+    return _HEADER.pack(flags, len(payload)) + payload
+
+
+def end_stream(error: RpcError | None) -> bytes:
+    """The final frame of a stream: ``{}`` or ``{"error": ...}``, always JSON."""
+    body = {} if error is None else {"error": error_json(error)}
+    return envelope(FLAG_END_STREAM, json.dumps(body, separators=(",", ":")).encode())
+
+
+def deadline_from(headers: dict[str, str]) -> float | None:
+    """``connect-timeout-ms`` as a ``time.monotonic()`` deadline; absent or 0 means none."""
+    raw = headers.get("connect-timeout-ms")
+    if raw is None:
+        return None
+    if not raw.isdigit() or len(raw) > 10:
+        raise RpcError(Code.INVALID_ARGUMENT, f"connect-timeout-ms must be a positive integer, got '{raw}'")
+    millis = int(raw)
+    return None if millis == 0 else time.monotonic() + millis / 1000
+
+
+def _decompressor(encoding: str | None, header: str) -> zlib._Decompress | None:
+    if encoding in (None, "", "identity"):
+        return None
+    if encoding == "gzip":
+        return zlib.decompressobj(16 + zlib.MAX_WBITS)
+    raise RpcError(Code.UNIMPLEMENTED, f"unsupported {header} '{encoding}' (supported: identity, gzip)")
+
+
+async def envelopes(chunks: AsyncIterator[bytes], encoding: str | None) -> AsyncIterator[bytes]:
+    """Payloads of the Connect envelopes in a request body, decompressed."""
+    buffer = bytearray()
+    async for chunk in chunks:
+        buffer += chunk
+        while len(buffer) >= _HEADER.size:
+            flags, length = _HEADER.unpack_from(buffer)
+            if length > MAX_ENVELOPE:
+                raise RpcError(Code.RESOURCE_EXHAUSTED, f"message of {length} bytes exceeds {MAX_ENVELOPE}")
+            if len(buffer) < _HEADER.size + length:
+                break
+            payload = bytes(buffer[_HEADER.size : _HEADER.size + length])
+            del buffer[: _HEADER.size + length]
+            if flags & FLAG_END_STREAM:
+                return
+            if flags & FLAG_COMPRESSED:
+                inflate = _decompressor(encoding, "connect-content-encoding")
+                if inflate is None:
+                    raise RpcError(Code.INTERNAL, "compressed message without connect-content-encoding")
+                payload = inflate.decompress(payload) + inflate.flush()
+            yield payload
+    if buffer:
+        raise RpcError(Code.INVALID_ARGUMENT, f"request body ends inside a message envelope ({len(buffer)} bytes)")
+
+
+class ConnectTransport:
+    """Serves a set of :class:`Method` over the Connect protocol."""
+
+    def __init__(self, methods: list[Method], state: AgentState) -> None:
+        self.routes = {m.path: m for m in methods}
+        self.state = state
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send, method: Method) -> None:
+        headers = header_map(scope)
+        content_type = headers.get("content-type", "").split(";")[0].strip().lower()
+        if method.kind is Kind.UNARY:
+            await self._unary(method, headers, content_type, receive, send)
+        else:
+            await self._stream(method, headers, content_type, receive, send)
+
+    def _context(self, headers: dict[str, str]) -> Context:
+        return Context(
+            user=rpc_user(self.state, headers.get("authorization")),
+            headers=headers,
+            deadline=deadline_from(headers),
+        )
+
+    async def _unary(
+        self, method: Method, headers: dict[str, str], content_type: str, receive: Receive, send: Send
+    ) -> None:
+        codec_name = UNARY_TYPES.get(content_type)
+        if codec_name is None:
+            await self._send_unary_error(
+                send,
+                RpcError(
+                    Code.UNKNOWN,
+                    f"unsupported content-type '{content_type}' for unary {method.path}: "
+                    "use application/json or application/proto",
+                    http_status=415,
+                ),
+                [("accept-post", "application/json, application/proto")],
+            )
+            return
+        codec = Codec(codec_name)
+        try:
+            inflate = _decompressor(headers.get("content-encoding"), "content-encoding")
+            body = await read_body(receive, MAX_UNARY_BODY)
+            if body is None:
+                raise RpcError(Code.RESOURCE_EXHAUSTED, f"request body exceeds {MAX_UNARY_BODY} bytes")
+            if inflate is not None:
+                body = inflate.decompress(body) + inflate.flush()
+            request = codec.decode(body, method.request_type)
+            ctx = self._context(headers)
+            async with asyncio.timeout_at(_loop_deadline(ctx.deadline)):
+                response = await method.handler(request, ctx)
+        except ClientDisconnected:
+            return
+        except Exception as exc:
+            await self._send_unary_error(send, to_rpc_error(exc))
+            return
+        await send_bytes(send, 200, codec.encode(response), f"application/{codec_name}")
+
+    async def _send_unary_error(self, send: Send, error: RpcError, headers: Iterable[tuple[str, str]] = ()) -> None:
+        body = json.dumps(error_json(error), separators=(",", ":")).encode()
+        await send_bytes(send, error.http_status, body, "application/json", headers)
+
+    async def _stream(
+        self, method: Method, headers: dict[str, str], content_type: str, receive: Receive, send: Send
+    ) -> None:
+        codec_name = STREAM_TYPES.get(content_type)
+        if codec_name is None:
+            await self._send_unary_error(
+                send,
+                RpcError(
+                    Code.UNKNOWN,
+                    f"unsupported content-type '{content_type}' for streaming {method.path}: "
+                    "use application/connect+json or application/connect+proto",
+                    http_status=415,
+                ),
+                [("accept-post", "application/connect+json, application/connect+proto")],
+            )
+            return
+        codec = Codec(codec_name)
+        started = False
+
+        async def start() -> None:
+            nonlocal started
+            if not started:
+                started = True
+                await send(
+                    {
+                        "type": "http.response.start",
+                        "status": 200,
+                        "headers": raw_headers(
+                            [("content-type", f"application/connect+{codec_name}"), ("x-accel-buffering", "no")]
+                        ),
+                    }
+                )
+
+        async def frame(data: bytes, more: bool = True) -> None:
+            await start()
+            await send({"type": "http.response.body", "body": data, "more_body": more})
+
+        error: RpcError | None = None
+        try:
+            ctx = self._context(headers)
+            encoding = headers.get("connect-content-encoding")
+            _decompressor(encoding, "connect-content-encoding")
+            payloads = envelopes(body_chunks(receive), encoding)
+            async with asyncio.timeout_at(_loop_deadline(ctx.deadline)):
+                if method.kind is Kind.CLIENT_STREAM:
+                    requests = (codec.decode(p, method.request_type) async for p in payloads)
+                    response = await method.handler(requests, ctx)
+                    await frame(envelope(0, codec.encode(response)))
+                else:
+                    request = await _single_request(payloads, codec, method)
+                    await self._serve_stream(method, request, ctx, codec, receive, frame)
+        except ClientDisconnected:
+            return
+        except Exception as exc:
+            error = to_rpc_error(exc)
+        with contextlib.suppress(OSError):
+            await frame(end_stream(error), more=False)
+
+    async def _serve_stream(
+        self, method: Method, request: Message, ctx: Context, codec: Codec, receive: Receive, frame: Any
+    ) -> None:
+        """Run a server-stream handler until it ends or the client disconnects."""
+        messages: AsyncIterator[Message] = method.handler(request, ctx)
+        if method.keepalive is not None:
+            messages = with_keepalives(messages, ctx.keepalive_interval, method.keepalive)
+
+        async def pump() -> None:
+            async for message in messages:
+                await frame(envelope(0, codec.encode(message)))
+
+        async def disconnected() -> None:
+            while (await receive())["type"] != "http.disconnect":
+                pass
+
+        pump_task = asyncio.ensure_future(pump())
+        watch_task = asyncio.ensure_future(disconnected())
+        try:
+            done, _ = await asyncio.wait({pump_task, watch_task}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (pump_task, watch_task):
+                task.cancel()
+            await asyncio.gather(pump_task, watch_task, return_exceptions=True)
+        if pump_task not in done:
+            raise ClientDisconnected
+        pump_task.result()
+
+
+async def _single_request(payloads: AsyncIterator[bytes], codec: Codec, method: Method) -> Message:
+    request: Message | None = None
+    async for payload in payloads:
+        if request is not None:
+            raise RpcError(Code.INVALID_ARGUMENT, f"{method.path} takes exactly one request message, got more")
+        request = codec.decode(payload, method.request_type)
+    if request is None:
+        raise RpcError(Code.INVALID_ARGUMENT, f"{method.path} needs one request message, the body had none")
+    return request
+
+
+def _loop_deadline(deadline: float | None) -> float | None:
+    """A ``time.monotonic()`` deadline on the running loop's clock (``asyncio.timeout_at`` wants that)."""
+    if deadline is None:
+        return None
+    loop = asyncio.get_running_loop()
+    return loop.time() + (deadline - time.monotonic())

@@ -1,0 +1,1 @@
+"""Transport-agnostic services: each takes request messages and returns messages or streams."""

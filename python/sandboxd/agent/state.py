@@ -1,0 +1,56 @@
+"""The agent's mutable configuration: what flags set at start and ``POST /init`` changes later."""
+
+from __future__ import annotations
+
+import hmac
+import threading
+from dataclasses import dataclass, field
+
+from .users import User, lookup
+
+
+@dataclass
+class AgentState:
+    """Settings shared by every transport.
+
+    ``POST /init`` replaces fields while requests run; each field is replaced whole (never mutated in
+    place), so readers see either the old or the new value. ``_lock`` serialises writers only.
+    """
+
+    default_user: str
+    default_workdir: str | None = None
+    access_token: str | None = None
+    env_vars: dict[str, str] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def user(self, name: str | None = None) -> User:
+        """The named account, or the default one. :class:`KeyError` when it does not exist."""
+        return lookup(name or self.default_user)
+
+    def token_matches(self, presented: str | None) -> bool:
+        """True when no token is set, or ``presented`` equals it (compared in constant time)."""
+        token = self.access_token
+        if token is None:
+            return True
+        if presented is None:
+            return False
+        return hmac.compare_digest(presented.encode(), token.encode())
+
+    def apply_init(
+        self,
+        *,
+        access_token: str | None,
+        env_vars: dict[str, str] | None,
+        default_user: str | None,
+        default_workdir: str | None,
+    ) -> None:
+        """What ``POST /init`` sets. Env vars replace the previous set, as in envd."""
+        with self._lock:
+            if access_token is not None:
+                self.access_token = access_token or None
+            if env_vars is not None:
+                self.env_vars = dict(env_vars)
+            if default_user:
+                self.default_user = default_user
+            if default_workdir is not None:
+                self.default_workdir = default_workdir or None

@@ -1,0 +1,50 @@
+"""Sandbox users: who a request acts as, looked up in the sandbox's own /etc/passwd."""
+
+from __future__ import annotations
+
+import os
+import pwd
+from dataclasses import dataclass
+
+from .errors import Code, RpcError
+
+
+@dataclass(frozen=True, slots=True)
+class User:
+    """A resolved account: what files are chowned to and what processes run as."""
+
+    name: str
+    uid: int
+    gid: int
+    home: str
+    groups: tuple[int, ...]
+
+
+def lookup(name: str) -> User:
+    """The account called ``name``; :class:`KeyError` when there is none."""
+    entry = pwd.getpwnam(name)
+    try:
+        groups = tuple(os.getgrouplist(entry.pw_name, entry.pw_gid))
+    except OSError:  # pragma: no cover - broken group database
+        groups = (entry.pw_gid,)
+    return User(entry.pw_name, entry.pw_uid, entry.pw_gid, entry.pw_dir or "/", groups)
+
+
+def lookup_or_unauthenticated(name: str) -> User:
+    """The account called ``name``, or the ``unauthenticated`` error envd gives for an unknown one."""
+    try:
+        return lookup(name)
+    except KeyError:
+        raise RpcError(Code.UNAUTHENTICATED, f"invalid username: '{name}'") from None
+
+
+def default_user_name(requested: str | None) -> str:
+    """``--user`` if given, else ``user`` when that account exists (as in E2B's templates), else the
+    account running the agent."""
+    if requested:
+        return requested
+    try:
+        pwd.getpwnam("user")
+        return "user"
+    except KeyError:
+        return pwd.getpwuid(os.geteuid()).pw_name

@@ -1,0 +1,108 @@
+"""Fixtures that start a real ``sandboxd agent`` subprocess on loopback and point the E2B SDK at it."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Agent:
+    """A running agent subprocess."""
+
+    process: subprocess.Popen[bytes]
+    port: int
+    token: str | None
+    grpc_port: int | None
+    log: Path
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def headers(self) -> dict[str, str]:
+        return {"X-Access-Token": self.token} if self.token else {}
+
+
+def wait_healthy(url: str, process: subprocess.Popen[bytes], log: Path, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"agent exited with {process.returncode}:\n{log.read_text()}")
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 204:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.05)
+    raise RuntimeError(f"agent did not become healthy in {timeout}s:\n{log.read_text()}")
+
+
+@pytest.fixture(scope="session")
+def start_agent(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., Agent]]:
+    """A factory: ``start_agent(*flags, token=None, grpc=False)`` → a running :class:`Agent`."""
+    started: list[Agent] = []
+
+    def start(*flags: str, token: str | None = None, grpc: bool = False) -> Agent:
+        port = free_port()
+        grpc_port = free_port() if grpc else None
+        args = [sys.executable, "-m", "sandboxd", "agent", "--port", str(port), *flags]
+        if token:
+            args += ["--access-token", token]
+        if grpc_port:
+            args += ["--grpc-port", str(grpc_port)]
+        log = tmp_path_factory.mktemp("agent") / "agent.log"
+        with log.open("wb") as out:
+            process = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT)
+        agent = Agent(process, port, token, grpc_port, log)
+        started.append(agent)
+        wait_healthy(agent.url, process, log)
+        return agent
+
+    yield start
+    for agent in started:
+        agent.process.terminate()
+    for agent in started:
+        try:
+            agent.process.wait(10)
+        except subprocess.TimeoutExpired:
+            agent.process.kill()
+
+
+@pytest.fixture(scope="session")
+def agent(start_agent: Callable[..., Agent]) -> Agent:
+    """The shared agent: no token, default user = the account running the tests."""
+    return start_agent()
+
+
+@pytest.fixture
+def sandbox(agent: Agent, monkeypatch: pytest.MonkeyPatch) -> Iterator[object]:
+    """The official E2B SDK in debug mode, pointed at ``agent``."""
+    monkeypatch.setenv("E2B_DEBUG", "true")
+    monkeypatch.setenv("E2B_SANDBOX_URL", agent.url)
+    from e2b import Sandbox
+
+    sbx = Sandbox.create()
+    yield sbx
+
+
+@pytest.fixture
+def workdir(tmp_path: Path) -> Path:
+    """A scratch directory for one test (absolute, so it does not depend on the user's home)."""
+    os.chmod(tmp_path, 0o777)
+    return tmp_path

@@ -1,0 +1,134 @@
+"""The Connect protocol details the SDK relies on, and bad input, over raw HTTP."""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import httpx
+from conftest import Agent
+from sandboxd._proto.filesystem import filesystem_pb2 as fs
+
+CONNECT = {"Connect-Protocol-Version": "1"}
+
+
+def frame(payload: bytes, flags: int = 0) -> bytes:
+    return struct.pack(">BI", flags, len(payload)) + payload
+
+
+def frames(body: bytes) -> list[tuple[int, bytes]]:
+    out = []
+    while body:
+        flags, length = struct.unpack_from(">BI", body)
+        out.append((flags, body[5 : 5 + length]))
+        body = body[5 + length :]
+    return out
+
+
+def test_unary_json_accepts_snake_case_unknown_fields_and_content_encoding(agent: Agent, workdir: Path) -> None:
+    (workdir / "f").write_text("x")
+    r = httpx.post(
+        f"{agent.url}/filesystem.Filesystem/ListDir",
+        content=json.dumps({"path": str(workdir), "depth": "1", "someFutureField": True}),
+        headers={**CONNECT, "Content-Type": "application/json; charset=utf-8", "Content-Encoding": "identity"},
+    )
+    assert r.status_code == 200, r.text
+    assert r.headers["content-type"] == "application/json"
+    (entry,) = r.json()["entries"]
+    assert entry["name"] == "f"
+    assert entry["type"] == "FILE_TYPE_FILE"
+    assert entry["size"] == "1"
+
+
+def test_unary_binary_proto(agent: Agent, workdir: Path) -> None:
+    r = httpx.post(
+        f"{agent.url}/filesystem.Filesystem/Stat",
+        content=fs.StatRequest(path=str(workdir)).SerializeToString(),
+        headers={**CONNECT, "Content-Type": "application/proto"},
+    )
+    assert r.status_code == 200
+    assert r.headers["content-type"] == "application/proto"
+    reply = fs.StatResponse.FromString(r.content)
+    assert reply.entry.type == fs.FILE_TYPE_DIRECTORY
+    assert reply.entry.path == str(workdir)
+
+
+def test_errors_are_connect_json_with_matching_status(agent: Agent, workdir: Path) -> None:
+    r = httpx.post(f"{agent.url}/filesystem.Filesystem/Stat", json={"path": str(workdir / "nope")}, headers=CONNECT)
+    assert r.status_code == 404
+    assert r.json()["code"] == "not_found"
+    assert str(workdir / "nope") in r.json()["message"]
+    r = httpx.post(f"{agent.url}/filesystem.Filesystem/MakeDir", json={"path": str(workdir)}, headers=CONNECT)
+    assert r.status_code == 409
+    assert r.json()["code"] == "already_exists"
+
+
+def test_malformed_json_wrong_types_and_content_type(agent: Agent) -> None:
+    url = f"{agent.url}/filesystem.Filesystem/Stat"
+    r = httpx.post(url, content=b"{not json", headers={**CONNECT, "Content-Type": "application/json"})
+    assert r.status_code == 400
+    assert r.json()["code"] == "invalid_argument"
+    r = httpx.post(url, json={"path": 42}, headers=CONNECT)
+    assert r.status_code == 400
+    r = httpx.post(url, content=b"\xff\xff\xff", headers={**CONNECT, "Content-Type": "application/proto"})
+    assert r.status_code == 400
+    r = httpx.post(url, content=b"{}", headers={**CONNECT, "Content-Type": "text/plain"})
+    assert r.status_code == 415
+    r = httpx.get(url)
+    assert r.status_code == 405
+    assert httpx.get(f"{agent.url}/no/such/thing").status_code == 404
+
+
+def test_streams_answer_exact_content_type_and_end_stream_errors(agent: Agent, workdir: Path) -> None:
+    # A streaming method that is not implemented yet answers 200 + an end-stream frame with the error.
+    r = httpx.post(
+        f"{agent.url}/filesystem.Filesystem/WatchDir",
+        content=frame(json.dumps({"path": str(workdir)}).encode()),
+        headers={**CONNECT, "Content-Type": "application/connect+json"},
+    )
+    assert r.status_code == 200
+    assert r.headers["content-type"] == "application/connect+json"
+    ((flags, payload),) = frames(r.content)
+    assert flags == 2
+    assert json.loads(payload)["error"]["code"] in ("unimplemented", "not_found", "invalid_argument")
+
+
+def test_malformed_envelopes_get_an_end_stream_error(agent: Agent) -> None:
+    url = f"{agent.url}/process.Process/Connect"
+    headers = {**CONNECT, "Content-Type": "application/connect+json"}
+    for body in (b"\x00\x00\x00", b"\x00\x00\x00\x00\x10{}", frame(b"{broken"), b""):
+        r = httpx.post(url, content=body, headers=headers)
+        assert r.status_code == 200
+        ((flags, payload),) = frames(r.content)
+        assert flags == 2
+        error = json.loads(payload)["error"]
+        assert error["code"] in ("invalid_argument", "unimplemented"), error
+    r = httpx.post(url, content=frame(b"{}"), headers={**CONNECT, "Content-Type": "application/json"})
+    assert r.status_code == 415
+
+
+def test_chunked_request_bodies_are_decoded(agent: Agent, workdir: Path) -> None:
+    def body() -> object:
+        payload = json.dumps({"path": str(workdir)}).encode()
+        yield payload[:3]
+        yield payload[3:]
+
+    r = httpx.post(
+        f"{agent.url}/filesystem.Filesystem/Stat",
+        content=body(),
+        headers={**CONNECT, "Content-Type": "application/json"},
+    )
+    assert r.status_code == 200
+    assert r.json()["entry"]["path"] == str(workdir)
+
+
+def test_bad_timeout_header_and_unknown_basic_user(agent: Agent) -> None:
+    url = f"{agent.url}/filesystem.Filesystem/Stat"
+    r = httpx.post(url, json={"path": "/"}, headers={**CONNECT, "Connect-Timeout-Ms": "soon"})
+    assert r.status_code == 400
+    r = httpx.post(url, json={"path": "/"}, auth=("ghost", ""), headers=CONNECT)
+    assert r.status_code == 401
+    assert r.json() == {"code": "unauthenticated", "message": "invalid username: 'ghost'"}
+    r = httpx.post(url, json={"path": "~"}, auth=("nobody", ""), headers=CONNECT)
+    assert "/nonexistent" in r.json()["message"]
