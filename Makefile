@@ -56,6 +56,10 @@ test-py: ## pytest: the binding, the services over real loopback servers, the of
 .PHONY: test
 test: install lint test-rust test-py ## everything CI runs: install, lint, cargo test, pytest
 
+.PHONY: bench-deps
+bench-deps: ## install the benchmarks' baselines and clients (nginx, curl) with apt-get
+	bash benches/install_deps.sh
+
 .PHONY: bench
 bench: ## the full benchmark suite on a release build (prints a Markdown table, writes benches/results/)
 	$(PY) -m benches

@@ -1,0 +1,413 @@
+"""Shared pieces of the benchmarks: result records, the agent under test, RSS/CPU sampling, reports.
+
+A scenario is a function ``run(ctx: Context) -> None`` that measures something of ours beside a
+baseline in the same run and hands each figure to :meth:`Context.report` as soon as it has it, so a
+scenario that fails halfway still leaves its earlier figures in the report.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import getpass
+import json
+import os
+import platform
+import secrets
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import psutil
+
+REPO = Path(__file__).resolve().parent.parent
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+MAX_JSON_SAMPLES = 1000
+"""Per-sample lists longer than this are left out of the JSON (they stay available to charts in memory)."""
+
+MiB = 1 << 20
+GiB = 1 << 30
+
+
+# ------------------------------------------------------------------------------------------------ results
+
+
+@dataclass
+class Result:
+    """One figure of ours beside its baseline. ``ratio`` is always ours / baseline; ``better`` says
+    which direction is good for this figure."""
+
+    name: str
+    unit: str
+    ours: float | None
+    baseline: float | None
+    baseline_name: str
+    better: Literal["higher", "lower"]
+    p50: float | None = None
+    p99: float | None = None
+    samples: dict[str, list[float]] | None = None
+    """Optional per-run or per-request values, keyed "ours" / "baseline" (for charts)."""
+    extra: dict[str, Any] = field(default_factory=dict)
+    """Optional context a reader may want (CPU seconds, sizes, notes); kept small."""
+
+    @property
+    def ratio(self) -> float | None:
+        if self.ours is None or not self.baseline:
+            return None
+        return self.ours / self.baseline
+
+    def to_json(self) -> dict[str, Any]:
+        record: dict[str, Any] = {
+            "name": self.name,
+            "unit": self.unit,
+            "ours": _round(self.ours),
+            "baseline": _round(self.baseline),
+            "baseline_name": self.baseline_name,
+            "ratio": _round(self.ratio, 4),
+            "better": self.better,
+            "p50": _round(self.p50),
+            "p99": _round(self.p99),
+        }
+        if self.samples and all(len(v) <= MAX_JSON_SAMPLES for v in self.samples.values()):
+            record["samples"] = {k: [_round(x) for x in v] for k, v in self.samples.items()}
+        if self.extra:
+            record["extra"] = self.extra
+        return record
+
+
+def _round(value: float | None, digits: int = 3) -> float | None:
+    return None if value is None else round(value, digits)
+
+
+def median(values: list[float]) -> float | None:
+    return statistics.median(values) if values else None
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    """Nearest-rank percentile (q in 0..100)."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    rank = max(1, min(len(ordered), round(q / 100 * len(ordered) + 0.5)))
+    return ordered[rank - 1]
+
+
+def machine_info() -> dict[str, Any]:
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "kernel": platform.release(),
+        "memory": f"{psutil.virtual_memory().total / GiB:.1f} GiB",
+    }
+
+
+def _fmt(value: float | None) -> str:
+    if value is None:
+        return "-"
+    if abs(value) >= 100:
+        return f"{value:,.0f}"
+    if abs(value) >= 10:
+        return f"{value:.1f}"
+    return f"{value:.2f}"
+
+
+def markdown_table(machine: dict[str, Any], results: list[Result], errors: list[dict[str, str]], stamp: str) -> str:
+    lines = [
+        f"## sandboxd benchmarks, {stamp}",
+        "",
+        f"{machine['cpu']}, {machine['cores']} cores, {machine['memory']}, Linux {machine['kernel']}",
+        "",
+        "| scenario | unit | ours | baseline | baseline is | ours/baseline | better | p50 | p99 |",
+        "|---|---|--:|--:|---|--:|---|--:|--:|",
+    ]
+    for r in results:
+        ratio = "-" if r.ratio is None else f"{r.ratio:.2f}x"
+        lines.append(
+            f"| {r.name} | {r.unit} | {_fmt(r.ours)} | {_fmt(r.baseline)} | {r.baseline_name} | {ratio} | {r.better}"
+            f" | {_fmt(r.p50)} | {_fmt(r.p99)} |"
+        )
+    lines.append("")
+    lines.append("ours/baseline > 1 is good where better is higher, < 1 where better is lower. See benches/README.md.")
+    for err in errors:
+        lines.append(f"\n**{err['scenario']} failed:** `{err['error']}`")
+    return "\n".join(lines) + "\n"
+
+
+def write_report(results: list[Result], errors: list[dict[str, str]], args: dict[str, Any]) -> tuple[Path, str]:
+    """Write ``results/<UTC stamp>.json`` and ``.md``; return the JSON path and the Markdown."""
+    now = dt.datetime.now(dt.UTC)
+    stamp = now.strftime("%Y%m%dT%H%M%SZ")
+    machine = machine_info()
+    RESULTS_DIR.mkdir(exist_ok=True)
+    payload: dict[str, Any] = {
+        "machine": machine,
+        "started": now.isoformat(timespec="seconds"),
+        "args": args,
+        "results": [r.to_json() for r in results],
+    }
+    if errors:
+        payload["errors"] = errors
+    path = RESULTS_DIR / f"{stamp}.json"
+    path.write_text(json.dumps(payload, indent=2) + "\n")
+    md = markdown_table(machine, results, errors, now.strftime("%Y-%m-%d %H:%M UTC"))
+    path.with_suffix(".md").write_text(md)
+    return path, md
+
+
+# ------------------------------------------------------------------------------------------------ context
+
+
+class ScenarioSkipped(Exception):
+    """A scenario cannot run here at all (not an error: the run still succeeds)."""
+
+
+@dataclass
+class Context:
+    """What a scenario gets: the run's options, a private temp dir, the agent under test, a sink for results."""
+
+    quick: bool
+    runs: int | None
+    """``--runs``: repetitions of each timed measurement, overriding the scenario's default"""
+    tmp: Path
+    agent: Agent
+    compare_agent: RemoteAgent | None
+    sink: Callable[[Result], None]
+
+    def report(self, result: Result) -> None:
+        self.sink(result)
+
+    def log(self, message: str) -> None:
+        print(f"  {message}", file=sys.stderr, flush=True)
+
+
+def pick_tmp_root(preferred: str | None) -> Path:
+    """A directory on a real disk (not tmpfs), so file benchmarks measure what the agent would see."""
+    if preferred:
+        return Path(preferred)
+    candidates = [Path(tempfile.gettempdir()), Path.home() / ".cache" / "sandboxd-bench", RESULTS_DIR]
+    for candidate in candidates:
+        with contextlib.suppress(OSError):
+            candidate.mkdir(parents=True, exist_ok=True)
+            if fs_type(candidate) not in ("tmpfs", "ramfs"):
+                return candidate
+    return candidates[0]
+
+
+def fs_type(path: Path) -> str:
+    """The filesystem type of the mount holding ``path`` (from /proc/self/mounts)."""
+    best, kind = "", "unknown"
+    resolved = str(path.resolve())
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/mounts").read_text().splitlines():
+            parts = line.split()
+            if len(parts) < 3:
+                continue
+            mount = parts[1].replace("\\040", " ")
+            inside = resolved == mount or resolved.startswith(mount.rstrip("/") + "/")
+            if inside and len(mount) >= len(best):
+                best, kind = mount, parts[2]
+    return kind
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def wait_for_http(url: str, process: subprocess.Popen[bytes] | None, log: Path | None, timeout: float = 30) -> None:
+    """Poll ``url`` until it answers at all (any HTTP status counts as up)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            break
+        try:
+            with urllib.request.urlopen(url, timeout=1):
+                return
+        except urllib.error.HTTPError:
+            return
+        except OSError:
+            time.sleep(0.05)
+    shown = log.read_text(errors="replace")[-4000:] if log is not None and log.exists() else ""
+    raise RuntimeError(f"{url} did not come up in {timeout:.0f}s\n{shown}")
+
+
+def die_with_parent() -> None:
+    """``preexec_fn``: the kernel sends SIGKILL to the child if the bench dies without cleaning up."""
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+
+
+def stop_process(process: subprocess.Popen[bytes], sig: int = signal.SIGTERM, grace: float = 5) -> None:
+    """Stop a process we started in its own session, with its children: ``sig``, then SIGKILL."""
+    if process.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, sig)
+    try:
+        process.wait(grace)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait(grace)
+
+
+# -------------------------------------------------------------------------------------------------- agent
+
+
+class Agent:
+    """``sandboxd agent`` as a subprocess on a free loopback port with an access token; stopped by :meth:`stop`."""
+
+    name = "sandboxd agent"
+
+    def __init__(self, workdir: Path) -> None:
+        self.port = free_port()
+        self.token = secrets.token_hex(16)
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = workdir / "agent.log"
+        args = [
+            sys.executable,
+            "-m",
+            "sandboxd",
+            "agent",
+            "--port",
+            str(self.port),
+            "--access-token",
+            self.token,
+            "--user",
+            getpass.getuser(),
+            "--workdir",
+            str(workdir),
+        ]
+        with self.log_path.open("wb") as log:
+            self.process = subprocess.Popen(
+                args,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=workdir,
+                start_new_session=True,
+                preexec_fn=die_with_parent,
+            )
+        try:
+            wait_for_http(f"{self.url}/health", self.process, self.log_path)
+        except BaseException:
+            self.stop()
+            raise
+        self.ps = psutil.Process(self.process.pid)
+
+    def stop(self) -> None:
+        stop_process(self.process)
+
+
+@dataclass
+class RemoteAgent:
+    """An already-running envd-compatible agent on this machine (``--compare-agent``), sharing its filesystem."""
+
+    url: str
+    token: str | None
+    name: str = "compare agent"
+
+
+# ---------------------------------------------------------------------------------------------- sampling
+
+
+def tree_rss(proc: psutil.Process, children: list[psutil.Process] | None = None) -> int:
+    """RSS of a process and its descendants (``children``: a list found earlier, to skip the /proc scan)."""
+    total = 0
+    for p in [proc, *(_children(proc) if children is None else children)]:
+        with contextlib.suppress(psutil.Error):
+            total += p.memory_info().rss
+    return total
+
+
+def tree_cpu(proc: psutil.Process) -> float:
+    """User + system CPU seconds of a process and its live descendants."""
+    total = 0.0
+    for p in [proc, *_children(proc)]:
+        with contextlib.suppress(psutil.Error):
+            t = p.cpu_times()
+            total += t.user + t.system
+    return total
+
+
+def _children(proc: psutil.Process) -> list[psutil.Process]:
+    try:
+        return proc.children(recursive=True)
+    except psutil.Error:
+        return []
+
+
+class RssSampler:
+    """Samples a process tree's RSS every ``interval`` seconds in a thread; ``peak`` after the ``with``.
+
+    Reading one process's RSS costs ~20 µs, but finding its descendants scans all of /proc (~1 ms), so
+    the list of children is refreshed only every ``children_every`` seconds. Run it around the baseline
+    too, so its small CPU cost falls on both sides."""
+
+    def __init__(self, proc: psutil.Process, interval: float = 0.02, children_every: float = 0.25) -> None:
+        self.proc = proc
+        self.interval = interval
+        self.children_every = children_every
+        self.idle = tree_rss(proc)
+        self.peak = self.idle
+        self.samples = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="rss-sampler", daemon=True)
+
+    def _run(self) -> None:
+        children = _children(self.proc)
+        refreshed = time.monotonic()
+        while not self._stop.wait(self.interval):
+            if time.monotonic() - refreshed >= self.children_every:
+                children = _children(self.proc)
+                refreshed = time.monotonic()
+            self.peak = max(self.peak, tree_rss(self.proc, children))
+            self.samples += 1
+
+    def __enter__(self) -> RssSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, tree_rss(self.proc))
+
+
+@contextlib.contextmanager
+def cpu_meter(proc: psutil.Process | None) -> Iterator[list[float]]:
+    """Yields a one-element list that holds the CPU seconds ``proc`` (and children) used inside the block."""
+    out = [0.0]
+    before = tree_cpu(proc) if proc is not None else 0.0
+    try:
+        yield out
+    finally:
+        out[0] = (tree_cpu(proc) - before) if proc is not None else 0.0
+
+
+def which(program: str) -> str | None:
+    """``shutil.which`` that also looks in the sbin directories (nginx lives in /usr/sbin)."""
+    path = os.environ.get("PATH", "") + ":/usr/local/sbin:/usr/sbin:/sbin"
+    return shutil.which(program, path=path)
