@@ -101,3 +101,197 @@ class AtomicWriter:
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None: ...
+
+# ------------------------------------------------------------------------------------- processes
+
+STREAM_STDOUT: int
+STREAM_STDERR: int
+STREAM_PTY: int
+
+class End:
+    """How a process ended, mapped exactly as envd maps Go's ``ProcessState`` (spec §4.2)."""
+
+    exited: bool
+    exit_code: int
+    status: str
+    error: str | None
+
+class Batch:
+    """What a subscriber may read now: lost output (if it fell behind), chunks, and the end."""
+
+    lagged_bytes: int
+    """Bytes evicted before this subscriber read them (0 when nothing was lost)."""
+    chunks: list[tuple[int, bytes]]
+    """``(STREAM_*, data)`` in order; consecutive reads of one stream are joined into one ``bytes``."""
+    end: End | None
+    """Set once every chunk has been read and the process has been reaped."""
+    more: bool
+    """True when more is already available (the byte budget cut this batch)."""
+
+class Subscriber:
+    """A cursor into a process's output ring. Iterate with ``next_batch``; wait on ``fileno()``
+    (readable whenever ``next_batch`` would return something) or with ``wait``.
+
+    While open it takes part in flow control: rather than overwrite output it has not read, the
+    process waits for it if it is the most advanced subscriber or keeps reading (has called
+    ``next_batch`` and not left output unread for the 2 s stall timeout). A subscriber that stops
+    reading delays the process at most once by the stall timeout, one slower than another at most by
+    that much in total; after that it is not waited for and sees ``lagged_bytes``."""
+
+    def fileno(self) -> int: ...
+    def next_batch(self, max_bytes: int = ...) -> Batch:
+        """Non-blocking: everything available from the cursor, up to ``max_bytes`` (at least one chunk)."""
+    def wait(self, timeout: float | None) -> bool:
+        """Block (GIL released) until something is available or ``timeout`` seconds pass."""
+    def close(self) -> None:
+        """Unregister: the process no longer waits for this subscriber. Idempotent.
+
+        Also closes ``fileno()`` (remove it from the event loop first); later calls raise ``ValueError``."""
+    def __enter__(self) -> Subscriber: ...
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None: ...
+
+class Process:
+    """A spawned child (own session and process group) whose output goes to a bounded ring."""
+
+    pid: int
+    has_pty: bool
+
+    @staticmethod
+    def spawn(
+        program: str,
+        args: list[str],
+        env: dict[str, str],
+        *,
+        cwd: str | None = None,
+        user: str | None = None,
+        path: str = ...,
+        stdin: bool = True,
+        pty: tuple[int, int] | None = None,
+        ring_bytes: int = ...,
+        oom_score_adj: int | None = None,
+    ) -> Process:
+        """Start ``program`` with ``args`` (``argv[1:]``).
+
+        The environment is *not* inherited: ``PATH=path`` (default: the agent's own ``PATH``, else a
+        standard one), then ``HOME``, ``USER`` and ``LOGNAME`` of ``user`` (default: the agent's
+        account), then ``env`` (later wins). ``pty`` is ``(cols, rows)``; ``stdin`` applies to pipes
+        only. ``oom_score_adj`` is written to the child's ``/proc/self/oom_score_adj`` before exec.
+        Raises ``FileNotFoundError`` for a missing cwd or program (``filename`` names it),
+        ``NotADirectoryError`` for a cwd that is not a directory, ``PermissionError`` when exec is
+        denied, ``LookupError`` for an unknown user, and ``ValueError`` for a NUL byte, an ``=`` in
+        an env name, or an ``oom_score_adj`` outside -1000..1000.
+        """
+    def subscribe(self, from_oldest: bool = True) -> Subscriber:
+        """A new subscriber; ``from_oldest`` replays what the ring still holds, else starts at now.
+
+        The first ``subscribe(True)`` gets a subscriber registered before the process's first byte was
+        read, so it misses nothing however fast the process writes. Until that one is taken (or a
+        first ``subscribe(False)`` discards it), the output is held for it as for a subscriber that
+        has not read yet: at most the 2 s stall timeout, once."""
+    def end(self) -> End | None:
+        """The end, once the process has exited and its output is drained."""
+    def wait(self, timeout: float | None) -> End | None:
+        """Block (GIL released) until the end or ``timeout`` seconds."""
+    def write_stdin(self, data: bytes, timeout: float) -> None:
+        """Raises ``BrokenPipeError`` when stdin is disabled or closed, ``TimeoutError`` when the
+        child does not read within ``timeout``, and ``io.UnsupportedOperation`` for a PTY process."""
+    def close_stdin(self) -> None: ...
+    def write_pty(self, data: bytes, timeout: float) -> None: ...
+    def resize(self, cols: int, rows: int) -> None: ...
+    def signal(self, signal: int) -> None:
+        """Send ``signal`` to the process group. ``ValueError`` for an invalid signal number,
+        ``ProcessLookupError`` once the process has been reaped."""
+
+# -------------------------------------------------------------------------------------- watching
+
+WATCH_OVERFLOW: int
+"""Kind of a batch item that reports lost events (kernel ``IN_Q_OVERFLOW`` or the pending cap);
+the watcher has rescanned and goes on."""
+WATCH_CLOSED: int
+"""Kind of a batch item that reports the watched directory itself was deleted or moved away."""
+
+class Watcher:
+    """A recursive (or flat) inotify watch on a directory. Event kinds are envd's ``EventType``
+    numbers (1 CREATE, 2 WRITE, 3 REMOVE, 4 RENAME, 5 CHMOD); names are relative to the root."""
+
+    closed: bool
+
+    def __init__(self, path: str, recursive: bool, pending_cap: int = ...) -> None:
+        """Raises ``FileNotFoundError``, ``NotADirectoryError``, and ``OSError`` with ``ENOSPC``
+        (``fs.inotify.max_user_watches`` reached) or ``EMFILE`` (``max_user_instances`` reached)."""
+    def fileno(self) -> int:
+        """The inotify fd: readable when events are pending (for ``loop.add_reader``)."""
+    def read_batch(self) -> list[tuple[int, str]]:
+        """Non-blocking: every pending ``(kind, name)``, possibly none."""
+    def wait(self, timeout: float | None) -> list[tuple[int, str]]:
+        """Block (GIL released) up to ``timeout`` seconds for events, then return them."""
+    def close(self) -> None: ...
+
+# ----------------------------------------------------------------------------------- sandboxes
+
+class Entered:
+    """What ``enter_sandbox`` returns, in each of the two processes it returns in."""
+
+    inside: bool
+    """True in the payload (PID 2 inside the sandbox); False in the forked caller ("A")."""
+    init_pid: int
+    """The sandbox init's pid as the host sees it (in A); 1 inside."""
+
+class SandboxStats:
+    memory_bytes: int
+    memory_limit_bytes: int | None
+    cpu_usage_ns: int
+    pids_current: int
+
+class SandboxHandle:
+    """A running sandbox: its init process and its cgroup."""
+
+    id: str
+    init_pid: int
+
+    @staticmethod
+    def adopt(id: str, init_pid: int) -> SandboxHandle:
+        """Attach to a sandbox started earlier (maybe by a previous runtime); ``ProcessLookupError``
+        when its init is gone."""
+    def pidfd(self) -> int:
+        """A pidfd of the init: readable once the sandbox has ended (for ``loop.add_reader``)."""
+    def is_running(self) -> bool: ...
+    def exit_code(self) -> int | None:
+        """The init's exit status once it ended (and was reaped by us), else None."""
+    def freeze(self) -> None:
+        """Freeze every process (cgroup freezer); returns once frozen."""
+    def thaw(self) -> None: ...
+    def kill(self) -> None:
+        """SIGKILL everything, wait until the cgroup is empty, remove it. Synchronous."""
+    def stats(self) -> SandboxStats: ...
+    def connect(self, port: int, timeout: float) -> int:
+        """A TCP socket fd connected to ``127.0.0.1:port`` inside the sandbox's network namespace."""
+
+def build_base_template(dir: str) -> None:
+    """Create (idempotently) the built-in template root: private /etc, /home/user, mount points."""
+
+def enter_sandbox(
+    id: str,
+    template_dirs: list[str],
+    sandbox_dir: str,
+    *,
+    host_usr_ro: bool = True,
+    memory_bytes: int | None = None,
+    cpu_cores: float | None = None,
+    pids_max: int | None = None,
+) -> Entered:
+    """Call in a freshly forked, single-threaded child of a zygote: puts it in a new sandbox and
+    returns twice (see ``crates/sandboxd-jail`` docs): ``inside=True`` in the payload, which must
+    never return into the zygote's code, and ``inside=False`` in the forked child, which must report
+    ``init_pid`` and exit."""
+
+def kill_sandbox(id: str) -> None:
+    """Kill and clean up a sandbox by id (its cgroup), whether or not a handle exists."""
+
+def list_sandboxes() -> list[str]:
+    """Ids of the sandboxes whose cgroups exist on this host."""
+
+def become_subreaper() -> None:
+    """Make this process the reaper of sandbox inits it started (``PR_SET_CHILD_SUBREAPER``)."""

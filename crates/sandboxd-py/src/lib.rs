@@ -10,6 +10,8 @@
 
 mod errors;
 mod fs;
+mod proc;
+mod watch;
 
 use pyo3::prelude::*;
 
@@ -18,5 +20,7 @@ use pyo3::prelude::*;
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     fs::register(m)?;
+    proc::register(m)?;
+    watch::register(m)?;
     Ok(())
 }

@@ -2,24 +2,17 @@
 
 from __future__ import annotations
 
-from sandboxd._proto.filesystem import filesystem_pb2
-from sandboxd._proto.process import process_pb2
-
-from .rpc import Method, unimplemented
+from .rpc import Method
 from .services.filesystem import FilesystemService
+from .services.process import ProcessService
+from .services.watch import WatchService
 from .state import AgentState
 
 
 def build_methods(state: AgentState) -> list[Method]:
-    """The filesystem and process services' methods, wired to ``state``."""
-    fs = filesystem_pb2.DESCRIPTOR.services_by_name["Filesystem"]
-    proc = process_pb2.DESCRIPTOR.services_by_name["Process"]
+    """The filesystem, watch and process services' methods, wired to ``state``."""
     return [
         *FilesystemService(state).methods(),
-        *unimplemented(
-            fs,
-            ["WatchDir", "CreateWatcher", "GetWatcherEvents", "RemoveWatcher"],
-            "directory watching is not available in this build yet",
-        ),
-        *unimplemented(proc, None, "process management is not available in this build yet"),
+        *WatchService(state).methods(),
+        *ProcessService(state).methods(),
     ]

@@ -1,0 +1,551 @@
+//! Bindings of `sandboxd-proc`: spawning a process (pipes or PTY), its output subscribers, input,
+//! signals and resizing, for the `process.Process` service.
+//!
+//! Every call that can block — spawning (fork/exec, user lookup through NSS), waiting for output
+//! or the end, writing input — runs inside `py.detach` and is bounded by a timeout. Waits without
+//! a timeout are cut into slices of [`WAIT_SLICE`], between which the GIL is taken back to run
+//! signal handlers, so Ctrl-C interrupts them. Asyncio waits on `Subscriber.fileno()` (an
+//! eventfd) with `loop.add_reader` instead of blocking at all.
+//!
+//! Errors are Python's built-in exceptions: `OSError` subclasses chosen by errno
+//! (`FileNotFoundError`, `PermissionError`, `BrokenPipeError`, `TimeoutError`,
+//! `ProcessLookupError`, ...), `io.UnsupportedOperation` for an operation the process's kind of
+//! I/O does not offer, `LookupError` for an unknown user and `ValueError` for bad arguments.
+
+use std::io;
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
+
+use pyo3::exceptions::{PyLookupError, PyOSError, PyValueError};
+use pyo3::prelude::*;
+use pyo3::types::{PyBytes, PyDict, PyList, PyTuple};
+use sandboxd_proc as core;
+
+pyo3::import_exception!(io, UnsupportedOperation);
+
+/// `Batch.chunks` stream id of standard output (envd's `DataEvent.stdout` field number).
+const STREAM_STDOUT: i32 = 1;
+/// `Batch.chunks` stream id of standard error (`DataEvent.stderr`).
+const STREAM_STDERR: i32 = 2;
+/// `Batch.chunks` stream id of PTY output (`DataEvent.pty`).
+const STREAM_PTY: i32 = 3;
+
+/// The `PATH` given to children when the caller passes none and the agent has none itself: the
+/// usual Debian/Ubuntu default for root, which includes every directory a normal user's has.
+const FALLBACK_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// Default `max_bytes` of `Subscriber.next_batch`: 1 MiB, the ring's default size, so that one
+/// call drains a full ring, and the size where a streamed message's fixed cost stops mattering
+/// (see DESIGN.md's figures for grpcio).
+const DEFAULT_MAX_BATCH_BYTES: usize = 1 << 20;
+
+/// Longest GIL-free stretch of a blocking wait. Between slices the GIL is re-taken to run Python
+/// signal handlers; 100 ms keeps Ctrl-C responsive while costing nothing measurable (a wait that
+/// ends early returns at once, not at a slice boundary).
+const WAIT_SLICE: Duration = Duration::from_millis(100);
+
+/// Adds this binding's classes and constants to the module.
+pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add("STREAM_STDOUT", STREAM_STDOUT)?;
+    m.add("STREAM_STDERR", STREAM_STDERR)?;
+    m.add("STREAM_PTY", STREAM_PTY)?;
+    m.add_class::<End>()?;
+    m.add_class::<Batch>()?;
+    m.add_class::<Subscriber>()?;
+    m.add_class::<Process>()?;
+    Ok(())
+}
+
+// ------------------------------------------------------------------------------------- errors
+
+/// Converts a core I/O error into the Python exception `os` functions would raise for it. An
+/// error without errno gets the errno of its kind ([`core::errno`]), so that `OSError.__new__`
+/// still picks the subclass (`BrokenPipeError` for "stdin not enabled or closed", `TimeoutError`
+/// for a write timeout); `Unsupported` becomes `io.UnsupportedOperation`, and `InvalidInput`
+/// (a NUL byte in an argument) `ValueError`.
+fn to_pyerr(err: io::Error) -> PyErr {
+    match err.kind() {
+        io::ErrorKind::Unsupported => return UnsupportedOperation::new_err(err.to_string()),
+        io::ErrorKind::InvalidInput if err.raw_os_error().is_none() => {
+            return PyValueError::new_err(err.to_string());
+        }
+        _ => {}
+    }
+    match (err.raw_os_error(), core::errno(&err)) {
+        (Some(errno), _) => PyOSError::new_err((errno, strerror(errno))),
+        (None, Some(errno)) => PyOSError::new_err((errno, err.to_string())),
+        (None, None) => PyOSError::new_err(err.to_string()),
+    }
+}
+
+/// The C library's message for `errno`, as `os.strerror` gives it.
+fn strerror(errno: i32) -> String {
+    io::Error::from_raw_os_error(errno)
+        .to_string()
+        .split(" (os error")
+        .next()
+        .unwrap_or_default()
+        .to_owned()
+}
+
+/// Converts a `Process::spawn` error: exec failures name the program (`filename`), a bad cwd names
+/// the cwd, as `subprocess.Popen` does.
+fn spawn_error(err: io::Error, program: &str, cwd: Option<&str>) -> PyErr {
+    if let Some(spawn) = err
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<core::SpawnError>())
+    {
+        return match spawn.os_error().raw_os_error() {
+            Some(errno) => PyOSError::new_err((errno, strerror(errno), program.to_owned())),
+            None => to_pyerr(io::Error::new(spawn.os_error().kind(), spawn.to_string())),
+        };
+    }
+    // The core checks the cwd before forking and reports it by kind alone (no errno).
+    if let (Some(cwd), None, Some(errno)) = (cwd, err.raw_os_error(), core::errno(&err)) {
+        let what = match err.kind() {
+            io::ErrorKind::NotFound => Some("cwd does not exist"),
+            io::ErrorKind::NotADirectory => Some("cwd is not a directory"),
+            _ => None,
+        };
+        if let Some(what) = what {
+            return PyOSError::new_err((errno, what, cwd.to_owned()));
+        }
+    }
+    to_pyerr(err)
+}
+
+/// The longest timeout honoured as given; longer ones (and `inf`) are clamped to it, which keeps
+/// deadline arithmetic (`Instant + Duration`) from overflowing. A year is "no limit" in practice.
+const MAX_TIMEOUT: Duration = Duration::from_secs(365 * 24 * 3600);
+
+/// A timeout in seconds as a `Duration`: `None` means no limit, a negative value "do not wait"
+/// (as `threading.Event.wait`), and NaN is a `ValueError`.
+fn timeout(seconds: Option<f64>) -> PyResult<Option<Duration>> {
+    match seconds {
+        None => Ok(None),
+        Some(s) if s.is_nan() => Err(PyValueError::new_err("timeout must be a number, not NaN")),
+        Some(s) => Ok(Some(
+            Duration::try_from_secs_f64(s.max(0.0)).map_or(MAX_TIMEOUT, |d| d.min(MAX_TIMEOUT)),
+        )),
+    }
+}
+
+/// Runs `wait(slice)` with the GIL released, in slices of at most [`WAIT_SLICE`], until it returns
+/// `Some` or `limit` passes (`None`: no limit); runs Python signal handlers between slices.
+fn sliced_wait<T: Send>(
+    py: Python<'_>,
+    limit: Option<Duration>,
+    wait: impl Fn(Duration) -> PyResult<Option<T>> + Sync,
+) -> PyResult<Option<T>> {
+    let deadline = limit.map(|limit| Instant::now() + limit);
+    loop {
+        let slice = match deadline {
+            None => WAIT_SLICE,
+            Some(deadline) => deadline
+                .saturating_duration_since(Instant::now())
+                .min(WAIT_SLICE),
+        };
+        if let Some(done) = py.detach(|| wait(slice))? {
+            return Ok(Some(done));
+        }
+        if deadline.is_some_and(|deadline| Instant::now() >= deadline) {
+            return Ok(None);
+        }
+        py.check_signals()?;
+    }
+}
+
+/// Locks a mutex, ignoring poisoning: a panic inside leaves the subscriber usable.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+// ------------------------------------------------------------------------------------- classes
+
+/// How a process ended, mapped exactly as envd maps Go's `ProcessState` (spec §4.2).
+#[pyclass(frozen, module = "sandboxd._core", name = "End")]
+pub(crate) struct End(core::End);
+
+#[pymethods]
+impl End {
+    #[getter]
+    fn exited(&self) -> bool {
+        self.0.exited
+    }
+
+    #[getter]
+    fn exit_code(&self) -> i32 {
+        self.0.exit_code
+    }
+
+    #[getter]
+    fn status(&self) -> &str {
+        &self.0.status
+    }
+
+    #[getter]
+    fn error(&self) -> Option<&str> {
+        self.0.error.as_deref()
+    }
+
+    fn __repr__(&self) -> String {
+        format!(
+            "End(exited={}, exit_code={}, status={:?})",
+            if self.0.exited { "True" } else { "False" },
+            self.0.exit_code,
+            self.0.status
+        )
+    }
+}
+
+/// What a subscriber may read now: lost output (if it fell behind), chunks, and the end.
+#[pyclass(frozen, module = "sandboxd._core", name = "Batch")]
+pub(crate) struct Batch {
+    /// Bytes evicted before this subscriber read them (0 when nothing was lost).
+    #[pyo3(get)]
+    lagged_bytes: u64,
+    /// `(STREAM_*, data)` in order; consecutive chunks of one stream are joined.
+    #[pyo3(get)]
+    chunks: Py<PyList>,
+    /// Set once every chunk has been read and the process has been reaped.
+    #[pyo3(get)]
+    end: Option<Py<End>>,
+    /// True when more is already available (the byte budget cut this batch).
+    #[pyo3(get)]
+    more: bool,
+}
+
+fn stream_id(stream: core::Stream) -> i32 {
+    match stream {
+        core::Stream::Stdout => STREAM_STDOUT,
+        core::Stream::Stderr => STREAM_STDERR,
+        core::Stream::Pty => STREAM_PTY,
+    }
+}
+
+impl Batch {
+    /// Builds the Python batch, joining each run of consecutive chunks of one stream into a
+    /// single `bytes` (a 1 MiB PTY batch is ~256 reads of 4 KiB: one object instead of 256).
+    fn new(py: Python<'_>, batch: core::Batch) -> PyResult<Batch> {
+        let chunks = PyList::empty(py);
+        for run in batch.chunks.chunk_by(|a, b| a.stream == b.stream) {
+            let data = if let [one] = run {
+                PyBytes::new(py, &one.data)
+            } else {
+                let len = run.iter().map(|c| c.data.len()).sum();
+                PyBytes::new_with(py, len, |buf| {
+                    let mut at = 0;
+                    for chunk in run {
+                        buf[at..at + chunk.data.len()].copy_from_slice(&chunk.data);
+                        at += chunk.data.len();
+                    }
+                    Ok(())
+                })?
+            };
+            let item = PyTuple::new(
+                py,
+                [
+                    stream_id(run[0].stream).into_pyobject(py)?.into_any(),
+                    data.into_any(),
+                ],
+            )?;
+            chunks.append(item)?;
+        }
+        let end = batch.end.map(|end| Py::new(py, End(end))).transpose()?;
+        Ok(Batch {
+            lagged_bytes: batch.lagged.map_or(0, |lag| lag.bytes),
+            chunks: chunks.unbind(),
+            end,
+            more: batch.more,
+        })
+    }
+}
+
+#[pymethods]
+impl Batch {
+    fn __repr__(&self, py: Python<'_>) -> String {
+        format!(
+            "Batch(lagged_bytes={}, chunks={}, end={}, more={})",
+            self.lagged_bytes,
+            self.chunks.bind(py).len(),
+            if self.end.is_some() { "End" } else { "None" },
+            if self.more { "True" } else { "False" }
+        )
+    }
+}
+
+/// A cursor into a process's output ring with an eventfd that is readable whenever `next_batch`
+/// would return something. While open it takes part in the process's flow control (see the
+/// `sandboxd-proc` crate docs): the process waits for the most advanced subscriber and for those
+/// that keep reading, but at most the stall timeout for one that stopped.
+#[pyclass(frozen, module = "sandboxd._core", name = "Subscriber")]
+pub(crate) struct Subscriber {
+    /// Invariant: `Some` until `close`. Held for one `next_batch` (memcpy-sized) or one wait slice
+    /// of at most [`WAIT_SLICE`], always with the GIL released, so no thread ever holds the GIL
+    /// while blocked on it.
+    inner: Mutex<Option<core::Subscriber>>,
+    /// The eventfd's number, for `fileno` without taking the lock.
+    fd: i32,
+    /// Set by `close`, before the subscriber (and its fd) is dropped.
+    closed: AtomicBool,
+}
+
+fn closed_subscriber() -> PyErr {
+    PyValueError::new_err("I/O operation on closed subscriber")
+}
+
+impl Subscriber {
+    fn new(inner: core::Subscriber) -> Subscriber {
+        Subscriber {
+            fd: inner.wake_fd().as_raw_fd(),
+            inner: Mutex::new(Some(inner)),
+            closed: AtomicBool::new(false),
+        }
+    }
+
+    fn do_close(&self, py: Python<'_>) {
+        self.closed.store(true, Ordering::SeqCst);
+        let taken = py.detach(|| lock(&self.inner).take());
+        // Dropping unregisters it from flow control and closes the eventfd.
+        drop(taken);
+    }
+}
+
+#[pymethods]
+impl Subscriber {
+    /// The eventfd to `add_reader`; valid until `close`.
+    fn fileno(&self) -> PyResult<i32> {
+        if self.closed.load(Ordering::SeqCst) {
+            return Err(closed_subscriber());
+        }
+        Ok(self.fd)
+    }
+
+    /// Non-blocking: everything available from the cursor, up to `max_bytes` (at least one chunk).
+    #[pyo3(signature = (max_bytes = DEFAULT_MAX_BATCH_BYTES))]
+    fn next_batch(&self, py: Python<'_>, max_bytes: usize) -> PyResult<Batch> {
+        let batch = py
+            .detach(|| lock(&self.inner).as_mut().map(|s| s.next_batch(max_bytes)))
+            .ok_or_else(closed_subscriber)?;
+        Batch::new(py, batch)
+    }
+
+    /// Blocks (GIL released) until something is available or `timeout` seconds pass.
+    #[pyo3(signature = (timeout))]
+    fn wait(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<bool> {
+        let ready = sliced_wait(py, self::timeout(timeout)?, |slice| {
+            let guard = lock(&self.inner);
+            let sub = guard.as_ref().ok_or_else(closed_subscriber)?;
+            Ok(sub.wait(Some(slice)).then_some(()))
+        })?;
+        Ok(ready.is_some())
+    }
+
+    /// Unregisters (the process no longer waits for this subscriber) and closes the eventfd; later
+    /// calls raise `ValueError`. Idempotent.
+    fn close(&self, py: Python<'_>) {
+        self.do_close(py);
+    }
+
+    fn __enter__(slf: Py<Self>) -> Py<Self> {
+        slf
+    }
+
+    #[pyo3(signature = (exc_type = None, exc = None, tb = None))]
+    fn __exit__(
+        &self,
+        py: Python<'_>,
+        exc_type: Option<Bound<'_, PyAny>>,
+        exc: Option<Bound<'_, PyAny>>,
+        tb: Option<Bound<'_, PyAny>>,
+    ) {
+        let _ = (exc_type, exc, tb);
+        self.do_close(py);
+    }
+
+    fn __repr__(&self) -> String {
+        if self.closed.load(Ordering::SeqCst) {
+            "<Subscriber closed>".to_owned()
+        } else {
+            format!("<Subscriber fd={}>", self.fd)
+        }
+    }
+}
+
+/// A spawned child (own session and process group) whose output goes to a bounded ring.
+#[pyclass(frozen, module = "sandboxd._core", name = "Process")]
+pub(crate) struct Process {
+    process: core::Process,
+    /// Invariant: the subscriber registered before the process's first byte was read
+    /// (`spawn_subscribed`), until the first `subscribe()` takes it, so that a `subscribe(True)`
+    /// right after `spawn` misses nothing however fast the process writes. Until then it holds
+    /// the output like a subscriber that has not read yet (at most the stall timeout). Held only
+    /// to take it.
+    first: Mutex<Option<core::Subscriber>>,
+}
+
+#[pymethods]
+impl Process {
+    /// Start `program` with `args` (`argv[1:]`); see `_core.pyi`.
+    #[staticmethod]
+    #[pyo3(signature = (
+        program, args, env, *, cwd = None, user = None, path = None, stdin = true, pty = None,
+        ring_bytes = core::DEFAULT_RING_BYTES, oom_score_adj = None
+    ))]
+    #[allow(clippy::too_many_arguments)]
+    fn spawn(
+        py: Python<'_>,
+        program: String,
+        args: Vec<String>,
+        env: &Bound<'_, PyDict>,
+        cwd: Option<String>,
+        user: Option<String>,
+        path: Option<String>,
+        stdin: bool,
+        pty: Option<(u16, u16)>,
+        ring_bytes: usize,
+        oom_score_adj: Option<i32>,
+    ) -> PyResult<Process> {
+        let mut opts = core::SpawnOptions::new(&program).args(&args);
+        for (key, value) in env.iter() {
+            let key: String = key.extract()?;
+            let value: String = value.extract()?;
+            if key.is_empty() || key.contains('=') {
+                return Err(PyValueError::new_err(format!(
+                    "invalid environment variable name {key:?}: it must be non-empty and contain no '='"
+                )));
+            }
+            opts.env.push((key.into(), value.into()));
+        }
+        opts.path = Some(
+            path.map(Into::into)
+                .or_else(|| std::env::var_os("PATH"))
+                .unwrap_or_else(|| FALLBACK_PATH.into()),
+        );
+        opts.cwd = cwd.as_ref().map(Into::into);
+        opts.io = match pty {
+            Some((cols, rows)) => core::Io::Pty(core::WinSize { cols, rows }),
+            None => core::Io::Pipes { stdin },
+        };
+        opts.ring_bytes = ring_bytes;
+        if let Some(adj) = oom_score_adj.filter(|adj| !(-1000..=1000).contains(adj)) {
+            return Err(PyValueError::new_err(format!(
+                "oom_score_adj must be within -1000..=1000, not {adj}"
+            )));
+        }
+        opts.oom_score_adj = oom_score_adj;
+        py.detach(|| {
+            if let Some(name) = &user {
+                opts.user = Some(core::User::lookup(name).map_err(|err| {
+                    if err.kind() == io::ErrorKind::NotFound {
+                        PyLookupError::new_err(format!("user '{name}' does not exist"))
+                    } else {
+                        to_pyerr(err)
+                    }
+                })?);
+            }
+            let (process, first) = core::Process::spawn_subscribed(&opts)
+                .map_err(|err| spawn_error(err, &program, cwd.as_deref()))?;
+            Ok(Process {
+                process,
+                first: Mutex::new(Some(first)),
+            })
+        })
+    }
+
+    /// The process id (also its process group and session id).
+    #[getter]
+    fn pid(&self) -> u32 {
+        self.process.pid()
+    }
+
+    /// True when the process runs on a PTY.
+    #[getter]
+    fn has_pty(&self) -> bool {
+        self.process.has_pty()
+    }
+
+    /// A new subscriber; `from_oldest` replays what the ring still holds, else starts at now.
+    #[pyo3(signature = (from_oldest = true))]
+    fn subscribe(&self, py: Python<'_>, from_oldest: bool) -> PyResult<Subscriber> {
+        let first = lock(&self.first).take();
+        if let (true, Some(first)) = (from_oldest, first) {
+            return Ok(Subscriber::new(first));
+        }
+        // Not taken (or dropped here, for a subscriber from now): it no longer holds the output.
+        let start = if from_oldest {
+            core::StartAt::Oldest
+        } else {
+            core::StartAt::Now
+        };
+        let sub = py
+            .detach(|| self.process.subscribe(start))
+            .map_err(to_pyerr)?;
+        Ok(Subscriber::new(sub))
+    }
+
+    /// The end, once the process has exited and its output is drained.
+    fn end(&self) -> Option<End> {
+        self.process.end().map(End)
+    }
+
+    /// Blocks (GIL released) until the end or `timeout` seconds.
+    #[pyo3(signature = (timeout))]
+    fn wait(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<Option<End>> {
+        let end = sliced_wait(py, self::timeout(timeout)?, |slice| {
+            Ok(self.process.wait(Some(slice)))
+        })?;
+        Ok(end.map(End))
+    }
+
+    /// Writes all of `data` to stdin, waiting at most `timeout` seconds while the pipe is full.
+    fn write_stdin(&self, py: Python<'_>, data: &[u8], timeout: f64) -> PyResult<()> {
+        let limit = self::timeout(Some(timeout))?.unwrap_or(MAX_TIMEOUT);
+        py.detach(|| self.process.write_stdin(data, limit))
+            .map_err(to_pyerr)
+    }
+
+    /// Closes stdin (the child reads EOF). Idempotent.
+    fn close_stdin(&self, py: Python<'_>) -> PyResult<()> {
+        py.detach(|| self.process.close_stdin()).map_err(to_pyerr)
+    }
+
+    /// Writes all of `data` to the PTY, waiting at most `timeout` seconds while it is full.
+    fn write_pty(&self, py: Python<'_>, data: &[u8], timeout: f64) -> PyResult<()> {
+        let limit = self::timeout(Some(timeout))?.unwrap_or(MAX_TIMEOUT);
+        py.detach(|| self.process.write_pty(data, limit))
+            .map_err(to_pyerr)
+    }
+
+    /// Sets the PTY's window size (the foreground group gets `SIGWINCH`).
+    fn resize(&self, cols: u16, rows: u16) -> PyResult<()> {
+        self.process
+            .resize(core::WinSize { cols, rows })
+            .map_err(to_pyerr)
+    }
+
+    /// Sends signal number `signal` to the process group.
+    fn signal(&self, signal: i32) -> PyResult<()> {
+        let signal = core::Signal::try_from(signal)
+            .map_err(|_| PyValueError::new_err(format!("invalid signal number {signal}")))?;
+        self.process.signal(signal).map_err(to_pyerr)
+    }
+
+    fn __repr__(&self) -> String {
+        let state = match self.process.end() {
+            Some(end) => end.status,
+            None => "running".to_owned(),
+        };
+        format!(
+            "<Process pid={} pty={} {state}>",
+            self.process.pid(),
+            if self.process.has_pty() {
+                "True"
+            } else {
+                "False"
+            }
+        )
+    }
+}

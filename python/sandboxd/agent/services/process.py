@@ -1,0 +1,369 @@
+"""``process.Process``: start, connect, list, input, signals and PTY resize (spec §4.2).
+
+Beyond envd: output goes through a bounded ring per process (Rust, ``sandboxd-proc``), so output
+produced while no client is attached is kept and replayed by ``Connect``; each stream has its own
+cursor, and a client that stalls is cut loose with a ``data_loss`` error instead of freezing the
+process or the other clients.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import os
+import signal
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from sandboxd import _core
+from sandboxd._proto.process import process_pb2 as pb
+
+from ..errors import Code, RpcError
+from ..paths import expand_and_resolve
+from ..rpc import Context, Kind, Method
+from ..state import AgentState
+
+SERVICE = "process.Process"
+
+RETAIN_EXITED_S = 30.0
+"""An exited process stays connectable this long, with its end event (as envd)."""
+
+SWEEP_INTERVAL_S = 5.0
+"""How often exited processes are looked for, to forget them (and free their rings) after
+``RETAIN_EXITED_S``. Checking is a lock and a field read per process."""
+
+STDIN_WRITE_TIMEOUT_S = 10.0
+"""A child that does not read its stdin for this long fails the write with ``deadline_exceeded``."""
+
+MAX_EVENT_BYTES = 1 << 20
+"""Consecutive chunks of one stream are merged into one data event up to this size: each event costs
+a JSON encode and an envelope, so fewer, larger events raise throughput."""
+
+USER_OOM_SCORE_ADJ = 100
+"""User processes' OOM score, as envd sets it: under memory pressure they die before the agent."""
+
+_SIGNALS = {pb.SIGNAL_SIGKILL: signal.SIGKILL, pb.SIGNAL_SIGTERM: signal.SIGTERM}
+
+
+@dataclass(slots=True)
+class Entry:
+    """A process the agent started, while it runs and for ``RETAIN_EXITED_S`` after it ends."""
+
+    process: _core.Process
+    config: pb.ProcessConfig
+    tag: str | None
+    stdin: bool
+    deadline_timer: asyncio.TimerHandle | None = None
+    ended_at: float | None = None
+    """``time.monotonic()`` when the sweeper first saw the process ended."""
+
+    @property
+    def ended(self) -> bool:
+        return self.process.end() is not None
+
+
+def _start_response(event: pb.ProcessEvent) -> pb.StartResponse:
+    return pb.StartResponse(event=event)
+
+
+def _end_event(end: _core.End) -> pb.ProcessEvent:
+    message = pb.ProcessEvent.EndEvent(exit_code=end.exit_code, exited=end.exited, status=end.status)
+    if end.error is not None:
+        message.error = end.error
+    return pb.ProcessEvent(end=message)
+
+
+_STREAM_FIELD = {_core.STREAM_STDOUT: "stdout", _core.STREAM_STDERR: "stderr", _core.STREAM_PTY: "pty"}
+
+
+def _data_events(chunks: list[tuple[int, bytes]]) -> list[pb.ProcessEvent]:
+    """Chunks as data events, merging runs of the same stream up to ``MAX_EVENT_BYTES``."""
+    events: list[pb.ProcessEvent] = []
+    run: list[bytes] = []
+    run_stream = -1
+    run_size = 0
+
+    def flush() -> None:
+        if run:
+            data = pb.ProcessEvent.DataEvent(**{_STREAM_FIELD[run_stream]: b"".join(run)})
+            events.append(pb.ProcessEvent(data=data))
+
+    for stream, data in chunks:
+        if stream != run_stream or run_size + len(data) > MAX_EVENT_BYTES:
+            flush()
+            run, run_stream, run_size = [], stream, 0
+        run.append(data)
+        run_size += len(data)
+    flush()
+    return events
+
+
+async def output_events(subscriber: _core.Subscriber) -> AsyncIterator[pb.ProcessEvent]:
+    """Data events from ``subscriber`` as they arrive, then the end event.
+
+    Waits on the subscriber's eventfd through the event loop (no thread per stream). A subscriber
+    that fell behind the ring ends with ``data_loss``.
+    """
+    loop = asyncio.get_running_loop()
+    ready = asyncio.Event()
+    fd = subscriber.fileno()
+    loop.add_reader(fd, ready.set)
+    try:
+        while True:
+            ready.clear()
+            batch = subscriber.next_batch(MAX_EVENT_BYTES)
+            if batch.lagged_bytes:
+                raise RpcError(
+                    Code.DATA_LOSS,
+                    f"this client fell {batch.lagged_bytes} bytes behind the process's output and was dropped "
+                    "(it stopped reading); reconnect to resume from the output the agent still holds",
+                )
+            for event in _data_events(batch.chunks):
+                yield event
+            if batch.end is not None:
+                yield _end_event(batch.end)
+                return
+            if not batch.more:
+                await ready.wait()
+    finally:
+        loop.remove_reader(fd)
+        subscriber.close()
+
+
+class ProcessService:
+    """Starts processes and keeps them addressable by pid or tag."""
+
+    def __init__(self, state: AgentState) -> None:
+        self.state = state
+        self.processes: dict[int, Entry] = {}
+        self._sweeper: asyncio.Task[None] | None = None
+
+    def methods(self) -> list[Method]:
+        def keepalive(response: type[pb.StartResponse] | type[pb.ConnectResponse]) -> object:
+            return lambda: response(event=pb.ProcessEvent(keepalive=pb.ProcessEvent.KeepAlive()))
+
+        return [
+            Method(SERVICE, "List", Kind.UNARY, pb.ListRequest, pb.ListResponse, self.list),
+            Method(
+                SERVICE,
+                "Connect",
+                Kind.SERVER_STREAM,
+                pb.ConnectRequest,
+                pb.ConnectResponse,
+                self.connect,
+                keepalive(pb.ConnectResponse),  # type: ignore[arg-type]
+            ),
+            Method(
+                SERVICE,
+                "Start",
+                Kind.SERVER_STREAM,
+                pb.StartRequest,
+                pb.StartResponse,
+                self.start,
+                keepalive(pb.StartResponse),  # type: ignore[arg-type]
+            ),
+            Method(SERVICE, "Update", Kind.UNARY, pb.UpdateRequest, pb.UpdateResponse, self.update),
+            Method(
+                SERVICE,
+                "StreamInput",
+                Kind.CLIENT_STREAM,
+                pb.StreamInputRequest,
+                pb.StreamInputResponse,
+                self.stream_input,
+            ),
+            Method(SERVICE, "SendInput", Kind.UNARY, pb.SendInputRequest, pb.SendInputResponse, self.send_input),
+            Method(SERVICE, "SendSignal", Kind.UNARY, pb.SendSignalRequest, pb.SendSignalResponse, self.send_signal),
+            Method(SERVICE, "CloseStdin", Kind.UNARY, pb.CloseStdinRequest, pb.CloseStdinResponse, self.close_stdin),
+        ]
+
+    # ------------------------------------------------------------------------------------- lookup
+
+    def _find(self, selector: pb.ProcessSelector, *, running: bool = False) -> Entry:
+        which = selector.WhichOneof("selector")
+        if which == "pid":
+            entry = self.processes.get(selector.pid)
+            label = f"pid {selector.pid}"
+        elif which == "tag":
+            entry = next((e for e in self.processes.values() if e.tag == selector.tag), None)
+            label = f"tag '{selector.tag}'"
+        else:
+            raise RpcError(Code.INVALID_ARGUMENT, "process selector needs a pid or a tag")
+        if entry is None:
+            raise RpcError(Code.NOT_FOUND, f"process with {label} not found")
+        if running and entry.ended:
+            raise RpcError(Code.NOT_FOUND, f"process with {label} has already exited")
+        return entry
+
+    # ---------------------------------------------------------------------------------------- start
+
+    def _environment(self, request: pb.StartRequest) -> dict[str, str]:
+        env = {"E2B_SANDBOX": "true"}
+        env.update(self.state.env_vars)
+        env.update(request.process.envs)
+        return env
+
+    def _spawn(self, request: pb.StartRequest, ctx: Context) -> _core.Process:
+        config = request.process
+        if not config.cmd:
+            raise RpcError(Code.INVALID_ARGUMENT, "process.cmd is empty: name the program to run")
+        explicit_cwd = config.HasField("cwd") and config.cwd != ""
+        cwd = expand_and_resolve(config.cwd if explicit_cwd else "", ctx.user, self.state.default_workdir)
+        if not os.path.isdir(cwd):
+            if explicit_cwd:
+                raise RpcError(Code.INVALID_ARGUMENT, f"cwd '{cwd}' does not exist")
+            cwd = "/"  # the user's home is missing (e.g. nobody's /nonexistent): start at the root
+        pty = (request.pty.size.cols or 80, request.pty.size.rows or 24) if request.HasField("pty") else None
+        stdin = request.stdin if request.HasField("stdin") else True
+        try:
+            return _core.Process.spawn(
+                config.cmd,
+                list(config.args),
+                self._environment(request),
+                cwd=cwd,
+                user=ctx.user.name,
+                stdin=stdin,
+                pty=pty,
+                oom_score_adj=USER_OOM_SCORE_ADJ,
+            )
+        except LookupError as exc:
+            raise RpcError(Code.UNAUTHENTICATED, str(exc)) from None
+        except OSError as exc:
+            if exc.errno in (errno.ENOENT, errno.EACCES, errno.ENOEXEC, errno.ENOTDIR):
+                raise RpcError(Code.INVALID_ARGUMENT, f"cannot start '{config.cmd}': {exc.strerror or exc}") from None
+            raise RpcError(Code.INTERNAL, f"cannot start '{config.cmd}': {exc}") from None
+
+    def _register(self, process: _core.Process, request: pb.StartRequest, ctx: Context) -> Entry:
+        tag = request.tag if request.HasField("tag") else None
+        stdin = request.stdin if request.HasField("stdin") else True
+        entry = Entry(process, request.process, tag, stdin and not process.has_pty)
+        self.processes[process.pid] = entry
+        remaining = ctx.time_remaining()
+        if remaining is not None:
+            # envd kills a process whose Start deadline (connect-timeout-ms) passes, even after the
+            # client went away: the deadline belongs to the process, not to the stream. Signalling
+            # an already reaped process is a no-op in the core, so the timer needs no cancelling.
+            loop = asyncio.get_running_loop()
+            entry.deadline_timer = loop.call_later(max(remaining, 0), self._kill_quietly, process)
+        if self._sweeper is None or self._sweeper.done():
+            self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
+        return entry
+
+    @staticmethod
+    def _kill_quietly(process: _core.Process) -> None:
+        with contextlib.suppress(OSError):
+            process.signal(signal.SIGKILL)
+
+    async def _sweep(self) -> None:
+        """Forget processes ``RETAIN_EXITED_S`` after they ended; stop when none are left."""
+        while self.processes:
+            await asyncio.sleep(SWEEP_INTERVAL_S)
+            now = time.monotonic()
+            for pid, entry in list(self.processes.items()):
+                if entry.ended_at is None:
+                    if entry.ended:
+                        entry.ended_at = now
+                        if entry.deadline_timer is not None:
+                            entry.deadline_timer.cancel()
+                elif now - entry.ended_at >= RETAIN_EXITED_S:
+                    del self.processes[pid]
+
+    async def start(self, request: pb.StartRequest, ctx: Context) -> AsyncIterator[pb.StartResponse]:
+        process = self._spawn(request, ctx)
+        subscriber = process.subscribe(True)
+        self._register(process, request, ctx)
+        yield _start_response(pb.ProcessEvent(start=pb.ProcessEvent.StartEvent(pid=process.pid)))
+        async for event in output_events(subscriber):
+            yield _start_response(event)
+
+    async def connect(self, request: pb.ConnectRequest, ctx: Context) -> AsyncIterator[pb.ConnectResponse]:
+        entry = self._find(request.process)
+        subscriber = entry.process.subscribe(True)
+        yield pb.ConnectResponse(event=pb.ProcessEvent(start=pb.ProcessEvent.StartEvent(pid=entry.process.pid)))
+        async for event in output_events(subscriber):
+            yield pb.ConnectResponse(event=event)
+
+    # ----------------------------------------------------------------------------------- the rest
+
+    async def list(self, request: pb.ListRequest, ctx: Context) -> pb.ListResponse:
+        return pb.ListResponse(
+            processes=[
+                pb.ProcessInfo(config=e.config, pid=pid, tag=e.tag) for pid, e in self.processes.items() if not e.ended
+            ]
+        )
+
+    async def _write(self, entry: Entry, data: pb.ProcessInput) -> None:
+        which = data.WhichOneof("input")
+        pid = entry.process.pid
+        if which is None:
+            return
+        if which == "pty":
+            if not entry.process.has_pty:
+                raise RpcError(Code.FAILED_PRECONDITION, f"process {pid} has no PTY: send input as stdin")
+            writer, payload = entry.process.write_pty, data.pty
+        else:
+            if entry.process.has_pty:
+                raise RpcError(Code.FAILED_PRECONDITION, f"process {pid} runs in a PTY: send input as pty")
+            writer, payload = entry.process.write_stdin, data.stdin
+        try:
+            await asyncio.to_thread(writer, payload, STDIN_WRITE_TIMEOUT_S)
+        except BrokenPipeError:
+            raise RpcError(
+                Code.FAILED_PRECONDITION,
+                f"stdin of process {pid} is not enabled or already closed (start it with stdin=True)",
+            ) from None
+        except TimeoutError:
+            raise RpcError(
+                Code.DEADLINE_EXCEEDED, f"process {pid} did not read its input within {STDIN_WRITE_TIMEOUT_S:.0f}s"
+            ) from None
+
+    async def send_input(self, request: pb.SendInputRequest, ctx: Context) -> pb.SendInputResponse:
+        await self._write(self._find(request.process, running=True), request.input)
+        return pb.SendInputResponse()
+
+    async def stream_input(
+        self, requests: AsyncIterator[pb.StreamInputRequest], ctx: Context
+    ) -> pb.StreamInputResponse:
+        entry: Entry | None = None
+        async for message in requests:
+            which = message.WhichOneof("event")
+            if which == "start":
+                entry = self._find(message.start.process, running=True)
+            elif which == "data":
+                if entry is None:
+                    raise RpcError(Code.INVALID_ARGUMENT, "StreamInput must start with a start message")
+                await self._write(entry, message.data.input)
+        return pb.StreamInputResponse()
+
+    async def close_stdin(self, request: pb.CloseStdinRequest, ctx: Context) -> pb.CloseStdinResponse:
+        entry = self._find(request.process, running=True)
+        if entry.process.has_pty:
+            raise RpcError(
+                Code.FAILED_PRECONDITION,
+                f"process {entry.process.pid} runs in a PTY, which has no stdin to close: send Ctrl-D (\\x04)",
+            )
+        entry.process.close_stdin()
+        return pb.CloseStdinResponse()
+
+    async def send_signal(self, request: pb.SendSignalRequest, ctx: Context) -> pb.SendSignalResponse:
+        number = _SIGNALS.get(request.signal)
+        if number is None:
+            raise RpcError(Code.UNIMPLEMENTED, f"signal {request.signal} is not supported: use SIGTERM or SIGKILL")
+        entry = self._find(request.process, running=True)
+        try:
+            entry.process.signal(number)
+        except ProcessLookupError:
+            raise RpcError(Code.NOT_FOUND, f"process {entry.process.pid} has already exited") from None
+        return pb.SendSignalResponse()
+
+    async def update(self, request: pb.UpdateRequest, ctx: Context) -> pb.UpdateResponse:
+        entry = self._find(request.process, running=True)
+        if request.HasField("pty"):
+            if not entry.process.has_pty:
+                raise RpcError(Code.FAILED_PRECONDITION, f"process {entry.process.pid} has no PTY to resize")
+            size = request.pty.size
+            if not size.cols or not size.rows:
+                raise RpcError(Code.INVALID_ARGUMENT, "pty.size needs non-zero cols and rows")
+            entry.process.resize(size.cols, size.rows)
+        return pb.UpdateResponse()

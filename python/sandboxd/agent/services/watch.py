@@ -1,0 +1,321 @@
+"""Directory watching: ``WatchDir`` (stream) and ``CreateWatcher``/``GetWatcherEvents``/``RemoveWatcher``
+(polling), on the Rust recursive inotify watcher (``sandboxd-watch``).
+
+Never silently lossy: when the kernel queue overflows (``IN_Q_OVERFLOW``) or a watcher's bounded
+buffer fills, the watcher rescans and goes on, and the client is told explicitly with a Connect
+``data_loss`` error that names the cause (the stream ends with it; a polling watcher returns the
+events it holds, then fails the next ``GetWatcherEvents`` once with it, then continues).
+
+Uploads replace files atomically (a hidden temporary file renamed over the target); those
+temporaries are hidden from watchers, and the rename onto the target is reported as CREATE followed
+by WRITE, which is what envd reports for a file it writes in place.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import os
+import re
+import secrets
+import string
+import time
+from collections import deque
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from sandboxd import _core
+from sandboxd._proto.filesystem import filesystem_pb2 as pb
+
+from ..errors import Code, RpcError, from_os_error
+from ..paths import expand_and_resolve
+from ..rpc import Context, Kind, Method
+from ..state import AgentState
+from .filesystem import SERVICE, entry_to_proto
+
+MAX_WATCHERS = 256
+"""Polling watchers per agent. Each holds an inotify instance (the kernel default
+``max_user_instances`` is 128 per user, so this is rarely the binding limit) and a buffer."""
+
+BUFFER_EVENTS = 65_536
+"""Events a polling watcher holds between two ``GetWatcherEvents`` calls; past it the watcher
+reports ``data_loss`` instead of growing without bound (envd's buffer is unbounded)."""
+
+IDLE_EXPIRY_S = 600.0
+"""A polling watcher nobody asked for events for this long is removed (its client is gone)."""
+
+NETWORK_FILESYSTEMS = ("nfs", "nfs4", "cifs", "smb3", "smbfs", "9p", "fuse", "sshfs", "ceph", "glusterfs")
+"""Filesystems where inotify misses changes made elsewhere; envd refuses them unless asked."""
+
+_TEMP_NAME = re.compile(r"(^|/)\.[^/]*\.sandboxd-[0-9a-f]{16}\.tmp$")
+_ENTRY_EVENTS = (pb.EVENT_TYPE_CREATE, pb.EVENT_TYPE_WRITE, pb.EVENT_TYPE_CHMOD)
+
+
+def _mount_fstype(path: str) -> str:
+    """The filesystem type of the mount that holds ``path`` (longest mount-point prefix)."""
+    best, fstype = "", ""
+    try:
+        with open("/proc/self/mountinfo") as f:
+            for line in f:
+                left, _, right = line.partition(" - ")
+                point = left.split()[4].encode().decode("unicode_escape")
+                if (path == point or path.startswith(point.rstrip("/") + "/")) and len(point) >= len(best):
+                    best, fstype = point, right.split()[0]
+    except OSError:
+        return ""
+    return fstype
+
+
+def _open_watcher(path: str, recursive: bool, allow_network_mounts: bool) -> _core.Watcher:
+    if not os.path.exists(path):
+        raise RpcError(Code.NOT_FOUND, f"path '{path}' not found")
+    if not os.path.isdir(path):
+        raise RpcError(Code.INVALID_ARGUMENT, f"path '{path}' is not a directory")
+    fstype = _mount_fstype(os.path.realpath(path))
+    if not allow_network_mounts and fstype.split(".")[0] in NETWORK_FILESYSTEMS:
+        raise RpcError(
+            Code.FAILED_PRECONDITION,
+            f"'{path}' is on a {fstype} filesystem, where inotify misses changes made elsewhere; "
+            "pass allow_network_mounts=True to watch it anyway",
+        )
+    try:
+        return _core.Watcher(path, recursive)
+    except FileNotFoundError:
+        raise RpcError(Code.NOT_FOUND, f"path '{path}' not found") from None
+    except NotADirectoryError:
+        raise RpcError(Code.INVALID_ARGUMENT, f"path '{path}' is not a directory") from None
+    except OSError as exc:
+        if exc.errno == errno.ENOSPC:
+            raise RpcError(
+                Code.RESOURCE_EXHAUSTED,
+                f"inotify watch limit reached while watching '{path}': raise fs.inotify.max_user_watches "
+                f"(now {_sysctl('max_user_watches')})",
+            ) from None
+        if exc.errno == errno.EMFILE:
+            raise RpcError(
+                Code.RESOURCE_EXHAUSTED,
+                "inotify instance limit reached: raise fs.inotify.max_user_instances "
+                f"(now {_sysctl('max_user_instances')}) or remove unused watchers",
+            ) from None
+        raise from_os_error(exc, "cannot watch directory") from None
+
+
+def _sysctl(name: str) -> str:
+    try:
+        with open(f"/proc/sys/fs/inotify/{name}") as f:
+            return f.read().strip()
+    except OSError:
+        return "unknown"
+
+
+def overflow_error(cause: str) -> RpcError:
+    return RpcError(
+        Code.DATA_LOSS,
+        f"events were lost: {cause}; the watcher rescanned and continues, so list the directory to resync",
+    )
+
+
+KERNEL_OVERFLOW = "the kernel's inotify queue overflowed (fs.inotify.max_queued_events={})"
+
+
+class EventTranslator:
+    """Rust batch items → ``FilesystemEvent``s: hides upload temporaries, attaches entries."""
+
+    def __init__(self, root: str, include_entry: bool) -> None:
+        self.root = root
+        self.include_entry = include_entry
+
+    def translate(self, items: list[tuple[int, str]]) -> tuple[list[pb.FilesystemEvent], str | None, bool]:
+        """Events, an overflow cause (or None), and whether the root went away."""
+        events: list[pb.FilesystemEvent] = []
+        overflow: str | None = None
+        closed = False
+        renamed_temp = False
+        for kind, name in items:
+            if kind == _core.WATCH_OVERFLOW:
+                overflow = KERNEL_OVERFLOW.format(_sysctl("max_queued_events"))
+                continue
+            if kind == _core.WATCH_CLOSED:
+                closed = True
+                continue
+            if _TEMP_NAME.search(name):
+                renamed_temp = kind == pb.EVENT_TYPE_RENAME
+                continue
+            events.append(self._event(kind, name))
+            if renamed_temp and kind == pb.EVENT_TYPE_CREATE:
+                events.append(self._event(pb.EVENT_TYPE_WRITE, name))
+            renamed_temp = False
+        return events, overflow, closed
+
+    def _event(self, kind: int, name: str) -> pb.FilesystemEvent:
+        event = pb.FilesystemEvent(name=name, type=kind)  # type: ignore[arg-type]
+        if self.include_entry and kind in _ENTRY_EVENTS:
+            # A path gone again already gets the event without an entry, as envd sends it.
+            with contextlib.suppress(OSError):
+                event.entry.CopyFrom(entry_to_proto(_core.entry_info(os.path.join(self.root, name))))
+        return event
+
+
+async def _readable(loop: asyncio.AbstractEventLoop, fd: int) -> None:
+    ready: asyncio.Future[None] = loop.create_future()
+
+    def wake() -> None:
+        if not ready.done():
+            ready.set_result(None)
+
+    loop.add_reader(fd, wake)
+    try:
+        await ready
+    finally:
+        loop.remove_reader(fd)
+
+
+@dataclass(slots=True)
+class PollWatcher:
+    """A watcher kept on the server for ``GetWatcherEvents`` polling."""
+
+    watcher: _core.Watcher
+    translator: EventTranslator
+    events: deque[pb.FilesystemEvent] = field(default_factory=deque)
+    lost: str | None = None
+    closed: bool = False
+    last_poll: float = field(default_factory=time.monotonic)
+
+    def on_readable(self) -> None:
+        try:
+            items = self.watcher.read_batch()
+        except OSError as exc:
+            self.lost = self.lost or f"the watcher failed: {exc}"
+            return
+        events, overflow, closed = self.translator.translate(items)
+        room = BUFFER_EVENTS - len(self.events)
+        if len(events) > room:
+            events = events[:room]
+            self.lost = self.lost or f"more than {BUFFER_EVENTS} events arrived between two GetWatcherEvents calls"
+        self.events.extend(events)
+        if overflow:
+            self.lost = self.lost or overflow
+        self.closed = self.closed or closed
+
+
+class WatchService:
+    """``WatchDir`` and the polling watcher RPCs."""
+
+    def __init__(self, state: AgentState) -> None:
+        self.state = state
+        self.watchers: dict[str, PollWatcher] = {}
+        self._expiry: asyncio.Task[None] | None = None
+
+    def methods(self) -> list[Method]:
+        return [
+            Method(
+                SERVICE,
+                "WatchDir",
+                Kind.SERVER_STREAM,
+                pb.WatchDirRequest,
+                pb.WatchDirResponse,
+                self.watch_dir,
+                lambda: pb.WatchDirResponse(keepalive=pb.WatchDirResponse.KeepAlive()),
+            ),
+            Method(
+                SERVICE,
+                "CreateWatcher",
+                Kind.UNARY,
+                pb.CreateWatcherRequest,
+                pb.CreateWatcherResponse,
+                self.create_watcher,
+            ),
+            Method(
+                SERVICE,
+                "GetWatcherEvents",
+                Kind.UNARY,
+                pb.GetWatcherEventsRequest,
+                pb.GetWatcherEventsResponse,
+                self.get_watcher_events,
+            ),
+            Method(
+                SERVICE,
+                "RemoveWatcher",
+                Kind.UNARY,
+                pb.RemoveWatcherRequest,
+                pb.RemoveWatcherResponse,
+                self.remove_watcher,
+            ),
+        ]
+
+    def _resolve(self, path: str, ctx: Context) -> str:
+        return expand_and_resolve(path, ctx.user, self.state.default_workdir)
+
+    async def watch_dir(self, request: pb.WatchDirRequest, ctx: Context) -> AsyncIterator[pb.WatchDirResponse]:
+        path = self._resolve(request.path, ctx)
+        watcher = _open_watcher(path, request.recursive, request.allow_network_mounts)
+        translator = EventTranslator(path, request.include_entry)
+        loop = asyncio.get_running_loop()
+        try:
+            yield pb.WatchDirResponse(start=pb.WatchDirResponse.StartEvent())
+            while True:
+                await _readable(loop, watcher.fileno())
+                events, overflow, closed = translator.translate(watcher.read_batch())
+                for event in events:
+                    yield pb.WatchDirResponse(filesystem=event)
+                if overflow:
+                    raise overflow_error(overflow)
+                if closed:
+                    return
+        finally:
+            watcher.close()
+
+    async def create_watcher(self, request: pb.CreateWatcherRequest, ctx: Context) -> pb.CreateWatcherResponse:
+        if len(self.watchers) >= MAX_WATCHERS:
+            raise RpcError(
+                Code.RESOURCE_EXHAUSTED, f"this agent already has {MAX_WATCHERS} watchers: remove unused ones first"
+            )
+        path = self._resolve(request.path, ctx)
+        watcher = _open_watcher(path, request.recursive, request.allow_network_mounts)
+        poll = PollWatcher(watcher, EventTranslator(path, request.include_entry))
+        watcher_id = "w" + "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(20))
+        self.watchers[watcher_id] = poll
+        asyncio.get_running_loop().add_reader(watcher.fileno(), poll.on_readable)
+        if self._expiry is None or self._expiry.done():
+            self._expiry = asyncio.get_running_loop().create_task(self._expire_idle())
+        return pb.CreateWatcherResponse(watcher_id=watcher_id)
+
+    def _get(self, watcher_id: str) -> PollWatcher:
+        poll = self.watchers.get(watcher_id)
+        if poll is None:
+            raise RpcError(
+                Code.NOT_FOUND, f"watcher '{watcher_id}' not found (removed, or idle for {IDLE_EXPIRY_S:.0f}s)"
+            )
+        poll.last_poll = time.monotonic()
+        return poll
+
+    async def get_watcher_events(
+        self, request: pb.GetWatcherEventsRequest, ctx: Context
+    ) -> pb.GetWatcherEventsResponse:
+        poll = self._get(request.watcher_id)
+        poll.on_readable()  # pick up what the kernel holds right now, not only what the loop saw
+        if not poll.events and poll.lost:
+            cause, poll.lost = poll.lost, None
+            raise overflow_error(cause)
+        events = list(poll.events)
+        poll.events.clear()
+        return pb.GetWatcherEventsResponse(events=events)
+
+    async def remove_watcher(self, request: pb.RemoveWatcherRequest, ctx: Context) -> pb.RemoveWatcherResponse:
+        self._get(request.watcher_id)
+        self._close(request.watcher_id)
+        return pb.RemoveWatcherResponse()
+
+    def _close(self, watcher_id: str) -> None:
+        poll = self.watchers.pop(watcher_id)
+        asyncio.get_running_loop().remove_reader(poll.watcher.fileno())
+        poll.watcher.close()
+
+    async def _expire_idle(self) -> None:
+        while self.watchers:
+            await asyncio.sleep(IDLE_EXPIRY_S / 10)
+            now = time.monotonic()
+            for watcher_id, poll in list(self.watchers.items()):
+                if now - poll.last_poll > IDLE_EXPIRY_S:
+                    self._close(watcher_id)

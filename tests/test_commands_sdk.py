@@ -1,0 +1,211 @@
+"""The official E2B Python SDK's commands and PTY APIs against a real ``sandboxd agent``."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import shlex
+import struct
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from conftest import Agent
+from e2b import AsyncSandbox, CommandExitException, PtySize
+from e2b.exceptions import InvalidArgumentException, TimeoutException
+
+
+def test_run_captures_stdout_stderr_and_exit_code(sandbox: Any) -> None:
+    result = sandbox.commands.run("echo out; echo err >&2")
+    assert result.stdout == "out\n"
+    assert result.stderr == "err\n"
+    assert result.exit_code == 0
+    assert result.error is None
+    with pytest.raises(CommandExitException) as caught:
+        sandbox.commands.run("echo boom >&2; exit 3")
+    assert caught.value.exit_code == 3
+    assert caught.value.stderr == "boom\n"
+    assert caught.value.error == "exit status 3"
+
+
+def test_envs_cwd_and_user(sandbox: Any, workdir: Path) -> None:
+    result = sandbox.commands.run("echo $GREETING; pwd", envs={"GREETING": "hi"}, cwd=str(workdir))
+    assert result.stdout == f"hi\n{workdir}\n"
+    if os.geteuid() == 0:
+        assert sandbox.commands.run("id -u", user="nobody").stdout == "65534\n"
+    home = sandbox.commands.run("echo $HOME $USER").stdout.split()
+    assert home[1] == sandbox.commands.run("id -un").stdout.strip()
+    with pytest.raises(InvalidArgumentException) as caught:
+        sandbox.commands.run("true", cwd=str(workdir / "missing"))
+    assert "missing" in str(caught.value)
+
+
+def test_streaming_callbacks_see_output_as_it_happens(sandbox: Any) -> None:
+    seen: list[tuple[float, str]] = []
+    start = time.monotonic()
+    sandbox.commands.run(
+        "echo first; sleep 0.5; echo second",
+        on_stdout=lambda line: seen.append((time.monotonic() - start, line)),
+    )
+    assert [line for _, line in seen] == ["first\n", "second\n"]
+    assert seen[1][0] - seen[0][0] > 0.3  # the first line arrived before the command finished
+
+
+def test_background_wait_kill_and_list(sandbox: Any) -> None:
+    handle = sandbox.commands.run("sleep 0.3; echo done", background=True)
+    assert handle.pid > 0
+    assert handle.wait().stdout == "done\n"
+
+    sleeper = sandbox.commands.run("sleep 60", background=True)
+    pids = [p.pid for p in sandbox.commands.list()]
+    assert sleeper.pid in pids
+    listed = next(p for p in sandbox.commands.list() if p.pid == sleeper.pid)
+    assert listed.cmd == "/bin/bash"
+    assert listed.args[-1] == "sleep 60"
+    assert sandbox.commands.kill(sleeper.pid) is True
+    with pytest.raises(CommandExitException) as caught:
+        sleeper.wait()
+    assert caught.value.exit_code == -1
+    assert caught.value.error == "signal: killed"
+    assert sandbox.commands.kill(999_999) is False
+
+
+def test_stdin_send_close_and_stream_input(sandbox: Any) -> None:
+    handle = sandbox.commands.run("cat", background=True, stdin=True)
+    sandbox.commands.send_stdin(handle.pid, "hello ")
+    sandbox.commands.send_stdin(handle.pid, b"world\n")
+    sandbox.commands.close_stdin(handle.pid)
+    assert handle.wait().stdout == "hello world\n"
+
+    handle = sandbox.commands.run("wc -c", background=True, stdin=True)
+    sandbox.commands.stream_input(handle.pid, iter(["abc", b"def", "g"]))
+    sandbox.commands.close_stdin(handle.pid)
+    assert handle.wait().stdout.strip() == "7"
+
+
+def test_stdin_disabled_is_a_clear_error(sandbox: Any) -> None:
+    handle = sandbox.commands.run("sleep 5", background=True)
+    with pytest.raises(Exception) as caught:
+        sandbox.commands.send_stdin(handle.pid, "x")
+    assert "stdin" in str(caught.value)
+    sandbox.commands.kill(handle.pid)
+
+
+def test_connect_replays_output_produced_while_detached(sandbox: Any) -> None:
+    handle = sandbox.commands.run("echo before; sleep 0.5; echo while-away; sleep 0.5; echo after", background=True)
+    time.sleep(0.1)
+    handle.disconnect()
+    time.sleep(0.7)  # "while-away" is printed with nobody attached
+    again = sandbox.commands.connect(handle.pid)
+    result = again.wait()
+    assert "while-away\n" in result.stdout
+    assert result.stdout.endswith("after\n")
+
+
+def test_exited_process_stays_connectable(sandbox: Any) -> None:
+    handle = sandbox.commands.run("echo bye", background=True)
+    handle.wait()
+    assert sandbox.commands.connect(handle.pid).wait().stdout == "bye\n"
+
+
+def test_timeout_kills_the_process(sandbox: Any, workdir: Path) -> None:
+    marker = workdir / "still-running"
+    with pytest.raises(TimeoutException):
+        sandbox.commands.run(f"sleep 2; touch {marker}", timeout=1)
+    time.sleep(1.5)
+    assert not marker.exists()
+
+
+def test_pty_create_input_resize_kill(sandbox: Any) -> None:
+    output = bytearray()
+    terminal = sandbox.pty.create(PtySize(rows=24, cols=80), cwd="/tmp")
+    reader = threading.Thread(target=lambda: _drain_pty(terminal, output), daemon=True)
+    reader.start()
+    sandbox.pty.send_stdin(terminal.pid, b"stty size; echo marker-$((6*7))\n")
+    deadline = time.monotonic() + 10
+    while b"marker-42" not in output and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert b"24 80" in output
+    sandbox.pty.resize(terminal.pid, PtySize(rows=30, cols=100))
+    sandbox.pty.send_stdin(terminal.pid, b"stty size\n")
+    while b"30 100" not in output and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert b"30 100" in output
+    assert sandbox.pty.kill(terminal.pid) is True
+    reader.join(10)
+    assert not reader.is_alive()
+
+
+def _drain_pty(terminal: Any, output: bytearray) -> None:
+    with contextlib.suppress(CommandExitException):
+        terminal.wait(on_pty=output.extend)
+
+
+def test_multibyte_characters_split_across_chunks_arrive_intact(sandbox: Any) -> None:
+    script = (
+        "import sys, time\n"
+        "for part in (b'caf\\xc3', b'\\xa9 \\xe2\\x82', b'\\xac\\n'):\n"
+        "    sys.stdout.buffer.write(part); sys.stdout.flush(); time.sleep(0.1)\n"
+    )
+    result = sandbox.commands.run(f"python3 -c {shlex.quote(script)}")
+    assert result.stdout == "café €\n"
+
+
+def test_hundred_concurrent_commands(agent: Agent, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("E2B_DEBUG", "true")
+    monkeypatch.setenv("E2B_SANDBOX_URL", agent.url)
+
+    async def main() -> list[str]:
+        sbx = await AsyncSandbox.create()
+        results = await asyncio.gather(*(sbx.commands.run(f"echo {i}") for i in range(100)))
+        return [r.stdout for r in results]
+
+    assert asyncio.run(main()) == [f"{i}\n" for i in range(100)]
+
+
+def test_stalled_client_does_not_delay_another(agent: Agent, sandbox: Any) -> None:
+    handle = sandbox.commands.run(
+        "sleep 0.5; head -c 50000000 /dev/zero | base64 -w 0; echo; echo finished", background=True
+    )
+    # A second client attaches to the same process and never reads a byte.
+    stalled = httpx.Client(timeout=None)
+    body = json.dumps({"process": {"pid": handle.pid}}).encode()
+    request = stalled.build_request(
+        "POST",
+        f"{agent.url}/process.Process/Connect",
+        content=struct.pack(">BI", 0, len(body)) + body,
+        headers={"Content-Type": "application/connect+json", "Connect-Protocol-Version": "1"},
+    )
+    response = stalled.send(request, stream=True)
+    try:
+        assert response.status_code == 200
+        started = time.monotonic()
+        result = handle.wait()
+        elapsed = time.monotonic() - started
+        assert result.stdout.endswith("finished\n")
+        assert len(result.stdout) > 60_000_000
+        # Generous bound, not a speed target: a reader blocked on the stalled client would hang forever.
+        assert elapsed < 60
+    finally:
+        response.close()
+        stalled.close()
+
+
+def test_agent_stays_responsive_while_user_processes_spin(agent: Agent, sandbox: Any) -> None:
+    spinners = [sandbox.commands.run("while :; do :; done", background=True) for _ in range(4)]
+    try:
+        latencies = []
+        for _ in range(20):
+            started = time.monotonic()
+            assert httpx.get(f"{agent.url}/health", timeout=10).status_code == 204
+            latencies.append(time.monotonic() - started)
+        assert sandbox.commands.run("echo alive").stdout == "alive\n"
+        assert max(latencies) < 5
+    finally:
+        for spinner in spinners:
+            sandbox.commands.kill(spinner.pid)

@@ -1,0 +1,281 @@
+"""The official E2B SDK's ``files.watch_dir`` (sync polling handle and async stream) against a real
+agent, with real inotify: recursion, renames, bursts, and overflows that are reported, never silent."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import Agent
+from e2b import AsyncSandbox, FilesystemEvent, FilesystemEventType
+from e2b.exceptions import InvalidArgumentException, NotFoundException, SandboxException
+
+CREATE, WRITE, REMOVE, RENAME, CHMOD = (
+    FilesystemEventType.CREATE,
+    FilesystemEventType.WRITE,
+    FilesystemEventType.REMOVE,
+    FilesystemEventType.RENAME,
+    FilesystemEventType.CHMOD,
+)
+
+
+def poll_until(
+    handle: Any, done: Callable[[list[FilesystemEvent]], bool], timeout: float = 10
+) -> list[FilesystemEvent]:
+    events: list[FilesystemEvent] = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        events.extend(handle.get_new_events())
+        if done(events):
+            return events
+        time.sleep(0.02)
+    return events
+
+
+def pairs(events: list[FilesystemEvent]) -> list[tuple[str, FilesystemEventType]]:
+    return [(e.name, e.type) for e in events]
+
+
+def test_sync_handle_reports_create_write_chmod_remove(sandbox: Any, workdir: Path) -> None:
+    handle = sandbox.files.watch_dir(str(workdir))
+    try:
+        f = workdir / "a.txt"
+        f.write_text("x")
+        with f.open("a") as out:
+            out.write("more")
+        f.chmod(0o600)
+        f.unlink()
+        events = poll_until(handle, lambda ev: ("a.txt", REMOVE) in pairs(ev))
+        got = pairs(events)
+        assert got[0] == ("a.txt", CREATE)
+        assert ("a.txt", WRITE) in got
+        assert ("a.txt", CHMOD) in got
+        assert got[-1] == ("a.txt", REMOVE)
+    finally:
+        handle.stop()
+
+
+def test_non_recursive_watch_ignores_nested_files(sandbox: Any, workdir: Path) -> None:
+    (workdir / "sub").mkdir()
+    handle = sandbox.files.watch_dir(str(workdir))
+    try:
+        (workdir / "sub" / "hidden.txt").write_text("x")
+        (workdir / "top.txt").write_text("x")
+        events = poll_until(handle, lambda ev: ("top.txt", CREATE) in pairs(ev))
+        assert all(not e.name.startswith("sub/") for e in events)
+    finally:
+        handle.stop()
+
+
+def test_deep_mkdir_burst_yields_the_files_events(sandbox: Any, workdir: Path) -> None:
+    for attempt in range(20):
+        root = workdir / f"run{attempt}"
+        root.mkdir()
+        handle = sandbox.files.watch_dir(str(root), recursive=True)
+        try:
+            subprocess.run(["sh", "-c", "mkdir -p a/b/c/d/e && echo hi > a/b/c/d/e/f"], cwd=root, check=True)
+            events = poll_until(handle, lambda ev: ("a/b/c/d/e/f", CREATE) in pairs(ev))
+            got = pairs(events)
+            for name in ("a", "a/b", "a/b/c", "a/b/c/d", "a/b/c/d/e", "a/b/c/d/e/f"):
+                assert got.count((name, CREATE)) == 1, (attempt, got)
+        finally:
+            handle.stop()
+
+
+def test_renames_within_and_out_of_the_tree(
+    sandbox: Any, workdir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    watched = workdir / "w"
+    (watched / "dir").mkdir(parents=True)
+    outside = tmp_path_factory.mktemp("outside")
+    handle = sandbox.files.watch_dir(str(watched), recursive=True)
+    try:
+        (watched / "dir" / "old.txt").write_text("x")
+        os.rename(watched / "dir" / "old.txt", watched / "dir" / "new.txt")
+        os.rename(watched / "dir", watched / "moved")
+        (watched / "moved" / "after.txt").write_text("y")
+        os.rename(watched / "moved" / "after.txt", outside / "gone.txt")
+        events = poll_until(handle, lambda ev: ("moved/after.txt", RENAME) in pairs(ev))
+        got = pairs(events)
+        i = got.index(("dir/old.txt", RENAME))
+        assert got[i + 1] == ("dir/new.txt", CREATE)
+        j = got.index(("dir", RENAME))
+        assert got[j + 1] == ("moved", CREATE)
+        assert ("moved/after.txt", CREATE) in got  # the renamed directory keeps being watched, by its new name
+        assert got[-1] == ("moved/after.txt", RENAME)
+    finally:
+        handle.stop()
+
+
+def test_sdk_upload_shows_create_and_write_of_the_target_only(sandbox: Any, workdir: Path) -> None:
+    handle = sandbox.files.watch_dir(str(workdir))
+    try:
+        sandbox.files.write(str(workdir / "up.txt"), "uploaded")
+        events = poll_until(handle, lambda ev: ("up.txt", WRITE) in pairs(ev))
+        assert pairs(events) == [("up.txt", CREATE), ("up.txt", WRITE)]
+    finally:
+        handle.stop()
+
+
+def test_include_entry_attaches_entry_info(agent: Agent, workdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("E2B_DEBUG", "true")
+    monkeypatch.setenv("E2B_SANDBOX_URL", agent.url)
+    from e2b import Sandbox
+
+    sbx = Sandbox.create()
+    handle = sbx.files.watch_dir(str(workdir), include_entry=True)
+    try:
+        (workdir / "e.txt").write_text("12345")
+        events = poll_until(handle, lambda ev: any(e.entry for e in ev))
+        entry = next(e.entry for e in events if e.entry)
+        assert entry.name == "e.txt"
+        assert entry.path == str(workdir / "e.txt")
+    finally:
+        handle.stop()
+
+
+def test_errors_for_missing_path_file_and_unknown_watcher(sandbox: Any, workdir: Path) -> None:
+    with pytest.raises(NotFoundException):
+        sandbox.files.watch_dir(str(workdir / "missing"))
+    (workdir / "file").write_text("x")
+    with pytest.raises(InvalidArgumentException):
+        sandbox.files.watch_dir(str(workdir / "file"))
+    handle = sandbox.files.watch_dir(str(workdir))
+    handle.stop()
+    with pytest.raises(SandboxException):
+        handle.get_new_events()
+
+
+def test_async_stream_recursive(agent: Agent, workdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("E2B_DEBUG", "true")
+    monkeypatch.setenv("E2B_SANDBOX_URL", agent.url)
+
+    async def main() -> list[tuple[str, FilesystemEventType]]:
+        sbx = await AsyncSandbox.create()
+        seen: list[FilesystemEvent] = []
+        done = asyncio.Event()
+
+        def on_event(event: FilesystemEvent) -> None:
+            seen.append(event)
+            if event.name == "x/y/z.txt" and event.type == WRITE:
+                done.set()
+
+        handle = await sbx.files.watch_dir(str(workdir), on_event, recursive=True)
+        try:
+            await asyncio.to_thread(
+                subprocess.run, ["sh", "-c", "mkdir -p x/y && echo data > x/y/z.txt"], cwd=workdir, check=True
+            )
+            await asyncio.wait_for(done.wait(), 10)
+        finally:
+            await handle.stop()
+        return pairs(seen)
+
+    got = asyncio.run(main())
+    assert got[:3] == [("x", CREATE), ("x/y", CREATE), ("x/y/z.txt", CREATE)]
+    assert ("x/y/z.txt", WRITE) in got
+
+
+def test_ten_thousand_file_burst_delivers_every_event_or_reports_overflow(sandbox: Any, workdir: Path) -> None:
+    handle = sandbox.files.watch_dir(str(workdir), recursive=True)
+    try:
+        subprocess.run(["sh", "-c", "mkdir burst && cd burst && seq 1 10000 | xargs touch"], cwd=workdir, check=True)
+        created: set[str] = set()
+        deadline = time.monotonic() + 30
+        overflowed = False
+        while len(created) < 10_000 and time.monotonic() < deadline:
+            try:
+                batch = handle.get_new_events()
+            except SandboxException as exc:
+                assert "data_loss" in str(exc).lower() or "lost" in str(exc)
+                overflowed = True
+                break
+            created.update(e.name for e in batch if e.type == CREATE and e.name.startswith("burst/"))
+            time.sleep(0.01)
+        assert overflowed or len(created) == 10_000
+    finally:
+        handle.stop()
+
+
+@contextlib.contextmanager
+def max_queued_events(value: int) -> Iterator[None]:
+    path = Path("/proc/sys/fs/inotify/max_queued_events")
+    original = path.read_text()
+    path.write_text(str(value))
+    try:
+        yield
+    finally:
+        path.write_text(original)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to lower fs.inotify.max_queued_events")
+def test_forced_kernel_overflow_is_reported_not_swallowed(sandbox: Any, workdir: Path, agent: Agent) -> None:
+    # The queue limit applies to inotify instances created while it is in force.
+    with max_queued_events(64):
+        handle = sandbox.files.watch_dir(str(workdir), recursive=True)
+    try:
+        # Stop the agent from reading so the kernel queue fills: freeze it with SIGSTOP.
+        os.kill(agent.process.pid, 19)
+        try:
+            subprocess.run(["sh", "-c", "seq 1 500 | xargs touch"], cwd=workdir, check=True)
+        finally:
+            os.kill(agent.process.pid, 18)
+        with pytest.raises(SandboxException) as caught:
+            poll_until(handle, lambda ev: False, timeout=5)
+        assert "max_queued_events" in str(caught.value)
+        # The watcher rescanned and goes on.
+        (workdir / "after-overflow.txt").write_text("x")
+        events = poll_until(handle, lambda ev: ("after-overflow.txt", CREATE) in pairs(ev))
+        assert ("after-overflow.txt", CREATE) in pairs(events)
+    finally:
+        handle.stop()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to lower fs.inotify.max_queued_events")
+def test_async_stream_ends_with_data_loss_on_overflow(
+    agent: Agent, workdir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("E2B_DEBUG", "true")
+    monkeypatch.setenv("E2B_SANDBOX_URL", agent.url)
+
+    async def main() -> Exception | None:
+        sbx = await AsyncSandbox.create()
+        exited: asyncio.Future[Exception | None] = asyncio.get_running_loop().create_future()
+        with max_queued_events(64):
+            handle = await sbx.files.watch_dir(
+                str(workdir), lambda e: None, on_exit=lambda e: exited.done() or exited.set_result(e)
+            )
+        os.kill(agent.process.pid, 19)
+        try:
+            await asyncio.to_thread(subprocess.run, ["sh", "-c", "seq 1 500 | xargs touch"], cwd=workdir, check=True)
+        finally:
+            os.kill(agent.process.pid, 18)
+        try:
+            return await asyncio.wait_for(exited, 10)
+        finally:
+            await handle.stop()
+
+    error = asyncio.run(main())
+    assert error is not None
+    assert "max_queued_events" in str(error)
+
+
+def test_watch_stops_when_the_directory_is_deleted(sandbox: Any, workdir: Path) -> None:
+    target = workdir / "doomed"
+    target.mkdir()
+    handle = sandbox.files.watch_dir(str(target))
+    try:
+        (target / "f").write_text("x")
+        shutil.rmtree(target)
+        events = poll_until(handle, lambda ev: (".", REMOVE) in pairs(ev) or ("", REMOVE) in pairs(ev))
+        assert ("f", REMOVE) in pairs(events)
+    finally:
+        with contextlib.suppress(SandboxException):
+            handle.stop()
