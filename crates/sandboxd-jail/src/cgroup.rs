@@ -1,0 +1,591 @@
+//! The sandbox's control group, on cgroup v1 or v2 (detected at run time): limits, freezing,
+//! killing, usage figures.
+//!
+//! What the kernel does here: a cgroup is a directory in a cgroup filesystem. Writing a pid to its
+//! `cgroup.procs` moves that process (and its future children) into it; its control files cap
+//! memory, CPU bandwidth and task count, and freeze every member at once.
+//!
+//! * **v2** (one unified hierarchy at `/sys/fs/cgroup`): the sandbox is
+//!   `/sys/fs/cgroup/sandboxd/<id>`. Controllers reach a child only when listed in its parent's
+//!   `cgroup.subtree_control`, so we enable `memory cpu pids` in the root's and in `sandboxd/`'s.
+//!   Freezing is `cgroup.freeze` (done when `cgroup.events` says `frozen 1`), killing is
+//!   `cgroup.kill` (Linux 5.14+).
+//! * **v1** (one hierarchy per controller, possibly co-mounted, e.g. `cpu,cpuacct`): the sandbox is
+//!   `<mount>/sandboxd/<id>` in each of the memory, cpu, cpuacct, pids and freezer hierarchies,
+//!   found in `/proc/self/mountinfo`. Freezing is `freezer.state` (`FROZEN` once every task has
+//!   stopped). There is no `cgroup.kill`, so we freeze, SIGKILL every member, and thaw: a frozen
+//!   process cannot fork, so none escapes the sweep.
+//!
+//! A hybrid host (v1 controllers plus an empty v2 hierarchy at `/sys/fs/cgroup/unified`) is v1.
+
+use std::collections::BTreeSet;
+use std::fs;
+use std::io::{self, Read, Write};
+use std::path::{Path, PathBuf};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{Signal, kill};
+use nix::sys::statfs::{CGROUP2_SUPER_MAGIC, statfs};
+use nix::unistd::Pid;
+
+use crate::spec::Limits;
+
+/// Where cgroup filesystems are mounted on every distribution we know of.
+const CGROUP_ROOT: &str = "/sys/fs/cgroup";
+
+/// The parent of every sandbox cgroup, so `ls /sys/fs/cgroup/sandboxd` (v2) or
+/// `/sys/fs/cgroup/memory/sandboxd` (v1) lists the sandboxes of this host.
+pub const CGROUP_PARENT: &str = "sandboxd";
+
+/// v1 hierarchies a sandbox joins: the three limits, `cpuacct` for CPU time, `freezer` for pause.
+const V1_CONTROLLERS: [&str; 5] = ["memory", "cpu", "cpuacct", "pids", "freezer"];
+
+/// v2 controllers enabled for sandboxes (freezing and killing are core v2 files, not controllers).
+const V2_CONTROLLERS: [&str; 3] = ["memory", "cpu", "pids"];
+
+/// CFS period for CPU limits: the kernel's default (100 ms). A quota is a share of it.
+const CFS_PERIOD_US: u64 = 100_000;
+
+/// The kernel refuses CFS quotas below 1 ms.
+const MIN_CFS_QUOTA_US: u64 = 1_000;
+
+/// How many times [`Cgroup::create`] retries when the shared parent vanished under it (someone
+/// removed it as empty between our two `mkdir`s); one retry nearly always suffices.
+const CREATE_ATTEMPTS: u32 = 3;
+
+/// How often to re-read a cgroup file while waiting for a state change. Freezing and killing
+/// usually settle in well under a millisecond, so start there.
+const POLL_START: Duration = Duration::from_micros(200);
+
+/// Back-off ceiling for the same wait: keeps a slow wait (a process in uninterruptible I/O) cheap.
+const POLL_MAX: Duration = Duration::from_millis(10);
+
+/// Which cgroup hierarchy this host uses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CgroupVersion {
+    /// One hierarchy per controller under `/sys/fs/cgroup/<controller>`.
+    V1,
+    /// The unified hierarchy at `/sys/fs/cgroup`.
+    V2,
+}
+
+/// Detects the cgroup version: v2 when `/sys/fs/cgroup` itself is a cgroup2 filesystem.
+pub fn cgroup_version() -> io::Result<CgroupVersion> {
+    let st = statfs(CGROUP_ROOT).map_err(io::Error::from)?;
+    Ok(if st.filesystem_type() == CGROUP2_SUPER_MAGIC {
+        CgroupVersion::V2
+    } else {
+        CgroupVersion::V1
+    })
+}
+
+/// Resource usage of a sandbox, read from its cgroup. `None` when the controller is absent.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// Memory charged to the sandbox, in bytes (page cache included, as the kernel counts it).
+    pub memory_bytes: Option<u64>,
+    /// CPU time consumed by all its processes, in nanoseconds.
+    pub cpu_usage_ns: Option<u64>,
+    /// Tasks (processes and threads) alive in it.
+    pub pids_current: Option<u64>,
+}
+
+/// The per-controller directories of one sandbox on v1.
+#[derive(Clone, Debug, Default)]
+struct V1Dirs {
+    memory: Option<PathBuf>,
+    cpu: Option<PathBuf>,
+    cpuacct: Option<PathBuf>,
+    pids: Option<PathBuf>,
+    freezer: Option<PathBuf>,
+}
+
+#[derive(Clone, Debug)]
+enum Layout {
+    V1(V1Dirs),
+    V2(PathBuf),
+}
+
+/// One sandbox's cgroup (paths only; nothing is created until [`Cgroup::create`]).
+#[derive(Clone, Debug)]
+pub(crate) struct Cgroup {
+    id: String,
+    layout: Layout,
+}
+
+impl Cgroup {
+    /// Finds where sandbox `id`'s cgroup lives (or would live) on this host.
+    pub(crate) fn locate(id: &str) -> io::Result<Cgroup> {
+        let layout = match cgroup_version()? {
+            CgroupVersion::V2 => Layout::V2(Path::new(CGROUP_ROOT).join(CGROUP_PARENT).join(id)),
+            CgroupVersion::V1 => {
+                let mounts = v1_mounts()?;
+                let dir = |c: &str| {
+                    mounts
+                        .iter()
+                        .find(|(controllers, _)| controllers.iter().any(|x| x == c))
+                        .map(|(_, mp)| mp.join(CGROUP_PARENT).join(id))
+                };
+                Layout::V1(V1Dirs {
+                    memory: dir("memory"),
+                    cpu: dir("cpu"),
+                    cpuacct: dir("cpuacct"),
+                    pids: dir("pids"),
+                    freezer: dir("freezer"),
+                })
+            }
+        };
+        Ok(Cgroup {
+            id: id.to_owned(),
+            layout,
+        })
+    }
+
+    /// The cgroup version in use.
+    pub(crate) fn version(&self) -> CgroupVersion {
+        match self.layout {
+            Layout::V1(_) => CgroupVersion::V1,
+            Layout::V2(_) => CgroupVersion::V2,
+        }
+    }
+
+    /// Every directory of this cgroup, without duplicates (co-mounted v1 controllers share one).
+    pub(crate) fn dirs(&self) -> Vec<PathBuf> {
+        match &self.layout {
+            Layout::V2(d) => vec![d.clone()],
+            Layout::V1(v) => {
+                let set: BTreeSet<PathBuf> = [&v.memory, &v.cpu, &v.cpuacct, &v.pids, &v.freezer]
+                    .into_iter()
+                    .flatten()
+                    .cloned()
+                    .collect();
+                set.into_iter().collect()
+            }
+        }
+    }
+
+    /// The `cgroup.procs` files a process writes `0` into to join.
+    pub(crate) fn procs_files(&self) -> Vec<PathBuf> {
+        self.dirs()
+            .into_iter()
+            .map(|d| d.join("cgroup.procs"))
+            .collect()
+    }
+
+    /// Whether the cgroup directory exists (on v1: any of them).
+    pub(crate) fn exists(&self) -> bool {
+        self.dirs().iter().any(|d| d.is_dir())
+    }
+
+    /// Creates the directories (idempotent). On v2 also enables the controllers on the way down.
+    /// Tolerates the shared parent being removed concurrently (it is recreated).
+    pub(crate) fn create(&self) -> io::Result<()> {
+        let mut attempts = 0;
+        loop {
+            match self.create_once() {
+                Err(e) if e.kind() == io::ErrorKind::NotFound && attempts < CREATE_ATTEMPTS => {
+                    attempts += 1;
+                }
+                r => return r,
+            }
+        }
+    }
+
+    fn create_once(&self) -> io::Result<()> {
+        match &self.layout {
+            Layout::V2(dir) => {
+                let root = Path::new(CGROUP_ROOT);
+                let parent = root.join(CGROUP_PARENT);
+                mkdir_existing_ok(&parent)?;
+                enable_controllers(root)?;
+                enable_controllers(&parent)?;
+                mkdir_existing_ok(dir)
+            }
+            Layout::V1(_) => {
+                for d in self.dirs() {
+                    if let Some(parent) = d.parent() {
+                        mkdir_existing_ok(parent)?;
+                    }
+                    mkdir_existing_ok(&d)?;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Writes the limits. A limit whose controller is missing is an `Unsupported` error.
+    pub(crate) fn apply(&self, limits: &Limits) -> io::Result<()> {
+        match &self.layout {
+            Layout::V2(dir) => {
+                if let Some(bytes) = limits.memory_bytes {
+                    write_file(&dir.join("memory.max"), &bytes.to_string())?;
+                }
+                if let Some(cores) = limits.cpu_cores {
+                    let quota = cfs_quota_us(cores);
+                    write_file(&dir.join("cpu.max"), &format!("{quota} {CFS_PERIOD_US}"))?;
+                }
+                if let Some(max) = limits.pids_max {
+                    write_file(&dir.join("pids.max"), &max.to_string())?;
+                }
+            }
+            Layout::V1(v) => {
+                if let Some(bytes) = limits.memory_bytes {
+                    let d = need(&v.memory, "memory")?;
+                    let limit = d.join("memory.limit_in_bytes");
+                    // With swap accounting, also cap memory+swap so the limit cannot be escaped
+                    // by swapping. The kernel keeps memsw >= limit at every step, so lower the
+                    // limit first, or raise memsw first when reusing a cgroup with a smaller one.
+                    let memsw = Some(d.join("memory.memsw.limit_in_bytes")).filter(|p| p.exists());
+                    let value = bytes.to_string();
+                    match (write_file(&limit, &value), &memsw) {
+                        (Ok(()), Some(m)) => write_file(m, &value)?,
+                        (Ok(()), None) => {}
+                        (Err(_), Some(m)) => {
+                            write_file(m, &value)?;
+                            write_file(&limit, &value)?;
+                        }
+                        (Err(e), None) => return Err(e),
+                    }
+                }
+                if let Some(cores) = limits.cpu_cores {
+                    let d = need(&v.cpu, "cpu")?;
+                    write_file(&d.join("cpu.cfs_period_us"), &CFS_PERIOD_US.to_string())?;
+                    write_file(
+                        &d.join("cpu.cfs_quota_us"),
+                        &cfs_quota_us(cores).to_string(),
+                    )?;
+                }
+                if let Some(max) = limits.pids_max {
+                    let d = need(&v.pids, "pids")?;
+                    write_file(&d.join("pids.max"), &max.to_string())?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Pids (host view) of every process in the cgroup, sorted. Empty if the cgroup is gone.
+    pub(crate) fn pids(&self) -> io::Result<Vec<i32>> {
+        let mut set = BTreeSet::new();
+        for f in self.procs_files() {
+            match fs::read_to_string(&f) {
+                Ok(s) => set.extend(s.lines().filter_map(|l| l.trim().parse::<i32>().ok())),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(set.into_iter().collect())
+    }
+
+    /// Fails with `AlreadyExists` if the cgroup holds processes: a live sandbox has this id.
+    pub(crate) fn ensure_unused(&self) -> io::Result<()> {
+        if self.pids()?.is_empty() {
+            Ok(())
+        } else {
+            Err(io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                format!("sandbox {} already has running processes", self.id),
+            ))
+        }
+    }
+
+    /// Whether process `pid` is in this cgroup, per `/proc/<pid>/cgroup`.
+    pub(crate) fn contains(&self, pid: i32) -> io::Result<bool> {
+        let s = fs::read_to_string(format!("/proc/{pid}/cgroup"))?;
+        let want = format!("/{CGROUP_PARENT}/{}", self.id);
+        Ok(s.lines().any(|l| {
+            let path = l.splitn(3, ':').nth(2).unwrap_or("");
+            path == want || path.starts_with(&format!("{want}/"))
+        }))
+    }
+
+    /// Freezes every process and waits until the kernel reports the whole cgroup frozen.
+    pub(crate) fn freeze(&self, timeout: Duration) -> io::Result<()> {
+        self.set_frozen(true, timeout)
+    }
+
+    /// Thaws the cgroup and waits until it runs again.
+    pub(crate) fn thaw(&self, timeout: Duration) -> io::Result<()> {
+        self.set_frozen(false, timeout)
+    }
+
+    fn set_frozen(&self, frozen: bool, timeout: Duration) -> io::Result<()> {
+        let deadline = Instant::now() + timeout;
+        match &self.layout {
+            Layout::V2(dir) => {
+                write_file(&dir.join("cgroup.freeze"), if frozen { "1" } else { "0" })?;
+                let want = if frozen { "frozen 1" } else { "frozen 0" };
+                let events = dir.join("cgroup.events");
+                wait_until(deadline, || {
+                    Ok(read_file(&events)?.lines().any(|l| l.trim() == want))
+                })
+            }
+            Layout::V1(v) => {
+                let state = need(&v.freezer, "freezer")?.join("freezer.state");
+                let want = if frozen { "FROZEN" } else { "THAWED" };
+                write_file(&state, want)?;
+                wait_until(deadline, || {
+                    let now = read_file(&state)?;
+                    if frozen && now.trim() == "THAWED" {
+                        // A concurrent thaw won, or the write raced a fork; ask again.
+                        write_file(&state, want)?;
+                    }
+                    Ok(now.trim() == want)
+                })
+            }
+        }
+    }
+
+    /// SIGKILLs every process in the cgroup and waits until it is empty.
+    pub(crate) fn kill_all(&self, timeout: Duration) -> io::Result<()> {
+        if !self.exists() {
+            return Ok(());
+        }
+        let deadline = Instant::now() + timeout;
+        let cgroup_kill = match &self.layout {
+            Layout::V2(dir) => Some(dir.join("cgroup.kill")).filter(|p| p.exists()),
+            Layout::V1(_) => None,
+        };
+        if let Some(file) = cgroup_kill {
+            write_file(&file, "1")?;
+        } else {
+            // Freeze first so nothing forks between reading cgroup.procs and the kills. A frozen
+            // task dies as soon as it is thawed.
+            let frozen = self.freeze(timeout).is_ok();
+            for pid in self.pids()? {
+                let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+            }
+            if frozen {
+                self.thaw(timeout)?;
+            }
+        }
+        wait_until(deadline, || {
+            let left = self.pids()?;
+            for pid in &left {
+                let _ = kill(Pid::from_raw(*pid), Signal::SIGKILL);
+            }
+            Ok(left.is_empty())
+        })
+    }
+
+    /// Removes the cgroup directories (and any child cgroups a sandbox made). Must be empty.
+    pub(crate) fn remove(&self, timeout: Duration) -> io::Result<()> {
+        let deadline = Instant::now() + timeout;
+        for d in self.dirs() {
+            // Right after the last process exits the kernel may still hold the cgroup for a
+            // moment (EBUSY); retry until the deadline.
+            wait_until(deadline, || match remove_tree(&d) {
+                Ok(()) => Ok(true),
+                Err(e) if e.raw_os_error() == Some(libc::EBUSY) => Ok(false),
+                Err(e) => Err(e),
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Reads memory, CPU and task counts.
+    pub(crate) fn stats(&self) -> io::Result<Stats> {
+        match &self.layout {
+            Layout::V2(dir) => Ok(Stats {
+                memory_bytes: read_u64_opt(&dir.join("memory.current"))?,
+                cpu_usage_ns: match read_opt(&dir.join("cpu.stat"))? {
+                    Some(s) => s
+                        .lines()
+                        .find_map(|l| l.strip_prefix("usage_usec "))
+                        .and_then(|v| v.trim().parse::<u64>().ok())
+                        .map(|us| us * 1_000),
+                    None => None,
+                },
+                pids_current: read_u64_opt(&dir.join("pids.current"))?,
+            }),
+            Layout::V1(v) => Ok(Stats {
+                memory_bytes: opt_file(&v.memory, "memory.usage_in_bytes")?,
+                cpu_usage_ns: opt_file(&v.cpuacct, "cpuacct.usage")?,
+                pids_current: opt_file(&v.pids, "pids.current")?,
+            }),
+        }
+    }
+}
+
+/// Ids of the sandbox cgroups present on this host (to re-adopt or clean up after a restart).
+pub fn list_sandboxes() -> io::Result<Vec<String>> {
+    let parents: Vec<PathBuf> = match cgroup_version()? {
+        CgroupVersion::V2 => vec![Path::new(CGROUP_ROOT).join(CGROUP_PARENT)],
+        CgroupVersion::V1 => v1_mounts()?
+            .into_iter()
+            .map(|(_, mp)| mp.join(CGROUP_PARENT))
+            .collect(),
+    };
+    let mut ids = BTreeSet::new();
+    for p in parents {
+        let entries = match fs::read_dir(&p) {
+            Ok(e) => e,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(e),
+        };
+        for e in entries {
+            let e = e?;
+            if e.file_type()?.is_dir() {
+                ids.insert(e.file_name().to_string_lossy().into_owned());
+            }
+        }
+    }
+    Ok(ids.into_iter().collect())
+}
+
+/// The v1 hierarchies we use: (controllers, mount point), from `/proc/self/mountinfo`.
+fn v1_mounts() -> io::Result<Vec<(Vec<String>, PathBuf)>> {
+    let info = fs::read_to_string("/proc/self/mountinfo")?;
+    let mut out: Vec<(Vec<String>, PathBuf)> = Vec::new();
+    for line in info.lines() {
+        // "<id> <parent> <maj:min> <root> <mount point> <options> [optional...] - <fstype> <source> <super options>"
+        let Some((left, right)) = line.split_once(" - ") else {
+            continue;
+        };
+        let mut r = right.split(' ');
+        if r.next() != Some("cgroup") {
+            continue;
+        }
+        let super_opts = r.nth(1).unwrap_or("");
+        let mut l = left.split(' ');
+        let root = l.nth(3).unwrap_or("");
+        let mount_point = crate::mounts::unescape_mountinfo(l.next().unwrap_or(""));
+        if root != "/" {
+            continue;
+        }
+        let controllers: Vec<String> = super_opts
+            .split(',')
+            .filter(|o| V1_CONTROLLERS.contains(o))
+            .map(str::to_owned)
+            .collect();
+        if controllers.is_empty() || out.iter().any(|(_, mp)| *mp == mount_point) {
+            continue;
+        }
+        out.push((controllers, mount_point));
+    }
+    Ok(out)
+}
+
+fn cfs_quota_us(cores: f64) -> u64 {
+    ((cores * CFS_PERIOD_US as f64).round() as u64).max(MIN_CFS_QUOTA_US)
+}
+
+fn need<'a>(dir: &'a Option<PathBuf>, controller: &str) -> io::Result<&'a PathBuf> {
+    dir.as_ref().ok_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::Unsupported,
+            format!("the cgroup v1 '{controller}' controller is not mounted"),
+        )
+    })
+}
+
+fn enable_controllers(dir: &Path) -> io::Result<()> {
+    let available = read_file(&dir.join("cgroup.controllers"))?;
+    let enabled = read_file(&dir.join("cgroup.subtree_control"))?;
+    for c in V2_CONTROLLERS {
+        let has = |s: &str| s.split_whitespace().any(|x| x == c);
+        if has(&available) && !has(&enabled) {
+            write_file(&dir.join("cgroup.subtree_control"), &format!("+{c}")).map_err(|e| {
+                io::Error::new(
+                    e.kind(),
+                    format!(
+                        "enabling the {c} controller in {}: {e} (a cgroup that holds processes \
+                         cannot delegate controllers; run the runtime in a leaf cgroup)",
+                        dir.display()
+                    ),
+                )
+            })?;
+        }
+    }
+    Ok(())
+}
+
+fn mkdir_existing_ok(d: &Path) -> io::Result<()> {
+    match fs::create_dir(d) {
+        Err(e) if e.kind() != io::ErrorKind::AlreadyExists => Err(e),
+        _ => Ok(()),
+    }
+}
+
+/// rmdir a cgroup and its children, deepest first (cgroup dirs hold only control files, which
+/// the kernel removes with the directory).
+fn remove_tree(d: &Path) -> io::Result<()> {
+    let entries = match fs::read_dir(d) {
+        Ok(e) => e,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    for e in entries {
+        let e = e?;
+        if e.file_type()?.is_dir() {
+            remove_tree(&e.path())?;
+        }
+    }
+    match fs::remove_dir(d) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
+}
+
+/// Writes a control file in one `write` (the kernel parses each write as one command).
+fn write_file(p: &Path, s: &str) -> io::Result<()> {
+    let mut f = fs::OpenOptions::new().write(true).open(p)?;
+    f.write_all(s.as_bytes())
+        .map_err(|e| io::Error::new(e.kind(), format!("writing {s:?} to {}: {e}", p.display())))
+}
+
+fn read_file(p: &Path) -> io::Result<String> {
+    let mut s = String::new();
+    fs::File::open(p)?.read_to_string(&mut s)?;
+    Ok(s)
+}
+
+fn read_opt(p: &Path) -> io::Result<Option<String>> {
+    match read_file(p) {
+        Ok(s) => Ok(Some(s)),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+fn read_u64_opt(p: &Path) -> io::Result<Option<u64>> {
+    Ok(read_opt(p)?.and_then(|s| s.trim().parse().ok()))
+}
+
+fn opt_file(dir: &Option<PathBuf>, name: &str) -> io::Result<Option<u64>> {
+    match dir {
+        Some(d) => read_u64_opt(&d.join(name)),
+        None => Ok(None),
+    }
+}
+
+/// Polls `done` with a growing interval until it says true or `deadline` passes (`TimedOut`).
+fn wait_until(deadline: Instant, mut done: impl FnMut() -> io::Result<bool>) -> io::Result<()> {
+    let mut interval = POLL_START;
+    loop {
+        if done()? {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "timed out waiting for the cgroup to change state",
+            ));
+        }
+        thread::sleep(interval);
+        interval = (interval * 2).min(POLL_MAX);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_quota_is_a_share_of_the_period() {
+        assert_eq!(cfs_quota_us(0.5), 50_000);
+        assert_eq!(cfs_quota_us(2.0), 200_000);
+        assert_eq!(cfs_quota_us(0.0001), MIN_CFS_QUOTA_US);
+    }
+}

@@ -1,0 +1,363 @@
+//! The sandbox's root filesystem: overlayfs over the template, host `/usr` read-only, fresh `/proc`,
+//! read-only `/sys`, a minimal `/dev`, then `pivot_root` into it.
+//!
+//! What the kernel does here: every call below runs in the sandbox's own mount namespace, which
+//! starts as a copy of the host's mount table. [`make_private`] first turns propagation off on
+//! every copied mount (`MS_REC | MS_PRIVATE`), so no mount or unmount done here reaches the host's
+//! namespace (on systemd hosts `/` is `shared` and would otherwise propagate back). overlayfs then
+//! merges the template layers (read-only) with the sandbox's upper dir (where writes land) at the
+//! merged dir; `proc` mounted by a process of the new pid namespace shows only that namespace's
+//! processes; `sysfs` mounted from the new network namespace shows only its devices (`lo`).
+//! Parts of `/proc` and `/sys` that are not namespaced (host-wide sysctls, kernel memory, host
+//! hardware) are then masked or made read-only, as container runtimes do. `pivot_root(".", ".")`
+//! stacks the old root under the new one, and `umount2(".", MNT_DETACH)`
+//! drops it, so no path inside leads back to the host's filesystem.
+//!
+//! Everything here runs after `fork` in a child of a possibly multithreaded parent: only system
+//! calls on C strings prepared beforehand or written as literals, no allocation. Paths are relative
+//! to the merged root (we `chdir` into it after mounting the overlay), and each mount point is
+//! checked to be a real directory, so a symlink in a template cannot redirect a mount elsewhere.
+
+use std::ffi::CStr;
+use std::io;
+use std::path::{Path, PathBuf};
+
+use nix::errno::Errno;
+use nix::fcntl::{AT_FDCWD, OFlag, open};
+use nix::mount::{MntFlags, MsFlags, mount, umount2};
+use nix::sys::stat::{Mode, SFlag, lstat};
+use nix::unistd::{chdir, mkdir, pivot_root, symlinkat, write};
+
+use crate::report::{AtStep, Step, StepError};
+use crate::spec::Prepared;
+
+/// Host device nodes bind-mounted into the sandbox's `/dev` (source, target relative to the new
+/// root): the ones programs expect to exist. Disks, `kmsg` and `mem` are deliberately absent.
+const DEVICES: [(&CStr, &CStr); 6] = [
+    (c"/dev/null", c"dev/null"),
+    (c"/dev/zero", c"dev/zero"),
+    (c"/dev/full", c"dev/full"),
+    (c"/dev/random", c"dev/random"),
+    (c"/dev/urandom", c"dev/urandom"),
+    (c"/dev/tty", c"dev/tty"),
+];
+
+/// Symlinks in `/dev` (target, link): the pty multiplexer of our own devpts instance, and the
+/// `/proc/self/fd` names that bash process substitution and `/dev/stdin` users need.
+const DEV_LINKS: [(&CStr, &CStr); 5] = [
+    (c"pts/ptmx", c"dev/ptmx"),
+    (c"/proc/self/fd", c"dev/fd"),
+    (c"/proc/self/fd/0", c"dev/stdin"),
+    (c"/proc/self/fd/1", c"dev/stdout"),
+    (c"/proc/self/fd/2", c"dev/stderr"),
+];
+
+/// `/dev` is a tmpfs holding only the nodes and links above; 1 MiB is plenty and stops a sandbox
+/// from using `/dev` as unbounded scratch space.
+const DEV_TMPFS_OPTIONS: &CStr = c"mode=0755,size=1m";
+
+/// A private devpts instance (`newinstance`), so the sandbox sees only its own ptys; `ptmx`
+/// usable by every user; new ptys group `tty` (gid 5, as in the built-in `/etc/group`) mode 0620.
+const DEVPTS_OPTIONS: &CStr = c"newinstance,ptmxmode=0666,mode=0620,gid=5";
+
+/// `/dev/shm` is world-writable with the sticky bit, like `/tmp`. Its pages are charged to the
+/// sandbox's memory cgroup, which bounds it.
+const SHM_OPTIONS: &CStr = c"mode=1777";
+
+/// Kernel files that expose host state or control the host, hidden under `/dev/null` (Docker's
+/// list): physical memory (`kcore`), the kernel keyring, scheduler and timer internals.
+const MASKED_FILES: [&CStr; 6] = [
+    c"proc/kcore",
+    c"proc/keys",
+    c"proc/latency_stats",
+    c"proc/timer_list",
+    c"proc/timer_stats",
+    c"proc/sched_debug",
+];
+
+/// Directories about host hardware, hidden under an empty read-only tmpfs (Docker's list).
+const MASKED_DIRS: [&CStr; 5] = [
+    c"proc/acpi",
+    c"proc/asound",
+    c"proc/scsi",
+    c"sys/firmware",
+    c"sys/devices/virtual/powercap",
+];
+
+/// Host-global kernel knobs, made read-only: most of `/proc/sys` is not namespaced, and uid 0
+/// can write much of it without any capability (e.g. `kernel.core_pattern`, which makes the
+/// host run a program).
+const READ_ONLY: [&CStr; 5] = [
+    c"proc/bus",
+    c"proc/fs",
+    c"proc/irq",
+    c"proc/sys",
+    c"proc/sysrq-trigger",
+];
+
+/// Makes every mount in the current (new) mount namespace private. Must run right after
+/// `unshare(CLONE_NEWNS)` and before any other mount.
+pub(crate) fn make_private() -> Result<(), StepError> {
+    mount(
+        None::<&CStr>,
+        c"/",
+        None::<&CStr>,
+        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+        None::<&CStr>,
+    )
+    .at(Step::MakePrivate)
+}
+
+/// Builds the root at the merged dir and pivots into it. Runs as PID 1 of the new pid namespace,
+/// in the new (private) mount namespace. On return the cwd and root are the sandbox's `/`.
+pub(crate) fn setup_root(p: &Prepared) -> Result<(), StepError> {
+    mount(
+        Some(c"overlay"),
+        p.merged.as_c_str(),
+        Some(c"overlay"),
+        MsFlags::empty(),
+        Some(p.overlay_options.as_c_str()),
+    )
+    .at(Step::MountOverlay)?;
+    chdir(p.merged.as_c_str()).at(Step::Chdir)?;
+
+    if p.host_usr_ro {
+        ensure_dir(c"usr")?;
+        mount(
+            Some(c"/usr"),
+            c"usr",
+            None::<&CStr>,
+            MsFlags::MS_BIND | MsFlags::MS_REC,
+            None::<&CStr>,
+        )
+        .at(Step::BindUsr)?;
+        mount(
+            None::<&CStr>,
+            c"usr",
+            None::<&CStr>,
+            MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY,
+            None::<&CStr>,
+        )
+        .at(Step::RemountUsrReadOnly)?;
+    }
+
+    let nosuid_nodev_noexec = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
+    ensure_dir(c"proc")?;
+    mount(
+        Some(c"proc"),
+        c"proc",
+        Some(c"proc"),
+        nosuid_nodev_noexec,
+        None::<&CStr>,
+    )
+    .at(Step::MountProc)?;
+
+    ensure_dir(c"sys")?;
+    mount(
+        Some(c"sysfs"),
+        c"sys",
+        Some(c"sysfs"),
+        nosuid_nodev_noexec | MsFlags::MS_RDONLY,
+        None::<&CStr>,
+    )
+    .at(Step::MountSys)?;
+
+    setup_dev()?;
+    mask_kernel_files()?;
+
+    pivot_root(c".", c".").at(Step::PivotRoot)?;
+    umount2(c".", MntFlags::MNT_DETACH).at(Step::DetachOldRoot)?;
+    chdir(c"/").at(Step::Chdir)?;
+
+    write_etc(c"/etc/hostname", &p.etc_hostname)?;
+    write_etc(c"/etc/hosts", &p.etc_hosts)?;
+    Ok(())
+}
+
+fn setup_dev() -> Result<(), StepError> {
+    ensure_dir(c"dev")?;
+    mount(
+        Some(c"tmpfs"),
+        c"dev",
+        Some(c"tmpfs"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+        Some(DEV_TMPFS_OPTIONS),
+    )
+    .at(Step::MountDev)?;
+    for (source, target) in DEVICES {
+        // A bind mount needs an existing file to cover.
+        drop(
+            open(
+                target,
+                OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+                Mode::from_bits_truncate(0o666),
+            )
+            .at(Step::BindDevice)?,
+        );
+        mount(
+            Some(source),
+            target,
+            None::<&CStr>,
+            MsFlags::MS_BIND,
+            None::<&CStr>,
+        )
+        .at(Step::BindDevice)?;
+    }
+    mkdir(c"dev/pts", Mode::from_bits_truncate(0o755)).at(Step::MountDevpts)?;
+    mount(
+        Some(c"devpts"),
+        c"dev/pts",
+        Some(c"devpts"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+        Some(DEVPTS_OPTIONS),
+    )
+    .at(Step::MountDevpts)?;
+    mkdir(c"dev/shm", Mode::from_bits_truncate(0o1777)).at(Step::MountShm)?;
+    mount(
+        Some(c"tmpfs"),
+        c"dev/shm",
+        Some(c"tmpfs"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        Some(SHM_OPTIONS),
+    )
+    .at(Step::MountShm)?;
+    for (target, link) in DEV_LINKS {
+        symlinkat(target, AT_FDCWD, link).at(Step::DevLinks)?;
+    }
+    Ok(())
+}
+
+/// Hides or freezes the parts of `/proc` and `/sys` that reach past the sandbox. Paths the kernel
+/// does not have are skipped. The payload lacks `CAP_SYS_ADMIN`, so it cannot undo any of this.
+fn mask_kernel_files() -> Result<(), StepError> {
+    let skip_missing = |r: nix::Result<()>| match r {
+        Ok(()) | Err(Errno::ENOENT) => Ok(()),
+        Err(e) => Err(StepError::new(Step::MaskProc, e)),
+    };
+    for path in MASKED_FILES {
+        skip_missing(mount(
+            Some(c"/dev/null"),
+            path,
+            None::<&CStr>,
+            MsFlags::MS_BIND,
+            None::<&CStr>,
+        ))?;
+    }
+    for path in MASKED_DIRS {
+        skip_missing(mount(
+            Some(c"tmpfs"),
+            path,
+            Some(c"tmpfs"),
+            MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+            Some(c"size=0"),
+        ))?;
+    }
+    let proc_flags = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
+    for path in READ_ONLY {
+        match mount(
+            Some(path),
+            path,
+            None::<&CStr>,
+            MsFlags::MS_BIND | MsFlags::MS_REC,
+            None::<&CStr>,
+        ) {
+            Ok(()) => {}
+            Err(Errno::ENOENT) => continue,
+            Err(e) => return Err(StepError::new(Step::MaskProc, e)),
+        }
+        mount(
+            None::<&CStr>,
+            path,
+            None::<&CStr>,
+            MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY | proc_flags,
+            None::<&CStr>,
+        )
+        .at(Step::MaskProc)?;
+    }
+    Ok(())
+}
+
+/// Makes sure `path` (relative to the new root) is a real directory, creating it if missing.
+fn ensure_dir(path: &CStr) -> Result<(), StepError> {
+    match lstat(path) {
+        Ok(st) if SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT == SFlag::S_IFDIR => Ok(()),
+        Ok(_) => Err(StepError::new(Step::MountPoint, Errno::ENOTDIR)),
+        Err(Errno::ENOENT) => mkdir(path, Mode::from_bits_truncate(0o755)).at(Step::MountPoint),
+        Err(e) => Err(StepError::new(Step::MountPoint, e)),
+    }
+}
+
+/// Replaces a small file in the sandbox's `/etc` (in its upper layer). Skipped when the template
+/// has no `/etc`, or makes the file a symlink (never followed).
+fn write_etc(path: &CStr, content: &[u8]) -> Result<(), StepError> {
+    let fd = match open(
+        path,
+        OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_TRUNC | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+        Mode::from_bits_truncate(0o644),
+    ) {
+        Ok(fd) => fd,
+        Err(Errno::ENOENT | Errno::ELOOP | Errno::ENOTDIR | Errno::EROFS) => return Ok(()),
+        Err(e) => return Err(StepError::new(Step::WriteEtc, e)),
+    };
+    let mut done = 0;
+    while done < content.len() {
+        match write(&fd, &content[done..]) {
+            Ok(n) => done += n,
+            Err(Errno::EINTR) => {}
+            Err(e) => return Err(StepError::new(Step::WriteEtc, e)),
+        }
+    }
+    Ok(())
+}
+
+/// Whether something is mounted at `path` in the caller's mount namespace.
+pub(crate) fn is_mount_point(path: &Path) -> io::Result<bool> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo")?;
+    Ok(info.lines().any(|l| {
+        l.split(' ')
+            .nth(4)
+            .is_some_and(|mp| unescape_mountinfo(mp) == path)
+    }))
+}
+
+/// Lazily unmounts whatever is mounted at `path` in the caller's namespace, if anything. A
+/// sandbox's overlay lives only in its own namespace, so on the host this normally does nothing.
+pub(crate) fn detach_if_mounted(path: &Path) -> io::Result<()> {
+    while is_mount_point(path)? {
+        umount2(path, MntFlags::MNT_DETACH).map_err(io::Error::from)?;
+    }
+    Ok(())
+}
+
+/// mountinfo escapes space, tab, newline and backslash as `\ooo`.
+pub(crate) fn unescape_mountinfo(s: &str) -> PathBuf {
+    use std::os::unix::ffi::OsStringExt;
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\'
+            && b.get(i + 1..i + 4)
+                .is_some_and(|o| o.iter().all(|c| (b'0'..=b'7').contains(c)))
+        {
+            let v = (b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0');
+            out.push(v);
+            i += 4;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    PathBuf::from(std::ffi::OsString::from_vec(out))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unescapes_mountinfo_paths() {
+        assert_eq!(unescape_mountinfo(r"/a\040b"), PathBuf::from("/a b"));
+        assert_eq!(unescape_mountinfo("/plain"), PathBuf::from("/plain"));
+    }
+}

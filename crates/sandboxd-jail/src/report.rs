@@ -1,0 +1,280 @@
+//! Errors that cross `fork`: how the processes that build a sandbox tell their parent what failed.
+//!
+//! What the kernel does here: a pipe carries fixed-size records from children to a parent. Writes
+//! of at most `PIPE_BUF` bytes are atomic, so a record is never torn, and the reader sees end of
+//! file once every copy of the write end is closed — by `close`, by `exit`, or by a successful
+//! `execve` when the end is `O_CLOEXEC`. So "end of file and no error record" means "every step
+//! succeeded", including the payload's `execve`.
+//!
+//! Code after `fork` in a multithreaded parent may only make async-signal-safe calls: no heap, no
+//! locks. So a step failure is a `Copy` value ([`StepError`]: which step, which errno) written as
+//! twelve bytes, and it becomes an [`io::Error`] with a message only in a process where allocating
+//! is safe.
+
+use std::fmt;
+use std::io;
+use std::os::fd::{AsFd, BorrowedFd};
+use std::time::Instant;
+
+use nix::errno::Errno;
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+
+/// One step of building a sandbox, named in error messages.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u32)]
+pub(crate) enum Step {
+    Setsid = 1,
+    JoinCgroup,
+    Unshare,
+    MakePrivate,
+    Hostname,
+    Loopback,
+    Pipe,
+    Fork,
+    MountOverlay,
+    Chdir,
+    MountPoint,
+    BindUsr,
+    RemountUsrReadOnly,
+    MountProc,
+    MountSys,
+    MountDev,
+    BindDevice,
+    MountDevpts,
+    MountShm,
+    DevLinks,
+    PivotRoot,
+    DetachOldRoot,
+    WriteEtc,
+    Signals,
+    MaskProc,
+    Capabilities,
+    PayloadCwd,
+    Exec,
+    ReadReport,
+    Timeout,
+    ChildDied,
+}
+
+impl Step {
+    /// Every step, to decode a record read from a pipe.
+    const ALL: [Step; 31] = [
+        Step::Setsid,
+        Step::JoinCgroup,
+        Step::Unshare,
+        Step::MakePrivate,
+        Step::Hostname,
+        Step::Loopback,
+        Step::Pipe,
+        Step::Fork,
+        Step::MountOverlay,
+        Step::Chdir,
+        Step::MountPoint,
+        Step::BindUsr,
+        Step::RemountUsrReadOnly,
+        Step::MountProc,
+        Step::MountSys,
+        Step::MountDev,
+        Step::BindDevice,
+        Step::MountDevpts,
+        Step::MountShm,
+        Step::DevLinks,
+        Step::PivotRoot,
+        Step::DetachOldRoot,
+        Step::WriteEtc,
+        Step::Signals,
+        Step::MaskProc,
+        Step::Capabilities,
+        Step::PayloadCwd,
+        Step::Exec,
+        Step::ReadReport,
+        Step::Timeout,
+        Step::ChildDied,
+    ];
+
+    fn from_u32(v: u32) -> Step {
+        Step::ALL
+            .iter()
+            .copied()
+            .find(|s| *s as u32 == v)
+            .unwrap_or(Step::ReadReport)
+    }
+
+    fn describe(self) -> &'static str {
+        match self {
+            Step::Setsid => "setsid",
+            Step::JoinCgroup => "joining the sandbox cgroup",
+            Step::Unshare => "unshare(mount, uts, ipc, net, cgroup, pid)",
+            Step::MakePrivate => "making mount propagation private",
+            Step::Hostname => "sethostname",
+            Step::Loopback => "bringing up lo",
+            Step::Pipe => "pipe2",
+            Step::Fork => "fork",
+            Step::MountOverlay => "mounting the overlay root",
+            Step::Chdir => "chdir into the new root",
+            Step::MountPoint => "preparing a mount point (must be a directory, not a symlink)",
+            Step::BindUsr => "bind-mounting the host /usr",
+            Step::RemountUsrReadOnly => "remounting /usr read-only",
+            Step::MountProc => "mounting /proc",
+            Step::MountSys => "mounting /sys",
+            Step::MountDev => "mounting the /dev tmpfs",
+            Step::BindDevice => "bind-mounting a device node into /dev",
+            Step::MountDevpts => "mounting /dev/pts",
+            Step::MountShm => "mounting /dev/shm",
+            Step::DevLinks => "creating /dev symlinks",
+            Step::PivotRoot => "pivot_root",
+            Step::DetachOldRoot => "detaching the old root",
+            Step::WriteEtc => "writing /etc/hostname or /etc/hosts",
+            Step::Signals => "setting up the init's signals",
+            Step::MaskProc => "masking or making read-only parts of /proc and /sys",
+            Step::Capabilities => "dropping capabilities",
+            Step::PayloadCwd => "chdir to the payload's cwd",
+            Step::Exec => "execve of the payload",
+            Step::ReadReport => "reading the setup report",
+            Step::Timeout => "waiting for the sandbox to start",
+            Step::ChildDied => "the setup process died without a report",
+        }
+    }
+}
+
+/// A failed step and its errno: small and `Copy`, so it can be made and sent after `fork`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct StepError {
+    pub(crate) step: Step,
+    pub(crate) errno: Errno,
+}
+
+impl StepError {
+    pub(crate) fn new(step: Step, errno: Errno) -> StepError {
+        StepError { step, errno }
+    }
+}
+
+impl fmt::Display for StepError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "sandbox setup failed while {}: {}",
+            self.step.describe(),
+            io::Error::from_raw_os_error(self.errno as i32)
+        )
+    }
+}
+
+impl From<StepError> for io::Error {
+    fn from(e: StepError) -> io::Error {
+        let kind = io::Error::from_raw_os_error(e.errno as i32).kind();
+        io::Error::new(kind, e.to_string())
+    }
+}
+
+/// `nix` results tagged with the step they belong to.
+pub(crate) trait AtStep<T> {
+    /// Tags an error with `step`.
+    fn at(self, step: Step) -> Result<T, StepError>;
+}
+
+impl<T> AtStep<T> for nix::Result<T> {
+    fn at(self, step: Step) -> Result<T, StepError> {
+        self.map_err(|e| StepError::new(step, e))
+    }
+}
+
+/// What a record on a report pipe says.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Record {
+    /// The sandbox's init runs; its pid as seen by the reader.
+    InitPid(i32),
+    /// A step failed.
+    Failed(StepError),
+}
+
+/// A record's size on the pipe: tag, step, value (three native-endian 32-bit words). Far below
+/// `PIPE_BUF` (4096), so each write is atomic.
+const RECORD_LEN: usize = 12;
+const TAG_INIT_PID: u32 = 1;
+const TAG_FAILED: u32 = 2;
+
+/// Writes one record. Async-signal-safe. Errors are ignored: the reader treats a missing record as
+/// a failure of its own (end of file with no pid, or a timeout).
+pub(crate) fn write_record(fd: BorrowedFd<'_>, record: Record) {
+    let (tag, a, b) = match record {
+        Record::InitPid(pid) => (TAG_INIT_PID, 0u32, pid),
+        Record::Failed(e) => (TAG_FAILED, e.step as u32, e.errno as i32),
+    };
+    let mut buf = [0u8; RECORD_LEN];
+    buf[0..4].copy_from_slice(&tag.to_ne_bytes());
+    buf[4..8].copy_from_slice(&a.to_ne_bytes());
+    buf[8..12].copy_from_slice(&b.to_ne_bytes());
+    let mut done = 0;
+    while done < RECORD_LEN {
+        match nix::unistd::write(fd, &buf[done..]) {
+            Ok(n) => done += n,
+            Err(Errno::EINTR) => {}
+            Err(_) => return,
+        }
+    }
+}
+
+/// Reads one record, waiting until `deadline`. `Ok(None)` is end of file. Async-signal-safe.
+pub(crate) fn read_record(
+    fd: BorrowedFd<'_>,
+    deadline: Instant,
+) -> Result<Option<Record>, StepError> {
+    let mut buf = [0u8; RECORD_LEN];
+    let mut got = 0;
+    while got < RECORD_LEN {
+        wait_readable(fd, deadline)?;
+        match nix::unistd::read(fd, &mut buf[got..]) {
+            Ok(0) if got == 0 => return Ok(None),
+            Ok(0) => return Err(StepError::new(Step::ReadReport, Errno::EPIPE)),
+            Ok(n) => got += n,
+            Err(Errno::EINTR | Errno::EAGAIN) => {}
+            Err(e) => return Err(StepError::new(Step::ReadReport, e)),
+        }
+    }
+    let word = |i: usize| [buf[i], buf[i + 1], buf[i + 2], buf[i + 3]];
+    let tag = u32::from_ne_bytes(word(0));
+    let a = u32::from_ne_bytes(word(4));
+    let b = i32::from_ne_bytes(word(8));
+    match tag {
+        TAG_INIT_PID => Ok(Some(Record::InitPid(b))),
+        TAG_FAILED => Ok(Some(Record::Failed(StepError::new(
+            Step::from_u32(a),
+            Errno::from_raw(b),
+        )))),
+        _ => Err(StepError::new(Step::ReadReport, Errno::EPROTO)),
+    }
+}
+
+/// Reads records until end of file and returns the first failure, if any. Async-signal-safe.
+pub(crate) fn read_until_eof(fd: BorrowedFd<'_>, deadline: Instant) -> Result<(), StepError> {
+    let mut first: Option<StepError> = None;
+    loop {
+        match read_record(fd, deadline)? {
+            None => return first.map_or(Ok(()), Err),
+            Some(Record::Failed(e)) => {
+                first.get_or_insert(e);
+            }
+            Some(Record::InitPid(_)) => {}
+        }
+    }
+}
+
+/// Waits until `fd` is readable (data or end of file) or `deadline` passes. Async-signal-safe.
+pub(crate) fn wait_readable(fd: BorrowedFd<'_>, deadline: Instant) -> Result<(), StepError> {
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(StepError::new(Step::Timeout, Errno::ETIMEDOUT));
+        }
+        // Round up so a sub-millisecond remainder still waits instead of spinning.
+        let ms = u16::try_from(left.as_millis() + 1).unwrap_or(u16::MAX);
+        let mut fds = [PollFd::new(fd.as_fd(), PollFlags::POLLIN)];
+        match poll(&mut fds, PollTimeout::from(ms)) {
+            Ok(0) | Err(Errno::EINTR) => {}
+            Ok(_) => return Ok(()),
+            Err(e) => return Err(StepError::new(Step::ReadReport, e)),
+        }
+    }
+}
