@@ -106,3 +106,104 @@ def workdir(tmp_path: Path) -> Path:
     """A scratch directory for one test (absolute, so it does not depend on the user's home)."""
     os.chmod(tmp_path, 0o777)
     return tmp_path
+
+
+@dataclass
+class Runtime:
+    """A running ``sandboxd serve`` subprocess."""
+
+    process: subprocess.Popen[bytes]
+    port: int
+    api_key: str
+    data_dir: Path
+    log: Path
+    args: list[str]
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def env(self) -> dict[str, str]:
+        return {"E2B_API_KEY": self.api_key, "E2B_API_URL": self.url, "E2B_SANDBOX_URL": self.url}
+
+    def restart(self) -> None:
+        """Start the same runtime again (after it was stopped or killed)."""
+        with self.log.open("ab") as out:
+            self.process = subprocess.Popen(self.args, stdout=out, stderr=subprocess.STDOUT)
+        wait_runtime(self)
+
+
+def wait_runtime(runtime: Runtime, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if runtime.process.poll() is not None:
+            raise RuntimeError(f"runtime exited with {runtime.process.returncode}:\n{runtime.log.read_text()}")
+        try:
+            if httpx.get(f"{runtime.url}/health", timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.05)
+    raise RuntimeError(f"runtime did not become healthy in {timeout}s:\n{runtime.log.read_text()}")
+
+
+@pytest.fixture(scope="session")
+def start_runtime(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., Runtime]]:
+    """A factory: ``start_runtime(*flags)`` → a running :class:`Runtime` with its own data dir."""
+    if os.geteuid() != 0:
+        pytest.skip("the runtime needs root (namespaces, overlayfs, cgroups)")
+    started: list[Runtime] = []
+
+    def start(*flags: str) -> Runtime:
+        port = free_port()
+        data_dir = tmp_path_factory.mktemp("runtime")
+        log = data_dir / "serve.log"
+        args = [
+            sys.executable,
+            "-m",
+            "sandboxd",
+            "serve",
+            "--port",
+            str(port),
+            "--data-dir",
+            str(data_dir),
+            "--api-key",
+            "test-key",
+            *flags,
+        ]
+        with log.open("wb") as out:
+            process = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT)
+        runtime = Runtime(process, port, "test-key", data_dir, log, args)
+        started.append(runtime)
+        wait_runtime(runtime)
+        return runtime
+
+    yield start
+    for runtime in started:
+        if runtime.process.poll() is None:
+            with httpx.Client(headers={"X-API-KEY": runtime.api_key}) as client:
+                try:
+                    for sandbox in client.get(f"{runtime.url}/v2/sandboxes", params={"limit": 100}).json():
+                        client.delete(f"{runtime.url}/sandboxes/{sandbox['sandboxID']}")
+                except (httpx.HTTPError, ValueError):
+                    pass
+            runtime.process.terminate()
+            try:
+                runtime.process.wait(10)
+            except subprocess.TimeoutExpired:
+                runtime.process.kill()
+
+
+@pytest.fixture(scope="session")
+def runtime(start_runtime: Callable[..., Runtime]) -> Runtime:
+    """The shared runtime."""
+    return start_runtime("--max-timeout", "3600")
+
+
+@pytest.fixture
+def e2b_env(runtime: Runtime, monkeypatch: pytest.MonkeyPatch) -> Runtime:
+    """Point the official SDK at the shared runtime (no debug mode)."""
+    for name, value in runtime.env().items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("E2B_DEBUG", raising=False)
+    return runtime

@@ -240,10 +240,11 @@ class Entered:
     """The sandbox init's pid as the host sees it (in A); 1 inside."""
 
 class SandboxStats:
-    memory_bytes: int
-    memory_limit_bytes: int | None
-    cpu_usage_ns: int
-    pids_current: int
+    """Resource use of a sandbox, from its cgroup (None where the kernel does not account it)."""
+
+    memory_bytes: int | None
+    cpu_usage_ns: int | None
+    pids_current: int | None
 
 class SandboxHandle:
     """A running sandbox: its init process and its cgroup."""

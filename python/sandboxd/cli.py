@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from sandboxd import ENVD_VERSION, __version__
 
@@ -29,6 +30,30 @@ def build_parser() -> argparse.ArgumentParser:
         "--access-token", help="require this X-Access-Token on every request (also: $SANDBOXD_ACCESS_TOKEN)"
     )
     agent.add_argument("--grpc-port", type=_port, help="also serve gRPC (grpcio, HTTP/2) on this port")
+
+    serve = commands.add_parser("serve", help="run the runtime: E2B's control-plane API and isolated sandboxes")
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    serve.add_argument("--port", type=_port, default=3000, help="API and sandbox proxy port (default: 3000)")
+    serve.add_argument(
+        "--data-dir", type=Path, default=None, help="state, templates and sandboxes (default: /var/lib/sandboxd)"
+    )
+    serve.add_argument(
+        "--api-key", help="the X-API-KEY clients must send (default: generated once, kept in the data dir)"
+    )
+    serve.add_argument("--domain", help="sandbox domain for Host-based routing (<port>-<id>.<domain>)")
+    serve.add_argument("--max-sandboxes", type=int, default=256, help="running sandboxes at most (default: 256)")
+    serve.add_argument("--sandbox-cpus", type=int, default=2, help="CPU cores per sandbox (default: 2)")
+    serve.add_argument("--sandbox-memory-mb", type=int, default=1024, help="memory per sandbox in MiB (default: 1024)")
+    serve.add_argument(
+        "--max-timeout", type=int, default=86400, help="longest sandbox timeout in seconds (default: 86400)"
+    )
+
+    template = commands.add_parser("template", help="manage templates")
+    template_commands = template.add_subparsers(dest="template_command", required=True)
+    add = template_commands.add_parser("add", help="register a root filesystem (directory or tarball) as a template")
+    add.add_argument("name")
+    add.add_argument("--rootfs", type=Path, required=True, help="a root filesystem directory or tarball")
+    add.add_argument("--data-dir", type=Path, default=None, help="the runtime's data dir (default: /var/lib/sandboxd)")
     return parser
 
 
@@ -47,6 +72,36 @@ def main(argv: list[str] | None = None) -> None:
                 grpc_port=args.grpc_port,
             )
         )
+    elif args.command == "serve":
+        from sandboxd.runtime.manager import Limits
+        from sandboxd.runtime.server import DEFAULT_DATA_DIR, ServeOptions
+        from sandboxd.runtime.server import run as run_runtime
+
+        limits = Limits(
+            cpu_count=args.sandbox_cpus,
+            memory_mb=args.sandbox_memory_mb,
+            max_sandboxes=args.max_sandboxes,
+            max_timeout_s=args.max_timeout,
+        )
+        run_runtime(
+            ServeOptions(
+                host=args.host,
+                port=args.port,
+                data_dir=args.data_dir or DEFAULT_DATA_DIR,
+                api_key=args.api_key,
+                domain=args.domain,
+                limits=limits,
+            )
+        )
+    elif args.command == "template":
+        from sandboxd.runtime.server import DEFAULT_DATA_DIR
+        from sandboxd.runtime.templates import Templates
+
+        try:
+            added = Templates(args.data_dir or DEFAULT_DATA_DIR).add(args.name, args.rootfs)
+        except (ValueError, OSError) as exc:
+            sys.exit(f"sandboxd template add: {exc}")
+        print(f"template '{args.name}' registered: {added.root}")
     else:  # pragma: no cover - argparse enforces the choices
         sys.exit(f"unknown command {args.command}")
 

@@ -10,6 +10,7 @@
 
 mod errors;
 mod fs;
+mod jail;
 mod proc;
 mod watch;
 
@@ -20,6 +21,7 @@ use pyo3::prelude::*;
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     fs::register(m)?;
+    jail::register(m)?;
     proc::register(m)?;
     watch::register(m)?;
     Ok(())

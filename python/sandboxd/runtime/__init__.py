@@ -1,0 +1,1 @@
+"""The runtime: ``sandboxd serve`` creates isolated sandboxes and serves E2B's control-plane API."""

@@ -1,0 +1,142 @@
+"""Run the runtime: ``sandboxd serve`` — the control-plane API and the sandbox proxy on one port."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import secrets
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import uvicorn
+
+from sandboxd import __version__
+from sandboxd.agent.asgi import Receive, Scope, Send, header_map, send_json
+
+from .api import ControlPlane
+from .errors import ApiError
+from .manager import Limits, SandboxManager
+from .proxy import SandboxProxy, parse_target
+from .store import Store
+from .templates import Templates
+
+log = logging.getLogger("sandboxd.runtime")
+
+DEFAULT_DATA_DIR = Path("/var/lib/sandboxd")
+
+
+@dataclass
+class ServeOptions:
+    """``sandboxd serve`` flags."""
+
+    host: str = "127.0.0.1"
+    port: int = 3000
+    data_dir: Path = DEFAULT_DATA_DIR
+    api_key: str | None = None
+    domain: str | None = None
+    limits: Limits = field(default_factory=Limits)
+
+
+class RuntimeApp:
+    """One port: requests for a sandbox go to the proxy, the rest to the control plane."""
+
+    def __init__(self, control: ControlPlane, proxy: SandboxProxy, domain: str | None) -> None:
+        self.control = control
+        self.proxy = proxy
+        self.domain = domain
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            from sandboxd.agent.app import _lifespan
+
+            await _lifespan(receive, send)
+            return
+        if scope["type"] != "http":
+            return
+        try:
+            target = parse_target(header_map(scope), self.domain)
+        except ApiError as exc:
+            await send_json(send, exc.status, {"code": exc.status, "message": exc.message})
+            return
+        if target is not None:
+            await self.proxy(scope, receive, send, *target)
+        elif scope["path"] == "/health":
+            await send_json(send, 200, {"status": "ok", "version": __version__})
+        elif self.control.matches(scope["path"]):
+            await self.control(scope, receive, send)
+        else:
+            await send_json(send, 404, {"code": 404, "message": f"no such endpoint: {scope['method']} {scope['path']}"})
+
+
+def _api_key(store: Store, given: str | None) -> str:
+    if given:
+        return given
+    key = store.setting("api_key")
+    if key is None:
+        key = "e2b_" + secrets.token_hex(20)
+        store.set_setting("api_key", key)
+    return key
+
+
+def run(options: ServeOptions) -> None:
+    """Prepare the data dir and the zygote, then serve until interrupted."""
+    from sandboxd import _core
+
+    from . import zygote
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if os.geteuid() != 0:
+        sys.exit("sandboxd serve needs root: sandboxes are built from namespaces, overlayfs and cgroups")
+    options.data_dir.mkdir(parents=True, exist_ok=True)
+    store = Store(options.data_dir / "sandboxd.db")
+    api_key = _api_key(store, options.api_key)
+    templates = Templates(options.data_dir)
+    templates.ensure_builtin()
+    zygote_socket = zygote.start()
+    _core.become_subreaper()
+    url = f"http://{options.host}:{options.port}"
+    print(
+        f"sandboxd {__version__}: E2B-compatible API and sandbox proxy on {url}\n"
+        f"data dir: {options.data_dir}\n\n"
+        "Point the E2B SDKs at it:\n"
+        f"  export E2B_API_KEY={api_key}\n"
+        f"  export E2B_API_URL={url}\n"
+        f"  export E2B_SANDBOX_URL={url}\n",
+        flush=True,
+    )
+    import uvloop
+
+    uvloop.run(_serve(options, store, templates, zygote_socket, api_key))
+
+
+async def _serve(
+    options: ServeOptions, store: Store, templates: Templates, zygote_socket: object, api_key: str
+) -> None:
+    import socket as socket_module
+
+    assert isinstance(zygote_socket, socket_module.socket)
+    manager = SandboxManager(store, templates, options.data_dir, zygote_socket, options.limits)
+    await manager.start()
+    proxy = SandboxProxy(manager)
+    manager.on_gone.append(proxy.forget)
+    app = RuntimeApp(ControlPlane(manager, api_key, options.domain), proxy, options.domain)
+    config = uvicorn.Config(
+        app,
+        host=options.host,
+        port=options.port,
+        loop="none",
+        http="httptools",
+        lifespan="off",
+        log_level="warning",
+        access_log=False,
+        timeout_keep_alive=640,
+        server_header=False,
+    )
+    try:
+        await uvicorn.Server(config).serve()
+    finally:
+        await manager.stop()
+        store.close()
+        await asyncio.sleep(0)

@@ -1,0 +1,170 @@
+"""Runtime state in SQLite (WAL): sandboxes, their metadata, and lifecycle events with reasons.
+
+One connection, used from the event loop thread only; every write is its own short transaction,
+so a ``kill -9`` of the runtime loses nothing that was acknowledged to a client.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS sandboxes (
+    id            TEXT PRIMARY KEY,
+    template_id   TEXT NOT NULL,
+    alias         TEXT,
+    state         TEXT NOT NULL,          -- running | paused | ended
+    started_at    REAL NOT NULL,          -- unix seconds
+    end_at        REAL NOT NULL,          -- unix seconds; while paused, remaining_s holds the time left
+    remaining_s   REAL,                   -- seconds left when paused (paused time does not count)
+    pause_mode    TEXT,                   -- full | filesystem, while paused
+    on_timeout    TEXT NOT NULL DEFAULT 'kill',
+    auto_resume   INTEGER NOT NULL DEFAULT 0,
+    metadata      TEXT NOT NULL DEFAULT '{}',
+    env_vars      TEXT NOT NULL DEFAULT '{}',
+    access_token  TEXT NOT NULL,
+    cpu_count     INTEGER NOT NULL,
+    memory_mb     INTEGER NOT NULL,
+    disk_mb       INTEGER NOT NULL,
+    init_pid      INTEGER,
+    init_start    INTEGER,                -- /proc/<pid>/stat starttime, to tell a reused pid apart
+    ended_reason  TEXT
+);
+CREATE INDEX IF NOT EXISTS sandboxes_listing ON sandboxes (state, started_at, id);
+CREATE TABLE IF NOT EXISTS events (
+    seq         INTEGER PRIMARY KEY AUTOINCREMENT,
+    sandbox_id  TEXT NOT NULL,
+    at          REAL NOT NULL,
+    kind        TEXT NOT NULL,            -- created, paused, resumed, timeout_set, killed, died, adopted
+    reason      TEXT
+);
+CREATE INDEX IF NOT EXISTS events_by_sandbox ON events (sandbox_id, seq);
+CREATE TABLE IF NOT EXISTS settings (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+"""
+
+
+@dataclass(slots=True)
+class SandboxRow:
+    """One sandbox as stored."""
+
+    id: str
+    template_id: str
+    alias: str | None
+    state: str
+    started_at: float
+    end_at: float
+    access_token: str
+    cpu_count: int
+    memory_mb: int
+    disk_mb: int
+    metadata: dict[str, str] = field(default_factory=dict)
+    env_vars: dict[str, str] = field(default_factory=dict)
+    remaining_s: float | None = None
+    pause_mode: str | None = None
+    on_timeout: str = "kill"
+    auto_resume: bool = False
+    init_pid: int | None = None
+    init_start: int | None = None
+    ended_reason: str | None = None
+
+
+_COLUMNS = [f for f in SandboxRow.__dataclass_fields__]
+
+
+class Store:
+    """The runtime's SQLite database in the data dir."""
+
+    def __init__(self, path: Path) -> None:
+        self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=NORMAL")
+        self.db.executescript(SCHEMA)
+
+    def close(self) -> None:
+        self.db.close()
+
+    # -------------------------------------------------------------------------------- settings
+
+    def setting(self, key: str) -> str | None:
+        row = self.db.execute("SELECT value FROM settings WHERE key = ?", (key,)).fetchone()
+        return None if row is None else str(row[0])
+
+    def set_setting(self, key: str, value: str) -> None:
+        self.db.execute("INSERT OR REPLACE INTO settings (key, value) VALUES (?, ?)", (key, value))
+
+    # ------------------------------------------------------------------------------- sandboxes
+
+    def insert(self, row: SandboxRow) -> None:
+        values = [self._encode(name, getattr(row, name)) for name in _COLUMNS]
+        marks = ",".join("?" * len(_COLUMNS))
+        self.db.execute(f"INSERT INTO sandboxes ({','.join(_COLUMNS)}) VALUES ({marks})", values)
+
+    def update(self, sandbox_id: str, **changes: Any) -> None:
+        assignments = ",".join(f"{name} = ?" for name in changes)
+        values = [self._encode(name, value) for name, value in changes.items()]
+        self.db.execute(f"UPDATE sandboxes SET {assignments} WHERE id = ?", [*values, sandbox_id])
+
+    def get(self, sandbox_id: str) -> SandboxRow | None:
+        cur = self.db.execute(f"SELECT {','.join(_COLUMNS)} FROM sandboxes WHERE id = ?", (sandbox_id,))
+        row = cur.fetchone()
+        return None if row is None else self._decode(row)
+
+    def live(self) -> list[SandboxRow]:
+        """Running and paused sandboxes, oldest first."""
+        cur = self.db.execute(
+            f"SELECT {','.join(_COLUMNS)} FROM sandboxes WHERE state IN ('running', 'paused') ORDER BY started_at, id"
+        )
+        return [self._decode(r) for r in cur.fetchall()]
+
+    def page(
+        self, states: list[str], after: tuple[float, str] | None, descending: bool, limit: int
+    ) -> list[SandboxRow]:
+        """Up to ``limit`` sandboxes in ``states`` ordered by (started_at, id), strictly after the
+        cursor ``after`` in that order: a stable keyset, so pages neither repeat nor skip while
+        sandboxes come and go."""
+        marks = ",".join("?" * len(states))
+        sql = f"SELECT {','.join(_COLUMNS)} FROM sandboxes WHERE state IN ({marks})"
+        params: list[Any] = list(states)
+        if after is not None:
+            op = "<" if descending else ">"
+            sql += f" AND (started_at, id) {op} (?, ?)"
+            params += [after[0], after[1]]
+        order = "DESC" if descending else "ASC"
+        sql += f" ORDER BY started_at {order}, id {order} LIMIT ?"
+        params.append(limit)
+        return [self._decode(r) for r in self.db.execute(sql, params).fetchall()]
+
+    # ---------------------------------------------------------------------------------- events
+
+    def event(self, sandbox_id: str, kind: str, reason: str | None = None) -> None:
+        self.db.execute(
+            "INSERT INTO events (sandbox_id, at, kind, reason) VALUES (?, ?, ?, ?)",
+            (sandbox_id, time.time(), kind, reason),
+        )
+
+    def events(self, sandbox_id: str) -> list[tuple[float, str, str | None]]:
+        cur = self.db.execute("SELECT at, kind, reason FROM events WHERE sandbox_id = ? ORDER BY seq", (sandbox_id,))
+        return [(float(at), str(kind), reason) for at, kind, reason in cur.fetchall()]
+
+    # ---------------------------------------------------------------------------------- coding
+
+    @staticmethod
+    def _encode(name: str, value: Any) -> Any:
+        if name in ("metadata", "env_vars"):
+            return json.dumps(value, separators=(",", ":"))
+        if name == "auto_resume":
+            return int(bool(value))
+        return value
+
+    @staticmethod
+    def _decode(row: tuple[Any, ...]) -> SandboxRow:
+        values = dict(zip(_COLUMNS, row, strict=True))
+        values["metadata"] = json.loads(values["metadata"])
+        values["env_vars"] = json.loads(values["env_vars"])
+        values["auto_resume"] = bool(values["auto_resume"])
+        return SandboxRow(**values)

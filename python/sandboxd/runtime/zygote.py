@@ -1,0 +1,169 @@
+"""The zygote: a single-threaded process that has imported the whole agent once and forks a
+sandboxed agent per create, so no sandbox pays Python's start-up and imports (0.2-0.5 s of CPU
+each, which would make 100 creates take tens of seconds on 2 cores).
+
+Why a zygote rather than a pool of warm sandboxes: a pool costs memory for sandboxes nobody asked
+for and still pays the imports when it runs dry; a fork of an idle, already-imported process costs
+a few milliseconds and shares every page until written (measured: ``benches/runtime``).
+
+The runtime execs it (:func:`start`) and talks to it over a ``SOCK_SEQPACKET`` socketpair, one JSON
+message per request and one per answer. The zygote exits when the runtime's end closes (the runtime
+died or stopped).
+
+Inside the sandbox the host's Python installation is not visible, so everything the agent will
+ever import is imported here first (:func:`preload`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from typing import Any
+
+from sandboxd import _core
+
+MAX_MESSAGE = 1 << 16
+
+
+def preload() -> None:
+    """Import every module the agent uses, including the ones imported lazily at run time."""
+    import asyncio  # noqa: F401
+    import concurrent.futures.thread  # noqa: F401
+    import email.utils  # noqa: F401
+    import encodings.idna
+    import encodings.latin_1  # noqa: F401
+    import mimetypes
+
+    import uvicorn
+    import uvicorn.lifespan.off
+    import uvicorn.protocols.http.flow_control
+    import uvicorn.protocols.http.httptools_impl
+    import uvicorn.protocols.websockets.auto
+    import uvloop  # noqa: F401
+
+    from sandboxd.agent import server
+    from sandboxd.agent.app import AgentApp
+    from sandboxd.agent.methods import build_methods
+    from sandboxd.agent.state import AgentState
+
+    mimetypes.init()
+    # Exercise the construction paths once, so their lazy imports happen now.
+    state = AgentState(default_user="root")
+    config = uvicorn.Config(AgentApp(state, build_methods(state)), loop="none", http="httptools", lifespan="off")
+    config.load()
+    del server
+
+
+def _run_agent(log_fd: int) -> None:
+    """In the sandbox (PID 2): become the agent. Never returns."""
+    os.dup2(log_fd, 1)
+    os.dup2(log_fd, 2)
+    os.close(log_fd)
+    os.environ.clear()
+    os.environ.update(
+        {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "HOME": "/root", "LANG": "C.UTF-8"}
+    )
+    os.chdir("/")
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    code = 0
+    try:
+        from sandboxd.agent.server import AgentOptions, run
+
+        # No token yet: the runtime sets it with POST /init the moment the agent listens, so the
+        # zygote never holds a secret that a later sandbox could find in its copied memory.
+        run(AgentOptions(host="127.0.0.1", port=49983))
+    except BaseException as exc:
+        print(f"sandboxd agent failed: {exc!r}", file=sys.stderr, flush=True)
+        code = 1
+    finally:
+        os._exit(code)
+
+
+def _create(request: dict[str, Any]) -> dict[str, Any]:
+    log_fd = os.open(request["log"], os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o640)
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # "A": a single-threaded copy of the zygote
+        os.close(r)
+        try:
+            where = _core.enter_sandbox(
+                request["id"],
+                request["template_dirs"],
+                request["sandbox_dir"],
+                host_usr_ro=request.get("host_usr_ro", True),
+                memory_bytes=request.get("memory_bytes"),
+                cpu_cores=request.get("cpu_cores"),
+                pids_max=request.get("pids_max"),
+            )
+        except OSError as exc:
+            os.write(w, b"E" + str(exc).encode())
+            os._exit(1)
+        if where.inside:  # "C": PID 2 inside the sandbox
+            os.close(w)
+            _run_agent(log_fd)
+        os.write(w, b"P%d" % where.init_pid)
+        os._exit(0)
+    os.close(w)
+    os.close(log_fd)
+    chunks = []
+    while chunk := os.read(r, 4096):
+        chunks.append(chunk)
+    os.close(r)
+    os.waitpid(pid, 0)
+    message = b"".join(chunks)
+    if message.startswith(b"P"):
+        return {"ok": True, "init_pid": int(message[1:])}
+    return {"ok": False, "error": message[1:].decode(errors="replace") or "sandbox setup failed"}
+
+
+def serve(sock: socket.socket) -> None:
+    """Answer create requests until the runtime closes its end."""
+    while True:
+        try:
+            data = sock.recv(MAX_MESSAGE)
+        except InterruptedError:
+            continue
+        if not data:
+            return
+        request = json.loads(data)
+        try:
+            answer = _create(request)
+        except Exception as exc:
+            answer = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+        sock.send(json.dumps(answer).encode())
+
+
+ZYGOTE_ENV = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"}
+"""The zygote's whole environment. It is exec'd afresh rather than forked from the runtime, so that
+no sandbox can read the runtime's command line, environment or memory (``--api-key``!) through
+``/proc/1/cmdline``, ``/proc/1/environ`` or its inherited pages."""
+
+
+def start() -> socket.socket:
+    """Start the zygote process; returns the runtime's end of its socket."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    subprocess.Popen(
+        [sys.executable, "-m", "sandboxd.runtime.zygote", str(theirs.fileno())],
+        pass_fds=[theirs.fileno()],
+        env=ZYGOTE_ENV,
+        stdin=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    theirs.close()
+    return ours
+
+
+def main(fd: int) -> None:
+    """The zygote process: preload, then serve create requests until the runtime goes away."""
+    sock = socket.socket(fileno=fd)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    preload()
+    serve(sock)
+
+
+if __name__ == "__main__":
+    main(int(sys.argv[1]))
