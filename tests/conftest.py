@@ -39,18 +39,19 @@ class Agent:
         return {"X-Access-Token": self.token} if self.token else {}
 
 
-def wait_healthy(url: str, process: subprocess.Popen[bytes], log: Path, timeout: float = 30) -> None:
+def wait_healthy(url: str, process: subprocess.Popen[bytes], log: Path, status: int = 204, timeout: float = 60) -> None:
+    """Poll ``GET /health`` until it answers ``status``; fail with the server's log if it exits."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(f"agent exited with {process.returncode}:\n{log.read_text()}")
+            raise RuntimeError(f"{process.args} exited with {process.returncode}:\n{log.read_text()}")
         try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 204:
+            if httpx.get(f"{url}/health", timeout=1).status_code == status:
                 return
         except httpx.TransportError:
             pass
         time.sleep(0.05)
-    raise RuntimeError(f"agent did not become healthy in {timeout}s:\n{log.read_text()}")
+    raise RuntimeError(f"{process.args} did not become healthy in {timeout}s:\n{log.read_text()}")
 
 
 @pytest.fixture(scope="session")
@@ -130,21 +131,7 @@ class Runtime:
         """Start the same runtime again (after it was stopped or killed)."""
         with self.log.open("ab") as out:
             self.process = subprocess.Popen(self.args, stdout=out, stderr=subprocess.STDOUT)
-        wait_runtime(self)
-
-
-def wait_runtime(runtime: Runtime, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if runtime.process.poll() is not None:
-            raise RuntimeError(f"runtime exited with {runtime.process.returncode}:\n{runtime.log.read_text()}")
-        try:
-            if httpx.get(f"{runtime.url}/health", timeout=1).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.05)
-    raise RuntimeError(f"runtime did not become healthy in {timeout}s:\n{runtime.log.read_text()}")
+        wait_healthy(self.url, self.process, self.log, status=200)
 
 
 @pytest.fixture(scope="session")
@@ -175,7 +162,7 @@ def start_runtime(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable
             process = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT)
         runtime = Runtime(process, port, "test-key", data_dir, log, args)
         started.append(runtime)
-        wait_runtime(runtime)
+        wait_healthy(runtime.url, runtime.process, runtime.log, status=200)
         return runtime
 
     yield start

@@ -31,9 +31,6 @@ class AgentApp:
         self.connect = ConnectTransport(methods, state)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "lifespan":
-            await _lifespan(receive, send)
-            return
         if scope["type"] != "http":
             return
         send = _with_cors(send)
@@ -85,13 +82,3 @@ def _with_cors(send: Send) -> Send:
         await send(message)
 
     return wrapped  # type: ignore[return-value]
-
-
-async def _lifespan(receive: Receive, send: Send) -> None:
-    while True:
-        message = await receive()
-        if message["type"] == "lifespan.startup":
-            await send({"type": "lifespan.startup.complete"})
-        elif message["type"] == "lifespan.shutdown":
-            await send({"type": "lifespan.shutdown.complete"})
-            return

@@ -78,3 +78,23 @@ async def send_empty(send: Send, status: int, headers: Iterable[tuple[str, str]]
     """A response with no body (204 and the like)."""
     await send({"type": "http.response.start", "status": status, "headers": raw_headers(headers)})
     await send({"type": "http.response.body", "body": b""})
+
+
+def server_config(app: Any, host: str, port: int) -> Any:
+    """The uvicorn settings both servers use: uvloop (run by the caller) with httptools, no
+    lifespan, no access log, and envd's 640 s keep-alive for idle connections."""
+    import uvicorn
+
+    return uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        loop="none",
+        http="httptools",
+        lifespan="off",
+        log_level="warning",
+        access_log=False,
+        timeout_keep_alive=640,
+        server_header=False,
+        date_header=False,
+    )

@@ -11,6 +11,7 @@ import uvicorn
 from sandboxd import ENVD_VERSION, __version__
 
 from .app import AgentApp
+from .asgi import server_config
 from .methods import build_methods
 from .state import AgentState
 from .users import default_user_name
@@ -52,19 +53,7 @@ async def serve(options: AgentOptions) -> None:
     state.user()  # fail fast on an unknown --user
     methods = build_methods(state)
     protect_from_oom()
-    config = uvicorn.Config(
-        AgentApp(state, methods),
-        host=options.host,
-        port=options.port,
-        loop="none",
-        http="httptools",
-        lifespan="off",
-        log_level="warning",
-        access_log=False,
-        timeout_keep_alive=640,  # envd's IdleTimeout
-        server_header=False,
-        date_header=False,
-    )
+    config = server_config(AgentApp(state, methods), options.host, options.port)
     server = uvicorn.Server(config)
     grpc_server = None
     if options.grpc_port is not None:

@@ -13,7 +13,7 @@ from pathlib import Path
 import uvicorn
 
 from sandboxd import __version__
-from sandboxd.agent.asgi import Receive, Scope, Send, header_map, send_json
+from sandboxd.agent.asgi import Receive, Scope, Send, header_map, send_json, server_config
 
 from .api import ControlPlane
 from .errors import ApiError
@@ -48,11 +48,6 @@ class RuntimeApp:
         self.domain = domain
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "lifespan":
-            from sandboxd.agent.app import _lifespan
-
-            await _lifespan(receive, send)
-            return
         if scope["type"] != "http":
             return
         try:
@@ -122,18 +117,7 @@ async def _serve(
     proxy = SandboxProxy(manager)
     manager.on_gone.append(proxy.forget)
     app = RuntimeApp(ControlPlane(manager, api_key, options.domain), proxy, options.domain)
-    config = uvicorn.Config(
-        app,
-        host=options.host,
-        port=options.port,
-        loop="none",
-        http="httptools",
-        lifespan="off",
-        log_level="warning",
-        access_log=False,
-        timeout_keep_alive=640,
-        server_header=False,
-    )
+    config = server_config(app, options.host, options.port)
     try:
         await uvicorn.Server(config).serve()
     finally:

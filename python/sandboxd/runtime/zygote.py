@@ -29,33 +29,38 @@ from sandboxd import _core
 MAX_MESSAGE = 1 << 16
 
 
+PRELOAD = (
+    "asyncio",
+    "concurrent.futures.thread",
+    "email.utils",
+    "encodings.idna",
+    "encodings.latin_1",
+    "uvicorn.lifespan.off",
+    "uvicorn.protocols.http.flow_control",
+    "uvicorn.protocols.http.httptools_impl",
+    "uvicorn.protocols.websockets.auto",
+    "uvloop",
+    "sandboxd.agent.server",
+)
+"""Modules the agent imports lazily, at run time, on paths a sandbox may take."""
+
+
 def preload() -> None:
     """Import every module the agent uses, including the ones imported lazily at run time."""
-    import asyncio  # noqa: F401
-    import concurrent.futures.thread  # noqa: F401
-    import email.utils  # noqa: F401
-    import encodings.idna
-    import encodings.latin_1  # noqa: F401
+    import importlib
     import mimetypes
 
-    import uvicorn
-    import uvicorn.lifespan.off
-    import uvicorn.protocols.http.flow_control
-    import uvicorn.protocols.http.httptools_impl
-    import uvicorn.protocols.websockets.auto
-    import uvloop  # noqa: F401
-
-    from sandboxd.agent import server
+    for name in PRELOAD:
+        importlib.import_module(name)
     from sandboxd.agent.app import AgentApp
+    from sandboxd.agent.asgi import server_config
     from sandboxd.agent.methods import build_methods
     from sandboxd.agent.state import AgentState
 
     mimetypes.init()
     # Exercise the construction paths once, so their lazy imports happen now.
     state = AgentState(default_user="root")
-    config = uvicorn.Config(AgentApp(state, build_methods(state)), loop="none", http="httptools", lifespan="off")
-    config.load()
-    del server
+    server_config(AgentApp(state, build_methods(state)), "127.0.0.1", 0).load()
 
 
 def _run_agent(log_fd: int) -> None:

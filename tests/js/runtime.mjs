@@ -1,0 +1,145 @@
+// Starts a real `sandboxd serve` for one test file and points the official E2B JS SDK at it the way
+// E2B's docs configure it: through E2B_API_KEY, E2B_API_URL and E2B_SANDBOX_URL (one port serves the
+// control-plane API and proxies envd traffic by the E2b-Sandbox-Id header).
+//
+// Not a test file itself (node --test only picks up *.test.mjs).
+
+import { spawn } from 'node:child_process'
+import { existsSync, mkdtempSync, openSync, readFileSync, rmSync, closeSync } from 'node:fs'
+import { createServer } from 'node:net'
+import { tmpdir } from 'node:os'
+import { dirname, join, resolve } from 'node:path'
+import { fileURLToPath } from 'node:url'
+
+const REPO = resolve(dirname(fileURLToPath(import.meta.url)), '..', '..')
+
+/** Why the suite cannot run here, or false. `sandboxd serve` builds sandboxes from namespaces,
+ * overlayfs and cgroups, so it needs root. */
+export const skipReason =
+  process.getuid && process.getuid() !== 0
+    ? 'sandboxd serve needs root (namespaces, overlayfs, cgroups): run the JS SDK tests as root'
+    : false
+
+/** The Python that has sandboxd installed: $SANDBOXD_PYTHON, else the repo's .venv, else python3. */
+function python() {
+  if (process.env.SANDBOXD_PYTHON) return process.env.SANDBOXD_PYTHON
+  const venv = join(REPO, '.venv', 'bin', 'python')
+  return existsSync(venv) ? venv : 'python3'
+}
+
+function freePort() {
+  return new Promise((resolvePort, reject) => {
+    const server = createServer()
+    server.unref()
+    server.on('error', reject)
+    server.listen(0, '127.0.0.1', () => {
+      const { port } = server.address()
+      server.close(() => resolvePort(port))
+    })
+  })
+}
+
+export const sleep = (ms) => new Promise((r) => setTimeout(r, ms))
+
+/** Polls `check` until it returns a truthy value (returned) or `timeoutMs` passes (throws). */
+export async function waitFor(check, { timeoutMs = 10_000, intervalMs = 50, what = 'condition' } = {}) {
+  const deadline = Date.now() + timeoutMs
+  for (;;) {
+    const value = await check()
+    if (value) return value
+    if (Date.now() > deadline) throw new Error(`timed out after ${timeoutMs} ms waiting for ${what}`)
+    await sleep(intervalMs)
+  }
+}
+
+/**
+ * Spawns `sandboxd serve` on a free loopback port with a temp data dir, waits for `GET /health` = 200
+ * and sets the SDK's environment. Returns `{ url, apiKey, dataDir, log, stop }`; `stop()` kills every
+ * sandbox through the API, then stops the runtime.
+ */
+export async function startRuntime() {
+  const port = await freePort()
+  const url = `http://127.0.0.1:${port}`
+  const apiKey = `js-test-key-${process.pid}`
+  const dataDir = mkdtempSync(join(tmpdir(), 'sandboxd-js-'))
+  const log = join(dataDir, 'serve.log')
+  const out = openSync(log, 'a')
+  const child = spawn(
+    python(),
+    ['-m', 'sandboxd', 'serve', '--port', String(port), '--data-dir', dataDir, '--api-key', apiKey],
+    { stdio: ['ignore', out, out] },
+  )
+  closeSync(out)
+  let exited = null
+  const exit = new Promise((r) =>
+    child.on('exit', (code, signal) => {
+      exited = { code, signal }
+      r(exited)
+    }),
+  )
+  child.on('error', (err) => {
+    exited = { code: null, signal: null, error: err }
+  })
+
+  const readLog = () => (existsSync(log) ? readFileSync(log, 'utf8') : '')
+  const deadline = Date.now() + 60_000
+  for (;;) {
+    if (exited) throw new Error(`sandboxd serve exited (${JSON.stringify(exited)}):\n${readLog()}`)
+    try {
+      const res = await fetch(`${url}/health`, { signal: AbortSignal.timeout(1000) })
+      await res.arrayBuffer()
+      if (res.status === 200) break
+    } catch {
+      // not listening yet
+    }
+    if (Date.now() > deadline) {
+      child.kill('SIGKILL')
+      throw new Error(`sandboxd serve did not become healthy in 60 s:\n${readLog()}`)
+    }
+    await sleep(50)
+  }
+
+  // Exactly what a user following E2B's docs sets (the docs load them with dotenv).
+  process.env.E2B_API_KEY = apiKey
+  process.env.E2B_API_URL = url
+  process.env.E2B_SANDBOX_URL = url
+  delete process.env.E2B_DEBUG
+  delete process.env.E2B_DOMAIN
+
+  async function killAllSandboxes() {
+    const headers = { 'X-API-KEY': apiKey }
+    for (let round = 0; round < 10; round++) {
+      const res = await fetch(`${url}/v2/sandboxes?limit=100`, { headers })
+      const sandboxes = res.ok ? await res.json() : []
+      if (sandboxes.length === 0) return
+      for (const s of sandboxes) {
+        const del = await fetch(`${url}/sandboxes/${s.sandboxID}`, { method: 'DELETE', headers })
+        await del.arrayBuffer()
+      }
+    }
+  }
+
+  async function stop() {
+    if (!exited) {
+      try {
+        await killAllSandboxes()
+      } catch (err) {
+        console.error(`could not kill the sandboxes: ${err}`)
+      }
+      child.kill('SIGTERM')
+      const timer = setTimeout(() => child.kill('SIGKILL'), 10_000)
+      await exit
+      clearTimeout(timer)
+    }
+    // Remove the data dir only when nothing is mounted under it any more (never delete through a
+    // mount that a leaked sandbox might still hold).
+    const mounts = readFileSync('/proc/self/mountinfo', 'utf8')
+    if (!mounts.split('\n').some((line) => line.split(' ')[4]?.startsWith(dataDir))) {
+      rmSync(dataDir, { recursive: true, force: true })
+    } else {
+      console.error(`left ${dataDir} in place: something is still mounted under it`)
+    }
+  }
+
+  return { url, apiKey, dataDir, log, readLog, stop }
+}
