@@ -132,3 +132,90 @@ def test_bad_timeout_header_and_unknown_basic_user(agent: Agent) -> None:
     assert r.json() == {"code": "unauthenticated", "message": "invalid username: 'ghost'"}
     r = httpx.post(url, json={"path": "~"}, auth=("nobody", ""), headers=CONNECT)
     assert "/nonexistent" in r.json()["message"]
+
+
+def _stream(agent: Agent, path: str, message: dict[str, object], headers: dict[str, str] | None = None) -> list[dict]:
+    r = httpx.post(
+        f"{agent.url}{path}",
+        content=frame(json.dumps(message).encode()),
+        headers={**CONNECT, "Content-Type": "application/connect+json", **(headers or {})},
+        timeout=30,
+    )
+    assert r.status_code == 200
+    assert r.headers["content-type"] == "application/connect+json"
+    return [json.loads(payload) for _, payload in frames(r.content)]
+
+
+def test_exec_failure_names_the_binary(agent: Agent) -> None:
+    messages = _stream(agent, "/process.Process/Start", {"process": {"cmd": "/no/such/binary"}})
+    error = messages[-1]["error"]
+    assert error["code"] == "invalid_argument"
+    assert "/no/such/binary" in error["message"]
+
+
+def test_binary_proto_stream_of_a_command(agent: Agent) -> None:
+    from sandboxd._proto.process import process_pb2 as proc
+
+    request = proc.StartRequest(
+        process=proc.ProcessConfig(cmd="/bin/sh", args=["-c", "printf abc; exit 4"]), stdin=False
+    )
+    r = httpx.post(
+        f"{agent.url}/process.Process/Start",
+        content=frame(request.SerializeToString()),
+        headers={**CONNECT, "Content-Type": "application/connect+proto"},
+    )
+    assert r.headers["content-type"] == "application/connect+proto"
+    *events, (end_flags, end_payload) = frames(r.content)
+    assert end_flags == 2 and json.loads(end_payload) == {}
+    decoded = [proc.StartResponse.FromString(payload).event for _, payload in events]
+    assert decoded[0].WhichOneof("event") == "start"
+    assert b"".join(e.data.stdout for e in decoded if e.WhichOneof("event") == "data") == b"abc"
+    end = decoded[-1].end
+    assert (end.exit_code, end.exited, end.status, end.error) == (4, True, "exit status 4", "exit status 4")
+
+
+def test_unsupported_signal_is_unimplemented_and_unknown_pid_not_found(agent: Agent) -> None:
+    url = f"{agent.url}/process.Process/SendSignal"
+    r = httpx.post(url, json={"process": {"pid": 1}, "signal": "SIGNAL_UNSPECIFIED"}, headers=CONNECT)
+    assert r.status_code == 501
+    assert r.json()["code"] == "unimplemented"
+    r = httpx.post(url, json={"process": {"pid": 999999}, "signal": "SIGNAL_SIGKILL"}, headers=CONNECT)
+    assert r.status_code == 404
+    r = httpx.post(f"{agent.url}/process.Process/SendInput", json={"process": {"tag": "nope"}}, headers=CONNECT)
+    assert r.json()["code"] == "not_found"
+
+
+def test_watch_stream_sends_keepalives_at_the_clients_interval(agent: Agent, workdir: Path) -> None:
+    import time
+
+    body = frame(json.dumps({"path": str(workdir)}).encode())
+    headers = {**CONNECT, "Content-Type": "application/connect+json", "Keepalive-Ping-Interval": "1"}
+    started = time.monotonic()
+    seen: list[dict] = []
+    with httpx.stream("POST", f"{agent.url}/filesystem.Filesystem/WatchDir", content=body, headers=headers) as r:
+        buffer = b""
+        for chunk in r.iter_raw():
+            buffer += chunk
+            while len(buffer) >= 5:
+                _, length = struct.unpack_from(">BI", buffer)
+                if len(buffer) < 5 + length:
+                    break
+                seen.append(json.loads(buffer[5 : 5 + length]))
+                buffer = buffer[5 + length :]
+            if sum("keepalive" in m for m in seen) >= 2:
+                break
+    assert seen[0] == {"start": {}}
+    assert seen[1] == {"keepalive": {}}
+    assert 1.5 < time.monotonic() - started < 10
+
+
+def test_user_processes_die_before_the_agent_under_memory_pressure(agent: Agent) -> None:
+    import base64
+
+    with open(f"/proc/{agent.process.pid}/oom_score_adj") as f:
+        agent_score = int(f.read())  # -900 where CAP_SYS_RESOURCE allows lowering it, else unchanged
+    start = {"process": {"cmd": "/bin/sh", "args": ["-c", "cat /proc/self/oom_score_adj"]}}
+    messages = _stream(agent, "/process.Process/Start", start)
+    out = b"".join(base64.b64decode(m["event"]["data"]["stdout"]) for m in messages if "data" in m.get("event", {}))
+    assert int(out) == 100
+    assert agent_score < int(out)

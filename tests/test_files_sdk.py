@@ -138,3 +138,11 @@ def test_256_mib_round_trip_is_byte_exact(sandbox: Any, workdir: Path) -> None:
         size += len(chunk)
     assert size == 256 << 20
     assert h.hexdigest() == digest
+
+
+def test_dot_dot_and_tilde_resolve_as_envd_does(sandbox: Any, workdir: Path) -> None:
+    (workdir / "sub").mkdir()
+    sandbox.files.write(str(workdir / "sub" / ".." / "up.txt"), "climbed")
+    assert (workdir / "up.txt").read_text() == "climbed"
+    with pytest.raises(InvalidArgumentException):
+        sandbox.files.read("~someoneelse/file")

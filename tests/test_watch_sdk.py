@@ -8,6 +8,7 @@ import contextlib
 import os
 import shutil
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -279,3 +280,39 @@ def test_watch_stops_when_the_directory_is_deleted(sandbox: Any, workdir: Path) 
     finally:
         with contextlib.suppress(SandboxException):
             handle.stop()
+
+
+def test_watch_limit_is_resource_exhausted_naming_the_sysctl(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An agent in its own user namespace, where inotify's per-user watch limit is lowered to 20
+    (so the host's limit is untouched), asked to watch a tree of 50 directories."""
+    if shutil.which("unshare") is None:
+        pytest.skip("needs util-linux unshare")
+    from conftest import free_port, wait_healthy
+
+    tree = tmp_path / "tree"
+    for i in range(50):
+        (tree / f"d{i}").mkdir(parents=True)
+    port = free_port()
+    log = tmp_path / "agent.log"
+    script = f"echo 20 > /proc/sys/user/max_inotify_watches && exec {sys.executable} -m sandboxd agent --port {port}"
+    with log.open("wb") as out:
+        process = subprocess.Popen(["unshare", "-U", "-r", "sh", "-c", script], stdout=out, stderr=subprocess.STDOUT)
+    try:
+        try:
+            wait_healthy(f"http://127.0.0.1:{port}", process, log)
+        except RuntimeError as exc:
+            pytest.skip(f"cannot run an agent in a user namespace here: {exc}")
+        monkeypatch.setenv("E2B_DEBUG", "true")
+        monkeypatch.setenv("E2B_SANDBOX_URL", f"http://127.0.0.1:{port}")
+        from e2b import Sandbox
+        from e2b.exceptions import RateLimitException
+
+        sbx = Sandbox.create()
+        with pytest.raises(RateLimitException) as caught:  # the SDK's class for resource_exhausted
+            sbx.files.watch_dir(str(tree), recursive=True)
+        assert "fs.inotify.max_user_watches" in str(caught.value)
+        handle = sbx.files.watch_dir(str(tree / "d0"))  # a small watch still works
+        handle.stop()
+    finally:
+        process.terminate()
+        process.wait(10)

@@ -1,35 +1,21 @@
-import { Sandbox, FilesystemEventType } from '@e2b/code-interpreter'
+import dc from 'node:diagnostics_channel'
+import { Sandbox } from '@e2b/code-interpreter'
 import { startRuntime, sleep } from './runtime.mjs'
+dc.subscribe('undici:client:sendHeaders', ({ request, headers }) => { console.log('>>', request.method, request.path, JSON.stringify(headers)) })
+dc.subscribe('undici:request:headers', ({ request, response }) => { console.log('<<', response.statusCode, request.path, response.headers.map(String).join(' | ')) })
 process.env.SANDBOXD_PYTHON = '/work/.venv-dev/bin/python'
 const rt = await startRuntime()
 try {
   const sandbox = await Sandbox.create()
-  const events = []
-  const handle = await sandbox.files.watchDir('/home/user', async (e) => { events.push(e) }, { recursive: true })
-  await sandbox.files.write('/home/user/my-folder/my-file', 'hello')
-  await sleep(500)
-  console.log('recursive', events)
-  await handle.stop()
-  const ev2 = []
-  const h2 = await sandbox.files.watchDir('/home/user', (e) => ev2.push(e))
-  await sandbox.files.write('/home/user/my-file', 'hello')
-  await sleep(500)
-  console.log('plain', ev2); await h2.stop()
-  const out = []
-  const command = await sandbox.commands.run('echo hello; sleep 10; echo world', { background: true, onStdout: (d) => out.push(d) })
-  await sleep(300)
-  console.log('bg out', out, command.pid)
-  console.log('kill', await command.kill())
-  try { console.log('wait', await command.wait()) } catch (e) { console.log('wait err', e.constructor.name, e.message, e.exitCode) }
-  console.log(await sandbox.commands.list())
-  console.log(await sandbox.commands.run('ls -l'))
-  console.log(await sandbox.commands.run('whoami; stat -c %U:%G /path/to/file 2>&1; ls -ld /path /path/to', {}).catch(e => e))
-  await sandbox.files.write('/path/to/file', 'file content')
-  console.log(await sandbox.commands.run('stat -c %U:%G /path/to/file /path/to /path; ls -ld /path/to'))
-  try { await Sandbox.connect('doesnotexist00000000') } catch (e) { console.log('connect err', e.constructor.name, e.message) }
-  try { await sandbox.files.read('/nope') } catch (e) { console.log('read err', e.constructor.name, e.message) }
-  const info = await sandbox.getInfo(); console.log(info)
-} finally {
-  console.log(rt.readLog().slice(-2000))
-  await rt.stop()
-}
+  await sandbox.files.write('/home/user/t.txt', 'x'.repeat(100000))
+  const s = await sandbox.files.read('/home/user/t.txt'); console.log(s.length)
+  await sandbox.files.write([{path: '/home/user/a', data: 'A'}, {path: '/home/user/b', data: 'B'}])
+  await sandbox.commands.run('echo hi')
+  const h = await sandbox.files.watchDir('/home/user', () => {}, {recursive: true}); await h.stop()
+  await sandbox.setTimeout(30000)
+  const p = Sandbox.list({ query: { metadata: {k: 'v w'}, state: ['running', 'paused'] }, limit: 5 }); await p.nextItems()
+  await Sandbox.connect(sandbox.sandboxId)
+  console.log(await sandbox.isRunning())
+  await sandbox.kill()
+  console.log(await sandbox.isRunning())
+} finally { await rt.stop() }

@@ -143,3 +143,9 @@ export async function startRuntime() {
 
   return { url, apiKey, dataDir, log, readLog, stop }
 }
+
+/** Kills `sandbox` when test `t` ends (E2B's examples leave that to the timeout; a test should not). */
+export function killAfter(t, sandbox) {
+  t.after(() => sandbox.kill().catch(() => {}))
+  return sandbox
+}
