@@ -53,8 +53,16 @@ test-rust: ## cargo test for the core crates
 test-py: ## pytest: the binding, the services over real loopback servers, the official E2B SDK
 	$(VENV)/bin/pytest -q
 
+.PHONY: test-js
+test-js: ## the official E2B JS SDK (@e2b/code-interpreter, pinned) against a real `sandboxd serve` (root, Node >= 20)
+	@if [ "$$(id -u)" != 0 ]; then \
+		echo "test-js: SKIPPED: sandboxd serve needs root (namespaces, overlayfs, cgroups); run 'make test-js' as root"; \
+	else \
+		set -x; cd tests/js && npm ci --no-audit --no-fund && SANDBOXD_PYTHON=$(abspath $(PY)) node --test --test-timeout=60000; \
+	fi
+
 .PHONY: test
-test: install lint test-rust test-py ## everything CI runs: install, lint, cargo test, pytest
+test: install lint test-rust test-py test-js ## everything CI runs: install, lint, cargo test, pytest, JS SDK tests
 
 .PHONY: bench-deps
 bench-deps: ## install the benchmarks' baselines and clients (nginx, curl) with apt-get

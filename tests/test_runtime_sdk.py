@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from typing import Any
 
 import httpx
 import pytest
@@ -201,5 +202,47 @@ def test_templates_by_alias(e2b_env: Runtime) -> None:
     sbx = Sandbox.create(template="code-interpreter-v1")
     try:
         assert sbx.commands.run("echo ok").stdout == "ok\n"
+    finally:
+        sbx.kill()
+
+
+def test_every_agent_feature_works_inside_a_sandbox(e2b_env: Runtime) -> None:
+    """The agent inside a sandbox was forked from the zygote and cannot import from the host:
+    walk the paths that import lazily (map fields, gzip, PTYs, watches with entries)."""
+    from e2b import PtySize
+
+    sbx = Sandbox.create(envs={"FROM_CREATE": "yes"})
+    try:
+        assert sbx.commands.run("echo $FROM_CREATE $X", envs={"X": "1"}).stdout == "yes 1\n"
+        sbx.files.write("/home/user/m.txt", "x" * 5000, metadata={"owner": "me"})
+        assert sbx.files.get_info("/home/user/m.txt").metadata == {"owner": "me"}
+        assert [e.metadata for e in sbx.files.list("/home/user") if e.name == "m.txt"] == [{"owner": "me"}]
+        assert sbx.files.read("/home/user/m.txt", gzip=True) == "x" * 5000
+        sbx.files.write("/home/user/z.txt", "zipped " * 100, gzip=True)
+        assert sbx.files.read("/home/user/z.txt") == "zipped " * 100
+        handle = sbx.files.watch_dir("/home/user", include_entry=True, recursive=True)
+        sbx.files.write("/home/user/new/w.txt", "w")
+        deadline = time.monotonic() + 10
+        events: list[Any] = []
+        while not any(e.entry for e in events) and time.monotonic() < deadline:
+            events += handle.get_new_events()
+            time.sleep(0.05)
+        handle.stop()
+        assert any(e.entry is not None for e in events)
+        terminal = sbx.pty.create(PtySize(rows=24, cols=80), envs={"Z": "1"})
+        sbx.pty.resize(terminal.pid, PtySize(rows=30, cols=90))
+        assert sbx.pty.kill(terminal.pid) is True
+        agent_log = (e2b_env.data_dir / "sandboxes" / sbx.sandbox_id / "agent.log").read_text()
+        assert "Error" not in agent_log, agent_log
+    finally:
+        sbx.kill()
+
+
+def test_an_alias_reports_the_template_and_its_name(e2b_env: Runtime) -> None:
+    sbx = Sandbox.create(template="code-interpreter-v1")
+    try:
+        info = sbx.get_info()
+        assert info.template_id == "base"
+        assert info.name == "code-interpreter-v1"
     finally:
         sbx.kill()

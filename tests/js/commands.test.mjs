@@ -110,19 +110,34 @@ describe('commands (docs/commands)', { skip: skipReason }, () => {
     assert.equal(err.stderr, 'boom\n')
   })
 
-  test('user, cwd, envs and timeoutMs options', async (t) => {
-    const sandbox = killAfter(t, await Sandbox.create({ envs: { FROM_CREATE: 'c' } }))
+  test('user and cwd options', async (t) => {
+    const sandbox = killAfter(t, await Sandbox.create())
 
-    const r = await sandbox.commands.run('whoami; pwd; echo $FROM_CREATE $FROM_RUN', { envs: { FROM_RUN: 'r' } })
-    assert.equal(r.stdout, 'user\n/home/user\nc r\n')
+    const r = await sandbox.commands.run('whoami; pwd')
+    assert.equal(r.stdout, 'user\n/home/user\n')
     const root = await sandbox.commands.run('whoami; pwd', { user: 'root', cwd: '/tmp' })
     assert.equal(root.stdout, 'root\n/tmp\n')
+  })
+
+  test('timeoutMs ends a command that runs too long, and kills it', async (t) => {
+    const sandbox = killAfter(t, await Sandbox.create())
 
     const started = Date.now()
     await assert.rejects(sandbox.commands.run('sleep 30', { timeoutMs: 1000 }))
     assert.ok(Date.now() - started < 10_000)
-    await sleep(100)
+    await sleep(200)
     const left = await sandbox.commands.run('pgrep -x sleep || true')
     assert.equal(left.stdout, '', 'the timed-out command was killed')
   })
+
+  test(
+    'envs: sandbox-wide (Sandbox.create) and per command (commands.run)',
+    async (t) => {
+      const sandbox = killAfter(t, await Sandbox.create({ envs: { FROM_CREATE: 'c' } }))
+
+      const r = await sandbox.commands.run('echo $FROM_CREATE $FROM_RUN', { envs: { FROM_RUN: 'r' } })
+
+      assert.equal(r.stdout, 'c r\n')
+    },
+  )
 })

@@ -78,4 +78,50 @@ describe('files: read & write (docs/filesystem/read-write)', { skip: skipReason 
     const r = await sandbox.commands.run('stat -c %s /home/user/data.bin')
     assert.equal(r.stdout.trim(), String(data.length))
   })
+
+  test('file & directory info: files.getInfo (docs/filesystem/info)', async (t) => {
+    const sandbox = killAfter(t, await Sandbox.create())
+
+    // Create a new file
+    await sandbox.files.write('test_file.txt', 'Hello, world!')
+    // Get information about the file
+    const info = await sandbox.files.getInfo('test_file.txt')
+
+    assert.equal(info.name, 'test_file.txt')
+    assert.equal(info.type, 'file')
+    assert.equal(info.path, '/home/user/test_file.txt')
+    assert.equal(info.size, 13)
+    assert.equal(info.mode, 0o644)
+    assert.equal(info.permissions, '-rw-r--r--')
+    assert.equal(info.owner, 'user')
+    assert.equal(info.group, 'user')
+    assert.ok(info.modifiedTime instanceof Date && Math.abs(info.modifiedTime.getTime() - Date.now()) < 60_000)
+
+    // Create a new directory
+    assert.equal(await sandbox.files.makeDir('test_dir'), true)
+    // Get information about the directory
+    const dir = await sandbox.files.getInfo('test_dir')
+
+    assert.equal(dir.name, 'test_dir')
+    assert.equal(dir.type, 'dir')
+    assert.equal(dir.path, '/home/user/test_dir')
+    assert.equal(dir.mode, 0o755)
+    assert.equal(dir.permissions, 'drwxr-xr-x')
+    assert.equal(dir.owner, 'user')
+    assert.equal(await sandbox.files.makeDir('test_dir'), false) // exists already
+    assert.deepEqual((await sandbox.files.list('/home/user')).map((e) => e.name).sort(), ['test_dir', 'test_file.txt'])
+  })
+
+  test(
+    'files written with metadata can be listed and inspected',
+    async (t) => {
+      const sandbox = killAfter(t, await Sandbox.create())
+
+      const written = await sandbox.files.write('/home/user/tagged.txt', 'x', { metadata: { owner: 'me' } })
+      assert.deepEqual(written.metadata, { owner: 'me' })
+
+      assert.deepEqual((await sandbox.files.getInfo('/home/user/tagged.txt')).metadata, { owner: 'me' })
+      assert.deepEqual((await sandbox.files.list('/home/user')).map((e) => e.name), ['tagged.txt'])
+    },
+  )
 })

@@ -184,12 +184,13 @@ class ConnectTransport:
             ctx = self._context(headers)
             async with asyncio.timeout_at(_loop_deadline(ctx.deadline)):
                 response = await method.handler(request, ctx)
+            body = codec.encode(response)
         except ClientDisconnected:
             return
         except Exception as exc:
             await self._send_unary_error(send, to_rpc_error(exc))
             return
-        await send_bytes(send, 200, codec.encode(response), f"application/{codec_name}")
+        await send_bytes(send, 200, body, f"application/{codec_name}")
 
     async def _send_unary_error(self, send: Send, error: RpcError, headers: Iterable[tuple[str, str]] = ()) -> None:
         body = json.dumps(error_json(error), separators=(",", ":")).encode()

@@ -208,7 +208,7 @@ class SandboxManager:
         now = time.time()
         row = SandboxRow(
             id=new_id(),
-            template_id=request.template,
+            template_id=template.id,
             alias=request.template if request.template != template.id else None,
             state="running",
             started_at=now,

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import httptools
 
-from sandboxd.agent.asgi import ClientDisconnected, Receive, Scope, Send, body_chunks, raw_headers, send_json
+from sandboxd.agent.asgi import ClientDisconnected, Receive, Scope, Send, body_chunks, send_json
 
 from .errors import ApiError
 from .manager import SandboxManager
@@ -99,16 +99,17 @@ class SandboxProxy:
             for upstream in self.idle.pop(key):
                 upstream.writer.close()
 
-    async def _connect(self, sandbox_id: str, port: int) -> _Upstream:
+    async def _connect(self, sandbox_id: str, port: int) -> tuple[_Upstream, bool]:
+        """An upstream connection, and whether it came from the pool (it may have gone stale)."""
         pool = self.idle.get((sandbox_id, port))
         while pool:
             upstream = pool.pop()
             if not upstream.reader.at_eof() and not upstream.writer.is_closing():
-                return upstream
+                return upstream, True
             upstream.writer.close()
         sock = await self.manager.open_socket(sandbox_id, port)
         reader, writer = await asyncio.open_connection(sock=sock, limit=READ_SIZE)
-        return _Upstream(reader, writer)
+        return _Upstream(reader, writer), False
 
     def _release(self, sandbox_id: str, port: int, upstream: _Upstream) -> None:
         pool = self.idle[(sandbox_id, port)]
@@ -117,37 +118,50 @@ class SandboxProxy:
         else:
             upstream.writer.close()
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send, sandbox_id: str, port: int) -> None:
+    async def _unavailable(self, send: Send, sandbox_id: str, port: int) -> None:
+        """The 502 the E2B edge proxy gives: "…was not found" when the sandbox is gone (the SDK
+        raises ``SandboxNotRunningException``), "…port is not open" when nothing listens."""
         try:
             await self.manager.ensure_reachable(sandbox_id)
-            upstream = await self._connect(sandbox_id, port)
+            message = f"The sandbox is running but port is not open: nothing listens on port {port}"
         except ApiError as exc:
-            await send_json(send, exc.status, {"sandboxId": sandbox_id, "message": exc.message, "code": exc.status})
-            return
-        except OSError:
-            await send_json(
-                send,
-                502,
-                {
-                    "sandboxId": sandbox_id,
-                    "message": f"The sandbox is running but port is not open: nothing listens on port {port}",
-                    "code": 502,
-                    "port": port,
-                },
-            )
-            return
-        reusable = False
-        try:
-            reusable = await self._exchange(scope, receive, send, upstream)
-        except ClientDisconnected:
-            pass
-        finally:
-            if reusable:
-                self._release(sandbox_id, port, upstream)
-            else:
-                upstream.writer.close()
+            message = exc.message
+        await send_json(send, 502, {"sandboxId": sandbox_id, "message": message, "code": 502, "port": port})
 
-    async def _exchange(self, scope: Scope, receive: Receive, send: Send, upstream: _Upstream) -> bool:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send, sandbox_id: str, port: int) -> None:
+        relay = _Relay(send)
+        # A pooled connection the agent closed meanwhile fails before any reply: retry once on a
+        # fresh one when the request has no body to replay.
+        attempts = 1 if _has_body(scope) else 2
+        for attempt in range(attempts):
+            try:
+                await self.manager.ensure_reachable(sandbox_id)
+                upstream, pooled = await self._connect(sandbox_id, port)
+            except ApiError as exc:
+                await send_json(send, exc.status, {"sandboxId": sandbox_id, "message": exc.message, "code": exc.status})
+                return
+            except OSError:
+                await self._unavailable(send, sandbox_id, port)
+                return
+            reusable = False
+            try:
+                reusable = await self._exchange(scope, receive, relay, upstream)
+                return
+            except ClientDisconnected:
+                return
+            except (OSError, _UpstreamLost):
+                if relay.started:
+                    return  # mid-reply: nothing more can be said; closing tells the client
+                if not (pooled and attempt + 1 < attempts):
+                    await self._unavailable(send, sandbox_id, port)
+                    return
+            finally:
+                if reusable:
+                    self._release(sandbox_id, port, upstream)
+                else:
+                    upstream.writer.close()
+
+    async def _exchange(self, scope: Scope, receive: Receive, relay: _Relay, upstream: _Upstream) -> bool:
         """One request/response over ``upstream``; True when the connection may be reused."""
         method: str = scope["method"]
         target = scope.get("raw_path") or scope["path"].encode()
@@ -178,7 +192,7 @@ class SandboxProxy:
 
         sender = asyncio.ensure_future(forward_body())
         try:
-            complete = await self._relay_response(method, send, upstream, sender)
+            complete = await self._relay_response(method, relay, upstream, sender)
         finally:
             if not sender.done():
                 sender.cancel()
@@ -186,27 +200,27 @@ class SandboxProxy:
                 await sender
         return complete and request_sent.is_set()
 
-    async def _relay_response(self, method: str, send: Send, upstream: _Upstream, sender: asyncio.Future[None]) -> bool:
+    async def _relay_response(
+        self, method: str, relay: _Relay, upstream: _Upstream, sender: asyncio.Future[None]
+    ) -> bool:
         response = _Response()
         parser = httptools.HttpResponseParser(response)
-        started = False
+        send = relay.send
         while not response.complete:
             data = await upstream.reader.read(READ_SIZE)
             if not data:
-                if sender.done() and sender.exception() is not None:
-                    raise sender.exception()  # type: ignore[misc]
-                if response.headers_done and not response.complete:
-                    response.complete = True  # body delimited by the end of the connection
-                    response.keep_alive = False
+                if sender.done() and not sender.cancelled() and sender.exception() is not None:
+                    raise _UpstreamLost from sender.exception()
+                if response.headers_done:
+                    response.keep_alive = False  # a body delimited by the end of the connection
                     break
-                raise ClientDisconnected  # the agent went away mid-reply
+                raise _UpstreamLost  # the agent went away before replying
             try:
                 parser.feed_data(data)
             except httptools.HttpParserError:
-                upstream.writer.close()
-                raise ClientDisconnected from None
-            if response.headers_done and not started:
-                started = True
+                raise _UpstreamLost from None
+            if response.headers_done and not relay.started:
+                relay.started = True
                 response.keep_alive = parser.should_keep_alive()
                 out = [(k.lower(), v) for k, v in response.headers]
                 out = [(k, v) for k, v in out if k not in HOP_BY_HOP or k == b"content-length"]
@@ -216,7 +230,21 @@ class SandboxProxy:
             for chunk in response.body:
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
             response.body.clear()
-        if not started:
-            await send({"type": "http.response.start", "status": 502, "headers": raw_headers([])})
         await send({"type": "http.response.body", "body": b""})
         return response.keep_alive
+
+
+class _UpstreamLost(Exception):
+    """The sandbox side closed or broke the connection."""
+
+
+@dataclass(slots=True)
+class _Relay:
+    """The client side of one proxied request: whether its response has started."""
+
+    send: Send
+    started: bool = False
+
+
+def _has_body(scope: Scope) -> bool:
+    return any(k.lower() in (b"content-length", b"transfer-encoding") for k, _ in scope["headers"])

@@ -26,6 +26,7 @@ class Template:
     """A root filesystem a sandbox's overlay sits on."""
 
     id: str
+    """The canonical id (an alias resolves to the template it names)."""
     root: Path
     host_usr: bool
     """Bind the host's ``/usr`` read-only into the sandbox (the built-in template)."""
@@ -57,11 +58,11 @@ class Templates:
         """The template called ``name`` (or an alias); 404 naming the known ones otherwise."""
         canonical = ALIASES.get(name, name)
         if canonical == BUILTIN:
-            return Template(name, self.dir / BUILTIN, True)
+            return Template(BUILTIN, self.dir / BUILTIN, True)
         entry = self._index().get(canonical)
         if entry is None:
             raise ApiError(404, f"template '{name}' not found; known templates: {', '.join(self.names())}")
-        return Template(name, Path(str(entry["root"])), bool(entry.get("host_usr", False)))
+        return Template(canonical, Path(str(entry["root"])), bool(entry.get("host_usr", False)))
 
     def add(self, name: str, rootfs: Path) -> Template:
         """Register a root filesystem: a directory (used in place) or a tarball (extracted here)."""

@@ -29,29 +29,46 @@ from sandboxd import _core
 MAX_MESSAGE = 1 << 16
 
 
-PRELOAD = (
+PRELOAD_PACKAGES = (
     "asyncio",
-    "concurrent.futures.thread",
-    "email.utils",
-    "encodings.idna",
-    "encodings.latin_1",
-    "uvicorn.lifespan.off",
-    "uvicorn.protocols.http.flow_control",
-    "uvicorn.protocols.http.httptools_impl",
-    "uvicorn.protocols.websockets.auto",
-    "uvloop",
-    "sandboxd.agent.server",
+    "concurrent.futures",
+    "email",
+    "encodings",
+    "google.protobuf",
+    "json",
+    "psutil",
+    "python_multipart",
+    "sandboxd.agent",
+    "uvicorn.lifespan",
+    "uvicorn.protocols",
 )
-"""Modules the agent imports lazily, at run time, on paths a sandbox may take."""
+"""Packages imported whole, every submodule: libraries import parts of themselves lazily (protobuf's
+``json_format`` imports ``descriptor_pb2`` only when it meets a map field), and inside a sandbox the
+host's Python installation is not there to import from."""
+
+PRELOAD_MODULES = ("_strptime", "gzip", "hashlib", "hmac", "secrets", "shlex", "unicodedata", "uvloop", "zlib")
+"""Standard modules imported lazily by code on the agent's paths (``datetime.strptime`` → ``_strptime``)."""
+
+_SKIP = ("test", "_psosx", "_pswindows", "_psbsd", "_psaix", "_pssunos", "mbcs", "oem", "cp65001", "upb")
 
 
 def preload() -> None:
-    """Import every module the agent uses, including the ones imported lazily at run time."""
+    """Import every module the agent can reach, so the forked agent never imports from disk."""
     import importlib
     import mimetypes
+    import pkgutil
 
-    for name in PRELOAD:
+    for name in PRELOAD_MODULES:
         importlib.import_module(name)
+    for package_name in PRELOAD_PACKAGES:
+        package = importlib.import_module(package_name)
+        for info in pkgutil.walk_packages(package.__path__, f"{package_name}.", onerror=lambda _: None):
+            if any(part in info.name for part in _SKIP):
+                continue
+            try:
+                importlib.import_module(info.name)
+            except Exception:  # platform-specific modules that cannot load here
+                continue
     from sandboxd.agent.app import AgentApp
     from sandboxd.agent.asgi import server_config
     from sandboxd.agent.methods import build_methods
