@@ -16,11 +16,13 @@ from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 
-from . import files
+from . import commands, files, watch
 from .common import Agent, Context, RemoteAgent, Result, ScenarioSkipped, fs_type, pick_tmp_root, write_report
 
 SCENARIOS: dict[str, Callable[[Context], None]] = {
     "files": files.run,
+    "watch": watch.run,
+    "commands": commands.run,
 }
 
 

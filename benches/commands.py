@@ -1,0 +1,513 @@
+"""Scenario ``commands``: process round trips and output throughput, through pipes and a PTY.
+
+* ``commands.run("true")`` through the official sync SDK, beside the floor: ``/bin/bash -l -c true``
+  spawned directly with ``subprocess.run``, with the environment the agent gives its children (read
+  from the agent itself) and the same working directory. The agent runs ``/bin/bash -l -c <cmd>`` as
+  envd does, so this host's login profile costs the same on both sides.
+* output throughput of ``head -c <size> /dev/zero``:
+  - with a binary-proto Connect client written here on httpx (``application/connect+proto``, one
+    ``StartRequest`` envelope, the response envelopes parsed and the stdout/pty bytes counted);
+  - through the official SDK (Connect JSON, bytes as base64): ``commands.run(cmd, on_stdout=...)``
+    for the pipe; for the PTY ``sandbox.pty.create()`` (an interactive ``bash -i -l``), then, once its
+    prompt is out, ``pty.send_stdin("head -c <size> /dev/zero; exit\\n")`` and the output read through
+    the handle until the end event: that is how the SDK's users drive a PTY;
+  - baselines in the same run: ``bash -c 'head -c <size> /dev/zero > /dev/null'`` (no transport at
+    all), the same command's stdout read directly from a pipe, and its output read directly from
+    the master side of a fresh PTY.
+* the agent's RSS idle, and its peak during the binary client's pipe runs.
+
+The binary client talks to the framework's agent (with its access token); the SDK in debug mode
+sends no token, so SDK rows use a second agent started without one (see ``watch.SdkAgent``).
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+
+from .common import Context, GiB, MiB, Result, RssSampler, ScenarioSkipped, cpu_meter, median, percentile
+from .files import size_label
+from .watch import sdk_agent
+
+STREAM_TIMEOUT_S = 600.0
+TARGET_PIPE_MBPS = 1000.0
+TARGET_OVER_FLOOR_MS = 1.0
+PTY_COLS, PTY_ROWS = 80, 24
+READ_BYTES = 1 << 20
+"""Bytes per ``read`` for the direct baselines (a pipe gives up to 64 KiB per read, a PTY ~4 KiB)."""
+
+
+# ------------------------------------------------------------------------------------ binary Connect client
+
+
+@dataclass
+class Run:
+    """One throughput run."""
+
+    nbytes: int
+    seconds: float
+    agent_cpu_s: float = 0.0
+    client_cpu_s: float = 0.0
+    """CPU of the bench process (the client)"""
+    frames: int = 0
+    peak_rss: int = 0
+    idle_rss: int = 0
+
+    @property
+    def mbps(self) -> float:
+        return self.nbytes / self.seconds / 1e6
+
+
+@dataclass
+class Started:
+    stdout: int = 0
+    pty: int = 0
+    frames: int = 0
+    exit_code: int | None = None
+    data: bytearray = field(default_factory=bytearray)
+    """stdout kept when asked (small outputs only)"""
+
+
+def connect_start(
+    client: httpx.Client, url: str, token: str | None, args: list[str], pty: bool = False, keep: bool = False
+) -> Started:
+    """``process.Process/Start`` of ``/bin/bash <args>`` (or ``args[0]`` when it is absolute and not
+    bash) in binary proto; counts the output bytes until the end-stream frame (flag 0x02)."""
+    from sandboxd._proto.process import process_pb2 as pb
+
+    cmd, rest = ("/bin/bash", args) if not args[0].startswith("/") else (args[0], args[1:])
+    request = pb.StartRequest(process=pb.ProcessConfig(cmd=cmd, args=rest), stdin=False)
+    if pty:
+        request.pty.size.cols = PTY_COLS
+        request.pty.size.rows = PTY_ROWS
+    body = request.SerializeToString()
+    headers = {"Content-Type": "application/connect+proto"}
+    if token:
+        headers["X-Access-Token"] = token
+    got = Started()
+    buffer = bytearray()
+    with client.stream(
+        "POST", f"{url}/process.Process/Start", content=struct.pack(">BI", 0, len(body)) + body, headers=headers
+    ) as response:
+        if response.status_code != 200:
+            raise RuntimeError(f"Start: HTTP {response.status_code}: {response.read()[:300]!r}")
+        for chunk in response.iter_raw():
+            buffer += chunk
+            while len(buffer) >= 5:
+                flags, length = struct.unpack_from(">BI", buffer)
+                if len(buffer) < 5 + length:
+                    break
+                payload = memoryview(buffer)[5 : 5 + length]
+                got.frames += 1
+                if flags & 0x02:
+                    end = bytes(payload)
+                    payload.release()
+                    if end not in (b"{}", b""):
+                        raise RuntimeError(f"Start ended with {end[:300]!r}")
+                    return got
+                event = pb.StartResponse.FromString(payload).event  # type: ignore[arg-type]  # any buffer
+                payload.release()
+                del buffer[: 5 + length]
+                if event.HasField("data"):
+                    got.stdout += len(event.data.stdout)
+                    got.pty += len(event.data.pty)
+                    if keep:
+                        got.data += event.data.stdout
+                elif event.HasField("end"):
+                    got.exit_code = event.end.exit_code
+    raise RuntimeError("Start: the stream ended without an end-stream frame")
+
+
+def binary_output(
+    client: httpx.Client, url: str, token: str | None, agent: psutil.Process, size: int, pty: bool
+) -> Run:
+    sampler = RssSampler(agent)
+    cpu0 = time.process_time()
+    with cpu_meter(agent) as cpu, sampler:
+        t0 = time.perf_counter()
+        got = connect_start(client, url, token, ["-c", f"head -c {size} /dev/zero"], pty=pty)
+        seconds = time.perf_counter() - t0
+    n = got.pty if pty else got.stdout
+    if n != size or got.exit_code != 0:
+        raise RuntimeError(f"binary client: {n} bytes, exit {got.exit_code} (expected {size}, 0)")
+    return Run(n, seconds, cpu[0], time.process_time() - cpu0, got.frames, sampler.peak, sampler.idle)
+
+
+# -------------------------------------------------------------------------------------------------- the SDK
+
+
+def sdk_pipe_output(sandbox: Any, agent: psutil.Process, size: int) -> Run:
+    count = [0]
+
+    def on_stdout(text: str) -> None:
+        count[0] += len(text)  # /dev/zero's NULs decode one character per byte
+
+    sampler = RssSampler(agent)
+    cpu0 = time.process_time()
+    with cpu_meter(agent) as cpu, sampler:
+        t0 = time.perf_counter()
+        sandbox.commands.run(f"head -c {size} /dev/zero", on_stdout=on_stdout, retain_output=False, timeout=0)
+        seconds = time.perf_counter() - t0
+    if count[0] != size:
+        raise RuntimeError(f"SDK pipe: {count[0]} characters, expected {size}")
+    return Run(size, seconds, cpu[0], time.process_time() - cpu0, 0, sampler.peak, sampler.idle)
+
+
+def sdk_pty_output(sandbox: Any, agent: psutil.Process, size: int) -> Run:
+    """``pty.create`` (``bash -i -l``), wait for its first output (the prompt, after the login
+    profile), then time ``send_stdin("head -c <size> /dev/zero; exit")`` to the end event."""
+    from e2b import PtySize
+
+    handle = sandbox.pty.create(PtySize(rows=PTY_ROWS, cols=PTY_COLS), timeout=0)
+    events = iter(handle)
+    for _, _, first in events:
+        if first:
+            break
+    sampler = RssSampler(agent)
+    cpu0 = time.process_time()
+    n = 0
+    with cpu_meter(agent) as cpu, sampler:
+        t0 = time.perf_counter()
+        sandbox.pty.send_stdin(handle.pid, f"head -c {size} /dev/zero; exit\n".encode())
+        for _, _, chunk in events:
+            if chunk is not None:
+                n += len(chunk)
+        seconds = time.perf_counter() - t0
+    if n < size:
+        raise RuntimeError(f"SDK PTY: {n} bytes, expected at least {size}")
+    return Run(size, seconds, cpu[0], time.process_time() - cpu0, 0, sampler.peak, sampler.idle)
+
+
+# ---------------------------------------------------------------------------------------------- baselines
+
+
+def devnull_output(size: int, env: dict[str, str], cwd: Path) -> Run:
+    t0 = time.perf_counter()
+    subprocess.run(["/bin/bash", "-c", f"head -c {size} /dev/zero > /dev/null"], env=env, cwd=cwd, check=True)
+    return Run(size, time.perf_counter() - t0)
+
+
+def direct_pipe_output(size: int, env: dict[str, str], cwd: Path) -> Run:
+    cpu0 = time.process_time()
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(
+        ["/bin/bash", "-c", f"head -c {size} /dev/zero"], stdout=subprocess.PIPE, env=env, cwd=cwd, bufsize=0
+    )
+    assert proc.stdout is not None
+    fd = proc.stdout.fileno()
+    n = 0
+    while chunk := os.read(fd, READ_BYTES):
+        n += len(chunk)
+    proc.wait()
+    seconds = time.perf_counter() - t0
+    if n != size:
+        raise RuntimeError(f"direct pipe: {n} bytes, expected {size}")
+    return Run(n, seconds, 0.0, time.process_time() - cpu0)
+
+
+def direct_pty_output(size: int, env: dict[str, str], cwd: Path) -> Run:
+    """The same command with a fresh PTY's slave as stdout and stderr (default termios, as the agent
+    leaves it), read from the master until EIO."""
+    master, slave = os.openpty()
+    cpu0 = time.process_time()
+    t0 = time.perf_counter()
+    try:
+        proc = subprocess.Popen(
+            ["/bin/bash", "-c", f"head -c {size} /dev/zero"],
+            stdin=slave,
+            stdout=slave,
+            stderr=slave,
+            env=env,
+            cwd=cwd,
+            start_new_session=True,
+        )
+        os.close(slave)
+        slave = -1
+        n = 0
+        while True:
+            try:
+                chunk = os.read(master, READ_BYTES)
+            except OSError:  # EIO: the slave side is closed
+                break
+            if not chunk:
+                break
+            n += len(chunk)
+        proc.wait()
+    finally:
+        os.close(master)
+        if slave >= 0:
+            os.close(slave)
+    seconds = time.perf_counter() - t0
+    if n != size:
+        raise RuntimeError(f"direct PTY: {n} bytes, expected {size}")
+    return Run(n, seconds, 0.0, time.process_time() - cpu0)
+
+
+# ----------------------------------------------------------------------------------------------- scenario
+
+
+def agent_environment(client: httpx.Client, url: str, token: str | None) -> dict[str, str]:
+    """The environment the agent gives a child, read by running ``/usr/bin/env -0`` through it."""
+    got = connect_start(client, url, token, ["/usr/bin/env", "-0"], keep=True)
+    pairs = (item.split("=", 1) for item in got.data.decode().split("\0") if "=" in item)
+    return dict(pairs)
+
+
+def round_trips(ctx: Context, sandbox: Any, env: dict[str, str], cwd: Path, n: int) -> None:
+    ctx.log(f'run("true"): {n} SDK round trips alternating with {n} `bash -l -c true` spawned directly')
+    floor_cmd = ["/bin/bash", "-l", "-c", "true"]
+
+    def ours() -> float:
+        t0 = time.perf_counter()
+        sandbox.commands.run("true")
+        return (time.perf_counter() - t0) * 1e3
+
+    def floor() -> float:
+        t0 = time.perf_counter()
+        subprocess.run(floor_cmd, env=env, cwd=cwd, stdin=subprocess.DEVNULL, capture_output=True, check=True)
+        return (time.perf_counter() - t0) * 1e3
+
+    a, b = paired(ours, floor, n)
+    p50, base50 = percentile(a, 50) or 0.0, percentile(b, 50) or 0.0
+    over = p50 - base50
+    ctx.log(
+        f"  SDK p50 {p50:.2f} ms p99 {percentile(a, 99) or 0:.2f} ms; floor p50 {base50:.2f} ms p99 "
+        f"{percentile(b, 99) or 0:.2f} ms; difference {over:+.2f} ms"
+    )
+    ctx.report(
+        Result(
+            name='commands: run("true") round trip, sync SDK',
+            unit="ms (p50)",
+            ours=p50,
+            baseline=base50,
+            baseline_name="bash -l -c true, subprocess.run, agent's env",
+            better="lower",
+            p50=p50,
+            p99=percentile(a, 99),
+            samples={"ours": a, "baseline": b},
+            extra={
+                "n": n,
+                "baseline_p99": percentile(b, 99),
+                "difference_p50_ms": round(over, 3),
+                "target": f"p50 <= floor + {TARGET_OVER_FLOOR_MS:g} ms",
+                "target_met": over <= TARGET_OVER_FLOOR_MS,
+                "env": sorted(env),
+            },
+        )
+    )
+    ctx.log(
+        f"  target (issue): p50 ≤ floor + {TARGET_OVER_FLOOR_MS:g} ms: "
+        f"{'met' if over <= TARGET_OVER_FLOOR_MS else 'NOT met'} ({over:+.2f} ms)"
+    )
+
+
+def spawn_round_trips(
+    ctx: Context, client: httpx.Client, url: str, token: str | None, env: dict[str, str], n: int
+) -> None:
+    """``/bin/true`` without bash: the agent's own cost per process, which the login profile's
+    jitter (tens of ms) hides in the ``run("true")`` row."""
+
+    def ours() -> float:
+        t0 = time.perf_counter()
+        got = connect_start(client, url, token, ["/bin/true"])
+        if got.exit_code != 0:
+            raise RuntimeError(f"/bin/true through the agent exited {got.exit_code}")
+        return (time.perf_counter() - t0) * 1e3
+
+    def floor() -> float:
+        t0 = time.perf_counter()
+        subprocess.run(["/bin/true"], env=env, stdin=subprocess.DEVNULL, capture_output=True, check=True)
+        return (time.perf_counter() - t0) * 1e3
+
+    a, b = paired(ours, floor, n)
+    p50, base50 = percentile(a, 50) or 0.0, percentile(b, 50) or 0.0
+    ctx.log(f"  /bin/true: binary client p50 {p50:.2f} ms; subprocess.run p50 {base50:.2f} ms")
+    ctx.report(
+        Result(
+            name="commands: Start /bin/true round trip, binary Connect client",
+            unit="ms (p50)",
+            ours=p50,
+            baseline=base50,
+            baseline_name="subprocess.run(['/bin/true']), pipes captured",
+            better="lower",
+            p50=p50,
+            p99=percentile(a, 99),
+            samples={"ours": a, "baseline": b},
+            extra={"n": n, "baseline_p99": percentile(b, 99), "difference_p50_ms": round(p50 - base50, 3)},
+        )
+    )
+
+
+def paired(ours: Any, floor: Any, n: int) -> tuple[list[float], list[float]]:
+    """``n`` samples of each, alternating which goes first, after three untimed of each."""
+    for _ in range(3):
+        ours()
+        floor()
+    a: list[float] = []
+    b: list[float] = []
+    for i in range(n):
+        if i % 2 == 0:
+            a.append(ours())
+            b.append(floor())
+        else:
+            b.append(floor())
+            a.append(ours())
+    return a, b
+
+
+def throughput_row(name: str, ours: list[Run], base: list[Run], base_name: str, extra: dict[str, Any]) -> Result:
+    return Result(
+        name=name,
+        unit="MB/s",
+        ours=median([r.mbps for r in ours]),
+        baseline=median([r.mbps for r in base]),
+        baseline_name=base_name,
+        better="higher",
+        samples={"ours": [r.mbps for r in ours], "baseline": [r.mbps for r in base]},
+        extra={
+            "runs": len(ours),
+            "bytes": ours[0].nbytes,
+            "agent_cpu_s": [round(r.agent_cpu_s, 2) for r in ours],
+            "client_cpu_s": [round(r.client_cpu_s, 2) for r in ours],
+            "seconds": [round(r.seconds, 2) for r in ours],
+            "agent_peak_rss_MiB": round(max(r.peak_rss for r in ours) / MiB, 1) if ours[0].peak_rss else None,
+            **extra,
+        },
+    )
+
+
+def run(ctx: Context) -> None:
+    try:
+        import e2b  # noqa: F401
+    except ImportError:
+        raise ScenarioSkipped("the official SDK is not installed (pip install e2b)") from None
+    n = 50 if ctx.quick else 500
+    pipe_size = 256 * MiB if ctx.quick else GiB
+    pty_size = 64 * MiB if ctx.quick else 256 * MiB
+    runs = ctx.runs or (1 if ctx.quick else 3)
+    agent = ctx.agent
+    cwd = ctx.tmp
+    with httpx.Client(timeout=STREAM_TIMEOUT_S) as client, sdk_agent(ctx.tmp) as sdk:
+        from e2b import Sandbox
+
+        env = agent_environment(client, agent.url, agent.token)
+        sandbox = Sandbox.create()
+        round_trips(ctx, sandbox, env, cwd, n)
+        spawn_round_trips(ctx, client, agent.url, agent.token, env, n)
+
+        idle = agent.ps.memory_info().rss
+        ctx.report(
+            Result(
+                name="commands: agent RSS idle",
+                unit="MiB",
+                ours=idle / MiB,
+                baseline=None,
+                baseline_name="-",
+                better="lower",
+                extra={"process": "the framework's agent, before any output run"},
+            )
+        )
+
+        # ------------------------------------------------------------------------------ pipe
+        label = size_label(pipe_size)
+        ctx.log(f"pipe output: {runs} x {label} per client, alternating, after one untimed {size_label(64 * MiB)}")
+        binary_output(client, agent.url, agent.token, agent.ps, 64 * MiB, pty=False)
+        sdk_pipe_output(sandbox, sdk.ps, 64 * MiB)
+        pipe: dict[str, list[Run]] = {"binary": [], "sdk": [], "devnull": [], "direct": []}
+        steps = {
+            "binary": lambda: binary_output(client, agent.url, agent.token, agent.ps, pipe_size, pty=False),
+            "sdk": lambda: sdk_pipe_output(sandbox, sdk.ps, pipe_size),
+            "devnull": lambda: devnull_output(pipe_size, env, cwd),
+            "direct": lambda: direct_pipe_output(pipe_size, env, cwd),
+        }
+        alternate(ctx, steps, pipe, runs)
+        base_direct = "bash -c 'head … ' read from a pipe directly (Python, os.read 1 MiB)"
+        base_null = "bash -c 'head … > /dev/null' (no transport)"
+        for base_key, base_name in (("devnull", base_null), ("direct", base_direct)):
+            ctx.report(
+                throughput_row(
+                    f"commands: pipe output {label}, binary Connect client (proto, httpx)",
+                    pipe["binary"],
+                    pipe[base_key],
+                    base_name,
+                    {"frames": [r.frames for r in pipe["binary"]]},
+                )
+            )
+        ctx.report(
+            throughput_row(
+                f"commands: pipe output {label}, official SDK commands.run (JSON+base64)",
+                pipe["sdk"],
+                pipe["direct"],
+                base_direct,
+                {"note": "includes bash -l's login profile once (see the round-trip floor)"},
+            )
+        )
+        binary_mbps = median([r.mbps for r in pipe["binary"]]) or 0.0
+        ctx.log(
+            f"  target (issue): pipe output ≥ {TARGET_PIPE_MBPS:,.0f} MB/s with the binary client: "
+            f"{'met' if binary_mbps >= TARGET_PIPE_MBPS else 'NOT met'} ({binary_mbps:,.0f} MB/s)"
+        )
+        peak = max(pipe["binary"], key=lambda r: r.peak_rss)
+        ctx.report(
+            Result(
+                name=f"commands: agent peak RSS, {label} pipe output (binary client)",
+                unit="MiB",
+                ours=peak.peak_rss / MiB,
+                baseline=peak.idle_rss / MiB,
+                baseline_name="agent RSS just before",
+                better="lower",
+                extra={
+                    "process_tree": True,
+                    "sample_interval_s": 0.02,
+                    "sdk_agent_peak_rss_MiB": round(max(r.peak_rss for r in pipe["sdk"]) / MiB, 1),
+                },
+            )
+        )
+
+        # ------------------------------------------------------------------------------- PTY
+        label = size_label(pty_size)
+        ctx.log(f"PTY output: {runs} x {label} per client, alternating")
+        tty: dict[str, list[Run]] = {"binary": [], "sdk": [], "direct": []}
+        tty_steps = {
+            "binary": lambda: binary_output(client, agent.url, agent.token, agent.ps, pty_size, pty=True),
+            "sdk": lambda: sdk_pty_output(sandbox, sdk.ps, pty_size),
+            "direct": lambda: direct_pty_output(pty_size, env, cwd),
+        }
+        alternate(ctx, tty_steps, tty, runs)
+        base_pty = "the same command's PTY master read directly (Python, os.read)"
+        ctx.report(
+            throughput_row(
+                f"commands: PTY output {label}, binary Connect client (proto, httpx)",
+                tty["binary"],
+                tty["direct"],
+                base_pty,
+                {"frames": [r.frames for r in tty["binary"]]},
+            )
+        )
+        ctx.report(
+            throughput_row(
+                f"commands: PTY output {label}, official SDK pty.create + send_stdin (JSON+base64)",
+                tty["sdk"],
+                tty["direct"],
+                base_pty,
+                {"how": "bash -i -l in the PTY; timed from send_stdin (after the prompt) to the end event"},
+            )
+        )
+
+
+def alternate(ctx: Context, steps: dict[str, Any], into: dict[str, list[Run]], runs: int) -> None:
+    keys = list(steps)
+    for i in range(runs):
+        for key in keys[i % len(keys) :] + keys[: i % len(keys)]:
+            r = steps[key]()
+            into[key].append(r)
+            cpu = f"agent CPU {r.agent_cpu_s:5.2f} s, " if r.agent_cpu_s else ""
+            ctx.log(f"  {key:<8} {r.mbps:8,.0f} MB/s  {r.seconds:6.2f} s  ({cpu}client CPU {r.client_cpu_s:5.2f} s)")
