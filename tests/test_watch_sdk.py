@@ -166,7 +166,7 @@ def test_async_stream_recursive(agent: Agent, workdir: Path, monkeypatch: pytest
 
         def on_event(event: FilesystemEvent) -> None:
             seen.append(event)
-            if event.name == "x/y/z.txt" and event.type == WRITE:
+            if event.name == "x/y/z.txt" and event.type == CREATE:
                 done.set()
 
         handle = await sbx.files.watch_dir(str(workdir), on_event, recursive=True)
@@ -180,8 +180,9 @@ def test_async_stream_recursive(agent: Agent, workdir: Path, monkeypatch: pytest
         return pairs(seen)
 
     got = asyncio.run(main())
-    assert got[:3] == [("x", CREATE), ("x/y", CREATE), ("x/y/z.txt", CREATE)]
-    assert ("x/y/z.txt", WRITE) in got
+    # Whether z.txt's WRITE is seen depends on whether y's watch existed when it was written; a
+    # file made before its directory's watch is reported by the scan as CREATE, never lost.
+    assert [e for e in got if e[1] == CREATE] == [("x", CREATE), ("x/y", CREATE), ("x/y/z.txt", CREATE)]
 
 
 def test_ten_thousand_file_burst_delivers_every_event_or_reports_overflow(sandbox: Any, workdir: Path) -> None:
