@@ -219,3 +219,29 @@ def test_user_processes_die_before_the_agent_under_memory_pressure(agent: Agent)
     out = b"".join(base64.b64decode(m["event"]["data"]["stdout"]) for m in messages if "data" in m.get("event", {}))
     assert int(out) == 100
     assert agent_score < int(out)
+
+
+def test_fast_output_json_matches_protobufs_own() -> None:
+    from google.protobuf import json_format
+    from sandboxd._proto.process import process_pb2 as proc
+    from sandboxd.agent.connect import Codec
+
+    codec = Codec("json")
+    for stream in ("stdout", "stderr", "pty"):
+        for data in (b"", b"hi\n", bytes(range(256)) * 10):
+            event = proc.ProcessEvent(data=proc.ProcessEvent.DataEvent(**{stream: data}))
+            for response in (proc.StartResponse(event=event), proc.ConnectResponse(event=event)):
+                expected = json_format.MessageToDict(response)
+                assert json.loads(codec.encode(response)) == expected
+
+
+def test_fast_output_frames_match_protobufs_own() -> None:
+    from sandboxd._proto.process import process_pb2 as proc
+    from sandboxd.agent.connect import Codec, envelope
+
+    codec = Codec("proto")
+    for stream in ("stdout", "stderr", "pty"):
+        for size in (0, 1, 127, 128, 300, 16_383, 16_384, 1 << 20):
+            event = proc.ProcessEvent(data=proc.ProcessEvent.DataEvent(**{stream: b"x" * size}))
+            for response in (proc.StartResponse(event=event), proc.ConnectResponse(event=event)):
+                assert codec.frame(response) == envelope(0, response.SerializeToString())

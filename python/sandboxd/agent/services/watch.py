@@ -157,46 +157,40 @@ class EventTranslator:
         return event
 
 
-async def _readable(loop: asyncio.AbstractEventLoop, fd: int) -> None:
-    ready: asyncio.Future[None] = loop.create_future()
-
-    def wake() -> None:
-        if not ready.done():
-            ready.set_result(None)
-
-    loop.add_reader(fd, wake)
-    try:
-        await ready
-    finally:
-        loop.remove_reader(fd)
-
-
 @dataclass(slots=True)
-class PollWatcher:
-    """A watcher kept on the server for ``GetWatcherEvents`` polling."""
+class BufferedWatcher:
+    """A watcher whose events are read from the kernel as soon as they arrive, into a bounded
+    buffer: a slow consumer (a poller, or a stream client that reads slowly) then costs memory up to
+    the bound instead of overflowing the kernel's queue."""
 
     watcher: _core.Watcher
     translator: EventTranslator
+    full_cause: str
+    """What to tell the client when the buffer fills."""
     events: deque[pb.FilesystemEvent] = field(default_factory=deque)
     lost: str | None = None
     closed: bool = False
     last_poll: float = field(default_factory=time.monotonic)
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
 
     def on_readable(self) -> None:
         try:
             items = self.watcher.read_batch()
         except OSError as exc:
             self.lost = self.lost or f"the watcher failed: {exc}"
+            self.changed.set()
             return
         events, overflow, closed = self.translator.translate(items)
         room = BUFFER_EVENTS - len(self.events)
         if len(events) > room:
             events = events[:room]
-            self.lost = self.lost or f"more than {BUFFER_EVENTS} events arrived between two GetWatcherEvents calls"
+            self.lost = self.lost or self.full_cause
         self.events.extend(events)
         if overflow:
             self.lost = self.lost or overflow
         self.closed = self.closed or closed
+        if events or self.lost or self.closed:
+            self.changed.set()
 
 
 class WatchService:
@@ -204,7 +198,7 @@ class WatchService:
 
     def __init__(self, state: AgentState) -> None:
         self.state = state
-        self.watchers: dict[str, PollWatcher] = {}
+        self.watchers: dict[str, BufferedWatcher] = {}
         self._expiry: asyncio.Task[None] | None = None
 
     def methods(self) -> list[Method]:
@@ -250,20 +244,26 @@ class WatchService:
     async def watch_dir(self, request: pb.WatchDirRequest, ctx: Context) -> AsyncIterator[pb.WatchDirResponse]:
         path = self._resolve(request.path, ctx)
         watcher = _open_watcher(path, request.recursive, request.allow_network_mounts)
-        translator = EventTranslator(path, request.include_entry)
+        buffered = BufferedWatcher(
+            watcher,
+            EventTranslator(path, request.include_entry),
+            f"more than {BUFFER_EVENTS} events were waiting for this client to read them",
+        )
         loop = asyncio.get_running_loop()
+        loop.add_reader(watcher.fileno(), buffered.on_readable)
         try:
             yield pb.WatchDirResponse(start=pb.WatchDirResponse.StartEvent())
             while True:
-                await _readable(loop, watcher.fileno())
-                events, overflow, closed = translator.translate(watcher.read_batch())
-                for event in events:
-                    yield pb.WatchDirResponse(filesystem=event)
-                if overflow:
-                    raise overflow_error(overflow)
-                if closed:
+                await buffered.changed.wait()
+                buffered.changed.clear()
+                while buffered.events:
+                    yield pb.WatchDirResponse(filesystem=buffered.events.popleft())
+                if buffered.lost:
+                    raise overflow_error(buffered.lost)
+                if buffered.closed:
                     return
         finally:
+            loop.remove_reader(watcher.fileno())
             watcher.close()
 
     async def create_watcher(self, request: pb.CreateWatcherRequest, ctx: Context) -> pb.CreateWatcherResponse:
@@ -273,7 +273,11 @@ class WatchService:
             )
         path = self._resolve(request.path, ctx)
         watcher = _open_watcher(path, request.recursive, request.allow_network_mounts)
-        poll = PollWatcher(watcher, EventTranslator(path, request.include_entry))
+        poll = BufferedWatcher(
+            watcher,
+            EventTranslator(path, request.include_entry),
+            f"more than {BUFFER_EVENTS} events arrived between two GetWatcherEvents calls",
+        )
         watcher_id = "w" + "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(20))
         self.watchers[watcher_id] = poll
         asyncio.get_running_loop().add_reader(watcher.fileno(), poll.on_readable)
@@ -281,7 +285,7 @@ class WatchService:
             self._expiry = asyncio.get_running_loop().create_task(self._expire_idle())
         return pb.CreateWatcherResponse(watcher_id=watcher_id)
 
-    def _get(self, watcher_id: str) -> PollWatcher:
+    def _get(self, watcher_id: str) -> BufferedWatcher:
         poll = self.watchers.get(watcher_id)
         if poll is None:
             raise RpcError(
