@@ -262,3 +262,11 @@ def test_gzip_reply_is_valid_gzip(agent: Agent, workdir: Path) -> None:
         r = client.send(request, stream=True)
         raw = b"".join(r.iter_raw())
     assert gzip.decompress(raw) == target.read_bytes()
+
+
+def test_incompressible_files_are_sent_raw_even_when_gzip_is_accepted(agent: Agent, workdir: Path) -> None:
+    target = workdir / "random.bin"
+    target.write_bytes(os.urandom(200_000))
+    r = httpx.get(f"{agent.url}/files", params={"path": str(target)}, headers={"Accept-Encoding": "gzip"})
+    assert "content-encoding" not in r.headers
+    assert r.content == target.read_bytes()
