@@ -168,3 +168,8 @@ def _agent_host_pid(sandbox_id: str) -> int:
         if sandbox_id in cgroup and nspid[-1:] == ["2"]:
             return int(pid)
     raise AssertionError(f"no agent process found for {sandbox_id}")
+
+
+def test_the_data_dir_and_database_are_owner_only(runtime: Runtime) -> None:
+    assert runtime.data_dir.stat().st_mode & 0o777 == 0o700
+    assert (runtime.data_dir / "sandboxd.db").stat().st_mode & 0o777 == 0o600

@@ -84,7 +84,9 @@ def run(options: ServeOptions) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if os.geteuid() != 0:
         sys.exit("sandboxd serve needs root: sandboxes are built from namespaces, overlayfs and cgroups")
+    # The database holds the API key and every sandbox's access token: owner-only, like ~/.ssh.
     options.data_dir.mkdir(parents=True, exist_ok=True)
+    options.data_dir.chmod(0o700)
     store = Store(options.data_dir / "sandboxd.db")
     api_key = _api_key(store, options.api_key)
     templates = Templates(options.data_dir)

@@ -80,6 +80,8 @@ class Store:
     """The runtime's SQLite database in the data dir."""
 
     def __init__(self, path: Path) -> None:
+        path.touch(mode=0o600, exist_ok=True)
+        path.chmod(0o600)
         self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")
