@@ -247,7 +247,7 @@ class SandboxManager:
             await loop.sock_sendall(self.zygote, json.dumps(request).encode())
             answer = json.loads(await loop.sock_recv(self.zygote, 1 << 16))
         if not answer.get("ok"):
-            with _suppress_os():
+            with contextlib.suppress(OSError):
                 _core.kill_sandbox(row.id)
             raise ApiError(500, f"could not start the sandbox: {answer.get('error')}")
         handle = _core.SandboxHandle.adopt(row.id, answer["init_pid"])
@@ -330,7 +330,7 @@ class SandboxManager:
         code = handle.exit_code()
         detail = f"exit status {code}" if code is not None else "exit status unknown"
         self._mark_died(row, f"its agent died ({detail})")
-        with _suppress_os():
+        with contextlib.suppress(OSError):
             handle.kill()
 
     def _mark_died(self, row: SandboxRow, reason: str) -> None:
@@ -351,7 +351,7 @@ class SandboxManager:
             if handle is not None:
                 handle.kill()
             else:
-                with _suppress_os():
+                with contextlib.suppress(OSError):
                     _core.kill_sandbox(sandbox_id)
             if not keep_files:
                 shutil.rmtree(self.sandboxes_dir / sandbox_id, ignore_errors=True)
@@ -369,7 +369,7 @@ class SandboxManager:
         try:
             self._notify_gone(sandbox_id)
             if row.state == "paused" and row.pause_mode == "full":
-                with _suppress_os():
+                with contextlib.suppress(OSError):
                     await asyncio.to_thread(self.handles[sandbox_id].thaw)
             await asyncio.to_thread(self._destroy, sandbox_id, False)
             self._forget_handle(sandbox_id)
@@ -502,11 +502,3 @@ def _dir_size(path: Path) -> int:
             with contextlib.suppress(OSError):
                 total += os.lstat(os.path.join(root, name)).st_blocks * 512
     return total
-
-
-class _suppress_os:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> bool:
-        return isinstance(exc[1], OSError)
