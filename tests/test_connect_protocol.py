@@ -245,3 +245,9 @@ def test_fast_output_frames_match_protobufs_own() -> None:
             event = proc.ProcessEvent(data=proc.ProcessEvent.DataEvent(**{stream: b"x" * size}))
             for response in (proc.StartResponse(event=event), proc.ConnectResponse(event=event)):
                 assert codec.frame(response) == envelope(0, response.SerializeToString())
+
+
+def test_a_server_side_deadline_is_deadline_exceeded(agent: Agent) -> None:
+    start = {"process": {"cmd": "/bin/sleep", "args": ["5"]}}
+    messages = _stream(agent, "/process.Process/Start", start, {"Connect-Timeout-Ms": "300"})
+    assert messages[-1]["error"]["code"] == "deadline_exceeded"

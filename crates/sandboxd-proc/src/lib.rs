@@ -1,7 +1,8 @@
 //! Process and PTY spawning for the sandboxd agent, with an output fan-out that paces the process
 //! to its fastest reader and never lets a stalled reader hold it (or anyone else) back.
 //!
-//! What the kernel does here: `fork`/`exec` a child in its own session and process group (so a
+//! What the kernel does here: start a child with `clone(CLONE_VM | CLONE_VFORK)` and `execve`
+//! (no copy of our page tables; see `vfork.rs`) in its own session and process group (so a
 //! signal to the group reaches its whole tree), connected to us by pipes or by a pseudo-terminal;
 //! we drain its output into a bounded ring, and collect its exit status with `waitpid` on its own
 //! pid. When we stop reading, the pipe (64 KiB) or the PTY's line discipline fills and the kernel
@@ -120,6 +121,7 @@
 mod errno;
 mod fanout;
 mod fdio;
+mod lookup;
 mod process;
 mod pty;
 mod reader;
@@ -128,6 +130,7 @@ mod ring;
 mod spawn;
 mod status;
 mod subscriber;
+mod vfork;
 mod wake;
 
 pub use errno::errno;

@@ -80,8 +80,9 @@ impl Process {
     ///
     /// Errors: a missing or non-directory `cwd` (`NotFound`/`NotADirectory`, naming it); an exec
     /// or pre-exec failure such as `ENOENT`/`EACCES`/`EPERM`, as an `io::Error` of that kind whose
-    /// message names the program and whose inner error is a [`SpawnError`](crate::SpawnError)
-    /// carrying the errno. No child is left behind on error.
+    /// message names the program (and, for a pre-exec step such as `chdir` or `setuid`, the step)
+    /// and whose inner error is a [`SpawnError`](crate::SpawnError) carrying the errno. No child
+    /// is left behind on error.
     pub fn spawn(opts: &SpawnOptions) -> io::Result<Process> {
         Ok(Process::start(opts, false)?.0)
     }

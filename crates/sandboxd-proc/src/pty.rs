@@ -9,7 +9,7 @@
 #![allow(unsafe_code)]
 
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 
 use nix::fcntl::{OFlag, open};
 use nix::pty::{grantpt, posix_openpt, ptsname_r, unlockpt};
@@ -102,16 +102,4 @@ pub(crate) fn get_size(fd: BorrowedFd<'_>) -> io::Result<WinSize> {
         cols: ws.ws_col,
         rows: ws.ws_row,
     })
-}
-
-/// In a freshly `setsid`-ed child, makes the terminal on `fd` its controlling terminal
-/// (`TIOCSCTTY`). Async-signal-safe: one ioctl, no allocation, so it may run in `pre_exec`.
-pub(crate) fn make_controlling_tty(fd: RawFd) -> io::Result<()> {
-    // SAFETY: TIOCSCTTY takes an integer argument (0: do not steal from another session) and
-    // touches no memory of ours; an invalid fd only yields EBADF.
-    let rc = unsafe { libc::ioctl(fd, libc::TIOCSCTTY, 0) };
-    if rc < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
 }

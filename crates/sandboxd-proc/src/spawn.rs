@@ -1,37 +1,43 @@
-//! Starting a child. `std::process::Command` does the `fork`/`exec` and reports an `exec` failure
-//! (or a failure in our pre-exec steps) synchronously through a close-on-exec pipe: the kernel
-//! closes that pipe on a successful exec, so the parent reads either EOF (success) or an errno.
+//! Starting a child: the options, what the child gets, and what a failure says.
 //!
-//! Between fork and exec, in the child, we run (in Go's `forkAndExecInChild` order):
+//! The child is started by [`crate::vfork`] (`clone(CLONE_VM | CLONE_VFORK)`, then `execve`),
+//! which explains the design and its cost. Here the parent prepares everything it needs, since the
+//! child may not allocate: the `argv` and `envp` strings, the paths `execvp(3)` would try
+//! ([`crate::lookup`]), the descriptors that become its 0/1/2 (pipes, or a PTY slave), the
+//! credentials and the working directory; and turns a failure into a [`SpawnError`] naming the
+//! program (and the step, when the child failed before `execve`).
+//!
+//! What the child does before `execve`: reset signal handlers, with `SIGPIPE`/`SIGXFSZ` back to
+//! their defaults (ignored dispositions survive `exec`, and hosts such as CPython ignore both);
 //! `setsid()` (new session and process group, so the whole tree can be signalled with `killpg`);
-//! for a PTY, `TIOCSCTTY` on fd 0 (std has already `dup2`-ed the slave onto 0/1/2), making the
-//! slave the controlling terminal; `setgroups`/`setgid`/`setuid` when switching user; `chdir`;
-//! and resetting `SIGPIPE`/`SIGXFSZ` to their defaults (ignored dispositions survive `exec`, and
-//! hosts such as CPython ignore both). Only async-signal-safe calls run there, with every input
-//! prepared beforehand in the parent.
+//! for a PTY, `TIOCSCTTY` on fd 0, making the slave the controlling terminal; the `oom_score_adj`
+//! write; `setgroups`/`setgid`/`setuid` when switching user; and `chdir`.
 //!
 //! The environment is not inherited (envd behaviour): it is `HOME`, `USER` and `LOGNAME` from the
-//! user, `PATH` from the caller, then the caller's variables, later ones winning.
-#![allow(unsafe_code)]
+//! user, `PATH` from the caller, then the caller's variables, later ones winning; the child gets
+//! it sorted by name.
 
+use std::collections::BTreeMap;
 use std::error::Error;
 use std::ffi::{CString, OsStr, OsString};
 use std::fmt;
+use std::fs::File;
 use std::io;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+use nix::fcntl::OFlag;
 use nix::sys::signal::Signal;
 use nix::unistd::{Gid, Pid, Uid};
 
 use crate::fanout::DEFAULT_STALL_TIMEOUT;
 use crate::fdio::set_nonblocking;
+use crate::lookup;
 use crate::pty::{self, WinSize};
 use crate::ring::{DEFAULT_RING_BYTES, Stream};
+use crate::vfork::{self, Creds, Exec, Failure, Setup, Step};
 
 /// How the child's standard descriptors are connected.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -192,6 +198,9 @@ impl SpawnOptions {
 #[derive(Debug)]
 pub struct SpawnError {
     program: OsString,
+    /// The setup step that failed in the child before `execve` (`None`: `execve` itself, or
+    /// starting the child at all).
+    step: Option<String>,
     source: io::Error,
 }
 
@@ -209,12 +218,11 @@ impl SpawnError {
 
 impl fmt::Display for SpawnError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "cannot start '{}': {}",
-            self.program.to_string_lossy(),
-            self.source
-        )
+        let program = self.program.to_string_lossy();
+        match &self.step {
+            None => write!(f, "cannot start '{program}': {}", self.source),
+            Some(step) => write!(f, "cannot start '{program}': {step}: {}", self.source),
+        }
     }
 }
 
@@ -235,14 +243,7 @@ pub(crate) struct Spawned {
     pub(crate) pty: Option<OwnedFd>,
 }
 
-/// Credentials to switch to in the child.
-struct Creds {
-    groups: Vec<Gid>,
-    gid: Gid,
-    uid: Uid,
-}
-
-/// Forks and execs the child described by `opts`.
+/// Starts the child described by `opts`.
 pub(crate) fn spawn(opts: &SpawnOptions) -> io::Result<Spawned> {
     if let Some(cwd) = &opts.cwd {
         match std::fs::metadata(cwd) {
@@ -261,26 +262,22 @@ pub(crate) fn spawn(opts: &SpawnOptions) -> io::Result<Spawned> {
             }
         }
     }
+    let fail = |source: io::Error, step: Option<String>| {
+        io::Error::new(
+            source.kind(),
+            SpawnError {
+                program: opts.program.clone(),
+                step,
+                source,
+            },
+        )
+    };
 
-    let mut cmd = Command::new(&opts.program);
-    cmd.args(&opts.args);
-    cmd.env_clear();
     let identity = match &opts.user {
         Some(user) => Some(user.clone()),
         None => User::current().ok(),
     };
-    if let Some(user) = &identity {
-        cmd.env("HOME", &user.home);
-        cmd.env("USER", &user.name);
-        cmd.env("LOGNAME", &user.name);
-    }
-    if let Some(path) = &opts.path {
-        cmd.env("PATH", path);
-    }
-    for (key, value) in &opts.env {
-        cmd.env(key, value);
-    }
-
+    let exec = exec(opts, identity.as_ref()).map_err(|e| fail(e, None))?;
     let creds = opts.user.as_ref().and_then(creds_to_apply);
     let cwd = match &opts.cwd {
         Some(cwd) => Some(
@@ -289,82 +286,34 @@ pub(crate) fn spawn(opts: &SpawnOptions) -> io::Result<Spawned> {
         ),
         None => None,
     };
-
-    let mut pty_master = None;
-    match opts.io {
-        Io::Pipes { stdin } => {
-            cmd.stdin(if stdin { Stdio::piped() } else { Stdio::null() });
-            cmd.stdout(Stdio::piped());
-            cmd.stderr(Stdio::piped());
-        }
-        Io::Pty(size) => {
-            let pair = pty::open_pair(size)?;
-            // `try_clone` duplicates with F_DUPFD_CLOEXEC; std dup2()s them onto 0/1/2 in the
-            // child (which clears CLOEXEC there) and we close ours when `cmd` is dropped below.
-            cmd.stdin(Stdio::from(pair.slave.try_clone()?));
-            cmd.stdout(Stdio::from(pair.slave.try_clone()?));
-            cmd.stderr(Stdio::from(pair.slave));
-            pty_master = Some(pair.master);
-        }
-    }
-    let is_pty = pty_master.is_some();
-    // Formatted here: the child may not allocate.
-    let oom_score_adj = opts
-        .oom_score_adj
-        .map(|adj| format!("{adj}\n").into_bytes());
-
-    let child_setup = move || -> io::Result<()> {
-        nix::unistd::setsid()?;
-        if is_pty {
-            pty::make_controlling_tty(0)?;
-        }
-        // Before switching user: as root any value is allowed, and after `setuid` the file may
-        // belong to root (the process is no longer dumpable until exec).
-        if let Some(adj) = &oom_score_adj {
-            write_oom_score_adj(adj);
-        }
-        if let Some(creds) = &creds {
-            nix::unistd::setgroups(&creds.groups)?;
-            nix::unistd::setgid(creds.gid)?;
-            nix::unistd::setuid(creds.uid)?;
-        }
-        if let Some(cwd) = &cwd {
-            // SAFETY: `cwd` is a NUL-terminated string built in the parent and alive here.
-            if unsafe { libc::chdir(cwd.as_ptr()) } != 0 {
-                return Err(io::Error::last_os_error());
-            }
-        }
-        for signal in [libc::SIGPIPE, libc::SIGXFSZ] {
-            // SAFETY: `signal(2)` with SIG_DFL installs no handler and is async-signal-safe.
-            unsafe { libc::signal(signal, libc::SIG_DFL) };
-        }
-        Ok(())
+    let ends = match opts.io {
+        Io::Pipes { stdin } => Ends::pipes(stdin).map_err(|e| fail(e, None))?,
+        Io::Pty(size) => Ends::pty(size)?,
     };
-    // SAFETY: `child_setup` runs in the forked child before exec, where only async-signal-safe
-    // calls are allowed. It calls setsid, ioctl(TIOCSCTTY), open/write/close, setgroups, setgid,
-    // setuid, chdir and signal directly (nix's wrappers used here do not allocate), takes no lock, and allocates
-    // nothing: its inputs were all prepared above, and its errors are bare errnos.
-    unsafe {
-        cmd.pre_exec(child_setup);
-    }
 
-    let mut child = cmd.spawn().map_err(|source| {
-        io::Error::new(
-            source.kind(),
-            SpawnError {
-                program: opts.program.clone(),
-                source,
-            },
-        )
+    let setup = Setup {
+        stdio: ends.child_stdio(),
+        controlling_tty: ends.pty.is_some(),
+        oom_score_adj: opts.oom_score_adj,
+        creds,
+        cwd,
+    };
+    let pid = vfork::spawn(exec, setup).map_err(|failure| match failure {
+        Failure::Clone(source) => fail(source, None),
+        Failure::Child { step, errno } => {
+            fail(io::Error::from_raw_os_error(errno), describe(step, opts))
+        }
     })?;
-    // Close the parent's copies of the PTY slave now, or the master would never see EIO.
-    drop(cmd);
-    let pid = child.id() as libc::pid_t;
-
-    let parts = take_parts(&mut child, pty_master);
-    // Dropping `Child` neither kills nor reaps; our reader thread reaps it.
+    // Close our copies of the child's ends now: the PTY master sees EIO, and a pipe's reader EOF,
+    // only once every copy of the other end is closed.
+    let Ends {
+        child,
+        stdin,
+        outputs,
+        pty,
+    } = ends;
     drop(child);
-    parts
+    ours(stdin, outputs, pty)
         // The child runs but we cannot follow it: kill its group and reap it, leaving no zombie.
         .inspect_err(|_| abandon(pid))
         .map(|(stdin, outputs, pty)| Spawned {
@@ -375,34 +324,149 @@ pub(crate) fn spawn(opts: &SpawnOptions) -> io::Result<Spawned> {
         })
 }
 
-/// In the child: writes `value` (an ASCII number and newline) to `/proc/self/oom_score_adj`,
-/// ignoring failure (no procfs, or not permitted). Async-signal-safe: open, write, close.
-fn write_oom_score_adj(value: &[u8]) {
-    const PATH: &std::ffi::CStr = c"/proc/self/oom_score_adj";
-    // SAFETY: `PATH` is a NUL-terminated static string; open touches no other memory.
-    let fd = unsafe { libc::open(PATH.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC) };
-    if fd < 0 {
-        return;
+/// What to execute: `argv`, the environment (see the module docs) and where to look for the
+/// program. Fails with `InvalidInput` for a NUL byte in any of them, as `std::process` does.
+fn exec(opts: &SpawnOptions, identity: Option<&User>) -> io::Result<Exec> {
+    let mut env = BTreeMap::<OsString, OsString>::new();
+    if let Some(user) = identity {
+        env.insert("HOME".into(), user.home.clone().into_os_string());
+        env.insert("USER".into(), user.name.clone().into());
+        env.insert("LOGNAME".into(), user.name.clone().into());
     }
-    // SAFETY: `fd` is the descriptor just opened; `value` is a live slice of `value.len()` bytes.
-    unsafe {
-        libc::write(fd, value.as_ptr().cast(), value.len());
-        libc::close(fd);
+    if let Some(path) = &opts.path {
+        env.insert("PATH".into(), path.clone());
     }
+    for (key, value) in &opts.env {
+        env.insert(key.clone(), value.clone());
+    }
+    let argv = std::iter::once(&opts.program)
+        .chain(&opts.args)
+        .map(|arg| c_string(arg.as_bytes().to_vec()))
+        .collect::<io::Result<Vec<_>>>()?;
+    let envp = env
+        .iter()
+        .map(|(key, value)| c_string([key.as_bytes(), b"=", value.as_bytes()].concat()))
+        .collect::<io::Result<Vec<_>>>()?;
+    let path = env.get(OsStr::new("PATH")).map(|path| path.as_bytes());
+    Ok(Exec {
+        candidates: lookup::candidates(opts.program.as_bytes(), path),
+        argv,
+        envp,
+    })
+}
+
+/// A C string, or std's error for a NUL byte in a command.
+fn c_string(bytes: Vec<u8>) -> io::Result<CString> {
+    CString::new(bytes).map_err(|_| {
+        io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "nul byte found in provided data",
+        )
+    })
+}
+
+/// What a failed step of the child's setup is called in the error message; `None` for `execve`,
+/// whose error is the program's.
+fn describe(step: Step, opts: &SpawnOptions) -> Option<String> {
+    let user = opts.user.as_ref();
+    let user_name = user.map_or("", |user| user.name.as_str());
+    Some(match step {
+        Step::Exec => return None,
+        Step::SignalMask => "resetting the signal mask".to_owned(),
+        Step::Stdio => "dup2 onto stdin/stdout/stderr".to_owned(),
+        Step::Setsid => "setsid".to_owned(),
+        Step::ControllingTty => "making the PTY the controlling terminal".to_owned(),
+        Step::Setgroups => format!("setgroups for user '{user_name}'"),
+        Step::Setgid => format!("setgid({})", user.map_or(0, |user| user.gid)),
+        Step::Setuid => format!("setuid({})", user.map_or(0, |user| user.uid)),
+        Step::Chdir => format!(
+            "chdir to '{}'",
+            opts.cwd
+                .as_deref()
+                .unwrap_or(std::path::Path::new(""))
+                .display()
+        ),
+    })
+}
+
+/// The descriptors of a child's stdio while it is being started.
+struct Ends {
+    /// The child's ends: its stdin, stdout, stderr (pipes), or the PTY slave, all above 2 and
+    /// close-on-exec. Ours to close once it has them.
+    child: Vec<OwnedFd>,
+    /// Our end of the stdin pipe, for `Io::Pipes { stdin: true }`.
+    stdin: Option<OwnedFd>,
+    /// Our ends of the stdout and stderr pipes.
+    outputs: Vec<(OwnedFd, Stream)>,
+    /// The PTY master, for `Io::Pty`.
+    pty: Option<OwnedFd>,
+}
+
+impl Ends {
+    /// Pipes for stdout and stderr, and for stdin a pipe or `/dev/null` (so a reader of stdin sees
+    /// EOF at once).
+    fn pipes(stdin: bool) -> io::Result<Ends> {
+        let (child_stdin, our_stdin) = if stdin {
+            let (read, write) = nix::unistd::pipe2(OFlag::O_CLOEXEC)?;
+            (read, Some(write))
+        } else {
+            // std's `File::open` opens O_RDONLY | O_CLOEXEC.
+            (OwnedFd::from(File::open("/dev/null")?), None)
+        };
+        let (stdout, child_stdout) = nix::unistd::pipe2(OFlag::O_CLOEXEC)?;
+        let (stderr, child_stderr) = nix::unistd::pipe2(OFlag::O_CLOEXEC)?;
+        Ok(Ends {
+            child: vec![
+                above_stdio(child_stdin)?,
+                above_stdio(child_stdout)?,
+                above_stdio(child_stderr)?,
+            ],
+            stdin: our_stdin,
+            outputs: vec![(stdout, Stream::Stdout), (stderr, Stream::Stderr)],
+            pty: None,
+        })
+    }
+
+    /// A new PTY pair of `size`: the slave for the child's 0/1/2, the master for us.
+    fn pty(size: WinSize) -> io::Result<Ends> {
+        let pair = pty::open_pair(size)?;
+        Ok(Ends {
+            child: vec![above_stdio(pair.slave)?],
+            stdin: None,
+            outputs: Vec::new(),
+            pty: Some(pair.master),
+        })
+    }
+
+    /// The descriptors to become the child's 0, 1 and 2.
+    fn child_stdio(&self) -> [std::os::fd::BorrowedFd<'_>; 3] {
+        match &self.child[..] {
+            [slave] => [slave.as_fd(); 3],
+            [stdin, stdout, stderr] => [stdin.as_fd(), stdout.as_fd(), stderr.as_fd()],
+            _ => unreachable!("one PTY slave or three pipe ends"),
+        }
+    }
+}
+
+/// `fd` itself, or a close-on-exec duplicate of it above 2 when it is 0, 1 or 2 (possible only
+/// when we run with a standard descriptor closed): the child `dup2`s its descriptors onto 0, 1
+/// and 2 in turn, which must not overwrite one it has yet to use.
+fn above_stdio(fd: OwnedFd) -> io::Result<OwnedFd> {
+    if fd.as_raw_fd() > 2 {
+        return Ok(fd);
+    }
+    // `try_clone` duplicates with `F_DUPFD_CLOEXEC` at 3 or above.
+    fd.try_clone()
 }
 
 /// Our ends of the child's stdio, all made non-blocking.
 type Parts = (Option<OwnedFd>, Vec<(OwnedFd, Stream)>, Option<OwnedFd>);
 
-fn take_parts(child: &mut Child, pty_master: Option<OwnedFd>) -> io::Result<Parts> {
-    let mut outputs = Vec::with_capacity(2);
-    let stdin = child.stdin.take().map(OwnedFd::from);
-    if let Some(fd) = child.stdout.take() {
-        outputs.push((OwnedFd::from(fd), Stream::Stdout));
-    }
-    if let Some(fd) = child.stderr.take() {
-        outputs.push((OwnedFd::from(fd), Stream::Stderr));
-    }
+fn ours(
+    stdin: Option<OwnedFd>,
+    mut outputs: Vec<(OwnedFd, Stream)>,
+    pty_master: Option<OwnedFd>,
+) -> io::Result<Parts> {
     if let Some(master) = &pty_master {
         // The reader gets its own descriptor for the master; closing it when the PTY ends leaves
         // ours open for input and resizing.
@@ -435,8 +499,8 @@ fn creds_to_apply(user: &User) -> Option<Creds> {
         return None;
     }
     Some(Creds {
-        groups: user.groups.iter().copied().map(Gid::from_raw).collect(),
-        gid: Gid::from_raw(user.gid),
-        uid: Uid::from_raw(user.uid),
+        groups: user.groups.clone(),
+        gid: user.gid,
+        uid: user.uid,
     })
 }

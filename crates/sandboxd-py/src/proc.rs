@@ -1,7 +1,7 @@
 //! Bindings of `sandboxd-proc`: spawning a process (pipes or PTY), its output subscribers, input,
 //! signals and resizing, for the `process.Process` service.
 //!
-//! Every call that can block — spawning (fork/exec, user lookup through NSS), waiting for output
+//! Every call that can block — spawning (a vfork-style clone and exec, user lookup through NSS), waiting for output
 //! or the end, writing input — runs inside `py.detach` and is bounded by a timeout. Waits without
 //! a timeout are cut into slices of [`WAIT_SLICE`], between which the GIL is taken back to run
 //! signal handlers, so Ctrl-C interrupts them. Asyncio waits on `Subscriber.fileno()` (an
@@ -102,7 +102,7 @@ fn spawn_error(err: io::Error, program: &str, cwd: Option<&str>) -> PyErr {
             None => to_pyerr(io::Error::new(spawn.os_error().kind(), spawn.to_string())),
         };
     }
-    // The core checks the cwd before forking and reports it by kind alone (no errno).
+    // The core checks the cwd before spawning and reports it by kind alone (no errno).
     if let (Some(cwd), None, Some(errno)) = (cwd, err.raw_os_error(), core::errno(&err)) {
         let what = match err.kind() {
             io::ErrorKind::NotFound => Some("cwd does not exist"),

@@ -124,8 +124,8 @@ def to_rpc_error(exc: BaseException) -> RpcError:
     """Any exception a handler raised, as the error a client should see."""
     if isinstance(exc, RpcError):
         return exc
+    if isinstance(exc, TimeoutError):  # before OSError: TimeoutError is one of its subclasses
+        return RpcError(Code.DEADLINE_EXCEEDED, "the request's deadline (connect-timeout-ms) passed")
     if isinstance(exc, OSError):
         return from_os_error(exc)
-    if isinstance(exc, TimeoutError):
-        return RpcError(Code.DEADLINE_EXCEEDED, "the request's deadline (connect-timeout-ms) passed")
     return RpcError(Code.INTERNAL, f"internal error: {type(exc).__name__}: {exc}")
