@@ -16,8 +16,8 @@ $(PY):
 	$(PY) -m pip install -q --upgrade pip
 
 .PHONY: install
-install: $(PY) ## build the Rust extension (release) and install sandboxd with test and dev tools into .venv
-	$(PY) -m pip install -q -e '.[dev]'
+install: $(PY) ## build the Rust extension (release) and install sandboxd with test, dev and bench tools into .venv
+	$(PY) -m pip install -q -e '.[dev,bench]'
 
 .PHONY: dev
 dev: $(PY) ## rebuild the Rust extension into .venv after a Rust change (release build)
@@ -65,13 +65,15 @@ test-js: ## the official E2B JS SDK (@e2b/code-interpreter, pinned) against a re
 test: install lint test-rust test-py test-js ## everything CI runs: install, lint, cargo test, pytest, JS SDK tests
 
 .PHONY: bench-deps
-bench-deps: ## install the benchmarks' baselines and clients (nginx, curl) with apt-get
+bench-deps: ## install the benches' baselines and clients (nginx, curl) with apt-get; `make install` does the rest
 	bash benches/install_deps.sh
 
 .PHONY: bench
-bench: ## the full benchmark suite on a release build (prints a Markdown table, writes benches/results/)
+bench: ## the full benchmark suite on the installed release build (Markdown table, JSON and PNG in benches/results/)
+	@test -x $(PY) || { echo "bench: $(PY) not found: run 'make install' first"; exit 1; }
 	$(PY) -m benches
 
 .PHONY: bench-quick
-bench-quick: ## a short benchmark run (a few minutes)
+bench-quick: ## the short benchmark suite, as CI runs it (under 3 minutes on 2 cores)
+	@test -x $(PY) || { echo "bench-quick: $(PY) not found: run 'make install' first"; exit 1; }
 	$(PY) -m benches --quick

@@ -16,13 +16,25 @@ from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 
-from . import commands, files, watch
-from .common import Agent, Context, RemoteAgent, Result, ScenarioSkipped, fs_type, pick_tmp_root, write_report
+from . import chart, commands, files, runtime, sdk_files, watch
+from .common import (
+    Agent,
+    Context,
+    RemoteAgent,
+    Result,
+    ScenarioSkipped,
+    extension_build,
+    fs_type,
+    pick_tmp_root,
+    write_report,
+)
 
 SCENARIOS: dict[str, Callable[[Context], None]] = {
     "files": files.run,
+    "sdk-files": sdk_files.run,
     "watch": watch.run,
     "commands": commands.run,
+    "runtime": runtime.run,
 }
 
 
@@ -38,8 +50,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--compare-agent",
         metavar="URL",
-        help="an already-running envd-compatible agent on this machine (e.g. E2B's envd), measured as one more "
-        "baseline beside the others; it must see this machine's filesystem",
+        help="an already-running envd-compatible agent on this machine (e.g. E2B's envd): the files, sdk-files, "
+        "watch and commands scenarios also drive it (curl, the official SDK, the binary client) and report "
+        "ours/its ratio; it must see this machine's filesystem",
     )
     parser.add_argument("--compare-agent-token", metavar="TOKEN", help="X-Access-Token for --compare-agent")
     parser.add_argument("--tmpdir", help="where to put temporary files (default: $TMPDIR or /tmp unless tmpfs)")
@@ -55,9 +68,19 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _terminate)
     names = args.only or list(SCENARIOS)
     tmp_root = pick_tmp_root(args.tmpdir)
-    compare = RemoteAgent(args.compare_agent.rstrip("/"), args.compare_agent_token) if args.compare_agent else None
+    compare = RemoteAgent.at(args.compare_agent, args.compare_agent_token) if args.compare_agent else None
+    if compare is not None:
+        compare.check()
+        seen = f"pid {compare.ps.pid}" if compare.ps is not None else "its process is not visible: no RSS/CPU"
+        print(f"comparing with {compare.name} ({compare.url}; {seen})", flush=True)
     mode = "quick" if args.quick else "full"
     print(f"sandboxd benches ({mode}): {', '.join(names)}; temp files in {tmp_root} ({fs_type(tmp_root)})", flush=True)
+    if extension_build() == "debug":
+        print(
+            "WARNING: sandboxd's Rust extension is a debug build; the figures will not be representative. "
+            "Build it in release mode first (`make install`, or `make dev` after a Rust change).",
+            flush=True,
+        )
 
     results: list[Result] = []
     errors: list[dict[str, str]] = []
@@ -91,7 +114,9 @@ def main(argv: list[str] | None = None) -> int:
     path, md = write_report(results, errors, run_args)
     print()
     print(md)
-    print(f"wrote {path} and {path.with_suffix('.md').name}")
+    png = chart.write_chart(results, path.with_suffix(".png"), md.splitlines()[0].removeprefix("## "))
+    also = f", {png.name}" if png is not None else ""
+    print(f"wrote {path}, {path.with_suffix('.md').name}{also}")
     return 1 if errors else 0
 
 

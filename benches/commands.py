@@ -33,7 +33,19 @@ from typing import Any
 import httpx
 import psutil
 
-from .common import Context, GiB, MiB, Result, RssSampler, ScenarioSkipped, cpu_meter, median, percentile
+from .common import (
+    Context,
+    GiB,
+    MiB,
+    Result,
+    RssSampler,
+    ScenarioSkipped,
+    cpu_meter,
+    median,
+    percentile,
+    sdk_sandbox,
+    tree_rss,
+)
 from .files import size_label
 from .watch import sdk_agent
 
@@ -127,7 +139,7 @@ def connect_start(
 
 
 def binary_output(
-    client: httpx.Client, url: str, token: str | None, agent: psutil.Process, size: int, pty: bool
+    client: httpx.Client, url: str, token: str | None, agent: psutil.Process | None, size: int, pty: bool
 ) -> Run:
     sampler = RssSampler(agent)
     cpu0 = time.process_time()
@@ -144,7 +156,7 @@ def binary_output(
 # -------------------------------------------------------------------------------------------------- the SDK
 
 
-def sdk_pipe_output(sandbox: Any, agent: psutil.Process, size: int) -> Run:
+def sdk_pipe_output(sandbox: Any, agent: psutil.Process | None, size: int) -> Run:
     count = [0]
 
     def on_stdout(text: str) -> None:
@@ -161,7 +173,7 @@ def sdk_pipe_output(sandbox: Any, agent: psutil.Process, size: int) -> Run:
     return Run(size, seconds, cpu[0], time.process_time() - cpu0, 0, sampler.peak, sampler.idle)
 
 
-def sdk_pty_output(sandbox: Any, agent: psutil.Process, size: int) -> Run:
+def sdk_pty_output(sandbox: Any, agent: psutil.Process | None, size: int) -> Run:
     """``pty.create`` (``bash -i -l``), wait for its first output (the prompt, after the login
     profile), then time ``send_stdin("head -c <size> /dev/zero; exit")`` to the end event."""
     from e2b import PtySize
@@ -384,6 +396,59 @@ def throughput_row(name: str, ours: list[Run], base: list[Run], base_name: str, 
     )
 
 
+def compare_round_trips(ctx: Context, ours_sdk: Any, theirs_sdk: Any, client: httpx.Client, n: int) -> None:
+    """``--compare-agent``: the same round trips against the other agent, paired with ours."""
+    compare = ctx.compare_agent
+    assert compare is not None
+    agent = ctx.agent
+
+    def timed(f: Any) -> Any:
+        def sample() -> float:
+            t0 = time.perf_counter()
+            f()
+            return (time.perf_counter() - t0) * 1e3
+
+        return sample
+
+    ctx.log(f'run("true") and Start /bin/true: {n} round trips each, ours alternating with {compare.name}')
+    rows = [
+        (
+            'commands: run("true") round trip, sync SDK',
+            timed(lambda: ours_sdk.commands.run("true")),
+            timed(lambda: theirs_sdk.commands.run("true")),
+            f"{compare.name}, sync SDK",
+        ),
+        (
+            "commands: Start /bin/true round trip, binary Connect client",
+            timed(lambda: connect_start(client, agent.url, agent.token, ["/bin/true"])),
+            timed(lambda: connect_start(client, compare.url, compare.token, ["/bin/true"])),
+            f"{compare.name}, binary Connect client",
+        ),
+    ]
+    for name, ours, theirs, base_name in rows:
+        a, b = paired(ours, theirs, n)
+        ctx.log(f"  {name}: ours p50 {percentile(a, 50) or 0:.2f} ms; theirs p50 {percentile(b, 50) or 0:.2f} ms")
+        ctx.report(
+            Result(
+                name=name,
+                unit="ms (p50)",
+                ours=percentile(a, 50),
+                baseline=percentile(b, 50),
+                baseline_name=base_name,
+                better="lower",
+                p50=percentile(a, 50),
+                p99=percentile(a, 99),
+                samples={"ours": a, "baseline": b},
+                extra={"n": n, "baseline_p99": percentile(b, 99)},
+            )
+        )
+
+
+def agent_rss(proc: psutil.Process | None) -> float | None:
+    """RSS of an agent's process tree in MiB (None when we cannot see its process)."""
+    return None if proc is None else tree_rss(proc) / MiB
+
+
 def run(ctx: Context) -> None:
     try:
         import e2b  # noqa: F401
@@ -394,25 +459,33 @@ def run(ctx: Context) -> None:
     pty_size = 64 * MiB if ctx.quick else 256 * MiB
     runs = ctx.runs or (1 if ctx.quick else 3)
     agent = ctx.agent
+    compare = ctx.compare_agent
     cwd = ctx.tmp
     with httpx.Client(timeout=STREAM_TIMEOUT_S) as client, sdk_agent(ctx.tmp) as sdk:
         from e2b import Sandbox
 
         env = agent_environment(client, agent.url, agent.token)
         sandbox = Sandbox.create()
+        theirs = sdk_sandbox(compare.url, compare.token) if compare is not None else None
         round_trips(ctx, sandbox, env, cwd, n)
         spawn_round_trips(ctx, client, agent.url, agent.token, env, n)
+        if theirs is not None:
+            compare_round_trips(ctx, sandbox, theirs, client, n)
 
-        idle = agent.ps.memory_info().rss
+        # ----------------------------------------------------------------------- idle RSS
+        idle = agent_rss(agent.ps) or 0.0
         ctx.report(
             Result(
-                name="commands: agent RSS idle",
+                name="agent RSS idle",
                 unit="MiB",
-                ours=idle / MiB,
-                baseline=None,
-                baseline_name="-",
+                ours=idle,
+                baseline=agent_rss(compare.ps) if compare is not None else None,
+                baseline_name=f"{compare.name} idle RSS" if compare is not None else "-",
                 better="lower",
-                extra={"process": "the framework's agent, before any output run"},
+                extra={
+                    "process": "the framework's agent (process tree), after the round trips, before any output run",
+                    "sdk_agent_MiB": agent_rss(sdk.ps),
+                },
             )
         )
 
@@ -421,44 +494,61 @@ def run(ctx: Context) -> None:
         ctx.log(f"pipe output: {runs} x {label} per client, alternating, after one untimed {size_label(64 * MiB)}")
         binary_output(client, agent.url, agent.token, agent.ps, 64 * MiB, pty=False)
         sdk_pipe_output(sandbox, sdk.ps, 64 * MiB)
-        pipe: dict[str, list[Run]] = {"binary": [], "sdk": [], "devnull": [], "direct": []}
         steps = {
             "binary": lambda: binary_output(client, agent.url, agent.token, agent.ps, pipe_size, pty=False),
             "sdk": lambda: sdk_pipe_output(sandbox, sdk.ps, pipe_size),
             "devnull": lambda: devnull_output(pipe_size, env, cwd),
             "direct": lambda: direct_pipe_output(pipe_size, env, cwd),
         }
+        if compare is not None and theirs is not None:
+            cps = compare.ps
+            binary_output(client, compare.url, compare.token, cps, 64 * MiB, pty=False)
+            sdk_pipe_output(theirs, cps, 64 * MiB)
+            steps["cmp_binary"] = lambda: binary_output(client, compare.url, compare.token, cps, pipe_size, pty=False)
+            steps["cmp_sdk"] = lambda: sdk_pipe_output(theirs, cps, pipe_size)
+        pipe: dict[str, list[Run]] = {key: [] for key in steps}
         alternate(ctx, steps, pipe, runs)
         base_direct = "bash -c 'head … ' read from a pipe directly (Python, os.read 1 MiB)"
         base_null = "bash -c 'head … > /dev/null' (no transport)"
+        binary_name = f"commands: pipe output {label}, binary Connect client (proto, httpx)"
+        sdk_name = f"commands: pipe output {label}, official SDK commands.run (JSON+base64)"
         for base_key, base_name in (("devnull", base_null), ("direct", base_direct)):
             ctx.report(
                 throughput_row(
-                    f"commands: pipe output {label}, binary Connect client (proto, httpx)",
+                    binary_name,
                     pipe["binary"],
                     pipe[base_key],
                     base_name,
                     {"frames": [r.frames for r in pipe["binary"]]},
                 )
             )
+        if compare is not None:
+            ctx.report(
+                throughput_row(
+                    binary_name, pipe["binary"], pipe["cmp_binary"], f"{compare.name}, binary Connect client", {}
+                )
+            )
         ctx.report(
             throughput_row(
-                f"commands: pipe output {label}, official SDK commands.run (JSON+base64)",
+                sdk_name,
                 pipe["sdk"],
                 pipe["direct"],
                 base_direct,
                 {"note": "includes bash -l's login profile once (see the round-trip floor)"},
             )
         )
+        if compare is not None:
+            ctx.report(throughput_row(sdk_name, pipe["sdk"], pipe["cmp_sdk"], f"{compare.name}, official SDK", {}))
         binary_mbps = median([r.mbps for r in pipe["binary"]]) or 0.0
         ctx.log(
             f"  target (issue): pipe output ≥ {TARGET_PIPE_MBPS:,.0f} MB/s with the binary client: "
             f"{'met' if binary_mbps >= TARGET_PIPE_MBPS else 'NOT met'} ({binary_mbps:,.0f} MB/s)"
         )
         peak = max(pipe["binary"], key=lambda r: r.peak_rss)
+        theirs_peak = max(pipe["cmp_binary"], key=lambda r: r.peak_rss) if "cmp_binary" in pipe else None
         ctx.report(
             Result(
-                name=f"commands: agent peak RSS, {label} pipe output (binary client)",
+                name=f"agent RSS under load: peak during {label} pipe output (binary client)",
                 unit="MiB",
                 ours=peak.peak_rss / MiB,
                 baseline=peak.idle_rss / MiB,
@@ -468,19 +558,34 @@ def run(ctx: Context) -> None:
                     "process_tree": True,
                     "sample_interval_s": 0.02,
                     "sdk_agent_peak_rss_MiB": round(max(r.peak_rss for r in pipe["sdk"]) / MiB, 1),
+                    "see_also": "files: <kind> peak RSS rows (transfers); sdk-files: agent_peak_rss_MiB",
                 },
             )
         )
+        if compare is not None and theirs_peak is not None and compare.ps is not None:
+            ctx.report(
+                Result(
+                    name=f"agent RSS under load: peak during {label} pipe output (binary client)",
+                    unit="MiB",
+                    ours=peak.peak_rss / MiB,
+                    baseline=theirs_peak.peak_rss / MiB,
+                    baseline_name=f"{compare.name}, peak during the same runs",
+                    better="lower",
+                    extra={"baseline_idle_MiB": round(theirs_peak.idle_rss / MiB, 1)},
+                )
+            )
 
         # ------------------------------------------------------------------------------- PTY
         label = size_label(pty_size)
         ctx.log(f"PTY output: {runs} x {label} per client, alternating")
-        tty: dict[str, list[Run]] = {"binary": [], "sdk": [], "direct": []}
         tty_steps = {
             "binary": lambda: binary_output(client, agent.url, agent.token, agent.ps, pty_size, pty=True),
             "sdk": lambda: sdk_pty_output(sandbox, sdk.ps, pty_size),
             "direct": lambda: direct_pty_output(pty_size, env, cwd),
         }
+        if compare is not None and theirs is not None:
+            tty_steps["cmp_sdk"] = lambda: sdk_pty_output(theirs, compare.ps, pty_size)
+        tty: dict[str, list[Run]] = {key: [] for key in tty_steps}
         alternate(ctx, tty_steps, tty, runs)
         base_pty = "the same command's PTY master read directly (Python, os.read)"
         ctx.report(
@@ -492,15 +597,11 @@ def run(ctx: Context) -> None:
                 {"frames": [r.frames for r in tty["binary"]]},
             )
         )
-        ctx.report(
-            throughput_row(
-                f"commands: PTY output {label}, official SDK pty.create + send_stdin (JSON+base64)",
-                tty["sdk"],
-                tty["direct"],
-                base_pty,
-                {"how": "bash -i -l in the PTY; timed from send_stdin (after the prompt) to the end event"},
-            )
-        )
+        pty_name = f"commands: PTY output {label}, official SDK pty.create + send_stdin (JSON+base64)"
+        how = {"how": "bash -i -l in the PTY; timed from send_stdin (after the prompt) to the end event"}
+        ctx.report(throughput_row(pty_name, tty["sdk"], tty["direct"], base_pty, how))
+        if compare is not None:
+            ctx.report(throughput_row(pty_name, tty["sdk"], tty["cmp_sdk"], f"{compare.name}, official SDK", how))
 
 
 def alternate(ctx: Context, steps: dict[str, Any], into: dict[str, list[Run]], runs: int) -> None:

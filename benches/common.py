@@ -24,6 +24,7 @@ import tempfile
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -104,6 +105,30 @@ def percentile(values: list[float], q: float) -> float | None:
     return ordered[rank - 1]
 
 
+def extension_build() -> str:
+    """``release`` or ``debug``: which cargo profile built the installed ``sandboxd._core`` (a debug build
+    carries ``.debug_info``; the release profile strips it). ``unknown`` when it cannot be read."""
+    import struct
+
+    try:
+        import sandboxd._core as core
+
+        data = Path(str(core.__file__)).read_bytes()
+        if data[:4] != b"\x7fELF" or data[4] != 2:  # ELF64 only
+            return "unknown"
+        (shoff,) = struct.unpack_from("<Q", data, 0x28)
+        shentsize, shnum, shstrndx = struct.unpack_from("<HHH", data, 0x3A)
+        (strtab_off,) = struct.unpack_from("<Q", data, shoff + shstrndx * shentsize + 0x18)
+        for i in range(shnum):
+            (name_off,) = struct.unpack_from("<I", data, shoff + i * shentsize)
+            end = data.index(b"\0", strtab_off + name_off)
+            if data[strtab_off + name_off : end] == b".debug_info":
+                return "debug"
+        return "release"
+    except (ImportError, OSError, ValueError, struct.error):
+        return "unknown"
+
+
 def machine_info() -> dict[str, Any]:
     cpu = platform.processor() or platform.machine()
     with contextlib.suppress(OSError):
@@ -116,6 +141,7 @@ def machine_info() -> dict[str, Any]:
         "cores": os.cpu_count(),
         "kernel": platform.release(),
         "memory": f"{psutil.virtual_memory().total / GiB:.1f} GiB",
+        "extension": extension_build(),
     }
 
 
@@ -133,7 +159,8 @@ def markdown_table(machine: dict[str, Any], results: list[Result], errors: list[
     lines = [
         f"## sandboxd benchmarks, {stamp}",
         "",
-        f"{machine['cpu']}, {machine['cores']} cores, {machine['memory']}, Linux {machine['kernel']}",
+        f"{machine['cpu']}, {machine['cores']} cores, {machine['memory']}, Linux {machine['kernel']};"
+        f" sandboxd's Rust extension: {machine.get('extension', 'unknown')} build",
         "",
         "| scenario | unit | ours | baseline | baseline is | ours/baseline | better | p50 | p99 |",
         "|---|---|--:|--:|---|--:|---|--:|--:|",
@@ -323,11 +350,72 @@ class Agent:
 
 @dataclass
 class RemoteAgent:
-    """An already-running envd-compatible agent on this machine (``--compare-agent``), sharing its filesystem."""
+    """An already-running envd-compatible agent on this machine (``--compare-agent``), sharing its filesystem.
+
+    ``ps`` is the process listening on its port when this machine shows it (we run as root, or as its
+    owner), so its RSS and CPU can be measured like ours; None otherwise."""
 
     url: str
     token: str | None
     name: str = "compare agent"
+    ps: psutil.Process | None = None
+
+    @classmethod
+    def at(cls, url: str, token: str | None) -> RemoteAgent:
+        url = url.rstrip("/")
+        agent = cls(url, token, f"compare agent {urllib.parse.urlsplit(url).netloc}")
+        port = urllib.parse.urlsplit(url).port or 80
+        with contextlib.suppress(psutil.Error, OSError):
+            for conn in psutil.net_connections(kind="tcp"):
+                if conn.status == psutil.CONN_LISTEN and conn.laddr and conn.laddr.port == port and conn.pid:
+                    agent.ps = psutil.Process(conn.pid)
+                    break
+        return agent
+
+    def check(self) -> None:
+        """Fail early, with a clear message, when nothing answers at the URL."""
+        try:
+            with urllib.request.urlopen(f"{self.url}/health", timeout=5):
+                pass
+        except urllib.error.HTTPError:
+            pass
+        except OSError as exc:
+            raise SystemExit(f"--compare-agent {self.url}: GET /health failed: {exc}") from None
+
+
+# -------------------------------------------------------------------------------------- the official SDK
+
+ENVD_PORT = 49983
+
+
+def sdk_sandbox(url: str, token: str | None, asynchronous: bool = False) -> Any:
+    """The official SDK's ``Sandbox`` (or ``AsyncSandbox``) for the agent at ``url``, built the way the
+    SDK builds it in debug mode (``Sandbox.create()`` with ``E2B_DEBUG=true``: no API call), with the
+    agent's access token sent as ``X-Access-Token`` when there is one, as ``Sandbox.connect`` does for
+    a real sandbox. Debug mode alone cannot send a token; this is the SDK's own constructor path."""
+    from e2b import AsyncSandbox, ConnectionConfig, Sandbox
+    from e2b.envd.versions import ENVD_DEBUG_FALLBACK
+
+    headers = {"E2b-Sandbox-Id": "debug_sandbox_id", "E2b-Sandbox-Port": str(ENVD_PORT)}
+    if token:
+        headers["X-Access-Token"] = token
+    config = ConnectionConfig(debug=True, sandbox_url=url, extra_sandbox_headers=headers)
+    cls = AsyncSandbox if asynchronous else Sandbox
+    return cls(
+        sandbox_id="debug_sandbox_id",
+        sandbox_domain=None,
+        envd_version=ENVD_DEBUG_FALLBACK,
+        envd_access_token=token,
+        connection_config=config,
+        traffic_access_token=None,
+    )
+
+
+def open_for_compare(*paths: Path) -> None:
+    """Let a compare agent that runs as another user (E2B's envd runs as ``user``) into our temp dirs."""
+    for path in paths:
+        with contextlib.suppress(OSError):
+            path.chmod(0o777)
 
 
 # ---------------------------------------------------------------------------------------------- sampling
@@ -364,19 +452,22 @@ class RssSampler:
 
     Reading one process's RSS costs ~20 µs, but finding its descendants scans all of /proc (~1 ms), so
     the list of children is refreshed only every ``children_every`` seconds. Run it around the baseline
-    too, so its small CPU cost falls on both sides."""
+    too, so its small CPU cost falls on both sides. ``proc=None`` (an agent whose process we cannot
+    see) samples nothing: ``idle`` and ``peak`` stay 0."""
 
-    def __init__(self, proc: psutil.Process, interval: float = 0.02, children_every: float = 0.25) -> None:
+    def __init__(self, proc: psutil.Process | None, interval: float = 0.02, children_every: float = 0.25) -> None:
         self.proc = proc
         self.interval = interval
         self.children_every = children_every
-        self.idle = tree_rss(proc)
+        self.idle = tree_rss(proc) if proc is not None else 0
         self.peak = self.idle
         self.samples = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="rss-sampler", daemon=True)
 
     def _run(self) -> None:
+        if self.proc is None:
+            return
         children = _children(self.proc)
         refreshed = time.monotonic()
         while not self._stop.wait(self.interval):
@@ -393,7 +484,8 @@ class RssSampler:
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
-        self.peak = max(self.peak, tree_rss(self.proc))
+        if self.proc is not None:
+            self.peak = max(self.peak, tree_rss(self.proc))
 
 
 @contextlib.contextmanager

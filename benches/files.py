@@ -26,7 +26,18 @@ from urllib.parse import quote
 
 import psutil
 
-from .common import Context, GiB, MiB, Result, RssSampler, ScenarioSkipped, cpu_meter, median, which
+from .common import (
+    Context,
+    GiB,
+    MiB,
+    Result,
+    RssSampler,
+    ScenarioSkipped,
+    cpu_meter,
+    median,
+    open_for_compare,
+    which,
+)
 from .nginx import Nginx, nginx
 
 CURL_TIMEOUT = 600
@@ -227,10 +238,12 @@ def run(ctx: Context) -> None:
     agent = ctx.agent
     ours_eps = agent_endpoints(agent.name, agent.url, agent.token, agent.ps)
     compare_eps = (
-        agent_endpoints(ctx.compare_agent.name, ctx.compare_agent.url, ctx.compare_agent.token, None)
+        agent_endpoints(ctx.compare_agent.name, ctx.compare_agent.url, ctx.compare_agent.token, ctx.compare_agent.ps)
         if ctx.compare_agent
         else None
     )
+    if ctx.compare_agent is not None:
+        open_for_compare(ctx.tmp, data)
 
     with nginx(root=data, work=ctx.tmp / "nginx") as server:
         nginx_ep = nginx_endpoint(server) if server else None
@@ -286,7 +299,7 @@ def run(ctx: Context) -> None:
                             "bytes": size,
                             "client": "curl",
                             "ours_cpu_s_per_GiB": per_gib(mine.server_cpu, size),
-                            "baseline_cpu_s_per_GiB": per_gib(theirs.server_cpu, size) if base is nginx_ep else None,
+                            "baseline_cpu_s_per_GiB": per_gib(theirs.server_cpu, size) if base and base.proc else None,
                             "curl_cpu_s_per_GiB": per_gib(mine.curl_cpu, size),
                             "baseline_peak_rss_MiB": peak_mib(theirs),
                         },

@@ -43,6 +43,7 @@ import psutil
 
 from .common import (
     Context,
+    RemoteAgent,
     Result,
     ScenarioSkipped,
     cpu_meter,
@@ -50,7 +51,9 @@ from .common import (
     free_port,
     fs_type,
     median,
+    open_for_compare,
     percentile,
+    sdk_sandbox,
     stop_process,
     wait_for_http,
 )
@@ -242,8 +245,11 @@ class Latency:
 
 @dataclass
 class StreamLatency(Latency):
-    """The SDK's async stream: ``on_event`` (called on the event loop) resolves the sample's future."""
+    """The SDK's async stream: ``on_event`` (called on the event loop) resolves the sample's future.
 
+    With ``agent`` set (``--compare-agent``), the SDK talks to that agent instead of ours."""
+
+    agent: RemoteAgent | None = None
     sandbox: Any = None
     handle: Any = None
     waiting: dict[str, asyncio.Future[int]] = field(default_factory=dict)
@@ -258,7 +264,10 @@ class StreamLatency(Latency):
     async def start(self) -> None:
         from e2b import AsyncSandbox
 
-        self.sandbox = await AsyncSandbox.create()
+        if self.agent is not None:
+            self.sandbox = sdk_sandbox(self.agent.url, self.agent.token, asynchronous=True)
+        else:
+            self.sandbox = await AsyncSandbox.create()
         self.handle = await self.sandbox.files.watch_dir(str(self.root), self.on_event, recursive=True, timeout=0)
 
     async def measure(self, name: str) -> int:
@@ -505,6 +514,7 @@ class WatchdogLatency(Latency):
 
 
 async def measure_latency(ctx: Context, base: Path, url: str, n: int) -> dict[str, Latency]:
+    compare = ctx.compare_agent
     kinds: list[tuple[type[Latency], str, str]] = [
         (StreamLatency, "stream", "SDK async stream"),
         (PollLatency, "poll", "SDK sync handle (tight polling)"),
@@ -512,6 +522,8 @@ async def measure_latency(ctx: Context, base: Path, url: str, n: int) -> dict[st
         (RawLatency, "raw", "inotify_simple (raw inotify, reader thread)"),
         (WatchdogLatency, "watchdog", "watchdog Observer (inotify)"),
     ]
+    if compare is not None:
+        kinds.append((StreamLatency, "compare", f"{compare.name}, SDK async stream"))
     consumers: list[Latency] = []
     for cls, key, label in kinds:
         root = base / f"latency-{key}"
@@ -519,6 +531,9 @@ async def measure_latency(ctx: Context, base: Path, url: str, n: int) -> dict[st
         consumer = cls(key, label, root)
         if isinstance(consumer, ConnectLatency):
             consumer.url = url
+        if isinstance(consumer, StreamLatency) and key == "compare":
+            consumer.agent = compare
+            open_for_compare(root, root / "sub")
         await consumer.start()
         consumers.append(consumer)
     try:
@@ -551,6 +566,8 @@ async def measure_latency(ctx: Context, base: Path, url: str, n: int) -> dict[st
 def report_latency(ctx: Context, got: dict[str, Latency], fs: str) -> None:
     raw, dog = got["raw"], got["watchdog"]
     rows = [(got["stream"], raw), (got["stream"], dog), (got["poll"], raw), (got["connect"], raw)]
+    if "compare" in got:
+        rows.insert(2, (got["stream"], got["compare"]))
     for ours, base in rows:
         ctx.report(
             Result(
@@ -634,16 +651,25 @@ def start_creator(directory: Path, k: int) -> subprocess.Popen[bytes]:
 
 @dataclass
 class Target:
-    """What a sustained or burst run needs to know about the agent: where it is, what to meter."""
+    """What a sustained or burst run needs to know about an agent: where it is, what to meter."""
 
     url: str
-    ps: psutil.Process
+    ps: psutil.Process | None
+    token: str | None = None
+    sdk_debug_env: bool = True
+    """True: ours, reached through ``AsyncSandbox.create()`` in debug mode (``E2B_SANDBOX_URL``);
+    False: the compare agent, reached through :func:`common.sdk_sandbox`"""
+
+    async def sandbox(self) -> Any:
+        from e2b import AsyncSandbox
+
+        if self.sdk_debug_env:
+            return await AsyncSandbox.create()
+        return sdk_sandbox(self.url, self.token, asynchronous=True)
 
 
-async def sdk_stream(root: Path, count: Count, start: Any, expected: int) -> subprocess.Popen[bytes]:
+async def sdk_stream(root: Path, count: Count, start: Any, expected: int, agent: Target) -> subprocess.Popen[bytes]:
     """Runs ``start()`` (a maker) inside a recursive SDK stream on ``root`` until ``count`` is done."""
-    from e2b import AsyncSandbox
-
     ended = asyncio.Event()
 
     def on_event(event: Any) -> None:
@@ -656,7 +682,7 @@ async def sdk_stream(root: Path, count: Count, start: Any, expected: int) -> sub
         count.error = None if error is None else str(error)[:300]
         ended.set()
 
-    sandbox = await AsyncSandbox.create()
+    sandbox = await agent.sandbox()
     handle = await sandbox.files.watch_dir(str(root), on_event, on_exit=on_exit, recursive=True, timeout=0)
     proc: subprocess.Popen[bytes] = start()
     try:
@@ -666,12 +692,18 @@ async def sdk_stream(root: Path, count: Count, start: Any, expected: int) -> sub
     return proc
 
 
-async def sustained_run(key: str, root: Path, k: int, agent: Target) -> tuple[Count, tuple[int, int]]:
+async def sustained_run(
+    key: str, root: Path, k: int, agent: Target, compare: Target | None
+) -> tuple[Count, tuple[int, int]]:
     count = Count("sub/")
     cpu0 = time.process_time()
-    with cpu_meter(agent.ps) as agent_cpu:
+    metered = compare.ps if key == "compare" and compare is not None else agent.ps
+    with cpu_meter(metered) as agent_cpu:
         if key == "stream":
-            proc = await sdk_stream(root, count, lambda: start_creator(root / "sub", k), k)
+            proc = await sdk_stream(root, count, lambda: start_creator(root / "sub", k), k, agent)
+        elif key == "compare" and compare is not None:
+            open_for_compare(root, root / "sub")
+            proc = await sdk_stream(root, count, lambda: start_creator(root / "sub", k), k, compare)
         elif key == "connect":
             stream = ConnectStream(agent.url, root, count.on_create)
             proc = start_creator(root / "sub", k)
@@ -704,15 +736,18 @@ SUSTAINED = {
 }
 
 
-async def measure_sustained(ctx: Context, base: Path, agent: Target, k: int, runs: int) -> None:
+async def measure_sustained(ctx: Context, base: Path, agent: Target, k: int, runs: int, compare: Target | None) -> None:
     ctx.log(f"sustained: {runs} x {k:,} files made by a separate process, per consumer, alternating")
-    measured: dict[str, list[tuple[Count, tuple[int, int]]]] = {key: [] for key in SUSTAINED}
-    keys = list(SUSTAINED)
+    labels = dict(SUSTAINED)
+    if compare is not None and ctx.compare_agent is not None:
+        labels["compare"] = f"{ctx.compare_agent.name}, SDK async stream"
+    measured: dict[str, list[tuple[Count, tuple[int, int]]]] = {key: [] for key in labels}
+    keys = list(labels)
     for i in range(runs):
         for key in keys[i % len(keys) :] + keys[: i % len(keys)]:
             root = base / f"sustained-{key}-{i}"
             (root / "sub").mkdir(parents=True)
-            count, span = await sustained_run(key, root, k, agent)
+            count, span = await sustained_run(key, root, k, agent, compare)
             measured[key].append((count, span))
             maker = k / ((span[1] - span[0]) / 1e9)
             ctx.log(
@@ -734,16 +769,19 @@ async def measure_sustained(ctx: Context, base: Path, agent: Target, k: int, run
             "bench_process_cpu_s": [c.client_cpu_s for c, _ in runs_],
         }
 
-    base_rates, base_extra = summary("raw")
-    for key in ("stream", "connect"):
+    pairs = [("stream", "raw"), ("connect", "raw")]
+    if "compare" in labels:
+        pairs.insert(1, ("stream", "compare"))
+    for key, base_key in pairs:
         rates, extra = summary(key)
+        base_rates, base_extra = summary(base_key)
         ctx.report(
             Result(
                 name=f"watch: sustained {k:,} creates, {SUSTAINED[key]}",
                 unit="CREATE events/s",
                 ours=median(rates),
                 baseline=median(base_rates),
-                baseline_name=SUSTAINED["raw"],
+                baseline_name=labels[base_key],
                 better="higher",
                 samples={"ours": rates, "baseline": base_rates},
                 extra={
@@ -770,14 +808,14 @@ def start_burst(root: Path) -> subprocess.Popen[bytes]:
     return subprocess.Popen(["sh", "-c", BURST_SCRIPT], cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
-async def burst_stream(root: Path, log: WatchdogLog) -> Count:
+async def burst_stream(root: Path, log: WatchdogLog, agent: Target) -> Count:
     count = Count("burst/")
-    proc = await sdk_stream(root, count, lambda: start_burst(root), BURST_FILES)
+    proc = await sdk_stream(root, count, lambda: start_burst(root), BURST_FILES, agent)
     finish_maker(proc, "burst")
     return count
 
 
-async def burst_poll(root: Path, log: WatchdogLog) -> Count:
+async def burst_poll(root: Path, log: WatchdogLog, agent: Target) -> Count:
     """The sync handle, polled in a tight loop; a ``data_loss`` error is noted and polling goes on
     (the agent's polling watcher rescans and continues after telling the client once)."""
     from e2b import Sandbox
@@ -816,7 +854,7 @@ async def burst_poll(root: Path, log: WatchdogLog) -> Count:
     return count
 
 
-async def burst_watchdog(root: Path, log: WatchdogLog) -> Count:
+async def burst_watchdog(root: Path, log: WatchdogLog, agent: Target) -> Count:
     count = Count("burst/")
     before = log.overflows
     observer = watchdog_observer(root, count.on_create)
@@ -832,18 +870,23 @@ async def burst_watchdog(root: Path, log: WatchdogLog) -> Count:
     return count
 
 
-async def measure_burst(ctx: Context, base: Path, runs: int) -> list[int]:
+async def measure_burst(ctx: Context, base: Path, runs: int, agent: Target, compare: Target | None) -> list[int]:
     """Returns the silent losses of our two consumers (for the targets line)."""
     ctx.log(f"burst: {runs} x `{BURST_SCRIPT}` per consumer, alternating")
     kinds = {"stream": burst_stream, "poll": burst_poll, "watchdog": burst_watchdog}
+    if compare is not None:
+        kinds["compare"] = burst_stream
     got: dict[str, list[Count]] = {k: [] for k in kinds}
     keys = list(kinds)
     with watchdog_log() as log:
         for i in range(runs):
-            for key in keys[i % 3 :] + keys[: i % 3]:
+            for key in keys[i % len(keys) :] + keys[: i % len(keys)]:
                 root = base / f"burst-{key}-{i}"
                 root.mkdir()
-                count = await kinds[key](root, log)
+                target = compare if key == "compare" and compare is not None else agent
+                if key == "compare":
+                    open_for_compare(root)
+                count = await kinds[key](root, log, target)
                 got[key].append(count)
                 missing = BURST_FILES - len(count.delivered)
                 ctx.log(
@@ -883,6 +926,26 @@ async def measure_burst(ctx: Context, base: Path, runs: int) -> list[int]:
                 },
             )
         )
+        if key == "stream" and "compare" in got and ctx.compare_agent is not None:
+            theirs = got["compare"]
+            ctx.report(
+                Result(
+                    name=f"watch: 10k burst, files delivered, {label}",
+                    unit="files",
+                    ours=min(delivered),
+                    baseline=float(min(len(c.delivered) for c in theirs)),
+                    baseline_name=f"{ctx.compare_agent.name}, SDK async stream",
+                    better="higher",
+                    samples={"ours": delivered, "baseline": [float(len(c.delivered)) for c in theirs]},
+                    extra={
+                        "runs": runs,
+                        "figure": "the worst run",
+                        "baseline_loss_reported": [c.reported_loss for c in theirs],
+                        "baseline_error": next((c.error for c in theirs if c.error), None),
+                        "baseline_stalled": [c.stalled for c in theirs],
+                    },
+                )
+            )
         ctx.report(
             Result(
                 name=f"watch: 10k burst, silent loss, {label}",
@@ -912,14 +975,20 @@ def run(ctx: Context) -> None:
     runs = ctx.runs or (1 if ctx.quick else 3)
     with sdk_agent(ctx.tmp) as agent, watch_dir_root(ctx) as base:
         ctx.log(f"watched directories under {base} ({fs_type(base)})")
-        asyncio.run(_run(ctx, base, Target(agent.url, agent.ps), n, k, runs))
+        compare = None
+        if ctx.compare_agent is not None:
+            c = ctx.compare_agent
+            compare = Target(c.url, c.ps, c.token, sdk_debug_env=False)
+            open_for_compare(base)
+            ctx.log(f"also through the SDK against {c.name} ({c.url})")
+        asyncio.run(_run(ctx, base, Target(agent.url, agent.ps), n, k, runs, compare))
 
 
-async def _run(ctx: Context, base: Path, agent: Target, n: int, k: int, runs: int) -> None:
+async def _run(ctx: Context, base: Path, agent: Target, n: int, k: int, runs: int, compare: Target | None) -> None:
     latency = await measure_latency(ctx, base, agent.url, n)
     report_latency(ctx, latency, fs_type(base))
-    await measure_sustained(ctx, base, agent, k, runs)
-    silent = await measure_burst(ctx, base, runs)
+    await measure_sustained(ctx, base, agent, k, runs, compare)
+    silent = await measure_burst(ctx, base, runs, agent, compare)
     stream = latency["stream"].samples
     p50, p99 = percentile(stream, 50) or 0.0, percentile(stream, 99) or 0.0
     ctx.log(

@@ -1,0 +1,842 @@
+"""Scenario ``runtime``: a real ``sandboxd serve`` driven by the official SDK, beside the raw cost of isolation.
+
+The bench starts ``sandboxd serve`` itself (a free loopback port, a temporary data dir, a random
+``--api-key``) and points the SDK at it the way a user would: ``E2B_API_KEY``, ``E2B_API_URL`` and
+``E2B_SANDBOX_URL`` (the runtime's URL; no debug mode). Then:
+
+* create→first command: ``Sandbox.create()`` then ``commands.run("true")``, one sandbox at a time,
+  each killed afterwards (the kill is timed separately and not counted);
+* a burst of concurrent ``AsyncSandbox.create()`` under ``asyncio.gather``: wall time, successes,
+  each create's latency, and where the CPU went (runtime, zygote, sandboxes, the SDK client);
+* resume: ``pause()`` (untimed), then ``Sandbox.connect()`` and ``commands.run("true")``, for pause
+  mode ``full`` (the default: the cgroup is frozen) and ``filesystem`` (the processes are stopped
+  and the sandbox reboots on its files);
+* the memory each additional idle sandbox costs: RSS and PSS summed over the runtime, the zygote
+  and every process in the sandboxes' cgroups, before and after creating N idle sandboxes. PSS
+  splits each shared page among the processes that map it, so it is the honest figure when the
+  agents are forks of one zygote; RSS counts shared pages once per process.
+
+The baseline, measured in the same run: ``crates/sandboxd-jail/examples/isolation_cost.rs``
+(built here with cargo, release), the raw ``unshare(pid, mnt, ipc, uts, net)`` + overlay mount +
+exec ``/bin/true``, and the jail's own ``spawn_sandbox`` (which adds the cgroup, /proc, /sys, /dev,
+``pivot_root`` and the init). It prints percentiles only, so the chart draws it as lines.
+
+Needs root (namespaces, overlayfs, cgroups); skipped otherwise. Every sandbox the bench made is
+killed at the end, also on errors and Ctrl-C, and the runtime is stopped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+import os
+import secrets
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import httpx
+import psutil
+
+from .common import (
+    REPO,
+    Context,
+    MiB,
+    Result,
+    ScenarioSkipped,
+    die_with_parent,
+    free_port,
+    percentile,
+    stop_process,
+    tree_rss,
+    wait_for_http,
+    which,
+)
+
+TARGET_P50_MS = 50.0
+TARGET_P99_MS = 150.0
+TARGET_BURST = 100
+TARGET_BURST_WALL_S = 2.0
+TARGET_CORES = 2
+
+WARMUP = 3
+"""Untimed creates (or resumes) before the timed ones: the first ones pay for cold caches."""
+
+SETTLE_S = 1.0
+"""Pause before a memory reading, so the new agents have finished starting up."""
+
+IDLE_CPU_WINDOW_S = 2.0
+"""How long the idle sandboxes' CPU is watched."""
+
+ISOLATION_EXAMPLE = REPO / "target" / "release" / "examples" / "isolation_cost"
+CARGO_HINT = "install Rust (https://rustup.rs), then `cargo build --release -p sandboxd-jail --example isolation_cost`"
+
+RAW = "raw_unshare_overlay_exec_true"
+JAIL = "spawn_sandbox_until_exec"
+RAW_NAME = "raw unshare(pid,mnt,ipc,uts,net) + overlay + exec true (isolation_cost)"
+JAIL_NAME = "sandboxd-jail spawn_sandbox until exec (+cgroup, /proc, pivot_root, init)"
+
+
+# --------------------------------------------------------------------------------------- the baseline
+
+
+@dataclass
+class Isolation:
+    """What ``isolation_cost`` printed: ``{name: {"p50_ms", "p99_ms", "min_ms"}}`` and the cgroup version."""
+
+    runs: int
+    cgroup: str
+    figures: dict[str, dict[str, float]]
+
+    def p50(self, key: str) -> float | None:
+        return self.figures.get(key, {}).get("p50_ms")
+
+    def p99(self, key: str) -> float | None:
+        return self.figures.get(key, {}).get("p99_ms")
+
+
+def find_cargo() -> str | None:
+    found = which("cargo")
+    if found is None:
+        home = Path.home() / ".cargo" / "bin" / "cargo"
+        found = str(home) if home.exists() else None
+    return found
+
+
+def isolation_baseline(ctx: Context, runs: int) -> Isolation | None:
+    """Build (once; cargo is incremental) and run the Rust example; None when cargo is missing."""
+    cargo = find_cargo()
+    if cargo is None:
+        ctx.log(f"SKIP isolation baseline: cargo is not installed; {CARGO_HINT}")
+        return None
+    env = {**os.environ, "CARGO_TARGET_DIR": str(REPO / "target")}
+    command = [cargo, "build", "--release", "-q", "-p", "sandboxd-jail", "--example", "isolation_cost"]
+    ctx.log(f"baseline: {' '.join(command[1:])} (CARGO_TARGET_DIR=target)")
+    t0 = time.monotonic()
+    built = subprocess.run(
+        command,
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1800,
+        check=False,
+        preexec_fn=die_with_parent,
+    )
+    if built.returncode != 0:
+        raise RuntimeError(f"building isolation_cost failed (exit {built.returncode}):\n{built.stderr[-3000:]}")
+    ctx.log(f"  built in {time.monotonic() - t0:.0f}s; running it ({runs} runs of each figure, as root)")
+    ran = subprocess.run(
+        [str(ISOLATION_EXAMPLE), str(runs)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+        preexec_fn=die_with_parent,
+    )
+    if ran.returncode != 0:
+        raise RuntimeError(f"isolation_cost exited {ran.returncode}: {ran.stderr[-2000:]}")
+    data = json.loads(ran.stdout.strip().splitlines()[-1])
+    if "error" in data:
+        raise RuntimeError(f"isolation_cost: {data['error']}")
+    figures = {k: v for k, v in data.items() if isinstance(v, dict)}
+    iso = Isolation(int(data["runs"]), str(data.get("cgroup")), figures)
+    for key, value in figures.items():
+        ctx.log(f"  {key:<32} p50 {value['p50_ms']:7.3f} ms   p99 {value['p99_ms']:7.3f} ms")
+    return iso
+
+
+# ----------------------------------------------------------------------------------------- the runtime
+
+
+class Runtime:
+    """``sandboxd serve`` as a subprocess (its own session, killed with the bench), with its data dir
+    under the scenario's temp dir. :meth:`stop` kills every sandbox it made, then the runtime."""
+
+    def __init__(self, work: Path, max_sandboxes: int) -> None:
+        self.port = free_port()
+        self.api_key = "bench_" + secrets.token_hex(16)
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.data_dir = work / "runtime-data"
+        self.log_path = work / "serve.log"
+        self.created: set[str] = set()
+        args = [
+            sys.executable,
+            "-m",
+            "sandboxd",
+            "serve",
+            "--port",
+            str(self.port),
+            "--data-dir",
+            str(self.data_dir),
+            "--api-key",
+            self.api_key,
+            "--max-sandboxes",
+            str(max_sandboxes),
+        ]
+        with self.log_path.open("wb") as log:
+            self.process = subprocess.Popen(
+                args,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                preexec_fn=die_with_parent,
+            )
+        try:
+            wait_for_http(f"{self.url}/health", self.process, self.log_path, timeout=120)
+        except BaseException:
+            self.stop()
+            raise
+        self.ps = psutil.Process(self.process.pid)
+
+    def zygote(self) -> psutil.Process | None:
+        with contextlib.suppress(psutil.Error):
+            for child in self.ps.children():
+                with contextlib.suppress(psutil.Error):
+                    if "sandboxd.runtime.zygote" in " ".join(child.cmdline()):
+                        return child
+        return None
+
+    def sandbox_ids(self) -> set[str]:
+        """Every sandbox this runtime may still hold: the ones we saw, and every writable layer left
+        in its data dir (a kill removes it; a create that failed on the client side may still have one)."""
+        ids = set(self.created)
+        with contextlib.suppress(OSError):
+            ids.update(p.name for p in (self.data_dir / "sandboxes").iterdir())
+        return ids
+
+    def kill_all(self) -> None:
+        """Kill every sandbox through the API, as a user would."""
+        ids = self.sandbox_ids()
+        if self.process.poll() is None and ids:
+            with httpx.Client(headers={"X-API-KEY": self.api_key}, timeout=30) as client:
+                for sandbox_id in ids:
+                    with contextlib.suppress(httpx.HTTPError):
+                        client.delete(f"{self.url}/sandboxes/{sandbox_id}")
+
+    def sweep(self) -> None:
+        """After the runtime has stopped (it leaves sandboxes running, to re-adopt them): kill directly
+        whatever a create still in flight at the end left behind."""
+        leftover = [i for i in self.sandbox_ids() if cgroup_pids(i)]
+        if leftover:
+            from sandboxd import _core
+
+            for sandbox_id in leftover:
+                with contextlib.suppress(OSError):
+                    _core.kill_sandbox(sandbox_id)
+
+    def stop(self) -> None:
+        try:
+            self.kill_all()
+        finally:
+            stop_process(self.process, grace=15)
+            self.sweep()
+
+
+@contextlib.contextmanager
+def sdk_env(rt: Runtime) -> Iterator[None]:
+    """Point the official SDK at the runtime, as its documentation says (and not in debug mode)."""
+    values = {"E2B_API_KEY": rt.api_key, "E2B_API_URL": rt.url, "E2B_SANDBOX_URL": rt.url}
+    saved = {k: os.environ.get(k) for k in [*values, "E2B_DEBUG"]}
+    os.environ.update(values)
+    os.environ.pop("E2B_DEBUG", None)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+# ------------------------------------------------------------------------------------------ cgroups/memory
+
+
+def _cgroup_dirs(sandbox_id: str) -> list[Path]:
+    """The sandbox's cgroup directories that list its processes: v2 first, then v1's memory and cpuacct."""
+    root = Path("/sys/fs/cgroup")
+    return [root / "sandboxd" / sandbox_id, root / "memory" / "sandboxd" / sandbox_id]
+
+
+def cgroup_pids(sandbox_id: str) -> list[int]:
+    for directory in _cgroup_dirs(sandbox_id):
+        with contextlib.suppress(OSError):
+            return [int(x) for x in (directory / "cgroup.procs").read_text().split()]
+    return []
+
+
+def cgroup_cpu_s(sandbox_id: str) -> float:
+    """CPU seconds the sandbox's cgroup has used (v1 cpuacct.usage, v2 cpu.stat usage_usec)."""
+    with contextlib.suppress(OSError, ValueError):
+        return int(Path(f"/sys/fs/cgroup/cpuacct/sandboxd/{sandbox_id}/cpuacct.usage").read_text()) / 1e9
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path(f"/sys/fs/cgroup/sandboxd/{sandbox_id}/cpu.stat").read_text().splitlines():
+            if line.startswith("usage_usec "):
+                return int(line.split()[1]) / 1e6
+    return 0.0
+
+
+def cgroup_parent() -> Path:
+    """The directory that lists every sandbox's cgroup on this host (v2, else v1's memory hierarchy)."""
+    v2 = Path("/sys/fs/cgroup/sandboxd")
+    return v2 if (Path("/sys/fs/cgroup/cgroup.controllers")).exists() else Path("/sys/fs/cgroup/memory/sandboxd")
+
+
+class SpawnTimeline:
+    """When each new sandbox cgroup appeared, polled every 2 ms in a thread: if sandboxes are set up one
+    at a time, the cgroups appear at a steady interval, and that interval times N is a floor for a burst."""
+
+    def __init__(self) -> None:
+        self.parent = cgroup_parent()
+        self.before = set(self._list())
+        self.seen: dict[str, float] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="spawn-timeline", daemon=True)
+
+    def _list(self) -> list[str]:
+        try:
+            return [e.name for e in os.scandir(self.parent) if e.is_dir()]
+        except OSError:
+            return []
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.002):
+            now = time.perf_counter()
+            for name in self._list():
+                if name not in self.before and name not in self.seen:
+                    self.seen[name] = now
+
+    def __enter__(self) -> SpawnTimeline:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def interval_ms(self, ids: set[str]) -> float | None:
+        """The median gap between two consecutive sandboxes' cgroups appearing (ours only)."""
+        times = sorted(t for name, t in self.seen.items() if name in ids)
+        gaps = [(b - a) * 1e3 for a, b in itertools.pairwise(times)]
+        return percentile(gaps, 50)
+
+
+def cgroup_memory(sandbox_id: str) -> int | None:
+    """The cgroup's own memory charge (v1 memory.usage_in_bytes, v2 memory.current): includes page cache."""
+    for path in (
+        Path(f"/sys/fs/cgroup/sandboxd/{sandbox_id}/memory.current"),
+        Path(f"/sys/fs/cgroup/memory/sandboxd/{sandbox_id}/memory.usage_in_bytes"),
+    ):
+        with contextlib.suppress(OSError, ValueError):
+            return int(path.read_text())
+    return None
+
+
+def rss_pss(pid: int) -> tuple[int, int | None]:
+    """(RSS, PSS) in bytes from ``/proc/<pid>/smaps_rollup``; PSS None when the kernel cannot say."""
+    try:
+        text = Path(f"/proc/{pid}/smaps_rollup").read_text()
+    except OSError:
+        try:
+            return psutil.Process(pid).memory_info().rss, None
+        except psutil.Error:
+            return 0, None
+    fields = {}
+    for line in text.splitlines()[1:]:
+        parts = line.split()
+        if len(parts) >= 2 and parts[1].isdigit():
+            fields[parts[0].rstrip(":")] = int(parts[1]) * 1024
+    return fields.get("Rss", 0), fields.get("Pss")
+
+
+@dataclass
+class Memory:
+    rss: int = 0
+    pss: int = 0
+    processes: int = 0
+    by_role: dict[str, list[tuple[int, int]]] = field(default_factory=dict)
+    """role → [(rss, pss)] per process: runtime, zygote, sandbox init, sandbox agent"""
+
+
+def measure_memory(rt: Runtime, sandbox_ids: list[str]) -> Memory:
+    """RSS and PSS summed over the runtime, the zygote and every process in the sandboxes' cgroups."""
+    roles: dict[int, str] = {rt.ps.pid: "runtime"}
+    zygote = rt.zygote()
+    if zygote is not None:
+        roles[zygote.pid] = "zygote"
+    for sandbox_id in sandbox_ids:
+        pids = cgroup_pids(sandbox_id)
+        for i, pid in enumerate(pids):
+            roles.setdefault(pid, "sandbox init" if i == 0 else "sandbox process")
+    got = Memory()
+    for pid, role in roles.items():
+        rss, pss = rss_pss(pid)
+        got.rss += rss
+        got.pss += pss or 0
+        got.processes += 1
+        got.by_role.setdefault(role, []).append((rss, pss or 0))
+    return got
+
+
+# ------------------------------------------------------------------------------------------------ phases
+
+
+@dataclass
+class Sequential:
+    total_ms: list[float] = field(default_factory=list)
+    create_ms: list[float] = field(default_factory=list)
+    first_ms: list[float] = field(default_factory=list)
+    kill_ms: list[float] = field(default_factory=list)
+
+
+def sequential(ctx: Context, rt: Runtime, n: int) -> Sequential:
+    from e2b import Sandbox
+
+    ctx.log(f'create→first command: {WARMUP} untimed, then {n} x Sandbox.create() + commands.run("true") + kill()')
+    got = Sequential()
+    for i in range(WARMUP + n):
+        t0 = time.perf_counter()
+        sbx = Sandbox.create()
+        rt.created.add(sbx.sandbox_id)
+        t1 = time.perf_counter()
+        result = sbx.commands.run("true")
+        t2 = time.perf_counter()
+        killed = sbx.kill()
+        t3 = time.perf_counter()
+        if result.exit_code != 0 or killed is not True:
+            raise RuntimeError(f"sandbox {sbx.sandbox_id}: run('true') exit {result.exit_code}, kill() {killed}")
+        if i >= WARMUP:
+            got.total_ms.append((t2 - t0) * 1e3)
+            got.create_ms.append((t1 - t0) * 1e3)
+            got.first_ms.append((t2 - t1) * 1e3)
+            got.kill_ms.append((t3 - t2) * 1e3)
+    ctx.log(
+        f"  create→first command p50 {percentile(got.total_ms, 50):.1f} ms, p99 {percentile(got.total_ms, 99):.1f} ms"
+        f" (create {percentile(got.create_ms, 50):.1f} + first command {percentile(got.first_ms, 50):.1f} ms p50);"
+        f" kill p50 {percentile(got.kill_ms, 50):.1f} ms"
+    )
+    return got
+
+
+def steady_run_true(ctx: Context, rt: Runtime, n: int) -> list[float]:
+    """``commands.run("true")`` on a sandbox that is already running: what a command costs without a resume."""
+    from e2b import Sandbox
+
+    sbx = Sandbox.create()
+    rt.created.add(sbx.sandbox_id)
+    try:
+        samples = []
+        for i in range(WARMUP + n):
+            t0 = time.perf_counter()
+            sbx.commands.run("true")
+            if i >= WARMUP:
+                samples.append((time.perf_counter() - t0) * 1e3)
+    finally:
+        sbx.kill()
+    ctx.log(f'  commands.run("true") on a running sandbox: p50 {percentile(samples, 50):.2f} ms')
+    return samples
+
+
+@dataclass
+class Resumes:
+    total_ms: list[float] = field(default_factory=list)
+    connect_ms: list[float] = field(default_factory=list)
+    pause_ms: list[float] = field(default_factory=list)
+
+
+def resumes(ctx: Context, rt: Runtime, mode: Literal["full", "filesystem"], n: int) -> Resumes:
+    from e2b import Sandbox
+
+    got = Resumes()
+    sbx = Sandbox.create()
+    rt.created.add(sbx.sandbox_id)
+    sbx.files.write("/home/user/kept.txt", "kept across pauses")
+    try:
+        for i in range(1 + n):
+            tp = time.perf_counter()
+            if sbx.pause(mode=mode) is not True:
+                raise RuntimeError(f"pause(mode={mode!r}) of {sbx.sandbox_id} did not pause it")
+            t0 = time.perf_counter()
+            sbx = Sandbox.connect(sbx.sandbox_id)
+            t1 = time.perf_counter()
+            result = sbx.commands.run("true")
+            t2 = time.perf_counter()
+            if result.exit_code != 0:
+                raise RuntimeError(f"run('true') after resume exited {result.exit_code}")
+            if i >= 1:
+                got.total_ms.append((t2 - t0) * 1e3)
+                got.connect_ms.append((t1 - t0) * 1e3)
+                got.pause_ms.append((t0 - tp) * 1e3)
+        if sbx.files.read("/home/user/kept.txt") != "kept across pauses":
+            raise RuntimeError(f"a file written before pause({mode!r}) did not survive the resumes")
+    finally:
+        sbx.kill()
+    ctx.log(
+        f"  resume ({mode}): connect + first command p50 {percentile(got.total_ms, 50):.1f} ms,"
+        f" p99 {percentile(got.total_ms, 99):.1f} ms (connect {percentile(got.connect_ms, 50):.1f} ms;"
+        f" pause itself {percentile(got.pause_ms, 50):.1f} ms)"
+    )
+    return got
+
+
+@dataclass
+class Footprint:
+    n: int
+    before: Memory
+    after: Memory
+    cgroup_bytes: list[int]
+    idle_cpu: float
+    """CPU seconds per second that one idle sandbox uses (its cgroup), over IDLE_CPU_WINDOW_S"""
+
+    def per_sandbox(self, attr: Literal["rss", "pss"]) -> float:
+        grew: int = getattr(self.after, attr) - getattr(self.before, attr)
+        return grew / self.n / MiB
+
+
+def footprint(ctx: Context, rt: Runtime, n: int) -> Footprint:
+    from e2b import Sandbox
+
+    ctx.log(f"memory: {n} idle sandboxes; RSS and PSS of the runtime, the zygote and every sandbox process")
+    time.sleep(SETTLE_S)
+    before = measure_memory(rt, [])
+    sandboxes = []
+    try:
+        for _ in range(n):
+            sbx = Sandbox.create()
+            rt.created.add(sbx.sandbox_id)
+            sandboxes.append(sbx)
+        time.sleep(SETTLE_S)
+        ids = [s.sandbox_id for s in sandboxes]
+        after = measure_memory(rt, ids)
+        charged = [c for c in (cgroup_memory(i) for i in ids) if c is not None]
+        cpu0, t0 = sum(cgroup_cpu_s(i) for i in ids), time.perf_counter()
+        time.sleep(IDLE_CPU_WINDOW_S)
+        idle_cpu = (sum(cgroup_cpu_s(i) for i in ids) - cpu0) / (time.perf_counter() - t0) / n
+    finally:
+        for sbx in sandboxes:
+            with contextlib.suppress(Exception):
+                sbx.kill()
+    got = Footprint(n, before, after, charged, idle_cpu)
+    ctx.log(
+        f"  per idle sandbox: RSS {got.per_sandbox('rss'):.1f} MiB, PSS {got.per_sandbox('pss'):.1f} MiB"
+        f" ({after.processes - before.processes} more processes for {n} sandboxes);"
+        f" idle CPU {idle_cpu * 1e3:.2f} ms per second"
+    )
+    return got
+
+
+@dataclass
+class Burst:
+    n: int
+    wall_s: float
+    ok: int
+    errors: list[str]
+    create_ms: list[float]
+    kill_s: float
+    cpu_s: dict[str, float]
+    spawn_interval_ms: float | None
+    """median gap between two sandboxes' cgroups appearing: the serial part of a create"""
+
+
+async def _burst(rt: Runtime, n: int) -> Burst:
+    from e2b import AsyncSandbox
+
+    async def one() -> tuple[Any, float]:
+        t0 = time.perf_counter()
+        sbx = await AsyncSandbox.create()
+        rt.created.add(sbx.sandbox_id)
+        return sbx, (time.perf_counter() - t0) * 1e3
+
+    zygote = rt.zygote()
+    procs = {"runtime (process)": rt.ps, "zygote": zygote}
+    before = {k: _cpu(p) for k, p in procs.items()}
+    client0 = time.process_time()
+    with SpawnTimeline() as timeline:
+        t0 = time.perf_counter()
+        results = await asyncio.gather(*(one() for _ in range(n)), return_exceptions=True)
+        wall = time.perf_counter() - t0
+    cpu = {k: round(_cpu(p) - before[k], 2) for k, p in procs.items()}
+    cpu["SDK client (bench process)"] = round(time.process_time() - client0, 2)
+    made = [r for r in results if not isinstance(r, BaseException)]
+    errors = [f"{type(r).__name__}: {r}"[:300] for r in results if isinstance(r, BaseException)]
+    cpu["sandboxes (cgroups)"] = round(sum(cgroup_cpu_s(s.sandbox_id) for s, _ in made), 2)
+    k0 = time.perf_counter()
+    await asyncio.gather(*(s.kill() for s, _ in made), return_exceptions=True)
+    kill_s = time.perf_counter() - k0
+    interval = timeline.interval_ms({s.sandbox_id for s, _ in made})
+    return Burst(n, wall, len(made), errors, [ms for _, ms in made], kill_s, cpu, interval)
+
+
+def _cpu(proc: psutil.Process | None) -> float:
+    if proc is None:
+        return 0.0
+    with contextlib.suppress(psutil.Error):
+        t = proc.cpu_times()
+        return t.user + t.system
+    return 0.0
+
+
+def burst(ctx: Context, rt: Runtime, n: int) -> Burst:
+    ctx.log(f"burst: {n} x AsyncSandbox.create() under asyncio.gather")
+    got = asyncio.run(_burst(rt, n))
+    cpu = ", ".join(f"{k} {v:.2f} s" for k, v in got.cpu_s.items())
+    ctx.log(
+        f"  {got.ok}/{n} created in {got.wall_s:.2f} s; each create p50 {percentile(got.create_ms, 50) or 0:.0f} ms,"
+        f" max {max(got.create_ms, default=0):.0f} ms; all killed in {got.kill_s:.2f} s"
+    )
+    ctx.log(f"  CPU during the burst: {cpu} (wall {got.wall_s:.2f} s x {os.cpu_count()} cores)")
+    if got.spawn_interval_ms is not None:
+        ctx.log(
+            f"  the sandboxes' cgroups appeared one every {got.spawn_interval_ms:.1f} ms (median gap): "
+            f"{n} x that = {n * got.spawn_interval_ms / 1e3:.2f} s of serial set-up"
+        )
+    for error in got.errors[:3]:
+        ctx.log(f"  failed create: {error}")
+    return got
+
+
+# ----------------------------------------------------------------------------------------------- scenario
+
+
+def run(ctx: Context) -> None:
+    if os.geteuid() != 0:
+        raise ScenarioSkipped(
+            "needs root: sandboxd serve builds sandboxes from namespaces, overlayfs and cgroups "
+            "(run the bench as root, e.g. `sudo make bench`)"
+        )
+    try:
+        import e2b  # noqa: F401
+    except ImportError:
+        raise ScenarioSkipped("the official SDK is not installed (pip install e2b)") from None
+    n_seq = 15 if ctx.quick else 50
+    n_burst = 30 if ctx.quick else TARGET_BURST
+    n_resume = 5 if ctx.quick else 20
+    n_idle = 5 if ctx.quick else 20
+    iso_runs = 50 if ctx.quick else 200
+
+    iso: Isolation | None = None
+    iso_error: Exception | None = None
+    try:
+        iso = isolation_baseline(ctx, iso_runs)
+    except Exception as exc:  # reported at the end, after our own rows
+        iso_error = exc
+        ctx.log(f"isolation baseline failed: {str(exc).splitlines()[0]}")
+
+    ctx.log("starting sandboxd serve")
+    rt = Runtime(ctx.tmp, max_sandboxes=max(256, n_burst + 16))
+    try:
+        with sdk_env(rt):
+            measure(ctx, rt, iso, n_seq, n_burst, n_resume, n_idle)
+    finally:
+        rt.stop()
+    if iso_error is not None:
+        raise iso_error
+
+
+def measure(
+    ctx: Context, rt: Runtime, iso: Isolation | None, n_seq: int, n_burst: int, n_resume: int, n_idle: int
+) -> None:
+    seq = sequential(ctx, rt, n_seq)
+    p50, p99 = percentile(seq.total_ms, 50) or 0.0, percentile(seq.total_ms, 99) or 0.0
+    common_extra = {
+        "n": n_seq,
+        "create_p50_ms": percentile(seq.create_ms, 50),
+        "first_command_p50_ms": percentile(seq.first_ms, 50),
+        "kill_p50_ms": percentile(seq.kill_ms, 50),
+        "target": f"p50 <= {TARGET_P50_MS:g} ms, p99 <= {TARGET_P99_MS:g} ms",
+        "target_met": p50 <= TARGET_P50_MS and p99 <= TARGET_P99_MS,
+    }
+    name = 'runtime: create→first command (Sandbox.create + commands.run("true"))'
+    for key, base_name in ((RAW, RAW_NAME), (JAIL, JAIL_NAME)):
+        ctx.report(
+            Result(
+                name=name,
+                unit="ms (p50)",
+                ours=p50,
+                baseline=iso.p50(key) if iso else None,
+                baseline_name=base_name if iso else "isolation_cost (cargo not available)",
+                better="lower",
+                p50=p50,
+                p99=p99,
+                samples={"ours": seq.total_ms, "baseline": []},
+                extra={
+                    **common_extra,
+                    "baseline_p99": iso.p99(key) if iso else None,
+                    "baseline_runs": iso and iso.runs,
+                },
+            )
+        )
+    ctx.report(
+        Result(
+            name="runtime: Sandbox.kill() (not counted above)",
+            unit="ms (p50)",
+            ours=percentile(seq.kill_ms, 50),
+            baseline=None,
+            baseline_name="-",
+            better="lower",
+            p50=percentile(seq.kill_ms, 50),
+            p99=percentile(seq.kill_ms, 99),
+            samples={"ours": seq.kill_ms},
+            extra={"n": n_seq, "jail_lifecycle_p50_ms": iso.p50("sandbox_lifecycle") if iso else None},
+        )
+    )
+
+    steady = steady_run_true(ctx, rt, max(20, n_resume * 2))
+    for mode in ("full", "filesystem"):
+        got = resumes(ctx, rt, mode, n_resume)
+        if mode == "full":
+            base, base_name, base_samples, base_p99 = (
+                percentile(steady, 50),
+                'commands.run("true") on a running sandbox (no pause)',
+                steady,
+                percentile(steady, 99),
+            )
+        else:
+            base, base_name, base_samples, base_p99 = (
+                iso.p50(RAW) if iso else None,
+                RAW_NAME if iso else "isolation_cost (cargo not available)",
+                [],
+                iso.p99(RAW) if iso else None,
+            )
+        ctx.report(
+            Result(
+                name=f'runtime: resume, pause(mode="{mode}") → Sandbox.connect + commands.run("true")',
+                unit="ms (p50)",
+                ours=percentile(got.total_ms, 50),
+                baseline=base,
+                baseline_name=base_name,
+                better="lower",
+                p50=percentile(got.total_ms, 50),
+                p99=percentile(got.total_ms, 99),
+                samples={"ours": got.total_ms, "baseline": base_samples},
+                extra={
+                    "n": n_resume,
+                    "connect_p50_ms": percentile(got.connect_ms, 50),
+                    "pause_p50_ms": percentile(got.pause_ms, 50),
+                    "baseline_p99": base_p99,
+                    "create_to_first_command_p50_ms": p50,
+                },
+            )
+        )
+
+    fp = footprint(ctx, rt, n_idle)
+    standalone_rss, standalone_pss = rss_pss(ctx.agent.ps.pid)
+    standalone_tree = tree_rss(ctx.agent.ps)
+    roles = {
+        role: {
+            "processes": len(values),
+            "rss_MiB_mean": round(sum(r for r, _ in values) / len(values) / MiB, 1),
+            "pss_MiB_mean": round(sum(p for _, p in values) / len(values) / MiB, 1),
+        }
+        for role, values in fp.after.by_role.items()
+    }
+    mem_extra: dict[str, Any] = {
+        "n": n_idle,
+        "before_MiB": {"rss": round(fp.before.rss / MiB, 1), "pss": round(fp.before.pss / MiB, 1)},
+        "after_MiB": {"rss": round(fp.after.rss / MiB, 1), "pss": round(fp.after.pss / MiB, 1)},
+        "after_by_role": roles,
+        "cgroup_charge_MiB_mean": round(sum(fp.cgroup_bytes) / len(fp.cgroup_bytes) / MiB, 1)
+        if fp.cgroup_bytes
+        else None,
+        "how": "(sum over runtime + zygote + sandbox cgroups after - before) / N, from /proc/<pid>/smaps_rollup",
+        "idle_cpu_ms_per_s_per_sandbox": round(fp.idle_cpu * 1e3, 3),
+    }
+    for kind, ours, base in (
+        ("RSS", fp.per_sandbox("rss"), standalone_tree / MiB),
+        ("PSS", fp.per_sandbox("pss"), (standalone_pss or 0) / MiB or None),
+    ):
+        ctx.report(
+            Result(
+                name=f"runtime: memory per idle sandbox, {kind} (N={n_idle})",
+                unit="MiB",
+                ours=ours,
+                baseline=base,
+                baseline_name=f"one standalone `sandboxd agent` process, {kind} (no zygote to share pages with)",
+                better="lower",
+                extra={**mem_extra, "standalone_agent_rss_MiB": round(standalone_rss / MiB, 1)}
+                if kind == "PSS"
+                else {"n": n_idle, "details": "in the PSS row"},
+            )
+        )
+
+    seq_create = percentile(seq.create_ms, 50) or 0.0
+    b = burst(ctx, rt, n_burst)
+    burst_extra = {
+        "n": n_burst,
+        "succeeded": b.ok,
+        "errors": b.errors[:5],
+        "create_p50_ms": percentile(b.create_ms, 50),
+        "create_max_ms": max(b.create_ms, default=None),
+        "kill_all_s": round(b.kill_s, 2),
+        "cpu_s": b.cpu_s,
+        "spawn_interval_ms_p50": b.spawn_interval_ms,
+        "cores": os.cpu_count(),
+        "target": f"{TARGET_BURST}/{TARGET_BURST} within {TARGET_BURST_WALL_S:g} s on {TARGET_CORES} cores",
+    }
+    ctx.report(
+        Result(
+            name=f"runtime: burst of {n_burst} concurrent AsyncSandbox.create(), wall time",
+            unit="s",
+            ours=b.wall_s,
+            baseline=n_burst * seq_create / 1e3,
+            baseline_name=f"{n_burst} creates one at a time ({n_burst} x sequential Sandbox.create p50)",
+            better="lower",
+            extra=burst_extra,
+        )
+    )
+    ctx.report(
+        Result(
+            name=f"runtime: burst of {n_burst} concurrent AsyncSandbox.create(), succeeded",
+            unit="sandboxes",
+            ours=float(b.ok),
+            baseline=float(n_burst),
+            baseline_name="requested",
+            better="higher",
+            extra={"errors": b.errors[:5]},
+        )
+    )
+    ctx.report(
+        Result(
+            name=f"runtime: each create's latency inside the burst of {n_burst}",
+            unit="ms (p50)",
+            ours=percentile(b.create_ms, 50),
+            baseline=seq_create,
+            baseline_name="Sandbox.create() one at a time (the sequential runs above)",
+            better="lower",
+            p50=percentile(b.create_ms, 50),
+            p99=percentile(b.create_ms, 99),
+            samples={"ours": b.create_ms, "baseline": seq.create_ms},
+            extra={"baseline_p99": percentile(seq.create_ms, 99)},
+        )
+    )
+
+    # -------------------------------------------------------------------------------- targets
+    cores = os.cpu_count()
+    met = "met" if p50 <= TARGET_P50_MS else "NOT met"
+    met99 = "met" if p99 <= TARGET_P99_MS else "NOT met"
+    if n_burst == TARGET_BURST:
+        ok = b.ok == TARGET_BURST and b.wall_s <= TARGET_BURST_WALL_S
+        burst_line = (
+            f"burst {b.ok}/{n_burst} in {b.wall_s:.2f} s (≤ {TARGET_BURST_WALL_S:g} s: {'met' if ok else 'NOT met'})"
+        )
+    else:
+        burst_line = (
+            f"burst {b.ok}/{n_burst} in {b.wall_s:.2f} s (the target is {TARGET_BURST} within"
+            f" {TARGET_BURST_WALL_S:g} s: run the full suite)"
+        )
+    ctx.log(
+        f"targets (issue, on {TARGET_CORES} cores; this machine has {cores}): create→first command "
+        f"p50 {p50:.1f} ms (≤ {TARGET_P50_MS:g}: {met}), p99 {p99:.1f} ms (≤ {TARGET_P99_MS:g}: {met99}); {burst_line}"
+    )
+    raw = iso.p50(RAW) if iso else None
+    if raw:
+        ctx.log(f"  create→first command is {p50 / raw:.1f}x the raw isolation cost ({raw:.2f} ms p50)")
