@@ -7,12 +7,10 @@ import logging
 import os
 from dataclasses import dataclass
 
-import uvicorn
-
 from sandboxd import ENVD_VERSION, __version__
 
 from .app import AgentApp
-from .asgi import server_config
+from .asgi import serve_until_signalled, server_config
 from .methods import build_methods
 from .state import AgentState
 from .users import default_user_name
@@ -78,7 +76,6 @@ async def serve(options: AgentOptions) -> None:
     protect_from_oom()
     tune_allocator()
     config = server_config(AgentApp(state, methods), options.host, options.port)
-    server = uvicorn.Server(config)
     grpc_server = None
     if options.grpc_port is not None:
         from .grpc_server import start_grpc
@@ -94,7 +91,7 @@ async def serve(options: AgentOptions) -> None:
         state.default_user,
     )
     try:
-        await server.serve()
+        await serve_until_signalled(config)
     finally:
         if grpc_server is not None:
             await grpc_server.stop(grace=1)

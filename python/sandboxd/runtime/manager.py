@@ -103,6 +103,9 @@ class SandboxManager:
         self.zygote = zygote
         self.zygote.setblocking(False)
         self.zygote_lock = asyncio.Lock()
+        """Serialises writes to the zygote's socket (one message per send)."""
+        self._zygote_waiting: dict[str, asyncio.Future[dict[str, Any]]] = {}
+        self._zygote_reader: asyncio.Task[None] | None = None
         self.limits = limits
         self.handles: dict[str, _core.SandboxHandle] = {}
         self.busy: set[str] = set()
@@ -130,8 +133,9 @@ class SandboxManager:
 
     async def stop(self) -> None:
         """Stop watching (sandboxes keep running; a restarted runtime re-adopts them)."""
-        if self._reaper is not None:
-            self._reaper.cancel()
+        for task in (self._reaper, self._zygote_reader):
+            if task is not None:
+                task.cancel()
         loop = asyncio.get_running_loop()
         for handle in self.handles.values():
             loop.remove_reader(handle.pidfd())
@@ -242,10 +246,7 @@ class SandboxManager:
             "pids_max": self.limits.pids_max,
             "log": str(sandbox_dir / "agent.log"),
         }
-        loop = asyncio.get_running_loop()
-        async with self.zygote_lock:
-            await loop.sock_sendall(self.zygote, json.dumps(request).encode())
-            answer = json.loads(await loop.sock_recv(self.zygote, 1 << 16))
+        answer = await self._zygote_create(request)
         if not answer.get("ok"):
             with contextlib.suppress(OSError):
                 _core.kill_sandbox(row.id)
@@ -259,6 +260,34 @@ class SandboxManager:
         except Exception:
             await asyncio.to_thread(self._destroy, row.id, keep_files=False)
             raise
+
+    async def _zygote_create(self, request: dict[str, Any]) -> dict[str, Any]:
+        """Ask the zygote for a sandbox; answers arrive out of order, matched by sandbox id."""
+        loop = asyncio.get_running_loop()
+        if self._zygote_reader is None or self._zygote_reader.done():
+            self._zygote_reader = loop.create_task(self._read_zygote())
+        answer: asyncio.Future[dict[str, Any]] = loop.create_future()
+        self._zygote_waiting[request["id"]] = answer
+        try:
+            async with self.zygote_lock:
+                await loop.sock_sendall(self.zygote, json.dumps(request).encode())
+            return await answer
+        finally:
+            self._zygote_waiting.pop(request["id"], None)
+
+    async def _read_zygote(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            data = await loop.sock_recv(self.zygote, 1 << 16)
+            if not data:
+                for waiting in self._zygote_waiting.values():
+                    if not waiting.done():
+                        waiting.set_exception(ApiError(500, "the runtime's zygote exited: restart sandboxd serve"))
+                return
+            answer = json.loads(data)
+            pending = self._zygote_waiting.get(answer.get("id"))
+            if pending is not None and not pending.done():
+                pending.set_result(answer)
 
     async def _init_agent(self, row: SandboxRow) -> None:
         """``POST /init`` with the sandbox's access token and env vars, retried until the agent listens.

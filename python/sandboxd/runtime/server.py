@@ -10,10 +10,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import uvicorn
-
 from sandboxd import __version__
-from sandboxd.agent.asgi import Receive, Scope, Send, header_map, send_json, server_config
+from sandboxd.agent.asgi import Receive, Scope, Send, header_map, send_json, serve_until_signalled, server_config
 
 from .api import ControlPlane
 from .errors import ApiError
@@ -121,7 +119,7 @@ async def _serve(
     app = RuntimeApp(ControlPlane(manager, api_key, options.domain), proxy, options.domain)
     config = server_config(app, options.host, options.port)
     try:
-        await uvicorn.Server(config).serve()
+        await serve_until_signalled(config)
     finally:
         await manager.stop()
         store.close()

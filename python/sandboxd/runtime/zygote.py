@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import selectors
 import signal
 import socket
 import subprocess
@@ -105,12 +106,18 @@ def _run_agent(log_fd: int) -> None:
         os._exit(code)
 
 
-def _create(request: dict[str, Any]) -> dict[str, Any]:
+def _fork_sandbox(request: dict[str, Any], inherited: list[int]) -> tuple[int, int]:
+    """Fork "A", which puts itself into a new sandbox; returns (A's pid, the pipe A answers on).
+
+    ``inherited`` are the zygote's descriptors that the sandbox must not keep: the socket to the
+    runtime (a process inside could otherwise forge answers) and other creates' pipes."""
     log_fd = os.open(request["log"], os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o640)
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:  # "A": a single-threaded copy of the zygote
         os.close(r)
+        for fd in inherited:
+            os.close(fd)
         try:
             where = _core.enter_sandbox(
                 request["id"],
@@ -131,32 +138,50 @@ def _create(request: dict[str, Any]) -> dict[str, Any]:
         os._exit(0)
     os.close(w)
     os.close(log_fd)
-    chunks = []
-    while chunk := os.read(r, 4096):
-        chunks.append(chunk)
-    os.close(r)
-    os.waitpid(pid, 0)
-    message = b"".join(chunks)
+    return pid, r
+
+
+def _answer(sandbox_id: str, message: bytes) -> dict[str, Any]:
     if message.startswith(b"P"):
-        return {"ok": True, "init_pid": int(message[1:])}
-    return {"ok": False, "error": message[1:].decode(errors="replace") or "sandbox setup failed"}
+        return {"id": sandbox_id, "ok": True, "init_pid": int(message[1:])}
+    return {"id": sandbox_id, "ok": False, "error": message[1:].decode(errors="replace") or "sandbox setup failed"}
 
 
 def serve(sock: socket.socket) -> None:
-    """Answer create requests until the runtime closes its end."""
+    """Answer create requests until the runtime closes its end.
+
+    Creates overlap: a new request is forked while earlier sandboxes are still setting up (most of
+    a create is the kernel attaching cgroups and the new init mounting its root), and each answer
+    names its sandbox. Answers come when a sandbox's "A" reports and exits (EOF on its pipe)."""
+    selector = selectors.DefaultSelector()
+    selector.register(sock, selectors.EVENT_READ)
+    pending: dict[int, tuple[int, str, bytearray]] = {}  # pipe → (A's pid, sandbox id, what A said)
     while True:
-        try:
-            data = sock.recv(MAX_MESSAGE)
-        except InterruptedError:
-            continue
-        if not data:
-            return
-        request = json.loads(data)
-        try:
-            answer = _create(request)
-        except Exception as exc:
-            answer = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
-        sock.send(json.dumps(answer).encode())
+        for key, _ in selector.select():
+            if key.fileobj is sock:
+                data = sock.recv(MAX_MESSAGE)
+                if not data:
+                    return
+                request = json.loads(data)
+                try:
+                    pid, pipe = _fork_sandbox(request, [sock.fileno(), *pending])
+                except Exception as exc:
+                    sock.send(json.dumps(_answer(request["id"], f"E{type(exc).__name__}: {exc}".encode())).encode())
+                    continue
+                pending[pipe] = (pid, request["id"], bytearray())
+                selector.register(pipe, selectors.EVENT_READ)
+                continue
+            pipe = int(key.fd)
+            chunk = os.read(pipe, 4096)
+            pid, sandbox_id, said = pending[pipe]
+            if chunk:
+                said += chunk
+                continue
+            selector.unregister(pipe)
+            os.close(pipe)
+            del pending[pipe]
+            os.waitpid(pid, 0)
+            sock.send(json.dumps(_answer(sandbox_id, bytes(said))).encode())
 
 
 ZYGOTE_ENV = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"}
