@@ -212,10 +212,21 @@ class ConnectTransport:
     async def __call__(self, scope: Scope, receive: Receive, send: Send, method: Method) -> None:
         headers = header_map(scope)
         content_type = headers.get("content-type", "").split(";")[0].strip().lower()
+        types = UNARY_TYPES if method.kind is Kind.UNARY else STREAM_TYPES
+        codec_name = types.get(content_type)
+        if codec_name is None:
+            error = RpcError(
+                Code.UNKNOWN,
+                f"unsupported content-type '{content_type}' for {method.kind.value} {method.path}: "
+                f"use {' or '.join(types)}",
+                http_status=415,
+            )
+            await self._send_unary_error(send, error, [("accept-post", ", ".join(types))])
+            return
         if method.kind is Kind.UNARY:
-            await self._unary(method, headers, content_type, receive, send)
+            await self._unary(method, headers, Codec(codec_name), receive, send)
         else:
-            await self._stream(method, headers, content_type, receive, send)
+            await self._stream(method, headers, Codec(codec_name), receive, send)
 
     def _context(self, headers: dict[str, str]) -> Context:
         return Context(
@@ -224,23 +235,7 @@ class ConnectTransport:
             deadline=deadline_from(headers),
         )
 
-    async def _unary(
-        self, method: Method, headers: dict[str, str], content_type: str, receive: Receive, send: Send
-    ) -> None:
-        codec_name = UNARY_TYPES.get(content_type)
-        if codec_name is None:
-            await self._send_unary_error(
-                send,
-                RpcError(
-                    Code.UNKNOWN,
-                    f"unsupported content-type '{content_type}' for unary {method.path}: "
-                    "use application/json or application/proto",
-                    http_status=415,
-                ),
-                [("accept-post", "application/json, application/proto")],
-            )
-            return
-        codec = Codec(codec_name)
+    async def _unary(self, method: Method, headers: dict[str, str], codec: Codec, receive: Receive, send: Send) -> None:
         try:
             inflate = _decompressor(headers.get("content-encoding"), "content-encoding")
             body = await read_body(receive, MAX_UNARY_BODY)
@@ -258,29 +253,15 @@ class ConnectTransport:
         except Exception as exc:
             await self._send_unary_error(send, to_rpc_error(exc))
             return
-        await send_bytes(send, 200, body, f"application/{codec_name}")
+        await send_bytes(send, 200, body, f"application/{codec.name}")
 
     async def _send_unary_error(self, send: Send, error: RpcError, headers: Iterable[tuple[str, str]] = ()) -> None:
         body = json.dumps(error_json(error), separators=(",", ":")).encode()
         await send_bytes(send, error.http_status, body, "application/json", headers)
 
     async def _stream(
-        self, method: Method, headers: dict[str, str], content_type: str, receive: Receive, send: Send
+        self, method: Method, headers: dict[str, str], codec: Codec, receive: Receive, send: Send
     ) -> None:
-        codec_name = STREAM_TYPES.get(content_type)
-        if codec_name is None:
-            await self._send_unary_error(
-                send,
-                RpcError(
-                    Code.UNKNOWN,
-                    f"unsupported content-type '{content_type}' for streaming {method.path}: "
-                    "use application/connect+json or application/connect+proto",
-                    http_status=415,
-                ),
-                [("accept-post", "application/connect+json, application/connect+proto")],
-            )
-            return
-        codec = Codec(codec_name)
         started = False
 
         async def start() -> None:
@@ -292,7 +273,7 @@ class ConnectTransport:
                         "type": "http.response.start",
                         "status": 200,
                         "headers": raw_headers(
-                            [("content-type", f"application/connect+{codec_name}"), ("x-accel-buffering", "no")]
+                            [("content-type", f"application/connect+{codec.name}"), ("x-accel-buffering", "no")]
                         ),
                     }
                 )
