@@ -21,7 +21,7 @@ import json
 import struct
 import time
 import zlib
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Any
 
 from google.protobuf import json_format
@@ -30,7 +30,6 @@ from google.protobuf.message import DecodeError, Message
 from .asgi import ClientDisconnected, Receive, Scope, Send, body_chunks, header_map, raw_headers, read_body, send_bytes
 from .auth import rpc_user
 from .errors import Code, RpcError, to_rpc_error
-from .keepalive import with_keepalives
 from .rpc import Context, Kind, Method
 from .state import AgentState
 
@@ -306,29 +305,50 @@ class ConnectTransport:
     async def _serve_stream(
         self, method: Method, request: Message, ctx: Context, codec: Codec, receive: Receive, frame: Any
     ) -> None:
-        """Run a server-stream handler until it ends or the client disconnects."""
+        """Run a server-stream handler until it ends or the client disconnects, sending in-band
+        keepalives after each quiet ``Keepalive-Ping-Interval`` (as envd).
+
+        Three tasks per stream, none per message: the pump sends what the handler yields, the
+        keepalive task wakes once per interval, and the watcher notices a disconnect."""
         messages: AsyncIterator[Message] = method.handler(request, ctx)
-        if method.keepalive is not None:
-            messages = with_keepalives(messages, ctx.keepalive_interval, method.keepalive)
+        loop = asyncio.get_running_loop()
+        last_sent = loop.time()
 
         async def pump() -> None:
-            async for message in messages:
-                await frame(codec.frame(message))
+            nonlocal last_sent
+            try:
+                async for message in messages:
+                    await frame(codec.frame(message))
+                    last_sent = loop.time()
+            finally:
+                aclose = getattr(messages, "aclose", None)
+                if aclose is not None:
+                    await aclose()
+
+        async def keepalives(make: Callable[[], Message], interval: float) -> None:
+            nonlocal last_sent
+            while True:
+                await asyncio.sleep(last_sent + interval - loop.time())
+                if loop.time() - last_sent >= interval:
+                    await frame(codec.frame(make()))
+                    last_sent = loop.time()
 
         async def disconnected() -> None:
             while (await receive())["type"] != "http.disconnect":
                 pass
 
         pump_task = asyncio.ensure_future(pump())
-        watch_task = asyncio.ensure_future(disconnected())
+        tasks = [pump_task, asyncio.ensure_future(disconnected())]
+        if method.keepalive is not None:
+            tasks.append(asyncio.ensure_future(keepalives(method.keepalive, ctx.keepalive_interval)))
         try:
-            done, _ = await asyncio.wait({pump_task, watch_task}, return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            for task in (pump_task, watch_task):
+            for task in tasks:
                 task.cancel()
-            await asyncio.gather(pump_task, watch_task, return_exceptions=True)
+            await asyncio.gather(*tasks, return_exceptions=True)
         if pump_task not in done:
-            raise ClientDisconnected
+            raise ClientDisconnected  # the client left (or a keepalive could not be sent to it)
         pump_task.result()
 
 
