@@ -54,7 +54,6 @@ class Entry:
     process: _core.Process
     config: pb.ProcessConfig
     tag: str | None
-    stdin: bool
     deadline_timer: asyncio.TimerHandle | None = None
     ended_at: float | None = None
     """``time.monotonic()`` when the sweeper first saw the process ended."""
@@ -236,8 +235,7 @@ class ProcessService:
 
     def _register(self, process: _core.Process, request: pb.StartRequest, ctx: Context) -> Entry:
         tag = request.tag if request.HasField("tag") else None
-        stdin = request.stdin if request.HasField("stdin") else True
-        entry = Entry(process, request.process, tag, stdin and not process.has_pty)
+        entry = Entry(process, request.process, tag)
         self.processes[process.pid] = entry
         remaining = ctx.time_remaining()
         if remaining is not None:
