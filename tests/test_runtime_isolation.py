@@ -3,6 +3,7 @@ overlayfs and cgroups, driven through the official SDK."""
 
 from __future__ import annotations
 
+import glob
 import os
 import signal
 import socket
@@ -144,12 +145,16 @@ def test_kill_9_of_an_agent_is_reported(fault_runtime: Runtime) -> None:
     assert r.status_code == 404
     assert "agent died" in r.json()["message"]
     events = api.get(f"/sandboxes/{sbx.sandbox_id}/events").json()
-    assert [e["kind"] for e in events] == ["created", "died"]
+    assert [e["kind"] for e in events] == ["created", "died", "reclaimed"]
     with pytest.raises(NotFoundException):
         Sandbox.get_info(sbx.sandbox_id)
     with pytest.raises(SandboxException) as caught:
         sbx.commands.run("true")
     assert "agent died" in str(caught.value)
+    # Reclaimed: nothing of it is left on the host, and killing it answers as for any gone sandbox.
+    assert not (fault_runtime.data_dir / "sandboxes" / sbx.sandbox_id).exists()
+    assert glob.glob(f"/sys/fs/cgroup/**/{sbx.sandbox_id}", recursive=True) == []
+    assert api.delete(f"/sandboxes/{sbx.sandbox_id}").status_code == 404
 
 
 def _agent_host_pid(sandbox_id: str) -> int:

@@ -20,7 +20,7 @@ from sandboxd import ENVD_VERSION
 from sandboxd.agent.asgi import ClientDisconnected, Receive, Scope, Send, header_map, read_body, send_empty, send_json
 
 from .errors import ApiError
-from .manager import CreateRequest, SandboxManager
+from .manager import CreateRequest, MetricsSample, SandboxManager
 from .store import SandboxRow
 
 CLIENT_ID = "6532622b"
@@ -216,7 +216,7 @@ class ControlPlane:
         await send_json(send, 201, self._sandbox(row))
 
     async def metrics(self, scope: Scope, receive: Receive, send: Send, sandbox_id: str) -> None:
-        await send_json(send, 200, [self.manager.metrics(sandbox_id)])
+        await send_json(send, 200, [_metrics(await self.manager.metrics(sandbox_id))])
 
     async def events(self, scope: Scope, receive: Receive, send: Send, sandbox_id: str) -> None:
         """sandboxd's own: a sandbox's lifecycle with reasons (created, paused, killed, died...)."""
@@ -254,6 +254,20 @@ class ControlPlane:
         rows, next_after = self.manager.list_page(states, after, order == "desc", limit, keep)
         headers = [("x-next-token", _encode_token(next_after))] if next_after is not None else []
         await send_json(send, 200, [self._listed(r) for r in rows], headers)
+
+
+def _metrics(sample: MetricsSample) -> dict[str, Any]:
+    return {
+        "timestamp": iso(sample.timestamp),
+        "timestampUnix": int(sample.timestamp),
+        "cpuCount": sample.cpu_count,
+        "cpuUsedPct": sample.cpu_used_pct,
+        "memUsed": sample.mem_used,
+        "memTotal": sample.mem_total,
+        "memCache": 0,
+        "diskUsed": sample.disk_used,
+        "diskTotal": sample.disk_total,
+    }
 
 
 def _encode_token(after: tuple[float, str]) -> str:

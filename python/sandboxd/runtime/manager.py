@@ -1,10 +1,16 @@
-"""Sandbox lifecycle: create, timeouts, pause/resume, kill, and re-adoption after a restart.
+"""Sandbox lifecycle: create, timeouts, pause/resume, kill, death, and re-adoption after a restart.
 
 State is in SQLite (:mod:`.store`); the processes are in the kernel. A sandbox is an init (PID 1
-of its pid namespace) with the agent as its only child, forked by the zygote (:mod:`.zygote`)
+of its pid namespace) with the agent as its only child, forked by the zygote (:mod:`.zygote_client`)
 into fresh namespaces over an overlay (``crates/sandboxd-jail``). The runtime holds a handle per
-live sandbox and watches the init's pidfd, so a sandbox whose agent died is noticed at once and
-recorded as such.
+live sandbox and watches the init's pidfd, so a sandbox whose agent died is noticed at once,
+recorded with its reason, and reclaimed (processes, cgroup, writable layer).
+
+Every state transition of a sandbox (create, kill, pause, resume, timeout, death) runs under that
+sandbox's lock, so exactly one of them owns the sandbox at a time: a kill racing a timeout or a
+death finds the state the other left, never a half-done one. The sandbox limit is a count of slots
+taken synchronously, before any await, by creates and resumes, so concurrent requests never
+overshoot it.
 
 Pause ``full`` freezes the cgroup (processes stay in memory; resume takes milliseconds).
 Pause ``filesystem`` kills the processes and keeps the writable layer; resume starts a fresh agent
@@ -15,7 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
+import functools
 import logging
 import os
 import secrets
@@ -23,16 +29,19 @@ import shutil
 import socket
 import string
 import time
-from collections.abc import Callable
+import weakref
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from sandboxd import _core
 
+from .agent_client import init_agent
 from .errors import ApiError, not_found
 from .store import SandboxRow, Store
-from .templates import Templates
+from .templates import Template, Templates
+from .zygote_client import ZygoteClient
 
 log = logging.getLogger("sandboxd.runtime")
 
@@ -43,13 +52,12 @@ REAPER_INTERVAL_S = 0.25
 """How often expired sandboxes are looked for: timeouts are whole seconds, so a quarter second
 of lateness is invisible while costing nothing measurable."""
 
-AGENT_READY_TIMEOUT_S = 10.0
-"""How long a new agent may take to answer /init before the create fails."""
-
 CONNECT_TIMEOUT_S = 5.0
 """Connect timeout for a TCP connection into a sandbox (it is local: a refusal is immediate)."""
 
-AGENT_PORT = 49983
+DISK_USAGE_TTL_S = 10.0
+"""How long a measured disk usage is reused: measuring walks the writable layer (in a thread), which
+takes seconds for hundreds of thousands of files, so callers polling metrics share one walk."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +85,19 @@ class CreateRequest:
     auto_resume: bool = False
 
 
+@dataclass(frozen=True, slots=True)
+class MetricsSample:
+    """One resource sample of a running sandbox (formatted for the wire by the API layer)."""
+
+    timestamp: float
+    cpu_count: int
+    cpu_used_pct: float
+    mem_used: int
+    mem_total: int
+    disk_used: int
+    disk_total: int
+
+
 def new_id() -> str:
     """20 characters of ``[a-z0-9]``, like E2B's ids."""
     return "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(20))
@@ -95,21 +116,25 @@ def _proc_start_time(pid: int) -> int | None:
 class SandboxManager:
     """Owns every sandbox of this runtime."""
 
-    def __init__(self, store: Store, templates: Templates, data_dir: Path, zygote: socket.socket, limits: Limits):
+    def __init__(
+        self, store: Store, templates: Templates, data_dir: Path, zygote: ZygoteClient, limits: Limits
+    ) -> None:
         self.store = store
         self.templates = templates
         self.sandboxes_dir = data_dir / "sandboxes"
         self.sandboxes_dir.mkdir(parents=True, exist_ok=True)
         self.zygote = zygote
-        self.zygote.setblocking(False)
-        self.zygote_lock = asyncio.Lock()
-        """Serialises writes to the zygote's socket (one message per send)."""
-        self._zygote_waiting: dict[str, asyncio.Future[dict[str, Any]]] = {}
-        self._zygote_reader: asyncio.Task[None] | None = None
         self.limits = limits
         self.handles: dict[str, _core.SandboxHandle] = {}
-        self.busy: set[str] = set()
-        """Sandboxes being killed, paused or resumed by us: their init's exit is expected."""
+        """The live handle of each sandbox whose processes run (running, or paused in memory)."""
+        self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
+        """One lock per sandbox, held by whichever transition owns it; dropped when nobody holds one."""
+        self._slots: set[str] = set()
+        """Sandboxes counted against --max-sandboxes: running, or being created or resumed."""
+        self._cpu_samples: dict[str, tuple[float, int]] = {}
+        self._disk_usage: dict[str, tuple[float, int]] = {}
+        self._disk_walks: dict[str, asyncio.Future[int]] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
         self.on_gone: list[Callable[[str], None]] = []
         self._reaper: asyncio.Task[None] | None = None
 
@@ -121,21 +146,24 @@ class SandboxManager:
             if row.state == "paused" and row.pause_mode == "filesystem":
                 continue  # no processes to adopt: only the writable layer, which is on disk
             if row.init_pid is None or _proc_start_time(row.init_pid) != row.init_start:
-                self._mark_died(row, "its init was gone when the runtime restarted")
+                await self._died(row, "its init was gone when the runtime restarted")
                 continue
             try:
                 self._watch(row.id, _core.SandboxHandle.adopt(row.id, row.init_pid))
             except OSError as exc:
-                self._mark_died(row, f"could not be re-adopted after a restart: {exc}")
+                await self._died(row, f"could not be re-adopted after a restart: {exc}")
                 continue
+            if row.state == "running":
+                self._slots.add(row.id)
             self.store.event(row.id, "adopted", "re-adopted after a runtime restart")
         self._reaper = asyncio.get_running_loop().create_task(self._reap_expired())
 
     async def stop(self) -> None:
         """Stop watching (sandboxes keep running; a restarted runtime re-adopts them)."""
-        for task in (self._reaper, self._zygote_reader):
-            if task is not None:
-                task.cancel()
+        if self._reaper is not None:
+            self._reaper.cancel()
+        for task in list(self._tasks):
+            task.cancel()
         loop = asyncio.get_running_loop()
         for handle in self.handles.values():
             loop.remove_reader(handle.pidfd())
@@ -150,6 +178,15 @@ class SandboxManager:
         if row.state == "ended":
             raise ApiError(404, f'Sandbox "{sandbox_id}" is no longer running: {row.ended_reason or "it ended"}')
         return row
+
+    @contextlib.asynccontextmanager
+    async def _owning(self, sandbox_id: str) -> AsyncIterator[None]:
+        """Hold the sandbox's lock: the one owner of its state for the duration."""
+        lock = self._locks.get(sandbox_id)
+        if lock is None:
+            lock = self._locks[sandbox_id] = asyncio.Lock()
+        async with lock:
+            yield
 
     def events(self, sandbox_id: str) -> list[tuple[float, str, str | None]]:
         """The sandbox's lifecycle events (also after it ended), oldest first."""
@@ -197,128 +234,80 @@ class SandboxManager:
             raise ApiError(400, f"'timeout' {timeout}s exceeds this runtime's maximum of {self.limits.max_timeout_s}s")
         return timeout
 
+    def _take_slot(self, sandbox_id: str) -> None:
+        """Count a sandbox against --max-sandboxes, or refuse. Synchronous, so check and take are one
+        step for the event loop: concurrent creates cannot both see the last free slot."""
+        if len(self._slots) >= self.limits.max_sandboxes:
+            raise ApiError(
+                403,
+                f"sandbox limit reached: {len(self._slots)} running sandboxes (the runtime's --max-sandboxes "
+                f"is {self.limits.max_sandboxes}); kill or pause one first",
+            )
+        self._slots.add(sandbox_id)
+
     # --------------------------------------------------------------------------------- create
 
     async def create(self, request: CreateRequest) -> SandboxRow:
         template = self.templates.resolve(request.template)
         timeout = self._validate_timeout(request.timeout if request.timeout is not None else DEFAULT_TIMEOUT_S)
-        running = sum(1 for r in self.store.live() if r.state == "running")
-        if running >= self.limits.max_sandboxes:
-            raise ApiError(
-                403,
-                f"sandbox limit reached: {running} running sandboxes (the runtime's --max-sandboxes is "
-                f"{self.limits.max_sandboxes}); kill or pause one first",
-            )
-        now = time.time()
-        row = SandboxRow(
-            id=new_id(),
-            template_id=template.id,
-            alias=request.template if request.template != template.id else None,
-            state="running",
-            started_at=now,
-            end_at=now + timeout,
-            access_token=secrets.token_urlsafe(24),
-            cpu_count=self.limits.cpu_count,
-            memory_mb=self.limits.memory_mb,
-            disk_mb=self.limits.disk_mb,
-            metadata=request.metadata,
-            env_vars=request.env_vars,
-            on_timeout=request.on_timeout,
-            pause_mode="full" if request.pause_memory else "filesystem",
-            auto_resume=request.auto_resume,
-        )
-        await self._boot(row, template.root, template.host_usr)
-        self.store.insert(row)
-        self.store.event(row.id, "created", f"template {request.template}, timeout {timeout}s")
+        sandbox_id = new_id()
+        self._take_slot(sandbox_id)
+        try:
+            async with self._owning(sandbox_id):
+                now = time.time()
+                row = SandboxRow(
+                    id=sandbox_id,
+                    template_id=template.id,
+                    alias=request.template if request.template != template.id else None,
+                    state="running",
+                    started_at=now,
+                    end_at=now + timeout,
+                    access_token=secrets.token_urlsafe(24),
+                    cpu_count=self.limits.cpu_count,
+                    memory_mb=self.limits.memory_mb,
+                    disk_mb=self.limits.disk_mb,
+                    metadata=request.metadata,
+                    env_vars=request.env_vars,
+                    on_timeout=request.on_timeout,
+                    pause_mode="full" if request.pause_memory else "filesystem",
+                    auto_resume=request.auto_resume,
+                )
+                await self._boot(row, template)
+                self.store.insert(row)
+                self.store.event(row.id, "created", f"template {request.template}, timeout {timeout}s")
+        except BaseException:
+            self._slots.discard(sandbox_id)
+            raise
         return row
 
-    async def _boot(self, row: SandboxRow, template_root: Path, host_usr: bool) -> None:
-        """Fork the sandbox from the zygote, watch its init, and hand the agent its settings."""
+    async def _boot(self, row: SandboxRow, template: Template, resuming: bool = False) -> None:
+        """Fork the sandbox from the zygote, watch its init, and hand the agent its settings. On
+        failure nothing of the sandbox is left running; a resume keeps its writable layer."""
         sandbox_dir = self.sandboxes_dir / row.id
         sandbox_dir.mkdir(parents=True, exist_ok=True)
         request = {
             "id": row.id,
-            "template_dirs": [str(template_root)],
+            "template_dirs": [str(template.root)],
             "sandbox_dir": str(sandbox_dir),
-            "host_usr_ro": host_usr,
+            "host_usr_ro": template.host_usr,
             "memory_bytes": row.memory_mb << 20,
             "cpu_cores": float(row.cpu_count),
             "pids_max": self.limits.pids_max,
             "log": str(sandbox_dir / "agent.log"),
         }
-        answer = await self._zygote_create(request)
+        answer = await self.zygote.create(request)
         if not answer.get("ok"):
-            with contextlib.suppress(OSError):
-                _core.kill_sandbox(row.id)
+            await asyncio.to_thread(_kill_quietly, row.id)
             raise ApiError(500, f"could not start the sandbox: {answer.get('error')}")
         handle = _core.SandboxHandle.adopt(row.id, answer["init_pid"])
         row.init_pid = handle.init_pid
         row.init_start = _proc_start_time(handle.init_pid)
         self._watch(row.id, handle)
         try:
-            await self._init_agent(row)
-        except Exception:
-            await asyncio.to_thread(self._destroy, row.id, keep_files=False)
+            await init_agent(functools.partial(self.open_socket, row.id), row.access_token, row.env_vars)
+        except BaseException:
+            await self._stop_processes(row.id, keep_files=resuming)
             raise
-
-    async def _zygote_create(self, request: dict[str, Any]) -> dict[str, Any]:
-        """Ask the zygote for a sandbox; answers arrive out of order, matched by sandbox id."""
-        loop = asyncio.get_running_loop()
-        if self._zygote_reader is None or self._zygote_reader.done():
-            self._zygote_reader = loop.create_task(self._read_zygote())
-        answer: asyncio.Future[dict[str, Any]] = loop.create_future()
-        self._zygote_waiting[request["id"]] = answer
-        try:
-            async with self.zygote_lock:
-                await loop.sock_sendall(self.zygote, json.dumps(request).encode())
-            return await answer
-        finally:
-            self._zygote_waiting.pop(request["id"], None)
-
-    async def _read_zygote(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            data = await loop.sock_recv(self.zygote, 1 << 16)
-            if not data:
-                for waiting in self._zygote_waiting.values():
-                    if not waiting.done():
-                        waiting.set_exception(ApiError(500, "the runtime's zygote exited: restart sandboxd serve"))
-                return
-            answer = json.loads(data)
-            pending = self._zygote_waiting.get(answer.get("id"))
-            if pending is not None and not pending.done():
-                pending.set_result(answer)
-
-    async def _init_agent(self, row: SandboxRow) -> None:
-        """``POST /init`` with the sandbox's access token and env vars, retried until the agent listens.
-
-        The agent starts without a token (the zygote never holds one) and nothing but the agent runs
-        in the sandbox yet, so this first /init is the one that sets it."""
-        body = json.dumps({"envVars": row.env_vars, "accessToken": row.access_token}).encode()
-        head = (
-            "POST /init HTTP/1.1\r\nHost: sandbox\r\n"
-            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n"
-        ).encode()
-        deadline = time.monotonic() + AGENT_READY_TIMEOUT_S
-        delay = 0.002
-        while True:
-            try:
-                sock = await self.open_socket(row.id, AGENT_PORT)
-            except OSError as exc:
-                if time.monotonic() > deadline:
-                    raise ApiError(500, f"the sandbox's agent did not start listening: {exc}") from None
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 0.05)
-                continue
-            reader, writer = await asyncio.open_connection(sock=sock)
-            try:
-                writer.write(head + body)
-                status_line = await asyncio.wait_for(reader.readline(), AGENT_READY_TIMEOUT_S)
-            finally:
-                writer.close()
-            if b" 204 " not in status_line:
-                raise ApiError(500, f"the sandbox's agent refused /init: {status_line.decode(errors='replace')}")
-            return
 
     async def open_socket(self, sandbox_id: str, port: int) -> socket.socket:
         """A TCP connection to ``port`` inside the sandbox (its own network namespace)."""
@@ -337,8 +326,10 @@ class SandboxManager:
             raise ApiError(502, f"The sandbox was not found{reason}")
         if row.state == "paused":
             if row.auto_resume:
-                await self.resume(sandbox_id, None)
-                return
+                with contextlib.suppress(ApiError):  # a concurrent request may have resumed it first
+                    await self.resume(sandbox_id, None)
+                if self._row(sandbox_id).state == "running":
+                    return
             raise ApiError(502, "The sandbox was not found: it is paused (Sandbox.connect resumes it)")
 
     # ---------------------------------------------------------------------------- watch/kill
@@ -348,64 +339,77 @@ class SandboxManager:
         asyncio.get_running_loop().add_reader(handle.pidfd(), self._init_exited, sandbox_id, handle)
 
     def _init_exited(self, sandbox_id: str, handle: _core.SandboxHandle) -> None:
+        """The init's pidfd is readable: it exited. Whether that is a death is decided under the
+        sandbox's lock, after whatever transition holds it now (a kill, a pause) has finished."""
         asyncio.get_running_loop().remove_reader(handle.pidfd())
-        if self.handles.get(sandbox_id) is handle:
-            del self.handles[sandbox_id]
-        if sandbox_id in self.busy:
-            return
-        row = self.store.get(sandbox_id)
-        if row is None or row.state != "running":
-            return
-        code = handle.exit_code()
-        detail = f"exit status {code}" if code is not None else "exit status unknown"
-        self._mark_died(row, f"its agent died ({detail})")
-        with contextlib.suppress(OSError):
-            handle.kill()
+        task = asyncio.get_running_loop().create_task(self._check_death(sandbox_id, handle))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
-    def _mark_died(self, row: SandboxRow, reason: str) -> None:
+    async def _check_death(self, sandbox_id: str, handle: _core.SandboxHandle) -> None:
+        async with self._owning(sandbox_id):
+            if self.handles.get(sandbox_id) is not handle:
+                return  # a kill or pause of ours stopped it, and already took the handle away
+            del self.handles[sandbox_id]
+            row = self.store.get(sandbox_id)
+            if row is None or row.state == "ended":
+                return
+            code = handle.exit_code()
+            detail = f"exit status {code}" if code is not None else "exit status unknown"
+            await self._died(row, f"its agent died ({detail})")
+
+    async def _died(self, row: SandboxRow, reason: str) -> None:
+        """Record a death with its reason, then reclaim everything the sandbox held on the host."""
         log.warning("sandbox %s ended: %s", row.id, reason)
         self.store.update(row.id, state="ended", ended_reason=reason)
         self.store.event(row.id, "died", reason)
         self._notify_gone(row.id)
+        self._slots.discard(row.id)
+        self.handles.pop(row.id, None)
+        await asyncio.to_thread(self._destroy, row.id, None, False)
+        self._forget_samples(row.id)
+        self.store.event(row.id, "reclaimed", "processes, cgroup and writable layer removed")
 
     def _notify_gone(self, sandbox_id: str) -> None:
         for callback in self.on_gone:
             callback(sandbox_id)
 
-    def _destroy(self, sandbox_id: str, keep_files: bool) -> None:
-        """Kill every process and free the cgroup; remove the writable layer unless kept."""
-        self.busy.add(sandbox_id)
-        try:
-            handle = self.handles.get(sandbox_id)
-            if handle is not None:
-                handle.kill()
-            else:
-                with contextlib.suppress(OSError):
-                    _core.kill_sandbox(sandbox_id)
-            if not keep_files:
-                shutil.rmtree(self.sandboxes_dir / sandbox_id, ignore_errors=True)
-        finally:
-            self.busy.discard(sandbox_id)
-
-    def _forget_handle(self, sandbox_id: str) -> None:
+    async def _stop_processes(self, sandbox_id: str, keep_files: bool = False) -> None:
+        """Kill every process of the sandbox and free its cgroup; remove the writable layer unless kept."""
         handle = self.handles.pop(sandbox_id, None)
         if handle is not None:
             asyncio.get_running_loop().remove_reader(handle.pidfd())
+        await asyncio.to_thread(self._destroy, sandbox_id, handle, keep_files)
+
+    def _destroy(self, sandbox_id: str, handle: _core.SandboxHandle | None, keep_files: bool) -> None:
+        """In a worker thread: processes and cgroup, then (unless kept) the writable layer."""
+        if handle is not None:
+            try:
+                handle.kill()
+            except OSError:
+                _kill_quietly(sandbox_id)
+        else:
+            _kill_quietly(sandbox_id)
+        if not keep_files:
+            shutil.rmtree(self.sandboxes_dir / sandbox_id, ignore_errors=True)
+
+    def _forget_samples(self, sandbox_id: str) -> None:
+        self._cpu_samples.pop(sandbox_id, None)
+        self._disk_usage.pop(sandbox_id, None)
 
     async def kill(self, sandbox_id: str, reason: str) -> None:
-        row = self._row(sandbox_id)
-        self.busy.add(sandbox_id)
-        try:
+        async with self._owning(sandbox_id):
+            row = self._row(sandbox_id)
             self._notify_gone(sandbox_id)
-            if row.state == "paused" and row.pause_mode == "full":
+            handle = self.handles.get(sandbox_id)
+            if row.state == "paused" and row.pause_mode == "full" and handle is not None:
                 with contextlib.suppress(OSError):
-                    await asyncio.to_thread(self.handles[sandbox_id].thaw)
-            await asyncio.to_thread(self._destroy, sandbox_id, False)
-            self._forget_handle(sandbox_id)
-        finally:
-            self.busy.discard(sandbox_id)
-        self.store.update(sandbox_id, state="ended", ended_reason=reason)
-        self.store.event(sandbox_id, "killed", reason)
+                    await asyncio.to_thread(handle.thaw)
+            await self._stop_processes(sandbox_id)
+            self._slots.discard(sandbox_id)
+            self._forget_samples(sandbox_id)
+            self.store.update(sandbox_id, state="ended", ended_reason=reason)
+            self.store.event(sandbox_id, "killed", reason)
 
     # ------------------------------------------------------------------------------ timeouts
 
@@ -423,105 +427,136 @@ class SandboxManager:
             await asyncio.sleep(REAPER_INTERVAL_S)
             now = time.time()
             for row in self.store.live():
-                if row.state != "running" or row.end_at > now or row.id in self.busy:
+                if row.state != "running" or row.end_at > now:
                     continue
+                lock = self._locks.get(row.id)
+                if lock is not None and lock.locked():
+                    continue  # another transition owns it now; look again on the next tick
                 try:
-                    if row.on_timeout == "pause":
-                        await self.pause(row.id, row.pause_mode or "full", "timed out (onTimeout=pause)")
-                    else:
-                        await self.kill(row.id, "timed out")
+                    await self._expire(row.id)
+                except ApiError:
+                    pass  # it ended or was paused meanwhile
                 except Exception:
                     log.exception("reaping sandbox %s failed", row.id)
+
+    async def _expire(self, sandbox_id: str) -> None:
+        row = self._row(sandbox_id)
+        if row.state != "running" or row.end_at > time.time():
+            return
+        if row.on_timeout == "pause":
+            await self.pause(sandbox_id, row.pause_mode or "full", "timed out (onTimeout=pause)")
+        else:
+            await self.kill(sandbox_id, "timed out")
 
     # -------------------------------------------------------------------------- pause/resume
 
     async def pause(self, sandbox_id: str, mode: str, reason: str) -> None:
-        row = self._row(sandbox_id)
-        if row.state == "paused":
-            raise ApiError(409, f'Sandbox "{sandbox_id}" is already paused')
-        remaining = max(row.end_at - time.time(), 1.0)
-        self.busy.add(sandbox_id)
-        try:
+        async with self._owning(sandbox_id):
+            row = self._row(sandbox_id)
+            if row.state == "paused":
+                raise ApiError(409, f'Sandbox "{sandbox_id}" is already paused')
+            remaining = max(row.end_at - time.time(), 1.0)
             self._notify_gone(sandbox_id)
             if mode == "full":
                 await asyncio.to_thread(self.handles[sandbox_id].freeze)
             else:
-                await asyncio.to_thread(self._destroy, sandbox_id, True)
-                self._forget_handle(sandbox_id)
-        finally:
-            self.busy.discard(sandbox_id)
-        self.store.update(sandbox_id, state="paused", pause_mode=mode, remaining_s=remaining)
-        self.store.event(sandbox_id, "paused", f"{reason} ({mode})")
+                await self._stop_processes(sandbox_id, keep_files=True)
+            self._slots.discard(sandbox_id)
+            self._forget_samples(sandbox_id)
+            self.store.update(sandbox_id, state="paused", pause_mode=mode, remaining_s=remaining)
+            self.store.event(sandbox_id, "paused", f"{reason} ({mode})")
 
     async def resume(self, sandbox_id: str, timeout: int | None) -> SandboxRow:
-        row = self._row(sandbox_id)
-        if row.state != "paused":
-            raise ApiError(409, f'Sandbox "{sandbox_id}" is already running')
-        if timeout is not None:
-            self._validate_timeout(timeout)
-        remaining = float(timeout) if timeout is not None else (row.remaining_s or DEFAULT_TIMEOUT_S)
-        if row.pause_mode == "full" and sandbox_id in self.handles:
-            await asyncio.to_thread(self.handles[sandbox_id].thaw)
-            changes: dict[str, Any] = {}
-        else:
-            template = self.templates.resolve(row.template_id)
-            self.busy.add(sandbox_id)
+        async with self._owning(sandbox_id):
+            row = self._row(sandbox_id)
+            if row.state != "paused":
+                raise ApiError(409, f'Sandbox "{sandbox_id}" is already running')
+            if timeout is not None:
+                self._validate_timeout(timeout)
+            remaining = float(timeout) if timeout is not None else (row.remaining_s or DEFAULT_TIMEOUT_S)
+            self._take_slot(sandbox_id)
             try:
-                await self._boot(row, template.root, template.host_usr)
-            finally:
-                self.busy.discard(sandbox_id)
-            changes = {"init_pid": row.init_pid, "init_start": row.init_start}
-        self.store.update(
-            sandbox_id, state="running", end_at=time.time() + remaining, remaining_s=None, pause_mode=None, **changes
-        )
-        self.store.event(sandbox_id, "resumed", row.pause_mode)
-        return self._row(sandbox_id)
+                handle = self.handles.get(sandbox_id)
+                if row.pause_mode == "full" and handle is not None:
+                    await asyncio.to_thread(handle.thaw)
+                    changes: dict[str, Any] = {}
+                else:
+                    await self._boot(row, self.templates.resolve(row.template_id), resuming=True)
+                    changes = {"init_pid": row.init_pid, "init_start": row.init_start}
+            except BaseException:
+                self._slots.discard(sandbox_id)
+                raise
+            changes.update(state="running", end_at=time.time() + remaining, remaining_s=None, pause_mode=None)
+            self.store.update(sandbox_id, **changes)
+            self.store.event(sandbox_id, "resumed", row.pause_mode)
+            return self._row(sandbox_id)
 
     async def connect(self, sandbox_id: str, timeout: int | None) -> tuple[SandboxRow, bool]:
         """Resume a paused sandbox (True) or extend a running one's timeout, never shortening it."""
         row = self._row(sandbox_id)
         if row.state == "paused":
-            return await self.resume(sandbox_id, timeout), True
+            try:
+                return await self.resume(sandbox_id, timeout), True
+            except ApiError as exc:
+                if exc.status != 409:  # 409: a concurrent connect resumed it first
+                    raise
         if timeout is not None:
             self._validate_timeout(timeout)
-            if time.time() + timeout > row.end_at:
-                self.store.update(sandbox_id, end_at=time.time() + timeout)
+            async with self._owning(sandbox_id):
+                row = self._row(sandbox_id)
+                if time.time() + timeout > row.end_at:
+                    self.store.update(sandbox_id, end_at=time.time() + timeout)
         return self._row(sandbox_id), False
 
     # -------------------------------------------------------------------------------- metrics
 
-    def metrics(self, sandbox_id: str) -> dict[str, Any]:
+    async def metrics(self, sandbox_id: str) -> MetricsSample:
+        """CPU, memory and disk of a running sandbox. Nothing here runs on the event loop that grows
+        with the sandbox: cgroup reads are a few small files, and the disk walk is in a thread, shared
+        and cached (:data:`DISK_USAGE_TTL_S`)."""
         row = self._row(sandbox_id)
         handle = self.handles.get(sandbox_id)
-        stats = handle.stats() if handle is not None else None
-        now = time.time()
-        disk_used = _dir_size(self.sandboxes_dir / sandbox_id / "upper")
-        from .api import iso
+        stats = await asyncio.to_thread(handle.stats) if handle is not None else None
+        disk_used = await self._disk_used(sandbox_id)
+        cpu = self._cpu_pct(sandbox_id, stats.cpu_usage_ns or 0, row.cpu_count) if stats else 0.0
+        return MetricsSample(
+            timestamp=time.time(),
+            cpu_count=row.cpu_count,
+            cpu_used_pct=cpu,
+            mem_used=(stats.memory_bytes or 0) if stats else 0,
+            mem_total=row.memory_mb << 20,
+            disk_used=disk_used,
+            disk_total=row.disk_mb << 20,
+        )
 
-        return {
-            "timestamp": iso(now),
-            "timestampUnix": int(now),
-            "cpuCount": row.cpu_count,
-            "cpuUsedPct": _cpu_pct(sandbox_id, stats.cpu_usage_ns or 0, row.cpu_count) if stats else 0.0,
-            "memUsed": (stats.memory_bytes or 0) if stats else 0,
-            "memTotal": row.memory_mb << 20,
-            "memCache": 0,
-            "diskUsed": disk_used,
-            "diskTotal": row.disk_mb << 20,
-        }
+    async def _disk_used(self, sandbox_id: str) -> int:
+        cached = self._disk_usage.get(sandbox_id)
+        if cached is not None and time.monotonic() - cached[0] < DISK_USAGE_TTL_S:
+            return cached[1]
+        walk = self._disk_walks.get(sandbox_id)
+        if walk is None:
+            upper = self.sandboxes_dir / sandbox_id / "upper"
+            walk = asyncio.ensure_future(asyncio.to_thread(_dir_size, upper))
+            self._disk_walks[sandbox_id] = walk
+            walk.add_done_callback(lambda _: self._disk_walks.pop(sandbox_id, None))
+        used = await asyncio.shield(walk)
+        self._disk_usage[sandbox_id] = (time.monotonic(), used)
+        return used
+
+    def _cpu_pct(self, sandbox_id: str, usage_ns: int, cpus: int) -> float:
+        """CPU use since the previous metrics call, in percent of the sandbox's cores."""
+        now = time.monotonic()
+        previous = self._cpu_samples.get(sandbox_id)
+        self._cpu_samples[sandbox_id] = (now, usage_ns)
+        if previous is None or now <= previous[0]:
+            return 0.0
+        return round(100 * (usage_ns - previous[1]) / 1e9 / (now - previous[0]) / max(cpus, 1), 2)
 
 
-_CPU_SAMPLES: dict[str, tuple[float, int]] = {}
-
-
-def _cpu_pct(sandbox_id: str, usage_ns: int, cpus: int) -> float:
-    """CPU use since the previous metrics call, in percent of the sandbox's cores."""
-    now = time.monotonic()
-    previous = _CPU_SAMPLES.get(sandbox_id)
-    _CPU_SAMPLES[sandbox_id] = (now, usage_ns)
-    if previous is None or now <= previous[0]:
-        return 0.0
-    return round(100 * (usage_ns - previous[1]) / 1e9 / (now - previous[0]) / max(cpus, 1), 2)
+def _kill_quietly(sandbox_id: str) -> None:
+    """Kill whatever is left in the sandbox's cgroup and remove it; nothing there is fine."""
+    with contextlib.suppress(OSError):
+        _core.kill_sandbox(sandbox_id)
 
 
 def _dir_size(path: Path) -> int:

@@ -19,6 +19,7 @@ from .manager import Limits, SandboxManager
 from .proxy import SandboxProxy, parse_target
 from .store import Store
 from .templates import Templates
+from .zygote_client import ZygoteClient
 
 log = logging.getLogger("sandboxd.runtime")
 
@@ -40,9 +41,10 @@ class ServeOptions:
 class RuntimeApp:
     """One port: requests for a sandbox go to the proxy, the rest to the control plane."""
 
-    def __init__(self, control: ControlPlane, proxy: SandboxProxy, domain: str | None) -> None:
+    def __init__(self, control: ControlPlane, proxy: SandboxProxy, zygote: ZygoteClient, domain: str | None) -> None:
         self.control = control
         self.proxy = proxy
+        self.zygote = zygote
         self.domain = domain
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -56,7 +58,11 @@ class RuntimeApp:
         if target is not None:
             await self.proxy(scope, receive, send, *target)
         elif scope["path"] == "/health":
-            await send_json(send, 200, {"status": "ok", "version": __version__})
+            # Alive (200) even while degraded: the runtime serves its API and running sandboxes, and
+            # restarts the zygote by itself; the body says what is wrong.
+            down = self.zygote.down_reason
+            health = {"status": "degraded", "reason": down} if down else {"status": "ok"}
+            await send_json(send, 200, {**health, "version": __version__})
         elif self.control.matches(scope["path"]):
             await self.control(scope, receive, send)
         else:
@@ -77,8 +83,6 @@ def run(options: ServeOptions) -> None:
     """Prepare the data dir and the zygote, then serve until interrupted."""
     from sandboxd import _core
 
-    from . import zygote
-
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if os.geteuid() != 0:
         sys.exit("sandboxd serve needs root: sandboxes are built from namespaces, overlayfs and cgroups")
@@ -89,7 +93,6 @@ def run(options: ServeOptions) -> None:
     api_key = _api_key(store, options.api_key)
     templates = Templates(options.data_dir)
     templates.ensure_builtin()
-    zygote_socket = zygote.start()
     _core.become_subreaper()
     url = f"http://{options.host}:{options.port}"
     print(
@@ -103,24 +106,24 @@ def run(options: ServeOptions) -> None:
     )
     import uvloop
 
-    uvloop.run(_serve(options, store, templates, zygote_socket, api_key))
+    uvloop.run(_serve(options, store, templates, api_key))
 
 
-async def _serve(
-    options: ServeOptions, store: Store, templates: Templates, zygote_socket: object, api_key: str
-) -> None:
-    import socket as socket_module
+async def _serve(options: ServeOptions, store: Store, templates: Templates, api_key: str) -> None:
+    from . import zygote
 
-    assert isinstance(zygote_socket, socket_module.socket)
-    manager = SandboxManager(store, templates, options.data_dir, zygote_socket, options.limits)
+    zygote_client = ZygoteClient(zygote.start)
+    await zygote_client.start()
+    manager = SandboxManager(store, templates, options.data_dir, zygote_client, options.limits)
     await manager.start()
     proxy = SandboxProxy(manager)
     manager.on_gone.append(proxy.forget)
-    app = RuntimeApp(ControlPlane(manager, api_key, options.domain), proxy, options.domain)
+    app = RuntimeApp(ControlPlane(manager, api_key, options.domain), proxy, zygote_client, options.domain)
     config = server_config(app, options.host, options.port)
     try:
         await serve_until_signalled(config)
     finally:
         await manager.stop()
+        await zygote_client.stop()
         store.close()
         await asyncio.sleep(0)

@@ -190,10 +190,10 @@ no sandbox can read the runtime's command line, environment or memory (``--api-k
 ``/proc/1/cmdline``, ``/proc/1/environ`` or its inherited pages."""
 
 
-def start() -> socket.socket:
-    """Start the zygote process; returns the runtime's end of its socket."""
+def start() -> tuple[socket.socket, subprocess.Popen[bytes]]:
+    """Start the zygote process; returns the runtime's end of its socket, and the process."""
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    subprocess.Popen(
+    process = subprocess.Popen(
         [sys.executable, "-m", "sandboxd.runtime.zygote", str(theirs.fileno())],
         pass_fds=[theirs.fileno()],
         env=ZYGOTE_ENV,
@@ -201,7 +201,7 @@ def start() -> socket.socket:
         start_new_session=True,
     )
     theirs.close()
-    return ours
+    return ours, process
 
 
 def main(fd: int) -> None:
