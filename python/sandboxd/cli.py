@@ -47,6 +47,20 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--max-timeout", type=int, default=86400, help="longest sandbox timeout in seconds (default: 86400)"
     )
+    serve.add_argument(
+        "--log-format",
+        choices=("text", "json"),
+        default="text",
+        help="log lines for a terminal (text) or one JSON object per line for a log pipeline (default: text)",
+    )
+
+    status = commands.add_parser("status", help="a one-screen summary of a running runtime")
+    status.add_argument("--url", help="the runtime's URL (default: the one recorded in the data dir)")
+    status.add_argument(
+        "--data-dir", type=Path, default=None, help="the runtime's data dir (default: /var/lib/sandboxd)"
+    )
+    status.add_argument("--api-key", help="the runtime's API key (default: $E2B_API_KEY, then the data dir's)")
+    status.add_argument("--json", action="store_true", help="print the runtime's /status answer as JSON")
 
     template = commands.add_parser("template", help="manage templates")
     template_commands = template.add_subparsers(dest="template_command", required=True)
@@ -91,8 +105,14 @@ def main(argv: list[str] | None = None) -> None:
                 api_key=args.api_key,
                 domain=args.domain,
                 limits=limits,
+                log_format=args.log_format,
             )
         )
+    elif args.command == "status":
+        from sandboxd.runtime.observe.status import main as status_main
+        from sandboxd.runtime.server import DEFAULT_DATA_DIR
+
+        sys.exit(status_main(args.url, args.data_dir or DEFAULT_DATA_DIR, args.api_key, args.json))
     elif args.command == "template":
         from sandboxd.runtime.server import DEFAULT_DATA_DIR
         from sandboxd.runtime.templates import Templates

@@ -38,6 +38,17 @@ def iso(ts: float) -> str:
     return datetime.fromtimestamp(ts, UTC).isoformat().replace("+00:00", "Z")
 
 
+def check_api_key(headers: dict[str, str], api_key: str, bearer: bool = False) -> None:
+    """401 unless the request carries the API key (compared in constant time) in ``X-API-KEY``, or,
+    where ``bearer`` allows it (for scrapers that can send only that), in ``Authorization: Bearer``."""
+    presented = headers.get("x-api-key", "")
+    if not presented and bearer:
+        scheme, _, credentials = headers.get("authorization", "").partition(" ")
+        presented = credentials.strip() if scheme.lower() == "bearer" else ""
+    if not presented or not hmac.compare_digest(presented.encode(), api_key.encode()):
+        raise ApiError(401, "Invalid API key: send the key `sandboxd serve` printed in the X-API-KEY header")
+
+
 def _field(body: dict[str, Any], name: str, kind: type | tuple[type, ...], default: Any = None) -> Any:
     value = body.get(name, default)
     if value is None:
@@ -84,9 +95,7 @@ class ControlPlane:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         headers = header_map(scope)
         try:
-            presented = headers.get("x-api-key", "")
-            if not presented or not hmac.compare_digest(presented.encode(), self.api_key.encode()):
-                raise ApiError(401, "Invalid API key: send the key `sandboxd serve` printed in the X-API-KEY header")
+            check_api_key(headers, self.api_key)
             path: str = scope["path"].rstrip("/") or "/"
             allowed = []
             for verb, pattern, handler in self.routes:

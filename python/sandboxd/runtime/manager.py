@@ -39,6 +39,7 @@ from sandboxd import _core
 
 from .agent_client import init_agent
 from .errors import ApiError, not_found
+from .observe import Observer
 from .store import SandboxRow, Store
 from .templates import Template, Templates
 from .zygote_client import ZygoteClient
@@ -117,7 +118,13 @@ class SandboxManager:
     """Owns every sandbox of this runtime."""
 
     def __init__(
-        self, store: Store, templates: Templates, data_dir: Path, zygote: ZygoteClient, limits: Limits
+        self,
+        store: Store,
+        templates: Templates,
+        data_dir: Path,
+        zygote: ZygoteClient,
+        limits: Limits,
+        observer: Observer | None = None,
     ) -> None:
         self.store = store
         self.templates = templates
@@ -137,25 +144,29 @@ class SandboxManager:
         self._tasks: set[asyncio.Task[None]] = set()
         self.on_gone: list[Callable[[str], None]] = []
         self._reaper: asyncio.Task[None] | None = None
+        self.observe = observer or Observer()
+        """Counts and logs every transition (metrics, structured logs, the log redactor's tokens)."""
 
     # ------------------------------------------------------------------------------ start/stop
 
     async def start(self) -> None:
         """Re-adopt what a previous runtime left running or paused, then start the reaper."""
         for row in self.store.live():
+            self.observe.secrets.add(row.access_token)  # never logged, whatever becomes of the sandbox
             if row.state == "paused" and row.pause_mode == "filesystem":
                 continue  # no processes to adopt: only the writable layer, which is on disk
             if row.init_pid is None or _proc_start_time(row.init_pid) != row.init_start:
-                await self._died(row, "its init was gone when the runtime restarted")
+                await self._died(row, "its init was gone when the runtime restarted", "gone_after_restart")
                 continue
             try:
                 self._watch(row.id, _core.SandboxHandle.adopt(row.id, row.init_pid))
             except OSError as exc:
-                await self._died(row, f"could not be re-adopted after a restart: {exc}")
+                await self._died(row, f"could not be re-adopted after a restart: {exc}", "not_adoptable")
                 continue
             if row.state == "running":
                 self._slots.add(row.id)
             self.store.event(row.id, "adopted", "re-adopted after a runtime restart")
+            self.observe.adopted(row)
         self._reaper = asyncio.get_running_loop().create_task(self._reap_expired())
 
     async def stop(self) -> None:
@@ -234,6 +245,11 @@ class SandboxManager:
             raise ApiError(400, f"'timeout' {timeout}s exceeds this runtime's maximum of {self.limits.max_timeout_s}s")
         return timeout
 
+    @property
+    def slots_taken(self) -> int:
+        """Sandboxes counted against --max-sandboxes now: running, or being created or resumed."""
+        return len(self._slots)
+
     def _take_slot(self, sandbox_id: str) -> None:
         """Count a sandbox against --max-sandboxes, or refuse. Synchronous, so check and take are one
         step for the event loop: concurrent creates cannot both see the last free slot."""
@@ -248,6 +264,17 @@ class SandboxManager:
     # --------------------------------------------------------------------------------- create
 
     async def create(self, request: CreateRequest) -> SandboxRow:
+        started = time.monotonic()
+        try:
+            row = await self._create(request)
+        except BaseException as exc:
+            if not isinstance(exc, asyncio.CancelledError):
+                self.observe.create_failed(request.template, exc)
+            raise
+        self.observe.created(row, time.monotonic() - started)
+        return row
+
+    async def _create(self, request: CreateRequest) -> SandboxRow:
         template = self.templates.resolve(request.template)
         timeout = self._validate_timeout(request.timeout if request.timeout is not None else DEFAULT_TIMEOUT_S)
         sandbox_id = new_id()
@@ -327,7 +354,7 @@ class SandboxManager:
         if row.state == "paused":
             if row.auto_resume:
                 with contextlib.suppress(ApiError):  # a concurrent request may have resumed it first
-                    await self.resume(sandbox_id, None)
+                    await self.resume(sandbox_id, None, cause="auto_resume")
                 if self._row(sandbox_id).state == "running":
                     return
             raise ApiError(502, "The sandbox was not found: it is paused (Sandbox.connect resumes it)")
@@ -356,19 +383,20 @@ class SandboxManager:
                 return
             code = handle.exit_code()
             detail = f"exit status {code}" if code is not None else "exit status unknown"
-            await self._died(row, f"its agent died ({detail})")
+            await self._died(row, f"its agent died ({detail})", "agent_exited")
 
-    async def _died(self, row: SandboxRow, reason: str) -> None:
+    async def _died(self, row: SandboxRow, reason: str, cause: str) -> None:
         """Record a death with its reason, then reclaim everything the sandbox held on the host."""
-        log.warning("sandbox %s ended: %s", row.id, reason)
         self.store.update(row.id, state="ended", ended_reason=reason)
         self.store.event(row.id, "died", reason)
+        self.observe.died(row, cause, reason)
         self._notify_gone(row.id)
         self._slots.discard(row.id)
         self.handles.pop(row.id, None)
         await asyncio.to_thread(self._destroy, row.id, None, False)
         self._forget_samples(row.id)
         self.store.event(row.id, "reclaimed", "processes, cgroup and writable layer removed")
+        self.observe.reclaimed(row.id)
 
     def _notify_gone(self, sandbox_id: str) -> None:
         for callback in self.on_gone:
@@ -397,7 +425,8 @@ class SandboxManager:
         self._cpu_samples.pop(sandbox_id, None)
         self._disk_usage.pop(sandbox_id, None)
 
-    async def kill(self, sandbox_id: str, reason: str) -> None:
+    async def kill(self, sandbox_id: str, reason: str, cause: str = "api") -> None:
+        """Kill a sandbox; ``cause`` (``api``, ``timeout``) labels the metrics, ``reason`` is recorded."""
         async with self._owning(sandbox_id):
             row = self._row(sandbox_id)
             self._notify_gone(sandbox_id)
@@ -410,6 +439,7 @@ class SandboxManager:
             self._forget_samples(sandbox_id)
             self.store.update(sandbox_id, state="ended", ended_reason=reason)
             self.store.event(sandbox_id, "killed", reason)
+            self.observe.killed(row, cause, reason)
 
     # ------------------------------------------------------------------------------ timeouts
 
@@ -421,6 +451,7 @@ class SandboxManager:
         else:
             self.store.update(sandbox_id, end_at=time.time() + timeout)
         self.store.event(sandbox_id, "timeout_set", f"{timeout}s from now")
+        self.observe.timeout_set(sandbox_id, timeout)
 
     async def _reap_expired(self) -> None:
         while True:
@@ -437,20 +468,21 @@ class SandboxManager:
                 except ApiError:
                     pass  # it ended or was paused meanwhile
                 except Exception:
-                    log.exception("reaping sandbox %s failed", row.id)
+                    log.exception("reaping sandbox %s failed", row.id, extra={"sandbox_id": row.id})
 
     async def _expire(self, sandbox_id: str) -> None:
         row = self._row(sandbox_id)
         if row.state != "running" or row.end_at > time.time():
             return
         if row.on_timeout == "pause":
-            await self.pause(sandbox_id, row.pause_mode or "full", "timed out (onTimeout=pause)")
+            await self.pause(sandbox_id, row.pause_mode or "full", "timed out (onTimeout=pause)", cause="timeout")
         else:
-            await self.kill(sandbox_id, "timed out")
+            await self.kill(sandbox_id, "timed out", cause="timeout")
+        self.observe.timed_out(sandbox_id, row.on_timeout)
 
     # -------------------------------------------------------------------------- pause/resume
 
-    async def pause(self, sandbox_id: str, mode: str, reason: str) -> None:
+    async def pause(self, sandbox_id: str, mode: str, reason: str, cause: str = "api") -> None:
         async with self._owning(sandbox_id):
             row = self._row(sandbox_id)
             if row.state == "paused":
@@ -465,9 +497,12 @@ class SandboxManager:
             self._forget_samples(sandbox_id)
             self.store.update(sandbox_id, state="paused", pause_mode=mode, remaining_s=remaining)
             self.store.event(sandbox_id, "paused", f"{reason} ({mode})")
+            self.observe.paused(sandbox_id, cause, mode)
 
-    async def resume(self, sandbox_id: str, timeout: int | None) -> SandboxRow:
+    async def resume(self, sandbox_id: str, timeout: int | None, cause: str = "api") -> SandboxRow:
+        """Resume a paused sandbox; ``cause`` (``api``, ``connect``, ``auto_resume``) labels the metrics."""
         async with self._owning(sandbox_id):
+            started = time.monotonic()
             row = self._row(sandbox_id)
             if row.state != "paused":
                 raise ApiError(409, f'Sandbox "{sandbox_id}" is already running')
@@ -489,6 +524,7 @@ class SandboxManager:
             changes.update(state="running", end_at=time.time() + remaining, remaining_s=None, pause_mode=None)
             self.store.update(sandbox_id, **changes)
             self.store.event(sandbox_id, "resumed", row.pause_mode)
+            self.observe.resumed(sandbox_id, cause, row.pause_mode, time.monotonic() - started)
             return self._row(sandbox_id)
 
     async def connect(self, sandbox_id: str, timeout: int | None) -> tuple[SandboxRow, bool]:
@@ -496,7 +532,7 @@ class SandboxManager:
         row = self._row(sandbox_id)
         if row.state == "paused":
             try:
-                return await self.resume(sandbox_id, timeout), True
+                return await self.resume(sandbox_id, timeout, cause="connect"), True
             except ApiError as exc:
                 if exc.status != 409:  # 409: a concurrent connect resumed it first
                     raise
@@ -541,6 +577,19 @@ class SandboxManager:
             walk.add_done_callback(lambda _: self._disk_walks.pop(sandbox_id, None))
         used = await asyncio.shield(walk)
         self._disk_usage[sandbox_id] = (time.monotonic(), used)
+        return used
+
+    def disk_used_now(self, sandbox_id: str, may_walk: bool) -> int | None:
+        """For a worker thread (a metrics scrape): the cached size of the writable layer if fresh,
+        else a walk when ``may_walk`` (cached for everyone), else the stale figure or None."""
+        cached = self._disk_usage.get(sandbox_id)
+        if cached is not None and (not may_walk or time.monotonic() - cached[0] < DISK_USAGE_TTL_S):
+            return cached[1]
+        if not may_walk:
+            return None
+        used = _dir_size(self.sandboxes_dir / sandbox_id / "upper")
+        if sandbox_id in self.handles:  # not killed meanwhile: nothing would forget the entry
+            self._disk_usage[sandbox_id] = (time.monotonic(), used)
         return used
 
     def _cpu_pct(self, sandbox_id: str, usage_ns: int, cpus: int) -> float:

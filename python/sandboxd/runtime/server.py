@@ -7,6 +7,7 @@ import logging
 import os
 import secrets
 import sys
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,6 +17,12 @@ from sandboxd.agent.asgi import Receive, Scope, Send, header_map, send_json, ser
 from .api import ControlPlane
 from .errors import ApiError
 from .manager import Limits, SandboxManager
+from .observe import Observer, Secrets
+from .observe import logs as observe_logs
+from .observe.endpoints import PATHS as OPERATOR_PATHS
+from .observe.endpoints import OperatorEndpoints
+from .observe.http import RequestObserver
+from .observe.probes import Readiness
 from .proxy import SandboxProxy, parse_target
 from .store import Store
 from .templates import Templates
@@ -36,15 +43,26 @@ class ServeOptions:
     api_key: str | None = None
     domain: str | None = None
     limits: Limits = field(default_factory=Limits)
+    log_format: str = "text"
 
 
 class RuntimeApp:
-    """One port: requests for a sandbox go to the proxy, the rest to the control plane."""
+    """One port: requests for a sandbox go to the proxy, the rest to the control plane and the
+    operators' endpoints (``/health``, ``/ready``, ``/metrics``, ``/status``); every request is
+    observed (:mod:`.observe.http`)."""
 
-    def __init__(self, control: ControlPlane, proxy: SandboxProxy, zygote: ZygoteClient, domain: str | None) -> None:
+    def __init__(
+        self,
+        control: ControlPlane,
+        proxy: SandboxProxy,
+        operators: OperatorEndpoints,
+        requests: RequestObserver,
+        domain: str | None,
+    ) -> None:
         self.control = control
         self.proxy = proxy
-        self.zygote = zygote
+        self.operators = operators
+        self.requests = requests
         self.domain = domain
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -53,20 +71,27 @@ class RuntimeApp:
         try:
             target = parse_target(header_map(scope), self.domain)
         except ApiError as exc:
-            await send_json(send, exc.status, {"code": exc.status, "message": exc.message})
+            await self.requests.runtime(_error(exc), scope, receive, send)
             return
         if target is not None:
-            await self.proxy(scope, receive, send, *target)
-        elif scope["path"] == "/health":
-            # Alive (200) even while degraded: the runtime serves its API and running sandboxes, and
-            # restarts the zygote by itself; the body says what is wrong.
-            down = self.zygote.down_reason
-            health = {"status": "degraded", "reason": down} if down else {"status": "ok"}
-            await send_json(send, 200, {**health, "version": __version__})
+            await self.requests.proxied(self.proxy, scope, receive, send, *target)
+        else:
+            await self.requests.runtime(self._local, scope, receive, send)
+
+    async def _local(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["path"] in OPERATOR_PATHS:
+            await self.operators(scope, receive, send)
         elif self.control.matches(scope["path"]):
             await self.control(scope, receive, send)
         else:
             await send_json(send, 404, {"code": 404, "message": f"no such endpoint: {scope['method']} {scope['path']}"})
+
+
+def _error(exc: ApiError) -> Callable[[Scope, Receive, Send], Awaitable[None]]:
+    async def answer(scope: Scope, receive: Receive, send: Send) -> None:
+        await send_json(send, exc.status, {"code": exc.status, "message": exc.message})
+
+    return answer
 
 
 def _api_key(store: Store, given: str | None) -> str:
@@ -83,7 +108,8 @@ def run(options: ServeOptions) -> None:
     """Prepare the data dir and the zygote, then serve until interrupted."""
     from sandboxd import _core
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    known_secrets = Secrets()
+    recent = observe_logs.configure(options.log_format, known_secrets)
     if os.geteuid() != 0:
         sys.exit("sandboxd serve needs root: sandboxes are built from namespaces, overlayfs and cgroups")
     # The database holds the API key and every sandbox's access token: owner-only, like ~/.ssh.
@@ -91,38 +117,71 @@ def run(options: ServeOptions) -> None:
     options.data_dir.chmod(0o700)
     store = Store(options.data_dir / "sandboxd.db")
     api_key = _api_key(store, options.api_key)
+    known_secrets.add(api_key)
+    observer = Observer(secrets=known_secrets)
     templates = Templates(options.data_dir)
-    templates.ensure_builtin()
+    with observer.metrics.template_build():
+        templates.ensure_builtin()
     _core.become_subreaper()
     url = f"http://{options.host}:{options.port}"
-    print(
-        f"sandboxd {__version__}: E2B-compatible API and sandbox proxy on {url}\n"
-        f"data dir: {options.data_dir}\n\n"
-        "Point the E2B SDKs at it:\n"
-        f"  export E2B_API_KEY={api_key}\n"
-        f"  export E2B_API_URL={url}\n"
-        f"  export E2B_SANDBOX_URL={url}\n",
-        flush=True,
-    )
+    store.set_setting("url", url)  # where `sandboxd status` finds this runtime
+    if options.log_format == "json":
+        # A log pipeline keeps stdout: no key in it. The person who needs it reads it from the data dir.
+        log.info(
+            "sandboxd %s serving the E2B API and sandbox proxy on %s (data dir %s)",
+            __version__,
+            url,
+            options.data_dir,
+            extra={"event": "runtime.started", "url": url, "data_dir": str(options.data_dir)},
+        )
+    else:
+        print(
+            f"sandboxd {__version__}: E2B-compatible API and sandbox proxy on {url}\n"
+            f"data dir: {options.data_dir}\n\n"
+            "Point the E2B SDKs at it:\n"
+            f"  export E2B_API_KEY={api_key}\n"
+            f"  export E2B_API_URL={url}\n"
+            f"  export E2B_SANDBOX_URL={url}\n",
+            flush=True,
+        )
     import uvloop
 
-    uvloop.run(_serve(options, store, templates, api_key))
+    uvloop.run(_serve(options, store, templates, api_key, observer, recent))
 
 
-async def _serve(options: ServeOptions, store: Store, templates: Templates, api_key: str) -> None:
+async def _serve(
+    options: ServeOptions,
+    store: Store,
+    templates: Templates,
+    api_key: str,
+    observer: Observer,
+    recent: observe_logs.RecentErrors,
+) -> None:
     from . import zygote
 
     zygote_client = ZygoteClient(zygote.start)
     await zygote_client.start()
-    manager = SandboxManager(store, templates, options.data_dir, zygote_client, options.limits)
+    manager = SandboxManager(store, templates, options.data_dir, zygote_client, options.limits, observer)
     await manager.start()
     proxy = SandboxProxy(manager)
     manager.on_gone.append(proxy.forget)
-    app = RuntimeApp(ControlPlane(manager, api_key, options.domain), proxy, zygote_client, options.domain)
+    readiness = Readiness(zygote_client, options.data_dir, templates)
+    operators = OperatorEndpoints(
+        manager, zygote_client, readiness, observer.metrics, recent, api_key, options.data_dir
+    )
+    app = RuntimeApp(
+        ControlPlane(manager, api_key, options.domain),
+        proxy,
+        operators,
+        RequestObserver(observer.metrics),
+        options.domain,
+    )
     config = server_config(app, options.host, options.port)
+    observe_logs.adopt_uvicorn()
     try:
         await serve_until_signalled(config)
     finally:
+        operators.close()
         await manager.stop()
         await zygote_client.stop()
         store.close()

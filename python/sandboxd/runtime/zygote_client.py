@@ -89,13 +89,15 @@ class ZygoteClient:
                 sock, process = await asyncio.to_thread(self._start)
             except OSError as exc:
                 self.down_reason = f"the zygote could not be started: {exc}"
-                log.error("%s", self.down_reason)
+                log.error("%s", self.down_reason, extra={"event": "zygote.start_failed"})
                 failures += 1
                 await asyncio.sleep(RESTART_DELAYS_S[min(failures, len(RESTART_DELAYS_S) - 1)])
                 continue
             sock.setblocking(False)
             self._sock = sock
             self.down_reason = None
+            if self.restarts:
+                log.info("zygote restarted (pid %d)", process.pid, extra={"event": "zygote.restarted"})
             self._up.set()
             started = loop.time()
             reason = await self._read_answers(sock)
@@ -104,7 +106,7 @@ class ZygoteClient:
             sock.close()
             status = await asyncio.to_thread(_reap, process)
             self.down_reason = f"the zygote exited ({reason}; exit status {status}) and is being restarted"
-            log.error("%s", self.down_reason)
+            log.error("%s", self.down_reason, extra={"event": "zygote.exited"})
             for waiting in self._waiting.values():
                 if not waiting.done():
                     waiting.set_exception(ApiError(503, f"the sandbox could not be created: {self.down_reason}"))

@@ -1,0 +1,131 @@
+"""The runtime's log pipeline on real ``logging`` records: every way a secret can reach a line is
+scrubbed before any formatter sees it, and both formats carry the fields operators filter on."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+from collections.abc import Iterator
+
+import pytest
+from sandboxd.runtime.observe import logs
+from sandboxd.runtime.observe.metrics import bounded, status_label
+
+TOKEN = "Zq0KtICXhqFUZdOy9_7mISbPk-e3cdfa"
+API_KEY = "e2b_" + "0123456789abcdef" * 2 + "01234567"
+
+
+@pytest.fixture
+def capture() -> Iterator[tuple[logging.Logger, io.StringIO, logs.Secrets, logs.RecentErrors]]:
+    """The runtime's logging set up in JSON on a buffer; the root logger restored afterwards."""
+    root = logging.getLogger()
+    saved = (list(root.handlers), root.level)
+    known = logs.Secrets()
+    recent = logs.configure("json", known)
+    output = io.StringIO()
+    stream = next(h for h in root.handlers if isinstance(h, logging.StreamHandler))
+    assert isinstance(stream, logging.StreamHandler)
+    stream.setStream(output)
+    try:
+        yield logging.getLogger("sandboxd.runtime.test"), output, known, recent
+    finally:
+        for handler in list(root.handlers):
+            root.removeHandler(handler)
+        for handler in saved[0]:
+            root.addHandler(handler)
+        root.setLevel(saved[1])
+
+
+def _lines(output: io.StringIO) -> list[dict[str, object]]:
+    return [json.loads(line) for line in output.getvalue().splitlines() if line.startswith("{")]
+
+
+def test_known_secrets_are_scrubbed_everywhere(
+    capture: tuple[logging.Logger, io.StringIO, logs.Secrets, logs.RecentErrors],
+) -> None:
+    log, output, known, recent = capture
+    known.add(TOKEN)
+    known.add("my-own-api-key-value")
+    log.info("token %s in the arguments", TOKEN)
+    log.warning("key in the message: my-own-api-key-value", extra={"event": "x.y", "detail": f"extra {TOKEN}"})
+    try:
+        raise ValueError(f"an exception naming {TOKEN}")
+    except ValueError:
+        log.exception("failed", extra={"sandbox_id": "abc"})
+    text = output.getvalue()
+    assert TOKEN not in text and "my-own-api-key-value" not in text
+    lines = _lines(output)
+    assert [line["message"] for line in lines] == [
+        "token [redacted] in the arguments",
+        "key in the message: [redacted]",
+        "failed",
+    ]
+    assert lines[1]["detail"] == "extra [redacted]" and lines[1]["event"] == "x.y"
+    assert "an exception naming [redacted]" in str(lines[2]["exc_info"])
+    assert lines[2]["sandbox_id"] == "abc"
+    assert lines[0]["event"] == "sandboxd.runtime.test"  # a record without an event is named by its logger
+    # The recent errors keep only warnings and errors, scrubbed too.
+    assert [r["message"] for r in recent.records] == ["key in the message: [redacted]", "failed"]
+    known.discard(TOKEN)
+    log.info("after the sandbox ended: %s", TOKEN)
+    assert TOKEN in output.getvalue().splitlines()[-1]
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        f"X-Access-Token: {TOKEN}",
+        f"x-api-key={TOKEN}",
+        f'{{"envdAccessToken": "{TOKEN}", "other": 1}}',
+        f"GET /files?path=/a&signature=v1_{TOKEN}&signature_expiration=1",
+        f"Authorization: Bearer {TOKEN}",
+        f"the key {API_KEY} leaked",
+    ],
+)
+def test_secret_shapes_are_scrubbed_unregistered(
+    capture: tuple[logging.Logger, io.StringIO, logs.Secrets, logs.RecentErrors], line: str
+) -> None:
+    log, output, _, _ = capture
+    log.info(line)
+    (record,) = _lines(output)
+    assert TOKEN not in str(record["message"]) and API_KEY not in str(record["message"])
+    assert "[redacted]" in str(record["message"])
+
+
+def test_json_and_text_lines_carry_the_fields(
+    capture: tuple[logging.Logger, io.StringIO, logs.Secrets, logs.RecentErrors],
+) -> None:
+    log, output, _, _ = capture
+    token = logs.REQUEST_ID.set("req-1")
+    try:
+        log.info("created", extra={"event": "sandbox.created", "sandbox_id": "sbx1", "duration_ms": 12.5})
+    finally:
+        logs.REQUEST_ID.reset(token)
+    log.info("no request", extra={"request_id": None})
+    first, second = _lines(output)
+    assert first["time"] and str(first["time"]).endswith("Z")
+    assert (first["level"], first["event"], first["message"]) == ("INFO", "sandbox.created", "created")
+    assert (first["sandbox_id"], first["request_id"], first["duration_ms"]) == ("sbx1", "req-1", 12.5)
+    assert second["request_id"] is None and second["sandbox_id"] is None
+
+    record = logging.LogRecord("sandboxd.x", logging.WARNING, __file__, 1, "died %s", ("now",), None)
+    record.event = "sandbox.died"
+    record.sandbox_id = "sbx2"
+    logs.Redactor(logs.Secrets()).filter(record)
+    line = logs.TextLines().format(record)
+    assert line.endswith(" WARNING sandbox.died died now sandbox_id=sbx2")
+
+
+def test_label_values_are_bounded() -> None:
+    assert [status_label(s) for s in (200, 404, 502, 418, 299, 0, 999)] == [
+        "200",
+        "404",
+        "502",
+        "4xx",
+        "2xx",
+        "aborted",
+        "aborted",
+    ]
+    assert bounded("api", ("api", "timeout")) == "api"
+    assert bounded("anything a client sent", ("api", "timeout")) == "other"
