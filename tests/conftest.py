@@ -134,6 +134,23 @@ class Runtime:
         wait_healthy(self.url, self.process, self.log, status=200)
 
 
+def zygote_pid(runtime: Runtime) -> int:
+    """The pid of the runtime's zygote (its child running ``sandboxd.runtime.zygote``)."""
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmdline = f.read()
+            with open(f"/proc/{pid}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except OSError:
+            continue
+        if b"sandboxd.runtime.zygote" in cmdline and ppid == runtime.process.pid:
+            return int(pid)
+    raise AssertionError("the runtime has no zygote process")
+
+
 @pytest.fixture(scope="session")
 def start_runtime(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., Runtime]]:
     """A factory: ``start_runtime(*flags)`` → a running :class:`Runtime` with its own data dir."""

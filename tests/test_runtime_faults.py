@@ -12,27 +12,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
-from conftest import Runtime
+from conftest import Runtime, zygote_pid
 
 
 def _api(runtime: Runtime) -> httpx.Client:
     return httpx.Client(base_url=runtime.url, headers={"X-API-KEY": runtime.api_key}, timeout=60)
-
-
-def _zygote_pid(runtime: Runtime) -> int:
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                cmdline = f.read()
-            with open(f"/proc/{pid}/stat") as f:
-                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-        except OSError:
-            continue
-        if b"sandboxd.runtime.zygote" in cmdline and ppid == runtime.process.pid:
-            return int(pid)
-    raise AssertionError("the runtime has no zygote process")
 
 
 def test_a_killed_zygote_answers_503_then_recovers(start_runtime: Callable[..., Runtime]) -> None:
@@ -40,7 +24,7 @@ def test_a_killed_zygote_answers_503_then_recovers(start_runtime: Callable[..., 
     with _api(runtime) as api:
         before = api.post("/sandboxes", json={"templateID": "base"})
         assert before.status_code == 201, before.text
-        old = _zygote_pid(runtime)
+        old = zygote_pid(runtime)
         os.kill(old, signal.SIGKILL)
         statuses: list[int] = []
         saw_degraded = False
@@ -56,7 +40,7 @@ def test_a_killed_zygote_answers_503_then_recovers(start_runtime: Callable[..., 
                 break
             assert r.status_code == 503, r.text
             assert "zygote" in r.json()["message"]
-        assert _zygote_pid(runtime) != old
+        assert zygote_pid(runtime) != old
         assert api.get("/health").json()["status"] == "ok"
         # The sandbox created before the zygote died still works.
         sandbox_id = before.json()["sandboxID"]
