@@ -61,6 +61,10 @@ test-js: ## the official E2B JS SDK (@e2b/code-interpreter, pinned) against a re
 		set -x; cd tests/js && npm ci --no-audit --no-fund && SANDBOXD_PYTHON=$(abspath $(PY)) node --test --test-timeout=60000; \
 	fi
 
+.PHONY: promtool
+promtool: $(PY) ## promtool (Prometheus's /metrics linter) from Debian's archive into .venv/bin, for the metrics tests
+	bash tests/tools/install_promtool.sh $(VENV)/bin
+
 .PHONY: test
 test: install lint test-rust test-py test-js ## everything CI runs: install, lint, cargo test, pytest, JS SDK tests
 
