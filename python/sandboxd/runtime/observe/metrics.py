@@ -161,27 +161,6 @@ class RuntimeMetrics:
             ["reason"],
             registry=registry,
         )
-        self.api_requests = Counter(
-            "sandboxd_api_requests",
-            "Requests answered by the runtime itself (control plane, probes, metrics), by status",
-            ["status"],
-            registry=registry,
-        )
-        self.proxy_requests = Counter(
-            "sandboxd_proxy_requests", "Requests proxied into sandboxes, by status", ["status"], registry=registry
-        )
-        self.proxy_errors = Counter(
-            "sandboxd_proxy_errors",
-            "Proxied requests that failed (status >= 400, or aborted before a response), by status",
-            ["status"],
-            registry=registry,
-        )
-        self.proxy_request_bytes = Counter(
-            "sandboxd_proxy_request_bytes", "Body bytes proxied from clients into sandboxes", registry=registry
-        )
-        self.proxy_response_bytes = Counter(
-            "sandboxd_proxy_response_bytes", "Body bytes proxied from sandboxes to clients", registry=registry
-        )
         self.template_builds = Counter(
             "sandboxd_template_builds", "Template builds, by result", ["result"], registry=registry
         )
@@ -207,6 +186,8 @@ class RuntimeMetrics:
                 self.resumes.labels(reason, mode)
         for result in ("ok", "error"):
             self.template_builds.labels(result)
+        self.requests = RequestCounts()
+        registry.register(self.requests)
         self.collector = RuntimeCollector()
         registry.register(self.collector)
 
@@ -231,6 +212,59 @@ class RuntimeMetrics:
             return encoder(self.registry), content_type
         finally:
             self.collector.view = None
+
+
+class RequestCounts(Collector):
+    """The counters on the request path, kept as plain integers and exported by this collector.
+
+    A prometheus_client ``Counter.inc`` takes a lock and checks its state on every call, and
+    ``labels()`` validates and locks again; per proxied request that was three of each, several
+    microseconds on a loaded host, for figures nobody reads until a scrape. Here a request adds to
+    a dict entry keyed by its status code (the event loop's thread is the only writer), and a scrape
+    copies the dicts (one C call under the GIL) and folds the codes into their labels.
+    """
+
+    def __init__(self) -> None:
+        self.api: dict[int, int] = {}
+        """Requests the runtime answered itself, by status code (0: no response)."""
+        self.proxy: dict[int, int] = {}
+        """Proxied requests by status code (0: aborted before a response)."""
+        self.request_bytes = 0
+        self.response_bytes = 0
+
+    def describe(self) -> Iterable[Metric]:
+        return []
+
+    def collect(self) -> Iterable[Metric]:
+        api, proxy = dict(self.api), dict(self.proxy)
+        yield _by_status(
+            "sandboxd_api_requests",
+            "Requests answered by the runtime itself (control plane, probes, metrics), by status",
+            api,
+        )
+        yield _by_status("sandboxd_proxy_requests", "Requests proxied into sandboxes, by status", proxy)
+        yield _by_status(
+            "sandboxd_proxy_errors",
+            "Proxied requests that failed (status >= 400, or aborted before a response), by status",
+            {status: n for status, n in proxy.items() if status >= 400 or status == 0},
+        )
+        yield CounterMetricFamily(
+            "sandboxd_proxy_request_bytes", "Body bytes proxied from clients into sandboxes", value=self.request_bytes
+        )
+        yield CounterMetricFamily(
+            "sandboxd_proxy_response_bytes", "Body bytes proxied from sandboxes to clients", value=self.response_bytes
+        )
+
+
+def _by_status(name: str, documentation: str, counts: dict[int, int]) -> CounterMetricFamily:
+    family = CounterMetricFamily(name, documentation, labels=["status"])
+    folded: dict[str, int] = {}
+    for status, n in counts.items():
+        label = status_label(status)
+        folded[label] = folded.get(label, 0) + n
+    for label, n in sorted(folded.items()):
+        family.add_metric([label], n)
+    return family
 
 
 class RuntimeCollector(Collector):
