@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 
-from . import chart, commands, files, runtime, sdk_files, watch
+from . import chart, commands, files, observe, runtime, sdk_files, watch
 from .common import (
     Agent,
     Context,
@@ -35,6 +35,7 @@ SCENARIOS: dict[str, Callable[[Context], None]] = {
     "watch": watch.run,
     "commands": commands.run,
     "runtime": runtime.run,
+    "observe": observe.run,
 }
 
 

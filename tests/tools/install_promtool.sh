@@ -4,9 +4,9 @@
 # the package (that would add a Prometheus server, its user and its service to the machine).
 #
 # Why Debian's build and not `go install github.com/prometheus/prometheus/cmd/promtool`: promtool links
-# every service-discovery backend (Kubernetes, AWS, Azure, GCE...), a build measured at over 25 minutes
-# on this 2-core machine, against seconds for a 19 MB download. The lint rules it applies to metric
-# names, types and help text have not changed in the releases since Debian's 2.42.
+# every service-discovery backend (Kubernetes, AWS, Azure, GCE...): v0.316.0 (Prometheus 3) took 24
+# minutes and 3.4 GB of memory to build on this 2-core machine (with other builds running), against
+# about 20 seconds to fetch and unpack Debian's 19 MB package. Both versions accept our /metrics.
 #
 # Never fails the build: without promtool the test that needs it is skipped with a reason.
 set -uo pipefail
