@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -228,6 +229,11 @@ def test_json_logs_of_a_lifecycle_and_failed_requests(sdk: Callable[..., Runtime
         )
         assert signed.status_code == 502
     sbx.kill()
+    # uvicorn's own lines (here: a request that is not HTTP) come through the same formatter.
+    with socket.create_connection(("127.0.0.1", runtime.port)) as raw:
+        raw.sendall(b"NOT HTTP AT ALL\r\n\r\n")
+        raw.recv(1000)
+    _wait_for(lambda: "uvicorn.error" in runtime.log.read_text(), "uvicorn's warning")
 
     records = _log_lines(runtime)
     for record in records:
@@ -251,6 +257,7 @@ def test_json_logs_of_a_lifecycle_and_failed_requests(sdk: Callable[..., Runtime
     assert runtime.api_key not in text
     assert token not in text
     assert "[redacted]" in text  # the lines that carried them are there, scrubbed
+    assert by_event["uvicorn.error"][0]["level"] == "WARNING"
 
 
 def test_ready_follows_the_zygote_and_the_template(start_runtime: Callable[..., Runtime]) -> None:

@@ -120,7 +120,7 @@ def run(options: ServeOptions) -> None:
     known_secrets.add(api_key)
     observer = Observer(secrets=known_secrets)
     templates = Templates(options.data_dir)
-    with observer.metrics.template_build():
+    with observer.template_build("base"):
         templates.ensure_builtin()
     _core.become_subreaper()
     url = f"http://{options.host}:{options.port}"

@@ -9,7 +9,10 @@ is created or re-adopted and dropped when the sandbox ends.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import time
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from ..errors import ApiError
@@ -105,6 +108,26 @@ class Observer:
         self.metrics.deaths.labels(bounded(cause, DEATH_REASONS)).inc()
         # No request causes a death: the watch that noticed it may still carry the create's context.
         self._line(logging.WARNING, "sandbox.died", row.id, reason, reason=cause, request_id=None)
+
+    @contextlib.contextmanager
+    def template_build(self, template: str) -> Iterator[None]:
+        """The hook for template builds: ``with observer.template_build(name): build()`` counts the
+        build by result, times a successful one, and logs one line either way."""
+        started = time.monotonic()
+        try:
+            with self.metrics.template_build():
+                yield
+        except Exception as exc:
+            log.error(
+                f"building template {template} failed: {exc}",
+                extra={"event": "template.build_failed", "template": template},
+            )
+            raise
+        seconds = time.monotonic() - started
+        log.info(
+            f"template {template} built in {seconds:.1f} s",
+            extra={"event": "template.built", "template": template, "duration_ms": round(seconds * 1000, 1)},
+        )
 
     def reclaimed(self, sandbox_id: str) -> None:
         message = "processes, cgroup and writable layer removed"
