@@ -429,6 +429,9 @@ class SandboxManager:
         """Kill a sandbox; ``cause`` (``api``, ``timeout``) labels the metrics, ``reason`` is recorded."""
         async with self._owning(sandbox_id):
             row = self._row(sandbox_id)
+            # Ended first: from the moment its processes start dying, every view of the sandbox (the
+            # API, the proxy's 502) already says it is gone, never "running but unreachable".
+            self.store.update(sandbox_id, state="ended", ended_reason=reason)
             self._notify_gone(sandbox_id)
             handle = self.handles.get(sandbox_id)
             if row.state == "paused" and row.pause_mode == "full" and handle is not None:
@@ -437,7 +440,6 @@ class SandboxManager:
             await self._stop_processes(sandbox_id)
             self._slots.discard(sandbox_id)
             self._forget_samples(sandbox_id)
-            self.store.update(sandbox_id, state="ended", ended_reason=reason)
             self.store.event(sandbox_id, "killed", reason)
             self.observe.killed(row, cause, reason)
 
