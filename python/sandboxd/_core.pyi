@@ -296,3 +296,33 @@ def list_sandboxes() -> list[str]:
 
 def become_subreaper() -> None:
     """Make this process the reaper of sandbox inits it started (``PR_SET_CHILD_SUBREAPER``)."""
+
+# ------------------------------------------------------------------------------------ network
+
+def net_create_link(
+    host_name: str,
+    group: int,
+    netns_fd: int,
+    host_v4: str,
+    sandbox_v4: str,
+    prefix_v4: int,
+    host_v6: str,
+    sandbox_v6: str,
+    prefix_v6: int,
+) -> None:
+    """A sandbox's veth pair: ``host_name`` (in link ``group``) in this namespace with the gateway
+    addresses, up; its peer created inside the namespace open as ``netns_fd`` as ``eth0`` with the
+    sandbox's addresses and default routes, up. ``FileExistsError`` if ``host_name`` is taken;
+    nothing is left behind on failure."""
+
+def net_delete_link(name: str) -> bool:
+    """Delete interface ``name`` (a veth pair goes whole); False when there was none."""
+
+def net_delete_group(group: int) -> None:
+    """Delete every interface of link ``group`` in one request."""
+
+def net_link_stats(name: str) -> tuple[int, int] | None:
+    """``(rx_bytes, tx_bytes)`` of interface ``name``, or None when it does not exist."""
+
+def net_list_links(prefix: str) -> list[str]:
+    """Names of the interfaces whose name starts with ``prefix``."""

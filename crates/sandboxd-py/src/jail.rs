@@ -30,7 +30,7 @@ pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
 
 /// An `io::Error` as the `OSError` subclass for its errno, keeping the jail's message (which
 /// names the step that failed).
-fn to_pyerr(err: io::Error) -> PyErr {
+pub(crate) fn to_pyerr(err: io::Error) -> PyErr {
     match err.raw_os_error() {
         Some(errno) => PyOSError::new_err((errno, err.to_string())),
         None if err.kind() == io::ErrorKind::InvalidInput => PyValueError::new_err(err.to_string()),

@@ -11,6 +11,7 @@
 mod errors;
 mod fs;
 mod jail;
+mod net;
 mod proc;
 mod watch;
 
@@ -22,6 +23,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     fs::register(m)?;
     jail::register(m)?;
+    net::register(m)?;
     proc::register(m)?;
     watch::register(m)?;
     Ok(())
