@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import ipaddress
+import os
 import sys
 from pathlib import Path
 
@@ -14,6 +16,20 @@ def _port(value: str) -> int:
     if not 0 <= port <= 65535:
         raise argparse.ArgumentTypeError(f"{value} is not a TCP port")
     return port
+
+
+def _network(value: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    try:
+        return ipaddress.ip_network(value, strict=False)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value} is not an IP address or CIDR block") from None
+
+
+def _v4_network(value: str) -> ipaddress.IPv4Network:
+    try:
+        return ipaddress.IPv4Network(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value} is not an IPv4 CIDR block (host bits must be zero)") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -61,6 +77,50 @@ def build_parser() -> argparse.ArgumentParser:
     )
     status.add_argument("--api-key", help="the runtime's API key (default: $E2B_API_KEY, then the data dir's)")
     status.add_argument("--json", action="store_true", help="print the runtime's /status answer as JSON")
+    net = serve.add_argument_group("sandbox networking (docs/network.md)")
+    net.add_argument(
+        "--uplink",
+        default=os.environ.get("SANDBOXD_UPLINK") or None,
+        help="the only interface sandbox traffic may leave by, masqueraded to its address (also: $SANDBOXD_UPLINK; "
+        "default: whichever the host's routes pick)",
+    )
+    net.add_argument(
+        "--sandbox-subnet",
+        type=_v4_network,
+        help="IPv4 block for sandbox links, a /30 each (default: a free block of 10.240.0.0/12)",
+    )
+    net.add_argument(
+        "--dns-upstream",
+        action="append",
+        default=[],
+        metavar="ADDR[:PORT]",
+        help="resolver the sandboxes' DNS is forwarded to; repeatable (default: the host's /etc/resolv.conf)",
+    )
+    net.add_argument(
+        "--sandbox-allow",
+        action="append",
+        type=_network,
+        default=[],
+        metavar="CIDR",
+        help="open a range sandboxes may otherwise never reach (private, link-local, metadata); repeatable",
+    )
+    net.add_argument(
+        "--sandbox-deny",
+        action="append",
+        type=_network,
+        default=[],
+        metavar="CIDR",
+        help="another range sandboxes may never reach; repeatable",
+    )
+    net.add_argument(
+        "--egress-trust",
+        type=Path,
+        help="PEM CA certificates the egress proxy trusts, besides the host's, when it re-encrypts HTTPS to a host "
+        "with header rules",
+    )
+    net.add_argument(
+        "--no-network", action="store_true", help="give sandboxes loopback only (no link, no firewall table)"
+    )
 
     template = commands.add_parser("template", help="manage templates")
     template_commands = template.add_subparsers(dest="template_command", required=True)
@@ -88,6 +148,7 @@ def main(argv: list[str] | None = None) -> None:
         )
     elif args.command == "serve":
         from sandboxd.runtime.manager import Limits
+        from sandboxd.runtime.network import NetworkOptions
         from sandboxd.runtime.server import DEFAULT_DATA_DIR, ServeOptions
         from sandboxd.runtime.server import run as run_runtime
 
@@ -106,6 +167,16 @@ def main(argv: list[str] | None = None) -> None:
                 domain=args.domain,
                 limits=limits,
                 log_format=args.log_format,
+                network=None
+                if args.no_network
+                else NetworkOptions(
+                    uplink=args.uplink,
+                    subnet=args.sandbox_subnet,
+                    dns_upstreams=args.dns_upstream,
+                    allow=args.sandbox_allow,
+                    deny=args.sandbox_deny,
+                    egress_trust=args.egress_trust,
+                ),
             )
         )
     elif args.command == "status":

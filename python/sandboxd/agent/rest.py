@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import time
@@ -11,6 +12,7 @@ import psutil
 
 from sandboxd import ENVD_VERSION
 
+from . import cacerts
 from .asgi import ClientDisconnected, Receive, Send, read_body, send_empty, send_http_error, send_json
 from .state import AgentState
 from .users import lookup
@@ -83,9 +85,16 @@ async def init(state: AgentState, headers: dict[str, str], receive: Receive, sen
         token = _str_field(body, "accessToken")
         user = _str_field(body, "defaultUser")
         workdir = _str_field(body, "defaultWorkdir")
+        ca_bundle = _str_field(body, "caBundle")
     except ValueError as exc:
         await send_http_error(send, 400, f"invalid /init body: {exc}")
         return
+    if ca_bundle:
+        try:
+            await asyncio.to_thread(cacerts.install, ca_bundle)
+        except (OSError, ValueError) as exc:
+            await send_http_error(send, 400, f"could not install 'caBundle': {exc}")
+            return
     if user:
         try:
             lookup(user)

@@ -33,9 +33,15 @@ start small, and back off to a delay that costs nothing measurable."""
 OpenSocket = Callable[[int], Awaitable[socket.socket]]
 
 
-async def init_agent(open_socket: OpenSocket, access_token: str, env_vars: dict[str, str]) -> None:
-    """``POST /init`` until the agent answers; 204 is success, anything else fails the create."""
-    body = json.dumps({"envVars": env_vars, "accessToken": access_token}).encode()
+async def init_agent(
+    open_socket: OpenSocket, access_token: str, env_vars: dict[str, str], ca_bundle: str | None = None
+) -> None:
+    """``POST /init`` until the agent answers; 204 is success, anything else fails the create.
+    ``ca_bundle``: PEM certificates for the sandbox's trust store (envd's ``caBundle``)."""
+    fields: dict[str, object] = {"envVars": env_vars, "accessToken": access_token}
+    if ca_bundle:
+        fields["caBundle"] = ca_bundle
+    body = json.dumps(fields).encode()
     head = (
         "POST /init HTTP/1.1\r\nHost: sandbox\r\n"
         f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n"

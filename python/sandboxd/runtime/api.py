@@ -21,6 +21,7 @@ from sandboxd.agent.asgi import ClientDisconnected, Receive, Scope, Send, header
 
 from .errors import ApiError
 from .manager import CreateRequest, MetricsSample, SandboxManager
+from .network import NetworkConfig
 from .store import SandboxRow
 
 CLIENT_ID = "6532622b"
@@ -61,6 +62,106 @@ def _field(body: dict[str, Any], name: str, kind: type | tuple[type, ...], defau
     return value
 
 
+def _string_list(body: dict[str, Any], name: str, where: str) -> tuple[str, ...] | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+        raise ApiError(400, f"'{where}{name}' must be an array of strings")
+    return tuple(value)
+
+
+def _rules(body: dict[str, Any], where: str) -> dict[str, tuple[dict[str, str], ...]] | None:
+    """E2B's ``rules``: host → ``[{"transform": {"headers": {name: value}}}]``."""
+    value = body.get("rules")
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise ApiError(400, f"'{where}rules' must be an object of host → rules")
+    rules: dict[str, tuple[dict[str, str], ...]] = {}
+    for host, items in value.items():
+        if not isinstance(items, list):
+            raise ApiError(400, f"'{where}rules.{host}' must be an array of rules")
+        parsed = []
+        for item in items:
+            transform = item.get("transform") if isinstance(item, dict) else None
+            headers = transform.get("headers") if isinstance(transform, dict) else None
+            if not isinstance(item, dict) or (transform is not None and not isinstance(transform, dict)):
+                raise ApiError(400, f'\'{where}rules.{host}\' items must be {{"transform": {{"headers": {{...}}}}}}')
+            if headers is not None and (
+                not isinstance(headers, dict) or not all(isinstance(v, str) for v in headers.values())
+            ):
+                raise ApiError(400, f"'{where}rules.{host}[].transform.headers' must be an object of strings")
+            parsed.append(dict(headers or {}))
+        rules[host.lower()] = tuple(parsed)
+    return rules
+
+
+def _egress_proxy_refused(body: dict[str, Any], message: str) -> None:
+    """E2B's open-source deployments refuse a BYOP proxy with this 403 (feature flag off)."""
+    if body.get("egressProxy") is not None:
+        raise ApiError(403, message)
+
+
+def network_from_create(body: dict[str, Any]) -> NetworkConfig:
+    """``allow_internet_access`` and ``network`` of a create body (E2B's ``NewSandboxV2``)."""
+    allow_internet = _field(body, "allow_internet_access", bool, None)
+    network = _field(body, "network", dict, None)
+    if network is None:
+        return NetworkConfig(allow_internet_access=allow_internet)
+    _egress_proxy_refused(network, "Egress proxy (network.egressProxy) is not enabled for this team.")
+    ports = network.get("httpsPorts")
+    if ports is not None and (
+        not isinstance(ports, list) or not all(isinstance(p, int) and not isinstance(p, bool) for p in ports)
+    ):
+        raise ApiError(400, "'network.httpsPorts' must be an array of port numbers")
+    return NetworkConfig(
+        allow_internet_access=allow_internet,
+        allow_out=_string_list(network, "allowOut", "network."),
+        deny_out=_string_list(network, "denyOut", "network."),
+        dns_servers=_string_list(network, "dnsServers", "network."),
+        rules=_rules(network, "network."),
+        allow_public_traffic=_field(network, "allowPublicTraffic", bool, None),
+        mask_request_host=_field(network, "maskRequestHost", str, None),
+        https_ports=None if ports is None else tuple(ports),
+    )
+
+
+def network_from_update(body: dict[str, Any]) -> NetworkConfig:
+    """A ``PUT /sandboxes/{id}/network`` body (E2B's ``SandboxNetworkUpdateConfig``)."""
+    _egress_proxy_refused(body, "Egress proxy (egressProxy) is not enabled for this team.")
+    return NetworkConfig(
+        allow_internet_access=_field(body, "allow_internet_access", bool, None),
+        allow_out=_string_list(body, "allowOut", ""),
+        deny_out=_string_list(body, "denyOut", ""),
+        dns_servers=_string_list(body, "dnsServers", ""),
+        rules=_rules(body, ""),
+    )
+
+
+def network_to_wire(config: NetworkConfig) -> dict[str, Any] | None:
+    """The ``network`` of ``GET /sandboxes/{id}``: what was set, in E2B's names (None: nothing)."""
+    out: dict[str, Any] = {}
+    if config.allow_public_traffic is not None:
+        out["allowPublicTraffic"] = config.allow_public_traffic
+    if config.allow_out is not None:
+        out["allowOut"] = list(config.allow_out)
+    if config.deny_out is not None:
+        out["denyOut"] = list(config.deny_out)
+    if config.dns_servers is not None:
+        out["dnsServers"] = list(config.dns_servers)
+    if config.rules is not None:
+        out["rules"] = {
+            host: [{"transform": {"headers": dict(headers)}} for headers in rules]
+            for host, rules in config.rules.items()
+        }
+    if config.mask_request_host is not None:
+        out["maskRequestHost"] = config.mask_request_host
+    if config.https_ports is not None:
+        out["httpsPorts"] = list(config.https_ports)
+    return out or None
+
+
 def _string_map(body: dict[str, Any], name: str) -> dict[str, str]:
     value = _field(body, name, dict, {})
     for key, item in value.items():
@@ -86,6 +187,7 @@ class ControlPlane:
             ("POST", re.compile(r"/sandboxes/([^/]+)/pause"), self.pause),
             ("POST", re.compile(r"/sandboxes/([^/]+)/resume"), self.resume),
             ("GET", re.compile(r"/sandboxes/([^/]+)/metrics"), self.metrics),
+            ("PUT", re.compile(r"/sandboxes/([^/]+)/network"), self.update_network),
             ("GET", re.compile(r"/sandboxes/([^/]+)/events"), self.events),
         ]
 
@@ -138,7 +240,7 @@ class ControlPlane:
             "envdVersion": ENVD_VERSION,
             "alias": row.alias,
             "envdAccessToken": row.access_token,
-            "trafficAccessToken": None,
+            "trafficAccessToken": self.manager.traffic_token(row.id),
             "domain": self.domain,
         }
 
@@ -160,12 +262,16 @@ class ControlPlane:
 
     def _detail(self, row: SandboxRow) -> dict[str, Any]:
         detail = self._listed(row)
+        config = self.manager.network_config(row.id)
         detail.update(
             envdAccessToken=row.access_token,
             domain=self.domain,
-            allowInternetAccess=False,
+            allowInternetAccess=config.allow_internet_access,
             lifecycle={"autoResume": row.auto_resume, "onTimeout": row.on_timeout},
         )
+        network = network_to_wire(config)
+        if network is not None:
+            detail["network"] = network
         if row.state == "paused":
             detail["pauseMode"] = row.pause_mode
         return detail
@@ -187,6 +293,7 @@ class ControlPlane:
             on_timeout="pause" if auto_pause else "kill",
             pause_memory=_field(body, "autoPauseMemory", bool, True),
             auto_resume=bool(auto_resume.get("enabled", False)),
+            network=network_from_create(body),
         )
         row = await self.manager.create(request)
         await send_json(send, 201, self._sandbox(row))
@@ -223,6 +330,12 @@ class ControlPlane:
         timeout = _field(body, "timeout", int, None)
         row = await self.manager.resume(sandbox_id, timeout)
         await send_json(send, 201, self._sandbox(row))
+
+    async def update_network(self, scope: Scope, receive: Receive, send: Send, sandbox_id: str) -> None:
+        """E2B's ``PUT /sandboxes/{id}/network``: replace a running sandbox's egress settings."""
+        body = await self._body(receive)
+        await self.manager.update_network(sandbox_id, network_from_update(body))
+        await send_empty(send, 204)
 
     async def metrics(self, scope: Scope, receive: Receive, send: Send, sandbox_id: str) -> None:
         await send_json(send, 200, [_metrics(await self.manager.metrics(sandbox_id))])
@@ -276,6 +389,9 @@ def _metrics(sample: MetricsSample) -> dict[str, Any]:
         "memCache": 0,
         "diskUsed": sample.disk_used,
         "diskTotal": sample.disk_total,
+        # sandboxd's own (E2B's metrics have no network figures): bytes over the sandbox's link.
+        "netInBytes": sample.net_in_bytes,
+        "netOutBytes": sample.net_out_bytes,
     }
 
 

@@ -31,7 +31,7 @@ import string
 import time
 import weakref
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +40,7 @@ from sandboxd import _core
 from .agent_client import init_agent
 from .errors import ApiError, not_found
 from .observe import Observer
+from .network import NetworkConfig, SandboxNetworks
 from .store import SandboxRow, Store
 from .templates import Template, Templates
 from .zygote_client import ZygoteClient
@@ -84,6 +85,7 @@ class CreateRequest:
     on_timeout: str = "kill"
     pause_memory: bool = True
     auto_resume: bool = False
+    network: NetworkConfig = field(default_factory=NetworkConfig)
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,6 +99,10 @@ class MetricsSample:
     mem_total: int
     disk_used: int
     disk_total: int
+    net_in_bytes: int = 0
+    """Bytes the sandbox received over its network link since it started (or resumed from disk)."""
+    net_out_bytes: int = 0
+    """Bytes the sandbox sent over its network link."""
 
 
 def new_id() -> str:
@@ -125,8 +131,11 @@ class SandboxManager:
         zygote: ZygoteClient,
         limits: Limits,
         observer: Observer | None = None,
+        networks: SandboxNetworks | None = None,
     ) -> None:
         self.store = store
+        self.networks = networks
+        """Each sandbox's link and egress rules; None runs sandboxes with loopback only."""
         self.templates = templates
         self.sandboxes_dir = data_dir / "sandboxes"
         self.sandboxes_dir.mkdir(parents=True, exist_ok=True)
@@ -160,6 +169,8 @@ class SandboxManager:
                 continue
             try:
                 self._watch(row.id, _core.SandboxHandle.adopt(row.id, row.init_pid))
+                if self.networks is not None:
+                    await self.networks.readopt(row.id, row.init_pid)
             except OSError as exc:
                 await self._died(row, f"could not be re-adopted after a restart: {exc}", "not_adoptable")
                 continue
@@ -277,6 +288,11 @@ class SandboxManager:
     async def _create(self, request: CreateRequest) -> SandboxRow:
         template = self.templates.resolve(request.template)
         timeout = self._validate_timeout(request.timeout if request.timeout is not None else DEFAULT_TIMEOUT_S)
+        if self.networks is not None:
+            self.networks.check(request.network)
+        elif request.network != NetworkConfig():
+            raise ApiError(400, "this runtime runs sandboxes without networking: network settings do not apply")
+        traffic_token = secrets.token_urlsafe(24) if request.network.allow_public_traffic is False else None
         sandbox_id = new_id()
         self._take_slot(sandbox_id)
         try:
@@ -299,7 +315,7 @@ class SandboxManager:
                     pause_mode="full" if request.pause_memory else "filesystem",
                     auto_resume=request.auto_resume,
                 )
-                await self._boot(row, template)
+                await self._boot(row, template, network=(request.network, traffic_token))
                 self.store.insert(row)
                 self.store.event(row.id, "created", f"template {request.template}, timeout {timeout}s")
         except BaseException:
@@ -307,9 +323,17 @@ class SandboxManager:
             raise
         return row
 
-    async def _boot(self, row: SandboxRow, template: Template, resuming: bool = False) -> None:
-        """Fork the sandbox from the zygote, watch its init, and hand the agent its settings. On
-        failure nothing of the sandbox is left running; a resume keeps its writable layer."""
+    async def _boot(
+        self,
+        row: SandboxRow,
+        template: Template,
+        resuming: bool = False,
+        network: tuple[NetworkConfig, str | None] | None = None,
+    ) -> None:
+        """Fork the sandbox from the zygote, watch its init, link its network, and hand the agent
+        its settings. On failure nothing of the sandbox is left running; a resume keeps its
+        writable layer. ``network``: a new sandbox's settings and traffic token (a resume has its
+        own stored)."""
         sandbox_dir = self.sandboxes_dir / row.id
         sandbox_dir.mkdir(parents=True, exist_ok=True)
         request = {
@@ -322,8 +346,18 @@ class SandboxManager:
             "pids_max": self.limits.pids_max,
             "log": str(sandbox_dir / "agent.log"),
         }
-        answer = await self.zygote.create(request)
+        slot = self.networks.reserve() if self.networks is not None else None
+        if slot is not None:
+            request["files"] = {"/etc/resolv.conf": slot.resolv_conf()}
+        try:
+            answer = await self.zygote.create(request)
+        except BaseException:
+            if slot is not None and self.networks is not None:
+                self.networks.unreserve(slot)
+            raise
         if not answer.get("ok"):
+            if slot is not None and self.networks is not None:
+                self.networks.unreserve(slot)
             await asyncio.to_thread(_kill_quietly, row.id)
             raise ApiError(500, f"could not start the sandbox: {answer.get('error')}")
         handle = _core.SandboxHandle.adopt(row.id, answer["init_pid"])
@@ -331,7 +365,14 @@ class SandboxManager:
         row.init_start = _proc_start_time(handle.init_pid)
         self._watch(row.id, handle)
         try:
-            await init_agent(functools.partial(self.open_socket, row.id), row.access_token, row.env_vars)
+            ca_bundle = None
+            if slot is not None and self.networks is not None:
+                config, token = network if network is not None else (None, None)
+                await self.networks.attach(row.id, slot, handle.init_pid, config, token)
+                ca_bundle = self.networks.ca_pem
+            await init_agent(
+                functools.partial(self.open_socket, row.id), row.access_token, row.env_vars, ca_bundle=ca_bundle
+            )
         except BaseException:
             await self._stop_processes(row.id, keep_files=resuming)
             raise
@@ -394,6 +435,8 @@ class SandboxManager:
         self._slots.discard(row.id)
         self.handles.pop(row.id, None)
         await asyncio.to_thread(self._destroy, row.id, None, False)
+        if self.networks is not None:
+            await self.networks.detach(row.id, forget=True)
         self._forget_samples(row.id)
         self.store.event(row.id, "reclaimed", "processes, cgroup and writable layer removed")
         self.observe.reclaimed(row.id)
@@ -408,6 +451,8 @@ class SandboxManager:
         if handle is not None:
             asyncio.get_running_loop().remove_reader(handle.pidfd())
         await asyncio.to_thread(self._destroy, sandbox_id, handle, keep_files)
+        if self.networks is not None:
+            await self.networks.detach(sandbox_id, forget=not keep_files)
 
     def _destroy(self, sandbox_id: str, handle: _core.SandboxHandle | None, keep_files: bool) -> None:
         """In a worker thread: processes and cgroup, then (unless kept) the writable layer."""
@@ -546,6 +591,31 @@ class SandboxManager:
                     self.store.update(sandbox_id, end_at=time.time() + timeout)
         return self._row(sandbox_id), False
 
+    # -------------------------------------------------------------------------------- network
+
+    def network_config(self, sandbox_id: str) -> NetworkConfig:
+        """The network settings a sandbox was given (defaults when it has none stored)."""
+        row = self.networks.info(sandbox_id) if self.networks is not None else None
+        return row.config if row is not None else NetworkConfig()
+
+    def traffic_token(self, sandbox_id: str) -> str | None:
+        """The token its URLs need (``allow_public_traffic=False``), or None when they are public."""
+        row = self.networks.info(sandbox_id) if self.networks is not None else None
+        return row.traffic_token if row is not None else None
+
+    async def update_network(self, sandbox_id: str, update: NetworkConfig) -> None:
+        """``PUT /sandboxes/{id}/network``: E2B's full replace of a running sandbox's egress."""
+        async with self._owning(sandbox_id):
+            row = self._row(sandbox_id)
+            if row.state != "running":
+                raise ApiError(
+                    409, f'Sandbox "{sandbox_id}" is {row.state}: only a running sandbox\'s network can be updated'
+                )
+            if self.networks is None:
+                raise ApiError(400, "this runtime runs sandboxes without networking: network settings do not apply")
+            await self.networks.update(sandbox_id, update)
+            self.store.event(sandbox_id, "network_updated", None)
+
     # -------------------------------------------------------------------------------- metrics
 
     async def metrics(self, sandbox_id: str) -> MetricsSample:
@@ -555,6 +625,9 @@ class SandboxManager:
         row = self._row(sandbox_id)
         handle = self.handles.get(sandbox_id)
         stats = await asyncio.to_thread(handle.stats) if handle is not None else None
+        counters = None
+        if self.networks is not None:
+            counters = await asyncio.to_thread(self.networks.counters, sandbox_id)
         disk_used = await self._disk_used(sandbox_id)
         cpu = self._cpu_pct(sandbox_id, stats.cpu_usage_ns or 0, row.cpu_count) if stats else 0.0
         return MetricsSample(
@@ -565,6 +638,8 @@ class SandboxManager:
             mem_total=row.memory_mb << 20,
             disk_used=disk_used,
             disk_total=row.disk_mb << 20,
+            net_in_bytes=counters[0] if counters else 0,
+            net_out_bytes=counters[1] if counters else 0,
         )
 
     async def _disk_used(self, sandbox_id: str) -> int:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 from collections import defaultdict
 from dataclasses import dataclass, field
 
@@ -22,7 +23,10 @@ from .errors import ApiError
 from .manager import SandboxManager
 
 ENVD_PORT = 49983
+TRAFFIC_TOKEN_HEADER = b"e2b-traffic-access-token"
+"""E2B's header for a sandbox's traffic access token (its edge proxy's name)."""
 HOP_BY_HOP = {
+    TRAFFIC_TOKEN_HEADER,  # the sandbox's secret stays in the proxy
     b"connection",
     b"keep-alive",
     b"proxy-authenticate",
@@ -128,7 +132,35 @@ class SandboxProxy:
             message = exc.message
         await send_json(send, 502, {"sandboxId": sandbox_id, "message": message, "code": 502, "port": port})
 
+    def _ingress(self, scope: Scope, sandbox_id: str, port: int) -> tuple[bytes, ApiError | None]:
+        """The Host to send upstream, and the refusal of a request that lacks the sandbox's traffic
+        token (``allow_public_traffic=False``; envd's port has its own token and is exempt, as in
+        E2B's proxy)."""
+        if port == ENVD_PORT:
+            return b"sandbox", None
+        token = self.manager.traffic_token(sandbox_id)
+        if token is not None:
+            given = next((v for k, v in scope["headers"] if k.lower() == TRAFFIC_TOKEN_HEADER), None)
+            if given is None:
+                return b"", ApiError(
+                    403,
+                    f"Sandbox is secured with traffic access token. Token header '{TRAFFIC_TOKEN_HEADER.decode()}' is "
+                    "missing",
+                )
+            if not hmac.compare_digest(given, token.encode()):
+                return b"", ApiError(
+                    403,
+                    f"Sandbox is secured with traffic access token. Provided token in header "
+                    f"'{TRAFFIC_TOKEN_HEADER.decode()}' is invalid",
+                )
+        mask = self.manager.network_config(sandbox_id).mask_request_host
+        return (mask.replace("${PORT}", str(port)).encode() if mask else b"sandbox"), None
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send, sandbox_id: str, port: int) -> None:
+        host, refusal = self._ingress(scope, sandbox_id, port)
+        if refusal is not None:
+            await send_json(send, refusal.status, {"sandboxId": sandbox_id, "message": refusal.message, "code": 403})
+            return
         relay = _Relay(send)
         # A pooled connection the agent closed meanwhile fails before any reply: retry once on a
         # fresh one when the request has no body to replay.
@@ -145,7 +177,7 @@ class SandboxProxy:
                 return
             reusable = False
             try:
-                reusable = await self._exchange(scope, receive, relay, upstream)
+                reusable = await self._exchange(scope, receive, relay, upstream, host)
                 return
             except ClientDisconnected:
                 return
@@ -161,7 +193,9 @@ class SandboxProxy:
                 else:
                     upstream.writer.close()
 
-    async def _exchange(self, scope: Scope, receive: Receive, relay: _Relay, upstream: _Upstream) -> bool:
+    async def _exchange(
+        self, scope: Scope, receive: Receive, relay: _Relay, upstream: _Upstream, host: bytes = b"sandbox"
+    ) -> bool:
         """One request/response over ``upstream``; True when the connection may be reused."""
         method: str = scope["method"]
         target = scope.get("raw_path") or scope["path"].encode()
@@ -170,7 +204,7 @@ class SandboxProxy:
         headers = [(k.lower(), v) for k, v in scope["headers"]]
         length = next((v for k, v in headers if k == b"content-length"), None)
         chunked = length is None and any(k == b"transfer-encoding" for k, _ in headers)
-        head = [method.encode() + b" " + target + b" HTTP/1.1", b"host: sandbox"]
+        head = [method.encode() + b" " + target + b" HTTP/1.1", b"host: " + host]
         head += [k + b": " + v for k, v in headers if k not in HOP_BY_HOP]
         if length is not None:
             head.append(b"content-length: " + length)

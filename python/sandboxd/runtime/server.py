@@ -23,6 +23,7 @@ from .observe.endpoints import PATHS as OPERATOR_PATHS
 from .observe.endpoints import OperatorEndpoints
 from .observe.http import RequestObserver
 from .observe.probes import Readiness
+from .network import NetworkOptions, SandboxNetworks
 from .proxy import SandboxProxy, parse_target
 from .store import Store
 from .templates import Templates
@@ -44,6 +45,8 @@ class ServeOptions:
     domain: str | None = None
     limits: Limits = field(default_factory=Limits)
     log_format: str = "text"
+    network: NetworkOptions | None = field(default_factory=NetworkOptions)
+    """Sandbox networking; None gives sandboxes loopback only (``--no-network``)."""
 
 
 class RuntimeApp:
@@ -161,7 +164,13 @@ async def _serve(
 
     zygote_client = ZygoteClient(zygote.start)
     await zygote_client.start()
-    manager = SandboxManager(store, templates, options.data_dir, zygote_client, options.limits, observer)
+    networks = None
+    if options.network is not None:
+        networks = SandboxNetworks(store, options.data_dir, options.network, options.limits.max_sandboxes, options.port)
+        await networks.start()
+    manager = SandboxManager(
+        store, templates, options.data_dir, zygote_client, options.limits, observer=observer, networks=networks
+    )
     await manager.start()
     proxy = SandboxProxy(manager)
     manager.on_gone.append(proxy.forget)
@@ -183,6 +192,8 @@ async def _serve(
     finally:
         operators.close()
         await manager.stop()
+        if networks is not None:
+            await networks.stop()
         await zygote_client.stop()
         store.close()
         await asyncio.sleep(0)

@@ -81,8 +81,20 @@ def preload() -> None:
     server_config(AgentApp(state, build_methods(state)), "127.0.0.1", 0).load()
 
 
-def _run_agent(log_fd: int) -> None:
-    """In the sandbox (PID 2): become the agent. Never returns."""
+def _write_files(files: dict[str, str]) -> None:
+    """In the sandbox, as its root: files the runtime sets per sandbox (its ``/etc/resolv.conf``),
+    replaced whole (a symlink in the template is replaced, not followed)."""
+    for path, content in files.items():
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        temp = f"{path}.sandboxd-new"
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        with os.fdopen(fd, "w") as f:
+            f.write(content)
+        os.rename(temp, path)
+
+
+def _run_agent(log_fd: int, files: dict[str, str]) -> None:
+    """In the sandbox (PID 2): write the runtime's files, then become the agent. Never returns."""
     os.dup2(log_fd, 1)
     os.dup2(log_fd, 2)
     os.close(log_fd)
@@ -94,6 +106,7 @@ def _run_agent(log_fd: int) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     code = 0
     try:
+        _write_files(files)
         from sandboxd.agent.server import AgentOptions, run
 
         # No token yet: the runtime sets it with POST /init the moment the agent listens, so the
@@ -133,7 +146,7 @@ def _fork_sandbox(request: dict[str, Any], inherited: list[int]) -> tuple[int, i
             os._exit(1)
         if where.inside:  # "C": PID 2 inside the sandbox
             os.close(w)
-            _run_agent(log_fd)
+            _run_agent(log_fd, request.get("files") or {})
         os.write(w, b"P%d" % where.init_pid)
         os._exit(0)
     os.close(w)

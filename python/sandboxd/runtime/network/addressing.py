@@ -1,0 +1,223 @@
+"""Addresses and interface names of a runtime's sandbox links.
+
+Each sandbox gets a *slot*: an index that names its host-side interface (``sd<tag>h<index>``) and
+numbers its link, a /30 of the runtime's IPv4 block (host end ``.1``, the sandbox ``.2``) and a /64
+of the runtime's IPv6 prefix (``::1`` and ``::2``). Every sandbox has its own addresses, so the
+host routes replies to the right sandbox and the firewall's reverse-path check ties each address
+to its interface (a sandbox that takes another address is dropped).
+
+Several runtimes share a host (tests, the Kubernetes mode), so everything here is per runtime:
+
+* the *tag*, 6 hex digits derived from the data dir, names the interfaces, the nftables table and
+  the link group, and a lock file under ``/run/sandboxd`` keeps two live runtimes from sharing it;
+* the IPv4 block is ``--sandbox-subnet`` if given, else the first block of
+  :data:`DEFAULT_V4_RANGE` that no route, nameserver or other live runtime uses (an ``flock`` on
+  ``/run/sandboxd/net-<block>.lock`` held for the runtime's life claims it); the block chosen is kept
+  in the data dir's settings so a restarted runtime takes the same one back;
+* the IPv6 prefix is a random ULA /48 made once per data dir.
+
+Freed slots are reused oldest first: a killed sandbox's link disappears with its network namespace,
+which the kernel tears down a moment after the last process exits, and the name must be free again
+before its slot is.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import ipaddress
+import os
+import secrets
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+
+SLOT_PREFIX_V4 = 30
+"""A /30 per sandbox: network, gateway (host end), sandbox, broadcast."""
+
+SLOT_PREFIX_V6 = 64
+"""A /64 per sandbox, the conventional size of an IPv6 link."""
+
+DEFAULT_V4_RANGE = ipaddress.IPv4Network("10.240.0.0/12")
+"""Where runtime blocks are picked when ``--sandbox-subnet`` is not given: inside 10/8, which
+sandboxes may never reach (so one runtime's sandboxes are off limits to another's), and high in it,
+away from the 10.0.x and 10.1.x networks that homes and clouds use most."""
+
+LOCK_DIR = Path("/run/sandboxd")
+"""Host-wide coordination between runtimes (tmpfs: stale locks vanish at reboot)."""
+
+LINK_GROUP_BASE = 0x5D00_0000
+"""Link groups of sandboxd runtimes: this prefix and the 24-bit tag (see ``crates/sandboxd-net``)."""
+
+
+def tag_for(data_dir: Path) -> str:
+    """The runtime's 6-hex-digit tag, stable for a data dir."""
+    return hashlib.sha256(str(data_dir.resolve()).encode()).hexdigest()[:6]
+
+
+@dataclass(frozen=True, slots=True)
+class Slot:
+    """One sandbox's link."""
+
+    index: int
+    host_name: str
+    host_v4: ipaddress.IPv4Address
+    sandbox_v4: ipaddress.IPv4Address
+    host_v6: ipaddress.IPv6Address
+    sandbox_v6: ipaddress.IPv6Address
+
+    def resolv_conf(self) -> str:
+        """The sandbox's ``/etc/resolv.conf``: its gateway, where the host's resolver answers."""
+        return (
+            "# sandboxd: the host answers DNS at the sandbox's gateway\n"
+            f"nameserver {self.host_v4}\nnameserver {self.host_v6}\noptions timeout:2 attempts:2\n"
+        )
+
+
+class AddressPool:
+    """The slots of one runtime."""
+
+    def __init__(self, tag: str, v4_block: ipaddress.IPv4Network, v6_prefix: ipaddress.IPv6Network) -> None:
+        if v4_block.prefixlen > SLOT_PREFIX_V4 - 1:
+            raise ValueError(f"the sandbox subnet {v4_block} is too small: it needs room for two /30s at least")
+        if v6_prefix.prefixlen > 48:
+            raise ValueError(f"the IPv6 prefix {v6_prefix} must be a /48 or larger")
+        self.tag = tag
+        self.v4_block = v4_block
+        self.v6_prefix = v6_prefix
+        self.group = LINK_GROUP_BASE | int(tag, 16)
+        self.host_prefix = f"sd{tag}h"
+        """Every host-side interface of this runtime starts with this (the firewall matches on it)."""
+        self.size = min(1 << (SLOT_PREFIX_V4 - v4_block.prefixlen), 1 << (SLOT_PREFIX_V6 - 48), 100_000)
+        self._free: deque[int] = deque(range(self.size))
+        self._taken: set[int] = set()
+
+    def slot(self, index: int) -> Slot:
+        base4 = int(self.v4_block.network_address) + (index << (32 - SLOT_PREFIX_V4))
+        base6 = int(self.v6_prefix.network_address) + (index << (128 - SLOT_PREFIX_V6))
+        return Slot(
+            index=index,
+            host_name=f"{self.host_prefix}{index}",
+            host_v4=ipaddress.IPv4Address(base4 + 1),
+            sandbox_v4=ipaddress.IPv4Address(base4 + 2),
+            host_v6=ipaddress.IPv6Address(base6 + 1),
+            sandbox_v6=ipaddress.IPv6Address(base6 + 2),
+        )
+
+    def index_of(self, ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> int | None:
+        """The slot whose sandbox ``ip`` belongs to (how the egress proxy knows who is calling)."""
+        if isinstance(ip, ipaddress.IPv4Address):
+            if ip not in self.v4_block:
+                return None
+            index = (int(ip) - int(self.v4_block.network_address)) >> (32 - SLOT_PREFIX_V4)
+        else:
+            if ip not in self.v6_prefix:
+                return None
+            index = (int(ip) - int(self.v6_prefix.network_address)) >> (128 - SLOT_PREFIX_V6)
+        return index if index < self.size else None
+
+    def allocate(self) -> int:
+        """A free slot, oldest freed first; ``OSError`` when none is left."""
+        while self._free:
+            index = self._free.popleft()
+            if index not in self._taken:
+                self._taken.add(index)
+                return index
+        raise OSError(f"no free network slot: all {self.size} addresses of {self.v4_block} are in use")
+
+    def claim(self, index: int) -> None:
+        """Take a specific slot (a sandbox re-adopted after a restart)."""
+        if not 0 <= index < self.size:
+            raise ValueError(f"slot {index} is outside {self.v4_block}")
+        self._taken.add(index)
+
+    def release(self, index: int) -> None:
+        if index in self._taken:
+            self._taken.discard(index)
+            self._free.append(index)
+
+
+# ---------------------------------------------------------------------------------- choosing
+
+
+def _routes_v4() -> list[ipaddress.IPv4Network]:
+    """Every IPv4 route of this network namespace except default routes (``/proc/net/route``)."""
+    nets = []
+    with contextlib.suppress(OSError), open("/proc/net/route") as f:
+        next(f, None)
+        for line in f:
+            fields = line.split()
+            if len(fields) < 8:
+                continue
+            dest = ipaddress.IPv4Address(int(fields[1], 16).to_bytes(4, "little"))
+            mask = ipaddress.IPv4Address(int(fields[7], 16).to_bytes(4, "little"))
+            net = ipaddress.IPv4Network(f"{dest}/{mask}", strict=False)
+            if net.prefixlen:
+                nets.append(net)
+    return nets
+
+
+def _nameservers() -> list[ipaddress.IPv4Address]:
+    found = []
+    with contextlib.suppress(OSError), open("/etc/resolv.conf") as f:
+        for line in f:
+            parts = line.split()
+            if len(parts) >= 2 and parts[0] == "nameserver":
+                with contextlib.suppress(ValueError):
+                    found.append(ipaddress.IPv4Address(parts[1]))
+    return found
+
+
+def block_prefix_for(max_sandboxes: int) -> int:
+    """The IPv4 prefix length that holds ``max_sandboxes`` /30s (at least a /24)."""
+    need = max(max_sandboxes, 64) * 4
+    return min(24, 32 - (need - 1).bit_length())
+
+
+class BlockLock:
+    """An ``flock`` on a block's lock file, held while the runtime lives."""
+
+    def __init__(self, block: ipaddress.IPv4Network) -> None:
+        LOCK_DIR.mkdir(mode=0o755, parents=True, exist_ok=True)
+        self.path = LOCK_DIR / f"net-{block.network_address}-{block.prefixlen}.lock"
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(self.fd)
+            raise
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+def choose_v4_block(
+    preferred: ipaddress.IPv4Network | None, explicit: bool, prefix: int
+) -> tuple[ipaddress.IPv4Network, BlockLock]:
+    """The runtime's IPv4 block and the lock that claims it: ``preferred`` when it is free (or when
+    ``explicit``, the operator's choice: then it must be free), else the first free block of
+    :data:`DEFAULT_V4_RANGE` that overlaps no route and no nameserver of this host."""
+    if preferred is not None:
+        try:
+            return preferred, BlockLock(preferred)
+        except OSError:
+            if explicit:
+                raise OSError(
+                    f"the sandbox subnet {preferred} is in use by another sandboxd runtime on this host"
+                ) from None
+    routes = _routes_v4()
+    servers = _nameservers()
+    for block in DEFAULT_V4_RANGE.subnets(new_prefix=prefix):
+        if any(block.overlaps(r) for r in routes) or any(s in block for s in servers):
+            continue
+        try:
+            return block, BlockLock(block)
+        except OSError:
+            continue
+    raise OSError(f"no free /{prefix} for sandboxes in {DEFAULT_V4_RANGE}: pass --sandbox-subnet")
+
+
+def new_v6_prefix() -> ipaddress.IPv6Network:
+    """A random unique-local /48 (RFC 4193): fd00::/8 and 40 random bits."""
+    return ipaddress.IPv6Network(((0xFD << 120) | (secrets.randbits(40) << 80), 48))

@@ -1,0 +1,459 @@
+"""The egress proxy: TCP of sandboxes whose rules name hosts or transform requests.
+
+The firewall redirects such a sandbox's outgoing TCP here (every port). Each connection is
+decided on its own, E2B's way (see :mod:`.policy`):
+
+1. who is calling (the source address is a sandbox's, :class:`~.addressing.AddressPool`) and where
+   it was going (``SO_ORIGINAL_DST``);
+2. the connection's name, read without consuming it (``MSG_PEEK``): the SNI of a TLS ClientHello,
+   or the Host header of an HTTP/1 request. A client-first protocol sends at once; a server-first
+   one (SSH, SMTP) sends nothing and gets no name after :data:`PEEK_TIMEOUT_S`;
+3. allowed by name: dialed *by that name*, resolved by the host's resolvers, to an address that is
+   not in a never-reachable range; else allowed by address (or by default): dialed at the original
+   address; else closed;
+4. a name with header rules: HTTP requests get the headers (values replace the request's own); TLS
+   is terminated with a certificate from the runtime's CA (:mod:`.tls`) and re-encrypted to the
+   real host, verified. Headers are only ever sent to a connection dialed by the rule's name, so a
+   sandbox cannot steer them to an address of its choosing. Otherwise the bytes are relayed as
+   they are.
+
+It runs in the network helper process (:mod:`.helper`), so its work never competes with the
+runtime's API for an event loop or the GIL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import socket
+import ssl
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import httptools
+
+from .policy import Egress, IPAddress, IPNetwork
+from .resolver import Resolver
+from .tls import LeafContexts
+
+log = logging.getLogger("sandboxd.network")
+
+SO_ORIGINAL_DST = 80
+"""``SO_ORIGINAL_DST`` (IPv4, ``SOL_IP``) and ``IP6T_SO_ORIGINAL_DST`` (IPv6, ``SOL_IPV6``)."""
+
+PEEK_LIMIT = 16389
+"""A whole TLS record (16 KiB + header): a ClientHello fits one, even with post-quantum key shares."""
+
+PEEK_TIMEOUT_S = 5.0
+"""How long a connection that must be named may stay silent before it is decided without a name."""
+
+PEEK_TIMEOUT_ALLOWED_S = 0.5
+"""The same when its address is already allowed and only header rules want a name: a server-first
+protocol waits at most this long."""
+
+PEEK_POLL_S = 0.003
+"""Pause between peeks while a ClientHello or request head is still arriving."""
+
+CONNECT_TIMEOUT_S = 10.0
+RELAY_CHUNK = 256 << 10
+"""Read size while relaying: big reads keep the per-byte cost of the loop low."""
+
+MAX_HEAD = 64 << 10
+"""Longest HTTP request head the header rewriter accepts."""
+
+
+@dataclass(frozen=True, slots=True)
+class Caller:
+    """The sandbox a connection came from and its rules."""
+
+    sandbox_id: str
+    egress: Egress
+
+
+Lookup = Callable[[IPAddress], Caller | None]
+
+
+def _plain(ip: IPAddress) -> IPAddress:
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    return ip
+
+
+def original_destination(sock: socket.socket, v4: bool) -> tuple[IPAddress, int]:
+    """Where the sandbox was connecting before the firewall redirected it here."""
+    if v4:
+        raw = sock.getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, 16)
+        port = struct.unpack_from(">H", raw, 2)[0]
+        return ipaddress.IPv4Address(raw[4:8]), port
+    raw = sock.getsockopt(socket.IPPROTO_IPV6, SO_ORIGINAL_DST, 28)
+    port = struct.unpack_from(">H", raw, 2)[0]
+    return ipaddress.IPv6Address(raw[8:24]), port
+
+
+def client_hello_sni(data: bytes) -> str | bool | None:
+    """The SNI host name of a TLS ClientHello; None if it has none; False if ``data`` is not a
+    ClientHello; True if it may be one that has not fully arrived."""
+    if len(data) < 5:
+        return not data or data[0] == 0x16
+    if data[0] != 0x16 or data[1] != 0x03:
+        return False
+    record_len = struct.unpack_from(">H", data, 3)[0]
+    if len(data) < 5 + record_len:
+        return True
+    body = data[5 : 5 + record_len]
+    try:
+        if body[0] != 0x01:
+            return False
+        at = 4 + 2 + 32  # handshake header, client version, random
+        at += 1 + body[at]  # session id
+        at += 2 + struct.unpack_from(">H", body, at)[0]  # cipher suites
+        at += 1 + body[at]  # compression methods
+        if at + 2 > len(body):
+            return None
+        end = at + 2 + struct.unpack_from(">H", body, at)[0]
+        at += 2
+        while at + 4 <= min(end, len(body)):
+            kind, length = struct.unpack_from(">HH", body, at)
+            at += 4
+            if kind == 0:  # server_name: list length, then (type, length, name) entries
+                entry = at + 2
+                if body[entry] == 0:
+                    name_len = struct.unpack_from(">H", body, entry + 1)[0]
+                    name = body[entry + 3 : entry + 3 + name_len].decode("ascii")
+                    return name.lower().rstrip(".") or None
+                return None
+            at += length
+    except (IndexError, struct.error, UnicodeDecodeError):
+        return False
+    return None
+
+
+_METHODS = (b"GET ", b"POST ", b"PUT ", b"HEAD ", b"DELETE ", b"OPTIONS ", b"PATCH ", b"CONNECT ", b"TRACE ")
+
+
+def http_host(data: bytes) -> str | bool | None:
+    """The Host of an HTTP/1 request head; None if it has none; False if ``data`` is not one; True
+    if the head has not fully arrived."""
+    if not any(data.startswith(m) or m.startswith(data) for m in _METHODS):
+        return False
+    end = data.find(b"\r\n\r\n")
+    if end < 0:
+        return True if len(data) < PEEK_LIMIT else None
+    for line in data[:end].split(b"\r\n")[1:]:
+        name, sep, value = line.partition(b":")
+        if sep and name.strip().lower() == b"host":
+            host = value.strip().decode("latin-1")
+            if host.startswith("["):
+                return host[1 : host.find("]")].lower() or None
+            return host.rsplit(":", 1)[0].lower().rstrip(".") or None
+    return None
+
+
+class EgressProxy:
+    """Accepts redirected connections and decides, dials and relays each one."""
+
+    def __init__(
+        self,
+        lookup: Lookup,
+        resolver: Resolver,
+        never: list[IPNetwork],
+        opened: list[IPNetwork],
+        leaves: LeafContexts | None,
+        upstream_tls: ssl.SSLContext,
+    ) -> None:
+        self.lookup = lookup
+        self.resolver = resolver
+        self.never = never
+        self.opened = opened
+        self.leaves = leaves
+        self.upstream_tls = upstream_tls
+        self.tasks: set[asyncio.Task[None]] = set()
+
+    def reachable(self, ip: IPAddress) -> bool:
+        """Outside every never-reachable range, or inside one the operator opened."""
+        return not any(ip in n for n in self.never) or any(ip in n for n in self.opened)
+
+    async def serve(self, listener: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        listener.setblocking(False)
+        while True:
+            conn, _ = await loop.sock_accept(listener)
+            task = loop.create_task(self._handle(conn))
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
+
+    async def _handle(self, conn: socket.socket) -> None:
+        upstream: socket.socket | None = None
+        try:
+            conn.setblocking(False)
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            peer = _plain(ipaddress.ip_address(conn.getpeername()[0]))
+            caller = self.lookup(peer)
+            if caller is None:
+                return
+            dst, port = original_destination(conn, isinstance(peer, ipaddress.IPv4Address))
+            dst = _plain(dst)
+            if not self.reachable(dst):
+                return
+            egress = caller.egress
+            verdict = egress.address_verdict(dst)
+            name: str | None = None
+            tls = False
+            if egress.header_rules or (egress.allow_domains and verdict is not True):
+                timeout = PEEK_TIMEOUT_ALLOWED_S if verdict is not False else PEEK_TIMEOUT_S
+                name, tls = await self._peek_name(conn, timeout)
+            by_name = name is not None and egress.name_allowed(name)
+            if not by_name and verdict is False:
+                return
+            headers = egress.headers_for(name) if name is not None else None
+            if by_name or headers is not None:
+                assert name is not None
+                upstream = await self._dial_name(name, port)
+            else:
+                upstream = await self._dial(dst, port)
+            if upstream is None:
+                return
+            if headers is not None and tls and self.leaves is not None:
+                await self._intercept_tls(conn, upstream, name or "", port, headers)
+                upstream = None  # owned by the TLS streams now
+            elif headers is not None and not tls:
+                await _relay_rewriting(conn, upstream, lambda host: headers if host == name else None)
+            else:
+                await _relay(conn, upstream)
+        except (OSError, TimeoutError, ValueError, ssl.SSLError, asyncio.IncompleteReadError):
+            return
+        finally:
+            conn.close()
+            if upstream is not None:
+                upstream.close()
+
+    async def _peek_name(self, conn: socket.socket, timeout: float) -> tuple[str | None, bool]:
+        """(name, is TLS) from the connection's first bytes, left unread."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            ready = asyncio.Event()
+            loop.add_reader(conn.fileno(), ready.set)
+            try:
+                await asyncio.wait_for(ready.wait(), max(deadline - loop.time(), 0))
+            except TimeoutError:
+                return None, False
+            finally:
+                loop.remove_reader(conn.fileno())
+            data = conn.recv(PEEK_LIMIT, socket.MSG_PEEK)
+            if not data:
+                return None, False
+            sni = client_hello_sni(data)
+            if isinstance(sni, str) or sni is None:
+                return sni, True
+            host = http_host(data) if sni is False else True
+            if isinstance(host, str) or host is None:
+                return host, False
+            if sni is False and host is False:
+                return None, False
+            if len(data) >= PEEK_LIMIT or loop.time() >= deadline:
+                return None, False
+            await asyncio.sleep(PEEK_POLL_S)  # the rest of the hello or head is on its way
+
+    async def _dial(self, ip: IPAddress, port: int) -> socket.socket | None:
+        loop = asyncio.get_running_loop()
+        family = socket.AF_INET if ip.version == 4 else socket.AF_INET6
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        try:
+            await asyncio.wait_for(loop.sock_connect(sock, (str(ip), port)), CONNECT_TIMEOUT_S)
+        except (OSError, TimeoutError):
+            sock.close()
+            return None
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return sock
+
+    async def _dial_name(self, name: str, port: int) -> socket.socket | None:
+        """Connect to ``name`` as the host's resolvers see it, skipping never-reachable addresses
+        (a name pointed at a private address does not get the sandbox in)."""
+        for text in await self.resolver.addresses(name):
+            ip = _plain(ipaddress.ip_address(text))
+            if not self.reachable(ip):
+                log.warning("egress: %s resolved to %s, which sandboxes may not reach", name, ip)
+                continue
+            sock = await self._dial(ip, port)
+            if sock is not None:
+                return sock
+        return None
+
+    async def _intercept_tls(
+        self, conn: socket.socket, upstream: socket.socket, name: str, port: int, headers: tuple[tuple[str, str], ...]
+    ) -> None:
+        assert self.leaves is not None
+        loop = asyncio.get_running_loop()
+        server_context = await loop.run_in_executor(None, self.leaves.context_for, name)
+        client_r, client_w = await asyncio.open_connection(sock=conn)
+        await client_w.start_tls(server_context)
+        up_r, up_w = await asyncio.open_connection(sock=upstream, ssl=self.upstream_tls, server_hostname=name)
+        try:
+            await _pump_rewriting(client_r, up_w, up_r, client_w, lambda _host: headers)
+        finally:
+            up_w.close()
+            client_w.close()
+
+
+async def _relay(a: socket.socket, b: socket.socket) -> None:
+    """Copy both ways until both directions ended (a half-close is passed on)."""
+    loop = asyncio.get_running_loop()
+
+    async def one_way(src: socket.socket, dst: socket.socket) -> None:
+        buf = bytearray(RELAY_CHUNK)
+        view = memoryview(buf)
+        try:
+            while True:
+                n = await loop.sock_recv_into(src, buf)
+                if not n:
+                    break
+                await loop.sock_sendall(dst, view[:n])
+        finally:
+            with contextlib.suppress(OSError):
+                dst.shutdown(socket.SHUT_WR)
+
+    first = asyncio.ensure_future(one_way(a, b))
+    second = asyncio.ensure_future(one_way(b, a))
+    try:
+        await asyncio.gather(first, second)
+    finally:
+        first.cancel()
+        second.cancel()
+
+
+async def _relay_rewriting(
+    conn: socket.socket, upstream: socket.socket, headers_for: Callable[[str], tuple[tuple[str, str], ...] | None]
+) -> None:
+    client_r, client_w = await asyncio.open_connection(sock=conn)
+    up_r, up_w = await asyncio.open_connection(sock=upstream)
+    try:
+        await _pump_rewriting(client_r, up_w, up_r, client_w, headers_for)
+    finally:
+        up_w.close()
+        client_w.close()
+
+
+async def _pump_rewriting(
+    client_r: asyncio.StreamReader,
+    up_w: asyncio.StreamWriter,
+    up_r: asyncio.StreamReader,
+    client_w: asyncio.StreamWriter,
+    headers_for: Callable[[str], tuple[tuple[str, str], ...] | None],
+) -> None:
+    """Requests client → upstream through :class:`_Rewriter`; responses back as they are."""
+
+    async def requests() -> None:
+        rewriter = _Rewriter(headers_for)
+        while True:
+            data = await client_r.read(RELAY_CHUNK)
+            if not data:
+                break
+            out = rewriter.feed(data)
+            if out:
+                up_w.write(out)
+                await up_w.drain()
+        with contextlib.suppress(OSError, RuntimeError):
+            if up_w.can_write_eof():
+                up_w.write_eof()
+
+    async def responses() -> None:
+        while True:
+            data = await up_r.read(RELAY_CHUNK)
+            if not data:
+                break
+            client_w.write(data)
+            await client_w.drain()
+        with contextlib.suppress(OSError, RuntimeError):
+            if client_w.can_write_eof():
+                client_w.write_eof()
+
+    first = asyncio.ensure_future(requests())
+    second = asyncio.ensure_future(responses())
+    try:
+        done, _ = await asyncio.wait({first, second}, return_when=asyncio.FIRST_EXCEPTION)
+        for task in done:
+            task.result()
+        await asyncio.gather(first, second)
+    finally:
+        first.cancel()
+        second.cancel()
+
+
+class _Rewriter:
+    """Re-emits an HTTP/1 request stream with headers added to each request whose Host has rules.
+
+    httptools parses (it is what uvicorn uses); the head is rebuilt from the parsed parts, the body
+    is passed on as parsed (re-chunked when it came chunked). After an ``Upgrade`` the rest is
+    passed on untouched."""
+
+    def __init__(self, headers_for: Callable[[str], tuple[tuple[str, str], ...] | None]) -> None:
+        self.headers_for = headers_for
+        self.parser = httptools.HttpRequestParser(self)
+        self.out: list[bytes] = []
+        self.raw = False
+        self.url = b""
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.chunked = False
+        self.head_size = 0
+
+    def feed(self, data: bytes) -> bytes:
+        if self.raw:
+            return data
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade as upgrade:
+            self.raw = True
+            offset = upgrade.args[0] if upgrade.args else len(data)
+            self.out.append(data[offset:])
+        except httptools.HttpParserError as exc:
+            raise ValueError(f"not an HTTP/1 request stream: {exc}") from None
+        out = b"".join(self.out)
+        self.out.clear()
+        return out
+
+    # httptools callbacks
+    def on_message_begin(self) -> None:
+        self.url = b""
+        self.headers = []
+        self.chunked = False
+        self.head_size = 0
+
+    def on_url(self, url: bytes) -> None:
+        self.url += url
+        self.head_size += len(url)
+        if self.head_size > MAX_HEAD:
+            raise ValueError("request head too large")
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers.append((name, value))
+        self.head_size += len(name) + len(value)
+        if self.head_size > MAX_HEAD:
+            raise ValueError("request head too large")
+
+    def on_headers_complete(self) -> None:
+        host = ""
+        for name, value in self.headers:
+            if name.lower() == b"host":
+                host = value.decode("latin-1").strip()
+                host = host[1 : host.find("]")] if host.startswith("[") else host.rsplit(":", 1)[0]
+            if name.lower() == b"transfer-encoding" and b"chunked" in value.lower():
+                self.chunked = True
+        extra = self.headers_for(host.lower().rstrip("."))
+        replaced = {k.lower().encode() for k, _ in extra} if extra else set()
+        method = self.parser.get_method()
+        head = [method + b" " + self.url + b" HTTP/" + self.parser.get_http_version().encode()]
+        head += [n + b": " + v for n, v in self.headers if n.lower() not in replaced]
+        head += [k.encode() + b": " + v.encode() for k, v in extra or ()]
+        self.out.append(b"\r\n".join(head) + b"\r\n\r\n")
+
+    def on_body(self, body: bytes) -> None:
+        self.out.append(b"%x\r\n%b\r\n" % (len(body), body) if self.chunked else body)
+
+    def on_message_complete(self) -> None:
+        if self.chunked:
+            self.out.append(b"0\r\n\r\n")

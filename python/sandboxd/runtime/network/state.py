@@ -1,0 +1,84 @@
+"""Sandboxes' network state in the runtime's SQLite database: each sandbox's slot (its addresses),
+its settings as the client gave them, and its traffic access token.
+
+One table of its own beside the lifecycle's (``sandbox_networks``), in the same database: the
+runtime writes it from its event loop thread; the network helper process reads it (read-only) to
+learn a calling sandbox's rules, so an ``update_network`` is in force for the next connection
+without any message between the two processes.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from dataclasses import dataclass
+from pathlib import Path
+
+from .policy import NetworkConfig
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS sandbox_networks (
+    sandbox_id     TEXT PRIMARY KEY,
+    slot           INTEGER UNIQUE,     -- the sandbox's link while it has one (running, or paused in memory)
+    config         TEXT NOT NULL,      -- policy.NetworkConfig as JSON
+    traffic_token  TEXT                -- required on its URLs when allow_public_traffic is false
+);
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class NetworkRow:
+    sandbox_id: str
+    slot: int | None
+    config: NetworkConfig
+    traffic_token: str | None
+
+
+class NetworkStore:
+    """The runtime's side (read-write, on the runtime's connection)."""
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self.db = db
+        self.db.executescript(SCHEMA)
+
+    def put(self, row: NetworkRow) -> None:
+        self.db.execute(
+            "INSERT OR REPLACE INTO sandbox_networks (sandbox_id, slot, config, traffic_token) VALUES (?, ?, ?, ?)",
+            (row.sandbox_id, row.slot, row.config.to_json(), row.traffic_token),
+        )
+
+    def set_slot(self, sandbox_id: str, slot: int | None) -> None:
+        self.db.execute("UPDATE sandbox_networks SET slot = ? WHERE sandbox_id = ?", (slot, sandbox_id))
+
+    def set_config(self, sandbox_id: str, config: NetworkConfig) -> None:
+        self.db.execute("UPDATE sandbox_networks SET config = ? WHERE sandbox_id = ?", (config.to_json(), sandbox_id))
+
+    def get(self, sandbox_id: str) -> NetworkRow | None:
+        row = self.db.execute(
+            "SELECT sandbox_id, slot, config, traffic_token FROM sandbox_networks WHERE sandbox_id = ?", (sandbox_id,)
+        ).fetchone()
+        return None if row is None else _row(row)
+
+    def with_slots(self) -> list[NetworkRow]:
+        rows = self.db.execute(
+            "SELECT sandbox_id, slot, config, traffic_token FROM sandbox_networks WHERE slot IS NOT NULL"
+        ).fetchall()
+        return [_row(r) for r in rows]
+
+    def delete(self, sandbox_id: str) -> None:
+        self.db.execute("DELETE FROM sandbox_networks WHERE sandbox_id = ?", (sandbox_id,))
+
+
+def _row(row: tuple[str, int | None, str, str | None]) -> NetworkRow:
+    return NetworkRow(row[0], row[1], NetworkConfig.from_json(row[2]), row[3])
+
+
+class SlotReader:
+    """The helper's side: which sandbox holds a slot, and its settings (read-only connection)."""
+
+    def __init__(self, path: Path) -> None:
+        self.db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, check_same_thread=False)
+
+    def at(self, slot: int) -> tuple[str, str] | None:
+        """``(sandbox id, config JSON)`` of the sandbox on ``slot``."""
+        row = self.db.execute("SELECT sandbox_id, config FROM sandbox_networks WHERE slot = ?", (slot,)).fetchone()
+        return None if row is None else (str(row[0]), str(row[1]))
