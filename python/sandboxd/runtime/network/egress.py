@@ -223,7 +223,8 @@ class EgressProxy:
                 await _relay_rewriting(conn, upstream, lambda host: headers if host == name else None)
             else:
                 await _relay(conn, upstream)
-        except (OSError, TimeoutError, ValueError, ssl.SSLError, asyncio.IncompleteReadError):
+        except (OSError, TimeoutError, ValueError, ssl.SSLError, asyncio.IncompleteReadError) as exc:
+            log.info("egress: a connection ended with %s: %s", type(exc).__name__, exc)
             return
         finally:
             conn.close()
@@ -290,8 +291,13 @@ class EgressProxy:
         assert self.leaves is not None
         loop = asyncio.get_running_loop()
         server_context = await loop.run_in_executor(None, self.leaves.context_for, name)
-        client_r, client_w = await asyncio.open_connection(sock=conn)
-        await client_w.start_tls(server_context)
+        # TLS as the server, on the socket already accepted (StreamWriter.start_tls is client-side only).
+        client_r = asyncio.StreamReader(limit=RELAY_CHUNK)
+        protocol = asyncio.StreamReaderProtocol(client_r)
+        transport, _ = await loop.connect_accepted_socket(
+            lambda: protocol, sock=conn, ssl=server_context, ssl_handshake_timeout=CONNECT_TIMEOUT_S
+        )
+        client_w = asyncio.StreamWriter(transport, protocol, client_r, loop)
         up_r, up_w = await asyncio.open_connection(sock=upstream, ssl=self.upstream_tls, server_hostname=name)
         try:
             await _pump_rewriting(client_r, up_w, up_r, client_w, lambda _host: headers)
@@ -372,16 +378,18 @@ async def _pump_rewriting(
             if client_w.can_write_eof():
                 client_w.write_eof()
 
-    first = asyncio.ensure_future(requests())
-    second = asyncio.ensure_future(responses())
+    # The exchange is over when the upstream's side ends (a client that half-closed after its last
+    # request still gets every response; a TLS client cannot be half-closed, so it is closed).
+    sending = asyncio.ensure_future(requests())
+    receiving = asyncio.ensure_future(responses())
     try:
-        done, _ = await asyncio.wait({first, second}, return_when=asyncio.FIRST_EXCEPTION)
-        for task in done:
-            task.result()
-        await asyncio.gather(first, second)
+        await asyncio.wait({sending, receiving}, return_when=asyncio.FIRST_COMPLETED)
+        if sending.done():
+            sending.result()  # a request stream that broke ends the exchange
+        await receiving
     finally:
-        first.cancel()
-        second.cancel()
+        sending.cancel()
+        receiving.cancel()
 
 
 class _Rewriter:

@@ -12,18 +12,23 @@ What the chains do, for packets from a sandbox:
 
 * ``pre_filter`` (prerouting, before NAT): drop a source address that does not route back through
   the arrival interface (reverse-path check: a sandbox cannot take another's address or spoof the
-  internet's), then anything for a never-reachable range (:data:`NEVER_V4`, :data:`NEVER_V6`,
-  ``--sandbox-deny``) unless the operator opened it (``--sandbox-allow``). IPv6 neighbour
-  discovery with the gateway passes.
+  internet's).
 * ``pre_nat``: DNS to the gateway goes to the runtime's resolver; TCP of sandboxes whose rules
-  need names or header transforms goes to the egress proxy (:mod:`.egress`).
-* ``input``: the host itself answers nothing but those two (redirected connections only) and
-  neighbour discovery. So the host's services, on any address, the runtime's API and proxy, and
-  everything else listening on the host are unreachable.
+  need names or header transforms goes to the egress proxy (:mod:`.egress`), which applies the
+  same never-reachable ranges itself.
+* ``input``: the host itself answers nothing but those two (redirected connections only; DNS not
+  for sandboxes whose rules deny it) and IPv6 neighbour discovery. So the host's services, on any
+  address, the runtime's API and proxy, and everything else listening on the host are
+  unreachable. The helper's ports take no connection from other hosts either.
 * ``forward``: never into another sandbox, only out through ``--uplink`` when given; established
-  flows pass (``update_network`` drops no connection), then the sandbox's allow set, then its deny
-  set, then everything else passes. Nothing enters a sandbox but replies.
+  flows pass (``update_network`` drops no connection); never-reachable ranges (:data:`NEVER_V4`,
+  :data:`NEVER_V6`, ``--sandbox-deny``) are refused unless the operator opened them
+  (``--sandbox-allow``); then the sandbox's allow set, then its deny set; everything else passes.
+  Nothing enters a sandbox but replies.
 * ``post_nat``: masquerade to the outgoing interface's address.
+
+A refused TCP connection gets a reset and anything else an ICMP "administratively prohibited", so a
+denied ``pip install`` fails at once instead of hanging; spoofed packets are dropped silently.
 
 nftables is driven through ``libnftables`` (the library the ``nft`` tool is built on) in-process:
 an ``nft`` process per change costs ~4 ms here, the library ~0.3-1 ms (measured while choosing).
@@ -204,7 +209,7 @@ class Firewall:
 
     def ruleset(self, ports: Ports, sandboxes: dict[str, SandboxRules]) -> str:
         i = self.ifaces
-        uplink = f'    oifname != "{self.uplink}" drop\n' if self.uplink else ""
+        uplink = f'    oifname != "{self.uplink}" goto refuse\n' if self.uplink else ""
         text = [f"table {self.table} {{\n"]
         text.append(_set("never4", "ipv4_addr", self.never4))
         text.append(_set("never6", "ipv6_addr", self.never6))
@@ -223,13 +228,6 @@ class Firewall:
     type filter hook prerouting priority mangle; policy accept;
     iifname != {i} return
     fib saddr . iif oif missing drop
-    icmpv6 type {{ nd-neighbor-solicit, nd-neighbor-advert }} return
-    iifname @nodns meta l4proto {{ tcp, udp }} th dport 53 fib daddr type local drop
-    fib daddr type local return
-    ip daddr @open4 return
-    ip daddr @never4 drop
-    ip6 daddr @open6 return
-    ip6 daddr @never6 drop
   }}
   chain pre_nat {{
     type nat hook prerouting priority dstnat; policy accept;
@@ -240,13 +238,15 @@ class Firewall:
   chain input {{
     type filter hook input priority filter; policy accept;
     iifname {i} jump from_sandbox
+    meta l4proto {{ tcp, udp }} th dport {{ {ports.dns}, {ports.proxy} }} iifname != "lo" drop
   }}
   chain from_sandbox {{
+    iifname @nodns ct status dnat th dport {ports.dns} goto refuse
     ct status dnat meta l4proto {{ tcp, udp }} th dport {{ {ports.dns}, {ports.proxy} }} accept
     icmpv6 type {{ nd-neighbor-solicit, nd-neighbor-advert }} accept
     ip daddr @open4 tcp dport != {ports.api} accept
     ip6 daddr @open6 tcp dport != {ports.api} accept
-    drop
+    goto refuse
   }}
   chain forward {{
     type filter hook forward priority filter; policy accept;
@@ -254,16 +254,22 @@ class Firewall:
     oifname {i} jump ingress
   }}
   chain egress {{
-    oifname {i} drop
+    oifname {i} goto refuse
 {uplink}    ct state established,related accept
+    ip daddr @never4 ip daddr != @open4 goto refuse
+    ip6 daddr @never6 ip6 daddr != @open6 goto refuse
     iifname . ip daddr @allow4 accept
-    iifname . ip daddr @deny4 drop
+    iifname . ip daddr @deny4 goto refuse
     iifname . ip6 daddr @allow6 accept
-    iifname . ip6 daddr @deny6 drop
+    iifname . ip6 daddr @deny6 goto refuse
   }}
   chain ingress {{
     ct state established,related accept
     drop
+  }}
+  chain refuse {{
+    meta l4proto tcp reject with tcp reset
+    reject with icmpx admin-prohibited
   }}
   chain post_nat {{
     type nat hook postrouting priority srcnat; policy accept;
