@@ -16,11 +16,10 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import netlab
 import pytest
 from e2b import Sandbox
 from e2b.exceptions import SandboxException
-
-import netlab
 from netlab import NEVER, WEB, WEB2, WEB6, Lab, Runtime
 
 pytestmark = pytest.mark.root
@@ -195,9 +194,9 @@ def test_allowed_name_works_and_the_same_address_under_a_denied_name_does_not(en
 def test_names_in_allow_out_need_all_traffic_denied_as_e2b_says(env: Runtime) -> None:
     with pytest.raises(SandboxException, match="you must include 'ALL_TRAFFIC' in deny out"):
         Sandbox.create(network={"allow_out": ["allowed.test"]})
-    with pytest.raises(SandboxException, match="invalid denied CIDR example.com"):
+    with pytest.raises(SandboxException, match=r"invalid denied CIDR example\.com"):
         Sandbox.create(network={"deny_out": ["example.com"]})
-    with pytest.raises(SandboxException, match="invalid allowed address 1.2.3.4/40"):
+    with pytest.raises(SandboxException, match=r"invalid allowed address 1\.2\.3\.4/40"):
         Sandbox.create(network={"allow_out": ["1.2.3.4/40"]})
 
 
