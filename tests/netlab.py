@@ -200,8 +200,9 @@ class Lab:
             return []
         return [json.loads(line) for line in self.requests_file.read_text().splitlines() if line]
 
-    def start_runtime(self, data_dir: Path, api_key: str, *flags: str) -> Runtime:
-        port = 3000 + random.randrange(20000)
+    def start_runtime(self, data_dir: Path, api_key: str, *flags: str, port: int | None = None) -> Runtime:
+        """``sandboxd serve`` in the host namespace (on ``port``, else a random one)."""
+        port = port or 3000 + random.randrange(20000)
         log = data_dir / "serve.log"
         args = [
             "nsenter",

@@ -395,3 +395,52 @@ def test_metrics_count_each_sandboxs_own_traffic(env: Runtime) -> None:
     finally:
         busy.kill()
         idle.kill()
+
+
+# ------------------------------------------------------------------------------- stop, restart
+
+
+def _host_state(lab: Lab, tag: str) -> tuple[bool, list[str]]:
+    """Whether the runtime's table exists in the lab host, and its sandbox links there."""
+    import subprocess
+
+    tables = subprocess.run(
+        ["ip", "netns", "exec", lab.host_ns, "nft", "list", "tables"], capture_output=True, text=True, check=True
+    ).stdout
+    links = subprocess.run(["ip", "-n", lab.host_ns, "-o", "link"], capture_output=True, text=True, check=True).stdout
+    names = [line.split(":")[1].strip().split("@")[0] for line in links.splitlines()]
+    return f"sandboxd_{tag}" in tables, [n for n in names if n.startswith(f"sd{tag}h")]
+
+
+def test_stop_removes_the_table_and_links_and_a_restart_links_sandboxes_again(
+    lab: Lab, tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from sandboxd.runtime.network.addressing import tag_for
+
+    data = tmp_path_factory.mktemp("restart")
+    runtime = lab.start_runtime(data, "restart-key")
+    port = int(runtime.url.rsplit(":", 1)[1])
+    tag = tag_for(data)
+    for name, value in runtime.env().items():
+        monkeypatch.setenv(name, value)
+    try:
+        sandbox = create()
+        assert oks(probe(sandbox, web(WEB, ip=WEB))) == [True]
+        assert _host_state(lab, tag) == (True, [f"sd{tag}h0"])
+        # A crash leaves the table in force (the sandbox stays fenced in) ...
+        runtime.process.kill()
+        runtime.process.wait()
+        assert _host_state(lab, tag)[0]
+        runtime = lab.start_runtime(data, "restart-key", port=port)
+        assert oks(probe(sandbox, web(WEB, ip=WEB), web(NEVER["metadata"], ip=NEVER["metadata"]))) == [True, False]
+        # ... a clean stop removes every trace; the sandboxes keep running, offline ...
+        runtime.process.terminate()
+        runtime.process.wait(20)
+        assert _host_state(lab, tag) == (False, [])
+        # ... and a restarted runtime links them again, with the same addresses and rules.
+        runtime = lab.start_runtime(data, "restart-key", port=port)
+        assert _host_state(lab, tag) == (True, [f"sd{tag}h0"])
+        assert oks(probe(sandbox, web(WEB, ip=WEB), web(NEVER["metadata"], ip=NEVER["metadata"]))) == [True, False]
+    finally:
+        runtime.stop()
+    assert _host_state(lab, tag) == (False, [])

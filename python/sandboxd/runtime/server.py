@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import secrets
+import signal
 import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -149,7 +151,12 @@ def run(options: ServeOptions) -> None:
         )
     import uvloop
 
-    uvloop.run(_serve(options, store, templates, api_key, observer, recent))
+    # uvicorn stops gracefully on SIGTERM and then raises it again with the handler it found, which
+    # by default ends the process on the spot, before the clean-up below (the network table and
+    # links must go). As SIGINT's handler, SIGTERM unwinds through it instead.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    with contextlib.suppress(KeyboardInterrupt):
+        uvloop.run(_serve(options, store, templates, api_key, observer, recent))
 
 
 async def _serve(
