@@ -35,6 +35,7 @@ import json
 import os
 import random
 import secrets
+import shutil
 import signal
 import socket
 import socketserver
@@ -552,6 +553,9 @@ def main() -> None:
             if runtime is not None:
                 runtime.stop()
             lab.down()
+            # Removed only when nothing is mounted under it (never delete through a leaked mount).
+            if str(base) not in Path("/proc/self/mountinfo").read_text():
+                shutil.rmtree(base, ignore_errors=True)
         return
     sys.exit(f"usage: {sys.argv[0]} up [serve flags] | internet DIR | host-services DIR")
 
