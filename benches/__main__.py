@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 
-from . import chart, commands, files, observe, runtime, sdk_files, watch
+from . import chart, commands, files, network, observe, runtime, sdk_files, watch
 from .common import (
     Agent,
     Context,
@@ -36,6 +36,7 @@ SCENARIOS: dict[str, Callable[[Context], None]] = {
     "commands": commands.run,
     "runtime": runtime.run,
     "observe": observe.run,
+    "network": network.run,
 }
 
 

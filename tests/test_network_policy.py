@@ -1,0 +1,140 @@
+"""E2B's egress rules as sandboxd checks and decides them, and the egress proxy's parsers, without a
+sandbox: validation with E2B's messages, decisions, name matching, SNI and Host extraction from real
+client bytes, header rewriting, and the firewall elements a sandbox's rules become."""
+
+from __future__ import annotations
+
+import ipaddress
+import ssl
+
+import pytest
+from sandboxd.runtime.errors import ApiError
+from sandboxd.runtime.network.egress import _Rewriter, client_hello_sni, http_host
+from sandboxd.runtime.network.firewall import SandboxRules
+from sandboxd.runtime.network.policy import (
+    NetworkConfig,
+    compile_egress,
+    match_domain,
+    validate,
+)
+
+ip = ipaddress.ip_address
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        (NetworkConfig(deny_out=("example.com",)), "invalid denied CIDR example.com"),
+        (NetworkConfig(deny_out=("0.0.0.0",)), "invalid denied CIDR 0.0.0.0"),
+        (NetworkConfig(allow_out=("1.2.3.4/33",)), "invalid allowed address 1.2.3.4/33"),
+        (NetworkConfig(allow_out=("bad name",)), "invalid allowed address bad name"),
+        (NetworkConfig(allow_out=("example.com",)), "you must include 'ALL_TRAFFIC' in deny out"),
+        (NetworkConfig(dns_servers=("::1",)), "each entry must be an IPv4 address"),
+        (NetworkConfig(rules={"*": ({"a": "b"},)}), 'Rule domain "*" is not a valid domain name.'),
+        (NetworkConfig(rules={"a.com": ({"bad name": "x"},)}), "must contain only valid HTTP token characters"),
+        (NetworkConfig(rules={"a.com": ({"x": "a\r\nb"},)}), "contains invalid characters"),
+        (NetworkConfig(rules={f"h{i}.com": () for i in range(11)}), "at most 10 domains"),
+        (NetworkConfig(https_ports=(49983,)), "the envd port (49983) cannot be listed"),
+    ],
+)
+def test_bad_settings_get_e2bs_400(config: NetworkConfig, message: str) -> None:
+    with pytest.raises(ApiError) as caught:
+        validate(config)
+    assert caught.value.status == 400 and message in caught.value.message
+
+
+def test_e2bs_decision_order_and_all_traffic() -> None:
+    config = NetworkConfig(allow_out=("api.example.com", "1.2.3.0/24"), deny_out=("0.0.0.0/0",))
+    validate(config)
+    egress = compile_egress(config)
+    assert egress.proxied and egress.all_denied
+    assert egress.address_verdict(ip("1.2.3.4")) is True
+    assert egress.address_verdict(ip("8.8.8.8")) is True  # the default nameserver, names being allowed
+    assert egress.address_verdict(ip("5.6.7.8")) is False
+    assert egress.address_verdict(ip("2001:db8::1")) is False  # all traffic is IPv6 too
+    assert egress.name_allowed("API.example.com.") and not egress.name_allowed("example.com")
+    assert egress.resolver_reachable
+    # dns_servers replaces the default; [] allows none, and the resolver follows 8.8.8.8's fate.
+    no_dns = compile_egress(NetworkConfig(allow_out=("a.com",), deny_out=("0.0.0.0/0",), dns_servers=()))
+    assert not no_dns.resolver_reachable
+    # allow_internet_access=False keeps allow_out and denies the rest.
+    closed = compile_egress(NetworkConfig(allow_internet_access=False, allow_out=("9.9.9.9",), deny_out=("1.1.1.1",)))
+    assert closed.address_verdict(ip("9.9.9.9")) is True and closed.address_verdict(ip("4.4.4.4")) is False
+    assert not closed.resolver_reachable and not closed.proxied
+    assert compile_egress(NetworkConfig(deny_out=("8.8.8.0/24",))).resolver_reachable is False
+    assert compile_egress(NetworkConfig()).address_verdict(ip("4.4.4.4")) is None
+
+
+def test_domain_patterns_match_as_e2bs() -> None:
+    assert match_domain("a.example.com", "*.example.com")
+    assert match_domain("a.b.example.com", "*.example.com")
+    assert not match_domain("example.com", "*.example.com")
+    assert not match_domain("badexample.com", "*.example.com")
+    assert match_domain("anything.io", "*")
+    assert match_domain("Example.COM", "example.com")
+
+
+def test_header_rules_prefer_the_exact_name_then_the_longest_wildcard() -> None:
+    egress = compile_egress(
+        NetworkConfig(
+            rules={
+                "*.example.com": ({"a": "wild"},),
+                "*.api.example.com": ({"a": "longer"},),
+                "x.api.example.com": ({"a": "exact"},),
+            }
+        )
+    )
+    assert egress.headers_for("x.api.example.com") == (("a", "exact"),)
+    assert egress.headers_for("y.api.example.com") == (("a", "longer"),)
+    assert egress.headers_for("www.example.com") == (("a", "wild"),)
+    assert egress.headers_for("example.org") is None
+
+
+def _client_hello(name: str | None) -> bytes:
+    context = ssl.create_default_context()
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = context.wrap_bio(incoming, outgoing, server_hostname=name) if name else None
+    if tls is None:
+        context.check_hostname = False
+        tls = context.wrap_bio(incoming, outgoing)
+    with pytest.raises(ssl.SSLWantReadError):
+        tls.do_handshake()
+    return outgoing.read()
+
+
+def test_sni_and_host_are_read_from_real_client_bytes() -> None:
+    hello = _client_hello("API.Example.com")
+    assert client_hello_sni(hello) == "api.example.com"
+    assert client_hello_sni(hello[:40]) is True  # more is on its way
+    assert client_hello_sni(_client_hello(None)) is None
+    assert client_hello_sni(b"GET / HTTP/1.1\r\n") is False
+    assert http_host(b"GET / HTTP/1.1\r\nhost: Web.Test:8080\r\n\r\n") == "web.test"
+    assert http_host(b"GET / HTTP/1.1\r\nHost: [2001:db8::1]:80\r\n\r\n") == "2001:db8::1"
+    assert http_host(b"GET / HTTP/1.1\r\nX: y\r\n") is True
+    assert http_host(b"SSH-2.0-x\r\n") is False
+
+
+def test_rewriter_sets_headers_per_request_and_keeps_bodies() -> None:
+    rules = {"api.test": (("Authorization", "Bearer s"),)}
+    rewriter = _Rewriter(lambda host: rules.get(host))
+    stream = (
+        b"POST /a HTTP/1.1\r\nHost: api.test\r\nAuthorization: mine\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"3\r\nabc\r\n0\r\n\r\n"
+        b"GET /b HTTP/1.1\r\nHost: other.test\r\nContent-Length: 2\r\n\r\nhi"
+    )
+    out = b"".join(rewriter.feed(stream[i : i + 7]) for i in range(0, len(stream), 7))
+    first, _, second = out.partition(b"GET /b")
+    assert b"Authorization: Bearer s" in first and b"mine" not in first
+    assert first.endswith(b"3\r\nabc\r\n0\r\n\r\n")
+    assert b"Authorization" not in second and second.endswith(b"\r\n\r\nhi")
+
+
+def test_firewall_elements_of_a_sandbox() -> None:
+    rules = SandboxRules.of(
+        compile_egress(NetworkConfig(allow_out=("10.1.0.0/16", "10.1.2.3"), deny_out=("0.0.0.0/0",)))
+    )
+    assert rules.allow4 == ("10.1.0.0/16",)  # overlapping entries are merged for nftables
+    assert rules.deny6 == ("::/0",)
+    commands = rules.elements("inet t", "sdabch1", "add")
+    assert 'add element inet t allow4 { "sdabch1" . 10.1.0.0/16 }' in commands
+    assert SandboxRules.of(compile_egress(NetworkConfig())).elements("inet t", "x", "add") == []
