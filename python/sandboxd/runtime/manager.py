@@ -39,8 +39,8 @@ from sandboxd import _core
 
 from .agent_client import init_agent
 from .errors import ApiError, not_found
-from .observe import Observer
 from .network import NetworkConfig, SandboxNetworks
+from .observe import Observer
 from .store import SandboxRow, Store
 from .templates import Template, Templates
 from .zygote_client import ZygoteClient

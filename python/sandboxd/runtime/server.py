@@ -19,13 +19,13 @@ from sandboxd.agent.asgi import Receive, Scope, Send, header_map, send_json, ser
 from .api import ControlPlane
 from .errors import ApiError
 from .manager import Limits, SandboxManager
+from .network import NetworkOptions, SandboxNetworks
 from .observe import Observer, Secrets
 from .observe import logs as observe_logs
 from .observe.endpoints import PATHS as OPERATOR_PATHS
 from .observe.endpoints import OperatorEndpoints
 from .observe.http import RequestObserver
 from .observe.probes import Readiness
-from .network import NetworkOptions, SandboxNetworks
 from .proxy import SandboxProxy, parse_target
 from .store import Store
 from .templates import Templates
