@@ -365,14 +365,22 @@ class SandboxManager:
         row.init_start = _proc_start_time(handle.init_pid)
         self._watch(row.id, handle)
         try:
-            ca_bundle = None
+            # The link is made while the agent comes up (the agent needs no network to start).
+            steps = [
+                init_agent(
+                    functools.partial(self.open_socket, row.id),
+                    row.access_token,
+                    row.env_vars,
+                    ca_bundle=self.networks.ca_pem if self.networks is not None else None,
+                )
+            ]
             if slot is not None and self.networks is not None:
                 config, token = network if network is not None else (None, None)
-                await self.networks.attach(row.id, slot, handle.init_pid, config, token)
-                ca_bundle = self.networks.ca_pem
-            await init_agent(
-                functools.partial(self.open_socket, row.id), row.access_token, row.env_vars, ca_bundle=ca_bundle
-            )
+                steps.append(self.networks.attach(row.id, slot, handle.init_pid, config, token))
+            outcomes = await asyncio.gather(*steps, return_exceptions=True)
+            for outcome in outcomes:
+                if isinstance(outcome, BaseException):
+                    raise outcome
         except BaseException:
             await self._stop_processes(row.id, keep_files=resuming)
             raise
