@@ -103,7 +103,7 @@ def _keep_router_advertisements() -> None:
     base = Path("/proc/sys/net/ipv6/conf")
     with contextlib.suppress(OSError):
         for conf in base.iterdir():
-            if conf.name == "all":
+            if conf.name in ("all", "default", "lo"):  # existing interfaces only; lo never gets RAs
                 continue
             with contextlib.suppress(OSError):
                 if (conf / "accept_ra").read_text().strip() == "1":
