@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -13,6 +14,28 @@ from pathlib import Path
 
 import httpx
 import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+TEMPLATE_STORE = Path(os.environ.setdefault("SANDBOXD_TEMPLATE_STORE", str(REPO / ".cache" / "templates")))
+"""One template store for every runtime the tests start (each has its own data dir): the Debian
+``base`` is built into it once, by :func:`base_template`, and shared. Set in the environment so
+that every ``sandboxd`` the tests start, and the JS tests, use it too."""
+
+TEST_TOOLS = REPO / ".cache" / "test-tools"
+"""Debian packages the tests unpack rather than install (``make host-deps``)."""
+
+
+def require(path_or_tool: str | Path, why: str) -> str:
+    """The path of a tool the tests need: skipped if it is missing, but a failure in CI (CI=true),
+    where `make host-deps` must have provided it."""
+    found = str(path_or_tool) if Path(path_or_tool).exists() else shutil.which(str(path_or_tool))
+    if found is None:
+        message = f"{path_or_tool} is missing ({why}); run `make host-deps`"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    return found
 
 
 def free_port() -> int:
@@ -152,8 +175,36 @@ def zygote_pid(runtime: Runtime) -> int:
 
 
 @pytest.fixture(scope="session")
-def start_runtime(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., Runtime]]:
-    """A factory: ``start_runtime(*flags)`` → a running :class:`Runtime` with its own data dir."""
+def base_template(request: pytest.FixtureRequest) -> bool:
+    """Build the Debian ``base`` into the shared template store unless it is there (once per
+    checkout: a few minutes, with progress on the terminal). False where it cannot be built here
+    (no archive in reach, no mmdebstrap): runtimes then fall back to ``host``."""
+    if os.geteuid() != 0:
+        pytest.skip("building the base template needs root (mmdebstrap --mode=root)")
+    from sandboxd.runtime import debian
+    from sandboxd.runtime.layers import LayerStore
+
+    store = LayerStore(TEMPLATE_STORE)
+    recipe = debian.Recipe(mirror=os.environ.get("SANDBOXD_DEBIAN_MIRROR") or debian.DEFAULT_MIRROR)
+    if store.cached(recipe.key()) is not None:
+        return True
+    capture = request.config.pluginmanager.getplugin("capturemanager")
+    with capture.global_and_fixture_disabled():
+        print(f"\nbuilding the base template into {TEMPLATE_STORE} (once per checkout):", flush=True)
+        try:
+            debian.build(store, recipe, debian.BuildProgress(), lambda line: print(f"  {line}", flush=True))
+        except debian.BuildUnavailable as exc:
+            if os.environ.get("CI") == "true":
+                pytest.fail(f"the base template cannot be built in CI: {exc}")
+            print(f"  cannot build it here ({exc}): sandboxes use the host template", flush=True)
+            return False
+    return True
+
+
+@pytest.fixture(scope="session")
+def start_runtime(tmp_path_factory: pytest.TempPathFactory, base_template: bool) -> Iterator[Callable[..., Runtime]]:
+    """A factory: ``start_runtime(*flags)`` → a running :class:`Runtime` with its own data dir,
+    over the shared template store."""
     if os.geteuid() != 0:
         pytest.skip("the runtime needs root (namespaces, overlayfs, cgroups)")
     started: list[Runtime] = []

@@ -9,6 +9,12 @@ import sys
 from pathlib import Path
 
 from sandboxd import ENVD_VERSION, __version__
+from sandboxd.runtime.debian import DEFAULT_MIRROR
+
+
+def _env_path(name: str) -> Path | None:
+    value = os.environ.get(name)
+    return Path(value) if value else None
 
 
 def _port(value: str) -> int:
@@ -122,12 +128,58 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-network", action="store_true", help="give sandboxes loopback only (no link, no firewall table)"
     )
 
-    template = commands.add_parser("template", help="manage templates")
+    serve.add_argument(
+        "--template-store",
+        type=Path,
+        default=_env_path("SANDBOXD_TEMPLATE_STORE"),
+        help="template layers, shareable by several runtimes (default: <data dir>/templates; "
+        "also $SANDBOXD_TEMPLATE_STORE)",
+    )
+    serve.add_argument(
+        "--debian-mirror",
+        default=os.environ.get("SANDBOXD_DEBIAN_MIRROR") or DEFAULT_MIRROR,
+        help=f"Debian archive the 'base' template is built from (default: {DEFAULT_MIRROR}; "
+        "also $SANDBOXD_DEBIAN_MIRROR)",
+    )
+
+    template = commands.add_parser("template", help="manage templates (list, add, import, pull, build, remove)")
     template_commands = template.add_subparsers(dest="template_command", required=True)
-    add = template_commands.add_parser("add", help="register a root filesystem (directory or tarball) as a template")
+    where = argparse.ArgumentParser(add_help=False)
+    where.add_argument(
+        "--data-dir", type=Path, default=None, help="the runtime's data dir (default: /var/lib/sandboxd)"
+    )
+    where.add_argument(
+        "--template-store",
+        type=Path,
+        default=_env_path("SANDBOXD_TEMPLATE_STORE"),
+        help="the template store (default: the one the runtime last used, else <data dir>/templates; "
+        "also $SANDBOXD_TEMPLATE_STORE)",
+    )
+    template_commands.add_parser("list", parents=[where], help="list templates: state, size, layers, source")
+    add = template_commands.add_parser(
+        "add", parents=[where], help="register a root filesystem (directory or tarball) as a template"
+    )
     add.add_argument("name")
     add.add_argument("--rootfs", type=Path, required=True, help="a root filesystem directory or tarball")
-    add.add_argument("--data-dir", type=Path, default=None, help="the runtime's data dir (default: /var/lib/sandboxd)")
+    imported = template_commands.add_parser(
+        "import", parents=[where], help="import an OCI archive (oci-layout tarball) or a `docker save` tarball"
+    )
+    imported.add_argument("name")
+    imported.add_argument("archive", type=Path)
+    pull = template_commands.add_parser("pull", parents=[where], help="pull an image from a registry (skopeo)")
+    pull.add_argument("name")
+    pull.add_argument("image", help="an image reference, e.g. debian:trixie or ghcr.io/owner/image:tag")
+    pull.add_argument("--insecure", action="store_true", help="allow plain HTTP or unverified TLS to the registry")
+    build = template_commands.add_parser(
+        "build", parents=[where], help="build the 'base' template from Debian's archive now (mmdebstrap)"
+    )
+    build.add_argument("name", choices=["base"])
+    build.add_argument("--rebuild", action="store_true", help="build again even if a build of this recipe exists")
+    build.add_argument("--debian-mirror", default=os.environ.get("SANDBOXD_DEBIAN_MIRROR") or DEFAULT_MIRROR)
+    remove = template_commands.add_parser(
+        "remove", parents=[where], help="remove a template and the layers no other template uses"
+    )
+    remove.add_argument("name")
     return parser
 
 
@@ -177,6 +229,8 @@ def main(argv: list[str] | None = None) -> None:
                     deny=args.sandbox_deny,
                     egress_trust=args.egress_trust,
                 ),
+                template_store=args.template_store,
+                debian_mirror=args.debian_mirror,
             )
         )
     elif args.command == "status":
@@ -185,14 +239,9 @@ def main(argv: list[str] | None = None) -> None:
 
         sys.exit(status_main(args.url, args.data_dir or DEFAULT_DATA_DIR, args.api_key, args.json))
     elif args.command == "template":
-        from sandboxd.runtime.server import DEFAULT_DATA_DIR
-        from sandboxd.runtime.templates import Templates
+        from sandboxd.runtime.template_cli import run as run_template
 
-        try:
-            added = Templates(args.data_dir or DEFAULT_DATA_DIR).add(args.name, args.rootfs)
-        except (ValueError, OSError) as exc:
-            sys.exit(f"sandboxd template add: {exc}")
-        print(f"template '{args.name}' registered: {added.root}")
+        sys.exit(run_template(args))
     else:  # pragma: no cover - argparse enforces the choices
         sys.exit(f"unknown command {args.command}")
 

@@ -1,4 +1,5 @@
-"""The runtime's one call to a sandbox's agent: ``POST /init`` with its access token and env vars.
+"""The runtime's one call to a sandbox's agent: ``POST /init`` with its access token, env vars and the
+template's default user and workdir.
 
 A new agent starts without a token (the zygote it was forked from never holds a secret) and nothing
 but the agent runs in the sandbox yet, so this first ``/init`` is the one that sets it. The agent
@@ -34,13 +35,23 @@ OpenSocket = Callable[[int], Awaitable[socket.socket]]
 
 
 async def init_agent(
-    open_socket: OpenSocket, access_token: str, env_vars: dict[str, str], ca_bundle: str | None = None
+    open_socket: OpenSocket,
+    access_token: str,
+    env_vars: dict[str, str],
+    ca_bundle: str | None = None,
+    default_user: str | None = None,
+    default_workdir: str | None = None,
 ) -> None:
     """``POST /init`` until the agent answers; 204 is success, anything else fails the create.
-    ``ca_bundle``: PEM certificates for the sandbox's trust store (envd's ``caBundle``)."""
+    ``ca_bundle``: PEM certificates for the sandbox's trust store (envd's ``caBundle``);
+    ``default_user`` and ``default_workdir``: the template's (envd's ``defaultUser``, ``defaultWorkdir``)."""
     fields: dict[str, object] = {"envVars": env_vars, "accessToken": access_token}
     if ca_bundle:
         fields["caBundle"] = ca_bundle
+    if default_user:
+        fields["defaultUser"] = default_user
+    if default_workdir:
+        fields["defaultWorkdir"] = default_workdir
     body = json.dumps(fields).encode()
     head = (
         "POST /init HTTP/1.1\r\nHost: sandbox\r\n"

@@ -212,7 +212,7 @@ class ControlPlane:
                 raise ApiError(405, f"{scope['method']} is not allowed on {path} (use {', '.join(allowed)})")
             raise ApiError(404, f"no such endpoint: {scope['method']} {path}")
         except ApiError as exc:
-            await send_json(send, exc.status, {"code": exc.status, "message": exc.message})
+            await send_json(send, exc.status, {"code": exc.status, "message": exc.message}, exc.headers)
         except ClientDisconnected:
             return
 

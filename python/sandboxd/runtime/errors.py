@@ -1,6 +1,7 @@
 """Control-plane errors: an HTTP status and a message a person can act on.
 
-The E2B SDK retries 429, 502, 503 and 504 three times, so permanent failures never use them.
+The E2B SDK retries 429, 502, 503 and 504 three times, so permanent failures never use them, and a
+503 that a retry within the SDK's request timeout cannot cure says ``Should-Retry: false``.
 """
 
 from __future__ import annotations
@@ -9,10 +10,12 @@ from __future__ import annotations
 class ApiError(Exception):
     """An error answered as ``{"code": <status>, "message": ...}``."""
 
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, headers: list[tuple[str, str]] | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
+        self.headers = headers or []
+        """Extra response headers, e.g. ``Should-Retry: false`` on a 503 the SDK must not retry."""
 
 
 def not_found(sandbox_id: str) -> ApiError:

@@ -286,7 +286,7 @@ class SandboxManager:
         return row
 
     async def _create(self, request: CreateRequest) -> SandboxRow:
-        template = self.templates.resolve(request.template)
+        template = await self.templates.prepare(request.template)
         timeout = self._validate_timeout(request.timeout if request.timeout is not None else DEFAULT_TIMEOUT_S)
         if self.networks is not None:
             self.networks.check(request.network)
@@ -338,7 +338,7 @@ class SandboxManager:
         sandbox_dir.mkdir(parents=True, exist_ok=True)
         request = {
             "id": row.id,
-            "template_dirs": [str(template.root)],
+            "template_dirs": [str(layer) for layer in template.layers],
             "sandbox_dir": str(sandbox_dir),
             "host_usr_ro": template.host_usr,
             "memory_bytes": row.memory_mb << 20,
@@ -370,8 +370,10 @@ class SandboxManager:
                 init_agent(
                     functools.partial(self.open_socket, row.id),
                     row.access_token,
-                    row.env_vars,
+                    {**template.env, **row.env_vars},
                     ca_bundle=self.networks.ca_pem if self.networks is not None else None,
+                    default_user=template.user,
+                    default_workdir=template.workdir,
                 )
             ]
             if slot is not None and self.networks is not None:

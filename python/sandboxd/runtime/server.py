@@ -17,6 +17,7 @@ from sandboxd import __version__
 from sandboxd.agent.asgi import Receive, Scope, Send, header_map, send_json, serve_until_signalled, server_config
 
 from .api import ControlPlane
+from .debian import DEFAULT_MIRROR
 from .errors import ApiError
 from .manager import Limits, SandboxManager
 from .network import NetworkOptions, SandboxNetworks
@@ -28,7 +29,7 @@ from .observe.http import RequestObserver
 from .observe.probes import Readiness
 from .proxy import SandboxProxy, parse_target
 from .store import Store
-from .templates import Templates
+from .templates import Templates, default_store_dir
 from .zygote_client import ZygoteClient
 
 log = logging.getLogger("sandboxd.runtime")
@@ -49,6 +50,9 @@ class ServeOptions:
     log_format: str = "text"
     network: NetworkOptions | None = field(default_factory=NetworkOptions)
     """Sandbox networking; None gives sandboxes loopback only (``--no-network``)."""
+    template_store: Path | None = None
+    """Where template layers live (default ``<data dir>/templates``); several runtimes may share one."""
+    debian_mirror: str = DEFAULT_MIRROR
 
 
 class RuntimeApp:
@@ -124,12 +128,21 @@ def run(options: ServeOptions) -> None:
     api_key = _api_key(store, options.api_key)
     known_secrets.add(api_key)
     observer = Observer(secrets=known_secrets)
-    templates = Templates(options.data_dir)
-    with observer.template_build("base"):
-        templates.ensure_builtin()
+    templates = Templates(store, options.template_store or default_store_dir(options.data_dir), options.debian_mirror)
+    templates.observe = observer
+    with observer.template_build("host"):
+        templates.ensure_host()
+    # `sandboxd template` finds the store this runtime uses through its database.
+    store.set_setting("template_store", str(templates.store_dir))
     _core.become_subreaper()
     url = f"http://{options.host}:{options.port}"
     store.set_setting("url", url)  # where `sandboxd status` finds this runtime
+    base_note = ""
+    if any(t.name == "base" and t.state == "not built" for t in templates.listing()):
+        base_note = (
+            "template 'base' is not built yet: the first sandbox that needs it builds it from Debian's archive\n"
+            "(a few minutes, once; progress is logged here), or build it now: sandboxd template build base\n"
+        )
     if options.log_format == "json":
         # A log pipeline keeps stdout: no key in it. The person who needs it reads it from the data dir.
         log.info(
@@ -142,7 +155,7 @@ def run(options: ServeOptions) -> None:
     else:
         print(
             f"sandboxd {__version__}: E2B-compatible API and sandbox proxy on {url}\n"
-            f"data dir: {options.data_dir}\n\n"
+            f"data dir: {options.data_dir}\ntemplate store: {templates.store_dir}\n{base_note}\n"
             "Point the E2B SDKs at it:\n"
             f"  export E2B_API_KEY={api_key}\n"
             f"  export E2B_API_URL={url}\n"
@@ -198,6 +211,7 @@ async def _serve(
         await serve_until_signalled(config)
     finally:
         operators.close()
+        templates.close()
         await manager.stop()
         if networks is not None:
             await networks.stop()

@@ -1,4 +1,4 @@
-"""Runtime state in SQLite (WAL): sandboxes, their metadata, and lifecycle events with reasons.
+"""Runtime state in SQLite (WAL): sandboxes, their metadata, lifecycle events with reasons, and templates.
 
 One connection, used from the event loop thread only; every write is its own short transaction,
 so a ``kill -9`` of the runtime loses nothing that was acknowledged to a client.
@@ -45,7 +45,25 @@ CREATE TABLE IF NOT EXISTS events (
 );
 CREATE INDEX IF NOT EXISTS events_by_sandbox ON events (sandbox_id, seq);
 CREATE TABLE IF NOT EXISTS settings (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS templates (
+    name        TEXT PRIMARY KEY,
+    layers      TEXT NOT NULL,            -- JSON list of layer digests in the template store, topmost first
+    config      TEXT NOT NULL DEFAULT '{}',  -- JSON: env, user, workdir, start_cmd, ready_cmd, ...
+    source      TEXT NOT NULL,            -- where it came from (an image reference, an archive, a recipe)
+    created_at  REAL NOT NULL
+);
 """
+
+
+@dataclass(slots=True)
+class TemplateRow:
+    """One template as stored: its layers (digests, topmost first) and its config."""
+
+    name: str
+    layers: list[str]
+    config: dict[str, Any]
+    source: str
+    created_at: float
 
 
 @dataclass(slots=True)
@@ -80,6 +98,7 @@ class Store:
     """The runtime's SQLite database in the data dir."""
 
     def __init__(self, path: Path) -> None:
+        self.path = path
         path.touch(mode=0o600, exist_ok=True)
         path.chmod(0o600)
         self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
@@ -140,6 +159,31 @@ class Store:
         sql += f" ORDER BY started_at {order}, id {order} LIMIT ?"
         params.append(limit)
         return [self._decode(r) for r in self.db.execute(sql, params).fetchall()]
+
+    # ------------------------------------------------------------------------------- templates
+
+    def put_template(self, row: TemplateRow) -> None:
+        self.db.execute(
+            "INSERT OR REPLACE INTO templates (name, layers, config, source, created_at) VALUES (?, ?, ?, ?, ?)",
+            (row.name, json.dumps(row.layers), json.dumps(row.config, sort_keys=True), row.source, row.created_at),
+        )
+
+    def template(self, name: str) -> TemplateRow | None:
+        cur = self.db.execute("SELECT name, layers, config, source, created_at FROM templates WHERE name = ?", (name,))
+        row = cur.fetchone()
+        return None if row is None else self._template(row)
+
+    def templates(self) -> list[TemplateRow]:
+        cur = self.db.execute("SELECT name, layers, config, source, created_at FROM templates ORDER BY name")
+        return [self._template(r) for r in cur.fetchall()]
+
+    def delete_template(self, name: str) -> None:
+        self.db.execute("DELETE FROM templates WHERE name = ?", (name,))
+
+    @staticmethod
+    def _template(row: tuple[Any, ...]) -> TemplateRow:
+        name, layers, config, source, created_at = row
+        return TemplateRow(str(name), json.loads(layers), json.loads(config), str(source), float(created_at))
 
     # ---------------------------------------------------------------------------------- events
 

@@ -1,87 +1,388 @@
-"""Templates: the built-in one (the host's read-only ``/usr`` plus a private ``/etc`` and home), and
-root filesystems registered with ``sandboxd template add NAME --rootfs DIR|TARBALL``."""
+"""Templates: what a sandbox's root filesystem is made of.
+
+A template is an ordered list of layers in the template store (:mod:`.layers`, shared between
+templates, never copied) plus a config (env, user, workdir, and the start and ready commands that
+E2B's template builds set), recorded in the runtime's SQLite state. The runtime resolves a name to
+its layer directories, which become the sandbox overlay's lower dirs, and hands the config to the
+agent with ``/init``.
+
+Built in:
+
+* ``base``: Debian with E2B's base contents (:mod:`.debian`), built once on first need and cached
+  in the store. While it builds, a create waits up to :data:`BASE_WAIT_S`, then answers 503 with
+  the build's progress (and ``Should-Retry: false``, so the SDK shows the message instead of
+  retrying into its own timeout). Where Debian's archive cannot be reached (or mmdebstrap is
+  missing), ``base`` falls back to ``host`` with a warning naming why, and the sandbox's
+  ``templateID`` says ``host``.
+* ``host``: the host's read-only ``/usr`` with a private ``/etc`` and home (no download; what
+  sandboxd had before ``base`` was a Debian build). For machines with no package archive in reach.
+* ``code-interpreter-v1``, ``code-interpreter``, ``desktop``: names the SDKs ask for by default,
+  resolved to ``base`` until templates of their own exist (the code interpreter's is issue 15).
+
+Imported (``sandboxd template add|import|pull``): a root filesystem directory or tarball, an OCI
+archive or ``docker save`` tarball, or an image pulled from a registry (:mod:`.oci`).
+"""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
+import logging
 import re
-import shutil
-import tarfile
-from dataclasses import dataclass
+import sqlite3
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from sandboxd import _core
 
+from . import debian, oci
 from .errors import ApiError
+from .layers import LayerError, LayerStore
+from .store import Store, TemplateRow
 
-BUILTIN = "base"
-ALIASES = {"code-interpreter-v1": BUILTIN, "code-interpreter": BUILTIN, "desktop": BUILTIN}
-"""Names the SDKs ask for by default (the JS code-interpreter SDK asks for ``code-interpreter-v1``)."""
+if TYPE_CHECKING:
+    from .observe import Observer
+
+log = logging.getLogger("sandboxd.runtime")
+
+BASE = "base"
+HOST = "host"
+BUILTIN = (BASE, HOST)
+ALIASES = {"code-interpreter-v1": BASE, "code-interpreter": BASE, "desktop": BASE}
+"""Names the SDKs ask for by default (the JS code-interpreter SDK asks for ``code-interpreter-v1``),
+resolved to ``base`` until templates of their own exist."""
+
+BASE_WAIT_S = 40.0
+"""How long a create waits for a base build in progress before answering with its progress: under
+the SDKs' default request timeout (60 s), so the user reads our message, not a timeout."""
+
+FALLBACK_RETRY_S = 60.0
+"""After the archive was found unreachable, creates use ``host`` for this long before trying again."""
+
+MAX_OVERLAY_OPTIONS = 4000
+"""overlayfs takes its lower dirs in one mount option string of at most a page (4096 bytes), which
+also holds the upper and work dirs."""
 
 _NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")
+
+Report = Callable[[str], None]
 
 
 @dataclass(frozen=True, slots=True)
 class Template:
-    """A root filesystem a sandbox's overlay sits on."""
+    """What a sandbox is started from."""
 
     id: str
-    """The canonical id (an alias resolves to the template it names)."""
-    root: Path
+    """The canonical name (an alias resolves to the template it names)."""
+    layers: tuple[Path, ...]
+    """Overlay lower dirs, topmost first."""
     host_usr: bool
-    """Bind the host's ``/usr`` read-only into the sandbox (the built-in template)."""
+    """Bind the host's ``/usr`` read-only into the sandbox (the ``host`` template)."""
+    config: dict[str, Any] = field(default_factory=dict)
+    """``env`` (dict), ``user``, ``workdir``, ``start_cmd``, ``ready_cmd``."""
+
+    @property
+    def env(self) -> dict[str, str]:
+        env = self.config.get("env") or {}
+        return {str(k): str(v) for k, v in env.items()}
+
+    @property
+    def user(self) -> str | None:
+        return self.config.get("user") or None
+
+    @property
+    def workdir(self) -> str | None:
+        return self.config.get("workdir") or None
+
+
+@dataclass(frozen=True, slots=True)
+class Listed:
+    """A template as ``sandboxd template list`` shows it."""
+
+    name: str
+    state: str
+    """``ready``, ``not built`` (base before its first build) or ``missing layers``."""
+    source: str
+    layers: list[str]
+    size: int
+
+
+def default_store_dir(data_dir: Path) -> Path:
+    return data_dir / "templates"
+
+
+def _check_name(name: str) -> None:
+    if not _NAME.fullmatch(name) or name in BUILTIN or name in ALIASES:
+        raise ValueError(f"template name '{name}' must match {_NAME.pattern} and not be a built-in name or alias")
+
+
+def _check_store_path(path: Path) -> None:
+    if any(c in str(path) for c in ",:\\") or any(c.isspace() for c in str(path)):
+        raise ValueError(f"template store '{path}': overlayfs cannot take paths containing ',', ':', '\\' or spaces")
 
 
 class Templates:
-    """The registry, in ``<data dir>/templates``: one directory per template plus ``index.json``."""
+    """The templates of one runtime: its SQLite rows, over a (possibly shared) template store."""
 
-    def __init__(self, data_dir: Path) -> None:
-        self.dir = data_dir / "templates"
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self.index_path = self.dir / "index.json"
+    def __init__(self, store: Store, store_dir: Path, mirror: str = debian.DEFAULT_MIRROR) -> None:
+        _check_store_path(store_dir.resolve())
+        self.db = store
+        self.store_dir = store_dir.resolve()
+        self.layers = LayerStore(self.store_dir)
+        self.layers.register_user(store.path)
+        self.recipe = debian.Recipe(mirror=mirror)
+        self.host_dir = self.store_dir / HOST
+        self.base_progress = debian.BuildProgress()
+        self._base_task: asyncio.Future[tuple[list[str], dict[str, Any]]] | None = None
+        self._fallback_until = 0.0
+        self._fallback_reason = ""
+        self._build_processes: list[subprocess.Popen[bytes]] = []
+        self.observe: Observer | None = None
+        """The runtime's observer: base builds go through its ``template_build`` hook."""
 
-    def _index(self) -> dict[str, dict[str, object]]:
-        try:
-            data = json.loads(self.index_path.read_text())
-        except FileNotFoundError:
-            return {}
-        return data if isinstance(data, dict) else {}
+    # -------------------------------------------------------------------------------- builtins
 
-    def ensure_builtin(self) -> None:
-        """Build (or refresh, idempotently) the built-in template's root."""
-        _core.build_base_template(str(self.dir / BUILTIN))
+    def ensure_host(self) -> None:
+        """Build (or refresh, idempotently) the ``host`` template's root from this host's files."""
+        _core.build_base_template(str(self.host_dir))
 
-    def names(self) -> list[str]:
-        return sorted({BUILTIN, *ALIASES, *self._index()})
+    def _host(self) -> Template:
+        return Template(HOST, (self.host_dir,), True)
+
+    def _template(self, row: TemplateRow) -> Template:
+        paths = tuple(self.layers.path(d) for d in row.layers)
+        missing = [d for d in row.layers if not self.layers.has(d)]
+        if missing:
+            raise ApiError(
+                409,
+                f"template '{row.name}' lists layers that are not in the template store {self.store_dir}: "
+                f"{', '.join(missing)}; import it again",
+            )
+        options = sum(len(str(p)) + 1 for p in paths)
+        if options > MAX_OVERLAY_OPTIONS - 600:
+            raise ApiError(
+                409,
+                f"template '{row.name}' has {len(paths)} layers, more than overlayfs takes at this store's path "
+                f"length; squash the image or use a shorter --template-store path",
+            )
+        return Template(row.name, paths, False, row.config)
+
+    def _base_ready(self) -> Template | None:
+        """The built base: the current recipe's cached build (recorded as this runtime's ``base``),
+        or an older build this runtime already uses."""
+        key = self.recipe.key()
+        cached = self.layers.cached(key)
+        row = self.db.template(BASE)
+        if cached is not None:
+            if row is None or row.layers != cached["layers"]:
+                row = TemplateRow(
+                    BASE, list(cached["layers"]), dict(cached["config"]), self.recipe.describe(), time.time()
+                )
+                self.db.put_template(row)
+            return self._template(row)
+        if row is not None and all(self.layers.has(d) for d in row.layers):
+            return self._template(row)
+        return None
+
+    # ------------------------------------------------------------------------------ resolving
+
+    def canonical(self, name: str) -> str:
+        return ALIASES.get(name, name)
 
     def resolve(self, name: str) -> Template:
-        """The template called ``name`` (or an alias); 404 naming the known ones otherwise."""
-        canonical = ALIASES.get(name, name)
-        if canonical == BUILTIN:
-            return Template(BUILTIN, self.dir / BUILTIN, True)
-        entry = self._index().get(canonical)
-        if entry is None:
+        """The template called ``name`` (or an alias), without building anything: 404 naming the
+        known templates if there is none (``base`` not yet built resolves to ``host``)."""
+        canonical = self.canonical(name)
+        if canonical == HOST:
+            return self._host()
+        if canonical == BASE:
+            return self._base_ready() or self._host()
+        row = self.db.template(canonical)
+        if row is None:
             raise ApiError(404, f"template '{name}' not found; known templates: {', '.join(self.names())}")
-        return Template(canonical, Path(str(entry["root"])), bool(entry.get("host_usr", False)))
+        return self._template(row)
 
-    def add(self, name: str, rootfs: Path) -> Template:
-        """Register a root filesystem: a directory (used in place) or a tarball (extracted here)."""
-        if not _NAME.fullmatch(name) or name == BUILTIN or name in ALIASES:
-            raise ValueError(f"template name '{name}' must match {_NAME.pattern} and not be a built-in name")
+    async def prepare(self, name: str) -> Template:
+        """For a create: like :meth:`resolve`, but ``base`` is built if it is not yet (waiting up
+        to :data:`BASE_WAIT_S`), or falls back to ``host`` where it cannot be built."""
+        canonical = self.canonical(name)
+        if canonical != BASE:
+            return self.resolve(canonical)
+        ready = self._base_ready()
+        if ready is not None:
+            return ready
+        if time.monotonic() < self._fallback_until:
+            return self._host()
+        loop = asyncio.get_running_loop()
+        if self._base_task is None or self._base_task.done():
+            self.base_progress = debian.BuildProgress(started=time.monotonic())
+            log.info("template base: building %s, once (progress follows)", self.recipe.describe())
+            self._base_task = loop.run_in_executor(None, self._build_base_blocking)
+        task = self._base_task
+        await asyncio.wait({task}, timeout=BASE_WAIT_S)
+        if not task.done():
+            raise ApiError(
+                503,
+                f"template 'base' is being built from Debian's archive, the first time for this template store "
+                f"(a few minutes, once): {self.base_progress.line()}. Retry when `sandboxd serve` logs "
+                "'template base: ready' (`sandboxd template build base` builds it ahead of time)",
+                headers=[("Should-Retry", "false")],
+            )
+        error = task.exception()
+        if isinstance(error, debian.BuildUnavailable):
+            self._fallback_until = time.monotonic() + FALLBACK_RETRY_S
+            self._fallback_reason = str(error)
+            log.warning(
+                "template base cannot be built: %s; sandboxes asking for 'base' get 'host' (the host's /usr) "
+                "until it can be (tried again in %ds)",
+                error,
+                FALLBACK_RETRY_S,
+            )
+            return self._host()
+        if error is not None:
+            raise ApiError(
+                503,
+                f"building template 'base' failed: {error}. The next create tries again",
+                headers=[("Should-Retry", "false")],
+            )
+        ready = self._base_ready()
+        if ready is None:  # pragma: no cover - the build just recorded it
+            raise ApiError(
+                503, "template 'base' was built but is not in the store", headers=[("Should-Retry", "false")]
+            )
+        return ready
+
+    def _build_base_blocking(self) -> tuple[list[str], dict[str, Any]]:
+        def report(line: str) -> None:
+            log.info("template base: %s", line)
+
+        with self.observe.template_build(BASE) if self.observe is not None else contextlib.nullcontext():
+            result = debian.build(self.layers, self.recipe, self.base_progress, report, self._build_processes)
+        log.info("template base: ready")
+        return result
+
+    def close(self) -> None:
+        """End a base build in progress (the runtime is stopping; the next one starts it over)."""
+        for process in self._build_processes:
+            if process.poll() is None:
+                process.terminate()
+
+    # -------------------------------------------------------------------------------- listing
+
+    def names(self) -> list[str]:
+        return sorted({*BUILTIN, *ALIASES, *(row.name for row in self.db.templates())})
+
+    def listing(self) -> list[Listed]:
+        out = [Listed(HOST, "ready", "the host's /usr, read-only, with a private /etc", [], 0)]
+        base = self._base_ready()
+        if base is None:
+            out.append(Listed(BASE, "not built", self.recipe.describe(), [], 0))
+        for row in self.db.templates():
+            present = all(self.layers.has(d) for d in row.layers)
+            size = sum(info.size for d in row.layers if (info := self.layers.info(d)) is not None)
+            out.append(Listed(row.name, "ready" if present else "missing layers", row.source, row.layers, size))
+        return out
+
+    # ------------------------------------------------------------------------ adding, removing
+
+    def _record(self, name: str, layers: list[str], config: dict[str, Any], source: str) -> TemplateRow:
+        row = TemplateRow(name, layers, config, source, time.time())
+        self.db.put_template(row)
+        return row
+
+    def add_rootfs(self, name: str, rootfs: Path, report: Report) -> TemplateRow:
+        """A root filesystem directory or tarball, stored as one layer."""
+        _check_name(name)
         if rootfs.is_dir():
-            root = rootfs.resolve()
-        elif rootfs.is_file():
-            root = self.dir / name
-            if root.exists():
-                shutil.rmtree(root)
-            root.mkdir(parents=True)
-            with tarfile.open(rootfs) as tar:
-                tar.extractall(root, filter="tar")
-        else:
-            raise FileNotFoundError(f"--rootfs '{rootfs}' is neither a directory nor a tarball")
-        if not (root / "bin").exists() and not (root / "usr" / "bin").exists():
-            raise ValueError(f"'{rootfs}' does not look like a root filesystem (no /bin or /usr/bin)")
-        index = self._index()
-        index[name] = {"root": str(root), "host_usr": False}
-        self.index_path.write_text(json.dumps(index, indent=2))
-        return Template(name, root, False)
+            if not (rootfs / "bin").exists() and not (rootfs / "usr" / "bin").exists():
+                raise ValueError(f"'{rootfs}' does not look like a root filesystem (no /bin or /usr/bin)")
+            with self.layers.lock("gc", shared=True):
+                info = self.layers.import_directory(rootfs.resolve(), f"rootfs {rootfs.resolve()}", report)
+                return self._record(name, [info.digest], {}, f"rootfs {rootfs.resolve()}")
+        if rootfs.is_file():
+            with self.layers.lock("gc", shared=True):
+                try:
+                    with rootfs.open("rb") as raw:
+                        info = self.layers.import_tar(raw, f"rootfs {rootfs.resolve()}", progress=report)
+                except LayerError as exc:
+                    raise ValueError(f"'{rootfs}': {exc}") from None
+                tree = self.layers.path(info.digest)
+                if not (tree / "bin").exists() and not (tree / "usr" / "bin").exists():
+                    raise ValueError(f"'{rootfs}' does not look like a root filesystem (no /bin or /usr/bin)")
+                return self._record(name, [info.digest], {}, f"rootfs {rootfs.resolve()}")
+        raise FileNotFoundError(f"--rootfs '{rootfs}' is neither a directory nor a tarball")
+
+    def import_archive(self, name: str, archive: Path, report: Report) -> TemplateRow:
+        """An OCI archive or a ``docker save`` tarball."""
+        _check_name(name)
+        with self.layers.lock("gc", shared=True):
+            image = oci.import_archive(self.layers, archive, report)
+            return self._record(name, image.layers, image.config, image.source)
+
+    def pull(self, name: str, reference: str, report: Report, insecure: bool = False) -> TemplateRow:
+        """An image from a registry."""
+        _check_name(name)
+        with self.layers.lock("gc", shared=True):
+            image = oci.pull(self.layers, reference, report, insecure)
+            return self._record(name, image.layers, image.config, image.source)
+
+    def build_base(self, report: Report, rebuild: bool = False) -> TemplateRow:
+        """Build ``base`` now (the CLI's ``template build base``), or find it built."""
+        if rebuild:
+            self.layers.uncache(self.recipe.key())
+        with self.layers.lock("gc", shared=True):
+            layers, config = debian.build(self.layers, self.recipe, self.base_progress, report)
+            return self._record(BASE, layers, config, self.recipe.describe())
+
+    def remove(self, name: str, in_use: Callable[[str], list[str]]) -> list[str]:
+        """Forget a template and delete the layers nothing else uses; returns those layers.
+        ``in_use(name)`` lists the live sandboxes started from it, which must be none."""
+        canonical = self.canonical(name)
+        if canonical == HOST or name in ALIASES:
+            raise ValueError(f"'{name}' is built in and cannot be removed")
+        users = in_use(canonical)
+        if users:
+            raise ValueError(f"template '{canonical}' is used by live sandboxes: {', '.join(users)}; kill them first")
+        row = self.db.template(canonical)
+        if row is None and canonical != BASE:
+            raise ValueError(f"template '{name}' not found; known templates: {', '.join(self.names())}")
+        self.db.delete_template(canonical)
+        if canonical == BASE:
+            self.layers.uncache(self.recipe.key())
+        return self.collect_garbage()
+
+    def collect_garbage(self) -> list[str]:
+        """Delete layers that no template of any runtime using this store lists, and that no
+        build cache record lists."""
+        with self.layers.lock("gc"):
+            keep = set(self.layers.cached_layers())
+            for db_path in self.layers.users():
+                keep.update(_layers_in(db_path))
+            removed = [d for d in self.layers.digests() if d not in keep]
+            for digest in removed:
+                self.layers.remove(digest)
+            return removed
+
+
+def _layers_in(db_path: Path) -> list[str]:
+    """Every layer the templates table of another runtime's database lists (read-only)."""
+    try:
+        db = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True, timeout=5)
+    except sqlite3.Error:
+        return []
+    try:
+        rows = db.execute("SELECT layers FROM templates").fetchall()
+    except sqlite3.Error:
+        return []
+    finally:
+        db.close()
+    out: list[str] = []
+    for (layers,) in rows:
+        with contextlib.suppress(ValueError, TypeError):
+            out.extend(str(d) for d in json.loads(layers))
+    return out

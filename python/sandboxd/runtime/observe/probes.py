@@ -5,7 +5,7 @@ Three checks, each answering None (fine) or what is wrong, in words an operator 
 * ``zygote``: a zygote is up to fork sandboxes (it is restarted by itself when it dies);
 * ``data_dir``: a file can be created, written and removed in the data dir (read-only remounts and
   full disks show up here, not as a failed create);
-* ``template``: the default template is present.
+* ``template``: the default template's layers are present (``host`` until ``base`` is built).
 
 The data dir check touches the disk, so it runs in a thread with a deadline (a hung disk makes the
 runtime not ready, never a hung probe). Results are kept for :data:`CHECK_TTL_S` and concurrent probes
@@ -19,7 +19,7 @@ import os
 import time
 from pathlib import Path
 
-from ..templates import BUILTIN, Templates
+from ..templates import BASE, Templates
 from ..zygote_client import ZygoteClient
 
 CHECK_TTL_S = 1.0
@@ -59,9 +59,11 @@ class Readiness:
         return checks
 
     def _template(self) -> str | None:
-        root = self.templates.resolve(BUILTIN).root
-        if not (root / "etc").is_dir():
-            return f"the default template '{BUILTIN}' is missing from {root}"
+        # `base` before its first build resolves to `host`, which a create falls back to meanwhile.
+        template = self.templates.resolve(BASE)
+        missing = [str(layer) for layer in template.layers if not layer.is_dir()]
+        if missing:
+            return f"the default template '{template.id}' is missing its layers: {', '.join(missing)}"
         return None
 
 

@@ -1,0 +1,91 @@
+"""``sandboxd template``: the operator's commands over a runtime's templates (list, add, import, pull,
+build, remove), with progress on stderr. They work on the data dir's database whether or not the
+runtime is running (SQLite in WAL mode takes both)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+from . import debian, oci
+from .errors import ApiError
+from .layers import LayerError
+from .store import Store
+from .templates import ALIASES, Templates, default_store_dir
+
+
+def _open(args: argparse.Namespace) -> tuple[Store, Templates]:
+    from .server import DEFAULT_DATA_DIR
+
+    data_dir: Path = args.data_dir or DEFAULT_DATA_DIR
+    data_dir.mkdir(parents=True, exist_ok=True)
+    data_dir.chmod(0o700)
+    store = Store(data_dir / "sandboxd.db")
+    chosen = args.template_store or store.setting("template_store")
+    store_dir = Path(chosen) if chosen else default_store_dir(data_dir)
+    mirror = getattr(args, "debian_mirror", None) or os.environ.get("SANDBOXD_DEBIAN_MIRROR") or debian.DEFAULT_MIRROR
+    return store, Templates(store, store_dir, mirror)
+
+
+def _report(line: str) -> None:
+    print(f"  {line}", file=sys.stderr, flush=True)
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024  # type: ignore[assignment]
+    return str(n)  # pragma: no cover
+
+
+def run(args: argparse.Namespace) -> int | str:
+    """Run one ``sandboxd template`` command; returns an exit status or an error message."""
+    command = args.template_command
+    try:
+        store, templates = _open(args)
+    except (OSError, ValueError) as exc:
+        return f"sandboxd template {command}: {exc}"
+    started = time.monotonic()
+    try:
+        if command == "list":
+            rows = templates.listing()
+            print(f"{'NAME':<24} {'STATE':<15} {'SIZE':>10} {'LAYERS':>6}  SOURCE")
+            for t in rows:
+                print(
+                    f"{t.name:<24} {t.state:<15} {_size(t.size) if t.size else '-':>10} {len(t.layers):>6}  {t.source}"
+                )
+            aliases = ", ".join(f"{alias} -> {target}" for alias, target in sorted(ALIASES.items()))
+            print(f"\naliases: {aliases}\nstore: {templates.store_dir}")
+            return 0
+        if command == "add":
+            print(f"adding template '{args.name}' from {args.rootfs}", file=sys.stderr)
+            row = templates.add_rootfs(args.name, args.rootfs, _report)
+        elif command == "import":
+            print(f"importing template '{args.name}' from {args.archive}", file=sys.stderr)
+            row = templates.import_archive(args.name, args.archive, _report)
+        elif command == "pull":
+            print(f"pulling template '{args.name}' from {args.image}", file=sys.stderr)
+            row = templates.pull(args.name, args.image, _report, insecure=args.insecure)
+        elif command == "build":
+            print(f"building template 'base': {templates.recipe.describe()}", file=sys.stderr)
+            row = templates.build_base(_report, rebuild=args.rebuild)
+        elif command == "remove":
+            live = {r.id: r.template_id for r in store.live()}
+            removed = templates.remove(args.name, lambda name: [i for i, t in live.items() if t == name])
+            print(f"template '{args.name}' removed; {len(removed)} layers no template uses were deleted")
+            return 0
+        else:  # pragma: no cover - argparse enforces the choices
+            return f"unknown template command {command}"
+    except (ValueError, OSError, LayerError, oci.ImageError, debian.BuildUnavailable, debian.BuildFailed) as exc:
+        return f"sandboxd template {command}: {exc}"
+    except ApiError as exc:
+        return f"sandboxd template {command}: {exc.message}"
+    finally:
+        store.close()
+    elapsed = time.monotonic() - started
+    print(f"template '{row.name}' ready in {elapsed:.1f}s: {len(row.layers)} layer(s) in {templates.store_dir}")
+    return 0
