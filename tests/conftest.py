@@ -174,6 +174,15 @@ def zygote_pid(runtime: Runtime) -> int:
     raise AssertionError("the runtime has no zygote process")
 
 
+def sandboxd_template(runtime: Runtime, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    """``sandboxd template ARGS --data-dir <runtime's>``, as an operator runs it beside the runtime."""
+    command = [sys.executable, "-m", "sandboxd", "template", *args, "--data-dir", str(runtime.data_dir)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{' '.join(args)} failed ({result.returncode}):\n{result.stdout}{result.stderr}")
+    return result
+
+
 @pytest.fixture(scope="session")
 def base_template(request: pytest.FixtureRequest) -> bool:
     """Build the Debian ``base`` into the shared template store unless it is there (once per
@@ -186,6 +195,11 @@ def base_template(request: pytest.FixtureRequest) -> bool:
 
     store = LayerStore(TEMPLATE_STORE)
     recipe = debian.Recipe(mirror=os.environ.get("SANDBOXD_DEBIAN_MIRROR") or debian.DEFAULT_MIRROR)
+    # Layers that tests of earlier sessions imported, whose runtimes' data dirs pytest has since
+    # deleted, go; the base and everything a live runtime lists stay.
+    from sandboxd.runtime.templates import collect_garbage
+
+    collect_garbage(store)
     if store.cached(recipe.key()) is not None:
         return True
     capture = request.config.pluginmanager.getplugin("capturemanager")

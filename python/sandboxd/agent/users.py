@@ -45,7 +45,13 @@ def lookup(name: str) -> User:
 
 
 def _lookup(name: str) -> User:
-    entry = pwd.getpwnam(name)
+    try:
+        entry = pwd.getpwnam(name)
+    except KeyError:
+        if name != "root":
+            raise
+        # A template without /etc/passwd (an image built FROM scratch): root is uid 0 anyway.
+        return User("root", 0, 0, "/root" if os.path.isdir("/root") else "/", (0,))
     try:
         groups = tuple(os.getgrouplist(entry.pw_name, entry.pw_gid))
     except OSError:  # pragma: no cover - broken group database
@@ -70,4 +76,8 @@ def default_user_name(requested: str | None) -> str:
         pwd.getpwnam("user")
         return "user"
     except KeyError:
+        pass
+    try:
         return pwd.getpwuid(os.geteuid()).pw_name
+    except KeyError:
+        return "root"  # no account database in this template

@@ -41,6 +41,13 @@ MAX_EVENT_BYTES = 1 << 20
 """Consecutive chunks of one stream are merged into one data event up to this size: each event costs
 a JSON encode and an envelope, so fewer, larger events raise throughput."""
 
+SDK_SHELL = "/bin/bash"
+"""What the SDKs' ``commands.run`` starts (``/bin/bash -l -c CMD``), as envd expects every template to have."""
+
+FALLBACK_SHELL = "/bin/sh"
+"""Run instead of :data:`SDK_SHELL` in a template without bash (busybox, Alpine): POSIX ``sh`` takes
+the same ``-l -c CMD``, so ``commands.run`` works there, with ``sh``'s syntax."""
+
 USER_OOM_SCORE_ADJ = 100
 """User processes' OOM score, as envd sets it: under memory pressure they die before the agent."""
 
@@ -215,9 +222,18 @@ class ProcessService:
             cwd = "/"  # the user's home is missing (e.g. nobody's /nonexistent): start at the root
         pty = (request.pty.size.cols or 80, request.pty.size.rows or 24) if request.HasField("pty") else None
         stdin = request.stdin if request.HasField("stdin") else True
+        cmd = config.cmd
+        if cmd == SDK_SHELL and not os.path.exists(SDK_SHELL):
+            if not os.path.exists(FALLBACK_SHELL):
+                raise RpcError(
+                    Code.INVALID_ARGUMENT,
+                    f"cannot start '{SDK_SHELL}': this sandbox's template has neither {SDK_SHELL} nor "
+                    f"{FALLBACK_SHELL}; commands need a shell in the template (files and watches work without one)",
+                )
+            cmd = FALLBACK_SHELL
         try:
             return _core.Process.spawn(
-                config.cmd,
+                cmd,
                 list(config.args),
                 self._environment(request),
                 cwd=cwd,
