@@ -151,9 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
     where.add_argument(
         "--template-store",
         type=Path,
-        default=_env_path("SANDBOXD_TEMPLATE_STORE"),
-        help="the template store (default: the one the runtime last used, else <data dir>/templates; "
-        "also $SANDBOXD_TEMPLATE_STORE)",
+        default=None,
+        help="the template store (default: the one the runtime last used, else $SANDBOXD_TEMPLATE_STORE, "
+        "else <data dir>/templates)",
     )
     template_commands.add_parser("list", parents=[where], help="list templates: state, size, layers, source")
     add = template_commands.add_parser(

@@ -26,8 +26,9 @@ Reproducible: the recipe (suite, mirror, packages, hooks) is hashed into the bui
 contents; the installed package versions are recorded beside the layer. For bit-identical rebuilds
 over time, point ``--debian-mirror`` at a snapshot.debian.org date.
 
-The build runs ``mmdebstrap --mode=root`` in a private mount namespace (``unshare -m``), so the
-``/proc``, ``/sys`` and ``/dev`` mounts it makes in the chroot vanish with it, even if it is killed.
+The build runs ``mmdebstrap --mode=root`` in private mount and pid namespaces (``unshare``), so the
+``/proc``, ``/sys`` and ``/dev`` mounts it makes in the chroot vanish with it, and it ends, with
+every apt and dpkg it started, when the process that started it does.
 Downloaded packages are kept in ``<store>/apt-cache``, so a rebuild downloads nothing.
 """
 
@@ -191,19 +192,23 @@ class BuildProgress:
 
     phase: str = "starting"
     packages_total: int = 0
+    packages_unpacked: int = 0
     packages_done: int = 0
     started: float = 0.0
 
     def line(self) -> str:
         elapsed = int(time.monotonic() - self.started) if self.started else 0
-        counts = f" {self.packages_done}/{self.packages_total}" if self.packages_total else ""
+        counts = ""
+        if self.packages_total and self.phase == "installing packages":
+            total = self.packages_total
+            counts = f" ({self.packages_unpacked}/{total} unpacked, {self.packages_done}/{total} set up)"
         return f"{self.phase}{counts}, {elapsed // 60}m{elapsed % 60:02d}s so far"
 
 
 _PHASES = {
     "running apt-get update": "reading the archive's package lists",
     "downloading packages": "downloading packages",
-    "extracting archives": "unpacking the essential packages",
+    "extracting archives": "installing packages",
     "installing essential packages": "installing packages",
     "installing remaining packages": "installing packages",
     "running --customize-hook": "adding user, sudo and E2B's settings",
@@ -239,10 +244,23 @@ def build(
         hook = staging / "customize.sh"
         hook.write_text(CUSTOMIZE)
         command = [
+            # The build ends with the process that started it, whole: uvicorn re-raises SIGTERM
+            # at shutdown, so no cleanup code of ours runs then, and mmdebstrap on SIGTERM waits
+            # for a stalled apt. So: unshare dies with us (parent-death signal), mmdebstrap with
+            # unshare (--kill-child), and as PID 1 of its own pid namespace it takes every apt and
+            # dpkg process with it. Its mounts go with its mount namespace; the next runtime
+            # sweeps the staging dir.
+            "setpriv",
+            "--pdeathsig",
+            "KILL",
+            "--",
             "unshare",
             "--mount",
             "--propagation",
             "private",
+            "--pid",
+            "--fork",
+            "--kill-child",
             "--",
             "mmdebstrap",
             "--verbose",
@@ -319,8 +337,11 @@ def _follow(
         if newly and int(newly.group(1)) not in totals:
             totals.append(int(newly.group(1)))
             progress.packages_total = sum(totals)
-        elif line.startswith("Setting up "):
-            progress.packages_done += 1
+        elif line.startswith(("Setting up ", "Unpacking ")):
+            if line.startswith("Setting up "):
+                progress.packages_done += 1
+            else:
+                progress.packages_unpacked += 1
             if time.monotonic() - last > every_s:
                 last = time.monotonic()
                 report(progress.line())

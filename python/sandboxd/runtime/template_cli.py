@@ -24,7 +24,7 @@ def _open(args: argparse.Namespace) -> tuple[Store, Templates]:
     data_dir.mkdir(parents=True, exist_ok=True)
     data_dir.chmod(0o700)
     store = Store(data_dir / "sandboxd.db")
-    chosen = args.template_store or store.setting("template_store")
+    chosen = args.template_store or store.setting("template_store") or os.environ.get("SANDBOXD_TEMPLATE_STORE")
     store_dir = Path(chosen) if chosen else default_store_dir(data_dir)
     mirror = getattr(args, "debian_mirror", None) or os.environ.get("SANDBOXD_DEBIAN_MIRROR") or debian.DEFAULT_MIRROR
     return store, Templates(store, store_dir, mirror)
@@ -71,7 +71,10 @@ def run(args: argparse.Namespace) -> int | str:
             print(f"pulling template '{args.name}' from {args.image}", file=sys.stderr)
             row = templates.pull(args.name, args.image, _report, insecure=args.insecure)
         elif command == "build":
-            print(f"building template 'base': {templates.recipe.describe()}", file=sys.stderr)
+            if not args.rebuild and templates.layers.cached(templates.recipe.key()) is not None:
+                print(f"template 'base' is built already ({templates.recipe.describe()}); --rebuild builds it again")
+            else:
+                print(f"building template 'base': {templates.recipe.describe()}", file=sys.stderr)
             row = templates.build_base(_report, rebuild=args.rebuild)
         elif command == "remove":
             live = {r.id: r.template_id for r in store.live()}

@@ -270,7 +270,7 @@ class Templates:
         """End a base build in progress (the runtime is stopping; the next one starts it over)."""
         for process in self._build_processes:
             if process.poll() is None:
-                process.terminate()
+                process.kill()  # unshare: its --kill-child ends mmdebstrap and its pid namespace
 
     # -------------------------------------------------------------------------------- listing
 
@@ -357,16 +357,20 @@ class Templates:
         return self.collect_garbage()
 
     def collect_garbage(self) -> list[str]:
-        """Delete layers that no template of any runtime using this store lists, and that no
-        build cache record lists."""
-        with self.layers.lock("gc"):
-            keep = set(self.layers.cached_layers())
-            for db_path in self.layers.users():
-                keep.update(_layers_in(db_path))
-            removed = [d for d in self.layers.digests() if d not in keep]
-            for digest in removed:
-                self.layers.remove(digest)
-            return removed
+        return collect_garbage(self.layers)
+
+
+def collect_garbage(layers: LayerStore) -> list[str]:
+    """Delete the layers that no template of any runtime using this store lists (their databases are
+    registered in the store) and that no build cache record lists; returns them."""
+    with layers.lock("gc"):
+        keep = set(layers.cached_layers())
+        for db_path in layers.users():
+            keep.update(_layers_in(db_path))
+        removed = [d for d in layers.digests() if d not in keep]
+        for digest in removed:
+            layers.remove(digest)
+        return removed
 
 
 def _layers_in(db_path: Path) -> list[str]:
