@@ -4,6 +4,9 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PROTO_OUT := python/sandboxd/_proto
+# One template store for everything the tests and benches start: the Debian `base` is built into it
+# once per checkout (`make base-template`, or the first test that needs it) and shared.
+export SANDBOXD_TEMPLATE_STORE ?= $(abspath .cache/templates)
 
 .DEFAULT_GOAL := help
 
@@ -45,16 +48,28 @@ fmt: ## format Rust and Python
 	$(VENV)/bin/ruff format python tests benches
 	$(VENV)/bin/ruff check --fix python tests benches
 
+.PHONY: host-deps
+host-deps: ## apt-get the host tools templates need (mmdebstrap, skopeo); unpack the tests' busybox and registry
+	bash scripts/host-deps.sh
+
+.PHONY: base-template
+base-template: ## build the Debian `base` template into .cache/templates once (a few minutes; root)
+	@if [ "$$(id -u)" != 0 ]; then \
+		echo "base-template: SKIPPED: mmdebstrap --mode=root needs root"; \
+	else \
+		$(PY) -m sandboxd template build base --template-store "$$SANDBOXD_TEMPLATE_STORE" --data-dir .cache/template-cli; \
+	fi
+
 .PHONY: test-rust
 test-rust: ## cargo test for the core crates
 	cargo test --workspace --exclude sandboxd-py
 
 .PHONY: test-py
-test-py: ## pytest: the binding, the services over real loopback servers, the official E2B SDK
+test-py: base-template ## pytest: the binding, the services over real loopback servers, the official E2B SDK
 	$(VENV)/bin/pytest -q
 
 .PHONY: test-js
-test-js: ## the official E2B JS SDK (@e2b/code-interpreter, pinned) against a real `sandboxd serve` (root, Node >= 20)
+test-js: base-template ## the official E2B JS SDK (@e2b/code-interpreter, pinned) against a real `sandboxd serve` (root, Node >= 20)
 	@if [ "$$(id -u)" != 0 ]; then \
 		echo "test-js: SKIPPED: sandboxd serve needs root (namespaces, overlayfs, cgroups); run 'make test-js' as root"; \
 	else \
@@ -73,11 +88,11 @@ bench-deps: ## install the benches' baselines and clients (nginx, curl) with apt
 	bash benches/install_deps.sh
 
 .PHONY: bench
-bench: ## the full benchmark suite on the installed release build (Markdown table, JSON and PNG in benches/results/)
+bench: base-template ## the full benchmark suite on the installed release build (Markdown table, JSON and PNG in benches/results/)
 	@test -x $(PY) || { echo "bench: $(PY) not found: run 'make install' first"; exit 1; }
 	$(PY) -m benches
 
 .PHONY: bench-quick
-bench-quick: ## the short benchmark suite, as CI runs it (under 3 minutes on 2 cores)
+bench-quick: base-template ## the short benchmark suite, as CI runs it (under 3 minutes on 2 cores)
 	@test -x $(PY) || { echo "bench-quick: $(PY) not found: run 'make install' first"; exit 1; }
 	$(PY) -m benches --quick
