@@ -503,3 +503,31 @@ def which(program: str) -> str | None:
     """``shutil.which`` that also looks in the sbin directories (nginx lives in /usr/sbin)."""
     path = os.environ.get("PATH", "") + ":/usr/local/sbin:/usr/sbin:/sbin"
     return shutil.which(program, path=path)
+
+
+# ---------------------------------------------------------------------------------------- templates
+
+
+def template_store() -> Path:
+    """The template store every runtime of the benches shares (the Makefile and the tests use the same
+    default), so the Debian ``base`` is built once, not per run."""
+    return Path(os.environ.setdefault("SANDBOXD_TEMPLATE_STORE", str(REPO / ".cache" / "templates")))
+
+
+def ensure_base(ctx: Context) -> bool:
+    """Build ``base`` into the shared store unless it is there; False where it cannot be built here
+    (runtimes then fall back to the ``host`` template)."""
+    from sandboxd.runtime import debian
+    from sandboxd.runtime.layers import LayerStore
+
+    store = LayerStore(template_store())
+    recipe = debian.Recipe(mirror=os.environ.get("SANDBOXD_DEBIAN_MIRROR") or debian.DEFAULT_MIRROR)
+    if store.cached(recipe.key()) is not None:
+        return True
+    ctx.log(f"building the base template into {store.root} (once)")
+    try:
+        debian.build(store, recipe, debian.BuildProgress(), lambda line: ctx.log(f"  {line}"))
+    except debian.BuildUnavailable as exc:
+        ctx.log(f"  cannot build it here: {exc}")
+        return False
+    return True

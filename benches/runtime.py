@@ -52,6 +52,7 @@ from .common import (
     Result,
     ScenarioSkipped,
     die_with_parent,
+    ensure_base,
     free_port,
     percentile,
     stop_process,
@@ -631,6 +632,7 @@ def run(ctx: Context) -> None:
         iso_error = exc
         ctx.log(f"isolation baseline failed: {str(exc).splitlines()[0]}")
 
+    ensure_base(ctx)  # sandboxes start from the Debian base, built once into the shared store
     ctx.log("starting sandboxd serve")
     rt = Runtime(ctx.tmp, max_sandboxes=max(256, n_burst + 16))
     try:

@@ -1,0 +1,198 @@
+"""Templates: building the Debian ``base``, and what a built template costs a create.
+
+* create→first command (``Sandbox.create`` + ``commands.run("true")``) on ``base`` (Debian, its own
+  login profile) beside the same on ``host`` (the host's ``/usr`` with a three-line profile), same
+  runtime, same run. Quick and full.
+* (full only) the build of ``base`` from an empty template store (everything downloaded) beside a
+  plain ``mmdebstrap --variant=apt`` of the same suite from the same mirror (Debian's minimal system
+  with apt: what any Debian rootfs costs); then the build again with the packages cached (warm: no
+  download) beside the empty-store build; and a build whose recipe is cached (a lookup). The
+  report also says whether the two builds produced identical trees (``SOURCE_DATE_EPOCH``).
+
+The shared store (``$SANDBOXD_TEMPLATE_STORE``, ``.cache/templates``) is used for the creates, so the
+build is not repeated per run; the build measurements use fresh stores of their own under the
+scenario's temp dir.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+from .common import Context, Result, ScenarioSkipped, ensure_base, percentile
+from .runtime import Runtime, sdk_env
+
+WARMUP = 3
+
+
+def _create_first_command(rt: Runtime, template: str, n: int, warmup: bool) -> list[float]:
+    from e2b import Sandbox
+
+    samples: list[float] = []
+    skip = WARMUP if warmup else 0
+    for i in range(skip + n):
+        t0 = time.perf_counter()
+        sbx = Sandbox.create(template=template)
+        rt.created.add(sbx.sandbox_id)
+        result = sbx.commands.run("true")
+        elapsed = (time.perf_counter() - t0) * 1e3
+        sbx.kill()
+        if result.exit_code != 0:
+            raise RuntimeError(f"run('true') in {template} exited {result.exit_code}")
+        if i >= skip:
+            samples.append(elapsed)
+    return samples
+
+
+def _tree_digest(path: Path) -> str:
+    """sha256 of a canonical tar of the tree (sorted, numeric owners, no atime/ctime)."""
+    command = [
+        "tar",
+        "--create",
+        "--file=-",
+        "--sort=name",
+        "--numeric-owner",
+        "--format=posix",
+        "--pax-option=exthdr.name=%d/PaxHeaders/%f,delete=atime,delete=ctime",
+        f"--directory={path}",
+        ".",
+    ]
+    sha = hashlib.sha256()
+    with subprocess.Popen(command, stdout=subprocess.PIPE) as process:
+        assert process.stdout is not None
+        while chunk := process.stdout.read(1 << 20):
+            sha.update(chunk)
+    return sha.hexdigest()
+
+
+def _measure_builds(ctx: Context) -> None:
+    from sandboxd.runtime import debian
+    from sandboxd.runtime.layers import LayerStore, hex_of
+
+    mirror = os.environ.get("SANDBOXD_DEBIAN_MIRROR") or debian.DEFAULT_MIRROR
+    recipe = debian.Recipe(mirror=mirror)
+    try:
+        debian.probe(recipe)
+    except debian.BuildUnavailable as exc:
+        ctx.log(f"base build not measured: {exc}")
+        return
+
+    ctx.log(f"baseline: mmdebstrap --variant=apt {recipe.suite} from {mirror} (Debian's minimal system)")
+    minimal = ctx.tmp / "minimal"
+    t0 = time.monotonic()
+    subprocess.run(
+        [
+            *("unshare", "--mount", "--propagation", "private", "--"),
+            *("mmdebstrap", "--quiet", "--mode=root", "--variant=apt", recipe.suite, str(minimal), mirror),
+        ],
+        check=True,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+    )
+    minimal_s = time.monotonic() - t0
+    shutil.rmtree(minimal, ignore_errors=True)
+    ctx.log(f"  {minimal_s:.0f} s")
+
+    store = LayerStore(ctx.tmp / "store")
+    timings: dict[str, float] = {}
+    digests: dict[str, str] = {}
+    for kind in ("cold", "warm", "cached"):
+        if kind == "warm":  # keep the downloaded packages, drop the build
+            layer = recipe.key()
+            digests["cold"] = _tree_digest(store.path(layer))
+            store.uncache(layer)
+            store.remove(layer)
+        ctx.log(f"building base, {kind}")
+        t0 = time.monotonic()
+        debian.build(store, recipe, debian.BuildProgress(), lambda line: None)
+        timings[kind] = time.monotonic() - t0
+        ctx.log(f"  {timings[kind]:.1f} s")
+    digests["warm"] = _tree_digest(store.path(recipe.key()))
+    identical = digests["cold"] == digests["warm"]
+    ctx.log(f"  cold and warm builds identical: {identical}")
+    info = store.info(recipe.key())
+    extra = {
+        "suite": recipe.suite,
+        "mirror": mirror,
+        "size_mib": round(info.size / (1 << 20)) if info else None,
+        "files": info.entries if info else None,
+        "downloaded_mib": round(sum(p.stat().st_size for p in (store.root / "apt-cache").glob("*.deb")) / (1 << 20)),
+        "cold_and_warm_identical": identical,
+        "layer": hex_of(recipe.key())[:12],
+    }
+    ctx.report(
+        Result(
+            name="templates: build base from an empty store (download + install)",
+            unit="s",
+            ours=timings["cold"],
+            baseline=minimal_s,
+            baseline_name=f"mmdebstrap --variant=apt {recipe.suite}, same mirror (minimal Debian with apt)",
+            better="lower",
+            extra=extra,
+        )
+    )
+    ctx.report(
+        Result(
+            name="templates: build base again, packages cached (no download)",
+            unit="s",
+            ours=timings["warm"],
+            baseline=timings["cold"],
+            baseline_name="the same build from an empty store (above)",
+            better="lower",
+            extra={"cold_and_warm_identical": identical},
+        )
+    )
+    ctx.report(
+        Result(
+            name="templates: base when its recipe is built already (cache lookup)",
+            unit="s",
+            ours=timings["cached"],
+            baseline=timings["warm"],
+            baseline_name="building it with the packages cached (above)",
+            better="lower",
+        )
+    )
+    shutil.rmtree(store.root, ignore_errors=True)
+
+
+def run(ctx: Context) -> None:
+    if os.geteuid() != 0:
+        raise ScenarioSkipped("needs root: sandboxd serve and mmdebstrap --mode=root")
+    if not ensure_base(ctx):
+        raise ScenarioSkipped("the base template cannot be built here (no Debian archive in reach or no mmdebstrap)")
+    n = 15 if ctx.quick else 50
+    rt = Runtime(ctx.tmp, max_sandboxes=64)
+    try:
+        with sdk_env(rt):
+            ctx.log(f"create→first command, {n} each (after {WARMUP} untimed), host and base taking turns")
+            host: list[float] = []
+            base: list[float] = []
+            for _ in range(n):  # interleaved, so load on the machine falls on both alike
+                host += _create_first_command(rt, "host", 1, warmup=not host)
+                base += _create_first_command(rt, "base", 1, warmup=not base)
+    finally:
+        rt.stop()
+    ctx.log(
+        f"  base p50 {percentile(base, 50):.1f} ms p99 {percentile(base, 99):.1f} ms; "
+        f"host p50 {percentile(host, 50):.1f} ms p99 {percentile(host, 99):.1f} ms"
+    )
+    ctx.report(
+        Result(
+            name='templates: create→first command on base (Debian), Sandbox.create + commands.run("true")',
+            unit="ms (p50)",
+            ours=percentile(base, 50),
+            baseline=percentile(host, 50),
+            baseline_name="the same on template host (host /usr, minimal login profile)",
+            better="lower",
+            p50=percentile(base, 50),
+            p99=percentile(base, 99),
+            samples={"ours": base, "baseline": host},
+            extra={"n": n, "baseline_p99": percentile(host, 99)},
+        )
+    )
+    if not ctx.quick:
+        _measure_builds(ctx)
