@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 
 import httpx
 import pytest
-from conftest import Runtime
+from conftest import TEMPLATE_STORE, Runtime
 from e2b import Sandbox
 from e2b.exceptions import NotFoundException, SandboxException
 
@@ -37,11 +37,19 @@ def test_host_files_outside_the_template_are_invisible(pair: tuple[Sandbox, Sand
     secret.write_text("host only")
     for path in (str(secret), "/work", str(runtime.data_dir), "/root/.bash_history"):
         assert a.commands.run(f"test -e {path} && echo visible || echo hidden").stdout == "hidden\n", path
-    # /etc is the sandbox's own, /usr is the host's but read-only.
+    # /etc is the sandbox's own; root may write /usr, but only into the sandbox's own layer.
     assert "user:x:1000" in a.commands.run("cat /etc/passwd").stdout
-    result = a.commands.run("touch /usr/sandboxd-probe 2>&1 || echo refused", user="root")
-    assert "refused" in result.stdout
+    a.commands.run("touch /usr/sandboxd-probe", user="root")
     assert not os.path.exists("/usr/sandboxd-probe")
+    assert not list(TEMPLATE_STORE.glob("layers/*/usr/sandboxd-probe")), "a template layer was written"
+    # In the host template, /usr is the host's, read-only.
+    host = Sandbox.create(template="host")
+    try:
+        result = host.commands.run("touch /usr/sandboxd-probe 2>&1 || echo refused", user="root")
+        assert "refused" in result.stdout
+        assert not os.path.exists("/usr/sandboxd-probe")
+    finally:
+        host.kill()
 
 
 def test_host_processes_are_invisible(pair: tuple[Sandbox, Sandbox]) -> None:

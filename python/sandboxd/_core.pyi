@@ -271,7 +271,8 @@ class SandboxHandle:
         """A TCP socket fd connected to ``127.0.0.1:port`` inside the sandbox's network namespace."""
 
 def build_base_template(dir: str) -> None:
-    """Create (idempotently) the built-in template root: private /etc, /home/user, mount points."""
+    """Create (idempotently) the `host` template's root: private /etc, /home/user, mount points; the
+    host's /usr is bind-mounted over its /usr at sandbox start."""
 
 def enter_sandbox(
     id: str,

@@ -22,8 +22,9 @@ Left out, because a sandbox here is not a VM: systemd, chrony, openssh-server, f
 nftables, nfs-common (no init system runs, and the sandbox's network is the runtime's business).
 
 Reproducible: the recipe (suite, mirror, packages, hooks) is hashed into the build's cache key, and
-``SOURCE_DATE_EPOCH`` makes mmdebstrap's output depend only on the recipe and the archive's
-contents; the installed package versions are recorded beside the layer. For bit-identical rebuilds
+``SOURCE_DATE_EPOCH`` (mmdebstrap's, and every mtime clamped to it afterwards) makes the tree depend
+only on the recipe and the archive's contents; the installed package versions are recorded beside
+the layer. For bit-identical rebuilds
 over time, point ``--debian-mirror`` at a snapshot.debian.org date.
 
 The build runs ``mmdebstrap --mode=root`` in private mount and pid namespaces (``unshare``), so the
@@ -36,15 +37,18 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import shlex
 import shutil
+import stat
 import subprocess
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 from .layers import LayerInfo, LayerStore
 
@@ -133,7 +137,7 @@ mmdebstrap copies the host's (the runtime writes a sandbox's own)."""
 CONFIG = {"env": {"LANG": "C.UTF-8"}, "user": "user", "workdir": "/home/user"}
 """The template's config: what E2B's base sandboxes start with."""
 
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2
 """Bump when the build changes in a way the recipe below does not show."""
 
 PROBE_TIMEOUT_S = 5.0
@@ -303,6 +307,7 @@ def build(
                 raise BuildFailed(f"mmdebstrap exited with status {code}; the end of {log_path}:\n{tail}")
             (root / ".sandboxd-packages").rename(staging / "packages.tsv")
             progress.phase = "storing the layer"
+            _finish(root)
             report(progress.line())
             info = store.commit(root, key, "build", recipe.describe())
             shutil.copyfile(staging / "packages.tsv", store.layers / f"{info.digest.split(':')[1]}.packages.tsv")
@@ -311,6 +316,21 @@ def build(
         record = {"layers": [key], "config": CONFIG, "source": recipe.describe(), "built_at": time.time()}
         store.cache_put(key, record)
         return [key], dict(CONFIG)
+
+
+def _finish(root: Path) -> None:
+    """Make the tree reproducible and inert: mtimes clamped to :data:`SOURCE_DATE_EPOCH` (mmdebstrap
+    clamps them only in tarballs; files made by maintainer scripts and hooks carry the build's
+    time), and no device nodes (mmdebstrap populates ``/dev``; a sandbox mounts its own)."""
+    for directory, dirs, files in os.walk(root, topdown=False):
+        for name in [*files, *dirs]:
+            path = os.path.join(directory, name)
+            st = os.lstat(path)
+            if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode):
+                os.unlink(path)
+            elif st.st_mtime > SOURCE_DATE_EPOCH:
+                os.utime(path, (SOURCE_DATE_EPOCH, SOURCE_DATE_EPOCH), follow_symlinks=False)
+    os.utime(root, (SOURCE_DATE_EPOCH, SOURCE_DATE_EPOCH))
 
 
 def _follow(
