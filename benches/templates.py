@@ -49,20 +49,11 @@ def _create_first_command(rt: Runtime, template: str, n: int, warmup: bool) -> l
 
 
 def _tree_digest(path: Path) -> str:
-    """sha256 of a canonical tar of the tree (sorted, numeric owners, no atime/ctime)."""
-    command = [
-        "tar",
-        "--create",
-        "--file=-",
-        "--sort=name",
-        "--numeric-owner",
-        "--format=posix",
-        "--pax-option=exthdr.name=%d/PaxHeaders/%f,delete=atime,delete=ctime",
-        f"--directory={path}",
-        ".",
-    ]
+    """sha256 of a canonical tar of the tree (the layer store's own serialisation)."""
+    from sandboxd.runtime.layers import canonical_tar
+
     sha = hashlib.sha256()
-    with subprocess.Popen(command, stdout=subprocess.PIPE) as process:
+    with subprocess.Popen(canonical_tar(path), stdout=subprocess.PIPE) as process:
         assert process.stdout is not None
         while chunk := process.stdout.read(1 << 20):
             sha.update(chunk)

@@ -336,6 +336,24 @@ def tree_size(path: Path) -> tuple[int, int]:
     return size, entries
 
 
+def canonical_tar(directory: Path) -> list[str]:
+    """GNU tar writing ``directory`` to stdout as a canonical stream: sorted names, numeric owners,
+    xattrs, and no atime, ctime or pid in the headers, so the same tree always gives the same bytes."""
+    return [
+        "tar",
+        "--create",
+        "--file=-",
+        "--sort=name",
+        "--numeric-owner",
+        "--xattrs",
+        "--xattrs-include=*",
+        "--format=posix",
+        "--pax-option=exthdr.name=%d/PaxHeaders/%f,delete=atime,delete=ctime",
+        f"--directory={directory}",
+        ".",
+    ]
+
+
 class LayerStore:
     """Layers, the build cache and the locks of one template store directory."""
 
@@ -426,20 +444,7 @@ class LayerStore:
         owners, xattrs) and the same unpacker as for tarballs stores it, so a directory and the
         tarball of it get the same treatment and the layer is a snapshot that later changes to the
         directory do not reach."""
-        command = [
-            "tar",
-            "--create",
-            "--file=-",
-            "--sort=name",
-            "--numeric-owner",
-            "--xattrs",
-            "--xattrs-include=*",
-            "--format=posix",
-            "--pax-option=exthdr.name=%d/PaxHeaders/%f,delete=atime,delete=ctime",
-            f"--directory={directory}",
-            ".",
-        ]
-        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        process = subprocess.Popen(canonical_tar(directory), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         assert process.stdout is not None and process.stderr is not None
         try:
             info = self.import_tar(process.stdout, source, progress=progress)
