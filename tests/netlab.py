@@ -315,6 +315,7 @@ def make_certificates(directory: Path) -> None:
         .not_valid_after(now + datetime.timedelta(days=2))
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
         .add_extension(x509.KeyUsage(True, False, False, False, False, True, True, False, False), critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
         .sign(ca_key, hashes.SHA256())
     )
     key = ec.generate_private_key(ec.SECP256R1())
@@ -329,6 +330,10 @@ def make_certificates(directory: Path) -> None:
         .not_valid_before(now - datetime.timedelta(hours=1))
         .not_valid_after(now + datetime.timedelta(days=2))
         .add_extension(x509.SubjectAlternativeName(sans), critical=False)
+        # Python 3.13's default context verifies strictly (VERIFY_X509_STRICT): a leaf needs the
+        # issuer's key identifier, as real ones have (the Debian base's python3 is 3.13).
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
         .sign(ca_key, hashes.SHA256())
     )
     (directory / "lab-ca.pem").write_bytes(ca.public_bytes(serialization.Encoding.PEM))

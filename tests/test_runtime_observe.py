@@ -260,8 +260,10 @@ def test_json_logs_of_a_lifecycle_and_failed_requests(sdk: Callable[..., Runtime
     assert by_event["uvicorn.error"][0]["level"] == "WARNING"
 
 
-def test_ready_follows_the_zygote_and_the_template(start_runtime: Callable[..., Runtime]) -> None:
-    runtime = start_runtime()
+def test_ready_follows_the_zygote_and_the_template(start_runtime: Callable[..., Runtime], tmp_path: Path) -> None:
+    # A template store of its own, and no archive: `base` resolves to `host`, whose root is moved below.
+    store = tmp_path / "store"
+    runtime = start_runtime("--template-store", str(store), "--debian-mirror", f"http://127.0.0.1:{free_port()}/")
     ready = httpx.get(f"{runtime.url}/ready")
     assert (ready.status_code, ready.json()) == (200, {"status": "ready"})
     # Kill the zygote until a probe catches it down: its restart is immediate the first time and
@@ -289,8 +291,8 @@ def test_ready_follows_the_zygote_and_the_template(start_runtime: Callable[..., 
     # /health stayed 200 throughout: alive, even while not ready.
     assert httpx.get(f"{runtime.url}/health").status_code == 200
 
-    template = runtime.data_dir / "templates" / "base"
-    moved = template.with_name("base.moved")
+    template = store / "host"
+    moved = template.with_name("host.moved")
     template.rename(moved)
     try:
         _wait_for(lambda: httpx.get(f"{runtime.url}/ready").status_code == 503, "not ready without the template")
