@@ -47,7 +47,7 @@ RESUME_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0
 """Resume seconds: a thaw takes about a millisecond, a filesystem resume boots an agent (like a create)."""
 
 TEMPLATE_BUILD_BUCKETS = (0.1, 0.5, 1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0)
-"""Template builds: from a refresh of the built-in template (milliseconds) to a Debian build (minutes)."""
+"""Template builds: from a refresh of the ``host`` template (milliseconds) to a Debian ``base`` build (minutes)."""
 
 DISK_WALK_BUDGET_S = 1.0
 """Time one scrape may spend measuring writable layers whose cached size is stale; the rest report
