@@ -116,16 +116,6 @@ def test_renames_within_and_out_of_the_tree(
         handle.stop()
 
 
-def test_sdk_upload_shows_create_and_write_of_the_target_only(sandbox: Any, workdir: Path) -> None:
-    handle = sandbox.files.watch_dir(str(workdir))
-    try:
-        sandbox.files.write(str(workdir / "up.txt"), "uploaded")
-        events = poll_until(handle, lambda ev: ("up.txt", WRITE) in pairs(ev))
-        assert pairs(events) == [("up.txt", CREATE), ("up.txt", WRITE)]
-    finally:
-        handle.stop()
-
-
 def test_include_entry_attaches_entry_info(agent: Agent, workdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("E2B_DEBUG", "true")
     monkeypatch.setenv("E2B_SANDBOX_URL", agent.url)

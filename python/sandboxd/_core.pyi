@@ -67,6 +67,9 @@ class FileReader:
 
     size: int
     """The file's size when it was opened."""
+    sized: bool
+    """Whether ``size`` is what the read gives: false for ``/proc`` and ``/sys`` files, devices, FIFOs
+    and empty files, which are read until EOF (or the requested length)."""
 
     def __init__(self, path: str, offset: int = 0, length: int | None = None, chunk: int = ...) -> None: ...
     def read(self) -> bytes:
@@ -90,6 +93,8 @@ class AtomicWriter:
     """
 
     path: str
+    temp_path: str
+    """The hidden temporary file the data goes to until ``commit``."""
     written: int
 
     def __init__(self, path: str, uid: int, gid: int) -> None: ...

@@ -6,10 +6,13 @@
 //! so opening a FIFO without a writer returns at once (and reads as empty) instead of stranding a
 //! thread. A directory is refused with `EISDIR` (Linux lets `open(O_RDONLY)` succeed on one).
 //!
-//! For a regular file the range is clamped to the size at open: a file that grows while it is
-//! read never yields more bytes than [`FileReader::size`] promised (an HTTP `Content-Length`), and
-//! one that shrinks simply ends early. Other files (character devices, FIFOs) are read until EOF or
-//! until the requested length.
+//! For a regular file whose size can be trusted ([`FileReader::is_sized`]) the range is clamped to
+//! the size at open: a file that grows while it is read never yields more bytes than
+//! [`FileReader::size`] promised (an HTTP `Content-Length`), and one that shrinks simply ends early.
+//! Other files are read until EOF or until the requested length: character devices and FIFOs, and
+//! the files of kernel pseudo filesystems (`/proc`, `/sys`, debugfs, cgroupfs, ...), whose `st_size`
+//! is 0 (`/proc/version`) or a page (`/sys/...`) whatever they hold, as is any regular file whose
+//! `st_size` is 0.
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom};
@@ -17,6 +20,7 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use nix::fcntl::{FcntlArg, OFlag, PosixFadviseAdvice, fcntl, posix_fadvise};
+use nix::sys::statfs::{self, FsType, fstatfs};
 
 use crate::error::{Error, IoResultExt, Result};
 
@@ -25,6 +29,31 @@ use crate::error::{Error, IoResultExt, Result};
 /// only with messages this large; smaller chunks pay the per-message cost of the Python side more
 /// often, larger ones only add memory per concurrent download.
 pub const READ_CHUNK: usize = 1 << 20;
+
+/// Filesystems that generate file contents when read, so `st_size` says nothing about them.
+const PSEUDO_FILESYSTEMS: [FsType; 10] = [
+    statfs::PROC_SUPER_MAGIC,
+    statfs::SYSFS_MAGIC,
+    statfs::DEBUGFS_MAGIC,
+    statfs::TRACEFS_MAGIC,
+    statfs::SECURITYFS_MAGIC,
+    statfs::CGROUP_SUPER_MAGIC,
+    statfs::CGROUP2_SUPER_MAGIC,
+    statfs::BPF_FS_MAGIC,
+    statfs::SELINUX_MAGIC,
+    statfs::SMACK_MAGIC,
+];
+
+/// Whether `file` (a regular file of `size` bytes) is read exactly `size` bytes long.
+fn size_is_trustworthy(file: &File, size: u64) -> bool {
+    if size == 0 {
+        return false;
+    }
+    match fstatfs(file) {
+        Ok(fs) => !PSEUDO_FILESYSTEMS.contains(&fs.filesystem_type()),
+        Err(_) => true,
+    }
+}
 
 /// A file opened for chunked reading of a byte range.
 #[derive(Debug)]
@@ -39,6 +68,8 @@ pub struct FileReader {
     remaining: Option<u64>,
     /// Whether the file is regular (fill whole chunks) or a stream (return what one read gives).
     regular: bool,
+    /// Whether `size` is what a read to EOF gives (see [`FileReader::is_sized`]).
+    sized: bool,
     /// Maximum size of one chunk.
     chunk: usize,
 }
@@ -63,7 +94,8 @@ impl FileReader {
 
         let regular = meta.is_file();
         let size = meta.len();
-        let remaining = if regular {
+        let sized = regular && size_is_trustworthy(&file, size);
+        let remaining = if sized {
             let start = offset.min(size);
             let end = length.map_or(size, |len| offset.saturating_add(len).min(size));
             Some(end.saturating_sub(start))
@@ -83,6 +115,7 @@ impl FileReader {
             size,
             remaining,
             regular,
+            sized,
             chunk: chunk.max(1),
         })
     }
@@ -90,6 +123,13 @@ impl FileReader {
     /// The file's size (`st_size`) when it was opened.
     pub fn size(&self) -> u64 {
         self.size
+    }
+
+    /// Whether [`size`](Self::size) is the number of bytes the file reads as: a regular file with a
+    /// size above 0 outside the kernel's pseudo filesystems. When it is not, the read goes on to EOF
+    /// (or the requested length), and an HTTP reply cannot promise a `Content-Length` or serve a `Range`.
+    pub fn is_sized(&self) -> bool {
+        self.sized
     }
 
     /// The path the file was opened as.
@@ -289,6 +329,33 @@ mod tests {
         let mut reader = FileReader::open(&fifo, 0, None, 16).unwrap();
         assert_eq!(reader.size(), 0);
         assert!(reader.read_chunk().unwrap().is_empty());
+    }
+
+    #[test]
+    fn proc_and_sys_files_are_read_to_eof() {
+        for path in [
+            "/proc/version",
+            "/proc/self/status",
+            "/proc/sys/kernel/random/boot_id",
+        ] {
+            let reader = FileReader::open(Path::new(path), 0, None, 4096).unwrap();
+            assert!(!reader.is_sized(), "{path}");
+            let content = read_all(reader).concat();
+            assert!(!content.is_empty(), "{path} read empty");
+        }
+        // sysfs files claim a page and hold less.
+        let path = Path::new("/sys/kernel/mm/transparent_hugepage/enabled");
+        if path.exists() {
+            let reader = FileReader::open(path, 0, None, 1 << 20).unwrap();
+            assert!(!reader.is_sized());
+            let content = read_all(reader).concat();
+            assert_eq!(content, fs::read(path).unwrap());
+        }
+        // An empty regular file is read to EOF too, and one with a size is sized.
+        let (_dir, path, _) = file_of(0);
+        assert!(!FileReader::open(&path, 0, None, 16).unwrap().is_sized());
+        let (_dir, path, _) = file_of(10);
+        assert!(FileReader::open(&path, 0, None, 16).unwrap().is_sized());
     }
 
     #[test]

@@ -203,6 +203,14 @@ impl FileReader {
         self.inner.size()
     }
 
+    /// Whether `size` tells how many bytes the read gives: true for a regular file on a disk
+    /// filesystem; false for `/proc` and `/sys` files (whose `st_size` is 0 or a page), devices and
+    /// FIFOs, which are read until EOF.
+    #[getter]
+    fn sized(&self) -> bool {
+        self.inner.is_sized()
+    }
+
     /// The next chunk; `b""` at the end.
     ///
     /// The `bytes` object is allocated at the chunk's size and filled by `read(2)` with the GIL
@@ -279,6 +287,13 @@ impl AtomicWriter {
     #[getter]
     fn path(&self) -> &OsStr {
         self.inner.path().as_os_str()
+    }
+
+    /// The hidden temporary file the data goes to until `commit` (a `str`, as `path`). Watchers
+    /// see its name in the rename that commits the upload.
+    #[getter]
+    fn temp_path(&self) -> &OsStr {
+        self.inner.temp_path().as_os_str()
     }
 
     /// Bytes written so far.

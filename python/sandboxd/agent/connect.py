@@ -20,7 +20,6 @@ import contextlib
 import json
 import struct
 import time
-import zlib
 from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Any
 
@@ -29,16 +28,19 @@ from google.protobuf.message import DecodeError, Message
 
 from .asgi import ClientDisconnected, Receive, Scope, Send, body_chunks, header_map, raw_headers, read_body, send_bytes
 from .auth import rpc_user
-from .errors import Code, RpcError, to_rpc_error
+from .compression import gunzip
+from .errors import HTTP_STATUS, Code, RpcError, to_rpc_error
 from .rpc import Context, Kind, Method
 from .state import AgentState
 
 MAX_UNARY_BODY = 16 << 20
-"""Largest unary request accepted (bytes). envd's messages are paths and small structs; 16 MiB leaves
-room for big ``SendInput`` payloads while bounding memory per request."""
+"""Largest unary request accepted (bytes), both as sent and once decompressed. envd's messages are
+paths and small structs; 16 MiB leaves room for big ``SendInput`` payloads while bounding memory per
+request."""
 
 MAX_ENVELOPE = 16 << 20
-"""Largest single streamed message accepted (bytes), for the same reason."""
+"""Largest single streamed message accepted (bytes), as sent and once decompressed, for the same
+reason."""
 
 FLAG_COMPRESSED = 0x01
 FLAG_END_STREAM = 0x02
@@ -142,8 +144,16 @@ def _output_event_proto_frame(message: Message) -> bytes | None:
 
 
 def error_json(error: RpcError) -> dict[str, Any]:
-    """The Connect error object."""
-    return {"code": str(error.code), "message": error.message}
+    """The Connect error object: ``code``, ``message`` (left out when empty) and ``details`` (each
+    ``{"type": <full name>, "value": <unpadded base64 of the binary message>}``)."""
+    out: dict[str, Any] = {"code": str(error.code)}
+    if error.message:
+        out["message"] = error.message
+    if error.details:
+        out["details"] = [
+            {"type": name, "value": base64.b64encode(value).decode().rstrip("=")} for name, value in error.details
+        ]
+    return out
 
 
 def envelope(flags: int, payload: bytes) -> bytes:
@@ -151,9 +161,15 @@ def envelope(flags: int, payload: bytes) -> bytes:
     return _HEADER.pack(flags, len(payload)) + payload
 
 
-def end_stream(error: RpcError | None) -> bytes:
-    """The final frame of a stream: ``{}`` or ``{"error": ...}``, always JSON."""
-    body = {} if error is None else {"error": error_json(error)}
+def end_stream(error: RpcError | None, trailers: Iterable[tuple[str, str]] = ()) -> bytes:
+    """The final frame of a stream: ``{}``, or ``{"error": ...}``, and the trailers as ``metadata``;
+    always JSON."""
+    body: dict[str, Any] = {} if error is None else {"error": error_json(error)}
+    metadata: dict[str, list[str]] = {}
+    for name, value in trailers:
+        metadata.setdefault(name, []).append(value)
+    if metadata:
+        body["metadata"] = metadata
     return envelope(FLAG_END_STREAM, json.dumps(body, separators=(",", ":")).encode())
 
 
@@ -168,23 +184,28 @@ def deadline_from(headers: dict[str, str]) -> float | None:
     return None if millis == 0 else time.monotonic() + millis / 1000
 
 
-def _decompressor(encoding: str | None, header: str) -> zlib._Decompress | None:
+def _is_gzip(encoding: str | None, header: str) -> bool:
+    """Whether ``encoding`` (a request's ``content-encoding`` or ``connect-content-encoding``) is gzip;
+    identity (or none) is not; anything else is ``unimplemented``, as the Connect protocol says."""
     if encoding in (None, "", "identity"):
-        return None
+        return False
     if encoding == "gzip":
-        return zlib.decompressobj(16 + zlib.MAX_WBITS)
+        return True
     raise RpcError(Code.UNIMPLEMENTED, f"unsupported {header} '{encoding}' (supported: identity, gzip)")
 
 
-async def envelopes(chunks: AsyncIterator[bytes], encoding: str | None) -> AsyncIterator[bytes]:
-    """Payloads of the Connect envelopes in a request body, decompressed."""
+async def envelopes(
+    chunks: AsyncIterator[bytes], encoding: str | None, limit: int = MAX_ENVELOPE
+) -> AsyncIterator[bytes]:
+    """Payloads of the Connect envelopes in a request body, decompressed; each at most ``limit`` bytes
+    as sent and once decompressed."""
     buffer = bytearray()
     async for chunk in chunks:
         buffer += chunk
         while len(buffer) >= _HEADER.size:
             flags, length = _HEADER.unpack_from(buffer)
-            if length > MAX_ENVELOPE:
-                raise RpcError(Code.RESOURCE_EXHAUSTED, f"message of {length} bytes exceeds {MAX_ENVELOPE}")
+            if length > limit:
+                raise RpcError(Code.RESOURCE_EXHAUSTED, f"message of {length} bytes exceeds the limit of {limit} bytes")
             if len(buffer) < _HEADER.size + length:
                 break
             payload = bytes(buffer[_HEADER.size : _HEADER.size + length])
@@ -192,21 +213,23 @@ async def envelopes(chunks: AsyncIterator[bytes], encoding: str | None) -> Async
             if flags & FLAG_END_STREAM:
                 return
             if flags & FLAG_COMPRESSED:
-                inflate = _decompressor(encoding, "connect-content-encoding")
-                if inflate is None:
+                if not _is_gzip(encoding, "connect-content-encoding"):
                     raise RpcError(Code.INTERNAL, "compressed message without connect-content-encoding")
-                payload = inflate.decompress(payload) + inflate.flush()
+                payload = gunzip(payload, "message", limit)
             yield payload
     if buffer:
         raise RpcError(Code.INVALID_ARGUMENT, f"request body ends inside a message envelope ({len(buffer)} bytes)")
 
 
 class ConnectTransport:
-    """Serves a set of :class:`Method` over the Connect protocol."""
+    """Serves a set of :class:`Method` over the Connect protocol.
 
-    def __init__(self, methods: list[Method], state: AgentState) -> None:
+    ``message_limit`` bounds a unary body and each streamed message, as sent and once decompressed."""
+
+    def __init__(self, methods: list[Method], state: AgentState, message_limit: int = MAX_UNARY_BODY) -> None:
         self.routes = {m.path: m for m in methods}
         self.state = state
+        self.message_limit = message_limit
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send, method: Method) -> None:
         headers = header_map(scope)
@@ -218,64 +241,85 @@ class ConnectTransport:
                 Code.UNKNOWN,
                 f"unsupported content-type '{content_type}' for {method.kind.value} {method.path}: "
                 f"use {' or '.join(types)}",
-                http_status=415,
             )
-            await self._send_unary_error(send, error, [("accept-post", ", ".join(types))])
+            await self._send_unary_error(send, error, [("accept-post", ", ".join(types))], status=415)
             return
+        header_list = [(k.decode("latin-1").lower(), v.decode("latin-1")) for k, v in scope["headers"]]
         if method.kind is Kind.UNARY:
-            await self._unary(method, headers, Codec(codec_name), receive, send)
+            await self._unary(method, headers, header_list, Codec(codec_name), receive, send)
         else:
-            await self._stream(method, headers, Codec(codec_name), receive, send)
+            await self._stream(method, headers, header_list, Codec(codec_name), receive, send)
 
-    def _context(self, headers: dict[str, str]) -> Context:
+    def _context(self, headers: dict[str, str], header_list: list[tuple[str, str]]) -> Context:
         return Context(
             user=rpc_user(self.state, headers.get("authorization")),
             headers=headers,
             deadline=deadline_from(headers),
+            header_list=header_list,
         )
 
-    async def _unary(self, method: Method, headers: dict[str, str], codec: Codec, receive: Receive, send: Send) -> None:
+    async def _unary(
+        self,
+        method: Method,
+        headers: dict[str, str],
+        header_list: list[tuple[str, str]],
+        codec: Codec,
+        receive: Receive,
+        send: Send,
+    ) -> None:
+        ctx: Context | None = None
+        limit = self.message_limit
         try:
-            inflate = _decompressor(headers.get("content-encoding"), "content-encoding")
-            body = await read_body(receive, MAX_UNARY_BODY)
+            compressed = _is_gzip(headers.get("content-encoding"), "content-encoding")
+            body = await read_body(receive, limit)
             if body is None:
-                raise RpcError(Code.RESOURCE_EXHAUSTED, f"request body exceeds {MAX_UNARY_BODY} bytes")
-            if inflate is not None:
-                body = inflate.decompress(body) + inflate.flush()
+                raise RpcError(Code.RESOURCE_EXHAUSTED, f"request body exceeds the limit of {limit} bytes")
+            if compressed:
+                body = gunzip(body, "request body", limit)
+            ctx = self._context(headers, header_list)
             request = codec.decode(body, method.request_type)
-            ctx = self._context(headers)
             async with asyncio.timeout_at(_loop_deadline(ctx.deadline)):
                 response = await method.handler(request, ctx)
             body = codec.encode(response)
         except ClientDisconnected:
             return
         except Exception as exc:
-            await self._send_unary_error(send, to_rpc_error(exc))
+            extra = [] if ctx is None else [*ctx.response_headers, *_prefixed_trailers(ctx.response_trailers)]
+            await self._send_unary_error(send, to_rpc_error(exc), extra)
             return
-        await send_bytes(send, 200, body, f"application/{codec.name}")
+        extra = [*ctx.response_headers, *_prefixed_trailers(ctx.response_trailers)]
+        await send_bytes(send, 200, body, f"application/{codec.name}", extra)
 
-    async def _send_unary_error(self, send: Send, error: RpcError, headers: Iterable[tuple[str, str]] = ()) -> None:
+    async def _send_unary_error(
+        self, send: Send, error: RpcError, headers: Iterable[tuple[str, str]] = (), status: int | None = None
+    ) -> None:
+        """A Connect error: the HTTP status is the code's (the REST status an error may carry for
+        ``/files``, such as 413 or 507, is not Connect's), unless ``status`` says otherwise."""
         body = json.dumps(error_json(error), separators=(",", ":")).encode()
-        await send_bytes(send, error.http_status, body, "application/json", headers)
+        await send_bytes(send, status or HTTP_STATUS[error.code], body, "application/json", headers)
 
     async def _stream(
-        self, method: Method, headers: dict[str, str], codec: Codec, receive: Receive, send: Send
+        self,
+        method: Method,
+        headers: dict[str, str],
+        header_list: list[tuple[str, str]],
+        codec: Codec,
+        receive: Receive,
+        send: Send,
     ) -> None:
         started = False
+        ctx: Context | None = None
 
         async def start() -> None:
             nonlocal started
             if not started:
                 started = True
-                await send(
-                    {
-                        "type": "http.response.start",
-                        "status": 200,
-                        "headers": raw_headers(
-                            [("content-type", f"application/connect+{codec.name}"), ("x-accel-buffering", "no")]
-                        ),
-                    }
-                )
+                response_headers = [
+                    ("content-type", f"application/connect+{codec.name}"),
+                    ("x-accel-buffering", "no"),
+                    *(ctx.response_headers if ctx is not None else ()),
+                ]
+                await send({"type": "http.response.start", "status": 200, "headers": raw_headers(response_headers)})
 
         async def frame(data: bytes, more: bool = True) -> None:
             await start()
@@ -283,10 +327,10 @@ class ConnectTransport:
 
         error: RpcError | None = None
         try:
-            ctx = self._context(headers)
+            ctx = self._context(headers, header_list)
             encoding = headers.get("connect-content-encoding")
-            _decompressor(encoding, "connect-content-encoding")
-            payloads = envelopes(body_chunks(receive), encoding)
+            _is_gzip(encoding, "connect-content-encoding")
+            payloads = envelopes(body_chunks(receive), encoding, self.message_limit)
             async with asyncio.timeout_at(_loop_deadline(ctx.deadline)):
                 if method.kind is Kind.CLIENT_STREAM:
                     requests = (codec.decode(p, method.request_type) async for p in payloads)
@@ -300,7 +344,7 @@ class ConnectTransport:
         except Exception as exc:
             error = to_rpc_error(exc)
         with contextlib.suppress(OSError):
-            await frame(end_stream(error), more=False)
+            await frame(end_stream(error, ctx.response_trailers if ctx is not None else ()), more=False)
 
     async def _serve_stream(
         self, method: Method, request: Message, ctx: Context, codec: Codec, receive: Receive, frame: Any
@@ -350,6 +394,11 @@ class ConnectTransport:
         if pump_task not in done:
             raise ClientDisconnected  # the client left (or a keepalive could not be sent to it)
         pump_task.result()
+
+
+def _prefixed_trailers(trailers: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
+    """A unary reply's trailers, sent as ``trailer-<name>`` headers (the Connect protocol)."""
+    return [(f"trailer-{name}", value) for name, value in trailers]
 
 
 async def _single_request(payloads: AsyncIterator[bytes], codec: Codec, method: Method) -> Message:

@@ -92,13 +92,23 @@ _ERRNO: dict[int, tuple[Code, int]] = {
 
 
 class RpcError(Exception):
-    """A failure with a Connect code and a message a person can act on."""
+    """A failure with a Connect code and a message a person can act on.
 
-    def __init__(self, code: Code, message: str, http_status: int | None = None) -> None:
+    ``details`` are error details as ``(full message type name, serialized message)`` pairs (Connect's
+    ``details``, gRPC's ``google.rpc.Status.details``)."""
+
+    def __init__(
+        self,
+        code: Code,
+        message: str,
+        http_status: int | None = None,
+        details: list[tuple[str, bytes]] | None = None,
+    ) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
         self.http_status = http_status if http_status is not None else HTTP_STATUS[code]
+        self.details = details or []
 
 
 def describe_os_error(exc: OSError) -> str:

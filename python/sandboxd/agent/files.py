@@ -10,14 +10,17 @@ that disconnects midway leaves every old file intact and no temporary file behin
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import email.utils
 import json
 import mimetypes
 import os
 import stat
 import zlib
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterable, Iterator
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import parse_qs
 
 from python_multipart.exceptions import MultipartParseError
@@ -27,10 +30,12 @@ from sandboxd import _core
 
 from .asgi import ClientDisconnected, Receive, Scope, Send, body_chunks, header_map, raw_headers, send_http_error
 from .auth import check_files_access
+from .compression import GzipInflater
 from .errors import Code, RpcError, from_os_error
 from .paths import expand_and_resolve
 from .state import AgentState
 from .users import User, lookup
+from .watch_hub import Commit
 
 GZIP_MIN_SIZE = 1 << 10
 """Below 1 KiB the gzip header and a chunked reply cost more than they save."""
@@ -142,72 +147,107 @@ def _content_type(path: str) -> str:
     return guessed or "application/octet-stream"
 
 
-def _worth_compressing(path: str) -> bool:
-    with _core.FileReader(path, 0, GZIP_SAMPLE) as reader:
-        sample = reader.read()
+def _compresses(sample: bytes) -> bool:
     return len(zlib.compress(sample, GZIP_LEVEL)) <= len(sample) * GZIP_MIN_SAVING
 
 
-def _gzip_chunks(reader: _core.FileReader) -> Iterator[bytes]:
+def _worth_compressing(path: str) -> bool:
+    with _core.FileReader(path, 0, GZIP_SAMPLE) as reader:
+        sample = reader.read()
+    return _compresses(sample)
+
+
+def _gzip_chunks(chunks: Iterable[bytes]) -> Iterator[bytes]:
     deflate = zlib.compressobj(GZIP_LEVEL, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
-    for chunk in reader:
+    for chunk in chunks:
         out = deflate.compress(chunk)
         if out:
             yield out
     yield deflate.flush()
 
 
-async def download(state: AgentState, scope: Scope, receive: Receive, send: Send) -> None:
-    """``GET /files?path=…``: stream a file."""
+def _chunks(first: bytes | None, reader: _core.FileReader) -> Iterator[bytes]:
+    if first:
+        yield first
+    yield from reader
+
+
+@dataclass(slots=True)
+class _Reply:
+    """What a download answers, decided in a worker thread: an error or a 304 (no ``reader``), or the
+    headers and the chunks to stream."""
+
+    status: int
+    headers: list[tuple[str, str]]
+    error: str | None = None
+    reader: _core.FileReader | None = None
+    chunks: Iterator[bytes] | None = None
+
+
+def _plan_download(req: _Request) -> _Reply:
+    """Everything a download does before its first byte: ``stat``, conditional and range headers,
+    opening the file, sampling it for gzip. Blocking (a slow disk, a FIFO), so it runs in a thread."""
+    path = req.path
     try:
-        req = _authorize(state, scope, "read")
-        path = req.path
-        try:
-            st = os.stat(path)
-        except FileNotFoundError:
-            await send_http_error(send, 404, f"path '{path}' does not exist")
-            return
-        if stat.S_ISDIR(st.st_mode):
-            await send_http_error(send, 400, f"path '{path}' is a directory")
-            return
-        size = st.st_size
-        last_modified = email.utils.formatdate(st.st_mtime, usegmt=True)
-        etag = f'W/"{size:x}-{st.st_mtime_ns:x}"'
-        base = [
-            ("content-disposition", _disposition(os.path.basename(path))),
-            ("vary", "Accept-Encoding"),
-            ("last-modified", last_modified),
-            ("etag", etag),
-            ("accept-ranges", "bytes"),
-            ("cache-control", "no-store"),
-        ]
-        if _not_modified(req.headers, etag, st.st_mtime):
-            await send({"type": "http.response.start", "status": 304, "headers": raw_headers(base)})
-            await send({"type": "http.response.body", "body": b""})
-            return
-        content_type = _content_type(path)
+        st = os.stat(path)
+    except FileNotFoundError:
+        return _Reply(404, [], f"path '{path}' does not exist")
+    if stat.S_ISDIR(st.st_mode):
+        return _Reply(400, [], f"path '{path}' is a directory")
+    last_modified = email.utils.formatdate(st.st_mtime, usegmt=True)
+    etag = f'W/"{st.st_size:x}-{st.st_mtime_ns:x}"'
+    base = [
+        ("content-disposition", _disposition(os.path.basename(path))),
+        ("vary", "Accept-Encoding"),
+        ("last-modified", last_modified),
+        ("etag", etag),
+        ("cache-control", "no-store"),
+    ]
+    if _not_modified(req.headers, etag, st.st_mtime):
+        return _Reply(304, base)
+    accepts_gzip = _accepts_gzip(req.headers.get("accept-encoding", ""))
+    reader = _core.FileReader(path)
+    try:
+        headers = [*base, ("content-type", _content_type(path))]
+        if not reader.sized:
+            # /proc, /sys, devices, FIFOs: st_size says nothing, so read to EOF, without a
+            # Content-Length or ranges. The first chunk decides on gzip; most such files fit in it.
+            first = reader.read()
+            if accepts_gzip and len(first) >= GZIP_MIN_SIZE and _compresses(first[:GZIP_SAMPLE]):
+                headers.append(("content-encoding", "gzip"))
+                return _Reply(200, headers, reader=reader, chunks=_gzip_chunks(_chunks(first, reader)))
+            return _Reply(200, headers, reader=reader, chunks=_chunks(first, reader))
+        size = reader.size
+        headers.append(("accept-ranges", "bytes"))
         status, offset, length = 200, 0, size
         range_header = req.headers.get("range")
         if range_header is not None and req.headers.get("if-range") in (None, etag, last_modified):
             parsed = _parse_range(range_header, size)
             if parsed == "unsatisfiable":
-                await send_http_error(
-                    send,
-                    416,
-                    f"range '{range_header}' is outside the file's {size} bytes",
-                    [("content-range", f"bytes */{size}")],
-                )
-                return
+                reader.close()
+                message = f"range '{range_header}' is outside the file's {size} bytes"
+                return _Reply(416, [("content-range", f"bytes */{size}")], message)
             if isinstance(parsed, tuple):
                 status, (offset, length) = 206, parsed
-                base.append(("content-range", f"bytes {offset}-{offset + length - 1}/{size}"))
-        use_gzip = (
-            status == 200
-            and GZIP_MIN_SIZE <= size <= GZIP_MAX_SIZE
-            and _accepts_gzip(req.headers.get("accept-encoding", ""))
-            and _worth_compressing(path)
-        )
-        reader = _core.FileReader(path, offset, length)
+                headers.append(("content-range", f"bytes {offset}-{offset + length - 1}/{size}"))
+                reader.close()
+                reader = _core.FileReader(path, offset, length)
+        if status == 200 and GZIP_MIN_SIZE <= size <= GZIP_MAX_SIZE and accepts_gzip and _worth_compressing(path):
+            headers.append(("content-encoding", "gzip"))
+            return _Reply(status, headers, reader=reader, chunks=_gzip_chunks(reader))
+        headers.append(("content-length", str(length)))
+        return _Reply(status, headers, reader=reader, chunks=iter(reader))
+    except BaseException:
+        reader.close()
+        raise
+
+
+async def download(state: AgentState, scope: Scope, receive: Receive, send: Send) -> None:
+    """``GET /files?path=…``: stream a file. Every read runs in a worker thread; the event loop only
+    moves ready chunks."""
+    try:
+        req = _authorize(state, scope, "read")
+        reply = await asyncio.to_thread(_plan_download, req)
     except RpcError as exc:
         await send_http_error(send, exc.http_status, exc.message)
         return
@@ -215,19 +255,50 @@ async def download(state: AgentState, scope: Scope, receive: Receive, send: Send
         err = from_os_error(exc, "error opening file")
         await send_http_error(send, err.http_status, err.message)
         return
-    with reader:
-        headers = [*base, ("content-type", content_type)]
-        chunks: Iterator[bytes]
-        if use_gzip:
-            headers.append(("content-encoding", "gzip"))
-            chunks = _gzip_chunks(reader)
-        else:
-            headers.append(("content-length", str(length)))
-            chunks = iter(reader)
-        await send({"type": "http.response.start", "status": status, "headers": raw_headers(headers)})
-        for chunk in chunks:
-            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+    if reply.error is not None:
+        await send_http_error(send, reply.status, reply.error, reply.headers)
+        return
+    if reply.reader is None or reply.chunks is None:
+        await send({"type": "http.response.start", "status": reply.status, "headers": raw_headers(reply.headers)})
         await send({"type": "http.response.body", "body": b""})
+        return
+    with reply.reader:
+        await send({"type": "http.response.start", "status": reply.status, "headers": raw_headers(reply.headers)})
+        if scope["method"] != "HEAD":
+            await _stream_chunks(reply.chunks, receive, send)
+        await send({"type": "http.response.body", "body": b""})
+
+
+async def _stream_chunks(chunks: Iterator[bytes], receive: Receive, send: Send) -> None:
+    """Sends ``chunks``, each produced in a worker thread while the previous one is being sent. Stops
+    when the client disconnects. Returns only once no thread is using the iterator any more."""
+    loop = asyncio.get_running_loop()
+    gone = asyncio.ensure_future(_disconnected(receive))
+    job = loop.run_in_executor(None, next, chunks, None)
+    try:
+        while not gone.done():
+            # Shielded: a cancelled request must not abandon a thread that still reads the file.
+            chunk = await asyncio.shield(job)
+            if chunk is None:
+                return
+            job = loop.run_in_executor(None, next, chunks, None)
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+    finally:
+        gone.cancel()
+        await _settled(job)
+
+
+async def _settled(job: asyncio.Future[Any]) -> None:
+    """Waits until a worker thread's ``job`` has finished, whatever happens to the waiting task."""
+    with contextlib.suppress(asyncio.CancelledError):
+        await asyncio.wait([job])
+    if job.done() and not job.cancelled():
+        job.exception()  # retrieved: its error, if any, was or will be reported by the caller
+
+
+async def _disconnected(receive: Receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
 
 
 def _disposition(name: str) -> str:
@@ -278,17 +349,68 @@ def _metadata(headers: dict[str, str]) -> dict[str, str]:
     return metadata
 
 
+WRITE_BATCH = 1 << 20
+"""Bytes an upload gathers before handing them to a worker thread to write: the network delivers
+64 KiB pieces, and a thread hop per piece would cost more than the write; 1 MiB per hop keeps the
+hops to ~1000 per GiB, and memory to two batches per file (one being written, one filling)."""
+
+
+class _Sink:
+    """One uploaded file: an ``AtomicWriter`` fed from the event loop and written in a worker thread,
+    one batch at a time, while the next batch fills."""
+
+    def __init__(self, writer: _core.AtomicWriter) -> None:
+        self.writer = writer
+        self.batch: list[bytes] = []
+        self.batched = 0
+        self.job: asyncio.Future[None] | None = None
+
+    async def write(self, data: bytes) -> None:
+        if not data:
+            return
+        self.batch.append(data)
+        self.batched += len(data)
+        if self.batched >= WRITE_BATCH:
+            await self._hand_over()
+
+    async def _hand_over(self) -> None:
+        if self.job is not None:
+            job, self.job = self.job, None
+            await asyncio.shield(job)  # one write in flight: this is the upload's backpressure
+        if self.batch:
+            batch, self.batch, self.batched = self.batch, [], 0
+            self.job = asyncio.get_running_loop().run_in_executor(None, _write_batch, self.writer, batch)
+
+    async def drain(self) -> None:
+        """Writes what is batched and waits until every write is done (errors surface here)."""
+        await self._hand_over()
+        if self.job is not None:
+            job, self.job = self.job, None
+            await asyncio.shield(job)
+
+    async def settle(self) -> None:
+        """Waits for a write in flight without raising: before an abort touches the writer."""
+        if self.job is not None:
+            job, self.job = self.job, None
+            await _settled(job)
+
+
+def _write_batch(writer: _core.AtomicWriter, batch: list[bytes]) -> None:
+    writer.write(batch[0] if len(batch) == 1 else b"".join(batch))
+
+
 class _Upload:
-    """The files of one upload request: open writers, committed together at the end."""
+    """The files of one upload request: open writers, committed together at the end. Opening,
+    writing, committing and aborting run in worker threads."""
 
     def __init__(self, req: _Request, state: AgentState) -> None:
         self.req = req
         self.state = state
-        self.writers: list[_core.AtomicWriter] = []
+        self.sinks: list[_Sink] = []
 
-    def open(self, raw_target: str) -> _core.AtomicWriter:
+    async def open(self, raw_target: str) -> _Sink:
         if self.req.path:
-            if self.writers:
+            if self.sinks:
                 raise RpcError(
                     Code.INVALID_ARGUMENT,
                     "you cannot upload multiple files to the same path: "
@@ -300,105 +422,135 @@ class _Upload:
                 raise RpcError(Code.INVALID_ARGUMENT, "a file part has no filename and the path query is missing")
             target = expand_and_resolve(raw_target, self.req.user, self.state.default_workdir)
         try:
-            writer = _core.AtomicWriter(target, self.req.user.uid, self.req.user.gid)
+            writer = await asyncio.to_thread(_core.AtomicWriter, target, self.req.user.uid, self.req.user.gid)
         except IsADirectoryError:
             raise RpcError(Code.INVALID_ARGUMENT, f"path '{target}' is a directory") from None
         except OSError as exc:
             raise from_os_error(exc, f"error opening '{target}' for writing") from None
-        self.writers.append(writer)
-        return writer
+        sink = _Sink(writer)
+        self.sinks.append(sink)
+        return sink
 
-    def commit(self, metadata: dict[str, str]) -> list[dict[str, object]]:
+    async def commit(self, metadata: dict[str, str]) -> list[dict[str, object]]:
+        for sink in self.sinks:
+            await sink.drain()
+        # Every watcher reads its queue now: a directory this upload created is watched before the
+        # rename lands in it (see watch_hub).
+        hub = self.state.watch_hub
+        hub.settle()
+        writers = [sink.writer for sink in self.sinks]
+        for writer in writers:
+            existed = await asyncio.to_thread(os.path.lexists, writer.path)
+            hub.note_commit(os.path.basename(writer.temp_path), Commit(existed=existed, wrote=writer.written > 0))
+        await asyncio.to_thread(_commit_all, writers, metadata)
         result: list[dict[str, object]] = []
-        for writer in self.writers:
-            writer.commit(metadata)
+        for writer in writers:
             entry: dict[str, object] = {"path": writer.path, "name": os.path.basename(writer.path), "type": "file"}
             if metadata:
                 entry["metadata"] = metadata
             result.append(entry)
         return result
 
-    def abort(self) -> None:
-        for writer in self.writers:
+    async def abort(self) -> None:
+        for sink in self.sinks:
+            await sink.settle()
+        await asyncio.to_thread(_abort_all, [sink.writer for sink in self.sinks])
+
+
+def _commit_all(writers: list[_core.AtomicWriter], metadata: dict[str, str]) -> None:
+    for writer in writers:
+        writer.commit(metadata)
+
+
+def _abort_all(writers: list[_core.AtomicWriter]) -> None:
+    for writer in writers:
+        with contextlib.suppress(OSError):
             writer.abort()
 
 
 async def upload(state: AgentState, scope: Scope, receive: Receive, send: Send) -> None:
-    """``POST /files``: multipart (one or many ``file`` parts) or a raw octet-stream body."""
+    """``POST /files``: multipart (one or many ``file`` parts) or a raw octet-stream body, either
+    optionally gzip-encoded (``Content-Encoding: gzip``, as envd)."""
     upload: _Upload | None = None
     try:
         req = _authorize(state, scope, "write")
         metadata = _metadata(req.headers)
         content_type, options = parse_options_header(req.headers.get("content-type", ""))
+        encoding = req.headers.get("content-encoding", "identity").strip().lower()
+        if encoding not in ("identity", "gzip", ""):
+            raise RpcError(
+                Code.INVALID_ARGUMENT, f"unsupported content-encoding '{encoding}' (supported: identity, gzip)"
+            )
         upload = _Upload(req, state)
+        body = _decoded(body_chunks(receive), encoding == "gzip")
         if content_type == b"application/octet-stream":
-            await _receive_raw(upload, req, receive)
+            await _receive_raw(upload, req, body)
         elif content_type.startswith(b"multipart/"):
             boundary = options.get(b"boundary")
             if not boundary:
                 raise RpcError(Code.INVALID_ARGUMENT, "multipart content-type has no boundary")
-            await _receive_multipart(upload, boundary, receive)
+            await _receive_multipart(upload, boundary, body)
         else:
             shown = content_type.decode("latin-1") or "(none)"
             raise RpcError(
                 Code.INVALID_ARGUMENT,
                 f"unsupported content type '{shown}': use multipart/form-data or application/octet-stream",
             )
-        written = upload.commit(metadata)
+        written = await upload.commit(metadata)
     except ClientDisconnected:
         if upload is not None:
-            upload.abort()
+            await upload.abort()
         return
     except RpcError as exc:
         if upload is not None:
-            upload.abort()
+            await upload.abort()
         await send_http_error(send, exc.http_status, exc.message)
         return
     except OSError as exc:
         if upload is not None:
-            upload.abort()
+            await upload.abort()
         err = from_os_error(exc, "error writing file")
         await send_http_error(send, err.http_status, err.message)
         return
     except BaseException:
         if upload is not None:
-            upload.abort()
+            await asyncio.shield(upload.abort())
         raise
-    body = json.dumps(written, separators=(",", ":")).encode()
+    body_bytes = json.dumps(written, separators=(",", ":")).encode()
     await send(
         {
             "type": "http.response.start",
             "status": 200,
-            "headers": raw_headers([("content-type", "application/json"), ("content-length", str(len(body)))]),
+            "headers": raw_headers([("content-type", "application/json"), ("content-length", str(len(body_bytes)))]),
         }
     )
-    await send({"type": "http.response.body", "body": body})
+    await send({"type": "http.response.body", "body": body_bytes})
 
 
-async def _receive_raw(upload: _Upload, req: _Request, receive: Receive) -> None:
+async def _decoded(chunks: AsyncIterator[bytes], gzip: bool) -> AsyncIterator[bytes]:
+    """The body as sent, or gzip-decoded in bounded pieces (memory stays bounded whatever the ratio;
+    the upload's size is bounded by the sandbox's disk, as envd's)."""
+    if not gzip:
+        async for chunk in chunks:
+            yield chunk
+        return
+    inflater = GzipInflater("request body", None)
+    async for chunk in chunks:
+        for piece in inflater.feed(chunk):
+            yield piece
+    inflater.finish()
+
+
+async def _receive_raw(upload: _Upload, req: _Request, body: AsyncIterator[bytes]) -> None:
     if not req.path:
         raise RpcError(Code.INVALID_ARGUMENT, "path query parameter is required for raw body upload")
-    encoding = req.headers.get("content-encoding", "identity").strip().lower()
-    if encoding not in ("identity", "gzip", ""):
-        raise RpcError(Code.INVALID_ARGUMENT, f"unsupported content-encoding '{encoding}' (supported: identity, gzip)")
-    inflate = zlib.decompressobj(16 + zlib.MAX_WBITS) if encoding == "gzip" else None
-    writer = upload.open("")
-    async for chunk in body_chunks(receive):
-        if inflate is None:
-            writer.write(chunk)
-            continue
-        try:
-            writer.write(inflate.decompress(chunk))
-        except zlib.error as exc:
-            raise RpcError(Code.INVALID_ARGUMENT, f"body is not valid gzip: {exc}") from None
-    if inflate is not None:
-        if not inflate.eof:
-            raise RpcError(Code.INVALID_ARGUMENT, "gzip body ended before the end of its compressed stream")
-        writer.write(inflate.flush())
+    sink = await upload.open("")
+    async for chunk in body:
+        await sink.write(chunk)
 
 
-async def _receive_multipart(upload: _Upload, boundary: bytes, receive: Receive) -> None:
-    state = _MultipartState(upload)
+async def _receive_multipart(upload: _Upload, boundary: bytes, body: AsyncIterator[bytes]) -> None:
+    state = _MultipartState()
     parser = MultipartParser(
         boundary,
         {
@@ -410,33 +562,56 @@ async def _receive_multipart(upload: _Upload, boundary: bytes, receive: Receive)
             "on_part_data": state.on_part_data,
             "on_end": state.on_end,
         },
-        max_header_size=16 << 10,
+        max_header_size=MULTIPART_MAX_HEADER,
     )
-    try:
-        async for chunk in body_chunks(receive):
+    sink: _Sink | None = None
+    async for chunk in body:
+        try:
             parser.write(chunk)
-    except MultipartParseError as exc:
-        raise RpcError(Code.INVALID_ARGUMENT, f"malformed multipart body: {exc}") from None
+        except MultipartParseError as exc:
+            raise RpcError(Code.INVALID_ARGUMENT, f"malformed multipart body: {exc}") from None
+        # The parser's callbacks only record what it found; the files are opened and written here,
+        # where the writes can wait for the worker thread.
+        for op in state.take():
+            if isinstance(op, _PartStart):
+                sink = await upload.open(op.filename) if op.is_file else None
+            elif sink is not None:
+                await sink.write(op)
     if not state.ended:
         raise RpcError(Code.INVALID_ARGUMENT, "multipart body ended before its closing boundary")
-    if not upload.writers:
+    if not upload.sinks:
         raise RpcError(Code.INVALID_ARGUMENT, "the multipart body has no part named 'file'")
 
 
-class _MultipartState:
-    """Callbacks of python-multipart's streaming parser: headers per part, data to the part's writer."""
+MULTIPART_MAX_HEADER = 16 << 10
+"""Largest header line of a multipart part (16 KiB): a filename and a content type need far less."""
 
-    def __init__(self, upload: _Upload) -> None:
-        self.upload = upload
+
+@dataclass(slots=True)
+class _PartStart:
+    """A part's headers ended: whether it is a ``file`` part, and its filename."""
+
+    is_file: bool
+    filename: str
+
+
+class _MultipartState:
+    """Callbacks of python-multipart's streaming parser: parts' headers, then their data, recorded in
+    order for the upload to act on after each ``write``."""
+
+    def __init__(self) -> None:
         self.field = bytearray()
         self.value = bytearray()
         self.disposition = b""
-        self.writer: _core.AtomicWriter | None = None
+        self.ops: list[_PartStart | bytes] = []
         self.ended = False
+
+    def take(self) -> list[_PartStart | bytes]:
+        ops, self.ops = self.ops, []
+        return ops
 
     def on_part_begin(self) -> None:
         self.disposition = b""
-        self.writer = None
 
     def on_header_field(self, data: bytes, start: int, end: int) -> None:
         self.field += data[start:end]
@@ -453,16 +628,17 @@ class _MultipartState:
     def on_headers_finished(self) -> None:
         _, options = parse_options_header(self.disposition.decode("latin-1"))
         if options.get(b"name") != b"file":
-            return  # envd ignores other form fields
+            self.ops.append(_PartStart(False, ""))  # envd ignores other form fields
+            return
         try:
             filename = options.get(b"filename", b"").decode("utf-8")
         except UnicodeDecodeError:
             raise RpcError(Code.INVALID_ARGUMENT, "the part's filename is not valid UTF-8") from None
-        self.writer = self.upload.open(filename)
+        self.ops.append(_PartStart(True, filename))
 
     def on_part_data(self, data: bytes, start: int, end: int) -> None:
-        if self.writer is not None:
-            self.writer.write(data[start:end])
+        if end > start:
+            self.ops.append(data[start:end])
 
     def on_end(self) -> None:
         self.ended = True

@@ -14,8 +14,10 @@ from sandboxd import ENVD_VERSION
 
 from . import cacerts
 from .asgi import ClientDisconnected, Receive, Send, read_body, send_empty, send_http_error, send_json
+from .errors import RpcError
 from .state import AgentState
 from .users import lookup
+from .validate import check_env_vars, check_no_nul
 
 MAX_INIT_BODY = 1 << 20
 """``/init`` carries env vars and a token: 1 MiB is far more than any real one."""
@@ -82,12 +84,21 @@ async def init(state: AgentState, headers: dict[str, str], receive: Receive, sen
             not isinstance(env_vars, dict) or not all(isinstance(v, str) for v in env_vars.values())
         ):
             raise ValueError("'envVars' must be an object of strings")
+        if env_vars is not None:
+            check_env_vars(env_vars, "envVars")
         token = _str_field(body, "accessToken")
         user = _str_field(body, "defaultUser")
         workdir = _str_field(body, "defaultWorkdir")
         ca_bundle = _str_field(body, "caBundle")
-    except ValueError as exc:
+        check_no_nul([v for v in (token, user, workdir) if v is not None], "accessToken, defaultUser or defaultWorkdir")
+    except RecursionError:
+        await send_http_error(send, 400, "invalid /init body: JSON nested too deeply")
+        return
+    except ValueError as exc:  # json.JSONDecodeError and UnicodeDecodeError are ValueErrors
         await send_http_error(send, 400, f"invalid /init body: {exc}")
+        return
+    except RpcError as exc:
+        await send_http_error(send, 400, f"invalid /init body: {exc.message}")
         return
     if ca_bundle:
         try:

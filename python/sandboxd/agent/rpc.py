@@ -36,6 +36,13 @@ class Context:
     deadline: float | None = None
     """``time.monotonic()`` value after which the call has failed, or None."""
     extras: dict[str, Any] = field(default_factory=dict)
+    header_list: list[tuple[str, str]] = field(default_factory=list)
+    """Every request header in order, names lower-case, repeated names kept (``headers`` keeps the last)."""
+    response_headers: list[tuple[str, str]] = field(default_factory=list)
+    """Headers the handler adds to the response (sent before the first message, or with an error)."""
+    response_trailers: list[tuple[str, str]] = field(default_factory=list)
+    """Trailers the handler adds: ``trailer-``-prefixed headers of a unary reply, or the end-stream
+    frame's ``metadata`` of a stream."""
 
     def time_remaining(self) -> float | None:
         """Seconds until the deadline, or None without one."""

@@ -7,6 +7,7 @@ import threading
 from dataclasses import dataclass, field
 
 from .users import User, lookup
+from .watch_hub import WatchHub
 
 
 @dataclass
@@ -21,6 +22,8 @@ class AgentState:
     default_workdir: str | None = None
     access_token: str | None = None
     env_vars: dict[str, str] = field(default_factory=dict)
+    watch_hub: WatchHub = field(default_factory=WatchHub, repr=False)
+    """The directory watchers, as uploads need to reach them (see :mod:`.watch_hub`)."""
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def user(self, name: str | None = None) -> User:

@@ -24,6 +24,7 @@ from ..errors import Code, RpcError
 from ..paths import expand_and_resolve
 from ..rpc import Context, Kind, Method
 from ..state import AgentState
+from ..validate import check_env_vars, check_no_nul
 
 SERVICE = "process.Process"
 
@@ -214,6 +215,9 @@ class ProcessService:
         config = request.process
         if not config.cmd:
             raise RpcError(Code.INVALID_ARGUMENT, "process.cmd is empty: name the program to run")
+        check_no_nul([config.cmd], "process.cmd")
+        check_no_nul(config.args, "process.args")
+        check_env_vars(config.envs, "process.envs")
         explicit_cwd = config.HasField("cwd") and config.cwd != ""
         cwd = expand_and_resolve(config.cwd if explicit_cwd else "", ctx.user, self.state.default_workdir)
         if not os.path.isdir(cwd):

@@ -7,8 +7,12 @@ buffer fills, the watcher rescans and goes on, and the client is told explicitly
 events it holds, then fails the next ``GetWatcherEvents`` once with it, then continues).
 
 Uploads replace files atomically (a hidden temporary file renamed over the target); those
-temporaries are hidden from watchers, and the rename onto the target is reported as CREATE followed
-by WRITE, which is what envd reports for a file it writes in place.
+temporaries are hidden from watchers, and the rename onto the target is reported as the events envd
+reports for a file it writes in place: CREATE, CHMOD, WRITE for a new file, CHMOD, WRITE for an
+overwrite (see :mod:`..watch_hub`, which also makes sure the rename is never missed).
+
+Creating a watcher walks the whole tree to add its watches, which grows with the directory: it runs
+in a worker thread, never on the event loop.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from ..errors import Code, RpcError, from_os_error
 from ..paths import expand_and_resolve
 from ..rpc import Context, Kind, Method
 from ..state import AgentState
+from ..watch_hub import Commit, WatchHub
 from .filesystem import SERVICE, entry_to_proto
 
 MAX_WATCHERS = 256
@@ -67,7 +72,12 @@ def _mount_fstype(path: str) -> str:
     return fstype
 
 
-def _open_watcher(path: str, recursive: bool, allow_network_mounts: bool) -> _core.Watcher:
+async def _open_watcher(path: str, recursive: bool, allow_network_mounts: bool) -> _core.Watcher:
+    """A watcher on ``path``, made in a worker thread (it walks the tree)."""
+    return await asyncio.to_thread(_open_watcher_blocking, path, recursive, allow_network_mounts)
+
+
+def _open_watcher_blocking(path: str, recursive: bool, allow_network_mounts: bool) -> _core.Watcher:
     if not os.path.exists(path):
         raise RpcError(Code.NOT_FOUND, f"path '{path}' not found")
     if not os.path.isdir(path):
@@ -101,6 +111,11 @@ def _open_watcher(path: str, recursive: bool, allow_network_mounts: bool) -> _co
         raise from_os_error(exc, "cannot watch directory") from None
 
 
+def _close_off_loop(watcher: _core.Watcher) -> None:
+    """Closes ``watcher`` in a worker thread: removing one watch per directory grows with the tree."""
+    asyncio.get_running_loop().run_in_executor(None, watcher.close)
+
+
 def _sysctl(name: str) -> str:
     try:
         with open(f"/proc/sys/fs/inotify/{name}") as f:
@@ -119,19 +134,36 @@ def overflow_error(cause: str) -> RpcError:
 KERNEL_OVERFLOW = "the kernel's inotify queue overflowed (fs.inotify.max_queued_events={})"
 
 
-class EventTranslator:
-    """Rust batch items → ``FilesystemEvent``s: hides upload temporaries, attaches entries."""
+_NEW_FILE = (pb.EVENT_TYPE_CREATE, pb.EVENT_TYPE_CHMOD, pb.EVENT_TYPE_WRITE)
+_NEW_EMPTY_FILE = (pb.EVENT_TYPE_CREATE, pb.EVENT_TYPE_CHMOD)
+_OVERWRITE = (pb.EVENT_TYPE_CHMOD, pb.EVENT_TYPE_WRITE)
 
-    def __init__(self, root: str, include_entry: bool) -> None:
+
+def upload_events(commit: Commit | None) -> tuple[int, ...]:
+    """envd's events for an upload's target (see :mod:`..watch_hub`); without a note (a rename of a
+    temporary file the hub does not know), those of a new file."""
+    if commit is None:
+        return _NEW_FILE
+    if commit.existed:
+        return _OVERWRITE
+    return _NEW_FILE if commit.wrote else _NEW_EMPTY_FILE
+
+
+class EventTranslator:
+    """Rust batch items → ``FilesystemEvent``s: hides upload temporaries and reports their commit as
+    envd's events for the target, attaches entries."""
+
+    def __init__(self, root: str, include_entry: bool, hub: WatchHub) -> None:
         self.root = root
         self.include_entry = include_entry
+        self.hub = hub
 
     def translate(self, items: list[tuple[int, str]]) -> tuple[list[pb.FilesystemEvent], str | None, bool]:
         """Events, an overflow cause (or None), and whether the root went away."""
         events: list[pb.FilesystemEvent] = []
         overflow: str | None = None
         closed = False
-        renamed_temp = False
+        renamed_temp: str | None = None
         for kind, name in items:
             if kind == _core.WATCH_OVERFLOW:
                 overflow = KERNEL_OVERFLOW.format(_sysctl("max_queued_events"))
@@ -140,12 +172,15 @@ class EventTranslator:
                 closed = True
                 continue
             if _TEMP_NAME.search(name):
-                renamed_temp = kind == pb.EVENT_TYPE_RENAME
+                renamed_temp = os.path.basename(name) if kind == pb.EVENT_TYPE_RENAME else None
                 continue
-            events.append(self._event(kind, name))
-            if renamed_temp and kind == pb.EVENT_TYPE_CREATE:
-                events.append(self._event(pb.EVENT_TYPE_WRITE, name))
-            renamed_temp = False
+            if renamed_temp is not None and kind == pb.EVENT_TYPE_CREATE:
+                # The rename of an upload's temporary file onto its target (RENAME(temp), CREATE(target)).
+                for upload_kind in upload_events(self.hub.commit_for(renamed_temp)):
+                    events.append(self._event(upload_kind, name))
+            else:
+                events.append(self._event(kind, name))
+            renamed_temp = None
         return events, overflow, closed
 
     def _event(self, kind: int, name: str) -> pb.FilesystemEvent:
@@ -157,7 +192,7 @@ class EventTranslator:
         return event
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)
 class BufferedWatcher:
     """A watcher whose events are read from the kernel as soon as they arrive, into a bounded
     buffer: a slow consumer (a poller, or a stream client that reads slowly) then costs memory up to
@@ -243,14 +278,15 @@ class WatchService:
 
     async def watch_dir(self, request: pb.WatchDirRequest, ctx: Context) -> AsyncIterator[pb.WatchDirResponse]:
         path = self._resolve(request.path, ctx)
-        watcher = _open_watcher(path, request.recursive, request.allow_network_mounts)
+        watcher = await _open_watcher(path, request.recursive, request.allow_network_mounts)
         buffered = BufferedWatcher(
             watcher,
-            EventTranslator(path, request.include_entry),
+            EventTranslator(path, request.include_entry, self.state.watch_hub),
             f"more than {BUFFER_EVENTS} events were waiting for this client to read them",
         )
         loop = asyncio.get_running_loop()
         loop.add_reader(watcher.fileno(), buffered.on_readable)
+        self.state.watch_hub.add(buffered)
         try:
             yield pb.WatchDirResponse(start=pb.WatchDirResponse.StartEvent())
             while True:
@@ -263,8 +299,9 @@ class WatchService:
                 if buffered.closed:
                     return
         finally:
+            self.state.watch_hub.discard(buffered)
             loop.remove_reader(watcher.fileno())
-            watcher.close()
+            _close_off_loop(watcher)
 
     async def create_watcher(self, request: pb.CreateWatcherRequest, ctx: Context) -> pb.CreateWatcherResponse:
         if len(self.watchers) >= MAX_WATCHERS:
@@ -272,15 +309,21 @@ class WatchService:
                 Code.RESOURCE_EXHAUSTED, f"this agent already has {MAX_WATCHERS} watchers: remove unused ones first"
             )
         path = self._resolve(request.path, ctx)
-        watcher = _open_watcher(path, request.recursive, request.allow_network_mounts)
+        watcher = await _open_watcher(path, request.recursive, request.allow_network_mounts)
+        if len(self.watchers) >= MAX_WATCHERS:  # others were made while this one walked its tree
+            await asyncio.to_thread(watcher.close)
+            raise RpcError(
+                Code.RESOURCE_EXHAUSTED, f"this agent already has {MAX_WATCHERS} watchers: remove unused ones first"
+            )
         poll = BufferedWatcher(
             watcher,
-            EventTranslator(path, request.include_entry),
+            EventTranslator(path, request.include_entry, self.state.watch_hub),
             f"more than {BUFFER_EVENTS} events arrived between two GetWatcherEvents calls",
         )
         watcher_id = "w" + "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(20))
         self.watchers[watcher_id] = poll
         asyncio.get_running_loop().add_reader(watcher.fileno(), poll.on_readable)
+        self.state.watch_hub.add(poll)
         if self._expiry is None or self._expiry.done():
             self._expiry = asyncio.get_running_loop().create_task(self._expire_idle())
         return pb.CreateWatcherResponse(watcher_id=watcher_id)
@@ -313,8 +356,9 @@ class WatchService:
 
     def _close(self, watcher_id: str) -> None:
         poll = self.watchers.pop(watcher_id)
+        self.state.watch_hub.discard(poll)
         asyncio.get_running_loop().remove_reader(poll.watcher.fileno())
-        poll.watcher.close()
+        _close_off_loop(poll.watcher)
 
     async def _expire_idle(self) -> None:
         while self.watchers:
