@@ -101,4 +101,28 @@ describe('files: watch directory (docs/filesystem/watch)', { skip: skipReason },
       { what: 'RENAME and REMOVE events' },
     )
   })
+
+  test('the seed recursive example, 20 times in a row: the new file is always CREATE, CHMOD, WRITE', async (t) => {
+    // issue 12 item 1: the upload creates my-folder and commits my-file in one request; the watcher
+    // must report the file as envd does for a new file, not only find it in the new folder's scan.
+    const sandbox = killAfter(t, await Sandbox.create())
+    const dirname = '/home/user'
+    for (let run = 0; run < 20; run++) {
+      const events = []
+      const handle = await sandbox.files.watchDir(dirname, async (event) => events.push(event), { recursive: true })
+      await sandbox.files.write(`${dirname}/my-folder/my-file`, 'hello')
+      await waitFor(
+        () => events.some((e) => e.name === 'my-folder/my-file' && e.type === FilesystemEventType.WRITE),
+        { timeoutMs: 5_000, what: `run ${run}: a WRITE event for my-folder/my-file` },
+      )
+      await handle.stop()
+      assert.deepEqual(
+        events.filter((e) => e.name === 'my-folder/my-file').map((e) => e.type),
+        [FilesystemEventType.CREATE, FilesystemEventType.CHMOD, FilesystemEventType.WRITE],
+        `run ${run}`,
+      )
+      assert.ok(events.some((e) => e.name === 'my-folder' && e.type === FilesystemEventType.CREATE), `run ${run}`)
+      await sandbox.files.remove(`${dirname}/my-folder`)
+    }
+  })
 })
