@@ -80,8 +80,13 @@ test-js: base-template ## the official E2B JS SDK (@e2b/code-interpreter, pinned
 promtool: $(PY) ## promtool (Prometheus's /metrics linter) from Debian's archive into .venv/bin, for the metrics tests
 	bash tests/tools/install_promtool.sh $(VENV)/bin
 
+.PHONY: conformance
+conformance: ## the Connect conformance suite (connectrpc.com/conformance, via the Go module proxy) against the agent's Connect adapter
+	@command -v go >/dev/null || { echo "conformance: needs Go (the suite is a Go module; 'go install' fetches it)"; exit 1; }
+	$(PY) tests/conformance/run.py
+
 .PHONY: test
-test: install lint test-rust test-py test-js ## everything CI runs: install, lint, cargo test, pytest, JS SDK tests
+test: install lint test-rust test-py test-js conformance fuzz ## everything CI runs: install, lint, cargo test, pytest, JS SDK tests, conformance, fuzz
 
 .PHONY: bench-deps
 bench-deps: ## install the benches' baselines and clients (nginx, curl) with apt-get; `make install` does the rest

@@ -7,6 +7,7 @@ import ipaddress
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 from sandboxd import ENVD_VERSION, __version__
 from sandboxd.runtime.debian import DEFAULT_MIRROR
@@ -38,6 +39,48 @@ def _v4_network(value: str) -> ipaddress.IPv4Network:
         raise argparse.ArgumentTypeError(f"{value} is not an IPv4 CIDR block (host bits must be zero)") from None
 
 
+def _positive(kind: type[int] | type[float]) -> Any:
+    def parse(value: str) -> int | float:
+        number = kind(value)
+        if number <= 0:
+            raise argparse.ArgumentTypeError(f"{value} must be positive")
+        return number
+
+    return parse
+
+
+def _connection_flags(parser: argparse.ArgumentParser) -> None:
+    """The HTTP server's connection bounds (sandboxd.agent.http_server), the same for both servers."""
+    from sandboxd.agent.http_server import DEFAULT_HEAD_TIMEOUT_S, DEFAULT_IDLE_TIMEOUT_S, DEFAULT_MAX_CONNECTIONS
+
+    parser.add_argument(
+        "--max-connections",
+        type=_positive(int),
+        default=DEFAULT_MAX_CONNECTIONS,
+        help=f"open connections at most; idle ones close first to admit others (default: {DEFAULT_MAX_CONNECTIONS})",
+    )
+    parser.add_argument(
+        "--header-timeout",
+        type=_positive(float),
+        default=DEFAULT_HEAD_TIMEOUT_S,
+        help=f"seconds a client has to send a complete request head (default: {DEFAULT_HEAD_TIMEOUT_S:g})",
+    )
+    parser.add_argument(
+        "--idle-timeout",
+        type=_positive(float),
+        default=DEFAULT_IDLE_TIMEOUT_S,
+        help=f"seconds an idle keep-alive connection is kept (default: {DEFAULT_IDLE_TIMEOUT_S:g})",
+    )
+
+
+def _connection_limits(args: argparse.Namespace) -> Any:
+    from sandboxd.agent.http_server import ConnectionLimits
+
+    return ConnectionLimits(
+        max_connections=args.max_connections, head_timeout=args.header_timeout, idle_timeout=args.idle_timeout
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sandboxd", description=__doc__)
     parser.add_argument("--version", action="version", version=f"sandboxd {__version__} (envd {ENVD_VERSION})")
@@ -52,6 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--access-token", help="require this X-Access-Token on every request (also: $SANDBOXD_ACCESS_TOKEN)"
     )
     agent.add_argument("--grpc-port", type=_port, help="also serve gRPC (grpcio, HTTP/2) on this port")
+    _connection_flags(agent)
 
     serve = commands.add_parser("serve", help="run the runtime: E2B's control-plane API and isolated sandboxes")
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
@@ -75,6 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="text",
         help="log lines for a terminal (text) or one JSON object per line for a log pipeline (default: text)",
     )
+    _connection_flags(serve)
 
     status = commands.add_parser("status", help="a one-screen summary of a running runtime")
     status.add_argument("--url", help="the runtime's URL (default: the one recorded in the data dir)")
@@ -196,6 +241,7 @@ def main(argv: list[str] | None = None) -> None:
                 workdir=args.workdir,
                 access_token=args.access_token,
                 grpc_port=args.grpc_port,
+                connections=_connection_limits(args),
             )
         )
     elif args.command == "serve":
@@ -231,6 +277,7 @@ def main(argv: list[str] | None = None) -> None:
                 ),
                 template_store=args.template_store,
                 debian_mirror=args.debian_mirror,
+                connections=_connection_limits(args),
             )
         )
     elif args.command == "status":

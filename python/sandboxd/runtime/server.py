@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from sandboxd import __version__
-from sandboxd.agent.asgi import Receive, Scope, Send, header_map, send_json, serve_until_signalled, server_config
+from sandboxd.agent.asgi import Receive, Scope, Send, header_map, send_json
+from sandboxd.agent.http_server import ConnectionLimits, serve_until_signalled, server_config
 
 from .api import ControlPlane
 from .debian import DEFAULT_MIRROR
@@ -53,6 +54,7 @@ class ServeOptions:
     template_store: Path | None = None
     """Where template layers live (default ``<data dir>/templates``); several runtimes may share one."""
     debian_mirror: str = DEFAULT_MIRROR
+    connections: ConnectionLimits = field(default_factory=ConnectionLimits)
 
 
 class RuntimeApp:
@@ -205,7 +207,7 @@ async def _serve(
         RequestObserver(observer.metrics),
         options.domain,
     )
-    config = server_config(app, options.host, options.port)
+    config = server_config(app, options.host, options.port, options.connections)
     observe_logs.adopt_uvicorn()
     try:
         await serve_until_signalled(config)

@@ -71,7 +71,7 @@ def preload() -> None:
             except Exception:  # platform-specific modules that cannot load here
                 continue
     from sandboxd.agent.app import AgentApp
-    from sandboxd.agent.asgi import server_config
+    from sandboxd.agent.http_server import server_config
     from sandboxd.agent.methods import build_methods
     from sandboxd.agent.state import AgentState
 

@@ -1,0 +1,274 @@
+"""The HTTP server both the agent and the runtime run: uvicorn (uvloop + httptools), with its
+connections bounded so that clients without a key cannot exhaust it.
+
+uvicorn alone bounds none of this: a connection that never finishes its request head is kept for
+ever (its keep-alive timer only starts after a response), headers may grow without limit while they
+arrive, and ``limit_concurrency`` answers 503 only once a head is complete, after every connection
+was already accepted and holds a file descriptor. Its extension point for this is the HTTP protocol
+class (``uvicorn.Config(http=<class>)``), and :class:`GuardedHttpToolsProtocol` adds, per connection:
+
+* **a deadline for a complete request head** (``head_timeout``, from accept for the first request
+  and from the first byte for the next ones on a keep-alive connection), and a cap on its size
+  (``max_head_bytes``); past either the client gets 408 or 431 and the connection is closed;
+* **an idle keep-alive timeout** (``idle_timeout``, uvicorn's own timer);
+* **a cap on open connections** (``max_connections``) that keeps room for clients with work: when the
+  cap is reached, the connection idle or still sending its head for the longest is closed to admit the
+  new one, and a connection with a request in progress (a ``/health`` probe, an authenticated call)
+  is never evicted. Only when every connection is busy is a new one refused at once.
+
+At start, :func:`raise_open_file_limit` raises ``RLIMIT_NOFILE`` to what the host allows, and the cap
+is lowered if descriptors would still run out first.
+
+Why not another server (compared for issue 11): **granian** (Rust, hyper) has a header-read timeout
+but no connection cap or eviction, and runs its own worker processes and event loop rather than inside
+ours (its embedding API is experimental), while the agent shares its loop with grpcio, inotify readers
+and process pipes; the design measurements put its downloads below uvicorn's (3.6-4.2 vs 4.6-4.9 GB/s).
+**hypercorn** has keep-alive and read timeouts but parses HTTP in pure Python (h11), several times
+slower per request. **A front in Rust** (hyper in the binding crate, calling the ASGI app) would own
+all of this but is a second HTTP stack to maintain for what ~150 lines on uvicorn's extension point do.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import resource
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+log = logging.getLogger("sandboxd.http")
+
+DEFAULT_MAX_CONNECTIONS = 4096
+"""Open connections per server. The SDKs pool at most 200 connections per client
+(``E2B_MAX_CONNECTIONS``) and hold one per running background command; 4096 leaves room for many
+clients, while 4096 idle uvicorn connections cost ~100 MiB, affordable even inside a 1 GiB sandbox."""
+
+DEFAULT_HEAD_TIMEOUT_S = 15.0
+"""Seconds a client has to send a complete request head. An SDK sends its head in one write; 15 s
+covers a slow mobile link. (Go's servers are often given 10 s; nginx's default is 60 s.)"""
+
+DEFAULT_IDLE_TIMEOUT_S = 640.0
+"""Keep-alive idle timeout: envd's (``IdleTimeout: 640s``), longer than the SDK pool's 300 s, so the
+server is not the side that closes a pooled connection the client is about to reuse. Idle connections
+are also the first evicted when the connection cap is reached."""
+
+MAX_HEAD_BYTES = 64 << 10
+"""Largest request head (request line and headers): nginx allows 32 KiB per line; no SDK call comes
+near it. Past it: 431 and the connection is closed."""
+
+FD_RESERVE = 256
+"""File descriptors kept for everything but client connections (files, pipes, inotify, sandboxes)."""
+
+
+@dataclass(frozen=True)
+class ConnectionLimits:
+    """The per-server connection bounds (see the module documentation)."""
+
+    max_connections: int = DEFAULT_MAX_CONNECTIONS
+    head_timeout: float = DEFAULT_HEAD_TIMEOUT_S
+    idle_timeout: float = DEFAULT_IDLE_TIMEOUT_S
+    max_head_bytes: int = MAX_HEAD_BYTES
+
+
+class ConnectionGuard:
+    """The open connections of one server: counts them, and knows which may be evicted (idle, or
+    still sending a head), oldest first."""
+
+    def __init__(self, limits: ConnectionLimits) -> None:
+        self.limits = limits
+        self.open = 0
+        self.evictable: OrderedDict[GuardedHttpToolsProtocol, None] = OrderedDict()
+
+    def admit(self, conn: GuardedHttpToolsProtocol) -> bool:
+        """Counts a new connection, evicting the longest-waiting one at the cap; False to refuse it."""
+        if self.open >= self.limits.max_connections:
+            if not self.evictable:
+                return False
+            victim, _ = self.evictable.popitem(last=False)
+            victim.evict()
+        self.open += 1
+        self.evictable[conn] = None
+        return True
+
+    def waiting(self, conn: GuardedHttpToolsProtocol) -> None:
+        """``conn`` has no request in progress (idle, or its head is still arriving)."""
+        self.evictable[conn] = None
+        self.evictable.move_to_end(conn)
+
+    def busy(self, conn: GuardedHttpToolsProtocol) -> None:
+        """``conn`` has a request in progress: never evicted."""
+        self.evictable.pop(conn, None)
+
+    def closed(self, conn: GuardedHttpToolsProtocol) -> None:
+        self.evictable.pop(conn, None)
+        self.open -= 1
+
+
+_REFUSED = b"HTTP/1.1 %d %s\r\ncontent-type: text/plain\r\ncontent-length: %d\r\nconnection: close\r\n\r\n%s"
+
+
+class GuardedHttpToolsProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol with a head deadline, a head size cap and a connection cap."""
+
+    guard: ConnectionGuard
+    """Set on the subclass that :func:`server_config` makes for each server."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._admitted = False
+        self._head_timer: asyncio.TimerHandle | None = None
+        self._in_head = True
+        self._head_bytes = 0
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        if not self.guard.admit(self):
+            self._refuse(503, "Service Unavailable", "too many connections in progress: retry shortly")
+            return
+        self._admitted = True
+        self._arm_head_timer()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel_head_timer()
+        if self._admitted:
+            self._admitted = False
+            self.guard.closed(self)
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if self._in_head:
+            self._head_bytes += len(data)
+        super().data_received(data)
+        if self._in_head and self._head_bytes > self.guard.limits.max_head_bytes and not self.transport.is_closing():
+            limit = self.guard.limits.max_head_bytes
+            self._refuse(431, "Request Header Fields Too Large", f"the request head exceeds {limit} bytes")
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        if not self._in_head:  # the next request on a kept-alive connection: its head starts now
+            self._in_head = True
+            self._head_bytes = 0
+            self.guard.waiting(self)
+            self._arm_head_timer()
+
+    def on_headers_complete(self) -> None:
+        self._in_head = False
+        self._cancel_head_timer()
+        self.guard.busy(self)
+        super().on_headers_complete()
+
+    def on_response_complete(self) -> None:
+        pipelined = bool(self.pipeline)  # a request already read starts now: still busy
+        super().on_response_complete()
+        if self._admitted and not self._in_head and not pipelined:
+            self.guard.waiting(self)
+
+    def evict(self) -> None:
+        """Closes this waiting connection to make room for a new one (the guard forgot it already)."""
+        self._cancel_head_timer()
+        if self._admitted:
+            self._admitted = False
+            self.guard.open -= 1
+        if not self.transport.is_closing():
+            self.transport.close()
+
+    def _arm_head_timer(self) -> None:
+        self._cancel_head_timer()
+        self._head_timer = self.loop.call_later(self.guard.limits.head_timeout, self._head_timed_out)
+
+    def _cancel_head_timer(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _head_timed_out(self) -> None:
+        self._head_timer = None
+        if self._in_head and not self.transport.is_closing():
+            if self._head_bytes:
+                timeout = self.guard.limits.head_timeout
+                self._refuse(408, "Request Timeout", f"the request head did not arrive within {timeout:g} s")
+            else:
+                self.transport.close()  # a connection that never said anything gets no answer
+
+    def _refuse(self, status: int, reason: str, message: str) -> None:
+        body = message.encode()
+        self.transport.write(_REFUSED % (status, reason.encode(), len(body), body))
+        self.transport.close()
+
+
+def raise_open_file_limit() -> int:
+    """Raises the soft ``RLIMIT_NOFILE`` to the hard limit (what the host allows without
+    ``CAP_SYS_RESOURCE``) and returns the soft limit now in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError) as exc:
+            log.warning("could not raise RLIMIT_NOFILE from %d to %d: %s", soft, target, exc)
+    return soft
+
+
+def effective_limits(limits: ConnectionLimits, nofile: int) -> ConnectionLimits:
+    """``limits`` with the connection cap lowered to what ``nofile`` descriptors allow."""
+    room = max(16, nofile - FD_RESERVE)
+    if limits.max_connections <= room:
+        return limits
+    log.warning(
+        "RLIMIT_NOFILE is %d: serving at most %d connections instead of %d", nofile, room, limits.max_connections
+    )
+    return ConnectionLimits(room, limits.head_timeout, limits.idle_timeout, limits.max_head_bytes)
+
+
+def server_config(app: Any, host: str, port: int, limits: ConnectionLimits | None = None) -> Any:
+    """The uvicorn settings both servers use: uvloop (run by the caller) with httptools through
+    :class:`GuardedHttpToolsProtocol`, no lifespan, no access log. Raises ``RLIMIT_NOFILE`` first."""
+    import uvicorn
+
+    limits = effective_limits(limits or ConnectionLimits(), raise_open_file_limit())
+    protocol = type("ServerProtocol", (GuardedHttpToolsProtocol,), {"guard": ConnectionGuard(limits)})
+    return uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        loop="none",
+        http=protocol,
+        lifespan="off",
+        log_level="warning",
+        access_log=False,
+        timeout_keep_alive=int(limits.idle_timeout) or 1,
+        server_header=False,
+        date_header=False,
+        backlog=min(limits.max_connections, 4096),
+    )
+
+
+async def serve_until_signalled(config: Any) -> None:
+    """Run a uvicorn server until SIGINT or SIGTERM, without uvicorn's 10 Hz main-loop tick.
+
+    ``uvicorn.Server.main_loop`` wakes every 100 ms to refresh its ``Date`` header and poll for exit:
+    measured at 1-2 ms of CPU per second per idle agent, which a hundred idle sandboxes turn into a
+    fifth of a core. With the Date header off nothing needs the tick, so the main loop here sleeps
+    until uvicorn's own signal handler asks it to stop."""
+    import uvicorn
+
+    class QuietServer(uvicorn.Server):
+        stop: asyncio.Event
+
+        async def main_loop(self) -> None:
+            self.server_state.default_headers = list(self.config.encoded_headers)
+            self.stop = asyncio.Event()
+            if not self.should_exit:
+                await self.stop.wait()
+
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            super().handle_exit(sig, frame)
+            stop = getattr(self, "stop", None)
+            if stop is not None:
+                asyncio.get_running_loop().call_soon_threadsafe(stop.set)
+
+    await QuietServer(config).serve()
