@@ -85,6 +85,12 @@ conformance: ## the Connect conformance suite (connectrpc.com/conformance, via t
 	@command -v go >/dev/null || { echo "conformance: needs Go (the suite is a Go module; 'go install' fetches it)"; exit 1; }
 	$(PY) tests/conformance/run.py
 
+FUZZ_EXAMPLES ?= 400
+
+.PHONY: fuzz
+fuzz: ## a short, bounded fuzz run (hypothesis) of the agent's HTTP parsing in process; FUZZ_EXAMPLES=200000 for a long one
+	FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(VENV)/bin/pytest -q -p no:cacheprovider tests/fuzz/fuzz_agent.py
+
 .PHONY: test
 test: install lint test-rust test-py test-js conformance fuzz ## everything CI runs: install, lint, cargo test, pytest, JS SDK tests, conformance, fuzz
 
