@@ -259,6 +259,7 @@ def test_proc_file_through_the_sdk(sandbox: object) -> None:
 
 def test_error_bodies_are_json_without_tracebacks(agent: Agent) -> None:
     for r in (
+        httpx.get(f"{agent.url}/files", params={"username": "\u0000"}),  # found by the fuzz run
         unary(agent, "filesystem.Filesystem/Stat", {"path": "\u0000"}),
         httpx.post(
             f"{agent.url}/filesystem.Filesystem/Stat", content=b"\xff\xfe", headers={"content-type": "application/json"}

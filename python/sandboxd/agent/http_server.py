@@ -147,11 +147,13 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             self._refuse(431, "Request Header Fields Too Large", f"the request head exceeds {limit} bytes")
 
     def on_message_begin(self) -> None:
+        in_progress = self.cycle is not None and not self.cycle.response_complete  # before super() resets it
         super().on_message_begin()
         if not self._in_head:  # the next request on a kept-alive connection: its head starts now
             self._in_head = True
             self._head_bytes = 0
-            self.guard.waiting(self)
+            if not in_progress:  # a pipelined head behind a running request keeps the connection busy
+                self.guard.waiting(self)
             self._arm_head_timer()
 
     def on_headers_complete(self) -> None:

@@ -45,6 +45,8 @@ def lookup(name: str) -> User:
 
 
 def _lookup(name: str) -> User:
+    if "\x00" in name:  # no account has one, and getpwnam raises ValueError for it
+        raise KeyError(name)
     try:
         entry = pwd.getpwnam(name)
     except KeyError:
