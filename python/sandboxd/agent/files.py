@@ -1,11 +1,17 @@
 """``GET /files`` (streaming download) and ``POST /files`` (atomic upload), envd-compatible (spec §3.4-3.5).
 
 Downloads stream from the Rust ``FileReader`` in fixed chunks, with Range (206/416) and conditional
-(304) support, and gzip when the client accepts it and the file is worth compressing.
+(304) support, and gzip when the client accepts it and the file is worth compressing. Files whose size
+says nothing (``/proc``, ``/sys``, devices) are read to EOF and sent chunked.
 
 Uploads never tear a file: every part streams into a temporary file beside its target (Rust
 ``AtomicWriter``), and all targets are renamed into place only after the whole body arrived. A client
-that disconnects midway leaves every old file intact and no temporary file behind.
+that disconnects midway leaves every old file intact and no temporary file behind. gzip bodies
+(raw or multipart) are inflated in bounded pieces. Before the renames, the directory watchers are
+brought up to date and told what each rename stands for (``watch_hub``).
+
+Nothing here reads or writes a file on the event loop: opening, reading, writing and renaming run in
+worker threads, one chunk or batch at a time, while the loop moves the previous one.
 """
 
 from __future__ import annotations
