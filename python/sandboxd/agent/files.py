@@ -17,6 +17,7 @@ worker threads, one chunk or batch at a time, while the loop moves the previous 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import email.utils
 import json
@@ -24,9 +25,9 @@ import mimetypes
 import os
 import stat
 import zlib
-from collections.abc import AsyncIterator, Iterable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import parse_qs
 
 from python_multipart.exceptions import MultipartParseError
@@ -64,6 +65,21 @@ GZIP_LEVEL = 1
 METADATA_PREFIX = "x-metadata-"
 METADATA_MAX_KEY = 246
 METADATA_MAX_TOTAL = 4096
+
+
+T = TypeVar("T")
+
+IO_THREADS_MAX = 32
+"""Worker threads for file transfers, apart from asyncio's default pool (``cpu_count + 4``, 6 on two
+cores) that stdin writes and directory walks use: a transfer's thread mostly waits on the disk (or on a
+FIFO that never ends), so 32 transfers move at once before they queue, and a slow one never holds up
+the other services. Idle threads cost no resident memory and exit after a while."""
+
+IO_THREADS = concurrent.futures.ThreadPoolExecutor(max_workers=IO_THREADS_MAX, thread_name_prefix="sandboxd-files")
+
+
+async def _in_io_thread(function: Callable[..., T], *args: Any) -> T:
+    return await asyncio.get_running_loop().run_in_executor(IO_THREADS, function, *args)
 
 
 def _query(scope: Scope) -> dict[str, str]:
@@ -253,7 +269,7 @@ async def download(state: AgentState, scope: Scope, receive: Receive, send: Send
     moves ready chunks."""
     try:
         req = _authorize(state, scope, "read")
-        reply = await asyncio.to_thread(_plan_download, req)
+        reply = await _in_io_thread(_plan_download, req)
     except RpcError as exc:
         await send_http_error(send, exc.http_status, exc.message)
         return
@@ -280,14 +296,14 @@ async def _stream_chunks(chunks: Iterator[bytes], receive: Receive, send: Send) 
     when the client disconnects. Returns only once no thread is using the iterator any more."""
     loop = asyncio.get_running_loop()
     gone = asyncio.ensure_future(_disconnected(receive))
-    job = loop.run_in_executor(None, next, chunks, None)
+    job = loop.run_in_executor(IO_THREADS, next, chunks, None)
     try:
         while not gone.done():
             # Shielded: a cancelled request must not abandon a thread that still reads the file.
             chunk = await asyncio.shield(job)
             if chunk is None:
                 return
-            job = loop.run_in_executor(None, next, chunks, None)
+            job = loop.run_in_executor(IO_THREADS, next, chunks, None)
             await send({"type": "http.response.body", "body": chunk, "more_body": True})
     finally:
         gone.cancel()
@@ -385,7 +401,7 @@ class _Sink:
             await asyncio.shield(job)  # one write in flight: this is the upload's backpressure
         if self.batch:
             batch, self.batch, self.batched = self.batch, [], 0
-            self.job = asyncio.get_running_loop().run_in_executor(None, _write_batch, self.writer, batch)
+            self.job = asyncio.get_running_loop().run_in_executor(IO_THREADS, _write_batch, self.writer, batch)
 
     async def drain(self) -> None:
         """Writes what is batched and waits until every write is done (errors surface here)."""
@@ -428,7 +444,7 @@ class _Upload:
                 raise RpcError(Code.INVALID_ARGUMENT, "a file part has no filename and the path query is missing")
             target = expand_and_resolve(raw_target, self.req.user, self.state.default_workdir)
         try:
-            writer = await asyncio.to_thread(_core.AtomicWriter, target, self.req.user.uid, self.req.user.gid)
+            writer = await _in_io_thread(_core.AtomicWriter, target, self.req.user.uid, self.req.user.gid)
         except IsADirectoryError:
             raise RpcError(Code.INVALID_ARGUMENT, f"path '{target}' is a directory") from None
         except OSError as exc:
@@ -446,9 +462,9 @@ class _Upload:
         hub.settle()
         writers = [sink.writer for sink in self.sinks]
         for writer in writers:
-            existed = await asyncio.to_thread(os.path.lexists, writer.path)
+            existed = await _in_io_thread(os.path.lexists, writer.path)
             hub.note_commit(os.path.basename(writer.temp_path), Commit(existed=existed, wrote=writer.written > 0))
-        await asyncio.to_thread(_commit_all, writers, metadata)
+        await _in_io_thread(_commit_all, writers, metadata)
         result: list[dict[str, object]] = []
         for writer in writers:
             entry: dict[str, object] = {"path": writer.path, "name": os.path.basename(writer.path), "type": "file"}
@@ -460,7 +476,7 @@ class _Upload:
     async def abort(self) -> None:
         for sink in self.sinks:
             await sink.settle()
-        await asyncio.to_thread(_abort_all, [sink.writer for sink in self.sinks])
+        await _in_io_thread(_abort_all, [sink.writer for sink in self.sinks])
 
 
 def _commit_all(writers: list[_core.AtomicWriter], metadata: dict[str, str]) -> None:
