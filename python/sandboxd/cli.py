@@ -1,4 +1,5 @@
-"""The ``sandboxd`` command: ``agent`` runs inside a sandbox; ``serve`` runs the runtime on the host."""
+"""The ``sandboxd`` command: ``agent`` and ``interpreter`` run inside a sandbox; ``serve`` runs the runtime on the
+host."""
 
 from __future__ import annotations
 
@@ -96,6 +97,37 @@ def build_parser() -> argparse.ArgumentParser:
     )
     agent.add_argument("--grpc-port", type=_port, help="also serve gRPC (grpcio, HTTP/2) on this port")
     _connection_flags(agent)
+
+    interpreter = commands.add_parser(
+        "interpreter", help="run the code interpreter (E2B's runCode API over Jupyter kernels, inside a sandbox)"
+    )
+    interpreter.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    interpreter.add_argument("--port", type=_port, default=49999, help="HTTP port (default: 49999, as E2B's)")
+    interpreter.add_argument(
+        "--cwd", default="/home/user", help="working directory of default contexts (default: /home/user)"
+    )
+    interpreter.add_argument(
+        "--kernel-dir",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="a directory of kernelspecs searched before Jupyter's data path (repeatable)",
+    )
+    interpreter.add_argument(
+        "--envd-url",
+        default="http://127.0.0.1:49983",
+        help="the agent, whose /envs holds the sandbox's env vars ('' for none; default: http://127.0.0.1:49983)",
+    )
+    interpreter.add_argument(
+        "--prestart",
+        default="python",
+        help="languages whose default context starts with the server, comma-separated (default: python)",
+    )
+    interpreter.add_argument(
+        "--pool",
+        default="python=1",
+        help="spare warm kernels per language for new contexts, e.g. python=1,javascript=0 (default: python=1)",
+    )
 
     serve = commands.add_parser("serve", help="run the runtime: E2B's control-plane API and isolated sandboxes")
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
@@ -242,6 +274,27 @@ def main(argv: list[str] | None = None) -> None:
                 access_token=args.access_token,
                 grpc_port=args.grpc_port,
                 connections=_connection_limits(args),
+            )
+        )
+    elif args.command == "interpreter":
+        from sandboxd.interpreter.languages import LanguageError, normalize
+        from sandboxd.interpreter.server import InterpreterOptions
+        from sandboxd.interpreter.server import run as run_interpreter
+
+        try:
+            prestart = tuple(normalize(name) for name in args.prestart.split(",") if name.strip())
+            pool = {normalize(k): int(v) for k, _, v in (p.partition("=") for p in args.pool.split(",") if p.strip())}
+        except (LanguageError, ValueError) as exc:
+            sys.exit(f"sandboxd interpreter: {exc}")
+        run_interpreter(
+            InterpreterOptions(
+                host=args.host,
+                port=args.port,
+                cwd=args.cwd,
+                kernel_dirs=args.kernel_dir,
+                envd_url=args.envd_url or None,
+                prestart=prestart,
+                pool=pool,
             )
         )
     elif args.command == "serve":
