@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -276,3 +277,69 @@ def e2b_env(runtime: Runtime, monkeypatch: pytest.MonkeyPatch) -> Runtime:
         monkeypatch.setenv(name, value)
     monkeypatch.delenv("E2B_DEBUG", raising=False)
     return runtime
+
+
+def write_kernelspecs(directory: Path) -> Path:
+    """Kernelspecs for this venv's kernels (ipykernel, bash_kernel, Deno), as a template installs its own."""
+    deno = Path(sys.executable).parent / "deno"
+    specs = {
+        "python3": ("python", [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"]),
+        "bash": ("bash", [sys.executable, "-m", "bash_kernel", "-f", "{connection_file}"]),
+        "deno": ("typescript", [str(deno), "jupyter", "--kernel", "--conn", "{connection_file}"]),
+    }
+    for name, (language, argv) in specs.items():
+        (directory / name).mkdir(parents=True, exist_ok=True)
+        spec = {"argv": argv, "display_name": name, "language": language}
+        (directory / name / "kernel.json").write_text(json.dumps(spec))
+    return directory
+
+
+@dataclass
+class Interpreter:
+    """A running ``sandboxd interpreter`` subprocess."""
+
+    process: subprocess.Popen[bytes]
+    port: int
+    cwd: Path
+    log: Path
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+
+@pytest.fixture(scope="session")
+def start_interpreter(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., Interpreter]]:
+    """A factory: ``start_interpreter(*flags, envd_url=None)`` → a running :class:`Interpreter` whose
+    kernels are this venv's; it answers ``/health`` once its Python kernel is warm."""
+    started: list[Interpreter] = []
+
+    def start(*flags: str, envd_url: str | None = None) -> Interpreter:
+        base = tmp_path_factory.mktemp("interpreter")
+        kernels = write_kernelspecs(base / "kernels")
+        cwd = base / "home"
+        cwd.mkdir()
+        port = free_port()
+        args = [sys.executable, "-m", "sandboxd", "interpreter", "--port", str(port), "--cwd", str(cwd)]
+        args += ["--kernel-dir", str(kernels), "--envd-url", envd_url or "", *flags]
+        log = base / "interpreter.log"
+        # A home of its own, as in a sandbox: kernels read startup files from it (bash_kernel sources
+        # ~/.bashrc; this host's runs pyenv's init, which takes seconds).
+        home = base / "root"
+        home.mkdir()
+        env = {**os.environ, "HOME": str(home)}
+        with log.open("wb") as out:
+            process = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=env)
+        interpreter = Interpreter(process, port, cwd, log)
+        started.append(interpreter)
+        wait_healthy(interpreter.url, process, log, status=200, timeout=120)
+        return interpreter
+
+    yield start
+    for interpreter in started:
+        interpreter.process.terminate()
+    for interpreter in started:
+        try:
+            interpreter.process.wait(15)
+        except subprocess.TimeoutExpired:
+            interpreter.process.kill()

@@ -5,7 +5,11 @@ file of ours): the display formatters E2B's ``code-interpreter-v1`` kernels have
 * ``e2b/chart``: a matplotlib Figure as chart data, extracted by E2B's own ``e2b-charts`` package
   when the template has it (``Result.chart``);
 * ``application/json`` for plain lists and dicts (``Result.json``), numpy-aware with ``orjson``;
-* tracebacks without ANSI colours, and sequences never truncated in ``text/plain``.
+* tracebacks without ANSI colours, and sequences never truncated in ``text/plain``;
+* stdout/stderr sent in messages of about 1 MiB at most: ipykernel otherwise sends everything
+  printed within 0.2 s as one message (a 200 MB print loop became one 200 MB message, which the
+  server has to hold several times over while it re-encodes it). Flushing blocks the writer until
+  the message is out, which also lets a slow reader pace the kernel.
 
 Each formatter looks for pandas or matplotlib in ``sys.modules`` instead of importing them, so a
 kernel that never uses them never pays for their import.
@@ -83,6 +87,28 @@ def _sandboxd_setup() -> None:
     formatter.formatters["application/json"] = ListJSONFormatter(parent=formatter)
     formatter.formatters["text/plain"].max_seq_length = 0
     shell.colors = "nocolor"
+
+    stream_message_max = 1 << 20  # characters
+    stream_class: Any = type(sys.stdout)
+    if hasattr(sys.stdout, "_buffers") and hasattr(stream_class, "_schedule_flush"):
+        # ipykernel's OutStream.write buffers the text per parent message in a StringIO, then calls
+        # _schedule_flush (outside its buffer lock). Patched there, on the class: IPython swaps the
+        # instance's ``write`` around every cell.
+        schedule_flush = stream_class._schedule_flush
+
+        def schedule_bounded(self: Any) -> None:
+            try:
+                pending = sum(buffer.tell() for buffer in self._buffers.values())
+            except Exception:  # another ipykernel version, or a concurrent write: skip this once
+                pending = 0
+            if pending >= stream_message_max:
+                self.flush()
+            else:
+                schedule_flush(self)
+
+        if not getattr(stream_class, "_sandboxd_bounded", False):
+            stream_class._schedule_flush = schedule_bounded
+            stream_class._sandboxd_bounded = True
 
 
 if __name__ == "__main__":  # run as a cell: leave nothing behind in the user's namespace

@@ -14,9 +14,10 @@ event loop, which only moves finished lines to the HTTP response. ZeroMQ sockets
 thread-safe, so the pump owns them all and takes commands through a queue and a wake-up pipe.
 
 Flow control: iopub is a PUB socket that drops messages when its reader falls behind, so the pump
-always reads. When a client reads an execution's output more slowly than the kernel produces it,
-the kernel's process group is stopped (SIGSTOP) once ``HIGH_WATER`` bytes wait for the client, and
-continued (SIGCONT) below ``LOW_WATER``: memory stays bounded and nothing is lost.
+always reads, and the kernel is slowed down instead: its process group is stopped (SIGSTOP) while
+``HIGH_WATER`` bytes wait for a slow client (continued below ``LOW_WATER``), and while the pump
+itself is ``BACKLOG_LIMIT`` bytes behind (ZeroMQ queues what a fast kernel sends, unseen, in our
+memory). Memory stays bounded and nothing is lost.
 """
 
 from __future__ import annotations
@@ -57,6 +58,17 @@ HIGH_WATER = 32 << 20
 
 LOW_WATER = 8 << 20
 """Bytes still waiting when a paused kernel is continued."""
+
+BACKLOG_LIMIT = 16 << 20
+"""Bytes the pump may read from iopub in one streak, without ever finding it empty, before it stops the
+kernel to catch up: a kernel printing in a loop outpaces the decoding (~0.2-0.8 GB/s here)."""
+
+DRAIN_BATCH = 64
+"""Messages read from one socket before the pump looks at its other sockets and commands again."""
+
+SEND_SIZE = 1 << 20
+"""The most handed to the HTTP server in one write: it buffers a whole write before it applies
+backpressure, so bigger writes would move the waiting output out of our accounting."""
 
 STDERR_TAIL = 16 << 10
 """The last bytes a kernel wrote to its own stdout/stderr, kept to explain a kernel that died."""
@@ -119,7 +131,7 @@ class Execution:
         if data is not None:
             self._produced += len(data)
             if not self.silent and self._produced - self._consumed > HIGH_WATER:
-                self.kernel._pause()
+                self.kernel._hold("client", True)
         if not self._signalled:
             self._signalled = True
             self._loop.call_soon_threadsafe(self._wake.set)
@@ -127,7 +139,9 @@ class Execution:
     # -- event loop side ----------------------------------------------------------------------
 
     async def chunks(self, keepalive: float | None = None) -> AsyncIterator[bytes]:
-        """The output as it comes, several lines joined per chunk, until the execution ends.
+        """The output as it comes, in pieces of at most ``SEND_SIZE`` bytes (several lines joined, or
+        a slice of a long one), until the execution ends. The caller awaits each piece's write, so
+        what waits for a slow client stays here, counted, and pauses the kernel past ``HIGH_WATER``.
 
         With ``keepalive``, a keepalive line is yielded after that many quiet seconds."""
         while True:
@@ -137,28 +151,40 @@ class Execution:
             self._signalled = False
             self._wake.clear()
             batch: list[bytes] = []
-            done = False
+            size = 0
             while self._lines:
                 item = self._lines.popleft()
                 if item is None:
-                    done = True
-                    break
+                    if batch:
+                        yield self._took(b"".join(batch))
+                    self.finished = True
+                    return
+                if len(item) > SEND_SIZE:
+                    if batch:
+                        yield self._took(b"".join(batch))
+                        batch, size = [], 0
+                    view = memoryview(item)
+                    for start in range(0, len(item), SEND_SIZE):
+                        yield self._took(bytes(view[start : start + SEND_SIZE]))
+                    continue
                 batch.append(item)
+                size += len(item)
+                if size >= SEND_SIZE:
+                    yield self._took(b"".join(batch))
+                    batch, size = [], 0
             if batch:
-                chunk = b"".join(batch)
-                self._consumed += len(chunk)
-                if self._produced - self._consumed < LOW_WATER:
-                    self.kernel._resume()
-                yield chunk
-            if done:
-                self.finished = True
-                return
-            if self._lines:
+                yield self._took(b"".join(batch))
                 continue
             try:
                 await asyncio.wait_for(self._wake.wait(), keepalive)
             except TimeoutError:
                 yield wire.KEEPALIVE
+
+    def _took(self, piece: bytes) -> bytes:
+        self._consumed += len(piece)
+        if self._produced - self._consumed < LOW_WATER:
+            self.kernel._hold("client", False)
+        return piece
 
     def stop_streaming(self) -> None:
         """Make the current :meth:`chunks` iteration return now (its reader left)."""
@@ -205,7 +231,8 @@ class Kernel:
         os.set_blocking(self._stderr_r, False)
         self._flow = threading.Lock()
         self._pgid: int | None = None
-        self._paused = False
+        self._holds: set[str] = set()
+        """Why the kernel is stopped now ("client", "pump"); guarded by ``_flow``."""
         self.alive = False
 
     @property
@@ -237,7 +264,7 @@ class Kernel:
         pidfd = os.pidfd_open(pid)
         with self._flow:
             self._pgid = pid  # launched with start_new_session: the kernel leads its process group
-            self._paused = False
+            self._holds.clear()
         self.alive = True
         loop = asyncio.get_running_loop()
         self._ready = loop.create_future()
@@ -271,7 +298,7 @@ class Kernel:
 
     async def interrupt(self) -> None:
         """Interrupt the running cell (SIGINT, or ``interrupt_request`` for kernels that need it)."""
-        self._resume()
+        self._release()
         if self.alive:
             with contextlib.suppress(RuntimeError, OSError):
                 await self.manager.interrupt_kernel()
@@ -306,7 +333,7 @@ class Kernel:
     async def _detach(self, reason: bytes | None) -> None:
         """Stop watching the current process (its exit is expected now) and end the running cell."""
         assert self._pump is not None
-        self._resume()
+        self._release()
         self.alive = False
         done = asyncio.get_running_loop().create_future()
         self._pump.command("detach", reason, done)
@@ -320,19 +347,25 @@ class Kernel:
 
     # -- flow control (either thread) ---------------------------------------------------------
 
-    def _pause(self) -> None:
+    def _hold(self, reason: str, on: bool) -> None:
+        """Stop the kernel's process group while any reason holds it; continue it when none does."""
         with self._flow:
-            if not self._paused and self._pgid is not None:
+            before = bool(self._holds)
+            if on:
+                self._holds.add(reason)
+            else:
+                self._holds.discard(reason)
+            if before != bool(self._holds) and self._pgid is not None:
                 with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.killpg(self._pgid, signal.SIGSTOP)
-                    self._paused = True
+                    os.killpg(self._pgid, signal.SIGSTOP if self._holds else signal.SIGCONT)
 
-    def _resume(self) -> None:
+    def _release(self) -> None:
+        """Continue the kernel whatever held it (before an interrupt, a restart or a shutdown)."""
         with self._flow:
-            if self._paused and self._pgid is not None:
+            if self._holds and self._pgid is not None:
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.killpg(self._pgid, signal.SIGCONT)
-            self._paused = False
+            self._holds.clear()
 
 
 class _Pump(threading.Thread):
@@ -365,6 +398,8 @@ class _Pump(threading.Thread):
         self._idle = False
         self._replied = False
         self._errored = False
+        self._streak = 0
+        """Bytes read from iopub since it was last found empty."""
 
     # -- called from the event loop -----------------------------------------------------------
 
@@ -406,9 +441,9 @@ class _Pump(threading.Thread):
                 if self.kernel._stderr_r in events:
                     self._read_stderr()
                 if iopub in events:
-                    self._drain(iopub, self._on_iopub)
+                    self._drain(iopub, self._on_iopub, True)
                 if shell in events:
-                    self._drain(shell, self._on_reply)
+                    self._drain(shell, self._on_reply, False)
                 if self._pidfd is not None and self._pidfd in events:
                     self._on_exit(poller)
                 elif handshaking and not events:
@@ -502,15 +537,25 @@ class _Pump(threading.Thread):
         self._idle = self._replied = self._errored = False
         self.session.send(shell, msg)
 
-    def _drain(self, sock: zmq.Socket[bytes], handle: Callable[[dict[str, Any]], None]) -> None:
-        while True:
+    def _drain(self, sock: zmq.Socket[bytes], handle: Callable[[dict[str, Any]], None], iopub: bool) -> None:
+        for _ in range(DRAIN_BATCH):
             try:
-                _, msg = self.session.recv(sock, mode=zmq.NOBLOCK)
-            except ValueError as exc:  # a bad signature or a malformed message: not from our kernel
+                frames = sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                if iopub and self._streak:
+                    self._streak = 0
+                    self.kernel._hold("pump", False)
+                return
+            if iopub:
+                self._streak += sum(len(frame) for frame in frames)
+                if self._streak > BACKLOG_LIMIT:
+                    self.kernel._hold("pump", True)
+            try:
+                _, parts = self.session.feed_identities(frames)
+                msg = self.session.deserialize(parts)
+            except (ValueError, KeyError, TypeError) as exc:  # a bad signature or shape: not our kernel's
                 log.warning("dropped a message from the %s kernel: %s", self.kernel.language, exc)
                 continue
-            if msg is None:
-                return
             handle(msg)
 
     def _on_reply(self, msg: dict[str, Any]) -> None:

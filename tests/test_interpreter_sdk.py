@@ -1,0 +1,441 @@
+"""The code interpreter (``sandboxd interpreter``) driven by E2B's official ``e2b-code-interpreter`` SDK,
+pinned, in debug mode, through E2B's documented ``run_code`` examples; real kernels (ipykernel, Deno,
+bash_kernel) from this venv; a real agent for the sandbox's env vars.
+
+In debug mode the SDK sends its code-interpreter requests to ``E2B_SANDBOX_URL`` (or to
+``localhost:49999`` without it), so the fixture points that at the interpreter on a free port.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import socket
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+import pytest
+from conftest import Agent, Interpreter
+from e2b import NotFoundException, SandboxException, TimeoutException
+from e2b_code_interpreter import Sandbox
+
+
+@pytest.fixture(scope="module")
+def envd(start_agent: Callable[..., Agent]) -> Agent:
+    """An agent of this module's own, holding sandbox-wide env vars as ``Sandbox.create(envs=...)``
+    sets them (the runtime sends them with ``POST /init``)."""
+    agent = start_agent()
+    response = httpx.post(f"{agent.url}/init", json={"envVars": {"SANDBOX_WIDE": "from-init", "SHADOWED": "global"}})
+    assert response.status_code == 204, response.text
+    return agent
+
+
+@pytest.fixture(scope="module")
+def interpreter(start_interpreter: Callable[..., Interpreter], envd: Agent) -> Interpreter:
+    return start_interpreter(envd_url=envd.url)
+
+
+@pytest.fixture
+def sandbox(interpreter: Interpreter, monkeypatch: pytest.MonkeyPatch) -> Iterator[Sandbox]:
+    monkeypatch.setenv("E2B_DEBUG", "true")
+    monkeypatch.setenv("E2B_SANDBOX_URL", interpreter.url)
+    yield Sandbox.create()
+
+
+def test_state_persists_between_calls(sandbox: Sandbox) -> None:
+    first = sandbox.run_code("test_stateful = 1")
+    second = sandbox.run_code("test_stateful += 1; test_stateful")
+
+    assert first.error is None and first.results == []
+    assert second.text == "2"
+    assert second.results[0].is_main_result
+    assert second.execution_count == first.execution_count + 1  # type: ignore[operator]
+
+
+def test_matplotlib_chart_is_png_and_chart_data(sandbox: Sandbox) -> None:
+    code = """
+import matplotlib.pyplot as plt
+import numpy as np
+
+x = np.linspace(0, 10, 50)
+plt.figure(figsize=(6, 4))
+plt.plot(x, np.sin(x), label="sin")
+plt.title("Sine wave")
+plt.xlabel("x")
+plt.ylabel("sin(x)")
+plt.show()
+"""
+    execution = sandbox.run_code(code)
+
+    assert execution.error is None
+    [result] = execution.results
+    assert not result.is_main_result  # a display, not the cell's value
+    assert result.text == "<Figure size 600x400 with 1 Axes>"
+    png = base64.b64decode(result.png)  # type: ignore[arg-type]
+    assert png.startswith(b"\x89PNG\r\n\x1a\n")
+    width, height = int.from_bytes(png[16:20], "big"), int.from_bytes(png[20:24], "big")
+    # figsize (6, 4) at matplotlib-inline's 100 dpi, cropped to the drawing (bbox_inches="tight")
+    assert 500 < width <= 600 and 300 < height <= 400, (width, height)
+    chart = result.chart
+    assert chart is not None
+    assert chart.type.value == "line"
+    assert chart.title == "Sine wave"
+    assert chart.x_label == "x" and chart.y_label == "sin(x)"
+    [line] = chart.elements
+    assert line.label == "sin"
+    assert len(line.points) == 50
+    assert line.points[0] == (0.0, 0.0)
+    assert line.points[-1][0] == pytest.approx(10.0)
+    assert not result.extra
+
+
+def test_dataframe_is_html_and_data(sandbox: Sandbox) -> None:
+    execution = sandbox.run_code(
+        'import pandas as pd\npd.DataFrame({"a": [1, 2, 3], "b": ["x", "y", "z"], '
+        '"when": pd.to_datetime(["2024-01-01", "2024-01-02", "2024-01-03"])})'
+    )
+
+    assert execution.error is None
+    [result] = execution.results
+    assert result.is_main_result
+    assert result.data == {
+        "a": [1, 2, 3],
+        "b": ["x", "y", "z"],
+        "when": ["2024-01-01T00:00:00", "2024-01-02T00:00:00", "2024-01-03T00:00:00"],
+    }
+    assert result.html is not None and '<table border="1" class="dataframe">' in result.html
+    assert "<td>y</td>" in result.html
+    assert result.text is not None and result.text.splitlines()[0].split() == ["a", "b", "when"]
+    assert set(result.formats()) == {"text", "html", "data"}
+
+
+def test_stdout_and_stderr_callbacks_stream_in_order(sandbox: Sandbox) -> None:
+    events: list[tuple[str, str, float]] = []
+    code = """
+import sys, time
+print("one", flush=True)
+time.sleep(0.5)
+print("two", file=sys.stderr, flush=True)
+time.sleep(0.5)
+print("three", flush=True)
+"""
+    started = time.monotonic()
+    execution = sandbox.run_code(
+        code,
+        on_stdout=lambda m: events.append(("stdout", m.line, time.monotonic() - started)),
+        on_stderr=lambda m: events.append(("stderr", m.line, time.monotonic() - started)),
+    )
+    total = time.monotonic() - started
+
+    assert [(kind, text) for kind, text, _ in events] == [
+        ("stdout", "one\n"),
+        ("stderr", "two\n"),
+        ("stdout", "three\n"),
+    ]
+    assert execution.logs.stdout == ["one\n", "three\n"]
+    assert execution.logs.stderr == ["two\n"]
+    # Streamed as it happens: the first line arrived long before the cell ended.
+    assert events[0][2] < total - 0.7, (events, total)
+
+
+def test_error_has_name_value_and_traceback(sandbox: Sandbox) -> None:
+    errors = []
+    code = 'print("before")\ndef divide(a, b):\n    return a / b\ndivide(1, 0)\nprint("after")'
+    execution = sandbox.run_code(code, on_error=errors.append)
+
+    assert execution.logs.stdout == ["before\n"]
+    assert execution.error is not None
+    assert errors == [execution.error]
+    assert execution.error.name == "ZeroDivisionError"
+    assert execution.error.value == "division by zero"
+    traceback = execution.error.traceback
+    assert "\x1b[" not in traceback  # no ANSI colours
+    assert "----> 4 divide(1, 0)" in traceback
+    assert "return a / b" in traceback
+    assert traceback.splitlines()[-1] == "ZeroDivisionError: division by zero"
+
+
+def test_timeout_interrupts_and_the_context_survives(sandbox: Sandbox) -> None:
+    sandbox.run_code("survivor = 'still here'")
+    started = time.monotonic()
+    with pytest.raises(TimeoutException):
+        sandbox.run_code("import time\ntime.sleep(60)\nsurvivor = 'overwritten'", timeout=2)
+    assert time.monotonic() - started < 10
+
+    started = time.monotonic()
+    execution = sandbox.run_code("survivor", timeout=20)
+    # The next call did not wait for the 60 s sleep: it was interrupted, and the state survived.
+    assert time.monotonic() - started < 10
+    assert execution.text == "still here"
+    history = sandbox.run_code("[line for line in _ih if 'time.sleep(60)' in line]")
+    assert history.error is None and history.text and "time.sleep(60)" in history.text
+
+
+def test_contexts_cwd_isolation_restart_and_remove(sandbox: Sandbox, tmp_path: Path) -> None:
+    sandbox.run_code("shared_name = 'default context'")
+    context = sandbox.create_code_context(cwd=str(tmp_path))
+    assert context.language == "python"
+    assert context.cwd == str(tmp_path)
+
+    cwd = sandbox.run_code("import os; os.getcwd()", context=context)
+    assert cwd.text == str(tmp_path)
+    isolated = sandbox.run_code("shared_name", context=context)
+    assert isolated.error is not None and isolated.error.name == "NameError"
+    assert isolated.error.value == "name 'shared_name' is not defined"
+
+    listed = sandbox.list_code_contexts()
+    assert listed[-1].id == context.id and listed[-1].cwd == str(tmp_path)
+    assert {"python", "javascript"} <= {c.language for c in listed}
+
+    sandbox.run_code("x = 1", context=context)
+    sandbox.restart_code_context(context)
+    restarted = sandbox.run_code("x", context=context)
+    assert restarted.error is not None and restarted.error.value == "name 'x' is not defined"
+    assert sandbox.run_code("import os; os.getcwd()", context=context).text == str(tmp_path)
+
+    sandbox.remove_code_context(context.id)
+    assert context.id not in [c.id for c in sandbox.list_code_contexts()]
+    with pytest.raises(NotFoundException, match=f"Context {context.id} not found"):
+        sandbox.run_code("1", context=context)
+    assert sandbox.run_code("shared_name").text == "default context"
+
+
+def test_context_in_another_language(sandbox: Sandbox, tmp_path: Path) -> None:
+    context = sandbox.create_code_context(cwd=str(tmp_path), language="javascript")
+    assert context.language == "javascript"
+    assert sandbox.run_code("process.cwd()", context=context).text == str(tmp_path)
+
+
+def test_envs_apply_to_one_execution(sandbox: Sandbox) -> None:
+    per_call = sandbox.run_code("import os; os.getenv('FOO')", envs={"FOO": "bar"})
+    after = sandbox.run_code("import os; os.getenv('FOO', 'default')")
+    assert per_call.text == "bar"
+    assert after.text == "default"
+
+    odd = 'it\'s "quoted"\n$HOME; `x` \\ é'
+    quoting = sandbox.run_code("import os; print(os.environ['ODD'], end='')", envs={"ODD": odd})
+    assert "".join(quoting.logs.stdout) == odd
+    bash_quoting = sandbox.run_code('printf %s "$ODD"', envs={"ODD": odd}, language="bash")
+    assert "".join(bash_quoting.logs.stdout) == odd + "\n", repr(
+        bash_quoting.logs.stdout
+    )  # bash_kernel ends output with a newline
+
+    bash = sandbox.run_code("echo $FOO", envs={"FOO": "bar baz"}, language="bash")
+    bash_after = sandbox.run_code("echo ${FOO:-default}", language="bash")
+    assert bash.logs.stdout == ["bar baz\n"]
+    assert bash_after.logs.stdout == ["default\n"]
+
+    js = sandbox.run_code("process.env.FOO", envs={"FOO": "bar"}, language="javascript")
+    js_after = sandbox.run_code("process.env.FOO || 'default'", language="javascript")
+    assert js.text == "bar"
+    assert js_after.text == "default"
+
+
+def test_sandbox_envs_from_the_agent_and_overriding_them(sandbox: Sandbox) -> None:
+    assert sandbox.run_code("import os; os.getenv('SANDBOX_WIDE')").text == "from-init"
+    overridden = sandbox.run_code("import os; os.getenv('SHADOWED')", envs={"SHADOWED": "per-call"})
+    assert overridden.text == "per-call"
+    assert sandbox.run_code("import os; os.getenv('SHADOWED')").text == "global"
+    assert sandbox.run_code("echo $SANDBOX_WIDE", language="bash").logs.stdout == ["from-init\n"]
+
+
+def test_javascript_and_typescript(sandbox: Sandbox) -> None:
+    hello = sandbox.run_code("console.log('Hello, World!')", language="js")
+    assert hello.logs.stdout == ["Hello, World!\n"]
+
+    esm = sandbox.run_code("import { readFileSync } from 'fs'\nconsole.log(typeof readFileSync)", language="js")
+    assert esm.logs.stdout == ["function\n"]
+    awaited = sandbox.run_code("await Promise.resolve('Hello World!')", language="js")
+    assert awaited.text == "Hello World!"
+    required = sandbox.run_code("const os = require('os'); os.platform()", language="js")
+    assert required.text == "linux"
+
+    sandbox.run_code("let counter = 41", language="js")
+    assert sandbox.run_code("++counter", language="js").text == "42"
+
+    typed = sandbox.run_code("const message: string = 'Hello, TS'; console.log(message)", language="ts")
+    assert typed.logs.stdout == ["Hello, TS\n"]
+
+    failed = sandbox.run_code("throw new TypeError('nope')", language="js")
+    assert failed.error is not None
+    assert (failed.error.name, failed.error.value) == ("TypeError", "nope")
+
+
+def test_javascript_timeout_interrupts_and_the_context_survives(sandbox: Sandbox) -> None:
+    sandbox.run_code("globalThis.kept = 'yes'", language="js")
+    with pytest.raises(TimeoutException):
+        sandbox.run_code("while (true) {}", language="js", timeout=2)
+    started = time.monotonic()
+    assert sandbox.run_code("kept", language="js", timeout=20).text == "yes"
+    assert time.monotonic() - started < 10
+
+
+def test_bash(sandbox: Sandbox, interpreter: Interpreter) -> None:
+    pwd = sandbox.run_code("pwd", language="bash")
+    assert "".join(pwd.logs.stdout).strip() == str(interpreter.cwd)
+    sandbox.run_code("GREETING=hello", language="bash")
+    assert sandbox.run_code('echo "$GREETING world"', language="bash").logs.stdout == ["hello world\n"]
+    # IPython's shell escape, as in E2B's own test_bash
+    assert "".join(sandbox.run_code("!pwd").logs.stdout).strip() == str(interpreter.cwd)
+
+
+def test_every_result_format(sandbox: Sandbox) -> None:
+    code = r"""
+import base64, io
+import matplotlib
+from matplotlib.figure import Figure
+from IPython.display import HTML, Markdown, SVG, Latex, JSON, Javascript, Image, display
+
+fig = Figure(figsize=(1, 1))
+fig.add_subplot().plot([0, 1])
+jpeg = io.BytesIO()
+fig.savefig(jpeg, format="jpeg")
+
+display(HTML("<b>bold</b>"))
+display(Markdown("**bold**"))
+display(SVG('<svg xmlns="http://www.w3.org/2000/svg" width="1" height="1"/>'))
+display(Latex(r"$e^{i\pi} + 1 = 0$"))
+display(JSON({"k": [1, 2]}))
+display(Javascript("console.log(1)"))
+display(Image(data=jpeg.getvalue(), format="jpeg"))
+display({"application/pdf": base64.b64encode(b"%PDF-1.4 tiny").decode()}, raw=True)
+display({"application/vnd.custom+json": {"x": 1}, "text/plain": "custom"}, raw=True)
+{"answer": 42}
+"""
+    execution = sandbox.run_code(code)
+
+    assert execution.error is None, execution.error
+    html, markdown, svg, latex, json_result, javascript, jpeg, pdf, custom, main = execution.results
+    assert html.html == "<b>bold</b>" and not html.is_main_result
+    assert markdown.markdown == "**bold**"
+    assert svg.svg is not None and svg.svg.startswith("<svg")
+    assert latex.latex == r"$e^{i\pi} + 1 = 0$"
+    assert json_result.json == {"k": [1, 2]}
+    assert javascript.javascript == "console.log(1)"
+    assert base64.b64decode(jpeg.jpeg).startswith(b"\xff\xd8\xff")  # type: ignore[arg-type]
+    assert base64.b64decode(pdf.pdf) == b"%PDF-1.4 tiny"  # type: ignore[arg-type]
+    assert custom.text == "custom" and custom.extra == {"application/vnd.custom+json": {"x": 1}}
+    assert main.is_main_result and main.json == {"answer": 42} and main.text == "{'answer': 42}"
+
+
+def test_unknown_and_missing_languages_say_so(sandbox: Sandbox) -> None:
+    with pytest.raises(SandboxException, match="400 Bad Request: unknown language 'cobol'"):
+        sandbox.run_code("DISPLAY 'HI'", language="cobol")
+    with pytest.raises(
+        SandboxException, match="400 Bad Request: this sandbox has no Jupyter kernel for r: install IRkernel"
+    ):
+        sandbox.run_code('print("Hello")', language="r")
+    with pytest.raises(SandboxException, match="400 Bad Request: this sandbox has no Jupyter kernel for java"):
+        sandbox.create_code_context(language="java")
+
+
+def test_a_kernel_that_dies_is_restarted(sandbox: Sandbox) -> None:
+    context = sandbox.create_code_context()
+    sandbox.run_code("lost = True", context=context)
+
+    died = sandbox.run_code("import os; os._exit(3)", context=context)
+
+    assert died.error is not None
+    assert died.error.name == "ContextRestarting"
+    assert "the python kernel exited with code 3" in died.error.value
+    after = sandbox.run_code("lost", context=context, timeout=60)
+    assert after.error is not None and after.error.name == "NameError"
+    assert sandbox.run_code("1 + 1", context=context).text == "2"
+    sandbox.remove_code_context(context)
+
+
+def _raw_execute(url: str, body: Any) -> httpx.Response:
+    return httpx.post(f"{url}/execute", content=body if isinstance(body, bytes) else json.dumps(body), timeout=30)
+
+
+def test_bad_requests_get_a_4xx_that_says_why(interpreter: Interpreter) -> None:
+    url = interpreter.url
+    cases: list[tuple[Any, int, str]] = [
+        (b"{not json", 400, "not valid JSON"),
+        (b"[1, 2]", 400, "must be a JSON object"),
+        ({"language": "python"}, 400, "'code' is required"),
+        ({"code": 1}, 400, "'code' is required and must be a string"),
+        ({"code": "1", "context_id": "x", "language": "python"}, 400, "Only one of context_id or language"),
+        ({"code": "1", "context_id": "nope"}, 404, "Context nope not found"),
+        ({"code": "1", "env_vars": {"1BAD": "x"}}, 400, "env var name '1BAD' is invalid"),
+        ({"code": "1", "env_vars": {"A": 1}}, 400, "env var 'A' must be a string"),
+        ({"code": "1", "env_vars": {"A": "a\0b"}}, 400, "contains NUL"),
+        ({"code": "1", "env_vars": ["A"]}, 400, "'env_vars' must be an object"),
+        (b'{"code": "\\ud800"}', 400, "unpaired surrogate"),
+        (b"[" * 100_000, 400, "not valid JSON"),
+        (b'{"code": "' + b"x" * (17 << 20) + b'"}', 413, "exceeds"),
+    ]
+    for body, status, message in cases:
+        response = _raw_execute(url, body)
+        assert response.status_code == status, (body[:50] if isinstance(body, bytes) else body, response.text)
+        assert message in response.text
+        assert response.headers["content-type"].startswith("text/plain")
+    assert httpx.get(f"{url}/execute").status_code == 405
+    assert httpx.get(f"{url}/nowhere").status_code == 404
+    assert httpx.delete(f"{url}/contexts/nope").status_code == 404
+    assert httpx.post(f"{url}/contexts/nope/restart").status_code == 404
+    created = httpx.post(f"{url}/contexts", json={"cwd": "/does/not/exist"})
+    assert created.status_code == 400 and "is not a directory" in created.text
+    assert httpx.post(f"{url}/contexts", json={"language": 3}).status_code == 400
+    assert httpx.get(f"{url}/health").json() == "OK"
+    # and the server is fine
+    assert b'"text":"2"' in _raw_execute(url, {"code": "1 + 1"}).content
+
+
+def test_a_slow_reader_pauses_the_kernel_and_loses_nothing(interpreter: Interpreter) -> None:
+    """100 MiB of output to a client that does not read: the kernel is stopped (SIGSTOP) instead of
+    the server buffering it all, and every byte arrives once the client reads."""
+    server = psutil.Process(interpreter.process.pid)
+    context = httpx.post(f"{interpreter.url}/contexts", json={}).json()
+    body = json.dumps(
+        {"code": "import sys\nfor _ in range(100):\n    sys.stdout.write('x' * (1 << 20))", "context_id": context["id"]}
+    ).encode()
+    with socket.create_connection(("127.0.0.1", interpreter.port)) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 16)
+        sock.sendall(
+            b"POST /execute HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n%b" % (len(body), body)
+        )
+        kernel = None
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            kernels = [p for p in server.children() if p.status() == psutil.STATUS_STOPPED]
+            if kernels:
+                kernel = kernels[0]
+                break
+            time.sleep(0.1)
+        assert kernel is not None, "the writing kernel was never paused"
+        time.sleep(1)
+        assert kernel.status() == psutil.STATUS_STOPPED
+        assert server.memory_info().rss < 200 << 20
+
+        sock.settimeout(60)
+        received = bytearray()
+        end = b'{"type":"end_of_execution"}\n\r\n0\r\n\r\n'
+        while not received.endswith(end):
+            chunk = sock.recv(4 << 20)
+            assert chunk, "the server closed the stream early"
+            received += chunk
+    head, _, chunked = bytes(received).partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200")
+    stream = _dechunk(chunked)
+    text = "".join(json.loads(line)["text"] for line in stream.splitlines() if b'"stdout"' in line[:20])
+    assert len(text) == 100 << 20 and set(text) == {"x"}
+    httpx.delete(f"{interpreter.url}/contexts/{context['id']}")
+
+
+def _dechunk(data: bytes) -> bytes:
+    out = io.BytesIO()
+    while data:
+        size_line, _, data = data.partition(b"\r\n")
+        size = int(size_line, 16)
+        if size == 0:
+            break
+        out.write(data[:size])
+        data = data[size + 2 :]
+    return out.getvalue()
