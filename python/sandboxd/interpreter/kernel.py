@@ -41,7 +41,7 @@ from jupyter_client.manager import AsyncKernelManager
 from jupyter_client.session import Session
 
 from . import wire
-from .languages import KernelCommand
+from .languages import BARRIER_MSG_TYPE, KernelCommand
 
 log = logging.getLogger("sandboxd.interpreter")
 
@@ -400,6 +400,9 @@ class _Pump(threading.Thread):
         self._errored = False
         self._streak = 0
         """Bytes read from iopub since it was last found empty."""
+        self._shell: zmq.Socket[bytes] | None = None
+        self._barrier: str | None = None
+        """The id of the barrier cell sent after ``_current`` (see ``KernelCommand.barrier_code``)."""
 
     # -- called from the event loop -----------------------------------------------------------
 
@@ -421,6 +424,7 @@ class _Pump(threading.Thread):
     def run(self) -> None:
         context = zmq.Context()
         shell = context.socket(zmq.DEALER)
+        self._shell = shell
         iopub = context.socket(zmq.SUB)
         for sock in (shell, iopub):
             sock.linger = 0
@@ -534,6 +538,7 @@ class _Pump(threading.Thread):
         msg = self.session.msg("execute_request", content)
         execution.msg_id = msg["header"]["msg_id"]
         self._current = execution
+        self._barrier = None
         self._idle = self._replied = self._errored = False
         self.session.send(shell, msg)
 
@@ -563,6 +568,11 @@ class _Pump(threading.Thread):
         if parent in self._handshake:
             self._got_reply = True
             return
+        if parent is not None and parent == self._barrier:
+            if msg["content"].get("status") != "ok":  # a kernel without the barrier's API: end now
+                log.warning("%s kernel: barrier cell failed; cells may lose late output", self.kernel.language)
+                self._finish()
+            return
         current = self._current
         if current is None or parent != current.msg_id:
             return
@@ -579,6 +589,10 @@ class _Pump(threading.Thread):
         parent = msg["parent_header"].get("msg_id")
         if parent in self._handshake:
             self._got_iopub = True
+            return
+        if parent is not None and parent == self._barrier:
+            if msg["msg_type"] == BARRIER_MSG_TYPE:
+                self._finish()
             return
         current = self._current
         if current is None or parent != current.msg_id:
@@ -616,9 +630,25 @@ class _Pump(threading.Thread):
 
     def _maybe_finish(self) -> None:
         current = self._current
-        if current is None or not (self._idle and self._replied):
+        if current is None or not (self._idle and self._replied) or self._barrier is not None:
             return
+        barrier = self.kernel.command.barrier_code
+        if barrier and not current.silent and self._shell is not None:
+            msg = self.session.msg(
+                "execute_request",
+                {"code": barrier, "silent": True, "store_history": False, "user_expressions": {}, "allow_stdin": False},
+            )
+            self._barrier = msg["header"]["msg_id"]
+            self.session.send(self._shell, msg)
+            return
+        self._finish()
+
+    def _finish(self) -> None:
+        current = self._current
         self._current = None
+        self._barrier = None
+        if current is None:
+            return
         if current is self._setup:
             if current.error is not None:
                 log.warning("%s kernel setup cell failed: %s: %s", self.kernel.language, *current.error)
@@ -633,6 +663,7 @@ class _Pump(threading.Thread):
     def _abandon(self, reason: bytes | None) -> None:
         """End the running cell now (its kernel is going away), with ``reason`` as its error."""
         current, self._current = self._current, None
+        self._barrier = None
         if current is None:
             return
         if current.silent:

@@ -53,6 +53,14 @@ if (typeof globalThis.require !== "function") {
 Node (CommonJS), and code written for it calls ``require('fs')``."""
 
 
+BARRIER_MSG_TYPE = "sandboxd_barrier"
+
+DENO_BARRIER = f'await Deno.jupyter.broadcast("{BARRIER_MSG_TYPE}", {{}});'
+"""Deno publishes a cell's value from JavaScript, on a path that can deliver it after the cell's
+``status: idle`` (3 cells in 100 here). A silent cell that broadcasts a message of ours on that same
+path, in order, marks where the previous cell's output ends."""
+
+
 class LanguageError(ValueError):
     """A language that is unknown, or whose kernel this sandbox does not have."""
 
@@ -188,6 +196,9 @@ class KernelCommand:
     """Extra environment for this kernel (from its kernelspec, and ours)."""
     init_code: str | None = None
     """Sent silently once the kernel answers, before any user code."""
+    barrier_code: str | None = None
+    """Sent silently after each cell when the kernel can publish output after ``status: idle``; the
+    cell ends when this code's ``BARRIER_MSG_TYPE`` message arrives."""
 
     @property
     def is_deno(self) -> bool:
@@ -270,6 +281,7 @@ def _tuned(command: KernelCommand) -> KernelCommand:
             interrupt_mode="message",
             env={**command.env, "NO_COLOR": "1"},
             init_code=DENO_INIT,
+            barrier_code=DENO_BARRIER,
         )
     if command.language == "python":
         return KernelCommand(
