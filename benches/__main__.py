@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 
-from . import chart, commands, files, network, observe, runtime, sdk_files, templates, watch
+from . import chart, commands, files, interpreter, network, observe, runtime, sdk_files, templates, watch
 from .common import (
     Agent,
     Context,
@@ -38,6 +38,7 @@ SCENARIOS: dict[str, Callable[[Context], None]] = {
     "observe": observe.run,
     "network": network.run,
     "templates": templates.run,
+    "interpreter": interpreter.run,
 }
 
 

@@ -310,24 +310,28 @@ class Interpreter:
 
 @pytest.fixture(scope="session")
 def start_interpreter(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., Interpreter]]:
-    """A factory: ``start_interpreter(*flags, envd_url=None)`` → a running :class:`Interpreter` whose
-    kernels are this venv's; it answers ``/health`` once its Python kernel is warm."""
+    """A factory: ``start_interpreter(*flags, envd_url=None, kernelspecs=True)`` → a running
+    :class:`Interpreter` whose kernels are this venv's, described by kernelspecs or (``kernelspecs=False``)
+    found on PATH; it answers ``/health`` once its Python kernel is warm."""
     started: list[Interpreter] = []
 
-    def start(*flags: str, envd_url: str | None = None) -> Interpreter:
+    def start(*flags: str, envd_url: str | None = None, kernelspecs: bool = True) -> Interpreter:
         base = tmp_path_factory.mktemp("interpreter")
-        kernels = write_kernelspecs(base / "kernels")
         cwd = base / "home"
         cwd.mkdir()
         port = free_port()
         args = [sys.executable, "-m", "sandboxd", "interpreter", "--port", str(port), "--cwd", str(cwd)]
-        args += ["--kernel-dir", str(kernels), "--envd-url", envd_url or "", *flags]
+        if kernelspecs:
+            args += ["--kernel-dir", str(write_kernelspecs(base / "kernels"))]
+        args += ["--envd-url", envd_url or "", *flags]
         log = base / "interpreter.log"
         # A home of its own, as in a sandbox: kernels read startup files from it (bash_kernel sources
         # ~/.bashrc; this host's runs pyenv's init, which takes seconds).
         home = base / "root"
         home.mkdir()
         env = {**os.environ, "HOME": str(home)}
+        if not kernelspecs:
+            env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
         with log.open("wb") as out:
             process = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=env)
         interpreter = Interpreter(process, port, cwd, log)

@@ -12,6 +12,7 @@ import base64
 import io
 import json
 import socket
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -347,6 +348,19 @@ def test_a_kernel_that_dies_is_restarted(sandbox: Sandbox) -> None:
     assert after.error is not None and after.error.name == "NameError"
     assert sandbox.run_code("1 + 1", context=context).text == "2"
     sandbox.remove_code_context(context)
+
+
+def test_kernels_found_on_path_without_kernelspecs(
+    start_interpreter: Callable[..., Interpreter], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A template that installed ipykernel, bash_kernel and deno with pip but no kernelspec for them."""
+    interpreter = start_interpreter("--pool", "python=0", kernelspecs=False)
+    monkeypatch.setenv("E2B_DEBUG", "true")
+    monkeypatch.setenv("E2B_SANDBOX_URL", interpreter.url)
+    sandbox = Sandbox.create()
+    assert sandbox.run_code("import sys; sys.prefix").text == sys.prefix
+    assert sandbox.run_code("Deno.version.deno", language="ts").text
+    assert sandbox.run_code("echo $((1 + 2))", language="bash").logs.stdout == ["3\n"]
 
 
 def _raw_execute(url: str, body: Any) -> httpx.Response:
