@@ -7,32 +7,10 @@
 
 import { spawn } from 'node:child_process'
 import { closeSync, existsSync, mkdirSync, mkdtempSync, openSync, readFileSync, rmSync, writeFileSync } from 'node:fs'
-import { createServer } from 'node:net'
 import { tmpdir } from 'node:os'
-import { dirname, join, resolve } from 'node:path'
-import { fileURLToPath } from 'node:url'
+import { dirname, join } from 'node:path'
 
-const REPO = resolve(dirname(fileURLToPath(import.meta.url)), '..', '..')
-
-function python() {
-  if (process.env.SANDBOXD_PYTHON) return process.env.SANDBOXD_PYTHON
-  const venv = join(REPO, '.venv', 'bin', 'python')
-  return existsSync(venv) ? venv : 'python3'
-}
-
-function freePort() {
-  return new Promise((resolvePort, reject) => {
-    const server = createServer()
-    server.unref()
-    server.on('error', reject)
-    server.listen(0, '127.0.0.1', () => {
-      const { port } = server.address()
-      server.close(() => resolvePort(port))
-    })
-  })
-}
-
-const sleep = (ms) => new Promise((r) => setTimeout(r, ms))
+import { freePort, python, sleep } from './runtime.mjs'
 
 /** Kernelspecs for the venv's kernels, as a code-interpreter template installs its own. */
 function writeKernelspecs(dir) {

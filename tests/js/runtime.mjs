@@ -25,13 +25,13 @@ export const skipReason =
     : false
 
 /** The Python that has sandboxd installed: $SANDBOXD_PYTHON, else the repo's .venv, else python3. */
-function python() {
+export function python() {
   if (process.env.SANDBOXD_PYTHON) return process.env.SANDBOXD_PYTHON
   const venv = join(REPO, '.venv', 'bin', 'python')
   return existsSync(venv) ? venv : 'python3'
 }
 
-function freePort() {
+export function freePort() {
   return new Promise((resolvePort, reject) => {
     const server = createServer()
     server.unref()

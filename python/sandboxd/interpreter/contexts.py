@@ -256,11 +256,14 @@ class Contexts:
         if context.starting is not None and not context.starting.done():
             with contextlib.suppress(KernelError):
                 await context.starting
-        kernel = context.kernel
-        if kernel is None:
+        if context.kernel is None:
             self._ensure_starting(context)
-            await context.starting  # type: ignore[misc]
-            return
+        else:
+            self._begin_restart(context, context.kernel, reason)
+        await context.starting  # type: ignore[misc]
+
+    def _begin_restart(self, context: Context, kernel: Kernel, reason: bytes | None) -> None:
+        """Restart ``kernel`` in place as the context's pending start (same process slot, fresh state)."""
 
         async def restart() -> Kernel:
             await kernel.restart(reason)
@@ -269,7 +272,7 @@ class Contexts:
             return kernel
 
         context.starting = asyncio.ensure_future(restart())
-        await context.starting
+        context.starting.add_done_callback(_retrieve)
 
     def _ensure_starting(self, context: Context) -> None:
         """Start the context's kernel unless it is running, starting or restarting."""
@@ -318,15 +321,7 @@ class Contexts:
         if self._closing or self.contexts.get(context.id) is not context or context.kernel is not kernel:
             return
         log.warning("the %s kernel of context %s died: restarting it", kernel.language, context.id)
-
-        async def revive() -> Kernel:
-            await kernel.restart(None)
-            context.envs_applied = False
-            await self._chdir(context, kernel)
-            return kernel
-
-        context.starting = asyncio.ensure_future(revive())
-        context.starting.add_done_callback(_retrieve)
+        self._begin_restart(context, kernel, None)
 
     async def kernel_of(self, context: Context) -> Kernel:
         """The context's kernel, ready (waits for a start or restart in progress)."""
