@@ -321,7 +321,12 @@ class Contexts:
         if self._closing or self.contexts.get(context.id) is not context or context.kernel is not kernel:
             return
         log.warning("the %s kernel of context %s died: restarting it", kernel.language, context.id)
-        self._begin_restart(context, kernel, None)
+        if kernel.pump_alive:
+            self._begin_restart(context, kernel, None)
+        else:  # its pump failed: a new Kernel (new process, new pump)
+            context.kernel = None
+            self._spawn(kernel.shutdown())
+            self._ensure_starting(context)
 
     async def kernel_of(self, context: Context) -> Kernel:
         """The context's kernel, ready (waits for a start or restart in progress)."""

@@ -283,11 +283,22 @@ class Kernel:
     def stderr_tail(self) -> str:
         return self._pump.stderr_tail() if self._pump else ""
 
+    @property
+    def pump_alive(self) -> bool:
+        return self._pump is not None and self._pump.is_alive()
+
     def execute(self, code: str, silent: bool = False) -> Execution:
         """Send a cell; its output arrives on the returned :class:`Execution`."""
-        assert self._pump is not None
         execution = Execution(self, code, silent, asyncio.get_running_loop())
-        self._pump.command("execute", execution)
+        if self._pump is not None and self._pump.is_alive():
+            self._pump.command("execute", execution)
+        else:  # the pump failed (a bug): say so instead of waiting forever
+            if silent:
+                execution.error = ("InterpreterError", "this kernel's message pump stopped")
+            else:
+                execution._push(wire.error("InterpreterError", "this kernel's message pump stopped", ""))
+                execution._push(wire.END_OF_EXECUTION)
+            execution._push(None)
         return execution
 
     async def run_silent(self, code: str) -> tuple[str, str] | None:
@@ -335,6 +346,8 @@ class Kernel:
         assert self._pump is not None
         self._release()
         self.alive = False
+        if not self._pump.is_alive():
+            return
         done = asyncio.get_running_loop().create_future()
         self._pump.command("detach", reason, done)
         await done
@@ -457,6 +470,9 @@ class _Pump(threading.Thread):
         except Exception:  # a bug here must not leave clients waiting forever
             log.exception("interpreter pump for %s kernel %s failed", self.kernel.language, self.kernel.id)
             self._abandon(wire.error("InterpreterError", "the interpreter lost this kernel's messages", ""))
+            if self._ready is not None:
+                self.loop.call_soon_threadsafe(_fail, self._ready, KernelError("the interpreter's message pump failed"))
+            self.loop.call_soon_threadsafe(self.kernel._died)
         finally:
             shell.close()
             iopub.close()
