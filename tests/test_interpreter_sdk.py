@@ -9,9 +9,13 @@ In debug mode the SDK sends its code-interpreter requests to ``E2B_SANDBOX_URL``
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import json
+import os
+import signal
 import socket
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -361,6 +365,39 @@ def test_kernels_found_on_path_without_kernelspecs(
     assert sandbox.run_code("import sys; sys.prefix").text == sys.prefix
     assert sandbox.run_code("Deno.version.deno", language="ts").text
     assert sandbox.run_code("echo $((1 + 2))", language="bash").logs.stdout == ["3\n"]
+
+
+def test_the_runtime_seam_preload_then_fork(tmp_path: Path) -> None:
+    """What the runtime's zygote will do: preload, then fork the server from a single-threaded
+    process; the server runs on in its own session and answers once its Python kernel is warm."""
+    from conftest import free_port, write_kernelspecs
+
+    port = free_port()
+    kernels = write_kernelspecs(tmp_path / "kernels")
+    script = f"""
+import sandboxd.interpreter.server as server
+server.preload()
+print(server.fork_server(server.InterpreterOptions(
+    port={port}, cwd={str(tmp_path)!r}, kernel_dirs=[{str(kernels)!r}], envd_url=None, pool={{}})))
+"""
+    out = tmp_path / "out.log"  # a file, not a pipe: the server keeps the descriptors it inherited
+    with out.open("wb") as log:
+        subprocess.run([sys.executable, "-c", script], stdout=log, stderr=subprocess.STDOUT, timeout=60, check=True)
+    pid = int(out.read_text().splitlines()[0])
+    try:
+        server = psutil.Process(pid)
+        assert server.ppid() != os.getpid()  # reparented: the forking process is gone
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            with contextlib.suppress(httpx.TransportError):
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                    break
+            time.sleep(0.1)
+        answer = httpx.post(f"http://127.0.0.1:{port}/execute", json={"code": "import os; os.getcwd()"}, timeout=30)
+        assert f'"text":"{tmp_path}"' in answer.text
+    finally:
+        os.kill(pid, signal.SIGTERM)
+        psutil.wait_procs([psutil.Process(pid)], timeout=15)
 
 
 def _raw_execute(url: str, body: Any) -> httpx.Response:

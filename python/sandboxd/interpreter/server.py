@@ -104,6 +104,35 @@ def preload() -> None:
     KernelProvisionerFactory.instance()
 
 
+def fork_server(options: InterpreterOptions) -> int:
+    """Start the server in a grandchild process and return its pid: the seam for the runtime, whose
+    sandboxed child calls this while still single-threaded (before the agent's event loop), after
+    :func:`preload` ran in the zygote. The intermediate child exits at once, so the server is
+    reparented to the sandbox's init, which reaps it, and the caller never has a zombie to wait for."""
+    read_end, write_end = os.pipe()
+    child = os.fork()
+    if child == 0:
+        os.close(read_end)
+        grandchild = os.fork()
+        if grandchild == 0:
+            os.close(write_end)
+            code = 0
+            try:
+                os.setsid()
+                run(options)
+            except BaseException:
+                code = 1
+            finally:
+                os._exit(code)
+        os.write(write_end, str(grandchild).encode())
+        os._exit(0)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as pipe:
+        pid = int(pipe.read() or b"0")
+    os.waitpid(child, 0)
+    return pid
+
+
 def run(options: InterpreterOptions) -> None:
     """Run :func:`serve` on uvloop."""
     import uvloop
