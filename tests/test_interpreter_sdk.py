@@ -368,33 +368,62 @@ def test_kernels_found_on_path_without_kernelspecs(
 
 
 def test_the_runtime_seam_preload_then_fork(tmp_path: Path) -> None:
-    """What the runtime's zygote will do: preload, then fork the server from a single-threaded
-    process; the server runs on in its own session and answers once its Python kernel is warm."""
+    """What the runtime's zygote will do: import the packages whole and preload, then fork the server
+    from a single-threaded process. Inside a sandbox the host's Python files are not there, so any
+    import after the fork is refused here, as it would fail there; the server must still start its
+    kernels (Python at once, Deno on first use), create contexts, and reach for the agent's /envs."""
     from conftest import free_port, write_kernelspecs
 
     port = free_port()
     kernels = write_kernelspecs(tmp_path / "kernels")
     script = f"""
+import importlib, pkgutil, sys
+from sandboxd.runtime import zygote
+import sandboxd.interpreter
+zygote.preload()
+for name in sandboxd.interpreter.PRELOAD_PACKAGES:  # as the zygote walks its PRELOAD_PACKAGES
+    package = importlib.import_module(name)
+    for info in pkgutil.walk_packages(package.__path__, name + ".", onerror=lambda _: None):
+        if not any(part in info.name for part in zygote._SKIP):
+            try:
+                importlib.import_module(info.name)
+            except Exception:
+                pass
+for name in sandboxd.interpreter.PRELOAD_MODULES:
+    importlib.import_module(name)
 import sandboxd.interpreter.server as server
 server.preload()
+
+class HostFilesGone:
+    def find_spec(self, name, path=None, target=None):
+        raise ImportError(f"{{name}} was imported after the fork: add it to the preload")
+
+sys.meta_path.insert(0, HostFilesGone())
 print(server.fork_server(server.InterpreterOptions(
-    port={port}, cwd={str(tmp_path)!r}, kernel_dirs=[{str(kernels)!r}], envd_url=None, pool={{}})))
+    port={port}, cwd={str(tmp_path)!r}, kernel_dirs=[{str(kernels)!r}], envd_url="http://127.0.0.1:9",
+    pool={{"python": 1}})))
 """
     out = tmp_path / "out.log"  # a file, not a pipe: the server keeps the descriptors it inherited
     with out.open("wb") as log:
-        subprocess.run([sys.executable, "-c", script], stdout=log, stderr=subprocess.STDOUT, timeout=60, check=True)
-    pid = int(out.read_text().splitlines()[0])
+        subprocess.run([sys.executable, "-c", script], stdout=log, stderr=subprocess.STDOUT, timeout=120, check=True)
+    pid = int(next(line for line in out.read_text().splitlines() if line.isdigit()))
+    url = f"http://127.0.0.1:{port}"
     try:
         server = psutil.Process(pid)
         assert server.ppid() != os.getpid()  # reparented: the forking process is gone
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             with contextlib.suppress(httpx.TransportError):
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
                     break
             time.sleep(0.1)
-        answer = httpx.post(f"http://127.0.0.1:{port}/execute", json={"code": "import os; os.getcwd()"}, timeout=30)
-        assert f'"text":"{tmp_path}"' in answer.text
+        answer = httpx.post(f"{url}/execute", json={"code": "import os; os.getcwd()"}, timeout=60)
+        assert f'"text":"{tmp_path}"' in answer.text, (answer.text, out.read_text())
+        context = httpx.post(f"{url}/contexts", json={"cwd": "/"}, timeout=60).json()
+        assert b'"text":"42"' in _raw_execute(url, {"code": "6 * 7", "context_id": context["id"]}).content
+        js = httpx.post(f"{url}/execute", json={"code": "6 * 7", "language": "ts"}, timeout=120)
+        assert '"text":"42"' in js.text, (js.text, out.read_text())
+        assert "was imported after the fork" not in out.read_text()
     finally:
         os.kill(pid, signal.SIGTERM)
         psutil.wait_procs([psutil.Process(pid)], timeout=15)

@@ -18,11 +18,16 @@ INTERPRETER_PORT = 49999
 PRELOAD_PACKAGES = (
     "dateutil",
     "jupyter_client",
-    "jupyter_core",
+    "orjson",
     "platformdirs",
     "sandboxd.interpreter",
     "traitlets",
     "zmq",
 )
 """What a process that forks sandboxed interpreters (the runtime's zygote) imports whole beforehand:
-inside a sandbox the host's Python installation is not there to import from."""
+inside a sandbox the host's Python installation is not there to import from. Each is safe to walk
+with ``pkgutil.walk_packages`` (``jupyter_core`` is not: its ``__main__`` runs its command line)."""
+
+PRELOAD_MODULES = ("jupyter_core.paths", "jupyter_core.utils", "urllib.request", "http.client", "uuid")
+"""Single modules to import beforehand: the parts of ``jupyter_core`` the server uses, and the
+standard modules it imports lazily."""
