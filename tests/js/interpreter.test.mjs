@@ -127,7 +127,9 @@ plt.show()
 
     await sandbox.removeCodeContext(context)
     assert.ok(!(await sandbox.listCodeContexts()).some((c) => c.id === context.id))
-    await assert.rejects(sandbox.runCode('1', { context }), NotFoundError)
+    // The SDK leaves its request timer running when a call fails before the response starts (it would
+    // keep node alive for the default 60 s): a short one here.
+    await assert.rejects(sandbox.runCode('1', { context, requestTimeoutMs: 2000 }), NotFoundError)
   })
 
   test('envs apply to one call', async () => {
