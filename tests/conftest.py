@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import psutil
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
@@ -340,10 +342,18 @@ def start_interpreter(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Call
         return interpreter
 
     yield start
+    kernels: list[psutil.Process] = []
     for interpreter in started:
+        with contextlib.suppress(psutil.Error):
+            kernels += psutil.Process(interpreter.process.pid).children()
         interpreter.process.terminate()
     for interpreter in started:
         try:
-            interpreter.process.wait(15)
+            interpreter.process.wait(30)
         except subprocess.TimeoutExpired:
             interpreter.process.kill()
+    # A stopped interpreter stops its kernels (Deno's would otherwise run on, unnoticed).
+    _, survivors = psutil.wait_procs(kernels, timeout=10)
+    for survivor in survivors:
+        survivor.kill()
+    assert not survivors, f"kernels outlived their interpreter: {[k.pid for k in survivors]}"

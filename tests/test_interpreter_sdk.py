@@ -408,6 +408,7 @@ print(server.fork_server(server.InterpreterOptions(
         subprocess.run([sys.executable, "-c", script], stdout=log, stderr=subprocess.STDOUT, timeout=120, check=True)
     pid = int(next(line for line in out.read_text().splitlines() if line.isdigit()))
     url = f"http://127.0.0.1:{port}"
+    kernels: list[psutil.Process] = []
     try:
         server = psutil.Process(pid)
         assert server.ppid() != os.getpid()  # reparented: the forking process is gone
@@ -424,9 +425,16 @@ print(server.fork_server(server.InterpreterOptions(
         js = httpx.post(f"{url}/execute", json={"code": "6 * 7", "language": "ts"}, timeout=120)
         assert '"text":"42"' in js.text, (js.text, out.read_text())
         assert "was imported after the fork" not in out.read_text()
+        kernels = server.children()
+        assert len(kernels) == 4  # the default Python kernel, the context's, the next spare, Deno's
     finally:
         os.kill(pid, signal.SIGTERM)
-        psutil.wait_procs([psutil.Process(pid)], timeout=15)
+        _, alive = psutil.wait_procs([psutil.Process(pid)], timeout=30)
+    # It stopped its kernels before it exited.
+    assert not alive, out.read_text()
+    _, kernels_alive = psutil.wait_procs(kernels, timeout=10)
+    assert not kernels_alive, [k.cmdline() for k in kernels_alive]
+    assert "was imported after the fork" not in out.read_text()
 
 
 def _raw_execute(url: str, body: Any) -> httpx.Response:

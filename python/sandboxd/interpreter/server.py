@@ -12,6 +12,7 @@ import asyncio
 import logging
 import os
 import shutil
+import signal
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -76,12 +77,21 @@ async def serve(options: InterpreterOptions) -> None:
         marking = asyncio.ensure_future(_mark_started(contexts, started))
         config = server_config(InterpreterApp(contexts, started), options.host, options.port)
         log.warning("sandboxd interpreter on http://%s:%d, cwd %s", options.host, options.port, contexts.options.cwd)
+        # uvicorn stops on SIGTERM/SIGINT, then restores the handlers it found and raises the signal
+        # again: with the default handlers that kills us before the kernels are stopped (they would
+        # outlive us; Deno's never notice). Found handlers that do nothing let the cleanup below run.
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, _stopped)
         await serve_until_signalled(config)
     finally:
         if marking is not None:
             marking.cancel()
         await contexts.close()
         shutil.rmtree(runtime_dir, ignore_errors=True)
+
+
+def _stopped(sig: int, frame: object) -> None:
+    """The signal uvicorn raises again once it has stopped serving: handled, by cleaning up."""
 
 
 async def _mark_started(contexts: Contexts, started: asyncio.Event) -> None:
