@@ -9,6 +9,7 @@ In debug mode the SDK sends its code-interpreter requests to ``E2B_SANDBOX_URL``
 from __future__ import annotations
 
 import base64
+import concurrent.futures
 import contextlib
 import io
 import json
@@ -435,6 +436,29 @@ print(server.fork_server(server.InterpreterOptions(
     _, kernels_alive = psutil.wait_procs(kernels, timeout=10)
     assert not kernels_alive, [k.cmdline() for k in kernels_alive]
     assert "was imported after the fork" not in out.read_text()
+
+
+def test_a_context_runs_one_cell_at_a_time_and_a_client_that_leaves_the_queue_runs_nothing(
+    interpreter: Interpreter,
+) -> None:
+    url = interpreter.url
+    context = httpx.post(f"{url}/contexts", json={}, timeout=60).json()
+    first = {"code": "import time\ntime.sleep(3)\norder = ['first']", "context_id": context["id"]}
+    queued = {"code": "order.append('queued')", "context_id": context["id"]}
+    abandoned = {"code": "order.append('abandoned')", "context_id": context["id"]}
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        running = pool.submit(_raw_execute, url, first)
+        time.sleep(0.5)
+        waiting = pool.submit(_raw_execute, url, queued)
+        time.sleep(0.5)
+        with pytest.raises(httpx.ReadTimeout):  # gives up while the first cell still runs
+            httpx.post(f"{url}/execute", json=abandoned, timeout=httpx.Timeout(30, read=0.5))
+        assert b"end_of_execution" in running.result().content
+        assert b"end_of_execution" in waiting.result().content
+    assert (
+        b"\"text\":\"['first', 'queued']\"" in _raw_execute(url, {"code": "order", "context_id": context["id"]}).content
+    )
+    httpx.delete(f"{url}/contexts/{context['id']}")
 
 
 def _raw_execute(url: str, body: Any) -> httpx.Response:
