@@ -8,6 +8,7 @@ In debug mode the SDK sends its code-interpreter requests to ``E2B_SANDBOX_URL``
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import concurrent.futures
 import contextlib
@@ -61,6 +62,30 @@ def test_state_persists_between_calls(sandbox: Sandbox) -> None:
     assert second.text == "2"
     assert second.results[0].is_main_result
     assert second.execution_count == first.execution_count + 1  # type: ignore[operator]
+
+
+def test_async_sdk(interpreter: Interpreter, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("E2B_DEBUG", "true")
+    monkeypatch.setenv("E2B_SANDBOX_URL", interpreter.url)
+    from e2b_code_interpreter import AsyncSandbox
+
+    async def scenario() -> tuple[list[str], Any, Any]:
+        sandbox = await AsyncSandbox.create()
+        lines: list[str] = []
+
+        async def on_stdout(message: Any) -> None:
+            lines.append(message.line)
+
+        execution = await sandbox.run_code("for i in range(3): print(i)\n'done'", on_stdout=on_stdout)
+        context = await sandbox.create_code_context(language="js")
+        js = await sandbox.run_code("[1, 2].map((x) => x * 2)", context=context)
+        await sandbox.remove_code_context(context)
+        return lines, execution, js
+
+    lines, execution, js = asyncio.run(scenario())
+    assert "".join(lines) == "0\n1\n2\n"  # ipykernel batches what is printed within 0.2 s
+    assert execution.text == "done"
+    assert js.text == "[ 2, 4 ]"
 
 
 def test_matplotlib_chart_is_png_and_chart_data(sandbox: Sandbox) -> None:
