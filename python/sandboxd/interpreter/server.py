@@ -17,7 +17,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sandboxd.agent.asgi import serve_until_signalled, server_config
+from sandboxd.agent.http_server import serve_until_signalled, server_config
 
 from . import INTERPRETER_PORT
 from .app import InterpreterApp
