@@ -1,4 +1,4 @@
-"""E2B's control-plane REST API (spec §6), as ASGI routes over the sandbox manager.
+"""E2B's control-plane REST API (spec §6), as ASGI routes over a sandbox backend (:mod:`.backend`).
 
 JSON field names are exactly the SDK's (``templateID``, ``sandboxID``, ``envdAccessToken``, ...).
 Every request needs ``X-API-KEY`` (compared in constant time). Bad input is a 400 that names the
@@ -19,8 +19,9 @@ from urllib.parse import parse_qs, unquote
 from sandboxd import ENVD_VERSION
 from sandboxd.agent.asgi import ClientDisconnected, Receive, Scope, Send, header_map, read_body, send_empty, send_json
 
+from .backend import Backend, ListQuery
 from .errors import ApiError
-from .manager import CreateRequest, MetricsSample, SandboxManager
+from .manager import CreateRequest, MetricsSample
 from .network import NetworkConfig
 from .store import SandboxRow
 
@@ -171,10 +172,10 @@ def _string_map(body: dict[str, Any], name: str) -> dict[str, str]:
 
 
 class ControlPlane:
-    """Routes ``/sandboxes…`` and ``/v2/sandboxes…`` to the manager."""
+    """Routes ``/sandboxes…`` and ``/v2/sandboxes…`` to the backend (this machine's manager, or Kubernetes)."""
 
-    def __init__(self, manager: SandboxManager, api_key: str, domain: str | None) -> None:
-        self.manager = manager
+    def __init__(self, backend: Backend, api_key: str, domain: str | None) -> None:
+        self.backend = backend
         self.api_key = api_key
         self.domain = domain
         self.routes: list[tuple[str, re.Pattern[str], Callable[..., Any]]] = [
@@ -240,7 +241,7 @@ class ControlPlane:
             "envdVersion": ENVD_VERSION,
             "alias": row.alias,
             "envdAccessToken": row.access_token,
-            "trafficAccessToken": self.manager.traffic_token(row.id),
+            "trafficAccessToken": self.backend.traffic_token(row.id),
             "domain": self.domain,
         }
 
@@ -251,7 +252,7 @@ class ControlPlane:
             "clientID": CLIENT_ID,
             "alias": row.alias,
             "startedAt": iso(row.started_at),
-            "endAt": iso(self.manager.end_at(row)),
+            "endAt": iso(self.backend.end_at(row)),
             "cpuCount": row.cpu_count,
             "memoryMB": row.memory_mb,
             "diskSizeMB": row.disk_mb,
@@ -262,7 +263,7 @@ class ControlPlane:
 
     def _detail(self, row: SandboxRow) -> dict[str, Any]:
         detail = self._listed(row)
-        config = self.manager.network_config(row.id)
+        config = self.backend.network_config(row.id)
         detail.update(
             envdAccessToken=row.access_token,
             domain=self.domain,
@@ -295,14 +296,14 @@ class ControlPlane:
             auto_resume=bool(auto_resume.get("enabled", False)),
             network=network_from_create(body),
         )
-        row = await self.manager.create(request)
+        row = await self.backend.create(request)
         await send_json(send, 201, self._sandbox(row))
 
     async def info(self, scope: Scope, receive: Receive, send: Send, sandbox_id: str) -> None:
-        await send_json(send, 200, self._detail(self.manager.get(sandbox_id)))
+        await send_json(send, 200, self._detail(await self.backend.get(sandbox_id)))
 
     async def kill(self, scope: Scope, receive: Receive, send: Send, sandbox_id: str) -> None:
-        await self.manager.kill(sandbox_id, "killed through the API")
+        await self.backend.kill(sandbox_id, "killed through the API")
         await send_empty(send, 204)
 
     async def set_timeout(self, scope: Scope, receive: Receive, send: Send, sandbox_id: str) -> None:
@@ -310,39 +311,39 @@ class ControlPlane:
         timeout = _field(body, "timeout", int, None)
         if timeout is None:
             raise ApiError(400, "'timeout' (seconds) is required")
-        self.manager.set_timeout(sandbox_id, timeout)
+        await self.backend.set_timeout(sandbox_id, timeout)
         await send_empty(send, 204)
 
     async def connect(self, scope: Scope, receive: Receive, send: Send, sandbox_id: str) -> None:
         body = await self._body(receive)
         timeout = _field(body, "timeout", int, None)
-        row, resumed = await self.manager.connect(sandbox_id, timeout)
+        row, resumed = await self.backend.connect(sandbox_id, timeout)
         await send_json(send, 201 if resumed else 200, self._sandbox(row))
 
     async def pause(self, scope: Scope, receive: Receive, send: Send, sandbox_id: str) -> None:
         body = await self._body(receive)
         memory = _field(body, "memory", bool, True)
-        await self.manager.pause(sandbox_id, "full" if memory else "filesystem", "paused through the API")
+        await self.backend.pause(sandbox_id, "full" if memory else "filesystem", "paused through the API")
         await send_empty(send, 204)
 
     async def resume(self, scope: Scope, receive: Receive, send: Send, sandbox_id: str) -> None:
         body = await self._body(receive)
         timeout = _field(body, "timeout", int, None)
-        row = await self.manager.resume(sandbox_id, timeout)
+        row = await self.backend.resume(sandbox_id, timeout)
         await send_json(send, 201, self._sandbox(row))
 
     async def update_network(self, scope: Scope, receive: Receive, send: Send, sandbox_id: str) -> None:
         """E2B's ``PUT /sandboxes/{id}/network``: replace a running sandbox's egress settings."""
         body = await self._body(receive)
-        await self.manager.update_network(sandbox_id, network_from_update(body))
+        await self.backend.update_network(sandbox_id, network_from_update(body))
         await send_empty(send, 204)
 
     async def metrics(self, scope: Scope, receive: Receive, send: Send, sandbox_id: str) -> None:
-        await send_json(send, 200, [_metrics(await self.manager.metrics(sandbox_id))])
+        await send_json(send, 200, [_metrics(await self.backend.metrics(sandbox_id))])
 
     async def events(self, scope: Scope, receive: Receive, send: Send, sandbox_id: str) -> None:
         """sandboxd's own: a sandbox's lifecycle with reasons (created, paused, killed, died...)."""
-        events = self.manager.events(sandbox_id)
+        events = await self.backend.events(sandbox_id)
         await send_json(send, 200, [{"at": iso(at), "kind": kind, "reason": reason} for at, kind, reason in events])
 
     async def list(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -361,20 +362,19 @@ class ControlPlane:
             if not query["limit"].isdigit() or not 1 <= int(query["limit"]) <= MAX_LIST_LIMIT:
                 raise ApiError(400, f"'limit' must be an integer from 1 to {MAX_LIST_LIMIT}")
             limit = int(query["limit"])
-        after = _decode_token(query["nextToken"]) if query.get("nextToken") else None
-        wanted = _decode_metadata(query.get("metadata", ""))
-        template = query.get("template")
+        cursor = _decode_token(query["nextToken"]) if query.get("nextToken") else None
         started_after = _parse_time(query["startedAfter"], "startedAfter") if query.get("startedAfter") else None
-
-        def keep(row: SandboxRow) -> bool:
-            if any(row.metadata.get(k) != v for k, v in wanted.items()):
-                return False
-            if template and template not in (row.template_id, row.alias):
-                return False
-            return started_after is None or row.started_at >= started_after
-
-        rows, next_after = self.manager.list_page(states, after, order == "desc", limit, keep)
-        headers = [("x-next-token", _encode_token(next_after))] if next_after is not None else []
+        page = ListQuery(
+            states=states,
+            metadata=_decode_metadata(query.get("metadata", "")),
+            template=query.get("template") or None,
+            started_after=started_after,
+            descending=order == "desc",
+            limit=limit,
+            cursor=cursor,
+        )
+        rows, next_cursor = await self.backend.list_page(page)
+        headers = [("x-next-token", _encode_token(next_cursor))] if next_cursor is not None else []
         await send_json(send, 200, [self._listed(r) for r in rows], headers)
 
 
@@ -395,14 +395,13 @@ def _metrics(sample: MetricsSample) -> dict[str, Any]:
     }
 
 
-def _encode_token(after: tuple[float, str]) -> str:
-    return base64.urlsafe_b64encode(f"{after[0]!r}__{after[1]}".encode()).decode()
+def _encode_token(cursor: str) -> str:
+    return base64.urlsafe_b64encode(cursor.encode()).decode()
 
 
-def _decode_token(token: str) -> tuple[float, str]:
+def _decode_token(token: str) -> str:
     try:
-        started, _, sandbox_id = base64.urlsafe_b64decode(token.encode()).decode().partition("__")
-        return float(started), sandbox_id
+        return base64.urlsafe_b64decode(token.encode()).decode()
     except (ValueError, UnicodeDecodeError):
         raise ApiError(400, "'nextToken' is not a token this API gave out") from None
 

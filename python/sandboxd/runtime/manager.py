@@ -86,6 +86,12 @@ class CreateRequest:
     pause_memory: bool = True
     auto_resume: bool = False
     network: NetworkConfig = field(default_factory=NetworkConfig)
+    # Set by a caller that owns the sandbox's identity and size (``sandboxd node``: its Pod's name,
+    # a token the control plane derives, the Pod's limits); None means generate / use the defaults.
+    sandbox_id: str | None = None
+    access_token: str | None = None
+    cpu_count: int | None = None
+    memory_mb: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -293,7 +299,7 @@ class SandboxManager:
         elif request.network != NetworkConfig():
             raise ApiError(400, "this runtime runs sandboxes without networking: network settings do not apply")
         traffic_token = secrets.token_urlsafe(24) if request.network.allow_public_traffic is False else None
-        sandbox_id = new_id()
+        sandbox_id = request.sandbox_id or new_id()
         self._take_slot(sandbox_id)
         try:
             async with self._owning(sandbox_id):
@@ -305,9 +311,9 @@ class SandboxManager:
                     state="running",
                     started_at=now,
                     end_at=now + timeout,
-                    access_token=secrets.token_urlsafe(24),
-                    cpu_count=self.limits.cpu_count,
-                    memory_mb=self.limits.memory_mb,
+                    access_token=request.access_token or secrets.token_urlsafe(24),
+                    cpu_count=request.cpu_count or self.limits.cpu_count,
+                    memory_mb=request.memory_mb or self.limits.memory_mb,
                     disk_mb=self.limits.disk_mb,
                     metadata=request.metadata,
                     env_vars=request.env_vars,

@@ -19,8 +19,8 @@ import httptools
 
 from sandboxd.agent.asgi import ClientDisconnected, Receive, Scope, Send, body_chunks, send_json
 
+from .backend import Backend
 from .errors import ApiError
-from .manager import SandboxManager
 
 ENVD_PORT = 49983
 TRAFFIC_TOKEN_HEADER = b"e2b-traffic-access-token"
@@ -93,8 +93,8 @@ def parse_target(headers: dict[str, str], domain: str | None) -> tuple[str, int]
 class SandboxProxy:
     """Forwards requests into sandboxes, with a keep-alive pool per (sandbox, port)."""
 
-    def __init__(self, manager: SandboxManager) -> None:
-        self.manager = manager
+    def __init__(self, backend: Backend) -> None:
+        self.manager = backend
         self.idle: dict[tuple[str, int], list[_Upstream]] = defaultdict(list)
 
     def forget(self, sandbox_id: str) -> None:

@@ -18,6 +18,7 @@ from sandboxd.agent.asgi import Receive, Scope, Send, header_map, send_json
 from sandboxd.agent.http_server import ConnectionLimits, serve_until_signalled, server_config
 
 from .api import ControlPlane
+from .backend import LocalBackend
 from .debian import DEFAULT_MIRROR
 from .errors import ApiError
 from .manager import Limits, SandboxManager
@@ -194,14 +195,15 @@ async def _serve(
         store, templates, options.data_dir, zygote_client, options.limits, observer=observer, networks=networks
     )
     await manager.start()
-    proxy = SandboxProxy(manager)
+    backend = LocalBackend(manager)
+    proxy = SandboxProxy(backend)
     manager.on_gone.append(proxy.forget)
     readiness = Readiness(zygote_client, options.data_dir, templates)
     operators = OperatorEndpoints(
         manager, zygote_client, readiness, observer.metrics, recent, api_key, options.data_dir
     )
     app = RuntimeApp(
-        ControlPlane(manager, api_key, options.domain),
+        ControlPlane(backend, api_key, options.domain),
         proxy,
         operators,
         RequestObserver(observer.metrics),
