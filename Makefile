@@ -80,6 +80,18 @@ test-js: base-template ## the official E2B JS SDK (@e2b/code-interpreter, pinned
 promtool: $(PY) ## promtool (Prometheus's /metrics linter) from Debian's archive into .venv/bin, for the metrics tests
 	bash tests/tools/install_promtool.sh $(VENV)/bin
 
+.PHONY: cluster-deps
+cluster-deps: ## install etcd (Debian's etcd-server) for the local Kubernetes control plane, if missing
+	@command -v etcd >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq etcd-server; }
+
+.PHONY: cluster
+cluster: cluster-deps ## build kube-apiserver, kube-scheduler, kube-controller-manager from the Go module proxy (cached in .cluster/)
+	bash deploy/local/build-kubernetes.sh
+
+.PHONY: cluster-up
+cluster-up: cluster ## run the local control plane in the foreground (prints KUBECONFIG; Ctrl-C stops it)
+	$(PY) -m sandboxd.kube.localcluster up
+
 .PHONY: conformance
 conformance: ## the Connect conformance suite (connectrpc.com/conformance, via the Go module proxy) against the agent's Connect adapter
 	@command -v go >/dev/null || { echo "conformance: needs Go (the suite is a Go module; 'go install' fetches it)"; exit 1; }
@@ -92,7 +104,7 @@ fuzz: ## a short, bounded fuzz run (hypothesis) of the agent's HTTP parsing in p
 	FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(VENV)/bin/pytest -q -p no:cacheprovider tests/fuzz/fuzz_agent.py
 
 .PHONY: test
-test: install lint test-rust test-py test-js conformance fuzz ## everything CI runs: install, lint, cargo test, pytest, JS SDK tests, conformance, fuzz
+test: install lint cluster test-rust test-py test-js conformance fuzz ## everything CI runs: install, lint, the control plane, cargo test, pytest, JS SDK tests, conformance, fuzz
 
 .PHONY: bench-deps
 bench-deps: ## install the benches' baselines and clients (nginx, curl) with apt-get; `make install` does the rest

@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import psutil
@@ -357,3 +358,23 @@ def start_interpreter(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Call
     for survivor in survivors:
         survivor.kill()
     assert not survivors, f"kernels outlived their interpreter: {[k.pid for k in survivors]}"
+
+
+@pytest.fixture(scope="session")
+def kube_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """A real Kubernetes control plane on loopback (etcd + kube-apiserver, -scheduler and
+    -controller-manager, built by ``make cluster``), shared by every test and bench of the session."""
+    from sandboxd.kube.localcluster import DEFAULT_BIN_DIR, LocalCluster
+
+    if not (DEFAULT_BIN_DIR / "kube-apiserver").exists() or shutil.which("etcd") is None:
+        message = f"the local control plane is not built ({DEFAULT_BIN_DIR}, etcd): run `make cluster`"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    cluster = LocalCluster(tmp_path_factory.mktemp("kube"))
+    cluster.start()
+    try:
+        cluster.apply_rbac()
+        yield cluster
+    finally:
+        cluster.stop()
