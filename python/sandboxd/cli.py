@@ -1,5 +1,5 @@
 """The ``sandboxd`` command: ``agent`` and ``interpreter`` run inside a sandbox; ``serve`` runs the runtime on the
-host."""
+host; ``node`` runs one machine's sandboxes as a Kubernetes Node."""
 
 from __future__ import annotations
 
@@ -204,6 +204,42 @@ def build_parser() -> argparse.ArgumentParser:
     net.add_argument(
         "--no-network", action="store_true", help="give sandboxes loopback only (no link, no firewall table)"
     )
+    serve.add_argument(
+        "--backend",
+        choices=["local", "kubernetes"],
+        default="local",
+        help="local: sandboxes on this machine (default); kubernetes: Pods run by `sandboxd node`s of a cluster",
+    )
+    serve.add_argument(
+        "--kubeconfig", type=Path, help="kubernetes backend: kubeconfig (default: $KUBECONFIG or in-cluster)"
+    )
+    serve.add_argument("--namespace", default="sandboxd", help="kubernetes backend: the sandboxes' namespace")
+
+    node = commands.add_parser("node", help="run this machine's sandboxes as a Kubernetes Node (virtual-kubelet style)")
+    node.add_argument("--name", default=None, help="the Node's name (default: the host name)")
+    node.add_argument("--data-dir", type=Path, default=None, help="state and sandboxes (default: /var/lib/sandboxd)")
+    node.add_argument("--kubeconfig", type=Path, help="kubeconfig (default: $KUBECONFIG or in-cluster)")
+    node.add_argument("--namespace", default="sandboxd", help="namespace of sandboxd's shared Secrets")
+    node.add_argument("--address", default="127.0.0.1", help="the Node's InternalIP; the tunnel binds it")
+    node.add_argument("--tunnel-port", type=_port, default=10250, help="port of the tunnel serve replicas use")
+    node.add_argument("--capacity-cpu", type=int, default=None, help="CPU cores offered (default: the host's)")
+    node.add_argument("--capacity-memory-mb", type=int, default=None, help="memory offered (default: the host's)")
+    node.add_argument("--max-sandboxes", type=int, default=110, help="the Node's pods capacity (default: 110)")
+    node.add_argument("--sandbox-cpus", type=int, default=2, help="CPU cores of a Pod without limits (default: 2)")
+    node.add_argument(
+        "--sandbox-memory-mb", type=int, default=1024, help="memory of a Pod without limits (default: 1024)"
+    )
+    node.add_argument(
+        "--template-store",
+        type=Path,
+        default=_env_path("SANDBOXD_TEMPLATE_STORE"),
+        help="template layers (default: <data dir>/templates; also $SANDBOXD_TEMPLATE_STORE)",
+    )
+    node.add_argument(
+        "--debian-mirror",
+        default=os.environ.get("SANDBOXD_DEBIAN_MIRROR") or DEFAULT_MIRROR,
+        help="Debian archive the 'base' template is built from (also $SANDBOXD_DEBIAN_MIRROR)",
+    )
 
     serve.add_argument(
         "--template-store",
@@ -295,6 +331,49 @@ def main(argv: list[str] | None = None) -> None:
                 envd_url=args.envd_url or None,
                 prestart=prestart,
                 pool=pool,
+            )
+        )
+    elif args.command == "node":
+        import socket
+
+        from sandboxd.kube.node import NodeOptions
+        from sandboxd.kube.node import run as run_node
+        from sandboxd.runtime.manager import Limits
+        from sandboxd.runtime.server import DEFAULT_DATA_DIR
+
+        options = NodeOptions(
+            name=args.name or socket.gethostname().lower(),
+            data_dir=args.data_dir or DEFAULT_DATA_DIR,
+            namespace=args.namespace,
+            kubeconfig=args.kubeconfig,
+            address=args.address,
+            tunnel_port=args.tunnel_port,
+            max_sandboxes=args.max_sandboxes,
+            limits=Limits(cpu_count=args.sandbox_cpus, memory_mb=args.sandbox_memory_mb),
+            template_store=args.template_store,
+            debian_mirror=args.debian_mirror,
+        )
+        if args.capacity_cpu:
+            options.capacity_cpu = args.capacity_cpu
+        if args.capacity_memory_mb:
+            options.capacity_memory_mb = args.capacity_memory_mb
+        run_node(options)
+    elif args.command == "serve" and args.backend == "kubernetes":
+        from sandboxd.kube.serve import KubeServeOptions
+        from sandboxd.kube.serve import run as run_kube
+        from sandboxd.runtime.manager import Limits
+
+        run_kube(
+            KubeServeOptions(
+                host=args.host,
+                port=args.port,
+                namespace=args.namespace,
+                kubeconfig=args.kubeconfig,
+                api_key=args.api_key,
+                domain=args.domain,
+                limits=Limits(
+                    cpu_count=args.sandbox_cpus, memory_mb=args.sandbox_memory_mb, max_timeout_s=args.max_timeout
+                ),
             )
         )
     elif args.command == "serve":

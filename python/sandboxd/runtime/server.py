@@ -60,14 +60,14 @@ class ServeOptions:
 
 class RuntimeApp:
     """One port: requests for a sandbox go to the proxy, the rest to the control plane and the
-    operators' endpoints (``/health``, ``/ready``, ``/metrics``, ``/status``); every request is
-    observed (:mod:`.observe.http`)."""
+    operators' endpoints (``/health``, ``/ready``, ``/metrics``, ``/status``: :class:`OperatorEndpoints`
+    here, a smaller set for ``--backend kubernetes``); every request is observed (:mod:`.observe.http`)."""
 
     def __init__(
         self,
         control: ControlPlane,
         proxy: SandboxProxy,
-        operators: OperatorEndpoints,
+        operators: Callable[[Scope, Receive, Send], Awaitable[None]],
         requests: RequestObserver,
         domain: str | None,
     ) -> None:

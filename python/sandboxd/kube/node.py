@@ -1,0 +1,624 @@
+"""``sandboxd node``: one machine's sandboxes as a Kubernetes Node (the virtual-kubelet pattern).
+
+Like a virtual-kubelet provider, it registers a Node (capacity: CPU, memory, ephemeral storage,
+pods; the :data:`~.pods.NODE_LABEL` label and the :data:`~.pods.NODE_TAINT` taint so that only
+sandbox Pods land here), renews its Lease in ``kube-node-lease`` every
+:data:`LEASE_RENEW_S` and posts its status, and watches the Pods bound to it
+(``spec.nodeName=<name>``). Each Pod becomes a sandbox through the single-machine runtime's
+lifecycle code (:class:`~sandboxd.runtime.manager.SandboxManager`: the same jail, zygote, agent and
+re-adoption after a restart) and its status follows the sandbox: ``Running`` with Ready
+conditions, ``Failed`` (reason ``SandboxDied``, ``UnknownTemplate``, ``CreateFailed``,
+``SandboxLost``) or ``Succeeded``. The Pod's ``sandboxd.io/state`` label asks for pause and
+resume; the node reports the result in the ``sandboxd.io/Paused`` condition. Deleting the Pod
+kills the sandbox, after which the node removes the Pod (as a kubelet does, with grace 0).
+
+Its tunnel (:mod:`.tunnel`) lets ``serve`` replicas reach ports inside these sandboxes. Nothing
+here enforces timeouts: that is one ``serve`` replica's job (:mod:`.backend`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import math
+import os
+import platform
+import re
+import shutil
+import socket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sandboxd import __version__
+from sandboxd.runtime.debian import DEFAULT_MIRROR
+from sandboxd.runtime.errors import ApiError
+from sandboxd.runtime.manager import CreateRequest, Limits, SandboxManager
+from sandboxd.runtime.store import Store
+from sandboxd.runtime.templates import Templates, default_store_dir
+
+from . import pods
+from .client import MERGE, Informer, Kube, KubeError, path_of
+from .secrets import NODE_SECRET, shared_secret
+from .tunnel import TunnelServer
+
+log = logging.getLogger("sandboxd.kube.node")
+
+LEASE_DURATION_S = 40
+"""The kubelet's default node lease duration (``nodeLeaseDurationSeconds``)."""
+
+LEASE_RENEW_S = 2.0
+"""How often the lease is renewed: well inside the node controller's grace period (8 s in the
+local cluster, 50 s by default), so only a dead node misses it."""
+
+STATUS_INTERVAL_S = 10.0
+"""Node status heartbeat, the kubelet's ``nodeStatusUpdateFrequency``."""
+
+NODE_SANDBOX_TIMEOUT_S = 10 * 365 * 24 * 3600
+"""The local lifetime given to each sandbox: timeouts are enforced by ``serve`` (one replica, by
+Lease) on the Pod, never by the node's local reaper."""
+
+_SANDBOX_ID = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+
+
+@dataclass
+class NodeOptions:
+    """``sandboxd node`` flags."""
+
+    name: str
+    data_dir: Path
+    namespace: str = "sandboxd"
+    kubeconfig: Path | None = None
+    address: str = "127.0.0.1"
+    tunnel_port: int = 10250
+    capacity_cpu: int = field(default_factory=lambda: os.cpu_count() or 1)
+    capacity_memory_mb: int = field(default_factory=lambda: _host_memory_mb())
+    max_sandboxes: int = 110
+    limits: Limits = field(default_factory=Limits)
+    template_store: Path | None = None
+    """Template layers (None: ``<data dir>/templates``), shareable with other runtimes and nodes."""
+    debian_mirror: str = DEFAULT_MIRROR
+
+
+def _host_memory_mb() -> int:
+    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")) >> 20
+
+
+def _now() -> str:
+    return pods.iso(time.time())
+
+
+def _micro_now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()) + f".{int(time.time() * 1e6) % 1000000:06d}Z"
+
+
+class SandboxNode:
+    """The provider: Pods bound to this Node in, sandboxes and Pod statuses out."""
+
+    def __init__(self, options: NodeOptions, kube: Kube, manager: SandboxManager, store: Store) -> None:
+        self.options = options
+        self.kube = kube
+        self.manager = manager
+        self.store = store
+        self.name = options.name
+        self.token_key = b""
+        self.tunnel: TunnelServer | None = None
+        self.tunnel_port = options.tunnel_port
+        self.pods = Informer(kube, "/api/v1/pods", fieldSelector=f"spec.nodeName={options.name}")
+        self.local: dict[str, str] = {}
+        """Pod key (namespace/name) -> local sandbox id, for the sandboxes this node runs."""
+        self.latest: dict[str, dict[str, Any] | None] = {}
+        """The newest version of each Pod waiting to be reconciled (None: it was deleted)."""
+        self.working: set[str] = set()
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.node_uid = ""
+
+    # ----------------------------------------------------------------------------- start/stop
+
+    async def start(self) -> None:
+        keys = await shared_secret(self.kube, self.options.namespace, NODE_SECRET)
+        self.token_key = keys["token-key"].encode()
+        self.tunnel = TunnelServer(keys["tunnel-key"], self._open_socket, self.manager_metrics)
+        self.tunnel_port = await self.tunnel.start(self.options.address, self.options.tunnel_port)
+        for row in self.store.live():
+            key = row.metadata.get("k8s.pod")
+            if key:
+                self.local[key] = row.id
+        self.manager.on_gone.append(self._sandbox_gone)
+        await self._register()
+        self._spawn(self._lease_loop())
+        self._spawn(self._status_loop())
+        self.pods.handlers.append(self._pod_event)
+        self.pods.start()
+        await self.pods.synced.wait()
+        self._spawn(self._kill_orphans())
+        log.info("node %s ready: tunnel on %s:%d", self.name, self.options.address, self.tunnel_port)
+
+    async def stop(self) -> None:
+        await self.pods.stop()
+        for task in list(self.tasks):
+            task.cancel()
+        if self.tunnel is not None:
+            await self.tunnel.stop()
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    # ---------------------------------------------------------------------------------- Node
+
+    def _node_status(self) -> dict[str, Any]:
+        o = self.options
+        disk = shutil.disk_usage(o.data_dir)
+        capacity = {
+            "cpu": str(o.capacity_cpu),
+            "memory": f"{o.capacity_memory_mb}Mi",
+            "ephemeral-storage": str(disk.total),
+            "pods": str(o.max_sandboxes),
+        }
+        now = _now()
+        ready = {
+            "type": "Ready",
+            "status": "True",
+            "reason": "KubeletReady",
+            "message": "sandboxd node is posting ready status",
+            "lastHeartbeatTime": now,
+        }
+        conditions = [ready] + [
+            {"type": kind, "status": "False", "reason": f"KubeletHas{ok}", "message": msg, "lastHeartbeatTime": now}
+            for kind, ok, msg in (
+                ("MemoryPressure", "SufficientMemory", "sandboxes stay within their memory limits"),
+                ("DiskPressure", "NoDiskPressure", f"{disk.free >> 20} MiB free in the data dir"),
+                ("PIDPressure", "SufficientPID", "sandboxes stay within their pids limits"),
+            )
+        ]
+        uname = platform.uname()
+        return {
+            "capacity": capacity,
+            "allocatable": dict(capacity),
+            "conditions": conditions,
+            "addresses": [{"type": "InternalIP", "address": o.address}, {"type": "Hostname", "address": self.name}],
+            "daemonEndpoints": {"kubeletEndpoint": {"Port": self.tunnel_port}},
+            "nodeInfo": {
+                "machineID": self.name,
+                "systemUUID": self.name,
+                "bootID": _boot_id(),
+                "kernelVersion": uname.release,
+                "osImage": "sandboxd",
+                "containerRuntimeVersion": f"sandboxd://{__version__}",
+                "kubeletVersion": f"v1.34.4-sandboxd-{__version__}",
+                "kubeProxyVersion": "",
+                "operatingSystem": "linux",
+                "architecture": {"x86_64": "amd64", "aarch64": "arm64"}.get(uname.machine, uname.machine),
+            },
+        }
+
+    def _node_meta(self) -> dict[str, Any]:
+        return {
+            "labels": {
+                "kubernetes.io/hostname": self.name,
+                "kubernetes.io/os": "linux",
+                "kubernetes.io/role": "agent",
+                "type": "virtual-kubelet",
+                pods.NODE_LABEL: "true",
+            },
+            "annotations": {pods.TUNNEL_PORT_ANNOTATION: str(self.tunnel_port)},
+        }
+
+    async def _register(self) -> None:
+        """Create the Node, or take over the one a previous run of this node left."""
+        spec = {"taints": [{"key": pods.NODE_TAINT, "value": "true", "effect": "NoSchedule"}]}
+        body = {"apiVersion": "v1", "kind": "Node", "metadata": {"name": self.name, **self._node_meta()}, "spec": spec}
+        try:
+            node = await self.kube.create(path_of("nodes"), body)
+        except KubeError as exc:
+            if exc.status != 409:
+                raise
+            node = await self.kube.patch(path_of("nodes", name=self.name), {"metadata": self._node_meta()}, MERGE)
+        self.node_uid = node["metadata"]["uid"]
+        await self._post_status()
+
+    async def _post_status(self) -> None:
+        await self.kube.patch(path_of("nodes", name=self.name, sub="status"), {"status": self._node_status()})
+
+    async def _status_loop(self) -> None:
+        while True:
+            await asyncio.sleep(STATUS_INTERVAL_S)
+            try:
+                await self._post_status()
+            except Exception as exc:
+                log.warning("node status update failed: %r", exc)
+
+    async def _lease_loop(self) -> None:
+        path = path_of("leases", "kube-node-lease", self.name)
+        while True:
+            try:
+                try:
+                    await self.kube.patch(path, {"spec": {"renewTime": _micro_now()}}, MERGE)
+                except KubeError as exc:
+                    if exc.status != 404:
+                        raise
+                    owner = {"apiVersion": "v1", "kind": "Node", "name": self.name, "uid": self.node_uid}
+                    lease = {
+                        "apiVersion": "coordination.k8s.io/v1",
+                        "kind": "Lease",
+                        "metadata": {"name": self.name, "ownerReferences": [owner]},
+                        "spec": {
+                            "holderIdentity": self.name,
+                            "leaseDurationSeconds": LEASE_DURATION_S,
+                            "renewTime": _micro_now(),
+                        },
+                    }
+                    await self.kube.create(path_of("leases", "kube-node-lease"), lease)
+            except Exception as exc:
+                log.warning("node lease renewal failed: %r", exc)
+            await asyncio.sleep(LEASE_RENEW_S)
+
+    # --------------------------------------------------------------------------- Pod events
+
+    def _pod_event(self, kind: str, pod: dict[str, Any]) -> None:
+        key = Informer.key(pod)
+        self.latest[key] = None if kind == "DELETED" else pod
+        if key not in self.working:
+            self.working.add(key)
+            self._spawn(self._work(key))
+
+    def _sandbox_gone(self, sandbox_id: str) -> None:
+        """The manager's callback (kill, pause, or death): look at that Pod again."""
+        for key, local_id in self.local.items():
+            if local_id == sandbox_id and key in self.pods.items and key not in self.working:
+                self._pod_event("REFRESH", self.pods.items[key])
+                return
+
+    async def _work(self, key: str) -> None:
+        """One worker per Pod at a time, always on its newest version (a work queue of one)."""
+        try:
+            while key in self.latest:
+                pod = self.latest.pop(key)
+                try:
+                    await self._reconcile(key, pod)
+                except Exception:
+                    log.exception("reconciling pod %s failed", key)
+        finally:
+            self.working.discard(key)
+
+    async def _reconcile(self, key: str, pod: dict[str, Any] | None) -> None:
+        local_id = self.local.get(key) or (_container_id(pod) if pod else None)
+        row = self.store.get(local_id) if local_id else None
+        live = row is not None and row.state in ("running", "paused")
+        if pod is None or pod["metadata"].get("deletionTimestamp"):
+            if live and local_id:
+                await self._kill(local_id, "its Pod was deleted")
+                self._event(pod, "Killing", "Stopped the sandbox: its Pod was deleted")
+            self.local.pop(key, None)
+            if pod is not None:
+                await self._finish_deletion(pod)
+            return
+        phase = pod.get("status", {}).get("phase", "Pending")
+        if phase in ("Succeeded", "Failed"):
+            if live and local_id:
+                reason = pod["status"].get("message") or pod["status"].get("reason") or phase
+                await self._kill(local_id, f"its Pod is {phase}: {reason}")
+            return
+        if row is None:
+            if phase == "Running":
+                await self._fail(
+                    pod, "SandboxLost", "this node no longer has the Pod's sandbox (its data dir was reset)"
+                )
+            else:
+                await self._create(key, pod)
+            return
+        if row.state == "ended":
+            await self._ended(pod, row.ended_reason or "it ended")
+            return
+        await self._follow_state(pod, row.id, row.state)
+
+    async def _kill(self, local_id: str, reason: str) -> None:
+        with contextlib.suppress(ApiError):
+            await self.manager.kill(local_id, reason)
+
+    async def _finish_deletion(self, pod: dict[str, Any]) -> None:
+        meta = pod["metadata"]
+        body = {"gracePeriodSeconds": 0, "preconditions": {"uid": meta["uid"]}}
+        try:
+            await self.kube.delete(path_of("pods", meta["namespace"], meta["name"]), body)
+        except KubeError as exc:
+            if exc.status not in (404, 409):
+                raise
+
+    async def _kill_orphans(self) -> None:
+        """Sandboxes whose Pod was deleted while this node was down."""
+        for key, local_id in list(self.local.items()):
+            if key not in self.pods.items:
+                row = self.store.get(local_id)
+                if row is not None and row.state in ("running", "paused"):
+                    log.info("killing sandbox %s: its Pod %s is gone", local_id, key)
+                    await self._kill(local_id, "its Pod was deleted while the node was down")
+                self.local.pop(key, None)
+
+    # ---------------------------------------------------------------------------------- create
+
+    async def _create(self, key: str, pod: dict[str, Any]) -> None:
+        meta, spec = pod["metadata"], pod["spec"]
+        containers = spec.get("containers") or []
+        if len(containers) != 1:
+            await self._fail(pod, "CreateFailed", f"a sandbox Pod has one container, this one has {len(containers)}")
+            return
+        container = containers[0]
+        env: dict[str, str] = {}
+        for item in container.get("env") or []:
+            if "valueFrom" in item:
+                await self._fail(pod, "CreateFailed", f"env {item.get('name')}: valueFrom is not supported")
+                return
+            env[item["name"]] = item.get("value", "")
+        limits = (container.get("resources") or {}).get("limits") or {}
+        try:
+            cpus = max(1, math.ceil(pods.quantity_cores(limits["cpu"]))) if "cpu" in limits else None
+            memory = max(16, pods.quantity_bytes(limits["memory"]) >> 20) if "memory" in limits else None
+        except ValueError as exc:
+            await self._fail(pod, "CreateFailed", f"resources.limits: {exc}")
+            return
+        annotations = meta.get("annotations") or {}
+        name = meta["name"]
+        existing = self.store.get(name)
+        request = CreateRequest(
+            template=str(container.get("image", "")),
+            timeout=NODE_SANDBOX_TIMEOUT_S,
+            metadata={"k8s.pod": key, "k8s.uid": meta["uid"]},
+            env_vars=env,
+            pause_memory=annotations.get(pods.PAUSE_MODE_ANNOTATION, "full") != "filesystem",
+            sandbox_id=name if _SANDBOX_ID.fullmatch(name) and existing is None else None,
+            access_token=pods.access_token(self.token_key, meta["namespace"], name, meta["uid"]),
+            cpu_count=cpus,
+            memory_mb=memory,
+        )
+        try:
+            row = await self.manager.create(request)
+        except ApiError as exc:
+            reason = {404: "UnknownTemplate", 403: "OutOfCapacity"}.get(exc.status, "CreateFailed")
+            await self._fail(pod, reason, exc.message)
+            return
+        self.local[key] = row.id
+        started = pods.iso(row.started_at)
+        status = {
+            "phase": "Running",
+            "hostIP": self.options.address,
+            "hostIPs": [{"ip": self.options.address}],
+            "startTime": started,
+            "conditions": [
+                {"type": t, "status": "True", "lastTransitionTime": started}
+                for t in ("PodReadyToStartContainers", "Initialized", "ContainersReady", "Ready")
+            ]
+            + [{"type": pods.PAUSED_CONDITION, "status": "False", "lastTransitionTime": started, "reason": "Running"}],
+            "containerStatuses": [
+                {
+                    "name": container.get("name", pods.CONTAINER),
+                    "image": request.template,
+                    "imageID": f"sandboxd://template/{row.template_id}",
+                    "containerID": f"sandboxd://{row.id}",
+                    "ready": True,
+                    "started": True,
+                    "restartCount": 0,
+                    "state": {"running": {"startedAt": started}},
+                }
+            ],
+        }
+        await self._patch_status(pod, status)
+        self._event(pod, "Started", f"Started sandbox {row.id} from template {request.template}")
+        # A desired state that changed while we were booting is picked up on the next event.
+        if (meta.get("labels") or {}).get(pods.STATE_LABEL, "running") == "paused":
+            self._pod_event("REFRESH", self.pods.items.get(key, pod))
+
+    # ----------------------------------------------------------------------------- follow state
+
+    async def _follow_state(self, pod: dict[str, Any], local_id: str, state: str) -> None:
+        desired = (pod["metadata"].get("labels") or {}).get(pods.STATE_LABEL, "running")
+        if desired == "paused" and state == "running":
+            mode = (pod["metadata"].get("annotations") or {}).get(pods.PAUSE_MODE_ANNOTATION, "full")
+            await self.manager.pause(local_id, "filesystem" if mode == "filesystem" else "full", "its Pod asked")
+            self._event(pod, "Paused", f"Paused the sandbox ({mode})")
+            state = "paused"
+        elif desired == "running" and state == "paused":
+            await self.manager.resume(local_id, None)
+            self._event(pod, "Resumed", "Resumed the sandbox")
+            state = "running"
+        paused = "True" if state == "paused" else "False"
+        current: dict[str, Any] = next(
+            (c for c in pod.get("status", {}).get("conditions") or [] if c.get("type") == pods.PAUSED_CONDITION), {}
+        )
+        if current.get("status") != paused:
+            condition = {
+                "type": pods.PAUSED_CONDITION,
+                "status": paused,
+                "lastTransitionTime": _now(),
+                "reason": "Paused" if paused == "True" else "Running",
+            }
+            ready = {"type": "Ready", "status": "False" if paused == "True" else "True", "lastTransitionTime": _now()}
+            if paused == "True":
+                ready.update(reason="SandboxPaused", message="the sandbox is paused")
+            await self._patch_status(pod, {"conditions": [condition, ready]})
+
+    # ---------------------------------------------------------------------------------- ended
+
+    async def _ended(self, pod: dict[str, Any], reason: str) -> None:
+        match = re.search(r"exit status (\d+)", reason)
+        code = int(match.group(1)) if match else 1
+        phase = "Succeeded" if code == 0 else "Failed"
+        await self._terminal(pod, phase, "SandboxDied", reason, code)
+        self._event(pod, "Died", f"The sandbox ended: {reason}", warning=True)
+
+    async def _fail(self, pod: dict[str, Any], reason: str, message: str) -> None:
+        log.warning("pod %s failed: %s: %s", Informer.key(pod), reason, message)
+        await self._terminal(pod, "Failed", reason, message, 1)
+        self._event(pod, reason, message, warning=True)
+
+    async def _terminal(self, pod: dict[str, Any], phase: str, reason: str, message: str, code: int) -> None:
+        now = _now()
+        containers = pod["spec"].get("containers") or [{}]
+        started = next(
+            (
+                s.get("state", {}).get("running", {}).get("startedAt")
+                for s in pod.get("status", {}).get("containerStatuses") or []
+            ),
+            None,
+        )
+        status = {
+            "phase": phase,
+            "reason": reason,
+            "message": message,
+            "conditions": [
+                {"type": t, "status": "False", "reason": reason, "lastTransitionTime": now}
+                for t in ("ContainersReady", "Ready")
+            ],
+            "containerStatuses": [
+                {
+                    "name": containers[0].get("name", pods.CONTAINER),
+                    "image": containers[0].get("image", ""),
+                    "imageID": "",
+                    "ready": False,
+                    "started": False,
+                    "restartCount": 0,
+                    "state": {
+                        "terminated": {
+                            "exitCode": code,
+                            "reason": "Completed" if code == 0 else "Error",
+                            "message": message,
+                            "startedAt": started or now,
+                            "finishedAt": now,
+                        }
+                    },
+                }
+            ],
+        }
+        await self._patch_status(pod, status)
+
+    async def _patch_status(self, pod: dict[str, Any], status: dict[str, Any]) -> None:
+        meta = pod["metadata"]
+        try:
+            await self.kube.patch(path_of("pods", meta["namespace"], meta["name"], "status"), {"status": status})
+        except KubeError as exc:
+            if exc.status != 404:
+                raise
+
+    def _event(self, pod: dict[str, Any] | None, reason: str, message: str, warning: bool = False) -> None:
+        """A Kubernetes Event on the Pod, as the kubelet records them (best effort, off the path)."""
+        if pod is None:
+            return
+        meta = pod["metadata"]
+        body = {
+            "apiVersion": "v1",
+            "kind": "Event",
+            "metadata": {"generateName": f"{meta['name']}.", "namespace": meta["namespace"]},
+            "involvedObject": {
+                "apiVersion": "v1",
+                "kind": "Pod",
+                "name": meta["name"],
+                "namespace": meta["namespace"],
+                "uid": meta["uid"],
+            },
+            "reason": reason,
+            "message": message,
+            "type": "Warning" if warning else "Normal",
+            "source": {"component": "sandboxd-node", "host": self.name},
+            "firstTimestamp": _now(),
+            "lastTimestamp": _now(),
+            "count": 1,
+        }
+
+        async def post() -> None:
+            try:
+                await self.kube.create(path_of("events", meta["namespace"]), body)
+            except Exception as exc:
+                log.debug("event for %s not recorded: %r", meta["name"], exc)
+
+        self._spawn(post())
+
+    # --------------------------------------------------------------------------------- tunnel
+
+    async def _open_socket(self, sandbox_id: str, port: int) -> socket.socket:
+        try:
+            await self.manager.ensure_reachable(sandbox_id)
+        except ApiError as exc:
+            raise ConnectionRefusedError(exc.message) from None
+        return await self.manager.open_socket(sandbox_id, port)
+
+    async def manager_metrics(self, sandbox_id: str) -> dict[str, Any]:
+        return dataclasses.asdict(await self.manager.metrics(sandbox_id))
+
+
+def _container_id(pod: dict[str, Any]) -> str | None:
+    for status in pod.get("status", {}).get("containerStatuses") or []:
+        cid = str(status.get("containerID") or "")
+        if cid.startswith("sandboxd://"):
+            return cid.removeprefix("sandboxd://")
+    return None
+
+
+def _boot_id() -> str:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return ""
+
+
+def run(options: NodeOptions) -> None:
+    """Prepare the data dir and the zygote (as ``sandboxd serve`` does), then run until signalled."""
+    import sys
+
+    from sandboxd import _core
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if os.geteuid() != 0:
+        sys.exit("sandboxd node needs root: sandboxes are built from namespaces, overlayfs and cgroups")
+    options.data_dir.mkdir(parents=True, exist_ok=True)
+    options.data_dir.chmod(0o700)
+    store = Store(options.data_dir / "sandboxd.db")
+    templates = Templates(store, options.template_store or default_store_dir(options.data_dir), options.debian_mirror)
+    templates.ensure_host()
+    # `sandboxd template --data-dir <node's>` finds the store this node uses through its database.
+    store.set_setting("template_store", str(templates.store_dir))
+    _core.become_subreaper()
+    import uvloop
+
+    uvloop.run(_run(options, store, templates))
+
+
+async def _run(options: NodeOptions, store: Store, templates: Templates) -> None:
+    import signal
+
+    from sandboxd.runtime import zygote
+    from sandboxd.runtime.zygote_client import ZygoteClient
+
+    limits = Limits(
+        cpu_count=options.limits.cpu_count,
+        memory_mb=options.limits.memory_mb,
+        disk_mb=options.limits.disk_mb,
+        pids_max=options.limits.pids_max,
+        max_sandboxes=options.max_sandboxes,
+        max_timeout_s=NODE_SANDBOX_TIMEOUT_S,
+    )
+    zygote_client = ZygoteClient(zygote.start)
+    await zygote_client.start()
+    manager = SandboxManager(store, templates, options.data_dir, zygote_client, limits)
+    await manager.start()
+    kube = await Kube.connect(options.kubeconfig)
+    node = SandboxNode(options, kube, manager, store)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await node.start()
+        print(f"sandboxd node {options.name}: tunnel on {options.address}:{node.tunnel_port}", flush=True)
+        await stop.wait()
+    finally:
+        await node.stop()
+        await manager.stop()
+        await zygote_client.stop()
+        await kube.close()
+        templates.close()
+        store.close()

@@ -1,0 +1,424 @@
+"""sandboxd on a real Kubernetes control plane: three ``sandboxd node``s on this machine, each acting
+as its own (data dir, name, tunnel port), two ``sandboxd serve --backend kubernetes`` replicas, the
+official E2B SDK through either replica, and kubectl-style checks with the official Python client.
+
+Nodes and replicas run with the RBAC identities of ``deploy/kubernetes/rbac.yaml``. The tests run in
+file order and share one set of nodes and replicas (starting them is the expensive part); the last
+ones kill a node and a replica.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from conftest import free_port, wait_healthy
+from e2b import Sandbox, SandboxQuery, SandboxState
+from e2b.exceptions import NotFoundException
+
+pytestmark = [pytest.mark.root, pytest.mark.slow]
+
+NAMESPACE = "sandboxd"
+API_KEY = "e2b_kube_test_key"
+
+
+@dataclass
+class Proc:
+    name: str
+    args: list[str]
+    log: Path
+    process: subprocess.Popen[bytes]
+    port: int = 0
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def opts(self) -> dict[str, str]:
+        """SDK keyword arguments that point it at this replica."""
+        return {"api_key": API_KEY, "api_url": self.url, "sandbox_url": self.url}
+
+    def start(self) -> None:
+        with self.log.open("ab") as out:
+            self.process = subprocess.Popen(self.args, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+            try:
+                self.process.wait(20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+@dataclass
+class Env:
+    core: Any  # kubernetes.client.CoreV1Api (admin)
+    coordination: Any
+    nodes: dict[str, Proc]
+    replicas: list[Proc]
+
+
+def _wait(what: str, check: Callable[[], Any], timeout: float = 60, every: float = 0.2) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        result = check()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        time.sleep(every)
+
+
+def _node_ready(core: Any, name: str) -> bool:
+    try:
+        node = core.read_node(name)
+    except Exception:
+        return False
+    return any(c.type == "Ready" and c.status == "True" for c in node.status.conditions or [])
+
+
+@pytest.fixture(scope="module")
+def kube(kube_cluster: Any, base_template: bool, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
+    """Three nodes and two replicas; the nodes share the tests' template store (SANDBOXD_TEMPLATE_STORE,
+    with ``base`` built by the ``base_template`` fixture), as machines of a cluster share an image."""
+    if os.geteuid() != 0:
+        pytest.skip("sandboxd node needs root (namespaces, overlayfs, cgroups)")
+    from kubernetes import client, config
+
+    api = config.new_client_from_config(config_file=str(kube_cluster.kubeconfig("admin")))
+    core, coordination = client.CoreV1Api(api), client.CoordinationV1Api(api)
+    run = f"t{uuid.uuid4().hex[:5]}"
+    nodes: dict[str, Proc] = {}
+    # node-c offers room for one sandbox only: the scheduler must treat it as full once it has one.
+    for suffix, capacity in (("a", "50"), ("b", "50"), ("c", "1")):
+        name = f"{run}-node-{suffix}"
+        data_dir = tmp_path_factory.mktemp(name)
+        args = [
+            sys.executable, "-m", "sandboxd", "node", "--name", name, "--data-dir", str(data_dir),
+            "--kubeconfig", str(kube_cluster.kubeconfig("sandboxd-node")), "--namespace", NAMESPACE,
+            "--tunnel-port", str(free_port()), "--max-sandboxes", capacity,
+            "--sandbox-cpus", "1", "--sandbox-memory-mb", "512",
+        ]  # fmt: skip
+        proc = Proc(name, args, data_dir / "node.log", None)  # type: ignore[arg-type]
+        proc.start()
+        nodes[suffix] = proc
+    replicas = []
+    for i in range(2):
+        port = free_port()
+        log = tmp_path_factory.mktemp(f"serve{i}") / "serve.log"
+        args = [
+            sys.executable, "-m", "sandboxd", "serve", "--backend", "kubernetes", "--port", str(port),
+            "--kubeconfig", str(kube_cluster.kubeconfig("sandboxd-serve")), "--namespace", NAMESPACE,
+            "--api-key", API_KEY, "--sandbox-cpus", "1", "--sandbox-memory-mb", "512", "--max-timeout", "3600",
+        ]  # fmt: skip
+        proc = Proc(f"serve-{i}", args, log, None, port)  # type: ignore[arg-type]
+        proc.start()
+        replicas.append(proc)
+    env = Env(core, coordination, nodes, replicas)
+    try:
+        for proc in nodes.values():
+            _wait(f"node {proc.name} Ready", lambda p=proc: _node_ready(core, p.name) or _died(p))
+        for proc in replicas:
+            wait_healthy(proc.url, proc.process, proc.log, status=200)
+        yield env
+    finally:
+        _teardown(env)
+        api.close()
+
+
+def _died(proc: Proc) -> bool:
+    if proc.process.poll() is not None:
+        pytest.fail(f"{proc.name} exited with {proc.process.returncode}:\n{proc.log.read_text()[-4000:]}")
+    return False
+
+
+def _teardown(env: Env) -> None:
+    """Delete every sandbox Pod (the nodes stop their sandboxes), then stop nodes and replicas."""
+    for proc in env.nodes.values():
+        if proc.process.poll() is not None:
+            proc.start()  # a node killed by a test comes back to clean up what it ran
+    try:
+        for pod in env.core.list_namespaced_pod(NAMESPACE).items:
+            env.core.delete_namespaced_pod(pod.metadata.name, NAMESPACE, grace_period_seconds=5)
+        deadline = time.monotonic() + 60
+        while env.core.list_namespaced_pod(NAMESPACE).items and time.monotonic() < deadline:
+            time.sleep(0.3)
+        for proc in env.nodes.values():
+            env.core.delete_node(proc.name)
+    finally:
+        for proc in [*env.replicas, *env.nodes.values()]:
+            proc.stop()
+
+
+def _pods_by_node(env: Env, names: set[str]) -> dict[str, list[str]]:
+    spread: dict[str, list[str]] = {}
+    for pod in env.core.list_namespaced_pod(NAMESPACE).items:
+        if pod.metadata.name in names:
+            spread.setdefault(pod.spec.node_name, []).append(pod.metadata.name)
+    return spread
+
+
+# ----------------------------------------------------------------------------------- the tests
+
+
+def test_nodes_register_with_capacity_taint_and_lease(kube: Env) -> None:
+    for suffix, proc in kube.nodes.items():
+        node = kube.core.read_node(proc.name)
+        assert node.metadata.labels["sandboxd.io/node"] == "true"
+        assert node.metadata.labels["type"] == "virtual-kubelet"
+        assert [(t.key, t.effect) for t in node.spec.taints or [] if t.key.startswith("sandboxd.io")] == [
+            ("sandboxd.io/sandboxes-only", "NoSchedule")
+        ]
+        assert node.status.capacity["pods"] == ("1" if suffix == "c" else "50")
+        assert {"cpu", "memory", "ephemeral-storage", "pods"} <= set(node.status.allocatable)
+        assert node.status.node_info.container_runtime_version.startswith("sandboxd://")
+        assert node.status.daemon_endpoints.kubelet_endpoint.port > 0
+        lease = kube.coordination.read_namespaced_lease(proc.name, "kube-node-lease")
+        assert lease.spec.holder_identity == proc.name
+        assert lease.metadata.owner_references[0].kind == "Node"
+        renewed = lease.spec.renew_time
+        _wait(
+            "a lease renewal",
+            lambda n=proc.name, r=renewed: (
+                kube.coordination.read_namespaced_lease(n, "kube-node-lease").spec.renew_time > r
+            ),
+            timeout=10,
+        )
+
+
+def test_a_pod_from_anyone_else_runs_as_a_sandbox(kube: Env) -> None:
+    """A kubectl-style Pod (the official client, no sandboxd API involved) that selects sandboxd
+    nodes runs: here it fills node-c, whose capacity is one Pod."""
+    from kubernetes import client
+
+    node_c = kube.nodes["c"].name
+    name = f"by-hand-{uuid.uuid4().hex[:6]}"
+    pod = client.V1Pod(
+        metadata=client.V1ObjectMeta(name=name, labels={"sandboxd.io/sandbox": "true"}),
+        spec=client.V1PodSpec(
+            restart_policy="Never",
+            node_selector={"sandboxd.io/node": "true", "kubernetes.io/hostname": node_c},
+            tolerations=[client.V1Toleration(key="sandboxd.io/sandboxes-only", operator="Exists")],
+            containers=[
+                client.V1Container(name="main", image="base", env=[client.V1EnvVar(name="HELLO", value="k8s")])
+            ],
+        ),
+    )
+    kube.core.create_namespaced_pod(NAMESPACE, pod)
+    running = _wait(
+        "the hand-made Pod Running",
+        lambda: (p := kube.core.read_namespaced_pod(name, NAMESPACE)).status.phase == "Running" and p,
+    )
+    assert running.spec.node_name == node_c
+    assert {c.type: c.status for c in running.status.conditions}["Ready"] == "True"
+    status = running.status.container_statuses[0]
+    assert status.container_id == f"sandboxd://{name}" and status.state.running is not None
+    # It is a sandbox like any other: the SDK reaches it through either replica.
+    for replica in kube.replicas:
+        sbx = Sandbox.connect(name, **replica.opts())
+        assert sbx.commands.run("echo $HELLO; hostname").stdout == f"k8s\n{name}\n"
+    events = kube.core.list_namespaced_event(NAMESPACE, field_selector=f"involvedObject.name={name}").items
+    assert "Started" in [e.reason for e in events]
+
+
+def test_thirty_creates_spread_by_the_scheduler_and_work_through_either_replica(kube: Env) -> None:
+    tag = uuid.uuid4().hex[:12]
+    a, b = kube.replicas
+
+    def create(i: int) -> Sandbox:
+        replica = kube.replicas[i % 2]
+        return Sandbox.create(timeout=600, metadata={"suite": tag, "i": str(i)}, **replica.opts())
+
+    with ThreadPoolExecutor(8) as pool:
+        sandboxes = list(pool.map(create, range(30)))
+    ids = {s.sandbox_id for s in sandboxes}
+    assert len(ids) == 30
+    spread = _pods_by_node(kube, ids)
+    assert kube.nodes["c"].name not in spread, "the full node got a sandbox"
+    assert {kube.nodes["a"].name, kube.nodes["b"].name} == set(spread), spread
+    assert sum(len(v) for v in spread.values()) == 30
+
+    def use(i: int) -> None:
+        sbx = sandboxes[i]
+        # Commands through the replica that created it, files through the other.
+        assert sbx.commands.run(f"echo {i} > /home/user/n; hostname").stdout == f"{sbx.sandbox_id}\n"
+        other = Sandbox.connect(sbx.sandbox_id, **kube.replicas[(i + 1) % 2].opts())
+        assert other.files.read("/home/user/n") == f"{i}\n"
+        other.files.write("/home/user/from-other", f"hello {i}")
+        assert sbx.commands.run("cat /home/user/from-other").stdout == f"hello {i}"
+
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(use, range(30)))
+
+    # Lists, with filters and Kubernetes pagination, are the same through both replicas.
+    def pages(replica: Proc, **query: Any) -> list[list[str]]:
+        paginator = Sandbox.list(query=SandboxQuery(metadata={"suite": tag, **query}), limit=7, **replica.opts())
+        out = []
+        while paginator.has_next:
+            out.append([s.sandbox_id for s in paginator.next_items()])
+        return out
+
+    through_a, through_b = pages(a), pages(b)
+    assert through_a == through_b
+    assert [len(p) for p in through_a] == [7, 7, 7, 7, 2]
+    listed = [sandbox_id for page in through_a for sandbox_id in page]
+    assert listed == sorted(ids), "pages run in name order: creation time first (sandboxd.kube.pods.new_id)"
+    one = pages(b, i="17")
+    assert one == [[sandboxes[17].sandbox_id]]
+    info = Sandbox.get_info(sandboxes[17].sandbox_id, **a.opts())
+    assert info.metadata == {"suite": tag, "i": "17"} and info.state == SandboxState.RUNNING
+
+    # Kill through one replica: gone through the other, and its Pod is gone.
+    victim = sandboxes.pop()
+    assert Sandbox.kill(victim.sandbox_id, **a.opts()) is True
+    with pytest.raises(NotFoundException):
+        Sandbox.get_info(victim.sandbox_id, **b.opts())
+    assert victim.sandbox_id not in [p.metadata.name for p in kube.core.list_namespaced_pod(NAMESPACE).items]
+    metrics = httpx.get(f"{b.url}/sandboxes/{sandboxes[0].sandbox_id}/metrics", headers={"X-API-KEY": API_KEY}).json()
+    assert metrics[0]["memTotal"] == 512 << 20 and metrics[0]["cpuCount"] == 1
+
+    with ThreadPoolExecutor(8) as pool:
+        assert all(pool.map(lambda s: Sandbox.kill(s.sandbox_id, **b.opts()), sandboxes))
+
+
+def test_pause_and_resume_keep_files_across_replicas(kube: Env) -> None:
+    a, b = kube.replicas
+    sbx = Sandbox.create(timeout=600, **a.opts())
+    try:
+        sbx.files.write("/home/user/state.txt", "before pause")
+        assert sbx.pause() is True
+        assert Sandbox.get_info(sbx.sandbox_id, **b.opts()).state == SandboxState.PAUSED
+        paused = Sandbox.list(query=SandboxQuery(state=[SandboxState.PAUSED]), **b.opts()).next_items()
+        assert sbx.sandbox_id in [s.sandbox_id for s in paused]
+        pod = kube.core.read_namespaced_pod(sbx.sandbox_id, NAMESPACE)
+        assert {c.type: c.status for c in pod.status.conditions}["sandboxd.io/Paused"] == "True"
+        resumed = Sandbox.connect(sbx.sandbox_id, **b.opts())
+        assert resumed.files.read("/home/user/state.txt") == "before pause"
+        assert Sandbox.get_info(sbx.sandbox_id, **a.opts()).state == SandboxState.RUNNING
+    finally:
+        sbx.kill()
+
+
+def test_timeouts_are_enforced(kube: Env) -> None:
+    a, b = kube.replicas
+    sbx = Sandbox.create(timeout=2, **a.opts())
+    assert sbx.is_running()
+    _wait("the sandbox to time out", lambda: _gone(sbx.sandbox_id, b), timeout=20)
+    kept = Sandbox.create(timeout=2, lifecycle={"on_timeout": "pause"}, **b.opts())
+    try:
+        kept.files.write("/home/user/keep", "me")
+        _wait(
+            "the sandbox to pause at its timeout",
+            lambda: Sandbox.get_info(kept.sandbox_id, **a.opts()).state == SandboxState.PAUSED,
+            timeout=20,
+        )
+        assert Sandbox.connect(kept.sandbox_id, **a.opts()).files.read("/home/user/keep") == "me"
+    finally:
+        kept.kill()
+
+
+def _gone(sandbox_id: str, replica: Proc) -> bool:
+    try:
+        Sandbox.get_info(sandbox_id, **replica.opts())
+    except NotFoundException:
+        return True
+    return False
+
+
+def test_bad_input_answers_4xx(kube: Env) -> None:
+    api = httpx.Client(base_url=kube.replicas[0].url, headers={"X-API-KEY": API_KEY})
+    assert httpx.get(f"{kube.replicas[0].url}/v2/sandboxes").status_code == 401
+    r = api.post("/v2/sandboxes", json={"templateID": "no-such-template"})
+    assert r.status_code == 404 and "no-such-template" in r.json()["message"]
+    assert api.post("/v2/sandboxes", json={"templateID": "base", "timeout": 10**7}).status_code == 400
+    assert api.get("/v2/sandboxes", params={"nextToken": "garbage!"}).status_code == 400
+    assert api.get("/v2/sandboxes", params={"order": "desc"}).status_code == 400
+    assert api.get("/sandboxes/nope").status_code == 404
+    assert api.delete("/sandboxes/nope").status_code == 404
+
+
+def test_a_killed_serve_replica_loses_nothing(kube: Env) -> None:
+    """Kill the replica that holds the leader Lease, in the middle of a command it proxies: the
+    other replica serves every sandbox, takes the Lease and enforces timeouts."""
+    lease = kube.coordination.read_namespaced_lease("sandboxd-serve", NAMESPACE)
+    holder = lease.spec.holder_identity
+    by_pid = {str(r.process.pid): r for r in kube.replicas}
+    leader = next(r for pid, r in by_pid.items() if f"-{pid}-" in holder)
+    other = next(r for r in kube.replicas if r is not leader)
+    sbx = Sandbox.create(timeout=600, **leader.opts())
+    sbx.files.write("/home/user/kept", "yes")
+
+    def slow_command() -> Exception | None:
+        try:
+            sbx.commands.run("sleep 5; echo done", timeout=30)
+        except Exception as exc:
+            return exc
+        return None
+
+    with ThreadPoolExecutor(1) as pool:
+        running = pool.submit(slow_command)
+        time.sleep(1)
+        leader.stop(signal.SIGKILL)
+        assert running.result() is not None, "the request through the killed replica cannot have finished"
+    survivor = Sandbox.connect(sbx.sandbox_id, **other.opts())
+    assert survivor.files.read("/home/user/kept") == "yes"
+    assert survivor.commands.run("echo still here").stdout == "still here\n"
+    _wait(
+        "the other replica to take the Lease",
+        lambda: (
+            f"-{other.process.pid}-"
+            in kube.coordination.read_namespaced_lease("sandboxd-serve", NAMESPACE).spec.holder_identity
+        ),
+        timeout=30,
+    )
+    short = Sandbox.create(timeout=2, **other.opts())
+    _wait("the new leader to time a sandbox out", lambda: _gone(short.sandbox_id, other), timeout=20)
+    survivor.kill()
+    leader.start()
+    wait_healthy(leader.url, leader.process, leader.log, status=200)
+
+
+def test_a_killed_node_goes_notready_and_its_sandboxes_are_reported_dead(kube: Env) -> None:
+    a, b = kube.replicas
+    node_a, node_b = kube.nodes["a"], kube.nodes["b"]
+    on_b: list[Sandbox] = []
+    others: list[Sandbox] = []
+    while len(on_b) < 2:
+        sbx = Sandbox.create(timeout=600, **a.opts())
+        node = kube.core.read_namespaced_pod(sbx.sandbox_id, NAMESPACE).spec.node_name
+        (on_b if node == node_b.name else others).append(sbx)
+        assert len(others) < 20, "the scheduler never picked node b"
+    node_b.stop(signal.SIGKILL)
+    _wait("node b NotReady", lambda: not _node_ready(kube.core, node_b.name), timeout=30)
+    for sbx in on_b:
+
+        def reported_dead(sandbox_id: str = sbx.sandbox_id) -> str | None:
+            r = httpx.get(f"{b.url}/sandboxes/{sandbox_id}", headers={"X-API-KEY": API_KEY})
+            return r.json()["message"] if r.status_code == 404 else None
+
+        message = _wait("the API to report the sandbox dead", reported_dead, timeout=20)
+        assert node_b.name in message and "not ready" in message
+        pod = kube.core.read_namespaced_pod(sbx.sandbox_id, NAMESPACE)
+        assert pod.status.phase == "Failed" and pod.status.reason == "NodeLost"
+    fresh = [Sandbox.create(timeout=600, **r.opts()) for r in (a, b, a, b)]
+    placed = {kube.core.read_namespaced_pod(s.sandbox_id, NAMESPACE).spec.node_name for s in fresh}
+    assert placed == {node_a.name}
+    assert all(s.commands.run("echo ok").stdout == "ok\n" for s in fresh)
+    for sbx in fresh + others:
+        sbx.kill()
+    # The node comes back: it stops the sandboxes of its Failed Pods, and is Ready again.
+    node_b.start()
+    _wait("node b Ready again", lambda: _node_ready(kube.core, node_b.name), timeout=30)
