@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 
-from . import chart, commands, files, interpreter, network, observe, runtime, sdk_files, templates, watch
+from . import chart, commands, files, interpreter, kube, network, observe, runtime, sdk_files, templates, watch
 from .common import (
     Agent,
     Context,
@@ -39,6 +39,7 @@ SCENARIOS: dict[str, Callable[[Context], None]] = {
     "network": network.run,
     "templates": templates.run,
     "interpreter": interpreter.run,
+    "kube": kube.run,
 }
 
 

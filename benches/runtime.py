@@ -161,7 +161,7 @@ class Runtime:
     """``sandboxd serve`` as a subprocess (its own session, killed with the bench), with its data dir
     under the scenario's temp dir. :meth:`stop` kills every sandbox it made, then the runtime."""
 
-    def __init__(self, work: Path, max_sandboxes: int) -> None:
+    def __init__(self, work: Path, max_sandboxes: int, extra: tuple[str, ...] = ()) -> None:
         self.port = free_port()
         self.api_key = "bench_" + secrets.token_hex(16)
         self.url = f"http://127.0.0.1:{self.port}"
@@ -181,6 +181,7 @@ class Runtime:
             self.api_key,
             "--max-sandboxes",
             str(max_sandboxes),
+            *extra,
         ]
         with self.log_path.open("wb") as log:
             self.process = subprocess.Popen(

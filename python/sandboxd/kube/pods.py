@@ -65,10 +65,11 @@ ID_ALPHABET = string.ascii_lowercase + string.digits
 _LABEL_VALUE = re.compile(r"^(?:[A-Za-z0-9](?:[A-Za-z0-9._-]{0,61}[A-Za-z0-9])?)?$")
 _LABEL_NAME = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9._-]{0,61}[A-Za-z0-9])?$")
 
-REQUESTS = {"cpu": "100m", "memory": "64Mi"}
-"""What a sandbox Pod asks the scheduler to reserve: an idle sandbox's share (an agent is ~20 MiB).
-Sandboxes are bursty and capped by their limits, so nodes are filled by these requests and by
-their ``pods`` capacity, as E2B overcommits its hosts."""
+REQUESTS = {"cpu": "10m", "memory": "64Mi"}
+"""What a sandbox Pod asks the scheduler to reserve: an idle sandbox's share (an idle agent uses no
+CPU and ~20 MiB). Sandboxes are bursty and capped by their limits, as on one machine, where every
+sandbox may use 2 cores of a 2-core host; so a node is filled by its ``pods`` capacity
+(``--max-sandboxes``) long before these requests (a 2-core node takes 200 by CPU)."""
 
 
 def new_id() -> str:
