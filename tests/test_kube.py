@@ -391,6 +391,33 @@ def test_a_killed_serve_replica_loses_nothing(kube: Env) -> None:
     wait_healthy(leader.url, leader.process, leader.log, status=200)
 
 
+def test_a_restarted_node_readopts_its_sandboxes(kube: Env) -> None:
+    """``kill -9`` of a node and an immediate restart (well inside the node controller's grace
+    period): its sandboxes kept running meanwhile, and the new process adopts them and their Pods."""
+    a = kube.replicas[0]
+    node_a = kube.nodes["a"]
+    mine: list[Sandbox] = []
+    while not mine:
+        sbx = Sandbox.create(timeout=600, **a.opts())
+        if kube.core.read_namespaced_pod(sbx.sandbox_id, NAMESPACE).spec.node_name == node_a.name:
+            mine.append(sbx)
+        else:
+            sbx.kill()
+    sbx = mine[0]
+    ticker = sbx.commands.run("while :; do date +%s%N >> /home/user/ticks; sleep 0.05; done", background=True)
+    starts = node_a.log.read_text().count("ready: tunnel on")
+    node_a.stop(signal.SIGKILL)
+    node_a.start()
+    _wait("node a back", lambda: node_a.log.read_text().count("ready: tunnel on") > starts, timeout=30)
+    assert _node_ready(kube.core, node_a.name)
+    assert kube.core.read_namespaced_pod(sbx.sandbox_id, NAMESPACE).status.phase == "Running"
+    before = len(sbx.files.read("/home/user/ticks").splitlines())
+    time.sleep(0.3)
+    assert len(sbx.files.read("/home/user/ticks").splitlines()) > before
+    assert ticker.pid in [p.pid for p in sbx.commands.list()]
+    assert sbx.kill() is True
+
+
 def test_a_killed_node_goes_notready_and_its_sandboxes_are_reported_dead(kube: Env) -> None:
     a, b = kube.replicas
     node_a, node_b = kube.nodes["a"], kube.nodes["b"]

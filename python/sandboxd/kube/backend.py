@@ -33,7 +33,7 @@ from typing import Any
 
 from sandboxd.runtime.backend import ListQuery
 from sandboxd.runtime.errors import ApiError, not_found
-from sandboxd.runtime.manager import DEFAULT_TIMEOUT_S, CreateRequest, Limits, MetricsSample
+from sandboxd.runtime.manager import DEFAULT_TIMEOUT_S, CreateRequest, Limits, MetricsSample, validate_timeout
 from sandboxd.runtime.network import NetworkConfig
 from sandboxd.runtime.store import SandboxRow
 
@@ -216,11 +216,7 @@ class KubernetesBackend:
         return row.end_at if math.isfinite(row.end_at) else row.started_at + self.limits.max_timeout_s
 
     def _validate_timeout(self, timeout: int) -> int:
-        if timeout <= 0:
-            raise ApiError(400, f"'timeout' must be a positive number of seconds, got {timeout}")
-        if timeout > self.limits.max_timeout_s:
-            raise ApiError(400, f"'timeout' {timeout}s exceeds this runtime's maximum of {self.limits.max_timeout_s}s")
-        return timeout
+        return validate_timeout(timeout, self.limits)
 
     async def _patch(self, name: str, body: dict[str, Any]) -> dict[str, Any]:
         try:
@@ -416,7 +412,7 @@ class KubernetesBackend:
         pod = await self._pod(sandbox_id)
         self._live(pod)
         host, port = self._endpoint(pod)
-        local_id = _local_id(pod)
+        local_id = pods.sandbox_id_of(pod)
         if local_id is None:
             raise ApiError(404, f'Sandbox "{sandbox_id}" is not running yet')
         try:
@@ -506,7 +502,7 @@ class KubernetesBackend:
 
     async def _cached_pod(self, sandbox_id: str) -> dict[str, Any]:
         pod = self.pods.items.get(f"{self.namespace}/{sandbox_id}")
-        if pod is None or _local_id(pod) is None:
+        if pod is None or pods.sandbox_id_of(pod) is None:
             pod = await self._pod(sandbox_id)  # created through another replica a moment ago
         return pod
 
@@ -516,7 +512,7 @@ class KubernetesBackend:
             host, tunnel_port = self._endpoint(pod)
         except ApiError as exc:
             raise ConnectionRefusedError(exc.message) from None
-        local_id = _local_id(pod)
+        local_id = pods.sandbox_id_of(pod)
         if local_id is None:
             raise ConnectionRefusedError(f"sandbox {sandbox_id} is not running")
         try:
@@ -650,13 +646,5 @@ def _settled(pod: dict[str, Any]) -> bool:
     """Running with its sandbox id reported, ended, or refused by the scheduler."""
     phase = pod.get("status", {}).get("phase")
     if phase == "Running":
-        return _local_id(pod) is not None
+        return pods.sandbox_id_of(pod) is not None
     return phase in ("Failed", "Succeeded") or _unschedulable(pod) is not None
-
-
-def _local_id(pod: dict[str, Any]) -> str | None:
-    for status in pod.get("status", {}).get("containerStatuses") or []:
-        cid = str(status.get("containerID") or "")
-        if cid.startswith("sandboxd://"):
-            return cid.removeprefix("sandboxd://")
-    return None

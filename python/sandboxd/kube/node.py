@@ -287,7 +287,7 @@ class SandboxNode:
             self.working.discard(key)
 
     async def _reconcile(self, key: str, pod: dict[str, Any] | None) -> None:
-        local_id = self.local.get(key) or (_container_id(pod) if pod else None)
+        local_id = self.local.get(key) or (pods.sandbox_id_of(pod) if pod else None)
         row = self.store.get(local_id) if local_id else None
         live = row is not None and row.state in ("running", "paused")
         if pod is None or pod["metadata"].get("deletionTimestamp"):
@@ -550,14 +550,6 @@ class SandboxNode:
         return dataclasses.asdict(await self.manager.metrics(sandbox_id))
 
 
-def _container_id(pod: dict[str, Any]) -> str | None:
-    for status in pod.get("status", {}).get("containerStatuses") or []:
-        cid = str(status.get("containerID") or "")
-        if cid.startswith("sandboxd://"):
-            return cid.removeprefix("sandboxd://")
-    return None
-
-
 def _boot_id() -> str:
     try:
         return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
@@ -566,7 +558,8 @@ def _boot_id() -> str:
 
 
 def run(options: NodeOptions) -> None:
-    """Prepare the data dir and the zygote (as ``sandboxd serve`` does), then run until signalled."""
+    """Prepare the host as ``sandboxd serve`` does (root, an owner-only data dir with its database
+    and built-in template, this process as the sandboxes' subreaper), then run until signalled."""
     import sys
 
     from sandboxd import _core

@@ -83,6 +83,16 @@ def new_id() -> str:
     return stamp.rjust(9, "0") + "".join(secrets.choice(ID_ALPHABET) for _ in range(11))
 
 
+def sandbox_id_of(pod: dict[str, Any]) -> str | None:
+    """The id of the node's sandbox that runs ``pod`` (its container id ``sandboxd://<id>``, which
+    the node reports once the sandbox runs; usually the Pod's name), or None before that."""
+    for status in pod.get("status", {}).get("containerStatuses") or []:
+        cid = str(status.get("containerID") or "")
+        if cid.startswith("sandboxd://"):
+            return cid.removeprefix("sandboxd://")
+    return None
+
+
 def access_token(key: bytes, namespace: str, name: str, uid: str) -> str:
     """A sandbox's agent token: HMAC of the Pod's identity under the cluster's secret key, so the
     API and the node agree on it without storing it anywhere a Pod reader could see."""

@@ -111,6 +111,15 @@ class MetricsSample:
     """Bytes the sandbox sent over its network link."""
 
 
+def validate_timeout(timeout: int, limits: Limits) -> int:
+    """A sandbox lifetime a client asked for, checked against the runtime's maximum (400 if not)."""
+    if timeout <= 0:
+        raise ApiError(400, f"'timeout' must be a positive number of seconds, got {timeout}")
+    if timeout > limits.max_timeout_s:
+        raise ApiError(400, f"'timeout' {timeout}s exceeds this runtime's maximum of {limits.max_timeout_s}s")
+    return timeout
+
+
 def new_id() -> str:
     """20 characters of ``[a-z0-9]``, like E2B's ids."""
     return "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(20))
@@ -256,11 +265,7 @@ class SandboxManager:
         return found, None
 
     def _validate_timeout(self, timeout: int) -> int:
-        if timeout <= 0:
-            raise ApiError(400, f"'timeout' must be a positive number of seconds, got {timeout}")
-        if timeout > self.limits.max_timeout_s:
-            raise ApiError(400, f"'timeout' {timeout}s exceeds this runtime's maximum of {self.limits.max_timeout_s}s")
-        return timeout
+        return validate_timeout(timeout, self.limits)
 
     @property
     def slots_taken(self) -> int:
