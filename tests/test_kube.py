@@ -294,6 +294,23 @@ def test_thirty_creates_spread_by_the_scheduler_and_work_through_either_replica(
         assert all(pool.map(lambda s: Sandbox.kill(s.sandbox_id, **b.opts()), sandboxes))
 
 
+def test_metadata_that_is_no_label_still_filters_exactly(kube: Env) -> None:
+    """Metadata keys and values Kubernetes refuses as labels are stored as hashed labels: filters on
+    them (E2B's double encoding included) stay exact, and the values come back as given."""
+    a, b = kube.replicas
+    tag = uuid.uuid4().hex
+    odd = {"k": "v w", "a&b": "c=d", "long": "x" * 100, "suite": tag, "h.trap": "h.x"}
+    sbx = Sandbox.create(timeout=600, metadata=odd, **a.opts())
+    try:
+        assert Sandbox.get_info(sbx.sandbox_id, **b.opts()).metadata == odd
+        found = Sandbox.list(query=SandboxQuery(metadata=odd), **b.opts()).next_items()
+        assert [s.sandbox_id for s in found] == [sbx.sandbox_id]
+        for near in ({"k": "v", "suite": tag}, {"long": "x" * 99, "suite": tag}, {"h.trap": "h.y", "suite": tag}):
+            assert Sandbox.list(query=SandboxQuery(metadata=near), **a.opts()).next_items() == []
+    finally:
+        sbx.kill()
+
+
 def test_pause_and_resume_keep_files_across_replicas(kube: Env) -> None:
     a, b = kube.replicas
     sbx = Sandbox.create(timeout=600, **a.opts())

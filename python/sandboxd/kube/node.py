@@ -61,6 +61,10 @@ NODE_SANDBOX_TIMEOUT_S = 10 * 365 * 24 * 3600
 """The local lifetime given to each sandbox: timeouts are enforced by ``serve`` (one replica, by
 Lease) on the Pod, never by the node's local reaper."""
 
+KUBELET_VERSION = f"v1.34.4-sandboxd-{__version__}"
+"""What the Node reports as its kubelet version: the Kubernetes release whose node API it speaks
+(tested against that control plane), tagged with sandboxd's own version, as virtual-kubelet does."""
+
 _SANDBOX_ID = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 
 
@@ -190,7 +194,7 @@ class SandboxNode:
                 "kernelVersion": uname.release,
                 "osImage": "sandboxd",
                 "containerRuntimeVersion": f"sandboxd://{__version__}",
-                "kubeletVersion": f"v1.34.4-sandboxd-{__version__}",
+                "kubeletVersion": KUBELET_VERSION,
                 "kubeProxyVersion": "",
                 "operatingSystem": "linux",
                 "architecture": {"x86_64": "amd64", "aarch64": "arm64"}.get(uname.machine, uname.machine),
