@@ -34,7 +34,7 @@ mkdir -p "$WORK" "$OUT"
 cd "$WORK"
 
 # The module's own go.mod, for its list of staging modules and its `godebug` line.
-go mod download -json "k8s.io/kubernetes@$VERSION" >download.json
+GOTOOLCHAIN=local GOFLAGS=-mod=mod go mod download -json "k8s.io/kubernetes@$VERSION" >download.json
 UPSTREAM_DIR="$(sed -n 's/^\t"Dir": "\(.*\)",$/\1/p' download.json)"
 UPSTREAM_MOD="$UPSTREAM_DIR/go.mod"
 {
@@ -61,5 +61,7 @@ ldflags="-s -w"
 for v in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
   ldflags+=" -X $v.gitVersion=$VERSION -X $v.gitMajor=1 -X $v.gitMinor=$minor -X $v.gitTreeState=clean"
 done
-GOFLAGS=-mod=mod CGO_ENABLED=0 go build -trimpath -ldflags "$ldflags" -o "$OUT/" "${pkgs[@]}"
+# GOTOOLCHAIN=local: build with the installed Go or fail clearly, never fetch another toolchain.
+# The default GOCACHE is shared with every other Go build of the run.
+GOTOOLCHAIN=local GOFLAGS=-mod=mod CGO_ENABLED=0 go build -trimpath -ldflags "$ldflags" -o "$OUT/" "${pkgs[@]}"
 echo "kubernetes $VERSION: built ${BINARIES[*]} into $OUT in $(($(date +%s) - start)) s"
