@@ -311,6 +311,39 @@ def test_metadata_that_is_no_label_still_filters_exactly(kube: Env) -> None:
         sbx.kill()
 
 
+def test_the_node_tunnel_needs_the_key(kube: Env) -> None:
+    """A node's tunnel reaches any port of its sandboxes, so it answers only with the shared key
+    (Secret sandboxd-node), read here with the admin identity as a replica reads it."""
+    import base64
+    import socket
+
+    a = kube.replicas[0]
+    sbx = Sandbox.create(timeout=600, **a.opts())
+    try:
+        pod = kube.core.read_namespaced_pod(sbx.sandbox_id, NAMESPACE)
+        node = kube.core.read_node(pod.spec.node_name)
+        port = int(node.metadata.annotations["sandboxd.io/tunnel-port"])
+        assert port == node.status.daemon_endpoints.kubelet_endpoint.port
+        secret = kube.core.read_namespaced_secret("sandboxd-node", NAMESPACE)
+        key = base64.b64decode(secret.data["tunnel-key"]).decode()
+
+        def tunnel(auth: str, request: bytes = b"") -> bytes:
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
+                conn.sendall(f"CONNECT {sbx.sandbox_id}:49983 HTTP/1.1\r\n{auth}\r\n".encode() + request)
+                data = b""
+                while chunk := conn.recv(65536):  # until the node (or, tunnelled, the agent) closes
+                    data += chunk
+                return data
+
+        for wrong in ("", "Proxy-Authorization: Bearer nope\r\n", f"Proxy-Authorization: Bearer {key}x\r\n"):
+            assert tunnel(wrong).startswith(b"HTTP/1.1 407 ")
+        health = b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        answer = tunnel(f"Proxy-Authorization: Bearer {key}\r\n", health)
+        assert answer.startswith(b"HTTP/1.1 200 Connection established\r\n\r\nHTTP/1.1 204 "), answer[:200]
+    finally:
+        sbx.kill()
+
+
 def test_pause_and_resume_keep_files_across_replicas(kube: Env) -> None:
     a, b = kube.replicas
     sbx = Sandbox.create(timeout=600, **a.opts())
