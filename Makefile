@@ -82,7 +82,9 @@ promtool: $(PY) ## promtool (Prometheus's /metrics linter) from Debian's archive
 
 .PHONY: cluster-deps
 cluster-deps: ## install etcd (Debian's etcd-server) for the local Kubernetes control plane, if missing
-	@command -v etcd >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq etcd-server; }
+	@if command -v etcd >/dev/null; then :; \
+	elif [ "$$(id -u)" != 0 ]; then echo "cluster-deps: etcd not found; run 'sudo make cluster-deps' (the Kubernetes tests skip without it)"; \
+	else apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq etcd-server; fi
 
 .PHONY: cluster
 cluster: cluster-deps ## build kube-apiserver, kube-scheduler, kube-controller-manager from the Go module proxy (cached in .cluster/)

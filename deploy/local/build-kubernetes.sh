@@ -26,7 +26,11 @@ if [[ $missing == 0 ]]; then
   echo "kubernetes $VERSION: cached in $OUT"
   exit 0
 fi
-command -v go >/dev/null || { echo "go not found: install Go >= 1.24 (the build needs the Go toolchain)" >&2; exit 1; }
+if ! command -v go >/dev/null; then
+  echo "go not found: install Go >= 1.24 to build the control plane (the Kubernetes tests skip without it)" >&2
+  # CI must run them: fail there; elsewhere `make test` goes on without them.
+  [[ -n "${CI:-}" ]] && exit 1 || exit 0
+fi
 
 STAGING_VERSION="v0.${VERSION#v1.}"
 WORK="$ROOT/.cluster/build/$VERSION"
