@@ -42,6 +42,23 @@ def require(path_or_tool: str | Path, why: str) -> str:
     return found
 
 
+PYENV_LOCK = Path.home() / ".pyenv" / "shims" / ".pyenv-shim"
+STALE_LOCK_S = 30.0
+
+
+@pytest.fixture(autouse=True)
+def _no_stale_pyenv_lock() -> None:
+    """The standalone-agent tests run commands as the host's root, through root's real login shell.
+    On machines whose root profile runs ``pyenv init`` (this project's CI image), every login shell
+    takes pyenv's rehash lock for a fraction of a second, and a test that kills a command at that
+    moment (SIGKILL skips pyenv's cleanup trap) leaves the lock behind: every later ``bash -l`` on the
+    host then waits 60 s for it, and each command test times out. A lock older than any real rehash
+    is removed here; it is pyenv's own file, and pyenv recreates it when it next needs it."""
+    with contextlib.suppress(OSError):
+        if time.time() - PYENV_LOCK.stat().st_mtime > STALE_LOCK_S:
+            PYENV_LOCK.unlink()
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
