@@ -140,8 +140,30 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--domain", help="sandbox domain for Host-based routing (<port>-<id>.<domain>)")
     serve.add_argument("--max-sandboxes", type=int, default=256, help="running sandboxes at most (default: 256)")
-    serve.add_argument("--sandbox-cpus", type=int, default=2, help="CPU cores per sandbox (default: 2)")
-    serve.add_argument("--sandbox-memory-mb", type=int, default=1024, help="memory per sandbox in MiB (default: 1024)")
+    serve.add_argument(
+        "--sandbox-cpus", type=_positive(int), help="CPU cores per sandbox (default: half the host's, 1 to 2)"
+    )
+    serve.add_argument(
+        "--sandbox-memory-mb",
+        type=_positive(int),
+        help="memory per sandbox in MiB (default: 1024, less on a host with under 4 GiB to spare)",
+    )
+    serve.add_argument(
+        "--sandbox-disk-mb",
+        type=_positive(int),
+        help="disk quota per sandbox in MiB (default: 10240, or a quarter of the data dir's free space)",
+    )
+    serve.add_argument(
+        "--allow-nested-userns",
+        action="store_true",
+        help="let code in sandboxes create user namespaces (bubblewrap, Chrome's sandbox); see docs/security.md",
+    )
+    serve.add_argument(
+        "--id-registry",
+        type=Path,
+        default=None,
+        help="host-wide registry of sandbox id ranges, shared by every runtime (default: /var/lib/sandboxd-ids)",
+    )
     serve.add_argument(
         "--max-timeout", type=int, default=86400, help="longest sandbox timeout in seconds (default: 86400)"
     )
@@ -377,41 +399,43 @@ def main(argv: list[str] | None = None) -> None:
             )
         )
     elif args.command == "serve":
-        from sandboxd.runtime.manager import Limits
+        from sandboxd.runtime.host import SandboxFlags
         from sandboxd.runtime.network import NetworkOptions
         from sandboxd.runtime.server import DEFAULT_DATA_DIR, ServeOptions
         from sandboxd.runtime.server import run as run_runtime
 
-        limits = Limits(
-            cpu_count=args.sandbox_cpus,
-            memory_mb=args.sandbox_memory_mb,
-            max_sandboxes=args.max_sandboxes,
-            max_timeout_s=args.max_timeout,
+        options = ServeOptions(
+            host=args.host,
+            port=args.port,
+            data_dir=args.data_dir or DEFAULT_DATA_DIR,
+            api_key=args.api_key,
+            domain=args.domain,
+            sandboxes=SandboxFlags(
+                cpus=args.sandbox_cpus,
+                memory_mb=args.sandbox_memory_mb,
+                disk_mb=args.sandbox_disk_mb,
+                max_sandboxes=args.max_sandboxes,
+                max_timeout_s=args.max_timeout,
+                nested_userns=args.allow_nested_userns,
+            ),
+            log_format=args.log_format,
+            network=None
+            if args.no_network
+            else NetworkOptions(
+                uplink=args.uplink,
+                subnet=args.sandbox_subnet,
+                dns_upstreams=args.dns_upstream,
+                allow=args.sandbox_allow,
+                deny=args.sandbox_deny,
+                egress_trust=args.egress_trust,
+            ),
+            template_store=args.template_store,
+            debian_mirror=args.debian_mirror,
+            connections=_connection_limits(args),
         )
-        run_runtime(
-            ServeOptions(
-                host=args.host,
-                port=args.port,
-                data_dir=args.data_dir or DEFAULT_DATA_DIR,
-                api_key=args.api_key,
-                domain=args.domain,
-                limits=limits,
-                log_format=args.log_format,
-                network=None
-                if args.no_network
-                else NetworkOptions(
-                    uplink=args.uplink,
-                    subnet=args.sandbox_subnet,
-                    dns_upstreams=args.dns_upstream,
-                    allow=args.sandbox_allow,
-                    deny=args.sandbox_deny,
-                    egress_trust=args.egress_trust,
-                ),
-                template_store=args.template_store,
-                debian_mirror=args.debian_mirror,
-                connections=_connection_limits(args),
-            )
-        )
+        if args.id_registry is not None:
+            options.id_registry = args.id_registry
+        run_runtime(options)
     elif args.command == "status":
         from sandboxd.runtime.observe.status import main as status_main
         from sandboxd.runtime.server import DEFAULT_DATA_DIR

@@ -103,22 +103,34 @@
 
 mod capabilities;
 mod cgroup;
+mod devices;
+mod disk;
 mod handle;
+mod idmap;
+mod idrange;
 mod init;
 mod mounts;
 mod namespaces;
 mod netns;
 mod report;
+mod seccomp;
 mod spawn;
 mod spec;
 mod sys;
 mod template;
+mod userns;
 
 pub use capabilities::PAYLOAD_CAPABILITIES;
-pub use cgroup::{CGROUP_PARENT, CgroupVersion, Stats, cgroup_version, list_sandboxes};
+pub use cgroup::{
+    Budget, CGROUP_PARENT, CgroupVersion, Stats, cgroup_version, configure_budget, list_sandboxes,
+    remove_instance_if_empty,
+};
+pub use disk::{Disk, DiskUsage, copy_sparse, disk_usage, format_image, mount_disk};
 pub use handle::{FREEZE_TIMEOUT, KILL_TIMEOUT, SandboxHandle, become_subreaper, kill_sandbox};
+pub use idrange::{Claim, DEFAULT_REGISTRY, FIRST_BASE, IdRegistry, RANGE_SIZE, RANGES};
 pub use namespaces::{Entered, SETUP_TIMEOUT, enter_sandbox};
 pub use netns::{connect_in_netns, connect_in_netns_fd, socket_in_netns};
+pub use seccomp::seccomp_filter;
 pub use spawn::{InitCommand, spawn_sandbox};
-pub use spec::{Limits, MAX_ID_LEN, SandboxSpec};
+pub use spec::{DEFAULT_INSTANCE, Limits, MAX_ID_LEN, MAX_LAYERS, SandboxSpec};
 pub use template::{USER_UID, build_base_template};

@@ -51,8 +51,12 @@ fn main() {
     let sb = common::start("cg2", script, Limits::default());
     let dirs = sb.handle.cgroup_dirs();
     assert_eq!(dirs.len(), 1);
-    assert!(dirs[0].ends_with(format!("sandboxd/{}", sb.spec.id)));
-    assert!(list_sandboxes().unwrap().contains(&sb.spec.id));
+    assert!(dirs[0].ends_with(format!("sandboxd/{}/{}", sb.spec.instance, sb.spec.id)));
+    assert!(
+        list_sandboxes(&common::instance())
+            .unwrap()
+            .contains(&sb.spec.id)
+    );
 
     let read = |f: &str| fs::read_to_string(sb.upper_file(f)).unwrap_or_default();
     let deadline = Instant::now() + common::RUN_TIMEOUT;
@@ -80,7 +84,11 @@ fn main() {
     sb.handle.freeze().unwrap();
     sb.handle.kill().unwrap();
     assert!(!dirs[0].exists());
-    assert!(!list_sandboxes().unwrap().contains(&sb.spec.id));
+    assert!(
+        !list_sandboxes(&common::instance())
+            .unwrap()
+            .contains(&sb.spec.id)
+    );
     drop(sb); // also removes the shared parent if it is empty
     println!("test cgroup2_freeze_kill_cleanup ... ok\ntest result: ok. 1 passed");
 }

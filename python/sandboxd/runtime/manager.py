@@ -2,9 +2,12 @@
 
 State is in SQLite (:mod:`.store`); the processes are in the kernel. A sandbox is an init (PID 1
 of its pid namespace) with the agent as its only child, forked by the zygote (:mod:`.zygote_client`)
-into fresh namespaces over an overlay (``crates/sandboxd-jail``). The runtime holds a handle per
-live sandbox and watches the init's pidfd, so a sandbox whose agent died is noticed at once,
-recorded with its reason, and reclaimed (processes, cgroup, writable layer).
+into fresh namespaces, its own user namespace among them, over an overlay whose writable layer is
+on the sandbox's own disk (``crates/sandboxd-jail``). Its host id range comes from the host-wide
+registry and is kept for the sandbox's whole life (paused to disk included: its files are owned by
+that range), and released with it. The runtime holds a handle per live sandbox and watches the
+init's pidfd, so a sandbox whose agent died is noticed at once, recorded with its reason, and
+reclaimed (processes, cgroup, disk, id range).
 
 Every state transition of a sandbox (create, kill, pause, resume, timeout, death) runs under that
 sandbox's lock, so exactly one of them owns the sandbox at a time: a kill racing a timeout or a
@@ -38,6 +41,7 @@ from typing import Any
 from sandboxd import _core
 
 from .agent_client import init_agent
+from .disks import DiskPool
 from .errors import ApiError, not_found
 from .network import NetworkConfig, SandboxNetworks
 from .observe import Observer
@@ -57,21 +61,40 @@ of lateness is invisible while costing nothing measurable."""
 CONNECT_TIMEOUT_S = 5.0
 """Connect timeout for a TCP connection into a sandbox (it is local: a refusal is immediate)."""
 
-DISK_USAGE_TTL_S = 10.0
-"""How long a measured disk usage is reused: measuring walks the writable layer (in a thread), which
-takes seconds for hundreds of thousands of files, so callers polling metrics share one walk."""
+DISK_IMAGE = "disk.img"
+"""A sandbox's disk image, in its directory."""
 
 
 @dataclass(frozen=True, slots=True)
 class Limits:
-    """What every sandbox gets (``sandboxd serve`` flags)."""
+    """What every sandbox gets (``sandboxd serve`` flags; defaults sized from the host by :mod:`.host`)."""
 
-    cpu_count: int = 2
+    cpu_count: int = 1
     memory_mb: int = 1024
     disk_mb: int = 10240
     pids_max: int = 4096
     max_sandboxes: int = 256
     max_timeout_s: int = 24 * 3600
+    open_files: int | None = None
+    """``RLIMIT_NOFILE`` of every process inside."""
+    inotify_instances: int | None = None
+    """inotify instances per uid inside (the sandbox's ``user.max_inotify_instances``)."""
+    inotify_watches: int | None = None
+    """inotify watches per uid inside (the sandbox's ``user.max_inotify_watches``)."""
+    nested_userns: bool = False
+    """Allow user namespaces inside sandboxes (``--allow-nested-userns``; see docs/security.md)."""
+
+
+@dataclass(frozen=True, slots=True)
+class HostPlace:
+    """Where this runtime's sandboxes live on the host, besides the data dir."""
+
+    instance: str
+    """Names the cgroup group ``sandboxd/<instance>`` (see :func:`.host.instance_name`)."""
+    ids: _core.IdRegistry
+    """The host-wide registry the sandboxes' id ranges are claimed from."""
+    disks: DiskPool
+    """Disks mounted ahead of need."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,6 +168,7 @@ class SandboxManager:
         data_dir: Path,
         zygote: ZygoteClient,
         limits: Limits,
+        place: HostPlace,
         observer: Observer | None = None,
         networks: SandboxNetworks | None = None,
     ) -> None:
@@ -152,6 +176,8 @@ class SandboxManager:
         self.networks = networks
         """Each sandbox's link and egress rules; None runs sandboxes with loopback only."""
         self.templates = templates
+        self.data_dir = str(data_dir.resolve())
+        self.place = place
         self.sandboxes_dir = data_dir / "sandboxes"
         self.sandboxes_dir.mkdir(parents=True, exist_ok=True)
         self.zygote = zygote
@@ -163,8 +189,6 @@ class SandboxManager:
         self._slots: set[str] = set()
         """Sandboxes counted against --max-sandboxes: running, or being created or resumed."""
         self._cpu_samples: dict[str, tuple[float, int]] = {}
-        self._disk_usage: dict[str, tuple[float, int]] = {}
-        self._disk_walks: dict[str, asyncio.Future[int]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self.on_gone: list[Callable[[str], None]] = []
         self._reaper: asyncio.Task[None] | None = None
@@ -174,7 +198,13 @@ class SandboxManager:
     # ------------------------------------------------------------------------------ start/stop
 
     async def start(self) -> None:
-        """Re-adopt what a previous runtime left running or paused, then start the reaper."""
+        """Re-adopt what a previous runtime left running or paused, release id ranges claimed for
+        sandboxes that never made it into the state (a crash between claim and insert), then start
+        the reaper."""
+        live = {row.id for row in self.store.live()}
+        for base, sandbox_id in self.place.ids.claims_of(self.data_dir):
+            if sandbox_id not in live:
+                self.place.ids.release(base, self.data_dir, sandbox_id)
         for row in self.store.live():
             self.observe.secrets.add(row.access_token)  # never logged, whatever becomes of the sandbox
             if row.state == "paused" and row.pause_mode == "filesystem":
@@ -183,7 +213,7 @@ class SandboxManager:
                 await self._died(row, "its init was gone when the runtime restarted", "gone_after_restart")
                 continue
             try:
-                self._watch(row.id, _core.SandboxHandle.adopt(row.id, row.init_pid))
+                self._watch(row.id, _core.SandboxHandle.adopt(self.place.instance, row.id, row.init_pid))
                 if self.networks is not None:
                     await self.networks.readopt(row.id, row.init_pid)
             except OSError as exc:
@@ -342,36 +372,35 @@ class SandboxManager:
         network: tuple[NetworkConfig, str | None] | None = None,
     ) -> None:
         """Fork the sandbox from the zygote, watch its init, link its network, and hand the agent
-        its settings. On failure nothing of the sandbox is left running; a resume keeps its
-        writable layer. ``network``: a new sandbox's settings and traffic token (a resume has its
-        own stored)."""
+        its settings. On failure nothing of the sandbox is left running; a resume keeps its disk
+        and id range, a create gives them back. ``network``: a new sandbox's settings and traffic
+        token (a resume has its own stored)."""
         sandbox_dir = self.sandboxes_dir / row.id
         sandbox_dir.mkdir(parents=True, exist_ok=True)
-        request = {
-            "id": row.id,
-            "template_dirs": [str(layer) for layer in template.layers],
-            "sandbox_dir": str(sandbox_dir),
-            "host_usr_ro": template.host_usr,
-            "memory_bytes": row.memory_mb << 20,
-            "cpu_cores": float(row.cpu_count),
-            "pids_max": self.limits.pids_max,
-            "log": str(sandbox_dir / "agent.log"),
-        }
         slot = self.networks.reserve() if self.networks is not None else None
-        if slot is not None:
-            request["files"] = {"/etc/resolv.conf": slot.resolv_conf()}
         try:
-            answer = await self.zygote.create(request)
+            if row.id_base is None:
+                row.id_base = await asyncio.to_thread(self.place.ids.claim, self.data_dir, row.id)
+            image = sandbox_dir / DISK_IMAGE
+            try:
+                disk = await (self.place.disks.mount(image) if resuming else self.place.disks.take(image))
+            except OSError as exc:
+                raise ApiError(500, f"could not prepare the sandbox's disk: {exc}") from None
+            request = self._zygote_request(row, template, sandbox_dir)
+            if slot is not None:
+                request["files"] = {"/etc/resolv.conf": slot.resolv_conf()}
+            try:
+                answer = await self.zygote.create(request, [disk])
+            finally:
+                os.close(disk)  # the sandbox has it attached now (or failed and let it go)
+            if not answer.get("ok"):
+                raise ApiError(500, f"could not start the sandbox: {answer.get('error')}")
         except BaseException:
             if slot is not None and self.networks is not None:
                 self.networks.unreserve(slot)
+            await asyncio.to_thread(self._destroy, row.id, None, resuming, row.id_base)
             raise
-        if not answer.get("ok"):
-            if slot is not None and self.networks is not None:
-                self.networks.unreserve(slot)
-            await asyncio.to_thread(_kill_quietly, row.id)
-            raise ApiError(500, f"could not start the sandbox: {answer.get('error')}")
-        handle = _core.SandboxHandle.adopt(row.id, answer["init_pid"])
+        handle = _core.SandboxHandle.adopt(self.place.instance, row.id, answer["init_pid"])
         row.init_pid = handle.init_pid
         row.init_start = _proc_start_time(handle.init_pid)
         self._watch(row.id, handle)
@@ -395,8 +424,28 @@ class SandboxManager:
                 if isinstance(outcome, BaseException):
                     raise outcome
         except BaseException:
-            await self._stop_processes(row.id, keep_files=resuming)
+            await self._stop_processes(row.id, keep_files=resuming, id_base=row.id_base)
             raise
+
+    def _zygote_request(self, row: SandboxRow, template: Template, sandbox_dir: Path) -> dict[str, Any]:
+        """What the zygote needs to build the sandbox (its disk travels beside, as a descriptor)."""
+        limits = self.limits
+        return {
+            "id": row.id,
+            "instance": self.place.instance,
+            "id_base": row.id_base,
+            "template_dirs": [str(layer) for layer in template.layers],
+            "sandbox_dir": str(sandbox_dir),
+            "host_usr_ro": template.host_usr,
+            "nested_userns": limits.nested_userns,
+            "memory_bytes": row.memory_mb << 20,
+            "cpu_cores": float(row.cpu_count),
+            "pids_max": limits.pids_max,
+            "open_files": limits.open_files,
+            "inotify_instances": limits.inotify_instances,
+            "inotify_watches": limits.inotify_watches,
+            "log": str(sandbox_dir / "agent.log"),
+        }
 
     async def open_socket(self, sandbox_id: str, port: int) -> socket.socket:
         """A TCP connection to ``port`` inside the sandbox (its own network namespace)."""
@@ -455,41 +504,46 @@ class SandboxManager:
         self._notify_gone(row.id)
         self._slots.discard(row.id)
         self.handles.pop(row.id, None)
-        await asyncio.to_thread(self._destroy, row.id, None, False)
+        await asyncio.to_thread(self._destroy, row.id, None, False, row.id_base)
         if self.networks is not None:
             await self.networks.detach(row.id, forget=True)
         self._forget_samples(row.id)
-        self.store.event(row.id, "reclaimed", "processes, cgroup and writable layer removed")
+        self.store.event(row.id, "reclaimed", "processes, cgroup, disk and id range freed")
         self.observe.reclaimed(row.id)
 
     def _notify_gone(self, sandbox_id: str) -> None:
         for callback in self.on_gone:
             callback(sandbox_id)
 
-    async def _stop_processes(self, sandbox_id: str, keep_files: bool = False) -> None:
-        """Kill every process of the sandbox and free its cgroup; remove the writable layer unless kept."""
+    async def _stop_processes(self, sandbox_id: str, keep_files: bool = False, id_base: int | None = None) -> None:
+        """Kill every process of the sandbox and free its cgroup; free its disk and id range unless kept."""
         handle = self.handles.pop(sandbox_id, None)
         if handle is not None:
             asyncio.get_running_loop().remove_reader(handle.pidfd())
-        await asyncio.to_thread(self._destroy, sandbox_id, handle, keep_files)
+        await asyncio.to_thread(self._destroy, sandbox_id, handle, keep_files, id_base)
         if self.networks is not None:
             await self.networks.detach(sandbox_id, forget=not keep_files)
 
-    def _destroy(self, sandbox_id: str, handle: _core.SandboxHandle | None, keep_files: bool) -> None:
-        """In a worker thread: processes and cgroup, then (unless kept) the writable layer."""
+    def _destroy(
+        self, sandbox_id: str, handle: _core.SandboxHandle | None, keep_files: bool, id_base: int | None
+    ) -> None:
+        """In a worker thread: processes and cgroup (the disk unmounts when its last process is gone),
+        then, unless kept, the sandbox's directory (its disk image) and its id range, in that order:
+        no file owned by the range outlives its claim."""
         if handle is not None:
             try:
                 handle.kill()
             except OSError:
-                _kill_quietly(sandbox_id)
+                _kill_quietly(self.place.instance, sandbox_id)
         else:
-            _kill_quietly(sandbox_id)
+            _kill_quietly(self.place.instance, sandbox_id)
         if not keep_files:
             shutil.rmtree(self.sandboxes_dir / sandbox_id, ignore_errors=True)
+            if id_base is not None:
+                self.place.ids.release(id_base, self.data_dir, sandbox_id)
 
     def _forget_samples(self, sandbox_id: str) -> None:
         self._cpu_samples.pop(sandbox_id, None)
-        self._disk_usage.pop(sandbox_id, None)
 
     async def kill(self, sandbox_id: str, reason: str, cause: str = "api") -> None:
         """Kill a sandbox; ``cause`` (``api``, ``timeout``) labels the metrics, ``reason`` is recorded."""
@@ -503,7 +557,7 @@ class SandboxManager:
             if row.state == "paused" and row.pause_mode == "full" and handle is not None:
                 with contextlib.suppress(OSError):
                     await asyncio.to_thread(handle.thaw)
-            await self._stop_processes(sandbox_id)
+            await self._stop_processes(sandbox_id, id_base=row.id_base)
             self._slots.discard(sandbox_id)
             self._forget_samples(sandbox_id)
             self.store.event(sandbox_id, "killed", reason)
@@ -640,16 +694,15 @@ class SandboxManager:
     # -------------------------------------------------------------------------------- metrics
 
     async def metrics(self, sandbox_id: str) -> MetricsSample:
-        """CPU, memory and disk of a running sandbox. Nothing here runs on the event loop that grows
-        with the sandbox: cgroup reads are a few small files, and the disk walk is in a thread, shared
-        and cached (:data:`DISK_USAGE_TTL_S`)."""
+        """CPU, memory and disk of a running sandbox: a few small cgroup files and one ``statfs`` of
+        its disk (as ``df`` inside sees it), in a worker thread; nothing grows with the sandbox."""
         row = self._row(sandbox_id)
         handle = self.handles.get(sandbox_id)
-        stats = await asyncio.to_thread(handle.stats) if handle is not None else None
+        stats, disk = await asyncio.to_thread(_sample, handle) if handle is not None else (None, None)
+        disk_used, disk_total = disk if disk is not None else (0, row.disk_mb << 20)
         counters = None
         if self.networks is not None:
             counters = await asyncio.to_thread(self.networks.counters, sandbox_id)
-        disk_used = await self._disk_used(sandbox_id)
         cpu = self._cpu_pct(sandbox_id, stats.cpu_usage_ns or 0, row.cpu_count) if stats else 0.0
         return MetricsSample(
             timestamp=time.time(),
@@ -658,37 +711,21 @@ class SandboxManager:
             mem_used=(stats.memory_bytes or 0) if stats else 0,
             mem_total=row.memory_mb << 20,
             disk_used=disk_used,
-            disk_total=row.disk_mb << 20,
+            disk_total=disk_total,
             net_in_bytes=counters[0] if counters else 0,
             net_out_bytes=counters[1] if counters else 0,
         )
 
-    async def _disk_used(self, sandbox_id: str) -> int:
-        cached = self._disk_usage.get(sandbox_id)
-        if cached is not None and time.monotonic() - cached[0] < DISK_USAGE_TTL_S:
-            return cached[1]
-        walk = self._disk_walks.get(sandbox_id)
-        if walk is None:
-            upper = self.sandboxes_dir / sandbox_id / "upper"
-            walk = asyncio.ensure_future(asyncio.to_thread(_dir_size, upper))
-            self._disk_walks[sandbox_id] = walk
-            walk.add_done_callback(lambda _: self._disk_walks.pop(sandbox_id, None))
-        used = await asyncio.shield(walk)
-        self._disk_usage[sandbox_id] = (time.monotonic(), used)
-        return used
-
     def disk_used_now(self, sandbox_id: str, may_walk: bool) -> int | None:
-        """For a worker thread (a metrics scrape): the cached size of the writable layer if fresh,
-        else a walk when ``may_walk`` (cached for everyone), else the stale figure or None."""
-        cached = self._disk_usage.get(sandbox_id)
-        if cached is not None and (not may_walk or time.monotonic() - cached[0] < DISK_USAGE_TTL_S):
-            return cached[1]
-        if not may_walk:
+        """For a worker thread (a metrics scrape): the bytes used on the sandbox's disk, one
+        ``statfs`` (``may_walk`` is moot: nothing is walked), or None when it is not running."""
+        handle = self.handles.get(sandbox_id)
+        if handle is None:
             return None
-        used = _dir_size(self.sandboxes_dir / sandbox_id / "upper")
-        if sandbox_id in self.handles:  # not killed meanwhile: nothing would forget the entry
-            self._disk_usage[sandbox_id] = (time.monotonic(), used)
-        return used
+        try:
+            return handle.disk_usage()[0]
+        except OSError:
+            return None
 
     def _cpu_pct(self, sandbox_id: str, usage_ns: int, cpus: int) -> float:
         """CPU use since the previous metrics call, in percent of the sandbox's cores."""
@@ -700,16 +737,20 @@ class SandboxManager:
         return round(100 * (usage_ns - previous[1]) / 1e9 / (now - previous[0]) / max(cpus, 1), 2)
 
 
-def _kill_quietly(sandbox_id: str) -> None:
+def _sample(handle: _core.SandboxHandle) -> tuple[_core.SandboxStats | None, tuple[int, int] | None]:
+    """In a worker thread: the cgroup's figures and the disk's ``(used, total)``; None for what is gone."""
+    try:
+        stats = handle.stats()
+    except OSError:
+        stats = None
+    try:
+        disk = handle.disk_usage()
+    except OSError:
+        disk = None
+    return stats, disk
+
+
+def _kill_quietly(instance: str, sandbox_id: str) -> None:
     """Kill whatever is left in the sandbox's cgroup and remove it; nothing there is fine."""
     with contextlib.suppress(OSError):
-        _core.kill_sandbox(sandbox_id)
-
-
-def _dir_size(path: Path) -> int:
-    total = 0
-    for root, _dirs, files in os.walk(path):
-        for name in files:
-            with contextlib.suppress(OSError):
-                total += os.lstat(os.path.join(root, name)).st_blocks * 512
-    return total
+        _core.kill_sandbox(instance, sandbox_id)

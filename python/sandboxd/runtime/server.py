@@ -13,15 +13,18 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sandboxd import __version__
+from sandboxd import __version__, _core
 from sandboxd.agent.asgi import Receive, Scope, Send, header_map, send_json
 from sandboxd.agent.http_server import ConnectionLimits, serve_until_signalled, server_config
 
+from . import host
 from .api import ControlPlane
 from .backend import LocalBackend
 from .debian import DEFAULT_MIRROR
+from .disks import DiskPool
 from .errors import ApiError
-from .manager import Limits, SandboxManager
+from .host import SandboxFlags
+from .manager import HostPlace, Limits, SandboxManager
 from .network import NetworkOptions, SandboxNetworks
 from .observe import Observer, Secrets
 from .observe import logs as observe_logs
@@ -48,7 +51,9 @@ class ServeOptions:
     data_dir: Path = DEFAULT_DATA_DIR
     api_key: str | None = None
     domain: str | None = None
-    limits: Limits = field(default_factory=Limits)
+    sandboxes: SandboxFlags = field(default_factory=SandboxFlags)
+    id_registry: Path = Path(_core.DEFAULT_ID_REGISTRY)
+    """The host-wide registry of sandbox id ranges, shared by every runtime on the host."""
     log_format: str = "text"
     network: NetworkOptions | None = field(default_factory=NetworkOptions)
     """Sandbox networking; None gives sandboxes loopback only (``--no-network``)."""
@@ -118,7 +123,6 @@ def _api_key(store: Store, given: str | None) -> str:
 
 def run(options: ServeOptions) -> None:
     """Prepare the data dir and the zygote, then serve until interrupted."""
-    from sandboxd import _core
 
     known_secrets = Secrets()
     recent = observe_logs.configure(options.log_format, known_secrets)
@@ -138,6 +142,7 @@ def run(options: ServeOptions) -> None:
     # `sandboxd template` finds the store this runtime uses through its database.
     store.set_setting("template_store", str(templates.store_dir))
     _core.become_subreaper()
+    limits = _prepare_host(options)
     url = f"http://{options.host}:{options.port}"
     store.set_setting("url", url)  # where `sandboxd status` finds this runtime
     base_note = ""
@@ -158,7 +163,9 @@ def run(options: ServeOptions) -> None:
     else:
         print(
             f"sandboxd {__version__}: E2B-compatible API and sandbox proxy on {url}\n"
-            f"data dir: {options.data_dir}\ntemplate store: {templates.store_dir}\n{base_note}\n"
+            f"data dir: {options.data_dir}\ntemplate store: {templates.store_dir}\n"
+            f"each sandbox: {limits.cpu_count} CPU, {limits.memory_mb} MiB memory, {limits.disk_mb} MiB disk, "
+            f"{limits.pids_max} tasks\n{base_note}\n"
             "Point the E2B SDKs at it:\n"
             f"  export E2B_API_KEY={api_key}\n"
             f"  export E2B_API_URL={url}\n"
@@ -172,11 +179,32 @@ def run(options: ServeOptions) -> None:
     # links must go). As SIGINT's handler, SIGTERM unwinds through it instead.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     with contextlib.suppress(KeyboardInterrupt):
-        uvloop.run(_serve(options, store, templates, api_key, observer, recent))
+        uvloop.run(_serve(options, limits, store, templates, api_key, observer, recent))
+
+
+def _prepare_host(options: ServeOptions) -> Limits:
+    """Size the sandboxes from the host, write the host-wide budgets, and free id ranges that runtimes
+    whose data dir is gone left claimed."""
+    facts = host.read_host(options.data_dir)
+    limits = host.sandbox_limits(facts, options.sandboxes)
+    budget = host.budget(facts)
+    _core.configure_budget(
+        host.instance_name(options.data_dir),
+        host_memory_bytes=budget.memory_bytes,
+        host_pids_max=budget.pids_max,
+        memory_bytes=budget.memory_bytes,
+        pids_max=budget.pids_max,
+    )
+    host.raise_file_max(facts, budget.memory_bytes)
+    freed = _core.IdRegistry(str(options.id_registry)).reclaim_stale()
+    if freed:
+        log.info("reclaimed %d id ranges of runtimes whose data dir is gone", len(freed))
+    return limits
 
 
 async def _serve(
     options: ServeOptions,
+    limits: Limits,
     store: Store,
     templates: Templates,
     api_key: str,
@@ -189,10 +217,17 @@ async def _serve(
     await zygote_client.start()
     networks = None
     if options.network is not None:
-        networks = SandboxNetworks(store, options.data_dir, options.network, options.limits.max_sandboxes, options.port)
+        networks = SandboxNetworks(store, options.data_dir, options.network, limits.max_sandboxes, options.port)
         await networks.start()
+    disks = DiskPool(options.data_dir, limits.disk_mb)
+    await disks.start()
+    place = HostPlace(
+        instance=host.instance_name(options.data_dir),
+        ids=_core.IdRegistry(str(options.id_registry)),
+        disks=disks,
+    )
     manager = SandboxManager(
-        store, templates, options.data_dir, zygote_client, options.limits, observer=observer, networks=networks
+        store, templates, options.data_dir, zygote_client, limits, place, observer=observer, networks=networks
     )
     await manager.start()
     backend = LocalBackend(manager)
@@ -220,5 +255,8 @@ async def _serve(
         if networks is not None:
             await networks.stop()
         await zygote_client.stop()
+        await disks.stop()
+        with contextlib.suppress(OSError):
+            _core.remove_instance_if_empty(place.instance)
         store.close()
         await asyncio.sleep(0)

@@ -119,11 +119,12 @@ def _run_agent(log_fd: int, files: dict[str, str]) -> None:
         os._exit(code)
 
 
-def _fork_sandbox(request: dict[str, Any], inherited: list[int]) -> tuple[int, int]:
+def _fork_sandbox(request: dict[str, Any], disk_fd: int | None, inherited: list[int]) -> tuple[int, int]:
     """Fork "A", which puts itself into a new sandbox; returns (A's pid, the pipe A answers on).
 
-    ``inherited`` are the zygote's descriptors that the sandbox must not keep: the socket to the
-    runtime (a process inside could otherwise forge answers) and other creates' pipes."""
+    ``disk_fd`` is the sandbox's mounted disk, sent with the request. ``inherited`` are the zygote's
+    descriptors that the sandbox must not keep: the socket to the runtime (a process inside could
+    otherwise forge answers) and other creates' pipes."""
     log_fd = os.open(request["log"], os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o640)
     r, w = os.pipe()
     pid = os.fork()
@@ -136,16 +137,25 @@ def _fork_sandbox(request: dict[str, Any], inherited: list[int]) -> tuple[int, i
                 request["id"],
                 request["template_dirs"],
                 request["sandbox_dir"],
+                instance=request["instance"],
+                id_base=request["id_base"],
                 host_usr_ro=request.get("host_usr_ro", True),
+                disk_fd=disk_fd,
+                nested_userns=request.get("nested_userns", False),
                 memory_bytes=request.get("memory_bytes"),
                 cpu_cores=request.get("cpu_cores"),
                 pids_max=request.get("pids_max"),
+                open_files=request.get("open_files"),
+                inotify_instances=request.get("inotify_instances"),
+                inotify_watches=request.get("inotify_watches"),
             )
         except OSError as exc:
             os.write(w, b"E" + str(exc).encode())
             os._exit(1)
         if where.inside:  # "C": PID 2 inside the sandbox
             os.close(w)
+            if disk_fd is not None:
+                os.close(disk_fd)  # attached inside; the agent needs no handle on the raw disk
             _run_agent(log_fd, request.get("files") or {})
         os.write(w, b"P%d" % where.init_pid)
         os._exit(0)
@@ -172,15 +182,19 @@ def serve(sock: socket.socket) -> None:
     while True:
         for key, _ in selector.select():
             if key.fileobj is sock:
-                data = sock.recv(MAX_MESSAGE)
+                data, fds, _flags, _addr = socket.recv_fds(sock, MAX_MESSAGE, 1)
                 if not data:
                     return
                 request = json.loads(data)
+                disk_fd = fds[0] if fds else None
                 try:
-                    pid, pipe = _fork_sandbox(request, [sock.fileno(), *pending])
+                    pid, pipe = _fork_sandbox(request, disk_fd, [sock.fileno(), *pending])
                 except Exception as exc:
                     sock.send(json.dumps(_answer(request["id"], f"E{type(exc).__name__}: {exc}".encode())).encode())
                     continue
+                finally:
+                    for fd in fds:  # A has its copy; later creates must not inherit this one
+                        os.close(fd)
                 pending[pipe] = (pid, request["id"], bytearray())
                 selector.register(pipe, selectors.EVENT_READ)
                 continue
