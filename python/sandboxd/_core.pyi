@@ -346,6 +346,10 @@ def mount_disk(image: str) -> int:
 def disk_usage(path: str) -> tuple[int, int]:
     """``(used, total)`` bytes of the filesystem holding ``path``, as ``df`` shows them."""
 
+def check_isolation_support(template: str) -> None:
+    """Raise ``OSError`` saying what the host lacks unless it can build sandboxes over ``template``:
+    user namespaces, and idmapped mounts of the template's filesystem (Linux >= 5.12)."""
+
 DEFAULT_ID_REGISTRY: str
 """Where the host-wide registry of sandbox id ranges lives by default."""
 

@@ -85,3 +85,24 @@ pub(crate) fn attach(tree: BorrowedFd<'_>, target: &CStr) -> Result<(), Errno> {
     };
     Errno::result(r).map(drop)
 }
+
+/// Checks, from the runtime at start, that this host can build sandboxes over `template`: user
+/// namespaces can be created and the template's filesystem can be idmapped. Fails with the
+/// message of the step that failed (what the host needs), so `sandboxd serve` can refuse to start
+/// rather than fail every create. The probe's namespace maps a range for a moment and holds no
+/// process or file. Blocks for about a millisecond; callable from a multithreaded process.
+pub fn check_idmapped_mounts(template: &std::path::Path) -> std::io::Result<()> {
+    let path = crate::spec::cstring(template)?;
+    let map = format!(
+        "0 {} {}\n",
+        crate::idrange::FIRST_BASE,
+        crate::idrange::RANGE_SIZE
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    let (userns, helper) =
+        crate::userns::create(crate::idrange::FIRST_BASE, map.as_bytes(), deadline)?;
+    let tree = idmapped_tree(&path, userns.as_fd(), false);
+    while let Err(Errno::EINTR) = nix::sys::wait::waitpid(helper, None) {}
+    tree.map(drop)
+        .map_err(|e| crate::report::StepError::new(crate::report::Step::IdmapLayer, e).into())
+}

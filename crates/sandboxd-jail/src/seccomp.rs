@@ -150,8 +150,16 @@ fn denied(nested_userns: bool) -> Vec<i64> {
     calls
 }
 
-fn cond(arg: u8, op: SeccompCmpOp, value: u64) -> io::Result<SeccompCondition> {
-    SeccompCondition::new(arg, SeccompCmpArgLen::Qword, op, value).map_err(other)
+/// A condition on argument `arg`. `int` arguments (`personality`, `socket`'s domain) compare only
+/// their low 32 bits, which is all the kernel reads: a caller passing -1 sign-extended must not
+/// slip past a rule written for 0xffffffff.
+fn cond(
+    arg: u8,
+    len: SeccompCmpArgLen,
+    op: SeccompCmpOp,
+    value: u64,
+) -> io::Result<SeccompCondition> {
+    SeccompCondition::new(arg, len, op, value).map_err(other)
 }
 
 fn other(e: impl std::fmt::Display) -> io::Error {
@@ -184,21 +192,33 @@ pub(crate) fn build(nested_userns: bool) -> io::Result<BpfProgram> {
             let any_ns: Vec<SeccompRule> = (0..64)
                 .map(|bit| 1u64 << bit)
                 .filter(|flag| NAMESPACE_FLAGS & flag != 0)
-                .map(|flag| rule(vec![cond(0, SeccompCmpOp::MaskedEq(flag), flag)?]))
+                .map(|flag| {
+                    rule(vec![cond(
+                        0,
+                        SeccompCmpArgLen::Qword,
+                        SeccompCmpOp::MaskedEq(flag),
+                        flag,
+                    )?])
+                })
                 .collect::<io::Result<_>>()?;
             rules.insert(nr, any_ns);
         }
     }
     rules.insert(
         libc::SYS_socket,
-        vec![rule(vec![cond(0, SeccompCmpOp::Eq, AF_VSOCK)?])?],
+        vec![rule(vec![cond(
+            0,
+            SeccompCmpArgLen::Dword,
+            SeccompCmpOp::Eq,
+            AF_VSOCK,
+        )?])?],
     );
     rules.insert(
         libc::SYS_personality,
         vec![rule(
             PERSONALITIES
                 .iter()
-                .map(|p| cond(0, SeccompCmpOp::Ne, *p))
+                .map(|p| cond(0, SeccompCmpArgLen::Dword, SeccompCmpOp::Ne, *p))
                 .collect::<io::Result<_>>()?,
         )?],
     );

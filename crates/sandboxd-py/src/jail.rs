@@ -33,6 +33,7 @@ pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(copy_sparse, m)?)?;
     m.add_function(wrap_pyfunction!(mount_disk, m)?)?;
     m.add_function(wrap_pyfunction!(disk_usage, m)?)?;
+    m.add_function(wrap_pyfunction!(check_isolation_support, m)?)?;
     m.add("DEFAULT_ID_REGISTRY", jail::DEFAULT_REGISTRY)?;
     m.add("ID_RANGE_SIZE", jail::RANGE_SIZE)?;
     Ok(())
@@ -315,6 +316,13 @@ fn mount_disk(py: Python<'_>, image: PathBuf) -> PyResult<i32> {
 fn disk_usage(py: Python<'_>, path: PathBuf) -> PyResult<(u64, u64)> {
     let u = py.detach(|| jail::disk_usage(&path)).map_err(to_pyerr)?;
     Ok((u.used_bytes, u.total_bytes))
+}
+
+/// Checks that this host can build sandboxes over `template` (user namespaces, idmapped mounts).
+#[pyfunction]
+fn check_isolation_support(py: Python<'_>, template: PathBuf) -> PyResult<()> {
+    py.detach(|| jail::check_idmapped_mounts(&template))
+        .map_err(to_pyerr)
 }
 
 /// The host-wide registry of sandboxes' id ranges.

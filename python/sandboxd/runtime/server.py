@@ -34,7 +34,7 @@ from .observe.http import RequestObserver
 from .observe.probes import Readiness
 from .proxy import SandboxProxy, parse_target
 from .store import Store
-from .templates import Templates, default_store_dir
+from .templates import HOST, Templates, default_store_dir
 from .zygote_client import ZygoteClient
 
 log = logging.getLogger("sandboxd.runtime")
@@ -141,6 +141,11 @@ def run(options: ServeOptions) -> None:
         templates.ensure_host()
     # `sandboxd template` finds the store this runtime uses through its database.
     store.set_setting("template_store", str(templates.store_dir))
+    try:
+        # The store holds every template's layers: its filesystem must take idmapped mounts.
+        _core.check_isolation_support(str(templates.resolve(HOST).layers[0]))
+    except OSError as exc:
+        sys.exit(f"sandboxd serve: this host cannot isolate sandboxes: {exc}")
     _core.become_subreaper()
     limits = _prepare_host(options)
     url = f"http://{options.host}:{options.port}"
