@@ -20,6 +20,13 @@
 //! which X gave up), opens `/proc/<X>/ns/user`, and lets X exit. The open descriptor keeps the
 //! namespace alive; A later `setns`es into it (`enter`) and becomes root inside.
 //!
+//! X keeps `CAP_SYS_ADMIN` (and nothing else) across its change of uid (`PR_SET_KEEPCAPS`), so the
+//! creation counts as privileged: distributions that restrict *unprivileged* user namespaces
+//! (Debian's `kernel.unprivileged_userns_clone=0`, Ubuntu's AppArmor
+//! `apparmor_restrict_unprivileged_userns`) do not apply to it, while the namespace's owner, and so
+//! the counters, are still the range's uid. X runs only this code, is not dumpable after its uid
+//! change, and no process of its range exists yet to reach it.
+//!
 //! Everything here runs in A after `fork` (possibly of a multithreaded process): system calls on
 //! bytes prepared before the fork, and ids changed with raw system calls, which affect only the
 //! calling thread (glibc's wrappers would try to signal every thread of the process).
@@ -37,6 +44,7 @@ use nix::sys::stat::Mode;
 use nix::sys::wait::waitpid;
 use nix::unistd::{ForkResult, Pid, fork, pipe2, write};
 
+use crate::capabilities;
 use crate::report::{AtStep, Record, Step, StepError, read_record, write_record};
 use crate::sys::exit_now;
 
@@ -92,6 +100,12 @@ pub(crate) fn become_ids(id: u32) -> Result<(), Errno> {
     Ok(())
 }
 
+/// `PR_SET_KEEPCAPS`: the permitted capabilities survive the next change from uid 0 to another.
+fn keep_caps() -> Result<(), Errno> {
+    // SAFETY: integer arguments only.
+    Errno::result(unsafe { libc::prctl(libc::PR_SET_KEEPCAPS, 1, 0, 0, 0) }).map(drop)
+}
+
 /// Creates a user namespace owned by host uid `base` whose ids 0-65535 map to `base..`, with
 /// `map` (`"0 <base> 65536\n"`) as both its uid and gid map. Returns a descriptor of it and the
 /// helper's pid, which the caller must reap (with `waitpid`) before it exits; the helper exits
@@ -108,7 +122,10 @@ pub(crate) fn create(
         ForkResult::Child => {
             drop(ready_r);
             drop(go_w);
-            let made = become_ids(base).and_then(|()| unshare(CloneFlags::CLONE_NEWUSER));
+            let made = keep_caps()
+                .and_then(|()| become_ids(base))
+                .and_then(|()| capabilities::set_only(1 << capabilities::CAP_SYS_ADMIN))
+                .and_then(|()| unshare(CloneFlags::CLONE_NEWUSER));
             match made {
                 Ok(()) => write_record(ready_w.as_fd(), Record::InitPid(0)),
                 Err(e) => {
