@@ -120,9 +120,9 @@ impl PartialEq for Disk {
 }
 
 /// Creates `path` as a sparse image of `size_mb` MiB holding an empty ext4 filesystem (with
-/// `mkfs.ext4` from e2fsprogs): no journal, no reserved blocks (the whole quota is the
-/// sandbox's), a root directory owned by root, lazily initialised inode tables (nothing is
-/// written for them: they are holes, which read as zeros).
+/// `mkfs.ext4` from e2fsprogs): no journal, no resize inode, no reserved blocks (the whole quota
+/// is the sandbox's), a root directory owned by root, lazily initialised inode tables (nothing is
+/// written for them: they are holes, which read as zeros). An empty 10 GiB image holds ~230 KiB.
 pub fn format_image(path: &Path, size_mb: u64) -> io::Result<()> {
     if size_mb < 16 {
         return Err(io::Error::new(
@@ -139,7 +139,18 @@ pub fn format_image(path: &Path, size_mb: u64) -> io::Result<()> {
     f.set_len(size_mb << 20)?;
     drop(f);
     let out = Command::new("mkfs.ext4")
-        .args(["-q", "-F", "-m", "0", "-b", "4096", "-O", "^has_journal"])
+        // No journal (see the module docs); no resize inode: a quota never grows online, and its
+        // reserved descriptor blocks were 4.1 of the 4.3 MiB an empty 10 GiB image holds (0.2 left).
+        .args([
+            "-q",
+            "-F",
+            "-m",
+            "0",
+            "-b",
+            "4096",
+            "-O",
+            "^has_journal,^resize_inode",
+        ])
         .args(["-E", "lazy_itable_init=1,nodiscard,root_owner=0:0"])
         .arg(path)
         .env(
@@ -216,7 +227,9 @@ pub fn copy_sparse(src: &Path, dst: &Path) -> io::Result<()> {
         }
         pos = hole;
     }
-    to.sync_all()?;
+    // No fsync: an image is scratch space for one sandbox, whose processes die with the host; the
+    // kernel writes it back in its own time (measured: the fsync was most of a copy's cost under
+    // concurrent creates).
     fs::set_permissions(dst, fs::Permissions::from_mode(0o600))
 }
 

@@ -3,7 +3,8 @@
 small pool of images formatted *and mounted* ahead of need keeps that work off the create path
 (see ``crates/sandboxd-jail/src/disk.rs`` for the mechanism and the measurements behind it).
 
-Files: ``<data dir>/disks/template-<size>m.img`` is formatted once per size; the pool's copies are
+Files: ``<data dir>/disks/template-<format>-<size>m.img`` is formatted once per size (and per
+version of the format, :data:`FORMAT`); the pool's copies are
 ``<data dir>/disks/pool-<n>.img``. A sandbox's image is moved into its directory
 (``<data dir>/sandboxes/<id>/disk.img``) when it is created and stays there for the sandbox's whole
 life, paused to disk included; it goes with that directory when the sandbox ends. A mounted disk is a
@@ -24,6 +25,10 @@ from sandboxd import _core
 
 log = logging.getLogger("sandboxd.runtime")
 
+FORMAT = "v2"
+"""Names the mkfs options of the template image (v2: no journal, no resize inode): an image made with
+other options is not reused."""
+
 POOL_SIZE = 4
 """Disks kept ready: sequential creates never wait for one, and each costs a loop device and a small
 mount (a few hundred KiB of kernel memory) while it waits. A burst larger than this mounts the rest
@@ -41,7 +46,7 @@ class DiskPool:
         self.dir = data_dir / "disks"
         self.size_mb = size_mb
         self.target = target
-        self.template = self.dir / f"template-{size_mb}m.img"
+        self.template = self.dir / f"template-{FORMAT}-{size_mb}m.img"
         self._ready: deque[tuple[Path, int]] = deque()
         self._wake = asyncio.Event()
         self._refill: asyncio.Task[None] | None = None
