@@ -666,34 +666,26 @@ def measure(
     seq = sequential(ctx, rt, n_seq)
     p50, p99 = percentile(seq.total_ms, 50) or 0.0, percentile(seq.total_ms, 99) or 0.0
     if iso is not None and iso.p50(RAW) is not None:
-        ctx.report(
-            Result(
-                name="isolation: raw userns (range-owned) + idmapped overlay + seccomp + exec true",
-                unit="ms (p50)",
-                ours=iso.p50(RAW),
-                baseline=iso.p50(RAW_BEFORE),
-                baseline_name=RAW_BEFORE_NAME,
-                better="lower",
-                p50=iso.p50(RAW),
-                p99=iso.p99(RAW),
-                samples={"ours": [], "baseline": []},
-                extra={"baseline_p99": iso.p99(RAW_BEFORE), "runs": iso.runs},
+        rows = (
+            ("isolation: raw userns (range-owned) + idmapped overlay + seccomp + exec true", RAW, RAW_BEFORE,
+             RAW_BEFORE_NAME),
+            ("isolation: spawn_sandbox with its disk mounted on the create path", DISK_ON_PATH, JAIL,
+             DISK_POOLED_NAME),
+        )  # fmt: skip
+        for row_name, key, base_key, base_name in rows:
+            ctx.report(
+                Result(
+                    name=row_name,
+                    unit="ms (p50)",
+                    ours=iso.p50(key),
+                    baseline=iso.p50(base_key),
+                    baseline_name=base_name,
+                    better="lower",
+                    p50=iso.p50(key),
+                    p99=iso.p99(key),
+                    extra={"baseline_p99": iso.p99(base_key), "runs": iso.runs},
+                )
             )
-        )
-        ctx.report(
-            Result(
-                name="isolation: spawn_sandbox with its disk mounted on the create path",
-                unit="ms (p50)",
-                ours=iso.p50(DISK_ON_PATH),
-                baseline=iso.p50(JAIL),
-                baseline_name=DISK_POOLED_NAME,
-                better="lower",
-                p50=iso.p50(DISK_ON_PATH),
-                p99=iso.p99(DISK_ON_PATH),
-                samples={"ours": [], "baseline": []},
-                extra={"baseline_p99": iso.p99(JAIL), "runs": iso.runs},
-            )
-        )
     common_extra = {
         "n": n_seq,
         "create_p50_ms": percentile(seq.create_ms, 50),

@@ -395,3 +395,14 @@ def kube_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
         yield cluster
     finally:
         cluster.stop()
+
+
+@pytest.fixture
+def pair(e2b_env: Runtime) -> Iterator[tuple[Any, Any]]:
+    """Two sandboxes of the shared runtime, killed afterwards."""
+    from e2b import Sandbox
+
+    a, b = Sandbox.create(), Sandbox.create()
+    yield a, b
+    a.kill()
+    b.kill()

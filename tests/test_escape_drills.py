@@ -107,14 +107,6 @@ def small(small_runtime: Runtime, monkeypatch: pytest.MonkeyPatch) -> Iterator[S
     sbx.kill()
 
 
-@pytest.fixture
-def pair(e2b_env: Runtime) -> Iterator[tuple[Sandbox, Sandbox]]:
-    a, b = Sandbox.create(), Sandbox.create()
-    yield a, b
-    a.kill()
-    b.kill()
-
-
 # ------------------------------------------------------------------------------------ limits
 
 

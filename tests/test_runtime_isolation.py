@@ -8,7 +8,7 @@ import glob
 import os
 import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -17,14 +17,6 @@ from conftest import Runtime
 from e2b import Sandbox
 from e2b.exceptions import NotFoundException, SandboxException
 from sandboxd import _core
-
-
-@pytest.fixture
-def pair(e2b_env: Runtime) -> Iterator[tuple[Sandbox, Sandbox]]:
-    a, b = Sandbox.create(), Sandbox.create()
-    yield a, b
-    a.kill()
-    b.kill()
 
 
 def test_hostname_is_the_sandbox_id(pair: tuple[Sandbox, Sandbox]) -> None:
