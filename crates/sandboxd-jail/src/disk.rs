@@ -33,7 +33,8 @@ use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
 use nix::fcntl::{AtFlags, OFlag, open};
@@ -52,8 +53,22 @@ const LO_FLAGS_AUTOCLEAR: u32 = 4;
 const LO_FLAGS_DIRECT_IO: u32 = 16;
 /// Block size for the loop device: the ext4 block size, so direct I/O stays aligned.
 const LOOP_BLOCK_SIZE: u32 = 4096;
-/// How many times to ask for another free loop device when a concurrent claimer won the race.
-const LOOP_ATTEMPTS: u32 = 64;
+/// How long to keep asking for a free loop device while other processes win the race for each one
+/// the kernel names (or it is still being torn down after its last sandbox): a burst of creates
+/// across several runtimes can take many rounds.
+const LOOP_DEADLINE: Duration = Duration::from_secs(10);
+
+/// Pause between rounds, doubling up to [`LOOP_BACKOFF_MAX`]: gives a device being released time
+/// to finish, and a concurrent claimer time to configure its own.
+const LOOP_BACKOFF_START: Duration = Duration::from_micros(200);
+
+/// See [`LOOP_BACKOFF_START`].
+const LOOP_BACKOFF_MAX: Duration = Duration::from_millis(20);
+
+/// Serialises this process's own loop allocations: `LOOP_CTL_GET_FREE` names the same device to
+/// every caller until one has configured it, so threads of one runtime would only race each other.
+/// (Only ever taken in ordinary threads: never in a process forked from a multithreaded one.)
+static LOOP_LOCK: Mutex<()> = Mutex::new(());
 
 /// The writable layer's directories on the disk (overlayfs upper and work dirs).
 pub(crate) const UPPER: &CStr = c"upper";
@@ -252,7 +267,12 @@ fn attach_loop(image: &Path) -> io::Result<(OwnedFd, u32)> {
             format!("opening /dev/loop-control: {e} (the sandbox disk needs loop devices)"),
         )
     })?;
-    for _ in 0..LOOP_ATTEMPTS {
+    let deadline = Instant::now() + LOOP_DEADLINE;
+    let mut backoff = LOOP_BACKOFF_START;
+    let _ours = LOOP_LOCK
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    while Instant::now() < deadline {
         // SAFETY: LOOP_CTL_GET_FREE takes no argument and returns a device number or -1.
         let n = Errno::result(unsafe { libc::ioctl(ctl.as_raw_fd(), LOOP_CTL_GET_FREE) })?;
         let dev =
@@ -277,7 +297,8 @@ fn attach_loop(image: &Path) -> io::Result<(OwnedFd, u32)> {
                 Ok(_) => return Ok((lo, n as u32)),
                 // The backing filesystem cannot do direct I/O at this block size: buffered.
                 Err(Errno::EINVAL) if flags & LO_FLAGS_DIRECT_IO != 0 => flags = LO_FLAGS_AUTOCLEAR,
-                Err(Errno::EBUSY) => break, // another process bound it first: ask for another
+                // Another process bound it first, or it is still being released: ask again.
+                Err(Errno::EBUSY) => break,
                 Err(e) => {
                     return Err(io::Error::new(
                         io::Error::from(e).kind(),
@@ -286,10 +307,12 @@ fn attach_loop(image: &Path) -> io::Result<(OwnedFd, u32)> {
                 }
             }
         }
+        std::thread::sleep(backoff);
+        backoff = (backoff * 2).min(LOOP_BACKOFF_MAX);
     }
     Err(io::Error::new(
         io::ErrorKind::ResourceBusy,
-        "no free loop device after repeated attempts",
+        format!("no free loop device within {LOOP_DEADLINE:?}"),
     ))
 }
 

@@ -525,3 +525,41 @@ fn the_start_check_accepts_the_template_and_explains_a_filesystem_without_idmapp
     assert!(err.to_string().contains("idmapped mount"), "{err}");
     assert!(err.to_string().contains("Linux >= 5.12"), "{err}");
 }
+
+/// A burst of creates mounts many disks at once: the loop devices the kernel names race between
+/// threads (and runtimes); every mount must still get one.
+#[test]
+fn many_disks_mounted_at_once_all_get_a_loop_device() {
+    if !can_run("loop_burst") {
+        return;
+    }
+    let dir = tempfile::Builder::new()
+        .prefix("sandboxd-jail-loops-")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let formatted = dir.path().join("template.img");
+    format_image(&formatted, 64).unwrap();
+    let images: Vec<_> = (0..24)
+        .map(|i| {
+            let image = dir.path().join(format!("{i}.img"));
+            copy_sparse(&formatted, &image).unwrap();
+            image
+        })
+        .collect();
+    let mounts: Vec<_> = std::thread::scope(|s| {
+        let workers: Vec<_> = images
+            .iter()
+            .map(|image| s.spawn(move || mount_disk(image)))
+            .collect();
+        workers.into_iter().map(|w| w.join().unwrap()).collect()
+    });
+    for m in &mounts {
+        assert!(m.is_ok(), "{m:?}");
+    }
+    drop(mounts);
+    let deadline = Instant::now() + RUN_TIMEOUT;
+    while loop_devices_backed_by(dir.path()) > 0 {
+        assert!(Instant::now() < deadline, "loop devices left behind");
+        sleep(Duration::from_millis(20));
+    }
+}
