@@ -142,20 +142,27 @@ def test_kill_9_of_the_runtime_then_restart_keeps_every_sandbox(fault_runtime: R
     running.files.write("/home/user/survivor", "still here")
     handle = running.commands.run("sleep 600", background=True, timeout=0)
     paused.files.write("/home/user/p", "paused")
+    bases = {sbx.sandbox_id: _ids(sbx)[0] for sbx in (running, paused)}
     paused.pause()
     fault_runtime.process.send_signal(signal.SIGKILL)
     fault_runtime.process.wait(10)
     fault_runtime.restart()
+    registry = Path(_core.DEFAULT_ID_REGISTRY)
     try:
         listed = {s.sandbox_id for s in Sandbox.list().next_items()}
         assert {running.sandbox_id, paused.sandbox_id} <= listed
+        for sandbox_id, base in bases.items():  # the restarted runtime keeps both claims
+            assert f"sandbox={sandbox_id}" in (registry / str(base)).read_text()
         again = Sandbox.connect(running.sandbox_id)
         assert again.files.read("/home/user/survivor") == "still here"
         assert handle.pid in [p.pid for p in again.commands.list()]
-        assert Sandbox.connect(paused.sandbox_id).files.read("/home/user/p") == "paused"
+        resumed = Sandbox.connect(paused.sandbox_id)
+        assert resumed.files.read("/home/user/p") == "paused"
+        assert _ids(resumed)[0] == bases[paused.sandbox_id]
     finally:
         Sandbox.kill(running.sandbox_id)
         Sandbox.kill(paused.sandbox_id)
+    assert not any((registry / str(base)).exists() for base in bases.values())
 
 
 def test_kill_9_of_an_agent_is_reported(fault_runtime: Runtime) -> None:
