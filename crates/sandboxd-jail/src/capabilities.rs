@@ -112,9 +112,6 @@ fn restrict(keep: u64) -> Result<(), StepError> {
     set_only(keep).map_err(fail)
 }
 
-/// `CAP_SYS_ADMIN` (linux/capability.h).
-pub(crate) const CAP_SYS_ADMIN: u32 = 21;
-
 /// Sets the calling thread's effective and permitted capabilities to `keep` (a mask; it must be a
 /// subset of the permitted set) and clears the inheritable set. The bounding and ambient sets are
 /// left alone. Async-signal-safe.

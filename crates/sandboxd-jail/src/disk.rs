@@ -360,7 +360,8 @@ fn fsconfig(
 }
 
 /// Mounts the ext4 filesystem in `image` as a detached mount (attached nowhere: a sandbox's PID 1
-/// attaches it inside the sandbox) and returns its descriptor. Dropping every copy of the
+/// attaches it inside the sandbox), makes sure it has the `upper` and `work` directories of a
+/// writable layer, and returns its descriptor. Dropping every copy of the
 /// descriptor before it is attached unmounts the filesystem and frees the loop device.
 pub fn mount_disk(image: &Path) -> io::Result<OwnedFd> {
     let (lo, n) = attach_loop(image)?;
@@ -392,6 +393,14 @@ pub fn mount_disk(image: &Path) -> io::Result<OwnedFd> {
     })?;
     // The filesystem now holds the loop device; our descriptor is no longer needed.
     drop(lo);
+    // The layer's directories now, while the disk is made (ahead of need, for the runtime's pool):
+    // their blocks are then in memory, and the create path only changes their owner.
+    for dir in [UPPER, WORK] {
+        match mkdirat(&mnt, dir, Mode::from_bits_truncate(0o755)) {
+            Ok(()) | Err(Errno::EEXIST) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
     Ok(mnt)
 }
 

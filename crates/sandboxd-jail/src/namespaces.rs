@@ -167,8 +167,8 @@ impl SetupFds {
 
 /// Steps 3 and 4: the user namespace and the idmapped mounts. Async-signal-safe. Returns the
 /// helper's pid too, which the caller reaps.
-fn make_userns_and_layers(p: &Prepared, deadline: Instant) -> Result<(SetupFds, Pid), StepError> {
-    let (userns, helper) = userns::create(p.id_base, &p.id_map, deadline)?;
+fn make_userns_and_layers(p: &Prepared) -> Result<(SetupFds, Pid), StepError> {
+    let (userns, helper) = userns::create(p.id_base, &p.id_map)?;
     let made = (|| {
         let mut layers: [Option<OwnedFd>; MAX_LAYERS] = std::array::from_fn(|_| None);
         for (slot, source) in layers.iter_mut().zip(&p.lower_sources) {
@@ -218,7 +218,7 @@ pub(crate) fn enter_raw(p: &Prepared, deadline: Instant) -> Result<Stage, StepEr
         // "0" means "the writing process".
         write(&f, b"0").at(Step::JoinCgroup)?;
     }
-    let (fds, helper) = make_userns_and_layers(p, deadline)?;
+    let (fds, helper) = make_userns_and_layers(p)?;
     let result = enter_namespaces_and_fork(p, fds, deadline);
     if let Ok(Stage::Outside { .. }) | Err(_) = &result {
         reap(helper);

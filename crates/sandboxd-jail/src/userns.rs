@@ -14,18 +14,18 @@
 //! every sandbox's inotify instances to host root, so 128 `inotify_init`s in one sandbox would
 //! exhaust host root's `fs.inotify.max_user_instances` for the host and every other sandbox
 //! (measured: exactly that happens; with the creator below, the host and other sandboxes keep
-//! their full budgets). So a short-lived helper ("X") drops to the range's base id, `unshare`s
-//! the user namespace and waits; the process that stays root on the host ("A") writes X's
-//! `uid_map` and `gid_map` (multi-id maps need `CAP_SETUID`/`CAP_SETGID` in the parent namespace,
-//! which X gave up), opens `/proc/<X>/ns/user`, and lets X exit. The open descriptor keeps the
-//! namespace alive; A later `setns`es into it (`enter`) and becomes root inside.
+//! their full budgets). So the process that builds the sandbox ("A", host root) takes the range's
+//! base id as its effective uid for the moment of one `clone(CLONE_NEWUSER)`, which creates the
+//! namespace with that owner and a short-lived helper ("X") in it; A, root again, writes X's
+//! `uid_map` and `gid_map` (multi-id maps need `CAP_SETUID`/`CAP_SETGID` in the parent namespace),
+//! opens `/proc/<X>/ns/user`, and lets X exit. The open descriptor keeps the namespace alive; A
+//! later `setns`es into it (`enter`) and becomes root inside.
 //!
-//! X keeps `CAP_SYS_ADMIN` (and nothing else) across its change of uid (`PR_SET_KEEPCAPS`), so the
-//! creation counts as privileged: distributions that restrict *unprivileged* user namespaces
+//! A keeps its capabilities across that change of effective uid (`SECBIT_NO_SETUID_FIXUP`), so
+//! the creation counts as privileged: distributions that restrict *unprivileged* user namespaces
 //! (Debian's `kernel.unprivileged_userns_clone=0`, Ubuntu's AppArmor
 //! `apparmor_restrict_unprivileged_userns`) do not apply to it, while the namespace's owner, and so
-//! the counters, are still the range's uid. X runs only this code, is not dumpable after its uid
-//! change, and no process of its range exists yet to reach it.
+//! the counters, are still the range's uid. No process of the range exists yet to reach A meanwhile.
 //!
 //! Everything here runs in A after `fork` (possibly of a multithreaded process): system calls on
 //! bytes prepared before the fork, and ids changed with raw system calls, which affect only the
@@ -33,19 +33,17 @@
 #![allow(unsafe_code)]
 
 use std::ffi::CStr;
-use std::os::fd::{AsFd, FromRawFd, OwnedFd};
-use std::time::Instant;
+use std::os::fd::{FromRawFd, OwnedFd};
 
 use nix::errno::Errno;
 use nix::fcntl::{OFlag, open};
-use nix::sched::{CloneFlags, setns, unshare};
+use nix::sched::{CloneFlags, setns};
 use nix::sys::signal::{Signal, kill};
 use nix::sys::stat::Mode;
 use nix::sys::wait::waitpid;
-use nix::unistd::{ForkResult, Pid, fork, pipe2, write};
+use nix::unistd::{Pid, pipe2, write};
 
-use crate::capabilities;
-use crate::report::{AtStep, Record, Step, StepError, read_record, write_record};
+use crate::report::{AtStep, Step, StepError};
 use crate::sys::exit_now;
 
 /// Longest `/proc/<pid>/<leaf>` path built here: "/proc/" + 10 digits + "/" + the leaf.
@@ -100,84 +98,80 @@ pub(crate) fn become_ids(id: u32) -> Result<(), Errno> {
     Ok(())
 }
 
-/// `PR_SET_KEEPCAPS`: the permitted capabilities survive the next change from uid 0 to another.
-fn keep_caps() -> Result<(), Errno> {
+/// `SECBIT_NO_SETUID_FIXUP` (linux/securebits.h): changing uids leaves capabilities alone.
+const SECBIT_NO_SETUID_FIXUP: libc::c_ulong = 1 << 2;
+
+/// Sets the calling thread's effective uid only (`setresuid(-1, euid, -1)`), raw. Async-signal-safe.
+fn set_euid(euid: u32) -> Result<(), Errno> {
+    // SAFETY: integer arguments; -1 (as u32::MAX) leaves the real and saved uids alone.
+    Errno::result(unsafe { libc::syscall(libc::SYS_setresuid, u32::MAX, euid, u32::MAX) }).map(drop)
+}
+
+/// Sets the calling thread's securebits. Async-signal-safe.
+fn set_securebits(bits: libc::c_ulong) -> Result<(), Errno> {
     // SAFETY: integer arguments only.
-    Errno::result(unsafe { libc::prctl(libc::PR_SET_KEEPCAPS, 1, 0, 0, 0) }).map(drop)
+    Errno::result(unsafe { libc::prctl(libc::PR_SET_SECUREBITS, bits, 0, 0, 0) }).map(drop)
 }
 
 /// Creates a user namespace owned by host uid `base` whose ids 0-65535 map to `base..`, with
 /// `map` (`"0 <base> 65536\n"`) as both its uid and gid map. Returns a descriptor of it and the
-/// helper's pid, which the caller must reap (with `waitpid`) before it exits; the helper exits
-/// on its own. Async-signal-safe; the caller must be host root.
-pub(crate) fn create(
-    base: u32,
-    map: &[u8],
-    deadline: Instant,
-) -> Result<(OwnedFd, Pid), StepError> {
-    let (ready_r, ready_w) = pipe2(OFlag::O_CLOEXEC).at(Step::Pipe)?;
+/// pid of the helper born in it, which the caller must reap (with `waitpid`) before it exits; the
+/// helper exits once this returns. Async-signal-safe; the caller must be host root.
+///
+/// How: for the moment of one `clone(CLONE_NEWUSER)`, the caller's effective uid is `base`
+/// (`SECBIT_NO_SETUID_FIXUP` keeps its capabilities meanwhile), so the kernel records `base` as the
+/// new namespace's owner and charges its counters there; the helper ("X") the clone makes is born
+/// in the namespace and only waits to be let go. The namespace exists when `clone` returns, so its
+/// maps are written at once, without waiting for X to run.
+pub(crate) fn create(base: u32, map: &[u8]) -> Result<(OwnedFd, Pid), StepError> {
     let (go_r, go_w) = pipe2(OFlag::O_CLOEXEC).at(Step::Pipe)?;
-    // SAFETY: the child ("X") makes only async-signal-safe calls and leaves through exit_now.
-    match unsafe { fork() }.at(Step::Fork)? {
-        ForkResult::Child => {
-            drop(ready_r);
-            drop(go_w);
-            let made = keep_caps()
-                .and_then(|()| become_ids(base))
-                .and_then(|()| capabilities::set_only(1 << capabilities::CAP_SYS_ADMIN))
-                .and_then(|()| unshare(CloneFlags::CLONE_NEWUSER));
-            match made {
-                Ok(()) => write_record(ready_w.as_fd(), Record::InitPid(0)),
-                Err(e) => {
-                    write_record(
-                        ready_w.as_fd(),
-                        Record::Failed(StepError::new(Step::UserNamespace, e)),
-                    );
-                    exit_now(1)
-                }
-            }
-            // Stay until A has written the maps and opened the namespace (it then closes its end;
-            // end of file here, also if A died).
-            let mut b = [0u8; 1];
-            while let Err(Errno::EINTR) = nix::unistd::read(&go_r, &mut b) {}
-            exit_now(0)
-        }
-        ForkResult::Parent { child } => {
-            drop(ready_w);
-            drop(go_r);
-            let fail = |e: StepError| {
-                let _ = kill(child, Signal::SIGKILL);
-                while let Err(Errno::EINTR) = waitpid(child, None) {}
-                e
-            };
-            match read_record(ready_r.as_fd(), deadline) {
-                Ok(Some(Record::InitPid(_))) => {}
-                Ok(Some(Record::Failed(e))) => return Err(fail(e)),
-                Ok(None) => return Err(fail(StepError::new(Step::UserNamespace, Errno::ECHILD))),
-                Err(e) => return Err(fail(e)),
-            }
-            let mut buf = [0u8; PROC_PATH_MAX];
-            for leaf in [&b"uid_map"[..], &b"gid_map"[..]] {
-                let written = open(
-                    proc_path(&mut buf, child, leaf),
-                    OFlag::O_WRONLY | OFlag::O_CLOEXEC,
-                    Mode::empty(),
-                )
-                .and_then(|f| write(&f, map));
-                if let Err(e) = written {
-                    return Err(fail(StepError::new(Step::IdMap, e)));
-                }
-            }
-            let ns = open(
-                proc_path(&mut buf, child, b"ns/user"),
-                OFlag::O_RDONLY | OFlag::O_CLOEXEC,
-                Mode::empty(),
-            )
-            .map_err(|e| fail(StepError::new(Step::UserNamespace, e)))?;
-            drop(go_w); // X exits.
-            Ok((ns, child))
+    set_securebits(SECBIT_NO_SETUID_FIXUP).at(Step::UserNamespace)?;
+    let cloned = set_euid(base).and_then(|()| {
+        let flags = (libc::CLONE_NEWUSER | libc::SIGCHLD) as libc::c_ulong;
+        // SAFETY: a raw clone with no new stack is a fork: the child continues on a copy of this
+        // stack, makes only raw system calls and leaves through exit_now.
+        Errno::result(unsafe {
+            libc::syscall(libc::SYS_clone, flags, 0usize, 0usize, 0usize, 0usize)
+        })
+    });
+    if cloned == Ok(0) {
+        // X: in the new namespace. Wait until A has written the maps and opened the namespace
+        // (it then closes its end: end of file here, also if A died).
+        drop(go_w);
+        let mut b = [0u8; 1];
+        while let Err(Errno::EINTR) = nix::unistd::read(&go_r, &mut b) {}
+        exit_now(0)
+    }
+    // A: host root again, in every id, with the usual securebits.
+    let restored = set_euid(0).and_then(|()| set_securebits(0));
+    drop(go_r);
+    let child = Pid::from_raw(cloned.at(Step::UserNamespace)? as i32);
+    let fail = |e: StepError| {
+        let _ = kill(child, Signal::SIGKILL);
+        while let Err(Errno::EINTR) = waitpid(child, None) {}
+        e
+    };
+    restored.map_err(|e| fail(StepError::new(Step::UserNamespace, e)))?;
+    let mut buf = [0u8; PROC_PATH_MAX];
+    for leaf in [&b"uid_map"[..], &b"gid_map"[..]] {
+        let written = open(
+            proc_path(&mut buf, child, leaf),
+            OFlag::O_WRONLY | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        )
+        .and_then(|f| write(&f, map));
+        if let Err(e) = written {
+            return Err(fail(StepError::new(Step::IdMap, e)));
         }
     }
+    let ns = open(
+        proc_path(&mut buf, child, b"ns/user"),
+        OFlag::O_RDONLY | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| fail(StepError::new(Step::UserNamespace, e)))?;
+    drop(go_w); // X exits.
+    Ok((ns, child))
 }
 
 /// Moves the calling (single-threaded) process into the user namespace `ns` and makes it root
