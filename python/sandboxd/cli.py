@@ -252,6 +252,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--sandbox-memory-mb", type=int, default=1024, help="memory of a Pod without limits (default: 1024)"
     )
     node.add_argument(
+        "--sandbox-disk-mb", type=_positive(int), default=10240, help="disk quota per sandbox in MiB (default: 10240)"
+    )
+    node.add_argument(
+        "--id-registry",
+        type=Path,
+        default=None,
+        help="host-wide registry of sandbox id ranges, shared by every runtime and node "
+        "(default: /var/lib/sandboxd-ids)",
+    )
+    node.add_argument(
         "--template-store",
         type=Path,
         default=_env_path("SANDBOXD_TEMPLATE_STORE"),
@@ -371,10 +381,12 @@ def main(argv: list[str] | None = None) -> None:
             address=args.address,
             tunnel_port=args.tunnel_port,
             max_sandboxes=args.max_sandboxes,
-            limits=Limits(cpu_count=args.sandbox_cpus, memory_mb=args.sandbox_memory_mb),
+            limits=Limits(cpu_count=args.sandbox_cpus, memory_mb=args.sandbox_memory_mb, disk_mb=args.sandbox_disk_mb),
             template_store=args.template_store,
             debian_mirror=args.debian_mirror,
         )
+        if args.id_registry is not None:
+            options.id_registry = args.id_registry
         if args.capacity_cpu:
             options.capacity_cpu = args.capacity_cpu
         if args.capacity_memory_mb:
@@ -404,7 +416,7 @@ def main(argv: list[str] | None = None) -> None:
         from sandboxd.runtime.server import DEFAULT_DATA_DIR, ServeOptions
         from sandboxd.runtime.server import run as run_runtime
 
-        options = ServeOptions(
+        serve_options = ServeOptions(
             host=args.host,
             port=args.port,
             data_dir=args.data_dir or DEFAULT_DATA_DIR,
@@ -434,8 +446,8 @@ def main(argv: list[str] | None = None) -> None:
             connections=_connection_limits(args),
         )
         if args.id_registry is not None:
-            options.id_registry = args.id_registry
-        run_runtime(options)
+            serve_options.id_registry = args.id_registry
+        run_runtime(serve_options)
     elif args.command == "status":
         from sandboxd.runtime.observe.status import main as status_main
         from sandboxd.runtime.server import DEFAULT_DATA_DIR

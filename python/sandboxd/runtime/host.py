@@ -23,15 +23,19 @@ half of those by the sandbox's own ``user.max_inotify_*``.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
 import resource
 import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from .manager import Limits
+from .disks import DiskPool
+from .manager import HostPlace, Limits
+from .templates import HOST, Templates
 
 log = logging.getLogger("sandboxd.runtime")
 
@@ -213,3 +217,54 @@ def sandbox_limits(host: HostFacts, flags: SandboxFlags) -> Limits:
         inotify_watches=watches,
         nested_userns=flags.nested_userns,
     )
+
+
+def require_isolation(templates: Templates, command: str) -> None:
+    """Exit with the reason if this host cannot isolate sandboxes: user namespaces, and idmapped
+    mounts of the template store's filesystem (it holds every template's layers)."""
+    from sandboxd import _core
+
+    try:
+        _core.check_isolation_support(str(templates.resolve(HOST).layers[0]))
+    except OSError as exc:
+        sys.exit(f"{command}: this host cannot isolate sandboxes: {exc}")
+
+
+def prepare(data_dir: Path, registry: Path) -> HostFacts:
+    """At a runtime's (or node's) start: write the host-wide budgets (all runtimes, and this one's
+    instance), raise ``fs.file-max`` if needed, and free id ranges that runtimes whose data dir is gone
+    left claimed. Returns what the host offers, to size the sandboxes from."""
+    from sandboxd import _core
+
+    facts = read_host(data_dir)
+    shared = budget(facts)
+    _core.configure_budget(
+        instance_name(data_dir),
+        host_memory_bytes=shared.memory_bytes,
+        host_pids_max=shared.pids_max,
+        memory_bytes=shared.memory_bytes,
+        pids_max=shared.pids_max,
+    )
+    raise_file_max(facts, shared.memory_bytes)
+    freed = _core.IdRegistry(str(registry)).reclaim_stale()
+    if freed:
+        log.info("reclaimed %d id ranges of runtimes whose data dir is gone", len(freed))
+    return facts
+
+
+async def open_place(data_dir: Path, registry: Path, disk_mb: int) -> HostPlace:
+    """This runtime's place on the host: its instance, the id registry, and a started disk pool."""
+    from sandboxd import _core
+
+    disks = DiskPool(data_dir, disk_mb)
+    await disks.start()
+    return HostPlace(instance=instance_name(data_dir), ids=_core.IdRegistry(str(registry)), disks=disks)
+
+
+async def close_place(place: HostPlace) -> None:
+    """At stop: unmount the pool's disks; remove the instance's cgroup group if no sandbox is left."""
+    from sandboxd import _core
+
+    await place.disks.stop()
+    with contextlib.suppress(OSError):
+        _core.remove_instance_if_empty(place.instance)

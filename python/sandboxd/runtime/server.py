@@ -21,10 +21,9 @@ from . import host
 from .api import ControlPlane
 from .backend import LocalBackend
 from .debian import DEFAULT_MIRROR
-from .disks import DiskPool
 from .errors import ApiError
 from .host import SandboxFlags
-from .manager import HostPlace, Limits, SandboxManager
+from .manager import Limits, SandboxManager
 from .network import NetworkOptions, SandboxNetworks
 from .observe import Observer, Secrets
 from .observe import logs as observe_logs
@@ -34,7 +33,7 @@ from .observe.http import RequestObserver
 from .observe.probes import Readiness
 from .proxy import SandboxProxy, parse_target
 from .store import Store
-from .templates import HOST, Templates, default_store_dir
+from .templates import Templates, default_store_dir
 from .zygote_client import ZygoteClient
 
 log = logging.getLogger("sandboxd.runtime")
@@ -141,11 +140,7 @@ def run(options: ServeOptions) -> None:
         templates.ensure_host()
     # `sandboxd template` finds the store this runtime uses through its database.
     store.set_setting("template_store", str(templates.store_dir))
-    try:
-        # The store holds every template's layers: its filesystem must take idmapped mounts.
-        _core.check_isolation_support(str(templates.resolve(HOST).layers[0]))
-    except OSError as exc:
-        sys.exit(f"sandboxd serve: this host cannot isolate sandboxes: {exc}")
+    host.require_isolation(templates, "sandboxd serve")
     _core.become_subreaper()
     limits = _prepare_host(options)
     url = f"http://{options.host}:{options.port}"
@@ -188,23 +183,8 @@ def run(options: ServeOptions) -> None:
 
 
 def _prepare_host(options: ServeOptions) -> Limits:
-    """Size the sandboxes from the host, write the host-wide budgets, and free id ranges that runtimes
-    whose data dir is gone left claimed."""
-    facts = host.read_host(options.data_dir)
-    limits = host.sandbox_limits(facts, options.sandboxes)
-    budget = host.budget(facts)
-    _core.configure_budget(
-        host.instance_name(options.data_dir),
-        host_memory_bytes=budget.memory_bytes,
-        host_pids_max=budget.pids_max,
-        memory_bytes=budget.memory_bytes,
-        pids_max=budget.pids_max,
-    )
-    host.raise_file_max(facts, budget.memory_bytes)
-    freed = _core.IdRegistry(str(options.id_registry)).reclaim_stale()
-    if freed:
-        log.info("reclaimed %d id ranges of runtimes whose data dir is gone", len(freed))
-    return limits
+    """Write the host-wide budgets, free stale id ranges, and size the sandboxes from the host."""
+    return host.sandbox_limits(host.prepare(options.data_dir, options.id_registry), options.sandboxes)
 
 
 async def _serve(
@@ -224,13 +204,7 @@ async def _serve(
     if options.network is not None:
         networks = SandboxNetworks(store, options.data_dir, options.network, limits.max_sandboxes, options.port)
         await networks.start()
-    disks = DiskPool(options.data_dir, limits.disk_mb)
-    await disks.start()
-    place = HostPlace(
-        instance=host.instance_name(options.data_dir),
-        ids=_core.IdRegistry(str(options.id_registry)),
-        disks=disks,
-    )
+    place = await host.open_place(options.data_dir, options.id_registry, limits.disk_mb)
     manager = SandboxManager(
         store, templates, options.data_dir, zygote_client, limits, place, observer=observer, networks=networks
     )
@@ -260,8 +234,6 @@ async def _serve(
         if networks is not None:
             await networks.stop()
         await zygote_client.stop()
-        await disks.stop()
-        with contextlib.suppress(OSError):
-            _core.remove_instance_if_empty(place.instance)
+        await host.close_place(place)
         store.close()
         await asyncio.sleep(0)
