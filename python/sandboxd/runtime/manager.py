@@ -23,14 +23,13 @@ import asyncio
 import contextlib
 import functools
 import logging
-import os
 import secrets
 import shutil
 import socket
 import string
 import time
 import weakref
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,6 +38,9 @@ from sandboxd import _core
 
 from .agent_client import init_agent
 from .errors import ApiError, not_found
+from .logs import LogEntry, from_events, read_agent_log
+from .metrics import SAMPLE_INTERVAL_S, MetricsHistory, Sampler, Target, bucket
+from .metrics import MetricsSample as MetricsSample  # re-exported: sandboxd.kube reads it from here
 from .network import NetworkConfig, SandboxNetworks
 from .observe import Observer
 from .store import SandboxRow, Store
@@ -56,10 +58,6 @@ of lateness is invisible while costing nothing measurable."""
 
 CONNECT_TIMEOUT_S = 5.0
 """Connect timeout for a TCP connection into a sandbox (it is local: a refusal is immediate)."""
-
-DISK_USAGE_TTL_S = 10.0
-"""How long a measured disk usage is reused: measuring walks the writable layer (in a thread), which
-takes seconds for hundreds of thousands of files, so callers polling metrics share one walk."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,23 +90,6 @@ class CreateRequest:
     access_token: str | None = None
     cpu_count: int | None = None
     memory_mb: int | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class MetricsSample:
-    """One resource sample of a running sandbox (formatted for the wire by the API layer)."""
-
-    timestamp: float
-    cpu_count: int
-    cpu_used_pct: float
-    mem_used: int
-    mem_total: int
-    disk_used: int
-    disk_total: int
-    net_in_bytes: int = 0
-    """Bytes the sandbox received over its network link since it started (or resumed from disk)."""
-    net_out_bytes: int = 0
-    """Bytes the sandbox sent over its network link."""
 
 
 def validate_timeout(timeout: int, limits: Limits) -> int:
@@ -162,12 +143,14 @@ class SandboxManager:
         """One lock per sandbox, held by whichever transition owns it; dropped when nobody holds one."""
         self._slots: set[str] = set()
         """Sandboxes counted against --max-sandboxes: running, or being created or resumed."""
-        self._cpu_samples: dict[str, tuple[float, int]] = {}
-        self._disk_usage: dict[str, tuple[float, int]] = {}
-        self._disk_walks: dict[str, asyncio.Future[int]] = {}
+        self._pausing: dict[str, str] = {}
+        """Sandboxes being paused right now, and why (the proxy treats them as gone already)."""
+        self.history = MetricsHistory(data_dir / "metrics.db")
+        self.sampler = Sampler()
         self._tasks: set[asyncio.Task[None]] = set()
         self.on_gone: list[Callable[[str], None]] = []
         self._reaper: asyncio.Task[None] | None = None
+        self._sampling: asyncio.Task[None] | None = None
         self.observe = observer or Observer()
         """Counts and logs every transition (metrics, structured logs, the log redactor's tokens)."""
 
@@ -193,18 +176,20 @@ class SandboxManager:
                 self._slots.add(row.id)
             self.store.event(row.id, "adopted", "re-adopted after a runtime restart")
             self.observe.adopted(row)
+        await self.history.open(row.id for row in self.store.live())
         self._reaper = asyncio.get_running_loop().create_task(self._reap_expired())
+        self._sampling = asyncio.get_running_loop().create_task(self._sample_forever())
 
     async def stop(self) -> None:
         """Stop watching (sandboxes keep running; a restarted runtime re-adopts them)."""
-        if self._reaper is not None:
-            self._reaper.cancel()
-        for task in list(self._tasks):
-            task.cancel()
+        for background in (self._reaper, self._sampling, *self._tasks):
+            if background is not None:
+                background.cancel()
         loop = asyncio.get_running_loop()
         for handle in self.handles.values():
             loop.remove_reader(handle.pidfd())
         self.handles.clear()
+        await self.history.close()
 
     # -------------------------------------------------------------------------------- lookups
 
@@ -230,6 +215,13 @@ class SandboxManager:
         if self.store.get(sandbox_id) is None:
             raise not_found(sandbox_id)
         return self.store.events(sandbox_id)
+
+    async def log_entries(self, sandbox_id: str) -> list[LogEntry]:
+        """The sandbox's log: its lifecycle events (also after it ended) and its agent's log (while
+        its files exist), unsorted."""
+        events = from_events(sandbox_id, self.events(sandbox_id))
+        agent_log = self.sandboxes_dir / sandbox_id / "agent.log"
+        return events + await asyncio.to_thread(read_agent_log, agent_log, sandbox_id)
 
     def get(self, sandbox_id: str) -> SandboxRow:
         return self._row(sandbox_id)
@@ -329,6 +321,7 @@ class SandboxManager:
                 await self._boot(row, template, network=(request.network, traffic_token))
                 self.store.insert(row)
                 self.store.event(row.id, "created", f"template {request.template}, timeout {timeout}s")
+                self._background(self._first_sample(row))
         except BaseException:
             self._slots.discard(sandbox_id)
             raise
@@ -409,6 +402,9 @@ class SandboxManager:
     async def ensure_reachable(self, sandbox_id: str) -> None:
         """For the proxy: running, or resumed now if paused with auto-resume; else a 502 the SDK
         turns into ``SandboxNotRunningException`` (it looks for "was not found")."""
+        pausing = self._pausing.get(sandbox_id)
+        if pausing is not None:
+            raise ApiError(502, f"The sandbox was not found: {pausing}")
         row = self.store.get(sandbox_id)
         if row is None or row.state == "ended":
             reason = f": {row.ended_reason}" if row is not None and row.ended_reason else ""
@@ -431,9 +427,7 @@ class SandboxManager:
         """The init's pidfd is readable: it exited. Whether that is a death is decided under the
         sandbox's lock, after whatever transition holds it now (a kill, a pause) has finished."""
         asyncio.get_running_loop().remove_reader(handle.pidfd())
-        task = asyncio.get_running_loop().create_task(self._check_death(sandbox_id, handle))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._background(self._check_death(sandbox_id, handle))
 
     async def _check_death(self, sandbox_id: str, handle: _core.SandboxHandle) -> None:
         async with self._owning(sandbox_id):
@@ -458,7 +452,7 @@ class SandboxManager:
         await asyncio.to_thread(self._destroy, row.id, None, False)
         if self.networks is not None:
             await self.networks.detach(row.id, forget=True)
-        self._forget_samples(row.id)
+        await self._forget_samples(row.id)
         self.store.event(row.id, "reclaimed", "processes, cgroup and writable layer removed")
         self.observe.reclaimed(row.id)
 
@@ -487,9 +481,11 @@ class SandboxManager:
         if not keep_files:
             shutil.rmtree(self.sandboxes_dir / sandbox_id, ignore_errors=True)
 
-    def _forget_samples(self, sandbox_id: str) -> None:
-        self._cpu_samples.pop(sandbox_id, None)
-        self._disk_usage.pop(sandbox_id, None)
+    async def _forget_samples(self, sandbox_id: str, keep_history: bool = False) -> None:
+        """Drop what the sampler keeps of a sandbox; its history too unless it is only paused."""
+        self.sampler.forget(sandbox_id)
+        if not keep_history:
+            await self.history.forget(sandbox_id)
 
     async def kill(self, sandbox_id: str, reason: str, cause: str = "api") -> None:
         """Kill a sandbox; ``cause`` (``api``, ``timeout``) labels the metrics, ``reason`` is recorded."""
@@ -505,21 +501,32 @@ class SandboxManager:
                     await asyncio.to_thread(handle.thaw)
             await self._stop_processes(sandbox_id)
             self._slots.discard(sandbox_id)
-            self._forget_samples(sandbox_id)
+            await self._forget_samples(sandbox_id)
             self.store.event(sandbox_id, "killed", reason)
             self.observe.killed(row, cause, reason)
 
     # ------------------------------------------------------------------------------ timeouts
 
-    def set_timeout(self, sandbox_id: str, timeout: int) -> None:
+    async def set_timeout(self, sandbox_id: str, timeout: int) -> None:
+        """The sandbox ends ``timeout`` seconds from now. 0 (E2B's minimum; negative values count as 0)
+        ends it at once, exactly as an expiring timeout does: killed, or paused with auto-pause. A
+        paused sandbox keeps the time for when it resumes; 0 kills it unless it pauses on timeout."""
         row = self._row(sandbox_id)
-        timeout = self._validate_timeout(timeout)
-        if row.state == "paused":
-            self.store.update(sandbox_id, remaining_s=float(timeout))
-        else:
-            self.store.update(sandbox_id, end_at=time.time() + timeout)
+        timeout = max(timeout, 0)
+        if timeout > self.limits.max_timeout_s:
+            self._validate_timeout(timeout)
         self.store.event(sandbox_id, "timeout_set", f"{timeout}s from now")
         self.observe.timeout_set(sandbox_id, timeout)
+        if row.state == "paused":
+            if timeout == 0 and row.on_timeout == "kill":
+                await self.kill(sandbox_id, "timed out (timeout set to 0)", cause="timeout")
+            elif timeout > 0:
+                self.store.update(sandbox_id, remaining_s=float(timeout))
+            return
+        self.store.update(sandbox_id, end_at=time.time() + timeout)
+        if timeout == 0:
+            with contextlib.suppress(ApiError):  # a concurrent kill or pause ended it first
+                await self._expire(sandbox_id)
 
     async def _reap_expired(self) -> None:
         while True:
@@ -556,15 +563,21 @@ class SandboxManager:
             if row.state == "paused":
                 raise ApiError(409, f'Sandbox "{sandbox_id}" is already paused')
             remaining = max(row.end_at - time.time(), 1.0)
+            # Gone to the proxy from now on (as a kill makes it by recording the end first): a client
+            # whose stream the pause cuts, and that probes /health, learns the sandbox stopped.
+            self._pausing[sandbox_id] = "it is being paused"
             self._notify_gone(sandbox_id)
-            if mode == "full":
-                await asyncio.to_thread(self.handles[sandbox_id].freeze)
-            else:
-                await self._stop_processes(sandbox_id, keep_files=True)
-            self._slots.discard(sandbox_id)
-            self._forget_samples(sandbox_id)
-            self.store.update(sandbox_id, state="paused", pause_mode=mode, remaining_s=remaining)
-            self.store.event(sandbox_id, "paused", f"{reason} ({mode})")
+            try:
+                if mode == "full":
+                    await asyncio.to_thread(self.handles[sandbox_id].freeze)
+                else:
+                    await self._stop_processes(sandbox_id, keep_files=True)
+                self._slots.discard(sandbox_id)
+                await self._forget_samples(sandbox_id, keep_history=True)
+                self.store.update(sandbox_id, state="paused", pause_mode=mode, remaining_s=remaining)
+                self.store.event(sandbox_id, "paused", f"{reason} ({mode})")
+            finally:
+                self._pausing.pop(sandbox_id, None)
             self.observe.paused(sandbox_id, cause, mode)
 
     async def resume(self, sandbox_id: str, timeout: int | None, cause: str = "api") -> SandboxRow:
@@ -639,77 +652,67 @@ class SandboxManager:
 
     # -------------------------------------------------------------------------------- metrics
 
-    async def metrics(self, sandbox_id: str) -> MetricsSample:
-        """CPU, memory and disk of a running sandbox. Nothing here runs on the event loop that grows
-        with the sandbox: cgroup reads are a few small files, and the disk walk is in a thread, shared
-        and cached (:data:`DISK_USAGE_TTL_S`)."""
+    async def metrics(self, sandbox_id: str, start: int | None, end: int | None) -> list[MetricsSample]:
+        """The sandbox's samples inside ``[start, end]`` (unix seconds; from its start to now by
+        default). A range that reaches the current 5-second bucket gets that bucket's sample taken
+        now, so the newest figures are live and a new sandbox's metrics are never empty."""
         row = self._row(sandbox_id)
-        handle = self.handles.get(sandbox_id)
-        stats = await asyncio.to_thread(handle.stats) if handle is not None else None
-        counters = None
-        if self.networks is not None:
-            counters = await asyncio.to_thread(self.networks.counters, sandbox_id)
-        disk_used = await self._disk_used(sandbox_id)
-        cpu = self._cpu_pct(sandbox_id, stats.cpu_usage_ns or 0, row.cpu_count) if stats else 0.0
-        return MetricsSample(
-            timestamp=time.time(),
-            cpu_count=row.cpu_count,
-            cpu_used_pct=cpu,
-            mem_used=(stats.memory_bytes or 0) if stats else 0,
-            mem_total=row.memory_mb << 20,
-            disk_used=disk_used,
-            disk_total=row.disk_mb << 20,
-            net_in_bytes=counters[0] if counters else 0,
-            net_out_bytes=counters[1] if counters else 0,
-        )
+        now = time.time()
+        start = int(row.started_at) if start is None else start
+        end = int(now) if end is None else end
+        if start > end:
+            raise ApiError(400, f"'start' ({start}) is after 'end' ({end})")
+        target = self._target(row)
+        if target is not None and end >= bucket(now):
+            await self.history.record(await self.sampler.sample([target], wait_for_disk=True))
+        return await self.history.query(sandbox_id, start, end)
 
-    async def _disk_used(self, sandbox_id: str) -> int:
-        cached = self._disk_usage.get(sandbox_id)
-        if cached is not None and time.monotonic() - cached[0] < DISK_USAGE_TTL_S:
-            return cached[1]
-        walk = self._disk_walks.get(sandbox_id)
-        if walk is None:
-            upper = self.sandboxes_dir / sandbox_id / "upper"
-            walk = asyncio.ensure_future(asyncio.to_thread(_dir_size, upper))
-            self._disk_walks[sandbox_id] = walk
-            walk.add_done_callback(lambda _: self._disk_walks.pop(sandbox_id, None))
-        used = await asyncio.shield(walk)
-        self._disk_usage[sandbox_id] = (time.monotonic(), used)
-        return used
+    def _target(self, row: SandboxRow) -> Target | None:
+        handle = self.handles.get(row.id)
+        if row.state != "running" or handle is None:
+            return None
+        counters = functools.partial(self.networks.counters, row.id) if self.networks is not None else None
+        upper = self.sandboxes_dir / row.id / "upper"
+        return Target(row.id, handle, row.cpu_count, row.memory_mb << 20, row.disk_mb << 20, upper, counters)
+
+    async def _first_sample(self, row: SandboxRow) -> None:
+        """The create's own bucket: a sandbox's history starts when it does (off the create's path)."""
+        target = self._target(row)
+        if target is not None:
+            samples = await self.sampler.sample([target])
+            if self.handles.get(row.id) is target.handle:
+                await self.history.record(samples)
+
+    def _background(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _sample_forever(self) -> None:
+        """Every 5 seconds, on the bucket boundary: one sample of every running sandbox."""
+        pruned = 0.0
+        while True:
+            await asyncio.sleep(SAMPLE_INTERVAL_S - time.time() % SAMPLE_INTERVAL_S)
+            try:
+                targets = [t for t in map(self._target, self.store.live()) if t is not None]
+                samples = await self.sampler.sample(targets)
+                # A sandbox killed while it was being read is not recorded after its history went.
+                live = {t.sandbox_id for t in targets if self.handles.get(t.sandbox_id) is t.handle}
+                await self.history.record([s for s in samples if s[0] in live])
+                if time.monotonic() - pruned > 60:
+                    pruned = time.monotonic()
+                    await self.history.prune(time.time())
+            except Exception:
+                log.exception("sampling sandbox metrics failed")
 
     def disk_used_now(self, sandbox_id: str, may_walk: bool) -> int | None:
-        """For a worker thread (a metrics scrape): the cached size of the writable layer if fresh,
-        else a walk when ``may_walk`` (cached for everyone), else the stale figure or None."""
-        cached = self._disk_usage.get(sandbox_id)
-        if cached is not None and (not may_walk or time.monotonic() - cached[0] < DISK_USAGE_TTL_S):
-            return cached[1]
-        if not may_walk:
-            return None
-        used = _dir_size(self.sandboxes_dir / sandbox_id / "upper")
-        if sandbox_id in self.handles:  # not killed meanwhile: nothing would forget the entry
-            self._disk_usage[sandbox_id] = (time.monotonic(), used)
-        return used
-
-    def _cpu_pct(self, sandbox_id: str, usage_ns: int, cpus: int) -> float:
-        """CPU use since the previous metrics call, in percent of the sandbox's cores."""
-        now = time.monotonic()
-        previous = self._cpu_samples.get(sandbox_id)
-        self._cpu_samples[sandbox_id] = (now, usage_ns)
-        if previous is None or now <= previous[0]:
-            return 0.0
-        return round(100 * (usage_ns - previous[1]) / 1e9 / (now - previous[0]) / max(cpus, 1), 2)
+        """For a worker thread (a metrics scrape): the sandbox's cached disk figure if fresh, else a
+        walk when ``may_walk`` (cached for everyone), else the stale figure or None."""
+        upper = self.sandboxes_dir / sandbox_id / "upper"
+        return self.sampler.disk_used_now(sandbox_id, upper, may_walk, lambda: sandbox_id in self.handles)
 
 
 def _kill_quietly(sandbox_id: str) -> None:
     """Kill whatever is left in the sandbox's cgroup and remove it; nothing there is fine."""
     with contextlib.suppress(OSError):
         _core.kill_sandbox(sandbox_id)
-
-
-def _dir_size(path: Path) -> int:
-    total = 0
-    for root, _dirs, files in os.walk(path):
-        for name in files:
-            with contextlib.suppress(OSError):
-                total += os.lstat(os.path.join(root, name)).st_blocks * 512
-    return total
