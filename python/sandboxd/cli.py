@@ -139,6 +139,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--api-key", help="the X-API-KEY clients must send (default: generated once, kept in the data dir)"
     )
     serve.add_argument("--domain", help="sandbox domain for Host-based routing (<port>-<id>.<domain>)")
+    serve.add_argument(
+        "--tls-cert", type=Path, help="serve HTTPS with this PEM certificate (chain), e.g. for *.<domain>"
+    )
+    serve.add_argument("--tls-key", type=Path, help="the PEM private key of --tls-cert (if not in the same file)")
     serve.add_argument("--max-sandboxes", type=int, default=256, help="running sandboxes at most (default: 256)")
     serve.add_argument("--sandbox-cpus", type=int, default=2, help="CPU cores per sandbox (default: 2)")
     serve.add_argument("--sandbox-memory-mb", type=int, default=1024, help="memory per sandbox in MiB (default: 1024)")
@@ -395,6 +399,8 @@ def main(argv: list[str] | None = None) -> None:
                 data_dir=args.data_dir or DEFAULT_DATA_DIR,
                 api_key=args.api_key,
                 domain=args.domain,
+                tls_cert=args.tls_cert,
+                tls_key=args.tls_key,
                 limits=limits,
                 log_format=args.log_format,
                 network=None
