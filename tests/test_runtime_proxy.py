@@ -149,6 +149,19 @@ def test_an_upstream_that_dies_mid_answer_resets_the_client(sdk: Runtime) -> Non
         sbx.kill()
 
 
+def test_upstream_connections_are_reused(sdk: Runtime) -> None:
+    """Requests share pooled connections into the sandbox (a new one each is a thread hop and a setns
+    per request): 50 calls leave at most a few closed connections behind in the sandbox."""
+    sbx = Sandbox.create()
+    try:
+        for _ in range(50):
+            assert sbx.files.exists("/home/user")
+        closed = sbx.commands.run("ss -tan state time-wait | tail -n +2 | wc -l").stdout.strip()
+        assert int(closed) <= 5, f"{closed} connections into the sandbox were closed for 50 requests"
+    finally:
+        sbx.kill()
+
+
 # ------------------------------------------------------------------------------ client aborts
 
 

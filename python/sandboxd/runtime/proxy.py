@@ -94,6 +94,8 @@ class _Response:
     head_size: int = 0
     headers_done: bool = False
     complete: bool = False
+    keep_alive: bool = False
+    """Read when the head is complete: llhttp forgets it once the message is."""
 
     def on_message_begin(self) -> None:
         self.headers = []
@@ -111,6 +113,7 @@ class _Response:
         if 100 <= status < 200:
             return  # informational: the real answer follows
         self.status = status
+        self.keep_alive = self.parser.should_keep_alive()
         self.headers_done = True
 
     def on_body(self, data: bytes) -> None:
@@ -383,7 +386,7 @@ class SandboxProxy:
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
             response.body.clear()
         await send({"type": "http.response.body", "body": b""})
-        return response.complete and parser.should_keep_alive()
+        return response.complete and response.keep_alive
 
     # ------------------------------------------------------------------------------ upgrades
 
