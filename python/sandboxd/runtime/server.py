@@ -261,7 +261,6 @@ async def _serve(
     observe_logs.adopt_uvicorn()
     # Resets and upgrades need the connection itself (see .connection); TLS is uvicorn's own.
     config.http = protocol_class(proxy, config.http)
-    config.ws = "none"  # upgrades are the proxy's (any protocol, as bytes), never uvicorn's WebSocket layer
     if options.tls_cert is not None:
         config.ssl_certfile = str(options.tls_cert)
         config.ssl_keyfile = str(options.tls_key) if options.tls_key is not None else None
