@@ -48,7 +48,7 @@ their total is bounded by :data:`MAX_BODY`."""
 MAX_NAME_CHARS = 256
 """Template names and other identifiers."""
 
-SANDBOX_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
+SANDBOX_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 """What a sandbox id in a path or header can look like (ours are 20 of ``[a-z0-9]``)."""
 
 _DIGITS = re.compile(r"-?[0-9]{1,19}")

@@ -452,9 +452,9 @@ class SandboxManager:
         await asyncio.to_thread(self._destroy, row.id, None, False)
         if self.networks is not None:
             await self.networks.detach(row.id, forget=True)
-        await self._forget_samples(row.id)
         self.store.event(row.id, "reclaimed", "processes, cgroup and writable layer removed")
         self.observe.reclaimed(row.id)
+        await self._forget_samples(row.id)
 
     def _notify_gone(self, sandbox_id: str) -> None:
         for callback in self.on_gone:

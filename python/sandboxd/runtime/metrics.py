@@ -179,16 +179,17 @@ class MetricsHistory:
         await self._run(work)
 
     async def query(self, sandbox_id: str, start: int, end: int) -> list[MetricsSample]:
-        """The buckets inside ``[start, end]``, oldest first; per coarser step, the highest of each figure
-        (as E2B's query takes them)."""
+        """The buckets that overlap ``[start, end]`` (a sample taken at 17 s is in the bucket of 15 s,
+        and E2B selects samples by their own time), oldest first; per coarser step, the highest of each
+        figure (as E2B's query takes them)."""
         step = step_for(end - start)
 
         def work() -> list[MetricsSample]:
             cur = self._conn().execute(
                 "SELECT at / ? * ? AS ts, MAX(cpu_count), MAX(cpu_used_pct), MAX(mem_used), MAX(mem_total),"
                 " MAX(disk_used), MAX(disk_total), MAX(net_in_bytes), MAX(net_out_bytes) FROM samples"
-                " WHERE sandbox_id = ? AND at >= ? AND at <= ? GROUP BY ts ORDER BY ts",
-                (step, step, sandbox_id, start, end),
+                " WHERE sandbox_id = ? AND at > ? AND at <= ? GROUP BY ts ORDER BY ts",
+                (step, step, sandbox_id, start - SAMPLE_INTERVAL_S, end),
             )
             return [MetricsSample(float(r[0]), *r[1:]) for r in cur.fetchall()]
 
