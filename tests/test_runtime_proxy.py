@@ -221,6 +221,30 @@ def test_websocket_through_get_host_both_ways(sdk: Runtime) -> None:
         sbx.kill()
 
 
+def test_an_upgrade_needs_the_traffic_token_as_a_plain_request_does(sdk: Runtime) -> None:
+    from websockets.exceptions import InvalidStatus
+    from websockets.sync.client import connect
+
+    sbx = Sandbox.create(network={"allow_public_traffic": False})
+    try:
+        _serve_in(sbx, WS_ECHO_SERVER, 8250)
+        token = sbx.traffic_access_token
+        assert token
+        route = {"E2b-Sandbox-Id": sbx.sandbox_id, "E2b-Sandbox-Port": "8250"}
+        with pytest.raises(InvalidStatus) as refused:
+            connect(f"ws://127.0.0.1:{sdk.port}/", additional_headers=route, open_timeout=10)
+        assert refused.value.response.status_code == 403
+        with connect(
+            f"ws://127.0.0.1:{sdk.port}/",
+            additional_headers={**route, "e2b-traffic-access-token": token},
+            open_timeout=10,
+        ) as ws:
+            ws.send("with the token")
+            assert ws.recv(timeout=10) == "echo: with the token"
+    finally:
+        sbx.kill()
+
+
 def test_any_upgrade_is_spliced_and_a_closed_client_closes_the_sandbox_side(sdk: Runtime) -> None:
     sbx = Sandbox.create()
     try:
