@@ -40,7 +40,7 @@ from sandboxd.runtime.observe.probes import Readiness
 from sandboxd.runtime.proxy import SandboxProxy
 from sandboxd.runtime.server import RuntimeApp
 from sandboxd.runtime.store import SandboxRow, Store
-from sandboxd.runtime.templates import Templates
+from sandboxd.runtime.templates import Templates, default_store_dir
 from sandboxd.runtime.zygote_client import ZygoteClient
 
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "400"))
@@ -126,7 +126,7 @@ def bodies(draw: st.DrawFn) -> bytes:
     ):
         fields[name] = draw(
             json_values
-            | st.sampled_from(["base", "nope", 0, -5, 60, 2**31, 1.5, True, None, {}, {"enabled": True}])
+            | st.sampled_from(["host", "nope", 0, -5, 60, 2**31, 1.5, True, None, {}, {"enabled": True}])
             | st.dictionaries(st.sampled_from(["A", "A=B", "", "_x", "é", "\ud800", "x" * 300]), texts, max_size=3)
         )
     raw = json.dumps(fields).encode("utf-8", "surrogatepass")
@@ -178,7 +178,8 @@ class RuntimeTarget:
             row.pause_mode, row.remaining_s, row.ended_reason = "filesystem", 100.0, "killed before the fuzz run"
             self.store.insert(row)
             self.store.event(sandbox_id, "created", "for the fuzz run")
-        templates = Templates(self.data)
+        # 'host' needs no build; 'base' is never asked for (a create of it would build Debian's base).
+        templates = Templates(self.store, default_store_dir(self.data))
         self.zygote = ZygoteClient(zygote.start)
         observer = Observer()
         self.manager = SandboxManager(self.store, templates, self.data, self.zygote, Limits(), observer=observer)
