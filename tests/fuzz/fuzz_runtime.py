@@ -32,6 +32,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sandboxd.runtime import zygote
 from sandboxd.runtime.api import ControlPlane
+from sandboxd.runtime.backend import LocalBackend
 from sandboxd.runtime.manager import Limits, SandboxManager
 from sandboxd.runtime.observe import Observer
 from sandboxd.runtime.observe.endpoints import OperatorEndpoints
@@ -184,11 +185,12 @@ class RuntimeTarget:
         observer = Observer()
         self.manager = SandboxManager(self.store, templates, self.data, self.zygote, Limits(), observer=observer)
         loop.run_until_complete(self.manager.start())
-        proxy = SandboxProxy(self.manager, DOMAIN)
+        backend = LocalBackend(self.manager)
+        proxy = SandboxProxy(backend, DOMAIN)
         readiness = Readiness(self.zygote, self.data, templates)
         self.operators = OperatorEndpoints(self.manager, self.zygote, readiness, observer.metrics, None, KEY, self.data)
         self.app = RuntimeApp(
-            ControlPlane(self.manager, KEY, DOMAIN), proxy, self.operators, RequestObserver(observer.metrics), DOMAIN
+            ControlPlane(backend, KEY, DOMAIN), proxy, self.operators, RequestObserver(observer.metrics), DOMAIN
         )
 
     def close(self, loop: asyncio.AbstractEventLoop) -> None:

@@ -130,13 +130,6 @@ class RuntimeApp:
             return
         await self.requests.proxied(self.proxy, scope, receive, send, sandbox_id, ENVD_PORT)
 
-
-def _error(exc: ApiError) -> Callable[[Scope, Receive, Send], Awaitable[None]]:
-    async def answer(scope: Scope, receive: Receive, send: Send) -> None:
-        await send_json(send, exc.status, {"code": exc.status, "message": exc.message})
-
-    return answer
-
     async def _live_tokens(self) -> list[tuple[str, str]]:
         """(id, access token) of every running or paused sandbox, through the backend's listing."""
         tokens: list[tuple[str, str]] = []
@@ -147,6 +140,13 @@ def _error(exc: ApiError) -> Callable[[Scope, Receive, Send], Awaitable[None]]:
             tokens += [(row.id, row.access_token) for row in rows]
             if cursor is None:
                 return tokens
+
+
+def _error(exc: ApiError) -> Callable[[Scope, Receive, Send], Awaitable[None]]:
+    async def answer(scope: Scope, receive: Receive, send: Send) -> None:
+        await send_json(send, exc.status, {"code": exc.status, "message": exc.message})
+
+    return answer
 
 
 MAX_SIGNER_PAGE = 1000
