@@ -435,9 +435,12 @@ def _encode_token(cursor: str) -> str:
 
 def _decode_token(token: str) -> str:
     try:
-        return base64.urlsafe_b64decode(token.encode()).decode()
+        cursor = base64.b64decode(token.encode(), altchars=b"-_", validate=True).decode()
     except (ValueError, UnicodeError):
-        raise ApiError(400, "'nextToken' is not a token this API gave out") from None
+        cursor = ""
+    if not cursor:
+        raise ApiError(400, "'nextToken' is not a token this API gave out")
+    return cursor
 
 
 def _decode_metadata(raw: str) -> dict[str, str]:
