@@ -102,8 +102,8 @@ conformance: ## the Connect conformance suite (connectrpc.com/conformance, via t
 FUZZ_EXAMPLES ?= 400
 
 .PHONY: fuzz
-fuzz: ## a short, bounded fuzz run (hypothesis) of the agent's HTTP parsing in process; FUZZ_EXAMPLES=200000 for a long one
-	FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(VENV)/bin/pytest -q -p no:cacheprovider tests/fuzz/fuzz_agent.py
+fuzz: ## a short, bounded fuzz run (hypothesis) of the agent's and the runtime's HTTP parsing in process (tests/fuzz/fuzz_*.py); FUZZ_EXAMPLES=200000 for a long one
+	FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(VENV)/bin/pytest -q -p no:cacheprovider tests/fuzz/fuzz_*.py
 
 .PHONY: test
 test: install lint cluster test-rust test-py test-js conformance fuzz ## everything CI runs: install, lint, the control plane, cargo test, pytest, JS SDK tests, conformance, fuzz

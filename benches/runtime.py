@@ -51,6 +51,7 @@ from sandboxd.runtime.host import instance_name
 
 from .common import (
     REPO,
+    Agent,
     Context,
     MiB,
     Result,
@@ -58,6 +59,7 @@ from .common import (
     die_with_parent,
     ensure_base,
     free_port,
+    median,
     percentile,
     stop_process,
     tree_rss,
@@ -621,6 +623,58 @@ def burst(ctx: Context, rt: Runtime, n: int) -> Burst:
     return got
 
 
+# ------------------------------------------------------------------------------------------------- proxy
+
+
+@dataclass
+class Proxied:
+    through_proxy: list[float] = field(default_factory=list)
+    """MB/s per download through the runtime's proxy, into a sandbox's agent."""
+    direct: list[float] = field(default_factory=list)
+    """MB/s per download of the same size from a standalone agent on the host."""
+
+
+def _curl_mb_s(args: list[str]) -> float:
+    cmd = ["curl", "-s", "--noproxy", "*", "-o", "/dev/null", "-w", "%{http_code} %{speed_download}", *args]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=300).stdout.split()
+    if out[0] != "200":
+        raise RuntimeError(f"curl got HTTP {out[0]} ({' '.join(cmd)})")
+    return float(out[1]) / 1e6
+
+
+def proxied_download(ctx: Context, rt: Runtime, size: int, runs: int) -> Proxied:
+    """curl downloads of ``size`` random bytes from a sandbox's agent through the runtime's proxy,
+    beside the same download from a standalone agent on the host: what the proxy (the hop into the
+    sandbox's network namespace, HTTP relayed both ways) costs a transfer."""
+    from e2b import Sandbox
+
+    got = Proxied()
+    sbx = Sandbox.create()
+    rt.created.add(sbx.sandbox_id)
+    agent = Agent(ctx.tmp)
+    try:
+        sbx.commands.run(f"head -c {size} /dev/urandom > /home/user/proxied.bin", timeout=300)
+        local = ctx.tmp / "proxied.bin"
+        with local.open("wb") as out:
+            out.write(os.urandom(size))
+        token = httpx.get(f"{rt.url}/sandboxes/{sbx.sandbox_id}", headers={"X-API-KEY": rt.api_key}).json()[
+            "envdAccessToken"
+        ]
+        proxied = [
+            f"{rt.url}/files?path=/home/user/proxied.bin",
+            "-H", f"E2b-Sandbox-Id: {sbx.sandbox_id}", "-H", f"X-Access-Token: {token}",
+        ]  # fmt: skip
+        direct = [f"{agent.url}/files?path={local}", "-H", f"X-Access-Token: {agent.token}"]
+        for _ in range(runs):
+            got.through_proxy.append(_curl_mb_s(proxied))
+            got.direct.append(_curl_mb_s(direct))
+        local.unlink()
+    finally:
+        agent.stop()
+        sbx.kill()
+    return got
+
+
 # ----------------------------------------------------------------------------------------------- scenario
 
 
@@ -806,6 +860,22 @@ def measure(
                 else {"n": n_idle, "details": "in the PSS row"},
             )
         )
+
+    size = (64 if ctx.quick else 256) * MiB
+    proxy = proxied_download(ctx, rt, size, 1 if ctx.quick else (ctx.runs or 3))
+    ours, base = median(proxy.through_proxy), median(proxy.direct)
+    ctx.report(
+        Result(
+            name=f"runtime: download {size // MiB} MiB from a sandbox through the proxy (curl)",
+            unit="MB/s",
+            ours=ours,
+            baseline=base,
+            baseline_name="the same download from a standalone agent on the host (curl)",
+            better="higher",
+            samples={"ours": proxy.through_proxy, "baseline": proxy.direct},
+            extra={"runs": len(proxy.through_proxy)},
+        )
+    )
 
     seq_create = percentile(seq.create_ms, 50) or 0.0
     b = burst(ctx, rt, n_burst)

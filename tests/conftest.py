@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -83,14 +84,21 @@ class Agent:
         return {"X-Access-Token": self.token} if self.token else {}
 
 
-def wait_healthy(url: str, process: subprocess.Popen[bytes], log: Path, status: int = 204, timeout: float = 60) -> None:
+def wait_healthy(
+    url: str,
+    process: subprocess.Popen[bytes],
+    log: Path,
+    status: int = 204,
+    timeout: float = 60,
+    verify: ssl.SSLContext | bool = True,
+) -> None:
     """Poll ``GET /health`` until it answers ``status``; fail with the server's log if it exits."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise RuntimeError(f"{process.args} exited with {process.returncode}:\n{log.read_text()}")
         try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == status:
+            if httpx.get(f"{url}/health", timeout=1, verify=verify).status_code == status:
                 return
         except httpx.TransportError:
             pass
@@ -163,10 +171,13 @@ class Runtime:
     data_dir: Path
     log: Path
     args: list[str]
+    verify: ssl.SSLContext | bool = True
+    """What clients trust: a test CA's context when the runtime serves TLS (``start_runtime(tls=...)``)."""
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        scheme = "https" if isinstance(self.verify, ssl.SSLContext) else "http"
+        return f"{scheme}://127.0.0.1:{self.port}"
 
     def env(self) -> dict[str, str]:
         return {"E2B_API_KEY": self.api_key, "E2B_API_URL": self.url, "E2B_SANDBOX_URL": self.url}
@@ -175,7 +186,7 @@ class Runtime:
         """Start the same runtime again (after it was stopped or killed)."""
         with self.log.open("ab") as out:
             self.process = subprocess.Popen(self.args, stdout=out, stderr=subprocess.STDOUT)
-        wait_healthy(self.url, self.process, self.log, status=200)
+        wait_healthy(self.url, self.process, self.log, status=200, verify=self.verify)
 
 
 def zygote_pid(runtime: Runtime) -> int:
@@ -238,13 +249,14 @@ def base_template(request: pytest.FixtureRequest) -> bool:
 
 @pytest.fixture(scope="session")
 def start_runtime(tmp_path_factory: pytest.TempPathFactory, base_template: bool) -> Iterator[Callable[..., Runtime]]:
-    """A factory: ``start_runtime(*flags)`` → a running :class:`Runtime` with its own data dir,
-    over the shared template store."""
+    """A factory: ``start_runtime(*flags, tls=None)`` → a running :class:`Runtime` with its own data dir,
+    over the shared template store. ``tls``: an SSL context trusting the certificate the flags give it
+    (``--tls-cert``/``--tls-key``)."""
     if os.geteuid() != 0:
         pytest.skip("the runtime needs root (namespaces, overlayfs, cgroups)")
     started: list[Runtime] = []
 
-    def start(*flags: str) -> Runtime:
+    def start(*flags: str, tls: ssl.SSLContext | None = None) -> Runtime:
         port = free_port()
         data_dir = tmp_path_factory.mktemp("runtime")
         log = data_dir / "serve.log"
@@ -263,15 +275,15 @@ def start_runtime(tmp_path_factory: pytest.TempPathFactory, base_template: bool)
         ]
         with log.open("wb") as out:
             process = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT)
-        runtime = Runtime(process, port, "test-key", data_dir, log, args)
+        runtime = Runtime(process, port, "test-key", data_dir, log, args, tls if tls is not None else True)
         started.append(runtime)
-        wait_healthy(runtime.url, runtime.process, runtime.log, status=200)
+        wait_healthy(runtime.url, runtime.process, runtime.log, status=200, verify=runtime.verify)
         return runtime
 
     yield start
     for runtime in started:
         if runtime.process.poll() is None:
-            with httpx.Client(headers={"X-API-KEY": runtime.api_key}) as client:
+            with httpx.Client(headers={"X-API-KEY": runtime.api_key}, verify=runtime.verify) as client:
                 try:
                     for sandbox in client.get(f"{runtime.url}/v2/sandboxes", params={"limit": 100}).json():
                         client.delete(f"{runtime.url}/sandboxes/{sandbox['sandboxID']}")

@@ -120,7 +120,7 @@ def test_metrics_of_a_big_sandbox_never_stall_the_api(
         finally:
             done.set()
             poller.join()
-        assert api.get(f"/sandboxes/{sbx.sandbox_id}/metrics").json()[0]["diskUsed"] > 0
+        assert api.get(f"/sandboxes/{sbx.sandbox_id}/metrics").json()[-1]["diskUsed"] > 0  # the newest sample
     # A walk of 100k files on the event loop stalls /health for hundreds of milliseconds each time.
     assert max(stalls) < 0.5, stalls
     sbx.kill()

@@ -176,12 +176,12 @@ def test_kill_9_of_an_agent_is_reported(fault_runtime: Runtime) -> None:
     r = api.get(f"/sandboxes/{sbx.sandbox_id}")
     assert r.status_code == 404
     assert "agent died" in r.json()["message"]
-    # Reclaiming (processes, cgroup, disk, id range) follows the death record, in a worker thread.
-    kinds: list[str] = []
-    while kinds[-1:] != ["reclaimed"]:
-        assert time.monotonic() < deadline + 10, f"not reclaimed: {kinds}"
-        kinds = [e["kind"] for e in api.get(f"/sandboxes/{sbx.sandbox_id}/events").json()]
-        time.sleep(0.05)
+    # The death is recorded first; reclaiming the host's side of it follows in the background.
+    deadline = time.monotonic() + 30
+    while (kinds := [e["kind"] for e in api.get(f"/sandboxes/{sbx.sandbox_id}/events").json()])[-1] != "reclaimed":
+        assert kinds == ["created", "died"], kinds
+        assert time.monotonic() < deadline, "the dead sandbox was never reclaimed"
+        time.sleep(0.1)
     assert kinds == ["created", "died", "reclaimed"]
     with pytest.raises(NotFoundException):
         Sandbox.get_info(sbx.sandbox_id)

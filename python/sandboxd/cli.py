@@ -139,6 +139,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--api-key", help="the X-API-KEY clients must send (default: generated once, kept in the data dir)"
     )
     serve.add_argument("--domain", help="sandbox domain for Host-based routing (<port>-<id>.<domain>)")
+    serve.add_argument(
+        "--tls-cert", type=Path, help="serve HTTPS with this PEM certificate (chain), e.g. for *.<domain>"
+    )
+    serve.add_argument("--tls-key", type=Path, help="the PEM private key of --tls-cert (if not in the same file)")
     serve.add_argument("--max-sandboxes", type=int, default=256, help="running sandboxes at most (default: 256)")
     serve.add_argument(
         "--sandbox-cpus", type=_positive(int), help="CPU cores per sandbox (default: half the host's, 1 to 2)"
@@ -422,6 +426,8 @@ def main(argv: list[str] | None = None) -> None:
             data_dir=args.data_dir or DEFAULT_DATA_DIR,
             api_key=args.api_key,
             domain=args.domain,
+            tls_cert=args.tls_cert,
+            tls_key=args.tls_key,
             sandboxes=SandboxFlags(
                 cpus=args.sandbox_cpus,
                 memory_mb=args.sandbox_memory_mb,

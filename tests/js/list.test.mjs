@@ -155,10 +155,10 @@ describe('metadata, listing and connecting (docs/sandbox/metadata, list, connect
     assert.equal(tokens.at(-1), undefined)
     assert.ok(tokens.slice(0, -1).every((token) => typeof token === 'string' && token.length > 0))
     assert.deepEqual(ids(sandboxes), ids(made))
-    // Sorted by start time, oldest first.
+    // Sorted by start time, newest first (E2B's default order).
     assert.deepEqual(
       sandboxes.map((s) => s.metadata.n),
-      ['0', '1', '2', '3', '4'],
+      ['4', '3', '2', '1', '0'],
     )
 
     // Start paginating from a token, as the docs' `Sandbox.list({ limit, nextToken })` example does.
@@ -166,7 +166,7 @@ describe('metadata, listing and connecting (docs/sandbox/metadata, list, connect
     assert.equal(resumed.nextToken, tokens[0])
     assert.deepEqual(
       (await resumed.nextItems()).map((s) => s.metadata.n),
-      ['2', '3', '4'],
+      ['2', '1', '0'],
     )
     assert.equal(resumed.hasNext, false)
   })

@@ -234,7 +234,8 @@ def effective_limits(limits: ConnectionLimits, nofile: int) -> ConnectionLimits:
 
 def server_config(app: Any, host: str, port: int, limits: ConnectionLimits | None = None) -> Any:
     """The uvicorn settings both servers use: uvloop (run by the caller) with httptools through
-    :class:`GuardedHttpToolsProtocol`, no lifespan, no access log. Raises ``RLIMIT_NOFILE`` first."""
+    :class:`GuardedHttpToolsProtocol`, no WebSocket layer, no lifespan, no access log. Raises
+    ``RLIMIT_NOFILE`` first."""
     import uvicorn
 
     limits = effective_limits(limits or ConnectionLimits(), raise_open_file_limit())
@@ -245,6 +246,9 @@ def server_config(app: Any, host: str, port: int, limits: ConnectionLimits | Non
         port=port,
         loop="none",
         http=protocol,
+        # Neither server takes WebSockets through uvicorn (the agent has none; the runtime's proxy
+        # carries upgrades as bytes), so uvicorn's choice must not depend on what else is installed.
+        ws="none",
         lifespan="off",
         log_level="warning",
         access_log=False,

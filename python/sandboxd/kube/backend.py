@@ -33,7 +33,9 @@ from typing import Any
 
 from sandboxd.runtime.backend import ListQuery
 from sandboxd.runtime.errors import ApiError, not_found
-from sandboxd.runtime.manager import DEFAULT_TIMEOUT_S, CreateRequest, Limits, MetricsSample, validate_timeout
+from sandboxd.runtime.logs import LogEntry, from_events
+from sandboxd.runtime.manager import DEFAULT_TIMEOUT_S, CreateRequest, Limits, validate_timeout
+from sandboxd.runtime.metrics import MetricsSample
 from sandboxd.runtime.network import NetworkConfig
 from sandboxd.runtime.store import SandboxRow
 
@@ -408,7 +410,18 @@ class KubernetesBackend:
 
     # -------------------------------------------------------------------------- read-only calls
 
-    async def metrics(self, sandbox_id: str) -> MetricsSample:
+    async def metrics(self, sandbox_id: str, start: int | None, end: int | None) -> list[MetricsSample]:
+        """The node's live sample (the node keeps no history for the control plane yet), when it lies
+        inside ``[start, end]``."""
+        sample = await self._live_sample(sandbox_id)
+        at = int(sample.timestamp)
+        return [sample] if (start is None or at >= start) and (end is None or at <= end) else []
+
+    async def log_entries(self, sandbox_id: str) -> list[LogEntry]:
+        """The Pod's lifecycle events as log entries (the agent's own log stays on its node)."""
+        return from_events(sandbox_id, await self.events(sandbox_id))
+
+    async def _live_sample(self, sandbox_id: str) -> MetricsSample:
         pod = await self._pod(sandbox_id)
         self._live(pod)
         host, port = self._endpoint(pod)

@@ -554,7 +554,11 @@ class SandboxNode:
         return await self.manager.open_socket(sandbox_id, port)
 
     async def manager_metrics(self, sandbox_id: str) -> dict[str, Any]:
-        return dataclasses.asdict(await self.manager.metrics(sandbox_id))
+        """The sandbox's newest sample (a running sandbox's is taken now)."""
+        samples = await self.manager.metrics(sandbox_id, None, None)
+        if not samples:
+            raise ApiError(404, f'Sandbox "{sandbox_id}" has no metrics: it is not running')
+        return dataclasses.asdict(samples[-1])
 
 
 def _boot_id() -> str:

@@ -16,6 +16,7 @@ from sandboxd import __version__
 from sandboxd.agent.asgi import Receive, Scope, Send, send_json
 from sandboxd.agent.http_server import serve_until_signalled, server_config
 from sandboxd.runtime.api import ControlPlane
+from sandboxd.runtime.connection import protocol_class
 from sandboxd.runtime.manager import Limits
 from sandboxd.runtime.observe.http import RequestObserver
 from sandboxd.runtime.observe.metrics import RuntimeMetrics
@@ -75,7 +76,7 @@ async def _serve(options: KubeServeOptions) -> None:
     backend = KubernetesBackend(kube, options.namespace, options.limits)
     try:
         api_key = await backend.start(options.api_key)
-        proxy = SandboxProxy(backend)
+        proxy = SandboxProxy(backend, options.domain)
         backend.on_gone.append(proxy.forget)
         app = RuntimeApp(
             ControlPlane(backend, api_key, options.domain),
@@ -94,7 +95,9 @@ async def _serve(options: KubeServeOptions) -> None:
             f"  export E2B_SANDBOX_URL={url}\n",
             flush=True,
         )
-        await serve_until_signalled(server_config(app, options.host, options.port))
+        config = server_config(app, options.host, options.port)
+        config.http = protocol_class(proxy, config.http)  # resets and upgrades, as on one machine
+        await serve_until_signalled(config)
     finally:
         await backend.stop()
         await kube.close()

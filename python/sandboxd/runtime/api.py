@@ -11,25 +11,26 @@ import base64
 import hmac
 import json
 import re
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
-from urllib.parse import parse_qs, unquote
+from urllib.parse import unquote
 
 from sandboxd import ENVD_VERSION
-from sandboxd.agent.asgi import ClientDisconnected, Receive, Scope, Send, header_map, read_body, send_empty, send_json
+from sandboxd.agent.asgi import ClientDisconnected, Receive, Scope, Send, header_map, send_empty, send_json
 
+from . import logs
 from .backend import Backend, ListQuery
 from .errors import ApiError
-from .manager import CreateRequest, MetricsSample
+from .inputs import INT32_MAX, INT64_MAX, MAX_QUERY, Body, Query, sandbox_id
+from .manager import CreateRequest
+from .metrics import MetricsSample
 from .network import NetworkConfig
 from .store import SandboxRow
 
 CLIENT_ID = "6532622b"
 """E2B's fixed legacy ``clientID`` placeholder, which the SDK requires to be present."""
-
-MAX_BODY = 1 << 20
-"""Create bodies carry metadata and env vars; 1 MiB is far beyond any real one."""
 
 DEFAULT_LIST_LIMIT = 100
 MAX_LIST_LIMIT = 100
@@ -163,14 +164,6 @@ def network_to_wire(config: NetworkConfig) -> dict[str, Any] | None:
     return out or None
 
 
-def _string_map(body: dict[str, Any], name: str) -> dict[str, str]:
-    value = _field(body, name, dict, {})
-    for key, item in value.items():
-        if not isinstance(item, str):
-            raise ApiError(400, f"'{name}.{key}' must be a string")
-    return dict(value)
-
-
 class ControlPlane:
     """Routes ``/sandboxes…`` and ``/v2/sandboxes…`` to the backend (this machine's manager, or Kubernetes)."""
 
@@ -178,18 +171,21 @@ class ControlPlane:
         self.backend = backend
         self.api_key = api_key
         self.domain = domain
+        sandbox = r"/sandboxes/([^/]+)"
         self.routes: list[tuple[str, re.Pattern[str], Callable[..., Any]]] = [
             ("POST", re.compile(r"/(?:v2/)?sandboxes"), self.create),
             ("GET", re.compile(r"/(?:v2/)?sandboxes"), self.list),
-            ("GET", re.compile(r"/sandboxes/([^/]+)"), self.info),
-            ("DELETE", re.compile(r"/sandboxes/([^/]+)"), self.kill),
-            ("POST", re.compile(r"/sandboxes/([^/]+)/timeout"), self.set_timeout),
-            ("POST", re.compile(r"/(?:v2/)?sandboxes/([^/]+)/connect"), self.connect),
-            ("POST", re.compile(r"/sandboxes/([^/]+)/pause"), self.pause),
-            ("POST", re.compile(r"/sandboxes/([^/]+)/resume"), self.resume),
-            ("GET", re.compile(r"/sandboxes/([^/]+)/metrics"), self.metrics),
-            ("PUT", re.compile(r"/sandboxes/([^/]+)/network"), self.update_network),
-            ("GET", re.compile(r"/sandboxes/([^/]+)/events"), self.events),
+            ("GET", re.compile(sandbox), self.info),
+            ("DELETE", re.compile(sandbox), self.kill),
+            ("POST", re.compile(sandbox + "/timeout"), self.set_timeout),
+            ("POST", re.compile("(?:/v2)?" + sandbox + "/connect"), self.connect),
+            ("POST", re.compile(sandbox + "/pause"), self.pause),
+            ("POST", re.compile(sandbox + "/resume"), self.resume),
+            ("GET", re.compile(sandbox + "/metrics"), self.metrics),
+            ("PUT", re.compile(sandbox + "/network"), self.update_network),
+            ("GET", re.compile(sandbox + "/logs"), self.logs_v1),
+            ("GET", re.compile("/v2" + sandbox + "/logs"), self.logs_v2),
+            ("GET", re.compile(sandbox + "/events"), self.events),
         ]
 
     def matches(self, path: str) -> bool:
@@ -207,29 +203,15 @@ class ControlPlane:
                     continue
                 allowed.append(verb)
                 if verb == scope["method"]:
-                    await handler(scope, receive, send, *match.groups())
+                    await handler(scope, receive, send, *(sandbox_id(g) for g in match.groups()))
                     return
             if allowed:
-                raise ApiError(405, f"{scope['method']} is not allowed on {path} (use {', '.join(allowed)})")
-            raise ApiError(404, f"no such endpoint: {scope['method']} {path}")
+                raise ApiError(405, f"{scope['method']} is not allowed on {path[:200]} (use {', '.join(allowed)})")
+            raise ApiError(404, f"no such endpoint: {scope['method']} {path[:200]}")
         except ApiError as exc:
             await send_json(send, exc.status, {"code": exc.status, "message": exc.message}, exc.headers)
         except ClientDisconnected:
             return
-
-    async def _body(self, receive: Receive) -> dict[str, Any]:
-        raw = await read_body(receive, MAX_BODY)
-        if raw is None:
-            raise ApiError(413, f"request body exceeds {MAX_BODY} bytes")
-        if not raw.strip():
-            return {}
-        try:
-            body = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ApiError(400, f"request body is not valid JSON: {exc}") from None
-        if not isinstance(body, dict):
-            raise ApiError(400, "request body must be a JSON object")
-        return body
 
     # ------------------------------------------------------------------------------- answers
 
@@ -280,21 +262,19 @@ class ControlPlane:
     # ------------------------------------------------------------------------------ handlers
 
     async def create(self, scope: Scope, receive: Receive, send: Send) -> None:
-        body = await self._body(receive)
-        template = body.get("templateID")
-        if not isinstance(template, str) or not template:
-            raise ApiError(400, "'templateID' is required and must be a non-empty string")
-        auto_pause = _field(body, "autoPause", bool, False)
-        auto_resume = _field(body, "autoResume", dict, {})
+        body = await Body.read(receive)
+        template = body.string("templateID", required=True)
+        assert template is not None
+        auto_pause = body.boolean("autoPause", False)
         request = CreateRequest(
             template=template,
-            timeout=_field(body, "timeout", int, None),
-            metadata=_string_map(body, "metadata"),
-            env_vars=_string_map(body, "envVars"),
+            timeout=body.integer("timeout", 0, INT32_MAX),
+            metadata=body.metadata(),
+            env_vars=body.env_vars(),
             on_timeout="pause" if auto_pause else "kill",
-            pause_memory=_field(body, "autoPauseMemory", bool, True),
-            auto_resume=bool(auto_resume.get("enabled", False)),
-            network=network_from_create(body),
+            pause_memory=body.boolean("autoPauseMemory", True),
+            auto_resume=body.object("autoResume").boolean("enabled", False),
+            network=network_from_create(body.fields),
         )
         row = await self.backend.create(request)
         await send_json(send, 201, self._sandbox(row))
@@ -307,39 +287,78 @@ class ControlPlane:
         await send_empty(send, 204)
 
     async def set_timeout(self, scope: Scope, receive: Receive, send: Send, sandbox_id: str) -> None:
-        body = await self._body(receive)
-        timeout = _field(body, "timeout", int, None)
+        """E2B's ``minimum: 0``: 0 ends the sandbox at once, and negative values count as 0."""
+        body = await Body.read(receive)
+        timeout = body.integer("timeout", -INT32_MAX - 1, INT32_MAX)
         if timeout is None:
             raise ApiError(400, "'timeout' (seconds) is required")
         await self.backend.set_timeout(sandbox_id, timeout)
         await send_empty(send, 204)
 
     async def connect(self, scope: Scope, receive: Receive, send: Send, sandbox_id: str) -> None:
-        body = await self._body(receive)
-        timeout = _field(body, "timeout", int, None)
+        body = await Body.read(receive)
+        timeout = body.integer("timeout", 0, INT32_MAX)
         row, resumed = await self.backend.connect(sandbox_id, timeout)
         await send_json(send, 201 if resumed else 200, self._sandbox(row))
 
     async def pause(self, scope: Scope, receive: Receive, send: Send, sandbox_id: str) -> None:
-        body = await self._body(receive)
-        memory = _field(body, "memory", bool, True)
+        body = await Body.read(receive)
+        memory = body.boolean("memory", True)
         await self.backend.pause(sandbox_id, "full" if memory else "filesystem", "paused through the API")
         await send_empty(send, 204)
 
     async def resume(self, scope: Scope, receive: Receive, send: Send, sandbox_id: str) -> None:
-        body = await self._body(receive)
-        timeout = _field(body, "timeout", int, None)
+        body = await Body.read(receive)
+        timeout = body.integer("timeout", 0, INT32_MAX)
         row = await self.backend.resume(sandbox_id, timeout)
         await send_json(send, 201, self._sandbox(row))
 
     async def update_network(self, scope: Scope, receive: Receive, send: Send, sandbox_id: str) -> None:
         """E2B's ``PUT /sandboxes/{id}/network``: replace a running sandbox's egress settings."""
-        body = await self._body(receive)
-        await self.backend.update_network(sandbox_id, network_from_update(body))
+        body = await Body.read(receive)
+        await self.backend.update_network(sandbox_id, network_from_update(body.fields))
         await send_empty(send, 204)
 
     async def metrics(self, scope: Scope, receive: Receive, send: Send, sandbox_id: str) -> None:
-        await send_json(send, 200, [_metrics(await self.backend.metrics(sandbox_id))])
+        """E2B's history: the 5-second samples inside ``[start, end]`` (unix seconds; the sandbox's
+        whole life by default), coarser buckets for long ranges, ``[]`` for a range with none."""
+        query = Query(scope.get("query_string", b""))
+        start = query.integer("start", 0, INT64_MAX)
+        end = query.integer("end", 0, INT64_MAX)
+        samples = await self.backend.metrics(sandbox_id, start, end)
+        await send_json(send, 200, [_metrics(s) for s in samples])
+
+    async def logs_v1(self, scope: Scope, receive: Receive, send: Send, sandbox_id: str) -> None:
+        """E2B's v1 logs: ``start`` (unix ms) and ``limit``, oldest first; each entry twice, as a JSON
+        ``line`` (what the ``e2b`` CLI prints) and as a structured ``logEntries`` item."""
+        query = Query(scope.get("query_string", b""))
+        now_ms = int(time.time() * 1000)
+        start = query.integer("start", 0, INT64_MAX, now_ms - logs.WINDOW_MS)
+        limit = query.integer("limit", 0, INT32_MAX, logs.DEFAULT_LIMIT)
+        assert start is not None and limit is not None
+        entries = logs.select(await self.backend.log_entries(sandbox_id), start, now_ms, limit, backward=False)
+        await send_json(
+            send,
+            200,
+            {
+                "logs": [{"timestamp": _iso_ms(e.timestamp_ms), "line": _line(e)} for e in entries],
+                "logEntries": [_log_entry(e) for e in entries],
+            },
+        )
+
+    async def logs_v2(self, scope: Scope, receive: Receive, send: Send, sandbox_id: str) -> None:
+        """E2B's v2 logs: ``cursor`` (unix ms), ``limit`` (≤ 1000), ``direction`` (``backward``, newest
+        first, by default), ``level`` (the lowest shown) and ``search`` (a substring of the message)."""
+        query = Query(scope.get("query_string", b""))
+        cursor = query.integer("cursor", 0, INT64_MAX)
+        limit = query.integer("limit", 0, logs.MAX_LIMIT, logs.DEFAULT_LIMIT)
+        backward = query.choice("direction", ("forward", "backward"), "backward") == "backward"
+        level = query.choice("level", logs.LEVELS)
+        search = query.get("search", 256)
+        assert limit is not None
+        start, end = logs.window(cursor, backward, int(time.time() * 1000))
+        entries = logs.select(await self.backend.log_entries(sandbox_id), start, end, limit, backward, level, search)
+        await send_json(send, 200, {"logs": [_log_entry(e) for e in entries]})
 
     async def events(self, scope: Scope, receive: Receive, send: Send, sandbox_id: str) -> None:
         """sandboxd's own: a sandbox's lifecycle with reasons (created, paused, killed, died...)."""
@@ -347,31 +366,27 @@ class ControlPlane:
         await send_json(send, 200, [{"at": iso(at), "kind": kind, "reason": reason} for at, kind, reason in events])
 
     async def list(self, scope: Scope, receive: Receive, send: Send) -> None:
-        query = {k: v[-1] for k, v in parse_qs(scope.get("query_string", b"").decode("latin-1")).items()}
+        """E2B's v2 list: newest first unless ``order=asc``, running and paused unless ``state`` says."""
+        query = Query(scope.get("query_string", b""))
         states = ["running", "paused"]
-        if query.get("state"):
-            states = [s.strip() for s in query["state"].split(",") if s.strip()]
+        if "state" in query:
+            states = [s.strip() for s in (query.get("state") or "").split(",") if s.strip()]
             for state in states:
                 if state not in ("running", "paused"):
-                    raise ApiError(400, f"'state' must be running and/or paused, got '{state}'")
-        order = query.get("order", "asc").lower()
-        if order not in ("asc", "desc"):
-            raise ApiError(400, f"'order' must be asc or desc, got '{order}'")
-        limit = DEFAULT_LIST_LIMIT
-        if "limit" in query:
-            if not query["limit"].isdigit() or not 1 <= int(query["limit"]) <= MAX_LIST_LIMIT:
-                raise ApiError(400, f"'limit' must be an integer from 1 to {MAX_LIST_LIMIT}")
-            limit = int(query["limit"])
-        cursor = _decode_token(query["nextToken"]) if query.get("nextToken") else None
-        started_after = _parse_time(query["startedAfter"], "startedAfter") if query.get("startedAfter") else None
+                    raise ApiError(400, f"'state' must be running and/or paused, got {json.dumps(state[:32])}")
+        order = query.choice("order", ("asc", "desc"), "desc")
+        limit = query.integer("limit", 1, MAX_LIST_LIMIT, DEFAULT_LIST_LIMIT)
+        assert limit is not None
+        token = query.get("nextToken")
+        started = query.get("startedAfter")
         page = ListQuery(
             states=states,
-            metadata=_decode_metadata(query.get("metadata", "")),
-            template=query.get("template") or None,
-            started_after=started_after,
+            metadata=_decode_metadata(query.get("metadata", MAX_QUERY) or ""),
+            template=query.get("template"),
+            started_after=_parse_time(started, "startedAfter") if started else None,
             descending=order == "desc",
             limit=limit,
-            cursor=cursor,
+            cursor=_decode_token(token) if token else None,
         )
         rows, next_cursor = await self.backend.list_page(page)
         headers = [("x-next-token", _encode_token(next_cursor))] if next_cursor is not None else []
@@ -395,15 +410,37 @@ def _metrics(sample: MetricsSample) -> dict[str, Any]:
     }
 
 
+def _iso_ms(ms: int) -> str:
+    return datetime.fromtimestamp(ms / 1000, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _log_entry(entry: logs.LogEntry) -> dict[str, Any]:
+    return {
+        "timestamp": _iso_ms(entry.timestamp_ms),
+        "level": entry.level,
+        "message": entry.message,
+        "fields": entry.fields,
+    }
+
+
+def _line(entry: logs.LogEntry) -> str:
+    """E2B's v1 ``line``: the entry as the JSON object envd logs (the CLI parses it and reads
+    ``level`` and ``logger``)."""
+    return json.dumps({**entry.fields, "level": entry.level, "message": entry.message}, separators=(",", ":"))
+
+
 def _encode_token(cursor: str) -> str:
     return base64.urlsafe_b64encode(cursor.encode()).decode()
 
 
 def _decode_token(token: str) -> str:
     try:
-        return base64.urlsafe_b64decode(token.encode()).decode()
-    except (ValueError, UnicodeDecodeError):
-        raise ApiError(400, "'nextToken' is not a token this API gave out") from None
+        cursor = base64.b64decode(token.encode(), altchars=b"-_", validate=True).decode()
+    except (ValueError, UnicodeError):
+        cursor = ""
+    if not cursor:
+        raise ApiError(400, "'nextToken' is not a token this API gave out")
+    return cursor
 
 
 def _decode_metadata(raw: str) -> dict[str, str]:
@@ -416,7 +453,7 @@ def _decode_metadata(raw: str) -> dict[str, str]:
             continue
         key, sep, value = part.partition("=")
         if not sep:
-            raise ApiError(400, f"'metadata' filter part '{part}' is not key=value")
+            raise ApiError(400, f"'metadata' filter part {json.dumps(part[:64])} is not key=value")
         pairs[unquote(key)] = unquote(value)
     return pairs
 
@@ -424,5 +461,5 @@ def _decode_metadata(raw: str) -> dict[str, str]:
 def _parse_time(value: str, name: str) -> float:
     try:
         return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
-    except ValueError:
-        raise ApiError(400, f"'{name}' must be an ISO-8601 time, got '{value}'") from None
+    except (ValueError, OverflowError):
+        raise ApiError(400, f"'{name}' must be an ISO-8601 time, got {json.dumps(value[:64])}") from None

@@ -19,7 +19,9 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from .errors import ApiError
-from .manager import CreateRequest, MetricsSample, SandboxManager
+from .logs import LogEntry
+from .manager import CreateRequest, SandboxManager
+from .metrics import MetricsSample
 from .network import NetworkConfig
 from .store import SandboxRow
 
@@ -56,8 +58,9 @@ class Backend(Protocol):
     async def connect(self, sandbox_id: str, timeout: int | None) -> tuple[SandboxRow, bool]: ...
     async def pause(self, sandbox_id: str, mode: str, reason: str) -> None: ...
     async def resume(self, sandbox_id: str, timeout: int | None) -> SandboxRow: ...
-    async def metrics(self, sandbox_id: str) -> MetricsSample: ...
+    async def metrics(self, sandbox_id: str, start: int | None, end: int | None) -> list[MetricsSample]: ...
     async def events(self, sandbox_id: str) -> list[tuple[float, str, str | None]]: ...
+    async def log_entries(self, sandbox_id: str) -> list[LogEntry]: ...
     async def list_page(self, query: ListQuery) -> tuple[list[SandboxRow], str | None]: ...
     def end_at(self, row: SandboxRow) -> float: ...
     def network_config(self, sandbox_id: str) -> NetworkConfig: ...
@@ -84,7 +87,7 @@ class LocalBackend:
         await self.manager.kill(sandbox_id, reason)
 
     async def set_timeout(self, sandbox_id: str, timeout: int) -> None:
-        self.manager.set_timeout(sandbox_id, timeout)
+        await self.manager.set_timeout(sandbox_id, timeout)
 
     async def connect(self, sandbox_id: str, timeout: int | None) -> tuple[SandboxRow, bool]:
         return await self.manager.connect(sandbox_id, timeout)
@@ -95,11 +98,14 @@ class LocalBackend:
     async def resume(self, sandbox_id: str, timeout: int | None) -> SandboxRow:
         return await self.manager.resume(sandbox_id, timeout)
 
-    async def metrics(self, sandbox_id: str) -> MetricsSample:
-        return await self.manager.metrics(sandbox_id)
+    async def metrics(self, sandbox_id: str, start: int | None, end: int | None) -> list[MetricsSample]:
+        return await self.manager.metrics(sandbox_id, start, end)
 
     async def events(self, sandbox_id: str) -> list[tuple[float, str, str | None]]:
         return self.manager.events(sandbox_id)
+
+    async def log_entries(self, sandbox_id: str) -> list[LogEntry]:
+        return await self.manager.log_entries(sandbox_id)
 
     async def list_page(self, query: ListQuery) -> tuple[list[SandboxRow], str | None]:
         """A keyset page over ``(startedAt, sandboxID)``: stable while sandboxes come and go."""

@@ -33,7 +33,7 @@ import socket
 import string
 import time
 import weakref
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,6 +43,9 @@ from sandboxd import _core
 from .agent_client import init_agent
 from .disks import DiskPool
 from .errors import ApiError, not_found
+from .logs import LogEntry, from_events, read_agent_log
+from .metrics import SAMPLE_INTERVAL_S, MetricsHistory, Sampler, Target, bucket
+from .metrics import MetricsSample as MetricsSample  # re-exported: sandboxd.kube reads it from here
 from .network import NetworkConfig, SandboxNetworks
 from .observe import Observer
 from .store import SandboxRow, Store
@@ -117,23 +120,6 @@ class CreateRequest:
     memory_mb: int | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class MetricsSample:
-    """One resource sample of a running sandbox (formatted for the wire by the API layer)."""
-
-    timestamp: float
-    cpu_count: int
-    cpu_used_pct: float
-    mem_used: int
-    mem_total: int
-    disk_used: int
-    disk_total: int
-    net_in_bytes: int = 0
-    """Bytes the sandbox received over its network link since it started (or resumed from disk)."""
-    net_out_bytes: int = 0
-    """Bytes the sandbox sent over its network link."""
-
-
 def validate_timeout(timeout: int, limits: Limits) -> int:
     """A sandbox lifetime a client asked for, checked against the runtime's maximum (400 if not)."""
     if timeout <= 0:
@@ -188,10 +174,14 @@ class SandboxManager:
         """One lock per sandbox, held by whichever transition owns it; dropped when nobody holds one."""
         self._slots: set[str] = set()
         """Sandboxes counted against --max-sandboxes: running, or being created or resumed."""
-        self._cpu_samples: dict[str, tuple[float, int]] = {}
+        self._pausing: dict[str, str] = {}
+        """Sandboxes being paused right now, and why (the proxy treats them as gone already)."""
+        self.history = MetricsHistory(data_dir / "metrics.db")
+        self.sampler = Sampler()
         self._tasks: set[asyncio.Task[None]] = set()
         self.on_gone: list[Callable[[str], None]] = []
         self._reaper: asyncio.Task[None] | None = None
+        self._sampling: asyncio.Task[None] | None = None
         self.observe = observer or Observer()
         """Counts and logs every transition (metrics, structured logs, the log redactor's tokens)."""
 
@@ -223,18 +213,20 @@ class SandboxManager:
                 self._slots.add(row.id)
             self.store.event(row.id, "adopted", "re-adopted after a runtime restart")
             self.observe.adopted(row)
+        await self.history.open(row.id for row in self.store.live())
         self._reaper = asyncio.get_running_loop().create_task(self._reap_expired())
+        self._sampling = asyncio.get_running_loop().create_task(self._sample_forever())
 
     async def stop(self) -> None:
         """Stop watching (sandboxes keep running; a restarted runtime re-adopts them)."""
-        if self._reaper is not None:
-            self._reaper.cancel()
-        for task in list(self._tasks):
-            task.cancel()
+        for background in (self._reaper, self._sampling, *self._tasks):
+            if background is not None:
+                background.cancel()
         loop = asyncio.get_running_loop()
         for handle in self.handles.values():
             loop.remove_reader(handle.pidfd())
         self.handles.clear()
+        await self.history.close()
 
     # -------------------------------------------------------------------------------- lookups
 
@@ -260,6 +252,13 @@ class SandboxManager:
         if self.store.get(sandbox_id) is None:
             raise not_found(sandbox_id)
         return self.store.events(sandbox_id)
+
+    async def log_entries(self, sandbox_id: str) -> list[LogEntry]:
+        """The sandbox's log: its lifecycle events (also after it ended) and its agent's log (while
+        its files exist), unsorted."""
+        events = from_events(sandbox_id, self.events(sandbox_id))
+        agent_log = self.sandboxes_dir / sandbox_id / "agent.log"
+        return events + await asyncio.to_thread(read_agent_log, agent_log, sandbox_id)
 
     def get(self, sandbox_id: str) -> SandboxRow:
         return self._row(sandbox_id)
@@ -359,6 +358,7 @@ class SandboxManager:
                 await self._boot(row, template, network=(request.network, traffic_token))
                 self.store.insert(row)
                 self.store.event(row.id, "created", f"template {request.template}, timeout {timeout}s")
+                self._background(self._first_sample(row))
         except BaseException:
             self._slots.discard(sandbox_id)
             raise
@@ -458,6 +458,9 @@ class SandboxManager:
     async def ensure_reachable(self, sandbox_id: str) -> None:
         """For the proxy: running, or resumed now if paused with auto-resume; else a 502 the SDK
         turns into ``SandboxNotRunningException`` (it looks for "was not found")."""
+        pausing = self._pausing.get(sandbox_id)
+        if pausing is not None:
+            raise ApiError(502, f"The sandbox was not found: {pausing}")
         row = self.store.get(sandbox_id)
         if row is None or row.state == "ended":
             reason = f": {row.ended_reason}" if row is not None and row.ended_reason else ""
@@ -480,9 +483,7 @@ class SandboxManager:
         """The init's pidfd is readable: it exited. Whether that is a death is decided under the
         sandbox's lock, after whatever transition holds it now (a kill, a pause) has finished."""
         asyncio.get_running_loop().remove_reader(handle.pidfd())
-        task = asyncio.get_running_loop().create_task(self._check_death(sandbox_id, handle))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._background(self._check_death(sandbox_id, handle))
 
     async def _check_death(self, sandbox_id: str, handle: _core.SandboxHandle) -> None:
         async with self._owning(sandbox_id):
@@ -507,9 +508,9 @@ class SandboxManager:
         await asyncio.to_thread(self._destroy, row.id, None, False, row.id_base)
         if self.networks is not None:
             await self.networks.detach(row.id, forget=True)
-        self._forget_samples(row.id)
         self.store.event(row.id, "reclaimed", "processes, cgroup, disk and id range freed")
         self.observe.reclaimed(row.id)
+        await self._forget_samples(row.id)
 
     def _notify_gone(self, sandbox_id: str) -> None:
         for callback in self.on_gone:
@@ -542,8 +543,11 @@ class SandboxManager:
             if id_base is not None:
                 self.place.ids.release(id_base, self.data_dir, sandbox_id)
 
-    def _forget_samples(self, sandbox_id: str) -> None:
-        self._cpu_samples.pop(sandbox_id, None)
+    async def _forget_samples(self, sandbox_id: str, keep_history: bool = False) -> None:
+        """Drop what the sampler keeps of a sandbox; its history too unless it is only paused."""
+        self.sampler.forget(sandbox_id)
+        if not keep_history:
+            await self.history.forget(sandbox_id)
 
     async def kill(self, sandbox_id: str, reason: str, cause: str = "api") -> None:
         """Kill a sandbox; ``cause`` (``api``, ``timeout``) labels the metrics, ``reason`` is recorded."""
@@ -559,21 +563,32 @@ class SandboxManager:
                     await asyncio.to_thread(handle.thaw)
             await self._stop_processes(sandbox_id, id_base=row.id_base)
             self._slots.discard(sandbox_id)
-            self._forget_samples(sandbox_id)
+            await self._forget_samples(sandbox_id)
             self.store.event(sandbox_id, "killed", reason)
             self.observe.killed(row, cause, reason)
 
     # ------------------------------------------------------------------------------ timeouts
 
-    def set_timeout(self, sandbox_id: str, timeout: int) -> None:
+    async def set_timeout(self, sandbox_id: str, timeout: int) -> None:
+        """The sandbox ends ``timeout`` seconds from now. 0 (E2B's minimum; negative values count as 0)
+        ends it at once, exactly as an expiring timeout does: killed, or paused with auto-pause. A
+        paused sandbox keeps the time for when it resumes; 0 kills it unless it pauses on timeout."""
         row = self._row(sandbox_id)
-        timeout = self._validate_timeout(timeout)
-        if row.state == "paused":
-            self.store.update(sandbox_id, remaining_s=float(timeout))
-        else:
-            self.store.update(sandbox_id, end_at=time.time() + timeout)
+        timeout = max(timeout, 0)
+        if timeout > self.limits.max_timeout_s:
+            self._validate_timeout(timeout)
         self.store.event(sandbox_id, "timeout_set", f"{timeout}s from now")
         self.observe.timeout_set(sandbox_id, timeout)
+        if row.state == "paused":
+            if timeout == 0 and row.on_timeout == "kill":
+                await self.kill(sandbox_id, "timed out (timeout set to 0)", cause="timeout")
+            elif timeout > 0:
+                self.store.update(sandbox_id, remaining_s=float(timeout))
+            return
+        self.store.update(sandbox_id, end_at=time.time() + timeout)
+        if timeout == 0:
+            with contextlib.suppress(ApiError):  # a concurrent kill or pause ended it first
+                await self._expire(sandbox_id)
 
     async def _reap_expired(self) -> None:
         while True:
@@ -610,15 +625,21 @@ class SandboxManager:
             if row.state == "paused":
                 raise ApiError(409, f'Sandbox "{sandbox_id}" is already paused')
             remaining = max(row.end_at - time.time(), 1.0)
+            # Gone to the proxy from now on (as a kill makes it by recording the end first): a client
+            # whose stream the pause cuts, and that probes /health, learns the sandbox stopped.
+            self._pausing[sandbox_id] = "it is being paused"
             self._notify_gone(sandbox_id)
-            if mode == "full":
-                await asyncio.to_thread(self.handles[sandbox_id].freeze)
-            else:
-                await self._stop_processes(sandbox_id, keep_files=True)
-            self._slots.discard(sandbox_id)
-            self._forget_samples(sandbox_id)
-            self.store.update(sandbox_id, state="paused", pause_mode=mode, remaining_s=remaining)
-            self.store.event(sandbox_id, "paused", f"{reason} ({mode})")
+            try:
+                if mode == "full":
+                    await asyncio.to_thread(self.handles[sandbox_id].freeze)
+                else:
+                    await self._stop_processes(sandbox_id, keep_files=True)
+                self._slots.discard(sandbox_id)
+                await self._forget_samples(sandbox_id, keep_history=True)
+                self.store.update(sandbox_id, state="paused", pause_mode=mode, remaining_s=remaining)
+                self.store.event(sandbox_id, "paused", f"{reason} ({mode})")
+            finally:
+                self._pausing.pop(sandbox_id, None)
             self.observe.paused(sandbox_id, cause, mode)
 
     async def resume(self, sandbox_id: str, timeout: int | None, cause: str = "api") -> SandboxRow:
@@ -693,28 +714,57 @@ class SandboxManager:
 
     # -------------------------------------------------------------------------------- metrics
 
-    async def metrics(self, sandbox_id: str) -> MetricsSample:
-        """CPU, memory and disk of a running sandbox: a few small cgroup files and one ``statfs`` of
-        its disk (as ``df`` inside sees it), in a worker thread; nothing grows with the sandbox."""
+    async def metrics(self, sandbox_id: str, start: int | None, end: int | None) -> list[MetricsSample]:
+        """The sandbox's samples inside ``[start, end]`` (unix seconds; from its start to now by
+        default). A range that reaches the current 5-second bucket gets that bucket's sample taken
+        now, so the newest figures are live and a new sandbox's metrics are never empty."""
         row = self._row(sandbox_id)
-        handle = self.handles.get(sandbox_id)
-        stats, disk = await asyncio.to_thread(_sample, handle) if handle is not None else (None, None)
-        disk_used, disk_total = disk if disk is not None else (0, row.disk_mb << 20)
-        counters = None
-        if self.networks is not None:
-            counters = await asyncio.to_thread(self.networks.counters, sandbox_id)
-        cpu = self._cpu_pct(sandbox_id, stats.cpu_usage_ns or 0, row.cpu_count) if stats else 0.0
-        return MetricsSample(
-            timestamp=time.time(),
-            cpu_count=row.cpu_count,
-            cpu_used_pct=cpu,
-            mem_used=(stats.memory_bytes or 0) if stats else 0,
-            mem_total=row.memory_mb << 20,
-            disk_used=disk_used,
-            disk_total=disk_total,
-            net_in_bytes=counters[0] if counters else 0,
-            net_out_bytes=counters[1] if counters else 0,
-        )
+        now = time.time()
+        start = int(row.started_at) if start is None else start
+        end = int(now) if end is None else end
+        if start > end:
+            raise ApiError(400, f"'start' ({start}) is after 'end' ({end})")
+        target = self._target(row)
+        if target is not None and end >= bucket(now):
+            await self.history.record(await self.sampler.sample([target]))
+        return await self.history.query(sandbox_id, start, end)
+
+    def _target(self, row: SandboxRow) -> Target | None:
+        handle = self.handles.get(row.id)
+        if row.state != "running" or handle is None:
+            return None
+        counters = functools.partial(self.networks.counters, row.id) if self.networks is not None else None
+        return Target(row.id, handle, row.cpu_count, row.memory_mb << 20, row.disk_mb << 20, counters)
+
+    async def _first_sample(self, row: SandboxRow) -> None:
+        """The create's own bucket: a sandbox's history starts when it does (off the create's path)."""
+        target = self._target(row)
+        if target is not None:
+            samples = await self.sampler.sample([target])
+            if self.handles.get(row.id) is target.handle:
+                await self.history.record(samples)
+
+    def _background(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _sample_forever(self) -> None:
+        """Every 5 seconds, on the bucket boundary: one sample of every running sandbox."""
+        pruned = 0.0
+        while True:
+            await asyncio.sleep(SAMPLE_INTERVAL_S - time.time() % SAMPLE_INTERVAL_S)
+            try:
+                targets = [t for t in map(self._target, self.store.live()) if t is not None]
+                samples = await self.sampler.sample(targets)
+                # A sandbox killed while it was being read is not recorded after its history went.
+                live = {t.sandbox_id for t in targets if self.handles.get(t.sandbox_id) is t.handle}
+                await self.history.record([s for s in samples if s[0] in live])
+                if time.monotonic() - pruned > 60:
+                    pruned = time.monotonic()
+                    await self.history.prune(time.time())
+            except Exception:
+                log.exception("sampling sandbox metrics failed")
 
     def disk_used_now(self, sandbox_id: str, may_walk: bool) -> int | None:
         """For a worker thread (a metrics scrape): the bytes used on the sandbox's disk, one
@@ -726,28 +776,6 @@ class SandboxManager:
             return handle.disk_usage()[0]
         except OSError:
             return None
-
-    def _cpu_pct(self, sandbox_id: str, usage_ns: int, cpus: int) -> float:
-        """CPU use since the previous metrics call, in percent of the sandbox's cores."""
-        now = time.monotonic()
-        previous = self._cpu_samples.get(sandbox_id)
-        self._cpu_samples[sandbox_id] = (now, usage_ns)
-        if previous is None or now <= previous[0]:
-            return 0.0
-        return round(100 * (usage_ns - previous[1]) / 1e9 / (now - previous[0]) / max(cpus, 1), 2)
-
-
-def _sample(handle: _core.SandboxHandle) -> tuple[_core.SandboxStats | None, tuple[int, int] | None]:
-    """In a worker thread: the cgroup's figures and the disk's ``(used, total)``; None for what is gone."""
-    try:
-        stats = handle.stats()
-    except OSError:
-        stats = None
-    try:
-        disk = handle.disk_usage()
-    except OSError:
-        disk = None
-    return stats, disk
 
 
 def _kill_quietly(instance: str, sandbox_id: str) -> None:

@@ -1,10 +1,23 @@
-"""The sandbox proxy: HTTP requests for ``<port>`` inside sandbox ``<id>``, streamed both ways.
+"""The sandbox proxy: HTTP requests for ``<port>`` inside sandbox ``<id>``, streamed both ways, and
+HTTP/1.1 Upgrades (WebSockets and any other protocol) carried as bytes.
 
 A request is for a sandbox when it carries ``E2b-Sandbox-Id`` (and ``E2b-Sandbox-Port``, default
 49983) or its Host is ``<port>-<id>.<domain>`` (spec §5.2). The upstream connection is a TCP socket
 created *inside* the sandbox's network namespace (nothing is published on the host), kept alive
 and reused per (sandbox, port). Bodies stream in both directions without buffering, so Connect
 server streams (command output, watch events) flow as they are produced.
+
+The proxy is a faithful pipe, as Go's reverse proxy in front of E2B's sandboxes is:
+
+* a client that goes away (mid-upload, or while a stream is open) closes the upstream connection at
+  once, so the agent sees the abort (an aborted upload leaves no temporary file behind);
+* an upstream that dies in the middle of a response resets the client's connection (TCP RST), so
+  the SDKs report the sandbox killed or gone rather than a short, clean answer; then the sandbox's
+  ``/health`` answers 502 "…was not found", which the SDKs' probe reads as "not running";
+* an upgraded connection is spliced byte for byte, and closed on both sides when either ends.
+
+The Host header goes upstream as the client sent it (servers inside, such as Jupyter, compare it
+with ``Origin``), as E2B's proxy does.
 """
 
 from __future__ import annotations
@@ -12,6 +25,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
+import json
+import re
+import socket
 from collections import defaultdict
 from dataclasses import dataclass, field
 
@@ -20,7 +36,9 @@ import httptools
 from sandboxd.agent.asgi import ClientDisconnected, Receive, Scope, Send, body_chunks, send_json
 
 from .backend import Backend
+from .connection import Upgrade, reset_client
 from .errors import ApiError
+from .inputs import SANDBOX_ID
 
 ENVD_PORT = 49983
 TRAFFIC_TOKEN_HEADER = b"e2b-traffic-access-token"
@@ -31,12 +49,13 @@ HOP_BY_HOP = {
     b"keep-alive",
     b"proxy-authenticate",
     b"proxy-authorization",
+    b"proxy-connection",
     b"te",
     b"trailer",
     b"transfer-encoding",
     b"upgrade",
     b"content-length",
-    b"host",
+    b"expect",  # the runtime's server answers 100-continue itself, when the body is read
 }
 MAX_IDLE_PER_TARGET = 16
 """Idle upstream connections kept per (sandbox, port): enough for an SDK's pool of parallel calls."""
@@ -44,34 +63,74 @@ MAX_IDLE_PER_TARGET = 16
 READ_SIZE = 256 << 10
 """Upstream read size: large enough that file downloads move in few, big pieces."""
 
+MAX_RESPONSE_HEAD = 64 << 10
+"""A sandbox's response head larger than this is refused (502): the sandbox is hostile, and the
+head is buffered until complete."""
+
+_BAD_NAME = re.compile(rb'[\x00-\x1f\x7f()<>@,;:\[\]={} \t\\"]')
+_BAD_VALUE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+"""Header names and values the runtime's server refuses to send: a sandbox's response carrying one
+loses that header rather than failing the whole response."""
+
 
 @dataclass(slots=True)
 class _Upstream:
     reader: asyncio.StreamReader
     writer: asyncio.StreamWriter
 
+    def abort(self) -> None:
+        self.writer.transport.abort()
+
 
 @dataclass
 class _Response:
-    """What the httptools callbacks collected from the upstream's reply."""
+    """What the httptools callbacks collected from the upstream's reply (informational 1xx answers
+    are skipped: the client's server sends its own 100-continue)."""
 
+    parser: httptools.HttpResponseParser | None = None
+    status: int = 0
     headers: list[tuple[bytes, bytes]] = field(default_factory=list)
     body: list[bytes] = field(default_factory=list)
+    head_size: int = 0
     headers_done: bool = False
     complete: bool = False
-    keep_alive: bool = True
+    keep_alive: bool = False
+    """Read when the head is complete: llhttp forgets it once the message is."""
+
+    def on_message_begin(self) -> None:
+        self.headers = []
+        self.head_size = 0
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self.headers.append((name, value))
+        self.head_size += len(name) + len(value)
+        if self.head_size > MAX_RESPONSE_HEAD:
+            raise _UpstreamLost
+        self.headers.append((name.lower(), value))
 
     def on_headers_complete(self) -> None:
+        assert self.parser is not None
+        status = self.parser.get_status_code()
+        if 100 <= status < 200:
+            return  # informational: the real answer follows
+        self.status = status
+        self.keep_alive = self.parser.should_keep_alive()
         self.headers_done = True
 
     def on_body(self, data: bytes) -> None:
         self.body.append(data)
 
     def on_message_complete(self) -> None:
-        self.complete = True
+        if self.headers_done:
+            self.complete = True
+
+    def framed(self, method: str) -> bool:
+        """Whether the body has its own end (a length or chunks): then the upstream closing before
+        that end is a failure, not the end of the body."""
+        if method == "HEAD" or self.status in (204, 304):
+            return True
+        return any(
+            k == b"content-length" or (k == b"transfer-encoding" and b"chunked" in v.lower()) for k, v in self.headers
+        )
 
 
 def parse_target(headers: dict[str, str], domain: str | None) -> tuple[str, int] | None:
@@ -79,22 +138,61 @@ def parse_target(headers: dict[str, str], domain: str | None) -> tuple[str, int]
     sandbox_id = headers.get("e2b-sandbox-id")
     if sandbox_id:
         port = headers.get("e2b-sandbox-port", str(ENVD_PORT))
-        if not port.isdigit() or not 0 < int(port) < 65536:
-            raise ApiError(400, f"E2b-Sandbox-Port must be a TCP port, got '{port}'")
+        if not SANDBOX_ID.fullmatch(sandbox_id):
+            raise ApiError(400, "E2b-Sandbox-Id is not a sandbox id")
+        if not port.isascii() or not port.isdigit() or len(port) > 5 or not 0 < int(port) < 65536:
+            raise ApiError(400, f"E2b-Sandbox-Port must be a TCP port, got '{port[:16]}'")
         return sandbox_id, int(port)
     host = headers.get("host", "").rsplit(":", 1)[0] if "]" not in headers.get("host", "") else ""
     label, _, rest = host.partition(".")
     port_text, dash, sandbox_id = label.partition("-")
-    if dash and port_text.isdigit() and sandbox_id and (domain is None or rest == domain):
+    if (
+        dash
+        and port_text.isascii()
+        and port_text.isdigit()
+        and len(port_text) <= 5
+        and 0 < int(port_text) < 65536
+        and SANDBOX_ID.fullmatch(sandbox_id)
+        and (domain is None or rest.lower() == domain.lower())
+    ):
         return sandbox_id, int(port_text)
     return None
+
+
+def _header_map(raw: list[tuple[bytes, bytes]]) -> dict[str, str]:
+    return {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in raw}
+
+
+def _request_head(
+    method: str, target: bytes, headers: list[tuple[bytes, bytes]], keep: set[bytes], host: bytes | None
+) -> list[bytes]:
+    """The request line and the end-to-end headers (those named by ``Connection`` are hop-by-hop too),
+    with any of ``keep`` kept; the client's Host unless ``host`` replaces it."""
+    named = {token.strip().lower() for k, v in headers if k.lower() == b"connection" for token in v.split(b",")}
+    dropped = (HOP_BY_HOP | named) - keep
+    if host is not None or not any(k.lower() == b"host" for k, _ in headers):
+        dropped.add(b"host")
+    head = [method.encode("latin-1") + b" " + target + b" HTTP/1.1"]
+    if b"host" in dropped:
+        head.append(b"host: " + (host or b"sandbox"))
+    head += [k + b": " + v for k, v in headers if k.lower() not in dropped]
+    return head
+
+
+def _target(scope: Scope) -> bytes:
+    target: bytes = scope.get("raw_path") or scope["path"].encode()
+    if scope.get("query_string"):
+        target += b"?" + scope["query_string"]
+    return target
 
 
 class SandboxProxy:
     """Forwards requests into sandboxes, with a keep-alive pool per (sandbox, port)."""
 
-    def __init__(self, backend: Backend) -> None:
+    def __init__(self, backend: Backend, domain: str | None = None) -> None:
         self.manager = backend
+        self.domain = domain
+        """For Host routing of upgrades (``<port>-<id>.<domain>``), as the runtime's app routes requests."""
         self.idle: dict[tuple[str, int], list[_Upstream]] = defaultdict(list)
 
     def forget(self, sandbox_id: str) -> None:
@@ -122,42 +220,50 @@ class SandboxProxy:
         else:
             upstream.writer.close()
 
-    async def _unavailable(self, send: Send, sandbox_id: str, port: int) -> None:
-        """The 502 the E2B edge proxy gives: "…was not found" when the sandbox is gone (the SDK
-        raises ``SandboxNotRunningException``), "…port is not open" when nothing listens."""
+    async def _unavailable_message(self, sandbox_id: str, port: int) -> str:
+        """The E2B edge proxy's 502 message: "…was not found" when the sandbox is gone (the SDK raises
+        ``SandboxNotRunningException``), "…port is not open" when nothing listens."""
         try:
             await self.manager.ensure_reachable(sandbox_id)
-            message = f"The sandbox is running but port is not open: nothing listens on port {port}"
+            return f"The sandbox is running but port is not open: nothing listens on port {port}"
         except ApiError as exc:
-            message = exc.message
+            return exc.message
+
+    async def _unavailable(self, send: Send, sandbox_id: str, port: int) -> None:
+        message = await self._unavailable_message(sandbox_id, port)
         await send_json(send, 502, {"sandboxId": sandbox_id, "message": message, "code": 502, "port": port})
 
-    def _ingress(self, scope: Scope, sandbox_id: str, port: int) -> tuple[bytes, ApiError | None]:
-        """The Host to send upstream, and the refusal of a request that lacks the sandbox's traffic
+    def _ingress(
+        self, headers: list[tuple[bytes, bytes]], sandbox_id: str, port: int
+    ) -> tuple[bytes | None, ApiError | None]:
+        """The Host to send upstream instead of the client's (``maskRequestHost``; None keeps the
+        client's, as E2B's proxy does), and the refusal of a request that lacks the sandbox's traffic
         token (``allow_public_traffic=False``; envd's port has its own token and is exempt, as in
-        E2B's proxy)."""
+        E2B's proxy). Plain requests and upgrades alike."""
         if port == ENVD_PORT:
-            return b"sandbox", None
+            return None, None
         token = self.manager.traffic_token(sandbox_id)
         if token is not None:
-            given = next((v for k, v in scope["headers"] if k.lower() == TRAFFIC_TOKEN_HEADER), None)
+            given = next((v for k, v in headers if k.lower() == TRAFFIC_TOKEN_HEADER), None)
             if given is None:
-                return b"", ApiError(
+                return None, ApiError(
                     403,
                     f"Sandbox is secured with traffic access token. Token header '{TRAFFIC_TOKEN_HEADER.decode()}' is "
                     "missing",
                 )
             if not hmac.compare_digest(given, token.encode()):
-                return b"", ApiError(
+                return None, ApiError(
                     403,
                     f"Sandbox is secured with traffic access token. Provided token in header "
                     f"'{TRAFFIC_TOKEN_HEADER.decode()}' is invalid",
                 )
         mask = self.manager.network_config(sandbox_id).mask_request_host
-        return (mask.replace("${PORT}", str(port)).encode() if mask else b"sandbox"), None
+        return (mask.replace("${PORT}", str(port)).encode() if mask else None), None
+
+    # ---------------------------------------------------------------------------------- HTTP
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send, sandbox_id: str, port: int) -> None:
-        host, refusal = self._ingress(scope, sandbox_id, port)
+        host, refusal = self._ingress(scope["headers"], sandbox_id, port)
         if refusal is not None:
             await send_json(send, refusal.status, {"sandboxId": sandbox_id, "message": refusal.message, "code": 403})
             return
@@ -180,10 +286,12 @@ class SandboxProxy:
                 reusable = await self._exchange(scope, receive, relay, upstream, host)
                 return
             except ClientDisconnected:
+                upstream.abort()  # the agent sees the abort now, not when a pooled socket is reaped
                 return
             except (OSError, _UpstreamLost):
                 if relay.started:
-                    return  # mid-reply: nothing more can be said; closing tells the client
+                    reset_client(scope)  # mid-answer: only a reset tells the client it is incomplete
+                    return
                 if not (pooled and attempt + 1 < attempts):
                     await self._unavailable(send, sandbox_id, port)
                     return
@@ -194,27 +302,27 @@ class SandboxProxy:
                     upstream.writer.close()
 
     async def _exchange(
-        self, scope: Scope, receive: Receive, relay: _Relay, upstream: _Upstream, host: bytes = b"sandbox"
+        self, scope: Scope, receive: Receive, relay: _Relay, upstream: _Upstream, host: bytes | None = None
     ) -> bool:
-        """One request/response over ``upstream``; True when the connection may be reused."""
+        """One request/response over ``upstream``; True when the connection may be reused.
+
+        Two tasks: one sends the request body and then waits for the client to go away; the other
+        relays the response. Whichever ends first decides: the response done ends the exchange; the
+        client gone aborts the upstream at once (raising :class:`ClientDisconnected`)."""
         method: str = scope["method"]
-        target = scope.get("raw_path") or scope["path"].encode()
-        if scope.get("query_string"):
-            target += b"?" + scope["query_string"]
         headers = [(k.lower(), v) for k, v in scope["headers"]]
         length = next((v for k, v in headers if k == b"content-length"), None)
         chunked = length is None and any(k == b"transfer-encoding" for k, _ in headers)
-        head = [method.encode() + b" " + target + b" HTTP/1.1", b"host: " + host]
-        head += [k + b": " + v for k, v in headers if k not in HOP_BY_HOP]
+        head = _request_head(method, _target(scope), headers, set(), host)
         if length is not None:
             head.append(b"content-length: " + length)
         elif chunked:
             head.append(b"transfer-encoding: chunked")
         upstream.writer.write(b"\r\n".join(head) + b"\r\n\r\n")
 
-        request_sent = asyncio.Event()
+        body_sent = asyncio.Event()
 
-        async def forward_body() -> None:
+        async def send_body_then_watch() -> None:
             if length is not None or chunked:
                 async for chunk in body_chunks(receive):
                     upstream.writer.write(b"%x\r\n%b\r\n" % (len(chunk), chunk) if chunked else chunk)
@@ -222,50 +330,107 @@ class SandboxProxy:
                 if chunked:
                     upstream.writer.write(b"0\r\n\r\n")
             await upstream.writer.drain()
-            request_sent.set()
+            body_sent.set()
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            raise ClientDisconnected
 
-        sender = asyncio.ensure_future(forward_body())
+        sender = asyncio.ensure_future(send_body_then_watch())
+        relayer = asyncio.ensure_future(self._relay_response(method, relay, upstream))
         try:
-            complete = await self._relay_response(method, relay, upstream, sender)
+            await asyncio.wait([sender, relayer], return_when=asyncio.FIRST_COMPLETED)
+            if not relayer.done():
+                error = sender.exception()
+                if isinstance(error, ClientDisconnected):
+                    raise ClientDisconnected
+                # Writing the body failed (the agent closed its side): its answer, if any, still counts.
+                await relayer
+            complete = relayer.result()
         finally:
-            if not sender.done():
-                sender.cancel()
-            with contextlib.suppress(asyncio.CancelledError, ClientDisconnected, OSError):
-                await sender
-        return complete and request_sent.is_set()
+            for task in (sender, relayer):
+                if not task.done():
+                    task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, ClientDisconnected, OSError, _UpstreamLost):
+                    await task
+        return complete and body_sent.is_set()
 
-    async def _relay_response(
-        self, method: str, relay: _Relay, upstream: _Upstream, sender: asyncio.Future[None]
-    ) -> bool:
+    async def _relay_response(self, method: str, relay: _Relay, upstream: _Upstream) -> bool:
+        """Relay the upstream's response; True when it ended cleanly with the connection reusable.
+        Raises :class:`_UpstreamLost` (or ``OSError``) when the upstream fails before its end."""
         response = _Response()
         parser = httptools.HttpResponseParser(response)
+        response.parser = parser
         send = relay.send
         while not response.complete:
             data = await upstream.reader.read(READ_SIZE)
             if not data:
-                if sender.done() and not sender.cancelled() and sender.exception() is not None:
-                    raise _UpstreamLost from sender.exception()
-                if response.headers_done:
-                    response.keep_alive = False  # a body delimited by the end of the connection
-                    break
-                raise _UpstreamLost  # the agent went away before replying
+                if response.headers_done and not response.framed(method):
+                    break  # a body delimited by the end of the connection: this is its end
+                raise _UpstreamLost  # the agent went away before its answer was complete
             try:
                 parser.feed_data(data)
+            except httptools.HttpParserUpgrade:
+                raise _UpstreamLost from None  # an upgrade answer to a request that asked for none
             except httptools.HttpParserError:
                 raise _UpstreamLost from None
             if response.headers_done and not relay.started:
+                if not 200 <= response.status <= 599:
+                    raise _UpstreamLost
                 relay.started = True
-                response.keep_alive = parser.should_keep_alive()
-                out = [(k.lower(), v) for k, v in response.headers]
-                out = [(k, v) for k, v in out if k not in HOP_BY_HOP or k == b"content-length"]
-                await send({"type": "http.response.start", "status": parser.get_status_code(), "headers": out})
+                out = [(k, v) for k, v in response.headers if k not in HOP_BY_HOP or k == b"content-length"]
+                out = [(k, v) for k, v in out if not _BAD_NAME.search(k) and not _BAD_VALUE.search(v)]
+                await send({"type": "http.response.start", "status": response.status, "headers": out})
                 if method == "HEAD":
                     response.complete = True
             for chunk in response.body:
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
             response.body.clear()
         await send({"type": "http.response.body", "body": b""})
-        return response.keep_alive
+        return response.complete and response.keep_alive
+
+    # ------------------------------------------------------------------------------ upgrades
+
+    def claims(self, headers: list[tuple[bytes, bytes]]) -> bool:
+        """An Upgrade request is the proxy's when it is for a sandbox (a bad target too: it is
+        answered here, as the HTTP path would)."""
+        try:
+            return parse_target(_header_map(headers), self.domain) is not None
+        except ApiError:
+            return True
+
+    async def upgrade(self, upgrade: Upgrade) -> None:
+        """An upgraded connection into a sandbox port: same routing and answers as plain requests
+        (auth is the sandbox server's, as for every proxied request), then bytes both ways."""
+        try:
+            target = parse_target(_header_map(upgrade.scope["headers"]), self.domain)
+        except ApiError as exc:
+            upgrade.reply(exc.status, json.dumps({"code": exc.status, "message": exc.message}).encode())
+            return
+        assert target is not None
+        sandbox_id, port = target
+        host, refusal = self._ingress(upgrade.scope["headers"], sandbox_id, port)
+        if refusal is not None:
+            body = {"sandboxId": sandbox_id, "message": refusal.message, "code": refusal.status}
+            upgrade.reply(refusal.status, json.dumps(body).encode())
+            return
+        try:
+            await self.manager.ensure_reachable(sandbox_id)
+            sock: socket.socket = await self.manager.open_socket(sandbox_id, port)
+        except ApiError as exc:
+            body = {"sandboxId": sandbox_id, "message": exc.message, "code": exc.status}
+            upgrade.reply(exc.status, json.dumps(body).encode())
+            return
+        except OSError:
+            message = await self._unavailable_message(sandbox_id, port)
+            body = {"sandboxId": sandbox_id, "message": message, "code": 502, "port": port}
+            upgrade.reply(502, json.dumps(body).encode())
+            return
+        # As Go's ReverseProxy: hop-by-hop headers go, then "Connection: upgrade" and the Upgrade
+        # header come back; a body (rare) passes raw, so its framing headers stay.
+        scope = upgrade.scope
+        keep = {b"upgrade", b"content-length", b"transfer-encoding"}
+        head = [*_request_head(scope["method"], _target(scope), scope["headers"], keep, host), b"connection: upgrade"]
+        await upgrade.splice(sock, b"\r\n".join(head) + b"\r\n\r\n")
 
 
 class _UpstreamLost(Exception):

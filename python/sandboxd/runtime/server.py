@@ -19,10 +19,12 @@ from sandboxd.agent.http_server import ConnectionLimits, serve_until_signalled, 
 
 from . import host
 from .api import ControlPlane
-from .backend import LocalBackend
+from .backend import ListQuery, LocalBackend
+from .connection import protocol_class
 from .debian import DEFAULT_MIRROR
 from .errors import ApiError
 from .host import SandboxFlags
+from .inputs import Query
 from .manager import Limits, SandboxManager
 from .network import NetworkOptions, SandboxNetworks
 from .observe import Observer, Secrets
@@ -31,7 +33,8 @@ from .observe.endpoints import PATHS as OPERATOR_PATHS
 from .observe.endpoints import OperatorEndpoints
 from .observe.http import RequestObserver
 from .observe.probes import Readiness
-from .proxy import SandboxProxy, parse_target
+from .proxy import ENVD_PORT, SandboxProxy, parse_target
+from .signed import find_signer, operation_of
 from .store import Store
 from .templates import Templates, default_store_dir
 from .zygote_client import ZygoteClient
@@ -53,6 +56,8 @@ class ServeOptions:
     sandboxes: SandboxFlags = field(default_factory=SandboxFlags)
     id_registry: Path = Path(_core.DEFAULT_ID_REGISTRY)
     """The host-wide registry of sandbox id ranges, shared by every runtime on the host."""
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
     log_format: str = "text"
     network: NetworkOptions | None = field(default_factory=NetworkOptions)
     """Sandbox networking; None gives sandboxes loopback only (``--no-network``)."""
@@ -91,6 +96,8 @@ class RuntimeApp:
             return
         if target is not None:
             await self.requests.proxied(self.proxy, scope, receive, send, *target)
+        elif scope["path"] == "/files" and b"signature=" in scope.get("query_string", b""):
+            await self.signed_files(scope, receive, send)
         else:
             await self.requests.runtime(self._local, scope, receive, send)
 
@@ -102,12 +109,52 @@ class RuntimeApp:
         else:
             await send_json(send, 404, {"code": 404, "message": f"no such endpoint: {scope['method']} {scope['path']}"})
 
+    async def signed_files(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """A signed ``/files`` URL with no sandbox named (``E2B_SANDBOX_URL``): to the sandbox whose
+        token signed it, or envd's 401 when none did (see :mod:`.signed`)."""
+        try:
+            query = Query(scope.get("query_string", b""))
+            signature = query.get("signature", 1024)
+            operation = operation_of(scope["method"])
+            if signature is None or operation is None:
+                raise ApiError(404, f"no such endpoint: {scope['method']} /files without a sandbox")
+            candidates = await self._live_tokens()
+            sandbox_id = find_signer(
+                candidates,
+                query.values.get("path", ""),
+                operation,
+                query.values.get("username", ""),
+                signature,
+                query.values.get("signature_expiration"),
+            )
+            if sandbox_id is None:
+                raise ApiError(401, "invalid signature")
+        except ApiError as exc:
+            await self.requests.runtime(_error(exc), scope, receive, send)
+            return
+        await self.requests.proxied(self.proxy, scope, receive, send, sandbox_id, ENVD_PORT)
+
+    async def _live_tokens(self) -> list[tuple[str, str]]:
+        """(id, access token) of every running or paused sandbox, through the backend's listing."""
+        tokens: list[tuple[str, str]] = []
+        cursor: str | None = None
+        while True:
+            query = ListQuery(states=["running", "paused"], limit=MAX_SIGNER_PAGE, cursor=cursor)
+            rows, cursor = await self.control.backend.list_page(query)
+            tokens += [(row.id, row.access_token) for row in rows]
+            if cursor is None:
+                return tokens
+
 
 def _error(exc: ApiError) -> Callable[[Scope, Receive, Send], Awaitable[None]]:
     async def answer(scope: Scope, receive: Receive, send: Send) -> None:
         await send_json(send, exc.status, {"code": exc.status, "message": exc.message})
 
     return answer
+
+
+MAX_SIGNER_PAGE = 1000
+"""Sandboxes read per page while looking for a signed URL's sandbox (a runtime holds a few hundred)."""
 
 
 def _api_key(store: Store, given: str | None) -> str:
@@ -143,7 +190,8 @@ def run(options: ServeOptions) -> None:
     host.require_isolation(templates, "sandboxd serve")
     _core.become_subreaper()
     limits = _prepare_host(options)
-    url = f"http://{options.host}:{options.port}"
+    scheme = "https" if options.tls_cert else "http"
+    url = f"{scheme}://{options.host}:{options.port}"
     store.set_setting("url", url)  # where `sandboxd status` finds this runtime
     base_note = ""
     if any(t.name == "base" and t.state == "not built" for t in templates.listing()):
@@ -210,7 +258,7 @@ async def _serve(
     )
     await manager.start()
     backend = LocalBackend(manager)
-    proxy = SandboxProxy(backend)
+    proxy = SandboxProxy(backend, options.domain)
     manager.on_gone.append(proxy.forget)
     readiness = Readiness(zygote_client, options.data_dir, templates)
     operators = OperatorEndpoints(
@@ -225,6 +273,11 @@ async def _serve(
     )
     config = server_config(app, options.host, options.port, options.connections)
     observe_logs.adopt_uvicorn()
+    # Resets and upgrades need the connection itself (see .connection); TLS is uvicorn's own.
+    config.http = protocol_class(proxy, config.http)
+    if options.tls_cert is not None:
+        config.ssl_certfile = str(options.tls_cert)
+        config.ssl_keyfile = str(options.tls_key) if options.tls_key is not None else None
     try:
         await serve_until_signalled(config)
     finally:

@@ -50,7 +50,10 @@ host's Python installation is not there to import from."""
 PRELOAD_MODULES = ("_strptime", "gzip", "hashlib", "hmac", "secrets", "shlex", "unicodedata", "uvloop", "zlib")
 """Standard modules imported lazily by code on the agent's paths (``datetime.strptime`` → ``_strptime``)."""
 
-_SKIP = ("test", "_psosx", "_pswindows", "_psbsd", "_psaix", "_pssunos", "mbcs", "oem", "cp65001", "upb")
+_SKIP = (
+    "test", "_psosx", "_pswindows", "_psbsd", "_psaix", "_pssunos", "mbcs", "oem", "cp65001", "upb",
+    "uvicorn.protocols.websockets",  # the servers run with ws="none"; importing one can warn on stderr
+)  # fmt: skip
 
 
 def preload() -> None:

@@ -1,0 +1,393 @@
+"""The runtime's sandbox proxy is a faithful pipe (issue 11 item 4, issue 12 items 6, 9, 10 and 12): client
+aborts reach the sandbox at once, an upstream that dies mid-answer resets the client (so the SDK says the
+sandbox was killed), upgrades (WebSockets and others) are carried both ways, signed ``/files`` URLs find
+their sandbox without naming it, and Host routing works over TLS with ``--domain``. Real runtime, real
+sandboxes, real servers inside them, the official SDK."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import socket
+import ssl
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from conftest import Runtime
+from e2b import Sandbox
+from e2b.exceptions import TimeoutException
+
+WS_ECHO_SERVER = r"""
+import asyncio, base64, hashlib, struct, sys
+
+MAGIC = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+
+async def serve(reader, writer):
+    head = await reader.readuntil(b"\r\n\r\n")
+    headers = dict(
+        (k.strip().lower(), v.strip())
+        for k, _, v in (line.partition(b":") for line in head.split(b"\r\n")[1:] if line)
+    )
+    accept = base64.b64encode(hashlib.sha1(headers[b"sec-websocket-key"] + MAGIC).digest())
+    writer.write(
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Accept: " + accept + b"\r\nX-Seen-Host: " + headers.get(b"host", b"") + b"\r\n\r\n"
+    )
+    while True:
+        first, second = await reader.readexactly(2)
+        opcode, length = first & 0x0F, second & 0x7F
+        if length == 126:
+            (length,) = struct.unpack("!H", await reader.readexactly(2))
+        elif length == 127:
+            (length,) = struct.unpack("!Q", await reader.readexactly(8))
+        mask = await reader.readexactly(4)
+        data = bytes(b ^ mask[i % 4] for i, b in enumerate(await reader.readexactly(length)))
+        if opcode == 8:  # close: answer it and end
+            writer.write(b"\x88\x02\x03\xe8")
+            await writer.drain()
+            writer.close()
+            return
+        reply = b"echo: " + data
+        size = len(reply)
+        prefix = bytes([0x80 | opcode]) + (
+            bytes([size]) if size < 126 else b"\x7e" + struct.pack("!H", size) if size < 65536
+            else b"\x7f" + struct.pack("!Q", size)
+        )
+        writer.write(prefix + reply)
+        await writer.drain()
+
+async def main():
+    server = await asyncio.start_server(serve, "127.0.0.1", int(sys.argv[1]))
+    print("listening", flush=True)
+    await server.serve_forever()
+
+asyncio.run(main())
+"""
+
+PARTIAL_ANSWER_SERVER = r"""
+import socket, sys, threading, time
+
+def answer(conn):
+    if conn.recv(65536):
+        conn.sendall(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n")
+        time.sleep(3600)  # the rest of the answer never comes: the sandbox is killed first
+
+srv = socket.socket()
+srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+srv.bind(("127.0.0.1", int(sys.argv[1])))
+srv.listen()
+while True:
+    threading.Thread(target=answer, args=(srv.accept()[0],), daemon=True).start()
+"""
+
+
+@pytest.fixture
+def sdk(e2b_env: Runtime) -> Iterator[Runtime]:
+    yield e2b_env
+
+
+def _serve_in(sbx: Sandbox, script: str, port: int) -> None:
+    """Start ``script`` (Python, stdlib only) in the sandbox on ``port``; wait until it listens."""
+    sbx.files.write(f"/tmp/server-{port}.py", script)
+    sbx.commands.run(f"python3 /tmp/server-{port}.py {port}", background=True, timeout=0)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        probe = f"python3 -c \"import socket; socket.create_connection(('127.0.0.1', {port}), 1)\""
+        if sbx.commands.run(f"{probe} && echo up || true").stdout.strip() == "up":
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"the server on port {port} in the sandbox never listened")
+
+
+def _fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+# ------------------------------------------------------------------------------------- kill
+
+
+def test_killing_a_sandbox_under_a_running_command_raises_timeout(sdk: Runtime) -> None:
+    sbx = Sandbox.create()
+    cmd = sbx.commands.run("sleep 30", background=True)
+    started = time.monotonic()
+    assert Sandbox.kill(sbx.sandbox_id) is True
+    with pytest.raises(TimeoutException) as raised:
+        cmd.wait()
+    assert "killed or reached its end of life" in str(raised.value), raised.value
+    assert time.monotonic() - started < 10
+    health = httpx.get(f"{sdk.url}/health", headers={"E2b-Sandbox-Id": sbx.sandbox_id})
+    assert health.status_code == 502
+    assert "was not found" in health.json()["message"]
+
+
+def test_an_upstream_that_dies_mid_answer_resets_the_client(sdk: Runtime) -> None:
+    sbx = Sandbox.create()
+    try:
+        _serve_in(sbx, PARTIAL_ANSWER_SERVER, 8100)
+        with socket.create_connection(("127.0.0.1", sdk.port), timeout=20) as client:
+            client.sendall(
+                f"GET / HTTP/1.1\r\nHost: x\r\nE2b-Sandbox-Id: {sbx.sandbox_id}\r\n"
+                "E2b-Sandbox-Port: 8100\r\n\r\n".encode()
+            )
+            received = b""
+            while b"hello" not in received:
+                received += client.recv(65536)
+            assert received.startswith(b"HTTP/1.1 200")
+            sbx.kill()
+            client.settimeout(10)
+            with pytest.raises(ConnectionResetError):
+                while client.recv(65536):  # a clean end (b"") would mean a complete-looking answer
+                    pass
+    finally:
+        sbx.kill()
+
+
+def test_upstream_connections_are_reused(sdk: Runtime) -> None:
+    """Requests share pooled connections into the sandbox (a new one each is a thread hop and a setns
+    per request): 50 calls leave at most a few closed connections behind in the sandbox."""
+    sbx = Sandbox.create()
+    try:
+        for _ in range(50):
+            assert sbx.files.exists("/home/user")
+        closed = sbx.commands.run("ss -tan state time-wait | tail -n +2 | wc -l").stdout.strip()
+        assert int(closed) <= 5, f"{closed} connections into the sandbox were closed for 50 requests"
+    finally:
+        sbx.kill()
+
+
+# ------------------------------------------------------------------------------ client aborts
+
+
+def test_an_aborted_upload_through_the_proxy_leaves_nothing_behind(sdk: Runtime) -> None:
+    sbx = Sandbox.create()
+    try:
+        # Warm the runtime's pool (it keeps idle upstream connections) so fds compare like with like.
+        sbx.files.write("/home/user/warm", "x")
+        baseline = _fds(sdk.process.pid)
+        info = httpx.get(f"{sdk.url}/sandboxes/{sbx.sandbox_id}", headers={"X-API-KEY": sdk.api_key}).json()
+        token = info["envdAccessToken"]
+        with socket.create_connection(("127.0.0.1", sdk.port)) as client:
+            client.sendall(
+                (
+                    "POST /files?path=/home/user/big.bin HTTP/1.1\r\nHost: x\r\n"
+                    f"E2b-Sandbox-Id: {sbx.sandbox_id}\r\nX-Access-Token: {token}\r\n"
+                    f"Content-Type: application/octet-stream\r\nContent-Length: {50 << 20}\r\n\r\n"
+                ).encode()
+            )
+            client.sendall(b"\0" * (1 << 20))
+            time.sleep(0.3)  # the upload is under way inside the sandbox
+        time.sleep(1.0)
+        leftovers = sbx.commands.run("find /home/user -name '*.tmp' -o -name big.bin").stdout.split()
+        assert leftovers == [], leftovers
+        assert _fds(sdk.process.pid) <= baseline, "the runtime kept the aborted upload's connection"
+    finally:
+        sbx.kill()
+
+
+# ---------------------------------------------------------------------------------- upgrades
+
+
+def test_websocket_through_get_host_both_ways(sdk: Runtime) -> None:
+    from websockets.exceptions import ConnectionClosed
+    from websockets.sync.client import connect
+
+    sbx = Sandbox.create()
+    try:
+        _serve_in(sbx, WS_ECHO_SERVER, 8200)
+        # Route by headers, as the SDK does with E2B_SANDBOX_URL.
+        headers = {"E2b-Sandbox-Id": sbx.sandbox_id, "E2b-Sandbox-Port": "8200"}
+        with connect(f"ws://127.0.0.1:{sdk.port}/socket", additional_headers=headers) as ws:
+            assert ws.response.headers["X-Seen-Host"] == f"127.0.0.1:{sdk.port}"  # the Host goes through
+            ws.send("hello")
+            assert ws.recv(timeout=10) == "echo: hello"
+            ws.send(b"\x00\x01" * 40_000)  # a frame bigger than one read: bytes both ways
+            assert ws.recv(timeout=10) == b"echo: " + b"\x00\x01" * 40_000
+        # Host routing (<port>-<id>.<domain>): the same server.
+        with connect(f"ws://127.0.0.1:{sdk.port}/", additional_headers={"Host": f"8200-{sbx.sandbox_id}.local"}) as ws:
+            ws.send("by host")
+            assert ws.recv(timeout=10) == "echo: by host"
+            # When the sandbox side ends, the client's side is closed too.
+            sbx.commands.run("pkill -f 'server-82[0]0.py'")
+            with pytest.raises(ConnectionClosed):
+                ws.recv(timeout=10)
+    finally:
+        sbx.kill()
+
+
+def test_an_upgrade_needs_the_traffic_token_as_a_plain_request_does(sdk: Runtime) -> None:
+    from websockets.exceptions import InvalidStatus
+    from websockets.sync.client import connect
+
+    sbx = Sandbox.create(network={"allow_public_traffic": False})
+    try:
+        _serve_in(sbx, WS_ECHO_SERVER, 8250)
+        token = sbx.traffic_access_token
+        assert token
+        route = {"E2b-Sandbox-Id": sbx.sandbox_id, "E2b-Sandbox-Port": "8250"}
+        with pytest.raises(InvalidStatus) as refused:
+            connect(f"ws://127.0.0.1:{sdk.port}/", additional_headers=route, open_timeout=10)
+        assert refused.value.response.status_code == 403
+        with connect(
+            f"ws://127.0.0.1:{sdk.port}/",
+            additional_headers={**route, "e2b-traffic-access-token": token},
+            open_timeout=10,
+        ) as ws:
+            ws.send("with the token")
+            assert ws.recv(timeout=10) == "echo: with the token"
+    finally:
+        sbx.kill()
+
+
+def test_any_upgrade_is_spliced_and_a_closed_client_closes_the_sandbox_side(sdk: Runtime) -> None:
+    sbx = Sandbox.create()
+    try:
+        _serve_in(sbx, WS_ECHO_SERVER, 8300)
+        baseline = _fds(sdk.process.pid)
+        client = socket.create_connection(("127.0.0.1", sdk.port))
+        client.sendall(
+            f"GET / HTTP/1.1\r\nHost: 8300-{sbx.sandbox_id}.local\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
+            "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n".encode()
+        )
+        client.settimeout(10)
+        answer = b""
+        while b"\r\n\r\n" not in answer:
+            answer += client.recv(4096)
+        assert answer.startswith(b"HTTP/1.1 101"), answer
+        assert b"s3pPLMBiTxaQ9kYGzzhZRbK+xOo=" in answer  # RFC 6455's example accept: the sandbox's own
+        client.close()
+        deadline = time.monotonic() + 5
+        while _fds(sdk.process.pid) > baseline and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _fds(sdk.process.pid) <= baseline, "the sandbox side stayed open after the client left"
+        # An upgrade to a sandbox that does not exist gets the proxy's 502, as a plain request does.
+        with socket.create_connection(("127.0.0.1", sdk.port)) as other:
+            other.sendall(
+                b"GET / HTTP/1.1\r\nHost: 8300-doesnotexist0000000.local\r\nConnection: Upgrade\r\n"
+                b"Upgrade: websocket\r\n\r\n"
+            )
+            other.settimeout(10)
+            reply = other.recv(65536)
+            assert reply.startswith(b"HTTP/1.1 502") and b"was not found" in reply, reply
+    finally:
+        sbx.kill()
+
+
+# ----------------------------------------------------------------------------- signed /files URLs
+
+
+def _signature(path: str, operation: str, user: str, token: str, expiration: int | None) -> str:
+    raw = f"{path}:{operation}:{user}:{token}" + (f":{expiration}" if expiration is not None else "")
+    return "v1_" + base64.b64encode(hashlib.sha256(raw.encode()).digest()).decode().rstrip("=")
+
+
+def test_signed_file_urls_work_with_e2b_sandbox_url(e2b_env: Runtime) -> None:
+    api = httpx.Client(base_url=e2b_env.url, headers={"X-API-KEY": e2b_env.api_key})
+    one, two = Sandbox.create(), Sandbox.create()
+    try:
+        one.files.write("/home/user/which.txt", "one")
+        two.files.write("/home/user/which.txt", "two")
+        for sbx, expected in ((one, "one"), (two, "two")):
+            url = sbx.download_url("/home/user/which.txt", use_signature_expiration=60)
+            assert url.startswith(e2b_env.url + "/files?") and sbx.sandbox_id not in url  # no sandbox named
+            assert httpx.get(url).text == expected
+        upload = two.upload_url("/home/user/uploaded.txt")
+        assert httpx.post(upload, files={"file": ("uploaded.txt", b"via a signed URL")}).status_code == 200
+        assert two.files.read("/home/user/uploaded.txt") == "via a signed URL"
+
+        token = api.get(f"/sandboxes/{one.sandbox_id}").json()["envdAccessToken"]
+        past = int(time.time()) - 10
+        expired = _signature("/home/user/which.txt", "read", "", token, past)
+        answer = httpx.get(
+            f"{e2b_env.url}/files",
+            params={"path": "/home/user/which.txt", "signature": expired, "signature_expiration": past},
+        )
+        assert (answer.status_code, answer.json()["message"]) == (401, "signature is already expired")
+        forged = _signature("/home/user/which.txt", "read", "", "not-a-token", None)
+        answer = httpx.get(f"{e2b_env.url}/files", params={"path": "/home/user/which.txt", "signature": forged})
+        assert (answer.status_code, answer.json()["message"]) == (401, "invalid signature")
+        # A read signature does not authorise a write.
+        read_only = _signature("/home/user/x", "read", "", token, None)
+        answer = httpx.post(
+            f"{e2b_env.url}/files", params={"path": "/home/user/x", "signature": read_only}, files={"file": b"x"}
+        )
+        assert answer.status_code == 401
+    finally:
+        one.kill()
+        two.kill()
+        api.close()
+
+
+# --------------------------------------------------------------------------------------- TLS
+
+SDK_OVER_TLS = """
+import json, sys
+from e2b import Sandbox
+sbx = Sandbox.create()
+sbx.files.write("/tmp/ws.py", sys.stdin.read())
+sbx.commands.run("python3 /tmp/ws.py 8400", background=True, timeout=0)
+print(json.dumps({"id": sbx.sandbox_id, "host": sbx.get_host(8400), "domain": sbx.sandbox_domain}))
+"""
+
+
+def test_get_host_over_https_with_domain_and_tls(start_runtime: Callable[..., Runtime], tmp_path: Path) -> None:
+    import trustme
+    from websockets.sync.client import connect
+
+    domain = "sandboxes.test"
+    ca = trustme.CA()
+    leaf = ca.issue_cert(f"*.{domain}", "127.0.0.1")
+    cert, key, ca_file = tmp_path / "cert.pem", tmp_path / "key.pem", tmp_path / "ca.pem"
+    leaf.cert_chain_pems[0].write_to_path(str(cert))
+    leaf.private_key_pem.write_to_path(str(key))
+    ca.cert_pem.write_to_path(str(ca_file))
+    trust = ssl.create_default_context(cafile=str(ca_file))
+    runtime = start_runtime("--domain", domain, "--tls-cert", str(cert), "--tls-key", str(key), tls=trust)
+    assert runtime.url.startswith("https://")
+
+    # The official SDK over HTTPS only (API and sandbox traffic), trusting the test's CA (its TLS
+    # stack reads SSL_CERT_FILE); in its own process, so its pooled connections are its own.
+    sdk = subprocess.run(
+        [sys.executable, "-c", SDK_OVER_TLS],
+        input=WS_ECHO_SERVER,
+        env={**os.environ, **runtime.env(), "SSL_CERT_FILE": str(ca_file)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert sdk.returncode == 0, sdk.stderr
+    made = json.loads(sdk.stdout)
+    sandbox_id, host = made["id"], made["host"]
+    try:
+        assert made["domain"] == domain
+        assert host == f"8400-{sandbox_id}.{domain}"
+        # The test is the resolver: TCP to 127.0.0.1, TLS server name and Host the sandbox host name
+        # (what a DNS entry for *.sandboxes.test would give), certificate verified against the CA.
+        with httpx.Client(verify=trust) as client:
+            agent = f"49983-{sandbox_id}.{domain}"
+            health = client.get(
+                f"https://127.0.0.1:{runtime.port}/health", headers={"Host": agent}, extensions={"sni_hostname": agent}
+            )
+            assert health.status_code == 204, health.text  # the agent's own /health, by Host routing
+        deadline = time.monotonic() + 20
+        while True:
+            raw = socket.create_connection(("127.0.0.1", runtime.port))
+            try:
+                with connect(f"wss://{host}/", sock=raw, ssl=trust, server_hostname=host, open_timeout=10) as ws:
+                    ws.send("over tls")
+                    assert ws.recv(timeout=10) == "echo: over tls"
+                    break
+            except Exception:
+                raw.close()
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)  # the server in the sandbox is still starting
+    finally:
+        with httpx.Client(verify=trust, headers={"X-API-KEY": runtime.api_key}) as api:
+            api.delete(f"{runtime.url}/sandboxes/{sandbox_id}")
