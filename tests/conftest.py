@@ -19,6 +19,8 @@ from typing import Any
 import httpx
 import psutil
 import pytest
+from sandboxd.runtime import code_interpreter, debian
+from sandboxd.runtime.layers import LayerStore
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -222,9 +224,6 @@ def base_template(request: pytest.FixtureRequest) -> bool:
     (no archive in reach, no mmdebstrap): runtimes then fall back to ``host``."""
     if os.geteuid() != 0:
         pytest.skip("building the base template needs root (mmdebstrap --mode=root)")
-    from sandboxd.runtime import debian
-    from sandboxd.runtime.layers import LayerStore
-
     store = LayerStore(TEMPLATE_STORE)
     recipe = debian.Recipe(mirror=os.environ.get("SANDBOXD_DEBIAN_MIRROR") or debian.DEFAULT_MIRROR)
     # Layers that tests of earlier sessions imported, whose runtimes' data dirs pytest has since
@@ -243,6 +242,37 @@ def base_template(request: pytest.FixtureRequest) -> bool:
             if os.environ.get("CI") == "true":
                 pytest.fail(f"the base template cannot be built in CI: {exc}")
             print(f"  cannot build it here ({exc}): sandboxes use the host template", flush=True)
+            return False
+    return True
+
+
+def interpreter_recipe() -> code_interpreter.Recipe:
+    """The ``code-interpreter-v1`` recipe the tests' runtimes use (the mirror and index from the
+    environment, as ``sandboxd serve`` reads them)."""
+    base = debian.Recipe(mirror=os.environ.get("SANDBOXD_DEBIAN_MIRROR") or debian.DEFAULT_MIRROR)
+    return code_interpreter.Recipe(base, os.environ.get("SANDBOXD_PYPI_INDEX") or code_interpreter.DEFAULT_INDEX)
+
+
+@pytest.fixture(scope="session")
+def interpreter_template(request: pytest.FixtureRequest, base_template: bool) -> bool:
+    """Build ``code-interpreter-v1`` (``base`` plus the kernels and data stack) into the shared
+    template store unless it is there, like :func:`base_template` (``make interpreter-template``
+    builds it ahead). False where it cannot be built here: its sandboxes are then ``base``'s."""
+    if not base_template:
+        return False
+    store = LayerStore(TEMPLATE_STORE)
+    recipe = interpreter_recipe()
+    if store.cached(recipe.key()) is not None:
+        return True
+    capture = request.config.pluginmanager.getplugin("capturemanager")
+    with capture.global_and_fixture_disabled():
+        print(f"\nbuilding the code-interpreter-v1 template into {TEMPLATE_STORE} (once per checkout):", flush=True)
+        try:
+            code_interpreter.build(store, recipe, debian.BuildProgress(), lambda line: print(f"  {line}", flush=True))
+        except debian.BuildUnavailable as exc:
+            if os.environ.get("CI") == "true":
+                pytest.fail(f"the code-interpreter-v1 template cannot be built in CI: {exc}")
+            print(f"  cannot build it here ({exc}): its sandboxes use base", flush=True)
             return False
     return True
 
