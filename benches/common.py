@@ -531,3 +531,23 @@ def ensure_base(ctx: Context) -> bool:
         ctx.log(f"  cannot build it here: {exc}")
         return False
     return True
+
+
+def ensure_interpreter_template(ctx: Context) -> bool:
+    """Build ``code-interpreter-v1`` (``base`` first) into the shared store unless it is there; False
+    where it cannot be built here (no archive or package index in reach)."""
+    from sandboxd.runtime import code_interpreter, debian
+    from sandboxd.runtime.layers import LayerStore
+
+    store = LayerStore(template_store())
+    base = debian.Recipe(mirror=os.environ.get("SANDBOXD_DEBIAN_MIRROR") or debian.DEFAULT_MIRROR)
+    recipe = code_interpreter.Recipe(base, os.environ.get("SANDBOXD_PYPI_INDEX") or code_interpreter.DEFAULT_INDEX)
+    if store.cached(recipe.key()) is not None:
+        return True
+    ctx.log(f"building the code-interpreter-v1 template into {store.root} (once)")
+    try:
+        code_interpreter.build(store, recipe, debian.BuildProgress(), lambda line: ctx.log(f"  {line}"))
+    except debian.BuildUnavailable as exc:
+        ctx.log(f"  cannot build it here: {exc}")
+        return False
+    return True
