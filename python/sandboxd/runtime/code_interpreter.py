@@ -45,25 +45,21 @@ import hashlib
 import json
 import os
 import ssl
+import subprocess
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from . import debian, layer_step
-from .debian import BuildFailed, BuildProgress, BuildUnavailable
+from .debian import BuildFailed, BuildProgress
 from .layers import LayerStore
 
 NAME = "code-interpreter-v1"
 """The template's name: the default of both code-interpreter SDKs."""
 
 DEFAULT_INDEX = "https://pypi.org/simple"
-
-PROBE_TIMEOUT_S = 5.0
-"""How long the package index may take to answer before the build is called unavailable."""
 
 PACKAGES = (
     # the kernels, and what the interpreter's setup cell imports
@@ -157,13 +153,7 @@ class Recipe:
 
 def probe(recipe: Recipe) -> None:
     """Raise :class:`BuildUnavailable` unless the package index answers."""
-    url = f"{recipe.index_url.rstrip('/')}/ipykernel/"
-    try:
-        with urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=PROBE_TIMEOUT_S):
-            pass
-    except (urllib.error.URLError, OSError, ValueError) as exc:
-        reason = getattr(exc, "reason", exc)
-        raise BuildUnavailable(f"the Python package index at {recipe.index_url} cannot be reached ({reason})") from None
+    debian.probe_url(f"{recipe.index_url.rstrip('/')}/ipykernel/", f"the Python package index at {recipe.index_url}")
 
 
 def build(
@@ -171,7 +161,7 @@ def build(
     recipe: Recipe,
     progress: BuildProgress,
     report: Callable[[str], None],
-    processes: list[Any] | None = None,
+    processes: list[subprocess.Popen[bytes]] | None = None,
 ) -> tuple[list[str], dict[str, Any]]:
     """Build the template into ``store`` (``base`` first, unless it is cached) unless its recipe is
     cached; returns (layers, config), topmost first. Holds the store's lock for this recipe, so

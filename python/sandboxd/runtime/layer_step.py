@@ -95,8 +95,56 @@ exec chroot "$root" /usr/bin/env -i "$@" /bin/sh -eu INPUTS_DIR/step.sh
 """Run by ``sh`` as PID 1 of the step's namespaces: mount the step's root, then become the script."""
 
 
+CONTAINED = (
+    "setpriv",
+    "--pdeathsig",
+    "KILL",
+    "--",
+    "unshare",
+    "--mount",
+    "--propagation",
+    "private",
+    "--pid",
+    "--fork",
+    "--kill-child",
+    "--",
+)
+"""The prefix that runs a build process contained, and ends it, whole, with the process that started
+it: uvicorn re-raises SIGTERM at shutdown, so no cleanup code of ours runs then, and a build tool on
+SIGTERM may wait for a stalled child. So: ``unshare`` dies with us (parent-death signal), the build
+with ``unshare`` (``--kill-child``), and as PID 1 of its own pid namespace it takes every process it
+started with it. Its mounts go with its mount namespace; the next runtime sweeps the staging dir."""
+
+
 class StepFailed(Exception):
     """The script exited with a failure, or the step's root could not be set up."""
+
+
+def run_contained(
+    command: Sequence[str],
+    env: Mapping[str, str],
+    log_path: Path,
+    on_line: Callable[[str], None],
+    processes: list[subprocess.Popen[bytes]] | None,
+    what: str,
+) -> None:
+    """Run ``command`` under :data:`CONTAINED`, its output (stdout and stderr) to ``log_path`` and, line
+    by line, to ``on_line``; raise :class:`StepFailed` with the end of the log if it fails. ``what``
+    names it in that message; ``processes`` receives it while it runs."""
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            [*CONTAINED, *command], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env
+        )
+        if processes is not None:
+            processes.append(process)
+        assert process.stdout is not None
+        for raw in process.stdout:
+            log.write(raw)
+            on_line(raw.decode(errors="replace").rstrip("\n"))
+        code = process.wait()
+    if code != 0:
+        tail = log_path.read_bytes()[-4000:].decode(errors="replace")
+        raise StepFailed(f"{what} exited with status {code}; the end of {log_path}:\n{tail}")
 
 
 def run_step(
@@ -140,19 +188,6 @@ def run_step(
                 raise ValueError(f"input name '{name}' must be a plain file name other than step.sh")
             shutil.copyfile(path, given / name)
         command = [
-            # As the base build: the step ends, whole, with the process that started it.
-            "setpriv",
-            "--pdeathsig",
-            "KILL",
-            "--",
-            "unshare",
-            "--mount",
-            "--propagation",
-            "private",
-            "--pid",
-            "--fork",
-            "--kill-child",
-            "--",
             "/bin/sh",
             "-c",
             _DRIVER,
@@ -165,24 +200,8 @@ def run_step(
             str(given),
             *(f"{name}={value}" for name, value in env.items()),
         ]
-        with log_path.open("wb") as log:
-            process = subprocess.Popen(
-                command,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"},
-            )
-            if processes is not None:
-                processes.append(process)
-            assert process.stdout is not None
-            for raw in process.stdout:
-                log.write(raw)
-                on_line(raw.decode(errors="replace").rstrip("\n"))
-            code = process.wait()
-        if code != 0:
-            tail = log_path.read_bytes()[-4000:].decode(errors="replace")
-            raise StepFailed(f"the build step exited with status {code}; the end of {log_path}:\n{tail}")
+        host_env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"}
+        run_contained(command, host_env, log_path, on_line, processes, "the build step")
         record = upper / RECORD
         packages = staging / "packages.tsv"
         if record.is_file() and not record.is_symlink():
