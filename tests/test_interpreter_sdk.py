@@ -580,9 +580,11 @@ def test_bad_requests_get_a_4xx_that_says_why(interpreter: Interpreter) -> None:
     assert b'"text":"2"' in _raw_execute(url, {"code": "1 + 1"}).content
 
 
-def test_a_slow_reader_pauses_the_kernel_and_loses_nothing(interpreter: Interpreter) -> None:
+def test_a_slow_reader_pauses_the_kernel_and_loses_nothing(start_interpreter: Callable[..., Interpreter]) -> None:
     """100 MiB of output to a client that does not read: the kernel is stopped (SIGSTOP) instead of
-    the server buffering it all, and every byte arrives once the client reads."""
+    the server buffering it all, and every byte arrives once the client reads. A server of its own,
+    so its memory is this test's alone (not what earlier cells left in the shared one)."""
+    interpreter = start_interpreter("--pool", "python=0")
     server = psutil.Process(interpreter.process.pid)
     context = httpx.post(f"{interpreter.url}/contexts", json={}).json()
     body = json.dumps(
