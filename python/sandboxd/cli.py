@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from sandboxd import ENVD_VERSION, __version__
+from sandboxd.runtime.code_interpreter import DEFAULT_INDEX
 from sandboxd.runtime.debian import DEFAULT_MIRROR
 
 
@@ -290,6 +291,12 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"Debian archive the 'base' template is built from (default: {DEFAULT_MIRROR}; "
         "also $SANDBOXD_DEBIAN_MIRROR)",
     )
+    serve.add_argument(
+        "--pypi-index",
+        default=os.environ.get("SANDBOXD_PYPI_INDEX") or DEFAULT_INDEX,
+        help=f"Python package index the 'code-interpreter-v1' template is built from (default: {DEFAULT_INDEX}; "
+        "also $SANDBOXD_PYPI_INDEX)",
+    )
 
     template = commands.add_parser("template", help="manage templates (list, add, import, pull, build, remove)")
     template_commands = template.add_subparsers(dest="template_command", required=True)
@@ -320,11 +327,15 @@ def build_parser() -> argparse.ArgumentParser:
     pull.add_argument("image", help="an image reference, e.g. debian:trixie or ghcr.io/owner/image:tag")
     pull.add_argument("--insecure", action="store_true", help="allow plain HTTP or unverified TLS to the registry")
     build = template_commands.add_parser(
-        "build", parents=[where], help="build the 'base' template from Debian's archive now (mmdebstrap)"
+        "build",
+        parents=[where],
+        help="build a built-in template now: 'base' from Debian's archive (mmdebstrap), 'code-interpreter-v1' "
+        "on top of it from the Python package index",
     )
-    build.add_argument("name", choices=["base"])
+    build.add_argument("name", choices=["base", "code-interpreter-v1"])
     build.add_argument("--rebuild", action="store_true", help="build again even if a build of this recipe exists")
     build.add_argument("--debian-mirror", default=os.environ.get("SANDBOXD_DEBIAN_MIRROR") or DEFAULT_MIRROR)
+    build.add_argument("--pypi-index", default=os.environ.get("SANDBOXD_PYPI_INDEX") or DEFAULT_INDEX)
     remove = template_commands.add_parser(
         "remove", parents=[where], help="remove a template and the layers no other template uses"
     )
@@ -449,6 +460,7 @@ def main(argv: list[str] | None = None) -> None:
             ),
             template_store=args.template_store,
             debian_mirror=args.debian_mirror,
+            pypi_index=args.pypi_index,
             connections=_connection_limits(args),
         )
         if args.id_registry is not None:

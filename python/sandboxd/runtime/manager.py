@@ -33,14 +33,14 @@ import socket
 import string
 import time
 import weakref
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from sandboxd import _core
 
-from .agent_client import init_agent
+from .agent_client import init_agent, interpreter_ready
 from .disks import DiskPool
 from .errors import ApiError, not_found
 from .logs import LogEntry, from_events, read_agent_log
@@ -406,7 +406,7 @@ class SandboxManager:
         self._watch(row.id, handle)
         try:
             # The link is made while the agent comes up (the agent needs no network to start).
-            steps = [
+            steps: list[Awaitable[object]] = [
                 init_agent(
                     functools.partial(self.open_socket, row.id),
                     row.access_token,
@@ -419,6 +419,8 @@ class SandboxManager:
             if slot is not None and self.networks is not None:
                 config, token = network if network is not None else (None, None)
                 steps.append(self.networks.attach(row.id, slot, handle.init_pid, config, token))
+            if template.code_interpreter:  # returns once its Python kernel is warm, so the first runCode is fast
+                steps.append(interpreter_ready(functools.partial(self.open_socket, row.id), row.id))
             outcomes = await asyncio.gather(*steps, return_exceptions=True)
             for outcome in outcomes:
                 if isinstance(outcome, BaseException):
@@ -445,6 +447,7 @@ class SandboxManager:
             "inotify_instances": limits.inotify_instances,
             "inotify_watches": limits.inotify_watches,
             "log": str(sandbox_dir / "agent.log"),
+            "interpreter": template.code_interpreter,
         }
 
     async def open_socket(self, sandbox_id: str, port: int) -> socket.socket:

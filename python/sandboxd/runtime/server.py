@@ -20,6 +20,7 @@ from sandboxd.agent.http_server import ConnectionLimits, serve_until_signalled, 
 from . import host
 from .api import ControlPlane
 from .backend import ListQuery, LocalBackend
+from .code_interpreter import DEFAULT_INDEX
 from .connection import protocol_class
 from .debian import DEFAULT_MIRROR
 from .errors import ApiError
@@ -64,6 +65,8 @@ class ServeOptions:
     template_store: Path | None = None
     """Where template layers live (default ``<data dir>/templates``); several runtimes may share one."""
     debian_mirror: str = DEFAULT_MIRROR
+    pypi_index: str = DEFAULT_INDEX
+    """The Python package index ``code-interpreter-v1`` is built from."""
     connections: ConnectionLimits = field(default_factory=ConnectionLimits)
 
 
@@ -181,7 +184,9 @@ def run(options: ServeOptions) -> None:
     api_key = _api_key(store, options.api_key)
     known_secrets.add(api_key)
     observer = Observer(secrets=known_secrets)
-    templates = Templates(store, options.template_store or default_store_dir(options.data_dir), options.debian_mirror)
+    templates = Templates(
+        store, options.template_store or default_store_dir(options.data_dir), options.debian_mirror, options.pypi_index
+    )
     templates.observe = observer
     with observer.template_build("host"):
         templates.ensure_host()

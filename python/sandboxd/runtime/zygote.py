@@ -57,31 +57,39 @@ _SKIP = (
 
 
 def preload() -> None:
-    """Import every module the agent can reach, so the forked agent never imports from disk."""
+    """Import every module the agent and the code interpreter can reach, so that what is forked from
+    here never imports from disk."""
     import importlib
     import mimetypes
     import pkgutil
+    import warnings
 
-    for name in PRELOAD_MODULES:
+    import sandboxd.interpreter as interpreter
+
+    for name in (*PRELOAD_MODULES, *interpreter.PRELOAD_MODULES):
         importlib.import_module(name)
-    for package_name in PRELOAD_PACKAGES:
+    for package_name in (*PRELOAD_PACKAGES, *interpreter.PRELOAD_PACKAGES):
         package = importlib.import_module(package_name)
         for info in pkgutil.walk_packages(package.__path__, f"{package_name}.", onerror=lambda _: None):
             if any(part in info.name for part in _SKIP):
                 continue
             try:
-                importlib.import_module(info.name)
+                with warnings.catch_warnings():  # deprecated modules nobody uses warn when imported
+                    warnings.simplefilter("ignore")
+                    importlib.import_module(info.name)
             except Exception:  # platform-specific modules that cannot load here
                 continue
     from sandboxd.agent.app import AgentApp
     from sandboxd.agent.http_server import server_config
     from sandboxd.agent.methods import build_methods
     from sandboxd.agent.state import AgentState
+    from sandboxd.interpreter import server as interpreter_server
 
     mimetypes.init()
     # Exercise the construction paths once, so their lazy imports happen now.
     state = AgentState(default_user="root")
     server_config(AgentApp(state, build_methods(state)), "127.0.0.1", 0).load()
+    interpreter_server.preload()
 
 
 def _write_files(files: dict[str, str]) -> None:
@@ -96,8 +104,9 @@ def _write_files(files: dict[str, str]) -> None:
         os.rename(temp, path)
 
 
-def _run_agent(log_fd: int, files: dict[str, str]) -> None:
-    """In the sandbox (PID 2): write the runtime's files, then become the agent. Never returns."""
+def _run_agent(log_fd: int, files: dict[str, str], interpreter: bool = False) -> None:
+    """In the sandbox (PID 2): write the runtime's files, start the code interpreter if the template
+    has it (a grandchild, reparented to the sandbox's init), then become the agent. Never returns."""
     os.dup2(log_fd, 1)
     os.dup2(log_fd, 2)
     os.close(log_fd)
@@ -110,6 +119,12 @@ def _run_agent(log_fd: int, files: dict[str, str]) -> None:
     code = 0
     try:
         _write_files(files)
+        if interpreter:
+            from sandboxd.interpreter import INTERPRETER_PORT
+            from sandboxd.interpreter.server import InterpreterOptions, fork_server
+
+            # Its kernels run as root in /home/user, as on E2B; they are the template's own.
+            fork_server(InterpreterOptions(port=INTERPRETER_PORT, cwd="/home/user"))
         from sandboxd.agent.server import AgentOptions, run
 
         # No token yet: the runtime sets it with POST /init the moment the agent listens, so the
@@ -159,7 +174,7 @@ def _fork_sandbox(request: dict[str, Any], disk_fd: int | None, inherited: list[
             os.close(w)
             if disk_fd is not None:
                 os.close(disk_fd)  # attached inside; the agent needs no handle on the raw disk
-            _run_agent(log_fd, request.get("files") or {})
+            _run_agent(log_fd, request.get("files") or {}, request.get("interpreter") is True)
         os.write(w, b"P%d" % where.init_pid)
         os._exit(0)
     os.close(w)
