@@ -28,7 +28,7 @@ from urllib.parse import quote
 
 import pytest
 from harness import Broken, Request, drive
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from sandboxd import _core
 from sandboxd.runtime import host, zygote
@@ -262,5 +262,16 @@ def _target() -> Iterator[None]:
 
 @FUZZ
 @given(requests())
+# A valid create on a runtime whose zygote is down: a 503 before any disk is taken (CI once drew
+# it and got a 500 from a disk pool that was never started).
+@example(
+    Request(
+        method="POST",
+        path="/sandboxes",
+        query=b"",
+        headers=[(b"x-api-key", b"fuzz-key"), (b"host", b"127.0.0.1:3000")],
+        body=[b'{"templateID": "host"}'],
+    )
+)
 def test_runtime_requests(request: Request) -> None:
     run_one(request)

@@ -19,6 +19,7 @@ import concurrent.futures
 import contextlib
 import logging
 import os
+import threading
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
@@ -69,10 +70,7 @@ class DiskPool:
         self.dir.mkdir(mode=0o700, exist_ok=True)
         for stale in self.dir.glob("pool-*.img"):
             stale.unlink(missing_ok=True)
-        if not self.template.exists():
-            partial = self.dir / f".{self.template.name}.tmp"
-            await asyncio.to_thread(_core.format_disk_image, str(partial), self.size_mb)
-            partial.rename(self.template)
+        await asyncio.to_thread(self._format_template)
         self._refill = asyncio.get_running_loop().create_task(self._fill())
 
     async def stop(self) -> None:
@@ -109,9 +107,20 @@ class DiskPool:
     async def _in_thread(self, work: Callable[[_T], int], arg: _T) -> int:
         return await asyncio.get_running_loop().run_in_executor(self._threads, work, arg)
 
+    def _format_template(self) -> None:
+        """Format the empty image every disk is copied from, unless it is there already."""
+        if self.template.exists():
+            return
+        self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        partial = self.dir / f".{self.template.name}.{threading.get_ident()}.tmp"
+        _core.format_disk_image(str(partial), self.size_mb)
+        partial.rename(self.template)
+
     def _make(self, dest: Path) -> int:
-        """In a worker thread: copy the template to ``dest`` and mount it."""
+        """In a worker thread: copy the template to ``dest`` and mount it (formatting the template
+        again if an operator removed it while the runtime ran)."""
         try:
+            self._format_template()
             _core.copy_sparse(str(self.template), str(dest))
             return _core.mount_disk(str(dest))
         except BaseException:

@@ -375,6 +375,7 @@ class SandboxManager:
         its settings. On failure nothing of the sandbox is left running; a resume keeps its disk
         and id range, a create gives them back. ``network``: a new sandbox's settings and traffic
         token (a resume has its own stored)."""
+        self.zygote.check_up()
         sandbox_dir = self.sandboxes_dir / row.id
         sandbox_dir.mkdir(parents=True, exist_ok=True)
         slot = self.networks.reserve() if self.networks is not None else None

@@ -62,14 +62,20 @@ class ZygoteClient:
             self._sock.close()  # the zygote exits when its end of the socket closes
             self._sock = None
 
+    def check_up(self) -> None:
+        """Raise the 503 a create gets while no zygote is up, so callers can refuse before they
+        reserve anything (an id range, a disk, a network slot)."""
+        if self._sock is None or self.down_reason is not None:
+            raise ApiError(503, f"cannot create sandboxes right now: {self.down_reason}; retry in a moment")
+
     async def create(self, request: dict[str, Any], fds: list[int] | None = None) -> dict[str, Any]:
         """Ask for a sandbox; the answer is ``{"id", "ok", "init_pid"}`` or ``{"id", "ok": False, "error"}``.
         ``fds`` travel with the request (``SCM_RIGHTS``); the caller keeps and closes its own copies.
 
         Raises a 503 :class:`ApiError` when no zygote is up or it dies before answering."""
+        self.check_up()
         sock = self._sock
-        if sock is None or self.down_reason is not None:
-            raise ApiError(503, f"cannot create sandboxes right now: {self.down_reason}; retry in a moment")
+        assert sock is not None
         loop = asyncio.get_running_loop()
         answer: asyncio.Future[dict[str, Any]] = loop.create_future()
         self._waiting[request["id"]] = answer
