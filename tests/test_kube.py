@@ -388,6 +388,29 @@ def _gone(sandbox_id: str, replica: Proc) -> bool:
     return False
 
 
+def test_a_replica_without_size_flags_gives_pods_the_default_size(kube: Env, tmp_path: Path) -> None:
+    """A serve replica started with no --sandbox-cpus/--sandbox-memory-mb sizes Pods with the Pod
+    defaults, not from its own host (once, "None" cores reached the API server and every create failed)."""
+    args = list(kube.replicas[0].args)
+    for flag in ("--sandbox-cpus", "--sandbox-memory-mb", "--port"):
+        at = args.index(flag)
+        del args[at : at + 2]
+    port = free_port()
+    replica = Proc("serve-unsized", [*args, "--port", str(port)], tmp_path / "serve.log", None, port)  # type: ignore[arg-type]
+    replica.start()
+    try:
+        wait_healthy(replica.url, replica.process, replica.log, status=200)
+        sbx = Sandbox.create(timeout=600, **replica.opts())
+        try:
+            pod = kube.core.read_namespaced_pod(sbx.sandbox_id, NAMESPACE)
+            assert pod.spec.containers[0].resources.limits == {"cpu": "2", "memory": "1Gi"}
+            assert sbx.commands.run("nproc").stdout.strip() == "2"
+        finally:
+            sbx.kill()
+    finally:
+        replica.stop()
+
+
 def test_bad_input_answers_4xx(kube: Env) -> None:
     api = httpx.Client(base_url=kube.replicas[0].url, headers={"X-API-KEY": API_KEY})
     assert httpx.get(f"{kube.replicas[0].url}/v2/sandboxes").status_code == 401

@@ -252,10 +252,8 @@ def build_parser() -> argparse.ArgumentParser:
     node.add_argument("--capacity-cpu", type=int, default=None, help="CPU cores offered (default: the host's)")
     node.add_argument("--capacity-memory-mb", type=int, default=None, help="memory offered (default: the host's)")
     node.add_argument("--max-sandboxes", type=int, default=110, help="the Node's pods capacity (default: 110)")
-    node.add_argument("--sandbox-cpus", type=int, default=2, help="CPU cores of a Pod without limits (default: 2)")
-    node.add_argument(
-        "--sandbox-memory-mb", type=int, default=1024, help="memory of a Pod without limits (default: 1024)"
-    )
+    node.add_argument("--sandbox-cpus", type=_positive(int), help="CPU cores of a Pod without limits (default: 2)")
+    node.add_argument("--sandbox-memory-mb", type=_positive(int), help="memory of a Pod without limits (default: 1024)")
     node.add_argument(
         "--sandbox-disk-mb", type=_positive(int), default=10240, help="disk quota per sandbox in MiB (default: 10240)"
     )
@@ -383,6 +381,7 @@ def main(argv: list[str] | None = None) -> None:
     elif args.command == "node":
         import socket
 
+        from sandboxd.kube import pods
         from sandboxd.kube.node import NodeOptions
         from sandboxd.kube.node import run as run_node
         from sandboxd.runtime.manager import Limits
@@ -396,7 +395,11 @@ def main(argv: list[str] | None = None) -> None:
             address=args.address,
             tunnel_port=args.tunnel_port,
             max_sandboxes=args.max_sandboxes,
-            limits=Limits(cpu_count=args.sandbox_cpus, memory_mb=args.sandbox_memory_mb, disk_mb=args.sandbox_disk_mb),
+            limits=Limits(
+                cpu_count=args.sandbox_cpus or pods.DEFAULT_CPUS,
+                memory_mb=args.sandbox_memory_mb or pods.DEFAULT_MEMORY_MB,
+                disk_mb=args.sandbox_disk_mb,
+            ),
             template_store=args.template_store,
             debian_mirror=args.debian_mirror,
         )
@@ -408,6 +411,7 @@ def main(argv: list[str] | None = None) -> None:
             options.capacity_memory_mb = args.capacity_memory_mb
         run_node(options)
     elif args.command == "serve" and args.backend == "kubernetes":
+        from sandboxd.kube import pods
         from sandboxd.kube.serve import KubeServeOptions
         from sandboxd.kube.serve import run as run_kube
         from sandboxd.runtime.manager import Limits
@@ -420,8 +424,12 @@ def main(argv: list[str] | None = None) -> None:
                 kubeconfig=args.kubeconfig,
                 api_key=args.api_key,
                 domain=args.domain,
+                # --sandbox-cpus/--sandbox-memory-mb default to the Pod defaults here: the sizing
+                # from the host that the local backend does would measure this replica's machine.
                 limits=Limits(
-                    cpu_count=args.sandbox_cpus, memory_mb=args.sandbox_memory_mb, max_timeout_s=args.max_timeout
+                    cpu_count=args.sandbox_cpus or pods.DEFAULT_CPUS,
+                    memory_mb=args.sandbox_memory_mb or pods.DEFAULT_MEMORY_MB,
+                    max_timeout_s=args.max_timeout,
                 ),
             )
         )

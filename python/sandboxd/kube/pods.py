@@ -66,6 +66,14 @@ _LABEL_VALUE = re.compile(r"^(?:[A-Za-z0-9](?:[A-Za-z0-9._-]{0,61}[A-Za-z0-9])?)
 _LABEL_NAME = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9._-]{0,61}[A-Za-z0-9])?$")
 
 REQUESTS = {"cpu": "10m", "memory": "64Mi"}
+
+DEFAULT_CPUS = 2
+"""CPU cores of a sandbox whose size nobody gave (E2B's default sandbox has 2 vCPUs): the limit of the
+Pods ``serve --backend kubernetes`` creates without ``--sandbox-cpus``, and what a node gives a Pod
+without limits. A serve replica cannot size sandboxes from its own host: they run on other machines."""
+
+DEFAULT_MEMORY_MB = 1024
+"""Memory in MiB of a sandbox whose size nobody gave (as :data:`DEFAULT_CPUS`)."""
 """What a sandbox Pod asks the scheduler to reserve: an idle sandbox's share (an idle agent uses no
 CPU and ~20 MiB). Sandboxes are bursty and capped by their limits, as on one machine, where every
 sandbox may use 2 cores of a 2-core host; so a node is filled by its ``pods`` capacity
