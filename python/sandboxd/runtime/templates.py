@@ -399,6 +399,34 @@ class Templates:
             layers, config = self._build_blocking(name, report)
             return self._record(name, layers, config, self._describe(name))
 
+    # ---------------------------------------------------------------------- builds (E2B's API)
+
+    def check_buildable_name(self, name: str) -> None:
+        """400 unless ``name`` may be given to a template built through E2B's API."""
+        try:
+            _check_name(name)
+        except ValueError as exc:
+            raise ApiError(400, str(exc)) from None
+
+    def row_of(self, name: str) -> TemplateRow:
+        """The stored record (its layer digests and config) of a template to build on, once ready:
+        the host template has no layers and cannot be built on."""
+        canonical = self.canonical(name)
+        template = self.resolve(canonical)
+        row = self.db.template(template.id)
+        if template.host_usr or row is None:
+            raise ApiError(
+                409,
+                f"template '{name}' is the host's /usr (Debian's archive was not in reach to build 'base'); "
+                "templates cannot be built on it",
+            )
+        return row
+
+    def record_build(self, name: str, layers: list[str], config: dict[str, Any], source: str) -> TemplateRow:
+        """Record (or replace) a template made by a build."""
+        self.check_buildable_name(name)
+        return self._record(name, layers, config, source)
+
     def is_built(self, name: str) -> bool:
         """Whether the current recipe of a built-in template is in the store."""
         return self.layers.cached(self._key(name)) is not None

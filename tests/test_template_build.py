@@ -1,0 +1,156 @@
+"""E2B's template builds through the official SDK's ``Template`` builder, against a real ``sandboxd serve``:
+the steps run in a build sandbox, the result is a layer over ``base``'s (shared, not copied), and
+sandboxes created from the new template see every step's effect."""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from conftest import TEMPLATE_STORE, Runtime
+from e2b import BuildException, Sandbox, Template
+from e2b.template.logger import LogEntry
+
+
+@pytest.fixture
+def builds(e2b_env: Runtime, base_template: bool) -> Iterator[Runtime]:
+    if not base_template:
+        pytest.skip("the Debian base cannot be built on this machine (see the session's first lines)")
+    yield e2b_env
+
+
+def _name() -> str:
+    return f"built-{secrets.token_hex(4)}"
+
+
+def _context(tmp_path: Path) -> Path:
+    context = tmp_path / "context"
+    (context / "app" / "sub").mkdir(parents=True)
+    (context / "app" / "hello.txt").write_text("hello from the build context\n")
+    (context / "app" / "sub" / "run.sh").write_text("#!/bin/sh\necho ran\n")
+    (context / "single.cfg").write_text("key=value\n")
+    return context
+
+
+def _steps(context: Path, marker: str) -> Template:
+    return (
+        Template(file_context_path=str(context))
+        .from_debian_image()
+        # A new file, a deletion (a whiteout over base's file) and a replaced directory (opaque).
+        .run_cmd(
+            f"echo {marker} > /opt/marker && rm /etc/debian_version && rm -rf /usr/share/doc "
+            "&& mkdir /usr/share/doc && touch /usr/share/doc/only-this",
+            user="root",
+        )
+        .copy("app", "/home/user/app")
+        .copy("single.cfg", "/etc/single/", mode=0o600)
+        .set_envs({"GREETING": "hello", "SECOND": "two words"})
+        .set_workdir("/home/user/work")
+        .set_user("root")
+        .run_cmd("id -un > /opt/step-user")
+        .set_user("user")
+        .run_cmd('echo "$GREETING $SECOND" > note.txt && id -un > who.txt && pwd > where.txt')
+    )
+
+
+def test_build_then_create_sees_every_step(builds: Runtime, tmp_path: Path) -> None:
+    name = _name()
+    marker = secrets.token_hex(8)
+    logs: list[LogEntry] = []
+    info = Template.build(_steps(_context(tmp_path), marker), name, on_build_logs=logs.append)
+    assert info.template_id == name
+    messages = "\n".join(entry.message for entry in logs)
+    assert "[builder 1/9] RUN" in messages, messages
+    assert Template.exists(name)
+    assert not Template.exists(f"{name}-missing")
+
+    sandbox = Sandbox.create(name, timeout=120)
+    try:
+        run = sandbox.commands.run
+        assert run("cat /opt/marker").stdout == f"{marker}\n"
+        assert run("test -e /etc/debian_version || echo gone").stdout == "gone\n"
+        assert run("ls -A /usr/share/doc").stdout == "only-this\n"
+        assert run("cat /home/user/app/hello.txt").stdout == "hello from the build context\n"
+        assert run("cat /home/user/app/sub/run.sh").stdout.startswith("#!/bin/sh")
+        assert run("stat -c '%U:%G' /home/user/app/hello.txt /home/user/app").stdout == "user:user\nuser:user\n"
+        assert run("stat -c '%a %U' /etc/single/single.cfg").stdout == "600 user\n"
+        assert run("cat /etc/single/single.cfg").stdout == "key=value\n"
+        # set_envs, set_workdir and set_user are the sandbox's defaults as well as the later steps'.
+        assert run("echo $GREETING; pwd; id -un").stdout == "hello\n/home/user/work\nuser\n"
+        assert run("cat /opt/step-user").stdout == "root\n"
+        assert run("cat note.txt who.txt where.txt").stdout == "hello two words\nuser\n/home/user/work\n"
+        assert run("stat -c '%U' /home/user/work/note.txt").stdout == "user\n"
+        # The runtime's own files in the build sandbox's /etc are not the template's.
+        assert "build" not in run("cat /etc/hostname").stdout
+    finally:
+        sandbox.kill()
+
+    # On disk the new layer is canonically owned (1000 is `user`, not the build sandbox's host range),
+    # and it holds only what the steps changed: base's layer is shared, not copied.
+    notes = list((TEMPLATE_STORE / "layers").glob("*/home/user/work/note.txt"))
+    mine = [p for p in notes if (p.parents[3] / "opt" / "marker").read_text() == f"{marker}\n"]
+    assert len(mine) == 1, notes
+    layer = mine[0].parents[3]
+    assert mine[0].stat().st_uid == 1000 and mine[0].stat().st_gid == 1000
+    assert (layer / "opt" / "marker").stat().st_uid == 0
+    assert not (layer / "usr" / "bin" / "bash").exists()
+    whiteout = os.lstat(layer / "etc" / "debian_version")
+    assert whiteout.st_rdev == 0 and (whiteout.st_mode & 0o170000) == 0o020000
+    assert os.getxattr(layer / "usr" / "share" / "doc", "user.overlay.opaque") == b"y"
+
+
+def test_rebuild_hits_the_cache_and_skip_cache_rebuilds(builds: Runtime, tmp_path: Path) -> None:
+    context = _context(tmp_path)
+    marker = secrets.token_hex(8)
+    name = _name()
+    Template.build(_steps(context, marker), name)
+    again: list[LogEntry] = []
+    Template.build(_steps(context, marker), f"{name}-again", on_build_logs=again.append)
+    cached = [e.message for e in again if e.message.startswith("CACHED")]
+    assert len(cached) == 9, [e.message for e in again]
+    forced: list[LogEntry] = []
+    Template.build(_steps(context, marker), f"{name}-forced", skip_cache=True, on_build_logs=forced.append)
+    assert not [e for e in forced if e.message.startswith("CACHED")]
+    sandbox = Sandbox.create(f"{name}-again", timeout=60)
+    try:
+        assert sandbox.commands.run("cat /opt/marker").stdout == f"{marker}\n"
+    finally:
+        sandbox.kill()
+
+
+def test_a_failing_step_fails_the_build_with_its_output(builds: Runtime) -> None:
+    logs: list[LogEntry] = []
+    template = Template().from_template("base").run_cmd("echo about-to-fail-$((40+2)); exit 3")
+    with pytest.raises(BuildException) as raised:
+        Template.build(template, _name(), on_build_logs=logs.append)
+    assert "about-to-fail-42" in str(raised.value)
+    assert any("about-to-fail-42" in entry.message for entry in logs)
+
+
+def test_bad_requests_are_refused_with_a_reason(builds: Runtime) -> None:
+    headers = {"X-API-KEY": builds.api_key}
+    with httpx.Client(base_url=builds.url, headers=headers) as client:
+        assert client.post("/v3/templates", json={"name": "x"}, headers={"X-API-KEY": "wrong"}).status_code == 401
+        bad = client.post("/v3/templates", json={"name": "Bad Name!"})
+        assert bad.status_code == 400 and "must match" in bad.json()["message"]
+        requested = client.post("/v3/templates", json={"name": _name()}).json()
+        trigger = f"/v2/templates/{requested['templateID']}/builds/{requested['buildID']}"
+        refused = client.post(trigger, json={"fromImage": "alpine:3", "steps": []})
+        assert refused.status_code == 400 and "fromImage" in refused.json()["message"]
+        refused = client.post(trigger, json={"fromTemplate": "base", "steps": [{"type": "FROB", "args": []}]})
+        assert refused.status_code == 400 and "steps[0].type" in refused.json()["message"]
+        copy = {"type": "COPY", "args": ["../etc", "/x"], "filesHash": "0" * 64}
+        refused = client.post(trigger, json={"fromTemplate": "base", "steps": [copy]})
+        assert refused.status_code == 400 and "relative path" in refused.json()["message"]
+        missing = {"type": "COPY", "args": ["a", "/x"], "filesHash": "1" * 64}
+        refused = client.post(trigger, json={"fromTemplate": "base", "steps": [missing]})
+        assert refused.status_code == 400 and "not uploaded" in refused.json()["message"]
+        link = client.get(f"/templates/{requested['templateID']}/files/{'2' * 64}").json()
+        assert link["present"] is False
+        forged = link["url"].split("?")[0] + "?token=" + "0" * 64
+        assert httpx.put(forged, content=b"x").status_code == 401
+        assert client.get(f"/templates/x/builds/{requested['buildID']}/status").status_code == 404
