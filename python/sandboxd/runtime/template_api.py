@@ -25,12 +25,10 @@ import hmac
 import os
 import re
 import secrets
-from collections.abc import Callable
-from typing import Any
 
 from sandboxd.agent.asgi import ClientDisconnected, Receive, Scope, Send, body_chunks, header_map, send_empty, send_json
 
-from .api import check_api_key
+from .api import Route, check_api_key, find_route
 from .errors import ApiError
 from .inputs import INT32_MAX, Body, Query
 from .template_builder import STATUS_PAGE, TemplateBuilder, parse_spec, status_answer
@@ -52,7 +50,7 @@ class TemplateApi:
         self.builder = builder
         self.api_key = api_key
         part = r"([^/]+)"
-        self.routes: list[tuple[str, re.Pattern[str], Callable[..., Any]]] = [
+        self.routes: list[Route] = [
             ("POST", re.compile(r"/v3/templates"), self.request_build),
             ("GET", re.compile(r"/templates/aliases/" + part), self.alias),
             ("GET", re.compile(rf"/templates/{part}/files/{part}"), self.file_link),
@@ -70,22 +68,14 @@ class TemplateApi:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         headers = header_map(scope)
         try:
-            path: str = scope["path"].rstrip("/") or "/"
-            allowed = []
-            for verb, pattern, handler in self.routes:
-                match = pattern.fullmatch(path)
-                if match is None:
-                    continue
-                allowed.append(verb)
-                if verb == scope["method"]:
-                    if handler != self.upload:
-                        check_api_key(headers, self.api_key)
-                    await handler(scope, receive, send, *(g[:256] for g in match.groups()))
-                    return
-            check_api_key(headers, self.api_key)
-            if allowed:
-                raise ApiError(405, f"{scope['method']} is not allowed on {path[:200]} (use {', '.join(allowed)})")
-            raise ApiError(404, f"no such endpoint: {scope['method']} {path[:200]}")
+            try:
+                handler, groups = find_route(self.routes, scope)
+            except ApiError:
+                check_api_key(headers, self.api_key)
+                raise
+            if handler != self.upload:  # the upload URL carries a token of its own (see file_link)
+                check_api_key(headers, self.api_key)
+            await handler(scope, receive, send, *(g[:256] for g in groups))
         except ApiError as exc:
             await send_json(send, exc.status, {"code": exc.status, "message": exc.message}, exc.headers)
         except ClientDisconnected:
