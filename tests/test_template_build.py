@@ -4,15 +4,17 @@ sandboxes created from the new template see every step's effect."""
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
+import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 from conftest import TEMPLATE_STORE, Runtime
-from e2b import BuildException, Sandbox, Template
+from e2b import BuildException, Sandbox, Template, wait_for_port
 from e2b.template.logger import LogEntry
 
 
@@ -21,6 +23,15 @@ def builds(e2b_env: Runtime, base_template: bool) -> Iterator[Runtime]:
     if not base_template:
         pytest.skip("the Debian base cannot be built on this machine (see the session's first lines)")
     yield e2b_env
+
+
+def _layers(runtime: Runtime) -> dict[str, list[str]]:
+    """Each template's layer digests, topmost first, as the runtime recorded them."""
+    db = sqlite3.connect(f"file:{runtime.data_dir / 'sandboxd.db'}?mode=ro", uri=True)
+    try:
+        return {name: json.loads(layers) for name, layers in db.execute("SELECT name, layers FROM templates")}
+    finally:
+        db.close()
 
 
 def _name() -> str:
@@ -154,3 +165,38 @@ def test_bad_requests_are_refused_with_a_reason(builds: Runtime) -> None:
         forged = link["url"].split("?")[0] + "?token=" + "0" * 64
         assert httpx.put(forged, content=b"x").status_code == 401
         assert client.get(f"/templates/x/builds/{requested['buildID']}/status").status_code == 404
+
+
+def test_start_cmd_runs_in_each_new_sandbox_once_ready(builds: Runtime) -> None:
+    name = _name()
+    template = (
+        Template()
+        .from_template("base")
+        .run_cmd("mkdir -p /home/user/site && echo served > /home/user/site/index.html")
+        .set_workdir("/home/user/site")
+        .set_start_cmd("sleep 1 && python3 -m http.server 8123", wait_for_port(8123))
+    )
+    Template.build(template, name)
+    sandbox = Sandbox.create(name, timeout=60)
+    try:
+        # The create returned after the ready check passed: the server answers at once.
+        assert sandbox.commands.run("curl -sf http://127.0.0.1:8123/index.html").stdout == "served\n"
+        assert "http.server" in sandbox.commands.run("ps -eo user,args").stdout
+        assert sandbox.commands.run("ps -o user= -C python3").stdout.split() == ["user"]
+    finally:
+        sandbox.kill()
+
+
+def test_from_template_layers_on_another_built_template(builds: Runtime) -> None:
+    first, second = _name(), _name()
+    Template.build(Template().from_template("base").run_cmd("echo one > /home/user/one"), first)
+    Template.build(Template().from_template(first).run_cmd("echo two > /home/user/two"), second)
+    sandbox = Sandbox.create(second, timeout=60)
+    try:
+        assert sandbox.commands.run("cat /home/user/one /home/user/two").stdout == "one\ntwo\n"
+    finally:
+        sandbox.kill()
+    # The second template's layers are the first's (shared, not copied) under one layer of its own.
+    layers = _layers(builds)
+    assert len(layers[second]) == len(layers[first]) + 1
+    assert layers[second][1:] == layers[first]

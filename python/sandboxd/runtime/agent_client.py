@@ -224,13 +224,18 @@ async def run_command(
     cwd: str | None,
     envs: dict[str, str],
     on_line: Callable[[str, str], None],
+    detach_tag: str | None = None,
 ) -> CommandResult:
     """Run ``/bin/bash -l -c command`` as ``user`` through the agent's ``process.Process/Start`` and
-    call ``on_line(stream, line)`` for each line of its output (``stdout``/``stderr``) as it comes."""
+    call ``on_line(stream, line)`` for each line of its output (``stdout``/``stderr``) as it comes.
+    With ``detach_tag``, return once it started (status ``started``), leaving it running with that tag."""
     process: dict[str, object] = {"cmd": "/bin/bash", "args": ["-l", "-c", command], "envs": envs}
     if cwd:
         process["cwd"] = cwd
-    message = json.dumps({"process": process, "stdin": False}).encode()
+    fields: dict[str, object] = {"process": process, "stdin": False}
+    if detach_tag is not None:
+        fields["tag"] = detach_tag
+    message = json.dumps(fields).encode()
     body = struct.pack(">BI", 0, len(message)) + message
     head = (
         "POST /process.Process/Start HTTP/1.1\r\nHost: sandbox\r\n"
@@ -267,6 +272,8 @@ async def run_command(
                 detail = error.get("message") if isinstance(error, dict) else None
                 raise OSError(f"the command could not run: {detail or 'its stream ended without an end event'}")
             event = (payload.get("event") or {}) if isinstance(payload, dict) else {}
+            if detach_tag is not None and isinstance(event.get("start"), dict):
+                return CommandResult(None, "started")
             data = event.get("data")
             if isinstance(data, dict):
                 for stream in ("stdout", "stderr"):
@@ -299,3 +306,48 @@ async def upload_file(
             raise OSError(f"the agent refused the upload of {path} with HTTP {status}: {detail[:300]}")
     finally:
         writer.close()
+
+
+READY_CHECK_S = 45.0
+"""How long a create waits for a template's ready command to succeed: under the SDKs' 60 s request
+timeout, so the user reads why instead of a timeout."""
+
+READY_POLL_S = 0.2
+"""Between runs of the ready command (E2B's helpers are quick probes: ``ss``, ``curl``, ``test -f``)."""
+
+
+async def start_template_command(
+    open_socket: OpenSocket,
+    access_token: str,
+    start_cmd: str | None,
+    ready_cmd: str | None,
+    user: str,
+    cwd: str | None,
+    envs: dict[str, str],
+) -> None:
+    """A built template's ``set_start_cmd``: start the command (it keeps running, tagged ``start_cmd``),
+    then run the ready command until it exits 0; 500 naming both if that does not happen in
+    :data:`READY_CHECK_S` (or the start command could not start)."""
+
+    def ignore(stream: str, line: str) -> None:
+        del stream, line
+
+    try:
+        if start_cmd:
+            await run_command(open_socket, access_token, start_cmd, user, cwd, envs, ignore, detach_tag="start_cmd")
+        if not ready_cmd:
+            return
+        deadline = time.monotonic() + READY_CHECK_S
+        while True:
+            result = await run_command(open_socket, access_token, ready_cmd, user, cwd, envs, ignore)
+            if result.exit_code == 0:
+                return
+            if time.monotonic() > deadline:
+                raise ApiError(
+                    500,
+                    f"the template's ready command {ready_cmd[:200]!r} did not succeed within {READY_CHECK_S:.0f}s "
+                    f"of its start command {str(start_cmd)[:200]!r} (last: {result.status or 'an error'})",
+                )
+            await asyncio.sleep(READY_POLL_S)
+    except OSError as exc:
+        raise ApiError(500, f"the template's start command {str(start_cmd)[:200]!r} could not run: {exc}") from None

@@ -109,6 +109,16 @@ class Template:
         return self.config.get("workdir") or None
 
     @property
+    def start_cmd(self) -> str | None:
+        """Started in each new sandbox (E2B's ``set_start_cmd``), before ``ready_cmd`` is polled."""
+        return self.config.get("start_cmd") or None
+
+    @property
+    def ready_cmd(self) -> str | None:
+        """Run until it exits 0 before a create returns."""
+        return self.config.get("ready_cmd") or None
+
+    @property
     def code_interpreter(self) -> bool:
         """Whether its sandboxes start the code interpreter (``runCode``, port 49999)."""
         return self.config.get("code_interpreter") is True
