@@ -200,3 +200,22 @@ def test_from_template_layers_on_another_built_template(builds: Runtime) -> None
     layers = _layers(builds)
     assert len(layers[second]) == len(layers[first]) + 1
     assert layers[second][1:] == layers[first]
+
+
+def test_list_and_delete(builds: Runtime) -> None:
+    name = _name()
+    Template.build(Template().from_template("base").run_cmd("true"), name)
+    headers = {"X-API-KEY": builds.api_key}
+    with httpx.Client(base_url=builds.url, headers=headers) as client:
+        listed = {t["templateID"]: t for t in client.get("/templates").json()}
+        assert listed[name]["names"] == [name] and listed[name]["buildStatus"] == "ready"
+        assert "base" in listed
+        sandbox = Sandbox.create(name, timeout=60)
+        try:
+            busy = client.delete(f"/templates/{name}")
+            assert busy.status_code == 409 and sandbox.sandbox_id in busy.json()["message"]
+        finally:
+            sandbox.kill()
+        assert client.delete(f"/templates/{name}").status_code == 204
+        assert not Template.exists(name)
+        assert client.delete(f"/templates/{name}").status_code == 404

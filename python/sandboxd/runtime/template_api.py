@@ -12,7 +12,8 @@
   readyCmd?}`` -> 202: the build starts;
 * ``GET /templates/{id}/builds/{build}/status?logsOffset=&limit=`` -> 200 ``{templateID, buildID,
   status, logs, logEntries, reason?}``: status and the log from ``logsOffset`` on, as it runs;
-* ``GET /templates/aliases/{alias}`` -> 200 ``{templateID, public}`` or 404 (``Template.exists``).
+* ``GET /templates/aliases/{alias}`` -> 200 ``{templateID, public}`` or 404 (``Template.exists``);
+* ``GET /templates`` -> 200 ``[Template]`` (``e2b template list``); ``DELETE /templates/{id}`` -> 204.
 
 Every request but the upload needs ``X-API-KEY``; bad input is a 400 naming the field.
 """
@@ -26,9 +27,10 @@ import os
 import re
 import secrets
 
+from sandboxd import ENVD_VERSION
 from sandboxd.agent.asgi import ClientDisconnected, Receive, Scope, Send, body_chunks, header_map, send_empty, send_json
 
-from .api import Route, check_api_key, find_route
+from .api import Route, check_api_key, find_route, iso
 from .errors import ApiError
 from .inputs import INT32_MAX, Body, Query
 from .template_builder import STATUS_PAGE, TemplateBuilder, parse_spec, status_answer
@@ -52,6 +54,8 @@ class TemplateApi:
         part = r"([^/]+)"
         self.routes: list[Route] = [
             ("POST", re.compile(r"/v3/templates"), self.request_build),
+            ("GET", re.compile(r"/templates"), self.list),
+            ("DELETE", re.compile(r"/templates/" + part), self.delete),
             ("GET", re.compile(r"/templates/aliases/" + part), self.alias),
             ("GET", re.compile(rf"/templates/{part}/files/{part}"), self.file_link),
             ("PUT", re.compile(rf"/templates/{part}/files/{part}/upload"), self.upload),
@@ -104,6 +108,38 @@ class TemplateApi:
                 "aliases": [build.name],
             },
         )
+
+    async def list(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """E2B's ``GET /templates``: every template a sandbox can be created from."""
+        limits = self.builder.manager.limits
+        answer = []
+        for row in self.builder.rows():
+            created = iso(row.created_at)
+            answer.append(
+                {
+                    "templateID": row.name,
+                    "buildID": self.builder.build_id_of(row.name),
+                    "cpuCount": limits.cpu_count,
+                    "memoryMB": limits.memory_mb,
+                    "diskSizeMB": limits.disk_mb,
+                    "public": False,
+                    "aliases": [row.name],
+                    "names": [row.name],
+                    "createdAt": created,
+                    "updatedAt": created,
+                    "createdBy": None,
+                    "lastSpawnedAt": None,
+                    "spawnCount": 0,
+                    "buildCount": 1,
+                    "envdVersion": ENVD_VERSION,
+                    "buildStatus": "ready",
+                }
+            )
+        await send_json(send, 200, answer)
+
+    async def delete(self, scope: Scope, receive: Receive, send: Send, template_id: str) -> None:
+        await self.builder.remove(template_id)
+        await send_empty(send, 204)
 
     async def alias(self, scope: Scope, receive: Receive, send: Send, alias: str) -> None:
         try:

@@ -307,6 +307,35 @@ class TemplateBuilder:
             raise ApiError(400, "the files hash must be a sha256 in hex")
         return self.uploads / f"{files_hash}.tar"
 
+    def rows(self) -> list[TemplateRow]:
+        """Every template a sandbox can be created from here, built-ins once built (``host`` has no
+        layers and is left out)."""
+        rows = []
+        for name in self.templates.names():
+            with contextlib.suppress(ApiError):
+                template = self.templates.resolve(name)
+                row = self.templates.db.template(template.id)
+                if row is not None and template.id == name:
+                    rows.append(row)
+        return rows
+
+    def build_id_of(self, name: str) -> str:
+        """The latest build of a template made here, else a stable id derived from its name."""
+        for build in reversed(self.builds.values()):
+            if build.name == name and build.status == "ready":
+                return build.build_id
+        return str(uuid.uuid5(uuid.NAMESPACE_URL, f"sandboxd-template:{name}"))
+
+    async def remove(self, name: str) -> None:
+        """Forget a template and delete the layers nothing else uses (409 while sandboxes use it)."""
+        in_use = {row.id: row.template_id for row in self.manager.store.live()}
+        try:
+            await asyncio.to_thread(self.templates.remove, name, lambda t: [i for i, u in in_use.items() if u == t])
+        except ValueError as exc:
+            message = str(exc)
+            status = 404 if "not found" in message else 409 if "live sandboxes" in message else 400
+            raise ApiError(status, message) from None
+
     def start(self, build: Build, spec: BuildSpec) -> None:
         if build.status != "waiting":
             raise ApiError(409, f"build '{build.build_id}' was already started ({build.status})")
