@@ -8,14 +8,16 @@ import json
 import os
 import secrets
 import sqlite3
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 from conftest import TEMPLATE_STORE, Runtime
-from e2b import BuildException, Sandbox, Template, wait_for_port
+from e2b import BuildException, Sandbox, SandboxQuery, Template, wait_for_port
 from e2b.template.logger import LogEntry
+from test_template_base import _wheel
 
 
 @pytest.fixture
@@ -219,3 +221,60 @@ def test_list_and_delete(builds: Runtime) -> None:
         assert client.delete(f"/templates/{name}").status_code == 204
         assert not Template.exists(name)
         assert client.delete(f"/templates/{name}").status_code == 404
+
+
+def test_apt_install_and_pip_install(builds: Runtime, tmp_path: Path) -> None:
+    """apt_install from Debian's archive (the build sandbox has network egress, as any sandbox), and
+    pip_install from a package index that an earlier step serves on the build sandbox's loopback."""
+    context = tmp_path / "context"
+    filename, wheel = _wheel("sandboxd-probe", "1.0", "sandboxd_probe", "installed by pip_install")
+    (context / "index" / "simple" / "sandboxd-probe").mkdir(parents=True)
+    (context / "index" / "simple" / "sandboxd-probe" / filename).write_bytes(wheel)
+    name = _name()
+    template = (
+        Template(file_context_path=str(context))
+        .from_template("base")
+        .apt_install("sl", no_install_recommends=True)
+        .copy("index", "/opt/index")
+        .run_cmd("setsid python3 -m http.server 8765 --bind 127.0.0.1 --directory /opt/index >/dev/null 2>&1 &")
+        .set_envs({"PIP_INDEX_URL": "http://127.0.0.1:8765/simple/"})
+        .run_cmd("for i in $(seq 50); do curl -sf http://127.0.0.1:8765/simple/ && exit 0; sleep 0.1; done; exit 1")
+        .pip_install("sandboxd-probe")
+    )
+    Template.build(template, name)
+    sandbox = Sandbox.create(name, timeout=60)
+    try:
+        assert sandbox.commands.run("test -x /usr/games/sl && dpkg -s sl | grep -c installed").stdout == "1\n"
+        imported = sandbox.commands.run("python -c 'import sandboxd_probe; print(sandboxd_probe.VALUE)'")
+        assert imported.stdout == "installed by pip_install\n"
+    finally:
+        sandbox.kill()
+
+
+def test_build_status_streams_logs_while_it_runs(builds: Runtime, tmp_path: Path) -> None:
+    gate = f"/tmp/gate-{secrets.token_hex(4)}"
+    template = (
+        Template()
+        .from_template("base")
+        .run_cmd(f"echo first-line; for i in $(seq 300); do [ -e {gate} ] && exit 0; sleep 0.1; done; exit 1")
+    )
+    info = Template.build_in_background(template, _name())
+    seen: list[str] = []
+    deadline = time.monotonic() + 30
+    while not any("first-line" in line for line in seen):
+        assert time.monotonic() < deadline, seen
+        status = Template.get_build_status(info, logs_offset=len(seen))
+        assert status.status.value == "building", (status.status, seen)
+        seen += [entry.message for entry in status.log_entries]
+        time.sleep(0.1)
+    # The step is still running (it waits for the gate): the log came while it ran, not at its end.
+    assert Template.get_build_status(info, logs_offset=len(seen)).status.value == "building"
+    runtime_sandboxes = Sandbox.list(query=SandboxQuery(metadata={"sandboxd.template-build": info.build_id}))
+    (build_sandbox,) = runtime_sandboxes.next_items()
+    Sandbox.connect(build_sandbox.sandbox_id).files.write(gate, "")
+    deadline = time.monotonic() + 60
+    while (status := Template.get_build_status(info, logs_offset=len(seen))).status.value == "building":
+        assert time.monotonic() < deadline
+        seen += [entry.message for entry in status.log_entries]
+        time.sleep(0.2)
+    assert status.status.value == "ready", status
