@@ -28,7 +28,17 @@ import re
 import secrets
 
 from sandboxd import ENVD_VERSION
-from sandboxd.agent.asgi import ClientDisconnected, Receive, Scope, Send, body_chunks, header_map, send_empty, send_json
+from sandboxd.agent.asgi import (
+    ClientDisconnected,
+    Receive,
+    Scope,
+    Send,
+    body_chunks,
+    header_map,
+    send_bytes,
+    send_empty,
+    send_json,
+)
 
 from .api import Route, check_api_key, find_route, iso
 from .errors import ApiError
@@ -188,13 +198,13 @@ class TemplateApi:
         finally:
             handle.close()
             partial.unlink(missing_ok=True)
-        await send_empty(send, 200)
+        await send_bytes(send, 200, b"", None)
 
     async def trigger(self, scope: Scope, receive: Receive, send: Send, template_id: str, build_id: str) -> None:
         build = self.builder.get(template_id, build_id)
         body = await Body.read(receive)
         self.builder.start(build, parse_spec(body.fields))
-        await send_empty(send, 202)
+        await send_bytes(send, 202, b"", None)  # Content-Length: 0, which the JS SDK reads as no body
 
     async def status(self, scope: Scope, receive: Receive, send: Send, template_id: str, build_id: str) -> None:
         build = self.builder.get(template_id, build_id)

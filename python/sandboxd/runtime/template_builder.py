@@ -62,6 +62,10 @@ log = logging.getLogger("sandboxd.runtime")
 BUILD_SANDBOX_TIMEOUT_S = 3600
 """A build sandbox's lifetime: a build that takes longer is ended with it."""
 
+PARENT_WAIT_S = 1800.0
+"""How long a build waits for a built-in parent (``base`` on a fresh store) being built: a build has
+no request timeout to stay under, unlike a create."""
+
 MAX_LOG_ENTRIES = 10000
 """Log entries kept per build (the oldest are dropped past it): a step's output is bounded."""
 
@@ -370,7 +374,7 @@ class TemplateBuilder:
     async def _build(self, build: Build, spec: BuildSpec) -> None:
         build.log(f"Building template '{build.name}' from '{spec.parent}'", step="base")
         try:
-            await self.templates.prepare(spec.parent)
+            await self.templates.prepare(spec.parent, wait=PARENT_WAIT_S)
             parent_row = self.templates.row_of(spec.parent)
         except ApiError as exc:
             raise BuildFailed(f"the parent template '{spec.parent}': {exc.message}", "base") from None

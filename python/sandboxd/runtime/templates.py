@@ -258,9 +258,9 @@ class Templates:
             raise ApiError(404, f"template '{name}' not found; known templates: {', '.join(self.names())}")
         return self._template(row)
 
-    async def prepare(self, name: str) -> Template:
+    async def prepare(self, name: str, wait: float = BASE_WAIT_S) -> Template:
         """For a create: like :meth:`resolve`, but a built-in template is built if it is not yet
-        (waiting up to :data:`BASE_WAIT_S`), or falls back where it cannot be built."""
+        (waiting up to ``wait`` seconds), or falls back where it cannot be built."""
         canonical = self.canonical(name)
         if canonical not in BUILT:
             return self.resolve(canonical)
@@ -276,7 +276,7 @@ class Templates:
             log.info("template %s: building %s, once (progress follows)", canonical, self._describe(canonical))
             build.task = loop.run_in_executor(None, self._build_blocking, canonical)
         task = build.task
-        await asyncio.wait({task}, timeout=BASE_WAIT_S)
+        await asyncio.wait({task}, timeout=wait)
         if not task.done():
             what = (
                 "from Debian's archive"
