@@ -278,3 +278,38 @@ def test_build_status_streams_logs_while_it_runs(builds: Runtime, tmp_path: Path
         seen += [entry.message for entry in status.log_entries]
         time.sleep(0.2)
     assert status.status.value == "ready", status
+
+
+def test_from_dockerfile_builds_the_same_result(builds: Runtime, tmp_path: Path) -> None:
+    context = _context(tmp_path)
+    marker = secrets.token_hex(8)
+    dockerfile = f"""FROM debian:stable
+RUN echo {marker} > /opt/marker
+COPY app /home/user/app
+ENV GREETING=hello
+WORKDIR /home/user/work
+"""
+    from_dockerfile, from_code = _name(), _name()
+    Template.build(Template(file_context_path=str(context)).from_dockerfile(dockerfile), from_dockerfile)
+    Template.build(
+        Template(file_context_path=str(context))
+        .from_debian_image()
+        .set_user("root")
+        .set_workdir("/")
+        .run_cmd(f"echo {marker} > /opt/marker")
+        .copy("app", "/home/user/app")
+        .set_envs({"GREETING": "hello"})
+        .set_workdir("/home/user/work")
+        .set_user("user"),
+        from_code,
+    )
+    probe = "cat /opt/marker; ls -lnR /home/user/app | grep -v total; echo $GREETING; id -un; pwd"
+    seen = []
+    for name in (from_dockerfile, from_code):
+        sandbox = Sandbox.create(name, timeout=60)
+        try:
+            seen.append(sandbox.commands.run(probe).stdout)
+        finally:
+            sandbox.kill()
+    assert seen[0] == seen[1]
+    assert seen[0].startswith(f"{marker}\n") and seen[0].endswith("hello\nuser\n/home/user/work\n"), seen[0]
