@@ -152,7 +152,7 @@ def test_bad_requests_are_refused_with_a_reason(builds: Runtime) -> None:
         assert bad.status_code == 400 and "must match" in bad.json()["message"]
         requested = client.post("/v3/templates", json={"name": _name()}).json()
         trigger = f"/v2/templates/{requested['templateID']}/builds/{requested['buildID']}"
-        refused = client.post(trigger, json={"fromImage": "alpine:3", "steps": []})
+        refused = client.post(trigger, json={"fromImage": "Not An Image!", "steps": []})
         assert refused.status_code == 400 and "fromImage" in refused.json()["message"]
         refused = client.post(trigger, json={"fromTemplate": "base", "steps": [{"type": "FROB", "args": []}]})
         assert refused.status_code == 400 and "steps[0].type" in refused.json()["message"]

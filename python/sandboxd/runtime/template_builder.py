@@ -1,7 +1,8 @@
 """Template builds: E2B's ``Template`` steps run in a build sandbox, kept as a layer over the parent's.
 
 A build (the SDKs' ``Template.build``, through :mod:`.template_api`) names a parent (``fromTemplate``,
-or ``fromImage``: Debian and E2B's base images are this runtime's ``base``) and a list of steps. It
+or ``fromImage``: Debian and E2B's base images are this runtime's ``base``; any other image is pulled
+from its registry, :mod:`.oci`, and recorded as a template of its own) and a list of steps. It
 runs them in an ordinary sandbox of the parent, created through the runtime's own manager, so a build
 has exactly the isolation of any sandbox (its own user namespace and host id range, seccomp, cgroup
 limits, its own disk, network egress) and its steps are treated as what they are: untrusted code.
@@ -49,10 +50,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from . import build_layer
+from . import build_layer, oci
 from .agent_client import run_command, upload_file
 from .errors import ApiError
-from .layers import LayerInfo
+from .layers import LayerError, LayerInfo
 from .manager import DISK_IMAGE, CreateRequest, SandboxManager
 from .store import TemplateRow
 from .templates import BASE, Templates
@@ -132,6 +133,9 @@ class BuildSpec:
     """A validated build trigger (E2B's ``TemplateBuildStartV2``)."""
 
     parent: str
+    """The template to build on (for ``image``: the name its pull is recorded under)."""
+    image: str | None
+    """``fromImage`` of an image that is not Debian's: pulled from its registry first."""
     steps: tuple[Step, ...]
     force: bool
     start_cmd: str | None
@@ -200,17 +204,18 @@ def parse_spec(body: dict[str, Any]) -> BuildSpec:
         raise ApiError(400, "'fromImage' must be a string")
     if body.get("fromImageRegistry") is not None:
         raise ApiError(400, "'fromImageRegistry' (private registries) is not supported by sandboxd's builds yet")
+    image = None
     if from_template:
         parent = from_template
-    elif from_image:
-        if not DEBIAN_IMAGES.fullmatch(from_image):
-            raise ApiError(
-                400,
-                f"'fromImage' {json.dumps(from_image[:200])}: sandboxd builds from Debian (from_debian_image, "
-                "from_base_image: its 'base' template) and from templates (from_template) so far; "
-                "`sandboxd template pull NAME IMAGE` imports other images as templates to build from",
-            )
+    elif from_image and DEBIAN_IMAGES.fullmatch(from_image):
         parent = BASE
+    elif from_image:
+        try:
+            oci.parse_reference(from_image)
+        except oci.ImageError as exc:
+            raise ApiError(400, f"'fromImage': {exc}") from None
+        image = from_image
+        parent = "image-" + hashlib.sha256(from_image.encode()).hexdigest()[:16]
     else:
         raise ApiError(400, "a build needs 'fromTemplate' or 'fromImage' (the SDK's from_template, from_image, ...)")
     raw_steps = body.get("steps") or []
@@ -241,7 +246,7 @@ def parse_spec(body: dict[str, Any]) -> BuildSpec:
     for name, value in (("startCmd", start_cmd), ("readyCmd", ready_cmd)):
         if value is not None and not isinstance(value, str):
             raise ApiError(400, f"'{name}' must be a string")
-    return BuildSpec(parent, tuple(steps), force, start_cmd or None, ready_cmd or None)
+    return BuildSpec(parent, image, tuple(steps), force, start_cmd or None, ready_cmd or None)
 
 
 def _check_step(where: str, kind: object, args: list[str], files_hash: str | None) -> None:
@@ -372,7 +377,13 @@ class TemplateBuilder:
             build.status = "error"
 
     async def _build(self, build: Build, spec: BuildSpec) -> None:
-        build.log(f"Building template '{build.name}' from '{spec.parent}'", step="base")
+        if spec.image is not None:
+            build.log(f"Pulling {spec.image}", step="base")
+            try:
+                await asyncio.to_thread(self._pull, spec.parent, spec.image, build)
+            except (oci.ImageError, LayerError, ValueError, OSError) as exc:
+                raise BuildFailed(f"the image {spec.image}: {exc}", "base") from None
+        build.log(f"Building template '{build.name}' from '{spec.image or spec.parent}'", step="base")
         try:
             await self.templates.prepare(spec.parent, wait=PARENT_WAIT_S)
             parent_row = self.templates.row_of(spec.parent)
@@ -452,6 +463,10 @@ class TemplateBuilder:
         finally:
             with contextlib.suppress(ApiError):
                 await self.manager.kill(row.id, f"template build {build.build_id} ended")
+
+    def _pull(self, name: str, reference: str, build: Build) -> None:
+        """In a worker thread: the image as a template of its own (its layers shared with the build)."""
+        self.templates.pull(name, reference, lambda line: build.log(line, step="base"))
 
     def _layer(self, image: Path, id_base: int, source: str) -> LayerInfo:
         with self.templates.layers.lock("gc", shared=True):
