@@ -70,6 +70,10 @@ no request timeout to stay under, unlike a create."""
 MAX_LOG_ENTRIES = 10000
 """Log entries kept per build (the oldest are dropped past it): a step's output is bounded."""
 
+MAX_BUILDS = 256
+"""Build records kept (status and log, for ``get_build_status``); past it the oldest finished one
+is forgotten, so memory stays bounded however many builds are requested."""
+
 STATUS_PAGE = 100
 """Entries per status answer, as E2B's API gives (the SDK keeps asking until it gets none)."""
 
@@ -302,6 +306,11 @@ class TemplateBuilder:
         name, tag = parse_name(raw_name)
         self.templates.check_buildable_name(name)
         build = Build(template_id=name, build_id=str(uuid.uuid4()), name=name, tags=[*tag, *tags] or ["default"])
+        if len(self.builds) >= MAX_BUILDS:
+            finished = [b for b in self.builds.values() if b.status in ("ready", "error", "waiting")]
+            if not finished:
+                raise ApiError(429, f"{MAX_BUILDS} template builds are running; wait for one to finish")
+            del self.builds[finished[0].build_id]  # the oldest (dicts keep insertion order)
         self.builds[build.build_id] = build
         return build
 
