@@ -221,6 +221,8 @@ def test_list_and_delete(builds: Runtime) -> None:
         assert client.delete(f"/templates/{name}").status_code == 204
         assert not Template.exists(name)
         assert client.delete(f"/templates/{name}").status_code == 404
+        builtin = client.delete("/templates/base")
+        assert builtin.status_code == 400 and "sandboxd template remove" in builtin.json()["message"]
 
 
 def test_apt_install_and_pip_install(builds: Runtime, tmp_path: Path) -> None:

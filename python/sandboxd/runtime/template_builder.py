@@ -56,7 +56,7 @@ from .errors import ApiError
 from .layers import LayerError, LayerInfo
 from .manager import DISK_IMAGE, CreateRequest, SandboxManager
 from .store import TemplateRow
-from .templates import BASE, Templates
+from .templates import ALIASES, BASE, BUILTIN, Templates
 
 log = logging.getLogger("sandboxd.runtime")
 
@@ -345,7 +345,12 @@ class TemplateBuilder:
         return str(uuid.uuid5(uuid.NAMESPACE_URL, f"sandboxd-template:{name}"))
 
     async def remove(self, name: str) -> None:
-        """Forget a template and delete the layers nothing else uses (409 while sandboxes use it)."""
+        """Forget a template and delete the layers nothing else uses (409 while sandboxes use it).
+        Built-in templates are the operator's (``sandboxd template remove`` on the host)."""
+        if self.templates.canonical(name) in BUILTIN or name in ALIASES:
+            raise ApiError(
+                400, f"'{name}' is built in: an operator removes it with `sandboxd template remove` on the host"
+            )
         in_use = {row.id: row.template_id for row in self.manager.store.live()}
         try:
             await asyncio.to_thread(self.templates.remove, name, lambda t: [i for i, u in in_use.items() if u == t])
