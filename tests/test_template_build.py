@@ -9,7 +9,7 @@ import os
 import secrets
 import sqlite3
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -315,3 +315,25 @@ WORKDIR /home/user/work
             sandbox.kill()
     assert seen[0] == seen[1]
     assert seen[0].startswith(f"{marker}\n") and seen[0].endswith("hello\nuser\n/home/user/work\n"), seen[0]
+
+
+def test_a_restarted_runtime_ends_the_build_sandboxes_it_inherits(
+    start_runtime: Callable[..., Runtime], base_template: bool
+) -> None:
+    if not base_template:
+        pytest.skip("the Debian base cannot be built on this machine (see the session's first lines)")
+    runtime = start_runtime()
+    api = {"api_key": runtime.api_key, "api_url": runtime.url}
+    info = Template.build_in_background(Template().from_template("base").run_cmd("sleep 600"), _name(), **api)
+    deadline = time.monotonic() + 30
+    query = SandboxQuery(metadata={"sandboxd.template-build": info.build_id})
+    while not (found := Sandbox.list(query=query, **api).next_items()):
+        assert time.monotonic() < deadline, "no build sandbox started"
+        time.sleep(0.1)
+    runtime.process.terminate()
+    runtime.process.wait(10)
+    runtime.restart()
+    with httpx.Client(base_url=runtime.url, headers={"X-API-KEY": runtime.api_key}) as client:
+        gone = client.get(f"/sandboxes/{found[0].sandbox_id}")
+        assert gone.status_code == 404 and "template build ended" in gone.json()["message"], gone.text
+        assert client.get(f"/templates/{info.template_id}/builds/{info.build_id}/status").status_code == 404

@@ -276,13 +276,15 @@ async def _serve(
     operators = OperatorEndpoints(
         manager, zygote_client, readiness, observer.metrics, recent, api_key, options.data_dir
     )
+    builder = TemplateBuilder(manager, templates)
+    await builder.start()
     app = RuntimeApp(
         ControlPlane(backend, api_key, options.domain),
         proxy,
         operators,
         RequestObserver(observer.metrics),
         options.domain,
-        TemplateApi(TemplateBuilder(manager, templates), api_key),
+        TemplateApi(builder, api_key),
     )
     config = server_config(app, options.host, options.port, options.connections)
     observe_logs.adopt_uvicorn()

@@ -203,7 +203,7 @@ class TemplateApi:
     async def trigger(self, scope: Scope, receive: Receive, send: Send, template_id: str, build_id: str) -> None:
         build = self.builder.get(template_id, build_id)
         body = await Body.read(receive)
-        self.builder.start(build, parse_spec(body.fields))
+        self.builder.trigger(build, parse_spec(body.fields))
         await send_bytes(send, 202, b"", None)  # Content-Length: 0, which the JS SDK reads as no body
 
     async def status(self, scope: Scope, receive: Receive, send: Send, template_id: str, build_id: str) -> None:

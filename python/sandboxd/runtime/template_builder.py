@@ -60,6 +60,9 @@ from .templates import ALIASES, BASE, BUILTIN, Templates
 
 log = logging.getLogger("sandboxd.runtime")
 
+BUILD_METADATA = "sandboxd.template-build"
+"""The metadata key that marks a build sandbox (its value is the build's id)."""
+
 BUILD_SANDBOX_TIMEOUT_S = 3600
 """A build sandbox's lifetime: a build that takes longer is ended with it."""
 
@@ -300,6 +303,14 @@ class TemplateBuilder:
         self.uploads.mkdir(exist_ok=True)
         self.builds: dict[str, Build] = {}
 
+    async def start(self) -> None:
+        """Kill the build sandboxes a previous runtime left (re-adopted with the rest): their builds'
+        records went with it, so nothing would ever finish them."""
+        for row in self.manager.store.live():
+            if BUILD_METADATA in row.metadata:
+                with contextlib.suppress(ApiError):
+                    await self.manager.kill(row.id, "its template build ended with the runtime that ran it")
+
     # ------------------------------------------------------------------------------ requests
 
     def request(self, raw_name: str, tags: list[str]) -> Build:
@@ -359,7 +370,7 @@ class TemplateBuilder:
             status = 404 if "not found" in message else 409 if "live sandboxes" in message else 400
             raise ApiError(status, message) from None
 
-    def start(self, build: Build, spec: BuildSpec) -> None:
+    def trigger(self, build: Build, spec: BuildSpec) -> None:
         if build.status != "waiting":
             raise ApiError(409, f"build '{build.build_id}' was already started ({build.status})")
         for step in spec.steps:
@@ -421,7 +432,7 @@ class TemplateBuilder:
             CreateRequest(
                 template=parent_row.name,
                 timeout=BUILD_SANDBOX_TIMEOUT_S,
-                metadata={"sandboxd.template-build": build.build_id},
+                metadata={BUILD_METADATA: build.build_id},
                 env_vars={},
             )
         )
