@@ -140,6 +140,9 @@ async def interpreter_ready(open_socket: OpenSocket, sandbox_id: str) -> bool:
 MAX_OUTPUT_LINE = 16 << 10
 """A build step's output line longer than this is cut (a step's log is for people, and bounded)."""
 
+MAX_HEADERS = 100
+"""Header lines accepted in an agent's answer (it sends a handful)."""
+
 MAX_ENVELOPE = 4 << 20
 """The largest Connect envelope accepted from an agent: a sandbox is hostile, so its answers are bounded."""
 
@@ -175,13 +178,15 @@ async def _request(
         if len(parts) < 2 or not parts[1].isdigit():
             raise OSError(f"the agent answered {status_line[:100]!r}")
         chunked = False
-        while True:
+        for _ in range(MAX_HEADERS):
             line = await reader.readline()
             if line in (b"\r\n", b"\n", b""):
                 break
             name, _, value = line.decode("latin-1").partition(":")
             if name.strip().lower() == "transfer-encoding" and "chunked" in value.lower():
                 chunked = True
+        else:
+            raise OSError(f"the agent sent more than {MAX_HEADERS} header lines")
         if chunked:
             reader = _dechunked(reader)
         return reader, writer, int(parts[1])
@@ -271,7 +276,9 @@ async def run_command(
                 error = payload.get("error") if isinstance(payload, dict) else None
                 detail = error.get("message") if isinstance(error, dict) else None
                 raise OSError(f"the command could not run: {detail or 'its stream ended without an end event'}")
-            event = (payload.get("event") or {}) if isinstance(payload, dict) else {}
+            event = payload.get("event") if isinstance(payload, dict) else None
+            if not isinstance(event, dict):
+                continue  # a keepalive, or nothing an agent sends
             if detach_tag is not None and isinstance(event.get("start"), dict):
                 return CommandResult(None, "started")
             data = event.get("data")
@@ -349,5 +356,5 @@ async def start_template_command(
                     f"of its start command {str(start_cmd)[:200]!r} (last: {result.status or 'an error'})",
                 )
             await asyncio.sleep(READY_POLL_S)
-    except OSError as exc:
+    except (OSError, ValueError) as exc:  # ValueError: an answer that is not what an agent sends
         raise ApiError(500, f"the template's start command {str(start_cmd)[:200]!r} could not run: {exc}") from None

@@ -514,7 +514,7 @@ class TemplateBuilder:
             result = await run_command(
                 self._open_socket(run.sandbox_id), run.token, command, user, run.workdir, run.env, on_line
             )
-        except OSError as exc:
+        except (OSError, ValueError) as exc:  # ValueError: an answer that is not what an agent sends
             raise BuildFailed(f"step {run.step}: {exc}", run.step) from None
         if result.exit_code != 0:
             shown = "\n".join(tail)
