@@ -586,6 +586,7 @@ def test_a_slow_reader_pauses_the_kernel_and_loses_nothing(start_interpreter: Ca
     so its memory is this test's alone (not what earlier cells left in the shared one)."""
     interpreter = start_interpreter("--pool", "python=0")
     server = psutil.Process(interpreter.process.pid)
+    idle_rss = server.memory_info().rss
     context = httpx.post(f"{interpreter.url}/contexts", json={}).json()
     body = json.dumps(
         {"code": "import sys\nfor _ in range(100):\n    sys.stdout.write('x' * (1 << 20))", "context_id": context["id"]}
@@ -607,7 +608,10 @@ def test_a_slow_reader_pauses_the_kernel_and_loses_nothing(start_interpreter: Ca
         assert kernel is not None, "the writing kernel was never paused"
         time.sleep(1)
         assert kernel.status() == psutil.STATUS_STOPPED
-        assert server.memory_info().rss < 200 << 20
+        # Buffering the whole output would cost at least twice its 100 MiB (ZeroMQ's copy, then the
+        # JSON lines); paused, the server holds its high-water mark plus what was in flight (measured:
+        # +85 MiB at load 6 on 2 cores, more on a machine loaded many times over).
+        assert server.memory_info().rss - idle_rss < 150 << 20
 
         sock.settimeout(60)
         received = bytearray()
