@@ -4,39 +4,16 @@
 // their effect.
 
 import assert from 'node:assert/strict'
-import { spawn } from 'node:child_process'
 import { mkdirSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs'
 import { tmpdir } from 'node:os'
-import { dirname, join } from 'node:path'
+import { join } from 'node:path'
 import { after, before, describe, test } from 'node:test'
-import { fileURLToPath } from 'node:url'
 
 import { Sandbox, Template } from 'e2b'
 
-import { skipReason, startRuntime } from './runtime.mjs'
+import { e2bCli, skipReason, startRuntime } from './runtime.mjs'
 
-const HERE = dirname(fileURLToPath(import.meta.url))
-const CLI = join(HERE, 'node_modules', '.bin', 'e2b')
-
-function e2b(cwd, ...args) {
-  return new Promise((resolve, reject) => {
-    const child = spawn(CLI, args, {
-      cwd,
-      env: { ...process.env, NO_COLOR: '1', FORCE_COLOR: '0', NO_UPDATE_NOTIFIER: '1' },
-      stdio: ['ignore', 'pipe', 'pipe'],
-      timeout: 120_000,
-    })
-    let output = ''
-    child.stdout.on('data', (d) => (output += d))
-    child.stderr.on('data', (d) => (output += d))
-    child.on('error', reject)
-    child.on('close', (code) => {
-      const text = output.replace(/\u001b\[[0-9;]*m/g, '')
-      if (code === 0) resolve(text)
-      else reject(new Error(`e2b ${args.join(' ')} exited with ${code}:\n${text}`))
-    })
-  })
-}
+const e2b = (cwd, ...args) => e2bCli(args, { cwd, timeoutMs: 120_000 })
 
 const unique = (prefix) => `${prefix}-${process.pid}-${Math.floor(Math.random() * 1e9).toString(36)}`
 
