@@ -3,6 +3,10 @@
 * create→first command (``Sandbox.create`` + ``commands.run("true")``) on ``base`` (Debian, its own
   login profile) beside the same on ``host`` (the host's ``/usr`` with a three-line profile), same
   runtime, same run. Quick and full.
+* a template built with the SDK's ``Template`` builder (``from_template("base")``, a ``run_cmd`` and
+  ``set_envs``): the rebuild of an unchanged template (every step cached) beside a build whose
+  step changed (a fresh build sandbox, the step, the layer), medians; and create→first command
+  from the built template beside ``base``, interleaved. Quick and full.
 * (full only) the build of ``base`` from an empty template store (everything downloaded) beside a
   plain ``mmdebstrap --variant=apt`` of the same suite from the same mirror (Debian's minimal system
   with apt: what any Debian rootfs costs); then the build again with the packages cached (warm: no
@@ -18,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import secrets
 import shutil
 import subprocess
 import time
@@ -46,6 +51,85 @@ def _create_first_command(rt: Runtime, template: str, n: int, warmup: bool) -> l
         if i >= skip:
             samples.append(elapsed)
     return samples
+
+
+def _build_template(name: str, marker: str) -> float:
+    """Seconds for ``Template.build`` of a small template whose one command writes ``marker``."""
+    from e2b import Template
+
+    template = (
+        Template()
+        .from_template("base")
+        .run_cmd(f"echo {marker} > /opt/bench-marker", user="root")
+        .set_envs({"BENCH_MARKER": marker})
+    )
+    t0 = time.perf_counter()
+    Template.build(template, name)
+    return time.perf_counter() - t0
+
+
+def _measure_template_builds(ctx: Context, rt: Runtime) -> tuple[str, Result]:
+    """Builds with a changed step (cold) and rebuilds of an unchanged template (warm), taking turns;
+    returns the last built template's name and the result."""
+    rounds = 2 if ctx.quick else 5
+    ctx.log(f"Template.build: {rounds} builds with a changed step and {rounds} unchanged rebuilds, taking turns")
+    cold: list[float] = []
+    warm: list[float] = []
+    run_id = secrets.token_hex(4)
+    name = ""
+    for i in range(rounds):
+        marker = f"{run_id}-{i}"
+        name = f"bench-{run_id}-{i}"
+        cold.append(_build_template(name, marker))
+        warm.append(_build_template(f"{name}-again", marker))
+    ctx.log(f"  changed step p50 {percentile(cold, 50):.2f} s; unchanged p50 {percentile(warm, 50):.2f} s")
+    result = Result(
+        name="templates: Template.build of an unchanged template (every step cached)",
+        unit="s (p50)",
+        ours=percentile(warm, 50),
+        baseline=percentile(cold, 50),
+        baseline_name="the same template with its step changed (build sandbox, step, layer)",
+        better="lower",
+        p50=percentile(warm, 50),
+        samples={"ours": warm, "baseline": cold},
+        extra={"rounds": rounds},
+    )
+    return name, result
+
+
+def _measure_built_template(ctx: Context, n: int) -> None:
+    """Template.build cold and warm, then create→first command from the built template beside base,
+    on a runtime of its own (a fresh one: see the report of issue 14 part 2 on back-to-back creates)."""
+    work = ctx.tmp / "built"
+    work.mkdir(exist_ok=True)
+    rt = Runtime(work, max_sandboxes=64)
+    try:
+        with sdk_env(rt):
+            built, builds = _measure_template_builds(ctx, rt)
+            ctx.log(f"create→first command, {n} each, base and the built template taking turns")
+            on_base: list[float] = []
+            on_built: list[float] = []
+            for _ in range(n):
+                on_base += _create_first_command(rt, "base", 1, warmup=not on_base)
+                on_built += _create_first_command(rt, built, 1, warmup=not on_built)
+    finally:
+        rt.stop()
+    ctx.log(f"  built p50 {percentile(on_built, 50):.1f} ms; base p50 {percentile(on_base, 50):.1f} ms")
+    ctx.report(builds)
+    ctx.report(
+        Result(
+            name="templates: create→first command on a template built with Template() (one layer over base)",
+            unit="ms (p50)",
+            ours=percentile(on_built, 50),
+            baseline=percentile(on_base, 50),
+            baseline_name="the same on base, same runtime, taking turns",
+            better="lower",
+            p50=percentile(on_built, 50),
+            p99=percentile(on_built, 99),
+            samples={"ours": on_built, "baseline": on_base},
+            extra={"n": n, "baseline_p99": percentile(on_base, 99)},
+        )
+    )
 
 
 def _tree_digest(path: Path) -> str:
@@ -185,5 +269,6 @@ def run(ctx: Context) -> None:
             extra={"n": n, "baseline_p99": percentile(host, 99)},
         )
     )
+    _measure_built_template(ctx, n)
     if not ctx.quick:
         _measure_builds(ctx)

@@ -347,3 +347,27 @@ def test_device_nodes_are_skipped_and_digests_checked(layer_store: object) -> No
     assert stored.digest == "sha256:" + hashlib.sha256(raw).hexdigest()
     with pytest.raises(LayerError, match="tampered"):
         _import(layer_store, layer_tar([("x", "file", b"x")]), expected="sha256:" + "0" * 64)
+
+
+def test_template_build_from_an_image_in_a_loopback_registry(image_runtime: Runtime, images: Images) -> None:
+    """The SDK's ``from_image``: the image is pulled (its layers shared), and the steps run over it in a
+    build sandbox, as root unless a ``set_user`` says otherwise (the image's users are its own)."""
+    from e2b import BuildException, Template
+
+    api = {"api_key": image_runtime.api_key, "api_url": image_runtime.url}
+    template = Template().from_image(f"{images.registry}/t/app:1").run_cmd("id -u > /etc/built-by; rm /etc/added")
+    Template.build(template, "built-on-app", **api)
+    layers = _layers_of(image_runtime, "built-on-app")
+    assert layers[1:] == list(reversed(images.app_diff_ids)), "the image's layers are shared, under one of the build"
+    sbx = _create(image_runtime, "built-on-app")
+    try:
+        assert (
+            sbx.commands.run("cat /etc/built-by; echo $GREETING; pwd").stdout == "0\nhello from the image\n/srv/app\n"
+        )
+        assert not sbx.files.exists("/etc/added") and not sbx.files.exists("/etc/from-base")
+    finally:
+        sbx.kill()
+
+    closed = f"127.0.0.1:{free_port()}"
+    with pytest.raises(BuildException, match=f"registry {closed} cannot be reached"):
+        Template.build(Template().from_image(f"{closed}/t/app:1").run_cmd("true"), "built-on-nothing", **api)

@@ -43,6 +43,8 @@ from sandboxd.runtime.observe.probes import Readiness
 from sandboxd.runtime.proxy import SandboxProxy
 from sandboxd.runtime.server import RuntimeApp
 from sandboxd.runtime.store import SandboxRow, Store
+from sandboxd.runtime.template_api import TemplateApi
+from sandboxd.runtime.template_builder import TemplateBuilder
 from sandboxd.runtime.templates import Templates, default_store_dir
 from sandboxd.runtime.zygote_client import ZygoteClient
 
@@ -73,6 +75,9 @@ ROUTES = [
     ("POST", "/sandboxes/{}/resume"), ("GET", "/sandboxes/{}/metrics"), ("GET", "/sandboxes/{}/logs"),
     ("GET", "/v2/sandboxes/{}/logs"), ("GET", "/sandboxes/{}/events"), ("GET", "/files"), ("POST", "/files"),
     ("GET", "/health"),
+    ("POST", "/v3/templates"), ("GET", "/templates"), ("DELETE", "/templates/{}"), ("GET", "/templates/aliases/{}"),
+    ("GET", "/templates/{}/files/{}"), ("PUT", "/templates/{}/files/{}/upload"),
+    ("POST", "/v2/templates/{}/builds/{}"), ("GET", "/templates/{}/builds/{}/status"),
 ]  # fmt: skip
 """The runtime's routes: most requests aim at one (the rest of the method/path space is a 404 or 405)."""
 
@@ -89,6 +94,7 @@ def targets(draw: st.DrawFn) -> tuple[str, str]:
 QUERY_NAMES = [
     "limit", "order", "state", "nextToken", "metadata", "template", "startedAfter", "start", "end",
     "cursor", "direction", "level", "search", "signature", "signature_expiration", "path", "username",
+    "logsOffset", "token",
 ]  # fmt: skip
 
 
@@ -111,6 +117,12 @@ def queries(draw: st.DrawFn) -> bytes:
     return query.encode()
 
 
+BODY_FIELDS = [
+    "templateID", "timeout", "metadata", "envVars", "autoPause", "autoPauseMemory", "autoResume", "memory",
+    "name", "tags", "fromTemplate", "fromImage", "steps", "force", "startCmd", "readyCmd",
+]  # fmt: skip
+
+
 @st.composite
 def bodies(draw: st.DrawFn) -> bytes:
     kind = draw(st.integers(0, 5))
@@ -121,9 +133,7 @@ def bodies(draw: st.DrawFn) -> bytes:
     fields: dict[str, Any] = draw(st.dictionaries(texts, json_values, max_size=3))
     for name in draw(
         st.lists(
-            st.sampled_from(
-                ["templateID", "timeout", "metadata", "envVars", "autoPause", "autoPauseMemory", "autoResume", "memory"]
-            ),
+            st.sampled_from(BODY_FIELDS),
             max_size=5,
         )
     ):
@@ -196,7 +206,12 @@ class RuntimeTarget:
         readiness = Readiness(self.zygote, self.data, templates)
         self.operators = OperatorEndpoints(self.manager, self.zygote, readiness, observer.metrics, None, KEY, self.data)
         self.app = RuntimeApp(
-            ControlPlane(backend, KEY, DOMAIN), proxy, self.operators, RequestObserver(observer.metrics), DOMAIN
+            ControlPlane(backend, KEY, DOMAIN),
+            proxy,
+            self.operators,
+            RequestObserver(observer.metrics),
+            DOMAIN,
+            TemplateApi(TemplateBuilder(self.manager, templates), KEY),
         )
 
     def close(self, loop: asyncio.AbstractEventLoop) -> None:

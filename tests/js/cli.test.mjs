@@ -4,37 +4,13 @@
 // E2B_SANDBOX_URL for the commands that reach into a sandbox).
 
 import assert from 'node:assert/strict'
-import { spawn } from 'node:child_process'
-import { dirname, join } from 'node:path'
 import { after, before, describe, test } from 'node:test'
-import { fileURLToPath } from 'node:url'
 
 import { Sandbox } from 'e2b'
 
-import { skipReason, startRuntime } from './runtime.mjs'
+import { e2bCli, skipReason, startRuntime } from './runtime.mjs'
 
-const HERE = dirname(fileURLToPath(import.meta.url))
-const CLI = join(HERE, 'node_modules', '.bin', 'e2b')
-
-/** Runs `e2b <args>` (stdin closed, as in CI) and returns its output without colours; throws if it fails. */
-function e2b(...args) {
-  return new Promise((resolve, reject) => {
-    const child = spawn(CLI, args, {
-      env: { ...process.env, NO_COLOR: '1', FORCE_COLOR: '0', NO_UPDATE_NOTIFIER: '1' },
-      stdio: ['ignore', 'pipe', 'pipe'],
-      timeout: 60_000,
-    })
-    let output = ''
-    child.stdout.on('data', (d) => (output += d))
-    child.stderr.on('data', (d) => (output += d))
-    child.on('error', reject)
-    child.on('close', (code) => {
-      const text = output.replace(/\u001b\[[0-9;]*m/g, '')
-      if (code === 0) resolve(text)
-      else reject(new Error(`e2b ${args.join(' ')} exited with ${code}:\n${text}`))
-    })
-  })
-}
+const e2b = (...args) => e2bCli(args)
 
 describe('the e2b CLI against sandboxd serve', { skip: skipReason }, () => {
   let runtime

@@ -153,3 +153,26 @@ export function killAfter(t, sandbox) {
   t.after(() => sandbox.kill().catch(() => {}))
   return sandbox
 }
+
+/** Runs the official `e2b` CLI (pinned in package.json) with `args` (stdin closed, as in CI) and returns
+ * its output without colours; throws with the output if it fails. */
+export function e2bCli(args, { cwd, timeoutMs = 60_000 } = {}) {
+  const cli = join(REPO, 'tests', 'js', 'node_modules', '.bin', 'e2b')
+  return new Promise((resolveOutput, reject) => {
+    const child = spawn(cli, args, {
+      cwd,
+      env: { ...process.env, NO_COLOR: '1', FORCE_COLOR: '0', NO_UPDATE_NOTIFIER: '1' },
+      stdio: ['ignore', 'pipe', 'pipe'],
+      timeout: timeoutMs,
+    })
+    let output = ''
+    child.stdout.on('data', (d) => (output += d))
+    child.stderr.on('data', (d) => (output += d))
+    child.on('error', reject)
+    child.on('close', (code) => {
+      const text = output.replace(/\u001b\[[0-9;]*m/g, '')
+      if (code === 0) resolveOutput(text)
+      else reject(new Error(`e2b ${args.join(' ')} exited with ${code}:\n${text}`))
+    })
+  })
+}

@@ -13,11 +13,15 @@ way the proxy reaches it, so nothing is published on the host.
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import logging
 import socket
+import struct
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from urllib.parse import quote
 
 from sandboxd.interpreter import INTERPRETER_PORT
 
@@ -125,3 +129,232 @@ async def interpreter_ready(open_socket: OpenSocket, sandbox_id: str) -> bool:
         extra={"sandbox_id": sandbox_id, "event": "sandbox.interpreter_slow"},
     )
     return False
+
+
+# ---------------------------------------------------------------------------------- build steps
+# The template builder (:mod:`.template_builder`) runs its steps through a build sandbox's agent, as
+# any client would: ``process.Process/Start`` (Connect, server-streaming, JSON envelopes) and
+# ``POST /files``. Each call is one HTTP/1.1 request with ``Connection: close`` over a socket into
+# the sandbox, so the runtime needs no HTTP client library and nothing is published on the host.
+
+MAX_OUTPUT_LINE = 16 << 10
+"""A build step's output line longer than this is cut (a step's log is for people, and bounded)."""
+
+MAX_HEADERS = 100
+"""Header lines accepted in an agent's answer (it sends a handful)."""
+
+MAX_ENVELOPE = 4 << 20
+"""The largest Connect envelope accepted from an agent: a sandbox is hostile, so its answers are bounded."""
+
+
+@dataclass(slots=True)
+class CommandResult:
+    """How a command ended: its exit code (None when it was killed by a signal) and envd's status."""
+
+    exit_code: int | None
+    status: str
+
+
+def _basic(user: str) -> str:
+    return "Basic " + base64.b64encode(f"{user}:".encode()).decode()
+
+
+async def _request(
+    open_socket: OpenSocket, head: str, body: bytes | AsyncIterator[bytes]
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, int]:
+    sock = await open_socket(AGENT_PORT)
+    reader, writer = await asyncio.open_connection(sock=sock, limit=MAX_ENVELOPE)
+    try:
+        writer.write(head.encode())
+        if isinstance(body, bytes):
+            writer.write(body)
+        else:
+            async for chunk in body:
+                writer.write(chunk)
+                await writer.drain()
+        await writer.drain()
+        status_line = await reader.readline()
+        parts = status_line.split()
+        if len(parts) < 2 or not parts[1].isdigit():
+            raise OSError(f"the agent answered {status_line[:100]!r}")
+        chunked = False
+        for _ in range(MAX_HEADERS):
+            line = await reader.readline()
+            if line in (b"\r\n", b"\n", b""):
+                break
+            name, _, value = line.decode("latin-1").partition(":")
+            if name.strip().lower() == "transfer-encoding" and "chunked" in value.lower():
+                chunked = True
+        else:
+            raise OSError(f"the agent sent more than {MAX_HEADERS} header lines")
+        if chunked:
+            reader = _dechunked(reader)
+        return reader, writer, int(parts[1])
+    except BaseException:
+        writer.close()
+        raise
+
+
+def _dechunked(source: asyncio.StreamReader) -> asyncio.StreamReader:
+    """A reader of the body of a chunked response, fed by a task that decodes the chunks."""
+    out = asyncio.StreamReader(limit=MAX_ENVELOPE)
+
+    async def pump() -> None:
+        try:
+            while True:
+                size_line = await source.readline()
+                size = int(size_line.split(b";")[0].strip() or b"0", 16)
+                if size == 0:
+                    break
+                out.feed_data(await source.readexactly(size))
+                await source.readexactly(2)
+        except (OSError, ValueError, asyncio.IncompleteReadError):
+            pass
+        out.feed_eof()
+
+    task = asyncio.get_running_loop().create_task(pump())
+    _PUMPS.add(task)
+    task.add_done_callback(_PUMPS.discard)
+    return out
+
+
+_PUMPS: set[asyncio.Task[None]] = set()
+
+
+async def run_command(
+    open_socket: OpenSocket,
+    access_token: str,
+    command: str,
+    user: str,
+    cwd: str | None,
+    envs: dict[str, str],
+    on_line: Callable[[str, str], None],
+    detach_tag: str | None = None,
+) -> CommandResult:
+    """Run ``/bin/bash -l -c command`` as ``user`` through the agent's ``process.Process/Start`` and
+    call ``on_line(stream, line)`` for each line of its output (``stdout``/``stderr``) as it comes.
+    With ``detach_tag``, return once it started (status ``started``), leaving it running with that tag."""
+    process: dict[str, object] = {"cmd": "/bin/bash", "args": ["-l", "-c", command], "envs": envs}
+    if cwd:
+        process["cwd"] = cwd
+    fields: dict[str, object] = {"process": process, "stdin": False}
+    if detach_tag is not None:
+        fields["tag"] = detach_tag
+    message = json.dumps(fields).encode()
+    body = struct.pack(">BI", 0, len(message)) + message
+    head = (
+        "POST /process.Process/Start HTTP/1.1\r\nHost: sandbox\r\n"
+        "Content-Type: application/connect+json\r\nConnect-Protocol-Version: 1\r\n"
+        f"X-Access-Token: {access_token}\r\nAuthorization: {_basic(user)}\r\n"
+        f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+    )
+    reader, writer, status = await _request(open_socket, head, body)
+    partial = {"stdout": b"", "stderr": b""}
+
+    def emit(stream: str, data: bytes, final: bool = False) -> None:
+        buffered = partial[stream] + data
+        *lines, rest = buffered.split(b"\n")
+        if final and rest:
+            lines.append(rest)
+            rest = b""
+        for line in lines:
+            on_line(stream, line[:MAX_OUTPUT_LINE].decode(errors="replace"))
+        partial[stream] = rest[-MAX_OUTPUT_LINE:]
+
+    try:
+        if status != 200:
+            raise OSError(f"the agent refused the command with HTTP {status}")
+        while True:
+            try:
+                flags, length = struct.unpack(">BI", await reader.readexactly(5))
+            except asyncio.IncompleteReadError:
+                raise OSError("the agent ended the command's stream without an end event") from None
+            if length > MAX_ENVELOPE:
+                raise OSError(f"the agent sent a {length}-byte message")
+            payload = json.loads(await reader.readexactly(length) or b"{}")
+            if flags & 0x02:
+                error = payload.get("error") if isinstance(payload, dict) else None
+                detail = error.get("message") if isinstance(error, dict) else None
+                raise OSError(f"the command could not run: {detail or 'its stream ended without an end event'}")
+            event = payload.get("event") if isinstance(payload, dict) else None
+            if not isinstance(event, dict):
+                continue  # a keepalive, or nothing an agent sends
+            if detach_tag is not None and isinstance(event.get("start"), dict):
+                return CommandResult(None, "started")
+            data = event.get("data")
+            if isinstance(data, dict):
+                for stream in ("stdout", "stderr"):
+                    if isinstance(data.get(stream), str):
+                        emit(stream, base64.b64decode(data[stream]))
+            end = event.get("end")
+            if isinstance(end, dict):
+                emit("stdout", b"", final=True)
+                emit("stderr", b"", final=True)
+                exited = end.get("exited", False)
+                code = end.get("exitCode", 0) if exited else None
+                return CommandResult(int(code) if isinstance(code, int) else None, str(end.get("status", "")))
+    finally:
+        writer.close()
+
+
+async def upload_file(
+    open_socket: OpenSocket, access_token: str, path: str, chunks: AsyncIterator[bytes], size: int
+) -> None:
+    """Write a file in the sandbox as root through the agent's ``POST /files`` (raw bytes)."""
+    head = (
+        f"POST /files?path={quote(path)}&username=root HTTP/1.1\r\nHost: sandbox\r\n"
+        f"Content-Type: application/octet-stream\r\nX-Access-Token: {access_token}\r\n"
+        f"Content-Length: {size}\r\nConnection: close\r\n\r\n"
+    )
+    reader, writer, status = await _request(open_socket, head, chunks)
+    try:
+        if status != 200:
+            detail = (await reader.read(4096)).decode(errors="replace")
+            raise OSError(f"the agent refused the upload of {path} with HTTP {status}: {detail[:300]}")
+    finally:
+        writer.close()
+
+
+READY_CHECK_S = 45.0
+"""How long a create waits for a template's ready command to succeed: under the SDKs' 60 s request
+timeout, so the user reads why instead of a timeout."""
+
+READY_POLL_S = 0.2
+"""Between runs of the ready command (E2B's helpers are quick probes: ``ss``, ``curl``, ``test -f``)."""
+
+
+async def start_template_command(
+    open_socket: OpenSocket,
+    access_token: str,
+    start_cmd: str | None,
+    ready_cmd: str | None,
+    user: str,
+    cwd: str | None,
+    envs: dict[str, str],
+) -> None:
+    """A built template's ``set_start_cmd``: start the command (it keeps running, tagged ``start_cmd``),
+    then run the ready command until it exits 0; 500 naming both if that does not happen in
+    :data:`READY_CHECK_S` (or the start command could not start)."""
+
+    def ignore(stream: str, line: str) -> None:
+        del stream, line
+
+    try:
+        if start_cmd:
+            await run_command(open_socket, access_token, start_cmd, user, cwd, envs, ignore, detach_tag="start_cmd")
+        if not ready_cmd:
+            return
+        deadline = time.monotonic() + READY_CHECK_S
+        while True:
+            result = await run_command(open_socket, access_token, ready_cmd, user, cwd, envs, ignore)
+            if result.exit_code == 0:
+                return
+            if time.monotonic() > deadline:
+                raise ApiError(
+                    500,
+                    f"the template's ready command {ready_cmd[:200]!r} did not succeed within {READY_CHECK_S:.0f}s "
+                    f"of its start command {str(start_cmd)[:200]!r} (last: {result.status or 'an error'})",
+                )
+            await asyncio.sleep(READY_POLL_S)
+    except (OSError, ValueError) as exc:  # ValueError: an answer that is not what an agent sends
+        raise ApiError(500, f"the template's start command {str(start_cmd)[:200]!r} could not run: {exc}") from None

@@ -164,6 +164,26 @@ def network_to_wire(config: NetworkConfig) -> dict[str, Any] | None:
     return out or None
 
 
+Route = tuple[str, re.Pattern[str], Callable[..., Any]]
+"""A method, a path pattern (its groups are the handler's arguments) and the handler."""
+
+
+def find_route(routes: list[Route], scope: Scope) -> tuple[Callable[..., Any], tuple[str, ...]]:
+    """The handler of a request and its path's groups; 405 naming the allowed methods, or 404."""
+    path: str = scope["path"].rstrip("/") or "/"
+    allowed = []
+    for verb, pattern, handler in routes:
+        match = pattern.fullmatch(path)
+        if match is None:
+            continue
+        allowed.append(verb)
+        if verb == scope["method"]:
+            return handler, match.groups()
+    if allowed:
+        raise ApiError(405, f"{scope['method']} is not allowed on {path[:200]} (use {', '.join(allowed)})")
+    raise ApiError(404, f"no such endpoint: {scope['method']} {path[:200]}")
+
+
 class ControlPlane:
     """Routes ``/sandboxes…`` and ``/v2/sandboxes…`` to the backend (this machine's manager, or Kubernetes)."""
 
@@ -172,7 +192,7 @@ class ControlPlane:
         self.api_key = api_key
         self.domain = domain
         sandbox = r"/sandboxes/([^/]+)"
-        self.routes: list[tuple[str, re.Pattern[str], Callable[..., Any]]] = [
+        self.routes: list[Route] = [
             ("POST", re.compile(r"/(?:v2/)?sandboxes"), self.create),
             ("GET", re.compile(r"/(?:v2/)?sandboxes"), self.list),
             ("GET", re.compile(sandbox), self.info),
@@ -195,19 +215,8 @@ class ControlPlane:
         headers = header_map(scope)
         try:
             check_api_key(headers, self.api_key)
-            path: str = scope["path"].rstrip("/") or "/"
-            allowed = []
-            for verb, pattern, handler in self.routes:
-                match = pattern.fullmatch(path)
-                if match is None:
-                    continue
-                allowed.append(verb)
-                if verb == scope["method"]:
-                    await handler(scope, receive, send, *(sandbox_id(g) for g in match.groups()))
-                    return
-            if allowed:
-                raise ApiError(405, f"{scope['method']} is not allowed on {path[:200]} (use {', '.join(allowed)})")
-            raise ApiError(404, f"no such endpoint: {scope['method']} {path[:200]}")
+            handler, groups = find_route(self.routes, scope)
+            await handler(scope, receive, send, *(sandbox_id(g) for g in groups))
         except ApiError as exc:
             await send_json(send, exc.status, {"code": exc.status, "message": exc.message}, exc.headers)
         except ClientDisconnected:

@@ -40,7 +40,7 @@ from typing import Any
 
 from sandboxd import _core
 
-from .agent_client import init_agent, interpreter_ready
+from .agent_client import init_agent, interpreter_ready, start_template_command
 from .disks import DiskPool
 from .errors import ApiError, not_found
 from .logs import LogEntry, from_events, read_agent_log
@@ -426,6 +426,16 @@ class SandboxManager:
             for outcome in outcomes:
                 if isinstance(outcome, BaseException):
                     raise outcome
+            if not resuming and (template.start_cmd or template.ready_cmd):  # E2B's set_start_cmd
+                await start_template_command(
+                    functools.partial(self.open_socket, row.id),
+                    row.access_token,
+                    template.start_cmd,
+                    template.ready_cmd,
+                    template.user or "root",
+                    template.workdir,
+                    {**template.env, **row.env_vars},
+                )
         except BaseException:
             await self._stop_processes(row.id, keep_files=resuming, id_base=row.id_base)
             raise

@@ -37,6 +37,8 @@ from .observe.probes import Readiness
 from .proxy import ENVD_PORT, SandboxProxy, parse_target
 from .signed import find_signer, operation_of
 from .store import Store
+from .template_api import TemplateApi
+from .template_builder import TemplateBuilder
 from .templates import Templates, default_store_dir
 from .zygote_client import ZygoteClient
 
@@ -82,8 +84,11 @@ class RuntimeApp:
         operators: Callable[[Scope, Receive, Send], Awaitable[None]],
         requests: RequestObserver,
         domain: str | None,
+        template_api: TemplateApi | None = None,
     ) -> None:
         self.control = control
+        self.template_api = template_api
+        """E2B's template build API (this machine's runtime only)."""
         self.proxy = proxy
         self.operators = operators
         self.requests = requests
@@ -109,6 +114,8 @@ class RuntimeApp:
             await self.operators(scope, receive, send)
         elif self.control.matches(scope["path"]):
             await self.control(scope, receive, send)
+        elif self.template_api is not None and self.template_api.matches(scope["path"]):
+            await self.template_api(scope, receive, send)
         else:
             await send_json(send, 404, {"code": 404, "message": f"no such endpoint: {scope['method']} {scope['path']}"})
 
@@ -269,12 +276,15 @@ async def _serve(
     operators = OperatorEndpoints(
         manager, zygote_client, readiness, observer.metrics, recent, api_key, options.data_dir
     )
+    builder = TemplateBuilder(manager, templates)
+    await builder.start()
     app = RuntimeApp(
         ControlPlane(backend, api_key, options.domain),
         proxy,
         operators,
         RequestObserver(observer.metrics),
         options.domain,
+        TemplateApi(builder, api_key),
     )
     config = server_config(app, options.host, options.port, options.connections)
     observe_logs.adopt_uvicorn()

@@ -109,6 +109,16 @@ class Template:
         return self.config.get("workdir") or None
 
     @property
+    def start_cmd(self) -> str | None:
+        """Started in each new sandbox (E2B's ``set_start_cmd``), before ``ready_cmd`` is polled."""
+        return self.config.get("start_cmd") or None
+
+    @property
+    def ready_cmd(self) -> str | None:
+        """Run until it exits 0 before a create returns."""
+        return self.config.get("ready_cmd") or None
+
+    @property
     def code_interpreter(self) -> bool:
         """Whether its sandboxes start the code interpreter (``runCode``, port 49999)."""
         return self.config.get("code_interpreter") is True
@@ -248,9 +258,9 @@ class Templates:
             raise ApiError(404, f"template '{name}' not found; known templates: {', '.join(self.names())}")
         return self._template(row)
 
-    async def prepare(self, name: str) -> Template:
+    async def prepare(self, name: str, wait: float = BASE_WAIT_S) -> Template:
         """For a create: like :meth:`resolve`, but a built-in template is built if it is not yet
-        (waiting up to :data:`BASE_WAIT_S`), or falls back where it cannot be built."""
+        (waiting up to ``wait`` seconds), or falls back where it cannot be built."""
         canonical = self.canonical(name)
         if canonical not in BUILT:
             return self.resolve(canonical)
@@ -266,7 +276,7 @@ class Templates:
             log.info("template %s: building %s, once (progress follows)", canonical, self._describe(canonical))
             build.task = loop.run_in_executor(None, self._build_blocking, canonical)
         task = build.task
-        await asyncio.wait({task}, timeout=BASE_WAIT_S)
+        await asyncio.wait({task}, timeout=wait)
         if not task.done():
             what = (
                 "from Debian's archive"
@@ -398,6 +408,34 @@ class Templates:
         with self.layers.lock("gc", shared=True):
             layers, config = self._build_blocking(name, report)
             return self._record(name, layers, config, self._describe(name))
+
+    # ---------------------------------------------------------------------- builds (E2B's API)
+
+    def check_buildable_name(self, name: str) -> None:
+        """400 unless ``name`` may be given to a template built through E2B's API."""
+        try:
+            _check_name(name)
+        except ValueError as exc:
+            raise ApiError(400, str(exc)) from None
+
+    def row_of(self, name: str) -> TemplateRow:
+        """The stored record (its layer digests and config) of a template to build on, once ready:
+        the host template has no layers and cannot be built on."""
+        canonical = self.canonical(name)
+        template = self.resolve(canonical)
+        row = self.db.template(template.id)
+        if template.host_usr or row is None:
+            raise ApiError(
+                409,
+                f"template '{name}' is the host's /usr (Debian's archive was not in reach to build 'base'); "
+                "templates cannot be built on it",
+            )
+        return row
+
+    def record_build(self, name: str, layers: list[str], config: dict[str, Any], source: str) -> TemplateRow:
+        """Record (or replace) a template made by a build."""
+        self.check_buildable_name(name)
+        return self._record(name, layers, config, source)
 
     def is_built(self, name: str) -> bool:
         """Whether the current recipe of a built-in template is in the store."""

@@ -1,0 +1,215 @@
+"""E2B's template build API (what the SDKs' ``Template.build`` calls), as ASGI routes over the builder
+(:mod:`.template_builder`). Wire shapes are E2B's (e2b-dev/infra ``spec/openapi.yml``, the SDKs'
+``template_sync/build_api.py``):
+
+* ``POST /v3/templates`` ``{name, tags?, cpuCount?, memoryMB?}`` -> 202 ``{templateID, buildID, public,
+  names, tags, aliases}``: a build is requested (the template's id is its name here);
+* ``GET /templates/{id}/files/{hash}`` -> 201 ``{present, url?}``: whether a ``copy`` step's files
+  (named by the SDK's hash of them) are here already, else where to ``PUT`` them: a URL of this
+  runtime carrying a token derived from the API key (the SDK uploads without its API key, as to a
+  presigned object-store URL);
+* ``POST /v2/templates/{id}/builds/{build}`` ``{fromTemplate|fromImage, steps, force, startCmd?,
+  readyCmd?}`` -> 202: the build starts;
+* ``GET /templates/{id}/builds/{build}/status?logsOffset=&limit=`` -> 200 ``{templateID, buildID,
+  status, logs, logEntries, reason?}``: status and the log from ``logsOffset`` on, as it runs;
+* ``GET /templates/aliases/{alias}`` -> 200 ``{templateID, public}`` or 404 (``Template.exists``);
+* ``GET /templates`` -> 200 ``[Template]`` (``e2b template list``); ``DELETE /templates/{id}`` -> 204.
+
+Every request but the upload needs ``X-API-KEY``; bad input is a 400 naming the field.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import os
+import re
+import secrets
+
+from sandboxd import ENVD_VERSION
+from sandboxd.agent.asgi import (
+    ClientDisconnected,
+    Receive,
+    Scope,
+    Send,
+    body_chunks,
+    header_map,
+    send_bytes,
+    send_empty,
+    send_json,
+)
+
+from .api import Route, check_api_key, find_route, iso
+from .errors import ApiError
+from .inputs import INT32_MAX, Body, Query
+from .template_builder import STATUS_PAGE, TemplateBuilder, parse_spec, status_answer
+
+MAX_UPLOAD = 8 << 30
+"""Bytes one ``copy`` step's archive may have: a build context, not a disk image; past it the upload
+is refused (413) and nothing is kept."""
+
+WRITE_BATCH = 1 << 20
+"""Upload bytes gathered before each write, which runs in a worker thread (not on the event loop)."""
+
+MAX_TAGS = 32
+
+
+class TemplateApi:
+    """Routes ``/templates…``, ``/v2/templates…`` and ``/v3/templates…`` to the builder."""
+
+    def __init__(self, builder: TemplateBuilder, api_key: str) -> None:
+        self.builder = builder
+        self.api_key = api_key
+        part = r"([^/]+)"
+        self.routes: list[Route] = [
+            ("POST", re.compile(r"/v3/templates"), self.request_build),
+            ("GET", re.compile(r"/templates"), self.list),
+            ("DELETE", re.compile(r"/templates/" + part), self.delete),
+            ("GET", re.compile(r"/templates/aliases/" + part), self.alias),
+            ("GET", re.compile(rf"/templates/{part}/files/{part}"), self.file_link),
+            ("PUT", re.compile(rf"/templates/{part}/files/{part}/upload"), self.upload),
+            ("POST", re.compile(rf"/v2/templates/{part}/builds/{part}"), self.trigger),
+            ("GET", re.compile(rf"/templates/{part}/builds/{part}/status"), self.status),
+        ]
+
+    def matches(self, path: str) -> bool:
+        return path.startswith(("/templates", "/v2/templates", "/v3/templates"))
+
+    def _upload_token(self, files_hash: str) -> str:
+        return hmac.new(self.api_key.encode(), f"upload:{files_hash}".encode(), hashlib.sha256).hexdigest()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        headers = header_map(scope)
+        try:
+            try:
+                handler, groups = find_route(self.routes, scope)
+            except ApiError:
+                check_api_key(headers, self.api_key)
+                raise
+            if handler != self.upload:  # the upload URL carries a token of its own (see file_link)
+                check_api_key(headers, self.api_key)
+            await handler(scope, receive, send, *(g[:256] for g in groups))
+        except ApiError as exc:
+            await send_json(send, exc.status, {"code": exc.status, "message": exc.message}, exc.headers)
+        except ClientDisconnected:
+            return
+
+    async def request_build(self, scope: Scope, receive: Receive, send: Send) -> None:
+        body = await Body.read(receive)
+        name = body.string("name", required=True)
+        assert name is not None
+        tags = body.fields.get("tags") or []
+        if not isinstance(tags, list) or len(tags) > MAX_TAGS or not all(isinstance(t, str) for t in tags):
+            raise ApiError(400, f"'tags' must be an array of at most {MAX_TAGS} strings")
+        body.integer("cpuCount", 1, INT32_MAX)
+        body.integer("memoryMB", 1, INT32_MAX)
+        body.integer("minFreeDiskMB", 0, INT32_MAX)
+        build = self.builder.request(name, tags)
+        await send_json(
+            send,
+            202,
+            {
+                "templateID": build.template_id,
+                "buildID": build.build_id,
+                "public": False,
+                "names": [build.name],
+                "tags": build.tags,
+                "aliases": [build.name],
+            },
+        )
+
+    async def list(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """E2B's ``GET /templates``: every template a sandbox can be created from."""
+        limits = self.builder.manager.limits
+        answer = []
+        for row in self.builder.rows():
+            created = iso(row.created_at)
+            answer.append(
+                {
+                    "templateID": row.name,
+                    "buildID": self.builder.build_id_of(row.name),
+                    "cpuCount": limits.cpu_count,
+                    "memoryMB": limits.memory_mb,
+                    "diskSizeMB": limits.disk_mb,
+                    "public": False,
+                    "aliases": [row.name],
+                    "names": [row.name],
+                    "createdAt": created,
+                    "updatedAt": created,
+                    "createdBy": None,
+                    "lastSpawnedAt": None,
+                    "spawnCount": 0,
+                    "buildCount": 1,
+                    "envdVersion": ENVD_VERSION,
+                    "buildStatus": "ready",
+                }
+            )
+        await send_json(send, 200, answer)
+
+    async def delete(self, scope: Scope, receive: Receive, send: Send, template_id: str) -> None:
+        await self.builder.remove(template_id)
+        await send_empty(send, 204)
+
+    async def alias(self, scope: Scope, receive: Receive, send: Send, alias: str) -> None:
+        try:
+            template = self.builder.templates.resolve(alias)
+        except ApiError:
+            raise ApiError(404, f"template '{alias}' not found") from None
+        await send_json(send, 200, {"templateID": template.id, "public": False})
+
+    async def file_link(self, scope: Scope, receive: Receive, send: Send, template_id: str, files_hash: str) -> None:
+        path = self.builder.upload_path(files_hash)
+        if path.is_file():
+            await send_json(send, 201, {"present": True})
+            return
+        headers = header_map(scope)
+        host = headers.get("host") or "localhost"
+        url = (
+            f"{scope.get('scheme', 'http')}://{host}/templates/{template_id}/files/{files_hash}/upload"
+            f"?token={self._upload_token(files_hash)}"
+        )
+        await send_json(send, 201, {"present": False, "url": url})
+
+    async def upload(self, scope: Scope, receive: Receive, send: Send, template_id: str, files_hash: str) -> None:
+        token = Query(scope.get("query_string", b"")).get("token", 128) or ""
+        if not hmac.compare_digest(token.encode(), self._upload_token(files_hash).encode()):
+            raise ApiError(401, "this upload URL's token is not valid: ask GET /templates/{id}/files/{hash} for one")
+        final = self.builder.upload_path(files_hash)
+        partial = final.with_name(f"{final.name}.{os.getpid()}-{secrets.token_hex(4)}.part")
+        handle = await asyncio.to_thread(partial.open, "wb")
+        try:
+            size = 0
+            pending: list[bytes] = []
+            pending_size = 0
+            async for chunk in body_chunks(receive):
+                size += len(chunk)
+                if size > MAX_UPLOAD:
+                    raise ApiError(413, f"the upload exceeds {MAX_UPLOAD >> 30} GiB")
+                pending.append(chunk)
+                pending_size += len(chunk)
+                if pending_size >= WRITE_BATCH:
+                    await asyncio.to_thread(handle.write, b"".join(pending))
+                    pending, pending_size = [], 0
+            if pending:
+                await asyncio.to_thread(handle.write, b"".join(pending))
+            await asyncio.to_thread(handle.close)
+            await asyncio.to_thread(partial.rename, final)
+        finally:
+            handle.close()
+            partial.unlink(missing_ok=True)
+        await send_bytes(send, 200, b"", None)
+
+    async def trigger(self, scope: Scope, receive: Receive, send: Send, template_id: str, build_id: str) -> None:
+        build = self.builder.get(template_id, build_id)
+        body = await Body.read(receive)
+        self.builder.trigger(build, parse_spec(body.fields))
+        await send_bytes(send, 202, b"", None)  # Content-Length: 0, which the JS SDK reads as no body
+
+    async def status(self, scope: Scope, receive: Receive, send: Send, template_id: str, build_id: str) -> None:
+        build = self.builder.get(template_id, build_id)
+        query = Query(scope.get("query_string", b""))
+        offset = query.integer("logsOffset", 0, INT32_MAX, 0)
+        limit = query.integer("limit", 0, STATUS_PAGE, STATUS_PAGE)
+        assert offset is not None and limit is not None
+        await send_json(send, 200, status_answer(build, offset, limit))

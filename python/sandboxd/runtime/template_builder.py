@@ -1,0 +1,584 @@
+"""Template builds: E2B's ``Template`` steps run in a build sandbox, kept as a layer over the parent's.
+
+A build (the SDKs' ``Template.build``, through :mod:`.template_api`) names a parent (``fromTemplate``,
+or ``fromImage``: Debian and E2B's base images are this runtime's ``base``; any other image is pulled
+from its registry, :mod:`.oci`, and recorded as a template of its own) and a list of steps. It
+runs them in an ordinary sandbox of the parent, created through the runtime's own manager, so a build
+has exactly the isolation of any sandbox (its own user namespace and host id range, seccomp, cgroup
+limits, its own disk, network egress) and its steps are treated as what they are: untrusted code.
+Nothing of a user's step runs on the host or as host root.
+
+Steps go through the sandbox's agent as a client's would (:mod:`.agent_client`):
+
+* ``RUN cmd [user]``: ``bash -l -c cmd`` as the step's user (the build's current one: the parent's
+  default user, ``user`` in ``base``, as on E2B, until a ``USER`` step), in the current workdir,
+  with the build's env; its output is the build's log, and a non-zero exit fails the build with
+  that output in the logs;
+* ``ENV k v ...``: for the following steps and for the template's sandboxes;
+* ``WORKDIR dir``: created (``mkdir -p``), the following steps' cwd and the sandboxes' default;
+* ``USER name``: the following steps' user and the sandboxes' default (it must exist);
+* ``COPY src dest [user] [mode]``: the uploaded archive (``GET /templates/{id}/files/{hash}``) is
+  written into the sandbox and unpacked there, by ``tar`` in the sandbox, as Docker's ``COPY`` places
+  things (a directory's contents into ``dest``; a file into ``dest/`` or as ``dest``), then owned by
+  the user and given the mode.
+
+Then the sandbox's processes are stopped (its disk kept), its writable layer becomes a layer
+(:mod:`.build_layer`: canonical owners, overlay whiteouts and opaque dirs kept), the sandbox goes,
+and the template is recorded as that layer on top of the parent's layers, which are shared, never
+copied. A build whose parent and steps (with the content hashes of copied files) are those of a
+build already made is served from the build cache (every step ``CACHED``) unless ``force``
+(``skip_cache``) is set.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import hashlib
+import json
+import logging
+import os
+import re
+import shlex
+import socket
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from . import build_layer, oci
+from .agent_client import run_command, upload_file
+from .errors import ApiError
+from .layers import LayerError, LayerInfo
+from .manager import DISK_IMAGE, CreateRequest, SandboxManager
+from .store import TemplateRow
+from .templates import ALIASES, BASE, BUILTIN, Templates
+
+log = logging.getLogger("sandboxd.runtime")
+
+BUILD_METADATA = "sandboxd.template-build"
+"""The metadata key that marks a build sandbox (its value is the build's id)."""
+
+BUILD_SANDBOX_TIMEOUT_S = 3600
+"""A build sandbox's lifetime: a build that takes longer is ended with it."""
+
+PARENT_WAIT_S = 1800.0
+"""How long a build waits for a built-in parent (``base`` on a fresh store) being built: a build has
+no request timeout to stay under, unlike a create."""
+
+MAX_LOG_ENTRIES = 10000
+"""Log entries kept per build (the oldest are dropped past it): a step's output is bounded."""
+
+MAX_BUILDS = 256
+"""Build records kept (status and log, for ``get_build_status``); past it the oldest finished one
+is forgotten, so memory stays bounded however many builds are requested."""
+
+STATUS_PAGE = 100
+"""Entries per status answer, as E2B's API gives (the SDK keeps asking until it gets none)."""
+
+MAX_STEPS = 256
+"""Steps per build: a template's overlay has one build layer whatever the count, but a build is a list
+a person wrote."""
+
+MAX_ARG = 64 << 10
+"""Bytes per step argument (a command line, a path)."""
+
+DEBIAN_IMAGES = re.compile(
+    r"(?:docker\.io/)?(?:library/)?debian(?::[a-z0-9._-]+)?|(?:docker\.io/)?e2bdev/base(?::[a-z0-9._-]+)?"
+)
+"""``from_debian_image`` (``debian:<variant>``) and ``from_base_image`` (``e2bdev/base``): this
+runtime's ``base``, Debian with E2B's base contents (``docs/templates.md``)."""
+
+TAIL_LINES = 20
+"""Output lines of a failed step quoted in the build's failure reason (all of it is in the log)."""
+
+HASH = re.compile(r"[0-9a-f]{64}")
+
+COPY_SCRIPT = r"""set -eu
+archive=$1; src=$2; dest=$3; owner=$4; mode=$5
+tmp=$(mktemp -d /tmp/.sandboxd-copy.XXXXXX)
+trap 'rm -rf "$tmp" "$archive"' EXIT
+tar -xf "$archive" -C "$tmp" --no-same-owner
+from="$tmp/$src"
+[ -e "$from" ] || [ -L "$from" ] || { echo "copy: '$src' is not in the uploaded files" >&2; exit 1; }
+if [ -n "$owner" ]; then chown -R -h "$owner" "$tmp"; fi
+if [ -n "$mode" ]; then find "$tmp" -mindepth 1 ! -type l -exec chmod "$mode" {} +; fi
+if [ -d "$from" ] && [ ! -L "$from" ]; then
+  mkdir -p "$dest"; cp -a "$from/." "$dest/"
+else
+  case "$dest" in
+    */) mkdir -p "$dest"; cp -a "$from" "$dest" ;;
+    *) mkdir -p "$(dirname "$dest")"; cp -a "$from" "$dest" ;;
+  esac
+fi
+"""
+"""Run by root in the build sandbox (its own tar and coreutils), never on the host."""
+
+
+class BuildFailed(Exception):
+    """A step failed: ``step`` is its number (1-based, as E2B reports it) or ``base``/``finalize``."""
+
+    def __init__(self, message: str, step: str) -> None:
+        super().__init__(message)
+        self.step = step
+
+
+@dataclass(frozen=True, slots=True)
+class Step:
+    type: str
+    args: tuple[str, ...]
+    files_hash: str | None
+    force: bool
+
+
+@dataclass(frozen=True, slots=True)
+class BuildSpec:
+    """A validated build trigger (E2B's ``TemplateBuildStartV2``)."""
+
+    parent: str
+    """The template to build on (for ``image``: the name its pull is recorded under)."""
+    image: str | None
+    """``fromImage`` of an image that is not Debian's: pulled from its registry first."""
+    steps: tuple[Step, ...]
+    force: bool
+    start_cmd: str | None
+    ready_cmd: str | None
+
+    def key(self, parent_row: TemplateRow) -> str:
+        """The build cache key: the parent's layers and config, every step with its files' hashes,
+        and the start and ready commands."""
+        recipe = {
+            "parent": {"layers": parent_row.layers, "config": parent_row.config},
+            "steps": [[s.type, list(s.args), s.files_hash] for s in self.steps],
+            "start": self.start_cmd,
+            "ready": self.ready_cmd,
+        }
+        return "sha256:" + hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()
+
+
+@dataclass(slots=True)
+class LogLine:
+    timestamp: float
+    level: str
+    message: str
+    step: str | None = None
+
+
+@dataclass(slots=True)
+class Build:
+    """One build: what it builds, its status and its log."""
+
+    template_id: str
+    build_id: str
+    name: str
+    tags: list[str]
+    status: str = "waiting"
+    """``waiting`` (requested, not triggered), ``building``, ``ready`` or ``error``."""
+    logs: list[LogLine] = field(default_factory=list)
+    dropped: int = 0
+    """Log entries dropped from the front past :data:`MAX_LOG_ENTRIES` (offsets stay stable)."""
+    reason: BuildFailed | None = None
+    task: asyncio.Task[None] | None = None
+
+    def log(self, message: str, level: str = "info", step: str | None = None) -> None:
+        self.logs.append(LogLine(time.time(), level, message, step))
+        if len(self.logs) > MAX_LOG_ENTRIES:
+            del self.logs[0]
+            self.dropped += 1
+
+    def page(self, offset: int, limit: int) -> list[LogLine]:
+        start = max(offset - self.dropped, 0)
+        return self.logs[start : start + limit]
+
+
+def parse_name(raw: str) -> tuple[str, list[str]]:
+    """E2B's ``name`` or ``name:tag``: the template's name and its tags."""
+    name, _, tag = raw.partition(":")
+    return name, [tag] if tag else []
+
+
+def parse_spec(body: dict[str, Any]) -> BuildSpec:
+    """A trigger body, checked field by field (400 naming the field)."""
+    from_template = body.get("fromTemplate")
+    from_image = body.get("fromImage")
+    if from_template is not None and not isinstance(from_template, str):
+        raise ApiError(400, "'fromTemplate' must be a string")
+    if from_image is not None and not isinstance(from_image, str):
+        raise ApiError(400, "'fromImage' must be a string")
+    if body.get("fromImageRegistry") is not None:
+        raise ApiError(400, "'fromImageRegistry' (private registries) is not supported by sandboxd's builds yet")
+    image = None
+    if from_template:
+        parent = from_template
+    elif from_image and DEBIAN_IMAGES.fullmatch(from_image):
+        parent = BASE
+    elif from_image:
+        try:
+            oci.parse_reference(from_image)
+        except oci.ImageError as exc:
+            raise ApiError(400, f"'fromImage': {exc}") from None
+        image = from_image
+        parent = "image-" + hashlib.sha256(from_image.encode()).hexdigest()[:16]
+    else:
+        raise ApiError(400, "a build needs 'fromTemplate' or 'fromImage' (the SDK's from_template, from_image, ...)")
+    raw_steps = body.get("steps") or []
+    if not isinstance(raw_steps, list) or len(raw_steps) > MAX_STEPS:
+        raise ApiError(400, f"'steps' must be an array of at most {MAX_STEPS} steps")
+    steps = []
+    for index, raw in enumerate(raw_steps):
+        where = f"steps[{index}]"
+        if not isinstance(raw, dict):
+            raise ApiError(400, f"'{where}' must be an object")
+        kind = raw.get("type")
+        args = raw.get("args") or []
+        if not isinstance(args, list) or not all(isinstance(a, str) and len(a) <= MAX_ARG for a in args):
+            raise ApiError(400, f"'{where}.args' must be an array of strings of at most {MAX_ARG} bytes")
+        files_hash = raw.get("filesHash")
+        if files_hash is not None and (not isinstance(files_hash, str) or not HASH.fullmatch(files_hash)):
+            raise ApiError(400, f"'{where}.filesHash' must be a sha256 in hex")
+        force = raw.get("force") or False
+        if not isinstance(force, bool):
+            raise ApiError(400, f"'{where}.force' must be a boolean")
+        _check_step(where, kind, args, files_hash)
+        steps.append(Step(str(kind), tuple(args), files_hash, force))
+    force = body.get("force") or False
+    start_cmd = body.get("startCmd")
+    ready_cmd = body.get("readyCmd")
+    if not isinstance(force, bool):
+        raise ApiError(400, "'force' must be a boolean")
+    for name, value in (("startCmd", start_cmd), ("readyCmd", ready_cmd)):
+        if value is not None and not isinstance(value, str):
+            raise ApiError(400, f"'{name}' must be a string")
+    return BuildSpec(parent, image, tuple(steps), force, start_cmd or None, ready_cmd or None)
+
+
+def _check_step(where: str, kind: object, args: list[str], files_hash: str | None) -> None:
+    counts = {"RUN": (1, 2), "ENV": (2, MAX_STEPS * 2), "WORKDIR": (1, 1), "USER": (1, 1), "COPY": (2, 4)}
+    if kind not in counts:
+        raise ApiError(400, f"'{where}.type' must be one of {', '.join(counts)}, got {json.dumps(str(kind)[:40])}")
+    low, high = counts[str(kind)]
+    if not low <= len(args) <= high or (kind == "ENV" and len(args) % 2):
+        raise ApiError(400, f"'{where}' ({kind}) has {len(args)} arguments")
+    if kind == "COPY":
+        if files_hash is None:
+            raise ApiError(400, f"'{where}' (COPY) needs 'filesHash' (the upload's hash)")
+        src = args[0]
+        if src.startswith("/") or ".." in src.split("/"):
+            raise ApiError(400, f"'{where}' (COPY): the source must be a relative path inside the build context")
+        if not args[1]:
+            raise ApiError(400, f"'{where}' (COPY): the destination is empty")
+    if kind in ("WORKDIR", "USER") and not args[0]:
+        raise ApiError(400, f"'{where}' ({kind}) has an empty argument")
+
+
+def _iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+@dataclass(slots=True)
+class _Session:
+    """A build sandbox while its steps run, and what the steps so far left for the next."""
+
+    build: Build
+    sandbox_id: str
+    token: str
+    user: str
+    workdir: str | None
+    env: dict[str, str]
+    step: str = "base"
+
+
+class TemplateBuilder:
+    """Every build of this runtime (in memory: a build's record lasts as long as the runtime; the
+    templates it makes are in the store and the database)."""
+
+    def __init__(self, manager: SandboxManager, templates: Templates) -> None:
+        self.manager = manager
+        self.templates = templates
+        self.uploads = templates.store_dir / "uploads"
+        self.uploads.mkdir(exist_ok=True)
+        self.builds: dict[str, Build] = {}
+
+    async def start(self) -> None:
+        """Kill the build sandboxes a previous runtime left (re-adopted with the rest): their builds'
+        records went with it, so nothing would ever finish them."""
+        for row in self.manager.store.live():
+            if BUILD_METADATA in row.metadata:
+                with contextlib.suppress(ApiError):
+                    await self.manager.kill(row.id, "its template build ended with the runtime that ran it")
+
+    # ------------------------------------------------------------------------------ requests
+
+    def request(self, raw_name: str, tags: list[str]) -> Build:
+        name, tag = parse_name(raw_name)
+        self.templates.check_buildable_name(name)
+        build = Build(template_id=name, build_id=str(uuid.uuid4()), name=name, tags=[*tag, *tags] or ["default"])
+        if len(self.builds) >= MAX_BUILDS:
+            finished = [b for b in self.builds.values() if b.status in ("ready", "error", "waiting")]
+            if not finished:
+                raise ApiError(429, f"{MAX_BUILDS} template builds are running; wait for one to finish")
+            del self.builds[finished[0].build_id]  # the oldest (dicts keep insertion order)
+        self.builds[build.build_id] = build
+        return build
+
+    def get(self, template_id: str, build_id: str) -> Build:
+        build = self.builds.get(build_id)
+        if build is None or build.template_id != template_id:
+            raise ApiError(404, f"build '{build_id[:64]}' of template '{template_id[:64]}' not found")
+        return build
+
+    def upload_path(self, files_hash: str) -> Path:
+        if not HASH.fullmatch(files_hash):
+            raise ApiError(400, "the files hash must be a sha256 in hex")
+        return self.uploads / f"{files_hash}.tar"
+
+    def rows(self) -> list[TemplateRow]:
+        """Every template a sandbox can be created from here, built-ins once built (``host`` has no
+        layers and is left out)."""
+        rows = []
+        for name in self.templates.names():
+            with contextlib.suppress(ApiError):
+                template = self.templates.resolve(name)
+                row = self.templates.db.template(template.id)
+                if row is not None and template.id == name:
+                    rows.append(row)
+        return rows
+
+    def build_id_of(self, name: str) -> str:
+        """The latest build of a template made here, else a stable id derived from its name."""
+        for build in reversed(self.builds.values()):
+            if build.name == name and build.status == "ready":
+                return build.build_id
+        return str(uuid.uuid5(uuid.NAMESPACE_URL, f"sandboxd-template:{name}"))
+
+    async def remove(self, name: str) -> None:
+        """Forget a template and delete the layers nothing else uses (409 while sandboxes use it).
+        Built-in templates are the operator's (``sandboxd template remove`` on the host)."""
+        if self.templates.canonical(name) in BUILTIN or name in ALIASES:
+            raise ApiError(
+                400, f"'{name}' is built in: an operator removes it with `sandboxd template remove` on the host"
+            )
+        in_use = {row.id: row.template_id for row in self.manager.store.live()}
+        try:
+            await asyncio.to_thread(self.templates.remove, name, lambda t: [i for i, u in in_use.items() if u == t])
+        except ValueError as exc:
+            message = str(exc)
+            status = 404 if "not found" in message else 409 if "live sandboxes" in message else 400
+            raise ApiError(status, message) from None
+
+    def trigger(self, build: Build, spec: BuildSpec) -> None:
+        if build.status != "waiting":
+            raise ApiError(409, f"build '{build.build_id}' was already started ({build.status})")
+        for step in spec.steps:
+            if step.type == "COPY":
+                assert step.files_hash is not None
+                if not self.upload_path(step.files_hash).is_file():
+                    raise ApiError(400, f"COPY {step.args[0]}: its files ({step.files_hash}) were not uploaded")
+        build.status = "building"
+        build.task = asyncio.get_running_loop().create_task(self._run(build, spec))
+
+    # --------------------------------------------------------------------------------- builds
+
+    async def _run(self, build: Build, spec: BuildSpec) -> None:
+        observe = self.manager.observe
+        try:
+            with observe.template_build(build.name):
+                await self._build(build, spec)
+            build.log(f"Template '{build.name}' is ready", step="finalize")
+            build.status = "ready"
+        except BuildFailed as exc:
+            build.log(f"Build failed: {exc}", "error", exc.step)
+            build.reason = exc
+            build.status = "error"
+        except Exception as exc:  # anything else is this runtime's failure, reported as the build's
+            log.exception("template build %s of %s failed", build.build_id, build.name)
+            failed = BuildFailed(f"the build failed in sandboxd: {exc}", "finalize")
+            build.log(str(failed), "error", "finalize")
+            build.reason = failed
+            build.status = "error"
+
+    async def _build(self, build: Build, spec: BuildSpec) -> None:
+        if spec.image is not None:
+            build.log(f"Pulling {spec.image}", step="base")
+            try:
+                await asyncio.to_thread(self._pull, spec.parent, spec.image, build)
+            except (oci.ImageError, LayerError, ValueError, OSError) as exc:
+                raise BuildFailed(f"the image {spec.image}: {exc}", "base") from None
+        build.log(f"Building template '{build.name}' from '{spec.image or spec.parent}'", step="base")
+        try:
+            await self.templates.prepare(spec.parent, wait=PARENT_WAIT_S)
+            parent_row = self.templates.row_of(spec.parent)
+        except ApiError as exc:
+            raise BuildFailed(f"the parent template '{spec.parent}': {exc.message}", "base") from None
+        key = spec.key(parent_row)
+        cached = None if spec.force or any(s.force for s in spec.steps) else self.templates.layers.cached(key)
+        if cached is not None:
+            for index, step in enumerate(spec.steps, 1):
+                build.log(f"CACHED [builder {index}/{len(spec.steps)}] {_describe(step)}", step=str(index))
+            self.templates.record_build(
+                build.name, list(cached["layers"]), dict(cached["config"]), cached.get("source", "")
+            )
+            return
+        await self._run_steps(build, spec, parent_row, key)
+
+    async def _run_steps(self, build: Build, spec: BuildSpec, parent_row: TemplateRow, key: str) -> None:
+        parent_config = parent_row.config
+        final_user: str | None = parent_config.get("user") or None
+        row = await self.manager.create(
+            CreateRequest(
+                template=parent_row.name,
+                timeout=BUILD_SANDBOX_TIMEOUT_S,
+                metadata={BUILD_METADATA: build.build_id},
+                env_vars={},
+            )
+        )
+        run = _Session(
+            build,
+            row.id,
+            row.access_token,
+            user=final_user or "root",
+            workdir=parent_config.get("workdir") or None,
+            env={str(k): str(v) for k, v in (parent_config.get("env") or {}).items()},
+        )
+        build.log(f"Build sandbox {row.id} started from '{parent_row.name}'", step="base")
+        try:
+            for index, step in enumerate(spec.steps, 1):
+                run.step = str(index)
+                build.log(f"[builder {index}/{len(spec.steps)}] {_describe(step)}", step=run.step)
+                if step.type == "ENV":
+                    run.env.update(zip(step.args[::2], step.args[1::2], strict=True))
+                elif step.type == "USER":
+                    await self._exec(run, f"id -u {shlex.quote(step.args[0])}", "root", quiet=True)
+                    run.user = final_user = step.args[0]
+                elif step.type == "WORKDIR":
+                    target = os.path.join(run.workdir or "/", step.args[0])
+                    quoted = shlex.quote(target)
+                    await self._exec(run, f"mkdir -p {quoted} && chown {shlex.quote(run.user)}: {quoted}", "root")
+                    run.workdir = target
+                elif step.type == "RUN":
+                    user = step.args[1] if len(step.args) > 1 and step.args[1] else run.user
+                    await self._exec(run, step.args[0], user)
+                elif step.type == "COPY":
+                    await self._copy(run, step)
+            config = {
+                **parent_config,
+                "env": run.env,
+                "user": final_user,
+                "workdir": run.workdir,
+                "start_cmd": spec.start_cmd,
+                "ready_cmd": spec.ready_cmd,
+            }
+            build.log("Saving the template's layer", step="finalize")
+            await self.manager.pause(row.id, "filesystem", f"template build {build.build_id}: keeping its layer")
+            image = self.manager.sandboxes_dir / row.id / DISK_IMAGE
+            assert row.id_base is not None
+            info = await asyncio.to_thread(self._layer, image, row.id_base, f"build of {build.name}")
+            layers = [info.digest, *parent_row.layers]
+            source = f"template build from {parent_row.name}"
+            self.templates.layers.cache_put(key, {"layers": layers, "config": config, "source": source})
+            self.templates.record_build(build.name, layers, config, source)
+            build.log(
+                f"Layer {info.digest[:19]} ({info.size >> 10} KiB, {info.entries} entries) over '{parent_row.name}'",
+                step="finalize",
+            )
+        finally:
+            with contextlib.suppress(ApiError):
+                await self.manager.kill(row.id, f"template build {build.build_id} ended")
+
+    def _pull(self, name: str, reference: str, build: Build) -> None:
+        """In a worker thread: the image as a template of its own (its layers shared with the build)."""
+        self.templates.pull(name, reference, lambda line: build.log(line, step="base"))
+
+    def _layer(self, image: Path, id_base: int, source: str) -> LayerInfo:
+        with self.templates.layers.lock("gc", shared=True):
+            return build_layer.layer_from_disk(self.templates.layers, image, id_base, source)
+
+    def _open_socket(self, sandbox_id: str) -> Callable[[int], Awaitable[socket.socket]]:
+        return functools.partial(self.manager.open_socket, sandbox_id)
+
+    async def _exec(self, run: _Session, command: str, user: str, quiet: bool = False) -> None:
+        """Run one command of a step; a failure (with the output's last lines) fails the build."""
+        tail: list[str] = []
+
+        def on_line(stream: str, line: str) -> None:
+            tail.append(line)
+            del tail[:-TAIL_LINES]
+            if not quiet:
+                run.build.log(line, "info" if stream == "stdout" else "warn", run.step)
+
+        try:
+            result = await run_command(
+                self._open_socket(run.sandbox_id), run.token, command, user, run.workdir, run.env, on_line
+            )
+        except (OSError, ValueError) as exc:  # ValueError: an answer that is not what an agent sends
+            raise BuildFailed(f"step {run.step}: {exc}", run.step) from None
+        if result.exit_code != 0:
+            shown = "\n".join(tail)
+            raise BuildFailed(
+                f"step {run.step} failed: '{command[:200]}' as {user} ended with {result.status or 'an error'}"
+                + (f": {shown}" if shown else ""),
+                run.step,
+            )
+
+    async def _copy(self, run: _Session, step: Step) -> None:
+        """A COPY step: the upload goes into the sandbox's /tmp, and the sandbox's own tar places it."""
+        assert step.files_hash is not None
+        path = self.upload_path(step.files_hash)
+        inside = f"/tmp/.sandboxd-upload-{step.files_hash[:16]}.tar"
+        size = path.stat().st_size
+
+        async def chunks() -> AsyncIterator[bytes]:
+            handle = await asyncio.to_thread(path.open, "rb")
+            try:
+                while chunk := await asyncio.to_thread(handle.read, 1 << 20):
+                    yield chunk
+            finally:
+                handle.close()
+
+        try:
+            await upload_file(self._open_socket(run.sandbox_id), run.token, inside, chunks(), size)
+        except OSError as exc:
+            raise BuildFailed(f"step {run.step}: {exc}", run.step) from None
+        src, dest = step.args[0], step.args[1]
+        if not dest.startswith("/"):
+            dest = os.path.join(run.workdir or "/", dest) + ("/" if dest.endswith("/") else "")
+        owner = (step.args[2] if len(step.args) > 2 else "") or run.user
+        if ":" not in owner:
+            owner += ":"  # and the user's login group, as Docker's COPY --chown=user does
+        mode = step.args[3] if len(step.args) > 3 else ""
+        arguments = ("sh", "-c", COPY_SCRIPT, "copy", inside, src.rstrip("/") or ".", dest, owner, mode)
+        await self._exec(run, " ".join(shlex.quote(a) for a in arguments), "root")
+
+
+def _describe(step: Step) -> str:
+    return f"{step.type} {' '.join(step.args)}"[:300]
+
+
+def status_answer(build: Build, offset: int, limit: int) -> dict[str, Any]:
+    """E2B's ``TemplateBuildInfo`` for ``GET /templates/{id}/builds/{build}/status``."""
+    entries = build.page(offset, limit)
+    answer: dict[str, Any] = {
+        "templateID": build.template_id,
+        "buildID": build.build_id,
+        "status": build.status,
+        "logs": [f"[{_iso(e.timestamp)}] {e.message}" for e in entries],
+        "logEntries": [_entry(e) for e in entries],
+    }
+    if build.reason is not None:
+        answer["reason"] = {
+            "message": str(build.reason),
+            "step": build.reason.step,
+            "logEntries": [_entry(e) for e in build.logs if e.step == build.reason.step][-50:],
+        }
+    return answer
+
+
+def _entry(line: LogLine) -> dict[str, Any]:
+    entry: dict[str, Any] = {"timestamp": _iso(line.timestamp), "level": line.level, "message": line.message}
+    if line.step is not None:
+        entry["step"] = line.step
+    return entry

@@ -1,0 +1,339 @@
+"""E2B's template builds through the official SDK's ``Template`` builder, against a real ``sandboxd serve``:
+the steps run in a build sandbox, the result is a layer over ``base``'s (shared, not copied), and
+sandboxes created from the new template see every step's effect."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import sqlite3
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from conftest import TEMPLATE_STORE, Runtime
+from e2b import BuildException, Sandbox, SandboxQuery, Template, wait_for_port
+from e2b.template.logger import LogEntry
+from test_template_base import _wheel
+
+
+@pytest.fixture
+def builds(e2b_env: Runtime, base_template: bool) -> Iterator[Runtime]:
+    if not base_template:
+        pytest.skip("the Debian base cannot be built on this machine (see the session's first lines)")
+    yield e2b_env
+
+
+def _layers(runtime: Runtime) -> dict[str, list[str]]:
+    """Each template's layer digests, topmost first, as the runtime recorded them."""
+    db = sqlite3.connect(f"file:{runtime.data_dir / 'sandboxd.db'}?mode=ro", uri=True)
+    try:
+        return {name: json.loads(layers) for name, layers in db.execute("SELECT name, layers FROM templates")}
+    finally:
+        db.close()
+
+
+def _name() -> str:
+    return f"built-{secrets.token_hex(4)}"
+
+
+def _context(tmp_path: Path) -> Path:
+    context = tmp_path / "context"
+    (context / "app" / "sub").mkdir(parents=True)
+    (context / "app" / "hello.txt").write_text("hello from the build context\n")
+    (context / "app" / "sub" / "run.sh").write_text("#!/bin/sh\necho ran\n")
+    (context / "single.cfg").write_text("key=value\n")
+    return context
+
+
+def _steps(context: Path, marker: str) -> Template:
+    return (
+        Template(file_context_path=str(context))
+        .from_debian_image()
+        # A new file, a deletion (a whiteout over base's file) and a replaced directory (opaque).
+        .run_cmd(
+            f"echo {marker} > /opt/marker && rm /etc/debian_version && rm -rf /usr/share/doc "
+            "&& mkdir /usr/share/doc && touch /usr/share/doc/only-this",
+            user="root",
+        )
+        .copy("app", "/home/user/app")
+        .copy("single.cfg", "/etc/single/", mode=0o600)
+        .set_envs({"GREETING": "hello", "SECOND": "two words"})
+        .set_workdir("/home/user/work")
+        .set_user("root")
+        .run_cmd("id -un > /opt/step-user")
+        .set_user("user")
+        .run_cmd('echo "$GREETING $SECOND" > note.txt && id -un > who.txt && pwd > where.txt')
+    )
+
+
+def test_build_then_create_sees_every_step(builds: Runtime, tmp_path: Path) -> None:
+    name = _name()
+    marker = secrets.token_hex(8)
+    logs: list[LogEntry] = []
+    info = Template.build(_steps(_context(tmp_path), marker), name, on_build_logs=logs.append)
+    assert info.template_id == name
+    messages = "\n".join(entry.message for entry in logs)
+    assert "[builder 1/9] RUN" in messages, messages
+    assert Template.exists(name)
+    assert not Template.exists(f"{name}-missing")
+
+    sandbox = Sandbox.create(name, timeout=120)
+    try:
+        run = sandbox.commands.run
+        assert run("cat /opt/marker").stdout == f"{marker}\n"
+        assert run("test -e /etc/debian_version || echo gone").stdout == "gone\n"
+        assert run("ls -A /usr/share/doc").stdout == "only-this\n"
+        assert run("cat /home/user/app/hello.txt").stdout == "hello from the build context\n"
+        assert run("cat /home/user/app/sub/run.sh").stdout.startswith("#!/bin/sh")
+        assert run("stat -c '%U:%G' /home/user/app/hello.txt /home/user/app").stdout == "user:user\nuser:user\n"
+        assert run("stat -c '%a %U' /etc/single/single.cfg").stdout == "600 user\n"
+        assert run("cat /etc/single/single.cfg").stdout == "key=value\n"
+        # set_envs, set_workdir and set_user are the sandbox's defaults as well as the later steps'.
+        assert run("echo $GREETING; pwd; id -un").stdout == "hello\n/home/user/work\nuser\n"
+        assert run("cat /opt/step-user").stdout == "root\n"
+        assert run("cat note.txt who.txt where.txt").stdout == "hello two words\nuser\n/home/user/work\n"
+        assert run("stat -c '%U' /home/user/work/note.txt").stdout == "user\n"
+        # The runtime's own files in the build sandbox's /etc are not the template's.
+        assert "build" not in run("cat /etc/hostname").stdout
+    finally:
+        sandbox.kill()
+
+    # On disk the new layer is canonically owned (1000 is `user`, not the build sandbox's host range),
+    # and it holds only what the steps changed: base's layer is shared, not copied.
+    notes = list((TEMPLATE_STORE / "layers").glob("*/home/user/work/note.txt"))
+    mine = [p for p in notes if (p.parents[3] / "opt" / "marker").read_text() == f"{marker}\n"]
+    assert len(mine) == 1, notes
+    layer = mine[0].parents[3]
+    assert mine[0].stat().st_uid == 1000 and mine[0].stat().st_gid == 1000
+    assert (layer / "opt" / "marker").stat().st_uid == 0
+    assert not (layer / "usr" / "bin" / "bash").exists()
+    whiteout = os.lstat(layer / "etc" / "debian_version")
+    assert whiteout.st_rdev == 0 and (whiteout.st_mode & 0o170000) == 0o020000
+    assert os.getxattr(layer / "usr" / "share" / "doc", "user.overlay.opaque") == b"y"
+
+
+def test_rebuild_hits_the_cache_and_skip_cache_rebuilds(builds: Runtime, tmp_path: Path) -> None:
+    context = _context(tmp_path)
+    marker = secrets.token_hex(8)
+    name = _name()
+    Template.build(_steps(context, marker), name)
+    again: list[LogEntry] = []
+    Template.build(_steps(context, marker), f"{name}-again", on_build_logs=again.append)
+    cached = [e.message for e in again if e.message.startswith("CACHED")]
+    assert len(cached) == 9, [e.message for e in again]
+    forced: list[LogEntry] = []
+    Template.build(_steps(context, marker), f"{name}-forced", skip_cache=True, on_build_logs=forced.append)
+    assert not [e for e in forced if e.message.startswith("CACHED")]
+    sandbox = Sandbox.create(f"{name}-again", timeout=60)
+    try:
+        assert sandbox.commands.run("cat /opt/marker").stdout == f"{marker}\n"
+    finally:
+        sandbox.kill()
+
+
+def test_a_failing_step_fails_the_build_with_its_output(builds: Runtime) -> None:
+    logs: list[LogEntry] = []
+    template = Template().from_template("base").run_cmd("echo about-to-fail-$((40+2)); exit 3")
+    with pytest.raises(BuildException) as raised:
+        Template.build(template, _name(), on_build_logs=logs.append)
+    assert "about-to-fail-42" in str(raised.value)
+    assert any("about-to-fail-42" in entry.message for entry in logs)
+
+
+def test_bad_requests_are_refused_with_a_reason(builds: Runtime) -> None:
+    headers = {"X-API-KEY": builds.api_key}
+    with httpx.Client(base_url=builds.url, headers=headers) as client:
+        assert client.post("/v3/templates", json={"name": "x"}, headers={"X-API-KEY": "wrong"}).status_code == 401
+        bad = client.post("/v3/templates", json={"name": "Bad Name!"})
+        assert bad.status_code == 400 and "must match" in bad.json()["message"]
+        requested = client.post("/v3/templates", json={"name": _name()}).json()
+        trigger = f"/v2/templates/{requested['templateID']}/builds/{requested['buildID']}"
+        refused = client.post(trigger, json={"fromImage": "Not An Image!", "steps": []})
+        assert refused.status_code == 400 and "fromImage" in refused.json()["message"]
+        refused = client.post(trigger, json={"fromTemplate": "base", "steps": [{"type": "FROB", "args": []}]})
+        assert refused.status_code == 400 and "steps[0].type" in refused.json()["message"]
+        copy = {"type": "COPY", "args": ["../etc", "/x"], "filesHash": "0" * 64}
+        refused = client.post(trigger, json={"fromTemplate": "base", "steps": [copy]})
+        assert refused.status_code == 400 and "relative path" in refused.json()["message"]
+        missing = {"type": "COPY", "args": ["a", "/x"], "filesHash": "1" * 64}
+        refused = client.post(trigger, json={"fromTemplate": "base", "steps": [missing]})
+        assert refused.status_code == 400 and "not uploaded" in refused.json()["message"]
+        link = client.get(f"/templates/{requested['templateID']}/files/{'2' * 64}").json()
+        assert link["present"] is False
+        forged = link["url"].split("?")[0] + "?token=" + "0" * 64
+        assert httpx.put(forged, content=b"x").status_code == 401
+        assert client.get(f"/templates/x/builds/{requested['buildID']}/status").status_code == 404
+
+
+def test_start_cmd_runs_in_each_new_sandbox_once_ready(builds: Runtime) -> None:
+    name = _name()
+    template = (
+        Template()
+        .from_template("base")
+        .run_cmd("mkdir -p /home/user/site && echo served > /home/user/site/index.html")
+        .set_workdir("/home/user/site")
+        .set_start_cmd("sleep 1 && python3 -m http.server 8123", wait_for_port(8123))
+    )
+    Template.build(template, name)
+    sandbox = Sandbox.create(name, timeout=60)
+    try:
+        # The create returned after the ready check passed: the server answers at once.
+        assert sandbox.commands.run("curl -sf http://127.0.0.1:8123/index.html").stdout == "served\n"
+        assert "http.server" in sandbox.commands.run("ps -eo user,args").stdout
+        assert sandbox.commands.run("ps -o user= -C python3").stdout.split() == ["user"]
+    finally:
+        sandbox.kill()
+
+
+def test_from_template_layers_on_another_built_template(builds: Runtime) -> None:
+    first, second = _name(), _name()
+    Template.build(Template().from_template("base").run_cmd("echo one > /home/user/one"), first)
+    Template.build(Template().from_template(first).run_cmd("echo two > /home/user/two"), second)
+    sandbox = Sandbox.create(second, timeout=60)
+    try:
+        assert sandbox.commands.run("cat /home/user/one /home/user/two").stdout == "one\ntwo\n"
+    finally:
+        sandbox.kill()
+    # The second template's layers are the first's (shared, not copied) under one layer of its own.
+    layers = _layers(builds)
+    assert len(layers[second]) == len(layers[first]) + 1
+    assert layers[second][1:] == layers[first]
+
+
+def test_list_and_delete(builds: Runtime) -> None:
+    name = _name()
+    Template.build(Template().from_template("base").run_cmd("true"), name)
+    headers = {"X-API-KEY": builds.api_key}
+    with httpx.Client(base_url=builds.url, headers=headers) as client:
+        listed = {t["templateID"]: t for t in client.get("/templates").json()}
+        assert listed[name]["names"] == [name] and listed[name]["buildStatus"] == "ready"
+        assert "base" in listed
+        sandbox = Sandbox.create(name, timeout=60)
+        try:
+            busy = client.delete(f"/templates/{name}")
+            assert busy.status_code == 409 and sandbox.sandbox_id in busy.json()["message"]
+        finally:
+            sandbox.kill()
+        assert client.delete(f"/templates/{name}").status_code == 204
+        assert not Template.exists(name)
+        assert client.delete(f"/templates/{name}").status_code == 404
+        builtin = client.delete("/templates/base")
+        assert builtin.status_code == 400 and "sandboxd template remove" in builtin.json()["message"]
+
+
+def test_apt_install_and_pip_install(builds: Runtime, tmp_path: Path) -> None:
+    """apt_install from Debian's archive (the build sandbox has network egress, as any sandbox), and
+    pip_install from a package index that an earlier step serves on the build sandbox's loopback."""
+    context = tmp_path / "context"
+    filename, wheel = _wheel("sandboxd-probe", "1.0", "sandboxd_probe", "installed by pip_install")
+    (context / "index" / "simple" / "sandboxd-probe").mkdir(parents=True)
+    (context / "index" / "simple" / "sandboxd-probe" / filename).write_bytes(wheel)
+    name = _name()
+    template = (
+        Template(file_context_path=str(context))
+        .from_template("base")
+        .apt_install("sl", no_install_recommends=True)
+        .copy("index", "/opt/index")
+        .run_cmd("setsid python3 -m http.server 8765 --bind 127.0.0.1 --directory /opt/index >/dev/null 2>&1 &")
+        .set_envs({"PIP_INDEX_URL": "http://127.0.0.1:8765/simple/"})
+        .run_cmd("for i in $(seq 50); do curl -sf http://127.0.0.1:8765/simple/ && exit 0; sleep 0.1; done; exit 1")
+        .pip_install("sandboxd-probe")
+    )
+    Template.build(template, name)
+    sandbox = Sandbox.create(name, timeout=60)
+    try:
+        assert sandbox.commands.run("test -x /usr/games/sl && dpkg -s sl | grep -c installed").stdout == "1\n"
+        imported = sandbox.commands.run("python -c 'import sandboxd_probe; print(sandboxd_probe.VALUE)'")
+        assert imported.stdout == "installed by pip_install\n"
+    finally:
+        sandbox.kill()
+
+
+def test_build_status_streams_logs_while_it_runs(builds: Runtime, tmp_path: Path) -> None:
+    gate = f"/tmp/gate-{secrets.token_hex(4)}"
+    template = (
+        Template()
+        .from_template("base")
+        .run_cmd(f"echo first-line; for i in $(seq 300); do [ -e {gate} ] && exit 0; sleep 0.1; done; exit 1")
+    )
+    info = Template.build_in_background(template, _name())
+    seen: list[str] = []
+    deadline = time.monotonic() + 30
+    while not any("first-line" in line for line in seen):
+        assert time.monotonic() < deadline, seen
+        status = Template.get_build_status(info, logs_offset=len(seen))
+        assert status.status.value == "building", (status.status, seen)
+        seen += [entry.message for entry in status.log_entries]
+        time.sleep(0.1)
+    # The step is still running (it waits for the gate): the log came while it ran, not at its end.
+    assert Template.get_build_status(info, logs_offset=len(seen)).status.value == "building"
+    runtime_sandboxes = Sandbox.list(query=SandboxQuery(metadata={"sandboxd.template-build": info.build_id}))
+    (build_sandbox,) = runtime_sandboxes.next_items()
+    Sandbox.connect(build_sandbox.sandbox_id).files.write(gate, "")
+    deadline = time.monotonic() + 60
+    while (status := Template.get_build_status(info, logs_offset=len(seen))).status.value == "building":
+        assert time.monotonic() < deadline
+        seen += [entry.message for entry in status.log_entries]
+        time.sleep(0.2)
+    assert status.status.value == "ready", status
+
+
+def test_from_dockerfile_builds_the_same_result(builds: Runtime, tmp_path: Path) -> None:
+    context = _context(tmp_path)
+    marker = secrets.token_hex(8)
+    dockerfile = f"""FROM debian:stable
+RUN echo {marker} > /opt/marker
+COPY app /home/user/app
+ENV GREETING=hello
+WORKDIR /home/user/work
+"""
+    from_dockerfile, from_code = _name(), _name()
+    Template.build(Template(file_context_path=str(context)).from_dockerfile(dockerfile), from_dockerfile)
+    Template.build(
+        Template(file_context_path=str(context))
+        .from_debian_image()
+        .set_user("root")
+        .set_workdir("/")
+        .run_cmd(f"echo {marker} > /opt/marker")
+        .copy("app", "/home/user/app")
+        .set_envs({"GREETING": "hello"})
+        .set_workdir("/home/user/work")
+        .set_user("user"),
+        from_code,
+    )
+    probe = "cat /opt/marker; ls -lnR /home/user/app | grep -v total; echo $GREETING; id -un; pwd"
+    seen = []
+    for name in (from_dockerfile, from_code):
+        sandbox = Sandbox.create(name, timeout=60)
+        try:
+            seen.append(sandbox.commands.run(probe).stdout)
+        finally:
+            sandbox.kill()
+    assert seen[0] == seen[1]
+    assert seen[0].startswith(f"{marker}\n") and seen[0].endswith("hello\nuser\n/home/user/work\n"), seen[0]
+
+
+def test_a_restarted_runtime_ends_the_build_sandboxes_it_inherits(
+    start_runtime: Callable[..., Runtime], base_template: bool
+) -> None:
+    if not base_template:
+        pytest.skip("the Debian base cannot be built on this machine (see the session's first lines)")
+    runtime = start_runtime()
+    api = {"api_key": runtime.api_key, "api_url": runtime.url}
+    info = Template.build_in_background(Template().from_template("base").run_cmd("sleep 600"), _name(), **api)
+    deadline = time.monotonic() + 30
+    query = SandboxQuery(metadata={"sandboxd.template-build": info.build_id})
+    while not (found := Sandbox.list(query=query, **api).next_items()):
+        assert time.monotonic() < deadline, "no build sandbox started"
+        time.sleep(0.1)
+    runtime.process.terminate()
+    runtime.process.wait(10)
+    runtime.restart()
+    with httpx.Client(base_url=runtime.url, headers={"X-API-KEY": runtime.api_key}) as client:
+        gone = client.get(f"/sandboxes/{found[0].sandbox_id}")
+        assert gone.status_code == 404 and "template build ended" in gone.json()["message"], gone.text
+        assert client.get(f"/templates/{info.template_id}/builds/{info.build_id}/status").status_code == 404
