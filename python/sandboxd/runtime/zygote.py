@@ -168,8 +168,8 @@ def _fork_sandbox(request: dict[str, Any], disk_fd: int | None, inherited: list[
                 inotify_instances=request.get("inotify_instances"),
                 inotify_watches=request.get("inotify_watches"),
             )
-        except OSError as exc:
-            os.write(w, _report(b"E" + str(exc).encode()))
+        except BaseException as exc:  # A must never return into the zygote's loop
+            os.write(w, _report(f"E{exc}".encode(errors="replace")))
             os._exit(1)
         if where.inside:  # "C": PID 2 inside the sandbox
             os.close(w)
