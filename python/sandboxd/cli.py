@@ -159,6 +159,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="disk quota per sandbox in MiB (default: 10240, or a quarter of the data dir's free space)",
     )
     serve.add_argument(
+        "--warm-sandboxes",
+        type=int,
+        choices=range(0, 65),
+        default=0,
+        metavar="N",
+        help="keep N sandboxes of the base template booted ahead of need, so creates only give one its "
+        "identity (0-64, default 0; see docs/runtime.md)",
+    )
+    serve.add_argument(
         "--allow-nested-userns",
         action="store_true",
         help="let code in sandboxes create user namespaces (bubblewrap, Chrome's sandbox); see docs/security.md",
@@ -454,6 +463,7 @@ def main(argv: list[str] | None = None) -> None:
                 max_sandboxes=args.max_sandboxes,
                 max_timeout_s=args.max_timeout,
                 nested_userns=args.allow_nested_userns,
+                warm_sandboxes=args.warm_sandboxes,
             ),
             log_format=args.log_format,
             network=None

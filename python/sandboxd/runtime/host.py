@@ -200,6 +200,7 @@ class SandboxFlags:
     max_sandboxes: int = 256
     max_timeout_s: int = 24 * 3600
     nested_userns: bool = False
+    warm_sandboxes: int = 0
 
 
 def sandbox_limits(host: HostFacts, flags: SandboxFlags) -> Limits:
@@ -216,6 +217,7 @@ def sandbox_limits(host: HostFacts, flags: SandboxFlags) -> Limits:
         inotify_instances=instances,
         inotify_watches=watches,
         nested_userns=flags.nested_userns,
+        warm_sandboxes=flags.warm_sandboxes,
     )
 
 

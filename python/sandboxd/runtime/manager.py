@@ -47,9 +47,11 @@ from .logs import LogEntry, from_events, read_agent_log
 from .metrics import SAMPLE_INTERVAL_S, MetricsHistory, Sampler, Target, bucket
 from .metrics import MetricsSample as MetricsSample  # re-exported: sandboxd.kube reads it from here
 from .network import NetworkConfig, SandboxNetworks
+from .network.addressing import Slot
 from .observe import Observer
 from .store import SandboxRow, Store
 from .templates import Template, Templates
+from .warm import Warm, WarmPool
 from .zygote_client import ZygoteClient
 
 log = logging.getLogger("sandboxd.runtime")
@@ -86,6 +88,8 @@ class Limits:
     """inotify watches per uid inside (the sandbox's ``user.max_inotify_watches``)."""
     nested_userns: bool = False
     """Allow user namespaces inside sandboxes (``--allow-nested-userns``; see docs/security.md)."""
+    warm_sandboxes: int = 0
+    """``base`` sandboxes booted ahead of need (``--warm-sandboxes``; see :mod:`.warm`)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -184,6 +188,7 @@ class SandboxManager:
         self._sampling: asyncio.Task[None] | None = None
         self.observe = observer or Observer()
         """Counts and logs every transition (metrics, structured logs, the log redactor's tokens)."""
+        self.warm = WarmPool(self, limits.warm_sandboxes)
 
     # ------------------------------------------------------------------------------ start/stop
 
@@ -193,8 +198,8 @@ class SandboxManager:
         the reaper."""
         live = {row.id for row in self.store.live()}
         for base, sandbox_id in self.place.ids.claims_of(self.data_dir):
-            if sandbox_id not in live:
-                self.place.ids.release(base, self.data_dir, sandbox_id)
+            if sandbox_id not in live:  # a create cut short, or a warm sandbox of a runtime that died
+                await asyncio.to_thread(self._destroy, sandbox_id, None, False, base)
         for row in self.store.live():
             self.observe.secrets.add(row.access_token)  # never logged, whatever becomes of the sandbox
             if row.state == "paused" and row.pause_mode == "filesystem":
@@ -216,9 +221,11 @@ class SandboxManager:
         await self.history.open(row.id for row in self.store.live())
         self._reaper = asyncio.get_running_loop().create_task(self._reap_expired())
         self._sampling = asyncio.get_running_loop().create_task(self._sample_forever())
+        self.warm.start()
 
     async def stop(self) -> None:
-        """Stop watching (sandboxes keep running; a restarted runtime re-adopts them)."""
+        """Stop watching (sandboxes keep running; a restarted runtime re-adopts them; warm ones are killed)."""
+        await self.warm.stop()
         for background in (self._reaper, self._sampling, *self._tasks):
             if background is not None:
                 background.cancel()
@@ -333,7 +340,9 @@ class SandboxManager:
         elif request.network != NetworkConfig():
             raise ApiError(400, "this runtime runs sandboxes without networking: network settings do not apply")
         traffic_token = secrets.token_urlsafe(24) if request.network.allow_public_traffic is False else None
-        sandbox_id = request.sandbox_id or new_id()
+        # Only while a slot is free: the slot is taken right below, with no await in between.
+        warm = self.warm.take(template, request) if len(self._slots) < self.limits.max_sandboxes else None
+        sandbox_id = warm.row.id if warm is not None else request.sandbox_id or new_id()
         self._take_slot(sandbox_id)
         try:
             async with self._owning(sandbox_id):
@@ -355,7 +364,9 @@ class SandboxManager:
                     pause_mode="full" if request.pause_memory else "filesystem",
                     auto_resume=request.auto_resume,
                 )
-                await self._boot(row, template, network=(request.network, traffic_token))
+                if warm is not None:
+                    row.id_base, row.init_pid, row.init_start = warm.row.id_base, warm.row.init_pid, warm.row.init_start
+                await self._boot(row, template, network=(request.network, traffic_token), warm=warm)
                 self.store.insert(row)
                 self.store.event(row.id, "created", f"template {request.template}, timeout {timeout}s")
                 self._background(self._first_sample(row))
@@ -364,17 +375,12 @@ class SandboxManager:
             raise
         return row
 
-    async def _boot(
-        self,
-        row: SandboxRow,
-        template: Template,
-        resuming: bool = False,
-        network: tuple[NetworkConfig, str | None] | None = None,
-    ) -> None:
-        """Fork the sandbox from the zygote, watch its init, link its network, and hand the agent
-        its settings. On failure nothing of the sandbox is left running; a resume keeps its disk
-        and id range, a create gives them back. ``network``: a new sandbox's settings and traffic
-        token (a resume has its own stored)."""
+    async def _spawn(
+        self, row: SandboxRow, template: Template, resuming: bool, nice: int = 0
+    ) -> tuple[_core.SandboxHandle, Slot | None]:
+        """Fork the sandbox from the zygote into its jail and watch its init; its agent starts
+        without a token. Returns its handle and its network slot (reserved, not linked yet). On
+        failure nothing is left; a resume keeps its disk and id range."""
         self.zygote.check_up()
         sandbox_dir = self.sandboxes_dir / row.id
         sandbox_dir.mkdir(parents=True, exist_ok=True)
@@ -388,6 +394,7 @@ class SandboxManager:
             except OSError as exc:
                 raise ApiError(500, f"could not prepare the sandbox's disk: {exc}") from None
             request = self._zygote_request(row, template, sandbox_dir)
+            request["nice"] = nice
             if slot is not None:
                 request["files"] = {"/etc/resolv.conf": slot.resolv_conf()}
             try:
@@ -405,6 +412,24 @@ class SandboxManager:
         row.init_pid = handle.init_pid
         row.init_start = _proc_start_time(handle.init_pid)
         self._watch(row.id, handle)
+        return handle, slot
+
+    async def _boot(
+        self,
+        row: SandboxRow,
+        template: Template,
+        resuming: bool = False,
+        network: tuple[NetworkConfig, str | None] | None = None,
+        warm: Warm | None = None,
+    ) -> None:
+        """Fork the sandbox from the zygote (or take ``warm``, forked already), watch its init, link
+        its network, and hand the agent its settings. On failure nothing of the sandbox is left
+        running; a resume keeps its disk and id range, a create gives them back. ``network``: a new
+        sandbox's settings and traffic token (a resume has its own stored)."""
+        if warm is None:
+            handle, slot = await self._spawn(row, template, resuming)
+        else:
+            handle, slot = warm.handle, warm.slot
         try:
             # The link is made while the agent comes up (the agent needs no network to start).
             steps: list[Awaitable[object]] = [

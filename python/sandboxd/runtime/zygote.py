@@ -152,6 +152,8 @@ def _fork_sandbox(request: dict[str, Any], disk_fd: int | None, inherited: list[
         for fd in inherited:
             os.close(fd)
         try:
+            if request.get("nice"):  # a warm sandbox (.warm): inherited by its init and agent
+                os.setpriority(os.PRIO_PROCESS, 0, int(request["nice"]))
             where = _core.enter_sandbox(
                 request["id"],
                 request["template_dirs"],

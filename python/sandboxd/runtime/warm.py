@@ -1,0 +1,164 @@
+"""Warm sandboxes: a few sandboxes of the ``base`` template forked and jailed ahead of need, whose
+agent is already listening, so a create only gives one its identity.
+
+Why: the profile in ``docs/benchmarks.md`` puts ~75 % of create→first command in two serial steps
+inside the new sandbox, the jail's set-up and the agent's start-up; neither can overlap the other,
+so the only way to take them off a create's path is to do them before the create arrives.
+
+What a warm sandbox has before it is claimed, and why none of it tells one sandbox from another:
+its id (random, as every id is, and known to nobody: it is named in no answer until the claim),
+hence its hostname, cgroup, directory and host id range; a fresh boot id; its disk from the disk
+pool; a network slot (its ``/etc/resolv.conf`` names the slot's gateway) but no link and no rules;
+an agent **without** access token, environment or CA bundle (the zygote never holds a secret). The
+claim does what a create does after the fork, in the same code (``SandboxManager._boot``): the
+agent's ``POST /init`` with the new token, the template's and the request's env vars and defaults;
+the network link with the request's rules; the row, with ``startedAt``, metadata and timeout, from
+the claim. Only sandboxes with the runtime's default size, the ``base`` template and no caller-set
+id are served warm; anything else is created as before.
+
+Cost, bounded by ``--warm-sandboxes N`` (default 0: none): N idle sandboxes (~7 MiB of PSS each,
+``benches/runtime``), N disks and N network slots, not counted against ``--max-sandboxes`` until
+claimed. A warm sandbox that dies is dropped and replaced; the runtime's stop kills them all (they
+have no row to be re-adopted from), and its start kills any a crashed runtime left.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from sandboxd import _core
+
+from .errors import ApiError
+from .store import SandboxRow
+
+if TYPE_CHECKING:
+    from .manager import CreateRequest, SandboxManager
+    from .network.addressing import Slot
+    from .templates import Template
+
+log = logging.getLogger("sandboxd.runtime")
+
+WARM_TEMPLATE = "base"
+"""The template kept warm: E2B's default, what ``Sandbox.create()`` asks for."""
+
+NICE = 10
+"""The niceness a warm sandbox boots with, reset to 0 when it is claimed: booting one takes a few tens
+of ms of CPU, and right after a claim that would compete, as an equal, with the claimed sandbox's
+first command (measured: the first command went from 37 to 65 ms p50 on 2 busy cores)."""
+
+RETRY_S = 2.0
+"""Wait before trying again when making a warm sandbox failed (a template being built, no disk)."""
+
+
+@dataclass
+class Warm:
+    """A booted sandbox waiting for its identity."""
+
+    row: SandboxRow
+    """Its id, id range, size and init; the rest is filled in by the claim."""
+    template: Template
+    handle: _core.SandboxHandle
+    slot: Slot | None
+
+
+class WarmPool:
+    """Keeps up to ``size`` warm sandboxes of :data:`WARM_TEMPLATE`."""
+
+    def __init__(self, manager: SandboxManager, size: int) -> None:
+        self.manager = manager
+        self.size = size
+        self.ready: list[Warm] = []
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        if self.size > 0:
+            self._task = asyncio.get_running_loop().create_task(self._fill())
+
+    async def stop(self) -> None:
+        """Kill every warm sandbox: none has a row, so nothing could re-adopt it."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        while self.ready:
+            await self._discard(self.ready.pop())
+
+    def take(self, template: Template, request: CreateRequest) -> Warm | None:
+        """A live warm sandbox for this create, or None when it must be made from scratch."""
+        if request.sandbox_id is not None or request.cpu_count is not None or request.memory_mb is not None:
+            return None
+        while self.ready:
+            warm = self.ready.pop(0)
+            self._wake.set()
+            if warm.template.id != template.id or self.manager.handles.get(warm.row.id) is not warm.handle:
+                self.manager._background(self._discard(warm))  # died, or its template was rebuilt
+                continue
+            try:
+                _renice(warm.handle.init_pid)
+            except OSError:
+                self.manager._background(self._discard(warm))
+                continue
+            return warm
+        self._wake.set()
+        return None
+
+    async def _fill(self) -> None:
+        while True:
+            if len(self.ready) >= self.size:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            try:
+                self.ready.append(await self._make())
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                detail = exc.message if isinstance(exc, ApiError) else repr(exc)
+                log.info("could not make a warm sandbox (retrying in %gs): %s", RETRY_S, detail)
+                await asyncio.sleep(RETRY_S)
+
+    async def _make(self) -> Warm:
+        manager = self.manager
+        template = await manager.templates.prepare(WARM_TEMPLATE)
+        from .manager import new_id  # the manager imports this module
+
+        limits = manager.limits
+        now = time.time()
+        row = SandboxRow(
+            id=new_id(),
+            template_id=template.id,
+            alias=None,
+            state="running",
+            started_at=now,
+            end_at=now,
+            access_token="",
+            cpu_count=limits.cpu_count,
+            memory_mb=limits.memory_mb,
+            disk_mb=limits.disk_mb,
+        )
+        handle, slot = await manager._spawn(row, template, resuming=False, nice=NICE)
+        return Warm(row, template, handle, slot)
+
+    async def _discard(self, warm: Warm) -> None:
+        manager = self.manager
+        if warm.slot is not None and manager.networks is not None:
+            manager.networks.unreserve(warm.slot)
+        with contextlib.suppress(Exception):
+            await manager._stop_processes(warm.row.id, id_base=warm.row.id_base)
+
+
+def _renice(init_pid: int) -> None:
+    """Back to the default priority: the init and its one child, the agent (nothing else runs in a
+    warm sandbox: its agent has no token yet, so nobody can have started a process). Two system calls
+    and a short read, on the event loop."""
+    with open(f"/proc/{init_pid}/task/{init_pid}/children") as f:
+        pids = [init_pid, *map(int, f.read().split())]
+    for pid in pids:
+        os.setpriority(os.PRIO_PROCESS, pid, 0)

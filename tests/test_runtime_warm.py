@@ -1,0 +1,117 @@
+"""Warm sandboxes (``serve --warm-sandboxes N``): a create served from the pool is indistinguishable
+from a fresh one and carries nothing over from the pool or from an earlier sandbox; the pool's
+sandboxes go with the runtime, also one that was killed. Real runtime, real sandboxes, the SDK."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from conftest import Runtime
+from sandboxd.runtime.host import instance_name
+
+
+def _dirs(runtime: Runtime) -> set[str]:
+    return {p.name for p in (runtime.data_dir / "sandboxes").iterdir()}
+
+
+def _wait_warm(runtime: Runtime, n: int, exclude: set[str] = frozenset()) -> set[str]:  # type: ignore[assignment]
+    """The ids of ``n`` warm sandboxes, once they are all booted (directories without a row)."""
+    deadline = time.monotonic() + 120
+    while True:
+        warm = _dirs(runtime) - exclude
+        if len(warm) >= n and all(_cgroup_procs(runtime, i) for i in warm):
+            return warm
+        assert time.monotonic() < deadline, f"no {n} warm sandboxes after 120 s:\n{runtime.log.read_text()[-3000:]}"
+        time.sleep(0.2)
+
+
+def _cgroup_procs(runtime: Runtime, sandbox_id: str) -> list[int]:
+    group = Path("sandboxd") / instance_name(runtime.data_dir) / sandbox_id
+    for directory in (Path("/sys/fs/cgroup") / group, Path("/sys/fs/cgroup/memory") / group):
+        try:
+            return [int(x) for x in (directory / "cgroup.procs").read_text().split()]
+        except OSError:
+            continue
+    return []
+
+
+@pytest.fixture
+def sdk_env(monkeypatch: pytest.MonkeyPatch) -> Callable[[Runtime], None]:
+    def point(runtime: Runtime) -> None:
+        for name, value in runtime.env().items():
+            monkeypatch.setenv(name, value)
+        monkeypatch.delenv("E2B_DEBUG", raising=False)
+
+    return point
+
+
+def test_a_warm_sandbox_is_a_fresh_sandbox_with_the_claims_identity(
+    start_runtime: Callable[..., Runtime], sdk_env: Callable[[Runtime], None]
+) -> None:
+    from e2b import Sandbox
+
+    runtime = start_runtime("--warm-sandboxes", "2")
+    sdk_env(runtime)
+    warm = _wait_warm(runtime, 2)
+    time.sleep(1.5)  # time in the pool must not show in the sandbox's start
+    before = time.time()
+    first = Sandbox.create(envs={"FIRST_SECRET": "one"}, metadata={"who": "first"})
+    try:
+        assert first.sandbox_id in warm  # it came from the pool
+        info = first.get_info()
+        assert info.started_at.timestamp() >= before - 1
+        assert info.metadata == {"who": "first"}
+        out = first.commands.run(
+            "hostname; cat /etc/hostname; echo $FIRST_SECRET; cat /proc/sys/kernel/random/boot_id; nice; "
+            "ps -o ni= -p 1,2"
+        )
+        hostname, etc_hostname, secret, first_boot, *nice = out.stdout.split()
+        assert hostname == etc_hostname == first.sandbox_id
+        assert secret == "one"
+        assert nice == ["0", "0", "0"]  # it booted at a lower priority, and was given the default back
+        first.files.write("/tmp/left-behind", "first's file")
+        first.commands.run("sleep 600", background=True)
+    finally:
+        first.kill()
+
+    warm = _wait_warm(runtime, 2, exclude={first.sandbox_id})
+    second = Sandbox.create(envs={"SECOND": "two"})
+    try:
+        assert second.sandbox_id in warm
+        out = second.commands.run(
+            "hostname; echo ${FIRST_SECRET:-unset}; cat /proc/sys/kernel/random/boot_id; "
+            "test -e /tmp/left-behind && echo leaked || echo clean; ps -eo comm= | sort | uniq -c"
+        )
+        lines = out.stdout.splitlines()
+        assert lines[0] == second.sandbox_id
+        assert lines[1] == "unset"  # nothing of the first sandbox's environment
+        assert lines[2] != first_boot
+        assert lines[3] == "clean"
+        assert "sleep" not in out.stdout  # no process of the first sandbox
+        assert second._envd_access_token != first._envd_access_token  # type: ignore[attr-defined]
+    finally:
+        second.kill()
+
+
+def test_warm_sandboxes_go_with_the_runtime_even_one_that_was_killed(start_runtime: Callable[..., Runtime]) -> None:
+    runtime = start_runtime("--warm-sandboxes", "2")
+    warm = _wait_warm(runtime, 2)
+    os.kill(runtime.process.pid, signal.SIGKILL)  # leaves its warm sandboxes behind, with no row
+    runtime.process.wait()
+    assert all(_cgroup_procs(runtime, i) for i in warm)
+    runtime.restart()  # its start kills them and frees their disks and id ranges
+    deadline = time.monotonic() + 30
+    while any(_cgroup_procs(runtime, i) for i in warm) or warm & _dirs(runtime):
+        assert time.monotonic() < deadline, "a dead runtime's warm sandboxes outlived its restart"
+        time.sleep(0.2)
+    fresh = _wait_warm(runtime, 2)
+    assert not fresh & warm
+    runtime.process.send_signal(signal.SIGTERM)  # a clean stop kills them too
+    runtime.process.wait(30)
+    assert not any(_cgroup_procs(runtime, i) for i in fresh)
+    assert not fresh & _dirs(runtime)
