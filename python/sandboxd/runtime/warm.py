@@ -155,10 +155,12 @@ class WarmPool:
 
 
 def _renice(init_pid: int) -> None:
-    """Back to the default priority: the init and its one child, the agent (nothing else runs in a
-    warm sandbox: its agent has no token yet, so nobody can have started a process). Two system calls
-    and a short read, on the event loop."""
+    """Back to the default priority: every thread of the init and of its one child, the agent (nothing
+    else runs in a warm sandbox: its agent has no token yet, so nobody can have started a process).
+    Niceness is per thread, and the agent's event loop starts its worker threads while niced. A few
+    system calls and short reads, on the event loop."""
     with open(f"/proc/{init_pid}/task/{init_pid}/children") as f:
         pids = [init_pid, *map(int, f.read().split())]
     for pid in pids:
-        os.setpriority(os.PRIO_PROCESS, pid, 0)
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            os.setpriority(os.PRIO_PROCESS, int(tid), 0)
