@@ -164,8 +164,14 @@ def build_parser() -> argparse.ArgumentParser:
         choices=range(0, 65),
         default=0,
         metavar="N",
-        help="keep N sandboxes of the base template booted ahead of need, so creates only give one its "
+        help="keep N sandboxes of --warm-template booted ahead of need, so creates only give one its "
         "identity (0-64, default 0; see docs/runtime.md)",
+    )
+    serve.add_argument(
+        "--warm-template",
+        default="base",
+        metavar="NAME",
+        help="the template of the warm sandboxes (default: base, what Sandbox.create() asks for)",
     )
     serve.add_argument(
         "--allow-nested-userns",
@@ -464,6 +470,7 @@ def main(argv: list[str] | None = None) -> None:
                 max_timeout_s=args.max_timeout,
                 nested_userns=args.allow_nested_userns,
                 warm_sandboxes=args.warm_sandboxes,
+                warm_template=args.warm_template,
             ),
             log_format=args.log_format,
             network=None

@@ -201,6 +201,7 @@ class SandboxFlags:
     max_timeout_s: int = 24 * 3600
     nested_userns: bool = False
     warm_sandboxes: int = 0
+    warm_template: str = "base"
 
 
 def sandbox_limits(host: HostFacts, flags: SandboxFlags) -> Limits:
@@ -218,6 +219,7 @@ def sandbox_limits(host: HostFacts, flags: SandboxFlags) -> Limits:
         inotify_watches=watches,
         nested_userns=flags.nested_userns,
         warm_sandboxes=flags.warm_sandboxes,
+        warm_template=flags.warm_template,
     )
 
 

@@ -89,7 +89,9 @@ class Limits:
     nested_userns: bool = False
     """Allow user namespaces inside sandboxes (``--allow-nested-userns``; see docs/security.md)."""
     warm_sandboxes: int = 0
-    """``base`` sandboxes booted ahead of need (``--warm-sandboxes``; see :mod:`.warm`)."""
+    """Sandboxes booted ahead of need (``--warm-sandboxes``; see :mod:`.warm`)."""
+    warm_template: str = "base"
+    """The template they are of (``--warm-template``)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -188,7 +190,7 @@ class SandboxManager:
         self._sampling: asyncio.Task[None] | None = None
         self.observe = observer or Observer()
         """Counts and logs every transition (metrics, structured logs, the log redactor's tokens)."""
-        self.warm = WarmPool(self, limits.warm_sandboxes)
+        self.warm = WarmPool(self, limits.warm_sandboxes, limits.warm_template)
 
     # ------------------------------------------------------------------------------ start/stop
 

@@ -1,5 +1,5 @@
-"""Warm sandboxes: a few sandboxes of the ``base`` template forked and jailed ahead of need, whose
-agent is already listening, so a create only gives one its identity.
+"""Warm sandboxes: a few sandboxes of one template (``base`` by default) forked and jailed ahead of
+need, whose agent is already listening, so a create only gives one its identity.
 
 Why: the profile in ``docs/benchmarks.md`` puts ~75 % of create→first command in two serial steps
 inside the new sandbox, the jail's set-up and the agent's start-up; neither can overlap the other,
@@ -13,8 +13,9 @@ an agent **without** access token, environment or CA bundle (the zygote never ho
 claim does what a create does after the fork, in the same code (``SandboxManager._boot``): the
 agent's ``POST /init`` with the new token, the template's and the request's env vars and defaults;
 the network link with the request's rules; the row, with ``startedAt``, metadata and timeout, from
-the claim. Only sandboxes with the runtime's default size, the ``base`` template and no caller-set
-id are served warm; anything else is created as before.
+the claim. Only sandboxes with the runtime's default size, the warm template (``--warm-template``)
+and no caller-set id are served warm; anything else is created as before. A ``code-interpreter-v1``
+sandbox is warm with its Python kernel too (a create otherwise waits seconds for it).
 
 Cost, bounded by ``--warm-sandboxes N`` (default 0: none): N idle sandboxes (~7 MiB of PSS each,
 ``benches/runtime``), N disks and N network slots, not counted against ``--max-sandboxes`` until
@@ -44,9 +45,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("sandboxd.runtime")
 
-WARM_TEMPLATE = "base"
-"""The template kept warm: E2B's default, what ``Sandbox.create()`` asks for."""
-
 NICE = 10
 """The niceness a warm sandbox boots with, reset to 0 when it is claimed: booting one takes a few tens
 of ms of CPU, and right after a claim that would compete, as an equal, with the claimed sandbox's
@@ -72,11 +70,12 @@ class Warm:
 
 
 class WarmPool:
-    """Keeps up to ``size`` warm sandboxes of :data:`WARM_TEMPLATE`."""
+    """Keeps up to ``size`` warm sandboxes of ``template``."""
 
-    def __init__(self, manager: SandboxManager, size: int) -> None:
+    def __init__(self, manager: SandboxManager, size: int, template: str) -> None:
         self.manager = manager
         self.size = size
+        self.template = template
         self.ready: list[Warm] = []
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -136,7 +135,7 @@ class WarmPool:
 
     async def _make(self) -> Warm:
         manager = self.manager
-        template = await manager.templates.prepare(WARM_TEMPLATE)
+        template = await manager.templates.prepare(self.template)
         from .manager import new_id  # the manager imports this module
 
         limits = manager.limits
@@ -165,12 +164,15 @@ class WarmPool:
 
 
 def _renice(init_pid: int) -> None:
-    """Back to the default priority: every thread of the init and of its one child, the agent (nothing
-    else runs in a warm sandbox: its agent has no token yet, so nobody can have started a process).
-    Niceness is per thread, and the agent's event loop starts its worker threads while niced. A few
-    system calls and short reads, on the event loop."""
-    with open(f"/proc/{init_pid}/task/{init_pid}/children") as f:
-        pids = [init_pid, *map(int, f.read().split())]
-    for pid in pids:
+    """Back to the default priority: every thread of every process in the sandbox, found from its
+    init down (its agent, and in a code-interpreter sandbox the interpreter and its kernels; nobody
+    else can have started a process: the agent has no token yet). Niceness is per thread, and the
+    agent's event loop starts its worker threads while niced. A handful of system calls and short
+    reads, on the event loop."""
+    pending = [init_pid]
+    while pending:
+        pid = pending.pop()
         for tid in os.listdir(f"/proc/{pid}/task"):
             os.setpriority(os.PRIO_PROCESS, int(tid), 0)
+            with open(f"/proc/{pid}/task/{tid}/children") as f:
+                pending.extend(map(int, f.read().split()))
