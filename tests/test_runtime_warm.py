@@ -82,6 +82,12 @@ def test_a_warm_sandbox_is_a_fresh_sandbox_with_the_claims_identity(
         first.kill()
 
     warm = _wait_warm(runtime, 2, exclude={first.sandbox_id})
+    other = Sandbox.create(template="host")  # another template: made cold, the warm ones stay
+    try:
+        assert other.sandbox_id not in warm
+    finally:
+        other.kill()
+    assert warm <= _dirs(runtime)
     second = Sandbox.create(envs={"SECOND": "two"})
     try:
         assert second.sandbox_id in warm

@@ -96,14 +96,16 @@ class WarmPool:
 
     def take(self, template: Template, request: CreateRequest) -> Warm | None:
         """A live warm sandbox for this create, or None when it must be made from scratch."""
-        if request.sandbox_id is not None or request.cpu_count is not None or request.memory_mb is not None:
-            return None
+        if request.template != self.template or request.sandbox_id is not None:
+            return None  # another template, or an id the caller owns (sandboxd node)
+        if request.cpu_count is not None or request.memory_mb is not None:
+            return None  # not the default size
         self._taken_at = time.monotonic()
         while self.ready:
             warm = self.ready.pop(0)
             self._wake.set()
             if warm.template.id != template.id or self.manager.handles.get(warm.row.id) is not warm.handle:
-                self.manager._background(self._discard(warm))  # died, or its template was rebuilt
+                self.manager._background(self._discard(warm))  # its template was rebuilt since, or it died
                 continue
             try:
                 _renice(warm.handle.init_pid)
