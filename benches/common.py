@@ -514,20 +514,51 @@ def template_store() -> Path:
     return Path(os.environ.setdefault("SANDBOXD_TEMPLATE_STORE", str(REPO / ".cache" / "templates")))
 
 
-def ensure_base(ctx: Context) -> bool:
-    """Build ``base`` into the shared store unless it is there; False where it cannot be built here
-    (runtimes then fall back to the ``host`` template)."""
+def _ensure_built(ctx: Context, name: str, key: str, build: Callable[[Any, Callable[[str], None]], object]) -> bool:
+    """Build a built-in template into the shared store unless its recipe is there; False where it
+    cannot be built here."""
     from sandboxd.runtime import debian
     from sandboxd.runtime.layers import LayerStore
 
     store = LayerStore(template_store())
-    recipe = debian.Recipe(mirror=os.environ.get("SANDBOXD_DEBIAN_MIRROR") or debian.DEFAULT_MIRROR)
-    if store.cached(recipe.key()) is not None:
+    if store.cached(key) is not None:
         return True
-    ctx.log(f"building the base template into {store.root} (once)")
+    ctx.log(f"building the {name} template into {store.root} (once)")
     try:
-        debian.build(store, recipe, debian.BuildProgress(), lambda line: ctx.log(f"  {line}"))
+        build(store, lambda line: ctx.log(f"  {line}"))
     except debian.BuildUnavailable as exc:
         ctx.log(f"  cannot build it here: {exc}")
         return False
     return True
+
+
+def _interpreter_recipe() -> Any:
+    from sandboxd.runtime import code_interpreter, debian
+
+    base = debian.Recipe(mirror=os.environ.get("SANDBOXD_DEBIAN_MIRROR") or debian.DEFAULT_MIRROR)
+    return code_interpreter.Recipe(base, os.environ.get("SANDBOXD_PYPI_INDEX") or code_interpreter.DEFAULT_INDEX)
+
+
+def ensure_base(ctx: Context) -> bool:
+    """``base`` in the shared store; False where it cannot be built here (runtimes then fall back to
+    the ``host`` template)."""
+    from sandboxd.runtime import debian
+
+    recipe = _interpreter_recipe().base
+    return _ensure_built(
+        ctx, "base", recipe.key(), lambda store, report: debian.build(store, recipe, debian.BuildProgress(), report)
+    )
+
+
+def ensure_interpreter_template(ctx: Context) -> bool:
+    """``code-interpreter-v1`` (``base`` first) in the shared store; False where it cannot be built
+    here (no archive or package index in reach)."""
+    from sandboxd.runtime import code_interpreter, debian
+
+    recipe = _interpreter_recipe()
+    return _ensure_built(
+        ctx,
+        "code-interpreter-v1",
+        recipe.key(),
+        lambda store, report: code_interpreter.build(store, recipe, debian.BuildProgress(), report),
+    )

@@ -16,6 +16,15 @@
 
 The SDK runs in this process in debug mode against the server on a free port; the kernels are this
 venv's (ipykernel, Deno), found on PATH as a template's would be.
+
+Through the runtime (as root, with the ``code-interpreter-v1`` template built), the SDK as E2B's docs
+use it, every call through ``sandboxd serve``'s proxy to the interpreter inside the sandbox:
+
+* create→first result: ``Sandbox.create()`` (``e2b_code_interpreter``: the template
+  ``code-interpreter-v1``) then ``run_code("1+1")``, beside ``Sandbox.create()`` (``e2b``: ``base``)
+  then ``commands.run("true")`` on the same runtime, alternated (p50, p99);
+* round trip: ``run_code("1+1")`` on the warm default context of such a sandbox, beside the same call
+  to the standalone server above.
 """
 
 from __future__ import annotations
@@ -29,7 +38,18 @@ from typing import Any
 
 import psutil
 
-from .common import Context, MiB, Result, ScenarioSkipped, die_with_parent, free_port, median, percentile, stop_process
+from .common import (
+    Context,
+    MiB,
+    Result,
+    ScenarioSkipped,
+    die_with_parent,
+    ensure_interpreter_template,
+    free_port,
+    median,
+    percentile,
+    stop_process,
+)
 
 STDOUT_CODE = "import sys\nfor _ in range({n}):\n    sys.stdout.write('x' * (1 << 20))\n"
 PNG_CODE = """
@@ -173,7 +193,8 @@ def run(ctx: Context) -> None:
         sandbox = _sdk(server.url)
         sandbox.run_code("1+1")  # the SDK's first connection, outside the timing
 
-        ours: list[float] = []
+        standalone: list[float] = []
+        ours = standalone
         base: list[float] = []
         for _ in range(round_trips):
             t0 = time.perf_counter()
@@ -287,6 +308,99 @@ def run(ctx: Context) -> None:
     finally:
         server.stop()
         direct.stop()
+    through_runtime(ctx, standalone, round_trips)
+
+
+def through_runtime(ctx: Context, standalone: list[float], round_trips: int) -> None:
+    """The runtime's rows (module docstring); ``standalone``: the standalone server's round trips."""
+    if os.geteuid() != 0:
+        ctx.log("  through the runtime: skipped (sandboxd serve needs root)")
+        return
+    if not ensure_interpreter_template(ctx):
+        ctx.log("  through the runtime: skipped (the code-interpreter-v1 template cannot be built here)")
+        return
+    from e2b import Sandbox as PlainSandbox
+    from e2b_code_interpreter import Sandbox
+
+    from .runtime import Runtime, sdk_env
+
+    n = 4 if ctx.quick else 20
+    work = ctx.tmp / "runtime"
+    work.mkdir()
+    rt = Runtime(work, max_sandboxes=8)
+    try:
+        with sdk_env(rt):
+            first_code: list[float] = []
+            first_command: list[float] = []
+            create_ms: list[float] = []
+            for i in range(1 + n):  # the first of each pays for cold caches: untimed
+                t0 = time.perf_counter()
+                sandbox = Sandbox.create()
+                rt.created.add(sandbox.sandbox_id)
+                t1 = time.perf_counter()
+                text = sandbox.run_code("1+1").text
+                t2 = time.perf_counter()
+                sandbox.kill()
+                if text != "2":
+                    raise RuntimeError(f"run_code('1+1') in a new sandbox returned {text!r}")
+                plain = PlainSandbox.create()
+                rt.created.add(plain.sandbox_id)
+                plain.commands.run("true")
+                t3 = time.perf_counter()
+                plain.kill()
+                if i:
+                    first_code.append((t2 - t0) * 1000)
+                    create_ms.append((t1 - t0) * 1000)
+                    first_command.append((t3 - t2) * 1000)
+            ctx.log(
+                f"  create→first run_code p50 {median(first_code):.0f} ms (create {median(create_ms):.0f} ms), "
+                f"create→first command (base) p50 {median(first_command):.0f} ms"
+            )
+            ctx.report(
+                Result(
+                    'interpreter via runtime: create→first run_code("1+1") result (code-interpreter-v1)',
+                    "ms (p50)",
+                    median(first_code),
+                    median(first_command),
+                    'Sandbox.create() (base) + commands.run("true"), same runtime',
+                    "lower",
+                    p50=median(first_code),
+                    p99=percentile(first_code, 99),
+                    samples={"ours": first_code, "baseline": first_command},
+                    extra={
+                        "create_p50_ms": median(create_ms),
+                        "baseline_p99_ms": percentile(first_command, 99),
+                    },
+                )
+            )
+
+            sandbox = Sandbox.create()
+            rt.created.add(sandbox.sandbox_id)
+            sandbox.run_code("1+1")  # the SDK's first connection through the proxy, outside the timing
+            ours: list[float] = []
+            for _ in range(round_trips):
+                t0 = time.perf_counter()
+                text = sandbox.run_code("1+1").text
+                ours.append((time.perf_counter() - t0) * 1000)
+                if text != "2":
+                    raise RuntimeError(f"run_code('1+1') through the runtime returned {text!r}")
+            sandbox.kill()
+            ctx.report(
+                Result(
+                    'interpreter via runtime: run_code("1+1") round trip, warm context, sync SDK',
+                    "ms (p50)",
+                    median(ours),
+                    median(standalone),
+                    "the same call to the standalone server (no proxy, no sandbox; the venv's kernel)",
+                    "lower",
+                    p50=median(ours),
+                    p99=percentile(ours, 99),
+                    samples={"ours": ours, "baseline": standalone},
+                    extra={"baseline_p99_ms": percentile(standalone, 99)},
+                )
+            )
+    finally:
+        rt.stop()
 
 
 def _kernel_rss(sandbox: Any, context: Any) -> float | None:

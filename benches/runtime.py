@@ -17,9 +17,12 @@ The bench starts ``sandboxd serve`` itself (a free loopback port, a temporary da
   agents are forks of one zygote; RSS counts shared pages once per process.
 
 The baseline, measured in the same run: ``crates/sandboxd-jail/examples/isolation_cost.rs``
-(built here with cargo, release), the raw ``unshare(pid, mnt, ipc, uts, net)`` + overlay mount +
-exec ``/bin/true``, and the jail's own ``spawn_sandbox`` (which adds the cgroup, /proc, /sys, /dev,
-``pivot_root`` and the init). It prints percentiles only, so the chart draws it as lines.
+(built here with cargo, release): the raw cost of today's isolation (a user namespace created by
+the range's uid + an idmapped template under overlayfs + the seccomp filter + exec ``/bin/true``)
+beside the raw cost before user namespaces (``unshare(pid, mnt, ipc, uts, net)`` + overlay +
+exec), and the jail's own ``spawn_sandbox`` (which adds the cgroup, /proc, /sys, /dev,
+``pivot_root`` and the init), with its disk mounted on the create path or ahead of need (the
+runtime's pool). It prints percentiles only, so the chart draws it as lines.
 
 Needs root (namespaces, overlayfs, cgroups); skipped otherwise. Every sandbox the bench made is
 killed at the end, also on errors and Ctrl-C, and the runtime is stopped.
@@ -44,6 +47,7 @@ from typing import Any, Literal
 
 import httpx
 import psutil
+from sandboxd.runtime.host import instance_name
 
 from .common import (
     REPO,
@@ -81,10 +85,14 @@ IDLE_CPU_WINDOW_S = 2.0
 ISOLATION_EXAMPLE = REPO / "target" / "release" / "examples" / "isolation_cost"
 CARGO_HINT = "install Rust (https://rustup.rs), then `cargo build --release -p sandboxd-jail --example isolation_cost`"
 
-RAW = "raw_unshare_overlay_exec_true"
-JAIL = "spawn_sandbox_until_exec"
-RAW_NAME = "raw unshare(pid,mnt,ipc,uts,net) + overlay + exec true (isolation_cost)"
-JAIL_NAME = "sandboxd-jail spawn_sandbox until exec (+cgroup, /proc, pivot_root, init)"
+RAW_BEFORE = "raw_unshare_overlay_exec_true"
+RAW = "raw_userns_idmap_overlay_seccomp_exec_true"
+JAIL = "spawn_sandbox_with_pooled_disk_until_exec"
+DISK_ON_PATH = "spawn_sandbox_with_disk_until_exec"
+RAW_BEFORE_NAME = "raw unshare(pid,mnt,ipc,uts,net) + overlay + exec true, no user namespace (isolation_cost)"
+RAW_NAME = "raw userns + idmapped overlay + seccomp + exec true (isolation_cost)"
+JAIL_NAME = "sandboxd-jail spawn_sandbox until exec (+cgroup, devices, /proc, pivot_root, init, disk)"
+DISK_POOLED_NAME = "the same with the disk mounted ahead of need (the runtime's pool)"
 
 
 # --------------------------------------------------------------------------------------- the baseline
@@ -168,6 +176,8 @@ class Runtime:
         self.api_key = "bench_" + secrets.token_hex(16)
         self.url = f"http://127.0.0.1:{self.port}"
         self.data_dir = work / "runtime-data"
+        global _GROUP
+        _GROUP = Path("sandboxd") / instance_name(self.data_dir)
         self.log_path = work / "serve.log"
         self.created: set[str] = set()
         args = [
@@ -235,7 +245,7 @@ class Runtime:
 
             for sandbox_id in leftover:
                 with contextlib.suppress(OSError):
-                    _core.kill_sandbox(sandbox_id)
+                    _core.kill_sandbox(_GROUP.name, sandbox_id)
 
     def stop(self) -> None:
         try:
@@ -265,10 +275,15 @@ def sdk_env(rt: Runtime) -> Iterator[None]:
 # ------------------------------------------------------------------------------------------ cgroups/memory
 
 
+_GROUP = Path("sandboxd")
+"""Where the runtime's sandboxes have their cgroups, under the cgroup root: ``sandboxd/<instance>``
+(set when the runtime starts; the instance is derived from its data dir)."""
+
+
 def _cgroup_dirs(sandbox_id: str) -> list[Path]:
     """The sandbox's cgroup directories that list its processes: v2 first, then v1's memory and cpuacct."""
     root = Path("/sys/fs/cgroup")
-    return [root / "sandboxd" / sandbox_id, root / "memory" / "sandboxd" / sandbox_id]
+    return [root / _GROUP / sandbox_id, root / "memory" / _GROUP / sandbox_id]
 
 
 def cgroup_pids(sandbox_id: str) -> list[int]:
@@ -281,9 +296,9 @@ def cgroup_pids(sandbox_id: str) -> list[int]:
 def cgroup_cpu_s(sandbox_id: str) -> float:
     """CPU seconds the sandbox's cgroup has used (v1 cpuacct.usage, v2 cpu.stat usage_usec)."""
     with contextlib.suppress(OSError, ValueError):
-        return int(Path(f"/sys/fs/cgroup/cpuacct/sandboxd/{sandbox_id}/cpuacct.usage").read_text()) / 1e9
+        return int(Path(f"/sys/fs/cgroup/cpuacct/{_GROUP}/{sandbox_id}/cpuacct.usage").read_text()) / 1e9
     with contextlib.suppress(OSError, ValueError):
-        for line in Path(f"/sys/fs/cgroup/sandboxd/{sandbox_id}/cpu.stat").read_text().splitlines():
+        for line in Path(f"/sys/fs/cgroup/{_GROUP}/{sandbox_id}/cpu.stat").read_text().splitlines():
             if line.startswith("usage_usec "):
                 return int(line.split()[1]) / 1e6
     return 0.0
@@ -291,8 +306,8 @@ def cgroup_cpu_s(sandbox_id: str) -> float:
 
 def cgroup_parent() -> Path:
     """The directory that lists every sandbox's cgroup on this host (v2, else v1's memory hierarchy)."""
-    v2 = Path("/sys/fs/cgroup/sandboxd")
-    return v2 if (Path("/sys/fs/cgroup/cgroup.controllers")).exists() else Path("/sys/fs/cgroup/memory/sandboxd")
+    v2 = Path("/sys/fs/cgroup") / _GROUP
+    return v2 if (Path("/sys/fs/cgroup/cgroup.controllers")).exists() else Path("/sys/fs/cgroup/memory") / _GROUP
 
 
 class SpawnTimeline:
@@ -704,6 +719,27 @@ def measure(
 ) -> None:
     seq = sequential(ctx, rt, n_seq)
     p50, p99 = percentile(seq.total_ms, 50) or 0.0, percentile(seq.total_ms, 99) or 0.0
+    if iso is not None and iso.p50(RAW) is not None:
+        rows = (
+            ("isolation: raw userns (range-owned) + idmapped overlay + seccomp + exec true", RAW, RAW_BEFORE,
+             RAW_BEFORE_NAME),
+            ("isolation: spawn_sandbox with its disk mounted on the create path", DISK_ON_PATH, JAIL,
+             DISK_POOLED_NAME),
+        )  # fmt: skip
+        for row_name, key, base_key, base_name in rows:
+            ctx.report(
+                Result(
+                    name=row_name,
+                    unit="ms (p50)",
+                    ours=iso.p50(key),
+                    baseline=iso.p50(base_key),
+                    baseline_name=base_name,
+                    better="lower",
+                    p50=iso.p50(key),
+                    p99=iso.p99(key),
+                    extra={"baseline_p99": iso.p99(base_key), "runs": iso.runs},
+                )
+            )
     common_extra = {
         "n": n_seq,
         "create_p50_ms": percentile(seq.create_ms, 50),

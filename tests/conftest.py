@@ -19,6 +19,8 @@ from typing import Any
 import httpx
 import psutil
 import pytest
+from sandboxd.runtime import code_interpreter, debian
+from sandboxd.runtime.layers import LayerStore
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -215,36 +217,65 @@ def sandboxd_template(runtime: Runtime, *args: str, check: bool = True) -> subpr
     return result
 
 
+def _build_once(
+    request: pytest.FixtureRequest, name: str, key: str, build: Callable[[LayerStore, Callable[[str], None]], object]
+) -> bool:
+    """Build a built-in template into the shared store unless its recipe is there (once per checkout,
+    with progress on the terminal); False where it cannot be built here (a failure in CI)."""
+    store = LayerStore(TEMPLATE_STORE)
+    if store.cached(key) is not None:
+        return True
+    capture = request.config.pluginmanager.getplugin("capturemanager")
+    with capture.global_and_fixture_disabled():
+        print(f"\nbuilding the {name} template into {TEMPLATE_STORE} (once per checkout):", flush=True)
+        try:
+            build(store, lambda line: print(f"  {line}", flush=True))
+        except debian.BuildUnavailable as exc:
+            if os.environ.get("CI") == "true":
+                pytest.fail(f"the {name} template cannot be built in CI: {exc}")
+            print(f"  cannot build it here ({exc}): its sandboxes use its fallback", flush=True)
+            return False
+    return True
+
+
 @pytest.fixture(scope="session")
 def base_template(request: pytest.FixtureRequest) -> bool:
-    """Build the Debian ``base`` into the shared template store unless it is there (once per
-    checkout: a few minutes, with progress on the terminal). False where it cannot be built here
-    (no archive in reach, no mmdebstrap): runtimes then fall back to ``host``."""
+    """The Debian ``base`` in the shared template store (a few minutes, once). False where it cannot
+    be built here (no archive in reach, no mmdebstrap): runtimes then fall back to ``host``."""
     if os.geteuid() != 0:
         pytest.skip("building the base template needs root (mmdebstrap --mode=root)")
-    from sandboxd.runtime import debian
-    from sandboxd.runtime.layers import LayerStore
-
-    store = LayerStore(TEMPLATE_STORE)
-    recipe = debian.Recipe(mirror=os.environ.get("SANDBOXD_DEBIAN_MIRROR") or debian.DEFAULT_MIRROR)
     # Layers that tests of earlier sessions imported, whose runtimes' data dirs pytest has since
     # deleted, go; the base and everything a live runtime lists stay.
     from sandboxd.runtime.templates import collect_garbage
 
-    collect_garbage(store)
-    if store.cached(recipe.key()) is not None:
-        return True
-    capture = request.config.pluginmanager.getplugin("capturemanager")
-    with capture.global_and_fixture_disabled():
-        print(f"\nbuilding the base template into {TEMPLATE_STORE} (once per checkout):", flush=True)
-        try:
-            debian.build(store, recipe, debian.BuildProgress(), lambda line: print(f"  {line}", flush=True))
-        except debian.BuildUnavailable as exc:
-            if os.environ.get("CI") == "true":
-                pytest.fail(f"the base template cannot be built in CI: {exc}")
-            print(f"  cannot build it here ({exc}): sandboxes use the host template", flush=True)
-            return False
-    return True
+    collect_garbage(LayerStore(TEMPLATE_STORE))
+    recipe = interpreter_recipe().base
+    return _build_once(
+        request, "base", recipe.key(), lambda store, report: debian.build(store, recipe, debian.BuildProgress(), report)
+    )
+
+
+def interpreter_recipe() -> code_interpreter.Recipe:
+    """The ``code-interpreter-v1`` recipe (and, as its ``base``, base's) the tests' runtimes use: the
+    mirror and index from the environment, as ``sandboxd serve`` reads them."""
+    base = debian.Recipe(mirror=os.environ.get("SANDBOXD_DEBIAN_MIRROR") or debian.DEFAULT_MIRROR)
+    return code_interpreter.Recipe(base, os.environ.get("SANDBOXD_PYPI_INDEX") or code_interpreter.DEFAULT_INDEX)
+
+
+@pytest.fixture(scope="session")
+def interpreter_template(request: pytest.FixtureRequest, base_template: bool) -> bool:
+    """``code-interpreter-v1`` (``base`` plus the kernels and data stack) in the shared template store
+    (``make interpreter-template`` builds it ahead). False where it cannot be built here: its
+    sandboxes are then ``base``'s."""
+    if not base_template:
+        return False
+    recipe = interpreter_recipe()
+    return _build_once(
+        request,
+        "code-interpreter-v1",
+        recipe.key(),
+        lambda store, report: code_interpreter.build(store, recipe, debian.BuildProgress(), report),
+    )
 
 
 @pytest.fixture(scope="session")
@@ -407,3 +438,14 @@ def kube_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
         yield cluster
     finally:
         cluster.stop()
+
+
+@pytest.fixture
+def pair(e2b_env: Runtime) -> Iterator[tuple[Any, Any]]:
+    """Two sandboxes of the shared runtime, killed afterwards."""
+    from e2b import Sandbox
+
+    a, b = Sandbox.create(), Sandbox.create()
+    yield a, b
+    a.kill()
+    b.kill()

@@ -1,9 +1,15 @@
-"""The code interpreter (``sandboxd interpreter``) driven by E2B's official ``e2b-code-interpreter`` SDK,
-pinned, in debug mode, through E2B's documented ``run_code`` examples; real kernels (ipykernel, Deno,
-bash_kernel) from this venv; a real agent for the sandbox's env vars.
+"""The code interpreter driven by E2B's official ``e2b-code-interpreter`` SDK, pinned, through E2B's
+documented ``run_code`` examples, against two targets:
 
-In debug mode the SDK sends its code-interpreter requests to ``E2B_SANDBOX_URL`` (or to
-``localhost:49999`` without it), so the fixture points that at the interpreter on a free port.
+* ``standalone``: ``sandboxd interpreter`` on a free port with this venv's kernels (ipykernel, Deno,
+  bash_kernel) and a real agent for the sandbox's env vars, the SDK in debug mode (it then sends its
+  code-interpreter requests to ``E2B_SANDBOX_URL``);
+* ``runtime``: a sandbox of ``sandboxd serve`` created as E2B's docs do (``Sandbox.create()``, whose
+  default template is ``code-interpreter-v1``), every call going through the runtime's proxy
+  (``E2b-Sandbox-Port: 49999``) to the interpreter the sandbox started, with the template's kernels.
+
+The tests that poke at the standalone server itself (raw requests, its start-up paths) take the
+``interpreter`` fixture and run against it alone.
 """
 
 from __future__ import annotations
@@ -20,24 +26,29 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
 import psutil
 import pytest
-from conftest import Agent, Interpreter
+from conftest import Agent, Interpreter, Runtime
 from e2b import NotFoundException, SandboxException, TimeoutException
 from e2b_code_interpreter import Sandbox
+
+SANDBOX_ENVS = {"SANDBOX_WIDE": "from-init", "SHADOWED": "global"}
+"""Sandbox-wide env vars, as ``Sandbox.create(envs=...)`` sets them (the runtime sends them to the
+agent with ``POST /init``; the interpreter reads them from the agent's ``/envs``)."""
 
 
 @pytest.fixture(scope="module")
 def envd(start_agent: Callable[..., Agent]) -> Agent:
-    """An agent of this module's own, holding sandbox-wide env vars as ``Sandbox.create(envs=...)``
-    sets them (the runtime sends them with ``POST /init``)."""
+    """An agent of this module's own, holding :data:`SANDBOX_ENVS` as the runtime would set them."""
     agent = start_agent()
-    response = httpx.post(f"{agent.url}/init", json={"envVars": {"SANDBOX_WIDE": "from-init", "SHADOWED": "global"}})
+    response = httpx.post(f"{agent.url}/init", json={"envVars": SANDBOX_ENVS})
     assert response.status_code == 204, response.text
     return agent
 
@@ -47,11 +58,54 @@ def interpreter(start_interpreter: Callable[..., Interpreter], envd: Agent) -> I
     return start_interpreter(envd_url=envd.url)
 
 
+@dataclass
+class Target:
+    """Where the SDK's calls go: the environment that points it there, a sandbox made that way,
+    the default contexts' cwd, and how to make a directory the kernels can use."""
+
+    env: dict[str, str]
+    sandbox: Sandbox
+    cwd: str
+    make_dir: Callable[[], str]
+
+
+@pytest.fixture(scope="module", params=["standalone", "runtime"])
+def target(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Target]:
+    if request.param == "standalone":
+        interpreter: Interpreter = request.getfixturevalue("interpreter")
+        env = {"E2B_DEBUG": "true", "E2B_SANDBOX_URL": interpreter.url}
+        with pytest.MonkeyPatch.context() as patch:
+            for name, value in env.items():
+                patch.setenv(name, value)
+            sandbox = Sandbox.create()
+        yield Target(env, sandbox, str(interpreter.cwd), lambda: str(tmp_path_factory.mktemp("context")))
+        return
+    if not request.getfixturevalue("interpreter_template"):
+        pytest.skip("the code-interpreter-v1 template cannot be built on this machine")
+    runtime: Runtime = request.getfixturevalue("runtime")
+    env = {**runtime.env(), "E2B_DEBUG": "false"}
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in env.items():
+            patch.setenv(name, value)
+        sandbox = Sandbox.create(envs=SANDBOX_ENVS)  # the SDK's default template: code-interpreter-v1
+
+    def make_dir() -> str:
+        path = f"/home/user/context-{uuid.uuid4().hex[:8]}"
+        sandbox.files.make_dir(path)
+        return path
+
+    try:
+        assert sandbox.get_info().template_id == "code-interpreter-v1"
+        yield Target(env, sandbox, "/home/user", make_dir)
+    finally:
+        sandbox.kill()
+
+
 @pytest.fixture
-def sandbox(interpreter: Interpreter, monkeypatch: pytest.MonkeyPatch) -> Iterator[Sandbox]:
-    monkeypatch.setenv("E2B_DEBUG", "true")
-    monkeypatch.setenv("E2B_SANDBOX_URL", interpreter.url)
-    yield Sandbox.create()
+def sandbox(target: Target, monkeypatch: pytest.MonkeyPatch) -> Sandbox:
+    for name, value in target.env.items():
+        monkeypatch.setenv(name, value)
+    return target.sandbox
 
 
 def test_state_persists_between_calls(sandbox: Sandbox) -> None:
@@ -64,13 +118,13 @@ def test_state_persists_between_calls(sandbox: Sandbox) -> None:
     assert second.execution_count == first.execution_count + 1  # type: ignore[operator]
 
 
-def test_async_sdk(interpreter: Interpreter, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("E2B_DEBUG", "true")
-    monkeypatch.setenv("E2B_SANDBOX_URL", interpreter.url)
+def test_async_sdk(target: Target, monkeypatch: pytest.MonkeyPatch) -> None:
+    for name, value in target.env.items():
+        monkeypatch.setenv(name, value)
     from e2b_code_interpreter import AsyncSandbox
 
     async def scenario() -> tuple[list[str], Any, Any]:
-        sandbox = await AsyncSandbox.create()
+        sandbox = await AsyncSandbox.connect(target.sandbox.sandbox_id)
         lines: list[str] = []
 
         async def on_stdout(message: Any) -> None:
@@ -207,27 +261,28 @@ def test_timeout_interrupts_and_the_context_survives(sandbox: Sandbox) -> None:
     assert history.error is None and history.text and "time.sleep(60)" in history.text
 
 
-def test_contexts_cwd_isolation_restart_and_remove(sandbox: Sandbox, tmp_path: Path) -> None:
+def test_contexts_cwd_isolation_restart_and_remove(sandbox: Sandbox, target: Target) -> None:
+    directory = target.make_dir()
     sandbox.run_code("shared_name = 'default context'")
-    context = sandbox.create_code_context(cwd=str(tmp_path))
+    context = sandbox.create_code_context(cwd=directory)
     assert context.language == "python"
-    assert context.cwd == str(tmp_path)
+    assert context.cwd == directory
 
     cwd = sandbox.run_code("import os; os.getcwd()", context=context)
-    assert cwd.text == str(tmp_path)
+    assert cwd.text == directory
     isolated = sandbox.run_code("shared_name", context=context)
     assert isolated.error is not None and isolated.error.name == "NameError"
     assert isolated.error.value == "name 'shared_name' is not defined"
 
     listed = sandbox.list_code_contexts()
-    assert listed[-1].id == context.id and listed[-1].cwd == str(tmp_path)
+    assert listed[-1].id == context.id and listed[-1].cwd == directory
     assert {"python", "javascript"} <= {c.language for c in listed}
 
     sandbox.run_code("x = 1", context=context)
     sandbox.restart_code_context(context)
     restarted = sandbox.run_code("x", context=context)
     assert restarted.error is not None and restarted.error.value == "name 'x' is not defined"
-    assert sandbox.run_code("import os; os.getcwd()", context=context).text == str(tmp_path)
+    assert sandbox.run_code("import os; os.getcwd()", context=context).text == directory
 
     sandbox.remove_code_context(context.id)
     assert context.id not in [c.id for c in sandbox.list_code_contexts()]
@@ -236,10 +291,11 @@ def test_contexts_cwd_isolation_restart_and_remove(sandbox: Sandbox, tmp_path: P
     assert sandbox.run_code("shared_name").text == "default context"
 
 
-def test_context_in_another_language(sandbox: Sandbox, tmp_path: Path) -> None:
-    context = sandbox.create_code_context(cwd=str(tmp_path), language="javascript")
+def test_context_in_another_language(sandbox: Sandbox, target: Target) -> None:
+    directory = target.make_dir()
+    context = sandbox.create_code_context(cwd=directory, language="javascript")
     assert context.language == "javascript"
-    assert sandbox.run_code("process.cwd()", context=context).text == str(tmp_path)
+    assert sandbox.run_code("process.cwd()", context=context).text == directory
 
 
 def test_envs_apply_to_one_execution(sandbox: Sandbox) -> None:
@@ -306,13 +362,13 @@ def test_javascript_timeout_interrupts_and_the_context_survives(sandbox: Sandbox
     assert time.monotonic() - started < 10
 
 
-def test_bash(sandbox: Sandbox, interpreter: Interpreter) -> None:
+def test_bash(sandbox: Sandbox, target: Target) -> None:
     pwd = sandbox.run_code("pwd", language="bash")
-    assert "".join(pwd.logs.stdout).strip() == str(interpreter.cwd)
+    assert "".join(pwd.logs.stdout).strip() == target.cwd
     sandbox.run_code("GREETING=hello", language="bash")
     assert sandbox.run_code('echo "$GREETING world"', language="bash").logs.stdout == ["hello world\n"]
     # IPython's shell escape, as in E2B's own test_bash
-    assert "".join(sandbox.run_code("!pwd").logs.stdout).strip() == str(interpreter.cwd)
+    assert "".join(sandbox.run_code("!pwd").logs.stdout).strip() == target.cwd
 
 
 def test_every_result_format(sandbox: Sandbox) -> None:
@@ -524,9 +580,11 @@ def test_bad_requests_get_a_4xx_that_says_why(interpreter: Interpreter) -> None:
     assert b'"text":"2"' in _raw_execute(url, {"code": "1 + 1"}).content
 
 
-def test_a_slow_reader_pauses_the_kernel_and_loses_nothing(interpreter: Interpreter) -> None:
+def test_a_slow_reader_pauses_the_kernel_and_loses_nothing(start_interpreter: Callable[..., Interpreter]) -> None:
     """100 MiB of output to a client that does not read: the kernel is stopped (SIGSTOP) instead of
-    the server buffering it all, and every byte arrives once the client reads."""
+    the server buffering it all, and every byte arrives once the client reads. A server of its own,
+    so its memory is this test's alone (not what earlier cells left in the shared one)."""
+    interpreter = start_interpreter("--pool", "python=0")
     server = psutil.Process(interpreter.process.pid)
     context = httpx.post(f"{interpreter.url}/contexts", json={}).json()
     body = json.dumps(

@@ -275,7 +275,7 @@ def test_thirty_creates_spread_by_the_scheduler_and_work_through_either_replica(
     assert through_a == through_b
     assert [len(p) for p in through_a] == [7, 7, 7, 7, 2]
     listed = [sandbox_id for page in through_a for sandbox_id in page]
-    assert listed == sorted(ids), "pages run in name order: creation time first (sandboxd.kube.pods.new_id)"
+    assert listed == sorted(ids), "pages run in name order: newest first (sandboxd.kube.pods.new_id)"
     one = pages(b, i="17")
     assert one == [[sandboxes[17].sandbox_id]]
     info = Sandbox.get_info(sandboxes[17].sandbox_id, **a.opts())
@@ -395,7 +395,7 @@ def test_bad_input_answers_4xx(kube: Env) -> None:
     assert r.status_code == 404 and "no-such-template" in r.json()["message"]
     assert api.post("/v2/sandboxes", json={"templateID": "base", "timeout": 10**7}).status_code == 400
     assert api.get("/v2/sandboxes", params={"nextToken": "garbage!"}).status_code == 400
-    assert api.get("/v2/sandboxes", params={"order": "desc"}).status_code == 400
+    assert api.get("/v2/sandboxes", params={"order": "asc"}).status_code == 400
     assert api.get("/sandboxes/nope").status_code == 404
     assert api.delete("/sandboxes/nope").status_code == 404
 

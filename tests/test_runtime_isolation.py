@@ -1,102 +1,27 @@
-"""What a sandbox cannot see or touch, and how the runtime survives faults: real namespaces,
-overlayfs and cgroups, driven through the official SDK."""
+"""How the runtime survives faults, and the sandbox's own identity and limits: real namespaces,
+overlayfs and cgroups, driven through the official SDK. What a sandbox cannot see or touch is the
+escape drill suite (test_escape_drills.py)."""
 
 from __future__ import annotations
 
 import glob
 import os
 import signal
-import socket
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
+from pathlib import Path
 
 import httpx
 import pytest
-from conftest import TEMPLATE_STORE, Runtime
+from conftest import Runtime
 from e2b import Sandbox
 from e2b.exceptions import NotFoundException, SandboxException
-
-
-@pytest.fixture
-def pair(e2b_env: Runtime) -> Iterator[tuple[Sandbox, Sandbox]]:
-    a, b = Sandbox.create(), Sandbox.create()
-    yield a, b
-    a.kill()
-    b.kill()
+from sandboxd import _core
 
 
 def test_hostname_is_the_sandbox_id(pair: tuple[Sandbox, Sandbox]) -> None:
     a, _ = pair
     assert a.commands.run("hostname").stdout.strip() == a.sandbox_id
-
-
-def test_host_files_outside_the_template_are_invisible(pair: tuple[Sandbox, Sandbox], runtime: Runtime) -> None:
-    a, _ = pair
-    secret = runtime.data_dir / "host-secret.txt"
-    secret.write_text("host only")
-    for path in (str(secret), "/work", str(runtime.data_dir), "/root/.bash_history"):
-        assert a.commands.run(f"test -e {path} && echo visible || echo hidden").stdout == "hidden\n", path
-    # /etc is the sandbox's own; root may write /usr, but only into the sandbox's own layer.
-    assert "user:x:1000" in a.commands.run("cat /etc/passwd").stdout
-    a.commands.run("touch /usr/sandboxd-probe", user="root")
-    assert not os.path.exists("/usr/sandboxd-probe")
-    assert not list(TEMPLATE_STORE.glob("layers/*/usr/sandboxd-probe")), "a template layer was written"
-    # In the host template, /usr is the host's, read-only.
-    host = Sandbox.create(template="host")
-    try:
-        result = host.commands.run("touch /usr/sandboxd-probe 2>&1 || echo refused", user="root")
-        assert "refused" in result.stdout
-        assert not os.path.exists("/usr/sandboxd-probe")
-    finally:
-        host.kill()
-
-
-def test_host_processes_are_invisible(pair: tuple[Sandbox, Sandbox]) -> None:
-    a, _ = pair
-    pids = [int(p) for p in a.commands.run("ls /proc | grep -E '^[0-9]+$'").stdout.split()]
-    assert 1 in pids
-    assert len(pids) < 20  # init, the agent, bash, ls: not the host's hundreds
-    everything = a.commands.run("cat /proc/[0-9]*/cmdline 2>/dev/null | tr '\\0' ' '").stdout
-    assert "pytest" not in everything  # this test's own process is on the host
-
-
-def test_runtime_secrets_do_not_leak_into_sandboxes(pair: tuple[Sandbox, Sandbox], runtime: Runtime) -> None:
-    a, _ = pair
-    probe = "cat /proc/[0-9]*/cmdline /proc/[0-9]*/environ 2>/dev/null | tr '\\0' '\\n'"
-    seen = a.commands.run(probe, user="root").stdout
-    assert runtime.api_key not in seen
-    assert "--api-key" not in seen
-
-
-def test_sandboxes_cannot_see_each_other(pair: tuple[Sandbox, Sandbox]) -> None:
-    a, b = pair
-    a.files.write("/home/user/mine.txt", "a's")
-    a.commands.run("sleep 300", background=True, timeout=0)
-    assert b.commands.run("test -e /home/user/mine.txt && echo seen || echo unseen").stdout == "unseen\n"
-    assert b.commands.run("pgrep -x sleep || echo none").stdout == "none\n"
-    assert b.commands.run("ls /tmp").stdout == a.commands.run("ls /tmp").stdout == ""
-
-
-def test_host_loopback_services_are_unreachable(pair: tuple[Sandbox, Sandbox]) -> None:
-    a, _ = pair
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen()
-    port = listener.getsockname()[1]
-    accepted: list[object] = []
-    thread = threading.Thread(target=lambda: accepted.append(listener.accept()), daemon=True)
-    thread.start()
-    try:
-        result = a.commands.run(
-            f"timeout 3 bash -c 'echo hi > /dev/tcp/127.0.0.1/{port}' && echo reached || echo blocked"
-        )
-        assert result.stdout.strip().endswith("blocked")
-        assert accepted == []
-        ifaces = a.commands.run("ls /sys/class/net").stdout.split()
-        assert ifaces == ["eth0", "lo"]  # loopback, and the link its egress goes through
-    finally:
-        listener.close()
 
 
 def test_limits_are_applied(pair: tuple[Sandbox, Sandbox]) -> None:
@@ -105,6 +30,98 @@ def test_limits_are_applied(pair: tuple[Sandbox, Sandbox]) -> None:
     assert a.commands.run("cat /proc/self/cgroup").stdout.strip() != ""
     metrics = a.get_metrics()
     assert metrics and metrics[-1].mem_total == 1024 << 20
+
+
+def _ids(sbx: Sandbox) -> tuple[int, int]:
+    """The sandbox's host id range (uid map base) and its uid inside."""
+    fields = sbx.commands.run("cat /proc/self/uid_map").stdout.split()
+    assert fields[0] == "0" and fields[2] == "65536", fields
+    return int(fields[1]), int(sbx.commands.run("id -u").stdout)
+
+
+def _boot_id(sbx: Sandbox) -> str:
+    return sbx.files.read("/proc/sys/kernel/random/boot_id").strip()
+
+
+def test_each_sandbox_has_its_own_id_range_claimed_host_wide(pair: tuple[Sandbox, Sandbox], runtime: Runtime) -> None:
+    a, b = pair
+    (base_a, uid), (base_b, _) = _ids(a), _ids(b)
+    assert uid == 1000
+    assert base_a != base_b and abs(base_a - base_b) >= 65536
+    registry = Path(_core.DEFAULT_ID_REGISTRY)
+    for base, sbx in ((base_a, a), (base_b, b)):
+        claim = (registry / str(base)).read_text()
+        assert f"sandbox={sbx.sandbox_id}" in claim and f"data_dir={runtime.data_dir.resolve()}" in claim
+    a.kill()
+    assert not (registry / str(base_a)).exists(), "the range is released with the sandbox"
+    assert not (runtime.data_dir / "sandboxes" / a.sandbox_id).exists(), "and its disk"
+
+
+def test_uploads_as_user_or_root_get_the_right_owner(pair: tuple[Sandbox, Sandbox], runtime: Runtime) -> None:
+    a, _ = pair
+    base, _ = _ids(a)
+    a.files.write("/home/user/by-user.txt", "u")
+    a.files.write("/root/by-root.txt", "r", user="root")
+    a.files.write("/tmp/made/deep/by-root.txt", "r", user="root")
+    owners = a.commands.run(
+        "stat -c '%n %u:%g' /home/user/by-user.txt /root/by-root.txt /tmp/made /tmp/made/deep/by-root.txt",
+        user="root",
+    ).stdout.splitlines()
+    assert owners == [
+        "/home/user/by-user.txt 1000:1000",
+        "/root/by-root.txt 0:0",
+        "/tmp/made 0:0",
+        "/tmp/made/deep/by-root.txt 0:0",
+    ]
+    # On the host (through the init's root), they belong to the sandbox's range.
+    init = next(
+        int(p.parent.name)
+        for p in Path("/proc").glob("[0-9]*/comm")
+        if _read(p) == "sandboxd-init\n" and a.sandbox_id in _read(p.parent / "cgroup")
+    )
+    host_file = Path(f"/proc/{init}/root/home/user/by-user.txt").stat()
+    assert (host_file.st_uid, host_file.st_gid) == (base + 1000, base + 1000)
+    assert Path(f"/proc/{init}/root/root/by-root.txt").stat().st_uid == base
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text()
+    except OSError:
+        return ""
+
+
+@pytest.mark.parametrize("mode", ["full", "filesystem"])
+def test_pause_and_resume_keep_the_ids_and_set_the_boot_id(e2b_env: Runtime, mode: str) -> None:
+    sbx = Sandbox.create()
+    try:
+        base, _ = _ids(sbx)
+        boot = _boot_id(sbx)
+        assert boot != Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        sbx.files.write("/home/user/kept.txt", "kept")
+        sbx.pause(mode=mode)  # type: ignore[arg-type]
+        again = Sandbox.connect(sbx.sandbox_id)
+        assert _ids(again)[0] == base
+        assert again.commands.run("stat -c %u:%g /home/user/kept.txt").stdout == "1000:1000\n"
+        # E2B: a resume with memory keeps the boot; a resume from the filesystem boots anew.
+        assert (_boot_id(again) == boot) == (mode == "full")
+    finally:
+        Sandbox.kill(sbx.sandbox_id)
+
+
+def test_every_sandbox_boots_with_its_own_boot_id(pair: tuple[Sandbox, Sandbox]) -> None:
+    a, b = pair
+    ids = {_boot_id(a), _boot_id(b), Path("/proc/sys/kernel/random/boot_id").read_text().strip()}
+    assert len(ids) == 3
+
+
+def test_metrics_report_the_disk_quota(pair: tuple[Sandbox, Sandbox], runtime: Runtime) -> None:
+    a, _ = pair
+    a.commands.run("head -c 20000000 /dev/zero > /home/user/twenty-mb && sync")
+    sample = a.get_metrics()[-1]
+    df_total = int(a.commands.run("df -B1 / | tail -1 | awk '{print $2}'").stdout)
+    assert sample.disk_total == df_total
+    assert sample.disk_used >= 20_000_000
 
 
 # ------------------------------------------------------------------------------------------ faults
@@ -125,20 +142,27 @@ def test_kill_9_of_the_runtime_then_restart_keeps_every_sandbox(fault_runtime: R
     running.files.write("/home/user/survivor", "still here")
     handle = running.commands.run("sleep 600", background=True, timeout=0)
     paused.files.write("/home/user/p", "paused")
+    bases = {sbx.sandbox_id: _ids(sbx)[0] for sbx in (running, paused)}
     paused.pause()
     fault_runtime.process.send_signal(signal.SIGKILL)
     fault_runtime.process.wait(10)
     fault_runtime.restart()
+    registry = Path(_core.DEFAULT_ID_REGISTRY)
     try:
         listed = {s.sandbox_id for s in Sandbox.list().next_items()}
         assert {running.sandbox_id, paused.sandbox_id} <= listed
+        for sandbox_id, base in bases.items():  # the restarted runtime keeps both claims
+            assert f"sandbox={sandbox_id}" in (registry / str(base)).read_text()
         again = Sandbox.connect(running.sandbox_id)
         assert again.files.read("/home/user/survivor") == "still here"
         assert handle.pid in [p.pid for p in again.commands.list()]
-        assert Sandbox.connect(paused.sandbox_id).files.read("/home/user/p") == "paused"
+        resumed = Sandbox.connect(paused.sandbox_id)
+        assert resumed.files.read("/home/user/p") == "paused"
+        assert _ids(resumed)[0] == bases[paused.sandbox_id]
     finally:
         Sandbox.kill(running.sandbox_id)
         Sandbox.kill(paused.sandbox_id)
+    assert not any((registry / str(base)).exists() for base in bases.values())
 
 
 def test_kill_9_of_an_agent_is_reported(fault_runtime: Runtime) -> None:

@@ -134,6 +134,12 @@ def test_metrics_follow_a_lifecycle(sdk: Callable[..., Runtime]) -> None:
     _wait_for(lambda: _gone(runtime, other.sandbox_id), "the death")
     short = Sandbox.create(timeout=1)
     _wait_for(lambda: _gone(runtime, short.sandbox_id), "the timeout")
+    # A kill is counted once the sandbox's processes, disk and id range are freed, a moment after
+    # the sandbox reads as gone.
+    _wait_for(
+        lambda: _delta(resumed, _scrape(runtime)[1], "sandboxd_sandbox_timeouts_total", action="kill") == 1,
+        "the timeout's count",
+    )
     text, ended = _scrape(runtime)
     assert _delta(resumed, ended, "sandboxd_sandbox_kills_total", reason="api") == 1
     assert _delta(resumed, ended, "sandboxd_sandbox_deaths_total", reason="agent_exited") == 1

@@ -199,7 +199,7 @@ def test_bad_input_gets_clear_4xx(runtime: Runtime) -> None:
 
 
 def test_templates_by_alias(e2b_env: Runtime) -> None:
-    sbx = Sandbox.create(template="code-interpreter-v1")
+    sbx = Sandbox.create(template="desktop")
     try:
         assert sbx.commands.run("echo ok").stdout == "ok\n"
     finally:
@@ -239,10 +239,10 @@ def test_every_agent_feature_works_inside_a_sandbox(e2b_env: Runtime) -> None:
 
 
 def test_an_alias_reports_the_template_and_its_name(e2b_env: Runtime) -> None:
-    sbx = Sandbox.create(template="code-interpreter-v1")
+    sbx = Sandbox.create(template="desktop")
     try:
         info = sbx.get_info()
         assert info.template_id == "base"
-        assert info.name == "code-interpreter-v1"
+        assert info.name == "desktop"
     finally:
         sbx.kill()

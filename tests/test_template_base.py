@@ -133,7 +133,7 @@ def test_base_layer_is_canonically_owned_on_disk(e2b_env: Runtime, base_template
 def test_aliases_resolve_to_base(e2b_env: Runtime, base_template: bool) -> None:
     if not base_template:
         pytest.skip("the Debian base cannot be built on this machine")
-    sandbox = Sandbox.create(template="code-interpreter-v1")
+    sandbox = Sandbox.create(template="desktop")
     try:
         assert sandbox.get_info().template_id == "base"
         assert sandbox.commands.run("command -v node").exit_code == 0

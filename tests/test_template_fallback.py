@@ -1,9 +1,11 @@
-"""``base`` before it is built: a create waiting for the build says so instead of timing out, and
-where Debian's archive cannot be reached the runtime falls back to ``host`` with a message.
+"""Built-in templates before they are built: a create waiting for the build says so instead of timing
+out, and where Debian's archive (or the package index) cannot be reached the runtime falls back, with a
+message: ``base`` to ``host``, ``code-interpreter-v1`` to ``base``.
 
 Each runtime here has a template store of its own (empty: nothing built) and a mirror on loopback
 that the test controls: a closed port (unreachable), or a server that answers the reachability
-probe and then never sends a package list (a build that does not finish)."""
+probe and then never sends a package list (a build that does not finish). The package index test
+uses the shared store, where ``base`` is built, and a closed port for the index."""
 
 from __future__ import annotations
 
@@ -36,6 +38,12 @@ def test_base_falls_back_to_host_when_the_archive_is_unreachable(
         assert sbx.commands.run("echo ok").stdout == "ok\n"
     finally:
         sbx.kill()
+    # code-interpreter-v1 is built on base: without the archive, it falls back to host as well
+    interpreter = _create(runtime, template="code-interpreter-v1")
+    try:
+        assert interpreter.get_info().template_id == "host"
+    finally:
+        interpreter.kill()
     log = runtime.log.read_text()
     assert f"Debian's archive at {mirror} cannot be reached" in log
     assert "get 'host'" in log
@@ -43,6 +51,28 @@ def test_base_falls_back_to_host_when_the_archive_is_unreachable(
     assert "not built" in listed
     built = sandboxd_template(runtime, "build", "base", "--debian-mirror", mirror, check=False)
     assert built.returncode != 0 and "cannot be reached" in built.stderr
+
+
+def test_code_interpreter_falls_back_to_base_when_the_package_index_is_unreachable(
+    start_runtime: Callable[..., Runtime], base_template: bool
+) -> None:
+    """The shared store has base: only the index is missing. Sandboxes asking for the code interpreter's
+    template get base (without an interpreter), and the log says why."""
+    if not base_template:
+        pytest.skip("the Debian base cannot be built on this machine")
+    index = f"http://127.0.0.1:{free_port()}/simple"
+    runtime = start_runtime("--pypi-index", index)
+    started = time.monotonic()
+    sbx = _create(runtime, template="code-interpreter-v1")
+    try:
+        assert time.monotonic() - started < 20
+        assert sbx.get_info().template_id == "base"
+        assert sbx.commands.run("echo ok").stdout == "ok\n"
+    finally:
+        sbx.kill()
+    log = runtime.log.read_text()
+    assert f"the Python package index at {index} cannot be reached" in log
+    assert "sandboxes asking for 'code-interpreter-v1' get 'base'" in log
 
 
 class _StallingMirror(http.server.BaseHTTPRequestHandler):

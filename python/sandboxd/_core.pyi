@@ -273,9 +273,9 @@ class SandboxHandle:
     init_pid: int
 
     @staticmethod
-    def adopt(id: str, init_pid: int) -> SandboxHandle:
-        """Attach to a sandbox started earlier (maybe by a previous runtime); ``ProcessLookupError``
-        when its init is gone."""
+    def adopt(instance: str, id: str, init_pid: int) -> SandboxHandle:
+        """Attach to sandbox ``id`` of runtime ``instance`` started earlier (maybe by a previous
+        runtime); ``OSError`` when its init is gone or is not that sandbox's."""
     def pidfd(self) -> int:
         """A pidfd of the init: readable once the sandbox has ended (for ``loop.add_reader``)."""
     def is_running(self) -> bool: ...
@@ -287,6 +287,9 @@ class SandboxHandle:
     def kill(self) -> None:
         """SIGKILL everything, wait until the cgroup is empty, remove it. Synchronous."""
     def stats(self) -> SandboxStats: ...
+    def disk_usage(self) -> tuple[int, int]:
+        """``(used, total)`` bytes of the sandbox's root filesystem as ``df /`` shows them inside:
+        its disk (the quota) when it has one. Read through ``/proc/<init>/root``."""
     def connect(self, port: int, timeout: float) -> int:
         """A TCP socket fd connected to ``127.0.0.1:port`` inside the sandbox's network namespace."""
 
@@ -299,24 +302,89 @@ def enter_sandbox(
     template_dirs: list[str],
     sandbox_dir: str,
     *,
+    instance: str,
+    id_base: int,
     host_usr_ro: bool = True,
+    disk_image: str | None = None,
+    disk_fd: int | None = None,
+    nested_userns: bool = False,
     memory_bytes: int | None = None,
     cpu_cores: float | None = None,
     pids_max: int | None = None,
+    open_files: int | None = None,
+    inotify_instances: int | None = None,
+    inotify_watches: int | None = None,
 ) -> Entered:
     """Call in a freshly forked, single-threaded child of a zygote: puts it in a new sandbox and
     returns twice (see ``crates/sandboxd-jail`` docs): ``inside=True`` in the payload, which must
     never return into the zygote's code, and ``inside=False`` in the forked child, which must report
-    ``init_pid`` and exit."""
+    ``init_pid`` and exit.
 
-def kill_sandbox(id: str) -> None:
-    """Kill and clean up a sandbox by id (its cgroup), whether or not a handle exists."""
+    The sandbox's cgroup is ``sandboxd/<instance>/<id>``; its uids and gids 0-65535 are the host's
+    ``id_base..id_base+65536`` (claimed from :class:`IdRegistry`). Its writable layer lives on
+    ``disk_fd`` (a disk from :func:`mount_disk`, duplicated here; the caller closes its own) or on
+    ``disk_image`` (mounted now), else in ``sandbox_dir/upper`` without a quota."""
 
-def list_sandboxes() -> list[str]:
-    """Ids of the sandboxes whose cgroups exist on this host."""
+def kill_sandbox(instance: str, id: str) -> None:
+    """Kill and clean up sandbox ``id`` of runtime ``instance`` (its cgroup), with or without a handle."""
+
+def list_sandboxes(instance: str) -> list[str]:
+    """Ids of runtime ``instance``'s sandboxes whose cgroups exist on this host."""
 
 def become_subreaper() -> None:
     """Make this process the reaper of sandbox inits it started (``PR_SET_CHILD_SUBREAPER``)."""
+
+def configure_budget(
+    instance: str,
+    *,
+    host_memory_bytes: int | None,
+    host_pids_max: int | None,
+    memory_bytes: int | None,
+    pids_max: int | None,
+) -> None:
+    """Create ``sandboxd/`` and ``sandboxd/<instance>/`` and write their limits: the host-wide budget
+    of every runtime's sandboxes together, and this runtime's."""
+
+def remove_instance_if_empty(instance: str) -> None:
+    """Remove ``sandboxd/<instance>/`` (and ``sandboxd/``) when no sandbox is left in them."""
+
+def format_disk_image(path: str, size_mb: int) -> None:
+    """Create ``path`` as a sparse image of ``size_mb`` MiB holding an empty ext4 filesystem."""
+
+def copy_sparse(src: str, dst: str) -> None:
+    """Copy a file, keeping its holes (a copy of an empty formatted image writes a few MiB)."""
+
+def mount_disk(image: str) -> int:
+    """Mount a disk image as a detached mount (attached nowhere until a sandbox attaches it); returns
+    its descriptor, which the caller owns and closes. Closing every copy unmounts it."""
+
+def disk_usage(path: str) -> tuple[int, int]:
+    """``(used, total)`` bytes of the filesystem holding ``path``, as ``df`` shows them."""
+
+def check_isolation_support(template: str) -> None:
+    """Raise ``OSError`` saying what the host lacks unless it can build sandboxes over ``template``:
+    user namespaces, and idmapped mounts of the template's filesystem (Linux >= 5.12)."""
+
+DEFAULT_ID_REGISTRY: str
+"""Where the host-wide registry of sandbox id ranges lives by default."""
+
+ID_RANGE_SIZE: int
+"""Host ids per sandbox (65536: uids and gids 0-65535 inside)."""
+
+class IdRegistry:
+    """The host-wide registry of sandboxes' id ranges: one file per claim, made with ``link`` so two
+    runtimes never claim the same range; stale claims (data dir gone, no process using the ids) can
+    be reclaimed."""
+
+    def __init__(self, dir: str) -> None: ...
+    def claim(self, data_dir: str, sandbox_id: str) -> int:
+        """Claim a free range for ``sandbox_id`` of the runtime whose data dir is ``data_dir``; its base."""
+    def release(self, base: int, data_dir: str, sandbox_id: str) -> None:
+        """Release the range at ``base`` if this runtime claimed it for ``sandbox_id``; idempotent."""
+    def claims_of(self, data_dir: str) -> list[tuple[int, str]]:
+        """``(base, sandbox_id)`` of every claim made by the runtime whose data dir is ``data_dir``."""
+    def reclaim_stale(self) -> list[int]:
+        """Remove stale claims (their data dir is gone and no process uses their ids); their bases."""
 
 # ------------------------------------------------------------------------------------ network
 

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from sandboxd import ENVD_VERSION, __version__
+from sandboxd.runtime.code_interpreter import DEFAULT_INDEX
 from sandboxd.runtime.debian import DEFAULT_MIRROR
 
 
@@ -144,8 +145,30 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--tls-key", type=Path, help="the PEM private key of --tls-cert (if not in the same file)")
     serve.add_argument("--max-sandboxes", type=int, default=256, help="running sandboxes at most (default: 256)")
-    serve.add_argument("--sandbox-cpus", type=int, default=2, help="CPU cores per sandbox (default: 2)")
-    serve.add_argument("--sandbox-memory-mb", type=int, default=1024, help="memory per sandbox in MiB (default: 1024)")
+    serve.add_argument(
+        "--sandbox-cpus", type=_positive(int), help="CPU cores per sandbox (default: half the host's, 1 to 2)"
+    )
+    serve.add_argument(
+        "--sandbox-memory-mb",
+        type=_positive(int),
+        help="memory per sandbox in MiB (default: 1024, less on a host with under 4 GiB to spare)",
+    )
+    serve.add_argument(
+        "--sandbox-disk-mb",
+        type=_positive(int),
+        help="disk quota per sandbox in MiB (default: 10240, or a quarter of the data dir's free space)",
+    )
+    serve.add_argument(
+        "--allow-nested-userns",
+        action="store_true",
+        help="let code in sandboxes create user namespaces (bubblewrap, Chrome's sandbox); see docs/security.md",
+    )
+    serve.add_argument(
+        "--id-registry",
+        type=Path,
+        default=None,
+        help="host-wide registry of sandbox id ranges, shared by every runtime (default: /var/lib/sandboxd-ids)",
+    )
     serve.add_argument(
         "--max-timeout", type=int, default=86400, help="longest sandbox timeout in seconds (default: 86400)"
     )
@@ -234,6 +257,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--sandbox-memory-mb", type=int, default=1024, help="memory of a Pod without limits (default: 1024)"
     )
     node.add_argument(
+        "--sandbox-disk-mb", type=_positive(int), default=10240, help="disk quota per sandbox in MiB (default: 10240)"
+    )
+    node.add_argument(
+        "--id-registry",
+        type=Path,
+        default=None,
+        help="host-wide registry of sandbox id ranges, shared by every runtime and node "
+        "(default: /var/lib/sandboxd-ids)",
+    )
+    node.add_argument(
         "--template-store",
         type=Path,
         default=_env_path("SANDBOXD_TEMPLATE_STORE"),
@@ -257,6 +290,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=os.environ.get("SANDBOXD_DEBIAN_MIRROR") or DEFAULT_MIRROR,
         help=f"Debian archive the 'base' template is built from (default: {DEFAULT_MIRROR}; "
         "also $SANDBOXD_DEBIAN_MIRROR)",
+    )
+    serve.add_argument(
+        "--pypi-index",
+        default=os.environ.get("SANDBOXD_PYPI_INDEX") or DEFAULT_INDEX,
+        help=f"Python package index the 'code-interpreter-v1' template is built from (default: {DEFAULT_INDEX}; "
+        "also $SANDBOXD_PYPI_INDEX)",
     )
 
     template = commands.add_parser("template", help="manage templates (list, add, import, pull, build, remove)")
@@ -288,11 +327,15 @@ def build_parser() -> argparse.ArgumentParser:
     pull.add_argument("image", help="an image reference, e.g. debian:trixie or ghcr.io/owner/image:tag")
     pull.add_argument("--insecure", action="store_true", help="allow plain HTTP or unverified TLS to the registry")
     build = template_commands.add_parser(
-        "build", parents=[where], help="build the 'base' template from Debian's archive now (mmdebstrap)"
+        "build",
+        parents=[where],
+        help="build a built-in template now: 'base' from Debian's archive (mmdebstrap), 'code-interpreter-v1' "
+        "on top of it from the Python package index",
     )
-    build.add_argument("name", choices=["base"])
+    build.add_argument("name", choices=["base", "code-interpreter-v1"])
     build.add_argument("--rebuild", action="store_true", help="build again even if a build of this recipe exists")
     build.add_argument("--debian-mirror", default=os.environ.get("SANDBOXD_DEBIAN_MIRROR") or DEFAULT_MIRROR)
+    build.add_argument("--pypi-index", default=os.environ.get("SANDBOXD_PYPI_INDEX") or DEFAULT_INDEX)
     remove = template_commands.add_parser(
         "remove", parents=[where], help="remove a template and the layers no other template uses"
     )
@@ -353,10 +396,12 @@ def main(argv: list[str] | None = None) -> None:
             address=args.address,
             tunnel_port=args.tunnel_port,
             max_sandboxes=args.max_sandboxes,
-            limits=Limits(cpu_count=args.sandbox_cpus, memory_mb=args.sandbox_memory_mb),
+            limits=Limits(cpu_count=args.sandbox_cpus, memory_mb=args.sandbox_memory_mb, disk_mb=args.sandbox_disk_mb),
             template_store=args.template_store,
             debian_mirror=args.debian_mirror,
         )
+        if args.id_registry is not None:
+            options.id_registry = args.id_registry
         if args.capacity_cpu:
             options.capacity_cpu = args.capacity_cpu
         if args.capacity_memory_mb:
@@ -381,43 +426,46 @@ def main(argv: list[str] | None = None) -> None:
             )
         )
     elif args.command == "serve":
-        from sandboxd.runtime.manager import Limits
+        from sandboxd.runtime.host import SandboxFlags
         from sandboxd.runtime.network import NetworkOptions
         from sandboxd.runtime.server import DEFAULT_DATA_DIR, ServeOptions
         from sandboxd.runtime.server import run as run_runtime
 
-        limits = Limits(
-            cpu_count=args.sandbox_cpus,
-            memory_mb=args.sandbox_memory_mb,
-            max_sandboxes=args.max_sandboxes,
-            max_timeout_s=args.max_timeout,
+        serve_options = ServeOptions(
+            host=args.host,
+            port=args.port,
+            data_dir=args.data_dir or DEFAULT_DATA_DIR,
+            api_key=args.api_key,
+            domain=args.domain,
+            tls_cert=args.tls_cert,
+            tls_key=args.tls_key,
+            sandboxes=SandboxFlags(
+                cpus=args.sandbox_cpus,
+                memory_mb=args.sandbox_memory_mb,
+                disk_mb=args.sandbox_disk_mb,
+                max_sandboxes=args.max_sandboxes,
+                max_timeout_s=args.max_timeout,
+                nested_userns=args.allow_nested_userns,
+            ),
+            log_format=args.log_format,
+            network=None
+            if args.no_network
+            else NetworkOptions(
+                uplink=args.uplink,
+                subnet=args.sandbox_subnet,
+                dns_upstreams=args.dns_upstream,
+                allow=args.sandbox_allow,
+                deny=args.sandbox_deny,
+                egress_trust=args.egress_trust,
+            ),
+            template_store=args.template_store,
+            debian_mirror=args.debian_mirror,
+            pypi_index=args.pypi_index,
+            connections=_connection_limits(args),
         )
-        run_runtime(
-            ServeOptions(
-                host=args.host,
-                port=args.port,
-                data_dir=args.data_dir or DEFAULT_DATA_DIR,
-                api_key=args.api_key,
-                domain=args.domain,
-                tls_cert=args.tls_cert,
-                tls_key=args.tls_key,
-                limits=limits,
-                log_format=args.log_format,
-                network=None
-                if args.no_network
-                else NetworkOptions(
-                    uplink=args.uplink,
-                    subnet=args.sandbox_subnet,
-                    dns_upstreams=args.dns_upstream,
-                    allow=args.sandbox_allow,
-                    deny=args.sandbox_deny,
-                    egress_trust=args.egress_trust,
-                ),
-                template_store=args.template_store,
-                debian_mirror=args.debian_mirror,
-                connections=_connection_limits(args),
-            )
-        )
+        if args.id_registry is not None:
+            serve_options.id_registry = args.id_registry
+        run_runtime(serve_options)
     elif args.command == "status":
         from sandboxd.runtime.observe.status import main as status_main
         from sandboxd.runtime.server import DEFAULT_DATA_DIR

@@ -28,12 +28,14 @@ from urllib.parse import quote
 
 import pytest
 from harness import Broken, Request, drive
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
-from sandboxd.runtime import zygote
+from sandboxd import _core
+from sandboxd.runtime import host, zygote
 from sandboxd.runtime.api import ControlPlane
 from sandboxd.runtime.backend import LocalBackend
-from sandboxd.runtime.manager import Limits, SandboxManager
+from sandboxd.runtime.disks import DiskPool
+from sandboxd.runtime.manager import HostPlace, Limits, SandboxManager
 from sandboxd.runtime.observe import Observer
 from sandboxd.runtime.observe.endpoints import OperatorEndpoints
 from sandboxd.runtime.observe.http import RequestObserver
@@ -183,7 +185,11 @@ class RuntimeTarget:
         templates = Templates(self.store, default_store_dir(self.data))
         self.zygote = ZygoteClient(zygote.start)
         observer = Observer()
-        self.manager = SandboxManager(self.store, templates, self.data, self.zygote, Limits(), observer=observer)
+        # Its own id registry and a disk pool that never fills: no create gets that far.
+        place = HostPlace(
+            host.instance_name(self.data), _core.IdRegistry(str(self.data / "ids")), DiskPool(self.data, 1)
+        )
+        self.manager = SandboxManager(self.store, templates, self.data, self.zygote, Limits(), place, observer=observer)
         loop.run_until_complete(self.manager.start())
         backend = LocalBackend(self.manager)
         proxy = SandboxProxy(backend, DOMAIN)
@@ -256,5 +262,16 @@ def _target() -> Iterator[None]:
 
 @FUZZ
 @given(requests())
+# A valid create on a runtime whose zygote is down: a 503 before any disk is taken (CI once drew
+# it and got a 500 from a disk pool that was never started).
+@example(
+    Request(
+        method="POST",
+        path="/sandboxes",
+        query=b"",
+        headers=[(b"x-api-key", b"fuzz-key"), (b"host", b"127.0.0.1:3000")],
+        body=[b'{"templateID": "host"}'],
+    )
+)
 def test_runtime_requests(request: Request) -> None:
     run_one(request)

@@ -2,9 +2,9 @@
 // E2B's docs configure it: through E2B_API_KEY, E2B_API_URL and E2B_SANDBOX_URL (one port serves the
 // control-plane API and proxies envd traffic by the E2b-Sandbox-Id header).
 //
-// The tests use @e2b/code-interpreter's Sandbox as E2B's docs do (it asks for the template
-// `code-interpreter-v1`, which sandboxd aliases to its built-in one) but never call runCode: that needs
-// the Jupyter server of E2B's code-interpreter template, which our built-in template does not have.
+// The tests use @e2b/code-interpreter's Sandbox as E2B's docs do: it asks for the template
+// `code-interpreter-v1`, sandboxd's base plus the kernels, whose sandboxes also serve runCode
+// (interpreter.test.mjs).
 //
 // Not a test file itself (node --test only picks up *.test.mjs).
 

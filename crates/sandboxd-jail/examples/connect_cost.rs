@@ -10,10 +10,12 @@
 //! build: `cargo run --release -p sandboxd-jail --example connect_cost -- [runs]` (default 2000).
 
 use std::net::{TcpListener, TcpStream};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use sandboxd_jail::{
-    InitCommand, SandboxSpec, build_base_template, socket_in_netns, spawn_sandbox,
+    DEFAULT_REGISTRY, IdRegistry, InitCommand, SandboxSpec, build_base_template, socket_in_netns,
+    spawn_sandbox,
 };
 
 /// Connections measured when no count is given: a few tenths of a second each.
@@ -113,11 +115,10 @@ fn main() {
     let host_loopback = measure(runs, || drop(TcpStream::connect(host_addr).unwrap()));
 
     // A sandbox whose payload (a fork of this single-threaded example) accepts forever.
-    let spec = SandboxSpec::new(
-        format!("connect-cost-{}", std::process::id()),
-        &template,
-        &base.path().join("sb"),
-    );
+    let id = format!("connect-cost-{}", std::process::id());
+    let registry = IdRegistry::open(Path::new(DEFAULT_REGISTRY)).unwrap();
+    let range = registry.claim(base.path(), &id).unwrap();
+    let spec = SandboxSpec::new(&id, &template, &base.path().join("sb"), range);
     let guard = Guard(
         spawn_sandbox(
             &spec,
@@ -144,6 +145,7 @@ fn main() {
         drop(handle.connect(INNER_PORT, Duration::from_secs(1)).unwrap())
     });
     drop(guard);
+    let _ = registry.release(range, base.path(), &id);
 
     println!(
         "{{\"runs\": {runs}, \"host_loopback_connect\": {host_loopback}, \

@@ -109,6 +109,13 @@ fn restrict(keep: u64) -> Result<(), StepError> {
         Ok(_) | Err(Errno::EINVAL) => {} // EINVAL: kernel without ambient capabilities
         Err(e) => return Err(fail(e)),
     }
+    set_only(keep).map_err(fail)
+}
+
+/// Sets the calling thread's effective and permitted capabilities to `keep` (a mask; it must be a
+/// subset of the permitted set) and clears the inheritable set. The bounding and ambient sets are
+/// left alone. Async-signal-safe.
+pub(crate) fn set_only(keep: u64) -> Result<(), Errno> {
     let mut header = CapHeader {
         version: CAPABILITY_VERSION_3,
         pid: 0,
@@ -125,7 +132,7 @@ fn restrict(keep: u64) -> Result<(), StepError> {
     // SAFETY: capset reads a v3 header and two CapData structs (the layout of
     // __user_cap_header_struct / __user_cap_data_struct); both live on our stack for the call.
     let r = unsafe { libc::syscall(libc::SYS_capset, &mut header, data.as_ptr()) };
-    Errno::result(r).map(drop).map_err(fail)
+    Errno::result(r).map(drop)
 }
 
 #[cfg(test)]

@@ -5,18 +5,28 @@
 //! `cgroup.procs` moves that process (and its future children) into it; its control files cap
 //! memory, CPU bandwidth and task count, and freeze every member at once.
 //!
+//! Sandboxes are grouped per runtime *instance* (one per data dir, so concurrent runtimes and
+//! test runs never collide): a sandbox is `sandboxd/<instance>/<id>`. The shared `sandboxd/` and
+//! each `sandboxd/<instance>/` carry host-wide budgets ([`configure_budget`]): limits that the sum
+//! of all sandboxes cannot exceed, leaving a reserve for the host, since per-sandbox limits alone
+//! add up past it (8 sandboxes x 4096 pids is a whole `pid_max`).
+//!
 //! * **v2** (one unified hierarchy at `/sys/fs/cgroup`): the sandbox is
-//!   `/sys/fs/cgroup/sandboxd/<id>`. Controllers reach a child only when listed in its parent's
-//!   `cgroup.subtree_control`, so we enable `memory cpu pids` in the root's and in `sandboxd/`'s.
+//!   `/sys/fs/cgroup/sandboxd/<instance>/<id>`. Controllers reach a child only when listed in its
+//!   parent's `cgroup.subtree_control`, so we enable `memory cpu pids` on the way down.
 //!   Freezing is `cgroup.freeze` (done when `cgroup.events` says `frozen 1`), killing is
-//!   `cgroup.kill` (Linux 5.14+).
+//!   `cgroup.kill` (Linux 5.14+). Devices are limited by an eBPF program (`devices.rs`).
 //! * **v1** (one hierarchy per controller, possibly co-mounted, e.g. `cpu,cpuacct`): the sandbox is
-//!   `<mount>/sandboxd/<id>` in each of the memory, cpu, cpuacct, pids and freezer hierarchies,
-//!   found in `/proc/self/mountinfo`. Freezing is `freezer.state` (`FROZEN` once every task has
-//!   stopped). There is no `cgroup.kill`, so we freeze, SIGKILL every member, and thaw: a frozen
-//!   process cannot fork, so none escapes the sweep.
+//!   `<mount>/sandboxd/<instance>/<id>` in each of the memory, cpu, cpuacct, pids, freezer and
+//!   devices hierarchies, found in `/proc/self/mountinfo`. Freezing is `freezer.state` (`FROZEN`
+//!   once every task has stopped). There is no `cgroup.kill`, so we freeze, SIGKILL every member,
+//!   and thaw: a frozen process cannot fork, so none escapes the sweep.
 //!
 //! A hybrid host (v1 controllers plus an empty v2 hierarchy at `/sys/fs/cgroup/unified`) is v1.
+//!
+//! Nothing inside can lift these limits: every cgroup file and directory belongs to host root,
+//! which is not mapped in the sandbox's user namespace, so root inside (or in a nested namespace
+//! that mounts its own view of the hierarchy) can neither write a limit nor create a child group.
 
 use std::collections::BTreeSet;
 use std::fs;
@@ -29,17 +39,20 @@ use nix::sys::signal::{Signal, kill};
 use nix::sys::statfs::{CGROUP2_SUPER_MAGIC, statfs};
 use nix::unistd::Pid;
 
+use crate::devices;
 use crate::spec::Limits;
 
 /// Where cgroup filesystems are mounted on every distribution we know of.
 const CGROUP_ROOT: &str = "/sys/fs/cgroup";
 
 /// The parent of every sandbox cgroup, so `ls /sys/fs/cgroup/sandboxd` (v2) or
-/// `/sys/fs/cgroup/memory/sandboxd` (v1) lists the sandboxes of this host.
+/// `/sys/fs/cgroup/memory/sandboxd` (v1) lists the runtime instances of this host, each a
+/// directory of its sandboxes.
 pub const CGROUP_PARENT: &str = "sandboxd";
 
-/// v1 hierarchies a sandbox joins: the three limits, `cpuacct` for CPU time, `freezer` for pause.
-const V1_CONTROLLERS: [&str; 5] = ["memory", "cpu", "cpuacct", "pids", "freezer"];
+/// v1 hierarchies a sandbox joins: the three limits, `cpuacct` for CPU time, `freezer` for pause,
+/// `devices` for the device allow-list.
+const V1_CONTROLLERS: [&str; 6] = ["memory", "cpu", "cpuacct", "pids", "freezer", "devices"];
 
 /// v2 controllers enabled for sandboxes (freezing and killing are core v2 files, not controllers).
 const V2_CONTROLLERS: [&str; 3] = ["memory", "cpu", "pids"];
@@ -99,6 +112,7 @@ struct V1Dirs {
     cpuacct: Option<PathBuf>,
     pids: Option<PathBuf>,
     freezer: Option<PathBuf>,
+    devices: Option<PathBuf>,
 }
 
 #[derive(Clone, Debug)]
@@ -110,35 +124,43 @@ enum Layout {
 /// One sandbox's cgroup (paths only; nothing is created until [`Cgroup::create`]).
 #[derive(Clone, Debug)]
 pub(crate) struct Cgroup {
+    instance: String,
     id: String,
     layout: Layout,
 }
 
+/// Where `rel` (a path under the cgroup root, e.g. `sandboxd/<instance>/<id>`) lives on this host.
+fn layout(rel: &Path) -> io::Result<Layout> {
+    Ok(match cgroup_version()? {
+        CgroupVersion::V2 => Layout::V2(Path::new(CGROUP_ROOT).join(rel)),
+        CgroupVersion::V1 => {
+            let mounts = v1_mounts()?;
+            let dir = |c: &str| {
+                mounts
+                    .iter()
+                    .find(|(controllers, _)| controllers.iter().any(|x| x == c))
+                    .map(|(_, mp)| mp.join(rel))
+            };
+            Layout::V1(V1Dirs {
+                memory: dir("memory"),
+                cpu: dir("cpu"),
+                cpuacct: dir("cpuacct"),
+                pids: dir("pids"),
+                freezer: dir("freezer"),
+                devices: dir("devices"),
+            })
+        }
+    })
+}
+
 impl Cgroup {
-    /// Finds where sandbox `id`'s cgroup lives (or would live) on this host.
-    pub(crate) fn locate(id: &str) -> io::Result<Cgroup> {
-        let layout = match cgroup_version()? {
-            CgroupVersion::V2 => Layout::V2(Path::new(CGROUP_ROOT).join(CGROUP_PARENT).join(id)),
-            CgroupVersion::V1 => {
-                let mounts = v1_mounts()?;
-                let dir = |c: &str| {
-                    mounts
-                        .iter()
-                        .find(|(controllers, _)| controllers.iter().any(|x| x == c))
-                        .map(|(_, mp)| mp.join(CGROUP_PARENT).join(id))
-                };
-                Layout::V1(V1Dirs {
-                    memory: dir("memory"),
-                    cpu: dir("cpu"),
-                    cpuacct: dir("cpuacct"),
-                    pids: dir("pids"),
-                    freezer: dir("freezer"),
-                })
-            }
-        };
+    /// Finds where sandbox `id` of runtime `instance` has (or would have) its cgroup.
+    pub(crate) fn locate(instance: &str, id: &str) -> io::Result<Cgroup> {
+        let rel = Path::new(CGROUP_PARENT).join(instance).join(id);
         Ok(Cgroup {
+            instance: instance.to_owned(),
             id: id.to_owned(),
-            layout,
+            layout: layout(&rel)?,
         })
     }
 
@@ -155,11 +177,13 @@ impl Cgroup {
         match &self.layout {
             Layout::V2(d) => vec![d.clone()],
             Layout::V1(v) => {
-                let set: BTreeSet<PathBuf> = [&v.memory, &v.cpu, &v.cpuacct, &v.pids, &v.freezer]
-                    .into_iter()
-                    .flatten()
-                    .cloned()
-                    .collect();
+                let set: BTreeSet<PathBuf> = [
+                    &v.memory, &v.cpu, &v.cpuacct, &v.pids, &v.freezer, &v.devices,
+                ]
+                .into_iter()
+                .flatten()
+                .cloned()
+                .collect();
                 set.into_iter().collect()
             }
         }
@@ -196,16 +220,22 @@ impl Cgroup {
         match &self.layout {
             Layout::V2(dir) => {
                 let root = Path::new(CGROUP_ROOT);
-                let parent = root.join(CGROUP_PARENT);
-                mkdir_existing_ok(&parent)?;
+                let top = root.join(CGROUP_PARENT);
+                let instance = top.join(&self.instance);
+                mkdir_existing_ok(&top)?;
                 enable_controllers(root)?;
-                enable_controllers(&parent)?;
+                mkdir_existing_ok(&instance)?;
+                enable_controllers(&top)?;
+                enable_controllers(&instance)?;
                 mkdir_existing_ok(dir)
             }
             Layout::V1(_) => {
                 for d in self.dirs() {
-                    if let Some(parent) = d.parent() {
-                        mkdir_existing_ok(parent)?;
+                    if let Some(instance) = d.parent() {
+                        if let Some(top) = instance.parent() {
+                            mkdir_existing_ok(top)?;
+                        }
+                        mkdir_existing_ok(instance)?;
                     }
                     mkdir_existing_ok(&d)?;
                 }
@@ -214,23 +244,37 @@ impl Cgroup {
         }
     }
 
-    /// Writes the limits. A limit whose controller is missing is an `Unsupported` error.
+    /// Writes the limits and the device allow-list. A limit whose controller is missing is an
+    /// `Unsupported` error.
     pub(crate) fn apply(&self, limits: &Limits) -> io::Result<()> {
         match &self.layout {
+            Layout::V2(dir) => devices::apply_v2(dir)?,
+            Layout::V1(v) => devices::apply_v1(need(&v.devices, "devices")?)?,
+        }
+        self.write_limits(limits.memory_bytes, limits.cpu_cores, limits.pids_max)
+    }
+
+    fn write_limits(
+        &self,
+        memory: Option<u64>,
+        cpu: Option<f64>,
+        pids: Option<u64>,
+    ) -> io::Result<()> {
+        match &self.layout {
             Layout::V2(dir) => {
-                if let Some(bytes) = limits.memory_bytes {
+                if let Some(bytes) = memory {
                     write_file(&dir.join("memory.max"), &bytes.to_string())?;
                 }
-                if let Some(cores) = limits.cpu_cores {
+                if let Some(cores) = cpu {
                     let quota = cfs_quota_us(cores);
                     write_file(&dir.join("cpu.max"), &format!("{quota} {CFS_PERIOD_US}"))?;
                 }
-                if let Some(max) = limits.pids_max {
+                if let Some(max) = pids {
                     write_file(&dir.join("pids.max"), &max.to_string())?;
                 }
             }
             Layout::V1(v) => {
-                if let Some(bytes) = limits.memory_bytes {
+                if let Some(bytes) = memory {
                     let d = need(&v.memory, "memory")?;
                     let limit = d.join("memory.limit_in_bytes");
                     // With swap accounting, also cap memory+swap so the limit cannot be escaped
@@ -248,7 +292,7 @@ impl Cgroup {
                         (Err(e), None) => return Err(e),
                     }
                 }
-                if let Some(cores) = limits.cpu_cores {
+                if let Some(cores) = cpu {
                     let d = need(&v.cpu, "cpu")?;
                     write_file(&d.join("cpu.cfs_period_us"), &CFS_PERIOD_US.to_string())?;
                     write_file(
@@ -256,7 +300,7 @@ impl Cgroup {
                         &cfs_quota_us(cores).to_string(),
                     )?;
                 }
-                if let Some(max) = limits.pids_max {
+                if let Some(max) = pids {
                     let d = need(&v.pids, "pids")?;
                     write_file(&d.join("pids.max"), &max.to_string())?;
                 }
@@ -293,7 +337,7 @@ impl Cgroup {
     /// Whether process `pid` is in this cgroup, per `/proc/<pid>/cgroup`.
     pub(crate) fn contains(&self, pid: i32) -> io::Result<bool> {
         let s = fs::read_to_string(format!("/proc/{pid}/cgroup"))?;
-        let want = format!("/{CGROUP_PARENT}/{}", self.id);
+        let want = format!("/{CGROUP_PARENT}/{}/{}", self.instance, self.id);
         Ok(s.lines().any(|l| {
             let path = l.splitn(3, ':').nth(2).unwrap_or("");
             path == want || path.starts_with(&format!("{want}/"))
@@ -408,13 +452,15 @@ impl Cgroup {
     }
 }
 
-/// Ids of the sandbox cgroups present on this host (to re-adopt or clean up after a restart).
-pub fn list_sandboxes() -> io::Result<Vec<String>> {
+/// Ids of the sandbox cgroups of runtime `instance` present on this host (to re-adopt or clean
+/// up after a restart).
+pub fn list_sandboxes(instance: &str) -> io::Result<Vec<String>> {
+    crate::spec::validate_instance(instance)?;
     let parents: Vec<PathBuf> = match cgroup_version()? {
-        CgroupVersion::V2 => vec![Path::new(CGROUP_ROOT).join(CGROUP_PARENT)],
+        CgroupVersion::V2 => vec![Path::new(CGROUP_ROOT).join(CGROUP_PARENT).join(instance)],
         CgroupVersion::V1 => v1_mounts()?
             .into_iter()
-            .map(|(_, mp)| mp.join(CGROUP_PARENT))
+            .map(|(_, mp)| mp.join(CGROUP_PARENT).join(instance))
             .collect(),
     };
     let mut ids = BTreeSet::new();
@@ -432,6 +478,62 @@ pub fn list_sandboxes() -> io::Result<Vec<String>> {
         }
     }
     Ok(ids.into_iter().collect())
+}
+
+/// Limits on everything sandboxes use together (see the module docs). `None` leaves one alone.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Budget {
+    /// Memory (and, where swap is accounted, memory+swap) of all sandboxes together, in bytes.
+    pub memory_bytes: Option<u64>,
+    /// Tasks of all sandboxes together.
+    pub pids_max: Option<u64>,
+}
+
+/// Creates `sandboxd/` and `sandboxd/<instance>/` and writes the host-wide budget `host` on the
+/// first (shared by every runtime of the host) and this runtime's `own` on the second.
+pub fn configure_budget(instance: &str, host: &Budget, own: &Budget) -> io::Result<()> {
+    crate::spec::validate_instance(instance)?;
+    let top = Path::new(CGROUP_PARENT);
+    for (rel, budget) in [(top.to_owned(), host), (top.join(instance), own)] {
+        let group = Cgroup {
+            instance: String::new(),
+            id: String::new(),
+            layout: layout(&rel)?,
+        };
+        match &group.layout {
+            Layout::V2(dir) => {
+                if let Some(parent) = dir.parent() {
+                    enable_controllers(parent)?;
+                }
+                mkdir_existing_ok(dir)?;
+            }
+            Layout::V1(_) => {
+                for d in group.dirs() {
+                    mkdir_existing_ok(&d)?;
+                }
+            }
+        }
+        group.write_limits(budget.memory_bytes, None, budget.pids_max)?;
+    }
+    Ok(())
+}
+
+/// Removes `sandboxd/<instance>/` (and `sandboxd/`) if no sandbox is left in them. Best effort:
+/// a group that still has children stays.
+pub fn remove_instance_if_empty(instance: &str) -> io::Result<()> {
+    crate::spec::validate_instance(instance)?;
+    let top = Path::new(CGROUP_PARENT);
+    for rel in [top.join(instance), top.to_owned()] {
+        let group = Cgroup {
+            instance: String::new(),
+            id: String::new(),
+            layout: layout(&rel)?,
+        };
+        for d in group.dirs() {
+            let _ = fs::remove_dir(d);
+        }
+    }
+    Ok(())
 }
 
 /// The v1 hierarchies we use: (controllers, mount point), from `/proc/self/mountinfo`.

@@ -27,6 +27,7 @@ use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use nix::sys::wait::{Id, WaitPidFlag, WaitStatus, waitid};
 
 use crate::cgroup::{Cgroup, CgroupVersion, Stats};
+use crate::disk::{DiskUsage, disk_usage};
 use crate::mounts::detach_if_mounted;
 use crate::netns::connect_in_netns_fd;
 use crate::spec::validate_id;
@@ -102,14 +103,15 @@ impl SandboxHandle {
         }
     }
 
-    /// Re-attaches to sandbox `id` whose init is `init_pid` (both recorded by a previous runtime
-    /// process). Fails with `NotFound` if that process is gone or is not in the sandbox's cgroup
-    /// (e.g. the pid was reused); to clean up such a sandbox use [`crate::kill_sandbox`].
+    /// Re-attaches to sandbox `id` of runtime `instance` whose init is `init_pid` (all recorded by
+    /// a previous runtime process). Fails with `NotFound` if that process is gone or is not in the
+    /// sandbox's cgroup (e.g. the pid was reused); to clean up such a sandbox use
+    /// [`crate::kill_sandbox`].
     ///
     /// The adopted handle does not know the merged dir; see [`SandboxHandle::with_merged_dir`].
-    pub fn adopt(id: &str, init_pid: i32) -> io::Result<SandboxHandle> {
+    pub fn adopt(instance: &str, id: &str, init_pid: i32) -> io::Result<SandboxHandle> {
         validate_id(id)?;
-        let cgroup = Cgroup::locate(id)?;
+        let cgroup = Cgroup::locate(instance, id)?;
         let not_found = || {
             io::Error::new(
                 io::ErrorKind::NotFound,
@@ -189,6 +191,13 @@ impl SandboxHandle {
         self.cgroup.stats()
     }
 
+    /// Size and use of the sandbox's root filesystem as `df /` shows them inside: overlayfs
+    /// reports its writable layer's filesystem, which is the sandbox's disk when it has one. Read
+    /// through `/proc/<init>/root`, so it works whatever is (or is not) mounted on the host.
+    pub fn disk_usage(&self) -> io::Result<DiskUsage> {
+        disk_usage(&PathBuf::from(format!("/proc/{}/root/", self.init_pid)))
+    }
+
     /// Whether the init is still running.
     pub fn is_running(&self) -> io::Result<bool> {
         Ok(!self.wait(Duration::ZERO)?)
@@ -248,11 +257,12 @@ impl SandboxHandle {
     }
 }
 
-/// Kills sandbox `id` and removes its cgroup without a handle: for sandboxes found after a
-/// restart ([`crate::list_sandboxes`]) whose init is gone or unknown. Idempotent.
-pub fn kill_sandbox(id: &str) -> io::Result<()> {
+/// Kills sandbox `id` of runtime `instance` and removes its cgroup without a handle: for
+/// sandboxes found after a restart ([`crate::list_sandboxes`]) whose init is gone or unknown.
+/// Idempotent.
+pub fn kill_sandbox(instance: &str, id: &str) -> io::Result<()> {
     validate_id(id)?;
-    let cgroup = Cgroup::locate(id)?;
+    let cgroup = Cgroup::locate(instance, id)?;
     cgroup.kill_all(KILL_TIMEOUT)?;
     cgroup.remove(KILL_TIMEOUT)
 }

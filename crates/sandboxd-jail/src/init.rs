@@ -30,6 +30,8 @@ use nix::unistd::{ForkResult, Pid, dup2_stderr, dup2_stdin, dup2_stdout, fork, s
 
 use crate::capabilities::{drop_all, restrict_to_payload_set};
 use crate::report::{AtStep, Record, Step, StepError, write_record};
+use crate::seccomp;
+use crate::spec::Prepared;
 use crate::sys::{close_from, exit_now};
 
 /// Signals the init passes on to the payload: the ones a supervisor uses to ask for a clean stop.
@@ -42,11 +44,14 @@ const INIT_NAME: &std::ffi::CStr = c"sandboxd-init";
 const SIGNALED_BASE: i32 = 128;
 
 /// Forks the payload from PID 1. Returns `Ok(())` in the payload, with the caller's signal mask
-/// and `SIGCHLD` disposition restored and its capabilities reduced to
-/// [`crate::PAYLOAD_CAPABILITIES`]. In PID 1 it never returns: it drops every capability, closes
-/// every descriptor (including the setup `report` pipe) and runs the init loop until the payload
-/// exits. Async-signal-safe.
-pub(crate) fn fork_payload_and_serve(report: BorrowedFd<'_>) -> Result<(), StepError> {
+/// and `SIGCHLD` disposition restored, its `RLIMIT_NOFILE` set, the seccomp filter installed and
+/// its capabilities reduced to [`crate::PAYLOAD_CAPABILITIES`]. In PID 1 it never returns: it
+/// drops every capability, closes every descriptor (including the setup `report` pipe) and runs
+/// the init loop until the payload exits. Async-signal-safe.
+pub(crate) fn fork_payload_and_serve(
+    report: BorrowedFd<'_>,
+    p: &Prepared,
+) -> Result<(), StepError> {
     let mut watched = SigSet::empty();
     for s in FORWARDED {
         watched.add(s);
@@ -67,6 +72,20 @@ pub(crate) fn fork_payload_and_serve(report: BorrowedFd<'_>) -> Result<(), StepE
             // SAFETY: restores the disposition the caller had; no handler runs here.
             unsafe { sigaction(Signal::SIGCHLD, &old_chld) }.at(Step::Signals)?;
             sigprocmask(SigmaskHow::SIG_SETMASK, Some(&old_mask), None).at(Step::Signals)?;
+            if let Some(n) = p.open_files {
+                let limit = libc::rlimit64 {
+                    rlim_cur: n,
+                    rlim_max: n,
+                };
+                // SAFETY: prlimit64 on ourselves (pid 0) reads `limit`, which outlives the call.
+                let r = unsafe {
+                    libc::prlimit64(0, libc::RLIMIT_NOFILE, &limit, std::ptr::null_mut())
+                };
+                Errno::result(r).at(Step::Rlimits)?;
+            }
+            // Installed while the payload still holds CAP_SYS_ADMIN over the sandbox's user
+            // namespace, so no_new_privs stays off (setuid programs keep working inside).
+            seccomp::install(&p.seccomp).at(Step::Seccomp)?;
             restrict_to_payload_set()
         }
         ForkResult::Parent { child } => {

@@ -1,13 +1,18 @@
-//! Isolation primitives of the sandboxd runtime: a sandbox is a process tree in fresh mount, pid,
-//! UTS, IPC, network and cgroup namespaces, rooted in an overlayfs over a template, limited and
-//! frozen through its cgroup (v1 or v2, detected at run time), with a tiny init of ours as PID 1.
+//! Isolation primitives of the sandboxd runtime: a sandbox is a process tree in its own user
+//! namespace (its uids a host range of its own) and fresh mount, pid, UTS, IPC, network and cgroup
+//! namespaces, rooted in an overlayfs over an idmapped template with its writable layer on its own
+//! disk, behind a seccomp filter, limited and frozen through its cgroup (v1 or v2, detected at run
+//! time), with a tiny init of ours as PID 1.
 //!
 //! Plain Rust; the PyO3 binding wraps this API. Everything here needs root.
 //!
 //! # API
 //!
 //! * [`build_base_template`] writes the built-in template root (host `/usr` + private `/etc`...).
-//! * [`SandboxSpec`] (id, hostname, layers, [`Limits`]) describes a sandbox.
+//! * [`IdRegistry`] claims a sandbox's host id range, host-wide; [`format_image`],
+//!   [`copy_sparse`] and [`mount_disk`] make its disk; [`configure_budget`] writes the host-wide
+//!   limits of all sandboxes; [`check_idmapped_mounts`] tells whether the host can do all this.
+//! * [`SandboxSpec`] (id, instance, id range, layers, [`Disk`], [`Limits`]) describes a sandbox.
 //! * [`spawn_sandbox`] starts one from any process (the runtime, multithreaded or not) running an
 //!   [`InitCommand`], and returns a [`SandboxHandle`].
 //! * [`enter_sandbox`] starts one from a freshly forked single-threaded process (a Python zygote's
@@ -63,35 +68,43 @@
 //! calling thread, which then owns the GIL in every copy; B never runs Python), and in C call
 //! `PyOS_AfterFork_Child()` before returning to Python, as `os.fork()` would (it resets the
 //! threading module's idea of the main thread and runs the `os.register_at_fork` hooks, which
-//! reseed `random`). C is uid 0 with only [`PAYLOAD_CAPABILITIES`]; it keeps the zygote's
-//! stdio, so point those at a log before forking.
+//! reseed `random`). C is root of the sandbox's user namespace with only
+//! [`PAYLOAD_CAPABILITIES`], under the seccomp filter; it keeps the zygote's stdio, so point
+//! those at a log before forking.
 //!
 //! # What a sandbox gets
 //!
-//! Its own hostname, IPC, loopback-only network (`lo` up, nothing else), cgroup namespace rooted
-//! at its cgroup, and pid namespace; a root that is an overlay of the template with the host's
-//! `/usr` read-only, a fresh `/proc` (host-wide `/proc/sys` and friends read-only or masked),
-//! read-only `/sys`, a minimal `/dev` with its own devpts, and its own `/etc/hostname` and
-//! `/etc/hosts`. uid 0 inside is the host's uid 0 (no user namespace) but holds only
-//! [`PAYLOAD_CAPABILITIES`] (no `CAP_SYS_ADMIN`, `CAP_MKNOD`, `CAP_SYS_MODULE`...). No seccomp
-//! filter and no device cgroup: the capability set is the boundary.
+//! Its own user namespace: uids and gids 0-65535 are the host's `id_base..id_base+65536`, created
+//! by that range's uid so per-user kernel counters are the sandbox's own (`userns.rs`). Its own
+//! hostname, IPC, loopback-only network (`lo` up, nothing else), cgroup namespace rooted at its
+//! cgroup, and pid namespace; a root that is an overlay of the idmapped template (root-owned
+//! inside, unchanged on disk) with the host's `/usr` idmapped and read-only, its writable layer on
+//! its own ext4 disk (the quota; `disk.rs`), a fresh `/proc` (host-wide `/proc/sys` and friends
+//! read-only or masked, its own `boot_id`), read-only `/sys`, a minimal `/dev` with its own
+//! devpts, and its own `/etc/hostname` and `/etc/hosts`. Root inside holds only
+//! [`PAYLOAD_CAPABILITIES`], over its own namespaces only; a seccomp filter after Docker's default
+//! profile (`seccomp.rs`), a device allow-list (`devices.rs`), limits in a cgroup whose files it
+//! cannot write, and `RLIMIT_NOFILE` and inotify limits it cannot raise.
 //!
 //! # Cost
 //!
-//! `examples/isolation_cost.rs` (release, 300 runs each, 2-core VM with a load average of 2-4
-//! from other work, cgroup v1; ranges over five runs): the raw baseline — `unshare(pid, mnt,
-//! ipc, uts, net)` + overlay mount + exec `/bin/true` — takes 1.9–2.9 ms p50; [`spawn_sandbox`]
-//! up to the payload's exec 2.7–4.8 ms p50, 1.3–1.6× the raw figure for the cgroup, `lo`,
-//! `/proc`, `/sys`, `/dev`, the masks, `pivot_root` and the init, with a 17–21 ms p99 (joining a
-//! v1 cgroup sometimes waits for an RCU grace period); a whole create-run-`kill` cycle 4.2–7.1
-//! ms p50. fork + exec of `/bin/true` alone is 0.5–0.7 ms.
+//! `examples/isolation_cost.rs` (release, 200 runs each, 2-core VM shared with other work, cgroup
+//! v1): the raw cost of the isolation — a user namespace made by the range's uid, an idmapped
+//! template under overlayfs, the seccomp filter, exec `/bin/true` — is 3.5 ms p50 beside 3.0 ms
+//! for `unshare(pid, mnt, ipc, uts, net)` + overlay + exec without a user namespace (1.15x);
+//! [`spawn_sandbox`] up to the payload's exec 4.2 ms p50 (the cgroup, devices, `lo`, `/proc`,
+//! `/sys`, `/dev`, the masks, `pivot_root`, the init), with a 20 ms p99 (joining a v1 cgroup
+//! sometimes waits for an RCU grace period); a whole create-run-`kill` cycle 6.3 ms p50. A disk
+//! mounted on the create path adds a loop device and an ext4 mount (0.5-10 ms, more on a loaded
+//! host): mount it ahead of need ([`mount_disk`], [`Disk::Mounted`]). fork + exec of `/bin/true`
+//! alone is about 1 ms.
 //!
 //! The init is a copy-on-write fork of the process that created the sandbox and keeps the pages
 //! it had at that moment: cheap from a small, idle zygote, but a creator whose heap keeps
 //! changing (a busy runtime calling [`spawn_sandbox`]) leaves each init holding old copies of
 //! the pages it changes since.
 //!
-//! Needs Linux ≥ 5.4 (pidfds) and root.
+//! Needs Linux ≥ 5.19 (idmapped mounts under overlayfs; see `docs/security.md`) and root.
 //!
 //! # Safety of `fork` here
 //!
@@ -103,22 +116,35 @@
 
 mod capabilities;
 mod cgroup;
+mod devices;
+mod disk;
 mod handle;
+mod idmap;
+mod idrange;
 mod init;
 mod mounts;
 mod namespaces;
 mod netns;
 mod report;
+mod seccomp;
 mod spawn;
 mod spec;
 mod sys;
 mod template;
+mod userns;
 
 pub use capabilities::PAYLOAD_CAPABILITIES;
-pub use cgroup::{CGROUP_PARENT, CgroupVersion, Stats, cgroup_version, list_sandboxes};
+pub use cgroup::{
+    Budget, CGROUP_PARENT, CgroupVersion, Stats, cgroup_version, configure_budget, list_sandboxes,
+    remove_instance_if_empty,
+};
+pub use disk::{Disk, DiskUsage, copy_sparse, disk_usage, format_image, mount_disk};
 pub use handle::{FREEZE_TIMEOUT, KILL_TIMEOUT, SandboxHandle, become_subreaper, kill_sandbox};
+pub use idmap::check_idmapped_mounts;
+pub use idrange::{Claim, DEFAULT_REGISTRY, FIRST_BASE, IdRegistry, RANGE_SIZE, RANGES};
 pub use namespaces::{Entered, SETUP_TIMEOUT, enter_sandbox};
 pub use netns::{connect_in_netns, connect_in_netns_fd, socket_in_netns};
+pub use seccomp::seccomp_filter;
 pub use spawn::{InitCommand, spawn_sandbox};
-pub use spec::{Limits, MAX_ID_LEN, SandboxSpec};
+pub use spec::{DEFAULT_INSTANCE, Limits, MAX_ID_LEN, MAX_LAYERS, SandboxSpec};
 pub use template::{USER_UID, build_base_template};

@@ -1,22 +1,34 @@
-//! The sandbox's root filesystem: overlayfs over the template, host `/usr` read-only, fresh `/proc`,
-//! read-only `/sys`, a minimal `/dev`, then `pivot_root` into it.
+//! The sandbox's root filesystem: overlayfs over the idmapped template layers with the writable
+//! layer on the sandbox's disk, host `/usr` idmapped and read-only, fresh `/proc` (with the
+//! sandbox's own boot id), read-only `/sys`, a minimal `/dev`, then `pivot_root` into it.
 //!
-//! What the kernel does here: every call below runs in the sandbox's own mount namespace, which
-//! starts as a copy of the host's mount table. [`make_private`] first turns propagation off on
-//! every copied mount (`MS_REC | MS_PRIVATE`), so no mount or unmount done here reaches the host's
-//! namespace (on systemd hosts `/` is `shared` and would otherwise propagate back). overlayfs then
-//! merges the template layers (read-only) with the sandbox's upper dir (where writes land) at the
-//! merged dir; `proc` mounted by a process of the new pid namespace shows only that namespace's
-//! processes; `sysfs` mounted from the new network namespace shows only its devices (`lo`).
+//! What the kernel does here: every call below runs in the sandbox's own mount namespace, owned
+//! by its user namespace, which starts as a copy of the host's mount table (the copied mounts are
+//! locked: they can be covered, never unmounted or made writable from inside). [`make_private`]
+//! first turns propagation off on every copied mount (`MS_REC | MS_PRIVATE`), so no mount or
+//! unmount done here reaches the host's namespace (on systemd hosts `/` is `shared` and would
+//! otherwise propagate back). The detached idmapped layers and the disk are attached with
+//! `move_mount`, overlayfs then merges the layers (read-only) with the sandbox's upper dir (where
+//! writes land, on its disk) at the merged dir (`userxattr`: overlayfs keeps its metadata in
+//! `user.*` xattrs, which the sandbox's root may set); `proc` mounted by a process of the new pid
+//! namespace shows only that namespace's processes; `sysfs` mounted from the new network namespace
+//! shows only its devices (`lo`).
 //! Parts of `/proc` and `/sys` that are not namespaced (host-wide sysctls, kernel memory, host
 //! hardware) are then masked or made read-only, as container runtimes do. `pivot_root(".", ".")`
 //! stacks the old root under the new one, and `umount2(".", MNT_DETACH)`
 //! drops it, so no path inside leads back to the host's filesystem.
 //!
+//! `/proc/sys/kernel/random/boot_id` is not namespaced: a file with the sandbox's own id (new at
+//! every start of its processes, so a filesystem resume boots anew and a frozen sandbox keeps its
+//! id) is bound over it. The sandbox's user namespace limits (`/proc/sys/user/*`: nested user
+//! namespaces, inotify instances and watches) are written while PID 1 still holds
+//! `CAP_SYS_RESOURCE` over that namespace and before `/proc/sys` becomes read-only.
+//!
 //! Everything here runs after `fork` in a child of a possibly multithreaded parent: only system
 //! calls on C strings prepared beforehand or written as literals, no allocation. Paths are relative
-//! to the merged root (we `chdir` into it after mounting the overlay), and each mount point is
-//! checked to be a real directory, so a symlink in a template cannot redirect a mount elsewhere.
+//! to the sandbox's directory, then to the merged root (we `chdir` into it after mounting the
+//! overlay), and each mount point is checked to be a real directory, so a symlink in a template
+//! cannot redirect a mount elsewhere.
 
 use std::ffi::CStr;
 use std::io;
@@ -28,6 +40,10 @@ use nix::mount::{MntFlags, MsFlags, mount, umount2};
 use nix::sys::stat::{Mode, SFlag, lstat};
 use nix::unistd::{chdir, mkdir, pivot_root, symlinkat, write};
 
+use std::os::fd::AsFd;
+
+use crate::idmap::attach;
+use crate::namespaces::SetupFds;
 use crate::report::{AtStep, Step, StepError};
 use crate::spec::Prepared;
 
@@ -108,37 +124,36 @@ pub(crate) fn make_private() -> Result<(), StepError> {
     .at(Step::MakePrivate)
 }
 
+/// The sandbox's boot id file, relative to the merged root: in the sandbox's directory, next to
+/// `merged/`.
+const BOOT_ID_SOURCE: &CStr = c"../boot_id";
+
+/// Where the kernel shows the boot id, relative to the merged root.
+const BOOT_ID_TARGET: &CStr = c"proc/sys/kernel/random/boot_id";
+
 /// Builds the root at the merged dir and pivots into it. Runs as PID 1 of the new pid namespace,
-/// in the new (private) mount namespace. On return the cwd and root are the sandbox's `/`.
-pub(crate) fn setup_root(p: &Prepared) -> Result<(), StepError> {
+/// in the new (private) mount namespace, with the sandbox's directory as its cwd. On return the
+/// cwd and root are the sandbox's `/`.
+pub(crate) fn setup_root(p: &Prepared, fds: &SetupFds) -> Result<(), StepError> {
+    for (layer, target) in fds.layers().zip(&p.lower_targets) {
+        attach(layer, target).at(Step::AttachLayer)?;
+    }
+    if let Some(disk) = &p.disk {
+        attach(disk.as_fd(), c"disk").at(Step::AttachDisk)?;
+    }
     mount(
         Some(c"overlay"),
-        p.merged.as_c_str(),
+        c"merged",
         Some(c"overlay"),
-        MsFlags::empty(),
+        MsFlags::MS_NODEV,
         Some(p.overlay_options.as_c_str()),
     )
     .at(Step::MountOverlay)?;
-    chdir(p.merged.as_c_str()).at(Step::Chdir)?;
+    chdir(c"merged").at(Step::Chdir)?;
 
-    if p.host_usr_ro {
+    if let Some(usr) = fds.usr() {
         ensure_dir(c"usr")?;
-        mount(
-            Some(c"/usr"),
-            c"usr",
-            None::<&CStr>,
-            MsFlags::MS_BIND | MsFlags::MS_REC,
-            None::<&CStr>,
-        )
-        .at(Step::BindUsr)?;
-        mount(
-            None::<&CStr>,
-            c"usr",
-            None::<&CStr>,
-            MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY,
-            None::<&CStr>,
-        )
-        .at(Step::RemountUsrReadOnly)?;
+        attach(usr, c"usr").at(Step::BindUsr)?;
     }
 
     let nosuid_nodev_noexec = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
@@ -163,6 +178,16 @@ pub(crate) fn setup_root(p: &Prepared) -> Result<(), StepError> {
     .at(Step::MountSys)?;
 
     setup_dev()?;
+    bind_boot_id()?;
+    for (file, value) in &p.user_limits {
+        let f = open(
+            file.as_c_str(),
+            OFlag::O_WRONLY | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        )
+        .at(Step::UserLimits)?;
+        write(&f, value).at(Step::UserLimits)?;
+    }
     mask_kernel_files()?;
 
     pivot_root(c".", c".").at(Step::PivotRoot)?;
@@ -225,6 +250,31 @@ fn setup_dev() -> Result<(), StepError> {
         symlinkat(target, AT_FDCWD, link).at(Step::DevLinks)?;
     }
     Ok(())
+}
+
+/// Binds the sandbox's boot id over the host's, read-only.
+fn bind_boot_id() -> Result<(), StepError> {
+    mount(
+        Some(BOOT_ID_SOURCE),
+        BOOT_ID_TARGET,
+        None::<&CStr>,
+        MsFlags::MS_BIND,
+        None::<&CStr>,
+    )
+    .at(Step::BootId)?;
+    mount(
+        None::<&CStr>,
+        BOOT_ID_TARGET,
+        None::<&CStr>,
+        MsFlags::MS_BIND
+            | MsFlags::MS_REMOUNT
+            | MsFlags::MS_RDONLY
+            | MsFlags::MS_NOSUID
+            | MsFlags::MS_NODEV
+            | MsFlags::MS_NOEXEC,
+        None::<&CStr>,
+    )
+    .at(Step::BootId)
 }
 
 /// Hides or freezes the parts of `/proc` and `/sys` that reach past the sandbox. Paths the kernel

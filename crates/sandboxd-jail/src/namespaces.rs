@@ -1,24 +1,30 @@
-//! Entering a sandbox: cgroup, new namespaces, then the two forks that make its PID 1 and its
-//! payload. [`enter_sandbox`] is the entry point for a forked, single-threaded caller such as a
-//! Python zygote's child.
+//! Entering a sandbox: cgroup, user namespace, idmapped layers, new namespaces, then the two
+//! forks that make its PID 1 and its payload. [`enter_sandbox`] is the entry point for a forked,
+//! single-threaded caller such as a Python zygote's child.
 //!
-//! What the kernel does here, in order, in the calling process ("A"):
+//! What the kernel does here, in order, in the calling process ("A", host root):
 //!
 //! 1. `setsid`: A leaves the caller's session and process group, so a Ctrl-C or a group signal
 //!    aimed at the runtime never reaches a sandbox.
 //! 2. A writes `0` to the sandbox cgroup's `cgroup.procs` (every v1 hierarchy, or the v2 one):
 //!    A and all its future descendants are now charged, limited and freezable there.
-//! 3. `unshare(CLONE_NEWNS | NEWUTS | NEWIPC | NEWNET | NEWCGROUP | NEWPID)`. A itself moves into
-//!    the new mount, UTS, IPC, network and cgroup namespaces. The cgroup namespace is rooted at
-//!    the cgroup A is in *now*, the sandbox's (hence step 2 first), so inside, `/proc/self/cgroup`
-//!    says `/`. `CLONE_NEWPID` is different: it applies only to A's *next child*, which becomes
-//!    PID 1 of a new pid namespace.
-//! 4. Mount propagation is made private (nothing done from now on reaches the host), the
+//! 3. The sandbox's user namespace is created by a helper running as the range's base uid, and A
+//!    writes its id maps (`userns.rs`: why the creator's uid matters).
+//! 4. A makes idmapped, read-only, detached copies of the template layers and of the host's
+//!    `/usr` (`idmap.rs`), which needs host root, then `chdir`s into the sandbox's directory.
+//! 5. A `setns`es into the user namespace and becomes its root, then
+//!    `unshare(CLONE_NEWNS | NEWUTS | NEWIPC | NEWNET | NEWCGROUP | NEWPID)`: the new namespaces
+//!    are owned by the sandbox's user namespace, so its root may mount in them and nothing else.
+//!    The cgroup namespace is rooted at the cgroup A is in *now*, the sandbox's (hence step 2
+//!    first), so inside, `/proc/self/cgroup` says `/`. `CLONE_NEWPID` applies only to A's *next
+//!    child*, which becomes PID 1 of a new pid namespace.
+//! 6. Mount propagation is made private (nothing done from now on reaches the host), the
 //!    hostname is set, and `lo` is brought up in the new network namespace.
-//! 5. A forks "B", PID 1 inside. B mounts the root (see `mounts.rs`) — only a process inside the
-//!    new pid namespace can mount its `/proc` — pivots into it, then forks "C", the payload
-//!    (PID 2), and becomes the init (see `init.rs`).
-//! 6. A waits on a pipe until B and C report success (end of file) or a failed step.
+//! 7. A forks "B", PID 1 inside. B attaches the layers and the disk, mounts the root (see
+//!    `mounts.rs`) — only a process inside the new pid namespace can mount its `/proc` — pivots
+//!    into it, closes every setup descriptor, then forks "C", the payload (PID 2: resource limits,
+//!    seccomp filter, capabilities, see `init.rs`), and becomes the init.
+//! 8. A waits on a pipe until B and C report success (end of file) or a failed step.
 //!
 //! A's parent never has B or C as children: when A exits, B is re-parented to the host's init
 //! (or nearest subreaper), so the sandbox survives the death of whatever created it. Nothing sets
@@ -28,7 +34,7 @@
 use std::ffi::OsStr;
 use std::fs;
 use std::io;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::time::{Duration, Instant};
 
@@ -38,22 +44,24 @@ use nix::sched::{CloneFlags, unshare};
 use nix::sys::signal::{Signal, kill};
 use nix::sys::stat::Mode;
 use nix::sys::wait::waitpid;
-use nix::unistd::{ForkResult, fork, pipe2, sethostname, setsid, write};
+use nix::unistd::{ForkResult, Pid, chdir, fork, pipe2, sethostname, setsid, write};
 
 use crate::cgroup::Cgroup;
+use crate::idmap::idmapped_tree;
 use crate::init::fork_payload_and_serve;
 use crate::mounts::{make_private, setup_root};
 use crate::netns::loopback_up;
 use crate::report::{AtStep, Record, Step, StepError, read_until_eof, write_record};
-use crate::spec::{Prepared, SandboxSpec};
+use crate::spec::{MAX_LAYERS, Prepared, SandboxSpec};
 use crate::sys::exit_now;
+use crate::userns;
 
 /// How long building a sandbox may take, from the first `unshare` to the payload's `execve` (or
 /// its return from [`enter_sandbox`]). Normally a few milliseconds; the bound only catches a stuck
 /// mount, and is generous because a loaded 2-core host can stall for seconds.
 pub const SETUP_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// The namespaces every sandbox gets (user namespaces are not used: the runtime is root).
+/// The namespaces a sandbox gets besides its user namespace (which is made first, see above).
 const NAMESPACES: CloneFlags = CloneFlags::CLONE_NEWNS
     .union(CloneFlags::CLONE_NEWUTS)
     .union(CloneFlags::CLONE_NEWIPC)
@@ -106,7 +114,7 @@ pub(crate) enum Stage {
 pub fn enter_sandbox(spec: &SandboxSpec) -> io::Result<Entered> {
     ensure_single_threaded()?;
     spec.validate()?;
-    let cgroup = Cgroup::locate(&spec.id)?;
+    let cgroup = Cgroup::locate(&spec.instance, &spec.id)?;
     cgroup.ensure_unused()?;
     cgroup.create()?;
     cgroup.apply(&spec.limits)?;
@@ -135,7 +143,65 @@ fn ensure_single_threaded() -> io::Result<()> {
     Ok(())
 }
 
-/// Steps 1-6 above, from prepared strings only. Async-signal-safe. `Err` is only ever returned in
+/// Descriptors A makes for B: the user namespace and the idmapped, detached mounts. B closes its
+/// copies once they are attached, before it forks the payload.
+pub(crate) struct SetupFds {
+    userns: OwnedFd,
+    layers: [Option<OwnedFd>; MAX_LAYERS],
+    usr: Option<OwnedFd>,
+}
+
+impl SetupFds {
+    /// The idmapped template layers, in order.
+    pub(crate) fn layers(&self) -> impl Iterator<Item = BorrowedFd<'_>> {
+        self.layers
+            .iter()
+            .map_while(|l| l.as_ref().map(|fd| fd.as_fd()))
+    }
+
+    /// The idmapped host `/usr`, if the sandbox gets one.
+    pub(crate) fn usr(&self) -> Option<BorrowedFd<'_>> {
+        self.usr.as_ref().map(|fd| fd.as_fd())
+    }
+}
+
+/// Steps 3 and 4: the user namespace and the idmapped mounts. Async-signal-safe. Returns the
+/// helper's pid too, which the caller reaps.
+fn make_userns_and_layers(p: &Prepared) -> Result<(SetupFds, Pid), StepError> {
+    let (userns, helper) = userns::create(p.id_base, &p.id_map)?;
+    let made = (|| {
+        let mut layers: [Option<OwnedFd>; MAX_LAYERS] = std::array::from_fn(|_| None);
+        for (slot, source) in layers.iter_mut().zip(&p.lower_sources) {
+            *slot = Some(idmapped_tree(source, userns.as_fd(), false).at(Step::IdmapLayer)?);
+        }
+        let usr = match p.host_usr_ro {
+            true => Some(idmapped_tree(c"/usr", userns.as_fd(), true).at(Step::IdmapLayer)?),
+            false => None,
+        };
+        Ok((layers, usr))
+    })();
+    match made {
+        Ok((layers, usr)) => Ok((
+            SetupFds {
+                userns,
+                layers,
+                usr,
+            },
+            helper,
+        )),
+        Err(e) => {
+            reap(helper);
+            Err(e)
+        }
+    }
+}
+
+/// Waits for a child that is exiting or has exited.
+fn reap(pid: Pid) {
+    while let Err(Errno::EINTR) = waitpid(pid, None) {}
+}
+
+/// Steps 1-8 above, from prepared bytes only. Async-signal-safe. `Err` is only ever returned in
 /// A: B and C report their failures on the pipe and exit.
 pub(crate) fn enter_raw(p: &Prepared, deadline: Instant) -> Result<Stage, StepError> {
     match setsid() {
@@ -152,6 +218,21 @@ pub(crate) fn enter_raw(p: &Prepared, deadline: Instant) -> Result<Stage, StepEr
         // "0" means "the writing process".
         write(&f, b"0").at(Step::JoinCgroup)?;
     }
+    let (fds, helper) = make_userns_and_layers(p)?;
+    let result = enter_namespaces_and_fork(p, fds, deadline);
+    if let Ok(Stage::Outside { .. }) | Err(_) = &result {
+        reap(helper);
+    }
+    result
+}
+
+fn enter_namespaces_and_fork(
+    p: &Prepared,
+    fds: SetupFds,
+    deadline: Instant,
+) -> Result<Stage, StepError> {
+    chdir(p.dir.as_c_str()).at(Step::Chdir)?;
+    userns::enter(&fds.userns)?;
     unshare(NAMESPACES).at(Step::Unshare)?;
     make_private()?;
     sethostname(OsStr::from_bytes(p.hostname.to_bytes())).at(Step::Hostname)?;
@@ -163,7 +244,10 @@ pub(crate) fn enter_raw(p: &Prepared, deadline: Instant) -> Result<Stage, StepEr
         ForkResult::Child => {
             // B: PID 1 of the new pid namespace.
             drop(report_r);
-            match setup_root(p).and_then(|()| fork_payload_and_serve(report_w.as_fd())) {
+            let built = setup_root(p, &fds);
+            // The payload must not inherit a way back to the template's or the disk's mounts.
+            drop(fds);
+            match built.and_then(|()| fork_payload_and_serve(report_w.as_fd(), p)) {
                 // Only the payload gets here; the init never returns.
                 Ok(()) => Ok(Stage::Inside { report: report_w }),
                 Err(e) => {
@@ -174,6 +258,7 @@ pub(crate) fn enter_raw(p: &Prepared, deadline: Instant) -> Result<Stage, StepEr
         }
         ForkResult::Parent { child } => {
             drop(report_w);
+            drop(fds);
             match read_until_eof(report_r.as_fd(), deadline) {
                 Ok(()) => Ok(Stage::Outside {
                     init_pid: child.as_raw(),
@@ -183,7 +268,7 @@ pub(crate) fn enter_raw(p: &Prepared, deadline: Instant) -> Result<Stage, StepEr
                     // kills the whole pid namespace. Reap it, or it would be re-parented as a
                     // zombie when we exit.
                     let _ = kill(child, Signal::SIGKILL);
-                    while let Err(Errno::EINTR) = waitpid(child, None) {}
+                    reap(child);
                     Err(e)
                 }
             }

@@ -35,7 +35,6 @@ pub(crate) enum Step {
     Chdir,
     MountPoint,
     BindUsr,
-    RemountUsrReadOnly,
     MountProc,
     MountSys,
     MountDev,
@@ -54,11 +53,21 @@ pub(crate) enum Step {
     ReadReport,
     Timeout,
     ChildDied,
+    UserNamespace,
+    IdMap,
+    EnterUserNamespace,
+    IdmapLayer,
+    AttachLayer,
+    AttachDisk,
+    BootId,
+    UserLimits,
+    Seccomp,
+    Rlimits,
 }
 
 impl Step {
     /// Every step, to decode a record read from a pipe.
-    const ALL: [Step; 31] = [
+    const ALL: [Step; 40] = [
         Step::Setsid,
         Step::JoinCgroup,
         Step::Unshare,
@@ -71,7 +80,6 @@ impl Step {
         Step::Chdir,
         Step::MountPoint,
         Step::BindUsr,
-        Step::RemountUsrReadOnly,
         Step::MountProc,
         Step::MountSys,
         Step::MountDev,
@@ -90,6 +98,16 @@ impl Step {
         Step::ReadReport,
         Step::Timeout,
         Step::ChildDied,
+        Step::UserNamespace,
+        Step::IdMap,
+        Step::EnterUserNamespace,
+        Step::IdmapLayer,
+        Step::AttachLayer,
+        Step::AttachDisk,
+        Step::BootId,
+        Step::UserLimits,
+        Step::Seccomp,
+        Step::Rlimits,
     ];
 
     fn from_u32(v: u32) -> Step {
@@ -110,11 +128,10 @@ impl Step {
             Step::Loopback => "bringing up lo",
             Step::Pipe => "pipe2",
             Step::Fork => "fork",
-            Step::MountOverlay => "mounting the overlay root",
+            Step::MountOverlay => "mounting the overlay root (in a user namespace: Linux >= 5.11)",
             Step::Chdir => "chdir into the new root",
             Step::MountPoint => "preparing a mount point (must be a directory, not a symlink)",
-            Step::BindUsr => "bind-mounting the host /usr",
-            Step::RemountUsrReadOnly => "remounting /usr read-only",
+            Step::BindUsr => "attaching the idmapped host /usr",
             Step::MountProc => "mounting /proc",
             Step::MountSys => "mounting /sys",
             Step::MountDev => "mounting the /dev tmpfs",
@@ -133,6 +150,26 @@ impl Step {
             Step::ReadReport => "reading the setup report",
             Step::Timeout => "waiting for the sandbox to start",
             Step::ChildDied => "the setup process died without a report",
+            Step::UserNamespace => {
+                "creating the sandbox's user namespace as its range's base uid \
+                 (needs user namespaces: user.max_user_namespaces > 0)"
+            }
+            Step::IdMap => "writing the user namespace's uid_map or gid_map",
+            Step::EnterUserNamespace => "entering the sandbox's user namespace as its root",
+            Step::IdmapLayer => {
+                "creating an idmapped mount of a template layer or /usr (needs Linux >= 5.12 with \
+                 idmapped-mount support in the template's filesystem, e.g. ext4, xfs, btrfs, tmpfs \
+                 >= 6.3)"
+            }
+            Step::AttachLayer => {
+                "attaching an idmapped layer in the sandbox (overlayfs over idmapped layers needs \
+                 Linux >= 5.19)"
+            }
+            Step::AttachDisk => "attaching the sandbox's disk",
+            Step::BootId => "binding the sandbox's boot_id",
+            Step::UserLimits => "writing the user namespace's limits in /proc/sys/user",
+            Step::Seccomp => "installing the seccomp filter",
+            Step::Rlimits => "setting the payload's resource limits",
         }
     }
 }

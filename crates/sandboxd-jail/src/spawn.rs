@@ -154,7 +154,7 @@ impl PreparedExec {
 /// Blocks at most [`SETUP_TIMEOUT`] plus a little.
 pub fn spawn_sandbox(spec: &SandboxSpec, init: InitCommand) -> io::Result<SandboxHandle> {
     spec.validate()?;
-    let cgroup = Cgroup::locate(&spec.id)?;
+    let cgroup = Cgroup::locate(&spec.instance, &spec.id)?;
     cgroup.ensure_unused()?;
     cgroup.create()?;
     let result = cgroup
@@ -225,7 +225,7 @@ fn fork_setup(
                     &spec.id,
                     pid,
                     cgroup.clone(),
-                    Some(spec.merged_dir.clone()),
+                    Some(spec.dir.join("merged")),
                 ),
                 Ok(Some(Record::Failed(e))) => Err(e.into()),
                 Ok(None) => Err(StepError::new(Step::ChildDied, Errno::ECHILD).into()),

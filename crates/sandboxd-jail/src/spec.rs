@@ -1,108 +1,172 @@
-//! What a sandbox is made of ([`SandboxSpec`], [`Limits`]), and its translation into the C strings
-//! the kernel takes, done before `fork` so the children never allocate.
+//! What a sandbox is made of ([`SandboxSpec`], [`Limits`]), and its translation into the bytes
+//! and descriptors the setup steps hand to the kernel, prepared before `fork` so the children
+//! never allocate.
 //!
-//! What the kernel does here: nothing yet. overlayfs takes its layers as one option string
-//! (`lowerdir=A:B,upperdir=U,workdir=W`) in which `,` and `:` are separators, so paths containing
-//! them are refused here rather than mis-parsed by the kernel. The upper and work directories must
-//! be on the same filesystem (overlayfs renames between them).
+//! What the kernel does here: formats the sandbox's disk mount (`disk.rs`) and compiles its
+//! seccomp filter (`seccomp.rs`); everything else is strings. The sandbox's directory on the host
+//! holds its mount points and writable layer:
+//!
+//! ```text
+//! <dir>/            mode 0711: the sandbox's root (its host uid) can reach the mount points
+//!   boot_id         the sandbox's /proc/sys/kernel/random/boot_id (new at every start)
+//!   lower/<n>/      mount points of the idmapped template layers (inside the sandbox only)
+//!   disk/           mount point of the sandbox's disk, holding upper/ and work/ (with a disk)
+//!   upper/ work/    the writable layer and overlayfs' scratch dir (without a disk)
+//!   merged/         where the root is assembled (inside the sandbox only)
+//! ```
+//!
+//! The setup steps reach these by paths relative to `<dir>` (the process that builds the sandbox
+//! `chdir`s there while it is still host root), because once inside the sandbox's user namespace
+//! it may not traverse the runtime's private data dir above. overlayfs takes its layers as one
+//! option string in which `,` and `:` are separators; the relative names here contain neither.
 
 use std::ffi::CString;
 use std::fs;
-use std::io;
+use std::io::{self, Read};
+use std::os::fd::OwnedFd;
 use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt, chown};
 use std::path::{Path, PathBuf};
 
+use seccompiler::BpfProgram;
+
 use crate::cgroup::Cgroup;
+use crate::disk::{self, Disk};
+use crate::idrange::RANGE_SIZE;
+use crate::seccomp;
 
 /// Longest sandbox id: the kernel's hostname limit (`HOST_NAME_MAX`, 64 bytes), since the id is
 /// the default hostname.
 pub const MAX_ID_LEN: usize = 64;
 
-/// Resource limits, applied to the sandbox's cgroup before any of its processes starts.
-/// `None` leaves a resource unlimited.
+/// Most template layers a sandbox may have (overlayfs allows 500; an OCI image rarely has more
+/// than a few dozen). Bounds the descriptor array the setup fills without allocating.
+pub const MAX_LAYERS: usize = 128;
+
+/// The runtime instance that [`SandboxSpec::new`] puts a sandbox in.
+pub const DEFAULT_INSTANCE: &str = "default";
+
+/// How many nested user namespaces each uid inside may hold when they are allowed
+/// ([`SandboxSpec::nested_userns`]): enough for a browser's or bubblewrap's sandboxes.
+const NESTED_USERNS_MAX: u64 = 64;
+
+/// Resource limits, applied to the sandbox's cgroup (and, for the last three, its processes and
+/// user namespace) before any of its processes starts. `None` leaves a resource unlimited.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Limits {
     /// Memory limit in bytes (v1 `memory.limit_in_bytes` and, where swap is accounted,
     /// `memory.memsw.limit_in_bytes`; v2 `memory.max`). v1 rounds it down to a page multiple.
+    /// Kernel memory (open files, pipes, sockets, inotify marks...) is charged here too.
     pub memory_bytes: Option<u64>,
     /// CPU limit in cores, e.g. `0.5` or `2.0` (v1 `cpu.cfs_quota_us` over `cpu.cfs_period_us`,
     /// v2 `cpu.max`).
     pub cpu_cores: Option<f64>,
     /// Maximum number of tasks (processes and threads) alive at once (`pids.max`).
     pub pids_max: Option<u64>,
+    /// `RLIMIT_NOFILE` (soft and hard) of the payload and everything it starts. Raising a hard
+    /// limit needs `CAP_SYS_RESOURCE` over the host, which nothing inside has.
+    pub open_files: Option<u64>,
+    /// `user.max_inotify_instances` of the sandbox's user namespace: inotify instances per uid
+    /// inside. The whole sandbox is also charged, as its host uid, against the host's limit.
+    pub inotify_instances: Option<u64>,
+    /// `user.max_inotify_watches` of the sandbox's user namespace, likewise.
+    pub inotify_watches: Option<u64>,
 }
 
 /// Everything needed to start one sandbox.
 ///
-/// [`SandboxSpec::new`] fills in the usual layout; every field is public so a caller can change
+/// [`SandboxSpec::new`] fills in the usual settings; every field is public so a caller can change
 /// any of it.
 #[derive(Clone, Debug, PartialEq)]
 pub struct SandboxSpec {
     /// Sandbox id: 1 to [`MAX_ID_LEN`] bytes of `[A-Za-z0-9._-]`, not starting with `.`. Names
-    /// the cgroup (`sandboxd/<id>`).
+    /// the cgroup (`sandboxd/<instance>/<id>`).
     pub id: String,
     /// Hostname inside the sandbox (written to its `/etc/hostname` too). Same rules as `id`.
     pub hostname: String,
-    /// Read-only template layers, topmost first (overlayfs `lowerdir`). At least one.
+    /// The runtime instance (one per data dir): the sandbox's cgroup is a child of
+    /// `sandboxd/<instance>`. Same rules as `id`.
+    pub instance: String,
+    /// First host id of the sandbox's uid/gid range (`0-65535` inside are `id_base..id_base +
+    /// 65536` on the host), claimed from the host's [`crate::IdRegistry`].
+    pub id_base: u32,
+    /// Read-only template layers, topmost first (overlayfs `lowerdir`). 1 to [`MAX_LAYERS`].
+    /// They are mounted idmapped, so they stay owned by the host's real ids on disk.
     pub lower_dirs: Vec<PathBuf>,
-    /// The sandbox's writable layer (overlayfs `upperdir`). Created if missing. Files the sandbox
-    /// writes appear here, on the host, under their path inside the sandbox.
-    pub upper_dir: PathBuf,
-    /// overlayfs scratch dir (`workdir`): empty, on the same filesystem as `upper_dir`. Created if
-    /// missing.
-    pub work_dir: PathBuf,
-    /// Where the overlay is mounted (in the sandbox's mount namespace only; the host never sees
-    /// the mount). Created if missing.
-    pub merged_dir: PathBuf,
-    /// Bind-mount the host's `/usr` read-only onto the sandbox's `/usr`. The built-in template
-    /// ([`crate::build_base_template`]) needs this; a full root filesystem template does not.
+    /// The sandbox's directory on the host (see the module docs). Created if missing.
+    pub dir: PathBuf,
+    /// The disk holding the writable layer: its size is the sandbox's disk quota. Without one,
+    /// the writable layer is `<dir>/upper` on the host's filesystem, unbounded.
+    pub disk: Option<Disk>,
+    /// Bind the host's `/usr` (idmapped, read-only) onto the sandbox's `/usr`. The built-in
+    /// template ([`crate::build_base_template`]) needs this; a full root filesystem does not.
     pub host_usr_ro: bool,
-    /// cgroup limits.
+    /// Allow nested user namespaces (and, inside them, mounts): see `seccomp.rs` for the
+    /// trade-off. Off by default.
+    pub nested_userns: bool,
+    /// Resource limits.
     pub limits: Limits,
 }
 
 impl SandboxSpec {
-    /// A spec with the usual layout: one template layer, and `upper/`, `work/` and `merged/` under
-    /// `sandbox_dir`; hostname = id; host `/usr` bound read-only; no limits.
-    pub fn new(id: impl Into<String>, template: impl Into<PathBuf>, sandbox_dir: &Path) -> Self {
+    /// A spec with the usual settings: one template layer, the sandbox's files in `dir`,
+    /// hostname = id, the default instance, host `/usr` bound read-only, no disk image, no
+    /// nested user namespaces, no limits.
+    pub fn new(
+        id: impl Into<String>,
+        template: impl Into<PathBuf>,
+        dir: &Path,
+        id_base: u32,
+    ) -> Self {
         let id = id.into();
         SandboxSpec {
             hostname: id.clone(),
             id,
+            instance: DEFAULT_INSTANCE.to_owned(),
+            id_base,
             lower_dirs: vec![template.into()],
-            upper_dir: sandbox_dir.join("upper"),
-            work_dir: sandbox_dir.join("work"),
-            merged_dir: sandbox_dir.join("merged"),
+            dir: dir.to_owned(),
+            disk: None,
             host_usr_ro: true,
+            nested_userns: false,
             limits: Limits::default(),
         }
     }
 
-    /// Checks the id, hostname and paths without touching anything.
+    /// The writable layer on the host, when the sandbox has no disk image (with one, it is on the
+    /// disk, mounted only inside the sandbox).
+    pub fn upper_dir(&self) -> Option<PathBuf> {
+        self.disk.is_none().then(|| self.dir.join("upper"))
+    }
+
+    /// Checks the names, paths and limits without touching anything.
     pub fn validate(&self) -> io::Result<()> {
         validate_name("id", &self.id)?;
         validate_name("hostname", &self.hostname)?;
-        if self.lower_dirs.is_empty() {
-            return Err(invalid("lower_dirs is empty"));
+        validate_instance(&self.instance)?;
+        if self.lower_dirs.is_empty() || self.lower_dirs.len() > MAX_LAYERS {
+            return Err(invalid(format!(
+                "a sandbox needs 1 to {MAX_LAYERS} template layers"
+            )));
         }
-        for p in self
-            .lower_dirs
-            .iter()
-            .chain([&self.upper_dir, &self.work_dir, &self.merged_dir])
+        // Base 0 would make root inside root on the host; the range must fit below 2^32 - 1.
+        if self.id_base < RANGE_SIZE
+            || u64::from(self.id_base) + u64::from(RANGE_SIZE) >= u64::from(u32::MAX)
         {
+            return Err(invalid(format!(
+                "id_base {} is not a usable host id range",
+                self.id_base
+            )));
+        }
+        let image = match &self.disk {
+            Some(Disk::Image(p)) => Some(p),
+            _ => None,
+        };
+        for p in self.lower_dirs.iter().chain([&self.dir]).chain(image) {
             if !p.is_absolute() {
                 return Err(invalid(format!("{} is not an absolute path", p.display())));
             }
-            if p.as_os_str()
-                .as_bytes()
-                .iter()
-                .any(|b| matches!(b, b',' | b':' | b'\\' | 0))
-            {
-                return Err(invalid(format!(
-                    "{}: overlayfs paths cannot contain ',', ':', '\\' or NUL",
-                    p.display()
-                )));
-            }
+            cstring(p)?;
         }
         if let Some(cpu) = self.limits.cpu_cores
             && !(cpu.is_finite() && cpu > 0.0)
@@ -116,6 +180,11 @@ impl SandboxSpec {
 /// Checks a sandbox id (the rules of [`SandboxSpec::id`]).
 pub(crate) fn validate_id(id: &str) -> io::Result<()> {
     validate_name("id", id)
+}
+
+/// Checks a runtime instance name (the rules of [`SandboxSpec::instance`]).
+pub(crate) fn validate_instance(instance: &str) -> io::Result<()> {
+    validate_name("instance", instance)
 }
 
 fn validate_name(what: &str, s: &str) -> io::Result<()> {
@@ -141,11 +210,25 @@ pub(crate) fn cstring(p: &Path) -> io::Result<CString> {
     CString::new(p.as_os_str().as_bytes()).map_err(|_| invalid("path contains NUL"))
 }
 
+fn cstr(s: &str) -> CString {
+    // Only called with the fixed strings built here, which contain no NUL.
+    CString::new(s).unwrap_or_default()
+}
+
 /// A spec turned into the exact bytes the setup steps pass to the kernel. Built before `fork`.
 pub(crate) struct Prepared {
     pub(crate) hostname: CString,
-    pub(crate) merged: CString,
-    /// `lowerdir=...,upperdir=...,workdir=...`
+    /// The sandbox's directory (absolute), the setup's working directory.
+    pub(crate) dir: CString,
+    /// First host id of the range, and the `uid_map`/`gid_map` line mapping it.
+    pub(crate) id_base: u32,
+    pub(crate) id_map: Vec<u8>,
+    /// The template layers (absolute), topmost first, and their mount points (relative).
+    pub(crate) lower_sources: Vec<CString>,
+    pub(crate) lower_targets: Vec<CString>,
+    /// The sandbox's disk, mounted but not attached anywhere yet; attached at `disk`.
+    pub(crate) disk: Option<OwnedFd>,
+    /// `lowerdir=...,upperdir=...,workdir=...,userxattr` (relative paths).
     pub(crate) overlay_options: CString,
     pub(crate) host_usr_ro: bool,
     /// The `cgroup.procs` files to write `0` into (one per v1 hierarchy; one on v2).
@@ -154,6 +237,12 @@ pub(crate) struct Prepared {
     pub(crate) etc_hostname: Vec<u8>,
     /// Contents of the sandbox's `/etc/hosts`.
     pub(crate) etc_hosts: Vec<u8>,
+    /// `(file under proc/sys/user/, value)` for the sandbox's user namespace limits.
+    pub(crate) user_limits: Vec<(CString, Vec<u8>)>,
+    /// `RLIMIT_NOFILE` for the payload.
+    pub(crate) open_files: Option<u64>,
+    /// The compiled seccomp filter.
+    pub(crate) seccomp: BpfProgram,
 }
 
 /// Contents of `/etc/hosts` in a sandbox: loopback names plus the sandbox's own hostname (as
@@ -167,28 +256,121 @@ pub(crate) fn hosts_file(hostname: Option<&str>) -> String {
     s
 }
 
+/// A random (version 4) UUID, the format of `/proc/sys/kernel/random/boot_id`, newline-terminated.
+pub(crate) fn random_uuid() -> io::Result<String> {
+    let mut b = [0u8; 16];
+    fs::File::open("/dev/urandom")?.read_exact(&mut b)?;
+    b[6] = (b[6] & 0x0f) | 0x40;
+    b[8] = (b[8] & 0x3f) | 0x80;
+    let hex: String = b.iter().map(|x| format!("{x:02x}")).collect();
+    Ok(format!(
+        "{}-{}-{}-{}-{}\n",
+        &hex[0..8],
+        &hex[8..12],
+        &hex[12..16],
+        &hex[16..20],
+        &hex[20..32]
+    ))
+}
+
+fn mkdir_mode(path: &Path, mode: u32) -> io::Result<()> {
+    match fs::DirBuilder::new().mode(mode).create(path) {
+        Err(e) if e.kind() != io::ErrorKind::AlreadyExists => Err(e),
+        _ => fs::set_permissions(path, fs::Permissions::from_mode(mode)),
+    }
+}
+
 impl Prepared {
-    /// Validates `spec`, creates its upper, work and merged dirs, and builds the strings. The
-    /// cgroup must already exist (its `cgroup.procs` paths are recorded here).
+    /// Validates `spec`, creates its directory and mount points, writes a new boot id, mounts its
+    /// disk (detached) and compiles its seccomp filter. The cgroup must already exist (its
+    /// `cgroup.procs` paths are recorded here).
     pub(crate) fn new(spec: &SandboxSpec, cgroup: &Cgroup) -> io::Result<Prepared> {
         spec.validate()?;
-        for d in [&spec.upper_dir, &spec.work_dir, &spec.merged_dir] {
-            fs::create_dir_all(d)?;
+        fs::create_dir_all(&spec.dir)?;
+        // 0711: the sandbox's root (an unmapped host uid, "other" here) may pass through to the
+        // mount points, not list or read anything else.
+        fs::set_permissions(&spec.dir, fs::Permissions::from_mode(0o711))?;
+        for d in ["merged", "lower"] {
+            mkdir_mode(&spec.dir.join(d), 0o755)?;
         }
-        let lowers: Vec<String> = spec
-            .lower_dirs
-            .iter()
-            .map(|p| p.to_string_lossy().into_owned())
+        let mut lower_targets = Vec::with_capacity(spec.lower_dirs.len());
+        for i in 0..spec.lower_dirs.len() {
+            mkdir_mode(&spec.dir.join("lower").join(i.to_string()), 0o755)?;
+            lower_targets.push(cstr(&format!("lower/{i}")));
+        }
+        let (disk, upper, work) = match &spec.disk {
+            Some(d) => {
+                mkdir_mode(&spec.dir.join("disk"), 0o755)?;
+                let mounted = match d {
+                    Disk::Image(image) => disk::mount_disk(image)?,
+                    Disk::Mounted(fd) => fd.try_clone()?,
+                };
+                disk::prepare_layer_dirs(&mounted, spec.id_base)?;
+                (Some(mounted), "disk/upper", "disk/work")
+            }
+            None => {
+                for d in ["upper", "work"] {
+                    let p = spec.dir.join(d);
+                    mkdir_mode(&p, 0o755)?;
+                    chown(&p, Some(spec.id_base), Some(spec.id_base))?;
+                }
+                (None, "upper", "work")
+            }
+        };
+        let lowers: Vec<String> = (0..spec.lower_dirs.len())
+            .map(|i| format!("lower/{i}"))
             .collect();
+        // userxattr: overlayfs keeps its own metadata (whiteout dirs, opaque markers) in
+        // `user.overlay.*` xattrs, which the sandbox's root may write; `trusted.*` needs host root.
         let options = format!(
-            "lowerdir={},upperdir={},workdir={}",
-            lowers.join(":"),
-            spec.upper_dir.display(),
-            spec.work_dir.display()
+            "lowerdir={},upperdir={upper},workdir={work},userxattr",
+            lowers.join(":")
         );
+
+        let boot_id = spec.dir.join("boot_id");
+        let mut f = fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o444)
+            .open(&boot_id)?;
+        io::Write::write_all(&mut f, random_uuid()?.as_bytes())?;
+        fs::set_permissions(&boot_id, fs::Permissions::from_mode(0o444))?;
+
+        let userns_max = if spec.nested_userns {
+            NESTED_USERNS_MAX
+        } else {
+            0
+        };
+        let mut user_limits = vec![(
+            cstr("proc/sys/user/max_user_namespaces"),
+            userns_max.to_string().into_bytes(),
+        )];
+        if let Some(n) = spec.limits.inotify_instances {
+            user_limits.push((
+                cstr("proc/sys/user/max_inotify_instances"),
+                n.to_string().into_bytes(),
+            ));
+        }
+        if let Some(n) = spec.limits.inotify_watches {
+            user_limits.push((
+                cstr("proc/sys/user/max_inotify_watches"),
+                n.to_string().into_bytes(),
+            ));
+        }
+
         Ok(Prepared {
             hostname: CString::new(spec.hostname.as_str()).map_err(|_| invalid("NUL"))?,
-            merged: cstring(&spec.merged_dir)?,
+            dir: cstring(&spec.dir)?,
+            id_base: spec.id_base,
+            id_map: format!("0 {} {RANGE_SIZE}\n", spec.id_base).into_bytes(),
+            lower_sources: spec
+                .lower_dirs
+                .iter()
+                .map(|p| cstring(p))
+                .collect::<io::Result<_>>()?,
+            lower_targets,
+            disk,
             overlay_options: CString::new(options).map_err(|_| invalid("NUL"))?,
             host_usr_ro: spec.host_usr_ro,
             cgroup_procs: cgroup
@@ -198,6 +380,33 @@ impl Prepared {
                 .collect::<io::Result<_>>()?,
             etc_hostname: format!("{}\n", spec.hostname).into_bytes(),
             etc_hosts: hosts_file(Some(&spec.hostname)).into_bytes(),
+            user_limits,
+            open_files: spec.limits.open_files,
+            seccomp: seccomp::build(spec.nested_userns)?,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn boot_ids_are_random_version_4_uuids() {
+        let a = random_uuid().unwrap();
+        assert_ne!(a, random_uuid().unwrap());
+        assert_eq!(a.len(), 37);
+        assert_eq!(&a[14..15], "4");
+        assert!(a.ends_with('\n'));
+    }
+
+    #[test]
+    fn a_range_at_host_root_is_refused() {
+        let mut s = SandboxSpec::new("x", "/t", Path::new("/d"), 0);
+        assert!(s.validate().is_err());
+        s.id_base = crate::idrange::FIRST_BASE;
+        s.validate().unwrap();
+        s.instance = "../x".into();
+        assert!(s.validate().is_err());
     }
 }

@@ -2,8 +2,8 @@
 //! process only, the unified hierarchy is mounted over `/sys/fs/cgroup`, so the crate detects v2
 //! and puts sandboxes in `/sandboxd/<id>` of the unified hierarchy. On a hybrid host the v2
 //! hierarchy has no controllers (they are bound to v1), so this checks joining, the cgroup
-//! namespace, freeze/thaw (`cgroup.freeze`), kill (`cgroup.kill`), CPU stats and cleanup — not
-//! limits. Skipped when not root, or when the host already is v2 (the other tests cover it).
+//! namespace, the device allow-list (a BPF program), freeze/thaw (`cgroup.freeze`), kill
+//! (`cgroup.kill`), CPU stats and cleanup — not limits. Skipped when not root, or when the host already is v2 (the other tests cover it).
 //! `harness = false`: `unshare(CLONE_NEWNS)` needs a single-threaded process.
 
 mod common;
@@ -51,8 +51,12 @@ fn main() {
     let sb = common::start("cg2", script, Limits::default());
     let dirs = sb.handle.cgroup_dirs();
     assert_eq!(dirs.len(), 1);
-    assert!(dirs[0].ends_with(format!("sandboxd/{}", sb.spec.id)));
-    assert!(list_sandboxes().unwrap().contains(&sb.spec.id));
+    assert!(dirs[0].ends_with(format!("sandboxd/{}/{}", sb.spec.instance, sb.spec.id)));
+    assert!(
+        list_sandboxes(&common::instance())
+            .unwrap()
+            .contains(&sb.spec.id)
+    );
 
     let read = |f: &str| fs::read_to_string(sb.upper_file(f)).unwrap_or_default();
     let deadline = Instant::now() + common::RUN_TIMEOUT;
@@ -64,6 +68,25 @@ fn main() {
         read("/tmp/cg").lines().any(|l| l == "0::/"),
         "cgroup namespace rooted at the sandbox: {}",
         read("/tmp/cg")
+    );
+
+    // The device allow-list is a BPF program on v2: a host-root process moved into the sandbox's
+    // cgroup (still in the host's v1 devices group, which allows everything) cannot open a device
+    // outside the list.
+    let probe = format!(
+        "echo $$ > {}/cgroup.procs; head -c1 /dev/zero >/dev/null && echo zero-ok; \
+         (exec 3</dev/loop-control) 2>/dev/null && echo loop-opened || echo loop-denied",
+        dirs[0].display()
+    );
+    let out = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(&probe)
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.contains("zero-ok") && out.contains("loop-denied"),
+        "{out}"
     );
 
     sb.handle.freeze().unwrap();
@@ -80,7 +103,11 @@ fn main() {
     sb.handle.freeze().unwrap();
     sb.handle.kill().unwrap();
     assert!(!dirs[0].exists());
-    assert!(!list_sandboxes().unwrap().contains(&sb.spec.id));
+    assert!(
+        !list_sandboxes(&common::instance())
+            .unwrap()
+            .contains(&sb.spec.id)
+    );
     drop(sb); // also removes the shared parent if it is empty
     println!("test cgroup2_freeze_kill_cleanup ... ok\ntest result: ok. 1 passed");
 }

@@ -266,7 +266,7 @@ fn kill_frees_processes_cgroups_mounts_and_dirs() {
     }
     let cgroup_dirs = sb.handle.cgroup_dirs();
     assert!(cgroup_dirs.iter().all(|d| d.is_dir()));
-    assert!(list_sandboxes().unwrap().contains(&sb.spec.id));
+    assert!(list_sandboxes(&instance()).unwrap().contains(&sb.spec.id));
     assert!(sb.handle.stats().unwrap().pids_current.unwrap_or(5) >= 5);
 
     // Kill it frozen: the harder case (v1 needs a thaw for SIGKILL to land).
@@ -276,17 +276,17 @@ fn kill_frees_processes_cgroups_mounts_and_dirs() {
     for d in &cgroup_dirs {
         assert!(!d.exists(), "{} left behind", d.display());
     }
-    assert!(!list_sandboxes().unwrap().contains(&sb.spec.id));
+    assert!(!list_sandboxes(&instance()).unwrap().contains(&sb.spec.id));
     let mountinfo = fs::read_to_string("/proc/self/mountinfo").unwrap();
     assert!(
         !mountinfo.contains(sb.dir().to_str().unwrap()),
         "no host mount mentions the sandbox dir"
     );
-    fs::remove_dir_all(&sb.spec.upper_dir).expect("upper dir removable");
-    fs::remove_dir_all(&sb.spec.work_dir).expect("work dir removable");
+    fs::remove_dir_all(sb.spec.upper_dir().unwrap()).expect("upper dir removable");
+    fs::remove_dir_all(sb.dir().join("work")).expect("work dir removable");
     // kill is idempotent.
     sb.handle.kill().unwrap();
-    kill_sandbox(&sb.spec.id).unwrap();
+    kill_sandbox(&sb.spec.instance, &sb.spec.id).unwrap();
 }
 
 #[test]
@@ -362,6 +362,7 @@ fn limits_are_written_and_enforced() {
         memory_bytes: Some(256 << 20),
         cpu_cores: Some(0.5),
         pids_max: Some(16),
+        ..Limits::default()
     };
     let sb = start(
         "limits",
@@ -446,7 +447,7 @@ fn exec_failure_is_reported_and_cleaned_up() {
     .unwrap_err();
     assert_eq!(err.kind(), std::io::ErrorKind::NotFound, "{err}");
     assert!(err.to_string().contains("execve"), "{err}");
-    assert!(!list_sandboxes().unwrap().contains(&spec.id));
+    assert!(!list_sandboxes(&instance()).unwrap().contains(&spec.id));
 
     let (spec, _dir) = common::spec("badcwd");
     let err = spawn_sandbox(
@@ -460,7 +461,7 @@ fn exec_failure_is_reported_and_cleaned_up() {
     )
     .unwrap_err();
     assert!(err.to_string().contains("cwd"), "{err}");
-    assert!(!list_sandboxes().unwrap().contains(&spec.id));
+    assert!(!list_sandboxes(&instance()).unwrap().contains(&spec.id));
 }
 
 #[test]
@@ -503,12 +504,15 @@ fn adopt_checks_the_pid_belongs_to_the_sandbox() {
         return;
     }
     let sb = start("adopt", "exec sleep 60", Limits::default());
-    let again = SandboxHandle::adopt(&sb.spec.id, sb.handle.init_pid()).unwrap();
+    let again = SandboxHandle::adopt(&sb.spec.instance, &sb.spec.id, sb.handle.init_pid()).unwrap();
     assert_eq!(again.init_pid(), sb.handle.init_pid());
     assert!(again.is_running().unwrap());
-    let wrong = SandboxHandle::adopt(&sb.spec.id, std::process::id() as i32).unwrap_err();
+    let wrong = SandboxHandle::adopt(&sb.spec.instance, &sb.spec.id, std::process::id() as i32)
+        .unwrap_err();
     assert_eq!(wrong.kind(), std::io::ErrorKind::NotFound);
-    assert!(SandboxHandle::adopt("no-such-sandbox", 1).is_err());
+    assert!(SandboxHandle::adopt(&sb.spec.instance, "no-such-sandbox", 1).is_err());
+    // Another instance's sandbox of the same id is another sandbox.
+    assert!(SandboxHandle::adopt("other-instance", &sb.spec.id, sb.handle.init_pid()).is_err());
     // The adopted handle controls the same sandbox.
     again.kill().unwrap();
     assert!(sb.handle.wait(Duration::from_secs(5)).unwrap());
@@ -584,20 +588,18 @@ fn filesystem_pause_keeps_the_writable_layer() {
     if !can_run("filesystem_pause") {
         return;
     }
-    // Stop a sandbox, keep its dirs, start it again from the same upper dir.
+    // Stop a sandbox, keep its dirs and id range, start it again from the same upper dir.
     let (spec, dir) = spec("fspause");
-    let first = start_with(
-        spec.clone(),
-        tempfile::tempdir().unwrap(),
-        "echo kept > /home/user/note; mkdir -p /opt/app",
-    );
-    assert!(first.handle.wait(RUN_TIMEOUT).unwrap());
-    first.handle.kill().unwrap();
+    let script = "echo kept > /home/user/note; mkdir -p /opt/app; \
+                  cat /proc/sys/kernel/random/boot_id > /tmp/boot1";
+    let handle = spawn_sandbox(&spec, bash(script)).unwrap();
+    assert!(handle.wait(RUN_TIMEOUT).unwrap());
+    handle.kill().unwrap();
     let second = start_with(
         spec,
         dir,
-        "exec >/tmp/out 2>&1; cat /home/user/note; test -d /opt/app && echo dir-kept",
+        "exec >/tmp/out 2>&1; cat /home/user/note; test -d /opt/app && echo dir-kept; \
+         cmp -s /tmp/boot1 /proc/sys/kernel/random/boot_id && echo same-boot || echo new-boot",
     );
-    assert_eq!(second.output(), "kept\ndir-kept\n");
-    drop(first);
+    assert_eq!(second.output(), "kept\ndir-kept\nnew-boot\n");
 }

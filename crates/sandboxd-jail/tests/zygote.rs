@@ -23,7 +23,7 @@ struct Cleanup(String);
 
 impl Drop for Cleanup {
     fn drop(&mut self) {
-        let _ = kill_sandbox(&self.0);
+        let _ = kill_sandbox(&common::instance(), &self.0);
         common::remove_empty_cgroup_parents();
     }
 }
@@ -103,10 +103,10 @@ fn zygote_child_enters_sandbox() {
                 .unwrap_or_else(|| panic!("enter_sandbox failed: {msg}"))
                 .parse()
                 .unwrap();
-            let handle = SandboxHandle::adopt(&spec.id, init_pid)
+            let handle = SandboxHandle::adopt(&spec.instance, &spec.id, init_pid)
                 .unwrap()
-                .with_merged_dir(&spec.merged_dir);
-            let facts = wait_for_file(&spec.upper_dir.join("tmp/zygote"));
+                .with_merged_dir(spec.dir.join("merged"));
+            let facts = wait_for_file(&spec.upper_dir().unwrap().join("tmp/zygote"));
             assert_eq!(
                 facts.trim(),
                 format!(
@@ -115,7 +115,11 @@ fn zygote_child_enters_sandbox() {
                 )
             );
             handle.kill().unwrap();
-            assert!(!list_sandboxes().unwrap().contains(&spec.id));
+            assert!(
+                !list_sandboxes(&common::instance())
+                    .unwrap()
+                    .contains(&spec.id)
+            );
         }
     }
 }
@@ -169,15 +173,20 @@ fn sandbox_survives_its_runtime() {
                 .parse()
                 .unwrap();
             std::thread::sleep(Duration::from_millis(200));
-            let handle = SandboxHandle::adopt(&spec.id, init_pid).expect("sandbox survived");
+            let handle =
+                SandboxHandle::adopt(&spec.instance, &spec.id, init_pid).expect("sandbox survived");
             assert!(handle.is_running().unwrap());
-            let alive = spec.upper_dir.join("tmp/alive");
+            let alive = spec.upper_dir().unwrap().join("tmp/alive");
             let before = wait_for_file(&alive);
             std::thread::sleep(Duration::from_millis(300));
             assert_ne!(fs::read_to_string(&alive).unwrap(), before, "still working");
             assert_ne!(parent_of(init_pid), runtime.as_raw());
             handle.kill().unwrap();
-            assert!(!list_sandboxes().unwrap().contains(&spec.id));
+            assert!(
+                !list_sandboxes(&common::instance())
+                    .unwrap()
+                    .contains(&spec.id)
+            );
         }
     }
 }
@@ -201,7 +210,11 @@ fn enter_sandbox_refuses_a_multithreaded_process() {
     let err = enter_sandbox(&spec).unwrap_err();
     assert_eq!(err.kind(), std::io::ErrorKind::InvalidInput);
     assert!(err.to_string().contains("single-threaded"), "{err}");
-    assert!(!list_sandboxes().unwrap().contains(&spec.id));
+    assert!(
+        !list_sandboxes(&common::instance())
+            .unwrap()
+            .contains(&spec.id)
+    );
 }
 
 fn main() {

@@ -1,5 +1,6 @@
 //! Binding of `sandboxd-jail` for the runtime: the built-in template, entering a new sandbox from
-//! a forked zygote child, and handles to running sandboxes (freeze, thaw, kill, stats, connect).
+//! a forked zygote child, handles to running sandboxes (freeze, thaw, kill, stats, disk usage,
+//! connect), the host-wide id-range registry, disk images, and the host-wide cgroup budgets.
 //!
 //! `enter_sandbox` forks inside; it is called holding the GIL (the forks copy the calling thread,
 //! which owns the GIL in every copy). In the payload it runs `PyOS_AfterFork_Child()` before
@@ -8,7 +9,7 @@
 
 use std::io;
 use std::os::fd::{AsRawFd, IntoRawFd};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use pyo3::exceptions::{PyOSError, PyValueError};
@@ -20,11 +21,21 @@ pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Entered>()?;
     m.add_class::<SandboxStats>()?;
     m.add_class::<SandboxHandle>()?;
+    m.add_class::<IdRegistry>()?;
     m.add_function(wrap_pyfunction!(build_base_template, m)?)?;
     m.add_function(wrap_pyfunction!(enter_sandbox, m)?)?;
     m.add_function(wrap_pyfunction!(kill_sandbox, m)?)?;
     m.add_function(wrap_pyfunction!(list_sandboxes, m)?)?;
     m.add_function(wrap_pyfunction!(become_subreaper, m)?)?;
+    m.add_function(wrap_pyfunction!(configure_budget, m)?)?;
+    m.add_function(wrap_pyfunction!(remove_instance_if_empty, m)?)?;
+    m.add_function(wrap_pyfunction!(format_disk_image, m)?)?;
+    m.add_function(wrap_pyfunction!(copy_sparse, m)?)?;
+    m.add_function(wrap_pyfunction!(mount_disk, m)?)?;
+    m.add_function(wrap_pyfunction!(disk_usage, m)?)?;
+    m.add_function(wrap_pyfunction!(check_isolation_support, m)?)?;
+    m.add("DEFAULT_ID_REGISTRY", jail::DEFAULT_REGISTRY)?;
+    m.add("ID_RANGE_SIZE", jail::RANGE_SIZE)?;
     Ok(())
 }
 
@@ -76,8 +87,8 @@ pub(crate) struct SandboxHandle(jail::SandboxHandle);
 impl SandboxHandle {
     /// Attaches to the sandbox whose init is `init_pid` (checked to be in the sandbox's cgroup).
     #[staticmethod]
-    fn adopt(py: Python<'_>, id: &str, init_pid: i32) -> PyResult<SandboxHandle> {
-        py.detach(|| jail::SandboxHandle::adopt(id, init_pid))
+    fn adopt(py: Python<'_>, instance: &str, id: &str, init_pid: i32) -> PyResult<SandboxHandle> {
+        py.detach(|| jail::SandboxHandle::adopt(instance, id, init_pid))
             .map(SandboxHandle)
             .map_err(to_pyerr)
     }
@@ -126,6 +137,12 @@ impl SandboxHandle {
         })
     }
 
+    /// `(used, total)` bytes of the sandbox's root filesystem, as `df /` shows them inside.
+    fn disk_usage(&self, py: Python<'_>) -> PyResult<(u64, u64)> {
+        let u = py.detach(|| self.0.disk_usage()).map_err(to_pyerr)?;
+        Ok((u.used_bytes, u.total_bytes))
+    }
+
     /// A TCP socket fd connected to `127.0.0.1:port` inside the sandbox; the caller owns it.
     fn connect(&self, py: Python<'_>, port: u16, timeout: f64) -> PyResult<i32> {
         let limit = self::timeout(timeout)?;
@@ -144,31 +161,60 @@ fn build_base_template(py: Python<'_>, dir: PathBuf) -> PyResult<()> {
 }
 
 /// Puts the calling (freshly forked, single-threaded) process into a new sandbox; returns in the
-/// caller (`inside=False`) and in the payload (`inside=True`).
+/// caller (`inside=False`) and in the payload (`inside=True`). `disk_fd` is a disk mounted with
+/// `mount_disk` (borrowed: the caller keeps and closes its descriptor); `disk_image` an image to
+/// mount now. At most one of them.
 #[pyfunction]
-#[pyo3(signature = (id, template_dirs, sandbox_dir, *, host_usr_ro = true, memory_bytes = None, cpu_cores = None, pids_max = None))]
+#[pyo3(signature = (
+    id, template_dirs, sandbox_dir, *, instance, id_base, host_usr_ro = true, disk_image = None,
+    disk_fd = None, nested_userns = false, memory_bytes = None, cpu_cores = None, pids_max = None,
+    open_files = None, inotify_instances = None, inotify_watches = None
+))]
 #[allow(clippy::too_many_arguments)]
 fn enter_sandbox(
     id: &str,
     template_dirs: Vec<PathBuf>,
     sandbox_dir: PathBuf,
+    instance: String,
+    id_base: u32,
     host_usr_ro: bool,
+    disk_image: Option<PathBuf>,
+    disk_fd: Option<i32>,
+    nested_userns: bool,
     memory_bytes: Option<u64>,
     cpu_cores: Option<f64>,
     pids_max: Option<u64>,
+    open_files: Option<u64>,
+    inotify_instances: Option<u64>,
+    inotify_watches: Option<u64>,
 ) -> PyResult<Entered> {
     let Some(first) = template_dirs.first() else {
         return Err(PyValueError::new_err(
             "template_dirs needs at least one directory",
         ));
     };
-    let mut spec = jail::SandboxSpec::new(id, first.clone(), &sandbox_dir);
+    let mut spec = jail::SandboxSpec::new(id, first.clone(), &sandbox_dir, id_base);
     spec.lower_dirs = template_dirs;
+    spec.instance = instance;
     spec.host_usr_ro = host_usr_ro;
+    spec.nested_userns = nested_userns;
+    spec.disk = match (disk_image, disk_fd) {
+        (Some(_), Some(_)) => {
+            return Err(PyValueError::new_err(
+                "pass disk_image or disk_fd, not both",
+            ));
+        }
+        (Some(image), None) => Some(jail::Disk::Image(image)),
+        (None, Some(fd)) => Some(jail::Disk::mounted_from_raw_fd(fd).map_err(to_pyerr)?),
+        (None, None) => None,
+    };
     spec.limits = jail::Limits {
         memory_bytes,
         cpu_cores,
         pids_max,
+        open_files,
+        inotify_instances,
+        inotify_watches,
     };
     // Holding the GIL on purpose: see the module docs.
     match jail::enter_sandbox(&spec).map_err(to_pyerr)? {
@@ -194,20 +240,132 @@ fn after_fork_child() {
     unsafe { pyo3::ffi::PyOS_AfterFork_Child() };
 }
 
-/// Kills a sandbox by id (everything in its cgroup) and removes its cgroup.
+/// Kills a sandbox of runtime `instance` by id (everything in its cgroup) and removes its cgroup.
 #[pyfunction]
-fn kill_sandbox(py: Python<'_>, id: &str) -> PyResult<()> {
-    py.detach(|| jail::kill_sandbox(id)).map_err(to_pyerr)
+fn kill_sandbox(py: Python<'_>, instance: &str, id: &str) -> PyResult<()> {
+    py.detach(|| jail::kill_sandbox(instance, id))
+        .map_err(to_pyerr)
 }
 
-/// Ids of sandboxes whose cgroups exist on this host.
+/// Ids of runtime `instance`'s sandboxes whose cgroups exist on this host.
 #[pyfunction]
-fn list_sandboxes(py: Python<'_>) -> PyResult<Vec<String>> {
-    py.detach(jail::list_sandboxes).map_err(to_pyerr)
+fn list_sandboxes(py: Python<'_>, instance: &str) -> PyResult<Vec<String>> {
+    py.detach(|| jail::list_sandboxes(instance))
+        .map_err(to_pyerr)
 }
 
 /// Makes this process the subreaper of the sandbox inits it starts.
 #[pyfunction]
 fn become_subreaper() -> PyResult<()> {
     jail::become_subreaper().map_err(to_pyerr)
+}
+
+/// Writes the host-wide budget on `sandboxd/` and this runtime's on `sandboxd/<instance>/`.
+#[pyfunction]
+#[pyo3(signature = (instance, *, host_memory_bytes, host_pids_max, memory_bytes, pids_max))]
+fn configure_budget(
+    py: Python<'_>,
+    instance: &str,
+    host_memory_bytes: Option<u64>,
+    host_pids_max: Option<u64>,
+    memory_bytes: Option<u64>,
+    pids_max: Option<u64>,
+) -> PyResult<()> {
+    let host = jail::Budget {
+        memory_bytes: host_memory_bytes,
+        pids_max: host_pids_max,
+    };
+    let own = jail::Budget {
+        memory_bytes,
+        pids_max,
+    };
+    py.detach(|| jail::configure_budget(instance, &host, &own))
+        .map_err(to_pyerr)
+}
+
+/// Removes `sandboxd/<instance>/` (and `sandboxd/`) when no sandbox is left in them.
+#[pyfunction]
+fn remove_instance_if_empty(py: Python<'_>, instance: &str) -> PyResult<()> {
+    py.detach(|| jail::remove_instance_if_empty(instance))
+        .map_err(to_pyerr)
+}
+
+/// Creates a sparse image of `size_mb` MiB holding an empty ext4 filesystem.
+#[pyfunction]
+fn format_disk_image(py: Python<'_>, path: PathBuf, size_mb: u64) -> PyResult<()> {
+    py.detach(|| jail::format_image(&path, size_mb))
+        .map_err(to_pyerr)
+}
+
+/// Copies a file keeping its holes.
+#[pyfunction]
+fn copy_sparse(py: Python<'_>, src: PathBuf, dst: PathBuf) -> PyResult<()> {
+    py.detach(|| jail::copy_sparse(&src, &dst))
+        .map_err(to_pyerr)
+}
+
+/// Mounts a disk image as a detached mount; returns its descriptor (the caller owns it).
+#[pyfunction]
+fn mount_disk(py: Python<'_>, image: PathBuf) -> PyResult<i32> {
+    let fd = py.detach(|| jail::mount_disk(&image)).map_err(to_pyerr)?;
+    Ok(fd.into_raw_fd())
+}
+
+/// `(used, total)` bytes of the filesystem holding `path`, as `df` shows them.
+#[pyfunction]
+fn disk_usage(py: Python<'_>, path: PathBuf) -> PyResult<(u64, u64)> {
+    let u = py.detach(|| jail::disk_usage(&path)).map_err(to_pyerr)?;
+    Ok((u.used_bytes, u.total_bytes))
+}
+
+/// Checks that this host can build sandboxes over `template` (user namespaces, idmapped mounts).
+#[pyfunction]
+fn check_isolation_support(py: Python<'_>, template: PathBuf) -> PyResult<()> {
+    py.detach(|| jail::check_idmapped_mounts(&template))
+        .map_err(to_pyerr)
+}
+
+/// The host-wide registry of sandboxes' id ranges.
+#[pyclass(frozen, module = "sandboxd._core", name = "IdRegistry")]
+pub(crate) struct IdRegistry(jail::IdRegistry);
+
+#[pymethods]
+impl IdRegistry {
+    #[new]
+    fn new(py: Python<'_>, dir: PathBuf) -> PyResult<IdRegistry> {
+        py.detach(|| jail::IdRegistry::open(&dir))
+            .map(IdRegistry)
+            .map_err(to_pyerr)
+    }
+
+    /// Claims a free range for `sandbox_id` of the runtime whose data dir is `data_dir`.
+    fn claim(&self, py: Python<'_>, data_dir: PathBuf, sandbox_id: &str) -> PyResult<u32> {
+        py.detach(|| self.0.claim(&data_dir, sandbox_id))
+            .map_err(to_pyerr)
+    }
+
+    /// Releases a range this runtime claimed for `sandbox_id`; idempotent.
+    fn release(
+        &self,
+        py: Python<'_>,
+        base: u32,
+        data_dir: PathBuf,
+        sandbox_id: &str,
+    ) -> PyResult<()> {
+        py.detach(|| self.0.release(base, &data_dir, sandbox_id))
+            .map_err(to_pyerr)
+    }
+
+    /// `(base, sandbox_id)` of every claim made by the runtime whose data dir is `data_dir`.
+    fn claims_of(&self, py: Python<'_>, data_dir: PathBuf) -> PyResult<Vec<(u32, String)>> {
+        let claims = py
+            .detach(|| self.0.claims_of(Path::new(&data_dir)))
+            .map_err(to_pyerr)?;
+        Ok(claims.into_iter().map(|c| (c.base, c.sandbox_id)).collect())
+    }
+
+    /// Removes claims whose data dir is gone and whose ids no process uses; returns their bases.
+    fn reclaim_stale(&self, py: Python<'_>) -> PyResult<Vec<u32>> {
+        py.detach(|| self.0.reclaim_stale()).map_err(to_pyerr)
+    }
 }

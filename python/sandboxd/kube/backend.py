@@ -8,8 +8,8 @@ routing, waiting for a Pod to run); reads that answer the API (get, list) go to 
 * create: a Pod; the scheduler picks a node and the node runs it; the answer comes when the Pod is
   Running (or fails with the node's reason, or is unschedulable: 403 with the scheduler's words).
 * list: label selectors (state, template, metadata) and ``status.phase=Running``, paged with
-  Kubernetes' own ``limit``/``continue`` (the ``nextToken`` is the continue token). Names sort by
-  creation time (:func:`.pods.new_id`), so pages run oldest first as the single machine's do.
+  Kubernetes' own ``limit``/``continue`` (the ``nextToken`` is the continue token). Names sort newest
+  first (:func:`.pods.new_id`), so pages run in E2B's default order; ``order=asc`` is refused.
 * pause/resume: the Pod's state label; the node acts and reports the ``Paused`` condition.
 * kill: delete the Pod; the node stops the sandbox and removes the Pod.
 * timeouts and lost nodes: one replica at a time, elected with a ``coordination.k8s.io`` Lease
@@ -456,8 +456,8 @@ class KubernetesBackend:
         return sorted(out)
 
     async def list_page(self, query: ListQuery) -> tuple[list[SandboxRow], str | None]:
-        if query.descending:
-            raise ApiError(400, "'order=desc' is not supported by the kubernetes backend (it pages in creation order)")
+        if not query.descending:
+            raise ApiError(400, "'order=asc' is not supported by the kubernetes backend (it pages newest first)")
         selector = [f"{pods.MANAGED_LABEL}=true", f"{pods.STATE_LABEL} in ({','.join(sorted(set(query.states)))})"]
         if query.template:
             selector.append(f"{pods.TEMPLATE_LABEL}={pods.label_value(query.template)}")

@@ -33,7 +33,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sandboxd import __version__
+from sandboxd import __version__, _core
+from sandboxd.runtime import host
 from sandboxd.runtime.debian import DEFAULT_MIRROR
 from sandboxd.runtime.errors import ApiError
 from sandboxd.runtime.manager import CreateRequest, Limits, SandboxManager
@@ -85,6 +86,8 @@ class NodeOptions:
     template_store: Path | None = None
     """Template layers (None: ``<data dir>/templates``), shareable with other runtimes and nodes."""
     debian_mirror: str = DEFAULT_MIRROR
+    id_registry: Path = field(default_factory=lambda: Path(_core.DEFAULT_ID_REGISTRY))
+    """The host-wide registry of sandbox id ranges, shared with every runtime and node on the host."""
 
 
 def _host_memory_mb() -> int:
@@ -580,6 +583,7 @@ def run(options: NodeOptions) -> None:
     store = Store(options.data_dir / "sandboxd.db")
     templates = Templates(store, options.template_store or default_store_dir(options.data_dir), options.debian_mirror)
     templates.ensure_host()
+    host.require_isolation(templates, "sandboxd node")
     # `sandboxd template --data-dir <node's>` finds the store this node uses through its database.
     store.set_setting("template_store", str(templates.store_dir))
     _core.become_subreaper()
@@ -594,6 +598,10 @@ async def _run(options: NodeOptions, store: Store, templates: Templates) -> None
     from sandboxd.runtime import zygote
     from sandboxd.runtime.zygote_client import ZygoteClient
 
+    # The node shares the machine with other nodes and runtimes: the same host-wide budgets, id
+    # registry and per-instance cgroup group as `sandboxd serve` (sandboxd.runtime.host).
+    facts = host.prepare(options.data_dir, options.id_registry)
+    instances, watches = host.inotify_limits(facts)
     limits = Limits(
         cpu_count=options.limits.cpu_count,
         memory_mb=options.limits.memory_mb,
@@ -601,10 +609,14 @@ async def _run(options: NodeOptions, store: Store, templates: Templates) -> None
         pids_max=options.limits.pids_max,
         max_sandboxes=options.max_sandboxes,
         max_timeout_s=NODE_SANDBOX_TIMEOUT_S,
+        open_files=host.open_files(facts),
+        inotify_instances=instances,
+        inotify_watches=watches,
     )
     zygote_client = ZygoteClient(zygote.start)
     await zygote_client.start()
-    manager = SandboxManager(store, templates, options.data_dir, zygote_client, limits)
+    place = await host.open_place(options.data_dir, options.id_registry, limits.disk_mb)
+    manager = SandboxManager(store, templates, options.data_dir, zygote_client, limits, place)
     await manager.start()
     kube = await Kube.connect(options.kubeconfig)
     node = SandboxNode(options, kube, manager, store)
@@ -620,6 +632,7 @@ async def _run(options: NodeOptions, store: Store, templates: Templates) -> None
         await node.stop()
         await manager.stop()
         await zygote_client.stop()
+        await host.close_place(place)
         await kube.close()
         templates.close()
         store.close()

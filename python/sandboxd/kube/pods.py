@@ -72,15 +72,20 @@ sandbox may use 2 cores of a 2-core host; so a node is filled by its ``pods`` ca
 (``--max-sandboxes``) long before these requests (a 2-core node takes 200 by CPU)."""
 
 
+ID_STAMP_DIGITS = 9
+"""Base-36 digits of an id's time stamp: 36**9 ms reach the year 5188."""
+
+
 def new_id() -> str:
-    """20 characters of ``[a-z0-9]`` like E2B's, starting with the time in base 36: Kubernetes lists
-    in name order, so names that sort by creation make its pages run oldest first, as the API's do."""
-    millis = int(time.time() * 1000)
+    """20 characters of ``[a-z0-9]`` like E2B's, starting with the time *left until* 36**9 ms in base
+    36: Kubernetes lists in name order, so names whose prefix shrinks as time goes on make its pages
+    run newest first, which is E2B's default order for listing sandboxes."""
+    millis = 36**ID_STAMP_DIGITS - 1 - int(time.time() * 1000)
     stamp = ""
     while millis:
         millis, digit = divmod(millis, 36)
         stamp = ID_ALPHABET[digit] + stamp
-    return stamp.rjust(9, "0") + "".join(secrets.choice(ID_ALPHABET) for _ in range(11))
+    return stamp.rjust(ID_STAMP_DIGITS, "0") + "".join(secrets.choice(ID_ALPHABET) for _ in range(11))
 
 
 def sandbox_id_of(pod: dict[str, Any]) -> str | None:

@@ -50,6 +50,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from .layer_step import StepFailed, run_contained
 from .layers import LayerInfo, LayerStore
 
 SUITE = "trixie"
@@ -141,7 +142,8 @@ RECIPE_VERSION = 2
 """Bump when the build changes in a way the recipe below does not show."""
 
 PROBE_TIMEOUT_S = 5.0
-"""How long the archive may take to answer before the runtime falls back to the host template."""
+"""How long an archive or index may take to answer before a build is called unavailable here (and
+the runtime falls back)."""
 
 
 class BuildUnavailable(Exception):
@@ -181,13 +183,18 @@ def probe(recipe: Recipe) -> None:
     """Raise :class:`BuildUnavailable` unless mmdebstrap is installed and the archive answers."""
     if shutil.which("mmdebstrap") is None:
         raise BuildUnavailable("mmdebstrap is not installed (apt-get install mmdebstrap)")
-    url = f"{recipe.mirror.rstrip('/')}/dists/{recipe.suite}/InRelease"
+    probe_url(f"{recipe.mirror.rstrip('/')}/dists/{recipe.suite}/InRelease", f"Debian's archive at {recipe.mirror}")
+
+
+def probe_url(url: str, what: str) -> None:
+    """Raise :class:`BuildUnavailable` naming ``what`` unless ``url`` answers a HEAD within
+    :data:`PROBE_TIMEOUT_S` (a build that needs it would otherwise hang on it or fail late)."""
     try:
         with urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=PROBE_TIMEOUT_S):
             pass
     except (urllib.error.URLError, OSError, ValueError) as exc:
         reason = getattr(exc, "reason", exc)
-        raise BuildUnavailable(f"Debian's archive at {recipe.mirror} cannot be reached ({reason})") from None
+        raise BuildUnavailable(f"{what} cannot be reached ({reason})") from None
 
 
 @dataclass(slots=True)
@@ -247,25 +254,7 @@ def build(
         log_path = store.root / "base-build.log"
         hook = staging / "customize.sh"
         hook.write_text(CUSTOMIZE)
-        command = [
-            # The build ends with the process that started it, whole: uvicorn re-raises SIGTERM
-            # at shutdown, so no cleanup code of ours runs then, and mmdebstrap on SIGTERM waits
-            # for a stalled apt. So: unshare dies with us (parent-death signal), mmdebstrap with
-            # unshare (--kill-child), and as PID 1 of its own pid namespace it takes every apt and
-            # dpkg process with it. Its mounts go with its mount namespace; the next runtime
-            # sweeps the staging dir.
-            "setpriv",
-            "--pdeathsig",
-            "KILL",
-            "--",
-            "unshare",
-            "--mount",
-            "--propagation",
-            "private",
-            "--pid",
-            "--fork",
-            "--kill-child",
-            "--",
+        command = [  # contained (layer_step.CONTAINED): it ends, with every apt and dpkg, when we do
             "mmdebstrap",
             "--verbose",
             "--mode=root",
@@ -293,18 +282,10 @@ def build(
             "TMPDIR": str(staging),
         }
         try:
-            with log_path.open("wb") as log:
-                process = subprocess.Popen(
-                    command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env
-                )
-                if processes is not None:
-                    processes.append(process)
-                assert process.stdout is not None
-                _follow(process.stdout, log, progress, report)
-                code = process.wait()
-            if code != 0:
-                tail = log_path.read_bytes()[-4000:].decode(errors="replace")
-                raise BuildFailed(f"mmdebstrap exited with status {code}; the end of {log_path}:\n{tail}")
+            try:
+                run_contained(command, env, log_path, _Follow(progress, report), processes, "mmdebstrap")
+            except StepFailed as exc:
+                raise BuildFailed(str(exc)) from None
             (root / ".sandboxd-packages").rename(staging / "packages.tsv")
             progress.phase = "storing the layer"
             _finish(root)
@@ -333,38 +314,40 @@ def _finish(root: Path) -> None:
     os.utime(root, (SOURCE_DATE_EPOCH, SOURCE_DATE_EPOCH))
 
 
-def _follow(
-    stream: object, log: object, progress: BuildProgress, report: Callable[[str], None], every_s: float = 5.0
-) -> None:
-    """Copy mmdebstrap's output to the log, turning it into progress: a line per phase, and one
-    every ``every_s`` seconds while packages are set up."""
-    import io
+class _Follow:
+    """Turns mmdebstrap's output lines into progress: a line per phase, and one every
+    :attr:`EVERY_S` seconds while packages are set up."""
 
-    assert isinstance(stream, io.BufferedReader) and isinstance(log, io.BufferedWriter)
-    last = 0.0
-    totals: list[int] = []
-    for raw in stream:
-        log.write(raw)
-        line = raw.decode(errors="replace").strip()
+    EVERY_S = 5.0
+
+    def __init__(self, progress: BuildProgress, report: Callable[[str], None]) -> None:
+        self.progress = progress
+        self.report = report
+        self.last = 0.0
+        self.totals: list[int] = []
+
+    def __call__(self, raw: str) -> None:
+        line = raw.strip()
+        progress = self.progress
         if line.startswith("I: "):
             for needle, phase in _PHASES.items():
                 if needle in line and progress.phase != phase:
                     progress.phase = phase
-                    report(progress.line())
-                    last = time.monotonic()
-            continue
+                    self.report(progress.line())
+                    self.last = time.monotonic()
+            return
         newly = _NEWLY.match(line)
-        if newly and int(newly.group(1)) not in totals:
-            totals.append(int(newly.group(1)))
-            progress.packages_total = sum(totals)
+        if newly and int(newly.group(1)) not in self.totals:
+            self.totals.append(int(newly.group(1)))
+            progress.packages_total = sum(self.totals)
         elif line.startswith(("Setting up ", "Unpacking ")):
             if line.startswith("Setting up "):
                 progress.packages_done += 1
             else:
                 progress.packages_unpacked += 1
-            if time.monotonic() - last > every_s:
-                last = time.monotonic()
-                report(progress.line())
+            if time.monotonic() - self.last > self.EVERY_S:
+                self.last = time.monotonic()
+                self.report(progress.line())
 
 
 def installed_packages(store: LayerStore, layer: LayerInfo) -> str:

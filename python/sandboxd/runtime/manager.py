@@ -2,9 +2,12 @@
 
 State is in SQLite (:mod:`.store`); the processes are in the kernel. A sandbox is an init (PID 1
 of its pid namespace) with the agent as its only child, forked by the zygote (:mod:`.zygote_client`)
-into fresh namespaces over an overlay (``crates/sandboxd-jail``). The runtime holds a handle per
-live sandbox and watches the init's pidfd, so a sandbox whose agent died is noticed at once,
-recorded with its reason, and reclaimed (processes, cgroup, writable layer).
+into fresh namespaces, its own user namespace among them, over an overlay whose writable layer is
+on the sandbox's own disk (``crates/sandboxd-jail``). Its host id range comes from the host-wide
+registry and is kept for the sandbox's whole life (paused to disk included: its files are owned by
+that range), and released with it. The runtime holds a handle per live sandbox and watches the
+init's pidfd, so a sandbox whose agent died is noticed at once, recorded with its reason, and
+reclaimed (processes, cgroup, disk, id range).
 
 Every state transition of a sandbox (create, kill, pause, resume, timeout, death) runs under that
 sandbox's lock, so exactly one of them owns the sandbox at a time: a kill racing a timeout or a
@@ -23,20 +26,22 @@ import asyncio
 import contextlib
 import functools
 import logging
+import os
 import secrets
 import shutil
 import socket
 import string
 import time
 import weakref
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from sandboxd import _core
 
-from .agent_client import init_agent
+from .agent_client import init_agent, interpreter_ready
+from .disks import DiskPool
 from .errors import ApiError, not_found
 from .logs import LogEntry, from_events, read_agent_log
 from .metrics import SAMPLE_INTERVAL_S, MetricsHistory, Sampler, Target, bucket
@@ -59,17 +64,40 @@ of lateness is invisible while costing nothing measurable."""
 CONNECT_TIMEOUT_S = 5.0
 """Connect timeout for a TCP connection into a sandbox (it is local: a refusal is immediate)."""
 
+DISK_IMAGE = "disk.img"
+"""A sandbox's disk image, in its directory."""
+
 
 @dataclass(frozen=True, slots=True)
 class Limits:
-    """What every sandbox gets (``sandboxd serve`` flags)."""
+    """What every sandbox gets (``sandboxd serve`` flags; defaults sized from the host by :mod:`.host`)."""
 
-    cpu_count: int = 2
+    cpu_count: int = 1
     memory_mb: int = 1024
     disk_mb: int = 10240
     pids_max: int = 4096
     max_sandboxes: int = 256
     max_timeout_s: int = 24 * 3600
+    open_files: int | None = None
+    """``RLIMIT_NOFILE`` of every process inside."""
+    inotify_instances: int | None = None
+    """inotify instances per uid inside (the sandbox's ``user.max_inotify_instances``)."""
+    inotify_watches: int | None = None
+    """inotify watches per uid inside (the sandbox's ``user.max_inotify_watches``)."""
+    nested_userns: bool = False
+    """Allow user namespaces inside sandboxes (``--allow-nested-userns``; see docs/security.md)."""
+
+
+@dataclass(frozen=True, slots=True)
+class HostPlace:
+    """Where this runtime's sandboxes live on the host, besides the data dir."""
+
+    instance: str
+    """Names the cgroup group ``sandboxd/<instance>`` (see :func:`.host.instance_name`)."""
+    ids: _core.IdRegistry
+    """The host-wide registry the sandboxes' id ranges are claimed from."""
+    disks: DiskPool
+    """Disks mounted ahead of need."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,6 +154,7 @@ class SandboxManager:
         data_dir: Path,
         zygote: ZygoteClient,
         limits: Limits,
+        place: HostPlace,
         observer: Observer | None = None,
         networks: SandboxNetworks | None = None,
     ) -> None:
@@ -133,6 +162,8 @@ class SandboxManager:
         self.networks = networks
         """Each sandbox's link and egress rules; None runs sandboxes with loopback only."""
         self.templates = templates
+        self.data_dir = str(data_dir.resolve())
+        self.place = place
         self.sandboxes_dir = data_dir / "sandboxes"
         self.sandboxes_dir.mkdir(parents=True, exist_ok=True)
         self.zygote = zygote
@@ -157,7 +188,13 @@ class SandboxManager:
     # ------------------------------------------------------------------------------ start/stop
 
     async def start(self) -> None:
-        """Re-adopt what a previous runtime left running or paused, then start the reaper."""
+        """Re-adopt what a previous runtime left running or paused, release id ranges claimed for
+        sandboxes that never made it into the state (a crash between claim and insert), then start
+        the reaper."""
+        live = {row.id for row in self.store.live()}
+        for base, sandbox_id in self.place.ids.claims_of(self.data_dir):
+            if sandbox_id not in live:
+                self.place.ids.release(base, self.data_dir, sandbox_id)
         for row in self.store.live():
             self.observe.secrets.add(row.access_token)  # never logged, whatever becomes of the sandbox
             if row.state == "paused" and row.pause_mode == "filesystem":
@@ -166,7 +203,7 @@ class SandboxManager:
                 await self._died(row, "its init was gone when the runtime restarted", "gone_after_restart")
                 continue
             try:
-                self._watch(row.id, _core.SandboxHandle.adopt(row.id, row.init_pid))
+                self._watch(row.id, _core.SandboxHandle.adopt(self.place.instance, row.id, row.init_pid))
                 if self.networks is not None:
                     await self.networks.readopt(row.id, row.init_pid)
             except OSError as exc:
@@ -335,42 +372,42 @@ class SandboxManager:
         network: tuple[NetworkConfig, str | None] | None = None,
     ) -> None:
         """Fork the sandbox from the zygote, watch its init, link its network, and hand the agent
-        its settings. On failure nothing of the sandbox is left running; a resume keeps its
-        writable layer. ``network``: a new sandbox's settings and traffic token (a resume has its
-        own stored)."""
+        its settings. On failure nothing of the sandbox is left running; a resume keeps its disk
+        and id range, a create gives them back. ``network``: a new sandbox's settings and traffic
+        token (a resume has its own stored)."""
+        self.zygote.check_up()
         sandbox_dir = self.sandboxes_dir / row.id
         sandbox_dir.mkdir(parents=True, exist_ok=True)
-        request = {
-            "id": row.id,
-            "template_dirs": [str(layer) for layer in template.layers],
-            "sandbox_dir": str(sandbox_dir),
-            "host_usr_ro": template.host_usr,
-            "memory_bytes": row.memory_mb << 20,
-            "cpu_cores": float(row.cpu_count),
-            "pids_max": self.limits.pids_max,
-            "log": str(sandbox_dir / "agent.log"),
-        }
         slot = self.networks.reserve() if self.networks is not None else None
-        if slot is not None:
-            request["files"] = {"/etc/resolv.conf": slot.resolv_conf()}
         try:
-            answer = await self.zygote.create(request)
+            if row.id_base is None:
+                row.id_base = await asyncio.to_thread(self.place.ids.claim, self.data_dir, row.id)
+            image = sandbox_dir / DISK_IMAGE
+            try:
+                disk = await (self.place.disks.mount(image) if resuming else self.place.disks.take(image))
+            except OSError as exc:
+                raise ApiError(500, f"could not prepare the sandbox's disk: {exc}") from None
+            request = self._zygote_request(row, template, sandbox_dir)
+            if slot is not None:
+                request["files"] = {"/etc/resolv.conf": slot.resolv_conf()}
+            try:
+                answer = await self.zygote.create(request, [disk])
+            finally:
+                os.close(disk)  # the sandbox has it attached now (or failed and let it go)
+            if not answer.get("ok"):
+                raise ApiError(500, f"could not start the sandbox: {answer.get('error')}")
         except BaseException:
             if slot is not None and self.networks is not None:
                 self.networks.unreserve(slot)
+            await asyncio.to_thread(self._destroy, row.id, None, resuming, row.id_base)
             raise
-        if not answer.get("ok"):
-            if slot is not None and self.networks is not None:
-                self.networks.unreserve(slot)
-            await asyncio.to_thread(_kill_quietly, row.id)
-            raise ApiError(500, f"could not start the sandbox: {answer.get('error')}")
-        handle = _core.SandboxHandle.adopt(row.id, answer["init_pid"])
+        handle = _core.SandboxHandle.adopt(self.place.instance, row.id, answer["init_pid"])
         row.init_pid = handle.init_pid
         row.init_start = _proc_start_time(handle.init_pid)
         self._watch(row.id, handle)
         try:
             # The link is made while the agent comes up (the agent needs no network to start).
-            steps = [
+            steps: list[Awaitable[object]] = [
                 init_agent(
                     functools.partial(self.open_socket, row.id),
                     row.access_token,
@@ -383,13 +420,36 @@ class SandboxManager:
             if slot is not None and self.networks is not None:
                 config, token = network if network is not None else (None, None)
                 steps.append(self.networks.attach(row.id, slot, handle.init_pid, config, token))
+            if template.code_interpreter:  # returns once its Python kernel is warm, so the first runCode is fast
+                steps.append(interpreter_ready(functools.partial(self.open_socket, row.id), row.id))
             outcomes = await asyncio.gather(*steps, return_exceptions=True)
             for outcome in outcomes:
                 if isinstance(outcome, BaseException):
                     raise outcome
         except BaseException:
-            await self._stop_processes(row.id, keep_files=resuming)
+            await self._stop_processes(row.id, keep_files=resuming, id_base=row.id_base)
             raise
+
+    def _zygote_request(self, row: SandboxRow, template: Template, sandbox_dir: Path) -> dict[str, Any]:
+        """What the zygote needs to build the sandbox (its disk travels beside, as a descriptor)."""
+        limits = self.limits
+        return {
+            "id": row.id,
+            "instance": self.place.instance,
+            "id_base": row.id_base,
+            "template_dirs": [str(layer) for layer in template.layers],
+            "sandbox_dir": str(sandbox_dir),
+            "host_usr_ro": template.host_usr,
+            "nested_userns": limits.nested_userns,
+            "memory_bytes": row.memory_mb << 20,
+            "cpu_cores": float(row.cpu_count),
+            "pids_max": limits.pids_max,
+            "open_files": limits.open_files,
+            "inotify_instances": limits.inotify_instances,
+            "inotify_watches": limits.inotify_watches,
+            "log": str(sandbox_dir / "agent.log"),
+            "interpreter": template.code_interpreter,
+        }
 
     async def open_socket(self, sandbox_id: str, port: int) -> socket.socket:
         """A TCP connection to ``port`` inside the sandbox (its own network namespace)."""
@@ -449,10 +509,10 @@ class SandboxManager:
         self._notify_gone(row.id)
         self._slots.discard(row.id)
         self.handles.pop(row.id, None)
-        await asyncio.to_thread(self._destroy, row.id, None, False)
+        await asyncio.to_thread(self._destroy, row.id, None, False, row.id_base)
         if self.networks is not None:
             await self.networks.detach(row.id, forget=True)
-        self.store.event(row.id, "reclaimed", "processes, cgroup and writable layer removed")
+        self.store.event(row.id, "reclaimed", "processes, cgroup, disk and id range freed")
         self.observe.reclaimed(row.id)
         await self._forget_samples(row.id)
 
@@ -460,26 +520,32 @@ class SandboxManager:
         for callback in self.on_gone:
             callback(sandbox_id)
 
-    async def _stop_processes(self, sandbox_id: str, keep_files: bool = False) -> None:
-        """Kill every process of the sandbox and free its cgroup; remove the writable layer unless kept."""
+    async def _stop_processes(self, sandbox_id: str, keep_files: bool = False, id_base: int | None = None) -> None:
+        """Kill every process of the sandbox and free its cgroup; free its disk and id range unless kept."""
         handle = self.handles.pop(sandbox_id, None)
         if handle is not None:
             asyncio.get_running_loop().remove_reader(handle.pidfd())
-        await asyncio.to_thread(self._destroy, sandbox_id, handle, keep_files)
+        await asyncio.to_thread(self._destroy, sandbox_id, handle, keep_files, id_base)
         if self.networks is not None:
             await self.networks.detach(sandbox_id, forget=not keep_files)
 
-    def _destroy(self, sandbox_id: str, handle: _core.SandboxHandle | None, keep_files: bool) -> None:
-        """In a worker thread: processes and cgroup, then (unless kept) the writable layer."""
+    def _destroy(
+        self, sandbox_id: str, handle: _core.SandboxHandle | None, keep_files: bool, id_base: int | None
+    ) -> None:
+        """In a worker thread: processes and cgroup (the disk unmounts when its last process is gone),
+        then, unless kept, the sandbox's directory (its disk image) and its id range, in that order:
+        no file owned by the range outlives its claim."""
         if handle is not None:
             try:
                 handle.kill()
             except OSError:
-                _kill_quietly(sandbox_id)
+                _kill_quietly(self.place.instance, sandbox_id)
         else:
-            _kill_quietly(sandbox_id)
+            _kill_quietly(self.place.instance, sandbox_id)
         if not keep_files:
             shutil.rmtree(self.sandboxes_dir / sandbox_id, ignore_errors=True)
+            if id_base is not None:
+                self.place.ids.release(id_base, self.data_dir, sandbox_id)
 
     async def _forget_samples(self, sandbox_id: str, keep_history: bool = False) -> None:
         """Drop what the sampler keeps of a sandbox; its history too unless it is only paused."""
@@ -499,7 +565,7 @@ class SandboxManager:
             if row.state == "paused" and row.pause_mode == "full" and handle is not None:
                 with contextlib.suppress(OSError):
                     await asyncio.to_thread(handle.thaw)
-            await self._stop_processes(sandbox_id)
+            await self._stop_processes(sandbox_id, id_base=row.id_base)
             self._slots.discard(sandbox_id)
             await self._forget_samples(sandbox_id)
             self.store.event(sandbox_id, "killed", reason)
@@ -664,7 +730,7 @@ class SandboxManager:
             raise ApiError(400, f"'start' ({start}) is after 'end' ({end})")
         target = self._target(row)
         if target is not None and end >= bucket(now):
-            await self.history.record(await self.sampler.sample([target], wait_for_disk=True))
+            await self.history.record(await self.sampler.sample([target]))
         return await self.history.query(sandbox_id, start, end)
 
     def _target(self, row: SandboxRow) -> Target | None:
@@ -672,8 +738,7 @@ class SandboxManager:
         if row.state != "running" or handle is None:
             return None
         counters = functools.partial(self.networks.counters, row.id) if self.networks is not None else None
-        upper = self.sandboxes_dir / row.id / "upper"
-        return Target(row.id, handle, row.cpu_count, row.memory_mb << 20, row.disk_mb << 20, upper, counters)
+        return Target(row.id, handle, row.cpu_count, row.memory_mb << 20, row.disk_mb << 20, counters)
 
     async def _first_sample(self, row: SandboxRow) -> None:
         """The create's own bucket: a sandbox's history starts when it does (off the create's path)."""
@@ -706,13 +771,18 @@ class SandboxManager:
                 log.exception("sampling sandbox metrics failed")
 
     def disk_used_now(self, sandbox_id: str, may_walk: bool) -> int | None:
-        """For a worker thread (a metrics scrape): the sandbox's cached disk figure if fresh, else a
-        walk when ``may_walk`` (cached for everyone), else the stale figure or None."""
-        upper = self.sandboxes_dir / sandbox_id / "upper"
-        return self.sampler.disk_used_now(sandbox_id, upper, may_walk, lambda: sandbox_id in self.handles)
+        """For a worker thread (a metrics scrape): the bytes used on the sandbox's disk, one
+        ``statfs`` (``may_walk`` is moot: nothing is walked), or None when it is not running."""
+        handle = self.handles.get(sandbox_id)
+        if handle is None:
+            return None
+        try:
+            return handle.disk_usage()[0]
+        except OSError:
+            return None
 
 
-def _kill_quietly(sandbox_id: str) -> None:
+def _kill_quietly(instance: str, sandbox_id: str) -> None:
     """Kill whatever is left in the sandbox's cgroup and remove it; nothing there is fine."""
     with contextlib.suppress(OSError):
-        _core.kill_sandbox(sandbox_id)
+        _core.kill_sandbox(instance, sandbox_id)

@@ -7,18 +7,17 @@ Here a sampler reads every running sandbox's cgroup on a 5-second tick and recor
 sandbox per bucket; a read that reaches the current bucket takes that bucket's sample on demand, so
 the newest figures are live and a sandbox's metrics are never empty right after its create.
 
-Nothing here runs on the event loop: cgroup reads and the disk measurement go to threads, and the
+Nothing here runs on the event loop: cgroup reads and the disk's ``statfs`` (each sandbox has its own
+filesystem, its quota, so its usage is one system call whatever it holds) go to threads, and the
 history has its own SQLite file and connection, used only by its own worker thread (so neither its
 writes nor a long-range query ever wait on, or hold up, the state database). The history is bounded
 by :data:`HISTORY_S`: at most 17,280 rows (~0.7 MiB on disk) per sandbox; in memory, a sandbox costs
-two small tuples (its previous CPU reading and its cached disk usage).
+one small tuple (its previous CPU reading).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import os
 import sqlite3
 import time
 from collections.abc import Callable, Iterable
@@ -38,10 +37,6 @@ HISTORY_S = 24 * 3600
 
 PRUNE_EVERY_S = 60.0
 """How often the retention is enforced (a cheap indexed delete)."""
-
-DISK_USAGE_TTL_S = 10.0
-"""How long a measured disk usage is reused: measuring walks the writable layer (in a thread), which
-takes seconds for hundreds of thousands of files, so samples and callers share one walk."""
 
 STEPS = ((3600, 5), (6 * 3600, 30), (12 * 3600, 60), (24 * 3600, 120), (7 * 24 * 3600, 300))
 """(range shorter than, bucket) in seconds, as E2B's API picks its step; 900 s beyond a week."""
@@ -92,7 +87,7 @@ class Target:
     cpu_count: int
     mem_total: int
     disk_total: int
-    upper: Path
+    """Its quota, reported while its disk cannot be read (it is ending)."""
     counters: Callable[[], tuple[int, int] | None] | None = None
     """Its link's (bytes in, bytes out), blocking (a netlink exchange); None without networking."""
 
@@ -210,28 +205,23 @@ class MetricsHistory:
 
 
 class Sampler:
-    """Reads sandboxes' cgroups (in a thread) into samples; keeps each one's previous CPU reading, to
-    report use between two samples, and a cached disk usage."""
+    """Reads sandboxes' cgroups and disks (in a thread) into samples; keeps each one's previous CPU
+    reading, to report use between two samples."""
 
     def __init__(self) -> None:
         self._cpu: dict[str, tuple[float, int]] = {}
-        self._disk: dict[str, tuple[float, int]] = {}
-        self._walks: dict[str, asyncio.Future[int]] = {}
 
     def forget(self, sandbox_id: str) -> None:
         self._cpu.pop(sandbox_id, None)
-        self._disk.pop(sandbox_id, None)
 
-    async def sample(self, targets: list[Target], wait_for_disk: bool = False) -> list[tuple[str, MetricsSample]]:
-        """One sample of each target. The disk figure is the cached one (a refresh starts in the
-        background when it is stale) unless ``wait_for_disk``."""
+    async def sample(self, targets: list[Target]) -> list[tuple[str, MetricsSample]]:
+        """One sample of each target."""
         if not targets:
             return []
         now = time.time()
         stats = await asyncio.to_thread(_read_stats, targets)
-        disks = await asyncio.gather(*(self._disk_used(t, wait_for_disk) for t in targets))
         samples = []
-        for target, (stat, net), disk in zip(targets, stats, disks, strict=True):
+        for target, (stat, disk, net) in zip(targets, stats, strict=True):
             cpu = self._cpu_pct(target.sandbox_id, stat.cpu_usage_ns, target.cpu_count) if stat else 0.0
             sample = MetricsSample(
                 timestamp=now,
@@ -239,44 +229,13 @@ class Sampler:
                 cpu_used_pct=cpu,
                 mem_used=(stat.memory_bytes or 0) if stat else 0,
                 mem_total=target.mem_total,
-                disk_used=disk,
-                disk_total=target.disk_total,
+                disk_used=disk[0] if disk else 0,
+                disk_total=disk[1] if disk else target.disk_total,
                 net_in_bytes=net[0] if net else 0,
                 net_out_bytes=net[1] if net else 0,
             )
             samples.append((target.sandbox_id, sample))
         return samples
-
-    async def _disk_used(self, target: Target, wait: bool) -> int:
-        cached = self._disk.get(target.sandbox_id)
-        if cached is not None and time.monotonic() - cached[0] < DISK_USAGE_TTL_S:
-            return cached[1]
-        walk = self._walks.get(target.sandbox_id)
-        if walk is None:
-            walk = asyncio.ensure_future(asyncio.to_thread(_dir_size, target.upper))
-            self._walks[target.sandbox_id] = walk
-            walk.add_done_callback(lambda done: self._walked(target.sandbox_id, done))
-        if not wait:
-            return cached[1] if cached is not None else 0
-        return await asyncio.shield(walk)
-
-    def disk_used_now(self, sandbox_id: str, upper: Path, may_walk: bool, alive: Callable[[], bool]) -> int | None:
-        """For a worker thread (a metrics scrape): the cached figure if fresh, else a walk when
-        ``may_walk`` (cached for everyone while ``alive()``), else the stale figure or None."""
-        cached = self._disk.get(sandbox_id)
-        if cached is not None and (not may_walk or time.monotonic() - cached[0] < DISK_USAGE_TTL_S):
-            return cached[1]
-        if not may_walk:
-            return None
-        used = _dir_size(upper)
-        if alive():  # not killed meanwhile: nothing would forget the entry
-            self._disk[sandbox_id] = (time.monotonic(), used)
-        return used
-
-    def _walked(self, sandbox_id: str, walk: asyncio.Future[int]) -> None:
-        self._walks.pop(sandbox_id, None)
-        if not walk.cancelled() and walk.exception() is None:
-            self._disk[sandbox_id] = (time.monotonic(), walk.result())
 
     def _cpu_pct(self, sandbox_id: str, usage_ns: int | None, cpus: int) -> float:
         """CPU use since the previous sample, in percent of the sandbox's cores."""
@@ -290,28 +249,26 @@ class Sampler:
         return round(100 * (usage_ns - previous[1]) / 1e9 / (now - previous[0]) / max(cpus, 1), 2)
 
 
-def _read_stats(targets: list[Target]) -> list[tuple[_core.SandboxStats | None, tuple[int, int] | None]]:
-    """In a worker thread: each sandbox's cgroup counters (a few small files each) and its link's."""
-    out: list[tuple[_core.SandboxStats | None, tuple[int, int] | None]] = []
+Reading = tuple[_core.SandboxStats | None, tuple[int, int] | None, tuple[int, int] | None]
+"""A sandbox's cgroup counters, its disk's (used, total) and its link's (in, out); None for what is gone."""
+
+
+def _read_stats(targets: list[Target]) -> list[Reading]:
+    """In a worker thread: each sandbox's cgroup counters (a few small files), its disk (one
+    ``statfs``, as ``df /`` inside shows it) and its link's counters."""
+    out: list[Reading] = []
     for target in targets:
         try:
             stats = target.handle.stats()
         except OSError:
             stats = None  # it ended meanwhile
         try:
+            disk = target.handle.disk_usage()
+        except OSError:
+            disk = None
+        try:
             net = target.counters() if target.counters is not None else None
         except OSError:
             net = None
-        out.append((stats, net))
+        out.append((stats, disk, net))
     return out
-
-
-def _dir_size(path: Path) -> int:
-    """In a worker thread: the blocks the writable layer uses (until the isolation work gives each
-    sandbox a quota filesystem whose statfs answers this at once)."""
-    total = 0
-    for root, _dirs, files in os.walk(path):
-        for name in files:
-            with contextlib.suppress(OSError):
-                total += os.lstat(os.path.join(root, name)).st_blocks * 512
-    return total

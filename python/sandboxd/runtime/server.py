@@ -13,15 +13,18 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sandboxd import __version__
+from sandboxd import __version__, _core
 from sandboxd.agent.asgi import Receive, Scope, Send, header_map, send_json
 from sandboxd.agent.http_server import ConnectionLimits, serve_until_signalled, server_config
 
+from . import host
 from .api import ControlPlane
 from .backend import ListQuery, LocalBackend
+from .code_interpreter import DEFAULT_INDEX
 from .connection import protocol_class
 from .debian import DEFAULT_MIRROR
 from .errors import ApiError
+from .host import SandboxFlags
 from .inputs import Query
 from .manager import Limits, SandboxManager
 from .network import NetworkOptions, SandboxNetworks
@@ -51,15 +54,19 @@ class ServeOptions:
     data_dir: Path = DEFAULT_DATA_DIR
     api_key: str | None = None
     domain: str | None = None
+    sandboxes: SandboxFlags = field(default_factory=SandboxFlags)
+    id_registry: Path = Path(_core.DEFAULT_ID_REGISTRY)
+    """The host-wide registry of sandbox id ranges, shared by every runtime on the host."""
     tls_cert: Path | None = None
     tls_key: Path | None = None
-    limits: Limits = field(default_factory=Limits)
     log_format: str = "text"
     network: NetworkOptions | None = field(default_factory=NetworkOptions)
     """Sandbox networking; None gives sandboxes loopback only (``--no-network``)."""
     template_store: Path | None = None
     """Where template layers live (default ``<data dir>/templates``); several runtimes may share one."""
     debian_mirror: str = DEFAULT_MIRROR
+    pypi_index: str = DEFAULT_INDEX
+    """The Python package index ``code-interpreter-v1`` is built from."""
     connections: ConnectionLimits = field(default_factory=ConnectionLimits)
 
 
@@ -165,7 +172,6 @@ def _api_key(store: Store, given: str | None) -> str:
 
 def run(options: ServeOptions) -> None:
     """Prepare the data dir and the zygote, then serve until interrupted."""
-    from sandboxd import _core
 
     known_secrets = Secrets()
     recent = observe_logs.configure(options.log_format, known_secrets)
@@ -178,13 +184,17 @@ def run(options: ServeOptions) -> None:
     api_key = _api_key(store, options.api_key)
     known_secrets.add(api_key)
     observer = Observer(secrets=known_secrets)
-    templates = Templates(store, options.template_store or default_store_dir(options.data_dir), options.debian_mirror)
+    templates = Templates(
+        store, options.template_store or default_store_dir(options.data_dir), options.debian_mirror, options.pypi_index
+    )
     templates.observe = observer
     with observer.template_build("host"):
         templates.ensure_host()
     # `sandboxd template` finds the store this runtime uses through its database.
     store.set_setting("template_store", str(templates.store_dir))
+    host.require_isolation(templates, "sandboxd serve")
     _core.become_subreaper()
+    limits = _prepare_host(options)
     scheme = "https" if options.tls_cert else "http"
     url = f"{scheme}://{options.host}:{options.port}"
     store.set_setting("url", url)  # where `sandboxd status` finds this runtime
@@ -206,7 +216,9 @@ def run(options: ServeOptions) -> None:
     else:
         print(
             f"sandboxd {__version__}: E2B-compatible API and sandbox proxy on {url}\n"
-            f"data dir: {options.data_dir}\ntemplate store: {templates.store_dir}\n{base_note}\n"
+            f"data dir: {options.data_dir}\ntemplate store: {templates.store_dir}\n"
+            f"each sandbox: {limits.cpu_count} CPU, {limits.memory_mb} MiB memory, {limits.disk_mb} MiB disk, "
+            f"{limits.pids_max} tasks\n{base_note}\n"
             "Point the E2B SDKs at it:\n"
             f"  export E2B_API_KEY={api_key}\n"
             f"  export E2B_API_URL={url}\n"
@@ -220,11 +232,17 @@ def run(options: ServeOptions) -> None:
     # links must go). As SIGINT's handler, SIGTERM unwinds through it instead.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     with contextlib.suppress(KeyboardInterrupt):
-        uvloop.run(_serve(options, store, templates, api_key, observer, recent))
+        uvloop.run(_serve(options, limits, store, templates, api_key, observer, recent))
+
+
+def _prepare_host(options: ServeOptions) -> Limits:
+    """Write the host-wide budgets, free stale id ranges, and size the sandboxes from the host."""
+    return host.sandbox_limits(host.prepare(options.data_dir, options.id_registry), options.sandboxes)
 
 
 async def _serve(
     options: ServeOptions,
+    limits: Limits,
     store: Store,
     templates: Templates,
     api_key: str,
@@ -237,10 +255,11 @@ async def _serve(
     await zygote_client.start()
     networks = None
     if options.network is not None:
-        networks = SandboxNetworks(store, options.data_dir, options.network, options.limits.max_sandboxes, options.port)
+        networks = SandboxNetworks(store, options.data_dir, options.network, limits.max_sandboxes, options.port)
         await networks.start()
+    place = await host.open_place(options.data_dir, options.id_registry, limits.disk_mb)
     manager = SandboxManager(
-        store, templates, options.data_dir, zygote_client, options.limits, observer=observer, networks=networks
+        store, templates, options.data_dir, zygote_client, limits, place, observer=observer, networks=networks
     )
     await manager.start()
     backend = LocalBackend(manager)
@@ -273,5 +292,6 @@ async def _serve(
         if networks is not None:
             await networks.stop()
         await zygote_client.stop()
+        await host.close_place(place)
         store.close()
         await asyncio.sleep(0)

@@ -33,7 +33,8 @@ CREATE TABLE IF NOT EXISTS sandboxes (
     disk_mb       INTEGER NOT NULL,
     init_pid      INTEGER,
     init_start    INTEGER,                -- /proc/<pid>/stat starttime, to tell a reused pid apart
-    ended_reason  TEXT
+    ended_reason  TEXT,
+    id_base       INTEGER                 -- first host uid/gid of its user namespace's range
 );
 CREATE INDEX IF NOT EXISTS sandboxes_listing ON sandboxes (state, started_at, id);
 CREATE TABLE IF NOT EXISTS events (
@@ -89,6 +90,7 @@ class SandboxRow:
     init_pid: int | None = None
     init_start: int | None = None
     ended_reason: str | None = None
+    id_base: int | None = None
 
 
 _COLUMNS = [f for f in SandboxRow.__dataclass_fields__]
@@ -105,6 +107,9 @@ class Store:
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.executescript(SCHEMA)
+        columns = {r[1] for r in self.db.execute("PRAGMA table_info(sandboxes)")}
+        if "id_base" not in columns:  # a data dir from before user namespaces
+            self.db.execute("ALTER TABLE sandboxes ADD COLUMN id_base INTEGER")
 
     def close(self) -> None:
         self.db.close()

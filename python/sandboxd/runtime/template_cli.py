@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from . import debian, oci
+from . import code_interpreter, debian, oci
 from .errors import ApiError
 from .layers import LayerError
 from .store import Store
@@ -27,7 +27,8 @@ def _open(args: argparse.Namespace) -> tuple[Store, Templates]:
     chosen = args.template_store or store.setting("template_store") or os.environ.get("SANDBOXD_TEMPLATE_STORE")
     store_dir = Path(chosen) if chosen else default_store_dir(data_dir)
     mirror = getattr(args, "debian_mirror", None) or os.environ.get("SANDBOXD_DEBIAN_MIRROR") or debian.DEFAULT_MIRROR
-    return store, Templates(store, store_dir, mirror)
+    index = getattr(args, "pypi_index", None) or os.environ.get("SANDBOXD_PYPI_INDEX") or code_interpreter.DEFAULT_INDEX
+    return store, Templates(store, store_dir, mirror, index)
 
 
 def _report(line: str) -> None:
@@ -71,11 +72,11 @@ def run(args: argparse.Namespace) -> int | str:
             print(f"pulling template '{args.name}' from {args.image}", file=sys.stderr)
             row = templates.pull(args.name, args.image, _report, insecure=args.insecure)
         elif command == "build":
-            if not args.rebuild and templates.layers.cached(templates.recipe.key()) is not None:
-                print(f"template 'base' is built already ({templates.recipe.describe()}); --rebuild builds it again")
+            if not args.rebuild and templates.is_built(args.name):
+                print(f"template '{args.name}' is built already; --rebuild builds it again")
             else:
-                print(f"building template 'base': {templates.recipe.describe()}", file=sys.stderr)
-            row = templates.build_base(_report, rebuild=args.rebuild)
+                print(f"building template '{args.name}'", file=sys.stderr)
+            row = templates.build(args.name, _report, rebuild=args.rebuild)
         elif command == "remove":
             live = {r.id: r.template_id for r in store.live()}
             removed = templates.remove(args.name, lambda name: [i for i, t in live.items() if t == name])

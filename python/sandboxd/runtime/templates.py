@@ -16,8 +16,14 @@ Built in:
   ``templateID`` says ``host``.
 * ``host``: the host's read-only ``/usr`` with a private ``/etc`` and home (no download; what
   sandboxd had before ``base`` was a Debian build). For machines with no package archive in reach.
-* ``code-interpreter-v1``, ``code-interpreter``, ``desktop``: names the SDKs ask for by default,
-  resolved to ``base`` until templates of their own exist (the code interpreter's is issue 15).
+* ``code-interpreter-v1`` (also ``code-interpreter``): ``base`` plus the kernels and data stack of
+  E2B's code-interpreter template, one layer on top of ``base`` (:mod:`.code_interpreter`), built
+  the same way: once, on first need (``base`` first if need be), with progress, and the same wait
+  and 503. Its sandboxes start the code interpreter (``runCode``, port 49999). Where the package
+  index cannot be reached it falls back to ``base`` (whose sandboxes have no code interpreter), as
+  ``base`` falls back to ``host``.
+* ``desktop``: a name the SDKs ask for by default, resolved to ``base`` until a template of its own
+  exists.
 
 Imported (``sandboxd template add|import|pull``): a root filesystem directory or tarball, an OCI
 archive or ``docker save`` tarball, or an image pulled from a registry (:mod:`.oci`).
@@ -40,7 +46,7 @@ from typing import TYPE_CHECKING, Any
 
 from sandboxd import _core
 
-from . import debian, oci
+from . import code_interpreter, debian, oci
 from .errors import ApiError
 from .layers import LayerError, LayerStore
 from .store import Store, TemplateRow
@@ -52,17 +58,20 @@ log = logging.getLogger("sandboxd.runtime")
 
 BASE = "base"
 HOST = "host"
-BUILTIN = (BASE, HOST)
-ALIASES = {"code-interpreter-v1": BASE, "code-interpreter": BASE, "desktop": BASE}
-"""Names the SDKs ask for by default (the JS code-interpreter SDK asks for ``code-interpreter-v1``),
-resolved to ``base`` until templates of their own exist."""
+CODE_INTERPRETER = code_interpreter.NAME
+BUILTIN = (BASE, HOST, CODE_INTERPRETER)
+BUILT = (BASE, CODE_INTERPRETER)
+"""The built-in templates built on first need."""
+ALIASES = {"code-interpreter": CODE_INTERPRETER, "desktop": BASE}
+"""Other names the SDKs ask for, resolved to the built-in template that stands for them."""
 
 BASE_WAIT_S = 40.0
-"""How long a create waits for a base build in progress before answering with its progress: under
-the SDKs' default request timeout (60 s), so the user reads our message, not a timeout."""
+"""How long a create waits for a build in progress before answering with its progress: under the
+SDKs' default request timeout (60 s), so the user reads our message, not a timeout."""
 
 FALLBACK_RETRY_S = 60.0
-"""After the archive was found unreachable, creates use ``host`` for this long before trying again."""
+"""After a build was found impossible here (no archive or index in reach), creates use the fallback
+template for this long before trying again."""
 
 MAX_OVERLAY_OPTIONS = 4000
 """overlayfs takes its lower dirs in one mount option string of at most a page (4096 bytes), which
@@ -99,6 +108,21 @@ class Template:
     def workdir(self) -> str | None:
         return self.config.get("workdir") or None
 
+    @property
+    def code_interpreter(self) -> bool:
+        """Whether its sandboxes start the code interpreter (``runCode``, port 49999)."""
+        return self.config.get("code_interpreter") is True
+
+
+@dataclass(slots=True)
+class _Build:
+    """A built-in template's build in this runtime: its progress, the task running it, and whether
+    creates use the fallback for now because it cannot be built here."""
+
+    progress: debian.BuildProgress = field(default_factory=debian.BuildProgress)
+    task: asyncio.Future[tuple[list[str], dict[str, Any]]] | None = None
+    fallback_until: float = 0.0
+
 
 @dataclass(frozen=True, slots=True)
 class Listed:
@@ -129,18 +153,22 @@ def _check_store_path(path: Path) -> None:
 class Templates:
     """The templates of one runtime: its SQLite rows, over a (possibly shared) template store."""
 
-    def __init__(self, store: Store, store_dir: Path, mirror: str = debian.DEFAULT_MIRROR) -> None:
+    def __init__(
+        self,
+        store: Store,
+        store_dir: Path,
+        mirror: str = debian.DEFAULT_MIRROR,
+        index_url: str = code_interpreter.DEFAULT_INDEX,
+    ) -> None:
         _check_store_path(store_dir.resolve())
         self.db = store
         self.store_dir = store_dir.resolve()
         self.layers = LayerStore(self.store_dir)
         self.layers.register_user(store.path)
         self.recipe = debian.Recipe(mirror=mirror)
+        self.interpreter_recipe = code_interpreter.Recipe(self.recipe, index_url)
         self.host_dir = self.store_dir / HOST
-        self.base_progress = debian.BuildProgress()
-        self._base_task: asyncio.Future[tuple[list[str], dict[str, Any]]] | None = None
-        self._fallback_until = 0.0
-        self._fallback_reason = ""
+        self._builds = {name: _Build() for name in BUILT}
         self._build_processes: list[subprocess.Popen[bytes]] = []
         self.observe: Observer | None = None
         """The runtime's observer: base builds go through its ``template_build`` hook."""
@@ -172,22 +200,35 @@ class Templates:
             )
         return Template(row.name, paths, False, row.config)
 
-    def _base_ready(self) -> Template | None:
-        """The built base: the current recipe's cached build (recorded as this runtime's ``base``),
-        or an older build this runtime already uses."""
-        key = self.recipe.key()
-        cached = self.layers.cached(key)
-        row = self.db.template(BASE)
+    def _key(self, name: str) -> str:
+        """The build cache key of a built-in template's current recipe."""
+        return self.recipe.key() if name == BASE else self.interpreter_recipe.key()
+
+    def _describe(self, name: str) -> str:
+        return self.recipe.describe() if name == BASE else self.interpreter_recipe.describe()
+
+    def _ready(self, name: str) -> Template | None:
+        """A built-in template once built: the current recipe's cached build (recorded as this
+        runtime's row of that name), or an older build this runtime already uses."""
+        cached = self.layers.cached(self._key(name))
+        row = self.db.template(name)
         if cached is not None:
             if row is None or row.layers != cached["layers"]:
                 row = TemplateRow(
-                    BASE, list(cached["layers"]), dict(cached["config"]), self.recipe.describe(), time.time()
+                    name, list(cached["layers"]), dict(cached["config"]), self._describe(name), time.time()
                 )
                 self.db.put_template(row)
             return self._template(row)
         if row is not None and all(self.layers.has(d) for d in row.layers):
             return self._template(row)
         return None
+
+    def _fallback(self, name: str) -> Template:
+        """Where creates asking for a built-in template go while it cannot be built here: ``host``
+        for ``base``; ``base`` (else ``host``) for the code interpreter's."""
+        if name == CODE_INTERPRETER:
+            return self._ready(BASE) or self._host()
+        return self._host()
 
     # ------------------------------------------------------------------------------ resolving
 
@@ -196,81 +237,98 @@ class Templates:
 
     def resolve(self, name: str) -> Template:
         """The template called ``name`` (or an alias), without building anything: 404 naming the
-        known templates if there is none (``base`` not yet built resolves to ``host``)."""
+        known templates if there is none (a built-in one not yet built resolves to its fallback)."""
         canonical = self.canonical(name)
         if canonical == HOST:
             return self._host()
-        if canonical == BASE:
-            return self._base_ready() or self._host()
+        if canonical in BUILT:
+            return self._ready(canonical) or self._fallback(canonical)
         row = self.db.template(canonical)
         if row is None:
             raise ApiError(404, f"template '{name}' not found; known templates: {', '.join(self.names())}")
         return self._template(row)
 
     async def prepare(self, name: str) -> Template:
-        """For a create: like :meth:`resolve`, but ``base`` is built if it is not yet (waiting up
-        to :data:`BASE_WAIT_S`), or falls back to ``host`` where it cannot be built."""
+        """For a create: like :meth:`resolve`, but a built-in template is built if it is not yet
+        (waiting up to :data:`BASE_WAIT_S`), or falls back where it cannot be built."""
         canonical = self.canonical(name)
-        if canonical != BASE:
+        if canonical not in BUILT:
             return self.resolve(canonical)
-        ready = self._base_ready()
+        ready = self._ready(canonical)
         if ready is not None:
             return ready
-        if time.monotonic() < self._fallback_until:
-            return self._host()
+        build = self._builds[canonical]
+        if time.monotonic() < build.fallback_until:
+            return self._fallback(canonical)
         loop = asyncio.get_running_loop()
-        if self._base_task is None or self._base_task.done():
-            self.base_progress = debian.BuildProgress(started=time.monotonic())
-            log.info("template base: building %s, once (progress follows)", self.recipe.describe())
-            self._base_task = loop.run_in_executor(None, self._build_base_blocking)
-        task = self._base_task
+        if build.task is None or build.task.done():
+            build.progress = debian.BuildProgress(started=time.monotonic())
+            log.info("template %s: building %s, once (progress follows)", canonical, self._describe(canonical))
+            build.task = loop.run_in_executor(None, self._build_blocking, canonical)
+        task = build.task
         await asyncio.wait({task}, timeout=BASE_WAIT_S)
         if not task.done():
+            what = (
+                "from Debian's archive"
+                if canonical == BASE
+                else "(base from Debian's archive if need be, then Python packages from the package index)"
+            )
             raise ApiError(
                 503,
-                f"template 'base' is being built from Debian's archive, the first time for this template store "
-                f"(a few minutes, once): {self.base_progress.line()}. Retry when `sandboxd serve` logs "
-                "'template base: ready' (`sandboxd template build base` builds it ahead of time)",
+                f"template '{canonical}' is being built {what}, the first time for this template store "
+                f"(a few minutes, once): {build.progress.line()}. Retry when `sandboxd serve` logs "
+                f"'template {canonical}: ready' (`sandboxd template build {canonical}` builds it ahead of time)",
                 headers=[("Should-Retry", "false")],
             )
         error = task.exception()
         if isinstance(error, debian.BuildUnavailable):
-            self._fallback_until = time.monotonic() + FALLBACK_RETRY_S
-            self._fallback_reason = str(error)
+            build.fallback_until = time.monotonic() + FALLBACK_RETRY_S
+            fallback = self._fallback(canonical)
             log.warning(
-                "template base cannot be built: %s; sandboxes asking for 'base' get 'host' (the host's /usr) "
-                "until it can be (tried again in %ds)",
+                "template %s cannot be built: %s; sandboxes asking for '%s' get '%s' until it can be (tried again "
+                "in %ds)",
+                canonical,
                 error,
+                canonical,
+                fallback.id,
                 FALLBACK_RETRY_S,
             )
-            return self._host()
+            return fallback
         if error is not None:
             raise ApiError(
                 503,
-                f"building template 'base' failed: {error}. The next create tries again",
+                f"building template '{canonical}' failed: {error}. The next create tries again",
                 headers=[("Should-Retry", "false")],
             )
-        ready = self._base_ready()
+        ready = self._ready(canonical)
         if ready is None:  # pragma: no cover - the build just recorded it
             raise ApiError(
-                503, "template 'base' was built but is not in the store", headers=[("Should-Retry", "false")]
+                503, f"template '{canonical}' was built but is not in the store", headers=[("Should-Retry", "false")]
             )
         return ready
 
-    def _build_base_blocking(self) -> tuple[list[str], dict[str, Any]]:
-        def report(line: str) -> None:
-            log.info("template base: %s", line)
+    def _build_blocking(self, name: str, report: Report | None = None) -> tuple[list[str], dict[str, Any]]:
+        """Build a built-in template (in a worker thread, or the CLI's process)."""
+        if report is None:
 
-        with self.observe.template_build(BASE) if self.observe is not None else contextlib.nullcontext():
-            result = debian.build(self.layers, self.recipe, self.base_progress, report, self._build_processes)
-        log.info("template base: ready")
+            def report(line: str) -> None:
+                log.info("template %s: %s", name, line)
+
+        progress = self._builds[name].progress
+        processes = self._build_processes
+        with self.observe.template_build(name) if self.observe is not None else contextlib.nullcontext():
+            if name == BASE:
+                result = debian.build(self.layers, self.recipe, progress, report, processes)
+            else:
+                result = code_interpreter.build(self.layers, self.interpreter_recipe, progress, report, processes)
+        report("ready")
         return result
 
     def close(self) -> None:
-        """End a base build in progress (the runtime is stopping; the next one starts it over)."""
+        """End a build in progress (the runtime is stopping; the next one starts it over)."""
         for process in self._build_processes:
             if process.poll() is None:
-                process.kill()  # unshare: its --kill-child ends mmdebstrap and its pid namespace
+                process.kill()  # unshare: its --kill-child ends the build and its pid namespace
 
     # -------------------------------------------------------------------------------- listing
 
@@ -279,9 +337,9 @@ class Templates:
 
     def listing(self) -> list[Listed]:
         out = [Listed(HOST, "ready", "the host's /usr, read-only, with a private /etc", [], 0)]
-        base = self._base_ready()
-        if base is None:
-            out.append(Listed(BASE, "not built", self.recipe.describe(), [], 0))
+        for name in BUILT:
+            if self._ready(name) is None:
+                out.append(Listed(name, "not built", self._describe(name), [], 0))
         for row in self.db.templates():
             present = all(self.layers.has(d) for d in row.layers)
             size = sum(info.size for d in row.layers if (info := self.layers.info(d)) is not None)
@@ -331,13 +389,19 @@ class Templates:
             image = oci.pull(self.layers, reference, report, insecure)
             return self._record(name, image.layers, image.config, image.source)
 
-    def build_base(self, report: Report, rebuild: bool = False) -> TemplateRow:
-        """Build ``base`` now (the CLI's ``template build base``), or find it built."""
+    def build(self, name: str, report: Report, rebuild: bool = False) -> TemplateRow:
+        """Build a built-in template now (the CLI's ``template build``), or find it built."""
+        if name not in BUILT:
+            raise ValueError(f"'{name}' is not a built-in template that is built here: {', '.join(BUILT)} are")
         if rebuild:
-            self.layers.uncache(self.recipe.key())
+            self.layers.uncache(self._key(name))
         with self.layers.lock("gc", shared=True):
-            layers, config = debian.build(self.layers, self.recipe, self.base_progress, report)
-            return self._record(BASE, layers, config, self.recipe.describe())
+            layers, config = self._build_blocking(name, report)
+            return self._record(name, layers, config, self._describe(name))
+
+    def is_built(self, name: str) -> bool:
+        """Whether the current recipe of a built-in template is in the store."""
+        return self.layers.cached(self._key(name)) is not None
 
     def remove(self, name: str, in_use: Callable[[str], list[str]]) -> list[str]:
         """Forget a template and delete the layers nothing else uses; returns those layers.
@@ -349,11 +413,11 @@ class Templates:
         if users:
             raise ValueError(f"template '{canonical}' is used by live sandboxes: {', '.join(users)}; kill them first")
         row = self.db.template(canonical)
-        if row is None and canonical != BASE:
+        if row is None and canonical not in BUILT:
             raise ValueError(f"template '{name}' not found; known templates: {', '.join(self.names())}")
         self.db.delete_template(canonical)
-        if canonical == BASE:
-            self.layers.uncache(self.recipe.key())
+        if canonical in BUILT:
+            self.layers.uncache(self._key(canonical))
         return self.collect_garbage()
 
     def collect_garbage(self) -> list[str]:

@@ -57,31 +57,39 @@ _SKIP = (
 
 
 def preload() -> None:
-    """Import every module the agent can reach, so the forked agent never imports from disk."""
+    """Import every module the agent and the code interpreter can reach, so that what is forked from
+    here never imports from disk."""
     import importlib
     import mimetypes
     import pkgutil
+    import warnings
 
-    for name in PRELOAD_MODULES:
+    import sandboxd.interpreter as interpreter
+
+    for name in (*PRELOAD_MODULES, *interpreter.PRELOAD_MODULES):
         importlib.import_module(name)
-    for package_name in PRELOAD_PACKAGES:
+    for package_name in (*PRELOAD_PACKAGES, *interpreter.PRELOAD_PACKAGES):
         package = importlib.import_module(package_name)
         for info in pkgutil.walk_packages(package.__path__, f"{package_name}.", onerror=lambda _: None):
             if any(part in info.name for part in _SKIP):
                 continue
             try:
-                importlib.import_module(info.name)
+                with warnings.catch_warnings():  # deprecated modules nobody uses warn when imported
+                    warnings.simplefilter("ignore")
+                    importlib.import_module(info.name)
             except Exception:  # platform-specific modules that cannot load here
                 continue
     from sandboxd.agent.app import AgentApp
     from sandboxd.agent.http_server import server_config
     from sandboxd.agent.methods import build_methods
     from sandboxd.agent.state import AgentState
+    from sandboxd.interpreter import server as interpreter_server
 
     mimetypes.init()
     # Exercise the construction paths once, so their lazy imports happen now.
     state = AgentState(default_user="root")
     server_config(AgentApp(state, build_methods(state)), "127.0.0.1", 0).load()
+    interpreter_server.preload()
 
 
 def _write_files(files: dict[str, str]) -> None:
@@ -96,8 +104,9 @@ def _write_files(files: dict[str, str]) -> None:
         os.rename(temp, path)
 
 
-def _run_agent(log_fd: int, files: dict[str, str]) -> None:
-    """In the sandbox (PID 2): write the runtime's files, then become the agent. Never returns."""
+def _run_agent(log_fd: int, files: dict[str, str], interpreter: bool = False) -> None:
+    """In the sandbox (PID 2): write the runtime's files, start the code interpreter if the template
+    has it (a grandchild, reparented to the sandbox's init), then become the agent. Never returns."""
     os.dup2(log_fd, 1)
     os.dup2(log_fd, 2)
     os.close(log_fd)
@@ -110,6 +119,12 @@ def _run_agent(log_fd: int, files: dict[str, str]) -> None:
     code = 0
     try:
         _write_files(files)
+        if interpreter:
+            from sandboxd.interpreter import INTERPRETER_PORT
+            from sandboxd.interpreter.server import InterpreterOptions, fork_server
+
+            # Its kernels run as root in /home/user, as on E2B; they are the template's own.
+            fork_server(InterpreterOptions(port=INTERPRETER_PORT, cwd="/home/user"))
         from sandboxd.agent.server import AgentOptions, run
 
         # No token yet: the runtime sets it with POST /init the moment the agent listens, so the
@@ -122,11 +137,12 @@ def _run_agent(log_fd: int, files: dict[str, str]) -> None:
         os._exit(code)
 
 
-def _fork_sandbox(request: dict[str, Any], inherited: list[int]) -> tuple[int, int]:
+def _fork_sandbox(request: dict[str, Any], disk_fd: int | None, inherited: list[int]) -> tuple[int, int]:
     """Fork "A", which puts itself into a new sandbox; returns (A's pid, the pipe A answers on).
 
-    ``inherited`` are the zygote's descriptors that the sandbox must not keep: the socket to the
-    runtime (a process inside could otherwise forge answers) and other creates' pipes."""
+    ``disk_fd`` is the sandbox's mounted disk, sent with the request. ``inherited`` are the zygote's
+    descriptors that the sandbox must not keep: the socket to the runtime (a process inside could
+    otherwise forge answers) and other creates' pipes."""
     log_fd = os.open(request["log"], os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o640)
     r, w = os.pipe()
     pid = os.fork()
@@ -139,17 +155,26 @@ def _fork_sandbox(request: dict[str, Any], inherited: list[int]) -> tuple[int, i
                 request["id"],
                 request["template_dirs"],
                 request["sandbox_dir"],
+                instance=request["instance"],
+                id_base=request["id_base"],
                 host_usr_ro=request.get("host_usr_ro", True),
+                disk_fd=disk_fd,
+                nested_userns=request.get("nested_userns", False),
                 memory_bytes=request.get("memory_bytes"),
                 cpu_cores=request.get("cpu_cores"),
                 pids_max=request.get("pids_max"),
+                open_files=request.get("open_files"),
+                inotify_instances=request.get("inotify_instances"),
+                inotify_watches=request.get("inotify_watches"),
             )
         except OSError as exc:
             os.write(w, b"E" + str(exc).encode())
             os._exit(1)
         if where.inside:  # "C": PID 2 inside the sandbox
             os.close(w)
-            _run_agent(log_fd, request.get("files") or {})
+            if disk_fd is not None:
+                os.close(disk_fd)  # attached inside; the agent needs no handle on the raw disk
+            _run_agent(log_fd, request.get("files") or {}, request.get("interpreter") is True)
         os.write(w, b"P%d" % where.init_pid)
         os._exit(0)
     os.close(w)
@@ -175,15 +200,19 @@ def serve(sock: socket.socket) -> None:
     while True:
         for key, _ in selector.select():
             if key.fileobj is sock:
-                data = sock.recv(MAX_MESSAGE)
+                data, fds, _flags, _addr = socket.recv_fds(sock, MAX_MESSAGE, 1)
                 if not data:
                     return
                 request = json.loads(data)
+                disk_fd = fds[0] if fds else None
                 try:
-                    pid, pipe = _fork_sandbox(request, [sock.fileno(), *pending])
+                    pid, pipe = _fork_sandbox(request, disk_fd, [sock.fileno(), *pending])
                 except Exception as exc:
                     sock.send(json.dumps(_answer(request["id"], f"E{type(exc).__name__}: {exc}".encode())).encode())
                     continue
+                finally:
+                    for fd in fds:  # A has its copy; later creates must not inherit this one
+                        os.close(fd)
                 pending[pipe] = (pid, request["id"], bytearray())
                 selector.register(pipe, selectors.EVENT_READ)
                 continue

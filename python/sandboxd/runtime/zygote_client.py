@@ -62,19 +62,26 @@ class ZygoteClient:
             self._sock.close()  # the zygote exits when its end of the socket closes
             self._sock = None
 
-    async def create(self, request: dict[str, Any]) -> dict[str, Any]:
+    def check_up(self) -> None:
+        """Raise the 503 a create gets while no zygote is up, so callers can refuse before they
+        reserve anything (an id range, a disk, a network slot)."""
+        if self._sock is None or self.down_reason is not None:
+            raise ApiError(503, f"cannot create sandboxes right now: {self.down_reason}; retry in a moment")
+
+    async def create(self, request: dict[str, Any], fds: list[int] | None = None) -> dict[str, Any]:
         """Ask for a sandbox; the answer is ``{"id", "ok", "init_pid"}`` or ``{"id", "ok": False, "error"}``.
+        ``fds`` travel with the request (``SCM_RIGHTS``); the caller keeps and closes its own copies.
 
         Raises a 503 :class:`ApiError` when no zygote is up or it dies before answering."""
+        self.check_up()
         sock = self._sock
-        if sock is None or self.down_reason is not None:
-            raise ApiError(503, f"cannot create sandboxes right now: {self.down_reason}; retry in a moment")
+        assert sock is not None
         loop = asyncio.get_running_loop()
         answer: asyncio.Future[dict[str, Any]] = loop.create_future()
         self._waiting[request["id"]] = answer
         try:
             async with self._send_lock:
-                await loop.sock_sendall(sock, json.dumps(request).encode())
+                await _send(sock, json.dumps(request).encode(), fds or [])
             return await answer
         except OSError as exc:  # the zygote died between our check and the send
             raise ApiError(503, f"cannot create sandboxes right now: the zygote died ({exc}); retry") from None
@@ -132,6 +139,27 @@ class ZygoteClient:
             pending = self._waiting.get(answer.get("id"))
             if pending is not None and not pending.done():
                 pending.set_result(answer)
+
+
+async def _send(sock: socket.socket, data: bytes, fds: list[int]) -> None:
+    """One SOCK_SEQPACKET message with descriptors attached, waiting while the socket is full."""
+    loop = asyncio.get_running_loop()
+    while True:
+        try:
+            socket.send_fds(sock, [data], fds)
+            return
+        except BlockingIOError:
+            writable: asyncio.Future[None] = loop.create_future()
+            loop.add_writer(sock.fileno(), _resolve, writable)
+            try:
+                await writable
+            finally:
+                loop.remove_writer(sock.fileno())
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
 
 
 def _reap(process: subprocess.Popen[bytes]) -> int:

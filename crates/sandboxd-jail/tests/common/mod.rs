@@ -7,7 +7,10 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use sandboxd_jail::{InitCommand, Limits, SandboxHandle, SandboxSpec, build_base_template};
+use sandboxd_jail::{
+    DEFAULT_REGISTRY, IdRegistry, InitCommand, Limits, SandboxHandle, SandboxSpec,
+    build_base_template,
+};
 
 /// How long a test waits for a sandbox's payload to finish.
 pub const RUN_TIMEOUT: Duration = Duration::from_secs(20);
@@ -34,16 +37,60 @@ pub fn template() -> &'static Path {
     })
 }
 
-/// A sandbox for one test. Dropping it kills the sandbox, removes its cgroup and its dirs.
+/// The host-wide id-range registry, as the runtime uses it: tests claim real ranges, so they
+/// never collide with a runtime or another test run on the same host.
+pub fn registry() -> &'static IdRegistry {
+    static R: OnceLock<IdRegistry> = OnceLock::new();
+    R.get_or_init(|| IdRegistry::open(Path::new(DEFAULT_REGISTRY)).expect("id registry"))
+}
+
+/// A sandbox's directory and id range for one test: released (and removed) when dropped.
+pub struct TestDir {
+    dir: Option<tempfile::TempDir>,
+    id: String,
+    pub base: u32,
+}
+
+impl TestDir {
+    /// A fresh temp dir under /tmp and a range claimed for sandbox `id`.
+    pub fn new(id: &str) -> TestDir {
+        let dir = tempfile::Builder::new()
+            .prefix("sandboxd-jail-test-")
+            .tempdir_in("/tmp")
+            .unwrap();
+        let base = registry().claim(dir.path(), id).expect("claim an id range");
+        TestDir {
+            dir: Some(dir),
+            id: id.to_owned(),
+            base,
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.as_ref().unwrap().path()
+    }
+}
+
+impl Drop for TestDir {
+    fn drop(&mut self) {
+        if let Some(d) = self.dir.take() {
+            let _ = registry().release(self.base, d.path(), &self.id);
+            let _ = d.close();
+        }
+    }
+}
+
+/// A sandbox for one test. Dropping it kills the sandbox, removes its cgroup, its dirs and its
+/// id range.
 pub struct TestSandbox {
     pub handle: SandboxHandle,
     pub spec: SandboxSpec,
-    dir: Option<tempfile::TempDir>,
+    dir: Option<TestDir>,
 }
 
 impl TestSandbox {
     /// Guards a sandbox started by the test itself.
-    pub fn from_parts(handle: SandboxHandle, spec: SandboxSpec, dir: tempfile::TempDir) -> Self {
+    pub fn from_parts(handle: SandboxHandle, spec: SandboxSpec, dir: TestDir) -> Self {
         TestSandbox {
             handle,
             spec,
@@ -51,11 +98,14 @@ impl TestSandbox {
         }
     }
 
-    /// A file of the sandbox, read from its upper layer on the host.
+    /// A file of the sandbox, read from its upper layer on the host (or, for a sandbox with a
+    /// disk, through its init's root while it runs).
     pub fn upper_file(&self, path_inside: &str) -> PathBuf {
-        self.spec
-            .upper_dir
-            .join(path_inside.trim_start_matches('/'))
+        let rel = path_inside.trim_start_matches('/');
+        match self.spec.upper_dir() {
+            Some(upper) => upper.join(rel),
+            None => PathBuf::from(format!("/proc/{}/root", self.handle.init_pid())).join(rel),
+        }
     }
 
     /// Waits for the payload to exit, then returns what it wrote to `/tmp/out`.
@@ -68,9 +118,14 @@ impl TestSandbox {
         fs::read_to_string(self.upper_file("/tmp/out")).unwrap_or_default()
     }
 
-    /// The sandbox's own directory on the host (holds upper/, work/, merged/).
+    /// The sandbox's own directory on the host (holds upper/, work/, merged/...).
     pub fn dir(&self) -> &Path {
         self.dir.as_ref().unwrap().path()
+    }
+
+    /// Reads the uid/gid map of the sandbox from the host: `(inside, host, count)`.
+    pub fn uid_map(&self) -> String {
+        fs::read_to_string(format!("/proc/{}/uid_map", self.handle.init_pid())).unwrap()
     }
 }
 
@@ -79,24 +134,20 @@ impl Drop for TestSandbox {
         if let Err(e) = self.handle.kill() {
             eprintln!("cleanup of {}: {e}", self.spec.id);
         }
-        if let Some(d) = self.dir.take() {
-            let _ = d.close();
-        }
+        drop(self.dir.take());
         remove_empty_cgroup_parents();
     }
 }
 
-/// Removes the shared `sandboxd` parent cgroups the tests created, if no sandbox is left in them
-/// (rmdir of a cgroup with children fails with EBUSY, so this never disturbs a live sandbox).
+/// Removes the test's instance group and the shared `sandboxd` parent, if no sandbox is left in
+/// them (rmdir of a cgroup with children fails with EBUSY, so this never disturbs a live one).
 pub fn remove_empty_cgroup_parents() {
-    let parent = sandboxd_jail::CGROUP_PARENT;
-    let mut candidates = vec![Path::new("/sys/fs/cgroup").join(parent)];
-    if let Ok(entries) = fs::read_dir("/sys/fs/cgroup") {
-        candidates.extend(entries.flatten().map(|e| e.path().join(parent)));
-    }
-    for c in candidates {
-        let _ = fs::remove_dir(c);
-    }
+    let _ = sandboxd_jail::remove_instance_if_empty(&instance());
+}
+
+/// This test process's runtime instance: its sandboxes' cgroups are `sandboxd/<instance>/<id>`.
+pub fn instance() -> String {
+    format!("test-{}", std::process::id())
 }
 
 /// A unique sandbox id for `name` in this test process.
@@ -104,13 +155,12 @@ pub fn test_id(name: &str) -> String {
     format!("t{}-{name}", std::process::id())
 }
 
-/// A spec in a fresh temp dir under /tmp (same filesystem for upper and work).
-pub fn spec(name: &str) -> (SandboxSpec, tempfile::TempDir) {
-    let dir = tempfile::Builder::new()
-        .prefix("sandboxd-jail-test-")
-        .tempdir_in("/tmp")
-        .unwrap();
-    let spec = SandboxSpec::new(test_id(name), template(), dir.path());
+/// A spec in a fresh temp dir under /tmp, with its own id range, in this process's instance.
+pub fn spec(name: &str) -> (SandboxSpec, TestDir) {
+    let id = test_id(name);
+    let dir = TestDir::new(&id);
+    let mut spec = SandboxSpec::new(id, template(), dir.path(), dir.base);
+    spec.instance = instance();
     (spec, dir)
 }
 
@@ -133,18 +183,20 @@ pub fn start(name: &str, script: &str, limits: Limits) -> TestSandbox {
     start_with(spec, dir, script)
 }
 
+/// `bash -c script` as a payload.
+pub fn bash(script: &str) -> InitCommand {
+    InitCommand::Exec {
+        program: "/bin/bash".into(),
+        args: vec!["-c".into(), script.into()],
+        env: env(),
+        cwd: None,
+    }
+}
+
 /// Starts `bash -c script` in a sandbox made from `spec`.
-pub fn start_with(spec: SandboxSpec, dir: tempfile::TempDir, script: &str) -> TestSandbox {
-    let handle = sandboxd_jail::spawn_sandbox(
-        &spec,
-        InitCommand::Exec {
-            program: "/bin/bash".into(),
-            args: vec!["-c".into(), script.into()],
-            env: env(),
-            cwd: None,
-        },
-    )
-    .unwrap_or_else(|e| panic!("spawn_sandbox {}: {e}", spec.id));
+pub fn start_with(spec: SandboxSpec, dir: TestDir, script: &str) -> TestSandbox {
+    let handle = sandboxd_jail::spawn_sandbox(&spec, bash(script))
+        .unwrap_or_else(|e| panic!("spawn_sandbox {}: {e}", spec.id));
     TestSandbox {
         handle,
         spec,

@@ -1,0 +1,467 @@
+//! Host-wide allocation of the id ranges that sandboxes' user namespaces map to.
+//!
+//! What the kernel does here: nothing but file creation. A sandbox's uids and gids 0-65535 map to
+//! `base..base + 65536` on the host (see `userns.rs`). Two sandboxes sharing a range would share
+//! per-uid kernel state (keyrings, inotify and process counts, signals across pid namespaces, file
+//! ownership), so every range must belong to one sandbox on the whole host, across every
+//! `sandboxd` runtime running there (the tests start many; `sandboxd node`s share a machine).
+//!
+//! The registry is a directory with one file per claimed range, named by its base id. A claim is
+//! made by writing the owner (data dir and sandbox id) to a private temporary file and `link`ing
+//! it to the range's name: `link` fails with `EEXIST` when the name is taken, so two runtimes can
+//! never claim the same range, and a claim is never seen half-written. Releasing is `unlink`ing
+//! one's own claim. A claim whose data dir is gone (the runtime that made it was removed with its
+//! state) and whose ids no process uses any more is stale: [`IdRegistry::reclaim_stale`] removes
+//! those, holding an exclusive `flock` on the registry so two reclaimers never race.
+//!
+//! Where the ranges are: [`FIRST_BASE`] = 0x70000000 (1879048192) up to systemd's "foreign" range
+//! at 0x7FFE0000, in 64 Ki steps (4094 ranges). systemd documents 0x70000000-0x7FFDFFFF as free:
+//! below is its container range (524288-1879048191, which `systemd-nspawn --private-users=pick`
+//! and machined hand out), above 2^31 ids are unsafe for software that stores them signed. Ranges
+//! that overlap an account in `/etc/passwd` or `/etc/group`, or a delegation in `/etc/subuid` or
+//! `/etc/subgid` (Podman, Docker's userns-remap), are skipped.
+
+use std::fs;
+use std::io::{self, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use nix::fcntl::{Flock, FlockArg};
+
+/// Ids per sandbox: 0-65535 inside, the classic 16-bit id space every distribution's packages
+/// (and `nobody` = 65534) assume.
+pub const RANGE_SIZE: u32 = 65536;
+
+/// The first host id handed to sandboxes (see the module docs for why there).
+pub const FIRST_BASE: u32 = 0x7000_0000;
+
+/// One past the last host id: systemd's "foreign" range starts here.
+const END: u32 = 0x7FFE_0000;
+
+/// How many ranges the host has: 4094.
+pub const RANGES: u32 = (END - FIRST_BASE) / RANGE_SIZE;
+
+/// Where the host-wide registry lives unless told otherwise: outside any runtime's data dir, so
+/// removing a data dir (which makes its claims stale) never removes other runtimes' claims, and
+/// persistent, because a sandbox paused to disk keeps files owned by its range across reboots.
+pub const DEFAULT_REGISTRY: &str = "/var/lib/sandboxd-ids";
+
+/// First line of every claim file, so a stray file is never mistaken for a claim.
+const MAGIC: &str = "sandboxd id range v1";
+
+/// Name of the lock file that serialises reclaiming.
+const LOCK_FILE: &str = ".lock";
+
+/// Prefix of the temporary files claims are written to before being linked into place.
+const TEMP_PREFIX: &str = ".claim-";
+
+/// A claim file as read back.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Claim {
+    /// First host id of the range (uid and gid alike).
+    pub base: u32,
+    /// The data dir of the runtime that owns it (absolute).
+    pub data_dir: PathBuf,
+    /// The sandbox it belongs to.
+    pub sandbox_id: String,
+}
+
+/// The host-wide registry of id ranges.
+#[derive(Debug)]
+pub struct IdRegistry {
+    dir: PathBuf,
+    /// Host id intervals `[start, end)` used by accounts or delegated in `/etc/sub[ug]id`.
+    taken_by_host: Vec<(u64, u64)>,
+}
+
+impl IdRegistry {
+    /// Opens (creating, mode 0700) the registry in `dir`, and reads which host ids accounts and
+    /// sub-id delegations use.
+    pub fn open(dir: &Path) -> io::Result<IdRegistry> {
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)?;
+        let mut taken = Vec::new();
+        for file in ["/etc/passwd", "/etc/group"] {
+            taken.extend(account_ids(&fs::read_to_string(file).unwrap_or_default()));
+        }
+        for file in ["/etc/subuid", "/etc/subgid"] {
+            taken.extend(sub_id_ranges(&fs::read_to_string(file).unwrap_or_default()));
+        }
+        Ok(IdRegistry {
+            dir: dir.to_owned(),
+            taken_by_host: taken,
+        })
+    }
+
+    /// The registry's directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    fn usable(&self, base: u32) -> bool {
+        let (start, end) = (u64::from(base), u64::from(base) + u64::from(RANGE_SIZE));
+        !self
+            .taken_by_host
+            .iter()
+            .any(|&(s, e)| s < end && start < e)
+    }
+
+    /// Claims a free range for `sandbox_id` of the runtime whose data dir is `data_dir`; returns
+    /// its base. When every range is taken, stale claims are reclaimed once and the search
+    /// repeated; then `StorageFull` (ENOSPC).
+    pub fn claim(&self, data_dir: &Path, sandbox_id: &str) -> io::Result<u32> {
+        let data_dir = absolute(data_dir)?;
+        let temp = self.write_temp(&data_dir, sandbox_id)?;
+        let result = self.link_free(&temp).or_else(|e| {
+            if e.raw_os_error() == Some(libc::ENOSPC) && !self.reclaim_stale()?.is_empty() {
+                self.link_free(&temp)
+            } else {
+                Err(e)
+            }
+        });
+        let _ = fs::remove_file(&temp);
+        result
+    }
+
+    /// Links `temp` to the first free, usable range name, starting from a per-process rotating
+    /// position so concurrent runtimes rarely try the same name.
+    fn link_free(&self, temp: &Path) -> io::Result<u32> {
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        let start = NEXT
+            .load(Ordering::Relaxed)
+            .wrapping_add(std::process::id());
+        for i in 0..RANGES {
+            let slot = start.wrapping_add(i) % RANGES;
+            let base = FIRST_BASE + slot * RANGE_SIZE;
+            if !self.usable(base) {
+                continue;
+            }
+            match fs::hard_link(temp, self.path(base)) {
+                Ok(()) => {
+                    NEXT.store(
+                        slot.wrapping_add(1).wrapping_sub(std::process::id()),
+                        Ordering::Relaxed,
+                    );
+                    return Ok(base);
+                }
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        Err(io::Error::new(
+            io::ErrorKind::StorageFull,
+            format!(
+                "all {RANGES} sandbox id ranges in {} are claimed by live sandboxes",
+                self.dir.display()
+            ),
+        ))
+    }
+
+    fn write_temp(&self, data_dir: &Path, sandbox_id: &str) -> io::Result<PathBuf> {
+        static SEQ: AtomicU32 = AtomicU32::new(0);
+        let name = format!(
+            "{TEMP_PREFIX}{}-{}",
+            std::process::id(),
+            SEQ.fetch_add(1, Ordering::Relaxed)
+        );
+        let path = self.dir.join(name);
+        let mut f = fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&path)?;
+        f.write_all(render(data_dir, sandbox_id)?.as_bytes())?;
+        Ok(path)
+    }
+
+    fn path(&self, base: u32) -> PathBuf {
+        self.dir.join(base.to_string())
+    }
+
+    /// Releases the range at `base` if `data_dir`'s runtime claimed it for `sandbox_id`; a claim
+    /// held by anyone else is left alone. Idempotent.
+    pub fn release(&self, base: u32, data_dir: &Path, sandbox_id: &str) -> io::Result<()> {
+        let data_dir = absolute(data_dir)?;
+        match self.read(base)? {
+            Some(c) if c.data_dir == data_dir && c.sandbox_id == sandbox_id => {
+                match fs::remove_file(self.path(base)) {
+                    Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+                    _ => Ok(()),
+                }
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Reads the claim of the range at `base`, if any.
+    pub fn read(&self, base: u32) -> io::Result<Option<Claim>> {
+        match fs::read_to_string(self.path(base)) {
+            Ok(s) => Ok(parse(base, &s)),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Every claim in the registry.
+    pub fn claims(&self) -> io::Result<Vec<Claim>> {
+        let mut out = Vec::new();
+        for e in fs::read_dir(&self.dir)? {
+            let name = e?.file_name();
+            let Some(base) = name.to_str().and_then(|n| n.parse::<u32>().ok()) else {
+                continue;
+            };
+            if let Some(c) = self.read(base)? {
+                out.push(c);
+            }
+        }
+        out.sort_by_key(|c| c.base);
+        Ok(out)
+    }
+
+    /// The claims made by the runtime whose data dir is `data_dir`.
+    pub fn claims_of(&self, data_dir: &Path) -> io::Result<Vec<Claim>> {
+        let data_dir = absolute(data_dir)?;
+        Ok(self
+            .claims()?
+            .into_iter()
+            .filter(|c| c.data_dir == data_dir)
+            .collect())
+    }
+
+    /// Removes stale claims (data dir gone, no process with an id in the range) and leftover
+    /// temporary files of dead processes; returns the bases freed. Serialised by `flock`.
+    pub fn reclaim_stale(&self) -> io::Result<Vec<u32>> {
+        let lock = fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(self.dir.join(LOCK_FILE))?;
+        let _held =
+            Flock::lock(lock, FlockArg::LockExclusive).map_err(|(_, e)| io::Error::from(e))?;
+        let in_use = ids_of_live_processes()?;
+        let mut freed = Vec::new();
+        for claim in self.claims()? {
+            if claim.data_dir.exists() {
+                continue;
+            }
+            let (start, end) = (claim.base, claim.base + RANGE_SIZE);
+            if in_use.iter().any(|id| (start..end).contains(id)) {
+                continue;
+            }
+            // Under the lock nobody else removes claims, and a stale claim cannot change (its
+            // owner is gone); re-read anyway so a file replaced meanwhile is never removed.
+            if self.read(claim.base)?.as_ref() == Some(&claim) {
+                fs::remove_file(self.path(claim.base))?;
+                freed.push(claim.base);
+            }
+        }
+        for e in fs::read_dir(&self.dir)? {
+            let e = e?;
+            let name = e.file_name().to_string_lossy().into_owned();
+            let Some(pid) = name
+                .strip_prefix(TEMP_PREFIX)
+                .and_then(|r| r.split('-').next())
+                .and_then(|p| p.parse::<u32>().ok())
+            else {
+                continue;
+            };
+            if !Path::new(&format!("/proc/{pid}")).exists() {
+                let _ = fs::remove_file(e.path());
+            }
+        }
+        Ok(freed)
+    }
+}
+
+fn absolute(p: &Path) -> io::Result<PathBuf> {
+    if p.is_absolute() {
+        Ok(p.to_owned())
+    } else {
+        Ok(std::env::current_dir()?.join(p))
+    }
+}
+
+fn render(data_dir: &Path, sandbox_id: &str) -> io::Result<String> {
+    let dir = data_dir
+        .to_str()
+        .filter(|s| !s.contains('\n'))
+        .ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "data dir must be UTF-8 without newlines",
+            )
+        })?;
+    if sandbox_id.contains('\n') {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "sandbox id contains a newline",
+        ));
+    }
+    Ok(format!("{MAGIC}\ndata_dir={dir}\nsandbox={sandbox_id}\n"))
+}
+
+fn parse(base: u32, s: &str) -> Option<Claim> {
+    let mut lines = s.lines();
+    if lines.next()? != MAGIC {
+        return None;
+    }
+    let data_dir = lines.next()?.strip_prefix("data_dir=")?;
+    let sandbox_id = lines.next()?.strip_prefix("sandbox=")?;
+    Some(Claim {
+        base,
+        data_dir: PathBuf::from(data_dir),
+        sandbox_id: sandbox_id.to_owned(),
+    })
+}
+
+/// `[id, id + 1)` for every numeric id (third field) of a passwd or group file.
+fn account_ids(text: &str) -> impl Iterator<Item = (u64, u64)> + '_ {
+    text.lines()
+        .filter_map(|l| l.split(':').nth(2)?.parse::<u64>().ok())
+        .map(|id| (id, id + 1))
+}
+
+/// `[start, start + count)` for every `name:start:count` line of `/etc/subuid` or `/etc/subgid`.
+fn sub_id_ranges(text: &str) -> impl Iterator<Item = (u64, u64)> + '_ {
+    text.lines().filter_map(|l| {
+        let mut f = l.split(':').skip(1);
+        let start = f.next()?.trim().parse::<u64>().ok()?;
+        let count = f.next()?.trim().parse::<u64>().ok()?;
+        Some((start, start + count))
+    })
+}
+
+/// Every real, effective, saved and filesystem uid and gid of every process on the host.
+fn ids_of_live_processes() -> io::Result<Vec<u32>> {
+    let mut ids = Vec::new();
+    for e in fs::read_dir("/proc")? {
+        let e = e?;
+        if !e
+            .file_name()
+            .to_string_lossy()
+            .bytes()
+            .all(|b| b.is_ascii_digit())
+        {
+            continue;
+        }
+        let Ok(status) = fs::read_to_string(e.path().join("status")) else {
+            continue; // exited meanwhile
+        };
+        for line in status.lines() {
+            if let Some(rest) = line
+                .strip_prefix("Uid:")
+                .or_else(|| line.strip_prefix("Gid:"))
+            {
+                ids.extend(
+                    rest.split_whitespace()
+                        .filter_map(|v| v.parse::<u32>().ok()),
+                );
+            }
+        }
+    }
+    Ok(ids)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn registry() -> (tempfile::TempDir, IdRegistry) {
+        let t = tempfile::tempdir().unwrap();
+        let r = IdRegistry::open(&t.path().join("ids")).unwrap();
+        (t, r)
+    }
+
+    #[test]
+    fn ranges_sit_between_systemds_container_and_foreign_ranges() {
+        assert_eq!(FIRST_BASE, 1_879_048_192);
+        assert_eq!(RANGES, 4094);
+        assert!(u64::from(FIRST_BASE) + u64::from(RANGES) * u64::from(RANGE_SIZE) <= 0x7FFE_0000);
+    }
+
+    #[test]
+    fn claims_are_exclusive_and_released_only_by_their_owner() {
+        let (t, r) = registry();
+        let data = t.path().join("data");
+        fs::create_dir(&data).unwrap();
+        let a = r.claim(&data, "a").unwrap();
+        let b = r.claim(&data, "b").unwrap();
+        assert_ne!(a, b);
+        assert_eq!((a - FIRST_BASE) % RANGE_SIZE, 0);
+        assert_eq!(r.read(a).unwrap().unwrap().sandbox_id, "a");
+        // Someone else's release leaves the claim alone.
+        r.release(a, &data, "b").unwrap();
+        assert!(r.read(a).unwrap().is_some());
+        r.release(a, &data, "a").unwrap();
+        assert!(r.read(a).unwrap().is_none());
+        r.release(a, &data, "a").unwrap(); // idempotent
+        assert_eq!(r.claims_of(&data).unwrap().len(), 1);
+        // No temporary files are left behind.
+        let names: Vec<String> = fs::read_dir(r.dir())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert!(
+            names.iter().all(|n| !n.starts_with(TEMP_PREFIX)),
+            "{names:?}"
+        );
+    }
+
+    #[test]
+    fn concurrent_claims_never_share_a_range() {
+        let (t, r) = registry();
+        let r = std::sync::Arc::new(r);
+        let data = t.path().to_owned();
+        let threads: Vec<_> = (0..8)
+            .map(|i| {
+                let (r, data) = (r.clone(), data.clone());
+                std::thread::spawn(move || {
+                    (0..50)
+                        .map(|j| r.claim(&data, &format!("s{i}-{j}")).unwrap())
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        let mut all: Vec<u32> = threads
+            .into_iter()
+            .flat_map(|h| h.join().unwrap())
+            .collect();
+        let n = all.len();
+        all.sort_unstable();
+        all.dedup();
+        assert_eq!(all.len(), n);
+    }
+
+    #[test]
+    fn stale_claims_are_reclaimed_only_when_their_data_dir_is_gone() {
+        let (t, r) = registry();
+        let live = t.path().join("live");
+        let gone = t.path().join("gone");
+        fs::create_dir(&live).unwrap();
+        fs::create_dir(&gone).unwrap();
+        let kept = r.claim(&live, "x").unwrap();
+        let stale = r.claim(&gone, "y").unwrap();
+        fs::remove_dir(&gone).unwrap();
+        assert_eq!(r.reclaim_stale().unwrap(), vec![stale]);
+        assert!(r.read(kept).unwrap().is_some());
+        assert!(r.read(stale).unwrap().is_none());
+    }
+
+    #[test]
+    fn host_accounts_and_sub_ids_are_avoided() {
+        let (_t, mut r) = registry();
+        r.taken_by_host = sub_id_ranges(&format!("podman:{}:65536\n", FIRST_BASE + 5)).collect();
+        r.taken_by_host.extend(account_ids(&format!(
+            "x:x:{}:1::/:/bin/sh\n",
+            FIRST_BASE + RANGE_SIZE + 7
+        )));
+        assert!(!r.usable(FIRST_BASE));
+        assert!(!r.usable(FIRST_BASE + RANGE_SIZE));
+        assert!(r.usable(FIRST_BASE + 2 * RANGE_SIZE));
+    }
+}

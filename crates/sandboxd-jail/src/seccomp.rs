@@ -1,0 +1,339 @@
+//! The sandbox's seccomp filter: system calls that widen the kernel surface a sandbox can reach,
+//! or act on the host rather than the sandbox, fail with `EPERM` (`ENOSYS` for `clone3`).
+//!
+//! What the kernel does here. A seccomp filter is a classic-BPF program the kernel runs on every
+//! system call of the process and all its descendants (it survives `fork` and `execve` and can
+//! never be removed); it sees the call number, architecture and raw arguments, and answers allow
+//! or an errno. Installing one needs `CAP_SYS_ADMIN` in the caller's user namespace or
+//! `no_new_privs`. The payload installs it while it still holds `CAP_SYS_ADMIN` over the sandbox's
+//! user namespace, so `no_new_privs` stays off and setuid programs (`sudo`) keep working inside,
+//! where setuid root is the sandbox's root.
+//!
+//! The program is built with `seccompiler` (rust-vmm, Firecracker's filter compiler) before the
+//! sandbox is forked, and installed with the raw `seccomp(2)` call, because seccompiler's own
+//! `apply_filter` always sets `no_new_privs`.
+//!
+//! What is denied follows Docker's default profile for a container without `CAP_SYS_ADMIN`,
+//! `CAP_SYS_PTRACE`, `CAP_SYS_NICE` and friends, plus the keyring calls the issue names, and it
+//! is written as a deny-list: the kernel's own permission checks already refuse everything that
+//! needs a capability the sandbox lacks, the filter removes the code paths most container escapes
+//! went through. Unknown architectures are killed (seccompiler's check), and x32 system calls
+//! (numbers with bit 30 set, same architecture value) fail with `ENOSYS`, so no call can slip past
+//! the list under its x32 number. Rules and the reason for each are in [`denied`].
+//!
+//! Nested user namespaces are denied by default (as Docker does): creating one hands the caller
+//! every capability over the new namespaces, which opens the network, mount and BPF code of the
+//! kernel to it (most recent container escapes went through exactly that). Tools that sandbox
+//! themselves (bubblewrap, Chrome's sandbox) then need their no-sandbox mode. With
+//! [`crate::SandboxSpec::nested_userns`], namespace creation, `setns` and the mount calls are
+//! allowed; the kernel's checks (capabilities only over the nested namespaces, inherited mounts
+//! locked, host-owned cgroup files unwritable) remain the boundary.
+#![allow(unsafe_code)]
+
+use std::collections::BTreeMap;
+use std::io;
+
+use nix::errno::Errno;
+use seccompiler::{
+    BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
+    SeccompRule, TargetArch, sock_filter,
+};
+
+/// `clone` flags that create namespaces: mount, cgroup, UTS, IPC, user, pid, net and time.
+const NAMESPACE_FLAGS: u64 = (libc::CLONE_NEWNS
+    | libc::CLONE_NEWCGROUP
+    | libc::CLONE_NEWUTS
+    | libc::CLONE_NEWIPC
+    | libc::CLONE_NEWUSER
+    | libc::CLONE_NEWPID
+    | libc::CLONE_NEWNET
+    | libc::CLONE_NEWTIME) as u64;
+
+/// `AF_VSOCK`: sockets to the hypervisor and other VMs, which no network namespace isolates.
+const AF_VSOCK: u64 = 40;
+
+/// `personality` values Docker allows: `PER_LINUX`, `PER_LINUX32`, `UNAME26`, both, and the
+/// query `0xffffffff`. Others (e.g. `READ_IMPLIES_EXEC`, `ADDR_NO_RANDOMIZE`) weaken exploit
+/// mitigations.
+const PERSONALITIES: [u64; 5] = [0x0, 0x8, 0x20000, 0x20008, 0xffff_ffff];
+
+/// `open_tree_attr` (Linux 6.15): `open_tree` plus `mount_setattr` in one call; not yet in libc.
+const SYS_OPEN_TREE_ATTR: i64 = 467;
+
+/// x32 system calls are x86_64 numbers with this bit set.
+#[cfg(target_arch = "x86_64")]
+const X32_SYSCALL_BIT: u32 = 0x4000_0000;
+
+/// The kernel's `BPF_MAXINSNS`: the longest classic-BPF program it accepts.
+const BPF_MAX_INSNS: usize = 4096;
+
+/// System calls denied outright, by group (see the module docs).
+fn denied(nested_userns: bool) -> Vec<i64> {
+    let mut calls = vec![
+        // The kernel keyring is keyed by host uid and not namespaced: no sandbox needs it, and it
+        // was a cross-sandbox channel before user namespaces.
+        libc::SYS_add_key,
+        libc::SYS_keyctl,
+        libc::SYS_request_key,
+        // Kernel programs, profiling and page-fault handling in user space: large attack surface.
+        libc::SYS_bpf,
+        libc::SYS_perf_event_open,
+        libc::SYS_userfaultfd,
+        libc::SYS_io_uring_setup,
+        libc::SYS_io_uring_enter,
+        libc::SYS_io_uring_register,
+        // The host's kernel, clock, swap, accounting and log.
+        libc::SYS_kexec_load,
+        libc::SYS_kexec_file_load,
+        libc::SYS_reboot,
+        libc::SYS_init_module,
+        libc::SYS_finit_module,
+        libc::SYS_delete_module,
+        libc::SYS_acct,
+        libc::SYS_swapon,
+        libc::SYS_swapoff,
+        libc::SYS_quotactl,
+        libc::SYS_quotactl_fd,
+        libc::SYS_clock_settime,
+        libc::SYS_settimeofday,
+        libc::SYS_syslog,
+        libc::SYS_vhangup,
+        libc::SYS_lookup_dcookie,
+        // Opening files by handle bypasses the mount tree (the "shocker" escape).
+        libc::SYS_open_by_handle_at,
+        // Watching other processes' files and peeking at other processes (ptrace itself is
+        // allowed: the kernel limits it to processes the caller owns).
+        libc::SYS_fanotify_init,
+        libc::SYS_kcmp,
+        libc::SYS_pidfd_getfd,
+        libc::SYS_process_madvise,
+        // NUMA placement of the host's memory.
+        libc::SYS_mbind,
+        libc::SYS_set_mempolicy,
+        libc::SYS_set_mempolicy_home_node,
+        libc::SYS_get_mempolicy,
+        libc::SYS_move_pages,
+        libc::SYS_migrate_pages,
+        // Host names belong to the runtime.
+        libc::SYS_sethostname,
+        libc::SYS_setdomainname,
+    ];
+    #[cfg(target_arch = "x86_64")]
+    calls.extend([
+        // Port I/O, and old calls only x86_64 still numbers.
+        libc::SYS_iopl,
+        libc::SYS_ioperm,
+        libc::SYS_nfsservctl,
+        libc::SYS_uselib,
+        libc::SYS_ustat,
+        libc::SYS_sysfs,
+        libc::SYS__sysctl,
+    ]);
+    if !nested_userns {
+        // Mounting and joining namespaces: root inside lacks CAP_SYS_ADMIN anyway; without a
+        // nested user namespace there is nothing these could legitimately do.
+        calls.extend([
+            libc::SYS_mount,
+            libc::SYS_umount2,
+            libc::SYS_pivot_root,
+            libc::SYS_fsopen,
+            libc::SYS_fsconfig,
+            libc::SYS_fsmount,
+            libc::SYS_fspick,
+            libc::SYS_open_tree,
+            SYS_OPEN_TREE_ATTR,
+            libc::SYS_move_mount,
+            libc::SYS_mount_setattr,
+            libc::SYS_setns,
+        ]);
+    }
+    calls
+}
+
+/// A condition on argument `arg`. `int` arguments (`personality`, `socket`'s domain) compare only
+/// their low 32 bits, which is all the kernel reads: a caller passing -1 sign-extended must not
+/// slip past a rule written for 0xffffffff.
+fn cond(
+    arg: u8,
+    len: SeccompCmpArgLen,
+    op: SeccompCmpOp,
+    value: u64,
+) -> io::Result<SeccompCondition> {
+    SeccompCondition::new(arg, len, op, value).map_err(other)
+}
+
+fn other(e: impl std::fmt::Display) -> io::Error {
+    io::Error::other(format!("building the seccomp filter: {e}"))
+}
+
+fn target() -> io::Result<TargetArch> {
+    match std::env::consts::ARCH {
+        "x86_64" => Ok(TargetArch::x86_64),
+        "aarch64" => Ok(TargetArch::aarch64),
+        "riscv64" => Ok(TargetArch::riscv64),
+        arch => Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            format!("no seccomp filter for the {arch} architecture"),
+        )),
+    }
+}
+
+/// Compiles the sandbox's filter. Allocates: call before `fork`.
+pub(crate) fn build(nested_userns: bool) -> io::Result<BpfProgram> {
+    let mut rules: BTreeMap<i64, Vec<SeccompRule>> = BTreeMap::new();
+    for nr in denied(nested_userns) {
+        rules.insert(nr, vec![]);
+    }
+    let rule = |conditions: Vec<SeccompCondition>| SeccompRule::new(conditions).map_err(other);
+    if !nested_userns {
+        // `clone` and `unshare` are fine without namespace flags (threads, CLONE_FILES...): one
+        // rule per flag, any of which denies.
+        for nr in [libc::SYS_clone, libc::SYS_unshare] {
+            let any_ns: Vec<SeccompRule> = (0..64)
+                .map(|bit| 1u64 << bit)
+                .filter(|flag| NAMESPACE_FLAGS & flag != 0)
+                .map(|flag| {
+                    rule(vec![cond(
+                        0,
+                        SeccompCmpArgLen::Qword,
+                        SeccompCmpOp::MaskedEq(flag),
+                        flag,
+                    )?])
+                })
+                .collect::<io::Result<_>>()?;
+            rules.insert(nr, any_ns);
+        }
+    }
+    rules.insert(
+        libc::SYS_socket,
+        vec![rule(vec![cond(
+            0,
+            SeccompCmpArgLen::Dword,
+            SeccompCmpOp::Eq,
+            AF_VSOCK,
+        )?])?],
+    );
+    rules.insert(
+        libc::SYS_personality,
+        vec![rule(
+            PERSONALITIES
+                .iter()
+                .map(|p| cond(0, SeccompCmpArgLen::Dword, SeccompCmpOp::Ne, *p))
+                .collect::<io::Result<_>>()?,
+        )?],
+    );
+    let filter = SeccompFilter::new(
+        rules,
+        SeccompAction::Allow,
+        SeccompAction::Errno(libc::EPERM as u32),
+        target()?,
+    )
+    .map_err(other)?;
+    let mut program: BpfProgram = filter.try_into().map_err(other)?;
+    // clone3 passes its flags in memory, which seccomp cannot read: answer ENOSYS so the C
+    // library falls back to clone, whose flags the rules above see (Docker does the same). A
+    // second action needs a second filter body, so it is spliced in right after the
+    // architecture check, with the x32 guard.
+    splice_after_arch_check(&mut program);
+    if program.len() > BPF_MAX_INSNS {
+        return Err(other(format!(
+            "{} instructions, over the kernel's limit",
+            program.len()
+        )));
+    }
+    Ok(program)
+}
+
+/// The seccomp program every sandbox gets, for tools and benchmarks that assemble a sandbox by
+/// hand (install it with `seccomp(SECCOMP_SET_MODE_FILTER, 0, ...)`). See the module docs.
+pub fn seccomp_filter(nested_userns: bool) -> io::Result<BpfProgram> {
+    build(nested_userns)
+}
+
+/// Length of seccompiler's architecture check at the start of every program (load arch, compare,
+/// kill).
+const ARCH_CHECK_LEN: usize = 3;
+
+fn stmt(code: u16, k: u32) -> sock_filter {
+    sock_filter {
+        code,
+        jt: 0,
+        jf: 0,
+        k,
+    }
+}
+
+fn jump(code: u16, k: u32, jt: u8, jf: u8) -> sock_filter {
+    sock_filter { code, jt, jf, k }
+}
+
+/// Inserts, after the architecture check: load the call number; x32 number → `ENOSYS`;
+/// `clone3` → `ENOSYS`. Jumps in the rest of the program are relative, so they stay valid.
+fn splice_after_arch_check(program: &mut BpfProgram) {
+    /// `BPF_LD | BPF_W | BPF_ABS` (0x00 | 0x00 | 0x20).
+    const BPF_LD_W_ABS: u16 = 0x20;
+    const BPF_JMP_JEQ_K: u16 = 0x05 | 0x10;
+    #[cfg(target_arch = "x86_64")]
+    const BPF_JMP_JSET_K: u16 = 0x05 | 0x40;
+    const BPF_RET_K: u16 = 0x06;
+    /// `offsetof(struct seccomp_data, nr)`.
+    const NR_OFFSET: u32 = 0;
+    let enosys = libc::SECCOMP_RET_ERRNO | libc::ENOSYS as u32;
+    let mut block = vec![stmt(BPF_LD_W_ABS, NR_OFFSET)];
+    #[cfg(target_arch = "x86_64")]
+    {
+        // if (nr & X32_SYSCALL_BIT) return ENOSYS;
+        block.push(jump(BPF_JMP_JSET_K, X32_SYSCALL_BIT, 0, 1));
+        block.push(stmt(BPF_RET_K, enosys));
+    }
+    // if (nr == clone3) return ENOSYS;
+    block.push(jump(BPF_JMP_JEQ_K, libc::SYS_clone3 as u32, 0, 1));
+    block.push(stmt(BPF_RET_K, enosys));
+    let at = ARCH_CHECK_LEN.min(program.len());
+    program.splice(at..at, block);
+}
+
+/// Installs `program` on the calling thread (and, through inheritance, every process it starts).
+/// Needs `CAP_SYS_ADMIN` in the caller's user namespace (or `no_new_privs`, which this never
+/// sets). Async-signal-safe: the program was built before the fork.
+pub(crate) fn install(program: &[sock_filter]) -> Result<(), Errno> {
+    let fprog = libc::sock_fprog {
+        len: program.len() as u16,
+        filter: program.as_ptr() as *mut libc::sock_filter,
+    };
+    // SAFETY: the kernel copies the program (`len` instructions at `filter`, which outlive the
+    // call); seccompiler's sock_filter has the kernel's layout (repr(C) u16, u8, u8, u32).
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_seccomp,
+            libc::SECCOMP_SET_MODE_FILTER,
+            0,
+            &fprog as *const libc::sock_fprog,
+        )
+    };
+    Errno::result(r).map(drop)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn filters_compile_within_the_kernel_limit() {
+        for nested in [false, true] {
+            let p = build(nested).unwrap();
+            assert!(p.len() < BPF_MAX_INSNS, "{}", p.len());
+            // The splice sits right after the architecture check.
+            assert_eq!(p[ARCH_CHECK_LEN].code, 0x20);
+        }
+        assert!(build(true).unwrap().len() < build(false).unwrap().len());
+    }
+
+    #[test]
+    fn sock_filter_has_the_kernel_layout() {
+        assert_eq!(
+            std::mem::size_of::<sock_filter>(),
+            std::mem::size_of::<libc::sock_filter>()
+        );
+    }
+}
