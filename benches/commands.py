@@ -111,7 +111,8 @@ def connect_start(
     ) as response:
         if response.status_code != 200:
             raise RuntimeError(f"Start: HTTP {response.status_code}: {response.read()[:300]!r}")
-        for chunk in response.iter_raw():
+        chunks = response.iter_raw()
+        for chunk in chunks:
             buffer += chunk
             while len(buffer) >= 5:
                 flags, length = struct.unpack_from(">BI", buffer)
@@ -124,6 +125,11 @@ def connect_start(
                     payload.release()
                     if end not in (b"{}", b""):
                         raise RuntimeError(f"Start ended with {end[:300]!r}")
+                    # Read the body to its end (the chunked terminator follows at once) so that httpx
+                    # returns the connection to its pool: left unread, it is closed, and every round
+                    # trip paid a TCP connect that a pooling client (the SDKs) does not.
+                    for _ in chunks:
+                        pass
                     return got
                 event = pb.StartResponse.FromString(payload).event  # type: ignore[arg-type]  # any buffer
                 payload.release()

@@ -229,30 +229,41 @@ def test_user_processes_die_before_the_agent_under_memory_pressure(agent: Agent)
     assert agent_score < int(out)
 
 
-def test_fast_output_json_matches_protobufs_own() -> None:
+def test_process_output_json_matches_protobufs_own() -> None:
     from google.protobuf import json_format
     from sandboxd._proto.process import process_pb2 as proc
     from sandboxd.agent.connect import Codec
+    from sandboxd.agent.rpc import NestedBytes
 
     codec = Codec("json")
     for stream in ("stdout", "stderr", "pty"):
         for data in (b"", b"hi\n", bytes(range(256)) * 10):
-            event = proc.ProcessEvent(data=proc.ProcessEvent.DataEvent(**{stream: data}))
-            for response in (proc.StartResponse(event=event), proc.ConnectResponse(event=event)):
-                expected = json_format.MessageToDict(response)
-                assert json.loads(codec.encode(response)) == expected
+            for response_type in (proc.StartResponse, proc.ConnectResponse):
+                nested = NestedBytes(response_type, ("event", "data", stream), data)
+                expected = json_format.MessageToDict(nested.message())
+                assert expected["event"]["data"] or not data
+                assert json.loads(codec.encode(nested)) == expected
+                assert json.loads(b"".join(codec.frame_parts(nested))[5:]) == expected
 
 
-def test_fast_output_frames_match_protobufs_own() -> None:
+def test_process_output_frames_match_protobufs_own() -> None:
     from sandboxd._proto.process import process_pb2 as proc
     from sandboxd.agent.connect import Codec, envelope
+    from sandboxd.agent.rpc import NestedBytes
 
     codec = Codec("proto")
     for stream in ("stdout", "stderr", "pty"):
         for size in (0, 1, 127, 128, 300, 16_383, 16_384, 1 << 20):
-            event = proc.ProcessEvent(data=proc.ProcessEvent.DataEvent(**{stream: b"x" * size}))
-            for response in (proc.StartResponse(event=event), proc.ConnectResponse(event=event)):
-                assert codec.frame(response) == envelope(0, response.SerializeToString())
+            for response_type in (proc.StartResponse, proc.ConnectResponse):
+                nested = NestedBytes(response_type, ("event", "data", stream), b"x" * size)
+                message = nested.message()
+                assert getattr(message.event.data, stream) == b"x" * size
+                wire = message.SerializeToString()
+                assert nested.SerializeToString() == wire
+                assert codec.frame(nested) == envelope(0, wire)
+                parts = codec.frame_parts(nested)
+                assert b"".join(parts) == envelope(0, wire)
+                assert size < 1024 or parts[-1] is nested.data  # the output itself is not copied
 
 
 def test_a_server_side_deadline_is_deadline_exceeded(agent: Agent) -> None:

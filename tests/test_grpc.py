@@ -47,3 +47,17 @@ def test_stat_needs_the_token_and_works_with_it(channel: grpc.Channel, tmp_path:
     with pytest.raises(grpc.RpcError) as caught:
         stub.Stat(fs.StatRequest(path=str(tmp_path / "nope")), metadata=[("x-access-token", "grpc-token")])
     assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_start_streams_the_output_and_the_end(channel: grpc.Channel) -> None:
+    from sandboxd._proto.process import process_pb2 as proc
+    from sandboxd._proto.process import process_pb2_grpc as proc_grpc
+
+    stub = proc_grpc.ProcessStub(channel)
+    request = proc.StartRequest(process=proc.ProcessConfig(cmd="/bin/sh", args=["-c", "printf out; printf err >&2"]))
+    replies = list(stub.Start(request, metadata=[("x-access-token", "grpc-token")], timeout=30))
+    kinds = [reply.event.WhichOneof("event") for reply in replies]
+    assert kinds[0] == "start" and kinds[-1] == "end"
+    assert b"".join(r.event.data.stdout for r in replies if r.event.HasField("data")) == b"out"
+    assert b"".join(r.event.data.stderr for r in replies if r.event.HasField("data")) == b"err"
+    assert replies[-1].event.end.exit_code == 0

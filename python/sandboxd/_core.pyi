@@ -212,8 +212,11 @@ class Process:
 # -------------------------------------------------------------------------------------- watching
 
 WATCH_OVERFLOW: int
-"""Kind of a batch item that reports lost events (kernel ``IN_Q_OVERFLOW`` or the pending cap);
-the watcher has rescanned and goes on."""
+"""Kind of a batch item that reports lost events: the kernel's ``IN_Q_OVERFLOW`` (name ``""``; the
+watcher has rescanned and goes on), or events the watcher's buffer had no room for (name: how many,
+in decimal)."""
+WATCH_BUFFER_BYTES: int
+"""The default bound on a watcher's buffered events, in bytes (names included)."""
 WATCH_CLOSED: int
 """Kind of a batch item that reports the watched directory itself was deleted or moved away."""
 
@@ -223,16 +226,28 @@ class Watcher:
 
     closed: bool
 
-    def __init__(self, path: str, recursive: bool, pending_cap: int = ...) -> None:
-        """Raises ``FileNotFoundError``, ``NotADirectoryError``, and ``OSError`` with ``ENOSPC``
+    def __init__(self, path: str, recursive: bool, buffer_bytes: int = ...) -> None:
+        """Watches ``path`` (walking it, GIL released) and starts the thread that drains the kernel's
+        queue into a buffer of at most ``buffer_bytes`` (default ``WATCH_BUFFER_BYTES``).
+
+        Raises ``FileNotFoundError``, ``NotADirectoryError``, and ``OSError`` with ``ENOSPC``
         (``fs.inotify.max_user_watches`` reached) or ``EMFILE`` (``max_user_instances`` reached)."""
     def fileno(self) -> int:
-        """The inotify fd: readable when events are pending (for ``loop.add_reader``)."""
-    def read_batch(self) -> list[tuple[int, str]]:
-        """Non-blocking: every pending ``(kind, name)``, possibly none."""
+        """An eventfd, readable while events are buffered (for ``loop.add_reader``)."""
+    def read_batch(self, max_items: int | None = None) -> list[tuple[int, str]]:
+        """Non-blocking: up to ``max_items`` buffered ``(kind, name)`` (all for None), possibly none.
+        Raises ``OSError`` once for an error met while draining (a directory it could not watch)."""
+    def sync(self, block: bool = True) -> None:
+        """Handle what the kernel holds right now, ahead of the drain thread (GIL released): a
+        directory created before the call is watched when it returns. ``block=False`` returns at
+        once instead when the thread is draining already (it signals ``fileno()`` when done)."""
+    def kernel_fileno(self) -> int:
+        """The inotify fd, readable while the kernel holds events the thread has not read yet: a
+        loop that also waits on it and calls ``sync(block=False)`` skips the hop through the thread."""
     def wait(self, timeout: float | None) -> list[tuple[int, str]]:
         """Block (GIL released) up to ``timeout`` seconds for events, then return them."""
-    def close(self) -> None: ...
+    def close(self) -> None:
+        """Stop the drain thread and remove the watch (GIL released). Idempotent."""
 
 # ----------------------------------------------------------------------------------- sandboxes
 

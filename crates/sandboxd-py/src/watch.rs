@@ -1,16 +1,18 @@
-//! Binding of `sandboxd-watch`: a recursive inotify watcher whose pending events cross into
-//! Python as one list per call, `(kind, name)` tuples with envd's `EventType` numbers.
+//! Binding of `sandboxd-watch`: a recursive inotify watcher whose events cross into Python as one
+//! list per call, `(kind, name)` tuples with envd's `EventType` numbers.
 //!
-//! The inotify fd is exposed through `fileno()` so asyncio waits on it with `loop.add_reader`
-//! (no thread per watch); `wait()` blocks with the GIL released for callers without a loop.
+//! Each watcher is a `Drainer`: its own thread reads the kernel's queue as fast as the kernel fills
+//! it, into a buffer bounded by bytes, so a busy event loop no longer makes the kernel drop events.
+//! `fileno()` is the eventfd that is readable while events are buffered, for `loop.add_reader`;
+//! `wait()` blocks with the GIL released for callers without a loop.
 
 use std::path::PathBuf;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use pyo3::exceptions::{PyOSError, PyValueError};
 use pyo3::prelude::*;
-use sandboxd_watch::{DEFAULT_PENDING_CAP, Item, WatchError, Watcher as CoreWatcher};
+use sandboxd_watch::{DEFAULT_BUFFER_BYTES, Drainer, Item, WatchError};
 
 /// Batch item kind for lost events (kernel overflow or the pending cap), after envd's 1..=5.
 const WATCH_OVERFLOW: i32 = 100;
@@ -21,6 +23,7 @@ const WATCH_CLOSED: i32 = 101;
 pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("WATCH_OVERFLOW", WATCH_OVERFLOW)?;
     m.add("WATCH_CLOSED", WATCH_CLOSED)?;
+    m.add("WATCH_BUFFER_BYTES", DEFAULT_BUFFER_BYTES)?;
     m.add_class::<Watcher>()?;
     Ok(())
 }
@@ -38,7 +41,10 @@ fn to_tuples(items: Vec<Item>) -> Vec<(i32, String)> {
         .into_iter()
         .map(|item| match item {
             Item::Event(event) => (event.kind.number(), event.name),
-            Item::Overflow { .. } => (WATCH_OVERFLOW, String::new()),
+            Item::Overflow { dropped_hint } => (
+                WATCH_OVERFLOW,
+                dropped_hint.map_or_else(String::new, |n| n.to_string()),
+            ),
             Item::Closed => (WATCH_CLOSED, String::new()),
         })
         .collect()
@@ -47,42 +53,39 @@ fn to_tuples(items: Vec<Item>) -> Vec<(i32, String)> {
 /// A recursive (or flat) inotify watch on one directory.
 #[pyclass(module = "sandboxd._core", name = "Watcher")]
 pub(crate) struct Watcher {
-    /// `None` once closed. The mutex serialises reads of the inotify fd: a batch is decoded
-    /// against the watcher's directory tree, which only one reader may update at a time.
-    inner: Mutex<Option<CoreWatcher>>,
+    /// `None` once closed. Held only to clone the `Arc` (or to take it on close): the drainer
+    /// synchronises its own reads.
+    inner: Mutex<Option<Arc<Drainer>>>,
     /// The fd number, kept after close so `fileno()` stays cheap (and `-1` once closed).
     fd: std::sync::atomic::AtomicI32,
 }
 
 impl Watcher {
-    fn with<T>(&self, f: impl FnOnce(&mut CoreWatcher) -> Result<T, WatchError>) -> PyResult<T> {
-        let mut guard = self
-            .inner
+    fn drainer(&self) -> PyResult<Arc<Drainer>> {
+        self.inner
             .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        let watcher = guard
-            .as_mut()
-            .ok_or_else(|| PyValueError::new_err("the watcher is closed"))?;
-        f(watcher).map_err(to_pyerr)
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone()
+            .ok_or_else(|| PyValueError::new_err("the watcher is closed"))
     }
 }
 
 #[pymethods]
 impl Watcher {
     #[new]
-    #[pyo3(signature = (path, recursive, pending_cap = DEFAULT_PENDING_CAP))]
-    fn new(py: Python<'_>, path: PathBuf, recursive: bool, pending_cap: usize) -> PyResult<Self> {
-        let watcher = py
-            .detach(|| CoreWatcher::with_pending_cap(&path, recursive, pending_cap))
+    #[pyo3(signature = (path, recursive, buffer_bytes = DEFAULT_BUFFER_BYTES))]
+    fn new(py: Python<'_>, path: PathBuf, recursive: bool, buffer_bytes: usize) -> PyResult<Self> {
+        let drainer = py
+            .detach(|| Drainer::new(&path, recursive, buffer_bytes))
             .map_err(to_pyerr)?;
-        let fd = watcher.as_raw_fd();
+        let fd = drainer.as_raw_fd();
         Ok(Watcher {
-            inner: Mutex::new(Some(watcher)),
+            inner: Mutex::new(Some(Arc::new(drainer))),
             fd: std::sync::atomic::AtomicI32::new(fd),
         })
     }
 
-    /// The inotify fd, readable when events are pending.
+    /// The eventfd that is readable while events are buffered.
     fn fileno(&self) -> PyResult<i32> {
         match self.fd.load(std::sync::atomic::Ordering::Relaxed) {
             -1 => Err(PyValueError::new_err("the watcher is closed")),
@@ -93,17 +96,42 @@ impl Watcher {
     /// True once the watched directory went away or `close()` was called.
     #[getter]
     fn closed(&self) -> bool {
-        let guard = self
+        let drainer = self
             .inner
             .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        guard.as_ref().is_none_or(CoreWatcher::is_closed)
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone();
+        drainer.is_none_or(|d| d.is_closed())
     }
 
-    /// Every pending event, without blocking.
-    fn read_batch(&self, py: Python<'_>) -> PyResult<Vec<(i32, String)>> {
-        py.detach(|| self.with(CoreWatcher::read_batch))
+    /// Up to `max_items` buffered events (all of them for `None`), oldest first, without blocking.
+    #[pyo3(signature = (max_items = None))]
+    fn read_batch(&self, py: Python<'_>, max_items: Option<usize>) -> PyResult<Vec<(i32, String)>> {
+        let drainer = self.drainer()?;
+        py.detach(|| drainer.take(max_items.unwrap_or(usize::MAX)))
             .map(to_tuples)
+            .map_err(to_pyerr)
+    }
+
+    /// Handles what the kernel holds right now, before the drain thread gets to it: a directory
+    /// created before this call is watched when it returns. With `block=False`, returns at once
+    /// instead if the thread is draining already (it signals `fileno()` when done).
+    #[pyo3(signature = (block = true))]
+    fn sync(&self, py: Python<'_>, block: bool) -> PyResult<()> {
+        let drainer = self.drainer()?;
+        if block {
+            py.detach(|| drainer.sync());
+        } else {
+            py.detach(|| drainer.try_sync());
+        }
+        Ok(())
+    }
+
+    /// The inotify descriptor, readable while the kernel holds events the thread has not read yet:
+    /// an event loop that waits on it too and calls `sync(block=False)` gets events without the
+    /// hop through the thread.
+    fn kernel_fileno(&self) -> PyResult<i32> {
+        Ok(self.drainer()?.kernel_fd())
     }
 
     /// Waits up to `timeout` seconds (forever for `None`) with the GIL released, then returns
@@ -119,10 +147,14 @@ impl Watcher {
             Some(t) => Some(Duration::from_secs_f64(t)),
             None => None,
         };
-        py.detach(|| self.with(|w| w.wait(timeout))).map(to_tuples)
+        let drainer = self.drainer()?;
+        py.detach(|| drainer.wait(timeout))
+            .map(to_tuples)
+            .map_err(to_pyerr)
     }
 
-    /// Removes the watch. Idempotent; the kernel work (about a millisecond) runs without the GIL.
+    /// Stops the drain thread and removes the watch. Idempotent; the work (joining the thread,
+    /// removing one watch per directory) runs without the GIL.
     fn close(&self, py: Python<'_>) {
         self.fd.store(-1, std::sync::atomic::Ordering::Relaxed);
         let watcher = {

@@ -6,7 +6,9 @@
 //! [`Item::Overflow`] when events were lost, and [`Item::Closed`] when the watched directory is
 //! gone. It runs no thread: the caller waits on its file descriptor ([`Watcher::as_raw_fd`],
 //! e.g. with asyncio's `loop.add_reader`) and calls [`Watcher::read_batch`], or blocks in
-//! [`Watcher::wait`] with a timeout.
+//! [`Watcher::wait`] with a timeout. A [`Drainer`] wraps a watcher with a thread that reads the
+//! kernel's queue as fast as the kernel fills it into a buffer bounded by bytes, for consumers that
+//! cannot always be waiting on the descriptor (see `drain`).
 //!
 //! ```no_run
 //! use std::time::Duration;
@@ -73,6 +75,7 @@
 
 #![deny(unsafe_code)]
 
+mod drain;
 mod error;
 mod event;
 mod inotify;
@@ -83,6 +86,7 @@ mod state;
 mod tree;
 mod watcher;
 
+pub use drain::{DEFAULT_BUFFER_BYTES, Drainer, ITEM_OVERHEAD_BYTES};
 pub use error::WatchError;
 pub use event::{Event, EventKind, Item, ROOT_NAME};
 pub use pending::DEFAULT_PENDING_CAP;

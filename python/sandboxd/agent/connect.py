@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import binascii
 import contextlib
 import json
 import struct
@@ -30,7 +31,7 @@ from .asgi import ClientDisconnected, Receive, Scope, Send, body_chunks, header_
 from .auth import rpc_user
 from .compression import gunzip
 from .errors import HTTP_STATUS, Code, RpcError, to_rpc_error
-from .rpc import Context, Kind, Method
+from .rpc import Context, Kind, Method, NestedBytes
 from .state import AgentState
 
 MAX_UNARY_BODY = 16 << 20
@@ -41,6 +42,10 @@ request."""
 MAX_ENVELOPE = 16 << 20
 """Largest single streamed message accepted (bytes), as sent and once decompressed, for the same
 reason."""
+
+JOIN_BELOW = 64 << 10
+"""A streamed message in pieces (see :meth:`Codec.frame_parts`) smaller than this is joined and sent
+as one body message: copying a few KiB costs less than another trip through the ASGI ``send``."""
 
 FLAG_COMPRESSED = 0x01
 FLAG_END_STREAM = 0x02
@@ -70,77 +75,32 @@ class Codec:
             ) from None
         return message
 
-    def encode(self, message: Message) -> bytes:
+    def encode(self, message: Message | NestedBytes) -> bytes:
+        return b"".join(self._encode_parts(message))
+
+    def frame(self, message: Message | NestedBytes) -> bytes:
+        """``message`` as one stream envelope."""
+        return b"".join(self.frame_parts(message))
+
+    def frame_parts(self, message: Message | NestedBytes) -> list[bytes]:
+        """``message`` as one stream envelope, in pieces that add up to it: a :class:`NestedBytes`
+        (process output) keeps its bytes as a piece of their own, so that they are not copied into
+        a joined envelope on their way to the HTTP server (which copies each body message once more
+        into its chunked framing)."""
+        parts = self._encode_parts(message)
+        parts.insert(0, _HEADER.pack(0, sum(len(p) for p in parts)))
+        return parts
+
+    def _encode_parts(self, message: Message | NestedBytes) -> list[bytes]:
+        if isinstance(message, NestedBytes):
+            if self.name == "proto":
+                return [message.proto_prefix(), message.data]
+            # base64 has no characters JSON escapes, so the text goes between the names as it is.
+            before, after = message.json_affixes()
+            return [before + binascii.b2a_base64(message.data, newline=False) + after]
         if self.name == "proto":
-            return message.SerializeToString()
-        fast = _output_event_json(message)
-        if fast is not None:
-            return fast
-        return json.dumps(json_format.MessageToDict(message), separators=(",", ":")).encode()
-
-    def frame(self, message: Message) -> bytes:
-        """``message`` as one stream envelope. Process output, the bulk of what streams carry, is
-        framed with a single copy of its data."""
-        if self.name == "proto":
-            fast = _output_event_proto_frame(message)
-            if fast is not None:
-                return fast
-        return envelope(0, self.encode(message))
-
-
-_OUTPUT_STREAMS = ("process.StartResponse", "process.ConnectResponse")
-
-
-def _output_event_json(message: Message) -> bytes | None:
-    """A process output event as JSON, written directly: ``{"event":{"data":{"stdout":"<b64>"}}}``.
-
-    The generic path (``MessageToDict`` then ``json.dumps``) spends most of its time copying the
-    base64 text and scanning it for characters to escape, of which base64 has none; for the
-    megabyte events of a busy command this was the agent's largest cost. The output is the same
-    proto3 JSON (a test compares them)."""
-    if message.DESCRIPTOR.full_name not in _OUTPUT_STREAMS:
-        return None
-    event = message.event  # type: ignore[attr-defined]
-    if event.WhichOneof("event") != "data":
-        return None
-    stream = event.data.WhichOneof("output")
-    if stream is None:
-        return None
-    encoded = base64.b64encode(getattr(event.data, stream))
-    return b'{"event":{"data":{"%s":"%s"}}}' % (stream.encode(), encoded)
-
-
-_STREAM_FIELD = {"stdout": 1, "stderr": 2, "pty": 3}
-
-
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while value > 0x7F:
-        out.append((value & 0x7F) | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
-
-
-def _output_event_proto_frame(message: Message) -> bytes | None:
-    """A process output event as a binary envelope, built around the data without copying it twice:
-    ``StartResponse{event: ProcessEvent{data: DataEvent{<stream>: bytes}}}`` is three nested
-    length-delimited fields (numbers 1, 2 and 1/2/3), so only their tags and lengths are written.
-    The bytes equal ``SerializeToString()`` (a test compares them)."""
-    if message.DESCRIPTOR.full_name not in _OUTPUT_STREAMS:
-        return None
-    event = message.event  # type: ignore[attr-defined]
-    if event.WhichOneof("event") != "data":
-        return None
-    stream = event.data.WhichOneof("output")
-    if stream is None:
-        return None
-    data = getattr(event.data, stream)
-    data_event = bytes([(_STREAM_FIELD[stream] << 3) | 2]) + _varint(len(data))
-    process_event = b"\x12" + _varint(len(data_event) + len(data))
-    response = b"\x0a" + _varint(len(process_event) + len(data_event) + len(data))
-    size = len(response) + len(process_event) + len(data_event) + len(data)
-    return b"".join((_HEADER.pack(0, size), response, process_event, data_event, data))
+            return [message.SerializeToString()]
+        return [json.dumps(json_format.MessageToDict(message), separators=(",", ":")).encode()]
 
 
 def error_json(error: RpcError) -> dict[str, Any]:
@@ -325,8 +285,14 @@ class ConnectTransport:
                 ]
                 await send({"type": "http.response.start", "status": 200, "headers": raw_headers(response_headers)})
 
-        async def frame(data: bytes, more: bool = True) -> None:
+        async def frame(data: bytes | list[bytes], more: bool = True) -> None:
             await start()
+            if isinstance(data, list):
+                if len(data) > 1 and sum(len(part) for part in data) > JOIN_BELOW:
+                    for part in data:  # one body message each, so the big one is never copied
+                        await send({"type": "http.response.body", "body": part, "more_body": True})
+                    return
+                data = b"".join(data)
             await send({"type": "http.response.body", "body": data, "more_body": more})
 
         error: RpcError | None = None
@@ -339,7 +305,7 @@ class ConnectTransport:
                 if method.kind is Kind.CLIENT_STREAM:
                     requests = (codec.decode(p, method.request_type) async for p in payloads)
                     response = await method.handler(requests, ctx)
-                    await frame(codec.frame(response))
+                    await frame(codec.frame_parts(response))
                 else:
                     request = await _single_request(payloads, codec, method)
                     await self._serve_stream(method, request, ctx, codec, receive, frame)
@@ -366,7 +332,7 @@ class ConnectTransport:
             nonlocal last_sent
             try:
                 async for message in messages:
-                    await frame(codec.frame(message))
+                    await frame(codec.frame_parts(message))
                     last_sent = loop.time()
             finally:
                 aclose = getattr(messages, "aclose", None)
@@ -378,7 +344,7 @@ class ConnectTransport:
             while True:
                 await asyncio.sleep(last_sent + interval - loop.time())
                 if loop.time() - last_sent >= interval:
-                    await frame(codec.frame(make()))
+                    await frame(codec.frame_parts(make()))
                     last_sent = loop.time()
 
         async def disconnected() -> None:

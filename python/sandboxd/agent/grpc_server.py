@@ -42,7 +42,12 @@ async def _abort(grpc_ctx: grpc.aio.ServicerContext, exc: BaseException) -> None
 
 def _handler(state: AgentState, method: Method) -> grpc.RpcMethodHandler:
     des = method.request_type.FromString
-    ser = method.response_type.SerializeToString
+
+    # Each message serializes itself: a stream may yield a NestedBytes (process output) in place of
+    # a protobuf message, which the unbound ``response_type.SerializeToString`` would refuse.
+    def ser(message: Any) -> bytes:
+        data: bytes = message.SerializeToString()
+        return data
 
     if method.kind is Kind.UNARY:
 

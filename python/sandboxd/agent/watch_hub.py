@@ -25,9 +25,9 @@ from typing import Protocol
 
 
 class Settles(Protocol):
-    """A watcher that can read the kernel's pending events now."""
+    """A watcher that can handle the kernel's pending events now."""
 
-    def on_readable(self) -> None: ...
+    def settle(self) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,9 +61,10 @@ class WatchHub:
         self._watchers.discard(watcher)
 
     def settle(self) -> None:
-        """Makes every watcher read the events the kernel holds for it now (runs on the event loop)."""
+        """Makes every watcher handle the events the kernel holds for it now, ahead of its drain
+        thread, so that new directories are watched (runs on the event loop)."""
         for watcher in list(self._watchers):
-            watcher.on_readable()
+            watcher.settle()
 
     def note_commit(self, temp_name: str, commit: Commit) -> None:
         """Records what the rename of the temporary file ``temp_name`` (a base name) stands for."""

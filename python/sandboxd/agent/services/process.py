@@ -16,13 +16,14 @@ import signal
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import TypeVar
 
 from sandboxd import _core
 from sandboxd._proto.process import process_pb2 as pb
 
 from ..errors import Code, RpcError
 from ..paths import expand_and_resolve
-from ..rpc import Context, Kind, Method
+from ..rpc import Context, Kind, Method, NestedBytes
 from ..state import AgentState
 from ..validate import check_env_vars, check_no_nul
 
@@ -39,8 +40,9 @@ STDIN_WRITE_TIMEOUT_S = 10.0
 """A child that does not read its stdin for this long fails the write with ``deadline_exceeded``."""
 
 MAX_EVENT_BYTES = 1 << 20
-"""Consecutive chunks of one stream are merged into one data event up to this size: each event costs
-a JSON encode and an envelope, so fewer, larger events raise throughput."""
+"""Consecutive chunks of one stream are merged into one data event up to this size (by the binding,
+in one copy): each event costs an envelope and a trip through the HTTP server, so fewer, larger
+events raise throughput."""
 
 SDK_SHELL = "/bin/bash"
 """What the SDKs' ``commands.run`` starts (``/bin/bash -l -c CMD``), as envd expects every template to have."""
@@ -71,10 +73,6 @@ class Entry:
         return self.process.end() is not None
 
 
-def _start_response(event: pb.ProcessEvent) -> pb.StartResponse:
-    return pb.StartResponse(event=event)
-
-
 def _end_event(end: _core.End) -> pb.ProcessEvent:
     message = pb.ProcessEvent.EndEvent(exit_code=end.exit_code, exited=end.exited, status=end.status)
     if end.error is not None:
@@ -84,39 +82,24 @@ def _end_event(end: _core.End) -> pb.ProcessEvent:
 
 _STREAM_FIELD = {_core.STREAM_STDOUT: "stdout", _core.STREAM_STDERR: "stderr", _core.STREAM_PTY: "pty"}
 
-
-def _data_events(chunks: list[tuple[int, bytes]]) -> list[pb.ProcessEvent]:
-    """Chunks as data events, merging runs of the same stream up to ``MAX_EVENT_BYTES``."""
-    events: list[pb.ProcessEvent] = []
-    run: list[bytes] = []
-    run_stream = -1
-    run_size = 0
-
-    def flush() -> None:
-        if run:
-            data = pb.ProcessEvent.DataEvent(**{_STREAM_FIELD[run_stream]: b"".join(run)})
-            events.append(pb.ProcessEvent(data=data))
-
-    for stream, data in chunks:
-        if stream != run_stream or run_size + len(data) > MAX_EVENT_BYTES:
-            flush()
-            run, run_stream, run_size = [], stream, 0
-        run.append(data)
-        run_size += len(data)
-    flush()
-    return events
+Response = TypeVar("Response", pb.StartResponse, pb.ConnectResponse)
 
 
-async def output_events(subscriber: _core.Subscriber) -> AsyncIterator[pb.ProcessEvent]:
-    """Data events from ``subscriber`` as they arrive, then the end event.
+async def output_events(
+    subscriber: _core.Subscriber, response_type: type[Response]
+) -> AsyncIterator[Response | NestedBytes]:
+    """Responses for the data from ``subscriber`` as it arrives, then for the end event.
 
-    Waits on the subscriber's eventfd through the event loop (no thread per stream). A subscriber
-    that fell behind the ring ends with ``data_loss``.
+    Waits on the subscriber's eventfd through the event loop (no thread per stream). Each run of one
+    stream in a batch (consecutive chunks, joined by the binding into one ``bytes`` of at most
+    ``MAX_EVENT_BYTES``) is one data event, kept as :class:`NestedBytes` so its bytes are not copied
+    again on their way out. A subscriber that fell behind the ring ends with ``data_loss``.
     """
     loop = asyncio.get_running_loop()
     ready = asyncio.Event()
     fd = subscriber.fileno()
     loop.add_reader(fd, ready.set)
+    paths = {stream: ("event", "data", name) for stream, name in _STREAM_FIELD.items()}
     try:
         while True:
             ready.clear()
@@ -127,10 +110,10 @@ async def output_events(subscriber: _core.Subscriber) -> AsyncIterator[pb.Proces
                     f"this client fell {batch.lagged_bytes} bytes behind the process's output and was dropped "
                     "(it stopped reading); reconnect to resume from the output the agent still holds",
                 )
-            for event in _data_events(batch.chunks):
-                yield event
+            for stream, data in batch.chunks:
+                yield NestedBytes(response_type, paths[stream], data)
             if batch.end is not None:
-                yield _end_event(batch.end)
+                yield response_type(event=_end_event(batch.end))
                 return
             if not batch.more:
                 await ready.wait()
@@ -287,20 +270,22 @@ class ProcessService:
                 elif now - entry.ended_at >= RETAIN_EXITED_S:
                     del self.processes[pid]
 
-    async def start(self, request: pb.StartRequest, ctx: Context) -> AsyncIterator[pb.StartResponse]:
+    async def start(self, request: pb.StartRequest, ctx: Context) -> AsyncIterator[pb.StartResponse | NestedBytes]:
         process = self._spawn(request, ctx)
         subscriber = process.subscribe(True)
         self._register(process, request, ctx)
-        yield _start_response(pb.ProcessEvent(start=pb.ProcessEvent.StartEvent(pid=process.pid)))
-        async for event in output_events(subscriber):
-            yield _start_response(event)
+        yield pb.StartResponse(event=pb.ProcessEvent(start=pb.ProcessEvent.StartEvent(pid=process.pid)))
+        async for response in output_events(subscriber, pb.StartResponse):
+            yield response
 
-    async def connect(self, request: pb.ConnectRequest, ctx: Context) -> AsyncIterator[pb.ConnectResponse]:
+    async def connect(
+        self, request: pb.ConnectRequest, ctx: Context
+    ) -> AsyncIterator[pb.ConnectResponse | NestedBytes]:
         entry = self._find(request.process)
         subscriber = entry.process.subscribe(True)
         yield pb.ConnectResponse(event=pb.ProcessEvent(start=pb.ProcessEvent.StartEvent(pid=entry.process.pid)))
-        async for event in output_events(subscriber):
-            yield pb.ConnectResponse(event=event)
+        async for response in output_events(subscriber, pb.ConnectResponse):
+            yield response
 
     # ----------------------------------------------------------------------------------- the rest
 

@@ -1,10 +1,13 @@
 """Directory watching: ``WatchDir`` (stream) and ``CreateWatcher``/``GetWatcherEvents``/``RemoveWatcher``
 (polling), on the Rust recursive inotify watcher (``sandboxd-watch``).
 
-Never silently lossy: when the kernel queue overflows (``IN_Q_OVERFLOW``) or a watcher's bounded
-buffer fills, the watcher rescans and goes on, and the client is told explicitly with a Connect
-``data_loss`` error that names the cause (the stream ends with it; a polling watcher returns the
-events it holds, then fails the next ``GetWatcherEvents`` once with it, then continues).
+Each watcher's kernel queue is read by a thread of its own (Rust, ``_core.Watcher``) as fast as the
+kernel fills it, into a buffer bounded by bytes, so a busy event loop or a slow client does not make
+the kernel drop events. Never silently lossy: when the kernel queue overflows anyway
+(``IN_Q_OVERFLOW``) or a watcher's buffer fills, the watcher rescans and goes on, and the client is
+told explicitly with a Connect ``data_loss`` error that names the cause (the stream ends with it; a
+polling watcher returns the events it holds, then fails the next ``GetWatcherEvents`` once with it,
+then continues).
 
 Uploads replace files atomically (a hidden temporary file renamed over the target); those
 temporaries are hidden from watchers, and the rename onto the target is reported as the events envd
@@ -25,7 +28,6 @@ import re
 import secrets
 import string
 import time
-from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
@@ -41,11 +43,12 @@ from .filesystem import SERVICE, entry_to_proto
 
 MAX_WATCHERS = 256
 """Polling watchers per agent. Each holds an inotify instance (the kernel default
-``max_user_instances`` is 128 per user, so this is rarely the binding limit) and a buffer."""
+``max_user_instances`` is 128 per user, so this is rarely the binding limit), a drain thread and a
+buffer."""
 
-BUFFER_EVENTS = 65_536
-"""Events a polling watcher holds between two ``GetWatcherEvents`` calls; past it the watcher
-reports ``data_loss`` instead of growing without bound (envd's buffer is unbounded)."""
+TRANSLATE_ITEMS = 1024
+"""Events a stream takes from its watcher and sends before taking more, so a backlog waits in the
+watcher's byte-bounded buffer (``_core.WATCH_BUFFER_BYTES``) rather than as Python objects."""
 
 IDLE_EXPIRY_S = 600.0
 """A polling watcher nobody asked for events for this long is removed (its client is gone)."""
@@ -132,6 +135,7 @@ def overflow_error(cause: str) -> RpcError:
 
 
 KERNEL_OVERFLOW = "the kernel's inotify queue overflowed (fs.inotify.max_queued_events={})"
+BUFFER_OVERFLOW = "{} events did not fit the watcher's {} MiB buffer while this client was not reading them"
 
 
 _NEW_FILE = (pb.EVENT_TYPE_CREATE, pb.EVENT_TYPE_CHMOD, pb.EVENT_TYPE_WRITE)
@@ -166,7 +170,10 @@ class EventTranslator:
         renamed_temp: str | None = None
         for kind, name in items:
             if kind == _core.WATCH_OVERFLOW:
-                overflow = KERNEL_OVERFLOW.format(_sysctl("max_queued_events"))
+                if name:  # the watcher's own buffer was full: ``name`` is how many events it dropped
+                    overflow = overflow or BUFFER_OVERFLOW.format(name, _core.WATCH_BUFFER_BYTES >> 20)
+                else:
+                    overflow = overflow or KERNEL_OVERFLOW.format(_sysctl("max_queued_events"))
                 continue
             if kind == _core.WATCH_CLOSED:
                 closed = True
@@ -194,38 +201,40 @@ class EventTranslator:
 
 @dataclass(slots=True, eq=False)
 class BufferedWatcher:
-    """A watcher whose events are read from the kernel as soon as they arrive, into a bounded
-    buffer: a slow consumer (a poller, or a stream client that reads slowly) then costs memory up to
-    the bound instead of overflowing the kernel's queue."""
+    """A watcher (whose thread buffers its events, bounded by bytes) and what its client has not
+    been told yet: the cause of a loss, and whether the watched directory went away."""
 
     watcher: _core.Watcher
     translator: EventTranslator
-    full_cause: str
-    """What to tell the client when the buffer fills."""
-    events: deque[pb.FilesystemEvent] = field(default_factory=deque)
     lost: str | None = None
     closed: bool = False
     last_poll: float = field(default_factory=time.monotonic)
     changed: asyncio.Event = field(default_factory=asyncio.Event)
 
-    def on_readable(self) -> None:
+    def settle(self) -> None:
+        """Handles what the kernel holds right now (see :mod:`..watch_hub`)."""
+        with contextlib.suppress(ValueError):  # closed meanwhile
+            self.watcher.sync()
+
+    def on_kernel(self) -> None:
+        """The kernel holds events: handle them now unless the drain thread is at it already."""
+        with contextlib.suppress(ValueError):
+            self.watcher.sync(block=False)
+        self.changed.set()
+
+    def take(self, max_items: int | None) -> tuple[list[pb.FilesystemEvent], bool]:
+        """Up to ``max_items`` buffered items as events (all for None); and whether any were taken
+        (hidden upload temporaries give items without events)."""
         try:
-            items = self.watcher.read_batch()
+            items = self.watcher.read_batch(max_items)
         except OSError as exc:
             self.lost = self.lost or f"the watcher failed: {exc}"
-            self.changed.set()
-            return
+            return [], True
         events, overflow, closed = self.translator.translate(items)
-        room = BUFFER_EVENTS - len(self.events)
-        if len(events) > room:
-            events = events[:room]
-            self.lost = self.lost or self.full_cause
-        self.events.extend(events)
         if overflow:
             self.lost = self.lost or overflow
         self.closed = self.closed or closed
-        if events or self.lost or self.closed:
-            self.changed.set()
+        return events, bool(items)
 
 
 class WatchService:
@@ -279,28 +288,31 @@ class WatchService:
     async def watch_dir(self, request: pb.WatchDirRequest, ctx: Context) -> AsyncIterator[pb.WatchDirResponse]:
         path = self._resolve(request.path, ctx)
         watcher = await _open_watcher(path, request.recursive, request.allow_network_mounts)
-        buffered = BufferedWatcher(
-            watcher,
-            EventTranslator(path, request.include_entry, self.state.watch_hub),
-            f"more than {BUFFER_EVENTS} events were waiting for this client to read them",
-        )
+        buffered = BufferedWatcher(watcher, EventTranslator(path, request.include_entry, self.state.watch_hub))
         loop = asyncio.get_running_loop()
-        loop.add_reader(watcher.fileno(), buffered.on_readable)
+        loop.add_reader(watcher.fileno(), buffered.changed.set)
+        # The kernel's descriptor too: while the loop is idle it reads an event itself, without the
+        # hop through the drain thread (which remains for when the loop is busy).
+        loop.add_reader(watcher.kernel_fileno(), buffered.on_kernel)
         self.state.watch_hub.add(buffered)
         try:
             yield pb.WatchDirResponse(start=pb.WatchDirResponse.StartEvent())
             while True:
                 await buffered.changed.wait()
                 buffered.changed.clear()
-                while buffered.events:
-                    yield pb.WatchDirResponse(filesystem=buffered.events.popleft())
-                if buffered.lost:
-                    raise overflow_error(buffered.lost)
-                if buffered.closed:
-                    return
+                taken = True
+                while taken:
+                    events, taken = buffered.take(TRANSLATE_ITEMS)
+                    for event in events:
+                        yield pb.WatchDirResponse(filesystem=event)
+                    if buffered.lost:
+                        raise overflow_error(buffered.lost)
+                    if buffered.closed:
+                        return
         finally:
             self.state.watch_hub.discard(buffered)
             loop.remove_reader(watcher.fileno())
+            loop.remove_reader(watcher.kernel_fileno())
             _close_off_loop(watcher)
 
     async def create_watcher(self, request: pb.CreateWatcherRequest, ctx: Context) -> pb.CreateWatcherResponse:
@@ -315,14 +327,9 @@ class WatchService:
             raise RpcError(
                 Code.RESOURCE_EXHAUSTED, f"this agent already has {MAX_WATCHERS} watchers: remove unused ones first"
             )
-        poll = BufferedWatcher(
-            watcher,
-            EventTranslator(path, request.include_entry, self.state.watch_hub),
-            f"more than {BUFFER_EVENTS} events arrived between two GetWatcherEvents calls",
-        )
+        poll = BufferedWatcher(watcher, EventTranslator(path, request.include_entry, self.state.watch_hub))
         watcher_id = "w" + "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(20))
-        self.watchers[watcher_id] = poll
-        asyncio.get_running_loop().add_reader(watcher.fileno(), poll.on_readable)
+        self.watchers[watcher_id] = poll  # its thread buffers the events between two polls
         self.state.watch_hub.add(poll)
         if self._expiry is None or self._expiry.done():
             self._expiry = asyncio.get_running_loop().create_task(self._expire_idle())
@@ -341,12 +348,14 @@ class WatchService:
         self, request: pb.GetWatcherEventsRequest, ctx: Context
     ) -> pb.GetWatcherEventsResponse:
         poll = self._get(request.watcher_id)
-        poll.on_readable()  # pick up what the kernel holds right now, not only what the loop saw
-        if not poll.events and poll.lost:
+        if poll.lost:  # the call after the one that returned the events that came with the loss
             cause, poll.lost = poll.lost, None
             raise overflow_error(cause)
-        events = list(poll.events)
-        poll.events.clear()
+        poll.settle()  # what the kernel holds right now, not only what the thread has read
+        events, _ = poll.take(None)
+        if not events and poll.lost:
+            cause, poll.lost = poll.lost, None
+            raise overflow_error(cause)
         return pb.GetWatcherEventsResponse(events=events)
 
     async def remove_watcher(self, request: pb.RemoveWatcherRequest, ctx: Context) -> pb.RemoveWatcherResponse:
@@ -357,7 +366,6 @@ class WatchService:
     def _close(self, watcher_id: str) -> None:
         poll = self.watchers.pop(watcher_id)
         self.state.watch_hub.discard(poll)
-        asyncio.get_running_loop().remove_reader(poll.watcher.fileno())
         _close_off_loop(poll.watcher)
 
     async def _expire_idle(self) -> None:

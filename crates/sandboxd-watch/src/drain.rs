@@ -1,0 +1,358 @@
+//! Reading a watcher's kernel queue as fast as the kernel fills it, on a thread of its own.
+//!
+//! The kernel queues at most `fs.inotify.max_queued_events` (16384 by default) events per inotify
+//! instance and drops the rest, saying only `IN_Q_OVERFLOW`. A process that creates files at the
+//! kernel's pace (a `git checkout`, `tar x`, `seq 1 10000 | xargs touch`: 200-300k events/s on two
+//! cores) fills that queue in well under 100 ms, so a reader that shares its thread with anything
+//! else (an event loop encoding and sending the previous events) loses some. A [`Drainer`] reads the
+//! queue on a dedicated thread the moment the kernel makes it readable, handles the events (the
+//! watcher's tree, new directories watched and scanned) and keeps the resulting items in a buffer
+//! bounded by **bytes** (names included), not by a small event count, from which the consumer takes
+//! them at its own pace. The consumer waits on an eventfd ([`Drainer::as_raw_fd`]) that is readable
+//! while items are buffered, so asyncio can `add_reader` it.
+//!
+//! Loss still has one cause left, a consumer that stays behind by more than the buffer holds: the
+//! events past the bound are dropped, counted and reported in place as an [`Item::Overflow`], as the
+//! watcher's own pending cap does, and watching goes on.
+
+use std::collections::VecDeque;
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use nix::errno::Errno;
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+use nix::sys::eventfd::{EfdFlags, EventFd};
+
+use crate::error::WatchError;
+use crate::event::Item;
+use crate::watcher::Watcher;
+
+/// Default bound on the bytes a drainer buffers for its consumer: 16 MiB, about 200 000 events with
+/// short names (each costs its name plus [`ITEM_OVERHEAD_BYTES`]), that is a dozen full kernel
+/// queues. A consumer that reads as fast as it is given events never comes near it; one that stops
+/// reading costs at most this much before its events are dropped (and reported as lost).
+pub const DEFAULT_BUFFER_BYTES: usize = 16 << 20;
+
+/// What a buffered item costs beyond its name: the `Item` itself (32 bytes), the name's heap
+/// allocation header and rounding, and the deque slot.
+pub const ITEM_OVERHEAD_BYTES: usize = 64;
+
+/// Stack of the drain thread. It handles events and walks new directories iteratively (no
+/// recursion), so a small stack is enough; the default 2 MiB would be mapped for nothing.
+const DRAIN_STACK_BYTES: usize = 256 << 10;
+
+/// A [`Watcher`] whose kernel queue is drained on a thread of its own into a byte-bounded buffer.
+///
+/// Take items with [`take`](Drainer::take) when its file descriptor is readable; call
+/// [`sync`](Drainer::sync) to have everything the kernel holds right now handled (new directories
+/// watched) before an operation that depends on it. Dropping it stops the thread and removes every
+/// watch.
+pub struct Drainer {
+    shared: Arc<Shared>,
+    thread: Option<JoinHandle<()>>,
+    /// The watcher's inotify descriptor (valid while `shared` holds the watcher).
+    kernel_fd: RawFd,
+}
+
+/// What the drain thread and the consumer share.
+struct Shared {
+    /// Invariant: held while the kernel queue is read and its items appended, so items enter the
+    /// buffer in kernel order whoever reads (the thread, or a consumer's `sync`). Lock order:
+    /// `watcher`, then `buffer`.
+    watcher: Mutex<Watcher>,
+    /// Invariant: `wake` is readable exactly when `items` is non-empty or `failed` is set (both
+    /// changed only with this lock held). Held only for memory moves, never across a syscall that
+    /// can block.
+    buffer: Mutex<Buffer>,
+    /// The consumer's eventfd.
+    wake: EventFd,
+    /// Written once by `Drop` to stop the thread.
+    stop: EventFd,
+    /// Set once the watched directory is gone (its `Closed` item is buffered); readable without
+    /// waiting for a drain in progress.
+    closed: AtomicBool,
+}
+
+/// Items waiting for the consumer.
+struct Buffer {
+    items: VecDeque<Item>,
+    /// Bytes charged for `items` (names plus [`ITEM_OVERHEAD_BYTES`] each).
+    bytes: usize,
+    /// The bound on `bytes`; control items (overflow, closed) are always admitted.
+    cap: usize,
+    /// Events dropped since the buffer filled, reported as one `Overflow` once there is room.
+    dropped: u64,
+    /// An error met while draining (a new directory that could not be watched), for the next take.
+    failed: Option<WatchError>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl Buffer {
+    fn cost(item: &Item) -> usize {
+        ITEM_OVERHEAD_BYTES + item.as_event().map_or(0, |event| event.name.len())
+    }
+
+    /// Appends a batch, dropping (and counting) events past the bound.
+    fn extend(&mut self, batch: Vec<Item>) {
+        for item in batch {
+            let cost = Self::cost(&item);
+            if let Item::Event(_) = item {
+                if self.dropped > 0 || self.bytes + cost > self.cap {
+                    self.dropped += 1;
+                    continue;
+                }
+            } else {
+                self.flush_dropped();
+            }
+            self.bytes += cost;
+            self.items.push_back(item);
+        }
+    }
+
+    fn flush_dropped(&mut self) {
+        if self.dropped > 0 {
+            self.items.push_back(Item::Overflow {
+                dropped_hint: Some(self.dropped),
+            });
+            self.bytes += ITEM_OVERHEAD_BYTES;
+            self.dropped = 0;
+        }
+    }
+
+    fn take(&mut self, max_items: usize) -> Vec<Item> {
+        if self.items.len() < max_items {
+            // Everything goes, so there is room again: the loss is reported where it happened,
+            // after the events before it and before anything read later.
+            self.flush_dropped();
+        }
+        let n = max_items.min(self.items.len());
+        let taken: Vec<Item> = self.items.drain(..n).collect();
+        self.bytes -= taken.iter().map(Self::cost).sum::<usize>();
+        if self.items.is_empty() {
+            self.flush_dropped(); // for the next take (the descriptor stays readable)
+        }
+        taken
+    }
+}
+
+impl Shared {
+    /// Reads everything the kernel holds now and buffers the items. Returns whether draining is
+    /// over: the watched directory is gone (its `Closed` item is buffered), or reading the instance
+    /// failed (the error is buffered).
+    fn drain(&self) -> bool {
+        self.drain_locked(lock(&self.watcher))
+    }
+
+    fn drain_locked(&self, mut watcher: MutexGuard<'_, Watcher>) -> bool {
+        loop {
+            let result = watcher.read_batch();
+            let mut buffer = lock(&self.buffer);
+            let was_idle = buffer.items.is_empty() && buffer.failed.is_none();
+            let over = match result {
+                Ok(batch) if batch.is_empty() => {
+                    let closed = watcher.is_closed();
+                    self.closed.store(closed, Ordering::Release);
+                    return closed;
+                }
+                Ok(batch) => {
+                    buffer.extend(batch);
+                    false
+                }
+                Err(err) => {
+                    // A directory that could not be watched leaves the rest watched; an error
+                    // reading the instance itself ends draining.
+                    let fatal = matches!(err, WatchError::Io(_));
+                    buffer.failed.get_or_insert(err);
+                    fatal
+                }
+            };
+            if was_idle && (!buffer.items.is_empty() || buffer.failed.is_some()) {
+                let _ = self.wake.write(1);
+            }
+            if over {
+                return true;
+            }
+        }
+    }
+}
+
+impl Drainer {
+    /// Watches `root` (see [`Watcher::new`]) and starts draining it, buffering at most
+    /// `buffer_bytes` (see [`DEFAULT_BUFFER_BYTES`]). The initial walk runs in the caller's thread.
+    pub fn new(root: &Path, recursive: bool, buffer_bytes: usize) -> Result<Drainer, WatchError> {
+        let watcher = Watcher::new(root, recursive)?;
+        // The thread polls its own descriptor for the same inotify instance, so it never needs the
+        // watcher's lock to wait.
+        let inotify = watcher
+            .as_fd()
+            .try_clone_to_owned()
+            .map_err(WatchError::Io)?;
+        let kernel_fd = watcher.as_raw_fd();
+        let flags = EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK;
+        let shared = Arc::new(Shared {
+            watcher: Mutex::new(watcher),
+            buffer: Mutex::new(Buffer {
+                items: VecDeque::new(),
+                bytes: 0,
+                cap: buffer_bytes.max(ITEM_OVERHEAD_BYTES),
+                dropped: 0,
+                failed: None,
+            }),
+            wake: EventFd::from_flags(flags).map_err(io_error)?,
+            stop: EventFd::from_flags(flags).map_err(io_error)?,
+            closed: AtomicBool::new(false),
+        });
+        let for_thread = Arc::clone(&shared);
+        let thread = std::thread::Builder::new()
+            .name("watch-drain".into())
+            .stack_size(DRAIN_STACK_BYTES)
+            .spawn(move || run(&for_thread, &inotify))
+            .map_err(WatchError::Io)?;
+        Ok(Drainer {
+            shared,
+            thread: Some(thread),
+            kernel_fd,
+        })
+    }
+
+    /// The consumer's eventfd: readable while items (or an error) are waiting. Owned by the drainer.
+    pub fn as_raw_fd(&self) -> RawFd {
+        self.shared.wake.as_fd().as_raw_fd()
+    }
+
+    /// Handles everything the kernel holds right now (the thread may not have woken yet), so that a
+    /// directory created before this call is watched when it returns.
+    pub fn sync(&self) {
+        self.shared.drain();
+    }
+
+    /// Like [`sync`](Drainer::sync), unless a drain is in progress already (the thread's, which
+    /// signals the consumer when done): then returns at once. For an event loop that also waits on
+    /// [`kernel_fd`](Drainer::kernel_fd) so that, when it is idle, an event reaches it without the
+    /// hop through the thread, and never blocks behind a long drain (a big new directory's scan).
+    pub fn try_sync(&self) {
+        if let Ok(watcher) = self.shared.watcher.try_lock() {
+            self.shared.drain_locked(watcher);
+        }
+    }
+
+    /// The inotify instance's descriptor, readable while the kernel holds events (which the thread
+    /// is about to read). Owned by the drainer.
+    pub fn kernel_fd(&self) -> RawFd {
+        self.kernel_fd
+    }
+
+    /// Takes up to `max_items` buffered items, oldest first, without blocking (empty if there are
+    /// none). An error met while draining is returned once, by itself; the items stay for the next
+    /// call.
+    pub fn take(&self, max_items: usize) -> Result<Vec<Item>, WatchError> {
+        let mut buffer = lock(&self.shared.buffer);
+        if let Some(err) = buffer.failed.take() {
+            if buffer.items.is_empty() {
+                let _ = self.shared.wake.read();
+            }
+            return Err(err);
+        }
+        let items = buffer.take(max_items);
+        if buffer.items.is_empty() {
+            let _ = self.shared.wake.read();
+        }
+        Ok(items)
+    }
+
+    /// Waits until items are buffered or `timeout` passes (`None`: no limit), then takes them all
+    /// (empty on timeout). Meant to be called without the GIL and with a bounded timeout.
+    pub fn wait(&self, timeout: Option<Duration>) -> Result<Vec<Item>, WatchError> {
+        let deadline = timeout.map(|t| Instant::now() + t);
+        loop {
+            let items = self.take(usize::MAX)?;
+            if !items.is_empty() || self.is_closed() {
+                return Ok(items);
+            }
+            let left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
+            if left == Some(Duration::ZERO) || !wait_readable(&self.shared.wake, left)? {
+                return Ok(Vec::new());
+            }
+        }
+    }
+
+    /// Whether the watched directory is gone (its `Closed` item was buffered).
+    pub fn is_closed(&self) -> bool {
+        self.shared.closed.load(Ordering::Acquire)
+    }
+
+    /// How many directories hold a watch now.
+    pub fn watch_count(&self) -> usize {
+        lock(&self.shared.watcher).watch_count()
+    }
+}
+
+impl Drop for Drainer {
+    fn drop(&mut self) {
+        let _ = self.shared.stop.write(1);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+impl AsFd for Drainer {
+    /// The consumer's eventfd (see [`Drainer::as_raw_fd`]).
+    fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.shared.wake.as_fd()
+    }
+}
+
+impl std::fmt::Debug for Drainer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Drainer")
+            .field("fd", &self.as_raw_fd())
+            .finish_non_exhaustive()
+    }
+}
+
+/// The drain thread: waits for the kernel (or the stop signal) and drains, until stopped or the
+/// watched directory is gone.
+fn run(shared: &Shared, inotify: &OwnedFd) {
+    loop {
+        let mut fds = [
+            PollFd::new(inotify.as_fd(), PollFlags::POLLIN),
+            PollFd::new(shared.stop.as_fd(), PollFlags::POLLIN),
+        ];
+        match poll(&mut fds, PollTimeout::NONE) {
+            Ok(_) => {}
+            Err(Errno::EINTR) => continue,
+            Err(_) => return,
+        }
+        if fds[1].revents().is_some_and(|r| !r.is_empty()) {
+            return;
+        }
+        if shared.drain() {
+            return;
+        }
+    }
+}
+
+fn wait_readable(fd: &EventFd, timeout: Option<Duration>) -> Result<bool, WatchError> {
+    let millis = timeout.map_or(PollTimeout::NONE, |t| {
+        PollTimeout::try_from(t.as_nanos().div_ceil(1_000_000)).unwrap_or(PollTimeout::MAX)
+    });
+    let mut fds = [PollFd::new(fd.as_fd(), PollFlags::POLLIN)];
+    match poll(&mut fds, millis) {
+        Ok(n) => Ok(n > 0),
+        Err(Errno::EINTR) => Ok(true),
+        Err(errno) => Err(WatchError::Io(errno.into())),
+    }
+}
+
+fn io_error(errno: Errno) -> WatchError {
+    WatchError::Io(io::Error::from(errno))
+}

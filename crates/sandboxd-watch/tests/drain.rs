@@ -1,0 +1,139 @@
+//! The drain thread on real temporary directories and real inotify instances: it keeps up with a
+//! writer while nobody takes its items, its buffer is bounded by bytes with the loss reported in
+//! place, `sync` watches new directories at once, and dropping it stops the thread.
+
+use std::collections::HashSet;
+use std::fs;
+use std::time::{Duration, Instant};
+
+use sandboxd_watch::{DEFAULT_BUFFER_BYTES, Drainer, EventKind, ITEM_OVERHEAD_BYTES, Item};
+
+const EXPECT_WITHIN: Duration = Duration::from_secs(20);
+
+/// Takes items until `done` says so (or fails after [`EXPECT_WITHIN`]).
+fn take_until(drainer: &Drainer, mut done: impl FnMut(&[Item]) -> bool) -> Vec<Item> {
+    let deadline = Instant::now() + EXPECT_WITHIN;
+    let mut items = Vec::new();
+    while !done(&items) {
+        let left = deadline.saturating_duration_since(Instant::now());
+        assert!(!left.is_zero(), "timed out after {} items", items.len());
+        items.extend(drainer.wait(Some(left)).expect("wait"));
+    }
+    items
+}
+
+fn creates(items: &[Item]) -> HashSet<String> {
+    items
+        .iter()
+        .filter_map(Item::as_event)
+        .filter(|e| e.kind == EventKind::Create)
+        .map(|e| e.name.clone())
+        .collect()
+}
+
+#[test]
+fn fifty_thousand_files_made_while_nobody_reads_all_arrive() {
+    // More than three full kernel queues (16384 events by default) are made while the consumer
+    // sleeps: only the drain thread reads, and it must keep up with the writer.
+    const FILES: usize = 50_000;
+    let dir = tempfile::tempdir().unwrap();
+    let drainer = Drainer::new(dir.path(), true, DEFAULT_BUFFER_BYTES).unwrap();
+    for i in 0..FILES {
+        fs::File::create(dir.path().join(i.to_string())).unwrap();
+    }
+    let items = take_until(&drainer, |items| creates(items).len() >= FILES);
+    assert!(
+        !items.iter().any(|i| matches!(i, Item::Overflow { .. })),
+        "the drain thread fell behind the kernel"
+    );
+    assert_eq!(creates(&items).len(), FILES);
+}
+
+#[test]
+fn a_full_buffer_drops_reports_the_count_in_place_and_goes_on() {
+    let dir = tempfile::tempdir().unwrap();
+    // Room for about ten events with short names.
+    let drainer = Drainer::new(dir.path(), false, 10 * (ITEM_OVERHEAD_BYTES + 4)).unwrap();
+    for i in 0..100 {
+        fs::File::create(dir.path().join(format!("a{i}"))).unwrap();
+    }
+    drainer.sync();
+    let first = drainer.take(usize::MAX).unwrap();
+    let overflow_at = first
+        .iter()
+        .position(|i| matches!(i, Item::Overflow { .. }))
+        .expect("an overflow item");
+    assert!((5..=10).contains(&overflow_at), "{first:?}");
+    let Item::Overflow {
+        dropped_hint: Some(dropped),
+    } = first[overflow_at]
+    else {
+        panic!("the buffer's loss carries its count: {first:?}");
+    };
+    assert_eq!(dropped as usize + overflow_at, 100);
+    // Watching goes on once there is room.
+    fs::File::create(dir.path().join("after")).unwrap();
+    let later = take_until(&drainer, |items| creates(items).contains("after"));
+    assert!(!later.iter().any(|i| matches!(i, Item::Overflow { .. })));
+}
+
+#[test]
+fn sync_watches_a_new_directory_before_it_returns() {
+    let dir = tempfile::tempdir().unwrap();
+    let drainer = Drainer::new(dir.path(), true, DEFAULT_BUFFER_BYTES).unwrap();
+    assert_eq!(drainer.watch_count(), 1);
+    fs::create_dir_all(dir.path().join("a/b")).unwrap();
+    drainer.sync();
+    assert_eq!(drainer.watch_count(), 3);
+    fs::File::create(dir.path().join("a/b/f")).unwrap();
+    let items = take_until(&drainer, |items| creates(items).contains("a/b/f"));
+    assert_eq!(
+        creates(&items),
+        HashSet::from(["a", "a/b", "a/b/f"].map(String::from))
+    );
+}
+
+#[test]
+fn the_fd_is_readable_exactly_while_items_wait() {
+    let dir = tempfile::tempdir().unwrap();
+    let drainer = Drainer::new(dir.path(), false, DEFAULT_BUFFER_BYTES).unwrap();
+    let readable = || {
+        use std::os::fd::AsFd;
+        let mut fds = [nix::poll::PollFd::new(
+            drainer.as_fd(),
+            nix::poll::PollFlags::POLLIN,
+        )];
+        nix::poll::poll(&mut fds, nix::poll::PollTimeout::ZERO).unwrap() > 0
+    };
+    assert!(!readable());
+    fs::File::create(dir.path().join("x")).unwrap();
+    let deadline = Instant::now() + EXPECT_WITHIN;
+    while !readable() {
+        assert!(
+            Instant::now() < deadline,
+            "the drain thread never signalled"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert_eq!(drainer.take(1).unwrap().len(), 1);
+    assert!(!readable(), "nothing left, so not readable");
+}
+
+#[test]
+fn a_deleted_root_closes_it_and_drop_stops_the_thread() {
+    let parent = tempfile::tempdir().unwrap();
+    let root = parent.path().join("root");
+    fs::create_dir(&root).unwrap();
+    let drainer = Drainer::new(&root, true, DEFAULT_BUFFER_BYTES).unwrap();
+    fs::remove_dir(&root).unwrap();
+    let items = take_until(&drainer, |items| items.contains(&Item::Closed));
+    assert_eq!(items.last(), Some(&Item::Closed));
+    assert!(drainer.is_closed());
+    let started = Instant::now();
+    drop(drainer);
+    assert!(started.elapsed() < Duration::from_secs(5));
+
+    // A live one stops on drop too.
+    let live = Drainer::new(parent.path(), true, DEFAULT_BUFFER_BYTES).unwrap();
+    drop(live);
+}
