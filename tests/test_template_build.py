@@ -8,6 +8,8 @@ import json
 import os
 import secrets
 import sqlite3
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -337,3 +339,47 @@ def test_a_restarted_runtime_ends_the_build_sandboxes_it_inherits(
         gone = client.get(f"/sandboxes/{found[0].sandbox_id}")
         assert gone.status_code == 404 and "template build ended" in gone.json()["message"], gone.text
         assert client.get(f"/templates/{info.template_id}/builds/{info.build_id}/status").status_code == 404
+
+
+def test_the_operator_cli_builds_from_a_dockerfile_and_a_python_file(builds: Runtime, tmp_path: Path) -> None:
+    """``sandboxd template build NAME --from FILE`` on the host: the running runtime builds it, with the build's log lines on stderr, and refuses a file that is no template."""
+    context = _context(tmp_path)
+    marker = secrets.token_hex(8)
+    (context / "Dockerfile").write_text(
+        f"FROM debian:stable\nRUN echo {marker} > /opt/marker\nCOPY app /home/user/app\n"
+    )
+    (context / "template.py").write_text(
+        "from e2b import Template\n\n"
+        f"template = Template().from_debian_image().run_cmd('echo py-{marker} > /tmp/from-python')\n"
+    )
+    (context / "nothing.py").write_text("value = 1\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("E2B_")}
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "sandboxd", "template", "build", *args, "--data-dir", str(builds.data_dir),
+             "--url", builds.url, "--api-key", builds.api_key],
+            capture_output=True, text=True, env=env, timeout=600,
+        )  # fmt: skip
+
+    from_dockerfile, from_python = _name(), _name()
+    done = cli(from_dockerfile, "--from", str(context / "Dockerfile"))
+    assert done.returncode == 0, done.stderr
+    assert "RUN echo" in done.stderr and f"template '{from_dockerfile}'" in done.stdout
+    done = cli(from_python, "--from", str(context / "template.py"))
+    assert done.returncode == 0, done.stderr
+
+    refused = cli(_name(), "--from", str(context / "nothing.py"))
+    assert refused.returncode != 0 and "defines no 'template'" in refused.stderr
+    refused = cli("no-recipe")
+    assert refused.returncode != 0 and "give --from a Dockerfile or a Python file" in refused.stderr
+
+    for name, probe, expected in (
+        (from_dockerfile, "cat /opt/marker; cat /home/user/app/hello.txt", f"{marker}\nhello from the build context\n"),
+        (from_python, "cat /tmp/from-python", f"py-{marker}\n"),
+    ):
+        sandbox = Sandbox.create(name, timeout=60)
+        try:
+            assert sandbox.commands.run(probe).stdout == expected
+        finally:
+            sandbox.kill()

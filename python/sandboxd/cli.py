@@ -347,11 +347,24 @@ def build_parser(only_agent: bool = False) -> argparse.ArgumentParser:
     build = template_commands.add_parser(
         "build",
         parents=[where],
-        help="build a built-in template now: 'base' from Debian's archive (mmdebstrap), 'code-interpreter-v1' "
-        "on top of it from the Python package index",
+        help="build a template: a built-in one now ('base' from Debian's archive with mmdebstrap, "
+        "'code-interpreter-v1' on top of it from the Python package index), or NAME --from a Dockerfile "
+        "or a Python file defining `template` (E2B's Template()), through the running runtime",
     )
-    build.add_argument("name", choices=["base", "code-interpreter-v1"])
-    build.add_argument("--rebuild", action="store_true", help="build again even if a build of this recipe exists")
+    build.add_argument("name", help="'base', 'code-interpreter-v1', or the name of a template built --from a file")
+    build.add_argument(
+        "--from",
+        dest="source",
+        type=Path,
+        help="a Dockerfile, or a .py file that defines `template` with e2b's Template() (needs the e2b SDK)",
+    )
+    build.add_argument(
+        "--url", default="http://127.0.0.1:3000", help="the runtime that builds --from files (default: %(default)s)"
+    )
+    build.add_argument("--api-key", help="its API key (default: the one kept in --data-dir)")
+    build.add_argument(
+        "--rebuild", action="store_true", help="build again even if a build of this recipe exists (skip the cache)"
+    )
     build.add_argument("--debian-mirror", default=os.environ.get("SANDBOXD_DEBIAN_MIRROR") or DEFAULT_MIRROR)
     build.add_argument("--pypi-index", default=os.environ.get("SANDBOXD_PYPI_INDEX") or DEFAULT_INDEX)
     remove = template_commands.add_parser(

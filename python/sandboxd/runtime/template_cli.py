@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from . import code_interpreter, debian, oci
+from . import code_interpreter, debian, oci, template_file
 from .errors import ApiError
 from .layers import LayerError
 from .store import Store
@@ -43,6 +43,29 @@ def _size(n: int) -> str:
     return str(n)  # pragma: no cover
 
 
+BUILT_IN = ("base", "code-interpreter-v1")
+"""The templates ``sandboxd template build NAME`` builds from our own recipes, without a file."""
+
+
+def _build_file(args: argparse.Namespace, store: Store) -> int | str:
+    """``build NAME --from FILE``: the running runtime builds it (steps in an isolated sandbox)."""
+    api_key = args.api_key or store.setting("api_key")
+    if not api_key:
+        return "sandboxd template build: no API key in the data dir (start sandboxd serve once, or give --api-key)"
+    print(f"building template '{args.name}' from {args.source} on {args.url}", file=sys.stderr)
+    started = time.monotonic()
+    try:
+        template_id = template_file.build(
+            args.source, args.name, url=args.url, api_key=api_key, skip_cache=args.rebuild, report=_report
+        )
+    except template_file.TemplateFileError:
+        raise
+    except Exception as exc:  # the SDK's errors carry the runtime's message (a failed step, a refusal)
+        return f"sandboxd template build: {type(exc).__name__}: {exc}"
+    print(f"template '{args.name}' ({template_id}) built in {time.monotonic() - started:.1f}s")
+    return 0
+
+
 def run(args: argparse.Namespace) -> int | str:
     """Run one ``sandboxd template`` command; returns an exit status or an error message."""
     command = args.template_command
@@ -71,7 +94,14 @@ def run(args: argparse.Namespace) -> int | str:
         elif command == "pull":
             print(f"pulling template '{args.name}' from {args.image}", file=sys.stderr)
             row = templates.pull(args.name, args.image, _report, insecure=args.insecure)
+        elif command == "build" and args.source is not None:
+            return _build_file(args, store)
         elif command == "build":
+            if args.name not in BUILT_IN:
+                return (
+                    f"sandboxd template build: '{args.name}' is not a built-in template "
+                    f"({', '.join(BUILT_IN)}); give --from a Dockerfile or a Python file to build it"
+                )
             if not args.rebuild and templates.is_built(args.name):
                 print(f"template '{args.name}' is built already; --rebuild builds it again")
             else:
@@ -88,6 +118,8 @@ def run(args: argparse.Namespace) -> int | str:
         return f"sandboxd template {command}: {exc}"
     except ApiError as exc:
         return f"sandboxd template {command}: {exc.message}"
+    except template_file.TemplateFileError as exc:
+        return f"sandboxd template {command}: {exc}"
     finally:
         store.close()
     elapsed = time.monotonic() - started
