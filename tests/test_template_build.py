@@ -342,7 +342,8 @@ def test_a_restarted_runtime_ends_the_build_sandboxes_it_inherits(
 
 
 def test_the_operator_cli_builds_from_a_dockerfile_and_a_python_file(builds: Runtime, tmp_path: Path) -> None:
-    """``sandboxd template build NAME --from FILE`` on the host: the running runtime builds it, with the build's log lines on stderr, and refuses a file that is no template."""
+    """``sandboxd template build NAME --from FILE`` on the host: the running runtime builds it, with
+    the build's log lines on stderr, and refuses a file that is no template."""
     context = _context(tmp_path)
     marker = secrets.token_hex(8)
     (context / "Dockerfile").write_text(
