@@ -347,3 +347,49 @@ def test_status_command(start_runtime: Callable[..., Runtime]) -> None:
     )
     assert nobody.returncode == 2 and "no runtime answers" in nobody.stderr
     httpx.delete(f"{runtime.url}/sandboxes/{created.json()['sandboxID']}", headers=_key(runtime))
+
+
+def test_an_unexpected_failure_is_a_json_500_with_its_cause() -> None:
+    """A handler that raises something no ApiError describes (the runtime's bug, or the host's) still
+    answers E2B's JSON error shape, for the runtime's own answers and the proxy's alike; a failure
+    after the answer started cannot be turned into one and is left to the server."""
+    import asyncio
+
+    from sandboxd.runtime.observe.http import RequestObserver
+    from sandboxd.runtime.observe.metrics import RuntimeMetrics
+
+    observer = RequestObserver(RuntimeMetrics())
+    scope = {"type": "http", "method": "POST", "path": "/sandboxes", "headers": [], "query_string": b""}
+
+    async def receive() -> dict[str, object]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def failing(*_args: object) -> None:
+        raise FileExistsError(17, "creating veth pair sdabcdefh3: File exists")
+
+    async def serve(call: Callable[..., object]) -> list[dict[str, object]]:
+        sent: list[dict[str, object]] = []
+
+        async def send(message: dict[str, object]) -> None:
+            sent.append(message)
+
+        await call(send)  # type: ignore[misc]
+        return sent
+
+    for sent in (
+        asyncio.run(serve(lambda send: observer.runtime(failing, scope, receive, send))),
+        asyncio.run(serve(lambda send: observer.proxied(failing, scope, receive, send, "sbx", 8080))),
+    ):
+        start, body = sent[0], sent[-1]
+        assert start["status"] == 500
+        assert (b"content-type", b"application/json") in start["headers"]  # type: ignore[operator]
+        answer = json.loads(body["body"])  # type: ignore[arg-type]
+        assert answer["code"] == 500
+        assert "creating veth pair sdabcdefh3: File exists" in answer["message"]
+
+    async def fails_mid_answer(_scope: object, _receive: object, send: Callable[..., object]) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})  # type: ignore[misc]
+        raise RuntimeError("after the head")
+
+    with pytest.raises(RuntimeError):
+        asyncio.run(serve(lambda send: observer.runtime(fails_mid_answer, scope, receive, send)))

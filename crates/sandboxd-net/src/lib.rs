@@ -103,8 +103,46 @@ fn check_name(name: &str) -> io::Result<()> {
     }
 }
 
+/// An error of a netlink step, named: "`what`: `source`". It keeps the kernel's error as its
+/// source, so [`errno_of`] still finds the errno (the binding turns `EEXIST` into
+/// `FileExistsError`, which the runtime's stale-link clean-up depends on).
+#[derive(Debug)]
+struct Context {
+    what: String,
+    source: io::Error,
+}
+
+impl std::fmt::Display for Context {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.what, self.source)
+    }
+}
+
+impl std::error::Error for Context {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&self.source)
+    }
+}
+
 fn with_context(err: io::Error, what: impl std::fmt::Display) -> io::Error {
-    io::Error::new(err.kind(), format!("{what}: {err}"))
+    io::Error::new(
+        err.kind(),
+        Context {
+            what: what.to_string(),
+            source: err,
+        },
+    )
+}
+
+/// The errno of an error of this crate, looking through the steps' names it carries.
+pub fn errno_of(err: &io::Error) -> Option<i32> {
+    let mut err = err;
+    loop {
+        if let Some(errno) = err.raw_os_error() {
+            return Some(errno);
+        }
+        err = &err.get_ref()?.downcast_ref::<Context>()?.source;
+    }
 }
 
 /// Creates the veth pair of one sandbox: `host_name` in the caller's network namespace, with the
@@ -314,4 +352,26 @@ fn add_default_route(nl: &mut Rtnl, index: u32, gateway: IpAddr) -> io::Result<(
         NLM_F_CREATE | NLM_F_EXCL,
     )
     .map_err(|e| with_context(e, format_args!("adding the default route via {gateway}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn named_errors_keep_their_errno() {
+        let kernel = io::Error::from_raw_os_error(nix::libc::EEXIST);
+        let named = with_context(
+            with_context(kernel, "creating veth pair x"),
+            "configuring x",
+        );
+        assert_eq!(errno_of(&named), Some(nix::libc::EEXIST));
+        assert_eq!(named.kind(), io::ErrorKind::AlreadyExists);
+        assert!(
+            named
+                .to_string()
+                .starts_with("configuring x: creating veth pair x: ")
+        );
+        assert_eq!(errno_of(&io::Error::other("no errno")), None);
+    }
 }

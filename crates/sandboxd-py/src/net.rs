@@ -6,11 +6,21 @@
 use std::net::{Ipv4Addr, Ipv6Addr};
 use std::os::fd::BorrowedFd;
 
-use pyo3::exceptions::PyValueError;
+use pyo3::exceptions::{PyOSError, PyValueError};
 use pyo3::prelude::*;
 use sandboxd_net as net;
 
-use crate::jail::to_pyerr;
+/// An error of `sandboxd-net` as the `OSError` subclass of its errno (found through the names of
+/// the steps it carries), keeping the message that names the step that failed.
+fn to_pyerr(err: std::io::Error) -> PyErr {
+    match net::errno_of(&err) {
+        Some(errno) => PyOSError::new_err((errno, err.to_string())),
+        None if err.kind() == std::io::ErrorKind::InvalidInput => {
+            PyValueError::new_err(err.to_string())
+        }
+        None => PyOSError::new_err(err.to_string()),
+    }
+}
 
 /// Adds the network functions to the module.
 pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {

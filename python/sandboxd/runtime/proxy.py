@@ -73,7 +73,7 @@ _BAD_VALUE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 loses that header rather than failing the whole response."""
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)  # compared and hashed by identity: a member of the busy sets
 class _Upstream:
     reader: asyncio.StreamReader
     writer: asyncio.StreamWriter
@@ -194,12 +194,20 @@ class SandboxProxy:
         self.domain = domain
         """For Host routing of upgrades (``<port>-<id>.<domain>``), as the runtime's app routes requests."""
         self.idle: dict[tuple[str, int], list[_Upstream]] = defaultdict(list)
+        self.busy: dict[str, set[_Upstream]] = defaultdict(set)
+        """Upstream connections of each sandbox that a request is using now (out of the pool)."""
 
     def forget(self, sandbox_id: str) -> None:
-        """Drop pooled connections of a sandbox that was killed or paused."""
+        """Drop every upstream connection of a sandbox that was killed or paused: the pooled ones, and
+        those in use (their requests fail as the sandbox stops anyway), which would otherwise come back
+        to the pool afterwards and stay there. Each is a socket in the sandbox's network namespace,
+        and a socket keeps its namespace, and so the sandbox's veth pair and its name, alive: a
+        leftover would make the next sandbox given the same network slot fail to link."""
         for key in [k for k in self.idle if k[0] == sandbox_id]:
             for upstream in self.idle.pop(key):
                 upstream.writer.close()
+        for upstream in self.busy.pop(sandbox_id, ()):
+            upstream.abort()
 
     async def _connect(self, sandbox_id: str, port: int) -> tuple[_Upstream, bool]:
         """An upstream connection, and whether it came from the pool (it may have gone stale)."""
@@ -207,13 +215,33 @@ class SandboxProxy:
         while pool:
             upstream = pool.pop()
             if not upstream.reader.at_eof() and not upstream.writer.is_closing():
+                self.busy[sandbox_id].add(upstream)
                 return upstream, True
             upstream.writer.close()
         sock = await self.manager.open_socket(sandbox_id, port)
-        reader, writer = await asyncio.open_connection(sock=sock, limit=READ_SIZE)
-        return _Upstream(reader, writer), False
+        try:
+            reader, writer = await asyncio.open_connection(sock=sock, limit=READ_SIZE)
+        except BaseException:
+            sock.close()
+            raise
+        upstream = _Upstream(reader, writer)
+        self.busy[sandbox_id].add(upstream)
+        return upstream, False
+
+    def _done(self, sandbox_id: str, upstream: _Upstream) -> bool:
+        """The request is done with ``upstream``; False if the sandbox was forgotten meanwhile."""
+        busy = self.busy.get(sandbox_id)
+        if busy is None or upstream not in busy:
+            return False
+        busy.discard(upstream)
+        if not busy:
+            del self.busy[sandbox_id]
+        return True
 
     def _release(self, sandbox_id: str, port: int, upstream: _Upstream) -> None:
+        if not self._done(sandbox_id, upstream):
+            upstream.abort()  # the sandbox stopped while the request ran: never pool its sockets
+            return
         pool = self.idle[(sandbox_id, port)]
         if len(pool) < MAX_IDLE_PER_TARGET and not upstream.writer.is_closing():
             pool.append(upstream)
@@ -299,6 +327,7 @@ class SandboxProxy:
                 if reusable:
                     self._release(sandbox_id, port, upstream)
                 else:
+                    self._done(sandbox_id, upstream)
                     upstream.writer.close()
 
     async def _exchange(

@@ -23,7 +23,7 @@ import secrets
 import time
 from collections.abc import Awaitable, Callable
 
-from sandboxd.agent.asgi import Message, Receive, Scope, Send
+from sandboxd.agent.asgi import Message, Receive, Scope, Send, send_json
 
 from .logs import REQUEST_ID
 from .metrics import RuntimeMetrics
@@ -32,6 +32,10 @@ log = logging.getLogger("sandboxd.runtime.http")
 
 MAX_LOGGED_PATH = 200
 """Characters of a request path kept in a log line: enough for any real route, bounded for hostile ones."""
+
+MAX_ERROR_MESSAGE = 1000
+"""Characters of an unexpected exception's text sent to the client: enough for any OS error and the
+step that failed, bounded whatever the exception carries."""
 
 _SANDBOX_PATH = re.compile(r"/(?:v2/)?sandboxes/([a-z0-9]{1,64})(?:/|$)")
 
@@ -68,6 +72,10 @@ class RequestObserver:
         started = time.monotonic()
         try:
             await app(scope, receive, observed_send)
+        except Exception as exc:
+            if status:
+                raise  # mid-answer: the server can only drop the connection
+            await _internal_error(observed_send, request_id, exc)
         finally:
             api = self.counts.api
             api[status] = api.get(status, 0) + 1
@@ -98,10 +106,15 @@ class RequestObserver:
                 status = message["status"]
             await send(message)
 
-        token = REQUEST_ID.set(self._request_id())
+        request_id = self._request_id()
+        token = REQUEST_ID.set(request_id)
         started = time.monotonic()
         try:
             await proxy(scope, counted_receive, counted_send, sandbox_id, port)
+        except Exception as exc:
+            if status:
+                raise
+            await _internal_error(counted_send, request_id, exc)
         finally:
             counts = self.counts
             statuses = counts.proxy  # keys: the status codes the HTTP parser accepts (0-999) at most
@@ -111,6 +124,15 @@ class RequestObserver:
             if status >= 500 or status == 0:
                 _failed(scope, status, started, sandbox_id, logging.INFO, port=port)
             REQUEST_ID.reset(token)
+
+
+async def _internal_error(send: Send, request_id: str, exc: Exception) -> None:
+    """A failure no handler turned into an answer, before any response started: still E2B's JSON
+    error shape (the SDKs parse it) with the cause, never the server's plain-text 500; the traceback
+    goes to the log only, under the request id."""
+    log.error("request %s failed", request_id, exc_info=exc)
+    message = f"internal error of the runtime (request {request_id}): {exc}"[:MAX_ERROR_MESSAGE]
+    await send_json(send, 500, {"code": 500, "message": message})
 
 
 def _failed(scope: Scope, status: int, started: float, sandbox_id: str | None, level: int, **fields: object) -> None:
