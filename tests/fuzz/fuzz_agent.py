@@ -27,8 +27,8 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from harness import Request, Target, check, drive
-from hypothesis import HealthCheck, given, settings
+from harness import FUZZ, Request, Target, check, drive
+from hypothesis import given
 from hypothesis import strategies as st
 from sandboxd.agent.app import AgentApp
 from sandboxd.agent.rpc import Method
@@ -36,9 +36,6 @@ from sandboxd.agent.services.filesystem import FilesystemService
 from sandboxd.agent.services.process import ProcessService
 from sandboxd.agent.services.watch import WatchService
 from sandboxd.agent.state import AgentState
-
-EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "400"))
-"""Examples per fuzz test: 400 keeps ``make fuzz`` near a minute on two cores."""
 
 ROOT = tempfile.mkdtemp(prefix="sandboxd-fuzz-")
 USER = pwd.getpwuid(os.getuid()).pw_name
@@ -310,13 +307,6 @@ def run_one(request: Request) -> None:
 
     LOOP.run_until_complete(go())
 
-
-FUZZ = settings(
-    max_examples=EXAMPLES,
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much],
-    database=None if os.environ.get("CI") else settings.default.database,
-)
 
 AGENT = Target("agent", lambda: AgentTarget().app, HEALTH)
 

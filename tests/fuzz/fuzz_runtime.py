@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import shutil
 import tempfile
 import time
@@ -27,8 +26,8 @@ from typing import Any
 from urllib.parse import quote
 
 import pytest
-from harness import Broken, Request, drive
-from hypothesis import HealthCheck, example, given, settings
+from harness import FUZZ, Broken, Request, drive
+from hypothesis import example, given
 from hypothesis import strategies as st
 from sandboxd import _core
 from sandboxd.runtime import host, zygote
@@ -47,9 +46,6 @@ from sandboxd.runtime.template_api import TemplateApi
 from sandboxd.runtime.template_builder import TemplateBuilder
 from sandboxd.runtime.templates import Templates, default_store_dir
 from sandboxd.runtime.zygote_client import ZygoteClient
-
-EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "400"))
-"""Examples per fuzz test: 400 keeps the runtime's part of ``make fuzz`` under half a minute."""
 
 KEY = "fuzz-key"
 DOMAIN = "sandboxes.test"
@@ -257,14 +253,6 @@ def run_one(request: Request) -> None:
         assert after.status == 200, "the runtime answers /health after any request"
 
     LOOP.run_until_complete(go())
-
-
-FUZZ = settings(
-    max_examples=EXAMPLES,
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much],
-    database=None if os.environ.get("CI") else settings.default.database,
-)
 
 
 @pytest.fixture(autouse=True, scope="module")

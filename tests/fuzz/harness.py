@@ -10,9 +10,12 @@ same way (its app from ``sandboxd.runtime.server.RuntimeApp``).
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
+
+from hypothesis import HealthCheck, settings
 
 RESPONSE_TIMEOUT_S = 10.0
 """How long one request may take, its body sent and the client gone: every handler must finish."""
@@ -120,3 +123,16 @@ class Target:
     make_app: Callable[[], Callable[..., Any]]
     healthy: Request
     """A request that must answer 2xx after any fuzzed one (the app is not left broken)."""
+
+
+EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "400"))
+"""Examples per fuzz test: 400 keeps ``make fuzz`` under a minute; set ``FUZZ_EXAMPLES`` for a long run."""
+
+FUZZ = settings(
+    max_examples=EXAMPLES,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much],
+    database=None if os.environ.get("CI") else settings.default.database,
+)
+"""The settings of every fuzz test: no deadline (a request may start real work), no example
+database in CI (a clean clone starts from nothing)."""
