@@ -8,15 +8,14 @@
 // Not a test file itself (node --test only picks up *.test.mjs).
 
 import assert from 'node:assert/strict'
-import { spawn } from 'node:child_process'
-import { closeSync, existsSync, mkdirSync, mkdtempSync, openSync, readFileSync, rmSync, writeFileSync } from 'node:fs'
+import { mkdirSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { dirname, join } from 'node:path'
 import { after, before, describe, test } from 'node:test'
 
 import { NotFoundError, TimeoutError } from '@e2b/code-interpreter'
 
-import { freePort, python, sleep } from './runtime.mjs'
+import { freePort, python, startServer } from './runtime.mjs'
 
 /** Kernelspecs for the venv's kernels, as a code-interpreter template installs its own. */
 function writeKernelspecs(dir) {
@@ -46,44 +45,22 @@ export async function startInterpreter() {
   for (const dir of [kernels, cwd, home]) mkdirSync(dir, { recursive: true })
   writeKernelspecs(kernels)
   const log = join(base, 'interpreter.log')
-  const out = openSync(log, 'a')
-  const child = spawn(
-    python(),
-    ['-m', 'sandboxd', 'interpreter', '--port', String(port), '--cwd', cwd, '--kernel-dir', kernels, '--envd-url', ''],
-    { stdio: ['ignore', out, out], env: { ...process.env, HOME: home } },
-  )
-  closeSync(out)
-  let exited = null
-  const exit = new Promise((r) =>
-    child.on('exit', (code, signal) => {
-      exited = { code, signal }
-      r(exited)
-    }),
-  )
-  const readLog = () => (existsSync(log) ? readFileSync(log, 'utf8') : '')
-  const deadline = Date.now() + 120_000
-  for (;;) {
-    if (exited) throw new Error(`sandboxd interpreter exited (${JSON.stringify(exited)}):\n${readLog()}`)
-    try {
-      const res = await fetch(`${url}/health`, { signal: AbortSignal.timeout(1000) })
-      await res.arrayBuffer()
-      if (res.status === 200) break
-    } catch {
-      // not listening yet
-    }
-    if (Date.now() > deadline) {
-      child.kill('SIGKILL')
-      throw new Error(`sandboxd interpreter did not become healthy in 120 s:\n${readLog()}`)
-    }
-    await sleep(50)
-  }
+  const server = await startServer({
+    name: 'sandboxd interpreter',
+    args: ['-m', 'sandboxd', 'interpreter', '--port', String(port), '--cwd', cwd, '--kernel-dir', kernels, '--envd-url', ''],
+    log,
+    url,
+    timeoutMs: 120_000,
+    env: { ...process.env, HOME: home },
+  })
+  const { child, exit, readLog } = server
 
   process.env.E2B_DEBUG = 'true'
   process.env.E2B_SANDBOX_URL = url
   delete process.env.E2B_API_URL
 
   async function stop() {
-    if (!exited) {
+    if (!server.exited) {
       child.kill('SIGTERM')
       const timer = setTimeout(() => child.kill('SIGKILL'), 15_000)
       await exit

@@ -61,47 +61,54 @@ export async function waitFor(check, { timeoutMs = 10_000, intervalMs = 50, what
  * and sets the SDK's environment. Returns `{ url, apiKey, dataDir, log, stop }`; `stop()` kills every
  * sandbox through the API, then stops the runtime.
  */
+/** Start `python ARGS` with its output in `log`, and wait until `url`/health answers 200 (or throw
+ * with the log if it exits or takes longer than `timeoutMs`). `exited` is null while it runs. */
+export async function startServer({ name, args, log, url, timeoutMs, env = process.env }) {
+  const out = openSync(log, 'a')
+  const child = spawn(python(), args, { stdio: ['ignore', out, out], env })
+  closeSync(out)
+  const server = { child, exited: null, readLog: () => (existsSync(log) ? readFileSync(log, 'utf8') : '') }
+  server.exit = new Promise((r) =>
+    child.on('exit', (code, signal) => {
+      server.exited = { code, signal }
+      r(server.exited)
+    }),
+  )
+  child.on('error', (err) => {
+    server.exited = { code: null, signal: null, error: err }
+  })
+  const deadline = Date.now() + timeoutMs
+  for (;;) {
+    if (server.exited) throw new Error(`${name} exited (${JSON.stringify(server.exited)}):\n${server.readLog()}`)
+    try {
+      const res = await fetch(`${url}/health`, { signal: AbortSignal.timeout(1000) })
+      await res.arrayBuffer()
+      if (res.status === 200) return server
+    } catch {
+      // not listening yet
+    }
+    if (Date.now() > deadline) {
+      child.kill('SIGKILL')
+      throw new Error(`${name} did not become healthy in ${timeoutMs / 1000} s:\n${server.readLog()}`)
+    }
+    await sleep(50)
+  }
+}
+
 export async function startRuntime() {
   const port = await freePort()
   const url = `http://127.0.0.1:${port}`
   const apiKey = `js-test-key-${process.pid}`
   const dataDir = mkdtempSync(join(tmpdir(), 'sandboxd-js-'))
   const log = join(dataDir, 'serve.log')
-  const out = openSync(log, 'a')
-  const child = spawn(
-    python(),
-    ['-m', 'sandboxd', 'serve', '--port', String(port), '--data-dir', dataDir, '--api-key', apiKey],
-    { stdio: ['ignore', out, out] },
-  )
-  closeSync(out)
-  let exited = null
-  const exit = new Promise((r) =>
-    child.on('exit', (code, signal) => {
-      exited = { code, signal }
-      r(exited)
-    }),
-  )
-  child.on('error', (err) => {
-    exited = { code: null, signal: null, error: err }
+  const server = await startServer({
+    name: 'sandboxd serve',
+    args: ['-m', 'sandboxd', 'serve', '--port', String(port), '--data-dir', dataDir, '--api-key', apiKey],
+    log,
+    url,
+    timeoutMs: 60_000,
   })
-
-  const readLog = () => (existsSync(log) ? readFileSync(log, 'utf8') : '')
-  const deadline = Date.now() + 60_000
-  for (;;) {
-    if (exited) throw new Error(`sandboxd serve exited (${JSON.stringify(exited)}):\n${readLog()}`)
-    try {
-      const res = await fetch(`${url}/health`, { signal: AbortSignal.timeout(1000) })
-      await res.arrayBuffer()
-      if (res.status === 200) break
-    } catch {
-      // not listening yet
-    }
-    if (Date.now() > deadline) {
-      child.kill('SIGKILL')
-      throw new Error(`sandboxd serve did not become healthy in 60 s:\n${readLog()}`)
-    }
-    await sleep(50)
-  }
+  const { child, exit, readLog } = server
 
   // Exactly what a user following E2B's docs sets (the docs load them with dotenv).
   process.env.E2B_API_KEY = apiKey
@@ -124,7 +131,7 @@ export async function startRuntime() {
   }
 
   async function stop() {
-    if (!exited) {
+    if (!server.exited) {
       try {
         await killAllSandboxes()
       } catch (err) {
