@@ -19,7 +19,6 @@ import concurrent.futures
 import contextlib
 import logging
 import os
-import threading
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
@@ -112,15 +111,13 @@ class DiskPool:
         if self.template.exists():
             return
         self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        partial = self.dir / f".{self.template.name}.{threading.get_ident()}.tmp"
+        partial = self.dir / f".{self.template.name}.tmp"
         _core.format_disk_image(str(partial), self.size_mb)
         partial.rename(self.template)
 
     def _make(self, dest: Path) -> int:
-        """In a worker thread: copy the template to ``dest`` and mount it (formatting the template
-        again if an operator removed it while the runtime ran)."""
+        """In a worker thread: copy the template to ``dest`` and mount it."""
         try:
-            self._format_template()
             _core.copy_sparse(str(self.template), str(dest))
             return _core.mount_disk(str(dest))
         except BaseException:
