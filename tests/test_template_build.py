@@ -19,6 +19,7 @@ import pytest
 from conftest import TEMPLATE_STORE, Runtime
 from e2b import BuildException, Sandbox, SandboxQuery, Template, wait_for_port
 from e2b.template.logger import LogEntry
+from sandboxd.runtime.layers import hex_of
 from test_template_base import _wheel
 
 
@@ -384,3 +385,22 @@ def test_the_operator_cli_builds_from_a_dockerfile_and_a_python_file(builds: Run
             assert sandbox.commands.run(probe).stdout == expected
         finally:
             sandbox.kill()
+
+
+def test_a_setuid_root_file_from_a_hostile_build_is_out_of_host_users_reach(builds: Runtime) -> None:
+    """Attack: root in a build sandbox plants a setuid-root shell. Layers keep canonical owners, so on
+    the host that file really is setuid root; a host user who could reach it would be host root. The
+    template store admits only root, so no host user can run it."""
+    name = _name()
+    Template.build(
+        Template().from_debian_image().run_cmd("cp /bin/sh /opt/rootsh && chmod 4755 /opt/rootsh", user="root"),
+        name,
+    )
+    planted = TEMPLATE_STORE / "layers" / hex_of(_layers(builds)[name][0]) / "opt" / "rootsh"
+    st = planted.lstat()
+    assert st.st_uid == 0 and st.st_mode & 0o4000, "the layer keeps the file setuid root (the threat is real)"
+    assert TEMPLATE_STORE.stat().st_mode & 0o777 == 0o700
+    escaped = subprocess.run(
+        ["runuser", "-u", "nobody", "--", str(planted), "-p", "-c", "id -u"], capture_output=True, text=True
+    )
+    assert escaped.returncode != 0 and "Permission denied" in escaped.stderr, escaped

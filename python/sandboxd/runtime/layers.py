@@ -364,7 +364,11 @@ class LayerStore:
         self.tmp = root / "tmp"
         for d in (self.layers, self.cache, self.tmp):
             d.mkdir(parents=True, exist_ok=True)
-        root.chmod(0o755)  # sandboxes' overlay lower dirs are read through this path
+        # Only root may enter the store: its layers keep their canonical owners, so a setuid-root file
+        # that an image or a hostile build step put in a layer is setuid root on the host too. Sandboxes
+        # do not need the way in (their layers are mounted by the runtime; measured: creates and
+        # commands work the same with 0700). Drill: test_template_build's setuid test.
+        root.chmod(0o700)
         self._counter = itertools.count()
         self._sweep_staging()
 
