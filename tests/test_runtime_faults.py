@@ -45,8 +45,10 @@ def test_a_killed_zygote_answers_503_then_recovers(start_runtime: Callable[..., 
         # The sandbox created before the zygote died still works.
         sandbox_id = before.json()["sandboxID"]
         assert api.get(f"/sandboxes/{sandbox_id}").status_code == 200
-        # Either a create met the restart (503) or the health check saw it: the fault was observed.
-        assert saw_degraded or 503 in statuses, "the zygote restarted before anything could observe it"
+        # The fault was observed: a create met the restart (503), the health check saw it, or (when the
+        # restart beat the first request, as it can on a quiet machine) the runtime counted it.
+        restarts = api.get("/status").json()["zygote"]["restarts"]
+        assert saw_degraded or 503 in statuses or restarts == 1, "the zygote's death went unrecorded"
 
 
 def test_concurrent_creates_never_overshoot_the_limit(start_runtime: Callable[..., Runtime]) -> None:
