@@ -72,16 +72,22 @@ OpenSocket = Callable[[int], Awaitable[socket.socket]]
 
 async def init_agent(
     open_socket: OpenSocket,
-    access_token: str,
-    env_vars: dict[str, str],
+    access_token: str | None,
+    env_vars: dict[str, str] | None,
     ca_bundle: str | None = None,
     default_user: str | None = None,
     default_workdir: str | None = None,
 ) -> None:
     """``POST /init`` until the agent answers; 204 is success, anything else fails the create.
+    ``access_token`` and ``env_vars``: None leaves the agent's as they are (a warm sandbox's
+    warm-up sets neither);
     ``ca_bundle``: PEM certificates for the sandbox's trust store (envd's ``caBundle``);
     ``default_user`` and ``default_workdir``: the template's (envd's ``defaultUser``, ``defaultWorkdir``)."""
-    fields: dict[str, object] = {"envVars": env_vars, "accessToken": access_token}
+    fields: dict[str, object] = {}
+    if env_vars is not None:
+        fields["envVars"] = env_vars
+    if access_token is not None:
+        fields["accessToken"] = access_token
     if ca_bundle:
         fields["caBundle"] = ca_bundle
     if default_user:
