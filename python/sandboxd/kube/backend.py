@@ -37,7 +37,7 @@ from sandboxd.runtime.logs import LogEntry, from_events
 from sandboxd.runtime.manager import DEFAULT_TIMEOUT_S, CreateRequest, Limits, validate_timeout
 from sandboxd.runtime.metrics import MetricsSample
 from sandboxd.runtime.network import NetworkConfig
-from sandboxd.runtime.store import SandboxRow
+from sandboxd.runtime.store import SandboxRow, TemplateRow
 
 from . import pods
 from .client import MERGE, Informer, Kube, KubeError, path_of
@@ -492,6 +492,17 @@ class KubernetesBackend:
 
     async def update_network(self, sandbox_id: str, update: NetworkConfig) -> None:
         raise ApiError(400, "network settings do not apply: sandboxd nodes run sandboxes without networking (yet)")
+
+    # ------------------------------------------------------------------------------ snapshots
+
+    async def snapshot(self, sandbox_id: str, name: str | None) -> TemplateRow:
+        raise ApiError(
+            400,
+            "snapshots and forks are not available with --backend kubernetes (yet): a node's template store is its own",
+        )
+
+    async def snapshots(self, sandbox_id: str | None) -> list[TemplateRow]:
+        return []
 
     # ---------------------------------------------------------------------------------- proxy
 

@@ -7,6 +7,7 @@ field; nothing permanent is answered with 429 or 5xx, which the SDK would retry.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hmac
 import json
@@ -20,14 +21,14 @@ from urllib.parse import unquote
 from sandboxd import ENVD_VERSION
 from sandboxd.agent.asgi import ClientDisconnected, Receive, Scope, Send, header_map, send_empty, send_json
 
-from . import logs
+from . import logs, snapshots
 from .backend import Backend, ListQuery
 from .errors import ApiError
 from .inputs import INT32_MAX, INT64_MAX, MAX_QUERY, Body, Query, sandbox_id
 from .manager import CreateRequest
 from .metrics import MetricsSample
 from .network import NetworkConfig
-from .store import SandboxRow
+from .store import SandboxRow, TemplateRow
 
 CLIENT_ID = "6532622b"
 """E2B's fixed legacy ``clientID`` placeholder, which the SDK requires to be present."""
@@ -206,10 +207,13 @@ class ControlPlane:
             ("GET", re.compile(sandbox + "/logs"), self.logs_v1),
             ("GET", re.compile("/v2" + sandbox + "/logs"), self.logs_v2),
             ("GET", re.compile(sandbox + "/events"), self.events),
+            ("POST", re.compile(sandbox + "/snapshots"), self.snapshot),
+            ("GET", re.compile(r"/snapshots"), self.snapshots),
+            ("POST", re.compile(sandbox + "/fork"), self.fork),
         ]
 
     def matches(self, path: str) -> bool:
-        return path.startswith(("/sandboxes", "/v2/sandboxes"))
+        return path.startswith(("/sandboxes", "/v2/sandboxes")) or path == "/snapshots"
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         headers = header_map(scope)
@@ -374,6 +378,53 @@ class ControlPlane:
         events = await self.backend.events(sandbox_id)
         await send_json(send, 200, [{"at": iso(at), "kind": kind, "reason": reason} for at, kind, reason in events])
 
+    async def snapshot(self, scope: Scope, receive: Receive, send: Send, sandbox_id: str) -> None:
+        """E2B's ``create_snapshot``: 201 ``{snapshotID, names}``. ``memory`` is accepted and both modes
+        keep the file system only (:mod:`.snapshots`)."""
+        body = await Body.read(receive)
+        name = body.string("name")
+        body.boolean("memory", True)
+        row = await self.backend.snapshot(sandbox_id, name or None)
+        await send_json(send, 201, _snapshot_info(row))
+
+    async def snapshots(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """E2B's ``list_snapshots``: newest first, of one sandbox (``sandboxID``) or all, ``name`` matching
+        the snapshot's id or name (a ``:tag`` is ignored), at most ``limit``; one page."""
+        query = Query(scope.get("query_string", b""))
+        limit = query.integer("limit", 1, MAX_LIST_LIMIT, DEFAULT_LIST_LIMIT)
+        name = (query.get("name") or "").split(":", 1)[0].rsplit("/", 1)[-1]
+        assert limit is not None
+        rows = await self.backend.snapshots(query.get("sandboxID"))
+        if name:
+            rows = [row for row in rows if row.name == name]
+        await send_json(send, 200, [_snapshot_info(row) for row in rows[:limit]])
+
+    async def fork(self, scope: Scope, receive: Receive, send: Send, sandbox_id: str) -> None:
+        """E2B's ``fork``: one snapshot of the sandbox (which keeps running), then ``count`` sandboxes
+        from it, made concurrently; 201 with one ``{sandbox}`` or ``{error}`` per fork. A fork has the
+        source's metadata, environment variables and network settings; its own ``timeout``."""
+        body = await Body.read(receive)
+        timeout = body.integer("timeout", 0, INT32_MAX)
+        count = body.integer("count", 1, snapshots.MAX_FORKS)
+        source = await self.backend.get(sandbox_id)
+        snapshot = await self.backend.snapshot(sandbox_id, None)
+        request = CreateRequest(
+            template=snapshot.name,
+            timeout=timeout,
+            metadata=dict(source.metadata),
+            env_vars=dict(source.env_vars),
+            network=self.backend.network_config(sandbox_id),
+        )
+
+        async def one() -> dict[str, Any]:
+            try:
+                return {"sandbox": self._sandbox(await self.backend.create(request))}
+            except ApiError as exc:
+                return {"error": {"code": exc.status, "message": exc.message}}
+
+        results = await asyncio.gather(*(one() for _ in range(count if count is not None else 1)))
+        await send_json(send, 201, list(results))
+
     async def list(self, scope: Scope, receive: Receive, send: Send) -> None:
         """E2B's v2 list: newest first unless ``order=asc``, running and paused unless ``state`` says."""
         query = Query(scope.get("query_string", b""))
@@ -400,6 +451,10 @@ class ControlPlane:
         rows, next_cursor = await self.backend.list_page(page)
         headers = [("x-next-token", _encode_token(next_cursor))] if next_cursor is not None else []
         await send_json(send, 200, [self._listed(r) for r in rows], headers)
+
+
+def _snapshot_info(row: TemplateRow) -> dict[str, Any]:
+    return {"snapshotID": row.name, "names": [row.name]}
 
 
 def _metrics(sample: MetricsSample) -> dict[str, Any]:

@@ -23,7 +23,7 @@ from .logs import LogEntry
 from .manager import CreateRequest, SandboxManager
 from .metrics import MetricsSample
 from .network import NetworkConfig
-from .store import SandboxRow
+from .store import SandboxRow, TemplateRow
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,6 +66,8 @@ class Backend(Protocol):
     def network_config(self, sandbox_id: str) -> NetworkConfig: ...
     def traffic_token(self, sandbox_id: str) -> str | None: ...
     async def update_network(self, sandbox_id: str, update: NetworkConfig) -> None: ...
+    async def snapshot(self, sandbox_id: str, name: str | None) -> TemplateRow: ...
+    async def snapshots(self, sandbox_id: str | None) -> list[TemplateRow]: ...
     async def open_socket(self, sandbox_id: str, port: int) -> socket.socket: ...
     async def ensure_reachable(self, sandbox_id: str) -> None: ...
 
@@ -124,6 +126,12 @@ class LocalBackend:
 
     async def update_network(self, sandbox_id: str, update: NetworkConfig) -> None:
         await self.manager.update_network(sandbox_id, update)
+
+    async def snapshot(self, sandbox_id: str, name: str | None) -> TemplateRow:
+        return await self.manager.snapshot(sandbox_id, name)
+
+    async def snapshots(self, sandbox_id: str | None) -> list[TemplateRow]:
+        return self.manager.snapshot_rows(sandbox_id)
 
     async def open_socket(self, sandbox_id: str, port: int) -> socket.socket:
         return await self.manager.open_socket(sandbox_id, port)

@@ -40,16 +40,18 @@ from typing import Any
 
 from sandboxd import _core
 
+from . import build_layer, snapshots
 from .agent_client import init_agent, interpreter_ready, start_template_command
 from .disks import DiskPool
 from .errors import ApiError, not_found
+from .layers import LayerInfo
 from .logs import LogEntry, from_events, read_agent_log
 from .metrics import SAMPLE_INTERVAL_S, MetricsHistory, Sampler, Target, bucket
 from .metrics import MetricsSample as MetricsSample  # re-exported: sandboxd.kube reads it from here
 from .network import NetworkConfig, SandboxNetworks
 from .network.addressing import Slot
 from .observe import Observer
-from .store import SandboxRow, Store
+from .store import SandboxRow, Store, TemplateRow
 from .templates import Template, Templates
 from .warm import Warm, WarmPool
 from .zygote_client import ZygoteClient
@@ -67,6 +69,8 @@ CONNECT_TIMEOUT_S = 5.0
 """Connect timeout for a TCP connection into a sandbox (it is local: a refusal is immediate)."""
 
 DISK_IMAGE = "disk.img"
+SNAPSHOT_IMAGE = "snapshot.img"
+"""A copy of the disk image while a snapshot is being made of it (removed right after)."""
 """A sandbox's disk image, in its directory."""
 
 
@@ -727,6 +731,57 @@ class SandboxManager:
                 if time.time() + timeout > row.end_at:
                     self.store.update(sandbox_id, end_at=time.time() + timeout)
         return self._row(sandbox_id), False
+
+    # ------------------------------------------------------------------------------ snapshots
+
+    async def snapshot(self, sandbox_id: str, name: str | None) -> TemplateRow:
+        """E2B's ``create_snapshot``: a template of the sandbox's file system as it is now (see
+        :mod:`.snapshots`); ``name`` replaces a template of that name, else it gets a new id. The
+        sandbox keeps running (or stays paused)."""
+        if name is not None:
+            self.templates.check_buildable_name(name)
+        async with self._owning(sandbox_id):
+            row = self._row(sandbox_id)
+            try:
+                parent = self.templates.row_of(row.template_id)
+            except ApiError:
+                raise ApiError(
+                    400, f"sandbox {sandbox_id} runs the '{row.template_id}' template, which has no layers to snapshot"
+                ) from None
+            assert row.id_base is not None
+            copy = self.sandboxes_dir / sandbox_id / SNAPSHOT_IMAGE
+            handle = self.handles.get(sandbox_id)
+            try:
+                await asyncio.to_thread(
+                    snapshots.copy_disk,
+                    self.sandboxes_dir / sandbox_id / DISK_IMAGE,
+                    copy,
+                    handle,
+                    row.state == "running",
+                )
+            except OSError as exc:
+                raise ApiError(500, f"could not snapshot sandbox {sandbox_id}: {exc}") from None
+        try:
+            info = await asyncio.to_thread(self._snapshot_layer, copy, row.id_base, sandbox_id)
+        finally:
+            copy.unlink(missing_ok=True)
+        config = {**parent.config, snapshots.SOURCE_KEY: sandbox_id}
+        snapshot = self.templates.record_build(
+            name or new_id(), [info.digest, *parent.layers], config, f"snapshot of sandbox {sandbox_id}"
+        )
+        self.store.event(sandbox_id, "snapshot", f"template {snapshot.name} ({info.size >> 10} KiB layer)")
+        return snapshot
+
+    def _snapshot_layer(self, image: Path, id_base: int, sandbox_id: str) -> LayerInfo:
+        with self.templates.layers.lock("gc", shared=True):
+            return build_layer.layer_from_disk(self.templates.layers, image, id_base, f"snapshot of {sandbox_id}")
+
+    def snapshot_rows(self, sandbox_id: str | None = None) -> list[TemplateRow]:
+        """The snapshots, newest first; of one sandbox when ``sandbox_id`` is given."""
+        rows = [row for row in self.templates.db.templates() if row.config.get(snapshots.SOURCE_KEY)]
+        if sandbox_id is not None:
+            rows = [row for row in rows if row.config.get(snapshots.SOURCE_KEY) == sandbox_id]
+        return sorted(rows, key=lambda row: row.created_at, reverse=True)
 
     # -------------------------------------------------------------------------------- network
 
