@@ -5,6 +5,7 @@ import assert from 'node:assert/strict'
 import { after, before, describe, test } from 'node:test'
 
 import { Sandbox, SandboxNotFoundError } from '@e2b/code-interpreter'
+import { Sandbox as BaseSandbox } from 'e2b'
 
 import { killAfter, skipReason, startRuntime, waitFor } from './runtime.mjs'
 
@@ -100,5 +101,30 @@ describe('sandbox lifecycle (docs/sandbox)', { skip: skipReason }, () => {
     await waitFor(async () => !(await sandbox.isRunning()), { timeoutMs: 15_000, what: 'the sandbox to expire' })
 
     await assert.rejects(Sandbox.getInfo(sandbox.sandboxId), SandboxNotFoundError)
+  })
+  // On base (the e2b package's default template): snapshots work on any layered template.
+  test('sandbox.createSnapshot(), Sandbox.create(snapshotId), sandbox.fork({ count: 2 })', async (t) => {
+    const source = killAfter(t, await BaseSandbox.create())
+    await source.files.write('/home/user/state.txt', 'snapshotted')
+    const snapshot = await source.createSnapshot()
+    assert.match(snapshot.snapshotId, /^[a-z0-9]{20}$/)
+    const listed = await source.listSnapshots().nextItems()
+    assert.deepEqual(
+      listed.map((s) => s.snapshotId),
+      [snapshot.snapshotId],
+    )
+    const copy = killAfter(t, await BaseSandbox.create(snapshot.snapshotId))
+    assert.equal(await copy.files.read('/home/user/state.txt'), 'snapshotted')
+
+    const forks = await source.fork({ count: 2, timeoutMs: 60_000 })
+    assert.equal(forks.length, 2)
+    for (const fork of forks) {
+      assert.ok(fork instanceof BaseSandbox, String(fork))
+      killAfter(t, fork)
+      assert.equal(await fork.files.read('/home/user/state.txt'), 'snapshotted')
+    }
+    assert.equal(await source.isRunning(), true)
+    await copy.kill()
+    assert.equal(await BaseSandbox.deleteSnapshot(snapshot.snapshotId), true)
   })
 })
