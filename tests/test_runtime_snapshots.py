@@ -103,10 +103,12 @@ def test_fork_gives_independent_sandboxes_with_the_sources_files_env_and_metadat
         assert second.files.read("/tmp/shared.txt") == "before the fork"
         assert source.files.read("/tmp/shared.txt") == "before the fork"
         assert source.is_running()
+        (snapshot,) = source.list_snapshots().next_items()  # the one snapshot the forks share
     finally:
         for fork in forks:
             fork.kill()
         source.kill()
+    assert Sandbox.delete_snapshot(snapshot.snapshot_id) is True
 
 
 def test_bad_snapshot_and_fork_requests_get_a_4xx(e2b_env: Runtime) -> None:
