@@ -182,7 +182,12 @@ class Runtime:
         return f"{scheme}://127.0.0.1:{self.port}"
 
     def env(self) -> dict[str, str]:
-        return {"E2B_API_KEY": self.api_key, "E2B_API_URL": self.url, "E2B_SANDBOX_URL": self.url}
+        return {
+            "E2B_API_KEY": self.api_key,
+            "E2B_API_URL": self.url,
+            "E2B_SANDBOX_URL": self.url,
+            "E2B_VOLUME_API_URL": self.url,
+        }
 
     def restart(self) -> None:
         """Start the same runtime again (after it was stopped or killed)."""

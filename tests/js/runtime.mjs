@@ -114,6 +114,7 @@ export async function startRuntime() {
   process.env.E2B_API_KEY = apiKey
   process.env.E2B_API_URL = url
   process.env.E2B_SANDBOX_URL = url
+  process.env.E2B_VOLUME_API_URL = url
   delete process.env.E2B_DEBUG
   delete process.env.E2B_DOMAIN
 

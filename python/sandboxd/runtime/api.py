@@ -11,6 +11,7 @@ import asyncio
 import base64
 import hmac
 import json
+import posixpath
 import re
 import time
 from collections.abc import Callable
@@ -29,6 +30,7 @@ from .manager import CreateRequest
 from .metrics import MetricsSample
 from .network import NetworkConfig
 from .store import SandboxRow, TemplateRow
+from .volumes import MAX_MOUNTS
 
 CLIENT_ID = "6532622b"
 """E2B's fixed legacy ``clientID`` placeholder, which the SDK requires to be present."""
@@ -288,6 +290,7 @@ class ControlPlane:
             pause_memory=body.boolean("autoPauseMemory", True),
             auto_resume=body.object("autoResume").boolean("enabled", False),
             network=network_from_create(body.fields),
+            volume_mounts=volume_mounts(body.fields.get("volumeMounts")),
         )
         row = await self.backend.create(request)
         await send_json(send, 201, self._sandbox(row))
@@ -414,6 +417,7 @@ class ControlPlane:
             metadata=dict(source.metadata),
             env_vars=dict(source.env_vars),
             network=self.backend.network_config(sandbox_id),
+            volume_mounts=dict(source.volume_mounts),
         )
 
         async def one() -> dict[str, Any]:
@@ -451,6 +455,37 @@ class ControlPlane:
         rows, next_cursor = await self.backend.list_page(page)
         headers = [("x-next-token", _encode_token(next_cursor))] if next_cursor is not None else []
         await send_json(send, 200, [self._listed(r) for r in rows], headers)
+
+
+_NO_MOUNT_UNDER = ("/proc", "/sys", "/dev")
+
+
+def volume_mounts(raw: object) -> dict[str, str]:
+    """E2B's ``volumeMounts`` (``[{"name", "path"}]``) as {path: name}: absolute, normalised paths,
+    each once, not ``/`` and not under ``/proc``, ``/sys`` or ``/dev``; 400 otherwise."""
+    if raw is None:
+        return {}
+    if not isinstance(raw, list) or len(raw) > MAX_MOUNTS:
+        raise ApiError(400, f"'volumeMounts' must be a list of at most {MAX_MOUNTS} {{name, path}} objects")
+    mounts: dict[str, str] = {}
+    for item in raw:
+        name = item.get("name") if isinstance(item, dict) else None
+        path = item.get("path") if isinstance(item, dict) else None
+        if not isinstance(name, str) or not isinstance(path, str) or not name or len(path) > 1024:
+            raise ApiError(400, "each of 'volumeMounts' needs a 'name' (a volume's) and a 'path' (where it is mounted)")
+        normal = posixpath.normpath(path)
+        if not path.startswith("/") or normal != path.rstrip("/") or normal == "/" or "//" in path or "\0" in path:
+            raise ApiError(
+                400, f"volumeMounts: {json.dumps(path[:100])} must be an absolute, normalised path other than /"
+            )
+        if any(normal == top or normal.startswith(top + "/") for top in _NO_MOUNT_UNDER):
+            raise ApiError(
+                400, f"volumeMounts: {json.dumps(normal[:100])}: volumes cannot be mounted under /proc, /sys or /dev"
+            )
+        if normal in mounts:
+            raise ApiError(400, f"volumeMounts: two volumes at {normal}")
+        mounts[normal] = name
+    return mounts
 
 
 def _snapshot_info(row: TemplateRow) -> dict[str, Any]:

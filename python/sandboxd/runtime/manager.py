@@ -53,6 +53,7 @@ from .network.addressing import Slot
 from .observe import Observer
 from .store import SandboxRow, Store, TemplateRow
 from .templates import Template, Templates
+from .volumes import Volumes
 from .warm import Warm, WarmPool
 from .zygote_client import ZygoteClient
 
@@ -122,6 +123,8 @@ class CreateRequest:
     pause_memory: bool = True
     auto_resume: bool = False
     network: NetworkConfig = field(default_factory=NetworkConfig)
+    volume_mounts: dict[str, str] = field(default_factory=dict)
+    """E2B's ``volumeMounts``: path inside the sandbox -> volume name (validated by the API layer)."""
     # Set by a caller that owns the sandbox's identity and size (``sandboxd node``: its Pod's name,
     # a token the control plane derives, the Pod's limits); None means generate / use the defaults.
     sandbox_id: str | None = None
@@ -195,6 +198,8 @@ class SandboxManager:
         self.observe = observer or Observer()
         """Counts and logs every transition (metrics, structured logs, the log redactor's tokens)."""
         self.warm = WarmPool(self, limits.warm_sandboxes, limits.warm_template)
+        self.volumes = Volumes(data_dir, limits.disk_mb)
+        """E2B's volumes, mounted into the sandboxes that name them (see :mod:`.volumes`)."""
 
     # ------------------------------------------------------------------------------ start/stop
 
@@ -240,6 +245,7 @@ class SandboxManager:
             loop.remove_reader(handle.pidfd())
         self.handles.clear()
         await self.history.close()
+        self.volumes.close()
 
     # -------------------------------------------------------------------------------- lookups
 
@@ -346,6 +352,11 @@ class SandboxManager:
         elif request.network != NetworkConfig():
             raise ApiError(400, "this runtime runs sandboxes without networking: network settings do not apply")
         traffic_token = secrets.token_urlsafe(24) if request.network.allow_public_traffic is False else None
+        for name in request.volume_mounts.values():
+            try:
+                await asyncio.to_thread(self.volumes.by_name, name)
+            except ApiError as exc:
+                raise ApiError(400, f"volumeMounts: {exc.message}") from None
         # Only while a slot is free: the slot is taken right below, with no await in between.
         warm = self.warm.take(template, request) if len(self._slots) < self.limits.max_sandboxes else None
         sandbox_id = warm.row.id if warm is not None else request.sandbox_id or new_id()
@@ -369,6 +380,7 @@ class SandboxManager:
                     on_timeout=request.on_timeout,
                     pause_mode="full" if request.pause_memory else "filesystem",
                     auto_resume=request.auto_resume,
+                    volume_mounts=dict(request.volume_mounts),
                 )
                 if warm is not None:
                     row.id_base, row.init_pid, row.init_start = warm.row.id_base, warm.row.init_pid, warm.row.init_start
@@ -403,8 +415,17 @@ class SandboxManager:
             request["nice"] = nice
             if slot is not None:
                 request["files"] = {"/etc/resolv.conf": slot.resolv_conf()}
+            # Each volume's mount travels as a descriptor after the disk's, in the order of "volumes".
+            mounts = sorted(row.volume_mounts.items())
+            request["volumes"] = [target for target, _ in mounts]
             try:
-                answer = await self.zygote.create(request, [disk])
+                volume_fds = [await asyncio.to_thread(self.volumes.mount_fd_of, name) for _, name in mounts]
+            except (ApiError, OSError) as exc:
+                os.close(disk)
+                detail = exc.message if isinstance(exc, ApiError) else str(exc)
+                raise ApiError(500, f"could not mount the sandbox's volumes: {detail}") from None
+            try:
+                answer = await self.zygote.create(request, [disk, *volume_fds])
             finally:
                 os.close(disk)  # the sandbox has it attached now (or failed and let it go)
             if not answer.get("ok"):
@@ -775,6 +796,10 @@ class SandboxManager:
     def _snapshot_layer(self, image: Path, id_base: int, sandbox_id: str) -> LayerInfo:
         with self.templates.layers.lock("gc", shared=True):
             return build_layer.layer_from_disk(self.templates.layers, image, id_base, f"snapshot of {sandbox_id}")
+
+    def mounted_by(self, volume_name: str) -> list[str]:
+        """The live sandboxes (running or paused) that mount the volume ``volume_name``."""
+        return [row.id for row in self.store.live() if volume_name in row.volume_mounts.values()]
 
     def snapshot_rows(self, sandbox_id: str | None = None) -> list[TemplateRow]:
         """The snapshots, newest first; of one sandbox when ``sandbox_id`` is given."""

@@ -40,6 +40,7 @@ from .store import Store
 from .template_api import TemplateApi
 from .template_builder import TemplateBuilder
 from .templates import Templates, default_store_dir
+from .volume_api import VolumeApi
 from .zygote_client import ZygoteClient
 
 log = logging.getLogger("sandboxd.runtime")
@@ -85,10 +86,13 @@ class RuntimeApp:
         requests: RequestObserver,
         domain: str | None,
         template_api: TemplateApi | None = None,
+        volume_api: VolumeApi | None = None,
     ) -> None:
         self.control = control
         self.template_api = template_api
         """E2B's template build API (this machine's runtime only)."""
+        self.volume_api = volume_api
+        """E2B's volume API (this machine's runtime only)."""
         self.proxy = proxy
         self.operators = operators
         self.requests = requests
@@ -116,6 +120,8 @@ class RuntimeApp:
             await self.control(scope, receive, send)
         elif self.template_api is not None and self.template_api.matches(scope["path"]):
             await self.template_api(scope, receive, send)
+        elif self.volume_api is not None and self.volume_api.matches(scope["path"]):
+            await self.volume_api(scope, receive, send)
         else:
             await send_json(send, 404, {"code": 404, "message": f"no such endpoint: {scope['method']} {scope['path']}"})
 
@@ -229,7 +235,8 @@ def run(options: ServeOptions) -> None:
             "Point the E2B SDKs at it:\n"
             f"  export E2B_API_KEY={api_key}\n"
             f"  export E2B_API_URL={url}\n"
-            f"  export E2B_SANDBOX_URL={url}\n",
+            f"  export E2B_SANDBOX_URL={url}\n"
+            f"  export E2B_VOLUME_API_URL={url}\n",
             flush=True,
         )
     import uvloop
@@ -285,6 +292,7 @@ async def _serve(
         RequestObserver(observer.metrics),
         options.domain,
         TemplateApi(builder, api_key),
+        VolumeApi(manager.volumes, api_key, manager.mounted_by),
     )
     config = server_config(app, options.host, options.port, options.connections)
     observe_logs.adopt_uvicorn()

@@ -34,7 +34,8 @@ CREATE TABLE IF NOT EXISTS sandboxes (
     init_pid      INTEGER,
     init_start    INTEGER,                -- /proc/<pid>/stat starttime, to tell a reused pid apart
     ended_reason  TEXT,
-    id_base       INTEGER                 -- first host uid/gid of its user namespace's range
+    id_base       INTEGER,                -- first host uid/gid of its user namespace's range
+    volume_mounts TEXT NOT NULL DEFAULT '{}'  -- {path inside: volume name}
 );
 CREATE INDEX IF NOT EXISTS sandboxes_listing ON sandboxes (state, started_at, id);
 CREATE TABLE IF NOT EXISTS events (
@@ -91,6 +92,8 @@ class SandboxRow:
     init_start: int | None = None
     ended_reason: str | None = None
     id_base: int | None = None
+    volume_mounts: dict[str, str] = field(default_factory=dict)
+    """Where volumes are mounted: path inside the sandbox -> volume name (E2B's ``volumeMounts``)."""
 
 
 _COLUMNS = [f for f in SandboxRow.__dataclass_fields__]
@@ -110,6 +113,8 @@ class Store:
         columns = {r[1] for r in self.db.execute("PRAGMA table_info(sandboxes)")}
         if "id_base" not in columns:  # a data dir from before user namespaces
             self.db.execute("ALTER TABLE sandboxes ADD COLUMN id_base INTEGER")
+        if "volume_mounts" not in columns:  # a data dir from before volumes
+            self.db.execute("ALTER TABLE sandboxes ADD COLUMN volume_mounts TEXT NOT NULL DEFAULT '{}'")
 
     def close(self) -> None:
         self.db.close()
@@ -206,7 +211,7 @@ class Store:
 
     @staticmethod
     def _encode(name: str, value: Any) -> Any:
-        if name in ("metadata", "env_vars"):
+        if name in ("metadata", "env_vars", "volume_mounts"):
             return json.dumps(value, separators=(",", ":"))
         if name == "auto_resume":
             return int(bool(value))
@@ -217,5 +222,6 @@ class Store:
         values = dict(zip(_COLUMNS, row, strict=True))
         values["metadata"] = json.loads(values["metadata"])
         values["env_vars"] = json.loads(values["env_vars"])
+        values["volume_mounts"] = json.loads(values["volume_mounts"])
         values["auto_resume"] = bool(values["auto_resume"])
         return SandboxRow(**values)

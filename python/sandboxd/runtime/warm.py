@@ -103,6 +103,8 @@ class WarmPool:
             return None  # another template, or an id the caller owns (sandboxd node)
         if request.cpu_count is not None or request.memory_mb is not None:
             return None  # not the default size
+        if request.volume_mounts:
+            return None  # volumes are mounted as the sandbox is made
         self._taken_at = time.monotonic()
         while self.ready:
             warm = self.ready.pop(0)

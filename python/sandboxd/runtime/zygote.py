@@ -28,6 +28,8 @@ from typing import Any
 
 from sandboxd import _core
 
+from .volumes import MAX_MOUNTS as MAX_VOLUMES
+
 MAX_MESSAGE = 1 << 16
 
 
@@ -138,6 +140,15 @@ def _run_agent(log_fd: int, files: dict[str, str], interpreter: bool = False) ->
         os._exit(code)
 
 
+def _volumes(request: dict[str, Any]) -> dict[str, Any]:
+    """``enter_sandbox``'s ``volumes``: each mount received, as this process's path to it, and its
+    target inside the sandbox."""
+    targets = request.get("volumes") or []
+    if not targets:
+        return {}
+    return {"volumes": [(f"/proc/self/fd/{fd}", t) for fd, t in zip(request["volume_fds"], targets, strict=True)]}
+
+
 def _fork_sandbox(request: dict[str, Any], disk_fd: int | None, inherited: list[int]) -> tuple[int, int]:
     """Fork "A", which puts itself into a new sandbox; returns (A's pid, the pipe A answers on).
 
@@ -169,6 +180,7 @@ def _fork_sandbox(request: dict[str, Any], disk_fd: int | None, inherited: list[
                 open_files=request.get("open_files"),
                 inotify_instances=request.get("inotify_instances"),
                 inotify_watches=request.get("inotify_watches"),
+                **_volumes(request),
             )
         except BaseException as exc:  # A must never return into the zygote's loop
             os.write(w, _report(f"E{exc}".encode(errors="replace")))
@@ -177,6 +189,8 @@ def _fork_sandbox(request: dict[str, Any], disk_fd: int | None, inherited: list[
             os.close(w)
             if disk_fd is not None:
                 os.close(disk_fd)  # attached inside; the agent needs no handle on the raw disk
+            for fd in request["volume_fds"]:
+                os.close(fd)  # likewise: mounted inside, idmapped; the raw mounts stay outside
             _run_agent(log_fd, request.get("files") or {}, request.get("interpreter") is True)
         os.write(w, _report(b"P%d" % where.init_pid))
         os._exit(0)
@@ -218,11 +232,12 @@ def serve(sock: socket.socket) -> None:
     while True:
         for key, _ in selector.select():
             if key.fileobj is sock:
-                data, fds, _flags, _addr = socket.recv_fds(sock, MAX_MESSAGE, 1)
+                data, fds, _flags, _addr = socket.recv_fds(sock, MAX_MESSAGE, 1 + MAX_VOLUMES)
                 if not data:
                     return
                 request = json.loads(data)
                 disk_fd = fds[0] if fds else None
+                request["volume_fds"] = fds[1:]  # each volume's mount, in the order of request["volumes"]
                 try:
                     pid, pipe = _fork_sandbox(request, disk_fd, [sock.fileno(), *pending])
                 except Exception as exc:

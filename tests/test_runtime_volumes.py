@@ -1,0 +1,155 @@
+"""Volumes through the official SDK (``from e2b import Volume``) against a real runtime: the control
+plane, the content API (``$E2B_VOLUME_API_URL``), and the hostile-input rules of
+python/sandboxd/runtime/volumes.py. Volumes are real ext4 images, mounted by the runtime."""
+
+from __future__ import annotations
+
+import io
+import os
+import socket
+import uuid
+from collections.abc import Callable, Iterator
+
+import httpx
+import pytest
+from conftest import Runtime
+
+
+@pytest.fixture
+def volume(e2b_env: Runtime) -> Iterator[object]:
+    from e2b import Volume
+
+    made = Volume.create(f"test-{uuid.uuid4().hex[:12]}")
+    yield made
+    Volume.destroy(made.volume_id)
+
+
+def test_a_volume_is_created_listed_written_read_and_destroyed(e2b_env: Runtime) -> None:
+    from e2b import Volume
+    from e2b.exceptions import NotFoundException
+
+    name = f"test-{uuid.uuid4().hex[:12]}"
+    volume = Volume.create(name)
+    try:
+        assert volume.name == name and volume.token
+        assert (volume.volume_id, name) in [(v.volume_id, v.name) for v in Volume.list()]
+        assert volume.list("/") == []  # empty: no lost+found or disk-format leftovers
+
+        entry = volume.write_file("/notes/day1/hello.txt", "hello, volume")
+        assert (entry.name, entry.path, entry.size, entry.uid, entry.gid) == (
+            "hello.txt",
+            "/notes/day1/hello.txt",
+            13,
+            1000,
+            1000,
+        )
+        assert entry.mode == 0o644
+        assert volume.read_file("/notes/day1/hello.txt") == "hello, volume"
+        assert volume.get_info("/notes").type.value == "directory"
+        assert [e.path for e in volume.list("/notes", depth=2)] == ["/notes/day1", "/notes/day1/hello.txt"]
+
+        payload = os.urandom(3 << 20)
+        volume.write_file("blob.bin", io.BytesIO(payload), uid=0, gid=0, mode=0o600)  # streamed
+        assert volume.read_file("/blob.bin", format="bytes") == payload
+        assert b"".join(volume.read_file("/blob.bin", format="stream")) == payload
+        info = volume.get_info("/blob.bin")
+        assert (info.uid, info.gid, info.mode) == (0, 0, 0o600)
+
+        made = volume.make_dir("/a/b/c", force=True, mode=0o750)
+        assert made.type.value == "directory" and made.mode == 0o750
+        changed = volume.update_metadata("/a/b/c", uid=1234, mode=0o700)
+        assert (changed.uid, changed.gid, changed.mode) == (1234, 1000, 0o700)
+
+        volume.remove("/notes")
+        assert not volume.exists("/notes/day1/hello.txt")
+        assert sorted(e.name for e in volume.list("/")) == ["a", "blob.bin"]
+
+        again = Volume.connect(volume.volume_id)  # by id, from "elsewhere": name and token come back
+        assert again.name == name and again.read_file("/blob.bin", format="bytes") == payload
+    finally:
+        assert Volume.destroy(volume.volume_id) is True
+    assert Volume.destroy(volume.volume_id) is False
+    with pytest.raises(NotFoundException):
+        Volume.get_info(volume.volume_id)
+
+
+def test_bad_volume_requests_get_a_4xx_and_change_nothing(e2b_env: Runtime, volume: object) -> None:
+    from e2b import Volume
+    from e2b.exceptions import NotFoundException, VolumeException
+
+    vol: Volume = volume  # type: ignore[assignment]
+    with pytest.raises(VolumeException, match="409"):
+        Volume.create(vol.name)  # names are unique: sandboxes mount volumes by name
+    with pytest.raises(VolumeException, match="400"):
+        Volume.create("../escape")
+    vol.write_file("/keep.txt", "kept")
+    with pytest.raises(NotFoundException):
+        vol.read_file("/missing.txt")
+    with pytest.raises(VolumeException, match="400"):
+        vol.read_file("/")  # a directory
+    with pytest.raises(VolumeException, match="409"):
+        vol.make_dir("/keep.txt")
+    with pytest.raises(NotFoundException):
+        vol.make_dir("/no/parent")  # without force, parents must exist
+    with pytest.raises(VolumeException, match="400"):
+        vol.write_file("/owned.txt", "x", uid=70000)  # not an id any sandbox has
+
+    url = f"{e2b_env.url}/volumecontent/{vol.volume_id}"
+    token = {"Authorization": f"Bearer {vol.token}"}
+    for params, status in (
+        ({"path": "/../../etc/passwd"}, 400),
+        ({"path": "a/../../x"}, 400),
+        ({"path": "x\0y"}, 400),
+        ({"path": "/", "depth": "17"}, 400),
+        ({}, 400),
+    ):
+        answer = httpx.get(f"{url}/dir", params=params, headers=token)
+        assert answer.status_code == status, (params, answer.text)
+        assert answer.json()["message"]
+    assert httpx.get(f"{url}/path", params={"path": "/keep.txt"}).status_code == 401
+    wrong = {"Authorization": "Bearer no"}
+    assert httpx.get(f"{url}/path", params={"path": "/keep.txt"}, headers=wrong).status_code == 401
+    other = httpx.get(f"{e2b_env.url}/volumecontent/{uuid.uuid4()}/path", params={"path": "/"}, headers=token)
+    assert other.status_code == 404  # another volume's id with this volume's token: nothing to find
+    assert httpx.get(f"{e2b_env.url}/volumes").status_code == 401  # the control plane needs the API key
+    setuid = httpx.put(f"{url}/file", params={"path": "/s", "mode": str(0o4755)}, headers=token, content=b"#!")
+    assert setuid.status_code == 201 and setuid.json()["mode"] == 0o755  # no setuid bits through the API
+    assert vol.read_file("/keep.txt") == "kept"
+
+
+def test_an_upload_cut_short_leaves_the_old_file_whole(e2b_env: Runtime, volume: object) -> None:
+    from e2b import Volume
+
+    vol: Volume = volume  # type: ignore[assignment]
+    vol.write_file("/doc.txt", "the old version")
+    head = (
+        f"PUT /volumecontent/{vol.volume_id}/file?path=/doc.txt HTTP/1.1\r\nHost: x\r\n"
+        f"Authorization: Bearer {vol.token}\r\nContent-Length: {10 << 20}\r\n\r\n"
+    ).encode()
+    with socket.create_connection(("127.0.0.1", e2b_env.port)) as sock:
+        sock.sendall(head + b"n" * (3 << 20))  # 3 of the 10 MiB it announced, then gone
+    assert vol.read_file("/doc.txt") == "the old version"
+    assert [e.name for e in vol.list("/")] == ["doc.txt"]  # no temporary file left behind
+
+
+def test_a_full_volume_answers_507_and_the_host_disk_is_untouched(
+    start_runtime: Callable[..., Runtime], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from e2b import Volume
+    from e2b.exceptions import VolumeException
+
+    runtime = start_runtime("--sandbox-disk-mb", "64")  # volumes are as large as a sandbox's disk
+    for name, value in runtime.env().items():
+        monkeypatch.setenv(name, value)
+    volume = Volume.create("small")
+    try:
+        volume.write_file("/first.bin", b"1" * (1 << 20))
+        with pytest.raises(VolumeException, match="507"):
+            volume.write_file("/huge.bin", io.BytesIO(b"\0" * (100 << 20)))
+        assert volume.read_file("/first.bin", format="bytes") == b"1" * (1 << 20)
+        assert [e.name for e in volume.list("/")] == ["first.bin"]
+        image = runtime.data_dir / "volumes" / volume.volume_id / "volume.img"
+        assert image.stat().st_blocks * 512 < 80 << 20  # sparse, and bounded by its size
+        assert oct((runtime.data_dir / "volumes").stat().st_mode & 0o777) == "0o700"
+    finally:
+        Volume.destroy(volume.volume_id)
