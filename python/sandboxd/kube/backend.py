@@ -234,6 +234,10 @@ class KubernetesBackend:
         timeout = self._validate_timeout(request.timeout if request.timeout is not None else DEFAULT_TIMEOUT_S)
         if request.network != NetworkConfig():
             raise ApiError(400, "network settings do not apply: sandboxd nodes run sandboxes without networking (yet)")
+        if request.volume_mounts:
+            raise ApiError(
+                400, "volumes are not available with --backend kubernetes (yet): 'volumeMounts' must be empty"
+            )
         if len(request.template) > 253 or any(c.isspace() for c in request.template):
             raise ApiError(400, f"'templateID' {request.template[:80]!r} is not a template name")
         name = pods.new_id()
