@@ -270,6 +270,8 @@ class ControlPlane:
         network = network_to_wire(config)
         if network is not None:
             detail["network"] = network
+        if row.volume_mounts:
+            detail["volumeMounts"] = [{"name": name, "path": path} for path, name in sorted(row.volume_mounts.items())]
         if row.state == "paused":
             detail["pauseMode"] = row.pause_mode
         return detail
