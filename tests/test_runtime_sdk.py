@@ -46,6 +46,29 @@ def test_files_and_commands_inside_a_sandbox(e2b_env: Runtime) -> None:
         sbx.kill()
 
 
+def test_sandbox_git_as_e2bs_docs_show_it(e2b_env: Runtime) -> None:
+    """``sandbox.git`` (the SDK runs git through commands): init, commit, branch, push to a remote and
+    clone it back, in ``base``."""
+    sandbox = Sandbox.create()
+    try:
+        git = sandbox.git
+        git.init("/home/user/repo", initial_branch="main")
+        git.configure_user("Test User", "test@example.com")
+        sandbox.files.write("/home/user/repo/README.md", "hello from git")
+        git.add("/home/user/repo", all=True)
+        git.commit("/home/user/repo", "first commit")
+        assert git.status("/home/user/repo").current_branch == "main"
+        git.create_branch("/home/user/repo", "feature")
+        assert git.branches("/home/user/repo").branches == ["feature", "main"]
+        sandbox.commands.run("git init --bare /tmp/remote.git")
+        git.remote_add("/home/user/repo", "origin", "/tmp/remote.git")
+        git.push("/home/user/repo", remote="origin", branch="feature")
+        git.clone("/tmp/remote.git", path="/home/user/clone", branch="feature")
+        assert sandbox.files.read("/home/user/clone/README.md") == "hello from git"
+    finally:
+        sandbox.kill()
+
+
 def test_metadata_list_filters_and_pagination(e2b_env: Runtime) -> None:
     tag = uuid.uuid4().hex
     sandboxes = [Sandbox.create(metadata={"suite": tag, "n": str(i), "odd": str(i % 2)}) for i in range(5)]
