@@ -333,6 +333,8 @@ def test_a_restarted_runtime_ends_the_build_sandboxes_it_inherits(
     while not (found := Sandbox.list(query=query, **api).next_items()):
         assert time.monotonic() < deadline, "no build sandbox started"
         time.sleep(0.1)
+    # Only that query finds it: a user's listing has no build sandboxes in it.
+    assert found[0].sandbox_id not in [s.sandbox_id for s in Sandbox.list(**api).next_items()]
     runtime.process.terminate()
     runtime.process.wait(10)
     runtime.restart()

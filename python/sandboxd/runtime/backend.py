@@ -24,6 +24,7 @@ from .manager import CreateRequest, SandboxManager
 from .metrics import MetricsSample
 from .network import NetworkConfig
 from .store import SandboxRow, TemplateRow
+from .template_builder import BUILD_METADATA
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,7 +113,15 @@ class LocalBackend:
     async def list_page(self, query: ListQuery) -> tuple[list[SandboxRow], str | None]:
         """A keyset page over ``(startedAt, sandboxID)``: stable while sandboxes come and go."""
         after = _decode_cursor(query.cursor) if query.cursor else None
-        rows, next_after = self.manager.list_page(query.states, after, query.descending, query.limit, query.keep)
+
+        builds = BUILD_METADATA in query.metadata
+
+        def keep(row: SandboxRow) -> bool:
+            # A template build's sandbox is the runtime's, not a user's: listed only when asked for by
+            # its metadata key (an operator looking for one build's sandbox).
+            return (builds or BUILD_METADATA not in row.metadata) and query.keep(row)
+
+        rows, next_after = self.manager.list_page(query.states, after, query.descending, query.limit, keep)
         return rows, (f"{next_after[0]!r}__{next_after[1]}" if next_after is not None else None)
 
     def end_at(self, row: SandboxRow) -> float:
