@@ -376,8 +376,13 @@ def test_timeouts_are_enforced(kube: Env) -> None:
             timeout=20,
         )
         assert Sandbox.connect(kept.sandbox_id, **a.opts()).files.read("/home/user/keep") == "me"
+        Sandbox.set_timeout(kept.sandbox_id, 0, **b.opts())  # E2B's 0: the timeout's outcome, at once
+        assert Sandbox.get_info(kept.sandbox_id, **a.opts()).state == SandboxState.PAUSED
     finally:
         kept.kill()
+    ended = Sandbox.create(timeout=600, **a.opts())
+    ended.set_timeout(0)
+    assert _gone(ended.sandbox_id, b)
 
 
 def _gone(sandbox_id: str, replica: Proc) -> bool:
@@ -421,6 +426,8 @@ def test_bad_input_answers_4xx(kube: Env) -> None:
     assert api.get("/v2/sandboxes", params={"order": "asc"}).status_code == 400
     assert api.get("/sandboxes/nope").status_code == 404
     assert api.delete("/sandboxes/nope").status_code == 404
+    mounts = {"templateID": "base", "volumeMounts": [{"name": "v", "path": "/mnt/v"}]}
+    assert api.post("/v2/sandboxes", json=mounts).status_code == 400  # no volumes on nodes (yet)
 
 
 def test_a_killed_serve_replica_loses_nothing(kube: Env) -> None:

@@ -325,8 +325,22 @@ class KubernetesBackend:
                     return
 
     async def set_timeout(self, sandbox_id: str, timeout: int) -> None:
-        row = self._live(await self._pod(sandbox_id))
-        timeout = self._validate_timeout(timeout)
+        """As on one machine (``SandboxManager.set_timeout``): 0, and any negative value, ends the
+        sandbox at once as an expiring timeout does (killed, or paused with auto-pause); a paused
+        sandbox keeps the time for its resume, and 0 kills it unless it pauses on timeout."""
+        pod = await self._pod(sandbox_id)
+        row = self._live(pod)
+        timeout = max(timeout, 0)
+        if timeout > 0:
+            self._validate_timeout(timeout)
+        if timeout == 0:
+            if row.on_timeout == "pause":
+                if row.state != "paused":
+                    mode = (pod["metadata"].get("annotations") or {}).get(pods.PAUSE_MODE_ANNOTATION, "full")
+                    await self.pause(sandbox_id, mode, "timed out (timeout set to 0)")
+            else:
+                await self.kill(sandbox_id, "timed out (timeout set to 0)")
+            return
         if row.state == "paused":
             notes = {pods.REMAINING_ANNOTATION: str(timeout)}
         else:
