@@ -153,3 +153,87 @@ def test_a_full_volume_answers_507_and_the_host_disk_is_untouched(
         assert oct((runtime.data_dir / "volumes").stat().st_mode & 0o777) == "0o700"
     finally:
         Volume.destroy(volume.volume_id)
+
+
+def test_a_mounted_volume_is_shared_between_sandboxes_and_survives_them(e2b_env: Runtime, volume: object) -> None:
+    from e2b import Sandbox, Volume
+
+    vol: Volume = volume  # type: ignore[assignment]
+    vol.write_file("/from-api.txt", "api")
+    first = Sandbox.create(volume_mounts={"/mnt/data": vol})
+    second = Sandbox.create(volume_mounts={"/home/user/shared": vol.name})
+    try:
+        out = first.commands.run("cat /mnt/data/from-api.txt; echo; id -u; echo one > /mnt/data/from-first.txt")
+        assert out.stdout.startswith("api\n1000\n")
+        assert second.files.read("/home/user/shared/from-first.txt") == "one\n"  # the same file system
+        second.commands.run("mkdir /home/user/shared/dir && echo two > /home/user/shared/dir/f")
+        info = vol.get_info("/dir/f")
+        assert (info.uid, info.gid) == (1000, 1000)  # canonical owners: the sandbox's user is 1000 here too
+        detail = httpx.get(f"{e2b_env.url}/sandboxes/{first.sandbox_id}", headers={"X-API-KEY": e2b_env.api_key}).json()
+        assert detail["volumeMounts"] == [{"name": vol.name, "path": "/mnt/data"}]
+        with pytest.raises(Exception, match="409"):
+            Volume.destroy(vol.volume_id)  # mounted by live sandboxes
+        first.pause()
+        first.connect()
+        assert first.files.read("/mnt/data/dir/f") == "two\n"  # kept through pause and resume
+    finally:
+        first.kill()
+        second.kill()
+    assert vol.read_file("/from-first.txt") == "one\n"  # outlives the sandboxes
+
+
+def test_attack_symlinks_a_sandbox_leaves_in_a_volume_are_never_followed_by_the_runtime(
+    e2b_env: Runtime, volume: object
+) -> None:
+    """Root in a sandbox plants symlinks to host paths in a volume; the file API, which runs on the
+    host as root, reports them and refuses to go through them, so it never reads or writes host files."""
+    from e2b import Sandbox, Volume
+    from e2b.exceptions import VolumeException
+
+    vol: Volume = volume  # type: ignore[assignment]
+    sandbox = Sandbox.create(volume_mounts={"/mnt/v": vol})
+    try:
+        sandbox.commands.run(
+            "ln -s /etc/shadow /mnt/v/shadow && ln -s / /mnt/v/hostroot && ln -s /tmp /mnt/v/tmp", user="root"
+        )
+    finally:
+        sandbox.kill()
+    shadow = next(e for e in vol.list("/") if e.name == "shadow")
+    assert shadow.type.value == "symlink" and shadow.target == "/etc/shadow"
+    for read in ("/shadow", "/hostroot/etc/passwd"):
+        with pytest.raises(VolumeException, match="400"):
+            vol.read_file(read)
+    marker = f"sandboxd-volume-attack-{uuid.uuid4().hex}"
+    with pytest.raises(VolumeException, match="400"):
+        vol.write_file(f"/tmp/{marker}", "pwned")
+    with pytest.raises(VolumeException, match="400"):
+        vol.make_dir(f"/hostroot/tmp/{marker}", force=True)
+    assert not os.path.exists(f"/tmp/{marker}")
+    before = os.stat("/etc/shadow")
+    vol.update_metadata("/shadow", uid=0, gid=0)  # the link itself (lchown), never its target
+    with pytest.raises(VolumeException, match="400"):
+        vol.update_metadata("/shadow", mode=0o777)
+    after = os.stat("/etc/shadow")
+    assert (after.st_mode, after.st_uid, after.st_gid) == (before.st_mode, before.st_uid, before.st_gid)
+    vol.remove("/hostroot")  # the link goes, never what it points at
+    assert os.path.isdir("/etc") and not vol.exists("/hostroot")
+
+
+def test_attack_a_sandbox_filling_a_volume_fills_only_the_volume(
+    start_runtime: Callable[..., Runtime], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from e2b import Sandbox, Volume
+
+    runtime = start_runtime("--sandbox-disk-mb", "64")
+    for name, value in runtime.env().items():
+        monkeypatch.setenv(name, value)
+    volume = Volume.create("fill-me")
+    sandbox = Sandbox.create(volume_mounts={"/mnt/v": volume})
+    try:
+        out = sandbox.commands.run("dd if=/dev/zero of=/mnt/v/fill bs=1M count=200 2>&1; echo exit=$?", user="root")
+        assert "No space left on device" in out.stdout and "exit=1" in out.stdout
+        image = runtime.data_dir / "volumes" / volume.volume_id / "volume.img"
+        assert image.stat().st_blocks * 512 <= 70 << 20
+    finally:
+        sandbox.kill()
+        Volume.destroy(volume.volume_id)
