@@ -484,8 +484,9 @@ def volume_mounts(raw: object) -> dict[str, str]:
             raise ApiError(
                 400, f"volumeMounts: {json.dumps(normal[:100])}: volumes cannot be mounted under /proc, /sys or /dev"
             )
-        if normal in mounts:
-            raise ApiError(400, f"volumeMounts: two volumes at {normal}")
+        for other in mounts:
+            if normal == other or normal.startswith(other + "/") or other.startswith(normal + "/"):
+                raise ApiError(400, f"volumeMounts: {normal} and {other} overlap: mount volumes side by side")
         mounts[normal] = name
     return mounts
 
