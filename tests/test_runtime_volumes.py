@@ -237,3 +237,26 @@ def test_attack_a_sandbox_filling_a_volume_fills_only_the_volume(
     finally:
         sandbox.kill()
         Volume.destroy(volume.volume_id)
+
+
+def test_bad_volume_mounts_get_a_400_and_no_sandbox(e2b_env: Runtime, volume: object) -> None:
+    from e2b import Volume
+
+    vol: Volume = volume  # type: ignore[assignment]
+    api = httpx.Client(base_url=e2b_env.url, headers={"X-API-KEY": e2b_env.api_key})
+    before = len(api.get("/v2/sandboxes").json())
+    for mounts in (
+        [{"name": vol.name, "path": "/"}],
+        [{"name": vol.name, "path": "relative/path"}],
+        [{"name": vol.name, "path": "/proc/self"}],
+        [{"name": vol.name, "path": "/mnt/a/../b"}],
+        [{"name": vol.name, "path": "/mnt/a"}, {"name": vol.name, "path": "/mnt/a/b"}],
+        [{"name": "no-such-volume", "path": "/mnt/x"}],
+        [{"name": vol.name}],
+        [{"name": vol.name, "path": f"/mnt/{i}"} for i in range(17)],
+        "not a list",
+    ):
+        answer = api.post("/v2/sandboxes", json={"templateID": "base", "volumeMounts": mounts})
+        assert answer.status_code == 400, (mounts, answer.text)
+        assert answer.json()["message"]
+    assert len(api.get("/v2/sandboxes").json()) == before
