@@ -44,6 +44,7 @@ from .api import Route, check_api_key, find_route, iso
 from .errors import ApiError
 from .inputs import INT32_MAX, Body, Query
 from .template_builder import STATUS_PAGE, TemplateBuilder, parse_spec, status_answer
+from .templates import HIDDEN_PREFIX
 
 MAX_UPLOAD = 8 << 30
 """Bytes one ``copy`` step's archive may have: a build context, not a disk image; past it the upload
@@ -153,6 +154,8 @@ class TemplateApi:
 
     async def alias(self, scope: Scope, receive: Receive, send: Send, alias: str) -> None:
         try:
+            if alias.startswith(HIDDEN_PREFIX):  # a build's own (resuming over cached steps)
+                raise ApiError(404, "hidden")
             template = self.builder.templates.resolve(alias)
         except ApiError:
             raise ApiError(404, f"template '{alias}' not found") from None

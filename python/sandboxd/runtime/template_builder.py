@@ -22,12 +22,17 @@ Steps go through the sandbox's agent as a client's would (:mod:`.agent_client`):
   things (a directory's contents into ``dest``; a file into ``dest/`` or as ``dest``), then owned by
   the user and given the mode.
 
-Then the sandbox's processes are stopped (its disk kept), its writable layer becomes a layer
-(:mod:`.build_layer`: canonical owners, overlay whiteouts and opaque dirs kept), the sandbox goes,
-and the template is recorded as that layer on top of the parent's layers, which are shared, never
-copied. A build whose parent and steps (with the content hashes of copied files) are those of a
-build already made is served from the build cache (every step ``CACHED``) unless ``force``
-(``skip_cache``) is set.
+At a layer cut the sandbox's processes are stopped (its disk kept), its writable layer becomes a
+layer (:mod:`.build_layer`: canonical owners, overlay whiteouts and opaque dirs kept), the sandbox
+goes, and the next steps run in a new build sandbox over the layers so far. The template is its
+build's layers on top of the parent's layers, which are shared, never copied.
+
+The cache is per step, as E2B's: each step's key chains the previous step's key with the step (its
+type, arguments and copied files' hash), and each cut layer (and each step that changed no file) is
+cached under its step's key with the env, user and workdir after it. A build resumes from its
+longest cached prefix (those steps are logged ``CACHED``), over that prefix's layers; a step's
+``force`` (``skip_cache``) or the build's reruns from there. Layers are cut where they pay
+(:data:`CUT_AFTER_S`), at most :data:`MAX_BUILD_LAYERS` per build, and always after the last step.
 """
 
 from __future__ import annotations
@@ -55,8 +60,8 @@ from .agent_client import run_command, upload_file
 from .errors import ApiError
 from .layers import LayerError, LayerInfo
 from .manager import DISK_IMAGE, CreateRequest, SandboxManager
-from .store import TemplateRow
-from .templates import ALIASES, BASE, BUILTIN, Templates
+from .store import SandboxRow, TemplateRow
+from .templates import ALIASES, BASE, BUILTIN, HIDDEN_PREFIX, Templates
 
 log = logging.getLogger("sandboxd.runtime")
 
@@ -81,8 +86,21 @@ STATUS_PAGE = 100
 """Entries per status answer, as E2B's API gives (the SDK keeps asking until it gets none)."""
 
 MAX_STEPS = 256
-"""Steps per build: a template's overlay has one build layer whatever the count, but a build is a list
-a person wrote."""
+"""Steps per build: a build is a list a person wrote."""
+
+CUT_AFTER_S = 1.0
+"""A step's layer is cut (and cached) once the steps since the last cut took this long: a cut (pause
+the build sandbox, store its writable layer, start the next sandbox over it) costs about 0.1 s here
+for a small layer (``benches/templates.py``; the build log's "cut ... in" and "started ... in"
+lines), so cutting after quicker steps would slow a first build by more than a rebuild saves. The
+last step's layer is always cut. Steps that leave processes running are not cut after (a cut ends
+the sandbox, and a later step may use them, as a build on E2B may)."""
+
+MAX_BUILD_LAYERS = 8
+"""Layers one build puts over its parent's: once a build has cut this many less one, the rest of its
+steps share one layer. overlayfs takes its lower dirs in one page of mount options (about 30 of
+this store's layer paths, :data:`.templates.MAX_OVERLAY_OPTIONS`), and a template is the parent of
+the next one's build."""
 
 MAX_ARG = 64 << 10
 """Bytes per step argument (a command line, a path)."""
@@ -97,6 +115,10 @@ TAIL_LINES = 20
 """Output lines of a failed step quoted in the build's failure reason (all of it is in the log)."""
 
 HASH = re.compile(r"[0-9a-f]{64}")
+
+LEFT_RUNNING = 'cd /proc && for p in [0-9]*; do [ "$p" -gt 2 ] && [ "$p" != "$$" ] && echo "$p"; done; true'
+"""The processes of a build sandbox but its init and agent (pids 1 and 2) and this shell, from shell
+builtins alone (no ``ps`` in every image)."""
 
 COPY_SCRIPT = r"""set -eu
 archive=$1; src=$2; dest=$3; owner=$4; mode=$5
@@ -148,16 +170,27 @@ class BuildSpec:
     start_cmd: str | None
     ready_cmd: str | None
 
-    def key(self, parent_row: TemplateRow) -> str:
-        """The build cache key: the parent's layers and config, every step with its files' hashes,
-        and the start and ready commands."""
-        recipe = {
-            "parent": {"layers": parent_row.layers, "config": parent_row.config},
-            "steps": [[s.type, list(s.args), s.files_hash] for s in self.steps],
-            "start": self.start_cmd,
-            "ready": self.ready_cmd,
-        }
-        return "sha256:" + hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()
+    def keys(self, parent_row: TemplateRow) -> list[str]:
+        """Each step's cache key, chained as E2B chains them: the previous step's key (the first step's
+        is the parent's layers and config) with this step's type, arguments and files' hash. A step's
+        key names everything before it, so a changed step changes its own key and every later one."""
+        key = _digest({"parent": {"layers": parent_row.layers, "config": parent_row.config}})
+        out = []
+        for step in self.steps:
+            key = _digest({"previous": key, "step": [step.type, list(step.args), step.files_hash]})
+            out.append(key)
+        return out
+
+    def cacheable(self) -> int:
+        """How many leading steps may come from the cache: none with the build's ``force``, else
+        those before the first ``skip_cache`` step (which reruns, with every step after it)."""
+        if self.force:
+            return 0
+        return next((index for index, step in enumerate(self.steps) if step.force), len(self.steps))
+
+
+def _digest(recipe: dict[str, Any]) -> str:
+    return "sha256:" + hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()
 
 
 @dataclass(slots=True)
@@ -280,16 +313,57 @@ def _iso(ts: float) -> str:
 
 
 @dataclass(slots=True)
+class _State:
+    """What the steps so far left for the next ones and for the template's sandboxes."""
+
+    env: dict[str, str]
+    user: str | None
+    """Set by a ``USER`` step (else the parent's); ``None``: the agent's default."""
+    workdir: str | None
+
+    @classmethod
+    def of(cls, config: dict[str, Any]) -> _State:
+        env = config.get("env") or {}
+        return cls({str(k): str(v) for k, v in env.items()}, config.get("user") or None, config.get("workdir") or None)
+
+    def config(self) -> dict[str, Any]:
+        return {"env": dict(self.env), "user": self.user, "workdir": self.workdir}
+
+
+@dataclass(slots=True)
 class _Session:
     """A build sandbox while its steps run, and what the steps so far left for the next."""
 
     build: Build
-    sandbox_id: str
-    token: str
-    user: str
-    workdir: str | None
-    env: dict[str, str]
+    row: SandboxRow | None
+    """The build sandbox (``None`` between a layer cut and the next sandbox)."""
+    layers: list[str]
+    """The layers it was started over (topmost first): its writable layer goes on top of them."""
+    state: _State
     step: str = "base"
+
+    @property
+    def sandbox_id(self) -> str:
+        assert self.row is not None
+        return self.row.id
+
+    @property
+    def token(self) -> str:
+        assert self.row is not None
+        return self.row.access_token
+
+    @property
+    def user(self) -> str:
+        """Who runs a step that names no user: the current ``USER``, else root."""
+        return self.state.user or "root"
+
+    @property
+    def workdir(self) -> str | None:
+        return self.state.workdir
+
+    @property
+    def env(self) -> dict[str, str]:
+        return self.state.env
 
 
 class TemplateBuilder:
@@ -310,6 +384,7 @@ class TemplateBuilder:
             if BUILD_METADATA in row.metadata:
                 with contextlib.suppress(ApiError):
                     await self.manager.kill(row.id, "its template build ended with the runtime that ran it")
+        self.templates.forget_hidden()
 
     # ------------------------------------------------------------------------------ requests
 
@@ -414,88 +489,157 @@ class TemplateBuilder:
             parent_row = self.templates.row_of(spec.parent)
         except ApiError as exc:
             raise BuildFailed(f"the parent template '{spec.parent}': {exc.message}", "base") from None
-        key = spec.key(parent_row)
-        cached = None if spec.force or any(s.force for s in spec.steps) else self.templates.layers.cached(key)
-        if cached is not None:
-            for index, step in enumerate(spec.steps, 1):
-                build.log(f"CACHED [builder {index}/{len(spec.steps)}] {_describe(step)}", step=str(index))
-            self.templates.record_build(
-                build.name, list(cached["layers"]), dict(cached["config"]), cached.get("source", "")
+        keys = spec.keys(parent_row)
+        done, layers, state = 0, list(parent_row.layers), _State.of(parent_row.config)
+        for index in reversed(range(spec.cacheable())):  # the longest cached prefix
+            record = self.templates.layers.cached(keys[index])
+            if record is not None and isinstance(record.get("state"), dict):
+                done, layers, state = index + 1, list(record["layers"]), _State.of(record["state"])
+                break
+        for index, step in enumerate(spec.steps[:done], 1):
+            build.log(f"CACHED [builder {index}/{len(spec.steps)}] {_describe(step)}", step=str(index))
+        if done < len(spec.steps):
+            layers, state = await self._run_steps(
+                build, spec, parent_row, keys, done, _Session(build, None, layers, state)
             )
-            return
-        await self._run_steps(build, spec, parent_row, key)
+        config = {**parent_row.config, **state.config(), "start_cmd": spec.start_cmd, "ready_cmd": spec.ready_cmd}
+        self.templates.record_build(build.name, layers, config, f"template build from {parent_row.name}")
 
-    async def _run_steps(self, build: Build, spec: BuildSpec, parent_row: TemplateRow, key: str) -> None:
-        parent_config = parent_row.config
-        final_user: str | None = parent_config.get("user") or None
-        row = await self.manager.create(
+    async def _run_steps(
+        self, build: Build, spec: BuildSpec, parent_row: TemplateRow, keys: list[str], done: int, run: _Session
+    ) -> tuple[list[str], _State]:
+        """Run the steps from ``done`` on in a build sandbox over ``run.layers``. Each step's result is
+        cached under its key: a step that changed no file (``ENV``, ``USER``) for free, one that did
+        when its layer is cut (:data:`CUT_AFTER_S`); the last step's layer is always cut."""
+        hidden = f"{HIDDEN_PREFIX}build-{build.build_id}"
+        try:
+            await self._open(run, parent_row, hidden)
+            dirty, since_cut = False, time.monotonic()
+            for index in range(done, len(spec.steps)):
+                step = spec.steps[index]
+                run.step = str(index + 1)
+                build.log(f"[builder {index + 1}/{len(spec.steps)}] {_describe(step)}", step=run.step)
+                await self._step(run, step)
+                dirty = dirty or step.type in ("RUN", "COPY", "WORKDIR")
+                last = index == len(spec.steps) - 1
+                if not dirty:
+                    self.templates.layers.cache_put(keys[index], {"layers": run.layers, "state": run.state.config()})
+                elif last or (
+                    time.monotonic() - since_cut >= CUT_AFTER_S
+                    and len(run.layers) - len(parent_row.layers) < MAX_BUILD_LAYERS - 1
+                    and not await self._left_running(run)
+                ):
+                    await self._cut(run, keys[index], parent_row.name, final=last)
+                    dirty = False
+                    if not last:
+                        await self._open(run, parent_row, hidden)
+                    since_cut = time.monotonic()
+            return run.layers, run.state
+        finally:
+            if run.row is not None:
+                with contextlib.suppress(ApiError):
+                    await self.manager.kill(run.row.id, f"template build {build.build_id} ended")
+            self.templates.db.delete_template(hidden)
+
+    async def _open(self, run: _Session, parent_row: TemplateRow, hidden: str) -> None:
+        """A build sandbox over ``run.layers``: the parent template itself, or (resuming from a cached
+        step or after a cut) a hidden template row of those layers, which no listing shows."""
+        template = parent_row.name
+        if run.layers != parent_row.layers:
+            template = hidden
+            config = {**parent_row.config, **run.state.config()}
+            self.templates.db.put_template(
+                TemplateRow(hidden, run.layers, config, f"build {run.build.build_id}", time.time())
+            )
+        started = time.monotonic()
+        run.row = await self.manager.create(
             CreateRequest(
-                template=parent_row.name,
+                template=template,
                 timeout=BUILD_SANDBOX_TIMEOUT_S,
-                metadata={BUILD_METADATA: build.build_id},
+                metadata={BUILD_METADATA: run.build.build_id},
                 env_vars={},
             )
         )
-        run = _Session(
-            build,
-            row.id,
-            row.access_token,
-            user=final_user or "root",
-            workdir=parent_config.get("workdir") or None,
-            env={str(k): str(v) for k, v in (parent_config.get("env") or {}).items()},
+        run.build.log(
+            f"Build sandbox {run.row.id} started over {len(run.layers)} layers of '{parent_row.name}' "
+            f"in {time.monotonic() - started:.2f} s",
+            step=run.step,
         )
-        build.log(f"Build sandbox {row.id} started from '{parent_row.name}'", step="base")
-        try:
-            for index, step in enumerate(spec.steps, 1):
-                run.step = str(index)
-                build.log(f"[builder {index}/{len(spec.steps)}] {_describe(step)}", step=run.step)
-                if step.type == "ENV":
-                    run.env.update(zip(step.args[::2], step.args[1::2], strict=True))
-                elif step.type == "USER":
-                    await self._exec(run, f"id -u {shlex.quote(step.args[0])}", "root", quiet=True)
-                    run.user = final_user = step.args[0]
-                elif step.type == "WORKDIR":
-                    target = os.path.join(run.workdir or "/", step.args[0])
-                    quoted = shlex.quote(target)
-                    await self._exec(run, f"mkdir -p {quoted} && chown {shlex.quote(run.user)}: {quoted}", "root")
-                    run.workdir = target
-                elif step.type == "RUN":
-                    user = step.args[1] if len(step.args) > 1 and step.args[1] else run.user
-                    await self._exec(run, step.args[0], user)
-                elif step.type == "COPY":
-                    await self._copy(run, step)
-            config = {
-                **parent_config,
-                "env": run.env,
-                "user": final_user,
-                "workdir": run.workdir,
-                "start_cmd": spec.start_cmd,
-                "ready_cmd": spec.ready_cmd,
-            }
+
+    async def _cut(self, run: _Session, key: str, parent: str, final: bool) -> None:
+        """Keep what the build sandbox's steps changed as a layer on top of ``run.layers``, cached
+        under ``key`` (the last step run); the sandbox goes."""
+        started = time.monotonic()
+        build = run.build
+        if final:
             build.log("Saving the template's layer", step="finalize")
-            await self.manager.pause(row.id, "filesystem", f"template build {build.build_id}: keeping its layer")
-            image = self.manager.sandboxes_dir / row.id / DISK_IMAGE
-            assert row.id_base is not None
-            info = await asyncio.to_thread(self._layer, image, row.id_base, f"build of {build.name}")
-            layers = [info.digest, *parent_row.layers]
-            source = f"template build from {parent_row.name}"
-            self.templates.layers.cache_put(key, {"layers": layers, "config": config, "source": source})
-            self.templates.record_build(build.name, layers, config, source)
-            build.log(
-                f"Layer {info.digest[:19]} ({info.size >> 10} KiB, {info.entries} entries) over '{parent_row.name}'",
-                step="finalize",
+        assert run.row is not None
+        await self.manager.pause(run.row.id, "filesystem", f"template build {build.build_id}: keeping its layer")
+        image = self.manager.sandboxes_dir / run.row.id / DISK_IMAGE
+        assert run.row.id_base is not None
+        info, layers = await asyncio.to_thread(
+            self._layer, image, run.row.id_base, f"build of {build.name}", key, run.layers, run.state
+        )
+        with contextlib.suppress(ApiError):
+            await self.manager.kill(run.row.id, f"template build {build.build_id}: layer kept")
+        run.row, run.layers = None, layers
+        build.log(
+            f"Layer {info.digest[:19]} ({info.size >> 10} KiB, {info.entries} entries) over '{parent}' "
+            f"cut after step {run.step} in {time.monotonic() - started:.2f} s",
+            step="finalize" if final else run.step,
+        )
+
+    async def _left_running(self, run: _Session) -> bool:
+        """Whether the steps left processes running (a server a later step uses, as E2B's builds
+        allow): a cut would end them, so the build keeps its sandbox until they are gone."""
+        pids: list[str] = []
+
+        def on_line(stream: str, line: str) -> None:
+            if stream == "stdout":
+                pids.append(line)
+
+        try:
+            result = await run_command(
+                self._open_socket(run.sandbox_id), run.token, LEFT_RUNNING, "root", None, {}, on_line
             )
-        finally:
-            with contextlib.suppress(ApiError):
-                await self.manager.kill(row.id, f"template build {build.build_id} ended")
+        except (OSError, ValueError):
+            return False
+        if result.exit_code != 0 or not pids:
+            return False
+        run.build.log(f"No layer cut after step {run.step}: processes the steps started still run", step=run.step)
+        return True
+
+    async def _step(self, run: _Session, step: Step) -> None:
+        if step.type == "ENV":
+            run.env.update(zip(step.args[::2], step.args[1::2], strict=True))
+        elif step.type == "USER":
+            await self._exec(run, f"id -u {shlex.quote(step.args[0])}", "root", quiet=True)
+            run.state.user = step.args[0]
+        elif step.type == "WORKDIR":
+            target = os.path.join(run.workdir or "/", step.args[0])
+            quoted = shlex.quote(target)
+            await self._exec(run, f"mkdir -p {quoted} && chown {shlex.quote(run.user)}: {quoted}", "root")
+            run.state.workdir = target
+        elif step.type == "RUN":
+            user = step.args[1] if len(step.args) > 1 and step.args[1] else run.user
+            await self._exec(run, step.args[0], user)
+        elif step.type == "COPY":
+            await self._copy(run, step)
 
     def _pull(self, name: str, reference: str, build: Build) -> None:
         """In a worker thread: the image as a template of its own (its layers shared with the build)."""
         self.templates.pull(name, reference, lambda line: build.log(line, step="base"))
 
-    def _layer(self, image: Path, id_base: int, source: str) -> LayerInfo:
+    def _layer(
+        self, image: Path, id_base: int, source: str, key: str, below: list[str], state: _State
+    ) -> tuple[LayerInfo, list[str]]:
+        """In a worker thread: the disk's writable layer stored, and cached under ``key`` while the
+        garbage collector is held off (it keeps what a cache record lists)."""
         with self.templates.layers.lock("gc", shared=True):
-            return build_layer.layer_from_disk(self.templates.layers, image, id_base, source)
+            info = build_layer.layer_from_disk(self.templates.layers, image, id_base, source)
+            layers = [info.digest, *below]
+            self.templates.layers.cache_put(key, {"layers": layers, "state": state.config()})
+            return info, layers
 
     def _open_socket(self, sandbox_id: str) -> Callable[[int], Awaitable[socket.socket]]:
         return functools.partial(self.manager.open_socket, sandbox_id)

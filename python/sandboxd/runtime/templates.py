@@ -79,6 +79,11 @@ also holds the upper and work dirs."""
 
 _NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")
 
+HIDDEN_PREFIX = "."
+"""Template rows a build makes for its own build sandboxes (a cached step's layers to resume over):
+no template name can start with it, and no listing or ``exists`` shows them (a create needs the build's
+id in the name, which only the API key's holder has)."""
+
 Report = Callable[[str], None]
 
 
@@ -343,14 +348,24 @@ class Templates:
     # -------------------------------------------------------------------------------- listing
 
     def names(self) -> list[str]:
-        return sorted({*BUILTIN, *ALIASES, *(row.name for row in self.db.templates())})
+        return sorted({*BUILTIN, *ALIASES, *(row.name for row in self._rows())})
+
+    def _rows(self) -> list[TemplateRow]:
+        """The template rows a person made, without a build's hidden ones (:data:`HIDDEN_PREFIX`)."""
+        return [row for row in self.db.templates() if not row.name.startswith(HIDDEN_PREFIX)]
+
+    def forget_hidden(self) -> None:
+        """Delete the hidden rows of builds that ended with a previous runtime."""
+        for row in self.db.templates():
+            if row.name.startswith(HIDDEN_PREFIX):
+                self.db.delete_template(row.name)
 
     def listing(self) -> list[Listed]:
         out = [Listed(HOST, "ready", "the host's /usr, read-only, with a private /etc", [], 0)]
         for name in BUILT:
             if self._ready(name) is None:
                 out.append(Listed(name, "not built", self._describe(name), [], 0))
-        for row in self.db.templates():
+        for row in self._rows():
             present = all(self.layers.has(d) for d in row.layers)
             size = sum(info.size for d in row.layers if (info := self.layers.info(d)) is not None)
             out.append(Listed(row.name, "ready" if present else "missing layers", row.source, row.layers, size))
