@@ -207,6 +207,55 @@ def test_no_layer_is_cut_under_a_process_a_step_left_running(builds: Runtime) ->
     assert len(_layers(builds)[name]) == len(_layers(builds)["base"]) + 3
 
 
+def test_tags_name_builds_of_a_template(builds: Runtime) -> None:
+    """E2B's tags through the SDK: ``name:tag`` builds and creates that build, ``name`` is the
+    ``default`` tag, ``assign_tags``/``remove_tags``/``get_tags``, and ``name:<build id>``."""
+    name = _name()
+
+    def build(value: str, target: str, tags: list[str] | None = None) -> str:
+        template = Template().from_template("base").run_cmd(f"echo {value} > /home/user/which")
+        return Template.build(template, target, tags=tags).build_id
+
+    def which(target: str) -> str:
+        sandbox = Sandbox.create(target, timeout=60)
+        try:
+            return sandbox.commands.run("cat /home/user/which").stdout.strip()
+        finally:
+            sandbox.kill()
+
+    first = build(f"one-{name}", f"{name}:v1")
+    assert which(f"{name}:v1") == f"one-{name}"
+    assert Template.exists(name)  # a template, though no build has its default tag yet
+    with pytest.raises(Exception, match=r"no tag or build 'default'|not found"):
+        Sandbox.create(name, timeout=60)
+    build(f"two-{name}", name)
+    build(f"three-{name}", name, tags=["v3", "V3"])  # tags given: not the default (E2B's rule)
+    assert which(name) == which(f"{name}:default") == f"two-{name}"
+    assert which(f"{name}:v1") == f"one-{name}" and which(f"{name}:v3") == f"three-{name}"
+    assert which(f"{name}:{first}") == f"one-{name}"
+
+    assigned = Template.assign_tags(f"{name}:v1", ["stable", "prod"])
+    assert assigned.build_id == first and sorted(assigned.tags) == ["prod", "stable"]
+    assert which(f"{name}:stable") == f"one-{name}"
+    listed = {tag.tag: tag.build_id for tag in Template.get_tags(name)}
+    assert set(listed) == {"default", "v1", "v3", "stable", "prod"} and listed["stable"] == first
+
+    Template.remove_tags(name, ["v1", "prod"])
+    assert {tag.tag for tag in Template.get_tags(name)} == {"default", "v3", "stable"}
+    with pytest.raises(Exception, match="no tag or build 'v1'"):
+        Sandbox.create(f"{name}:v1", timeout=60)
+    with pytest.raises(Exception, match="cannot be removed"):
+        Template.remove_tags(name, "default")
+    with pytest.raises(Exception, match="must be 1-63"):
+        Template.assign_tags(name, "Not A Tag!")
+    headers = {"X-API-KEY": builds.api_key}
+    with httpx.Client(base_url=builds.url, headers=headers) as client:
+        listed_names = [t["templateID"] for t in client.get("/templates").json()]
+        assert listed_names.count(name) == 1 and not [n for n in listed_names if n.startswith(f"{name}:")]
+        assert client.delete(f"/templates/{name}").status_code == 204
+    assert not Template.exists(name) and not [n for n in _layers(builds) if n.startswith(name)]
+
+
 def test_a_failing_step_fails_the_build_with_its_output(builds: Runtime) -> None:
     logs: list[LogEntry] = []
     template = Template().from_template("base").run_cmd("echo about-to-fail-$((40+2)); exit 3")

@@ -13,7 +13,10 @@
 * ``GET /templates/{id}/builds/{build}/status?logsOffset=&limit=`` -> 200 ``{templateID, buildID,
   status, logs, logEntries, reason?}``: status and the log from ``logsOffset`` on, as it runs;
 * ``GET /templates/aliases/{alias}`` -> 200 ``{templateID, public}`` or 404 (``Template.exists``);
-* ``GET /templates`` -> 200 ``[Template]`` (``e2b template list``); ``DELETE /templates/{id}`` -> 204.
+* ``GET /templates`` -> 200 ``[Template]`` (``e2b template list``); ``DELETE /templates/{id}`` -> 204;
+* tags (``name:tag`` names a build; ``name`` is ``name:default``): ``POST /templates/tags`` ``{target,
+  tags}`` -> 201 ``{tags, buildID}``, ``DELETE /templates/tags`` ``{name, tags}`` -> 204,
+  ``GET /templates/{id}/tags`` -> 200 ``[{tag, buildID, createdAt}]``.
 
 Every request but the upload needs ``X-API-KEY``; bad input is a 400 naming the field.
 """
@@ -21,6 +24,7 @@ Every request but the upload needs ``X-API-KEY``; bad input is a 400 naming the 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import hmac
 import os
@@ -44,7 +48,7 @@ from .api import Route, check_api_key, find_route, iso
 from .errors import ApiError
 from .inputs import INT32_MAX, Body, Query
 from .template_builder import STATUS_PAGE, TemplateBuilder, parse_spec, status_answer
-from .templates import HIDDEN_PREFIX
+from .templates import HIDDEN_PREFIX, check_tags, split_tag
 
 MAX_UPLOAD = 8 << 30
 """Bytes one ``copy`` step's archive may have: a build context, not a disk image; past it the upload
@@ -54,6 +58,15 @@ WRITE_BATCH = 1 << 20
 """Upload bytes gathered before each write, which runs in a worker thread (not on the event loop)."""
 
 MAX_TAGS = 32
+
+
+def _tags(body: Body, required: bool = False) -> list[str]:
+    tags = body.fields.get("tags") or []
+    if not isinstance(tags, list) or len(tags) > MAX_TAGS or not all(isinstance(t, str) for t in tags):
+        raise ApiError(400, f"'tags' must be an array of at most {MAX_TAGS} strings")
+    if required and not tags:
+        raise ApiError(400, "'tags' must name at least one tag")
+    return tags
 
 
 class TemplateApi:
@@ -66,6 +79,9 @@ class TemplateApi:
         self.routes: list[Route] = [
             ("POST", re.compile(r"/v3/templates"), self.request_build),
             ("GET", re.compile(r"/templates"), self.list),
+            ("POST", re.compile(r"/templates/tags"), self.assign_tags),
+            ("DELETE", re.compile(r"/templates/tags"), self.remove_tags),
+            ("GET", re.compile(rf"/templates/{part}/tags"), self.tags),
             ("DELETE", re.compile(r"/templates/" + part), self.delete),
             ("GET", re.compile(r"/templates/aliases/" + part), self.alias),
             ("GET", re.compile(rf"/templates/{part}/files/{part}"), self.file_link),
@@ -100,9 +116,7 @@ class TemplateApi:
         body = await Body.read(receive)
         name = body.string("name", required=True)
         assert name is not None
-        tags = body.fields.get("tags") or []
-        if not isinstance(tags, list) or len(tags) > MAX_TAGS or not all(isinstance(t, str) for t in tags):
-            raise ApiError(400, f"'tags' must be an array of at most {MAX_TAGS} strings")
+        tags = _tags(body)
         body.integer("cpuCount", 1, INT32_MAX)
         body.integer("memoryMB", 1, INT32_MAX)
         body.integer("minFreeDiskMB", 0, INT32_MAX)
@@ -129,7 +143,7 @@ class TemplateApi:
             answer.append(
                 {
                     "templateID": row.name,
-                    "buildID": self.builder.build_id_of(row.name),
+                    "buildID": self.builder.build_id_of(row),
                     "cpuCount": limits.cpu_count,
                     "memoryMB": limits.memory_mb,
                     "diskSizeMB": limits.disk_mb,
@@ -148,18 +162,46 @@ class TemplateApi:
             )
         await send_json(send, 200, answer)
 
+    async def assign_tags(self, scope: Scope, receive: Receive, send: Send) -> None:
+        body = await Body.read(receive)
+        target = body.string("target", required=True)
+        assert target is not None
+        tags = check_tags(_tags(body, required=True))
+        row = self.builder.templates.assign_tags(target, tags)
+        await send_json(send, 201, {"tags": tags, "buildID": self.builder.build_id_of(row)})
+
+    async def remove_tags(self, scope: Scope, receive: Receive, send: Send) -> None:
+        body = await Body.read(receive)
+        name = body.string("name", required=True)
+        assert name is not None
+        self.builder.templates.remove_tags(name, check_tags(_tags(body, required=True)))
+        await send_empty(send, 204)
+
+    async def tags(self, scope: Scope, receive: Receive, send: Send, template_id: str) -> None:
+        tags = self.builder.templates.tags(template_id)
+        if not tags or template_id.startswith(HIDDEN_PREFIX):
+            raise ApiError(404, f"template '{template_id}' not found among the templates built here")
+        answer = [
+            {"tag": tag, "buildID": self.builder.build_id_of(row), "createdAt": iso(row.created_at)}
+            for tag, row in tags
+        ]
+        await send_json(send, 200, answer)
+
     async def delete(self, scope: Scope, receive: Receive, send: Send, template_id: str) -> None:
         await self.builder.remove(template_id)
         await send_empty(send, 204)
 
     async def alias(self, scope: Scope, receive: Receive, send: Send, alias: str) -> None:
-        try:
-            if alias.startswith(HIDDEN_PREFIX):  # a build's own (resuming over cached steps)
-                raise ApiError(404, "hidden")
-            template = self.builder.templates.resolve(alias)
-        except ApiError:
-            raise ApiError(404, f"template '{alias}' not found") from None
-        await send_json(send, 200, {"templateID": template.id, "public": False})
+        templates = self.builder.templates
+        template_id = None
+        if not alias.startswith(HIDDEN_PREFIX):
+            with contextlib.suppress(ApiError):
+                template_id = split_tag(templates.resolve(alias).id)[0]
+            if template_id is None and templates.tags(alias):  # built with tags only, none the default
+                template_id = alias
+        if template_id is None:
+            raise ApiError(404, f"template '{alias}' not found")
+        await send_json(send, 200, {"templateID": template_id, "public": False})
 
     async def file_link(self, scope: Scope, receive: Receive, send: Send, template_id: str, files_hash: str) -> None:
         path = self.builder.upload_path(files_hash)

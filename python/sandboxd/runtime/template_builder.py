@@ -61,7 +61,7 @@ from .errors import ApiError
 from .layers import LayerError, LayerInfo
 from .manager import DISK_IMAGE, CreateRequest, SandboxManager
 from .store import SandboxRow, TemplateRow
-from .templates import ALIASES, BASE, BUILTIN, HIDDEN_PREFIX, Templates
+from .templates import ALIASES, BASE, BUILTIN, DEFAULT_TAG, HIDDEN_PREFIX, TAG_SEPARATOR, Templates, check_tags
 
 log = logging.getLogger("sandboxd.runtime")
 
@@ -174,7 +174,8 @@ class BuildSpec:
         """Each step's cache key, chained as E2B chains them: the previous step's key (the first step's
         is the parent's layers and config) with this step's type, arguments and files' hash. A step's
         key names everything before it, so a changed step changes its own key and every later one."""
-        key = _digest({"parent": {"layers": parent_row.layers, "config": parent_row.config}})
+        config = {k: v for k, v in parent_row.config.items() if k != "build_id"}  # a rebuild's id is new
+        key = _digest({"parent": {"layers": parent_row.layers, "config": config}})
         out = []
         for step in self.steps:
             key = _digest({"previous": key, "step": [step.type, list(step.args), step.files_hash]})
@@ -228,10 +229,11 @@ class Build:
         return self.logs[start : start + limit]
 
 
-def parse_name(raw: str) -> tuple[str, list[str]]:
-    """E2B's ``name`` or ``name:tag``: the template's name and its tags."""
-    name, _, tag = raw.partition(":")
-    return name, [tag] if tag else []
+def parse_name(raw: str, tags: list[str]) -> tuple[str, list[str]]:
+    """E2B's ``name`` or ``name:tag`` with the request's ``tags``: the template's name and the tags its
+    build gets (``default`` when none is named, as E2B does); 400 on a bad tag."""
+    name, _, tag = raw.partition(TAG_SEPARATOR)
+    return name, check_tags([*([tag] if tag else []), *tags]) or [DEFAULT_TAG]
 
 
 def parse_spec(body: dict[str, Any]) -> BuildSpec:
@@ -389,9 +391,9 @@ class TemplateBuilder:
     # ------------------------------------------------------------------------------ requests
 
     def request(self, raw_name: str, tags: list[str]) -> Build:
-        name, tag = parse_name(raw_name)
+        name, tags = parse_name(raw_name, tags)
         self.templates.check_buildable_name(name)
-        build = Build(template_id=name, build_id=str(uuid.uuid4()), name=name, tags=[*tag, *tags] or ["default"])
+        build = Build(template_id=name, build_id=str(uuid.uuid4()), name=name, tags=tags)
         if len(self.builds) >= MAX_BUILDS:
             finished = [b for b in self.builds.values() if b.status in ("ready", "error", "waiting")]
             if not finished:
@@ -423,12 +425,14 @@ class TemplateBuilder:
                     rows.append(row)
         return rows
 
-    def build_id_of(self, name: str) -> str:
-        """The latest build of a template made here, else a stable id derived from its name."""
-        for build in reversed(self.builds.values()):
-            if build.name == name and build.status == "ready":
-                return build.build_id
-        return str(uuid.uuid5(uuid.NAMESPACE_URL, f"sandboxd-template:{name}"))
+    @staticmethod
+    def build_id_of(row: TemplateRow) -> str:
+        """The build that made a template's row, else (an import, a built-in) a stable id derived from
+        its name."""
+        build_id = row.config.get("build_id")
+        if isinstance(build_id, str):
+            return build_id
+        return str(uuid.uuid5(uuid.NAMESPACE_URL, f"sandboxd-template:{row.name}"))
 
     async def remove(self, name: str) -> None:
         """Forget a template and delete the layers nothing else uses (409 while sandboxes use it).
@@ -502,8 +506,14 @@ class TemplateBuilder:
             layers, state = await self._run_steps(
                 build, spec, parent_row, keys, done, _Session(build, None, layers, state)
             )
-        config = {**parent_row.config, **state.config(), "start_cmd": spec.start_cmd, "ready_cmd": spec.ready_cmd}
-        self.templates.record_build(build.name, layers, config, f"template build from {parent_row.name}")
+        config = {
+            **parent_row.config,
+            **state.config(),
+            "start_cmd": spec.start_cmd,
+            "ready_cmd": spec.ready_cmd,
+            "build_id": build.build_id,
+        }
+        self.templates.record_build(build.name, layers, config, f"template build from {parent_row.name}", build.tags)
 
     async def _run_steps(
         self, build: Build, spec: BuildSpec, parent_row: TemplateRow, keys: list[str], done: int, run: _Session

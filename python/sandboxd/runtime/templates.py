@@ -79,6 +79,16 @@ also holds the upper and work dirs."""
 
 _NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")
 
+TAG_SEPARATOR = ":"
+DEFAULT_TAG = "default"
+"""E2B's tags: ``name:tag`` names one build of a template; ``name`` is ``name:default``, the tag a
+build gets when it names none. A tag's build is a row of its own, ``name:tag`` (a name cannot hold
+``:``), listing that build's layers; ``name``'s row is the default tag's."""
+
+_TAG = re.compile(r"[a-z0-9._-]{1,63}")
+
+_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+
 HIDDEN_PREFIX = "."
 """Template rows a build makes for its own build sandboxes (a cached step's layers to resume over):
 no template name can start with it, and no listing or ``exists`` shows them (a create needs the build's
@@ -149,6 +159,30 @@ class Listed:
     source: str
     layers: list[str]
     size: int
+
+
+def split_tag(name: str) -> tuple[str, str]:
+    """``name:tag`` (or ``name``: the default tag) as its name and tag."""
+    base, _, tag = name.partition(TAG_SEPARATOR)
+    return base, tag or DEFAULT_TAG
+
+
+def tagged(name: str, tag: str) -> str:
+    """The row name of a template's tag: the default tag's is the template's own name."""
+    return name if tag == DEFAULT_TAG else f"{name}{TAG_SEPARATOR}{tag}"
+
+
+def check_tags(tags: list[str]) -> list[str]:
+    """E2B's tag rule (lowercase letters, digits, ``.``, ``_``, ``-``; not a build id), lowercased,
+    duplicates dropped in order; 400 naming the tag that breaks it."""
+    out: list[str] = []
+    for raw in tags:
+        tag = raw.strip().lower()
+        if not _TAG.fullmatch(tag) or _UUID.fullmatch(tag):
+            raise ApiError(400, f"tag '{raw[:80]}' must be 1-63 of a-z, 0-9, '.', '_', '-' and not a build id (a UUID)")
+        if tag not in out:
+            out.append(tag)
+    return out
 
 
 def default_store_dir(data_dir: Path) -> Path:
@@ -248,7 +282,9 @@ class Templates:
     # ------------------------------------------------------------------------------ resolving
 
     def canonical(self, name: str) -> str:
-        return ALIASES.get(name, name)
+        """An alias's template, and ``name:default`` as ``name``."""
+        base, tag = split_tag(name)
+        return tagged(ALIASES.get(base, base), tag)
 
     def resolve(self, name: str) -> Template:
         """The template called ``name`` (or an alias), without building anything: 404 naming the
@@ -259,9 +295,24 @@ class Templates:
         if canonical in BUILT:
             return self._ready(canonical) or self._fallback(canonical)
         row = self.db.template(canonical)
+        if row is None and TAG_SEPARATOR in canonical:
+            base, tag = split_tag(canonical)
+            tags = self.tags(base)
+            row = next((r for t, r in tags if _UUID.fullmatch(tag) and r.config.get("build_id") == tag), None)
+            if row is None and tags:
+                raise ApiError(
+                    404, f"template '{base}' has no tag or build '{tag}'; its tags: {', '.join(t for t, _ in tags)}"
+                )
         if row is None:
             raise ApiError(404, f"template '{name}' not found; known templates: {', '.join(self.names())}")
         return self._template(row)
+
+    def tags(self, name: str) -> list[tuple[str, TemplateRow]]:
+        """The tags of a template made here (``default`` first when it has it), with their rows."""
+        rows = self.db.templates()
+        out = [(DEFAULT_TAG, r) for r in rows if r.name == name]
+        out += [(r.name[len(name) + 1 :], r) for r in rows if r.name.startswith(name + TAG_SEPARATOR)]
+        return out
 
     async def prepare(self, name: str, wait: float = BASE_WAIT_S) -> Template:
         """For a create: like :meth:`resolve`, but a built-in template is built if it is not yet
@@ -348,11 +399,13 @@ class Templates:
     # -------------------------------------------------------------------------------- listing
 
     def names(self) -> list[str]:
-        return sorted({*BUILTIN, *ALIASES, *(row.name for row in self._rows())})
+        return sorted({*BUILTIN, *ALIASES, *(split_tag(row.name)[0] for row in self._rows(tags=True))})
 
-    def _rows(self) -> list[TemplateRow]:
-        """The template rows a person made, without a build's hidden ones (:data:`HIDDEN_PREFIX`)."""
-        return [row for row in self.db.templates() if not row.name.startswith(HIDDEN_PREFIX)]
+    def _rows(self, tags: bool = False) -> list[TemplateRow]:
+        """The template rows a person made (their default tags, or with ``tags`` every tag's), without
+        a build's hidden ones (:data:`HIDDEN_PREFIX`)."""
+        rows = [row for row in self.db.templates() if not row.name.startswith(HIDDEN_PREFIX)]
+        return rows if tags else [row for row in rows if TAG_SEPARATOR not in row.name]
 
     def forget_hidden(self) -> None:
         """Delete the hidden rows of builds that ended with a previous runtime."""
@@ -447,10 +500,47 @@ class Templates:
             )
         return row
 
-    def record_build(self, name: str, layers: list[str], config: dict[str, Any], source: str) -> TemplateRow:
-        """Record (or replace) a template made by a build."""
+    def record_build(
+        self,
+        name: str,
+        layers: list[str],
+        config: dict[str, Any],
+        source: str,
+        tags: tuple[str, ...] | list[str] = (DEFAULT_TAG,),
+    ) -> TemplateRow:
+        """Record a template's build under each of its tags (replacing what they named before);
+        returns the first tag's row."""
         self.check_buildable_name(name)
-        return self._record(name, layers, config, source)
+        rows = [self._record(tagged(name, tag), layers, config, source) for tag in tags]
+        return rows[0]
+
+    def assign_tags(self, target: str, tags: list[str]) -> TemplateRow:
+        """E2B's ``Template.assign_tags``: the build ``target`` (``name`` or ``name:tag``) is also
+        named by each of ``tags``; returns its row."""
+        base, _ = split_tag(target)
+        canonical = self.canonical(target)
+        row = self.db.template(canonical)
+        if base in BUILTIN or base in ALIASES or base.startswith(HIDDEN_PREFIX) or row is None:
+            raise ApiError(404, f"template '{target[:130]}' not found among the templates built here")
+        for tag in tags:
+            self._record(tagged(base, tag), row.layers, row.config, row.source)
+        return row
+
+    def remove_tags(self, name: str, tags: list[str]) -> None:
+        """E2B's ``Template.remove_tags``: the tags go (their builds' layers stay while another tag or
+        the build cache lists them). The default tag is the template itself and stays."""
+        if TAG_SEPARATOR in name:
+            raise ApiError(400, "'name' is a template's name without a tag: the tags go in 'tags'")
+        if DEFAULT_TAG in tags:
+            raise ApiError(400, f"the '{DEFAULT_TAG}' tag cannot be removed (delete the template instead)")
+        known = {tag for tag, _ in self.tags(name)}
+        if not known:
+            raise ApiError(404, f"template '{name[:64]}' not found among the templates built here")
+        missing = [tag for tag in tags if tag not in known]
+        if missing:
+            raise ApiError(404, f"template '{name}' has no tag {', '.join(missing)}; its tags: {', '.join(known)}")
+        for tag in tags:
+            self.db.delete_template(tagged(name, tag))
 
     def is_built(self, name: str) -> bool:
         """Whether the current recipe of a built-in template is in the store."""
@@ -462,13 +552,14 @@ class Templates:
         canonical = self.canonical(name)
         if canonical == HOST or name in ALIASES:
             raise ValueError(f"'{name}' is built in and cannot be removed")
-        users = in_use(canonical)
+        rows = [row.name for _, row in self.tags(canonical)]
+        users = [user for row in rows or [canonical] for user in in_use(row)]
         if users:
             raise ValueError(f"template '{canonical}' is used by live sandboxes: {', '.join(users)}; kill them first")
-        row = self.db.template(canonical)
-        if row is None and canonical not in BUILT:
+        if not rows and canonical not in BUILT:
             raise ValueError(f"template '{name}' not found; known templates: {', '.join(self.names())}")
-        self.db.delete_template(canonical)
+        for row_name in rows or [canonical]:
+            self.db.delete_template(row_name)
         if canonical in BUILT:
             self.layers.uncache(self._key(canonical))
         return self.collect_garbage()
