@@ -204,8 +204,7 @@ class TemplateApi:
         await send_json(send, 200, {"templateID": template_id, "public": False})
 
     async def file_link(self, scope: Scope, receive: Receive, send: Send, template_id: str, files_hash: str) -> None:
-        path = self.builder.upload_path(files_hash)
-        if path.is_file():
+        if await asyncio.to_thread(self.builder.uploads.refresh, files_hash):
             await send_json(send, 201, {"present": True})
             return
         headers = header_map(scope)
@@ -220,7 +219,7 @@ class TemplateApi:
         token = Query(scope.get("query_string", b"")).get("token", 128) or ""
         if not hmac.compare_digest(token.encode(), self._upload_token(files_hash).encode()):
             raise ApiError(401, "this upload URL's token is not valid: ask GET /templates/{id}/files/{hash} for one")
-        final = self.builder.upload_path(files_hash)
+        final = self.builder.uploads.path(files_hash)
         partial = final.with_name(f"{final.name}.{os.getpid()}-{secrets.token_hex(4)}.part")
         handle = await asyncio.to_thread(partial.open, "wb")
         try:

@@ -61,6 +61,7 @@ from .errors import ApiError
 from .layers import LayerError, LayerInfo
 from .manager import DISK_IMAGE, CreateRequest, SandboxManager
 from .store import SandboxRow, TemplateRow
+from .template_uploads import COLLECT_EVERY_S, Held, Uploads
 from .templates import ALIASES, BASE, BUILTIN, DEFAULT_TAG, HIDDEN_PREFIX, TAG_SEPARATOR, Templates, check_tags
 
 log = logging.getLogger("sandboxd.runtime")
@@ -217,6 +218,8 @@ class Build:
     """Log entries dropped from the front past :data:`MAX_LOG_ENTRIES` (offsets stay stable)."""
     reason: BuildFailed | None = None
     task: asyncio.Task[None] | None = None
+    uploads: Held = field(default_factory=Held)
+    """The uploads its ``COPY`` steps use, held from its trigger to its end (:mod:`.template_uploads`)."""
 
     def log(self, message: str, level: str = "info", step: str | None = None) -> None:
         self.logs.append(LogLine(time.time(), level, message, step))
@@ -375,9 +378,9 @@ class TemplateBuilder:
     def __init__(self, manager: SandboxManager, templates: Templates) -> None:
         self.manager = manager
         self.templates = templates
-        self.uploads = templates.store_dir / "uploads"
-        self.uploads.mkdir(exist_ok=True)
+        self.uploads = Uploads(templates.store_dir / "uploads")
         self.builds: dict[str, Build] = {}
+        self._collector: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         """Kill the build sandboxes a previous runtime left (re-adopted with the rest): their builds'
@@ -387,6 +390,18 @@ class TemplateBuilder:
                 with contextlib.suppress(ApiError):
                     await self.manager.kill(row.id, "its template build ended with the runtime that ran it")
         self.templates.forget_hidden()
+        self._collector = asyncio.get_running_loop().create_task(self._collect_uploads_every())
+
+    async def _collect_uploads_every(self) -> None:
+        while True:
+            await self._collect_uploads()
+            await asyncio.sleep(COLLECT_EVERY_S)
+
+    async def _collect_uploads(self) -> None:
+        try:
+            await asyncio.to_thread(self.uploads.collect)
+        except OSError as exc:  # the next pass tries again
+            log.warning("template uploads: collection failed: %s", exc)
 
     # ------------------------------------------------------------------------------ requests
 
@@ -407,11 +422,6 @@ class TemplateBuilder:
         if build is None or build.template_id != template_id:
             raise ApiError(404, f"build '{build_id[:64]}' of template '{template_id[:64]}' not found")
         return build
-
-    def upload_path(self, files_hash: str) -> Path:
-        if not HASH.fullmatch(files_hash):
-            raise ApiError(400, "the files hash must be a sha256 in hex")
-        return self.uploads / f"{files_hash}.tar"
 
     def rows(self) -> list[TemplateRow]:
         """Every template a sandbox can be created from here, built-ins once built (``host`` has no
@@ -452,11 +462,11 @@ class TemplateBuilder:
     def trigger(self, build: Build, spec: BuildSpec) -> None:
         if build.status != "waiting":
             raise ApiError(409, f"build '{build.build_id}' was already started ({build.status})")
-        for step in spec.steps:
-            if step.type == "COPY":
-                assert step.files_hash is not None
-                if not self.upload_path(step.files_hash).is_file():
-                    raise ApiError(400, f"COPY {step.args[0]}: its files ({step.files_hash}) were not uploaded")
+        hashes = [step.files_hash for step in spec.steps if step.files_hash is not None]
+        try:
+            build.uploads = self.uploads.hold(hashes)
+        except ApiError as exc:
+            raise ApiError(400, f"a COPY step: {exc.message}") from None
         build.status = "building"
         build.task = asyncio.get_running_loop().create_task(self._run(build, spec))
 
@@ -479,6 +489,9 @@ class TemplateBuilder:
             build.log(str(failed), "error", "finalize")
             build.reason = failed
             build.status = "error"
+        finally:
+            build.uploads.close()
+        await self._collect_uploads()
 
     async def _build(self, build: Build, spec: BuildSpec) -> None:
         if spec.image is not None:
@@ -681,17 +694,15 @@ class TemplateBuilder:
     async def _copy(self, run: _Session, step: Step) -> None:
         """A COPY step: the upload goes into the sandbox's /tmp, and the sandbox's own tar places it."""
         assert step.files_hash is not None
-        path = self.upload_path(step.files_hash)
+        fd = run.build.uploads.fd(step.files_hash)  # held since the trigger: not collected meanwhile
         inside = f"/tmp/.sandboxd-upload-{step.files_hash[:16]}.tar"
-        size = path.stat().st_size
+        size = os.fstat(fd).st_size
 
         async def chunks() -> AsyncIterator[bytes]:
-            handle = await asyncio.to_thread(path.open, "rb")
-            try:
-                while chunk := await asyncio.to_thread(handle.read, 1 << 20):
-                    yield chunk
-            finally:
-                handle.close()
+            offset = 0
+            while chunk := await asyncio.to_thread(os.pread, fd, 1 << 20, offset):
+                offset += len(chunk)
+                yield chunk
 
         try:
             await upload_file(self._open_socket(run.sandbox_id), run.token, inside, chunks(), size)
