@@ -7,6 +7,11 @@
   ``set_envs``): the rebuild of an unchanged template (every step cached) beside a build whose
   step changed (a fresh build sandbox, the step, the layer), medians; and create→first command
   from the built template beside ``base``, interleaved. Quick and full.
+* per-step caching, with a template of a slow step (1 s and 16 MiB written) and a quick last one: the
+  rebuild with only the last step changed (the slow step ``CACHED``, the build resumes over its
+  layer) beside the build with every step run; and that build (a layer cut after the slow step,
+  the next sandbox over it) beside the same commands as one step (one layer): what a cut costs.
+  Quick and full.
 * (full only) the build of ``base`` from an empty template store (everything downloaded) beside a
   plain ``mmdebstrap --variant=apt`` of the same suite from the same mirror (Debian's minimal system
   with apt: what any Debian rootfs costs); then the build again with the packages cached (warm: no
@@ -97,6 +102,66 @@ def _measure_template_builds(ctx: Context, rt: Runtime) -> tuple[str, Result]:
     return name, result
 
 
+def _build_steps(name: str, marker: str, last: str, one_step: bool = False) -> float:
+    """Seconds for ``Template.build`` of a slow step (written ``marker``) and a quick last one."""
+    from e2b import Template
+
+    slow = f"head -c 16M /dev/urandom > /opt/bench-data && echo {marker} > /opt/bench-marker && sleep 1"
+    quick = f"echo {last} > /opt/bench-last"
+    template = Template().from_template("base")
+    if one_step:
+        template = template.run_cmd(f"{slow} && {quick}", user="root")
+    else:
+        template = template.run_cmd(slow, user="root").run_cmd(quick, user="root")
+    t0 = time.perf_counter()
+    Template.build(template, name)
+    return time.perf_counter() - t0
+
+
+def _measure_step_cache(ctx: Context) -> list[Result]:
+    """Builds of every step, rebuilds with the last step changed, and the same commands as one step,
+    taking turns."""
+    rounds = 2 if ctx.quick else 5
+    ctx.log(f"per-step cache: {rounds} rounds of a full build, a last-step rebuild and a one-step build")
+    full: list[float] = []
+    last_changed: list[float] = []
+    one_step: list[float] = []
+    run_id = secrets.token_hex(4)
+    for i in range(rounds):
+        marker = f"{run_id}-{i}"
+        full.append(_build_steps(f"bench-steps-{marker}", marker, "a"))
+        last_changed.append(_build_steps(f"bench-steps-{marker}-b", marker, "b"))
+        one_step.append(_build_steps(f"bench-steps-{marker}-one", marker, "a", one_step=True))
+    ctx.log(
+        f"  every step p50 {percentile(full, 50):.2f} s; last step changed p50 {percentile(last_changed, 50):.2f} s;"
+        f" as one step p50 {percentile(one_step, 50):.2f} s"
+    )
+    return [
+        Result(
+            name="templates: rebuild with the last step changed (earlier steps CACHED, resumed over their layer)",
+            unit="s (p50)",
+            ours=percentile(last_changed, 50),
+            baseline=percentile(full, 50),
+            baseline_name="the build running every step (a slow first step: 1 s, 16 MiB)",
+            better="lower",
+            p50=percentile(last_changed, 50),
+            samples={"ours": last_changed, "baseline": full},
+            extra={"rounds": rounds},
+        ),
+        Result(
+            name="templates: a build with a layer cut after its slow step (two layers, two build sandboxes)",
+            unit="s (p50)",
+            ours=percentile(full, 50),
+            baseline=percentile(one_step, 50),
+            baseline_name="the same commands as one step (one layer, one build sandbox)",
+            better="lower",
+            p50=percentile(full, 50),
+            samples={"ours": full, "baseline": one_step},
+            extra={"rounds": rounds},
+        ),
+    ]
+
+
 def _measure_built_template(ctx: Context, n: int) -> None:
     """Template.build cold and warm, then create→first command from the built template beside base,
     on a runtime of its own (a fresh one: see the report of issue 14 part 2 on back-to-back creates)."""
@@ -106,6 +171,7 @@ def _measure_built_template(ctx: Context, n: int) -> None:
     try:
         with sdk_env(rt):
             built, builds = _measure_template_builds(ctx, rt)
+            steps = _measure_step_cache(ctx)
             ctx.log(f"create→first command, {n} each, base and the built template taking turns")
             on_base: list[float] = []
             on_built: list[float] = []
@@ -116,6 +182,8 @@ def _measure_built_template(ctx: Context, n: int) -> None:
         rt.stop()
     ctx.log(f"  built p50 {percentile(on_built, 50):.1f} ms; base p50 {percentile(on_base, 50):.1f} ms")
     ctx.report(builds)
+    for result in steps:
+        ctx.report(result)
     ctx.report(
         _create_latency(
             "templates: create→first command on a template built with Template() (one layer over base)",
