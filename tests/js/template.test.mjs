@@ -53,6 +53,32 @@ describe('template builds against sandboxd serve', { skip: skipReason }, () => {
     }
   })
 
+  test('tags: name:tag builds and creates that build; assignTags, getTags, removeTags', async () => {
+    const name = unique('js-tagged')
+    const build = (value, target, options = {}) =>
+      Template.build(Template().fromTemplate('base').runCmd(`echo ${value} > /home/user/which`), target, options)
+    const which = async (target) => {
+      const sandbox = await Sandbox.create(target)
+      try {
+        return (await sandbox.commands.run('cat /home/user/which')).stdout.trim()
+      } finally {
+        await sandbox.kill()
+      }
+    }
+    const first = await build('one', `${name}:v1`)
+    await build('two', name)
+    assert.equal(await which(`${name}:v1`), 'one')
+    assert.equal(await which(name), 'two')
+    const assigned = await Template.assignTags(`${name}:v1`, ['stable'])
+    assert.ok(first.buildId)
+    assert.equal(assigned.buildId, first.buildId)
+    assert.equal(await which(`${name}:stable`), 'one')
+    await Template.removeTags(name, 'v1')
+    const tags = (await Template.getTags(name)).map((t) => t.tag).sort()
+    assert.deepEqual(tags, ['default', 'stable'])
+    await assert.rejects(Sandbox.create(`${name}:v1`), /no tag or build 'v1'/)
+  })
+
   test('e2b template create builds a Dockerfile; e2b template list shows it', async () => {
     const dir = join(context, 'dockerfile')
     mkdirSync(dir, { recursive: true })
