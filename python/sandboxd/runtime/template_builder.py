@@ -99,9 +99,13 @@ the sandbox, and a later step may use them, as a build on E2B may)."""
 
 MAX_BUILD_LAYERS = 8
 """Layers one build puts over its parent's: once a build has cut this many less one, the rest of its
-steps share one layer. overlayfs takes its lower dirs in one page of mount options (about 30 of
-this store's layer paths, :data:`.templates.MAX_OVERLAY_OPTIONS`), and a template is the parent of
-the next one's build."""
+steps share one layer (no squash needed: a run of steps is one layer). overlayfs takes its lower
+dirs in one page of mount options (about 35 layers at the default store path,
+:meth:`.Templates.max_layers`), and a template is the parent of the next one's build."""
+
+LAYER_HEADROOM = 8
+"""Layers left free under that limit by cuts before the last step, for builds ``from_template`` of
+this one (past it a build keeps one layer for the rest of its steps)."""
 
 MAX_ARG = 64 << 10
 """Bytes per step argument (a command line, a path)."""
@@ -447,6 +451,8 @@ class TemplateBuilder:
     async def remove(self, name: str) -> None:
         """Forget a template and delete the layers nothing else uses (409 while sandboxes use it).
         Built-in templates are the operator's (``sandboxd template remove`` on the host)."""
+        if name.startswith(HIDDEN_PREFIX):
+            raise ApiError(404, f"template '{name[:64]}' not found")
         if self.templates.canonical(name) in BUILTIN or name in ALIASES:
             raise ApiError(
                 400, f"'{name}' is built in: an operator removes it with `sandboxd template remove` on the host"
@@ -549,7 +555,7 @@ class TemplateBuilder:
                     self.templates.layers.cache_put(keys[index], {"layers": run.layers, "state": run.state.config()})
                 elif last or (
                     time.monotonic() - since_cut >= CUT_AFTER_S
-                    and len(run.layers) - len(parent_row.layers) < MAX_BUILD_LAYERS - 1
+                    and self._room_for_cut(run, parent_row)
                     and not await self._left_running(run)
                 ):
                     await self._cut(run, keys[index], parent_row.name, final=last)
@@ -611,6 +617,12 @@ class TemplateBuilder:
             f"cut after step {run.step} in {time.monotonic() - started:.2f} s",
             step="finalize" if final else run.step,
         )
+
+    def _room_for_cut(self, run: _Session, parent_row: TemplateRow) -> bool:
+        """Whether a layer may be cut before the last step: at most :data:`MAX_BUILD_LAYERS` per
+        build, and :data:`LAYER_HEADROOM` left under overlayfs' limit for builds on this template."""
+        own = len(run.layers) - len(parent_row.layers)
+        return own < MAX_BUILD_LAYERS - 1 and len(run.layers) + 2 + LAYER_HEADROOM <= self.templates.max_layers()
 
     async def _left_running(self, run: _Session) -> bool:
         """Whether the steps left processes running (a server a later step uses, as E2B's builds

@@ -77,6 +77,9 @@ MAX_OVERLAY_OPTIONS = 4000
 """overlayfs takes its lower dirs in one mount option string of at most a page (4096 bytes), which
 also holds the upper and work dirs."""
 
+OVERLAY_LOWER_BYTES = MAX_OVERLAY_OPTIONS - 600
+"""What of it the lower dirs may take (the rest: the upper and work dirs' paths)."""
+
 _NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")
 
 TAG_SEPARATOR = ":"
@@ -241,13 +244,17 @@ class Templates:
                 f"{', '.join(missing)}; import it again",
             )
         options = sum(len(str(p)) + 1 for p in paths)
-        if options > MAX_OVERLAY_OPTIONS - 600:
+        if options > OVERLAY_LOWER_BYTES:
             raise ApiError(
                 409,
                 f"template '{row.name}' has {len(paths)} layers, more than overlayfs takes at this store's path "
                 f"length; squash the image or use a shorter --template-store path",
             )
         return Template(row.name, paths, False, row.config)
+
+    def max_layers(self) -> int:
+        """How many layers a template of this store can have (its layer paths are all this long)."""
+        return OVERLAY_LOWER_BYTES // (len(str(self.layers.path("sha256:" + "0" * 64))) + 1)
 
     def _key(self, name: str) -> str:
         """The build cache key of a built-in template's current recipe."""
