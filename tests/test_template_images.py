@@ -371,3 +371,60 @@ def test_template_build_from_an_image_in_a_loopback_registry(image_runtime: Runt
     closed = f"127.0.0.1:{free_port()}"
     with pytest.raises(BuildException, match=f"registry {closed} cannot be reached"):
         Template.build(Template().from_image(f"{closed}/t/app:1").run_cmd("true"), "built-on-nothing", **api)
+
+
+def test_template_build_from_a_private_registry_with_a_login(
+    image_runtime: Runtime, images: Images, tmp_path: Path
+) -> None:
+    """``from_image(..., username=, password=)`` (E2B's ``fromImageRegistry``): the pull logs in to a
+    registry that refuses anonymous pulls; without the login, or with a wrong one, the build fails
+    naming the registry's refusal; the password is in no log line; E2B's cloud types are refused."""
+    import warnings
+
+    from e2b import BuildException, Template
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        import crypt  # bcrypt, which the registry's htpasswd wants, from the C library
+
+    registry = require(REGISTRY, "the loopback registry")
+    password = os.urandom(12).hex()
+    (tmp_path / "htpasswd").write_text(f"builder:{crypt.crypt(password, crypt.mksalt(crypt.METHOD_BLOWFISH))}\n")
+    port = free_port()
+    config = tmp_path / "registry.yml"
+    config.write_text(
+        f"version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {tmp_path / 'data'}\n"
+        f"http:\n  addr: 127.0.0.1:{port}\n"
+        f"auth:\n  htpasswd:\n    realm: sandboxd-test\n    path: {tmp_path / 'htpasswd'}\n"
+    )
+    process = subprocess.Popen([registry, "serve", str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 20
+        while subprocess.run(["curl", "-s", f"http://127.0.0.1:{port}/v2/"], capture_output=True).returncode:
+            assert process.poll() is None and time.monotonic() < deadline, "the registry did not start"
+            time.sleep(0.1)
+        _skopeo(
+            "copy", "--dest-tls-verify=false", f"--dest-creds=builder:{password}",
+            f"oci:{images.app}:latest", f"docker://127.0.0.1:{port}/private/app:1",
+        )  # fmt: skip
+        api = {"api_key": image_runtime.api_key, "api_url": image_runtime.url}
+        image = f"127.0.0.1:{port}/private/app:1"
+        logs: list[str] = []
+        template = Template().from_image(image, username="builder", password=password).run_cmd("echo in > /etc/in")
+        Template.build(template, "built-on-private", on_build_logs=lambda e: logs.append(e.message), **api)
+        assert not [line for line in logs if password in line]
+        sbx = _create(image_runtime, "built-on-private")
+        try:
+            assert sbx.commands.run("cat /etc/in /etc/added").stdout == "in\nadded by layer 2\n"
+        finally:
+            sbx.kill()
+
+        for refused in (Template().from_image(image), Template().from_image(image, username="builder", password="no")):
+            with pytest.raises(BuildException, match="skopeo could not copy"):
+                Template.build(refused.run_cmd("true"), "built-on-refused", **api)
+        cloud = Template().from_aws_registry(image, access_key_id="a", secret_access_key="b", region="r")
+        with pytest.raises(BuildException, match="type 'aws' is not supported"):
+            Template.build(cloud.run_cmd("true"), "built-on-aws", **api)
+    finally:
+        process.terminate()
+        process.wait(10)

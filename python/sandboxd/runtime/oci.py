@@ -18,8 +18,10 @@ TLS unless ``insecure`` is asked for.
 
 from __future__ import annotations
 
+import base64
 import ipaddress
 import json
+import os
 import shutil
 import subprocess
 import tarfile
@@ -235,13 +237,24 @@ def _json_blob_path(path: Path, what: str) -> dict[str, Any]:
     return data
 
 
-def pull(store: LayerStore, reference: str, report: Report, insecure: bool = False) -> Image:
-    """Pull ``reference`` from its registry into the store."""
+def pull(
+    store: LayerStore, reference: str, report: Report, insecure: bool = False, login: tuple[str, str] | None = None
+) -> Image:
+    """Pull ``reference`` from its registry into the store; ``login`` (username, password) for a
+    private registry, given to skopeo in an auth file of the staging dir (root-only, removed after),
+    never on its command line (which any host user can read)."""
     ref = parse_reference(reference)
     probe_registry(ref, insecure)
     extra = ["--src-tls-verify=false"] if insecure or ref.loopback() else []
     staging = store.staging()
     try:
+        if login is not None:
+            auth_file = staging / "auth.json"
+            token = base64.b64encode(f"{login[0]}:{login[1]}".encode()).decode()
+            fd = os.open(auth_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            with os.fdopen(fd, "w") as out:
+                json.dump({"auths": {ref.registry: {"auth": token}}}, out)
+            extra += ["--src-authfile", str(auth_file)]
         _copy(f"docker://{ref}", staging / "oci", report, extra)
         return _store_layout(store, staging / "oci", f"docker://{ref}", report)
     finally:

@@ -110,6 +110,9 @@ this one (past it a build keeps one layer for the rest of its steps)."""
 MAX_ARG = 64 << 10
 """Bytes per step argument (a command line, a path)."""
 
+MAX_LOGIN = 4096
+"""Bytes of a registry username or password (registry tokens used as passwords run to a few KiB)."""
+
 DEBIAN_IMAGES = re.compile(
     r"(?:docker\.io/)?(?:library/)?debian(?::[a-z0-9._-]+)?|(?:docker\.io/)?e2bdev/base(?::[a-z0-9._-]+)?"
 )
@@ -174,6 +177,9 @@ class BuildSpec:
     force: bool
     start_cmd: str | None
     ready_cmd: str | None
+    login: tuple[str, str] | None = field(default=None, repr=False)
+    """``fromImageRegistry`` of type ``registry``: the username and password to pull ``image`` with
+    (used for the pull only: not logged, not stored, not in a cache key)."""
 
     def keys(self, parent_row: TemplateRow) -> list[str]:
         """Each step's cache key, chained as E2B chains them: the previous step's key (the first step's
@@ -251,8 +257,9 @@ def parse_spec(body: dict[str, Any]) -> BuildSpec:
         raise ApiError(400, "'fromTemplate' must be a string")
     if from_image is not None and not isinstance(from_image, str):
         raise ApiError(400, "'fromImage' must be a string")
-    if body.get("fromImageRegistry") is not None:
-        raise ApiError(400, "'fromImageRegistry' (private registries) is not supported by sandboxd's builds yet")
+    login = _registry_login(body.get("fromImageRegistry"))
+    if login is not None and (not from_image or from_template):
+        raise ApiError(400, "'fromImageRegistry' goes with 'fromImage' (the SDK's from_image with a username)")
     image = None
     if from_template:
         parent = from_template
@@ -295,7 +302,33 @@ def parse_spec(body: dict[str, Any]) -> BuildSpec:
     for name, value in (("startCmd", start_cmd), ("readyCmd", ready_cmd)):
         if value is not None and not isinstance(value, str):
             raise ApiError(400, f"'{name}' must be a string")
-    return BuildSpec(parent, image, tuple(steps), force, start_cmd or None, ready_cmd or None)
+    return BuildSpec(parent, image, tuple(steps), force, start_cmd or None, ready_cmd or None, login)
+
+
+def _registry_login(raw: object) -> tuple[str, str] | None:
+    """E2B's ``fromImageRegistry``: ``{type: registry, username, password}`` is a login for the pull;
+    the cloud registries' types (``aws``, ``gcp``) need their token exchange, which is not done here."""
+    if raw is None:
+        return None
+    if not isinstance(raw, dict):
+        raise ApiError(400, "'fromImageRegistry' must be an object")
+    kind = raw.get("type")
+    if kind in ("aws", "gcp"):
+        raise ApiError(
+            400,
+            f"'fromImageRegistry' of type '{kind}' is not supported by sandboxd: give the registry's username and "
+            "password (from_image(..., username=, password=)), or log in on the host (skopeo login) and omit them",
+        )
+    if kind != "registry":
+        raise ApiError(400, "'fromImageRegistry.type' must be 'registry' (or E2B's 'aws' or 'gcp')")
+    username, password = raw.get("username"), raw.get("password")
+    for name, value in (("username", username), ("password", password)):
+        if not isinstance(value, str) or not value or len(value) > MAX_LOGIN:
+            raise ApiError(400, f"'fromImageRegistry.{name}' must be a non-empty string of at most {MAX_LOGIN} bytes")
+    assert isinstance(username, str) and isinstance(password, str)
+    if ":" in username:
+        raise ApiError(400, "'fromImageRegistry.username' cannot contain ':' (basic authentication's separator)")
+    return username, password
 
 
 def _check_step(where: str, kind: object, args: list[str], files_hash: str | None) -> None:
@@ -503,7 +536,7 @@ class TemplateBuilder:
         if spec.image is not None:
             build.log(f"Pulling {spec.image}", step="base")
             try:
-                await asyncio.to_thread(self._pull, spec.parent, spec.image, build)
+                await asyncio.to_thread(self._pull, spec.parent, spec.image, build, spec.login)
             except (oci.ImageError, LayerError, ValueError, OSError) as exc:
                 raise BuildFailed(f"the image {spec.image}: {exc}", "base") from None
         build.log(f"Building template '{build.name}' from '{spec.image or spec.parent}'", step="base")
@@ -661,9 +694,9 @@ class TemplateBuilder:
         elif step.type == "COPY":
             await self._copy(run, step)
 
-    def _pull(self, name: str, reference: str, build: Build) -> None:
+    def _pull(self, name: str, reference: str, build: Build, login: tuple[str, str] | None) -> None:
         """In a worker thread: the image as a template of its own (its layers shared with the build)."""
-        self.templates.pull(name, reference, lambda line: build.log(line, step="base"))
+        self.templates.pull(name, reference, lambda line: build.log(line, step="base"), login=login)
 
     def _layer(
         self, image: Path, id_base: int, source: str, key: str, below: list[str], state: _State

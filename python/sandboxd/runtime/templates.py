@@ -467,11 +467,13 @@ class Templates:
             image = oci.import_archive(self.layers, archive, report)
             return self._record(name, image.layers, image.config, image.source)
 
-    def pull(self, name: str, reference: str, report: Report, insecure: bool = False) -> TemplateRow:
-        """An image from a registry."""
+    def pull(
+        self, name: str, reference: str, report: Report, insecure: bool = False, login: tuple[str, str] | None = None
+    ) -> TemplateRow:
+        """An image from a registry (``login``: a private registry's username and password)."""
         _check_name(name)
         with self.layers.lock("gc", shared=True):
-            image = oci.pull(self.layers, reference, report, insecure)
+            image = oci.pull(self.layers, reference, report, insecure, login)
             return self._record(name, image.layers, image.config, image.source)
 
     def build(self, name: str, report: Report, rebuild: bool = False) -> TemplateRow:
