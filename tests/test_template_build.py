@@ -256,6 +256,40 @@ def test_tags_name_builds_of_a_template(builds: Runtime) -> None:
     assert not Template.exists(name) and not [n for n in _layers(builds) if n.startswith(name)]
 
 
+def test_the_hidden_row_a_resumed_build_runs_over_is_listed_nowhere(builds: Runtime) -> None:
+    """After a cut, the build's next sandbox runs over a hidden template row (``.build-<id>``): no
+    listing, ``exists`` or tag lookup shows it while it lives, and it goes with the build."""
+    gate = f"/tmp/gate-{secrets.token_hex(4)}"
+    template = (
+        Template()
+        .from_template("base")
+        .run_cmd(f"sleep {CUT_AFTER_S + 0.2} && echo {gate} > /home/user/slow")
+        .run_cmd(f"for i in $(seq 300); do [ -e {gate} ] && exit 0; sleep 0.1; done; exit 1")
+    )
+    info = Template.build_in_background(template, _name())
+    hidden = f".build-{info.build_id}"
+    query = SandboxQuery(metadata={"sandboxd.template-build": info.build_id})
+    deadline = time.monotonic() + 60
+    while hidden not in _layers(builds):  # the second build sandbox is being made over it
+        assert time.monotonic() < deadline and Template.get_build_status(info).status.value == "building"
+        time.sleep(0.1)
+    headers = {"X-API-KEY": builds.api_key}
+    with httpx.Client(base_url=builds.url, headers=headers) as client:
+        assert not [t for t in client.get("/templates").json() if t["templateID"].startswith(".")]
+        assert client.get(f"/templates/{hidden}/tags").status_code == 404
+        assert client.delete(f"/templates/{hidden}").status_code == 404
+    assert not Template.exists(hidden)
+    while not (found := Sandbox.list(query=query).next_items()) or found[0].template_id != hidden:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    Sandbox.connect(found[0].sandbox_id).files.write(gate, "")
+    while (status := Template.get_build_status(info)).status.value == "building":
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    assert status.status.value == "ready", status
+    assert hidden not in _layers(builds)
+
+
 def test_a_failing_step_fails_the_build_with_its_output(builds: Runtime) -> None:
     logs: list[LogEntry] = []
     template = Template().from_template("base").run_cmd("echo about-to-fail-$((40+2)); exit 3")
