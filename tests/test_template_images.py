@@ -9,6 +9,7 @@ ones; hostile layer tarballs are refused.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import io
@@ -137,9 +138,33 @@ def _skopeo(*args: str) -> None:
     subprocess.run([skopeo, "--insecure-policy", *args], check=True, capture_output=True, timeout=120)
 
 
+@contextlib.contextmanager
+def _registry(work: Path, auth: str = "") -> Iterator[str]:
+    """The distribution registry on a free loopback port, storing under ``work`` (``auth``: its
+    config's ``auth:`` section); yields its address once it answers."""
+    registry = require(REGISTRY, "the loopback registry")
+    port = free_port()
+    config = work / "registry.yml"
+    config.write_text(
+        f"version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {work / 'registry'}\n"
+        f"http:\n  addr: 127.0.0.1:{port}\n{auth}"
+    )
+    process = subprocess.Popen([registry, "serve", str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 20
+        while subprocess.run(["curl", "-s", "-o", "/dev/null", f"http://127.0.0.1:{port}/v2/"]).returncode:
+            assert process.poll() is None, process.stderr.read() if process.stderr else ""
+            assert time.monotonic() < deadline, "the registry did not start"
+            time.sleep(0.1)
+        yield f"127.0.0.1:{port}"
+    finally:
+        process.terminate()
+        process.wait(10)
+
+
 @pytest.fixture(scope="module")
 def images(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Images]:
-    registry = require(REGISTRY, "the loopback registry")
+    require(REGISTRY, "the loopback registry")  # skip before building the images
     work = tmp_path_factory.mktemp("images")
     base = busybox_layer()
     app_layer = layer_tar(
@@ -153,27 +178,10 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Images]:
     other_layer = layer_tar([("etc/other", "file", b"other\n")])
     app_ids = oci_layout(work / "app", [base, app_layer], ["PATH=/bin", "GREETING=hello from the image"], "/srv/app")
     other_ids = oci_layout(work / "other", [base, other_layer], ["PATH=/bin"], "/")
-    port = free_port()
-    config = work / "registry.yml"
-    config.write_text(
-        f"version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {work / 'registry'}\n"
-        f"http:\n  addr: 127.0.0.1:{port}\n"
-    )
-    process = subprocess.Popen([registry, "serve", str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        deadline = time.monotonic() + 20
-        while subprocess.run(["curl", "-sf", f"http://127.0.0.1:{port}/v2/"], capture_output=True).returncode:
-            assert process.poll() is None, process.stderr.read() if process.stderr else ""
-            assert time.monotonic() < deadline, "the registry did not start"
-            time.sleep(0.1)
+    with _registry(work) as address:
         for name in ("app", "other"):
-            _skopeo(
-                "copy", "--dest-tls-verify=false", f"oci:{work / name}:latest", f"docker://127.0.0.1:{port}/t/{name}:1"
-            )
-        yield Images(work / "app", work / "other", app_ids, other_ids, f"127.0.0.1:{port}")
-    finally:
-        process.terminate()
-        process.wait(10)
+            _skopeo("copy", "--dest-tls-verify=false", f"oci:{work / name}:latest", f"docker://{address}/t/{name}:1")
+        yield Images(work / "app", work / "other", app_ids, other_ids, address)
 
 
 @pytest.fixture(scope="module")
@@ -387,28 +395,16 @@ def test_template_build_from_a_private_registry_with_a_login(
         warnings.simplefilter("ignore", DeprecationWarning)
         import crypt  # bcrypt, which the registry's htpasswd wants, from the C library
 
-    registry = require(REGISTRY, "the loopback registry")
     password = os.urandom(12).hex()
     (tmp_path / "htpasswd").write_text(f"builder:{crypt.crypt(password, crypt.mksalt(crypt.METHOD_BLOWFISH))}\n")
-    port = free_port()
-    config = tmp_path / "registry.yml"
-    config.write_text(
-        f"version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {tmp_path / 'data'}\n"
-        f"http:\n  addr: 127.0.0.1:{port}\n"
-        f"auth:\n  htpasswd:\n    realm: sandboxd-test\n    path: {tmp_path / 'htpasswd'}\n"
-    )
-    process = subprocess.Popen([registry, "serve", str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        deadline = time.monotonic() + 20
-        while subprocess.run(["curl", "-s", f"http://127.0.0.1:{port}/v2/"], capture_output=True).returncode:
-            assert process.poll() is None and time.monotonic() < deadline, "the registry did not start"
-            time.sleep(0.1)
+    auth = f"auth:\n  htpasswd:\n    realm: sandboxd-test\n    path: {tmp_path / 'htpasswd'}\n"
+    with _registry(tmp_path, auth) as address:
         _skopeo(
             "copy", "--dest-tls-verify=false", f"--dest-creds=builder:{password}",
-            f"oci:{images.app}:latest", f"docker://127.0.0.1:{port}/private/app:1",
+            f"oci:{images.app}:latest", f"docker://{address}/private/app:1",
         )  # fmt: skip
         api = {"api_key": image_runtime.api_key, "api_url": image_runtime.url}
-        image = f"127.0.0.1:{port}/private/app:1"
+        image = f"{address}/private/app:1"
         logs: list[str] = []
         template = Template().from_image(image, username="builder", password=password).run_cmd("echo in > /etc/in")
         Template.build(template, "built-on-private", on_build_logs=lambda e: logs.append(e.message), **api)
@@ -425,6 +421,3 @@ def test_template_build_from_a_private_registry_with_a_login(
         cloud = Template().from_aws_registry(image, access_key_id="a", secret_access_key="b", region="r")
         with pytest.raises(BuildException, match="type 'aws' is not supported"):
             Template.build(cloud.run_cmd("true"), "built-on-aws", **api)
-    finally:
-        process.terminate()
-        process.wait(10)
