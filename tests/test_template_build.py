@@ -359,6 +359,28 @@ def test_from_template_layers_on_another_built_template(builds: Runtime) -> None
     assert layers[second][1:] == layers[first]
 
 
+def test_a_template_built_on_a_snapshot_is_no_snapshot(builds: Runtime) -> None:
+    """``from_template(snapshot_id)`` builds on the snapshot's files; the result is a template, not
+    one more snapshot of the sandbox (the parent's ``snapshot_of`` is not inherited)."""
+    source = Sandbox.create("base", timeout=60)
+    snapshot_id = None
+    name = _name()
+    try:
+        source.files.write("/home/user/before", "in the snapshot\n")
+        snapshot_id = source.create_snapshot().snapshot_id
+        Template.build(Template().from_template(snapshot_id).run_cmd("echo after > /home/user/after"), name)
+        assert [s.snapshot_id for s in source.list_snapshots().next_items()] == [snapshot_id]
+        built = Sandbox.create(name, timeout=60)
+        try:
+            assert built.commands.run("cat /home/user/before /home/user/after").stdout == "in the snapshot\nafter\n"
+        finally:
+            built.kill()
+    finally:
+        source.kill()
+        if snapshot_id is not None:
+            Sandbox.delete_snapshot(snapshot_id)
+
+
 def test_list_and_delete(builds: Runtime) -> None:
     name = _name()
     Template.build(Template().from_template("base").run_cmd("true"), name)

@@ -55,7 +55,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from . import build_layer, oci
+from . import build_layer, oci, snapshots
 from .agent_client import run_command, upload_file
 from .errors import ApiError
 from .layers import LayerError, LayerInfo
@@ -185,8 +185,7 @@ class BuildSpec:
         """Each step's cache key, chained as E2B chains them: the previous step's key (the first step's
         is the parent's layers and config) with this step's type, arguments and files' hash. A step's
         key names everything before it, so a changed step changes its own key and every later one."""
-        config = {k: v for k, v in parent_row.config.items() if k != "build_id"}  # a rebuild's id is new
-        key = _digest({"parent": {"layers": parent_row.layers, "config": config}})
+        key = _digest({"parent": {"layers": parent_row.layers, "config": inherited(parent_row.config)}})
         out = []
         for step in self.steps:
             key = _digest({"previous": key, "step": [step.type, list(step.args), step.files_hash]})
@@ -199,6 +198,12 @@ class BuildSpec:
         if self.force:
             return 0
         return next((index for index, step in enumerate(self.steps) if step.force), len(self.steps))
+
+
+def inherited(config: dict[str, Any]) -> dict[str, Any]:
+    """What of a parent's config a template built on it keeps: not the parent's own build id (a
+    rebuild's is new), nor whose snapshot it was (a template built on a snapshot is no snapshot)."""
+    return {k: v for k, v in config.items() if k not in ("build_id", snapshots.SOURCE_KEY)}
 
 
 def _digest(recipe: dict[str, Any]) -> str:
@@ -559,7 +564,7 @@ class TemplateBuilder:
                 build, spec, parent_row, keys, done, _Session(build, None, layers, state)
             )
         config = {
-            **parent_row.config,
+            **inherited(parent_row.config),
             **state.config(),
             "start_cmd": spec.start_cmd,
             "ready_cmd": spec.ready_cmd,
@@ -609,7 +614,7 @@ class TemplateBuilder:
         template = parent_row.name
         if run.layers != parent_row.layers:
             template = hidden
-            config = {**parent_row.config, **run.state.config()}
+            config = {**inherited(parent_row.config), **run.state.config()}
             self.templates.db.put_template(
                 TemplateRow(hidden, run.layers, config, f"build {run.build.build_id}", time.time())
             )
