@@ -668,7 +668,7 @@ class TemplateBuilder:
         pids: list[str] = []
 
         def on_line(stream: str, line: str) -> None:
-            if stream == "stdout":
+            if stream == "stdout" and line.strip().isdigit():  # not what a login profile prints
                 pids.append(line)
 
         try:
