@@ -20,7 +20,7 @@ from conftest import TEMPLATE_STORE, Runtime
 from e2b import BuildException, Sandbox, SandboxQuery, Template, wait_for_port
 from e2b.template.logger import LogEntry
 from sandboxd.runtime.layers import hex_of
-from sandboxd.runtime.template_builder import CUT_AFTER_S
+from sandboxd.runtime.template_builder import CUT_AFTER_S, MAX_BUILD_LAYERS
 from test_template_base import _wheel
 
 
@@ -254,6 +254,24 @@ def test_tags_name_builds_of_a_template(builds: Runtime) -> None:
         assert listed_names.count(name) == 1 and not [n for n in listed_names if n.startswith(f"{name}:")]
         assert client.delete(f"/templates/{name}").status_code == 204
     assert not Template.exists(name) and not [n for n in _layers(builds) if n.startswith(name)]
+
+
+def test_a_build_of_many_slow_steps_stops_cutting_at_its_layer_budget(builds: Runtime) -> None:
+    """Every slow step would pay for a cut, but a build puts at most MAX_BUILD_LAYERS layers over its
+    parent (the rest of its steps share the last), so templates stay under overlayfs' limit."""
+    marker = secrets.token_hex(8)
+    template = Template().from_template("base")
+    for i in range(MAX_BUILD_LAYERS + 2):
+        template = template.run_cmd(f"sleep {CUT_AFTER_S + 0.05} && echo {marker} > /home/user/step-{i}")
+    name = _name()
+    Template.build(template, name)
+    layers = _layers(builds)
+    assert len(layers[name]) == len(layers["base"]) + MAX_BUILD_LAYERS
+    sandbox = Sandbox.create(name, timeout=60)
+    try:
+        assert sandbox.commands.run("cat /home/user/step-*").stdout == f"{marker}\n" * (MAX_BUILD_LAYERS + 2)
+    finally:
+        sandbox.kill()
 
 
 def test_the_hidden_row_a_resumed_build_runs_over_is_listed_nowhere(builds: Runtime) -> None:
