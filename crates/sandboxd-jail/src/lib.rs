@@ -146,5 +146,8 @@ pub use namespaces::{Entered, SETUP_TIMEOUT, enter_sandbox};
 pub use netns::{connect_in_netns, connect_in_netns_fd, socket_in_netns};
 pub use seccomp::seccomp_filter;
 pub use spawn::{InitCommand, spawn_sandbox};
-pub use spec::{DEFAULT_INSTANCE, Limits, MAX_ID_LEN, MAX_LAYERS, SandboxSpec};
+pub use spec::{
+    DEFAULT_INSTANCE, Limits, MAX_ID_LEN, MAX_LAYERS, MAX_VOLUMES, SandboxSpec, VolumeMount,
+    validate_volume_target,
+};
 pub use template::{USER_UID, build_base_template};
