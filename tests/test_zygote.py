@@ -9,6 +9,7 @@ closed, and the runtime would see only "sandbox setup failed")."""
 from __future__ import annotations
 
 import json
+import os
 import select
 import socket
 from collections.abc import Iterator
@@ -65,3 +66,20 @@ def test_a_reason_longer_than_one_pipe_write_is_cut_and_the_zygote_goes_on(
     assert "\n" not in answer["error"]
     # Still serving: the next create is answered too.
     assert ask(zygote_socket, refused("bad/again", tmp_path))["id"] == "bad/again"
+
+
+def test_volumes_in_a_request_reach_the_jail(zygote_socket: socket.socket, tmp_path: Path) -> None:
+    # Targets travel in "volumes", each volume's mount as a descriptor after the disk's; the jail's
+    # refusal of the target proves they got there (refused before any cgroup or mount is made).
+    request = refused("vol-target", tmp_path) | {"id_base": 0x70000000, "volumes": ["/mnt/../etc"]}
+    disk = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    volume = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        socket.send_fds(zygote_socket, [json.dumps(request).encode()], [disk, volume])
+    finally:
+        os.close(disk)
+        os.close(volume)
+    zygote_socket.settimeout(60)
+    answer = json.loads(zygote_socket.recv(zygote.MAX_MESSAGE))
+    assert answer["ok"] is False
+    assert 'volume mount path "/mnt/../etc" must be normalised' in answer["error"], answer

@@ -5,7 +5,7 @@ built-in ``OSError`` subclasses (``FileNotFoundError``, ``NotADirectoryError``, 
 set, so the service layer maps them in one table (``sandboxd.agent.errors``).
 """
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from types import TracebackType
 
 __version__: str
@@ -314,6 +314,7 @@ def enter_sandbox(
     open_files: int | None = None,
     inotify_instances: int | None = None,
     inotify_watches: int | None = None,
+    volumes: Sequence[tuple[str, str]] = (),
 ) -> Entered:
     """Call in a freshly forked, single-threaded child of a zygote: puts it in a new sandbox and
     returns twice (see ``crates/sandboxd-jail`` docs): ``inside=True`` in the payload, which must
@@ -323,7 +324,15 @@ def enter_sandbox(
     The sandbox's cgroup is ``sandboxd/<instance>/<id>``; its uids and gids 0-65535 are the host's
     ``id_base..id_base+65536`` (claimed from :class:`IdRegistry`). Its writable layer lives on
     ``disk_fd`` (a disk from :func:`mount_disk`, duplicated here; the caller closes its own) or on
-    ``disk_image`` (mounted now), else in ``sandbox_dir/upper`` without a quota."""
+    ``disk_image`` (mounted now), else in ``sandbox_dir/upper`` without a quota.
+
+    ``volumes`` are ``(host_dir, target)`` pairs, at most :data:`MAX_VOLUMES`: each host directory
+    (e.g. a detached mount's root as ``/proc/self/fd/<n>``, cloned, so the caller's stays usable) is
+    mounted read-write, idmapped (its files keep canonical owners on disk: uid 1000 inside is
+    host uid 1000), ``nosuid`` and ``nodev`` at ``target``, which must pass
+    :func:`validate_volume_target` and must not be at or under another's. Missing directories on
+    the way are created; a symlink or a file on the way fails the create with an ``OSError``
+    naming the volume's mount point (never followed)."""
 
 def kill_sandbox(instance: str, id: str) -> None:
     """Kill and clean up sandbox ``id`` of runtime ``instance`` (its cgroup), with or without a handle."""
@@ -370,6 +379,14 @@ DEFAULT_ID_REGISTRY: str
 
 ID_RANGE_SIZE: int
 """Host ids per sandbox (65536: uids and gids 0-65535 inside)."""
+
+MAX_VOLUMES: int
+"""Most volumes one sandbox may mount (16)."""
+
+def validate_volume_target(target: str) -> None:
+    """Raise ``ValueError`` saying why unless ``target`` may be a volume's mount point inside a
+    sandbox: absolute, normalised (no ``.``, ``..``, empty component or trailing ``/``), not ``/``,
+    not at or under ``/proc``, ``/sys`` or ``/dev``, at most 4000 bytes, components of at most 255."""
 
 class IdRegistry:
     """The host-wide registry of sandboxes' id ranges: one file per claim, made with ``link`` so two

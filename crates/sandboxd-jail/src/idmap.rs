@@ -8,7 +8,10 @@
 //! the namespace's `k` (host `base + k`), so inside the sandbox a root-owned template file is
 //! owned by root, and files copied up from it into the sandbox's writable layer land owned by the
 //! sandbox's range. Nothing is copied or chowned: one template serves every sandbox.
-//! `MOUNT_ATTR_RDONLY` makes the layer read-only as well.
+//! `MOUNT_ATTR_RDONLY` makes the layer read-only as well. Volumes (host directories shared
+//! between sandboxes) are mounted the same way but writable and `nosuid`: a file a sandbox's
+//! `user` (1000) writes lands owned by host uid 1000, the canonical owner, so any sandbox that
+//! mounts the volume sees it as its own `user`'s.
 //!
 //! Creating an idmapped mount needs `CAP_SYS_ADMIN` over the filesystem's owner (the host), so A
 //! does it before it enters the sandbox's user namespace; the sandbox's PID 1, which owns the new
@@ -25,12 +28,23 @@ use nix::errno::Errno;
 
 use crate::userns::owned;
 
-/// Clones the mount tree at `path` (recursively, when `recursive`: submounts too) into a detached,
-/// read-only mount idmapped through `userns`. Async-signal-safe.
+/// Attributes of a template layer (and of the host's `/usr`): read-only, no device nodes. Setuid
+/// stays, so `sudo` works inside (setuid root there is the sandbox's root).
+pub(crate) const LAYER_ATTRS: u64 = libc::MOUNT_ATTR_RDONLY | libc::MOUNT_ATTR_NODEV;
+
+/// Attributes of a volume: writable, but neither setuid bits nor device nodes take effect. A
+/// volume is shared with other sandboxes and outlives this one, so nothing planted in it may
+/// grant privileges.
+pub(crate) const VOLUME_ATTRS: u64 = libc::MOUNT_ATTR_NOSUID | libc::MOUNT_ATTR_NODEV;
+
+/// Clones the mount tree at `path` (recursively, when `recursive`: submounts too) into a detached
+/// mount idmapped through `userns`, with the mount attributes `attrs` ([`LAYER_ATTRS`],
+/// [`VOLUME_ATTRS`]). Async-signal-safe.
 pub(crate) fn idmapped_tree(
     path: &CStr,
     userns: BorrowedFd<'_>,
     recursive: bool,
+    attrs: u64,
 ) -> Result<OwnedFd, Errno> {
     let recursive_flag = if recursive {
         libc::AT_RECURSIVE as libc::c_uint
@@ -47,7 +61,7 @@ pub(crate) fn idmapped_tree(
         )
     })?;
     let attr = libc::mount_attr {
-        attr_set: libc::MOUNT_ATTR_IDMAP | libc::MOUNT_ATTR_RDONLY | libc::MOUNT_ATTR_NODEV,
+        attr_set: libc::MOUNT_ATTR_IDMAP | attrs,
         attr_clr: 0,
         propagation: 0,
         userns_fd: userns.as_raw_fd() as u64,
@@ -86,6 +100,24 @@ pub(crate) fn attach(tree: BorrowedFd<'_>, target: &CStr) -> Result<(), Errno> {
     Errno::result(r).map(drop)
 }
 
+/// Attaches the detached mount `tree` onto the directory open as `target` (an `O_PATH`
+/// descriptor), in the caller's mount namespace. No path is resolved, so nothing can redirect it.
+/// Async-signal-safe.
+pub(crate) fn attach_at(tree: BorrowedFd<'_>, target: BorrowedFd<'_>) -> Result<(), Errno> {
+    // SAFETY: move_mount reads two (empty) C strings and takes integer flags.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_move_mount,
+            tree.as_raw_fd(),
+            c"".as_ptr(),
+            target.as_raw_fd(),
+            c"".as_ptr(),
+            libc::MOVE_MOUNT_F_EMPTY_PATH | libc::MOVE_MOUNT_T_EMPTY_PATH,
+        )
+    };
+    Errno::result(r).map(drop)
+}
+
 /// Checks, from the runtime at start, that this host can build sandboxes over `template`: user
 /// namespaces can be created and the template's filesystem can be idmapped. Fails with the
 /// message of the step that failed (what the host needs), so `sandboxd serve` can refuse to start
@@ -99,7 +131,7 @@ pub fn check_idmapped_mounts(template: &std::path::Path) -> std::io::Result<()> 
         crate::idrange::RANGE_SIZE
     );
     let (userns, helper) = crate::userns::create(crate::idrange::FIRST_BASE, map.as_bytes())?;
-    let tree = idmapped_tree(&path, userns.as_fd(), false);
+    let tree = idmapped_tree(&path, userns.as_fd(), false, LAYER_ATTRS);
     while let Err(Errno::EINTR) = nix::sys::wait::waitpid(helper, None) {}
     tree.map(drop)
         .map_err(|e| crate::report::StepError::new(crate::report::Step::IdmapLayer, e).into())

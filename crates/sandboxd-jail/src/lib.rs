@@ -12,7 +12,8 @@
 //! * [`IdRegistry`] claims a sandbox's host id range, host-wide; [`format_image`],
 //!   [`copy_sparse`] and [`mount_disk`] make its disk; [`configure_budget`] writes the host-wide
 //!   limits of all sandboxes; [`check_idmapped_mounts`] tells whether the host can do all this.
-//! * [`SandboxSpec`] (id, instance, id range, layers, [`Disk`], [`Limits`]) describes a sandbox.
+//! * [`SandboxSpec`] (id, instance, id range, layers, [`Disk`], [`Limits`], [`VolumeMount`]s)
+//!   describes a sandbox; [`validate_volume_target`] checks a volume's mount point alone.
 //! * [`spawn_sandbox`] starts one from any process (the runtime, multithreaded or not) running an
 //!   [`InitCommand`], and returns a [`SandboxHandle`].
 //! * [`enter_sandbox`] starts one from a freshly forked single-threaded process (a Python zygote's
@@ -146,5 +147,8 @@ pub use namespaces::{Entered, SETUP_TIMEOUT, enter_sandbox};
 pub use netns::{connect_in_netns, connect_in_netns_fd, socket_in_netns};
 pub use seccomp::seccomp_filter;
 pub use spawn::{InitCommand, spawn_sandbox};
-pub use spec::{DEFAULT_INSTANCE, Limits, MAX_ID_LEN, MAX_LAYERS, SandboxSpec};
+pub use spec::{
+    DEFAULT_INSTANCE, Limits, MAX_ID_LEN, MAX_LAYERS, MAX_VOLUMES, SandboxSpec, VolumeMount,
+    validate_volume_target,
+};
 pub use template::{USER_UID, build_base_template};

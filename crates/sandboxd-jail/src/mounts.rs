@@ -10,9 +10,11 @@
 //! otherwise propagate back). The detached idmapped layers and the disk are attached with
 //! `move_mount`, overlayfs then merges the layers (read-only) with the sandbox's upper dir (where
 //! writes land, on its disk) at the merged dir (`userxattr`: overlayfs keeps its metadata in
-//! `user.*` xattrs, which the sandbox's root may set); `proc` mounted by a process of the new pid
-//! namespace shows only that namespace's processes; `sysfs` mounted from the new network namespace
-//! shows only its devices (`lo`).
+//! `user.*` xattrs, which the sandbox's root may set); the volumes are attached on top, each onto
+//! a directory descriptor found beneath the merged root one component at a time (never a path
+//! the kernel would resolve, so a symlink planted in the writable layer cannot redirect it);
+//! `proc` mounted by a process of the new pid namespace shows only that namespace's processes;
+//! `sysfs` mounted from the new network namespace shows only its devices (`lo`).
 //! Parts of `/proc` and `/sys` that are not namespaced (host-wide sysctls, kernel memory, host
 //! hardware) are then masked or made read-only, as container runtimes do. `pivot_root(".", ".")`
 //! stacks the old root under the new one, and `umount2(".", MNT_DETACH)`
@@ -35,14 +37,14 @@ use std::io;
 use std::path::{Path, PathBuf};
 
 use nix::errno::Errno;
-use nix::fcntl::{AT_FDCWD, OFlag, open};
+use nix::fcntl::{AT_FDCWD, OFlag, open, openat};
 use nix::mount::{MntFlags, MsFlags, mount, umount2};
-use nix::sys::stat::{Mode, SFlag, lstat};
+use nix::sys::stat::{Mode, SFlag, lstat, mkdirat};
 use nix::unistd::{chdir, mkdir, pivot_root, symlinkat, write};
 
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, OwnedFd};
 
-use crate::idmap::attach;
+use crate::idmap::{attach, attach_at};
 use crate::namespaces::SetupFds;
 use crate::report::{AtStep, Step, StepError};
 use crate::spec::Prepared;
@@ -154,6 +156,10 @@ pub(crate) fn setup_root(p: &Prepared, fds: &SetupFds) -> Result<(), StepError> 
     if let Some(usr) = fds.usr() {
         ensure_dir(c"usr")?;
         attach(usr, c"usr").at(Step::BindUsr)?;
+    }
+    for (volume, target) in fds.volumes().zip(&p.volume_targets) {
+        let at = open_beneath_root(target)?;
+        attach_at(volume, at.as_fd()).at(Step::AttachVolume)?;
     }
 
     let nosuid_nodev_noexec = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
@@ -325,6 +331,29 @@ fn mask_kernel_files() -> Result<(), StepError> {
         .at(Step::MaskProc)?;
     }
     Ok(())
+}
+
+/// Opens (`O_PATH`) the directory at `components` beneath the new root (the cwd), creating missing
+/// ones (0755, owned by the sandbox's root, in its writable layer). The writable layer may come
+/// from an earlier life of the sandbox, or a snapshot, so anything on the way is hostile: each
+/// component is opened with `O_NOFOLLOW | O_DIRECTORY` relative to the one before, so a symlink
+/// or a file anywhere on the path fails (`ELOOP`/`ENOTDIR`) rather than leading out of the root.
+/// No process of the sandbox runs yet, so nothing can swap a component between the steps.
+fn open_beneath_root(components: &[std::ffi::CString]) -> Result<OwnedFd, StepError> {
+    let flags = OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
+    let mut dir = open(c".", flags, Mode::empty()).at(Step::VolumeTarget)?;
+    for name in components {
+        match mkdirat(
+            dir.as_fd(),
+            name.as_c_str(),
+            Mode::from_bits_truncate(0o755),
+        ) {
+            Ok(()) | Err(Errno::EEXIST) => {}
+            Err(e) => return Err(StepError::new(Step::VolumeTarget, e)),
+        }
+        dir = openat(dir.as_fd(), name.as_c_str(), flags, Mode::empty()).at(Step::VolumeTarget)?;
+    }
+    Ok(dir)
 }
 
 /// Makes sure `path` (relative to the new root) is a real directory, creating it if missing.

@@ -11,7 +11,8 @@
 //! 3. The sandbox's user namespace is created by a helper running as the range's base uid, and A
 //!    writes its id maps (`userns.rs`: why the creator's uid matters).
 //! 4. A makes idmapped, read-only, detached copies of the template layers and of the host's
-//!    `/usr` (`idmap.rs`), which needs host root, then `chdir`s into the sandbox's directory.
+//!    `/usr`, and idmapped, writable, `nosuid` ones of the volumes (`idmap.rs`), which needs host
+//!    root, then `chdir`s into the sandbox's directory.
 //! 5. A `setns`es into the user namespace and becomes its root, then
 //!    `unshare(CLONE_NEWNS | NEWUTS | NEWIPC | NEWNET | NEWCGROUP | NEWPID)`: the new namespaces
 //!    are owned by the sandbox's user namespace, so its root may mount in them and nothing else.
@@ -47,12 +48,12 @@ use nix::sys::wait::waitpid;
 use nix::unistd::{ForkResult, Pid, chdir, fork, pipe2, sethostname, setsid, write};
 
 use crate::cgroup::Cgroup;
-use crate::idmap::idmapped_tree;
+use crate::idmap::{LAYER_ATTRS, VOLUME_ATTRS, idmapped_tree};
 use crate::init::fork_payload_and_serve;
 use crate::mounts::{make_private, setup_root};
 use crate::netns::loopback_up;
 use crate::report::{AtStep, Record, Step, StepError, read_until_eof, write_record};
-use crate::spec::{MAX_LAYERS, Prepared, SandboxSpec};
+use crate::spec::{MAX_LAYERS, MAX_VOLUMES, Prepared, SandboxSpec};
 use crate::sys::exit_now;
 use crate::userns;
 
@@ -149,6 +150,7 @@ pub(crate) struct SetupFds {
     userns: OwnedFd,
     layers: [Option<OwnedFd>; MAX_LAYERS],
     usr: Option<OwnedFd>,
+    volumes: [Option<OwnedFd>; MAX_VOLUMES],
 }
 
 impl SetupFds {
@@ -163,6 +165,13 @@ impl SetupFds {
     pub(crate) fn usr(&self) -> Option<BorrowedFd<'_>> {
         self.usr.as_ref().map(|fd| fd.as_fd())
     }
+
+    /// The idmapped volumes, in order.
+    pub(crate) fn volumes(&self) -> impl Iterator<Item = BorrowedFd<'_>> {
+        self.volumes
+            .iter()
+            .map_while(|v| v.as_ref().map(|fd| fd.as_fd()))
+    }
 }
 
 /// Steps 3 and 4: the user namespace and the idmapped mounts. Async-signal-safe. Returns the
@@ -172,20 +181,31 @@ fn make_userns_and_layers(p: &Prepared) -> Result<(SetupFds, Pid), StepError> {
     let made = (|| {
         let mut layers: [Option<OwnedFd>; MAX_LAYERS] = std::array::from_fn(|_| None);
         for (slot, source) in layers.iter_mut().zip(&p.lower_sources) {
-            *slot = Some(idmapped_tree(source, userns.as_fd(), false).at(Step::IdmapLayer)?);
+            *slot = Some(
+                idmapped_tree(source, userns.as_fd(), false, LAYER_ATTRS).at(Step::IdmapLayer)?,
+            );
         }
         let usr = match p.host_usr_ro {
-            true => Some(idmapped_tree(c"/usr", userns.as_fd(), true).at(Step::IdmapLayer)?),
+            true => Some(
+                idmapped_tree(c"/usr", userns.as_fd(), true, LAYER_ATTRS).at(Step::IdmapLayer)?,
+            ),
             false => None,
         };
-        Ok((layers, usr))
+        let mut volumes: [Option<OwnedFd>; MAX_VOLUMES] = std::array::from_fn(|_| None);
+        for (slot, source) in volumes.iter_mut().zip(&p.volume_sources) {
+            *slot = Some(
+                idmapped_tree(source, userns.as_fd(), false, VOLUME_ATTRS).at(Step::IdmapVolume)?,
+            );
+        }
+        Ok((layers, usr, volumes))
     })();
     match made {
-        Ok((layers, usr)) => Ok((
+        Ok((layers, usr, volumes)) => Ok((
             SetupFds {
                 userns,
                 layers,
                 usr,
+                volumes,
             },
             helper,
         )),

@@ -63,11 +63,14 @@ pub(crate) enum Step {
     UserLimits,
     Seccomp,
     Rlimits,
+    IdmapVolume,
+    VolumeTarget,
+    AttachVolume,
 }
 
 impl Step {
     /// Every step, to decode a record read from a pipe.
-    const ALL: [Step; 40] = [
+    const ALL: [Step; 43] = [
         Step::Setsid,
         Step::JoinCgroup,
         Step::Unshare,
@@ -108,6 +111,9 @@ impl Step {
         Step::UserLimits,
         Step::Seccomp,
         Step::Rlimits,
+        Step::IdmapVolume,
+        Step::VolumeTarget,
+        Step::AttachVolume,
     ];
 
     fn from_u32(v: u32) -> Step {
@@ -170,6 +176,15 @@ impl Step {
             Step::UserLimits => "writing the user namespace's limits in /proc/sys/user",
             Step::Seccomp => "installing the seccomp filter",
             Step::Rlimits => "setting the payload's resource limits",
+            Step::IdmapVolume => {
+                "creating an idmapped mount of a volume's host directory (it must exist, on a \
+                 filesystem with idmapped-mount support)"
+            }
+            Step::VolumeTarget => {
+                "finding or creating a volume's mount point in the sandbox's root (every component \
+                 of the path must be a directory; symlinks are refused, never followed)"
+            }
+            Step::AttachVolume => "attaching a volume at its mount point",
         }
     }
 }

@@ -43,6 +43,21 @@ pub const MAX_ID_LEN: usize = 64;
 /// than a few dozen). Bounds the descriptor array the setup fills without allocating.
 pub const MAX_LAYERS: usize = 128;
 
+/// Most volumes a sandbox may mount (E2B's SDK sends a handful at most). Bounds the descriptor
+/// array the setup fills without allocating.
+pub const MAX_VOLUMES: usize = 16;
+
+/// Top-level directories a volume may not be mounted at or under: the kernel's views the setup
+/// mounts itself (a volume there would be covered, or would hide the sandbox's own `/proc`).
+const RESERVED_TARGETS: [&str; 3] = ["proc", "sys", "dev"];
+
+/// Longest volume target, in bytes: the kernel's `PATH_MAX` less room for the setup's relative
+/// prefix. A longer path could not be resolved anyway.
+const MAX_TARGET_LEN: usize = 4000;
+
+/// Longest component of a volume target: the kernel's `NAME_MAX`.
+const MAX_NAME_LEN: usize = 255;
+
 /// The runtime instance that [`SandboxSpec::new`] puts a sandbox in.
 pub const DEFAULT_INSTANCE: &str = "default";
 
@@ -71,6 +86,24 @@ pub struct Limits {
     pub inotify_instances: Option<u64>,
     /// `user.max_inotify_watches` of the sandbox's user namespace, likewise.
     pub inotify_watches: Option<u64>,
+}
+
+/// A host directory (or mount) mounted read-write into a sandbox: an E2B volume.
+///
+/// It is mounted idmapped through the sandbox's user namespace, like the template layers, so its
+/// files keep canonical owners on disk: uid 1000 inside is uid 1000 in the directory, whichever
+/// sandbox wrote it. `nosuid` and `nodev`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct VolumeMount {
+    /// The directory on the host (absolute), e.g. the root of a detached mount reached through
+    /// its descriptor, `/proc/self/fd/<n>` (cloned, not moved: it stays usable by the caller).
+    /// Only host root should be able to reach it: files in it carry canonical owners, setuid
+    /// bits included.
+    pub host_dir: PathBuf,
+    /// Where it appears inside the sandbox: absolute, normalised, not `/`, not under `/proc`,
+    /// `/sys` or `/dev` ([`validate_volume_target`]). Missing directories are created (owned by
+    /// the sandbox's root); symlinks on the way are refused, never followed.
+    pub target: PathBuf,
 }
 
 /// Everything needed to start one sandbox.
@@ -106,6 +139,9 @@ pub struct SandboxSpec {
     pub nested_userns: bool,
     /// Resource limits.
     pub limits: Limits,
+    /// Volumes, at most [`MAX_VOLUMES`], attached in order; no target may be at or under
+    /// another's.
+    pub volumes: Vec<VolumeMount>,
 }
 
 impl SandboxSpec {
@@ -130,6 +166,7 @@ impl SandboxSpec {
             host_usr_ro: true,
             nested_userns: false,
             limits: Limits::default(),
+            volumes: Vec::new(),
         }
     }
 
@@ -168,6 +205,7 @@ impl SandboxSpec {
             }
             cstring(p)?;
         }
+        self.validate_volumes()?;
         if let Some(cpu) = self.limits.cpu_cores
             && !(cpu.is_finite() && cpu > 0.0)
         {
@@ -175,6 +213,88 @@ impl SandboxSpec {
         }
         Ok(())
     }
+}
+
+impl SandboxSpec {
+    fn validate_volumes(&self) -> io::Result<()> {
+        if self.volumes.len() > MAX_VOLUMES {
+            return Err(invalid(format!(
+                "a sandbox may mount at most {MAX_VOLUMES} volumes"
+            )));
+        }
+        for (i, v) in self.volumes.iter().enumerate() {
+            if !v.host_dir.is_absolute() {
+                return Err(invalid(format!(
+                    "volume directory {} is not an absolute path",
+                    v.host_dir.display()
+                )));
+            }
+            cstring(&v.host_dir)?;
+            validate_volume_target(&v.target)?;
+            // One volume at or under another would be attached on top of (or inside) it: refuse
+            // rather than depend on the order.
+            for other in &self.volumes[..i] {
+                if v.target.starts_with(&other.target) || other.target.starts_with(&v.target) {
+                    return Err(invalid(format!(
+                        "volume targets {} and {} overlap",
+                        other.target.display(),
+                        v.target.display()
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Checks where a volume may be mounted inside a sandbox: an absolute, normalised path (no `.`,
+/// `..`, empty component or trailing `/`), not `/`, not at or under `/proc`, `/sys` or `/dev`,
+/// without NUL, at most 4000 bytes with components of at most 255.
+pub fn validate_volume_target(target: &Path) -> io::Result<()> {
+    let bytes = target.as_os_str().as_bytes();
+    let bad = |why: &str| {
+        Err(invalid(format!(
+            "volume mount path {:?} {why}",
+            target.as_os_str().to_string_lossy()
+        )))
+    };
+    let Some(rest) = bytes.strip_prefix(b"/") else {
+        return bad("must be absolute");
+    };
+    if rest.is_empty() {
+        return bad("must not be /");
+    }
+    if bytes.len() > MAX_TARGET_LEN {
+        return bad("is too long");
+    }
+    if bytes.contains(&0) {
+        return bad("contains NUL");
+    }
+    for name in rest.split(|b| *b == b'/') {
+        if name.is_empty() || name == b"." || name == b".." {
+            return bad("must be normalised (no empty, '.' or '..' component, no trailing '/')");
+        }
+        if name.len() > MAX_NAME_LEN {
+            return bad("has a component longer than 255 bytes");
+        }
+    }
+    let first = rest.split(|b| *b == b'/').next().unwrap_or_default();
+    if RESERVED_TARGETS.iter().any(|r| r.as_bytes() == first) {
+        return bad("must not be under /proc, /sys or /dev");
+    }
+    Ok(())
+}
+
+/// A volume target (validated) as the C strings of its components, for the walk beneath the
+/// sandbox's root after `fork`.
+fn target_components(target: &Path) -> io::Result<Vec<CString>> {
+    target
+        .as_os_str()
+        .as_bytes()
+        .split(|b| *b == b'/')
+        .filter(|n| !n.is_empty())
+        .map(|n| CString::new(n).map_err(|_| invalid("path contains NUL")))
+        .collect()
 }
 
 /// Checks a sandbox id (the rules of [`SandboxSpec::id`]).
@@ -243,6 +363,10 @@ pub(crate) struct Prepared {
     pub(crate) open_files: Option<u64>,
     /// The compiled seccomp filter.
     pub(crate) seccomp: BpfProgram,
+    /// The volumes' host directories (absolute), and their targets as path components beneath
+    /// the sandbox's root, in order.
+    pub(crate) volume_sources: Vec<CString>,
+    pub(crate) volume_targets: Vec<Vec<CString>>,
 }
 
 /// Contents of `/etc/hosts` in a sandbox: loopback names plus the sandbox's own hostname (as
@@ -383,6 +507,16 @@ impl Prepared {
             user_limits,
             open_files: spec.limits.open_files,
             seccomp: seccomp::build(spec.nested_userns)?,
+            volume_sources: spec
+                .volumes
+                .iter()
+                .map(|v| cstring(&v.host_dir))
+                .collect::<io::Result<_>>()?,
+            volume_targets: spec
+                .volumes
+                .iter()
+                .map(|v| target_components(&v.target))
+                .collect::<io::Result<_>>()?,
         })
     }
 }
@@ -408,5 +542,70 @@ mod tests {
         s.validate().unwrap();
         s.instance = "../x".into();
         assert!(s.validate().is_err());
+    }
+
+    #[test]
+    fn volume_targets_must_be_absolute_normalised_and_outside_the_kernels_views() {
+        for ok in [
+            "/mnt/data",
+            "/home/user/data",
+            "/data",
+            "/procedures",
+            "/mnt/dev",
+        ] {
+            validate_volume_target(Path::new(ok)).unwrap_or_else(|e| panic!("{ok}: {e}"));
+        }
+        for bad in [
+            "",
+            "/",
+            "mnt/data",
+            "./mnt",
+            "/mnt/",
+            "/mnt//data",
+            "/mnt/./data",
+            "/mnt/../etc",
+            "/..",
+            "/proc",
+            "/proc/self",
+            "/sys",
+            "/sys/fs/cgroup",
+            "/dev",
+            "/dev/shm",
+        ] {
+            let e = validate_volume_target(Path::new(bad)).unwrap_err();
+            assert_eq!(e.kind(), io::ErrorKind::InvalidInput, "{bad}");
+            assert!(e.to_string().contains("volume mount path"), "{bad}: {e}");
+        }
+        let long = format!("/{}", "a".repeat(MAX_NAME_LEN + 1));
+        assert!(validate_volume_target(Path::new(&long)).is_err());
+        let deep = "/a".repeat(MAX_TARGET_LEN / 2 + 1);
+        assert!(validate_volume_target(Path::new(&deep)).is_err());
+        assert_eq!(
+            target_components(Path::new("/mnt/data")).unwrap(),
+            [c"mnt".to_owned(), c"data".to_owned()]
+        );
+    }
+
+    #[test]
+    fn volumes_are_bounded_absolute_and_never_overlap() {
+        let mut s = SandboxSpec::new("x", "/t", Path::new("/d"), crate::idrange::FIRST_BASE);
+        let vol = |host: &str, target: &str| VolumeMount {
+            host_dir: host.into(),
+            target: target.into(),
+        };
+        s.volumes = vec![vol("/v/a", "/mnt/a"), vol("/v/b", "/mnt/ab")];
+        s.validate().unwrap();
+        s.volumes = vec![vol("v/a", "/mnt/a")];
+        assert!(s.validate().is_err());
+        s.volumes = vec![vol("/v/a", "/mnt/a"), vol("/v/b", "/mnt/a")];
+        assert!(s.validate().unwrap_err().to_string().contains("overlap"));
+        s.volumes = vec![vol("/v/a", "/mnt/a/b"), vol("/v/b", "/mnt/a")];
+        assert!(s.validate().unwrap_err().to_string().contains("overlap"));
+        s.volumes = (0..=MAX_VOLUMES)
+            .map(|i| vol("/v", &format!("/mnt/{i}")))
+            .collect();
+        assert!(s.validate().unwrap_err().to_string().contains("at most"));
+        s.volumes.pop();
+        s.validate().unwrap();
     }
 }

@@ -34,8 +34,10 @@ pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(mount_disk, m)?)?;
     m.add_function(wrap_pyfunction!(disk_usage, m)?)?;
     m.add_function(wrap_pyfunction!(check_isolation_support, m)?)?;
+    m.add_function(wrap_pyfunction!(validate_volume_target, m)?)?;
     m.add("DEFAULT_ID_REGISTRY", jail::DEFAULT_REGISTRY)?;
     m.add("ID_RANGE_SIZE", jail::RANGE_SIZE)?;
+    m.add("MAX_VOLUMES", jail::MAX_VOLUMES)?;
     Ok(())
 }
 
@@ -163,12 +165,13 @@ fn build_base_template(py: Python<'_>, dir: PathBuf) -> PyResult<()> {
 /// Puts the calling (freshly forked, single-threaded) process into a new sandbox; returns in the
 /// caller (`inside=False`) and in the payload (`inside=True`). `disk_fd` is a disk mounted with
 /// `mount_disk` (borrowed: the caller keeps and closes its descriptor); `disk_image` an image to
-/// mount now. At most one of them.
+/// mount now. At most one of them. `volumes` are `(host_dir, target)` pairs, mounted read-write
+/// and idmapped at `target` inside.
 #[pyfunction]
 #[pyo3(signature = (
     id, template_dirs, sandbox_dir, *, instance, id_base, host_usr_ro = true, disk_image = None,
     disk_fd = None, nested_userns = false, memory_bytes = None, cpu_cores = None, pids_max = None,
-    open_files = None, inotify_instances = None, inotify_watches = None
+    open_files = None, inotify_instances = None, inotify_watches = None, volumes = Vec::new()
 ))]
 #[allow(clippy::too_many_arguments)]
 fn enter_sandbox(
@@ -187,6 +190,7 @@ fn enter_sandbox(
     open_files: Option<u64>,
     inotify_instances: Option<u64>,
     inotify_watches: Option<u64>,
+    volumes: Vec<(PathBuf, PathBuf)>,
 ) -> PyResult<Entered> {
     let Some(first) = template_dirs.first() else {
         return Err(PyValueError::new_err(
@@ -198,6 +202,10 @@ fn enter_sandbox(
     spec.instance = instance;
     spec.host_usr_ro = host_usr_ro;
     spec.nested_userns = nested_userns;
+    spec.volumes = volumes
+        .into_iter()
+        .map(|(host_dir, target)| jail::VolumeMount { host_dir, target })
+        .collect();
     spec.disk = match (disk_image, disk_fd) {
         (Some(_), Some(_)) => {
             return Err(PyValueError::new_err(
@@ -323,6 +331,13 @@ fn disk_usage(py: Python<'_>, path: PathBuf) -> PyResult<(u64, u64)> {
 fn check_isolation_support(py: Python<'_>, template: PathBuf) -> PyResult<()> {
     py.detach(|| jail::check_idmapped_mounts(&template))
         .map_err(to_pyerr)
+}
+
+/// Checks where a volume may be mounted inside a sandbox (`ValueError` saying why not): the
+/// jail's own rules, for the API layer to answer a bad request before any create.
+#[pyfunction]
+fn validate_volume_target(target: PathBuf) -> PyResult<()> {
+    jail::validate_volume_target(&target).map_err(to_pyerr)
 }
 
 /// The host-wide registry of sandboxes' id ranges.
