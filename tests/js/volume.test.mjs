@@ -7,7 +7,7 @@ import { after, before, describe, test } from 'node:test'
 
 import { Sandbox, Volume } from 'e2b'
 
-import { killAfter, skipReason, startRuntime } from './runtime.mjs'
+import { skipReason, startRuntime } from './runtime.mjs'
 
 describe('volumes', { skip: skipReason }, () => {
   let runtime
@@ -20,16 +20,18 @@ describe('volumes', { skip: skipReason }, () => {
 
   test('Volume.create, writeFile, a sandbox mounting it, readFile, destroy', async (t) => {
     const volume = await Volume.create(`js-${Date.now()}`)
-    t.after(async () => {
-      await Volume.destroy(volume.volumeId)
-    })
     assert.ok((await Volume.list()).some((v) => v.volumeId === volume.volumeId))
 
     const written = await volume.writeFile('/shared/from-api.txt', 'written through the API')
     assert.equal(written.uid, 1000)
     assert.equal(await volume.readFile('/shared/from-api.txt'), 'written through the API')
 
-    const sandbox = killAfter(t, await Sandbox.create({ volumeMounts: { '/mnt/data': volume } }))
+    // Killed before the volume is destroyed (a mounted volume cannot be): after-hooks run in order.
+    const sandbox = await Sandbox.create({ volumeMounts: { '/mnt/data': volume } })
+    t.after(async () => {
+      await sandbox.kill()
+      await Volume.destroy(volume.volumeId)
+    })
     const seen = await sandbox.commands.run(
       'cat /mnt/data/shared/from-api.txt && echo && echo made inside > /mnt/data/shared/from-sandbox.txt && stat -c %U /mnt/data/shared/from-sandbox.txt',
     )

@@ -11,7 +11,6 @@ import asyncio
 import base64
 import hmac
 import json
-import posixpath
 import re
 import time
 from collections.abc import Callable
@@ -19,7 +18,7 @@ from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import unquote
 
-from sandboxd import ENVD_VERSION
+from sandboxd import ENVD_VERSION, _core
 from sandboxd.agent.asgi import ClientDisconnected, Receive, Scope, Send, header_map, send_empty, send_json
 
 from . import logs, snapshots
@@ -459,12 +458,10 @@ class ControlPlane:
         await send_json(send, 200, [self._listed(r) for r in rows], headers)
 
 
-_NO_MOUNT_UNDER = ("/proc", "/sys", "/dev")
-
-
 def volume_mounts(raw: object) -> dict[str, str]:
-    """E2B's ``volumeMounts`` (``[{"name", "path"}]``) as {path: name}: absolute, normalised paths,
-    each once, not ``/`` and not under ``/proc``, ``/sys`` or ``/dev``; 400 otherwise."""
+    """E2B's ``volumeMounts`` (``[{"name", "path"}]``) as {path: name}: paths the jail accepts
+    (``_core.validate_volume_target``: absolute, normalised, not ``/``, not under ``/proc``, ``/sys``
+    or ``/dev``), none at or under another; 400 otherwise."""
     if raw is None:
         return {}
     if not isinstance(raw, list) or len(raw) > MAX_MOUNTS:
@@ -475,15 +472,13 @@ def volume_mounts(raw: object) -> dict[str, str]:
         path = item.get("path") if isinstance(item, dict) else None
         if not isinstance(name, str) or not isinstance(path, str) or not name or len(path) > 1024:
             raise ApiError(400, "each of 'volumeMounts' needs a 'name' (a volume's) and a 'path' (where it is mounted)")
-        normal = posixpath.normpath(path)
-        if not path.startswith("/") or normal != path.rstrip("/") or normal == "/" or "//" in path or "\0" in path:
-            raise ApiError(
-                400, f"volumeMounts: {json.dumps(path[:100])} must be an absolute, normalised path other than /"
-            )
-        if any(normal == top or normal.startswith(top + "/") for top in _NO_MOUNT_UNDER):
-            raise ApiError(
-                400, f"volumeMounts: {json.dumps(normal[:100])}: volumes cannot be mounted under /proc, /sys or /dev"
-            )
+        if "\0" in path:
+            raise ApiError(400, "volumeMounts: a 'path' contains a NUL byte")
+        normal = path.rstrip("/") or "/"  # "/mnt/data/" is "/mnt/data"
+        try:
+            _core.validate_volume_target(normal)  # the jail's own rule, so the two never disagree
+        except ValueError as exc:
+            raise ApiError(400, f"volumeMounts: {json.dumps(path[:100])}: {exc}") from None
         for other in mounts:
             if normal == other or normal.startswith(other + "/") or other.startswith(normal + "/"):
                 raise ApiError(400, f"volumeMounts: {normal} and {other} overlap: mount volumes side by side")
