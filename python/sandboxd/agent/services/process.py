@@ -94,15 +94,19 @@ async def output_events(
     stream in a batch (consecutive chunks, joined by the binding into one ``bytes`` of at most
     ``MAX_EVENT_BYTES``) is one data event, kept as :class:`NestedBytes` so its bytes are not copied
     again on their way out. A subscriber that fell behind the ring ends with ``data_loss``.
+
+    The eventfd is watched only while this waits on it: it is level-triggered and stays readable
+    from the moment new output lands until the next ``next_batch``, so watched while the caller
+    sends a batch to a slow socket, it woke the event loop on every turn for nothing (a busy loop
+    that took most of the agent's CPU and starved the client at 1 GB/s). Watching it again costs
+    one ``epoll_ctl`` per wait; output that arrived meanwhile is reported at once.
     """
     loop = asyncio.get_running_loop()
     ready = asyncio.Event()
     fd = subscriber.fileno()
-    loop.add_reader(fd, ready.set)
     paths = {stream: ("event", "data", name) for stream, name in _STREAM_FIELD.items()}
     try:
         while True:
-            ready.clear()
             batch = subscriber.next_batch(MAX_EVENT_BYTES)
             if batch.lagged_bytes:
                 raise RpcError(
@@ -116,9 +120,13 @@ async def output_events(
                 yield response_type(event=_end_event(batch.end))
                 return
             if not batch.more:
-                await ready.wait()
+                ready.clear()
+                loop.add_reader(fd, ready.set)
+                try:
+                    await ready.wait()
+                finally:
+                    loop.remove_reader(fd)
     finally:
-        loop.remove_reader(fd)
         subscriber.close()
 
 
