@@ -18,6 +18,7 @@ use nix::unistd::Pid;
 
 use crate::fanout::{Output, lock};
 use crate::fdio;
+use crate::pipesize::Enlarged;
 use crate::pty::{self, WinSize};
 use crate::reader::{PIPE_CHUNK_BYTES, PTY_CHUNK_BYTES, pump};
 use crate::reap;
@@ -96,10 +97,14 @@ impl Process {
     }
 
     fn start(opts: &SpawnOptions, subscribe: bool) -> io::Result<(Process, Option<Subscriber>)> {
-        let chunk = opts.read_chunk_bytes.unwrap_or(match opts.io {
-            Io::Pipes { .. } => PIPE_CHUNK_BYTES,
-            Io::Pty(_) => PTY_CHUNK_BYTES,
-        });
+        // No larger than the ring: a chunk is kept whole, so a bigger one would overrun its bound.
+        let chunk = opts
+            .read_chunk_bytes
+            .unwrap_or(match opts.io {
+                Io::Pipes { .. } => PIPE_CHUNK_BYTES,
+                Io::Pty(_) => PTY_CHUNK_BYTES,
+            })
+            .min(opts.ring_bytes.max(1));
         let spawned = spawn::spawn(opts)?;
         let pid = spawned.pid;
         let inner = Arc::new(Inner {
@@ -124,10 +129,11 @@ impl Process {
         };
         let thread_inner = Arc::clone(&inner);
         let outputs = spawned.outputs;
+        let enlarged = spawned.enlarged;
         let started = std::thread::Builder::new()
             .name(format!("proc-{pid}"))
             .stack_size(READER_STACK_BYTES)
-            .spawn(move || follow(thread_inner, outputs, chunk));
+            .spawn(move || follow(thread_inner, outputs, chunk, enlarged));
         if let Err(err) = started {
             spawn::abandon(pid);
             return Err(err);
@@ -273,8 +279,14 @@ impl fmt::Debug for Process {
 
 /// The body of the `proc-<pid>` thread: drain output to EOF, then wait for the child, reap it,
 /// close stdin and record the end (envd's order: both pipes at EOF, then `wait()`, then `end`).
-fn follow(inner: Arc<Inner>, outputs: Vec<(OwnedFd, Stream)>, chunk: usize) {
+fn follow(
+    inner: Arc<Inner>,
+    outputs: Vec<(OwnedFd, Stream)>,
+    chunk: usize,
+    enlarged: Option<Enlarged>,
+) {
     pump(outputs, chunk, &inner.output);
+    drop(enlarged); // the pipes are closed: give the share back
     let pid = inner.pid;
     let end = match reap::wait_terminated(pid) {
         Ok(()) => {
