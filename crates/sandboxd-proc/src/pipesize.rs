@@ -8,9 +8,10 @@
 //! The cost is kernel memory, charged to the user who made the pipe: once that user holds more
 //! than `/proc/sys/fs/pipe-user-pages-soft` (16384 pages, 64 MiB) in pipes, and lacks
 //! `CAP_SYS_RESOURCE`/`CAP_SYS_ADMIN`, the kernel gives every new pipe of that user 2 pages and
-//! refuses enlargements. So at most [`MAX_ENLARGED_PIPES`] pipes are enlarged at once, a quarter
-//! of that budget; past it, or where the kernel refuses, a pipe keeps its default size, which
-//! works the same, only with more wake-ups.
+//! refuses enlargements. So only a pipe that floods is enlarged (the reader thread asks at the
+//! first read that fills its buffer), at most [`MAX_ENLARGED_PIPES`] at once, a quarter of that
+//! budget; past it, or where the kernel refuses, a pipe keeps its default size, which works the
+//! same, only with more wake-ups.
 
 use std::os::fd::BorrowedFd;
 use std::sync::atomic::{AtomicUsize, Ordering};

@@ -18,7 +18,6 @@ use nix::unistd::Pid;
 
 use crate::fanout::{Output, lock};
 use crate::fdio;
-use crate::pipesize::Enlarged;
 use crate::pty::{self, WinSize};
 use crate::reader::{PIPE_CHUNK_BYTES, PTY_CHUNK_BYTES, pump};
 use crate::reap;
@@ -129,11 +128,10 @@ impl Process {
         };
         let thread_inner = Arc::clone(&inner);
         let outputs = spawned.outputs;
-        let enlarged = spawned.enlarged;
         let started = std::thread::Builder::new()
             .name(format!("proc-{pid}"))
             .stack_size(READER_STACK_BYTES)
-            .spawn(move || follow(thread_inner, outputs, chunk, enlarged));
+            .spawn(move || follow(thread_inner, outputs, chunk));
         if let Err(err) = started {
             spawn::abandon(pid);
             return Err(err);
@@ -279,14 +277,8 @@ impl fmt::Debug for Process {
 
 /// The body of the `proc-<pid>` thread: drain output to EOF, then wait for the child, reap it,
 /// close stdin and record the end (envd's order: both pipes at EOF, then `wait()`, then `end`).
-fn follow(
-    inner: Arc<Inner>,
-    outputs: Vec<(OwnedFd, Stream)>,
-    chunk: usize,
-    enlarged: Option<Enlarged>,
-) {
+fn follow(inner: Arc<Inner>, outputs: Vec<(OwnedFd, Stream)>, chunk: usize) {
     pump(outputs, chunk, &inner.output);
-    drop(enlarged); // the pipes are closed: give the share back
     let pid = inner.pid;
     let end = match reap::wait_terminated(pid) {
         Ok(()) => {

@@ -1,7 +1,7 @@
 //! Draining a child's output descriptors. The kernel buffers what the child writes (64 KiB per
 //! pipe by default; a few KiB in the PTY line discipline) and blocks the child's `write(2)` when
-//! the buffer is full (a child's stdout pipe is enlarged to 1 MiB when allowed, see
-//! [`crate::pipesize`]). We read as soon as `poll(2)` reports data, in chunks of up to
+//! the buffer is full (a child's stdout pipe is enlarged to 1 MiB once it floods, within a budget:
+//! see [`crate::pipesize`]). We read as soon as `poll(2)` reports data, in chunks of up to
 //! [`PIPE_CHUNK_BYTES`] / [`PTY_CHUNK_BYTES`], and hand every chunk to the ring, which may make us
 //! wait for the leading subscriber (flow control, bounded by the stall timeout; see the crate
 //! docs) — while we wait, the full pipe paces the child. A pipe ends with `read` returning 0; a
@@ -17,10 +17,11 @@ use nix::errno::Errno;
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 
 use crate::fanout::Output;
+use crate::pipesize::{self, Enlarged};
 use crate::ring::Stream;
 
 /// Largest read from a stdout/stderr pipe: 256 KiB. A child's stdout pipe is enlarged to 1 MiB
-/// when the budget allows ([`crate::STDOUT_PIPE_BYTES`]), so a flooding child is drained in a few
+/// at its first full read, when the budget allows ([`crate::STDOUT_PIPE_BYTES`]), so a flooding child is drained in a few
 /// large reads per wake-up instead of two 32 KiB ones per 64 KiB; a quarter of the pipe (and of
 /// the 1 MiB ring) per chunk lets the ring take the next read while the subscriber still holds
 /// the last ones. Measured end to end (256 MiB through the agent, same run): 1 MiB pipe with
@@ -51,6 +52,10 @@ enum Status {
 pub(crate) fn pump(mut sources: Vec<(OwnedFd, Stream)>, chunk_bytes: usize, output: &Output) {
     let chunk_bytes = chunk_bytes.max(1);
     let mut buf = vec![0u8; chunk_bytes.min(FIRST_READ_BYTES)];
+    // The stdout pipe's share of the enlarged-pipe budget ([`pipesize`]): `None` until tried, at
+    // the first read that fills the buffer, so only a process that floods its stdout holds one.
+    // Given back when this returns, once every source is closed.
+    let mut stdout_pipe: Option<Option<Enlarged>> = None;
     let mut evicted = Vec::new();
     while !sources.is_empty() {
         let ready: Vec<bool> = {
@@ -77,7 +82,15 @@ pub(crate) fn pump(mut sources: Vec<(OwnedFd, Stream)>, chunk_bytes: usize, outp
                 return true;
             }
             matches!(
-                drain(fd, *stream, &mut buf, chunk_bytes, &mut evicted, output),
+                drain(
+                    fd,
+                    *stream,
+                    &mut buf,
+                    chunk_bytes,
+                    &mut stdout_pipe,
+                    &mut evicted,
+                    output
+                ),
                 Status::Open
             )
         });
@@ -85,12 +98,14 @@ pub(crate) fn pump(mut sources: Vec<(OwnedFd, Stream)>, chunk_bytes: usize, outp
 }
 
 /// Reads from one ready descriptor until it would block, reads short, ends, or has been read
-/// [`READS_PER_WAKEUP`] times. A read that fills `buf` doubles it, up to `max_bytes`.
+/// [`READS_PER_WAKEUP`] times. A read that fills `buf` doubles it, up to `max_bytes`, and the
+/// first such read from stdout enlarges its pipe.
 fn drain(
     fd: &OwnedFd,
     stream: Stream,
     buf: &mut Vec<u8>,
     max_bytes: usize,
+    stdout_pipe: &mut Option<Option<Enlarged>>,
     evicted: &mut Vec<Arc<[u8]>>,
     output: &Output,
 ) -> Status {
@@ -106,6 +121,9 @@ fn drain(
                 }
                 if buf.len() < max_bytes {
                     buf.resize((buf.len() * 2).min(max_bytes), 0);
+                }
+                if stream == Stream::Stdout && stdout_pipe.is_none() {
+                    *stdout_pipe = Some(pipesize::enlarge(fd.as_fd()));
                 }
             }
             Err(Errno::EINTR) => {}

@@ -35,7 +35,6 @@ use nix::unistd::{Gid, Pid, Uid};
 use crate::fanout::DEFAULT_STALL_TIMEOUT;
 use crate::fdio::set_nonblocking;
 use crate::lookup;
-use crate::pipesize::{self, Enlarged};
 use crate::pty::{self, WinSize};
 use crate::ring::{DEFAULT_RING_BYTES, Stream};
 use crate::vfork::{self, Creds, Exec, Failure, Setup, Step};
@@ -242,8 +241,6 @@ pub(crate) struct Spawned {
     pub(crate) outputs: Vec<(OwnedFd, Stream)>,
     /// The (non-blocking) PTY master, for `Io::Pty`.
     pub(crate) pty: Option<OwnedFd>,
-    /// Held while the stdout pipe is open (see [`crate::pipesize`]).
-    pub(crate) enlarged: Option<Enlarged>,
 }
 
 /// Starts the child described by `opts`.
@@ -314,7 +311,6 @@ pub(crate) fn spawn(opts: &SpawnOptions) -> io::Result<Spawned> {
         stdin,
         outputs,
         pty,
-        enlarged,
     } = ends;
     drop(child);
     ours(stdin, outputs, pty)
@@ -325,7 +321,6 @@ pub(crate) fn spawn(opts: &SpawnOptions) -> io::Result<Spawned> {
             stdin,
             outputs,
             pty,
-            enlarged,
         })
 }
 
@@ -405,8 +400,6 @@ struct Ends {
     outputs: Vec<(OwnedFd, Stream)>,
     /// The PTY master, for `Io::Pty`.
     pty: Option<OwnedFd>,
-    /// The stdout pipe's share of the enlarged-pipe budget, if it was enlarged.
-    enlarged: Option<Enlarged>,
 }
 
 impl Ends {
@@ -422,8 +415,6 @@ impl Ends {
         };
         let (stdout, child_stdout) = nix::unistd::pipe2(OFlag::O_CLOEXEC)?;
         let (stderr, child_stderr) = nix::unistd::pipe2(OFlag::O_CLOEXEC)?;
-        // stdout only: that is where floods come from (stderr keeps the kernel's 64 KiB).
-        let enlarged = pipesize::enlarge(stdout.as_fd());
         Ok(Ends {
             child: vec![
                 above_stdio(child_stdin)?,
@@ -433,7 +424,6 @@ impl Ends {
             stdin: our_stdin,
             outputs: vec![(stdout, Stream::Stdout), (stderr, Stream::Stderr)],
             pty: None,
-            enlarged,
         })
     }
 
@@ -445,7 +435,6 @@ impl Ends {
             stdin: None,
             outputs: Vec::new(),
             pty: Some(pair.master),
-            enlarged: None,
         })
     }
 
