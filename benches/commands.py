@@ -166,6 +166,17 @@ class ConnectClient:
                 raise ConnectionError("the server closed the connection mid-response")
             end += n
 
+        def take(left: int) -> Iterator[memoryview]:
+            """The next ``left`` bytes, as they arrive."""
+            nonlocal start
+            while left:
+                if start == end:
+                    fill()
+                n = min(left, end - start)
+                yield view[start : start + n]
+                start += n
+                left -= n
+
         while (eoh := buf.find(b"\r\n\r\n", start, end)) < 0:
             fill()
         lines = bytes(buf[start:eoh]).decode("latin-1").split("\r\n")
@@ -186,14 +197,7 @@ class ConnectClient:
                         fill()
                     start = eot + 2
                     return
-                left = size
-                while left:
-                    if start == end:
-                        fill()
-                    take = min(left, end - start)
-                    yield view[start : start + take]
-                    start += take
-                    left -= take
+                yield from take(size)
                 while end - start < 2:
                     fill()
                 start += 2
@@ -209,16 +213,7 @@ class ConnectClient:
                         fill()
                     except ConnectionError:
                         return
-            left = int(length)
-            while left:
-                if start == end:
-                    fill()
-                take = min(left, end - start)
-                yield view[start : start + take]
-                start += take
-                left -= take
-
-    _close_after = False
+            yield from take(int(length))
 
 
 def connect_start(
