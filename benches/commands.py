@@ -5,8 +5,9 @@
   from the agent itself) and the same working directory. The agent runs ``/bin/bash -l -c <cmd>`` as
   envd does, so this host's login profile costs the same on both sides.
 * output throughput of ``head -c <size> /dev/zero``:
-  - with a binary-proto Connect client written here on httpx (``application/connect+proto``, one
-    ``StartRequest`` envelope, the response envelopes parsed and the stdout/pty bytes counted);
+  - with a binary-proto Connect client written here on a plain socket (``application/connect+proto``,
+    one ``StartRequest`` envelope, the response envelopes parsed and the stdout/pty bytes counted;
+    see :class:`ConnectClient` for why not httpx);
   - through the official SDK (Connect JSON, bytes as base64): ``commands.run(cmd, on_stdout=...)``
     for the pipe; for the PTY ``sandbox.pty.create()`` (an interactive ``bash -i -l``), then, once its
     prompt is out, ``pty.send_stdin("head -c <size> /dev/zero; exit\\n")`` and the output read through
@@ -23,14 +24,16 @@ sends no token, so SDK rows use a second agent started without one (see ``watch.
 from __future__ import annotations
 
 import os
+import socket
 import struct
 import subprocess
 import time
+import urllib.parse
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import httpx
 import psutil
 
 from .common import (
@@ -55,6 +58,9 @@ TARGET_OVER_FLOOR_MS = 1.0
 PTY_COLS, PTY_ROWS = 80, 24
 READ_BYTES = 1 << 20
 """Bytes per ``read`` for the direct baselines (a pipe gives up to 64 KiB per read, a PTY ~4 KiB)."""
+RECV_BYTES = 1 << 20
+"""The binary client's receive buffer: as the direct baseline's read size, so neither side is
+handicapped by many small reads."""
 
 
 # ------------------------------------------------------------------------------------ binary Connect client
@@ -88,8 +94,130 @@ class Started:
     """stdout kept when asked (small outputs only)"""
 
 
+class ConnectClient:
+    """A minimal HTTP/1.1 client for one Connect server-stream call at a time, on a kept-alive socket.
+
+    Written for this bench instead of httpx: httpx (h11 underneath) parses the response in pure
+    Python, 64 KiB per read, and on this machine topped out near 450 MB/s with its process on a
+    whole core (client CPU ≈ wall time), while the agent used half a core: the row measured the
+    client. Here a response is read with ``recv_into`` into one 1 MiB buffer, the chunked framing is
+    removed with slices, and each Connect envelope is still parsed as a ``StartResponse``. Handles
+    ``Transfer-Encoding: chunked`` (uvicorn, Go's net/http), ``Content-Length`` and close-delimited
+    bodies, so it also drives ``--compare-agent``."""
+
+    def __init__(self, timeout: float = STREAM_TIMEOUT_S) -> None:
+        self.timeout = timeout
+        self._socks: dict[tuple[str, int], socket.socket] = {}
+        self._close_after = False
+        """Whether the last response said ``Connection: close`` or ends with the connection."""
+
+    def close(self) -> None:
+        for sock in self._socks.values():
+            sock.close()
+        self._socks.clear()
+
+    def __enter__(self) -> ConnectClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _socket(self, host: str, port: int) -> socket.socket:
+        sock = self._socks.get((host, port))
+        if sock is None:
+            sock = socket.create_connection((host, port), timeout=self.timeout)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self._socks[(host, port)] = sock
+        return sock
+
+    def post_stream(self, url: str, path: str, body: bytes, headers: dict[str, str]) -> Iterator[memoryview]:
+        """POSTs ``body`` and yields the response body as it arrives (status 200 only), in pieces."""
+        parsed = urllib.parse.urlsplit(url)
+        host, port = parsed.hostname or "127.0.0.1", parsed.port or 80
+        sock = self._socket(host, port)
+        head = [f"POST {path} HTTP/1.1", f"Host: {host}:{port}", f"Content-Length: {len(body)}"]
+        head += [f"{k}: {v}" for k, v in headers.items()]
+        sock.sendall(("\r\n".join(head) + "\r\n\r\n").encode() + body)
+        keep = True
+        try:
+            yield from self._response(sock)
+        except BaseException:
+            keep = False
+            raise
+        finally:
+            if not keep or self._close_after:
+                sock.close()
+                self._socks.pop((host, port), None)
+
+    def _response(self, sock: socket.socket) -> Iterator[memoryview]:
+        buf = bytearray(RECV_BYTES)
+        view = memoryview(buf)
+        start = end = 0  # unparsed bytes are buf[start:end]
+
+        def fill() -> None:
+            nonlocal start, end
+            if start == end:
+                start = end = 0
+            elif end == len(buf):  # move the unparsed tail to the front
+                buf[: end - start] = buf[start:end]
+                start, end = 0, end - start
+            n = sock.recv_into(view[end:])
+            if n == 0:
+                raise ConnectionError("the server closed the connection mid-response")
+            end += n
+
+        def take(left: int) -> Iterator[memoryview]:
+            """The next ``left`` bytes, as they arrive."""
+            nonlocal start
+            while left:
+                if start == end:
+                    fill()
+                n = min(left, end - start)
+                yield view[start : start + n]
+                start += n
+                left -= n
+
+        while (eoh := buf.find(b"\r\n\r\n", start, end)) < 0:
+            fill()
+        lines = bytes(buf[start:eoh]).decode("latin-1").split("\r\n")
+        start = eoh + 4
+        status = int(lines[0].split()[1])
+        fields = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
+        self._close_after = fields.get("connection", "").lower() == "close"
+        if status != 200:
+            raise RuntimeError(f"HTTP {status}: {bytes(buf[start:end])[:300]!r}")
+        if fields.get("transfer-encoding", "").lower() == "chunked":
+            while True:
+                while (eol := buf.find(b"\r\n", start, end)) < 0:
+                    fill()
+                size = int(bytes(buf[start:eol]).split(b";")[0], 16)
+                start = eol + 2
+                if size == 0:
+                    while (eot := buf.find(b"\r\n", start, end)) < 0:  # no trailers are sent
+                        fill()
+                    start = eot + 2
+                    return
+                yield from take(size)
+                while end - start < 2:
+                    fill()
+                start += 2
+        else:
+            length = fields.get("content-length")
+            if length is None:  # delimited by the end of the connection
+                self._close_after = True
+                while True:
+                    if start < end:
+                        yield view[start:end]
+                        start = end
+                    try:
+                        fill()
+                    except ConnectionError:
+                        return
+            yield from take(int(length))
+
+
 def connect_start(
-    client: httpx.Client, url: str, token: str | None, args: list[str], pty: bool = False, keep: bool = False
+    client: ConnectClient, url: str, token: str | None, args: list[str], pty: bool = False, keep: bool = False
 ) -> Started:
     """``process.Process/Start`` of ``/bin/bash <args>`` (or ``args[0]`` when it is absolute and not
     bash) in binary proto; counts the output bytes until the end-stream frame (flag 0x02)."""
@@ -106,46 +234,38 @@ def connect_start(
         headers["X-Access-Token"] = token
     got = Started()
     buffer = bytearray()
-    with client.stream(
-        "POST", f"{url}/process.Process/Start", content=struct.pack(">BI", 0, len(body)) + body, headers=headers
-    ) as response:
-        if response.status_code != 200:
-            raise RuntimeError(f"Start: HTTP {response.status_code}: {response.read()[:300]!r}")
-        chunks = response.iter_raw()
-        for chunk in chunks:
-            buffer += chunk
-            while len(buffer) >= 5:
-                flags, length = struct.unpack_from(">BI", buffer)
-                if len(buffer) < 5 + length:
-                    break
-                payload = memoryview(buffer)[5 : 5 + length]
-                got.frames += 1
-                if flags & 0x02:
-                    end = bytes(payload)
-                    payload.release()
-                    if end not in (b"{}", b""):
-                        raise RuntimeError(f"Start ended with {end[:300]!r}")
-                    # Read the body to its end (the chunked terminator follows at once) so that httpx
-                    # returns the connection to its pool: left unread, it is closed, and every round
-                    # trip paid a TCP connect that a pooling client (the SDKs) does not.
-                    for _ in chunks:
-                        pass
-                    return got
-                event = pb.StartResponse.FromString(payload).event  # type: ignore[arg-type]  # any buffer
+    pieces = client.post_stream(url, "/process.Process/Start", struct.pack(">BI", 0, len(body)) + body, headers)
+    for piece in pieces:
+        buffer += piece
+        while len(buffer) >= 5:
+            flags, length = struct.unpack_from(">BI", buffer)
+            if len(buffer) < 5 + length:
+                break
+            payload = memoryview(buffer)[5 : 5 + length]
+            got.frames += 1
+            if flags & 0x02:
+                end = bytes(payload)
                 payload.release()
-                del buffer[: 5 + length]
-                if event.HasField("data"):
-                    got.stdout += len(event.data.stdout)
-                    got.pty += len(event.data.pty)
-                    if keep:
-                        got.data += event.data.stdout
-                elif event.HasField("end"):
-                    got.exit_code = event.end.exit_code
+                if end not in (b"{}", b""):
+                    raise RuntimeError(f"Start ended with {end[:300]!r}")
+                for _ in pieces:  # the chunked terminator: read it so the connection can be reused
+                    pass
+                return got
+            event = pb.StartResponse.FromString(payload).event  # type: ignore[arg-type]  # any buffer
+            payload.release()
+            del buffer[: 5 + length]
+            if event.HasField("data"):
+                got.stdout += len(event.data.stdout)
+                got.pty += len(event.data.pty)
+                if keep:
+                    got.data += event.data.stdout
+            elif event.HasField("end"):
+                got.exit_code = event.end.exit_code
     raise RuntimeError("Start: the stream ended without an end-stream frame")
 
 
 def binary_output(
-    client: httpx.Client, url: str, token: str | None, agent: psutil.Process | None, size: int, pty: bool
+    client: ConnectClient, url: str, token: str | None, agent: psutil.Process | None, size: int, pty: bool
 ) -> Run:
     sampler = RssSampler(agent)
     cpu0 = time.process_time()
@@ -272,7 +392,7 @@ def direct_pty_output(size: int, env: dict[str, str], cwd: Path) -> Run:
 # ----------------------------------------------------------------------------------------------- scenario
 
 
-def agent_environment(client: httpx.Client, url: str, token: str | None) -> dict[str, str]:
+def agent_environment(client: ConnectClient, url: str, token: str | None) -> dict[str, str]:
     """The environment the agent gives a child, read by running ``/usr/bin/env -0`` through it."""
     got = connect_start(client, url, token, ["/usr/bin/env", "-0"], keep=True)
     pairs = (item.split("=", 1) for item in got.data.decode().split("\0") if "=" in item)
@@ -328,7 +448,7 @@ def round_trips(ctx: Context, sandbox: Any, env: dict[str, str], cwd: Path, n: i
 
 
 def spawn_round_trips(
-    ctx: Context, client: httpx.Client, url: str, token: str | None, env: dict[str, str], n: int
+    ctx: Context, client: ConnectClient, url: str, token: str | None, env: dict[str, str], n: int
 ) -> None:
     """``/bin/true`` without bash: the agent's own cost per process, which the login profile's
     jitter (tens of ms) hides in the ``run("true")`` row."""
@@ -402,7 +522,7 @@ def throughput_row(name: str, ours: list[Run], base: list[Run], base_name: str, 
     )
 
 
-def compare_round_trips(ctx: Context, ours_sdk: Any, theirs_sdk: Any, client: httpx.Client, n: int) -> None:
+def compare_round_trips(ctx: Context, ours_sdk: Any, theirs_sdk: Any, client: ConnectClient, n: int) -> None:
     """``--compare-agent``: the same round trips against the other agent, paired with ours."""
     compare = ctx.compare_agent
     assert compare is not None
@@ -467,7 +587,7 @@ def run(ctx: Context) -> None:
     agent = ctx.agent
     compare = ctx.compare_agent
     cwd = ctx.tmp
-    with httpx.Client(timeout=STREAM_TIMEOUT_S) as client, sdk_agent(ctx.tmp) as sdk:
+    with ConnectClient() as client, sdk_agent(ctx.tmp) as sdk:
         from e2b import Sandbox
 
         env = agent_environment(client, agent.url, agent.token)
@@ -516,7 +636,7 @@ def run(ctx: Context) -> None:
         alternate(ctx, steps, pipe, runs)
         base_direct = "bash -c 'head … ' read from a pipe directly (Python, os.read 1 MiB)"
         base_null = "bash -c 'head … > /dev/null' (no transport)"
-        binary_name = f"commands: pipe output {label}, binary Connect client (proto, httpx)"
+        binary_name = f"commands: pipe output {label}, binary Connect client (proto, raw socket)"
         sdk_name = f"commands: pipe output {label}, official SDK commands.run (JSON+base64)"
         for base_key, base_name in (("devnull", base_null), ("direct", base_direct)):
             ctx.report(
@@ -596,7 +716,7 @@ def run(ctx: Context) -> None:
         base_pty = "the same command's PTY master read directly (Python, os.read)"
         ctx.report(
             throughput_row(
-                f"commands: PTY output {label}, binary Connect client (proto, httpx)",
+                f"commands: PTY output {label}, binary Connect client (proto, raw socket)",
                 tty["binary"],
                 tty["direct"],
                 base_pty,

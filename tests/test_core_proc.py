@@ -14,6 +14,7 @@ import io
 import os
 import pwd
 import select
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -231,6 +232,27 @@ def test_oom_score_adj_is_set_in_the_child() -> None:
     ours = Path("/proc/self/oom_score_adj").read_bytes()
     assert run("cat /proc/self/oom_score_adj", path=PATH).stdout == ours
     assert run("cat /proc/self/oom_score_adj", path=PATH, oom_score_adj=100).stdout == b"100\n"
+
+
+F_GETPIPE_SZ = 1032  # <linux/fcntl.h>
+STDOUT_PIPE_BYTES = 1 << 20  # sandboxd-proc's STDOUT_PIPE_BYTES
+
+
+def test_stdout_pipe_is_enlarged_once_it_floods_and_not_before() -> None:
+    """The child reports its stdout pipe's size before and after writing 1 MiB into it: 64 KiB
+    while quiet (a process that prints little holds no share of the pipe budget), 1 MiB once the
+    reader thread has seen a full read (so a flood moves in fewer wake-ups)."""
+    if int(Path("/proc/sys/fs/pipe-max-size").read_text()) < STDOUT_PIPE_BYTES:
+        pytest.skip("this kernel's pipe-max-size is below the size the agent asks for")
+    script = (
+        "import fcntl, os, sys\n"
+        f"quiet = fcntl.fcntl(1, {F_GETPIPE_SZ})\n"
+        "os.write(1, bytes(1 << 20))\n"
+        f"sys.stderr.write(f'{{quiet}} {{fcntl.fcntl(1, {F_GETPIPE_SZ})}}')\n"
+    )
+    out = collect(_core.Process.spawn(sys.executable, ["-c", script], {}, path=PATH))
+    assert len(out.stdout) == 1 << 20
+    assert out.stderr.decode().split() == ["65536", str(STDOUT_PIPE_BYTES)]
 
 
 def test_ring_bytes_bounds_what_is_kept_for_replay() -> None:

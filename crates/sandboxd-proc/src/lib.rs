@@ -113,15 +113,19 @@
 //! whatever the buffer (before flow control, on a quieter machine, it measured 110 / 111 / 119 MB/s
 //! cooked and 104 / 104 / 145 MB/s raw for 4 / 16 / 64 KiB reads).
 //!
-//! The defaults stay envd's (32 KiB pipes, 16 KiB PTY): the pipe path runs at bare-pipe speed,
-//! larger pipe reads cannot exceed the 64 KiB pipe buffer, and the PTY line discipline hands over
-//! ~4 KiB per read whatever the buffer. `SpawnOptions::read_chunk_bytes` overrides them.
+//! With the kernel's 64 KiB pipe, larger pipe reads cannot help (the table above). Through the
+//! whole agent they do once the stdout pipe is enlarged to 1 MiB ([`STDOUT_PIPE_BYTES`], within a
+//! budget): the child and the reader thread then trade the CPU every MiB instead of every 64 KiB,
+//! so pipes read up to [`PIPE_CHUNK_BYTES`] (256 KiB; the buffer grows from 32 KiB only while
+//! reads fill it). The PTY stays at envd's 16 KiB: its line discipline hands over ~4 KiB per read
+//! whatever the buffer. `SpawnOptions::read_chunk_bytes` overrides them.
 #![deny(unsafe_code)]
 
 mod errno;
 mod fanout;
 mod fdio;
 mod lookup;
+mod pipesize;
 mod process;
 mod pty;
 mod reader;
@@ -136,6 +140,7 @@ mod wake;
 pub use errno::errno;
 pub use fanout::DEFAULT_STALL_TIMEOUT;
 pub use nix::sys::signal::Signal;
+pub use pipesize::STDOUT_PIPE_BYTES;
 pub use process::Process;
 pub use pty::WinSize;
 pub use reader::{PIPE_CHUNK_BYTES, PTY_CHUNK_BYTES};

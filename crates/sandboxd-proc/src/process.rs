@@ -96,10 +96,14 @@ impl Process {
     }
 
     fn start(opts: &SpawnOptions, subscribe: bool) -> io::Result<(Process, Option<Subscriber>)> {
-        let chunk = opts.read_chunk_bytes.unwrap_or(match opts.io {
-            Io::Pipes { .. } => PIPE_CHUNK_BYTES,
-            Io::Pty(_) => PTY_CHUNK_BYTES,
-        });
+        // No larger than the ring: a chunk is kept whole, so a bigger one would overrun its bound.
+        let chunk = opts
+            .read_chunk_bytes
+            .unwrap_or(match opts.io {
+                Io::Pipes { .. } => PIPE_CHUNK_BYTES,
+                Io::Pty(_) => PTY_CHUNK_BYTES,
+            })
+            .min(opts.ring_bytes.max(1));
         let spawned = spawn::spawn(opts)?;
         let pid = spawned.pid;
         let inner = Arc::new(Inner {

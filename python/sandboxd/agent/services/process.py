@@ -94,11 +94,25 @@ async def output_events(
     stream in a batch (consecutive chunks, joined by the binding into one ``bytes`` of at most
     ``MAX_EVENT_BYTES``) is one data event, kept as :class:`NestedBytes` so its bytes are not copied
     again on their way out. A subscriber that fell behind the ring ends with ``data_loss``.
+
+    The wake-up callback reads the eventfd as well as setting ``ready``: the fd is level-triggered
+    and stays readable from the moment new output lands until the next ``next_batch``, so left
+    readable while the caller sends a batch to a full socket, it woke the event loop on every turn
+    for nothing (a busy loop that took most of the agent's CPU and starved the client). Reading it
+    loses nothing: ``ready`` stays set, and the producer, disarmed by its write, writes again only
+    once ``next_batch`` has re-armed it. (Removing and re-adding the reader around each wait did
+    the same at ~30 % more agent CPU for PTY output, which waits every few KiB.)
     """
     loop = asyncio.get_running_loop()
     ready = asyncio.Event()
     fd = subscriber.fileno()
-    loop.add_reader(fd, ready.set)
+
+    def wake() -> None:
+        with contextlib.suppress(BlockingIOError):  # already reset by next_batch
+            os.read(fd, 8)
+        ready.set()
+
+    loop.add_reader(fd, wake)
     paths = {stream: ("event", "data", name) for stream, name in _STREAM_FIELD.items()}
     try:
         while True:
