@@ -307,3 +307,37 @@ def test_watch_limit_is_resource_exhausted_naming_the_sysctl(tmp_path: Path, mon
     finally:
         process.terminate()
         process.wait(10)
+
+
+def test_a_stalled_watch_client_does_not_make_the_agent_spin(start_agent: Callable[..., Agent], workdir: Path) -> None:
+    """A client that stops reading its WatchDir stream, with events piling up: the agent waits (its
+    readers are off while the stream cannot send) instead of waking its loop on every turn. Before,
+    the level-triggered descriptors kept it at a whole core for as long as the client stalled."""
+    import json
+    import socket
+    import struct
+
+    agent = start_agent()
+    message = json.dumps({"path": str(workdir), "recursive": True}).encode()
+    body = struct.pack(">BI", 0, len(message)) + message
+    with socket.create_connection(("127.0.0.1", agent.port)) as client:
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        client.sendall(
+            b"POST /filesystem.Filesystem/WatchDir HTTP/1.1\r\nHost: x\r\n"
+            b"Content-Type: application/connect+json\r\nConnect-Protocol-Version: 1\r\n"
+            + f"Content-Length: {len(body)}\r\n\r\n".encode()
+            + body
+        )
+        assert b" 200 " in client.recv(200)  # the start event; from here on the client reads nothing
+        for i in range(30000):
+            (workdir / f"f{i:05d}-{'x' * 100}").touch()
+        time.sleep(1)  # the socket and the agent's buffers fill
+
+        def cpu_s() -> float:
+            fields = Path(f"/proc/{agent.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+        before = cpu_s()
+        time.sleep(3)
+        used = (cpu_s() - before) / 3
+        assert used < 0.3, f"the agent used {used:.0%} of a core while its only client was stalled"

@@ -290,14 +290,42 @@ class WatchService:
         watcher = await _open_watcher(path, request.recursive, request.allow_network_mounts)
         buffered = BufferedWatcher(watcher, EventTranslator(path, request.include_entry, self.state.watch_hub))
         loop = asyncio.get_running_loop()
-        loop.add_reader(watcher.fileno(), buffered.changed.set)
-        # The kernel's descriptor too: while the loop is idle it reads an event itself, without the
-        # hop through the drain thread (which remains for when the loop is busy).
-        loop.add_reader(watcher.kernel_fileno(), buffered.on_kernel)
+        # Both descriptors are level-triggered and stay readable while events wait (the buffer's
+        # eventfd until they are taken; the kernel's while the drain thread, its buffer full for a
+        # slow client, leaves them there): watched only while this stream waits, so a stream busy
+        # sending, or held up by its client, never wakes the loop for nothing. The kernel's
+        # descriptor lets the loop, while idle, read an event itself, without the hop through the
+        # drain thread (which remains for when the loop is busy).
+        fds = (watcher.fileno(), watcher.kernel_fileno())
+        armed = False
+
+        def arm() -> None:
+            nonlocal armed
+            if not armed:
+                loop.add_reader(fds[0], woken)
+                loop.add_reader(fds[1], woken_by_kernel)
+                armed = True
+
+        def disarm() -> None:
+            nonlocal armed
+            if armed:
+                loop.remove_reader(fds[0])
+                loop.remove_reader(fds[1])
+                armed = False
+
+        def woken() -> None:
+            disarm()
+            buffered.changed.set()
+
+        def woken_by_kernel() -> None:
+            disarm()
+            buffered.on_kernel()
+
         self.state.watch_hub.add(buffered)
         try:
             yield pb.WatchDirResponse(start=pb.WatchDirResponse.StartEvent())
             while True:
+                arm()
                 await buffered.changed.wait()
                 buffered.changed.clear()
                 taken = True
@@ -311,8 +339,7 @@ class WatchService:
                         return
         finally:
             self.state.watch_hub.discard(buffered)
-            loop.remove_reader(watcher.fileno())
-            loop.remove_reader(watcher.kernel_fileno())
+            disarm()
             _close_off_loop(watcher)
 
     async def create_watcher(self, request: pb.CreateWatcherRequest, ctx: Context) -> pb.CreateWatcherResponse:
