@@ -317,13 +317,24 @@ class Volumes:
     # ------------------------------------------------------------------------------ walking
 
     @contextlib.contextmanager
-    def _dir(self, volume: Volume, parts: list[str]) -> Iterator[int]:
-        """A descriptor of the directory at ``parts`` (no symlink on the way or at the end)."""
+    def _dir(self, volume: Volume, parts: list[str], make: tuple[int, int] | None = None) -> Iterator[int]:
+        """A descriptor of the directory at ``parts``, walked from the volume's root one component at
+        a time with ``O_NOFOLLOW`` (a symlink on the way is refused); with ``make`` (owner, group),
+        missing directories on the way are made."""
         fd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=self.mount_fd(volume))
         try:
             for part in parts:
+                flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
                 try:
-                    child = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+                    try:
+                        child = os.open(part, flags, dir_fd=fd)
+                    except FileNotFoundError:
+                        if make is None:
+                            raise
+                        with contextlib.suppress(FileExistsError):
+                            os.mkdir(part, 0o755, dir_fd=fd)
+                            os.chown(part, *make, dir_fd=fd, follow_symlinks=False)
+                        child = os.open(part, flags, dir_fd=fd)
                 except OSError as exc:
                     raise _path_error(exc, "/" + "/".join(parts)) from None
                 os.close(fd)
@@ -332,32 +343,11 @@ class Volumes:
         finally:
             os.close(fd)
 
-    @contextlib.contextmanager
-    def _parent(self, volume: Volume, parts: list[str], make: tuple[int, int] | None = None) -> Iterator[int]:
-        """A descriptor of the directory holding ``parts[-1]`` (the root for the root itself); with
-        ``make`` (owner, group), missing directories on the way are made."""
-        fd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=self.mount_fd(volume))
-        try:
-            for part in parts[:-1]:
-                try:
-                    child = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
-                except FileNotFoundError:
-                    if make is None:
-                        raise ApiError(404, f"'{'/'.join(parts)[:200]}': a parent directory does not exist") from None
-                    with contextlib.suppress(FileExistsError):
-                        os.mkdir(part, 0o755, dir_fd=fd)
-                        os.chown(part, *make, dir_fd=fd, follow_symlinks=False)
-                    try:
-                        child = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
-                    except OSError as exc:
-                        raise _path_error(exc, "/" + "/".join(parts)) from None
-                except OSError as exc:
-                    raise _path_error(exc, "/" + "/".join(parts)) from None
-                os.close(fd)
-                fd = child
-            yield fd
-        finally:
-            os.close(fd)
+    def _parent(
+        self, volume: Volume, parts: list[str], make: tuple[int, int] | None = None
+    ) -> contextlib.AbstractContextManager[int]:
+        """A descriptor of the directory holding ``parts[-1]`` (the root for the root itself)."""
+        return self._dir(volume, parts[:-1], make)
 
 
 class Upload:
