@@ -415,7 +415,12 @@ class _Sink:
 
 
 def _write_batch(writer: _core.AtomicWriter, batch: list[bytes]) -> None:
-    writer.write(batch[0] if len(batch) == 1 else b"".join(batch))
+    # Piece by piece rather than b"".join(batch): the join copied each MiB once more while holding the
+    # GIL, against the event loop that is receiving the next batch; each write releases it. Measured
+    # with curl, 10 alternating 512 MiB raw uploads on a loaded 2-core VM: agent CPU per GiB, median,
+    # 2.3 s joined, 1.7 s piece by piece.
+    for piece in batch:
+        writer.write(piece)
 
 
 class _Upload:
