@@ -30,9 +30,6 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 from urllib.parse import parse_qs
 
-from python_multipart.exceptions import MultipartParseError
-from python_multipart.multipart import MultipartParser, parse_options_header
-
 from sandboxd import _core
 
 from .asgi import ClientDisconnected, Receive, Scope, Send, body_chunks, header_map, raw_headers, send_http_error
@@ -418,7 +415,12 @@ class _Sink:
 
 
 def _write_batch(writer: _core.AtomicWriter, batch: list[bytes]) -> None:
-    writer.write(batch[0] if len(batch) == 1 else b"".join(batch))
+    # Piece by piece rather than b"".join(batch): the join copied each MiB once more while holding the
+    # GIL, against the event loop that is receiving the next batch; each write releases it. Measured
+    # with curl, 10 alternating 512 MiB raw uploads on a loaded 2-core VM: agent CPU per GiB, median,
+    # 2.3 s joined, 1.7 s piece by piece.
+    for piece in batch:
+        writer.write(piece)
 
 
 class _Upload:
@@ -493,6 +495,10 @@ def _abort_all(writers: list[_core.AtomicWriter]) -> None:
 async def upload(state: AgentState, scope: Scope, receive: Receive, send: Send) -> None:
     """``POST /files``: multipart (one or many ``file`` parts) or a raw octet-stream body, either
     optionally gzip-encoded (``Content-Encoding: gzip``, as envd)."""
+    # python_multipart is imported by the first upload, not at start-up, like psutil in rest.metrics:
+    # a standalone agent that is only asked to run commands stays ~1 MiB smaller without them.
+    from python_multipart.multipart import parse_options_header
+
     upload: _Upload | None = None
     try:
         req = _authorize(state, scope, "write")
@@ -572,6 +578,9 @@ async def _receive_raw(upload: _Upload, req: _Request, body: AsyncIterator[bytes
 
 
 async def _receive_multipart(upload: _Upload, boundary: bytes, body: AsyncIterator[bytes]) -> None:
+    from python_multipart.exceptions import MultipartParseError
+    from python_multipart.multipart import MultipartParser
+
     state = _MultipartState()
     parser = MultipartParser(
         boundary,
@@ -648,6 +657,8 @@ class _MultipartState:
         self.value.clear()
 
     def on_headers_finished(self) -> None:
+        from python_multipart.multipart import parse_options_header
+
         _, options = parse_options_header(self.disposition.decode("latin-1"))
         if options.get(b"name") != b"file":
             self.ops.append(_PartStart(False, ""))  # envd ignores other form fields

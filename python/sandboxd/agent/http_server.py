@@ -236,11 +236,11 @@ def server_config(app: Any, host: str, port: int, limits: ConnectionLimits | Non
     """The uvicorn settings both servers use: uvloop (run by the caller) with httptools through
     :class:`GuardedHttpToolsProtocol`, no WebSocket layer, no lifespan, no access log. Raises
     ``RLIMIT_NOFILE`` first."""
-    import uvicorn
+    from uvicorn.config import Config  # the submodule, not ``uvicorn.Config``: see sandboxd.agent.lean
 
     limits = effective_limits(limits or ConnectionLimits(), raise_open_file_limit())
     protocol = type("ServerProtocol", (GuardedHttpToolsProtocol,), {"guard": ConnectionGuard(limits)})
-    return uvicorn.Config(
+    return Config(
         app,
         host=host,
         port=port,
@@ -266,9 +266,9 @@ async def serve_until_signalled(config: Any) -> None:
     measured at 1-2 ms of CPU per second per idle agent, which a hundred idle sandboxes turn into a
     fifth of a core. With the Date header off nothing needs the tick, so the main loop here sleeps
     until uvicorn's own signal handler asks it to stop."""
-    import uvicorn
+    from uvicorn.server import Server  # the submodule, not ``uvicorn.Server``: see sandboxd.agent.lean
 
-    class QuietServer(uvicorn.Server):
+    class QuietServer(Server):
         stop: asyncio.Event
 
         async def main_loop(self) -> None:
