@@ -40,11 +40,10 @@ from typing import Any
 
 from sandboxd import _core
 
-from . import build_layer, snapshots
+from . import snapshots
 from .agent_client import init_agent, interpreter_ready, start_template_command
 from .disks import DiskPool
 from .errors import ApiError, not_found
-from .layers import LayerInfo
 from .logs import LogEntry, from_events, read_agent_log
 from .metrics import SAMPLE_INTERVAL_S, MetricsHistory, Sampler, Target, bucket
 from .metrics import MetricsSample as MetricsSample  # re-exported: sandboxd.kube reads it from here
@@ -70,9 +69,9 @@ CONNECT_TIMEOUT_S = 5.0
 """Connect timeout for a TCP connection into a sandbox (it is local: a refusal is immediate)."""
 
 DISK_IMAGE = "disk.img"
+"""A sandbox's disk image, in its directory."""
 SNAPSHOT_IMAGE = "snapshot.img"
 """A copy of the disk image while a snapshot is being made of it (removed right after)."""
-"""A sandbox's disk image, in its directory."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -406,6 +405,14 @@ class SandboxManager:
         try:
             if row.id_base is None:
                 row.id_base = await asyncio.to_thread(self.place.ids.claim, self.data_dir, row.id)
+            # Each volume's mount (the runtime keeps it) travels as a descriptor after the disk's,
+            # in the order of "volumes".
+            mounts = sorted(row.volume_mounts.items())
+            try:
+                volume_fds = [await asyncio.to_thread(self.volumes.mount_fd_of, name) for _, name in mounts]
+            except (ApiError, OSError) as exc:
+                detail = exc.message if isinstance(exc, ApiError) else str(exc)
+                raise ApiError(500, f"could not mount the sandbox's volumes: {detail}") from None
             image = sandbox_dir / DISK_IMAGE
             try:
                 disk = await (self.place.disks.mount(image) if resuming else self.place.disks.take(image))
@@ -413,17 +420,9 @@ class SandboxManager:
                 raise ApiError(500, f"could not prepare the sandbox's disk: {exc}") from None
             request = self._zygote_request(row, template, sandbox_dir)
             request["nice"] = nice
+            request["volumes"] = [target for target, _ in mounts]
             if slot is not None:
                 request["files"] = {"/etc/resolv.conf": slot.resolv_conf()}
-            # Each volume's mount travels as a descriptor after the disk's, in the order of "volumes".
-            mounts = sorted(row.volume_mounts.items())
-            request["volumes"] = [target for target, _ in mounts]
-            try:
-                volume_fds = [await asyncio.to_thread(self.volumes.mount_fd_of, name) for _, name in mounts]
-            except (ApiError, OSError) as exc:
-                os.close(disk)
-                detail = exc.message if isinstance(exc, ApiError) else str(exc)
-                raise ApiError(500, f"could not mount the sandbox's volumes: {detail}") from None
             try:
                 answer = await self.zygote.create(request, [disk, *volume_fds])
             finally:
@@ -782,20 +781,21 @@ class SandboxManager:
                 )
             except OSError as exc:
                 raise ApiError(500, f"could not snapshot sandbox {sandbox_id}: {exc}") from None
+        config = {**parent.config, snapshots.SOURCE_KEY: sandbox_id}
         try:
-            info = await asyncio.to_thread(self._snapshot_layer, copy, row.id_base, sandbox_id)
+            snapshot, info = await asyncio.to_thread(
+                self.templates.record_disk_layer,
+                name or new_id(),
+                copy,
+                row.id_base,
+                parent.layers,
+                config,
+                f"snapshot of sandbox {sandbox_id}",
+            )
         finally:
             copy.unlink(missing_ok=True)
-        config = {**parent.config, snapshots.SOURCE_KEY: sandbox_id}
-        snapshot = self.templates.record_build(
-            name or new_id(), [info.digest, *parent.layers], config, f"snapshot of sandbox {sandbox_id}"
-        )
         self.store.event(sandbox_id, "snapshot", f"template {snapshot.name} ({info.size >> 10} KiB layer)")
         return snapshot
-
-    def _snapshot_layer(self, image: Path, id_base: int, sandbox_id: str) -> LayerInfo:
-        with self.templates.layers.lock("gc", shared=True):
-            return build_layer.layer_from_disk(self.templates.layers, image, id_base, f"snapshot of {sandbox_id}")
 
     def mounted_by(self, volume_name: str) -> list[str]:
         """The live sandboxes (running or paused) that mount the volume ``volume_name``."""

@@ -46,9 +46,9 @@ from typing import TYPE_CHECKING, Any
 
 from sandboxd import _core
 
-from . import code_interpreter, debian, oci
+from . import build_layer, code_interpreter, debian, oci
 from .errors import ApiError
-from .layers import LayerError, LayerStore
+from .layers import LayerError, LayerInfo, LayerStore
 from .store import Store, TemplateRow
 
 if TYPE_CHECKING:
@@ -508,6 +508,16 @@ class Templates:
                 "templates cannot be built on it",
             )
         return row
+
+    def record_disk_layer(
+        self, name: str, image: Path, id_base: int, below: list[str], config: dict[str, Any], source: str
+    ) -> tuple[TemplateRow, LayerInfo]:
+        """Blocking: a sandbox disk's writable layer (:mod:`.build_layer`) stored over the layers
+        ``below`` and recorded as template ``name``, both under the collector's lock, so the new layer
+        is never collected before a record lists it."""
+        with self.layers.lock("gc", shared=True):
+            info = build_layer.layer_from_disk(self.layers, image, id_base, source)
+            return self.record_build(name, [info.digest, *below], config, source), info
 
     def record_build(
         self,
