@@ -78,6 +78,14 @@ class Volume:
     created_at: float
 
 
+def _load(directory: Path) -> Volume | None:
+    try:
+        raw = json.loads((directory / RECORD).read_text())
+        return Volume(str(raw["id"]), str(raw["name"]), str(raw["token"]), float(raw["created_at"]))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def _not_found(volume_id: str) -> ApiError:
     return ApiError(404, f"volume '{volume_id[:64]}' not found")
 
@@ -90,33 +98,27 @@ class Volumes:
         self.size_mb = size_mb
         self._lock = threading.Lock()
         self._mounts: dict[str, int] = {}
-
-    # ---------------------------------------------------------------------------- records
-
-    def _load(self, directory: Path) -> Volume | None:
-        try:
-            raw = json.loads((directory / RECORD).read_text())
-            return Volume(str(raw["id"]), str(raw["name"]), str(raw["token"]), float(raw["created_at"]))
-        except (OSError, ValueError, KeyError, TypeError):
-            return None
+        # The records, read once here (this object is their only writer): lookups, token checks
+        # included, never touch the disk, so they may run on the event loop.
+        self._records: dict[str, Volume] = {}
+        if self.root.is_dir():
+            for directory in self.root.iterdir():
+                volume = _load(directory)
+                if volume is not None:
+                    self._records[volume.id] = volume
 
     def all(self) -> list[Volume]:
         """Every volume, oldest first."""
-        if not self.root.is_dir():
-            return []
-        found = [v for d in self.root.iterdir() if (v := self._load(d)) is not None]
-        return sorted(found, key=lambda v: (v.created_at, v.id))
+        return sorted(self._records.values(), key=lambda v: (v.created_at, v.id))
 
     def get(self, volume_id: str) -> Volume:
-        if not re.fullmatch(r"[0-9a-f-]{36}", volume_id):
-            raise _not_found(volume_id)
-        volume = self._load(self.root / volume_id)
+        volume = self._records.get(volume_id)
         if volume is None:
             raise _not_found(volume_id)
         return volume
 
     def by_name(self, name: str) -> Volume:
-        for volume in self.all():
+        for volume in self._records.values():
             if volume.name == name:
                 return volume
         raise ApiError(404, f"volume '{name[:64]}' not found; create it first (Volume.create)")
@@ -126,10 +128,9 @@ class Volumes:
         if not NAME.fullmatch(name):
             raise ApiError(400, "'name' must be 1-64 characters of A-Z a-z 0-9 . _ - starting with a letter or digit")
         with self._lock:
-            existing = self.all()
-            if any(v.name == name for v in existing):
+            if any(v.name == name for v in self._records.values()):
                 raise ApiError(409, f"a volume named '{name}' exists already")
-            if len(existing) >= MAX_VOLUMES:
+            if len(self._records) >= MAX_VOLUMES:
                 raise ApiError(403, f"this runtime keeps at most {MAX_VOLUMES} volumes; destroy one first")
             self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
             os.chmod(self.root, 0o700)
@@ -154,6 +155,7 @@ class Volumes:
                     json.dumps({"id": volume.id, "name": name, "token": volume.token, "created_at": volume.created_at})
                 )
                 record.rename(directory / RECORD)
+                self._records[volume.id] = volume
             except BaseException:
                 fd = self._mounts.pop(volume.id, -1)
                 if fd >= 0:
@@ -170,6 +172,7 @@ class Volumes:
                 409, f"volume '{volume.name}' is mounted by live sandboxes: {', '.join(in_use)}; kill them first"
             )
         with self._lock:
+            self._records.pop(volume.id, None)
             fd = self._mounts.pop(volume.id, None)
             if fd is not None:
                 os.close(fd)
