@@ -223,7 +223,7 @@ class ControlPlane:
             handler, groups = find_route(self.routes, scope)
             await handler(scope, receive, send, *(sandbox_id(g) for g in groups))
         except ApiError as exc:
-            await send_json(send, exc.status, {"code": exc.status, "message": exc.message}, exc.headers)
+            await send_json(send, exc.status, exc.body(), exc.headers)
         except ClientDisconnected:
             return
 
@@ -409,7 +409,7 @@ class ControlPlane:
         source's metadata, environment variables and network settings; its own ``timeout``."""
         body = await Body.read(receive)
         timeout = body.integer("timeout", 0, INT32_MAX)
-        count = body.integer("count", 1, snapshots.MAX_FORKS)
+        count = body.integer("count", 1, snapshots.MAX_FORKS, 1)
         source = await self.backend.get(sandbox_id)
         snapshot = await self.backend.snapshot(sandbox_id, None)
         request = CreateRequest(
@@ -425,9 +425,10 @@ class ControlPlane:
             try:
                 return {"sandbox": self._sandbox(await self.backend.create(request))}
             except ApiError as exc:
-                return {"error": {"code": exc.status, "message": exc.message}}
+                return {"error": exc.body()}
 
-        results = await asyncio.gather(*(one() for _ in range(count if count is not None else 1)))
+        assert count is not None
+        results = await asyncio.gather(*(one() for _ in range(count)))
         await send_json(send, 201, list(results))
 
     async def list(self, scope: Scope, receive: Receive, send: Send) -> None:

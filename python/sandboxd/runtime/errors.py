@@ -17,6 +17,10 @@ class ApiError(Exception):
         self.headers = headers or []
         """Extra response headers, e.g. ``Should-Retry: false`` on a 503 the SDK must not retry."""
 
+    def body(self) -> dict[str, object]:
+        """E2B's error body (the ``Error`` model)."""
+        return {"code": self.status, "message": self.message}
+
 
 def not_found(sandbox_id: str) -> ApiError:
     """E2B's own wording, which the SDK shows to users."""

@@ -433,7 +433,7 @@ class SandboxProxy:
         try:
             target = parse_target(_header_map(upgrade.scope["headers"]), self.domain)
         except ApiError as exc:
-            upgrade.reply(exc.status, json.dumps({"code": exc.status, "message": exc.message}).encode())
+            upgrade.reply(exc.status, json.dumps(exc.body()).encode())
             return
         assert target is not None
         sandbox_id, port = target

@@ -164,7 +164,7 @@ class RuntimeApp:
 
 def _error(exc: ApiError) -> Callable[[Scope, Receive, Send], Awaitable[None]]:
     async def answer(scope: Scope, receive: Receive, send: Send) -> None:
-        await send_json(send, exc.status, {"code": exc.status, "message": exc.message})
+        await send_json(send, exc.status, exc.body())
 
     return answer
 

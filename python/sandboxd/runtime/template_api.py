@@ -108,7 +108,7 @@ class TemplateApi:
                 check_api_key(headers, self.api_key)
             await handler(scope, receive, send, *(g[:256] for g in groups))
         except ApiError as exc:
-            await send_json(send, exc.status, {"code": exc.status, "message": exc.message}, exc.headers)
+            await send_json(send, exc.status, exc.body(), exc.headers)
         except ClientDisconnected:
             return
 

@@ -91,7 +91,7 @@ class VolumeApi:
                 handler, groups = find_route(self.control, scope)
                 await handler(scope, receive, send, *groups)
         except ApiError as exc:
-            await send_json(send, exc.status, {"code": exc.status, "message": exc.message}, exc.headers)
+            await send_json(send, exc.status, exc.body(), exc.headers)
         except ClientDisconnected:
             return
 

@@ -86,7 +86,7 @@ class OperatorEndpoints:
                 else:
                     await send_json(send, 200, await self.status())
         except ApiError as exc:
-            await send_json(send, exc.status, {"code": exc.status, "message": exc.message})
+            await send_json(send, exc.status, exc.body())
 
     async def health(self, send: Send) -> None:
         # Alive (200) even while degraded: the runtime serves its API and running sandboxes, and
