@@ -11,17 +11,22 @@ no NUL (``execve`` cannot pass one, so every later command would fail).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import parse_qsl
 
-from sandboxd.agent.asgi import Receive, read_body
+from sandboxd.agent.asgi import Receive, body_chunks, read_body
 
 from .errors import ApiError
 
 MAX_BODY = 1 << 20
 """Create bodies carry metadata and env vars; 1 MiB is far beyond any real one."""
+
+WRITE_BATCH = 1 << 20
+"""Body bytes gathered before each write of :func:`write_body`, which runs in a worker thread."""
 
 MAX_QUERY = 16 << 10
 """A list query (metadata filter, states, token) is a few hundred bytes; 16 KiB leaves room for a
@@ -230,3 +235,27 @@ class Query:
         if value.lower() not in choices:
             raise ApiError(400, f"'{name}' must be one of {', '.join(choices)}, got {_quote(value, 24)}")
         return value.lower()
+
+
+async def write_body(
+    receive: Receive, write: Callable[[bytes], object], limit: int | None = None, too_large: str = ""
+) -> int:
+    """A request body streamed to ``write`` (blocking, so called in a worker thread, never on the
+    event loop) in batches of about :data:`WRITE_BATCH`; returns its size. Past ``limit`` bytes, a
+    413 (``too_large`` its message) before anything more is written; a client that leaves raises
+    ``ClientDisconnected``."""
+    size = 0
+    pending: list[bytes] = []
+    pending_size = 0
+    async for chunk in body_chunks(receive):
+        size += len(chunk)
+        if limit is not None and size > limit:
+            raise ApiError(413, too_large or f"the body exceeds {limit} bytes")
+        pending.append(chunk)
+        pending_size += len(chunk)
+        if pending_size >= WRITE_BATCH:
+            await asyncio.to_thread(write, b"".join(pending))
+            pending, pending_size = [], 0
+    if pending:
+        await asyncio.to_thread(write, b"".join(pending))
+    return size

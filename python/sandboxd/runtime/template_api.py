@@ -37,7 +37,6 @@ from sandboxd.agent.asgi import (
     Receive,
     Scope,
     Send,
-    body_chunks,
     header_map,
     send_bytes,
     send_empty,
@@ -46,16 +45,13 @@ from sandboxd.agent.asgi import (
 
 from .api import Route, check_api_key, find_route, iso
 from .errors import ApiError
-from .inputs import INT32_MAX, Body, Query
+from .inputs import INT32_MAX, Body, Query, write_body
 from .template_builder import STATUS_PAGE, TemplateBuilder, parse_spec, status_answer
 from .templates import HIDDEN_PREFIX, check_tags, split_tag
 
 MAX_UPLOAD = 8 << 30
 """Bytes one ``copy`` step's archive may have: a build context, not a disk image; past it the upload
 is refused (413) and nothing is kept."""
-
-WRITE_BATCH = 1 << 20
-"""Upload bytes gathered before each write, which runs in a worker thread (not on the event loop)."""
 
 MAX_TAGS = 32
 
@@ -223,20 +219,7 @@ class TemplateApi:
         partial = final.with_name(f"{final.name}.{os.getpid()}-{secrets.token_hex(4)}.part")
         handle = await asyncio.to_thread(partial.open, "wb")
         try:
-            size = 0
-            pending: list[bytes] = []
-            pending_size = 0
-            async for chunk in body_chunks(receive):
-                size += len(chunk)
-                if size > MAX_UPLOAD:
-                    raise ApiError(413, f"the upload exceeds {MAX_UPLOAD >> 30} GiB")
-                pending.append(chunk)
-                pending_size += len(chunk)
-                if pending_size >= WRITE_BATCH:
-                    await asyncio.to_thread(handle.write, b"".join(pending))
-                    pending, pending_size = [], 0
-            if pending:
-                await asyncio.to_thread(handle.write, b"".join(pending))
+            await write_body(receive, handle.write, MAX_UPLOAD, f"the upload exceeds {MAX_UPLOAD >> 30} GiB")
             await asyncio.to_thread(handle.close)
             await asyncio.to_thread(partial.rename, final)
         finally:

@@ -31,7 +31,6 @@ from sandboxd.agent.asgi import (
     Receive,
     Scope,
     Send,
-    body_chunks,
     header_map,
     raw_headers,
     send_empty,
@@ -40,11 +39,8 @@ from sandboxd.agent.asgi import (
 
 from .api import Route, check_api_key, find_route
 from .errors import ApiError
-from .inputs import Body, Query
+from .inputs import Body, Query, write_body
 from .volumes import Volume, Volumes
-
-WRITE_BATCH = 1 << 20
-"""Upload bytes gathered before each write, which runs in a worker thread (not on the event loop)."""
 
 READ_CHUNK = 1 << 20
 """Bytes read (in a worker thread) and sent per body message of a download."""
@@ -153,16 +149,7 @@ class VolumeApi:
         query.choice("force", ("true", "false"), "false")  # files are always replaced whole
         upload = await asyncio.to_thread(self.volumes.begin_write, volume, _path(query), uid, gid, mode)
         try:
-            pending: list[bytes] = []
-            pending_size = 0
-            async for chunk in body_chunks(receive):
-                pending.append(chunk)
-                pending_size += len(chunk)
-                if pending_size >= WRITE_BATCH:
-                    await asyncio.to_thread(upload.write, b"".join(pending))
-                    pending, pending_size = [], 0
-            if pending:
-                await asyncio.to_thread(upload.write, b"".join(pending))
+            await write_body(receive, upload.write)
             entry = await asyncio.to_thread(upload.commit)
         finally:
             await asyncio.to_thread(upload.abort)  # after a commit, nothing is left to drop
