@@ -58,7 +58,7 @@ TARGET_OVER_FLOOR_MS = 1.0
 PTY_COLS, PTY_ROWS = 80, 24
 READ_BYTES = 1 << 20
 """Bytes per ``read`` for the direct baselines (a pipe gives up to 64 KiB per read, a PTY ~4 KiB)."""
-RECV_BYTES = 1 << 20
+RECV_BYTES = READ_BYTES
 """The binary client's receive buffer: as the direct baseline's read size, so neither side is
 handicapped by many small reads."""
 

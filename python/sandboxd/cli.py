@@ -376,11 +376,12 @@ def build_parser(only_agent: bool = False) -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     given = sys.argv[1:] if argv is None else argv
-    if given[:1] == ["agent"]:
+    only_agent = given[:1] == ["agent"]
+    if only_agent:
         from sandboxd.agent.lean import uvicorn_package_without_cli
 
         uvicorn_package_without_cli()  # before the parser imports the HTTP server's defaults
-    args = build_parser(only_agent=given[:1] == ["agent"]).parse_args(given)
+    args = build_parser(only_agent=only_agent).parse_args(given)
     if args.command == "agent":
         from sandboxd.agent.server import AgentOptions, run
 

@@ -28,7 +28,7 @@ import re
 import secrets
 import string
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 from sandboxd import _core
@@ -296,30 +296,26 @@ class WatchService:
         # sending, or held up by its client, never wakes the loop for nothing. The kernel's
         # descriptor lets the loop, while idle, read an event itself, without the hop through the
         # drain thread (which remains for when the loop is busy).
-        fds = (watcher.fileno(), watcher.kernel_fileno())
+        readers = ((watcher.fileno(), buffered.changed.set), (watcher.kernel_fileno(), buffered.on_kernel))
         armed = False
 
         def arm() -> None:
             nonlocal armed
             if not armed:
-                loop.add_reader(fds[0], woken)
-                loop.add_reader(fds[1], woken_by_kernel)
+                for fd, then in readers:
+                    loop.add_reader(fd, woken, then)
                 armed = True
 
         def disarm() -> None:
             nonlocal armed
             if armed:
-                loop.remove_reader(fds[0])
-                loop.remove_reader(fds[1])
+                for fd, _ in readers:
+                    loop.remove_reader(fd)
                 armed = False
 
-        def woken() -> None:
+        def woken(then: Callable[[], None]) -> None:
             disarm()
-            buffered.changed.set()
-
-        def woken_by_kernel() -> None:
-            disarm()
-            buffered.on_kernel()
+            then()
 
         self.state.watch_hub.add(buffered)
         try:
