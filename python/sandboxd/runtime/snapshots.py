@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import ctypes
 import os
-import subprocess
 from pathlib import Path
 
 from sandboxd import _core
@@ -59,13 +58,10 @@ def copy_disk(image: Path, copy: Path, handle: _core.SandboxHandle | None, runni
             # Through the sandbox's root, an overlay: its sync reaches the upper dir's ext4, whose
             # writes reach the image file before the copy reads it.
             syncfs(f"/proc/{handle.init_pid}/root")
-        subprocess.run(
-            ["cp", "--sparse=always", "--", str(image), str(copy)], check=True, capture_output=True, timeout=600
-        )
-    except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as exc:
+        _core.copy_sparse(str(image), str(copy))  # as the disk pool copies its images
+    except OSError:
         copy.unlink(missing_ok=True)
-        detail = exc.stderr.decode(errors="replace").strip() if exc.stderr else str(exc)
-        raise OSError(f"copying the sandbox's disk: {detail}") from None
+        raise
     finally:
         if running and handle is not None:
             handle.thaw()
