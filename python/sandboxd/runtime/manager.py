@@ -353,7 +353,7 @@ class SandboxManager:
         traffic_token = secrets.token_urlsafe(24) if request.network.allow_public_traffic is False else None
         for name in request.volume_mounts.values():
             try:
-                await asyncio.to_thread(self.volumes.by_name, name)
+                self.volumes.by_name(name)  # in memory
             except ApiError as exc:
                 raise ApiError(400, f"volumeMounts: {exc.message}") from None
         # Only while a slot is free: the slot is taken right below, with no await in between.

@@ -101,15 +101,14 @@ class VolumeApi:
         await send_json(send, 201, _with_token(volume))
 
     async def list(self, scope: Scope, receive: Receive, send: Send) -> None:
-        volumes = await asyncio.to_thread(self.volumes.all)
+        volumes = self.volumes.all()  # in memory
         await send_json(send, 200, [{"volumeID": v.id, "name": v.name} for v in volumes])
 
     async def info(self, scope: Scope, receive: Receive, send: Send, volume_id: str) -> None:
-        volume = await asyncio.to_thread(self.volumes.get, volume_id)
-        await send_json(send, 200, _with_token(volume))
+        await send_json(send, 200, _with_token(self.volumes.get(volume_id)))
 
     async def destroy(self, scope: Scope, receive: Receive, send: Send, volume_id: str) -> None:
-        volume = await asyncio.to_thread(self.volumes.get, volume_id)
+        volume = self.volumes.get(volume_id)
         await asyncio.to_thread(self.volumes.destroy, volume.id, self.mounted_by(volume.name))
         await send_empty(send, 204)
 
