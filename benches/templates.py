@@ -73,6 +73,21 @@ def _build_template(name: str, marker: str) -> float:
     return time.perf_counter() - t0
 
 
+def _build_time(name: str, ours: list[float], baseline: list[float], baseline_name: str) -> Result:
+    """A build-time row: our rounds' p50 beside the baseline's, in seconds, both sample lists kept."""
+    return Result(
+        name=name,
+        unit="s (p50)",
+        ours=percentile(ours, 50),
+        baseline=percentile(baseline, 50),
+        baseline_name=baseline_name,
+        better="lower",
+        p50=percentile(ours, 50),
+        samples={"ours": ours, "baseline": baseline},
+        extra={"rounds": len(ours)},
+    )
+
+
 def _measure_template_builds(ctx: Context, rt: Runtime) -> tuple[str, Result]:
     """Builds with a changed step (cold) and rebuilds of an unchanged template (warm), taking turns;
     returns the last built template's name and the result."""
@@ -88,16 +103,11 @@ def _measure_template_builds(ctx: Context, rt: Runtime) -> tuple[str, Result]:
         cold.append(_build_template(name, marker))
         warm.append(_build_template(f"{name}-again", marker))
     ctx.log(f"  changed step p50 {percentile(cold, 50):.2f} s; unchanged p50 {percentile(warm, 50):.2f} s")
-    result = Result(
-        name="templates: Template.build of an unchanged template (every step cached)",
-        unit="s (p50)",
-        ours=percentile(warm, 50),
-        baseline=percentile(cold, 50),
-        baseline_name="the same template with its step changed (build sandbox, step, layer)",
-        better="lower",
-        p50=percentile(warm, 50),
-        samples={"ours": warm, "baseline": cold},
-        extra={"rounds": rounds},
+    result = _build_time(
+        "templates: Template.build of an unchanged template (every step cached)",
+        warm,
+        cold,
+        "the same template with its step changed (build sandbox, step, layer)",
     )
     return name, result
 
@@ -137,27 +147,17 @@ def _measure_step_cache(ctx: Context) -> list[Result]:
         f" as one step p50 {percentile(one_step, 50):.2f} s"
     )
     return [
-        Result(
-            name="templates: rebuild with the last step changed (earlier steps CACHED, resumed over their layer)",
-            unit="s (p50)",
-            ours=percentile(last_changed, 50),
-            baseline=percentile(full, 50),
-            baseline_name="the build running every step (a slow first step: 1 s, 16 MiB)",
-            better="lower",
-            p50=percentile(last_changed, 50),
-            samples={"ours": last_changed, "baseline": full},
-            extra={"rounds": rounds},
+        _build_time(
+            "templates: rebuild with the last step changed (earlier steps CACHED, resumed over their layer)",
+            last_changed,
+            full,
+            "the build running every step (a slow first step: 1 s, 16 MiB)",
         ),
-        Result(
-            name="templates: a build with a layer cut after its slow step (two layers, two build sandboxes)",
-            unit="s (p50)",
-            ours=percentile(full, 50),
-            baseline=percentile(one_step, 50),
-            baseline_name="the same commands as one step (one layer, one build sandbox)",
-            better="lower",
-            p50=percentile(full, 50),
-            samples={"ours": full, "baseline": one_step},
-            extra={"rounds": rounds},
+        _build_time(
+            "templates: a build with a layer cut after its slow step (two layers, two build sandboxes)",
+            full,
+            one_step,
+            "the same commands as one step (one layer, one build sandbox)",
         ),
     ]
 

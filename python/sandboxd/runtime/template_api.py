@@ -174,8 +174,8 @@ class TemplateApi:
         await send_empty(send, 204)
 
     async def tags(self, scope: Scope, receive: Receive, send: Send, template_id: str) -> None:
-        tags = self.builder.templates.tags(template_id)
-        if not tags or template_id.startswith(HIDDEN_PREFIX):
+        tags = [] if template_id.startswith(HIDDEN_PREFIX) else self.builder.templates.tags(template_id)
+        if not tags:
             raise ApiError(404, f"template '{template_id}' not found among the templates built here")
         answer = [
             {"tag": tag, "buildID": self.builder.build_id_of(row), "createdAt": iso(row.created_at)}

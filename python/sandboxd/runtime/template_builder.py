@@ -61,7 +61,7 @@ from .errors import ApiError
 from .layers import LayerError, LayerInfo
 from .manager import DISK_IMAGE, CreateRequest, SandboxManager
 from .store import SandboxRow, TemplateRow
-from .template_uploads import COLLECT_EVERY_S, Held, Uploads
+from .template_uploads import COLLECT_EVERY_S, HASH, Held, Uploads
 from .templates import ALIASES, BASE, BUILTIN, DEFAULT_TAG, HIDDEN_PREFIX, TAG_SEPARATOR, Templates, check_tags
 
 log = logging.getLogger("sandboxd.runtime")
@@ -121,8 +121,6 @@ runtime's ``base``, Debian with E2B's base contents (``docs/templates.md``)."""
 
 TAIL_LINES = 20
 """Output lines of a failed step quoted in the build's failure reason (all of it is in the log)."""
-
-HASH = re.compile(r"[0-9a-f]{64}")
 
 LEFT_RUNNING = 'cd /proc && for p in [0-9]*; do [ "$p" -gt 2 ] && [ "$p" != "$$" ] && echo "$p"; done; true'
 """The processes of a build sandbox but its init and agent (pids 1 and 2) and this shell, from shell

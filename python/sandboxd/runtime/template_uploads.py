@@ -44,6 +44,7 @@ MAX_REMOVALS = 1000
 """Files deleted per pass: a pass is bounded however many uploads piled up; the next pass goes on."""
 
 HASH = re.compile(r"[0-9a-f]{64}")
+"""A ``copy`` step's files hash (the SDK's sha256 in hex): a step's argument and an upload's file name."""
 
 
 class Held:
