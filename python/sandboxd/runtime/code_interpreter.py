@@ -41,8 +41,6 @@ sandboxes of this template, and of templates built from it, start it.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import ssl
 import subprocess
@@ -54,7 +52,7 @@ from typing import Any
 
 from . import debian, layer_step
 from .debian import BuildFailed, BuildProgress
-from .layers import LayerStore
+from .layers import LayerStore, recipe_digest
 
 NAME = "code-interpreter-v1"
 """The template's name: the default of both code-interpreter SDKs."""
@@ -145,7 +143,7 @@ class Recipe:
             "epoch": debian.SOURCE_DATE_EPOCH,
             "config": CONFIG,
         }
-        return "sha256:" + hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()
+        return recipe_digest(recipe)
 
     def describe(self) -> str:
         return f"base + kernels and E2B's data stack ({len(PACKAGES)} Python packages from {self.index_url})"

@@ -35,8 +35,6 @@ Downloaded packages are kept in ``<store>/apt-cache``, so a rebuild downloads no
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import re
 import shlex
@@ -51,7 +49,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .layer_step import StepFailed, run_contained
-from .layers import LayerInfo, LayerStore
+from .layers import LayerInfo, LayerStore, recipe_digest
 
 SUITE = "trixie"
 """Debian 13: Node.js 20 (E2B's base has Node 20), Python 3.13, gcc 14."""
@@ -173,7 +171,7 @@ class Recipe:
             "epoch": SOURCE_DATE_EPOCH,
             "config": CONFIG,
         }
-        return "sha256:" + hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()
+        return recipe_digest(recipe)
 
     def describe(self) -> str:
         return f"Debian {self.suite} from {self.mirror} (mmdebstrap)"

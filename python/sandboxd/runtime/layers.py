@@ -74,6 +74,11 @@ PROGRESS_EVERY_S = 1.0
 Progress = Callable[[str], None]
 
 
+def recipe_digest(recipe: dict[str, Any]) -> str:
+    """A build cache key: the sha256 of ``recipe`` as canonical JSON (sorted keys)."""
+    return "sha256:" + hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()
+
+
 class Readable(Protocol):
     """What a layer is read from: a file, a pipe, a decompressor."""
 

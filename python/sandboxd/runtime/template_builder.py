@@ -58,7 +58,7 @@ from typing import Any
 from . import build_layer, oci, snapshots
 from .agent_client import run_command, upload_file
 from .errors import ApiError
-from .layers import LayerError, LayerInfo
+from .layers import LayerError, LayerInfo, recipe_digest
 from .manager import DISK_IMAGE, CreateRequest, SandboxManager
 from .store import SandboxRow, TemplateRow
 from .template_uploads import COLLECT_EVERY_S, HASH, Held, Uploads
@@ -183,10 +183,10 @@ class BuildSpec:
         """Each step's cache key, chained as E2B chains them: the previous step's key (the first step's
         is the parent's layers and config) with this step's type, arguments and files' hash. A step's
         key names everything before it, so a changed step changes its own key and every later one."""
-        key = _digest({"parent": {"layers": parent_row.layers, "config": inherited(parent_row.config)}})
+        key = recipe_digest({"parent": {"layers": parent_row.layers, "config": inherited(parent_row.config)}})
         out = []
         for step in self.steps:
-            key = _digest({"previous": key, "step": [step.type, list(step.args), step.files_hash]})
+            key = recipe_digest({"previous": key, "step": [step.type, list(step.args), step.files_hash]})
             out.append(key)
         return out
 
@@ -202,10 +202,6 @@ def inherited(config: dict[str, Any]) -> dict[str, Any]:
     """What of a parent's config a template built on it keeps: not the parent's own build id (a
     rebuild's is new), nor whose snapshot it was (a template built on a snapshot is no snapshot)."""
     return {k: v for k, v in config.items() if k not in ("build_id", snapshots.SOURCE_KEY)}
-
-
-def _digest(recipe: dict[str, Any]) -> str:
-    return "sha256:" + hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()
 
 
 @dataclass(slots=True)
