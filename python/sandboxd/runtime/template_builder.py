@@ -545,12 +545,8 @@ class TemplateBuilder:
         except ApiError as exc:
             raise BuildFailed(f"the parent template '{spec.parent}': {exc.message}", "base") from None
         keys = spec.keys(parent_row)
-        done, layers, state = 0, list(parent_row.layers), _State.of(parent_row.config)
-        for index in reversed(range(spec.cacheable())):  # the longest cached prefix
-            record = self.templates.layers.cached(keys[index])
-            if record is not None and isinstance(record.get("state"), dict):
-                done, layers, state = index + 1, list(record["layers"]), _State.of(record["state"])
-                break
+        found = await asyncio.to_thread(self._longest_cached, keys[: spec.cacheable()])
+        done, layers, state = found or (0, list(parent_row.layers), _State.of(parent_row.config))
         for index, step in enumerate(spec.steps[:done], 1):
             build.log(f"CACHED [builder {index}/{len(spec.steps)}] {_describe(step)}", step=str(index))
         if done < len(spec.steps):
@@ -584,7 +580,8 @@ class TemplateBuilder:
                 dirty = dirty or step.type in ("RUN", "COPY", "WORKDIR")
                 last = index == len(spec.steps) - 1
                 if not dirty:
-                    self.templates.layers.cache_put(keys[index], {"layers": run.layers, "state": run.state.config()})
+                    record = {"layers": run.layers, "state": run.state.config()}
+                    await asyncio.to_thread(self.templates.layers.cache_put, keys[index], record)
                 elif last or (
                     time.monotonic() - since_cut >= CUT_AFTER_S
                     and self._room_for_cut(run, parent_row)
@@ -692,6 +689,15 @@ class TemplateBuilder:
             await self._exec(run, step.args[0], user)
         elif step.type == "COPY":
             await self._copy(run, step)
+
+    def _longest_cached(self, keys: list[str]) -> tuple[int, list[str], _State] | None:
+        """In a worker thread (a cache file read per step): how many leading steps the cache holds,
+        with their layers and state, or None for none."""
+        for index in reversed(range(len(keys))):
+            record = self.templates.layers.cached(keys[index])
+            if record is not None and isinstance(record.get("state"), dict):
+                return index + 1, list(record["layers"]), _State.of(record["state"])
+        return None
 
     def _pull(self, name: str, reference: str, build: Build, login: tuple[str, str] | None) -> None:
         """In a worker thread: the image as a template of its own (its layers shared with the build)."""
