@@ -728,7 +728,15 @@ def run(ctx: Context) -> None:
     rt = Runtime(ctx.tmp / "warm", max(256, n_burst + 16), ("--warm-sandboxes", str(WARM_SANDBOXES)))
     try:
         with sdk_env(rt):
-            measure_warm(ctx, rt, cold, n_seq, n_burst)
+            measure_warm(ctx, rt, cold, n_seq)
+    finally:
+        rt.stop()
+    ctx.log(f"starting sandboxd serve --warm-sandboxes {n_burst}")
+    (ctx.tmp / "warm-burst").mkdir()
+    rt = Runtime(ctx.tmp / "warm-burst", max(256, n_burst + 16), ("--warm-sandboxes", str(n_burst)))
+    try:
+        with sdk_env(rt):
+            measure_warm_burst(ctx, rt, cold[1], n_burst)
     finally:
         rt.stop()
     if iso_error is not None:
@@ -973,23 +981,15 @@ def measure(
     return seq, b, sequential(ctx, rt, n_seq, PACE_S)
 
 
-def measure_warm(
-    ctx: Context, rt: Runtime, cold: tuple[Sequential, Burst, Sequential], n_seq: int, n_burst: int
-) -> None:
-    """The same sequential creates (back to back, and paced) and burst on a runtime with warm
-    sandboxes, beside the cold ones."""
-    cold_seq, cold_burst, cold_paced = cold
-
-    def fill() -> None:
-        deadline = time.monotonic() + 120
-        while len(rt.sandbox_ids()) < WARM_SANDBOXES and time.monotonic() < deadline:
-            time.sleep(0.2)  # the pool fills (a directory per warm sandbox)
-        time.sleep(1)  # and their agents are up and warmed up
+def measure_warm(ctx: Context, rt: Runtime, cold: tuple[Sequential, Burst, Sequential], n_seq: int) -> None:
+    """The same sequential creates (back to back, and paced) on a runtime with warm sandboxes,
+    beside the cold ones."""
+    cold_seq, _, cold_paced = cold
 
     label = f"--warm-sandboxes {WARM_SANDBOXES}"
     runs = (("", cold_seq, "back to back"), (f", creates {PACE_S:g} s apart", cold_paced, "paced"))
     for suffix, base, how in runs:
-        fill()
+        fill_pool(rt, WARM_SANDBOXES)
         seq = sequential(ctx, rt, n_seq, PACE_S if base is cold_paced else 0.0)
         p50, p99 = percentile(seq.total_ms, 50), percentile(seq.total_ms, 99)
         ctx.report(
@@ -1016,16 +1016,57 @@ def measure_warm(
             )
         )
         ctx.log(f"  {label}, {how}: create→first command p50 {p50:.1f} ms, p99 {p99:.1f} ms")
-    fill()
+
+
+def fill_pool(rt: Runtime, n: int) -> None:
+    """Wait until a runtime's pool holds ``n`` warm sandboxes booted and warmed up (its
+    ``sandboxd_warm_sandboxes`` gauge), then a moment more for their refills to settle."""
+    deadline = time.monotonic() + 60 + n
+    while time.monotonic() < deadline:
+        answer = httpx.get(f"{rt.url}/metrics", headers={"Authorization": f"Bearer {rt.api_key}"}, timeout=30)
+        ready = [line for line in answer.text.splitlines() if line.startswith("sandboxd_warm_sandboxes ")]
+        if ready and float(ready[0].split()[1]) >= n:
+            break
+        time.sleep(0.2)
+    time.sleep(0.5)
+
+
+def measure_warm_burst(ctx: Context, rt: Runtime, cold_burst: Burst, n_burst: int) -> None:
+    """The burst on a runtime whose pool holds as many warm sandboxes as the burst asks for: every
+    create only gives one its identity (``/init``, link and rules, row). The pool is filled ahead,
+    as an operator sizes ``--warm-sandboxes`` for the bursts they expect."""
+    fill_pool(rt, n_burst)
     b = burst(ctx, rt, n_burst)
+    ok = b.ok == n_burst and b.wall_s <= TARGET_BURST_WALL_S
     ctx.report(
         Result(
-            name=f"runtime: burst of {n_burst} concurrent AsyncSandbox.create(), wall time, {label}",
+            name=f"runtime: burst of {n_burst} concurrent AsyncSandbox.create(), wall time, --warm-sandboxes {n_burst}",
             unit="s",
             ours=b.wall_s,
             baseline=cold_burst.wall_s,
             baseline_name="the same without warm sandboxes (above, same run)",
             better="lower",
-            extra={"succeeded": b.ok, "errors": b.errors[:5], "cpu_s": b.cpu_s, "baseline_succeeded": cold_burst.ok},
+            extra={
+                "succeeded": b.ok,
+                "errors": b.errors[:5],
+                "cpu_s": b.cpu_s,
+                "baseline_succeeded": cold_burst.ok,
+                "target": f"{TARGET_BURST}/{TARGET_BURST} within {TARGET_BURST_WALL_S:g} s on {TARGET_CORES} cores",
+                "target_met": ok if n_burst == TARGET_BURST else None,
+            },
         )
     )
+    ctx.report(
+        Result(
+            name=f"runtime: burst of {n_burst} concurrent AsyncSandbox.create(), succeeded, --warm-sandboxes {n_burst}",
+            unit="sandboxes",
+            ours=float(b.ok),
+            baseline=float(n_burst),
+            baseline_name="requested",
+            better="higher",
+        )
+    )
+    met = "met" if ok else "NOT met"
+    if n_burst != TARGET_BURST:
+        met = f"the target is {TARGET_BURST}: run the full suite"
+    ctx.log(f"  warm burst {b.ok}/{n_burst} in {b.wall_s:.2f} s (≤ {TARGET_BURST_WALL_S:g} s: {met})")

@@ -444,3 +444,44 @@ def test_stop_removes_the_table_and_links_and_a_restart_links_sandboxes_again(
     finally:
         runtime.stop()
     assert _host_state(lab, tag) == (False, [])
+
+
+# ------------------------------------------------------------------------------ warm sandboxes
+
+
+def test_a_warm_sandbox_gets_the_claims_egress_rules(
+    lab: Lab, tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A warm sandbox's veth pair is made while it waits in the pool; its rules come with the claim.
+    So a claim that asks for no internet reaches nothing, and one with the defaults reaches it."""
+    runtime = lab.start_runtime(tmp_path_factory.mktemp("warmnet"), "warm-key", "--warm-sandboxes", "2")
+    try:
+        for name, value in runtime.env().items():
+            monkeypatch.setenv(name, value)
+        monkeypatch.delenv("E2B_DEBUG", raising=False)
+        deadline = time.monotonic() + 120
+        while warm_ready(runtime) < 2:  # booted, linked and warmed up
+            assert time.monotonic() < deadline, "no 2 warm sandboxes after 120 s"
+            time.sleep(0.2)
+        warm = {p.name for p in (runtime.data_dir / "sandboxes").iterdir()}
+        closed = create(allow_internet_access=False)
+        opened = create()
+        try:
+            assert {closed.sandbox_id, opened.sandbox_id} == warm  # both came from the pool
+            assert oks(probe(closed, web(WEB, ip=WEB), tcp(WEB, 22, SSH))) == [False, False]
+            assert oks(probe(opened, web(WEB, ip=WEB), tcp(WEB, 22, SSH))) == [True, True]
+        finally:
+            closed.kill()
+            opened.kill()
+    finally:
+        runtime.stop()
+
+
+def warm_ready(runtime: Runtime) -> int:
+    """The runtime's ``sandboxd_warm_sandboxes`` gauge: warm sandboxes ready to be claimed."""
+    answer = httpx.get(f"{runtime.url}/metrics", headers={"Authorization": f"Bearer {runtime.api_key}"})
+    answer.raise_for_status()
+    for line in answer.text.splitlines():
+        if line.startswith("sandboxd_warm_sandboxes "):
+            return int(float(line.split()[1]))
+    raise AssertionError("no sandboxd_warm_sandboxes in /metrics")

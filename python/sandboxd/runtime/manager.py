@@ -53,7 +53,7 @@ from .observe import Observer
 from .store import SandboxRow, Store, TemplateRow
 from .templates import Template, Templates
 from .volumes import Volumes
-from .warm import Warm, WarmPool
+from .warm import Warm, WarmPool, renice
 from .zygote_client import ZygoteClient
 
 log = logging.getLogger("sandboxd.runtime")
@@ -468,9 +468,12 @@ class SandboxManager:
                     default_workdir=template.workdir,
                 )
             ]
+            if warm is not None:
+                steps.append(renice(warm))
             if slot is not None and self.networks is not None:
                 config, token = network if network is not None else (None, None)
-                steps.append(self.networks.attach(row.id, slot, handle.init_pid, config, token))
+                linked = warm is not None and warm.linked
+                steps.append(self.networks.attach(row.id, slot, handle.init_pid, config, token, linked))
             if template.code_interpreter:  # returns once its Python kernel is warm, so the first runCode is fast
                 steps.append(interpreter_ready(functools.partial(self.open_socket, row.id), row.id))
             outcomes = await asyncio.gather(*steps, return_exceptions=True)

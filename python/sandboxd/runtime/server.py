@@ -269,7 +269,9 @@ async def _serve(
     await zygote_client.start()
     networks = None
     if options.network is not None:
-        networks = SandboxNetworks(store, options.data_dir, options.network, limits.max_sandboxes, options.port)
+        # Warm sandboxes hold a network slot each without counting against --max-sandboxes.
+        slots = limits.max_sandboxes + limits.warm_sandboxes
+        networks = SandboxNetworks(store, options.data_dir, options.network, slots, options.port)
         await networks.start()
     place = await host.open_place(options.data_dir, options.id_registry, limits.disk_mb)
     manager = SandboxManager(

@@ -262,20 +262,23 @@ class SandboxNetworks:
         init_pid: int,
         config: NetworkConfig | None = None,
         traffic_token: str | None = None,
+        linked: bool = False,
     ) -> None:
         """Link a booted sandbox (its namespace is its init's) and put its rules in force. With no
-        ``config``, the stored one (a resume). On failure nothing of the link is left."""
+        ``config``, the stored one (a resume); ``linked``: its veth pair was made ahead (:meth:`link`,
+        a warm sandbox). On failure nothing of the link is left."""
         assert self.pool is not None and self.firewall is not None
         existing = self.rows.get(sandbox_id)
         if config is None:
             config = existing.config if existing is not None else NetworkConfig()
             traffic_token = existing.traffic_token if existing is not None else None
         rules = self._rules(config)
-        try:
-            slot = await asyncio.to_thread(self._link, slot, init_pid)
-        except BaseException:
-            self.pool.release(slot.index)
-            raise
+        if not linked:
+            try:
+                await self.link(slot, init_pid)
+            except BaseException:
+                self.pool.release(slot.index)
+                raise
         try:
             async with self._nft_lock:
                 await asyncio.to_thread(self.firewall.change, slot.host_name, None, rules)
@@ -286,6 +289,11 @@ class SandboxNetworks:
             raise
         self._applied[sandbox_id] = (slot, rules)
         self.rows.put(NetworkRow(sandbox_id, slot.index, config, traffic_token))
+
+    async def link(self, slot: Slot, init_pid: int) -> None:
+        """Make a booted sandbox's veth pair, with no rules yet (:meth:`attach` puts them in force).
+        The caller keeps the slot either way."""
+        await asyncio.to_thread(self._link, slot, init_pid)
 
     def _link(self, slot: Slot, init_pid: int) -> Slot:
         """In a worker thread: the veth pair into the sandbox's namespace. A stale interface of the

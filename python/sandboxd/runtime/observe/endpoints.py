@@ -112,6 +112,7 @@ class OperatorEndpoints:
             states={"running": 0, "paused": 0},
             zygote_up=self.zygote.down_reason is None,
             zygote_restarts=self.zygote.restarts,
+            warm_ready=len(manager.warm.ready),
             disk_used=manager.disk_used_now,
         )
         for row in rows:

@@ -105,6 +105,8 @@ class RuntimeView:
     running: list[SandboxView] = field(default_factory=list)
     zygote_up: bool = False
     zygote_restarts: int = 0
+    warm_ready: int = 0
+    """Warm sandboxes booted and waiting in the pool (``--warm-sandboxes``)."""
     disk_used: Callable[[str, bool], int | None] | None = None
     """``(sandbox_id, may_walk)`` → bytes used by the writable layer, or None when unknown."""
 
@@ -293,6 +295,11 @@ class RuntimeCollector(Collector):
         )
         yield CounterMetricFamily(
             "sandboxd_zygote_restarts", "Zygotes started after the first one (it died)", value=view.zygote_restarts
+        )
+        yield GaugeMetricFamily(
+            "sandboxd_warm_sandboxes",
+            "Warm sandboxes booted and waiting to be claimed by a create (serve --warm-sandboxes)",
+            value=view.warm_ready,
         )
         labels = ["sandbox_id", "template"]
         cpu = CounterMetricFamily("sandboxd_sandbox_cpu_seconds", "CPU time used by a running sandbox", labels=labels)
