@@ -10,6 +10,8 @@ Each check runs inside the sandbox as a real client (``sandbox_probe.py`` with t
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -470,6 +472,24 @@ def test_a_warm_sandbox_gets_the_claims_egress_rules(
             assert {closed.sandbox_id, opened.sandbox_id} == warm  # both came from the pool
             assert oks(probe(closed, web(WEB, ip=WEB), tcp(WEB, 22, SSH))) == [False, False]
             assert oks(probe(opened, web(WEB, ip=WEB), tcp(WEB, 22, SSH))) == [True, True]
+            # A process on the host cannot open a connection to the sandbox's address, even to a
+            # port that listens on every address inside: it is refused at once (it used to hang
+            # until its timeout). Only the proxy, with its token checks, reaches a sandbox's ports.
+            address = opened.commands.run("ip -4 -o addr show eth0").stdout.split()[3].split("/")[0]
+            opened.commands.run("python3 -m http.server 8000 --bind 0.0.0.0", background=True)
+            inside = opened.commands.run(
+                f"for i in $(seq 50); do python3 -c \"import socket; socket.create_connection(('{address}', 8000))\""
+                " && echo listening && break; sleep 0.1; done"
+            )
+            assert "listening" in inside.stdout
+            connect = f"import socket; socket.create_connection(('{address}', 8000), timeout=5)"
+            from_host = subprocess.run(
+                ["nsenter", f"--net=/run/netns/{lab.host_ns}", sys.executable, "-c", connect],
+                capture_output=True,
+                text=True,
+                timeout=30,
+            )
+            assert from_host.returncode != 0 and "ConnectionRefusedError" in from_host.stderr, from_host
         finally:
             closed.kill()
             opened.kill()

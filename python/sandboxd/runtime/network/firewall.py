@@ -25,6 +25,13 @@ What the chains do, for packets from a sandbox:
   :data:`NEVER_V6`, ``--sandbox-deny``) are refused unless the operator opened them
   (``--sandbox-allow``); then the sandbox's allow set, then its deny set; everything else passes.
   Nothing enters a sandbox but replies.
+* ``output``, for packets *to* a sandbox from the host itself: no new TCP or UDP flow. Nothing on the
+  host talks to a sandbox through its address (the runtime and its proxy reach an agent through the
+  sandbox's own namespace), so a host process, whoever runs it, cannot reach a sandbox's ports
+  without the proxy's checks (the access token, ``allow_public_traffic``'s traffic token). Without
+  this chain the sandbox's answer was refused by ``input`` and such a connection hung until its
+  timeout; now it is refused at once and its first packet never enters the sandbox (nor a UDP
+  datagram, which ``input`` could not stop).
 * ``post_nat``: masquerade to the outgoing interface's address.
 
 A refused TCP connection gets a reset and anything else an ICMP "administratively prohibited", so a
@@ -247,6 +254,10 @@ class Firewall:
     ip daddr @open4 tcp dport != {ports.api} accept
     ip6 daddr @open6 tcp dport != {ports.api} accept
     goto refuse
+  }}
+  chain output {{
+    type filter hook output priority filter; policy accept;
+    oifname {i} meta l4proto {{ tcp, udp }} ct state new goto refuse
   }}
   chain forward {{
     type filter hook forward priority filter; policy accept;
