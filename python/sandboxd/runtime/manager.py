@@ -457,6 +457,8 @@ class SandboxManager:
         else:
             handle, slot = warm.handle, warm.slot
         try:
+            if warm is not None:
+                await renice(warm)  # first: a niced agent answers /init late on a busy host
             # The link is made while the agent comes up (the agent needs no network to start).
             steps: list[Awaitable[object]] = [
                 init_agent(
@@ -468,8 +470,6 @@ class SandboxManager:
                     default_workdir=template.workdir,
                 )
             ]
-            if warm is not None:
-                steps.append(renice(warm))
             if slot is not None and self.networks is not None:
                 config, token = network if network is not None else (None, None)
                 linked = warm is not None and warm.linked

@@ -116,7 +116,7 @@ class WarmPool:
             if warm.template.id != template.id or self.manager.handles.get(warm.row.id) is not warm.handle:
                 self.manager._background(self._discard(warm))  # its template was rebuilt since, or it died
                 continue
-            return warm  # reniced by the claim (renice), beside its /init
+            return warm  # reniced by the claim (renice), before its /init
         self._wake.set()
         return None
 
@@ -200,9 +200,9 @@ class WarmPool:
 
 
 async def renice(warm: Warm) -> None:
-    """A claimed warm sandbox back to the default priority, in a worker thread beside its ``/init``
-    (a create's other claim steps): on the event loop this took ~1 ms a claim, a quarter of the
-    runtime's CPU in a burst of warm creates (py-spy, 64 claims)."""
+    """A claimed warm sandbox back to the default priority, in a worker thread, before its ``/init``
+    (at nice 10 on a loaded host its agent answered seconds late): on the event loop this took ~1 ms a
+    claim, a quarter of the runtime's CPU in a burst of warm creates (py-spy, 64 claims)."""
     await asyncio.to_thread(_renice, warm.handle.init_pid)
 
 
