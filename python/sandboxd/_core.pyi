@@ -121,13 +121,21 @@ class End:
     status: str
     error: str | None
 
+class OutputChunk:
+    """A read-only chunk of process output, lent from the ring without a copy: it has the buffer
+    protocol (``memoryview``, ``bytes.join``, socket writes); ``bytes(chunk)`` copies it."""
+
+    def __len__(self) -> int: ...
+    def __buffer__(self, flags: int, /) -> memoryview: ...
+
 class Batch:
     """What a subscriber may read now: lost output (if it fell behind), chunks, and the end."""
 
     lagged_bytes: int
     """Bytes evicted before this subscriber read them (0 when nothing was lost)."""
-    chunks: list[tuple[int, bytes]]
-    """``(STREAM_*, data)`` in order; consecutive reads of one stream are joined into one ``bytes``."""
+    chunks: list[tuple[int, bytes | list[OutputChunk]]]
+    """``(STREAM_*, data)`` in order, one item per run of consecutive reads of one stream: ``data``
+    is the run joined into one ``bytes``, or (``next_batch(views=True)``) a ``list[OutputChunk]``."""
     end: End | None
     """Set once every chunk has been read and the process has been reaped."""
     more: bool
@@ -144,8 +152,9 @@ class Subscriber:
     that much in total; after that it is not waited for and sees ``lagged_bytes``."""
 
     def fileno(self) -> int: ...
-    def next_batch(self, max_bytes: int = ...) -> Batch:
-        """Non-blocking: everything available from the cursor, up to ``max_bytes`` (at least one chunk)."""
+    def next_batch(self, max_bytes: int = ..., views: bool = False) -> Batch:
+        """Non-blocking: everything available from the cursor, up to ``max_bytes`` (at least one chunk).
+        With ``views`` each run's data is a ``list[OutputChunk]`` instead of one joined ``bytes``."""
     def wait(self, timeout: float | None) -> bool:
         """Block (GIL released) until something is available or ``timeout`` seconds pass."""
     def close(self) -> None:

@@ -8,6 +8,7 @@
 
 #![deny(unsafe_code)]
 
+mod chunk;
 mod errors;
 mod fs;
 mod jail;

@@ -23,6 +23,8 @@ use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyList, PyTuple};
 use sandboxd_proc as core;
 
+use crate::chunk::OutputChunk;
+
 pyo3::import_exception!(io, UnsupportedOperation);
 
 /// `Batch.chunks` stream id of standard output (envd's `DataEvent.stdout` field number).
@@ -53,6 +55,7 @@ pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("STREAM_PTY", STREAM_PTY)?;
     m.add_class::<End>()?;
     m.add_class::<Batch>()?;
+    m.add_class::<OutputChunk>()?;
     m.add_class::<Subscriber>()?;
     m.add_class::<Process>()?;
     Ok(())
@@ -206,7 +209,8 @@ pub(crate) struct Batch {
     /// Bytes evicted before this subscriber read them (0 when nothing was lost).
     #[pyo3(get)]
     lagged_bytes: u64,
-    /// `(STREAM_*, data)` in order; consecutive chunks of one stream are joined.
+    /// `(STREAM_*, data)` in order, one item per run of consecutive chunks of one stream: `data`
+    /// is the run joined into one `bytes`, or with `views` the run's ring chunks, uncopied.
     #[pyo3(get)]
     chunks: Py<PyList>,
     /// Set once every chunk has been read and the process has been reaped.
@@ -227,12 +231,19 @@ fn stream_id(stream: core::Stream) -> i32 {
 
 impl Batch {
     /// Builds the Python batch, joining each run of consecutive chunks of one stream into a
-    /// single `bytes` (a 1 MiB PTY batch is ~256 reads of 4 KiB: one object instead of 256).
-    fn new(py: Python<'_>, batch: core::Batch) -> PyResult<Batch> {
+    /// single `bytes` (a 1 MiB PTY batch is ~256 reads of 4 KiB: one object instead of 256), or,
+    /// with `views`, handing the run's chunks over as a list of [`OutputChunk`] (no copy).
+    fn new(py: Python<'_>, batch: core::Batch, views: bool) -> PyResult<Batch> {
         let chunks = PyList::empty(py);
         for run in batch.chunks.chunk_by(|a, b| a.stream == b.stream) {
-            let data = if let [one] = run {
-                PyBytes::new(py, &one.data)
+            let data = if views {
+                let list = PyList::empty(py);
+                for chunk in run {
+                    list.append(OutputChunk(chunk.data.clone()))?;
+                }
+                list.into_any()
+            } else if let [one] = run {
+                PyBytes::new(py, &one.data).into_any()
             } else {
                 let len = run.iter().map(|c| c.data.len()).sum();
                 PyBytes::new_with(py, len, |buf| {
@@ -243,6 +254,7 @@ impl Batch {
                     }
                     Ok(())
                 })?
+                .into_any()
             };
             let item = PyTuple::new(
                 py,
@@ -324,12 +336,13 @@ impl Subscriber {
     }
 
     /// Non-blocking: everything available from the cursor, up to `max_bytes` (at least one chunk).
-    #[pyo3(signature = (max_bytes = DEFAULT_MAX_BATCH_BYTES))]
-    fn next_batch(&self, py: Python<'_>, max_bytes: usize) -> PyResult<Batch> {
+    /// With `views`, each run's data is a list of `OutputChunk` instead of one joined `bytes`.
+    #[pyo3(signature = (max_bytes = DEFAULT_MAX_BATCH_BYTES, views = false))]
+    fn next_batch(&self, py: Python<'_>, max_bytes: usize, views: bool) -> PyResult<Batch> {
         let batch = py
             .detach(|| lock(&self.inner).as_mut().map(|s| s.next_batch(max_bytes)))
             .ok_or_else(closed_subscriber)?;
-        Batch::new(py, batch)
+        Batch::new(py, batch, views)
     }
 
     /// Blocks (GIL released) until something is available or `timeout` seconds pass.
