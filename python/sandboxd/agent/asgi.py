@@ -12,6 +12,10 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 RawHeaders = list[tuple[bytes, bytes]]
 
+BODY_PARTS = "sandboxd.body_parts"
+"""The ``scope["extensions"]`` key of the server's writer of a body message in pieces
+(``sandboxd.agent.http_server.BodyParts``), when the server offers one."""
+
 
 class ClientDisconnected(Exception):
     """The client went away before the request body was complete."""

@@ -27,11 +27,22 @@ from typing import Any
 from google.protobuf import json_format
 from google.protobuf.message import DecodeError, Message
 
-from .asgi import ClientDisconnected, Receive, Scope, Send, body_chunks, header_map, raw_headers, read_body, send_bytes
+from .asgi import (
+    BODY_PARTS,
+    ClientDisconnected,
+    Receive,
+    Scope,
+    Send,
+    body_chunks,
+    header_map,
+    raw_headers,
+    read_body,
+    send_bytes,
+)
 from .auth import rpc_user
 from .compression import gunzip
 from .errors import HTTP_STATUS, Code, RpcError, to_rpc_error
-from .rpc import Context, Kind, Method, NestedBytes
+from .rpc import Context, Kind, Method, NestedBytes, Piece
 from .state import AgentState
 
 MAX_UNARY_BODY = 16 << 20
@@ -82,7 +93,7 @@ class Codec:
         """``message`` as one stream envelope."""
         return b"".join(self.frame_parts(message))
 
-    def frame_parts(self, message: Message | NestedBytes) -> list[bytes]:
+    def frame_parts(self, message: Message | NestedBytes) -> list[Piece]:
         """``message`` as one stream envelope, in pieces that add up to it: a :class:`NestedBytes`
         (process output) keeps its bytes as a piece of their own, so that they are not copied into
         a joined envelope on their way to the HTTP server (which copies each body message once more
@@ -91,13 +102,13 @@ class Codec:
         parts.insert(0, _HEADER.pack(0, sum(len(p) for p in parts)))
         return parts
 
-    def _encode_parts(self, message: Message | NestedBytes) -> list[bytes]:
+    def _encode_parts(self, message: Message | NestedBytes) -> list[Piece]:
         if isinstance(message, NestedBytes):
             if self.name == "proto":
-                return [message.proto_prefix(), message.data]
+                return [message.proto_prefix(), *message.pieces]
             # base64 has no characters JSON escapes, so the text goes between the names as it is.
             before, after = message.json_affixes()
-            return [before + binascii.b2a_base64(message.data, newline=False) + after]
+            return [before + binascii.b2a_base64(message.payload, newline=False) + after]
         if self.name == "proto":
             return [message.SerializeToString()]
         return [json.dumps(json_format.MessageToDict(message), separators=(",", ":")).encode()]
@@ -212,7 +223,7 @@ class ConnectTransport:
         if method.kind is Kind.UNARY:
             await self._unary(method, headers, header_list, Codec(codec_name), receive, send)
         else:
-            await self._stream(method, headers, header_list, Codec(codec_name), receive, send)
+            await self._stream(method, headers, header_list, Codec(codec_name), scope, receive, send)
 
     def _context(self, headers: dict[str, str], header_list: list[tuple[str, str]]) -> Context:
         return Context(
@@ -268,6 +279,7 @@ class ConnectTransport:
         headers: dict[str, str],
         header_list: list[tuple[str, str]],
         codec: Codec,
+        scope: Scope,
         receive: Receive,
         send: Send,
     ) -> None:
@@ -285,10 +297,15 @@ class ConnectTransport:
                 ]
                 await send({"type": "http.response.start", "status": 200, "headers": raw_headers(response_headers)})
 
-        async def frame(data: bytes | list[bytes], more: bool = True) -> None:
+        body_parts = scope.get("extensions", {}).get(BODY_PARTS)
+
+        async def frame(data: bytes | list[Piece], more: bool = True) -> None:
             await start()
             if isinstance(data, list):
                 if len(data) > 1 and sum(len(part) for part in data) > JOIN_BELOW:
+                    if body_parts is not None and body_parts.usable():
+                        await body_parts(data)  # one chunk, written with writev: no copy
+                        return
                     for part in data:  # one body message each, so the big one is never copied
                         await send({"type": "http.response.body", "body": part, "more_body": True})
                     return

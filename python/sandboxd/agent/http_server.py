@@ -16,6 +16,11 @@ class (``uvicorn.Config(http=<class>)``), and :class:`GuardedHttpToolsProtocol` 
   new one, and a connection with a request in progress (a ``/health`` probe, an authenticated call)
   is never evicted. Only when every connection is busy is a new one refused at once.
 
+It also puts a :class:`BodyParts` writer in every request's ``scope["extensions"]`` (under
+:data:`BODY_PARTS`): a body message given as several ``bytes`` goes to the socket as one chunk with
+``writelines`` (uvloop's ``writev``), where ASGI's ``send`` takes one ``bytes`` and uvicorn copies it
+once more to put the chunked framing around it. Process output, 1 MiB per message, takes this path.
+
 At start, :func:`raise_open_file_limit` raises ``RLIMIT_NOFILE`` to what the host allows, and the cap
 is lowered if descriptors would still run out first.
 
@@ -40,10 +45,16 @@ import asyncio
 import logging
 import resource
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from .asgi import BODY_PARTS
+
+if TYPE_CHECKING:
+    from .rpc import Piece
 
 log = logging.getLogger("sandboxd.http")
 
@@ -113,6 +124,37 @@ class ConnectionGuard:
         self.open -= 1
 
 
+class BodyParts:
+    """Writes one response body message given in pieces, without joining them: the ASGI
+    ``http.response.body`` message with ``more_body=True`` that ``b"".join(parts)`` would be, with
+    the same flow control (waits while the transport is over its high-water mark) and the same
+    silence once the client is gone. For a response already started with chunked encoding (a
+    streamed response without ``content-length``); :meth:`usable` says whether this one is."""
+
+    __slots__ = ("_cycle",)
+
+    def __init__(self, cycle: Any) -> None:
+        self._cycle = cycle
+
+    def usable(self) -> bool:
+        """Whether the response is started, chunked and not complete (otherwise use ``send``)."""
+        cycle = self._cycle
+        return bool(cycle.response_started and cycle.chunked_encoding and not cycle.response_complete)
+
+    async def __call__(self, parts: Sequence[Piece]) -> None:
+        cycle = self._cycle
+        if cycle.flow.write_paused and not cycle.disconnected:
+            await cycle.flow.drain()
+        if cycle.disconnected:
+            return  # as uvicorn's send: the disconnect reaches the app through receive()
+        if not self.usable():
+            raise RuntimeError("BodyParts needs a started, chunked, unfinished response")
+        size = sum(len(part) for part in parts)
+        if size:
+            # uvloop takes any object with the buffer protocol and copies none of them.
+            cycle.transport.writelines([b"%x\r\n" % size, *parts, b"\r\n"])
+
+
 _REFUSED = b"HTTP/1.1 %d %s\r\ncontent-type: text/plain\r\ncontent-length: %d\r\nconnection: close\r\n\r\n%s"
 
 
@@ -167,6 +209,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._cancel_head_timer()
         self.guard.busy(self)
         super().on_headers_complete()
+        if self.cycle is not None and self.cycle.scope is self.scope:  # not when upgraded
+            self.scope.setdefault("extensions", {})[BODY_PARTS] = BodyParts(self.cycle)  # type: ignore[assignment]
 
     def on_response_complete(self) -> None:
         pipelined = bool(self.pipeline)  # a request already read starts now: still busy

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import enum
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from google.protobuf.descriptor import ServiceDescriptor
 from google.protobuf.message import Message
@@ -62,6 +62,14 @@ class Context:
 Handler = Callable[[Any, Context], Any]
 
 
+class Piece(Protocol):
+    """A piece of bytes: ``bytes``, or anything with the buffer protocol and a length in bytes (the
+    binding's ``OutputChunk``, a chunk of a process's output ring lent without a copy)."""
+
+    def __len__(self) -> int: ...
+    def __buffer__(self, flags: int, /) -> memoryview: ...
+
+
 @dataclass(frozen=True, slots=True)
 class NestedBytes:
     """A response message whose only content is one ``bytes`` field nested in singular message
@@ -77,7 +85,19 @@ class NestedBytes:
     message_type: type[Message]
     path: tuple[str, ...]
     """Field names from ``message_type`` down to the ``bytes`` field, e.g. ``("event", "data", "stdout")``."""
-    data: bytes
+    data: bytes | Sequence[Piece]
+    """The bytes, or pieces that add up to them (process output: its ring's chunks, uncopied, which
+    a binary transport writes as they are and a JSON one joins for base64)."""
+
+    @property
+    def payload(self) -> bytes:
+        """The bytes as one object (joined, one copy, when they are in pieces)."""
+        return self.data if isinstance(self.data, bytes) else b"".join(self.data)
+
+    @property
+    def pieces(self) -> Sequence[Piece]:
+        """The bytes in pieces that add up to them (one piece when they are one object)."""
+        return (self.data,) if isinstance(self.data, bytes) else self.data
 
     def message(self) -> Message:
         """The protobuf message this stands for."""
@@ -85,13 +105,13 @@ class NestedBytes:
         node: Any = message
         for name in self.path[:-1]:
             node = getattr(node, name)
-        setattr(node, self.path[-1], self.data)
+        setattr(node, self.path[-1], self.payload)
         return message
 
     def proto_prefix(self) -> bytes:
         """The binary encoding up to the bytes themselves: ``prefix + data`` is the message's wire form."""
         numbers, _ = _field_path(self.message_type, self.path)
-        size = len(self.data)
+        size = sum(len(piece) for piece in self.pieces)
         parts: list[bytes] = []
         for number in reversed(numbers):
             head = _varint(number << 3 | 2) + _varint(size)
@@ -101,7 +121,7 @@ class NestedBytes:
 
     def SerializeToString(self) -> bytes:  # protobuf's name, so serializers take either
         """The binary wire form, as ``message().SerializeToString()`` gives it."""
-        return self.proto_prefix() + self.data
+        return self.proto_prefix() + self.payload
 
     def json_affixes(self) -> tuple[bytes, bytes]:
         """What goes before and after the base64 of the bytes in the proto3 JSON form:

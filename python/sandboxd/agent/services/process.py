@@ -91,9 +91,10 @@ async def output_events(
     """Responses for the data from ``subscriber`` as it arrives, then for the end event.
 
     Waits on the subscriber's eventfd through the event loop (no thread per stream). Each run of one
-    stream in a batch (consecutive chunks, joined by the binding into one ``bytes`` of at most
-    ``MAX_EVENT_BYTES``) is one data event, kept as :class:`NestedBytes` so its bytes are not copied
-    again on their way out. A subscriber that fell behind the ring ends with ``data_loss``.
+    stream in a batch (consecutive chunks, at most ``MAX_EVENT_BYTES``) is one data event, kept as
+    :class:`NestedBytes` over the ring's own chunks (``OutputChunk``, lent without a copy): a binary
+    Connect stream writes them to the socket as they are, a JSON one joins them for base64. A
+    subscriber that fell behind the ring ends with ``data_loss``.
 
     The wake-up callback reads the eventfd as well as setting ``ready``: the fd is level-triggered
     and stays readable from the moment new output lands until the next ``next_batch``, so left
@@ -117,7 +118,7 @@ async def output_events(
     try:
         while True:
             ready.clear()
-            batch = subscriber.next_batch(MAX_EVENT_BYTES)
+            batch = subscriber.next_batch(MAX_EVENT_BYTES, True)
             if batch.lagged_bytes:
                 raise RpcError(
                     Code.DATA_LOSS,

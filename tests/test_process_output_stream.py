@@ -1,0 +1,248 @@
+"""Process output on a binary Connect stream (``application/connect+proto``), read off a raw socket:
+the path on which the agent hands its output ring's chunks to the socket without copying them
+(``OutputChunk`` + ``http_server.BodyParts``). Every byte in order with valid chunked framing, a slow
+reader that must not make the agent buffer without bound, a client that vanishes mid-stream, and the
+JSON stream of the same output beside it."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import socket
+import struct
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import httpx
+import psutil
+import pytest
+from conftest import Agent
+from sandboxd._proto.process import process_pb2 as pb
+
+CONNECT = {"Connect-Protocol-Version": "1"}
+
+RSS_GROWTH_LIMIT = 64 << 20
+"""How much the agent's RSS may grow while a slow client reads 256 MiB of output: the ring (1 MiB),
+one batch lent to the transport and uvloop's write buffer, with room for allocator slack; buffering
+the output itself would be hundreds of MiB."""
+
+# A child that writes ``blocks`` blocks of a known pattern to stdout, and a numbered line to stderr
+# after each block: what arrives can be checked byte for byte, per stream and in order.
+PATTERN_CHILD = """
+import os, sys
+blocks, size = int(sys.argv[1]), int(sys.argv[2])
+for i in range(blocks):
+    os.write(1, bytes([i % 251]) * 7 + (b"%08d" % i) * ((size - 7) // 8))
+    os.write(2, b"stderr line %d\\n" % i)
+"""
+
+
+def expected_stdout(blocks: int, size: int) -> bytes:
+    return b"".join(bytes([i % 251]) * 7 + (b"%08d" % i) * ((size - 7) // 8) for i in range(blocks))
+
+
+@pytest.fixture(scope="module")
+def lone_agent(start_agent: Callable[..., Agent]) -> Agent:
+    """An agent of this module's own, so its RSS is this module's doing."""
+    return start_agent()
+
+
+class RawStream:
+    """One ``process.Process/Start`` in binary proto on a raw socket, parsed by hand: the HTTP head,
+    the chunked framing (checked: every chunk ends with CRLF, the body ends with the 0-chunk), the
+    Connect envelopes and each ``StartResponse``."""
+
+    def __init__(self, agent: Agent, argv: list[str], sock: socket.socket | None = None, rcvbuf: int = 0) -> None:
+        self.sock = sock or socket.create_connection(("127.0.0.1", agent.port), timeout=60)
+        if rcvbuf:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        request = pb.StartRequest(process=pb.ProcessConfig(cmd=argv[0], args=argv[1:]), stdin=False)
+        body = struct.pack(">BI", 0, request.ByteSize()) + request.SerializeToString()
+        head = (
+            f"POST /process.Process/Start HTTP/1.1\r\nHost: agent\r\nContent-Length: {len(body)}\r\n"
+            "Content-Type: application/connect+proto\r\nConnect-Protocol-Version: 1\r\n\r\n"
+        )
+        self.sock.sendall(head.encode() + body)
+        self.buffer = bytearray()
+        head_bytes = self._until(b"\r\n\r\n")
+        lines = head_bytes.decode("latin-1").split("\r\n")
+        assert lines[0] == "HTTP/1.1 200 OK", lines[0]
+        fields = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
+        assert fields["content-type"] == "application/connect+proto"
+        assert fields["transfer-encoding"] == "chunked"
+        self.body = bytearray()
+        self.done = False
+
+    def _recv(self, limit: int = 1 << 20) -> None:
+        data = self.sock.recv(limit)
+        if not data:
+            raise ConnectionError("the agent closed the connection mid-response")
+        self.buffer += data
+
+    def _until(self, marker: bytes) -> bytes:
+        while (at := self.buffer.find(marker)) < 0:
+            self._recv()
+        out = bytes(self.buffer[:at])
+        del self.buffer[: at + len(marker)]
+        return out
+
+    def _chunk(self, limit: int = 1 << 20) -> bool:
+        """Moves one chunk of the chunked body (reading at most ``limit`` bytes at a time) into
+        ``body``; False at the terminating 0-chunk."""
+        size = int(self._until(b"\r\n"), 16)
+        while len(self.buffer) < size + 2:
+            self._recv(limit)
+        assert self.buffer[size : size + 2] == b"\r\n", "a chunk does not end with CRLF"
+        if size == 0:
+            del self.buffer[:2]
+            return False
+        self.body += self.buffer[:size]
+        del self.buffer[: size + 2]
+        return True
+
+    def events(self, limit: int = 1 << 20) -> Iterator[pb.ProcessEvent]:
+        """The events as they arrive; ends after the end-stream frame (checked to be ``{}``)."""
+        while True:
+            while len(self.body) < 5 or len(self.body) < 5 + struct.unpack_from(">I", self.body, 1)[0]:
+                assert self._chunk(limit), "the body ended inside an envelope"
+            flags, length = struct.unpack_from(">BI", self.body)
+            payload = bytes(self.body[5 : 5 + length])
+            del self.body[: 5 + length]
+            if flags & 0x02:
+                assert json.loads(payload) == {}, payload[:300]
+                assert not self.body
+                assert not self._chunk(), "data after the end-stream frame"
+                self.done = True
+                return
+            yield pb.StartResponse.FromString(payload).event
+
+
+def drain(stream: RawStream, limit: int = 1 << 20) -> tuple[bytes, bytes, pb.ProcessEvent.EndEvent]:
+    stdout, stderr = bytearray(), bytearray()
+    end = None
+    for event in stream.events(limit):
+        if event.HasField("data"):
+            stdout += event.data.stdout
+            stderr += event.data.stderr
+        elif event.HasField("end"):
+            end = event.end
+    assert end is not None
+    return bytes(stdout), bytes(stderr), end
+
+
+@contextmanager
+def peak_rss(agent: Agent) -> Iterator[list[int]]:
+    """Samples the agent's RSS every 5 ms; yields ``[baseline, peak]``, filled when the block ends."""
+    proc = psutil.Process(agent.process.pid)
+    result = [proc.memory_info().rss, 0]
+    stop = threading.Event()
+
+    def sample() -> None:
+        peak = 0
+        while not stop.wait(0.005):
+            peak = max(peak, proc.memory_info().rss)
+        result[1] = max(peak, proc.memory_info().rss)
+
+    thread = threading.Thread(target=sample, name="rss-sampler")
+    thread.start()
+    try:
+        yield result
+    finally:
+        stop.set()
+        thread.join()
+
+
+def test_every_byte_arrives_in_order_per_stream_with_valid_framing(lone_agent: Agent) -> None:
+    blocks, size = 40, 1 << 20  # 40 MiB: many 1 MiB batches, each several ring chunks
+    sock = socket.create_connection(("127.0.0.1", lone_agent.port), timeout=60)
+    with sock:
+        stream = RawStream(lone_agent, [sys.executable, "-c", PATTERN_CHILD, str(blocks), str(size)], sock)
+        stdout, stderr, end = drain(stream)
+        assert (end.exited, end.exit_code) == (True, 0)
+        assert len(stdout) == len(expected_stdout(blocks, size))
+        assert hashlib.sha256(stdout).digest() == hashlib.sha256(expected_stdout(blocks, size)).digest()
+        assert stderr == b"".join(b"stderr line %d\n" % i for i in range(blocks))
+        # The connection is intact after the stream: a second call on it works.
+        again = RawStream(lone_agent, ["/bin/sh", "-c", "printf again"], sock)
+        assert drain(again)[0] == b"again"
+
+
+def test_the_json_stream_of_the_same_output_is_unchanged(lone_agent: Agent) -> None:
+    blocks, size = 6, 1 << 20
+    request = {"process": {"cmd": sys.executable, "args": ["-c", PATTERN_CHILD, str(blocks), str(size)]}}
+    body = json.dumps(request).encode()
+    stdout, stderr = bytearray(), bytearray()
+    with httpx.stream(
+        "POST",
+        f"{lone_agent.url}/process.Process/Start",
+        content=struct.pack(">BI", 0, len(body)) + body,
+        headers={**CONNECT, "Content-Type": "application/connect+json"},
+        timeout=60,
+    ) as r:
+        assert r.headers["content-type"] == "application/connect+json"
+        raw = r.read()
+    while raw:
+        flags, length = struct.unpack_from(">BI", raw)
+        message = json.loads(raw[5 : 5 + length])
+        raw = raw[5 + length :]
+        if flags & 0x02:
+            assert message == {} and not raw
+            break
+        data = message["event"].get("data", {})
+        stdout += base64.b64decode(data.get("stdout", ""))
+        stderr += base64.b64decode(data.get("stderr", ""))
+    assert bytes(stdout) == expected_stdout(blocks, size)
+    assert bytes(stderr) == b"".join(b"stderr line %d\n" % i for i in range(blocks))
+
+
+def test_a_slow_binary_reader_paces_the_process_without_the_agent_buffering(lone_agent: Agent) -> None:
+    size = 256 << 20
+    stream = RawStream(lone_agent, ["/bin/sh", "-c", f"head -c {size} /dev/zero"], rcvbuf=64 << 10)
+    got = 0
+    with stream.sock, peak_rss(lone_agent) as rss:
+        events = stream.events(limit=64 << 10)
+        slow_until = time.monotonic() + 3
+        for event in events:  # ~10 MiB/s for 3 s (the agent could send ~100x as fast), then at full speed
+            got += len(event.data.stdout)
+            if time.monotonic() < slow_until:
+                time.sleep(0.1)
+            elif event.HasField("end"):
+                assert (event.end.exited, event.end.exit_code) == (True, 0)
+        assert stream.done
+    assert got == size
+    assert rss[1] - rss[0] < RSS_GROWTH_LIMIT, f"RSS grew {(rss[1] - rss[0]) >> 20} MiB"
+
+
+def test_a_client_that_vanishes_mid_stream_leaves_the_agent_serving(lone_agent: Agent) -> None:
+    pids: list[int] = []
+    try:
+        for abort in (False, True):  # a plain close, then a reset (SO_LINGER 0) in the middle of a chunk
+            stream = RawStream(lone_agent, ["/bin/sh", "-c", "exec cat /dev/zero"])
+            got = 0
+            for event in stream.events(limit=100_000):
+                if event.HasField("start"):
+                    pids.append(event.start.pid)
+                got += len(event.data.stdout)
+                if got > 8 << 20:
+                    break
+            if abort:
+                stream.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            stream.sock.close()
+        # The agent goes on serving: health, and a new binary stream on a new connection.
+        assert httpx.get(f"{lone_agent.url}/health", timeout=10).status_code == 204
+        assert drain(RawStream(lone_agent, ["/bin/sh", "-c", "printf still-here"]))[0] == b"still-here"
+        # As envd, a Start's process outlives its stream: both ``cat``s still run, and can be killed.
+        listed = httpx.post(f"{lone_agent.url}/process.Process/List", json={}, headers=CONNECT, timeout=10)
+        assert set(pids) <= {info["pid"] for info in listed.json()["processes"]}
+    finally:
+        for pid in pids:
+            httpx.post(
+                f"{lone_agent.url}/process.Process/SendSignal",
+                json={"process": {"pid": pid}, "signal": "SIGNAL_SIGKILL"},
+                headers=CONNECT,
+                timeout=10,
+            )
