@@ -17,6 +17,7 @@ use nix::errno::Errno;
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 
 use crate::fanout::Output;
+use crate::fdio;
 use crate::pipesize::{self, Enlarged};
 use crate::ring::Stream;
 
@@ -111,11 +112,26 @@ fn drain(
 ) -> Status {
     let mut reads = 0;
     while reads < READS_PER_WAKEUP {
-        match nix::unistd::read(fd, buf) {
-            Ok(0) => return Status::Closed,
-            Ok(n) => {
+        // A pipe is read straight into a chunk of the size it holds (no copy out of `buf`); a PTY,
+        // ~4 KiB a read, and a pipe that looks empty, are read into `buf`.
+        let direct = match stream {
+            Stream::Pty => Ok(None),
+            Stream::Stdout | Stream::Stderr => fdio::read_chunk(fd.as_fd(), buf.len()),
+        };
+        let read = match direct {
+            Ok(Some(chunk)) => Ok((chunk.len(), Some(chunk))),
+            Ok(None) => nix::unistd::read(fd, buf).map(|n| (n, None)),
+            Err(errno) => Err(errno),
+        };
+        match read {
+            Ok((0, _)) => return Status::Closed,
+            Ok((n, chunk)) => {
                 reads += 1;
-                output.push(stream, Arc::from(&buf[..n]), evicted);
+                output.push(
+                    stream,
+                    chunk.unwrap_or_else(|| Arc::from(&buf[..n])),
+                    evicted,
+                );
                 if n < buf.len() {
                     return Status::Open;
                 }
