@@ -133,9 +133,10 @@ class Batch:
 
     lagged_bytes: int
     """Bytes evicted before this subscriber read them (0 when nothing was lost)."""
-    chunks: list[tuple[int, bytes | list[OutputChunk]]]
+    chunks: list[tuple[int, bytes | list[OutputChunk | bytes]]]
     """``(STREAM_*, data)`` in order, one item per run of consecutive reads of one stream: ``data``
-    is the run joined into one ``bytes``, or (``next_batch(views=True)``) a ``list[OutputChunk]``."""
+    is the run joined into one ``bytes``, or (``next_batch(views=True)``) a list of pieces: its
+    reads of at least 16 KiB lent uncopied as ``OutputChunk``, the smaller ones between them joined."""
     end: End | None
     """Set once every chunk has been read and the process has been reaped."""
     more: bool
@@ -154,7 +155,8 @@ class Subscriber:
     def fileno(self) -> int: ...
     def next_batch(self, max_bytes: int = ..., views: bool = False) -> Batch:
         """Non-blocking: everything available from the cursor, up to ``max_bytes`` (at least one chunk).
-        With ``views`` each run's data is a ``list[OutputChunk]`` instead of one joined ``bytes``."""
+        With ``views`` each run's data is a list of ``OutputChunk`` (reads of 16 KiB or more, uncopied)
+        and ``bytes`` (the smaller reads between them, joined) instead of one joined ``bytes``."""
     def wait(self, timeout: float | None) -> bool:
         """Block (GIL released) until something is available or ``timeout`` seconds pass."""
     def close(self) -> None:
