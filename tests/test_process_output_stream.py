@@ -206,10 +206,13 @@ def test_a_slow_binary_reader_paces_the_process_without_the_agent_buffering(lone
     with stream.sock, peak_rss(lone_agent) as rss:
         events = stream.events(limit=64 << 10)
         slow_until = time.monotonic() + 3
-        for event in events:  # ~10 MiB/s for 3 s (the agent could send ~100x as fast), then at full speed
+        for event in events:  # ~16 MB/s for 3 s (the agent could send ~50x as fast), then at full speed
             got += len(event.data.stdout)
             if time.monotonic() < slow_until:
-                time.sleep(0.1)
+                # Paced by bytes, not by events: at a fixed pause per event the first few tiny events
+                # would hold the agent's next batch back past the stall timeout (2 s), and the agent
+                # would rightly drop this client as one that stopped reading.
+                time.sleep(len(event.data.stdout) / 16e6)
             elif event.HasField("end"):
                 assert (event.end.exited, event.end.exit_code) == (True, 0)
         assert stream.done
