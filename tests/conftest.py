@@ -10,6 +10,7 @@ import socket
 import ssl
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -84,6 +85,28 @@ class Agent:
 
     def headers(self) -> dict[str, str]:
         return {"X-Access-Token": self.token} if self.token else {}
+
+
+@contextlib.contextmanager
+def peak_rss(agent: Agent) -> Iterator[list[int]]:
+    """Samples the agent's RSS every 5 ms; yields ``[baseline, peak]``, filled when the block ends."""
+    proc = psutil.Process(agent.process.pid)
+    result = [proc.memory_info().rss, 0]
+    stop = threading.Event()
+
+    def sample() -> None:
+        peak = 0
+        while not stop.wait(0.005):
+            peak = max(peak, proc.memory_info().rss)
+        result[1] = max(peak, proc.memory_info().rss)
+
+    thread = threading.Thread(target=sample, name="rss-sampler")
+    thread.start()
+    try:
+        yield result
+    finally:
+        stop.set()
+        thread.join()
 
 
 def wait_healthy(

@@ -9,17 +9,14 @@ import base64
 import gzip
 import json
 import struct
-import threading
 import zlib
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from functools import cache
 from pathlib import Path
 
 import httpx
-import psutil
 import pytest
-from conftest import Agent
+from conftest import Agent, peak_rss
 
 GIB = 1 << 30
 RSS_GROWTH_LIMIT = 96 << 20
@@ -41,28 +38,6 @@ def bomb(size: int = GIB) -> bytes:
 def lone_agent(start_agent: Callable[..., Agent]) -> Agent:
     """An agent of this module's own, so its RSS is this module's doing."""
     return start_agent()
-
-
-@contextmanager
-def peak_rss(agent: Agent) -> Iterator[list[int]]:
-    """Samples the agent's RSS every 5 ms; yields ``[baseline, peak]``, filled when the block ends."""
-    proc = psutil.Process(agent.process.pid)
-    result = [proc.memory_info().rss, 0]
-    stop = threading.Event()
-
-    def sample() -> None:
-        peak = 0
-        while not stop.wait(0.005):
-            peak = max(peak, proc.memory_info().rss)
-        result[1] = max(peak, proc.memory_info().rss)
-
-    thread = threading.Thread(target=sample, name="rss-sampler")
-    thread.start()
-    try:
-        yield result
-    finally:
-        stop.set()
-        thread.join()
 
 
 def envelope(flags: int, payload: bytes) -> bytes:

@@ -12,15 +12,12 @@ import json
 import socket
 import struct
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 
 import httpx
-import psutil
 import pytest
-from conftest import Agent
+from conftest import Agent, peak_rss
 from sandboxd._proto.process import process_pb2 as pb
 
 CONNECT = {"Connect-Protocol-Version": "1"}
@@ -132,28 +129,6 @@ def drain(stream: RawStream, limit: int = 1 << 20) -> tuple[bytes, bytes, pb.Pro
             end = event.end
     assert end is not None
     return bytes(stdout), bytes(stderr), end
-
-
-@contextmanager
-def peak_rss(agent: Agent) -> Iterator[list[int]]:
-    """Samples the agent's RSS every 5 ms; yields ``[baseline, peak]``, filled when the block ends."""
-    proc = psutil.Process(agent.process.pid)
-    result = [proc.memory_info().rss, 0]
-    stop = threading.Event()
-
-    def sample() -> None:
-        peak = 0
-        while not stop.wait(0.005):
-            peak = max(peak, proc.memory_info().rss)
-        result[1] = max(peak, proc.memory_info().rss)
-
-    thread = threading.Thread(target=sample, name="rss-sampler")
-    thread.start()
-    try:
-        yield result
-    finally:
-        stop.set()
-        thread.join()
 
 
 def test_every_byte_arrives_in_order_per_stream_with_valid_framing(lone_agent: Agent) -> None:
