@@ -5,6 +5,7 @@ The RSS figures themselves are in the benches (``commands``: agent RSS idle), no
 from __future__ import annotations
 
 import json
+import struct
 import subprocess
 import sys
 from collections.abc import Callable
@@ -59,3 +60,42 @@ def test_the_agent_server_loads_without_uvicorns_command_line() -> None:
     assert out.returncode == 0, out.stderr
     got = json.loads(out.stdout.strip().splitlines()[-1])
     assert got == {"loaded": True, "config_is_the_submodules": True, "unneeded": []}
+
+
+def test_the_standalone_agent_serves_every_kind_of_request_without_openssl(
+    start_agent: Callable[..., Agent], tmp_path: Path
+) -> None:
+    """``sandboxd agent`` keeps OpenSSL out of its process (it serves plain HTTP) and runs on asyncio's
+    own loop, since uvloop imports ``ssl``: the token check (hmac), a signed download (sha256), an
+    upload, a unary RPC, a command's output stream and a watch all work, and neither libssl nor libcrypto
+    is ever mapped."""
+    from e2b.sandbox.signature import get_signature
+
+    agent = start_agent(token="lean-token")
+    pid = agent.process.pid
+    headers = {**agent.headers(), "Connect-Protocol-Version": "1"}
+    target = tmp_path / "up.bin"
+    body = bytes(range(256)) * 4096
+    upload = {**agent.headers(), "Content-Type": "application/octet-stream"}
+    r = httpx.post(f"{agent.url}/files", params={"path": str(target)}, content=body, headers=upload)
+    assert r.status_code == 200, r.text
+    r = httpx.post(f"{agent.url}/files", params={"path": str(target)}, headers={"X-Access-Token": "no"})
+    assert r.status_code == 401
+    sig = get_signature(str(target), "read", None, "lean-token")["signature"]
+    assert httpx.get(f"{agent.url}/files", params={"path": str(target), "signature": sig}).content == body
+    stat = httpx.post(f"{agent.url}/filesystem.Filesystem/Stat", json={"path": str(target)}, headers=headers)
+    assert stat.status_code == 200 and int(stat.json()["entry"]["size"]) == len(body)
+    start = json.dumps({"process": {"cmd": "/bin/sh", "args": ["-c", "head -c 3000000 /dev/zero"]}}).encode()
+    r = httpx.post(
+        f"{agent.url}/process.Process/Start",
+        content=struct.pack(">BI", 0, len(start)) + start,
+        headers={**headers, "Content-Type": "application/connect+json"},
+        timeout=30,
+    )
+    assert r.status_code == 200 and r.content.endswith(b"{}")
+    watch = httpx.post(
+        f"{agent.url}/filesystem.Filesystem/CreateWatcher", json={"path": str(tmp_path)}, headers=headers
+    )
+    assert watch.status_code == 200, watch.text
+    maps = Path(f"/proc/{pid}/maps").read_text()
+    assert "libssl" not in maps and "libcrypto" not in maps, "OpenSSL was loaded into the standalone agent"

@@ -389,8 +389,9 @@ def main(argv: list[str] | None = None) -> None:
     given = sys.argv[1:] if argv is None else argv
     only_agent = given[:1] == ["agent"]
     if only_agent:
-        from sandboxd.agent.lean import uvicorn_package_without_cli
+        from sandboxd.agent.lean import uvicorn_package_without_cli, without_openssl
 
+        without_openssl()  # first: asyncio, uvloop and uvicorn import ssl
         uvicorn_package_without_cli()  # before the parser imports the HTTP server's defaults
     args = build_parser(only_agent=only_agent).parse_args(given)
     if args.command == "agent":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import logging
 import os
@@ -11,6 +12,7 @@ from sandboxd import ENVD_VERSION, __version__
 
 from .app import AgentApp
 from .http_server import ConnectionLimits, serve_until_signalled, server_config
+from .lean import openssl_blocked
 from .methods import build_methods
 from .state import AgentState
 from .users import default_user_name
@@ -99,8 +101,12 @@ async def serve(options: AgentOptions) -> None:
 
 
 def run(options: AgentOptions) -> None:
-    """Run :func:`serve` on uvloop."""
+    """Run :func:`serve` on uvloop, or on asyncio's own loop in a process without OpenSSL (uvloop
+    imports ``ssl``; see :mod:`sandboxd.agent.lean`)."""
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if openssl_blocked():
+        asyncio.run(serve(options))
+        return
     import uvloop
 
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     uvloop.run(serve(options))
