@@ -109,6 +109,10 @@ class AtomicWriter:
 
 # ------------------------------------------------------------------------------------- processes
 
+def tune_malloc(mmap_threshold: int, trim_threshold: int, top_pad: int) -> bool:
+    """Set glibc's ``M_MMAP_THRESHOLD``, ``M_TRIM_THRESHOLD`` and ``M_TOP_PAD`` (bytes) for this
+    process (``mallopt(3)``); whether all three were accepted (False, nothing changed, elsewhere)."""
+
 STREAM_STDOUT: int
 STREAM_STDERR: int
 STREAM_PTY: int

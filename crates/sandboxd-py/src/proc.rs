@@ -54,8 +54,9 @@ const DEFAULT_MAX_BATCH_BYTES: usize = 1 << 20;
 /// ends early returns at once, not at a slice boundary).
 const WAIT_SLICE: Duration = Duration::from_millis(100);
 
-/// Adds this binding's classes and constants to the module.
+/// Adds this binding's classes, functions and constants to the module.
 pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_function(wrap_pyfunction!(tune_malloc, m)?)?;
     m.add("STREAM_STDOUT", STREAM_STDOUT)?;
     m.add("STREAM_STDERR", STREAM_STDERR)?;
     m.add("STREAM_PTY", STREAM_PTY)?;
@@ -65,6 +66,13 @@ pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Subscriber>()?;
     m.add_class::<Process>()?;
     Ok(())
+}
+
+/// Set glibc's mmap threshold, trim threshold and top pad (bytes) for this process; whether all
+/// three were accepted (`False`, nothing changed, on another C library).
+#[pyfunction]
+fn tune_malloc(mmap_threshold: usize, trim_threshold: usize, top_pad: usize) -> bool {
+    core::tune_malloc(mmap_threshold, trim_threshold, top_pad)
 }
 
 // ------------------------------------------------------------------------------------- errors

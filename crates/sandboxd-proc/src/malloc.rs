@@ -1,0 +1,45 @@
+//! glibc's allocator options (`mallopt(3)`). By default glibc serves each allocation above its
+//! mmap threshold from a fresh `mmap` and unmaps it on `free`, and it returns the top of its heap
+//! to the kernel as soon as more than its trim threshold is free there. Processes that stream
+//! output allocate and free megabyte buffers many times a second; with the defaults every one is
+//! page-faulted in again. The caller picks the values (the agent measured them).
+//!
+//! This is here, not in Python through `ctypes`, because loading `ctypes` costs an agent ~0.45 MiB
+//! of resident memory for one call.
+#![allow(unsafe_code)]
+
+/// Sets glibc's `M_MMAP_THRESHOLD`, `M_TRIM_THRESHOLD` and `M_TOP_PAD` (bytes) for the whole
+/// process. Returns whether every value was accepted; on a C library other than glibc nothing is
+/// changed and it returns `false`.
+pub fn tune_malloc(mmap_threshold: usize, trim_threshold: usize, top_pad: usize) -> bool {
+    #[cfg(target_env = "gnu")]
+    {
+        let set = |option: libc::c_int, value: usize| -> bool {
+            let Ok(value) = libc::c_int::try_from(value) else {
+                return false;
+            };
+            // SAFETY: mallopt only records an allocator parameter; it validates the option and
+            // value itself (returning 0 for one it refuses) and touches no memory of ours.
+            unsafe { libc::mallopt(option, value) == 1 }
+        };
+        let mmap = set(libc::M_MMAP_THRESHOLD, mmap_threshold);
+        let trim = set(libc::M_TRIM_THRESHOLD, trim_threshold);
+        let pad = set(libc::M_TOP_PAD, top_pad);
+        mmap && trim && pad
+    }
+    #[cfg(not(target_env = "gnu"))]
+    {
+        let _ = (mmap_threshold, trim_threshold, top_pad);
+        false
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn glibc_accepts_the_agents_values_and_a_value_past_c_int_is_refused() {
+        assert!(super::tune_malloc(8 << 20, 64 << 20, 16 << 20));
+        assert!(!super::tune_malloc(usize::MAX, 64 << 20, 16 << 20));
+        assert!(super::tune_malloc(128 << 10, 128 << 10, 128 << 10)); // glibc's defaults again
+    }
+}
