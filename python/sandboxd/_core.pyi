@@ -109,9 +109,10 @@ class AtomicWriter:
 
 # ------------------------------------------------------------------------------------- processes
 
-def tune_malloc(mmap_threshold: int, trim_threshold: int, top_pad: int) -> bool:
-    """Set glibc's ``M_MMAP_THRESHOLD``, ``M_TRIM_THRESHOLD`` and ``M_TOP_PAD`` (bytes) for this
-    process (``mallopt(3)``); whether all three were accepted (False, nothing changed, elsewhere)."""
+def tune_malloc(mmap_threshold: int, trim_threshold: int, top_pad: int, arena_max: int) -> bool:
+    """Set glibc's ``M_MMAP_THRESHOLD``, ``M_TRIM_THRESHOLD``, ``M_TOP_PAD`` (bytes) and ``M_ARENA_MAX``
+    (0: the default; it counts only before a second thread allocates) for this process
+    (``mallopt(3)``); whether all were accepted (False, nothing changed, on another C library)."""
 
 STREAM_STDOUT: int
 STREAM_STDERR: int

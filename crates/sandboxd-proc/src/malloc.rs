@@ -2,16 +2,25 @@
 //! mmap threshold from a fresh `mmap` and unmaps it on `free`, and it returns the top of its heap
 //! to the kernel as soon as more than its trim threshold is free there. Processes that stream
 //! output allocate and free megabyte buffers many times a second; with the defaults every one is
-//! page-faulted in again. The caller picks the values (the agent measured them).
+//! page-faulted in again. And each thread that allocates while another holds the main arena's
+//! lock gets an arena of its own (up to 8 per core), whose free memory stays resident: in the
+//! agent the output reader and the file worker threads. The caller picks the values (the agent
+//! measured them).
 //!
 //! This is here, not in Python through `ctypes`, because loading `ctypes` costs an agent ~0.45 MiB
 //! of resident memory for one call.
 #![allow(unsafe_code)]
 
-/// Sets glibc's `M_MMAP_THRESHOLD`, `M_TRIM_THRESHOLD` and `M_TOP_PAD` (bytes) for the whole
-/// process. Returns whether every value was accepted; on a C library other than glibc nothing is
-/// changed and it returns `false`.
-pub fn tune_malloc(mmap_threshold: usize, trim_threshold: usize, top_pad: usize) -> bool {
+/// Sets glibc's `M_MMAP_THRESHOLD`, `M_TRIM_THRESHOLD` and `M_TOP_PAD` (bytes) and `M_ARENA_MAX`
+/// (0 keeps glibc's default) for the whole process. `M_ARENA_MAX` counts only while no second
+/// thread has allocated yet (glibc fixes the limit then): call it first thing. Returns whether every
+/// value was accepted; on a C library other than glibc nothing is changed and it returns `false`.
+pub fn tune_malloc(
+    mmap_threshold: usize,
+    trim_threshold: usize,
+    top_pad: usize,
+    arena_max: usize,
+) -> bool {
     #[cfg(target_env = "gnu")]
     {
         let set = |option: libc::c_int, value: usize| -> bool {
@@ -25,11 +34,12 @@ pub fn tune_malloc(mmap_threshold: usize, trim_threshold: usize, top_pad: usize)
         let mmap = set(libc::M_MMAP_THRESHOLD, mmap_threshold);
         let trim = set(libc::M_TRIM_THRESHOLD, trim_threshold);
         let pad = set(libc::M_TOP_PAD, top_pad);
-        mmap && trim && pad
+        let arenas = arena_max == 0 || set(libc::M_ARENA_MAX, arena_max);
+        mmap && trim && pad && arenas
     }
     #[cfg(not(target_env = "gnu"))]
     {
-        let _ = (mmap_threshold, trim_threshold, top_pad);
+        let _ = (mmap_threshold, trim_threshold, top_pad, arena_max);
         false
     }
 }
@@ -38,8 +48,9 @@ pub fn tune_malloc(mmap_threshold: usize, trim_threshold: usize, top_pad: usize)
 mod tests {
     #[test]
     fn glibc_accepts_the_agents_values_and_a_value_past_c_int_is_refused() {
-        assert!(super::tune_malloc(8 << 20, 64 << 20, 16 << 20));
-        assert!(!super::tune_malloc(usize::MAX, 64 << 20, 16 << 20));
-        assert!(super::tune_malloc(128 << 10, 128 << 10, 128 << 10)); // glibc's defaults again
+        assert!(super::tune_malloc(8 << 20, 64 << 20, 16 << 20, 0));
+        assert!(!super::tune_malloc(usize::MAX, 64 << 20, 16 << 20, 0));
+        assert!(!super::tune_malloc(8 << 20, 64 << 20, 16 << 20, usize::MAX));
+        assert!(super::tune_malloc(128 << 10, 128 << 10, 128 << 10, 0)); // glibc's defaults again
     }
 }

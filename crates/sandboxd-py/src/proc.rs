@@ -68,11 +68,17 @@ pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     Ok(())
 }
 
-/// Set glibc's mmap threshold, trim threshold and top pad (bytes) for this process; whether all
-/// three were accepted (`False`, nothing changed, on another C library).
+/// Set glibc's mmap threshold, trim threshold and top pad (bytes) and its arena limit (0: the
+/// default) for this process; whether all were accepted (`False`, nothing changed, on another C
+/// library).
 #[pyfunction]
-fn tune_malloc(mmap_threshold: usize, trim_threshold: usize, top_pad: usize) -> bool {
-    core::tune_malloc(mmap_threshold, trim_threshold, top_pad)
+fn tune_malloc(
+    mmap_threshold: usize,
+    trim_threshold: usize,
+    top_pad: usize,
+    arena_max: usize,
+) -> bool {
+    core::tune_malloc(mmap_threshold, trim_threshold, top_pad, arena_max)
 }
 
 // ------------------------------------------------------------------------------------- errors

@@ -38,6 +38,12 @@ class AgentOptions:
 MALLOC_MMAP_THRESHOLD = 8 << 20
 MALLOC_TRIM_THRESHOLD = 64 << 20
 MALLOC_TOP_PAD = 16 << 20
+MALLOC_ARENA_MAX = 1
+"""One malloc arena for every thread. By default each thread that allocates while another holds the
+main arena gets its own (the output reader, the file workers), and keeps its free memory resident.
+Measured with the same build, two agents alternating, 6 rounds (medians): RSS after the runs 37 vs 41
+MiB, and 29.2 vs 32.1 MiB idle after a round of requests; pipe output 482 vs 331 MB/s, uploads 203 vs
+183 MB/s, ``Start /bin/true`` 2.9 vs 3.2 ms: no cost from the shared lock beyond the noise."""
 
 
 def tune_allocator() -> None:
@@ -47,10 +53,12 @@ def tune_allocator() -> None:
     serves each from a fresh ``mmap`` and unmaps it on free, so every buffer is page-faulted in again:
     the benchmark measured 57% of the agent's streaming time in the kernel, mostly faults. Serving
     them from the heap, and trimming it only past 64 MiB, raised pipe output from ~0.6 to ~1 GB/s for
-    a few MiB of extra RSS. (Through the extension rather than ``ctypes``, whose import costs
-    0.45 MiB.) On a C library other than glibc the allocator keeps its defaults.
+    a few MiB of extra RSS. And every thread shares one arena (:data:`MALLOC_ARENA_MAX`); that
+    holds only when set before a second thread allocates, so :func:`serve` calls this first.
+    (Through the extension rather than ``ctypes``, whose import costs 0.45 MiB.) On a C library other
+    than glibc the allocator keeps its defaults.
     """
-    _core.tune_malloc(MALLOC_MMAP_THRESHOLD, MALLOC_TRIM_THRESHOLD, MALLOC_TOP_PAD)
+    _core.tune_malloc(MALLOC_MMAP_THRESHOLD, MALLOC_TRIM_THRESHOLD, MALLOC_TOP_PAD, MALLOC_ARENA_MAX)
 
 
 def protect_from_oom() -> None:
@@ -64,6 +72,7 @@ def protect_from_oom() -> None:
 
 async def serve(options: AgentOptions) -> None:
     """Serve until cancelled or signalled."""
+    tune_allocator()
     state = AgentState(
         default_user=default_user_name(options.user),
         default_workdir=options.workdir,
@@ -72,7 +81,6 @@ async def serve(options: AgentOptions) -> None:
     state.user()  # fail fast on an unknown --user
     methods = build_methods(state)
     protect_from_oom()
-    tune_allocator()
     config = server_config(AgentApp(state, methods), options.host, options.port, options.connections)
     grpc_server = None
     if options.grpc_port is not None:
