@@ -303,16 +303,18 @@ class ConnectTransport:
             await start()
             if isinstance(data, list):
                 if len(data) > 1 and sum(len(part) for part in data) > JOIN_BELOW:
-                    if body_parts is not None and body_parts.usable():
+                    if more and body_parts is not None and body_parts.usable():
                         await body_parts(data)  # one chunk, written with writev: no copy
                         return
-                    for part in data:  # one body message each, so the big one is never copied
-                        await send({"type": "http.response.body", "body": part, "more_body": True})
+                    last = len(data) - 1
+                    for i, part in enumerate(data):  # one body message each, so the big one is never copied
+                        await send({"type": "http.response.body", "body": part, "more_body": more or i < last})
                     return
                 data = b"".join(data)
             await send({"type": "http.response.body", "body": data, "more_body": more})
 
         error: RpcError | None = None
+        ended = False
         try:
             ctx = self._context(headers, header_list)
             encoding = headers.get("connect-content-encoding")
@@ -325,31 +327,44 @@ class ConnectTransport:
                     await frame(codec.frame_parts(response))
                 else:
                     request = await _single_request(payloads, codec, method)
-                    await self._serve_stream(method, request, ctx, codec, receive, frame)
+                    ended = await self._serve_stream(method, request, ctx, codec, receive, frame)
         except ClientDisconnected:
             return
         except Exception as exc:
+            if ended:  # the stream was complete already: nothing left to tell the client
+                return
             error = to_rpc_error(exc)
-        with contextlib.suppress(OSError):
-            await frame(end_stream(error, ctx.response_trailers if ctx is not None else ()), more=False)
+        if not ended:
+            with contextlib.suppress(OSError):
+                await frame(end_stream(error, ctx.response_trailers if ctx is not None else ()), more=False)
 
     async def _serve_stream(
         self, method: Method, request: Message, ctx: Context, codec: Codec, receive: Receive, frame: Any
-    ) -> None:
+    ) -> bool:
         """Run a server-stream handler until it ends or the client disconnects, sending in-band
-        keepalives after each quiet ``Keepalive-Ping-Interval`` (as envd).
+        keepalives after each quiet ``Keepalive-Ping-Interval`` (as envd). Returns whether the
+        end-stream frame was sent already: with the method's last message (:attr:`Method.last`), in
+        the same write, before the handler's generator and these tasks are wound down.
 
         Three tasks per stream, none per message: the pump sends what the handler yields, the
         keepalive task wakes once per interval, and the watcher notices a disconnect."""
         messages: AsyncIterator[Message] = method.handler(request, ctx)
         loop = asyncio.get_running_loop()
         last_sent = loop.time()
+        is_last = method.last
+        ended = False
 
         async def pump() -> None:
-            nonlocal last_sent
+            nonlocal last_sent, ended
             try:
                 async for message in messages:
-                    await frame(codec.frame_parts(message))
+                    parts = codec.frame_parts(message)
+                    if is_last is not None and is_last(message):
+                        parts.append(end_stream(None, ctx.response_trailers))
+                        ended = True  # before the write: a failed write must not be followed by another end
+                        await frame(parts, more=False)
+                        return
+                    await frame(parts)
                     last_sent = loop.time()
             finally:
                 aclose = getattr(messages, "aclose", None)
@@ -378,9 +393,12 @@ class ConnectTransport:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+        if ended:  # complete, whichever task noticed first (the response's end also ends ``disconnected``)
+            return True
         if pump_task not in done:
             raise ClientDisconnected  # the client left (or a keepalive could not be sent to it)
         pump_task.result()
+        return False
 
 
 def _prefixed_trailers(trailers: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:

@@ -173,6 +173,10 @@ class Method:
     handler: Handler
     keepalive: Callable[[], Message] | None = None
     """For server streams: the in-band keepalive message to send after a quiet interval."""
+    last: Callable[[Any], bool] | None = None
+    """For server streams: whether a message is the stream's last (a process's end event). A transport
+    may then end the stream right after it, in the same write, without waiting for the handler's
+    generator to finish: the client's round trip ends with that write."""
 
     @property
     def path(self) -> str:

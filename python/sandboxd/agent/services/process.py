@@ -149,6 +149,10 @@ class ProcessService:
         def keepalive(response: type[pb.StartResponse] | type[pb.ConnectResponse]) -> object:
             return lambda: response(event=pb.ProcessEvent(keepalive=pb.ProcessEvent.KeepAlive()))
 
+        def is_end(message: object) -> bool:
+            """The end event is a stream's last message (:func:`output_events` returns after it)."""
+            return isinstance(message, (pb.StartResponse, pb.ConnectResponse)) and message.event.HasField("end")
+
         return [
             Method(SERVICE, "List", Kind.UNARY, pb.ListRequest, pb.ListResponse, self.list),
             Method(
@@ -159,6 +163,7 @@ class ProcessService:
                 pb.ConnectResponse,
                 self.connect,
                 keepalive(pb.ConnectResponse),  # type: ignore[arg-type]
+                is_end,
             ),
             Method(
                 SERVICE,
@@ -168,6 +173,7 @@ class ProcessService:
                 pb.StartResponse,
                 self.start,
                 keepalive(pb.StartResponse),  # type: ignore[arg-type]
+                is_end,
             ),
             Method(SERVICE, "Update", Kind.UNARY, pb.UpdateRequest, pb.UpdateResponse, self.update),
             Method(
