@@ -21,6 +21,7 @@ CORS = [
     ("access-control-expose-headers", "*"),
     ("access-control-max-age", "86400"),
 ]
+_CORS_RAW = [(name.encode(), value.encode()) for name, value in CORS]
 
 
 class AgentApp:
@@ -75,7 +76,7 @@ def _with_cors(send: Send) -> Send:
 
     async def wrapped(message: dict) -> None:  # type: ignore[type-arg]
         if message["type"] == "http.response.start":
-            message["headers"] = [*message.get("headers", []), *((k.encode(), v.encode()) for k, v in CORS)]
+            message["headers"] = [*message.get("headers", []), *_CORS_RAW]
         await send(message)
 
     return wrapped  # type: ignore[return-value]
