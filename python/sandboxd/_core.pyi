@@ -187,6 +187,7 @@ class Process:
         *,
         cwd: str | None = None,
         user: str | None = None,
+        identity: tuple[str, int, int, str, list[int]] | None = None,
         path: str = ...,
         stdin: bool = True,
         pty: tuple[int, int] | None = None,
@@ -197,12 +198,14 @@ class Process:
 
         The environment is *not* inherited: ``PATH=path`` (default: the agent's own ``PATH``, else a
         standard one), then ``HOME``, ``USER`` and ``LOGNAME`` of ``user`` (default: the agent's
-        account), then ``env`` (later wins). ``pty`` is ``(cols, rows)``; ``stdin`` applies to pipes
-        only. ``oom_score_adj`` is written to the child's ``/proc/self/oom_score_adj`` before exec.
-        Raises ``FileNotFoundError`` for a missing cwd or program (``filename`` names it),
-        ``NotADirectoryError`` for a cwd that is not a directory, ``PermissionError`` when exec is
-        denied, ``LookupError`` for an unknown user, and ``ValueError`` for a NUL byte, an ``=`` in
-        an env name, or an ``oom_score_adj`` outside -1000..1000.
+        account), then ``env`` (later wins). ``identity`` is a user already resolved, ``(name, uid, gid,
+        home, supplementary groups)``, used as it is instead of looking ``user`` up. ``pty`` is
+        ``(cols, rows)``; ``stdin`` applies to pipes only. ``oom_score_adj`` is written to the
+        child's ``/proc/self/oom_score_adj`` before exec. Raises ``FileNotFoundError`` for a missing
+        cwd or program (``filename`` names it), ``NotADirectoryError`` for a cwd that is not a
+        directory, ``PermissionError`` when exec is denied, ``LookupError`` for an unknown user, and
+        ``ValueError`` for a NUL byte, an ``=`` in an env name, or an ``oom_score_adj`` outside
+        -1000..1000.
         """
     def subscribe(self, from_oldest: bool = True) -> Subscriber:
         """A new subscriber; ``from_oldest`` replays what the ring still holds, else starts at now.

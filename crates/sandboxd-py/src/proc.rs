@@ -442,8 +442,8 @@ impl Process {
     /// Start `program` with `args` (`argv[1:]`); see `_core.pyi`.
     #[staticmethod]
     #[pyo3(signature = (
-        program, args, env, *, cwd = None, user = None, path = None, stdin = true, pty = None,
-        ring_bytes = core::DEFAULT_RING_BYTES, oom_score_adj = None
+        program, args, env, *, cwd = None, user = None, identity = None, path = None, stdin = true,
+        pty = None, ring_bytes = core::DEFAULT_RING_BYTES, oom_score_adj = None
     ))]
     #[allow(clippy::too_many_arguments)]
     fn spawn(
@@ -453,6 +453,7 @@ impl Process {
         env: &Bound<'_, PyDict>,
         cwd: Option<String>,
         user: Option<String>,
+        identity: Option<(String, u32, u32, String, Vec<u32>)>,
         path: Option<String>,
         stdin: bool,
         pty: Option<(u16, u16)>,
@@ -487,8 +488,18 @@ impl Process {
             )));
         }
         opts.oom_score_adj = oom_score_adj;
+        if let Some((name, uid, gid, home, groups)) = identity {
+            // Resolved by the caller already (the agent caches its users): no second lookup.
+            opts.user = Some(core::User {
+                name,
+                uid,
+                gid,
+                groups,
+                home: home.into(),
+            });
+        }
         py.detach(|| {
-            if let Some(name) = &user {
+            if let Some(name) = user.as_ref().filter(|_| opts.user.is_none()) {
                 opts.user = Some(core::User::lookup(name).map_err(|err| {
                     if err.kind() == io::ErrorKind::NotFound {
                         PyLookupError::new_err(format!("user '{name}' does not exist"))

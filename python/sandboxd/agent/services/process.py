@@ -223,7 +223,8 @@ class ProcessService:
         check_no_nul(config.args, "process.args")
         check_env_vars(config.envs, "process.envs")
         explicit_cwd = config.HasField("cwd") and config.cwd != ""
-        cwd = expand_and_resolve(config.cwd if explicit_cwd else "", ctx.user, self.state.default_workdir)
+        user = ctx.user
+        cwd = expand_and_resolve(config.cwd if explicit_cwd else "", user, self.state.default_workdir)
         if not os.path.isdir(cwd):
             if explicit_cwd:
                 raise RpcError(Code.INVALID_ARGUMENT, f"cwd '{cwd}' does not exist")
@@ -245,7 +246,7 @@ class ProcessService:
                 list(config.args),
                 self._environment(request),
                 cwd=cwd,
-                user=ctx.user.name,
+                identity=(user.name, user.uid, user.gid, user.home, list(user.groups)),
                 stdin=stdin,
                 pty=pty,
                 oom_score_adj=USER_OOM_SCORE_ADJ,
