@@ -42,6 +42,7 @@ from .asgi import (
 from .auth import rpc_user
 from .compression import gunzip
 from .errors import HTTP_STATUS, Code, RpcError, to_rpc_error
+from .protojson import message_to_dict
 from .rpc import Context, Kind, Method, NestedBytes, Piece
 from .state import AgentState
 
@@ -111,7 +112,7 @@ class Codec:
             return [before + binascii.b2a_base64(message.payload, newline=False) + after]
         if self.name == "proto":
             return [message.SerializeToString()]
-        return [json.dumps(json_format.MessageToDict(message), separators=(",", ":")).encode()]
+        return [json.dumps(message_to_dict(message), separators=(",", ":")).encode()]
 
 
 def error_json(error: RpcError) -> dict[str, Any]:
