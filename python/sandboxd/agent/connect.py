@@ -59,6 +59,10 @@ JOIN_BELOW = 64 << 10
 """A streamed message in pieces (see :meth:`Codec.frame_parts`) smaller than this is joined and sent
 as one body message: copying a few KiB costs less than another trip through the ASGI ``send``."""
 
+_JSON = json.JSONEncoder(separators=(",", ":")).encode
+"""Compact JSON, as ``json.dumps(..., separators=(",", ":"))`` without building an encoder per call
+(1.5 us of the ~5 us a streamed message's JSON took)."""
+
 FLAG_COMPRESSED = 0x01
 FLAG_END_STREAM = 0x02
 _HEADER = struct.Struct(">BI")
@@ -112,7 +116,7 @@ class Codec:
             return [before + binascii.b2a_base64(message.payload, newline=False) + after]
         if self.name == "proto":
             return [message.SerializeToString()]
-        return [json.dumps(message_to_dict(message), separators=(",", ":")).encode()]
+        return [_JSON(message_to_dict(message)).encode()]
 
 
 def error_json(error: RpcError) -> dict[str, Any]:
@@ -142,7 +146,7 @@ def end_stream(error: RpcError | None, trailers: Iterable[tuple[str, str]] = ())
         metadata.setdefault(name, []).append(value)
     if metadata:
         body["metadata"] = metadata
-    return envelope(FLAG_END_STREAM, json.dumps(body, separators=(",", ":")).encode())
+    return envelope(FLAG_END_STREAM, _JSON(body).encode())
 
 
 def deadline_from(headers: dict[str, str]) -> float | None:
