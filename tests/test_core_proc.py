@@ -219,6 +219,15 @@ def test_runs_as_a_named_user() -> None:
     assert out.stdout.decode().splitlines() == ["65534", "65534", "/nonexistent nobody"]
 
 
+def test_runs_as_a_resolved_identity_without_looking_it_up() -> None:
+    # The identity is used as given (the agent resolves and caches its users): a name that is in no
+    # account database, with the caller's own ids so that this also runs unprivileged.
+    uid, gid = os.getuid(), os.getgid()
+    identity = ("not-in-passwd", uid, gid, "/given/home", [gid])
+    out = run("id -u; id -g; echo $HOME $USER $LOGNAME", identity=identity, path=PATH)
+    assert out.stdout.decode().splitlines() == [str(uid), str(gid), "/given/home not-in-passwd not-in-passwd"]
+
+
 def test_bad_arguments_are_value_errors() -> None:
     with pytest.raises(ValueError, match="environment variable name"):
         _core.Process.spawn("true", [], {"A=B": "c"}, path=PATH)
