@@ -289,6 +289,7 @@ class ConnectTransport:
         send: Send,
     ) -> None:
         started = False
+        complete = False  # the body's last message was handed to the server: nothing may follow it
         ctx: Context | None = None
 
         async def start() -> None:
@@ -305,7 +306,9 @@ class ConnectTransport:
         body_parts = scope.get("extensions", {}).get(BODY_PARTS)
 
         async def frame(data: bytes | list[Piece], more: bool = True) -> None:
+            nonlocal complete
             await start()
+            complete = complete or not more  # before the send: a failed send is not followed by another end
             if isinstance(data, list):
                 if len(data) > 1 and sum(len(part) for part in data) > JOIN_BELOW:
                     if more and body_parts is not None and body_parts.usable():
@@ -319,7 +322,6 @@ class ConnectTransport:
             await send({"type": "http.response.body", "body": data, "more_body": more})
 
         error: RpcError | None = None
-        ended = False
         try:
             ctx = self._context(headers, header_list)
             encoding = headers.get("connect-content-encoding")
@@ -332,24 +334,22 @@ class ConnectTransport:
                     await frame(codec.frame_parts(response))
                 else:
                     request = await _single_request(payloads, codec, method)
-                    ended = await self._serve_stream(method, request, ctx, codec, receive, frame)
+                    await self._serve_stream(method, request, ctx, codec, receive, frame)
         except ClientDisconnected:
             return
         except Exception as exc:
-            if ended:  # the stream was complete already: nothing left to tell the client
-                return
             error = to_rpc_error(exc)
-        if not ended:
+        if not complete:  # else the stream ended with its last message (a deadline may pass after it)
             with contextlib.suppress(OSError):
                 await frame(end_stream(error, ctx.response_trailers if ctx is not None else ()), more=False)
 
     async def _serve_stream(
         self, method: Method, request: Message, ctx: Context, codec: Codec, receive: Receive, frame: Any
-    ) -> bool:
+    ) -> None:
         """Run a server-stream handler until it ends or the client disconnects, sending in-band
-        keepalives after each quiet ``Keepalive-Ping-Interval`` (as envd). Returns whether the
-        end-stream frame was sent already: with the method's last message (:attr:`Method.last`), in
-        the same write, before the handler's generator and these tasks are wound down.
+        keepalives after each quiet ``Keepalive-Ping-Interval`` (as envd). The method's last message
+        (:attr:`Method.last`) goes out with the end-stream frame, in the same write, before the
+        handler's generator and these tasks are wound down.
 
         Three tasks per stream, none per message: the pump sends what the handler yields, the
         keepalive task wakes once per interval, and the watcher notices a disconnect."""
@@ -357,16 +357,14 @@ class ConnectTransport:
         loop = asyncio.get_running_loop()
         last_sent = loop.time()
         is_last = method.last
-        ended = False
 
         async def pump() -> None:
-            nonlocal last_sent, ended
+            nonlocal last_sent
             try:
                 async for message in messages:
                     parts = codec.frame_parts(message)
                     if is_last is not None and is_last(message):
                         parts.append(end_stream(None, ctx.response_trailers))
-                        ended = True  # before the write: a failed write must not be followed by another end
                         await frame(parts, more=False)
                         return
                     await frame(parts)
@@ -398,12 +396,11 @@ class ConnectTransport:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-        if ended:  # complete, whichever task noticed first (the response's end also ends ``disconnected``)
-            return True
         if pump_task not in done:
-            raise ClientDisconnected  # the client left (or a keepalive could not be sent to it)
+            # The client left (or a keepalive could not be sent to it), or the response is complete
+            # already: uvicorn answers ``receive`` with ``http.disconnect`` from then on.
+            raise ClientDisconnected
         pump_task.result()
-        return False
 
 
 def _prefixed_trailers(trailers: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
