@@ -78,6 +78,11 @@ def timed_health(url: str) -> float:
 def test_slow_loris_and_silent_connections_do_not_block_health_or_requests(guarded: Agent) -> None:
     slow = b"GET /health HTTP/1.1\r\nHost: x\r\nX-Slow: "
     with flood(guarded.port, FLOOD // 2, slow) as loris, flood(guarded.port, FLOOD // 2, b"") as silent:
+        # Settled: asyncio's loop (the standalone agent's) accepts a batch of connections before
+        # their protocols run and close the ones beyond the cap, so the count peaks for a moment.
+        deadline = time.monotonic() + 2
+        while open_fds(guarded.process.pid) >= CAP + 64 and time.monotonic() < deadline:
+            time.sleep(0.05)
         assert open_fds(guarded.process.pid) < CAP + 64, "connections beyond the cap hold descriptors"
         assert timed_health(guarded.url) < 1.0
         r = httpx.post(
