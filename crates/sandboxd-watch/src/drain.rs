@@ -164,6 +164,10 @@ impl Shared {
                 }
                 Ok(batch) => {
                     buffer.extend(batch);
+                    // Before the wake-up: whoever takes the `Closed` item finds `is_closed` true.
+                    if watcher.is_closed() {
+                        self.closed.store(true, Ordering::Release);
+                    }
                     false
                 }
                 Err(err) => {
