@@ -47,6 +47,7 @@ from .common import (
     cpu_meter,
     median,
     percentile,
+    samples_row,
     sdk_sandbox,
     tree_rss,
 )
@@ -585,20 +586,7 @@ def compare_round_trips(ctx: Context, ours_sdk: Any, theirs_sdk: Any, client: Co
     for name, ours, theirs, base_name in rows:
         a, b = paired(ours, theirs, n)
         ctx.log(f"  {name}: ours p50 {percentile(a, 50) or 0:.2f} ms; theirs p50 {percentile(b, 50) or 0:.2f} ms")
-        ctx.report(
-            Result(
-                name=name,
-                unit="ms (p50)",
-                ours=percentile(a, 50),
-                baseline=percentile(b, 50),
-                baseline_name=base_name,
-                better="lower",
-                p50=percentile(a, 50),
-                p99=percentile(a, 99),
-                samples={"ours": a, "baseline": b},
-                extra={"n": n, "baseline_p99": percentile(b, 99)},
-            )
-        )
+        ctx.report(samples_row(name, "ms (p50)", a, b, base_name, extra={"n": n}))
 
 
 def agent_rss(proc: psutil.Process | None) -> float | None:

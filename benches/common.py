@@ -105,6 +105,32 @@ def percentile(values: list[float], q: float) -> float | None:
     return ordered[rank - 1]
 
 
+def samples_row(
+    name: str,
+    unit: str,
+    ours: list[float],
+    baseline: list[float],
+    baseline_name: str,
+    *,
+    tail: bool = True,
+    extra: dict[str, Any] | None = None,
+) -> Result:
+    """A lower-is-better row from two sample lists: their p50s side by side, both lists kept;
+    ``tail``: our p99 and the baseline's (in ``extra``) too."""
+    return Result(
+        name=name,
+        unit=unit,
+        ours=percentile(ours, 50),
+        baseline=percentile(baseline, 50),
+        baseline_name=baseline_name,
+        better="lower",
+        p50=percentile(ours, 50),
+        p99=percentile(ours, 99) if tail else None,
+        samples={"ours": ours, "baseline": baseline},
+        extra={**(extra or {}), **({"baseline_p99": percentile(baseline, 99)} if tail else {})},
+    )
+
+
 def extension_build() -> str:
     """``release`` or ``debug``: which cargo profile built the installed ``sandboxd._core`` (a debug build
     carries ``.debug_info``; the release profile strips it). ``unknown`` when it cannot be read."""

@@ -33,7 +33,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from .common import Context, Result, ScenarioSkipped, ensure_base, percentile
+from .common import Context, Result, ScenarioSkipped, ensure_base, percentile, samples_row
 from .runtime import Runtime, sdk_env
 
 WARMUP = 3
@@ -75,17 +75,7 @@ def _build_template(name: str, marker: str) -> float:
 
 def _build_time(name: str, ours: list[float], baseline: list[float], baseline_name: str) -> Result:
     """A build-time row: our rounds' p50 beside the baseline's, in seconds, both sample lists kept."""
-    return Result(
-        name=name,
-        unit="s (p50)",
-        ours=percentile(ours, 50),
-        baseline=percentile(baseline, 50),
-        baseline_name=baseline_name,
-        better="lower",
-        p50=percentile(ours, 50),
-        samples={"ours": ours, "baseline": baseline},
-        extra={"rounds": len(ours)},
-    )
+    return samples_row(name, "s (p50)", ours, baseline, baseline_name, tail=False, extra={"rounds": len(ours)})
 
 
 def _measure_template_builds(ctx: Context, rt: Runtime) -> tuple[str, Result]:
@@ -196,18 +186,7 @@ def _measure_built_template(ctx: Context, n: int) -> None:
 
 def _create_latency(name: str, ours: list[float], baseline: list[float], baseline_name: str) -> Result:
     """A create→first command row: our samples' p50 beside the baseline's, both p99s kept."""
-    return Result(
-        name=name,
-        unit="ms (p50)",
-        ours=percentile(ours, 50),
-        baseline=percentile(baseline, 50),
-        baseline_name=baseline_name,
-        better="lower",
-        p50=percentile(ours, 50),
-        p99=percentile(ours, 99),
-        samples={"ours": ours, "baseline": baseline},
-        extra={"n": len(ours), "baseline_p99": percentile(baseline, 99)},
-    )
+    return samples_row(name, "ms (p50)", ours, baseline, baseline_name, extra={"n": len(ours)})
 
 
 def _tree_digest(path: Path) -> str:
