@@ -202,8 +202,13 @@ class WarmPool:
 async def renice(warm: Warm) -> None:
     """A claimed warm sandbox back to the default priority, in a worker thread, before its ``/init``
     (at nice 10 on a loaded host its agent answered seconds late): on the event loop this took ~1 ms a
-    claim, a quarter of the runtime's CPU in a burst of warm creates (py-spy, 64 claims)."""
-    await asyncio.to_thread(_renice, warm.handle.init_pid)
+    claim, a quarter of the runtime's CPU in a burst of warm creates (py-spy, 64 claims). A sandbox
+    that died in the pool since :meth:`WarmPool.take` checked it fails the create with a 500 that says
+    so (the create's clean-up then runs as for any failed create)."""
+    try:
+        await asyncio.to_thread(_renice, warm.handle.init_pid)
+    except OSError as exc:
+        raise ApiError(500, f"the warm sandbox taken for this create stopped before its claim ({exc}); retry") from None
 
 
 def _renice(init_pid: int) -> None:
