@@ -256,13 +256,9 @@ class Watcher:
     def read_batch(self, max_items: int | None = None) -> list[tuple[int, str]]:
         """Non-blocking: up to ``max_items`` buffered ``(kind, name)`` (all for None), possibly none.
         Raises ``OSError`` once for an error met while draining (a directory it could not watch)."""
-    def sync(self, block: bool = True) -> None:
+    def sync(self) -> None:
         """Handle what the kernel holds right now, ahead of the drain thread (GIL released): a
-        directory created before the call is watched when it returns. ``block=False`` returns at
-        once instead when the thread is draining already (it signals ``fileno()`` when done)."""
-    def kernel_fileno(self) -> int:
-        """The inotify fd, readable while the kernel holds events the thread has not read yet: a
-        loop that also waits on it and calls ``sync(block=False)`` skips the hop through the thread."""
+        directory created before the call is watched when it returns."""
     def wait(self, timeout: float | None) -> list[tuple[int, str]]:
         """Block (GIL released) up to ``timeout`` seconds for events, then return them."""
     def close(self) -> None:

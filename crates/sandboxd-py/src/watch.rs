@@ -114,24 +114,11 @@ impl Watcher {
     }
 
     /// Handles what the kernel holds right now, before the drain thread gets to it: a directory
-    /// created before this call is watched when it returns. With `block=False`, returns at once
-    /// instead if the thread is draining already (it signals `fileno()` when done).
-    #[pyo3(signature = (block = true))]
-    fn sync(&self, py: Python<'_>, block: bool) -> PyResult<()> {
+    /// created before this call is watched when it returns.
+    fn sync(&self, py: Python<'_>) -> PyResult<()> {
         let drainer = self.drainer()?;
-        if block {
-            py.detach(|| drainer.sync());
-        } else {
-            py.detach(|| drainer.try_sync());
-        }
+        py.detach(|| drainer.sync());
         Ok(())
-    }
-
-    /// The inotify descriptor, readable while the kernel holds events the thread has not read yet:
-    /// an event loop that waits on it too and calls `sync(block=False)` gets events without the
-    /// hop through the thread.
-    fn kernel_fileno(&self) -> PyResult<i32> {
-        Ok(self.drainer()?.kernel_fd())
     }
 
     /// Waits up to `timeout` seconds (forever for `None`) with the GIL released, then returns

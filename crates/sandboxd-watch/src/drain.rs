@@ -55,8 +55,6 @@ const DRAIN_STACK_BYTES: usize = 256 << 10;
 pub struct Drainer {
     shared: Arc<Shared>,
     thread: Option<JoinHandle<()>>,
-    /// The watcher's inotify descriptor (valid while `shared` holds the watcher).
-    kernel_fd: RawFd,
 }
 
 /// What the drain thread and the consumer share.
@@ -148,10 +146,7 @@ impl Shared {
     /// over: the watched directory is gone (its `Closed` item is buffered), or reading the instance
     /// failed (the error is buffered).
     fn drain(&self) -> bool {
-        self.drain_locked(lock(&self.watcher))
-    }
-
-    fn drain_locked(&self, mut watcher: MutexGuard<'_, Watcher>) -> bool {
+        let mut watcher = lock(&self.watcher);
         loop {
             let result = watcher.read_batch();
             let mut buffer = lock(&self.buffer);
@@ -199,7 +194,6 @@ impl Drainer {
             .as_fd()
             .try_clone_to_owned()
             .map_err(WatchError::Io)?;
-        let kernel_fd = watcher.as_raw_fd();
         let flags = EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK;
         let shared = Arc::new(Shared {
             watcher: Mutex::new(watcher),
@@ -223,7 +217,6 @@ impl Drainer {
         Ok(Drainer {
             shared,
             thread: Some(thread),
-            kernel_fd,
         })
     }
 
@@ -236,22 +229,6 @@ impl Drainer {
     /// directory created before this call is watched when it returns.
     pub fn sync(&self) {
         self.shared.drain();
-    }
-
-    /// Like [`sync`](Drainer::sync), unless a drain is in progress already (the thread's, which
-    /// signals the consumer when done): then returns at once. For an event loop that also waits on
-    /// [`kernel_fd`](Drainer::kernel_fd) so that, when it is idle, an event reaches it without the
-    /// hop through the thread, and never blocks behind a long drain (a big new directory's scan).
-    pub fn try_sync(&self) {
-        if let Ok(watcher) = self.shared.watcher.try_lock() {
-            self.shared.drain_locked(watcher);
-        }
-    }
-
-    /// The inotify instance's descriptor, readable while the kernel holds events (which the thread
-    /// is about to read). Owned by the drainer.
-    pub fn kernel_fd(&self) -> RawFd {
-        self.kernel_fd
     }
 
     /// Takes up to `max_items` buffered items, oldest first, without blocking (empty if there are
