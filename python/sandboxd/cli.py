@@ -327,7 +327,7 @@ def build_parser(only_agent: bool = False) -> argparse.ArgumentParser:
         "also $SANDBOXD_PYPI_INDEX)",
     )
 
-    template = commands.add_parser("template", help="manage templates (list, add, import, pull, build, remove)")
+    template = commands.add_parser("template", help="manage templates (list, add, import, pull, build, remove, prune)")
     template_commands = template.add_subparsers(dest="template_command", required=True)
     where = argparse.ArgumentParser(add_help=False)
     where.add_argument(
@@ -379,9 +379,15 @@ def build_parser(only_agent: bool = False) -> argparse.ArgumentParser:
     build.add_argument("--debian-mirror", default=os.environ.get("SANDBOXD_DEBIAN_MIRROR") or DEFAULT_MIRROR)
     build.add_argument("--pypi-index", default=os.environ.get("SANDBOXD_PYPI_INDEX") or DEFAULT_INDEX)
     remove = template_commands.add_parser(
-        "remove", parents=[where], help="remove a template and the layers no other template uses"
+        "remove", parents=[where], help="remove a template, its build cache and the layers nothing else uses"
     )
     remove.add_argument("name")
+    template_commands.add_parser(
+        "prune",
+        parents=[where],
+        help="forget the build cache records no template is built on (replaced, failed or removed builds) "
+        "and delete the layers nothing lists any more",
+    )
     return parser
 
 

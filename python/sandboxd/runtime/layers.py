@@ -476,7 +476,7 @@ class LayerStore:
     def cached(self, key: str) -> dict[str, Any] | None:
         """A build's record (``layers``, ``config``, ...) if every layer it lists is still here."""
         try:
-            record = json.loads((self.cache / f"{hex_of(key)}.json").read_text())
+            record = json.loads((self.cache / self.cache_record_name(key)).read_text())
         except (FileNotFoundError, ValueError):
             return None
         if not isinstance(record, dict) or not all(self.has(d) for d in record.get("layers", [])):
@@ -484,19 +484,31 @@ class LayerStore:
         return record
 
     def cache_put(self, key: str, record: dict[str, Any]) -> None:
-        _write_json(self.cache / f"{hex_of(key)}.json", record)
+        _write_json(self.cache / self.cache_record_name(key), record)
 
     def uncache(self, key: str) -> None:
         """Forget a build (its layers go at the next garbage collection unless a template lists them)."""
-        (self.cache / f"{hex_of(key)}.json").unlink(missing_ok=True)
+        (self.cache / self.cache_record_name(key)).unlink(missing_ok=True)
 
     def cached_layers(self) -> list[str]:
         """Every layer some build cache record lists."""
-        out: list[str] = []
+        return [digest for layers in self.cache_records().values() for digest in layers]
+
+    def cache_records(self) -> dict[str, list[str]]:
+        """Every build cache record's layers (topmost first), by the record's file name."""
+        out: dict[str, list[str]] = {}
         for path in self.cache.glob("*.json"):
-            with contextlib.suppress(OSError, ValueError, AttributeError):
-                out.extend(str(d) for d in json.loads(path.read_text()).get("layers", []))
+            with contextlib.suppress(OSError, ValueError, AttributeError, TypeError):
+                out[path.name] = [str(d) for d in json.loads(path.read_text()).get("layers", [])]
         return out
+
+    def drop_cache_record(self, file_name: str) -> None:
+        """Forget the record :meth:`cache_records` named ``file_name``."""
+        (self.cache / Path(file_name).name).unlink(missing_ok=True)
+
+    def cache_record_name(self, key: str) -> str:
+        """The file name of ``key``'s record, as :meth:`cache_records` names it."""
+        return f"{hex_of(key)}.json"
 
     # ------------------------------------------------------------------------------------ users
 

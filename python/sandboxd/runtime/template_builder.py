@@ -513,7 +513,11 @@ class TemplateBuilder:
     async def _run(self, build: Build, spec: BuildSpec) -> None:
         observe = self.manager.observe
         try:
-            with observe.template_build(build.name):
+            with observe.template_build(build.name), contextlib.ExitStack() as held:
+                # Held shared until the build is recorded: the cache records it found and the layers
+                # it made are not listed by any template yet, and a collection (`template prune`, a
+                # template's removal) waits for it instead of taking them.
+                await asyncio.to_thread(held.enter_context, self.templates.layers.lock("gc", shared=True))
                 await self._build(build, spec)
             build.log(f"Template '{build.name}' is ready", step="finalize")
             build.status = "ready"

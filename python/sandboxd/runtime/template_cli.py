@@ -1,5 +1,5 @@
 """``sandboxd template``: the operator's commands over a runtime's templates (list, add, import, pull,
-build, remove), with progress on stderr. They work on the data dir's database whether or not the
+build, remove, prune), with progress on stderr. They work on the data dir's database whether or not the
 runtime is running (SQLite in WAL mode takes both)."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from . import code_interpreter, debian, oci, template_file
 from .errors import ApiError
 from .layers import LayerError
 from .store import Store
-from .templates import ALIASES, Templates, default_store_dir
+from .templates import ALIASES, Collected, Templates, default_store_dir
 
 
 def _open(args: argparse.Namespace) -> tuple[Store, Templates]:
@@ -66,6 +66,13 @@ def _build_file(args: argparse.Namespace, store: Store) -> int | str:
     return 0
 
 
+def _collected(collected: Collected) -> str:
+    return (
+        f"{collected.records} build cache records and {len(collected.layers)} layers "
+        f"({_size(collected.size)}) that nothing lists any more were deleted"
+    )
+
+
 def run(args: argparse.Namespace) -> int | str:
     """Run one ``sandboxd template`` command; returns an exit status or an error message."""
     command = args.template_command
@@ -109,8 +116,11 @@ def run(args: argparse.Namespace) -> int | str:
             row = templates.build(args.name, _report, rebuild=args.rebuild)
         elif command == "remove":
             live = {r.id: r.template_id for r in store.live()}
-            removed = templates.remove(args.name, lambda name: [i for i, t in live.items() if t == name])
-            print(f"template '{args.name}' removed; {len(removed)} layers no template uses were deleted")
+            collected = templates.remove(args.name, lambda name: [i for i, t in live.items() if t == name])
+            print(f"template '{args.name}' removed; {_collected(collected)}")
+            return 0
+        elif command == "prune":
+            print(f"pruned the build cache of {templates.store_dir}: {_collected(templates.prune())}")
             return 0
         else:  # pragma: no cover - argparse enforces the choices
             return f"unknown template command {command}"

@@ -39,7 +39,7 @@ import re
 import sqlite3
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -565,8 +565,9 @@ class Templates:
         """Whether the current recipe of a built-in template is in the store."""
         return self.layers.cached(self._key(name)) is not None
 
-    def remove(self, name: str, in_use: Callable[[str], list[str]]) -> list[str]:
-        """Forget a template and delete the layers nothing else uses; returns those layers.
+    def remove(self, name: str, in_use: Callable[[str], list[str]]) -> Collected:
+        """Forget a template (every tag of it), the build cache records of its steps that no other
+        template is built on, and the layers nothing lists any more; returns what went.
         ``in_use(name)`` lists the live sandboxes started from it, which must be none."""
         canonical = self.canonical(name)
         if canonical == HOST or name in ALIASES:
@@ -577,31 +578,82 @@ class Templates:
             raise ValueError(f"template '{canonical}' is used by live sandboxes: {', '.join(users)}; kill them first")
         if not rows and canonical not in BUILT:
             raise ValueError(f"template '{name}' not found; known templates: {', '.join(self.names())}")
+        gone = [self.db.template(row_name) for row_name in rows]
         for row_name in rows or [canonical]:
             self.db.delete_template(row_name)
         if canonical in BUILT:
             self.layers.uncache(self._key(canonical))
-        return self.collect_garbage()
+        chains = [row.layers for row in gone if row is not None]
+        return collect_garbage(
+            self.layers, lambda record: any(_ends_with(chain, record) for chain in chains), self._kept_records()
+        )
 
-    def collect_garbage(self) -> list[str]:
-        return collect_garbage(self.layers)
+    def prune(self) -> Collected:
+        """``sandboxd template prune``: forget every build cache record that no template ends with
+        (the steps of builds that were replaced, failed or removed, and built-in recipes this
+        version no longer uses), then delete the layers nothing lists any more."""
+        return collect_garbage(self.layers, lambda record: True, self._kept_records())
+
+    def _kept_records(self) -> set[str]:
+        """The records of the built-in templates' current recipes: never pruned, so ``base`` is not
+        rebuilt because a runtime with no row for it yet pruned the store."""
+        return {self.layers.cache_record_name(self._key(name)) for name in BUILT}
 
 
-def collect_garbage(layers: LayerStore) -> list[str]:
+@dataclass(frozen=True)
+class Collected:
+    """What one garbage collection deleted."""
+
+    records: int
+    layers: list[str]
+    size: int
+    """Bytes the deleted layers held."""
+
+
+def collect_garbage(
+    layers: LayerStore, stale: Callable[[list[str]], bool] | None = None, kept_records: Collection[str] = ()
+) -> Collected:
     """Delete the layers that no template of any runtime using this store lists (their databases are
-    registered in the store) and that no build cache record lists; returns them."""
+    registered in the store) and that no build cache record lists.
+
+    First, when ``stale`` is given, the build cache records it calls stale are forgotten, except
+    those some template's layers end with (a record lists a build's layers up to one of its steps,
+    topmost first, so the records of a template's own steps are the ones its layers end with) and
+    those named in ``kept_records``.
+
+    Under the store's exclusive ``gc`` lock: every import, pull and template build holds it shared
+    while it runs, so what they made and have not recorded yet is never taken, and a collection
+    waits for them to finish."""
     with layers.lock("gc"):
+        chains = [chain for db_path in layers.users() for chain in _template_layers(db_path)]
+        dropped = 0
+        if stale is not None:
+            for name, record in layers.cache_records().items():
+                if name in kept_records or any(_ends_with(chain, record) for chain in chains):
+                    continue
+                if stale(record):
+                    layers.drop_cache_record(name)
+                    dropped += 1
         keep = set(layers.cached_layers())
-        for db_path in layers.users():
-            keep.update(_layers_in(db_path))
+        keep.update(digest for chain in chains for digest in chain)
         removed = [d for d in layers.digests() if d not in keep]
+        size = 0
         for digest in removed:
+            info = layers.info(digest)
+            size += info.size if info is not None else 0
             layers.remove(digest)
-        return removed
+        return Collected(dropped, removed, size)
 
 
-def _layers_in(db_path: Path) -> list[str]:
-    """Every layer the templates table of another runtime's database lists (read-only)."""
+def _ends_with(chain: list[str], tail: list[str]) -> bool:
+    """Whether the layer list ``chain`` (topmost first) ends with ``tail``: ``tail`` is what it is
+    built on, or itself."""
+    return len(tail) <= len(chain) and chain[len(chain) - len(tail) :] == tail
+
+
+def _template_layers(db_path: Path) -> list[list[str]]:
+    """Each template's layers (topmost first) in the templates table of a runtime's database
+    (read-only: it may be another runtime's)."""
     try:
         db = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True, timeout=5)
     except sqlite3.Error:
@@ -612,8 +664,8 @@ def _layers_in(db_path: Path) -> list[str]:
         return []
     finally:
         db.close()
-    out: list[str] = []
+    out: list[list[str]] = []
     for (layers,) in rows:
         with contextlib.suppress(ValueError, TypeError):
-            out.extend(str(d) for d in json.loads(layers))
+            out.append([str(d) for d in json.loads(layers)])
     return out

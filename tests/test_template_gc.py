@@ -1,0 +1,101 @@
+"""The template store's garbage collector and its build cache records, on a real store directory and
+real runtime databases (no sandbox): which records a template's removal and ``template prune``
+forget, which layers then go, and that a collection waits for a build that holds the store."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from sandboxd.runtime.layers import LayerStore
+from sandboxd.runtime.store import Store, TemplateRow
+from sandboxd.runtime.templates import collect_garbage
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> LayerStore:
+    if os.geteuid() != 0:
+        pytest.skip("the template store is root's (it keeps layers' canonical owners)")
+    return LayerStore(tmp_path / "store")
+
+
+def _digest(name: str) -> str:
+    return "sha256:" + hashlib.sha256(name.encode()).hexdigest()
+
+
+def _layer(store: LayerStore, name: str) -> str:
+    """A one-file layer committed under a digest of its own."""
+    digest = _digest(name)
+    tree = store.staging() / "tree"
+    tree.mkdir()
+    (tree / name).write_text(name)
+    store.commit(tree, digest, "tar", f"test {name}")
+    return digest
+
+
+def _runtime_db(store: LayerStore, path: Path, templates: dict[str, list[str]]) -> Store:
+    db = Store(path)
+    for name, layers in templates.items():
+        db.put_template(TemplateRow(name, layers, {}, "test", time.time()))
+    store.register_user(path)
+    return db
+
+
+def test_a_removed_templates_own_records_go_and_what_others_build_on_stays(store: LayerStore, tmp_path: Path) -> None:
+    base, shared, mine, theirs, failed = (_layer(store, n) for n in ("base", "shared", "mine", "theirs", "failed"))
+    # Records as builds leave them: each lists the layers up to one step, topmost first.
+    store.cache_put(_digest("base recipe"), {"layers": [base]})
+    store.cache_put(_digest("shared step"), {"layers": [shared, base]})
+    store.cache_put(_digest("my last step"), {"layers": [mine, shared, base]})
+    store.cache_put(_digest("their last step"), {"layers": [theirs, shared, base]})
+    store.cache_put(_digest("a failed build's step"), {"layers": [failed, base]})
+    db = _runtime_db(store, tmp_path / "one.db", {"base": [base], "theirs": [theirs, shared, base]})
+    # Another runtime sharing the store built on my template.
+    _runtime_db(store, tmp_path / "two.db", {"on-mine": [mine, shared, base]})
+
+    removed_chain = [mine, shared, base]
+    stale = lambda record: removed_chain[len(removed_chain) - len(record) :] == record  # noqa: E731
+    collected = collect_garbage(store, stale)
+    assert collected.records == 0 and collected.layers == [], "a template another runtime builds on lost its cache"
+
+    (tmp_path / "two.db").unlink()  # that runtime is gone (its registration is dropped)
+    collected = collect_garbage(store, stale)
+    assert collected.records == 1 and collected.layers == [mine]
+    assert collected.size == len("mine")
+    left = {tuple(layers) for layers in store.cache_records().values()}
+    assert left == {(base,), (shared, base), (theirs, shared, base), (failed, base)}
+    assert not store.path(mine).exists() and store.path(theirs).is_dir() and store.path(shared).is_dir()
+
+    # `template prune`: every record no template ends with, except the ones named as kept.
+    kept = {store.cache_record_name(_digest("base recipe"))}
+    db.delete_template("base")
+    collected = collect_garbage(store, lambda record: True, kept)
+    assert collected.records == 1 and collected.layers == [failed]
+    left = {tuple(layers) for layers in store.cache_records().values()}
+    assert left == {(base,), (shared, base), (theirs, shared, base)}
+
+
+def test_a_collection_waits_for_a_build_that_holds_the_store(store: LayerStore, tmp_path: Path) -> None:
+    made = _layer(store, "made by a build that has not recorded it yet")
+    _runtime_db(store, tmp_path / "one.db", {})
+    done = threading.Event()
+    result: list[list[str]] = []
+
+    def collect() -> None:
+        result.append(collect_garbage(store, lambda record: True).layers)
+        done.set()
+
+    with store.lock("gc", shared=True):
+        worker = threading.Thread(target=collect)
+        worker.start()
+        assert not done.wait(0.5), "the collection ran while a build held the store"
+        store.cache_put(_digest("the build's step"), {"layers": [made]})
+        # The build's record lists its layer before it lets go: nothing of it may be taken.
+        db = Store(tmp_path / "one.db")
+        db.put_template(TemplateRow("built", [made], {}, "test", time.time()))
+    worker.join(10)
+    assert result == [[]] and store.path(made).is_dir()
