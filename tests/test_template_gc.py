@@ -99,3 +99,27 @@ def test_a_collection_waits_for_a_build_that_holds_the_store(store: LayerStore, 
         db.put_template(TemplateRow("built", [made], {}, "test", time.time()))
     worker.join(10)
     assert result == [[]] and store.path(made).is_dir()
+
+
+def test_an_api_removal_during_a_build_answers_at_once_and_collects_after_it(tmp_path: Path) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("the template store is root's (it keeps layers' canonical owners)")
+    from sandboxd.runtime.templates import Templates
+
+    templates = Templates(Store(tmp_path / "sandboxd.db"), tmp_path / "store")
+    layers = templates.layers
+    base, mine = _layer(layers, "base"), _layer(layers, "mine")
+    layers.cache_put(_digest("my step"), {"layers": [mine, base]})
+    templates.db.put_template(TemplateRow("mine", [mine, base], {}, "test", time.time()))
+    templates.db.put_template(TemplateRow("other", [base], {}, "test", time.time()))
+
+    with layers.lock("gc", shared=True):  # a build in progress
+        assert templates.remove("mine", lambda name: [], wait=False) is None
+        assert templates.db.template("mine") is None, "the template is gone at once"
+        time.sleep(0.2)
+        assert layers.path(mine).is_dir(), "the collection ran while a build held the store"
+    deadline = time.monotonic() + 10
+    while layers.path(mine).exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not layers.path(mine).exists() and layers.path(base).is_dir()
+    assert list(layers.cache_records().values()) == []

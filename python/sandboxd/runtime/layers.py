@@ -539,11 +539,12 @@ class LayerStore:
     # ------------------------------------------------------------------------------------ locks
 
     @contextlib.contextmanager
-    def lock(self, name: str, shared: bool = False) -> Iterator[None]:
+    def lock(self, name: str, shared: bool = False, wait: bool = True) -> Iterator[None]:
         """A flock on ``<store>/<name>.lock``, held across processes (runtimes and CLIs sharing one
-        store): exclusive, or shared with other shared holders."""
+        store): exclusive, or shared with other shared holders. Without ``wait``, raises
+        ``BlockingIOError`` at once if another holder is in the way."""
         with open(self.root / f"{name}.lock", "a") as f:
-            fcntl.flock(f, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
+            fcntl.flock(f, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | (0 if wait else fcntl.LOCK_NB))
             try:
                 yield
             finally:

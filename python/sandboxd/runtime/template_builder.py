@@ -491,7 +491,9 @@ class TemplateBuilder:
             )
         in_use = {row.id: row.template_id for row in self.manager.store.live()}
         try:
-            await asyncio.to_thread(self.templates.remove, name, lambda t: [i for i, u in in_use.items() if u == t])
+            await asyncio.to_thread(
+                self.templates.remove, name, lambda t: [i for i, u in in_use.items() if u == t], wait=False
+            )
         except ValueError as exc:
             message = str(exc)
             status = 404 if "not found" in message else 409 if "live sandboxes" in message else 400

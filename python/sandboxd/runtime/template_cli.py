@@ -117,6 +117,7 @@ def run(args: argparse.Namespace) -> int | str:
         elif command == "remove":
             live = {r.id: r.template_id for r in store.live()}
             collected = templates.remove(args.name, lambda name: [i for i, t in live.items() if t == name])
+            assert collected is not None  # it waited for the builds holding the store
             print(f"template '{args.name}' removed; {_collected(collected)}")
             return 0
         elif command == "prune":

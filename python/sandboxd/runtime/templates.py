@@ -33,11 +33,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import re
 import sqlite3
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
@@ -565,10 +567,14 @@ class Templates:
         """Whether the current recipe of a built-in template is in the store."""
         return self.layers.cached(self._key(name)) is not None
 
-    def remove(self, name: str, in_use: Callable[[str], list[str]]) -> Collected:
+    def remove(self, name: str, in_use: Callable[[str], list[str]], wait: bool = True) -> Collected | None:
         """Forget a template (every tag of it), the build cache records of its steps that no other
         template is built on, and the layers nothing lists any more; returns what went.
-        ``in_use(name)`` lists the live sandboxes started from it, which must be none."""
+        ``in_use(name)`` lists the live sandboxes started from it, which must be none.
+
+        The collection waits for the imports and builds that hold the store. Without ``wait``
+        (the API's ``DELETE``, which should not hang for a build's length) it runs in a thread of its
+        own once they are done, and ``None`` is returned."""
         canonical = self.canonical(name)
         if canonical == HOST or name in ALIASES:
             raise ValueError(f"'{name}' is built in and cannot be removed")
@@ -584,9 +590,19 @@ class Templates:
         if canonical in BUILT:
             self.layers.uncache(self._key(canonical))
         chains = [row.layers for row in gone if row is not None]
-        return collect_garbage(
-            self.layers, lambda record: any(_ends_with(chain, record) for chain in chains), self._kept_records()
+        collect = functools.partial(
+            collect_garbage,
+            self.layers,
+            lambda record: any(_ends_with(chain, record) for chain in chains),
+            self._kept_records(),
         )
+        if wait:
+            return collect()
+        try:
+            return collect(wait=False)
+        except BlockingIOError:
+            threading.Thread(target=_collect_later, args=(name, collect), name="template-gc", daemon=True).start()
+            return None
 
     def prune(self) -> Collected:
         """``sandboxd template prune``: forget every build cache record that no template ends with
@@ -610,8 +626,20 @@ class Collected:
     """Bytes the deleted layers held."""
 
 
+def _collect_later(name: str, collect: Callable[[], Collected]) -> None:
+    try:
+        collected = collect()
+    except Exception:  # a thread of its own: log it, as nobody waits for it
+        log.exception("template %s: the collection after its removal failed", name)
+        return
+    log.info("template %s: %d cache records and %d layers collected", name, collected.records, len(collected.layers))
+
+
 def collect_garbage(
-    layers: LayerStore, stale: Callable[[list[str]], bool] | None = None, kept_records: Collection[str] = ()
+    layers: LayerStore,
+    stale: Callable[[list[str]], bool] | None = None,
+    kept_records: Collection[str] = (),
+    wait: bool = True,
 ) -> Collected:
     """Delete the layers that no template of any runtime using this store lists (their databases are
     registered in the store) and that no build cache record lists.
@@ -623,8 +651,8 @@ def collect_garbage(
 
     Under the store's exclusive ``gc`` lock: every import, pull and template build holds it shared
     while it runs, so what they made and have not recorded yet is never taken, and a collection
-    waits for them to finish."""
-    with layers.lock("gc"):
+    waits for them to finish (without ``wait``: raises ``BlockingIOError`` instead)."""
+    with layers.lock("gc", wait=wait):
         chains = [chain for db_path in layers.users() for chain in _template_layers(db_path)]
         dropped = 0
         if stale is not None:
