@@ -1,5 +1,5 @@
 // Template builds with the official JS SDK's `Template` builder and the official `e2b` CLI
-// (`e2b template create` from a Dockerfile, `e2b template list`), both unmodified, against a real
+// (`e2b template create` from a Dockerfile, `e2b template list`, `e2b template delete`), both unmodified, against a real
 // `sandboxd serve`: the steps run in a build sandbox, and sandboxes created from the new template see
 // their effect.
 
@@ -79,7 +79,7 @@ describe('template builds against sandboxd serve', { skip: skipReason }, () => {
     await assert.rejects(Sandbox.create(`${name}:v1`), /no tag or build 'v1'/)
   })
 
-  test('e2b template create builds a Dockerfile; e2b template list shows it', async () => {
+  test('e2b template create builds a Dockerfile; e2b template list shows it; e2b template delete forgets it', async () => {
     const dir = join(context, 'dockerfile')
     mkdirSync(dir, { recursive: true })
     writeFileSync(join(dir, 'greeting.txt'), 'hello from the Dockerfile context\n')
@@ -114,5 +114,11 @@ describe('template builds against sandboxd serve', { skip: skipReason }, () => {
     } finally {
       await sandbox.kill()
     }
+
+    const deleted = await e2b(dir, 'template', 'delete', name, '--yes')
+    assert.match(deleted, new RegExp(name))
+    assert.doesNotMatch(await e2b(dir, 'template', 'list'), new RegExp(name))
+    assert.equal(await Template.exists(name), false)
+    await assert.rejects(Sandbox.create(name), /not found/)
   })
 })
