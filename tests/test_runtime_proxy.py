@@ -88,6 +88,44 @@ while True:
 """
 
 
+HTTPS_SERVER = r"""
+import http.server, ssl, sys
+
+class Handler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def do_GET(self):
+        body = b"over tls: " + self.path.encode()
+        self.send_response(200)
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+server = http.server.ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), Handler)
+context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+context.load_cert_chain("/tmp/tls/cert.pem", "/tmp/tls/key.pem")
+server.socket = context.wrap_socket(server.socket, server_side=True)
+server.serve_forever()
+"""
+
+PLAIN_HTTP_SERVER = r"""
+import http.server, sys
+http.server.ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), http.server.SimpleHTTPRequestHandler).serve_forever()
+"""
+
+WSS_ECHO_SERVER = WS_ECHO_SERVER.replace(
+    'asyncio.start_server(serve, "127.0.0.1", int(sys.argv[1]))',
+    'asyncio.start_server(serve, "127.0.0.1", int(sys.argv[1]), ssl=TLS)',
+).replace(
+    "async def main():",
+    "import ssl\nTLS = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)\n"
+    'TLS.load_cert_chain("/tmp/tls/cert.pem", "/tmp/tls/key.pem")\n\nasync def main():',
+)
+
+
 @pytest.fixture
 def sdk(e2b_env: Runtime) -> Iterator[Runtime]:
     yield e2b_env
@@ -217,6 +255,59 @@ def test_websocket_through_get_host_both_ways(sdk: Runtime) -> None:
             sbx.commands.run("pkill -f 'server-82[0]0.py'")
             with pytest.raises(ConnectionClosed):
                 ws.recv(timeout=10)
+    finally:
+        sbx.kill()
+
+
+def test_https_ports_are_spoken_to_over_tls_without_checking_the_certificate(sdk: Runtime) -> None:
+    """E2B's ``network.https_ports``: the proxy speaks TLS to a listed port whose server serves HTTPS
+    itself (a self-signed certificate works), plain requests and WebSockets alike; a port not listed
+    is spoken to in plain HTTP; a listed port that does not answer TLS gets a 502 that says so."""
+    import trustme
+    from websockets.sync.client import connect
+
+    assert "ssl=TLS" in WSS_ECHO_SERVER and "TLS.load_cert_chain" in WSS_ECHO_SERVER
+    leaf = trustme.CA().issue_cert("server.inside.sandbox")  # signed by a CA nobody trusts
+    sbx = Sandbox.create(network={"https_ports": [8443, 8444, 8446]})
+    try:
+        sbx.files.write("/tmp/tls/cert.pem", leaf.cert_chain_pems[0].bytes().decode())
+        sbx.files.write("/tmp/tls/key.pem", leaf.private_key_pem.bytes().decode())
+        _serve_in(sbx, HTTPS_SERVER, 8443)
+        _serve_in(sbx, WSS_ECHO_SERVER, 8444)
+        _serve_in(sbx, HTTPS_SERVER, 8445)  # HTTPS too, but not listed
+        _serve_in(sbx, PLAIN_HTTP_SERVER, 8446)  # listed, but plain HTTP
+
+        def get(port: int, path: str = "/hello") -> httpx.Response:
+            headers = {"E2b-Sandbox-Id": sbx.sandbox_id, "E2b-Sandbox-Port": str(port)}
+            return httpx.get(f"http://127.0.0.1:{sdk.port}{path}", headers=headers, timeout=20)
+
+        for _ in range(3):  # the second and third over the pooled TLS connection
+            answer = get(8443)
+            assert answer.status_code == 200 and answer.text == "over tls: /hello", answer.text
+        by_host = httpx.get(
+            f"http://127.0.0.1:{sdk.port}/by-host", headers={"Host": f"8443-{sbx.sandbox_id}.local"}, timeout=20
+        )
+        assert by_host.text == "over tls: /by-host"
+        assert get(8445).status_code == 502, "a port not listed was spoken to over TLS"
+        refused = get(8446)
+        assert refused.status_code == 502 and "TLS handshake" in refused.json()["message"], refused.text
+
+        with connect(f"ws://127.0.0.1:{sdk.port}/", additional_headers={"Host": f"8444-{sbx.sandbox_id}.local"}) as ws:
+            ws.send("through tls")
+            assert ws.recv(timeout=10) == "echo: through tls"
+            ws.send(b"\x00\x01" * 40_000)
+            assert ws.recv(timeout=10) == b"echo: " + b"\x00\x01" * 40_000
+        raw = socket.create_connection(("127.0.0.1", sdk.port), timeout=20)
+        with raw:
+            raw.sendall(
+                f"GET / HTTP/1.1\r\nHost: 8446-{sbx.sandbox_id}.local\r\nConnection: Upgrade\r\n"
+                "Upgrade: websocket\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                "Sec-WebSocket-Version: 13\r\n\r\n".encode()
+            )
+            answer_bytes = b""
+            while chunk := raw.recv(65536):
+                answer_bytes += chunk
+        assert answer_bytes.startswith(b"HTTP/1.1 502") and b"TLS handshake" in answer_bytes, answer_bytes[:300]
     finally:
         sbx.kill()
 

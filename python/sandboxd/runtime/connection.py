@@ -24,6 +24,7 @@ import asyncio
 import contextlib
 import logging
 import socket
+import ssl
 import struct
 import sys
 from collections.abc import Callable
@@ -103,22 +104,41 @@ class Upgrade:
 
     def reply(self, status: int, body: bytes, content_type: str = "application/json") -> None:
         """Answer with a complete response instead of upgrading, and close the connection."""
-        head = (
-            f"HTTP/1.1 {status} {_REASONS.get(status, 'Error')}\r\ncontent-type: {content_type}\r\n"
-            f"content-length: {len(body)}\r\nconnection: close\r\n\r\n"
-        ).encode()
-        self.transport.write(head + body)
+        self.transport.write(response(status, body, content_type))
         self.transport.close()
         self._done()
 
-    async def splice(self, upstream: socket.socket, head: bytes) -> None:
+    async def splice(
+        self,
+        upstream: socket.socket,
+        head: bytes,
+        tls: ssl.SSLContext | None = None,
+        failed: Callable[[OSError], bytes] | None = None,
+    ) -> None:
         """Send ``head`` and the early bytes to ``upstream``, then copy bytes both ways until either
         side ends; both are closed then. The upstream's answer (``101`` or not) reaches the client as
-        it is sent."""
+        it is sent. ``tls``: speak TLS to the upstream; if its handshake fails, the client gets
+        ``failed(error)`` (a complete response) before the connection closes."""
         try:
-            await splice(self.transport, upstream, head + self.early)
+            await splice(self.transport, upstream, head + self.early, tls)
+        except OSError as exc:
+            if tls is None:
+                raise  # the splice closed the client
+            if not self.transport.is_closing():
+                if failed is not None:
+                    self.transport.write(failed(exc))
+                self.transport.close()
         finally:
             self._done()
+
+
+def response(status: int, body: bytes, content_type: str = "application/json") -> bytes:
+    """A complete HTTP/1.1 response that closes its connection."""
+    head = (
+        f"HTTP/1.1 {status} {_REASONS.get(status, 'Error')}\r\ncontent-type: {content_type}\r\n"
+        f"content-length: {len(body)}\r\nconnection: close\r\n\r\n"
+    ).encode()
+    return head + body
 
 
 _REASONS = {
@@ -172,9 +192,12 @@ class _Side(asyncio.Protocol):
             self.closed.set_result(None)
 
 
-async def splice(client: asyncio.Transport, upstream: socket.socket, first: bytes) -> None:
-    """Copy bytes between ``client`` (a transport already connected) and ``upstream`` until either
-    ends; both are closed on return."""
+async def splice(
+    client: asyncio.Transport, upstream: socket.socket, first: bytes, tls: ssl.SSLContext | None = None
+) -> None:
+    """Copy bytes between ``client`` (a transport already connected) and ``upstream`` (over TLS
+    without checking its certificate, with ``tls``) until either ends; both are closed on return.
+    A failed TLS handshake raises with the client still open."""
     loop = asyncio.get_running_loop()
     client_closed: asyncio.Future[None] = loop.create_future()
     upstream_closed: asyncio.Future[None] = loop.create_future()
@@ -184,10 +207,13 @@ async def splice(client: asyncio.Transport, upstream: socket.socket, first: byte
     near.transport = client
     try:
         upstream.setblocking(False)
-        far_transport, far = await loop.create_connection(lambda: _Side(upstream_closed), sock=upstream)
-    except BaseException:
+        far_transport, far = await loop.create_connection(
+            lambda: _Side(upstream_closed), sock=upstream, ssl=tls, server_hostname="" if tls is not None else None
+        )
+    except BaseException as exc:
         upstream.close()
-        client.close()
+        if tls is None or not isinstance(exc, OSError):
+            client.close()
         raise
     far.transport = far_transport  # (uvloop may call connection_made later than it returns)
     near.peer, far.peer = far, near

@@ -18,6 +18,10 @@ The proxy is a faithful pipe, as Go's reverse proxy in front of E2B's sandboxes 
 
 The Host header goes upstream as the client sent it (servers inside, such as Jupyter, compare it
 with ``Origin``), as E2B's proxy does.
+
+A port the sandbox was created with in ``network.https_ports`` serves TLS itself: the proxy speaks
+TLS to it, plain requests and upgrades alike, without verifying its certificate (so a self-signed
+one works), as E2B's proxy does; the client's side is the runtime's own (plain, or ``--tls-cert``).
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import hmac
 import json
 import re
 import socket
+import ssl
 from collections import defaultdict
 from dataclasses import dataclass, field
 
@@ -36,7 +41,7 @@ import httptools
 from sandboxd.agent.asgi import ClientDisconnected, Receive, Scope, Send, body_chunks, send_json
 
 from .backend import Backend
-from .connection import Upgrade, reset_client
+from .connection import Upgrade, reset_client, response
 from .errors import ApiError
 from .inputs import SANDBOX_ID
 
@@ -66,6 +71,31 @@ READ_SIZE = 256 << 10
 MAX_RESPONSE_HEAD = 64 << 10
 """A sandbox's response head larger than this is refused (502): the sandbox is hostile, and the
 head is buffered until complete."""
+
+_UPSTREAM_TLS: ssl.SSLContext | None = None
+
+
+def upstream_tls() -> ssl.SSLContext:
+    """The client context for a sandbox port in ``https_ports``: TLS 1.2 or later, and no check of
+    the sandbox's certificate or name (E2B's proxy re-encrypts to the sandbox the same way: there is
+    no name a sandbox's certificate could prove, and the hop never leaves this machine)."""
+    global _UPSTREAM_TLS
+    if _UPSTREAM_TLS is None:
+        context = ssl.create_default_context()
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+        _UPSTREAM_TLS = context
+    return _UPSTREAM_TLS
+
+
+def tls_failure(port: int, exc: OSError) -> str:
+    """The 502 message of a TLS handshake with a sandbox's ``https_ports`` port that failed."""
+    reason = getattr(exc, "reason", None) or exc.strerror or type(exc).__name__
+    return (
+        f"The sandbox's server on port {port} did not complete a TLS handshake ({reason}): the port is "
+        "listed in network.https_ports, so the proxy speaks HTTPS to it"
+    )
+
 
 _BAD_NAME = re.compile(rb'[\x00-\x1f\x7f()<>@,;:\[\]={} \t\\"]')
 _BAD_VALUE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
@@ -219,14 +249,22 @@ class SandboxProxy:
                 return upstream, True
             upstream.writer.close()
         sock = await self.manager.open_socket(sandbox_id, port)
+        tls = self._tls(sandbox_id, port)
         try:
-            reader, writer = await asyncio.open_connection(sock=sock, limit=READ_SIZE)
+            reader, writer = await asyncio.open_connection(
+                sock=sock, limit=READ_SIZE, ssl=tls, server_hostname="" if tls is not None else None
+            )
         except BaseException:
             sock.close()
             raise
         upstream = _Upstream(reader, writer)
         self.busy[sandbox_id].add(upstream)
         return upstream, False
+
+    def _tls(self, sandbox_id: str, port: int) -> ssl.SSLContext | None:
+        """TLS for a port the sandbox's ``network.https_ports`` lists, else None."""
+        ports = self.manager.network_config(sandbox_id).https_ports
+        return upstream_tls() if ports and port in ports else None
 
     def _done(self, sandbox_id: str, upstream: _Upstream) -> bool:
         """The request is done with ``upstream``; False if the sandbox was forgotten meanwhile."""
@@ -257,8 +295,8 @@ class SandboxProxy:
         except ApiError as exc:
             return exc.message
 
-    async def _unavailable(self, send: Send, sandbox_id: str, port: int) -> None:
-        message = await self._unavailable_message(sandbox_id, port)
+    async def _unavailable(self, send: Send, sandbox_id: str, port: int, tls: OSError | None = None) -> None:
+        message = tls_failure(port, tls) if tls is not None else await self._unavailable_message(sandbox_id, port)
         await send_json(send, 502, {"sandboxId": sandbox_id, "message": message, "code": 502, "port": port})
 
     def _ingress(
@@ -305,6 +343,9 @@ class SandboxProxy:
                 upstream, pooled = await self._connect(sandbox_id, port)
             except ApiError as exc:
                 await send_json(send, exc.status, {"sandboxId": sandbox_id, "message": exc.message, "code": exc.status})
+                return
+            except ssl.SSLError as exc:
+                await self._unavailable(send, sandbox_id, port, tls=exc)
                 return
             except OSError:
                 await self._unavailable(send, sandbox_id, port)
@@ -459,7 +500,12 @@ class SandboxProxy:
         scope = upgrade.scope
         keep = {b"upgrade", b"content-length", b"transfer-encoding"}
         head = [*_request_head(scope["method"], _target(scope), scope["headers"], keep, host), b"connection: upgrade"]
-        await upgrade.splice(sock, b"\r\n".join(head) + b"\r\n\r\n")
+
+        def failed(exc: OSError) -> bytes:  # the TLS handshake with an https_ports port
+            body = {"sandboxId": sandbox_id, "message": tls_failure(port, exc), "code": 502, "port": port}
+            return response(502, json.dumps(body).encode())
+
+        await upgrade.splice(sock, b"\r\n".join(head) + b"\r\n\r\n", self._tls(sandbox_id, port), failed)
 
 
 class _UpstreamLost(Exception):
