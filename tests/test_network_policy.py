@@ -14,7 +14,9 @@ from sandboxd.runtime.network.firewall import SandboxRules
 from sandboxd.runtime.network.policy import (
     NetworkConfig,
     compile_egress,
+    fill_secrets,
     match_domain,
+    secret_references,
     validate,
 )
 
@@ -138,3 +140,22 @@ def test_firewall_elements_of_a_sandbox() -> None:
     commands = rules.elements("inet t", "sdabch1", "add")
     assert 'add element inet t allow4 { "sdabch1" . 10.1.0.0/16 }' in commands
     assert SandboxRules.of(compile_egress(NetworkConfig())).elements("inet t", "x", "add") == []
+
+
+def test_secret_placeholders_are_found_and_filled_and_a_missing_one_is_named() -> None:
+    rules = {
+        "a.test": (
+            {"Authorization": "Bearer ${e2b.secrets.OpenAI}", "X-Both": "${e2b.secrets.one}:${e2b.secrets.two}"},
+        ),
+        "b.test": ({"X-Plain": "no placeholder", "X-Odd": "${e2b.secrets.}${e2b.secret.x}${e2b.secrets.a b}"},),
+    }
+    assert secret_references(NetworkConfig(rules=rules)) == {"openai", "one", "two"}
+    values = {"openai": "sk-1", "one": "1", "two": "$2"}  # a value is never read as a placeholder
+    headers = tuple(rules["a.test"][0].items()) + tuple(rules["b.test"][0].items())
+    assert fill_secrets(headers, values.get) == (
+        ("Authorization", "Bearer sk-1"),
+        ("X-Both", "1:$2"),
+        ("X-Plain", "no placeholder"),
+        ("X-Odd", "${e2b.secrets.}${e2b.secret.x}${e2b.secrets.a b}"),
+    )
+    assert fill_secrets(headers, {"openai": "sk-1", "one": "1"}.get) == "two"

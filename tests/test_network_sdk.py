@@ -20,7 +20,7 @@ from typing import Any
 import httpx
 import netlab
 import pytest
-from e2b import Sandbox
+from e2b import Sandbox, Secret
 from e2b.exceptions import SandboxException
 from netlab import NEVER, WEB, WEB2, WEB6, Lab, Runtime
 
@@ -297,6 +297,49 @@ def test_header_rule_reaches_the_server_and_never_the_sandbox(env: Runtime, lab:
         }
     finally:
         sandbox.kill()
+
+
+def test_a_secret_in_a_header_rule_reaches_the_server_in_its_current_version_and_never_the_sandbox(
+    env: Runtime, lab: Lab
+) -> None:
+    """E2B's ``Secret``: a rule's ``Secret.fill(name)`` becomes the secret's value in the egress proxy,
+    per connection (an update is in force for the next request); the sandbox, its info and the rule
+    as echoed keep the placeholder; once the secret is deleted, requests to the rule's host are not
+    sent (neither with the placeholder nor without the header)."""
+    name = f"lab-token-{time.monotonic_ns()}"
+    first, second = "sk-first-" + "51c0de", "sk-second-" + "9e7a11"
+    Secret.create(name, first)
+    rule = {"Authorization": f"Bearer {Secret.fill(name)}"}
+    sandbox = create(network={"rules": {"allowed.test": [{"transform": {"headers": rule}}]}})
+    try:
+
+        def requests_seen(tag: str) -> list[dict[str, Any]]:
+            answers = probe(sandbox, web("allowed.test", tls=True, path=f"/whoami?s={tag}"))
+            seen = [r for r in lab.requests() if r["path"] == f"/whoami?s={tag}"]
+            assert oks(answers) == [bool(seen)], (answers, seen)
+            return seen
+
+        (seen,) = requests_seen("first")
+        assert seen["headers"].get("Authorization") == f"Bearer {first}"
+        Secret.update(name, second)
+        (seen,) = requests_seen("second")
+        assert seen["headers"].get("Authorization") == f"Bearer {second}"
+
+        pattern = second[:10] + "[" + second[10] + "]" + second[11:]  # a pattern that does not contain it
+        search = sandbox.commands.run(
+            "grep -rlE --exclude-dir=proc --exclude-dir=sys --exclude-dir=dev --exclude-dir=usr "
+            f"'{pattern}' / ; cat /proc/*/environ | tr '\\0' '\\n' | grep -cE '{pattern}' ; true",
+            user="root",
+        )
+        assert search.stdout == "0\n", search.stdout
+        info = sandbox.get_info()
+        assert info.network is not None and info.network["rules"]["allowed.test"][0]["transform"]["headers"] == rule
+
+        Secret.destroy(name)
+        assert requests_seen("after-delete") == [], "a request went out after its secret was deleted"
+    finally:
+        sandbox.kill()
+        Secret.destroy(name)
 
 
 # ------------------------------------------------------------------------ never reachable

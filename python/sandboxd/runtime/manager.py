@@ -50,6 +50,7 @@ from .metrics import MetricsSample as MetricsSample  # re-exported: sandboxd.kub
 from .network import NetworkConfig, SandboxNetworks
 from .network.addressing import Slot
 from .observe import Observer
+from .secrets import SecretStore
 from .store import SandboxRow, Store, TemplateRow
 from .templates import Template, Templates
 from .volumes import Volumes
@@ -199,6 +200,8 @@ class SandboxManager:
         self.warm = WarmPool(self, limits.warm_sandboxes, limits.warm_template)
         self.volumes = Volumes(data_dir, limits.disk_mb)
         """E2B's volumes, mounted into the sandboxes that name them (see :mod:`.volumes`)."""
+        self.secrets = SecretStore(store.db)
+        """E2B's secrets, which sandboxes' egress rules name and never see (see :mod:`.secrets`)."""
 
     # ------------------------------------------------------------------------------ start/stop
 
@@ -348,6 +351,7 @@ class SandboxManager:
         timeout = self._validate_timeout(request.timeout if request.timeout is not None else DEFAULT_TIMEOUT_S)
         if self.networks is not None:
             self.networks.check(request.network)
+            self.secrets.check_references(request.network)
         elif request.network != NetworkConfig():
             raise ApiError(400, "this runtime runs sandboxes without networking: network settings do not apply")
         traffic_token = secrets.token_urlsafe(24) if request.network.allow_public_traffic is False else None
@@ -833,6 +837,7 @@ class SandboxManager:
                 )
             if self.networks is None:
                 raise ApiError(400, "this runtime runs sandboxes without networking: network settings do not apply")
+            self.secrets.check_references(update)
             await self.networks.update(sandbox_id, update)
             self.store.event(sandbox_id, "network_updated", None)
 

@@ -35,6 +35,7 @@ from .observe.endpoints import OperatorEndpoints
 from .observe.http import RequestObserver
 from .observe.probes import Readiness
 from .proxy import ENVD_PORT, SandboxProxy, parse_target
+from .secret_api import SecretApi
 from .signed import find_signer, operation_of
 from .store import Store
 from .template_api import TemplateApi
@@ -87,12 +88,15 @@ class RuntimeApp:
         domain: str | None,
         template_api: TemplateApi | None = None,
         volume_api: VolumeApi | None = None,
+        secret_api: SecretApi | None = None,
     ) -> None:
         self.control = control
         self.template_api = template_api
         """E2B's template build API (this machine's runtime only)."""
         self.volume_api = volume_api
         """E2B's volume API (this machine's runtime only)."""
+        self.secret_api = secret_api
+        """E2B's secrets API (this machine's runtime only)."""
         self.proxy = proxy
         self.operators = operators
         self.requests = requests
@@ -122,6 +126,8 @@ class RuntimeApp:
             await self.template_api(scope, receive, send)
         elif self.volume_api is not None and self.volume_api.matches(scope["path"]):
             await self.volume_api(scope, receive, send)
+        elif self.secret_api is not None and self.secret_api.matches(scope["path"]):
+            await self.secret_api(scope, receive, send)
         else:
             await send_json(send, 404, {"code": 404, "message": f"no such endpoint: {scope['method']} {scope['path']}"})
 
@@ -295,6 +301,7 @@ async def _serve(
         options.domain,
         TemplateApi(builder, api_key),
         VolumeApi(manager.volumes, api_key, manager.mounted_by),
+        SecretApi(manager.secrets, api_key),
     )
     config = server_config(app, options.host, options.port, options.connections)
     observe_logs.adopt_uvicorn()

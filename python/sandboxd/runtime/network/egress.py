@@ -11,7 +11,9 @@ decided on its own, E2B's way (see :mod:`.policy`):
 3. allowed by name: dialed *by that name*, resolved by the host's resolvers, to an address that is
    not in a never-reachable range; else allowed by address (or by default): dialed at the original
    address; else closed;
-4. a name with header rules: HTTP requests get the headers (values replace the request's own); TLS
+4. a name with header rules: HTTP requests get the headers (values replace the request's own, and
+   a ``${e2b.secrets.<name>}`` in them becomes that secret's current value, read per connection; a
+   connection whose rule names a secret that is gone is closed); TLS
    is terminated with a certificate from the runtime's CA (:mod:`.tls`) and re-encrypted to the
    real host, verified. Headers are only ever sent to a connection dialed by the rule's name, so a
    sandbox cannot steer them to an address of its choosing. Otherwise the bytes are relayed as
@@ -35,7 +37,7 @@ from dataclasses import dataclass
 
 import httptools
 
-from .policy import Egress, IPAddress, IPNetwork
+from .policy import Egress, IPAddress, IPNetwork, fill_secrets
 from .resolver import Resolver
 from .tls import LeafContexts
 
@@ -163,8 +165,11 @@ class EgressProxy:
         opened: list[IPNetwork],
         leaves: LeafContexts | None,
         upstream_tls: ssl.SSLContext,
+        secret: Callable[[str], str | None] = lambda name: None,
     ) -> None:
         self.lookup = lookup
+        self.secret = secret
+        """A secret's current value by name, for the placeholders in header rules."""
         self.resolver = resolver
         self.never = never
         self.opened = opened
@@ -209,6 +214,17 @@ class EgressProxy:
             if not by_name and verdict is False:
                 return
             headers = egress.headers_for(name) if name is not None else None
+            if headers is not None:
+                filled = fill_secrets(headers, self.secret)
+                if isinstance(filled, str):  # never the placeholder, nor the request without it
+                    log.warning(
+                        "egress: sandbox %s's rule for %s names secret '%s', which no longer exists: connection closed",
+                        caller.sandbox_id,
+                        name,
+                        filled,
+                    )
+                    return
+                headers = filled
             if by_name or headers is not None:
                 assert name is not None
                 upstream = await self._dial_name(name, port)

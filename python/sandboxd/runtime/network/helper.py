@@ -154,6 +154,7 @@ async def _run(settings: dict[str, Any]) -> None:
         opened=[ipaddress.ip_network(n) for n in settings["opened"]],
         leaves=leaves,
         upstream_tls=upstream_context(Path(trust) if trust else None),
+        secret=slots.secret,
     )
     proxy_task = loop.create_task(egress.serve(proxy))
     # The runtime holds our stdin open while it lives; EOF means it is gone.

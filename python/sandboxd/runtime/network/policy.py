@@ -35,6 +35,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -80,8 +81,44 @@ _TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
 """An HTTP header field name (RFC 9110 token)."""
 
 
-def _bad_header_value(value: str) -> bool:
+def bad_header_value(value: str) -> bool:
+    """Whether ``value`` holds a character no HTTP header value may (a control character but tab)."""
     return any((ord(c) < 0x20 and c != "\t") or ord(c) == 0x7F for c in value)
+
+
+SECRET_PLACEHOLDER = re.compile(r"\$\{e2b\.secrets\.([^{}\s\x00-\x1f\x7f-\x9f]{1,128})\}")
+"""``${e2b.secrets.<name>}`` in a header rule's value (what the SDKs' ``Secret.fill`` writes): the
+egress proxy puts the secret's current value there (:mod:`sandboxd.runtime.secrets`). Names are
+matched lowercased, as they are stored."""
+
+
+def secret_references(config: NetworkConfig) -> set[str]:
+    """The (lowercased) names of the secrets ``config``'s header rules refer to."""
+    return {
+        match[1].lower()
+        for headers in (config.rules or {}).values()
+        for rule in headers
+        for value in rule.values()
+        for match in SECRET_PLACEHOLDER.finditer(value)
+    }
+
+
+def fill_secrets(
+    headers: tuple[tuple[str, str], ...], value_of: Callable[[str], str | None]
+) -> tuple[tuple[str, str], ...] | str:
+    """``headers`` with every secret placeholder replaced by ``value_of(name)``; or, when a secret
+    is gone, its name (the request must not go out with the placeholder, nor without the header)."""
+    missing: list[str] = []
+
+    def value(match: re.Match[str]) -> str:
+        found = value_of(match[1].lower())
+        if found is None:
+            missing.append(match[1].lower())
+            return ""
+        return found
+
+    filled = tuple((name, SECRET_PLACEHOLDER.sub(value, text) if "${" in text else text) for name, text in headers)
+    return missing[0] if missing else filled
 
 
 def is_domain_pattern(text: str) -> bool:
@@ -270,7 +307,7 @@ def _validate_rules(rules: dict[str, tuple[dict[str, str], ...]] | None) -> None
                         f'Header name "{name}" in rule for domain "{domain}" exceeds maximum length of '
                         f"{MAX_HEADER_NAME_LEN} characters.",
                     )
-                if _bad_header_value(value):
+                if bad_header_value(value):
                     raise ApiError(
                         400, f'Value for header "{name}" in rule for domain "{domain}" contains invalid characters.'
                     )

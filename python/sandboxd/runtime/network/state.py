@@ -82,3 +82,12 @@ class SlotReader:
         """``(sandbox id, config JSON)`` of the sandbox on ``slot``."""
         row = self.db.execute("SELECT sandbox_id, config FROM sandbox_networks WHERE slot = ?", (slot,)).fetchone()
         return None if row is None else (str(row[0]), str(row[1]))
+
+    def secret(self, name: str) -> str | None:
+        """The current value of the secret ``name`` (lowercased), None when there is none (the
+        runtime's :mod:`~sandboxd.runtime.secrets` keeps them in the same database)."""
+        try:
+            row = self.db.execute("SELECT value FROM secrets WHERE name = ?", (name,)).fetchone()
+        except sqlite3.Error:  # no secrets table yet: nothing is stored
+            return None
+        return None if row is None else str(row[0])

@@ -1,0 +1,114 @@
+"""E2B's secrets API, as the SDKs' ``Secret`` calls it (the store is :mod:`.secrets`).
+
+Control plane, with ``X-API-KEY`` like the rest of the API; ``{secret}`` is a secret's id
+(``sec_…``) or its name:
+
+* ``POST /secrets`` ``{"name", "value", "metadata"?}`` -> 201 ``Secret``; 409 when the name is taken;
+* ``GET /secrets?limit=&nextToken=`` -> 200 ``[Secret]`` by name, ``x-next-token`` while more follow;
+* ``GET /secrets/{secret}`` -> 200 ``Secret``;
+* ``POST /secrets/{secret}`` ``{"value", "metadata"?}`` -> 200 ``Secret``, its ``currentVersion`` one
+  more (the metadata is replaced when given);
+* ``DELETE /secrets/{secret}`` -> 204.
+
+``Secret`` is ``{secretID, name, currentVersion, metadata, createdAt, updatedAt}``: never the value.
+Errors are ``{"code", "message"}``; an unknown secret is a 404 (the SDKs raise ``SecretNotFound``).
+"""
+
+from __future__ import annotations
+
+import base64
+import re
+from typing import Any
+
+from sandboxd.agent.asgi import ClientDisconnected, Receive, Scope, Send, header_map, send_empty, send_json
+
+from .api import Route, check_api_key, find_route, iso
+from .errors import ApiError
+from .inputs import Body, Query
+from .secrets import LIST_LIMIT, Secret, SecretStore, check_name
+
+
+class SecretApi:
+    """Routes ``/secrets…``."""
+
+    def __init__(self, secrets: SecretStore, api_key: str) -> None:
+        self.secrets = secrets
+        self.api_key = api_key
+        one = r"/secrets/([^/]+)"
+        self.routes: list[Route] = [
+            ("POST", re.compile(r"/secrets"), self.create),
+            ("GET", re.compile(r"/secrets"), self.list),
+            ("GET", re.compile(one), self.info),
+            ("POST", re.compile(one), self.update),
+            ("DELETE", re.compile(one), self.delete),
+        ]
+
+    def matches(self, path: str) -> bool:
+        return path == "/secrets" or path.startswith("/secrets/")
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            check_api_key(header_map(scope), self.api_key)
+            handler, groups = find_route(self.routes, scope)
+            await handler(scope, receive, send, *groups)
+        except ApiError as exc:
+            await send_json(send, exc.status, exc.body(), exc.headers)
+        except ClientDisconnected:
+            return
+
+    async def create(self, scope: Scope, receive: Receive, send: Send) -> None:
+        body = await Body.read(receive)
+        name = _required(body, "name")
+        secret = self.secrets.create(name, _required(body, "value"), body.metadata())
+        await send_json(send, 201, _answer(secret))
+
+    async def list(self, scope: Scope, receive: Receive, send: Send) -> None:
+        query = Query(scope.get("query_string", b""))
+        limit = query.integer("limit", 1, LIST_LIMIT, LIST_LIMIT)
+        assert limit is not None
+        token = query.get("nextToken", 1024)
+        secrets, last = self.secrets.page(limit, _after(token) if token else None)
+        headers = [("x-next-token", base64.urlsafe_b64encode(last.encode()).decode())] if last is not None else []
+        await send_json(send, 200, [_answer(s) for s in secrets], headers)
+
+    async def info(self, scope: Scope, receive: Receive, send: Send, selector: str) -> None:
+        await send_json(send, 200, _answer(self.secrets.find(selector)))
+
+    async def update(self, scope: Scope, receive: Receive, send: Send, selector: str) -> None:
+        body = await Body.read(receive)
+        metadata = body.metadata() if body.fields.get("metadata") is not None else None
+        secret = self.secrets.update(selector, _required(body, "value"), metadata)
+        await send_json(send, 200, _answer(secret))
+
+    async def delete(self, scope: Scope, receive: Receive, send: Send, selector: str) -> None:
+        self.secrets.delete(selector)
+        await send_empty(send, 204)
+
+
+def _required(body: Body, name: str) -> str:
+    """A required string field, whole (a secret's value is not trimmed or bounded here: the store
+    bounds it)."""
+    value = body.fields.get(name)
+    if not isinstance(value, str) or not value:
+        raise ApiError(400, f"'{name}' is required and must be a non-empty string")
+    return value
+
+
+def _after(token: str) -> str:
+    """The name a ``nextToken`` this API gave out goes on from."""
+    try:
+        name = base64.b64decode(token.encode(), altchars=b"-_", validate=True).decode()
+        return check_name(name)
+    except (ValueError, UnicodeError, ApiError):
+        raise ApiError(400, "'nextToken' is not a token this API gave out") from None
+
+
+def _answer(secret: Secret) -> dict[str, Any]:
+    return {
+        "secretID": secret.id,
+        "name": secret.name,
+        "currentVersion": secret.version,
+        "metadata": secret.metadata,
+        "createdAt": iso(secret.created_at),
+        "updatedAt": iso(secret.updated_at),
+    }

@@ -1,0 +1,170 @@
+"""E2B's secrets (``Secret`` in the SDKs): named values kept by the runtime and never given to a
+sandbox. A sandbox's egress rules name them with ``${e2b.secrets.<name>}`` (what ``Secret.fill``
+writes) in a header transform's value, and the egress proxy puts the secret's current value there
+on each request it forwards to the rule's host (:mod:`.network.egress`), so the value exists only
+in the runtime's database, the network helper and the request on its way to that host.
+
+Stored in the runtime's SQLite database (its data dir is root's, ``0700``), in table ``secrets``
+beside the sandboxes' (the network helper reads it, read-only, as it reads their rules). Values are
+write-only: no answer of the API carries one.
+
+Names are kept lowercased (as E2B's API keeps them; placeholders are matched the same way); a name
+is 1 to 128 characters without ``{``, ``}``, white space or control characters (the SDKs refuse braces
+and control characters; white space would make a placeholder that no header value can carry). A
+value goes into HTTP header values, so it is 1 to :data:`MAX_VALUE_CHARS` characters, none of them
+a control character (a line break would let it write headers of its own).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sqlite3
+import time
+import uuid
+from dataclasses import dataclass
+
+from .errors import ApiError
+from .network.policy import MAX_HEADER_VALUE_LEN, NetworkConfig, bad_header_value, secret_references
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS secrets (
+    id          TEXT PRIMARY KEY,   -- sec_<uuid>
+    name        TEXT UNIQUE NOT NULL,
+    value       TEXT NOT NULL,
+    version     INTEGER NOT NULL,
+    metadata    TEXT NOT NULL,      -- JSON object of strings
+    created_at  REAL NOT NULL,
+    updated_at  REAL NOT NULL
+);
+"""
+
+MAX_NAME_CHARS = 128
+MAX_VALUE_CHARS = MAX_HEADER_VALUE_LEN
+"""A value is only ever put in a header value: no longer than a rule's header value may be."""
+
+MAX_SECRETS = 1000
+"""Secrets a runtime keeps at most: E2B sets no limit we know of; this keeps a list cheap."""
+
+LIST_LIMIT = 100
+"""A page of ``GET /secrets`` when the client names no ``limit`` (and the most it may name)."""
+
+_NAME = re.compile(r"[^{}\s\x00-\x1f\x7f-\x9f]{1,128}")
+"""As :data:`~.network.policy.SECRET_PLACEHOLDER` reads a name."""
+
+
+@dataclass(frozen=True, slots=True)
+class Secret:
+    """A secret's record without its value."""
+
+    id: str
+    name: str
+    version: int
+    metadata: dict[str, str]
+    created_at: float
+    updated_at: float
+
+
+def check_name(name: str) -> str:
+    """The stored (lowercased) form of a secret's name; 400 when it cannot be one."""
+    if not _NAME.fullmatch(name):
+        raise ApiError(
+            400,
+            f"secret name {name[:MAX_NAME_CHARS]!r} is not usable: 1 to {MAX_NAME_CHARS} characters without "
+            "'{', '}', white space or control characters",
+        )
+    return name.lower()
+
+
+def check_value(value: str) -> str:
+    """400 unless ``value`` can stand in an HTTP header value."""
+    if not value:
+        raise ApiError(400, "'value' is required and must be a non-empty string")
+    if len(value) > MAX_VALUE_CHARS:
+        raise ApiError(400, f"'value' is {len(value)} characters long; at most {MAX_VALUE_CHARS} are allowed")
+    if bad_header_value(value):
+        raise ApiError(
+            400, "'value' goes into HTTP header values: it may not contain line breaks or other control characters"
+        )
+    return value
+
+
+class SecretStore:
+    """The runtime's side (read-write, on the runtime's connection, from its event loop thread)."""
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self.db = db
+        self.db.executescript(SCHEMA)
+
+    def create(self, name: str, value: str, metadata: dict[str, str]) -> Secret:
+        name = check_name(name)
+        check_value(value)
+        (count,) = self.db.execute("SELECT COUNT(*) FROM secrets").fetchone()
+        if count >= MAX_SECRETS:
+            raise ApiError(409, f"this runtime keeps at most {MAX_SECRETS} secrets: delete one first")
+        now = time.time()
+        secret = Secret(f"sec_{uuid.uuid4()}", name, 1, metadata, now, now)
+        try:
+            self.db.execute(
+                "INSERT INTO secrets (id, name, value, version, metadata, created_at, updated_at) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (secret.id, name, value, 1, json.dumps(metadata), now, now),
+            )
+        except sqlite3.IntegrityError:
+            raise ApiError(409, f"a secret named '{name}' exists already: update it instead") from None
+        return secret
+
+    def find(self, selector: str) -> Secret:
+        """A secret by its id or its name; 404 otherwise."""
+        row = self.db.execute(
+            "SELECT id, name, version, metadata, created_at, updated_at FROM secrets WHERE id = ? OR name = ?",
+            (selector, selector.lower()),
+        ).fetchone()
+        if row is None:
+            raise ApiError(404, f"secret '{selector[:MAX_NAME_CHARS]}' not found")
+        return _secret(row)
+
+    def update(self, selector: str, value: str, metadata: dict[str, str] | None) -> Secret:
+        """A new version of the secret: its value, and its metadata when given."""
+        check_value(value)
+        current = self.find(selector)
+        now = time.time()
+        kept = current.metadata if metadata is None else metadata
+        self.db.execute(
+            "UPDATE secrets SET value = ?, version = version + 1, metadata = ?, updated_at = ? WHERE id = ?",
+            (value, json.dumps(kept), now, current.id),
+        )
+        return Secret(current.id, current.name, current.version + 1, kept, current.created_at, now)
+
+    def delete(self, selector: str) -> None:
+        self.db.execute("DELETE FROM secrets WHERE id = ?", (self.find(selector).id,))
+
+    def page(self, limit: int, after: str | None) -> tuple[list[Secret], str | None]:
+        """Up to ``limit`` secrets by name, after the name ``after``; and the name to go on from."""
+        rows = self.db.execute(
+            "SELECT id, name, version, metadata, created_at, updated_at FROM secrets WHERE name > ? "
+            "ORDER BY name LIMIT ?",
+            (after or "", limit + 1),
+        ).fetchall()
+        secrets = [_secret(r) for r in rows[:limit]]
+        return secrets, (secrets[-1].name if len(rows) > limit else None)
+
+    def check_references(self, config: NetworkConfig) -> None:
+        """400 when ``config``'s header rules name a secret that does not exist (a request to the
+        rule's host could not be sent as written)."""
+        names = secret_references(config)
+        if not names:
+            return
+        marks = ",".join("?" * len(names))
+        found = {r[0] for r in self.db.execute(f"SELECT name FROM secrets WHERE name IN ({marks})", sorted(names))}
+        missing = sorted(names - found)
+        if missing:
+            raise ApiError(
+                400,
+                f"network.rules: no secret named {', '.join(repr(n) for n in missing)}: create it first "
+                "(Secret.create) and refer to it as ${e2b.secrets.<name>}",
+            )
+
+
+def _secret(row: tuple[str, str, int, str, float, float]) -> Secret:
+    return Secret(row[0], row[1], int(row[2]), json.loads(row[3]), float(row[4]), float(row[5]))
