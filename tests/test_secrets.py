@@ -85,3 +85,14 @@ def test_a_rule_naming_a_secret_that_does_not_exist_is_refused(e2b_env: Runtime)
     rules = {"api.example.com": [{"transform": {"headers": {"Authorization": f"Bearer {Secret.fill(missing)}"}}}]}
     with pytest.raises(Exception, match=f"no secret named '{missing}'"):
         Sandbox.create(network={"rules": rules}, timeout=60)
+
+
+def test_workload_identity_tokens_are_refused_with_the_way_that_works(e2b_env: Runtime) -> None:
+    """E2B's ``iam`` tokens (minted by its egress proxy) are not issued here: refused, naming
+    Secret.create and Secret.fill, rather than sending a rule's placeholder as it is."""
+    token = Secret.iam_token(audience="sts.amazonaws.com", token_type="JWT-SVID")
+    with pytest.raises(Exception, match=r"Secret\.fill"):
+        Sandbox.create(iam={"tokens": {"aws": token}}, timeout=60)
+    rules = {"sts.amazonaws.com": [{"transform": {"headers": {"Authorization": "Bearer ${e2b.identity.tokens.aws}"}}}]}
+    with pytest.raises(Exception, match="workload identity"):
+        Sandbox.create(network={"rules": rules}, timeout=60)

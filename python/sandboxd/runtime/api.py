@@ -107,8 +107,19 @@ def _egress_proxy_refused(body: dict[str, Any], message: str) -> None:
         raise ApiError(403, message)
 
 
+IAM_REFUSED = (
+    "workload identity tokens (iam) are not issued by sandboxd: keep the credential with Secret.create and name "
+    "it in the rule's header with Secret.fill(name)"
+)
+
+
 def network_from_create(body: dict[str, Any]) -> NetworkConfig:
-    """``allow_internet_access`` and ``network`` of a create body (E2B's ``NewSandboxV2``)."""
+    """``allow_internet_access`` and ``network`` of a create body (E2B's ``NewSandboxV2``).
+    ``iam`` (workload identity tokens the egress proxy would mint) is refused: a rule naming one
+    would otherwise go out with its placeholder."""
+    iam = body.get("iam")
+    if iam is not None and (not isinstance(iam, dict) or iam.get("tokens")):
+        raise ApiError(400, IAM_REFUSED)
     allow_internet = _field(body, "allow_internet_access", bool, None)
     network = _field(body, "network", dict, None)
     if network is None:

@@ -92,6 +92,10 @@ egress proxy puts the secret's current value there (:mod:`sandboxd.runtime.secre
 matched lowercased, as they are stored."""
 
 
+IDENTITY_PLACEHOLDER = "${e2b.identity.tokens."
+"""E2B's workload identity placeholder (``iam`` tokens): not issued here, so refused in rules."""
+
+
 def secret_references(config: NetworkConfig) -> set[str]:
     """The (lowercased) names of the secrets ``config``'s header rules refer to."""
     return {
@@ -310,6 +314,13 @@ def _validate_rules(rules: dict[str, tuple[dict[str, str], ...]] | None) -> None
                 if bad_header_value(value):
                     raise ApiError(
                         400, f'Value for header "{name}" in rule for domain "{domain}" contains invalid characters.'
+                    )
+                if IDENTITY_PLACEHOLDER in value:
+                    raise ApiError(
+                        400,
+                        f'Value for header "{name}" in rule for domain "{domain}" names a workload identity token, '
+                        "which sandboxd does not issue: keep the credential with Secret.create and name it with "
+                        "Secret.fill(name)",
                     )
                 if len(value) > MAX_HEADER_VALUE_LEN:
                     raise ApiError(
