@@ -1,6 +1,6 @@
 """Process output on a binary Connect stream (``application/connect+proto``), read off a raw socket:
 the path on which the agent hands its output ring's chunks to the socket without copying them
-(``OutputChunk`` + ``http_server.BodyParts``). Every byte in order with valid chunked framing, a slow
+(``OutputChunk`` + ``http_server.ResponseWriter``). Every byte in order with valid chunked framing, a slow
 reader that must not make the agent buffer without bound, a client that vanishes mid-stream, and the
 JSON stream of the same output beside it."""
 

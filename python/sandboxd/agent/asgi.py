@@ -14,7 +14,12 @@ RawHeaders = list[tuple[bytes, bytes]]
 
 BODY_PARTS = "sandboxd.body_parts"
 """The ``scope["extensions"]`` key of the server's writer of a body message in pieces
-(``sandboxd.agent.http_server.BodyParts``), when the server offers one."""
+(``sandboxd.agent.http_server.ResponseWriter``), when the server offers one."""
+
+BODY_FOLLOWS = "sandboxd.body_follows"
+"""A key an app may set (to True) in ``http.response.start`` to say that its first body message
+follows at once, so the server may write the head with it in one write (a start with
+``content-length`` says so by itself). Servers ignore keys they do not know."""
 
 
 class ClientDisconnected(Exception):

@@ -28,6 +28,7 @@ from google.protobuf import json_format
 from google.protobuf.message import DecodeError, Message
 
 from .asgi import (
+    BODY_FOLLOWS,
     BODY_PARTS,
     ClientDisconnected,
     Receive,
@@ -301,7 +302,9 @@ class ConnectTransport:
                     ("x-accel-buffering", "no"),
                     *(ctx.response_headers if ctx is not None else ()),
                 ]
-                await send({"type": "http.response.start", "status": 200, "headers": raw_headers(response_headers)})
+                # Only ever called right before the first frame: the head may wait for it.
+                headers = raw_headers(response_headers)
+                await send({"type": "http.response.start", "status": 200, "headers": headers, BODY_FOLLOWS: True})
 
         body_parts = scope.get("extensions", {}).get(BODY_PARTS)
 

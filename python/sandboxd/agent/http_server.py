@@ -16,7 +16,9 @@ class (``uvicorn.Config(http=<class>)``), and :class:`GuardedHttpToolsProtocol` 
   new one, and a connection with a request in progress (a ``/health`` probe, an authenticated call)
   is never evicted. Only when every connection is busy is a new one refused at once.
 
-It also puts a :class:`BodyParts` writer in every request's ``scope["extensions"]`` (under
+Every response goes through a :class:`ResponseWriter`: a head whose body follows at once (it has
+``content-length``, or the app says so with :data:`BODY_FOLLOWS`) is written with the body's first
+bytes, in one write. It is also in every request's ``scope["extensions"]`` (under
 :data:`BODY_PARTS`): a body message given as several ``bytes`` goes to the socket as one chunk with
 ``writelines`` (uvloop's ``writev``), where ASGI's ``send`` takes one ``bytes`` and uvicorn copies it
 once more to put the chunked framing around it. Process output, 1 MiB per message, takes this path.
@@ -51,7 +53,7 @@ from typing import TYPE_CHECKING, Any
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from .asgi import BODY_PARTS
+from .asgi import BODY_FOLLOWS, BODY_PARTS, Message
 
 if TYPE_CHECKING:
     from .rpc import Piece
@@ -75,6 +77,10 @@ are also the first evicted when the connection cap is reached."""
 MAX_HEAD_BYTES = 64 << 10
 """Largest request head (request line and headers): nginx allows 32 KiB per line; no SDK call comes
 near it. Past it: 431 and the connection is closed."""
+
+JOIN_BELOW = 64 << 10
+"""A held head and the body message after it are joined into one ``write`` below this size (bytes):
+copying that little costs less than a ``writev``'s set-up; above it, a big body is not copied."""
 
 FD_RESERVE = 256
 """File descriptors kept for everything but client connections (files, pipes, inotify, sandboxes)."""
@@ -124,17 +130,58 @@ class ConnectionGuard:
         self.open -= 1
 
 
-class BodyParts:
-    """Writes one response body message given in pieces, without joining them: the ASGI
-    ``http.response.body`` message with ``more_body=True`` that ``b"".join(parts)`` would be, with
-    the same flow control (waits while the transport is over its high-water mark) and the same
-    silence once the client is gone. For a response already started with chunked encoding (a
-    streamed response without ``content-length``); :meth:`usable` says whether this one is."""
+class ResponseWriter:
+    """What a request's response goes through between the ASGI app and uvicorn's
+    ``RequestResponseCycle``: it writes the head together with the body's first bytes, and it is
+    the request's writer of a body message in pieces (:data:`BODY_PARTS`).
 
-    __slots__ = ("_cycle",)
+    **The head with the first body bytes.** uvicorn writes the head as soon as the app sends
+    ``http.response.start``, and the body with the next message: two writes, two segments and two
+    wake-ups of the client for a reply that is ready at once. Worse, a client whose deadline falls
+    between them has read a head announcing a body and records an empty one (the Connect
+    conformance client once failed a ``Timeouts`` case so, on a unary error). So when the body is
+    known to follow at once (the start has ``content-length``, or the app set :data:`BODY_FOLLOWS`
+    in it), the start goes through uvicorn's own ``send`` with this object as the cycle's transport,
+    which keeps the head's bytes; the next body message goes the same way and both are written in
+    one ``write`` (or one ``writelines``, uvloop's ``writev``, past :data:`JOIN_BELOW`). uvicorn's
+    state (started, chunked, keep-alive, ``connection: close``) is its own, only the bytes wait.
+    Any other start (a proxied server's streamed head, say) is written at once, as uvicorn would.
+
+    **A body message in pieces.** :meth:`__call__` writes the ``http.response.body`` message with
+    ``more_body=True`` that ``b"".join(parts)`` would be, without joining them, as one chunk with
+    ``writelines``, with the same flow control (waits while the transport is over its high-water
+    mark) and the same silence once the client is gone. For a response started with chunked
+    encoding (a streamed response without ``content-length``); :meth:`usable` says whether this one
+    is. A head still held goes out in the same ``writelines``."""
+
+    __slots__ = ("_cycle", "_held", "_send", "_transport")
 
     def __init__(self, cycle: Any) -> None:
         self._cycle = cycle
+        self._send = cycle.send  # uvicorn's
+        self._transport: Any = cycle.transport  # uvloop's: its writelines takes any buffer (a Piece)
+        self._held: list[bytes] | None = None
+        """The bytes uvicorn wrote while this object stood in for the transport, not yet written."""
+        cycle.send = self.send  # run_asgi looks ``send`` up when the request's task first runs
+
+    async def send(self, message: Message) -> None:
+        """The ASGI ``send`` of the request."""
+        if self._held is None and (message["type"] != "http.response.start" or not _body_follows(message)):
+            await self._send(message)
+            return
+        cycle = self._cycle
+        while cycle.flow.write_paused and not cycle.disconnected:
+            await cycle.flow.drain()
+        # uvicorn's send suspends only to drain: from here it runs to its end while it writes here.
+        if self._held is None:
+            self._held = []
+        cycle.transport = self
+        try:
+            await self._send(message)
+        finally:
+            cycle.transport = self._transport
+        if message["type"] != "http.response.start":
+            self._flush()
 
     def usable(self) -> bool:
         """Whether the response is started, chunked and not complete (otherwise use ``send``)."""
@@ -148,11 +195,47 @@ class BodyParts:
         if cycle.disconnected:
             return  # as uvicorn's send: the disconnect reaches the app through receive()
         if not self.usable():
-            raise RuntimeError("BodyParts needs a started, chunked, unfinished response")
+            raise RuntimeError("ResponseWriter needs a started, chunked, unfinished response")
+        pieces: list[Piece] = [*self._held] if self._held else []
+        self._held = None
         size = sum(len(part) for part in parts)
         if size:
+            pieces += [b"%x\r\n" % size, *parts, b"\r\n"]
+        if pieces:
             # uvloop takes any object with the buffer protocol and copies none of them.
-            cycle.transport.writelines([b"%x\r\n" % size, *parts, b"\r\n"])
+            self._transport.writelines(pieces)
+
+    # The transport uvicorn's send writes to while a head is held (it calls nothing else).
+
+    def write(self, data: bytes) -> None:
+        assert self._held is not None
+        self._held.append(data)
+
+    def close(self) -> None:
+        self._flush()
+        self._transport.close()
+
+    def is_closing(self) -> bool:
+        return bool(self._transport.is_closing())
+
+    def _flush(self) -> None:
+        held = self._held
+        self._held = None
+        if not held or self._cycle.disconnected:
+            return
+        if len(held) == 1:
+            self._transport.write(held[0])
+        elif sum(len(part) for part in held) <= JOIN_BELOW:
+            self._transport.write(b"".join(held))
+        else:
+            self._transport.writelines(held)
+
+
+def _body_follows(start: Message) -> bool:
+    """Whether the body of a response with this ``http.response.start`` follows it at once."""
+    if start.get(BODY_FOLLOWS):
+        return True
+    return any(name.lower() == b"content-length" for name, _ in start.get("headers", ()))
 
 
 _REFUSED = b"HTTP/1.1 %d %s\r\ncontent-type: text/plain\r\ncontent-length: %d\r\nconnection: close\r\n\r\n%s"
@@ -210,7 +293,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self.guard.busy(self)
         super().on_headers_complete()
         if self.cycle is not None and self.cycle.scope is self.scope:  # not when upgraded
-            self.scope.setdefault("extensions", {})[BODY_PARTS] = BodyParts(self.cycle)  # type: ignore[assignment]
+            self.scope.setdefault("extensions", {})[BODY_PARTS] = ResponseWriter(self.cycle)  # type: ignore[assignment]
 
     def on_response_complete(self) -> None:
         pipelined = bool(self.pipeline)  # a request already read starts now: still busy
