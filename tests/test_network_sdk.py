@@ -325,6 +325,24 @@ def test_a_secret_in_a_header_rule_reaches_the_server_in_its_current_version_and
         (seen,) = requests_seen("second")
         assert seen["headers"].get("Authorization") == f"Bearer {second}"
 
+        # Not over plain HTTP, where anyone on the way could read it: the connection is closed.
+        assert oks(probe(sandbox, web("allowed.test", path="/whoami?s=plain"))) == [False]
+        assert not [r for r in lab.requests() if r["path"] == "/whoami?s=plain"]
+        # Not to another virtual host on a connection to the rule's (a CDN routing by Host).
+        fronted = sandbox.commands.run(
+            "python3 - <<'EOF'\n"
+            "import ssl, socket\n"
+            "s = ssl.create_default_context().wrap_socket(socket.create_connection(('allowed.test', 443)),"
+            " server_hostname='allowed.test')\n"
+            "s.sendall(b'GET /whoami?s=fronted HTTP/1.1\\r\\nHost: elsewhere.test\\r\\n'"
+            " b'Connection: close\\r\\n\\r\\n')\n"
+            "print(s.recv(100).split(b'\\r\\n')[0].decode())\n"
+            "EOF"
+        )
+        assert fronted.stdout.startswith("HTTP/1."), fronted.stdout
+        (seen,) = [r for r in lab.requests() if r["path"] == "/whoami?s=fronted"]
+        assert "Authorization" not in seen["headers"], seen
+
         pattern = second[:10] + "[" + second[10] + "]" + second[11:]  # a pattern that does not contain it
         search = sandbox.commands.run(
             "grep -rlE --exclude-dir=proc --exclude-dir=sys --exclude-dir=dev --exclude-dir=usr "

@@ -12,11 +12,13 @@ decided on its own, E2B's way (see :mod:`.policy`):
    not in a never-reachable range; else allowed by address (or by default): dialed at the original
    address; else closed;
 4. a name with header rules: HTTP requests get the headers (values replace the request's own, and
-   a ``${e2b.secrets.<name>}`` in them becomes that secret's current value, read per connection; a
-   connection whose rule names a secret that is gone is closed); TLS
+   a ``${e2b.secrets.<name>}`` in them becomes that secret's current value, read per connection,
+   on TLS connections only; a connection whose rule names a secret that is gone, or in plain HTTP,
+   is closed); TLS
    is terminated with a certificate from the runtime's CA (:mod:`.tls`) and re-encrypted to the
-   real host, verified. Headers are only ever sent to a connection dialed by the rule's name, so a
-   sandbox cannot steer them to an address of its choosing. Otherwise the bytes are relayed as
+   real host, verified. Headers are only ever sent to a connection dialed by the rule's name, in
+   requests whose Host is that name, so a sandbox cannot steer them to an address or a virtual
+   host of its choosing. Otherwise the bytes are relayed as
    they are.
 
 It runs in the network helper process (:mod:`.helper`), so its work never competes with the
@@ -32,12 +34,13 @@ import logging
 import socket
 import ssl
 import struct
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import httptools
 
-from .policy import Egress, IPAddress, IPNetwork, fill_secrets
+from .policy import SECRET_PLACEHOLDER, Egress, IPAddress, IPNetwork, fill_secrets
 from .resolver import Resolver
 from .tls import LeafContexts
 
@@ -62,6 +65,10 @@ PEEK_POLL_S = 0.003
 CONNECT_TIMEOUT_S = 10.0
 RELAY_CHUNK = 256 << 10
 """Read size while relaying: big reads keep the per-byte cost of the loop low."""
+
+WARN_EVERY_S = 60.0
+MAX_WARNED = 4096
+"""Sandboxes whose last warning time is kept (cleared past it: a few more warnings, no growth)."""
 
 MAX_HEAD = 64 << 10
 """Longest HTTP request head the header rewriter accepts."""
@@ -170,12 +177,23 @@ class EgressProxy:
         self.lookup = lookup
         self.secret = secret
         """A secret's current value by name, for the placeholders in header rules."""
+        self._warned: dict[str, float] = {}
         self.resolver = resolver
         self.never = never
         self.opened = opened
         self.leaves = leaves
         self.upstream_tls = upstream_tls
         self.tasks: set[asyncio.Task[None]] = set()
+
+    def _warn(self, sandbox_id: str, message: str, *args: object) -> None:
+        """A warning about a sandbox's connections, at most once per :data:`WARN_EVERY_S` each (a
+        sandbox may open connections as fast as it likes)."""
+        now = time.monotonic()
+        if now - self._warned.get(sandbox_id, -WARN_EVERY_S) >= WARN_EVERY_S:
+            if len(self._warned) > MAX_WARNED:
+                self._warned.clear()
+            self._warned[sandbox_id] = now
+            log.warning(message + " (connection closed; said once a minute)", sandbox_id, *args)
 
     def reachable(self, ip: IPAddress) -> bool:
         """Outside every never-reachable range, or inside one the operator opened."""
@@ -214,15 +232,13 @@ class EgressProxy:
             if not by_name and verdict is False:
                 return
             headers = egress.headers_for(name) if name is not None else None
-            if headers is not None:
-                filled = fill_secrets(headers, self.secret)
-                if isinstance(filled, str):  # never the placeholder, nor the request without it
-                    log.warning(
-                        "egress: sandbox %s's rule for %s names secret '%s', which no longer exists: connection closed",
-                        caller.sandbox_id,
-                        name,
-                        filled,
-                    )
+            if headers is not None and any(SECRET_PLACEHOLDER.search(value) for _, value in headers):
+                # Never the placeholder, nor the request without its header; and a secret only over
+                # TLS, verified, where nobody on the way reads it.
+                filled = fill_secrets(headers, self.secret) if tls else None
+                if not isinstance(filled, tuple):
+                    why = f"secret '{filled}' no longer exists" if filled else "secrets are only sent over TLS"
+                    self._warn(caller.sandbox_id, "egress: sandbox %s's rule for %s names a secret: %s", name, why)
                     return
                 headers = filled
             if by_name or headers is not None:
@@ -316,7 +332,9 @@ class EgressProxy:
         client_w = asyncio.StreamWriter(transport, protocol, client_r, loop)
         up_r, up_w = await asyncio.open_connection(sock=upstream, ssl=self.upstream_tls, server_hostname=name)
         try:
-            await _pump_rewriting(client_r, up_w, up_r, client_w, lambda _host: headers)
+            # Only requests whose Host is the name dialed (the SNI): a request naming another host on
+            # this connection (a CDN routing by Host) does not get the rule's headers.
+            await _pump_rewriting(client_r, up_w, up_r, client_w, lambda host: headers if host == name else None)
         finally:
             up_w.close()
             client_w.close()
