@@ -159,3 +159,18 @@ def test_secret_placeholders_are_found_and_filled_and_a_missing_one_is_named() -
         ("X-Odd", "${e2b.secrets.}${e2b.secret.x}${e2b.secrets.a b}"),
     )
     assert fill_secrets(headers, {"openai": "sk-1", "one": "1"}.get) == "two"
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("Bearer ${e2b.secrets.a b}", "malformed secret placeholder"),
+        ("Bearer ${e2b.secrets.}", "malformed secret placeholder"),
+        ("Bearer ${e2b.secrets." + "x" * 129 + "}", "malformed secret placeholder"),
+        ("Bearer ${e2b.secrets.unclosed", "malformed secret placeholder"),
+        ("Bearer ${e2b.identity.tokens.aws}", "workload identity"),
+    ],
+)
+def test_a_rule_with_a_placeholder_that_cannot_be_filled_is_refused(value: str, message: str) -> None:
+    with pytest.raises(ApiError, match=message):
+        validate(NetworkConfig(rules={"api.test": ({"Authorization": value},)}))

@@ -5,6 +5,7 @@ is in test_network_sdk.py (it needs the network lab)."""
 
 from __future__ import annotations
 
+import json
 import secrets
 
 import httpx
@@ -68,7 +69,17 @@ def test_bad_requests_are_refused_with_a_reason(e2b_env: Runtime) -> None:
         refused("POST", "/secrets", 400, "not usable", json={"name": "x" * 129, "value": "v"})
         refused("POST", "/secrets", 400, "'value' is required", json={"name": _name("n")})
         refused("POST", "/secrets", 400, "line breaks", json={"name": _name("n"), "value": "a\r\nX-Evil: 1"})
-        refused("POST", "/secrets", 400, "at most", json={"name": _name("n"), "value": "v" * 5000})
+        refused("POST", "/secrets", 400, "longer than 2048", json={"name": _name("n"), "value": "v" * 5000})
+        # A lone surrogate is valid JSON (escaped) but no UTF-8: httpx would not send it, so by hand.
+        refused("POST", "/secrets", 400, "lone surrogate", content=json.dumps({"name": "s\ud800", "value": "v"}))
+        refused("POST", "/secrets", 400, "lone surrogate", content=json.dumps({"name": _name("n"), "value": "v\ud800"}))
+        refused("POST", f"/secrets/{name}", 400, "lone surrogate", content=json.dumps({"value": "v\udfff"}))
+        refused("POST", "/secrets", 400, "starts secret ids", json={"name": "SEC_mine", "value": "v"})
+        refused("POST", "/secrets", 400, "not usable", json={"name": "\u0130" * 128, "value": "v"})  # 256 lowercased
+        many = {f"k{i}": "v" for i in range(33)}
+        refused("POST", "/secrets", 400, "at most 32", json={"name": _name("n"), "value": "v", "metadata": many})
+        wide = {"k": "v" * 1025}
+        refused("POST", f"/secrets/{name}", 400, "at most 1024", json={"value": "v", "metadata": wide})
         refused("POST", "/secrets", 400, "must be an object", json={"name": _name("n"), "value": "v", "metadata": 1})
         refused("POST", f"/secrets/{name}", 400, "line breaks", json={"value": "a\nb"})
         refused("GET", "/secrets/sec_nothing", 404, "not found")

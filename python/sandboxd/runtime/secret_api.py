@@ -25,7 +25,7 @@ from sandboxd.agent.asgi import ClientDisconnected, Receive, Scope, Send, header
 from .api import Route, check_api_key, find_route, iso
 from .errors import ApiError
 from .inputs import Body, Query
-from .secrets import LIST_LIMIT, Secret, SecretStore, check_name
+from .secrets import LIST_LIMIT, MAX_VALUE_CHARS, Secret, SecretStore, check_metadata, check_name
 
 
 class SecretApi:
@@ -59,7 +59,7 @@ class SecretApi:
     async def create(self, scope: Scope, receive: Receive, send: Send) -> None:
         body = await Body.read(receive)
         name = _required(body, "name")
-        secret = self.secrets.create(name, _required(body, "value"), body.metadata())
+        secret = self.secrets.create(name, _required(body, "value"), check_metadata(body.metadata()))
         await send_json(send, 201, _answer(secret))
 
     async def list(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -76,7 +76,7 @@ class SecretApi:
 
     async def update(self, scope: Scope, receive: Receive, send: Send, selector: str) -> None:
         body = await Body.read(receive)
-        metadata = body.metadata() if body.fields.get("metadata") is not None else None
+        metadata = check_metadata(body.metadata()) if body.fields.get("metadata") is not None else None
         secret = self.secrets.update(selector, _required(body, "value"), metadata)
         await send_json(send, 200, _answer(secret))
 
@@ -86,11 +86,9 @@ class SecretApi:
 
 
 def _required(body: Body, name: str) -> str:
-    """A required string field, whole (a secret's value is not trimmed or bounded here: the store
-    bounds it)."""
-    value = body.fields.get(name)
-    if not isinstance(value, str) or not value:
-        raise ApiError(400, f"'{name}' is required and must be a non-empty string")
+    """A required string field (the store checks what a name and a value may be)."""
+    value = body.string(name, MAX_VALUE_CHARS, required=True)
+    assert value is not None
     return value
 
 

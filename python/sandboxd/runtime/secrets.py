@@ -43,6 +43,15 @@ MAX_NAME_CHARS = 128
 MAX_VALUE_CHARS = MAX_HEADER_VALUE_LEN
 """A value is only ever put in a header value: no longer than a rule's header value may be."""
 
+MAX_METADATA_KEYS = 32
+MAX_METADATA_KEY_BYTES = 128
+MAX_METADATA_VALUE_BYTES = 1024
+MAX_METADATA_BYTES = 8 << 10
+"""E2B's documented bounds of a secret's metadata (entries, key, value, all of it, in UTF-8)."""
+
+ID_PREFIX = "sec_"
+"""Secret ids start with it, and names may not (E2B reserves it): a selector is never both."""
+
 MAX_SECRETS = 1000
 """Secrets a runtime keeps at most: E2B sets no limit we know of; this keeps a list cheap."""
 
@@ -67,13 +76,35 @@ class Secret:
 
 def check_name(name: str) -> str:
     """The stored (lowercased) form of a secret's name; 400 when it cannot be one."""
-    if not _NAME.fullmatch(name):
+    lowered = name.lower()  # checked as stored: lowercasing may lengthen it ("İ")
+    if not _NAME.fullmatch(lowered):
         raise ApiError(
             400,
             f"secret name {name[:MAX_NAME_CHARS]!r} is not usable: 1 to {MAX_NAME_CHARS} characters without "
             "'{', '}', white space or control characters",
         )
-    return name.lower()
+    if lowered.startswith(ID_PREFIX):
+        raise ApiError(400, f"secret name {name!r} is not usable: '{ID_PREFIX}' starts secret ids, not names")
+    return lowered
+
+
+def check_metadata(metadata: dict[str, str]) -> dict[str, str]:
+    """400 unless ``metadata`` is within E2B's bounds."""
+    if len(metadata) > MAX_METADATA_KEYS:
+        raise ApiError(400, f"'metadata' has {len(metadata)} entries; at most {MAX_METADATA_KEYS} are allowed")
+    total = 0
+    for key, value in metadata.items():
+        key_bytes, value_bytes = len(key.encode()), len(value.encode())
+        if key_bytes > MAX_METADATA_KEY_BYTES or value_bytes > MAX_METADATA_VALUE_BYTES:
+            raise ApiError(
+                400,
+                f"'metadata' key {key[:MAX_METADATA_KEY_BYTES]!r}: keys are at most {MAX_METADATA_KEY_BYTES} bytes "
+                f"and values at most {MAX_METADATA_VALUE_BYTES}",
+            )
+        total += key_bytes + value_bytes
+    if total > MAX_METADATA_BYTES:
+        raise ApiError(400, f"'metadata' is {total} bytes; at most {MAX_METADATA_BYTES} are allowed")
+    return metadata
 
 
 def check_value(value: str) -> str:
@@ -116,9 +147,10 @@ class SecretStore:
 
     def find(self, selector: str) -> Secret:
         """A secret by its id or its name; 404 otherwise."""
+        column = "id" if selector.startswith(ID_PREFIX) else "name"
+        key = selector if column == "id" else selector.lower()
         row = self.db.execute(
-            "SELECT id, name, version, metadata, created_at, updated_at FROM secrets WHERE id = ? OR name = ?",
-            (selector, selector.lower()),
+            f"SELECT id, name, version, metadata, created_at, updated_at FROM secrets WHERE {column} = ?", (key,)
         ).fetchone()
         if row is None:
             raise ApiError(404, f"secret '{selector[:MAX_NAME_CHARS]}' not found")

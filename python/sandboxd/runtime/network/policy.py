@@ -86,6 +86,7 @@ def bad_header_value(value: str) -> bool:
     return any((ord(c) < 0x20 and c != "\t") or ord(c) == 0x7F for c in value)
 
 
+SECRET_PREFIX = "${e2b.secrets."
 SECRET_PLACEHOLDER = re.compile(r"\$\{e2b\.secrets\.([^{}\s\x00-\x1f\x7f-\x9f]{1,128})\}")
 """``${e2b.secrets.<name>}`` in a header rule's value (what the SDKs' ``Secret.fill`` writes): the
 egress proxy puts the secret's current value there (:mod:`sandboxd.runtime.secrets`). Names are
@@ -314,6 +315,13 @@ def _validate_rules(rules: dict[str, tuple[dict[str, str], ...]] | None) -> None
                 if bad_header_value(value):
                     raise ApiError(
                         400, f'Value for header "{name}" in rule for domain "{domain}" contains invalid characters.'
+                    )
+                if value.count(SECRET_PREFIX) != len(SECRET_PLACEHOLDER.findall(value)):
+                    raise ApiError(
+                        400,
+                        f'Value for header "{name}" in rule for domain "{domain}" has a malformed secret placeholder: '
+                        "write ${e2b.secrets.<name>} (Secret.fill(name)), a name of 1 to 128 characters without "
+                        "'{', '}', white space or control characters",
                     )
                 if IDENTITY_PLACEHOLDER in value:
                     raise ApiError(

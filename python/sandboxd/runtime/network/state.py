@@ -9,11 +9,14 @@ without any message between the two processes.
 
 from __future__ import annotations
 
+import logging
 import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
 
 from .policy import NetworkConfig
+
+log = logging.getLogger("sandboxd.network")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS sandbox_networks (
@@ -88,6 +91,7 @@ class SlotReader:
         runtime's :mod:`~sandboxd.runtime.secrets` keeps them in the same database)."""
         try:
             row = self.db.execute("SELECT value FROM secrets WHERE name = ?", (name,)).fetchone()
-        except sqlite3.Error:  # no secrets table yet: nothing is stored
+        except sqlite3.Error as exc:  # fail closed (the caller drops the connection), and say why
+            log.error("could not read secret '%s' from the runtime's database: %s", name, exc)
             return None
         return None if row is None else str(row[0])
