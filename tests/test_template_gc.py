@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -123,3 +125,35 @@ def test_an_api_removal_during_a_build_answers_at_once_and_collects_after_it(tmp
         time.sleep(0.05)
     assert not layers.path(mine).exists() and layers.path(base).is_dir()
     assert list(layers.cache_records().values()) == []
+
+
+def test_the_prune_command_reports_what_it_freed_and_keeps_the_built_in_recipes(tmp_path: Path) -> None:
+    """``sandboxd template prune`` on a store of its own: the records no template ends with go, with
+    their layers; the built-in templates' current recipes stay; a runtime database that exists but
+    cannot be read stops the collection (its templates' layers are unknown)."""
+    if os.geteuid() != 0:
+        pytest.skip("the template store is root's (it keeps layers' canonical owners)")
+    from sandboxd.runtime.templates import BUILT, Templates
+
+    data, store_dir = tmp_path / "data", tmp_path / "store"
+    data.mkdir()
+    templates = Templates(Store(data / "sandboxd.db"), store_dir)
+    layers = templates.layers
+    built_in = _layer(layers, "a built-in recipe's")
+    layers.cache_put(templates._key(BUILT[0]), {"layers": [built_in]})
+    replaced = _layer(layers, "a replaced build's")
+    layers.cache_put(_digest("replaced step"), {"layers": [replaced, built_in]})
+
+    def prune() -> subprocess.CompletedProcess[str]:
+        command = [sys.executable, "-m", "sandboxd", "template", "prune", "--data-dir", str(data)]
+        command += ["--template-store", str(store_dir)]
+        return subprocess.run(command, capture_output=True, text=True, timeout=120, check=True)
+
+    broken = tmp_path / "broken.db"
+    broken.write_bytes(b"this is not an SQLite database" * 100)
+    layers.register_user(broken)
+    assert "nothing was deleted" in prune().stdout and layers.path(replaced).is_dir()
+    broken.unlink()
+
+    assert "1 build cache records and 1 layers" in prune().stdout
+    assert not layers.path(replaced).exists() and layers.path(built_in).is_dir()

@@ -67,6 +67,8 @@ def _build_file(args: argparse.Namespace, store: Store) -> int | str:
 
 
 def _collected(collected: Collected) -> str:
+    if collected.skipped is not None:
+        return f"nothing was deleted: {collected.skipped}"
     return (
         f"{collected.records} build cache records and {len(collected.layers)} layers "
         f"({_size(collected.size)}) that nothing lists any more were deleted"

@@ -601,6 +601,7 @@ class Templates:
         try:
             return collect(wait=False)
         except BlockingIOError:
+            log.info("template %s removed; its layers are collected once the running builds and imports end", name)
             threading.Thread(target=_collect_later, args=(name, collect), name="template-gc", daemon=True).start()
             return None
 
@@ -624,6 +625,8 @@ class Collected:
     layers: list[str]
     size: int
     """Bytes the deleted layers held."""
+    skipped: str | None = None
+    """Why nothing was collected, when a runtime's database could not be read."""
 
 
 def _collect_later(name: str, collect: Callable[[], Collected]) -> None:
@@ -632,7 +635,10 @@ def _collect_later(name: str, collect: Callable[[], Collected]) -> None:
     except Exception:  # a thread of its own: log it, as nobody waits for it
         log.exception("template %s: the collection after its removal failed", name)
         return
-    log.info("template %s: %d cache records and %d layers collected", name, collected.records, len(collected.layers))
+    if collected.skipped is None:
+        log.info(
+            "template %s: %d cache records and %d layers collected", name, collected.records, len(collected.layers)
+        )
 
 
 def collect_garbage(
@@ -653,7 +659,11 @@ def collect_garbage(
     while it runs, so what they made and have not recorded yet is never taken, and a collection
     waits for them to finish (without ``wait``: raises ``BlockingIOError`` instead)."""
     with layers.lock("gc", wait=wait):
-        chains = [chain for db_path in layers.users() for chain in _template_layers(db_path)]
+        try:
+            chains = [chain for db_path in layers.users() for chain in _template_layers(db_path)]
+        except _Unreadable as exc:  # its templates' layers are unknown: take nothing
+            log.warning("template store %s: nothing collected: %s", layers.root, exc)
+            return Collected(0, [], 0, skipped=str(exc))
         dropped = 0
         if stale is not None:
             for name, record in layers.cache_records().items():
@@ -679,21 +689,20 @@ def _ends_with(chain: list[str], tail: list[str]) -> bool:
     return len(tail) <= len(chain) and chain[len(chain) - len(tail) :] == tail
 
 
+class _Unreadable(Exception):
+    """A runtime using the store has a database whose templates cannot be read."""
+
+
 def _template_layers(db_path: Path) -> list[list[str]]:
     """Each template's layers (topmost first) in the templates table of a runtime's database
-    (read-only: it may be another runtime's)."""
+    (read-only: it may be another runtime's). Raises :class:`_Unreadable` rather than answer
+    "none" for a database that exists but cannot be read: a collection would take its layers."""
     try:
         db = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True, timeout=5)
-    except sqlite3.Error:
-        return []
-    try:
-        rows = db.execute("SELECT layers FROM templates").fetchall()
-    except sqlite3.Error:
-        return []
-    finally:
-        db.close()
-    out: list[list[str]] = []
-    for (layers,) in rows:
-        with contextlib.suppress(ValueError, TypeError):
-            out.append([str(d) for d in json.loads(layers)])
-    return out
+        try:
+            rows = db.execute("SELECT layers FROM templates").fetchall()
+        finally:
+            db.close()
+        return [[str(d) for d in json.loads(layers)] for (layers,) in rows]
+    except (sqlite3.Error, ValueError, TypeError) as exc:
+        raise _Unreadable(f"the templates of {db_path} cannot be read ({exc})") from None
