@@ -130,9 +130,8 @@ pub fn check_idmapped_mounts(template: &std::path::Path) -> std::io::Result<()> 
         crate::idrange::FIRST_BASE,
         crate::idrange::RANGE_SIZE
     );
-    let (userns, helper) = crate::userns::create(crate::idrange::FIRST_BASE, map.as_bytes())?;
-    let tree = idmapped_tree(&path, userns.as_fd(), false, LAYER_ATTRS);
-    while let Err(Errno::EINTR) = nix::sys::wait::waitpid(helper, None) {}
-    tree.map(drop)
+    let userns = crate::userns::create(crate::idrange::FIRST_BASE, map.as_bytes())?;
+    idmapped_tree(&path, userns.as_fd(), false, LAYER_ATTRS)
+        .map(drop)
         .map_err(|e| crate::report::StepError::new(crate::report::Step::IdmapLayer, e).into())
 }

@@ -174,11 +174,10 @@ impl SetupFds {
     }
 }
 
-/// Steps 3 and 4: the user namespace and the idmapped mounts. Async-signal-safe. Returns the
-/// helper's pid too, which the caller reaps.
-fn make_userns_and_layers(p: &Prepared) -> Result<(SetupFds, Pid), StepError> {
-    let (userns, helper) = userns::create(p.id_base, &p.id_map)?;
-    let made = (|| {
+/// Steps 3 and 4: the user namespace and the idmapped mounts. Async-signal-safe.
+fn make_userns_and_layers(p: &Prepared) -> Result<SetupFds, StepError> {
+    let userns = userns::create(p.id_base, &p.id_map)?;
+    let (layers, usr, volumes) = (|| {
         let mut layers: [Option<OwnedFd>; MAX_LAYERS] = std::array::from_fn(|_| None);
         for (slot, source) in layers.iter_mut().zip(&p.lower_sources) {
             *slot = Some(
@@ -198,22 +197,13 @@ fn make_userns_and_layers(p: &Prepared) -> Result<(SetupFds, Pid), StepError> {
             );
         }
         Ok((layers, usr, volumes))
-    })();
-    match made {
-        Ok((layers, usr, volumes)) => Ok((
-            SetupFds {
-                userns,
-                layers,
-                usr,
-                volumes,
-            },
-            helper,
-        )),
-        Err(e) => {
-            reap(helper);
-            Err(e)
-        }
-    }
+    })()?;
+    Ok(SetupFds {
+        userns,
+        layers,
+        usr,
+        volumes,
+    })
 }
 
 /// Waits for a child that is exiting or has exited.
@@ -238,12 +228,8 @@ pub(crate) fn enter_raw(p: &Prepared, deadline: Instant) -> Result<Stage, StepEr
         // "0" means "the writing process".
         write(&f, b"0").at(Step::JoinCgroup)?;
     }
-    let (fds, helper) = make_userns_and_layers(p)?;
-    let result = enter_namespaces_and_fork(p, fds, deadline);
-    if let Ok(Stage::Outside { .. }) | Err(_) = &result {
-        reap(helper);
-    }
-    result
+    let fds = make_userns_and_layers(p)?;
+    enter_namespaces_and_fork(p, fds, deadline)
 }
 
 fn enter_namespaces_and_fork(

@@ -18,8 +18,15 @@
 //! base id as its effective uid for the moment of one `clone(CLONE_NEWUSER)`, which creates the
 //! namespace with that owner and a short-lived helper ("X") in it; A, root again, writes X's
 //! `uid_map` and `gid_map` (multi-id maps need `CAP_SETUID`/`CAP_SETGID` in the parent namespace),
-//! opens `/proc/<X>/ns/user`, and lets X exit. The open descriptor keeps the namespace alive; A
-//! later `setns`es into it (`enter`) and becomes root inside.
+//! opens `/proc/<X>/ns/user`, lets X exit and reaps it. The open descriptor keeps the namespace
+//! alive; A later `setns`es into it (`enter`) and becomes root inside.
+//!
+//! X only waits on a pipe, so it is cloned with `CLONE_VM` onto a small stack of its own: it shares
+//! A's memory instead of copying A's page tables. A is often a fork of a large process (the Python
+//! zygote, ~70 MiB), where a full fork and its teardown cost milliseconds of every create
+//! (`docs/benchmarks.md`). X blocks every signal and makes raw system calls only, none that writes
+//! memory A uses; A reaps it before going on, so it is gone before any process of the sandbox
+//! exists.
 //!
 //! A keeps its capabilities across that change of effective uid (`SECBIT_NO_SETUID_FIXUP`), so
 //! the creation counts as privileged: distributions that restrict *unprivileged* user namespaces
@@ -33,18 +40,16 @@
 #![allow(unsafe_code)]
 
 use std::ffi::CStr;
-use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
 use nix::errno::Errno;
 use nix::fcntl::{OFlag, open};
 use nix::sched::{CloneFlags, setns};
-use nix::sys::signal::{Signal, kill};
 use nix::sys::stat::Mode;
 use nix::sys::wait::waitpid;
 use nix::unistd::{Pid, pipe2, write};
 
 use crate::report::{AtStep, Step, StepError};
-use crate::sys::exit_now;
 
 /// Longest `/proc/<pid>/<leaf>` path built here: "/proc/" + 10 digits + "/" + the leaf.
 const PROC_PATH_MAX: usize = 48;
@@ -113,45 +118,120 @@ fn set_securebits(bits: libc::c_ulong) -> Result<(), Errno> {
     Errno::result(unsafe { libc::prctl(libc::PR_SET_SECUREBITS, bits, 0, 0, 0) }).map(drop)
 }
 
+/// Bytes of stack for the helper X. Its whole life is [`helper_main`]: two raw system calls from
+/// one small frame, plus glibc's `clone` trampoline. 16 KiB is several times that.
+const HELPER_STACK_SIZE: usize = 16 * 1024;
+
+/// X's stack: an anonymous mapping of its own for each X (a static buffer would be shared by two
+/// threads of the runtime probing at once, see `check_idmapped_mounts`), unmapped once X is reaped.
+struct HelperStack(*mut libc::c_void);
+
+impl HelperStack {
+    fn map() -> Result<HelperStack, Errno> {
+        // SAFETY: a fresh private anonymous mapping; no existing memory is touched.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                HELPER_STACK_SIZE,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_STACK,
+                -1,
+                0,
+            )
+        };
+        match p {
+            libc::MAP_FAILED => Err(Errno::last()),
+            p => Ok(HelperStack(p)),
+        }
+    }
+
+    /// The top of the stack (stacks grow down), 16-byte aligned as a page-aligned mapping is.
+    fn top(&self) -> *mut libc::c_void {
+        // SAFETY: one past the end of the mapping: `clone`'s initial stack pointer.
+        unsafe { self.0.cast::<u8>().add(HELPER_STACK_SIZE).cast() }
+    }
+}
+
+impl Drop for HelperStack {
+    fn drop(&mut self) {
+        // SAFETY: our own mapping, unmapped once; X, the only user, has been reaped by now.
+        unsafe { libc::munmap(self.0, HELPER_STACK_SIZE) };
+    }
+}
+
+/// The kernel's `sigset_t` size for `rt_sigprocmask`: 64 signals, one bit each.
+const KERNEL_SIGSET_BYTES: usize = 8;
+
+/// X, on its own stack in A's memory: block every signal (no handler inherited from A may run on
+/// memory shared with A), close its copy of the pipe's write end, wait until A closes its own (end
+/// of file; also if A dies), and return, which exits. `arg` points to the pipe's two descriptors
+/// (read end, write end) in A's frame, which outlives X; X has copies of A's descriptors, not A's
+/// table, so it must close its copy of the write end itself. None of the calls can fail here (a
+/// `read` with every signal blocked is not interrupted), so glibc's `syscall` never writes
+/// `errno`, which lives in A's thread-local storage.
+extern "C" fn helper_main(arg: *mut libc::c_void) -> libc::c_int {
+    let all: u64 = !0;
+    let mut byte = 0u8;
+    // SAFETY: `arg` is `create`'s `pipe`, alive until X is reaped, and only read here; the system
+    // calls use this stack's own variables, so nothing of A's memory is written.
+    unsafe {
+        let [read_end, write_end] = *arg.cast::<[RawFd; 2]>();
+        libc::syscall(
+            libc::SYS_rt_sigprocmask,
+            libc::SIG_SETMASK,
+            &all as *const u64,
+            std::ptr::null::<u64>(),
+            KERNEL_SIGSET_BYTES,
+        );
+        libc::syscall(libc::SYS_close, write_end);
+        libc::syscall(libc::SYS_read, read_end, &mut byte as *mut u8, 1usize);
+    }
+    0
+}
+
 /// Creates a user namespace owned by host uid `base` whose ids 0-65535 map to `base..`, with
-/// `map` (`"0 <base> 65536\n"`) as both its uid and gid map. Returns a descriptor of it and the
-/// pid of the helper born in it, which the caller must reap (with `waitpid`) before it exits; the
-/// helper exits once this returns. Async-signal-safe; the caller must be host root.
+/// `map` (`"0 <base> 65536\n"`) as both its uid and gid map, and returns a descriptor of it. The
+/// helper born in the namespace has exited and been reaped when this returns.
+/// Async-signal-safe; the caller must be host root (and may be multithreaded: ids change on the
+/// calling thread only, and X touches nothing but its own stack).
 ///
-/// How: for the moment of one `clone(CLONE_NEWUSER)`, the caller's effective uid is `base`
-/// (`SECBIT_NO_SETUID_FIXUP` keeps its capabilities meanwhile), so the kernel records `base` as the
-/// new namespace's owner and charges its counters there; the helper ("X") the clone makes is born
-/// in the namespace and only waits to be let go. The namespace exists when `clone` returns, so its
-/// maps are written at once, without waiting for X to run.
-pub(crate) fn create(base: u32, map: &[u8]) -> Result<(OwnedFd, Pid), StepError> {
+/// How: for the moment of one `clone(CLONE_NEWUSER | CLONE_VM)`, the caller's effective uid is
+/// `base` (`SECBIT_NO_SETUID_FIXUP` keeps its capabilities meanwhile), so the kernel records `base`
+/// as the new namespace's owner and charges its counters there; the helper ("X") the clone makes is
+/// born in the namespace and only waits to be let go ([`helper_main`]). The namespace exists when
+/// `clone` returns, so its maps are written at once, without waiting for X to run.
+pub(crate) fn create(base: u32, map: &[u8]) -> Result<OwnedFd, StepError> {
     let (go_r, go_w) = pipe2(OFlag::O_CLOEXEC).at(Step::Pipe)?;
+    // Both outlive X, which is reaped below before they go.
+    let stack = HelperStack::map().at(Step::UserNamespace)?;
+    let pipe: [RawFd; 2] = [go_r.as_raw_fd(), go_w.as_raw_fd()];
     set_securebits(SECBIT_NO_SETUID_FIXUP).at(Step::UserNamespace)?;
     let cloned = set_euid(base).and_then(|()| {
-        let flags = (libc::CLONE_NEWUSER | libc::SIGCHLD) as libc::c_ulong;
-        // SAFETY: a raw clone with no new stack is a fork: the child continues on a copy of this
-        // stack, makes only raw system calls and leaves through exit_now.
+        let flags = libc::CLONE_NEWUSER | libc::CLONE_VM | libc::SIGCHLD;
+        // SAFETY: the stack is X's alone, its top 16-byte aligned as the ABIs require; X runs
+        // helper_main, which only makes raw system calls on its own stack and returns (glibc's
+        // trampoline then calls exit). `go_r` and the stack outlive X (it is reaped below).
         Errno::result(unsafe {
-            libc::syscall(libc::SYS_clone, flags, 0usize, 0usize, 0usize, 0usize)
+            libc::clone(
+                helper_main,
+                stack.top(),
+                flags,
+                std::ptr::from_ref(&pipe).cast_mut().cast(),
+            )
         })
     });
-    if cloned == Ok(0) {
-        // X: in the new namespace. Wait until A has written the maps and opened the namespace
-        // (it then closes its end: end of file here, also if A died).
-        drop(go_w);
-        let mut b = [0u8; 1];
-        while let Err(Errno::EINTR) = nix::unistd::read(&go_r, &mut b) {}
-        exit_now(0)
-    }
     // A: host root again, in every id, with the usual securebits.
     let restored = set_euid(0).and_then(|()| set_securebits(0));
-    drop(go_r);
-    let child = Pid::from_raw(cloned.at(Step::UserNamespace)? as i32);
-    let fail = |e: StepError| {
-        let _ = kill(child, Signal::SIGKILL);
+    let child = Pid::from_raw(cloned.at(Step::UserNamespace)?);
+    // Let X go (end of file on its pipe) and wait until it has exited.
+    let release = move || {
+        drop(go_w);
         while let Err(Errno::EINTR) = waitpid(child, None) {}
-        e
     };
-    restored.map_err(|e| fail(StepError::new(Step::UserNamespace, e)))?;
+    if let Err(e) = restored {
+        release();
+        return Err(StepError::new(Step::UserNamespace, e));
+    }
     let mut buf = [0u8; PROC_PATH_MAX];
     for leaf in [&b"uid_map"[..], &b"gid_map"[..]] {
         let written = open(
@@ -161,17 +241,18 @@ pub(crate) fn create(base: u32, map: &[u8]) -> Result<(OwnedFd, Pid), StepError>
         )
         .and_then(|f| write(&f, map));
         if let Err(e) = written {
-            return Err(fail(StepError::new(Step::IdMap, e)));
+            release();
+            return Err(StepError::new(Step::IdMap, e));
         }
     }
     let ns = open(
         proc_path(&mut buf, child, b"ns/user"),
         OFlag::O_RDONLY | OFlag::O_CLOEXEC,
         Mode::empty(),
-    )
-    .map_err(|e| fail(StepError::new(Step::UserNamespace, e)))?;
-    drop(go_w); // X exits.
-    Ok((ns, child))
+    );
+    release();
+    drop((go_r, stack));
+    ns.at(Step::UserNamespace)
 }
 
 /// Moves the calling (single-threaded) process into the user namespace `ns` and makes it root
