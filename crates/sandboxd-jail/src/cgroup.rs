@@ -197,6 +197,26 @@ impl Cgroup {
             .collect()
     }
 
+    /// The files the (single-threaded) process building the sandbox writes `0` into to join: on v1
+    /// each hierarchy's `tasks`, on v2 `cgroup.procs`.
+    ///
+    /// Why `tasks` on v1: a write to `cgroup.procs` moves a whole thread group, under a host-wide
+    /// lock (`cgroup_threadgroup_rwsem`) whose write side waits for an RCU grace period when no
+    /// other migration ran in the last one, which is every create but those of a burst: 10-20 ms
+    /// on this 2-core VM, most of a cold create's jail set-up (`docs/benchmarks.md`). Moving one
+    /// thread, the writer itself, takes no such lock (the kernel: "if we migrate a single thread,
+    /// we don't care about threadgroup stability"). The writer is a freshly forked process with
+    /// one thread, so moving the thread moves the process, and its children are born in the
+    /// cgroup. v2 has no `tasks` file for a domain cgroup (its `cgroup.threads` is for threaded
+    /// subtrees), so v2 keeps `cgroup.procs`.
+    pub(crate) fn join_files(&self) -> Vec<PathBuf> {
+        let leaf = match self.layout {
+            Layout::V1(_) => "tasks",
+            Layout::V2(_) => "cgroup.procs",
+        };
+        self.dirs().into_iter().map(|d| d.join(leaf)).collect()
+    }
+
     /// Whether the cgroup directory exists (on v1: any of them).
     pub(crate) fn exists(&self) -> bool {
         self.dirs().iter().any(|d| d.is_dir())

@@ -6,7 +6,8 @@
 //!
 //! 1. `setsid`: A leaves the caller's session and process group, so a Ctrl-C or a group signal
 //!    aimed at the runtime never reaches a sandbox.
-//! 2. A writes `0` to the sandbox cgroup's `cgroup.procs` (every v1 hierarchy, or the v2 one):
+//! 2. A writes `0` to the sandbox cgroup's `tasks` (every v1 hierarchy; A is single-threaded, and
+//!    moving one thread skips a host-wide lock, see `Cgroup::join_files`) or `cgroup.procs` (v2):
 //!    A and all its future descendants are now charged, limited and freezable there.
 //! 3. The sandbox's user namespace is created by a helper running as the range's base uid, and A
 //!    writes its id maps (`userns.rs`: why the creator's uid matters).
@@ -218,9 +219,9 @@ pub(crate) fn enter_raw(p: &Prepared, deadline: Instant) -> Result<Stage, StepEr
         Ok(_) | Err(Errno::EPERM) => {} // EPERM: already a process-group leader; keep going.
         Err(e) => return Err(StepError::new(Step::Setsid, e)),
     }
-    for procs in &p.cgroup_procs {
+    for join in &p.cgroup_join {
         let f = open(
-            procs.as_c_str(),
+            join.as_c_str(),
             OFlag::O_WRONLY | OFlag::O_CLOEXEC,
             Mode::empty(),
         )

@@ -351,8 +351,9 @@ pub(crate) struct Prepared {
     /// `lowerdir=...,upperdir=...,workdir=...,userxattr` (relative paths).
     pub(crate) overlay_options: CString,
     pub(crate) host_usr_ro: bool,
-    /// The `cgroup.procs` files to write `0` into (one per v1 hierarchy; one on v2).
-    pub(crate) cgroup_procs: Vec<CString>,
+    /// The files to write `0` into to join the cgroup (each v1 hierarchy's `tasks`; the v2
+    /// `cgroup.procs`; see `Cgroup::join_files`).
+    pub(crate) cgroup_join: Vec<CString>,
     /// Contents of the sandbox's `/etc/hostname`.
     pub(crate) etc_hostname: Vec<u8>,
     /// Contents of the sandbox's `/etc/hosts`.
@@ -407,7 +408,7 @@ fn mkdir_mode(path: &Path, mode: u32) -> io::Result<()> {
 impl Prepared {
     /// Validates `spec`, creates its directory and mount points, writes a new boot id, mounts its
     /// disk (detached) and compiles its seccomp filter. The cgroup must already exist (its
-    /// `cgroup.procs` paths are recorded here).
+    /// files to join it are recorded here).
     pub(crate) fn new(spec: &SandboxSpec, cgroup: &Cgroup) -> io::Result<Prepared> {
         spec.validate()?;
         fs::create_dir_all(&spec.dir)?;
@@ -497,8 +498,8 @@ impl Prepared {
             disk,
             overlay_options: CString::new(options).map_err(|_| invalid("NUL"))?,
             host_usr_ro: spec.host_usr_ro,
-            cgroup_procs: cgroup
-                .procs_files()
+            cgroup_join: cgroup
+                .join_files()
                 .iter()
                 .map(|p| cstring(p))
                 .collect::<io::Result<_>>()?,
