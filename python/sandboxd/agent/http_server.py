@@ -56,6 +56,8 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from .asgi import BODY_FOLLOWS, BODY_PARTS, Message
 
 if TYPE_CHECKING:
+    import socket
+
     from .rpc import Piece
 
 log = logging.getLogger("sandboxd.http")
@@ -389,8 +391,9 @@ def server_config(app: Any, host: str, port: int, limits: ConnectionLimits | Non
     )
 
 
-async def serve_until_signalled(config: Any) -> None:
+async def serve_until_signalled(config: Any, sockets: list[socket.socket] | None = None) -> None:
     """Run a uvicorn server until SIGINT or SIGTERM, without uvicorn's 10 Hz main-loop tick.
+    ``sockets``: listening sockets bound already (then the config's host and port are not bound).
 
     ``uvicorn.Server.main_loop`` wakes every 100 ms to refresh its ``Date`` header and poll for exit:
     measured at 1-2 ms of CPU per second per idle agent, which a hundred idle sandboxes turn into a
@@ -413,4 +416,4 @@ async def serve_until_signalled(config: Any) -> None:
             if stop is not None:
                 asyncio.get_running_loop().call_soon_threadsafe(stop.set)
 
-    await QuietServer(config).serve()
+    await QuietServer(config).serve(sockets=sockets)

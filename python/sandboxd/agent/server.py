@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import socket
 from dataclasses import dataclass, field
 
 from sandboxd import ENVD_VERSION, __version__, _core
@@ -33,6 +34,9 @@ class AgentOptions:
     access_token: str | None = None
     grpc_port: int | None = None
     connections: ConnectionLimits = field(default_factory=ConnectionLimits)
+    listener: socket.socket | None = None
+    """A socket bound to ``host:port`` and listening already (the zygote binds it first thing in a new
+    sandbox, so the runtime's first connect succeeds while the agent starts); None binds here."""
 
 
 MALLOC_MMAP_THRESHOLD = 8 << 20
@@ -97,7 +101,7 @@ async def serve(options: AgentOptions) -> None:
         state.default_user,
     )
     try:
-        await serve_until_signalled(config)
+        await serve_until_signalled(config, [options.listener] if options.listener is not None else None)
     finally:
         if grpc_server is not None:
             await grpc_server.stop(grace=1)

@@ -3,8 +3,10 @@ and the template's default user and workdir; and, in a code-interpreter sandbox,
 ready check (``GET /health`` on port 49999, 200 once its Python kernel is warm).
 
 A new agent starts without a token (the zygote it was forked from never holds a secret) and nothing
-but the agent runs in the sandbox yet, so this first ``/init`` is the one that sets it. The agent
-binds its port a few milliseconds after the fork; the call is retried until then.
+but the agent runs in the sandbox yet, so this first ``/init`` is the one that sets it. The zygote
+binds the agent's port first thing in the new sandbox, before the agent's start-up, so the first
+connect normally succeeds and ``/init`` waits in the backlog until the agent serves; a connect made
+before that bind is refused and retried.
 
 Requests go over a socket opened inside the sandbox's network namespace (``open_socket``), the same
 way the proxy reaches it, so nothing is published on the host.

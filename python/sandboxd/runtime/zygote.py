@@ -28,6 +28,7 @@ from typing import Any
 
 from sandboxd import _core
 
+from .agent_client import AGENT_PORT
 from .volumes import MAX_MOUNTS as MAX_VOLUMES
 
 MAX_MESSAGE = 1 << 16
@@ -107,6 +108,26 @@ def _write_files(files: dict[str, str]) -> None:
         os.rename(temp, path)
 
 
+AGENT_HOST = "127.0.0.1"
+"""Where the agent listens in its sandbox, on envd's port (the runtime connects inside the sandbox's
+network namespace)."""
+
+LISTEN_BACKLOG = 128
+"""The early socket's backlog until the agent's server takes it over (and sets its own): only the
+runtime's ``/init`` connects that soon."""
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """The agent's listening socket, bound before its start-up (~10 ms of Python in a fresh fork):
+    the runtime's first connect succeeds at once and its ``/init`` waits in the backlog until the
+    agent serves, instead of the runtime polling with connects that are refused meanwhile."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(LISTEN_BACKLOG)
+    return sock
+
+
 def _run_agent(log_fd: int, files: dict[str, str], interpreter: bool = False) -> None:
     """In the sandbox (PID 2): write the runtime's files, start the code interpreter if the template
     has it (a grandchild, reparented to the sandbox's init), then become the agent. Never returns."""
@@ -132,7 +153,7 @@ def _run_agent(log_fd: int, files: dict[str, str], interpreter: bool = False) ->
 
         # No token yet: the runtime sets it with POST /init the moment the agent listens, so the
         # zygote never holds a secret that a later sandbox could find in its copied memory.
-        run(AgentOptions(host="127.0.0.1", port=49983))
+        run(AgentOptions(host=AGENT_HOST, port=AGENT_PORT, listener=_listen(AGENT_HOST, AGENT_PORT)))
     except BaseException as exc:
         print(f"sandboxd agent failed: {exc!r}", file=sys.stderr, flush=True)
         code = 1
