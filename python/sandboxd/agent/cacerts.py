@@ -1,7 +1,7 @@
 """envd's ``caBundle`` (``POST /init``): certificates the orchestrator wants the sandbox to trust.
 
 The runtime passes its egress CA, whose certificates the egress proxy presents for hosts with
-header rules. Like envd, the PEM is appended to the system bundle that OpenSSL, curl, Python and
+header rules. Like envd, the PEM is added to the system bundle that OpenSSL, curl, Python and
 most tools read (:data:`BUNDLE`), once: a sandbox resumed from disk already has it. It is also kept
 in :data:`EXTRA` when that directory is writable, so ``update-ca-certificates`` keeps it.
 """
@@ -16,20 +16,43 @@ EXTRA = "/usr/local/share/ca-certificates/sandboxd-egress.crt"
 
 
 def install(pem: str, bundle: str = BUNDLE, extra: str = EXTRA) -> None:
-    """Append ``pem`` to ``bundle`` unless it is there already (blocking: call from a thread)."""
-    pem = pem.strip() + "\n"
-    if "-----BEGIN CERTIFICATE-----" not in pem:
+    """Add ``pem`` to ``bundle`` unless it is there already (blocking: call from a thread).
+
+    The bundle is replaced whole (a new file beside it, then ``rename``), not appended to: in a
+    sandbox it is a file of the template's read-only layer, and the first write to such a file
+    makes overlayfs copy it up into the sandbox's disk *and fsync the copy*, which on the
+    loop-mounted disk is a flush to the host's disk: 5-40 ms of every create's ``/init`` on a
+    busy host (``docs/benchmarks.md``). A new file is not synced. Readers see the old bundle or
+    the new one, never half of it. A symlinked bundle has its target replaced."""
+    data = pem.strip().encode("ascii") + b"\n"  # UnicodeEncodeError is a ValueError: a 400
+    if b"-----BEGIN CERTIFICATE-----" not in data:
         raise ValueError("'caBundle' holds no PEM certificate")
+    target = os.path.realpath(bundle)
     try:
-        with open(bundle, encoding="ascii", errors="replace") as f:
-            present = pem.strip() in f.read()
+        with open(target, "rb") as f:
+            current = f.read()
+        mode = os.stat(target).st_mode & 0o7777
     except FileNotFoundError:
-        os.makedirs(os.path.dirname(bundle), exist_ok=True)
-        present = False
-    if not present:
-        with open(bundle, "a", encoding="ascii") as f:
-            f.write(("\n" if f.tell() else "") + pem)
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        current, mode = b"", 0o644
+    if data.strip() not in current:
+        _replace(target, current + (b"\n" if current else b"") + data, mode)
     with contextlib.suppress(OSError):  # a read-only /usr (the built-in template) keeps none
         os.makedirs(os.path.dirname(extra), exist_ok=True)
-        with open(extra, "w", encoding="ascii") as f:
-            f.write(pem)
+        with open(extra, "wb") as f:
+            f.write(data)
+
+
+def _replace(path: str, content: bytes, mode: int) -> None:
+    """Write ``content`` to a new file beside ``path`` and rename it over ``path``."""
+    temp = f"{path}.sandboxd-new"
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), mode)  # the umask must not narrow it
+            f.write(content)
+        os.rename(temp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temp)
+        raise

@@ -1,0 +1,49 @@
+"""``POST /init``'s ``caBundle`` install (:mod:`sandboxd.agent.cacerts`), on real files."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from sandboxd.agent import cacerts
+
+PEM = "-----BEGIN CERTIFICATE-----\nMIIBsandboxdtest\n-----END CERTIFICATE-----"
+
+
+def test_adds_the_certificate_once_keeping_the_bundle_byte_for_byte(tmp_path: Path) -> None:
+    bundle = tmp_path / "certs" / "ca-certificates.crt"
+    bundle.parent.mkdir()
+    original = "# Ä comment in UTF-8\n-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n".encode()
+    bundle.write_bytes(original)
+    bundle.chmod(0o644)
+    extra = tmp_path / "local" / "sandboxd-egress.crt"
+    cacerts.install(PEM, str(bundle), str(extra))
+    cacerts.install(PEM + "\n", str(bundle), str(extra))  # a second /init (a resume) adds nothing
+    assert bundle.read_bytes() == original + b"\n" + PEM.encode() + b"\n"
+    assert bundle.stat().st_mode & 0o7777 == 0o644
+    assert extra.read_bytes() == PEM.encode() + b"\n"
+    assert sorted(p.name for p in bundle.parent.iterdir()) == ["ca-certificates.crt"]  # no temp file left
+
+
+def test_replaces_a_symlinked_bundles_target_and_creates_a_missing_one(tmp_path: Path) -> None:
+    real = tmp_path / "pki" / "tls-ca-bundle.pem"
+    real.parent.mkdir()
+    real.write_bytes(b"")
+    link = tmp_path / "ca-certificates.crt"
+    link.symlink_to(real)
+    cacerts.install(PEM, str(link), str(tmp_path / "extra.crt"))
+    assert link.is_symlink() and real.read_bytes() == PEM.encode() + b"\n"
+    missing = tmp_path / "new" / "bundle.crt"
+    cacerts.install(PEM, str(missing), str(tmp_path / "extra.crt"))
+    assert missing.read_bytes() == PEM.encode() + b"\n"
+    assert os.stat(missing).st_mode & 0o777 == 0o644
+
+
+@pytest.mark.parametrize("pem", ["not a certificate", "-----BEGIN CERTIFICATE-----\nÄ\n-----END CERTIFICATE-----"])
+def test_refuses_what_is_not_an_ascii_pem_certificate(tmp_path: Path, pem: str) -> None:
+    bundle = tmp_path / "bundle.crt"
+    bundle.write_bytes(b"keep\n")
+    with pytest.raises(ValueError):
+        cacerts.install(pem, str(bundle), str(tmp_path / "extra.crt"))
+    assert bundle.read_bytes() == b"keep\n"
