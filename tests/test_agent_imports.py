@@ -43,23 +43,30 @@ from sandboxd.agent.state import AgentState
 state = AgentState(default_user="root")
 config = server_config(AgentApp(state, build_methods(state)), "127.0.0.1", 0)
 config.load()
-import uvicorn, uvicorn.config
+import uvicorn, uvicorn.config, uvicorn.server
 print(json.dumps({
     "loaded": config.loaded,
     "config_is_the_submodules": uvicorn.Config is uvicorn.config.Config,
     "unneeded": sorted(m for m in sys.modules if m in ("click", "uvicorn.main", "uvicorn.supervisors",
-                       "multiprocessing", "psutil", "python_multipart")),
+                       "multiprocessing", "psutil", "python_multipart", "email")),
+    "uvicorn_date": uvicorn.server.formatdate(784111777.0, usegmt=True),
 }))
 """
 
 
 def test_the_agent_server_loads_without_uvicorns_command_line() -> None:
-    """The same steps as ``sandboxd agent``: uvicorn's package registered without its ``__init__``,
-    then the agent's app and uvicorn's Config (with its lifespan and protocol classes) loaded."""
+    """The same steps as ``sandboxd agent``: uvicorn's package registered without its ``__init__``
+    (and without ``email``, whose ``formatdate`` uvicorn's server imports), then the agent's app and
+    uvicorn's Config (with its lifespan and protocol classes) loaded."""
     out = subprocess.run([sys.executable, "-c", AGENT_PROCESS], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     got = json.loads(out.stdout.strip().splitlines()[-1])
-    assert got == {"loaded": True, "config_is_the_submodules": True, "unneeded": []}
+    assert got == {
+        "loaded": True,
+        "config_is_the_submodules": True,
+        "unneeded": [],
+        "uvicorn_date": "Sun, 06 Nov 1994 08:49:37 GMT",  # email.utils.formatdate's, without email
+    }
 
 
 def test_the_standalone_agent_serves_every_kind_of_request_without_openssl(

@@ -3,6 +3,7 @@ exercise directly (tokens, signed URLs, ranges, bad input, disconnects)."""
 
 from __future__ import annotations
 
+import email.utils
 import gzip
 import os
 import socket
@@ -42,6 +43,17 @@ def test_download_range_and_conditional_requests(agent: Agent, workdir: Path) ->
     assert full.headers["content-length"] == "4096"
     r = httpx.get(url, params={"path": str(target)}, headers={"If-None-Match": full.headers["etag"]})
     assert r.status_code == 304
+    mtime = int(target.stat().st_mtime)
+    assert full.headers["last-modified"] == email.utils.formatdate(mtime, usegmt=True)
+    for since, status in (
+        (full.headers["last-modified"], 304),
+        (email.utils.formatdate(mtime - 1, usegmt=True), 200),
+        (time.strftime("%A, %d-%b-%y %H:%M:%S GMT", time.gmtime(mtime)), 304),  # RFC 850
+        (time.strftime("%a %b %e %H:%M:%S %Y", time.gmtime(mtime)), 304),  # asctime
+        ("not a date", 200),
+    ):
+        r = httpx.get(url, params={"path": str(target)}, headers={"If-Modified-Since": since})
+        assert r.status_code == status, since
 
 
 def test_download_gzip_only_when_accepted(agent: Agent, workdir: Path) -> None:

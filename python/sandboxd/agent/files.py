@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
-import email.utils
 import json
 import mimetypes
 import os
@@ -36,6 +35,7 @@ from .asgi import ClientDisconnected, Receive, Scope, Send, body_chunks, header_
 from .auth import check_files_access
 from .compression import GzipInflater
 from .errors import Code, RpcError, from_os_error
+from .httpdate import format_http_date, parse_http_date
 from .paths import expand_and_resolve
 from .state import AgentState
 from .users import User, lookup
@@ -213,7 +213,7 @@ def _plan_download(req: _Request) -> _Reply:
         return _Reply(404, [], f"path '{path}' does not exist")
     if stat.S_ISDIR(st.st_mode):
         return _Reply(400, [], f"path '{path}' is a directory")
-    last_modified = email.utils.formatdate(st.st_mtime, usegmt=True)
+    last_modified = format_http_date(st.st_mtime)
     etag = f'W/"{st.st_size:x}-{st.st_mtime_ns:x}"'
     base = [
         ("content-disposition", _disposition(os.path.basename(path))),
@@ -337,11 +337,8 @@ def _not_modified(headers: dict[str, str], etag: str, mtime: float) -> bool:
         return any(tag.strip() in (etag, "*") for tag in inm.split(","))
     ims = headers.get("if-modified-since")
     if ims:
-        try:
-            since = email.utils.parsedate_to_datetime(ims).timestamp()
-        except (TypeError, ValueError):
-            return False
-        return int(mtime) <= since
+        since = parse_http_date(ims)
+        return since is not None and int(mtime) <= since
     return False
 
 

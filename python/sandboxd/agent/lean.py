@@ -71,6 +71,33 @@ def _import_uvicorn_config() -> None:
         sys.modules["ssl"] = None  # type: ignore[assignment]
 
 
+def _import_uvicorn_server() -> None:
+    """``import uvicorn.server``, which takes ``formatdate`` from ``email.utils`` for its ``Date``
+    header: importing ``email.utils`` costs 1.5 MiB of RSS (the ``email`` package's charsets and
+    encoders). The agent's servers send no ``Date`` header (``date_header=False``) and replace the main
+    loop that would format it (``serve_until_signalled``), so that one import gets a stand-in whose
+    ``formatdate`` is :func:`sandboxd.agent.httpdate.format_http_date` (the same text, were it called).
+    A real ``email.utils`` imported before is used as it is; one imported after is the real one."""
+    if "email.utils" in sys.modules:
+        import uvicorn.server
+
+        return
+    from .httpdate import format_http_date
+
+    def formatdate(timeval: float, localtime: bool = False, usegmt: bool = False) -> str:
+        if localtime or not usegmt:
+            raise ValueError("only GMT dates (usegmt=True) in this process: see sandboxd.agent.lean")
+        return format_http_date(timeval)
+
+    stand_in = types.ModuleType("email.utils", "uvicorn.server's formatdate only (sandboxd.agent.lean)")
+    stand_in.formatdate = formatdate  # type: ignore[attr-defined]
+    sys.modules["email.utils"] = stand_in
+    try:
+        import uvicorn.server  # noqa: F401
+    finally:
+        del sys.modules["email.utils"]
+
+
 def uvicorn_package_without_cli() -> None:
     """Register the ``uvicorn`` package without running its ``__init__``, so that importing its
     submodules (``uvicorn.config``, ``uvicorn.server``, ``uvicorn.protocols…``) does not load the CLI.
@@ -88,6 +115,7 @@ def uvicorn_package_without_cli() -> None:
     package = importlib.util.module_from_spec(spec)
     sys.modules["uvicorn"] = package
     _import_uvicorn_config()
+    _import_uvicorn_server()
     from uvicorn.config import Config
     from uvicorn.server import Server
 
