@@ -41,14 +41,14 @@ from sandboxd.agent.http_server import server_config
 from sandboxd.agent.methods import build_methods
 from sandboxd.agent.state import AgentState
 state = AgentState(default_user="root")
-config = server_config(AgentApp(state, build_methods(state)), "127.0.0.1", 0)
+config = server_config(AgentApp(state, build_methods(state)), "127.0.0.1", 0, uvicorn_logging=False)
 config.load()
 import uvicorn, uvicorn.config, uvicorn.server
 print(json.dumps({
     "loaded": config.loaded,
     "config_is_the_submodules": uvicorn.Config is uvicorn.config.Config,
     "unneeded": sorted(m for m in sys.modules if m in ("click", "uvicorn.main", "uvicorn.supervisors",
-                       "multiprocessing", "psutil", "python_multipart", "email")),
+                       "multiprocessing", "psutil", "python_multipart", "email", "logging.handlers")),
     "uvicorn_date": uvicorn.server.formatdate(784111777.0, usegmt=True),
 }))
 """
@@ -56,8 +56,9 @@ print(json.dumps({
 
 def test_the_agent_server_loads_without_uvicorns_command_line() -> None:
     """The same steps as ``sandboxd agent``: uvicorn's package registered without its ``__init__``
-    (and without ``email``, whose ``formatdate`` uvicorn's server imports), then the agent's app and
-    uvicorn's Config (with its lifespan and protocol classes) loaded."""
+    (and without ``email``, whose ``formatdate`` uvicorn's server imports, nor ``logging.config``,
+    which uvicorn's config imports), then the agent's app and uvicorn's Config (with its lifespan and
+    protocol classes) loaded."""
     out = subprocess.run([sys.executable, "-c", AGENT_PROCESS], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     got = json.loads(out.stdout.strip().splitlines()[-1])
@@ -106,3 +107,41 @@ def test_the_standalone_agent_serves_every_kind_of_request_without_openssl(
     assert watch.status_code == 200, watch.text
     maps = Path(f"/proc/{pid}/maps").read_text()
     assert "libssl" not in maps and "libcrypto" not in maps, "OpenSSL was loaded into the standalone agent"
+
+
+UVICORN_LOGGERS = """
+import json, logging, sys
+from sandboxd.agent.http_server import server_config
+server_config(None, "127.0.0.1", 0, uvicorn_logging=sys.argv[1] == "uvicorn")
+def describe(name):
+    log = logging.getLogger(name)
+    return {
+        "level": log.level,
+        "propagate": log.propagate,
+        "handlers": [
+            [type(h).__name__, type(h.formatter).__name__, h.formatter._fmt, h.formatter.use_colors, h.stream.name]
+            for h in log.handlers
+        ],
+    }
+print(json.dumps({name: describe(name) for name in ("uvicorn", "uvicorn.error", "uvicorn.access", "uvicorn.asgi")}))
+"""
+
+
+def test_the_agents_uvicorn_loggers_are_set_up_as_uvicorns_default_log_config() -> None:
+    """``server_config(uvicorn_logging=False)`` (the agent's, without ``logging.config``) leaves
+    uvicorn's loggers as its default ``log_config`` does: the same handler, format, stream and levels."""
+    got = {}
+    for how in ("uvicorn", "ours"):
+        out = subprocess.run(
+            [sys.executable, "-c", UVICORN_LOGGERS, how],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            stdin=subprocess.DEVNULL,
+        )
+        assert out.returncode == 0, out.stderr
+        got[how] = json.loads(out.stdout)
+    assert got["ours"] == got["uvicorn"]
+    assert got["ours"]["uvicorn"]["handlers"] == [
+        ["StreamHandler", "DefaultFormatter", "%(levelprefix)s %(message)s", False, "<stderr>"]
+    ]

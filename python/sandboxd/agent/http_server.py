@@ -46,6 +46,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import resource
+import sys
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -361,13 +362,37 @@ def effective_limits(limits: ConnectionLimits, nofile: int) -> ConnectionLimits:
     return ConnectionLimits(room, limits.head_timeout, limits.idle_timeout, limits.max_head_bytes)
 
 
-def server_config(app: Any, host: str, port: int, limits: ConnectionLimits | None = None) -> Any:
+def log_like_uvicorn() -> None:
+    """What uvicorn's default ``log_config`` (``uvicorn.config.LOGGING_CONFIG``) sets up, with
+    ``logging`` alone rather than ``logging.config.dictConfig``: the ``uvicorn`` loggers print to stderr
+    through uvicorn's formatter and do not propagate. (The access logger gets no handler: the servers
+    turn the access log off, and uvicorn then clears it.)"""
+    from uvicorn.logging import DefaultFormatter
+
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(DefaultFormatter("%(levelprefix)s %(message)s", use_colors=None))
+    root = logging.getLogger("uvicorn")
+    root.handlers = [handler]
+    root.setLevel(logging.INFO)
+    root.propagate = False
+    logging.getLogger("uvicorn.error").setLevel(logging.INFO)
+
+
+def server_config(
+    app: Any, host: str, port: int, limits: ConnectionLimits | None = None, *, uvicorn_logging: bool = True
+) -> Any:
     """The uvicorn settings both servers use: uvloop (run by the caller) with httptools through
     :class:`GuardedHttpToolsProtocol`, no WebSocket layer, no lifespan, no access log. Raises
-    ``RLIMIT_NOFILE`` first."""
+    ``RLIMIT_NOFILE`` first. ``uvicorn_logging=False`` sets up uvicorn's loggers as its default
+    ``log_config`` would, without ``logging.config`` (:func:`log_like_uvicorn`; the standalone agent,
+    see :mod:`sandboxd.agent.lean`)."""
     from uvicorn.config import Config  # the submodule, not ``uvicorn.Config``: see sandboxd.agent.lean
 
     limits = effective_limits(limits or ConnectionLimits(), raise_open_file_limit())
+    logging_options: dict[str, Any] = {}
+    if not uvicorn_logging:
+        log_like_uvicorn()
+        logging_options["log_config"] = None
     protocol = type("ServerProtocol", (GuardedHttpToolsProtocol,), {"guard": ConnectionGuard(limits)})
     return Config(
         app,
@@ -388,6 +413,7 @@ def server_config(app: Any, host: str, port: int, limits: ConnectionLimits | Non
         # that does it is one more coroutine and header scan on every request.
         proxy_headers=False,
         backlog=min(limits.max_connections, 4096),
+        **logging_options,
     )
 
 

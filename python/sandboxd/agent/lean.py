@@ -51,6 +51,26 @@ def openssl_blocked() -> bool:
 
 
 def _import_uvicorn_config() -> None:
+    """``import uvicorn.config`` with ``logging.config`` loaded only on first use.
+
+    ``uvicorn.config`` imports ``logging.config`` for ``dictConfig`` of a ``log_config``, which the
+    agent does not pass (``server_config(uvicorn_logging=False)``); it brings ``logging.handlers``,
+    ``socketserver``, ``pickle`` and ``queue``. A placeholder stands in for that import, and
+    ``logging.config`` is then registered to load on first use (:func:`import_lazily`). (Not lazy from
+    the start: Python 3.11's import statement reads ``__spec__`` of a module it finds in
+    ``sys.modules``, which executes a lazy module at once.)"""
+    defer = "logging.config" not in sys.modules
+    if defer:
+        sys.modules["logging.config"] = types.ModuleType("logging.config", "placeholder (sandboxd.agent.lean)")
+    try:
+        _import_uvicorn_config_without_ssl()
+    finally:
+        if defer:
+            del sys.modules["logging.config"]
+            import_lazily("logging.config")
+
+
+def _import_uvicorn_config_without_ssl() -> None:
     """``import uvicorn.config``, which imports ``ssl`` for two defaults it reads at import time
     (``ssl.PROTOCOL_TLS_SERVER``, ``ssl.CERT_NONE``) and uses ``ssl`` again only to build a TLS
     context from certificate files, which the agent never passes. Where OpenSSL is blocked, that one
@@ -96,6 +116,24 @@ def _import_uvicorn_server() -> None:
         import uvicorn.server  # noqa: F401
     finally:
         del sys.modules["email.utils"]
+
+
+def import_lazily(name: str) -> None:
+    """Register the module ``name`` (a submodule) to be executed on first use of one of its attributes
+    (:class:`importlib.util.LazyLoader`), so that ``import name`` costs nothing until then. Nothing
+    happens when it is imported already or cannot be found. The parent package is imported now."""
+    if name in sys.modules:
+        return
+    parent, _, child = name.rpartition(".")
+    spec = importlib.util.find_spec(name)  # imports the parent package
+    if spec is None or spec.loader is None:
+        return
+    spec.loader = importlib.util.LazyLoader(spec.loader)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    if parent:
+        setattr(sys.modules[parent], child, module)  # as the import system does for a submodule
 
 
 def uvicorn_package_without_cli() -> None:

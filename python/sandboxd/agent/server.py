@@ -85,7 +85,9 @@ async def serve(options: AgentOptions) -> None:
     state.user()  # fail fast on an unknown --user
     methods = build_methods(state)
     protect_from_oom()
-    config = server_config(AgentApp(state, methods), options.host, options.port, options.connections)
+    config = server_config(
+        AgentApp(state, methods), options.host, options.port, options.connections, uvicorn_logging=False
+    )
     grpc_server = None
     if options.grpc_port is not None:
         from .grpc_server import start_grpc
