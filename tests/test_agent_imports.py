@@ -34,8 +34,9 @@ def test_psutil_is_loaded_by_the_first_metrics_request(start_agent: Callable[...
 
 AGENT_PROCESS = """
 import json, sys
-from sandboxd.agent.lean import uvicorn_package_without_cli
+from sandboxd.agent.lean import lazy_protobuf, uvicorn_package_without_cli
 uvicorn_package_without_cli()
+lazy_protobuf()
 from sandboxd.agent.app import AgentApp
 from sandboxd.agent.http_server import server_config
 from sandboxd.agent.methods import build_methods
@@ -48,7 +49,8 @@ print(json.dumps({
     "loaded": config.loaded,
     "config_is_the_submodules": uvicorn.Config is uvicorn.config.Config,
     "unneeded": sorted(m for m in sys.modules if m in ("click", "uvicorn.main", "uvicorn.supervisors",
-                       "multiprocessing", "psutil", "python_multipart", "email", "logging.handlers")),
+                       "multiprocessing", "psutil", "python_multipart", "email", "logging.handlers",
+                       "google.protobuf.text_format")),
     "uvicorn_date": uvicorn.server.formatdate(784111777.0, usegmt=True),
 }))
 """
@@ -57,8 +59,8 @@ print(json.dumps({
 def test_the_agent_server_loads_without_uvicorns_command_line() -> None:
     """The same steps as ``sandboxd agent``: uvicorn's package registered without its ``__init__``
     (and without ``email``, whose ``formatdate`` uvicorn's server imports, nor ``logging.config``,
-    which uvicorn's config imports), then the agent's app and uvicorn's Config (with its lifespan and
-    protocol classes) loaded."""
+    which uvicorn's config imports), protobuf's pure-Python half registered to load on first use, then
+    the agent's app and uvicorn's Config (with its lifespan and protocol classes) loaded."""
     out = subprocess.run([sys.executable, "-c", AGENT_PROCESS], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     got = json.loads(out.stdout.strip().splitlines()[-1])

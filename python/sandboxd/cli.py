@@ -395,10 +395,11 @@ def main(argv: list[str] | None = None) -> None:
     given = sys.argv[1:] if argv is None else argv
     only_agent = given[:1] == ["agent"]
     if only_agent:
-        from sandboxd.agent.lean import uvicorn_package_without_cli, without_openssl
+        from sandboxd.agent.lean import lazy_protobuf, uvicorn_package_without_cli, without_openssl
 
         without_openssl()  # first: asyncio, uvloop and uvicorn import ssl
         uvicorn_package_without_cli()  # before the parser imports the HTTP server's defaults
+        lazy_protobuf()
     args = build_parser(only_agent=only_agent).parse_args(given)
     if args.command == "agent":
         from sandboxd.agent.server import AgentOptions, run
