@@ -5,6 +5,7 @@ The RSS figures themselves are in the benches (``commands``: agent RSS idle), no
 from __future__ import annotations
 
 import json
+import os
 import struct
 import subprocess
 import sys
@@ -12,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import httpx
+import pytest
 from conftest import Agent
 
 
@@ -147,3 +149,35 @@ def test_the_agents_uvicorn_loggers_are_set_up_as_uvicorns_default_log_config() 
     assert got["ours"]["uvicorn"]["handlers"] == [
         ["StreamHandler", "DefaultFormatter", "%(levelprefix)s %(message)s", False, "<stderr>"]
     ]
+
+
+AGENT_HELP = """
+import argparse, json, sys
+from sandboxd.agent.lean import uvicorn_package_without_cli
+uvicorn_package_without_cli()  # as sandboxd.cli.main does for the agent
+from sandboxd.cli import build_parser
+parser = build_parser(only_agent=True)
+parser.parse_args(["agent", "--port", "0"])
+no_shutil = "shutil" not in sys.modules
+agent = parser._subparsers._group_actions[0].choices["agent"]
+ours = [parser.format_help(), agent.format_help()]
+parser.formatter_class = agent.formatter_class = argparse.HelpFormatter  # argparse's own, with shutil
+print(json.dumps({"no_shutil": no_shutil, "same_help": ours == [parser.format_help(), agent.format_help()]}))
+"""
+
+
+@pytest.mark.parametrize("columns", ["", "57", "200", "junk"])
+def test_the_agents_command_line_is_parsed_without_shutil_and_helps_as_argparse_does(columns: str) -> None:
+    """argparse imports ``shutil`` (with bz2 and lzma) for the terminal's width; the agent's parser
+    asks for the width without it, and its help is what argparse's own formatter prints."""
+    env = {**os.environ, "COLUMNS": columns}
+    out = subprocess.run(
+        [sys.executable, "-c", AGENT_HELP],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+        stdin=subprocess.DEVNULL,
+    )
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout) == {"no_shutil": True, "same_help": True}

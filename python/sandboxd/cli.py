@@ -93,13 +93,39 @@ def _connection_limits(args: argparse.Namespace) -> Any:
     )
 
 
+def _terminal_columns() -> int:
+    """``shutil.get_terminal_size().columns``, the same steps: ``$COLUMNS``, else the width of the
+    terminal on stdout, else 80."""
+    try:
+        columns = int(os.environ.get("COLUMNS", ""))
+    except ValueError:
+        columns = 0
+    if columns <= 0:
+        try:
+            columns = os.get_terminal_size(sys.__stdout__.fileno()).columns  # type: ignore[union-attr]
+        except (AttributeError, ValueError, OSError):
+            columns = 0
+    return columns or 80
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """argparse's help formatter, which imports ``shutil`` for the terminal's width each time one is
+    made (``add_argument`` makes one): shutil brings ``bz2`` and ``lzma`` with their libraries, 0.5 MiB
+    of the standalone agent's RSS. The width comes from :func:`_terminal_columns` instead."""
+
+    def __init__(self, prog: str, indent_increment: int = 2, max_help_position: int = 24, width: int | None = None):
+        super().__init__(prog, indent_increment, max_help_position, _terminal_columns() - 2 if width is None else width)
+
+
 def build_parser(only_agent: bool = False) -> argparse.ArgumentParser:
     """The command line; with ``only_agent``, just ``sandboxd agent`` (see :func:`main`)."""
-    parser = argparse.ArgumentParser(prog="sandboxd", description=__doc__)
+    parser = argparse.ArgumentParser(prog="sandboxd", description=__doc__, formatter_class=_HelpFormatter)
     parser.add_argument("--version", action="version", version=f"sandboxd {__version__} (envd {ENVD_VERSION})")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    agent = commands.add_parser("agent", help="run the envd-compatible agent (inside a sandbox)")
+    agent = commands.add_parser(
+        "agent", help="run the envd-compatible agent (inside a sandbox)", formatter_class=_HelpFormatter
+    )
     agent.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     agent.add_argument("--port", type=_port, default=49983, help="Connect + REST port (default: 49983, as envd)")
     agent.add_argument("--user", help="default user (default: 'user' if it exists, else the current account)")
