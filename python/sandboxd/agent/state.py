@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hmac
 import threading
 from dataclasses import dataclass, field
 
@@ -37,6 +36,8 @@ class AgentState:
             return True
         if presented is None:
             return False
+        import hmac  # on the first check: an agent without a token never loads it (with hashlib)
+
         return hmac.compare_digest(presented.encode(), token.encode())
 
     def apply_init(

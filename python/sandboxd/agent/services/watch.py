@@ -25,7 +25,6 @@ import contextlib
 import errno
 import os
 import re
-import secrets
 import string
 import time
 from collections.abc import AsyncIterator
@@ -344,6 +343,8 @@ class WatchService:
                 Code.RESOURCE_EXHAUSTED, f"this agent already has {MAX_WATCHERS} watchers: remove unused ones first"
             )
         poll = BufferedWatcher(watcher, EventTranslator(path, request.include_entry, self.state.watch_hub))
+        import secrets  # here: only watchers need it (with hmac and hashlib), see sandboxd.agent.lean
+
         watcher_id = "w" + "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(20))
         self.watchers[watcher_id] = poll  # its thread buffers the events between two polls
         self.state.watch_hub.add(poll)
