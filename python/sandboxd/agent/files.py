@@ -20,7 +20,6 @@ import asyncio
 import concurrent.futures
 import contextlib
 import json
-import mimetypes
 import os
 import stat
 import zlib
@@ -34,6 +33,7 @@ from sandboxd import _core
 from .asgi import ClientDisconnected, Receive, Scope, Send, body_chunks, header_map, raw_headers, send_http_error
 from .auth import check_files_access
 from .compression import GzipInflater
+from .contenttype import content_type as download_type
 from .errors import Code, RpcError, from_os_error
 from .httpdate import format_http_date, parse_http_date
 from .paths import expand_and_resolve
@@ -161,11 +161,6 @@ def _accepts_gzip(accept_encoding: str) -> bool:
     return False
 
 
-def _content_type(path: str) -> str:
-    guessed, _ = mimetypes.guess_type(path)
-    return guessed or "application/octet-stream"
-
-
 def _compresses(sample: bytes) -> bool:
     return len(zlib.compress(sample, GZIP_LEVEL)) <= len(sample) * GZIP_MIN_SAVING
 
@@ -227,7 +222,7 @@ def _plan_download(req: _Request) -> _Reply:
     accepts_gzip = _accepts_gzip(req.headers.get("accept-encoding", ""))
     reader = _core.FileReader(path)
     try:
-        headers = [*base, ("content-type", _content_type(path))]
+        headers = [*base, ("content-type", download_type(path))]
         if not reader.sized:
             # /proc, /sys, devices, FIFOs: st_size says nothing, so read to EOF, without a
             # Content-Length or ranges. The first chunk decides on gzip; most such files fit in it.
