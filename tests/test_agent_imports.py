@@ -52,7 +52,8 @@ print(json.dumps({
     "config_is_the_submodules": uvicorn.Config is uvicorn.config.Config,
     "unneeded": sorted(m for m in sys.modules if m in ("click", "uvicorn.main", "uvicorn.supervisors",
                        "multiprocessing", "psutil", "python_multipart", "email", "logging.handlers",
-                       "google.protobuf.text_format", "hashlib", "hmac", "secrets")),
+                       "google.protobuf.text_format", "hashlib", "hmac", "secrets",
+                       "google.protobuf.internal.type_checkers")),
     "uvicorn_date": uvicorn.server.formatdate(784111777.0, usegmt=True),
 }))
 """

@@ -143,12 +143,19 @@ one installed) nothing calls it; it brings ``text_format``, the pure-Python enco
 ``well_known_types`` with ``datetime`` and ``calendar``, and ``pickle``."""
 
 
+PROTOBUF_JSON = "google.protobuf.json_format"
+"""protobuf's JSON parser (with its ``type_checkers``, and through them the pure-Python decoder and
+``containers``): the agent reads Connect's JSON requests with it (``connect.py``), the SDKs' every
+call, but a client speaking binary protobuf (gRPC, the Connect binary codec) never needs it."""
+
+
 def lazy_protobuf() -> None:
     """Load :data:`PROTOBUF_PURE_PYTHON` on first use only (:func:`import_lazily`; with the pure-Python
     implementation that use comes at once). Call it in a process that runs nothing but the agent,
     before anything imports protobuf; 0.5 MiB of RSS in the standalone agent."""
     if "google.protobuf.descriptor_pool" not in sys.modules:
         import_lazily(PROTOBUF_PURE_PYTHON)
+        import_lazily(PROTOBUF_JSON)
 
 
 def uvicorn_package_without_cli() -> None:
