@@ -2,8 +2,8 @@
 and reading a date a client sends in ``If-Modified-Since``.
 
 Why not ``email.utils`` (``formatdate(usegmt=True)``, ``parsedate_to_datetime``), which gives the same
-answers: importing it brings the ``email`` package's charset and encoder modules, 1.5 MiB of a
-standalone agent's resident memory (measured, docs/benchmarks.md), for two lines of formatting. The
+answers: importing it brings the ``email`` package's charset and encoder modules into the standalone
+agent (issue 16: what it imports is its memory), for two lines of formatting. The
 obsolete forms a recipient must also accept (RFC 850 and asctime dates) are rare enough that
 :func:`parse_http_date` hands them to ``email.utils``, imported then.
 """

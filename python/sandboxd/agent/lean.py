@@ -25,6 +25,7 @@ from __future__ import annotations
 import importlib.util
 import sys
 import types
+from collections.abc import Callable
 
 OPENSSL_MODULES = ("ssl", "_ssl", "_hashlib")
 """The modules that load OpenSSL: ``ssl`` (through ``_ssl``) and ``_hashlib`` (hashlib's and hmac's)."""
@@ -50,24 +51,59 @@ def openssl_blocked() -> bool:
     return "ssl" in sys.modules and sys.modules["ssl"] is None
 
 
-def _import_uvicorn_config() -> None:
-    """``import uvicorn.config`` with ``logging.config`` loaded only on first use.
-
-    ``uvicorn.config`` imports ``logging.config`` for ``dictConfig`` of a ``log_config``, which the
-    agent does not pass (``server_config(uvicorn_logging=False)``); it brings ``logging.handlers``,
-    ``socketserver``, ``pickle`` and ``queue``. A placeholder stands in for that import, and
-    ``logging.config`` is then registered to load on first use (:func:`import_lazily`). (Not lazy from
-    the start: Python 3.11's import statement reads ``__spec__`` of a module it finds in
-    ``sys.modules``, which executes a lazy module at once.)"""
-    defer = "logging.config" not in sys.modules
-    if defer:
-        sys.modules["logging.config"] = types.ModuleType("logging.config", "placeholder (sandboxd.agent.lean)")
+def _import_deferring(import_: Callable[[], object], deferred: dict[str, dict[str, object]]) -> None:
+    """Run ``import_`` (which imports one module) while each module named in ``deferred`` that is not
+    imported yet is a placeholder holding the given attributes; then register each to load on first
+    use (:func:`import_lazily`), and give the imported module's globals that held a placeholder the
+    lazy module instead. For modules a library imports at its top but uses only on paths the agent
+    does not take. (Placeholders, not lazy modules, during the import: Python 3.11's import statement
+    reads ``__spec__`` of a module it finds in ``sys.modules``, which executes a lazy module at once.)"""
+    placeholders: dict[str, types.ModuleType] = {}
+    for name, attributes in deferred.items():
+        if name not in sys.modules:
+            placeholder = types.ModuleType(name, "placeholder while a library is imported (sandboxd.agent.lean)")
+            vars(placeholder).update(attributes)
+            placeholders[name] = sys.modules[name] = placeholder
     try:
-        _import_uvicorn_config_without_ssl()
+        imported = import_()
     finally:
-        if defer:
-            del sys.modules["logging.config"]
-            import_lazily("logging.config")
+        for name, placeholder in placeholders.items():
+            if sys.modules.get(name) is placeholder:
+                del sys.modules[name]
+                import_lazily(name)
+    namespace = vars(imported)
+    for key, value in list(namespace.items()):
+        for name, placeholder in placeholders.items():
+            if value is placeholder:
+                namespace[key] = sys.modules[name]
+
+
+class _RawConfigParserPlaceholder:
+    """What ``uvicorn.config`` holds as ``RawConfigParser`` in this process: a name in one annotation
+    (``Config(log_config=...)``); no instance is ever one of these."""
+
+
+UVICORN_CONFIG_DEFERRED: dict[str, dict[str, object]] = {
+    "logging.config": {},
+    "configparser": {"RawConfigParser": _RawConfigParserPlaceholder},
+}
+"""What ``uvicorn.config`` imports for a ``log_config`` (``dictConfig``, ``fileConfig``, a
+``RawConfigParser``), which the agent does not pass (``server_config(uvicorn_logging=False)``):
+``logging.config`` brings ``logging.handlers``, ``socketserver``, ``pickle`` and ``queue``."""
+
+UVICORN_SERVER_DEFERRED: dict[str, dict[str, object]] = {"platform": {}, "random": {}}
+"""What ``uvicorn.server`` imports for options the agent does not set: ``random`` for
+``limit_max_requests``' jitter, ``platform`` for sockets handed over by file descriptor."""
+
+
+def _import_uvicorn_config() -> None:
+    """``import uvicorn.config`` with :data:`UVICORN_CONFIG_DEFERRED` loaded only on first use."""
+
+    def import_config() -> object:
+        _import_uvicorn_config_without_ssl()
+        return sys.modules["uvicorn.config"]
+
+    _import_deferring(import_config, UVICORN_CONFIG_DEFERRED)
 
 
 def _import_uvicorn_config_without_ssl() -> None:
@@ -92,15 +128,15 @@ def _import_uvicorn_config_without_ssl() -> None:
 
 
 def _import_uvicorn_server() -> None:
-    """``import uvicorn.server``, which takes ``formatdate`` from ``email.utils`` for its ``Date``
-    header: importing ``email.utils`` costs 1.5 MiB of RSS (the ``email`` package's charsets and
-    encoders). The agent's servers send no ``Date`` header (``date_header=False``) and replace the main
-    loop that would format it (``serve_until_signalled``), so that one import gets a stand-in whose
-    ``formatdate`` is :func:`sandboxd.agent.httpdate.format_http_date` (the same text, were it called).
-    A real ``email.utils`` imported before is used as it is; one imported after is the real one."""
+    """``import uvicorn.server`` with :data:`UVICORN_SERVER_DEFERRED` loaded on first use, and without
+    ``email``: uvicorn's server takes ``formatdate`` from ``email.utils`` for its ``Date`` header, which
+    brings the ``email`` package's charsets and encoders (eight modules). The agent's servers send no
+    ``Date`` header (``date_header=False``) and replace the main loop that would format it
+    (``serve_until_signalled``), so that one import gets a stand-in whose ``formatdate`` is
+    :func:`sandboxd.agent.httpdate.format_http_date` (the same text, were it called). A real
+    ``email.utils`` imported before is used as it is; one imported after is the real one."""
     if "email.utils" in sys.modules:
-        import uvicorn.server
-
+        _import_deferring(lambda: importlib.import_module("uvicorn.server"), UVICORN_SERVER_DEFERRED)
         return
     from .httpdate import format_http_date
 
@@ -113,7 +149,7 @@ def _import_uvicorn_server() -> None:
     stand_in.formatdate = formatdate  # type: ignore[attr-defined]
     sys.modules["email.utils"] = stand_in
     try:
-        import uvicorn.server  # noqa: F401
+        _import_deferring(lambda: importlib.import_module("uvicorn.server"), UVICORN_SERVER_DEFERRED)
     finally:
         del sys.modules["email.utils"]
 
