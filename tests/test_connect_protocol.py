@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import struct
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -270,3 +271,38 @@ def test_a_server_side_deadline_is_deadline_exceeded(agent: Agent) -> None:
     start = {"process": {"cmd": "/bin/sleep", "args": ["5"]}}
     messages = _stream(agent, "/process.Process/Start", start, {"Connect-Timeout-Ms": "300"})
     assert messages[-1]["error"]["code"] == "deadline_exceeded"
+
+
+def test_a_client_that_leaves_an_idle_stream_is_noticed(start_agent: Callable[..., Agent], workdir: Path) -> None:
+    """A WatchDir stream with nothing to send: when its client goes, the agent notices although the
+    handler is only waiting for events, and releases the stream's inotify instance. (An agent of its
+    own: no other test's watches come and go meanwhile.)"""
+    import contextlib
+    import os
+    import socket
+    import time
+
+    agent = start_agent()
+
+    def inotify_instances() -> int:
+        fds = f"/proc/{agent.process.pid}/fd"
+        count = 0
+        for fd in os.listdir(fds):
+            with contextlib.suppress(FileNotFoundError):
+                count += os.readlink(f"{fds}/{fd}") == "anon_inode:inotify"
+        return count
+
+    before = inotify_instances()
+    body = frame(json.dumps({"path": str(workdir)}).encode())
+    with socket.create_connection(("127.0.0.1", agent.port), timeout=10) as client:
+        client.sendall(
+            b"POST /filesystem.Filesystem/WatchDir HTTP/1.1\r\nHost: x\r\nContent-Type: application/connect+json\r\n"
+            + f"Connect-Protocol-Version: 1\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+            + body
+        )
+        assert b" 200 " in client.recv(4096)  # head and start event: the handler waits for events now
+        assert inotify_instances() > before
+    deadline = time.monotonic() + 10
+    while inotify_instances() > before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert inotify_instances() == before

@@ -13,8 +13,9 @@ Send = Callable[[Message], Awaitable[None]]
 RawHeaders = list[tuple[bytes, bytes]]
 
 BODY_PARTS = "sandboxd.body_parts"
-"""The ``scope["extensions"]`` key of the server's writer of a body message in pieces
-(``sandboxd.agent.http_server.ResponseWriter``), when the server offers one."""
+"""The ``scope["extensions"]`` key of the server's response writer
+(``sandboxd.agent.http_server.ResponseWriter``), when the server offers one: it writes a body
+message in pieces, and tells of a lost connection (``on_disconnect``) without a task on ``receive``."""
 
 BODY_FOLLOWS = "sandboxd.body_follows"
 """A key an app may set (to True) in ``http.response.start`` to say that its first body message

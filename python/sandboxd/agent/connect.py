@@ -21,7 +21,7 @@ import contextlib
 import json
 import struct
 import time
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import Any
 
 from google.protobuf import json_format
@@ -310,6 +310,8 @@ class ConnectTransport:
 
         async def frame(data: bytes | list[Piece], more: bool = True) -> None:
             nonlocal complete
+            if complete:
+                return  # a keepalive due while the last message was being sent
             await start()
             complete = complete or not more  # before the send: a failed send is not followed by another end
             if isinstance(data, list):
@@ -337,7 +339,7 @@ class ConnectTransport:
                     await frame(codec.frame_parts(response))
                 else:
                     request = await _single_request(payloads, codec, method)
-                    await self._serve_stream(method, request, ctx, codec, receive, frame)
+                    await self._serve_stream(method, request, ctx, codec, receive, frame, body_parts)
         except ClientDisconnected:
             return
         except Exception as exc:
@@ -347,22 +349,42 @@ class ConnectTransport:
                 await frame(end_stream(error, ctx.response_trailers if ctx is not None else ()), more=False)
 
     async def _serve_stream(
-        self, method: Method, request: Message, ctx: Context, codec: Codec, receive: Receive, frame: Any
+        self, method: Method, request: Message, ctx: Context, codec: Codec, receive: Receive, frame: Any, writer: Any
     ) -> None:
         """Run a server-stream handler until it ends or the client disconnects, sending in-band
         keepalives after each quiet ``Keepalive-Ping-Interval`` (as envd). The method's last message
-        (:attr:`Method.last`) goes out with the end-stream frame, in the same write, before the
-        handler's generator and these tasks are wound down.
+        (:attr:`Method.last`) goes out with the end-stream frame, in the same write.
 
-        Three tasks per stream, none per message: the pump sends what the handler yields, the
-        keepalive task wakes once per interval, and the watcher notices a disconnect."""
+        No task of its own (three before, measured on the round trip): the handler's messages are
+        sent from the request's task, keepalives come from a loop timer (:class:`_Keepalives`), and
+        a client that leaves while the handler waits is reported by the server's ``writer``
+        (``ResponseWriter.on_disconnect``; on a server without one, by a task waiting on
+        ``receive``). Either cancels this task, which then raises :class:`ClientDisconnected`."""
         messages: AsyncIterator[Message] = method.handler(request, ctx)
         loop = asyncio.get_running_loop()
-        last_sent = loop.time()
-        is_last = method.last
+        task = asyncio.current_task()
+        assert task is not None
+        gone = False  # the client left (or a keepalive could not be sent): this task was cancelled
+        finished = False
 
-        async def pump() -> None:
-            nonlocal last_sent
+        def leave() -> None:
+            nonlocal gone
+            if not gone and not finished:
+                gone = True
+                task.cancel()
+
+        watcher: asyncio.Future[None] | None = None
+        if writer is not None:
+            forget = writer.on_disconnect(leave)
+        else:
+            watcher = asyncio.ensure_future(_disconnected(receive))
+            watcher.add_done_callback(lambda _: leave())
+        keepalives = None
+        if method.keepalive is not None:
+            make = method.keepalive
+            keepalives = _Keepalives(loop, ctx.keepalive_interval, lambda: frame(codec.frame_parts(make())), leave)
+        is_last = method.last
+        try:
             try:
                 async for message in messages:
                     parts = codec.frame_parts(message)
@@ -371,39 +393,84 @@ class ConnectTransport:
                         await frame(parts, more=False)
                         return
                     await frame(parts)
-                    last_sent = loop.time()
+                    if keepalives is not None:
+                        keepalives.last_sent = loop.time()
             finally:
-                aclose = getattr(messages, "aclose", None)
-                if aclose is not None:
-                    await aclose()
-
-        async def keepalives(make: Callable[[], Message], interval: float) -> None:
-            nonlocal last_sent
-            while True:
-                await asyncio.sleep(last_sent + interval - loop.time())
-                if loop.time() - last_sent >= interval:
-                    await frame(codec.frame_parts(make()))
-                    last_sent = loop.time()
-
-        async def disconnected() -> None:
-            while (await receive())["type"] != "http.disconnect":
-                pass
-
-        pump_task = asyncio.ensure_future(pump())
-        tasks = [pump_task, asyncio.ensure_future(disconnected())]
-        if method.keepalive is not None:
-            tasks.append(asyncio.ensure_future(keepalives(method.keepalive, ctx.keepalive_interval)))
-        try:
-            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+                try:
+                    aclose = getattr(messages, "aclose", None)
+                    if aclose is not None:
+                        await aclose()
+                finally:
+                    if keepalives is not None:
+                        await keepalives.stop()
+        except asyncio.CancelledError:
+            if gone and task.uncancel() == 0:
+                raise ClientDisconnected from None
+            raise
         finally:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-        if pump_task not in done:
-            # The client left (or a keepalive could not be sent to it), or the response is complete
-            # already: uvicorn answers ``receive`` with ``http.disconnect`` from then on.
-            raise ClientDisconnected
-        pump_task.result()
+            finished = True  # no await from here on: a disconnect now cancels nothing
+            if watcher is None:
+                forget()
+            else:
+                watcher.cancel()
+
+
+class _Keepalives:
+    """A stream's in-band keepalives, each sent after ``interval`` seconds without a message: one
+    loop timer, a task only while one is being sent. The stream sets :attr:`last_sent` after each
+    message of its own; when the timer finds the stream quiet it sends a keepalive, else it waits
+    for the rest of the interval."""
+
+    __slots__ = ("_failed", "_interval", "_loop", "_send", "_sending", "_timer", "last_sent")
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        interval: float,
+        send: Callable[[], Awaitable[None]],
+        failed: Callable[[], None],
+    ) -> None:
+        self._loop = loop
+        self._interval = interval
+        self._send = send
+        self._failed = failed  # called when a keepalive could not be sent
+        self._sending: asyncio.Task[None] | None = None
+        self.last_sent = loop.time()
+        self._timer: asyncio.TimerHandle | None = loop.call_at(self.last_sent + interval, self._due)
+
+    def _due(self) -> None:
+        due = self.last_sent + self._interval
+        if self._loop.time() < due:
+            self._timer = self._loop.call_at(due, self._due)
+        else:
+            self._timer = None
+            self._sending = self._loop.create_task(self._send_one())
+
+    async def _send_one(self) -> None:
+        try:
+            await self._send()
+        except Exception:
+            self._failed()
+            return
+        self._sending = None
+        self.last_sent = self._loop.time()
+        self._timer = self._loop.call_at(self.last_sent + self._interval, self._due)
+
+    async def stop(self) -> None:
+        """No more keepalives; waits for one being sent to be cancelled."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        sending, self._sending = self._sending, None
+        if sending is not None and not sending.done():
+            sending.cancel()
+            await asyncio.wait([sending])
+
+
+async def _disconnected(receive: Receive) -> None:
+    """Returns when ``receive`` says the client disconnected (after the request body was read)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
 
 
 def _prefixed_trailers(trailers: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
