@@ -85,8 +85,8 @@ MAX_HEAD_BYTES = 64 << 10
 near it. Past it: 431 and the connection is closed."""
 
 JOIN_BELOW = 64 << 10
-"""A held head and the body message after it are joined into one ``write`` below this size (bytes):
-copying that little costs less than a ``writev``'s set-up; above it, a big body is not copied."""
+"""A held head and the body message after it are joined into one ``write`` up to this size (bytes):
+copying that little costs less than another syscall; above it, a big body is not copied."""
 
 FD_RESERVE = 256
 """File descriptors kept for everything but client connections (files, pipes, inotify, sandboxes)."""
@@ -149,7 +149,7 @@ class ResponseWriter:
     known to follow at once (the start has ``content-length``, or the app set :data:`BODY_FOLLOWS`
     in it), the start goes through uvicorn's own ``send`` with this object as the cycle's transport,
     which keeps the head's bytes; the next body message goes the same way and both are written in
-    one ``write`` (or one ``writelines``, uvloop's ``writev``, past :data:`JOIN_BELOW`). uvicorn's
+    one ``write`` (past :data:`JOIN_BELOW`, a write each, so that a big body is not copied). uvicorn's
     state (started, chunked, keep-alive, ``connection: close``) is its own, only the bytes wait.
     Any other start (a proxied server's streamed head, say) is written at once, as uvicorn would.
 
@@ -250,8 +250,9 @@ class ResponseWriter:
             self._transport.write(held[0])
         elif sum(len(part) for part in held) <= JOIN_BELOW:
             self._transport.write(b"".join(held))
-        else:
-            self._transport.writelines(held)
+        else:  # a big body is not copied: asyncio's writelines would join it (uvloop's would not)
+            for part in held:
+                self._transport.write(part)
 
 
 def _nothing() -> None:
