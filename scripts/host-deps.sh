@@ -2,7 +2,8 @@
 # What the host needs besides Python and Rust, from Debian's archive (Debian/Ubuntu):
 #   runtime: mmdebstrap (builds the `base` template from Debian's archive) and skopeo (pulls and
 #            converts OCI images for `sandboxd template pull|import`);
-#   tests:   busybox-static (a tiny template assembled by the tests) and the distribution registry
+#   tests:   strace (counts the agent's write syscalls in tests/test_response_writes.py),
+#            busybox-static (a tiny template assembled by the tests) and the distribution registry
 #            (Debian's docker-registry package) for the image pull tests. These two are only unpacked
 #            into .cache/test-tools, never installed: docker-registry's package would start a system
 #            registry service on port 5000.
@@ -15,6 +16,7 @@ if [[ $(id -u) -eq 0 ]]; then SUDO=(); else SUDO=(sudo); fi
 need=()
 command -v mmdebstrap >/dev/null 2>&1 || need+=(mmdebstrap)
 command -v skopeo >/dev/null 2>&1 || need+=(skopeo)
+command -v strace >/dev/null 2>&1 || need+=(strace)
 updated=0
 if ((${#need[@]})); then
     "${SUDO[@]}" apt-get update -q

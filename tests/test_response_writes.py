@@ -10,7 +10,6 @@ import contextlib
 import json
 import os
 import re
-import shutil
 import signal
 import socket
 import struct
@@ -20,10 +19,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from conftest import Agent
+from conftest import Agent, require
 from sandboxd._proto.process import process_pb2 as pb
-
-pytestmark = pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace")
 
 _CALL = re.compile(r"^\d+\s+(write|writev|sendto|sendmsg)\((\d+), (.*)$")
 _STRING = re.compile(r'"((?:\\x[0-9a-f]{2})*)"')
@@ -50,7 +47,8 @@ def traced_writes(pid: int, log: Path) -> Iterator[dict[int, list[bytes]]]:
     """The bytes of each write syscall (``write``, ``writev``, ``send*``) of process ``pid`` while
     the block runs, by file descriptor, in order; filled when the block ends."""
     writes: dict[int, list[bytes]] = {}
-    args = ["strace", "-f", "-xx", "-s", "65536", "-e", "trace=write,writev,sendto,sendmsg", "-o", str(log)]
+    strace = require("strace", "it counts the agent's write syscalls")
+    args = [strace, "-f", "-xx", "-s", "65536", "-e", "trace=write,writev,sendto,sendmsg", "-o", str(log)]
     tracer = subprocess.Popen([*args, "-p", str(pid)], stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 10
