@@ -14,7 +14,7 @@ import errno
 import os
 import signal
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -87,7 +87,7 @@ Response = TypeVar("Response", pb.StartResponse, pb.ConnectResponse)
 
 async def output_events(
     subscriber: _core.Subscriber, response_type: type[Response]
-) -> AsyncIterator[Response | NestedBytes]:
+) -> AsyncGenerator[Response | NestedBytes, None]:
     """Responses for the data from ``subscriber`` as it arrives, then for the end event.
 
     Waits on the subscriber's eventfd through the event loop (no thread per stream). Each run of one
@@ -297,8 +297,10 @@ class ProcessService:
         subscriber = process.subscribe(True)
         self._register(process, request, ctx)
         yield pb.StartResponse(event=pb.ProcessEvent(start=pb.ProcessEvent.StartEvent(pid=process.pid)))
-        async for response in output_events(subscriber, pb.StartResponse):
-            yield response
+        # Closed with this generator, not left to the garbage collector: its reader goes at once.
+        async with contextlib.aclosing(output_events(subscriber, pb.StartResponse)) as events:
+            async for response in events:
+                yield response
 
     async def connect(
         self, request: pb.ConnectRequest, ctx: Context
@@ -306,8 +308,10 @@ class ProcessService:
         entry = self._find(request.process)
         subscriber = entry.process.subscribe(True)
         yield pb.ConnectResponse(event=pb.ProcessEvent(start=pb.ProcessEvent.StartEvent(pid=entry.process.pid)))
-        async for response in output_events(subscriber, pb.ConnectResponse):
-            yield response
+        # Closed with this generator, not left to the garbage collector: its reader goes at once.
+        async with contextlib.aclosing(output_events(subscriber, pb.ConnectResponse)) as events:
+            async for response in events:
+                yield response
 
     # ----------------------------------------------------------------------------------- the rest
 
