@@ -24,9 +24,9 @@
 //! X only waits on a pipe, so it is cloned with `CLONE_VM` onto a small stack of its own: it shares
 //! A's memory instead of copying A's page tables. A is often a fork of a large process (the Python
 //! zygote, ~70 MiB), where a full fork and its teardown cost milliseconds of every create
-//! (`docs/benchmarks.md`). X blocks every signal and makes raw system calls only, none that writes
-//! memory A uses; A reaps it before going on, so it is gone before any process of the sandbox
-//! exists.
+//! (`docs/benchmarks.md`). X is born with every signal blocked and makes raw system calls only,
+//! none that writes memory A uses; A reaps it before going on, so it is gone before any process of
+//! the sandbox exists.
 //!
 //! A keeps its capabilities across that change of effective uid (`SECBIT_NO_SETUID_FIXUP`), so
 //! the creation counts as privileged: distributions that restrict *unprivileged* user namespaces
@@ -45,6 +45,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use nix::errno::Errno;
 use nix::fcntl::{OFlag, open};
 use nix::sched::{CloneFlags, setns};
+use nix::sys::signal::{SigSet, SigmaskHow, pthread_sigmask};
 use nix::sys::stat::Mode;
 use nix::sys::wait::waitpid;
 use nix::unistd::{Pid, pipe2, write};
@@ -162,8 +163,8 @@ impl Drop for HelperStack {
 /// The kernel's `sigset_t` size for `rt_sigprocmask`: 64 signals, one bit each.
 const KERNEL_SIGSET_BYTES: usize = 8;
 
-/// X, on its own stack in A's memory: block every signal (no handler inherited from A may run on
-/// memory shared with A), close its copy of the pipe's write end, wait until A closes its own (end
+/// X, on its own stack in A's memory: keep every signal blocked (it is born so, see [`create`]; no
+/// handler inherited from A may run on memory shared with A), close its copy of the pipe's write end, wait until A closes its own (end
 /// of file; also if A dies), and return, which exits. `arg` points to the pipe's two descriptors
 /// (read end, write end) in A's frame, which outlives X; X has copies of A's descriptors, not A's
 /// table, so it must close its copy of the write end itself. None of the calls can fail here (a
@@ -206,6 +207,16 @@ pub(crate) fn create(base: u32, map: &[u8]) -> Result<OwnedFd, StepError> {
     let stack = HelperStack::map().at(Step::UserNamespace)?;
     let pipe: [RawFd; 2] = [go_r.as_raw_fd(), go_w.as_raw_fd()];
     set_securebits(SECBIT_NO_SETUID_FIXUP).at(Step::UserNamespace)?;
+    // X is born with every signal blocked (a child inherits the calling thread's mask): until its
+    // own mask is set, no handler of the caller's may run in X, on memory shared with the caller.
+    // The caller's mask is back as soon as `clone` returns (as glibc's posix_spawn does it).
+    let mut caller_mask = SigSet::empty();
+    pthread_sigmask(
+        SigmaskHow::SIG_SETMASK,
+        Some(&SigSet::all()),
+        Some(&mut caller_mask),
+    )
+    .at(Step::UserNamespace)?;
     let cloned = set_euid(base).and_then(|()| {
         let flags = libc::CLONE_NEWUSER | libc::CLONE_VM | libc::SIGCHLD;
         // SAFETY: the stack is X's alone, its top 16-byte aligned as the ABIs require; X runs
@@ -220,8 +231,10 @@ pub(crate) fn create(base: u32, map: &[u8]) -> Result<OwnedFd, StepError> {
             )
         })
     });
-    // A: host root again, in every id, with the usual securebits.
-    let restored = set_euid(0).and_then(|()| set_securebits(0));
+    // A: host root again, in every id, with the usual securebits and its own signal mask.
+    let restored = set_euid(0)
+        .and_then(|()| set_securebits(0))
+        .and_then(|()| pthread_sigmask(SigmaskHow::SIG_SETMASK, Some(&caller_mask), None));
     let child = Pid::from_raw(cloned.at(Step::UserNamespace)?);
     // Let X go (end of file on its pipe) and wait until it has exited.
     let release = move || {
