@@ -47,3 +47,17 @@ def test_refuses_what_is_not_an_ascii_pem_certificate(tmp_path: Path, pem: str) 
     with pytest.raises(ValueError):
         cacerts.install(pem, str(bundle), str(tmp_path / "extra.crt"))
     assert bundle.read_bytes() == b"keep\n"
+
+
+def test_a_link_planted_under_a_temporary_name_is_not_written_through(tmp_path: Path) -> None:
+    """Root in a sandbox could leave links in the bundle's directory before a resume's ``/init``: the
+    new bundle is written to a file made then (``O_EXCL``), never through a name known before."""
+    bundle = tmp_path / "ca-certificates.crt"
+    bundle.write_text("")
+    victim = tmp_path / "victim"
+    victim.write_text("keep me\n")
+    for name in ("ca-certificates.crt.sandboxd-new", ".sandboxd-ca-", "ca-certificates.crt.tmp"):
+        os.link(victim, tmp_path / name)
+    cacerts.install(PEM, str(bundle), str(tmp_path / "extra.crt"))
+    assert victim.read_text() == "keep me\n"
+    assert PEM in bundle.read_text()

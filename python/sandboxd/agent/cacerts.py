@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import tempfile
 
 BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
 EXTRA = "/usr/local/share/ca-certificates/sandboxd-egress.crt"
@@ -44,9 +45,10 @@ def install(pem: str, bundle: str = BUNDLE, extra: str = EXTRA) -> None:
 
 
 def _replace(path: str, content: bytes, mode: int) -> None:
-    """Write ``content`` to a new file beside ``path`` and rename it over ``path``."""
-    temp = f"{path}.sandboxd-new"
-    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+    """Write ``content`` to a new file beside ``path`` and rename it over ``path``. The new file's
+    name is made here (``mkstemp``: ``O_EXCL``), so nothing left in the directory (a link a sandbox
+    planted under a fixed name) is written through, and two ``/init`` at once each rename their own."""
+    fd, temp = tempfile.mkstemp(prefix=".sandboxd-ca-", dir=os.path.dirname(path))
     try:
         with os.fdopen(fd, "wb") as f:
             os.fchmod(f.fileno(), mode)  # the umask must not narrow it

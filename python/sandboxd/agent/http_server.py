@@ -225,7 +225,8 @@ class ResponseWriter:
         if size:
             pieces += [b"%x\r\n" % size, *parts, b"\r\n"]
         if pieces:
-            # uvloop takes any object with the buffer protocol and copies none of them.
+            # uvloop (the sandboxes' agents, the runtime) writes the pieces with writev, copying none;
+            # asyncio's own loop (the standalone agent's, without OpenSSL) joins them: one copy.
             self._transport.writelines(pieces)
 
     # The transport uvicorn's send writes to while a head is held (it calls nothing else).

@@ -38,7 +38,7 @@ def parse_http_date(value: str) -> float | None:
 
     try:
         parsed = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError, IndexError):
+    except (TypeError, ValueError, IndexError, OverflowError):  # a year past datetime's
         return None
     if parsed.tzinfo is None:  # "-0000", or no zone: RFC 9110 dates are in UTC
         from datetime import UTC
