@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
 
 BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
 EXTRA = "/usr/local/share/ca-certificates/sandboxd-egress.crt"
@@ -48,6 +47,8 @@ def _replace(path: str, content: bytes, mode: int) -> None:
     """Write ``content`` to a new file beside ``path`` and rename it over ``path``. The new file's
     name is made here (``mkstemp``: ``O_EXCL``), so nothing left in the directory (a link a sandbox
     planted under a fixed name) is written through, and two ``/init`` at once each rename their own."""
+    import tempfile  # here: it imports random, which the standalone agent loads only when used (lean.py)
+
     fd, temp = tempfile.mkstemp(prefix=".sandboxd-ca-", dir=os.path.dirname(path))
     try:
         with os.fdopen(fd, "wb") as f:
