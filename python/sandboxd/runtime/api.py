@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hmac
 import json
 import re
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import unquote
@@ -52,6 +53,18 @@ def check_api_key(headers: dict[str, str], api_key: str, bearer: bool = False) -
         presented = credentials.strip() if scheme.lower() == "bearer" else ""
     if not presented or not hmac.compare_digest(presented.encode(), api_key.encode()):
         raise ApiError(401, "Invalid API key: send the key `sandboxd serve` printed in the X-API-KEY header")
+
+
+@contextlib.asynccontextmanager
+async def api_errors(send: Send) -> AsyncIterator[None]:
+    """What every control-plane router wraps a request in: an :class:`ApiError` raised inside is
+    answered as E2B's JSON error (``{"code", "message"}``), and a client gone midway is let go."""
+    try:
+        yield
+    except ApiError as exc:
+        await send_json(send, exc.status, exc.body(), exc.headers)
+    except ClientDisconnected:
+        return
 
 
 def _field(body: dict[str, Any], name: str, kind: type | tuple[type, ...], default: Any = None) -> Any:
@@ -228,15 +241,10 @@ class ControlPlane:
         return path.startswith(("/sandboxes", "/v2/sandboxes")) or path == "/snapshots"
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        headers = header_map(scope)
-        try:
-            check_api_key(headers, self.api_key)
+        async with api_errors(send):
+            check_api_key(header_map(scope), self.api_key)
             handler, groups = find_route(self.routes, scope)
             await handler(scope, receive, send, *(sandbox_id(g) for g in groups))
-        except ApiError as exc:
-            await send_json(send, exc.status, exc.body(), exc.headers)
-        except ClientDisconnected:
-            return
 
     # ------------------------------------------------------------------------------- answers
 

@@ -20,9 +20,9 @@ import base64
 import re
 from typing import Any
 
-from sandboxd.agent.asgi import ClientDisconnected, Receive, Scope, Send, header_map, send_empty, send_json
+from sandboxd.agent.asgi import Receive, Scope, Send, header_map, send_empty, send_json
 
-from .api import Route, check_api_key, find_route, iso
+from .api import Route, api_errors, check_api_key, find_route, iso
 from .errors import ApiError
 from .inputs import Body, Query
 from .secrets import LIST_LIMIT, MAX_VALUE_CHARS, Secret, SecretStore, check_metadata, check_name
@@ -47,14 +47,10 @@ class SecretApi:
         return path == "/secrets" or path.startswith("/secrets/")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        try:
+        async with api_errors(send):
             check_api_key(header_map(scope), self.api_key)
             handler, groups = find_route(self.routes, scope)
             await handler(scope, receive, send, *groups)
-        except ApiError as exc:
-            await send_json(send, exc.status, exc.body(), exc.headers)
-        except ClientDisconnected:
-            return
 
     async def create(self, scope: Scope, receive: Receive, send: Send) -> None:
         body = await Body.read(receive)

@@ -33,7 +33,6 @@ import secrets
 
 from sandboxd import ENVD_VERSION
 from sandboxd.agent.asgi import (
-    ClientDisconnected,
     Receive,
     Scope,
     Send,
@@ -43,7 +42,7 @@ from sandboxd.agent.asgi import (
     send_json,
 )
 
-from .api import Route, check_api_key, find_route, iso
+from .api import Route, api_errors, check_api_key, find_route, iso
 from .errors import ApiError
 from .inputs import INT32_MAX, Body, Query, write_body
 from .template_builder import STATUS_PAGE, TemplateBuilder, parse_spec, status_answer
@@ -94,7 +93,7 @@ class TemplateApi:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         headers = header_map(scope)
-        try:
+        async with api_errors(send):
             try:
                 handler, groups = find_route(self.routes, scope)
             except ApiError:
@@ -103,10 +102,6 @@ class TemplateApi:
             if handler != self.upload:  # the upload URL carries a token of its own (see file_link)
                 check_api_key(headers, self.api_key)
             await handler(scope, receive, send, *(g[:256] for g in groups))
-        except ApiError as exc:
-            await send_json(send, exc.status, exc.body(), exc.headers)
-        except ClientDisconnected:
-            return
 
     async def request_build(self, scope: Scope, receive: Receive, send: Send) -> None:
         body = await Body.read(receive)

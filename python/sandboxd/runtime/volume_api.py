@@ -27,7 +27,6 @@ import re
 from typing import Any
 
 from sandboxd.agent.asgi import (
-    ClientDisconnected,
     Receive,
     Scope,
     Send,
@@ -37,7 +36,7 @@ from sandboxd.agent.asgi import (
     send_json,
 )
 
-from .api import Route, check_api_key, find_route
+from .api import Route, api_errors, check_api_key, find_route
 from .errors import ApiError
 from .inputs import Body, Query, write_body
 from .volumes import Volume, Volumes
@@ -77,7 +76,7 @@ class VolumeApi:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         headers = header_map(scope)
-        try:
+        async with api_errors(send):
             if scope["path"].startswith("/volumecontent/"):
                 handler, groups = find_route(self.content, scope)
                 volume = self.volumes.check_token(groups[0], headers.get("authorization"))
@@ -86,10 +85,6 @@ class VolumeApi:
                 check_api_key(headers, self.api_key)
                 handler, groups = find_route(self.control, scope)
                 await handler(scope, receive, send, *groups)
-        except ApiError as exc:
-            await send_json(send, exc.status, exc.body(), exc.headers)
-        except ClientDisconnected:
-            return
 
     # ---------------------------------------------------------------------------- control
 
