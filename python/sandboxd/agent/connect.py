@@ -313,7 +313,7 @@ class ConnectTransport:
             if complete:
                 return  # a keepalive due while the last message was being sent
             await start()
-            complete = complete or not more  # before the send: a failed send is not followed by another end
+            complete = not more  # before the send: a failed send is not followed by another end
             if isinstance(data, list):
                 if len(data) > 1 and sum(len(part) for part in data) > JOIN_BELOW:
                     if more and body_parts is not None and body_parts.usable():

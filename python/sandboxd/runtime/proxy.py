@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hmac
 import json
 import re
@@ -72,20 +73,16 @@ MAX_RESPONSE_HEAD = 64 << 10
 """A sandbox's response head larger than this is refused (502): the sandbox is hostile, and the
 head is buffered until complete."""
 
-_UPSTREAM_TLS: ssl.SSLContext | None = None
 
-
+@functools.cache
 def upstream_tls() -> ssl.SSLContext:
     """The client context for a sandbox port in ``https_ports``: TLS 1.2 or later, and no check of
     the sandbox's certificate or name (E2B's proxy re-encrypts to the sandbox the same way: there is
     no name a sandbox's certificate could prove, and the hop never leaves this machine)."""
-    global _UPSTREAM_TLS
-    if _UPSTREAM_TLS is None:
-        context = ssl.create_default_context()
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE
-        _UPSTREAM_TLS = context
-    return _UPSTREAM_TLS
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    return context
 
 
 def tls_failure(port: int, exc: OSError) -> str:

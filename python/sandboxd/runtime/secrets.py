@@ -25,7 +25,7 @@ import uuid
 from dataclasses import dataclass
 
 from .errors import ApiError
-from .network.policy import MAX_HEADER_VALUE_LEN, NetworkConfig, bad_header_value, secret_references
+from .network.policy import MAX_HEADER_VALUE_LEN, SECRET_NAME, NetworkConfig, bad_header_value, secret_references
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS secrets (
@@ -58,8 +58,11 @@ MAX_SECRETS = 1000
 LIST_LIMIT = 100
 """A page of ``GET /secrets`` when the client names no ``limit`` (and the most it may name)."""
 
-_NAME = re.compile(r"[^{}\s\x00-\x1f\x7f-\x9f]{1,128}")
+_NAME = re.compile(SECRET_NAME)
 """As :data:`~.network.policy.SECRET_PLACEHOLDER` reads a name."""
+
+_COLUMNS = "id, name, version, metadata, created_at, updated_at"
+"""A secret's record without its value, as :func:`_secret` reads it."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,7 +137,7 @@ class SecretStore:
         if count >= MAX_SECRETS:
             raise ApiError(409, f"this runtime keeps at most {MAX_SECRETS} secrets: delete one first")
         now = time.time()
-        secret = Secret(f"sec_{uuid.uuid4()}", name, 1, metadata, now, now)
+        secret = Secret(f"{ID_PREFIX}{uuid.uuid4()}", name, 1, metadata, now, now)
         try:
             self.db.execute(
                 "INSERT INTO secrets (id, name, value, version, metadata, created_at, updated_at) "
@@ -149,9 +152,7 @@ class SecretStore:
         """A secret by its id or its name; 404 otherwise."""
         column = "id" if selector.startswith(ID_PREFIX) else "name"
         key = selector if column == "id" else selector.lower()
-        row = self.db.execute(
-            f"SELECT id, name, version, metadata, created_at, updated_at FROM secrets WHERE {column} = ?", (key,)
-        ).fetchone()
+        row = self.db.execute(f"SELECT {_COLUMNS} FROM secrets WHERE {column} = ?", (key,)).fetchone()
         if row is None:
             raise ApiError(404, f"secret '{selector[:MAX_NAME_CHARS]}' not found")
         return _secret(row)
@@ -174,8 +175,7 @@ class SecretStore:
     def page(self, limit: int, after: str | None) -> tuple[list[Secret], str | None]:
         """Up to ``limit`` secrets by name, after the name ``after``; and the name to go on from."""
         rows = self.db.execute(
-            "SELECT id, name, version, metadata, created_at, updated_at FROM secrets WHERE name > ? "
-            "ORDER BY name LIMIT ?",
+            f"SELECT {_COLUMNS} FROM secrets WHERE name > ? ORDER BY name LIMIT ?",
             (after or "", limit + 1),
         ).fetchall()
         secrets = [_secret(r) for r in rows[:limit]]

@@ -86,8 +86,12 @@ def bad_header_value(value: str) -> bool:
     return any((ord(c) < 0x20 and c != "\t") or ord(c) == 0x7F for c in value)
 
 
+SECRET_NAME = r"[^{}\s\x00-\x1f\x7f-\x9f]{1,128}"
+"""A secret's name: 1 to 128 characters without braces, white space or control characters (the
+SDKs refuse braces and control characters; white space would make a placeholder no header carries)."""
+
 SECRET_PREFIX = "${e2b.secrets."
-SECRET_PLACEHOLDER = re.compile(r"\$\{e2b\.secrets\.([^{}\s\x00-\x1f\x7f-\x9f]{1,128})\}")
+SECRET_PLACEHOLDER = re.compile(r"\$\{e2b\.secrets\.(" + SECRET_NAME + r")\}")
 """``${e2b.secrets.<name>}`` in a header rule's value (what the SDKs' ``Secret.fill`` writes): the
 egress proxy puts the secret's current value there (:mod:`sandboxd.runtime.secrets`). Names are
 matched lowercased, as they are stored."""
