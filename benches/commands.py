@@ -3,7 +3,10 @@
 * ``commands.run("true")`` through the official sync SDK, beside the floor: ``/bin/bash -l -c true``
   spawned directly with ``subprocess.run``, with the environment the agent gives its children (read
   from the agent itself) and the same working directory. The agent runs ``/bin/bash -l -c <cmd>`` as
-  envd does, so this host's login profile costs the same on both sides.
+  envd does. Both sides get ``HOME`` pointed at an empty directory (the SDK through ``envs``), so the
+  login shell reads the system's profile only: a developer's own ``~/.profile`` (on the CI machine,
+  pyenv's and cargo's set-up, 120-280 ms a shell) would otherwise be most of the floor and its
+  spread would hide the few milliseconds this row is about.
 * output throughput of ``head -c <size> /dev/zero``:
   - with a binary-proto Connect client written here on a plain socket (``application/connect+proto``,
     one ``StartRequest`` envelope, the response envelopes parsed and the stdout/pty bytes counted;
@@ -431,13 +434,22 @@ def agent_environment(client: ConnectClient, url: str, token: str | None) -> dic
     return dict(pairs)
 
 
+def login_home(ctx: Context) -> Path:
+    """An empty directory for ``HOME`` in the ``run("true")`` rows (see the module's docstring)."""
+    home = ctx.tmp / "login-home"
+    home.mkdir(exist_ok=True)
+    return home
+
+
 def round_trips(ctx: Context, sandbox: Any, env: dict[str, str], cwd: Path, n: int) -> None:
     ctx.log(f'run("true"): {n} SDK round trips alternating with {n} `bash -l -c true` spawned directly')
     floor_cmd = ["/bin/bash", "-l", "-c", "true"]
+    home = str(login_home(ctx))
+    env = {**env, "HOME": home}
 
     def ours() -> float:
         t0 = time.perf_counter()
-        sandbox.commands.run("true")
+        sandbox.commands.run("true", envs={"HOME": home})
         return (time.perf_counter() - t0) * 1e3
 
     def floor() -> float:
@@ -458,7 +470,7 @@ def round_trips(ctx: Context, sandbox: Any, env: dict[str, str], cwd: Path, n: i
             unit="ms (p50)",
             ours=p50,
             baseline=base50,
-            baseline_name="bash -l -c true, subprocess.run, agent's env",
+            baseline_name="bash -l -c true, subprocess.run, agent's env, empty HOME",
             better="lower",
             p50=p50,
             p99=percentile(a, 99),
@@ -569,11 +581,12 @@ def compare_round_trips(ctx: Context, ours_sdk: Any, theirs_sdk: Any, client: Co
         return sample
 
     ctx.log(f'run("true") and Start /bin/true: {n} round trips each, ours alternating with {compare.name}')
+    envs = {"HOME": str(login_home(ctx))}
     rows = [
         (
             'commands: run("true") round trip, sync SDK',
-            timed(lambda: ours_sdk.commands.run("true")),
-            timed(lambda: theirs_sdk.commands.run("true")),
+            timed(lambda: ours_sdk.commands.run("true", envs=envs)),
+            timed(lambda: theirs_sdk.commands.run("true", envs=envs)),
             f"{compare.name}, sync SDK",
         ),
         (
