@@ -157,3 +157,55 @@ def test_the_prune_command_reports_what_it_freed_and_keeps_the_built_in_recipes(
 
     assert "1 build cache records and 1 layers" in prune().stdout
     assert not layers.path(replaced).exists() and layers.path(built_in).is_dir()
+
+
+def test_a_deferred_collection_that_its_runtime_did_not_live_to_run_is_finished_at_the_next_start(
+    tmp_path: Path,
+) -> None:
+    """A removal answered while a build held the store, by a runtime that then stopped before the
+    build ended: the layers are not left for ever; the next runtime start finishes the collection."""
+    if os.geteuid() != 0:
+        pytest.skip("the template store is root's (it keeps layers' canonical owners)")
+    from sandboxd.runtime.templates import Templates
+
+    db_path, store_dir = tmp_path / "sandboxd.db", tmp_path / "store"
+    templates = Templates(Store(db_path), store_dir)
+    layers = templates.layers
+    base, mine = _layer(layers, "base"), _layer(layers, "mine")
+    layers.cache_put(_digest("my step"), {"layers": [mine, base]})
+    templates.db.put_template(TemplateRow("mine", [mine, base], {}, "test", time.time()))
+    templates.db.put_template(TemplateRow("other", [base], {}, "test", time.time()))
+
+    removal = f"""
+import sys
+from pathlib import Path
+from sandboxd.runtime.store import Store
+from sandboxd.runtime.templates import Templates
+templates = Templates(Store(Path({str(db_path)!r})), Path({str(store_dir)!r}))
+assert templates.remove("mine", lambda name: [], wait=False) is None
+"""  # then the process ends, and its collection thread with it
+    with layers.lock("gc", shared=True):  # a build in progress
+        subprocess.run([sys.executable, "-c", removal], check=True, timeout=120)
+    assert Store(db_path).template("mine") is None
+    assert layers.path(mine).is_dir() and len(layers.pending_collections()) == 1
+
+    Templates(Store(db_path), store_dir).resume_collections()  # what `sandboxd serve` does at start
+    deadline = time.monotonic() + 10
+    while layers.path(mine).exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not layers.path(mine).exists() and layers.path(base).is_dir()
+    assert list(layers.cache_records().values()) == [] and layers.pending_collections() == []
+
+
+def test_prune_does_what_deferred_collections_would_and_drops_their_notes(store: LayerStore, tmp_path: Path) -> None:
+    from sandboxd.runtime.templates import Templates
+
+    templates = Templates(Store(tmp_path / "sandboxd.db"), store.root)
+    layers = templates.layers
+    mine = _layer(layers, "mine")
+    layers.cache_put(_digest("my step"), {"layers": [mine]})
+    layers.note_collection([[mine]])
+    (layers.pending / "torn.json").write_text("{")  # a note cut short is dropped, not fatal
+    assert len(layers.pending_collections()) == 1 and not (layers.pending / "torn.json").exists()
+    collected = templates.prune()
+    assert collected.layers == [mine] and layers.pending_collections() == []

@@ -48,6 +48,7 @@ import stat
 import subprocess
 import tarfile
 import time
+import uuid
 import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
@@ -367,7 +368,8 @@ class LayerStore:
         self.layers = root / "layers"
         self.cache = root / "cache"
         self.tmp = root / "tmp"
-        for d in (self.layers, self.cache, self.tmp):
+        self.pending = root / "pending"
+        for d in (self.layers, self.cache, self.tmp, self.pending):
             d.mkdir(parents=True, exist_ok=True)
         # Only root may enter the store: its layers keep their canonical owners, so a setuid-root file
         # that an image or a hostile build step put in a layer is setuid root on the host too. Sandboxes
@@ -509,6 +511,29 @@ class LayerStore:
     def cache_record_name(self, key: str) -> str:
         """The file name of ``key``'s record, as :meth:`cache_records` names it."""
         return f"{hex_of(key)}.json"
+
+    # ------------------------------------------------------------------------ pending collections
+
+    def note_collection(self, chains: list[list[str]]) -> Path:
+        """Write down a template removal's collection that could not run yet (a build held the
+        store): the layer lists of the removed template. Whoever runs it next, in this process or
+        after a restart (:meth:`pending_collections`), deletes the note."""
+        path = self.pending / f"{uuid.uuid4().hex}.json"
+        _write_json(path, {"chains": chains})
+        return path
+
+    def pending_collections(self) -> list[tuple[Path, list[list[str]]]]:
+        """The notes :meth:`note_collection` wrote, each with its layer lists. A note
+        that cannot be read is deleted (it only ever frees space: losing one keeps layers until the
+        next ``template prune``)."""
+        out: list[tuple[Path, list[list[str]]]] = []
+        for path in sorted(self.pending.glob("*.json")):
+            try:
+                chains = json.loads(path.read_text())["chains"]
+                out.append((path, [[str(d) for d in chain] for chain in chains]))
+            except (OSError, ValueError, KeyError, TypeError):
+                path.unlink(missing_ok=True)
+        return out
 
     # ------------------------------------------------------------------------------------ users
 

@@ -209,6 +209,7 @@ def run(options: ServeOptions) -> None:
     templates.observe = observer
     with observer.template_build("host"):
         templates.ensure_host()
+    templates.resume_collections()
     # `sandboxd template` finds the store this runtime uses through its database.
     store.set_setting("template_store", str(templates.store_dir))
     host.require_isolation(templates, "sandboxd serve")

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import json
 import logging
 import re
@@ -590,26 +589,62 @@ class Templates:
         if canonical in BUILT:
             self.layers.uncache(self._key(canonical))
         chains = [row.layers for row in gone if row is not None]
-        collect = functools.partial(
-            collect_garbage,
-            self.layers,
-            lambda record: any(_ends_with(chain, record) for chain in chains),
-            self._kept_records(),
-        )
         if wait:
-            return collect()
+            return self._collect(chains)
         try:
-            return collect(wait=False)
+            return self._collect(chains, wait=False)
         except BlockingIOError:
             log.info("template %s removed; its layers are collected once the running builds and imports end", name)
-            threading.Thread(target=_collect_later, args=(name, collect), name="template-gc", daemon=True).start()
+            note = self.layers.note_collection(chains)
+            threading.Thread(
+                target=self._collect_later, args=([(note, chains)],), name="template-gc", daemon=True
+            ).start()
             return None
+
+    def resume_collections(self) -> None:
+        """Finish, in a thread of their own, the collections that template removals deferred while a
+        build held the store and that a stop of their runtime interrupted (:meth:`remove`)."""
+        pending = self.layers.pending_collections()
+        if pending:
+            log.info("template store %s: %d deferred collections to finish", self.store_dir, len(pending))
+            threading.Thread(target=self._collect_later, args=(pending,), name="template-gc", daemon=True).start()
+
+    def _collect(self, chains: list[list[str]], wait: bool = True) -> Collected:
+        """Forget the cache records that the removed templates' layer lists ``chains`` end with, then
+        delete the layers nothing lists any more (:func:`collect_garbage`)."""
+        return collect_garbage(
+            self.layers, lambda record: any(_ends_with(chain, record) for chain in chains), self._kept_records(), wait
+        )
+
+    def _collect_later(self, pending: list[tuple[Path, list[list[str]]]]) -> None:
+        """Run deferred collections, waiting for the store; each note goes once its collection ran
+        (one skipped because a runtime's database could not be read stays for the next start)."""
+        for note, chains in pending:
+            try:
+                collected = self._collect(chains)
+            except Exception:  # a thread of its own: log it, as nobody waits for it
+                log.exception("template store %s: a deferred collection failed", self.store_dir)
+                continue
+            if collected.skipped is None:
+                note.unlink(missing_ok=True)
+                log.info(
+                    "template store %s: %d cache records and %d layers collected after a removal",
+                    self.store_dir,
+                    collected.records,
+                    len(collected.layers),
+                )
 
     def prune(self) -> Collected:
         """``sandboxd template prune``: forget every build cache record that no template ends with
         (the steps of builds that were replaced, failed or removed, and built-in recipes this
-        version no longer uses), then delete the layers nothing lists any more."""
-        return collect_garbage(self.layers, lambda record: True, self._kept_records())
+        version no longer uses), then delete the layers nothing lists any more. That includes what
+        deferred collections would forget: their notes go too."""
+        pending = self.layers.pending_collections()
+        collected = collect_garbage(self.layers, lambda record: True, self._kept_records())
+        if collected.skipped is None:
+            for note, _ in pending:
+                note.unlink(missing_ok=True)
+        return collected
 
     def _kept_records(self) -> set[str]:
         """The records of the built-in templates' current recipes: never pruned, so ``base`` is not
@@ -627,18 +662,6 @@ class Collected:
     """Bytes the deleted layers held."""
     skipped: str | None = None
     """Why nothing was collected, when a runtime's database could not be read."""
-
-
-def _collect_later(name: str, collect: Callable[[], Collected]) -> None:
-    try:
-        collected = collect()
-    except Exception:  # a thread of its own: log it, as nobody waits for it
-        log.exception("template %s: the collection after its removal failed", name)
-        return
-    if collected.skipped is None:
-        log.info(
-            "template %s: %d cache records and %d layers collected", name, collected.records, len(collected.layers)
-        )
 
 
 def collect_garbage(
