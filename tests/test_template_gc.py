@@ -191,7 +191,7 @@ assert templates.remove("mine", lambda name: [], wait=False) is None
 
     Templates(Store(db_path), store_dir).resume_collections()  # what `sandboxd serve` does at start
     deadline = time.monotonic() + 10
-    while layers.path(mine).exists() and time.monotonic() < deadline:
+    while layers.pending_collections() and time.monotonic() < deadline:  # the note goes last
         time.sleep(0.05)
     assert not layers.path(mine).exists() and layers.path(base).is_dir()
     assert list(layers.cache_records().values()) == [] and layers.pending_collections() == []
