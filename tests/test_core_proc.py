@@ -243,6 +243,20 @@ def test_oom_score_adj_is_set_in_the_child() -> None:
     assert run("cat /proc/self/oom_score_adj", path=PATH, oom_score_adj=100).stdout == b"100\n"
 
 
+def test_a_command_inherits_no_descriptor_but_its_three() -> None:
+    """A descriptor our process holds without close-on-exec (one an embedding orchestrator or a
+    launcher passed down) does not reach the command: it sees 0, 1 and 2 only."""
+    read_end, write_end = os.pipe()
+    os.set_inheritable(write_end, True)
+    try:
+        listing = run("ls /proc/self/fd", path=PATH).stdout.split()
+    finally:
+        os.close(read_end)
+        os.close(write_end)
+    # `ls` itself has one open: the directory it lists.
+    assert listing[:3] == [b"0", b"1", b"2"] and len(listing) == 4, f"the command holds more: {listing}"
+
+
 F_GETPIPE_SZ = 1032  # <linux/fcntl.h>
 STDOUT_PIPE_BYTES = 1 << 20  # sandboxd-proc's STDOUT_PIPE_BYTES
 

@@ -73,7 +73,8 @@
 //! does the same). A child that execs never writes it.
 //!
 //! The order in the child: signal handlers first; `dup2` of the prepared descriptors onto 0, 1
-//! and 2 (they are all above 2 and close-on-exec, so nothing else needs closing); `setsid` (new
+//! and 2 (they are all above 2 and close-on-exec); every other descriptor marked close-on-exec
+//! with `close_range(3, ~0, CLOSE_RANGE_CLOEXEC)` (see [`INHERITED`]); `setsid` (new
 //! session and process group); for a PTY, `TIOCSCTTY` on fd 0; the `oom_score_adj` write (before
 //! switching user: as root any value is allowed, and after `setuid` the file may belong to root);
 //! `setgroups`, `setgid`, `setuid`; `chdir`; the signal mask; and `execve` on each candidate path
@@ -96,6 +97,13 @@ compile_error!("vfork.rs supports 64-bit Linux only");
 /// it calls (two `struct sigaction` are the largest locals); 64 KiB leaves ample room, and only
 /// the pages touched are ever backed by memory.
 const STACK_BYTES: usize = 64 * 1024;
+
+/// The first descriptor a command must not inherit. Ours are all close-on-exec, but a process
+/// embedding the agent may have been started with descriptors that are not (an orchestrator's
+/// socket, a launcher's pipe): the command gets 0, 1 and 2 only, as `subprocess`'s `close_fds`
+/// gives. Marked close-on-exec rather than closed, so nothing the child still needs before
+/// `execve` goes; on a kernel without `close_range` (before 5.11) they are left as they were.
+const INHERITED: c_long = 3;
 
 /// One past the highest signal number: the kernel's `_NSIG` (64 signals) on x86-64 and arm64.
 const NSIG: c_int = 65;
@@ -365,6 +373,16 @@ impl Plan {
                 return (Step::Stdio, errno());
             }
         }
+        // SAFETY: close_range takes integers and changes only the child's own descriptor table
+        // (no CLONE_FILES). Its failure (a kernel before 5.11) is ignored: see INHERITED.
+        unsafe {
+            libc::syscall(
+                libc::SYS_close_range,
+                INHERITED,
+                c_long::from(u32::MAX),
+                libc::CLOSE_RANGE_CLOEXEC,
+            )
+        };
         // SAFETY: setsid takes no arguments and touches no memory.
         if unsafe { libc::setsid() } < 0 {
             return (Step::Setsid, errno());
