@@ -7,6 +7,7 @@ set, so the service layer maps them in one table (``sandboxd.agent.errors``).
 
 from collections.abc import Iterator, Sequence
 from types import TracebackType
+from typing import Literal
 
 __version__: str
 
@@ -99,6 +100,11 @@ class AtomicWriter:
 
     def __init__(self, path: str, uid: int, gid: int) -> None: ...
     def write(self, data: bytes) -> None: ...
+    def receive_from(self, fd: int, length: int, idle_timeout: float) -> Literal["complete", "closed", "timed out"]:
+        """Append exactly ``length`` bytes read from the stream socket ``fd`` (non-blocking; the caller
+        keeps it open and does not read it meanwhile), moved socket → pipe → file with ``splice(2)``
+        (``read``/``write`` where refused) without the GIL. ``"closed"``: the client closed early;
+        ``"timed out"``: nothing arrived for ``idle_timeout`` seconds. A failed write raises ``OSError``."""
     def commit(self, metadata: dict[str, str] | None = None) -> None:
         """Set ``user.e2b.*`` metadata (replacing any), chown to uid/gid, and rename into place."""
     def abort(self) -> None: ...

@@ -19,14 +19,17 @@ use std::ffi::OsStr;
 use std::fs::{self, File, OpenOptions, Permissions};
 use std::hash::{BuildHasher, Hasher};
 use std::io::{self, Write};
+use std::os::fd::RawFd;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt, fchown};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use crate::error::{Error, IoResultExt, Result};
 use crate::metadata::{Metadata, set_metadata_file};
 use crate::ops::{ensure_dirs, is_root};
+use crate::splice::{self, Failure, Received};
 
 /// Mode of a new file before the umask, as envd's `os.OpenFile(..., 0o666)`.
 pub const NEW_FILE_MODE: u32 = 0o666;
@@ -175,6 +178,22 @@ impl AtomicWriter {
         file.write_all(data).at(&self.path)?;
         self.written += data.len() as u64;
         Ok(())
+    }
+
+    /// Appends exactly `len` bytes read from `socket` (a non-blocking stream socket the caller keeps
+    /// open for the call), moved with `splice(2)` where the kernel allows it (see [`crate::splice`]).
+    /// Gives up after `idle` without a byte, or when the client closes early: the returned
+    /// [`Received`] says which, and the caller aborts. A full disk is `ENOSPC`, as for [`write`](Self::write).
+    pub fn receive_from(&mut self, socket: RawFd, len: u64, idle: Duration) -> Result<Received> {
+        let file = self.file.as_ref().ok_or_else(|| Error::Closed {
+            path: self.path.clone(),
+        })?;
+        let (moved, received) = match splice::receive(socket, file, len, idle) {
+            Ok(done) => done,
+            Err(Failure::File(e) | Failure::Setup(e)) => return Err(Error::os(e, &self.path)),
+        };
+        self.written += moved;
+        Ok(received)
     }
 
     /// Sets the `user.e2b.*` metadata (the new file has no other; an empty set on a filesystem

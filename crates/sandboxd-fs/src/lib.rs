@@ -8,6 +8,7 @@
 //! * [`make_dir`], [`rename`], [`remove_all`] — `MakeDir`, `Move`, `Remove` ([`ops`]);
 //! * [`FileReader`] — chunked, range-capable reads for `GET /files` ([`chunks`]);
 //! * [`AtomicWriter`] — uploads that never leave a torn file for `POST /files` ([`atomic`]);
+//! * [`AtomicWriter::receive_from`] — a raw upload's body moved socket → file with `splice(2)` ([`splice`]);
 //! * [`read_metadata`], [`set_metadata`] — the `user.e2b.*` extended attributes ([`metadata`]).
 //!
 //! Errors are [`Error`]: the OS error (errno) plus the path(s) it happened on.
@@ -20,6 +21,7 @@ pub mod entry;
 pub mod error;
 pub mod metadata;
 pub mod ops;
+pub mod splice;
 pub mod users;
 pub mod walk;
 

@@ -7,6 +7,7 @@
 use std::collections::BTreeMap;
 use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
@@ -306,6 +307,31 @@ impl AtomicWriter {
     fn write(&mut self, py: Python<'_>, data: &[u8]) -> PyResult<()> {
         let inner = &mut self.inner;
         py.detach(|| inner.write(data)).map_err(to_pyerr)
+    }
+
+    /// Append exactly `length` bytes read from the stream socket `fd` (non-blocking; the caller
+    /// keeps it open and does not read it meanwhile), socket → pipe → file with `splice(2)`,
+    /// without the GIL. "complete", "closed" (the client closed early) or "timed out" (nothing
+    /// arrived for `idle_timeout` seconds); a failed file write raises `OSError` as `write` does.
+    fn receive_from(
+        &mut self,
+        py: Python<'_>,
+        fd: i32,
+        length: u64,
+        idle_timeout: f64,
+    ) -> PyResult<&'static str> {
+        let idle = Duration::try_from_secs_f64(idle_timeout).map_err(|_| {
+            PyValueError::new_err("idle_timeout must be a non-negative number of seconds")
+        })?;
+        let inner = &mut self.inner;
+        let received = py
+            .detach(|| inner.receive_from(fd, length, idle))
+            .map_err(to_pyerr)?;
+        Ok(match received {
+            core::splice::Received::Complete => "complete",
+            core::splice::Received::Closed(_) => "closed",
+            core::splice::Received::TimedOut(_) => "timed out",
+        })
     }
 
     /// Set `user.e2b.*` metadata (replacing any), chown to uid/gid, and rename into place.

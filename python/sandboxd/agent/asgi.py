@@ -17,6 +17,12 @@ BODY_PARTS = "sandboxd.body_parts"
 (``sandboxd.agent.http_server.ResponseWriter``), when the server offers one: it writes a body
 message in pieces, and tells of a lost connection (``on_disconnect``) without a task on ``receive``."""
 
+RAW_BODY = "sandboxd.raw_body"
+"""The ``scope["extensions"]`` key of the request's body as the socket's bytes
+(``sandboxd.agent.http_server.RawBody``), when the server offers it: a route that writes a large
+plain body to a file has a worker thread move it socket → file (``splice(2)``) instead of taking it
+through ``receive()``."""
+
 BODY_FOLLOWS = "sandboxd.body_follows"
 """A key an app may set (to True) in ``http.response.start`` to say that its first body message
 follows at once, so the server may write the head with it in one write (a start with

@@ -30,7 +30,17 @@ from urllib.parse import parse_qs
 
 from sandboxd import _core
 
-from .asgi import ClientDisconnected, Receive, Scope, Send, body_chunks, header_map, raw_headers, send_http_error
+from .asgi import (
+    RAW_BODY,
+    ClientDisconnected,
+    Receive,
+    Scope,
+    Send,
+    body_chunks,
+    header_map,
+    raw_headers,
+    send_http_error,
+)
 from .auth import check_files_access
 from .compression import GzipInflater
 from .contenttype import content_type as download_type
@@ -504,7 +514,8 @@ async def upload(state: AgentState, scope: Scope, receive: Receive, send: Send) 
         upload = _Upload(req, state)
         body = _decoded(body_chunks(receive), encoding == "gzip")
         if content_type == b"application/octet-stream":
-            await _receive_raw(upload, req, body)
+            socket_body = scope.get("extensions", {}).get(RAW_BODY) if encoding != "gzip" else None
+            await _receive_raw(upload, req, body, socket_body)
         elif content_type.startswith(b"multipart/"):
             boundary = options.get(b"boundary")
             if not boundary:
@@ -561,10 +572,25 @@ async def _decoded(chunks: AsyncIterator[bytes], gzip: bool) -> AsyncIterator[by
     inflater.finish()
 
 
-async def _receive_raw(upload: _Upload, req: _Request, body: AsyncIterator[bytes]) -> None:
+SOCKET_BODY_MIN = 1 << 20
+"""A raw body with at least this many bytes still unread is moved socket → file by a worker thread
+(the server's ``RawBody``, ``AtomicWriter.receive_from``) rather than through ``receive()``: below it,
+a thread hop and a pipe cost about what the event loop's path does."""
+
+
+async def _receive_raw(upload: _Upload, req: _Request, body: AsyncIterator[bytes], socket_body: Any) -> None:
+    """A raw body into the target. ``socket_body``: the server's ``RawBody`` (``scope["extensions"]``),
+    used for a large identity body: uvicorn's buffered bytes go through the sink, the rest straight
+    from the socket into the file in a worker thread, without Python touching it."""
     if not req.path:
         raise RpcError(Code.INVALID_ARGUMENT, "path query parameter is required for raw body upload")
     sink = await upload.open("")
+    remaining = socket_body.remaining() if socket_body is not None else None
+    if remaining is not None and remaining >= SOCKET_BODY_MIN:
+        await sink.write(socket_body.take())
+        await sink.drain()
+        await socket_body.receive_into(sink.writer.receive_from, IO_THREADS)
+        return
     async for chunk in body:
         await sink.write(chunk)
 

@@ -48,20 +48,22 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import resource
+import socket
 import sys
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
+from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import httptools
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from .asgi import BODY_FOLLOWS, BODY_PARTS, Message
+from .asgi import BODY_FOLLOWS, BODY_PARTS, RAW_BODY, ClientDisconnected, Message
 
 if TYPE_CHECKING:
-    import socket
-
     from .rpc import Piece
 
 log = logging.getLogger("sandboxd.http")
@@ -90,6 +92,12 @@ copying that little costs less than another syscall; above it, a big body is not
 
 FD_RESERVE = 256
 """File descriptors kept for everything but client connections (files, pipes, inotify, sandboxes)."""
+
+MAX_RAW_BODIES = 16
+"""Request bodies a server moves in worker threads at once (:class:`RawBody`). Each holds a thread
+for as long as its client sends (up to the idle timeout between bytes when it stalls), so past this
+count bodies take the event loop's path again, which holds no thread; 16 leaves the files pool
+(32 threads) room for downloads and the other uploads."""
 
 
 @dataclass(frozen=True)
@@ -267,6 +275,140 @@ def _body_follows(start: Message) -> bool:
     return any(name.lower() == b"content-length" for name, _ in start.get("headers", ()))
 
 
+class RawBody:
+    """A request's body as the socket's bytes, for a route that writes it to a file: in every
+    request's ``scope["extensions"]`` under :data:`RAW_BODY`.
+
+    Through ``receive()``, each 64-256 KiB piece of a body goes socket → httptools' callback →
+    uvicorn's ``bytearray`` → a ``bytes`` copy → the route → a worker thread that writes it, with
+    the socket's reading paused and resumed around every piece. Here, once the route has decided
+    where the body goes, :meth:`take` stops the transport reading and hands over what uvicorn has
+    buffered, and :meth:`receive_into` has a worker thread move the remaining ``Content-Length``
+    bytes straight from the socket (``AtomicWriter.receive_from``: ``splice(2)``, no Python on the
+    bytes). The HTTP parser never sees them: the connection gets a fresh parser for its next
+    request, which the socket still holds untouched (keep-alive and pipelining work as before).
+
+    Offered only for a plain (not TLS) connection, a body with ``Content-Length`` (not chunked)
+    that has not fully arrived, the request being the connection's latest, and while fewer than
+    :data:`MAX_RAW_BODIES` move at once: :meth:`remaining` is None otherwise, and the route reads
+    ``receive()`` as before."""
+
+    __slots__ = ("_cycle", "_protocol", "_remaining", "_socket", "seen")
+    moving = 0
+    """Bodies being moved by worker threads in this process."""
+
+    def __init__(self, protocol: GuardedHttpToolsProtocol, cycle: Any) -> None:
+        self._protocol = protocol
+        self._cycle = cycle
+        self.seen = 0
+        """Body bytes the parser has given uvicorn so far."""
+        self._remaining: int | None = None
+        self._socket: socket.socket | None = None
+
+    def remaining(self) -> int | None:
+        """Body bytes still unread in the socket, when this body can be taken (see the class)."""
+        protocol, cycle = self._protocol, self._cycle
+        if (
+            protocol.cycle is not cycle
+            or protocol._raw_body is not self
+            or not cycle.more_body
+            or cycle.disconnected
+            or RawBody.moving >= MAX_RAW_BODIES
+            or protocol.transport.is_closing()
+            or protocol.transport.get_extra_info("sslcontext") is not None
+        ):
+            return None
+        length: int | None = None
+        for name, value in cycle.scope["headers"]:
+            if name == b"transfer-encoding":
+                return None
+            if name == b"content-length":
+                if length is not None or not value.isdigit():
+                    return None
+                length = int(value)
+        if length is None or length < self.seen:
+            return None
+        return length - self.seen
+
+    def take(self) -> bytes:
+        """Stops the transport reading and returns the body bytes uvicorn had buffered. Only after
+        :meth:`remaining` said a number; then :meth:`receive_into` must follow."""
+        remaining = self.remaining()
+        if remaining is None:
+            raise RuntimeError("RawBody.take without a body to take")
+        protocol, cycle = self._protocol, self._cycle
+        protocol.transport.pause_reading()
+        # uvicorn resumes reading in ``receive()`` and after a response, when its flow control says
+        # it paused: from here only receive_into resumes it, after the worker thread is done.
+        protocol.flow.read_paused = False
+        if cycle.waiting_for_100_continue:  # uvicorn would answer it at the first receive()
+            cycle.waiting_for_100_continue = False
+            protocol.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        self._remaining = remaining
+        buffered = bytes(cycle.body)
+        cycle.body = bytearray()
+        return buffered
+
+    async def receive_into(self, move: Callable[[int, int, float], str], executor: Executor) -> None:
+        """Runs ``move(fd, length, idle_timeout)`` in ``executor`` (``AtomicWriter.receive_from``:
+        it returns "complete", "closed" or "timed out") on the rest of the body after :meth:`take`.
+        The whole body read: the connection goes on with its next request. The client gone, or
+        silent for the idle timeout (answered 408): the connection is closed and
+        :class:`ClientDisconnected` raised. ``move`` failing (a full disk): its error is raised and
+        the connection closes after the response, since the body's rest is still unread."""
+        remaining = self._remaining
+        if remaining is None:
+            raise RuntimeError("RawBody.receive_into without take")
+        protocol, cycle = self._protocol, self._cycle
+        transport = protocol.transport
+        # A descriptor of its own: the thread's stays valid even if the transport closes meanwhile.
+        sock = transport.get_extra_info("socket")
+        own = socket.socket(fileno=os.dup(sock.fileno()))
+        self._socket = own
+        protocol._moving = self
+        RawBody.moving += 1
+        loop = asyncio.get_running_loop()
+        job = loop.run_in_executor(executor, move, own.fileno(), remaining, protocol.guard.limits.idle_timeout)
+        try:
+            try:
+                outcome = await asyncio.shield(job)
+            except asyncio.CancelledError:
+                self.cancel()
+                with contextlib.suppress(BaseException):
+                    await asyncio.wait([job])
+                raise
+        except BaseException:
+            cycle.keep_alive = False  # the body's rest was not read: nothing can follow it
+            if not transport.is_closing() and cycle.response_complete:
+                transport.close()
+            raise
+        finally:
+            RawBody.moving -= 1
+            protocol._moving = None
+            self._socket = None
+            own.close()
+        if outcome == "complete":
+            cycle.more_body = False
+            cycle.message_event.set()
+            protocol.body_taken()
+            return
+        cycle.disconnected = True
+        if not transport.is_closing():
+            if outcome == "timed out":
+                idle = protocol.guard.limits.idle_timeout
+                protocol._refuse(408, "Request Timeout", f"no part of the request body arrived within {idle:g} s")
+            else:
+                transport.close()
+        raise ClientDisconnected
+
+    def cancel(self) -> None:
+        """Ends a move in progress as if the client had closed (the server is shutting down, the
+        connection is lost): the worker thread sees end-of-file at once."""
+        if self._socket is not None:
+            with contextlib.suppress(OSError):
+                self._socket.shutdown(socket.SHUT_RD)
+
+
 _REFUSED = b"HTTP/1.1 %d %s\r\ncontent-type: text/plain\r\ncontent-length: %d\r\nconnection: close\r\n\r\n%s"
 
 
@@ -284,6 +426,10 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._head_bytes = 0
         self._lost: list[Callable[[], None]] = []
         """What to call when the connection is lost (:meth:`ResponseWriter.on_disconnect`)."""
+        self._raw_body: RawBody | None = None
+        """The latest request's body, as offered to its route (:class:`RawBody`)."""
+        self._moving: RawBody | None = None
+        """A body a worker thread is moving from the socket now."""
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -295,6 +441,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_head_timer()
+        if self._moving is not None:
+            self._moving.cancel()
         if self._admitted:
             self._admitted = False
             self.guard.closed(self)
@@ -329,7 +477,31 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         super().on_headers_complete()
         if self.cycle is not None and self.cycle.scope is self.scope:  # not when upgraded
             writer = ResponseWriter(self.cycle, self._lost)
-            self.scope.setdefault("extensions", {})[BODY_PARTS] = writer  # type: ignore[assignment]
+            self._raw_body = RawBody(self, self.cycle)
+            extensions = self.scope.setdefault("extensions", {})
+            extensions[BODY_PARTS] = writer  # type: ignore[assignment]
+            extensions[RAW_BODY] = self._raw_body  # type: ignore[assignment]
+
+    def on_body(self, body: bytes) -> None:
+        if self._raw_body is not None:
+            self._raw_body.seen += len(body)
+        super().on_body(body)
+
+    def body_taken(self) -> None:
+        """A worker thread read the rest of the current request's body from the socket
+        (:class:`RawBody`): the parser, still expecting it, is replaced by a fresh one for the
+        connection's next request, and reading resumes."""
+        self._raw_body = None
+        self.parser = httptools.HttpRequestParser(self)
+        with contextlib.suppress(AttributeError):  # as uvicorn sets it up (httptools >= 0.6.3)
+            self.parser.set_dangerous_leniencies(lenient_data_after_close=True)
+        if not self.transport.is_closing():
+            self.transport.resume_reading()
+
+    def shutdown(self) -> None:
+        if self._moving is not None:
+            self._moving.cancel()
+        super().shutdown()
 
     def on_response_complete(self) -> None:
         pipelined = bool(self.pipeline)  # a request already read starts now: still busy
