@@ -1,0 +1,229 @@
+"""Raw uploads moved socket → file by a worker thread (issue 16): the server's ``RawBody`` and
+``AtomicWriter.receive_from`` (``splice(2)``), over real sockets to the real agent. Byte-exact
+bodies, the connection's next request (kept alive or pipelined) after one, clients that leave or
+stall midway, and the bodies that keep the event loop's path (gzip, chunked, small)."""
+
+from __future__ import annotations
+
+import contextlib
+import gzip
+import os
+import socket
+import subprocess
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from conftest import Agent
+
+IDLE_TIMEOUT = 1.5
+MiB = 1 << 20
+
+
+@pytest.fixture(scope="module")
+def quick_idle(start_agent: Callable[..., Agent]) -> Agent:
+    """An agent whose connections give up after IDLE_TIMEOUT seconds without a byte."""
+    return start_agent("--idle-timeout", str(IDLE_TIMEOUT))
+
+
+def pattern(size: int) -> bytes:
+    """Bytes that differ at every offset modulo 251 (a misplaced or lost piece shows)."""
+    block = bytes(range(251)) * ((1 << 16) // 251 + 1)
+    out = bytearray()
+    while len(out) < size:
+        out += block[len(out) % 251 :][: size - len(out)]
+    return bytes(out)
+
+
+def head(target: Path, length: int, extra: str = "") -> bytes:
+    return (
+        f"POST /files?path={target} HTTP/1.1\r\nHost: x\r\nContent-Type: application/octet-stream\r\n"
+        f"Content-Length: {length}\r\n{extra}\r\n"
+    ).encode()
+
+
+def read_response(f: socket.SocketIO | object) -> tuple[int, dict[str, str], bytes]:
+    """One HTTP/1.1 response with a Content-Length from a buffered socket file."""
+    reader = f  # a BufferedReader from socket.makefile("rb")
+    status_line = reader.readline()  # type: ignore[attr-defined]
+    assert status_line.startswith(b"HTTP/1.1 "), status_line
+    headers: dict[str, str] = {}
+    while (line := reader.readline()) not in (b"\r\n", b""):  # type: ignore[attr-defined]
+        name, _, value = line.decode().partition(":")
+        headers[name.strip().lower()] = value.strip()
+    body = reader.read(int(headers.get("content-length", "0")))  # type: ignore[attr-defined]
+    return int(status_line.split()[1]), headers, body
+
+
+@contextlib.contextmanager
+def connection(agent: Agent) -> Iterator[tuple[socket.socket, object]]:
+    s = socket.create_connection(("127.0.0.1", agent.port), timeout=10)
+    try:
+        yield s, s.makefile("rb")
+    finally:
+        s.close()
+
+
+def settled_listing(directory: Path, expected: list[str], within: float = 5) -> list[str]:
+    deadline = time.monotonic() + within
+    while sorted(os.listdir(directory)) != expected and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return sorted(os.listdir(directory))
+
+
+def test_a_raw_upload_of_several_mib_arrives_byte_exact(agent: Agent, workdir: Path) -> None:
+    body = pattern(9 * MiB + 12345)
+    target = workdir / "exact.bin"
+    r = httpx.post(
+        f"{agent.url}/files",
+        params={"path": str(target)},
+        content=body,
+        headers={"content-type": "application/octet-stream"},
+        timeout=30,
+    )
+    assert r.status_code == 200, r.text
+    assert r.json() == [{"path": str(target), "name": "exact.bin", "type": "file"}]
+    assert target.read_bytes() == body
+    assert os.listdir(workdir) == ["exact.bin"]
+
+
+def test_the_connection_goes_on_kept_alive_and_pipelined(agent: Agent, workdir: Path) -> None:
+    first, second = pattern(4 * MiB), pattern(3 * MiB)[::-1]
+    with connection(agent) as (s, f):
+        # Kept alive: a second upload after the first one's answer, on the same connection.
+        s.sendall(head(workdir / "a.bin", len(first)) + first)
+        status, _, _ = read_response(f)
+        assert status == 200
+        s.sendall(head(workdir / "b.bin", len(second)) + second)
+        status, _, _ = read_response(f)
+        assert status == 200
+        # Pipelined: an upload, a health probe and one more small upload in one send, the next
+        # requests' bytes right behind the body (the worker thread must leave them to the parser).
+        pipelined = (
+            head(workdir / "c.bin", len(first))
+            + first
+            + b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n"
+            + head(workdir / "d.bin", 5)
+            + b"small"
+        )
+        s.sendall(pipelined)
+        answers = [read_response(f) for _ in range(3)]
+    assert [status for status, _, _ in answers] == [200, 204, 200], answers
+    assert (workdir / "a.bin").read_bytes() == first
+    assert (workdir / "b.bin").read_bytes() == second
+    assert (workdir / "c.bin").read_bytes() == first
+    assert (workdir / "d.bin").read_bytes() == b"small"
+
+
+def test_expect_100_continue_is_answered_before_the_body(agent: Agent, workdir: Path) -> None:
+    body = pattern(2 * MiB)
+    with connection(agent) as (s, f):
+        s.sendall(head(workdir / "expect.bin", len(body), "Expect: 100-continue\r\n"))
+        assert f.readline() == b"HTTP/1.1 100 Continue\r\n"  # type: ignore[attr-defined]
+        assert f.readline() == b"\r\n"  # type: ignore[attr-defined]
+        s.sendall(body)
+        status, _, _ = read_response(f)
+    assert status == 200
+    assert (workdir / "expect.bin").read_bytes() == body
+
+
+def test_a_client_that_closes_halfway_leaves_no_file(agent: Agent, workdir: Path) -> None:
+    target = workdir / "half.bin"
+    target.write_bytes(b"old")
+    with connection(agent) as (s, _):
+        s.sendall(head(target, 8 * MiB) + pattern(3 * MiB))
+        s.shutdown(socket.SHUT_WR)  # an orderly end of the body, 5 MiB early
+        s.settimeout(5)
+        assert s.recv(100) == b""  # the server closes without an answer
+    assert settled_listing(workdir, ["half.bin"]) == ["half.bin"]
+    assert target.read_bytes() == b"old"
+    # Its worker thread is free again: uploads still move.
+    body = pattern(2 * MiB)
+    r = httpx.post(
+        f"{agent.url}/files", params={"path": str(target)}, content=body, headers={"content-type": "x"}, timeout=10
+    )
+    assert r.status_code == 400  # an unsupported content type is still refused before any body
+    r = httpx.post(
+        f"{agent.url}/files",
+        params={"path": str(target)},
+        content=body,
+        headers={"content-type": "application/octet-stream"},
+        timeout=10,
+    )
+    assert r.status_code == 200 and target.read_bytes() == body
+
+
+def test_a_client_that_stalls_midway_is_cut_off_at_the_idle_timeout(quick_idle: Agent, workdir: Path) -> None:
+    target = workdir / "stalled.bin"
+    with connection(quick_idle) as (s, f):
+        s.sendall(head(target, 6 * MiB) + pattern(2 * MiB))
+        started = time.monotonic()
+        status, headers, body = read_response(f)
+        waited = time.monotonic() - started
+        assert f.read() == b""  # type: ignore[attr-defined]  # and the connection is closed
+    assert status == 408, body
+    assert b"no part of the request body arrived" in body
+    assert headers.get("connection") == "close"
+    assert IDLE_TIMEOUT * 0.9 <= waited < IDLE_TIMEOUT + 5
+    assert settled_listing(workdir, []) == []
+    assert httpx.get(f"{quick_idle.url}/health").status_code == 204
+
+
+@pytest.mark.parametrize("framing", ["gzip", "chunked", "small"])
+def test_gzip_chunked_and_small_bodies_keep_the_loops_path(agent: Agent, workdir: Path, framing: str) -> None:
+    body = pattern(3 * MiB) if framing != "small" else pattern(100_000)
+    target = workdir / f"{framing}.bin"
+    headers = {"content-type": "application/octet-stream"}
+    content: bytes | Iterator[bytes] = body
+    if framing == "gzip":
+        content = gzip.compress(body, 1)
+        headers["content-encoding"] = "gzip"
+    elif framing == "chunked":
+        content = iter([body[:MiB], body[MiB:]])  # no length: httpx sends it chunked
+    r = httpx.post(f"{agent.url}/files", params={"path": str(target)}, content=content, headers=headers, timeout=30)
+    assert r.status_code == 200, r.text
+    assert target.read_bytes() == body
+
+
+@pytest.mark.parametrize(
+    "framing",
+    [
+        "Content-Length: 5000000\r\nContent-Length: 6000000\r\n",
+        "Content-Length: 5000000\r\nTransfer-Encoding: chunked\r\n",
+        "Content-Length: -5000000\r\n",
+        "Content-Length: 5e6\r\n",
+    ],
+)
+def test_ambiguous_or_bad_lengths_are_a_4xx(agent: Agent, workdir: Path, framing: str) -> None:
+    request = (
+        f"POST /files?path={workdir / 'bad.bin'} HTTP/1.1\r\nHost: x\r\n"
+        f"Content-Type: application/octet-stream\r\n{framing}\r\n"
+    ).encode()
+    with connection(agent) as (s, f):
+        s.sendall(request + b"x" * 1000)
+        status, _, _ = read_response(f)
+    assert 400 <= status < 500
+    assert settled_listing(workdir, []) == []
+
+
+def test_a_full_disk_is_507_and_leaves_no_file(agent: Agent, tmp_path: Path) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    small = tmp_path / f"full-{uuid.uuid4().hex[:8]}"
+    small.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(small)], check=False).returncode:
+        pytest.skip("cannot mount tmpfs here")
+    try:
+        os.chmod(small, 0o777)
+        with connection(agent) as (s, f):
+            with contextlib.suppress(OSError):  # the server may close before it has read it all
+                s.sendall(head(small / "big.bin", 6 * MiB) + pattern(6 * MiB))
+            status, _, body = read_response(f)
+        assert status == 507, body
+        assert os.listdir(small) == []
+        assert httpx.get(f"{agent.url}/health").status_code == 204
+    finally:
+        subprocess.run(["umount", "-l", str(small)], check=False)
