@@ -293,7 +293,7 @@ class RawBody:
     :data:`MAX_RAW_BODIES` move at once: :meth:`remaining` is None otherwise, and the route reads
     ``receive()`` as before."""
 
-    __slots__ = ("_cycle", "_protocol", "_remaining", "_socket", "seen")
+    __slots__ = ("_cycle", "_keep_alive", "_protocol", "_remaining", "_socket", "seen")
     moving = 0
     """Bodies being moved by worker threads in this process."""
 
@@ -303,6 +303,7 @@ class RawBody:
         self.seen = 0
         """Body bytes the parser has given uvicorn so far."""
         self._remaining: int | None = None
+        self._keep_alive = False
         self._socket: socket.socket | None = None
 
     def remaining(self) -> int | None:
@@ -345,6 +346,10 @@ class RawBody:
             cycle.waiting_for_100_continue = False
             protocol.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         self._remaining = remaining
+        # Until receive_into has read the whole body, the connection cannot carry another request:
+        # whatever fails first (writing the buffered bytes, the move), the response closes it.
+        self._keep_alive = cycle.keep_alive
+        cycle.keep_alive = False
         buffered = bytes(cycle.body)
         cycle.body = bytearray()
         return buffered
@@ -355,7 +360,8 @@ class RawBody:
         The whole body read: the connection goes on with its next request. The client gone, or
         silent for the idle timeout (answered 408): the connection is closed and
         :class:`ClientDisconnected` raised. ``move`` failing (a full disk): its error is raised and
-        the connection closes after the response, since the body's rest is still unread."""
+        the connection closes after the response, since the body's rest is still unread (as after
+        any failure between :meth:`take` and the end of the move)."""
         remaining = self._remaining
         if remaining is None:
             raise RuntimeError("RawBody.receive_into without take")
@@ -378,7 +384,6 @@ class RawBody:
                     await asyncio.wait([job])
                 raise
         except BaseException:
-            cycle.keep_alive = False  # the body's rest was not read: nothing can follow it
             if not transport.is_closing() and cycle.response_complete:
                 transport.close()
             raise
@@ -388,6 +393,7 @@ class RawBody:
             self._socket = None
             own.close()
         if outcome == "complete":
+            cycle.keep_alive = self._keep_alive
             cycle.more_body = False
             cycle.message_event.set()
             protocol.body_taken()
