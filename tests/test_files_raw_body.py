@@ -10,23 +10,45 @@ import gzip
 import os
 import socket
 import subprocess
+import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
-from conftest import Agent
+from conftest import Agent, free_port, wait_healthy
 
 IDLE_TIMEOUT = 1.5
 MiB = 1 << 20
 
 
-@pytest.fixture(scope="module")
-def quick_idle(start_agent: Callable[..., Agent]) -> Agent:
-    """An agent whose connections give up after IDLE_TIMEOUT seconds without a byte."""
-    return start_agent("--idle-timeout", str(IDLE_TIMEOUT))
+@pytest.fixture(scope="module", params=["asyncio", "uvloop"])
+def agent(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Agent]:
+    """An agent whose connections give up after IDLE_TIMEOUT seconds without a byte, on asyncio's own
+    loop (the standalone agent's: ``sandboxd agent`` keeps OpenSSL out, so it cannot use uvloop) or
+    on uvloop (the sandboxes' agents: a process that has imported ``ssl``)."""
+    port = free_port()
+    launcher = (
+        ["-m", "sandboxd"]
+        if request.param == "asyncio"
+        else ["-c", "import ssl; from sandboxd.cli import main; main()"]
+    )
+    args = [sys.executable, *launcher, "agent", "--port", str(port), "--idle-timeout", str(IDLE_TIMEOUT)]
+    log = tmp_path_factory.mktemp("agent") / "agent.log"
+    with log.open("wb") as out:
+        process = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        wait_healthy(f"http://127.0.0.1:{port}", process, log)
+        yield Agent(process, port, None, None, log)
+    finally:
+        process.terminate()
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
 
 
 def pattern(size: int) -> bytes:
@@ -156,9 +178,9 @@ def test_a_client_that_closes_halfway_leaves_no_file(agent: Agent, workdir: Path
     assert r.status_code == 200 and target.read_bytes() == body
 
 
-def test_a_client_that_stalls_midway_is_cut_off_at_the_idle_timeout(quick_idle: Agent, workdir: Path) -> None:
+def test_a_client_that_stalls_midway_is_cut_off_at_the_idle_timeout(agent: Agent, workdir: Path) -> None:
     target = workdir / "stalled.bin"
-    with connection(quick_idle) as (s, f):
+    with connection(agent) as (s, f):
         s.sendall(head(target, 6 * MiB) + pattern(2 * MiB))
         started = time.monotonic()
         status, headers, body = read_response(f)
@@ -169,7 +191,7 @@ def test_a_client_that_stalls_midway_is_cut_off_at_the_idle_timeout(quick_idle: 
     assert headers.get("connection") == "close"
     assert IDLE_TIMEOUT * 0.9 <= waited < IDLE_TIMEOUT + 5
     assert settled_listing(workdir, []) == []
-    assert httpx.get(f"{quick_idle.url}/health").status_code == 204
+    assert httpx.get(f"{agent.url}/health").status_code == 204
 
 
 @pytest.mark.parametrize("framing", ["gzip", "chunked", "small"])
