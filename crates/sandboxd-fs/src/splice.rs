@@ -294,6 +294,38 @@ mod tests {
     }
 
     #[test]
+    fn the_read_write_fallback_moves_the_same_bytes() {
+        let (mut client, mut server) = connected();
+        let body = pattern((2 << 20) + 17);
+        let sent = body.clone();
+        let writer = thread::spawn(move || {
+            client.write_all(&sent).unwrap();
+            client.write_all(b"NEXT").unwrap();
+            client
+        });
+        let file = tempfile::tempfile().unwrap();
+        let (moved, received) = receive_copying(
+            server.as_raw_fd(),
+            &file,
+            body.len() as u64,
+            Duration::from_secs(5),
+        )
+        .unwrap();
+        assert_eq!((moved, received), (body.len() as u64, Received::Complete));
+        let client = writer.join().unwrap();
+        server.set_nonblocking(false).unwrap();
+        let mut next = [0u8; 4];
+        server.read_exact(&mut next).unwrap();
+        assert_eq!(&next, b"NEXT");
+        assert_eq!(read_back(file), body);
+        client.shutdown(Shutdown::Write).unwrap();
+        server.set_nonblocking(true).unwrap();
+        let file = tempfile::tempfile().unwrap();
+        let got = receive_copying(server.as_raw_fd(), &file, 10, Duration::from_secs(5)).unwrap();
+        assert_eq!(got, (0, Received::Closed(0)));
+    }
+
+    #[test]
     fn a_client_that_closes_early_is_a_short_count() {
         let (mut client, server) = connected();
         client.write_all(&pattern(1000)).unwrap();
