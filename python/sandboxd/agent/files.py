@@ -7,7 +7,9 @@ says nothing (``/proc``, ``/sys``, devices) are read to EOF and sent chunked.
 Uploads never tear a file: every part streams into a temporary file beside its target (Rust
 ``AtomicWriter``), and all targets are renamed into place only after the whole body arrived. A client
 that disconnects midway leaves every old file intact and no temporary file behind. gzip bodies
-(raw or multipart) are inflated in bounded pieces. Before the renames, the directory watchers are
+(raw or multipart) are inflated in bounded pieces. A large identity raw body skips the event loop: the
+server's ``RawBody`` (``scope["extensions"]``) lets a worker thread move it socket → file with
+``splice(2)`` (``AtomicWriter.receive_from``). Before the renames, the directory watchers are
 brought up to date and told what each rename stands for (``watch_hub``).
 
 Nothing here reads or writes a file on the event loop: opening, reading, writing and renaming run in

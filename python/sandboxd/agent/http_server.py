@@ -25,6 +25,11 @@ once more to put the chunked framing around it. Process output, 1 MiB per messag
 Its ``on_disconnect`` calls back when the connection is lost, so that a stream need not keep a task
 waiting on ``receive()`` to notice a client that leaves.
 
+A request's body can also be taken from the socket by a worker thread (:class:`RawBody`, under
+:data:`RAW_BODY`): ``POST /files`` moves a large raw upload straight into its file with ``splice(2)``,
+and the connection gets a fresh parser for its next request. Such a body that stops arriving is cut
+off after the idle timeout without a byte (408).
+
 At start, :func:`raise_open_file_limit` raises ``RLIMIT_NOFILE`` to what the host allows, and the cap
 is lowered if descriptors would still run out first.
 
