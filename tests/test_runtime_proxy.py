@@ -203,6 +203,30 @@ def test_upstream_connections_are_reused(sdk: Runtime) -> None:
 # ------------------------------------------------------------------------------ client aborts
 
 
+def test_a_raw_upload_through_the_proxy_arrives_byte_exact(sdk: Runtime) -> None:
+    """The sandbox's agent (uvloop, behind the proxy) moves a large raw body from its socket straight
+    into the file (issue 16): the bytes arrive whole, and the kept-alive upstream goes on."""
+    sbx = Sandbox.create()
+    try:
+        info = httpx.get(f"{sdk.url}/sandboxes/{sbx.sandbox_id}", headers={"X-API-KEY": sdk.api_key}).json()
+        body = hashlib.sha256(b"seed").digest() * ((6 << 20) // 32) + b"tail"
+        headers = {
+            "E2b-Sandbox-Id": sbx.sandbox_id,
+            "X-Access-Token": info["envdAccessToken"],
+            "Content-Type": "application/octet-stream",
+        }
+        with httpx.Client(timeout=30) as client:
+            for name in ("raw1.bin", "raw2.bin"):
+                r = client.post(
+                    f"{sdk.url}/files", params={"path": f"/home/user/{name}"}, content=body, headers=headers
+                )
+                assert r.status_code == 200, r.text
+        digest = sbx.commands.run("sha256sum /home/user/raw1.bin /home/user/raw2.bin").stdout.split()
+        assert digest[0] == digest[2] == hashlib.sha256(body).hexdigest()
+    finally:
+        sbx.kill()
+
+
 def test_an_aborted_upload_through_the_proxy_leaves_nothing_behind(sdk: Runtime) -> None:
     sbx = Sandbox.create()
     try:
