@@ -24,18 +24,13 @@ IDLE_TIMEOUT = 1.5
 MiB = 1 << 20
 
 
-@pytest.fixture(scope="module", params=["asyncio", "uvloop"])
-def agent(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Agent]:
-    """An agent whose connections give up after IDLE_TIMEOUT seconds without a byte, on asyncio's own
-    loop (the standalone agent's: ``sandboxd agent`` keeps OpenSSL out, so it cannot use uvloop) or
-    on uvloop (the sandboxes' agents: a process that has imported ``ssl``)."""
+@contextlib.contextmanager
+def launched(loop: str, tmp_path_factory: pytest.TempPathFactory, *flags: str) -> Iterator[Agent]:
+    """A standalone agent on asyncio's own loop (``sandboxd agent`` keeps OpenSSL out, so it cannot
+    use uvloop) or on uvloop (as the sandboxes' agents: a process that has imported ``ssl``)."""
     port = free_port()
-    launcher = (
-        ["-m", "sandboxd"]
-        if request.param == "asyncio"
-        else ["-c", "import ssl; from sandboxd.cli import main; main()"]
-    )
-    args = [sys.executable, *launcher, "agent", "--port", str(port), "--idle-timeout", str(IDLE_TIMEOUT)]
+    launcher = ["-m", "sandboxd"] if loop == "asyncio" else ["-c", "import ssl; from sandboxd.cli import main; main()"]
+    args = [sys.executable, *launcher, "agent", "--port", str(port), *flags]
     log = tmp_path_factory.mktemp("agent") / "agent.log"
     with log.open("wb") as out:
         process = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT)
@@ -49,6 +44,13 @@ def agent(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+@pytest.fixture(scope="module", params=["asyncio", "uvloop"])
+def agent(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Agent]:
+    """An agent whose connections give up after IDLE_TIMEOUT seconds without a byte."""
+    with launched(request.param, tmp_path_factory, "--idle-timeout", str(IDLE_TIMEOUT)) as started:
+        yield started
 
 
 def pattern(size: int) -> bytes:
@@ -255,3 +257,43 @@ def test_a_full_disk_is_507_closes_the_connection_and_leaves_no_file(agent: Agen
         assert httpx.get(f"{agent.url}/health").status_code == 204
     finally:
         subprocess.run(["umount", "-l", str(small)], check=False)
+
+
+def test_more_bodies_at_once_than_threads_for_them_all_arrive(agent: Agent, workdir: Path) -> None:
+    """Past MAX_RAW_BODIES moving at once, bodies take the event loop's path: all arrive whole."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    count = 24
+    bodies = [pattern(2 * MiB + i) for i in range(count)]
+
+    def upload(i: int) -> int:
+        r = httpx.post(
+            f"{agent.url}/files",
+            params={"path": str(workdir / f"many-{i}.bin")},
+            content=bodies[i],
+            headers={"content-type": "application/octet-stream"},
+            timeout=60,
+        )
+        return r.status_code
+
+    with ThreadPoolExecutor(count) as pool:
+        assert list(pool.map(upload, range(count))) == [200] * count
+    for i, body in enumerate(bodies):
+        assert (workdir / f"many-{i}.bin").read_bytes() == body
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_a_stalled_body_does_not_hold_up_the_agents_exit(
+    loop: str, tmp_path_factory: pytest.TempPathFactory, workdir: Path
+) -> None:
+    """SIGTERM during a body that stopped arriving (idle timeout: the default 640 s): the worker
+    thread is woken at once, the temporary file removed, and the agent exits."""
+    with launched(loop, tmp_path_factory) as started, connection(started) as (s, _):
+        s.sendall(head(workdir / "stuck.bin", 8 * MiB) + pattern(2 * MiB))
+        time.sleep(0.5)  # the worker thread is waiting for the rest
+        assert len(os.listdir(workdir)) == 1  # the temporary file
+        began = time.monotonic()
+        started.process.terminate()
+        started.process.wait(8)
+        assert time.monotonic() - began < 8
+    assert os.listdir(workdir) == []
