@@ -441,6 +441,31 @@ mod tests {
     }
 
     #[test]
+    fn receive_from_appends_after_writes_and_counts_the_bytes() {
+        use std::net::{TcpListener, TcpStream};
+        use std::os::fd::AsRawFd;
+
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (server, _) = listener.accept().unwrap();
+        server.set_nonblocking(true).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("f");
+        let mut w = AtomicWriter::create(&target, 0, 0).unwrap();
+        w.write(b"head:").unwrap();
+        client.write_all(b"body and more").unwrap();
+        let got = w.receive_from(server.as_raw_fd(), 8, Duration::from_secs(5));
+        assert_eq!(got.unwrap(), Received::Complete);
+        assert_eq!(w.written(), 13);
+        w.commit(&Metadata::new()).unwrap();
+        assert_eq!(fs::read(&target).unwrap(), b"head:body and");
+        let err = w
+            .receive_from(server.as_raw_fd(), 1, Duration::from_secs(5))
+            .unwrap_err();
+        assert!(matches!(err, Error::Closed { .. }), "{err:?}");
+    }
+
+    #[test]
     fn temp_names_differ() {
         let a = temp_name(OsStr::new("x"));
         let b = temp_name(OsStr::new("x"));
