@@ -322,6 +322,7 @@ class RawBody:
             or RawBody.moving >= MAX_RAW_BODIES
             or protocol.transport.is_closing()
             or protocol.transport.get_extra_info("sslcontext") is not None
+            or protocol.transport.get_extra_info("socket") is None
         ):
             return None
         length: int | None = None
@@ -381,16 +382,14 @@ class RawBody:
         loop = asyncio.get_running_loop()
         job = loop.run_in_executor(executor, move, own.fileno(), remaining, protocol.guard.limits.idle_timeout)
         try:
-            try:
-                outcome = await asyncio.shield(job)
-            except asyncio.CancelledError:
-                self.cancel()
-                with contextlib.suppress(BaseException):
+            outcome = await asyncio.shield(job)
+        except asyncio.CancelledError:
+            self.cancel()  # wakes the thread: it must be done with the descriptor before it is closed
+            while not job.done():
+                with contextlib.suppress(asyncio.CancelledError):
                     await asyncio.wait([job])
-                raise
-        except BaseException:
-            if not transport.is_closing() and cycle.response_complete:
-                transport.close()
+            if not job.cancelled():
+                job.exception()  # retrieved: the cancellation is what the caller hears of
             raise
         finally:
             RawBody.moving -= 1
