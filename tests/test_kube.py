@@ -9,10 +9,13 @@ ones kill a node and a replica.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -414,6 +417,169 @@ def test_a_replica_without_size_flags_gives_pods_the_default_size(kube: Env, tmp
             sbx.kill()
     finally:
         replica.stop()
+
+
+# ---------------------------------------------------------------------------------- networking
+
+
+@dataclass
+class Internet:
+    """A small internet of the test's own, in a network namespace made here and reached from the
+    nodes' (root) namespace through a veth pair: a web server on two addresses of a random /29 of
+    198.18.0.0/15 (benchmarking space: not in the ranges sandboxes may never reach), and a service of
+    "the host" (this process) listening on every address, which no sandbox may reach."""
+
+    ns: str
+    host: str
+    web: str
+    web2: str
+    server: subprocess.Popen[bytes]
+    host_service: Any  # socket.socket
+    stop: threading.Event
+
+    @property
+    def host_port(self) -> int:
+        return int(self.host_service.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def internet(kube: Env, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Internet]:
+    import ipaddress
+    import random
+    import socket
+
+    used = subprocess.run(["ip", "-4", "route", "show", "table", "all"], capture_output=True, text=True).stdout
+    net = next(
+        n
+        for n in (ipaddress.IPv4Network((0xC6120000 + (random.randrange(1 << 14) << 3), 29)) for _ in range(100))
+        if str(n.network_address) not in used
+    )
+    host, web, web2 = (str(net.network_address + i) for i in (1, 2, 3))
+    name = f"sdkn{uuid.uuid4().hex[:6]}"
+
+    def run(*args: str) -> None:
+        subprocess.run(args, check=True, capture_output=True)
+
+    run("ip", "netns", "add", name)
+    try:
+        run("ip", "link", "add", f"{name}r", "type", "veth", "peer", "name", f"{name}n")
+        run("ip", "link", "set", f"{name}n", "netns", name, "name", "eth0")
+        run("ip", "addr", "add", f"{host}/29", "dev", f"{name}r")
+        run("ip", "link", "set", f"{name}r", "up")
+        for address in (web, web2):
+            run("ip", "-n", name, "addr", "add", f"{address}/29", "dev", "eth0")
+        run("ip", "-n", name, "link", "set", "eth0", "up")
+        run("ip", "-n", name, "link", "set", "lo", "up")
+        root = tmp_path_factory.mktemp("internet")
+        (root / "index.html").write_text("the internet\n")
+        server = subprocess.Popen(
+            [
+                "nsenter",
+                f"--net=/run/netns/{name}",
+                sys.executable,
+                "-m",
+                "http.server",
+                "80",
+                "--directory",
+                str(root),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        _wait("the internet's web server", lambda: _answers(web), timeout=20)
+        listener = socket.socket()
+        listener.bind(("0.0.0.0", 0))
+        listener.listen(16)
+        listener.settimeout(0.2)
+        stop = threading.Event()
+
+        def serve() -> None:
+            while not stop.is_set():
+                try:
+                    conn, _ = listener.accept()
+                except OSError:
+                    continue
+                with contextlib.suppress(OSError):
+                    conn.sendall(b"host service\n")
+                conn.close()
+
+        threading.Thread(target=serve, daemon=True).start()
+        yield Internet(name, host, web, web2, server, listener, stop)
+        stop.set()
+        listener.close()
+        os.killpg(server.pid, signal.SIGKILL)
+        server.wait()
+    finally:
+        subprocess.run(["ip", "netns", "del", name], capture_output=True)
+        subprocess.run(["ip", "link", "del", f"{name}r"], capture_output=True)
+
+
+def _answers(address: str) -> bool:
+    import socket
+
+    with contextlib.suppress(OSError), socket.create_connection((address, 80), timeout=1):
+        return True
+    return False
+
+
+PROBE = (Path(__file__).parent / "sandbox_probe.py").read_text()
+
+
+def _probe(sbx: Sandbox, *checks: dict[str, Any]) -> list[bool]:
+    """Each check's outcome, run inside the sandbox as a real client (tests/sandbox_probe.py)."""
+    sbx.files.write("/tmp/probe.py", PROBE)
+    result = sbx.commands.run(f"python3 /tmp/probe.py '{json.dumps(list(checks))}'", timeout=60)
+    return [answer["ok"] for answer in json.loads(result.stdout)]
+
+
+def _web(address: str, port: int = 80) -> dict[str, Any]:
+    return {"kind": "http", "name": address, "ip": address, "port": port, "path": "/", "tls": False}
+
+
+def _service(address: str, port: int) -> dict[str, Any]:
+    return {"kind": "tcp", "ip": address, "port": port, "expect": "host service"}
+
+
+def _gateway(sbx: Sandbox) -> str:
+    """The sandbox's gateway: its node's end of the link (the resolver it is given)."""
+    return sbx.files.read("/etc/resolv.conf").split("nameserver ", 1)[1].split()[0]
+
+
+def test_sandboxes_on_nodes_reach_the_internet_and_nothing_of_the_nodes(kube: Env, internet: Internet) -> None:
+    """Default egress through either replica; never the node's addresses (its end of the sandbox's
+    link, its other interfaces), whatever listens there; never another node's sandbox."""
+    by_node: dict[str, Sandbox] = {}
+    made: list[Sandbox] = []
+    try:
+        for i in range(6):
+            sbx = Sandbox.create(timeout=300, **kube.replicas[i % 2].opts())
+            made.append(sbx)
+            by_node.setdefault(kube.core.read_namespaced_pod(sbx.sandbox_id, NAMESPACE).spec.node_name, sbx)
+            if len(by_node) >= 2:
+                break
+        assert len(by_node) >= 2, "the scheduler put every sandbox on one node"
+        one, other = list(by_node.values())[:2]
+        gateway = _gateway(one)
+        assert _probe(
+            one,
+            _web(internet.web),
+            _web(internet.web2),
+            _service(internet.host, internet.host_port),
+            _service(gateway, internet.host_port),
+        ) == [True, True, False, False]
+        # The Pod reports the sandbox's own addresses; another node's sandbox is out of reach even
+        # with a server listening on all of its addresses.
+        pod = kube.core.read_namespaced_pod(other.sandbox_id, NAMESPACE)
+        other_ip = pod.status.pod_ip
+        assert other_ip and other_ip != _gateway(other)
+        other.commands.run("python3 -m http.server 8000 --directory /tmp", background=True)
+        _wait("the other sandbox's server", lambda: _probe(other, _web("127.0.0.1", 8000)) == [True], timeout=20)
+        assert _probe(other, _web(other_ip, 8000)) == [True]
+        assert _probe(one, _web(other_ip, 8000)) == [False]
+    finally:
+        for sbx in made:
+            sbx.kill()
 
 
 def test_bad_input_answers_4xx(kube: Env) -> None:

@@ -117,6 +117,71 @@ class _HelpFormatter(argparse.HelpFormatter):
         super().__init__(prog, indent_increment, max_help_position, _terminal_columns() - 2 if width is None else width)
 
 
+def _add_network_flags(parser: argparse.ArgumentParser) -> None:
+    """Sandbox networking flags, the same for ``serve`` and ``node`` (both build the runtime's
+    ``SandboxNetworks``)."""
+    net = parser.add_argument_group("sandbox networking (docs/network.md)")
+    net.add_argument(
+        "--uplink",
+        default=os.environ.get("SANDBOXD_UPLINK") or None,
+        help="the only interface sandbox traffic may leave by, masqueraded to its address (also: $SANDBOXD_UPLINK; "
+        "default: whichever the host's routes pick)",
+    )
+    net.add_argument(
+        "--sandbox-subnet",
+        type=_v4_network,
+        help="IPv4 block for sandbox links, a /30 each (default: a free block of 10.240.0.0/12)",
+    )
+    net.add_argument(
+        "--dns-upstream",
+        action="append",
+        default=[],
+        metavar="ADDR[:PORT]",
+        help="resolver the sandboxes' DNS is forwarded to; repeatable (default: the host's /etc/resolv.conf)",
+    )
+    net.add_argument(
+        "--sandbox-allow",
+        action="append",
+        type=_network,
+        default=[],
+        metavar="CIDR",
+        help="open a range sandboxes may otherwise never reach (private, link-local, metadata); repeatable",
+    )
+    net.add_argument(
+        "--sandbox-deny",
+        action="append",
+        type=_network,
+        default=[],
+        metavar="CIDR",
+        help="another range sandboxes may never reach; repeatable",
+    )
+    net.add_argument(
+        "--egress-trust",
+        type=Path,
+        help="PEM CA certificates the egress proxy trusts, besides the host's, when it re-encrypts HTTPS to a host "
+        "with header rules",
+    )
+    net.add_argument(
+        "--no-network", action="store_true", help="give sandboxes loopback only (no link, no firewall table)"
+    )
+
+
+def _network_options(args: argparse.Namespace) -> Any:
+    """The networking flags as ``NetworkOptions``; None for ``--no-network`` (loopback only)."""
+    from sandboxd.runtime.network import NetworkOptions
+
+    if args.no_network:
+        return None
+    return NetworkOptions(
+        uplink=args.uplink,
+        subnet=args.sandbox_subnet,
+        dns_upstreams=args.dns_upstream,
+        allow=args.sandbox_allow,
+        deny=args.sandbox_deny,
+        egress_trust=args.egress_trust,
+    )
+
+
 def build_parser(only_agent: bool = False) -> argparse.ArgumentParser:
     """The command line; with ``only_agent``, just ``sandboxd agent`` (see :func:`main`)."""
     parser = argparse.ArgumentParser(prog="sandboxd", description=__doc__, formatter_class=_HelpFormatter)
@@ -244,50 +309,7 @@ def build_parser(only_agent: bool = False) -> argparse.ArgumentParser:
     )
     status.add_argument("--api-key", help="the runtime's API key (default: $E2B_API_KEY, then the data dir's)")
     status.add_argument("--json", action="store_true", help="print the runtime's /status answer as JSON")
-    net = serve.add_argument_group("sandbox networking (docs/network.md)")
-    net.add_argument(
-        "--uplink",
-        default=os.environ.get("SANDBOXD_UPLINK") or None,
-        help="the only interface sandbox traffic may leave by, masqueraded to its address (also: $SANDBOXD_UPLINK; "
-        "default: whichever the host's routes pick)",
-    )
-    net.add_argument(
-        "--sandbox-subnet",
-        type=_v4_network,
-        help="IPv4 block for sandbox links, a /30 each (default: a free block of 10.240.0.0/12)",
-    )
-    net.add_argument(
-        "--dns-upstream",
-        action="append",
-        default=[],
-        metavar="ADDR[:PORT]",
-        help="resolver the sandboxes' DNS is forwarded to; repeatable (default: the host's /etc/resolv.conf)",
-    )
-    net.add_argument(
-        "--sandbox-allow",
-        action="append",
-        type=_network,
-        default=[],
-        metavar="CIDR",
-        help="open a range sandboxes may otherwise never reach (private, link-local, metadata); repeatable",
-    )
-    net.add_argument(
-        "--sandbox-deny",
-        action="append",
-        type=_network,
-        default=[],
-        metavar="CIDR",
-        help="another range sandboxes may never reach; repeatable",
-    )
-    net.add_argument(
-        "--egress-trust",
-        type=Path,
-        help="PEM CA certificates the egress proxy trusts, besides the host's, when it re-encrypts HTTPS to a host "
-        "with header rules",
-    )
-    net.add_argument(
-        "--no-network", action="store_true", help="give sandboxes loopback only (no link, no firewall table)"
-    )
+    _add_network_flags(serve)
     serve.add_argument(
         "--backend",
         choices=["local", "kubernetes"],
@@ -332,6 +354,7 @@ def build_parser(only_agent: bool = False) -> argparse.ArgumentParser:
         default=os.environ.get("SANDBOXD_DEBIAN_MIRROR") or DEFAULT_MIRROR,
         help="Debian archive the 'base' template is built from (also $SANDBOXD_DEBIAN_MIRROR)",
     )
+    _add_network_flags(node)
 
     serve.add_argument(
         "--template-store",
@@ -486,6 +509,7 @@ def main(argv: list[str] | None = None) -> None:
             ),
             template_store=args.template_store,
             debian_mirror=args.debian_mirror,
+            network=_network_options(args),
         )
         if args.id_registry is not None:
             options.id_registry = args.id_registry
@@ -519,7 +543,6 @@ def main(argv: list[str] | None = None) -> None:
         )
     elif args.command == "serve":
         from sandboxd.runtime.host import SandboxFlags
-        from sandboxd.runtime.network import NetworkOptions
         from sandboxd.runtime.server import DEFAULT_DATA_DIR, ServeOptions
         from sandboxd.runtime.server import run as run_runtime
 
@@ -542,16 +565,7 @@ def main(argv: list[str] | None = None) -> None:
                 warm_template=args.warm_template,
             ),
             log_format=args.log_format,
-            network=None
-            if args.no_network
-            else NetworkOptions(
-                uplink=args.uplink,
-                subnet=args.sandbox_subnet,
-                dns_upstreams=args.dns_upstream,
-                allow=args.sandbox_allow,
-                deny=args.sandbox_deny,
-                egress_trust=args.egress_trust,
-            ),
+            network=_network_options(args),
             template_store=args.template_store,
             debian_mirror=args.debian_mirror,
             pypi_index=args.pypi_index,

@@ -12,6 +12,10 @@ conditions, ``Failed`` (reason ``SandboxDied``, ``UnknownTemplate``, ``CreateFai
 resume; the node reports the result in the ``sandboxd.io/Paused`` condition. Deleting the Pod
 kills the sandbox, after which the node removes the Pod (as a kubelet does, with grace 0).
 
+Sandboxes get the single machine's networking (:class:`~sandboxd.runtime.network.SandboxNetworks`:
+a link each, the same firewall, egress controls and helper, all named from the data dir so nodes
+sharing a machine never collide); the Pod's ``podIPs`` are the sandbox's addresses.
+
 Its tunnel (:mod:`.tunnel`) lets ``serve`` replicas reach ports inside these sandboxes. Nothing
 here enforces timeouts: that is one ``serve`` replica's job (:mod:`.backend`).
 """
@@ -38,6 +42,7 @@ from sandboxd.runtime import host
 from sandboxd.runtime.debian import DEFAULT_MIRROR
 from sandboxd.runtime.errors import ApiError
 from sandboxd.runtime.manager import CreateRequest, Limits, SandboxManager
+from sandboxd.runtime.network import NetworkOptions, SandboxNetworks
 from sandboxd.runtime.store import Store
 from sandboxd.runtime.templates import Templates, default_store_dir
 
@@ -88,6 +93,10 @@ class NodeOptions:
     debian_mirror: str = DEFAULT_MIRROR
     id_registry: Path = field(default_factory=lambda: Path(_core.DEFAULT_ID_REGISTRY))
     """The host-wide registry of sandbox id ranges, shared with every runtime and node on the host."""
+    network: NetworkOptions | None = field(default_factory=NetworkOptions)
+    """Sandbox networking, as ``sandboxd serve`` sets it up; None gives sandboxes loopback only
+    (``--no-network``). Its address block, nftables table, link names and helper are derived from the
+    data dir, so several nodes (and runtimes) on one machine never share them."""
 
 
 def _host_memory_mb() -> int:
@@ -414,6 +423,9 @@ class SandboxNode:
                 }
             ],
         }
+        ips = self._sandbox_ips(row.id)
+        if ips:
+            status.update(podIP=ips[0], podIPs=[{"ip": ip} for ip in ips])
         await self._patch_status(pod, status)
         self._event(pod, "Started", f"Started sandbox {row.id} from template {request.template}")
         # A desired state that changed while we were booting is picked up on the next event.
@@ -448,6 +460,15 @@ class SandboxNode:
             if paused == "True":
                 ready.update(reason="SandboxPaused", message="the sandbox is paused")
             await self._patch_status(pod, {"conditions": [condition, ready]})
+
+    def _sandbox_ips(self, local_id: str) -> list[str]:
+        """The sandbox's own addresses on its link (the Pod's ``podIPs``), none without networking."""
+        networks = self.manager.networks
+        row = networks.info(local_id) if networks is not None else None
+        if networks is None or networks.pool is None or row is None or row.slot is None:
+            return []
+        slot = networks.pool.slot(row.slot)
+        return [str(slot.sandbox_v4), str(slot.sandbox_v6)]
 
     # ---------------------------------------------------------------------------------- ended
 
@@ -615,8 +636,14 @@ async def _run(options: NodeOptions, store: Store, templates: Templates) -> None
     )
     zygote_client = ZygoteClient(zygote.start)
     await zygote_client.start()
+    networks = None
+    if options.network is not None:
+        # The tunnel stands where serve's API port does: never reachable from a sandbox, even
+        # through a range the operator opened (--sandbox-allow).
+        networks = SandboxNetworks(store, options.data_dir, options.network, limits.max_sandboxes, options.tunnel_port)
+        await networks.start()
     place = await host.open_place(options.data_dir, options.id_registry, limits.disk_mb)
-    manager = SandboxManager(store, templates, options.data_dir, zygote_client, limits, place)
+    manager = SandboxManager(store, templates, options.data_dir, zygote_client, limits, place, networks=networks)
     await manager.start()
     kube = await Kube.connect(options.kubeconfig)
     node = SandboxNode(options, kube, manager, store)
@@ -631,6 +658,8 @@ async def _run(options: NodeOptions, store: Store, templates: Templates) -> None
     finally:
         await node.stop()
         await manager.stop()
+        if networks is not None:
+            await networks.stop()
         await zygote_client.stop()
         await host.close_place(place)
         await kube.close()
