@@ -582,6 +582,55 @@ def test_sandboxes_on_nodes_reach_the_internet_and_nothing_of_the_nodes(kube: En
             sbx.kill()
 
 
+def test_egress_settings_and_updates_take_effect_on_nodes(kube: Env, internet: Internet) -> None:
+    a, b = kube.replicas
+    offline = Sandbox.create(timeout=300, allow_internet_access=False, **a.opts())
+    try:
+        assert _probe(offline, _web(internet.web)) == [False]
+        assert Sandbox.get_info(offline.sandbox_id, **b.opts()).allow_internet_access is False
+    finally:
+        offline.kill()
+    sbx = Sandbox.create(timeout=300, network={"deny_out": [internet.web2]}, **a.opts())
+    try:
+        assert _probe(sbx, _web(internet.web), _web(internet.web2)) == [True, False]
+        info = Sandbox.get_info(sbx.sandbox_id, **b.opts())
+        assert info.network == {"deny_out": [internet.web2]}
+    finally:
+        sbx.kill()
+
+
+def test_a_pods_network_annotation_is_checked_by_the_node(kube: Env) -> None:
+    """Anyone who writes Pods can write the annotation: the node checks it as the API checks a
+    create body, fails a Pod it cannot start and keeps the rules of a running one."""
+    from kubernetes import client
+
+    def pod(name: str, note: str) -> Any:
+        return client.V1Pod(
+            metadata=client.V1ObjectMeta(
+                name=name, labels={"sandboxd.io/sandbox": "true"}, annotations={"sandboxd.io/network": note}
+            ),
+            spec=client.V1PodSpec(
+                restart_policy="Never",
+                node_selector={"sandboxd.io/node": "true"},
+                tolerations=[client.V1Toleration(key="sandboxd.io/sandboxes-only", operator="Exists")],
+                containers=[client.V1Container(name="main", image="base")],
+            ),
+        )
+
+    bad = f"bad-net-{uuid.uuid4().hex[:6]}"
+    kube.core.create_namespaced_pod(NAMESPACE, pod(bad, '{"network": {"denyOut": 5}}'))
+    failed = _wait(
+        "the Pod Failed", lambda: (p := kube.core.read_namespaced_pod(bad, NAMESPACE)).status.phase == "Failed" and p
+    )
+    assert failed.status.reason == "CreateFailed" and "denyOut" in failed.status.message
+    kube.core.delete_namespaced_pod(bad, NAMESPACE, grace_period_seconds=0)
+
+    good = f"net-{uuid.uuid4().hex[:6]}"
+    kube.core.create_namespaced_pod(NAMESPACE, pod(good, '{"allow_internet_access": false}'))
+    _wait("the Pod Running", lambda: kube.core.read_namespaced_pod(good, NAMESPACE).status.phase == "Running")
+    kube.core.delete_namespaced_pod(good, NAMESPACE, grace_period_seconds=5)
+
+
 def test_bad_input_answers_4xx(kube: Env) -> None:
     api = httpx.Client(base_url=kube.replicas[0].url, headers={"X-API-KEY": API_KEY})
     assert httpx.get(f"{kube.replicas[0].url}/v2/sandboxes").status_code == 401
@@ -594,6 +643,12 @@ def test_bad_input_answers_4xx(kube: Env) -> None:
     assert api.delete("/sandboxes/nope").status_code == 404
     mounts = {"templateID": "base", "volumeMounts": [{"name": "v", "path": "/mnt/v"}]}
     assert api.post("/v2/sandboxes", json=mounts).status_code == 400  # no volumes on nodes (yet)
+    for network in ({"denyOut": ["not an address"]}, {"allowOut": ["example.com"]}, {"allowPublicTraffic": False}):
+        r = api.post("/v2/sandboxes", json={"templateID": "base", "network": network})
+        assert r.status_code == 400, r.text
+    rules = {"rules": {"api.test": [{"transform": {"headers": {"A": "${e2b.secrets.key}"}}}]}}
+    r = api.post("/v2/sandboxes", json={"templateID": "base", "network": rules})
+    assert r.status_code == 400 and "secrets" in r.json()["message"]
 
 
 def test_a_killed_serve_replica_loses_nothing(kube: Env) -> None:

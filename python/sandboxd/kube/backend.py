@@ -37,6 +37,7 @@ from sandboxd.runtime.logs import LogEntry, from_events
 from sandboxd.runtime.manager import DEFAULT_TIMEOUT_S, CreateRequest, Limits, validate_timeout
 from sandboxd.runtime.metrics import MetricsSample
 from sandboxd.runtime.network import NetworkConfig
+from sandboxd.runtime.network.policy import secret_references, validate
 from sandboxd.runtime.store import SandboxRow, TemplateRow
 
 from . import pods
@@ -82,6 +83,9 @@ class KubernetesBackend:
         self.leading = False
         self.busy: set[str] = set()
         """Pods the leader is timing out right now."""
+        self.network_notes: dict[str, str | None] = {}
+        """Each live Pod's network annotation as last seen, by a read of this replica or its watch
+        (what :meth:`network_config` answers from: the API formats a sandbox's detail after a read)."""
         self._tasks: set[asyncio.Task[None]] = set()
 
     # ----------------------------------------------------------------------------- start/stop
@@ -115,6 +119,10 @@ class KubernetesBackend:
 
     def _pod_event(self, kind: str, pod: dict[str, Any]) -> None:
         name = pod["metadata"]["name"]
+        if kind == "DELETED":
+            self.network_notes.pop(name, None)
+        else:
+            self._saw_network(pod)
         waiting = self.waiters.get(name)
         if not waiting:
             return
@@ -179,7 +187,12 @@ class KubernetesBackend:
             raise ApiError(404, f'Sandbox "{name}" is not running yet (its Pod is {phase})')
         return self.row(pod)
 
+    def _saw_network(self, pod: dict[str, Any]) -> None:
+        meta = pod["metadata"]
+        self.network_notes[meta["name"]] = (meta.get("annotations") or {}).get(pods.NETWORK_ANNOTATION)
+
     def row(self, pod: dict[str, Any]) -> SandboxRow:
+        self._saw_network(pod)
         meta = pod["metadata"]
         labels = meta.get("labels") or {}
         notes = meta.get("annotations") or {}
@@ -232,8 +245,7 @@ class KubernetesBackend:
 
     async def create(self, request: CreateRequest) -> SandboxRow:
         timeout = self._validate_timeout(request.timeout if request.timeout is not None else DEFAULT_TIMEOUT_S)
-        if request.network != NetworkConfig():
-            raise ApiError(400, "network settings do not apply: sandboxd nodes run sandboxes without networking (yet)")
+        _check_network(request.network)
         if request.volume_mounts:
             raise ApiError(
                 400, "volumes are not available with --backend kubernetes (yet): 'volumeMounts' must be empty"
@@ -253,6 +265,7 @@ class KubernetesBackend:
             on_timeout=request.on_timeout,
             pause_mode="full" if request.pause_memory else "filesystem",
             auto_resume=request.auto_resume,
+            network=request.network,
         )
         try:
             created = await self.kube.create(self._path(), body)
@@ -502,14 +515,18 @@ class KubernetesBackend:
     # -------------------------------------------------------------------------------- network
 
     def network_config(self, sandbox_id: str) -> NetworkConfig:
-        """Sandboxes on sandboxd nodes have loopback only: nodes do not set up sandbox networking."""
-        return NetworkConfig()
+        """The settings in the Pod's network annotation as last seen (what the detail shows and the
+        proxy's host mask and HTTPS ports use; the defaults for a Pod not seen yet)."""
+        try:
+            return pods.parse_network(self.network_notes.get(sandbox_id))
+        except ApiError:
+            return NetworkConfig()
 
     def traffic_token(self, sandbox_id: str) -> str | None:
-        return None
+        return None  # allowPublicTraffic=false is refused at create (see _check_network)
 
     async def update_network(self, sandbox_id: str, update: NetworkConfig) -> None:
-        raise ApiError(400, "network settings do not apply: sandboxd nodes run sandboxes without networking (yet)")
+        raise ApiError(400, "network updates do not apply: sandboxd nodes apply network settings at create only (yet)")
 
     # ------------------------------------------------------------------------------ snapshots
 
@@ -675,6 +692,30 @@ def _condition(obj: dict[str, Any], kind: str) -> str | None:
         if condition.get("type") == kind:
             return str(condition.get("status"))
     return None
+
+
+def _condition_message(obj: dict[str, Any], kind: str) -> str:
+    for condition in obj.get("status", {}).get("conditions") or []:
+        if condition.get("type") == kind:
+            return str(condition.get("message", ""))
+    return ""
+
+
+def _check_network(config: NetworkConfig) -> None:
+    """E2B's checks of network settings (as on one machine), and a 400 for what nodes cannot do yet:
+    the traffic token (the proxy of every replica would need it) and secrets in header rules (the
+    secrets API is not served with this backend)."""
+    validate(config)
+    if config.allow_public_traffic is False:
+        raise ApiError(
+            400,
+            "'network.allowPublicTraffic': false is not available with --backend kubernetes (yet): "
+            "sandbox URLs are public, guarded by the sandbox's access token",
+        )
+    if secret_references(config):
+        raise ApiError(
+            400, "header rules cannot name secrets with --backend kubernetes (yet): the secrets API is not served"
+        )
 
 
 def _unschedulable(pod: dict[str, Any]) -> str | None:

@@ -378,6 +378,11 @@ class SandboxNode:
         except ValueError as exc:
             await self._fail(pod, "CreateFailed", f"resources.limits: {exc}")
             return
+        try:
+            network, digest = pods.network_of(pod)
+        except ApiError as exc:
+            await self._fail(pod, "CreateFailed", f"network settings: {exc.message}")
+            return
         annotations = meta.get("annotations") or {}
         name = meta["name"]
         existing = self.store.get(name)
@@ -391,6 +396,7 @@ class SandboxNode:
             access_token=pods.access_token(self.token_key, meta["namespace"], name, meta["uid"]),
             cpu_count=cpus,
             memory_mb=memory,
+            network=network,
         )
         try:
             row = await self.manager.create(request)
@@ -409,7 +415,10 @@ class SandboxNode:
                 {"type": t, "status": "True", "lastTransitionTime": started}
                 for t in ("PodReadyToStartContainers", "Initialized", "ContainersReady", "Ready")
             ]
-            + [{"type": pods.PAUSED_CONDITION, "status": "False", "lastTransitionTime": started, "reason": "Running"}],
+            + [
+                {"type": pods.PAUSED_CONDITION, "status": "False", "lastTransitionTime": started, "reason": "Running"},
+                _network_condition(digest, None),
+            ],
             "containerStatuses": [
                 {
                     "name": container.get("name", pods.CONTAINER),
@@ -580,6 +589,24 @@ class SandboxNode:
         if not samples:
             raise ApiError(404, f'Sandbox "{sandbox_id}" has no metrics: it is not running')
         return dataclasses.asdict(samples[-1])
+
+
+def _condition_of(pod: dict[str, Any], kind: str) -> dict[str, Any]:
+    for condition in pod.get("status", {}).get("conditions") or []:
+        if condition.get("type") == kind:
+            return dict(condition)
+    return {}
+
+
+def _network_condition(digest: str, refused: str | None) -> dict[str, Any]:
+    """The :data:`~.pods.NETWORK_CONDITION` answering the annotation of ``digest``."""
+    return {
+        "type": pods.NETWORK_CONDITION,
+        "status": "False" if refused else "True",
+        "reason": "Refused" if refused else "Applied",
+        "message": f"{digest}: {refused}" if refused else f"{digest}: applied",
+        "lastTransitionTime": _now(),
+    }
 
 
 def _boot_id() -> str:

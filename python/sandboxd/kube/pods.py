@@ -14,7 +14,10 @@ What E2B's API adds lives in labels (what a list filters on) and annotations (th
 * label :data:`TEMPLATE_LABEL`, and one label per metadata pair under :data:`META_PREFIX`
   (the value itself when it is a valid label value, else a hash of it: filters stay exact);
 * annotations: the metadata as JSON, the end of the sandbox's life (``end-at``, or the seconds
-  left while paused), what happens at the timeout, the pause mode, auto-resume.
+  left while paused), what happens at the timeout, the pause mode, auto-resume, and the network
+  settings (:data:`NETWORK_ANNOTATION`, E2B's create-body shape), which the node applies when it
+  starts the sandbox and again whenever they change, reporting the result in the Pod's
+  :data:`NETWORK_CONDITION` condition.
 
 The phase says whether a sandbox lives: ``Running`` (running or paused), ``Succeeded``/``Failed``
 when it ended, with the reason in ``status.reason``/``status.message``.
@@ -31,6 +34,8 @@ import string
 import time
 from datetime import UTC, datetime
 from typing import Any
+
+from sandboxd.runtime.network.policy import NetworkConfig
 
 GROUP = "sandboxd.io"
 MANAGED_LABEL = f"{GROUP}/sandbox"
@@ -53,6 +58,15 @@ ON_TIMEOUT_ANNOTATION = f"{GROUP}/on-timeout"
 PAUSE_MODE_ANNOTATION = f"{GROUP}/pause-mode"
 AUTO_RESUME_ANNOTATION = f"{GROUP}/auto-resume"
 ALIAS_ANNOTATION = f"{GROUP}/template-alias"
+
+NETWORK_ANNOTATION = f"{GROUP}/network"
+"""The sandbox's network settings as E2B's create body has them, ``{"allow_internet_access": false,
+"network": {"allowOut": [...], "denyOut": [...], ...}}`` (absent: the defaults, internet access).
+``serve`` writes it at create and rewrites it whole on ``PUT /sandboxes/{id}/network``."""
+NETWORK_CONDITION = f"{GROUP}/Network"
+"""A Pod condition the node sets after each change of :data:`NETWORK_ANNOTATION`: ``True`` (reason
+``Applied``) or ``False`` (reason ``Refused``, the message says why); its message starts with
+:func:`network_digest` of the annotation it answers, so a writer knows when its change was handled."""
 
 PAUSED_CONDITION = f"{GROUP}/Paused"
 """A Pod condition the node sets: True once the sandbox is paused, False once it runs again."""
@@ -162,6 +176,54 @@ def quantity_bytes(value: str) -> int:
     return int(float(value))
 
 
+def network_annotation(config: NetworkConfig) -> str | None:
+    """:data:`NETWORK_ANNOTATION` for ``config`` (None for the defaults: no annotation)."""
+    from sandboxd.runtime.api import network_to_wire
+
+    body: dict[str, Any] = {}
+    if config.allow_internet_access is not None:
+        body["allow_internet_access"] = config.allow_internet_access
+    network = network_to_wire(config)
+    if network is not None:
+        body["network"] = network
+    return json.dumps(body, separators=(",", ":"), sort_keys=True) if body else None
+
+
+def network_of(pod: dict[str, Any]) -> tuple[NetworkConfig, str]:
+    """The network settings a Pod asks for and the digest of its annotation (see
+    :func:`parse_network`)."""
+    text = (pod["metadata"].get("annotations") or {}).get(NETWORK_ANNOTATION)
+    return parse_network(text), network_digest(text)
+
+
+def parse_network(text: str | None) -> NetworkConfig:
+    """A :data:`NETWORK_ANNOTATION` value (None: the defaults). A Pod may come from anyone who can
+    write Pods, so it is parsed as the API parses a create body (types, shapes, E2B's messages) and
+    checked with E2B's rules; ``ApiError(400)`` says what is wrong."""
+    from sandboxd.runtime.api import network_from_create
+    from sandboxd.runtime.errors import ApiError
+    from sandboxd.runtime.network.policy import validate
+
+    if text is None:
+        return NetworkConfig()
+    try:
+        body = json.loads(text)
+    except (ValueError, RecursionError):
+        raise ApiError(400, f"annotation {NETWORK_ANNOTATION} is not JSON") from None
+    if not isinstance(body, dict) or set(body) - {"allow_internet_access", "network"}:
+        raise ApiError(
+            400, f'annotation {NETWORK_ANNOTATION} must be {{"allow_internet_access": bool, "network": {{...}}}}'
+        )
+    config = network_from_create(body)
+    validate(config)
+    return config
+
+
+def network_digest(text: str | None) -> str:
+    """A short digest of a :data:`NETWORK_ANNOTATION` value (of its absence for None)."""
+    return hashlib.sha256((text or "").encode()).hexdigest()[:16]
+
+
 def sandbox_pod(
     *,
     name: str,
@@ -175,6 +237,7 @@ def sandbox_pod(
     on_timeout: str,
     pause_mode: str,
     auto_resume: bool,
+    network: NetworkConfig | None = None,
 ) -> dict[str, Any]:
     """The Pod ``serve`` creates for a new sandbox."""
     labels = {MANAGED_LABEL: "true", STATE_LABEL: "running", TEMPLATE_LABEL: label_value(template)}
@@ -189,6 +252,9 @@ def sandbox_pod(
     }
     if alias:
         annotations[ALIAS_ANNOTATION] = alias
+    network_note = network_annotation(network) if network is not None else None
+    if network_note is not None:
+        annotations[NETWORK_ANNOTATION] = network_note
     limits = {"cpu": str(cpu_count), "memory": f"{memory_mb}Mi"}
     return {
         "apiVersion": "v1",
