@@ -595,11 +595,23 @@ def test_egress_settings_and_updates_take_effect_on_nodes(kube: Env, internet: I
         assert _probe(sbx, _web(internet.web), _web(internet.web2)) == [True, False]
         info = Sandbox.get_info(sbx.sandbox_id, **b.opts())
         assert info.network == {"deny_out": [internet.web2]}
+        # The update goes through the other replica; the node applies it before the call returns.
+        Sandbox.update_network(sbx.sandbox_id, {"deny_out": [internet.web]}, **b.opts())
+        assert _probe(sbx, _web(internet.web), _web(internet.web2)) == [False, True]
+        sbx.update_network({"allow_out": [internet.web2], "deny_out": ["0.0.0.0/0"]})
+        assert _probe(sbx, _web(internet.web), _web(internet.web2)) == [False, True]
+        sbx.update_network({})
+        assert _probe(sbx, _web(internet.web), _web(internet.web2)) == [True, True]
+        pod = kube.core.read_namespaced_pod(sbx.sandbox_id, NAMESPACE)
+        condition = next(c for c in pod.status.conditions if c.type == "sandboxd.io/Network")
+        assert (condition.status, condition.reason) == ("True", "Applied")
+        events = kube.core.list_namespaced_event(NAMESPACE, field_selector=f"involvedObject.name={sbx.sandbox_id}")
+        assert [e.reason for e in events.items].count("NetworkUpdated") == 3
     finally:
         sbx.kill()
 
 
-def test_a_pods_network_annotation_is_checked_by_the_node(kube: Env) -> None:
+def test_a_pods_network_annotation_is_checked_by_the_node(kube: Env, internet: Internet) -> None:
     """Anyone who writes Pods can write the annotation: the node checks it as the API checks a
     create body, fails a Pod it cannot start and keeps the rules of a running one."""
     from kubernetes import client
@@ -628,6 +640,25 @@ def test_a_pods_network_annotation_is_checked_by_the_node(kube: Env) -> None:
     good = f"net-{uuid.uuid4().hex[:6]}"
     kube.core.create_namespaced_pod(NAMESPACE, pod(good, '{"allow_internet_access": false}'))
     _wait("the Pod Running", lambda: kube.core.read_namespaced_pod(good, NAMESPACE).status.phase == "Running")
+    sbx = Sandbox.connect(good, **kube.replicas[0].opts())
+    assert _probe(sbx, _web(internet.web)) == [False]
+    for note in ("not json", '{"network": {"denyOut": ["not an address"]}}'):
+        kube.core.patch_namespaced_pod(good, NAMESPACE, {"metadata": {"annotations": {"sandboxd.io/network": note}}})
+
+        def refused() -> bool:
+            conditions = kube.core.read_namespaced_pod(good, NAMESPACE).status.conditions
+            return any(c.type == "sandboxd.io/Network" and c.status == "False" for c in conditions)
+
+        _wait("the Network condition False", refused, timeout=20)
+        assert _probe(sbx, _web(internet.web)) == [False]  # the rules in force stay
+        kube.core.patch_namespaced_pod(good, NAMESPACE, {"metadata": {"annotations": {"sandboxd.io/network": None}}})
+        _wait("the defaults applied", lambda: not refused(), timeout=20)
+        assert _probe(sbx, _web(internet.web)) == [True]
+        sbx.update_network({"allow_internet_access": False})
+    api = httpx.Client(base_url=kube.replicas[0].url, headers={"X-API-KEY": API_KEY})
+    r = api.put(f"/sandboxes/{good}/network", json={"denyOut": ["nope"]})
+    assert r.status_code == 400, r.text
+    assert api.put(f"/sandboxes/{good}/network", json={"denyOut": ["0.0.0.0/0"]}).status_code == 204
     kube.core.delete_namespaced_pod(good, NAMESPACE, grace_period_seconds=5)
 
 

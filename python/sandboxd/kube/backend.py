@@ -526,7 +526,58 @@ class KubernetesBackend:
         return None  # allowPublicTraffic=false is refused at create (see _check_network)
 
     async def update_network(self, sandbox_id: str, update: NetworkConfig) -> None:
-        raise ApiError(400, "network updates do not apply: sandboxd nodes apply network settings at create only (yet)")
+        """E2B's full replace of a running sandbox's egress: the Pod's network annotation rewritten
+        (guarded by resourceVersion), then the node's answer awaited in the Network condition (a
+        refusal there is this call's 400)."""
+        _check_network(update)
+        for _attempt in range(5):
+            pod = await self._pod(sandbox_id)
+            row = self._live(pod)
+            if row.state != "running":
+                raise ApiError(
+                    409, f'Sandbox "{sandbox_id}" is {row.state}: only a running sandbox\'s network can be updated'
+                )
+            try:
+                current = pods.network_of(pod)[0]
+            except ApiError:
+                current = NetworkConfig()
+            note = pods.network_annotation(current.with_egress(update))
+            metadata = {
+                "annotations": {pods.NETWORK_ANNOTATION: note},
+                "resourceVersion": pod["metadata"]["resourceVersion"],
+            }
+            try:
+                patched = await self.kube.patch(self._path(sandbox_id), {"metadata": metadata}, MERGE)
+                break
+            except KubeError as exc:
+                if exc.status == 409:
+                    continue
+                if exc.status == 404:
+                    raise not_found(sandbox_id) from None
+                raise ApiError(503, f"the Kubernetes API server failed: {exc}") from None
+        else:
+            raise ApiError(409, f'Sandbox "{sandbox_id}" kept changing meanwhile; try again')
+        digest = pods.network_digest(note)
+
+        def answered(pod: dict[str, Any]) -> bool:
+            if pod.get("status", {}).get("phase") in ("Failed", "Succeeded"):
+                return True
+            return _condition_message(pod, pods.NETWORK_CONDITION).startswith(digest)
+
+        try:
+            pod = await self._wait_for(sandbox_id, answered, TRANSITION_TIMEOUT_S, patched)
+        except TimeoutError:
+            raise ApiError(
+                503,
+                f"the node of sandbox {sandbox_id} did not apply its network settings within "
+                f"{TRANSITION_TIMEOUT_S:.0f}s",
+            ) from None
+        if pod is None:
+            raise not_found(sandbox_id)
+        self._live(pod)
+        if _condition(pod, pods.NETWORK_CONDITION) != "True":
+            message = _condition_message(pod, pods.NETWORK_CONDITION).partition(": ")[2]
+            raise ApiError(400, f"the sandbox's node refused the network settings: {message}")
 
     # ------------------------------------------------------------------------------ snapshots
 

@@ -469,6 +469,41 @@ class SandboxNode:
             if paused == "True":
                 ready.update(reason="SandboxPaused", message="the sandbox is paused")
             await self._patch_status(pod, {"conditions": [condition, ready]})
+        if state == "running":
+            await self._follow_network(pod, local_id)
+
+    async def _follow_network(self, pod: dict[str, Any], local_id: str) -> None:
+        """Apply a changed :data:`~.pods.NETWORK_ANNOTATION` to the running sandbox (E2B's
+        ``update_network``: its egress replaced whole) and answer in the Network condition. Settings
+        the node refuses leave the sandbox's rules as they were."""
+        current = _condition_of(pod, pods.NETWORK_CONDITION)
+        try:
+            config, digest = pods.network_of(pod)
+        except ApiError as exc:
+            text = (pod["metadata"].get("annotations") or {}).get(pods.NETWORK_ANNOTATION)
+            digest = pods.network_digest(text)
+            if not str(current.get("message", "")).startswith(digest):
+                await self._network_refused(pod, digest, exc.message)
+            return
+        if str(current.get("message", "")).startswith(digest):
+            return
+        applied = self.manager.network_config(local_id)
+        if applied.with_egress(config) != applied:
+            try:
+                await self.manager.update_network(local_id, config)
+            except ApiError as exc:
+                await self._network_refused(pod, digest, exc.message)
+                return
+            except OSError as exc:  # nftables refused the change: the old rules stay in force
+                await self._network_refused(pod, digest, str(exc))
+                return
+            self._event(pod, "NetworkUpdated", "Applied the sandbox's new network settings")
+        await self._patch_status(pod, {"conditions": [_network_condition(digest, None)]})
+
+    async def _network_refused(self, pod: dict[str, Any], digest: str, message: str) -> None:
+        log.warning("pod %s: network settings refused: %s", Informer.key(pod), message)
+        self._event(pod, "NetworkRefused", f"The sandbox's network settings were not applied: {message}", warning=True)
+        await self._patch_status(pod, {"conditions": [_network_condition(digest, message)]})
 
     def _sandbox_ips(self, local_id: str) -> list[str]:
         """The sandbox's own addresses on its link (the Pod's ``podIPs``), none without networking."""
