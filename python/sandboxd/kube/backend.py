@@ -402,25 +402,29 @@ class KubernetesBackend:
 
         return self.row(await self._transition(sandbox_id, change, "False"))
 
-    async def _transition(self, sandbox_id: str, change: Any, paused: str) -> dict[str, Any]:
-        """Write the desired state computed by ``change`` from the current row, guarded by the Pod's
-        resourceVersion (a concurrent writer makes us read again), then wait until the node reports
-        it in the Paused condition."""
+    async def _guarded_patch(self, sandbox_id: str, change: Any) -> dict[str, Any]:
+        """Write the metadata ``change(row, pod)`` computes from the live Pod, guarded by its
+        resourceVersion (a concurrent writer makes us read again); the patched Pod."""
         for _attempt in range(5):
             pod = await self._pod(sandbox_id)
-            metadata = change(self._live(pod))
+            metadata = change(self._live(pod), pod)
             metadata["resourceVersion"] = pod["metadata"]["resourceVersion"]
             try:
-                patched = await self.kube.patch(self._path(sandbox_id), {"metadata": metadata}, MERGE)
-                break
+                return await self.kube.patch(self._path(sandbox_id), {"metadata": metadata}, MERGE)
             except KubeError as exc:
                 if exc.status == 409:
                     continue
                 if exc.status == 404:
                     raise not_found(sandbox_id) from None
+                if exc.status in (400, 422):  # e.g. annotations past Kubernetes' 256 KiB
+                    raise ApiError(400, f"the change was refused: {exc.body.get('message', exc)}") from None
                 raise ApiError(503, f"the Kubernetes API server failed: {exc}") from None
-        else:
-            raise ApiError(409, f'Sandbox "{sandbox_id}" kept changing meanwhile; try again')
+        raise ApiError(409, f'Sandbox "{sandbox_id}" kept changing meanwhile; try again')
+
+    async def _transition(self, sandbox_id: str, change: Any, paused: str) -> dict[str, Any]:
+        """Write the desired state computed by ``change`` from the current row, then wait until the
+        node reports it in the Paused condition."""
+        patched = await self._guarded_patch(sandbox_id, lambda row, _pod: change(row))
 
         def done(pod: dict[str, Any]) -> bool:
             if pod.get("status", {}).get("phase") in ("Failed", "Succeeded"):
@@ -530,34 +534,20 @@ class KubernetesBackend:
         (guarded by resourceVersion), then the node's answer awaited in the Network condition (a
         refusal there is this call's 400)."""
         _check_network(update)
-        for _attempt in range(5):
-            pod = await self._pod(sandbox_id)
-            row = self._live(pod)
+
+        def change(row: SandboxRow, pod: dict[str, Any]) -> dict[str, Any]:
             if row.state != "running":
                 raise ApiError(
                     409, f'Sandbox "{sandbox_id}" is {row.state}: only a running sandbox\'s network can be updated'
                 )
             try:
                 current = pods.network_of(pod)[0]
-            except ApiError:
+            except ApiError:  # written by someone else; replaced whole anyway
                 current = NetworkConfig()
-            note = pods.network_annotation(current.with_egress(update))
-            metadata = {
-                "annotations": {pods.NETWORK_ANNOTATION: note},
-                "resourceVersion": pod["metadata"]["resourceVersion"],
-            }
-            try:
-                patched = await self.kube.patch(self._path(sandbox_id), {"metadata": metadata}, MERGE)
-                break
-            except KubeError as exc:
-                if exc.status == 409:
-                    continue
-                if exc.status == 404:
-                    raise not_found(sandbox_id) from None
-                raise ApiError(503, f"the Kubernetes API server failed: {exc}") from None
-        else:
-            raise ApiError(409, f'Sandbox "{sandbox_id}" kept changing meanwhile; try again')
-        digest = pods.network_digest(note)
+            return {"annotations": {pods.NETWORK_ANNOTATION: pods.network_annotation(current.with_egress(update))}}
+
+        patched = await self._guarded_patch(sandbox_id, change)
+        digest = pods.network_digest((patched["metadata"].get("annotations") or {}).get(pods.NETWORK_ANNOTATION))
 
         def answered(pod: dict[str, Any]) -> bool:
             if pod.get("status", {}).get("phase") in ("Failed", "Succeeded"):
