@@ -1,0 +1,64 @@
+"""The Pod contract's network annotation (``sandboxd.io/network``), without a cluster: what ``serve``
+writes reads back the same, and whatever anyone else writes there is a 400 that says why, never a
+crash (the node turns it into a failed Pod or a refused update)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from sandboxd.kube import pods
+from sandboxd.runtime.errors import ApiError
+from sandboxd.runtime.network import NetworkConfig
+
+
+def _pod(note: str | None) -> dict[str, object]:
+    return {"metadata": {"annotations": {} if note is None else {pods.NETWORK_ANNOTATION: note}}}
+
+
+def test_what_serve_writes_reads_back_the_same() -> None:
+    config = NetworkConfig(
+        allow_internet_access=False,
+        allow_out=("example.com", "1.2.3.4"),
+        deny_out=("0.0.0.0/0",),
+        dns_servers=("9.9.9.9",),
+        rules={"example.com": ({"Authorization": "Bearer x"},)},
+        mask_request_host="app.test",
+        https_ports=(8443,),
+    )
+    note = pods.network_annotation(config)
+    assert note is not None
+    assert pods.network_of(_pod(note)) == (config, pods.network_digest(note))
+    # The defaults are no annotation at all, and no annotation reads as the defaults.
+    assert pods.network_annotation(NetworkConfig()) is None
+    assert pods.network_of(_pod(None)) == (NetworkConfig(), pods.network_digest(None))
+    body = pods.sandbox_pod(
+        name="x", template="base", alias=None, env_vars={}, metadata={}, cpu_count=1, memory_mb=64,
+        timeout_s=60, on_timeout="kill", pause_mode="full", auto_resume=False, network=config,
+    )  # fmt: skip
+    assert body["metadata"]["annotations"][pods.NETWORK_ANNOTATION] == note
+
+
+@pytest.mark.parametrize(
+    ("note", "words"),
+    [
+        ("not json", "not JSON"),
+        ("[" * 100_000 + "]" * 100_000, "not JSON"),  # nesting past the parser's recursion limit
+        ("[]", "must be"),
+        ('{"allow_internet_access": false, "extra": 1}', "must be"),
+        ('{"allow_internet_access": "no"}', "allow_internet_access"),
+        ('{"network": []}', "network"),
+        ('{"network": {"denyOut": 5}}', "denyOut"),
+        ('{"network": {"denyOut": [5]}}', "denyOut"),
+        ('{"network": {"denyOut": ["not an address"]}}', "not an address"),
+        ('{"network": {"allowOut": ["example.com"]}}', "ALL_TRAFFIC"),
+        ('{"network": {"rules": {"a.test": "x"}}}', "rules"),
+        ('{"network": {"httpsPorts": ["443"]}}', "httpsPorts"),
+        (json.dumps({"network": {"denyOut": ["10.0.0.1"] * 5000}}), "at most 1000"),
+    ],
+)
+def test_a_hostile_annotation_is_a_400_that_says_why(note: str, words: str) -> None:
+    with pytest.raises(ApiError) as caught:
+        pods.network_of(_pod(note))
+    assert caught.value.status == 400
+    assert words in caught.value.message
