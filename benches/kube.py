@@ -172,9 +172,9 @@ def run(ctx: Context) -> None:
     n_seq = 10 if ctx.quick else 30
     n_burst = 30 if ctx.quick else 100
 
-    # sandboxd nodes run sandboxes with loopback only, so the baseline does too.
-    ctx.log("single-machine baseline: sandboxd serve --no-network")
-    local = Runtime(ctx.tmp, max_sandboxes=n_burst + 16, extra=("--no-network",))
+    # sandboxd nodes give each sandbox its network link and rules as serve does (both by default).
+    ctx.log("single-machine baseline: sandboxd serve")
+    local = Runtime(ctx.tmp, max_sandboxes=n_burst + 16)
     try:
         with sdk_env(local):
             base_seq = sequential(ctx, local, n_seq)
@@ -204,7 +204,7 @@ def run(ctx: Context) -> None:
             unit="ms (p50)",
             ours=p50,
             baseline=base_p50,
-            baseline_name="the same through the single-machine runtime (sandboxd serve --no-network)",
+            baseline_name="the same through the single-machine runtime (sandboxd serve)",
             better="lower",
             p50=p50,
             p99=percentile(seq.total_ms, 99),
