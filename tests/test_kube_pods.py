@@ -32,6 +32,9 @@ def test_what_serve_writes_reads_back_the_same() -> None:
     # The defaults are no annotation at all, and no annotation reads as the defaults.
     assert pods.network_annotation(NetworkConfig()) is None
     assert pods.network_of(_pod(None)) == (NetworkConfig(), pods.network_digest(None))
+    # An empty annotation is refused, not the defaults: the node must not take its answer to one for
+    # its answer to the other.
+    assert pods.network_digest("") != pods.network_digest(None)
     body = pods.sandbox_pod(
         name="x", template="base", alias=None, env_vars={}, metadata={}, cpu_count=1, memory_mb=64,
         timeout_s=60, on_timeout="kill", pause_mode="full", auto_resume=False, network=config,
@@ -43,6 +46,7 @@ def test_what_serve_writes_reads_back_the_same() -> None:
     ("note", "words"),
     [
         ("not json", "not JSON"),
+        ("", "not JSON"),
         ("[" * 100_000 + "]" * 100_000, "not JSON"),  # nesting past the parser's recursion limit
         ("[]", "must be"),
         ('{"allow_internet_access": false, "extra": 1}', "must be"),

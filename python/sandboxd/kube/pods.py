@@ -35,7 +35,9 @@ import time
 from datetime import UTC, datetime
 from typing import Any
 
-from sandboxd.runtime.network.policy import NetworkConfig
+from sandboxd.runtime.api import network_from_create, network_to_wire
+from sandboxd.runtime.errors import ApiError
+from sandboxd.runtime.network.policy import NetworkConfig, validate
 
 GROUP = "sandboxd.io"
 MANAGED_LABEL = f"{GROUP}/sandbox"
@@ -178,8 +180,6 @@ def quantity_bytes(value: str) -> int:
 
 def network_annotation(config: NetworkConfig) -> str | None:
     """:data:`NETWORK_ANNOTATION` for ``config`` (None for the defaults: no annotation)."""
-    from sandboxd.runtime.api import network_to_wire
-
     body: dict[str, Any] = {}
     if config.allow_internet_access is not None:
         body["allow_internet_access"] = config.allow_internet_access
@@ -200,10 +200,6 @@ def parse_network(text: str | None) -> NetworkConfig:
     """A :data:`NETWORK_ANNOTATION` value (None: the defaults). A Pod may come from anyone who can
     write Pods, so it is parsed as the API parses a create body (types, shapes, E2B's messages) and
     checked with E2B's rules; ``ApiError(400)`` says what is wrong."""
-    from sandboxd.runtime.api import network_from_create
-    from sandboxd.runtime.errors import ApiError
-    from sandboxd.runtime.network.policy import validate
-
     if text is None:
         return NetworkConfig()
     try:
@@ -220,8 +216,9 @@ def parse_network(text: str | None) -> NetworkConfig:
 
 
 def network_digest(text: str | None) -> str:
-    """A short digest of a :data:`NETWORK_ANNOTATION` value (of its absence for None)."""
-    return hashlib.sha256((text or "").encode()).hexdigest()[:16]
+    """A short digest of a :data:`NETWORK_ANNOTATION` value, or of its absence for None (which no
+    value has: an empty annotation is not the defaults, it is refused)."""
+    return hashlib.sha256(b"\0" if text is None else text.encode()).hexdigest()[:16]
 
 
 def sandbox_pod(
