@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import netlab
 import pytest
 from conftest import free_port, wait_healthy
 from e2b import Sandbox, SandboxQuery, SandboxState
@@ -93,10 +94,135 @@ def _node_ready(core: Any, name: str) -> bool:
     return any(c.type == "Ready" and c.status == "True" for c in node.status.conditions or [])
 
 
+INTERNET = """
+import sys
+from pathlib import Path
+sys.path.insert(0, sys.argv[4])
+import netlab, ssl
+root, web, web2 = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
+netlab.NAMES.clear()
+netlab.NAMES.update({"allowed.test": [web], "other.test": [web2]})
+netlab._Web.requests_file = root / "requests.jsonl"
+tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+tls.load_cert_chain(root / "web.pem")
+for address in (web, web2):
+    netlab._serve_forever(netlab._Server((address, 80), None))
+netlab._serve_forever(netlab._Server((web, 443), tls))
+netlab._dns_server(web)
+(root / "ready").write_text("ok")
+netlab._wait_for_stdin_eof()
+"""
+"""Run in the internet's namespace: :mod:`netlab`'s servers on this test's addresses."""
+
+
+@dataclass
+class Internet:
+    """A small internet of the test's own, in a network namespace made here and reached from the
+    nodes' (root) namespace through a veth pair: on two addresses of a random /29 of 198.18.0.0/15
+    (benchmarking space: not in the ranges sandboxes may never reach) the web servers of
+    :mod:`netlab` (HTTP on both, HTTPS on ``web`` with the lab's certificate, every request recorded)
+    and a DNS server on ``web`` (``allowed.test`` is ``web``, ``other.test`` is ``web2``); and a
+    service of "the host" (this process) listening on every address, which no sandbox may reach."""
+
+    ns: str
+    dir: Path
+    host: str
+    web: str
+    web2: str
+    server: subprocess.Popen[bytes]
+    host_service: Any  # socket.socket
+    stop: threading.Event
+
+    @property
+    def host_port(self) -> int:
+        return int(self.host_service.getsockname()[1])
+
+
 @pytest.fixture(scope="module")
-def kube(kube_cluster: Any, base_template: bool, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
+def internet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Internet]:
+    if os.geteuid() != 0:
+        pytest.skip("the test's internet is a network namespace (root)")
+    import ipaddress
+    import random
+    import socket
+
+    used = subprocess.run(["ip", "-4", "route", "show", "table", "all"], capture_output=True, text=True).stdout
+    net = next(
+        n
+        for n in (ipaddress.IPv4Network((0xC6120000 + (random.randrange(1 << 14) << 3), 29)) for _ in range(100))
+        if str(n.network_address) not in used
+    )
+    host, web, web2 = (str(net.network_address + i) for i in (1, 2, 3))
+    name = f"sdkn{uuid.uuid4().hex[:6]}"
+
+    def run(*args: str) -> None:
+        subprocess.run(args, check=True, capture_output=True)
+
+    run("ip", "netns", "add", name)
+    try:
+        run("ip", "link", "add", f"{name}r", "type", "veth", "peer", "name", f"{name}n")
+        run("ip", "link", "set", f"{name}n", "netns", name, "name", "eth0")
+        run("ip", "addr", "add", f"{host}/29", "dev", f"{name}r")
+        run("ip", "link", "set", f"{name}r", "up")
+        for address in (web, web2):
+            run("ip", "-n", name, "addr", "add", f"{address}/29", "dev", "eth0")
+        run("ip", "-n", name, "link", "set", "eth0", "up")
+        run("ip", "-n", name, "link", "set", "lo", "up")
+        root = tmp_path_factory.mktemp("internet")
+        netlab.make_certificates(root)
+        server = subprocess.Popen(
+            [
+                "nsenter",
+                f"--net=/run/netns/{name}",
+                sys.executable,
+                "-c",
+                INTERNET,
+                str(root),
+                web,
+                web2,
+                str(Path(__file__).parent),
+            ],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            stderr=(root / "internet.log").open("ab"),
+            start_new_session=True,
+        )
+        _wait("the internet's servers", lambda: (root / "ready").exists() or server.poll() is not None, timeout=20)
+        assert server.poll() is None, (root / "internet.log").read_text()
+        listener = socket.socket()
+        listener.bind(("0.0.0.0", 0))
+        listener.listen(16)
+        listener.settimeout(0.2)
+        stop = threading.Event()
+
+        def serve() -> None:
+            while not stop.is_set():
+                try:
+                    conn, _ = listener.accept()
+                except OSError:
+                    continue
+                with contextlib.suppress(OSError):
+                    conn.sendall(b"host service\n")
+                conn.close()
+
+        threading.Thread(target=serve, daemon=True).start()
+        yield Internet(name, root, host, web, web2, server, listener, stop)
+        stop.set()
+        listener.close()
+        os.killpg(server.pid, signal.SIGKILL)
+        server.wait()
+    finally:
+        subprocess.run(["ip", "netns", "del", name], capture_output=True)
+        subprocess.run(["ip", "link", "del", f"{name}r"], capture_output=True)
+
+
+@pytest.fixture(scope="module")
+def kube(
+    kube_cluster: Any, base_template: bool, internet: Internet, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Env]:
     """Three nodes and two replicas; the nodes share the tests' template store (SANDBOXD_TEMPLATE_STORE,
-    with ``base`` built by the ``base_template`` fixture), as machines of a cluster share an image."""
+    with ``base`` built by the ``base_template`` fixture), as machines of a cluster share an image.
+    Their sandboxes' DNS goes to the test's internet, whose CA their egress proxies trust."""
     if os.geteuid() != 0:
         pytest.skip("sandboxd node needs root (namespaces, overlayfs, cgroups)")
     from kubernetes import client, config
@@ -114,6 +240,7 @@ def kube(kube_cluster: Any, base_template: bool, tmp_path_factory: pytest.TempPa
             "--kubeconfig", str(kube_cluster.kubeconfig("sandboxd-node")), "--namespace", NAMESPACE,
             "--tunnel-port", str(free_port()), "--max-sandboxes", capacity,
             "--sandbox-cpus", "1", "--sandbox-memory-mb", "512",
+            "--dns-upstream", internet.web, "--egress-trust", str(internet.dir / "lab-ca.pem"),
         ]  # fmt: skip
         proc = Proc(name, args, data_dir / "node.log", None)  # type: ignore[arg-type]
         proc.start()
@@ -422,107 +549,6 @@ def test_a_replica_without_size_flags_gives_pods_the_default_size(kube: Env, tmp
 # ---------------------------------------------------------------------------------- networking
 
 
-@dataclass
-class Internet:
-    """A small internet of the test's own, in a network namespace made here and reached from the
-    nodes' (root) namespace through a veth pair: a web server on two addresses of a random /29 of
-    198.18.0.0/15 (benchmarking space: not in the ranges sandboxes may never reach), and a service of
-    "the host" (this process) listening on every address, which no sandbox may reach."""
-
-    ns: str
-    host: str
-    web: str
-    web2: str
-    server: subprocess.Popen[bytes]
-    host_service: Any  # socket.socket
-    stop: threading.Event
-
-    @property
-    def host_port(self) -> int:
-        return int(self.host_service.getsockname()[1])
-
-
-@pytest.fixture(scope="module")
-def internet(kube: Env, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Internet]:
-    import ipaddress
-    import random
-    import socket
-
-    used = subprocess.run(["ip", "-4", "route", "show", "table", "all"], capture_output=True, text=True).stdout
-    net = next(
-        n
-        for n in (ipaddress.IPv4Network((0xC6120000 + (random.randrange(1 << 14) << 3), 29)) for _ in range(100))
-        if str(n.network_address) not in used
-    )
-    host, web, web2 = (str(net.network_address + i) for i in (1, 2, 3))
-    name = f"sdkn{uuid.uuid4().hex[:6]}"
-
-    def run(*args: str) -> None:
-        subprocess.run(args, check=True, capture_output=True)
-
-    run("ip", "netns", "add", name)
-    try:
-        run("ip", "link", "add", f"{name}r", "type", "veth", "peer", "name", f"{name}n")
-        run("ip", "link", "set", f"{name}n", "netns", name, "name", "eth0")
-        run("ip", "addr", "add", f"{host}/29", "dev", f"{name}r")
-        run("ip", "link", "set", f"{name}r", "up")
-        for address in (web, web2):
-            run("ip", "-n", name, "addr", "add", f"{address}/29", "dev", "eth0")
-        run("ip", "-n", name, "link", "set", "eth0", "up")
-        run("ip", "-n", name, "link", "set", "lo", "up")
-        root = tmp_path_factory.mktemp("internet")
-        (root / "index.html").write_text("the internet\n")
-        server = subprocess.Popen(
-            [
-                "nsenter",
-                f"--net=/run/netns/{name}",
-                sys.executable,
-                "-m",
-                "http.server",
-                "80",
-                "--directory",
-                str(root),
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            start_new_session=True,
-        )
-        _wait("the internet's web server", lambda: _answers(web), timeout=20)
-        listener = socket.socket()
-        listener.bind(("0.0.0.0", 0))
-        listener.listen(16)
-        listener.settimeout(0.2)
-        stop = threading.Event()
-
-        def serve() -> None:
-            while not stop.is_set():
-                try:
-                    conn, _ = listener.accept()
-                except OSError:
-                    continue
-                with contextlib.suppress(OSError):
-                    conn.sendall(b"host service\n")
-                conn.close()
-
-        threading.Thread(target=serve, daemon=True).start()
-        yield Internet(name, host, web, web2, server, listener, stop)
-        stop.set()
-        listener.close()
-        os.killpg(server.pid, signal.SIGKILL)
-        server.wait()
-    finally:
-        subprocess.run(["ip", "netns", "del", name], capture_output=True)
-        subprocess.run(["ip", "link", "del", f"{name}r"], capture_output=True)
-
-
-def _answers(address: str) -> bool:
-    import socket
-
-    with contextlib.suppress(OSError), socket.create_connection((address, 80), timeout=1):
-        return True
-    return False
-
-
 PROBE = (Path(__file__).parent / "sandbox_probe.py").read_text()
 
 
@@ -533,8 +559,8 @@ def _probe(sbx: Sandbox, *checks: dict[str, Any]) -> list[bool]:
     return [answer["ok"] for answer in json.loads(result.stdout)]
 
 
-def _web(address: str, port: int = 80) -> dict[str, Any]:
-    return {"kind": "http", "name": address, "ip": address, "port": port, "path": "/", "tls": False}
+def _web(address: str, port: int = 80, path: str = "/whoami") -> dict[str, Any]:
+    return {"kind": "http", "name": address, "ip": address, "port": port, "path": path, "tls": False}
 
 
 def _service(address: str, port: int) -> dict[str, Any]:
@@ -574,9 +600,9 @@ def test_sandboxes_on_nodes_reach_the_internet_and_nothing_of_the_nodes(kube: En
         other_ip = pod.status.pod_ip
         assert other_ip and other_ip != _gateway(other)
         other.commands.run("python3 -m http.server 8000 --directory /tmp", background=True)
-        _wait("the other sandbox's server", lambda: _probe(other, _web("127.0.0.1", 8000)) == [True], timeout=20)
-        assert _probe(other, _web(other_ip, 8000)) == [True]
-        assert _probe(one, _web(other_ip, 8000)) == [False]
+        _wait("the other sandbox's server", lambda: _probe(other, _web("127.0.0.1", 8000, "/")) == [True], timeout=20)
+        assert _probe(other, _web(other_ip, 8000, "/")) == [True]
+        assert _probe(one, _web(other_ip, 8000, "/")) == [False]
     finally:
         for sbx in made:
             sbx.kill()
@@ -609,6 +635,48 @@ def test_egress_settings_and_updates_take_effect_on_nodes(kube: Env, internet: I
         assert [e.reason for e in events.items].count("NetworkUpdated") == 3
     finally:
         sbx.kill()
+
+
+def test_a_secret_in_a_header_rule_reaches_the_server_from_a_node(kube: Env, internet: Internet) -> None:
+    """E2B's secrets API on the cluster: a secret created through one replica fills the header rule
+    of a sandbox created through the other, on whichever node runs it; an update is in force for the
+    next request; once it is deleted, requests to the rule's host are not sent."""
+    from e2b import Secret
+
+    a, b = kube.replicas
+    name = f"kube-token-{uuid.uuid4().hex[:8]}"
+    first, second = f"sk-first-{uuid.uuid4().hex[:8]}", f"sk-second-{uuid.uuid4().hex[:8]}"
+    Secret.create(name, first, api_key=API_KEY, api_url=a.url)
+    assert Secret.get_info(name, api_key=API_KEY, api_url=b.url).name == name
+    rule = {"Authorization": f"Bearer {Secret.fill(name)}"}
+    sbx = Sandbox.create(
+        timeout=300, network={"rules": {"allowed.test": [{"transform": {"headers": rule}}]}}, **b.opts()
+    )
+    try:
+
+        def authorization(tag: str) -> str | None:
+            """What the server saw of one request over HTTPS to the rule's host (None: none came)."""
+            check = {"kind": "http", "name": "allowed.test", "port": 443, "tls": True, "path": f"/whoami?s={tag}"}
+            answered = _probe(sbx, check) == [True]
+            log = internet.dir / "requests.jsonl"
+            seen = [json.loads(line) for line in (log.read_text().splitlines() if log.exists() else [])]
+            mine = [r for r in seen if r["path"] == f"/whoami?s={tag}"]
+            assert answered == bool(mine), (answered, mine)
+            return mine[0]["headers"].get("Authorization") if mine else None
+
+        assert authorization(f"{name}-first") == f"Bearer {first}"
+        Secret.update(name, second, api_key=API_KEY, api_url=a.url)
+        tags = iter(range(100))
+        _wait("the new value in force", lambda: authorization(f"{name}-{next(tags)}") == f"Bearer {second}", 20)
+        assert (
+            Sandbox.get_info(sbx.sandbox_id, **a.opts()).network["rules"]["allowed.test"][0]["transform"]["headers"]
+            == rule
+        )
+        Secret.destroy(name, api_key=API_KEY, api_url=b.url)
+        _wait("no request after the delete", lambda: authorization(f"{name}-gone-{next(tags)}") is None, 20)
+    finally:
+        sbx.kill()
+        Secret.destroy(name, api_key=API_KEY, api_url=a.url)
 
 
 def test_a_pods_network_annotation_is_checked_by_the_node(kube: Env, internet: Internet) -> None:
@@ -679,7 +747,7 @@ def test_bad_input_answers_4xx(kube: Env) -> None:
         assert r.status_code == 400, r.text
     rules = {"rules": {"api.test": [{"transform": {"headers": {"A": "${e2b.secrets.key}"}}}]}}
     r = api.post("/v2/sandboxes", json={"templateID": "base", "network": rules})
-    assert r.status_code == 400 and "secrets" in r.json()["message"]
+    assert r.status_code == 400 and "no secret named 'key'" in r.json()["message"]
 
 
 def test_a_killed_serve_replica_loses_nothing(kube: Env) -> None:

@@ -66,3 +66,30 @@ def test_a_hostile_annotation_is_a_400_that_says_why(note: str, words: str) -> N
         pods.network_of(_pod(note))
     assert caught.value.status == 400
     assert words in caught.value.message
+
+
+def test_only_well_formed_secret_entries_are_mirrored() -> None:
+    """The cluster's secrets Secret is written by replicas, but anyone RBAC lets write it may: a node
+    mirrors only entries that are records the single machine would have stored."""
+    import base64
+
+    from sandboxd.kube import e2b_secrets
+
+    def entry(record: object) -> str:
+        return base64.b64encode(json.dumps(record).encode()).decode()
+
+    good = {"name": "token", "value": "v1", "version": 2, "metadata": {}, "created_at": 1.0, "updated_at": 2.0}
+    secret = {
+        "data": {
+            "sec_1": entry(good),
+            "sec_2": entry({**good, "name": "Bad Name"}),
+            "sec_3": entry({**good, "value": "line\nbreak"}),
+            "sec_4": entry({**good, "version": "2"}),
+            "sec_5": "not base64!",
+            "sec_6": entry(["not", "a", "record"]),
+            "not-an-id": entry({**good, "name": "other"}),
+        }
+    }
+    records = e2b_secrets.decode(secret)
+    assert list(records) == ["sec_1"]
+    assert e2b_secrets.as_secret("sec_1", records["sec_1"]).version == 2

@@ -37,11 +37,12 @@ from sandboxd.runtime.logs import LogEntry, from_events
 from sandboxd.runtime.manager import DEFAULT_TIMEOUT_S, CreateRequest, Limits, validate_timeout
 from sandboxd.runtime.metrics import MetricsSample
 from sandboxd.runtime.network import NetworkConfig
-from sandboxd.runtime.network.policy import secret_references, validate
+from sandboxd.runtime.network.policy import validate
 from sandboxd.runtime.store import SandboxRow, TemplateRow
 
 from . import pods
 from .client import MERGE, Informer, Kube, KubeError, path_of
+from .e2b_secrets import KubeSecrets
 from .secrets import API_SECRET, NODE_SECRET, shared_secret
 from .tunnel import TunnelError, fetch_metrics, open_tunnel
 
@@ -83,6 +84,8 @@ class KubernetesBackend:
         self.leading = False
         self.busy: set[str] = set()
         """Pods the leader is timing out right now."""
+        self.secrets = KubeSecrets(kube, namespace)
+        """E2B's secrets (``/secrets``), which header rules name."""
         self.network_notes: dict[str, str | None] = {}
         """Each live Pod's network annotation as last seen, by a read of this replica or its watch
         (what :meth:`network_config` answers from: the API formats a sandbox's detail after a read)."""
@@ -246,6 +249,7 @@ class KubernetesBackend:
     async def create(self, request: CreateRequest) -> SandboxRow:
         timeout = self._validate_timeout(request.timeout if request.timeout is not None else DEFAULT_TIMEOUT_S)
         _check_network(request.network)
+        await self.secrets.check_references(request.network)
         if request.volume_mounts:
             raise ApiError(
                 400, "volumes are not available with --backend kubernetes (yet): 'volumeMounts' must be empty"
@@ -534,6 +538,7 @@ class KubernetesBackend:
         (guarded by resourceVersion), then the node's answer awaited in the Network condition (a
         refusal there is this call's 400)."""
         _check_network(update)
+        await self.secrets.check_references(update)
 
         def change(row: SandboxRow, pod: dict[str, Any]) -> dict[str, Any]:
             if row.state != "running":
@@ -744,18 +749,13 @@ def _condition_message(obj: dict[str, Any], kind: str) -> str:
 
 def _check_network(config: NetworkConfig) -> None:
     """E2B's checks of network settings (as on one machine), and a 400 for what nodes cannot do yet:
-    the traffic token (the proxy of every replica would need it) and secrets in header rules (the
-    secrets API is not served with this backend)."""
+    the traffic token (the proxy of every replica would need it)."""
     validate(config)
     if config.allow_public_traffic is False:
         raise ApiError(
             400,
             "'network.allowPublicTraffic': false is not available with --backend kubernetes (yet): "
             "sandbox URLs are public, guarded by the sandbox's access token",
-        )
-    if secret_references(config):
-        raise ApiError(
-            400, "header rules cannot name secrets with --backend kubernetes (yet): the secrets API is not served"
         )
 
 

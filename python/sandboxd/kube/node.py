@@ -42,12 +42,14 @@ from sandboxd.runtime import host
 from sandboxd.runtime.debian import DEFAULT_MIRROR
 from sandboxd.runtime.errors import ApiError
 from sandboxd.runtime.manager import CreateRequest, Limits, SandboxManager
-from sandboxd.runtime.network import NetworkOptions, SandboxNetworks
+from sandboxd.runtime.network import NetworkConfig, NetworkOptions, SandboxNetworks
+from sandboxd.runtime.network.policy import secret_references
 from sandboxd.runtime.store import Store
 from sandboxd.runtime.templates import Templates, default_store_dir
 
-from . import pods
+from . import e2b_secrets, pods
 from .client import MERGE, Informer, Kube, KubeError, path_of
+from .e2b_secrets import SECRETS_NAME, KubeSecrets
 from .secrets import NODE_SECRET, shared_secret
 from .tunnel import TunnelServer
 
@@ -124,6 +126,11 @@ class SandboxNode:
         self.tunnel: TunnelServer | None = None
         self.tunnel_port = options.tunnel_port
         self.pods = Informer(kube, "/api/v1/pods", fieldSelector=f"spec.nodeName={options.name}")
+        self.secrets = KubeSecrets(kube, options.namespace)
+        self.secret_watch = Informer(
+            kube, path_of("secrets", options.namespace), fieldSelector=f"metadata.name={SECRETS_NAME}"
+        )
+        """E2B's secrets, mirrored into this node's database for its egress proxy (see :mod:`.e2b_secrets`)."""
         self.local: dict[str, str] = {}
         """Pod key (namespace/name) -> local sandbox id, for the sandboxes this node runs."""
         self.latest: dict[str, dict[str, Any] | None] = {}
@@ -147,14 +154,17 @@ class SandboxNode:
         await self._register()
         self._spawn(self._lease_loop())
         self._spawn(self._status_loop())
+        self.secret_watch.handlers.append(self._secrets_event)
+        self.secret_watch.start()
         self.pods.handlers.append(self._pod_event)
         self.pods.start()
-        await self.pods.synced.wait()
+        await asyncio.gather(self.pods.synced.wait(), self.secret_watch.synced.wait())
         self._spawn(self._kill_orphans())
         log.info("node %s ready: tunnel on %s:%d", self.name, self.options.address, self.tunnel_port)
 
     async def stop(self) -> None:
         await self.pods.stop()
+        await self.secret_watch.stop()
         for task in list(self.tasks):
             task.cancel()
         if self.tunnel is not None:
@@ -283,6 +293,17 @@ class SandboxNode:
             self.working.add(key)
             self._spawn(self._work(key))
 
+    def _secrets_event(self, kind: str, secret: dict[str, Any]) -> None:
+        records = {} if kind == "DELETED" else e2b_secrets.decode(secret)
+        self.manager.secrets.mirror([(e2b_secrets.as_secret(k, r), r["value"]) for k, r in records.items()])
+
+    async def _fresh_secrets(self, network: NetworkConfig) -> None:
+        """Read the cluster's secrets now when ``network`` names one this node's copy lacks (created
+        a moment ago, through a replica; the watch may not have brought it yet)."""
+        if secret_references(network) - self.manager.secrets.names():
+            with contextlib.suppress(ApiError):
+                self.manager.secrets.mirror(await self.secrets.with_values())
+
     def _sandbox_gone(self, sandbox_id: str) -> None:
         """The manager's callback (kill, pause, or death): look at that Pod again."""
         for key, local_id in self.local.items():
@@ -383,6 +404,7 @@ class SandboxNode:
         except ApiError as exc:
             await self._fail(pod, "CreateFailed", f"network settings: {exc.message}")
             return
+        await self._fresh_secrets(network)
         annotations = meta.get("annotations") or {}
         name = meta["name"]
         existing = self.store.get(name)
@@ -489,6 +511,7 @@ class SandboxNode:
             return
         applied = self.manager.network_config(local_id)
         if applied.with_egress(config) != applied:
+            await self._fresh_secrets(config)
             try:
                 await self.manager.update_network(local_id, config)
             except ApiError as exc:

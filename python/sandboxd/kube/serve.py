@@ -21,6 +21,7 @@ from sandboxd.runtime.manager import Limits
 from sandboxd.runtime.observe.http import RequestObserver
 from sandboxd.runtime.observe.metrics import RuntimeMetrics
 from sandboxd.runtime.proxy import SandboxProxy
+from sandboxd.runtime.secret_api import SecretApi
 from sandboxd.runtime.server import RuntimeApp
 
 from .backend import KubernetesBackend
@@ -84,6 +85,7 @@ async def _serve(options: KubeServeOptions) -> None:
             KubeOperators(backend),
             RequestObserver(RuntimeMetrics()),
             options.domain,
+            secret_api=SecretApi(backend.secrets, api_key),
         )
         url = f"http://{options.host}:{options.port}"
         print(

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import base64
 import re
-from typing import Any
+from typing import Any, Protocol
 
 from sandboxd.agent.asgi import Receive, Scope, Send, header_map, send_empty, send_json
 
@@ -28,11 +28,44 @@ from .inputs import Body, Query
 from .secrets import LIST_LIMIT, MAX_VALUE_CHARS, Secret, SecretStore, check_metadata, check_name
 
 
+class Secrets(Protocol):
+    """Where the secrets are kept: this machine's database (:class:`LocalSecrets`), or a cluster's
+    (``sandboxd.kube.e2b_secrets.KubeSecrets``)."""
+
+    async def create(self, name: str, value: str, metadata: dict[str, str]) -> Secret: ...
+    async def find(self, selector: str) -> Secret: ...
+    async def update(self, selector: str, value: str, metadata: dict[str, str] | None) -> Secret: ...
+    async def delete(self, selector: str) -> None: ...
+    async def page(self, limit: int, after: str | None) -> tuple[list[Secret], str | None]: ...
+
+
+class LocalSecrets:
+    """:class:`Secrets` over this machine's :class:`~.secrets.SecretStore` (SQLite, microseconds)."""
+
+    def __init__(self, store: SecretStore) -> None:
+        self.store = store
+
+    async def create(self, name: str, value: str, metadata: dict[str, str]) -> Secret:
+        return self.store.create(name, value, metadata)
+
+    async def find(self, selector: str) -> Secret:
+        return self.store.find(selector)
+
+    async def update(self, selector: str, value: str, metadata: dict[str, str] | None) -> Secret:
+        return self.store.update(selector, value, metadata)
+
+    async def delete(self, selector: str) -> None:
+        self.store.delete(selector)
+
+    async def page(self, limit: int, after: str | None) -> tuple[list[Secret], str | None]:
+        return self.store.page(limit, after)
+
+
 class SecretApi:
     """Routes ``/secrets…``."""
 
-    def __init__(self, secrets: SecretStore, api_key: str) -> None:
-        self.secrets = secrets
+    def __init__(self, secrets: SecretStore | Secrets, api_key: str) -> None:
+        self.secrets: Secrets = LocalSecrets(secrets) if isinstance(secrets, SecretStore) else secrets
         self.api_key = api_key
         one = r"/secrets/([^/]+)"
         self.routes: list[Route] = [
@@ -55,7 +88,7 @@ class SecretApi:
     async def create(self, scope: Scope, receive: Receive, send: Send) -> None:
         body = await Body.read(receive)
         name = _required(body, "name")
-        secret = self.secrets.create(name, _required(body, "value"), check_metadata(body.metadata()))
+        secret = await self.secrets.create(name, _required(body, "value"), check_metadata(body.metadata()))
         await send_json(send, 201, _answer(secret))
 
     async def list(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -63,21 +96,21 @@ class SecretApi:
         limit = query.integer("limit", 1, LIST_LIMIT, LIST_LIMIT)
         assert limit is not None
         token = query.get("nextToken", 1024)
-        secrets, last = self.secrets.page(limit, _after(token) if token else None)
+        secrets, last = await self.secrets.page(limit, _after(token) if token else None)
         headers = [("x-next-token", base64.urlsafe_b64encode(last.encode()).decode())] if last is not None else []
         await send_json(send, 200, [_answer(s) for s in secrets], headers)
 
     async def info(self, scope: Scope, receive: Receive, send: Send, selector: str) -> None:
-        await send_json(send, 200, _answer(self.secrets.find(selector)))
+        await send_json(send, 200, _answer(await self.secrets.find(selector)))
 
     async def update(self, scope: Scope, receive: Receive, send: Send, selector: str) -> None:
         body = await Body.read(receive)
         metadata = check_metadata(body.metadata()) if body.fields.get("metadata") is not None else None
-        secret = self.secrets.update(selector, _required(body, "value"), metadata)
+        secret = await self.secrets.update(selector, _required(body, "value"), metadata)
         await send_json(send, 200, _answer(secret))
 
     async def delete(self, scope: Scope, receive: Receive, send: Send, selector: str) -> None:
-        self.secrets.delete(selector)
+        await self.secrets.delete(selector)
         await send_empty(send, 204)
 
 

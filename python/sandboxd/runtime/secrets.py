@@ -189,13 +189,40 @@ class SecretStore:
             return
         marks = ",".join("?" * len(names))
         found = {r[0] for r in self.db.execute(f"SELECT name FROM secrets WHERE name IN ({marks})", sorted(names))}
-        missing = sorted(names - found)
-        if missing:
-            raise ApiError(
-                400,
-                f"network.rules: no secret named {', '.join(repr(n) for n in missing)}: create it first "
-                "(Secret.create) and refer to it as ${e2b.secrets.<name>}",
+        missing_secrets(names - found)
+
+    def mirror(self, secrets: list[tuple[Secret, str]]) -> None:
+        """Make the table hold exactly ``secrets`` (each with its value), in one transaction: a
+        ``sandboxd node``'s copy of its cluster's secrets (``sandboxd.kube.e2b_secrets``)."""
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            self.db.execute("DELETE FROM secrets")
+            self.db.executemany(
+                "INSERT INTO secrets (id, name, value, version, metadata, created_at, updated_at) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                [
+                    (s.id, s.name, value, s.version, json.dumps(s.metadata), s.created_at, s.updated_at)
+                    for s, value in secrets
+                ],
             )
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        self.db.execute("COMMIT")
+
+    def names(self) -> set[str]:
+        return {r[0] for r in self.db.execute("SELECT name FROM secrets")}
+
+
+def missing_secrets(missing: set[str]) -> None:
+    """The 400 for header rules that name secrets that do not exist (a request to the rule's host
+    could not be sent as written); nothing when none is missing."""
+    if missing:
+        raise ApiError(
+            400,
+            f"network.rules: no secret named {', '.join(repr(n) for n in sorted(missing))}: create it first "
+            "(Secret.create) and refer to it as ${e2b.secrets.<name>}",
+        )
 
 
 def _secret(row: tuple[str, str, int, str, float, float]) -> Secret:

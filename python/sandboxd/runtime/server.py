@@ -96,7 +96,7 @@ class RuntimeApp:
         self.volume_api = volume_api
         """E2B's volume API (this machine's runtime only)."""
         self.secret_api = secret_api
-        """E2B's secrets API (this machine's runtime only)."""
+        """E2B's secrets API (this machine's, or a cluster's with ``--backend kubernetes``)."""
         self.proxy = proxy
         self.operators = operators
         self.requests = requests

@@ -1,0 +1,204 @@
+"""E2B's secrets on a cluster: every secret of the namespace in one Kubernetes Secret,
+:data:`SECRETS_NAME`, which ``serve`` replicas write (``/secrets``) and nodes read.
+
+One Secret rather than one per E2B secret so that RBAC can give nodes exactly it (``resourceNames``)
+and never the API key's Secret beside it. Each entry is keyed by the secret's id (``sec_…``, a valid
+data key) and holds its record as JSON, value included; the names, checks, limits and answers are
+the single machine's (:mod:`sandboxd.runtime.secrets`). Writes replace the Secret guarded by its
+``resourceVersion``, so concurrent replicas never lose each other's change.
+
+A node keeps a copy in its own database (:meth:`~sandboxd.runtime.secrets.SecretStore.mirror`),
+where its egress proxy finds a secret's current value as on one machine; it follows the Secret with a
+watch, and reads it afresh before it starts a sandbox whose rules name a secret its copy lacks.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from sandboxd.runtime.errors import ApiError
+from sandboxd.runtime.network.policy import NetworkConfig, secret_references
+from sandboxd.runtime.secrets import (
+    ID_PREFIX,
+    MAX_NAME_CHARS,
+    MAX_SECRETS,
+    Secret,
+    check_name,
+    check_value,
+    missing_secrets,
+)
+
+from .client import Kube, KubeError, path_of
+
+SECRETS_NAME = "sandboxd-e2b-secrets"
+
+WRITE_ATTEMPTS = 10
+"""Guarded writes retried on a conflict: each retry reads again, so only a storm of concurrent
+writers to the same Secret runs out."""
+
+T = TypeVar("T")
+Records = dict[str, dict[str, Any]]
+"""Secret id → its record (``name``, ``value``, ``version``, ``metadata``, ``created_at``, ``updated_at``)."""
+
+
+def decode(secret: dict[str, Any]) -> Records:
+    """The records of the Kubernetes Secret ``secret`` (entries that do not parse are skipped: the
+    Secret is writable by anyone RBAC lets write it)."""
+    records: Records = {}
+    for key, data in (secret.get("data") or {}).items():
+        try:
+            record = json.loads(base64.b64decode(data))
+            check_name(record["name"])
+            check_value(record["value"])
+            if not isinstance(record["metadata"], dict) or not isinstance(record["version"], int):
+                continue
+            float(record["created_at"]), float(record["updated_at"])
+        except (ValueError, TypeError, KeyError, ApiError):
+            continue
+        if key.startswith(ID_PREFIX):
+            records[key] = record
+    return records
+
+
+def as_secret(secret_id: str, record: dict[str, Any]) -> Secret:
+    return Secret(
+        secret_id,
+        record["name"],
+        record["version"],
+        record["metadata"],
+        float(record["created_at"]),
+        float(record["updated_at"]),
+    )
+
+
+class KubeSecrets:
+    """The ``/secrets`` store of ``serve --backend kubernetes`` (the async side of
+    :class:`~sandboxd.runtime.secret_api.SecretApi`)."""
+
+    def __init__(self, kube: Kube, namespace: str) -> None:
+        self.kube = kube
+        self.namespace = namespace
+
+    async def _read(self) -> tuple[Records, str | None]:
+        """The records and the Secret's resourceVersion (None: it does not exist yet)."""
+        try:
+            found = await self.kube.get(path_of("secrets", self.namespace, SECRETS_NAME))
+        except KubeError as exc:
+            if exc.status == 404:
+                return {}, None
+            raise ApiError(503, f"the Kubernetes API server failed: {exc}") from None
+        return decode(found), str(found["metadata"]["resourceVersion"])
+
+    async def _change(self, change: Callable[[Records], T]) -> T:
+        """Apply ``change`` to the current records (it edits them in place and returns the answer)
+        and write them back, guarded by resourceVersion; read again after a concurrent write."""
+        for _attempt in range(WRITE_ATTEMPTS):
+            records, version = await self._read()
+            answer = change(records)
+            body: dict[str, Any] = {
+                "apiVersion": "v1",
+                "kind": "Secret",
+                "metadata": {"name": SECRETS_NAME, "labels": {"app.kubernetes.io/managed-by": "sandboxd"}},
+                "type": "Opaque",
+                "data": {k: base64.b64encode(json.dumps(r).encode()).decode() for k, r in records.items()},
+            }
+            try:
+                if version is None:
+                    await self.kube.create(path_of("secrets", self.namespace), body)
+                else:
+                    body["metadata"]["resourceVersion"] = version
+                    await self.kube.replace(path_of("secrets", self.namespace, SECRETS_NAME), body)
+                return answer
+            except KubeError as exc:
+                if exc.status == 409:
+                    continue
+                if exc.status in (400, 413, 422):  # past Kubernetes' 1 MiB for a Secret
+                    raise ApiError(
+                        409,
+                        f"the cluster's secrets are full (Kubernetes keeps them in one Secret of at most 1 MiB): "
+                        f"delete one first ({exc.body.get('message', exc)})",
+                    ) from None
+                raise ApiError(503, f"the Kubernetes API server failed: {exc}") from None
+        raise ApiError(409, "the secrets kept changing meanwhile; try again")
+
+    @staticmethod
+    def _find(records: Records, selector: str) -> str:
+        if selector.startswith(ID_PREFIX):
+            if selector in records:
+                return selector
+        else:
+            name = selector.lower()
+            for secret_id, record in records.items():
+                if record["name"] == name:
+                    return secret_id
+        raise ApiError(404, f"secret '{selector[:MAX_NAME_CHARS]}' not found")
+
+    async def create(self, name: str, value: str, metadata: dict[str, str]) -> Secret:
+        name = check_name(name)
+        check_value(value)
+
+        def change(records: Records) -> Secret:
+            if len(records) >= MAX_SECRETS:
+                raise ApiError(409, f"the cluster keeps at most {MAX_SECRETS} secrets: delete one first")
+            if any(r["name"] == name for r in records.values()):
+                raise ApiError(409, f"a secret named '{name}' exists already: update it instead")
+            now = time.time()
+            secret_id = f"{ID_PREFIX}{uuid.uuid4()}"
+            records[secret_id] = {
+                "name": name,
+                "value": value,
+                "version": 1,
+                "metadata": metadata,
+                "created_at": now,
+                "updated_at": now,
+            }
+            return as_secret(secret_id, records[secret_id])
+
+        return await self._change(change)
+
+    async def find(self, selector: str) -> Secret:
+        records, _version = await self._read()
+        secret_id = self._find(records, selector)
+        return as_secret(secret_id, records[secret_id])
+
+    async def update(self, selector: str, value: str, metadata: dict[str, str] | None) -> Secret:
+        check_value(value)
+
+        def change(records: Records) -> Secret:
+            secret_id = self._find(records, selector)
+            record = records[secret_id]
+            record.update(value=value, version=record["version"] + 1, updated_at=time.time())
+            if metadata is not None:
+                record["metadata"] = metadata
+            return as_secret(secret_id, record)
+
+        return await self._change(change)
+
+    async def delete(self, selector: str) -> None:
+        def change(records: Records) -> None:
+            del records[self._find(records, selector)]
+
+        await self._change(change)
+
+    async def page(self, limit: int, after: str | None) -> tuple[list[Secret], str | None]:
+        records, _version = await self._read()
+        ordered = sorted((r["name"], k) for k, r in records.items() if r["name"] > (after or ""))
+        secrets = [as_secret(k, records[k]) for _name, k in ordered[:limit]]
+        return secrets, (secrets[-1].name if len(ordered) > limit else None)
+
+    async def with_values(self) -> list[tuple[Secret, str]]:
+        """Every secret with its value (what a node mirrors)."""
+        records, _version = await self._read()
+        return [(as_secret(k, r), r["value"]) for k, r in records.items()]
+
+    async def check_references(self, config: NetworkConfig) -> None:
+        """400 when ``config``'s header rules name a secret the cluster does not have."""
+        names = secret_references(config)
+        if names:
+            records, _version = await self._read()
+            missing_secrets(names - {r["name"] for r in records.values()})
