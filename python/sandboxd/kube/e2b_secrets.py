@@ -47,8 +47,9 @@ Records = dict[str, dict[str, Any]]
 
 
 def decode(secret: dict[str, Any]) -> Records:
-    """The records of the Kubernetes Secret ``secret`` (entries that do not parse are skipped: the
-    Secret is writable by anyone RBAC lets write it)."""
+    """The records of the Kubernetes Secret ``secret``. Entries that are not records the single
+    machine would have stored are skipped (the Secret is writable by anyone RBAC lets write it), and
+    the next write through the API leaves them out."""
     records: Records = {}
     for key, data in (secret.get("data") or {}).items():
         try:
