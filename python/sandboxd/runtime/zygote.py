@@ -312,7 +312,23 @@ def main(fd: int) -> None:
     sock = socket.socket(fileno=fd)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     preload()
+    freeze_heap()
     serve(sock)
+
+
+def freeze_heap() -> None:
+    """Collect once, then move every object the preload made into the collector's permanent
+    generation (``gc.freeze``), so that a sandbox's collections never walk them: a collection writes
+    the header of each object it moves or scans, and every page written in a fork is a private copy.
+    Without this the preload's young objects are promoted by each sandbox's first collections, on
+    its own copy of their pages. Measured (4 sandboxes each, 10 commands and a file round trip, then
+    idle, two runs in both orders): a sandbox's PSS 23.4 → 21.9 MiB, its private dirty memory 13.1 →
+    11.5 MiB; the agent's start-up and its page faults are unchanged (a create's collections are
+    young-generation ones)."""
+    import gc
+
+    gc.collect()
+    gc.freeze()
 
 
 if __name__ == "__main__":
