@@ -8,10 +8,14 @@ closed, and the runtime would see only "sandbox setup failed")."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import select
+import signal
 import socket
+import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,13 +25,18 @@ from sandboxd.runtime import zygote
 
 
 @pytest.fixture(scope="module")
-def zygote_socket() -> Iterator[socket.socket]:
+def zygote_process() -> Iterator[tuple[socket.socket, subprocess.Popen[bytes]]]:
     sock, process = zygote.start()
     try:
-        yield sock
+        yield sock, process
     finally:
-        sock.close()  # the zygote exits when its end closes
+        sock.close()  # the zygote exits when its end closes (and so does its spare)
         assert process.wait(timeout=30) == 0
+
+
+@pytest.fixture(scope="module")
+def zygote_socket(zygote_process: tuple[socket.socket, subprocess.Popen[bytes]]) -> socket.socket:
+    return zygote_process[0]
 
 
 def ask(sock: socket.socket, request: dict[str, Any]) -> dict[str, Any]:
@@ -83,3 +92,56 @@ def test_volumes_in_a_request_reach_the_jail(zygote_socket: socket.socket, tmp_p
     answer = json.loads(zygote_socket.recv(zygote.MAX_MESSAGE))
     assert answer["ok"] is False
     assert 'volume mount path "/mnt/../etc" must be normalised' in answer["error"], answer
+
+
+def spare_of(zygote_pid: int, timeout: float = 60) -> int:
+    """The zygote's spare "A" (its only child while no create is in flight), once it is forked."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        children = Path(f"/proc/{zygote_pid}/task/{zygote_pid}/children").read_text().split()
+        if len(children) == 1:  # not the last create's A, exiting: the spare waits for a request
+            with contextlib.suppress(OSError):
+                if Path(f"/proc/{children[0]}/wchan").read_text() == "__skb_wait_for_more_packets":  # recvmsg
+                    return int(children[0])
+        time.sleep(0.01)
+    raise AssertionError(f"the zygote has no single spare: children {children}")
+
+
+def test_the_spare_holds_none_of_the_zygotes_descriptors(
+    zygote_process: tuple[socket.socket, subprocess.Popen[bytes]], tmp_path: Path
+) -> None:
+    # A sandbox is made from the spare, so what it holds, the sandbox's agent holds: not the socket
+    # to the runtime (it could forge answers) nor the zygote's epoll set (it would see other
+    # creates come and go). Only the standard streams, its report pipe and its request channel.
+    sock, process = zygote_process
+    ask(sock, refused("bad/first", tmp_path))  # the zygote has finished its preload
+    spare = spare_of(process.pid)
+    zygote_fds = {os.readlink(f"/proc/{process.pid}/fd/{fd}") for fd in os.listdir(f"/proc/{process.pid}/fd")}
+    held = {int(fd): os.readlink(f"/proc/{spare}/fd/{fd}") for fd in os.listdir(f"/proc/{spare}/fd")}
+    assert {0, 1, 2} <= set(held) and len(held) == 5, held
+    extra = sorted(held[fd] for fd in set(held) - {0, 1, 2})
+    assert extra[0].startswith("pipe:[") and extra[1].startswith("socket:["), held
+    assert not any(target.startswith("anon_inode:") for target in held.values()), held
+    runtime_socket = os.readlink(f"/proc/{process.pid}/fd/{sock_fd_of(process.pid)}")
+    assert runtime_socket in zygote_fds and runtime_socket not in held.values(), held
+
+
+def sock_fd_of(zygote_pid: int) -> int:
+    """The zygote's end of its socket to the runtime: the descriptor named on its command line."""
+    return int(Path(f"/proc/{zygote_pid}/cmdline").read_bytes().split(b"\0")[-2])
+
+
+def test_a_dead_spare_is_replaced_and_the_create_still_served(
+    zygote_process: tuple[socket.socket, subprocess.Popen[bytes]], tmp_path: Path
+) -> None:
+    sock, process = zygote_process
+    ask(sock, refused("bad/warm-up", tmp_path))
+    spare = spare_of(process.pid)
+    os.kill(spare, signal.SIGKILL)
+    while Path(f"/proc/{spare}/stat").read_text().split()[2] != "Z":  # dead; the zygote has not looked
+        time.sleep(0.01)
+    # The create is served by a fork made on the spot: the jail's own refusal comes back.
+    answer = ask(sock, refused("bad/after-kill", tmp_path))
+    assert answer["id"] == "bad/after-kill" and "must be 1-64 bytes" in answer["error"], answer
+    assert spare_of(process.pid) != spare
+    assert not Path(f"/proc/{spare}").exists()  # reaped, not left a zombie

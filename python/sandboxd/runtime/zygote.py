@@ -24,7 +24,7 @@ import signal
 import socket
 import subprocess
 import sys
-from typing import Any
+from typing import Any, NamedTuple, NoReturn
 
 from sandboxd import _core
 
@@ -170,54 +170,131 @@ def _volumes(request: dict[str, Any]) -> dict[str, Any]:
     return {"volumes": [(f"/proc/self/fd/{fd}", t) for fd, t in zip(request["volume_fds"], targets, strict=True)]}
 
 
+def _become_sandbox(request: dict[str, Any], disk_fd: int | None, log_fd: int, report: int) -> NoReturn:
+    """In "A", a single-threaded copy of the zygote that holds no descriptor of the zygote's but these:
+    put itself into a new sandbox, report on ``report`` and exit; in the sandbox's payload ("C"),
+    become the agent. ``disk_fd`` is the sandbox's mounted disk, ``request["volume_fds"]`` its
+    volumes' mounts. Never returns into the zygote's loop."""
+    try:
+        if request.get("nice"):  # a warm sandbox (.warm): inherited by its init and agent
+            os.setpriority(os.PRIO_PROCESS, 0, int(request["nice"]))
+        where = _core.enter_sandbox(
+            request["id"],
+            request["template_dirs"],
+            request["sandbox_dir"],
+            instance=request["instance"],
+            id_base=request["id_base"],
+            host_usr_ro=request.get("host_usr_ro", True),
+            disk_fd=disk_fd,
+            nested_userns=request.get("nested_userns", False),
+            memory_bytes=request.get("memory_bytes"),
+            cpu_cores=request.get("cpu_cores"),
+            pids_max=request.get("pids_max"),
+            open_files=request.get("open_files"),
+            inotify_instances=request.get("inotify_instances"),
+            inotify_watches=request.get("inotify_watches"),
+            **_volumes(request),
+        )
+    except BaseException as exc:  # A must never return into the zygote's loop
+        os.write(report, _report(f"E{exc}".encode(errors="replace")))
+        os._exit(1)
+    if where.inside:  # "C": PID 2 inside the sandbox
+        os.close(report)
+        if disk_fd is not None:
+            os.close(disk_fd)  # attached inside; the agent needs no handle on the raw disk
+        for fd in request["volume_fds"]:
+            os.close(fd)  # likewise: mounted inside, idmapped; the raw mounts stay outside
+        _run_agent(log_fd, request.get("files") or {}, request.get("interpreter") is True)
+    os.write(report, _report(b"P%d" % where.init_pid))
+    os._exit(0)
+
+
+def _open_log(request: dict[str, Any]) -> int:
+    """The agent's log file, opened by the zygote (as host root, outside the sandbox)."""
+    return os.open(request["log"], os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o640)
+
+
 def _fork_sandbox(request: dict[str, Any], disk_fd: int | None, inherited: list[int]) -> tuple[int, int]:
     """Fork "A", which puts itself into a new sandbox; returns (A's pid, the pipe A answers on).
+    (Used when no :class:`Spare` is ready: a burst, or a spare that died.)
 
     ``disk_fd`` is the sandbox's mounted disk, sent with the request. ``inherited`` are the zygote's
     descriptors that the sandbox must not keep: the socket to the runtime (a process inside could
-    otherwise forge answers) and other creates' pipes."""
-    log_fd = os.open(request["log"], os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o640)
+    otherwise forge answers), the zygote's selector, and other creates' pipes."""
+    log_fd = _open_log(request)
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:  # "A": a single-threaded copy of the zygote
         os.close(r)
         for fd in inherited:
             os.close(fd)
-        try:
-            if request.get("nice"):  # a warm sandbox (.warm): inherited by its init and agent
-                os.setpriority(os.PRIO_PROCESS, 0, int(request["nice"]))
-            where = _core.enter_sandbox(
-                request["id"],
-                request["template_dirs"],
-                request["sandbox_dir"],
-                instance=request["instance"],
-                id_base=request["id_base"],
-                host_usr_ro=request.get("host_usr_ro", True),
-                disk_fd=disk_fd,
-                nested_userns=request.get("nested_userns", False),
-                memory_bytes=request.get("memory_bytes"),
-                cpu_cores=request.get("cpu_cores"),
-                pids_max=request.get("pids_max"),
-                open_files=request.get("open_files"),
-                inotify_instances=request.get("inotify_instances"),
-                inotify_watches=request.get("inotify_watches"),
-                **_volumes(request),
-            )
-        except BaseException as exc:  # A must never return into the zygote's loop
-            os.write(w, _report(f"E{exc}".encode(errors="replace")))
-            os._exit(1)
-        if where.inside:  # "C": PID 2 inside the sandbox
-            os.close(w)
-            if disk_fd is not None:
-                os.close(disk_fd)  # attached inside; the agent needs no handle on the raw disk
-            for fd in request["volume_fds"]:
-                os.close(fd)  # likewise: mounted inside, idmapped; the raw mounts stay outside
-            _run_agent(log_fd, request.get("files") or {}, request.get("interpreter") is True)
-        os.write(w, _report(b"P%d" % where.init_pid))
-        os._exit(0)
+        _become_sandbox(request, disk_fd, log_fd, w)
     os.close(w)
     os.close(log_fd)
     return pid, r
+
+
+class Spare(NamedTuple):
+    """An "A" forked ahead of need, waiting for its request on ``channel``.
+
+    Forking the zygote (a large Python process: its page tables copied, then the child's first
+    writes faulting in private pages) was ~4 ms of every create before the jail even started
+    (``docs/benchmarks.md``); a spare pays it while the zygote is idle. It is the same copy of the
+    zygote a fork at request time would be, with the same descriptors closed, so a sandbox made
+    from it sees nothing more."""
+
+    pid: int
+    report: int
+    """The read end of the pipe it reports on, as :func:`_fork_sandbox`'s."""
+    channel: socket.socket
+    """The zygote's end of a ``SOCK_SEQPACKET`` pair: one message, the request with the agent's
+    log, the disk and the volumes' mounts as ``SCM_RIGHTS``; the zygote closes it after sending,
+    and a spare whose channel closes unused exits."""
+
+
+def _fork_spare(inherited: list[int]) -> Spare:
+    """Fork a :class:`Spare`. ``inherited`` as for :func:`_fork_sandbox`."""
+    r, w = os.pipe()
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    pid = os.fork()
+    if pid == 0:  # "A", before its request
+        try:
+            os.close(r)
+            ours.close()
+            for fd in inherited:
+                os.close(fd)
+            data, fds, _flags, _addr = socket.recv_fds(theirs, MAX_MESSAGE, 2 + MAX_VOLUMES)
+            theirs.close()
+            if not data:  # the zygote is gone, or stopped and closed its end
+                os._exit(0)
+            request = json.loads(data)
+            log_fd, rest = fds[0], fds[1:]
+            request["volume_fds"] = rest[1:]
+        except BaseException:
+            os._exit(1)
+        _become_sandbox(request, rest[0] if rest else None, log_fd, w)
+    os.close(w)
+    theirs.close()
+    return Spare(pid, r, ours)
+
+
+def _hand_to_spare(spare: Spare, data: bytes, request: dict[str, Any], fds: list[int]) -> bool:
+    """Send a create request (as received) to ``spare``, which is used up either way; False if it
+    could not be (it died, or the log would not open): then it is reaped, and the caller forks."""
+    try:
+        log_fd = _open_log(request)
+        try:
+            socket.send_fds(spare.channel, [data], [log_fd, *fds])
+        finally:
+            os.close(log_fd)
+        return True
+    except OSError:
+        spare.channel.close()  # a spare still waiting exits on the end of its channel
+        os.close(spare.report)
+        os.waitpid(spare.pid, 0)
+        return False
+    finally:
+        spare.channel.close()
 
 
 REPORT_MAX = select.PIPE_BUF
@@ -245,46 +322,62 @@ def serve(sock: socket.socket) -> None:
     names its sandbox. Answers go out as soon as a sandbox's "A" has reported (its newline-ended
     message), not when A has exited: A is a copy of this large process, and tearing its address
     space down took milliseconds of every create (``benches/runtime``). A is reaped at the EOF
-    that follows; an A that dies without a whole report is answered then, with what it said."""
+    that follows; an A that dies without a whole report is answered then, with what it said.
+
+    A request goes to the :class:`Spare` if one is ready; a new spare is forked when no create is
+    in flight (every A has exited), so its fork never competes with a create's own."""
     selector = selectors.DefaultSelector()
     selector.register(sock, selectors.EVENT_READ)
     # pipe → (A's pid, sandbox id, what A said, whether it was answered)
     pending: dict[int, tuple[int, str, bytearray, bool]] = {}
-    while True:
-        for key, _ in selector.select():
-            if key.fileobj is sock:
-                data, fds, _flags, _addr = socket.recv_fds(sock, MAX_MESSAGE, 1 + MAX_VOLUMES)
-                if not data:
-                    return
-                request = json.loads(data)
-                disk_fd = fds[0] if fds else None
-                request["volume_fds"] = fds[1:]  # each volume's mount, in the order of request["volumes"]
-                try:
-                    pid, pipe = _fork_sandbox(request, disk_fd, [sock.fileno(), *pending])
-                except Exception as exc:
-                    sock.send(json.dumps(_answer(request["id"], f"E{type(exc).__name__}: {exc}".encode())).encode())
+    spare: Spare | None = None
+    try:
+        while True:
+            if spare is None and not pending:
+                spare = _fork_spare([sock.fileno(), selector.fileno()])
+            for key, _ in selector.select():
+                if key.fileobj is sock:
+                    data, fds, _flags, _addr = socket.recv_fds(sock, MAX_MESSAGE, 1 + MAX_VOLUMES)
+                    if not data:
+                        return
+                    request = json.loads(data)
+                    disk_fd = fds[0] if fds else None
+                    request["volume_fds"] = fds[1:]  # each volume's mount, in the order of request["volumes"]
+                    used, spare = spare, None
+                    try:
+                        if used is not None and _hand_to_spare(used, data, request, fds):
+                            pid, pipe = used.pid, used.report
+                        else:
+                            pid, pipe = _fork_sandbox(request, disk_fd, [sock.fileno(), selector.fileno(), *pending])
+                    except Exception as exc:
+                        sock.send(json.dumps(_answer(request["id"], f"E{type(exc).__name__}: {exc}".encode())).encode())
+                        continue
+                    finally:
+                        for fd in fds:  # A has its copy; later creates must not inherit this one
+                            os.close(fd)
+                    pending[pipe] = (pid, request["id"], bytearray(), False)
+                    selector.register(pipe, selectors.EVENT_READ)
                     continue
-                finally:
-                    for fd in fds:  # A has its copy; later creates must not inherit this one
-                        os.close(fd)
-                pending[pipe] = (pid, request["id"], bytearray(), False)
-                selector.register(pipe, selectors.EVENT_READ)
-                continue
-            pipe = int(key.fd)
-            chunk = os.read(pipe, REPORT_MAX)
-            pid, sandbox_id, said, answered = pending[pipe]
-            if chunk:
-                said += chunk
-                if not answered and said.endswith(b"\n"):
+                pipe = int(key.fd)
+                chunk = os.read(pipe, REPORT_MAX)
+                pid, sandbox_id, said, answered = pending[pipe]
+                if chunk:
+                    said += chunk
+                    if not answered and said.endswith(b"\n"):
+                        sock.send(json.dumps(_answer(sandbox_id, bytes(said))).encode())
+                        pending[pipe] = (pid, sandbox_id, said, True)
+                    continue
+                selector.unregister(pipe)
+                os.close(pipe)
+                del pending[pipe]
+                os.waitpid(pid, 0)
+                if not answered:
                     sock.send(json.dumps(_answer(sandbox_id, bytes(said))).encode())
-                    pending[pipe] = (pid, sandbox_id, said, True)
-                continue
-            selector.unregister(pipe)
-            os.close(pipe)
-            del pending[pipe]
-            os.waitpid(pid, 0)
-            if not answered:
-                sock.send(json.dumps(_answer(sandbox_id, bytes(said))).encode())
+    finally:
+        if spare is not None:  # it exits when its channel closes
+            spare.channel.close()
+            os.close(spare.report)
+            os.waitpid(spare.pid, 0)
 
 
 ZYGOTE_ENV = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"}
