@@ -469,7 +469,6 @@ class SandboxManager:
                     functools.partial(self.open_socket, row.id),
                     row.access_token,
                     {**template.env, **row.env_vars},
-                    ca_bundle=self.networks.ca_pem if self.networks is not None else None,
                     default_user=template.user,
                     default_workdir=template.workdir,
                 )
@@ -517,6 +516,8 @@ class SandboxManager:
             "inotify_watches": limits.inotify_watches,
             "log": str(sandbox_dir / "agent.log"),
             "interpreter": template.code_interpreter,
+            # The egress CA goes into the trust store before the agent starts (.zygote._run_agent).
+            "ca_bundle": self.networks.ca_pem if self.networks is not None else None,
         }
 
     async def open_socket(self, sandbox_id: str, port: int) -> socket.socket:

@@ -174,16 +174,15 @@ class WarmPool:
 
     async def _warm_up(self, warm: Warm) -> None:
         """What every create's first moments would otherwise pay for, done before the claim and with
-        nothing that tells one sandbox from another: the runtime's egress CA (public, the same for
-        every sandbox) goes into the trust store now, so the claim's ``POST /init`` has no bundle to
-        copy up and append to (measured: the first ``/init`` 6-18 ms with it, 1-2 ms without); and
-        one ``true`` as the template's user runs through the agent's process service, so the first
-        command finds its code paths, the user lookup and the login shell's files paged in. No token
-        is set (the agent has none until the claim) and no environment."""
+        nothing that tells one sandbox from another (the runtime's egress CA is in the trust store
+        already: every sandbox gets it before its agent starts): one ``POST /init`` with nothing in
+        it, so the claim's finds the agent's request path warm; and one ``true`` as the template's
+        user runs through the agent's process service, so the first command finds its code paths,
+        the user lookup and the login shell's files paged in. No token is set (the agent has none
+        until the claim) and no environment."""
         manager = self.manager
         open_socket = functools.partial(manager.open_socket, warm.row.id)
-        ca_bundle = manager.networks.ca_pem if manager.networks is not None else None
-        await init_agent(open_socket, None, None, ca_bundle=ca_bundle)
+        await init_agent(open_socket, None, None)
         template = warm.template
         result = await run_command(
             open_socket, "", "true", template.user or "root", template.workdir, {}, lambda _stream, _line: None
