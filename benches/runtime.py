@@ -400,6 +400,11 @@ def measure_memory(rt: Runtime, sandbox_ids: list[str]) -> Memory:
     zygote = rt.zygote()
     if zygote is not None:
         roles[zygote.pid] = "zygote"
+        with contextlib.suppress(psutil.Error):
+            # Its spare fork (sandboxd.runtime.zygote.Spare) shares the zygote's pages: left out, the
+            # pages it shares would move from "before" into the sandboxes' share "after".
+            for child in zygote.children():
+                roles[child.pid] = "zygote spare"
     for sandbox_id in sandbox_ids:
         pids = cgroup_pids(sandbox_id)
         for i, pid in enumerate(pids):
