@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 
@@ -61,3 +62,48 @@ def test_a_link_planted_under_a_temporary_name_is_not_written_through(tmp_path: 
     cacerts.install(PEM, str(bundle), str(tmp_path / "extra.crt"))
     assert victim.read_text() == "keep me\n"
     assert PEM in bundle.read_text()
+
+
+def test_a_large_bundle_is_searched_across_its_pieces_and_copied_whole(tmp_path: Path) -> None:
+    # The certificate straddles the boundary between two pieces of the search: found, nothing added.
+    bundle = tmp_path / "ca-certificates.crt"
+    head = b"x" * (cacerts.CHUNK - 10)
+    bundle.write_bytes(head + PEM.encode() + b"\n" + b"y" * cacerts.CHUNK)
+    before = bundle.read_bytes()
+    cacerts.install(PEM, str(bundle), str(tmp_path / "extra.crt"))
+    assert bundle.read_bytes() == before
+    # Not there: the whole old bundle (several pieces) is kept, byte for byte, and the PEM follows.
+    other = "-----BEGIN CERTIFICATE-----\nMIIBother\n-----END CERTIFICATE-----"
+    cacerts.install(other, str(bundle), str(tmp_path / "extra.crt"))
+    assert bundle.read_bytes() == before + b"\n" + other.encode() + b"\n"
+
+
+def test_refuses_a_bundle_that_is_not_a_regular_file_or_too_large(tmp_path: Path) -> None:
+    # A sandbox could leave these at the bundle's path before a resume: a FIFO would block the read
+    # for ever, a sparse file of gigabytes would be copied whole.
+    fifo = tmp_path / "fifo.crt"
+    os.mkfifo(fifo)
+    with pytest.raises(ValueError, match="not a regular file"):
+        cacerts.install(PEM, str(fifo), str(tmp_path / "extra.crt"))
+    huge = tmp_path / "huge.crt"
+    with huge.open("wb") as f:
+        f.truncate(cacerts.MAX_BUNDLE + 1)
+    with pytest.raises(ValueError, match="larger than"):
+        cacerts.install(PEM, str(huge), str(tmp_path / "extra.crt"))
+    assert huge.stat().st_size == cacerts.MAX_BUNDLE + 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fifo.crt", "huge.crt"]  # no temp file left
+
+
+def test_where_the_kernel_cannot_copy_the_bundle_it_is_read_and_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # copy_file_range refuses some pairs of file systems (EXDEV, EINVAL); the fallback copies the same.
+    def refuse(*_args: object) -> int:
+        raise OSError(errno.EXDEV, "cross-device")
+
+    monkeypatch.setattr(os, "copy_file_range", refuse)
+    bundle = tmp_path / "ca-certificates.crt"
+    old = bytes(range(256)) * (3 * cacerts.CHUNK // 256 + 7)
+    bundle.write_bytes(old)
+    cacerts.install(PEM, str(bundle), str(tmp_path / "extra.crt"))
+    assert bundle.read_bytes() == old + b"\n" + PEM.encode() + b"\n"
