@@ -297,3 +297,25 @@ def test_a_stalled_body_does_not_hold_up_the_agents_exit(
         started.process.wait(8)
         assert time.monotonic() - began < 8
     assert os.listdir(workdir) == []
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_many_stalled_bodies_at_once_leave_the_files_threads_free(
+    loop: str, tmp_path_factory: pytest.TempPathFactory, workdir: Path
+) -> None:
+    """MAX_RAW_BODIES holds even when many bodies arrive at once: a body's slot is taken when its
+    route takes it, not later (after a thread hop), so 40 uploads that all stall midway hold at most
+    16 of the files pool's threads, and a download still gets one at once."""
+    small = workdir / "small.txt"
+    small.write_bytes(b"still served")
+    with launched(loop, tmp_path_factory, "--idle-timeout", "60") as started, contextlib.ExitStack() as stack:
+        sockets = [
+            stack.enter_context(socket.create_connection(("127.0.0.1", started.port), timeout=10)) for _ in range(40)
+        ]
+        time.sleep(0.5)
+        # All at once: every route takes its body while the others still write their buffered bytes.
+        for i, s in enumerate(sockets):
+            s.sendall(head(workdir / f"stall-{i}.bin", 8 * MiB) + pattern(64 << 10))
+        time.sleep(2)  # every route has taken its body (or chosen the event loop's path)
+        r = httpx.get(f"http://127.0.0.1:{started.port}/files", params={"path": str(small)}, timeout=10)
+        assert r.status_code == 200 and r.content == b"still served"
