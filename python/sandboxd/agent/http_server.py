@@ -298,9 +298,12 @@ class RawBody:
     :data:`MAX_RAW_BODIES` move at once: :meth:`remaining` is None otherwise, and the route reads
     ``receive()`` as before."""
 
-    __slots__ = ("_cycle", "_keep_alive", "_protocol", "_remaining", "_socket", "seen")
+    __slots__ = ("_cycle", "_keep_alive", "_protocol", "_remaining", "_reserved", "_socket", "seen")
     moving = 0
-    """Bodies being moved by worker threads in this process."""
+    """Bodies taken (:meth:`take`) and not yet released in this process: being moved by worker
+    threads, or about to be. Counted from :meth:`take` on, not from the move's start: between the
+    two the route writes uvicorn's buffered bytes (a thread hop), and many bodies arriving at once
+    all passed the cap there and held every thread of the files pool."""
 
     def __init__(self, protocol: GuardedHttpToolsProtocol, cycle: Any) -> None:
         self._protocol = protocol
@@ -309,6 +312,7 @@ class RawBody:
         """Body bytes the parser has given uvicorn so far."""
         self._remaining: int | None = None
         self._keep_alive = False
+        self._reserved = False
         self._socket: socket.socket | None = None
 
     def remaining(self) -> int | None:
@@ -352,6 +356,8 @@ class RawBody:
             cycle.waiting_for_100_continue = False
             protocol.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         self._remaining = remaining
+        self._reserved = True
+        RawBody.moving += 1  # released by receive_into, or by release() when it never runs
         # Until receive_into has read the whole body, the connection cannot carry another request:
         # whatever fails first (writing the buffered bytes, the move), the response closes it.
         self._keep_alive = cycle.keep_alive
@@ -378,7 +384,6 @@ class RawBody:
         own = socket.socket(fileno=os.dup(sock.fileno()))
         self._socket = own
         protocol._moving = self
-        RawBody.moving += 1
         loop = asyncio.get_running_loop()
         job = loop.run_in_executor(executor, move, own.fileno(), remaining, protocol.guard.limits.idle_timeout)
         try:
@@ -392,7 +397,7 @@ class RawBody:
                 job.exception()  # retrieved: the cancellation is what the caller hears of
             raise
         finally:
-            RawBody.moving -= 1
+            self.release()
             protocol._moving = None
             self._socket = None
             own.close()
@@ -410,6 +415,13 @@ class RawBody:
             else:
                 transport.close()
         raise ClientDisconnected
+
+    def release(self) -> None:
+        """Gives back the slot :meth:`take` counted in :attr:`moving` (once; :meth:`receive_into`
+        does it when done, the route when it fails before calling it)."""
+        if self._reserved:
+            self._reserved = False
+            RawBody.moving -= 1
 
     def cancel(self) -> None:
         """Ends a move in progress as if the client had closed (the server is shutting down, the
