@@ -319,3 +319,20 @@ def test_many_stalled_bodies_at_once_leave_the_files_threads_free(
         time.sleep(2)  # every route has taken its body (or chosen the event loop's path)
         r = httpx.get(f"http://127.0.0.1:{started.port}/files", params={"path": str(small)}, timeout=10)
         assert r.status_code == 200 and r.content == b"still served"
+
+
+def test_an_urgent_byte_midway_neither_spins_nor_stalls_the_body(agent: Agent, workdir: Path) -> None:
+    """TCP urgent data (``MSG_OOB``) in the middle of a body: ``splice(2)`` stops at the urgent mark
+    and says EAGAIN while ``poll(2)`` says readable, so a thread that only splices spins at full CPU,
+    never reaching the idle timeout. The byte is out of band: as on the event loop's path (``recv``
+    steps over it), the body is the in-band bytes, and it arrives whole."""
+    body = pattern(4 * MiB)
+    target = workdir / "urgent.bin"
+    with connection(agent) as (s, f):
+        s.sendall(head(target, len(body)) + body[: 2 * MiB])
+        time.sleep(0.3)  # the worker thread is moving the body
+        s.send(b"!", socket.MSG_OOB)
+        s.sendall(body[2 * MiB :])
+        status, _, answer = read_response(f)
+    assert status == 200, answer
+    assert target.read_bytes() == body
