@@ -336,3 +336,59 @@ def test_an_urgent_byte_midway_neither_spins_nor_stalls_the_body(agent: Agent, w
         status, _, answer = read_response(f)
     assert status == 200, answer
     assert target.read_bytes() == body
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_a_body_taken_after_sigterm_does_not_hold_up_the_agents_exit(
+    loop: str, tmp_path_factory: pytest.TempPathFactory, workdir: Path
+) -> None:
+    """SIGTERM after the route took its body but before the worker thread began to move it (its
+    first write waits for a files thread: 32 downloads of FIFOs hold them all): uvicorn's shutdown finds
+    no move to cancel, and the move that follows must neither wait out the idle timeout (640 s) for
+    a client that goes quiet, nor put back the keep-alive that the shutdown took away."""
+    fifos = [workdir / f"fifo-{i}" for i in range(33)]
+    writers: dict[Path, int] = {}
+    for fifo in fifos:
+        os.mkfifo(fifo)
+        writers[fifo] = os.open(fifo, os.O_RDWR)  # a writer: the download's read(2) waits for data
+
+    def release(fifo: Path) -> None:
+        """The download reads a byte, then EOF."""
+        fd = writers.pop(fifo)
+        os.write(fd, b"x")
+        os.close(fd)
+
+    with launched(loop, tmp_path_factory) as started, contextlib.ExitStack() as stack:
+
+        def download(fifo: Path) -> None:
+            s = stack.enter_context(socket.create_connection(("127.0.0.1", started.port), timeout=10))
+            s.sendall(f"GET /files?path={fifo} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+
+        for fifo in fifos[:32]:
+            download(fifo)
+        time.sleep(0.5)  # every files thread waits in read(2) for a byte
+        s, f = stack.enter_context(connection(started))
+        body = pattern(3 * MiB)
+        s.sendall(head(workdir / "late.bin", len(body)) + body[: 64 << 10])
+        time.sleep(0.3)  # its file's open queues...
+        download(fifos[32])  # ...ahead of this one
+        time.sleep(0.3)
+        release(fifos[0])  # the freed thread opens the upload's file, then blocks on fifo-32
+        time.sleep(0.5)  # the route has taken the body; its first write waits for a thread
+        began = time.monotonic()
+        started.process.terminate()
+        time.sleep(0.5)  # uvicorn's shutdown has asked each connection to close after its answer
+        for fifo in fifos[1:]:
+            release(fifo)
+        with contextlib.suppress(OSError):
+            s.sendall(body[64 << 10 :])
+        with contextlib.suppress(OSError, AssertionError):
+            _, headers, _ = read_response(f)  # an answer, if the body arrived before the cut
+            assert headers.get("connection") == "close"
+        # The client keeps its end open, as a connection pool does.
+        try:
+            started.process.wait(10)
+        finally:
+            for fd in writers.values():
+                os.close(fd)
+        assert time.monotonic() - began < 10
