@@ -384,6 +384,8 @@ class RawBody:
         own = socket.socket(fileno=os.dup(sock.fileno()))
         self._socket = own
         protocol._moving = self
+        if protocol._shutting_down:  # asked before the move began: no later cancel() would come
+            self.cancel()
         loop = asyncio.get_running_loop()
         job = loop.run_in_executor(executor, move, own.fileno(), remaining, protocol.guard.limits.idle_timeout)
         try:
@@ -402,7 +404,9 @@ class RawBody:
             self._socket = None
             own.close()
         if outcome == "complete":
-            cycle.keep_alive = self._keep_alive
+            # Not kept alive after a shutdown asked (uvicorn's cleared the flag take() had saved):
+            # the server would wait out the idle timeout for the client to leave.
+            cycle.keep_alive = self._keep_alive and not protocol._shutting_down
             cycle.more_body = False
             cycle.message_event.set()
             protocol.body_taken()
@@ -452,6 +456,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         """The latest request's body, as offered to its route (:class:`RawBody`)."""
         self._moving: RawBody | None = None
         """A body a worker thread is moving from the socket now."""
+        self._shutting_down = False
+        """The server asked this connection to close after its answer (:meth:`shutdown`)."""
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -521,6 +527,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             self.transport.resume_reading()
 
     def shutdown(self) -> None:
+        self._shutting_down = True  # a body taken but not yet moving is cut when its move starts
         if self._moving is not None:
             self._moving.cancel()
         super().shutdown()
