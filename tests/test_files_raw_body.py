@@ -392,3 +392,18 @@ def test_a_body_taken_after_sigterm_does_not_hold_up_the_agents_exit(
             for fd in writers.values():
                 os.close(fd)
         assert time.monotonic() - began < 10
+
+
+def test_a_client_that_half_closes_after_its_body_gets_the_answer(agent: Agent, workdir: Path) -> None:
+    """A client may end its side (``shutdown(SHUT_WR)``) once the request is sent and wait for the
+    answer. On the event loop's path reading stays paused after the body until the answer is out, so
+    the end-of-file is seen only then; the socket path must not read on at once and take the
+    end-of-file for a client gone (the file committed, the answer dropped)."""
+    body = pattern(3 * MiB)
+    target = workdir / "halfclosed.bin"
+    with connection(agent) as (s, f):
+        s.sendall(head(target, len(body)) + body)
+        s.shutdown(socket.SHUT_WR)
+        status, _, answer = read_response(f)
+    assert status == 200, answer
+    assert target.read_bytes() == body
