@@ -350,7 +350,8 @@ class RawBody:
         protocol, cycle = self._protocol, self._cycle
         protocol.transport.pause_reading()
         # uvicorn resumes reading in ``receive()`` and after a response, when its flow control says
-        # it paused: from here only receive_into resumes it, after the worker thread is done.
+        # it paused: until the worker thread is done it must not, so that says not paused here
+        # (body_taken hands the pause back to it).
         protocol.flow.read_paused = False
         if cycle.waiting_for_100_continue:  # uvicorn would answer it at the first receive()
             cycle.waiting_for_100_continue = False
@@ -518,13 +519,15 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     def body_taken(self) -> None:
         """A worker thread read the rest of the current request's body from the socket
         (:class:`RawBody`): the parser, still expecting it, is replaced by a fresh one for the
-        connection's next request, and reading resumes."""
+        connection's next request. Reading resumes when the answer is out (uvicorn's flow control,
+        told it paused), as after a body uvicorn read itself: reading on at once would take a client's
+        end-of-file after its body (a half-close, then waiting for the answer) for a client gone,
+        and drop the answer."""
         self._raw_body = None
         self.parser = httptools.HttpRequestParser(self)
         with contextlib.suppress(AttributeError):  # as uvicorn sets it up (httptools >= 0.6.3)
             self.parser.set_dangerous_leniencies(lenient_data_after_close=True)
-        if not self.transport.is_closing():
-            self.transport.resume_reading()
+        self.flow.read_paused = True  # the transport is paused since take()
 
     def shutdown(self) -> None:
         self._shutting_down = True  # a body taken but not yet moving is cut when its move starts
