@@ -297,3 +297,113 @@ def test_a_stalled_body_does_not_hold_up_the_agents_exit(
         started.process.wait(8)
         assert time.monotonic() - began < 8
     assert os.listdir(workdir) == []
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_many_stalled_bodies_at_once_leave_the_files_threads_free(
+    loop: str, tmp_path_factory: pytest.TempPathFactory, workdir: Path
+) -> None:
+    """MAX_RAW_BODIES holds even when many bodies arrive at once: a body's slot is taken when its
+    route takes it, not later (after a thread hop), so 40 uploads that all stall midway hold at most
+    16 of the files pool's threads, and a download still gets one at once."""
+    small = workdir / "small.txt"
+    small.write_bytes(b"still served")
+    with launched(loop, tmp_path_factory, "--idle-timeout", "60") as started, contextlib.ExitStack() as stack:
+        sockets = [
+            stack.enter_context(socket.create_connection(("127.0.0.1", started.port), timeout=10)) for _ in range(40)
+        ]
+        time.sleep(0.5)
+        # All at once: every route takes its body while the others still write their buffered bytes.
+        for i, s in enumerate(sockets):
+            s.sendall(head(workdir / f"stall-{i}.bin", 8 * MiB) + pattern(64 << 10))
+        time.sleep(2)  # every route has taken its body (or chosen the event loop's path)
+        r = httpx.get(f"http://127.0.0.1:{started.port}/files", params={"path": str(small)}, timeout=10)
+        assert r.status_code == 200 and r.content == b"still served"
+
+
+def test_an_urgent_byte_midway_neither_spins_nor_stalls_the_body(agent: Agent, workdir: Path) -> None:
+    """TCP urgent data (``MSG_OOB``) in the middle of a body: ``splice(2)`` stops at the urgent mark
+    and says EAGAIN while ``poll(2)`` says readable, so a thread that only splices spins at full CPU,
+    never reaching the idle timeout. The byte is out of band: as on the event loop's path (``recv``
+    steps over it), the body is the in-band bytes, and it arrives whole."""
+    body = pattern(4 * MiB)
+    target = workdir / "urgent.bin"
+    with connection(agent) as (s, f):
+        s.sendall(head(target, len(body)) + body[: 2 * MiB])
+        time.sleep(0.3)  # the worker thread is moving the body
+        s.send(b"!", socket.MSG_OOB)
+        s.sendall(body[2 * MiB :])
+        status, _, answer = read_response(f)
+    assert status == 200, answer
+    assert target.read_bytes() == body
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_a_body_taken_after_sigterm_does_not_hold_up_the_agents_exit(
+    loop: str, tmp_path_factory: pytest.TempPathFactory, workdir: Path
+) -> None:
+    """SIGTERM after the route took its body but before the worker thread began to move it (its
+    first write waits for a files thread: 32 downloads of FIFOs hold them all): uvicorn's shutdown finds
+    no move to cancel, and the move that follows must neither wait out the idle timeout (640 s) for
+    a client that goes quiet, nor put back the keep-alive that the shutdown took away."""
+    fifos = [workdir / f"fifo-{i}" for i in range(33)]
+    writers: dict[Path, int] = {}
+    for fifo in fifos:
+        os.mkfifo(fifo)
+        writers[fifo] = os.open(fifo, os.O_RDWR)  # a writer: the download's read(2) waits for data
+
+    def release(fifo: Path) -> None:
+        """The download reads a byte, then EOF."""
+        fd = writers.pop(fifo)
+        os.write(fd, b"x")
+        os.close(fd)
+
+    with launched(loop, tmp_path_factory) as started, contextlib.ExitStack() as stack:
+
+        def download(fifo: Path) -> None:
+            s = stack.enter_context(socket.create_connection(("127.0.0.1", started.port), timeout=10))
+            s.sendall(f"GET /files?path={fifo} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+
+        for fifo in fifos[:32]:
+            download(fifo)
+        time.sleep(0.5)  # every files thread waits in read(2) for a byte
+        s, f = stack.enter_context(connection(started))
+        body = pattern(3 * MiB)
+        s.sendall(head(workdir / "late.bin", len(body)) + body[: 64 << 10])
+        time.sleep(0.3)  # its file's open queues...
+        download(fifos[32])  # ...ahead of this one
+        time.sleep(0.3)
+        release(fifos[0])  # the freed thread opens the upload's file, then blocks on fifo-32
+        time.sleep(0.5)  # the route has taken the body; its first write waits for a thread
+        began = time.monotonic()
+        started.process.terminate()
+        time.sleep(0.5)  # uvicorn's shutdown has asked each connection to close after its answer
+        for fifo in fifos[1:]:
+            release(fifo)
+        with contextlib.suppress(OSError):
+            s.sendall(body[64 << 10 :])
+        with contextlib.suppress(OSError, AssertionError):
+            _, headers, _ = read_response(f)  # an answer, if the body arrived before the cut
+            assert headers.get("connection") == "close"
+        # The client keeps its end open, as a connection pool does.
+        try:
+            started.process.wait(10)
+        finally:
+            for fd in writers.values():
+                os.close(fd)
+        assert time.monotonic() - began < 10
+
+
+def test_a_client_that_half_closes_after_its_body_gets_the_answer(agent: Agent, workdir: Path) -> None:
+    """A client may end its side (``shutdown(SHUT_WR)``) once the request is sent and wait for the
+    answer. On the event loop's path reading stays paused after the body until the answer is out, so
+    the end-of-file is seen only then; the socket path must not read on at once and take the
+    end-of-file for a client gone (the file committed, the answer dropped)."""
+    body = pattern(3 * MiB)
+    target = workdir / "halfclosed.bin"
+    with connection(agent) as (s, f):
+        s.sendall(head(target, len(body)) + body)
+        s.shutdown(socket.SHUT_WR)
+        status, _, answer = read_response(f)
+    assert status == 200, answer
+    assert target.read_bytes() == body

@@ -94,6 +94,19 @@ pub fn receive(
         let err = io::Error::last_os_error();
         match err.raw_os_error() {
             Some(libc::EAGAIN) => {
+                if at_urgent_mark(socket) {
+                    // splice(2) stops at TCP urgent data's mark and says EAGAIN while poll(2) says
+                    // readable: the loop would spin, never idle. read(2) steps over the urgent byte
+                    // (out of band, as the event loop's recv does) and takes what follows it.
+                    match read_into(socket, file, len - moved)? {
+                        Step::Moved(n) => {
+                            moved += n as u64;
+                            continue;
+                        }
+                        Step::Closed => return Ok((moved, Received::Closed(moved))),
+                        Step::Empty => {}
+                    }
+                }
                 if !wait_readable(socket, idle) {
                     return Ok((moved, Received::TimedOut(moved)));
                 }
@@ -188,6 +201,45 @@ fn receive_copying(
         }
     }
     Ok((moved, Received::Complete))
+}
+
+/// `SIOCATMARK` (`<asm-generic/sockios.h>`; not in the libc crate for Linux): whether a socket's
+/// next byte is at TCP urgent data's mark.
+const SIOCATMARK: libc::Ioctl = 0x8905;
+
+/// Bytes [`read_into`] reads at an urgent mark: once per urgent byte a client sends, so small.
+const MARK_READ: usize = 64 << 10;
+
+/// Whether the socket's reading position is at TCP urgent data's mark (false on any error).
+fn at_urgent_mark(socket: RawFd) -> bool {
+    let mut at: libc::c_int = 0;
+    // SAFETY: SIOCATMARK writes one c_int through the pointer, which points at one.
+    let done = unsafe { libc::ioctl(socket, SIOCATMARK, &mut at as *mut libc::c_int) };
+    done == 0 && at != 0
+}
+
+/// What one [`read_into`] did.
+enum Step {
+    Moved(usize),
+    Closed,
+    Empty,
+}
+
+/// One `read(2)` of at most `left` bytes (and [`MARK_READ`]) from the socket, written to `file`.
+fn read_into(socket: RawFd, mut file: &File, left: u64) -> Result<Step, Failure> {
+    let mut buffer = vec![0u8; left.min(MARK_READ as u64) as usize];
+    loop {
+        return match read_fd(socket, &mut buffer) {
+            Ok(0) => Ok(Step::Closed),
+            Ok(n) => {
+                file.write_all(&buffer[..n]).map_err(Failure::File)?;
+                Ok(Step::Moved(n))
+            }
+            Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
+            Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => Ok(Step::Empty),
+            Err(_) => Ok(Step::Closed),
+        };
+    }
 }
 
 fn read_fd(fd: RawFd, buffer: &mut [u8]) -> io::Result<usize> {
@@ -364,6 +416,24 @@ mod tests {
         writer.join().unwrap();
         assert_eq!(got.1, Received::Complete);
         assert_eq!(read_back(file), body);
+    }
+
+    #[test]
+    fn an_urgent_byte_is_stepped_over_not_spun_on() {
+        let (mut client, server) = connected();
+        client.write_all(b"in band, ").unwrap();
+        // SAFETY: one valid byte, as the length says, on an open socket.
+        let sent =
+            unsafe { libc::send(client.as_raw_fd(), b"!".as_ptr().cast(), 1, libc::MSG_OOB) };
+        assert_eq!(sent, 1);
+        client.write_all(b"then more").unwrap();
+        thread::sleep(Duration::from_millis(100)); // all of it queued: splice stops at the mark
+        let file = tempfile::tempfile().unwrap();
+        let started = Instant::now();
+        let got = receive(server.as_raw_fd(), &file, 18, Duration::from_secs(5)).unwrap();
+        assert_eq!(got, (18, Received::Complete));
+        assert!(started.elapsed() < Duration::from_secs(5));
+        assert_eq!(read_back(file), b"in band, then more");
     }
 
     #[test]

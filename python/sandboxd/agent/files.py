@@ -589,9 +589,12 @@ async def _receive_raw(upload: _Upload, req: _Request, body: AsyncIterator[bytes
     sink = await upload.open("")
     remaining = socket_body.remaining() if socket_body is not None else None
     if remaining is not None and remaining >= SOCKET_BODY_MIN:
-        await sink.write(socket_body.take())
-        await sink.drain()
-        await socket_body.receive_into(sink.writer.receive_from, IO_THREADS)
+        try:
+            await sink.write(socket_body.take())
+            await sink.drain()
+            await socket_body.receive_into(sink.writer.receive_from, IO_THREADS)
+        finally:
+            socket_body.release()  # the slot take() counted, should a write fail before the move
         return
     async for chunk in body:
         await sink.write(chunk)

@@ -298,9 +298,12 @@ class RawBody:
     :data:`MAX_RAW_BODIES` move at once: :meth:`remaining` is None otherwise, and the route reads
     ``receive()`` as before."""
 
-    __slots__ = ("_cycle", "_keep_alive", "_protocol", "_remaining", "_socket", "seen")
+    __slots__ = ("_cycle", "_keep_alive", "_protocol", "_remaining", "_reserved", "_socket", "seen")
     moving = 0
-    """Bodies being moved by worker threads in this process."""
+    """Bodies taken (:meth:`take`) and not yet released in this process: being moved by worker
+    threads, or about to be. Counted from :meth:`take` on, not from the move's start: between the
+    two the route writes uvicorn's buffered bytes (a thread hop), and many bodies arriving at once
+    all passed the cap there and held every thread of the files pool."""
 
     def __init__(self, protocol: GuardedHttpToolsProtocol, cycle: Any) -> None:
         self._protocol = protocol
@@ -309,6 +312,7 @@ class RawBody:
         """Body bytes the parser has given uvicorn so far."""
         self._remaining: int | None = None
         self._keep_alive = False
+        self._reserved = False
         self._socket: socket.socket | None = None
 
     def remaining(self) -> int | None:
@@ -346,12 +350,15 @@ class RawBody:
         protocol, cycle = self._protocol, self._cycle
         protocol.transport.pause_reading()
         # uvicorn resumes reading in ``receive()`` and after a response, when its flow control says
-        # it paused: from here only receive_into resumes it, after the worker thread is done.
+        # it paused: until the worker thread is done it must not, so that says not paused here
+        # (body_taken hands the pause back to it).
         protocol.flow.read_paused = False
         if cycle.waiting_for_100_continue:  # uvicorn would answer it at the first receive()
             cycle.waiting_for_100_continue = False
             protocol.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         self._remaining = remaining
+        self._reserved = True
+        RawBody.moving += 1  # released by receive_into, or by release() when it never runs
         # Until receive_into has read the whole body, the connection cannot carry another request:
         # whatever fails first (writing the buffered bytes, the move), the response closes it.
         self._keep_alive = cycle.keep_alive
@@ -378,7 +385,8 @@ class RawBody:
         own = socket.socket(fileno=os.dup(sock.fileno()))
         self._socket = own
         protocol._moving = self
-        RawBody.moving += 1
+        if protocol._shutting_down:  # asked before the move began: no later cancel() would come
+            self.cancel()
         loop = asyncio.get_running_loop()
         job = loop.run_in_executor(executor, move, own.fileno(), remaining, protocol.guard.limits.idle_timeout)
         try:
@@ -392,12 +400,14 @@ class RawBody:
                 job.exception()  # retrieved: the cancellation is what the caller hears of
             raise
         finally:
-            RawBody.moving -= 1
+            self.release()
             protocol._moving = None
             self._socket = None
             own.close()
         if outcome == "complete":
-            cycle.keep_alive = self._keep_alive
+            # Not kept alive after a shutdown asked (uvicorn's cleared the flag take() had saved):
+            # the server would wait out the idle timeout for the client to leave.
+            cycle.keep_alive = self._keep_alive and not protocol._shutting_down
             cycle.more_body = False
             cycle.message_event.set()
             protocol.body_taken()
@@ -410,6 +420,13 @@ class RawBody:
             else:
                 transport.close()
         raise ClientDisconnected
+
+    def release(self) -> None:
+        """Gives back the slot :meth:`take` counted in :attr:`moving` (once; :meth:`receive_into`
+        does it when done, the route when it fails before calling it)."""
+        if self._reserved:
+            self._reserved = False
+            RawBody.moving -= 1
 
     def cancel(self) -> None:
         """Ends a move in progress as if the client had closed (the server is shutting down, the
@@ -440,6 +457,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         """The latest request's body, as offered to its route (:class:`RawBody`)."""
         self._moving: RawBody | None = None
         """A body a worker thread is moving from the socket now."""
+        self._shutting_down = False
+        """The server asked this connection to close after its answer (:meth:`shutdown`)."""
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -500,15 +519,18 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     def body_taken(self) -> None:
         """A worker thread read the rest of the current request's body from the socket
         (:class:`RawBody`): the parser, still expecting it, is replaced by a fresh one for the
-        connection's next request, and reading resumes."""
+        connection's next request. Reading resumes when the answer is out (uvicorn's flow control,
+        told it paused), as after a body uvicorn read itself: reading on at once would take a client's
+        end-of-file after its body (a half-close, then waiting for the answer) for a client gone,
+        and drop the answer."""
         self._raw_body = None
         self.parser = httptools.HttpRequestParser(self)
         with contextlib.suppress(AttributeError):  # as uvicorn sets it up (httptools >= 0.6.3)
             self.parser.set_dangerous_leniencies(lenient_data_after_close=True)
-        if not self.transport.is_closing():
-            self.transport.resume_reading()
+        self.flow.read_paused = True  # the transport is paused since take()
 
     def shutdown(self) -> None:
+        self._shutting_down = True  # a body taken but not yet moving is cut when its move starts
         if self._moving is not None:
             self._moving.cancel()
         super().shutdown()
