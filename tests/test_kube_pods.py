@@ -59,6 +59,9 @@ def test_what_serve_writes_reads_back_the_same() -> None:
         ('{"network": {"rules": {"a.test": "x"}}}', "rules"),
         ('{"network": {"httpsPorts": ["443"]}}', "httpsPorts"),
         (json.dumps({"network": {"denyOut": ["10.0.0.1"] * 5000}}), "at most 1000"),
+        # Only the node would apply it: every replica's proxy would still serve the sandbox's ports
+        # without a traffic token, so a Pod asking for private ports must not start public.
+        ('{"network": {"allowPublicTraffic": false}}', "allowPublicTraffic"),
     ],
 )
 def test_a_hostile_annotation_is_a_400_that_says_why(note: str, words: str) -> None:
