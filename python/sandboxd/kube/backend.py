@@ -37,7 +37,6 @@ from sandboxd.runtime.logs import LogEntry, from_events
 from sandboxd.runtime.manager import DEFAULT_TIMEOUT_S, CreateRequest, Limits, validate_timeout
 from sandboxd.runtime.metrics import MetricsSample
 from sandboxd.runtime.network import NetworkConfig
-from sandboxd.runtime.network.policy import validate
 from sandboxd.runtime.store import SandboxRow, TemplateRow
 
 from . import pods
@@ -248,7 +247,7 @@ class KubernetesBackend:
 
     async def create(self, request: CreateRequest) -> SandboxRow:
         timeout = self._validate_timeout(request.timeout if request.timeout is not None else DEFAULT_TIMEOUT_S)
-        _check_network(request.network)
+        pods.check_network(request.network)
         await self.secrets.check_references(request.network)
         if request.volume_mounts:
             raise ApiError(
@@ -531,13 +530,13 @@ class KubernetesBackend:
             return NetworkConfig()
 
     def traffic_token(self, sandbox_id: str) -> str | None:
-        return None  # allowPublicTraffic=false is refused at create (see _check_network)
+        return None  # allowPublicTraffic=false is refused at create (see pods.check_network)
 
     async def update_network(self, sandbox_id: str, update: NetworkConfig) -> None:
         """E2B's full replace of a running sandbox's egress: the Pod's network annotation rewritten
         (guarded by resourceVersion), then the node's answer awaited in the Network condition (a
         refusal there is this call's 400)."""
-        _check_network(update)
+        pods.check_network(update)
         await self.secrets.check_references(update)
 
         def change(row: SandboxRow, pod: dict[str, Any]) -> dict[str, Any]:
@@ -745,18 +744,6 @@ def _condition_message(obj: dict[str, Any], kind: str) -> str:
         if condition.get("type") == kind:
             return str(condition.get("message", ""))
     return ""
-
-
-def _check_network(config: NetworkConfig) -> None:
-    """E2B's checks of network settings (as on one machine), and a 400 for what nodes cannot do yet:
-    the traffic token (the proxy of every replica would need it)."""
-    validate(config)
-    if config.allow_public_traffic is False:
-        raise ApiError(
-            400,
-            "'network.allowPublicTraffic': false is not available with --backend kubernetes (yet): "
-            "sandbox URLs are public, guarded by the sandbox's access token",
-        )
 
 
 def _unschedulable(pod: dict[str, Any]) -> str | None:
