@@ -49,19 +49,25 @@ Records = dict[str, dict[str, Any]]
 def decode(secret: dict[str, Any]) -> Records:
     """The records of the Kubernetes Secret ``secret``. Entries that are not records the single
     machine would have stored are skipped (the Secret is writable by anyone RBAC lets write it), and
-    the next write through the API leaves them out."""
+    the next write through the API leaves them out: a name not in its stored (lowercased) form, which
+    no placeholder finds, and a name an earlier entry (by id) has already, which the node's copy could
+    not hold twice (its mirror would fail whole and keep values the cluster no longer has)."""
     records: Records = {}
-    for key, data in (secret.get("data") or {}).items():
+    names: set[str] = set()
+    for key, data in sorted((secret.get("data") or {}).items()):
         try:
             record = json.loads(base64.b64decode(data))
-            check_name(record["name"])
-            check_value(record["value"])
+            name, value = record["name"], record["value"]
+            if not isinstance(name, str) or not isinstance(value, str) or check_name(name) != name:
+                continue
+            check_value(value)
             if not isinstance(record["metadata"], dict) or not isinstance(record["version"], int):
                 continue
             float(record["created_at"]), float(record["updated_at"])
         except (ValueError, TypeError, KeyError, ApiError):
             continue
-        if key.startswith(ID_PREFIX):
+        if key.startswith(ID_PREFIX) and name not in names:
+            names.add(name)
             records[key] = record
     return records
 
