@@ -730,6 +730,31 @@ def test_a_pods_network_annotation_is_checked_by_the_node(kube: Env, internet: I
     kube.core.delete_namespaced_pod(good, NAMESPACE, grace_period_seconds=5)
 
 
+def test_secrets_deleted_while_a_node_is_down_are_gone_from_its_copy(kube: Env) -> None:
+    """The secrets Secret deleted whole while a node is down: no watch event will tell the restarted
+    node, whose copy must not keep the values (its egress proxy would go on sending them)."""
+    import sqlite3
+
+    from e2b import Secret
+
+    node = kube.nodes["c"]
+    db = Path(node.args[node.args.index("--data-dir") + 1]) / "sandboxd.db"
+    name = f"gone-{uuid.uuid4().hex[:8]}"
+
+    def copied() -> set[str]:
+        with contextlib.closing(sqlite3.connect(db)) as conn:
+            return {row[0] for row in conn.execute("SELECT name FROM secrets")}
+
+    Secret.create(name, "sk-gone", api_key=API_KEY, api_url=kube.replicas[0].url)
+    _wait("the node's copy", lambda: name in copied(), timeout=20)
+    starts = node.log.read_text().count("ready: tunnel on")
+    node.stop()
+    kube.core.delete_namespaced_secret("sandboxd-e2b-secrets", NAMESPACE)
+    node.start()
+    _wait("node c back", lambda: node.log.read_text().count("ready: tunnel on") > starts or _died(node), timeout=30)
+    assert name not in copied()
+
+
 def test_bad_input_answers_4xx(kube: Env) -> None:
     api = httpx.Client(base_url=kube.replicas[0].url, headers={"X-API-KEY": API_KEY})
     assert httpx.get(f"{kube.replicas[0].url}/v2/sandboxes").status_code == 401
