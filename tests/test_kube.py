@@ -730,6 +730,43 @@ def test_a_pods_network_annotation_is_checked_by_the_node(kube: Env, internet: I
     kube.core.delete_namespaced_pod(good, NAMESPACE, grace_period_seconds=5)
 
 
+def test_settings_a_node_refused_apply_when_put_again_once_they_can(kube: Env) -> None:
+    """A refusal may pass (a secret created since, nftables failing no more). A PUT of the very
+    settings the node refused leaves the annotation as it was, which is no event for the node: the PUT
+    must have them tried again, not answer the node's old refusal (and the sandbox never get them)."""
+    from e2b import Secret
+    from sandboxd.kube import pods
+    from sandboxd.runtime.api import network_from_update
+    from sandboxd.runtime.network import NetworkConfig
+
+    a = kube.replicas[0]
+    api = httpx.Client(base_url=a.url, headers={"X-API-KEY": API_KEY})
+    name = f"later-{uuid.uuid4().hex[:8]}"
+    body = {"rules": {"api.test": [{"transform": {"headers": {"X-Key": f"${{e2b.secrets.{name}}}"}}}]}}
+    sbx = Sandbox.create(timeout=300, **a.opts())
+    try:
+        # What serve writes for that PUT, written before the secret exists (as anyone who writes Pods may).
+        note = pods.network_annotation(NetworkConfig().with_egress(network_from_update(body)))
+        kube.core.patch_namespaced_pod(
+            sbx.sandbox_id, NAMESPACE, {"metadata": {"annotations": {pods.NETWORK_ANNOTATION: note}}}
+        )
+
+        def network() -> Any:
+            conditions = kube.core.read_namespaced_pod(sbx.sandbox_id, NAMESPACE).status.conditions
+            return next((c for c in conditions if c.type == pods.NETWORK_CONDITION), None)
+
+        _wait("the node's refusal", lambda: (c := network()) is not None and c.status == "False", timeout=20)
+        assert f"no secret named '{name}'" in network().message
+        Secret.create(name, "sk-later", api_key=API_KEY, api_url=a.url)
+        r = api.put(f"/sandboxes/{sbx.sandbox_id}/network", json=body)
+        assert r.status_code == 204, r.text
+        assert (network().status, network().reason) == ("True", "Applied")
+    finally:
+        sbx.kill()
+        with contextlib.suppress(Exception):
+            Secret.destroy(name, api_key=API_KEY, api_url=a.url)
+
+
 def test_secrets_deleted_while_a_node_is_down_are_gone_from_its_copy(kube: Env) -> None:
     """The secrets Secret deleted whole while a node is down: no watch event will tell the restarted
     node, whose copy must not keep the values (its egress proxy would go on sending them)."""
