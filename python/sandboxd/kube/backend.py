@@ -138,9 +138,18 @@ class KubernetesBackend:
 
     async def _wait_for(self, name: str, predicate: Any, timeout: float, current: dict[str, Any] | None) -> Any:
         """The first version of Pod ``name`` (from the watch) that satisfies ``predicate``; None if
-        it is deleted first. ``current`` is checked first (it may already be there)."""
-        if current is not None and predicate(current):
-            return current
+        it is deleted first. ``current`` is checked first (it may already be there); versions older
+        than it (the watch's cache, or its events still on their way) are passed over: they may
+        answer an earlier request the same way (a node's refusal of the same settings)."""
+        if current is not None:
+            if predicate(current):
+                return current
+            floor, test = _version(current), predicate
+
+            def predicate(pod: dict[str, Any]) -> bool:
+                version = _version(pod)
+                return (version is None or floor is None or version >= floor) and bool(test(pod))
+
         future: asyncio.Future[dict[str, Any] | None] = asyncio.get_running_loop().create_future()
         entry = (predicate, future)
         self.waiters.setdefault(name, []).append(entry)
@@ -552,6 +561,13 @@ class KubernetesBackend:
 
         patched = await self._guarded_patch(sandbox_id, change)
         digest = pods.network_digest((patched["metadata"].get("annotations") or {}).get(pods.NETWORK_ANNOTATION))
+        if _condition(patched, pods.NETWORK_CONDITION) == "False" and _condition_message(
+            patched, pods.NETWORK_CONDITION
+        ).startswith(digest):
+            # The node refused these very settings before, and a refusal may pass (a secret created
+            # since, nftables failing no more); an unchanged annotation is no event for the node,
+            # so its old answer would be this call's forever: ask it again.
+            patched = await self._ask_network_again(sandbox_id)
 
         def answered(pod: dict[str, Any]) -> bool:
             if pod.get("status", {}).get("phase") in ("Failed", "Succeeded"):
@@ -572,6 +588,23 @@ class KubernetesBackend:
         if _condition(pod, pods.NETWORK_CONDITION) != "True":
             message = _condition_message(pod, pods.NETWORK_CONDITION).partition(": ")[2]
             raise ApiError(400, f"the sandbox's node refused the network settings: {message}")
+
+    async def _ask_network_again(self, sandbox_id: str) -> dict[str, Any]:
+        """Replace the node's answer in the Pod's Network condition by one that answers no settings:
+        the node applies the annotation again on the event this write makes."""
+        condition = {
+            "type": pods.NETWORK_CONDITION,
+            "status": "Unknown",
+            "reason": "Requested",
+            "message": "asked to apply the settings again",
+            "lastTransitionTime": pods.iso(time.time()),
+        }
+        try:
+            return await self.kube.patch(self._path(sandbox_id, "status"), {"status": {"conditions": [condition]}})
+        except KubeError as exc:
+            if exc.status == 404:
+                raise not_found(sandbox_id) from None
+            raise ApiError(503, f"the Kubernetes API server failed: {exc}") from None
 
     # ------------------------------------------------------------------------------ snapshots
 
@@ -737,6 +770,15 @@ def _condition(obj: dict[str, Any], kind: str) -> str | None:
         if condition.get("type") == kind:
             return str(condition.get("status"))
     return None
+
+
+def _version(pod: dict[str, Any]) -> int | None:
+    """The Pod's resourceVersion as a number (etcd's revision, which orders a watch's versions);
+    None when the server's is not one."""
+    try:
+        return int(pod["metadata"]["resourceVersion"])
+    except (KeyError, TypeError, ValueError):
+        return None
 
 
 def _condition_message(obj: dict[str, Any], kind: str) -> str:
