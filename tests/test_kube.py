@@ -792,6 +792,38 @@ def test_secrets_deleted_while_a_node_is_down_are_gone_from_its_copy(kube: Env) 
     assert name not in copied()
 
 
+def test_a_node_cannot_make_the_secrets_secret_a_token_of_serve(kube: Env, kube_cluster: Any) -> None:
+    """Nodes may get Secret sandboxd-e2b-secrets and create Secrets of any name (their tunnel key's).
+    Were it absent (no E2B secret made yet), a node could create it as a ServiceAccount token Secret of
+    sandboxd-serve, read the token Kubernetes fills in, and with it the API key. Replicas make it at
+    start; here one restarts after an admin deleted it."""
+    from kubernetes import client, config
+
+    as_node = client.CoreV1Api(config.new_client_from_config(config_file=str(kube_cluster.kubeconfig("sandboxd-node"))))
+    with contextlib.suppress(client.ApiException):
+        kube.core.delete_namespaced_secret("sandboxd-e2b-secrets", NAMESPACE)
+    # The replica that does not lead: the Lease stays with a live one for the tests that follow.
+    holder = kube.coordination.read_namespaced_lease("sandboxd-serve", NAMESPACE).spec.holder_identity
+    replica = next(r for r in kube.replicas if f"-{r.process.pid}-" not in holder)
+    replica.stop()
+    replica.start()
+    wait_healthy(replica.url, replica.process, replica.log, status=200)
+    hostile = client.V1Secret(
+        metadata=client.V1ObjectMeta(
+            name="sandboxd-e2b-secrets", annotations={"kubernetes.io/service-account.name": "sandboxd-serve"}
+        ),
+        type="kubernetes.io/service-account-token",
+    )
+    try:
+        as_node.create_namespaced_secret(NAMESPACE, hostile)
+    except client.ApiException as exc:
+        assert exc.status == 409
+    else:
+        kube.core.delete_namespaced_secret("sandboxd-e2b-secrets", NAMESPACE)
+        pytest.fail("the node created the secrets Secret as a token of serve's ServiceAccount")
+    assert kube.core.read_namespaced_secret("sandboxd-e2b-secrets", NAMESPACE).type == "Opaque"
+
+
 def test_bad_input_answers_4xx(kube: Env) -> None:
     api = httpx.Client(base_url=kube.replicas[0].url, headers={"X-API-KEY": API_KEY})
     assert httpx.get(f"{kube.replicas[0].url}/v2/sandboxes").status_code == 401
