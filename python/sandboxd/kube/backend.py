@@ -99,6 +99,7 @@ class KubernetesBackend:
         self.tunnel_key = node_keys["tunnel-key"]
         given = {"api-key": api_key} if api_key else None
         self.api_key = api_key or (await shared_secret(self.kube, self.namespace, API_SECRET, given))["api-key"]
+        await self.secrets.ensure()
         self.pods.handlers.append(self._pod_event)
         self.pods.start()
         self.nodes.start()

@@ -107,13 +107,7 @@ class KubeSecrets:
         for _attempt in range(WRITE_ATTEMPTS):
             records, version = await self._read()
             answer = change(records)
-            body: dict[str, Any] = {
-                "apiVersion": "v1",
-                "kind": "Secret",
-                "metadata": {"name": SECRETS_NAME, "labels": {"app.kubernetes.io/managed-by": "sandboxd"}},
-                "type": "Opaque",
-                "data": {k: base64.b64encode(json.dumps(r).encode()).decode() for k, r in records.items()},
-            }
+            body = _body(records)
             try:
                 if version is None:
                     await self.kube.create(path_of("secrets", self.namespace), body)
@@ -132,6 +126,17 @@ class KubeSecrets:
                     ) from None
                 raise ApiError(503, f"the Kubernetes API server failed: {exc}") from None
         raise ApiError(409, "the secrets kept changing meanwhile; try again")
+
+    async def ensure(self) -> None:
+        """Create the Secret, empty, unless it exists (``serve`` at start, before any sandbox runs).
+        Nodes may get it and may create Secrets of any name (their tunnel key's): were it absent, a
+        node could create it as a ServiceAccount token Secret of ``sandboxd-serve`` and read the
+        token Kubernetes fills in, and with it the API key."""
+        try:
+            await self.kube.create(path_of("secrets", self.namespace), _body({}))
+        except KubeError as exc:
+            if exc.status != 409:
+                raise
 
     @staticmethod
     def _find(records: Records, selector: str) -> str:
@@ -209,3 +214,14 @@ class KubeSecrets:
         if names:
             records, _version = await self._read()
             missing_secrets(names - {r["name"] for r in records.values()})
+
+
+def _body(records: Records) -> dict[str, Any]:
+    """The Secret holding ``records``."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {"name": SECRETS_NAME, "labels": {"app.kubernetes.io/managed-by": "sandboxd"}},
+        "type": "Opaque",
+        "data": {k: base64.b64encode(json.dumps(r).encode()).decode() for k, r in records.items()},
+    }
