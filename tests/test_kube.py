@@ -767,6 +767,50 @@ def test_settings_a_node_refused_apply_when_put_again_once_they_can(kube: Env) -
             Secret.destroy(name, api_key=API_KEY, api_url=a.url)
 
 
+def test_an_update_overwritten_before_its_node_answers_is_a_409_at_once(kube: Env) -> None:
+    """Another writer (a replica's PUT, anyone who writes Pods) replaces the annotation before the
+    node answers: the node answers only the newest, so the first PUT waited out its 30 s for an answer
+    that never came and said 503; its settings are not in force, which is a 409 (changed meanwhile)."""
+    from sandboxd.kube import pods
+
+    a = kube.replicas[0]
+    api = httpx.Client(base_url=a.url, headers={"X-API-KEY": API_KEY}, timeout=60)
+    sbx = Sandbox.create(timeout=300, **a.opts())
+    node_name = kube.core.read_namespaced_pod(sbx.sandbox_id, NAMESPACE).spec.node_name
+    node = next(p for p in kube.nodes.values() if p.name == node_name)
+
+    def note() -> str:
+        annotations = kube.core.read_namespaced_pod(sbx.sandbox_id, NAMESPACE).metadata.annotations or {}
+        return str(annotations.get(pods.NETWORK_ANNOTATION))
+
+    try:
+        os.kill(node.process.pid, signal.SIGSTOP)  # the node answers nothing until both writes are in
+        try:
+            with ThreadPoolExecutor(1) as pool:
+                put = pool.submit(api.put, f"/sandboxes/{sbx.sandbox_id}/network", json={"denyOut": ["192.0.2.1"]})
+                _wait("the PUT's annotation", lambda: "192.0.2.1" in note(), timeout=10)
+                other = {
+                    "metadata": {"annotations": {pods.NETWORK_ANNOTATION: '{"network":{"denyOut":["192.0.2.2"]}}'}}
+                }
+                kube.core.patch_namespaced_pod(sbx.sandbox_id, NAMESPACE, other)
+                resumed = time.monotonic()
+                os.kill(node.process.pid, signal.SIGCONT)
+                r = put.result()
+        finally:
+            os.kill(node.process.pid, signal.SIGCONT)
+        assert r.status_code == 409, r.text
+        assert time.monotonic() - resumed < 20
+
+        def newest_applied() -> bool:
+            conditions = kube.core.read_namespaced_pod(sbx.sandbox_id, NAMESPACE).status.conditions
+            digest = pods.network_digest(note())
+            return any(c.type == pods.NETWORK_CONDITION and c.message == f"{digest}: applied" for c in conditions)
+
+        _wait("the node's answer to the newest settings", newest_applied, timeout=10)
+    finally:
+        sbx.kill()
+
+
 def test_secrets_deleted_while_a_node_is_down_are_gone_from_its_copy(kube: Env) -> None:
     """The secrets Secret deleted whole while a node is down: no watch event will tell the restarted
     node, whose copy must not keep the values (its egress proxy would go on sending them)."""
