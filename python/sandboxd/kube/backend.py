@@ -570,8 +570,14 @@ class KubernetesBackend:
             # so its old answer would be this call's forever: ask it again.
             patched = await self._ask_network_again(sandbox_id)
 
+        def superseded(pod: dict[str, Any]) -> bool:
+            """Another writer replaced the annotation: the node answers only the newest."""
+            return (
+                pods.network_digest((pod["metadata"].get("annotations") or {}).get(pods.NETWORK_ANNOTATION)) != digest
+            )
+
         def answered(pod: dict[str, Any]) -> bool:
-            if pod.get("status", {}).get("phase") in ("Failed", "Succeeded"):
+            if pod.get("status", {}).get("phase") in ("Failed", "Succeeded") or superseded(pod):
                 return True
             return _condition_message(pod, pods.NETWORK_CONDITION).startswith(digest)
 
@@ -586,6 +592,8 @@ class KubernetesBackend:
         if pod is None:
             raise not_found(sandbox_id)
         self._live(pod)
+        if superseded(pod):
+            raise ApiError(409, f'Sandbox "{sandbox_id}"\'s network settings were changed meanwhile; try again')
         if _condition(pod, pods.NETWORK_CONDITION) != "True":
             message = _condition_message(pod, pods.NETWORK_CONDITION).partition(": ")[2]
             raise ApiError(400, f"the sandbox's node refused the network settings: {message}")
