@@ -101,7 +101,7 @@ sys.path.insert(0, sys.argv[4])
 import netlab, ssl
 root, web, web2 = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
 netlab.NAMES.clear()
-netlab.NAMES.update({"allowed.test": [web], "other.test": [web2]})
+netlab.NAMES.update({"allowed.test": [web], "other.test": [web2], "host.test": [sys.argv[5]]})
 netlab._Web.requests_file = root / "requests.jsonl"
 tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
 tls.load_cert_chain(root / "web.pem")
@@ -121,7 +121,8 @@ class Internet:
     nodes' (root) namespace through a veth pair: on two addresses of a random /29 of 198.18.0.0/15
     (benchmarking space: not in the ranges sandboxes may never reach) the web servers of
     :mod:`netlab` (HTTP on both, HTTPS on ``web`` with the lab's certificate, every request recorded)
-    and a DNS server on ``web`` (``allowed.test`` is ``web``, ``other.test`` is ``web2``); and a
+    and a DNS server on ``web`` (``allowed.test`` is ``web``, ``other.test`` is ``web2``, ``host.test``
+    is ``host``); and a
     service of "the host" (this process) listening on every address, which no sandbox may reach."""
 
     ns: str
@@ -181,6 +182,7 @@ def internet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Internet]:
                 web,
                 web2,
                 str(Path(__file__).parent),
+                host,
             ],
             stdin=subprocess.PIPE,
             stdout=subprocess.DEVNULL,
@@ -633,6 +635,30 @@ def test_egress_settings_and_updates_take_effect_on_nodes(kube: Env, internet: I
         assert (condition.status, condition.reason) == ("True", "Applied")
         events = kube.core.list_namespaced_event(NAMESPACE, field_selector=f"involvedObject.name={sbx.sandbox_id}")
         assert [e.reason for e in events.items].count("NetworkUpdated") == 3
+    finally:
+        sbx.kill()
+
+
+def test_a_name_allowed_by_rules_never_leads_into_the_node_itself(kube: Env, internet: Internet) -> None:
+    """The egress proxy dials an allowed name from the node's own namespace, where the firewall's input
+    chain does not apply: a name that resolves to one of the node's addresses (not private: the tunnel
+    and the kubelet listen on the machine's address) must not get the sandbox into the host's services."""
+    sbx = Sandbox.create(
+        timeout=300, network={"allow_out": ["host.test"], "deny_out": ["0.0.0.0/0"]}, **kube.replicas[0].opts()
+    )
+    try:
+        # Anywhere outside, with the name in the Host header: the proxy dials host.test instead.
+        script = (
+            "import socket\n"
+            f"s = socket.create_connection(({internet.web!r}, {internet.host_port}), timeout=8)\n"
+            "s.sendall(b'GET / HTTP/1.1\\r\\nHost: host.test\\r\\n\\r\\n')\n"
+            "s.settimeout(8)\n"
+            "try:\n    print(repr(s.recv(100)))\nexcept OSError as exc:\n    print(repr(exc))\n"
+        )
+        sbx.files.write("/tmp/into_host.py", script)
+        said = sbx.commands.run("python3 /tmp/into_host.py", timeout=30).stdout
+        assert "host service" not in said, said
+        assert _probe(sbx, _web(internet.web)) == [False]  # the rules are in force
     finally:
         sbx.kill()
 
