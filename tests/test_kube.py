@@ -101,7 +101,7 @@ sys.path.insert(0, sys.argv[4])
 import netlab, ssl
 root, web, web2 = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
 netlab.NAMES.clear()
-netlab.NAMES.update({"allowed.test": [web], "other.test": [web2]})
+netlab.NAMES.update({"allowed.test": [web], "other.test": [web2], "host.test": [sys.argv[5]]})
 netlab._Web.requests_file = root / "requests.jsonl"
 tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
 tls.load_cert_chain(root / "web.pem")
@@ -121,7 +121,8 @@ class Internet:
     nodes' (root) namespace through a veth pair: on two addresses of a random /29 of 198.18.0.0/15
     (benchmarking space: not in the ranges sandboxes may never reach) the web servers of
     :mod:`netlab` (HTTP on both, HTTPS on ``web`` with the lab's certificate, every request recorded)
-    and a DNS server on ``web`` (``allowed.test`` is ``web``, ``other.test`` is ``web2``); and a
+    and a DNS server on ``web`` (``allowed.test`` is ``web``, ``other.test`` is ``web2``, ``host.test``
+    is ``host``); and a
     service of "the host" (this process) listening on every address, which no sandbox may reach."""
 
     ns: str
@@ -181,6 +182,7 @@ def internet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Internet]:
                 web,
                 web2,
                 str(Path(__file__).parent),
+                host,
             ],
             stdin=subprocess.PIPE,
             stdout=subprocess.DEVNULL,
@@ -637,6 +639,30 @@ def test_egress_settings_and_updates_take_effect_on_nodes(kube: Env, internet: I
         sbx.kill()
 
 
+def test_a_name_allowed_by_rules_never_leads_into_the_node_itself(kube: Env, internet: Internet) -> None:
+    """The egress proxy dials an allowed name from the node's own namespace, where the firewall's input
+    chain does not apply: a name that resolves to one of the node's addresses (not private: the tunnel
+    and the kubelet listen on the machine's address) must not get the sandbox into the host's services."""
+    sbx = Sandbox.create(
+        timeout=300, network={"allow_out": ["host.test"], "deny_out": ["0.0.0.0/0"]}, **kube.replicas[0].opts()
+    )
+    try:
+        # Anywhere outside, with the name in the Host header: the proxy dials host.test instead.
+        script = (
+            "import socket\n"
+            f"s = socket.create_connection(({internet.web!r}, {internet.host_port}), timeout=8)\n"
+            "s.sendall(b'GET / HTTP/1.1\\r\\nHost: host.test\\r\\n\\r\\n')\n"
+            "s.settimeout(8)\n"
+            "try:\n    print(repr(s.recv(100)))\nexcept OSError as exc:\n    print(repr(exc))\n"
+        )
+        sbx.files.write("/tmp/into_host.py", script)
+        said = sbx.commands.run("python3 /tmp/into_host.py", timeout=30).stdout
+        assert "host service" not in said, said
+        assert _probe(sbx, _web(internet.web)) == [False]  # the rules are in force
+    finally:
+        sbx.kill()
+
+
 def test_a_secret_in_a_header_rule_reaches_the_server_from_a_node(kube: Env, internet: Internet) -> None:
     """E2B's secrets API on the cluster: a secret created through one replica fills the header rule
     of a sandbox created through the other, on whichever node runs it; an update is in force for the
@@ -728,6 +754,144 @@ def test_a_pods_network_annotation_is_checked_by_the_node(kube: Env, internet: I
     assert r.status_code == 400, r.text
     assert api.put(f"/sandboxes/{good}/network", json={"denyOut": ["0.0.0.0/0"]}).status_code == 204
     kube.core.delete_namespaced_pod(good, NAMESPACE, grace_period_seconds=5)
+
+
+def test_settings_a_node_refused_apply_when_put_again_once_they_can(kube: Env) -> None:
+    """A refusal may pass (a secret created since, nftables failing no more). A PUT of the very
+    settings the node refused leaves the annotation as it was, which is no event for the node: the PUT
+    must have them tried again, not answer the node's old refusal (and the sandbox never get them)."""
+    from e2b import Secret
+    from sandboxd.kube import pods
+    from sandboxd.runtime.api import network_from_update
+    from sandboxd.runtime.network import NetworkConfig
+
+    a = kube.replicas[0]
+    api = httpx.Client(base_url=a.url, headers={"X-API-KEY": API_KEY})
+    name = f"later-{uuid.uuid4().hex[:8]}"
+    body = {"rules": {"api.test": [{"transform": {"headers": {"X-Key": f"${{e2b.secrets.{name}}}"}}}]}}
+    sbx = Sandbox.create(timeout=300, **a.opts())
+    try:
+        # What serve writes for that PUT, written before the secret exists (as anyone who writes Pods may).
+        note = pods.network_annotation(NetworkConfig().with_egress(network_from_update(body)))
+        kube.core.patch_namespaced_pod(
+            sbx.sandbox_id, NAMESPACE, {"metadata": {"annotations": {pods.NETWORK_ANNOTATION: note}}}
+        )
+
+        def network() -> Any:
+            conditions = kube.core.read_namespaced_pod(sbx.sandbox_id, NAMESPACE).status.conditions
+            return next((c for c in conditions if c.type == pods.NETWORK_CONDITION), None)
+
+        _wait("the node's refusal", lambda: (c := network()) is not None and c.status == "False", timeout=20)
+        assert f"no secret named '{name}'" in network().message
+        Secret.create(name, "sk-later", api_key=API_KEY, api_url=a.url)
+        r = api.put(f"/sandboxes/{sbx.sandbox_id}/network", json=body)
+        assert r.status_code == 204, r.text
+        assert (network().status, network().reason) == ("True", "Applied")
+    finally:
+        sbx.kill()
+        with contextlib.suppress(Exception):
+            Secret.destroy(name, api_key=API_KEY, api_url=a.url)
+
+
+def test_an_update_overwritten_before_its_node_answers_is_a_409_at_once(kube: Env) -> None:
+    """Another writer (a replica's PUT, anyone who writes Pods) replaces the annotation before the
+    node answers: the node answers only the newest, so the first PUT waited out its 30 s for an answer
+    that never came and said 503; its settings are not in force, which is a 409 (changed meanwhile)."""
+    from sandboxd.kube import pods
+
+    a = kube.replicas[0]
+    api = httpx.Client(base_url=a.url, headers={"X-API-KEY": API_KEY}, timeout=60)
+    sbx = Sandbox.create(timeout=300, **a.opts())
+    node_name = kube.core.read_namespaced_pod(sbx.sandbox_id, NAMESPACE).spec.node_name
+    node = next(p for p in kube.nodes.values() if p.name == node_name)
+
+    def note() -> str:
+        annotations = kube.core.read_namespaced_pod(sbx.sandbox_id, NAMESPACE).metadata.annotations or {}
+        return str(annotations.get(pods.NETWORK_ANNOTATION))
+
+    try:
+        os.kill(node.process.pid, signal.SIGSTOP)  # the node answers nothing until both writes are in
+        try:
+            with ThreadPoolExecutor(1) as pool:
+                put = pool.submit(api.put, f"/sandboxes/{sbx.sandbox_id}/network", json={"denyOut": ["192.0.2.1"]})
+                _wait("the PUT's annotation", lambda: "192.0.2.1" in note(), timeout=10)
+                other = {
+                    "metadata": {"annotations": {pods.NETWORK_ANNOTATION: '{"network":{"denyOut":["192.0.2.2"]}}'}}
+                }
+                kube.core.patch_namespaced_pod(sbx.sandbox_id, NAMESPACE, other)
+                resumed = time.monotonic()
+                os.kill(node.process.pid, signal.SIGCONT)
+                r = put.result()
+        finally:
+            os.kill(node.process.pid, signal.SIGCONT)
+        assert r.status_code == 409, r.text
+        assert time.monotonic() - resumed < 20
+
+        def newest_applied() -> bool:
+            conditions = kube.core.read_namespaced_pod(sbx.sandbox_id, NAMESPACE).status.conditions
+            digest = pods.network_digest(note())
+            return any(c.type == pods.NETWORK_CONDITION and c.message == f"{digest}: applied" for c in conditions)
+
+        _wait("the node's answer to the newest settings", newest_applied, timeout=10)
+    finally:
+        sbx.kill()
+
+
+def test_secrets_deleted_while_a_node_is_down_are_gone_from_its_copy(kube: Env) -> None:
+    """The secrets Secret deleted whole while a node is down: no watch event will tell the restarted
+    node, whose copy must not keep the values (its egress proxy would go on sending them)."""
+    import sqlite3
+
+    from e2b import Secret
+
+    node = kube.nodes["c"]
+    db = Path(node.args[node.args.index("--data-dir") + 1]) / "sandboxd.db"
+    name = f"gone-{uuid.uuid4().hex[:8]}"
+
+    def copied() -> set[str]:
+        with contextlib.closing(sqlite3.connect(db)) as conn:
+            return {row[0] for row in conn.execute("SELECT name FROM secrets")}
+
+    Secret.create(name, "sk-gone", api_key=API_KEY, api_url=kube.replicas[0].url)
+    _wait("the node's copy", lambda: name in copied(), timeout=20)
+    starts = node.log.read_text().count("ready: tunnel on")
+    node.stop()
+    kube.core.delete_namespaced_secret("sandboxd-e2b-secrets", NAMESPACE)
+    node.start()
+    _wait("node c back", lambda: node.log.read_text().count("ready: tunnel on") > starts or _died(node), timeout=30)
+    assert name not in copied()
+
+
+def test_a_node_cannot_make_the_secrets_secret_a_token_of_serve(kube: Env, kube_cluster: Any) -> None:
+    """Nodes may get Secret sandboxd-e2b-secrets and create Secrets of any name (their tunnel key's).
+    Were it absent (no E2B secret made yet), a node could create it as a ServiceAccount token Secret of
+    sandboxd-serve, read the token Kubernetes fills in, and with it the API key. Replicas make it at
+    start; here one restarts after an admin deleted it."""
+    from kubernetes import client, config
+
+    as_node = client.CoreV1Api(config.new_client_from_config(config_file=str(kube_cluster.kubeconfig("sandboxd-node"))))
+    with contextlib.suppress(client.ApiException):
+        kube.core.delete_namespaced_secret("sandboxd-e2b-secrets", NAMESPACE)
+    # The replica that does not lead: the Lease stays with a live one for the tests that follow.
+    holder = kube.coordination.read_namespaced_lease("sandboxd-serve", NAMESPACE).spec.holder_identity
+    replica = next(r for r in kube.replicas if f"-{r.process.pid}-" not in holder)
+    replica.stop()
+    replica.start()
+    wait_healthy(replica.url, replica.process, replica.log, status=200)
+    hostile = client.V1Secret(
+        metadata=client.V1ObjectMeta(
+            name="sandboxd-e2b-secrets", annotations={"kubernetes.io/service-account.name": "sandboxd-serve"}
+        ),
+        type="kubernetes.io/service-account-token",
+    )
+    try:
+        as_node.create_namespaced_secret(NAMESPACE, hostile)
+    except client.ApiException as exc:
+        assert exc.status == 409
+    else:
+        kube.core.delete_namespaced_secret("sandboxd-e2b-secrets", NAMESPACE)
+        pytest.fail("the node created the secrets Secret as a token of serve's ServiceAccount")
+    assert kube.core.read_namespaced_secret("sandboxd-e2b-secrets", NAMESPACE).type == "Opaque"
 
 
 def test_bad_input_answers_4xx(kube: Env) -> None:

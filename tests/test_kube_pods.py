@@ -59,6 +59,9 @@ def test_what_serve_writes_reads_back_the_same() -> None:
         ('{"network": {"rules": {"a.test": "x"}}}', "rules"),
         ('{"network": {"httpsPorts": ["443"]}}', "httpsPorts"),
         (json.dumps({"network": {"denyOut": ["10.0.0.1"] * 5000}}), "at most 1000"),
+        # Only the node would apply it: every replica's proxy would still serve the sandbox's ports
+        # without a traffic token, so a Pod asking for private ports must not start public.
+        ('{"network": {"allowPublicTraffic": false}}', "allowPublicTraffic"),
     ],
 )
 def test_a_hostile_annotation_is_a_400_that_says_why(note: str, words: str) -> None:
@@ -93,3 +96,37 @@ def test_only_well_formed_secret_entries_are_mirrored() -> None:
     records = e2b_secrets.decode(secret)
     assert list(records) == ["sec_1"]
     assert e2b_secrets.as_secret("sec_1", records["sec_1"]).version == 2
+
+
+def test_a_hostile_secrets_secret_never_stops_the_nodes_copy_following_it() -> None:
+    """Entries a writer of the Secret may add that passed the record checks but broke what reads them:
+    a name that is not a string (decode crashed: the API answered 500, the node's watch handler
+    failed), one name twice or in two cases (the node's copy, whose names are unique, refused the
+    whole mirror and kept the previous values, a deleted secret's included)."""
+    import base64
+    import sqlite3
+
+    from sandboxd.kube import e2b_secrets
+    from sandboxd.runtime.secrets import SecretStore
+
+    def entry(record: object) -> str:
+        return base64.b64encode(json.dumps(record).encode()).decode()
+
+    good = {"name": "token", "value": "v1", "version": 1, "metadata": {}, "created_at": 1.0, "updated_at": 2.0}
+    store = SecretStore(sqlite3.connect(":memory:", isolation_level=None))
+    store.mirror([(e2b_secrets.as_secret("sec_0", {**good, "name": "deleted"}), "old value")])
+    secret = {
+        "data": {
+            "sec_1": entry(good),
+            "sec_2": entry({**good, "value": "twin"}),
+            "sec_3": entry({**good, "name": "Other"}),
+            "sec_4": entry({**good, "name": 5}),
+            "sec_5": entry({**good, "name": None}),
+            "sec_6": entry({**good, "name": "third", "value": ["not", "text"]}),
+        }
+    }
+    records = e2b_secrets.decode(secret)
+    assert list(records) == ["sec_1"]
+    store.mirror([(e2b_secrets.as_secret(k, r), r["value"]) for k, r in records.items()])
+    assert store.names() == {"token"}
+    assert store.db.execute("SELECT value FROM secrets").fetchall() == [("v1",)]

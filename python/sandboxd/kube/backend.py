@@ -37,7 +37,6 @@ from sandboxd.runtime.logs import LogEntry, from_events
 from sandboxd.runtime.manager import DEFAULT_TIMEOUT_S, CreateRequest, Limits, validate_timeout
 from sandboxd.runtime.metrics import MetricsSample
 from sandboxd.runtime.network import NetworkConfig
-from sandboxd.runtime.network.policy import validate
 from sandboxd.runtime.store import SandboxRow, TemplateRow
 
 from . import pods
@@ -100,6 +99,7 @@ class KubernetesBackend:
         self.tunnel_key = node_keys["tunnel-key"]
         given = {"api-key": api_key} if api_key else None
         self.api_key = api_key or (await shared_secret(self.kube, self.namespace, API_SECRET, given))["api-key"]
+        await self.secrets.ensure()
         self.pods.handlers.append(self._pod_event)
         self.pods.start()
         self.nodes.start()
@@ -139,9 +139,18 @@ class KubernetesBackend:
 
     async def _wait_for(self, name: str, predicate: Any, timeout: float, current: dict[str, Any] | None) -> Any:
         """The first version of Pod ``name`` (from the watch) that satisfies ``predicate``; None if
-        it is deleted first. ``current`` is checked first (it may already be there)."""
-        if current is not None and predicate(current):
-            return current
+        it is deleted first. ``current`` is checked first (it may already be there); versions older
+        than it (the watch's cache, or its events still on their way) are passed over: they may
+        answer an earlier request the same way (a node's refusal of the same settings)."""
+        if current is not None:
+            if predicate(current):
+                return current
+            floor, test = _version(current), predicate
+
+            def predicate(pod: dict[str, Any]) -> bool:
+                version = _version(pod)
+                return (version is None or floor is None or version >= floor) and bool(test(pod))
+
         future: asyncio.Future[dict[str, Any] | None] = asyncio.get_running_loop().create_future()
         entry = (predicate, future)
         self.waiters.setdefault(name, []).append(entry)
@@ -248,7 +257,7 @@ class KubernetesBackend:
 
     async def create(self, request: CreateRequest) -> SandboxRow:
         timeout = self._validate_timeout(request.timeout if request.timeout is not None else DEFAULT_TIMEOUT_S)
-        _check_network(request.network)
+        pods.check_network(request.network)
         await self.secrets.check_references(request.network)
         if request.volume_mounts:
             raise ApiError(
@@ -531,13 +540,13 @@ class KubernetesBackend:
             return NetworkConfig()
 
     def traffic_token(self, sandbox_id: str) -> str | None:
-        return None  # allowPublicTraffic=false is refused at create (see _check_network)
+        return None  # allowPublicTraffic=false is refused at create (see pods.check_network)
 
     async def update_network(self, sandbox_id: str, update: NetworkConfig) -> None:
         """E2B's full replace of a running sandbox's egress: the Pod's network annotation rewritten
         (guarded by resourceVersion), then the node's answer awaited in the Network condition (a
         refusal there is this call's 400)."""
-        _check_network(update)
+        pods.check_network(update)
         await self.secrets.check_references(update)
 
         def change(row: SandboxRow, pod: dict[str, Any]) -> dict[str, Any]:
@@ -553,9 +562,22 @@ class KubernetesBackend:
 
         patched = await self._guarded_patch(sandbox_id, change)
         digest = pods.network_digest((patched["metadata"].get("annotations") or {}).get(pods.NETWORK_ANNOTATION))
+        if _condition(patched, pods.NETWORK_CONDITION) == "False" and _condition_message(
+            patched, pods.NETWORK_CONDITION
+        ).startswith(digest):
+            # The node refused these very settings before, and a refusal may pass (a secret created
+            # since, nftables failing no more); an unchanged annotation is no event for the node,
+            # so its old answer would be this call's forever: ask it again.
+            patched = await self._ask_network_again(sandbox_id)
+
+        def superseded(pod: dict[str, Any]) -> bool:
+            """Another writer replaced the annotation: the node answers only the newest."""
+            return (
+                pods.network_digest((pod["metadata"].get("annotations") or {}).get(pods.NETWORK_ANNOTATION)) != digest
+            )
 
         def answered(pod: dict[str, Any]) -> bool:
-            if pod.get("status", {}).get("phase") in ("Failed", "Succeeded"):
+            if pod.get("status", {}).get("phase") in ("Failed", "Succeeded") or superseded(pod):
                 return True
             return _condition_message(pod, pods.NETWORK_CONDITION).startswith(digest)
 
@@ -570,9 +592,28 @@ class KubernetesBackend:
         if pod is None:
             raise not_found(sandbox_id)
         self._live(pod)
+        if superseded(pod):
+            raise ApiError(409, f'Sandbox "{sandbox_id}"\'s network settings were changed meanwhile; try again')
         if _condition(pod, pods.NETWORK_CONDITION) != "True":
             message = _condition_message(pod, pods.NETWORK_CONDITION).partition(": ")[2]
             raise ApiError(400, f"the sandbox's node refused the network settings: {message}")
+
+    async def _ask_network_again(self, sandbox_id: str) -> dict[str, Any]:
+        """Replace the node's answer in the Pod's Network condition by one that answers no settings:
+        the node applies the annotation again on the event this write makes."""
+        condition = {
+            "type": pods.NETWORK_CONDITION,
+            "status": "Unknown",
+            "reason": "Requested",
+            "message": "asked to apply the settings again",
+            "lastTransitionTime": pods.iso(time.time()),
+        }
+        try:
+            return await self.kube.patch(self._path(sandbox_id, "status"), {"status": {"conditions": [condition]}})
+        except KubeError as exc:
+            if exc.status == 404:
+                raise not_found(sandbox_id) from None
+            raise ApiError(503, f"the Kubernetes API server failed: {exc}") from None
 
     # ------------------------------------------------------------------------------ snapshots
 
@@ -740,23 +781,20 @@ def _condition(obj: dict[str, Any], kind: str) -> str | None:
     return None
 
 
+def _version(pod: dict[str, Any]) -> int | None:
+    """The Pod's resourceVersion as a number (etcd's revision, which orders a watch's versions);
+    None when the server's is not one."""
+    try:
+        return int(pod["metadata"]["resourceVersion"])
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
 def _condition_message(obj: dict[str, Any], kind: str) -> str:
     for condition in obj.get("status", {}).get("conditions") or []:
         if condition.get("type") == kind:
             return str(condition.get("message", ""))
     return ""
-
-
-def _check_network(config: NetworkConfig) -> None:
-    """E2B's checks of network settings (as on one machine), and a 400 for what nodes cannot do yet:
-    the traffic token (the proxy of every replica would need it)."""
-    validate(config)
-    if config.allow_public_traffic is False:
-        raise ApiError(
-            400,
-            "'network.allowPublicTraffic': false is not available with --backend kubernetes (yet): "
-            "sandbox URLs are public, guarded by the sandbox's access token",
-        )
 
 
 def _unschedulable(pod: dict[str, Any]) -> str | None:

@@ -49,19 +49,25 @@ Records = dict[str, dict[str, Any]]
 def decode(secret: dict[str, Any]) -> Records:
     """The records of the Kubernetes Secret ``secret``. Entries that are not records the single
     machine would have stored are skipped (the Secret is writable by anyone RBAC lets write it), and
-    the next write through the API leaves them out."""
+    the next write through the API leaves them out: a name not in its stored (lowercased) form, which
+    no placeholder finds, and a name an earlier entry (by id) has already, which the node's copy could
+    not hold twice (its mirror would fail whole and keep values the cluster no longer has)."""
     records: Records = {}
-    for key, data in (secret.get("data") or {}).items():
+    names: set[str] = set()
+    for key, data in sorted((secret.get("data") or {}).items()):
         try:
             record = json.loads(base64.b64decode(data))
-            check_name(record["name"])
-            check_value(record["value"])
+            name, value = record["name"], record["value"]
+            if not isinstance(name, str) or not isinstance(value, str) or check_name(name) != name:
+                continue
+            check_value(value)
             if not isinstance(record["metadata"], dict) or not isinstance(record["version"], int):
                 continue
             float(record["created_at"]), float(record["updated_at"])
         except (ValueError, TypeError, KeyError, ApiError):
             continue
-        if key.startswith(ID_PREFIX):
+        if key.startswith(ID_PREFIX) and name not in names:
+            names.add(name)
             records[key] = record
     return records
 
@@ -101,13 +107,7 @@ class KubeSecrets:
         for _attempt in range(WRITE_ATTEMPTS):
             records, version = await self._read()
             answer = change(records)
-            body: dict[str, Any] = {
-                "apiVersion": "v1",
-                "kind": "Secret",
-                "metadata": {"name": SECRETS_NAME, "labels": {"app.kubernetes.io/managed-by": "sandboxd"}},
-                "type": "Opaque",
-                "data": {k: base64.b64encode(json.dumps(r).encode()).decode() for k, r in records.items()},
-            }
+            body = _body(records)
             try:
                 if version is None:
                     await self.kube.create(path_of("secrets", self.namespace), body)
@@ -126,6 +126,17 @@ class KubeSecrets:
                     ) from None
                 raise ApiError(503, f"the Kubernetes API server failed: {exc}") from None
         raise ApiError(409, "the secrets kept changing meanwhile; try again")
+
+    async def ensure(self) -> None:
+        """Create the Secret, empty, unless it exists (``serve`` at start, before any sandbox runs).
+        Nodes may get it and may create Secrets of any name (their tunnel key's): were it absent, a
+        node could create it as a ServiceAccount token Secret of ``sandboxd-serve`` and read the
+        token Kubernetes fills in, and with it the API key."""
+        try:
+            await self.kube.create(path_of("secrets", self.namespace), _body({}))
+        except KubeError as exc:
+            if exc.status != 409:
+                raise
 
     @staticmethod
     def _find(records: Records, selector: str) -> str:
@@ -203,3 +214,14 @@ class KubeSecrets:
         if names:
             records, _version = await self._read()
             missing_secrets(names - {r["name"] for r in records.values()})
+
+
+def _body(records: Records) -> dict[str, Any]:
+    """The Secret holding ``records``."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {"name": SECRETS_NAME, "labels": {"app.kubernetes.io/managed-by": "sandboxd"}},
+        "type": "Opaque",
+        "data": {k: base64.b64encode(json.dumps(r).encode()).decode() for k, r in records.items()},
+    }

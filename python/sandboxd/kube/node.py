@@ -159,6 +159,10 @@ class SandboxNode:
         self.pods.handlers.append(self._pod_event)
         self.pods.start()
         await asyncio.gather(self.pods.synced.wait(), self.secret_watch.synced.wait())
+        if not self.secret_watch.items:
+            # No Secret (deleted while this node was down): no event will say so, and the copy kept
+            # from the last run must not go on filling header rules with values the cluster dropped.
+            self._secrets_event("DELETED", {})
         self._spawn(self._kill_orphans())
         log.info("node %s ready: tunnel on %s:%d", self.name, self.options.address, self.tunnel_port)
 

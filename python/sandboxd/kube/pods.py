@@ -211,8 +211,21 @@ def parse_network(text: str | None) -> NetworkConfig:
             400, f'annotation {NETWORK_ANNOTATION} must be {{"allow_internet_access": bool, "network": {{...}}}}'
         )
     config = network_from_create(body)
-    validate(config)
+    check_network(config)
     return config
+
+
+def check_network(config: NetworkConfig) -> None:
+    """E2B's checks of network settings (as on one machine), and a 400 for what sandboxd nodes cannot
+    honour yet: ``allowPublicTraffic: false`` (the traffic token that every replica's proxy would
+    have to check; applied by the node alone, the sandbox's ports would stay public, looser than asked)."""
+    validate(config)
+    if config.allow_public_traffic is False:
+        raise ApiError(
+            400,
+            "'network.allowPublicTraffic': false is not available with --backend kubernetes (yet): "
+            "sandbox URLs are public, guarded by the sandbox's access token",
+        )
 
 
 def network_digest(text: str | None) -> str:

@@ -9,8 +9,8 @@ decided on its own, E2B's way (see :mod:`.policy`):
    or the Host header of an HTTP/1 request. A client-first protocol sends at once; a server-first
    one (SSH, SMTP) sends nothing and gets no name after :data:`PEEK_TIMEOUT_S`;
 3. allowed by name: dialed *by that name*, resolved by the host's resolvers, to an address that is
-   not in a never-reachable range; else allowed by address (or by default): dialed at the original
-   address; else closed;
+   not in a never-reachable range nor the host's own (:func:`_own_address`); else allowed by
+   address (or by default): dialed at the original address; else closed;
 4. a name with header rules: HTTP requests get the headers (values replace the request's own, and
    a ``${e2b.secrets.<name>}`` in them becomes that secret's current value, read per connection,
    on TLS connections only; a connection whose rule names a secret that is gone, or in plain HTTP,
@@ -309,7 +309,7 @@ class EgressProxy:
         (a name pointed at a private address does not get the sandbox in)."""
         for text in await self.resolver.addresses(name):
             ip = _plain(ipaddress.ip_address(text))
-            if not self.reachable(ip):
+            if not self.reachable(ip) or (_own_address(ip) and not any(ip in n for n in self.opened)):
                 log.warning("egress: %s resolved to %s, which sandboxes may not reach", name, ip)
                 continue
             sock = await self._dial(ip, port)
@@ -338,6 +338,20 @@ class EgressProxy:
         finally:
             up_w.close()
             client_w.close()
+
+
+def _own_address(ip: IPAddress) -> bool:
+    """Whether ``ip`` is one of this host's addresses. The proxy dials from the host's namespace, where
+    the firewall's ``input`` chain (which keeps sandboxes off the host's services, on any address)
+    does not apply; an allowed name resolving to the host's public address would otherwise lead in.
+    The kernel's route to a local address has that address as its source, and a UDP connect only
+    looks the route up (nothing is sent)."""
+    with socket.socket(socket.AF_INET if ip.version == 4 else socket.AF_INET6, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect((str(ip), 9))
+        except OSError:
+            return False
+        return bool(ipaddress.ip_address(probe.getsockname()[0].split("%", 1)[0]) == ip)
 
 
 async def _relay(a: socket.socket, b: socket.socket) -> None:
