@@ -252,11 +252,14 @@ fn read_fd(fd: RawFd, buffer: &mut [u8]) -> io::Result<usize> {
     }
 }
 
-/// Whether `fd` became readable (or closed, or failed) within `idle`; false when it timed out.
+/// Whether `fd` became readable (or closed, or failed) within `idle`; false when it timed out. An
+/// `idle` past what the clock can add (an absurd `--idle-timeout`) waits without a deadline.
 fn wait_readable(fd: RawFd, idle: Duration) -> bool {
-    let deadline = Instant::now() + idle;
+    let deadline = Instant::now().checked_add(idle);
     loop {
-        let left = deadline.saturating_duration_since(Instant::now());
+        let left = deadline.map_or(Duration::MAX, |d| {
+            d.saturating_duration_since(Instant::now())
+        });
         let timeout = left.as_millis().clamp(1, i32::MAX as u128) as libc::c_int;
         let mut pfd = libc::pollfd {
             fd,
@@ -269,7 +272,7 @@ fn wait_readable(fd: RawFd, idle: Duration) -> bool {
             return true;
         }
         if n == 0 {
-            if Instant::now() >= deadline {
+            if deadline.is_some_and(|d| Instant::now() >= d) {
                 return false;
             }
             continue; // poll's timeout is in whole milliseconds, rounded down
@@ -385,6 +388,13 @@ mod tests {
         let file = tempfile::tempfile().unwrap();
         let got = receive(server.as_raw_fd(), &file, 5000, Duration::from_secs(5)).unwrap();
         assert_eq!(got, (1000, Received::Closed(1000)));
+    }
+
+    #[test]
+    fn an_idle_timeout_past_the_clock_waits_without_a_deadline() {
+        let (mut client, server) = connected();
+        client.write_all(b"abc").unwrap();
+        assert!(wait_readable(server.as_raw_fd(), Duration::MAX));
     }
 
     #[test]
