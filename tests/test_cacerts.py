@@ -107,3 +107,17 @@ def test_where_the_kernel_cannot_copy_the_bundle_it_is_read_and_written(
     bundle.write_bytes(old)
     cacerts.install(PEM, str(bundle), str(tmp_path / "extra.crt"))
     assert bundle.read_bytes() == old + b"\n" + PEM.encode() + b"\n"
+
+
+@pytest.mark.timeout(60)
+def test_refuses_a_bundle_linked_to_a_proc_file_that_reads_for_ever(tmp_path: Path) -> None:
+    # /proc/self/pagemap is a regular file whose size says 0 and which reads 8 bytes a page of the
+    # whole address space (256 GiB); pieces a multiple of 8 long (a PEM of 8n+1 bytes) are read.
+    pem = "-----BEGIN CERTIFICATE-----\nMIIB" + "x" * 7 + "\n-----END CERTIFICATE-----"
+    assert (len(pem) - 1) % 8 == 0
+    bundle = tmp_path / "ca-certificates.crt"
+    bundle.symlink_to("/proc/self/pagemap")
+    assert os.stat(bundle).st_size == 0
+    with pytest.raises(ValueError, match="longer than"):
+        cacerts.install(pem, str(bundle), str(tmp_path / "extra.crt"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ca-certificates.crt"]  # nothing written

@@ -145,3 +145,21 @@ def test_a_dead_spare_is_replaced_and_the_create_still_served(
     assert answer["id"] == "bad/after-kill" and "must be 1-64 bytes" in answer["error"], answer
     assert spare_of(process.pid) != spare
     assert not Path(f"/proc/{spare}").exists()  # reaped, not left a zombie
+
+
+def test_a_request_the_spare_cannot_take_leaves_no_zombie_nor_its_pipe(
+    zygote_process: tuple[socket.socket, subprocess.Popen[bytes]], tmp_path: Path
+) -> None:
+    # The spare's log cannot be opened (no "log": a KeyError, not an OSError): the create is refused,
+    # and the spare is reaped with its report pipe closed, not left to every later sandbox to inherit.
+    sock, process = zygote_process
+    ask(sock, refused("bad/before", tmp_path))
+    spare = spare_of(process.pid)
+    before = sorted(os.listdir(f"/proc/{process.pid}/fd"))
+    request = refused("no-log", tmp_path)
+    del request["log"]
+    answer = ask(sock, request)
+    assert answer["id"] == "no-log" and answer["ok"] is False and "'log'" in answer["error"], answer
+    assert spare_of(process.pid) != spare  # its only child again: the old spare is not a zombie
+    assert not Path(f"/proc/{spare}").exists()
+    assert sorted(os.listdir(f"/proc/{process.pid}/fd")) == before

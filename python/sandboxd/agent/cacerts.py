@@ -70,7 +70,11 @@ def install(pem: str, bundle: str = BUNDLE, extra: str = EXTRA) -> None:
 
 def _contains(fd: int, needle: bytes) -> bool:
     """Whether the file at ``fd`` holds ``needle``, read from its start in :data:`CHUNK` pieces
-    (each overlapping the last by less than the needle, so none is missed at a boundary)."""
+    (each overlapping the last by less than the needle, so none is missed at a boundary).
+
+    Reads at most :data:`MAX_BUNDLE` bytes and a piece, then refuses with a ``ValueError``: its size
+    is not proof of its length, as a sandbox can link the bundle to a file of ``/proc`` that says 0
+    and reads for ever (``/proc/self/pagemap``: 256 GiB of a 47-bit address space)."""
     keep = len(needle) - 1
     buf = bytearray(CHUNK + keep)
     view = memoryview(buf)
@@ -83,6 +87,8 @@ def _contains(fd: int, needle: bytes) -> bool:
         end = held + n
         if buf.find(needle, 0, end) >= 0:
             return True
+        if offset > MAX_BUNDLE:
+            raise ValueError(f"the trust store reads longer than {MAX_BUNDLE >> 20} MiB")
         held = min(keep, end)
         buf[:held] = buf[end - held : end]
 

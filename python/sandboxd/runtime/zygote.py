@@ -289,7 +289,9 @@ def _fork_spare(inherited: list[int]) -> Spare:
 
 def _hand_to_spare(spare: Spare, data: bytes, request: dict[str, Any], fds: list[int]) -> bool:
     """Send a create request (as received) to ``spare``, which is used up either way; False if it
-    could not be (it died, or the log would not open): then it is reaped, and the caller forks."""
+    could not be (it died, or the log would not open): then it is reaped, and the caller forks (and
+    answers the same error). Any error, not only an ``OSError`` (a ``log`` that is no path): a spare
+    not reaped stays a zombie, and its report pipe, left open here, would reach every later sandbox."""
     try:
         log_fd = _open_log(request)
         try:
@@ -297,7 +299,7 @@ def _hand_to_spare(spare: Spare, data: bytes, request: dict[str, Any], fds: list
         finally:
             os.close(log_fd)
         return True
-    except OSError:
+    except Exception:
         spare.channel.close()  # a spare still waiting exits on the end of its channel
         os.close(spare.report)
         os.waitpid(spare.pid, 0)
