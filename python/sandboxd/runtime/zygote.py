@@ -16,6 +16,7 @@ ever import is imported here first (:func:`preload`).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import select
@@ -205,7 +206,7 @@ def _become_sandbox(request: dict[str, Any], disk_fd: int | None, log_fd: int, r
             **_volumes(request),
         )
     except BaseException as exc:  # A must never return into the zygote's loop
-        os.write(report, _report(f"E{exc}".encode(errors="replace")))
+        _tell(report, _report(f"E{exc}".encode(errors="replace")))
         os._exit(1)
     if where.inside:  # "C": PID 2 inside the sandbox
         os.close(report)
@@ -214,8 +215,15 @@ def _become_sandbox(request: dict[str, Any], disk_fd: int | None, log_fd: int, r
         for fd in request["volume_fds"]:
             os.close(fd)  # likewise: mounted inside, idmapped; the raw mounts stay outside
         _run_agent(log_fd, request.get("files") or {}, request.get("interpreter") is True, request.get("ca_bundle"))
-    os.write(report, _report(b"P%d" % where.init_pid))
+    _tell(report, _report(b"P%d" % where.init_pid))
     os._exit(0)
+
+
+def _tell(report: int, message: bytes) -> None:
+    """A's report to the zygote. A zygote gone meanwhile (a broken pipe) has no one to tell: A still
+    exits where it is, never unwinding into its copy of the zygote's loop."""
+    with contextlib.suppress(OSError):
+        os.write(report, message)
 
 
 def _open_log(request: dict[str, Any]) -> int:
@@ -265,7 +273,14 @@ def _fork_spare(inherited: list[int]) -> Spare:
     """Fork a :class:`Spare`. ``inherited`` as for :func:`_fork_sandbox`."""
     r, w = os.pipe()
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    pid = os.fork()
+    try:
+        pid = os.fork()
+    except OSError:
+        for fd in (r, w):
+            os.close(fd)
+        ours.close()
+        theirs.close()
+        raise
     if pid == 0:  # "A", before its request
         try:
             os.close(r)
@@ -345,7 +360,10 @@ def serve(sock: socket.socket) -> None:
     try:
         while True:
             if spare is None and not pending:
-                spare = _fork_spare([sock.fileno(), selector.fileno()])
+                # A spare that cannot be forked now (out of memory or processes) is not an error:
+                # the next create forks at request time, and answers an error if that fails too.
+                with contextlib.suppress(OSError):
+                    spare = _fork_spare([sock.fileno(), selector.fileno()])
             for key, _ in selector.select():
                 if key.fileobj is sock:
                     data, fds, _flags, _addr = socket.recv_fds(sock, MAX_MESSAGE, 1 + MAX_VOLUMES)
