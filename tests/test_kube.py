@@ -73,6 +73,8 @@ class Env:
     coordination: Any
     nodes: dict[str, Proc]
     replicas: list[Proc]
+    nodes_came_first: bool
+    """The nodes started, and waited, before any replica had created Secret sandboxd-node."""
 
 
 def _wait(what: str, check: Callable[[], Any], timeout: float = 60, every: float = 0.2) -> Any:
@@ -84,6 +86,22 @@ def _wait(what: str, check: Callable[[], Any], timeout: float = 60, every: float
         if time.monotonic() > deadline:
             pytest.fail(f"timed out waiting for {what}")
         time.sleep(every)
+
+
+WAITING = "waiting for Secret sandboxd/sandboxd-node"
+"""What a node logs while no replica has created its keys."""
+
+
+def _node_keys_absent(core: Any) -> bool:
+    from kubernetes import client
+
+    try:
+        core.read_namespaced_secret("sandboxd-node", NAMESPACE)
+    except client.ApiException as exc:
+        if exc.status == 404:
+            return True
+        raise
+    return False
 
 
 def _node_ready(core: Any, name: str) -> bool:
@@ -247,6 +265,11 @@ def kube(
         proc = Proc(name, args, data_dir / "node.log", None)  # type: ignore[arg-type]
         proc.start()
         nodes[suffix] = proc
+    # Nodes never create Secrets: started before any replica, they wait for one to create their keys'.
+    waited = _node_keys_absent(core)
+    if waited:
+        for proc in nodes.values():
+            _wait(f"node {proc.name} waiting for its keys", lambda p=proc: WAITING in p.log.read_text() or _died(p))
     replicas = []
     for i in range(2):
         port = free_port()
@@ -259,7 +282,7 @@ def kube(
         proc = Proc(f"serve-{i}", args, log, None, port)  # type: ignore[arg-type]
         proc.start()
         replicas.append(proc)
-    env = Env(core, coordination, nodes, replicas)
+    env = Env(core, coordination, nodes, replicas, waited)
     try:
         for proc in nodes.values():
             _wait(f"node {proc.name} Ready", lambda p=proc: _node_ready(core, p.name) or _died(p))
@@ -862,35 +885,51 @@ def test_secrets_deleted_while_a_node_is_down_are_gone_from_its_copy(kube: Env) 
     assert name not in copied()
 
 
-def test_a_node_cannot_make_the_secrets_secret_a_token_of_serve(kube: Env, kube_cluster: Any) -> None:
-    """Nodes may get Secret sandboxd-e2b-secrets and create Secrets of any name (their tunnel key's).
-    Were it absent (no E2B secret made yet), a node could create it as a ServiceAccount token Secret of
-    sandboxd-serve, read the token Kubernetes fills in, and with it the API key. Replicas make it at
-    start; here one restarts after an admin deleted it."""
+def test_nodes_started_before_any_replica_wait_for_it_and_then_come_up(kube: Env) -> None:
+    """The fixture starts the nodes first and the replicas only once every node said it waits for
+    Secret sandboxd-node; every node went Ready after, with the keys the replicas created."""
+    if not kube.nodes_came_first:
+        pytest.skip("Secret sandboxd-node existed before this module's nodes started (a cluster shared)")
+    for proc in kube.nodes.values():
+        log = proc.log.read_text()
+        assert log.index(WAITING) < log.index("ready: tunnel on")
+        assert _node_ready(kube.core, proc.name)
+    # Their keys are the replicas' (a sandbox through a replica is reached through a node's tunnel).
+    sbx = Sandbox.create(timeout=60, **kube.replicas[0].opts())
+    try:
+        assert sbx.commands.run("echo keyed").stdout == "keyed\n"
+    finally:
+        sbx.kill()
+
+
+def test_a_node_cannot_create_any_secret(kube: Env, kube_cluster: Any) -> None:
+    """A node that could create Secrets could pre-create one a replica later trusts: sandboxd-node
+    with keys of its choosing before any replica ran (or after an admin deleted it), or any Secret
+    not made yet (sandboxd-e2b-secrets, sandboxd-api) as a ServiceAccount token Secret of
+    sandboxd-serve, whose token it then reads. Its role grants no create: 403 for every name, made or
+    not. Replicas make sandboxd-e2b-secrets at start; here one restarts after an admin deleted it."""
     from kubernetes import client, config
 
     as_node = client.CoreV1Api(config.new_client_from_config(config_file=str(kube_cluster.kubeconfig("sandboxd-node"))))
     with contextlib.suppress(client.ApiException):
         kube.core.delete_namespaced_secret("sandboxd-e2b-secrets", NAMESPACE)
+    for name in ("sandboxd-e2b-secrets", "sandboxd-node", "sandboxd-api", f"made-by-a-node-{uuid.uuid4().hex[:6]}"):
+        for kind in ("Opaque", "kubernetes.io/service-account-token"):
+            hostile = client.V1Secret(
+                metadata=client.V1ObjectMeta(
+                    name=name, annotations={"kubernetes.io/service-account.name": "sandboxd-serve"}
+                ),
+                type=kind,
+            )
+            with pytest.raises(client.ApiException) as caught:
+                as_node.create_namespaced_secret(NAMESPACE, hostile)
+            assert caught.value.status == 403, (name, kind, caught.value.status)
     # The replica that does not lead: the Lease stays with a live one for the tests that follow.
     holder = kube.coordination.read_namespaced_lease("sandboxd-serve", NAMESPACE).spec.holder_identity
     replica = next(r for r in kube.replicas if f"-{r.process.pid}-" not in holder)
     replica.stop()
     replica.start()
     wait_healthy(replica.url, replica.process, replica.log, status=200)
-    hostile = client.V1Secret(
-        metadata=client.V1ObjectMeta(
-            name="sandboxd-e2b-secrets", annotations={"kubernetes.io/service-account.name": "sandboxd-serve"}
-        ),
-        type="kubernetes.io/service-account-token",
-    )
-    try:
-        as_node.create_namespaced_secret(NAMESPACE, hostile)
-    except client.ApiException as exc:
-        assert exc.status == 409
-    else:
-        kube.core.delete_namespaced_secret("sandboxd-e2b-secrets", NAMESPACE)
-        pytest.fail("the node created the secrets Secret as a token of serve's ServiceAccount")
     assert kube.core.read_namespaced_secret("sandboxd-e2b-secrets", NAMESPACE).type == "Opaque"
 
 

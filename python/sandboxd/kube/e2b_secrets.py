@@ -128,10 +128,9 @@ class KubeSecrets:
         raise ApiError(409, "the secrets kept changing meanwhile; try again")
 
     async def ensure(self) -> None:
-        """Create the Secret, empty, unless it exists (``serve`` at start, before any sandbox runs).
-        Nodes may get it and may create Secrets of any name (their tunnel key's): were it absent, a
-        node could create it as a ServiceAccount token Secret of ``sandboxd-serve`` and read the
-        token Kubernetes fills in, and with it the API key."""
+        """Create the Secret, empty, unless it exists (``serve`` at start, before any sandbox runs),
+        so that it always exists as ``serve`` made it: RBAC lets nodes read it and create no Secret
+        at all (see :mod:`.secrets`), and this keeps it so should a node's role ever grow that verb."""
         try:
             await self.kube.create(path_of("secrets", self.namespace), _body({}))
         except KubeError as exc:

@@ -50,7 +50,7 @@ from sandboxd.runtime.templates import Templates, default_store_dir
 from . import e2b_secrets, pods
 from .client import MERGE, Informer, Kube, KubeError, path_of
 from .e2b_secrets import SECRETS_NAME, KubeSecrets
-from .secrets import NODE_SECRET, shared_secret
+from .secrets import NODE_SECRET, await_secret
 from .tunnel import TunnelServer
 
 log = logging.getLogger("sandboxd.kube.node")
@@ -142,7 +142,7 @@ class SandboxNode:
     # ----------------------------------------------------------------------------- start/stop
 
     async def start(self) -> None:
-        keys = await shared_secret(self.kube, self.options.namespace, NODE_SECRET)
+        keys = await await_secret(self.kube, self.options.namespace, NODE_SECRET)
         self.token_key = keys["token-key"].encode()
         self.tunnel = TunnelServer(keys["tunnel-key"], self._open_socket, self.manager_metrics)
         self.tunnel_port = await self.tunnel.start(self.options.address, self.options.tunnel_port)
