@@ -34,6 +34,7 @@ import ipaddress
 import json
 import os
 import random
+import re
 import secrets
 import shutil
 import signal
@@ -202,8 +203,9 @@ class Lab:
         return [json.loads(line) for line in self.requests_file.read_text().splitlines() if line]
 
     def start_runtime(self, data_dir: Path, api_key: str, *flags: str, port: int | None = None) -> Runtime:
-        """``sandboxd serve`` in the host namespace (on ``port``, else a random one)."""
-        port = port or 3000 + random.randrange(20000)
+        """``sandboxd serve`` in the host namespace (on ``port``, else a random one; with 0, the one the
+        kernel picks, which the runtime prints)."""
+        port = 3000 + random.randrange(20000) if port is None else port
         log = data_dir / "serve.log"
         args = [
             "nsenter",
@@ -231,6 +233,8 @@ class Lab:
         with log.open("ab") as out:
             process = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT)
         runtime = Runtime(process, f"http://{self.api_address}:{port}", api_key, data_dir, log)
+        if port == 0:
+            runtime.url = runtime.printed_url()
         runtime.wait_healthy()
         return runtime
 
@@ -256,6 +260,18 @@ class Runtime:
 
     def env(self) -> dict[str, str]:
         return {"E2B_API_KEY": self.api_key, "E2B_API_URL": self.url, "E2B_SANDBOX_URL": self.url}
+
+    def printed_url(self, timeout: float = 60) -> str:
+        """The URL the runtime printed when it started (``--port 0``: the port it bound)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"sandboxd serve exited with {self.process.returncode}:\n{self.log.read_text()}")
+            found = re.search(r"sandbox proxy on (http\S+)", self.log.read_text())
+            if found:
+                return found.group(1)
+            time.sleep(0.05)
+        raise RuntimeError(f"sandboxd serve printed no URL:\n{self.log.read_text()}")
 
     def wait_healthy(self, timeout: float = 60) -> None:
         import urllib.request

@@ -252,13 +252,15 @@ def kube(
     run = f"t{uuid.uuid4().hex[:5]}"
     nodes: dict[str, Proc] = {}
     # node-c offers room for one sandbox only: the scheduler must treat it as full once it has one.
+    # node-b takes the port the kernel picks (--tunnel-port 0), and the replicas find it on its Node.
     for suffix, capacity in (("a", "50"), ("b", "50"), ("c", "1")):
         name = f"{run}-node-{suffix}"
+        tunnel_port = "0" if suffix == "b" else str(free_port())
         data_dir = tmp_path_factory.mktemp(name)
         args = [
             sys.executable, "-m", "sandboxd", "node", "--name", name, "--data-dir", str(data_dir),
             "--kubeconfig", str(kube_cluster.kubeconfig("sandboxd-node")), "--namespace", NAMESPACE,
-            "--tunnel-port", str(free_port()), "--max-sandboxes", capacity,
+            "--tunnel-port", tunnel_port, "--max-sandboxes", capacity,
             "--sandbox-cpus", "1", "--sandbox-memory-mb", "512",
             "--dns-upstream", internet.web, "--egress-trust", str(internet.dir / "lab-ca.pem"),
         ]  # fmt: skip
@@ -900,6 +902,24 @@ def test_nodes_started_before_any_replica_wait_for_it_and_then_come_up(kube: Env
         assert sbx.commands.run("echo keyed").stdout == "keyed\n"
     finally:
         sbx.kill()
+
+
+def test_a_node_on_tunnel_port_0_keeps_sandboxes_off_the_port_it_bound(kube: Env) -> None:
+    """The sandbox firewall's rule that keeps sandboxes off the tunnel even inside an operator-opened
+    range names the port bound, not the 0 asked for (the Node tells replicas that port)."""
+    from sandboxd.runtime.network.addressing import tag_for
+
+    proc = kube.nodes["b"]
+    assert proc.args[proc.args.index("--tunnel-port") + 1] == "0"
+    port = kube.core.read_node(proc.name).status.daemon_endpoints.kubelet_endpoint.port
+    assert port > 0 and f"tunnel on 127.0.0.1:{port}" in proc.log.read_text()
+    table = subprocess.run(
+        ["nft", "list", "table", "inet", f"sandboxd_{tag_for(proc.log.parent)}"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert f"tcp dport != {port} accept" in table and "dport != 0 " not in table
 
 
 def test_a_node_cannot_create_any_secret(kube: Env, kube_cluster: Any) -> None:

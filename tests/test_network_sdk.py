@@ -509,6 +509,57 @@ def test_stop_removes_the_table_and_links_and_a_restart_links_sandboxes_again(
     assert _host_state(lab, tag) == (False, [])
 
 
+def test_a_runtime_on_port_0_keeps_sandboxes_off_the_port_it_bound_even_in_an_opened_range(
+    lab: Lab, tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``--port 0``: the firewall names the port the kernel picked, so a sandbox reaches other ports
+    of the API's address once the operator opens it (--sandbox-allow), and never the API itself."""
+    from sandboxd.runtime.network.addressing import tag_for
+
+    data = tmp_path_factory.mktemp("port0")
+    runtime = lab.start_runtime(data, "port0-key", "--sandbox-allow", f"{lab.api_address}/32", port=0)
+    port = int(runtime.url.rsplit(":", 1)[1])
+    other = port + 1 if port < 65535 else port - 1
+    server = subprocess.Popen(
+        [
+            "ip",
+            "netns",
+            "exec",
+            lab.host_ns,
+            sys.executable,
+            "-m",
+            "http.server",
+            str(other),
+            "--bind",
+            lab.api_address,
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    for name, value in runtime.env().items():
+        monkeypatch.setenv(name, value)
+    try:
+        assert port != 0
+        table = subprocess.run(
+            ["ip", "netns", "exec", lab.host_ns, "nft", "list", "table", "inet", f"sandboxd_{tag_for(data)}"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        assert f"tcp dport != {port} accept" in table
+        sandbox = create()
+        deadline = time.monotonic() + 20
+        while oks(probe(sandbox, web(lab.api_address, ip=lab.api_address, port=other, path="/"))) != [True]:
+            assert time.monotonic() < deadline, "the opened range's other server never answered"
+            time.sleep(0.3)
+        api = web(lab.api_address, ip=lab.api_address, port=port, path="/health")
+        assert oks(probe(sandbox, api)) == [False]
+    finally:
+        server.kill()
+        server.wait()
+        runtime.stop()
+
+
 # ------------------------------------------------------------------------------ warm sandboxes
 
 

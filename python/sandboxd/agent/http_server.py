@@ -615,6 +615,32 @@ def log_like_uvicorn() -> None:
     logging.getLogger("uvicorn.error").setLevel(logging.INFO)
 
 
+def bind_listeners(host: str, port: int, backlog: int = 2048) -> list[socket.socket]:
+    """Listening TCP sockets on every address ``host`` names (as ``loop.create_server`` binds them),
+    all on one port: ``port``, or with 0 the one the kernel picks for the first. Bound before the
+    runtime starts its sandbox firewall, which must name the real port (its rule keeping sandboxes
+    off the API even inside an operator-opened range; with the port still 0 it would name none).
+    Raises OSError as ``bind`` does."""
+    infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    listeners: list[socket.socket] = []
+    try:
+        for family, kind, proto, _name, address in dict.fromkeys(infos):
+            sock = socket.socket(family, kind, proto)
+            listeners.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)  # its v4 twin binds the v4 side
+            if port == 0 and len(listeners) > 1:
+                address = (address[0], listeners[0].getsockname()[1], *address[2:])
+            sock.bind(address)
+            sock.listen(backlog)
+    except OSError:
+        for sock in listeners:
+            sock.close()
+        raise
+    return listeners
+
+
 def server_config(
     app: Any, host: str, port: int, limits: ConnectionLimits | None = None, *, uvicorn_logging: bool = True
 ) -> Any:

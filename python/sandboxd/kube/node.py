@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from sandboxd import __version__, _core
+from sandboxd.agent.http_server import bind_listeners
 from sandboxd.runtime import host
 from sandboxd.runtime.debian import DEFAULT_MIRROR
 from sandboxd.runtime.errors import ApiError
@@ -116,7 +117,9 @@ def _micro_now() -> str:
 class SandboxNode:
     """The provider: Pods bound to this Node in, sandboxes and Pod statuses out."""
 
-    def __init__(self, options: NodeOptions, kube: Kube, manager: SandboxManager, store: Store) -> None:
+    def __init__(
+        self, options: NodeOptions, kube: Kube, manager: SandboxManager, store: Store, listeners: list[socket.socket]
+    ) -> None:
         self.options = options
         self.kube = kube
         self.manager = manager
@@ -124,7 +127,9 @@ class SandboxNode:
         self.name = options.name
         self.token_key = b""
         self.tunnel: TunnelServer | None = None
-        self.tunnel_port = options.tunnel_port
+        self.listeners = listeners
+        """The tunnel's listening sockets, bound before the sandbox firewall (see :func:`_run`)."""
+        self.tunnel_port = int(listeners[0].getsockname()[1])
         self.pods = Informer(kube, "/api/v1/pods", fieldSelector=f"spec.nodeName={options.name}")
         self.secrets = KubeSecrets(kube, options.namespace)
         self.secret_watch = Informer(
@@ -145,7 +150,7 @@ class SandboxNode:
         keys = await await_secret(self.kube, self.options.namespace, NODE_SECRET)
         self.token_key = keys["token-key"].encode()
         self.tunnel = TunnelServer(keys["tunnel-key"], self._open_socket, self.manager_metrics)
-        self.tunnel_port = await self.tunnel.start(self.options.address, self.options.tunnel_port)
+        await self.tunnel.start(self.listeners)
         for row in self.store.live():
             key = row.metadata.get("k8s.pod")
             if key:
@@ -704,10 +709,18 @@ def run(options: NodeOptions) -> None:
 
 async def _run(options: NodeOptions, store: Store, templates: Templates) -> None:
     import signal
+    import sys
 
     from sandboxd.runtime import zygote
     from sandboxd.runtime.zygote_client import ZygoteClient
 
+    # Bound first: the sandbox firewall must name the real port (with --tunnel-port 0, only the bound
+    # socket knows it). Connections wait in the backlog until the node has its keys.
+    try:
+        listeners = bind_listeners(options.address, options.tunnel_port)
+    except OSError as exc:
+        sys.exit(f"sandboxd node cannot listen on {options.address}:{options.tunnel_port}: {exc.strerror or exc}")
+    tunnel_port = int(listeners[0].getsockname()[1])
     # The node shares the machine with other nodes and runtimes: the same host-wide budgets, id
     # registry and per-instance cgroup group as `sandboxd serve` (sandboxd.runtime.host).
     facts = host.prepare(options.data_dir, options.id_registry)
@@ -729,13 +742,13 @@ async def _run(options: NodeOptions, store: Store, templates: Templates) -> None
     if options.network is not None:
         # The tunnel stands where serve's API port does: never reachable from a sandbox, even
         # through a range the operator opened (--sandbox-allow).
-        networks = SandboxNetworks(store, options.data_dir, options.network, limits.max_sandboxes, options.tunnel_port)
+        networks = SandboxNetworks(store, options.data_dir, options.network, limits.max_sandboxes, tunnel_port)
         await networks.start()
     place = await host.open_place(options.data_dir, options.id_registry, limits.disk_mb)
     manager = SandboxManager(store, templates, options.data_dir, zygote_client, limits, place, networks=networks)
     await manager.start()
     kube = await Kube.connect(options.kubeconfig)
-    node = SandboxNode(options, kube, manager, store)
+    node = SandboxNode(options, kube, manager, store, listeners)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

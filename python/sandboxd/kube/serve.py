@@ -14,7 +14,7 @@ from pathlib import Path
 
 from sandboxd import __version__
 from sandboxd.agent.asgi import Receive, Scope, Send, send_json
-from sandboxd.agent.http_server import serve_until_signalled, server_config
+from sandboxd.agent.http_server import bind_listeners, serve_until_signalled, server_config
 from sandboxd.runtime.api import ControlPlane
 from sandboxd.runtime.connection import protocol_class
 from sandboxd.runtime.manager import Limits
@@ -73,6 +73,7 @@ def run(options: KubeServeOptions) -> None:
 
 
 async def _serve(options: KubeServeOptions) -> None:
+    listeners = bind_listeners(options.host, options.port)  # with --port 0, the URL printed names the real one
     kube = await Kube.connect(options.kubeconfig)
     backend = KubernetesBackend(kube, options.namespace, options.limits)
     try:
@@ -87,7 +88,7 @@ async def _serve(options: KubeServeOptions) -> None:
             options.domain,
             secret_api=SecretApi(backend.secrets, api_key),
         )
-        url = f"http://{options.host}:{options.port}"
+        url = f"http://{options.host}:{listeners[0].getsockname()[1]}"
         print(
             f"sandboxd {__version__}: E2B-compatible API and sandbox proxy on {url}\n"
             f"backend: kubernetes, namespace {options.namespace}\n\n"
@@ -99,7 +100,7 @@ async def _serve(options: KubeServeOptions) -> None:
         )
         config = server_config(app, options.host, options.port)
         config.http = protocol_class(proxy, config.http)  # resets and upgrades, as on one machine
-        await serve_until_signalled(config)
+        await serve_until_signalled(config, listeners)
     finally:
         await backend.stop()
         await kube.close()

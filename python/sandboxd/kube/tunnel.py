@@ -56,15 +56,17 @@ class TunnelServer:
         self.key = key.encode()
         self.open_socket = open_socket
         self.metrics = metrics
-        self.server: asyncio.Server | None = None
+        self.servers: list[asyncio.Server] = []
 
-    async def start(self, host: str, port: int) -> int:
-        self.server = await asyncio.start_server(self._handle, host, port, limit=MAX_HEAD)
-        return int(self.server.sockets[0].getsockname()[1])
+    async def start(self, listeners: list[socket.socket]) -> None:
+        """Serve on ``listeners``, bound by the caller (the node binds before its sandbox firewall
+        starts, so that the firewall names the real port)."""
+        for sock in listeners:
+            self.servers.append(await asyncio.start_server(self._handle, sock=sock, limit=MAX_HEAD))
 
     async def stop(self) -> None:
-        if self.server is not None:
-            self.server.close()
+        for server in self.servers:
+            server.close()
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:

@@ -8,6 +8,7 @@ import logging
 import os
 import secrets
 import signal
+import socket
 import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -15,7 +16,7 @@ from pathlib import Path
 
 from sandboxd import __version__, _core
 from sandboxd.agent.asgi import Receive, Scope, Send, header_map, send_json
-from sandboxd.agent.http_server import ConnectionLimits, serve_until_signalled, server_config
+from sandboxd.agent.http_server import ConnectionLimits, bind_listeners, serve_until_signalled, server_config
 
 from . import host
 from .api import ControlPlane
@@ -215,8 +216,15 @@ def run(options: ServeOptions) -> None:
     host.require_isolation(templates, "sandboxd serve")
     _core.become_subreaper()
     limits = _prepare_host(options)
+    # Listening before anything else runs: the sandbox firewall and `sandboxd status` need the real
+    # port, which with --port 0 only the bound socket knows.
+    try:
+        listeners = bind_listeners(options.host, options.port)
+    except OSError as exc:
+        sys.exit(f"sandboxd serve cannot listen on {options.host}:{options.port}: {exc.strerror or exc}")
+    port = int(listeners[0].getsockname()[1])
     scheme = "https" if options.tls_cert else "http"
-    url = f"{scheme}://{options.host}:{options.port}"
+    url = f"{scheme}://{options.host}:{port}"
     store.set_setting("url", url)  # where `sandboxd status` finds this runtime
     base_note = ""
     if any(t.name == "base" and t.state == "not built" for t in templates.listing()):
@@ -253,7 +261,7 @@ def run(options: ServeOptions) -> None:
     # links must go). As SIGINT's handler, SIGTERM unwinds through it instead.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     with contextlib.suppress(KeyboardInterrupt):
-        uvloop.run(_serve(options, limits, store, templates, api_key, observer, recent))
+        uvloop.run(_serve(options, listeners, limits, store, templates, api_key, observer, recent))
 
 
 def _prepare_host(options: ServeOptions) -> Limits:
@@ -263,6 +271,7 @@ def _prepare_host(options: ServeOptions) -> Limits:
 
 async def _serve(
     options: ServeOptions,
+    listeners: list[socket.socket],
     limits: Limits,
     store: Store,
     templates: Templates,
@@ -278,7 +287,8 @@ async def _serve(
     if options.network is not None:
         # Warm sandboxes hold a network slot each without counting against --max-sandboxes.
         slots = limits.max_sandboxes + limits.warm_sandboxes
-        networks = SandboxNetworks(store, options.data_dir, options.network, slots, options.port)
+        port = int(listeners[0].getsockname()[1])
+        networks = SandboxNetworks(store, options.data_dir, options.network, slots, port)
         await networks.start()
     place = await host.open_place(options.data_dir, options.id_registry, limits.disk_mb)
     manager = SandboxManager(
@@ -312,7 +322,7 @@ async def _serve(
         config.ssl_certfile = str(options.tls_cert)
         config.ssl_keyfile = str(options.tls_key) if options.tls_key is not None else None
     try:
-        await serve_until_signalled(config)
+        await serve_until_signalled(config, listeners)
     finally:
         operators.close()
         templates.close()
