@@ -31,6 +31,7 @@ import secrets
 import shutil
 import socket
 import string
+import sys
 import time
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
@@ -44,7 +45,7 @@ from . import snapshots
 from .agent_client import init_agent, interpreter_ready, start_template_command
 from .disks import DiskPool
 from .errors import ApiError, not_found
-from .logs import LogEntry, from_events, read_agent_log
+from .logs import LogEntry, agent_failure, from_events, read_agent_log
 from .metrics import SAMPLE_INTERVAL_S, MetricsHistory, Sampler, Target, bucket
 from .metrics import MetricsSample as MetricsSample  # re-exported: sandboxd.kube reads it from here
 from .network import NetworkConfig, SandboxNetworks
@@ -147,6 +148,18 @@ def new_id() -> str:
     return "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(20))
 
 
+_HOST_CODE = str(Path(__file__).resolve().parents[2])
+"""Where the runtime's code is installed on the host: never named in an error a client reads."""
+
+
+def _running(handle: _core.SandboxHandle) -> bool:
+    """Whether the sandbox's init still runs (one ``waitid``); an init we cannot ask counts as running."""
+    try:
+        return handle.is_running()
+    except OSError:
+        return True
+
+
 def _proc_start_time(pid: int) -> int | None:
     """The kernel's start time of ``pid`` (``/proc/<pid>/stat`` field 22), to detect pid reuse."""
     try:
@@ -188,6 +201,8 @@ class SandboxManager:
         self._slots: set[str] = set()
         """Sandboxes counted against --max-sandboxes: running, or being created or resumed."""
         self._pausing: dict[str, str] = {}
+        self._ending: dict[str, asyncio.Future[None]] = {}
+        """Sandboxes whose agent is being started, each done when its init exits (.watch)."""
         """Sandboxes being paused right now, and why (the proxy treats them as gone already)."""
         self.history = MetricsHistory(data_dir / "metrics.db")
         self.sampler = Sampler()
@@ -465,12 +480,16 @@ class SandboxManager:
                 await renice(warm)  # first: a niced agent answers /init late on a busy host
             # The link is made while the agent comes up (the agent needs no network to start).
             steps: list[Awaitable[object]] = [
-                init_agent(
-                    functools.partial(self.open_socket, row.id),
-                    row.access_token,
-                    {**template.env, **row.env_vars},
-                    default_user=template.user,
-                    default_workdir=template.workdir,
+                self._agent_up(
+                    row.id,
+                    handle,
+                    init_agent(
+                        functools.partial(self.open_socket, row.id),
+                        row.access_token,
+                        {**template.env, **row.env_vars},
+                        default_user=template.user,
+                        default_workdir=template.workdir,
+                    ),
                 )
             ]
             if slot is not None and self.networks is not None:
@@ -496,6 +515,33 @@ class SandboxManager:
         except BaseException:
             await self._stop_processes(row.id, keep_files=resuming, id_base=row.id_base)
             raise
+
+    async def _agent_up(self, sandbox_id: str, handle: _core.SandboxHandle, init: Coroutine[Any, Any, None]) -> None:
+        """``init`` (the agent's ``/init``), unless the sandbox's init exits first: it does when its
+        agent does (the agent is its only child), e.g. when the agent cannot add the egress CA to a
+        trust store the sandbox replaced before a pause. Then the create or resume fails at once
+        with the agent's own reason, not after ``READY_TIMEOUT_S`` of connects refused."""
+        loop = asyncio.get_running_loop()
+        ending = self._ending[sandbox_id] = loop.create_future()
+        task = asyncio.ensure_future(init)
+        try:
+            await asyncio.wait((task, ending), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if self._ending.get(sandbox_id) is ending:
+                del self._ending[sandbox_id]
+            if not task.done():
+                task.cancel()
+                await asyncio.wait((task,))
+        if not task.cancelled() and task.exception() is None:
+            return
+        if not ending.done() and _running(handle):  # /init failed, and not because the agent exited
+            await task  # raises its own error
+        hide = (self.data_dir, str(self.sandboxes_dir), _HOST_CODE, sys.prefix, sys.base_prefix)
+        log_file = self.sandboxes_dir / sandbox_id / "agent.log"
+        reason = await asyncio.to_thread(agent_failure, log_file, hide)
+        code = handle.exit_code()
+        status = f" (exit status {code})" if code is not None else ""
+        raise ApiError(500, f"the sandbox's agent exited before it listened{status}: {reason or 'it gave no reason'}")
 
     def _zygote_request(self, row: SandboxRow, template: Template, sandbox_dir: Path) -> dict[str, Any]:
         """What the zygote needs to build the sandbox (its disk travels beside, as a descriptor)."""
@@ -556,6 +602,9 @@ class SandboxManager:
         """The init's pidfd is readable: it exited. Whether that is a death is decided under the
         sandbox's lock, after whatever transition holds it now (a kill, a pause) has finished."""
         asyncio.get_running_loop().remove_reader(handle.pidfd())
+        ending = self._ending.get(sandbox_id)
+        if ending is not None and not ending.done():
+            ending.set_result(None)
         self._background(self._check_death(sandbox_id, handle))
 
     async def _check_death(self, sandbox_id: str, handle: _core.SandboxHandle) -> None:
