@@ -152,6 +152,19 @@ _HOST_CODE = str(Path(__file__).resolve().parents[2])
 """Where the runtime's code is installed on the host: never named in an error a client reads."""
 
 
+def _stop_unless_ok(waiting: asyncio.Future[Any], done: asyncio.Future[Any]) -> None:
+    """Cancel ``waiting`` when ``done`` failed: it waits for what cannot come without it (the
+    interpreter's kernel, up to ``INTERPRETER_READY_S``, when the agent did not start)."""
+    if done.cancelled() or done.exception() is not None:
+        waiting.cancel()
+
+
+def _close_connected(connecting: asyncio.Future[int]) -> None:
+    """Close the socket a connect that nobody waits for any more made."""
+    if not connecting.cancelled() and connecting.exception() is None:
+        os.close(connecting.result())
+
+
 def _running(handle: _core.SandboxHandle) -> bool:
     """Whether the sandbox's init still runs (one ``waitid``); an init we cannot ask counts as running."""
     try:
@@ -479,7 +492,7 @@ class SandboxManager:
             if warm is not None:
                 await renice(warm)  # first: a niced agent answers /init late on a busy host
             # The link is made while the agent comes up (the agent needs no network to start).
-            steps: list[Awaitable[object]] = [
+            agent = asyncio.ensure_future(
                 self._agent_up(
                     row.id,
                     handle,
@@ -491,13 +504,16 @@ class SandboxManager:
                         default_workdir=template.workdir,
                     ),
                 )
-            ]
+            )
+            steps: list[Awaitable[object]] = [agent]
             if slot is not None and self.networks is not None:
                 config, token = network if network is not None else (None, None)
                 linked = warm is not None and warm.linked
                 steps.append(self.networks.attach(row.id, slot, handle.init_pid, config, token, linked))
             if template.code_interpreter:  # returns once its Python kernel is warm, so the first runCode is fast
-                steps.append(interpreter_ready(functools.partial(self.open_socket, row.id), row.id))
+                ready = asyncio.ensure_future(interpreter_ready(functools.partial(self.open_socket, row.id), row.id))
+                agent.add_done_callback(functools.partial(_stop_unless_ok, ready))  # no agent, no kernel
+                steps.append(ready)
             outcomes = await asyncio.gather(*steps, return_exceptions=True)
             for outcome in outcomes:
                 if isinstance(outcome, BaseException):
@@ -571,7 +587,12 @@ class SandboxManager:
         handle = self.handles.get(sandbox_id)
         if handle is None:
             raise ConnectionRefusedError(f"sandbox {sandbox_id} is not running")
-        fd = await asyncio.to_thread(handle.connect, port, CONNECT_TIMEOUT_S)
+        connecting = asyncio.ensure_future(asyncio.to_thread(handle.connect, port, CONNECT_TIMEOUT_S))
+        try:
+            fd = await asyncio.shield(connecting)
+        except asyncio.CancelledError:  # the thread connects on: its socket must not leak
+            connecting.add_done_callback(_close_connected)
+            raise
         return socket.socket(fileno=fd)
 
     async def ensure_reachable(self, sandbox_id: str) -> None:
