@@ -461,12 +461,15 @@ class SandboxManager:
                 os.close(disk)  # the sandbox has it attached now (or failed and let it go)
             if not answer.get("ok"):
                 raise ApiError(500, f"could not start the sandbox: {answer.get('error')}")
+            try:
+                handle = _core.SandboxHandle.adopt(self.place.instance, row.id, answer["init_pid"])
+            except OSError:  # its init is gone already: its agent exited at once
+                raise ApiError(500, await self._agent_failure(row.id, None)) from None
         except BaseException:
             if slot is not None and self.networks is not None:
                 self.networks.unreserve(slot)
             await asyncio.to_thread(self._destroy, row.id, None, resuming, row.id_base)
             raise
-        handle = _core.SandboxHandle.adopt(self.place.instance, row.id, answer["init_pid"])
         row.init_pid = handle.init_pid
         row.init_start = _proc_start_time(handle.init_pid)
         self._watch(row.id, handle)
@@ -552,12 +555,16 @@ class SandboxManager:
             return
         if not ending.done() and _running(handle):  # /init failed, and not because the agent exited
             await task  # raises its own error
+        raise ApiError(500, await self._agent_failure(sandbox_id, handle.exit_code()))
+
+    async def _agent_failure(self, sandbox_id: str, code: int | None) -> str:
+        """What a create or resume whose agent exited before it listened answers: the reason the agent
+        logged (read in a thread, cleaned for a client who may be the sandbox's own code)."""
         hide = (self.data_dir, str(self.sandboxes_dir), _HOST_CODE, sys.prefix, sys.base_prefix)
         log_file = self.sandboxes_dir / sandbox_id / "agent.log"
         reason = await asyncio.to_thread(agent_failure, log_file, hide)
-        code = handle.exit_code()
         status = f" (exit status {code})" if code is not None else ""
-        raise ApiError(500, f"the sandbox's agent exited before it listened{status}: {reason or 'it gave no reason'}")
+        return f"the sandbox's agent exited before it listened{status}: {reason or 'it gave no reason'}"
 
     def _zygote_request(self, row: SandboxRow, template: Template, sandbox_dir: Path) -> dict[str, Any]:
         """What the zygote needs to build the sandbox (its disk travels beside, as a descriptor)."""
