@@ -639,6 +639,7 @@ def test_a_template_whose_agent_cannot_start_fails_its_creates_at_once_saying_wh
     Template.build(Template().from_template("base").run_cmd(f"rm -f {bundle} && mkfifo {bundle}", user="root"), name)
     headers = {"X-API-KEY": builds.api_key}
     try:
+        before = set(os.listdir(builds.data_dir / "sandboxes"))
         started = time.monotonic()
         with pytest.raises(SandboxException) as failed:
             Sandbox.create(name, timeout=60)
@@ -651,6 +652,7 @@ def test_a_template_whose_agent_cannot_start_fails_its_creates_at_once_saying_wh
         with httpx.Client(base_url=builds.url, headers=headers) as client:
             listed = client.get("/v2/sandboxes", params={"limit": 100}).json()
             assert not [s for s in listed if s["templateID"] == name], listed
+        assert set(os.listdir(builds.data_dir / "sandboxes")) <= before  # its disk and log went too
         sandbox = Sandbox.create("base", timeout=60)
         try:
             assert sandbox.commands.run("echo alive").stdout == "alive\n"
