@@ -214,9 +214,9 @@ class SandboxManager:
         self._slots: set[str] = set()
         """Sandboxes counted against --max-sandboxes: running, or being created or resumed."""
         self._pausing: dict[str, str] = {}
-        self._ending: dict[str, asyncio.Future[None]] = {}
-        """Sandboxes whose agent is being started, each done when its init exits (.watch)."""
         """Sandboxes being paused right now, and why (the proxy treats them as gone already)."""
+        self._ending: dict[str, asyncio.Future[None]] = {}
+        """Sandboxes whose agent is being started, each done when its init exits (``_init_exited``)."""
         self.history = MetricsHistory(data_dir / "metrics.db")
         self.sampler = Sampler()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -537,7 +537,7 @@ class SandboxManager:
 
     async def _agent_up(self, sandbox_id: str, handle: _core.SandboxHandle, init: Coroutine[Any, Any, None]) -> None:
         """``init`` (the agent's ``/init``), unless the sandbox's init exits first: it does when its
-        agent does (the agent is its only child), e.g. when the agent cannot add the egress CA to a
+        agent does (the agent is its payload), e.g. when the agent cannot add the egress CA to a
         trust store the sandbox replaced before a pause. Then the create or resume fails at once
         with the agent's own reason, not after ``READY_TIMEOUT_S`` of connects refused."""
         loop = asyncio.get_running_loop()
