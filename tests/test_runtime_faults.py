@@ -9,6 +9,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import pytest
@@ -126,3 +127,60 @@ def test_metrics_of_a_big_sandbox_never_stall_the_api(
     # A walk of 100k files on the event loop stalls /health for hundreds of milliseconds each time.
     assert max(stalls) < 0.5, stalls
     sbx.kill()
+
+
+@pytest.mark.parametrize("planted", ["mkfifo", "mkdir"])
+def test_a_resume_whose_agent_dies_before_it_listens_fails_at_once_saying_why(e2b_env: Runtime, planted: str) -> None:
+    # Root in the sandbox replaces its trust store before a pause; the resume adds the egress CA to it
+    # before the agent listens, which refuses (a FIFO would block the read for ever), and the agent
+    # exits. The resume fails as soon as it does, with the agent's reason and no host path, instead of
+    # after the runtime's 10 s wait for the agent with "Connection refused".
+    from e2b import Sandbox
+    from e2b.exceptions import SandboxException
+
+    sbx = Sandbox.create()
+    other = Sandbox.create()
+    try:
+        bundle = "/etc/ssl/certs/ca-certificates.crt"
+        planting = sbx.commands.run(f"rm -f {bundle} && {planted} {bundle}", user="root")
+        assert planting.exit_code == 0, planting.stderr
+        sbx.pause(mode="filesystem")  # type: ignore[arg-type]
+        started = time.monotonic()
+        with pytest.raises(SandboxException) as failed:
+            Sandbox.connect(sbx.sandbox_id)
+        waited = time.monotonic() - started
+        message = str(failed.value)
+        assert "agent exited before it listened" in message, message
+        assert f"trust store: {bundle} is not a regular file" in message, message
+        assert str(e2b_env.data_dir) not in message and "/sandboxes/" not in message, message
+        assert waited < 5, f"the resume waited {waited:.1f} s for an agent that had exited"  # the old wait: 10 s
+        # The runtime serves on: the other sandbox, a new one, and the failed one is still paused.
+        assert other.commands.run("echo alive").stdout == "alive\n"
+        fresh = Sandbox.create()
+        try:
+            assert fresh.commands.run("test -s " + bundle).exit_code == 0
+        finally:
+            fresh.kill()
+        with _api(e2b_env) as api:
+            assert api.get(f"/sandboxes/{sbx.sandbox_id}").json()["state"] == "paused"
+    finally:
+        Sandbox.kill(sbx.sandbox_id)
+        other.kill()
+
+
+def test_an_agents_last_words_reach_a_client_bounded_and_without_host_paths(tmp_path: Path) -> None:
+    from sandboxd.runtime.logs import FAILURE_MARK, MAX_FAILURE_CHARS, agent_failure
+
+    log = tmp_path / "agent.log"
+    assert agent_failure(log, ()) is None  # no log
+    log.write_bytes(b"2026-01-01 00:00:00,000 agent WARNING earlier\n")
+    assert agent_failure(log, ()) is None  # no failure line
+    # The sandbox writes to this log: a forged line before the agent's own last one is not taken, and
+    # host paths, control bytes and length are cleaned out of the one that is.
+    host = str(tmp_path / "data")
+    last = f"{FAILURE_MARK}ValueError('{host}/sandboxes/x \x1b[31mis\tbad\xff')"
+    log.write_bytes(f"{FAILURE_MARK}forged\n{'x' * 10_000}\n".encode() + last.encode("latin-1") + b"\n")
+    assert agent_failure(log, (host, "/nowhere")) == "ValueError('<host>/sandboxes/x ?[31mis?bad?')"
+    log.write_bytes(f"{FAILURE_MARK}{'y' * 1000}\n".encode())
+    reason = agent_failure(log, ())
+    assert reason is not None and len(reason) == MAX_FAILURE_CHARS and reason.endswith("...")

@@ -626,3 +626,38 @@ def test_a_setuid_root_file_from_a_hostile_build_is_out_of_host_users_reach(buil
         ["runuser", "-u", "nobody", "--", str(planted), "-p", "-c", "id -u"], capture_output=True, text=True
     )
     assert escaped.returncode != 0 and "Permission denied" in escaped.stderr, escaped
+
+
+def test_a_template_whose_agent_cannot_start_fails_its_creates_at_once_saying_why(builds: Runtime) -> None:
+    """A built template whose trust store is a FIFO: each create's agent exits before it listens
+    (it cannot add the egress CA there), and the create fails as soon as it does, with the reason and
+    no host path, leaving nothing behind; the runtime serves on."""
+    from e2b.exceptions import SandboxException
+
+    name = _name()
+    bundle = "/etc/ssl/certs/ca-certificates.crt"
+    Template.build(Template().from_template("base").run_cmd(f"rm -f {bundle} && mkfifo {bundle}", user="root"), name)
+    headers = {"X-API-KEY": builds.api_key}
+    try:
+        before = set(os.listdir(builds.data_dir / "sandboxes"))
+        started = time.monotonic()
+        with pytest.raises(SandboxException) as failed:
+            Sandbox.create(name, timeout=60)
+        waited = time.monotonic() - started
+        message = str(failed.value)
+        assert "agent exited before it listened" in message and "could not add the egress CA" in message, message
+        assert f"trust store: {bundle} is not a regular file" in message, message
+        assert str(builds.data_dir) not in message, message
+        assert waited < 5, f"the create waited {waited:.1f} s for an agent that had exited"  # the old wait: 10 s
+        with httpx.Client(base_url=builds.url, headers=headers) as client:
+            listed = client.get("/v2/sandboxes", params={"limit": 100}).json()
+            assert not [s for s in listed if s["templateID"] == name], listed
+        assert set(os.listdir(builds.data_dir / "sandboxes")) <= before  # its disk and log went too
+        sandbox = Sandbox.create("base", timeout=60)
+        try:
+            assert sandbox.commands.run("echo alive").stdout == "alive\n"
+        finally:
+            sandbox.kill()
+    finally:
+        with httpx.Client(base_url=builds.url, headers=headers) as client:
+            client.delete(f"/templates/{name}")

@@ -107,6 +107,46 @@ def read_agent_log(path: Path, sandbox_id: str) -> list[LogEntry]:
     return entries
 
 
+FAILURE_MARK = "sandboxd agent failed: "
+"""How the line starts that a new sandbox's agent writes last when it exits before it serves
+(``.zygote._run_agent``): the reason a create or resume that failed that way gives its client."""
+
+FAILURE_TAIL_BYTES = 4 << 10
+"""How much of the end of the agent's log is searched for that line: the agent writes it last."""
+
+MAX_FAILURE_CHARS = 300
+"""The longest reason given to a client (it goes into an API error, beside the runtime's words)."""
+
+
+def agent_failure(path: Path, hide: Iterable[str]) -> str | None:
+    """In a worker thread: the reason the agent gave for exiting before it served, from the last
+    :data:`FAILURE_MARK` line of the end of its log; None when there is none (or no log).
+
+    The log is written from inside the sandbox, and the reason goes to an API client who may be
+    that sandbox's own code: only printable ASCII is kept, each of ``hide`` (the host's paths the
+    runtime knows: its data dir, its installation) is replaced by ``<host>``, and the reason is cut
+    at :data:`MAX_FAILURE_CHARS`."""
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            data = os.pread(f.fileno(), FAILURE_TAIL_BYTES, max(size - FAILURE_TAIL_BYTES, 0))
+    except OSError:
+        return None
+    mark = FAILURE_MARK.encode()
+    for line in reversed(data.splitlines()):
+        if line.startswith(mark):
+            text = line[len(mark) :].decode("ascii", errors="replace")
+            text = "".join(c if " " <= c <= "~" else "?" for c in text)
+            for secret in sorted(hide, key=len, reverse=True):
+                if secret:
+                    text = text.replace(secret, "<host>")
+            text = text.strip()
+            if len(text) > MAX_FAILURE_CHARS:
+                text = text[: MAX_FAILURE_CHARS - 3] + "..."
+            return text or None
+    return None
+
+
 def select(
     entries: list[LogEntry],
     start_ms: int,

@@ -31,6 +31,7 @@ import secrets
 import shutil
 import socket
 import string
+import sys
 import time
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
@@ -44,7 +45,7 @@ from . import snapshots
 from .agent_client import init_agent, interpreter_ready, start_template_command
 from .disks import DiskPool
 from .errors import ApiError, not_found
-from .logs import LogEntry, from_events, read_agent_log
+from .logs import LogEntry, agent_failure, from_events, read_agent_log
 from .metrics import SAMPLE_INTERVAL_S, MetricsHistory, Sampler, Target, bucket
 from .metrics import MetricsSample as MetricsSample  # re-exported: sandboxd.kube reads it from here
 from .network import NetworkConfig, SandboxNetworks
@@ -147,6 +148,31 @@ def new_id() -> str:
     return "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(20))
 
 
+_HOST_CODE = str(Path(__file__).resolve().parents[2])
+"""Where the runtime's code is installed on the host: never named in an error a client reads."""
+
+
+def _stop_unless_ok(waiting: asyncio.Future[Any], done: asyncio.Future[Any]) -> None:
+    """Cancel ``waiting`` when ``done`` failed: it waits for what cannot come without it (the
+    interpreter's kernel, up to ``INTERPRETER_READY_S``, when the agent did not start)."""
+    if done.cancelled() or done.exception() is not None:
+        waiting.cancel()
+
+
+def _close_connected(connecting: asyncio.Future[int]) -> None:
+    """Close the socket a connect that nobody waits for any more made."""
+    if not connecting.cancelled() and connecting.exception() is None:
+        os.close(connecting.result())
+
+
+def _running(handle: _core.SandboxHandle) -> bool:
+    """Whether the sandbox's init still runs (one ``waitid``); an init we cannot ask counts as running."""
+    try:
+        return handle.is_running()
+    except OSError:
+        return True
+
+
 def _proc_start_time(pid: int) -> int | None:
     """The kernel's start time of ``pid`` (``/proc/<pid>/stat`` field 22), to detect pid reuse."""
     try:
@@ -189,6 +215,8 @@ class SandboxManager:
         """Sandboxes counted against --max-sandboxes: running, or being created or resumed."""
         self._pausing: dict[str, str] = {}
         """Sandboxes being paused right now, and why (the proxy treats them as gone already)."""
+        self._ending: dict[str, asyncio.Future[None]] = {}
+        """Sandboxes whose agent is being started, each done when its init exits (``_init_exited``)."""
         self.history = MetricsHistory(data_dir / "metrics.db")
         self.sampler = Sampler()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -433,12 +461,15 @@ class SandboxManager:
                 os.close(disk)  # the sandbox has it attached now (or failed and let it go)
             if not answer.get("ok"):
                 raise ApiError(500, f"could not start the sandbox: {answer.get('error')}")
+            try:
+                handle = _core.SandboxHandle.adopt(self.place.instance, row.id, answer["init_pid"])
+            except OSError:  # its init is gone already: its agent exited at once
+                raise ApiError(500, await self._agent_failure(row.id, None)) from None
         except BaseException:
             if slot is not None and self.networks is not None:
                 self.networks.unreserve(slot)
             await asyncio.to_thread(self._destroy, row.id, None, resuming, row.id_base)
             raise
-        handle = _core.SandboxHandle.adopt(self.place.instance, row.id, answer["init_pid"])
         row.init_pid = handle.init_pid
         row.init_start = _proc_start_time(handle.init_pid)
         self._watch(row.id, handle)
@@ -464,21 +495,28 @@ class SandboxManager:
             if warm is not None:
                 await renice(warm)  # first: a niced agent answers /init late on a busy host
             # The link is made while the agent comes up (the agent needs no network to start).
-            steps: list[Awaitable[object]] = [
-                init_agent(
-                    functools.partial(self.open_socket, row.id),
-                    row.access_token,
-                    {**template.env, **row.env_vars},
-                    default_user=template.user,
-                    default_workdir=template.workdir,
+            agent = asyncio.ensure_future(
+                self._agent_up(
+                    row.id,
+                    handle,
+                    init_agent(
+                        functools.partial(self.open_socket, row.id),
+                        row.access_token,
+                        {**template.env, **row.env_vars},
+                        default_user=template.user,
+                        default_workdir=template.workdir,
+                    ),
                 )
-            ]
+            )
+            steps: list[Awaitable[object]] = [agent]
             if slot is not None and self.networks is not None:
                 config, token = network if network is not None else (None, None)
                 linked = warm is not None and warm.linked
                 steps.append(self.networks.attach(row.id, slot, handle.init_pid, config, token, linked))
             if template.code_interpreter:  # returns once its Python kernel is warm, so the first runCode is fast
-                steps.append(interpreter_ready(functools.partial(self.open_socket, row.id), row.id))
+                ready = asyncio.ensure_future(interpreter_ready(functools.partial(self.open_socket, row.id), row.id))
+                agent.add_done_callback(functools.partial(_stop_unless_ok, ready))  # no agent, no kernel
+                steps.append(ready)
             outcomes = await asyncio.gather(*steps, return_exceptions=True)
             for outcome in outcomes:
                 if isinstance(outcome, BaseException):
@@ -496,6 +534,37 @@ class SandboxManager:
         except BaseException:
             await self._stop_processes(row.id, keep_files=resuming, id_base=row.id_base)
             raise
+
+    async def _agent_up(self, sandbox_id: str, handle: _core.SandboxHandle, init: Coroutine[Any, Any, None]) -> None:
+        """``init`` (the agent's ``/init``), unless the sandbox's init exits first: it does when its
+        agent does (the agent is its payload), e.g. when the agent cannot add the egress CA to a
+        trust store the sandbox replaced before a pause. Then the create or resume fails at once
+        with the agent's own reason, not after ``READY_TIMEOUT_S`` of connects refused."""
+        loop = asyncio.get_running_loop()
+        ending = self._ending[sandbox_id] = loop.create_future()
+        task = asyncio.ensure_future(init)
+        try:
+            await asyncio.wait((task, ending), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if self._ending.get(sandbox_id) is ending:
+                del self._ending[sandbox_id]
+            if not task.done():
+                task.cancel()
+                await asyncio.wait((task,))
+        if not task.cancelled() and task.exception() is None:
+            return
+        if not ending.done() and _running(handle):  # /init failed, and not because the agent exited
+            await task  # raises its own error
+        raise ApiError(500, await self._agent_failure(sandbox_id, handle.exit_code()))
+
+    async def _agent_failure(self, sandbox_id: str, code: int | None) -> str:
+        """What a create or resume whose agent exited before it listened answers: the reason the agent
+        logged (read in a thread, cleaned for a client who may be the sandbox's own code)."""
+        hide = (self.data_dir, str(self.sandboxes_dir), _HOST_CODE, sys.prefix, sys.base_prefix)
+        log_file = self.sandboxes_dir / sandbox_id / "agent.log"
+        reason = await asyncio.to_thread(agent_failure, log_file, hide)
+        status = f" (exit status {code})" if code is not None else ""
+        return f"the sandbox's agent exited before it listened{status}: {reason or 'it gave no reason'}"
 
     def _zygote_request(self, row: SandboxRow, template: Template, sandbox_dir: Path) -> dict[str, Any]:
         """What the zygote needs to build the sandbox (its disk travels beside, as a descriptor)."""
@@ -525,7 +594,12 @@ class SandboxManager:
         handle = self.handles.get(sandbox_id)
         if handle is None:
             raise ConnectionRefusedError(f"sandbox {sandbox_id} is not running")
-        fd = await asyncio.to_thread(handle.connect, port, CONNECT_TIMEOUT_S)
+        connecting = asyncio.ensure_future(asyncio.to_thread(handle.connect, port, CONNECT_TIMEOUT_S))
+        try:
+            fd = await asyncio.shield(connecting)
+        except asyncio.CancelledError:  # the thread connects on: its socket must not leak
+            connecting.add_done_callback(_close_connected)
+            raise
         return socket.socket(fileno=fd)
 
     async def ensure_reachable(self, sandbox_id: str) -> None:
@@ -556,6 +630,9 @@ class SandboxManager:
         """The init's pidfd is readable: it exited. Whether that is a death is decided under the
         sandbox's lock, after whatever transition holds it now (a kill, a pause) has finished."""
         asyncio.get_running_loop().remove_reader(handle.pidfd())
+        ending = self._ending.get(sandbox_id)
+        if ending is not None and not ending.done():
+            ending.set_result(None)
         self._background(self._check_death(sandbox_id, handle))
 
     async def _check_death(self, sandbox_id: str, handle: _core.SandboxHandle) -> None:

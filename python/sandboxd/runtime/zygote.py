@@ -30,6 +30,7 @@ from typing import Any, NamedTuple, NoReturn
 from sandboxd import _core
 
 from .agent_client import AGENT_PORT
+from .logs import FAILURE_MARK
 from .volumes import MAX_MOUNTS as MAX_VOLUMES
 
 MAX_MESSAGE = 1 << 16
@@ -129,6 +130,10 @@ def _listen(host: str, port: int) -> socket.socket:
     return sock
 
 
+class _StartFailed(Exception):
+    """A step of the agent's start-up failed; its message says which, for the API client."""
+
+
 def _run_agent(log_fd: int, files: dict[str, str], interpreter: bool = False, ca_bundle: str | None = None) -> None:
     """In the sandbox (PID 2): write the runtime's files and add its CA to the trust store, start the
     code interpreter if the template has it (a grandchild, reparented to the sandbox's init), then
@@ -152,7 +157,10 @@ def _run_agent(log_fd: int, files: dict[str, str], interpreter: bool = False, ca
         if ca_bundle:
             from sandboxd.agent import cacerts
 
-            cacerts.install(ca_bundle)
+            try:
+                cacerts.install(ca_bundle)
+            except (OSError, ValueError) as exc:  # what the sandbox left at its trust store, mostly
+                raise _StartFailed(f"could not add the egress CA to the sandbox's trust store: {exc}") from None
         if interpreter:
             from sandboxd.interpreter import INTERPRETER_PORT
             from sandboxd.interpreter.server import InterpreterOptions, fork_server
@@ -165,7 +173,9 @@ def _run_agent(log_fd: int, files: dict[str, str], interpreter: bool = False, ca
         # zygote never holds a secret that a later sandbox could find in its copied memory.
         run(AgentOptions(host=AGENT_HOST, port=AGENT_PORT, listener=_listen(AGENT_HOST, AGENT_PORT)))
     except BaseException as exc:
-        print(f"sandboxd agent failed: {exc!r}", file=sys.stderr, flush=True)
+        # The runtime gives this line's reason to the create or resume it fails (.logs.agent_failure).
+        reason = str(exc) if isinstance(exc, _StartFailed) else repr(exc)
+        print(f"{FAILURE_MARK}{reason}", file=sys.stderr, flush=True)
         code = 1
     finally:
         os._exit(code)
