@@ -159,12 +159,6 @@ def _stop_unless_ok(waiting: asyncio.Future[Any], done: asyncio.Future[Any]) -> 
         waiting.cancel()
 
 
-def _close_connected(connecting: asyncio.Future[int]) -> None:
-    """Close the socket a connect that nobody waits for any more made."""
-    if not connecting.cancelled() and connecting.exception() is None:
-        os.close(connecting.result())
-
-
 def _running(handle: _core.SandboxHandle) -> bool:
     """Whether the sandbox's init still runs (one ``waitid``); an init we cannot ask counts as running."""
     try:
@@ -594,12 +588,7 @@ class SandboxManager:
         handle = self.handles.get(sandbox_id)
         if handle is None:
             raise ConnectionRefusedError(f"sandbox {sandbox_id} is not running")
-        connecting = asyncio.ensure_future(asyncio.to_thread(handle.connect, port, CONNECT_TIMEOUT_S))
-        try:
-            fd = await asyncio.shield(connecting)
-        except asyncio.CancelledError:  # the thread connects on: its socket must not leak
-            connecting.add_done_callback(_close_connected)
-            raise
+        fd = await asyncio.to_thread(handle.connect, port, CONNECT_TIMEOUT_S)
         return socket.socket(fileno=fd)
 
     async def ensure_reachable(self, sandbox_id: str) -> None:
