@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import gzip
 import os
+import select
 import socket
 import subprocess
 import sys
@@ -193,6 +194,27 @@ def test_a_client_that_stalls_midway_is_cut_off_at_the_idle_timeout(agent: Agent
     assert headers.get("connection") == "close"
     assert IDLE_TIMEOUT * 0.9 <= waited < IDLE_TIMEOUT + 5
     assert settled_listing(workdir, []) == []
+    assert httpx.get(f"{agent.url}/health").status_code == 204
+
+
+def test_a_body_dripped_a_byte_at_a_time_is_cut_off_and_leaves_no_file(agent: Agent, workdir: Path) -> None:
+    """The slow drip: one byte per half idle timeout keeps every wait under the idle timeout, so a
+    client could hold a files thread for Content-Length times that (16 such clients, every raw
+    upload's thread). Past the first idle timeout the body must average 16 KiB/s: 408, no file."""
+    target = workdir / "drip.bin"
+    target.write_bytes(b"old")
+    with connection(agent) as (s, f):
+        s.sendall(head(target, 4 * MiB) + b"x")
+        started = time.monotonic()
+        while not select.select([s], [], [], IDLE_TIMEOUT / 2)[0]:
+            assert time.monotonic() - started < IDLE_TIMEOUT + 10, "the drip still holds the thread"
+            with contextlib.suppress(OSError):
+                s.send(b"x")
+        status, headers, body = read_response(f)
+    assert status == 408, body
+    assert b"on average" in body and headers.get("connection") == "close"
+    assert settled_listing(workdir, ["drip.bin"]) == ["drip.bin"]
+    assert target.read_bytes() == b"old"
     assert httpx.get(f"{agent.url}/health").status_code == 204
 
 

@@ -182,7 +182,8 @@ impl AtomicWriter {
 
     /// Appends exactly `len` bytes read from `socket` (a non-blocking stream socket the caller keeps
     /// open for the call), moved with `splice(2)` where the kernel allows it (see [`crate::splice`]).
-    /// Gives up after `idle` without a byte, or when the client closes early: the returned
+    /// Gives up after `idle` without a byte, below [`splice::MIN_RATE`] on average after the first
+    /// `idle`, or when the client closes early: the returned
     /// [`Received`] says which, and the caller aborts. A full disk is `ENOSPC`, as for [`write`](Self::write).
     pub fn receive_from(&mut self, socket: RawFd, len: u64, idle: Duration) -> Result<Received> {
         let file = self.file.as_ref().ok_or_else(|| Error::Closed {

@@ -6,7 +6,11 @@
 //! The socket is the server's, non-blocking, and shared with its event loop (which does not read it
 //! meanwhile); this module waits for it with `poll(2)`. A client that sends nothing for `idle` is
 //! given up on ([`Received::TimedOut`]); one that closes its side early leaves a short count
-//! ([`Received::Closed`]). Exactly `len` bytes are taken from the socket and no more: whatever
+//! ([`Received::Closed`]). A client that sends, but slower than [`MIN_RATE`] on average once `idle`
+//! has passed, is given up on too ([`Received::TooSlow`]): otherwise one byte per `idle` less a
+//! moment would hold the worker thread for `len` times `idle` (Apache's `mod_reqtimeout` has the same
+//! rule, `body=...,MinRate=...`; Go's `net/http`, envd's server, has only a whole-request
+//! `ReadTimeout`, which envd leaves off, and a goroutine per connection is cheap where a thread is not). Exactly `len` bytes are taken from the socket and no more: whatever
 //! the client sent after the body (a pipelined request) stays there for the server.
 //!
 //! Where the kernel refuses to splice (`EINVAL`: a file system without `splice_write`, a socket
@@ -24,6 +28,12 @@ use std::time::{Duration, Instant};
 /// calls per MiB (the default 64 KiB pipe needs one call pair per 64 KiB).
 pub const PIPE_SIZE: usize = 1 << 20;
 
+/// The slowest average a body may arrive at, in bytes per second, once the first `idle` has passed:
+/// the deadline is `idle` plus one second per `MIN_RATE` bytes moved. 16 KiB/s is a 128 kbit/s link,
+/// below any link an upload of a megabyte or more (the only bodies moved here) is sent over, while a
+/// client that wants to hold a thread for an hour must send 56 MiB.
+pub const MIN_RATE: u64 = 16 << 10;
+
 /// The read/write fallback's buffer: one allocation per body, as big as a pipe's worth.
 const FALLBACK_BUFFER: usize = PIPE_SIZE;
 
@@ -36,6 +46,51 @@ pub enum Received {
     Closed(u64),
     /// Nothing arrived for `idle` after this many bytes.
     TimedOut(u64),
+    /// The body arrived slower than [`MIN_RATE`] (after `idle`); this many bytes had come.
+    TooSlow(u64),
+}
+
+/// The deadline a transfer must keep: `idle` from its start, plus a second per [`MIN_RATE`] bytes.
+struct Pace {
+    started: Instant,
+    idle: Duration,
+}
+
+impl Pace {
+    fn new(idle: Duration) -> Self {
+        Self {
+            started: Instant::now(),
+            idle,
+        }
+    }
+
+    /// When the body must have gone past `moved` bytes; None when the clock cannot add that far.
+    fn deadline(&self, moved: u64) -> Option<Instant> {
+        let earned = Duration::from_micros(
+            (u128::from(moved) * 1_000_000 / u128::from(MIN_RATE)).min(u128::from(u64::MAX)) as u64,
+        );
+        self.started.checked_add(self.idle)?.checked_add(earned)
+    }
+
+    /// Whether `moved` bytes came too late.
+    fn behind(&self, moved: u64) -> bool {
+        self.deadline(moved).is_some_and(|d| Instant::now() >= d)
+    }
+
+    /// Waits for the socket to become readable: within `idle` and the deadline. None when it did;
+    /// otherwise why the transfer ends.
+    fn wait(&self, socket: RawFd, moved: u64) -> Option<Received> {
+        let left = self.deadline(moved).map_or(self.idle, |d| {
+            self.idle.min(d.saturating_duration_since(Instant::now()))
+        });
+        if wait_readable(socket, left) {
+            None
+        } else if self.behind(moved) {
+            Some(Received::TooSlow(moved))
+        } else {
+            Some(Received::TimedOut(moved))
+        }
+    }
 }
 
 /// Which side of the transfer failed.
@@ -68,8 +123,12 @@ pub fn receive(
             PIPE_SIZE as libc::c_int,
         )
     };
+    let pace = Pace::new(idle);
     let mut moved = 0u64;
     while moved < len {
+        if pace.behind(moved) {
+            return Ok((moved, Received::TooSlow(moved)));
+        }
         let want = (len - moved).min(PIPE_SIZE as u64) as usize;
         // SAFETY: both descriptors are open (the caller's socket, this function's pipe); null
         // offsets mean "the descriptor's own position", as splice(2) requires for a socket and pipe.
@@ -107,12 +166,12 @@ pub fn receive(
                         Step::Empty => {}
                     }
                 }
-                if !wait_readable(socket, idle) {
-                    return Ok((moved, Received::TimedOut(moved)));
+                if let Some(end) = pace.wait(socket, moved) {
+                    return Ok((moved, end));
                 }
             }
             Some(libc::EINTR) => {}
-            Some(libc::EINVAL) if moved == 0 => return receive_copying(socket, file, len, idle),
+            Some(libc::EINVAL) if moved == 0 => return receive_copying(socket, file, len, pace),
             _ => return Ok((moved, Received::Closed(moved))), // ECONNRESET and the like: the client is gone
         }
     }
@@ -179,11 +238,14 @@ fn receive_copying(
     socket: RawFd,
     mut file: &File,
     len: u64,
-    idle: Duration,
+    pace: Pace,
 ) -> Result<(u64, Received), Failure> {
     let mut buffer = vec![0u8; (len.min(FALLBACK_BUFFER as u64)) as usize];
     let mut moved = 0u64;
     while moved < len {
+        if pace.behind(moved) {
+            return Ok((moved, Received::TooSlow(moved)));
+        }
         let want = (len - moved).min(buffer.len() as u64) as usize;
         match read_fd(socket, &mut buffer[..want]) {
             Ok(0) => return Ok((moved, Received::Closed(moved))),
@@ -192,8 +254,8 @@ fn receive_copying(
                 moved += n as u64;
             }
             Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => {
-                if !wait_readable(socket, idle) {
-                    return Ok((moved, Received::TimedOut(moved)));
+                if let Some(end) = pace.wait(socket, moved) {
+                    return Ok((moved, end));
                 }
             }
             Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
@@ -363,7 +425,7 @@ mod tests {
             server.as_raw_fd(),
             &file,
             body.len() as u64,
-            Duration::from_secs(5),
+            Pace::new(Duration::from_secs(5)),
         )
         .unwrap();
         assert_eq!((moved, received), (body.len() as u64, Received::Complete));
@@ -376,7 +438,13 @@ mod tests {
         client.shutdown(Shutdown::Write).unwrap();
         server.set_nonblocking(true).unwrap();
         let file = tempfile::tempfile().unwrap();
-        let got = receive_copying(server.as_raw_fd(), &file, 10, Duration::from_secs(5)).unwrap();
+        let got = receive_copying(
+            server.as_raw_fd(),
+            &file,
+            10,
+            Pace::new(Duration::from_secs(5)),
+        )
+        .unwrap();
         assert_eq!(got, (0, Received::Closed(0)));
     }
 
@@ -400,12 +468,51 @@ mod tests {
     #[test]
     fn a_silent_client_times_out() {
         let (mut client, server) = connected();
-        client.write_all(b"abc").unwrap();
+        // 64 KiB earn 4 s at MIN_RATE: the idle timeout, not the rate, is what ends the wait.
+        client.write_all(&pattern(64 << 10)).unwrap();
         let file = tempfile::tempfile().unwrap();
         let started = Instant::now();
-        let got = receive(server.as_raw_fd(), &file, 10, Duration::from_millis(200)).unwrap();
-        assert_eq!(got, (3, Received::TimedOut(3)));
+        let got = receive(
+            server.as_raw_fd(),
+            &file,
+            1 << 20,
+            Duration::from_millis(200),
+        )
+        .unwrap();
+        assert_eq!(got, (64 << 10, Received::TimedOut(64 << 10)));
         assert!(started.elapsed() >= Duration::from_millis(200));
+    }
+
+    #[test]
+    fn a_drip_fed_body_is_cut_off_though_no_wait_reaches_idle() {
+        let (mut client, server) = connected();
+        let dripping = thread::spawn(move || {
+            // One byte per 100 ms, each gap well inside the 300 ms idle timeout, until cut off.
+            while client.write_all(b"x").is_ok() {
+                thread::sleep(Duration::from_millis(100));
+                if client.peer_addr().is_err() {
+                    break;
+                }
+            }
+        });
+        let (done, got) = std::sync::mpsc::channel();
+        thread::spawn(move || {
+            let file = tempfile::tempfile().unwrap();
+            let started = Instant::now();
+            let got = receive(
+                server.as_raw_fd(),
+                &file,
+                1 << 20,
+                Duration::from_millis(300),
+            );
+            done.send((got.unwrap(), started.elapsed())).unwrap();
+        });
+        let (got, took) = got
+            .recv_timeout(Duration::from_secs(5))
+            .expect("the drip still holds the thread");
+        assert!(matches!(got.1, Received::TooSlow(_)), "{got:?}");
+        assert!(took >= Duration::from_millis(300), "{took:?}");
+        drop(dripping);
     }
 
     #[test]

@@ -23,6 +23,7 @@ pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("FILE_TYPE_DIRECTORY", core::FileType::Directory as i32)?;
     m.add("FILE_TYPE_SYMLINK", core::FileType::Symlink as i32)?;
     m.add("READ_CHUNK", core::READ_CHUNK)?;
+    m.add("RECEIVE_MIN_RATE", core::splice::MIN_RATE)?;
     m.add_class::<EntryInfo>()?;
     m.add_class::<FileReader>()?;
     m.add_class::<AtomicWriter>()?;
@@ -311,8 +312,9 @@ impl AtomicWriter {
 
     /// Append exactly `length` bytes read from the stream socket `fd` (non-blocking; the caller
     /// keeps it open and does not read it meanwhile), socket → pipe → file with `splice(2)`,
-    /// without the GIL. "complete", "closed" (the client closed early) or "timed out" (nothing
-    /// arrived for `idle_timeout` seconds); a failed file write raises `OSError` as `write` does.
+    /// without the GIL. "complete", "closed" (the client closed early), "timed out" (nothing
+    /// arrived for `idle_timeout` seconds) or "too slow" (under `RECEIVE_MIN_RATE` bytes/s on average
+    /// after the first `idle_timeout`); a failed file write raises `OSError` as `write` does.
     fn receive_from(
         &mut self,
         py: Python<'_>,
@@ -331,6 +333,7 @@ impl AtomicWriter {
             core::splice::Received::Complete => "complete",
             core::splice::Received::Closed(_) => "closed",
             core::splice::Received::TimedOut(_) => "timed out",
+            core::splice::Received::TooSlow(_) => "too slow",
         })
     }
 

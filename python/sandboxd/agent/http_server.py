@@ -28,7 +28,9 @@ waiting on ``receive()`` to notice a client that leaves.
 A request's body can also be taken from the socket by a worker thread (:class:`RawBody`, under
 :data:`RAW_BODY`): ``POST /files`` moves a large raw upload straight into its file with ``splice(2)``,
 and the connection gets a fresh parser for its next request. Such a body that stops arriving is cut
-off after the idle timeout without a byte (408).
+off after the idle timeout without a byte (408), and so is one that trickles in: past the first idle
+timeout it must average ``RECEIVE_MIN_RATE`` (16 KiB/s), or a byte per idle timeout would hold a thread
+for its whole ``Content-Length``.
 
 At start, :func:`raise_open_file_limit` raises ``RLIMIT_NOFILE`` to what the host allows, and the cap
 is lowered if descriptors would still run out first.
@@ -66,6 +68,7 @@ from typing import TYPE_CHECKING, Any
 import httptools
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from .._core import RECEIVE_MIN_RATE
 from .asgi import BODY_FOLLOWS, BODY_PARTS, RAW_BODY, ClientDisconnected, Message
 
 if TYPE_CHECKING:
@@ -100,7 +103,8 @@ FD_RESERVE = 256
 
 MAX_RAW_BODIES = 16
 """Request bodies a server moves in worker threads at once (:class:`RawBody`). Each holds a thread
-for as long as its client sends (up to the idle timeout between bytes when it stalls), so past this
+for as long as its client sends (up to the idle timeout when it stalls, and at least ``RECEIVE_MIN_RATE``
+bytes/s on average after that), so past this
 count bodies take the event loop's path again, which holds no thread; 16 leaves the files pool
 (32 threads) room for downloads and the other uploads."""
 
@@ -370,8 +374,9 @@ class RawBody:
     async def receive_into(self, move: Callable[[int, int, float], str], executor: Executor) -> None:
         """Runs ``move(fd, length, idle_timeout)`` in ``executor`` (``AtomicWriter.receive_from``:
         it returns "complete", "closed" or "timed out") on the rest of the body after :meth:`take`.
-        The whole body read: the connection goes on with its next request. The client gone, or
-        silent for the idle timeout (answered 408): the connection is closed and
+        The whole body read: the connection goes on with its next request. The client gone, silent
+        for the idle timeout or slower than ``RECEIVE_MIN_RATE`` after it (answered 408): the
+        connection is closed and
         :class:`ClientDisconnected` raised. ``move`` failing (a full disk): its error is raised and
         the connection closes after the response, since the body's rest is still unread (as after
         any failure between :meth:`take` and the end of the move)."""
@@ -414,9 +419,16 @@ class RawBody:
             return
         cycle.disconnected = True
         if not transport.is_closing():
+            idle = protocol.guard.limits.idle_timeout
             if outcome == "timed out":
-                idle = protocol.guard.limits.idle_timeout
                 protocol._refuse(408, "Request Timeout", f"no part of the request body arrived within {idle:g} s")
+            elif outcome == "too slow":
+                rate = f"{RECEIVE_MIN_RATE / 1024:g} KiB/s"
+                protocol._refuse(
+                    408,
+                    "Request Timeout",
+                    f"the request body arrived at under {rate} on average (past its first {idle:g} s)",
+                )
             else:
                 transport.close()
         raise ClientDisconnected
