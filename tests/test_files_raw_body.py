@@ -12,6 +12,7 @@ import select
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -318,6 +319,40 @@ def test_a_stalled_body_does_not_hold_up_the_agents_exit(
         started.process.terminate()
         started.process.wait(8)
         assert time.monotonic() - began < 8
+    assert os.listdir(workdir) == []
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_a_body_streaming_fast_does_not_hold_up_the_agents_exit(
+    loop: str, tmp_path_factory: pytest.TempPathFactory, workdir: Path
+) -> None:
+    """SIGTERM while a client streams as fast as it can: the socket always has bytes queued, so
+    shutting its reading down does not stop the worker thread (the kernel hands out what is queued);
+    the thread checks its stop flag between pieces, the temporary file is removed, the agent exits."""
+    with launched(loop, tmp_path_factory) as started, connection(started) as (s, _):
+        s.sendall(head(workdir / "stream.bin", 1 << 40))
+        chunk = pattern(MiB)
+        streaming = True
+
+        def stream() -> None:
+            with contextlib.suppress(OSError):
+                while streaming:
+                    s.sendall(chunk)
+
+        sender = threading.Thread(target=stream, daemon=True)
+        sender.start()
+        try:
+            time.sleep(0.5)  # the worker thread is moving the body
+            assert len(os.listdir(workdir)) == 1  # the temporary file
+            began = time.monotonic()
+            started.process.terminate()
+            started.process.wait(8)
+            assert time.monotonic() - began < 8
+        finally:
+            streaming = False
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+            sender.join(10)
     assert os.listdir(workdir) == []
 
 

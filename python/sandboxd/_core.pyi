@@ -105,14 +105,15 @@ class AtomicWriter:
     def __init__(self, path: str, uid: int, gid: int) -> None: ...
     def write(self, data: bytes) -> None: ...
     def receive_from(
-        self, fd: int, length: int, idle_timeout: float
-    ) -> Literal["complete", "closed", "timed out", "too slow"]:
+        self, fd: int, length: int, idle_timeout: float, stop_fd: int | None = None
+    ) -> Literal["complete", "closed", "timed out", "too slow", "stopped"]:
         """Append exactly ``length`` bytes read from the stream socket ``fd`` (non-blocking; the caller
         keeps it open and does not read it meanwhile), moved socket → pipe → file with ``splice(2)``
         (``read``/``write`` where refused) without the GIL. ``"closed"``: the client closed early;
         ``"timed out"``: nothing arrived for ``idle_timeout`` seconds; ``"too slow"``: the body came at
         under :data:`RECEIVE_MIN_RATE` on average once ``idle_timeout`` had passed (a drip that keeps
-        every gap under the idle timeout). A failed write raises ``OSError``."""
+        every gap under the idle timeout); ``"stopped"``: ``stop_fd`` (an eventfd) became readable,
+        checked while waiting and between pieces. A failed write raises ``OSError``."""
     def commit(self, metadata: dict[str, str] | None = None) -> None:
         """Set ``user.e2b.*`` metadata (replacing any), chown to uid/gid, and rename into place."""
     def abort(self) -> None: ...

@@ -183,13 +183,20 @@ impl AtomicWriter {
     /// Appends exactly `len` bytes read from `socket` (a non-blocking stream socket the caller keeps
     /// open for the call), moved with `splice(2)` where the kernel allows it (see [`crate::splice`]).
     /// Gives up after `idle` without a byte, below [`splice::MIN_RATE`] on average after the first
-    /// `idle`, or when the client closes early: the returned
+    /// `idle`, when the client closes early, or when `stop` (a descriptor: an eventfd) becomes
+    /// readable: the returned
     /// [`Received`] says which, and the caller aborts. A full disk is `ENOSPC`, as for [`write`](Self::write).
-    pub fn receive_from(&mut self, socket: RawFd, len: u64, idle: Duration) -> Result<Received> {
+    pub fn receive_from(
+        &mut self,
+        socket: RawFd,
+        len: u64,
+        idle: Duration,
+        stop: Option<RawFd>,
+    ) -> Result<Received> {
         let file = self.file.as_ref().ok_or_else(|| Error::Closed {
             path: self.path.clone(),
         })?;
-        let (moved, received) = match splice::receive(socket, file, len, idle) {
+        let (moved, received) = match splice::receive(socket, file, len, idle, stop) {
             Ok(done) => done,
             Err(Failure::File(e) | Failure::Setup(e)) => return Err(Error::os(e, &self.path)),
         };
@@ -455,13 +462,13 @@ mod tests {
         let mut w = AtomicWriter::create(&target, 0, 0).unwrap();
         w.write(b"head:").unwrap();
         client.write_all(b"body and more").unwrap();
-        let got = w.receive_from(server.as_raw_fd(), 8, Duration::from_secs(5));
+        let got = w.receive_from(server.as_raw_fd(), 8, Duration::from_secs(5), None);
         assert_eq!(got.unwrap(), Received::Complete);
         assert_eq!(w.written(), 13);
         w.commit(&Metadata::new()).unwrap();
         assert_eq!(fs::read(&target).unwrap(), b"head:body and");
         let err = w
-            .receive_from(server.as_raw_fd(), 1, Duration::from_secs(5))
+            .receive_from(server.as_raw_fd(), 1, Duration::from_secs(5), None)
             .unwrap_err();
         assert!(matches!(err, Error::Closed { .. }), "{err:?}");
     }

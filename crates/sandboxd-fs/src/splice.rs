@@ -10,7 +10,12 @@
 //! has passed, is given up on too ([`Received::TooSlow`]): otherwise one byte per `idle` less a
 //! moment would hold the worker thread for `len` times `idle` (Apache's `mod_reqtimeout` has the same
 //! rule, `body=...,MinRate=...`; Go's `net/http`, envd's server, has only a whole-request
-//! `ReadTimeout`, which envd leaves off, and a goroutine per connection is cheap where a thread is not). Exactly `len` bytes are taken from the socket and no more: whatever
+//! `ReadTimeout`, which envd leaves off, and a goroutine per connection is cheap where a thread is not).
+//!
+//! The server stops a move (it is shutting down, the connection is lost) through a stop descriptor,
+//! an eventfd it makes readable: it wakes the wait, and it is checked between pieces
+//! ([`Received::Stopped`]). `shutdown(SHUT_RD)` on the socket is not enough: the kernel still hands
+//! out the bytes already queued (and a fast client keeps the queue full), so the move went on. Exactly `len` bytes are taken from the socket and no more: whatever
 //! the client sent after the body (a pipelined request) stays there for the server.
 //!
 //! Where the kernel refuses to splice (`EINVAL`: a file system without `splice_write`, a socket
@@ -48,19 +53,35 @@ pub enum Received {
     TimedOut(u64),
     /// The body arrived slower than [`MIN_RATE`] (after `idle`); this many bytes had come.
     TooSlow(u64),
+    /// The stop descriptor became readable after this many bytes.
+    Stopped(u64),
 }
 
-/// The deadline a transfer must keep: `idle` from its start, plus a second per [`MIN_RATE`] bytes.
+/// What a transfer must keep to: its deadline (`idle` from its start, plus a second per
+/// [`MIN_RATE`] bytes), and its stop descriptor.
 struct Pace {
     started: Instant,
     idle: Duration,
+    stop: Option<RawFd>,
 }
 
 impl Pace {
-    fn new(idle: Duration) -> Self {
+    fn new(idle: Duration, stop: Option<RawFd>) -> Self {
         Self {
             started: Instant::now(),
             idle,
+            stop,
+        }
+    }
+
+    /// Checked before each piece: why the transfer ends now, if it does.
+    fn check(&self, moved: u64) -> Option<Received> {
+        if self.stop.is_some_and(|fd| poll_in(fd, 0) != Wake::Quiet) {
+            Some(Received::Stopped(moved))
+        } else if self.behind(moved) {
+            Some(Received::TooSlow(moved))
+        } else {
+            None
         }
     }
 
@@ -83,9 +104,12 @@ impl Pace {
         let left = self.deadline(moved).map_or(self.idle, |d| {
             self.idle.min(d.saturating_duration_since(Instant::now()))
         });
-        if wait_readable(socket, left) {
-            None
-        } else if self.behind(moved) {
+        match wait_readable(socket, self.stop, left) {
+            Wake::Ready => return None,
+            Wake::Stop => return Some(Received::Stopped(moved)),
+            Wake::Quiet => {}
+        }
+        if self.behind(moved) {
             Some(Received::TooSlow(moved))
         } else {
             Some(Received::TimedOut(moved))
@@ -103,12 +127,14 @@ pub enum Failure {
 }
 
 /// Moves exactly `len` bytes from `socket` (a non-blocking stream socket, open for the whole call)
-/// to `file` at its current position; see the module documentation.
+/// to `file` at its current position, until `stop` (a descriptor, open for the whole call) becomes
+/// readable; see the module documentation.
 pub fn receive(
     socket: RawFd,
     file: &File,
     len: u64,
     idle: Duration,
+    stop: Option<RawFd>,
 ) -> Result<(u64, Received), Failure> {
     if len == 0 {
         return Ok((0, Received::Complete));
@@ -123,11 +149,11 @@ pub fn receive(
             PIPE_SIZE as libc::c_int,
         )
     };
-    let pace = Pace::new(idle);
+    let pace = Pace::new(idle, stop);
     let mut moved = 0u64;
     while moved < len {
-        if pace.behind(moved) {
-            return Ok((moved, Received::TooSlow(moved)));
+        if let Some(end) = pace.check(moved) {
+            return Ok((moved, end));
         }
         let want = (len - moved).min(PIPE_SIZE as u64) as usize;
         // SAFETY: both descriptors are open (the caller's socket, this function's pipe); null
@@ -243,8 +269,8 @@ fn receive_copying(
     let mut buffer = vec![0u8; (len.min(FALLBACK_BUFFER as u64)) as usize];
     let mut moved = 0u64;
     while moved < len {
-        if pace.behind(moved) {
-            return Ok((moved, Received::TooSlow(moved)));
+        if let Some(end) = pace.check(moved) {
+            return Ok((moved, end));
         }
         let want = (len - moved).min(buffer.len() as u64) as usize;
         match read_fd(socket, &mut buffer[..want]) {
@@ -314,34 +340,70 @@ fn read_fd(fd: RawFd, buffer: &mut [u8]) -> io::Result<usize> {
     }
 }
 
-/// Whether `fd` became readable (or closed, or failed) within `idle`; false when it timed out. An
+/// What a wait saw.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Wake {
+    /// The socket is readable (or closed, or failed: the next read says which).
+    Ready,
+    /// The stop descriptor is readable.
+    Stop,
+    /// Neither, within the time.
+    Quiet,
+}
+
+/// Waits until `fd` becomes readable (or closed, or failed), or `stop` does, within `idle`. An
 /// `idle` past what the clock can add (an absurd `--idle-timeout`) waits without a deadline.
-fn wait_readable(fd: RawFd, idle: Duration) -> bool {
+fn wait_readable(fd: RawFd, stop: Option<RawFd>, idle: Duration) -> Wake {
     let deadline = Instant::now().checked_add(idle);
     loop {
         let left = deadline.map_or(Duration::MAX, |d| {
             d.saturating_duration_since(Instant::now())
         });
         let timeout = left.as_millis().clamp(1, i32::MAX as u128) as libc::c_int;
-        let mut pfd = libc::pollfd {
-            fd,
-            events: libc::POLLIN | libc::POLLRDHUP,
-            revents: 0,
-        };
-        // SAFETY: one valid pollfd, as the count says.
-        let n = unsafe { libc::poll(&mut pfd, 1, timeout) };
+        let mut pfds = [
+            libc::pollfd {
+                fd,
+                events: libc::POLLIN | libc::POLLRDHUP,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: stop.unwrap_or(-1), // a negative descriptor is skipped by poll(2)
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        // SAFETY: two valid pollfds, as the count says.
+        let n = unsafe { libc::poll(pfds.as_mut_ptr(), 2, timeout) };
         if n > 0 {
-            return true;
+            return if pfds[1].revents != 0 {
+                Wake::Stop
+            } else {
+                Wake::Ready
+            };
         }
         if n == 0 {
             if deadline.is_some_and(|d| Instant::now() >= d) {
-                return false;
+                return Wake::Quiet;
             }
             continue; // poll's timeout is in whole milliseconds, rounded down
         }
         if io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
-            return true; // let the next read report it
+            return Wake::Ready; // let the next read report it
         }
+    }
+}
+
+/// Whether `fd` is readable (or failed) now or within `timeout_ms`: one `poll(2)`.
+fn poll_in(fd: RawFd, timeout_ms: libc::c_int) -> Wake {
+    let mut pfd = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd, as the count says.
+    match unsafe { libc::poll(&mut pfd, 1, timeout_ms) } {
+        0 => Wake::Quiet,
+        _ => Wake::Stop, // readable, or an error (EINTR aside, a bad descriptor): stop either way
     }
 }
 
@@ -399,6 +461,7 @@ mod tests {
             &file,
             body.len() as u64,
             Duration::from_secs(5),
+            None,
         )
         .unwrap();
         assert_eq!(got, (body.len() as u64, Received::Complete));
@@ -425,7 +488,7 @@ mod tests {
             server.as_raw_fd(),
             &file,
             body.len() as u64,
-            Pace::new(Duration::from_secs(5)),
+            Pace::new(Duration::from_secs(5), None),
         )
         .unwrap();
         assert_eq!((moved, received), (body.len() as u64, Received::Complete));
@@ -442,7 +505,7 @@ mod tests {
             server.as_raw_fd(),
             &file,
             10,
-            Pace::new(Duration::from_secs(5)),
+            Pace::new(Duration::from_secs(5), None),
         )
         .unwrap();
         assert_eq!(got, (0, Received::Closed(0)));
@@ -454,7 +517,14 @@ mod tests {
         client.write_all(&pattern(1000)).unwrap();
         client.shutdown(Shutdown::Write).unwrap();
         let file = tempfile::tempfile().unwrap();
-        let got = receive(server.as_raw_fd(), &file, 5000, Duration::from_secs(5)).unwrap();
+        let got = receive(
+            server.as_raw_fd(),
+            &file,
+            5000,
+            Duration::from_secs(5),
+            None,
+        )
+        .unwrap();
         assert_eq!(got, (1000, Received::Closed(1000)));
     }
 
@@ -462,7 +532,10 @@ mod tests {
     fn an_idle_timeout_past_the_clock_waits_without_a_deadline() {
         let (mut client, server) = connected();
         client.write_all(b"abc").unwrap();
-        assert!(wait_readable(server.as_raw_fd(), Duration::MAX));
+        assert_eq!(
+            wait_readable(server.as_raw_fd(), None, Duration::MAX),
+            Wake::Ready
+        );
     }
 
     #[test]
@@ -477,6 +550,7 @@ mod tests {
             &file,
             1 << 20,
             Duration::from_millis(200),
+            None,
         )
         .unwrap();
         assert_eq!(got, (64 << 10, Received::TimedOut(64 << 10)));
@@ -504,6 +578,7 @@ mod tests {
                 &file,
                 1 << 20,
                 Duration::from_millis(300),
+                None,
             );
             done.send((got.unwrap(), started.elapsed())).unwrap();
         });
@@ -513,6 +588,96 @@ mod tests {
         assert!(matches!(got.1, Received::TooSlow(_)), "{got:?}");
         assert!(took >= Duration::from_millis(300), "{took:?}");
         drop(dripping);
+    }
+
+    #[test]
+    fn a_stop_ends_a_move_though_bytes_are_queued() {
+        let (mut client, server) = connected();
+        let body = pattern(4 << 20);
+        thread::spawn(move || client.write_all(&body).map(|()| client));
+        thread::sleep(Duration::from_millis(200)); // as much as the socket holds is queued
+        // The server's stop: SHUT_RD alone still let the queued bytes through.
+        server.shutdown(Shutdown::Read).unwrap();
+        let stop = eventfd();
+        signal(&stop);
+        let file = tempfile::tempfile().unwrap();
+        let got = receive(
+            server.as_raw_fd(),
+            &file,
+            8 << 20,
+            Duration::from_secs(5),
+            Some(stop.as_raw_fd()),
+        )
+        .unwrap();
+        assert_eq!(got, (0, Received::Stopped(0)), "moved on after the stop");
+    }
+
+    #[test]
+    fn a_stop_wakes_a_waiting_move_and_one_between_pieces_ends_it() {
+        let (mut client, server) = connected();
+        client.write_all(b"abc").unwrap();
+        let stop = eventfd();
+        let (socket, stop_fd) = (server.as_raw_fd(), stop.as_raw_fd());
+        let waiting = thread::spawn(move || {
+            let file = tempfile::tempfile().unwrap();
+            receive(
+                socket,
+                &file,
+                1 << 20,
+                Duration::from_secs(30),
+                Some(stop_fd),
+            )
+            .unwrap()
+        });
+        thread::sleep(Duration::from_millis(200)); // "abc" moved; the move waits for more
+        let started = Instant::now();
+        signal(&stop);
+        assert_eq!(waiting.join().unwrap(), (3, Received::Stopped(3)));
+        assert!(started.elapsed() < Duration::from_secs(5));
+        // A client streaming as fast as it can (the socket never runs dry) is stopped as well.
+        let (mut client, server) = connected();
+        thread::spawn(move || {
+            let chunk = vec![7u8; 1 << 20];
+            while client.write_all(&chunk).is_ok() {}
+        });
+        let stop = eventfd();
+        let (socket, stop_fd) = (server.as_raw_fd(), stop.as_raw_fd());
+        let (done, got) = std::sync::mpsc::channel();
+        thread::spawn(move || {
+            let sink = File::options().write(true).open("/dev/null").unwrap();
+            let got = receive(
+                socket,
+                &sink,
+                u64::MAX,
+                Duration::from_secs(30),
+                Some(stop_fd),
+            );
+            done.send(got.unwrap()).unwrap();
+        });
+        thread::sleep(Duration::from_millis(200));
+        signal(&stop);
+        let got = got
+            .recv_timeout(Duration::from_secs(5))
+            .expect("the move went on after the stop");
+        assert!(matches!(got.1, Received::Stopped(n) if n > 0), "{got:?}");
+        drop(server);
+    }
+
+    fn eventfd() -> OwnedFd {
+        // SAFETY: eventfd(2) takes no pointers; a new descriptor is owned by nobody else.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+        assert!(fd >= 0);
+        // SAFETY: as above.
+        unsafe { OwnedFd::from_raw_fd(fd) }
+    }
+
+    fn signal(stop: &OwnedFd) {
+        let one = 1u64.to_ne_bytes();
+        // SAFETY: eight valid bytes, as eventfd(2) requires, on an open descriptor.
+        assert_eq!(
+            unsafe { libc::write(stop.as_raw_fd(), one.as_ptr().cast(), 8) },
+            8
+        );
     }
 
     #[test]
@@ -528,6 +693,7 @@ mod tests {
             &file,
             body.len() as u64,
             Duration::from_secs(5),
+            None,
         )
         .unwrap();
         writer.join().unwrap();
@@ -547,7 +713,7 @@ mod tests {
         thread::sleep(Duration::from_millis(100)); // all of it queued: splice stops at the mark
         let file = tempfile::tempfile().unwrap();
         let started = Instant::now();
-        let got = receive(server.as_raw_fd(), &file, 18, Duration::from_secs(5)).unwrap();
+        let got = receive(server.as_raw_fd(), &file, 18, Duration::from_secs(5), None).unwrap();
         assert_eq!(got, (18, Received::Complete));
         assert!(started.elapsed() < Duration::from_secs(5));
         assert_eq!(read_back(file), b"in band, then more");
@@ -558,7 +724,13 @@ mod tests {
         let (mut client, server) = connected();
         client.write_all(&pattern(4096)).unwrap();
         let full = File::options().write(true).open("/dev/full").unwrap();
-        match receive(server.as_raw_fd(), &full, 4096, Duration::from_secs(5)) {
+        match receive(
+            server.as_raw_fd(),
+            &full,
+            4096,
+            Duration::from_secs(5),
+            None,
+        ) {
             Err(Failure::File(e)) => assert_eq!(e.raw_os_error(), Some(libc::ENOSPC)),
             other => panic!("{other:?}"),
         }

@@ -314,26 +314,30 @@ impl AtomicWriter {
     /// keeps it open and does not read it meanwhile), socket → pipe → file with `splice(2)`,
     /// without the GIL. "complete", "closed" (the client closed early), "timed out" (nothing
     /// arrived for `idle_timeout` seconds) or "too slow" (under `RECEIVE_MIN_RATE` bytes/s on average
-    /// after the first `idle_timeout`); a failed file write raises `OSError` as `write` does.
+    /// after the first `idle_timeout`) or "stopped" (`stop_fd`, an eventfd, became readable); a
+    /// failed file write raises `OSError` as `write` does.
+    #[pyo3(signature = (fd, length, idle_timeout, stop_fd = None))]
     fn receive_from(
         &mut self,
         py: Python<'_>,
         fd: i32,
         length: u64,
         idle_timeout: f64,
+        stop_fd: Option<i32>,
     ) -> PyResult<&'static str> {
         let idle = Duration::try_from_secs_f64(idle_timeout).map_err(|_| {
             PyValueError::new_err("idle_timeout must be a non-negative number of seconds")
         })?;
         let inner = &mut self.inner;
         let received = py
-            .detach(|| inner.receive_from(fd, length, idle))
+            .detach(|| inner.receive_from(fd, length, idle, stop_fd))
             .map_err(to_pyerr)?;
         Ok(match received {
             core::splice::Received::Complete => "complete",
             core::splice::Received::Closed(_) => "closed",
             core::splice::Received::TimedOut(_) => "timed out",
             core::splice::Received::TooSlow(_) => "too slow",
+            core::splice::Received::Stopped(_) => "stopped",
         })
     }
 

@@ -302,7 +302,7 @@ class RawBody:
     :data:`MAX_RAW_BODIES` move at once: :meth:`remaining` is None otherwise, and the route reads
     ``receive()`` as before."""
 
-    __slots__ = ("_cycle", "_keep_alive", "_protocol", "_remaining", "_reserved", "_socket", "seen")
+    __slots__ = ("_cycle", "_keep_alive", "_protocol", "_remaining", "_reserved", "_stop", "seen")
     moving = 0
     """Bodies taken (:meth:`take`) and not yet released in this process: being moved by worker
     threads, or about to be. Counted from :meth:`take` on, not from the move's start: between the
@@ -317,7 +317,8 @@ class RawBody:
         self._remaining: int | None = None
         self._keep_alive = False
         self._reserved = False
-        self._socket: socket.socket | None = None
+        self._stop: int | None = None
+        """The eventfd that stops the move in progress (:meth:`cancel`)."""
 
     def remaining(self) -> int | None:
         """Body bytes still unread in the socket, when this body can be taken (see the class)."""
@@ -371,9 +372,10 @@ class RawBody:
         cycle.body = bytearray()
         return buffered
 
-    async def receive_into(self, move: Callable[[int, int, float], str], executor: Executor) -> None:
-        """Runs ``move(fd, length, idle_timeout)`` in ``executor`` (``AtomicWriter.receive_from``:
-        it returns "complete", "closed" or "timed out") on the rest of the body after :meth:`take`.
+    async def receive_into(self, move: Callable[[int, int, float, int], str], executor: Executor) -> None:
+        """Runs ``move(fd, length, idle_timeout, stop_fd)`` in ``executor`` (``AtomicWriter.receive_from``:
+        it returns "complete", "closed", "timed out", "too slow" or "stopped") on the rest of the body
+        after :meth:`take`.
         The whole body read: the connection goes on with its next request. The client gone, silent
         for the idle timeout or slower than ``RECEIVE_MIN_RATE`` after it (answered 408): the
         connection is closed and
@@ -388,12 +390,14 @@ class RawBody:
         # A descriptor of its own: the thread's stays valid even if the transport closes meanwhile.
         sock = transport.get_extra_info("socket")
         own = socket.socket(fileno=os.dup(sock.fileno()))
-        self._socket = own
+        # The stop flag (cancel()): the thread waits on it with the socket and checks it between
+        # pieces; shutting the socket's reading down would still let the bytes already queued through.
+        stop = self._stop = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         protocol._moving = self
         if protocol._shutting_down:  # asked before the move began: no later cancel() would come
             self.cancel()
         loop = asyncio.get_running_loop()
-        job = loop.run_in_executor(executor, move, own.fileno(), remaining, protocol.guard.limits.idle_timeout)
+        job = loop.run_in_executor(executor, move, own.fileno(), remaining, protocol.guard.limits.idle_timeout, stop)
         try:
             outcome = await asyncio.shield(job)
         except asyncio.CancelledError:
@@ -407,7 +411,8 @@ class RawBody:
         finally:
             self.release()
             protocol._moving = None
-            self._socket = None
+            self._stop = None
+            os.close(stop)
             own.close()
         if outcome == "complete":
             # Not kept alive after a shutdown asked (uvicorn's cleared the flag take() had saved):
@@ -442,10 +447,9 @@ class RawBody:
 
     def cancel(self) -> None:
         """Ends a move in progress as if the client had closed (the server is shutting down, the
-        connection is lost): the worker thread sees end-of-file at once."""
-        if self._socket is not None:
-            with contextlib.suppress(OSError):
-                self._socket.shutdown(socket.SHUT_RD)
+        connection is lost): the worker thread stops at once, waiting or between pieces."""
+        if self._stop is not None:
+            os.eventfd_write(self._stop, 1)
 
 
 _REFUSED = b"HTTP/1.1 %d %s\r\ncontent-type: text/plain\r\ncontent-length: %d\r\nconnection: close\r\n\r\n%s"
