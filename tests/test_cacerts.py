@@ -109,6 +109,42 @@ def test_where_the_kernel_cannot_copy_the_bundle_it_is_read_and_written(
     assert bundle.read_bytes() == old + b"\n" + PEM.encode() + b"\n"
 
 
+def test_a_bundle_linked_through_a_proc_fd_link_is_refused_and_nothing_made(tmp_path: Path) -> None:
+    """``/proc/self/fd/N`` is a magic link: the kernel follows it to the open file, while its text
+    names that file as its opener's root sees it. In a sandbox, a trust store linked to
+    ``/proc/self/fd/1`` (the host's log) reads as a host path that does not exist inside, and the
+    install created it there. Here the open file is deleted, so its text ("... (deleted)") names no
+    file either: the install must refuse, making nothing and writing through to nothing."""
+    victim = tmp_path / "host" / "agent.log"
+    victim.parent.mkdir()
+    victim.write_bytes(b"host log\n")
+    sandbox = tmp_path / "sandbox"
+    sandbox.mkdir()
+    with victim.open("rb") as held:
+        victim.unlink()
+        bundle = sandbox / "ca-certificates.crt"
+        bundle.symlink_to(f"/proc/self/fd/{held.fileno()}")
+        with pytest.raises(ValueError, match="links outside the sandbox's files") as refused:
+            cacerts.install(PEM, str(bundle), str(tmp_path / "extra.crt"))
+        assert str(tmp_path / "host") not in str(refused.value)
+        assert os.pread(held.fileno(), 100, 0) == b"host log\n"
+    assert sorted(p.name for p in (tmp_path / "host").iterdir()) == []
+    assert sorted(p.name for p in sandbox.iterdir()) == ["ca-certificates.crt"]
+
+
+def test_the_kept_copy_is_not_written_through_a_link(tmp_path: Path) -> None:
+    bundle = tmp_path / "ca-certificates.crt"
+    bundle.write_text("")
+    victim = tmp_path / "victim"
+    victim.write_text("keep me\n")
+    extra = tmp_path / "local" / "sandboxd-egress.crt"
+    extra.parent.mkdir()
+    extra.symlink_to(victim)
+    cacerts.install(PEM, str(bundle), str(extra))
+    assert victim.read_text() == "keep me\n"
+    assert bundle.read_bytes() == PEM.encode() + b"\n"
+
+
 @pytest.mark.timeout(60)
 def test_refuses_a_bundle_linked_to_a_proc_file_that_reads_for_ever(tmp_path: Path) -> None:
     # /proc/self/pagemap is a regular file whose size says 0 and which reads 8 bytes a page of the

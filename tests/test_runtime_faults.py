@@ -129,10 +129,20 @@ def test_metrics_of_a_big_sandbox_never_stall_the_api(
     sbx.kill()
 
 
-@pytest.mark.parametrize("planted", ["mkfifo", "mkdir"])
-def test_a_resume_whose_agent_dies_before_it_listens_fails_at_once_saying_why(e2b_env: Runtime, planted: str) -> None:
+@pytest.mark.parametrize(
+    ("planted", "refusal"),
+    [
+        ("mkfifo", "is not a regular file"),
+        ("mkdir", "is not a regular file"),
+        ("ln -s /proc/self/fd/1", "links outside the sandbox's files"),
+    ],
+)
+def test_a_resume_whose_agent_dies_before_it_listens_fails_at_once_saying_why(
+    e2b_env: Runtime, planted: str, refusal: str
+) -> None:
     # Root in the sandbox replaces its trust store before a pause; the resume adds the egress CA to it
-    # before the agent listens, which refuses (a FIFO would block the read for ever), and the agent
+    # before the agent listens, which refuses (a FIFO would block the read for ever; a link to fd 1,
+    # the host's log, reads as a host path the install created inside the sandbox), and the agent
     # exits. The resume fails as soon as it does, with the agent's reason and no host path, instead of
     # after the runtime's 10 s wait for the agent with "Connection refused".
     from e2b import Sandbox
@@ -151,7 +161,7 @@ def test_a_resume_whose_agent_dies_before_it_listens_fails_at_once_saying_why(e2
         waited = time.monotonic() - started
         message = str(failed.value)
         assert "agent exited before it listened" in message, message
-        assert f"trust store: {bundle} is not a regular file" in message, message
+        assert f"trust store: {bundle} {refusal}" in message, message
         assert str(e2b_env.data_dir) not in message and "/sandboxes/" not in message, message
         assert waited < 5, f"the resume waited {waited:.1f} s for an agent that had exited"  # the old wait: 10 s
         # The runtime serves on: the other sandbox, a new one, and the failed one is still paused.

@@ -35,7 +35,9 @@ def install(pem: str, bundle: str = BUNDLE, extra: str = EXTRA) -> None:
     makes overlayfs copy it up into the sandbox's disk *and fsync the copy*, which on the
     loop-mounted disk is a flush to the host's disk: 5-40 ms of every create's ``/init`` on a
     busy host (``docs/benchmarks.md``). A new file is not synced. Readers see the old bundle or
-    the new one, never half of it. A symlinked bundle has its target replaced.
+    the new one, never half of it. A symlinked bundle has its target replaced, when the link leads
+    to a file of the sandbox's own (:func:`_resolve`); the kept copy (``extra``) is never written
+    through a link.
 
     The old bundle is searched in pieces and copied by the kernel (``copy_file_range``), not read
     into memory: in a new sandbox this runs before its agent starts, and the two 0.2 MiB copies
@@ -45,9 +47,9 @@ def install(pem: str, bundle: str = BUNDLE, extra: str = EXTRA) -> None:
     data = pem.strip().encode("ascii") + b"\n"  # UnicodeEncodeError is a ValueError: a 400
     if b"-----BEGIN CERTIFICATE-----" not in data:
         raise ValueError("'caBundle' holds no PEM certificate")
-    target = os.path.realpath(bundle)
+    target = _resolve(bundle)
     try:
-        fd = os.open(target, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        fd = os.open(target, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOFOLLOW)
     except FileNotFoundError:
         os.makedirs(os.path.dirname(target), exist_ok=True)
         _replace(target, None, data, 0o644)
@@ -62,10 +64,42 @@ def install(pem: str, bundle: str = BUNDLE, extra: str = EXTRA) -> None:
                 _replace(target, fd, data, stat.S_IMODE(st.st_mode))
         finally:
             os.close(fd)
-    with contextlib.suppress(OSError):  # a read-only /usr (the built-in template) keeps none
+    with contextlib.suppress(OSError, ValueError):  # a read-only /usr (the built-in template) keeps none
+        extra = os.path.join(_resolve(os.path.dirname(extra)), os.path.basename(extra))
         os.makedirs(os.path.dirname(extra), exist_ok=True)
-        with open(extra, "wb") as f:
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
+        with open(os.open(extra, flags, 0o644), "wb") as f:
             f.write(data)
+
+
+def _resolve(path: str) -> str:
+    """``path`` with its links followed (``realpath``), or a ``ValueError`` when the file that
+    following them in the kernel reaches is not the one that path names, or when the path is a link
+    to nothing.
+
+    ``realpath`` reads each link's text, while the kernel follows ``/proc``'s magic links
+    (``/proc/self/fd/1``, ``/proc/1/cwd``) to the open file itself: a file of the host (the agent's
+    log, inherited as fd 1), whose text is a host path that names nothing inside the sandbox, or
+    another of its files. Root in a sandbox can plant such a link at the trust store before a
+    pause, and the resume's install would create that host path inside, or replace what it names.
+    When nothing is at ``path``, its nearest existing parent is checked the same way."""
+    target = os.path.realpath(path)
+    probe, resolved = path, target
+    while True:
+        try:
+            reached = os.stat(probe)
+        except FileNotFoundError:
+            if os.path.lexists(probe):
+                raise ValueError(f"{path} is a link to nothing") from None
+            probe, resolved = os.path.dirname(probe), os.path.dirname(resolved)
+            continue
+        try:
+            named = os.lstat(resolved)
+        except OSError:
+            named = None
+        if named is None or (named.st_dev, named.st_ino) != (reached.st_dev, reached.st_ino):
+            raise ValueError(f"{path} links outside the sandbox's files")
+        return target
 
 
 def _contains(fd: int, needle: bytes) -> bool:
