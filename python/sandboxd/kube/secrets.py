@@ -78,7 +78,7 @@ async def await_secret(kube: Kube, namespace: str, name: str) -> dict[str, str]:
     logged = -WAIT_LOG_EVERY_S
     while True:
         try:
-            return _decoded(await kube.get(f"{path_of('secrets', namespace)}/{name}"))
+            return _decoded(await kube.get(path_of("secrets", namespace, name)))
         except KubeError as exc:
             if exc.status != 404:
                 raise
