@@ -965,12 +965,52 @@ def test_bad_input_answers_4xx(kube: Env) -> None:
     assert api.delete("/sandboxes/nope").status_code == 404
     mounts = {"templateID": "base", "volumeMounts": [{"name": "v", "path": "/mnt/v"}]}
     assert api.post("/v2/sandboxes", json=mounts).status_code == 400  # no volumes on nodes (yet)
-    for network in ({"denyOut": ["not an address"]}, {"allowOut": ["example.com"]}, {"allowPublicTraffic": False}):
+    for network in ({"denyOut": ["not an address"]}, {"allowOut": ["example.com"]}):
         r = api.post("/v2/sandboxes", json={"templateID": "base", "network": network})
         assert r.status_code == 400, r.text
     rules = {"rules": {"api.test": [{"transform": {"headers": {"A": "${e2b.secrets.key}"}}}]}}
     r = api.post("/v2/sandboxes", json={"templateID": "base", "network": rules})
     assert r.status_code == 400 and "no secret named 'key'" in r.json()["message"]
+
+
+def test_allow_public_traffic_false_needs_the_traffic_token_through_either_replica(kube: Env) -> None:
+    """As on one machine (``test_network_sdk.py``): a sandbox created with ``allowPublicTraffic:
+    false`` has its ports served only to requests with its traffic token, by every replica's proxy
+    (the token derives from its Pod under the cluster's key), and envd's port keeps its own token."""
+    first, second = kube.replicas
+    sbx = Sandbox.create(network={"allow_public_traffic": False}, **first.opts())
+    try:
+        token = sbx.traffic_access_token
+        assert token
+        sbx.commands.run("python3 -m http.server 8000 >/dev/null 2>&1", background=True)
+        host = sbx.get_host(8000)
+        with httpx.Client() as client:
+            for replica in (second, first):
+                url = replica.url + "/"
+                served = _wait(
+                    f"port 8000 through {replica.name}",
+                    lambda url=url: (
+                        r if (r := client.get(url, headers={"Host": host, TRAFFIC: token})).status_code == 200 else None
+                    ),
+                    timeout=20,
+                )
+                assert served.status_code == 200
+                missing = client.get(url, headers={"Host": host})
+                wrong = client.get(url, headers={"Host": host, TRAFFIC: "x" + token})
+                assert missing.status_code == 403 and f"Token header '{TRAFFIC}' is missing" in missing.text
+                assert wrong.status_code == 403 and "is invalid" in wrong.text
+        assert sbx.get_info().network == {"allow_public_traffic": False}
+        assert sbx.commands.run("echo ok").stdout == "ok\n"  # envd's port: its own token
+        public = Sandbox.create(**second.opts())
+        try:
+            assert public.traffic_access_token is None
+        finally:
+            public.kill()
+    finally:
+        sbx.kill()
+
+
+TRAFFIC = "e2b-traffic-access-token"
 
 
 def test_a_killed_serve_replica_loses_nothing(kube: Env) -> None:

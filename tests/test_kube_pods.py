@@ -42,6 +42,22 @@ def test_what_serve_writes_reads_back_the_same() -> None:
     assert body["metadata"]["annotations"][pods.NETWORK_ANNOTATION] == note
 
 
+def test_private_ports_are_a_pods_setting_with_a_token_of_their_own() -> None:
+    """``allowPublicTraffic: false`` is accepted (every replica's proxy enforces it), and its
+    traffic token derives from the Pod's identity under the cluster's key, apart from its access
+    token (a holder of one learns nothing of the other)."""
+    config = pods.network_of(_pod('{"network": {"allowPublicTraffic": false}}'))[0]
+    assert config.allow_public_traffic is False
+    key = b"k" * 32
+    traffic = pods.traffic_token(key, "ns", "sbx", "uid-1")
+    assert traffic == pods.traffic_token(key, "ns", "sbx", "uid-1")
+    assert traffic not in {
+        pods.access_token(key, "ns", "sbx", "uid-1"),
+        pods.traffic_token(key, "ns", "sbx", "uid-2"),
+        pods.traffic_token(b"j" * 32, "ns", "sbx", "uid-1"),
+    }
+
+
 @pytest.mark.parametrize(
     ("note", "words"),
     [
@@ -59,9 +75,6 @@ def test_what_serve_writes_reads_back_the_same() -> None:
         ('{"network": {"rules": {"a.test": "x"}}}', "rules"),
         ('{"network": {"httpsPorts": ["443"]}}', "httpsPorts"),
         (json.dumps({"network": {"denyOut": ["10.0.0.1"] * 5000}}), "at most 1000"),
-        # Only the node would apply it: every replica's proxy would still serve the sandbox's ports
-        # without a traffic token, so a Pod asking for private ports must not start public.
-        ('{"network": {"allowPublicTraffic": false}}', "allowPublicTraffic"),
     ],
 )
 def test_a_hostile_annotation_is_a_400_that_says_why(note: str, words: str) -> None:

@@ -85,6 +85,8 @@ class KubernetesBackend:
         """Pods the leader is timing out right now."""
         self.secrets = KubeSecrets(kube, namespace)
         """E2B's secrets (``/secrets``), which header rules name."""
+        self.identities: dict[str, tuple[str, str, str]] = {}
+        """Each live Pod's namespace, name and uid, as last seen (what its tokens derive from)."""
         self.network_notes: dict[str, str | None] = {}
         """Each live Pod's network annotation as last seen, by a read of this replica or its watch
         (what :meth:`network_config` answers from: the API formats a sandbox's detail after a read)."""
@@ -124,6 +126,7 @@ class KubernetesBackend:
         name = pod["metadata"]["name"]
         if kind == "DELETED":
             self.network_notes.pop(name, None)
+            self.identities.pop(name, None)
         else:
             self._saw_network(pod)
         waiting = self.waiters.get(name)
@@ -202,6 +205,7 @@ class KubernetesBackend:
     def _saw_network(self, pod: dict[str, Any]) -> None:
         meta = pod["metadata"]
         self.network_notes[meta["name"]] = (meta.get("annotations") or {}).get(pods.NETWORK_ANNOTATION)
+        self.identities[meta["name"]] = (meta["namespace"], meta["name"], meta["uid"])
 
     def row(self, pod: dict[str, Any]) -> SandboxRow:
         self._saw_network(pod)
@@ -539,8 +543,17 @@ class KubernetesBackend:
         except ApiError:
             return NetworkConfig()
 
-    def traffic_token(self, sandbox_id: str) -> str | None:
-        return None  # allowPublicTraffic=false is refused at create (see pods.check_network)
+    async def traffic_token(self, sandbox_id: str) -> str | None:
+        """The token its URLs need (``allowPublicTraffic: false`` in its Pod's network annotation), or
+        None when they are public. A Pod this replica has not seen yet (created through another one a
+        moment ago) is read first, so its first request is not let through unchecked."""
+        if sandbox_id not in self.identities:
+            with contextlib.suppress(ApiError):
+                self._saw_network(await self._cached_pod(sandbox_id))
+        identity = self.identities.get(sandbox_id)
+        if identity is None or self.network_config(sandbox_id).allow_public_traffic is not False:
+            return None  # no such sandbox: the proxy answers that next
+        return pods.traffic_token(self.token_key, *identity)
 
     async def update_network(self, sandbox_id: str, update: NetworkConfig) -> None:
         """E2B's full replace of a running sandbox's egress: the Pod's network annotation rewritten

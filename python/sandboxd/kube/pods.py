@@ -129,6 +129,14 @@ def access_token(key: bytes, namespace: str, name: str, uid: str) -> str:
     return digest[:24].hex()
 
 
+def traffic_token(key: bytes, namespace: str, name: str, uid: str) -> str:
+    """The token a sandbox's URLs need when its network says ``allowPublicTraffic: false``: derived
+    as :func:`access_token` is, from another message (a namespace has no ``:``), so every replica's
+    proxy knows it from the Pod alone and neither token tells the other."""
+    digest = hmac.new(key, f"traffic:{namespace}/{name}/{uid}".encode(), hashlib.sha256).digest()
+    return digest[:24].hex()
+
+
 def label_value(value: str) -> str:
     """``value`` if Kubernetes accepts it as a label value, else ``h.<hash>`` (a label never takes
     the dot-prefixed form from a valid value, since hashes are only used for invalid ones, and a
@@ -216,16 +224,9 @@ def parse_network(text: str | None) -> NetworkConfig:
 
 
 def check_network(config: NetworkConfig) -> None:
-    """E2B's checks of network settings (as on one machine), and a 400 for what sandboxd nodes cannot
-    honour yet: ``allowPublicTraffic: false`` (the traffic token that every replica's proxy would
-    have to check; applied by the node alone, the sandbox's ports would stay public, looser than asked)."""
+    """E2B's checks of network settings, as on one machine. ``allowPublicTraffic: false`` is the
+    replicas' proxies' to enforce (:func:`traffic_token`): the node has nothing to apply for it."""
     validate(config)
-    if config.allow_public_traffic is False:
-        raise ApiError(
-            400,
-            "'network.allowPublicTraffic': false is not available with --backend kubernetes (yet): "
-            "sandbox URLs are public, guarded by the sandbox's access token",
-        )
 
 
 def network_digest(text: str | None) -> str:

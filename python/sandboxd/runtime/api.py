@@ -248,7 +248,7 @@ class ControlPlane:
 
     # ------------------------------------------------------------------------------- answers
 
-    def _sandbox(self, row: SandboxRow) -> dict[str, Any]:
+    async def _sandbox(self, row: SandboxRow) -> dict[str, Any]:
         return {
             "templateID": row.template_id,
             "sandboxID": row.id,
@@ -256,7 +256,7 @@ class ControlPlane:
             "envdVersion": ENVD_VERSION,
             "alias": row.alias,
             "envdAccessToken": row.access_token,
-            "trafficAccessToken": self.backend.traffic_token(row.id),
+            "trafficAccessToken": await self.backend.traffic_token(row.id),
             "domain": self.domain,
         }
 
@@ -313,7 +313,7 @@ class ControlPlane:
             volume_mounts=volume_mounts(body.fields.get("volumeMounts")),
         )
         row = await self.backend.create(request)
-        await send_json(send, 201, self._sandbox(row))
+        await send_json(send, 201, await self._sandbox(row))
 
     async def info(self, scope: Scope, receive: Receive, send: Send, sandbox_id: str) -> None:
         await send_json(send, 200, self._detail(await self.backend.get(sandbox_id)))
@@ -335,7 +335,7 @@ class ControlPlane:
         body = await Body.read(receive)
         timeout = body.integer("timeout", 0, INT32_MAX)
         row, resumed = await self.backend.connect(sandbox_id, timeout)
-        await send_json(send, 201 if resumed else 200, self._sandbox(row))
+        await send_json(send, 201 if resumed else 200, await self._sandbox(row))
 
     async def pause(self, scope: Scope, receive: Receive, send: Send, sandbox_id: str) -> None:
         body = await Body.read(receive)
@@ -347,7 +347,7 @@ class ControlPlane:
         body = await Body.read(receive)
         timeout = body.integer("timeout", 0, INT32_MAX)
         row = await self.backend.resume(sandbox_id, timeout)
-        await send_json(send, 201, self._sandbox(row))
+        await send_json(send, 201, await self._sandbox(row))
 
     async def update_network(self, scope: Scope, receive: Receive, send: Send, sandbox_id: str) -> None:
         """E2B's ``PUT /sandboxes/{id}/network``: replace a running sandbox's egress settings."""
@@ -442,7 +442,7 @@ class ControlPlane:
 
         async def one() -> dict[str, Any]:
             try:
-                return {"sandbox": self._sandbox(await self.backend.create(request))}
+                return {"sandbox": await self._sandbox(await self.backend.create(request))}
             except ApiError as exc:
                 return {"error": exc.body()}
 

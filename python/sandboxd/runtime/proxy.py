@@ -296,7 +296,7 @@ class SandboxProxy:
         message = tls_failure(port, tls) if tls is not None else await self._unavailable_message(sandbox_id, port)
         await send_json(send, 502, {"sandboxId": sandbox_id, "message": message, "code": 502, "port": port})
 
-    def _ingress(
+    async def _ingress(
         self, headers: list[tuple[bytes, bytes]], sandbox_id: str, port: int
     ) -> tuple[bytes | None, ApiError | None]:
         """The Host to send upstream instead of the client's (``maskRequestHost``; None keeps the
@@ -305,7 +305,7 @@ class SandboxProxy:
         E2B's proxy). Plain requests and upgrades alike."""
         if port == ENVD_PORT:
             return None, None
-        token = self.manager.traffic_token(sandbox_id)
+        token = await self.manager.traffic_token(sandbox_id)
         if token is not None:
             given = next((v for k, v in headers if k.lower() == TRAFFIC_TOKEN_HEADER), None)
             if given is None:
@@ -326,7 +326,7 @@ class SandboxProxy:
     # ---------------------------------------------------------------------------------- HTTP
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send, sandbox_id: str, port: int) -> None:
-        host, refusal = self._ingress(scope["headers"], sandbox_id, port)
+        host, refusal = await self._ingress(scope["headers"], sandbox_id, port)
         if refusal is not None:
             await send_json(send, refusal.status, {"sandboxId": sandbox_id, "message": refusal.message, "code": 403})
             return
@@ -475,7 +475,7 @@ class SandboxProxy:
             return
         assert target is not None
         sandbox_id, port = target
-        host, refusal = self._ingress(upgrade.scope["headers"], sandbox_id, port)
+        host, refusal = await self._ingress(upgrade.scope["headers"], sandbox_id, port)
         if refusal is not None:
             body = {"sandboxId": sandbox_id, "message": refusal.message, "code": refusal.status}
             upgrade.reply(refusal.status, json.dumps(body).encode())
