@@ -201,7 +201,7 @@ def test_a_client_that_stalls_midway_is_cut_off_at_the_idle_timeout(agent: Agent
 def test_a_body_dripped_a_byte_at_a_time_is_cut_off_and_leaves_no_file(agent: Agent, workdir: Path) -> None:
     """The slow drip: one byte per half idle timeout keeps every wait under the idle timeout, so a
     client could hold a files thread for Content-Length times that (16 such clients, every raw
-    upload's thread). Past the first idle timeout the body must average 16 KiB/s: 408, no file."""
+    upload's thread). Past the first idle timeout the body must average 4 KiB/s: 408, no file."""
     target = workdir / "drip.bin"
     target.write_bytes(b"old")
     with connection(agent) as (s, f):

@@ -34,10 +34,11 @@ use std::time::{Duration, Instant};
 pub const PIPE_SIZE: usize = 1 << 20;
 
 /// The slowest average a body may arrive at, in bytes per second, once the first `idle` has passed:
-/// the deadline is `idle` plus one second per `MIN_RATE` bytes moved. 16 KiB/s is a 128 kbit/s link,
-/// below any link an upload of a megabyte or more (the only bodies moved here) is sent over, while a
-/// client that wants to hold a thread for an hour must send 56 MiB.
-pub const MIN_RATE: u64 = 16 << 10;
+/// the deadline is `idle` plus one second per `MIN_RATE` bytes moved. 4 KiB/s is a 32 kbit/s link,
+/// slower than any link an upload of a megabyte or more (the only bodies moved here) is sent over (a
+/// user on a poor mobile link must not get a 408), while a client that wants to hold a thread for
+/// an hour must send 14 MiB.
+pub const MIN_RATE: u64 = 4 << 10;
 
 /// The read/write fallback's buffer: one allocation per body, as big as a pipe's worth.
 const FALLBACK_BUFFER: usize = PIPE_SIZE;
@@ -541,7 +542,7 @@ mod tests {
     #[test]
     fn a_silent_client_times_out() {
         let (mut client, server) = connected();
-        // 64 KiB earn 4 s at MIN_RATE: the idle timeout, not the rate, is what ends the wait.
+        // 64 KiB earn 16 s at MIN_RATE: the idle timeout, not the rate, is what ends the wait.
         client.write_all(&pattern(64 << 10)).unwrap();
         let file = tempfile::tempfile().unwrap();
         let started = Instant::now();

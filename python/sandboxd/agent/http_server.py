@@ -29,7 +29,7 @@ A request's body can also be taken from the socket by a worker thread (:class:`R
 :data:`RAW_BODY`): ``POST /files`` moves a large raw upload straight into its file with ``splice(2)``,
 and the connection gets a fresh parser for its next request. Such a body that stops arriving is cut
 off after the idle timeout without a byte (408), and so is one that trickles in: past the first idle
-timeout it must average ``RECEIVE_MIN_RATE`` (16 KiB/s), or a byte per idle timeout would hold a thread
+timeout it must average ``RECEIVE_MIN_RATE`` (4 KiB/s), or a byte per idle timeout would hold a thread
 for its whole ``Content-Length``.
 
 At start, :func:`raise_open_file_limit` raises ``RLIMIT_NOFILE`` to what the host allows, and the cap
