@@ -24,7 +24,6 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import Any
 
-from google.protobuf import json_format
 from google.protobuf.message import DecodeError, Message
 
 from .asgi import (
@@ -43,7 +42,7 @@ from .asgi import (
 from .auth import rpc_user
 from .compression import gunzip
 from .errors import HTTP_STATUS, Code, RpcError, to_rpc_error
-from .protojson import message_to_dict
+from .protojson import message_to_dict, parse
 from .rpc import Context, Kind, Method, NestedBytes, Piece
 from .state import AgentState
 
@@ -79,13 +78,13 @@ class Codec:
         self.name = name
 
     def decode(self, data: bytes, message_type: type[Message]) -> Message:
-        message = message_type()
         try:
             if self.name == "proto":
+                message = message_type()
                 message.ParseFromString(data)
             else:
-                json_format.Parse(data or b"{}", message, ignore_unknown_fields=True)
-        except (json_format.ParseError, DecodeError, UnicodeDecodeError, ValueError, RecursionError) as exc:
+                message = parse(data, message_type)
+        except (DecodeError, UnicodeDecodeError, ValueError, RecursionError) as exc:  # protojson.ParseError too
             detail = str(exc) or type(exc).__name__
             raise RpcError(
                 Code.INVALID_ARGUMENT, f"cannot decode {message_type.DESCRIPTOR.full_name}: {detail}"
