@@ -129,6 +129,10 @@ def tune_malloc(mmap_threshold: int, trim_threshold: int, top_pad: int, arena_ma
     (0: the default; it counts only before a second thread allocates) for this process
     (``mallopt(3)``); whether all were accepted (False, nothing changed, on another C library)."""
 
+def trim_malloc() -> bool:
+    """Return the allocator's free memory to the kernel (``malloc_trim(0)``, the GIL released): for a
+    process gone idle, never on a hot path; whether any was released (False on another C library)."""
+
 STREAM_STDOUT: int
 STREAM_STDERR: int
 STREAM_PTY: int

@@ -57,6 +57,7 @@ const WAIT_SLICE: Duration = Duration::from_millis(100);
 /// Adds this binding's classes, functions and constants to the module.
 pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(tune_malloc, m)?)?;
+    m.add_function(wrap_pyfunction!(trim_malloc, m)?)?;
     m.add("STREAM_STDOUT", STREAM_STDOUT)?;
     m.add("STREAM_STDERR", STREAM_STDERR)?;
     m.add("STREAM_PTY", STREAM_PTY)?;
@@ -79,6 +80,13 @@ fn tune_malloc(
     arena_max: usize,
 ) -> bool {
     core::tune_malloc(mmap_threshold, trim_threshold, top_pad, arena_max)
+}
+
+/// Return the allocator's free memory to the kernel (`malloc_trim(0)`), with the GIL released;
+/// whether any was released (`False` on another C library).
+#[pyfunction]
+fn trim_malloc(py: Python<'_>) -> bool {
+    py.detach(core::trim_malloc)
 }
 
 // ------------------------------------------------------------------------------------- errors

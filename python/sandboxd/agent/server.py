@@ -12,6 +12,7 @@ from sandboxd import ENVD_VERSION, __version__, _core
 
 from .app import AgentApp
 from .http_server import ConnectionLimits, serve_until_signalled, server_config
+from .idle import IdleTrim
 from .lean import openssl_blocked
 from .methods import build_methods
 from .state import AgentState
@@ -85,8 +86,9 @@ async def serve(options: AgentOptions) -> None:
     state.user()  # fail fast on an unknown --user
     methods = build_methods(state)
     protect_from_oom()
+    idle = IdleTrim()  # what tune_allocator's trim threshold keeps after a big request, given back when idle
     config = server_config(
-        AgentApp(state, methods), options.host, options.port, options.connections, uvicorn_logging=False
+        idle.wrap(AgentApp(state, methods)), options.host, options.port, options.connections, uvicorn_logging=False
     )
     grpc_server = None
     if options.grpc_port is not None:
@@ -105,6 +107,7 @@ async def serve(options: AgentOptions) -> None:
     try:
         await serve_until_signalled(config, [options.listener] if options.listener is not None else None)
     finally:
+        idle.close()
         if grpc_server is not None:
             await grpc_server.stop(grace=1)
 

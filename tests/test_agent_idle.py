@@ -1,0 +1,121 @@
+"""``IdleTrim``: the allocator is trimmed once per quiet spell, never while a request is in flight nor
+between requests that follow each other closely, on a real event loop and through the ASGI wrapper
+the agent's server uses."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import Any
+
+from sandboxd import _core
+from sandboxd.agent.idle import IdleTrim
+
+DELAY = 0.05
+
+
+def _counting() -> tuple[IdleTrim, list[bool]]:
+    calls: list[bool] = []
+
+    def trim() -> bool:
+        released = _core.trim_malloc()  # the real call, counted
+        calls.append(released)
+        return released
+
+    return IdleTrim(DELAY, trim), calls
+
+
+async def _request(app: Any, seconds: float, scope_type: str = "http") -> None:
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        pass
+
+    await app({"type": scope_type}, receive, send)
+
+
+def _sleeper(seconds: float) -> Any:
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await asyncio.sleep(seconds)
+
+    return app
+
+
+def test_one_trim_after_a_quiet_spell() -> None:
+    async def main() -> list[bool]:
+        idle, calls = _counting()
+        app = idle.wrap(_sleeper(0))
+        await asyncio.sleep(DELAY * 3)
+        assert calls == []  # nothing served yet: nothing to give back
+        await _request(app, 0)
+        await asyncio.sleep(DELAY / 2)
+        assert calls == []
+        await asyncio.sleep(DELAY * 2)
+        assert len(calls) == 1
+        await asyncio.sleep(DELAY * 3)
+        assert len(calls) == 1  # once per spell, not every interval
+        await _request(app, 0)
+        await asyncio.sleep(DELAY * 3)
+        return calls
+
+    calls = asyncio.run(main())
+    assert len(calls) == 2
+
+
+def test_no_trim_while_a_request_is_in_flight() -> None:
+    async def main() -> None:
+        idle, calls = _counting()
+        slow = asyncio.create_task(_request(idle.wrap(_sleeper(DELAY * 4)), 0))
+        await _request(idle.wrap(_sleeper(0)), 0)  # one ends while the slow one is still running
+        await asyncio.sleep(DELAY * 2)
+        assert calls == [] and idle.active == 1
+        await slow
+        assert calls == []
+        await asyncio.sleep(DELAY * 2)
+        assert len(calls) == 1 and idle.active == 0
+
+    asyncio.run(main())
+
+
+def test_no_trim_between_requests_that_follow_closely() -> None:
+    async def main() -> None:
+        idle, calls = _counting()
+        app = idle.wrap(_sleeper(0))
+        for _ in range(12):
+            await _request(app, 0)
+            await asyncio.sleep(DELAY / 4)
+        assert calls == []
+        await asyncio.sleep(DELAY * 2)
+        assert len(calls) == 1
+
+    asyncio.run(main())
+
+
+def test_a_failed_request_counts_as_ended_and_lifespan_is_not_counted() -> None:
+    async def failing(scope: Any, receive: Any, send: Any) -> None:
+        raise RuntimeError("boom")
+
+    async def main() -> None:
+        idle, calls = _counting()
+        with contextlib.suppress(RuntimeError):
+            await _request(idle.wrap(failing), 0)
+        assert idle.active == 0
+        await asyncio.sleep(DELAY * 2)
+        assert len(calls) == 1
+        await _request(idle.wrap(_sleeper(0)), 0, scope_type="lifespan")
+        await asyncio.sleep(DELAY * 2)
+        assert len(calls) == 1 and idle.trims == 1
+
+    asyncio.run(main())
+
+
+def test_close_cancels_a_pending_trim() -> None:
+    async def main() -> None:
+        idle, calls = _counting()
+        await _request(idle.wrap(_sleeper(0)), 0)
+        idle.close()
+        await asyncio.sleep(DELAY * 2)
+        assert calls == []
+
+    asyncio.run(main())
