@@ -180,9 +180,9 @@ one installed) nothing calls it; it brings ``text_format``, the pure-Python enco
 
 
 PROTOBUF_JSON = "google.protobuf.json_format"
-"""protobuf's JSON parser (with its ``type_checkers``, and through them the pure-Python decoder and
-``containers``): the agent reads Connect's JSON requests with it (``connect.py``), the SDKs' every
-call, but a client speaking binary protobuf (gRPC, the Connect binary codec) never needs it."""
+"""protobuf's JSON parser and printer (with its ``type_checkers``, and through them the pure-Python
+decoder and ``containers``): ``protojson`` reads and writes the agent's own messages without it and
+hands it only message types it does not cover (none of the agent's today), so it stays unloaded."""
 
 
 def lazy_protobuf() -> None:
