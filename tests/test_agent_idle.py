@@ -83,6 +83,16 @@ def test_no_trim_while_a_request_is_in_flight() -> None:
         assert idle.active == 0
         await asyncio.sleep(DELAY * 3)
         assert len(calls) == 1
+        # The timer armed by the end of a spell finds a request that began since, still in flight.
+        release.clear()
+        await _request(idle.wrap(_sleeper(0)), 0)
+        slow = asyncio.create_task(_request(idle.wrap(held), 0))
+        await asyncio.sleep(DELAY * 3)
+        assert len(calls) == 1 and idle.active == 1
+        release.set()
+        await slow
+        await asyncio.sleep(DELAY * 3)
+        assert len(calls) == 2
 
     asyncio.run(main())
 
