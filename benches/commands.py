@@ -602,6 +602,12 @@ def compare_round_trips(ctx: Context, ours_sdk: Any, theirs_sdk: Any, client: Co
         ctx.report(samples_row(name, "ms (p50)", a, b, base_name, extra={"n": n}))
 
 
+IDLE_SETTLE_S = 1.5
+"""How long both agents are left without a request before their idle RSS is read: an agent that is
+idle has had a quiet moment (ours gives the allocator's free memory back 1 s after its last request,
+`agent/idle.py`; Go's runtime returns memory on its own schedule, so envd gets the same wait)."""
+
+
 def agent_rss(proc: psutil.Process | None) -> float | None:
     """RSS of an agent's process tree in MiB (None when we cannot see its process)."""
     return None if proc is None else tree_rss(proc) / MiB
@@ -631,6 +637,7 @@ def run(ctx: Context) -> None:
             compare_round_trips(ctx, sandbox, theirs, client, n)
 
         # ----------------------------------------------------------------------- idle RSS
+        time.sleep(IDLE_SETTLE_S)  # idle means quiet for a moment, for both agents alike
         idle = agent_rss(agent.ps) or 0.0
         ctx.report(
             Result(
@@ -641,7 +648,8 @@ def run(ctx: Context) -> None:
                 baseline_name=f"{compare.name} idle RSS" if compare is not None else "-",
                 better="lower",
                 extra={
-                    "process": "the framework's agent (process tree), after the round trips, before any output run",
+                    "process": "the framework's agent (process tree), after the round trips and a quiet "
+                    f"{IDLE_SETTLE_S:g} s, before any output run",
                     "sdk_agent_MiB": agent_rss(sdk.ps),
                 },
             )
