@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
+import threading
 from pathlib import Path
 
 import pytest
@@ -143,6 +145,38 @@ def test_the_kept_copy_is_not_written_through_a_link(tmp_path: Path) -> None:
     cacerts.install(PEM, str(bundle), str(extra))
     assert victim.read_text() == "keep me\n"
     assert bundle.read_bytes() == PEM.encode() + b"\n"
+
+
+def test_a_fifo_or_hard_link_at_the_kept_copy_neither_hangs_nor_is_written_through(tmp_path: Path) -> None:
+    """Root in a sandbox can leave a FIFO at the kept copy's path before a pause: opening it to
+    write blocked until a reader came, so the resume's install (before the agent starts) hung for
+    ever. A hard link there to another file had that file truncated and overwritten. The copy is
+    now a new file renamed over whatever is there."""
+    bundle = tmp_path / "ca-certificates.crt"
+    bundle.write_text("")
+    extra = tmp_path / "local" / "sandboxd-egress.crt"
+    extra.parent.mkdir()
+    os.mkfifo(extra)
+    done = threading.Event()
+    worker = threading.Thread(target=lambda: (cacerts.install(PEM, str(bundle), str(extra)), done.set()), daemon=True)
+    worker.start()
+    worker.join(5)
+    hung = worker.is_alive()
+    if hung:  # let the blocked open go, so the thread ends
+        with contextlib.suppress(OSError):
+            os.close(os.open(extra, os.O_RDONLY | os.O_NONBLOCK))
+        worker.join(5)
+    assert not hung, "the install blocked opening a FIFO at the kept copy"
+    assert done.is_set()
+    assert extra.read_bytes() == PEM.encode() + b"\n"
+    victim = tmp_path / "victim"
+    victim.write_text("keep me\n")
+    extra.unlink()
+    os.link(victim, extra)
+    cacerts.install(PEM, str(bundle), str(extra))
+    assert victim.read_text() == "keep me\n"
+    assert extra.read_bytes() == PEM.encode() + b"\n"
+    assert sorted(p.name for p in extra.parent.iterdir()) == ["sandboxd-egress.crt"]  # no temp file left
 
 
 @pytest.mark.timeout(60)

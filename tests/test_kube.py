@@ -1013,6 +1013,55 @@ def test_allow_public_traffic_false_needs_the_traffic_token_through_either_repli
 TRAFFIC = "e2b-traffic-access-token"
 
 
+def test_the_traffic_token_check_fails_closed_when_the_pod_cannot_be_read() -> None:
+    """A sandbox this replica has not seen yet (created through another one a moment ago) has its
+    Pod read before its first request: when that read fails (the API server answers 5xx, or is out
+    of reach), the token check must refuse, not answer "no token needed": the proxy's next read (to
+    connect) may well succeed, and the request reached a private sandbox's port without its token.
+    The API server here answers every request 503 or is not listening; no cluster is needed."""
+    import asyncio
+    import http.server
+
+    from kubernetes_asyncio import client as k8s_client
+    from sandboxd.kube.backend import KubernetesBackend
+    from sandboxd.kube.client import Kube
+    from sandboxd.runtime.errors import ApiError
+    from sandboxd.runtime.manager import Limits
+
+    class Failing(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body = b'{"kind":"Status","message":"etcdserver: request timed out","code":503}'
+            self.send_response(503)
+            self.send_header("content-type", "application/json")
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Failing)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+
+    async def token(url: str) -> str | None:
+        kube = Kube(k8s_client.ApiClient(k8s_client.Configuration(host=url)))
+        try:
+            backend = KubernetesBackend(kube, NAMESPACE, Limits())
+            backend.token_key = b"k" * 32
+            return await backend.traffic_token("i" + uuid.uuid4().hex[:19])
+        finally:
+            await kube.close()
+
+    try:
+        for url in (f"http://127.0.0.1:{server.server_address[1]}", f"http://127.0.0.1:{free_port()}"):
+            with pytest.raises(ApiError) as refused:
+                asyncio.run(token(url))
+            assert refused.value.status == 503, refused.value.message
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 def test_a_killed_serve_replica_loses_nothing(kube: Env) -> None:
     """Kill the replica that holds the leader Lease, in the middle of a command it proxies: the
     other replica serves every sandbox, takes the Lease and enforces timeouts."""

@@ -6,7 +6,10 @@ no link of a killed sandbox may outlive it for long. Real runtime, real namespac
 
 from __future__ import annotations
 
+import asyncio
+import sqlite3
 import time
+import types
 from collections.abc import Callable
 
 import pytest
@@ -50,3 +53,84 @@ def test_quick_create_run_kill_cycles_never_fail_nor_leave_links(
     while (left := _core.net_list_links(prefix)) and time.monotonic() < linger_deadline:
         time.sleep(0.2)
     assert left == [], f"links of killed sandboxes still there: {left}"
+
+
+PEER = """
+import os, socket, time
+server = socket.socket()
+server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+server.bind(("127.0.0.1", 9999))
+server.listen(0)
+fillers = []
+for _ in range(3):  # the accept queue full: the kernel drops any further SYN to the port
+    c = socket.socket()
+    c.setblocking(False)
+    c.connect_ex(("127.0.0.1", 9999))
+    fillers.append(c.getsockname()[1])
+time.sleep(0.5)
+print("full", flush=True)
+while not os.path.exists("/tmp/go"):
+    time.sleep(0.05)
+while True:
+    conn, (_, port) = server.accept()
+    if port not in fillers:
+        break
+print("accepted", flush=True)
+conn.recv(1)
+print("closed", flush=True)
+"""
+
+
+def test_a_connect_cancelled_while_it_hangs_leaves_no_socket(
+    start_runtime: Callable[..., Runtime], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The runtime connects into a sandbox in a worker thread; the task awaiting it can be cancelled
+    (an ``_agent_up`` race, a tunnel's client gone) while the thread connects on. Here code in the
+    sandbox fills a port's accept queue, so the kernel drops the connect's SYN and it hangs; the
+    awaiting task is cancelled; the queue drains, the retransmitted SYN connects, and the socket the
+    thread returns must be closed, not leaked (it would pin the sandbox's namespace, link and slot).
+    The peer inside says so: it sees the connection close. The handle is the runtime's own kind,
+    adopted from the running sandbox."""
+    runtime = start_runtime()
+    for name, value in runtime.env().items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("E2B_DEBUG", raising=False)
+    from e2b import Sandbox
+    from sandboxd.runtime.host import instance_name
+    from sandboxd.runtime.manager import SandboxManager
+
+    sbx = Sandbox.create()
+    try:
+        sbx.files.write("/tmp/peer.py", PEER)
+        sbx.commands.run("python3 /tmp/peer.py > /tmp/peer.log 2>&1", background=True)
+
+        def log() -> str:
+            return sbx.commands.run("cat /tmp/peer.log 2>/dev/null || true").stdout
+
+        deadline = time.monotonic() + 10
+        while "full" not in (said := log()):
+            assert time.monotonic() < deadline, said
+            time.sleep(0.1)
+        with sqlite3.connect(runtime.data_dir / "sandboxd.db") as db:
+            (init_pid,) = db.execute("SELECT init_pid FROM sandboxes WHERE id = ?", (sbx.sandbox_id,)).fetchone()
+        handle = _core.SandboxHandle.adopt(instance_name(runtime.data_dir), sbx.sandbox_id, init_pid)
+        holder = types.SimpleNamespace(handles={sbx.sandbox_id: handle})
+
+        async def cancelled() -> None:
+            task = asyncio.ensure_future(SandboxManager.open_socket(holder, sbx.sandbox_id, 9999))  # type: ignore[arg-type]
+            await asyncio.sleep(0.3)  # the thread waits for its SYN's answer
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            # The retransmitted SYN (1 s after the first) now connects, in the thread nobody awaits.
+            await asyncio.to_thread(sbx.files.write, "/tmp/go", "")
+            await asyncio.sleep(3)  # the connect lands; its socket's done-callback runs on this loop
+
+        asyncio.run(cancelled())
+        deadline = time.monotonic() + 10
+        while "closed" not in (said := log()) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert "accepted" in said, f"the connect never landed: {said!r}"
+        assert "closed" in said, "the cancelled connect's socket was leaked, still open"
+    finally:
+        sbx.kill()

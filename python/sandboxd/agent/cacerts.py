@@ -36,8 +36,8 @@ def install(pem: str, bundle: str = BUNDLE, extra: str = EXTRA) -> None:
     loop-mounted disk is a flush to the host's disk: 5-40 ms of every create's ``/init`` on a
     busy host (``docs/benchmarks.md``). A new file is not synced. Readers see the old bundle or
     the new one, never half of it. A symlinked bundle has its target replaced, when the link leads
-    to a file of the sandbox's own (:func:`_resolve`); the kept copy (``extra``) is never written
-    through a link.
+    to a file of the sandbox's own (:func:`_resolve`); the kept copy (``extra``) is replaced the same
+    way, never opened (not written through a link, a hard link, nor blocked on a FIFO).
 
     The old bundle is searched in pieces and copied by the kernel (``copy_file_range``), not read
     into memory: in a new sandbox this runs before its agent starts, and the two 0.2 MiB copies
@@ -67,9 +67,9 @@ def install(pem: str, bundle: str = BUNDLE, extra: str = EXTRA) -> None:
     with contextlib.suppress(OSError, ValueError):  # a read-only /usr (the built-in template) keeps none
         extra = os.path.join(_resolve(os.path.dirname(extra)), os.path.basename(extra))
         os.makedirs(os.path.dirname(extra), exist_ok=True)
-        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
-        with open(os.open(extra, flags, 0o644), "wb") as f:
-            f.write(data)
+        # A new file renamed over whatever the sandbox left there, never opened: a FIFO would block
+        # the open for ever (the resume's agent never starting), a hard link be written through.
+        _replace(extra, None, data, 0o644)
 
 
 def _resolve(path: str) -> str:

@@ -31,6 +31,8 @@ import time
 import uuid
 from typing import Any
 
+import aiohttp
+
 from sandboxd.runtime.backend import ListQuery
 from sandboxd.runtime.errors import ApiError, not_found
 from sandboxd.runtime.logs import LogEntry, from_events
@@ -546,10 +548,17 @@ class KubernetesBackend:
     async def traffic_token(self, sandbox_id: str) -> str | None:
         """The token its URLs need (``allowPublicTraffic: false`` in its Pod's network annotation), or
         None when they are public. A Pod this replica has not seen yet (created through another one a
-        moment ago) is read first, so its first request is not let through unchecked."""
+        moment ago) is read first, so its first request is not let through unchecked; a read that
+        fails (the API server's 5xx, or out of reach) is a 503, never "public": the proxy's next read
+        (to connect) could succeed, and the request would reach the port without the token."""
         if sandbox_id not in self.identities:
-            with contextlib.suppress(ApiError):
+            try:
                 self._saw_network(await self._cached_pod(sandbox_id))
+            except ApiError as exc:
+                if exc.status != 404:
+                    raise
+            except (OSError, aiohttp.ClientError) as exc:  # no answer at all: _pod maps only the API's
+                raise ApiError(503, f"the Kubernetes API server failed: {exc!r}") from None
         identity = self.identities.get(sandbox_id)
         if identity is None or self.network_config(sandbox_id).allow_public_traffic is not False:
             return None  # no such sandbox: the proxy answers that next

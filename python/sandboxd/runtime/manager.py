@@ -159,6 +159,31 @@ def _stop_unless_ok(waiting: asyncio.Future[Any], done: asyncio.Future[Any]) -> 
         waiting.cancel()
 
 
+async def _connect_in_thread(handle: _core.SandboxHandle, port: int) -> int:
+    """``handle.connect`` in a worker thread. Cancelled (a client gone, an ``_agent_up`` race), the
+    thread connects on: the socket it returns is closed then, not leaked (a socket in the sandbox's
+    network namespace keeps the namespace, and its link and slot, alive after a kill).
+
+    No frame keeps the thread's task once it failed: its exception's traceback holds this frame,
+    and this frame holding the task (which holds the exception) made a cycle that only the cycle
+    collector frees, with ``handle`` in it, whose descriptor of the namespace pinned a killed
+    sandbox's link until a full collection: minutes in a busy runtime (test_network_reuse)."""
+    connecting = asyncio.ensure_future(asyncio.to_thread(handle.connect, port, CONNECT_TIMEOUT_S))
+    try:
+        return await asyncio.shield(connecting)
+    except asyncio.CancelledError:
+        connecting.add_done_callback(_close_connected)
+        raise
+    finally:
+        del connecting, handle  # the cycle above
+
+
+def _close_connected(connecting: asyncio.Future[int]) -> None:
+    """Close the socket a connect that nobody waits for any more made."""
+    if not connecting.cancelled() and connecting.exception() is None:
+        os.close(connecting.result())
+
+
 def _running(handle: _core.SandboxHandle) -> bool:
     """Whether the sandbox's init still runs (one ``waitid``); an init we cannot ask counts as running."""
     try:
@@ -588,8 +613,7 @@ class SandboxManager:
         handle = self.handles.get(sandbox_id)
         if handle is None:
             raise ConnectionRefusedError(f"sandbox {sandbox_id} is not running")
-        fd = await asyncio.to_thread(handle.connect, port, CONNECT_TIMEOUT_S)
-        return socket.socket(fileno=fd)
+        return socket.socket(fileno=await _connect_in_thread(handle, port))
 
     async def ensure_reachable(self, sandbox_id: str) -> None:
         """For the proxy: running, or resumed now if paused with auto-resume; else a 502 the SDK

@@ -305,7 +305,10 @@ class SandboxProxy:
         E2B's proxy). Plain requests and upgrades alike."""
         if port == ENVD_PORT:
             return None, None
-        token = await self.manager.traffic_token(sandbox_id)
+        try:
+            token = await self.manager.traffic_token(sandbox_id)
+        except ApiError as exc:  # whether a token is needed is unknown: refused, never let through
+            return None, exc
         if token is not None:
             given = next((v for k, v in headers if k.lower() == TRAFFIC_TOKEN_HEADER), None)
             if given is None:
@@ -328,7 +331,9 @@ class SandboxProxy:
     async def __call__(self, scope: Scope, receive: Receive, send: Send, sandbox_id: str, port: int) -> None:
         host, refusal = await self._ingress(scope["headers"], sandbox_id, port)
         if refusal is not None:
-            await send_json(send, refusal.status, {"sandboxId": sandbox_id, "message": refusal.message, "code": 403})
+            await send_json(
+                send, refusal.status, {"sandboxId": sandbox_id, "message": refusal.message, "code": refusal.status}
+            )
             return
         relay = _Relay(send)
         # A pooled connection the agent closed meanwhile fails before any reply: retry once on a
