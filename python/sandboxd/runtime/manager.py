@@ -573,7 +573,10 @@ class SandboxManager:
         if not task.cancelled() and task.exception() is None:
             return
         if not ending.done() and _running(handle):  # /init failed, and not because the agent exited
-            await task  # raises its own error
+            try:
+                await task  # raises its own error
+            finally:
+                del task, handle  # its traceback holds this frame: no cycle keeping the handle (_connect_in_thread)
         raise ApiError(500, await self._agent_failure(sandbox_id, handle.exit_code()))
 
     async def _agent_failure(self, sandbox_id: str, code: int | None) -> str:
