@@ -95,6 +95,10 @@ struct Shared {
     parked: AtomicBool,
     /// The watcher's inotify descriptor (owned by the watcher), for a consumer that polls it.
     kernel_fd: RawFd,
+    /// Set while the watcher holds events a parked consumer's read left for the thread (changed
+    /// only with the `watcher` lock held): the thread handles them even if the consumer has parked
+    /// it again meanwhile, since the kernel will not make its descriptor readable for them.
+    handoff: AtomicBool,
     /// Set once the watched directory is gone (its `Closed` item is buffered); readable without
     /// waiting for a drain in progress.
     closed: AtomicBool,
@@ -174,10 +178,15 @@ impl Shared {
         let mut watcher = lock(&self.watcher);
         loop {
             let result = watcher.read_batch();
+            self.handoff
+                .store(watcher.holds_events(), Ordering::Release);
             if let Some(over) = self.deliver(&watcher, result, true) {
                 return over;
             }
-            if until_parked && self.parked.load(Ordering::Acquire) {
+            if until_parked
+                && self.parked.load(Ordering::Acquire)
+                && !self.handoff.load(Ordering::Acquire)
+            {
                 return false;
             }
         }
@@ -256,6 +265,7 @@ impl Drainer {
             control: EventFd::from_flags(flags).map_err(io_error)?,
             parked: AtomicBool::new(false),
             kernel_fd,
+            handoff: AtomicBool::new(false),
             closed: AtomicBool::new(false),
         });
         let for_thread = Arc::clone(&shared);
@@ -328,7 +338,12 @@ impl Drainer {
                 self.shared.deliver(&watcher, Ok(batch), false);
                 keep
             }
-            Ok(None) => false,
+            Ok(None) => {
+                // Held for the thread: it must handle them even if this consumer parks it again
+                // before it runs.
+                self.shared.handoff.store(true, Ordering::Release);
+                false
+            }
             Err(err) => {
                 self.shared.deliver(&watcher, Err(err), false);
                 false
@@ -434,8 +449,10 @@ fn run(shared: &Shared, inotify: &OwnedFd) {
             let _ = shared.control.read();
         }
         // Unparked by the consumer, the queue may hold events (or events the consumer held back
-        // for the thread) without the descriptor's edge being seen: drain in any case.
-        if !shared.parked.load(Ordering::Acquire) && shared.drain(true) {
+        // for the thread) without the descriptor's edge being seen: drain in any case. Events
+        // held back are handled even if the consumer has parked the thread again since.
+        let handoff = shared.handoff.load(Ordering::Acquire);
+        if (handoff || !shared.parked.load(Ordering::Acquire)) && shared.drain(true) {
             return;
         }
     }

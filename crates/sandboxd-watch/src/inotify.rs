@@ -188,6 +188,11 @@ impl Reader {
         Ok(LightRead::Handled)
     }
 
+    /// Whether events are held for the next [`read`](Reader::read).
+    pub(crate) fn holds_events(&self) -> bool {
+        !self.held.is_empty()
+    }
+
     /// Waits until the file descriptor is readable or `timeout` passes (`None`: no limit).
     /// Returns whether it is readable. Sub-millisecond timeouts round up to 1 ms (poll's unit).
     pub(crate) fn poll(&self, timeout: Option<Duration>) -> io::Result<bool> {

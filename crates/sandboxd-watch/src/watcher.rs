@@ -134,6 +134,12 @@ impl Watcher {
         }
     }
 
+    /// Whether a [`read_light`](Watcher::read_light) left events for the next
+    /// [`read_batch`](Watcher::read_batch).
+    pub fn holds_events(&self) -> bool {
+        self.reader.holds_events()
+    }
+
     /// Waits until items are pending or `timeout` passes (`None`: no limit), then returns them
     /// all (empty on timeout). Returns at once if the watcher is closed. Meant to be called with
     /// the GIL released and a bounded timeout, so that a cancelled caller is never stranded.
