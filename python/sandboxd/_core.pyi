@@ -278,6 +278,19 @@ class Watcher:
     def sync(self) -> None:
         """Handle what the kernel holds right now, ahead of the drain thread (GIL released): a
         directory created before the call is watched when it returns."""
+    def kernel_fileno(self) -> int:
+        """The inotify descriptor, readable while the kernel holds events (for a parked caller)."""
+    def park(self) -> None:
+        """The caller reads the kernel queue itself while it waits: it polls ``kernel_fileno()`` as
+        well as ``fileno()`` and calls ``read_kernel()``; the drain thread stops polling the kernel.
+        The caller must ``unpark()`` whenever it stops waiting for more than a few milliseconds."""
+    def unpark(self) -> None:
+        """The drain thread reads the kernel queue again (the default)."""
+    def read_kernel(self) -> bool:
+        """For a parked caller whose ``kernel_fileno()`` is readable: one bounded read into the
+        buffer (take the events with ``read_batch``), with the GIL held (it is short). Hands the
+        queue back to the thread (returns False) after a burst, on events costly to handle (a
+        directory appearing or going, an overflow) or an error; False too once closed."""
     def wait(self, timeout: float | None) -> list[tuple[int, str]]:
         """Block (GIL released) up to ``timeout`` seconds for events, then return them."""
     def close(self) -> None:

@@ -4,7 +4,9 @@
 //! Each watcher is a `Drainer`: its own thread reads the kernel's queue as fast as the kernel fills
 //! it, into a buffer bounded by bytes, so a busy event loop no longer makes the kernel drop events.
 //! `fileno()` is the eventfd that is readable while events are buffered, for `loop.add_reader`;
-//! `wait()` blocks with the GIL released for callers without a loop.
+//! `wait()` blocks with the GIL released for callers without a loop. An event loop that waits for
+//! events can take the kernel queue over while it waits (`park()`, `kernel_fileno()`,
+//! `read_kernel()`), so an event wakes the loop directly instead of the thread and then the loop.
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -91,6 +93,34 @@ impl Watcher {
             -1 => Err(PyValueError::new_err("the watcher is closed")),
             fd => Ok(fd),
         }
+    }
+
+    /// The inotify descriptor, readable while the kernel holds events (for a parked consumer).
+    fn kernel_fileno(&self) -> PyResult<i32> {
+        Ok(self.drainer()?.kernel_fd())
+    }
+
+    /// The caller reads the kernel queue itself while it waits (see `Drainer::park`).
+    fn park(&self) -> PyResult<()> {
+        self.drainer()?.park();
+        Ok(())
+    }
+
+    /// The drain thread reads the kernel queue again.
+    fn unpark(&self) -> PyResult<()> {
+        self.drainer()?.unpark();
+        Ok(())
+    }
+
+    /// One bounded read of the kernel queue into the buffer, for a parked caller; returns whether
+    /// the caller still holds the queue (see `Drainer::read_kernel`). A closed watcher: False.
+    fn read_kernel(&self) -> bool {
+        let drainer = self
+            .inner
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone();
+        drainer.is_some_and(|d| d.read_kernel())
     }
 
     /// True once the watched directory went away or `close()` was called.

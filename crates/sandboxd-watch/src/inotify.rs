@@ -8,7 +8,7 @@
 //! (wd -1) and drops events until it is read. A removed watch (`inotify_rm_watch`, or its inode
 //! deleted or unmounted) ends with `IN_IGNORED`.
 
-use std::ffi::OsStr;
+use std::ffi::{OsStr, OsString};
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
 use std::path::Path;
@@ -65,6 +65,32 @@ pub(crate) struct RawEvent<'a> {
 pub(crate) struct Reader {
     inotify: Inotify,
     buffer: Box<[u8]>,
+    /// Events a [`read_light`](Reader::read_light) took from the kernel but left unhandled, because
+    /// one of them can make handling costly. The next [`read`](Reader::read) handles them first.
+    held: Vec<(i32, EventMask, Option<OsString>)>,
+}
+
+/// What [`Reader::read_light`] did.
+pub(crate) enum LightRead {
+    /// Nothing was queued.
+    Empty,
+    /// The events read were handled.
+    Handled,
+    /// Events are held for a full [`Reader::read`] (some of them can be costly to handle).
+    Held,
+}
+
+/// Whether handling an event can cost work that grows with the tree: a directory that appears (it
+/// is watched and walked), moves away or goes (its watches are removed one by one), the watched
+/// directory itself going, or an overflow (a rescan of everything).
+fn is_costly(mask: EventMask) -> bool {
+    mask.intersects(
+        EventMask::ISDIR
+            | EventMask::Q_OVERFLOW
+            | EventMask::DELETE_SELF
+            | EventMask::MOVE_SELF
+            | EventMask::UNMOUNT,
+    )
 }
 
 /// The watch side of the instance: adds and removes watches. It shares the file descriptor with
@@ -84,14 +110,26 @@ pub(crate) fn open() -> Result<(Reader, WatchSet), WatchError> {
     let reader = Reader {
         inotify,
         buffer: vec![0; READ_BUFFER_BYTES].into_boxed_slice(),
+        held: Vec::new(),
     };
     Ok((reader, WatchSet { watches }))
 }
 
 impl Reader {
-    /// Reads whatever is queued, without blocking, and calls `handle` for each event in kernel order.
-    /// Returns `false` when nothing was queued.
+    /// Reads whatever is queued, without blocking, and calls `handle` for each event in kernel order
+    /// (events held by [`read_light`](Reader::read_light) first, by themselves). Returns `false`
+    /// when nothing was queued.
     pub(crate) fn read(&mut self, mut handle: impl FnMut(RawEvent<'_>)) -> io::Result<bool> {
+        if !self.held.is_empty() {
+            for (wd, mask, name) in std::mem::take(&mut self.held) {
+                handle(RawEvent {
+                    wd,
+                    mask,
+                    name: name.as_deref(),
+                });
+            }
+            return Ok(true);
+        }
         let events = loop {
             match self.inotify.read_events(&mut self.buffer) {
                 Ok(events) => break events,
@@ -108,6 +146,51 @@ impl Reader {
             });
         }
         Ok(true)
+    }
+
+    /// One `read(2)` like [`read`](Reader::read), for a caller that must not spend long (an event
+    /// loop): the events are handled only if none of them can be costly (see `is_costly`);
+    /// otherwise they are held, in order, for the next [`read`](Reader::read), which a thread of
+    /// its own should make. Reads nothing while events are held.
+    pub(crate) fn read_light(
+        &mut self,
+        mut handle: impl FnMut(RawEvent<'_>),
+    ) -> io::Result<LightRead> {
+        if !self.held.is_empty() {
+            return Ok(LightRead::Held);
+        }
+        let events = loop {
+            match self.inotify.read_events(&mut self.buffer) {
+                Ok(events) => break events,
+                Err(err) if err.kind() == io::ErrorKind::WouldBlock => return Ok(LightRead::Empty),
+                Err(err) if err.kind() == io::ErrorKind::Interrupted => continue,
+                Err(err) => return Err(err),
+            }
+        };
+        let events: Vec<_> = events.collect();
+        if events.iter().any(|event| is_costly(event.mask)) {
+            self.held = events
+                .into_iter()
+                .map(|event| {
+                    let wd = event.wd.get_watch_descriptor_id();
+                    (wd, event.mask, event.name.map(OsStr::to_os_string))
+                })
+                .collect();
+            return Ok(LightRead::Held);
+        }
+        for event in events {
+            handle(RawEvent {
+                wd: event.wd.get_watch_descriptor_id(),
+                mask: event.mask,
+                name: event.name,
+            });
+        }
+        Ok(LightRead::Handled)
+    }
+
+    /// Whether events are held for the next [`read`](Reader::read).
+    pub(crate) fn holds_events(&self) -> bool {
+        !self.held.is_empty()
     }
 
     /// Waits until the file descriptor is readable or `timeout` passes (`None`: no limit).

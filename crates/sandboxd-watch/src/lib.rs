@@ -86,7 +86,7 @@ mod state;
 mod tree;
 mod watcher;
 
-pub use drain::{DEFAULT_BUFFER_BYTES, Drainer, ITEM_OVERHEAD_BYTES};
+pub use drain::{DEFAULT_BUFFER_BYTES, Drainer, HANDBACK_ITEMS, ITEM_OVERHEAD_BYTES};
 pub use error::WatchError;
 pub use event::{Event, EventKind, Item, ROOT_NAME};
 pub use pending::DEFAULT_PENDING_CAP;

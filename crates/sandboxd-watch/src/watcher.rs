@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use crate::error::WatchError;
 use crate::event::Item;
-use crate::inotify::{self, MAX_EVENTS_PER_READ, Reader, add_error};
+use crate::inotify::{self, LightRead, MAX_EVENTS_PER_READ, Reader, add_error};
 use crate::pending::{DEFAULT_PENDING_CAP, Pending};
 use crate::state::State;
 use crate::tree::Tree;
@@ -112,6 +112,32 @@ impl Watcher {
             }
         }
         Ok(self.state.pending.take())
+    }
+
+    /// One bounded read for a caller that must not spend long (an event loop): the items of one
+    /// `read(2)` (empty if nothing was queued), or `None` when what was read can be costly to handle
+    /// (a directory appeared or went, an overflow): those events are then kept, in order, for the
+    /// next [`read_batch`](Watcher::read_batch), which a thread of its own should make.
+    pub fn read_light(&mut self) -> Result<Option<Vec<Item>>, WatchError> {
+        if let Some(err) = self.state.failed.take() {
+            return Err(err);
+        }
+        let state = &mut self.state;
+        match self.reader.read_light(|event| state.handle(event))? {
+            LightRead::Held => Ok(None),
+            LightRead::Empty | LightRead::Handled => {
+                if let Some(err) = self.state.failed.take() {
+                    return Err(err);
+                }
+                Ok(Some(self.state.pending.take()))
+            }
+        }
+    }
+
+    /// Whether a [`read_light`](Watcher::read_light) left events for the next
+    /// [`read_batch`](Watcher::read_batch).
+    pub fn holds_events(&self) -> bool {
+        self.reader.holds_events()
     }
 
     /// Waits until items are pending or `timeout` passes (`None`: no limit), then returns them

@@ -137,3 +137,94 @@ fn a_deleted_root_closes_it_and_drop_stops_the_thread() {
     let live = Drainer::new(parent.path(), true, DEFAULT_BUFFER_BYTES).unwrap();
     drop(live);
 }
+
+/// Whether the drainer's eventfd is readable within `wait` (items, or an error, are buffered).
+fn buffered_within(drainer: &Drainer, wait: Duration) -> bool {
+    use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+    use std::os::fd::AsFd;
+    let mut fds = [PollFd::new(drainer.as_fd(), PollFlags::POLLIN)];
+    let millis = PollTimeout::try_from(wait.as_millis() as u64).unwrap();
+    poll(&mut fds, millis).unwrap() > 0
+}
+
+/// Calls `read_kernel` until it brings items (returned) or hands the queue back (`None`); fails
+/// after [`EXPECT_WITHIN`].
+fn read_kernel_until_items(drainer: &Drainer) -> Option<Vec<Item>> {
+    let deadline = Instant::now() + EXPECT_WITHIN;
+    loop {
+        if !drainer.read_kernel() {
+            return None;
+        }
+        let items = drainer.take(usize::MAX).unwrap();
+        if !items.is_empty() {
+            return Some(items);
+        }
+        assert!(Instant::now() < deadline, "nothing came from the kernel");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+#[test]
+fn a_parked_thread_leaves_the_kernel_queue_to_the_consumer() {
+    let dir = tempfile::tempdir().unwrap();
+    let drainer = Drainer::new(dir.path(), true, DEFAULT_BUFFER_BYTES).unwrap();
+    drainer.park();
+    assert!(drainer.is_parked());
+    fs::File::create(dir.path().join("a")).unwrap();
+    // The thread does not read it: nothing is buffered until the consumer reads the kernel.
+    assert!(!buffered_within(&drainer, Duration::from_millis(100)));
+    let items =
+        read_kernel_until_items(&drainer).expect("one file is no reason to hand the queue back");
+    assert!(drainer.is_parked());
+    assert_eq!(creates(&items), HashSet::from(["a".to_string()]));
+    // The consumer knows what it read: the eventfd stays for what the thread buffers.
+    assert!(!buffered_within(&drainer, Duration::ZERO));
+    // Unparked, the thread reads again by itself.
+    drainer.unpark();
+    fs::File::create(dir.path().join("b")).unwrap();
+    let items = take_until(&drainer, |items| creates(items).contains("b"));
+    assert_eq!(creates(&items), HashSet::from(["b".to_string()]));
+}
+
+#[test]
+fn a_new_directory_read_while_parked_is_handled_by_the_thread_in_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let drainer = Drainer::new(dir.path(), true, DEFAULT_BUFFER_BYTES).unwrap();
+    drainer.park();
+    fs::File::create(dir.path().join("before")).unwrap();
+    fs::create_dir(dir.path().join("sub")).unwrap();
+    fs::File::create(dir.path().join("sub/inner")).unwrap();
+    // The directory's event is held for the thread, which watches and walks it, not the consumer.
+    let deadline = Instant::now() + EXPECT_WITHIN;
+    while drainer.read_kernel() {
+        assert!(Instant::now() < deadline, "the queue was never handed back");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert!(!drainer.is_parked());
+    // The consumer parks the thread again at once (as a stream that found nothing to send does):
+    // the held events must still be handled, though the kernel will not signal them again.
+    drainer.park();
+    let items = take_until(&drainer, |items| creates(items).contains("sub/inner"));
+    let names: Vec<&str> = items
+        .iter()
+        .filter_map(Item::as_event)
+        .filter(|e| e.kind == EventKind::Create)
+        .map(|e| e.name.as_str())
+        .collect();
+    assert_eq!(names, ["before", "sub", "sub/inner"]);
+}
+
+#[test]
+fn a_burst_read_while_parked_hands_the_queue_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let drainer = Drainer::new(dir.path(), false, DEFAULT_BUFFER_BYTES).unwrap();
+    drainer.park();
+    let files = sandboxd_watch::HANDBACK_ITEMS + 1;
+    for i in 0..files {
+        fs::File::create(dir.path().join(i.to_string())).unwrap();
+    }
+    assert!(!drainer.read_kernel(), "a burst stays with the consumer");
+    assert!(!drainer.is_parked());
+    let items = take_until(&drainer, |items| creates(items).len() >= files);
+    assert_eq!(creates(&items).len(), files);
+}
