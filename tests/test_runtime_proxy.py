@@ -200,6 +200,33 @@ def test_upstream_connections_are_reused(sdk: Runtime) -> None:
         sbx.kill()
 
 
+def test_the_first_request_into_a_new_sandbox_takes_the_connection_of_its_init(sdk: Runtime) -> None:
+    """The runtime's ``/init`` connection is kept alive and carries the first proxied request, so a
+    new sandbox's first command needs no connect into it: none closed yet, one open (this command's)."""
+    sbx = Sandbox.create()
+    try:
+        closed = "ss -tan state time-wait | tail -n +2 | wc -l"
+        first = sbx.commands.run(f"{closed}; ss -tan state established '( sport = :49983 )' | tail -n +2 | wc -l")
+        closed, open_ = first.stdout.split()
+        assert (closed, open_) == ("0", "1"), first.stdout
+    finally:
+        sbx.kill()
+
+
+def test_a_kept_connection_is_used_only_while_idle_and_open() -> None:
+    """A kept ``/init`` connection whose agent closed it, or sent anything unasked, is not reused."""
+    from sandboxd.runtime.manager import idle
+
+    for fate in ("open", "closed", "spoke"):
+        ours, theirs = socket.socketpair()
+        with ours, theirs:
+            if fate == "closed":
+                theirs.close()
+            elif fate == "spoke":
+                theirs.sendall(b"HTTP/1.1 200 OK\r\n\r\n")
+            assert idle(ours) is (fate == "open"), fate
+
+
 # ------------------------------------------------------------------------------ client aborts
 
 

@@ -79,8 +79,11 @@ async def init_agent(
     ca_bundle: str | None = None,
     default_user: str | None = None,
     default_workdir: str | None = None,
-) -> None:
+) -> socket.socket | None:
     """``POST /init`` until the agent answers; 204 is success, anything else fails the create.
+    Returns the connection, idle and kept alive by the agent, for the caller to reuse (the proxy's
+    first request into a new sandbox then needs no connect of its own: see :data:`KEEP_ALIVE_HEAD`),
+    or None when the agent did not keep it.
     ``access_token`` and ``env_vars``: None leaves the agent's as they are (a warm sandbox's
     warm-up sets neither);
     ``ca_bundle``: PEM certificates for the sandbox's trust store (envd's ``caBundle``);
@@ -98,8 +101,7 @@ async def init_agent(
         fields["defaultWorkdir"] = default_workdir
     body = json.dumps(fields).encode()
     head = (
-        "POST /init HTTP/1.1\r\nHost: sandbox\r\n"
-        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+        f"POST /init HTTP/1.1\r\nHost: sandbox\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
     ).encode()
     deadline = time.monotonic() + READY_TIMEOUT_S
     _Waiters.count += 1
@@ -114,16 +116,44 @@ async def init_agent(
                 await asyncio.sleep(_Waiters.delay())
     finally:
         _Waiters.count -= 1
-    reader, writer = await asyncio.open_connection(sock=sock)
     try:
-        writer.write(head + body)
-        status_line = await asyncio.wait_for(reader.readline(), max(deadline - time.monotonic(), 0.1))
+        answer = await asyncio.wait_for(_exchange(sock, head + body), max(deadline - time.monotonic(), 0.1))
     except (OSError, TimeoutError) as exc:
+        sock.close()
         raise ApiError(500, f"the sandbox's agent did not answer /init: {exc!r}") from None
-    finally:
-        writer.close()
+    status_line, _, rest = answer.partition(b"\r\n")
     if b" 204 " not in status_line:
+        sock.close()
         raise ApiError(500, f"the sandbox's agent refused /init: {status_line.decode(errors='replace').strip()}")
+    if not answer.endswith(b"\r\n\r\n") or b"\r\nconnection: close\r\n" in b"\r\n" + rest.lower():
+        sock.close()  # more than a head (a 204 has no body), or the agent closes its end
+        return None
+    return sock
+
+
+KEEP_ALIVE_HEAD = 16 << 10
+"""The most of ``/init``'s answer read: a 204's head is ~100 bytes (no body). The connection is kept
+for reuse only when exactly one whole head came: then nothing of it is left unread for the next
+request to take as its answer. Reusing it saves the proxy's first request into a new sandbox its own
+connect (a worker-thread hop and a ``setns``, ~0.7 ms of the first command, ``docs/benchmarks.md``)."""
+
+
+async def _exchange(sock: socket.socket, request: bytes) -> bytes:
+    """Send ``request`` on ``sock`` and read the answer's head (to its blank line, and whatever came
+    with it); an answer cut short raises ``ConnectionError``, one longer than
+    :data:`KEEP_ALIVE_HEAD` is returned cut (and so fails or is not kept)."""
+    loop = asyncio.get_running_loop()
+    sock.setblocking(False)
+    await loop.sock_sendall(sock, request)
+    answer = b""
+    while b"\r\n\r\n" not in answer and len(answer) < KEEP_ALIVE_HEAD:
+        chunk = await loop.sock_recv(sock, KEEP_ALIVE_HEAD)
+        if not chunk:
+            if answer:
+                return answer  # a status line, then the end: judged by the caller
+            raise ConnectionError("the agent closed the connection without an answer")
+        answer += chunk
+    return answer
 
 
 async def interpreter_ready(open_socket: OpenSocket, sandbox_id: str) -> bool:

@@ -42,7 +42,7 @@ from typing import Any
 from sandboxd import _core
 
 from . import snapshots
-from .agent_client import init_agent, interpreter_ready, start_template_command
+from .agent_client import AGENT_PORT, init_agent, interpreter_ready, start_template_command
 from .disks import DiskPool
 from .errors import ApiError, not_found
 from .logs import LogEntry, agent_failure, from_events, read_agent_log
@@ -69,6 +69,11 @@ of lateness is invisible while costing nothing measurable."""
 
 CONNECT_TIMEOUT_S = 5.0
 """Connect timeout for a TCP connection into a sandbox (it is local: a refusal is immediate)."""
+
+KEEP_INIT_CONNECTION_S = 30.0
+"""How long the connection of a sandbox's ``/init`` is kept for the first request into it (then
+closed): a first command normally comes within milliseconds of the create, and this is far below
+the agent's own keep-alive timeout (640 s), so the agent never closes it first."""
 
 DISK_IMAGE = "disk.img"
 """A sandbox's disk image, in its directory."""
@@ -192,6 +197,18 @@ def _running(handle: _core.SandboxHandle) -> bool:
         return True
 
 
+def idle(connection: socket.socket) -> bool:
+    """Whether a kept connection is open with nothing to read: a peer that closed it, or sent bytes
+    nobody asked for, makes it unfit to carry a request."""
+    try:
+        connection.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+    return False
+
+
 def _proc_start_time(pid: int) -> int | None:
     """The kernel's start time of ``pid`` (``/proc/<pid>/stat`` field 22), to detect pid reuse."""
     try:
@@ -236,6 +253,9 @@ class SandboxManager:
         """Sandboxes being paused right now, and why (the proxy treats them as gone already)."""
         self._ending: dict[str, asyncio.Future[None]] = {}
         """Sandboxes whose agent is being started, each done when its init exits (``_init_exited``)."""
+        self._init_connections: dict[str, tuple[socket.socket, asyncio.TimerHandle]] = {}
+        """Each new sandbox's ``/init`` connection, idle, until the first :meth:`open_socket` of its
+        agent's port takes it (or :data:`KEEP_INIT_CONNECTION_S` passes, or the sandbox stops)."""
         self.history = MetricsHistory(data_dir / "metrics.db")
         self.sampler = Sampler()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -292,6 +312,8 @@ class SandboxManager:
         loop = asyncio.get_running_loop()
         for handle in self.handles.values():
             loop.remove_reader(handle.pidfd())
+        for sandbox_id in [*self._init_connections]:
+            self._drop_init_connection(sandbox_id)
         self.handles.clear()
         await self.history.close()
         self.volumes.close()
@@ -554,11 +576,14 @@ class SandboxManager:
             await self._stop_processes(row.id, keep_files=resuming, id_base=row.id_base)
             raise
 
-    async def _agent_up(self, sandbox_id: str, handle: _core.SandboxHandle, init: Coroutine[Any, Any, None]) -> None:
+    async def _agent_up(
+        self, sandbox_id: str, handle: _core.SandboxHandle, init: Coroutine[Any, Any, socket.socket | None]
+    ) -> None:
         """``init`` (the agent's ``/init``), unless the sandbox's init exits first: it does when its
         agent does (the agent is its payload), e.g. when the agent cannot add the egress CA to a
         trust store the sandbox replaced before a pause. Then the create or resume fails at once
-        with the agent's own reason, not after ``READY_TIMEOUT_S`` of connects refused."""
+        with the agent's own reason, not after ``READY_TIMEOUT_S`` of connects refused. The
+        connection ``init`` kept alive is kept for the first request (:meth:`_keep_init_connection`)."""
         loop = asyncio.get_running_loop()
         ending = self._ending[sandbox_id] = loop.create_future()
         task = asyncio.ensure_future(init)
@@ -571,6 +596,9 @@ class SandboxManager:
                 task.cancel()
                 await asyncio.wait((task,))
         if not task.cancelled() and task.exception() is None:
+            connection = task.result()
+            if connection is not None:
+                self._keep_init_connection(sandbox_id, connection)
             return
         if not ending.done() and _running(handle):  # /init failed, and not because the agent exited
             try:
@@ -612,11 +640,47 @@ class SandboxManager:
         }
 
     async def open_socket(self, sandbox_id: str, port: int) -> socket.socket:
-        """A TCP connection to ``port`` inside the sandbox (its own network namespace)."""
+        """A TCP connection to ``port`` inside the sandbox (its own network namespace): for the
+        agent's port, the sandbox's ``/init`` connection while it is kept and still idle."""
         handle = self.handles.get(sandbox_id)
         if handle is None:
             raise ConnectionRefusedError(f"sandbox {sandbox_id} is not running")
+        if port == AGENT_PORT:
+            kept = self._take_init_connection(sandbox_id)
+            if kept is not None:
+                return kept
         return socket.socket(fileno=await _connect_in_thread(handle, port))
+
+    def _keep_init_connection(self, sandbox_id: str, connection: socket.socket) -> None:
+        """Keep a new sandbox's ``/init`` connection for the first request into its agent: the SDK's
+        first command then needs no connect into the sandbox (a worker-thread hop and a ``setns``).
+        Only while the sandbox runs: every way out of it drops the connection
+        (:meth:`_drop_init_connection`), as a socket keeps its network namespace alive."""
+        self._drop_init_connection(sandbox_id)
+        if sandbox_id not in self.handles:
+            connection.close()
+            return
+        timer = asyncio.get_running_loop().call_later(KEEP_INIT_CONNECTION_S, self._drop_init_connection, sandbox_id)
+        self._init_connections[sandbox_id] = (connection, timer)
+
+    def _take_init_connection(self, sandbox_id: str) -> socket.socket | None:
+        """The kept ``/init`` connection, once, if the agent has neither closed it nor sent anything
+        on it since (then it is closed, and the caller connects afresh)."""
+        kept = self._init_connections.pop(sandbox_id, None)
+        if kept is None:
+            return None
+        connection, timer = kept
+        timer.cancel()
+        if idle(connection):
+            return connection
+        connection.close()
+        return None
+
+    def _drop_init_connection(self, sandbox_id: str) -> None:
+        kept = self._init_connections.pop(sandbox_id, None)
+        if kept is not None:
+            kept[1].cancel()
+            kept[0].close()
 
     async def ensure_reachable(self, sandbox_id: str) -> None:
         """For the proxy: running, or resumed now if paused with auto-resume; else a 502 the SDK
@@ -679,11 +743,13 @@ class SandboxManager:
         await self._forget_samples(row.id)
 
     def _notify_gone(self, sandbox_id: str) -> None:
+        self._drop_init_connection(sandbox_id)
         for callback in self.on_gone:
             callback(sandbox_id)
 
     async def _stop_processes(self, sandbox_id: str, keep_files: bool = False, id_base: int | None = None) -> None:
         """Kill every process of the sandbox and free its cgroup; free its disk and id range unless kept."""
+        self._drop_init_connection(sandbox_id)
         handle = self.handles.pop(sandbox_id, None)
         if handle is not None:
             asyncio.get_running_loop().remove_reader(handle.pidfd())

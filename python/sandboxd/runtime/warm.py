@@ -182,7 +182,9 @@ class WarmPool:
         until the claim) and no environment."""
         manager = self.manager
         open_socket = functools.partial(manager.open_socket, warm.row.id)
-        await init_agent(open_socket, None, None)
+        connection = await init_agent(open_socket, None, None)
+        if connection is not None:
+            connection.close()  # the claim's own /init connection is the one kept for its first command
         template = warm.template
         result = await run_command(
             open_socket, "", "true", template.user or "root", template.workdir, {}, lambda _stream, _line: None
