@@ -15,6 +15,7 @@ import select
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -163,3 +164,31 @@ def test_a_request_the_spare_cannot_take_leaves_no_zombie_nor_its_pipe(
     assert spare_of(process.pid) != spare  # its only child again: the old spare is not a zombie
     assert not Path(f"/proc/{spare}").exists()
     assert sorted(os.listdir(f"/proc/{process.pid}/fd")) == before
+
+
+PREPARED_IN_A_SANDBOX = r"""
+import resource, sys
+from sandboxd.agent.http_server import FD_RESERVE
+from sandboxd.agent.server import prepare
+from sandboxd.agent.http_server import limit_connections
+
+prepared = prepare("127.0.0.1", 49983)  # as the zygote builds it, under the host's limit
+before = prepared.config.http.guard.limits.max_connections
+resource.setrlimit(resource.RLIMIT_NOFILE, (300, 300))  # as the jail sets a sandbox's
+limit_connections(prepared.config)
+after = prepared.config.http.guard.limits.max_connections
+state = prepared.state
+print(before, after, 300 - FD_RESERVE, prepared.config.backlog, state.access_token, state.env_vars)
+"""
+
+
+def test_the_agent_settings_the_zygote_builds_follow_the_sandboxs_open_file_limit() -> None:
+    """The zygote builds the agent's state and server settings once (``agent.server.prepare``); the
+    agent in each sandbox caps its connections by its own ``RLIMIT_NOFILE``, not the zygote's, and
+    starts with no token or environment from the zygote."""
+    out = subprocess.run(
+        [sys.executable, "-c", PREPARED_IN_A_SANDBOX], capture_output=True, text=True, timeout=60, check=True
+    ).stdout.split()
+    before, after, room, backlog = map(int, out[:4])
+    assert after == room == backlog < before, out
+    assert out[4:] == ["None", "{}"], out

@@ -696,6 +696,16 @@ def server_config(
     )
 
 
+def limit_connections(config: Any, limits: ConnectionLimits | None = None) -> None:
+    """Cap a :func:`server_config`'s connections by this process's ``RLIMIT_NOFILE`` (raised first),
+    as :func:`server_config` does: for settings built in another process (the zygote's, whose limit
+    is the host's, not the sandbox's)."""
+    limits = effective_limits(limits or ConnectionLimits(), raise_open_file_limit())
+    config.http.guard = ConnectionGuard(limits)
+    config.backlog = min(limits.max_connections, 4096)
+    config.timeout_keep_alive = int(limits.idle_timeout) or 1
+
+
 async def serve_until_signalled(config: Any, sockets: list[socket.socket] | None = None) -> None:
     """Run a uvicorn server until SIGINT or SIGTERM, without uvicorn's 10 Hz main-loop tick.
     ``sockets``: listening sockets bound already (then the config's host and port are not bound).

@@ -25,13 +25,16 @@ import signal
 import socket
 import subprocess
 import sys
-from typing import Any, NamedTuple, NoReturn
+from typing import TYPE_CHECKING, Any, NamedTuple, NoReturn
 
 from sandboxd import _core
 
 from .agent_client import AGENT_PORT
 from .logs import FAILURE_MARK
 from .volumes import MAX_MOUNTS as MAX_VOLUMES
+
+if TYPE_CHECKING:  # the runtime imports this module too, and never the agent
+    from sandboxd.agent.server import Prepared
 
 MAX_MESSAGE = 1 << 16
 
@@ -88,6 +91,7 @@ def preload() -> None:
     from sandboxd.agent.app import AgentApp
     from sandboxd.agent.http_server import server_config
     from sandboxd.agent.methods import build_methods
+    from sandboxd.agent.server import prepare
     from sandboxd.agent.state import AgentState
     from sandboxd.interpreter import server as interpreter_server
 
@@ -96,6 +100,9 @@ def preload() -> None:
     state = AgentState(default_user="root")
     server_config(AgentApp(state, build_methods(state)), "127.0.0.1", 0).load()
     interpreter_server.preload()
+    # The agent's own, which every sandbox's agent starts from (last: its uvicorn loggers are the agent's).
+    global _PREPARED
+    _PREPARED = prepare(AGENT_HOST, AGENT_PORT)
 
 
 def _write_files(files: dict[str, str]) -> None:
@@ -113,6 +120,9 @@ def _write_files(files: dict[str, str]) -> None:
 AGENT_HOST = "127.0.0.1"
 """Where the agent listens in its sandbox, on envd's port (the runtime connects inside the sandbox's
 network namespace)."""
+
+_PREPARED: Prepared | None = None
+"""The agent's state and server settings, built by :func:`preload` (see :class:`Prepared`)."""
 
 LISTEN_BACKLOG = 128
 """The early socket's backlog until the agent's server takes it over (and sets its own): only the
@@ -171,7 +181,8 @@ def _run_agent(log_fd: int, files: dict[str, str], interpreter: bool = False, ca
 
         # No token yet: the runtime sets it with POST /init the moment the agent listens, so the
         # zygote never holds a secret that a later sandbox could find in its copied memory.
-        run(AgentOptions(host=AGENT_HOST, port=AGENT_PORT, listener=_listen(AGENT_HOST, AGENT_PORT)))
+        listener = _listen(AGENT_HOST, AGENT_PORT)
+        run(AgentOptions(host=AGENT_HOST, port=AGENT_PORT, listener=listener, prepared=_PREPARED))
     except BaseException as exc:
         # The runtime gives this line's reason to the create or resume it fails (.logs.agent_failure).
         reason = str(exc) if isinstance(exc, _StartFailed) else repr(exc)
