@@ -61,6 +61,14 @@ class Context:
 
 Handler = Callable[[Any, Context], Any]
 
+HAND_OFF = "hand_off"
+"""Key in :attr:`Context.extras` of a server stream whose transport can lend its socket to a
+worker thread (binary Connect over HTTP/1.1): an async ``hand_off(write) -> (outcome, value) | None``,
+where ``write(sock, cancel, keepalive_chunk, keepalive_interval)`` runs in the thread and returns
+``(outcome, value, rest)`` (``Subscriber.pump``'s contract; see ``connect._hand_off``)."""
+
+HandOff = Callable[[Callable[[int, int, bytes, float], tuple[str, int, bytes]]], Awaitable[tuple[str, int] | None]]
+
 
 class Piece(Protocol):
     """A piece of bytes: ``bytes``, or anything with the buffer protocol and a length in bytes (the

@@ -16,14 +16,14 @@ import signal
 import time
 from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from sandboxd import _core
 from sandboxd._proto.process import process_pb2 as pb
 
 from ..errors import Code, RpcError
 from ..paths import expand_and_resolve
-from ..rpc import Context, Kind, Method, NestedBytes
+from ..rpc import HAND_OFF, Context, HandOff, Kind, Method, NestedBytes
 from ..state import AgentState
 from ..validate import check_env_vars, check_no_nul
 
@@ -43,6 +43,11 @@ MAX_EVENT_BYTES = 1 << 20
 """Consecutive chunks of one stream are merged into one data event up to this size (by the binding,
 in one copy): each event costs an envelope and a trip through the HTTP server, so fewer, larger
 events raise throughput."""
+
+HAND_OFF_RETRY = 16
+"""Batches sent through the event loop before a stream asks again for its socket after it could
+not be handed off (something else was buffered, or enough streams were handed off already): asking
+costs the loop a reader's removal and re-adding."""
 
 SDK_SHELL = "/bin/bash"
 """What the SDKs' ``commands.run`` starts (``/bin/bash -l -c CMD``), as envd expects every template to have."""
@@ -86,7 +91,7 @@ Response = TypeVar("Response", pb.StartResponse, pb.ConnectResponse)
 
 
 async def output_events(
-    subscriber: _core.Subscriber, response_type: type[Response]
+    subscriber: _core.Subscriber, response_type: type[Response], hand_off: HandOff | None = None
 ) -> AsyncGenerator[Response | NestedBytes, None]:
     """Responses for the data from ``subscriber`` as it arrives, then for the end event.
 
@@ -103,6 +108,12 @@ async def output_events(
     loses nothing: ``ready`` stays set, and the producer, disarmed by its write, writes again only
     once ``next_batch`` has re-armed it. (Removing and re-adding the reader around each wait did
     the same at ~30 % more agent CPU for PTY output, which waits every few KiB.)
+
+    With ``hand_off`` (a binary Connect stream: :data:`~sandboxd.agent.rpc.HAND_OFF`), the data
+    frames are written by a worker thread straight from the ring to the socket
+    (``Subscriber.pump``, Rust, without the GIL: no loop wake-up, Python object or copy per
+    frame) whenever the connection has nothing else buffered; the loop takes over again for the
+    end event, a lag, or while the socket cannot be handed off.
     """
     loop = asyncio.get_running_loop()
     ready = asyncio.Event()
@@ -115,16 +126,34 @@ async def output_events(
 
     loop.add_reader(fd, wake)
     paths = {stream: ("event", "data", name) for stream, name in _STREAM_FIELD.items()}
+    numbers = _field_numbers(response_type)
+    skip = 0  # batches to send through the loop before asking for the socket again
     try:
         while True:
+            if hand_off is not None and skip == 0:
+                # The thread waits on the eventfd itself: the loop must not read it meanwhile.
+                loop.remove_reader(fd)
+                try:
+                    handed = await hand_off(
+                        lambda sock, cancel, keepalive, interval: subscriber.pump(
+                            sock, cancel, numbers, keepalive, interval, MAX_EVENT_BYTES
+                        )
+                    )
+                finally:
+                    loop.add_reader(fd, wake)
+                if handed is not None:
+                    outcome, lost = handed
+                    if outcome == "lagged":
+                        raise RpcError(Code.DATA_LOSS, _lag_message(lost))
+                    hand_off = None  # "end": the end event follows through the loop
+                else:
+                    skip = HAND_OFF_RETRY
+            elif skip:
+                skip -= 1
             ready.clear()
             batch = subscriber.next_batch(MAX_EVENT_BYTES, True)
             if batch.lagged_bytes:
-                raise RpcError(
-                    Code.DATA_LOSS,
-                    f"this client fell {batch.lagged_bytes} bytes behind the process's output and was dropped "
-                    "(it stopped reading); reconnect to resume from the output the agent still holds",
-                )
+                raise RpcError(Code.DATA_LOSS, _lag_message(batch.lagged_bytes))
             for stream, data in batch.chunks:
                 yield NestedBytes(response_type, paths[stream], data)
             if batch.end is not None:
@@ -135,6 +164,22 @@ async def output_events(
     finally:
         loop.remove_reader(fd)
         subscriber.close()
+
+
+def _lag_message(lost: int) -> str:
+    return (
+        f"this client fell {lost} bytes behind the process's output and was dropped "
+        "(it stopped reading); reconnect to resume from the output the agent still holds"
+    )
+
+
+def _field_numbers(response_type: type[Response]) -> tuple[list[int], list[int], list[int]]:
+    """Field numbers from ``response_type`` down to the stdout, stderr and PTY bytes (for ``pump``)."""
+    event: Any = response_type.DESCRIPTOR.fields_by_name["event"]
+    data: Any = event.message_type.fields_by_name["data"]
+    fields = data.message_type.fields_by_name
+    head: list[int] = [event.number, data.number]
+    return [*head, fields["stdout"].number], [*head, fields["stderr"].number], [*head, fields["pty"].number]
 
 
 class ProcessService:
@@ -298,7 +343,8 @@ class ProcessService:
         self._register(process, request, ctx)
         yield pb.StartResponse(event=pb.ProcessEvent(start=pb.ProcessEvent.StartEvent(pid=process.pid)))
         # Closed with this generator, not left to the garbage collector: its reader goes at once.
-        async with contextlib.aclosing(output_events(subscriber, pb.StartResponse)) as events:
+        events = output_events(subscriber, pb.StartResponse, ctx.extras.get(HAND_OFF))
+        async with contextlib.aclosing(events):
             async for response in events:
                 yield response
 
@@ -309,7 +355,8 @@ class ProcessService:
         subscriber = entry.process.subscribe(True)
         yield pb.ConnectResponse(event=pb.ProcessEvent(start=pb.ProcessEvent.StartEvent(pid=entry.process.pid)))
         # Closed with this generator, not left to the garbage collector: its reader goes at once.
-        async with contextlib.aclosing(output_events(subscriber, pb.ConnectResponse)) as events:
+        events = output_events(subscriber, pb.ConnectResponse, ctx.extras.get(HAND_OFF))
+        async with contextlib.aclosing(events):
             async for response in events:
                 yield response
 
