@@ -56,17 +56,35 @@ class RawStream:
     the chunked framing (checked: every chunk ends with CRLF, the body ends with the 0-chunk), the
     Connect envelopes and each ``StartResponse``."""
 
-    def __init__(self, agent: Agent, argv: list[str], sock: socket.socket | None = None, rcvbuf: int = 0) -> None:
+    def __init__(
+        self,
+        agent: Agent,
+        argv: list[str],
+        sock: socket.socket | None = None,
+        rcvbuf: int = 0,
+        headers: dict[str, str] | None = None,
+        connect_pid: int = 0,
+        wait: float = 0,
+    ) -> None:
+        """``connect_pid``: a ``Connect`` to that process instead of a ``Start`` of ``argv``;
+        ``wait``: seconds to sleep after sending the request, before reading anything."""
         self.sock = sock or socket.create_connection(("127.0.0.1", agent.port), timeout=60)
         if rcvbuf:
             self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
-        request = pb.StartRequest(process=pb.ProcessConfig(cmd=argv[0], args=argv[1:]), stdin=False)
+        request: pb.StartRequest | pb.ConnectRequest
+        if connect_pid:
+            request, method = pb.ConnectRequest(process=pb.ProcessSelector(pid=connect_pid)), "Connect"
+        else:
+            request = pb.StartRequest(process=pb.ProcessConfig(cmd=argv[0], args=argv[1:]), stdin=False)
+            method = "Start"
         body = struct.pack(">BI", 0, request.ByteSize()) + request.SerializeToString()
+        extra = "".join(f"{name}: {value}\r\n" for name, value in (headers or {}).items())
         head = (
-            f"POST /process.Process/Start HTTP/1.1\r\nHost: agent\r\nContent-Length: {len(body)}\r\n"
-            "Content-Type: application/connect+proto\r\nConnect-Protocol-Version: 1\r\n\r\n"
+            f"POST /process.Process/{method} HTTP/1.1\r\nHost: agent\r\nContent-Length: {len(body)}\r\n"
+            f"Content-Type: application/connect+proto\r\nConnect-Protocol-Version: 1\r\n{extra}\r\n"
         )
         self.sock.sendall(head.encode() + body)
+        time.sleep(wait)
         self.buffer = bytearray()
         head_bytes = self._until(b"\r\n\r\n")
         lines = head_bytes.decode("latin-1").split("\r\n")
@@ -282,19 +300,7 @@ def test_a_second_subscriber_gets_the_replay_and_the_rest_through_its_own_pump(l
     with start.sock:
         events = start.events()
         pid = next(events).start.pid
-        request = pb.ConnectRequest(process=pb.ProcessSelector(pid=pid))
-        body = struct.pack(">BI", 0, request.ByteSize()) + request.SerializeToString()
-        sock = socket.create_connection(("127.0.0.1", lone_agent.port), timeout=60)
-        sock.sendall(
-            (
-                f"POST /process.Process/Connect HTTP/1.1\r\nHost: agent\r\nContent-Length: {len(body)}\r\n"
-                "Content-Type: application/connect+proto\r\n\r\n"
-            ).encode()
-            + body
-        )
-        second = RawStream.__new__(RawStream)
-        second.sock, second.buffer, second.body, second.done = sock, bytearray(), bytearray(), False
-        assert second._until(b"\r\n\r\n").startswith(b"HTTP/1.1 200")
+        second = RawStream(lone_agent, [], connect_pid=pid)
         out_first, out_second = bytearray(), bytearray()
 
         def read_first() -> None:
@@ -303,7 +309,7 @@ def test_a_second_subscriber_gets_the_replay_and_the_rest_through_its_own_pump(l
 
         reader = threading.Thread(target=read_first)  # both read at once: the ring waits for each
         reader.start()
-        with sock:
+        with second.sock:
             for event in second.events():
                 out_second += event.data.stdout
         reader.join(60)
@@ -313,20 +319,9 @@ def test_a_second_subscriber_gets_the_replay_and_the_rest_through_its_own_pump(l
 
 
 def test_keepalives_come_from_the_pump_while_the_process_is_quiet(lone_agent: Agent) -> None:
-    sock = socket.create_connection(("127.0.0.1", lone_agent.port), timeout=60)
-    request = pb.StartRequest(process=pb.ProcessConfig(cmd="/bin/sh", args=["-c", "printf a; sleep 2.5; printf b"]))
-    body = struct.pack(">BI", 0, request.ByteSize()) + request.SerializeToString()
-    sock.sendall(
-        (
-            f"POST /process.Process/Start HTTP/1.1\r\nHost: agent\r\nContent-Length: {len(body)}\r\n"
-            "Content-Type: application/connect+proto\r\nKeepalive-Ping-Interval: 1\r\n\r\n"
-        ).encode()
-        + body
-    )
-    stream = RawStream.__new__(RawStream)
-    stream.sock, stream.buffer, stream.body, stream.done = sock, bytearray(), bytearray(), False
-    assert stream._until(b"\r\n\r\n").startswith(b"HTTP/1.1 200")
-    with sock:
+    argv = ["/bin/sh", "-c", "printf a; sleep 2.5; printf b"]
+    stream = RawStream(lone_agent, argv, headers={"Keepalive-Ping-Interval": "1"})
+    with stream.sock:
         kinds = [event.WhichOneof("event") for event in stream.events()]
     assert kinds[0] == "start" and kinds[-1] == "end"
     assert kinds.count("keepalive") >= 2, kinds
@@ -336,23 +331,11 @@ def test_keepalives_come_from_the_pump_while_the_process_is_quiet(lone_agent: Ag
 def test_a_deadline_cuts_a_handed_off_stream_with_valid_framing(lone_agent: Agent) -> None:
     """The deadline passes while the thread waits for a client that stopped reading, with a frame
     half written: the rest of that frame, then the ``deadline_exceeded`` end-stream frame."""
-    sock = socket.create_connection(("127.0.0.1", lone_agent.port), timeout=60)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 << 10)
-    request = pb.StartRequest(process=pb.ProcessConfig(cmd="/bin/sh", args=["-c", "exec cat /dev/zero"]))
-    body = struct.pack(">BI", 0, request.ByteSize()) + request.SerializeToString()
-    sock.sendall(
-        (
-            f"POST /process.Process/Start HTTP/1.1\r\nHost: agent\r\nContent-Length: {len(body)}\r\n"
-            "Content-Type: application/connect+proto\r\nConnect-Timeout-Ms: 1500\r\n\r\n"
-        ).encode()
-        + body
-    )
-    time.sleep(2.5)  # not reading: the deadline passes with the socket full
-    stream = RawStream.__new__(RawStream)
-    stream.sock, stream.buffer, stream.body, stream.done = sock, bytearray(), bytearray(), False
-    assert stream._until(b"\r\n\r\n").startswith(b"HTTP/1.1 200")
+    # Not reading for 2.5 s: the deadline passes with the socket full.
+    argv = ["/bin/sh", "-c", "exec cat /dev/zero"]
+    stream = RawStream(lone_agent, argv, rcvbuf=64 << 10, headers={"Connect-Timeout-Ms": "1500"}, wait=2.5)
     pid = 0
-    with sock:
+    with stream.sock:
         while True:  # every chunk and envelope well formed up to the end-stream frame
             while len(stream.body) < 5 or len(stream.body) < 5 + struct.unpack_from(">I", stream.body, 1)[0]:
                 assert stream._chunk(), "the body ended inside an envelope"
