@@ -383,7 +383,9 @@ class ConnectTransport:
             make = method.keepalive
             keepalives = _Keepalives(loop, ctx.keepalive_interval, lambda: frame(codec.frame_parts(make())), leave)
             if codec.name == "proto" and writer is not None:
-                ctx.extras[HAND_OFF] = _hand_off(writer, keepalives, codec.frame(make()), ctx.keepalive_interval)
+                ctx.extras[HAND_OFF] = _hand_off(
+                    writer, keepalives, lambda: codec.frame(make()), ctx.keepalive_interval
+                )
         is_last = method.last
         try:
             try:
@@ -416,16 +418,18 @@ class ConnectTransport:
                 watcher.cancel()
 
 
-def _hand_off(writer: Any, keepalives: _Keepalives, keepalive: bytes, interval: float) -> HandOff:
+def _hand_off(writer: Any, keepalives: _Keepalives, keepalive: Callable[[], bytes], interval: float) -> HandOff:
     """What a binary stream's handler gets under :data:`HAND_OFF`: ``await hand_off(write)`` runs
     ``write(sock, cancel, keepalive_chunk, interval)`` in a worker thread that owns the socket
     meanwhile (``ResponseWriter.hand_off``: it writes the stream's data frames, and its keepalives,
-    itself); the loop's keepalives wait for it. None when the socket cannot be handed off now."""
-    chunk = b"%x\r\n%s\r\n" % (len(keepalive), keepalive)
+    itself); the loop's keepalives wait for it. None when the socket cannot be handed off now.
+    ``keepalive`` makes the keepalive's frame, once, when first needed (not for every stream)."""
 
     async def hand_off(write: Callable[[int, int, bytes, float], tuple[str, int, bytes]]) -> tuple[str, int] | None:
         if not keepalives.pause():
             return None
+        frame = keepalive()
+        chunk = b"%x\r\n%s\r\n" % (len(frame), frame)
         try:
             return await writer.hand_off(lambda sock, cancel: write(sock, cancel, chunk, interval))  # type: ignore[no-any-return]
         finally:

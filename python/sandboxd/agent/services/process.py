@@ -173,13 +173,22 @@ def _lag_message(lost: int) -> str:
     )
 
 
+_FIELD_NUMBERS: dict[str, tuple[list[int], list[int], list[int]]] = {}
+
+
 def _field_numbers(response_type: type[Response]) -> tuple[list[int], list[int], list[int]]:
-    """Field numbers from ``response_type`` down to the stdout, stderr and PTY bytes (for ``pump``)."""
-    event: Any = response_type.DESCRIPTOR.fields_by_name["event"]
-    data: Any = event.message_type.fields_by_name["data"]
-    fields = data.message_type.fields_by_name
-    head: list[int] = [event.number, data.number]
-    return [*head, fields["stdout"].number], [*head, fields["stderr"].number], [*head, fields["pty"].number]
+    """Field numbers from ``response_type`` down to the stdout, stderr and PTY bytes (for ``pump``;
+    cached per type)."""
+    name = response_type.DESCRIPTOR.full_name
+    found = _FIELD_NUMBERS.get(name)
+    if found is None:
+        event: Any = response_type.DESCRIPTOR.fields_by_name["event"]
+        data: Any = event.message_type.fields_by_name["data"]
+        fields = data.message_type.fields_by_name
+        head: list[int] = [event.number, data.number]
+        found = ([*head, fields["stdout"].number], [*head, fields["stderr"].number], [*head, fields["pty"].number])
+        _FIELD_NUMBERS[name] = found
+    return found
 
 
 class ProcessService:
