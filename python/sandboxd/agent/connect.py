@@ -425,15 +425,20 @@ def _hand_off(writer: Any, keepalives: _Keepalives, keepalive: Callable[[], byte
     itself); the loop's keepalives wait for it. None when the socket cannot be handed off now.
     ``keepalive`` makes the keepalive's frame, once, when first needed (not for every stream)."""
 
-    async def hand_off(write: Callable[[int, int, bytes, float], tuple[str, int, bytes]]) -> tuple[str, int] | None:
+    async def hand_off(
+        write: Callable[[int, int, bytes, float], tuple[str, int, bytes]],
+        before: Callable[[], None],
+        after: Callable[[], None],
+    ) -> tuple[str, int] | None:
         if not keepalives.pause():
             return None
         frame = keepalive()
         chunk = b"%x\r\n%s\r\n" % (len(frame), frame)
         try:
-            return await writer.hand_off(lambda sock, cancel: write(sock, cancel, chunk, interval))  # type: ignore[no-any-return]
+            handed = await writer.hand_off(lambda sock, cancel: write(sock, cancel, chunk, interval), before, after)
         finally:
             keepalives.resume()
+        return handed  # type: ignore[no-any-return]
 
     return hand_off
 

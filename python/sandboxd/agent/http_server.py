@@ -160,6 +160,10 @@ class ConnectionGuard:
         self.open -= 1
 
 
+def _nothing() -> None:
+    pass
+
+
 class ResponseWriter:
     """What a request's response goes through between the ASGI app and uvicorn's
     ``RequestResponseCycle``: it writes the head together with the body's first bytes, and it is
@@ -255,7 +259,12 @@ class ResponseWriter:
             # asyncio's own loop (the standalone agent's, without OpenSSL) joins them: one copy.
             self._transport.writelines(pieces)
 
-    async def hand_off(self, write: Callable[[int, int], tuple[str, int, bytes]]) -> tuple[str, int] | None:
+    async def hand_off(
+        self,
+        write: Callable[[int, int], tuple[str, int, bytes]],
+        before: Callable[[], None] = _nothing,
+        after: Callable[[], None] = _nothing,
+    ) -> tuple[str, int] | None:
         """Has a worker thread write to the socket itself, for as long as ``write(sock, cancel)``
         runs: process output as Connect frames (``Subscriber.pump``, Rust, without the GIL), so that
         no event-loop work or Python object is spent per frame. ``write`` must write whole chunks of
@@ -268,7 +277,9 @@ class ResponseWriter:
         :data:`MAX_HANDED_OFF` run. The transport stops reading meanwhile: bytes the client sends
         (a pipelined request) wait in the socket for the parser. Outcome ``"closed"`` (the peer
         left): the connection is closed and :class:`ClientDisconnected` raised. A cancelled caller
-        (deadline, disconnect) cancels the thread and waits for it before the socket is used again."""
+        (deadline, disconnect) cancels the thread and waits for it before the socket is used again.
+        ``before`` runs once the hand-off is decided, before the thread starts, ``after`` when it
+        is over (a refusal runs neither: asking costs a few attribute reads)."""
         cycle = self._cycle
         transport = self._transport
         if (
@@ -317,6 +328,7 @@ class ResponseWriter:
 
         ResponseWriter.handed_off += 1
         forget = self.on_disconnect(stop)  # the transport closed under it (a server's forced exit)
+        before()
         try:
             threading.Thread(target=work, name="sandboxd-output", daemon=True).start()
             try:
@@ -330,6 +342,7 @@ class ResponseWriter:
                     transport.write(done.result()[2])
                 raise
         finally:
+            after()
             forget()
             ResponseWriter.handed_off -= 1
             own.close()
@@ -369,10 +382,6 @@ class ResponseWriter:
         else:  # a big body is not copied: asyncio's writelines would join it (uvloop's would not)
             for part in held:
                 self._transport.write(part)
-
-
-def _nothing() -> None:
-    pass
 
 
 def _body_follows(start: Message) -> bool:

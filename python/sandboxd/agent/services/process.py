@@ -44,10 +44,10 @@ MAX_EVENT_BYTES = 1 << 20
 in one copy): each event costs an envelope and a trip through the HTTP server, so fewer, larger
 events raise throughput."""
 
-HAND_OFF_RETRY = 16
-"""Batches sent through the event loop before a stream asks again for its socket after it could
-not be handed off (something else was buffered, or enough streams were handed off already): asking
-costs the loop a reader's removal and re-adding."""
+HAND_OFF_ABOVE = 64 << 10
+"""A stream hands its socket to a worker thread (see :func:`output_events`) once a batch of at least
+this many bytes (or one cut by the byte budget) shows the process flooding: starting the thread costs
+a thread's start and a hop back to the loop, which a command with a line of output should not pay."""
 
 SDK_SHELL = "/bin/bash"
 """What the SDKs' ``commands.run`` starts (``/bin/bash -l -c CMD``), as envd expects every template to have."""
@@ -109,11 +109,11 @@ async def output_events(
     once ``next_batch`` has re-armed it. (Removing and re-adding the reader around each wait did
     the same at ~30 % more agent CPU for PTY output, which waits every few KiB.)
 
-    With ``hand_off`` (a binary Connect stream: :data:`~sandboxd.agent.rpc.HAND_OFF`), the data
-    frames are written by a worker thread straight from the ring to the socket
-    (``Subscriber.pump``, Rust, without the GIL: no loop wake-up, Python object or copy per
-    frame) whenever the connection has nothing else buffered; the loop takes over again for the
-    end event, a lag, or while the socket cannot be handed off.
+    With ``hand_off`` (a binary Connect stream: :data:`~sandboxd.agent.rpc.HAND_OFF`), once the
+    process floods (:data:`HAND_OFF_ABOVE`) the data frames are written by a worker thread straight
+    from the ring to the socket (``Subscriber.pump``, Rust, without the GIL: no loop wake-up, Python
+    object or copy per frame) as soon as the connection has nothing else buffered; the loop takes
+    over again for the end event or a lag.
     """
     loop = asyncio.get_running_loop()
     ready = asyncio.Event()
@@ -127,35 +127,35 @@ async def output_events(
     loop.add_reader(fd, wake)
     paths = {stream: ("event", "data", name) for stream, name in _STREAM_FIELD.items()}
     numbers = _field_numbers(response_type)
-    skip = 0  # batches to send through the loop before asking for the socket again
+    flooding = False
+
+    def pump(sock: int, cancel: int, keepalive: bytes, interval: float) -> tuple[str, int, bytes]:
+        return subscriber.pump(sock, cancel, numbers, keepalive, interval, MAX_EVENT_BYTES)
+
+    def before() -> None:
+        loop.remove_reader(fd)  # the thread waits on the eventfd itself: the loop must not read it
+
+    def after() -> None:
+        loop.add_reader(fd, wake)
+
     try:
         while True:
-            if hand_off is not None and skip == 0:
-                # The thread waits on the eventfd itself: the loop must not read it meanwhile.
-                loop.remove_reader(fd)
-                try:
-                    handed = await hand_off(
-                        lambda sock, cancel, keepalive, interval: subscriber.pump(
-                            sock, cancel, numbers, keepalive, interval, MAX_EVENT_BYTES
-                        )
-                    )
-                finally:
-                    loop.add_reader(fd, wake)
+            if flooding and hand_off is not None:
+                handed = await hand_off(pump, before, after)
                 if handed is not None:
                     outcome, lost = handed
                     if outcome == "lagged":
                         raise RpcError(Code.DATA_LOSS, _lag_message(lost))
                     hand_off = None  # "end": the end event follows through the loop
-                else:
-                    skip = HAND_OFF_RETRY
-            elif skip:
-                skip -= 1
             ready.clear()
             batch = subscriber.next_batch(MAX_EVENT_BYTES, True)
             if batch.lagged_bytes:
                 raise RpcError(Code.DATA_LOSS, _lag_message(batch.lagged_bytes))
+            size = 0
             for stream, data in batch.chunks:
+                size += len(data) if isinstance(data, bytes) else sum(len(piece) for piece in data)
                 yield NestedBytes(response_type, paths[stream], data)
+            flooding = flooding or batch.more or size >= HAND_OFF_ABOVE
             if batch.end is not None:
                 yield response_type(event=_end_event(batch.end))
                 return
