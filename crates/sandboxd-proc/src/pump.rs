@@ -224,8 +224,11 @@ fn rdhup() -> PollFlags {
     PollFlags::from_bits_retain(libc::POLLRDHUP)
 }
 
+/// Whether the socket's `revents` say the peer is gone. nix's `revents()` is None when the kernel
+/// set a bit nix does not name: of those, only `POLLRDHUP` is asked for, so None is a hang-up too
+/// (read as "nothing happened", it had the thread spin on a socket whose peer had left).
 fn gone(revents: Option<PollFlags>) -> bool {
-    revents.is_some_and(|r| r.intersects(PollFlags::POLLHUP | PollFlags::POLLERR | rdhup()))
+    revents.is_none_or(|r| r.intersects(PollFlags::POLLHUP | PollFlags::POLLERR | rdhup()))
 }
 
 /// Writes `subscriber`'s output to the non-blocking stream socket `sock` as Connect data frames
@@ -247,11 +250,16 @@ pub fn pump(
     };
     let mut last_sent = Instant::now();
     let mut end = false;
+    // False from a batch written until the socket reports writable again: the next batch is taken
+    // then, so that output landing meanwhile goes out in one frame (with `TCP_NOTSENT_LOWAT` set by
+    // the caller, "writable" means few bytes still unsent: a client that is behind gets fewer,
+    // larger frames; one that keeps up, each batch at once).
+    let mut hungry = true;
     loop {
-        if pending.is_empty() {
-            if end {
-                return Ok(Pumped::End);
-            }
+        if pending.is_empty() && end {
+            return Ok(Pumped::End);
+        }
+        if pending.is_empty() && hungry {
             let batch = subscriber.next_batch(max_bytes);
             if let Some(lag) = batch.lagged {
                 return Ok(Pumped::Lagged(lag.bytes));
@@ -272,6 +280,7 @@ pub fn pump(
                 match pending.write(sock) {
                     Ok(true) => {
                         last_sent = Instant::now();
+                        hungry = false;
                         continue;
                     }
                     Ok(false) => {}
@@ -283,7 +292,7 @@ pub fn pump(
             }
         }
         // Wait: for the socket when a frame is pending, else for output or the keepalive's time.
-        let waiting_to_write = !pending.is_empty();
+        let waiting_to_write = !pending.is_empty() || !hungry;
         let sock_events = rdhup()
             | if waiting_to_write {
                 PollFlags::POLLOUT
@@ -323,8 +332,15 @@ pub fn pump(
                 .revents()
                 .is_some_and(|r| r.contains(PollFlags::POLLOUT))
         {
+            if pending.is_empty() {
+                hungry = true;
+                continue;
+            }
             match pending.write(sock) {
-                Ok(true) => last_sent = Instant::now(),
+                Ok(true) => {
+                    last_sent = Instant::now();
+                    hungry = false;
+                }
                 Ok(false) => {}
                 Err(e) if closed_error(&e) => return Ok(Pumped::Closed),
                 Err(e) => return Err(e),

@@ -116,6 +116,14 @@ thread for as long as its stream runs (a process's whole output), so past this c
 through the event loop again, which holds no thread."""
 
 
+NOTSENT_LOWAT = 256 << 10
+"""``TCP_NOTSENT_LOWAT`` of a socket while it is lent to a thread (:meth:`ResponseWriter.hand_off`):
+the kernel then reports it writable only while fewer bytes than this wait unsent, so the thread,
+which takes more output only once the socket is writable (``Subscriber.pump``), sends fewer, larger
+frames to a client that is behind (each frame costs it a wake-up and a parse) and each batch at once
+to one that keeps up. The socket's own value is restored after."""
+
+
 @dataclass(frozen=True)
 class ConnectionLimits:
     """The per-server connection bounds (see the module documentation)."""
@@ -300,6 +308,10 @@ class ResponseWriter:
             transport.pause_reading()  # uvicorn's flow control still says "reading": it leaves it be
         # A descriptor of its own: the thread's stays valid even if the transport closes meanwhile.
         own = socket.socket(fileno=os.dup(sock.fileno()))
+        lowat: int | None = None
+        with contextlib.suppress(OSError):  # not TCP (a Unix socket): no such option
+            lowat = own.getsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT)
+            own.setsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT, NOTSENT_LOWAT)
         cancel = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         loop = asyncio.get_running_loop()
         done: asyncio.Future[tuple[str, int, bytes]] = loop.create_future()
@@ -345,6 +357,9 @@ class ResponseWriter:
             after()
             forget()
             ResponseWriter.handed_off -= 1
+            if lowat is not None:
+                with contextlib.suppress(OSError):
+                    own.setsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT, lowat)
             own.close()
             os.close(cancel)
             if paused_here and not transport.is_closing():
