@@ -424,18 +424,22 @@ def _hand_off(writer: Any, keepalives: _Keepalives, keepalive: Callable[[], byte
     meanwhile (``ResponseWriter.hand_off``: it writes the stream's data frames, and its keepalives,
     itself); the loop's keepalives wait for it. None when the socket cannot be handed off now.
     ``keepalive`` makes the keepalive's frame, once, when first needed (not for every stream)."""
+    chunk: bytes | None = None
 
     async def hand_off(
         write: Callable[[int, int, bytes, float], tuple[str, int, bytes]],
         before: Callable[[], None],
         after: Callable[[], None],
     ) -> tuple[str, int] | None:
+        nonlocal chunk
         if not keepalives.pause():
             return None
-        frame = keepalive()
-        chunk = b"%x\r\n%s\r\n" % (len(frame), frame)
+        if chunk is None:
+            frame = keepalive()
+            chunk = b"%x\r\n%s\r\n" % (len(frame), frame)
+        ping = chunk
         try:
-            handed = await writer.hand_off(lambda sock, cancel: write(sock, cancel, chunk, interval), before, after)
+            handed = await writer.hand_off(lambda sock, cancel: write(sock, cancel, ping, interval), before, after)
         finally:
             keepalives.resume()
         return handed  # type: ignore[no-any-return]
