@@ -7,13 +7,16 @@ JSON stream of the same output beside it."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import json
 import socket
 import struct
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import httpx
 import pytest
@@ -53,17 +56,35 @@ class RawStream:
     the chunked framing (checked: every chunk ends with CRLF, the body ends with the 0-chunk), the
     Connect envelopes and each ``StartResponse``."""
 
-    def __init__(self, agent: Agent, argv: list[str], sock: socket.socket | None = None, rcvbuf: int = 0) -> None:
+    def __init__(
+        self,
+        agent: Agent,
+        argv: list[str],
+        sock: socket.socket | None = None,
+        rcvbuf: int = 0,
+        headers: dict[str, str] | None = None,
+        connect_pid: int = 0,
+        wait: float = 0,
+    ) -> None:
+        """``connect_pid``: a ``Connect`` to that process instead of a ``Start`` of ``argv``;
+        ``wait``: seconds to sleep after sending the request, before reading anything."""
         self.sock = sock or socket.create_connection(("127.0.0.1", agent.port), timeout=60)
         if rcvbuf:
             self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
-        request = pb.StartRequest(process=pb.ProcessConfig(cmd=argv[0], args=argv[1:]), stdin=False)
+        request: pb.StartRequest | pb.ConnectRequest
+        if connect_pid:
+            request, method = pb.ConnectRequest(process=pb.ProcessSelector(pid=connect_pid)), "Connect"
+        else:
+            request = pb.StartRequest(process=pb.ProcessConfig(cmd=argv[0], args=argv[1:]), stdin=False)
+            method = "Start"
         body = struct.pack(">BI", 0, request.ByteSize()) + request.SerializeToString()
+        extra = "".join(f"{name}: {value}\r\n" for name, value in (headers or {}).items())
         head = (
-            f"POST /process.Process/Start HTTP/1.1\r\nHost: agent\r\nContent-Length: {len(body)}\r\n"
-            "Content-Type: application/connect+proto\r\nConnect-Protocol-Version: 1\r\n\r\n"
+            f"POST /process.Process/{method} HTTP/1.1\r\nHost: agent\r\nContent-Length: {len(body)}\r\n"
+            f"Content-Type: application/connect+proto\r\nConnect-Protocol-Version: 1\r\n{extra}\r\n"
         )
         self.sock.sendall(head.encode() + body)
+        time.sleep(wait)
         self.buffer = bytearray()
         head_bytes = self._until(b"\r\n\r\n")
         lines = head_bytes.decode("latin-1").split("\r\n")
@@ -224,3 +245,118 @@ def test_a_client_that_vanishes_mid_stream_leaves_the_agent_serving(lone_agent: 
                 headers=CONNECT,
                 timeout=10,
             )
+
+
+# ---------------------------------------------------------------------------------------- the hand-off
+# A binary stream's data frames are written by a worker thread straight from the ring to the socket
+# (``Subscriber.pump``, named ``output-pump`` while it runs); the event loop takes the socket back for
+# the end event, a lag, a deadline or a client that left.
+
+
+def pump_threads(agent: Agent) -> int:
+    """How many of the agent's threads are writing a stream now."""
+    count = 0
+    for comm in (Path(f"/proc/{agent.process.pid}/task")).glob("*/comm"):
+        with contextlib.suppress(OSError):
+            count += comm.read_text().strip() == "output-pump"
+    return count
+
+
+def test_a_flooding_stream_is_written_by_a_pump_thread(lone_agent: Agent) -> None:
+    stream = RawStream(lone_agent, ["/bin/sh", "-c", "head -c 64M /dev/zero; sleep 1; printf tail"])
+    seen = 0
+    stdout = 0
+    with stream.sock:
+        for event in stream.events():
+            stdout += len(event.data.stdout)
+            if not seen:  # (the socket may be refused a few batches while the start event is buffered)
+                seen = pump_threads(lone_agent)
+        assert stream.done
+    assert stdout == (64 << 20) + 4
+    assert seen == 1
+    deadline = time.monotonic() + 10  # the thread ends with its stream (a moment after its last write)
+    while pump_threads(lone_agent) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert pump_threads(lone_agent) == 0
+
+
+def test_a_pipelined_request_sent_during_a_handed_off_stream_is_answered_after_it(lone_agent: Agent) -> None:
+    stream = RawStream(lone_agent, ["/bin/sh", "-c", "head -c 16M /dev/zero; sleep 0.5; head -c 16M /dev/zero"])
+    with stream.sock:
+        events = stream.events()
+        got = 0
+        for event in events:
+            got += len(event.data.stdout)
+            if got >= 4 << 20:
+                break
+        # The next request, sent while the thread owns the socket: it waits in the socket, unread.
+        stream.sock.sendall(b"GET /health HTTP/1.1\r\nHost: agent\r\n\r\n")
+        for event in events:
+            got += len(event.data.stdout)
+        assert stream.done and got == 32 << 20
+        head = stream._until(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 204"), head
+
+
+def test_a_second_subscriber_gets_the_replay_and_the_rest_through_its_own_pump(lone_agent: Agent) -> None:
+    script = "printf first; sleep 1; head -c 16M /dev/zero; printf last"
+    start = RawStream(lone_agent, ["/bin/sh", "-c", script])
+    with start.sock:
+        events = start.events()
+        pid = next(events).start.pid
+        second = RawStream(lone_agent, [], connect_pid=pid)
+        out_first, out_second = bytearray(), bytearray()
+
+        def read_first() -> None:
+            for event in events:
+                out_first.extend(event.data.stdout)
+
+        reader = threading.Thread(target=read_first)  # both read at once: the ring waits for each
+        reader.start()
+        with second.sock:
+            for event in second.events():
+                out_second += event.data.stdout
+        reader.join(60)
+    expected = b"first" + bytes(16 << 20) + b"last"
+    assert bytes(out_second) == expected  # replayed from the ring, then live
+    assert bytes(out_first) == expected
+
+
+def test_keepalives_come_from_the_pump_while_the_process_is_quiet(lone_agent: Agent) -> None:
+    argv = ["/bin/sh", "-c", "head -c 4M /dev/zero; sleep 2.5; printf b"]
+    stream = RawStream(lone_agent, argv, headers={"Keepalive-Ping-Interval": "1"})
+    kinds: list[str] = []
+    pumping = 0
+    with stream.sock:
+        for event in stream.events():
+            kinds.append(event.WhichOneof("event"))
+            if kinds[-1] == "keepalive" and not pumping:
+                pumping = pump_threads(lone_agent)
+    assert kinds[0] == "start" and kinds[-1] == "end"
+    assert kinds.count("keepalive") >= 2, kinds
+    assert pumping == 1
+
+
+def test_a_deadline_cuts_a_handed_off_stream_with_valid_framing(lone_agent: Agent) -> None:
+    """The deadline passes while the thread waits for a client that stopped reading, with a frame
+    half written: the rest of that frame, then the ``deadline_exceeded`` end-stream frame."""
+    argv = ["/bin/sh", "-c", "exec cat /dev/zero"]
+    stream = RawStream(lone_agent, argv, rcvbuf=64 << 10, headers={"Connect-Timeout-Ms": "2500"})
+    got = 0
+    for event in stream.events(limit=64 << 10):  # reading until the thread has the socket
+        got += len(event.data.stdout)
+        if got > 4 << 20 and pump_threads(lone_agent):
+            break
+    time.sleep(3)  # then not reading: the deadline passes with the socket full
+    with stream.sock:
+        while True:  # every chunk and envelope well formed up to the end-stream frame
+            while len(stream.body) < 5 or len(stream.body) < 5 + struct.unpack_from(">I", stream.body, 1)[0]:
+                assert stream._chunk(), "the body ended inside an envelope"
+            flags, length = struct.unpack_from(">BI", stream.body)
+            payload = bytes(stream.body[5 : 5 + length])
+            del stream.body[: 5 + length]
+            if flags & 0x02:
+                assert json.loads(payload)["error"]["code"] == "deadline_exceeded", payload
+                break
+            assert pb.StartResponse.FromString(payload).event.HasField("data")
+        assert not stream._chunk()

@@ -183,6 +183,22 @@ class Subscriber:
         and ``bytes`` (the smaller reads between them, joined) instead of one joined ``bytes``."""
     def wait(self, timeout: float | None) -> bool:
         """Block (GIL released) until something is available or ``timeout`` seconds pass."""
+    def pump(
+        self,
+        sock: int,
+        cancel: int,
+        paths: tuple[list[int], list[int], list[int]],
+        keepalive: bytes,
+        keepalive_interval: float,
+        max_bytes: int = ...,
+    ) -> tuple[str, int, bytes]:
+        """Block (GIL released) writing the output to the non-blocking socket ``sock`` as binary
+        Connect data frames in HTTP/1.1 chunks (``paths``: field numbers down to the stdout, stderr
+        and PTY bytes; ``keepalive``: a whole chunk, sent after ``keepalive_interval`` s without a
+        frame) until the process's end, a lag, the peer leaving or the eventfd ``cancel`` becoming
+        readable: ``("end", 0, b"")`` (the next batch holds the end), ``("lagged", bytes_lost, b"")``,
+        ``("closed", 0, b"")`` or ``("cancelled", 0, rest_of_a_frame_cut_short)``. Both descriptors
+        must stay open until it returns."""
     def close(self) -> None:
         """Unregister: the process no longer waits for this subscriber. Idempotent.
 

@@ -129,6 +129,7 @@ mod malloc;
 mod pipesize;
 mod process;
 mod pty;
+pub mod pump;
 mod reader;
 mod reap;
 mod ring;

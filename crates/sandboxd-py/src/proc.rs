@@ -13,7 +13,7 @@
 //! I/O does not offer, `LookupError` for an unknown user and `ValueError` for bad arguments.
 
 use std::io;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, BorrowedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
@@ -389,6 +389,65 @@ impl Subscriber {
             .detach(|| lock(&self.inner).as_mut().map(|s| s.next_batch(max_bytes)))
             .ok_or_else(closed_subscriber)?;
         Batch::new(py, batch, views)
+    }
+
+    /// Writes this subscriber's output to the non-blocking socket `sock` as binary Connect data
+    /// frames in HTTP/1.1 chunks (GIL released, in the calling thread; `sandboxd_proc::pump`)
+    /// until the process's end, a lag, the peer leaving or `cancel` (an eventfd) becoming
+    /// readable. `paths` are the field numbers down to the bytes field for stdout, stderr and PTY
+    /// output; `keepalive` a whole chunk, sent after `keepalive_interval` seconds without a frame.
+    /// Returns `("end", 0, b"")`, `("lagged", bytes_lost, b"")`, `("closed", 0, b"")` or
+    /// `("cancelled", 0, rest_of_a_frame_cut_short)`. Both descriptors must stay open until it
+    /// returns.
+    #[allow(unsafe_code)]
+    #[allow(clippy::too_many_arguments)]
+    #[pyo3(signature = (sock, cancel, paths, keepalive, keepalive_interval, max_bytes = DEFAULT_MAX_BATCH_BYTES))]
+    fn pump<'py>(
+        &self,
+        py: Python<'py>,
+        sock: i32,
+        cancel: i32,
+        paths: (Vec<u32>, Vec<u32>, Vec<u32>),
+        keepalive: Vec<u8>,
+        keepalive_interval: f64,
+        max_bytes: usize,
+    ) -> PyResult<(&'static str, u64, Bound<'py, PyBytes>)> {
+        if sock < 0 || cancel < 0 {
+            return Err(PyValueError::new_err("pump needs open descriptors"));
+        }
+        let interval = Duration::try_from_secs_f64(keepalive_interval)
+            .ok()
+            .filter(|d| !d.is_zero())
+            .ok_or_else(|| {
+                PyValueError::new_err("keepalive_interval must be a positive number of seconds")
+            })?;
+        let framing = core::pump::Framing {
+            stdout: paths.0,
+            stderr: paths.1,
+            pty: paths.2,
+            keepalive,
+            keepalive_interval: interval,
+        };
+        // SAFETY: the caller keeps both descriptors open until this call returns (documented
+        // above; http_server's hand-off owns a dup of the socket and the cancel eventfd for the
+        // call's duration), and the borrows do not outlive the call.
+        let (sock, cancel) =
+            unsafe { (BorrowedFd::borrow_raw(sock), BorrowedFd::borrow_raw(cancel)) };
+        let outcome = py
+            .detach(|| {
+                let mut guard = lock(&self.inner);
+                guard
+                    .as_mut()
+                    .map(|s| core::pump::pump(s, sock, cancel, &framing, max_bytes))
+            })
+            .ok_or_else(closed_subscriber)?
+            .map_err(to_pyerr)?;
+        Ok(match outcome {
+            core::pump::Pumped::End => ("end", 0, PyBytes::new(py, b"")),
+            core::pump::Pumped::Lagged(n) => ("lagged", n, PyBytes::new(py, b"")),
+            core::pump::Pumped::Closed => ("closed", 0, PyBytes::new(py, b"")),
+            core::pump::Pumped::Cancelled(rest) => ("cancelled", 0, PyBytes::new(py, &rest)),
+        })
     }
 
     /// Blocks (GIL released) until something is available or `timeout` seconds pass.

@@ -43,7 +43,7 @@ from .auth import rpc_user
 from .compression import gunzip
 from .errors import HTTP_STATUS, Code, RpcError, to_rpc_error
 from .protojson import message_to_dict, parse
-from .rpc import Context, Kind, Method, NestedBytes, Piece
+from .rpc import HAND_OFF, Context, HandOff, Kind, Method, NestedBytes, Piece
 from .state import AgentState
 
 MAX_UNARY_BODY = 16 << 20
@@ -382,6 +382,10 @@ class ConnectTransport:
         if method.keepalive is not None:
             make = method.keepalive
             keepalives = _Keepalives(loop, ctx.keepalive_interval, lambda: frame(codec.frame_parts(make())), leave)
+            if codec.name == "proto" and writer is not None:
+                ctx.extras[HAND_OFF] = _hand_off(
+                    writer, keepalives, lambda: codec.frame(make()), ctx.keepalive_interval
+                )
         is_last = method.last
         try:
             try:
@@ -412,6 +416,35 @@ class ConnectTransport:
                 forget()
             else:
                 watcher.cancel()
+
+
+def _hand_off(writer: Any, keepalives: _Keepalives, keepalive: Callable[[], bytes], interval: float) -> HandOff:
+    """What a binary stream's handler gets under :data:`HAND_OFF`: ``await hand_off(write)`` runs
+    ``write(sock, cancel, keepalive_chunk, interval)`` in a worker thread that owns the socket
+    meanwhile (``ResponseWriter.hand_off``: it writes the stream's data frames, and its keepalives,
+    itself); the loop's keepalives wait for it. None when the socket cannot be handed off now.
+    ``keepalive`` makes the keepalive's frame, once, when first needed (not for every stream)."""
+    chunk: bytes | None = None
+
+    async def hand_off(
+        write: Callable[[int, int, bytes, float], tuple[str, int, bytes]],
+        before: Callable[[], None],
+        after: Callable[[], None],
+    ) -> tuple[str, int] | None:
+        nonlocal chunk
+        if not keepalives.pause():
+            return None
+        if chunk is None:
+            frame = keepalive()
+            chunk = b"%x\r\n%s\r\n" % (len(frame), frame)
+        ping = chunk
+        try:
+            handed = await writer.hand_off(lambda sock, cancel: write(sock, cancel, ping, interval), before, after)
+        finally:
+            keepalives.resume()
+        return handed  # type: ignore[no-any-return]
+
+    return hand_off
 
 
 class _Keepalives:
@@ -454,6 +487,21 @@ class _Keepalives:
         self._sending = None
         self.last_sent = self._loop.time()
         self._timer = self._loop.call_at(self.last_sent + self._interval, self._due)
+
+    def pause(self) -> bool:
+        """Stops the timer while something else sends the stream's keepalives (a hand-off); False,
+        and nothing stopped, while one is being sent or after :meth:`stop`."""
+        if self._sending is not None or self._timer is None:
+            return False
+        self._timer.cancel()
+        self._timer = None
+        return True
+
+    def resume(self) -> None:
+        """After :meth:`pause`: the next keepalive a whole interval from now."""
+        if self._timer is None and self._sending is None:
+            self.last_sent = self._loop.time()
+            self._timer = self._loop.call_at(self.last_sent + self._interval, self._due)
 
     async def stop(self) -> None:
         """No more keepalives; waits for one being sent to be cancelled."""

@@ -59,6 +59,7 @@ import os
 import resource
 import socket
 import sys
+import threading
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
@@ -109,6 +110,20 @@ count bodies take the event loop's path again, which holds no thread; 16 leaves 
 (32 threads) room for downloads and the other uploads."""
 
 
+MAX_HANDED_OFF = 16
+"""Response bodies written by worker threads at once (:meth:`ResponseWriter.hand_off`). Each holds a
+thread for as long as its stream runs (a process's whole output), so past this count streams go
+through the event loop again, which holds no thread."""
+
+
+NOTSENT_LOWAT = 256 << 10
+"""``TCP_NOTSENT_LOWAT`` of a socket while it is lent to a thread (:meth:`ResponseWriter.hand_off`):
+the kernel then reports it writable only while fewer bytes than this wait unsent, so the thread,
+which takes more output only once the socket is writable (``Subscriber.pump``), sends fewer, larger
+frames to a client that is behind (each frame costs it a wake-up and a parse) and each batch at once
+to one that keeps up. The socket's own value is restored after."""
+
+
 @dataclass(frozen=True)
 class ConnectionLimits:
     """The per-server connection bounds (see the module documentation)."""
@@ -153,6 +168,10 @@ class ConnectionGuard:
         self.open -= 1
 
 
+def _nothing() -> None:
+    pass
+
+
 class ResponseWriter:
     """What a request's response goes through between the ASGI app and uvicorn's
     ``RequestResponseCycle``: it writes the head together with the body's first bytes, and it is
@@ -178,6 +197,8 @@ class ResponseWriter:
     is. A head still held goes out in the same ``writelines``."""
 
     __slots__ = ("_cycle", "_held", "_lost", "_send", "_transport")
+    handed_off = 0
+    """Responses being written by worker threads now, in this process (:meth:`hand_off`)."""
 
     def __init__(self, cycle: Any, lost: list[Callable[[], None]]) -> None:
         self._cycle = cycle
@@ -246,6 +267,111 @@ class ResponseWriter:
             # asyncio's own loop (the standalone agent's, without OpenSSL) joins them: one copy.
             self._transport.writelines(pieces)
 
+    async def hand_off(
+        self,
+        write: Callable[[int, int], tuple[str, int, bytes]],
+        before: Callable[[], None] = _nothing,
+        after: Callable[[], None] = _nothing,
+    ) -> tuple[str, int] | None:
+        """Has a worker thread write to the socket itself, for as long as ``write(sock, cancel)``
+        runs: process output as Connect frames (``Subscriber.pump``, Rust, without the GIL), so that
+        no event-loop work or Python object is spent per frame. ``write`` must write whole chunks of
+        this chunked response (the body's framing stays this object's), stop when the eventfd
+        ``cancel`` becomes readable, and return ``(outcome, value, rest)``: ``rest`` is a chunk it
+        left half written, which goes out here before anything else.
+
+        Offered only between body messages with nothing buffered (else None: the caller writes
+        through the loop and may ask again), on a plain (not TLS) chunked response, while fewer than
+        :data:`MAX_HANDED_OFF` run. The transport stops reading meanwhile: bytes the client sends
+        (a pipelined request) wait in the socket for the parser. Outcome ``"closed"`` (the peer
+        left): the connection is closed and :class:`ClientDisconnected` raised. A cancelled caller
+        (deadline, disconnect) cancels the thread and waits for it before the socket is used again.
+        ``before`` runs once the hand-off is decided, before the thread starts, ``after`` when it
+        is over (a refusal runs neither: asking costs a few attribute reads)."""
+        cycle = self._cycle
+        transport = self._transport
+        if (
+            self._held
+            or not self.usable()
+            or cycle.disconnected
+            or ResponseWriter.handed_off >= MAX_HANDED_OFF
+            or transport.is_closing()
+            or transport.get_write_buffer_size()
+            or transport.get_extra_info("sslcontext") is not None
+        ):
+            return None
+        sock = transport.get_extra_info("socket")
+        if sock is None:
+            return None
+        paused_here = transport.is_reading()
+        if paused_here:
+            transport.pause_reading()  # uvicorn's flow control still says "reading": it leaves it be
+        # A descriptor of its own: the thread's stays valid even if the transport closes meanwhile.
+        own = socket.socket(fileno=os.dup(sock.fileno()))
+        lowat: int | None = None
+        with contextlib.suppress(OSError):  # not TCP (a Unix socket): no such option
+            lowat = own.getsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT)
+            own.setsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT, NOTSENT_LOWAT)
+        cancel = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[tuple[str, int, bytes]] = loop.create_future()
+
+        def settle(result: tuple[str, int, bytes] | None, error: BaseException | None) -> None:
+            if not done.done():
+                if error is not None:
+                    done.set_exception(error)
+                else:
+                    assert result is not None
+                    done.set_result(result)
+
+        def work() -> None:
+            try:
+                result = write(own.fileno(), cancel)
+            except BaseException as exc:  # handed to the awaiting task
+                with contextlib.suppress(RuntimeError):  # the loop is gone
+                    loop.call_soon_threadsafe(settle, None, exc)
+            else:
+                with contextlib.suppress(RuntimeError):
+                    loop.call_soon_threadsafe(settle, result, None)
+
+        def stop() -> None:
+            with contextlib.suppress(OSError):
+                os.eventfd_write(cancel, 1)
+
+        ResponseWriter.handed_off += 1
+        forget = self.on_disconnect(stop)  # the transport closed under it (a server's forced exit)
+        before()
+        try:
+            threading.Thread(target=work, name="sandboxd-output", daemon=True).start()
+            try:
+                outcome, value, rest = await asyncio.shield(done)
+            except asyncio.CancelledError:
+                stop()  # the thread must be done with the socket before the loop writes again
+                while not done.done():
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await asyncio.wait([done])
+                if not done.cancelled() and done.exception() is None and not cycle.disconnected:
+                    transport.write(done.result()[2])
+                raise
+        finally:
+            after()
+            forget()
+            ResponseWriter.handed_off -= 1
+            if lowat is not None:
+                with contextlib.suppress(OSError):
+                    own.setsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT, lowat)
+            own.close()
+            os.close(cancel)
+            if paused_here and not transport.is_closing():
+                transport.resume_reading()
+        if rest and not cycle.disconnected:
+            transport.write(rest)
+        if outcome == "closed":
+            cycle.disconnected = True
+            transport.close()
+            raise ClientDisconnected
+        return outcome, value
+
     # The transport uvicorn's send writes to while a head is held (it calls nothing else).
 
     def write(self, data: bytes) -> None:
@@ -271,10 +397,6 @@ class ResponseWriter:
         else:  # a big body is not copied: asyncio's writelines would join it (uvloop's would not)
             for part in held:
                 self._transport.write(part)
-
-
-def _nothing() -> None:
-    pass
 
 
 def _body_follows(start: Message) -> bool:

@@ -61,6 +61,18 @@ class Context:
 
 Handler = Callable[[Any, Context], Any]
 
+HAND_OFF = "hand_off"
+"""Key in :attr:`Context.extras` of a server stream whose transport can lend its socket to a
+worker thread (binary Connect over HTTP/1.1): an async ``hand_off(write, before, after) -> (outcome,
+value) | None``, where ``write(sock, cancel, keepalive_chunk, keepalive_interval)`` runs in the thread
+and returns ``(outcome, value, rest)`` (``Subscriber.pump``'s contract; see ``connect._hand_off``);
+``before`` and ``after`` run on the loop around it, only when the socket is handed off."""
+
+HandOff = Callable[
+    [Callable[[int, int, bytes, float], tuple[str, int, bytes]], Callable[[], None], Callable[[], None]],
+    Awaitable[tuple[str, int] | None],
+]
+
 
 class Piece(Protocol):
     """A piece of bytes: ``bytes``, or anything with the buffer protocol and a length in bytes (the

@@ -16,14 +16,14 @@ import signal
 import time
 from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from sandboxd import _core
 from sandboxd._proto.process import process_pb2 as pb
 
 from ..errors import Code, RpcError
 from ..paths import expand_and_resolve
-from ..rpc import Context, Kind, Method, NestedBytes
+from ..rpc import HAND_OFF, Context, HandOff, Kind, Method, NestedBytes
 from ..state import AgentState
 from ..validate import check_env_vars, check_no_nul
 
@@ -43,6 +43,11 @@ MAX_EVENT_BYTES = 1 << 20
 """Consecutive chunks of one stream are merged into one data event up to this size (by the binding,
 in one copy): each event costs an envelope and a trip through the HTTP server, so fewer, larger
 events raise throughput."""
+
+HAND_OFF_ABOVE = 64 << 10
+"""A stream hands its socket to a worker thread (see :func:`output_events`) once a batch of at least
+this many bytes (or one cut by the byte budget) shows the process flooding: starting the thread costs
+a thread's start and a hop back to the loop, which a command with a line of output should not pay."""
 
 SDK_SHELL = "/bin/bash"
 """What the SDKs' ``commands.run`` starts (``/bin/bash -l -c CMD``), as envd expects every template to have."""
@@ -86,7 +91,7 @@ Response = TypeVar("Response", pb.StartResponse, pb.ConnectResponse)
 
 
 async def output_events(
-    subscriber: _core.Subscriber, response_type: type[Response]
+    subscriber: _core.Subscriber, response_type: type[Response], hand_off: HandOff | None = None
 ) -> AsyncGenerator[Response | NestedBytes, None]:
     """Responses for the data from ``subscriber`` as it arrives, then for the end event.
 
@@ -103,6 +108,12 @@ async def output_events(
     loses nothing: ``ready`` stays set, and the producer, disarmed by its write, writes again only
     once ``next_batch`` has re-armed it. (Removing and re-adding the reader around each wait did
     the same at ~30 % more agent CPU for PTY output, which waits every few KiB.)
+
+    With ``hand_off`` (a binary Connect stream: :data:`~sandboxd.agent.rpc.HAND_OFF`), once the
+    process floods (:data:`HAND_OFF_ABOVE`) the data frames are written by a worker thread straight
+    from the ring to the socket (``Subscriber.pump``, Rust, without the GIL: no loop wake-up, Python
+    object or copy per frame) as soon as the connection has nothing else buffered; the loop takes
+    over again for the end event or a lag.
     """
     loop = asyncio.get_running_loop()
     ready = asyncio.Event()
@@ -115,18 +126,36 @@ async def output_events(
 
     loop.add_reader(fd, wake)
     paths = {stream: ("event", "data", name) for stream, name in _STREAM_FIELD.items()}
+    numbers = _field_numbers(response_type)
+    flooding = False
+
+    def pump(sock: int, cancel: int, keepalive: bytes, interval: float) -> tuple[str, int, bytes]:
+        return subscriber.pump(sock, cancel, numbers, keepalive, interval, MAX_EVENT_BYTES)
+
+    def before() -> None:
+        loop.remove_reader(fd)  # the thread waits on the eventfd itself: the loop must not read it
+
+    def after() -> None:
+        loop.add_reader(fd, wake)
+
     try:
         while True:
+            if flooding and hand_off is not None:
+                handed = await hand_off(pump, before, after)
+                if handed is not None:
+                    outcome, lost = handed
+                    if outcome == "lagged":
+                        raise RpcError(Code.DATA_LOSS, _lag_message(lost))
+                    hand_off = None  # "end": the end event follows through the loop
             ready.clear()
             batch = subscriber.next_batch(MAX_EVENT_BYTES, True)
             if batch.lagged_bytes:
-                raise RpcError(
-                    Code.DATA_LOSS,
-                    f"this client fell {batch.lagged_bytes} bytes behind the process's output and was dropped "
-                    "(it stopped reading); reconnect to resume from the output the agent still holds",
-                )
+                raise RpcError(Code.DATA_LOSS, _lag_message(batch.lagged_bytes))
+            size = 0
             for stream, data in batch.chunks:
+                size += len(data) if isinstance(data, bytes) else sum(len(piece) for piece in data)
                 yield NestedBytes(response_type, paths[stream], data)
+            flooding = flooding or batch.more or size >= HAND_OFF_ABOVE
             if batch.end is not None:
                 yield response_type(event=_end_event(batch.end))
                 return
@@ -135,6 +164,31 @@ async def output_events(
     finally:
         loop.remove_reader(fd)
         subscriber.close()
+
+
+def _lag_message(lost: int) -> str:
+    return (
+        f"this client fell {lost} bytes behind the process's output and was dropped "
+        "(it stopped reading); reconnect to resume from the output the agent still holds"
+    )
+
+
+_FIELD_NUMBERS: dict[str, tuple[list[int], list[int], list[int]]] = {}
+
+
+def _field_numbers(response_type: type[Response]) -> tuple[list[int], list[int], list[int]]:
+    """Field numbers from ``response_type`` down to the stdout, stderr and PTY bytes (for ``pump``;
+    cached per type)."""
+    name = response_type.DESCRIPTOR.full_name
+    found = _FIELD_NUMBERS.get(name)
+    if found is None:
+        event: Any = response_type.DESCRIPTOR.fields_by_name["event"]
+        data: Any = event.message_type.fields_by_name["data"]
+        fields = data.message_type.fields_by_name
+        head: list[int] = [event.number, data.number]
+        found = ([*head, fields["stdout"].number], [*head, fields["stderr"].number], [*head, fields["pty"].number])
+        _FIELD_NUMBERS[name] = found
+    return found
 
 
 class ProcessService:
@@ -298,7 +352,8 @@ class ProcessService:
         self._register(process, request, ctx)
         yield pb.StartResponse(event=pb.ProcessEvent(start=pb.ProcessEvent.StartEvent(pid=process.pid)))
         # Closed with this generator, not left to the garbage collector: its reader goes at once.
-        async with contextlib.aclosing(output_events(subscriber, pb.StartResponse)) as events:
+        events = output_events(subscriber, pb.StartResponse, ctx.extras.get(HAND_OFF))
+        async with contextlib.aclosing(events):
             async for response in events:
                 yield response
 
@@ -309,7 +364,8 @@ class ProcessService:
         subscriber = entry.process.subscribe(True)
         yield pb.ConnectResponse(event=pb.ProcessEvent(start=pb.ProcessEvent.StartEvent(pid=entry.process.pid)))
         # Closed with this generator, not left to the garbage collector: its reader goes at once.
-        async with contextlib.aclosing(output_events(subscriber, pb.ConnectResponse)) as events:
+        events = output_events(subscriber, pb.ConnectResponse, ctx.extras.get(HAND_OFF))
+        async with contextlib.aclosing(events):
             async for response in events:
                 yield response
 
