@@ -7,10 +7,12 @@ no thread or descriptor, and the watched root renamed or removed."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -224,3 +226,86 @@ def test_core_watcher_parks_reads_and_hands_back() -> None:
             assert "sub" in [name for _, name in got]
         finally:
             w.close()
+
+
+def thread_cpu_s(pid: int) -> tuple[float, float]:
+    """CPU seconds of the agent's main (event loop) thread, and of its ``watch-drain`` threads."""
+    tick = os.sysconf("SC_CLK_TCK")
+    main = drain = 0.0
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with contextlib.suppress(OSError):
+            comm = Path(f"/proc/{pid}/task/{tid}/comm").read_text().strip()
+            fields = Path(f"/proc/{pid}/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()
+            used = (int(fields[11]) + int(fields[12])) / tick
+            if int(tid) == pid:
+                main += used
+            elif comm == "watch-drain":
+                drain += used
+    return main, drain
+
+
+DIRS = 40_000
+
+
+def test_the_loop_does_not_spin_while_the_drain_thread_walks(
+    start_agent: Callable[..., Agent],
+    workdir: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A tree of 40000 directories moved into a watched directory while a writer keeps making
+    files there: the thread takes the queue back and walks the tree with the watcher locked. The
+    loop, parked again meanwhile, found the inotify descriptor readable and ``read_kernel`` unable
+    to read it, and was woken again at once for the whole walk. The loop's CPU is compared, in the
+    same run, with the same tree moved in and the same writes made after the walk: the overlap may
+    add a small part of the walk's cost, not as much again (it added 1.5-3x the walk's CPU)."""
+    agent = start_agent()
+    monkeypatch.setenv("E2B_DEBUG", "true")
+    monkeypatch.setenv("E2B_SANDBOX_URL", agent.url)
+    outside = tmp_path_factory.mktemp("outside")  # outside the watched directories
+    for tree in ("apart", "overlapping"):
+        for i in range(DIRS):
+            (outside / tree / f"d{i % 100}" / f"e{i}").mkdir(parents=True)
+    for watched in ("apart", "overlapping"):
+        (workdir / watched).mkdir()
+    writes = 1000
+
+    async def run(tree: str) -> tuple[float, float]:
+        watched = workdir / tree
+        sbx = await AsyncSandbox.create()
+        creates, (handle, done) = await watch_creates(sbx, watched, f"w{writes - 1}")
+        walked = asyncio.Event()
+
+        def write() -> None:
+            (outside / tree).rename(watched / "big")
+            if tree == "apart":
+                asyncio.run_coroutine_threadsafe(asyncio.wait_for(walked.wait(), 30), loop).result()
+            for i in range(writes):
+                (watched / f"w{i}").touch()
+                time.sleep(0.001)
+
+        def on_walked() -> None:
+            if f"big/d99/e{DIRS - 1}" in creates:
+                walked.set()
+            else:
+                loop.call_later(0.01, on_walked)
+
+        loop = asyncio.get_running_loop()
+        on_walked()
+        try:
+            main0, drain0 = thread_cpu_s(agent.process.pid)
+            await asyncio.to_thread(write)
+            await asyncio.wait_for(done.wait(), 30)
+            main1, drain1 = thread_cpu_s(agent.process.pid)
+        finally:
+            await handle.stop()
+        assert "big" in creates
+        return main1 - main0, drain1 - drain0
+
+    apart_s, _ = asyncio.run(run("apart"))
+    loop_s, walk_s = asyncio.run(run("overlapping"))
+    assert walk_s > 0.1, f"the walk took {walk_s:.2f} s of CPU: too small to tell"
+    assert loop_s - apart_s < 0.5 * walk_s, (
+        f"the loop used {loop_s:.2f} s of CPU ({apart_s:.2f} s with the writes after the walk) while the"
+        f" thread walked for {walk_s:.2f} s"
+    )
