@@ -306,7 +306,8 @@ class Watcher:
         """For a parked caller whose ``kernel_fileno()`` is readable: one bounded read into the
         buffer (take the events with ``read_batch``), with the GIL held (it is short). Hands the
         queue back to the thread (returns False) after a burst, on events costly to handle (a
-        directory appearing or going, an overflow) or an error; False too once closed."""
+        directory appearing or going, an overflow), on an error, or without reading while the
+        thread is still reading (park again only once ``fileno()`` fired); False too once closed."""
     def wait(self, timeout: float | None) -> list[tuple[int, str]]:
         """Block (GIL released) up to ``timeout`` seconds for events, then return them."""
     def close(self) -> None:

@@ -321,7 +321,10 @@ impl Drainer {
     /// eventfd is not written for them, the caller knows).
     /// Hands the queue back to the thread (unparks) when the read brought more than
     /// [`HANDBACK_ITEMS`], or events that can be costly to handle (left for the thread), or an
-    /// error. Does nothing if the thread is still reading (its items come through the eventfd).
+    /// error; and, without reading, when the thread is still reading (it may be walking a new
+    /// directory for long: a consumer that kept the queue would find the descriptor readable again
+    /// at once and spin until the walk ends). Its items come through the eventfd; a consumer should
+    /// park again only once that has fired.
     /// Returns whether the consumer still holds the queue.
     pub fn read_kernel(&self) -> bool {
         if !self.is_parked() {
@@ -330,7 +333,10 @@ impl Drainer {
         let mut watcher = match self.shared.watcher.try_lock() {
             Ok(watcher) => watcher,
             Err(std::sync::TryLockError::Poisoned(poisoned)) => poisoned.into_inner(),
-            Err(std::sync::TryLockError::WouldBlock) => return true,
+            Err(std::sync::TryLockError::WouldBlock) => {
+                self.unpark();
+                return false;
+            }
         };
         let keep = match watcher.read_light() {
             Ok(Some(batch)) => {

@@ -296,27 +296,36 @@ class WatchService:
         # only when the buffer turns non-empty), so a stream busy sending, or held up by its
         # client, does not make the loop spin. (Removing and re-adding a reader per event cost two
         # epoll_ctl calls an event.)
+        # After a hand-back the stream parks the thread again only once the thread has buffered
+        # something (the eventfd fired): the thread may be walking a new directory with the watcher
+        # locked, and a loop parked meanwhile found the descriptor readable, could not read it, and
+        # was woken again at once for the whole walk (as much loop CPU as the walk took). Left
+        # unparked, the thread reads everything, as it does for polling watchers.
         fd = watcher.fileno()
         kernel_fd = watcher.kernel_fileno()
         parked = False
+        handed_back = False
 
         def park() -> None:
             nonlocal parked
-            if not parked:
+            if not parked and not handed_back:
                 watcher.park()
                 loop.add_reader(kernel_fd, kernel_woken)
                 parked = True
 
         def kernel_woken() -> None:
-            nonlocal parked
+            nonlocal parked, handed_back
             if not watcher.read_kernel():  # handed back to the thread (or closed)
                 loop.remove_reader(kernel_fd)
                 parked = False
+                handed_back = True
             buffered.changed.set()
 
         def woken() -> None:
+            nonlocal handed_back
             with contextlib.suppress(BlockingIOError):
                 os.read(fd, 8)
+            handed_back = False
             buffered.changed.set()
 
         loop.add_reader(fd, woken)
