@@ -463,9 +463,11 @@ class _Upload:
         for sink in self.sinks:
             await sink.drain()
         # Every watcher reads its queue now: a directory this upload created is watched before the
-        # rename lands in it (see watch_hub).
+        # rename lands in it (see watch_hub). In a worker thread: a watcher's drain thread may hold its
+        # lock for a walk of a tree just moved in, which grows with the sandbox's files, and the loop
+        # must not wait on it (it also reads the kernel queue of parked WatchDir streams).
         hub = self.state.watch_hub
-        hub.settle()
+        await _in_io_thread(hub.settle)
         writers = [sink.writer for sink in self.sinks]
         for writer in writers:
             existed = await _in_io_thread(os.path.lexists, writer.path)

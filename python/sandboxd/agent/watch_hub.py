@@ -62,7 +62,8 @@ class WatchHub:
 
     def settle(self) -> None:
         """Makes every watcher handle the events the kernel holds for it now, ahead of its drain
-        thread, so that new directories are watched (runs on the event loop)."""
+        thread, so that new directories are watched (in a worker thread: a watcher's lock may be held for
+        a walk of a whole tree)."""
         for watcher in list(self._watchers):
             watcher.settle()
 

@@ -390,7 +390,9 @@ class WatchService:
         if poll.lost:  # the call after the one that returned the events that came with the loss
             cause, poll.lost = poll.lost, None
             raise overflow_error(cause)
-        poll.settle()  # what the kernel holds right now, not only what the thread has read
+        # What the kernel holds right now, not only what the thread has read; in a worker thread, since
+        # the drain thread may hold the watcher's lock for a walk of a tree just moved in.
+        await asyncio.to_thread(poll.settle)
         events, _ = poll.take(None)
         if not events and poll.lost:
             cause, poll.lost = poll.lost, None
