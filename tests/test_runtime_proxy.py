@@ -227,6 +227,35 @@ def test_a_kept_connection_is_used_only_while_idle_and_open() -> None:
             assert idle(ours) is (fate == "open"), fate
 
 
+def test_an_init_cancelled_while_the_agent_has_not_answered_closes_its_connection() -> None:
+    """``/init`` is cancelled when the sandbox's init exits first (``_agent_up``) or the create is
+    abandoned: its connection into the sandbox must close then, not wait for the garbage collector
+    (a socket keeps the sandbox's network namespace, and so its network slot, alive)."""
+    import asyncio
+
+    from sandboxd.runtime.agent_client import init_agent
+
+    async def main() -> socket.socket:
+        ours, theirs = socket.socketpair()  # an agent that takes /init and never answers
+        opened = asyncio.Event()
+
+        async def open_socket(port: int) -> socket.socket:
+            opened.set()
+            return ours
+
+        task = asyncio.ensure_future(init_agent(open_socket, "token", {}))
+        await opened.wait()
+        await asyncio.sleep(0.05)  # the request is sent; the answer is awaited
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        del task
+        theirs.close()
+        return ours
+
+    assert asyncio.run(main()).fileno() == -1
+
+
 # ------------------------------------------------------------------------------ client aborts
 
 

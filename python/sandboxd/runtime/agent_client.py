@@ -121,6 +121,9 @@ async def init_agent(
     except (OSError, TimeoutError) as exc:
         sock.close()
         raise ApiError(500, f"the sandbox's agent did not answer /init: {exc!r}") from None
+    except BaseException:  # cancelled (the sandbox's init exited first, or the create was abandoned)
+        sock.close()  # now, not at garbage collection: the socket holds the sandbox's network namespace
+        raise
     status_line, _, rest = answer.partition(b"\r\n")
     if b" 204 " not in status_line:
         sock.close()
