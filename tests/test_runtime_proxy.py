@@ -256,6 +256,37 @@ def test_an_init_cancelled_while_the_agent_has_not_answered_closes_its_connectio
     assert asyncio.run(main()).fileno() == -1
 
 
+def test_a_create_cancelled_as_its_init_returns_closes_the_connection_it_returned() -> None:
+    """``_agent_up`` cancelled (the create abandoned) after ``/init`` returned its kept-alive
+    connection but before it resumed to keep it: nobody will take that connection, so it closes
+    now. (The manager's own state that ``_agent_up`` touches, in place of a whole runtime.)"""
+    import asyncio
+    import types
+
+    from sandboxd.runtime.manager import SandboxManager
+
+    async def main() -> tuple[socket.socket, list[socket.socket]]:
+        ours, theirs = socket.socketpair()
+        theirs.close()
+        returned = asyncio.Event()
+        kept: list[socket.socket] = []
+
+        async def init() -> socket.socket:
+            returned.set()
+            return ours
+
+        manager = types.SimpleNamespace(_ending={}, _keep_init_connection=lambda _id, conn: kept.append(conn))
+        up = asyncio.ensure_future(SandboxManager._agent_up(manager, "sbx", None, init()))  # type: ignore[arg-type]
+        await returned.wait()
+        up.cancel()  # before _agent_up resumes from its wait
+        with pytest.raises(asyncio.CancelledError):
+            await up
+        return ours, kept
+
+    ours, kept = asyncio.run(main())
+    assert ours.fileno() == -1 or kept == [ours]
+
+
 # ------------------------------------------------------------------------------ client aborts
 
 
