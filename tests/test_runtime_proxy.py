@@ -227,6 +227,29 @@ def test_a_kept_connection_is_used_only_while_idle_and_open() -> None:
             assert idle(ours) is (fate == "open"), fate
 
 
+def test_create_kill_cycles_leave_no_kept_connection_open(sdk: Runtime) -> None:
+    """The kept ``/init`` connection closes on kill whether or not a first request took it: the
+    runtime's open files after 50 creates and kills (half with a first command) are those before."""
+
+    def cycle(first_request: bool) -> None:
+        sbx = Sandbox.create()
+        try:
+            if first_request:
+                assert sbx.commands.run("echo ok").stdout == "ok\n"
+        finally:
+            sbx.kill()
+
+    cycle(True)
+    cycle(False)  # the runtime's pools and lazily opened files are open now
+    baseline = _fds(sdk.process.pid)
+    for i in range(50):
+        cycle(i % 2 == 0)
+    deadline = time.monotonic() + 5
+    while _fds(sdk.process.pid) > baseline and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _fds(sdk.process.pid) <= baseline
+
+
 def test_an_init_cancelled_while_the_agent_has_not_answered_closes_its_connection() -> None:
     """``/init`` is cancelled when the sandbox's init exits first (``_agent_up``) or the create is
     abandoned: its connection into the sandbox must close then, not wait for the garbage collector
