@@ -227,6 +227,31 @@ def test_a_kept_connection_is_used_only_while_idle_and_open() -> None:
             assert idle(ours) is (fate == "open"), fate
 
 
+def test_agents_started_from_the_zygotes_prepared_state_keep_their_own_token_and_envs(sdk: Runtime) -> None:
+    """Every sandbox's agent starts from the state the zygote prepared once: each still has its own
+    access token and environment, and the first request into a sandbox (on its kept ``/init``
+    connection) is refused with another sandbox's token."""
+    a = Sandbox.create(envs={"WHO": "a"})
+    b = Sandbox.create(envs={"WHO": "b"})
+    try:
+        tokens = [
+            httpx.get(f"{sdk.url}/sandboxes/{s.sandbox_id}", headers={"X-API-KEY": sdk.api_key}).json()[
+                "envdAccessToken"
+            ]
+            for s in (a, b)
+        ]
+        assert tokens[0] and tokens[1] and tokens[0] != tokens[1]
+        into_b = {"Host": f"49983-{b.sandbox_id}.local"}
+        refused = httpx.get(f"{sdk.url}/envs", headers={**into_b, "X-Access-Token": tokens[0]})
+        assert refused.status_code == 401, refused.text
+        envs = httpx.get(f"{sdk.url}/envs", headers={**into_b, "X-Access-Token": tokens[1]})
+        assert envs.status_code == 200 and envs.json().get("WHO") == "b", envs.text
+        assert a.commands.run("echo $WHO").stdout == "a\n"
+    finally:
+        a.kill()
+        b.kill()
+
+
 def test_create_kill_cycles_leave_no_kept_connection_open(sdk: Runtime) -> None:
     """The kept ``/init`` connection closes on kill whether or not a first request took it: the
     runtime's open files after 50 creates and kills (half with a first command) are those before."""
