@@ -252,6 +252,29 @@ def test_agents_started_from_the_zygotes_prepared_state_keep_their_own_token_and
         b.kill()
 
 
+def test_an_upgrade_as_the_first_request_into_a_new_sandbox_gets_its_agents_answer(sdk: Runtime) -> None:
+    """An upgrade is spliced: as the first request into a new sandbox's agent it is carried on the
+    kept ``/init`` connection, answered by the agent, and that connection closes when the client does."""
+    sbx = Sandbox.create()
+    try:
+        baseline = _fds(sdk.process.pid)  # the kept connection included
+        with socket.create_connection(("127.0.0.1", sdk.port)) as client:
+            client.sendall(
+                f"GET /health HTTP/1.1\r\nHost: 49983-{sbx.sandbox_id}.local\r\n"
+                "Connection: Upgrade\r\nUpgrade: websocket\r\n\r\n".encode()
+            )
+            client.settimeout(10)
+            answer = client.recv(4096)
+            assert answer.startswith(b"HTTP/1.1 "), answer
+        deadline = time.monotonic() + 5
+        while _fds(sdk.process.pid) >= baseline and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _fds(sdk.process.pid) < baseline, "the spliced kept connection stayed open"
+        assert sbx.commands.run("echo ok").stdout == "ok\n"  # a fresh connection afterwards
+    finally:
+        sbx.kill()
+
+
 def test_create_kill_cycles_leave_no_kept_connection_open(sdk: Runtime) -> None:
     """The kept ``/init`` connection closes on kill whether or not a first request took it: the
     runtime's open files after 50 creates and kills (half with a first command) are those before."""
