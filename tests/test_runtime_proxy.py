@@ -298,6 +298,39 @@ def test_create_kill_cycles_leave_no_kept_connection_open(sdk: Runtime) -> None:
     assert _fds(sdk.process.pid) <= baseline
 
 
+def test_a_kept_connection_is_handed_once_to_its_own_sandbox_and_dropped_after_its_window(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The kept ``/init`` connection goes to the first taker of its own sandbox only, once; it is
+    closed when its window passes or its sandbox stops (the manager's bookkeeping, without a runtime)."""
+    import asyncio
+
+    from sandboxd.runtime import manager as manager_module
+
+    monkeypatch.setattr(manager_module, "KEEP_INIT_CONNECTION_S", 0.05)
+    manager = manager_module.SandboxManager.__new__(manager_module.SandboxManager)
+    manager.handles = {"a": None, "b": None}  # type: ignore[dict-item]  # running: only membership is read
+    manager._init_connections = {}
+
+    async def main() -> None:
+        pairs = [socket.socketpair() for _ in range(3)]
+        manager._keep_init_connection("a", pairs[0][0])
+        assert manager._take_init_connection("b") is None  # another sandbox's
+        assert manager._take_init_connection("a") is pairs[0][0]
+        assert manager._take_init_connection("a") is None  # once
+        manager._keep_init_connection("a", pairs[1][0])
+        await asyncio.sleep(0.2)
+        assert pairs[1][0].fileno() == -1 and manager._take_init_connection("a") is None  # the window passed
+        manager._keep_init_connection("b", pairs[2][0])
+        manager._drop_init_connection("b")  # as every way out of a sandbox does
+        assert pairs[2][0].fileno() == -1 and not manager._init_connections
+        for ours, theirs in pairs:
+            ours.close()
+            theirs.close()
+
+    asyncio.run(main())
+
+
 def test_an_init_cancelled_while_the_agent_has_not_answered_closes_its_connection() -> None:
     """``/init`` is cancelled when the sandbox's init exits first (``_agent_up``) or the create is
     abandoned: its connection into the sandbox must close then, not wait for the garbage collector
