@@ -331,6 +331,34 @@ def test_a_kept_connection_is_handed_once_to_its_own_sandbox_and_dropped_after_i
     asyncio.run(main())
 
 
+def test_an_init_answer_with_bytes_after_its_head_is_not_kept() -> None:
+    """An agent (hostile code may replace it) that answers ``/init`` with its 204 and, in the same
+    write, a response nobody asked for: that connection is not kept for the first request, even
+    when the extra bytes end as a head does (one whole head, exactly, is the only answer kept)."""
+    import asyncio
+
+    from sandboxd.runtime.agent_client import init_agent
+
+    head = b"HTTP/1.1 204 No Content\r\n\r\n"
+    planted = b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n"
+
+    async def answered(answer: bytes) -> bool:
+        ours, theirs = socket.socketpair()
+        with theirs:
+
+            async def open_socket(port: int) -> socket.socket:
+                return ours
+
+            theirs.sendall(answer)  # ahead of the request: read after it is sent
+            kept = await init_agent(open_socket, "token", {})
+            if kept is not None:
+                kept.close()
+            return kept is not None
+
+    assert asyncio.run(answered(head))  # the agent's own answer: kept
+    assert not asyncio.run(answered(head + planted))
+
+
 def test_an_init_cancelled_while_the_agent_has_not_answered_closes_its_connection() -> None:
     """``/init`` is cancelled when the sandbox's init exits first (``_agent_up``) or the create is
     abandoned: its connection into the sandbox must close then, not wait for the garbage collector
