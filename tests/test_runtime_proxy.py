@@ -148,6 +148,28 @@ def _fds(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
+def _sandbox_sockets(pid: int) -> set[str]:
+    """``pid``'s sockets that its own network namespace does not list: those into sandboxes (the
+    runtime's connections to agents and servers). Its API clients' connections do not count."""
+    own = set()
+    for table in ("tcp", "tcp6", "udp", "udp6", "unix", "netlink", "raw", "packet"):
+        with open(f"/proc/{pid}/net/{table}") as lines:
+            next(lines)  # the header
+            for line in lines:
+                fields = line.split()
+                # unix: Inode is the 7th column; netlink, packet: the last; tcp, udp, raw: the 10th
+                own.add(fields[6] if table == "unix" else fields[-1] if table in ("netlink", "packet") else fields[9])
+    found = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue  # closed meanwhile
+        if target.startswith("socket:[") and target[8:-1] not in own:
+            found.add(target)
+    return found
+
+
 # ------------------------------------------------------------------------------------- kill
 
 
@@ -257,7 +279,7 @@ def test_an_upgrade_as_the_first_request_into_a_new_sandbox_gets_its_agents_answ
     kept ``/init`` connection, answered by the agent, and that connection closes when the client does."""
     sbx = Sandbox.create()
     try:
-        baseline = _fds(sdk.process.pid)  # the kept connection included
+        kept = _sandbox_sockets(sdk.process.pid)  # the kept connection among them
         with socket.create_connection(("127.0.0.1", sdk.port)) as client:
             client.sendall(
                 f"GET /health HTTP/1.1\r\nHost: 49983-{sbx.sandbox_id}.local\r\n"
@@ -267,9 +289,9 @@ def test_an_upgrade_as_the_first_request_into_a_new_sandbox_gets_its_agents_answ
             answer = client.recv(4096)
             assert answer.startswith(b"HTTP/1.1 "), answer
         deadline = time.monotonic() + 5
-        while _fds(sdk.process.pid) >= baseline and time.monotonic() < deadline:
+        while kept <= _sandbox_sockets(sdk.process.pid) and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert _fds(sdk.process.pid) < baseline, "the spliced kept connection stayed open"
+        assert not kept <= _sandbox_sockets(sdk.process.pid), "the spliced kept connection stayed open"
         assert sbx.commands.run("echo ok").stdout == "ok\n"  # a fresh connection afterwards
     finally:
         sbx.kill()
@@ -277,7 +299,8 @@ def test_an_upgrade_as_the_first_request_into_a_new_sandbox_gets_its_agents_answ
 
 def test_create_kill_cycles_leave_no_kept_connection_open(sdk: Runtime) -> None:
     """The kept ``/init`` connection closes on kill whether or not a first request took it: the
-    runtime's open files after 50 creates and kills (half with a first command) are those before."""
+    runtime's sockets into sandboxes after 50 creates and kills (half with a first command) are those
+    before (counted by namespace: the SDK's own connections to the API come and go meanwhile)."""
 
     def cycle(first_request: bool) -> None:
         sbx = Sandbox.create()
@@ -287,15 +310,21 @@ def test_create_kill_cycles_leave_no_kept_connection_open(sdk: Runtime) -> None:
         finally:
             sbx.kill()
 
+    pid = sdk.process.pid
     cycle(True)
-    cycle(False)  # the runtime's pools and lazily opened files are open now
-    baseline = _fds(sdk.process.pid)
+    cycle(False)  # the runtime's pools are open now
+    before = _sandbox_sockets(pid)
+    sbx = Sandbox.create()
+    try:
+        assert _sandbox_sockets(pid) - before, "the kept /init connection is not seen: this test could not fail"
+    finally:
+        sbx.kill()
     for i in range(50):
         cycle(i % 2 == 0)
     deadline = time.monotonic() + 5
-    while _fds(sdk.process.pid) > baseline and time.monotonic() < deadline:
+    while _sandbox_sockets(pid) - before and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert _fds(sdk.process.pid) <= baseline
+    assert not _sandbox_sockets(pid) - before
 
 
 def test_a_kept_connection_is_handed_once_to_its_own_sandbox_and_dropped_after_its_window(
