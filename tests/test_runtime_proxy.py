@@ -148,6 +148,28 @@ def _fds(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
+def _sandbox_sockets(pid: int) -> set[str]:
+    """``pid``'s sockets that its own network namespace does not list: those into sandboxes (the
+    runtime's connections to agents and servers). Its API clients' connections do not count."""
+    own = set()
+    for table in ("tcp", "tcp6", "udp", "udp6", "unix", "netlink", "raw", "packet"):
+        with open(f"/proc/{pid}/net/{table}") as lines:
+            next(lines)  # the header
+            for line in lines:
+                fields = line.split()
+                # unix: Inode is the 7th column; netlink, packet: the last; tcp, udp, raw: the 10th
+                own.add(fields[6] if table == "unix" else fields[-1] if table in ("netlink", "packet") else fields[9])
+    found = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue  # closed meanwhile
+        if target.startswith("socket:[") and target[8:-1] not in own:
+            found.add(target)
+    return found
+
+
 # ------------------------------------------------------------------------------------- kill
 
 
@@ -225,6 +247,205 @@ def test_a_kept_connection_is_used_only_while_idle_and_open() -> None:
             elif fate == "spoke":
                 theirs.sendall(b"HTTP/1.1 200 OK\r\n\r\n")
             assert idle(ours) is (fate == "open"), fate
+
+
+def test_agents_started_from_the_zygotes_prepared_state_keep_their_own_token_and_envs(sdk: Runtime) -> None:
+    """Every sandbox's agent starts from the state the zygote prepared once: each still has its own
+    access token and environment, and the first request into a sandbox (on its kept ``/init``
+    connection) is refused with another sandbox's token."""
+    a = Sandbox.create(envs={"WHO": "a"})
+    b = Sandbox.create(envs={"WHO": "b"})
+    try:
+        tokens = [
+            httpx.get(f"{sdk.url}/sandboxes/{s.sandbox_id}", headers={"X-API-KEY": sdk.api_key}).json()[
+                "envdAccessToken"
+            ]
+            for s in (a, b)
+        ]
+        assert tokens[0] and tokens[1] and tokens[0] != tokens[1]
+        into_b = {"Host": f"49983-{b.sandbox_id}.local"}
+        refused = httpx.get(f"{sdk.url}/envs", headers={**into_b, "X-Access-Token": tokens[0]})
+        assert refused.status_code == 401, refused.text
+        envs = httpx.get(f"{sdk.url}/envs", headers={**into_b, "X-Access-Token": tokens[1]})
+        assert envs.status_code == 200 and envs.json().get("WHO") == "b", envs.text
+        assert a.commands.run("echo $WHO").stdout == "a\n"
+    finally:
+        a.kill()
+        b.kill()
+
+
+def test_an_upgrade_as_the_first_request_into_a_new_sandbox_gets_its_agents_answer(sdk: Runtime) -> None:
+    """An upgrade is spliced: as the first request into a new sandbox's agent it is carried on the
+    kept ``/init`` connection, answered by the agent, and that connection closes when the client does."""
+    sbx = Sandbox.create()
+    try:
+        kept = _sandbox_sockets(sdk.process.pid)  # the kept connection among them
+        with socket.create_connection(("127.0.0.1", sdk.port)) as client:
+            client.sendall(
+                f"GET /health HTTP/1.1\r\nHost: 49983-{sbx.sandbox_id}.local\r\n"
+                "Connection: Upgrade\r\nUpgrade: websocket\r\n\r\n".encode()
+            )
+            client.settimeout(10)
+            answer = client.recv(4096)
+            assert answer.startswith(b"HTTP/1.1 "), answer
+        deadline = time.monotonic() + 5
+        while kept <= _sandbox_sockets(sdk.process.pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not kept <= _sandbox_sockets(sdk.process.pid), "the spliced kept connection stayed open"
+        assert sbx.commands.run("echo ok").stdout == "ok\n"  # a fresh connection afterwards
+    finally:
+        sbx.kill()
+
+
+def test_create_kill_cycles_leave_no_kept_connection_open(sdk: Runtime) -> None:
+    """The kept ``/init`` connection closes on kill whether or not a first request took it: the
+    runtime's sockets into sandboxes after 50 creates and kills (half with a first command) are those
+    before (counted by namespace: the SDK's own connections to the API come and go meanwhile)."""
+
+    def cycle(first_request: bool) -> None:
+        sbx = Sandbox.create()
+        try:
+            if first_request:
+                assert sbx.commands.run("echo ok").stdout == "ok\n"
+        finally:
+            sbx.kill()
+
+    pid = sdk.process.pid
+    cycle(True)
+    cycle(False)  # the runtime's pools are open now
+    before = _sandbox_sockets(pid)
+    sbx = Sandbox.create()
+    try:
+        assert _sandbox_sockets(pid) - before, "the kept /init connection is not seen: this test could not fail"
+    finally:
+        sbx.kill()
+    for i in range(50):
+        cycle(i % 2 == 0)
+    deadline = time.monotonic() + 5
+    while _sandbox_sockets(pid) - before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _sandbox_sockets(pid) - before
+
+
+def test_a_kept_connection_is_handed_once_to_its_own_sandbox_and_dropped_after_its_window(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The kept ``/init`` connection goes to the first taker of its own sandbox only, once; it is
+    closed when its window passes or its sandbox stops (the manager's bookkeeping, without a runtime)."""
+    import asyncio
+
+    from sandboxd.runtime import manager as manager_module
+
+    monkeypatch.setattr(manager_module, "KEEP_INIT_CONNECTION_S", 0.05)
+    manager = manager_module.SandboxManager.__new__(manager_module.SandboxManager)
+    manager.handles = {"a": None, "b": None}  # type: ignore[dict-item]  # running: only membership is read
+    manager._init_connections = {}
+
+    async def main() -> None:
+        pairs = [socket.socketpair() for _ in range(3)]
+        manager._keep_init_connection("a", pairs[0][0])
+        assert manager._take_init_connection("b") is None  # another sandbox's
+        assert manager._take_init_connection("a") is pairs[0][0]
+        assert manager._take_init_connection("a") is None  # once
+        manager._keep_init_connection("a", pairs[1][0])
+        await asyncio.sleep(0.2)
+        assert pairs[1][0].fileno() == -1 and manager._take_init_connection("a") is None  # the window passed
+        manager._keep_init_connection("b", pairs[2][0])
+        manager._drop_init_connection("b")  # as every way out of a sandbox does
+        assert pairs[2][0].fileno() == -1 and not manager._init_connections
+        for ours, theirs in pairs:
+            ours.close()
+            theirs.close()
+
+    asyncio.run(main())
+
+
+def test_an_init_answer_with_bytes_after_its_head_is_not_kept() -> None:
+    """An agent (hostile code may replace it) that answers ``/init`` with its 204 and, in the same
+    write, a response nobody asked for: that connection is not kept for the first request, even
+    when the extra bytes end as a head does (one whole head, exactly, is the only answer kept)."""
+    import asyncio
+
+    from sandboxd.runtime.agent_client import init_agent
+
+    head = b"HTTP/1.1 204 No Content\r\n\r\n"
+    planted = b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n"
+
+    async def answered(answer: bytes) -> bool:
+        ours, theirs = socket.socketpair()
+        with theirs:
+
+            async def open_socket(port: int) -> socket.socket:
+                return ours
+
+            theirs.sendall(answer)  # ahead of the request: read after it is sent
+            kept = await init_agent(open_socket, "token", {})
+            if kept is not None:
+                kept.close()
+            return kept is not None
+
+    assert asyncio.run(answered(head))  # the agent's own answer: kept
+    assert not asyncio.run(answered(head + planted))
+
+
+def test_an_init_cancelled_while_the_agent_has_not_answered_closes_its_connection() -> None:
+    """``/init`` is cancelled when the sandbox's init exits first (``_agent_up``) or the create is
+    abandoned: its connection into the sandbox must close then, not wait for the garbage collector
+    (a socket keeps the sandbox's network namespace, and so its network slot, alive)."""
+    import asyncio
+
+    from sandboxd.runtime.agent_client import init_agent
+
+    async def main() -> socket.socket:
+        ours, theirs = socket.socketpair()  # an agent that takes /init and never answers
+        opened = asyncio.Event()
+
+        async def open_socket(port: int) -> socket.socket:
+            opened.set()
+            return ours
+
+        task = asyncio.ensure_future(init_agent(open_socket, "token", {}))
+        await opened.wait()
+        await asyncio.sleep(0.05)  # the request is sent; the answer is awaited
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        del task
+        theirs.close()
+        return ours
+
+    assert asyncio.run(main()).fileno() == -1
+
+
+def test_a_create_cancelled_as_its_init_returns_closes_the_connection_it_returned() -> None:
+    """``_agent_up`` cancelled (the create abandoned) after ``/init`` returned its kept-alive
+    connection but before it resumed to keep it: nobody will take that connection, so it closes
+    now. (The manager's own state that ``_agent_up`` touches, in place of a whole runtime.)"""
+    import asyncio
+    import types
+
+    from sandboxd.runtime.manager import SandboxManager
+
+    async def main() -> tuple[socket.socket, list[socket.socket]]:
+        ours, theirs = socket.socketpair()
+        theirs.close()
+        returned = asyncio.Event()
+        kept: list[socket.socket] = []
+
+        async def init() -> socket.socket:
+            returned.set()
+            return ours
+
+        manager = types.SimpleNamespace(_ending={}, _keep_init_connection=lambda _id, conn: kept.append(conn))
+        up = asyncio.ensure_future(SandboxManager._agent_up(manager, "sbx", None, init()))  # type: ignore[arg-type]
+        await returned.wait()
+        up.cancel()  # before _agent_up resumes from its wait
+        with pytest.raises(asyncio.CancelledError):
+            await up
+        return ours, kept
+
+    ours, kept = asyncio.run(main())
+    assert ours.fileno() == -1 or kept == [ours]
 
 
 # ------------------------------------------------------------------------------ client aborts

@@ -121,12 +121,17 @@ async def init_agent(
     except (OSError, TimeoutError) as exc:
         sock.close()
         raise ApiError(500, f"the sandbox's agent did not answer /init: {exc!r}") from None
+    except BaseException:  # cancelled (the sandbox's init exited first, or the create was abandoned)
+        sock.close()  # now, not at garbage collection: the socket holds the sandbox's network namespace
+        raise
     status_line, _, rest = answer.partition(b"\r\n")
     if b" 204 " not in status_line:
         sock.close()
         raise ApiError(500, f"the sandbox's agent refused /init: {status_line.decode(errors='replace').strip()}")
-    if not answer.endswith(b"\r\n\r\n") or b"\r\nconnection: close\r\n" in b"\r\n" + rest.lower():
-        sock.close()  # more than a head (a 204 has no body), or the agent closes its end
+    # Exactly one head (a 204 has no body): bytes after it, even ending as a head does, are more
+    # than the agent was asked for. Or the agent closes its end.
+    if answer.find(b"\r\n\r\n") != len(answer) - 4 or b"\r\nconnection: close\r\n" in b"\r\n" + rest.lower():
+        sock.close()
         return None
     return sock
 

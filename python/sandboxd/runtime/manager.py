@@ -589,6 +589,11 @@ class SandboxManager:
         task = asyncio.ensure_future(init)
         try:
             await asyncio.wait((task, ending), return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:  # cancelled, perhaps just after init returned its connection: nobody keeps it
+            connection = task.result() if task.done() and not task.cancelled() and task.exception() is None else None
+            if connection is not None:
+                connection.close()
+            raise
         finally:
             if self._ending.get(sandbox_id) is ending:
                 del self._ending[sandbox_id]
