@@ -10,6 +10,7 @@ import base64
 import contextlib
 import hashlib
 import json
+import os
 import socket
 import struct
 import sys
@@ -360,3 +361,49 @@ def test_a_deadline_cuts_a_handed_off_stream_with_valid_framing(lone_agent: Agen
                 break
             assert pb.StartResponse.FromString(payload).event.HasField("data")
         assert not stream._chunk()
+
+
+@contextlib.contextmanager
+def pids_capped(pid: int, room: int) -> Iterator[None]:
+    """Runs ``pid`` in a pids cgroup of its own (unique name, removed after) that holds ``room`` tasks
+    more than it has now: as a sandbox whose code has used up its pids limit leaves its agent."""
+    v1 = Path("/sys/fs/cgroup/pids")
+    v2 = Path("/sys/fs/cgroup")
+    if (v1 / "cgroup.procs").exists():
+        root = v1
+    elif "pids" in (v2 / "cgroup.subtree_control").read_text(errors="replace").split():
+        root = v2
+    else:
+        pytest.skip("no pids cgroup controller to cap the agent's tasks with")
+    line = next(
+        entry
+        for entry in Path(f"/proc/{pid}/cgroup").read_text().splitlines()
+        if ":pids:" in entry or entry.startswith("0::")
+    )
+    home = root / line.split(":", 2)[2].lstrip("/")
+    group = root / f"sandboxd-test-pids-{os.getpid()}-{pid}"
+    group.mkdir()
+    try:
+        (group / "cgroup.procs").write_text(str(pid))
+        (group / "pids.max").write_text(str(int((group / "pids.current").read_text()) + room))
+        yield
+    finally:
+        (group / "pids.max").write_text("max")
+        for task in (group / "cgroup.procs").read_text().split():
+            with contextlib.suppress(OSError):  # a task that has exited meanwhile
+                (home / "cgroup.procs").write_text(task)
+        group.rmdir()
+
+
+def test_a_flooding_stream_falls_back_to_the_loop_when_no_thread_can_be_started(
+    start_agent: Callable[..., Agent],
+) -> None:
+    """Code in a sandbox can use up its pids limit (a fork bomb): the agent then cannot start a pump
+    thread, and a flooding stream must still be written whole, by the event loop (which holds no
+    thread), not cut with an ``internal`` error."""
+    agent = start_agent()
+    with pids_capped(agent.process.pid, room=2):  # the child and its reaper; none left for a pump
+        stream = RawStream(agent, ["/bin/sh", "-c", "exec head -c 8M /dev/zero"])
+        with stream.sock:
+            stdout, _, end = drain(stream)
+    assert len(stdout) == 8 << 20 and end.exit_code == 0
