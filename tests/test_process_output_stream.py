@@ -407,3 +407,35 @@ def test_a_flooding_stream_falls_back_to_the_loop_when_no_thread_can_be_started(
         with stream.sock:
             stdout, _, end = drain(stream)
     assert len(stdout) == 8 << 20 and end.exit_code == 0
+
+
+def test_past_the_hand_off_cap_a_flooding_stream_goes_through_the_loop_whole(start_agent: Callable[..., Agent]) -> None:
+    """Sixteen clients that stop reading hold every pump thread (``MAX_HANDED_OFF``): one more flooding
+    stream is refused a thread and written, whole and well framed, by the event loop; the stalled ones'
+    threads end when their clients leave."""
+    from sandboxd.agent.http_server import MAX_HANDED_OFF
+
+    agent = start_agent()  # its own: the cap counts every stream of the process
+    stalled: list[RawStream] = []
+    try:
+        while len(stalled) < MAX_HANDED_OFF:
+            stream = RawStream(agent, ["/bin/sh", "-c", "exec head -c 64M /dev/zero"], rcvbuf=64 << 10)
+            stalled.append(stream)
+            got = 0
+            for event in stream.events(limit=64 << 10):  # until its thread has the socket, then stop
+                got += len(event.data.stdout)
+                if got >= 2 << 20 and pump_threads(agent) == len(stalled):
+                    break
+        extra = RawStream(agent, ["/bin/sh", "-c", "head -c 16M /dev/zero; printf end"])
+        with extra.sock:
+            stdout, _, end = drain(extra)
+            assert pump_threads(agent) == MAX_HANDED_OFF
+        assert len(stdout) == (16 << 20) + 3 and stdout.endswith(b"end") and end.exit_code == 0
+    finally:
+        for stream in stalled:
+            stream.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # a reset
+            stream.sock.close()
+    deadline = time.monotonic() + 10
+    while pump_threads(agent) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert pump_threads(agent) == 0
