@@ -439,3 +439,31 @@ def test_past_the_hand_off_cap_a_flooding_stream_goes_through_the_loop_whole(sta
     while pump_threads(agent) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert pump_threads(agent) == 0
+
+
+def test_two_hundred_short_flooding_streams_leave_no_descriptor_or_thread_behind(
+    start_agent: Callable[..., Agent],
+) -> None:
+    agent = start_agent()
+    pid = agent.process.pid
+
+    def one() -> None:
+        stream = RawStream(agent, ["/bin/sh", "-c", "exec head -c 1M /dev/zero"])
+        with stream.sock:
+            stdout, _, _ = drain(stream)
+        assert len(stdout) == 1 << 20
+
+    def counts() -> tuple[int, int]:
+        return len(os.listdir(f"/proc/{pid}/fd")), len(os.listdir(f"/proc/{pid}/task"))
+
+    for _ in range(5):  # what stays for good (imports, the loop's own descriptors) is made here
+        one()
+    time.sleep(0.5)
+    before = counts()
+    for _ in range(200):
+        one()
+    deadline = time.monotonic() + 10  # each thread and child reaper ends a moment after its stream
+    while (now := counts()) != before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    fds, threads = now
+    assert fds <= before[0] and threads <= before[1], (before, (fds, threads))
