@@ -13,6 +13,7 @@ import json
 import os
 import socket
 import struct
+import subprocess
 import sys
 import threading
 import time
@@ -467,3 +468,24 @@ def test_two_hundred_short_flooding_streams_leave_no_descriptor_or_thread_behind
         time.sleep(0.05)
     fds, threads = now
     assert fds <= before[0] and threads <= before[1], (before, (fds, threads))
+
+
+def test_sigterm_stops_the_agent_within_its_grace_while_a_stalled_stream_is_handed_off(
+    start_agent: Callable[..., Agent],
+) -> None:
+    """A stream whose client stopped reading (its thread waiting for the socket) ends only when the
+    client reads or leaves: SIGTERM must not wait for it past the agent's grace."""
+    agent = start_agent()
+    stream = RawStream(agent, ["/bin/sh", "-c", "exec head -c 1G /dev/zero"], rcvbuf=64 << 10)
+    with stream.sock:
+        got = 0
+        for event in stream.events(limit=64 << 10):
+            got += len(event.data.stdout)
+            if got >= 4 << 20 and pump_threads(agent):
+                break
+        started = time.monotonic()
+        agent.process.terminate()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            agent.process.wait(15)  # the grace (agent.server.SHUTDOWN_GRACE_S) with room to spare
+        took = time.monotonic() - started
+    assert agent.process.returncode is not None, f"still running {took:.1f} s after SIGTERM"
