@@ -489,3 +489,49 @@ def test_sigterm_stops_the_agent_within_its_grace_while_a_stalled_stream_is_hand
             agent.process.wait(15)  # the grace (agent.server.SHUTDOWN_GRACE_S) with room to spare
         took = time.monotonic() - started
     assert agent.process.returncode is not None, f"still running {took:.1f} s after SIGTERM"
+
+
+PIDFD_GETFD = 438
+"""``pidfd_getfd(2)``'s syscall number (the same on every architecture since Linux 5.6)."""
+
+
+def agent_side(agent: Agent, client: socket.socket) -> socket.socket:
+    """A copy of the agent's own descriptor for ``client``'s connection (``pidfd_getfd``; root), to
+    read its socket options."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    pid = agent.process.pid
+    pidfd = os.pidfd_open(pid)
+    try:
+        for name in os.listdir(f"/proc/{pid}/fd"):
+            with contextlib.suppress(OSError):
+                if not os.readlink(f"/proc/{pid}/fd/{name}").startswith("socket:"):
+                    continue
+            fd = libc.syscall(PIDFD_GETFD, pidfd, int(name), 0)
+            if fd < 0:
+                continue
+            sock = socket.socket(fileno=fd)
+            with contextlib.suppress(OSError):
+                if sock.getpeername() == client.getsockname():
+                    return sock
+            sock.close()
+    finally:
+        os.close(pidfd)
+    raise AssertionError("no descriptor of the agent's is connected to this client")
+
+
+def test_the_sockets_notsent_lowat_is_set_while_handed_off_and_restored_after(lone_agent: Agent) -> None:
+    from sandboxd.agent.http_server import NOTSENT_LOWAT
+
+    stream = RawStream(lone_agent, ["/bin/sh", "-c", "head -c 16M /dev/zero; sleep 0.3; printf x"])
+    during = None
+    with stream.sock:
+        for _ in stream.events():
+            if during is None and pump_threads(lone_agent):
+                with agent_side(lone_agent, stream.sock) as theirs:
+                    during = theirs.getsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT)
+        assert stream.done
+        with agent_side(lone_agent, stream.sock) as theirs:  # the next request on it gets the socket's own
+            after = theirs.getsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT)
+    assert (during, after) == (NOTSENT_LOWAT, 0)
