@@ -535,3 +535,20 @@ def test_the_sockets_notsent_lowat_is_set_while_handed_off_and_restored_after(lo
         with agent_side(lone_agent, stream.sock) as theirs:  # the next request on it gets the socket's own
             after = theirs.getsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT)
     assert (during, after) == (NOTSENT_LOWAT, 0)
+
+
+def test_pipelined_garbage_sent_during_a_handed_off_stream_is_refused_after_it(lone_agent: Agent) -> None:
+    stream = RawStream(lone_agent, ["/bin/sh", "-c", "head -c 16M /dev/zero; sleep 0.5; head -c 16M /dev/zero"])
+    with stream.sock:
+        events = stream.events()
+        got = 0
+        for event in events:
+            got += len(event.data.stdout)
+            if got >= 4 << 20 and pump_threads(lone_agent):
+                break
+        stream.sock.sendall(b"\x16\x03\x01 not HTTP at all\r\n\r\n")  # waits in the socket, unread
+        for event in events:
+            got += len(event.data.stdout)
+        assert stream.done and got == 32 << 20
+        head = stream._until(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 400"), head
