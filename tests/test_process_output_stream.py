@@ -552,3 +552,26 @@ def test_pipelined_garbage_sent_during_a_handed_off_stream_is_refused_after_it(l
         assert stream.done and got == 32 << 20
         head = stream._until(b"\r\n\r\n")
         assert head.startswith(b"HTTP/1.1 400"), head
+
+
+def test_a_client_that_half_closes_mid_hand_off_has_its_stream_closed_and_frees_the_thread(
+    lone_agent: Agent,
+) -> None:
+    """As through the loop (uvicorn closes a connection whose client shut its sending side), the
+    stream ends with the connection; the process goes on; the thread does not stay."""
+    stream = RawStream(lone_agent, ["/bin/sh", "-c", "exec head -c 256M /dev/zero"])
+    with stream.sock:
+        got = 0
+        for event in stream.events():
+            got += len(event.data.stdout)
+            if got >= 4 << 20 and pump_threads(lone_agent):
+                break
+        stream.sock.shutdown(socket.SHUT_WR)
+        stream.sock.settimeout(10)
+        while stream.sock.recv(1 << 20):  # what was under way, then the agent's close
+            pass
+    deadline = time.monotonic() + 10
+    while pump_threads(lone_agent) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert pump_threads(lone_agent) == 0
+    assert httpx.get(f"{lone_agent.url}/health", timeout=5).status_code == 204
