@@ -10,8 +10,10 @@ import base64
 import contextlib
 import hashlib
 import json
+import os
 import socket
 import struct
+import subprocess
 import sys
 import threading
 import time
@@ -280,22 +282,32 @@ def test_a_flooding_stream_is_written_by_a_pump_thread(lone_agent: Agent) -> Non
     assert pump_threads(lone_agent) == 0
 
 
-def test_a_pipelined_request_sent_during_a_handed_off_stream_is_answered_after_it(lone_agent: Agent) -> None:
+@pytest.mark.parametrize(
+    ("sent", "answer"),
+    [
+        (b"GET /health HTTP/1.1\r\nHost: agent\r\n\r\n", b"HTTP/1.1 204"),
+        (b"\x16\x03\x01 not HTTP at all\r\n\r\n", b"HTTP/1.1 400"),  # garbage: refused, after the stream
+    ],
+    ids=["request", "garbage"],
+)
+def test_a_pipelined_request_sent_during_a_handed_off_stream_is_answered_after_it(
+    lone_agent: Agent, sent: bytes, answer: bytes
+) -> None:
     stream = RawStream(lone_agent, ["/bin/sh", "-c", "head -c 16M /dev/zero; sleep 0.5; head -c 16M /dev/zero"])
     with stream.sock:
         events = stream.events()
         got = 0
         for event in events:
             got += len(event.data.stdout)
-            if got >= 4 << 20:
+            if got >= 4 << 20 and pump_threads(lone_agent):
                 break
         # The next request, sent while the thread owns the socket: it waits in the socket, unread.
-        stream.sock.sendall(b"GET /health HTTP/1.1\r\nHost: agent\r\n\r\n")
+        stream.sock.sendall(sent)
         for event in events:
             got += len(event.data.stdout)
         assert stream.done and got == 32 << 20
         head = stream._until(b"\r\n\r\n")
-        assert head.startswith(b"HTTP/1.1 204"), head
+        assert head.startswith(answer), head
 
 
 def test_a_second_subscriber_gets_the_replay_and_the_rest_through_its_own_pump(lone_agent: Agent) -> None:
@@ -360,3 +372,199 @@ def test_a_deadline_cuts_a_handed_off_stream_with_valid_framing(lone_agent: Agen
                 break
             assert pb.StartResponse.FromString(payload).event.HasField("data")
         assert not stream._chunk()
+
+
+@contextlib.contextmanager
+def pids_capped(pid: int, room: int) -> Iterator[None]:
+    """Runs ``pid`` in a pids cgroup of its own (unique name, removed after) that holds ``room`` tasks
+    more than it has now: as a sandbox whose code has used up its pids limit leaves its agent."""
+    v1 = Path("/sys/fs/cgroup/pids")
+    v2 = Path("/sys/fs/cgroup")
+    if (v1 / "cgroup.procs").exists():
+        root = v1
+    elif "pids" in (v2 / "cgroup.subtree_control").read_text(errors="replace").split():
+        root = v2
+    else:
+        pytest.skip("no pids cgroup controller to cap the agent's tasks with")
+    line = next(
+        entry
+        for entry in Path(f"/proc/{pid}/cgroup").read_text().splitlines()
+        if ":pids:" in entry or entry.startswith("0::")
+    )
+    home = root / line.split(":", 2)[2].lstrip("/")
+    group = root / f"sandboxd-test-pids-{os.getpid()}-{pid}"
+    group.mkdir()
+    try:
+        (group / "cgroup.procs").write_text(str(pid))
+        (group / "pids.max").write_text(str(int((group / "pids.current").read_text()) + room))
+        yield
+    finally:
+        (group / "pids.max").write_text("max")
+        for task in (group / "cgroup.procs").read_text().split():
+            with contextlib.suppress(OSError):  # a task that has exited meanwhile
+                (home / "cgroup.procs").write_text(task)
+        group.rmdir()
+
+
+def test_a_flooding_stream_falls_back_to_the_loop_when_no_thread_can_be_started(
+    start_agent: Callable[..., Agent],
+) -> None:
+    """Code in a sandbox can use up its pids limit (a fork bomb): the agent then cannot start a pump
+    thread, and a flooding stream must still be written whole, by the event loop (which holds no
+    thread), not cut with an ``internal`` error."""
+    agent = start_agent()
+    with pids_capped(agent.process.pid, room=2):  # the child and its reaper; none left for a pump
+        stream = RawStream(agent, ["/bin/sh", "-c", "exec head -c 8M /dev/zero"])
+        with stream.sock:
+            stdout, _, end = drain(stream)
+    assert len(stdout) == 8 << 20 and end.exit_code == 0
+
+
+def test_past_the_hand_off_cap_a_flooding_stream_goes_through_the_loop_whole(start_agent: Callable[..., Agent]) -> None:
+    """Sixteen clients that stop reading hold every pump thread (``MAX_HANDED_OFF``): one more flooding
+    stream is refused a thread and written, whole and well framed, by the event loop; the stalled ones'
+    threads end when their clients leave."""
+    from sandboxd.agent.http_server import MAX_HANDED_OFF
+
+    agent = start_agent()  # its own: the cap counts every stream of the process
+    stalled: list[RawStream] = []
+    try:
+        while len(stalled) < MAX_HANDED_OFF:
+            stream = RawStream(agent, ["/bin/sh", "-c", "exec head -c 64M /dev/zero"], rcvbuf=64 << 10)
+            stalled.append(stream)
+            got = 0
+            for event in stream.events(limit=64 << 10):  # until its thread has the socket, then stop
+                got += len(event.data.stdout)
+                if got >= 2 << 20 and pump_threads(agent) == len(stalled):
+                    break
+        extra = RawStream(agent, ["/bin/sh", "-c", "head -c 16M /dev/zero; printf end"])
+        with extra.sock:
+            stdout, _, end = drain(extra)
+            assert pump_threads(agent) == MAX_HANDED_OFF
+        assert len(stdout) == (16 << 20) + 3 and stdout.endswith(b"end") and end.exit_code == 0
+    finally:
+        for stream in stalled:
+            stream.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # a reset
+            stream.sock.close()
+    deadline = time.monotonic() + 10
+    while pump_threads(agent) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert pump_threads(agent) == 0
+
+
+def test_two_hundred_short_flooding_streams_leave_no_descriptor_or_thread_behind(
+    start_agent: Callable[..., Agent],
+) -> None:
+    agent = start_agent()
+    pid = agent.process.pid
+
+    def one() -> None:
+        stream = RawStream(agent, ["/bin/sh", "-c", "exec head -c 1M /dev/zero"])
+        with stream.sock:
+            stdout, _, _ = drain(stream)
+        assert len(stdout) == 1 << 20
+
+    def counts() -> tuple[int, int]:
+        return len(os.listdir(f"/proc/{pid}/fd")), len(os.listdir(f"/proc/{pid}/task"))
+
+    for _ in range(5):  # what stays for good (imports, the loop's own descriptors) is made here
+        one()
+    time.sleep(0.5)
+    before = counts()
+    for _ in range(200):
+        one()
+    deadline = time.monotonic() + 10  # each thread and child reaper ends a moment after its stream
+    while (now := counts()) != before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    fds, threads = now
+    assert fds <= before[0] and threads <= before[1], (before, (fds, threads))
+
+
+def test_sigterm_stops_the_agent_within_its_grace_while_a_stalled_stream_is_handed_off(
+    start_agent: Callable[..., Agent],
+) -> None:
+    """A stream whose client stopped reading (its thread waiting for the socket) ends only when the
+    client reads or leaves: SIGTERM must not wait for it past the agent's grace."""
+    agent = start_agent()
+    stream = RawStream(agent, ["/bin/sh", "-c", "exec head -c 1G /dev/zero"], rcvbuf=64 << 10)
+    with stream.sock:
+        got = 0
+        for event in stream.events(limit=64 << 10):
+            got += len(event.data.stdout)
+            if got >= 4 << 20 and pump_threads(agent):
+                break
+        started = time.monotonic()
+        agent.process.terminate()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            agent.process.wait(15)  # the grace (agent.server.SHUTDOWN_GRACE_S) with room to spare
+        took = time.monotonic() - started
+    assert agent.process.returncode is not None, f"still running {took:.1f} s after SIGTERM"
+
+
+PIDFD_GETFD = 438
+"""``pidfd_getfd(2)``'s syscall number (the same on every architecture since Linux 5.6)."""
+
+
+def agent_side(agent: Agent, client: socket.socket) -> socket.socket:
+    """A copy of the agent's own descriptor for ``client``'s connection (``pidfd_getfd``; root), to
+    read its socket options."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    pid = agent.process.pid
+    pidfd = os.pidfd_open(pid)
+    try:
+        for name in os.listdir(f"/proc/{pid}/fd"):
+            with contextlib.suppress(OSError):
+                if not os.readlink(f"/proc/{pid}/fd/{name}").startswith("socket:"):
+                    continue
+            fd = libc.syscall(PIDFD_GETFD, pidfd, int(name), 0)
+            if fd < 0:
+                continue
+            sock = socket.socket(fileno=fd)
+            with contextlib.suppress(OSError):
+                if sock.getpeername() == client.getsockname():
+                    return sock
+            sock.close()
+    finally:
+        os.close(pidfd)
+    raise AssertionError("no descriptor of the agent's is connected to this client")
+
+
+def test_the_sockets_notsent_lowat_is_set_while_handed_off_and_restored_after(lone_agent: Agent) -> None:
+    from sandboxd.agent.http_server import NOTSENT_LOWAT
+
+    stream = RawStream(lone_agent, ["/bin/sh", "-c", "head -c 16M /dev/zero; sleep 0.3; printf x"])
+    during = None
+    with stream.sock:
+        for _ in stream.events():
+            if during is None and pump_threads(lone_agent):
+                with agent_side(lone_agent, stream.sock) as theirs:
+                    during = theirs.getsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT)
+        assert stream.done
+        with agent_side(lone_agent, stream.sock) as theirs:  # the next request on it gets the socket's own
+            after = theirs.getsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT)
+    assert (during, after) == (NOTSENT_LOWAT, 0)
+
+
+def test_a_client_that_half_closes_mid_hand_off_has_its_stream_closed_and_frees_the_thread(
+    lone_agent: Agent,
+) -> None:
+    """As through the loop (uvicorn closes a connection whose client shut its sending side), the
+    stream ends with the connection; the process goes on; the thread does not stay."""
+    stream = RawStream(lone_agent, ["/bin/sh", "-c", "exec head -c 256M /dev/zero"])
+    with stream.sock:
+        got = 0
+        for event in stream.events():
+            got += len(event.data.stdout)
+            if got >= 4 << 20 and pump_threads(lone_agent):
+                break
+        stream.sock.shutdown(socket.SHUT_WR)
+        stream.sock.settimeout(10)
+        while stream.sock.recv(1 << 20):  # what was under way, then the agent's close
+            pass
+    deadline = time.monotonic() + 10
+    while pump_threads(lone_agent) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert pump_threads(lone_agent) == 0
+    assert httpx.get(f"{lone_agent.url}/health", timeout=5).status_code == 204

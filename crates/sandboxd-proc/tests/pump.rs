@@ -1,7 +1,8 @@
 //! `pump`: a subscriber's output written to a socket as chunked Connect data frames, over a
 //! non-blocking Unix socket pair with a real child: every byte arrives framed and in order, a peer
 //! that leaves ends it as `Closed` (the process goes on), a cancel cuts it between or inside a frame
-//! (the rest of that frame returned), and a lag is reported instead of written.
+//! (the rest of that frame returned), and a lag is reported instead of written (after whole frames,
+//! when the peer stopped reading past the stall timeout).
 
 mod common;
 
@@ -168,4 +169,37 @@ fn a_peer_that_leaves_while_the_process_is_quiet_ends_it_at_once() {
         started.elapsed()
     );
     process.signal(nix::sys::signal::Signal::SIGKILL).unwrap();
+}
+
+#[test]
+fn a_peer_that_stops_reading_past_the_stall_timeout_gets_whole_frames_then_the_lag() {
+    // While the socket is full the pump takes no output: the ring's stall policy lets the process
+    // run on, and once the peer reads again what it had is followed by the lag, not by a torn frame.
+    const TOTAL: usize = 32 << 20;
+    let mut opts = sh(&format!("head -c {TOTAL} /dev/zero"));
+    opts.stall_timeout = Duration::from_millis(200);
+    let process = Process::spawn(&opts).unwrap();
+    let mut sub = process.subscribe(StartAt::Oldest).unwrap();
+    let (ours, mut theirs) = UnixStream::pair().unwrap();
+    ours.set_nonblocking(true).unwrap();
+    let cancel = EventFd::from_flags(EfdFlags::EFD_NONBLOCK).unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut raw = vec![0; 1 << 20];
+        theirs.read_exact(&mut raw).unwrap();
+        std::thread::sleep(Duration::from_millis(1500)); // stalled: the process ends meanwhile
+        theirs.read_to_end(&mut raw).unwrap();
+        raw
+    });
+    let outcome = pump(&mut sub, ours.as_fd(), cancel.as_fd(), &framing(), 1 << 20).unwrap();
+    drop(ours);
+    let Pumped::Lagged(lost) = outcome else {
+        panic!("{outcome:?}")
+    };
+    let (stdout, _) = parse(&reader.join().unwrap());
+    assert!(lost > 0);
+    assert!(
+        stdout.len() as u64 + lost <= TOTAL as u64,
+        "{} + {lost}",
+        stdout.len()
+    );
 }

@@ -287,7 +287,9 @@ class ResponseWriter:
         left): the connection is closed and :class:`ClientDisconnected` raised. A cancelled caller
         (deadline, disconnect) cancels the thread and waits for it before the socket is used again.
         ``before`` runs once the hand-off is decided, before the thread starts, ``after`` when it
-        is over (a refusal runs neither: asking costs a few attribute reads)."""
+        is over (a refusal runs neither: asking costs a few attribute reads). A thread that cannot be
+        started (code in a sandbox can use up its pids limit) is a refusal too, after ``before`` and
+        ``after``: the stream goes on through the loop, which holds no thread."""
         cycle = self._cycle
         transport = self._transport
         if (
@@ -342,7 +344,10 @@ class ResponseWriter:
         forget = self.on_disconnect(stop)  # the transport closed under it (a server's forced exit)
         before()
         try:
-            threading.Thread(target=work, name="sandboxd-output", daemon=True).start()
+            try:
+                threading.Thread(target=work, name="sandboxd-output", daemon=True).start()
+            except RuntimeError:  # no thread to be had (a sandbox's pids limit used up): the loop writes
+                return None
             try:
                 outcome, value, rest = await asyncio.shield(done)
             except asyncio.CancelledError:

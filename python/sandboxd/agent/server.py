@@ -25,6 +25,12 @@ log = logging.getLogger("sandboxd.agent")
 OOM_SCORE_ADJ = -900
 """The agent's own OOM score: user processes (envd sets them to 100) die first under memory pressure."""
 
+SHUTDOWN_GRACE_S = 5.0
+"""How long SIGTERM waits for requests in flight before uvicorn cancels them (its
+``timeout_graceful_shutdown``; unset, it waits forever). A process's output stream lasts as long as the
+process, or as long as a client that stopped reading keeps the socket full, so without a bound one
+such stream kept the agent from ever exiting; 5 s lets requests that are about to end finish."""
+
 
 @dataclass
 class AgentOptions:
@@ -64,6 +70,7 @@ def prepare(host: str, port: int, connections: ConnectionLimits | None = None) -
     methods = build_methods(state)
     idle = IdleTrim()  # what tune_allocator's trim threshold keeps after a big request, given back when idle
     config = server_config(idle.wrap(AgentApp(state, methods)), host, port, connections, uvicorn_logging=False)
+    config.timeout_graceful_shutdown = SHUTDOWN_GRACE_S
     config.load()
     return Prepared(state, methods, idle, config)
 
