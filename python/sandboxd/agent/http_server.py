@@ -350,6 +350,13 @@ class ResponseWriter:
                 return None
             try:
                 outcome, value, rest = await asyncio.shield(done)
+            except OSError:
+                # A socket error the thread does not read as "the peer left" (ETIMEDOUT after a TCP
+                # timeout, say): it may have written half a frame, so nothing more can follow on this
+                # connection, an error frame included. Closed, as for a peer that left.
+                cycle.disconnected = True
+                transport.close()
+                raise ClientDisconnected from None
             except asyncio.CancelledError:
                 stop()  # the thread must be done with the socket before the loop writes again
                 while not done.done():
