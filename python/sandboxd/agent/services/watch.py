@@ -52,6 +52,13 @@ TRANSLATE_ITEMS = 1024
 """Events a stream takes from its watcher and sends before taking more, so a backlog waits in the
 watcher's byte-bounded buffer (``_core.WATCH_BUFFER_BYTES``) rather than as Python objects."""
 
+PARK_STREAMS = False
+"""Whether a ``WatchDir`` stream parks its drain thread and reads the kernel queue on the loop (one
+thread wake-up an event instead of two, write→event 0.83-0.98x; docs/benchmarks.md). Off: with it on,
+the JS SDK's seed recursive example (tests/js/watch.test.mjs: an upload that makes a folder and its
+file in one request, 20 times) missed the file's WRITE event in 3 of 6 runs on a loaded host, against
+0 of 6 without it (2026-12-01); the cause is not found yet, and a lost event is worse than a slower one."""
+
 IDLE_EXPIRY_S = 600.0
 """A polling watcher nobody asked for events for this long is removed (its client is gone)."""
 
@@ -333,7 +340,8 @@ class WatchService:
         try:
             yield pb.WatchDirResponse(start=pb.WatchDirResponse.StartEvent())
             while True:
-                park()
+                if PARK_STREAMS:
+                    park()
                 await buffered.changed.wait()
                 buffered.changed.clear()
                 taken = True
