@@ -80,7 +80,9 @@ def test_slow_loris_and_silent_connections_do_not_block_health_or_requests(guard
     with flood(guarded.port, FLOOD // 2, slow) as loris, flood(guarded.port, FLOOD // 2, b"") as silent:
         # Settled: asyncio's loop (the standalone agent's) accepts a batch of connections before
         # their protocols run and close the ones beyond the cap, so the count peaks for a moment.
-        deadline = time.monotonic() + 2
+        # On a loaded CI machine that moment passed 2 s once (138 descriptors at the deadline); the
+        # bound is what is checked, not how soon it holds.
+        deadline = time.monotonic() + 10
         while open_fds(guarded.process.pid) >= CAP + 64 and time.monotonic() < deadline:
             time.sleep(0.05)
         assert open_fds(guarded.process.pid) < CAP + 64, "connections beyond the cap hold descriptors"
