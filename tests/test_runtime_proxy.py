@@ -7,6 +7,7 @@ sandboxes, real servers inside them, the official SDK."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import json
 import os
@@ -446,6 +447,40 @@ def test_a_create_cancelled_as_its_init_returns_closes_the_connection_it_returne
 
     ours, kept = asyncio.run(main())
     assert ours.fileno() == -1 or kept == [ours]
+
+
+def test_a_create_cancelled_while_its_init_answers_closes_the_connection_init_returns_anyway() -> None:
+    """``_agent_up`` cancelled while ``/init`` is still in flight: it cancels ``init``, which may return
+    its connection all the same (Python 3.11's ``wait_for``, which ``init_agent`` uses, returns a result
+    that is ready when the cancel lands instead of raising). Nobody keeps that connection: it closes."""
+    import asyncio
+    import types
+
+    from sandboxd.runtime.manager import SandboxManager
+
+    async def main() -> tuple[socket.socket, list[socket.socket]]:
+        ours, theirs = socket.socketpair()
+        theirs.close()
+        waiting = asyncio.Event()
+        kept: list[socket.socket] = []
+
+        async def init() -> socket.socket:
+            waiting.set()
+            with contextlib.suppress(asyncio.CancelledError):  # as 3.11's wait_for does with a ready result
+                await asyncio.sleep(30)
+            return ours
+
+        manager = types.SimpleNamespace(_ending={}, _keep_init_connection=lambda _id, conn: kept.append(conn))
+        up = asyncio.ensure_future(SandboxManager._agent_up(manager, "sbx", None, init()))  # type: ignore[arg-type]
+        await waiting.wait()
+        up.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await up
+        return ours, kept
+
+    ours, kept = asyncio.run(main())
+    assert kept == []
+    assert ours.fileno() == -1, "the connection init returned as it was cancelled was left open"
 
 
 # ------------------------------------------------------------------------------ client aborts

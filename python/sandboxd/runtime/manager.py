@@ -588,18 +588,21 @@ class SandboxManager:
         ending = self._ending[sandbox_id] = loop.create_future()
         task = asyncio.ensure_future(init)
         try:
-            await asyncio.wait((task, ending), return_when=asyncio.FIRST_COMPLETED)
-        except BaseException:  # cancelled, perhaps just after init returned its connection: nobody keeps it
+            try:
+                await asyncio.wait((task, ending), return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                if self._ending.get(sandbox_id) is ending:
+                    del self._ending[sandbox_id]
+                if not task.done():
+                    task.cancel()
+                    await asyncio.wait((task,))
+        except BaseException:
+            # Cancelled: a connection init returned has nobody to keep it, whether it came just before
+            # the cancel or as init was cancelled (3.11's wait_for returns a result ready by then).
             connection = task.result() if task.done() and not task.cancelled() and task.exception() is None else None
             if connection is not None:
                 connection.close()
             raise
-        finally:
-            if self._ending.get(sandbox_id) is ending:
-                del self._ending[sandbox_id]
-            if not task.done():
-                task.cancel()
-                await asyncio.wait((task,))
         if not task.cancelled() and task.exception() is None:
             connection = task.result()
             if connection is not None:
