@@ -801,13 +801,12 @@ def server_config(
     see :mod:`sandboxd.agent.lean`)."""
     from uvicorn.config import Config  # the submodule, not ``uvicorn.Config``: see sandboxd.agent.lean
 
-    limits = effective_limits(limits or ConnectionLimits(), raise_open_file_limit())
     logging_options: dict[str, Any] = {}
     if not uvicorn_logging:
         log_like_uvicorn()
         logging_options["log_config"] = None
-    protocol = type("ServerProtocol", (GuardedHttpToolsProtocol,), {"guard": ConnectionGuard(limits)})
-    return Config(
+    protocol = type("ServerProtocol", (GuardedHttpToolsProtocol,), {})  # its guard: limit_connections
+    config = Config(
         app,
         host=host,
         port=port,
@@ -819,21 +818,22 @@ def server_config(
         lifespan="off",
         log_level="warning",
         access_log=False,
-        timeout_keep_alive=int(limits.idle_timeout) or 1,
         server_header=False,
         date_header=False,
         # No X-Forwarded-* rewriting of the client address: nothing reads it, and the middleware
         # that does it is one more coroutine and header scan on every request.
         proxy_headers=False,
-        backlog=min(limits.max_connections, 4096),
         **logging_options,
     )
+    limit_connections(config, limits)
+    return config
 
 
 def limit_connections(config: Any, limits: ConnectionLimits | None = None) -> None:
-    """Cap a :func:`server_config`'s connections by this process's ``RLIMIT_NOFILE`` (raised first),
-    as :func:`server_config` does: for settings built in another process (the zygote's, whose limit
-    is the host's, not the sandbox's)."""
+    """Cap a :func:`server_config`'s connections by this process's ``RLIMIT_NOFILE`` (raised first):
+    the connection guard, the listen backlog and the keep-alive timeout. :func:`server_config` calls it;
+    call it again for settings built in another process (the zygote's, whose limit is the host's, not
+    the sandbox's)."""
     limits = effective_limits(limits or ConnectionLimits(), raise_open_file_limit())
     config.http.guard = ConnectionGuard(limits)
     config.backlog = min(limits.max_connections, 4096)
