@@ -125,16 +125,19 @@ def sandbox_id_of(pod: dict[str, Any]) -> str | None:
 def access_token(key: bytes, namespace: str, name: str, uid: str) -> str:
     """A sandbox's agent token: HMAC of the Pod's identity under the cluster's secret key, so the
     API and the node agree on it without storing it anywhere a Pod reader could see."""
-    digest = hmac.new(key, f"{namespace}/{name}/{uid}".encode(), hashlib.sha256).digest()
-    return digest[:24].hex()
+    return _derived(key, f"{namespace}/{name}/{uid}")
 
 
 def traffic_token(key: bytes, namespace: str, name: str, uid: str) -> str:
     """The token a sandbox's URLs need when its network says ``allowPublicTraffic: false``: derived
     as :func:`access_token` is, from another message (a namespace has no ``:``), so every replica's
     proxy knows it from the Pod alone and neither token tells the other."""
-    digest = hmac.new(key, f"traffic:{namespace}/{name}/{uid}".encode(), hashlib.sha256).digest()
-    return digest[:24].hex()
+    return _derived(key, f"traffic:{namespace}/{name}/{uid}")
+
+
+def _derived(key: bytes, message: str) -> str:
+    """A token derived from ``message`` under the cluster's secret key (HMAC-SHA256, 192 bits in hex)."""
+    return hmac.new(key, message.encode(), hashlib.sha256).digest()[:24].hex()
 
 
 def label_value(value: str) -> str:
