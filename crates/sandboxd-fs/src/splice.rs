@@ -77,7 +77,7 @@ impl Pace {
 
     /// Checked before each piece: why the transfer ends now, if it does.
     fn check(&self, moved: u64) -> Option<Received> {
-        if self.stop.is_some_and(|fd| poll_in(fd, 0) != Wake::Quiet) {
+        if self.stop.is_some_and(readable_now) {
             Some(Received::Stopped(moved))
         } else if self.behind(moved) {
             Some(Received::TooSlow(moved))
@@ -394,18 +394,16 @@ fn wait_readable(fd: RawFd, stop: Option<RawFd>, idle: Duration) -> Wake {
     }
 }
 
-/// Whether `fd` is readable (or failed) now or within `timeout_ms`: one `poll(2)`.
-fn poll_in(fd: RawFd, timeout_ms: libc::c_int) -> Wake {
+/// Whether `fd` (the stop descriptor) is readable now, or failed (a bad descriptor stops the move
+/// too): one `poll(2)` that does not wait.
+fn readable_now(fd: RawFd) -> bool {
     let mut pfd = libc::pollfd {
         fd,
         events: libc::POLLIN,
         revents: 0,
     };
     // SAFETY: one valid pollfd, as the count says.
-    match unsafe { libc::poll(&mut pfd, 1, timeout_ms) } {
-        0 => Wake::Quiet,
-        _ => Wake::Stop, // readable, or an error (EINTR aside, a bad descriptor): stop either way
-    }
+    unsafe { libc::poll(&mut pfd, 1, 0) != 0 }
 }
 
 fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
