@@ -172,6 +172,15 @@ def _nothing() -> None:
     pass
 
 
+async def _outlast(thread: asyncio.Future[Any]) -> None:
+    """Waits until ``thread`` (settled when a worker thread that uses a connection's socket returned)
+    is done, through any further cancellation of the waiting task: until then the loop must neither
+    write to the socket nor close the thread's descriptor, whose number the next connection could get."""
+    while not thread.done():
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.wait([thread])
+
+
 class ResponseWriter:
     """What a request's response goes through between the ASGI app and uvicorn's
     ``RequestResponseCycle``: it writes the head together with the body's first bytes, and it is
@@ -359,9 +368,7 @@ class ResponseWriter:
                 raise ClientDisconnected from None
             except asyncio.CancelledError:
                 stop()  # the thread must be done with the socket before the loop writes again
-                while not done.done():
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await asyncio.wait([done])
+                await _outlast(done)
                 if not done.cancelled() and done.exception() is None and not cycle.disconnected:
                     transport.write(done.result()[2])
                 raise
@@ -536,9 +543,7 @@ class RawBody:
             outcome = await asyncio.shield(job)
         except asyncio.CancelledError:
             self.cancel()  # wakes the thread: it must be done with the descriptor before it is closed
-            while not job.done():
-                with contextlib.suppress(asyncio.CancelledError):
-                    await asyncio.wait([job])
+            await _outlast(job)
             if not job.cancelled():
                 job.exception()  # retrieved: the cancellation is what the caller hears of
             raise
