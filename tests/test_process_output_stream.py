@@ -11,6 +11,7 @@ import contextlib
 import hashlib
 import json
 import os
+import resource
 import socket
 import struct
 import subprocess
@@ -418,6 +419,43 @@ def test_a_flooding_stream_falls_back_to_the_loop_when_no_thread_can_be_started(
         with stream.sock:
             stdout, _, end = drain(stream)
     assert len(stdout) == 8 << 20 and end.exit_code == 0
+
+
+def test_a_flooding_stream_falls_back_to_the_loop_when_no_descriptor_is_left(
+    start_agent: Callable[..., Agent], tmp_path: Path
+) -> None:
+    """The hand-off takes two descriptors (its own dup of the socket, the cancel eventfd); an agent at
+    its ``RLIMIT_NOFILE`` (many processes' pipes, say) has none to give. The stream must still be
+    written whole by the event loop, which needs none, with the connection reading again after it,
+    not cut with an ``internal`` error."""
+    agent = start_agent()
+    go = tmp_path / "go"
+    script = f"printf ready; while [ ! -e {go} ]; do sleep 0.05; done; head -c 8M /dev/zero; printf tail"
+    stream = RawStream(agent, ["/bin/sh", "-c", script])
+    pid = agent.process.pid
+    with stream.sock:
+        events = stream.events()
+        stdout = bytearray()
+        while bytes(stdout) != b"ready":
+            stdout += next(events).data.stdout
+        # Every descriptor the agent may take next is past the limit: the lowest free number is.
+        open_fds = {int(name) for name in os.listdir(f"/proc/{pid}/fd")}
+        lowest_free = next(n for n in range(len(open_fds) + 1) if n not in open_fds)
+        soft, hard = resource.prlimit(pid, resource.RLIMIT_NOFILE)
+        resource.prlimit(pid, resource.RLIMIT_NOFILE, (lowest_free, hard))
+        try:
+            go.touch()
+            end = None
+            for event in events:
+                stdout += event.data.stdout
+                if event.HasField("end"):
+                    end = event.end
+        finally:
+            resource.prlimit(pid, resource.RLIMIT_NOFILE, (soft, hard))
+        assert end is not None and end.exit_code == 0
+        assert len(stdout) == len(b"ready") + (8 << 20) + len(b"tail") and stdout.endswith(b"tail")
+        again = RawStream(agent, ["/bin/sh", "-c", "printf again"], stream.sock)  # the connection goes on
+        assert drain(again)[0] == b"again"
 
 
 def test_past_the_hand_off_cap_a_flooding_stream_goes_through_the_loop_whole(start_agent: Callable[..., Agent]) -> None:

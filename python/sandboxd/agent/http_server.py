@@ -296,9 +296,10 @@ class ResponseWriter:
         left): the connection is closed and :class:`ClientDisconnected` raised. A cancelled caller
         (deadline, disconnect) cancels the thread and waits for it before the socket is used again.
         ``before`` runs once the hand-off is decided, before the thread starts, ``after`` when it
-        is over (a refusal runs neither: asking costs a few attribute reads). A thread that cannot be
-        started (code in a sandbox can use up its pids limit) is a refusal too, after ``before`` and
-        ``after``: the stream goes on through the loop, which holds no thread."""
+        is over (a refusal runs neither: asking costs a few attribute reads). No descriptor left for the
+        thread's two is a refusal, and so is a thread that cannot be started (code in a sandbox can
+        use up its pids limit), after ``before`` and ``after``: the stream goes on through the loop,
+        which needs neither."""
         cycle = self._cycle
         transport = self._transport
         if (
@@ -314,16 +315,25 @@ class ResponseWriter:
         sock = transport.get_extra_info("socket")
         if sock is None:
             return None
+        # A descriptor of its own: the thread's stays valid even if the transport closes meanwhile.
+        # Taken first, as a refusal when there are none to have (an agent at its RLIMIT_NOFILE: a
+        # sandbox's many processes hold pipes), since the loop writes without any.
+        try:
+            own = socket.socket(fileno=os.dup(sock.fileno()))
+        except OSError:
+            return None
+        try:
+            cancel = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        except OSError:
+            own.close()
+            return None
         paused_here = transport.is_reading()
         if paused_here:
             transport.pause_reading()  # uvicorn's flow control still says "reading": it leaves it be
-        # A descriptor of its own: the thread's stays valid even if the transport closes meanwhile.
-        own = socket.socket(fileno=os.dup(sock.fileno()))
         lowat: int | None = None
         with contextlib.suppress(OSError):  # not TCP (a Unix socket): no such option
             lowat = own.getsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT)
             own.setsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT, NOTSENT_LOWAT)
-        cancel = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         loop = asyncio.get_running_loop()
         done: asyncio.Future[tuple[str, int, bytes]] = loop.create_future()
 
