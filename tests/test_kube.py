@@ -1062,6 +1062,39 @@ def test_the_traffic_token_check_fails_closed_when_the_pod_cannot_be_read() -> N
         server.server_close()
 
 
+def test_a_network_annotation_that_does_not_parse_asks_for_the_traffic_token() -> None:
+    """A Pod's network annotation that does not parse (only someone who can edit Pods can write
+    one: the API validates what it writes) must not make a sandbox public: the token check fails
+    closed, as it does when the Pod cannot be read. No cluster is needed: nothing is read."""
+    import asyncio
+
+    from kubernetes_asyncio import client as k8s_client
+    from sandboxd.kube import pods
+    from sandboxd.kube.backend import KubernetesBackend
+    from sandboxd.kube.client import Kube
+    from sandboxd.runtime.manager import Limits
+
+    async def tokens() -> tuple[str | None, str | None, str | None]:
+        kube = Kube(k8s_client.ApiClient(k8s_client.Configuration(host=f"http://127.0.0.1:{free_port()}")))
+        try:
+            backend = KubernetesBackend(kube, NAMESPACE, Limits())
+            backend.token_key = b"k" * 32
+            backend.identities["sbx"] = (NAMESPACE, "sbx", "uid-1")
+            backend.network_notes["sbx"] = "{not json"
+            broken = await backend.traffic_token("sbx")
+            backend.network_notes["sbx"] = None
+            public = await backend.traffic_token("sbx")
+            backend.network_notes["sbx"] = '{"network": {"allowPublicTraffic": false}}'
+            private = await backend.traffic_token("sbx")
+            return broken, public, private
+        finally:
+            await kube.close()
+
+    broken, public, private = asyncio.run(tokens())
+    expected = pods.traffic_token(b"k" * 32, NAMESPACE, "sbx", "uid-1")
+    assert (broken, public, private) == (expected, None, expected)
+
+
 def test_a_killed_serve_replica_loses_nothing(kube: Env) -> None:
     """Kill the replica that holds the leader Lease, in the middle of a command it proxies: the
     other replica serves every sandbox, takes the Lease and enforces timeouts."""

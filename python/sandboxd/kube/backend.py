@@ -560,9 +560,13 @@ class KubernetesBackend:
             except (OSError, aiohttp.ClientError) as exc:  # no answer at all: _pod maps only the API's
                 raise ApiError(503, f"the Kubernetes API server failed: {exc!r}") from None
         identity = self.identities.get(sandbox_id)
-        if identity is None or self.network_config(sandbox_id).allow_public_traffic is not False:
+        if identity is None:
             return None  # no such sandbox: the proxy answers that next
-        return pods.traffic_token(self.token_key, *identity)
+        try:
+            public = pods.parse_network(self.network_notes.get(sandbox_id)).allow_public_traffic is not False
+        except ApiError:
+            public = False  # an annotation that does not parse (edited by hand) asks for the token: fail closed
+        return None if public else pods.traffic_token(self.token_key, *identity)
 
     async def update_network(self, sandbox_id: str, update: NetworkConfig) -> None:
         """E2B's full replace of a running sandbox's egress: the Pod's network annotation rewritten
