@@ -628,34 +628,23 @@ def test_a_setuid_root_file_from_a_hostile_build_is_out_of_host_users_reach(buil
     assert escaped.returncode != 0 and "Permission denied" in escaped.stderr, escaped
 
 
-def test_a_template_whose_agent_cannot_start_fails_its_creates_at_once_saying_why(builds: Runtime) -> None:
-    """A built template whose trust store is a FIFO: each create's agent exits before it listens
-    (it cannot add the egress CA there), and the create fails as soon as it does, with the reason and
-    no host path, leaving nothing behind; the runtime serves on."""
-    from e2b.exceptions import SandboxException
-
+def test_a_template_whose_trust_store_is_a_fifo_still_starts_its_sandboxes_saying_why(builds: Runtime) -> None:
+    """A built template whose trust store is a FIFO: each create's agent cannot add the egress CA
+    there (a read of it would block for ever), and starts anyway, the sandbox's log saying why."""
     name = _name()
     bundle = "/etc/ssl/certs/ca-certificates.crt"
     Template.build(Template().from_template("base").run_cmd(f"rm -f {bundle} && mkfifo {bundle}", user="root"), name)
     headers = {"X-API-KEY": builds.api_key}
     try:
-        before = set(os.listdir(builds.data_dir / "sandboxes"))
-        started = time.monotonic()
-        with pytest.raises(SandboxException) as failed:
-            Sandbox.create(name, timeout=60)
-        waited = time.monotonic() - started
-        message = str(failed.value)
-        assert "agent exited before it listened" in message and "could not add the egress CA" in message, message
-        assert f"trust store: {bundle} is not a regular file" in message, message
-        assert str(builds.data_dir) not in message, message
-        assert waited < 5, f"the create waited {waited:.1f} s for an agent that had exited"  # the old wait: 10 s
-        with httpx.Client(base_url=builds.url, headers=headers) as client:
-            listed = client.get("/v2/sandboxes", params={"limit": 100}).json()
-            assert not [s for s in listed if s["templateID"] == name], listed
-        assert set(os.listdir(builds.data_dir / "sandboxes")) <= before  # its disk and log went too
-        sandbox = Sandbox.create("base", timeout=60)
+        sandbox = Sandbox.create(name, timeout=60)
         try:
             assert sandbox.commands.run("echo alive").stdout == "alive\n"
+            assert sandbox.commands.run(f"test -p {bundle}").exit_code == 0  # left as the template has it
+            with httpx.Client(base_url=builds.url, headers=headers) as client:
+                logs = client.get(f"/v2/sandboxes/{sandbox.sandbox_id}/logs").json()["logs"]
+            said = [e["message"] for e in logs if e["level"] == "warn" and "egress CA was not added" in e["message"]]
+            assert said and f"{bundle} is not a regular file" in said[0], logs
+            assert str(builds.data_dir) not in said[0], said
         finally:
             sandbox.kill()
     finally:

@@ -226,18 +226,17 @@ def test_a_full_pause_keeps_the_kernels_and_a_filesystem_pause_starts_a_fresh_in
 
 
 def test_a_resume_whose_agent_dies_before_it_listens_does_not_wait_for_the_kernel(sdk: Runtime) -> None:
-    # The agent exits before it starts the interpreter (it cannot add the egress CA to the FIFO left
-    # at the trust store): the resume fails at once with its reason, not after the 30 s the runtime
-    # gives a kernel to warm up.
+    # The agent exits before it starts the interpreter (it cannot write the runtime's resolv.conf
+    # where the sandbox left a directory): the resume fails at once with its reason, not after the
+    # 30 s the runtime gives a kernel to warm up.
     from e2b.exceptions import SandboxException
 
     sandbox = Sandbox.create()
     try:
-        bundle = "/etc/ssl/certs/ca-certificates.crt"
-        assert sandbox.commands.run(f"rm -f {bundle} && mkfifo {bundle}", user="root").exit_code == 0
+        assert sandbox.commands.run("mkdir /etc/resolv.conf.sandboxd-new", user="root").exit_code == 0
         sandbox.pause(mode="filesystem")
         started = time.monotonic()
-        with pytest.raises(SandboxException, match=re.escape(f"trust store: {bundle} is not a regular file")):
+        with pytest.raises(SandboxException, match=re.escape("IsADirectoryError: [Errno 21] Is a directory")):
             Sandbox.connect(sandbox.sandbox_id)
         waited = time.monotonic() - started
         assert waited < 5, f"the resume waited {waited:.1f} s for a kernel whose agent had exited"

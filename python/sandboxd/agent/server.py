@@ -146,10 +146,16 @@ async def serve(options: AgentOptions) -> None:
             await grpc_server.stop(grace=1)
 
 
+def configure_logging() -> None:
+    """The agent's log lines (``<date> <time>,<ms> <logger> <LEVEL> <message>``, which the runtime's
+    ``sandbox logs`` parses), warnings and up, on stderr; once (later calls change nothing)."""
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+
+
 def run(options: AgentOptions) -> None:
     """Run :func:`serve` on uvloop, or on asyncio's own loop in a process without OpenSSL (uvloop
     imports ``ssl``; see :mod:`sandboxd.agent.lean`)."""
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    configure_logging()
     if openssl_blocked():
         asyncio.run(serve(options))
         return

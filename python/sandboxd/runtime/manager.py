@@ -580,8 +580,8 @@ class SandboxManager:
         self, sandbox_id: str, handle: _core.SandboxHandle, init: Coroutine[Any, Any, socket.socket | None]
     ) -> None:
         """``init`` (the agent's ``/init``), unless the sandbox's init exits first: it does when its
-        agent does (the agent is its payload), e.g. when the agent cannot add the egress CA to a
-        trust store the sandbox replaced before a pause. Then the create or resume fails at once
+        agent does (the agent is its payload), e.g. when it cannot write the runtime's ``resolv.conf``
+        where the sandbox left a directory before a pause. Then the create or resume fails at once
         with the agent's own reason, not after ``READY_TIMEOUT_S`` of connects refused. The
         connection ``init`` kept alive is kept for the first request (:meth:`_keep_init_connection`)."""
         loop = asyncio.get_running_loop()

@@ -140,10 +140,6 @@ def _listen(host: str, port: int) -> socket.socket:
     return sock
 
 
-class _StartFailed(Exception):
-    """A step of the agent's start-up failed; its message says which, for the API client."""
-
-
 def _run_agent(log_fd: int, files: dict[str, str], interpreter: bool = False, ca_bundle: str | None = None) -> None:
     """In the sandbox (PID 2): write the runtime's files and add its CA to the trust store, start the
     code interpreter if the template has it (a grandchild, reparented to the sandbox's init), then
@@ -169,8 +165,19 @@ def _run_agent(log_fd: int, files: dict[str, str], interpreter: bool = False, ca
 
             try:
                 cacerts.install(ca_bundle)
-            except (OSError, ValueError) as exc:  # what the sandbox left at its trust store, mostly
-                raise _StartFailed(f"could not add the egress CA to the sandbox's trust store: {exc}") from None
+            except (OSError, ValueError) as exc:  # what the sandbox's own code left at its trust store
+                # Its own TLS it broke, not the runtime's: without the CA, HTTPS the egress proxy
+                # intercepts fails to validate (closed), and the agent still starts, so its files can
+                # be reached. Its log says why (``sandbox logs``).
+                import logging
+
+                from sandboxd.agent.server import configure_logging
+
+                configure_logging()
+                logging.getLogger("sandboxd.agent.cacerts").warning(
+                    "the egress CA was not added to the trust store; HTTPS with header rules will not validate: %s",
+                    exc,
+                )
         if interpreter:
             from sandboxd.interpreter import INTERPRETER_PORT
             from sandboxd.interpreter.server import InterpreterOptions, fork_server
@@ -185,7 +192,7 @@ def _run_agent(log_fd: int, files: dict[str, str], interpreter: bool = False, ca
         run(AgentOptions(host=AGENT_HOST, port=AGENT_PORT, listener=listener, prepared=_PREPARED))
     except BaseException as exc:
         # The runtime gives this line's reason to the create or resume it fails (.logs.agent_failure).
-        reason = str(exc) if isinstance(exc, _StartFailed) else repr(exc)
+        reason = f"{type(exc).__name__}: {exc}"
         print(f"{FAILURE_MARK}{reason}", file=sys.stderr, flush=True)
         code = 1
     finally:
