@@ -18,10 +18,11 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
-from conftest import Runtime
+from conftest import Agent, Runtime
 from e2b import Sandbox
 from e2b.exceptions import TimeoutException
 
@@ -359,6 +360,102 @@ def test_a_kept_connection_is_handed_once_to_its_own_sandbox_and_dropped_after_i
             theirs.close()
 
     asyncio.run(main())
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body"),
+    [("GET", "/health", b""), ("POST", "/filesystem.Filesystem/Stat", b'{"path": "/tmp"}')],
+)
+def test_a_kept_connection_the_agent_closes_as_it_is_handed_out_costs_a_fresh_one_not_a_502(
+    start_agent: Callable[..., Agent], method: str, path: str, body: bytes
+) -> None:
+    """The agent closes the kept ``/init`` connection in the instant the runtime hands it out (after
+    the runtime saw it idle, before the request reached it): here a real agent at its connection cap
+    (1) evicts it, idle, to admit another connection. The request, which nothing answered, is sent
+    again on a fresh connection, as one on a stale pooled connection is; a small body is held for
+    that. The real proxy and agent; the runtime's backend is reduced to handing out the kept
+    connection once, then connections to the agent."""
+    import asyncio
+    import select
+
+    from sandboxd.runtime.network.policy import NetworkConfig
+    from sandboxd.runtime.proxy import ENVD_PORT, SandboxProxy
+
+    agent = start_agent("--max-connections", "1")
+    others: list[socket.socket] = []
+
+    def connect() -> socket.socket:
+        sock = socket.create_connection(("127.0.0.1", agent.port), timeout=10)
+        others.append(sock)
+        return sock
+
+    # The kept connection: one that carried a request (as /init's did) and is idle, kept alive.
+    kept = connect()
+    kept.sendall(b"GET /health HTTP/1.1\r\nHost: sandbox\r\n\r\n")
+    assert kept.recv(65536).startswith(b"HTTP/1.1 204"), "the agent did not answer on the kept connection"
+
+    class Backend:
+        handed = 0
+
+        def _hand_kept(self) -> socket.socket | None:
+            if self.handed:
+                return None
+            self.handed += 1
+            connect()  # another connection at the agent's cap: the idle kept one is closed to admit it
+            assert select.select([kept], [], [], 10)[0] and kept.recv(1, socket.MSG_PEEK) == b"", "not evicted"
+            kept.setblocking(False)
+            return kept
+
+        def kept_socket(self, sandbox_id: str, port: int) -> socket.socket | None:
+            return self._hand_kept()
+
+        async def open_socket(self, sandbox_id: str, port: int) -> socket.socket:
+            handed = self._hand_kept()  # as the manager's: the kept connection first, while there is one
+            if handed is not None:
+                return handed
+            sock = connect()
+            sock.setblocking(False)
+            return sock
+
+        async def ensure_reachable(self, sandbox_id: str) -> None:
+            return None
+
+        def network_config(self, sandbox_id: str) -> NetworkConfig:
+            return NetworkConfig()
+
+    async def main() -> tuple[int, bytes]:
+        proxy = SandboxProxy(Backend())  # type: ignore[arg-type]
+        headers = [(b"host", b"sandbox")]
+        if body:
+            headers += [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+        scope = {"type": "http", "method": method, "path": path, "query_string": b"", "headers": headers}
+        sent: list[dict[str, Any]] = []
+        delivered = False
+
+        async def receive() -> dict[str, object]:
+            nonlocal delivered
+            if not delivered:
+                delivered = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            await asyncio.Event().wait()  # the client stays
+            raise AssertionError
+
+        async def send(message: dict[str, Any]) -> None:
+            sent.append(message)
+
+        await proxy(scope, receive, send, "a", ENVD_PORT)
+        proxy.forget("a")
+        status = next(m["status"] for m in sent if m["type"] == "http.response.start")
+        return status, b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+
+    try:
+        status, answer = asyncio.run(main())
+    finally:
+        for sock in others:
+            sock.close()
+    assert status in (200, 204), (status, answer)
+    if body:
+        assert json.loads(answer)["entry"]["name"] == "tmp", answer
 
 
 def test_an_init_answer_with_bytes_after_its_head_is_not_kept() -> None:

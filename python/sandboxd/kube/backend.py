@@ -692,6 +692,9 @@ class KubernetesBackend:
         except TunnelError as exc:
             raise ConnectionRefusedError(exc.message) from None
 
+    def kept_socket(self, sandbox_id: str, port: int) -> socket.socket | None:
+        return None  # each connection is a new tunnel to the node; none is kept
+
     async def ensure_reachable(self, sandbox_id: str) -> None:
         """Running, or resumed now if paused with auto-resume; else the E2B edge's 502."""
         try:

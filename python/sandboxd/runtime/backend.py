@@ -70,6 +70,7 @@ class Backend(Protocol):
     async def snapshot(self, sandbox_id: str, name: str | None) -> TemplateRow: ...
     async def snapshots(self, sandbox_id: str | None) -> list[TemplateRow]: ...
     async def open_socket(self, sandbox_id: str, port: int) -> socket.socket: ...
+    def kept_socket(self, sandbox_id: str, port: int) -> socket.socket | None: ...
     async def ensure_reachable(self, sandbox_id: str) -> None: ...
 
 
@@ -144,6 +145,9 @@ class LocalBackend:
 
     async def open_socket(self, sandbox_id: str, port: int) -> socket.socket:
         return await self.manager.open_socket(sandbox_id, port)
+
+    def kept_socket(self, sandbox_id: str, port: int) -> socket.socket | None:
+        return self.manager.kept_socket(sandbox_id, port)
 
     async def ensure_reachable(self, sandbox_id: str) -> None:
         await self.manager.ensure_reachable(sandbox_id)

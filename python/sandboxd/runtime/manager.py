@@ -659,6 +659,12 @@ class SandboxManager:
                 return kept
         return socket.socket(fileno=await _connect_in_thread(handle, port))
 
+    def kept_socket(self, sandbox_id: str, port: int) -> socket.socket | None:
+        """The sandbox's kept ``/init`` connection, for the agent's port, once, while still idle; else
+        None. The proxy takes it this way to know the connection was used before (the agent may close
+        it as it is handed out), and so may send a request that failed on it again, on a fresh one."""
+        return self._take_init_connection(sandbox_id) if port == AGENT_PORT else None
+
     def _keep_init_connection(self, sandbox_id: str, connection: socket.socket) -> None:
         """Keep a new sandbox's ``/init`` connection for the first request into its agent: the SDK's
         first command then needs no connect into the sandbox (a worker-thread hop and a ``setns``).

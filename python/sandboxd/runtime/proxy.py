@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 
 import httptools
 
-from sandboxd.agent.asgi import ClientDisconnected, Receive, Scope, Send, body_chunks, send_json
+from sandboxd.agent.asgi import ClientDisconnected, Receive, Scope, Send, body_chunks, read_body, send_json
 
 from .backend import Backend
 from .connection import Upgrade, reset_client, response
@@ -68,6 +68,12 @@ MAX_IDLE_PER_TARGET = 16
 
 READ_SIZE = 256 << 10
 """Upstream read size: large enough that file downloads move in few, big pieces."""
+
+REPLAY_BODY = 64 << 10
+"""A request body up to this size (by its ``Content-Length``) is read whole before it is sent, so the
+request can be sent again on a fresh connection if the reused one it went out on (pooled, or the
+sandbox's kept ``/init`` connection) turns out closed before any answer. The SDK's commands and
+file calls are bodies of a few hundred bytes; larger ones stream, and are never sent twice."""
 
 MAX_RESPONSE_HEAD = 64 << 10
 """A sandbox's response head larger than this is refused (502): the sandbox is hostile, and the
@@ -237,7 +243,9 @@ class SandboxProxy:
             upstream.abort()
 
     async def _connect(self, sandbox_id: str, port: int) -> tuple[_Upstream, bool]:
-        """An upstream connection, and whether it came from the pool (it may have gone stale)."""
+        """An upstream connection, and whether it was used before (it may have gone stale): one from
+        the pool, or the sandbox's kept ``/init`` connection, which its agent may close as it is
+        handed out."""
         pool = self.idle.get((sandbox_id, port))
         while pool:
             upstream = pool.pop()
@@ -245,7 +253,8 @@ class SandboxProxy:
                 self.busy[sandbox_id].add(upstream)
                 return upstream, True
             upstream.writer.close()
-        sock = await self.manager.open_socket(sandbox_id, port)
+        kept = self.manager.kept_socket(sandbox_id, port)
+        sock = kept if kept is not None else await self.manager.open_socket(sandbox_id, port)
         tls = self._tls(sandbox_id, port)
         try:
             reader, writer = await asyncio.open_connection(
@@ -256,7 +265,7 @@ class SandboxProxy:
             raise
         upstream = _Upstream(reader, writer)
         self.busy[sandbox_id].add(upstream)
-        return upstream, False
+        return upstream, kept is not None
 
     def _tls(self, sandbox_id: str, port: int) -> ssl.SSLContext | None:
         """TLS for a port the sandbox's ``network.https_ports`` lists, else None."""
@@ -336,9 +345,13 @@ class SandboxProxy:
             )
             return
         relay = _Relay(send)
-        # A pooled connection the agent closed meanwhile fails before any reply: retry once on a
-        # fresh one when the request has no body to replay.
-        attempts = 1 if _has_body(scope) else 2
+        try:
+            body = await _replayable_body(scope, receive)
+        except ClientDisconnected:
+            return
+        # A reused connection the agent closed meanwhile fails before any reply: retry once on a
+        # fresh one when the request's body can be sent again (none, or held whole).
+        attempts = 1 if body is None else 2
         for attempt in range(attempts):
             try:
                 await self.manager.ensure_reachable(sandbox_id)
@@ -354,7 +367,7 @@ class SandboxProxy:
                 return
             reusable = False
             try:
-                reusable = await self._exchange(scope, receive, relay, upstream, host)
+                reusable = await self._exchange(scope, receive, relay, upstream, host, body)
                 return
             except ClientDisconnected:
                 upstream.abort()  # the agent sees the abort now, not when a pooled socket is reaped
@@ -374,9 +387,16 @@ class SandboxProxy:
                     upstream.writer.close()
 
     async def _exchange(
-        self, scope: Scope, receive: Receive, relay: _Relay, upstream: _Upstream, host: bytes | None = None
+        self,
+        scope: Scope,
+        receive: Receive,
+        relay: _Relay,
+        upstream: _Upstream,
+        host: bytes | None = None,
+        body: bytes | None = None,
     ) -> bool:
-        """One request/response over ``upstream``; True when the connection may be reused.
+        """One request/response over ``upstream``; True when the connection may be reused. ``body``:
+        the request's whole body, already read (None: it streams from ``receive``).
 
         Two tasks: one sends the request body and then waits for the client to go away; the other
         relays the response. Whichever ends first decides: the response done ends the exchange; the
@@ -390,12 +410,12 @@ class SandboxProxy:
             head.append(b"content-length: " + length)
         elif chunked:
             head.append(b"transfer-encoding: chunked")
-        upstream.writer.write(b"\r\n".join(head) + b"\r\n\r\n")
+        upstream.writer.write(b"\r\n".join(head) + b"\r\n\r\n" + (body or b""))
 
         body_sent = asyncio.Event()
 
         async def send_body_then_watch() -> None:
-            if length is not None or chunked:
+            if body is None and (length is not None or chunked):
                 async for chunk in body_chunks(receive):
                     upstream.writer.write(b"%x\r\n%b\r\n" % (len(chunk), chunk) if chunked else chunk)
                     await upstream.writer.drain()
@@ -522,5 +542,16 @@ class _Relay:
     started: bool = False
 
 
-def _has_body(scope: Scope) -> bool:
-    return any(k.lower() in (b"content-length", b"transfer-encoding") for k, _ in scope["headers"])
+async def _replayable_body(scope: Scope, receive: Receive) -> bytes | None:
+    """The request's whole body when it can be held to be sent again (none: ``b""``; one of a
+    ``Content-Length`` up to :data:`REPLAY_BODY`, read now), else None: it streams as it comes.
+    Raises :class:`ClientDisconnected` if the client leaves meanwhile."""
+    lengths = [v for k, v in scope["headers"] if k.lower() == b"content-length"]
+    if any(k.lower() == b"transfer-encoding" for k, _ in scope["headers"]):
+        return None
+    if not lengths:
+        return b""
+    if len(lengths) > 1 or not lengths[0].isdigit() or int(lengths[0]) > REPLAY_BODY:
+        return None
+    held = await read_body(receive, REPLAY_BODY)
+    return held if held is not None else b""  # never None: the server ends the body at its Content-Length
