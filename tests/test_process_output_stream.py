@@ -539,6 +539,35 @@ def test_sigterm_stops_the_agent_within_its_grace_while_a_stalled_stream_is_hand
     assert agent.process.returncode is not None, f"still running {took:.1f} s after SIGTERM"
 
 
+def test_a_standalone_agent_stopped_by_sigterm_leaves_its_processes_running_as_envd_does(
+    start_agent: Callable[..., Agent], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """envd has no handler for SIGTERM and gives its commands no process group or parent-death signal:
+    they outlive it. So do the agent's (docs/agent.md says so); in a sandbox, its init takes them down."""
+    import signal
+
+    agent = start_agent()
+    monkeypatch.setenv("E2B_DEBUG", "true")
+    monkeypatch.setenv("E2B_SANDBOX_URL", agent.url)
+    from e2b import Sandbox
+
+    sbx = Sandbox.create()
+    pid = sbx.commands.run("exec sleep 1000", background=True).pid
+    try:
+        deadline = time.monotonic() + 10
+        while Path(f"/proc/{pid}/cmdline").read_bytes() != b"sleep\x001000\x00":  # the shell execs it
+            assert time.monotonic() < deadline, Path(f"/proc/{pid}/cmdline").read_bytes()
+            time.sleep(0.02)
+        agent.process.terminate()
+        agent.process.wait(15)
+        time.sleep(0.2)
+        state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+        assert state[0] in ("S", "R") and int(state[1]) != agent.process.pid, state  # running, reparented
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
 PIDFD_GETFD = 438
 """``pidfd_getfd(2)``'s syscall number (the same on every architecture since Linux 5.6)."""
 
