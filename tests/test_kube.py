@@ -914,7 +914,7 @@ def test_a_node_on_tunnel_port_0_keeps_sandboxes_off_the_port_it_bound(kube: Env
     port = kube.core.read_node(proc.name).status.daemon_endpoints.kubelet_endpoint.port
     assert port > 0 and f"tunnel on 127.0.0.1:{port}" in proc.log.read_text()
     table = subprocess.run(
-        ["nft", "list", "table", "inet", f"sandboxd_{tag_for(proc.log.parent)}"],
+        ["nft", "list", "table", "inet", f"sandboxd_{tag_for(proc.log.parent, proc.name)}"],
         capture_output=True,
         text=True,
         check=True,

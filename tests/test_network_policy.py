@@ -1,11 +1,14 @@
 """E2B's egress rules as sandboxd checks and decides them, and the egress proxy's parsers, without a
 sandbox: validation with E2B's messages, decisions, name matching, SNI and Host extraction from real
-client bytes, header rewriting, and the firewall elements a sandbox's rules become."""
+client bytes, header rewriting, the firewall elements a sandbox's rules become, and the table's name
+(a node's cgroup group with it)."""
 
 from __future__ import annotations
 
 import ipaddress
+import shutil
 import ssl
+from pathlib import Path
 
 import pytest
 from sandboxd.runtime.errors import ApiError
@@ -174,3 +177,46 @@ def test_secret_placeholders_are_found_and_filled_and_a_missing_one_is_named() -
 def test_a_rule_with_a_placeholder_that_cannot_be_filled_is_refused(value: str, message: str) -> None:
     with pytest.raises(ApiError, match=message):
         validate(NetworkConfig(rules={"api.test": ({"Authorization": value},)}))
+
+
+def test_nodes_that_see_their_own_host_folders_at_one_path_get_tables_of_their_own(tmp_path: Path) -> None:
+    """Two ``sandboxd node`` DaemonSets on one machine mount different host folders at one container
+    path: each gets its own nftables table (and so links and helper) and cgroup group by its Node's
+    name, as runtimes get theirs by their data dirs. A restart keeps them, a rename too (its sandboxes
+    are found again), and a data dir a node used before keeps the names of its path alone."""
+    from sandboxd.kube.node import node_key
+    from sandboxd.runtime.host import instance_name
+    from sandboxd.runtime.network import NetworkOptions, SandboxNetworks
+    from sandboxd.runtime.network.addressing import tag_for
+    from sandboxd.runtime.network.firewall import Firewall
+    from sandboxd.runtime.store import Store
+
+    mount = tmp_path / "var-lib-sandboxd"  # the DaemonSets' one mount point
+    db = mount / "sandboxd.db"
+
+    def start(name: str, *, new_folder: bool = True, used_before: bool = False) -> tuple[str, str]:
+        """The table and cgroup group of a node starting as ``sandboxd node`` does."""
+        if new_folder:  # another host folder behind the same path
+            shutil.rmtree(mount, ignore_errors=True)
+            mount.mkdir()
+        if used_before:
+            Store(db).close()  # a node of an earlier version ran here
+        store = Store(db)
+        try:
+            key = node_key(store, name, fresh=not used_before and new_folder)
+            networks = SandboxNetworks(store, mount, NetworkOptions(), 8, 1, node=key)
+            table = Firewall(None, networks.tag, "sdx", None).table  # type: ignore[arg-type]  # no nft call
+            return table, instance_name(mount, key)
+        finally:
+            store.close()
+
+    a = start("machine-sandboxd")
+    assert start("machine-sandboxd", new_folder=False) == a  # a restart
+    assert start("machine-sandboxd-renamed", new_folder=False) == a  # a rename finds its sandboxes
+    b = start("machine-sandboxd-gpu")
+    assert a[0] != b[0] and a[1] != b[1], (a, b)
+    assert a[0].startswith("inet sandboxd_") and b[0].startswith("inet sandboxd_")
+    by_path = (f"inet sandboxd_{tag_for(mount)}", instance_name(mount))  # sandboxd serve's, as before
+    assert by_path not in (a, b)
+    assert start("machine-sandboxd", used_before=True) == by_path
+    assert start("machine-sandboxd", new_folder=False) == by_path

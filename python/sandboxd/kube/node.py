@@ -99,7 +99,8 @@ class NodeOptions:
     network: NetworkOptions | None = field(default_factory=NetworkOptions)
     """Sandbox networking, as ``sandboxd serve`` sets it up; None gives sandboxes loopback only
     (``--no-network``). Its address block, nftables table, link names and helper are derived from the
-    data dir, so several nodes (and runtimes) on one machine never share them."""
+    data dir and the Node's name (:func:`node_key`), so several nodes (and runtimes) on one machine
+    never share them, even when each container sees its own host folder at the same path."""
 
 
 def _host_memory_mb() -> int:
@@ -695,7 +696,9 @@ def run(options: NodeOptions) -> None:
         sys.exit("sandboxd node needs root: sandboxes are built from namespaces, overlayfs and cgroups")
     options.data_dir.mkdir(parents=True, exist_ok=True)
     options.data_dir.chmod(0o700)
+    fresh = not (options.data_dir / "sandboxd.db").exists()
     store = Store(options.data_dir / "sandboxd.db")
+    key = node_key(store, options.name, fresh)
     templates = Templates(store, options.template_store or default_store_dir(options.data_dir), options.debian_mirror)
     templates.ensure_host()
     host.require_isolation(templates, "sandboxd node")
@@ -704,10 +707,28 @@ def run(options: NodeOptions) -> None:
     _core.become_subreaper()
     import uvloop
 
-    uvloop.run(_run(options, store, templates))
+    uvloop.run(_run(options, store, templates, key))
 
 
-async def _run(options: NodeOptions, store: Store, templates: Templates) -> None:
+NODE_KEY = "node_key"
+"""The store's setting that holds :func:`node_key`'s answer (empty: None)."""
+
+
+def node_key(store: Store, name: str, fresh: bool) -> str | None:
+    """What names this node's cgroup group, nftables table and sandbox links besides its data dir:
+    the Node's name it first started with (unique in the cluster, so on the machine), because nodes in
+    containers see their own host folders at one path (the DaemonSet's mount point), and names of the
+    path alone would be one for all. Kept in the store, so a renamed node still finds its sandboxes.
+    None for a data dir a node used before names were keyed (``fresh`` False): its sandboxes,
+    re-adopted after a restart, are in the group and on the links of the path alone."""
+    key = store.setting(NODE_KEY)
+    if key is None:
+        key = name if fresh else ""
+        store.set_setting(NODE_KEY, key)
+    return key or None
+
+
+async def _run(options: NodeOptions, store: Store, templates: Templates, key: str | None) -> None:
     import signal
     import sys
 
@@ -723,7 +744,7 @@ async def _run(options: NodeOptions, store: Store, templates: Templates) -> None
     tunnel_port = int(listeners[0].getsockname()[1])
     # The node shares the machine with other nodes and runtimes: the same host-wide budgets, id
     # registry and per-instance cgroup group as `sandboxd serve` (sandboxd.runtime.host).
-    facts = host.prepare(options.data_dir, options.id_registry)
+    facts = host.prepare(options.data_dir, options.id_registry, key)
     instances, watches = host.inotify_limits(facts)
     limits = Limits(
         cpu_count=options.limits.cpu_count,
@@ -742,9 +763,11 @@ async def _run(options: NodeOptions, store: Store, templates: Templates) -> None
     if options.network is not None:
         # The tunnel stands where serve's API port does: never reachable from a sandbox, even
         # through a range the operator opened (--sandbox-allow).
-        networks = SandboxNetworks(store, options.data_dir, options.network, limits.max_sandboxes, tunnel_port)
+        networks = SandboxNetworks(
+            store, options.data_dir, options.network, limits.max_sandboxes, tunnel_port, node=key
+        )
         await networks.start()
-    place = await host.open_place(options.data_dir, options.id_registry, limits.disk_mb)
+    place = await host.open_place(options.data_dir, options.id_registry, limits.disk_mb, key)
     manager = SandboxManager(store, templates, options.data_dir, zygote_client, limits, place, networks=networks)
     await manager.start()
     kube = await Kube.connect(options.kubeconfig)

@@ -183,10 +183,12 @@ def raise_file_max(host: HostFacts, memory_budget: int) -> None:
     log.info("raised fs.file-max from %d to %d (the sandboxes' memory budget bounds open files)", host.file_max, needed)
 
 
-def instance_name(data_dir: Path) -> str:
+def instance_name(data_dir: Path, node: str | None = None) -> str:
     """This runtime's instance: its sandboxes' cgroups are ``sandboxd/<instance>/<id>``. Derived from
-    the data dir, so a restarted runtime finds its sandboxes and two runtimes never share a group."""
-    digest = hashlib.sha256(str(data_dir.resolve()).encode()).hexdigest()
+    the data dir, so a restarted runtime finds its sandboxes and two runtimes never share a group;
+    and for a ``sandboxd node``, from ``node`` too (see :func:`sandboxd.kube.node.node_key`)."""
+    key = str(data_dir.resolve()) if node is None else f"{data_dir.resolve()}\0{node}"
+    digest = hashlib.sha256(key.encode()).hexdigest()
     return f"d-{digest[:16]}"
 
 
@@ -234,7 +236,7 @@ def require_isolation(templates: Templates, command: str) -> None:
         sys.exit(f"{command}: this host cannot isolate sandboxes: {exc}")
 
 
-def prepare(data_dir: Path, registry: Path) -> HostFacts:
+def prepare(data_dir: Path, registry: Path, node: str | None = None) -> HostFacts:
     """At a runtime's (or node's) start: write the host-wide budgets (all runtimes, and this one's
     instance), raise ``fs.file-max`` if needed, and free id ranges that runtimes whose data dir is gone
     left claimed. Returns what the host offers, to size the sandboxes from."""
@@ -243,7 +245,7 @@ def prepare(data_dir: Path, registry: Path) -> HostFacts:
     facts = read_host(data_dir)
     shared = budget(facts)
     _core.configure_budget(
-        instance_name(data_dir),
+        instance_name(data_dir, node),
         host_memory_bytes=shared.memory_bytes,
         host_pids_max=shared.pids_max,
         memory_bytes=shared.memory_bytes,
@@ -256,13 +258,13 @@ def prepare(data_dir: Path, registry: Path) -> HostFacts:
     return facts
 
 
-async def open_place(data_dir: Path, registry: Path, disk_mb: int) -> HostPlace:
+async def open_place(data_dir: Path, registry: Path, disk_mb: int, node: str | None = None) -> HostPlace:
     """This runtime's place on the host: its instance, the id registry, and a started disk pool."""
     from sandboxd import _core
 
     disks = DiskPool(data_dir, disk_mb)
     await disks.start()
-    return HostPlace(instance=instance_name(data_dir), ids=_core.IdRegistry(str(registry)), disks=disks)
+    return HostPlace(instance=instance_name(data_dir, node), ids=_core.IdRegistry(str(registry)), disks=disks)
 
 
 async def close_place(place: HostPlace) -> None:

@@ -114,7 +114,13 @@ class SandboxNetworks:
     """The network side of every sandbox of one runtime."""
 
     def __init__(
-        self, store: Store, data_dir: Path, options: NetworkOptions, max_sandboxes: int, api_port: int
+        self,
+        store: Store,
+        data_dir: Path,
+        options: NetworkOptions,
+        max_sandboxes: int,
+        api_port: int,
+        node: str | None = None,
     ) -> None:
         self.store = store
         self.rows = NetworkStore(store.db)
@@ -122,7 +128,7 @@ class SandboxNetworks:
         self.options = options
         self.max_sandboxes = max_sandboxes
         self.api_port = api_port
-        self.tag = tag_for(data_dir)
+        self.tag = tag_for(data_dir, node)
         self.pool: AddressPool | None = None
         self.firewall: Firewall | None = None
         self.helper: HelperProcess | None = None

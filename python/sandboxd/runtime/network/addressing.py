@@ -51,9 +51,12 @@ LINK_GROUP_BASE = 0x5D00_0000
 """Link groups of sandboxd runtimes: this prefix and the 24-bit tag (see ``crates/sandboxd-net``)."""
 
 
-def tag_for(data_dir: Path) -> str:
-    """The runtime's 6-hex-digit tag, stable for a data dir."""
-    return hashlib.sha256(str(data_dir.resolve()).encode()).hexdigest()[:6]
+def tag_for(data_dir: Path, node: str | None = None) -> str:
+    """The runtime's 6-hex-digit tag, stable for a data dir; and for a ``sandboxd node``, for ``node``
+    too (see :func:`sandboxd.kube.node.node_key`): in containers, nodes see their different host
+    folders at one path, and one tag would have them share the machine's table and links."""
+    key = str(data_dir.resolve()) if node is None else f"{data_dir.resolve()}\0{node}"
+    return hashlib.sha256(key.encode()).hexdigest()[:6]
 
 
 @dataclass(frozen=True, slots=True)
