@@ -1,0 +1,136 @@
+"""Examples of E2B's documentation (https://e2b.dev/docs) that no other test ran, each as its page shows
+it, with the official SDK against the shared runtime. docs/e2b-docs-coverage.md maps every example
+of those pages to the test that runs it. The pages use ``e2b_code_interpreter.Sandbox``; where no
+``run_code`` is involved these use ``e2b.Sandbox`` (the same class under it, over ``base``), so they
+need no interpreter template."""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime
+
+import httpx
+from conftest import Runtime
+from e2b import Sandbox, SandboxQuery, SandboxState
+
+
+def test_environment_variables_page(e2b_env: Runtime) -> None:
+    """docs/sandbox/environment-variables: "Knowing if you are inside a sandbox", global variables
+    given at create, and variables for one command."""
+    sandbox = Sandbox.create(envs={"MY_VAR": "my_value"})
+    try:
+        result = sandbox.commands.run("echo $E2B_SANDBOX_ID")
+        assert result.stdout == f"{sandbox.sandbox_id}\n"
+        assert sandbox.commands.run("echo $E2B_SANDBOX").stdout == "true\n"
+        listing = sandbox.commands.run("ls -a /run/e2b/").stdout.split()
+        assert {".E2B_SANDBOX", ".E2B_SANDBOX_ID", ".E2B_TEMPLATE_ID"} <= set(listing), listing
+        assert sandbox.files.read("/run/e2b/.E2B_SANDBOX_ID") == sandbox.sandbox_id
+        assert sandbox.files.read("/run/e2b/.E2B_SANDBOX") == "true"
+        template_id = sandbox.get_info().template_id
+        assert sandbox.commands.run("echo $E2B_TEMPLATE_ID").stdout == f"{template_id}\n"
+        assert sandbox.files.read("/run/e2b/.E2B_TEMPLATE_ID") == template_id
+
+        assert sandbox.commands.run("echo $MY_VAR").stdout == "my_value\n"
+        assert sandbox.commands.run("echo $MY_VAR", envs={"MY_VAR": "123"}).stdout == "123\n"
+        assert sandbox.commands.run("echo $MY_VAR").stdout == "my_value\n"  # for that command only
+    finally:
+        sandbox.kill()
+
+
+def test_persistence_page(e2b_env: Runtime) -> None:
+    """docs/sandbox/persistence: pause with ``beta_pause()``, list paused sandboxes page by page,
+    resume with ``connect()``, connect with a new timeout, remove a paused sandbox."""
+    sbx = Sandbox.create()
+    try:
+        sbx.files.write("/home/user/kept.txt", "before the pause")
+        sbx.beta_pause()
+        assert Sandbox.get_info(sbx.sandbox_id).state == SandboxState.PAUSED
+
+        paginator = Sandbox.list(SandboxQuery(state=[SandboxState.PAUSED]))
+        sandboxes = paginator.next_items()
+        while paginator.has_next:
+            sandboxes.extend(paginator.next_items())
+        assert sbx.sandbox_id in [s.sandbox_id for s in sandboxes]
+        assert all(s.state == SandboxState.PAUSED for s in sandboxes)
+
+        same_sbx = sbx.connect()
+        assert same_sbx.sandbox_id == sbx.sandbox_id
+        assert same_sbx.files.read("/home/user/kept.txt") == "before the pause"
+
+        # "Sandbox's timeout": connecting to a paused sandbox resumes it with that timeout, from now
+        # (a running one's is only ever lengthened, as the SDK says).
+        sbx.beta_pause()
+        connected = Sandbox.connect(sbx.sandbox_id, timeout=60)
+        left = (connected.get_info().end_at - datetime.now(UTC)).total_seconds()
+        assert 50 <= left <= 61, left
+
+        # "Removing paused sandboxes"
+        sbx.beta_pause()
+        assert sbx.kill() is True
+        assert Sandbox.kill(sbx.sandbox_id) is False
+    finally:
+        Sandbox.kill(sbx.sandbox_id)
+
+
+def test_secured_access_page_and_v2_migration(e2b_env: Runtime) -> None:
+    """docs/sandbox/secured-access ``secure=False`` (accepted, and every call still works) and
+    docs/migration/v2: ``template="base"``, ``files.write``/``write_files`` returning entry infos,
+    paging with ``has_next`` and a metadata query."""
+    insecure = Sandbox.create(secure=False)
+    sandbox = Sandbox.create(template="base", metadata={"key": "value"})
+    try:
+        assert insecure.commands.run("echo ok").stdout == "ok\n"
+        info = sandbox.files.write("/tmp/file.txt", "content")
+        assert info.path == "/tmp/file.txt"
+        infos = sandbox.files.write_files(
+            [{"path": "/tmp/file1.txt", "data": "content1"}, {"path": "/tmp/file2.txt", "data": "content2"}]
+        )
+        assert [i.path for i in infos] == ["/tmp/file1.txt", "/tmp/file2.txt"]
+        assert sandbox.commands.run("cat /tmp/file.txt /tmp/file1.txt /tmp/file2.txt").stdout == (
+            "contentcontent1content2"
+        )
+
+        seen: list[str] = []
+        paginator = Sandbox.list()
+        while paginator.has_next:
+            seen += [s.sandbox_id for s in paginator.next_items()]
+        assert {insecure.sandbox_id, sandbox.sandbox_id} <= set(seen)
+        query = Sandbox.list(query=SandboxQuery(metadata={"key": "value"})).next_items()
+        assert sandbox.sandbox_id in [s.sandbox_id for s in query]
+        assert insecure.sandbox_id not in [s.sandbox_id for s in query]
+    finally:
+        insecure.kill()
+        sandbox.kill()
+
+
+HOST_ECHO = """
+import http.server
+
+class Handler(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        body = self.headers["Host"].encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+http.server.HTTPServer(("0.0.0.0", 8080), Handler).serve_forever()
+"""
+
+
+def test_masking_request_host_headers(e2b_env: Runtime) -> None:
+    """docs/sandbox/internet-access, "Masking request host headers": ``mask_request_host`` with
+    ``${PORT}`` is the Host a server in the sandbox sees."""
+    sandbox = Sandbox.create(network={"mask_request_host": "localhost:${PORT}"})
+    try:
+        sandbox.files.write("/tmp/host_echo.py", HOST_ECHO)
+        sandbox.commands.run("python3 /tmp/host_echo.py", background=True, timeout=0)
+        host = sandbox.get_host(8080)
+        deadline = time.monotonic() + 10
+        with httpx.Client() as client:
+            while (answer := client.get(e2b_env.url + "/", headers={"Host": host})).status_code != 200:
+                assert time.monotonic() < deadline, answer.text
+                time.sleep(0.1)
+        assert answer.text == "localhost:8080"
+    finally:
+        sandbox.kill()
