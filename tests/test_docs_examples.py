@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import time
 from datetime import UTC, datetime
+from pathlib import Path
 
 import httpx
 from conftest import Runtime
 from e2b import Sandbox, SandboxQuery, SandboxState
+from sandboxd.agent import identity
 
 
 def test_environment_variables_page(e2b_env: Runtime) -> None:
@@ -134,3 +136,20 @@ def test_masking_request_host_headers(e2b_env: Runtime) -> None:
         assert answer.text == "localhost:8080"
     finally:
         sandbox.kill()
+
+
+def test_identity_files_only_for_an_agent_told_its_sandbox(tmp_path: Path) -> None:
+    """The agent writes ``/run/e2b`` only when ``/init`` names the sandbox (a hand-started agent on a
+    host never does), and replaces a link left at one of its paths rather than writing through it."""
+    run_dir = tmp_path / "run" / "e2b"
+    identity.write({"MY_VAR": "x"}, str(run_dir))
+    assert not run_dir.exists()
+    run_dir.mkdir(parents=True)
+    outside = tmp_path / "outside"
+    outside.write_text("untouched")
+    (run_dir / ".E2B_SANDBOX_ID").symlink_to(outside)
+    identity.write({"E2B_SANDBOX_ID": "sbx", "E2B_TEMPLATE_ID": "base"}, str(run_dir))
+    assert sorted(p.name for p in run_dir.iterdir()) == [".E2B_SANDBOX", ".E2B_SANDBOX_ID", ".E2B_TEMPLATE_ID"]
+    assert (run_dir / ".E2B_SANDBOX_ID").read_text() == "sbx" and not (run_dir / ".E2B_SANDBOX_ID").is_symlink()
+    assert (run_dir / ".E2B_SANDBOX").read_text() == "true"
+    assert outside.read_text() == "untouched"
