@@ -6,13 +6,15 @@ need no interpreter template."""
 
 from __future__ import annotations
 
+import secrets
 import time
 from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
+import pytest
 from conftest import Runtime
-from e2b import Sandbox, SandboxQuery, SandboxState
+from e2b import Sandbox, SandboxQuery, SandboxState, Template, default_build_logger
 from sandboxd.agent import identity
 
 
@@ -153,3 +155,32 @@ def test_identity_files_only_for_an_agent_told_its_sandbox(tmp_path: Path) -> No
     assert (run_dir / ".E2B_SANDBOX_ID").read_text() == "sbx" and not (run_dir / ".E2B_SANDBOX_ID").is_symlink()
     assert (run_dir / ".E2B_SANDBOX").read_text() == "true"
     assert outside.read_text() == "untouched"
+
+
+def test_template_user_and_workdir_page(e2b_env: Runtime, base_template: bool) -> None:
+    """docs/template/user-and-workdir: ``set_user("guest")`` on ``base``, which has no ``guest``: as on
+    E2B the build creates the user, and the later steps and the template's sandboxes run as it, at its
+    home. Also docs/template/logging's ``default_build_logger()`` and a custom logger."""
+    if not base_template:
+        pytest.skip("the Debian base cannot be built on this machine")
+    template = (
+        Template()
+        .from_base_image()
+        .run_cmd("whoami")  # user
+        .run_cmd("pwd")  # /home/user
+        .set_user("guest")
+        .run_cmd("whoami")  # guest
+        .run_cmd("pwd")  # /home/guest
+    )
+    alias = f"custom-user-template-{secrets.token_hex(3)}"
+    lines: list[str] = []
+    Template.build(template, alias=alias, on_build_logs=default_build_logger())
+    Template.build(template, alias=alias, on_build_logs=lambda entry: lines.append(entry.message))
+    assert any("CACHED" in line for line in lines), lines  # the second build is the first's, cached
+    sbx = Sandbox.create(alias, timeout=60)
+    try:
+        assert sbx.commands.run("whoami").stdout == "guest\n"
+        assert sbx.commands.run("pwd").stdout == "/home/guest\n"
+    finally:
+        sbx.kill()
+        httpx.delete(f"{e2b_env.url}/templates/{alias}", headers={"X-API-KEY": e2b_env.api_key})
