@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 from conftest import Runtime
-from e2b import Sandbox, SandboxQuery, SandboxState, Template, default_build_logger
+from e2b import Sandbox, SandboxQuery, SandboxState, Template, default_build_logger, wait_for_file
 from sandboxd.agent import identity
 
 
@@ -181,6 +181,61 @@ def test_template_user_and_workdir_page(e2b_env: Runtime, base_template: bool) -
     try:
         assert sbx.commands.run("whoami").stdout == "guest\n"
         assert sbx.commands.run("pwd").stdout == "/home/guest\n"
+    finally:
+        sbx.kill()
+        httpx.delete(f"{e2b_env.url}/templates/{alias}", headers={"X-API-KEY": e2b_env.api_key})
+
+
+def test_background_command_iterated(e2b_env: Runtime) -> None:
+    """docs/commands/background (Python): iterate a background command's output, then kill it (the
+    page's ``sleep 10`` shortened to keep the test quick)."""
+    sandbox = Sandbox.create()
+    try:
+        command = sandbox.commands.run("echo hello; sleep 1; echo world", background=True)
+        seen: list[str] = []
+        for stdout, stderr, _ in command:
+            if stdout:
+                seen.append(stdout)
+            assert not stderr
+        assert "".join(seen) == "hello\nworld\n"
+        command.kill()
+    finally:
+        sandbox.kill()
+
+
+def test_template_file_operations_copying_and_ready_command(
+    e2b_env: Runtime, base_template: bool, tmp_path: Path
+) -> None:
+    """docs/template/defining-template ("Copying files", "File operations", "Running commands") and
+    docs/template/start-ready-command (``set_start_cmd`` with ``wait_for_file``) in one build."""
+    if not base_template:
+        pytest.skip("the Debian base cannot be built on this machine")
+    for name, text in {"file1": "one", "file2": "two", "package.json": "{}", "src/app.py": "print(1)"}.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    template = (
+        Template(file_context_path=str(tmp_path), file_ignore_patterns=[".git", "node_modules"])
+        .from_base_image()
+        .copy(["file1", "file2"], "/app/file/", user="root")
+        .copy_items([{"src": "src/", "dest": "/app/src/"}, {"src": "package.json", "dest": "/app/package.json"}])
+        .run_cmd(["mkdir -p /tmp/old-dir/sub", "touch /tmp/old-file /old-path"], user="root")
+        .remove("/tmp/old-file", user="root")
+        .remove("/tmp/old-dir", recursive=True, user="root")
+        .remove("/tmp/file", force=True, user="root")
+        .rename("/old-path", "/new-path", user="root")
+        .make_dir("/app/data", mode=0o755, user="root")
+        .make_symlink("/app/package.json", "/app/link.json", user="root")
+        .set_start_cmd("sleep 1 && echo started > /tmp/ready && sleep infinity", wait_for_file("/tmp/ready"))
+    )
+    alias = f"file-ops-{secrets.token_hex(3)}"
+    Template.build(template, alias=alias)
+    sbx = Sandbox.create(alias, timeout=60)
+    try:
+        run = sbx.commands.run
+        assert sbx.files.read("/tmp/ready") == "started\n"  # create returned once the ready check passed
+        assert run("cat /app/file/file1 /app/file/file2 /app/src/app.py /app/package.json").stdout == "onetwoprint(1){}"
+        assert run("ls -A /tmp | grep old || echo none; test -e /new-path && echo renamed").stdout == "none\nrenamed\n"
+        assert run("stat -c %a /app/data; readlink /app/link.json").stdout == "755\n/app/package.json\n"
     finally:
         sbx.kill()
         httpx.delete(f"{e2b_env.url}/templates/{alias}", headers={"X-API-KEY": e2b_env.api_key})
