@@ -210,7 +210,8 @@ def test_template_file_operations_copying_and_ready_command(
     docs/template/start-ready-command (``set_start_cmd`` with ``wait_for_file``) in one build."""
     if not base_template:
         pytest.skip("the Debian base cannot be built on this machine")
-    for name, text in {"file1": "one", "file2": "two", "package.json": "{}", "src/app.py": "print(1)"}.items():
+    files = {"file1": "one", "file2": "two", "package.json": "{}", "src/app.py": "print(1)", "config.json": "[]"}
+    for name, text in files.items():
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_text(text)
     template = (
@@ -225,13 +226,19 @@ def test_template_file_operations_copying_and_ready_command(
         .rename("/old-path", "/new-path", user="root")
         .make_dir("/app/data", mode=0o755, user="root")
         .make_symlink("/app/package.json", "/app/link.json", user="root")
+        .copy("config.json", "/app/config.json", force_upload=True)  # docs/template/caching, "Files Caching"
         .set_start_cmd("sleep 1 && echo started > /tmp/ready && sleep infinity", wait_for_file("/tmp/ready"))
     )
     alias = f"file-ops-{secrets.token_hex(3)}"
-    Template.build(template, alias=alias)
+    # docs/template/build, "Build and wait for completion" (but for the API key and domain).
+    info = Template.build(
+        template, alias=alias, cpu_count=2, memory_mb=2048, skip_cache=False, on_build_logs=default_build_logger()
+    )
+    assert (info.alias, info.template_id) == (alias, alias) and info.build_id
     sbx = Sandbox.create(alias, timeout=60)
     try:
         run = sbx.commands.run
+        assert sbx.files.read("/app/config.json") == "[]"
         assert sbx.files.read("/tmp/ready") == "started\n"  # create returned once the ready check passed
         assert run("cat /app/file/file1 /app/file/file2 /app/src/app.py /app/package.json").stdout == "onetwoprint(1){}"
         assert run("ls -A /tmp | grep old || echo none; test -e /new-path && echo renamed").stdout == "none\nrenamed\n"
