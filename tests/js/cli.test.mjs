@@ -51,4 +51,38 @@ describe('the e2b CLI against sandboxd serve', { skip: skipReason }, () => {
     assert.match(await e2b('sandbox', 'kill', id), /has been killed/)
     assert.doesNotMatch(await e2b('sandbox', 'list'), new RegExp(id))
   })
+
+  // E2B docs, "List sandboxes" and "Shutdown sandboxes" (docs/cli/list-sandboxes,
+  // docs/cli/shutdown-sandboxes): each flag the pages show.
+  test('list --state, --metadata, --limit, --format; kill several, kill --all with filters', async () => {
+    const tag = `docs-${process.pid}`
+    const [a, b, c, d] = await Promise.all([
+      Sandbox.create({ metadata: { key1: 'value1', key2: 'value2', tag } }),
+      Sandbox.create({ metadata: { key1: 'value1', tag } }),
+      Sandbox.create({ metadata: { key: 'value', tag } }),
+      Sandbox.create({ metadata: { key: 'value', tag } }),
+    ])
+    await c.pause()
+    const ids = (text) => JSON.parse(text).map((s) => s.sandboxId)
+
+    const running = ids(await e2b('sandbox', 'list', '--format', 'json'))
+    assert.ok([a, b, d].every((s) => running.includes(s.sandboxId)) && !running.includes(c.sandboxId))
+    const both = ids(await e2b('sandbox', 'list', '--state', 'running,paused', '--format', 'json'))
+    assert.ok([a, b, c, d].every((s) => both.includes(s.sandboxId)))
+    assert.deepEqual(ids(await e2b('sandbox', 'list', '--metadata', 'key1=value1,key2=value2', '--format', 'json')), [
+      a.sandboxId,
+    ])
+    assert.equal(ids(await e2b('sandbox', 'list', '--limit', '1', '--format', 'json')).length, 1)
+    assert.match(await e2b('sandbox', 'list', '--format', 'pretty'), new RegExp(a.sandboxId))
+
+    const killed = await e2b('sandbox', 'kill', a.sandboxId, b.sandboxId)
+    assert.match(killed, new RegExp(`${a.sandboxId} has been killed`))
+    assert.match(killed, new RegExp(`${b.sandboxId} has been killed`))
+    // --all with a state and a metadata filter kills what matches: the paused one, not the running one.
+    await e2b('sandbox', 'kill', '--all', '--state=paused', '--metadata=key=value')
+    const left = ids(await e2b('sandbox', 'list', '--state', 'running,paused', '--format', 'json'))
+    assert.ok(!left.includes(c.sandboxId) && left.includes(d.sandboxId), left)
+    await e2b('sandbox', 'kill', '--all')
+    assert.deepEqual(ids(await e2b('sandbox', 'list', '--state', 'running,paused', '--format', 'json')), [])
+  })
 })

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import time
@@ -10,7 +11,7 @@ from typing import Any
 
 from sandboxd import ENVD_VERSION
 
-from . import cacerts
+from . import cacerts, identity
 from .asgi import ClientDisconnected, Receive, Send, read_body, send_empty, send_http_error, send_json
 from .errors import RpcError
 from .state import AgentState
@@ -113,4 +114,8 @@ async def init(state: AgentState, headers: dict[str, str], receive: Receive, sen
             await send_http_error(send, 400, f"defaultUser '{user}' does not exist in this sandbox")
             return
     state.apply_init(access_token=token, env_vars=env_vars, default_user=user, default_workdir=workdir)
+    if env_vars is not None:
+        # As envd: the variables are set either way; a file the sandbox's own code broke is its loss.
+        with contextlib.suppress(OSError):
+            await asyncio.to_thread(identity.write, env_vars)
     await send_empty(send, 204, [("x-envd-version", ENVD_VERSION), ("cache-control", "no-store")])

@@ -157,6 +157,13 @@ _HOST_CODE = str(Path(__file__).resolve().parents[2])
 """Where the runtime's code is installed on the host: never named in an error a client reads."""
 
 
+def identity_env(row: SandboxRow) -> dict[str, str]:
+    """The variables envd reads from Firecracker's metadata service (which sandbox, of which template),
+    passed to the agent in ``/init`` with the others; it also writes them under ``/run/e2b``
+    (:mod:`sandboxd.agent.identity`). A template's or a create's own variables of these names win."""
+    return {"E2B_SANDBOX_ID": row.id, "E2B_TEMPLATE_ID": row.template_id}
+
+
 def _stop_unless_ok(waiting: asyncio.Future[Any], done: asyncio.Future[Any]) -> None:
     """Cancel ``waiting`` when ``done`` failed: it waits for what cannot come without it (the
     interpreter's kernel, up to ``INTERPRETER_READY_S``, when the agent did not start)."""
@@ -543,7 +550,7 @@ class SandboxManager:
                     init_agent(
                         functools.partial(self.open_socket, row.id),
                         row.access_token,
-                        {**template.env, **row.env_vars},
+                        {**identity_env(row), **template.env, **row.env_vars},
                         default_user=template.user,
                         default_workdir=template.workdir,
                     ),

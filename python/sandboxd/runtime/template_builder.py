@@ -16,7 +16,8 @@ Steps go through the sandbox's agent as a client's would (:mod:`.agent_client`):
   that output in the logs;
 * ``ENV k v ...``: for the following steps and for the template's sandboxes;
 * ``WORKDIR dir``: created (``mkdir -p``), the following steps' cwd and the sandboxes' default;
-* ``USER name``: the following steps' user and the sandboxes' default (it must exist);
+* ``USER name``: the following steps' user and the sandboxes' default (created, with a home, when
+  the image lacks it, as E2B's builds do);
 * ``COPY src dest [user] [mode]``: the uploaded archive (``GET /templates/{id}/files/{hash}``) is
   written into the sandbox and unpacked there, by ``tar`` in the sandbox, as Docker's ``COPY`` places
   things (a directory's contents into ``dest``; a file into ``dest/`` or as ``dest``), then owned by
@@ -56,7 +57,7 @@ from pathlib import Path
 from typing import Any
 
 from . import build_layer, oci, snapshots
-from .agent_client import run_command, upload_file
+from .agent_client import CommandResult, run_command, upload_file
 from .errors import ApiError
 from .layers import LayerError, LayerInfo, recipe_digest
 from .manager import DISK_IMAGE, CreateRequest, SandboxManager
@@ -572,7 +573,7 @@ class TemplateBuilder:
         self, build: Build, spec: BuildSpec, parent_row: TemplateRow, keys: list[str], done: int, run: _Session
     ) -> tuple[list[str], _State]:
         """Run the steps from ``done`` on in a build sandbox over ``run.layers``. Each step's result is
-        cached under its key: a step that changed no file (``ENV``, ``USER``) for free, one that did
+        cached under its key: a step that changed no file (``ENV``, a ``USER`` that exists) for free, one that did
         when its layer is cut (:data:`CUT_AFTER_S`); the last step's layer is always cut."""
         hidden = f"{HIDDEN_PREFIX}build-{build.build_id}"
         try:
@@ -582,8 +583,7 @@ class TemplateBuilder:
                 step = spec.steps[index]
                 run.step = str(index + 1)
                 build.log(f"[builder {index + 1}/{len(spec.steps)}] {_describe(step)}", step=run.step)
-                await self._step(run, step)
-                dirty = dirty or step.type in ("RUN", "COPY", "WORKDIR")
+                dirty = await self._step(run, step) or dirty
                 last = index == len(spec.steps) - 1
                 if not dirty:
                     record = {"layers": run.layers, "state": run.state.config()}
@@ -679,13 +679,23 @@ class TemplateBuilder:
         run.build.log(f"No layer cut after step {run.step}: processes the steps started still run", step=run.step)
         return True
 
-    async def _step(self, run: _Session, step: Step) -> None:
+    async def _step(self, run: _Session, step: Step) -> bool:
+        """Run one step; whether it may have changed files (then its layer must be cut to cache it)."""
         if step.type == "ENV":
             run.env.update(zip(step.args[::2], step.args[1::2], strict=True))
-        elif step.type == "USER":
-            await self._exec(run, f"id -u {shlex.quote(step.args[0])}", "root", quiet=True)
-            run.state.user = step.args[0]
-        elif step.type == "WORKDIR":
+            return False
+        if step.type == "USER":
+            name = step.args[0]
+            at_home = run.workdir is not None and run.workdir == await self._home(run, run.user)
+            created = not await self._user_exists(run, name)
+            if created:  # as E2B's builds: a user the image lacks is made, with a home
+                quoted = shlex.quote(name)
+                await self._exec(run, f"useradd -m {quoted} 2>/dev/null || adduser -D -g '' {quoted}", "root")
+            if at_home:  # the workdir was "home" (E2B's unset one, which base's config spells out): the new user's
+                run.state.workdir = await self._home(run, name)
+            run.state.user = name
+            return created
+        if step.type == "WORKDIR":
             target = os.path.join(run.workdir or "/", step.args[0])
             quoted = shlex.quote(target)
             await self._exec(run, f"mkdir -p {quoted} && chown {shlex.quote(run.user)}: {quoted}", "root")
@@ -695,6 +705,31 @@ class TemplateBuilder:
             await self._exec(run, step.args[0], user)
         elif step.type == "COPY":
             await self._copy(run, step)
+        return True
+
+    async def _user_exists(self, run: _Session, name: str) -> bool:
+        return (await self._check(run, f"id -u {shlex.quote(name)}", _ignore)).exit_code == 0
+
+    async def _home(self, run: _Session, name: str) -> str | None:
+        """``name``'s home directory in the build sandbox's /etc/passwd (read by the shell: an image
+        may have no ``getent``), or None."""
+        homes: list[str] = []
+
+        def on_line(stream: str, line: str) -> None:
+            if stream == "stdout":
+                homes.append(line)
+
+        quoted = shlex.quote(name)
+        script = f'while IFS=: read -r n _ _ _ _ h _; do [ "$n" = {quoted} ] && echo "$h"; done < /etc/passwd'
+        await self._check(run, script, on_line)
+        return homes[0] if homes else None
+
+    async def _check(self, run: _Session, command: str, on_line: Callable[[str, str], None]) -> CommandResult:
+        """Run a command of the builder's own as root, quietly: its exit code and output are the answer."""
+        try:
+            return await run_command(self._open_socket(run.sandbox_id), run.token, command, "root", None, {}, on_line)
+        except (OSError, ValueError) as exc:  # ValueError: an answer that is not what an agent sends
+            raise BuildFailed(f"step {run.step}: {exc}", run.step) from None
 
     def _longest_cached(self, keys: list[str]) -> tuple[int, list[str], _State] | None:
         """In a worker thread (a cache file read per step): how many leading steps the cache holds,
@@ -773,6 +808,10 @@ class TemplateBuilder:
         mode = step.args[3] if len(step.args) > 3 else ""
         arguments = ("sh", "-c", COPY_SCRIPT, "copy", inside, src.rstrip("/") or ".", dest, owner, mode)
         await self._exec(run, " ".join(shlex.quote(a) for a in arguments), "root")
+
+
+def _ignore(_stream: str, _line: str) -> None:
+    """An output handler for a check whose exit code is the answer."""
 
 
 def _describe(step: Step) -> str:

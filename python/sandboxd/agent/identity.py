@@ -1,0 +1,37 @@
+"""envd's ``/run/e2b`` files: how code in a sandbox learns that it runs in one, and which.
+
+envd writes ``/run/e2b/.E2B_SANDBOX`` (``true``) at start and, once Firecracker's metadata service
+names the sandbox, ``.E2B_SANDBOX_ID``, ``.E2B_TEMPLATE_ID`` and ``.E2B_TEAM_ID``, the same values it
+gives every process as environment variables (E2B's docs, "Environment variables": "Knowing if you
+are inside a sandbox"). sandboxd has no metadata service: the runtime passes these variables in
+``POST /init``'s ``envVars``, and the agent writes the files for those it was given. An agent that
+was given no ``E2B_SANDBOX_ID`` (one started by hand or by a test, outside any sandbox) writes
+nothing, so it never touches a host's ``/run``.
+"""
+
+from __future__ import annotations
+
+import os
+
+RUN_DIR = "/run/e2b"
+IDENTITY = ("E2B_SANDBOX_ID", "E2B_TEMPLATE_ID", "E2B_TEAM_ID")
+"""The variables with a file of their own, as envd writes them."""
+
+
+def write(env_vars: dict[str, str], run_dir: str = RUN_DIR) -> None:
+    """Write ``.E2B_SANDBOX`` and a ``.NAME`` file per identity variable in ``env_vars`` into
+    ``run_dir`` (blocking: call from a thread). Nothing without ``E2B_SANDBOX_ID``. Files are
+    replaced, never followed: a link left at one of these paths is replaced, not written through."""
+    if "E2B_SANDBOX_ID" not in env_vars:
+        return
+    os.makedirs(run_dir, mode=0o755, exist_ok=True)
+    values = {"E2B_SANDBOX": "true", **{name: env_vars[name] for name in IDENTITY if name in env_vars}}
+    for name, value in values.items():
+        path = os.path.join(run_dir, f".{name}")
+        temporary = f"{path}.{os.getpid()}.tmp"
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o444)
+        try:
+            os.write(fd, value.encode())
+        finally:
+            os.close(fd)
+        os.replace(temporary, path)
