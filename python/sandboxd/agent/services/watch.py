@@ -52,12 +52,12 @@ TRANSLATE_ITEMS = 1024
 """Events a stream takes from its watcher and sends before taking more, so a backlog waits in the
 watcher's byte-bounded buffer (``_core.WATCH_BUFFER_BYTES``) rather than as Python objects."""
 
-PARK_STREAMS = False
+PARK_STREAMS = True
 """Whether a ``WatchDir`` stream parks its drain thread and reads the kernel queue on the loop (one
-thread wake-up an event instead of two, write→event 0.83-0.98x; docs/benchmarks.md). Off: with it on,
-the JS SDK's seed recursive example (tests/js/watch.test.mjs: an upload that makes a folder and its
-file in one request, 20 times) missed the file's WRITE event in 3 of 6 runs on a loaded host, against
-0 of 6 without it (2026-12-01); the cause is not found yet, and a lost event is worse than a slower one."""
+thread wake-up an event instead of two, write→event 0.83-0.98x; docs/benchmarks.md). It was off for a
+while: the JS SDK's seed recursive example missed a new file's WRITE with it on, because the loop,
+woken by an upload's IN_MOVED_FROM, read it alone and the translator did not carry the temporary
+file's RENAME over to the next batch (fixed in ``EventTranslator``)."""
 
 IDLE_EXPIRY_S = 600.0
 """A polling watcher nobody asked for events for this long is removed (its client is gone)."""
