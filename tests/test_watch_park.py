@@ -309,3 +309,30 @@ def test_the_loop_does_not_spin_while_the_drain_thread_walks(
         f"the loop used {loop_s:.2f} s of CPU ({apart_s:.2f} s with the writes after the walk) while the"
         f" thread walked for {walk_s:.2f} s"
     )
+
+
+def test_an_upload_rename_read_in_two_batches_is_still_the_upload() -> None:
+    """rename(2) queues IN_MOVED_FROM and IN_MOVED_TO one after the other, and a reader woken by
+    the first can read it alone: the stream's parked loop did, under load, and the temporary file's
+    RENAME ended one batch while the target's CREATE began the next. The translator must still
+    report the upload's CREATE, CHMOD, WRITE."""
+    from sandboxd._proto.filesystem import filesystem_pb2 as pb
+    from sandboxd.agent.services.watch import EventTranslator
+    from sandboxd.agent.watch_hub import Commit, WatchHub
+
+    hub = WatchHub()
+    temp = ".my-file.sandboxd-0123456789abcdef.tmp"
+    hub.note_commit(temp, Commit(existed=False, wrote=True))
+    translator = EventTranslator("/nonexistent", False, hub)
+    first, _, _ = translator.translate(
+        [(pb.EVENT_TYPE_CREATE, "my-folder"), (pb.EVENT_TYPE_RENAME, f"my-folder/{temp}")]
+    )
+    second, _, _ = translator.translate([(pb.EVENT_TYPE_CREATE, "my-folder/my-file")])
+    third, _, _ = translator.translate([(pb.EVENT_TYPE_CREATE, "my-folder/other")])  # the pair is over
+    assert [(e.name, e.type) for e in first + second] == [
+        ("my-folder", pb.EVENT_TYPE_CREATE),
+        ("my-folder/my-file", pb.EVENT_TYPE_CREATE),
+        ("my-folder/my-file", pb.EVENT_TYPE_CHMOD),
+        ("my-folder/my-file", pb.EVENT_TYPE_WRITE),
+    ]
+    assert [(e.name, e.type) for e in third] == [("my-folder/other", pb.EVENT_TYPE_CREATE)]

@@ -52,12 +52,12 @@ TRANSLATE_ITEMS = 1024
 """Events a stream takes from its watcher and sends before taking more, so a backlog waits in the
 watcher's byte-bounded buffer (``_core.WATCH_BUFFER_BYTES``) rather than as Python objects."""
 
-PARK_STREAMS = False
+PARK_STREAMS = True
 """Whether a ``WatchDir`` stream parks its drain thread and reads the kernel queue on the loop (one
-thread wake-up an event instead of two, write→event 0.83-0.98x; docs/benchmarks.md). Off: with it on,
-the JS SDK's seed recursive example (tests/js/watch.test.mjs: an upload that makes a folder and its
-file in one request, 20 times) missed the file's WRITE event in 3 of 6 runs on a loaded host, against
-0 of 6 without it (2026-12-01); the cause is not found yet, and a lost event is worse than a slower one."""
+thread wake-up an event instead of two, write→event 0.83-0.98x; docs/benchmarks.md). It was off for a
+while: the JS SDK's seed recursive example missed a new file's WRITE with it on, because the loop,
+woken by an upload's IN_MOVED_FROM, read it alone and the translator did not carry the temporary
+file's RENAME over to the next batch (fixed in ``EventTranslator``)."""
 
 IDLE_EXPIRY_S = 600.0
 """A polling watcher nobody asked for events for this long is removed (its client is gone)."""
@@ -170,14 +170,20 @@ class EventTranslator:
         self.root = root
         self.include_entry = include_entry
         self.hub = hub
+        self.renamed_temp: str | None = None
+        """The base name of an upload's temporary file whose RENAME was the last item translated: the
+        next item, the target's CREATE, is the other half of the same ``rename(2)``. Kept from one
+        batch to the next: the kernel queues the two events one after the other, and a reader woken
+        by the first can read it alone (a parked stream's loop did, under load, and reported the new
+        file as CREATE only)."""
 
     def translate(self, items: list[tuple[int, str]]) -> tuple[list[pb.FilesystemEvent], str | None, bool]:
         """Events, an overflow cause (or None), and whether the root went away."""
         events: list[pb.FilesystemEvent] = []
         overflow: str | None = None
         closed = False
-        renamed_temp: str | None = None
         for kind, name in items:
+            renamed_temp, self.renamed_temp = self.renamed_temp, None
             if kind == _core.WATCH_OVERFLOW:
                 if name:  # the watcher's own buffer was full: ``name`` is how many events it dropped
                     overflow = overflow or BUFFER_OVERFLOW.format(name, _core.WATCH_BUFFER_BYTES >> 20)
@@ -188,7 +194,8 @@ class EventTranslator:
                 closed = True
                 continue
             if _TEMP_NAME.search(name):
-                renamed_temp = os.path.basename(name) if kind == pb.EVENT_TYPE_RENAME else None
+                if kind == pb.EVENT_TYPE_RENAME:
+                    self.renamed_temp = os.path.basename(name)
                 continue
             if renamed_temp is not None and kind == pb.EVENT_TYPE_CREATE:
                 # The rename of an upload's temporary file onto its target (RENAME(temp), CREATE(target)).
@@ -196,7 +203,6 @@ class EventTranslator:
                     events.append(self._event(upload_kind, name))
             else:
                 events.append(self._event(kind, name))
-            renamed_temp = None
         return events, overflow, closed
 
     def _event(self, kind: int, name: str) -> pb.FilesystemEvent:
