@@ -167,6 +167,55 @@ def test_a_sandbox_that_broke_its_own_trust_store_still_resumes(e2b_env: Runtime
         Sandbox.kill(sbx.sandbox_id)
 
 
+@pytest.mark.parametrize(
+    ("planted", "refusal", "left"),
+    [
+        # The runtime's temporary had a fixed name: a directory there failed every resume.
+        ("mkdir /etc/resolv.conf.sandboxd-new", None, "/etc/resolv.conf.sandboxd-new directory"),
+        (
+            "rm -f /etc/resolv.conf && mkdir /etc/resolv.conf",
+            "/etc/resolv.conf is a directory",
+            "/etc/resolv.conf directory",
+        ),
+        ("mv /etc /etc.real && ln -s /etc.real /etc", "/etc is a link", "/etc symbolic link"),
+        ("mv /etc /etc.real && : > /etc", "/etc is not a directory", "/etc regular empty file"),
+    ],
+)
+def test_a_sandbox_that_broke_its_own_resolv_conf_still_resumes(
+    e2b_env: Runtime, planted: str, refusal: str | None, left: str
+) -> None:
+    # Root in the sandbox leaves, before a pause, something where the resume's agent writes the
+    # runtime's /etc/resolv.conf (or its temporary). The resume starts the agent all the same: it is
+    # the sandbox's own DNS it broke, and refusing the resume lost the user its files. Its log says
+    # why DNS was not set up; what the sandbox left is left as it was (nothing followed or replaced).
+    from e2b import Sandbox
+
+    sbx = Sandbox.create()
+    try:
+        sbx.files.write("/home/user/before-pause", "kept")
+        planting = sbx.commands.run(planted, user="root")
+        assert planting.exit_code == 0, planting.stderr
+        sbx.pause(mode="filesystem")  # type: ignore[arg-type]
+        resumed = Sandbox.connect(sbx.sandbox_id)
+        assert resumed.commands.run("echo alive", user="root").stdout == "alive\n"
+        assert resumed.files.read("/home/user/before-pause", user="root") == "kept"
+        path = left.split()[0]
+        assert resumed.commands.run(f"stat -c '%n %F' {path}", user="root").stdout == f"{left}\n"
+        with _api(e2b_env) as api:
+            logs = api.get(f"/v2/sandboxes/{sbx.sandbox_id}/logs").json()["logs"]
+        warned = [e["message"] for e in logs if e["fields"].get("logger") == "agent" and e["level"] == "warn"]
+        skipped = [m for m in warned if "DNS was not set up" in m]
+        if refusal is None:  # set up as ever, beside the plant
+            assert skipped == [], skipped
+            written = resumed.commands.run("cat /etc/resolv.conf", user="root").stdout
+            assert written.startswith("# sandboxd") and "\nnameserver " in written, written
+        else:
+            assert any(refusal in m for m in skipped), logs
+        assert not [m for m in warned if str(e2b_env.data_dir) in m], warned
+    finally:
+        Sandbox.kill(sbx.sandbox_id)
+
+
 def test_a_resume_whose_agent_dies_before_it_listens_fails_at_once_saying_why(e2b_env: Runtime) -> None:
     # Root in the sandbox leaves a directory where the resume's agent writes the runtime's
     # resolv.conf before it listens; the agent exits. The resume fails as soon as it does, with the
