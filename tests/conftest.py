@@ -198,6 +198,8 @@ class Runtime:
     args: list[str]
     verify: ssl.SSLContext | bool = True
     """What clients trust: a test CA's context when the runtime serves TLS (``start_runtime(tls=...)``)."""
+    environ: dict[str, str] | None = None
+    """Its whole environment, when not the tests' (``start_runtime(env=...)``)."""
 
     @property
     def url(self) -> str:
@@ -215,7 +217,7 @@ class Runtime:
     def restart(self) -> None:
         """Start the same runtime again (after it was stopped or killed)."""
         with self.log.open("ab") as out:
-            self.process = subprocess.Popen(self.args, stdout=out, stderr=subprocess.STDOUT)
+            self.process = subprocess.Popen(self.args, stdout=out, stderr=subprocess.STDOUT, env=self.environ)
         wait_healthy(self.url, self.process, self.log, status=200, verify=self.verify)
 
 
@@ -308,14 +310,14 @@ def interpreter_template(request: pytest.FixtureRequest, base_template: bool) ->
 
 @pytest.fixture(scope="session")
 def start_runtime(tmp_path_factory: pytest.TempPathFactory, base_template: bool) -> Iterator[Callable[..., Runtime]]:
-    """A factory: ``start_runtime(*flags, tls=None)`` → a running :class:`Runtime` with its own data dir,
-    over the shared template store. ``tls``: an SSL context trusting the certificate the flags give it
-    (``--tls-cert``/``--tls-key``)."""
+    """A factory: ``start_runtime(*flags, tls=None, env=None)`` → a running :class:`Runtime` with its own
+    data dir, over the shared template store. ``tls``: an SSL context trusting the certificate the flags
+    give it (``--tls-cert``/``--tls-key``); ``env``: variables added to its environment."""
     if os.geteuid() != 0:
         pytest.skip("the runtime needs root (namespaces, overlayfs, cgroups)")
     started: list[Runtime] = []
 
-    def start(*flags: str, tls: ssl.SSLContext | None = None) -> Runtime:
+    def start(*flags: str, tls: ssl.SSLContext | None = None, env: dict[str, str] | None = None) -> Runtime:
         port = free_port()
         data_dir = tmp_path_factory.mktemp("runtime")
         log = data_dir / "serve.log"
@@ -332,9 +334,10 @@ def start_runtime(tmp_path_factory: pytest.TempPathFactory, base_template: bool)
             "test-key",
             *flags,
         ]
+        environ = {**os.environ, **env} if env else None
         with log.open("wb") as out:
-            process = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT)
-        runtime = Runtime(process, port, "test-key", data_dir, log, args, tls if tls is not None else True)
+            process = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=environ)
+        runtime = Runtime(process, port, "test-key", data_dir, log, args, tls if tls is not None else True, environ)
         started.append(runtime)
         wait_healthy(runtime.url, runtime.process, runtime.log, status=200, verify=runtime.verify)
         return runtime

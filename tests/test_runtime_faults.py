@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -216,19 +217,23 @@ def test_a_sandbox_that_broke_its_own_resolv_conf_still_resumes(
         Sandbox.kill(sbx.sandbox_id)
 
 
-def test_a_resume_whose_agent_dies_before_it_listens_fails_at_once_saying_why(e2b_env: Runtime) -> None:
-    # Root in the sandbox leaves a directory where the resume's agent writes the runtime's
-    # resolv.conf before it listens; the agent exits. The resume fails as soon as it does, with the
-    # agent's reason and no host path, instead of after the runtime's 10 s wait for the agent with
-    # "Connection refused".
+def test_a_resume_whose_agent_dies_before_it_listens_fails_at_once_saying_why(
+    start_runtime: Callable[..., Runtime], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The resume's agent exits before it listens, with a reason that names a host path. The resume
+    # fails as soon as it does, with the agent's reason and no host path, instead of after the
+    # runtime's 10 s wait for the agent with "Connection refused". Nothing a sandbox does to its own
+    # files gets there any more (the tests above), so the runtime's fault hook, which only its own
+    # environment can set, makes the agent exit.
     from e2b import Sandbox
     from e2b.exceptions import SandboxException
 
+    runtime = start_runtime(env={"SANDBOXD_FAULT_RESUMED_AGENT": f"the test's fault, at {sys.prefix}/lib"})
+    for name, value in runtime.env().items():
+        monkeypatch.setenv(name, value)
     sbx = Sandbox.create()
     other = Sandbox.create()
     try:
-        planting = sbx.commands.run("mkdir /etc/resolv.conf.sandboxd-new", user="root")
-        assert planting.exit_code == 0, planting.stderr
         sbx.pause(mode="filesystem")  # type: ignore[arg-type]
         started = time.monotonic()
         with pytest.raises(SandboxException) as failed:
@@ -236,8 +241,9 @@ def test_a_resume_whose_agent_dies_before_it_listens_fails_at_once_saying_why(e2
         waited = time.monotonic() - started
         message = str(failed.value)
         assert "agent exited before it listened" in message, message
-        assert "IsADirectoryError: [Errno 21] Is a directory: '/etc/resolv.conf.sandboxd-new'" in message, message
-        assert str(e2b_env.data_dir) not in message and "/sandboxes/" not in message, message
+        assert "RuntimeError: the test's fault, at <host>/lib" in message, message
+        assert str(runtime.data_dir) not in message and sys.prefix not in message, message
+        assert "/sandboxes/" not in message, message
         assert waited < 5, f"the resume waited {waited:.1f} s for an agent that had exited"  # the old wait: 10 s
         # The runtime serves on: the other sandbox, a new one, and the failed one is still paused.
         assert other.commands.run("echo alive").stdout == "alive\n"
@@ -246,7 +252,7 @@ def test_a_resume_whose_agent_dies_before_it_listens_fails_at_once_saying_why(e2
             assert fresh.commands.run("test -s /etc/ssl/certs/ca-certificates.crt").exit_code == 0
         finally:
             fresh.kill()
-        with _api(e2b_env) as api:
+        with _api(runtime) as api:
             assert api.get(f"/sandboxes/{sbx.sandbox_id}").json()["state"] == "paused"
     finally:
         Sandbox.kill(sbx.sandbox_id)

@@ -15,6 +15,7 @@ import re
 import subprocess
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -225,18 +226,24 @@ def test_a_full_pause_keeps_the_kernels_and_a_filesystem_pause_starts_a_fresh_in
         sandbox.kill()
 
 
-def test_a_resume_whose_agent_dies_before_it_listens_does_not_wait_for_the_kernel(sdk: Runtime) -> None:
-    # The agent exits before it starts the interpreter (it cannot write the runtime's resolv.conf
-    # where the sandbox left a directory): the resume fails at once with its reason, not after the
-    # 30 s the runtime gives a kernel to warm up.
+def test_a_resume_whose_agent_dies_before_it_listens_does_not_wait_for_the_kernel(
+    start_runtime: Callable[..., Runtime], monkeypatch: pytest.MonkeyPatch, built: dict[str, object]
+) -> None:
+    # The agent exits before it starts the interpreter (the runtime's fault hook, which only its own
+    # environment can set, makes every resumed agent exit so): the resume fails at once with its
+    # reason, not after the 30 s the runtime gives a kernel to warm up.
     from e2b.exceptions import SandboxException
 
+    runtime = start_runtime(env={"SANDBOXD_FAULT_RESUMED_AGENT": "the test's fault"})
+    for name, value in runtime.env().items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("E2B_DEBUG", raising=False)
     sandbox = Sandbox.create()
     try:
-        assert sandbox.commands.run("mkdir /etc/resolv.conf.sandboxd-new", user="root").exit_code == 0
+        assert sandbox.run_code("1 + 1").text == "2"  # its kernel was up
         sandbox.pause(mode="filesystem")
         started = time.monotonic()
-        with pytest.raises(SandboxException, match=re.escape("IsADirectoryError: [Errno 21] Is a directory")):
+        with pytest.raises(SandboxException, match=re.escape("RuntimeError: the test's fault")):
             Sandbox.connect(sandbox.sandbox_id)
         waited = time.monotonic() - started
         assert waited < 5, f"the resume waited {waited:.1f} s for a kernel whose agent had exited"

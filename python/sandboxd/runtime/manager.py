@@ -156,6 +156,13 @@ def new_id() -> str:
 _HOST_CODE = str(Path(__file__).resolve().parents[2])
 """Where the runtime's code is installed on the host: never named in an error a client reads."""
 
+RESUME_FAULT = os.environ.get("SANDBOXD_FAULT_RESUMED_AGENT") or None
+"""A fault hook for tests: when the runtime's own environment (``sandboxd serve``'s, which no sandbox
+and no API client can set) has it, every resumed sandbox's agent exits before it listens, giving
+this as its reason. The tests' trigger of the fail-at-once path for agents that die before they
+listen (:meth:`SandboxManager._agent_up`): what a sandbox breaks of its own files (its trust store,
+its ``/etc/resolv.conf``) no longer reaches it, as it is logged and the agent starts."""
+
 
 def identity_env(row: SandboxRow) -> dict[str, str]:
     """The variables envd reads from Firecracker's metadata service (which sandbox, of which template),
@@ -500,6 +507,8 @@ class SandboxManager:
                 raise ApiError(500, f"could not prepare the sandbox's disk: {exc}") from None
             request = self._zygote_request(row, template, sandbox_dir)
             request["nice"] = nice
+            if resuming and RESUME_FAULT:
+                request["fault"] = RESUME_FAULT
             request["volumes"] = [target for target, _ in mounts]
             if slot is not None:
                 request["files"] = {"/etc/resolv.conf": slot.resolv_conf()}
@@ -587,10 +596,10 @@ class SandboxManager:
         self, sandbox_id: str, handle: _core.SandboxHandle, init: Coroutine[Any, Any, socket.socket | None]
     ) -> None:
         """``init`` (the agent's ``/init``), unless the sandbox's init exits first: it does when its
-        agent does (the agent is its payload), e.g. when it cannot write the runtime's ``resolv.conf``
-        where the sandbox left a directory before a pause. Then the create or resume fails at once
-        with the agent's own reason, not after ``READY_TIMEOUT_S`` of connects refused. The
-        connection ``init`` kept alive is kept for the first request (:meth:`_keep_init_connection`)."""
+        agent does (the agent is its payload; in the tests, by :data:`RESUME_FAULT`). Then the create
+        or resume fails at once with the agent's own reason, not after ``READY_TIMEOUT_S`` of connects
+        refused. The connection ``init`` kept alive is kept for the first request
+        (:meth:`_keep_init_connection`)."""
         loop = asyncio.get_running_loop()
         ending = self._ending[sandbox_id] = loop.create_future()
         task = asyncio.ensure_future(init)

@@ -140,10 +140,17 @@ def _listen(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _run_agent(log_fd: int, files: dict[str, str], interpreter: bool = False, ca_bundle: str | None = None) -> None:
+def _run_agent(
+    log_fd: int,
+    files: dict[str, str],
+    interpreter: bool = False,
+    ca_bundle: str | None = None,
+    fault: str | None = None,
+) -> None:
     """In the sandbox (PID 2): write the runtime's files and add its CA to the trust store, start the
     code interpreter if the template has it (a grandchild, reparented to the sandbox's init), then
-    become the agent. Never returns.
+    become the agent. Never returns. ``fault``: the runtime's test hook (``manager.RESUME_FAULT``),
+    this agent's reason to exit before it listens.
 
     The CA is added here, before the agent's event loop exists, rather than by ``POST /init``'s
     ``caBundle``, where it must run in a worker thread: the agent's first thread, started for it,
@@ -159,6 +166,8 @@ def _run_agent(log_fd: int, files: dict[str, str], interpreter: bool = False, ca
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     code = 0
     try:
+        if fault:
+            raise RuntimeError(fault)
         _write_files(files)
         if ca_bundle:
             from sandboxd.agent import cacerts
@@ -242,7 +251,13 @@ def _become_sandbox(request: dict[str, Any], disk_fd: int | None, log_fd: int, r
             os.close(disk_fd)  # attached inside; the agent needs no handle on the raw disk
         for fd in request["volume_fds"]:
             os.close(fd)  # likewise: mounted inside, idmapped; the raw mounts stay outside
-        _run_agent(log_fd, request.get("files") or {}, request.get("interpreter") is True, request.get("ca_bundle"))
+        _run_agent(
+            log_fd,
+            request.get("files") or {},
+            request.get("interpreter") is True,
+            request.get("ca_bundle"),
+            request.get("fault"),
+        )
     _tell(report, _report(b"P%d" % where.init_pid))
     os._exit(0)
 
