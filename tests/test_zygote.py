@@ -192,3 +192,73 @@ def test_the_agent_settings_the_zygote_builds_follow_the_sandboxs_open_file_limi
     before, after, room, backlog = map(int, out[:4])
     assert after == room == backlog < before, out
     assert out[4:] == ["None", "{}"], out
+
+
+def _write_files_as_in_a_sandbox(root: Path, log: Path) -> int:
+    """:func:`zygote._write_files` of the runtime's resolv.conf in a child whose ``/`` is ``root``
+    (a sandbox's agent writes it after its ``pivot_root``); its warnings go to ``log``. Its exit
+    status."""
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            import logging
+
+            import sandboxd.agent.server  # noqa: F401 (the zygote has it preloaded; the chroot has no Python)
+
+            sys.stderr = open(log, "w")  # noqa: SIM115 (the child exits with it open)
+            logging.root.handlers.clear()  # pytest's; the agent's own logging takes their place
+            os.chroot(root)
+            os.chdir("/")
+            zygote._write_files({"/etc/resolv.conf": "nameserver 10.0.0.1\n"})
+            code = 0
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="chroot needs root")
+@pytest.mark.parametrize(
+    ("plant", "refusal"),
+    [
+        ("nothing", None),  # a template without /etc: made
+        ("the old fixed temporary as a directory", None),
+        ("a FIFO at resolv.conf", None),  # replaced, never opened (no hang)
+        ("a directory at resolv.conf", "/etc/resolv.conf is a directory"),
+        ("/etc a link", "/etc is a link"),
+        ("/etc a file", "/etc is not a directory"),
+    ],
+)
+def test_the_runtimes_resolv_conf_is_written_only_through_the_sandboxs_own_directories(
+    tmp_path: Path, plant: str, refusal: str | None
+) -> None:
+    # What root in a sandbox can leave on the way before a pause neither fails the agent's start nor
+    # is followed: a refusal is a warning in the agent's log, and what was planted is left as it was.
+    root, log, elsewhere = tmp_path / "root", tmp_path / "agent.log", tmp_path / "root" / "elsewhere"
+    etc = root / "etc"
+    elsewhere.mkdir(parents=True)
+    if plant != "nothing" and plant != "/etc a link" and plant != "/etc a file":
+        etc.mkdir()
+    if plant == "the old fixed temporary as a directory":
+        (etc / "resolv.conf.sandboxd-new").mkdir()
+    elif plant == "a FIFO at resolv.conf":
+        os.mkfifo(etc / "resolv.conf")
+    elif plant == "a directory at resolv.conf":
+        (etc / "resolv.conf").mkdir()
+    elif plant == "/etc a link":
+        etc.symlink_to("/elsewhere")
+    elif plant == "/etc a file":
+        etc.write_text("")
+    assert _write_files_as_in_a_sandbox(root, log) == 0  # the agent would go on to start
+    warned = log.read_text()
+    assert not list(elsewhere.iterdir())  # nothing written through the link
+    if refusal is None:
+        assert warned == ""
+        assert (etc / "resolv.conf").read_text() == "nameserver 10.0.0.1\n"
+    else:
+        assert f"WARNING the sandbox's DNS was not set up (/etc/resolv.conf was not written): {refusal}" in warned
+        assert "sandboxd.agent.dns" in warned
+    if etc.is_dir() and not etc.is_symlink():  # no temporary left behind
+        assert {p.name for p in etc.iterdir()} <= {"resolv.conf", "resolv.conf.sandboxd-new"}
+    assert str(tmp_path) not in warned

@@ -17,12 +17,15 @@ ever import is imported here first (:func:`preload`).
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
+import secrets
 import select
 import selectors
 import signal
 import socket
+import stat
 import subprocess
 import sys
 from typing import TYPE_CHECKING, Any, NamedTuple, NoReturn
@@ -106,15 +109,72 @@ def preload() -> None:
 
 
 def _write_files(files: dict[str, str]) -> None:
-    """In the sandbox, as its root: files the runtime sets per sandbox (its ``/etc/resolv.conf``),
-    replaced whole (a symlink in the template is replaced, not followed)."""
+    """In the sandbox, as its root (after its ``pivot_root``: ``/`` is its own): files the runtime
+    sets per sandbox (its ``/etc/resolv.conf``), each replaced whole by a new file renamed over it.
+
+    The sandbox's root may have left anything on the way before a pause, and it is the sandbox's
+    own set-up it broke, so a file that cannot be written is a warning in its log (``sandbox
+    logs``), not a failed start: the agent starts, and the user keeps their files. Nothing on the
+    path is followed (no link, so no magic link of ``/proc`` to a host file, is ever written
+    through): each directory is opened ``O_NOFOLLOW`` from ``/``, and the new file is created in
+    it ``O_EXCL | O_NOFOLLOW`` under a random name, so nothing planted under a name is opened."""
     for path, content in files.items():
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        temp = f"{path}.sandboxd-new"
-        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
-        with os.fdopen(fd, "w") as f:
-            f.write(content)
-        os.rename(temp, path)
+        try:
+            _replace(path, content.encode())
+        except (OSError, ValueError) as exc:
+            _skipped("sandboxd.agent.dns", f"the sandbox's DNS was not set up ({path} was not written)", exc)
+
+
+def _replace(path: str, data: bytes) -> None:
+    """Write ``data`` to a new file beside the absolute ``path`` and rename it over ``path``; a
+    ``ValueError`` saying which part of the path is in the way (a link, not a directory, a directory
+    at ``path``)."""
+    *parents, name = path.strip("/").split("/")
+    where = ""
+    directory = os.open("/", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        for part in parents:
+            where = f"{where}/{part}"
+            flags = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+            try:
+                try:
+                    inner = os.open(part, flags, dir_fd=directory)
+                except FileNotFoundError:  # a template without it
+                    os.mkdir(part, 0o755, dir_fd=directory)
+                    inner = os.open(part, flags, dir_fd=directory)
+            except OSError as exc:
+                if exc.errno not in (errno.ENOTDIR, errno.ELOOP):
+                    raise
+                link = stat.S_ISLNK(os.lstat(part, dir_fd=directory).st_mode)
+                raise ValueError(f"{where} is {'a link' if link else 'not a directory'}") from None
+            os.close(directory)
+            directory = inner
+        temp = f".{name}.sandboxd-{secrets.token_hex(8)}"
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644, dir_fd=directory)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            try:
+                os.rename(temp, name, src_dir_fd=directory, dst_dir_fd=directory)
+            except IsADirectoryError:
+                raise ValueError(f"{where}/{name} is a directory") from None
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(temp, dir_fd=directory)
+            raise
+    finally:
+        os.close(directory)
+
+
+def _skipped(logger: str, what: str, exc: Exception) -> None:
+    """Log (the agent's log: ``sandbox logs``) a start-up step the sandbox's own files refused, which
+    the agent starts without; ``exc`` says why."""
+    import logging
+
+    from sandboxd.agent.server import configure_logging
+
+    configure_logging()
+    logging.getLogger(logger).warning("%s: %s", what, exc)
 
 
 AGENT_HOST = "127.0.0.1"
@@ -177,14 +237,10 @@ def _run_agent(
             except (OSError, ValueError) as exc:  # what the sandbox's own code left at its trust store
                 # Its own TLS it broke, not the runtime's: without the CA, HTTPS the egress proxy
                 # intercepts fails to validate (closed), and the agent still starts, so its files can
-                # be reached. Its log says why (``sandbox logs``).
-                import logging
-
-                from sandboxd.agent.server import configure_logging
-
-                configure_logging()
-                logging.getLogger("sandboxd.agent.cacerts").warning(
-                    "the egress CA was not added to the trust store; HTTPS with header rules will not validate: %s",
+                # be reached.
+                _skipped(
+                    "sandboxd.agent.cacerts",
+                    "the egress CA was not added to the trust store; HTTPS with header rules will not validate",
                     exc,
                 )
         if interpreter:
