@@ -91,7 +91,7 @@ def preload() -> None:
     from sandboxd.agent.app import AgentApp
     from sandboxd.agent.http_server import server_config
     from sandboxd.agent.methods import build_methods
-    from sandboxd.agent.server import prepare
+    from sandboxd.agent.server import configure_logging, prepare
     from sandboxd.agent.state import AgentState
     from sandboxd.interpreter import server as interpreter_server
 
@@ -103,6 +103,7 @@ def preload() -> None:
     # The agent's own, which every sandbox's agent starts from (last: its uvicorn loggers are the agent's).
     global _PREPARED
     _PREPARED = prepare(AGENT_HOST, AGENT_PORT)
+    configure_logging()  # the agent's handler, made once here rather than in every sandbox
 
 
 def _write_files(files: dict[str, str]) -> None:
