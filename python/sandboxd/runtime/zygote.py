@@ -190,7 +190,7 @@ def _run_agent(log_fd: int, files: dict[str, str], interpreter: bool = False, ca
         # No token yet: the runtime sets it with POST /init the moment the agent listens, so the
         # zygote never holds a secret that a later sandbox could find in its copied memory.
         listener = _listen(AGENT_HOST, AGENT_PORT)
-        run(AgentOptions(host=AGENT_HOST, port=AGENT_PORT, listener=listener, prepared=_PREPARED))
+        run(AgentOptions(host=AGENT_HOST, port=AGENT_PORT, listener=listener, prepared=_PREPARED), exits_after=True)
     except BaseException as exc:
         # The runtime gives this line's reason to the create or resume it fails (.logs.agent_failure).
         reason = f"{type(exc).__name__}: {exc}"
