@@ -108,13 +108,22 @@ def preload() -> None:
 
 def _write_files(files: dict[str, str]) -> None:
     """In the sandbox, as its root: files the runtime sets per sandbox (its ``/etc/resolv.conf``),
-    replaced whole (a symlink in the template is replaced, not followed)."""
+    replaced whole (a symlink in the template is replaced, not followed). Written with ``os.write``,
+    not through a text file object, and ``makedirs`` only for a directory that is missing: in a fresh
+    fork of the zygote that was 130 → 59 page faults (100 forks each way, alternating), on the path of
+    every create."""
     for path, content in files.items():
-        os.makedirs(os.path.dirname(path), exist_ok=True)
+        directory = os.path.dirname(path)
+        if not os.path.isdir(directory):
+            os.makedirs(directory, exist_ok=True)
         temp = f"{path}.sandboxd-new"
+        data = memoryview(content.encode())
         fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
-        with os.fdopen(fd, "w") as f:
-            f.write(content)
+        try:
+            while data:
+                data = data[os.write(fd, data) :]
+        finally:
+            os.close(fd)
         os.rename(temp, path)
 
 
