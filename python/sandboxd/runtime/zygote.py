@@ -110,8 +110,9 @@ def _write_files(files: dict[str, str]) -> None:
     """In the sandbox, as its root: files the runtime sets per sandbox (its ``/etc/resolv.conf``),
     replaced whole (a symlink in the template is replaced, not followed). Written with ``os.write``,
     not through a text file object, and ``makedirs`` only for a directory that is missing: in a fresh
-    fork of the zygote that was 130 → 59 page faults (100 forks each way, alternating), on the path of
-    every create."""
+    fork of the zygote that was 130 → 59 page faults (100 forks each way, alternating). In a sandbox
+    the CA install that follows touches many of the same pages, so the create saves ~35 of them
+    (``docs/benchmarks.md``)."""
     for path, content in files.items():
         directory = os.path.dirname(path)
         if not os.path.isdir(directory):
