@@ -254,8 +254,14 @@ def test_init_sets_token_envs_and_default_user(start_agent: Callable[..., Agent]
     assert httpx.get(f"{agent.url}/envs", headers={"X-Access-Token": "tok"}).json() == {"A": "1"}
     r = httpx.post(f"{agent.url}/init", json={"accessToken": "other"})
     assert r.status_code == 401
+    # An account the sandbox does not have is taken as given, as envd takes it (the sandbox's own
+    # code may have removed it before a pause: refusing it made the resume fail); using it fails.
     r = httpx.post(f"{agent.url}/init", json={"defaultUser": "ghost"}, headers={"X-Access-Token": "tok"})
-    assert r.status_code == 400
+    assert r.status_code == 204
+    r = httpx.post(f"{agent.url}/filesystem.Filesystem/Stat", json={"path": "~"}, headers={"X-Access-Token": "tok"})
+    assert r.status_code == 401 and r.json()["message"] == "invalid username: 'ghost'", r.text
+    r = httpx.post(f"{agent.url}/init", json={"defaultUser": "nobody"}, headers={"X-Access-Token": "tok"})
+    assert r.status_code == 204
     r = httpx.post(f"{agent.url}/init", content=b"{not json", headers={"X-Access-Token": "tok"})
     assert r.status_code == 400
     r = httpx.post(f"{agent.url}/filesystem.Filesystem/Stat", json={"path": "~"}, headers={"X-Access-Token": "tok"})

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import time
 from typing import Any
@@ -111,8 +112,10 @@ async def init(state: AgentState, headers: dict[str, str], receive: Receive, sen
         try:
             lookup(user)
         except KeyError:
-            await send_http_error(send, 400, f"defaultUser '{user}' does not exist in this sandbox")
-            return
+            # As envd: taken as given and looked up when used (a command then gets envd's "invalid
+            # username"). Refused here, a sandbox whose own code removed the account (or /etc) could
+            # not be resumed, and its files were lost to the user.
+            logging.getLogger("sandboxd.agent").warning("defaultUser '%s' does not exist in this sandbox", user)
     state.apply_init(access_token=token, env_vars=env_vars, default_user=user, default_workdir=workdir)
     if env_vars is not None:
         # As envd: the variables are set either way; a file the sandbox's own code broke is its loss.
