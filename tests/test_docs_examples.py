@@ -240,6 +240,8 @@ def test_template_file_operations_copying_and_ready_command(
         run = sbx.commands.run
         assert sbx.files.read("/app/config.json") == "[]"
         assert sbx.files.read("/tmp/ready") == "started\n"  # create returned once the ready check passed
+        sized = sbx.get_info()
+        assert (sized.cpu_count, sized.memory_mb) == (2, 2048)  # the build's sizes are the sandbox's
         assert run("cat /app/file/file1 /app/file/file2 /app/src/app.py /app/package.json").stdout == "onetwoprint(1){}"
         assert run("ls -A /tmp | grep old || echo none; test -e /new-path && echo renamed").stdout == "none\nrenamed\n"
         assert run("stat -c %a /app/data; readlink /app/link.json").stdout == "755\n/app/package.json\n"

@@ -10,6 +10,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import httpx
 import pytest
 from conftest import Runtime
 from sandboxd.runtime.host import instance_name
@@ -38,6 +39,19 @@ def _cgroup_procs(runtime: Runtime, sandbox_id: str) -> list[int]:
         except OSError:
             continue
     return []
+
+
+def _pool_ready(runtime: Runtime, n: int) -> None:
+    """Wait until ``n`` warm sandboxes are warmed up and claimable (the runtime's own gauge): a booted
+    sandbox's directory shows up before its warm-up ends, and a create before then is made cold."""
+    deadline = time.monotonic() + 120
+    while True:
+        text = httpx.get(f"{runtime.url}/metrics", headers={"Authorization": f"Bearer {runtime.api_key}"}).text
+        ready = [line.split()[-1] for line in text.splitlines() if line.startswith("sandboxd_warm_sandboxes ")]
+        if ready and float(ready[0]) >= n:
+            return
+        assert time.monotonic() < deadline, f"no {n} claimable warm sandboxes after 120 s"
+        time.sleep(0.2)
 
 
 @pytest.fixture
@@ -148,3 +162,45 @@ def test_warm_sandboxes_go_with_the_runtime_even_one_that_was_killed(start_runti
     runtime.process.wait(30)
     assert not any(_cgroup_procs(runtime, i) for i in fresh)
     assert not fresh & _dirs(runtime)
+
+
+def test_a_sized_warm_template_is_served_warm_at_its_size(
+    start_runtime: Callable[..., Runtime], sdk_env: Callable[[Runtime], None], base_template: bool
+) -> None:
+    """``--warm-template`` of a template built with ``cpu_count``/``memory_mb``: the pool's sandboxes
+    have its size; after a rebuild with another size the pool's older sandbox is not served (it is
+    dropped) and the pool refills at the new size."""
+    if not base_template:
+        pytest.skip("the Debian base cannot be built on this machine")
+    from e2b import Sandbox, Template
+
+    name = f"warm-sized-{os.urandom(4).hex()}"
+    runtime = start_runtime("--warm-sandboxes", "1", "--warm-template", name)
+    sdk_env(runtime)
+    Template.build(Template().from_template("base").run_cmd("true"), name, cpu_count=2, memory_mb=1536)
+    warm = _wait_warm(runtime, 1)
+    _pool_ready(runtime, 1)
+    sandbox = Sandbox.create(name, timeout=60)
+    try:
+        info = sandbox.get_info()
+        assert sandbox.sandbox_id in warm and (info.cpu_count, info.memory_mb) == (2, 1536)
+    finally:
+        sandbox.kill()
+
+    stale = _wait_warm(runtime, 1, exclude={sandbox.sandbox_id})
+    _pool_ready(runtime, 1)
+    Template.build(Template().from_template("base").run_cmd("true"), name, cpu_count=1, memory_mb=768)
+    cold = Sandbox.create(name, timeout=60)
+    try:
+        info = cold.get_info()
+        assert cold.sandbox_id not in stale and (info.cpu_count, info.memory_mb) == (1, 768)
+    finally:
+        cold.kill()
+    warm = _wait_warm(runtime, 1, exclude=stale | {sandbox.sandbox_id, cold.sandbox_id})
+    _pool_ready(runtime, 1)
+    again = Sandbox.create(name, timeout=60)
+    try:
+        info = again.get_info()
+        assert again.sandbox_id in warm and (info.cpu_count, info.memory_mb) == (1, 768)
+    finally:
+        again.kill()

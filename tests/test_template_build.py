@@ -21,6 +21,7 @@ from e2b import BuildException, Sandbox, SandboxQuery, Template, wait_for_port
 from e2b.template.logger import LogEntry
 from sandboxd.runtime.layers import hex_of
 from sandboxd.runtime.template_builder import CUT_AFTER_S, MAX_BUILD_LAYERS
+from test_escape_drills import cgroup_file
 from test_template_base import _wheel
 
 
@@ -340,6 +341,95 @@ def test_bad_requests_are_refused_with_a_reason(builds: Runtime) -> None:
         forged = link["url"].split("?")[0] + "?token=" + "0" * 64
         assert httpx.put(forged, content=b"x").status_code == 401
         assert client.get(f"/templates/x/builds/{requested['buildID']}/status").status_code == 404
+
+
+def _cgroup_limits(runtime: Runtime, sandbox_id: str) -> tuple[int, float]:
+    """The sandbox's cgroup memory limit (bytes) and CPU quota (cores), read from the host."""
+    memory = cgroup_file(runtime, sandbox_id, "memory", "memory.max")
+    if memory.exists():  # v2
+        quota, period = cgroup_file(runtime, sandbox_id, "cpu", "cpu.max").read_text().split()
+        return int(memory.read_text()), int(quota) / int(period)
+    memory = cgroup_file(runtime, sandbox_id, "memory", "memory.limit_in_bytes")
+    quota = int(cgroup_file(runtime, sandbox_id, "cpu", "cpu.cfs_quota_us").read_text())
+    period = int(cgroup_file(runtime, sandbox_id, "cpu", "cpu.cfs_period_us").read_text())
+    return int(memory.read_text()), quota / period
+
+
+def _size(sandbox: Sandbox) -> tuple[int, int]:
+    info = sandbox.get_info()
+    return info.cpu_count, info.memory_mb
+
+
+def test_a_templates_cpu_count_and_memory_size_its_sandboxes(builds: Runtime) -> None:
+    """E2B's ``Template.build(cpu_count=, memory_mb=)``: every sandbox created from the template gets
+    that size (its info, its cgroup, the template list), a snapshot of one keeps it, a template built
+    without them gets the runtime's defaults, and a rebuild's sizes apply to the sandboxes after it."""
+    name, plain = _name(), _name()
+    Template.build(Template().from_template("base").run_cmd("true"), name, cpu_count=2, memory_mb=1536)
+    Template.build(Template().from_template("base").run_cmd("true"), plain)
+    default = Sandbox.create("base", timeout=60)
+    sized = Sandbox.create(name, timeout=60)
+    snapshot_id = None
+    try:
+        defaults = _size(default)
+        assert defaults != (2, 1536)  # the runtime's --sandbox-cpus / --sandbox-memory-mb here
+        assert _size(sized) == (2, 1536)
+        assert _cgroup_limits(builds, sized.sandbox_id) == (1536 << 20, 2.0)
+        assert _cgroup_limits(builds, default.sandbox_id) == (defaults[1] << 20, float(defaults[0]))
+        headers = {"X-API-KEY": builds.api_key}
+        listed = {t["templateID"]: t for t in httpx.get(f"{builds.url}/templates", headers=headers).json()}
+        assert (listed[name]["cpuCount"], listed[name]["memoryMB"]) == (2, 1536)
+        assert (listed[plain]["cpuCount"], listed[plain]["memoryMB"]) == defaults
+        assert (listed["base"]["cpuCount"], listed["base"]["memoryMB"]) == defaults
+        plain_sandbox = Sandbox.create(plain, timeout=60)
+        try:
+            assert _size(plain_sandbox) == defaults
+        finally:
+            plain_sandbox.kill()
+
+        snapshot_id = sized.create_snapshot().snapshot_id
+        restored = Sandbox.create(snapshot_id, timeout=60)
+        try:
+            assert _size(restored) == (2, 1536)
+        finally:
+            restored.kill()
+
+        # A rebuild with other sizes: later sandboxes get them, the running one keeps its own.
+        Template.build(Template().from_template("base").run_cmd("true"), name, cpu_count=1, memory_mb=768)
+        later = Sandbox.create(name, timeout=60)
+        try:
+            assert _size(later) == (1, 768)
+            assert _cgroup_limits(builds, later.sandbox_id) == (768 << 20, 1.0)
+        finally:
+            later.kill()
+        assert _size(sized) == (2, 1536)
+    finally:
+        sized.kill()
+        default.kill()
+        if snapshot_id is not None:
+            Sandbox.delete_snapshot(snapshot_id)
+
+
+def test_a_templates_sizes_are_bounded_as_on_e2b_and_by_the_host(builds: Runtime) -> None:
+    """E2B's rules for a build's ``cpuCount``/``memoryMB`` (1 or an even count of CPUs, at least 128
+    MiB, an even MiB count), with this host's CPUs and memory as the team's maximums."""
+    host_cpus = len(os.sched_getaffinity(0))
+    meminfo = Path("/proc/meminfo").read_text().splitlines()
+    host_mb = next(int(line.split()[1]) for line in meminfo if line.startswith("MemTotal:")) >> 10
+    cases = [
+        ({"cpuCount": 0}, "CPU count must be at least 1"),
+        ({"cpuCount": 3}, "CPU count must be 1 or an even number"),
+        ({"cpuCount": host_cpus + 2 - host_cpus % 2}, f"CPU count can't be higher than {host_cpus}"),
+        ({"memoryMB": 64}, "Memory must be at least 128 MiB"),
+        ({"memoryMB": 1025}, "Memory must be divisible by 2"),
+        ({"memoryMB": host_mb + 2 - host_mb % 2}, f"Memory can't be higher than {host_mb} MiB"),
+        ({"cpuCount": "2"}, "'cpuCount' must be an integer"),
+    ]
+    with httpx.Client(base_url=builds.url, headers={"X-API-KEY": builds.api_key}) as client:
+        for fields, message in cases:
+            refused = client.post("/v3/templates", json={"name": _name(), **fields})
+            assert refused.status_code == 400 and message in refused.json()["message"], (fields, refused.text)
+        assert client.post("/v3/templates", json={"name": _name(), "cpuCount": 1, "memoryMB": 128}).status_code == 202
 
 
 def test_start_cmd_runs_in_each_new_sandbox_once_ready(builds: Runtime) -> None:
