@@ -101,14 +101,20 @@ def _read_int(path: str, default: int) -> int:
         return default
 
 
-def read_host(data_dir: Path) -> HostFacts:
-    """The host's CPUs, memory, pid and file limits, inotify limits and the data dir's free space."""
+def cpus_and_memory() -> tuple[int, int]:
+    """The CPUs this process may run on and the host's memory in bytes (``MemTotal``)."""
     meminfo = Path("/proc/meminfo").read_text()
     mem_kb = next(int(line.split()[1]) for line in meminfo.splitlines() if line.startswith("MemTotal:"))
+    return len(os.sched_getaffinity(0)), mem_kb << 10
+
+
+def read_host(data_dir: Path) -> HostFacts:
+    """The host's CPUs, memory, pid and file limits, inotify limits and the data dir's free space."""
+    cpus, memory_bytes = cpus_and_memory()
     file_nr = Path("/proc/sys/fs/file-nr").read_text().split()
     return HostFacts(
-        cpus=len(os.sched_getaffinity(0)),
-        memory_bytes=mem_kb << 10,
+        cpus=cpus,
+        memory_bytes=memory_bytes,
         pid_max=_read_int("/proc/sys/kernel/pid_max", 32768),
         file_max=_read_int("/proc/sys/fs/file-max", 0),
         files_open=int(file_nr[0]),

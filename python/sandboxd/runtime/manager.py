@@ -104,6 +104,10 @@ class Limits:
     warm_template: str = "base"
     """The template they are of (``--warm-template``)."""
 
+    def size(self, template: Template) -> tuple[int, int]:
+        """CPUs and memory (MiB) of a sandbox of ``template``: its build's, else these defaults."""
+        return template.cpu_count or self.cpu_count, template.memory_mb or self.memory_mb
+
 
 @dataclass(frozen=True, slots=True)
 class HostPlace:
@@ -450,6 +454,7 @@ class SandboxManager:
         try:
             async with self._owning(sandbox_id):
                 now = time.time()
+                cpus, memory_mb = self.limits.size(template)
                 row = SandboxRow(
                     id=sandbox_id,
                     template_id=template.id,
@@ -458,8 +463,8 @@ class SandboxManager:
                     started_at=now,
                     end_at=now + timeout,
                     access_token=request.access_token or secrets.token_urlsafe(24),
-                    cpu_count=request.cpu_count or self.limits.cpu_count,
-                    memory_mb=request.memory_mb or self.limits.memory_mb,
+                    cpu_count=request.cpu_count or cpus,
+                    memory_mb=request.memory_mb or memory_mb,
                     disk_mb=self.limits.disk_mb,
                     metadata=request.metadata,
                     env_vars=request.env_vars,
@@ -978,7 +983,13 @@ class SandboxManager:
                 )
             except OSError as exc:
                 raise ApiError(500, f"could not snapshot sandbox {sandbox_id}: {exc}") from None
-        config = {**parent.config, snapshots.SOURCE_KEY: sandbox_id}
+        # The snapshot's sandboxes get this sandbox's size, as on E2B (whatever its template says now).
+        config = {
+            **parent.config,
+            snapshots.SOURCE_KEY: sandbox_id,
+            "cpu_count": row.cpu_count,
+            "memory_mb": row.memory_mb,
+        }
         try:
             snapshot, info = await asyncio.to_thread(
                 self.templates.record_disk_layer,

@@ -3,7 +3,8 @@
 ``template_sync/build_api.py``):
 
 * ``POST /v3/templates`` ``{name, tags?, cpuCount?, memoryMB?}`` -> 202 ``{templateID, buildID, public,
-  names, tags, aliases}``: a build is requested (the template's id is its name here);
+  names, tags, aliases}``: a build is requested (the template's id is its name here); ``cpuCount`` and
+  ``memoryMB`` size every sandbox of the build (E2B's rules, :func:`requested_size`);
 * ``GET /templates/{id}/files/{hash}`` -> 201 ``{present, url?}``: whether a ``copy`` step's files
   (named by the SDK's hash of them) are here already, else where to ``PUT`` them: a URL of this
   runtime carrying a token derived from the API key (the SDK uploads without its API key, as to a
@@ -44,15 +45,44 @@ from sandboxd.agent.asgi import (
 
 from .api import Route, api_errors, check_api_key, find_route, iso
 from .errors import ApiError
+from .host import cpus_and_memory
 from .inputs import INT32_MAX, Body, Query, write_body
 from .template_builder import STATUS_PAGE, TemplateBuilder, parse_spec, status_answer
-from .templates import HIDDEN_PREFIX, check_tags, split_tag
+from .templates import HIDDEN_PREFIX, check_tags, sizes, split_tag
 
 MAX_UPLOAD = 8 << 30
 """Bytes one ``copy`` step's archive may have: a build context, not a disk image; past it the upload
 is refused (413) and nothing is kept."""
 
 MAX_TAGS = 32
+
+MIN_TEMPLATE_MEMORY_MB = 128
+"""E2B's least memory for a template's sandboxes (e2b-dev/infra ``packages/api/internal/constants``):
+below it the agent and a shell leave a sandbox no room to work."""
+
+
+def requested_size(body: Body, host_cpus: int, host_memory_mb: int) -> tuple[int | None, int | None]:
+    """A build request's ``cpuCount`` and ``memoryMB`` (None: the runtime's ``--sandbox-cpus`` /
+    ``--sandbox-memory-mb``), by E2B's rules (``team.LimitResources``: at least 1 CPU, 1 or an even
+    count; at least 128 MiB, an even count of MiB), with this host's CPUs and memory as the team's
+    maximums: a sandbox cannot be given more than the machine has."""
+    cpus = body.integer("cpuCount", -INT32_MAX, INT32_MAX)
+    memory_mb = body.integer("memoryMB", -INT32_MAX, INT32_MAX)
+    if cpus is not None:
+        if cpus < 1:
+            raise ApiError(400, "CPU count must be at least 1")
+        if cpus != 1 and cpus % 2:
+            raise ApiError(400, "CPU count must be 1 or an even number")
+        if cpus > host_cpus:
+            raise ApiError(400, f"CPU count can't be higher than {host_cpus} (the CPUs of this host)")
+    if memory_mb is not None:
+        if memory_mb < MIN_TEMPLATE_MEMORY_MB:
+            raise ApiError(400, f"Memory must be at least {MIN_TEMPLATE_MEMORY_MB} MiB")
+        if memory_mb % 2:
+            raise ApiError(400, "Memory must be divisible by 2")
+        if memory_mb > host_memory_mb:
+            raise ApiError(400, f"Memory can't be higher than {host_memory_mb} MiB (the memory of this host)")
+    return cpus, memory_mb
 
 
 def _tags(body: Body, required: bool = False) -> list[str]:
@@ -70,6 +100,8 @@ class TemplateApi:
     def __init__(self, builder: TemplateBuilder, api_key: str) -> None:
         self.builder = builder
         self.api_key = api_key
+        cpus, memory_bytes = cpus_and_memory()
+        self.host_cpus, self.host_memory_mb = cpus, memory_bytes >> 20
         part = r"([^/]+)"
         self.routes: list[Route] = [
             ("POST", re.compile(r"/v3/templates"), self.request_build),
@@ -108,10 +140,9 @@ class TemplateApi:
         name = body.string("name", required=True)
         assert name is not None
         tags = _tags(body)
-        body.integer("cpuCount", 1, INT32_MAX)
-        body.integer("memoryMB", 1, INT32_MAX)
+        cpus, memory_mb = requested_size(body, self.host_cpus, self.host_memory_mb)
         body.integer("minFreeDiskMB", 0, INT32_MAX)
-        build = self.builder.request(name, tags)
+        build = self.builder.request(name, tags, cpus, memory_mb)
         await send_json(
             send,
             202,
@@ -131,12 +162,13 @@ class TemplateApi:
         answer = []
         for row in self.builder.rows():
             created = iso(row.created_at)
+            cpus, memory_mb = sizes(row.config)
             answer.append(
                 {
                     "templateID": row.name,
                     "buildID": self.builder.build_id_of(row),
-                    "cpuCount": limits.cpu_count,
-                    "memoryMB": limits.memory_mb,
+                    "cpuCount": cpus or limits.cpu_count,
+                    "memoryMB": memory_mb or limits.memory_mb,
                     "diskSizeMB": limits.disk_mb,
                     "public": False,
                     "aliases": [row.name],

@@ -201,8 +201,10 @@ class BuildSpec:
 
 def inherited(config: dict[str, Any]) -> dict[str, Any]:
     """What of a parent's config a template built on it keeps: not the parent's own build id (a
-    rebuild's is new), nor whose snapshot it was (a template built on a snapshot is no snapshot)."""
-    return {k: v for k, v in config.items() if k not in ("build_id", snapshots.SOURCE_KEY)}
+    rebuild's is new), nor whose snapshot it was (a template built on a snapshot is no snapshot), nor
+    its sizes (as on E2B, each build has its own ``cpuCount``/``memoryMB``, the defaults if not given)."""
+    dropped = ("build_id", snapshots.SOURCE_KEY, "cpu_count", "memory_mb")
+    return {k: v for k, v in config.items() if k not in dropped}
 
 
 @dataclass(slots=True)
@@ -221,6 +223,10 @@ class Build:
     build_id: str
     name: str
     tags: list[str]
+    cpu_count: int | None = None
+    """Each of its sandboxes' CPUs (E2B's ``cpuCount``); None: the runtime's ``--sandbox-cpus``."""
+    memory_mb: int | None = None
+    """Each of its sandboxes' memory in MiB (``memoryMB``); None: the runtime's ``--sandbox-memory-mb``."""
     status: str = "waiting"
     """``waiting`` (requested, not triggered), ``building``, ``ready`` or ``error``."""
     logs: list[LogLine] = field(default_factory=list)
@@ -442,10 +448,15 @@ class TemplateBuilder:
 
     # ------------------------------------------------------------------------------ requests
 
-    def request(self, raw_name: str, tags: list[str]) -> Build:
+    def request(
+        self, raw_name: str, tags: list[str], cpu_count: int | None = None, memory_mb: int | None = None
+    ) -> Build:
         name, tags = parse_name(raw_name, tags)
         self.templates.check_buildable_name(name)
-        build = Build(template_id=name, build_id=str(uuid.uuid4()), name=name, tags=tags)
+        build_id = str(uuid.uuid4())
+        build = Build(
+            template_id=name, build_id=build_id, name=name, tags=tags, cpu_count=cpu_count, memory_mb=memory_mb
+        )
         if len(self.builds) >= MAX_BUILDS:
             finished = [b for b in self.builds.values() if b.status in ("ready", "error", "waiting")]
             if not finished:
@@ -566,6 +577,8 @@ class TemplateBuilder:
             "start_cmd": spec.start_cmd,
             "ready_cmd": spec.ready_cmd,
             "build_id": build.build_id,
+            "cpu_count": build.cpu_count,
+            "memory_mb": build.memory_mb,
         }
         self.templates.record_build(build.name, layers, config, f"template build from {parent_row.name}", build.tags)
 

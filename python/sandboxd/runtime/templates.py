@@ -101,6 +101,17 @@ id in the name, which only the API key's holder has)."""
 Report = Callable[[str], None]
 
 
+def sizes(config: dict[str, Any]) -> tuple[int | None, int | None]:
+    """A template's own CPU count and memory (MiB), kept in its config by the build that asked for them
+    (or the snapshot that took them from its sandbox); None where it did not: the runtime's defaults
+    (``--sandbox-cpus``, ``--sandbox-memory-mb``). Records made before sizes were kept have none."""
+
+    def positive(value: Any) -> int | None:
+        return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+    return positive(config.get("cpu_count")), positive(config.get("memory_mb"))
+
+
 @dataclass(frozen=True, slots=True)
 class Template:
     """What a sandbox is started from."""
@@ -112,7 +123,17 @@ class Template:
     host_usr: bool
     """Bind the host's ``/usr`` read-only into the sandbox (the ``host`` template)."""
     config: dict[str, Any] = field(default_factory=dict)
-    """``env`` (dict), ``user``, ``workdir``, ``start_cmd``, ``ready_cmd``."""
+    """``env`` (dict), ``user``, ``workdir``, ``start_cmd``, ``ready_cmd``, ``cpu_count``, ``memory_mb``."""
+
+    @property
+    def cpu_count(self) -> int | None:
+        """CPUs of each of its sandboxes (E2B's ``cpuCount`` of its build); None: the runtime's default."""
+        return sizes(self.config)[0]
+
+    @property
+    def memory_mb(self) -> int | None:
+        """Memory (MiB) of each of its sandboxes (E2B's ``memoryMB``); None: the runtime's default."""
+        return sizes(self.config)[1]
 
     @property
     def env(self) -> dict[str, str]:

@@ -15,8 +15,9 @@ an agent **without** access token, environment or CA bundle (the zygote never ho
 claim does what a create does after the fork, in the same code (``SandboxManager._boot``): the
 agent's ``POST /init`` with the new token, the template's and the request's env vars and defaults;
 the network link with the request's rules; the row, with ``startedAt``, metadata and timeout, from
-the claim. Only sandboxes with the runtime's default size, the warm template (``--warm-template``)
-and no caller-set id are served warm; anything else is created as before. A ``code-interpreter-v1``
+the claim. Only sandboxes of the warm template (``--warm-template``, at its size: a sandbox made
+before its template was rebuilt with another size is discarded), with no size and no id set by the
+caller, are served warm; anything else is created as before. A ``code-interpreter-v1``
 sandbox is warm with its Python kernel too (a create otherwise waits seconds for it).
 
 Cost, bounded by ``--warm-sandboxes N`` (default 0: none): N idle sandboxes (~7 MiB of PSS each,
@@ -113,7 +114,8 @@ class WarmPool:
         while self.ready:
             warm = self.ready.pop(0)
             self._wake.set()
-            if warm.template.id != template.id or self.manager.handles.get(warm.row.id) is not warm.handle:
+            resized = (warm.row.cpu_count, warm.row.memory_mb) != self.manager.limits.size(template)
+            if warm.template.id != template.id or resized or self.manager.handles.get(warm.row.id) is not warm.handle:
                 self.manager._background(self._discard(warm))  # its template was rebuilt since, or it died
                 continue
             return warm  # reniced by the claim (renice), before its /init
@@ -145,6 +147,7 @@ class WarmPool:
         from .manager import new_id  # the manager imports this module
 
         limits = manager.limits
+        cpus, memory_mb = limits.size(template)
         now = time.time()
         row = SandboxRow(
             id=new_id(),
@@ -154,8 +157,8 @@ class WarmPool:
             started_at=now,
             end_at=now,
             access_token="",
-            cpu_count=limits.cpu_count,
-            memory_mb=limits.memory_mb,
+            cpu_count=cpus,
+            memory_mb=memory_mb,
             disk_mb=limits.disk_mb,
         )
         handle, slot = await manager._spawn(row, template, resuming=False, nice=NICE)
