@@ -37,12 +37,12 @@
 //!
 //! # How
 //!
-//! `CLONE_VM` makes the child run in our memory, on a stack of its own ([`STACK_BYTES`], mapped
-//! for each spawn with a guard page below it), so the kernel copies no page tables, tears none
-//! down at `execve`, and leaves none of our pages write-protected. `CLONE_VFORK` suspends the
-//! calling thread until the child has called `execve` (its own, fresh address space from then on)
-//! or exited, so while the child runs the memory it reads cannot change under it, and the stack
-//! can be unmapped as soon as `clone` returns. Our other threads keep running. Without
+//! `CLONE_VM` makes the child run in our memory, on a stack of its own ([`STACK_BYTES`], with a
+//! guard page below it), so the kernel copies no page tables, tears none down at `execve`, and
+//! leaves none of our pages write-protected. `CLONE_VFORK` suspends the calling thread until the
+//! child has called `execve` (its own, fresh address space from then on) or exited, so while the
+//! child runs the memory it reads cannot change under it, and the stack is free again as soon as
+//! `clone` returns: it is kept for the next spawn ([`SPARE_STACKS`]) rather than unmapped. Our other threads keep running. Without
 //! `CLONE_FILES`, `CLONE_FS` and `CLONE_SIGHAND` the child gets its own copies of the descriptor
 //! table, the working directory and the signal dispositions, so changing them changes nothing of
 //! ours; and because of `CLONE_VFORK` the kernel keeps the child's `oom_score_adj` to itself
@@ -86,6 +86,7 @@ use std::io;
 use std::mem::MaybeUninit;
 use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
 use std::ptr;
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicI32, AtomicU32, Ordering};
 
 // The raw `setuid`/`setgid`/`setgroups` numbers take 32-bit ids, and `NSIG` is 65, on 64-bit
@@ -97,6 +98,18 @@ compile_error!("vfork.rs supports 64-bit Linux only");
 /// it calls (two `struct sigaction` are the largest locals); 64 KiB leaves ample room, and only
 /// the pages touched are ever backed by memory.
 const STACK_BYTES: usize = 64 * 1024;
+
+/// Stacks kept mapped for later spawns once their child has exec'd: 4, more than the spawns that
+/// ever run at once here (the agent spawns from its event loop). Mapping a stack for each spawn
+/// cost an `mmap`, an `mprotect`, page faults on the pages the child touched and an `munmap`, whose
+/// TLB shoot-down interrupts the other CPUs (the `munmap` alone: 3 % of the agent's own CPU
+/// samples, perf, in a loop of `Start /bin/true`; more than the reader thread's clone). A kept
+/// stack is 68 KiB of address space and the few pages the child touched.
+const SPARE_STACKS: usize = 4;
+
+/// The stacks kept for reuse (see [`SPARE_STACKS`]); each is used by one child at a time: taken
+/// before `clone`, given back after it returned.
+static SPARES: Mutex<Vec<Stack>> = Mutex::new(Vec::new());
 
 /// The first descriptor a command must not inherit. Ours are all close-on-exec, but a process
 /// embedding the agent may have been started with descriptors that are not (an orchestrator's
@@ -213,7 +226,7 @@ pub(crate) enum Failure {
 /// it has called `execve` successfully; it is then ours to reap.
 pub(crate) fn spawn(exec: Exec, setup: Setup<'_>) -> Result<libc::pid_t, Failure> {
     let plan = Plan::new(exec, setup);
-    let stack = Stack::map().map_err(Failure::Clone)?;
+    let stack = Stack::take().map_err(Failure::Clone)?;
     let report = Report::default();
     let child = Child {
         plan: &plan,
@@ -222,7 +235,7 @@ pub(crate) fn spawn(exec: Exec, setup: Setup<'_>) -> Result<libc::pid_t, Failure
     let pid = {
         let _blocked = BlockedSignals::all();
         // SAFETY: `child_main` runs on `stack`, which is mapped, writable and unused by anything
-        // else until it is unmapped after `clone` returns; its top is page-aligned, so 16-byte
+        // else until `clone` returns (taken from the spares, given back only after that); its top is page-aligned, so 16-byte
         // aligned as both ABIs want. `CLONE_VFORK` keeps this thread (and so `plan`, `report` and
         // `stack`, which nothing else references) here until the child has exec'd or exited, so
         // everything `child` points to outlives the child's use of it. The child only does what
@@ -241,7 +254,7 @@ pub(crate) fn spawn(exec: Exec, setup: Setup<'_>) -> Result<libc::pid_t, Failure
         }
         pid
     };
-    drop(stack);
+    stack.give_back();
     match report.failure() {
         None => Ok(pid),
         Some((step, errno)) => {
@@ -541,7 +554,26 @@ struct Stack {
     len: usize,
 }
 
+// SAFETY: a `Stack` owns its mapping alone (nothing else holds `base`); moving that ownership to
+// another thread is sound, and it is only ever used by one child at a time (see `SPARES`).
+unsafe impl Send for Stack {}
+
 impl Stack {
+    /// A spare stack, or a new mapping when none is left.
+    fn take() -> io::Result<Stack> {
+        let spare = crate::fanout::lock(&SPARES).pop();
+        spare.map_or_else(Stack::map, Ok)
+    }
+
+    /// Keeps this stack for a later spawn (its child has exec'd or exited: `clone` returned), or
+    /// unmaps it when [`SPARE_STACKS`] are kept already.
+    fn give_back(self) {
+        let mut spares = crate::fanout::lock(&SPARES);
+        if spares.len() < SPARE_STACKS {
+            spares.push(self);
+        }
+    }
+
     fn map() -> io::Result<Stack> {
         let page = nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE)
             .ok()
