@@ -37,7 +37,7 @@ import psutil
 import pytest
 from conftest import Agent, Interpreter, Runtime
 from e2b import NotFoundException, SandboxException, TimeoutException
-from e2b_code_interpreter import Sandbox
+from e2b_code_interpreter import ExecutionError, Sandbox
 
 SANDBOX_ENVS = {"SANDBOX_WIDE": "from-init", "SHADOWED": "global"}
 """Sandbox-wide env vars, as ``Sandbox.create(envs=...)`` sets them (the runtime sends them to the
@@ -67,6 +67,8 @@ class Target:
     sandbox: Sandbox
     cwd: str
     make_dir: Callable[[], str]
+    has_r: bool
+    """Whether the kernels include R's (the template's IRkernel; this venv has none)."""
 
 
 @pytest.fixture(scope="module", params=["standalone", "runtime"])
@@ -78,7 +80,7 @@ def target(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
             for name, value in env.items():
                 patch.setenv(name, value)
             sandbox = Sandbox.create()
-        yield Target(env, sandbox, str(interpreter.cwd), lambda: str(tmp_path_factory.mktemp("context")))
+        yield Target(env, sandbox, str(interpreter.cwd), lambda: str(tmp_path_factory.mktemp("context")), has_r=False)
         return
     if not request.getfixturevalue("interpreter_template"):
         pytest.skip("the code-interpreter-v1 template cannot be built on this machine")
@@ -96,7 +98,7 @@ def target(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
 
     try:
         assert sandbox.get_info().template_id == "code-interpreter-v1"
-        yield Target(env, sandbox, "/home/user", make_dir)
+        yield Target(env, sandbox, "/home/user", make_dir, has_r=True)
     finally:
         sandbox.kill()
 
@@ -410,13 +412,67 @@ display({"application/vnd.custom+json": {"x": 1}, "text/plain": "custom"}, raw=T
     assert main.is_main_result and main.json == {"answer": 42} and main.text == "{'answer': 42}"
 
 
-def test_unknown_and_missing_languages_say_so(sandbox: Sandbox) -> None:
+def _r_value(execution: Any) -> str | None:
+    """The text of an R cell's one result (IRkernel sends values as display data)."""
+    assert execution.error is None, execution.error
+    assert len(execution.results) == 1, execution.results
+    text: str | None = execution.results[0].text
+    return text
+
+
+def test_r(sandbox: Sandbox, target: Target) -> None:
+    """E2B's R examples (docs: code-interpreting/supported-languages/r) on the template's IRkernel."""
+    if not target.has_r:
+        pytest.skip("no R kernel outside the template (the runtime target runs these)")
+    hello = sandbox.run_code('print("Hello, world!")', language="r")
+    assert hello.error is None and hello.logs.stdout == ['[1] "Hello, world!"\n']
+
+    total = sandbox.run_code("x <- 1:10; sum(x)", language="r")
+    # IRkernel shows a value as display_data, which E2B's server (and ours) passes on as a result that
+    # is not the main one: Execution.text stays None on E2B too.
+    assert total.error is None and [r.text for r in total.results] == ["[1] 55"]
+    assert not total.results[0].is_main_result and total.text is None
+
+    directory = target.make_dir()
+    context = sandbox.create_code_context(cwd=directory, language="r")
+    assert context.language == "r"
+    sandbox.run_code("kept <- 41", context=context)
+    assert _r_value(sandbox.run_code("kept + 1", context=context)) == "[1] 42"
+    assert _r_value(sandbox.run_code("getwd()", context=context)) == f'[1] "{directory}"'
+    isolated = sandbox.run_code('exists("kept")', language="r")  # the default R context is another kernel
+    assert _r_value(isolated) == "[1] FALSE"
+
+    assert _r_value(sandbox.run_code('Sys.getenv("FOO")', envs={"FOO": "bar"}, language="r")) == '[1] "bar"'
+    assert _r_value(sandbox.run_code('Sys.getenv("FOO", "unset")', language="r")) == '[1] "unset"'
+
+    errors: list[ExecutionError] = []
+    failed = sandbox.run_code('cat("before\\n"); stop("nope")', language="r", on_error=errors.append)
+    assert isinstance(failed.error, ExecutionError)
+    assert errors == [failed.error]
+    assert "nope" in failed.error.value
+    assert failed.logs.stdout == ["before\n"]
+
+    events: list[tuple[str, float]] = []
+    started = time.monotonic()
+    streamed = sandbox.run_code(
+        'cat("one\\n"); Sys.sleep(1); cat("two\\n")',
+        language="r",
+        on_stdout=lambda m: events.append((m.line, time.monotonic() - started)),
+    )
+    total_s = time.monotonic() - started
+    assert [line for line, _ in events] == ["one\n", "two\n"] and streamed.logs.stdout == ["one\n", "two\n"]
+    assert events[0][1] < total_s - 0.7, (events, total_s)  # streamed as it happened
+    sandbox.remove_code_context(context)
+
+
+def test_unknown_and_missing_languages_say_so(sandbox: Sandbox, target: Target) -> None:
     with pytest.raises(SandboxException, match="400 Bad Request: unknown language 'cobol'"):
         sandbox.run_code("DISPLAY 'HI'", language="cobol")
-    with pytest.raises(
-        SandboxException, match="400 Bad Request: this sandbox has no Jupyter kernel for r: install IRkernel"
-    ):
-        sandbox.run_code('print("Hello")', language="r")
+    if not target.has_r:
+        with pytest.raises(
+            SandboxException, match="400 Bad Request: this sandbox has no Jupyter kernel for r: install IRkernel"
+        ):
+            sandbox.run_code('print("Hello")', language="r")
     with pytest.raises(SandboxException, match="400 Bad Request: this sandbox has no Jupyter kernel for java"):
         sandbox.create_code_context(language="java")
 

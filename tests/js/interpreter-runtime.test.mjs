@@ -12,6 +12,7 @@ import { skipReason, startRuntime } from './runtime.mjs'
 
 runCodeExamples('through sandboxd serve', {
   skip: skipReason,
+  hasR: true,
   async start() {
     const runtime = await startRuntime()
     const sandbox = await Sandbox.create()

@@ -73,9 +73,9 @@ export async function startInterpreter() {
 }
 
 /**
- * E2B's runCode examples (docs/code-interpreting) as one suite, against `target`: `{ skip, start() }`,
- * where `start()` gives `{ sandbox, cwd, makeDir(), stop() }`. One test file per target: node's
- * --test-timeout bounds a whole file.
+ * E2B's runCode examples (docs/code-interpreting) as one suite, against `target`: `{ skip, hasR, start() }`,
+ * where `start()` gives `{ sandbox, cwd, makeDir(), stop() }` and `hasR` says the kernels include R's
+ * (the template's do). One test file per target: node's --test-timeout bounds a whole file.
  */
 export function runCodeExamples(name, target) {
   describe(`runCode (docs/code-interpreting), ${name}`, { skip: target.skip }, () => {
@@ -219,6 +219,19 @@ plt.show()
     test('bash', async () => {
       const execution = await sandbox.runCode('echo "$((6 * 7))"; pwd', { language: 'bash' })
       assert.deepEqual(execution.logs.stdout.join('').split('\n'), ['42', setup.cwd, ''])
+    })
+
+    test('R (docs/code-interpreting/supported-languages/r)', { skip: !target.hasR && 'no R kernel here' }, async () => {
+      const hello = await sandbox.runCode('print("Hello, world!")', { language: 'r' })
+      assert.deepEqual(hello.logs.stdout, ['[1] "Hello, world!"\n'])
+      // IRkernel shows values as display data: a result that is not the main one (execution.text stays unset)
+      const values = async (code, opts) => (await sandbox.runCode(code, opts)).results.map((r) => r.text)
+      assert.deepEqual(await values('x <- 1:10; sum(x)', { language: 'r' }), ['[1] 55'])
+      const context = await sandbox.createCodeContext({ language: 'r' })
+      await sandbox.runCode('kept <- 41', { context })
+      assert.deepEqual(await values('kept + 1', { context }), ['[1] 42'])
+      const failed = await sandbox.runCode('stop("nope")', { language: 'r' })
+      assert.match(failed.error.value, /nope/)
     })
   })
 }
