@@ -3,7 +3,7 @@ it), with the kernels and E2B's data stack; the code interpreter started with ev
 warm when ``Sandbox.create()`` returns, and what a pause does to it. Real builds, a real runtime, the
 official SDK.
 
-The ``run_code`` examples themselves run in ``test_interpreter_sdk.py`` (its ``runtime`` target).
+The ``run_code`` examples themselves (R's included) run in ``test_interpreter_sdk.py`` (its ``runtime`` target).
 """
 
 from __future__ import annotations
@@ -95,10 +95,20 @@ def test_the_template_is_one_layer_over_base(built: dict[str, object]) -> None:
     assert built["config"] == {**debian.CONFIG, "code_interpreter": True}
     tree = store.path(own)
     kernels = tree / "usr" / "local" / "share" / "jupyter" / "kernels"
-    assert {p.name for p in kernels.iterdir()} >= {"python3", "bash", "deno"}
+    assert {p.name for p in kernels.iterdir()} >= {"python3", "bash", "deno", "r"}
     assert json.loads((kernels / "deno" / "kernel.json").read_text())["language"] == "typescript"
+    assert json.loads((kernels / "r" / "kernel.json").read_text())["language"] == "R"
     assert (tree / "usr" / "local" / "bin" / "deno").is_file()
-    assert not (tree / "usr" / "bin").exists()  # nothing of base is repeated in it
+    assert (tree / "usr" / "lib" / "R" / "site-library" / "IRkernel").is_dir()
+    assert not (tree / "var" / "lib" / "apt" / "lists").exists()  # apt's lists stayed in the step's cache
+    base_bin = store.path(recipe.base.key()) / "usr" / "bin"
+    repeated = [
+        p.name
+        for p in (tree / "usr" / "bin").iterdir()
+        if (base_bin / p.name).is_symlink() or (base_bin / p.name).exists()
+    ]
+    assert repeated == []  # R's commands are new; nothing of base is repeated in it
+    assert (tree / "usr" / "bin" / "R").is_file()
     assert not (tree / "tmp").exists() or not any((tree / "tmp").iterdir())  # the step's /tmp was a tmpfs
     assert not (tree / layer_step.RECORD).exists()
     recorded = (store.layers / f"{hex_of(own)}.packages.tsv").read_text().splitlines()
@@ -106,6 +116,8 @@ def test_the_template_is_one_layer_over_base(built: dict[str, object]) -> None:
     for pinned in code_interpreter.PACKAGES:
         name, version = pinned.split("==")
         assert packages.get(_normalized(name)) == version, pinned
+    for name in code_interpreter.DEBIAN_PACKAGES:
+        assert packages.get(name), name
     info = store.info(own)
     assert info is not None and info.kind == "build"
 

@@ -17,8 +17,12 @@ Which kernels, and why:
   CommonJS-style code working. It costs ~200 MiB of private memory once started (ipykernel: ~40 MiB),
   which is why the server starts it on first use unless told otherwise.
 * **bash: ``bash_kernel``** (PyPI, the Jupyter project's), as in E2B's template.
-* **R and Java** (IRkernel, IJava) only where the template installed their kernelspecs; otherwise
-  creating such a context fails with a message naming the language and what to install.
+* **R: IRkernel**, as in E2B's template (``code-interpreter-v1`` installs Debian's ``r-cran-irkernel``
+  and its kernelspec ``r``). IRkernel sends a cell's value as ``display_data``, so, as on E2B, it
+  arrives as a result that is not the main one (``Execution.text`` stays empty).
+* **Java** (IJava) only where a template installed its kernelspec; there, and for R in a template
+  without IRkernel, creating such a context fails with a message naming the language and what to
+  install.
 
 A kernel is found by its kernelspec (``kernel.json``) in the template's Jupyter data directories,
 never in the server's own installation (that is the host's, not the template's); without a

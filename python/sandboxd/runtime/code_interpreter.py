@@ -9,11 +9,17 @@ lists ``base`` beneath it, never a copy of it.
 What E2B's template has (e2b-dev/code-interpreter ``template/``: ``template.py`` and
 ``requirements.txt``), and what this one takes of it:
 
-* **Kernels**: ipykernel (Python), bash_kernel, and Deno's kernel for JavaScript and TypeScript
-  (E2B: its ijavascript fork; why Deno is in ``sandboxd/interpreter/languages.py``), with their
-  kernelspecs in ``/usr/local/share/jupyter/kernels``. Not R (IRkernel, ~300 MiB with r-base) nor
-  Java (a JDK, ~300 MiB): E2B installs them on request only; here a template built ``from`` this one
-  may add them, and the interpreter answers a clear 400 naming what to install meanwhile.
+* **Kernels**: ipykernel (Python), bash_kernel, Deno's kernel for JavaScript and TypeScript (E2B:
+  its ijavascript fork; why Deno is in ``sandboxd/interpreter/languages.py``), and IRkernel for R,
+  with their kernelspecs in ``/usr/local/share/jupyter/kernels`` (R's named ``r``, as E2B's
+  ``installspec(name = 'r')`` names it). R and IRkernel are Debian's ``r-base-core`` and
+  ``r-cran-irkernel``, from the archive ``base`` comes from (E2B adds CRAN's apt repository and
+  installs IRkernel from CRAN's sources; the archive's build needs neither a compiler nor a third
+  source). Without recommends: no ``r-recommended`` library set, no ``r-base-dev``; measured, R adds
+  ~110 MiB to the layer and ~15 s to a cold build (``docs/templates.md``). apt's lists and
+  downloads stay in the step's cache, not in the layer. Not Java (a JDK, ~300 MiB, and IJava is
+  only on GitHub): a template built ``from`` this one may add it, and the interpreter answers a
+  clear 400 naming what to install meanwhile.
 * **What the interpreter's setup cell uses**: ``e2b-charts`` (chart data for matplotlib figures)
   and ``orjson``.
 * **The data stack, at E2B's pinned versions**: numpy, pandas, matplotlib, pillow, scipy,
@@ -98,7 +104,20 @@ PACKAGES = (
     "pytest==9.0.3",
 )
 
+DEBIAN_PACKAGES = ("r-base-core", "r-cran-irkernel")
+"""R and its Jupyter kernel, from the Debian archive ``base`` comes from (E2B: CRAN's R and IRkernel)."""
+
 STEP = r"""
+echo "sandboxd-phase: installing R and IRkernel from Debian's archive"
+# apt's lists and downloads stay in the step's cache (not in the layer; a rebuild downloads nothing new)
+mkdir -p CACHE/apt/lists/partial CACHE/apt/archives/partial
+apt_get() {
+    DEBIAN_FRONTEND=noninteractive apt-get -q -o Dir::State::Lists=CACHE/apt/lists \
+        -o Dir::Cache::archives=CACHE/apt/archives -o Dir::Cache::pkgcache= -o Dir::Cache::srcpkgcache= \
+        -o Acquire::Languages=none -o Acquire::Retries=3 "$@"
+}
+apt_get update
+apt_get install -y --no-install-recommends DEBIAN_PACKAGES
 echo "sandboxd-phase: downloading Python packages"
 python3 -m pip install --only-binary :all: --progress-bar off --no-warn-script-location \
     --index-url "$INDEX_URL" -r /dev/stdin <<'EOF'
@@ -112,10 +131,23 @@ cat > /usr/local/share/jupyter/kernels/deno/kernel.json <<'EOF'
  "display_name": "Deno", "language": "typescript"}
 EOF
 test -f /usr/local/share/jupyter/kernels/python3/kernel.json
+# IRkernel's own kernelspec, named "r" as E2B's template names it (installspec(name = 'r'))
+mkdir -p /usr/local/share/jupyter/kernels/r
+cat > /usr/local/share/jupyter/kernels/r/kernel.json <<'EOF'
+{"argv": ["/usr/bin/R", "--slave", "-e", "IRkernel::main()", "--args", "{connection_file}"],
+ "display_name": "R", "language": "R"}
+EOF
+R --slave -e 'library(IRkernel)'
 # matplotlib builds its font list on first import (seconds): once here, for root, whose kernels use it
 python3 -c 'import matplotlib.pyplot'
 python3 -m pip list --format=freeze | sed 's/==/\t/' > /.sandboxd-packages
-""".replace("PACKAGES", "\n".join(PACKAGES))
+dpkg-query -W -f '${Package}\t${Version}\n' DEBIAN_PACKAGES >> /.sandboxd-packages
+"""
+STEP = (
+    STEP.replace("DEBIAN_PACKAGES", " ".join(DEBIAN_PACKAGES))
+    .replace("PACKAGES", "\n".join(PACKAGES))
+    .replace("CACHE", layer_step.CACHE_DIR)
+)
 """The step, run as root in a chroot over ``base`` (``/bin/sh -eu``)."""
 
 CONFIG: dict[str, Any] = {**debian.CONFIG, "code_interpreter": True}
@@ -139,6 +171,7 @@ class Recipe:
             "base": self.base.key(),
             "index": self.index_url.rstrip("/"),
             "packages": PACKAGES,
+            "debian_packages": DEBIAN_PACKAGES,
             "step": STEP,
             "epoch": debian.SOURCE_DATE_EPOCH,
             "config": CONFIG,
