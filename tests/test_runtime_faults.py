@@ -218,6 +218,32 @@ def test_a_sandbox_that_broke_its_own_resolv_conf_still_resumes(
         Sandbox.kill(sbx.sandbox_id)
 
 
+def test_a_sandbox_that_left_fifos_where_envd_files_are_written_still_resumes(e2b_env: Runtime) -> None:
+    # Root in the sandbox leaves FIFOs, before a pause, under the names the agent wrote envd's
+    # /run/e2b files through (each file's temporary had a fixed name: the file's and the agent's
+    # pid). Opening a FIFO to write waits for a reader for ever: the resume's /init hung in its
+    # thread, the resume failed, and the user lost the sandbox and its files. Nothing the sandbox
+    # left may be opened: the files are written under new, random names and renamed into place.
+    from e2b import Sandbox
+
+    sbx = Sandbox.create()
+    try:
+        sbx.files.write("/home/user/before-pause", "kept")
+        names = "E2B_SANDBOX E2B_SANDBOX_ID E2B_TEMPLATE_ID E2B_TEAM_ID"
+        plant = f"cd /run/e2b && for n in {names}; do for p in $(seq 1 300); do mkfifo .$n.$p.tmp; done; done"
+        planting = sbx.commands.run(plant, user="root")
+        assert planting.exit_code == 0, planting.stderr
+        sbx.pause(mode="filesystem")  # type: ignore[arg-type]
+        resumed = Sandbox.connect(sbx.sandbox_id)
+        assert resumed.commands.run("echo alive", user="root").stdout == "alive\n"
+        assert resumed.files.read("/home/user/before-pause", user="root") == "kept"
+        assert resumed.files.read("/run/e2b/.E2B_SANDBOX_ID", user="root") == sbx.sandbox_id
+        left = resumed.commands.run("find /run/e2b -type p | wc -l", user="root").stdout
+        assert left == "1200\n", left  # the FIFOs are the sandbox's: left as they were
+    finally:
+        Sandbox.kill(sbx.sandbox_id)
+
+
 def test_a_resume_whose_agent_dies_before_it_listens_fails_at_once_saying_why(
     start_runtime: Callable[..., Runtime], monkeypatch: pytest.MonkeyPatch
 ) -> None:
