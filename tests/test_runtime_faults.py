@@ -244,6 +244,37 @@ def test_a_sandbox_that_left_fifos_where_envd_files_are_written_still_resumes(e2
         Sandbox.kill(sbx.sandbox_id)
 
 
+@pytest.mark.parametrize(
+    ("path", "plant", "kind"),
+    [
+        ("/etc/hostname", "mkfifo", "fifo"),
+        ("/etc/hosts", "mkfifo", "fifo"),
+        ("/etc/hostname", "mkdir", "directory"),
+    ],
+)
+def test_a_sandbox_that_broke_its_etc_hostname_or_hosts_still_resumes(
+    e2b_env: Runtime, path: str, plant: str, kind: str
+) -> None:
+    # The jail writes the sandbox's /etc/hostname and /etc/hosts at every start, as the sandbox's root
+    # after its pivot_root. Root in the sandbox replaces one, before a pause, with a FIFO (opening it
+    # to write waited for a reader for ever: the resume timed out) or a directory (the jail's set-up
+    # failed). Either way the user lost the sandbox. It is the sandbox's own file: left as it is.
+    from e2b import Sandbox
+
+    sbx = Sandbox.create()
+    try:
+        sbx.files.write("/home/user/before-pause", "kept")
+        planting = sbx.commands.run(f"rm -f {path} && {plant} {path}", user="root")
+        assert planting.exit_code == 0, planting.stderr
+        sbx.pause(mode="filesystem")  # type: ignore[arg-type]
+        resumed = Sandbox.connect(sbx.sandbox_id)
+        assert resumed.commands.run("echo alive", user="root").stdout == "alive\n"
+        assert resumed.files.read("/home/user/before-pause", user="root") == "kept"
+        assert resumed.commands.run(f"stat -c %F {path}", user="root").stdout == f"{kind}\n"
+    finally:
+        Sandbox.kill(sbx.sandbox_id)
+
+
 def test_a_resume_whose_agent_dies_before_it_listens_fails_at_once_saying_why(
     start_runtime: Callable[..., Runtime], monkeypatch: pytest.MonkeyPatch
 ) -> None:
