@@ -250,6 +250,32 @@ def test_a_sandbox_that_broke_its_etc_hostname_or_hosts_still_resumes(
         assert resumed.commands.run(f"stat -c %F {path}", user="root").stdout == f"{kind}\n"
 
 
+def test_a_sandbox_whose_account_database_is_a_fifo_still_resumes_and_can_be_mended(e2b_env: Runtime) -> None:
+    # Root in the sandbox replaces /etc/passwd with a FIFO before a pause. The agent looks accounts up
+    # as it starts and for every request's user, and reading a FIFO waits for a writer for ever: the
+    # resume's agent never listened, and the user lost the sandbox and its files. Now the agent takes
+    # a database that is not a regular file as absent (root is still root): the resume succeeds, the
+    # files API reaches the user's files as root, and putting the file back mends the sandbox.
+    from e2b import Sandbox
+
+    sbx = Sandbox.create()
+    try:
+        sbx.files.write("/home/user/before-pause", "kept")
+        plant = "cp /etc/passwd /root/passwd.kept && rm /etc/passwd && mkfifo /etc/passwd"
+        planting = sbx.commands.run(plant, user="root")
+        assert planting.exit_code == 0, planting.stderr
+        sbx.pause(mode="filesystem")  # type: ignore[arg-type]
+        resumed = Sandbox.connect(sbx.sandbox_id)
+        assert resumed.files.read("/home/user/before-pause", user="root") == "kept"
+        # Listing names each entry's owner (envd's EntryInfo.owner): from the database, as numbers now.
+        listed = {e.name: e for e in resumed.files.list("/etc", user="root")}
+        assert listed["hostname"].owner == "0", listed["hostname"]
+        resumed.files.write("/etc/passwd", resumed.files.read("/root/passwd.kept", user="root"), user="root")
+        assert resumed.commands.run("id -un").stdout == "user\n"
+    finally:
+        Sandbox.kill(sbx.sandbox_id)
+
+
 def test_a_resume_whose_agent_dies_before_it_listens_fails_at_once_saying_why(
     start_runtime: Callable[..., Runtime], monkeypatch: pytest.MonkeyPatch
 ) -> None:
