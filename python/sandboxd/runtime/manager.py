@@ -152,9 +152,19 @@ def validate_timeout(timeout: int, limits: Limits) -> int:
     return timeout
 
 
+_ID_ALPHABET = string.ascii_lowercase + string.digits
+_ID_BYTES = 7 * len(_ID_ALPHABET)
+"""Random bytes below this (252) map evenly onto the 36 characters (``b % 36``); the rest are dropped."""
+
+
 def new_id() -> str:
-    """20 characters of ``[a-z0-9]``, like E2B's ids."""
-    return "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(20))
+    """20 characters of ``[a-z0-9]``, like E2B's ids, uniformly random. From one ``token_bytes`` (one
+    ``getrandom``): ``secrets.choice`` per character cost ~30 µs a create, 20 draws through
+    ``random``'s Python code."""
+    chars: list[str] = []
+    while len(chars) < 20:
+        chars += [_ID_ALPHABET[b % 36] for b in secrets.token_bytes(24) if b < _ID_BYTES]
+    return "".join(chars[:20])
 
 
 _HOST_CODE = str(Path(__file__).resolve().parents[2])
