@@ -5,9 +5,13 @@ the firewall elements of settings, and the metrics history's forget. Real SQLite
 from __future__ import annotations
 
 import string
+from pathlib import Path
 
 from sandboxd.runtime.inputs import SANDBOX_ID
 from sandboxd.runtime.manager import new_id
+from sandboxd.runtime.network.policy import NetworkConfig
+from sandboxd.runtime.network.state import NetworkRow, NetworkStore, SlotReader
+from sandboxd.runtime.store import Store
 
 
 def test_new_ids_are_e2b_shaped_and_use_every_character() -> None:
@@ -22,3 +26,37 @@ def test_new_ids_are_e2b_shaped_and_use_every_character() -> None:
     counts = [seen.count(c) for c in set(seen)]
     assert max(counts) < 3000 and min(counts) > 2550, sorted(counts)
 
+
+def _row(sandbox_id: str, slot: int | None = 3, config: NetworkConfig | None = None) -> NetworkRow:
+    return NetworkRow(sandbox_id, slot, config or NetworkConfig(allow_internet_access=True), "tok")
+
+
+def test_network_rows_read_from_memory_are_the_table(tmp_path: Path) -> None:
+    """Every write reaches the table (the helper process reads it) and the copy in memory alike."""
+    store = Store(tmp_path / "sandboxd.db")
+    rows = NetworkStore(store.db)
+    helper = SlotReader(tmp_path / "sandboxd.db")  # the network helper's read-only view
+    rows.put(_row("a"))
+    assert helper.at(3) == ("a", NetworkConfig(allow_internet_access=True).to_json())
+    assert rows.get("a") == _row("a")
+    denied = NetworkConfig(allow_internet_access=False)
+    rows.set_config("a", denied)
+    assert rows.get("a") == _row("a", config=denied)
+    assert helper.at(3) == ("a", denied.to_json())
+    rows.set_slot("a", None)
+    assert rows.get("a") == _row("a", slot=None, config=denied)
+    assert helper.at(3) is None
+    rows.delete("a")
+    assert rows.get("a") is None
+    assert store.db.execute("SELECT COUNT(*) FROM sandbox_networks").fetchone()[0] == 0
+    # A row not found is not remembered as missing: a runtime restarted on the same database (a new
+    # NetworkStore) and rows it has not read yet are found in the table.
+    assert rows.get("b") is None
+    NetworkStore(store.db).put(_row("b", slot=4))
+    assert rows.get("b") == _row("b", slot=4)
+    # A row put on another's slot replaces that one in the table (INSERT OR REPLACE, slot UNIQUE):
+    # in memory too.
+    rows.put(_row("c", slot=4))
+    assert rows.get("c") == _row("c", slot=4)
+    assert rows.get("b") is None
+    assert helper.at(4) == ("c", NetworkConfig(allow_internet_access=True).to_json())

@@ -274,8 +274,8 @@ class SandboxNetworks:
         ``config``, the stored one (a resume); ``linked``: its veth pair was made ahead (:meth:`link`,
         a warm sandbox). On failure nothing of the link is left."""
         assert self.pool is not None and self.firewall is not None
-        existing = self.rows.get(sandbox_id)
         if config is None:
+            existing = self.rows.get(sandbox_id)
             config = existing.config if existing is not None else NetworkConfig()
             traffic_token = existing.traffic_token if existing is not None else None
         rules = self._rules(config)
