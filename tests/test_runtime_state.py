@@ -7,9 +7,12 @@ from __future__ import annotations
 import string
 from pathlib import Path
 
+import pytest
 from sandboxd.runtime.inputs import SANDBOX_ID
 from sandboxd.runtime.manager import new_id
-from sandboxd.runtime.network.policy import NetworkConfig
+from sandboxd.runtime.network import SandboxNetworks
+from sandboxd.runtime.network.firewall import SandboxRules
+from sandboxd.runtime.network.policy import NetworkConfig, compile_egress
 from sandboxd.runtime.network.state import NetworkRow, NetworkStore, SlotReader
 from sandboxd.runtime.store import Store
 
@@ -60,3 +63,22 @@ def test_network_rows_read_from_memory_are_the_table(tmp_path: Path) -> None:
     assert rows.get("c") == _row("c", slot=4)
     assert rows.get("b") is None
     assert helper.at(4) == ("c", NetworkConfig(allow_internet_access=True).to_json())
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        NetworkConfig(),
+        NetworkConfig(allow_internet_access=True),
+        NetworkConfig(allow_internet_access=False),
+        NetworkConfig(allow_out=("1.1.1.1", "example.com"), deny_out=("0.0.0.0/0",)),
+        NetworkConfig(deny_out=("10.0.0.0/8", "10.1.0.0/16", "2001:db8::/32")),
+        NetworkConfig(allow_out=("example.com",), rules={"example.com": ({"x-a": "b"},)}),
+    ],
+)
+def test_firewall_elements_of_settings_compiled_once_are_the_same(config: NetworkConfig) -> None:
+    fresh = SandboxRules.of(compile_egress(config))
+    assert SandboxNetworks._rules(config) == fresh
+    assert SandboxNetworks._rules(config) == fresh  # again, from the cache where the settings are hashable
+    # "none" (no transaction at attach and detach) exactly when there are no elements to add.
+    assert fresh.none == (fresh.elements("inet t", "veth", "add") == [])
