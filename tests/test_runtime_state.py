@@ -4,7 +4,9 @@ the firewall elements of settings, and the metrics history's forget. Real SQLite
 
 from __future__ import annotations
 
+import sqlite3
 import string
+import time
 from pathlib import Path
 
 import pytest
@@ -14,7 +16,7 @@ from sandboxd.runtime.network import SandboxNetworks
 from sandboxd.runtime.network.firewall import SandboxRules
 from sandboxd.runtime.network.policy import NetworkConfig, compile_egress
 from sandboxd.runtime.network.state import NetworkRow, NetworkStore, SlotReader
-from sandboxd.runtime.store import Store
+from sandboxd.runtime.store import SandboxRow, Store
 
 
 def test_new_ids_are_e2b_shaped_and_use_every_character() -> None:
@@ -82,3 +84,19 @@ def test_firewall_elements_of_settings_compiled_once_are_the_same(config: Networ
     assert SandboxNetworks._rules(config) == fresh  # again, from the cache where the settings are hashable
     # "none" (no transaction at attach and detach) exactly when there are no elements to add.
     assert fresh.none == (fresh.elements("inet t", "veth", "add") == [])
+
+
+def test_a_new_sandbox_and_its_first_event_are_one_transaction(tmp_path: Path) -> None:
+    store = Store(tmp_path / "sandboxd.db")
+    now = time.time()
+    row = SandboxRow("s" * 20, "base", None, "running", now, now + 300, "t" * 32, 1, 1024, 10240)
+    store.insert(row, ("created", "template base, timeout 300s"))
+    assert store.get(row.id) == row
+    assert [kind for _, kind, _ in store.events(row.id)] == ["created"]
+    with pytest.raises(sqlite3.IntegrityError):  # the same id again: neither its row nor its event
+        store.insert(row, ("created", "a second time"))
+    assert [reason for _, _, reason in store.events(row.id)] == ["template base, timeout 300s"]
+    assert not store.db.in_transaction
+    # Committed: another connection (a runtime restarted after a crash) sees both.
+    other = Store(tmp_path / "sandboxd.db")
+    assert other.get(row.id) == row and len(other.events(row.id)) == 1

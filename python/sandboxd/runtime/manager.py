@@ -486,8 +486,7 @@ class SandboxManager:
                 if warm is not None:
                     row.id_base, row.init_pid, row.init_start = warm.row.id_base, warm.row.init_pid, warm.row.init_start
                 await self._boot(row, template, network=(request.network, traffic_token), warm=warm)
-                self.store.insert(row)
-                self.store.event(row.id, "created", f"template {request.template}, timeout {timeout}s")
+                self.store.insert(row, ("created", f"template {request.template}, timeout {timeout}s"))
                 self._background(self._first_sample(row))
         except BaseException:
             self._slots.discard(sandbox_id)
