@@ -4,6 +4,7 @@ the firewall elements of settings, and the metrics history's forget. Real SQLite
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 import string
 import time
@@ -12,6 +13,7 @@ from pathlib import Path
 import pytest
 from sandboxd.runtime.inputs import SANDBOX_ID
 from sandboxd.runtime.manager import new_id
+from sandboxd.runtime.metrics import MetricsHistory, MetricsSample
 from sandboxd.runtime.network import SandboxNetworks
 from sandboxd.runtime.network.firewall import SandboxRules
 from sandboxd.runtime.network.policy import NetworkConfig, compile_egress
@@ -67,6 +69,22 @@ def test_network_rows_read_from_memory_are_the_table(tmp_path: Path) -> None:
     assert helper.at(4) == ("c", NetworkConfig(allow_internet_access=True).to_json())
 
 
+def test_a_new_sandbox_and_its_first_event_are_one_transaction(tmp_path: Path) -> None:
+    store = Store(tmp_path / "sandboxd.db")
+    now = time.time()
+    row = SandboxRow("s" * 20, "base", None, "running", now, now + 300, "t" * 32, 1, 1024, 10240)
+    store.insert(row, ("created", "template base, timeout 300s"))
+    assert store.get(row.id) == row
+    assert [kind for _, kind, _ in store.events(row.id)] == ["created"]
+    with pytest.raises(sqlite3.IntegrityError):  # the same id again: neither its row nor its event
+        store.insert(row, ("created", "a second time"))
+    assert [reason for _, _, reason in store.events(row.id)] == ["template base, timeout 300s"]
+    assert not store.db.in_transaction
+    # Committed: another connection (a runtime restarted after a crash) sees both.
+    other = Store(tmp_path / "sandboxd.db")
+    assert other.get(row.id) == row and len(other.events(row.id)) == 1
+
+
 @pytest.mark.parametrize(
     "config",
     [
@@ -86,17 +104,27 @@ def test_firewall_elements_of_settings_compiled_once_are_the_same(config: Networ
     assert fresh.none == (fresh.elements("inet t", "veth", "add") == [])
 
 
-def test_a_new_sandbox_and_its_first_event_are_one_transaction(tmp_path: Path) -> None:
-    store = Store(tmp_path / "sandboxd.db")
-    now = time.time()
-    row = SandboxRow("s" * 20, "base", None, "running", now, now + 300, "t" * 32, 1, 1024, 10240)
-    store.insert(row, ("created", "template base, timeout 300s"))
-    assert store.get(row.id) == row
-    assert [kind for _, kind, _ in store.events(row.id)] == ["created"]
-    with pytest.raises(sqlite3.IntegrityError):  # the same id again: neither its row nor its event
-        store.insert(row, ("created", "a second time"))
-    assert [reason for _, _, reason in store.events(row.id)] == ["template base, timeout 300s"]
-    assert not store.db.in_transaction
-    # Committed: another connection (a runtime restarted after a crash) sees both.
-    other = Store(tmp_path / "sandboxd.db")
-    assert other.get(row.id) == row and len(other.events(row.id)) == 1
+def test_the_metrics_history_forgets_only_what_it_may_hold(tmp_path: Path) -> None:
+    async def run() -> None:
+        history = MetricsHistory(tmp_path / "metrics.db")
+        await history.open(["kept"])
+        sample = MetricsSample(time.time(), 1, 0.0, 1, 2, 3, 4)
+        await history.record([("kept", sample), ("new", sample)])
+        db = sqlite3.connect(tmp_path / "metrics.db")
+
+        def ids() -> list[str]:
+            return [r[0] for r in db.execute("SELECT sandbox_id FROM samples ORDER BY sandbox_id")]
+
+        assert ids() == ["kept", "new"]
+        await history.forget("never-sampled")  # nothing of it: no work at all
+        await history.forget("new")
+        assert ids() == ["kept"]
+        await history.close()
+        # Rows of a sandbox the runtime re-adopted after a restart ("kept", live at open) are forgotten too.
+        again = MetricsHistory(tmp_path / "metrics.db")
+        await again.open(["kept"])
+        await again.forget("kept")
+        await again.close()
+        assert ids() == []
+
+    asyncio.run(run())

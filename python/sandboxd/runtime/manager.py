@@ -67,6 +67,13 @@ REAPER_INTERVAL_S = 0.25
 """How often expired sandboxes are looked for: timeouts are whole seconds, so a quarter second
 of lateness is invisible while costing nothing measurable."""
 
+FIRST_SAMPLE_DELAY_S = 0.25
+"""How long after its create a sandbox's first metrics sample is taken (:meth:`SandboxManager._first_sample_soon`)."""
+
+FIRST_SAMPLE_MARGIN_S = 0.05
+"""How long before the end of the create's 5-second bucket the first sample is taken at the latest, so
+that it lands in that bucket."""
+
 CONNECT_TIMEOUT_S = 5.0
 """Connect timeout for a TCP connection into a sandbox (it is local: a refusal is immediate)."""
 
@@ -287,6 +294,8 @@ class SandboxManager:
         self.history = MetricsHistory(data_dir / "metrics.db")
         self.sampler = Sampler()
         self._tasks: set[asyncio.Task[None]] = set()
+        self._first_samples: dict[str, asyncio.TimerHandle] = {}
+        """New sandboxes whose first metrics sample is due (:meth:`_first_sample_soon`)."""
         self.on_gone: list[Callable[[str], None]] = []
         self._reaper: asyncio.Task[None] | None = None
         self._sampling: asyncio.Task[None] | None = None
@@ -337,6 +346,9 @@ class SandboxManager:
         for background in (self._reaper, self._sampling, *self._tasks):
             if background is not None:
                 background.cancel()
+        for timer in self._first_samples.values():
+            timer.cancel()
+        self._first_samples.clear()
         loop = asyncio.get_running_loop()
         for handle in self.handles.values():
             loop.remove_reader(handle.pidfd())
@@ -487,7 +499,7 @@ class SandboxManager:
                     row.id_base, row.init_pid, row.init_start = warm.row.id_base, warm.row.init_pid, warm.row.init_start
                 await self._boot(row, template, network=(request.network, traffic_token), warm=warm)
                 self.store.insert(row, ("created", f"template {request.template}, timeout {timeout}s"))
-                self._background(self._first_sample(row))
+                self._first_sample_soon(row, now)
         except BaseException:
             self._slots.discard(sandbox_id)
             raise
@@ -821,6 +833,9 @@ class SandboxManager:
 
     async def _forget_samples(self, sandbox_id: str, keep_history: bool = False) -> None:
         """Drop what the sampler keeps of a sandbox; its history too unless it is only paused."""
+        first = self._first_samples.pop(sandbox_id, None)
+        if first is not None:
+            first.cancel()
         self.sampler.forget(sandbox_id)
         if not keep_history:
             await self.history.forget(sandbox_id)
@@ -1074,6 +1089,20 @@ class SandboxManager:
             return None
         counters = functools.partial(self.networks.counters, row.id) if self.networks is not None else None
         return Target(row.id, handle, row.cpu_count, row.memory_mb << 20, row.disk_mb << 20, counters)
+
+    def _first_sample_soon(self, row: SandboxRow, created: float) -> None:
+        """Take the create's own sample :data:`FIRST_SAMPLE_DELAY_S` later, or just before its bucket
+        ends if that is sooner: not while the client's first request goes through, which comes as the
+        create returns (the sample is two worker-thread hops, ~0.3 ms of the runtime's CPU, as
+        measured in ``docs/benchmarks.md``). A sandbox killed before then gets none, and its kill
+        then has no history to forget."""
+        delay = min(FIRST_SAMPLE_DELAY_S, bucket(created) + SAMPLE_INTERVAL_S - FIRST_SAMPLE_MARGIN_S - time.time())
+
+        def due() -> None:
+            self._first_samples.pop(row.id, None)
+            self._background(self._first_sample(row))
+
+        self._first_samples[row.id] = asyncio.get_running_loop().call_later(max(delay, 0.0), due)
 
     async def _first_sample(self, row: SandboxRow) -> None:
         """The create's own bucket: a sandbox's history starts when it does (off the create's path)."""
