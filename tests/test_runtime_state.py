@@ -5,12 +5,15 @@ the firewall elements of settings, and the metrics history's forget. Real SQLite
 from __future__ import annotations
 
 import asyncio
+import os
 import sqlite3
 import string
+import threading
 import time
 from pathlib import Path
 
 import pytest
+from sandboxd.runtime.disks import REFILL_NICE, DiskPool
 from sandboxd.runtime.inputs import SANDBOX_ID
 from sandboxd.runtime.manager import new_id
 from sandboxd.runtime.metrics import MetricsHistory, MetricsSample
@@ -128,3 +131,38 @@ def test_the_metrics_history_forgets_only_what_it_may_hold(tmp_path: Path) -> No
         assert ids() == []
 
     asyncio.run(run())
+
+
+def test_the_disk_pool_refills_at_a_lower_priority_and_makes_disks_on_demand_at_the_default(tmp_path: Path) -> None:
+    """Refills start as a create takes a disk, beside its sandbox's start-up: niced, they take what that
+    leaves. A disk made on demand (the pool empty) is on a create's path: the default priority."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting disks needs root")
+
+    async def run() -> None:
+        pool = DiskPool(tmp_path, 16, target=1)
+        await pool.start()
+        try:
+            deadline = time.monotonic() + 60
+            while not pool._ready:
+                assert time.monotonic() < deadline, "the pool was not filled"
+                await asyncio.sleep(0.05)
+            refillers = list(pool._refiller._threads)
+            assert len(refillers) == 1
+            assert _nice(refillers[0]) == REFILL_NICE
+            first = await pool.take(tmp_path / "a.img")  # from the pool
+            second = await pool.take(tmp_path / "b.img")  # made now, unless the refill was done already
+            os.close(first)
+            os.close(second)
+            on_demand = list(pool._threads._threads)
+            assert on_demand, "the second disk was made on demand"
+            assert all(_nice(t) == 0 for t in on_demand)
+        finally:
+            await pool.stop()
+
+    asyncio.run(run())
+
+
+def _nice(thread: threading.Thread) -> int:
+    assert thread.native_id is not None
+    return os.getpriority(os.PRIO_PROCESS, thread.native_id)
