@@ -199,29 +199,30 @@ def _stop_unless_ok(waiting: asyncio.Future[Any], done: asyncio.Future[Any]) -> 
         waiting.cancel()
 
 
-async def _connect_in_thread(handle: _core.SandboxHandle, port: int) -> int:
-    """``handle.connect`` in a worker thread. Cancelled (a client gone, an ``_agent_up`` race), the
-    thread connects on: the socket it returns is closed then, not leaked (a socket in the sandbox's
-    network namespace keeps the namespace, and its link and slot, alive after a kill).
+async def _connect(handle: _core.SandboxHandle, port: int) -> socket.socket:
+    """A TCP connection to ``127.0.0.1:port`` inside the sandbox, connected by the event loop. The
+    socket is made in the sandbox's network namespace (``handle.socket``: a short-lived helper thread
+    enters it, ~30-60 µs) and connected here, non-blocking: refused at once when nothing listens, at
+    most :data:`CONNECT_TIMEOUT_S` otherwise. This was ``handle.connect`` in a worker thread, a
+    thread hop (and that helper thread) per connect: ~0.1 ms of the runtime's CPU and up to a
+    millisecond of waiting for the thread on a busy host, once or more per create (``/init``, and
+    its retries before the agent listens), and per new connection of the proxy.
 
-    No frame keeps the thread's task once it failed: its exception's traceback holds this frame,
-    and this frame holding the task (which holds the exception) made a cycle that only the cycle
-    collector frees, with ``handle`` in it, whose descriptor of the namespace pinned a killed
-    sandbox's link until a full collection: minutes in a busy runtime (test_network_reuse)."""
-    connecting = asyncio.ensure_future(asyncio.to_thread(handle.connect, port, CONNECT_TIMEOUT_S))
+    Cancelled or failed, the socket is closed at once: a socket in the sandbox's namespace keeps the
+    namespace, and its link and slot, alive after a kill. No frame of a failure keeps ``handle`` (an
+    exception's traceback holds this frame, and ``handle``'s descriptor of the namespace would pin
+    a killed sandbox's link until the cycle collector ran: test_network_reuse); nor is there a task
+    holding the exception (``asyncio.timeout``, not ``wait_for``)."""
+    sock = socket.socket(fileno=handle.socket())
+    del handle
     try:
-        return await asyncio.shield(connecting)
-    except asyncio.CancelledError:
-        connecting.add_done_callback(_close_connected)
+        sock.setblocking(False)  # it is (SOCK_NONBLOCK); this tells the socket object, which asyncio asks
+        async with asyncio.timeout(CONNECT_TIMEOUT_S):
+            await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
+    except BaseException:
+        sock.close()
         raise
-    finally:
-        del connecting, handle  # the cycle above
-
-
-def _close_connected(connecting: asyncio.Future[int]) -> None:
-    """Close the socket a connect that nobody waits for any more made."""
-    if not connecting.cancelled() and connecting.exception() is None:
-        os.close(connecting.result())
+    return sock
 
 
 def _running(handle: _core.SandboxHandle) -> bool:
@@ -654,7 +655,7 @@ class SandboxManager:
             try:
                 await task  # raises its own error
             finally:
-                del task, handle  # its traceback holds this frame: no cycle keeping the handle (_connect_in_thread)
+                del task, handle  # its traceback holds this frame: no cycle keeping the handle (_connect)
         raise ApiError(500, await self._agent_failure(sandbox_id, handle.exit_code()))
 
     async def _agent_failure(self, sandbox_id: str, code: int | None) -> str:
@@ -699,7 +700,7 @@ class SandboxManager:
             kept = self._take_init_connection(sandbox_id)
             if kept is not None:
                 return kept
-        return socket.socket(fileno=await _connect_in_thread(handle, port))
+        return await _connect(handle, port)
 
     def kept_socket(self, sandbox_id: str, port: int) -> socket.socket | None:
         """The sandbox's kept ``/init`` connection, for the agent's port, once, while still idle; else
