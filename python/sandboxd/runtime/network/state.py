@@ -41,9 +41,9 @@ class NetworkStore:
     """The runtime's side (read-write, on the runtime's connection).
 
     Rows read or written are also kept in memory, written through: this object is the table's only
-    writer (the helper only reads it), so the copy is the table. A create read its row three times
-    (the link, its answer's traffic token) and every proxied request once (the port's TLS), each a
-    query and a JSON parse of the settings. Only rows that exist are kept (one per sandbox with
+    writer (the helper only reads it), so the copy is the table. A create read its row twice (the
+    link, its answer's traffic token) and every proxied request once (the port's TLS), each a query
+    and a JSON parse of the settings. Only rows that exist are kept (one per sandbox with
     settings, dropped with them): a request naming a sandbox that has none still asks the table."""
 
     def __init__(self, db: sqlite3.Connection) -> None:
