@@ -1,7 +1,8 @@
 """Runtime state in SQLite (WAL): sandboxes, their metadata, lifecycle events with reasons, and templates.
 
-One connection, used from the event loop thread only; every write is its own short transaction,
-so a ``kill -9`` of the runtime loses nothing that was acknowledged to a client.
+One connection, used from the event loop thread only; every write is a short transaction committed
+before the call returns (a new sandbox's row and its first event are one), so a ``kill -9`` of the
+runtime loses nothing that was acknowledged to a client.
 """
 
 from __future__ import annotations
