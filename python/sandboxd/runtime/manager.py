@@ -710,7 +710,7 @@ class SandboxManager:
 
     def _keep_init_connection(self, sandbox_id: str, connection: socket.socket) -> None:
         """Keep a new sandbox's ``/init`` connection for the first request into its agent: the SDK's
-        first command then needs no connect into the sandbox (a worker-thread hop and a ``setns``).
+        first command then needs no connect into the sandbox (a helper thread's ``setns``, a ``connect``).
         Only while the sandbox runs: every way out of it drops the connection
         (:meth:`_drop_init_connection`), as a socket keeps its network namespace alive."""
         self._drop_init_connection(sandbox_id)
