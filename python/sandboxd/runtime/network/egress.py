@@ -221,7 +221,8 @@ class EgressProxy:
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             peer = _plain(ipaddress.ip_address(conn.getpeername()[0]))
             caller = self.lookup(peer)
-            if caller is None:
+            if caller is None:  # its slot holds no sandbox (gone since, or not recorded yet): say so
+                log.info("egress: a connection from %s, no sandbox's address now, closed", peer)
                 return
             dst, port = original_destination(conn, isinstance(peer, ipaddress.IPv4Address))
             dst = _plain(dst)
@@ -270,6 +271,9 @@ class EgressProxy:
                 if upstream is not None:  # dialed by address while the client was silent: unused
                     upstream.close()
                 upstream = await self._dial_name(name, port)
+                if upstream is None:
+                    self._warn(caller.sandbox_id, "egress: sandbox %s: %s:%d did not resolve or answer", name, port)
+                    return
             elif upstream is None:
                 upstream = await self._dial(dst, port)
             if upstream is None:
