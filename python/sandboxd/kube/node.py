@@ -311,8 +311,13 @@ class SandboxNode:
         """Read the cluster's secrets now when ``network`` names one this node's copy lacks (created
         a moment ago, through a replica; the watch may not have brought it yet)."""
         if secret_references(network) - self.manager.secrets.names():
-            with contextlib.suppress(ApiError):
+            try:
                 self.secrets_copy.apply(await self.secrets.current())
+            except Exception as exc:
+                # The API server failed or timed out (not only a non-2xx answer): go on with the copy
+                # as it is. A secret still missing from it fails the create or update with a 400 that
+                # names it, where an escaping error left the Pod Pending with no answer at all.
+                log.warning("reading the cluster's secrets failed: %r", exc)
 
     def _sandbox_gone(self, sandbox_id: str) -> None:
         """The manager's callback (kill, pause, or death): look at that Pod again."""
