@@ -721,10 +721,13 @@ def test_a_secret_in_a_header_rule_reaches_the_server_from_a_node(kube: Env, int
             mine = [r for r in seen if r["path"] == f"/whoami?s={tag}"]
             assert answered == bool(mine), (answers, mine)
             if tag.endswith("-first") and not mine:
-                # CI saw this first request refused once (2026-12-01, not reproduced): say how, and
-                # where the sandbox runs, so the next failure tells which side refused it.
+                # CI saw this first request refused once (2026-12-01, not reproduced): say how, where
+                # the sandbox runs and what that node's egress proxy said, so the next failure tells
+                # which side refused it.
                 node = kube.core.read_namespaced_pod(sbx.sandbox_id, NAMESPACE).spec.node_name
-                raise AssertionError(f"the first request was not sent: {answers} (node {node})")
+                helper = next(p for p in kube.nodes.values() if p.name == node).log.parent / "network-helper.log"
+                said = helper.read_text().splitlines()[-20:] if helper.exists() else []
+                raise AssertionError(f"the first request was not sent: {answers} (node {node}; its proxy said {said})")
             return mine[0]["headers"].get("Authorization") if mine else None
 
         assert authorization(f"{name}-first") == f"Bearer {first}"

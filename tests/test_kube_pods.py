@@ -143,3 +143,61 @@ def test_a_hostile_secrets_secret_never_stops_the_nodes_copy_following_it() -> N
     store.mirror([(e2b_secrets.as_secret(k, r), r["value"]) for k, r in records.items()])
     assert store.names() == {"token"}
     assert store.db.execute("SELECT value FROM secrets").fetchall() == [("v1",)]
+
+
+def test_a_nodes_copy_of_the_secrets_never_goes_back_to_an_older_version() -> None:
+    """A node's copy is fed by its watch and by a fresh read (before a sandbox whose rules name a
+    secret the copy lacks), which race: a watch event the read already passed must not drop the
+    secret just created (the sandbox's first requests to its rule's host would be refused), and a
+    read that a watch event passed on its way must not bring back a value updated or deleted since."""
+    import base64
+    import sqlite3
+
+    from sandboxd.kube import e2b_secrets
+    from sandboxd.runtime.secrets import SecretStore
+
+    def secret(version: str, **values: str) -> dict[str, object]:
+        data = {
+            f"sec_{name}": base64.b64encode(
+                json.dumps(
+                    {"name": name, "value": value, "version": 1, "metadata": {}, "created_at": 1.0, "updated_at": 1.0}
+                ).encode()
+            ).decode()
+            for name, value in values.items()
+        }
+        return {"metadata": {"name": e2b_secrets.SECRETS_NAME, "resourceVersion": version}, "data": data}
+
+    store = SecretStore(sqlite3.connect(":memory:", isolation_level=None))
+
+    def held() -> dict[str, str]:
+        return dict(store.db.execute("SELECT name, value FROM secrets").fetchall())
+
+    copy = e2b_secrets.NodeCopy(store)
+    assert copy.apply(secret("11", old="v"))
+    # The fresh read finds the secret created at 12; the watch's event of 11 comes after it.
+    assert copy.apply(secret("12", old="v", new="n1"))
+    assert not copy.apply(secret("11", old="v"))
+    assert held() == {"old": "v", "new": "n1"}
+    # The watch brings the update at 13 while a read of 12 is on its way; the read lands after it.
+    assert copy.apply(secret("13", old="v", new="n2"))
+    assert not copy.apply(secret("12", old="v", new="n1"))
+    assert held() == {"old": "v", "new": "n2"}
+    # Versions are numbers: 100 is newer than 99.
+    assert copy.apply(secret("99", new="n3"))
+    assert copy.apply(secret("100", new="n4"))
+    assert not copy.apply(secret("99", new="n3"))
+    assert held() == {"new": "n4"}
+    # Deleted (the event carries the deletion's version); a read that found no Secret, on its way
+    # meanwhile, has no version to be ordered by and changes nothing; the Secret made again applies.
+    assert copy.apply(secret("101", new="n4"), deleted=True)
+    assert held() == {}
+    assert copy.apply(secret("102", new="n5"))
+    assert not copy.apply(None)
+    assert held() == {"new": "n5"}
+    # A node starting with no Secret in the cluster drops what its last run copied.
+    fresh = e2b_secrets.NodeCopy(store)
+    assert fresh.apply(None)
+    assert held() == {}
+    # Versions that are not numbers cannot be compared: each one applies, as it comes.
+    assert fresh.apply(secret("b", new="x")) and fresh.apply(secret("a", new="y"))
+    assert held() == {"new": "y"}

@@ -360,6 +360,54 @@ def test_a_secret_in_a_header_rule_reaches_the_server_in_its_current_version_and
         Secret.destroy(name)
 
 
+SLOW_CLIENT = """
+import socket, ssl, sys, time
+name, port, path, silent = sys.argv[1], int(sys.argv[2]), sys.argv[3], float(sys.argv[4])
+try:
+    s = socket.create_connection((name, port), timeout=20)
+    time.sleep(silent)  # connected, and nothing said yet: a client on a busy machine
+    if port == 443:
+        s = ssl.create_default_context().wrap_socket(s, server_hostname=name)
+    s.sendall(f"GET {path} HTTP/1.1\\r\\nHost: {name}\\r\\nConnection: close\\r\\n\\r\\n".encode())
+    data = b""
+    while chunk := s.recv(65536):
+        data += chunk
+    print(data.split(b"\\r\\n", 1)[0].decode())
+except Exception as exc:
+    print(repr(exc))
+"""
+
+
+def test_a_client_slow_to_speak_still_gets_its_header_rule(env: Runtime, lab: Lab) -> None:
+    """The proxy reads a connection's name from its first bytes. To an address that is allowed anyway
+    it waits only briefly for them (a server-first protocol must get its greeting), but a client that
+    was merely slow to send its ClientHello or request (a busy machine: CI saw a sandbox's first
+    HTTPS request to a rule's host go out by address, where it failed to validate) must still get
+    its host's rule, secret included; and the server-first protocol its greeting."""
+    from sandboxd.runtime.network.egress import PEEK_TIMEOUT_ALLOWED_S
+
+    name = f"slow-token-{time.monotonic_ns()}"
+    Secret.create(name, "sk-slow-" + "c1e47")
+    rules = {
+        "allowed.test": [{"transform": {"headers": {"Authorization": f"Bearer {Secret.fill(name)}"}}}],
+        "denied.test": [{"transform": {"headers": {"X-Slow": "plain"}}}],
+    }
+    sandbox = create(network={"rules": rules})
+    try:
+        sandbox.files.write("/tmp/slow.py", SLOW_CLIENT)
+        silent = PEEK_TIMEOUT_ALLOWED_S * 3
+        for host, port, path in (("allowed.test", 443, "/whoami?s=slow-tls"), ("denied.test", 80, "/whoami?s=slow")):
+            said = sandbox.commands.run(f"python3 /tmp/slow.py {host} {port} '{path}' {silent}", timeout=60).stdout
+            assert said.startswith("HTTP/1.1 200"), (host, said)
+        seen = {r["path"]: r["headers"] for r in lab.requests() if r["path"].startswith("/whoami?s=slow")}
+        assert seen["/whoami?s=slow-tls"].get("Authorization") == "Bearer sk-slow-c1e47", seen
+        assert seen["/whoami?s=slow"].get("X-Slow") == "plain", seen
+        assert oks(probe(sandbox, tcp(WEB, 22, SSH))) == [True]
+    finally:
+        sandbox.kill()
+        Secret.destroy(name)
+
+
 # ------------------------------------------------------------------------ never reachable
 
 

@@ -9,7 +9,9 @@ the single machine's (:mod:`sandboxd.runtime.secrets`). Writes replace the Secre
 
 A node keeps a copy in its own database (:meth:`~sandboxd.runtime.secrets.SecretStore.mirror`),
 where its egress proxy finds a secret's current value as on one machine; it follows the Secret with a
-watch, and reads it afresh before it starts a sandbox whose rules name a secret its copy lacks.
+watch, and reads it afresh before it starts a sandbox whose rules name a secret its copy lacks. Both
+feed one :class:`NodeCopy`, which never goes back to an older version of the Secret: a watch event
+the fresh read already passed, or a fresh read that a watch event passed while it was on its way.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from sandboxd.runtime.secrets import (
     MAX_NAME_CHARS,
     MAX_SECRETS,
     Secret,
+    SecretStore,
     check_name,
     check_value,
     missing_secrets,
@@ -81,6 +84,47 @@ def as_secret(secret_id: str, record: dict[str, Any]) -> Secret:
         float(record["created_at"]),
         float(record["updated_at"]),
     )
+
+
+def _older(version: str | None, than: str | None) -> bool:
+    """Whether the Secret at ``version`` is older than at ``than``. Resource versions are compared as
+    Kubernetes lets clients compare those of one resource (KEP-5504, stable in 1.35; etcd's revisions
+    before that): positive integers without leading zeros. Anything else is never called older."""
+
+    def number(text: str | None) -> int | None:
+        return int(text) if text and text.isascii() and text.isdigit() and text[0] != "0" else None
+
+    a, b = number(version), number(than)
+    return a is not None and b is not None and a < b
+
+
+class NodeCopy:
+    """A node's copy of the cluster's secrets, in its :class:`~sandboxd.runtime.secrets.SecretStore`,
+    from the two ways the node reads the Secret: its watch, and a fresh read before a sandbox whose
+    rules name a secret the copy lacks. The two race: the fresh read may land while the watch still
+    brings older events (the copy would lose a secret created a moment ago, and the sandbox's first
+    requests to its rule's host be refused), or a watch event may land while the fresh read is on its
+    way (the copy would keep, until the Secret next changed, a value updated or deleted meanwhile). So
+    each version is applied only if it is not older than the one the copy holds."""
+
+    def __init__(self, store: SecretStore) -> None:
+        self.store = store
+        self.version: str | None = None
+        """The Secret's resourceVersion the copy was made from (None: none yet, or no Secret)."""
+
+    def apply(self, secret: dict[str, Any] | None, deleted: bool = False) -> bool:
+        """Make the copy hold the records of ``secret`` (none when ``deleted``, as a watch's DELETED
+        event says with the deletion's version, or when it is None: a read found no Secret), unless
+        the copy was made from a newer version. Whether it was applied."""
+        version = str(((secret or {}).get("metadata") or {}).get("resourceVersion") or "") or None
+        if _older(version, self.version) or (version is None and self.version is not None):
+            # Older; or a read that found no Secret, which has no version to order it by: the watch
+            # brings the deletion, with its version, if there was one.
+            return False
+        records = {} if deleted or secret is None else decode(secret)
+        self.store.mirror([(as_secret(k, r), r["value"]) for k, r in records.items()])
+        self.version = version
+        return True
 
 
 class KubeSecrets:
@@ -202,10 +246,14 @@ class KubeSecrets:
         secrets = [as_secret(k, records[k]) for _name, k in ordered[:limit]]
         return secrets, (secrets[-1].name if len(ordered) > limit else None)
 
-    async def with_values(self) -> list[tuple[Secret, str]]:
-        """Every secret with its value (what a node mirrors)."""
-        records, _version = await self._read()
-        return [(as_secret(k, r), r["value"]) for k, r in records.items()]
+    async def current(self) -> dict[str, Any] | None:
+        """The Secret as the API server has it now (None: it does not exist), for a node's copy."""
+        try:
+            return await self.kube.get(path_of("secrets", self.namespace, SECRETS_NAME))
+        except KubeError as exc:
+            if exc.status == 404:
+                return None
+            raise ApiError(503, f"the Kubernetes API server failed: {exc}") from None
 
     async def check_references(self, config: NetworkConfig) -> None:
         """400 when ``config``'s header rules name a secret the cluster does not have."""

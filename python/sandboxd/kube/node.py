@@ -48,9 +48,9 @@ from sandboxd.runtime.network.policy import secret_references
 from sandboxd.runtime.store import Store
 from sandboxd.runtime.templates import Templates, default_store_dir
 
-from . import e2b_secrets, pods
+from . import pods
 from .client import MERGE, Informer, Kube, KubeError, path_of
-from .e2b_secrets import SECRETS_NAME, KubeSecrets
+from .e2b_secrets import SECRETS_NAME, KubeSecrets, NodeCopy
 from .secrets import NODE_SECRET, await_secret
 from .tunnel import TunnelServer
 
@@ -137,6 +137,7 @@ class SandboxNode:
             kube, path_of("secrets", options.namespace), fieldSelector=f"metadata.name={SECRETS_NAME}"
         )
         """E2B's secrets, mirrored into this node's database for its egress proxy (see :mod:`.e2b_secrets`)."""
+        self.secrets_copy = NodeCopy(manager.secrets)
         self.local: dict[str, str] = {}
         """Pod key (namespace/name) -> local sandbox id, for the sandboxes this node runs."""
         self.latest: dict[str, dict[str, Any] | None] = {}
@@ -304,15 +305,19 @@ class SandboxNode:
             self._spawn(self._work(key))
 
     def _secrets_event(self, kind: str, secret: dict[str, Any]) -> None:
-        records = {} if kind == "DELETED" else e2b_secrets.decode(secret)
-        self.manager.secrets.mirror([(e2b_secrets.as_secret(k, r), r["value"]) for k, r in records.items()])
+        self.secrets_copy.apply(secret, deleted=kind == "DELETED")
 
     async def _fresh_secrets(self, network: NetworkConfig) -> None:
         """Read the cluster's secrets now when ``network`` names one this node's copy lacks (created
         a moment ago, through a replica; the watch may not have brought it yet)."""
         if secret_references(network) - self.manager.secrets.names():
-            with contextlib.suppress(ApiError):
-                self.manager.secrets.mirror(await self.secrets.with_values())
+            try:
+                self.secrets_copy.apply(await self.secrets.current())
+            except Exception as exc:
+                # The API server failed or timed out (not only a non-2xx answer): go on with the copy
+                # as it is. A secret still missing from it fails the create or update with a 400 that
+                # names it, where an escaping error left the Pod Pending with no answer at all.
+                log.warning("reading the cluster's secrets failed: %r", exc)
 
     def _sandbox_gone(self, sandbox_id: str) -> None:
         """The manager's callback (kill, pause, or death): look at that Pod again."""

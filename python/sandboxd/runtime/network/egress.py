@@ -7,7 +7,10 @@ decided on its own, E2B's way (see :mod:`.policy`):
    it was going (``SO_ORIGINAL_DST``);
 2. the connection's name, read without consuming it (``MSG_PEEK``): the SNI of a TLS ClientHello,
    or the Host header of an HTTP/1 request. A client-first protocol sends at once; a server-first
-   one (SSH, SMTP) sends nothing and gets no name after :data:`PEEK_TIMEOUT_S`;
+   one (SSH, SMTP) sends nothing and gets no name after :data:`PEEK_TIMEOUT_S`. When its address
+   is allowed anyway, the proxy dials it after :data:`PEEK_TIMEOUT_ALLOWED_S` of silence and the side
+   that speaks first decides: the server's greeting is relayed, a client that was only slow (a busy
+   host) still has its name read and its rules applied;
 3. allowed by name: dialed *by that name*, resolved by the host's resolvers, to an address that is
    not in a never-reachable range nor the host's own (:func:`_own_address`); else allowed by
    address (or by default): dialed at the original address; else closed;
@@ -56,8 +59,11 @@ PEEK_TIMEOUT_S = 5.0
 """How long a connection that must be named may stay silent before it is decided without a name."""
 
 PEEK_TIMEOUT_ALLOWED_S = 0.5
-"""The same when its address is already allowed and only header rules want a name: a server-first
-protocol waits at most this long."""
+"""The same when its address is already allowed and only header rules want a name: after this long
+the proxy dials the address, so a server-first protocol waits at most this long for its greeting.
+It is no deadline for the name: a client that speaks before the server still has it read (on a
+loaded machine a client can take longer than this between its connect and its ClientHello, and
+its request must not then go out by address, without the rule's headers)."""
 
 PEEK_POLL_S = 0.003
 """Pause between peeks while a ClientHello or request head is still arriving."""
@@ -215,7 +221,8 @@ class EgressProxy:
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             peer = _plain(ipaddress.ip_address(conn.getpeername()[0]))
             caller = self.lookup(peer)
-            if caller is None:
+            if caller is None:  # its slot holds no sandbox (gone since, or not recorded yet): say so
+                log.info("egress: a connection from %s, no sandbox's address now, closed", peer)
                 return
             dst, port = original_destination(conn, isinstance(peer, ipaddress.IPv4Address))
             dst = _plain(dst)
@@ -226,8 +233,26 @@ class EgressProxy:
             name: str | None = None
             tls = False
             if egress.header_rules or (egress.allow_domains and verdict is not True):
-                timeout = PEEK_TIMEOUT_ALLOWED_S if verdict is not False else PEEK_TIMEOUT_S
-                name, tls = await self._peek_name(conn, timeout)
+                if verdict is False:
+                    name, tls, _silent = await self._peek_name(conn, PEEK_TIMEOUT_S)
+                else:
+                    began = time.monotonic()
+                    name, tls, silent = await self._peek_name(conn, PEEK_TIMEOUT_ALLOWED_S)
+                    if silent:
+                        # Allowed by address: dial it, so that a server-first protocol gets its
+                        # greeting, and let the side that speaks first decide (see the module's 2.).
+                        upstream = await self._dial(dst, port)
+                        if upstream is None:
+                            return
+                        if await _client_speaks_first(conn, upstream):
+                            name, tls, _silent = await self._peek_name(conn, PEEK_TIMEOUT_S)
+                            if name is not None:
+                                log.info(
+                                    "egress: sandbox %s's connection to %s named itself after %.1f s",
+                                    caller.sandbox_id,
+                                    name,
+                                    time.monotonic() - began,
+                                )
             by_name = name is not None and egress.name_allowed(name)
             if not by_name and verdict is False:
                 return
@@ -243,8 +268,13 @@ class EgressProxy:
                 headers = filled
             if by_name or headers is not None:
                 assert name is not None
+                if upstream is not None:  # dialed by address while the client was silent: unused
+                    upstream.close()
                 upstream = await self._dial_name(name, port)
-            else:
+                if upstream is None:
+                    self._warn(caller.sandbox_id, "egress: sandbox %s: %s:%d did not resolve or answer", name, port)
+                    return
+            elif upstream is None:
                 upstream = await self._dial(dst, port)
             if upstream is None:
                 return
@@ -263,8 +293,9 @@ class EgressProxy:
             if upstream is not None:
                 upstream.close()
 
-    async def _peek_name(self, conn: socket.socket, timeout: float) -> tuple[str | None, bool]:
-        """(name, is TLS) from the connection's first bytes, left unread."""
+    async def _peek_name(self, conn: socket.socket, timeout: float) -> tuple[str | None, bool, bool]:
+        """(name, is TLS, silent) from the connection's first bytes, left unread. ``silent``: the
+        timeout passed before they said whether they carry a name (none came, or part of a hello)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         while True:
@@ -273,22 +304,22 @@ class EgressProxy:
             try:
                 await asyncio.wait_for(ready.wait(), max(deadline - loop.time(), 0))
             except TimeoutError:
-                return None, False
+                return None, False, True
             finally:
                 loop.remove_reader(conn.fileno())
             data = conn.recv(PEEK_LIMIT, socket.MSG_PEEK)
             if not data:
-                return None, False
+                return None, False, False
             sni = client_hello_sni(data)
             if isinstance(sni, str) or sni is None:
-                return sni, True
+                return sni, True, False
             host = http_host(data) if sni is False else True
             if isinstance(host, str) or host is None:
-                return host, False
-            if sni is False and host is False:
-                return None, False
-            if len(data) >= PEEK_LIMIT or loop.time() >= deadline:
-                return None, False
+                return host, False, False
+            if (sni is False and host is False) or len(data) >= PEEK_LIMIT:
+                return None, False, False
+            if loop.time() >= deadline:
+                return None, False, True
             await asyncio.sleep(PEEK_POLL_S)  # the rest of the hello or head is on its way
 
     async def _dial(self, ip: IPAddress, port: int) -> socket.socket | None:
@@ -352,6 +383,38 @@ def _own_address(ip: IPAddress) -> bool:
         except OSError:
             return False
         return bool(ipaddress.ip_address(probe.getsockname()[0].split("%", 1)[0]) == ip)
+
+
+async def _client_speaks_first(conn: socket.socket, upstream: socket.socket) -> bool:
+    """Whether the sandbox's side (``conn``) has something to read (bytes, or its end) before the
+    server it was dialed to does. A server that has spoken, even at the same moment, keeps its
+    bytes: it is a server-first protocol, whose connection is relayed as it is."""
+    loop = asyncio.get_running_loop()
+    first: asyncio.Future[bool] = loop.create_future()
+
+    def ready(client: bool) -> None:
+        if not first.done():
+            first.set_result(client)
+
+    loop.add_reader(upstream.fileno(), ready, False)
+    loop.add_reader(conn.fileno(), ready, True)
+    try:
+        client = await first
+    finally:
+        loop.remove_reader(conn.fileno())
+        loop.remove_reader(upstream.fileno())
+    return client and not _readable(upstream)
+
+
+def _readable(sock: socket.socket) -> bool:
+    """Whether a non-blocking socket has bytes, its end or an error to read now."""
+    try:
+        sock.recv(1, socket.MSG_PEEK)
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
+    return True
 
 
 async def _relay(a: socket.socket, b: socket.socket) -> None:
