@@ -304,12 +304,15 @@ def test_the_runtime_asks_once_per_template_and_never_for_the_host_template(tmp_
         assert await layers_of.layer(Template("host", (layers[1],), True), PEM) is None
         assert await layers_of.layer(Template("b", (broken, *layers), False), PEM) is None
         assert await layers_of.layer(Template("b", (broken, *layers), False), PEM) is None  # remembered
+        shutil.rmtree(made[0])  # emptied by hand (docs/network.md): made again
+        assert await layers_of.layer(template, PEM) == made[0] and made[0].is_dir()
         off = trust.TrustLayers(tmp_path / "trust", enabled=False)
         assert await off.layer(template, PEM) is None
 
     asyncio.run(main())
-    # One make per template, each answer remembered (the host's and the broken one's too: logged once).
-    assert layers_of.made == [(layers, True), ((layers[1],), False), ((broken, *layers), True)]
+    # One make per template, each answer remembered (the host's and the broken one's too: logged once),
+    # and one more for the layer removed by hand.
+    assert layers_of.made == [(layers, True), ((layers[1],), False), ((broken, *layers), True), (layers, True)]
 
 
 class TrustLayersProbe(trust.TrustLayers):

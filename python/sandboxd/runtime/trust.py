@@ -356,7 +356,11 @@ class TrustLayers:
             return None
         key = (template.layers, not template.host_usr, pem)
         if key in self._known:
-            return self._known[key]
+            known = self._known[key]
+            # One stat: an operator may have emptied the directory (docs/network.md); it is made again.
+            if known is None or known.is_dir():
+                return known
+            del self._known[key]
         making = self._making.get(key)
         if making is None:
             making = self._making[key] = asyncio.ensure_future(self._make(template, pem))
