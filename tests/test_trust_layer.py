@@ -11,6 +11,7 @@ import asyncio
 import os
 import shutil
 import stat
+import subprocess
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -325,3 +326,23 @@ class TrustLayersProbe(trust.TrustLayers):
     async def _make(self, template: Template, pem: str) -> Path | None:
         self.made.append((template.layers, not template.host_usr))
         return await super()._make(template, pem)
+
+
+@pytest.mark.parametrize(("fs", "usable"), [("tmpfs", True), ("ramfs", False)])
+def test_a_data_dir_the_jail_cannot_mount_idmapped_gets_no_layers(tmp_path: Path, fs: str, usable: bool) -> None:
+    # The data dir on another filesystem than the template store is checked once: ramfs cannot be
+    # mounted idmapped (every create would fail in the jail), tmpfs can (Linux >= 6.3).
+    if fs == "tmpfs" and tuple(int(n) for n in os.uname().release.split(".")[:2]) < (6, 3):
+        pytest.skip("tmpfs is mountable idmapped from Linux 6.3")
+    layers = tuple(debianish(tmp_path))
+    mount = tmp_path / fs
+    mount.mkdir()
+    subprocess.run(["mount", "-t", fs, "none", str(mount)], check=True)
+    try:
+        layers_of = trust.TrustLayers(mount / "trust", enabled=True)
+        made = asyncio.run(layers_of.layer(Template("t", layers, False), PEM))
+        assert (made is not None) == usable, made
+        if made is not None:
+            assert made.parent == mount / "trust" and (made / BUNDLE).is_file()
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)

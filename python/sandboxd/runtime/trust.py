@@ -334,6 +334,25 @@ def sweep(root: Path) -> None:
                     shutil.rmtree(entry, ignore_errors=True)
 
 
+def mountable(root: Path, layer: Path) -> bool:
+    """Whether the jail can mount a layer made under ``root`` as it mounts ``layer``'s: idmapped.
+    The template store's filesystem was checked when the runtime started; a data dir elsewhere is
+    checked once here (an older tmpfs, NFS cannot), and a ``False`` is logged: without the check,
+    every create would fail in the jail."""
+    if os.stat(root).st_dev == os.stat(layer).st_dev:
+        return True
+    try:
+        _core.check_isolation_support(str(root))
+    except (OSError, ValueError) as exc:  # EINVAL is a ValueError (the binding's errno table)
+        log.warning(
+            "no trust layers: the egress CA is installed in each sandbox, as %s cannot be mounted idmapped: %s",
+            root,
+            exc,
+        )
+        return False
+    return True
+
+
 class TrustLayers:
     """Each template's trust layer for this runtime's egress CA: made on a template's first create,
     in a worker thread, then remembered (a template's layers never change: their paths are
@@ -349,6 +368,8 @@ class TrustLayers:
         """The answer for each (template layers, own /usr, CA): a layer, or None (logged once)."""
         self._making: dict[tuple[tuple[Path, ...], bool, str], asyncio.Future[Path | None]] = {}
         """The first creates' work in progress, which later ones wait for."""
+        self._mountable: bool | None = None
+        """Whether the jail can mount layers from :attr:`root` (idmapped); None until first asked."""
 
     async def layer(self, template: Template, pem: str | None) -> Path | None:
         """The trust layer for sandboxes of ``template``, or None: give them ``pem`` to install."""
@@ -377,6 +398,10 @@ class TrustLayers:
                 raise Untrusted(f"it has {len(template.layers)} layers: no room for one more")
             if sum(len(str(p)) + 1 for p in template.layers) + len(str(self.root)) + 34 > OVERLAY_LOWER_BYTES:
                 raise Untrusted("its layers' paths take all of overlayfs' option string")
+            if self._mountable is None:
+                self._mountable = await asyncio.to_thread(mountable, self.root, template.layers[0])
+            if not self._mountable:
+                raise Untrusted(f"{self.root} is on a filesystem the jail cannot mount idmapped")
             layer = await asyncio.to_thread(make_layer, self.root, template.layers, pem, not template.host_usr)
         except ValueError as exc:  # Untrusted, or a CA that is not ASCII PEM (the install refuses it too)
             log.info("template '%s': the egress CA is installed in each sandbox: %s", template.id, exc)
