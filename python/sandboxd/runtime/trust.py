@@ -30,7 +30,8 @@ regular files opened (never a FIFO, which would block, nor a device), at most
 whiteout, an opaque directory or any other overlayfs xattr, a file where a directory should be, no
 bundle at all) is :class:`Untrusted`: no layer, and the create falls back to the install inside the
 sandbox, which knows how to refuse what a sandbox planted. The ``host`` template (the host's
-read-only ``/usr``, its ``/etc`` a copy of the host's) gets no layer either.
+read-only ``/usr``, its ``/etc`` a copy of the host's) gets no layer either, nor does any template
+when the data dir is on a filesystem the jail cannot mount idmapped (:func:`mountable`).
 
 Blocking work (:func:`make_layer`) is for a worker thread; :class:`TrustLayers` runs it there once
 per template and remembers the answer.
