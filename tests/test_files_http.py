@@ -3,10 +3,12 @@ exercise directly (tokens, signed URLs, ranges, bad input, disconnects)."""
 
 from __future__ import annotations
 
+import asyncio
 import email.utils
 import gzip
 import os
 import socket
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -288,3 +290,28 @@ def test_incompressible_files_are_sent_raw_even_when_gzip_is_accepted(agent: Age
     r = httpx.get(f"{agent.url}/files", params={"path": str(target)}, headers={"Accept-Encoding": "gzip"})
     assert "content-encoding" not in r.headers
     assert r.content == target.read_bytes()
+
+
+def test_a_worker_threads_read_is_waited_for_through_repeated_cancels() -> None:
+    """A download or upload that is cancelled closes its file's reader or writer right after
+    ``_settled`` returns, so it must not return while the worker thread still uses it: not after a
+    cancel, nor after a second one (a request unwinding from a disconnect, then the server's shutdown).
+    The cancel is raised once the thread is done."""
+    from sandboxd.agent.files import _settled
+
+    release = threading.Event()
+
+    async def main() -> None:
+        job = asyncio.get_running_loop().run_in_executor(None, release.wait, 30)
+        waiter = asyncio.ensure_future(_settled(job))
+        for _ in range(2):
+            await asyncio.sleep(0.05)
+            waiter.cancel()
+        await asyncio.sleep(0.05)
+        assert not waiter.done(), "returned while the worker thread was still running"
+        release.set()
+        with pytest.raises(asyncio.CancelledError):
+            await waiter
+        assert job.done()
+
+    asyncio.run(main())

@@ -3,14 +3,16 @@ metrics of a big sandbox while the API must stay responsive. Real runtime, real 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -130,6 +132,27 @@ def test_metrics_of_a_big_sandbox_never_stall_the_api(
     sbx.kill()
 
 
+@contextlib.contextmanager
+def _planted_then_resumed(plant: str) -> Iterator[tuple[str, Any]]:
+    """A sandbox whose root ran ``plant`` before a filesystem pause, resumed: yields its id and the
+    resumed ``Sandbox``, once it has run a command and read a file written before the pause (the
+    user's files were not lost to what the sandbox left). Killed afterwards."""
+    from e2b import Sandbox
+
+    sbx = Sandbox.create()
+    try:
+        sbx.files.write("/home/user/before-pause", "kept")
+        planting = sbx.commands.run(plant, user="root")
+        assert planting.exit_code == 0, planting.stderr
+        sbx.pause(mode="filesystem")  # type: ignore[arg-type]
+        resumed = Sandbox.connect(sbx.sandbox_id)
+        assert resumed.commands.run("echo alive", user="root").stdout == "alive\n"
+        assert resumed.files.read("/home/user/before-pause", user="root") == "kept"
+        yield sbx.sandbox_id, resumed
+    finally:
+        Sandbox.kill(sbx.sandbox_id)
+
+
 @pytest.mark.parametrize(
     ("planted", "refusal"),
     [
@@ -144,28 +167,16 @@ def test_a_sandbox_that_broke_its_own_trust_store_still_resumes(e2b_env: Runtime
     # fd 1, the host's log, reads as a host path) before a pause. The resume's agent refuses to add
     # the egress CA there, and starts anyway: it was the sandbox's own TLS it broke, and refusing the
     # resume lost the user its files. Its log says why.
-    from e2b import Sandbox
-
-    sbx = Sandbox.create()
-    try:
-        bundle = "/etc/ssl/certs/ca-certificates.crt"
-        sbx.files.write("/home/user/before-pause", "kept")
-        planting = sbx.commands.run(f"rm -f {bundle} && {planted} {bundle}", user="root")
-        assert planting.exit_code == 0, planting.stderr
-        sbx.pause(mode="filesystem")  # type: ignore[arg-type]
-        resumed = Sandbox.connect(sbx.sandbox_id)
-        assert resumed.commands.run("echo alive").stdout == "alive\n"
-        assert resumed.files.read("/home/user/before-pause") == "kept"
+    bundle = "/etc/ssl/certs/ca-certificates.crt"
+    with _planted_then_resumed(f"rm -f {bundle} && {planted} {bundle}") as (sandbox_id, resumed):
         # What the sandbox left is left as it was (nothing followed, nothing replaced).
         kind = resumed.commands.run(f"stat -c %F {bundle}", user="root").stdout.strip()
         assert kind == {"mkfifo": "fifo", "mkdir": "directory"}.get(planted, "symbolic link"), kind
         with _api(e2b_env) as api:
-            logs = api.get(f"/v2/sandboxes/{sbx.sandbox_id}/logs").json()["logs"]
+            logs = api.get(f"/v2/sandboxes/{sandbox_id}/logs").json()["logs"]
         warned = [e["message"] for e in logs if e["fields"].get("logger") == "agent" and e["level"] == "warn"]
         assert any("egress CA was not added" in m and f"{bundle} {refusal}" in m for m in warned), logs
         assert not [m for m in warned if str(e2b_env.data_dir) in m], warned
-    finally:
-        Sandbox.kill(sbx.sandbox_id)
 
 
 @pytest.mark.parametrize(
@@ -190,21 +201,11 @@ def test_a_sandbox_that_broke_its_own_resolv_conf_still_resumes(
     # runtime's /etc/resolv.conf (or its temporary). The resume starts the agent all the same: it is
     # the sandbox's own DNS it broke, and refusing the resume lost the user its files. Its log says
     # why DNS was not set up; what the sandbox left is left as it was (nothing followed or replaced).
-    from e2b import Sandbox
-
-    sbx = Sandbox.create()
-    try:
-        sbx.files.write("/home/user/before-pause", "kept")
-        planting = sbx.commands.run(planted, user="root")
-        assert planting.exit_code == 0, planting.stderr
-        sbx.pause(mode="filesystem")  # type: ignore[arg-type]
-        resumed = Sandbox.connect(sbx.sandbox_id)
-        assert resumed.commands.run("echo alive", user="root").stdout == "alive\n"
-        assert resumed.files.read("/home/user/before-pause", user="root") == "kept"
+    with _planted_then_resumed(planted) as (sandbox_id, resumed):
         path = left.split()[0]
         assert resumed.commands.run(f"stat -c '%n %F' {path}", user="root").stdout == f"{left}\n"
         with _api(e2b_env) as api:
-            logs = api.get(f"/v2/sandboxes/{sbx.sandbox_id}/logs").json()["logs"]
+            logs = api.get(f"/v2/sandboxes/{sandbox_id}/logs").json()["logs"]
         warned = [e["message"] for e in logs if e["fields"].get("logger") == "agent" and e["level"] == "warn"]
         skipped = [m for m in warned if "DNS was not set up" in m]
         if refusal is None:  # set up as ever, beside the plant
@@ -214,6 +215,63 @@ def test_a_sandbox_that_broke_its_own_resolv_conf_still_resumes(
         else:
             assert any(refusal in m for m in skipped), logs
         assert not [m for m in warned if str(e2b_env.data_dir) in m], warned
+
+
+def test_a_sandbox_that_left_fifos_where_envd_files_are_written_still_resumes(e2b_env: Runtime) -> None:
+    # Root in the sandbox leaves FIFOs, before a pause, under the names the agent wrote envd's
+    # /run/e2b files through (each file's temporary had a fixed name: the file's and the agent's
+    # pid). Opening a FIFO to write waits for a reader for ever: the resume's /init hung in its
+    # thread, the resume failed, and the user lost the sandbox and its files. Nothing the sandbox
+    # left may be opened: the files are written under new, random names and renamed into place.
+    names = "E2B_SANDBOX E2B_SANDBOX_ID E2B_TEMPLATE_ID E2B_TEAM_ID"
+    plant = f"cd /run/e2b && for n in {names}; do for p in $(seq 1 300); do mkfifo .$n.$p.tmp; done; done"
+    with _planted_then_resumed(plant) as (sandbox_id, resumed):
+        assert resumed.files.read("/run/e2b/.E2B_SANDBOX_ID", user="root") == sandbox_id
+        left = resumed.commands.run("find /run/e2b -type p | wc -l", user="root").stdout
+        assert left == "1200\n", left  # the FIFOs are the sandbox's: left as they were
+
+
+@pytest.mark.parametrize(
+    ("path", "plant", "kind"),
+    [
+        ("/etc/hostname", "mkfifo", "fifo"),
+        ("/etc/hosts", "mkfifo", "fifo"),
+        ("/etc/hostname", "mkdir", "directory"),
+    ],
+)
+def test_a_sandbox_that_broke_its_etc_hostname_or_hosts_still_resumes(
+    e2b_env: Runtime, path: str, plant: str, kind: str
+) -> None:
+    # The jail writes the sandbox's /etc/hostname and /etc/hosts at every start, as the sandbox's root
+    # after its pivot_root. Root in the sandbox replaces one, before a pause, with a FIFO (opening it
+    # to write waited for a reader for ever: the resume timed out) or a directory (the jail's set-up
+    # failed). Either way the user lost the sandbox. It is the sandbox's own file: left as it is.
+    with _planted_then_resumed(f"rm -f {path} && {plant} {path}") as (_, resumed):
+        assert resumed.commands.run(f"stat -c %F {path}", user="root").stdout == f"{kind}\n"
+
+
+def test_a_sandbox_whose_account_database_is_a_fifo_still_resumes_and_can_be_mended(e2b_env: Runtime) -> None:
+    # Root in the sandbox replaces /etc/passwd with a FIFO before a pause. The agent looks accounts up
+    # as it starts and for every request's user, and reading a FIFO waits for a writer for ever: the
+    # resume's agent never listened, and the user lost the sandbox and its files. Now the agent takes
+    # a database that is not a regular file as absent (root is still root): the resume succeeds, the
+    # files API reaches the user's files as root, and putting the file back mends the sandbox.
+    from e2b import Sandbox
+
+    sbx = Sandbox.create()
+    try:
+        sbx.files.write("/home/user/before-pause", "kept")
+        plant = "cp /etc/passwd /root/passwd.kept && rm /etc/passwd && mkfifo /etc/passwd"
+        planting = sbx.commands.run(plant, user="root")
+        assert planting.exit_code == 0, planting.stderr
+        sbx.pause(mode="filesystem")  # type: ignore[arg-type]
+        resumed = Sandbox.connect(sbx.sandbox_id)
+        assert resumed.files.read("/home/user/before-pause", user="root") == "kept"
+        # Listing names each entry's owner (envd's EntryInfo.owner): from the database, as numbers now.
+        listed = {e.name: e for e in resumed.files.list("/etc", user="root")}
+        assert listed["hostname"].owner == "0", listed["hostname"]
+        resumed.files.write("/etc/passwd", resumed.files.read("/root/passwd.kept", user="root"), user="root")
+        assert resumed.commands.run("id -un").stdout == "user\n"
     finally:
         Sandbox.kill(sbx.sandbox_id)
 

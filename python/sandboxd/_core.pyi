@@ -354,6 +354,8 @@ class SandboxHandle:
     def disk_usage(self) -> tuple[int, int]:
         """``(used, total)`` bytes of the sandbox's root filesystem as ``df /`` shows them inside:
         its disk (the quota) when it has one. Read through ``/proc/<init>/root``."""
+    def socket(self) -> int:
+        """A TCP socket fd in the sandbox's network namespace, non-blocking, not connected; the caller owns it."""
     def connect(self, port: int, timeout: float) -> int:
         """A TCP socket fd connected to ``127.0.0.1:port`` inside the sandbox's network namespace."""
 

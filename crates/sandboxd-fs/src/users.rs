@@ -35,6 +35,10 @@ struct NameCache {
     names: BTreeMap<u32, String>,
     /// Identity of the database file when `names` was last known to be valid.
     stamp: Stamp,
+    /// Whether the database file is missing or a regular file. Anything else there (a FIFO the
+    /// sandbox's root left, which NSS would open and wait on for ever) is not read: ids show as
+    /// numbers, as for a missing file.
+    plain: bool,
     /// When `stamp` was last compared with the file; `None` before the first lookup.
     checked: Option<Instant>,
 }
@@ -44,34 +48,66 @@ impl NameCache {
         Self {
             names: BTreeMap::new(),
             stamp: None,
+            plain: true,
             checked: None,
         }
     }
 
-    /// Looks `id` up in the cache, validating it against `db` first, and calls `lookup` on a miss.
-    fn get(&mut self, id: u32, db: &Path, lookup: impl FnOnce(u32) -> Option<String>) -> String {
+    /// Compares `db` with the cache's stamp, at most once per [`RECHECK_INTERVAL`], dropping the
+    /// names when it changed.
+    fn refresh(&mut self, db: &Path) {
         let now = Instant::now();
         if self
             .checked
             .is_none_or(|at| now.duration_since(at) >= RECHECK_INTERVAL)
         {
-            let stamp = stamp(db);
-            if stamp != self.stamp {
+            let (stamp, plain) = stamp(db);
+            if stamp != self.stamp || plain != self.plain {
                 self.names.clear();
                 self.stamp = stamp;
+                self.plain = plain;
             }
             self.checked = Some(now);
         }
-        self.names
-            .entry(id)
-            .or_insert_with(|| lookup(id).unwrap_or_else(|| id.to_string()))
-            .clone()
     }
 }
 
-fn stamp(db: &Path) -> Stamp {
-    let m = fs::metadata(db).ok()?;
-    Some((m.dev(), m.ino(), m.size(), m.mtime(), m.mtime_nsec()))
+fn stamp(db: &Path) -> (Stamp, bool) {
+    match fs::metadata(db) {
+        Ok(m) => (
+            Some((m.dev(), m.ino(), m.size(), m.mtime(), m.mtime_nsec())),
+            m.file_type().is_file(),
+        ),
+        Err(_) => (None, true),
+    }
+}
+
+/// The name of `id` in `cache`, validated against `db` first; `lookup` on a miss. The lookup runs
+/// without the cache's lock held: it may read the database through NSS, and one slow or stuck
+/// lookup must not stop every other listing's.
+fn name_of(
+    cache: &Mutex<NameCache>,
+    id: u32,
+    db: &Path,
+    lookup: impl FnOnce(u32) -> Option<String>,
+) -> String {
+    let stamp = {
+        let mut c = lock(cache);
+        c.refresh(db);
+        if let Some(name) = c.names.get(&id) {
+            return name.clone();
+        }
+        if !c.plain {
+            return id.to_string();
+        }
+        c.stamp
+    };
+    let name = lookup(id).unwrap_or_else(|| id.to_string());
+    let mut c = lock(cache);
+    if c.stamp == stamp {
+        c.names.entry(id).or_insert_with(|| name.clone());
+    }
+    name
 }
 
 /// User names by uid. Invariant: every name is what `getpwuid_r` returned (or the numeric uid)
@@ -87,7 +123,7 @@ fn lock(cache: &Mutex<NameCache>) -> MutexGuard<'_, NameCache> {
 
 /// The name of user `uid`, or the uid as a decimal string when it has no entry.
 pub fn user_name(uid: u32) -> String {
-    lock(&USERS).get(uid, Path::new(PASSWD), |id| {
+    name_of(&USERS, uid, Path::new(PASSWD), |id| {
         User::from_uid(Uid::from_raw(id))
             .ok()
             .flatten()
@@ -97,7 +133,7 @@ pub fn user_name(uid: u32) -> String {
 
 /// The name of group `gid`, or the gid as a decimal string when it has no entry.
 pub fn group_name(gid: u32) -> String {
-    lock(&GROUPS).get(gid, Path::new(GROUP), |id| {
+    name_of(&GROUPS, gid, Path::new(GROUP), |id| {
         Group::from_gid(Gid::from_raw(id))
             .ok()
             .flatten()
@@ -122,12 +158,26 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let db = dir.path().join("passwd");
         fs::write(&db, "a").unwrap();
-        let mut cache = NameCache::new();
-        assert_eq!(cache.get(7, &db, |_| None), "7");
+        let cache = Mutex::new(NameCache::new());
+        assert_eq!(name_of(&cache, 7, &db, |_| None), "7");
         // Cached: the lookup is not called again.
-        assert_eq!(cache.get(7, &db, |_| Some("seven".into())), "7");
+        assert_eq!(name_of(&cache, 7, &db, |_| Some("seven".into())), "7");
         fs::write(&db, "ab").unwrap();
-        cache.checked = None; // pretend the recheck interval has passed
-        assert_eq!(cache.get(7, &db, |_| Some("seven".into())), "seven");
+        lock(&cache).checked = None; // pretend the recheck interval has passed
+        assert_eq!(name_of(&cache, 7, &db, |_| Some("seven".into())), "seven");
+    }
+
+    #[test]
+    fn a_database_that_is_not_a_regular_file_is_never_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("passwd");
+        nix::unistd::mkfifo(&db, nix::sys::stat::Mode::from_bits_truncate(0o644)).unwrap();
+        let cache = Mutex::new(NameCache::new());
+        let looked_up = |_| -> Option<String> { panic!("a FIFO's lookup would wait for ever") };
+        assert_eq!(name_of(&cache, 7, &db, looked_up), "7");
+        fs::remove_file(&db).unwrap();
+        fs::write(&db, "a").unwrap();
+        lock(&cache).checked = None;
+        assert_eq!(name_of(&cache, 7, &db, |_| Some("seven".into())), "seven");
     }
 }

@@ -29,7 +29,7 @@ use nix::sys::wait::{Id, WaitPidFlag, WaitStatus, waitid};
 use crate::cgroup::{Cgroup, CgroupVersion, Stats};
 use crate::disk::{DiskUsage, disk_usage};
 use crate::mounts::detach_if_mounted;
-use crate::netns::connect_in_netns_fd;
+use crate::netns::{connect_in_netns_fd, socket_in_netns};
 use crate::spec::validate_id;
 use crate::sys::pidfd_open;
 
@@ -172,6 +172,17 @@ impl SandboxHandle {
         match &self.netns {
             Some(ns) => connect_in_netns_fd(ns.as_fd(), port, timeout),
             None => crate::connect_in_netns(&self.netns_path(), port, timeout),
+        }
+    }
+
+    /// A new TCP socket in the sandbox's network namespace, non-blocking and close-on-exec, not
+    /// connected: the caller connects it where it waits for sockets anyway (an event loop), with no
+    /// thread of its own blocked in `connect`. See [`crate::socket_in_netns`] (a helper thread
+    /// enters the namespace; the caller's threads never do).
+    pub fn socket(&self) -> io::Result<OwnedFd> {
+        match &self.netns {
+            Some(ns) => socket_in_netns(ns.as_fd()),
+            None => socket_in_netns(File::open(self.netns_path())?.as_fd()),
         }
     }
 

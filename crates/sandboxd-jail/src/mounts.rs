@@ -39,7 +39,7 @@ use std::path::{Path, PathBuf};
 use nix::errno::Errno;
 use nix::fcntl::{AT_FDCWD, OFlag, open, openat};
 use nix::mount::{MntFlags, MsFlags, mount, umount2};
-use nix::sys::stat::{Mode, SFlag, lstat, mkdirat};
+use nix::sys::stat::{Mode, SFlag, fstat, lstat, mkdirat};
 use nix::unistd::{chdir, mkdir, pivot_root, symlinkat, write};
 
 use std::os::fd::{AsFd, OwnedFd};
@@ -200,8 +200,8 @@ pub(crate) fn setup_root(p: &Prepared, fds: &SetupFds) -> Result<(), StepError> 
     umount2(c".", MntFlags::MNT_DETACH).at(Step::DetachOldRoot)?;
     chdir(c"/").at(Step::Chdir)?;
 
-    write_etc(c"/etc/hostname", &p.etc_hostname)?;
-    write_etc(c"/etc/hosts", &p.etc_hosts)?;
+    write_etc(c"hostname", &p.etc_hostname)?;
+    write_etc(c"hosts", &p.etc_hosts)?;
     Ok(())
 }
 
@@ -366,18 +366,53 @@ fn ensure_dir(path: &CStr) -> Result<(), StepError> {
     }
 }
 
-/// Replaces a small file in the sandbox's `/etc` (in its upper layer). Skipped when the template
-/// has no `/etc`, or makes the file a symlink (never followed).
-fn write_etc(path: &CStr, content: &[u8]) -> Result<(), StepError> {
-    let fd = match open(
-        path,
-        OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_TRUNC | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+/// Replaces a small file of the sandbox's `/etc` (in its upper layer), as the sandbox's root after
+/// its `pivot_root`. What the sandbox's root may have left there before a pause is never followed
+/// and never waited on: `/etc` and the file are opened without following a link, and the file
+/// non-blocking (a FIFO there, which no one reads yet, would have blocked the open for ever and the
+/// resume with it). Skipped, leaving it as it is, when the template has no `/etc`, or the sandbox made
+/// `/etc` or the file a link, a FIFO, a directory or anything but a regular file: it is the
+/// sandbox's own file, and refusing the start would lose the user the sandbox.
+fn write_etc(name: &CStr, content: &[u8]) -> Result<(), StepError> {
+    let etc = match open(
+        c"/etc",
+        OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    ) {
+        Ok(fd) => fd,
+        Err(Errno::ENOENT | Errno::ELOOP | Errno::ENOTDIR) => return Ok(()),
+        Err(e) => return Err(StepError::new(Step::WriteEtc, e)),
+    };
+    let fd = match openat(
+        etc.as_fd(),
+        name,
+        OFlag::O_WRONLY
+            | OFlag::O_CREAT
+            | OFlag::O_TRUNC
+            | OFlag::O_NOFOLLOW
+            | OFlag::O_NONBLOCK
+            | OFlag::O_CLOEXEC,
         Mode::from_bits_truncate(0o644),
     ) {
         Ok(fd) => fd,
-        Err(Errno::ENOENT | Errno::ELOOP | Errno::ENOTDIR | Errno::EROFS) => return Ok(()),
+        // ENXIO: a FIFO or socket with no reader; EISDIR: a directory; EACCES: a device node on
+        // the nodev root; EROFS: a read-only root.
+        Err(
+            Errno::ENOENT
+            | Errno::ELOOP
+            | Errno::ENOTDIR
+            | Errno::EROFS
+            | Errno::EISDIR
+            | Errno::ENXIO
+            | Errno::EACCES,
+        ) => return Ok(()),
         Err(e) => return Err(StepError::new(Step::WriteEtc, e)),
     };
+    if !fstat(&fd).is_ok_and(|st| {
+        SFlag::from_bits_truncate(st.st_mode & SFlag::S_IFMT.bits()) == SFlag::S_IFREG
+    }) {
+        return Ok(());
+    }
     let mut done = 0;
     while done < content.len() {
         match write(&fd, &content[done..]) {

@@ -7,11 +7,15 @@ mod common;
 use std::fs;
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
+use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::thread::sleep;
 use std::time::{Duration, Instant};
 
 use common::*;
+use nix::errno::Errno;
+use nix::fcntl::{FcntlArg, OFlag, fcntl};
+use nix::sys::socket::{SockaddrIn, connect};
 use sandboxd_jail::{
     CgroupVersion, InitCommand, Limits, SandboxHandle, connect_in_netns, kill_sandbox,
     list_sandboxes, spawn_sandbox,
@@ -199,6 +203,18 @@ fn connect_to_a_closed_port_is_refused_quickly() {
     let err = sb.handle.connect(9, Duration::from_secs(2)).unwrap_err();
     assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused, "{err}");
     assert!(t.elapsed() < Duration::from_millis(500));
+
+    // `socket()` (the runtime connects it itself) is made in the sandbox's namespace: a port that
+    // listens on the host's loopback is closed there.
+    let host = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = host.local_addr().unwrap().port();
+    assert!(TcpStream::connect(("127.0.0.1", port)).is_ok());
+    let sock = sb.handle.socket().unwrap();
+    let flags = OFlag::from_bits_truncate(fcntl(&sock, FcntlArg::F_GETFL).unwrap());
+    assert!(flags.contains(OFlag::O_NONBLOCK));
+    fcntl(&sock, FcntlArg::F_SETFL(flags - OFlag::O_NONBLOCK)).unwrap();
+    let refused = connect(sock.as_raw_fd(), &SockaddrIn::new(127, 0, 0, 1, port)).unwrap_err();
+    assert_eq!(refused, Errno::ECONNREFUSED);
 }
 
 /// Reads the counter the payload of `freeze_and_thaw` keeps writing.

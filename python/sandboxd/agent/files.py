@@ -315,11 +315,20 @@ async def _stream_chunks(chunks: Iterator[bytes], receive: Receive, send: Send) 
 
 
 async def _settled(job: asyncio.Future[Any]) -> None:
-    """Waits until a worker thread's ``job`` has finished, whatever happens to the waiting task."""
-    with contextlib.suppress(asyncio.CancelledError):
-        await asyncio.wait([job])
-    if job.done() and not job.cancelled():
+    """Waits until a worker thread's ``job`` has finished, whatever happens to the waiting task: the
+    caller closes what the thread uses (the file's reader, the upload's writer) right after. A cancel
+    while waiting, even a second one (a request already unwinding from one, then the server's
+    shutdown), is held until the thread is done and raised then."""
+    cancelled: asyncio.CancelledError | None = None
+    while not job.done():
+        try:
+            await asyncio.wait([job])
+        except asyncio.CancelledError as exc:
+            cancelled = exc
+    if not job.cancelled():
         job.exception()  # retrieved: its error, if any, was or will be reported by the caller
+    if cancelled is not None:
+        raise cancelled
 
 
 async def _disconnected(receive: Receive) -> None:

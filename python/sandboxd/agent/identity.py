@@ -13,25 +13,22 @@ from __future__ import annotations
 
 import os
 
+from .sysfiles import replace_file
+
 RUN_DIR = "/run/e2b"
 IDENTITY = ("E2B_SANDBOX_ID", "E2B_TEMPLATE_ID", "E2B_TEAM_ID")
 """The variables with a file of their own, as envd writes them."""
 
 
 def write(env_vars: dict[str, str], run_dir: str = RUN_DIR) -> None:
-    """Write ``.E2B_SANDBOX`` and a ``.NAME`` file per identity variable in ``env_vars`` into
-    ``run_dir`` (blocking: call from a thread). Nothing without ``E2B_SANDBOX_ID``. Files are
-    replaced, never followed: a link left at one of these paths is replaced, not written through."""
+    """Write ``.E2B_SANDBOX`` and a ``.NAME`` file per identity variable in ``env_vars`` into the
+    absolute ``run_dir`` (blocking: call from a thread). Nothing without ``E2B_SANDBOX_ID``. Each file
+    is replaced whole and nothing the sandbox left on the way is followed or opened
+    (:func:`~sandboxd.agent.sysfiles.replace_file`): its root may have left links, FIFOs or anything
+    else at these paths before a pause, and the resume's ``/init`` must not block on them. A path that
+    is in the way (a link at ``/run``, a directory at a file's name) is a ``ValueError``."""
     if "E2B_SANDBOX_ID" not in env_vars:
         return
-    os.makedirs(run_dir, mode=0o755, exist_ok=True)
     values = {"E2B_SANDBOX": "true", **{name: env_vars[name] for name in IDENTITY if name in env_vars}}
     for name, value in values.items():
-        path = os.path.join(run_dir, f".{name}")
-        temporary = f"{path}.{os.getpid()}.tmp"
-        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o444)
-        try:
-            os.write(fd, value.encode())
-        finally:
-            os.close(fd)
-        os.replace(temporary, path)
+        replace_file(os.path.join(run_dir, f".{name}"), value.encode(), 0o444)

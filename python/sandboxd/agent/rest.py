@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import os
@@ -119,6 +118,8 @@ async def init(state: AgentState, headers: dict[str, str], receive: Receive, sen
     state.apply_init(access_token=token, env_vars=env_vars, default_user=user, default_workdir=workdir)
     if env_vars is not None:
         # As envd: the variables are set either way; a file the sandbox's own code broke is its loss.
-        with contextlib.suppress(OSError):
+        try:
             await asyncio.to_thread(identity.write, env_vars)
+        except (OSError, ValueError) as exc:
+            logging.getLogger("sandboxd.agent").warning("envd's /run/e2b files were not written: %s", exc)
     await send_empty(send, 204, [("x-envd-version", ENVD_VERSION), ("cache-control", "no-store")])

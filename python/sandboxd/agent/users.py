@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pwd
+import stat
 from dataclasses import dataclass
 
 from .errors import Code, RpcError
@@ -25,17 +26,33 @@ _CACHE: dict[str, tuple[tuple[int, int], User]] = {}
 ``getgrouplist`` parses /etc/group each time, which cost ~50 µs per call."""
 
 
-def _databases_version() -> tuple[int, int]:
-    try:
-        return (os.stat("/etc/passwd").st_mtime_ns, os.stat("/etc/group").st_mtime_ns)
-    except OSError:
-        return (0, 0)
+DATABASES = ("/etc/passwd", "/etc/group")
+
+
+def _databases_version() -> tuple[int, int] | None:
+    """The account databases' mtimes (0 for one that is missing), or None when one is there but is
+    not a regular file: the C library's lookups open and read it, and a FIFO (which the sandbox's
+    root can leave there) would block them for ever, the agent's start and its requests with them."""
+    versions = [0, 0]
+    for i, path in enumerate(DATABASES):
+        try:
+            st = os.stat(path)
+        except OSError:
+            continue
+        if not stat.S_ISREG(st.st_mode):
+            return None
+        versions[i] = st.st_mtime_ns
+    return versions[0], versions[1]
 
 
 def lookup(name: str) -> User:
     """The account called ``name``; :class:`KeyError` when there is none. Cached until /etc/passwd
-    or /etc/group changes (``useradd`` inside a sandbox is seen at once)."""
+    or /etc/group changes (``useradd`` inside a sandbox is seen at once). With a database that is not
+    a regular file (see :func:`_databases_version`) there are no accounts but root, which needs none:
+    the sandbox's root can still reach its files through the agent and put the file back."""
     version = _databases_version()
+    if version is None:
+        return _without_databases(name)
     cached = _CACHE.get(name)
     if cached is not None and cached[0] == version:
         return cached[1]
@@ -44,16 +61,20 @@ def lookup(name: str) -> User:
     return user
 
 
+def _without_databases(name: str) -> User:
+    """Root as a template without /etc/passwd has it (an image built FROM scratch): uid 0 anyway."""
+    if name != "root":
+        raise KeyError(name)
+    return User("root", 0, 0, "/root" if os.path.isdir("/root") else "/", (0,))
+
+
 def _lookup(name: str) -> User:
     if "\x00" in name:  # no account has one, and getpwnam raises ValueError for it
         raise KeyError(name)
     try:
         entry = pwd.getpwnam(name)
     except KeyError:
-        if name != "root":
-            raise
-        # A template without /etc/passwd (an image built FROM scratch): root is uid 0 anyway.
-        return User("root", 0, 0, "/root" if os.path.isdir("/root") else "/", (0,))
+        return _without_databases(name)
     try:
         groups = tuple(os.getgrouplist(entry.pw_name, entry.pw_gid))
     except OSError:  # pragma: no cover - broken group database
@@ -74,6 +95,8 @@ def default_user_name(requested: str | None) -> str:
     account running the agent."""
     if requested:
         return requested
+    if _databases_version() is None:
+        return "root"
     try:
         pwd.getpwnam("user")
         return "user"

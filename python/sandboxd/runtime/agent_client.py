@@ -51,7 +51,7 @@ MAX_RETRY_S = 0.05
 class _Waiters:
     """Creates polling for their agent right now. Each waits ``RETRY_S x waiters`` between connects,
     so one create alone polls every millisecond while a burst of a hundred polls at about the same
-    total rate (each connect into a sandbox is a worker-thread hop and a system call), not a hundred
+    total rate (each connect into a sandbox is a helper thread's ``setns`` and a system call), not a hundred
     times more."""
 
     count = 0
@@ -140,7 +140,8 @@ KEEP_ALIVE_HEAD = 16 << 10
 """The most of ``/init``'s answer read: a 204's head is ~100 bytes (no body). The connection is kept
 for reuse only when exactly one whole head came: then nothing of it is left unread for the next
 request to take as its answer. Reusing it saves the proxy's first request into a new sandbox its own
-connect (a worker-thread hop and a ``setns``, ~0.7 ms of the first command, ``docs/benchmarks.md``)."""
+connect (a helper thread's ``setns``; measured as ~0.7 ms of the first command when connects ran in a
+worker thread, ``docs/benchmarks.md``)."""
 
 
 async def _exchange(sock: socket.socket, request: bytes) -> bytes:

@@ -19,6 +19,7 @@ import concurrent.futures
 import contextlib
 import logging
 import os
+import threading
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
@@ -45,6 +46,12 @@ of CPU, tens of ms of waiting for the image's first blocks to reach the disk und
 device's direct I/O), so a burst of creates that drains the pool gets its disks mounted side by
 side rather than a handful at a time as the default executor (cores + 4 threads) would."""
 
+REFILL_NICE = 10
+"""The niceness of the thread that refills the pool (the warm sandboxes' own, :mod:`.warm`). A refill
+(~1.5 ms of CPU: the copy, the loop device, the mount) starts as a create takes a disk, and so ran
+beside that create's jail and agent start-up, each wanting one of a 2-core host's cores; niced, it
+takes what they leave. Disks made on demand (the pool empty) are made at the default priority."""
+
 REFILL_RETRY_S = 5.0
 """Wait before retrying after a refill failed (no loop device free, disk full): a failure that lasts
 would otherwise spin; creates meanwhile make their disks themselves and report the error."""
@@ -63,6 +70,10 @@ class DiskPool:
         self._refill: asyncio.Task[None] | None = None
         self._next = 0
         self._threads = concurrent.futures.ThreadPoolExecutor(WORKERS, thread_name_prefix="sandbox-disk")
+        self._refiller = concurrent.futures.ThreadPoolExecutor(
+            1, thread_name_prefix="sandbox-disk-refill", initializer=_lower_priority
+        )
+        """The pool's refills, one at a time (:data:`REFILL_NICE`)."""
 
     async def start(self) -> None:
         """Remove a previous runtime's pool, format the template if needed, and start filling."""
@@ -83,6 +94,7 @@ class DiskPool:
             os.close(fd)
             path.unlink(missing_ok=True)
         self._threads.shutdown(wait=False, cancel_futures=True)
+        self._refiller.shutdown(wait=False, cancel_futures=True)
 
     async def take(self, dest: Path) -> int:
         """A mounted disk for a new sandbox, whose image is moved to ``dest``. Returns the mount's
@@ -130,7 +142,7 @@ class DiskPool:
                 path = self.dir / f"pool-{self._next}.img"
                 self._next += 1
                 try:
-                    fd = await self._in_thread(self._make, path)
+                    fd = await asyncio.get_running_loop().run_in_executor(self._refiller, self._make, path)
                 except OSError as exc:
                     log.warning("could not prepare a sandbox disk ahead of need: %s", exc)
                     await asyncio.sleep(REFILL_RETRY_S)
@@ -138,3 +150,8 @@ class DiskPool:
                 self._ready.append((path, fd))
             self._wake.clear()
             await self._wake.wait()
+
+
+def _lower_priority() -> None:
+    """The refill thread's start: niceness is per thread on Linux (``setpriority`` of its id)."""
+    os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), REFILL_NICE)

@@ -68,6 +68,13 @@ REAPER_INTERVAL_S = 0.25
 """How often expired sandboxes are looked for: timeouts are whole seconds, so a quarter second
 of lateness is invisible while costing nothing measurable."""
 
+FIRST_SAMPLE_DELAY_S = 0.25
+"""How long after its create a sandbox's first metrics sample is taken (:meth:`SandboxManager._first_sample_soon`)."""
+
+FIRST_SAMPLE_MARGIN_S = 0.05
+"""How long before the end of the create's 5-second bucket the first sample is taken at the latest, so
+that it lands in that bucket."""
+
 CONNECT_TIMEOUT_S = 5.0
 """Connect timeout for a TCP connection into a sandbox (it is local: a refusal is immediate)."""
 
@@ -153,9 +160,19 @@ def validate_timeout(timeout: int, limits: Limits) -> int:
     return timeout
 
 
+_ID_ALPHABET = string.ascii_lowercase + string.digits
+_ID_BYTES = 7 * len(_ID_ALPHABET)
+"""Random bytes below this (252) map evenly onto the 36 characters (``b % 36``); the rest are dropped."""
+
+
 def new_id() -> str:
-    """20 characters of ``[a-z0-9]``, like E2B's ids."""
-    return "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(20))
+    """20 characters of ``[a-z0-9]``, like E2B's ids, uniformly random. From one ``token_bytes`` (one
+    ``getrandom``): ``secrets.choice`` per character cost ~30 µs a create, 20 draws through
+    ``random``'s Python code."""
+    chars: list[str] = []
+    while len(chars) < 20:
+        chars += [_ID_ALPHABET[b % 36] for b in secrets.token_bytes(24) if b < _ID_BYTES]
+    return "".join(chars[:20])
 
 
 _HOST_CODE = str(Path(__file__).resolve().parents[2])
@@ -183,29 +200,30 @@ def _stop_unless_ok(waiting: asyncio.Future[Any], done: asyncio.Future[Any]) -> 
         waiting.cancel()
 
 
-async def _connect_in_thread(handle: _core.SandboxHandle, port: int) -> int:
-    """``handle.connect`` in a worker thread. Cancelled (a client gone, an ``_agent_up`` race), the
-    thread connects on: the socket it returns is closed then, not leaked (a socket in the sandbox's
-    network namespace keeps the namespace, and its link and slot, alive after a kill).
+async def _connect(handle: _core.SandboxHandle, port: int) -> socket.socket:
+    """A TCP connection to ``127.0.0.1:port`` inside the sandbox, connected by the event loop. The
+    socket is made in the sandbox's network namespace (``handle.socket``: a short-lived helper thread
+    enters it, ~30-60 µs) and connected here, non-blocking: refused at once when nothing listens, at
+    most :data:`CONNECT_TIMEOUT_S` otherwise. This was ``handle.connect`` in a worker thread, a
+    thread hop (and that helper thread) per connect: ~0.1 ms of the runtime's CPU and up to a
+    millisecond of waiting for the thread on a busy host, once or more per create (``/init``, and
+    its retries before the agent listens), and per new connection of the proxy.
 
-    No frame keeps the thread's task once it failed: its exception's traceback holds this frame,
-    and this frame holding the task (which holds the exception) made a cycle that only the cycle
-    collector frees, with ``handle`` in it, whose descriptor of the namespace pinned a killed
-    sandbox's link until a full collection: minutes in a busy runtime (test_network_reuse)."""
-    connecting = asyncio.ensure_future(asyncio.to_thread(handle.connect, port, CONNECT_TIMEOUT_S))
+    Cancelled or failed, the socket is closed at once: a socket in the sandbox's namespace keeps the
+    namespace, and its link and slot, alive after a kill. No frame of a failure keeps ``handle`` (an
+    exception's traceback holds this frame, and ``handle``'s descriptor of the namespace would pin
+    a killed sandbox's link until the cycle collector ran: test_network_reuse); nor is there a task
+    holding the exception (``asyncio.timeout``, not ``wait_for``)."""
+    sock = socket.socket(fileno=handle.socket())
+    del handle
     try:
-        return await asyncio.shield(connecting)
-    except asyncio.CancelledError:
-        connecting.add_done_callback(_close_connected)
+        sock.setblocking(False)  # it is (SOCK_NONBLOCK); this tells the socket object, which asyncio asks
+        async with asyncio.timeout(CONNECT_TIMEOUT_S):
+            await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
+    except BaseException:
+        sock.close()
         raise
-    finally:
-        del connecting, handle  # the cycle above
-
-
-def _close_connected(connecting: asyncio.Future[int]) -> None:
-    """Close the socket a connect that nobody waits for any more made."""
-    if not connecting.cancelled() and connecting.exception() is None:
-        os.close(connecting.result())
+    return sock
 
 
 def _running(handle: _core.SandboxHandle) -> bool:
@@ -278,6 +296,8 @@ class SandboxManager:
         self.history = MetricsHistory(data_dir / "metrics.db")
         self.sampler = Sampler()
         self._tasks: set[asyncio.Task[None]] = set()
+        self._first_samples: dict[str, asyncio.TimerHandle] = {}
+        """New sandboxes whose first metrics sample is due (:meth:`_first_sample_soon`)."""
         self.on_gone: list[Callable[[str], None]] = []
         self._reaper: asyncio.Task[None] | None = None
         self._sampling: asyncio.Task[None] | None = None
@@ -330,6 +350,9 @@ class SandboxManager:
         for background in (self._reaper, self._sampling, *self._tasks):
             if background is not None:
                 background.cancel()
+        for timer in self._first_samples.values():
+            timer.cancel()
+        self._first_samples.clear()
         loop = asyncio.get_running_loop()
         for handle in self.handles.values():
             loop.remove_reader(handle.pidfd())
@@ -479,9 +502,8 @@ class SandboxManager:
                 if warm is not None:
                     row.id_base, row.init_pid, row.init_start = warm.row.id_base, warm.row.init_pid, warm.row.init_start
                 await self._boot(row, template, network=(request.network, traffic_token), warm=warm)
-                self.store.insert(row)
-                self.store.event(row.id, "created", f"template {request.template}, timeout {timeout}s")
-                self._background(self._first_sample(row))
+                self.store.insert(row, ("created", f"template {request.template}, timeout {timeout}s"))
+                self._first_sample_soon(row, now)
         except BaseException:
             self._slots.discard(sandbox_id)
             raise
@@ -640,7 +662,7 @@ class SandboxManager:
             try:
                 await task  # raises its own error
             finally:
-                del task, handle  # its traceback holds this frame: no cycle keeping the handle (_connect_in_thread)
+                del task, handle  # its traceback holds this frame: no cycle keeping the handle (_connect)
         raise ApiError(500, await self._agent_failure(sandbox_id, handle.exit_code()))
 
     async def _agent_failure(self, sandbox_id: str, code: int | None) -> str:
@@ -691,7 +713,7 @@ class SandboxManager:
             kept = self._take_init_connection(sandbox_id)
             if kept is not None:
                 return kept
-        return socket.socket(fileno=await _connect_in_thread(handle, port))
+        return await _connect(handle, port)
 
     def kept_socket(self, sandbox_id: str, port: int) -> socket.socket | None:
         """The sandbox's kept ``/init`` connection, for the agent's port, once, while still idle; else
@@ -701,7 +723,7 @@ class SandboxManager:
 
     def _keep_init_connection(self, sandbox_id: str, connection: socket.socket) -> None:
         """Keep a new sandbox's ``/init`` connection for the first request into its agent: the SDK's
-        first command then needs no connect into the sandbox (a worker-thread hop and a ``setns``).
+        first command then needs no connect into the sandbox (a helper thread's ``setns``, a ``connect``).
         Only while the sandbox runs: every way out of it drops the connection
         (:meth:`_drop_init_connection`), as a socket keeps its network namespace alive."""
         self._drop_init_connection(sandbox_id)
@@ -825,6 +847,9 @@ class SandboxManager:
 
     async def _forget_samples(self, sandbox_id: str, keep_history: bool = False) -> None:
         """Drop what the sampler keeps of a sandbox; its history too unless it is only paused."""
+        first = self._first_samples.pop(sandbox_id, None)
+        if first is not None:
+            first.cancel()
         self.sampler.forget(sandbox_id)
         if not keep_history:
             await self.history.forget(sandbox_id)
@@ -1078,6 +1103,20 @@ class SandboxManager:
             return None
         counters = functools.partial(self.networks.counters, row.id) if self.networks is not None else None
         return Target(row.id, handle, row.cpu_count, row.memory_mb << 20, row.disk_mb << 20, counters)
+
+    def _first_sample_soon(self, row: SandboxRow, created: float) -> None:
+        """Take the create's own sample :data:`FIRST_SAMPLE_DELAY_S` later, or just before its bucket
+        ends if that is sooner: not while the client's first request goes through, which comes as the
+        create returns (the sample is two worker-thread hops, ~0.3 ms of the runtime's CPU, as
+        measured in ``docs/benchmarks.md``). A sandbox killed before then gets none, and its kill
+        then has no history to forget."""
+        delay = min(FIRST_SAMPLE_DELAY_S, bucket(created) + SAMPLE_INTERVAL_S - FIRST_SAMPLE_MARGIN_S - time.time())
+
+        def due() -> None:
+            self._first_samples.pop(row.id, None)
+            self._background(self._first_sample(row))
+
+        self._first_samples[row.id] = asyncio.get_running_loop().call_later(max(delay, 0.0), due)
 
     async def _first_sample(self, row: SandboxRow) -> None:
         """The create's own bucket: a sandbox's history starts when it does (off the create's path)."""

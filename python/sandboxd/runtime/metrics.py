@@ -110,6 +110,9 @@ class MetricsHistory:
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="sandboxd-metrics")
         self._db: sqlite3.Connection | None = None
         """Opened, used and closed by the pool's one thread only."""
+        self._kept: set[str] = set()
+        """Sandboxes that may have rows: :meth:`forget` of any other needs no thread (a sandbox
+        killed before its first sample, as most short-lived ones are)."""
 
     async def _run(self, fn: Any, *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
@@ -126,6 +129,7 @@ class MetricsHistory:
     async def open(self, live: Iterable[str]) -> None:
         """Create the table, and drop what belongs to sandboxes that ended while nobody recorded it."""
         keep = list(live)
+        self._kept.update(keep)
 
         def work() -> None:
             db = self._conn()
@@ -164,6 +168,7 @@ class MetricsHistory:
             )
             for sandbox_id, s in samples
         ]
+        self._kept.update(sandbox_id for sandbox_id, _ in samples)
 
         def work() -> None:
             db = self._conn()
@@ -192,6 +197,10 @@ class MetricsHistory:
         return result
 
     async def forget(self, sandbox_id: str) -> None:
+        if sandbox_id not in self._kept:
+            return
+        self._kept.discard(sandbox_id)
+
         def work() -> None:
             self._conn().execute("DELETE FROM samples WHERE sandbox_id = ?", (sandbox_id,))
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import secrets
@@ -321,6 +322,13 @@ async def _serve(
     if options.tls_cert is not None:
         config.ssl_certfile = str(options.tls_cert)
         config.ssl_keyfile = str(options.tls_key) if options.tls_key is not None else None
+    # Everything made so far (the imported modules, the app, the manager) lives as long as the
+    # process: out of the cycle collector's reach, so that its full collections scan only what serving
+    # makes. A full collection over the ~90,000 objects the runtime starts with took 14-16 ms of the
+    # event loop, one every few hundred creates (the create it fell on waited that long); frozen, such
+    # a heap takes microseconds. Garbage from the start-up is collected first.
+    gc.collect()
+    gc.freeze()
     try:
         await serve_until_signalled(config, listeners)
     finally:

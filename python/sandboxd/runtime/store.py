@@ -1,7 +1,8 @@
 """Runtime state in SQLite (WAL): sandboxes, their metadata, lifecycle events with reasons, and templates.
 
-One connection, used from the event loop thread only; every write is its own short transaction,
-so a ``kill -9`` of the runtime loses nothing that was acknowledged to a client.
+One connection, used from the event loop thread only; every write is a short transaction committed
+before the call returns (a new sandbox's row and its first event are one), so a ``kill -9`` of the
+runtime loses nothing that was acknowledged to a client.
 """
 
 from __future__ import annotations
@@ -97,6 +98,7 @@ class SandboxRow:
 
 
 _COLUMNS = [f for f in SandboxRow.__dataclass_fields__]
+_INSERT = f"INSERT INTO sandboxes ({','.join(_COLUMNS)}) VALUES ({','.join('?' * len(_COLUMNS))})"
 
 
 class Store:
@@ -130,10 +132,15 @@ class Store:
 
     # ------------------------------------------------------------------------------- sandboxes
 
-    def insert(self, row: SandboxRow) -> None:
+    def insert(self, row: SandboxRow, event: tuple[str, str | None] | None = None) -> None:
+        """A new sandbox's row, and with it its first ``event`` (kind, reason): one transaction, one
+        commit, where two cost a create twice the WAL writes and locking."""
         values = [self._encode(name, getattr(row, name)) for name in _COLUMNS]
-        marks = ",".join("?" * len(_COLUMNS))
-        self.db.execute(f"INSERT INTO sandboxes ({','.join(_COLUMNS)}) VALUES ({marks})", values)
+        with self.db:
+            self.db.execute("BEGIN")
+            self.db.execute(_INSERT, values)
+            if event is not None:
+                self._event(row.id, *event)
 
     def update(self, sandbox_id: str, **changes: Any) -> None:
         assignments = ",".join(f"{name} = ?" for name in changes)
@@ -198,6 +205,9 @@ class Store:
     # ---------------------------------------------------------------------------------- events
 
     def event(self, sandbox_id: str, kind: str, reason: str | None = None) -> None:
+        self._event(sandbox_id, kind, reason)
+
+    def _event(self, sandbox_id: str, kind: str, reason: str | None) -> None:
         self.db.execute(
             "INSERT INTO events (sandbox_id, at, kind, reason) VALUES (?, ?, ?, ?)",
             (sandbox_id, time.time(), kind, reason),

@@ -17,20 +17,18 @@ ever import is imported here first (:func:`preload`).
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import os
-import secrets
 import select
 import selectors
 import signal
 import socket
-import stat
 import subprocess
 import sys
 from typing import TYPE_CHECKING, Any, NamedTuple, NoReturn
 
 from sandboxd import _core
+from sandboxd.agent.sysfiles import replace_file
 
 from .agent_client import AGENT_PORT
 from .logs import FAILURE_MARK
@@ -121,55 +119,9 @@ def _write_files(files: dict[str, str]) -> None:
     it ``O_EXCL | O_NOFOLLOW`` under a random name, so nothing planted under a name is opened."""
     for path, content in files.items():
         try:
-            _replace(path, content.encode())
+            replace_file(path, content.encode())
         except (OSError, ValueError) as exc:
             _skipped("sandboxd.agent.dns", f"the sandbox's DNS was not set up ({path} was not written)", exc)
-
-
-def _replace(path: str, data: bytes) -> None:
-    """Write ``data`` to a new file beside the absolute ``path`` and rename it over ``path``; a
-    ``ValueError`` saying which part of the path is in the way (a link, not a directory, a directory
-    at ``path``)."""
-    *parents, name = path.strip("/").split("/")
-    where = ""
-    directory = os.open("/", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        for part in parents:
-            where = f"{where}/{part}"
-            flags = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-            try:
-                try:
-                    inner = os.open(part, flags, dir_fd=directory)
-                except FileNotFoundError:  # a template without it
-                    os.mkdir(part, 0o755, dir_fd=directory)
-                    inner = os.open(part, flags, dir_fd=directory)
-            except OSError as exc:
-                if exc.errno not in (errno.ENOTDIR, errno.ELOOP):
-                    raise
-                link = stat.S_ISLNK(os.lstat(part, dir_fd=directory).st_mode)
-                raise ValueError(f"{where} is {'a link' if link else 'not a directory'}") from None
-            os.close(directory)
-            directory = inner
-        temp = f".{name}.sandboxd-{secrets.token_hex(8)}"
-        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644, dir_fd=directory)
-        try:
-            # os.write, not a file object: fewer first-touch page faults in a fresh fork (cold4).
-            view = memoryview(data)
-            try:
-                while view:
-                    view = view[os.write(fd, view) :]
-            finally:
-                os.close(fd)
-            try:
-                os.rename(temp, name, src_dir_fd=directory, dst_dir_fd=directory)
-            except IsADirectoryError:
-                raise ValueError(f"{where}/{name} is a directory") from None
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(temp, dir_fd=directory)
-            raise
-    finally:
-        os.close(directory)
 
 
 def _skipped(logger: str, what: str, exc: Exception) -> None:

@@ -153,6 +153,11 @@ class SandboxRules:
         deny4, deny6 = split(egress.deny_nets)
         return SandboxRules(allow4, deny4, allow6, deny6, egress.proxied, not egress.resolver_reachable)
 
+    @property
+    def none(self) -> bool:
+        """No elements: the default settings', whose rules the table's own chains are."""
+        return self == _NO_RULES
+
     def elements(self, table: str, ifname: str, verb: str) -> list[str]:
         """``add``/``delete element`` commands for this sandbox's elements."""
         commands = []
@@ -170,6 +175,9 @@ class SandboxRules:
         if self.no_dns:
             commands.append(f"{verb} element {table} nodns {{ {key} }}")
         return commands
+
+
+_NO_RULES = SandboxRules()
 
 
 def _set(name: str, kind: str, elements: Iterable[str]) -> str:

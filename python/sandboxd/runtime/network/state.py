@@ -9,6 +9,7 @@ without any message between the two processes.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import sqlite3
 from dataclasses import dataclass
@@ -37,29 +38,52 @@ class NetworkRow:
 
 
 class NetworkStore:
-    """The runtime's side (read-write, on the runtime's connection)."""
+    """The runtime's side (read-write, on the runtime's connection).
+
+    Rows read or written are also kept in memory, written through: this object is the table's only
+    writer (the helper only reads it), so the copy is the table. A create read its row twice (the
+    link, its answer's traffic token) and every proxied request once (the port's TLS), each a query
+    and a JSON parse of the settings. Only rows that exist are kept (one per sandbox with
+    settings, dropped with them): a request naming a sandbox that has none still asks the table."""
 
     def __init__(self, db: sqlite3.Connection) -> None:
         self.db = db
         self.db.executescript(SCHEMA)
+        self._rows: dict[str, NetworkRow] = {}
 
     def put(self, row: NetworkRow) -> None:
         self.db.execute(
             "INSERT OR REPLACE INTO sandbox_networks (sandbox_id, slot, config, traffic_token) VALUES (?, ?, ?, ?)",
             (row.sandbox_id, row.slot, row.config.to_json(), row.traffic_token),
         )
+        if row.slot is not None:  # REPLACE also deleted any other sandbox's row on this slot (UNIQUE)
+            for other in [k for k, r in self._rows.items() if r.slot == row.slot and k != row.sandbox_id]:
+                del self._rows[other]
+        self._rows[row.sandbox_id] = row
 
     def set_slot(self, sandbox_id: str, slot: int | None) -> None:
         self.db.execute("UPDATE sandbox_networks SET slot = ? WHERE sandbox_id = ?", (slot, sandbox_id))
+        row = self._rows.get(sandbox_id)
+        if row is not None:
+            self._rows[sandbox_id] = dataclasses.replace(row, slot=slot)
 
     def set_config(self, sandbox_id: str, config: NetworkConfig) -> None:
         self.db.execute("UPDATE sandbox_networks SET config = ? WHERE sandbox_id = ?", (config.to_json(), sandbox_id))
+        row = self._rows.get(sandbox_id)
+        if row is not None:
+            self._rows[sandbox_id] = dataclasses.replace(row, config=config)
 
     def get(self, sandbox_id: str) -> NetworkRow | None:
+        kept = self._rows.get(sandbox_id)
+        if kept is not None:
+            return kept
         row = self.db.execute(
             "SELECT sandbox_id, slot, config, traffic_token FROM sandbox_networks WHERE sandbox_id = ?", (sandbox_id,)
         ).fetchone()
-        return None if row is None else _row(row)
+        if row is None:
+            return None
+        found = self._rows[sandbox_id] = _row(row)
+        return found
 
     def with_slots(self) -> list[NetworkRow]:
         rows = self.db.execute(
@@ -69,6 +93,7 @@ class NetworkStore:
 
     def delete(self, sandbox_id: str) -> None:
         self.db.execute("DELETE FROM sandbox_networks WHERE sandbox_id = ?", (sandbox_id,))
+        self._rows.pop(sandbox_id, None)
 
 
 def _row(row: tuple[str, int | None, str, str | None]) -> NetworkRow:

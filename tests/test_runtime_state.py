@@ -1,0 +1,168 @@
+"""The runtime's state as a create and a kill use it, without a sandbox: the id of a new sandbox, the
+network rows kept in memory beside their table, a new sandbox's row and first event in one transaction,
+the firewall elements of settings, and the metrics history's forget. Real SQLite files, no server."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sqlite3
+import string
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from sandboxd.runtime.disks import REFILL_NICE, DiskPool
+from sandboxd.runtime.inputs import SANDBOX_ID
+from sandboxd.runtime.manager import new_id
+from sandboxd.runtime.metrics import MetricsHistory, MetricsSample
+from sandboxd.runtime.network import SandboxNetworks
+from sandboxd.runtime.network.firewall import SandboxRules
+from sandboxd.runtime.network.policy import NetworkConfig, compile_egress
+from sandboxd.runtime.network.state import NetworkRow, NetworkStore, SlotReader
+from sandboxd.runtime.store import SandboxRow, Store
+
+
+def test_new_ids_are_e2b_shaped_and_use_every_character() -> None:
+    ids = [new_id() for _ in range(5000)]
+    assert len(set(ids)) == len(ids)
+    assert all(len(i) == 20 and SANDBOX_ID.fullmatch(i) for i in ids)
+    seen = "".join(ids)
+    assert set(seen) == set(string.ascii_lowercase + string.digits)
+    # 100,000 draws over 36 characters: ~2,778 each (standard deviation ~52). A mapping that favoured
+    # some (b % 36 over all 256 byte values gives the first 4 characters 8 chances in 256, not 7)
+    # shows as ~3,125 for those.
+    counts = [seen.count(c) for c in set(seen)]
+    assert max(counts) < 3000 and min(counts) > 2550, sorted(counts)
+
+
+def _row(sandbox_id: str, slot: int | None = 3, config: NetworkConfig | None = None) -> NetworkRow:
+    return NetworkRow(sandbox_id, slot, config or NetworkConfig(allow_internet_access=True), "tok")
+
+
+def test_network_rows_read_from_memory_are_the_table(tmp_path: Path) -> None:
+    """Every write reaches the table (the helper process reads it) and the copy in memory alike."""
+    store = Store(tmp_path / "sandboxd.db")
+    rows = NetworkStore(store.db)
+    helper = SlotReader(tmp_path / "sandboxd.db")  # the network helper's read-only view
+    rows.put(_row("a"))
+    assert helper.at(3) == ("a", NetworkConfig(allow_internet_access=True).to_json())
+    assert rows.get("a") == _row("a")
+    denied = NetworkConfig(allow_internet_access=False)
+    rows.set_config("a", denied)
+    assert rows.get("a") == _row("a", config=denied)
+    assert helper.at(3) == ("a", denied.to_json())
+    rows.set_slot("a", None)
+    assert rows.get("a") == _row("a", slot=None, config=denied)
+    assert helper.at(3) is None
+    rows.delete("a")
+    assert rows.get("a") is None
+    assert store.db.execute("SELECT COUNT(*) FROM sandbox_networks").fetchone()[0] == 0
+    # A row not found is not remembered as missing: a runtime restarted on the same database (a new
+    # NetworkStore) and rows it has not read yet are found in the table.
+    assert rows.get("b") is None
+    NetworkStore(store.db).put(_row("b", slot=4))
+    assert rows.get("b") == _row("b", slot=4)
+    # A row put on another's slot replaces that one in the table (INSERT OR REPLACE, slot UNIQUE):
+    # in memory too.
+    rows.put(_row("c", slot=4))
+    assert rows.get("c") == _row("c", slot=4)
+    assert rows.get("b") is None
+    assert helper.at(4) == ("c", NetworkConfig(allow_internet_access=True).to_json())
+
+
+def test_a_new_sandbox_and_its_first_event_are_one_transaction(tmp_path: Path) -> None:
+    store = Store(tmp_path / "sandboxd.db")
+    now = time.time()
+    row = SandboxRow("s" * 20, "base", None, "running", now, now + 300, "t" * 32, 1, 1024, 10240)
+    store.insert(row, ("created", "template base, timeout 300s"))
+    assert store.get(row.id) == row
+    assert [kind for _, kind, _ in store.events(row.id)] == ["created"]
+    with pytest.raises(sqlite3.IntegrityError):  # the same id again: neither its row nor its event
+        store.insert(row, ("created", "a second time"))
+    assert [reason for _, _, reason in store.events(row.id)] == ["template base, timeout 300s"]
+    assert not store.db.in_transaction
+    # Committed: another connection (a runtime restarted after a crash) sees both.
+    other = Store(tmp_path / "sandboxd.db")
+    assert other.get(row.id) == row and len(other.events(row.id)) == 1
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        NetworkConfig(),
+        NetworkConfig(allow_internet_access=True),
+        NetworkConfig(allow_internet_access=False),
+        NetworkConfig(allow_out=("1.1.1.1", "example.com"), deny_out=("0.0.0.0/0",)),
+        NetworkConfig(deny_out=("10.0.0.0/8", "10.1.0.0/16", "2001:db8::/32")),
+        NetworkConfig(allow_out=("example.com",), rules={"example.com": ({"x-a": "b"},)}),
+    ],
+)
+def test_firewall_elements_of_settings_compiled_once_are_the_same(config: NetworkConfig) -> None:
+    fresh = SandboxRules.of(compile_egress(config))
+    assert SandboxNetworks._rules(config) == fresh
+    assert SandboxNetworks._rules(config) == fresh  # again, from the cache where the settings are hashable
+    # "none" (no transaction at attach and detach) exactly when there are no elements to add.
+    assert fresh.none == (fresh.elements("inet t", "veth", "add") == [])
+
+
+def test_the_metrics_history_forgets_only_what_it_may_hold(tmp_path: Path) -> None:
+    async def run() -> None:
+        history = MetricsHistory(tmp_path / "metrics.db")
+        await history.open(["kept"])
+        sample = MetricsSample(time.time(), 1, 0.0, 1, 2, 3, 4)
+        await history.record([("kept", sample), ("new", sample)])
+        db = sqlite3.connect(tmp_path / "metrics.db")
+
+        def ids() -> list[str]:
+            return [r[0] for r in db.execute("SELECT sandbox_id FROM samples ORDER BY sandbox_id")]
+
+        assert ids() == ["kept", "new"]
+        await history.forget("never-sampled")  # nothing of it: no work at all
+        await history.forget("new")
+        assert ids() == ["kept"]
+        await history.close()
+        # Rows of a sandbox the runtime re-adopted after a restart ("kept", live at open) are forgotten too.
+        again = MetricsHistory(tmp_path / "metrics.db")
+        await again.open(["kept"])
+        await again.forget("kept")
+        await again.close()
+        assert ids() == []
+
+    asyncio.run(run())
+
+
+def test_the_disk_pool_refills_at_a_lower_priority_and_makes_disks_on_demand_at_the_default(tmp_path: Path) -> None:
+    """Refills start as a create takes a disk, beside its sandbox's start-up: niced, they take what that
+    leaves. A disk made on demand (the pool empty) is on a create's path: the default priority."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting disks needs root")
+
+    async def run() -> None:
+        pool = DiskPool(tmp_path, 16, target=1)
+        await pool.start()
+        try:
+            deadline = time.monotonic() + 60
+            while not pool._ready:
+                assert time.monotonic() < deadline, "the pool was not filled"
+                await asyncio.sleep(0.05)
+            refillers = list(pool._refiller._threads)
+            assert len(refillers) == 1
+            assert _nice(refillers[0]) == REFILL_NICE
+            first = await pool.take(tmp_path / "a.img")  # from the pool
+            second = await pool.take(tmp_path / "b.img")  # made now, unless the refill was done already
+            os.close(first)
+            os.close(second)
+            on_demand = list(pool._threads._threads)
+            assert on_demand, "the second disk was made on demand"
+            assert all(_nice(t) == 0 for t in on_demand)
+        finally:
+            await pool.stop()
+
+    asyncio.run(run())
+
+
+def _nice(thread: threading.Thread) -> int:
+    assert thread.native_id is not None
+    return os.getpriority(os.PRIO_PROCESS, thread.native_id)
