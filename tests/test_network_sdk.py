@@ -257,6 +257,8 @@ def test_header_rule_reaches_the_server_and_never_the_sandbox(env: Runtime, lab:
             web("allowed.test", path="/whoami?via=http"),
         )
         assert oks(answers) == [True, True], answers
+        # Trusted through the template's trust layer, made once by the runtime (runtime/trust.py).
+        assert len(list((env.data_dir / "trust").iterdir())) == 1
         seen = [r for r in lab.requests()[before:] if r["path"].startswith("/whoami?via=")]
         assert sorted(r["path"] for r in seen) == ["/whoami?via=http", "/whoami?via=https"]
         assert all(r["headers"].get("Authorization") == f"Bearer {secret}" for r in seen), seen

@@ -77,6 +77,10 @@ def test_a_warm_sandbox_is_a_fresh_sandbox_with_the_claims_identity(
     first = Sandbox.create(envs={"FIRST_SECRET": "one"}, metadata={"who": "first"})
     try:
         assert first.sandbox_id in warm  # it came from the pool
+        # Its trust store has the egress CA from the runtime's trust layer, as a cold create's has.
+        assert len(list((runtime.data_dir / "trust").iterdir())) == 1
+        ca = (runtime.data_dir / "egress-ca.pem").read_text().strip()
+        assert first.files.read("/etc/ssl/certs/ca-certificates.crt").count(ca) == 1
         info = first.get_info()
         assert info.started_at.timestamp() >= before - 1
         assert info.metadata == {"who": "first"}

@@ -121,6 +121,10 @@ def test_build_then_create_sees_every_step(builds: Runtime, tmp_path: Path) -> N
     whiteout = os.lstat(layer / "etc" / "debian_version")
     assert whiteout.st_rdev == 0 and (whiteout.st_mode & 0o170000) == 0o020000
     assert os.getxattr(layer / "usr" / "share" / "doc", "user.overlay.opaque") == b"y"
+    # The runtime's trust store with its egress CA was a lower layer of the build sandboxes (the
+    # runtime's trust layer), not their writes: it is in no layer of the template.
+    assert not any((p / "etc/ssl/certs/ca-certificates.crt").exists() for p in paths)
+    assert not any((p / "usr/local/share/ca-certificates/sandboxd-egress.crt").exists() for p in paths)
 
 
 def test_rebuild_hits_the_cache_and_skip_cache_rebuilds(builds: Runtime, tmp_path: Path) -> None:

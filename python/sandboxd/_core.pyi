@@ -446,6 +446,9 @@ DEFAULT_ID_REGISTRY: str
 ID_RANGE_SIZE: int
 """Host ids per sandbox (65536: uids and gids 0-65535 inside)."""
 
+MAX_LAYERS: int
+"""Most lower layers one sandbox's overlay may have (128): a template's, and the runtime's trust layer."""
+
 MAX_VOLUMES: int
 """Most volumes one sandbox may mount (16)."""
 

@@ -37,6 +37,7 @@ pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(validate_volume_target, m)?)?;
     m.add("DEFAULT_ID_REGISTRY", jail::DEFAULT_REGISTRY)?;
     m.add("ID_RANGE_SIZE", jail::RANGE_SIZE)?;
+    m.add("MAX_LAYERS", jail::MAX_LAYERS)?;
     m.add("MAX_VOLUMES", jail::MAX_VOLUMES)?;
     Ok(())
 }

@@ -54,6 +54,7 @@ from .observe import Observer
 from .secrets import SecretStore
 from .store import SandboxRow, Store, TemplateRow
 from .templates import Template, Templates
+from .trust import TrustLayers
 from .volumes import Volumes
 from .warm import Warm, WarmPool, renice
 from .zygote_client import ZygoteClient
@@ -307,6 +308,8 @@ class SandboxManager:
         """E2B's volumes, mounted into the sandboxes that name them (see :mod:`.volumes`)."""
         self.secrets = SecretStore(store.db)
         """E2B's secrets, which sandboxes' egress rules name and never see (see :mod:`.secrets`)."""
+        self.trust = TrustLayers(data_dir / "trust")
+        """Each template's trust store with the egress CA in it, a lower layer made once (see :mod:`.trust`)."""
 
     # ------------------------------------------------------------------------------ start/stop
 
@@ -517,6 +520,8 @@ class SandboxManager:
         sandbox_dir.mkdir(parents=True, exist_ok=True)
         slot = self.networks.reserve() if self.networks is not None else None
         try:
+            ca = self.networks.ca_pem if self.networks is not None else None
+            trust = await self.trust.layer(template, ca)  # made on the template's first create here
             if row.id_base is None:
                 row.id_base = await asyncio.to_thread(self.place.ids.claim, self.data_dir, row.id)
             # Each volume's mount (the runtime keeps it) travels as a descriptor after the disk's,
@@ -532,7 +537,9 @@ class SandboxManager:
                 disk = await (self.place.disks.mount(image) if resuming else self.place.disks.take(image))
             except OSError as exc:
                 raise ApiError(500, f"could not prepare the sandbox's disk: {exc}") from None
-            request = self._zygote_request(row, template, sandbox_dir)
+            # A new sandbox finds the CA in its trust store already. A resumed one is given it too, as
+            # before: its own copy of the store (what it wrote there) is on its disk, above the layer.
+            request = self._zygote_request(row, template, sandbox_dir, trust, ca if trust is None or resuming else None)
             request["nice"] = nice
             if resuming and RESUME_FAULT:
                 request["fault"] = RESUME_FAULT
@@ -667,14 +674,21 @@ class SandboxManager:
         status = f" (exit status {code})" if code is not None else ""
         return f"the sandbox's agent exited before it listened{status}: {reason or 'it gave no reason'}"
 
-    def _zygote_request(self, row: SandboxRow, template: Template, sandbox_dir: Path) -> dict[str, Any]:
-        """What the zygote needs to build the sandbox (its disk travels beside, as a descriptor)."""
+    def _zygote_request(
+        self, row: SandboxRow, template: Template, sandbox_dir: Path, trust: Path | None, ca_bundle: str | None
+    ) -> dict[str, Any]:
+        """What the zygote needs to build the sandbox (its disk travels beside, as a descriptor).
+        ``trust``, the template's trust layer (:mod:`.trust`), goes on top of its layers: in no
+        template made from the sandbox (those list the template's layers and the sandbox's disk).
+        ``ca_bundle``: the egress CA to add to the trust store before the agent starts
+        (.zygote._run_agent)."""
         limits = self.limits
+        layers = [str(layer) for layer in template.layers]
         return {
             "id": row.id,
             "instance": self.place.instance,
             "id_base": row.id_base,
-            "template_dirs": [str(layer) for layer in template.layers],
+            "template_dirs": [str(trust), *layers] if trust is not None else layers,
             "sandbox_dir": str(sandbox_dir),
             "host_usr_ro": template.host_usr,
             "nested_userns": limits.nested_userns,
@@ -686,8 +700,7 @@ class SandboxManager:
             "inotify_watches": limits.inotify_watches,
             "log": str(sandbox_dir / "agent.log"),
             "interpreter": template.code_interpreter,
-            # The egress CA goes into the trust store before the agent starts (.zygote._run_agent).
-            "ca_bundle": self.networks.ca_pem if self.networks is not None else None,
+            "ca_bundle": ca_bundle,
         }
 
     async def open_socket(self, sandbox_id: str, port: int) -> socket.socket:

@@ -172,7 +172,9 @@ def _run_agent(
 
     The CA is added here, before the agent's event loop exists, rather than by ``POST /init``'s
     ``caBundle``, where it must run in a worker thread: the agent's first thread, started for it,
-    was ~1.2 ms of every create's ``/init`` (timeline of 20 creates each way, same run)."""
+    was ~1.2 ms of every create's ``/init`` (timeline of 20 creates each way, same run). A new
+    sandbox usually gets none to add: its trust store came with the runtime's trust layer
+    (:mod:`.trust`). A resume, and a template without such a layer, do."""
     os.dup2(log_fd, 1)
     os.dup2(log_fd, 2)
     os.close(log_fd)
