@@ -336,7 +336,9 @@ def test_a_second_subscriber_gets_the_replay_and_the_rest_through_its_own_pump(l
 
 
 def test_keepalives_come_from_the_pump_while_the_process_is_quiet(lone_agent: Agent) -> None:
-    argv = ["/bin/sh", "-c", "head -c 4M /dev/zero; sleep 2.5; printf b"]
+    # Two keepalives at a 1 s interval need 2 s of quiet; 3.5 s leaves a loaded host's late timers
+    # room (with 2.5 s it saw one, once, at load ~100).
+    argv = ["/bin/sh", "-c", "head -c 4M /dev/zero; sleep 3.5; printf b"]
     stream = RawStream(lone_agent, argv, headers={"Keepalive-Ping-Interval": "1"})
     kinds: list[str] = []
     pumping = 0
