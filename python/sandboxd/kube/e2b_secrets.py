@@ -137,12 +137,9 @@ class KubeSecrets:
 
     async def _read(self) -> tuple[Records, str | None]:
         """The records and the Secret's resourceVersion (None: it does not exist yet)."""
-        try:
-            found = await self.kube.get(path_of("secrets", self.namespace, SECRETS_NAME))
-        except KubeError as exc:
-            if exc.status == 404:
-                return {}, None
-            raise ApiError(503, f"the Kubernetes API server failed: {exc}") from None
+        found = await self.current()
+        if found is None:
+            return {}, None
         return decode(found), str(found["metadata"]["resourceVersion"])
 
     async def _change(self, change: Callable[[Records], T]) -> T:
