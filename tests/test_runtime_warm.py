@@ -176,7 +176,7 @@ def test_a_sized_warm_template_is_served_warm_at_its_size(
     dropped) and the pool refills at the new size."""
     if not base_template:
         pytest.skip("the Debian base cannot be built on this machine")
-    from e2b import Sandbox, Template
+    from e2b import Template
 
     name = f"warm-sized-{os.urandom(4).hex()}"
     runtime = start_runtime("--warm-sandboxes", "1", "--warm-template", name)
@@ -184,27 +184,27 @@ def test_a_sized_warm_template_is_served_warm_at_its_size(
     Template.build(Template().from_template("base").run_cmd("true"), name, cpu_count=2, memory_mb=1536)
     warm = _wait_warm(runtime, 1)
     _pool_ready(runtime, 1)
-    sandbox = Sandbox.create(name, timeout=60)
-    try:
-        info = sandbox.get_info()
-        assert sandbox.sandbox_id in warm and (info.cpu_count, info.memory_mb) == (2, 1536)
-    finally:
-        sandbox.kill()
+    sandbox_id, size = _created_size(name)
+    assert sandbox_id in warm and size == (2, 1536)
 
-    stale = _wait_warm(runtime, 1, exclude={sandbox.sandbox_id})
+    stale = _wait_warm(runtime, 1, exclude={sandbox_id})
     _pool_ready(runtime, 1)
     Template.build(Template().from_template("base").run_cmd("true"), name, cpu_count=1, memory_mb=768)
-    cold = Sandbox.create(name, timeout=60)
-    try:
-        info = cold.get_info()
-        assert cold.sandbox_id not in stale and (info.cpu_count, info.memory_mb) == (1, 768)
-    finally:
-        cold.kill()
-    warm = _wait_warm(runtime, 1, exclude=stale | {sandbox.sandbox_id, cold.sandbox_id})
+    cold_id, size = _created_size(name)
+    assert cold_id not in stale and size == (1, 768)
+    warm = _wait_warm(runtime, 1, exclude=stale | {sandbox_id, cold_id})
     _pool_ready(runtime, 1)
-    again = Sandbox.create(name, timeout=60)
+    again_id, size = _created_size(name)
+    assert again_id in warm and size == (1, 768)
+
+
+def _created_size(template: str) -> tuple[str, tuple[int, int]]:
+    """A sandbox of ``template`` made and killed: its id and its (cpu_count, memory_mb)."""
+    from e2b import Sandbox
+
+    sandbox = Sandbox.create(template, timeout=60)
     try:
-        info = again.get_info()
-        assert again.sandbox_id in warm and (info.cpu_count, info.memory_mb) == (1, 768)
+        info = sandbox.get_info()
+        return sandbox.sandbox_id, (info.cpu_count, info.memory_mb)
     finally:
-        again.kill()
+        sandbox.kill()
