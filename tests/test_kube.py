@@ -517,6 +517,19 @@ def test_pause_and_resume_keep_files_across_replicas(kube: Env) -> None:
         assert Sandbox.get_info(sbx.sandbox_id, **a.opts()).state == SandboxState.RUNNING
     finally:
         sbx.kill()
+    # E2B's lifecycle events API, from the Events the node recorded (posted off its path: waited for).
+    lifecycle = ["sandbox.lifecycle.killed", "sandbox.lifecycle.resumed", "sandbox.lifecycle.paused"]
+    lifecycle.append("sandbox.lifecycle.created")
+
+    def listed() -> list[dict[str, Any]] | None:
+        answer = httpx.get(f"{b.url}/events/sandboxes/{sbx.sandbox_id}", headers={"X-API-Key": API_KEY}, timeout=30)
+        assert answer.status_code == 200, answer.text
+        events: list[dict[str, Any]] = answer.json()
+        return events if [e["type"] for e in events] == lifecycle else None
+
+    events = _wait("the sandbox's lifecycle events", listed, timeout=30)
+    assert {e["sandboxId"] for e in events} == {sbx.sandbox_id}
+    assert events[1]["sandboxExecutionId"] != events[2]["sandboxExecutionId"]  # a resume is a new run
 
 
 def test_timeouts_are_enforced(kube: Env) -> None:

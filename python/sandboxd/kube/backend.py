@@ -35,6 +35,7 @@ import aiohttp
 
 from sandboxd.runtime.backend import ListQuery
 from sandboxd.runtime.errors import ApiError, not_found
+from sandboxd.runtime.lifecycle import LifecycleEvent, LifecycleQuery
 from sandboxd.runtime.logs import LogEntry, from_events
 from sandboxd.runtime.manager import DEFAULT_TIMEOUT_S, CreateRequest, Limits, validate_timeout
 from sandboxd.runtime.metrics import MetricsSample
@@ -46,6 +47,24 @@ from .client import MERGE, Informer, Kube, KubeError, path_of
 from .e2b_secrets import KubeSecrets
 from .secrets import API_SECRET, NODE_SECRET, shared_secret
 from .tunnel import TunnelError, fetch_metrics, open_tunnel
+
+_LIFECYCLE_REASONS = {
+    "Started": "created",
+    "Killing": "killed",
+    "Died": "died",
+    "Paused": "paused",
+    "Resumed": "resumed",
+}
+"""The reasons of the Events a node records on a sandbox Pod, as the runtime's event kinds."""
+
+
+def _recorded_at(event: dict[str, Any]) -> float:
+    """When a node recorded an Event: its annotation (to the microsecond), else its timestamps."""
+    with contextlib.suppress(KeyError, TypeError, ValueError):
+        return float(event["metadata"]["annotations"][pods.RECORDED_AT_ANNOTATION])
+    at = event.get("lastTimestamp") or event.get("eventTime") or event["metadata"]["creationTimestamp"]
+    return pods.parse_time(at)
+
 
 log = logging.getLogger("sandboxd.kube.backend")
 
@@ -508,6 +527,43 @@ class KubernetesBackend:
             at = event.get("lastTimestamp") or event.get("eventTime") or event["metadata"]["creationTimestamp"]
             out.append((pods.parse_time(at), str(event.get("reason", "")).lower(), event.get("message")))
         return sorted(out)
+
+    async def lifecycle(self, query: LifecycleQuery) -> list[LifecycleEvent]:
+        """E2B's lifecycle events from the Events the nodes record on sandbox Pods (``Started``,
+        ``Paused``, ``Resumed``, ``Killing``, ``Died``). The API server keeps Events for its
+        ``--event-ttl`` (an hour by default), not 7 days; a Pod's template is known while it exists."""
+        selector = "involvedObject.kind=Pod"
+        if query.sandbox_id is not None:
+            selector += f",involvedObject.name={query.sandbox_id}"
+        try:
+            found = await self.kube.get(path_of("events", self.namespace), fieldSelector=selector)
+            listed = await self.kube.get(self._path(), labelSelector=f"{pods.MANAGED_LABEL}=true")
+        except KubeError as exc:
+            raise ApiError(503, f"the Kubernetes API server failed: {exc}") from None
+        templates = {
+            p["metadata"]["name"]: str(p["spec"]["containers"][0].get("image", "")) for p in listed.get("items", [])
+        }
+        recorded = []
+        for event in found.get("items", []):
+            kind = _LIFECYCLE_REASONS.get(str(event.get("reason", "")))
+            if kind is None or (event.get("source") or {}).get("component") != "sandboxd-node":
+                continue
+            at = _recorded_at(event)
+            name = str(event["involvedObject"].get("name", ""))
+            pod_uid = str(event["involvedObject"].get("uid", ""))
+            recorded.append((at, str(event["metadata"].get("name", "")), name, pod_uid, kind, event))
+        recorded.sort()
+        runs: dict[str, str] = {}
+        events = []
+        for at, key, name, pod_uid, kind, event in recorded:
+            if kind in ("created", "resumed") or name not in runs:
+                runs[name] = f"{pod_uid}/{key}"
+            if kind in query.kinds:
+                message = event.get("message")
+                events.append(LifecycleEvent(key, name, at, kind, message, runs[name], templates.get(name), None))
+        if not query.ascending:
+            events.reverse()
+        return events[query.offset : query.offset + query.limit]
 
     async def list_page(self, query: ListQuery) -> tuple[list[SandboxRow], str | None]:
         if not query.descending:

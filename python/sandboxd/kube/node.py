@@ -622,7 +622,11 @@ class SandboxNode:
         body = {
             "apiVersion": "v1",
             "kind": "Event",
-            "metadata": {"generateName": f"{meta['name']}.", "namespace": meta["namespace"]},
+            "metadata": {
+                "generateName": f"{meta['name']}.",
+                "namespace": meta["namespace"],
+                "annotations": {pods.RECORDED_AT_ANNOTATION: f"{time.time():.6f}"},
+            },
             "involvedObject": {
                 "apiVersion": "v1",
                 "kind": "Pod",

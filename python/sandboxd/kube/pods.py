@@ -60,6 +60,9 @@ ON_TIMEOUT_ANNOTATION = f"{GROUP}/on-timeout"
 PAUSE_MODE_ANNOTATION = f"{GROUP}/pause-mode"
 AUTO_RESUME_ANNOTATION = f"{GROUP}/auto-resume"
 ALIAS_ANNOTATION = f"{GROUP}/template-alias"
+RECORDED_AT_ANNOTATION = f"{GROUP}/recorded-at"
+"""On the Events a node records: when, in unix seconds to the microsecond (an Event's own timestamps
+are to the second, which cannot order a create, pause and resume made within one)."""
 
 NETWORK_ANNOTATION = f"{GROUP}/network"
 """The sandbox's network settings as E2B's create body has them, ``{"allow_internet_access": false,

@@ -22,10 +22,11 @@ from urllib.parse import unquote
 from sandboxd import ENVD_VERSION, _core
 from sandboxd.agent.asgi import ClientDisconnected, Receive, Scope, Send, header_map, send_empty, send_json
 
-from . import logs, snapshots
+from . import lifecycle, logs, snapshots
 from .backend import Backend, ListQuery
 from .errors import ApiError
 from .inputs import INT32_MAX, INT64_MAX, MAX_QUERY, Body, Query, sandbox_id
+from .lifecycle import LifecycleQuery
 from .manager import CreateRequest
 from .metrics import MetricsSample
 from .network import NetworkConfig
@@ -235,10 +236,12 @@ class ControlPlane:
             ("POST", re.compile(sandbox + "/snapshots"), self.snapshot),
             ("GET", re.compile(r"/snapshots"), self.snapshots),
             ("POST", re.compile(sandbox + "/fork"), self.fork),
+            ("GET", re.compile(r"/events/sandboxes"), self.lifecycle),
+            ("GET", re.compile(r"/events/sandboxes/([^/]+)"), self.lifecycle),
         ]
 
     def matches(self, path: str) -> bool:
-        return path.startswith(("/sandboxes", "/v2/sandboxes")) or path == "/snapshots"
+        return path.startswith(("/sandboxes", "/v2/sandboxes", "/events/sandboxes")) or path == "/snapshots"
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         async with api_errors(send):
@@ -400,6 +403,12 @@ class ControlPlane:
         """sandboxd's own: a sandbox's lifecycle with reasons (created, paused, killed, died...)."""
         events = await self.backend.events(sandbox_id)
         await send_json(send, 200, [{"at": iso(at), "kind": kind, "reason": reason} for at, kind, reason in events])
+
+    async def lifecycle(self, scope: Scope, receive: Receive, send: Send, sandbox_id: str | None = None) -> None:
+        """E2B's lifecycle events API (:mod:`.lifecycle`): one sandbox's events, or every sandbox's."""
+        query = LifecycleQuery.parse(scope.get("query_string", b""), sandbox_id)
+        events = await self.backend.lifecycle(query)
+        await send_json(send, 200, [lifecycle.answer(event, iso) for event in events])
 
     async def snapshot(self, scope: Scope, receive: Receive, send: Send, sandbox_id: str) -> None:
         """E2B's ``create_snapshot``: 201 ``{snapshotID, names}``. ``memory`` is accepted and both modes

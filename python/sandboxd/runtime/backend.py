@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from .errors import ApiError
+from .lifecycle import LifecycleEvent, LifecycleQuery
 from .logs import LogEntry
 from .manager import CreateRequest, SandboxManager
 from .metrics import MetricsSample
@@ -61,6 +62,7 @@ class Backend(Protocol):
     async def resume(self, sandbox_id: str, timeout: int | None) -> SandboxRow: ...
     async def metrics(self, sandbox_id: str, start: int | None, end: int | None) -> list[MetricsSample]: ...
     async def events(self, sandbox_id: str) -> list[tuple[float, str, str | None]]: ...
+    async def lifecycle(self, query: LifecycleQuery) -> list[LifecycleEvent]: ...
     async def log_entries(self, sandbox_id: str) -> list[LogEntry]: ...
     async def list_page(self, query: ListQuery) -> tuple[list[SandboxRow], str | None]: ...
     def end_at(self, row: SandboxRow) -> float: ...
@@ -107,6 +109,9 @@ class LocalBackend:
 
     async def events(self, sandbox_id: str) -> list[tuple[float, str, str | None]]:
         return self.manager.events(sandbox_id)
+
+    async def lifecycle(self, query: LifecycleQuery) -> list[LifecycleEvent]:
+        return self.manager.lifecycle(query)
 
     async def log_entries(self, sandbox_id: str) -> list[LogEntry]:
         return await self.manager.log_entries(sandbox_id)

@@ -192,7 +192,7 @@ class Body:
 
 
 class Query:
-    """A query string, parsed with bounds; the last value of a repeated name wins."""
+    """A query string, parsed with bounds; the last value of a repeated name wins, except in :meth:`all`."""
 
     def __init__(self, raw: bytes) -> None:
         if len(raw) > MAX_QUERY:
@@ -209,6 +209,7 @@ class Query:
             raise ApiError(400, f"the query string is not valid UTF-8 once decoded: {exc.reason}") from None
         except ValueError:
             raise ApiError(400, f"the query string has more than {MAX_QUERY_FIELDS} fields") from None
+        self.pairs = pairs
         self.values = dict(pairs)
 
     def __contains__(self, name: str) -> bool:
@@ -219,6 +220,10 @@ class Query:
         if not value:
             return None
         return text(value, name, max_chars)
+
+    def all(self, name: str, max_chars: int = MAX_NAME_CHARS) -> list[str]:
+        """Every non-empty value of a name that may repeat (``types=a&types=b``), in order."""
+        return [text(value, name, max_chars) for key, value in self.pairs if key == name and value]
 
     def integer(self, name: str, minimum: int, maximum: int, default: int | None = None) -> int | None:
         value = self.values.get(name)

@@ -45,6 +45,7 @@ from . import snapshots
 from .agent_client import AGENT_PORT, init_agent, interpreter_ready, start_template_command
 from .disks import DiskPool
 from .errors import ApiError, not_found
+from .lifecycle import RETENTION_S, LifecycleEvent, LifecycleQuery
 from .logs import LogEntry, agent_failure, from_events, read_agent_log
 from .metrics import SAMPLE_INTERVAL_S, MetricsHistory, Sampler, Target, bucket
 from .metrics import MetricsSample as MetricsSample  # re-exported: sandboxd.kube reads it from here
@@ -386,6 +387,28 @@ class SandboxManager:
         if self.store.get(sandbox_id) is None:
             raise not_found(sandbox_id)
         return self.store.events(sandbox_id)
+
+    def lifecycle(self, query: LifecycleQuery) -> list[LifecycleEvent]:
+        """A page of E2B's lifecycle events (:mod:`.lifecycle`), of one sandbox or all."""
+        rows = self.store.lifecycle(query.sandbox_id, query.kinds, query.offset, query.limit, query.ascending)
+        builds: dict[str, str | None] = {}
+        for row in rows:
+            if row.template_id is not None and row.template_id not in builds:
+                template = self.store.template(row.template_id)
+                builds[row.template_id] = None if template is None else template.build_id()
+        return [
+            LifecycleEvent(
+                key=f"{row.sandbox_id}/{row.seq}",
+                sandbox_id=row.sandbox_id,
+                at=row.at,
+                kind=row.kind,
+                reason=row.reason,
+                run_key=f"{row.sandbox_id}/{row.run_seq}",
+                template_id=row.template_id,
+                build_id=None if row.template_id is None else builds[row.template_id],
+            )
+            for row in rows
+        ]
 
     async def log_entries(self, sandbox_id: str) -> list[LogEntry]:
         """The sandbox's log: its lifecycle events (also after it ended) and its agent's log (while
@@ -1145,6 +1168,7 @@ class SandboxManager:
                 if time.monotonic() - pruned > 60:
                     pruned = time.monotonic()
                     await self.history.prune(time.time())
+                    self.store.forget_before(time.time() - RETENTION_S)
             except Exception:
                 log.exception("sampling sandbox metrics failed")
 

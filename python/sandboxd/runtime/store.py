@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,7 @@ CREATE TABLE IF NOT EXISTS events (
     reason      TEXT
 );
 CREATE INDEX IF NOT EXISTS events_by_sandbox ON events (sandbox_id, seq);
+CREATE INDEX IF NOT EXISTS events_by_time ON events (at);
 CREATE TABLE IF NOT EXISTS settings (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS templates (
     name        TEXT PRIMARY KEY,
@@ -67,6 +69,14 @@ class TemplateRow:
     config: dict[str, Any]
     source: str
     created_at: float
+
+    def build_id(self) -> str:
+        """The build that made this template, else (an import, a built-in) a stable id derived from
+        its name."""
+        build_id = self.config.get("build_id")
+        if isinstance(build_id, str):
+            return build_id
+        return str(uuid.uuid5(uuid.NAMESPACE_URL, f"sandboxd-template:{self.name}"))
 
 
 @dataclass(slots=True)
@@ -95,6 +105,21 @@ class SandboxRow:
     id_base: int | None = None
     volume_mounts: dict[str, str] = field(default_factory=dict)
     """Where volumes are mounted: path inside the sandbox -> volume name (E2B's ``volumeMounts``)."""
+
+
+@dataclass(frozen=True, slots=True)
+class StoredEvent:
+    """One lifecycle event as :meth:`Store.lifecycle` reads it."""
+
+    seq: int
+    sandbox_id: str
+    at: float
+    kind: str
+    reason: str | None
+    template_id: str | None
+    """The sandbox's template, while its row exists."""
+    run_seq: int | None
+    """The ``created`` or ``resumed`` event that began the run this event belongs to."""
 
 
 _COLUMNS = [f for f in SandboxRow.__dataclass_fields__]
@@ -216,6 +241,46 @@ class Store:
     def events(self, sandbox_id: str) -> list[tuple[float, str, str | None]]:
         cur = self.db.execute("SELECT at, kind, reason FROM events WHERE sandbox_id = ? ORDER BY seq", (sandbox_id,))
         return [(float(at), str(kind), reason) for at, kind, reason in cur.fetchall()]
+
+    def lifecycle(
+        self, sandbox_id: str | None, kinds: list[str], offset: int, limit: int, ascending: bool
+    ) -> list[StoredEvent]:
+        """One page of events of ``kinds``, of one sandbox or all, in the order they were recorded
+        (``ascending``) or newest first; each with its sandbox's template (while its row exists) and
+        the event that began the run it belongs to (its last ``created`` or ``resumed``)."""
+        marks = ",".join("?" * len(kinds))
+        sql = (
+            "SELECT e.seq, e.sandbox_id, e.at, e.kind, e.reason, s.template_id,"
+            " (SELECT MAX(r.seq) FROM events r WHERE r.sandbox_id = e.sandbox_id"
+            "  AND r.kind IN ('created', 'resumed') AND r.seq <= e.seq)"
+            f" FROM events e LEFT JOIN sandboxes s ON s.id = e.sandbox_id WHERE e.kind IN ({marks})"
+        )
+        params: list[Any] = list(kinds)
+        if sandbox_id is not None:
+            sql += " AND e.sandbox_id = ?"
+            params.append(sandbox_id)
+        sql += f" ORDER BY e.seq {'ASC' if ascending else 'DESC'} LIMIT ? OFFSET ?"
+        params += [limit, offset]
+        return [StoredEvent(*row) for row in self.db.execute(sql, params).fetchall()]
+
+    def forget_before(self, cutoff: float, most: int = 10_000) -> int:
+        """Retention: drop up to ``most`` events recorded before ``cutoff`` (oldest first: a long
+        backlog goes over several calls, each short), and the ended sandboxes among theirs that have
+        no event left. Returns the number of events dropped."""
+        with self.db:
+            self.db.execute("BEGIN")
+            old = self.db.execute(
+                "SELECT seq, sandbox_id FROM events WHERE at < ? ORDER BY at LIMIT ?", (cutoff, most)
+            ).fetchall()
+            if not old:
+                return 0
+            self.db.executemany("DELETE FROM events WHERE seq = ?", [(seq,) for seq, _ in old])
+            self.db.executemany(
+                "DELETE FROM sandboxes WHERE id = ? AND state = 'ended'"
+                " AND NOT EXISTS (SELECT 1 FROM events WHERE events.sandbox_id = sandboxes.id)",
+                [(sandbox_id,) for sandbox_id in {sandbox_id for _, sandbox_id in old}],
+            )
+            return len(old)
 
     # ---------------------------------------------------------------------------------- coding
 

@@ -485,12 +485,8 @@ class TemplateBuilder:
 
     @staticmethod
     def build_id_of(row: TemplateRow) -> str:
-        """The build that made a template's row, else (an import, a built-in) a stable id derived from
-        its name."""
-        build_id = row.config.get("build_id")
-        if isinstance(build_id, str):
-            return build_id
-        return str(uuid.uuid5(uuid.NAMESPACE_URL, f"sandboxd-template:{row.name}"))
+        """The build that made a template's row (:meth:`TemplateRow.build_id`)."""
+        return row.build_id()
 
     async def remove(self, name: str) -> None:
         """Forget a template and delete the layers nothing else uses (409 while sandboxes use it).
