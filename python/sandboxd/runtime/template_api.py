@@ -61,11 +61,18 @@ MIN_TEMPLATE_MEMORY_MB = 128
 below it the agent and a shell leave a sandbox no room to work."""
 
 
+E2B_MAX_VCPU = 8
+"""The CPU count E2B's default team may ask for (e2b-dev/infra ``team.LimitResources``' ``MaxVcpu``)."""
+
+
 def requested_size(body: Body, host_cpus: int, host_memory_mb: int) -> tuple[int | None, int | None]:
     """A build request's ``cpuCount`` and ``memoryMB`` (None: the runtime's ``--sandbox-cpus`` /
     ``--sandbox-memory-mb``), by E2B's rules (``team.LimitResources``: at least 1 CPU, 1 or an even
-    count; at least 128 MiB, an even count of MiB), with this host's CPUs and memory as the team's
-    maximums: a sandbox cannot be given more than the machine has."""
+    count; at least 128 MiB, an even count of MiB). The most CPUs is E2B's default team's
+    (:data:`E2B_MAX_VCPU`) or this host's count if larger: a CPU count is a quota over all CPUs, not
+    cores set aside, so on a smaller host it is only not reached (E2B's documentation builds with
+    ``cpu_count=2``, which a 1-CPU machine must not refuse). The most memory is this host's: a
+    sandbox's memory limit above what the machine has would be no limit at all."""
     cpus = body.integer("cpuCount", -INT32_MAX, INT32_MAX)
     memory_mb = body.integer("memoryMB", -INT32_MAX, INT32_MAX)
     if cpus is not None:
@@ -73,8 +80,9 @@ def requested_size(body: Body, host_cpus: int, host_memory_mb: int) -> tuple[int
             raise ApiError(400, "CPU count must be at least 1")
         if cpus != 1 and cpus % 2:
             raise ApiError(400, "CPU count must be 1 or an even number")
-        if cpus > host_cpus:
-            raise ApiError(400, f"CPU count can't be higher than {host_cpus} (the CPUs of this host)")
+        if cpus > max(host_cpus, E2B_MAX_VCPU):
+            most = max(host_cpus, E2B_MAX_VCPU)
+            raise ApiError(400, f"CPU count can't be higher than {most} (E2B's limit, or this host's CPUs if more)")
     if memory_mb is not None:
         if memory_mb < MIN_TEMPLATE_MEMORY_MB:
             raise ApiError(400, f"Memory must be at least {MIN_TEMPLATE_MEMORY_MB} MiB")
