@@ -67,8 +67,9 @@ class Target:
     sandbox: Sandbox
     cwd: str
     make_dir: Callable[[], str]
-    has_r: bool
-    """Whether the kernels include R's (the template's IRkernel; this venv has none)."""
+    in_template: bool
+    """Whether the kernels include R's and Java's (the template's IRkernel and jjava; this venv has
+    neither)."""
 
 
 @pytest.fixture(scope="module", params=["standalone", "runtime"])
@@ -80,7 +81,9 @@ def target(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
             for name, value in env.items():
                 patch.setenv(name, value)
             sandbox = Sandbox.create()
-        yield Target(env, sandbox, str(interpreter.cwd), lambda: str(tmp_path_factory.mktemp("context")), has_r=False)
+        yield Target(
+            env, sandbox, str(interpreter.cwd), lambda: str(tmp_path_factory.mktemp("context")), in_template=False
+        )
         return
     if not request.getfixturevalue("interpreter_template"):
         pytest.skip("the code-interpreter-v1 template cannot be built on this machine")
@@ -98,7 +101,7 @@ def target(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
 
     try:
         assert sandbox.get_info().template_id == "code-interpreter-v1"
-        yield Target(env, sandbox, "/home/user", make_dir, has_r=True)
+        yield Target(env, sandbox, "/home/user", make_dir, in_template=True)
     finally:
         sandbox.kill()
 
@@ -422,7 +425,7 @@ def _r_value(execution: Any) -> str | None:
 
 def test_r(sandbox: Sandbox, target: Target) -> None:
     """E2B's R examples (docs: code-interpreting/supported-languages/r) on the template's IRkernel."""
-    if not target.has_r:
+    if not target.in_template:
         pytest.skip("no R kernel outside the template (the runtime target runs these)")
     hello = sandbox.run_code('print("Hello, world!")', language="r")
     assert hello.error is None and hello.logs.stdout == ['[1] "Hello, world!"\n']
@@ -465,16 +468,79 @@ def test_r(sandbox: Sandbox, target: Target) -> None:
     sandbox.remove_code_context(context)
 
 
+def _java_value(execution: Any) -> str | None:
+    """The text of a Java cell's value (jjava sends it as the main result)."""
+    assert execution.error is None, execution.error
+    assert len(execution.results) == 1 and execution.results[0].is_main_result, execution.results
+    text: str | None = execution.results[0].text
+    return text
+
+
+def test_java(target: Target) -> None:
+    """E2B's Java example (docs: code-interpreting/supported-languages/java) on the template's jjava,
+    whose kernelspec names its jars by ``{resource_dir}``; a context and its cwd (``user.dir``), env
+    vars (as system properties, as on E2B), errors and streamed output. One Java kernel at a time: each
+    is two JVMs, ~270 MiB, beside the module's other kernels in a 1 GiB sandbox."""
+    if not target.in_template:
+        pytest.skip("no Java kernel outside the template (the runtime target runs these)")
+    # A sandbox of its own: the module's has many kernels running by now, and two JVMs more can pass
+    # its memory limit (the kernel killed and restarted: its variables gone).
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in target.env.items():
+            patch.setenv(name, value)
+        own = Sandbox.create(envs=SANDBOX_ENVS)
+    try:
+        _java_examples(own)
+    finally:
+        own.kill()
+
+
+def _java_examples(sandbox: Sandbox) -> None:
+    directory = "/home/user/java-context"
+    sandbox.files.make_dir(directory)
+    context = sandbox.create_code_context(cwd=directory, language="java")
+    assert context.language == "java"
+    assert sandbox.run_code("int kept = 41;", context=context, timeout=120).error is None
+    assert _java_value(sandbox.run_code("kept + 1", context=context)) == "42"
+    assert _java_value(sandbox.run_code('System.getProperty("user.dir")', context=context)) == directory
+    sandbox.remove_code_context(context)
+
+    hello = sandbox.run_code('System.out.println("Hello, world!");', language="java", timeout=120)
+    assert hello.error is None and hello.logs.stdout == ["Hello, world!\n"]
+    assert _java_value(sandbox.run_code("int x = 40 + 2; x", language="java")) == "42"
+    unknown = sandbox.run_code("kept", language="java")  # the default Java context is another kernel
+    assert unknown.error is not None and unknown.error.name == "CompilationException"
+
+    assert _java_value(sandbox.run_code('System.getProperty("FOO")', envs={"FOO": "bar"}, language="java")) == "bar"
+    assert _java_value(sandbox.run_code('System.getProperty("FOO", "unset")', language="java")) == "unset"
+
+    errors: list[ExecutionError] = []
+    failed = sandbox.run_code('throw new RuntimeException("nope");', language="java", on_error=errors.append)
+    assert isinstance(failed.error, ExecutionError) and errors == [failed.error]
+    assert failed.error.name == "RuntimeException" and "nope" in failed.error.value
+
+    events: list[tuple[str, float]] = []
+    started = time.monotonic()
+    streamed = sandbox.run_code(
+        'System.out.println("one"); Thread.sleep(1000); System.err.println("two");',
+        language="java",
+        on_stdout=lambda m: events.append((m.line, time.monotonic() - started)),
+    )
+    total_s = time.monotonic() - started
+    assert streamed.logs.stdout == ["one\n"] and streamed.logs.stderr == ["two\n"]
+    assert events and events[0][0] == "one\n" and events[0][1] < total_s - 0.7, (events, total_s)
+
+
 def test_unknown_and_missing_languages_say_so(sandbox: Sandbox, target: Target) -> None:
     with pytest.raises(SandboxException, match="400 Bad Request: unknown language 'cobol'"):
         sandbox.run_code("DISPLAY 'HI'", language="cobol")
-    if not target.has_r:
+    if not target.in_template:
         with pytest.raises(
             SandboxException, match="400 Bad Request: this sandbox has no Jupyter kernel for r: install IRkernel"
         ):
             sandbox.run_code('print("Hello")', language="r")
-    with pytest.raises(SandboxException, match="400 Bad Request: this sandbox has no Jupyter kernel for java"):
-        sandbox.create_code_context(language="java")
+        with pytest.raises(SandboxException, match="400 Bad Request: this sandbox has no Jupyter kernel for java"):
+            sandbox.create_code_context(language="java")
 
 
 def test_a_kernel_that_dies_is_restarted(sandbox: Sandbox) -> None:

@@ -95,11 +95,13 @@ def test_the_template_is_one_layer_over_base(built: dict[str, object]) -> None:
     assert built["config"] == {**debian.CONFIG, "code_interpreter": True}
     tree = store.path(own)
     kernels = tree / "usr" / "local" / "share" / "jupyter" / "kernels"
-    assert {p.name for p in kernels.iterdir()} >= {"python3", "bash", "deno", "r"}
+    assert {p.name for p in kernels.iterdir()} >= {"python3", "bash", "deno", "r", "java"}
+    assert "{resource_dir}" in " ".join(json.loads((kernels / "java" / "kernel.json").read_text())["argv"])
     assert json.loads((kernels / "deno" / "kernel.json").read_text())["language"] == "typescript"
     assert json.loads((kernels / "r" / "kernel.json").read_text())["language"] == "R"
     assert (tree / "usr" / "local" / "bin" / "deno").is_file()
     assert (tree / "usr" / "lib" / "R" / "site-library" / "IRkernel").is_dir()
+    assert (tree / "usr" / "lib" / "jvm" / "java-21-openjdk-amd64" / "bin" / "jshell").is_file()
     assert not (tree / "var" / "lib" / "apt" / "lists").exists()  # apt's lists stayed in the step's cache
     base_bin = store.path(recipe.base.key()) / "usr" / "bin"
     repeated = [

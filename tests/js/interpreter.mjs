@@ -74,7 +74,7 @@ export async function startInterpreter() {
 
 /**
  * E2B's runCode examples (docs/code-interpreting) as one suite, against `target`: `{ skip, hasR, start() }`,
- * where `start()` gives `{ sandbox, cwd, makeDir(), stop() }` and `hasR` says the kernels include R's
+ * where `start()` gives `{ sandbox, cwd, makeDir(), stop() }` and `hasR` says the kernels include R's and Java's
  * (the template's do). One test file per target: node's --test-timeout bounds a whole file.
  */
 export function runCodeExamples(name, target) {
@@ -232,6 +232,23 @@ plt.show()
       assert.deepEqual(await values('kept + 1', { context }), ['[1] 42'])
       const failed = await sandbox.runCode('stop("nope")', { language: 'r' })
       assert.match(failed.error.value, /nope/)
+    })
+
+    test('Java (docs/code-interpreting/supported-languages/java)', { skip: !target.hasR && 'no Java kernel here' }, async () => {
+      // A sandbox of its own, created as the docs do: this suite's has many kernels running by now,
+      // and a Java kernel (two JVMs, ~270 MiB) more can pass its memory limit.
+      const own = await sandbox.constructor.create()
+      try {
+        const hello = await own.runCode('System.out.println("Hello, world!");', { language: 'java', timeoutMs: 120_000 })
+        assert.deepEqual(hello.logs.stdout, ['Hello, world!\n'])
+        const value = await own.runCode('int x = 40 + 2; x', { language: 'java' })
+        assert.equal(value.text, '42')
+        const failed = await own.runCode('throw new RuntimeException("nope");', { language: 'java' })
+        assert.equal(failed.error.name, 'RuntimeException')
+        assert.match(failed.error.value, /nope/)
+      } finally {
+        await own.kill()
+      }
     })
   })
 }

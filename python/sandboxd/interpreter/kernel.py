@@ -219,6 +219,7 @@ class Kernel:
             language=command.language,
             interrupt_mode=command.interrupt_mode,
             env={},
+            resource_dir=command.resource_dir,
         )
         self.manager = AsyncKernelManager(
             kernel_name="sandboxd", kernel_spec_manager=_OneSpec(spec), shutdown_wait_time=SHUTDOWN_WAIT

@@ -159,7 +159,7 @@ _register(
         spec_names=("java",),
         spec_languages=("java",),
         fallback_argv=None,
-        install_hint="install IJava and its kernelspec",
+        install_hint="install a JDK and jjava (pip install jjava), or IJava, and its kernelspec",
         # Java cannot change its own environment: like E2B, env vars become system properties.
         set_env=lambda env: "".join(f"System.setProperty({_js(k)}, {_js(v)});" for k, v in env.items()),
         unset_env=lambda names: "".join(f"System.clearProperty({_js(n)});" for n in names),
@@ -203,6 +203,9 @@ class KernelCommand:
     barrier_code: str | None = None
     """Sent silently after each cell when the kernel can publish output after ``status: idle``; the
     cell ends when this code's ``BARRIER_MSG_TYPE`` message arrives."""
+    resource_dir: str = ""
+    """The kernelspec's directory: its ``argv`` may name files there as ``{resource_dir}`` (IJava's
+    and jjava's launcher jars), which Jupyter fills in when it starts the kernel."""
 
     @property
     def is_deno(self) -> bool:
@@ -255,6 +258,7 @@ def resolve(language: str, dirs: list[str], path: str | None) -> KernelCommand:
             display_name=spec.display_name or chosen,
             interrupt_mode=spec.interrupt_mode,
             env={str(k): str(v) for k, v in (spec.env or {}).items()},
+            resource_dir=spec.resource_dir,
         )
     elif spec_language.fallback_argv is not None and shutil.which(spec_language.fallback_argv[0], path=path):
         program = shutil.which(spec_language.fallback_argv[0], path=path)

@@ -17,9 +17,10 @@ What E2B's template has (e2b-dev/code-interpreter ``template/``: ``template.py``
   installs IRkernel from CRAN's sources; the archive's build needs neither a compiler nor a third
   source). Without recommends: no ``r-recommended`` library set, no ``r-base-dev``; measured, R adds
   ~110 MiB to the layer and ~15 s to a cold build (``docs/templates.md``). apt's lists and
-  downloads stay in the step's cache, not in the layer. Not Java (a JDK, ~300 MiB, and IJava is
-  only on GitHub): a template built ``from`` this one may add it, and the interpreter answers a
-  clear 400 naming what to install meanwhile.
+  downloads stay in the step's cache, not in the layer. **Java**: jjava (PyPI's wheel: the kernel's
+  jars and its kernelspec ``java``), the maintained fork of IJava, which E2B installs from GitHub, a
+  source out of reach here; it runs on Debian's ``openjdk-21-jdk-headless`` (JShell compiles the
+  cells: a JRE is not enough), ~290 MiB, ~25 s of a cold build.
 * **What the interpreter's setup cell uses**: ``e2b-charts`` (chart data for matplotlib figures)
   and ``orjson``.
 * **The data stack, at E2B's pinned versions**: numpy, pandas, matplotlib, pillow, scipy,
@@ -73,6 +74,7 @@ PACKAGES = (
     "deno==2.9.8",
     "e2b-charts==1.0.0",
     "orjson==3.11.9",
+    "jjava==1.0a8",
     # E2B's data stack (template/requirements.txt), at its versions
     "numpy==2.3.5",
     "pandas==2.2.3",
@@ -104,11 +106,12 @@ PACKAGES = (
     "pytest==9.0.3",
 )
 
-DEBIAN_PACKAGES = ("r-base-core", "r-cran-irkernel")
-"""R and its Jupyter kernel, from the Debian archive ``base`` comes from (E2B: CRAN's R and IRkernel)."""
+DEBIAN_PACKAGES = ("r-base-core", "r-cran-irkernel", "openjdk-21-jdk-headless")
+"""R and its Jupyter kernel, and the JDK the Java kernel runs on (it compiles cells with JShell, which
+a JRE lacks), from the Debian archive ``base`` comes from (E2B: CRAN's R and IRkernel, OpenJDK)."""
 
 STEP = r"""
-echo "sandboxd-phase: installing R and IRkernel from Debian's archive"
+echo "sandboxd-phase: installing R, IRkernel and a JDK from Debian's archive"
 # apt's lists and downloads stay in the step's cache (not in the layer; a rebuild downloads nothing new)
 mkdir -p CACHE/apt/lists/partial CACHE/apt/archives/partial
 apt_get() {
@@ -138,6 +141,10 @@ cat > /usr/local/share/jupyter/kernels/r/kernel.json <<'EOF'
  "display_name": "R", "language": "R"}
 EOF
 R --slave -e 'library(IRkernel)'
+# jjava's kernelspec, named "java" (E2B's IJava's name), as its wheel installs it
+test -f /usr/local/share/jupyter/kernels/java/kernel.json
+test -f /usr/local/share/jupyter/kernels/java/jjava.jar
+java -version 2>&1 | head -1
 # matplotlib builds its font list on first import (seconds): once here, for root, whose kernels use it
 python3 -c 'import matplotlib.pyplot'
 python3 -m pip list --format=freeze | sed 's/==/\t/' > /.sandboxd-packages

@@ -127,6 +127,9 @@ chmod 0777 "$root/code"
 printf 'export SHELL=/bin/bash\n' > "$root/etc/profile.d/shell.sh"
 : > "$root/etc/resolv.conf"
 printf 'sandbox\n' > "$root/etc/hostname"
+# The manuals are left out (DPKG_OPTIONS), their directories not: a package whose postinst registers
+# a manual page with update-alternatives (OpenJDK's java.1.gz) fails to configure without them.
+mkdir -p "$root"/usr/share/man/man1 "$root"/usr/share/man/man5 "$root"/usr/share/man/man7 "$root"/usr/share/man/man8
 chroot "$root" dpkg-query --show --showformat='${Package}\t${Version}\n' > "$root/.sandboxd-packages"
 """
 """Run by mmdebstrap once the packages are installed, with the new root as ``$1``: E2B's
