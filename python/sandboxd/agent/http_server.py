@@ -609,7 +609,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol with a head deadline, a head size cap and a connection cap."""
 
     guard: ConnectionGuard
-    """Set on the subclass that :func:`server_config` makes for each server."""
+    """Set on the subclass that :func:`server_config` (or ``serving.agent_settings``) makes for each server."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -858,9 +858,8 @@ def limit_connections(config: Any, limits: ConnectionLimits | None = None) -> No
 
 def quiet_server(config: Any) -> Any:
     """A uvicorn ``Server`` for ``config`` without the 10 Hz main-loop tick (see
-    :func:`serve_until_signalled`), not started. The agent's is built in the zygote with its other
-    settings (``agent.server.prepare``): in a fresh fork, making the class and the server object was
-    ~0.15 ms of every sandbox's start."""
+    :func:`serve_until_signalled`), not started: the runtime's and the code interpreter's. (The agent's
+    server is :class:`sandboxd.agent.serving.AgentServer`, built in the zygote with its other settings.)"""
     return _quiet_server_class()(config)
 
 
