@@ -1,11 +1,12 @@
 """``sandboxd agent``'s command line read without argparse, when it is one argparse reads the same way.
 
 argparse (with ``gettext``) was 0.2 MiB of a standalone agent's RSS at start (22.66 → 22.43 MiB,
-medians of 3 starts alternating; ``docs/benchmarks.md``, ``rss5``), for nine flags read once. :func:`parse` reads the common case: every argument one of
-:data:`FLAGS`, spelled out, as ``--flag value`` or ``--flag=value``, each value valid. Anything else
-(``--help``, an abbreviation, an unknown flag, a value that looks like a flag, a value argparse would
-refuse) gives None, and ``sandboxd.cli`` parses the line with argparse as before, which answers it or
-explains the error. So the agent starts with the values argparse would have given, or argparse runs.
+medians of 3 starts alternating; ``docs/benchmarks.md``, ``rss5``), for nine flags read once.
+:func:`parse` reads the common case: every argument one of :data:`FLAGS`, spelled out, as ``--flag
+value`` or ``--flag=value``, each value valid. Anything else (``--help``, an abbreviation, an unknown
+flag, a value that looks like a flag, a value argparse would refuse) gives None, and ``sandboxd.cli``
+parses the line with argparse as before, which answers it or explains the error. So the agent starts
+with the values argparse would have given, or argparse runs.
 ``tests/test_agent_argv.py`` compares the two on a table of command lines."""
 
 from __future__ import annotations

@@ -7,8 +7,8 @@ in them is for options it does not set (TLS, reload, workers, lifespan, proxy he
 apps, log configuration, the ``Date`` header's tick). Importing them brought ``uvicorn._types`` (ASGI's
 TypedDicts and Protocols, built by ``typing`` at import), uvicorn's middleware (with ``a2wsgi``), its
 importer and lifespan modules: 0.3 MiB of a standalone ``sandboxd agent``'s RSS at start (22.98 →
-22.66 MiB, medians of 3 starts alternating; ``docs/benchmarks.md``, ``rss5``). :class:`ServerSettings` and :class:`AgentServer` are what is left,
-with uvicorn's behaviour where it matters:
+22.66 MiB, medians of 3 starts alternating; ``docs/benchmarks.md``, ``rss5``). :class:`ServerSettings`
+and :class:`AgentServer` are what is left, with uvicorn's behaviour where it matters:
 
 * the protocol gets the same settings as from ``Config(ws="none", lifespan="off", access_log=False,
   server_header=False, date_header=False, proxy_headers=False)``: the app unwrapped (an ASGI 3 app,
