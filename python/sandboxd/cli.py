@@ -6,17 +6,19 @@ from __future__ import annotations
 import functools
 import os
 import sys
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # imported where used: ``sandboxd agent`` usually starts without them (see main)
     import argparse
     import ipaddress
+    from pathlib import Path
 
 from sandboxd import ENVD_VERSION, __version__
 
 
 def _env_path(name: str) -> Path | None:
+    from pathlib import Path
+
     value = os.environ.get(name)
     return Path(value) if value else None
 
@@ -143,6 +145,8 @@ def _help_formatter() -> type[argparse.HelpFormatter]:
 def _add_network_flags(parser: argparse.ArgumentParser) -> None:
     """Sandbox networking flags, the same for ``serve`` and ``node`` (both build the runtime's
     ``SandboxNetworks``)."""
+    from pathlib import Path
+
     net = parser.add_argument_group("sandbox networking (docs/network.md)")
     net.add_argument(
         "--uplink",
@@ -208,6 +212,7 @@ def _network_options(args: argparse.Namespace) -> Any:
 def build_parser(only_agent: bool = False) -> argparse.ArgumentParser:
     """The command line; with ``only_agent``, just ``sandboxd agent`` (see :func:`main`)."""
     import argparse
+    from pathlib import Path
 
     parser = argparse.ArgumentParser(prog="sandboxd", description=__doc__, formatter_class=_help_formatter())
     parser.add_argument("--version", action="version", version=f"sandboxd {__version__} (envd {ENVD_VERSION})")
