@@ -1,5 +1,6 @@
 """The HTTP server both the agent and the runtime run: uvicorn (uvloop + httptools), with its
-connections bounded so that clients without a key cannot exhaust it.
+connections bounded so that clients without a key cannot exhaust it. (The agent runs the protocol on a
+server of its own, :mod:`sandboxd.agent.serving`, rather than uvicorn's ``Config`` and ``Server``.)
 
 uvicorn alone bounds none of this: a connection that never finishes its request head is kept for
 ever (its keep-alive timer only starts after a response), headers may grow without limit while they

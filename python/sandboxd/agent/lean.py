@@ -202,8 +202,8 @@ DEFERRED = ("inspect", "calendar", "asyncio.sslproto", "ipaddress", "locale", "t
   0.3 MiB together (21.79 → 21.47 MiB, 4 runs each way).
 * ``ipaddress`` (``urllib.parse``'s, for a URL whose host is in brackets), ``locale`` (``subprocess``'s,
   for a text-mode pipe's encoding), ``textwrap`` (``traceback``'s, for exception groups) and ``tokenize``
-  (``linecache``'s, to read a source file for a traceback): 0.6 MiB together (21.41 → 20.80 MiB, 3 runs
-  each way). A logged traceback loads ``tokenize``, as it should."""
+  (``linecache``'s, to read a source file for a traceback): 0.8 MiB together (21.35 → 20.56 MiB, medians
+  of 5 starts). A logged traceback loads ``tokenize``, as it should."""
 
 
 def defer(names: tuple[str, ...] = DEFERRED) -> None:
