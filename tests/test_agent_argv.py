@@ -8,8 +8,10 @@ import contextlib
 import io
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+from conftest import free_port, wait_healthy
 from sandboxd.agent import argv
 from sandboxd.cli import build_parser
 
@@ -93,3 +95,21 @@ def test_help_and_errors_still_come_from_argparse() -> None:
     )
     assert refused.returncode == 2
     assert "argument --port: 70000 is not a TCP port" in refused.stderr
+
+
+def test_a_line_only_argparse_reads_still_starts_the_agent(tmp_path: Path) -> None:
+    """An abbreviated flag (argparse allows them) is left to argparse, and the agent starts with its
+    values: the fallback path runs the same agent."""
+    port = free_port()
+    log = tmp_path / "agent.log"
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "sandboxd", "agent", "--po", str(port), "--work", str(tmp_path)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        wait_healthy(f"http://127.0.0.1:{port}", process, log)
+    finally:
+        process.terminate()
+        process.wait(10)
