@@ -5,7 +5,9 @@ The RSS figures themselves are in the benches (``commands``: agent RSS idle), no
 from __future__ import annotations
 
 import json
+import logging
 import os
+import socket
 import struct
 import subprocess
 import sys
@@ -14,7 +16,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import Agent
+from conftest import Agent, free_port
+from sandboxd.agent.lean import DEFERRED
 
 
 def mapped(pid: int, fragment: str) -> bool:
@@ -36,55 +39,152 @@ def test_psutil_is_loaded_by_the_first_metrics_request(start_agent: Callable[...
 
 AGENT_PROCESS = """
 import json, sys
-from sandboxd.agent.lean import lazy_protobuf, uvicorn_package_without_cli
+from sandboxd.agent.lean import defer, lazy_protobuf, uvicorn_package_without_cli
+defer()
 uvicorn_package_without_cli()
 lazy_protobuf()
-from sandboxd.agent.app import AgentApp
-from sandboxd.agent.http_server import server_config
-from sandboxd.agent.methods import build_methods
-from sandboxd.agent.state import AgentState
-state = AgentState(default_user="root")
-config = server_config(AgentApp(state, build_methods(state)), "127.0.0.1", 0, uvicorn_logging=False)
-config.load()
-import uvicorn, uvicorn.config, uvicorn.server
+from sandboxd.agent.server import prepare
+prepared = prepare("127.0.0.1", 0)
+unneeded = sorted(m for m in sys.modules if m in ("click", "uvicorn.main", "uvicorn.supervisors", "uvicorn.config",
+                  "uvicorn.server", "uvicorn._types", "uvicorn.lifespan", "uvicorn.middleware", "a2wsgi",
+                  "multiprocessing", "psutil", "python_multipart", "email", "logging.handlers", "logging.config",
+                  "google.protobuf.text_format", "hashlib", "hmac", "secrets", "argparse", "ast", "dis",
+                  "google.protobuf.internal.type_checkers"))
+deferred = sorted(m for m, module in sys.modules.items() if type(module).__name__ in ("_LazyModule", "_Deferred"))
+import inspect, uvicorn, uvicorn.config, uvicorn.server
 print(json.dumps({
-    "loaded": config.loaded,
-    "config_is_the_submodules": uvicorn.Config is uvicorn.config.Config,
-    "unneeded": sorted(m for m in sys.modules if m in ("click", "uvicorn.main", "uvicorn.supervisors",
-                       "multiprocessing", "psutil", "python_multipart", "email", "logging.handlers",
-                       "google.protobuf.text_format", "hashlib", "hmac", "secrets",
-                       "google.protobuf.internal.type_checkers")),
+    "unneeded": unneeded,
+    "not_run_yet": deferred,
+    "config_is_the_submodules": uvicorn.Config is uvicorn.config.Config and uvicorn.Server is uvicorn.server.Server,
     "uvicorn_date": uvicorn.server.formatdate(784111777.0, usegmt=True),
-    "not_run_yet": sorted(m for m, module in sys.modules.items() if type(module).__name__ == "_LazyModule"),
     "run_when_used": [uvicorn.server.platform.system(), uvicorn.server.random.randint(3, 3),
-                      uvicorn.config.logging.config.dictConfig.__name__],
+                      uvicorn.config.logging.config.dictConfig.__name__, str(inspect.signature(divmod)),
+                      __import__("calendar").timegm((1970, 1, 2, 0, 0, 0)),
+                      __import__("asyncio").sslproto.SSLProtocol.__name__,
+                      str(__import__("ipaddress").ip_address("::1")), __import__("textwrap").indent("x", "> "),
+                      sys.modules["inspect"] is not inspect and sys.modules["inspect"].signature is inspect.signature],
 }))
 """
 
 
-def test_the_agent_server_loads_without_uvicorns_command_line() -> None:
-    """The same steps as ``sandboxd agent``: uvicorn's package registered without its ``__init__``
-    (and without ``email``, whose ``formatdate`` uvicorn's server imports, nor ``logging.config``,
-    which uvicorn's config imports), protobuf's pure-Python half registered to load on first use, then
-    the agent's app and uvicorn's Config (with its lifespan and protocol classes) loaded."""
+def test_the_agent_server_loads_without_uvicorns_command_line_config_and_server() -> None:
+    """The same steps as ``sandboxd agent``: uvicorn's package registered without its ``__init__``, its
+    httptools protocol imported without ``uvicorn.config``, ``uvicorn.server`` and ``uvicorn._types``
+    (the agent's server is ``sandboxd.agent.serving``), protobuf's pure-Python half registered to load on
+    first use, ``inspect`` deferred, then the agent's state and server built. What is left out still
+    works when asked for: ``uvicorn.Config`` and ``uvicorn.Server`` (each imported then, without
+    ``email`` and with ``logging.config`` deferred in turn), and ``inspect``."""
     out = subprocess.run([sys.executable, "-c", AGENT_PROCESS], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     got = json.loads(out.stdout.strip().splitlines()[-1])
     assert got == {
-        "loaded": True,
-        "config_is_the_submodules": True,
         "unneeded": [],
-        "uvicorn_date": "Sun, 06 Nov 1994 08:49:37 GMT",  # email.utils.formatdate's, without email
         "not_run_yet": [  # imported by libraries for paths the agent does not take (sandboxd.agent.lean)
-            "configparser",
+            "asyncio.sslproto",
+            "calendar",
             "google.protobuf.internal.python_message",
             "google.protobuf.json_format",
-            "logging.config",
-            "platform",
-            "random",
+            "inspect",
+            "ipaddress",
+            "locale",
+            "textwrap",
+            "tokenize",
         ],
-        "run_when_used": ["Linux", 3, "dictConfig"],
+        "config_is_the_submodules": True,
+        "uvicorn_date": "Sun, 06 Nov 1994 08:49:37 GMT",  # email.utils.formatdate's, without email
+        "run_when_used": ["Linux", 3, "dictConfig", "(x, y, /)", 86400, "SSLProtocol", "::1", "> x", True],
     }
+
+
+AGENT_SERVES = """
+import json, os, signal, socket, struct, sys, threading, time
+port, work = int(sys.argv[1]), sys.argv[2]
+
+def call(request: bytes) -> bytes:
+    with socket.create_connection(("127.0.0.1", port)) as sock:  # no http.client: it imports email
+        sock.sendall(request)
+        reply = b""
+        while chunk := sock.recv(65536):
+            reply += chunk
+        return reply
+
+def requests() -> None:
+    for _ in range(200):
+        try:
+            socket.create_connection(("127.0.0.1", port)).close()
+            break
+        except OSError:
+            time.sleep(0.05)
+    start = json.dumps({"process": {"cmd": "/bin/sh", "args": ["-c", "head -c 3000000 /dev/zero"], "envs": {"A": "1"}}})
+    frame = struct.pack(">BI", 0, len(start)) + start.encode()
+    stat = json.dumps({"path": work}).encode()
+    replies = [
+        call(b"GET /health HTTP/1.1\\r\\nhost: x\\r\\nconnection: close\\r\\n\\r\\n"),
+        call(b"POST /process.Process/Start HTTP/1.1\\r\\nhost: x\\r\\nconnection: close\\r\\n"
+             b"content-type: application/connect+json\\r\\ncontent-length: %d\\r\\n\\r\\n%s" % (len(frame), frame)),
+        call(b"POST /filesystem.Filesystem/Stat HTTP/1.1\\r\\nhost: x\\r\\nconnection: close\\r\\n"
+             b"content-type: application/json\\r\\ncontent-length: %d\\r\\n\\r\\n%s" % (len(stat), stat)),
+        call(b"POST /files?path=%s/f HTTP/1.1\\r\\nhost: x\\r\\nconnection: close\\r\\n"
+             b"content-type: application/octet-stream\\r\\ncontent-length: 5\\r\\n\\r\\nhello" % work.encode()),
+        call(b"GET /files?path=%s/f HTTP/1.1\\r\\nhost: x\\r\\nconnection: close\\r\\n\\r\\n" % work.encode()),
+        call(b"GET /nowhere HTTP/1.1\\r\\nhost: x\\r\\nconnection: close\\r\\n\\r\\n"),
+    ]
+    print(json.dumps({
+        "status": [int(r.split(b" ", 2)[1]) for r in replies],
+        "output": len(replies[1]) > 3000000,
+        "download": replies[4].endswith(b"\\r\\n\\r\\nhello"),
+        "never_imported": sorted(m for m in ("argparse", "ast", "dis", "uvicorn.config", "uvicorn.server",
+                                 "uvicorn._types", "logging.config", "email") if m in sys.modules),
+        "still_deferred": sorted(m for m in lean.DEFERRED if type(sys.modules[m]) is lean._Deferred),
+    }), flush=True)
+    os.kill(os.getpid(), signal.SIGTERM)
+
+threading.Thread(target=requests, daemon=True).start()
+from sandboxd.agent import lean
+from sandboxd.cli import main
+main(["agent", "--port", str(port), "--workdir", work])
+"""
+
+
+def test_the_standalone_agent_serves_without_argparse_inspect_and_uvicorns_server(tmp_path: Path) -> None:
+    """``sandboxd agent`` as started usually (its flags read without argparse) answers a request of
+    each kind with ``inspect``, ``ast`` and ``dis`` never imported, nor uvicorn's config and server, and
+    stops on SIGTERM: by that signal, as uvicorn's server ends a process (the handler found restored,
+    the signal raised again)."""
+    port = str(free_port())
+    out = subprocess.run(
+        [sys.executable, "-c", AGENT_SERVES, port, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        stdin=subprocess.DEVNULL,
+    )
+    assert out.returncode == -15, out.stderr  # killed by its own SIGTERM, raised again after the drain
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got == {
+        "status": [204, 200, 200, 200, 200, 404],
+        "output": True,
+        "download": True,
+        "never_imported": [],
+        "still_deferred": sorted(DEFERRED),
+    }
+
+
+def test_a_port_in_use_ends_the_agent_with_uvicorns_startup_failure(tmp_path: Path) -> None:
+    """A port that cannot be bound is logged and ends the agent with status 3, as uvicorn's server did."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        out = subprocess.run(
+            [sys.executable, "-m", "sandboxd", "agent", "--port", str(port), "--workdir", str(tmp_path)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            stdin=subprocess.DEVNULL,
+        )
+    assert out.returncode == 3, out.stderr
+    assert "address already in use" in out.stderr
 
 
 def test_the_standalone_agent_serves_every_kind_of_request_without_openssl(
@@ -129,7 +229,11 @@ def test_the_standalone_agent_serves_every_kind_of_request_without_openssl(
 UVICORN_LOGGERS = """
 import json, logging, sys
 from sandboxd.agent.http_server import server_config
-server_config(None, "127.0.0.1", 0, uvicorn_logging=sys.argv[1] == "uvicorn")
+from sandboxd.agent.serving import agent_settings
+if sys.argv[1] == "agent":
+    agent_settings(None, "127.0.0.1", 0)
+else:
+    server_config(None, "127.0.0.1", 0, uvicorn_logging=sys.argv[1] == "uvicorn")
 def describe(name):
     log = logging.getLogger(name)
     return {
@@ -145,10 +249,11 @@ print(json.dumps({name: describe(name) for name in ("uvicorn", "uvicorn.error", 
 
 
 def test_the_agents_uvicorn_loggers_are_set_up_as_uvicorns_default_log_config() -> None:
-    """``server_config(uvicorn_logging=False)`` (the agent's, without ``logging.config``) leaves
-    uvicorn's loggers as its default ``log_config`` does: the same handler, format, stream and levels."""
+    """``server_config(uvicorn_logging=False)`` (without ``logging.config``) and the agent's own settings
+    (``serving.agent_settings``, without uvicorn's ``Config``) leave uvicorn's loggers as its default
+    ``log_config`` does: the same handlers, format, stream and levels, the access logger silent."""
     got = {}
-    for how in ("uvicorn", "ours"):
+    for how in ("uvicorn", "ours", "agent"):
         out = subprocess.run(
             [sys.executable, "-c", UVICORN_LOGGERS, how],
             capture_output=True,
@@ -159,6 +264,8 @@ def test_the_agents_uvicorn_loggers_are_set_up_as_uvicorns_default_log_config() 
         assert out.returncode == 0, out.stderr
         got[how] = json.loads(out.stdout)
     assert got["ours"] == got["uvicorn"]
+    assert got["agent"] == got["uvicorn"]
+    assert got["agent"]["uvicorn.access"] == {"level": logging.WARNING, "propagate": False, "handlers": []}
     assert got["ours"]["uvicorn"]["handlers"] == [
         ["StreamHandler", "DefaultFormatter", "%(levelprefix)s %(message)s", False, "<stderr>"]
     ]

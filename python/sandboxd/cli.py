@@ -3,47 +3,63 @@ host; ``node`` runs one machine's sandboxes as a Kubernetes Node."""
 
 from __future__ import annotations
 
-import argparse
-import ipaddress
+import functools
 import os
 import sys
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # imported where used: ``sandboxd agent`` usually starts without them (see main)
+    import argparse
+    import ipaddress
+    from pathlib import Path
 
 from sandboxd import ENVD_VERSION, __version__
 
 
 def _env_path(name: str) -> Path | None:
+    from pathlib import Path
+
     value = os.environ.get(name)
     return Path(value) if value else None
+
+
+def _type_error(message: str) -> Exception:
+    """argparse's error for a flag's value (argparse is imported when a value is converted)."""
+    import argparse
+
+    return argparse.ArgumentTypeError(message)
 
 
 def _port(value: str) -> int:
     port = int(value)
     if not 0 <= port <= 65535:
-        raise argparse.ArgumentTypeError(f"{value} is not a TCP port")
+        raise _type_error(f"{value} is not a TCP port")
     return port
 
 
 def _network(value: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    import ipaddress
+
     try:
         return ipaddress.ip_network(value, strict=False)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{value} is not an IP address or CIDR block") from None
+        raise _type_error(f"{value} is not an IP address or CIDR block") from None
 
 
 def _v4_network(value: str) -> ipaddress.IPv4Network:
+    import ipaddress
+
     try:
         return ipaddress.IPv4Network(value)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{value} is not an IPv4 CIDR block (host bits must be zero)") from None
+        raise _type_error(f"{value} is not an IPv4 CIDR block (host bits must be zero)") from None
 
 
 def _positive(kind: type[int] | type[float]) -> Any:
     def parse(value: str) -> int | float:
         number = kind(value)
         if number <= 0:
-            raise argparse.ArgumentTypeError(f"{value} must be positive")
+            raise _type_error(f"{value} must be positive")
         return number
 
     return parse
@@ -57,7 +73,7 @@ booted at nice 10; 256 covers a burst the size of the default ``--max-sandboxes`
 def _warm_count(value: str) -> int:
     number = int(value)
     if not 0 <= number <= MAX_WARM_SANDBOXES:
-        raise argparse.ArgumentTypeError(f"{value} is not between 0 and {MAX_WARM_SANDBOXES}")
+        raise _type_error(f"{value} is not between 0 and {MAX_WARM_SANDBOXES}")
     return number
 
 
@@ -108,18 +124,29 @@ def _terminal_columns() -> int:
     return columns or 80
 
 
-class _HelpFormatter(argparse.HelpFormatter):
+@functools.cache
+def _help_formatter() -> type[argparse.HelpFormatter]:
     """argparse's help formatter, which imports ``shutil`` for the terminal's width each time one is
     made (``add_argument`` makes one): shutil brings ``bz2`` and ``lzma`` with their libraries, 0.5 MiB
-    of the standalone agent's RSS. The width comes from :func:`_terminal_columns` instead."""
+    of the standalone agent's RSS. The width comes from :func:`_terminal_columns` instead. (A class
+    made on first use: argparse is imported only when a parser is built.)"""
+    import argparse
 
-    def __init__(self, prog: str, indent_increment: int = 2, max_help_position: int = 24, width: int | None = None):
-        super().__init__(prog, indent_increment, max_help_position, _terminal_columns() - 2 if width is None else width)
+    class HelpFormatter(argparse.HelpFormatter):
+        def __init__(
+            self, prog: str, indent_increment: int = 2, max_help_position: int = 24, width: int | None = None
+        ) -> None:
+            columns = _terminal_columns() - 2 if width is None else width
+            super().__init__(prog, indent_increment, max_help_position, columns)
+
+    return HelpFormatter
 
 
 def _add_network_flags(parser: argparse.ArgumentParser) -> None:
     """Sandbox networking flags, the same for ``serve`` and ``node`` (both build the runtime's
     ``SandboxNetworks``)."""
+    from pathlib import Path
+
     net = parser.add_argument_group("sandbox networking (docs/network.md)")
     net.add_argument(
         "--uplink",
@@ -184,12 +211,15 @@ def _network_options(args: argparse.Namespace) -> Any:
 
 def build_parser(only_agent: bool = False) -> argparse.ArgumentParser:
     """The command line; with ``only_agent``, just ``sandboxd agent`` (see :func:`main`)."""
-    parser = argparse.ArgumentParser(prog="sandboxd", description=__doc__, formatter_class=_HelpFormatter)
+    import argparse
+    from pathlib import Path
+
+    parser = argparse.ArgumentParser(prog="sandboxd", description=__doc__, formatter_class=_help_formatter())
     parser.add_argument("--version", action="version", version=f"sandboxd {__version__} (envd {ENVD_VERSION})")
     commands = parser.add_subparsers(dest="command", required=True)
 
     agent = commands.add_parser(
-        "agent", help="run the envd-compatible agent (inside a sandbox)", formatter_class=_HelpFormatter
+        "agent", help="run the envd-compatible agent (inside a sandbox)", formatter_class=_help_formatter()
     )
     agent.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     agent.add_argument("--port", type=_port, default=49983, help="Connect + REST port (default: 49983, as envd)")
@@ -440,30 +470,48 @@ def build_parser(only_agent: bool = False) -> argparse.ArgumentParser:
     return parser
 
 
+def _run_agent(values: dict[str, Any]) -> None:
+    """``sandboxd agent`` with its flags' values by destination (argparse's, or ``sandboxd.agent.argv``'s)."""
+    from sandboxd.agent.http_server import ConnectionLimits
+    from sandboxd.agent.server import AgentOptions, run
+
+    limits = ConnectionLimits(
+        max_connections=values["max_connections"],
+        head_timeout=values["header_timeout"],
+        idle_timeout=values["idle_timeout"],
+    )
+    run(
+        AgentOptions(
+            host=values["host"],
+            port=values["port"],
+            user=values["user"],
+            workdir=values["workdir"],
+            access_token=values["access_token"],
+            grpc_port=values["grpc_port"],
+            connections=limits,
+        )
+    )
+
+
 def main(argv: list[str] | None = None) -> None:
     given = sys.argv[1:] if argv is None else argv
     only_agent = given[:1] == ["agent"]
     if only_agent:
-        from sandboxd.agent.lean import lazy_protobuf, uvicorn_package_without_cli, without_openssl
+        from sandboxd.agent.lean import defer, lazy_protobuf, uvicorn_package_without_cli, without_openssl
 
         without_openssl()  # first: asyncio, uvloop and uvicorn import ssl
+        defer()  # before asyncio imports inspect
         uvicorn_package_without_cli()  # before the parser imports the HTTP server's defaults
         lazy_protobuf()
+        from sandboxd.agent.argv import parse as parse_agent_line
+
+        values = parse_agent_line(given[1:])  # the usual line, without argparse (None: argparse reads it)
+        if values is not None:
+            _run_agent(values)
+            return
     args = build_parser(only_agent=only_agent).parse_args(given)
     if args.command == "agent":
-        from sandboxd.agent.server import AgentOptions, run
-
-        run(
-            AgentOptions(
-                host=args.host,
-                port=args.port,
-                user=args.user,
-                workdir=args.workdir,
-                access_token=args.access_token,
-                grpc_port=args.grpc_port,
-                connections=_connection_limits(args),
-            )
-        )
+        _run_agent(vars(args))
     elif args.command == "interpreter":
         from sandboxd.interpreter.languages import LanguageError, normalize
         from sandboxd.interpreter.server import InterpreterOptions

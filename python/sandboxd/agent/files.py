@@ -108,6 +108,8 @@ def _user_for(state: AgentState, username: str | None) -> User:
 
 @dataclass(slots=True)
 class _Request:
+    """A ``/files`` request, authorised (:func:`_authorize`): who it runs as, and where."""
+
     user: User
     path: str
     """The resolved path ('' when a multipart upload takes paths from its parts)."""

@@ -1,5 +1,6 @@
 """The HTTP server both the agent and the runtime run: uvicorn (uvloop + httptools), with its
-connections bounded so that clients without a key cannot exhaust it.
+connections bounded so that clients without a key cannot exhaust it. (The agent runs the protocol on a
+server of its own, :mod:`sandboxd.agent.serving`, rather than uvicorn's ``Config`` and ``Server``.)
 
 uvicorn alone bounds none of this: a connection that never finishes its request head is kept for
 ever (its keep-alive timer only starts after a response), headers may grow without limit while they
@@ -609,7 +610,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol with a head deadline, a head size cap and a connection cap."""
 
     guard: ConnectionGuard
-    """Set on the subclass that :func:`server_config` makes for each server."""
+    """Set on the subclass that :func:`server_config` (or ``serving.agent_settings``) makes for each server."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -858,9 +859,8 @@ def limit_connections(config: Any, limits: ConnectionLimits | None = None) -> No
 
 def quiet_server(config: Any) -> Any:
     """A uvicorn ``Server`` for ``config`` without the 10 Hz main-loop tick (see
-    :func:`serve_until_signalled`), not started. The agent's is built in the zygote with its other
-    settings (``agent.server.prepare``): in a fresh fork, making the class and the server object was
-    ~0.15 ms of every sandbox's start."""
+    :func:`serve_until_signalled`), not started: the runtime's and the code interpreter's. (The agent's
+    server is :class:`sandboxd.agent.serving.AgentServer`, built in the zygote with its other settings.)"""
     return _quiet_server_class()(config)
 
 

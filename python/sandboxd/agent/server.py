@@ -1,4 +1,4 @@
-"""Run the agent: uvicorn (uvloop + httptools, connections bounded) for Connect and REST, and optionally grpcio."""
+"""Run the agent: uvicorn's httptools protocol on a server of our own (``.serving``), and optionally grpcio."""
 
 from __future__ import annotations
 
@@ -7,16 +7,16 @@ import logging
 import os
 import socket
 from dataclasses import dataclass, field
-from typing import Any
 
 from sandboxd import ENVD_VERSION, __version__, _core
 
 from .app import AgentApp
-from .http_server import ConnectionLimits, limit_connections, quiet_server, serve_until_signalled, server_config
+from .http_server import ConnectionLimits, limit_connections
 from .idle import IdleTrim
 from .lean import openssl_blocked
 from .methods import build_methods
 from .rpc import Method
+from .serving import AgentServer, ServerSettings, agent_settings
 from .state import AgentState
 from .users import default_user_name
 
@@ -61,9 +61,9 @@ class Prepared:
     state: AgentState
     methods: list[Method]
     idle: IdleTrim
-    config: Any
-    server: Any
-    """A :func:`~.http_server.quiet_server` for ``config``, not started."""
+    config: ServerSettings
+    server: AgentServer
+    """The server for ``config``, not started."""
 
 
 def prepare(host: str, port: int, connections: ConnectionLimits | None = None) -> Prepared:
@@ -71,10 +71,9 @@ def prepare(host: str, port: int, connections: ConnectionLimits | None = None) -
     state = AgentState(default_user="root")
     methods = build_methods(state)
     idle = IdleTrim()  # what tune_allocator's trim threshold keeps after a big request, given back when idle
-    config = server_config(idle.wrap(AgentApp(state, methods)), host, port, connections, uvicorn_logging=False)
+    config = agent_settings(idle.wrap(AgentApp(state, methods)), host, port, connections)
     config.timeout_graceful_shutdown = SHUTDOWN_GRACE_S
-    config.load()
-    return Prepared(state, methods, idle, config, quiet_server(config))
+    return Prepared(state, methods, idle, config, AgentServer(config))
 
 
 MALLOC_MMAP_THRESHOLD = 8 << 20
@@ -120,7 +119,7 @@ async def serve(options: AgentOptions) -> None:
         prepared = prepare(options.host, options.port, options.connections)
     else:  # built in the zygote: the connection cap follows this process's RLIMIT_NOFILE, not the zygote's
         limit_connections(prepared.config, options.connections)
-    state, methods, idle, config = prepared.state, prepared.methods, prepared.idle, prepared.config
+    state, methods, idle = prepared.state, prepared.methods, prepared.idle
     state.default_user = default_user_name(options.user)
     state.default_workdir = options.workdir
     state.access_token = options.access_token or os.environ.get("SANDBOXD_ACCESS_TOKEN") or None
@@ -141,9 +140,7 @@ async def serve(options: AgentOptions) -> None:
         state.default_user,
     )
     try:
-        await serve_until_signalled(
-            config, [options.listener] if options.listener is not None else None, prepared.server
-        )
+        await prepared.server.serve([options.listener] if options.listener is not None else None)
     finally:
         idle.close()
         if grpc_server is not None:
