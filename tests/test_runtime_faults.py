@@ -334,3 +334,32 @@ def test_an_agents_last_words_reach_a_client_bounded_and_without_host_paths(tmp_
     log.write_bytes(f"{FAILURE_MARK}{'y' * 1000}\n".encode())
     reason = agent_failure(log, ())
     assert reason is not None and len(reason) == MAX_FAILURE_CHARS and reason.endswith("...")
+
+
+def test_a_runtime_that_cannot_start_exits_with_its_error_and_leaves_nothing(tmp_path: Path) -> None:
+    """A start that fails after the zygote and the sandbox network are up (here: the metrics database
+    is a directory) ends the process with the error, its network table removed. It used to hang for
+    ever, silent, SIGTERM included: the threads started before the failure kept it alive."""
+    import subprocess
+
+    from conftest import free_port
+
+    if os.geteuid() != 0:
+        pytest.skip("the runtime needs root")
+
+    def tables() -> set[str]:
+        listed = subprocess.run(["nft", "list", "tables"], capture_output=True, text=True, check=True).stdout
+        return set(listed.split("\n"))
+
+    before = tables()
+    (tmp_path / "metrics.db").mkdir()
+    args = [sys.executable, "-m", "sandboxd", "serve", "--port", str(free_port()), "--data-dir", str(tmp_path)]
+    args += ["--api-key", "k"]
+    try:
+        ended = subprocess.run(args, capture_output=True, text=True, timeout=60)
+    except subprocess.TimeoutExpired as exc:
+        pytest.fail(f"the runtime did not exit: {exc.stdout!r} {exc.stderr!r}")
+    assert ended.returncode == 1, (ended.stdout, ended.stderr)
+    assert "unable to open database file" in ended.stderr
+    assert "sandbox networking:" in ended.stderr  # it failed after the network was set up
+    assert tables() == before

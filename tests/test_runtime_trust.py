@@ -264,6 +264,39 @@ def test_a_sandbox_paused_without_the_layer_resumes_with_it(
         Sandbox.kill(sbx.sandbox_id)
 
 
+def test_a_restart_with_no_sandbox_running_collects_the_layers_and_one_with_a_sandbox_keeps_them(
+    start_runtime: Callable[..., Runtime], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    runtime = start_runtime()
+    for name, value in runtime.env().items():
+        monkeypatch.setenv(name, value)
+    layers = runtime.data_dir / "trust"
+
+    def made() -> set[str]:
+        return {p.name for p in layers.iterdir()}
+
+    Sandbox.create().kill()
+    first = made()
+    assert len(first) == 1
+    (layers / ("0" * 64) / "etc").mkdir(parents=True)  # a rebuilt template's, say
+    runtime.process.terminate()
+    runtime.process.wait(30)
+    runtime.restart()
+    assert made() == set()  # nothing ran: every layer collected
+
+    sbx = Sandbox.create()  # its template's layer, made again
+    try:
+        assert made() == first
+        runtime.process.terminate()
+        runtime.process.wait(30)
+        runtime.restart()  # the sandbox is re-adopted with the layer mounted: kept
+        assert made() == first
+        assert ca_of(runtime) in sbx.files.read(BUNDLE, user="root")
+        assert sbx.commands.run("echo alive").stdout == "alive\n"
+    finally:
+        sbx.kill()
+
+
 def test_a_snapshot_does_not_take_the_trust_layer(e2b_env: Runtime) -> None:
     source = Sandbox.create()
     snapshot_id = None

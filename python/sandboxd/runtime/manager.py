@@ -341,6 +341,9 @@ class SandboxManager:
             self.store.event(row.id, "adopted", "re-adopted after a runtime restart")
             self.observe.adopted(row)
         await self.history.open(row.id for row in self.store.live())
+        # No sandbox has a trust layer mounted: collect them (see TrustLayers.forget).
+        if not self.handles and (forgotten := await asyncio.to_thread(self.trust.forget)):
+            log.info("removed %d trust layer(s) of earlier runs: each is made again when needed", forgotten)
         self._reaper = asyncio.get_running_loop().create_task(self._reap_expired())
         self._sampling = asyncio.get_running_loop().create_task(self._sample_forever())
         self.warm.start()

@@ -284,57 +284,64 @@ async def _serve(
 
     zygote_client = ZygoteClient(zygote.start)
     await zygote_client.start()
-    networks = None
-    if options.network is not None:
-        # Warm sandboxes hold a network slot each without counting against --max-sandboxes.
-        slots = limits.max_sandboxes + limits.warm_sandboxes
-        port = int(listeners[0].getsockname()[1])
-        networks = SandboxNetworks(store, options.data_dir, options.network, slots, port)
-        await networks.start()
-    place = await host.open_place(options.data_dir, options.id_registry, limits.disk_mb)
-    manager = SandboxManager(
-        store, templates, options.data_dir, zygote_client, limits, place, observer=observer, networks=networks
-    )
-    await manager.start()
-    backend = LocalBackend(manager)
-    proxy = SandboxProxy(backend, options.domain)
-    manager.on_gone.append(proxy.forget)
-    readiness = Readiness(zygote_client, options.data_dir, templates)
-    operators = OperatorEndpoints(
-        manager, zygote_client, readiness, observer.metrics, recent, api_key, options.data_dir
-    )
-    builder = TemplateBuilder(manager, templates)
-    await builder.start()
-    app = RuntimeApp(
-        ControlPlane(backend, api_key, options.domain),
-        proxy,
-        operators,
-        RequestObserver(observer.metrics),
-        options.domain,
-        TemplateApi(builder, api_key),
-        VolumeApi(manager.volumes, api_key, manager.mounted_by),
-        SecretApi(manager.secrets, api_key),
-    )
-    config = server_config(app, options.host, options.port, options.connections)
-    observe_logs.adopt_uvicorn()
-    # Resets and upgrades need the connection itself (see .connection); TLS is uvicorn's own.
-    config.http = protocol_class(proxy, config.http)
-    if options.tls_cert is not None:
-        config.ssl_certfile = str(options.tls_cert)
-        config.ssl_keyfile = str(options.tls_key) if options.tls_key is not None else None
-    # Everything made so far (the imported modules, the app, the manager) lives as long as the
-    # process: out of the cycle collector's reach, so that its full collections scan only what serving
-    # makes. A full collection over the ~90,000 objects the runtime starts with took 14-16 ms of the
-    # event loop, one every few hundred creates (the create it fell on waited that long); frozen, such
-    # a heap takes microseconds. Garbage from the start-up is collected first.
-    gc.collect()
-    gc.freeze()
+    networks: SandboxNetworks | None = None
+    manager: SandboxManager | None = None
+    # Whatever fails while starting (say, the data dir's state) ends the process with its error: the
+    # zygote, the network table and the manager's threads are stopped on the way out, as after serving
+    # (without this, the metrics thread kept a failed runtime alive, silent).
     try:
-        await serve_until_signalled(config, listeners)
+        if options.network is not None:
+            # Warm sandboxes hold a network slot each without counting against --max-sandboxes.
+            slots = limits.max_sandboxes + limits.warm_sandboxes
+            port = int(listeners[0].getsockname()[1])
+            networks = SandboxNetworks(store, options.data_dir, options.network, slots, port)
+            await networks.start()
+        place = await host.open_place(options.data_dir, options.id_registry, limits.disk_mb)
+        manager = SandboxManager(
+            store, templates, options.data_dir, zygote_client, limits, place, observer=observer, networks=networks
+        )
+        await manager.start()
+        backend = LocalBackend(manager)
+        proxy = SandboxProxy(backend, options.domain)
+        manager.on_gone.append(proxy.forget)
+        readiness = Readiness(zygote_client, options.data_dir, templates)
+        operators = OperatorEndpoints(
+            manager, zygote_client, readiness, observer.metrics, recent, api_key, options.data_dir
+        )
+        builder = TemplateBuilder(manager, templates)
+        await builder.start()
+        app = RuntimeApp(
+            ControlPlane(backend, api_key, options.domain),
+            proxy,
+            operators,
+            RequestObserver(observer.metrics),
+            options.domain,
+            TemplateApi(builder, api_key),
+            VolumeApi(manager.volumes, api_key, manager.mounted_by),
+            SecretApi(manager.secrets, api_key),
+        )
+        config = server_config(app, options.host, options.port, options.connections)
+        observe_logs.adopt_uvicorn()
+        # Resets and upgrades need the connection itself (see .connection); TLS is uvicorn's own.
+        config.http = protocol_class(proxy, config.http)
+        if options.tls_cert is not None:
+            config.ssl_certfile = str(options.tls_cert)
+            config.ssl_keyfile = str(options.tls_key) if options.tls_key is not None else None
+        # Everything made so far (the imported modules, the app, the manager) lives as long as the
+        # process: out of the cycle collector's reach, so that its full collections scan only what serving
+        # makes. A full collection over the ~90,000 objects the runtime starts with took 14-16 ms of the
+        # event loop, one every few hundred creates (the create it fell on waited that long); frozen, such
+        # a heap takes microseconds. Garbage from the start-up is collected first.
+        gc.collect()
+        gc.freeze()
+        try:
+            await serve_until_signalled(config, listeners)
+        finally:
+            operators.close()
     finally:
-        operators.close()
         templates.close()
-        await manager.stop()
+        if manager is not None:
+            await manager.stop()
         if networks is not None:
             await networks.stop()
         await zygote_client.stop()

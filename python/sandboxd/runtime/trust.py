@@ -372,6 +372,23 @@ class TrustLayers:
         self._mountable: bool | None = None
         """Whether the jail can mount layers from :attr:`root` (idmapped); None until first asked."""
 
+    def forget(self) -> int:
+        """Remove every layer made so far, for a worker thread; returns how many. Only while no
+        sandbox has its overlay mounted: the runtime calls it when it starts and has re-adopted none
+        (a sandbox paused to disk mounts nothing until its resume, which asks for its template's layer
+        as a create does). Without it the layers of templates since rebuilt or removed, or of an
+        egress CA since replaced, would stay for ever (~220 KiB each); a template's next create makes
+        its layer again (one read of its trust store)."""
+        removed = 0
+        with contextlib.suppress(FileNotFoundError):
+            for entry in self.root.iterdir():
+                if entry.name.startswith(STAGING_PREFIX) or entry.is_symlink() or not entry.is_dir():
+                    continue  # a live maker's staging (sweep removes dead ones); nothing else is ours
+                shutil.rmtree(entry, ignore_errors=True)
+                removed += 1
+        self._known.clear()
+        return removed
+
     async def layer(self, template: Template, pem: str | None) -> Path | None:
         """The trust layer for sandboxes of ``template``, or None: give them ``pem`` to install."""
         if pem is None or not self.enabled:
