@@ -48,9 +48,13 @@ const SIGNALED_BASE: i32 = 128;
 /// its capabilities reduced to [`crate::PAYLOAD_CAPABILITIES`]. In PID 1 it never returns: it
 /// drops every capability, closes every descriptor (including the setup `report` pipe) and runs
 /// the init loop until the payload exits. Async-signal-safe.
+///
+/// `payload_mask`: the signal mask the payload starts with, when the caller's is not it (the init
+/// cloned with every signal blocked, `namespaces.rs`); `None`: the caller's.
 pub(crate) fn fork_payload_and_serve(
     report: BorrowedFd<'_>,
     p: &Prepared,
+    payload_mask: Option<&SigSet>,
 ) -> Result<(), StepError> {
     let mut watched = SigSet::empty();
     for s in FORWARDED {
@@ -71,7 +75,8 @@ pub(crate) fn fork_payload_and_serve(
         ForkResult::Child => {
             // SAFETY: restores the disposition the caller had; no handler runs here.
             unsafe { sigaction(Signal::SIGCHLD, &old_chld) }.at(Step::Signals)?;
-            sigprocmask(SigmaskHow::SIG_SETMASK, Some(&old_mask), None).at(Step::Signals)?;
+            let mask = payload_mask.unwrap_or(&old_mask);
+            sigprocmask(SigmaskHow::SIG_SETMASK, Some(mask), None).at(Step::Signals)?;
             if let Some(n) = p.open_files {
                 let limit = libc::rlimit64 {
                     rlim_cur: n,

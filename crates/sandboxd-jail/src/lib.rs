@@ -143,7 +143,7 @@ pub use disk::{Disk, DiskUsage, copy_sparse, disk_usage, format_image, mount_dis
 pub use handle::{FREEZE_TIMEOUT, KILL_TIMEOUT, SandboxHandle, become_subreaper, kill_sandbox};
 pub use idmap::check_idmapped_mounts;
 pub use idrange::{Claim, DEFAULT_REGISTRY, FIRST_BASE, IdRegistry, RANGE_SIZE, RANGES};
-pub use namespaces::{Entered, SETUP_TIMEOUT, enter_sandbox};
+pub use namespaces::{Entered, SETUP_TIMEOUT, enter_sandbox, enter_sandbox_then};
 pub use netns::{connect_in_netns, connect_in_netns_fd, socket_in_netns};
 pub use seccomp::seccomp_filter;
 pub use spawn::{InitCommand, spawn_sandbox};
