@@ -14,7 +14,8 @@
 //! nothing of the process that created the sandbox and is worth nothing to an attacker inside.
 //!
 //! It is a forked copy of that process, not a separate binary: the copy shares the caller's memory
-//! pages copy-on-write and writes almost none of them.
+//! pages copy-on-write and writes almost none of them. With `enter_sandbox_then` it is not even a
+//! copy: a `CLONE_VM` clone that shares the caller's memory (`namespaces.rs`).
 #![allow(unsafe_code)]
 
 use std::os::fd::BorrowedFd;

@@ -65,6 +65,11 @@
 //! # runtime: handle = SandboxHandle.adopt(id, init_pid); on "E": kill_sandbox(id)
 //! ```
 //!
+//! The zygote itself calls [`enter_sandbox_then`] (`_core.enter_sandbox(spec, payload=run_agent)`):
+//! it returns only in A, and C runs the closure instead of returning, because its init is a clone
+//! of A sharing A's memory, and C a fork of that clone: one copy of the zygote's page tables per
+//! create instead of two.
+//!
 //! Notes for the binding: call `enter_sandbox` *holding* the GIL (the forks inside copy the
 //! calling thread, which then owns the GIL in every copy; B never runs Python), and in C call
 //! `PyOS_AfterFork_Child()` before returning to Python, as `os.fork()` would (it resets the

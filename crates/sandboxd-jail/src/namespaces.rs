@@ -28,6 +28,10 @@
 //!    seccomp filter, capabilities, see `init.rs`), and becomes the init.
 //! 8. A waits on a pipe until B and C report success (end of file) or a failed step.
 //!
+//! [`enter_sandbox_then`] differs in step 7 only: B is not a fork of A but a `CLONE_VM` clone on a
+//! stack of its own, so the only copy of A's page tables is B's fork of C, and C runs a closure
+//! (it cannot return into A's frames) instead of returning.
+//!
 //! A's parent never has B or C as children: when A exits, B is re-parented to the host's init
 //! (or nearest subreaper), so the sandbox survives the death of whatever created it. Nothing sets
 //! `PR_SET_PDEATHSIG`.
