@@ -136,14 +136,22 @@ fn zygote_child_enters_sandbox_then() {
     // The init comes back to this process when A exits, so its exit status can be read.
     become_subreaper().unwrap();
     let (r, w) = pipe().unwrap();
+    // The payload exits once this process has adopted the init (end of file on `go`).
+    let (go_r, go_w) = pipe().unwrap();
     // SAFETY: this test binary is single-threaded here (no harness), like the Python zygote.
     match unsafe { fork() }.unwrap() {
         ForkResult::Child => {
             drop(r);
+            drop(go_w);
             let mut report = Some(w);
+            let mut go = Some(go_r);
             let mut payload = || -> i32 {
                 // The payload's copy of A's report pipe (A's descriptors are the payload's).
                 drop(report.take());
+                let mut rest = Vec::new();
+                fs::File::from(go.take().unwrap())
+                    .read_to_end(&mut rest)
+                    .unwrap();
                 let facts = format!(
                     "pid={} ppid={} hostname={} cwd={} work-visible={}\n",
                     std::process::id(),
@@ -171,6 +179,7 @@ fn zygote_child_enters_sandbox_then() {
         }
         ForkResult::Parent { child } => {
             drop(w);
+            drop(go_r);
             let msg = read_all(r);
             assert_eq!(
                 waitpid(child, None).unwrap(),
@@ -185,6 +194,7 @@ fn zygote_child_enters_sandbox_then() {
             let handle = SandboxHandle::adopt(&spec.instance, &spec.id, init_pid)
                 .unwrap()
                 .with_merged_dir(spec.dir.join("merged"));
+            drop(go_w);
             assert!(
                 handle.wait(common::RUN_TIMEOUT).unwrap(),
                 "the init did not exit after its payload"
