@@ -5,7 +5,7 @@ built-in ``OSError`` subclasses (``FileNotFoundError``, ``NotADirectoryError``, 
 set, so the service layer maps them in one table (``sandboxd.agent.errors``).
 """
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from types import TracebackType
 from typing import Literal
 
@@ -381,11 +381,17 @@ def enter_sandbox(
     inotify_instances: int | None = None,
     inotify_watches: int | None = None,
     volumes: Sequence[tuple[str, str]] = (),
+    payload: Callable[[], object] | None = None,
 ) -> Entered:
     """Call in a freshly forked, single-threaded child of a zygote: puts it in a new sandbox and
     returns twice (see ``crates/sandboxd-jail`` docs): ``inside=True`` in the payload, which must
     never return into the zygote's code, and ``inside=False`` in the forked child, which must report
     ``init_pid`` and exit.
+
+    With ``payload``, it returns only in the forked child (``inside=False``): the sandbox's payload
+    calls ``payload()`` and exits (status 1 if it raised, after printing the traceback). Its init is
+    then a clone sharing the forked child's memory, not a fork of it: one copy of the caller's page
+    tables instead of two (``jail::enter_sandbox_then``).
 
     The sandbox's cgroup is ``sandboxd/<instance>/<id>``; its uids and gids 0-65535 are the host's
     ``id_base..id_base+65536`` (claimed from :class:`IdRegistry`). Its writable layer lives on

@@ -14,7 +14,8 @@
 //! nothing of the process that created the sandbox and is worth nothing to an attacker inside.
 //!
 //! It is a forked copy of that process, not a separate binary: the copy shares the caller's memory
-//! pages copy-on-write and writes almost none of them.
+//! pages copy-on-write and writes almost none of them. With `enter_sandbox_then` it is not even a
+//! copy: a `CLONE_VM` clone that shares the caller's memory (`namespaces.rs`).
 #![allow(unsafe_code)]
 
 use std::os::fd::BorrowedFd;
@@ -48,9 +49,13 @@ const SIGNALED_BASE: i32 = 128;
 /// its capabilities reduced to [`crate::PAYLOAD_CAPABILITIES`]. In PID 1 it never returns: it
 /// drops every capability, closes every descriptor (including the setup `report` pipe) and runs
 /// the init loop until the payload exits. Async-signal-safe.
+///
+/// `payload_mask`: the signal mask the payload starts with, when the caller's is not it (the init
+/// cloned with every signal blocked, `namespaces.rs`); `None`: the caller's.
 pub(crate) fn fork_payload_and_serve(
     report: BorrowedFd<'_>,
     p: &Prepared,
+    payload_mask: Option<&SigSet>,
 ) -> Result<(), StepError> {
     let mut watched = SigSet::empty();
     for s in FORWARDED {
@@ -71,7 +76,8 @@ pub(crate) fn fork_payload_and_serve(
         ForkResult::Child => {
             // SAFETY: restores the disposition the caller had; no handler runs here.
             unsafe { sigaction(Signal::SIGCHLD, &old_chld) }.at(Step::Signals)?;
-            sigprocmask(SigmaskHow::SIG_SETMASK, Some(&old_mask), None).at(Step::Signals)?;
+            let mask = payload_mask.unwrap_or(&old_mask);
+            sigprocmask(SigmaskHow::SIG_SETMASK, Some(mask), None).at(Step::Signals)?;
             if let Some(n) = p.open_files {
                 let limit = libc::rlimit64 {
                     rlim_cur: n,

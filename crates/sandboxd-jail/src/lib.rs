@@ -65,6 +65,11 @@
 //! # runtime: handle = SandboxHandle.adopt(id, init_pid); on "E": kill_sandbox(id)
 //! ```
 //!
+//! The zygote itself calls [`enter_sandbox_then`] (`_core.enter_sandbox(spec, payload=run_agent)`):
+//! it returns only in A, and C runs the closure instead of returning, because its init is a clone
+//! of A sharing A's memory, and C a fork of that clone: one copy of the zygote's page tables per
+//! create instead of two.
+//!
 //! Notes for the binding: call `enter_sandbox` *holding* the GIL (the forks inside copy the
 //! calling thread, which then owns the GIL in every copy; B never runs Python), and in C call
 //! `PyOS_AfterFork_Child()` before returning to Python, as `os.fork()` would (it resets the
@@ -143,7 +148,7 @@ pub use disk::{Disk, DiskUsage, copy_sparse, disk_usage, format_image, mount_dis
 pub use handle::{FREEZE_TIMEOUT, KILL_TIMEOUT, SandboxHandle, become_subreaper, kill_sandbox};
 pub use idmap::check_idmapped_mounts;
 pub use idrange::{Claim, DEFAULT_REGISTRY, FIRST_BASE, IdRegistry, RANGE_SIZE, RANGES};
-pub use namespaces::{Entered, SETUP_TIMEOUT, enter_sandbox};
+pub use namespaces::{Entered, SETUP_TIMEOUT, enter_sandbox, enter_sandbox_then};
 pub use netns::{connect_in_netns, connect_in_netns_fd, socket_in_netns};
 pub use seccomp::seccomp_filter;
 pub use spawn::{InitCommand, spawn_sandbox};

@@ -15,7 +15,8 @@ use nix::sys::signal::{Signal, kill};
 use nix::sys::wait::{WaitStatus, waitpid};
 use nix::unistd::{ForkResult, fork, pipe};
 use sandboxd_jail::{
-    Entered, InitCommand, SandboxHandle, enter_sandbox, kill_sandbox, list_sandboxes, spawn_sandbox,
+    Entered, InitCommand, SandboxHandle, become_subreaper, enter_sandbox, enter_sandbox_then,
+    kill_sandbox, list_sandboxes, spawn_sandbox,
 };
 
 /// Kills sandbox `id` (and removes its cgroup) when dropped, even if a check panicked.
@@ -124,6 +125,91 @@ fn zygote_child_enters_sandbox() {
     }
 }
 
+/// The zygote's way since `enter_sandbox_then`: the init is a clone sharing A's memory and forks
+/// the payload, which runs a closure. The payload must be the init's child (PID 2, parent PID 1),
+/// so that the init sees it exit and exits with its status: a payload forked by A instead would be
+/// re-parented, when A exits, through A's pid namespace (to this process, a subreaper), and the
+/// init would never see it.
+fn zygote_child_enters_sandbox_then() {
+    let (spec, _dir) = common::spec("zygote-then");
+    let _cleanup = Cleanup(spec.id.clone());
+    // The init comes back to this process when A exits, so its exit status can be read.
+    become_subreaper().unwrap();
+    let (r, w) = pipe().unwrap();
+    // The payload exits once this process has adopted the init (end of file on `go`).
+    let (go_r, go_w) = pipe().unwrap();
+    // SAFETY: this test binary is single-threaded here (no harness), like the Python zygote.
+    match unsafe { fork() }.unwrap() {
+        ForkResult::Child => {
+            drop(r);
+            drop(go_w);
+            let mut report = Some(w);
+            let mut go = Some(go_r);
+            let mut payload = || -> i32 {
+                // The payload's copy of A's report pipe (A's descriptors are the payload's).
+                drop(report.take());
+                let mut rest = Vec::new();
+                fs::File::from(go.take().unwrap())
+                    .read_to_end(&mut rest)
+                    .unwrap();
+                let facts = format!(
+                    "pid={} ppid={} hostname={} cwd={} work-visible={}\n",
+                    std::process::id(),
+                    nix::unistd::getppid(),
+                    fs::read_to_string("/etc/hostname").unwrap().trim(),
+                    std::env::current_dir().unwrap().display(),
+                    std::path::Path::new("/work").exists(),
+                );
+                fs::write("/tmp/zygote-then", facts).unwrap();
+                // A status the init must pass on.
+                7
+            };
+            let entered = enter_sandbox_then(&spec, &mut payload);
+            let w = report.take().unwrap();
+            match entered {
+                Ok(init_pid) => {
+                    nix::unistd::write(&w, format!("P{init_pid}").as_bytes()).unwrap();
+                    std::process::exit(0)
+                }
+                Err(e) => {
+                    nix::unistd::write(&w, format!("E{e}").as_bytes()).unwrap();
+                    std::process::exit(1)
+                }
+            }
+        }
+        ForkResult::Parent { child } => {
+            drop(w);
+            drop(go_r);
+            let msg = read_all(r);
+            assert_eq!(
+                waitpid(child, None).unwrap(),
+                WaitStatus::Exited(child, 0),
+                "{msg}"
+            );
+            let init_pid: i32 = msg
+                .strip_prefix('P')
+                .unwrap_or_else(|| panic!("enter_sandbox_then failed: {msg}"))
+                .parse()
+                .unwrap();
+            let handle = SandboxHandle::adopt(&spec.instance, &spec.id, init_pid)
+                .unwrap()
+                .with_merged_dir(spec.dir.join("merged"));
+            drop(go_w);
+            assert!(
+                handle.wait(common::RUN_TIMEOUT).unwrap(),
+                "the init did not exit after its payload"
+            );
+            assert_eq!(handle.exit_code(), Some(7));
+            let facts = wait_for_file(&spec.upper_dir().unwrap().join("tmp/zygote-then"));
+            assert_eq!(
+                facts.trim(),
+                format!("pid=2 ppid=1 hostname={} cwd=/ work-visible=false", spec.id)
+            );
+            handle.kill().unwrap();
+        }
+    }
+}
+
 /// The runtime spawns a sandbox and is then SIGKILLed; the sandbox keeps running and a new
 /// runtime adopts and kills it.
 fn sandbox_survives_its_runtime() {
@@ -222,9 +308,14 @@ fn main() {
         return;
     }
     common::template();
-    let tests: [(&str, fn()); 3] = [
+    let tests: [(&str, fn()); 4] = [
         ("zygote_child_enters_sandbox", zygote_child_enters_sandbox),
         ("sandbox_survives_its_runtime", sandbox_survives_its_runtime),
+        // After the others: it makes this process a subreaper.
+        (
+            "zygote_child_enters_sandbox_then",
+            zygote_child_enters_sandbox_then,
+        ),
         // Last: it leaves this process multithreaded.
         (
             "enter_sandbox_refuses_a_multithreaded_process",

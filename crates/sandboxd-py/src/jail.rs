@@ -180,10 +180,12 @@ fn build_base_template(py: Python<'_>, dir: PathBuf) -> PyResult<()> {
 #[pyo3(signature = (
     id, template_dirs, sandbox_dir, *, instance, id_base, host_usr_ro = true, disk_image = None,
     disk_fd = None, nested_userns = false, memory_bytes = None, cpu_cores = None, pids_max = None,
-    open_files = None, inotify_instances = None, inotify_watches = None, volumes = Vec::new()
+    open_files = None, inotify_instances = None, inotify_watches = None, volumes = Vec::new(),
+    payload = None
 ))]
 #[allow(clippy::too_many_arguments)]
 fn enter_sandbox(
+    py: Python<'_>,
     id: &str,
     template_dirs: Vec<PathBuf>,
     sandbox_dir: PathBuf,
@@ -200,6 +202,7 @@ fn enter_sandbox(
     inotify_instances: Option<u64>,
     inotify_watches: Option<u64>,
     volumes: Vec<(PathBuf, PathBuf)>,
+    payload: Option<Py<PyAny>>,
 ) -> PyResult<Entered> {
     let Some(first) = template_dirs.first() else {
         return Err(PyValueError::new_err(
@@ -234,6 +237,25 @@ fn enter_sandbox(
         inotify_watches,
     };
     // Holding the GIL on purpose: see the module docs.
+    if let Some(payload) = payload {
+        // The payload runs `payload()` and exits (1 if it raised): this returns only in A. The
+        // payload is a copy of this thread, GIL held, as after `os.fork()`.
+        let mut run = || -> i32 {
+            after_fork_child();
+            match payload.call0(py) {
+                Ok(_) => 0,
+                Err(e) => {
+                    e.print(py);
+                    1
+                }
+            }
+        };
+        let init_pid = jail::enter_sandbox_then(&spec, &mut run).map_err(to_pyerr)?;
+        return Ok(Entered {
+            inside: false,
+            init_pid,
+        });
+    }
     match jail::enter_sandbox(&spec).map_err(to_pyerr)? {
         jail::Entered::Outside { init_pid } => Ok(Entered {
             inside: false,
