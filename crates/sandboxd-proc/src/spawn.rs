@@ -11,8 +11,8 @@
 //! their defaults (ignored dispositions survive `exec`, and hosts such as CPython ignore both);
 //! a new process group, so the whole tree can be signalled with `killpg` (`setpgid(0, 0)`; for a
 //! PTY, `setsid()`, a new session, and `TIOCSCTTY` on fd 0, making the slave the controlling
-//! terminal); the `oom_score_adj`
-//! write; `setgroups`/`setgid`/`setuid` when switching user; and `chdir`.
+//! terminal); the `oom_score_adj` write; `setgroups`/`setgid`/`setuid` when switching user; and
+//! `chdir`.
 //!
 //! The environment is not inherited (envd behaviour): it is `HOME`, `USER` and `LOGNAME` from the
 //! user, `PATH` from the caller, then the caller's variables, later ones winning; the child gets
