@@ -451,8 +451,9 @@ def main(argv: list[str] | None = None) -> None:
         lazy_protobuf()
     args = build_parser(only_agent=only_agent).parse_args(given)
     if args.command == "agent":
-        from sandboxd.agent.server import AgentOptions, run
+        from sandboxd.agent.server import AgentOptions, lead_own_session, run
 
+        lead_own_session()
         run(
             AgentOptions(
                 host=args.host,
