@@ -217,13 +217,18 @@ def test_the_agent_leads_a_session_of_its_own(tmp_path: Path) -> None:
         shell.wait(10)
 
 
-def test_hundred_concurrent_commands(agent: Agent, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_hundred_concurrent_commands(agent: Agent, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("E2B_DEBUG", "true")
     monkeypatch.setenv("E2B_SANDBOX_URL", agent.url)
+    # An empty HOME: `bash -l` then reads /etc/profile only, as in a sandbox, not the test host's
+    # ~/.profile (here pyenv's and cargo's set-up, ~0.1 s of CPU a shell, so 100 of them were most of
+    # this test's time, and all of it at load once the commands share the agent's one scheduler
+    # autogroup instead of having one each: docs/benchmarks.md, rtt4).
+    envs = {"HOME": str(tmp_path)}
 
     async def main() -> list[str]:
         sbx = await AsyncSandbox.create()
-        results = await asyncio.gather(*(sbx.commands.run(f"echo {i}") for i in range(100)))
+        results = await asyncio.gather(*(sbx.commands.run(f"echo {i}", envs=envs) for i in range(100)))
         return [r.stdout for r in results]
 
     assert asyncio.run(main()) == [f"{i}\n" for i in range(100)]
