@@ -451,9 +451,11 @@ def main(argv: list[str] | None = None) -> None:
         lazy_protobuf()
     args = build_parser(only_agent=only_agent).parse_args(given)
     if args.command == "agent":
-        from sandboxd.agent.server import AgentOptions, lead_own_session, run
+        from sandboxd.agent.server import AgentOptions, lead_own_session, raise_own_priority, run
 
-        lead_own_session()
+        # Above its commands only where they share its own session (and autogroup): elsewhere that
+        # session holds the shell or job that started the agent, which a nice of -20 would put behind.
+        command_nice = raise_own_priority() if lead_own_session() else None
         run(
             AgentOptions(
                 host=args.host,
@@ -463,6 +465,7 @@ def main(argv: list[str] | None = None) -> None:
                 access_token=args.access_token,
                 grpc_port=args.grpc_port,
                 connections=_connection_limits(args),
+                command_nice=command_nice,
             )
         )
     elif args.command == "interpreter":
