@@ -18,7 +18,7 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import Agent, free_port, wait_healthy
+from conftest import Agent, die_with_parent, free_port, wait_healthy
 from e2b import AsyncSandbox, CommandExitException, PtySize
 from e2b.exceptions import InvalidArgumentException, TimeoutException
 
@@ -207,6 +207,7 @@ def test_the_agent_leads_a_session_of_its_own(tmp_path: Path, monkeypatch: pytes
             stderr=out,
             stdin=subprocess.DEVNULL,
             start_new_session=True,
+            preexec_fn=die_with_parent,  # the shell's; its child, the agent, is killed in `finally`
         )
     assert shell.stdout is not None
     agent_pid = int(shell.stdout.readline())
