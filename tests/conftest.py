@@ -109,6 +109,16 @@ def peak_rss(agent: Agent) -> Iterator[list[int]]:
         thread.join()
 
 
+def die_with_parent() -> None:
+    """``preexec_fn``: the kernel kills the child when the tests' process ends without cleaning up. An
+    agent makes itself a session of its own (``server.lead_own_session``), so a kill of the tests'
+    process group (a CI job's timeout) no longer reaches it."""
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, 9)
+
+
 def wait_healthy(
     url: str,
     process: subprocess.Popen[bytes],
@@ -146,7 +156,7 @@ def start_agent(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[.
             args += ["--grpc-port", str(grpc_port)]
         log = tmp_path_factory.mktemp("agent") / "agent.log"
         with log.open("wb") as out:
-            process = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT)
+            process = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, preexec_fn=die_with_parent)
         agent = Agent(process, port, token, grpc_port, log)
         started.append(agent)
         wait_healthy(agent.url, process, log)

@@ -7,7 +7,10 @@ import contextlib
 import json
 import os
 import shlex
+import signal
 import struct
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -15,7 +18,7 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import Agent
+from conftest import Agent, die_with_parent, free_port, wait_healthy
 from e2b import AsyncSandbox, CommandExitException, PtySize
 from e2b.exceptions import InvalidArgumentException, TimeoutException
 
@@ -156,13 +159,89 @@ def test_multibyte_characters_split_across_chunks_arrive_intact(sandbox: Any) ->
     assert result.stdout == "café €\n"
 
 
-def test_hundred_concurrent_commands(agent: Agent, monkeypatch: pytest.MonkeyPatch) -> None:
+def _ids(stat: str) -> tuple[int, int, int]:
+    """(pid, process group, session) from a ``/proc/<pid>/stat`` line."""
+    pid, rest = stat.split(" (", 1)
+    fields = rest.rsplit(") ", 1)[1].split()
+    return int(pid), int(fields[2]), int(fields[3])
+
+
+def test_a_command_leads_a_group_in_the_agents_session_and_kill_reaches_its_tree(agent: Agent, sandbox: Any) -> None:
+    # A command leads a process group (so a kill reaches its children) but not a session: a session
+    # of its own would also be a scheduler autogroup of its own, per command (docs/benchmarks.md, rtt4).
+    pid, pgid, sid = _ids(sandbox.commands.run("cat /proc/$$/stat").stdout)
+    assert pgid == pid
+    assert sid == os.getsid(agent.process.pid) and sid != pid
+    handle = sandbox.commands.run("sleep 100 & echo $!; wait", background=True)
+    child = 0
+    for stdout, _, _ in handle:
+        if stdout:
+            child = int(stdout)
+            break
+    assert os.getpgid(child) == handle.pid
+    assert sandbox.commands.kill(handle.pid) is True
+
+    def dead() -> bool:  # gone, or a zombie its new parent has yet to reap
+        try:
+            return Path(f"/proc/{child}/stat").read_text().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+        except FileNotFoundError:
+            return True
+
+    deadline = time.monotonic() + 10
+    while not dead() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert dead(), "the command's child outlived the kill"
+
+
+def test_the_agent_leads_a_session_of_its_own(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Started as a daemon is (no controlling terminal, not a process-group leader: a child of a
+    # non-interactive shell), the agent makes itself a session, so its commands share its scheduler
+    # autogroup and not that of whoever started it; there, as root, it runs at nice -20 and its
+    # commands at the value it started with (envd's unit does the same).
+    port = free_port()
+    log = tmp_path / "agent.log"
+    with log.open("wb") as out:
+        shell = subprocess.Popen(
+            ["sh", "-c", f"{shlex.quote(sys.executable)} -m sandboxd agent --port {port} & echo $!; wait"],
+            stdout=subprocess.PIPE,
+            stderr=out,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            preexec_fn=die_with_parent,  # the shell's; its child, the agent, is killed in `finally`
+        )
+    assert shell.stdout is not None
+    agent_pid = int(shell.stdout.readline())
+    try:
+        wait_healthy(f"http://127.0.0.1:{port}", shell, log)
+        assert os.getsid(agent_pid) == agent_pid != os.getsid(shell.pid)
+        started_with = os.getpriority(os.PRIO_PROCESS, 0)
+        # Whether a process here may go to -20 (root without CAP_SYS_NICE, as in many containers, may not).
+        lower = [sys.executable, "-c", "import os; os.setpriority(os.PRIO_PROCESS, 0, -20)"]
+        privileged = started_with > -20 and subprocess.run(lower, capture_output=True).returncode == 0
+        assert os.getpriority(os.PRIO_PROCESS, agent_pid) == (-20 if privileged else started_with)
+        monkeypatch.setenv("E2B_DEBUG", "true")
+        monkeypatch.setenv("E2B_SANDBOX_URL", f"http://127.0.0.1:{port}")
+        from e2b import Sandbox
+
+        command = Sandbox.create().commands.run("cut -d' ' -f19 /proc/$$/stat")
+        assert int(command.stdout) == started_with
+    finally:
+        os.kill(agent_pid, signal.SIGTERM)  # not in the shell's group any more
+        shell.wait(10)
+
+
+def test_hundred_concurrent_commands(agent: Agent, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("E2B_DEBUG", "true")
     monkeypatch.setenv("E2B_SANDBOX_URL", agent.url)
+    # An empty HOME: `bash -l` then reads /etc/profile only, as in a sandbox, not the test host's
+    # ~/.profile (here pyenv's and cargo's set-up, ~0.1 s of CPU a shell, so 100 of them were most of
+    # this test's time, and all of it at load once the commands share the agent's one scheduler
+    # autogroup instead of having one each: docs/benchmarks.md, rtt4).
+    envs = {"HOME": str(tmp_path)}
 
     async def main() -> list[str]:
         sbx = await AsyncSandbox.create()
-        results = await asyncio.gather(*(sbx.commands.run(f"echo {i}") for i in range(100)))
+        results = await asyncio.gather(*(sbx.commands.run(f"echo {i}", envs=envs) for i in range(100)))
         return [r.stdout for r in results]
 
     assert asyncio.run(main()) == [f"{i}\n" for i in range(100)]
