@@ -415,6 +415,17 @@ display({"application/vnd.custom+json": {"x": 1}, "text/plain": "custom"}, raw=T
     assert main.is_main_result and main.json == {"answer": 42} and main.text == "{'answer': 42}"
 
 
+def _streamed(sandbox: Sandbox, code: str, language: str) -> tuple[Any, list[tuple[str, float]], float]:
+    """Run ``code``, noting when each stdout line arrives: (its execution, (line, seconds) pairs, the
+    seconds it took in all)."""
+    events: list[tuple[str, float]] = []
+    started = time.monotonic()
+    execution = sandbox.run_code(
+        code, language=language, on_stdout=lambda m: events.append((m.line, time.monotonic() - started))
+    )
+    return execution, events, time.monotonic() - started
+
+
 def _r_value(execution: Any) -> str | None:
     """The text of an R cell's one result (IRkernel sends values as display data)."""
     assert execution.error is None, execution.error
@@ -455,14 +466,7 @@ def test_r(sandbox: Sandbox, target: Target) -> None:
     assert "nope" in failed.error.value
     assert failed.logs.stdout == ["before\n"]
 
-    events: list[tuple[str, float]] = []
-    started = time.monotonic()
-    streamed = sandbox.run_code(
-        'cat("one\\n"); Sys.sleep(1); cat("two\\n")',
-        language="r",
-        on_stdout=lambda m: events.append((m.line, time.monotonic() - started)),
-    )
-    total_s = time.monotonic() - started
+    streamed, events, total_s = _streamed(sandbox, 'cat("one\\n"); Sys.sleep(1); cat("two\\n")', "r")
     assert [line for line, _ in events] == ["one\n", "two\n"] and streamed.logs.stdout == ["one\n", "two\n"]
     assert events[0][1] < total_s - 0.7, (events, total_s)  # streamed as it happened
     sandbox.remove_code_context(context)
@@ -519,14 +523,8 @@ def _java_examples(sandbox: Sandbox) -> None:
     assert isinstance(failed.error, ExecutionError) and errors == [failed.error]
     assert failed.error.name == "RuntimeException" and "nope" in failed.error.value
 
-    events: list[tuple[str, float]] = []
-    started = time.monotonic()
-    streamed = sandbox.run_code(
-        'System.out.println("one"); Thread.sleep(1000); System.err.println("two");',
-        language="java",
-        on_stdout=lambda m: events.append((m.line, time.monotonic() - started)),
-    )
-    total_s = time.monotonic() - started
+    code = 'System.out.println("one"); Thread.sleep(1000); System.err.println("two");'
+    streamed, events, total_s = _streamed(sandbox, code, "java")
     assert streamed.logs.stdout == ["one\n"] and streamed.logs.stderr == ["two\n"]
     assert events and events[0][0] == "one\n" and events[0][1] < total_s - 0.7, (events, total_s)
 

@@ -280,19 +280,24 @@ fn join_and_make_userns(p: &Prepared) -> Result<SetupFds, StepError> {
     make_userns_and_layers(p)
 }
 
-fn enter_namespaces_and_fork(
-    p: &Prepared,
-    fds: SetupFds,
-    deadline: Instant,
-) -> Result<Stage, StepError> {
+/// Steps 5-6: into the user namespace and new namespaces of the others, the root made private, the
+/// hostname and loopback set; returns the report pipe (read end, write end). Async-signal-safe.
+fn enter_namespaces(p: &Prepared, fds: &SetupFds) -> Result<(OwnedFd, OwnedFd), StepError> {
     chdir(p.dir.as_c_str()).at(Step::Chdir)?;
     userns::enter(&fds.userns)?;
     unshare(NAMESPACES).at(Step::Unshare)?;
     make_private()?;
     sethostname(OsStr::from_bytes(p.hostname.to_bytes())).at(Step::Hostname)?;
     loopback_up()?;
+    pipe2(OFlag::O_CLOEXEC).at(Step::Pipe)
+}
 
-    let (report_r, report_w) = pipe2(OFlag::O_CLOEXEC).at(Step::Pipe)?;
+fn enter_namespaces_and_fork(
+    p: &Prepared,
+    fds: SetupFds,
+    deadline: Instant,
+) -> Result<Stage, StepError> {
+    let (report_r, report_w) = enter_namespaces(p, &fds)?;
     // SAFETY: A is single-threaded (a forked child); B only makes async-signal-safe calls.
     match unsafe { fork() }.at(Step::Fork)? {
         ForkResult::Child => {
@@ -364,14 +369,7 @@ fn enter_namespaces_and_clone(
     deadline: Instant,
     payload: &mut dyn FnMut() -> i32,
 ) -> Result<i32, StepError> {
-    chdir(p.dir.as_c_str()).at(Step::Chdir)?;
-    userns::enter(&fds.userns)?;
-    unshare(NAMESPACES).at(Step::Unshare)?;
-    make_private()?;
-    sethostname(OsStr::from_bytes(p.hostname.to_bytes())).at(Step::Hostname)?;
-    loopback_up()?;
-
-    let (report_r, report_w) = pipe2(OFlag::O_CLOEXEC).at(Step::Pipe)?;
+    let (report_r, report_w) = enter_namespaces(p, &fds)?;
     // SAFETY: a fresh private anonymous mapping; no existing memory is touched.
     let stack = unsafe {
         libc::mmap(
