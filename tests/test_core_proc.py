@@ -394,17 +394,6 @@ def test_a_piped_child_leads_a_group_in_our_session_and_a_pty_child_a_session() 
     assert lines[1].strip().startswith("pts/"), lines
 
 
-def test_nice_is_set_in_the_child() -> None:
-    # The standalone agent runs at nice -20 and gives its commands the value it started with.
-    ours = os.getpriority(os.PRIO_PROCESS, 0)
-    nice = lambda **kw: int(collect(sh("cut -d' ' -f19 /proc/$$/stat", **kw)).stdout)  # noqa: E731
-    assert nice() == ours  # None: inherited
-    assert nice(nice=min(ours + 3, 19)) == min(ours + 3, 19)  # raising it is always allowed
-    for bad in (-21, 20):
-        with pytest.raises(ValueError, match="nice"):
-            sh("true", nice=bad)
-
-
 def test_sigterm_and_invalid_signals() -> None:
     process = sh("exec sleep 100")
     for bad in (0, -1, 99):

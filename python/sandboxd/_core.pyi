@@ -228,7 +228,6 @@ class Process:
         pty: tuple[int, int] | None = None,
         ring_bytes: int = ...,
         oom_score_adj: int | None = None,
-        nice: int | None = None,
     ) -> Process:
         """Start ``program`` with ``args`` (``argv[1:]``).
 
@@ -237,12 +236,11 @@ class Process:
         account), then ``env`` (later wins). ``identity`` is a user already resolved, ``(name, uid, gid,
         home, supplementary groups)``, used as it is instead of looking ``user`` up. ``pty`` is
         ``(cols, rows)``; ``stdin`` applies to pipes only. ``oom_score_adj`` is written to the
-        child's ``/proc/self/oom_score_adj`` before exec, and ``nice`` set as its nice value (both
-        ignored when not permitted; ``None`` inherits the calling thread's). Raises ``FileNotFoundError`` for a missing
+        child's ``/proc/self/oom_score_adj`` before exec. Raises ``FileNotFoundError`` for a missing
         cwd or program (``filename`` names it), ``NotADirectoryError`` for a cwd that is not a
         directory, ``PermissionError`` when exec is denied, ``LookupError`` for an unknown user, and
-        ``ValueError`` for a NUL byte, an ``=`` in an env name, an ``oom_score_adj`` outside
-        -1000..1000, or a ``nice`` outside -20..19.
+        ``ValueError`` for a NUL byte, an ``=`` in an env name, or an ``oom_score_adj`` outside
+        -1000..1000.
         """
     def subscribe(self, from_oldest: bool = True) -> Subscriber:
         """A new subscriber; ``from_oldest`` replays what the ring still holds, else starts at now.

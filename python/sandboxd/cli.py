@@ -473,11 +473,9 @@ def build_parser(only_agent: bool = False) -> argparse.ArgumentParser:
 def _run_agent(values: dict[str, Any]) -> None:
     """``sandboxd agent`` with its flags' values by destination (argparse's, or ``sandboxd.agent.argv``'s)."""
     from sandboxd.agent.http_server import ConnectionLimits
-    from sandboxd.agent.server import AgentOptions, lead_own_session, raise_own_priority, run
+    from sandboxd.agent.server import AgentOptions, lead_own_session, run
 
-    # Above its commands only where they share its own session (and autogroup): elsewhere that
-    # session holds the shell or job that started the agent, which a nice of -20 would put behind.
-    command_nice = raise_own_priority() if lead_own_session() else None
+    lead_own_session()
     limits = ConnectionLimits(
         max_connections=values["max_connections"],
         head_timeout=values["header_timeout"],
@@ -492,7 +490,6 @@ def _run_agent(values: dict[str, Any]) -> None:
             access_token=values["access_token"],
             grpc_port=values["grpc_port"],
             connections=limits,
-            command_nice=command_nice,
         )
     )
 

@@ -11,7 +11,7 @@
 //! their defaults (ignored dispositions survive `exec`, and hosts such as CPython ignore both);
 //! a new process group, so the whole tree can be signalled with `killpg` (`setpgid(0, 0)`; for a
 //! PTY, `setsid()`, a new session, and `TIOCSCTTY` on fd 0, making the slave the controlling
-//! terminal); the `oom_score_adj` write and the nice value; `setgroups`/`setgid`/`setuid` when switching user; and
+//! terminal); the `oom_score_adj` write; `setgroups`/`setgid`/`setuid` when switching user; and
 //! `chdir`.
 //!
 //! The environment is not inherited (envd behaviour): it is `HOME`, `USER` and `LOGNAME` from the
@@ -146,11 +146,6 @@ pub struct SpawnOptions {
     /// kernel's OOM killer picks the user's processes before the agent (envd uses 100). `None`
     /// inherits ours. A failed write is ignored, as envd ignores it.
     pub oom_score_adj: Option<i32>,
-    /// The child's nice value, set before exec (`setpriority`, -20..=19); `None` inherits that of
-    /// the spawning thread. The standalone agent runs above its commands' priority (as envd's
-    /// unit runs envd at nice -20 and its commands at 0) and gives them back its own starting
-    /// value. A failed `setpriority` is ignored, as the `oom_score_adj` write is.
-    pub nice: Option<i32>,
     /// Read size; `None` uses [`PIPE_CHUNK_BYTES`](crate::PIPE_CHUNK_BYTES) for pipes and
     /// [`PTY_CHUNK_BYTES`](crate::PTY_CHUNK_BYTES) for a PTY. For experiments.
     pub read_chunk_bytes: Option<usize>,
@@ -170,7 +165,6 @@ impl SpawnOptions {
             ring_bytes: DEFAULT_RING_BYTES,
             stall_timeout: DEFAULT_STALL_TIMEOUT,
             oom_score_adj: None,
-            nice: None,
             read_chunk_bytes: None,
         }
     }
@@ -302,7 +296,6 @@ pub(crate) fn spawn(opts: &SpawnOptions) -> io::Result<Spawned> {
         stdio: ends.child_stdio(),
         controlling_tty: ends.pty.is_some(),
         oom_score_adj: opts.oom_score_adj,
-        nice: opts.nice,
         creds,
         cwd,
     };

@@ -77,8 +77,7 @@
 //! with `close_range(3, ~0, CLOSE_RANGE_CLOEXEC)` (see [`INHERITED`]); for a PTY `setsid` (new
 //! session and process group) and `TIOCSCTTY` on fd 0, for pipes `setpgid(0, 0)` (new process
 //! group, in our session); the `oom_score_adj` write (before
-//! switching user: as root any value is allowed, and after `setuid` the file may belong to root)
-//! and the nice value;
+//! switching user: as root any value is allowed, and after `setuid` the file may belong to root);
 //! `setgroups`, `setgid`, `setuid`; `chdir`; the signal mask; and `execve` on each candidate path
 //! in turn, as `execvp` does it (see [`Plan::exec`]).
 #![allow(unsafe_code)]
@@ -171,8 +170,6 @@ pub(crate) struct Setup<'a> {
     pub(crate) controlling_tty: bool,
     /// Written to `/proc/self/oom_score_adj`; a failed write is ignored.
     pub(crate) oom_score_adj: Option<i32>,
-    /// The nice value to set (`setpriority`); a failure is ignored.
-    pub(crate) nice: Option<i32>,
     /// Switch to these credentials.
     pub(crate) creds: Option<Creds>,
     /// Change to this directory.
@@ -342,7 +339,6 @@ struct Plan {
     controlling_tty: bool,
     /// `oom_score_adj` as written: an ASCII number and a newline.
     oom_score_adj: Option<Vec<u8>>,
-    nice: Option<i32>,
     creds: Option<Creds>,
     cwd: Option<CString>,
     /// The empty signal set, the child's mask at `execve`.
@@ -384,7 +380,6 @@ impl Plan {
             oom_score_adj: setup
                 .oom_score_adj
                 .map(|adj| format!("{adj}\n").into_bytes()),
-            nice: setup.nice,
             creds: setup.creds,
             cwd: setup.cwd,
             empty_mask,
@@ -433,13 +428,6 @@ impl Plan {
         }
         if let Some(adj) = &self.oom_score_adj {
             write_oom_score_adj(adj);
-        }
-        // Before the user switch, so that a value below the spawning thread's own stays possible
-        // for root; raising it (the agent's case) is always allowed.
-        if let Some(nice) = self.nice {
-            // SAFETY: setpriority takes integers and touches no memory; PRIO_PROCESS with 0 is
-            // the calling thread, the child. Its failure is ignored (see SpawnOptions::nice).
-            unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, nice) };
         }
         if let Some(creds) = &self.creds {
             // SAFETY: raw setgroups(2) reads `groups.len()` gids from the live vector; raw

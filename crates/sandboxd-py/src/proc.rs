@@ -510,7 +510,7 @@ impl Process {
     #[staticmethod]
     #[pyo3(signature = (
         program, args, env, *, cwd = None, user = None, identity = None, path = None, stdin = true,
-        pty = None, ring_bytes = core::DEFAULT_RING_BYTES, oom_score_adj = None, nice = None
+        pty = None, ring_bytes = core::DEFAULT_RING_BYTES, oom_score_adj = None
     ))]
     #[allow(clippy::too_many_arguments)]
     fn spawn(
@@ -526,7 +526,6 @@ impl Process {
         pty: Option<(u16, u16)>,
         ring_bytes: usize,
         oom_score_adj: Option<i32>,
-        nice: Option<i32>,
     ) -> PyResult<Process> {
         let mut opts = core::SpawnOptions::new(&program).args(&args);
         for (key, value) in env.iter() {
@@ -556,12 +555,6 @@ impl Process {
             )));
         }
         opts.oom_score_adj = oom_score_adj;
-        if let Some(nice) = nice.filter(|nice| !(-20..=19).contains(nice)) {
-            return Err(PyValueError::new_err(format!(
-                "nice must be within -20..=19, not {nice}"
-            )));
-        }
-        opts.nice = nice;
         if let Some((name, uid, gid, home, groups)) = identity {
             // Resolved by the caller already (the agent caches its users): no second lookup.
             opts.user = Some(core::User {

@@ -48,8 +48,6 @@ class AgentOptions:
     sandbox, so the runtime's first connect succeeds while the agent starts); None binds here."""
     prepared: Prepared | None = None
     """The state and server settings built ahead (:func:`prepare`; the zygote's), else built here."""
-    command_nice: int | None = None
-    """The nice value commands start with (:func:`raise_own_priority`); None: the agent's own."""
 
 
 @dataclass
@@ -144,29 +142,6 @@ def lead_own_session() -> bool:
     return True
 
 
-AGENT_NICE = -20
-"""The standalone agent's nice value when it may set it (root), as envd's systemd unit runs envd
-(``Nice=-20``) with its commands at 0. Its commands share its scheduler autogroup
-(:func:`lead_own_session`), where nice values weigh one task against another; between autogroups
-only the groups' own weights count, so this puts the agent ahead of its own commands and of no one
-else. With 4 of its commands spinning, /health p90 went from 7.9 ms (at nice 0, one task among
-them) back to main's ~2 ms (docs/benchmarks.md, rtt4)."""
-
-
-def raise_own_priority() -> int | None:
-    """Set this thread's nice value (Linux keeps one per thread; call it before any thread starts, so
-    that the threads made later inherit it) to :data:`AGENT_NICE`; return the value it had, for the
-    commands to start with, or None when not permitted (no ``CAP_SYS_NICE``: nothing changed)."""
-    before = os.getpriority(os.PRIO_PROCESS, 0)
-    if before <= AGENT_NICE:
-        return None
-    try:
-        os.setpriority(os.PRIO_PROCESS, 0, AGENT_NICE)
-    except PermissionError:
-        return None
-    return before
-
-
 async def serve(options: AgentOptions) -> None:
     """Serve until cancelled or signalled."""
     tune_allocator()
@@ -178,7 +153,6 @@ async def serve(options: AgentOptions) -> None:
     state, methods, idle = prepared.state, prepared.methods, prepared.idle
     state.default_user = default_user_name(options.user)
     state.default_workdir = options.workdir
-    state.command_nice = options.command_nice
     state.access_token = options.access_token or os.environ.get("SANDBOXD_ACCESS_TOKEN") or None
     state.user()  # fail fast on an unknown --user
     protect_from_oom()

@@ -21,9 +21,6 @@ class AgentState:
     default_workdir: str | None = None
     access_token: str | None = None
     env_vars: dict[str, str] = field(default_factory=dict)
-    command_nice: int | None = None
-    """The nice value commands start with, when the agent raised its own priority above theirs
-    (``server.raise_own_priority``); None: they inherit the agent's."""
     watch_hub: WatchHub = field(default_factory=WatchHub, repr=False)
     """The directory watchers, as uploads need to reach them (see :mod:`.watch_hub`)."""
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)

@@ -304,7 +304,6 @@ class ProcessService:
                 stdin=stdin,
                 pty=pty,
                 oom_score_adj=USER_OOM_SCORE_ADJ,
-                nice=self.state.command_nice,
             )
         except LookupError as exc:
             raise RpcError(Code.UNAUTHENTICATED, str(exc)) from None
