@@ -379,21 +379,6 @@ def test_signal_kills_the_whole_group() -> None:
     assert eventually(lambda: is_dead(grandchild))
 
 
-def test_a_piped_child_leads_a_group_in_our_session_and_a_pty_child_a_session() -> None:
-    # killpg needs only the group; a session of its own per piped child would also be a scheduler
-    # autogroup per child (docs/benchmarks.md, rtt4). A PTY's child needs the session, whose
-    # controlling terminal the PTY becomes.
-    ids = "cut -d' ' -f1,5,6,8 /proc/$$/stat; ps -o tty= -p $$"
-    piped = collect(sh(ids))
-    pid, pgid, sid, tpgid = map(int, piped.stdout.split(b"\n")[0].split())
-    assert pgid == pid and sid == os.getsid(0) != pid
-    pty = collect(sh(ids, pty=(80, 24)))
-    lines = pty.pty.decode().split("\r\n")
-    pid, pgid, sid, tpgid = map(int, lines[0].split())
-    assert pgid == pid == sid == tpgid, lines  # leads a session whose terminal's foreground it is
-    assert lines[1].strip().startswith("pts/"), lines
-
-
 def test_sigterm_and_invalid_signals() -> None:
     process = sh("exec sleep 100")
     for bad in (0, -1, 99):

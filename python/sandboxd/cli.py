@@ -473,9 +473,8 @@ def build_parser(only_agent: bool = False) -> argparse.ArgumentParser:
 def _run_agent(values: dict[str, Any]) -> None:
     """``sandboxd agent`` with its flags' values by destination (argparse's, or ``sandboxd.agent.argv``'s)."""
     from sandboxd.agent.http_server import ConnectionLimits
-    from sandboxd.agent.server import AgentOptions, lead_own_session, run
+    from sandboxd.agent.server import AgentOptions, run
 
-    lead_own_session()
     limits = ConnectionLimits(
         max_connections=values["max_connections"],
         head_timeout=values["header_timeout"],

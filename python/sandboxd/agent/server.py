@@ -111,37 +111,6 @@ def protect_from_oom() -> None:
         pass
 
 
-def lead_own_session() -> bool:
-    """Make the standalone agent the leader of a session of its own, once at start, as a daemon does;
-    True when it leads one (already, or now).
-
-    Why: a command leads only a process group (``killpg`` reaches its tree), not a session of its own
-    (``sandboxd-proc``'s ``vfork.rs``: with the kernel's scheduler autogroups on, each new session in
-    the root CPU cgroup is also a new scheduler group, ~1.5 ms per start at load). So the commands
-    share the scheduler autogroup of the agent's session: made here, that is the agent's own and not
-    that of whoever started it (the SDK client's tests or CI job, whose threads would otherwise compete
-    with every command inside one group). envd's commands likewise share its session (systemd makes
-    each service a session). Inside a sandbox the jail already made one session for the sandbox.
-
-    Left as it is: a process with a controlling terminal (someone at a shell ran it; after ``setsid``
-    the terminal's Ctrl-C would no longer reach it), and a process-group leader (a shell's job;
-    ``setsid`` refuses with EPERM)."""
-    if os.getsid(0) == os.getpid():
-        return True
-    try:
-        tty = os.open("/dev/tty", os.O_RDONLY | os.O_NOCTTY)
-    except OSError:  # ENXIO: no controlling terminal
-        pass
-    else:
-        os.close(tty)
-        return False
-    try:
-        os.setsid()
-    except PermissionError:
-        return False
-    return True
-
-
 async def serve(options: AgentOptions) -> None:
     """Serve until cancelled or signalled."""
     tune_allocator()
