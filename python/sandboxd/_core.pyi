@@ -209,7 +209,7 @@ class Subscriber:
     ) -> None: ...
 
 class Process:
-    """A spawned child (own process group; with a PTY, own session) whose output goes to a bounded ring."""
+    """A spawned child (own session and process group) whose output goes to a bounded ring."""
 
     pid: int
     has_pty: bool

@@ -2,12 +2,12 @@
 //! to its fastest reader and never lets a stalled reader hold it (or anyone else) back.
 //!
 //! What the kernel does here: start a child with `clone(CLONE_VM | CLONE_VFORK)` and `execve`
-//! (no copy of our page tables; see `vfork.rs`) in its own process group (so a signal to the
-//! group reaches its whole tree; with a PTY, in a session of its own too), connected to us by
-//! pipes or by a pseudo-terminal; we drain its output into a bounded ring, and collect its exit
-//! status with `waitpid` on its own pid. When we stop reading, the pipe (64 KiB) or the PTY's
-//! line discipline fills and the kernel blocks the child's `write(2)` — exactly how a shell
-//! pipeline paces a fast writer to a slow reader; flow control below uses that.
+//! (no copy of our page tables; see `vfork.rs`) in its own session and process group (so a
+//! signal to the group reaches its whole tree), connected to us by pipes or by a pseudo-terminal;
+//! we drain its output into a bounded ring, and collect its exit status with `waitpid` on its own
+//! pid. When we stop reading, the pipe (64 KiB) or the PTY's line discipline fills and the kernel
+//! blocks the child's `write(2)` — exactly how a shell pipeline paces a fast writer to a slow
+//! reader; flow control below uses that.
 //!
 //! # Shape
 //!

@@ -1,6 +1,6 @@
 //! A running (or finished) process and what can be done to it. The kernel side: input goes into
 //! the stdin pipe or the PTY master (non-blocking, so a write gives up after a bounded time);
-//! signals go to the process group with `killpg(2)` (the child is a process-group leader, so
+//! signals go to the process group with `killpg(2)` (the child is a session and group leader, so
 //! this reaches its whole tree unless a descendant moved to another group); resizing is an ioctl
 //! on the PTY master.
 //!
@@ -139,7 +139,7 @@ impl Process {
         Ok((Process { inner }, subscriber))
     }
 
-    /// The process id (also its process-group id, and with a PTY its session id).
+    /// The process id (also its process-group and session id).
     pub fn pid(&self) -> u32 {
         self.inner.pid_u32()
     }

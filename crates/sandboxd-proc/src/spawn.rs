@@ -9,10 +9,9 @@
 //!
 //! What the child does before `execve`: reset signal handlers, with `SIGPIPE`/`SIGXFSZ` back to
 //! their defaults (ignored dispositions survive `exec`, and hosts such as CPython ignore both);
-//! a new process group, so the whole tree can be signalled with `killpg` (`setpgid(0, 0)`; for a
-//! PTY, `setsid()`, a new session, and `TIOCSCTTY` on fd 0, making the slave the controlling
-//! terminal); the `oom_score_adj` write; `setgroups`/`setgid`/`setuid` when switching user; and
-//! `chdir`.
+//! `setsid()` (new session and process group, so the whole tree can be signalled with `killpg`);
+//! for a PTY, `TIOCSCTTY` on fd 0, making the slave the controlling terminal; the `oom_score_adj`
+//! write; `setgroups`/`setgid`/`setuid` when switching user; and `chdir`.
 //!
 //! The environment is not inherited (envd behaviour): it is `HOME`, `USER` and `LOGNAME` from the
 //! user, `PATH` from the caller, then the caller's variables, later ones winning; the child gets
@@ -376,7 +375,6 @@ fn describe(step: Step, opts: &SpawnOptions) -> Option<String> {
         Step::SignalMask => "resetting the signal mask".to_owned(),
         Step::Stdio => "dup2 onto stdin/stdout/stderr".to_owned(),
         Step::Setsid => "setsid".to_owned(),
-        Step::ProcessGroup => "setpgid".to_owned(),
         Step::ControllingTty => "making the PTY the controlling terminal".to_owned(),
         Step::Setgroups => format!("setgroups for user '{user_name}'"),
         Step::Setgid => format!("setgid({})", user.map_or(0, |user| user.gid)),

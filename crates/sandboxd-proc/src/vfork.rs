@@ -74,9 +74,8 @@
 //!
 //! The order in the child: signal handlers first; `dup2` of the prepared descriptors onto 0, 1
 //! and 2 (they are all above 2 and close-on-exec); every other descriptor marked close-on-exec
-//! with `close_range(3, ~0, CLOSE_RANGE_CLOEXEC)` (see [`INHERITED`]); for a PTY `setsid` (new
-//! session and process group) and `TIOCSCTTY` on fd 0, for pipes `setpgid(0, 0)` (new process
-//! group, in our session); the `oom_score_adj` write (before
+//! with `close_range(3, ~0, CLOSE_RANGE_CLOEXEC)` (see [`INHERITED`]); `setsid` (new
+//! session and process group); for a PTY, `TIOCSCTTY` on fd 0; the `oom_score_adj` write (before
 //! switching user: as root any value is allowed, and after `setuid` the file may belong to root);
 //! `setgroups`, `setgid`, `setuid`; `chdir`; the signal mask; and `execve` on each candidate path
 //! in turn, as `execvp` does it (see [`Plan::exec`]).
@@ -158,15 +157,7 @@ pub(crate) struct Setup<'a> {
     /// Descriptors to become the child's 0, 1 and 2. Each must be above 2 (so that no `dup2` can
     /// overwrite another's source) and close-on-exec (so it is not inherited twice).
     pub(crate) stdio: [BorrowedFd<'a>; 3],
-    /// For a PTY: a new session (`setsid`) whose controlling terminal becomes the one on fd 0
-    /// (`TIOCSCTTY`). Otherwise only a new process group (`setpgid`), which is all `killpg`
-    /// needs: with the kernel's scheduler autogroups on (`/proc/sys/kernel/sched_autogroup_enabled`,
-    /// the default), and the agent in the root CPU cgroup (a standalone agent), each new session
-    /// also gets an autogroup of its own, created at `setsid` and torn down when the process
-    /// exits. Measured with `os.posix_spawn` of `/bin/true` on this 2-core VM at load 9: p50
-    /// 2.6–3.1 ms with `setsid` against 1.2–1.4 ms with `setpgid` and 1.2–1.5 ms with neither,
-    /// 300 alternating starts each, three runs; inside a CPU cgroup (no autogroup) all three
-    /// were 0.91–0.94 ms.
+    /// Make the terminal on fd 0 the controlling terminal (`TIOCSCTTY`), for a PTY.
     pub(crate) controlling_tty: bool,
     /// Written to `/proc/self/oom_score_adj`; a failed write is ignored.
     pub(crate) oom_score_adj: Option<i32>,
@@ -183,10 +174,8 @@ pub(crate) enum Step {
     SignalMask = 1,
     /// `dup2` onto 0, 1 or 2.
     Stdio,
-    /// `setsid` (PTY).
+    /// `setsid`.
     Setsid,
-    /// `setpgid(0, 0)` (pipes).
-    ProcessGroup,
     /// `TIOCSCTTY`.
     ControllingTty,
     /// `setgroups`.
@@ -202,11 +191,10 @@ pub(crate) enum Step {
 }
 
 impl Step {
-    const ALL: [Step; 10] = [
+    const ALL: [Step; 9] = [
         Step::SignalMask,
         Step::Stdio,
         Step::Setsid,
-        Step::ProcessGroup,
         Step::ControllingTty,
         Step::Setgroups,
         Step::Setgid,
@@ -408,18 +396,9 @@ impl Plan {
                 libc::CLOSE_RANGE_CLOEXEC,
             )
         };
-        // A PTY's child leads a session of its own, whose controlling terminal the PTY becomes; a
-        // piped child only leads a process group in ours (envd leaves it in its own group even):
-        // a new session is also a new scheduler autogroup, see `Setup::controlling_tty`.
-        if self.controlling_tty {
-            // SAFETY: setsid takes no arguments and touches no memory.
-            if unsafe { libc::setsid() } < 0 {
-                return (Step::Setsid, errno());
-            }
-        // SAFETY: setpgid takes integers and touches no memory; (0, 0) makes the child the leader
-        // of a new process group with its own pid as the id.
-        } else if unsafe { libc::setpgid(0, 0) } < 0 {
-            return (Step::ProcessGroup, errno());
+        // SAFETY: setsid takes no arguments and touches no memory.
+        if unsafe { libc::setsid() } < 0 {
+            return (Step::Setsid, errno());
         }
         // SAFETY: TIOCSCTTY takes an integer (0: do not steal a terminal from another session)
         // and touches no memory of ours.

@@ -492,7 +492,7 @@ impl Subscriber {
     }
 }
 
-/// A spawned child (own process group; with a PTY, own session) whose output goes to a bounded ring.
+/// A spawned child (own session and process group) whose output goes to a bounded ring.
 #[pyclass(frozen, module = "sandboxd._core", name = "Process")]
 pub(crate) struct Process {
     process: core::Process,
@@ -584,7 +584,7 @@ impl Process {
         })
     }
 
-    /// The process id (also its process group id, and with a PTY its session id).
+    /// The process id (also its process group and session id).
     #[getter]
     fn pid(&self) -> u32 {
         self.process.pid()
