@@ -110,9 +110,8 @@ def peak_rss(agent: Agent) -> Iterator[list[int]]:
 
 
 def die_with_parent() -> None:
-    """``preexec_fn``: the kernel kills the child when the tests' process ends without cleaning up. An
-    agent makes itself a session of its own (``server.lead_own_session``), so a kill of the tests'
-    process group (a CI job's timeout) no longer reaches it."""
+    """``preexec_fn``: the kernel kills the child when the tests' process ends without cleaning up
+    (a ``kill -9`` of pytest leaves no agent behind)."""
     import ctypes
 
     pr_set_pdeathsig = 1
