@@ -111,7 +111,7 @@ class LocalBackend:
         return self.manager.events(sandbox_id)
 
     async def lifecycle(self, query: LifecycleQuery) -> list[LifecycleEvent]:
-        return self.manager.lifecycle(query)
+        return await self.manager.lifecycle(query)
 
     async def log_entries(self, sandbox_id: str) -> list[LogEntry]:
         return await self.manager.log_entries(sandbox_id)

@@ -391,9 +391,12 @@ class SandboxManager:
             raise not_found(sandbox_id)
         return self.store.events(sandbox_id)
 
-    def lifecycle(self, query: LifecycleQuery) -> list[LifecycleEvent]:
-        """A page of E2B's lifecycle events (:mod:`.lifecycle`), of one sandbox or all."""
-        rows = self.store.lifecycle(query.sandbox_id, query.kinds, query.offset, query.limit, query.ascending)
+    async def lifecycle(self, query: LifecycleQuery) -> list[LifecycleEvent]:
+        """A page of E2B's lifecycle events (:mod:`.lifecycle`), of one sandbox or all (read in a
+        worker thread: see :meth:`Store.lifecycle`)."""
+        rows = await asyncio.to_thread(
+            self.store.lifecycle, query.sandbox_id, query.kinds, query.offset, query.limit, query.ascending
+        )
         builds: dict[str, str | None] = {}
         for row in rows:
             if row.template_id is not None and row.template_id not in builds:
