@@ -68,6 +68,29 @@ def closed_by_server(s: socket.socket, within: float) -> bytes | None:
     return received
 
 
+def _what_it_was_doing(agent: Agent) -> dict[str, object]:
+    """For a failure's message: the agent's descriptors by kind, its threads' states and kernel wait
+    channels, the load average and the end of its log."""
+    pid = agent.process.pid
+    kinds: dict[str, int] = {}
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(OSError):
+            kind = os.readlink(f"/proc/{pid}/fd/{fd}").split(":", 1)[0]
+            kinds[kind] = kinds.get(kind, 0) + 1
+    threads = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with contextlib.suppress(OSError):
+            stat = Path(f"/proc/{pid}/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+            wchan = Path(f"/proc/{pid}/task/{tid}/wchan").read_text()
+            threads[tid] = f"{stat} {wchan}"
+    return {
+        "fds": kinds,
+        "threads": threads,
+        "loadavg": Path("/proc/loadavg").read_text().strip(),
+        "log": agent.log.read_text(errors="replace")[-2000:],
+    }
+
+
 def timed_health(url: str) -> float:
     started = time.monotonic()
     r = httpx.get(f"{url}/health", timeout=5)
@@ -80,12 +103,16 @@ def test_slow_loris_and_silent_connections_do_not_block_health_or_requests(guard
     with flood(guarded.port, FLOOD // 2, slow) as loris, flood(guarded.port, FLOOD // 2, b"") as silent:
         # Settled: asyncio's loop (the standalone agent's) accepts a batch of connections before
         # their protocols run and close the ones beyond the cap, so the count peaks for a moment.
-        # On a loaded CI machine that moment passed 2 s once (138 descriptors at the deadline); the
-        # bound is what is checked, not how soon it holds.
-        deadline = time.monotonic() + 10
+        # On a loaded CI machine that moment passed 2 s once (138 descriptors at the deadline) and
+        # 10 s once (142, not reproduced in dozens of runs since, where it settles within 1 s); the
+        # bound is what is checked, not how soon it holds, and a failure says what the agent was doing.
+        deadline = time.monotonic() + 30
         while open_fds(guarded.process.pid) >= CAP + 64 and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert open_fds(guarded.process.pid) < CAP + 64, "connections beyond the cap hold descriptors"
+        assert open_fds(guarded.process.pid) < CAP + 64, (
+            "connections beyond the cap hold descriptors",
+            _what_it_was_doing(guarded),
+        )
         assert timed_health(guarded.url) < 1.0
         r = httpx.post(
             f"{guarded.url}/filesystem.Filesystem/Stat",
