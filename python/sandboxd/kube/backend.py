@@ -62,8 +62,14 @@ def _recorded_at(event: dict[str, Any]) -> float:
     """When a node recorded an Event: its annotation (to the microsecond), else its timestamps."""
     with contextlib.suppress(KeyError, TypeError, ValueError):
         return float(event["metadata"]["annotations"][pods.RECORDED_AT_ANNOTATION])
-    at = event.get("lastTimestamp") or event.get("eventTime") or event["metadata"]["creationTimestamp"]
-    return pods.parse_time(at)
+    return _event_time(event)
+
+
+def _event_time(event: dict[str, Any]) -> float:
+    """An Event's own time (to the second): its last occurrence, else when it was made."""
+    return pods.parse_time(
+        event.get("lastTimestamp") or event.get("eventTime") or event["metadata"]["creationTimestamp"]
+    )
 
 
 log = logging.getLogger("sandboxd.kube.backend")
@@ -524,8 +530,7 @@ class KubernetesBackend:
             await self._pod(sandbox_id)  # 404 for a sandbox that never existed
         out = []
         for event in items:
-            at = event.get("lastTimestamp") or event.get("eventTime") or event["metadata"]["creationTimestamp"]
-            out.append((pods.parse_time(at), str(event.get("reason", "")).lower(), event.get("message")))
+            out.append((_event_time(event), str(event.get("reason", "")).lower(), event.get("message")))
         return sorted(out)
 
     async def lifecycle(self, query: LifecycleQuery) -> list[LifecycleEvent]:
