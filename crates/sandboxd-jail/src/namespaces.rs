@@ -118,13 +118,7 @@ pub(crate) enum Stage {
 /// and have the parent call [`crate::kill_sandbox`] with the id. Blocks at most
 /// [`SETUP_TIMEOUT`].
 pub fn enter_sandbox(spec: &SandboxSpec) -> io::Result<Entered> {
-    ensure_single_threaded()?;
-    spec.validate()?;
-    let cgroup = Cgroup::locate(&spec.instance, &spec.id)?;
-    cgroup.ensure_unused()?;
-    cgroup.create()?;
-    cgroup.apply(&spec.limits)?;
-    let prepared = Prepared::new(spec, &cgroup)?;
+    let prepared = prepare_entry(spec)?;
     match enter_raw(&prepared, Instant::now() + SETUP_TIMEOUT)? {
         Stage::Outside { init_pid } => Ok(Entered::Outside { init_pid }),
         Stage::Inside { report } => {
@@ -144,18 +138,24 @@ pub fn enter_sandbox(spec: &SandboxSpec) -> io::Result<Entered> {
 /// as a fork of A would, hence the closure: in a Python caller, it runs with the GIL held (as the
 /// caller held it), in a copy of the caller's thread.
 pub fn enter_sandbox_then(spec: &SandboxSpec, payload: &mut dyn FnMut() -> i32) -> io::Result<i32> {
+    let prepared = prepare_entry(spec)?;
+    let deadline = Instant::now() + SETUP_TIMEOUT;
+    let fds = join_and_make_userns(&prepared)?;
+    Ok(enter_namespaces_and_clone(
+        &prepared, fds, deadline, payload,
+    )?)
+}
+
+/// What both entries do first, in the caller: checks, then the sandbox's cgroup made (refusing one
+/// that holds processes) and limited, and the steps' bytes prepared.
+fn prepare_entry(spec: &SandboxSpec) -> io::Result<Prepared> {
     ensure_single_threaded()?;
     spec.validate()?;
     let cgroup = Cgroup::locate(&spec.instance, &spec.id)?;
     cgroup.ensure_unused()?;
     cgroup.create()?;
     cgroup.apply(&spec.limits)?;
-    let prepared = Prepared::new(spec, &cgroup)?;
-    let deadline = Instant::now() + SETUP_TIMEOUT;
-    let fds = join_and_make_userns(&prepared)?;
-    Ok(enter_namespaces_and_clone(
-        &prepared, fds, deadline, payload,
-    )?)
+    Prepared::new(spec, &cgroup)
 }
 
 /// `unshare` and friends refuse to work (EINVAL) in a process with several threads; say why.
