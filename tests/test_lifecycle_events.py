@@ -74,6 +74,19 @@ def test_the_docs_example_one_sandboxs_events_newest_first(api: httpx.Client) ->
     assert api.get(f"/events/sandboxes/{sandbox_id}").json() == events
 
 
+def test_a_sandboxs_metadata_is_in_each_events_data(api: httpx.Client) -> None:
+    """As E2B's orchestrator adds it (``sandbox_metadata``), beside the kill's reason."""
+    sbx = Sandbox.create(timeout=60, metadata={"team": "blue", "run": "7"})
+    sbx.kill()
+    events = api.get(f"/events/sandboxes/{sbx.sandbox_id}", params={"orderAsc": "true"}).json()
+    assert [e["type"] for e in events] == [CREATED, KILLED]
+    assert events[0]["eventData"] == {"sandbox_metadata": {"team": "blue", "run": "7"}}
+    assert events[1]["eventData"] == {
+        "kill_reason": "killed through the API",
+        "sandbox_metadata": {"team": "blue", "run": "7"},
+    }
+
+
 def test_offset_limit_order_and_types(api: httpx.Client) -> None:
     sandbox_id, _ = _lived(api)
     path = f"/events/sandboxes/{sandbox_id}"

@@ -9,7 +9,8 @@ first) and ``types`` (repeatable: only these types), and the API key. Each event
 sandboxTemplateId, timestamp}``, ``type`` one of E2B's ``sandbox.lifecycle.*``. E2B serves this from its
 cloud, not from its open-source API; the types and the ``eventData`` keys are those its orchestrator
 publishes (e2b-dev/infra ``packages/shared/pkg/events``): ``set_timeout`` on an update,
-``kill_reason`` on a kill (ours is the reason in words, where E2B's is a code).
+``kill_reason`` on a kill (ours is the reason in words, where E2B's is a code), and on every event of
+a sandbox with metadata, ``sandbox_metadata``.
 
 The events come from the runtime's own record (``GET /sandboxes/{id}/events``, with reasons), mapped:
 ``created`` → created; ``killed`` and ``died`` → killed; ``paused``, ``resumed``; ``timeout_set`` and
@@ -24,13 +25,15 @@ events (``[]``), as a sandbox whose events have expired.
 
 from __future__ import annotations
 
+import json
 import re
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import ApiError
 from .inputs import Query
+from .store import StoredEvent
 
 RETENTION_S = 7 * 24 * 3600
 """How long events are kept: E2B's default retention."""
@@ -110,6 +113,23 @@ class LifecycleEvent:
     """The same for every event of one run (from a create or a resume): the execution id's seed."""
     template_id: str | None
     build_id: str | None
+    metadata: dict[str, str] = field(default_factory=dict)
+    """The sandbox's metadata (``eventData.sandbox_metadata``, as E2B's orchestrator adds it)."""
+
+
+def from_stored(row: StoredEvent, build_id: str | None) -> LifecycleEvent:
+    """An event of the runtime's record (:meth:`.Store.lifecycle`), with its template's build id."""
+    return LifecycleEvent(
+        key=f"{row.sandbox_id}/{row.seq}",
+        sandbox_id=row.sandbox_id,
+        at=row.at,
+        kind=row.kind,
+        reason=row.reason,
+        run_key=f"{row.sandbox_id}/{row.run_seq}",
+        template_id=row.template_id,
+        build_id=build_id,
+        metadata=json.loads(row.metadata) if row.metadata else {},
+    )
 
 
 def answer(event: LifecycleEvent, iso: Any) -> dict[str, Any]:
@@ -129,8 +149,11 @@ def answer(event: LifecycleEvent, iso: Any) -> dict[str, Any]:
 
 
 def _data(event: LifecycleEvent, iso: Any) -> dict[str, Any] | None:
+    data: dict[str, Any] = {}
     if event.kind == "timeout_set" and event.reason and (match := _TIMEOUT_SET.match(event.reason)):
-        return {"set_timeout": iso(event.at + int(match.group(1)))}
+        data["set_timeout"] = iso(event.at + int(match.group(1)))
     if event.kind in ("killed", "died") and event.reason:
-        return {"kill_reason": event.reason}
-    return None
+        data["kill_reason"] = event.reason
+    if event.metadata:
+        data["sandbox_metadata"] = event.metadata
+    return data or None

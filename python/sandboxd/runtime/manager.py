@@ -41,7 +41,7 @@ from typing import Any
 
 from sandboxd import _core
 
-from . import snapshots
+from . import lifecycle, snapshots
 from .agent_client import AGENT_PORT, init_agent, interpreter_ready, start_template_command
 from .disks import DiskPool
 from .errors import ApiError, not_found
@@ -402,19 +402,7 @@ class SandboxManager:
             if row.template_id is not None and row.template_id not in builds:
                 template = self.store.template(row.template_id)
                 builds[row.template_id] = None if template is None else template.build_id()
-        return [
-            LifecycleEvent(
-                key=f"{row.sandbox_id}/{row.seq}",
-                sandbox_id=row.sandbox_id,
-                at=row.at,
-                kind=row.kind,
-                reason=row.reason,
-                run_key=f"{row.sandbox_id}/{row.run_seq}",
-                template_id=row.template_id,
-                build_id=None if row.template_id is None else builds[row.template_id],
-            )
-            for row in rows
-        ]
+        return [lifecycle.from_stored(row, builds.get(row.template_id or "")) for row in rows]
 
     async def log_entries(self, sandbox_id: str) -> list[LogEntry]:
         """The sandbox's log: its lifecycle events (also after it ended) and its agent's log (while

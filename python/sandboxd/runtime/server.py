@@ -44,6 +44,7 @@ from .template_api import TemplateApi
 from .template_builder import TemplateBuilder
 from .templates import Templates, default_store_dir
 from .volume_api import VolumeApi
+from .webhooks import Deliveries, WebhookApi, WebhookStore
 from .zygote_client import ZygoteClient
 
 log = logging.getLogger("sandboxd.runtime")
@@ -91,6 +92,7 @@ class RuntimeApp:
         template_api: TemplateApi | None = None,
         volume_api: VolumeApi | None = None,
         secret_api: SecretApi | None = None,
+        webhook_api: WebhookApi | None = None,
     ) -> None:
         self.control = control
         self.template_api = template_api
@@ -99,6 +101,8 @@ class RuntimeApp:
         """E2B's volume API (this machine's runtime only)."""
         self.secret_api = secret_api
         """E2B's secrets API (this machine's, or a cluster's with ``--backend kubernetes``)."""
+        self.webhook_api = webhook_api
+        """E2B's lifecycle webhooks (this machine's runtime only)."""
         self.proxy = proxy
         self.operators = operators
         self.requests = requests
@@ -130,6 +134,8 @@ class RuntimeApp:
             await self.volume_api(scope, receive, send)
         elif self.secret_api is not None and self.secret_api.matches(scope["path"]):
             await self.secret_api(scope, receive, send)
+        elif self.webhook_api is not None and self.webhook_api.matches(scope["path"]):
+            await self.webhook_api(scope, receive, send)
         else:
             await send_json(send, 404, {"code": 404, "message": f"no such endpoint: {scope['method']} {scope['path']}"})
 
@@ -286,6 +292,9 @@ async def _serve(
     await zygote_client.start()
     networks: SandboxNetworks | None = None
     manager: SandboxManager | None = None
+    hooks = WebhookStore(store.db)
+    deliveries = Deliveries(store, hooks)
+    deliveries.start()
     # Whatever fails while starting (say, the data dir's state) ends the process with its error: the
     # zygote, the network table and the manager's threads are stopped on the way out, as after serving
     # (without this, the metrics thread kept a failed runtime alive, silent).
@@ -319,6 +328,7 @@ async def _serve(
             TemplateApi(builder, api_key),
             VolumeApi(manager.volumes, api_key, manager.mounted_by),
             SecretApi(manager.secrets, api_key),
+            WebhookApi(hooks, api_key),
         )
         config = server_config(app, options.host, options.port, options.connections)
         observe_logs.adopt_uvicorn()
@@ -342,6 +352,7 @@ async def _serve(
         templates.close()
         if manager is not None:
             await manager.stop()
+        await asyncio.to_thread(deliveries.stop)
         if networks is not None:
             await networks.stop()
         await zygote_client.stop()

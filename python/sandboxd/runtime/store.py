@@ -11,6 +11,7 @@ import json
 import sqlite3
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -120,6 +121,17 @@ class StoredEvent:
     """The sandbox's template, while its row exists."""
     run_seq: int | None
     """The ``created`` or ``resumed`` event that began the run this event belongs to."""
+    metadata: str | None
+    """The sandbox's metadata (JSON), while its row exists."""
+
+
+_STORED_EVENT = (
+    "SELECT e.seq, e.sandbox_id, e.at, e.kind, e.reason, s.template_id,"
+    " (SELECT MAX(r.seq) FROM events r WHERE r.sandbox_id = e.sandbox_id"
+    "  AND r.kind IN ('created', 'resumed') AND r.seq <= e.seq), s.metadata"
+    " FROM events e LEFT JOIN sandboxes s ON s.id = e.sandbox_id"
+)
+"""What :class:`StoredEvent` is read with (a ``WHERE`` follows)."""
 
 
 _COLUMNS = [f for f in SandboxRow.__dataclass_fields__]
@@ -142,6 +154,9 @@ class Store:
             self.db.execute("ALTER TABLE sandboxes ADD COLUMN id_base INTEGER")
         if "volume_mounts" not in columns:  # a data dir from before volumes
             self.db.execute("ALTER TABLE sandboxes ADD COLUMN volume_mounts TEXT NOT NULL DEFAULT '{}'")
+        self.listeners: list[Callable[[int, str], None]] = []
+        """Told of each event once it is committed (its ``seq`` and kind), on the writer's thread:
+        they must be quick (the webhooks' hand-off to their delivery threads)."""
 
     def close(self) -> None:
         self.db.close()
@@ -164,8 +179,9 @@ class Store:
         with self.db:
             self.db.execute("BEGIN")
             self.db.execute(_INSERT, values)
-            if event is not None:
-                self._event(row.id, *event)
+            seq = None if event is None else self._event(row.id, *event)
+        if event is not None:
+            self._announce(seq, event[0])
 
     def update(self, sandbox_id: str, **changes: Any) -> None:
         assignments = ",".join(f"{name} = ?" for name in changes)
@@ -230,13 +246,19 @@ class Store:
     # ---------------------------------------------------------------------------------- events
 
     def event(self, sandbox_id: str, kind: str, reason: str | None = None) -> None:
-        self._event(sandbox_id, kind, reason)
+        self._announce(self._event(sandbox_id, kind, reason), kind)
 
-    def _event(self, sandbox_id: str, kind: str, reason: str | None) -> None:
-        self.db.execute(
+    def _event(self, sandbox_id: str, kind: str, reason: str | None) -> int | None:
+        cursor = self.db.execute(
             "INSERT INTO events (sandbox_id, at, kind, reason) VALUES (?, ?, ?, ?)",
             (sandbox_id, time.time(), kind, reason),
         )
+        return cursor.lastrowid
+
+    def _announce(self, seq: int | None, kind: str) -> None:
+        if seq is not None:
+            for listener in self.listeners:
+                listener(seq, kind)
 
     def events(self, sandbox_id: str) -> list[tuple[float, str, str | None]]:
         cur = self.db.execute("SELECT at, kind, reason FROM events WHERE sandbox_id = ? ORDER BY seq", (sandbox_id,))
@@ -252,23 +274,36 @@ class Store:
         For a worker thread: it reads through a connection of its own (WAL lets it read beside the
         event loop's writes), since a page far in (``offset``) or of a rare type walks the events
         kept (~0.2 µs a row here: 100 ms past 500,000), which the loop must not wait for."""
-        reader = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, check_same_thread=False)
+        reader = self.reader()
         try:
             return self._lifecycle(reader, sandbox_id, kinds, offset, limit, ascending)
         finally:
             reader.close()
+
+    def reader(self) -> sqlite3.Connection:
+        """A read-only connection of its own, for a thread other than the event loop's (WAL lets it
+        read beside the loop's writes)."""
+        return sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, check_same_thread=False)
+
+    @staticmethod
+    def stored_event(db: sqlite3.Connection, seq: int) -> StoredEvent | None:
+        """One event by its ``seq``, as :meth:`lifecycle` reads each (``db``: a :meth:`reader`)."""
+        row = db.execute(f"{_STORED_EVENT} WHERE e.seq = ?", (seq,)).fetchone()
+        return None if row is None else StoredEvent(*row)
+
+    @staticmethod
+    def template_build_id(db: sqlite3.Connection, name: str) -> str | None:
+        """The build id of template ``name`` (see :meth:`TemplateRow.build_id`); None when it is gone."""
+        cur = db.execute("SELECT name, layers, config, source, created_at FROM templates WHERE name = ?", (name,))
+        row = cur.fetchone()
+        return None if row is None else Store._template(row).build_id()
 
     @staticmethod
     def _lifecycle(
         db: sqlite3.Connection, sandbox_id: str | None, kinds: list[str], offset: int, limit: int, ascending: bool
     ) -> list[StoredEvent]:
         marks = ",".join("?" * len(kinds))
-        sql = (
-            "SELECT e.seq, e.sandbox_id, e.at, e.kind, e.reason, s.template_id,"
-            " (SELECT MAX(r.seq) FROM events r WHERE r.sandbox_id = e.sandbox_id"
-            "  AND r.kind IN ('created', 'resumed') AND r.seq <= e.seq)"
-            f" FROM events e LEFT JOIN sandboxes s ON s.id = e.sandbox_id WHERE e.kind IN ({marks})"
-        )
+        sql = f"{_STORED_EVENT} WHERE e.kind IN ({marks})"
         params: list[Any] = list(kinds)
         if sandbox_id is not None:
             sql += " AND e.sandbox_id = ?"

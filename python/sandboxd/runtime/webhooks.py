@@ -1,0 +1,483 @@
+"""E2B's sandbox lifecycle webhooks (its documentation's "Sandbox lifecycle webhooks" page): URLs the
+runtime POSTs each lifecycle event to, as it happens.
+
+Control plane, with ``X-API-KEY`` like the rest of the API:
+
+* ``POST /events/webhooks`` ``{"name", "url", "enabled"?, "events"?, "signatureSecret"}`` -> 201 ``Webhook``;
+* ``GET /events/webhooks`` -> 200 ``[Webhook]``, oldest first;
+* ``GET /events/webhooks/{id}`` -> 200 ``Webhook``;
+* ``PATCH /events/webhooks/{id}`` (any of the fields above: those given replace the old) -> 200 ``Webhook``;
+* ``DELETE /events/webhooks/{id}`` -> 200 ``Webhook`` (the one deleted).
+
+``Webhook`` is ``{id, teamId, name, createdAt, enabled, url, events}``, never the secret (E2B's page
+spells the team ``teamID`` in its older revision and ``teamId`` since: both are there). ``events``
+are E2B's lifecycle types (:data:`.lifecycle.TYPES`); left out, a webhook gets all of them.
+
+**Delivery.** Each event a webhook subscribes to is POSTed to its URL as the lifecycle events API
+answers it (:func:`.lifecycle.answer`; the payload of E2B's page) with the headers E2B sends:
+``e2b-webhook-id``, ``e2b-delivery-id`` (new for each attempt), ``e2b-signature-version: v1`` and
+``e2b-signature``: SHA-256 of the secret followed by the body, in unpadded URL-safe base64, which the
+page's ``verify_webhook_signature`` checks. A 2xx answer delivers it; anything else (another status,
+a refused connection, no answer within :data:`TIMEOUT_S`) is tried again after each of
+:data:`RETRY_DELAYS_S`, then given up and logged. Redirects are not followed.
+
+Nothing of it runs on the event loop but the hand-off: :meth:`Deliveries.offer` (called by the
+store for each event it commits) only looks up the event's subscribers in memory and queues a job.
+Worker threads read the event through connections of their own and send it. The queue is bounded
+(:data:`MAX_PENDING`; past it, new deliveries are dropped and logged), as is what is read of an
+answer, so a slow or hostile endpoint costs at most a worker's time until its timeout.
+
+Kept in the runtime's database (table ``webhooks``; its data dir is root's, ``0700``), so a webhook
+outlives a restart. With ``--backend kubernetes`` the API is not served (the lifecycle events come from
+the cluster's Pod events there, which no delivery watches yet).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import heapq
+import http.client
+import itertools
+import json
+import logging
+import re
+import sqlite3
+import ssl
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+from sandboxd import __version__
+from sandboxd.agent.asgi import Receive, Scope, Send, header_map, send_json
+
+from . import lifecycle
+from .api import Route, api_errors, check_api_key, find_route, iso
+from .errors import ApiError
+from .inputs import Body, text
+from .store import Store
+
+log = logging.getLogger(__name__)
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS webhooks (
+    id          TEXT PRIMARY KEY,   -- a UUID
+    name        TEXT NOT NULL,
+    url         TEXT NOT NULL,
+    enabled     INTEGER NOT NULL,
+    events      TEXT NOT NULL,      -- JSON list of lifecycle event types
+    secret      TEXT NOT NULL,
+    created_at  REAL NOT NULL
+);
+"""
+
+MAX_WEBHOOKS = 100
+"""Webhooks a runtime keeps at most (each event is a POST to each of its subscribers)."""
+
+MAX_NAME_CHARS = 256
+MAX_URL_CHARS = 2048
+MAX_SECRET_CHARS = 1024
+
+TIMEOUT_S = 10.0
+"""For the connection, and for each read of the answer."""
+
+RETRY_DELAYS_S = (1.0, 10.0, 60.0)
+"""Waits before the second, third and fourth attempt: an endpoint down for a restart gets the event."""
+
+MAX_PENDING = 10_000
+"""Deliveries queued or waiting for a retry at most."""
+
+WORKERS = 4
+"""Threads sending: a few endpoints that time out do not hold up the others."""
+
+MAX_ANSWER_BYTES = 64 << 10
+"""What is read of an endpoint's answer (then the connection is closed)."""
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+@dataclass(frozen=True, slots=True)
+class Webhook:
+    id: str
+    name: str
+    url: str
+    enabled: bool
+    events: tuple[str, ...]
+    secret: str
+    created_at: float
+
+
+def check_url(value: Any) -> str:
+    """An absolute ``http``/``https`` URL with a host: 400 otherwise."""
+    url = text(value, "url", MAX_URL_CHARS)
+    if _CONTROL.search(url) or " " in url:
+        raise ApiError(400, "'url' must not contain spaces or control characters")
+    parts = urlsplit(url)
+    try:
+        parts.port  # noqa: B018 - raises ValueError for a port out of range or not a number
+    except ValueError:
+        raise ApiError(400, f"'url' has an invalid port: {url[:200]}") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ApiError(400, f"'url' must be an absolute http:// or https:// URL, got {url[:200]!r}")
+    return url
+
+
+def check_events(value: Any) -> tuple[str, ...]:
+    """A non-empty list of E2B's lifecycle event types, each once."""
+    if not isinstance(value, list) or not value:
+        raise ApiError(400, f"'events' must be a non-empty array of event types ({', '.join(lifecycle.TYPES)})")
+    events: list[str] = []
+    for item in value:
+        if item not in lifecycle.TYPES:
+            shown = json.dumps(item)[:80] if isinstance(item, str | int | float | bool) else "a non-string"
+            raise ApiError(400, f"'events': {shown} is not one of {', '.join(lifecycle.TYPES)}")
+        if item not in events:
+            events.append(item)
+    return tuple(events)
+
+
+def _name(value: Any) -> str:
+    name = text(value, "name", MAX_NAME_CHARS).strip()
+    if not name or _CONTROL.search(name):
+        raise ApiError(400, "'name' must be a non-empty string without control characters")
+    return name
+
+
+def _secret(value: Any) -> str:
+    secret = text(value, "signatureSecret", MAX_SECRET_CHARS, allow_nul=False)
+    if not secret:
+        raise ApiError(400, "'signatureSecret' must be a non-empty string: deliveries are signed with it")
+    return secret
+
+
+def signature(secret: str, body: bytes) -> str:
+    """``e2b-signature``: SHA-256 of the secret and the body, unpadded URL-safe base64 (E2B's page)."""
+    digest = hashlib.sha256(secret.encode() + body).digest()
+    return base64.urlsafe_b64encode(digest).decode().rstrip("=")
+
+
+def answer(hook: Webhook) -> dict[str, Any]:
+    """A webhook as the API answers it: everything but the secret."""
+    return {
+        "id": hook.id,
+        "teamId": lifecycle.TEAM_ID,
+        "teamID": lifecycle.TEAM_ID,
+        "name": hook.name,
+        "createdAt": iso(hook.created_at),
+        "enabled": hook.enabled,
+        "url": hook.url,
+        "events": list(hook.events),
+    }
+
+
+class WebhookStore:
+    """The webhooks, in the runtime's database (its connection, on the event loop thread), with the
+    enabled ones also in memory by event type, for :meth:`subscribers`."""
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self.db = db
+        self.db.executescript(SCHEMA)
+        self._by_type: dict[str, list[Webhook]] = {}
+        self._enabled: dict[str, Webhook] = {}
+        self._refresh()
+
+    def create(self, body: Body) -> Webhook:
+        fields = body.fields
+        for required in ("name", "url", "signatureSecret"):
+            if fields.get(required) in (None, ""):
+                raise ApiError(400, f"'{required}' is required")
+        events = check_events(fields["events"]) if fields.get("events") is not None else lifecycle.TYPES
+        hook = Webhook(
+            id=str(uuid.uuid4()),
+            name=_name(fields["name"]),
+            url=check_url(fields["url"]),
+            enabled=body.boolean("enabled", True),
+            events=events,
+            secret=_secret(fields["signatureSecret"]),
+            created_at=time.time(),
+        )
+        (count,) = self.db.execute("SELECT COUNT(*) FROM webhooks").fetchone()
+        if count >= MAX_WEBHOOKS:
+            raise ApiError(409, f"this runtime keeps at most {MAX_WEBHOOKS} webhooks: delete one first")
+        self._write(hook, insert=True)
+        return hook
+
+    def get(self, hook_id: str) -> Webhook:
+        row = self.db.execute(
+            "SELECT id, name, url, enabled, events, secret, created_at FROM webhooks WHERE id = ?", (hook_id,)
+        ).fetchone()
+        if row is None:
+            raise ApiError(404, f"webhook '{hook_id[:64]}' not found")
+        return _webhook(row)
+
+    def all(self) -> list[Webhook]:
+        rows = self.db.execute(
+            "SELECT id, name, url, enabled, events, secret, created_at FROM webhooks ORDER BY created_at, id"
+        ).fetchall()
+        return [_webhook(r) for r in rows]
+
+    def update(self, hook_id: str, body: Body) -> Webhook:
+        """The fields given replace the old ones (E2B's page: "replace the previous configuration
+        fields with provided fields")."""
+        old = self.get(hook_id)
+        fields = body.fields
+        known = {"name", "url", "enabled", "events", "signatureSecret"}
+        if not known & fields.keys():
+            raise ApiError(400, f"nothing to update: give any of {', '.join(sorted(known))}")
+        hook = Webhook(
+            id=old.id,
+            name=_name(fields["name"]) if fields.get("name") is not None else old.name,
+            url=check_url(fields["url"]) if fields.get("url") is not None else old.url,
+            enabled=body.boolean("enabled", old.enabled),
+            events=check_events(fields["events"]) if fields.get("events") is not None else old.events,
+            secret=_secret(fields["signatureSecret"]) if fields.get("signatureSecret") is not None else old.secret,
+            created_at=old.created_at,
+        )
+        self._write(hook, insert=False)
+        return hook
+
+    def delete(self, hook_id: str) -> Webhook:
+        hook = self.get(hook_id)
+        self.db.execute("DELETE FROM webhooks WHERE id = ?", (hook_id,))
+        self._refresh()
+        return hook
+
+    def subscribers(self, event_type: str) -> list[Webhook]:
+        """The enabled webhooks that subscribe to ``event_type`` (from memory)."""
+        return self._by_type.get(event_type, [])
+
+    def enabled(self, hook_id: str) -> Webhook | None:
+        """The webhook ``hook_id`` as it is now, if it exists and is enabled (from memory: for the
+        delivery threads, which take the dict the loop last put here)."""
+        return self._enabled.get(hook_id)
+
+    def _write(self, hook: Webhook, insert: bool) -> None:
+        values = (hook.name, hook.url, int(hook.enabled), json.dumps(hook.events), hook.secret, hook.id)
+        if insert:
+            self.db.execute(
+                "INSERT INTO webhooks (name, url, enabled, events, secret, id, created_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (*values, hook.created_at),
+            )
+        else:
+            self.db.execute(
+                "UPDATE webhooks SET name = ?, url = ?, enabled = ?, events = ?, secret = ? WHERE id = ?", values
+            )
+        self._refresh()
+
+    def _refresh(self) -> None:
+        by_type: dict[str, list[Webhook]] = {}
+        enabled = {hook.id: hook for hook in self.all() if hook.enabled}
+        for hook in enabled.values():
+            for event_type in hook.events:
+                by_type.setdefault(event_type, []).append(hook)
+        self._by_type, self._enabled = by_type, enabled
+
+
+def _webhook(row: tuple[Any, ...]) -> Webhook:
+    hook_id, name, url, enabled, events, secret, created_at = row
+    return Webhook(str(hook_id), str(name), str(url), bool(enabled), tuple(json.loads(events)), str(secret), created_at)
+
+
+@dataclass(slots=True)
+class _Job:
+    seq: int
+    """The event (``events.seq``)."""
+    hook_id: str
+    """Sent as the webhook is at each attempt: a retry goes to a URL mended meanwhile, and none is
+    made once it is deleted or disabled."""
+    attempt: int = 0
+    body: bytes | None = None
+    """The payload, built on the first attempt (the same bytes on every retry)."""
+
+
+class Deliveries:
+    """Sends events to their webhooks from :data:`WORKERS` threads."""
+
+    def __init__(self, store: Store, hooks: WebhookStore, timeout_s: float = TIMEOUT_S) -> None:
+        self.store = store
+        self.hooks = hooks
+        self.timeout_s = timeout_s
+        self.retry_delays_s = RETRY_DELAYS_S
+        self._due: list[tuple[float, int, _Job]] = []
+        """(when, tie-breaker, job): a heap."""
+        self._order = itertools.count()
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._threads: list[threading.Thread] = []
+        self._tls = ssl.create_default_context()
+        self.dropped = 0
+        """Deliveries not queued because :data:`MAX_PENDING` were."""
+
+    def start(self) -> None:
+        self.store.listeners.append(self.offer)
+        for n in range(WORKERS):
+            thread = threading.Thread(target=self._work, name=f"webhooks-{n}", daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def stop(self) -> None:
+        """Stop the workers; what is queued is not sent. A delivery in flight is not waited for past
+        a second (the threads are daemons: they end with the process)."""
+        if self.offer in self.store.listeners:
+            self.store.listeners.remove(self.offer)
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        deadline = time.monotonic() + 1
+        for thread in self._threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+
+    def offer(self, seq: int, kind: str) -> None:
+        """A committed event (the store's listener, on the event loop): queued for each webhook
+        that subscribes to its type."""
+        event_type = lifecycle.KINDS.get(kind)
+        hooks = self.hooks.subscribers(event_type) if event_type is not None else []
+        if not hooks:
+            return
+        with self._cond:
+            for hook in hooks:
+                if len(self._due) >= MAX_PENDING:
+                    self.dropped += 1
+                    if self.dropped % 1000 == 1:  # the first, then one line a thousand
+                        log.warning(
+                            "webhook %s: event %d not delivered: %d deliveries are pending (%d dropped so far)",
+                            hook.id,
+                            seq,
+                            MAX_PENDING,
+                            self.dropped,
+                        )
+                    continue
+                heapq.heappush(self._due, (0.0, next(self._order), _Job(seq, hook.id)))
+            self._cond.notify(len(hooks))
+
+    def _next(self) -> _Job | None:
+        with self._cond:
+            while not self._stopping:
+                if self._due:
+                    when = self._due[0][0]
+                    wait = when - time.monotonic()
+                    if wait <= 0:
+                        return heapq.heappop(self._due)[2]
+                    self._cond.wait(wait)
+                else:
+                    self._cond.wait()
+            return None
+
+    def _work(self) -> None:
+        reader: sqlite3.Connection | None = None
+        try:
+            while (job := self._next()) is not None:
+                hook = self.hooks.enabled(job.hook_id)
+                if hook is None:
+                    continue  # deleted or disabled since
+                if job.body is None:
+                    reader = reader or self.store.reader()
+                    job.body = self._payload(reader, job.seq)
+                    if job.body is None:
+                        continue  # the event is gone (retention), nothing to send
+                outcome = self._send(hook, job.body)
+                if outcome is None:
+                    continue
+                if job.attempt >= len(self.retry_delays_s):
+                    log.warning(
+                        "webhook %s: event %d not delivered to %s after %d attempts: %s",
+                        hook.id,
+                        job.seq,
+                        hook.url,
+                        job.attempt + 1,
+                        outcome,
+                    )
+                    continue
+                delay = self.retry_delays_s[job.attempt]
+                job.attempt += 1
+                with self._cond:
+                    heapq.heappush(self._due, (time.monotonic() + delay, next(self._order), job))
+                    self._cond.notify()
+        finally:
+            if reader is not None:
+                reader.close()
+
+    def _payload(self, reader: sqlite3.Connection, seq: int) -> bytes | None:
+        row = Store.stored_event(reader, seq)
+        if row is None:
+            return None
+        build_id = None if row.template_id is None else Store.template_build_id(reader, row.template_id)
+        event = lifecycle.answer(lifecycle.from_stored(row, build_id), iso)
+        return json.dumps(event, separators=(",", ":")).encode()
+
+    def _send(self, hook: Webhook, body: bytes) -> str | None:
+        """One attempt: None when delivered, else what went wrong."""
+        parts = urlsplit(hook.url)
+        target = parts.path or "/"
+        if parts.query:
+            target += "?" + parts.query
+        headers = {
+            "Content-Type": "application/json",
+            "User-Agent": f"sandboxd/{__version__}",
+            "e2b-webhook-id": hook.id,
+            "e2b-delivery-id": str(uuid.uuid4()),
+            "e2b-signature-version": "v1",
+            "e2b-signature": signature(hook.secret, body),
+        }
+        connection: http.client.HTTPConnection
+        if parts.scheme == "https":
+            connection = http.client.HTTPSConnection(
+                parts.hostname or "", parts.port, timeout=self.timeout_s, context=self._tls
+            )
+        else:
+            connection = http.client.HTTPConnection(parts.hostname or "", parts.port, timeout=self.timeout_s)
+        try:
+            connection.request("POST", target, body=body, headers=headers)
+            response = connection.getresponse()
+            response.read(MAX_ANSWER_BYTES)
+            if 200 <= response.status < 300:
+                return None
+            return f"HTTP {response.status}"
+        except (OSError, http.client.HTTPException) as exc:
+            return f"{type(exc).__name__}: {exc}"[:300]
+        finally:
+            connection.close()
+
+
+class WebhookApi:
+    """Routes ``/events/webhooks…``."""
+
+    def __init__(self, hooks: WebhookStore, api_key: str) -> None:
+        self.hooks = hooks
+        self.api_key = api_key
+        one = r"/events/webhooks/([^/]+)"
+        self.routes: list[Route] = [
+            ("POST", re.compile(r"/events/webhooks"), self.create),
+            ("GET", re.compile(r"/events/webhooks"), self.list),
+            ("GET", re.compile(one), self.info),
+            ("PATCH", re.compile(one), self.update),
+            ("DELETE", re.compile(one), self.delete),
+        ]
+
+    def matches(self, path: str) -> bool:
+        return path == "/events/webhooks" or path.startswith("/events/webhooks/")
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        async with api_errors(send):
+            check_api_key(header_map(scope), self.api_key)
+            handler, groups = find_route(self.routes, scope)
+            await handler(scope, receive, send, *groups)
+
+    async def create(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await send_json(send, 201, answer(self.hooks.create(await Body.read(receive))))
+
+    async def list(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await send_json(send, 200, [answer(hook) for hook in self.hooks.all()])
+
+    async def info(self, scope: Scope, receive: Receive, send: Send, hook_id: str) -> None:
+        await send_json(send, 200, answer(self.hooks.get(hook_id)))
+
+    async def update(self, scope: Scope, receive: Receive, send: Send, hook_id: str) -> None:
+        await send_json(send, 200, answer(self.hooks.update(hook_id, await Body.read(receive))))
+
+    async def delete(self, scope: Scope, receive: Receive, send: Send, hook_id: str) -> None:
+        await send_json(send, 200, answer(self.hooks.delete(hook_id)))

@@ -1,0 +1,324 @@
+"""E2B's sandbox lifecycle webhooks (its documentation's "Sandbox lifecycle webhooks" page), as the
+page calls them (``requests`` with the API key), against a real ``sandboxd serve`` driven by the
+official SDK, with a real HTTP endpoint on loopback receiving the deliveries and checking them with
+the page's own ``verify_webhook_signature``."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import queue
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import pytest
+import requests
+from conftest import Runtime
+from e2b import Sandbox
+
+CREATED = "sandbox.lifecycle.created"
+UPDATED = "sandbox.lifecycle.updated"
+KILLED = "sandbox.lifecycle.killed"
+ALL_TYPES = [
+    CREATED,
+    "sandbox.lifecycle.killed",
+    "sandbox.lifecycle.paused",
+    "sandbox.lifecycle.resumed",
+    UPDATED,
+    "sandbox.lifecycle.checkpointed",
+]
+
+
+def verify_webhook_signature(secret: str, payload: str, payload_signature: str) -> bool:
+    """The documentation page's verification, as written there."""
+    hash_bytes = hashlib.sha256((secret + payload).encode("utf-8")).digest()
+    expected_signature = base64.b64encode(hash_bytes).decode("utf-8")
+    expected_signature = expected_signature.replace("+", "-").replace("/", "_").rstrip("=")
+    return expected_signature == payload_signature
+
+
+@dataclass
+class Delivery:
+    path: str
+    headers: dict[str, str]
+    raw: str
+
+    @property
+    def event(self) -> dict[str, Any]:
+        parsed: dict[str, Any] = json.loads(self.raw)
+        return parsed
+
+
+@dataclass
+class Endpoint:
+    """A webhook endpoint on loopback: records each POST and answers the next scripted status (200
+    once the script is used up)."""
+
+    url: str
+    received: queue.Queue[Delivery] = field(default_factory=queue.Queue)
+    """Each delivery, for :meth:`take`."""
+    log: list[Delivery] = field(default_factory=list)
+    """Each delivery, kept."""
+    statuses: list[int] = field(default_factory=list)
+
+    def take(self, want: Callable[[Delivery], bool], timeout: float = 30) -> Delivery:
+        """The first delivery ``want`` accepts (others are dropped), within ``timeout``."""
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AssertionError("no such delivery arrived")
+            try:
+                delivery = self.received.get(timeout=left)
+            except queue.Empty:
+                raise AssertionError("no such delivery arrived") from None
+            if want(delivery):
+                return delivery
+
+
+@pytest.fixture
+def endpoint() -> Iterator[Endpoint]:
+    server: ThreadingHTTPServer
+    box: list[Endpoint] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            length = int(self.headers.get("Content-Length", "0"))
+            raw = self.rfile.read(length).decode()
+            target = box[0]
+            delivery = Delivery(self.path, {k.lower(): v for k, v in self.headers.items()}, raw)
+            target.log.append(delivery)
+            target.received.put(delivery)
+            status = target.statuses.pop(0) if target.statuses else 200
+            self.send_response(status)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    box.append(Endpoint(f"http://127.0.0.1:{server.server_address[1]}/webhook"))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield box[0]
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.fixture
+def hooks(e2b_env: Runtime) -> Iterator[tuple[str, dict[str, str]]]:
+    """The API's base URL and headers; every webhook registered through them is deleted afterwards
+    (the runtime is shared by the session's tests)."""
+    headers = {"X-API-Key": e2b_env.api_key}
+    base = e2b_env.url
+    yield base, headers
+    for hook in requests.get(f"{base}/events/webhooks", headers=headers, timeout=30).json():
+        requests.delete(f"{base}/events/webhooks/{hook['id']}", headers=headers, timeout=30)
+
+
+def _register(base: str, headers: dict[str, str], **fields: Any) -> dict[str, Any]:
+    resp = requests.post(
+        f"{base}/events/webhooks", headers={**headers, "Content-Type": "application/json"}, json=fields, timeout=30
+    )
+    assert resp.status_code == 201, resp.text
+    hook: dict[str, Any] = resp.json()
+    return hook
+
+
+def test_the_docs_examples_register_list_get_update_delete(hooks: tuple[str, dict[str, str]]) -> None:
+    base, headers = hooks
+    E2B_API_KEY = headers["X-API-Key"]
+    # Register webhook
+    resp = requests.post(
+        f"{base}/events/webhooks",
+        headers={"X-API-Key": E2B_API_KEY, "Content-Type": "application/json"},
+        json={
+            "name": "My Sandbox Webhook",
+            "url": "https://your-webhook-endpoint.com/webhook",
+            "enabled": True,
+            "events": [CREATED, UPDATED, KILLED],
+            "signatureSecret": "secret-for-event-signature-verification",
+        },
+        timeout=30,
+    )
+    assert resp.status_code == 201, resp.text
+    webhook_id = resp.json()["id"]
+    uuid.UUID(webhook_id)
+    # List webhooks
+    resp = requests.get(f"{base}/events/webhooks", headers={"X-API-Key": E2B_API_KEY}, timeout=30)
+    assert resp.status_code == 200
+    assert [h["id"] for h in resp.json()] == [webhook_id]
+    # Get webhook configuration: the page's fields, and never the secret.
+    webhook_config = requests.get(
+        f"{base}/events/webhooks/{webhook_id}", headers={"X-API-Key": E2B_API_KEY}, timeout=30
+    ).json()
+    assert webhook_config["id"] == webhook_id
+    assert webhook_config["name"] == "My Sandbox Webhook"
+    assert webhook_config["enabled"] is True
+    assert webhook_config["url"] == "https://your-webhook-endpoint.com/webhook"
+    assert webhook_config["events"] == [CREATED, UPDATED, KILLED]
+    uuid.UUID(webhook_config["teamId"])
+    assert webhook_config["teamID"] == webhook_config["teamId"]
+    assert webhook_config["createdAt"].endswith("Z")
+    assert "secret" not in json.dumps(webhook_config).lower().replace("webhook", "")
+    # Update webhook configuration: the fields given replace the old ones, the rest stay.
+    resp = requests.patch(
+        f"{base}/events/webhooks/{webhook_id}",
+        headers={"X-API-Key": E2B_API_KEY, "Content-Type": "application/json"},
+        json={"url": "https://your-updated-webhook-endpoint.com/webhook", "enabled": False, "events": [CREATED]},
+        timeout=30,
+    )
+    assert resp.status_code == 200, resp.text
+    updated = requests.get(f"{base}/events/webhooks/{webhook_id}", headers=headers, timeout=30).json()
+    assert updated["url"] == "https://your-updated-webhook-endpoint.com/webhook"
+    assert updated["enabled"] is False and updated["events"] == [CREATED]
+    assert updated["name"] == "My Sandbox Webhook" and updated["createdAt"] == webhook_config["createdAt"]
+    # Delete webhook
+    resp = requests.delete(f"{base}/events/webhooks/{webhook_id}", headers={"X-API-Key": E2B_API_KEY}, timeout=30)
+    assert resp.status_code == 200
+    gone = requests.get(f"{base}/events/webhooks/{webhook_id}", headers=headers, timeout=30)
+    assert gone.status_code == 404 and gone.json()["code"] == 404
+    assert requests.get(f"{base}/events/webhooks", headers=headers, timeout=30).json() == []
+
+
+def test_deliveries_carry_the_events_signed_as_the_docs_verify(
+    hooks: tuple[str, dict[str, str]], endpoint: Endpoint
+) -> None:
+    base, headers = hooks
+    secret = "secret-for-event-signature-verification"
+    hook = _register(
+        base, headers, name="all", url=endpoint.url, events=[CREATED, UPDATED, KILLED], signatureSecret=secret
+    )
+    sbx = Sandbox.create(timeout=300, metadata={"owner": "webhook-test"})
+    sbx.set_timeout(120)
+    sbx.kill()
+
+    def of_ours(kind: str) -> Callable[[Delivery], bool]:
+        return lambda d: d.event["sandboxId"] == sbx.sandbox_id and d.event["type"] == kind
+
+    created, updated, killed = (endpoint.take(of_ours(kind)) for kind in (CREATED, UPDATED, KILLED))
+    for delivery in (created, updated, killed):
+        assert delivery.path == "/webhook"
+        assert delivery.headers["content-type"] == "application/json"
+        assert verify_webhook_signature(secret, delivery.raw, delivery.headers["e2b-signature"])
+        assert not verify_webhook_signature("another secret", delivery.raw, delivery.headers["e2b-signature"])
+        assert delivery.headers["e2b-webhook-id"] == hook["id"]
+        assert delivery.headers["e2b-signature-version"] == "v1"
+        uuid.UUID(delivery.headers["e2b-delivery-id"])
+        event = delivery.event
+        assert event["version"] == "v1" and event["sandboxTemplateId"] == "base"
+        assert event["sandboxTeamId"] == hook["teamId"]
+        assert event["eventData"]["sandbox_metadata"] == {"owner": "webhook-test"}
+    assert len({d.headers["e2b-delivery-id"] for d in (created, updated, killed)}) == 3
+    assert "set_timeout" in updated.event["eventData"]
+    assert killed.event["eventData"]["kill_reason"] == "killed through the API"
+    # The payload is the event as the lifecycle events API answers it.
+    listed = requests.get(
+        f"{base}/events/sandboxes/{sbx.sandbox_id}", headers=headers, params={"orderAsc": "true"}, timeout=30
+    ).json()
+    assert [e for e in listed if e["type"] in (CREATED, UPDATED, KILLED)] == [
+        created.event,
+        updated.event,
+        killed.event,
+    ]
+
+
+def test_a_failed_delivery_is_sent_again(hooks: tuple[str, dict[str, str]], endpoint: Endpoint) -> None:
+    base, headers = hooks
+    endpoint.statuses = [503]
+    _register(base, headers, name="retry", url=endpoint.url, events=[CREATED], signatureSecret="s3cret")
+    sbx = Sandbox.create(timeout=60)
+    try:
+        first = endpoint.take(lambda d: d.event["sandboxId"] == sbx.sandbox_id)
+        again = endpoint.take(lambda d: d.event["sandboxId"] == sbx.sandbox_id)
+    finally:
+        sbx.kill()
+    assert again.raw == first.raw
+    assert again.headers["e2b-delivery-id"] != first.headers["e2b-delivery-id"]
+    assert verify_webhook_signature("s3cret", again.raw, again.headers["e2b-signature"])
+
+
+def test_disabled_deleted_and_unsubscribed_webhooks_get_nothing(
+    hooks: tuple[str, dict[str, str]], endpoint: Endpoint
+) -> None:
+    base, headers = hooks
+    loud = _register(base, headers, name="loud", url=endpoint.url + "?who=loud", signatureSecret="a")
+    assert loud["events"] == ALL_TYPES  # none named: every type
+    quiet = _register(base, headers, name="off", url=endpoint.url + "?who=off", enabled=False, signatureSecret="b")
+    deleted = _register(base, headers, name="gone", url=endpoint.url + "?who=gone", signatureSecret="c")
+    assert requests.delete(f"{base}/events/webhooks/{deleted['id']}", headers=headers, timeout=30).status_code == 200
+    _register(base, headers, name="kills", url=endpoint.url + "?who=kills", events=[KILLED], signatureSecret="d")
+    sbx = Sandbox.create(timeout=60)
+    endpoint.take(lambda d: d.path.endswith("who=loud") and d.event["sandboxId"] == sbx.sandbox_id)
+    sbx.kill()
+    endpoint.take(lambda d: d.path.endswith("who=kills") and d.event["sandboxId"] == sbx.sandbox_id)
+    # Everything sent for this sandbox has arrived or is in flight beside the kill's; a moment more.
+    time.sleep(1)
+    mine = [d for d in endpoint.log if d.event["sandboxId"] == sbx.sandbox_id]
+    assert {(d.path.rsplit("=", 1)[1], d.event["type"]) for d in mine} == {
+        ("loud", CREATED),
+        ("loud", KILLED),
+        ("kills", KILLED),
+    }
+    # Enabled again, it gets the next events.
+    resp = requests.patch(f"{base}/events/webhooks/{quiet['id']}", headers=headers, json={"enabled": True}, timeout=30)
+    assert resp.status_code == 200 and resp.json()["enabled"] is True
+    sbx2 = Sandbox.create(timeout=60)
+    sbx2.kill()
+    endpoint.take(lambda d: d.path.endswith("who=off") and d.event["sandboxId"] == sbx2.sandbox_id)
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"url": "http://127.0.0.1:1/x", "signatureSecret": "s"}, "'name' is required"),
+        ({"name": "n", "signatureSecret": "s"}, "'url' is required"),
+        ({"name": "n", "url": "http://127.0.0.1:1/x"}, "'signatureSecret' is required"),
+        ({"name": "n", "url": "ftp://host/x", "signatureSecret": "s"}, "http:// or https://"),
+        ({"name": "n", "url": "/relative", "signatureSecret": "s"}, "http:// or https://"),
+        ({"name": "n", "url": "http://host:99999/", "signatureSecret": "s"}, "invalid port"),
+        ({"name": "n", "url": "http://host/a b", "signatureSecret": "s"}, "spaces"),
+        ({"name": "n", "url": "http://h/" + "x" * 3000, "signatureSecret": "s"}, "longer than"),
+        ({"name": "n", "url": "http://h/", "signatureSecret": "s", "events": []}, "non-empty array"),
+        ({"name": "n", "url": "http://h/", "signatureSecret": "s", "events": ["sandbox.born"]}, "not one of"),
+        ({"name": "n", "url": "http://h/", "signatureSecret": "s", "events": [1]}, "not one of"),
+        ({"name": "n", "url": "http://h/", "signatureSecret": "s", "enabled": "yes"}, "'enabled' must be a boolean"),
+        ({"name": "\x01", "url": "http://h/", "signatureSecret": "s"}, "control characters"),
+        ({"name": "n", "url": "http://h/", "signatureSecret": "s\x00"}, "NUL"),
+    ],
+)
+def test_bad_registrations_are_refused_with_a_400_that_names_the_field(
+    hooks: tuple[str, dict[str, str]], fields: dict[str, Any], message: str
+) -> None:
+    base, headers = hooks
+    resp = requests.post(f"{base}/events/webhooks", headers=headers, json=fields, timeout=30)
+    assert resp.status_code == 400, resp.text
+    assert message in resp.json()["message"]
+    assert requests.get(f"{base}/events/webhooks", headers=headers, timeout=30).json() == []
+
+
+def test_auth_unknown_ids_and_empty_updates(hooks: tuple[str, dict[str, str]]) -> None:
+    base, headers = hooks
+    assert requests.get(f"{base}/events/webhooks", timeout=30).status_code == 401
+    assert requests.get(f"{base}/events/webhooks", headers={"X-API-Key": "wrong"}, timeout=30).status_code == 401
+    missing = f"{base}/events/webhooks/{uuid.uuid4()}"
+    for method in ("GET", "DELETE"):
+        assert requests.request(method, missing, headers=headers, timeout=30).status_code == 404
+    assert requests.patch(missing, headers=headers, json={"enabled": False}, timeout=30).status_code == 404
+    hook = _register(base, headers, name="n", url="http://127.0.0.1:9/x", signatureSecret="s")
+    one = f"{base}/events/webhooks/{hook['id']}"
+    empty = requests.patch(one, headers=headers, json={}, timeout=30)
+    assert empty.status_code == 400 and "nothing to update" in empty.json()["message"]
+    bad = requests.patch(one, headers=headers, json={"url": "gopher://x"}, timeout=30)
+    assert bad.status_code == 400
+    assert requests.get(one, headers=headers, timeout=30).json()["url"] == "http://127.0.0.1:9/x"
+    assert requests.put(one, headers=headers, json={}, timeout=30).status_code == 405
