@@ -15,6 +15,7 @@ import socket
 import ssl
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -71,6 +72,23 @@ async def main():
     await server.serve_forever()
 
 asyncio.run(main())
+"""
+
+SHORT_BODY_SERVER = r"""
+import socket, sys, threading
+
+def answer(conn):
+    if conn.recv(65536):
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % (64 << 20))
+        conn.sendall(b"x" * (4 << 20))  # 4 MiB of the 64 announced, then the end
+        conn.close()
+
+srv = socket.socket()
+srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+srv.bind(("127.0.0.1", int(sys.argv[1])))
+srv.listen()
+while True:
+    threading.Thread(target=answer, args=(srv.accept()[0],), daemon=True).start()
 """
 
 PARTIAL_ANSWER_SERVER = r"""
@@ -207,6 +225,73 @@ def test_an_upstream_that_dies_mid_answer_resets_the_client(sdk: Runtime) -> Non
             with pytest.raises(ConnectionResetError):
                 while client.recv(65536):  # a clean end (b"") would mean a complete-looking answer
                     pass
+    finally:
+        sbx.kill()
+
+
+def test_a_large_download_through_the_proxy_arrives_byte_exact_on_a_kept_connection(sdk: Runtime) -> None:
+    """A body of megabytes moves from the sandbox's socket to the client's by ``splice(2)`` (issue 16):
+    the bytes arrive whole, twice on one kept-alive client connection, and the same connection and the
+    pooled upstream then carry an ordinary request."""
+    sbx = Sandbox.create()
+    try:
+        sbx.commands.run("head -c 25165829 /dev/urandom > /home/user/big.bin", timeout=60)  # 24 MiB + 5
+        want = sbx.commands.run("sha256sum /home/user/big.bin").stdout.split()[0]
+        info = httpx.get(f"{sdk.url}/sandboxes/{sbx.sandbox_id}", headers={"X-API-KEY": sdk.api_key}).json()
+        headers = {"E2b-Sandbox-Id": sbx.sandbox_id, "X-Access-Token": info["envdAccessToken"]}
+        with httpx.Client(timeout=60, headers=headers) as client:
+            for _ in range(2):
+                r = client.get(f"{sdk.url}/files", params={"path": "/home/user/big.bin"})
+                assert r.status_code == 200
+                assert int(r.headers["content-length"]) == len(r.content) == 25165829
+                assert hashlib.sha256(r.content).hexdigest() == want
+            assert client.get(f"{sdk.url}/health").status_code == 204
+    finally:
+        sbx.kill()
+
+
+def test_an_upstream_whose_body_ends_short_resets_the_client(sdk: Runtime) -> None:
+    """A sandbox server that announces 64 MiB and sends 4 before closing: the client's connection is
+    reset (a clean end after fewer bytes would pass for a complete answer), spliced or not."""
+    sbx = Sandbox.create()
+    try:
+        _serve_in(sbx, SHORT_BODY_SERVER, 8101)
+        with socket.create_connection(("127.0.0.1", sdk.port), timeout=20) as client:
+            client.sendall(
+                f"GET / HTTP/1.1\r\nHost: x\r\nE2b-Sandbox-Id: {sbx.sandbox_id}\r\n"
+                "E2b-Sandbox-Port: 8101\r\n\r\n".encode()
+            )
+            received = 0
+            with pytest.raises(ConnectionResetError):
+                while chunk := client.recv(1 << 20):
+                    received += len(chunk)
+            assert received < (64 << 20)
+        assert sbx.files.exists("/home/user")  # the runtime and the sandbox's agent go on
+    finally:
+        sbx.kill()
+
+
+def test_a_client_that_leaves_mid_download_costs_nothing_after(sdk: Runtime) -> None:
+    sbx = Sandbox.create()
+    try:
+        sbx.commands.run("head -c 67108864 /dev/zero > /home/user/zero.bin", timeout=60)
+        sbx.files.write("/home/user/warm", "x")  # the runtime's pool warm, so fds compare like with like
+        baseline = _fds(sdk.process.pid)
+        info = httpx.get(f"{sdk.url}/sandboxes/{sbx.sandbox_id}", headers={"X-API-KEY": sdk.api_key}).json()
+        for _ in range(3):
+            with socket.create_connection(("127.0.0.1", sdk.port), timeout=20) as client:
+                client.sendall(
+                    f"GET /files?path=/home/user/zero.bin HTTP/1.1\r\nHost: x\r\nE2b-Sandbox-Id: {sbx.sandbox_id}"
+                    f"\r\nX-Access-Token: {info['envdAccessToken']}\r\n\r\n".encode()
+                )
+                received = 0
+                while received < (4 << 20):
+                    received += len(client.recv(1 << 20))
+        deadline = time.monotonic() + 10
+        while _fds(sdk.process.pid) > baseline and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert _fds(sdk.process.pid) <= baseline, "the runtime kept an aborted download's descriptors"
+        assert sbx.files.read("/home/user/warm") == "x"
     finally:
         sbx.kill()
 
@@ -886,3 +971,80 @@ def test_get_host_over_https_with_domain_and_tls(start_runtime: Callable[..., Ru
     finally:
         with httpx.Client(verify=trust, headers={"X-API-KEY": runtime.api_key}) as api:
             api.delete(f"{runtime.url}/sandboxes/{sandbox_id}")
+
+
+# ------------------------------------------------------------------------ the body splice alone
+
+
+def _nonblocking_pair() -> tuple[socket.socket, socket.socket]:
+    a, b = socket.socketpair()
+    a.setblocking(False)
+    b.setblocking(False)
+    return a, b
+
+
+def test_splice_moves_exactly_the_bodys_bytes_and_leaves_what_follows() -> None:
+    from sandboxd.runtime.proxy import _splice
+
+    up_far, up = _nonblocking_pair()
+    client, client_far = _nonblocking_pair()
+    cancel = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+    body = os.urandom(3 << 20)
+    try:
+        up_far.setblocking(True)
+        writer = threading.Thread(target=lambda: up_far.sendall(body[1000:] + b"NEXT RESPONSE"))
+        writer.start()
+        received = bytearray()
+
+        def drain() -> None:
+            client_far.setblocking(True)
+            while len(received) < len(body):
+                received.extend(client_far.recv(1 << 20))
+
+        reader = threading.Thread(target=drain)
+        reader.start()
+        outcome = _splice(up.fileno(), client.fileno(), body[:1000], len(body), cancel)
+        writer.join(10)
+        reader.join(10)
+        assert outcome == ("done", len(body), b"")
+        assert bytes(received) == body
+        up.setblocking(True)
+        assert up.recv(100) == b"NEXT RESPONSE"  # the next answer on the connection stays unread
+    finally:
+        for s in (up_far, up, client, client_far):
+            s.close()
+        os.close(cancel)
+
+
+def test_splice_reports_a_source_that_ends_early_a_client_that_leaves_and_a_cancel() -> None:
+    from sandboxd.runtime.proxy import _splice
+
+    cancel = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+    try:
+        up_far, up = _nonblocking_pair()
+        client, client_far = _nonblocking_pair()
+        up_far.sendall(b"x" * 1000)
+        up_far.close()  # the sandbox's end, 1000 bytes short of 2000
+        client_far.setblocking(True)
+        outcome = _splice(up.fileno(), client.fileno(), b"", 2000, cancel)
+        assert outcome == ("upstream", 1000, b"")
+        assert client_far.recv(5000) == b"x" * 1000
+        for s in (up, client, client_far):
+            s.close()
+
+        up_far, up = _nonblocking_pair()
+        client, client_far = _nonblocking_pair()
+        client_far.close()  # the client is gone
+        up_far.sendall(b"y" * 1000)
+        assert _splice(up.fileno(), client.fileno(), b"", 5000, cancel)[0] == "closed"
+        for s in (up_far, up, client):
+            s.close()
+
+        up_far, up = _nonblocking_pair()
+        client, client_far = _nonblocking_pair()
+        os.eventfd_write(cancel, 1)  # nothing arrives; the exchange is cancelled
+        assert _splice(up.fileno(), client.fileno(), b"", 5000, cancel) == ("closed", 0, b"")
+        for s in (up_far, up, client, client_far):
+            s.close()
+    finally:
+        os.close(cancel)

@@ -283,6 +283,7 @@ class ResponseWriter:
         write: Callable[[int, int], tuple[str, int, bytes]],
         before: Callable[[], None] = _nothing,
         after: Callable[[], None] = _nothing,
+        raw: int | None = None,
     ) -> tuple[str, int] | None:
         """Has a worker thread write to the socket itself, for as long as ``write(sock, cancel)``
         runs: process output as Connect frames (``Subscriber.pump``, Rust, without the GIL), so that
@@ -290,6 +291,11 @@ class ResponseWriter:
         this chunked response (the body's framing stays this object's), stop when the eventfd
         ``cancel`` becomes readable, and return ``(outcome, value, rest)``: ``rest`` is a chunk it
         left half written, which goes out here before anything else.
+
+        With ``raw``, the response is one with a ``Content-Length`` instead, at least ``raw`` bytes of
+        whose body are still to come: ``write`` writes up to ``raw`` of them as they are (no framing)
+        and returns their count as ``value`` (a proxied download spliced from the sandbox's socket:
+        ``sandboxd.runtime.proxy``); its ``rest`` must be empty.
 
         Offered only between body messages with nothing buffered (else None: the caller writes
         through the loop and may ask again), on a plain (not TLS) chunked response, while fewer than
@@ -304,9 +310,18 @@ class ResponseWriter:
         which needs neither."""
         cycle = self._cycle
         transport = self._transport
+        if raw is None:
+            fits = self.usable()
+        else:
+            fits = bool(
+                cycle.response_started
+                and not cycle.chunked_encoding
+                and not cycle.response_complete
+                and cycle.expected_content_length >= raw
+            )
         if (
             self._held
-            or not self.usable()
+            or not fits
             or cycle.disconnected
             or ResponseWriter.handed_off >= MAX_HANDED_OFF
             or transport.is_closing()
@@ -395,6 +410,8 @@ class ResponseWriter:
             os.close(cancel)
             if paused_here and not transport.is_closing():
                 transport.resume_reading()
+        if raw is not None:
+            cycle.expected_content_length -= value  # uvicorn's count of the body still owed
         if rest and not cycle.disconnected:
             transport.write(rest)
         if outcome == "closed":

@@ -28,18 +28,31 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import functools
 import hmac
 import json
+import os
 import re
+import select
 import socket
 import ssl
 from collections import defaultdict
 from dataclasses import dataclass, field
+from typing import Any, cast
 
 import httptools
 
-from sandboxd.agent.asgi import ClientDisconnected, Receive, Scope, Send, body_chunks, read_body, send_json
+from sandboxd.agent.asgi import (
+    BODY_PARTS,
+    ClientDisconnected,
+    Receive,
+    Scope,
+    Send,
+    body_chunks,
+    read_body,
+    send_json,
+)
 
 from .backend import Backend
 from .connection import Upgrade, reset_client, response
@@ -78,6 +91,18 @@ file calls are bodies of a few hundred bytes; larger ones stream, and are never 
 MAX_RESPONSE_HEAD = 64 << 10
 """A sandbox's response head larger than this is refused (502): the sandbox is hostile, and the
 head is buffered until complete."""
+
+SPLICE_FROM = 1 << 20
+"""A response body with at least this much of its ``Content-Length`` still to come moves from the
+sandbox's socket to the client's with ``splice(2)`` in a worker thread (:func:`_splice_body`), not
+through the event loop. Through the loop each byte was copied four times in user space (asyncio's
+stream buffer in and out, httptools' body callback, the ASGI message): a 64 MiB download through the
+proxy moved at 0.55-0.62x of the same download from the agent directly, with the runtime's core full."""
+
+PIPE_SIZE = 1 << 20
+"""The splice pipe's capacity (``F_SETPIPE_SZ``; the kernel's default cap, ``fs.pipe-max-size``)."""
+
+_F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 
 
 @functools.cache
@@ -124,6 +149,8 @@ class _Response:
     status: int = 0
     headers: list[tuple[bytes, bytes]] = field(default_factory=list)
     body: list[bytes] = field(default_factory=list)
+    body_seen: int = 0
+    """Body bytes the parser has given (all of ``body`` and what was relayed before)."""
     head_size: int = 0
     headers_done: bool = False
     complete: bool = False
@@ -151,6 +178,7 @@ class _Response:
 
     def on_body(self, data: bytes) -> None:
         self.body.append(data)
+        self.body_seen += len(data)
 
     def on_message_complete(self) -> None:
         if self.headers_done:
@@ -164,6 +192,13 @@ class _Response:
         return any(
             k == b"content-length" or (k == b"transfer-encoding" and b"chunked" in v.lower()) for k, v in self.headers
         )
+
+    def length(self) -> int | None:
+        """The body's ``Content-Length`` when it has exactly one, of digits, and no chunked framing."""
+        lengths = [v for k, v in self.headers if k == b"content-length"]
+        if len(lengths) != 1 or not lengths[0].isdigit() or any(k == b"transfer-encoding" for k, _ in self.headers):
+            return None
+        return int(lengths[0])
 
 
 def parse_target(headers: dict[str, str], domain: str | None) -> tuple[str, int] | None:
@@ -344,7 +379,7 @@ class SandboxProxy:
                 send, refusal.status, {"sandboxId": sandbox_id, "message": refusal.message, "code": refusal.status}
             )
             return
-        relay = _Relay(send)
+        relay = _Relay(send, scope.get("extensions", {}).get(BODY_PARTS), self._tls(sandbox_id, port) is None)
         try:
             body = await _replayable_body(scope, receive)
         except ClientDisconnected:
@@ -477,6 +512,11 @@ class SandboxProxy:
             for chunk in response.body:
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
             response.body.clear()
+            if relay.started and not response.complete and relay.plain and relay.writer is not None:
+                length = response.length() if method != "HEAD" else None
+                rest = 0 if length is None else length - response.body_seen
+                if rest >= SPLICE_FROM and await _splice_body(relay.writer, upstream, rest):
+                    response.complete = True
         await send({"type": "http.response.body", "body": b""})
         return response.complete and response.keep_alive
 
@@ -539,7 +579,122 @@ class _Relay:
     """The client side of one proxied request: whether its response has started."""
 
     send: Send
+    writer: Any = None
+    """The server's ``ResponseWriter`` of this request (``sandboxd.agent.http_server``), when it has one."""
+    plain: bool = False
+    """Whether the upstream is plain TCP (not an ``https_ports`` port), so its socket can be spliced."""
     started: bool = False
+
+
+async def _splice_body(writer: Any, upstream: _Upstream, remaining: int) -> bool:
+    """The rest of a response body (``remaining`` bytes) moved from the upstream's socket to the
+    client's by a worker thread (``ResponseWriter.hand_off``, raw): the bytes asyncio has read ahead
+    first, then ``splice(2)`` through a pipe, no byte copied in user space. True once all of it went;
+    False when the hand-off was refused (a head still held, bytes still queued for the client, TLS on
+    the client's side, the threads' cap), and the loop relays as before. Raises
+    :class:`_UpstreamLost` when the sandbox's side ends or fails first (the caller resets the
+    client), :class:`ClientDisconnected` when the client goes."""
+    reader = upstream.reader
+    buffered = getattr(reader, "_buffer", None)  # asyncio's read-ahead (a bytearray), taken whole below
+    sock = upstream.writer.get_extra_info("socket")
+    if not isinstance(buffered, bytearray) or sock is None or len(buffered) >= remaining:
+        return False
+    transport = cast(asyncio.Transport, upstream.writer.transport)
+    source: list[int] = []
+    ahead: list[bytes] = []
+    ran: list[bool] = []
+
+    def before() -> None:  # the hand-off is decided; the loop runs nothing else until the thread starts
+        transport.pause_reading()
+        source.append(os.dup(sock.fileno()))
+        ahead.append(bytes(buffered))
+        buffered.clear()
+
+    def move(client: int, cancel: int) -> tuple[str, int, bytes]:
+        ran.append(True)
+        return _splice(source[0], client, ahead[0], remaining, cancel)
+
+    def after() -> None:
+        if source:
+            os.close(source[0])
+        if not ran and ahead:  # no thread could be started: the loop relays the read-ahead after all
+            buffered[:0] = ahead[0]
+        if not transport.is_closing():
+            transport.resume_reading()
+
+    handed = await writer.hand_off(move, before, after, raw=remaining)
+    if handed is None:
+        return False
+    outcome, _ = handed
+    if outcome != "done":
+        raise _UpstreamLost
+    return True
+
+
+def _splice(source: int, client: int, ahead: bytes, count: int, cancel: int) -> tuple[str, int, bytes]:
+    """In a worker thread: ``ahead``, then ``count - len(ahead)`` bytes from the socket ``source``,
+    written to the socket ``client`` (both non-blocking, shared with the event loop's transports,
+    which read neither meanwhile). Returns ``("done", count, b"")``; ``("closed", n, b"")`` when the
+    client went or ``cancel`` (an eventfd) was signalled; ``("upstream", n, b"")`` when ``source``
+    ended or failed first (``n``: bytes written to the client)."""
+    into = select.poll()
+    into.register(source, select.POLLIN)
+    into.register(cancel, select.POLLIN)
+    out = select.poll()
+    out.register(client, select.POLLOUT)
+    out.register(cancel, select.POLLIN)
+
+    def wait(poller: select.poll) -> bool:
+        """Until ready; False when cancelled."""
+        return not any(fd == cancel for fd, _ in poller.poll())
+
+    written = 0
+    view = memoryview(ahead)
+    while written < len(ahead):
+        try:
+            written += os.write(client, view[written:])
+        except BlockingIOError:
+            if not wait(out):
+                return "closed", written, b""
+        except OSError:
+            return "closed", written, b""
+    pipe_out, pipe_in = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+    try:
+        with contextlib.suppress(OSError):  # a smaller pipe moves the same bytes in more calls
+            fcntl.fcntl(pipe_in, _F_SETPIPE_SZ, PIPE_SIZE)
+        flags = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
+        held = 0  # bytes in the pipe
+        while written < count:
+            want = count - written - held
+            if want and held < PIPE_SIZE:
+                try:
+                    got = os.splice(source, pipe_in, min(want, PIPE_SIZE - held), flags=flags)
+                except BlockingIOError:
+                    got = -1
+                except OSError:
+                    return "upstream", written, b""
+                if got == 0:
+                    return "upstream", written, b""  # the sandbox closed before the body's end
+                if got > 0:
+                    held += got
+                elif not held:
+                    if not wait(into):
+                        return "closed", written, b""
+                    continue
+            try:
+                sent = os.splice(pipe_out, client, held, flags=flags)
+            except BlockingIOError:
+                if not wait(out):
+                    return "closed", written, b""
+                continue
+            except OSError:
+                return "closed", written, b""
+            held -= sent
+            written += sent
+        return "done", written, b""
+    finally:
+        os.close(pipe_out)
+        os.close(pipe_in)
 
 
 async def _replayable_body(scope: Scope, receive: Receive) -> bytes | None:
