@@ -692,6 +692,31 @@ def test_a_raw_upload_through_the_proxy_arrives_byte_exact(sdk: Runtime) -> None
         sbx.kill()
 
 
+def test_a_large_upload_the_agent_refuses_gets_the_agents_answer(sdk: Runtime) -> None:
+    """The agent answers a bad token at once, before the body: the client gets that 401 whether the
+    proxy moves the body by splice or through the loop, and a good upload after it lands whole."""
+    sbx = Sandbox.create()
+    try:
+        info = httpx.get(f"{sdk.url}/sandboxes/{sbx.sandbox_id}", headers={"X-API-KEY": sdk.api_key}).json()
+        body = os.urandom(8 << 20)
+        url = f"{sdk.url}/files"
+        headers = {"E2b-Sandbox-Id": sbx.sandbox_id, "Content-Type": "application/octet-stream"}
+        with httpx.Client(timeout=30) as client:
+            bad = client.post(url, params={"path": "/home/user/x.bin"}, content=body, headers=headers)
+            assert bad.status_code == 401, bad.text
+            good = client.post(
+                url,
+                params={"path": "/home/user/x.bin"},
+                content=body,
+                headers={**headers, "X-Access-Token": info["envdAccessToken"]},
+            )
+            assert good.status_code == 200, good.text
+        digest = sbx.commands.run("sha256sum /home/user/x.bin").stdout.split()[0]
+        assert digest == hashlib.sha256(body).hexdigest()
+    finally:
+        sbx.kill()
+
+
 def test_an_aborted_upload_through_the_proxy_leaves_nothing_behind(sdk: Runtime) -> None:
     sbx = Sandbox.create()
     try:
@@ -1006,7 +1031,7 @@ def test_splice_moves_exactly_the_bodys_bytes_and_leaves_what_follows() -> None:
         outcome = _splice(up.fileno(), client.fileno(), body[:1000], len(body), cancel)
         writer.join(10)
         reader.join(10)
-        assert outcome == ("done", len(body), b"")
+        assert outcome == ("done", len(body))
         assert bytes(received) == body
         up.setblocking(True)
         assert up.recv(100) == b"NEXT RESPONSE"  # the next answer on the connection stays unread
@@ -1027,7 +1052,7 @@ def test_splice_reports_a_source_that_ends_early_a_client_that_leaves_and_a_canc
         up_far.close()  # the sandbox's end, 1000 bytes short of 2000
         client_far.setblocking(True)
         outcome = _splice(up.fileno(), client.fileno(), b"", 2000, cancel)
-        assert outcome == ("upstream", 1000, b"")
+        assert outcome == ("source", 1000)
         assert client_far.recv(5000) == b"x" * 1000
         for s in (up, client, client_far):
             s.close()
@@ -1036,14 +1061,29 @@ def test_splice_reports_a_source_that_ends_early_a_client_that_leaves_and_a_canc
         client, client_far = _nonblocking_pair()
         client_far.close()  # the client is gone
         up_far.sendall(b"y" * 1000)
-        assert _splice(up.fileno(), client.fileno(), b"", 5000, cancel)[0] == "closed"
+        assert _splice(up.fileno(), client.fileno(), b"", 5000, cancel)[0] == "sink"
         for s in (up_far, up, client):
             s.close()
 
         up_far, up = _nonblocking_pair()
         client, client_far = _nonblocking_pair()
         os.eventfd_write(cancel, 1)  # nothing arrives; the exchange is cancelled
-        assert _splice(up.fileno(), client.fileno(), b"", 5000, cancel) == ("closed", 0, b"")
+        assert _splice(up.fileno(), client.fileno(), b"", 5000, cancel) == ("stopped", 0)
+        os.eventfd_read(cancel)
+        # An upload's sender that goes silent, and one that trickles.
+        up_far.sendall(b"z" * 10)
+        assert _splice(up.fileno(), client.fileno(), b"", 5000, cancel, idle_timeout=0.3) == ("timed out", 10)
+
+        def trickle() -> None:
+            for _ in range(8):
+                time.sleep(0.1)
+                up_far.sendall(b"t")
+
+        dripping = threading.Thread(target=trickle)
+        dripping.start()
+        ended, _ = _splice(up.fileno(), client.fileno(), b"", 5000, cancel, idle_timeout=0.3)
+        dripping.join()
+        assert ended == "too slow"
         for s in (up_far, up, client, client_far):
             s.close()
     finally:

@@ -37,14 +37,18 @@ import re
 import select
 import socket
 import ssl
+import time
 from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, cast
 
 import httptools
 
+from sandboxd._core import RECEIVE_MIN_RATE
 from sandboxd.agent.asgi import (
     BODY_PARTS,
+    RAW_BODY,
     ClientDisconnected,
     Receive,
     Scope,
@@ -53,6 +57,7 @@ from sandboxd.agent.asgi import (
     read_body,
     send_json,
 )
+from sandboxd.agent.http_server import MAX_RAW_BODIES
 
 from .backend import Backend
 from .connection import Upgrade, reset_client, response
@@ -450,7 +455,10 @@ class SandboxProxy:
         body_sent = asyncio.Event()
 
         async def send_body_then_watch() -> None:
-            if body is None and (length is not None or chunked):
+            spliced = (
+                body is None and length is not None and relay.plain and await _splice_request_body(scope, upstream)
+            )
+            if not spliced and body is None and (length is not None or chunked):
                 async for chunk in body_chunks(receive):
                     upstream.writer.write(b"%x\r\n%b\r\n" % (len(chunk), chunk) if chunked else chunk)
                     await upstream.writer.drain()
@@ -586,6 +594,46 @@ class _Relay:
     started: bool = False
 
 
+_request_movers: ThreadPoolExecutor | None = None
+
+
+async def _splice_request_body(scope: Scope, upstream: _Upstream) -> bool:
+    """A large request body (an upload) moved from the client's socket to the upstream's by a worker
+    thread (the server's ``RawBody``: what it has buffered, then ``splice(2)``), as a download's
+    is the other way (:func:`_splice_body`). False, and nothing taken, when the body does not
+    qualify (under :data:`SPLICE_FROM` still to come, TLS, the server's cap on bodies moving) or the
+    upstream still has bytes queued. Raises ``OSError`` when the sandbox's side fails first (its
+    answer, if any, is still relayed; the client's connection closes after it, its body unread),
+    :class:`ClientDisconnected` when the client goes, is silent for the idle timeout or too slow."""
+    global _request_movers
+    raw = scope.get("extensions", {}).get(RAW_BODY)
+    remaining = raw.remaining() if raw is not None else None
+    sock = upstream.writer.get_extra_info("socket")
+    if (
+        remaining is None
+        or remaining < SPLICE_FROM
+        or sock is None
+        or upstream.writer.transport.get_write_buffer_size()
+    ):
+        return False
+    if _request_movers is None:  # as many threads as the server lets bodies move at once
+        _request_movers = ThreadPoolExecutor(MAX_RAW_BODIES, thread_name_prefix="sandboxd-upload")
+    ahead = raw.take()
+    sink = os.dup(sock.fileno())
+
+    def move(client: int, length: int, idle_timeout: float, stop: int) -> str:
+        ended, _ = _splice(client, sink, ahead, len(ahead) + length, stop, idle_timeout)
+        if ended == "sink":
+            raise BrokenPipeError("the sandbox closed its side of the connection during the body")
+        return {"done": "complete", "source": "closed"}.get(ended, ended)
+
+    try:
+        await raw.receive_into(move, _request_movers)
+    finally:
+        os.close(sink)
+    return True
+
+
 async def _splice_body(writer: Any, upstream: _Upstream, remaining: int) -> bool:
     """The rest of a response body (``remaining`` bytes) moved from the upstream's socket to the
     client's by a worker thread (``ResponseWriter.hand_off``, raw): the bytes asyncio has read ahead
@@ -612,7 +660,10 @@ async def _splice_body(writer: Any, upstream: _Upstream, remaining: int) -> bool
 
     def move(client: int, cancel: int) -> tuple[str, int, bytes]:
         ran.append(True)
-        return _splice(source[0], client, ahead[0], remaining, cancel)
+        ended, written = _splice(source[0], client, ahead[0], remaining, cancel)
+        # hand_off's outcomes: "closed" (it closes the client's connection and raises
+        # ClientDisconnected), anything else is returned to us.
+        return {"done": "done", "source": "upstream"}.get(ended, "closed"), written, b""
 
     def after() -> None:
         if source:
@@ -631,33 +682,42 @@ async def _splice_body(writer: Any, upstream: _Upstream, remaining: int) -> bool
     return True
 
 
-def _splice(source: int, client: int, ahead: bytes, count: int, cancel: int) -> tuple[str, int, bytes]:
+def _splice(
+    source: int, sink: int, ahead: bytes, count: int, cancel: int, idle_timeout: float | None = None
+) -> tuple[str, int]:
     """In a worker thread: ``ahead``, then ``count - len(ahead)`` bytes from the socket ``source``,
-    written to the socket ``client`` (both non-blocking, shared with the event loop's transports,
-    which read neither meanwhile). Returns ``("done", count, b"")``; ``("closed", n, b"")`` when the
-    client went or ``cancel`` (an eventfd) was signalled; ``("upstream", n, b"")`` when ``source``
-    ended or failed first (``n``: bytes written to the client)."""
+    written to the socket ``sink`` (both non-blocking, shared with the event loop's transports, which
+    meanwhile neither read ``source`` nor write ``sink``), through a pipe with ``splice(2)``. Returns
+    what ended it and the bytes written to ``sink``: ``"done"``; ``"source"`` (it ended or failed
+    before ``count``), ``"sink"`` (it failed or its peer left), ``"stopped"`` (``cancel``, an eventfd,
+    was signalled); with ``idle_timeout``, ``"timed out"`` (nothing came from ``source`` for that long)
+    or ``"too slow"`` (under ``RECEIVE_MIN_RATE`` bytes/s on average past the first ``idle_timeout``:
+    as the agent's uploads, so that a trickle cannot hold the thread for a whole ``Content-Length``)."""
     into = select.poll()
     into.register(source, select.POLLIN)
     into.register(cancel, select.POLLIN)
     out = select.poll()
-    out.register(client, select.POLLOUT)
+    out.register(sink, select.POLLOUT)
     out.register(cancel, select.POLLIN)
+    began = last = time.monotonic()
 
-    def wait(poller: select.poll) -> bool:
-        """Until ready; False when cancelled."""
-        return not any(fd == cancel for fd, _ in poller.poll())
+    def wait(poller: select.poll, timeout: float | None = None) -> str | None:
+        """Until ready (None), or what stopped the wait."""
+        ready = poller.poll(None if timeout is None else max(0, int(timeout * 1000)) + 1)
+        if any(fd == cancel for fd, _ in ready):
+            return "stopped"
+        return None if ready else "timed out"
 
     written = 0
     view = memoryview(ahead)
     while written < len(ahead):
         try:
-            written += os.write(client, view[written:])
+            written += os.write(sink, view[written:])
         except BlockingIOError:
-            if not wait(out):
-                return "closed", written, b""
+            if (stop := wait(out)) is not None:
+                return stop, written
         except OSError:
-            return "closed", written, b""
+            return "sink", written
     pipe_out, pipe_in = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
     try:
         with contextlib.suppress(OSError):  # a smaller pipe moves the same bytes in more calls
@@ -672,26 +732,31 @@ def _splice(source: int, client: int, ahead: bytes, count: int, cancel: int) -> 
                 except BlockingIOError:
                     got = -1
                 except OSError:
-                    return "upstream", written, b""
+                    return "source", written
                 if got == 0:
-                    return "upstream", written, b""  # the sandbox closed before the body's end
+                    return "source", written  # ended before ``count``
                 if got > 0:
                     held += got
+                    last = time.monotonic()
+                    slow = idle_timeout is not None and last - began > idle_timeout
+                    if slow and (written + held) / (last - began) < RECEIVE_MIN_RATE:
+                        return "too slow", written
                 elif not held:
-                    if not wait(into):
-                        return "closed", written, b""
+                    left = None if idle_timeout is None else idle_timeout - (time.monotonic() - last)
+                    if (stop := wait(into, left)) is not None:
+                        return stop, written
                     continue
             try:
-                sent = os.splice(pipe_out, client, held, flags=flags)
+                sent = os.splice(pipe_out, sink, held, flags=flags)
             except BlockingIOError:
-                if not wait(out):
-                    return "closed", written, b""
+                if (stop := wait(out)) is not None:
+                    return stop, written
                 continue
             except OSError:
-                return "closed", written, b""
+                return "sink", written
             held -= sent
             written += sent
-        return "done", written, b""
+        return "done", written
     finally:
         os.close(pipe_out)
         os.close(pipe_in)
