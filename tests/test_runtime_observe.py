@@ -107,6 +107,19 @@ def test_metrics_follow_a_lifecycle(sdk: Callable[..., Runtime]) -> None:
     assert _delta(start, created, "sandboxd_proxy_requests_total", status="200") >= 2
     assert _delta(start, created, "sandboxd_proxy_response_bytes_total") >= 300_000
     assert _delta(start, created, "sandboxd_proxy_request_bytes_total") >= 200_000
+    # Bodies of megabytes, which the proxy splices between the sockets, are counted too.
+    bigger = os.urandom(3 << 20)  # random: the agent sends it as it is (no gzip), with a Content-Length
+    kept.files.write("/home/user/bigger", bigger)
+    assert kept.files.read("/home/user/bigger", format="bytes") == bigger
+    deadline = time.monotonic() + 10  # a request is counted once its handler is done, just after the client
+    while True:
+        _, moved = _scrape(runtime)
+        up = _delta(created, moved, "sandboxd_proxy_request_bytes_total")
+        down = _delta(created, moved, "sandboxd_proxy_response_bytes_total")
+        if (up >= 3 << 20 and down >= 3 << 20) or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert up >= 3 << 20 and down >= 3 << 20, (up, down)
     # Per-sandbox resources of running sandboxes.
     assert (_per_sandbox(created, "sandboxd_sandbox_cpu_seconds_total", kept.sandbox_id) or 0) > 0
     assert (_per_sandbox(created, "sandboxd_sandbox_memory_bytes", kept.sandbox_id) or 0) > 0

@@ -63,6 +63,7 @@ from .backend import Backend
 from .connection import Upgrade, reset_client, response
 from .errors import ApiError
 from .inputs import SANDBOX_ID
+from .observe.http import SPLICED_BYTES
 
 ENVD_PORT = 49983
 TRAFFIC_TOKEN_HEADER = b"e2b-traffic-access-token"
@@ -384,7 +385,10 @@ class SandboxProxy:
                 send, refusal.status, {"sandboxId": sandbox_id, "message": refusal.message, "code": refusal.status}
             )
             return
-        relay = _Relay(send, scope.get("extensions", {}).get(BODY_PARTS), self._tls(sandbox_id, port) is None)
+        extensions = scope.get("extensions", {})
+        relay = _Relay(
+            send, extensions.get(BODY_PARTS), self._tls(sandbox_id, port) is None, extensions.get(SPLICED_BYTES)
+        )
         try:
             body = await _replayable_body(scope, receive)
         except ClientDisconnected:
@@ -523,7 +527,7 @@ class SandboxProxy:
             if relay.started and not response.complete and relay.plain and relay.writer is not None:
                 length = response.length() if method != "HEAD" else None
                 rest = 0 if length is None else length - response.body_seen
-                if rest >= SPLICE_FROM and await _splice_body(relay.writer, upstream, rest):
+                if rest >= SPLICE_FROM and await _splice_body(relay.writer, upstream, rest, relay.tally):
                     response.complete = True
         await send({"type": "http.response.body", "body": b""})
         return response.complete and response.keep_alive
@@ -591,6 +595,8 @@ class _Relay:
     """The server's ``ResponseWriter`` of this request (``sandboxd.agent.http_server``), when it has one."""
     plain: bool = False
     """Whether the upstream is plain TCP (not an ``https_ports`` port), so its socket can be spliced."""
+    tally: list[int] | None = None
+    """The request's :data:`~.observe.http.SPLICED_BYTES`, when it is observed."""
     started: bool = False
 
 
@@ -620,9 +626,12 @@ async def _splice_request_body(scope: Scope, upstream: _Upstream) -> bool:
         _request_movers = ThreadPoolExecutor(MAX_RAW_BODIES, thread_name_prefix="sandboxd-upload")
     ahead = raw.take()
     sink = os.dup(sock.fileno())
+    tally = scope["extensions"].get(SPLICED_BYTES)
 
     def move(client: int, length: int, idle_timeout: float, stop: int) -> str:
-        ended, _ = _splice(client, sink, ahead, len(ahead) + length, stop, idle_timeout)
+        ended, moved = _splice(client, sink, ahead, len(ahead) + length, stop, idle_timeout)
+        if tally is not None:
+            tally[0] += moved  # read by the loop once the request is over, after this thread
         if ended == "sink":
             raise BrokenPipeError("the sandbox closed its side of the connection during the body")
         return {"done": "complete", "source": "closed"}.get(ended, ended)
@@ -634,7 +643,7 @@ async def _splice_request_body(scope: Scope, upstream: _Upstream) -> bool:
     return True
 
 
-async def _splice_body(writer: Any, upstream: _Upstream, remaining: int) -> bool:
+async def _splice_body(writer: Any, upstream: _Upstream, remaining: int, tally: list[int] | None) -> bool:
     """The rest of a response body (``remaining`` bytes) moved from the upstream's socket to the
     client's by a worker thread (``ResponseWriter.hand_off``, raw): the bytes asyncio has read ahead
     first, then ``splice(2)`` through a pipe, no byte copied in user space. True once all of it went;
@@ -676,7 +685,9 @@ async def _splice_body(writer: Any, upstream: _Upstream, remaining: int) -> bool
     handed = await writer.hand_off(move, before, after, raw=remaining)
     if handed is None:
         return False
-    outcome, _ = handed
+    outcome, written = handed
+    if tally is not None:
+        tally[1] += written
     if outcome != "done":
         raise _UpstreamLost
     return True

@@ -42,6 +42,10 @@ _SANDBOX_PATH = re.compile(r"/(?:v2/)?sandboxes/([a-z0-9]{1,64})(?:/|$)")
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 Proxy = Callable[[Scope, Receive, Send, str, int], Awaitable[None]]
 
+SPLICED_BYTES = "sandboxd.spliced_bytes"
+"""Under this key of a proxied request's ``scope["extensions"]``: ``[request, response]`` body bytes
+the proxy moved with ``splice(2)``, past ``receive`` and ``send`` (:mod:`..proxy`), counted here too."""
+
 
 class RequestObserver:
     """Wraps the runtime's handlers; one instance per runtime."""
@@ -106,6 +110,8 @@ class RequestObserver:
                 status = message["status"]
             await send(message)
 
+        spliced = [0, 0]
+        scope.setdefault("extensions", {})[SPLICED_BYTES] = spliced
         request_id = self._request_id()
         token = REQUEST_ID.set(request_id)
         started = time.monotonic()
@@ -119,8 +125,8 @@ class RequestObserver:
             counts = self.counts
             statuses = counts.proxy  # keys: the status codes the HTTP parser accepts (0-999) at most
             statuses[status] = statuses.get(status, 0) + 1
-            counts.request_bytes += received
-            counts.response_bytes += sent
+            counts.request_bytes += received + spliced[0]
+            counts.response_bytes += sent + spliced[1]
             if status >= 500 or status == 0:
                 _failed(scope, status, started, sandbox_id, logging.INFO, port=port)
             REQUEST_ID.reset(token)
