@@ -211,6 +211,15 @@ def find_route(routes: list[Route], scope: Scope) -> tuple[Callable[..., Any], t
     raise ApiError(404, f"no such endpoint: {scope['method']} {path[:200]}")
 
 
+async def serve_routes(routes: list[Route], api_key: str, scope: Scope, receive: Receive, send: Send) -> None:
+    """Answer a request with the route it matches, behind the API key, errors as E2B's JSON (the
+    secrets and webhooks APIs: their path groups go to the handler as they are)."""
+    async with api_errors(send):
+        check_api_key(header_map(scope), api_key)
+        handler, groups = find_route(routes, scope)
+        await handler(scope, receive, send, *groups)
+
+
 class ControlPlane:
     """Routes ``/sandboxes…`` and ``/v2/sandboxes…`` to the backend (this machine's manager, or Kubernetes)."""
 

@@ -20,9 +20,9 @@ import base64
 import re
 from typing import Any, Protocol
 
-from sandboxd.agent.asgi import Receive, Scope, Send, header_map, send_empty, send_json
+from sandboxd.agent.asgi import Receive, Scope, Send, send_empty, send_json
 
-from .api import Route, api_errors, check_api_key, find_route, iso
+from .api import Route, iso, serve_routes
 from .errors import ApiError
 from .inputs import Body, Query
 from .secrets import LIST_LIMIT, MAX_VALUE_CHARS, Secret, SecretStore, check_metadata, check_name
@@ -80,10 +80,7 @@ class SecretApi:
         return path == "/secrets" or path.startswith("/secrets/")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        async with api_errors(send):
-            check_api_key(header_map(scope), self.api_key)
-            handler, groups = find_route(self.routes, scope)
-            await handler(scope, receive, send, *groups)
+        await serve_routes(self.routes, self.api_key, scope, receive, send)
 
     async def create(self, scope: Scope, receive: Receive, send: Send) -> None:
         body = await Body.read(receive)

@@ -52,10 +52,10 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from sandboxd import __version__
-from sandboxd.agent.asgi import Receive, Scope, Send, header_map, send_json
+from sandboxd.agent.asgi import Receive, Scope, Send, send_json
 
 from . import lifecycle
-from .api import Route, api_errors, check_api_key, find_route, iso
+from .api import Route, iso, serve_routes
 from .errors import ApiError
 from .inputs import Body, text
 from .store import Store
@@ -462,10 +462,7 @@ class WebhookApi:
         return path == "/events/webhooks" or path.startswith("/events/webhooks/")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        async with api_errors(send):
-            check_api_key(header_map(scope), self.api_key)
-            handler, groups = find_route(self.routes, scope)
-            await handler(scope, receive, send, *groups)
+        await serve_routes(self.routes, self.api_key, scope, receive, send)
 
     async def create(self, scope: Scope, receive: Receive, send: Send) -> None:
         await send_json(send, 201, answer(self.hooks.create(await Body.read(receive))))
