@@ -232,8 +232,20 @@ def test_deliveries_carry_the_events_signed_as_the_docs_verify(
     ]
 
 
+def _deliveries(base: str, headers: dict[str, str]) -> dict[str, float]:
+    """``sandboxd_webhook_deliveries_total`` by result, from the runtime's ``/metrics``."""
+    text = requests.get(f"{base}/metrics", headers=headers, timeout=30).text
+    counts: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith("sandboxd_webhook_deliveries_total{"):
+            labels, value = line.rsplit(" ", 1)
+            counts[labels.split('result="', 1)[1].split('"', 1)[0]] = float(value)
+    return counts
+
+
 def test_a_failed_delivery_is_sent_again(hooks: tuple[str, dict[str, str]], endpoint: Endpoint) -> None:
     base, headers = hooks
+    before = _deliveries(base, headers)
     endpoint.statuses = [503]
     _register(base, headers, name="retry", url=endpoint.url, events=[CREATED], signatureSecret="s3cret")
     sbx = Sandbox.create(timeout=60)
@@ -245,6 +257,14 @@ def test_a_failed_delivery_is_sent_again(hooks: tuple[str, dict[str, str]], endp
     assert again.raw == first.raw
     assert again.headers["e2b-delivery-id"] != first.headers["e2b-delivery-id"]
     assert verify_webhook_signature("s3cret", again.raw, again.headers["e2b-signature"])
+    deadline = time.monotonic() + 10  # counted by the delivery thread once the answer is read
+    while True:
+        after = _deliveries(base, headers)
+        gained = {k: after.get(k, 0) - before.get(k, 0) for k in ("retried", "delivered")}
+        if gained["delivered"] >= 1 or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert gained["retried"] >= 1 and gained["delivered"] >= 1, gained
 
 
 def test_disabled_deleted_and_unsubscribed_webhooks_get_nothing(

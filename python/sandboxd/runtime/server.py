@@ -293,7 +293,7 @@ async def _serve(
     networks: SandboxNetworks | None = None
     manager: SandboxManager | None = None
     hooks = WebhookStore(store.db)
-    deliveries = Deliveries(store, hooks)
+    deliveries = Deliveries(store, hooks, observer.metrics)
     deliveries.start()
     # Whatever fails while starting (say, the data dir's state) ends the process with its error: the
     # zygote, the network table and the manager's threads are stopped on the way out, as after serving

@@ -58,6 +58,7 @@ from . import lifecycle
 from .api import Route, iso, serve_routes
 from .errors import ApiError
 from .inputs import Body, text
+from .observe.metrics import RuntimeMetrics
 from .store import Store
 
 log = logging.getLogger(__name__)
@@ -297,9 +298,12 @@ class _Job:
 class Deliveries:
     """Sends events to their webhooks from :data:`WORKERS` threads."""
 
-    def __init__(self, store: Store, hooks: WebhookStore, timeout_s: float = TIMEOUT_S) -> None:
+    def __init__(
+        self, store: Store, hooks: WebhookStore, metrics: RuntimeMetrics | None = None, timeout_s: float = TIMEOUT_S
+    ) -> None:
         self.store = store
         self.hooks = hooks
+        self.metrics = metrics
         self.timeout_s = timeout_s
         self.retry_delays_s = RETRY_DELAYS_S
         self._due: list[tuple[float, int, _Job]] = []
@@ -342,6 +346,7 @@ class Deliveries:
             for hook in hooks:
                 if len(self._due) >= MAX_PENDING:
                     self.dropped += 1
+                    self._count("dropped")
                     if self.dropped % 1000 == 1:  # the first, then one line a thousand
                         log.warning(
                             "webhook %s: event %d not delivered: %d deliveries are pending (%d dropped so far)",
@@ -381,8 +386,10 @@ class Deliveries:
                         continue  # the event is gone (retention), nothing to send
                 outcome = self._send(hook, job.body)
                 if outcome is None:
+                    self._count("delivered")
                     continue
                 if job.attempt >= len(self.retry_delays_s):
+                    self._count("failed")
                     log.warning(
                         "webhook %s: event %d not delivered to %s after %d attempts: %s",
                         hook.id,
@@ -392,6 +399,7 @@ class Deliveries:
                         outcome,
                     )
                     continue
+                self._count("retried")
                 delay = self.retry_delays_s[job.attempt]
                 job.attempt += 1
                 with self._cond:
@@ -400,6 +408,10 @@ class Deliveries:
         finally:
             if reader is not None:
                 reader.close()
+
+    def _count(self, result: str) -> None:
+        if self.metrics is not None:
+            self.metrics.webhook_deliveries.labels(result).inc()
 
     def _payload(self, reader: sqlite3.Connection, seq: int) -> bytes | None:
         row = Store.stored_event(reader, seq)

@@ -138,6 +138,13 @@ class RuntimeMetrics:
             registry=registry,
         )
         self.kills = Counter("sandboxd_sandbox_kills", "Sandboxes killed, by reason", ["reason"], registry=registry)
+        self.webhook_deliveries = Counter(
+            "sandboxd_webhook_deliveries",
+            "Lifecycle webhook deliveries by result: delivered, retried (an attempt failed, another follows), "
+            "failed (the last attempt failed), dropped (the queue was full)",
+            ["result"],
+            registry=registry,
+        )
         self.pauses = Counter(
             "sandboxd_sandbox_pauses", "Sandboxes paused, by reason and mode", ["reason", "mode"], registry=registry
         )
