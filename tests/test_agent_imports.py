@@ -97,7 +97,7 @@ def test_the_agent_server_loads_without_uvicorns_command_line_config_and_server(
 
 
 AGENT_SERVES = """
-import json, os, signal, socket, struct, sys, threading, time
+import gc, json, os, signal, socket, struct, sys, threading, time
 port, work = int(sys.argv[1]), sys.argv[2]
 
 def call(request: bytes) -> bytes:
@@ -136,6 +136,9 @@ def requests() -> None:
         "never_imported": sorted(m for m in ("argparse", "ast", "dis", "uvicorn.config", "uvicorn.server",
                                  "uvicorn._types", "logging.config", "email") if m in sys.modules),
         "still_deferred": sorted(m for m in lean.DEFERRED if type(sys.modules[m]) is lean._Deferred),
+        "ast_types": sum(1 for o in gc.get_objects() if isinstance(o, type) and o.__module__ == "ast"),
+        "optimize": sys.flags.optimize,
+        "dataclass_doc": sys.modules["sandboxd.agent.state"].AgentState.__doc__.splitlines()[0],
     }), flush=True)
     os.kill(os.getpid(), signal.SIGTERM)
 
@@ -146,20 +149,30 @@ main(["agent", "--port", str(port), "--workdir", work])
 """
 
 
-def test_the_standalone_agent_serves_without_argparse_inspect_and_uvicorns_server(tmp_path: Path) -> None:
+@pytest.mark.parametrize("flags", [[], ["-OO"]], ids=["plain", "OO"])
+def test_the_standalone_agent_serves_without_argparse_inspect_and_uvicorns_server(
+    tmp_path: Path, flags: list[str]
+) -> None:
     """``sandboxd agent`` as started usually (its flags read without argparse) answers a request of
     each kind with ``inspect``, ``ast`` and ``dis`` never imported, nor uvicorn's config and server, and
     stops on SIGTERM: by that signal, as uvicorn's server ends a process (the handler found restored,
-    the signal raised again)."""
-    port = str(free_port())
-    out = subprocess.run(
-        [sys.executable, "-c", AGENT_SERVES, port, str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        stdin=subprocess.DEVNULL,
-    )
-    assert out.returncode == -15, out.stderr  # killed by its own SIGTERM, raised again after the drain
+    the signal raised again). The same under ``-OO`` (``agent.optimized``), where no dataclass has a
+    docstring and ``dataclasses`` would import ``inspect`` to write one. And the interpreter never made
+    its AST node types (``lean._import_without_compiling_forward_refs``): each run is made twice with a
+    cache of ``.pyc`` files of its own, so that the second compiles nothing from source."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    env["PYTHONPYCACHEPREFIX"] = str(tmp_path / "pycache")
+    for _ in range(2):  # the first run writes the .pyc files the second reads
+        port = str(free_port())
+        out = subprocess.run(
+            [sys.executable, *flags, "-c", AGENT_SERVES, port, str(tmp_path)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            stdin=subprocess.DEVNULL,
+            env=env,
+        )
+        assert out.returncode == -15, out.stderr  # killed by its own SIGTERM, raised again after the drain
     got = json.loads(out.stdout.strip().splitlines()[-1])
     assert got == {
         "status": [204, 200, 200, 200, 200, 404],
@@ -167,6 +180,9 @@ def test_the_standalone_agent_serves_without_argparse_inspect_and_uvicorns_serve
         "download": True,
         "never_imported": [],
         "still_deferred": sorted(DEFERRED),
+        "ast_types": 0,
+        "optimize": 2 if flags else 0,
+        "dataclass_doc": "AgentState" if flags else "Settings shared by every transport.",
     }
 
 
@@ -206,6 +222,7 @@ def test_the_standalone_agent_serves_every_kind_of_request_without_openssl(
     assert r.status_code == 200, r.text
     r = httpx.post(f"{agent.url}/files", params={"path": str(target)}, headers={"X-Access-Token": "no"})
     assert r.status_code == 401
+    assert not mapped(pid, "/_md5."), "the token check imported hashlib (through hmac)"
     sig = get_signature(str(target), "read", None, "lean-token")["signature"]
     assert httpx.get(f"{agent.url}/files", params={"path": str(target), "signature": sig}).content == body
     stat = httpx.post(f"{agent.url}/filesystem.Filesystem/Stat", json={"path": str(target)}, headers=headers)
