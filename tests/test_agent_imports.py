@@ -137,6 +137,7 @@ def requests() -> None:
                                  "uvicorn._types", "logging.config", "email") if m in sys.modules),
         "still_deferred": sorted(m for m in lean.DEFERRED if type(sys.modules[m]) is lean._Deferred),
         "ast_types": sum(1 for o in gc.get_objects() if isinstance(o, type) and o.__module__ == "ast"),
+        "datetime_py_ran": "__builtins__" in vars(sys.modules["datetime"]),  # set by executing datetime.py
         "optimize": sys.flags.optimize,
         "dataclass_doc": sys.modules["sandboxd.agent.state"].AgentState.__doc__.splitlines()[0],
     }), flush=True)
@@ -181,9 +182,52 @@ def test_the_standalone_agent_serves_without_argparse_inspect_and_uvicorns_serve
         "never_imported": [],
         "still_deferred": sorted(DEFERRED),
         "ast_types": 0,
+        "datetime_py_ran": False,
         "optimize": 2 if flags else 0,
         "dataclass_doc": "AgentState" if flags else "Settings shared by every transport.",
     }
+
+
+DATETIME = """
+import json, pickle, sys
+from sandboxd.agent.lean import datetime_without_python_half
+if sys.argv[1] == "ours":
+    datetime_without_python_half()
+import _datetime, datetime, _strptime
+from google.protobuf.timestamp_pb2 import Timestamp
+when = Timestamp(seconds=784111777, nanos=5000).ToDatetime(tzinfo=datetime.timezone.utc)
+back = Timestamp()
+back.FromDatetime(when)
+public = {k for k in vars(datetime) if not k.startswith("__")}
+print(json.dumps({
+    "names": sorted(k for k in vars(datetime) if k != "__builtins__"),
+    "all": list(datetime.__all__),
+    "same_objects": all(getattr(datetime, k) is getattr(_datetime, k) for k in public - {"sys"}),
+    "spec": [datetime.__spec__.name, datetime.__file__ == datetime.__spec__.origin],
+    "timestamp": [when.isoformat(), back.seconds, back.nanos],
+    "pickled": pickle.loads(pickle.dumps(when)) == when,
+    "strptime": datetime.datetime.strptime("1994-11-06", "%Y-%m-%d").toordinal(),
+    "ran_datetime_py": "__builtins__" in vars(datetime),
+}))
+"""
+
+
+def test_datetime_without_its_python_half_is_the_module_its_import_leaves() -> None:
+    """``lean.datetime_without_python_half``: the same names (``__builtins__`` aside), the same C
+    types, and protobuf's ``Timestamp`` conversions, pickling and ``strptime`` work as with the
+    module ``import datetime`` leaves after running ``datetime.py``."""
+    got = {}
+    for how in ("ours", "python"):
+        out = subprocess.run(
+            [sys.executable, "-c", DATETIME, how], capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL
+        )
+        assert out.returncode == 0, out.stderr
+        got[how] = json.loads(out.stdout)
+    assert got["python"].pop("ran_datetime_py") is True
+    assert got["ours"].pop("ran_datetime_py") is False
+    assert got["ours"] == got["python"]
+    assert got["ours"]["same_objects"] is True
+    assert got["ours"]["timestamp"] == ["1994-11-06T08:49:37.000005+00:00", 784111777, 5000]
 
 
 def test_a_port_in_use_ends_the_agent_with_uvicorns_startup_failure(tmp_path: Path) -> None:
