@@ -83,6 +83,21 @@ def test_with_the_opt2_files_the_process_runs_itself_again_under_OO(tmp_path: Pa
     assert got["optimize"] == 2 and len(pids) == 1
 
 
+def test_a_program_read_from_standard_input_is_not_run_again(tmp_path: Path, probes: list[Path]) -> None:
+    """Its text is gone once read: it runs as started, compiled files or not."""
+    for path in probes:
+        py_compile.compile(str(path), cfile=cache_from_source(str(path), optimization=2), optimize=2)
+    env = {**os.environ, "PYTHONPATH": str(tmp_path / "lib")}
+    env.pop("PYTHONOPTIMIZE", None)
+    out = subprocess.run(
+        [sys.executable, "-", "one"], input=SCRIPT, capture_output=True, text=True, timeout=60, env=env
+    )
+    assert out.returncode == 0, out.stderr
+    got = json.loads(out.stdout)
+    assert got["optimize"] == 0 and got["compiled"] is True and got["argv"] == ["one"]
+    assert len(out.stderr.split()) == 1
+
+
 def test_the_agent_runs_under_OO_where_its_opt2_files_are_compiled(start_agent: Callable[..., Agent]) -> None:
     """``make install`` compiles them (``python -m sandboxd.agent.optimized``); the tests' agents then
     all run under ``-OO``. Where they are missing, the agent runs as started."""

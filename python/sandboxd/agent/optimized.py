@@ -65,6 +65,8 @@ def reexec_if_compiled() -> None:
     or the ``sandboxd`` script, and any interpreter options), with ``-OO`` in front."""
     if sys.flags.optimize >= OPTIMIZE or not sys.executable or len(sys.orig_argv) < 2 or not compiled():
         return
+    if sys.argv[0] in ("", "-"):  # a program read from standard input, which cannot be read again
+        return
     sys.stdout.flush()
     sys.stderr.flush()
     os.execv(sys.executable, [sys.executable, "-OO", *sys.orig_argv[1:]])
