@@ -81,6 +81,8 @@ def test_with_the_opt2_files_the_process_runs_itself_again_under_OO(tmp_path: Pa
     assert len(pids) == 2 and pids[0] == pids[1], "not the same process run again"
     got, pids = run(tmp_path, "-OO")  # already optimized: no second run
     assert got["optimize"] == 2 and len(pids) == 1
+    got, pids = run(tmp_path, "-O")  # a level asked for (with -OO it would be 3, whose .pyc nobody writes)
+    assert got["optimize"] == 1 and len(pids) == 1
 
 
 def test_a_program_read_from_standard_input_is_not_run_again(tmp_path: Path, probes: list[Path]) -> None:
