@@ -60,9 +60,10 @@ def compiled() -> bool:
 def reexec_if_compiled() -> None:
     """Replace this process (same PID, descriptors and environment) with itself under ``-OO`` when it
     runs without optimisation (no ``-O``, ``-OO`` or ``PYTHONOPTIMIZE``) and the ``.opt-2.pyc`` files
-    are there; otherwise return and run as it is. For ``sandboxd agent`` only, before it imports anything else (:func:`sandboxd.cli.main`).
-    The command line is the one this process was started with (``sys.orig_argv``: ``-m sandboxd``
-    or the ``sandboxd`` script, and any interpreter options), with ``-OO`` in front."""
+    are there; otherwise return and run as it is. For ``sandboxd agent`` only, before it imports
+    anything else (:func:`sandboxd.cli.main`). The command line is the one this process was started
+    with (``sys.orig_argv``: ``-m sandboxd`` or the ``sandboxd`` script, and any interpreter options),
+    with ``-OO`` in front."""
     if sys.flags.optimize or not sys.executable or len(sys.orig_argv) < 2 or not compiled():
         return  # optimized already, or told to run at a level of its own (-O and -OO would make 3: .opt-3.pyc)
     if sys.argv[0] in ("", "-"):  # a program read from standard input, which cannot be read again
