@@ -21,6 +21,7 @@ $(PY):
 .PHONY: install
 install: $(PY) ## build the Rust extension (release) and install sandboxd with test, dev and bench tools into .venv
 	$(PY) -m pip install -q -e '.[dev,bench]'
+	$(PY) -m sandboxd.agent.optimized  # the .opt-2.pyc files a standalone agent runs on (-OO; sandboxd/agent/optimized.py)
 
 .PHONY: dev
 dev: $(PY) ## rebuild the Rust extension into .venv after a Rust change (release build)

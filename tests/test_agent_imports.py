@@ -97,7 +97,7 @@ def test_the_agent_server_loads_without_uvicorns_command_line_config_and_server(
 
 
 AGENT_SERVES = """
-import json, os, signal, socket, struct, sys, threading, time
+import gc, json, os, signal, socket, struct, sys, threading, time
 port, work = int(sys.argv[1]), sys.argv[2]
 
 def call(request: bytes) -> bytes:
@@ -136,6 +136,10 @@ def requests() -> None:
         "never_imported": sorted(m for m in ("argparse", "ast", "dis", "uvicorn.config", "uvicorn.server",
                                  "uvicorn._types", "logging.config", "email") if m in sys.modules),
         "still_deferred": sorted(m for m in lean.DEFERRED if type(sys.modules[m]) is lean._Deferred),
+        "ast_types": sum(1 for o in gc.get_objects() if isinstance(o, type) and o.__module__ == "ast"),
+        "datetime_py_ran": "__builtins__" in vars(sys.modules["datetime"]),  # set by executing datetime.py
+        "optimize": sys.flags.optimize,
+        "dataclass_doc": sys.modules["sandboxd.agent.state"].AgentState.__doc__.splitlines()[0],
     }), flush=True)
     os.kill(os.getpid(), signal.SIGTERM)
 
@@ -146,20 +150,30 @@ main(["agent", "--port", str(port), "--workdir", work])
 """
 
 
-def test_the_standalone_agent_serves_without_argparse_inspect_and_uvicorns_server(tmp_path: Path) -> None:
+@pytest.mark.parametrize("flags", [[], ["-OO"]], ids=["plain", "OO"])
+def test_the_standalone_agent_serves_without_argparse_inspect_and_uvicorns_server(
+    tmp_path: Path, flags: list[str]
+) -> None:
     """``sandboxd agent`` as started usually (its flags read without argparse) answers a request of
     each kind with ``inspect``, ``ast`` and ``dis`` never imported, nor uvicorn's config and server, and
     stops on SIGTERM: by that signal, as uvicorn's server ends a process (the handler found restored,
-    the signal raised again)."""
-    port = str(free_port())
-    out = subprocess.run(
-        [sys.executable, "-c", AGENT_SERVES, port, str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        stdin=subprocess.DEVNULL,
-    )
-    assert out.returncode == -15, out.stderr  # killed by its own SIGTERM, raised again after the drain
+    the signal raised again). The same under ``-OO`` (``agent.optimized``), where no dataclass has a
+    docstring and ``dataclasses`` would import ``inspect`` to write one. And the interpreter never made
+    its AST node types (``lean._import_without_compiling_forward_refs``): each run is made twice with a
+    cache of ``.pyc`` files of its own, so that the second compiles nothing from source."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    env["PYTHONPYCACHEPREFIX"] = str(tmp_path / "pycache")
+    for _ in range(2):  # the first run writes the .pyc files the second reads
+        port = str(free_port())
+        out = subprocess.run(
+            [sys.executable, *flags, "-c", AGENT_SERVES, port, str(tmp_path)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            stdin=subprocess.DEVNULL,
+            env=env,
+        )
+        assert out.returncode == -15, out.stderr  # killed by its own SIGTERM, raised again after the drain
     got = json.loads(out.stdout.strip().splitlines()[-1])
     assert got == {
         "status": [204, 200, 200, 200, 200, 404],
@@ -167,7 +181,53 @@ def test_the_standalone_agent_serves_without_argparse_inspect_and_uvicorns_serve
         "download": True,
         "never_imported": [],
         "still_deferred": sorted(DEFERRED),
+        "ast_types": 0,
+        "datetime_py_ran": False,
+        "optimize": 2 if flags else 0,
+        "dataclass_doc": "AgentState" if flags else "Settings shared by every transport.",
     }
+
+
+DATETIME = """
+import json, pickle, sys
+from sandboxd.agent.lean import datetime_without_python_half
+if sys.argv[1] == "ours":
+    datetime_without_python_half()
+import _datetime, datetime, _strptime
+from google.protobuf.timestamp_pb2 import Timestamp
+when = Timestamp(seconds=784111777, nanos=5000).ToDatetime(tzinfo=datetime.timezone.utc)
+back = Timestamp()
+back.FromDatetime(when)
+public = {k for k in vars(datetime) if not k.startswith("__")}
+print(json.dumps({
+    "names": sorted(k for k in vars(datetime) if k != "__builtins__"),
+    "all": list(datetime.__all__),
+    "same_objects": all(getattr(datetime, k) is getattr(_datetime, k) for k in public - {"sys"}),
+    "spec": [datetime.__spec__.name, datetime.__file__ == datetime.__spec__.origin],
+    "timestamp": [when.isoformat(), back.seconds, back.nanos],
+    "pickled": pickle.loads(pickle.dumps(when)) == when,
+    "strptime": datetime.datetime.strptime("1994-11-06", "%Y-%m-%d").toordinal(),
+    "ran_datetime_py": "__builtins__" in vars(datetime),
+}))
+"""
+
+
+def test_datetime_without_its_python_half_is_the_module_its_import_leaves() -> None:
+    """``lean.datetime_without_python_half``: the same names (``__builtins__`` aside), the same C
+    types, and protobuf's ``Timestamp`` conversions, pickling and ``strptime`` work as with the
+    module ``import datetime`` leaves after running ``datetime.py``."""
+    got = {}
+    for how in ("ours", "python"):
+        out = subprocess.run(
+            [sys.executable, "-c", DATETIME, how], capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL
+        )
+        assert out.returncode == 0, out.stderr
+        got[how] = json.loads(out.stdout)
+    assert got["python"].pop("ran_datetime_py") is True
+    assert got["ours"].pop("ran_datetime_py") is False
+    assert got["ours"] == got["python"]
+    assert got["ours"]["same_objects"] is True
+    assert got["ours"]["timestamp"] == ["1994-11-06T08:49:37.000005+00:00", 784111777, 5000]
 
 
 def test_a_port_in_use_ends_the_agent_with_uvicorns_startup_failure(tmp_path: Path) -> None:
@@ -206,6 +266,7 @@ def test_the_standalone_agent_serves_every_kind_of_request_without_openssl(
     assert r.status_code == 200, r.text
     r = httpx.post(f"{agent.url}/files", params={"path": str(target)}, headers={"X-Access-Token": "no"})
     assert r.status_code == 401
+    assert not mapped(pid, "/_md5."), "the token check imported hashlib (through hmac)"
     sig = get_signature(str(target), "read", None, "lean-token")["signature"]
     assert httpx.get(f"{agent.url}/files", params={"path": str(target), "signature": sig}).content == body
     stat = httpx.post(f"{agent.url}/filesystem.Filesystem/Stat", json={"path": str(target)}, headers=headers)

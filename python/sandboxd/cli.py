@@ -497,10 +497,23 @@ def main(argv: list[str] | None = None) -> None:
     given = sys.argv[1:] if argv is None else argv
     only_agent = given[:1] == ["agent"]
     if only_agent:
-        from sandboxd.agent.lean import defer, lazy_protobuf, uvicorn_package_without_cli, without_openssl
+        if argv is None:  # this process's own command line, which it can run again
+            from sandboxd.agent.optimized import reexec_if_compiled
+
+            reexec_if_compiled()  # first: under -OO, when its .opt-2.pyc files are there
+        from sandboxd.agent.lean import (
+            dataclass_docs_without_inspect,
+            datetime_without_python_half,
+            defer,
+            lazy_protobuf,
+            uvicorn_package_without_cli,
+            without_openssl,
+        )
 
         without_openssl()  # first: asyncio, uvloop and uvicorn import ssl
         defer()  # before asyncio imports inspect
+        dataclass_docs_without_inspect()  # under -OO no dataclass has a docstring
+        datetime_without_python_half()  # before protobuf imports datetime
         uvicorn_package_without_cli()  # before the parser imports the HTTP server's defaults
         lazy_protobuf()
         from sandboxd.agent.argv import parse as parse_agent_line

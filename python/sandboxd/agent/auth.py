@@ -7,7 +7,7 @@ import binascii
 import time
 
 from .errors import Code, RpcError
-from .state import AgentState
+from .state import AgentState, compare_digest
 from .users import User, lookup_or_unauthenticated
 
 TOKEN_ERROR = "unauthorized access, please provide a valid access token or method signing if supported"
@@ -72,9 +72,7 @@ def check_files_access(
         except ValueError:
             raise RpcError(Code.INVALID_ARGUMENT, "signature_expiration must be an integer") from None
     expected = signature_for(path, operation, username or "", token, exp)
-    import hmac
-
-    if not hmac.compare_digest(expected.encode(), signature.encode()):
+    if not compare_digest(expected.encode(), signature.encode()):
         raise RpcError(Code.UNAUTHENTICATED, "invalid signature")
     if exp is not None and exp < int(time.time()):
         raise RpcError(Code.UNAUTHENTICATED, "signature is already expired")

@@ -206,6 +206,31 @@ DEFERRED = ("inspect", "calendar", "asyncio.sslproto", "ipaddress", "locale", "t
   of 5 starts). A logged traceback loads ``tokenize``, as it should."""
 
 
+class _DataclassesInspect(types.ModuleType):
+    """What ``dataclasses`` sees as ``inspect`` in the standalone agent (:func:`dataclass_docs_without_inspect`):
+    ``signature`` refuses, so that a class without a docstring is documented by its name alone, and every
+    other attribute is the real ``inspect``'s (imported then)."""
+
+    @staticmethod
+    def signature(obj: object) -> object:
+        raise ValueError("no signature for a dataclass's docstring in this process (sandboxd.agent.lean)")
+
+    def __getattr__(self, attribute: str) -> object:
+        return getattr(importlib.import_module("inspect"), attribute)
+
+
+def dataclass_docs_without_inspect() -> None:
+    """Keep ``@dataclass`` from importing ``inspect`` (with ``ast`` and ``dis``: 0.8 MiB, :data:`DEFERRED`)
+    to write a docstring for a class that has none: it writes ``Name(field: type, ...)`` from
+    ``inspect.signature``, and falls back to ``Name`` when that raises ValueError, which it does here.
+    Under ``-OO`` (:mod:`sandboxd.agent.optimized`) no class has a docstring, so without this every
+    dataclass defined at start would load ``inspect``. Call it after :func:`defer`."""
+    import dataclasses
+
+    if not isinstance(getattr(dataclasses, "inspect", None), _DataclassesInspect):
+        dataclasses.inspect = _DataclassesInspect("inspect", "dataclasses' view of inspect (sandboxd.agent.lean)")  # type: ignore[attr-defined]
+
+
 def defer(names: tuple[str, ...] = DEFERRED) -> None:
     """Register each module in ``names`` that is not imported yet as :class:`_Deferred`: imported on
     first use. Call it in a process that runs nothing but the agent, before anything imports them. A
@@ -220,6 +245,40 @@ def defer(names: tuple[str, ...] = DEFERRED) -> None:
         parent, _, child = name.rpartition(".")
         if parent and type(sys.modules.get(name)) is _Deferred:
             setattr(importlib.import_module(parent), child, sys.modules[name])
+
+
+def datetime_without_python_half() -> None:
+    """Register ``datetime`` as the module its import would leave, without running ``datetime.py``.
+
+    Python 3.11's ``datetime.py`` first defines the whole pure-Python implementation (2,500 lines of
+    classes and helpers), then replaces every public name with ``_datetime``'s (``from _datetime import
+    *``) and deletes its private helpers: what remains is ``_datetime``'s namespace plus ``sys`` (3.12
+    split that half into ``_pydatetime``, imported only without ``_datetime``). Here the module gets
+    that namespace straight from ``_datetime``, with its own spec and ``__all__``. protobuf's
+    ``well_known_types`` imports ``datetime`` at the agent's start (``Timestamp``'s conversions, which
+    no request makes). 0.2 MiB of RSS at start. Nothing happens when it is imported already or when
+    ``_datetime`` is missing (the pure-Python half is then the implementation)."""
+    if "datetime" in sys.modules:
+        return
+    try:
+        _datetime = importlib.import_module("_datetime")  # no stub: typeshed describes ``datetime`` only
+    except ImportError:
+        return
+    spec = importlib.util.find_spec("datetime")
+    if spec is None:
+        return
+    module = importlib.util.module_from_spec(spec)
+    namespace = vars(module)
+    for key, value in vars(_datetime).items():
+        if not key.startswith("__") or key == "__doc__":
+            namespace[key] = value
+    namespace["__all__"] = DATETIME_ALL
+    namespace["sys"] = sys  # datetime.py's own import, left in its namespace
+    sys.modules["datetime"] = module
+
+
+DATETIME_ALL = ("date", "datetime", "time", "timedelta", "timezone", "tzinfo", "MINYEAR", "MAXYEAR", "UTC")
+"""``datetime.__all__`` (Python 3.11)."""
 
 
 PROTOBUF_PURE_PYTHON = "google.protobuf.internal.python_message"
@@ -242,6 +301,39 @@ def lazy_protobuf() -> None:
     if "google.protobuf.descriptor_pool" not in sys.modules:
         import_lazily(PROTOBUF_PURE_PYTHON)
         import_lazily(PROTOBUF_JSON)
+        _import_without_compiling_forward_refs(PROTOBUF_FORWARD_REFS)
+
+
+PROTOBUF_FORWARD_REFS = "google.protobuf.descriptor_database"
+"""The one module the agent imports that evaluates an annotation naming a type by string at import
+(``Optional['descriptor_pb2.FileDescriptorProto']``, without ``from __future__ import annotations``)."""
+
+
+def _source_as_code(source: str, filename: str, mode: str, *args: object, **kwargs: object) -> object:
+    """What ``typing`` calls ``compile`` while :func:`_import_without_compiling_forward_refs` imports a
+    module: a ``ForwardRef``'s expression kept as its text, which ``ForwardRef._evaluate`` hands to
+    ``eval`` as it would the code (``eval`` compiles it then, if anything ever asks)."""
+    if mode != "eval" or args or kwargs:
+        return compile(source, filename, mode, *args, **kwargs)  # type: ignore[call-overload]
+    return source
+
+
+def _import_without_compiling_forward_refs(name: str) -> None:
+    """Import ``name`` with ``typing.ForwardRef`` keeping each string annotation it builds as text
+    instead of compiling it. The first ``compile()`` in a process creates the interpreter's ~120 AST
+    node types (``PyAST_Check``), 0.2 MiB that nothing else in the agent's life needs: every module it
+    runs comes from a ``.pyc``, and ``eval``/``exec`` (dataclasses, namedtuple) do not create them. A
+    string that is not an expression raises SyntaxError when evaluated rather than when the annotation
+    is built; protobuf's is a dotted name."""
+    if name in sys.modules:
+        return
+    import typing
+
+    vars(typing)["compile"] = _source_as_code  # typing's global, ahead of the builtin, for this import only
+    try:
+        importlib.import_module(name)
+    finally:
+        vars(typing).pop("compile", None)
 
 
 def uvicorn_package_without_cli() -> None:

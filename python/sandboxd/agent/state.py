@@ -3,10 +3,18 @@
 from __future__ import annotations
 
 import threading
+from _operator import _compare_digest
 from dataclasses import dataclass, field
 
 from .users import User, lookup
 from .watch_hub import WatchHub
+
+compare_digest = _compare_digest
+"""``hmac.compare_digest`` in a process without OpenSSL (the standalone agent's, ``lean.without_openssl``):
+the same constant-time comparison of two strings of bytes, without importing ``hmac``, which imports
+``hashlib`` and through it CPython's six digest modules (``_md5`` … ``_sha3``, each a shared library
+mapped), on the first request of an agent with a token. Where OpenSSL is loaded ``hmac`` compares with
+its ``CRYPTO_memcmp`` instead; both take a time that depends on the length only."""
 
 
 @dataclass
@@ -36,9 +44,7 @@ class AgentState:
             return True
         if presented is None:
             return False
-        import hmac  # on the first check: an agent without a token never loads it (with hashlib)
-
-        return hmac.compare_digest(presented.encode(), token.encode())
+        return compare_digest(presented.encode(), token.encode())
 
     def apply_init(
         self,
