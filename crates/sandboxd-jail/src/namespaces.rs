@@ -30,7 +30,9 @@
 //!
 //! [`enter_sandbox_then`] differs in step 7 only: B is not a fork of A but a `CLONE_VM` clone on a
 //! stack of its own, so the only copy of A's page tables is B's fork of C, and C runs a closure
-//! (it cannot return into A's frames) instead of returning.
+//! (it cannot return into A's frames) instead of returning. It may also be given the group A made
+//! ahead of need ([`crate::PremadeCgroup`], v1 only): before step 2, A renames it to the sandbox's
+//! and rewrites the limits that differ, instead of making and limiting the sandbox's group then.
 //!
 //! A's parent never has B or C as children: when A exits, B is re-parented to the host's init
 //! (or nearest subreaper), so the sandbox survives the death of whatever created it. Nothing sets
