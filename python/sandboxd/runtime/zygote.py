@@ -366,7 +366,7 @@ class Premake(NamedTuple):
 
 def _premake(premake: Premake | None) -> _core.PremadeCgroup | None:
     """In a spare, before its request: the sandbox's cgroup made and limited ahead of need (the
-    create's "A" then renames and joins it: six ``rename`` calls instead of ~60 system calls on the
+    create's "A" then renames and joins it: six ``rename`` calls instead of ~70 system calls on the
     create's path, ``docs/benchmarks.md``). None when there is nothing to go by yet (the zygote's
     first spare) or it cannot be made (cgroup v2 cannot rename a group): the create makes it then."""
     if premake is None:
@@ -380,10 +380,11 @@ def _premake(premake: Premake | None) -> _core.PremadeCgroup | None:
             cpu_cores=premake.cpu_cores,
             pids_max=premake.pids_max,
         )
-    except (OSError, ValueError):
+    except (OSError, ValueError, TypeError):  # TypeError: a limit of the wrong type in the request
         return None
     finally:
-        os.setpriority(os.PRIO_PROCESS, 0, own)
+        with contextlib.suppress(OSError):  # a zygote that could not renice back still serves
+            os.setpriority(os.PRIO_PROCESS, 0, own)
 
 
 def _fork_spare(inherited: list[int], premake: Premake | None = None) -> Spare:
