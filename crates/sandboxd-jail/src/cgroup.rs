@@ -519,17 +519,16 @@ impl PremadeCgroup {
             layout: layout(&rel)?,
         };
         // Ours from here on: dropped on an error below, it removes what was made.
-        let mut made = PremadeCgroup {
-            group: None,
+        let made = PremadeCgroup {
+            group: Some(group.clone()),
             memory_bytes: limits.memory_bytes,
             cpu_cores: limits.cpu_cores,
             pids_max: limits.pids_max,
         };
-        made.group = Some(group.clone());
+        // The instance's group must exist already (the runtime made it at its start, with its
+        // budget, [`configure_budget`]): a spare never makes one, so it neither leaves an
+        // instance's group behind nor makes one without its budget.
         for d in group.dirs() {
-            // The instance's group must exist already (the runtime made it at its start, with its
-            // budget, [`configure_budget`]): a spare never makes one, so it neither leaves an
-            // instance's group behind nor makes one without its budget.
             // A group left by a killed spare of the same pid: its limits are not known, so it is
             // removed (an empty group only) and made afresh, never reused.
             if fs::create_dir(&d).is_err() {

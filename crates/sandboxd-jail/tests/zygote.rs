@@ -9,6 +9,7 @@ mod common;
 use std::fs;
 use std::io::Read;
 use std::os::fd::OwnedFd;
+use std::os::unix::fs::MetadataExt;
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::{Signal, kill};
@@ -375,6 +376,7 @@ fn premade_cgroup_refused_rename_falls_back() {
         .join(common::instance())
         .join(&spec.id);
     fs::create_dir_all(&taken).unwrap();
+    let taken_inode = fs::metadata(&taken).unwrap().ino();
     let (msg, go) = enter_with_premade(&spec);
     let init_pid: i32 = msg
         .strip_prefix('P')
@@ -388,6 +390,8 @@ fn premade_cgroup_refused_rename_falls_back() {
         (memory.as_str(), quota.as_str(), pids.as_str()),
         ("268435456", "100000", "64")
     );
+    // The taken group was refused as a target, not replaced: the sandbox's group there is it.
+    assert_eq!(fs::metadata(&taken).unwrap().ino(), taken_inode);
     drop(go);
     handle.kill().unwrap();
 }
