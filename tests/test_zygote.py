@@ -9,6 +9,7 @@ closed, and the runtime would see only "sandbox setup failed")."""
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
 import select
@@ -22,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from sandboxd import _core
 from sandboxd.runtime import zygote
 
 
@@ -164,6 +166,62 @@ def test_a_request_the_spare_cannot_take_leaves_no_zombie_nor_its_pipe(
     assert spare_of(process.pid) != spare  # its only child again: the old spare is not a zombie
     assert not Path(f"/proc/{spare}").exists()
     assert sorted(os.listdir(f"/proc/{process.pid}/fd")) == before
+
+
+def _premade(instance: str, pid: int | str = "*") -> list[Path]:
+    """A spare's pre-made cgroup (``.spare-<pid>``) in every hierarchy of ``instance``."""
+    return sorted(Path(p) for p in glob.glob(f"/sys/fs/cgroup/*/sandboxd/{instance}/.spare-{pid}"))
+
+
+def test_a_spare_makes_its_cgroup_ahead_of_need_and_it_goes_with_the_spare(tmp_path: Path) -> None:
+    # After a request, the next spare makes that request's instance its cgroup with its limits and
+    # the device allow-list (cgroup v1; v2 cannot rename a group, so none is made there). A spare
+    # whose request is refused leaves none; nor does a zygote that stops; nor a killed zygote's
+    # spare, once the runtime starts again (configure_budget sweeps the instance).
+    instance = f"test-premake-{os.getpid()}"
+    _core.configure_budget(instance, host_memory_bytes=None, host_pids_max=None, memory_bytes=None, pids_max=None)
+    v2 = Path("/sys/fs/cgroup/cgroup.controllers").exists()
+    limits = {"instance": instance, "pids_max": 77, "memory_bytes": 64 << 20, "cpu_cores": 0.5}
+    groups: list[Path] = []
+    sock, process = zygote.start()
+    try:
+        ask(sock, refused("bad/first", tmp_path) | limits)
+        spare = spare_of(process.pid)
+        groups = _premade(instance, spare)
+        if v2:
+            assert groups == []
+            return
+        assert len(groups) == len({g.parent.parent.parent for g in groups}) >= 5, groups  # one per hierarchy
+        for group in groups:
+            controls = {f.name: f for f in group.iterdir()}
+            if "pids.max" in controls:
+                assert controls["pids.max"].read_text().strip() == "77"
+            if "memory.limit_in_bytes" in controls:
+                assert controls["memory.limit_in_bytes"].read_text().strip() == str(64 << 20)
+            if "cpu.cfs_quota_us" in controls:
+                assert controls["cpu.cfs_quota_us"].read_text().strip() == "50000"
+            if "devices.list" in controls:
+                assert "a *:* rwm" not in controls["devices.list"].read_text()
+            assert (group / "cgroup.procs").read_text() == ""  # nothing has joined it
+        # Its request is refused (a bad id): the spare is used up, and its group gone with it.
+        ask(sock, refused("bad/second", tmp_path) | limits)
+        assert _premade(instance, spare) == []
+        assert len(_premade(instance, spare_of(process.pid))) == len(groups)
+    finally:
+        sock.close()
+        assert process.wait(timeout=30) == 0
+        try:
+            assert _premade(instance) == [], "a stopped zygote's spare left its cgroup"
+            # What a killed zygote's spare would leave: swept when a runtime of the instance starts.
+            for instance_group in {g.parent for g in groups}:
+                (instance_group / ".spare-1").mkdir()
+            _core.configure_budget(
+                instance, host_memory_bytes=None, host_pids_max=None, memory_bytes=None, pids_max=None
+            )
+            assert _premade(instance) == []
+        finally:
+            _core.remove_instance_if_empty(instance)
+    assert glob.glob(f"/sys/fs/cgroup/*/sandboxd/{instance}") == []
 
 
 PREPARED_IN_A_SANDBOX = r"""

@@ -382,6 +382,7 @@ def enter_sandbox(
     inotify_watches: int | None = None,
     volumes: Sequence[tuple[str, str]] = (),
     payload: Callable[[], object] | None = None,
+    premade_cgroup: PremadeCgroup | None = None,
 ) -> Entered:
     """Call in a freshly forked, single-threaded child of a zygote: puts it in a new sandbox and
     returns twice (see ``crates/sandboxd-jail`` docs): ``inside=True`` in the payload, which must
@@ -391,7 +392,8 @@ def enter_sandbox(
     With ``payload``, it returns only in the forked child (``inside=False``): the sandbox's payload
     calls ``payload()`` and exits (status 1 if it raised, after printing the traceback). Its init is
     then a clone sharing the forked child's memory, not a fork of it: one copy of the caller's page
-    tables instead of two (``jail::enter_sandbox_then``).
+    tables instead of two (``jail::enter_sandbox_then``). Only then, ``premade_cgroup`` (made by this
+    process) becomes the sandbox's cgroup when it fits, and is removed when it does not.
 
     The sandbox's cgroup is ``sandboxd/<instance>/<id>``; its uids and gids 0-65535 are the host's
     ``id_base..id_base+65536`` (claimed from :class:`IdRegistry`). Its writable layer lives on
@@ -462,6 +464,24 @@ def validate_volume_target(target: str) -> None:
     """Raise ``ValueError`` saying why unless ``target`` may be a volume's mount point inside a
     sandbox: absolute, normalised (no ``.``, ``..``, empty component or trailing ``/``), not ``/``,
     not at or under ``/proc``, ``/sys`` or ``/dev``, at most 4000 bytes, components of at most 255."""
+
+class PremadeCgroup:
+    """A sandbox cgroup made ahead of need, ``sandboxd/<instance>/.spare-<pid>``, with the device
+    allow-list and these limits (``jail::PremadeCgroup``). The ``enter_sandbox`` (with a payload) of
+    the process that made it renames it to the sandbox's id and rewrites the limits that differ from
+    the request's; a group that does not fit is removed and the sandbox's made as usual. Used once.
+    ``OSError`` when it cannot be made, always on cgroup v2 (which cannot rename a group)."""
+
+    def __init__(
+        self,
+        instance: str,
+        *,
+        memory_bytes: int | None = None,
+        cpu_cores: float | None = None,
+        pids_max: int | None = None,
+    ) -> None: ...
+    def discard(self) -> None:
+        """Remove the group now, unless an ``enter_sandbox`` took it (``os._exit`` runs no finalizer)."""
 
 class IdRegistry:
     """The host-wide registry of sandboxes' id ranges: one file per claim, made with ``link`` so two

@@ -141,8 +141,8 @@ mod userns;
 
 pub use capabilities::PAYLOAD_CAPABILITIES;
 pub use cgroup::{
-    Budget, CGROUP_PARENT, CgroupVersion, Stats, cgroup_version, configure_budget, list_sandboxes,
-    remove_instance_if_empty,
+    Budget, CGROUP_PARENT, CgroupVersion, PremadeCgroup, Stats, cgroup_version, configure_budget,
+    list_sandboxes, remove_instance_if_empty,
 };
 pub use disk::{Disk, DiskUsage, copy_sparse, disk_usage, format_image, mount_disk};
 pub use handle::{FREEZE_TIMEOUT, KILL_TIMEOUT, SandboxHandle, become_subreaper, kill_sandbox};

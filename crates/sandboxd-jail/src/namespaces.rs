@@ -30,7 +30,9 @@
 //!
 //! [`enter_sandbox_then`] differs in step 7 only: B is not a fork of A but a `CLONE_VM` clone on a
 //! stack of its own, so the only copy of A's page tables is B's fork of C, and C runs a closure
-//! (it cannot return into A's frames) instead of returning.
+//! (it cannot return into A's frames) instead of returning. It may also be given the group A made
+//! ahead of need ([`crate::PremadeCgroup`], v1 only): before step 2, A renames it to the sandbox's
+//! and rewrites the limits that differ, instead of making and limiting the sandbox's group then.
 //!
 //! A's parent never has B or C as children: when A exits, B is re-parented to the host's init
 //! (or nearest subreaper), so the sandbox survives the death of whatever created it. Nothing sets
@@ -52,7 +54,7 @@ use nix::sys::stat::Mode;
 use nix::sys::wait::waitpid;
 use nix::unistd::{ForkResult, Pid, chdir, fork, pipe2, sethostname, setsid, write};
 
-use crate::cgroup::Cgroup;
+use crate::cgroup::{Cgroup, PremadeCgroup};
 use crate::idmap::{LAYER_ATTRS, VOLUME_ATTRS, idmapped_tree};
 use crate::init::fork_payload_and_serve;
 use crate::mounts::{make_private, setup_root};
@@ -118,7 +120,7 @@ pub(crate) enum Stage {
 /// and have the parent call [`crate::kill_sandbox`] with the id. Blocks at most
 /// [`SETUP_TIMEOUT`].
 pub fn enter_sandbox(spec: &SandboxSpec) -> io::Result<Entered> {
-    let prepared = prepare_entry(spec)?;
+    let prepared = prepare_entry(spec, None)?;
     match enter_raw(&prepared, Instant::now() + SETUP_TIMEOUT)? {
         Stage::Outside { init_pid } => Ok(Entered::Outside { init_pid }),
         Stage::Inside { report } => {
@@ -137,8 +139,15 @@ pub fn enter_sandbox(spec: &SandboxSpec) -> io::Result<Entered> {
 /// of two (~1 ms each on the create's path). The payload cannot return into the caller's frames
 /// as a fork of A would, hence the closure: in a Python caller, it runs with the GIL held (as the
 /// caller held it), in a copy of the caller's thread.
-pub fn enter_sandbox_then(spec: &SandboxSpec, payload: &mut dyn FnMut() -> i32) -> io::Result<i32> {
-    let prepared = prepare_entry(spec)?;
+///
+/// `premade`: a group this process made ahead of need ([`PremadeCgroup`]); it becomes the
+/// sandbox's (renamed, its limits made the request's) when it fits, and is removed otherwise.
+pub fn enter_sandbox_then(
+    spec: &SandboxSpec,
+    premade: Option<PremadeCgroup>,
+    payload: &mut dyn FnMut() -> i32,
+) -> io::Result<i32> {
+    let prepared = prepare_entry(spec, premade)?;
     let deadline = Instant::now() + SETUP_TIMEOUT;
     let fds = join_and_make_userns(&prepared)?;
     Ok(enter_namespaces_and_clone(
@@ -147,10 +156,16 @@ pub fn enter_sandbox_then(spec: &SandboxSpec, payload: &mut dyn FnMut() -> i32) 
 }
 
 /// What both entries do first, in the caller: checks, then the sandbox's cgroup made (refusing one
-/// that holds processes) and limited, and the steps' bytes prepared.
-fn prepare_entry(spec: &SandboxSpec) -> io::Result<Prepared> {
+/// that holds processes) and limited, or `premade` renamed to it, and the steps' bytes prepared.
+fn prepare_entry(spec: &SandboxSpec, premade: Option<PremadeCgroup>) -> io::Result<Prepared> {
     ensure_single_threaded()?;
     spec.validate()?;
+    // Checked first, so that a pre-made group that cannot be used is removed on every path.
+    if let Some(premade) = premade
+        && let Ok(cgroup) = premade.adopt(&spec.instance, &spec.id, &spec.limits)
+    {
+        return Prepared::new(spec, &cgroup);
+    }
     let cgroup = Cgroup::locate(&spec.instance, &spec.id)?;
     cgroup.ensure_unused()?;
     cgroup.create()?;

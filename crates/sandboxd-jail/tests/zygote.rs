@@ -9,13 +9,15 @@ mod common;
 use std::fs;
 use std::io::Read;
 use std::os::fd::OwnedFd;
+use std::os::unix::fs::MetadataExt;
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::{Signal, kill};
 use nix::sys::wait::{WaitStatus, waitpid};
 use nix::unistd::{ForkResult, fork, pipe};
 use sandboxd_jail::{
-    Entered, InitCommand, SandboxHandle, become_subreaper, enter_sandbox, enter_sandbox_then,
+    Budget, CgroupVersion, Entered, InitCommand, Limits, PremadeCgroup, SandboxHandle,
+    become_subreaper, cgroup_version, configure_budget, enter_sandbox, enter_sandbox_then,
     kill_sandbox, list_sandboxes, spawn_sandbox,
 };
 
@@ -164,7 +166,7 @@ fn zygote_child_enters_sandbox_then() {
                 // A status the init must pass on.
                 7
             };
-            let entered = enter_sandbox_then(&spec, &mut payload);
+            let entered = enter_sandbox_then(&spec, None, &mut payload);
             let w = report.take().unwrap();
             match entered {
                 Ok(init_pid) => {
@@ -208,6 +210,281 @@ fn zygote_child_enters_sandbox_then() {
             handle.kill().unwrap();
         }
     }
+}
+
+/// The pre-made groups (`.spare-<pid>`) in this test process's instance, in every hierarchy.
+fn premade_groups() -> Vec<std::path::PathBuf> {
+    let mut found = Vec::new();
+    for hierarchy in fs::read_dir("/sys/fs/cgroup").unwrap().flatten() {
+        let instance = hierarchy.path().join("sandboxd").join(common::instance());
+        for e in fs::read_dir(&instance).into_iter().flatten().flatten() {
+            if e.file_name().to_string_lossy().starts_with(".spare-") {
+                found.push(e.path());
+            }
+        }
+    }
+    found
+}
+
+/// The instance's group, as a runtime makes it at its start: a spare makes its group only in one
+/// that exists.
+fn make_instance_group() {
+    configure_budget(&common::instance(), &Budget::default(), &Budget::default()).unwrap();
+}
+
+/// The limits a pre-made group is made with, all different from [`requested`]'s.
+fn premade_limits() -> Limits {
+    Limits {
+        memory_bytes: Some(512 << 20),
+        cpu_cores: Some(0.5),
+        pids_max: Some(100),
+        ..Limits::default()
+    }
+}
+
+/// What the sandbox asks for.
+fn requested() -> Limits {
+    Limits {
+        memory_bytes: Some(256 << 20),
+        cpu_cores: Some(1.0),
+        pids_max: Some(64),
+        ..Limits::default()
+    }
+}
+
+/// Forks "A", which makes a group ahead of need (as the zygote's spare does), then enters the
+/// sandbox with it; the payload waits for end of file on a pipe
+/// this returns the write end of. Returns A's report (`P<init pid>` or `E<error>`).
+fn enter_with_premade(spec: &sandboxd_jail::SandboxSpec) -> (String, OwnedFd) {
+    make_instance_group();
+    let (r, w) = pipe().unwrap();
+    let (go_r, go_w) = pipe().unwrap();
+    // SAFETY: this test binary is single-threaded here (no harness), like the Python zygote.
+    match unsafe { fork() }.unwrap() {
+        ForkResult::Child => {
+            drop(r);
+            drop(go_w);
+            let mut go = Some(go_r);
+            let mut w = Some(w);
+            let report = |w: Option<OwnedFd>, msg: String| -> ! {
+                nix::unistd::write(w.unwrap(), msg.as_bytes()).unwrap();
+                std::process::exit(0)
+            };
+            let premade = match PremadeCgroup::make(&spec.instance, &premade_limits()) {
+                Ok(p) => p,
+                Err(e) => report(w.take(), format!("M{e}")),
+            };
+            let mut payload = || -> i32 {
+                drop(w.take()); // A's report: its end of file says the sandbox is up
+                let mut rest = Vec::new();
+                fs::File::from(go.take().unwrap())
+                    .read_to_end(&mut rest)
+                    .unwrap();
+                0
+            };
+            let entered = enter_sandbox_then(spec, Some(premade), &mut payload);
+            match entered {
+                Ok(init_pid) => report(w.take(), format!("P{init_pid}")),
+                Err(e) => report(w.take(), format!("E{e}")),
+            }
+        }
+        ForkResult::Parent { child } => {
+            drop(w);
+            drop(go_r);
+            let msg = read_all(r);
+            assert_eq!(
+                waitpid(child, None).unwrap(),
+                WaitStatus::Exited(child, 0),
+                "{msg}"
+            );
+            (msg, go_w)
+        }
+    }
+}
+
+/// The sandbox's limits, read from its group on the host: (memory, CPU quota, pids, devices).
+fn limits_of(handle: &SandboxHandle) -> (String, String, String, String) {
+    let dirs = handle.cgroup_dirs();
+    let read = |name: &str| {
+        dirs.iter()
+            .find_map(|d| fs::read_to_string(d.join(name)).ok())
+            .unwrap_or_else(|| panic!("no {name} in {dirs:?}"))
+            .trim()
+            .to_owned()
+    };
+    (
+        read("memory.limit_in_bytes"),
+        read("cpu.cfs_quota_us"),
+        read("pids.max"),
+        read("devices.list"),
+    )
+}
+
+/// A group made ahead of need becomes the sandbox's with the request's limits (not those it was
+/// made with) and the device allow-list; none is left under its own name. On v2 (no rename) no
+/// group can be pre-made, and saying so is the whole contract.
+fn premade_cgroup_becomes_the_sandboxs() {
+    let (mut spec, _dir) = common::spec("premade");
+    spec.limits = requested();
+    let _cleanup = Cleanup(spec.id.clone());
+    let (msg, go) = enter_with_premade(&spec);
+    if cgroup_version().unwrap() == CgroupVersion::V2 {
+        assert!(msg.starts_with("M"), "{msg}");
+        assert!(msg.contains("v2"), "{msg}");
+        return;
+    }
+    let init_pid: i32 = msg
+        .strip_prefix('P')
+        .unwrap_or_else(|| panic!("enter_sandbox_then failed: {msg}"))
+        .parse()
+        .unwrap();
+    let handle = SandboxHandle::adopt(&spec.instance, &spec.id, init_pid).unwrap();
+    assert_eq!(premade_groups(), Vec::<std::path::PathBuf>::new());
+    let (memory, quota, pids, devices) = limits_of(&handle);
+    assert_eq!(memory, (256u64 << 20).to_string());
+    assert_eq!(quota, "100000");
+    assert_eq!(pids, "64");
+    // The allow-list (deny all, then the listed devices), as a group made at request time has.
+    assert!(!devices.contains("a *:* rwm"), "{devices}");
+    assert!(devices.contains("c 1:3 rwm"), "{devices}");
+    assert!(devices.contains("c 136:* rwm"), "{devices}");
+    // The init and the payload are in it, under the sandbox's name.
+    for d in handle.cgroup_dirs() {
+        let procs = fs::read_to_string(d.join("cgroup.procs")).unwrap();
+        assert!(
+            procs.lines().any(|l| l == init_pid.to_string()),
+            "{}: {procs}",
+            d.display()
+        );
+    }
+    drop(go);
+    handle.kill().unwrap();
+    assert!(handle.cgroup_dirs().iter().all(|d| !d.exists()));
+}
+
+/// The sandbox's name is taken in one hierarchy (an empty group: a hostile leftover): the rename is
+/// refused there, the renames made are undone, the pre-made group is removed, and the sandbox's
+/// group is made as usual, with the request's limits.
+fn premade_cgroup_refused_rename_falls_back() {
+    if cgroup_version().unwrap() == CgroupVersion::V2 {
+        return;
+    }
+    let (mut spec, _dir) = common::spec("premade-taken");
+    spec.limits = requested();
+    let _cleanup = Cleanup(spec.id.clone());
+    let taken = std::path::Path::new("/sys/fs/cgroup/pids/sandboxd")
+        .join(common::instance())
+        .join(&spec.id);
+    fs::create_dir_all(&taken).unwrap();
+    let taken_inode = fs::metadata(&taken).unwrap().ino();
+    let (msg, go) = enter_with_premade(&spec);
+    let init_pid: i32 = msg
+        .strip_prefix('P')
+        .unwrap_or_else(|| panic!("enter_sandbox_then failed: {msg}"))
+        .parse()
+        .unwrap();
+    let handle = SandboxHandle::adopt(&spec.instance, &spec.id, init_pid).unwrap();
+    assert_eq!(premade_groups(), Vec::<std::path::PathBuf>::new());
+    let (memory, quota, pids, _) = limits_of(&handle);
+    assert_eq!(
+        (memory.as_str(), quota.as_str(), pids.as_str()),
+        ("268435456", "100000", "64")
+    );
+    // The taken group was refused as a target, not replaced: the sandbox's group there is it.
+    assert_eq!(fs::metadata(&taken).unwrap().ino(), taken_inode);
+    drop(go);
+    handle.kill().unwrap();
+}
+
+/// An entry that fails after the group was pre-made (here: its template is gone) leaves no
+/// pre-made group behind, and the sandbox's own is removed by `kill_sandbox` as before.
+fn premade_cgroup_removed_on_failure() {
+    if cgroup_version().unwrap() == CgroupVersion::V2 {
+        return;
+    }
+    let (mut spec, _dir) = common::spec("premade-fail");
+    spec.limits = requested();
+    spec.lower_dirs = vec!["/nonexistent-template".into()];
+    let _cleanup = Cleanup(spec.id.clone());
+    let (msg, _go) = enter_with_premade(&spec);
+    assert!(msg.starts_with('E'), "{msg}");
+    assert_eq!(premade_groups(), Vec::<std::path::PathBuf>::new());
+    kill_sandbox(&spec.instance, &spec.id).unwrap();
+    let left: Vec<_> = fs::read_dir("/sys/fs/cgroup")
+        .unwrap()
+        .flatten()
+        .map(|h| {
+            h.path()
+                .join("sandboxd")
+                .join(common::instance())
+                .join(&spec.id)
+        })
+        .filter(|d| d.exists())
+        .collect();
+    assert_eq!(left, Vec::<std::path::PathBuf>::new());
+}
+
+/// A pre-made group is made only in an existing instance group (none is made for it); it carries
+/// its limits and the device allow-list from the start, and goes when dropped unused; one that does not fit the request (it has a memory limit, the request none) is
+/// not used: the sandbox's group is made afresh, without the pre-made limit.
+fn premade_cgroup_unused_or_unfit_is_removed() {
+    if cgroup_version().unwrap() == CgroupVersion::V2 {
+        return;
+    }
+    common::remove_empty_cgroup_parents();
+    let error = PremadeCgroup::make(&common::instance(), &premade_limits()).unwrap_err();
+    assert_eq!(error.kind(), std::io::ErrorKind::NotFound, "{error}");
+    assert!(
+        fs::read_dir("/sys/fs/cgroup/pids/sandboxd")
+            .unwrap()
+            .flatten()
+            .all(|e| e.file_name().to_string_lossy() != common::instance())
+    );
+    make_instance_group();
+    let made = PremadeCgroup::make(&common::instance(), &premade_limits()).unwrap();
+    let groups = premade_groups();
+    assert_eq!(groups.len(), 6, "{groups:?}"); // memory, cpu, cpuacct, pids, freezer, devices
+    for d in &groups {
+        let read = |name: &str| fs::read_to_string(d.join(name)).ok();
+        if let Some(memory) = read("memory.limit_in_bytes") {
+            assert_eq!(memory.trim(), (512u64 << 20).to_string());
+        }
+        if let Some(pids) = read("pids.max") {
+            assert_eq!(pids.trim(), "100");
+        }
+        if let Some(quota) = read("cpu.cfs_quota_us") {
+            assert_eq!(quota.trim(), "50000");
+        }
+        if let Some(devices) = read("devices.list") {
+            assert!(!devices.contains("a *:* rwm"), "{devices}");
+        }
+    }
+    drop(made);
+    assert_eq!(premade_groups(), Vec::<std::path::PathBuf>::new());
+
+    let (mut spec, _dir) = common::spec("premade-unfit");
+    spec.limits = Limits {
+        memory_bytes: None,
+        ..requested()
+    };
+    let _cleanup = Cleanup(spec.id.clone());
+    let (msg, go) = enter_with_premade(&spec);
+    let init_pid: i32 = msg
+        .strip_prefix('P')
+        .unwrap_or_else(|| panic!("enter_sandbox_then failed: {msg}"))
+        .parse()
+        .unwrap();
+    let handle = SandboxHandle::adopt(&spec.instance, &spec.id, init_pid).unwrap();
+    assert_eq!(premade_groups(), Vec::<std::path::PathBuf>::new());
+    let (memory, quota, pids, _) = limits_of(&handle);
+    assert_ne!(
+        memory,
+        (512u64 << 20).to_string(),
+        "the pre-made limit leaked"
+    );
+    assert_eq!((quota.as_str(), pids.as_str()), ("100000", "64"));
+    drop(go);
+    handle.kill().unwrap();
 }
 
 /// The runtime spawns a sandbox and is then SIGKILLed; the sandbox keeps running and a new
@@ -308,13 +585,29 @@ fn main() {
         return;
     }
     common::template();
-    let tests: [(&str, fn()); 4] = [
+    let tests: [(&str, fn()); 8] = [
         ("zygote_child_enters_sandbox", zygote_child_enters_sandbox),
         ("sandbox_survives_its_runtime", sandbox_survives_its_runtime),
         // After the others: it makes this process a subreaper.
         (
             "zygote_child_enters_sandbox_then",
             zygote_child_enters_sandbox_then,
+        ),
+        (
+            "premade_cgroup_becomes_the_sandboxs",
+            premade_cgroup_becomes_the_sandboxs,
+        ),
+        (
+            "premade_cgroup_refused_rename_falls_back",
+            premade_cgroup_refused_rename_falls_back,
+        ),
+        (
+            "premade_cgroup_removed_on_failure",
+            premade_cgroup_removed_on_failure,
+        ),
+        (
+            "premade_cgroup_unused_or_unfit_is_removed",
+            premade_cgroup_unused_or_unfit_is_removed,
         ),
         // Last: it leaves this process multithreaded.
         (

@@ -22,6 +22,7 @@ pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<SandboxStats>()?;
     m.add_class::<SandboxHandle>()?;
     m.add_class::<IdRegistry>()?;
+    m.add_class::<PremadeCgroup>()?;
     m.add_function(wrap_pyfunction!(build_base_template, m)?)?;
     m.add_function(wrap_pyfunction!(enter_sandbox, m)?)?;
     m.add_function(wrap_pyfunction!(kill_sandbox, m)?)?;
@@ -181,7 +182,7 @@ fn build_base_template(py: Python<'_>, dir: PathBuf) -> PyResult<()> {
     id, template_dirs, sandbox_dir, *, instance, id_base, host_usr_ro = true, disk_image = None,
     disk_fd = None, nested_userns = false, memory_bytes = None, cpu_cores = None, pids_max = None,
     open_files = None, inotify_instances = None, inotify_watches = None, volumes = Vec::new(),
-    payload = None
+    payload = None, premade_cgroup = None
 ))]
 #[allow(clippy::too_many_arguments)]
 fn enter_sandbox(
@@ -203,6 +204,7 @@ fn enter_sandbox(
     inotify_watches: Option<u64>,
     volumes: Vec<(PathBuf, PathBuf)>,
     payload: Option<Py<PyAny>>,
+    premade_cgroup: Option<PyRef<'_, PremadeCgroup>>,
 ) -> PyResult<Entered> {
     let Some(first) = template_dirs.first() else {
         return Err(PyValueError::new_err(
@@ -250,11 +252,17 @@ fn enter_sandbox(
                 }
             }
         };
-        let init_pid = jail::enter_sandbox_then(&spec, &mut run).map_err(to_pyerr)?;
+        let premade = premade_cgroup.and_then(|p| p.take());
+        let init_pid = jail::enter_sandbox_then(&spec, premade, &mut run).map_err(to_pyerr)?;
         return Ok(Entered {
             inside: false,
             init_pid,
         });
+    }
+    if premade_cgroup.is_some() {
+        return Err(PyValueError::new_err(
+            "premade_cgroup is used with a payload only",
+        ));
     }
     match jail::enter_sandbox(&spec).map_err(to_pyerr)? {
         jail::Entered::Outside { init_pid } => Ok(Entered {
@@ -277,6 +285,56 @@ fn after_fork_child() {
     // SAFETY: called in the freshly forked payload by the only thread, which holds the GIL,
     // before any other Python code runs there: the documented contract of this function.
     unsafe { pyo3::ffi::PyOS_AfterFork_Child() };
+}
+
+/// A sandbox cgroup made ahead of need (`jail::PremadeCgroup`): used once, by the
+/// `enter_sandbox` of the process that made it, and removed when discarded or dropped unused.
+#[pyclass(frozen, module = "sandboxd._core", name = "PremadeCgroup")]
+pub(crate) struct PremadeCgroup {
+    inner: std::sync::Mutex<Option<jail::PremadeCgroup>>,
+}
+
+impl PremadeCgroup {
+    /// The group, once: a second `enter_sandbox` with this object makes its own.
+    fn take(&self) -> Option<jail::PremadeCgroup> {
+        self.inner.lock().ok().and_then(|mut g| g.take())
+    }
+}
+
+#[pymethods]
+impl PremadeCgroup {
+    /// Makes `sandboxd/<instance>/.spare-<this pid>` with the device allow-list and these limits.
+    /// `OSError` when it cannot be made (always on cgroup v2, which cannot rename a group);
+    /// nothing is left then.
+    #[new]
+    #[pyo3(signature = (instance, *, memory_bytes = None, cpu_cores = None, pids_max = None))]
+    fn new(
+        py: Python<'_>,
+        instance: &str,
+        memory_bytes: Option<u64>,
+        cpu_cores: Option<f64>,
+        pids_max: Option<u64>,
+    ) -> PyResult<Self> {
+        let limits = jail::Limits {
+            memory_bytes,
+            cpu_cores,
+            pids_max,
+            ..jail::Limits::default()
+        };
+        let made = py
+            .detach(|| jail::PremadeCgroup::make(instance, &limits))
+            .map_err(to_pyerr)?;
+        Ok(Self {
+            inner: std::sync::Mutex::new(Some(made)),
+        })
+    }
+
+    /// Removes the group now, unless an `enter_sandbox` took it.
+    fn discard(&self) {
+        if let Some(made) = self.take() {
+            made.discard();
+        }
+    }
 }
 
 /// Kills a sandbox of runtime `instance` by id (everything in its cgroup) and removes its cgroup.
