@@ -146,7 +146,7 @@ pub use nix::sys::signal::Signal;
 pub use pipesize::STDOUT_PIPE_BYTES;
 pub use process::Process;
 pub use pty::WinSize;
-pub use reader::{PIPE_CHUNK_BYTES, PTY_CHUNK_BYTES};
+pub use reader::{PIPE_CHUNK_BYTES, PTY_CHUNK_BYTES, PTY_GATHER_BYTES, PTY_GATHER_WAIT};
 pub use ring::{Batch, CHUNK_OVERHEAD_BYTES, Chunk, Cursor, DEFAULT_RING_BYTES, Lag, Stream};
 pub use spawn::{Io, SpawnError, SpawnOptions, User};
 pub use status::{End, signal_name};
