@@ -68,9 +68,11 @@ class RawStream:
         headers: dict[str, str] | None = None,
         connect_pid: int = 0,
         wait: float = 0,
+        pty: bool = False,
     ) -> None:
         """``connect_pid``: a ``Connect`` to that process instead of a ``Start`` of ``argv``;
-        ``wait``: seconds to sleep after sending the request, before reading anything."""
+        ``wait``: seconds to sleep after sending the request, before reading anything; ``pty``: the
+        process runs on an 80 x 24 PTY (its output comes as ``data.pty``)."""
         self.sock = sock or socket.create_connection(("127.0.0.1", agent.port), timeout=60)
         if rcvbuf:
             self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
@@ -79,6 +81,8 @@ class RawStream:
             request, method = pb.ConnectRequest(process=pb.ProcessSelector(pid=connect_pid)), "Connect"
         else:
             request = pb.StartRequest(process=pb.ProcessConfig(cmd=argv[0], args=argv[1:]), stdin=False)
+            if pty:
+                request.pty.size.cols, request.pty.size.rows = 80, 24
             method = "Start"
         body = struct.pack(">BI", 0, request.ByteSize()) + request.SerializeToString()
         extra = "".join(f"{name}: {value}\r\n" for name, value in (headers or {}).items())
@@ -281,6 +285,45 @@ def test_a_flooding_stream_is_written_by_a_pump_thread(lone_agent: Agent) -> Non
     while pump_threads(lone_agent) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert pump_threads(lone_agent) == 0
+
+
+def test_a_pty_flood_arrives_whole_and_in_order_written_by_a_pump_thread(lone_agent: Agent) -> None:
+    """A PTY hands over ~4 KiB per read; the agent gathers a flood's reads into larger chunks (the
+    reader thread, ``pump_pty``), so it reaches the hand-off like a pipe's, and loses or reorders
+    nothing on the way: stdout and stderr share the terminal, in the order written, with the line
+    discipline's "\n" → "\r\n"."""
+    blocks, size = 24, 1 << 20
+    stream = RawStream(lone_agent, [sys.executable, "-c", PATTERN_CHILD, str(blocks), str(size)], pty=True)
+    got = bytearray()
+    seen = 0
+    end = None
+    with stream.sock:
+        for event in stream.events():
+            if event.HasField("data"):
+                assert not event.data.stdout and not event.data.stderr
+                got += event.data.pty
+            elif event.HasField("end"):
+                end = event.end
+            if not seen:
+                seen = pump_threads(lone_agent)
+        assert stream.done
+    assert end is not None and (end.exited, end.exit_code) == (True, 0)
+    written = b"".join(
+        bytes([i % 251]) * 7 + (b"%08d" % i) * ((size - 7) // 8) + b"stderr line %d\n" % i for i in range(blocks)
+    )
+    expected = written.replace(b"\n", b"\r\n")
+    assert len(got) == len(expected)
+    assert hashlib.sha256(got).digest() == hashlib.sha256(expected).digest()
+    assert seen == 1, "the PTY flood was never handed to a pump thread"
+
+
+def test_a_full_gathered_pty_chunk_is_enough_to_hand_a_stream_off() -> None:
+    """The hand-off waits for a batch of ``HAND_OFF_ABOVE`` bytes; a PTY flood's batches are gathered
+    chunks, so a bound above the gathering's would leave PTY floods on the loop whenever it keeps up."""
+    from sandboxd import _core
+    from sandboxd.agent.services.process import HAND_OFF_ABOVE
+
+    assert HAND_OFF_ABOVE <= _core.PTY_GATHER_BYTES
 
 
 @pytest.mark.parametrize(

@@ -136,6 +136,8 @@ def trim_malloc() -> bool:
 STREAM_STDOUT: int
 STREAM_STDERR: int
 STREAM_PTY: int
+PTY_GATHER_BYTES: int
+"""The largest chunk a flooding PTY's reads are gathered into (sandboxd-proc's ``PTY_GATHER_BYTES``)."""
 
 class End:
     """How a process ended, mapped exactly as envd maps Go's ``ProcessState`` (spec §4.2)."""

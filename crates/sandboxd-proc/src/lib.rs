@@ -18,6 +18,8 @@
 //!   of [`PIPE_CHUNK_BYTES`] (pipes) or [`PTY_CHUNK_BYTES`] (PTY), appends each read to the
 //!   process's ring as a [`Chunk`] tagged [`Stream::Stdout`]/[`Stream::Stderr`]/[`Stream::Pty`],
 //!   then waits for the child, reaps it and records its [`End`] (envd's mapping, Go's strings).
+//!   A PTY's ~4 KiB reads are gathered into one chunk of up to [`PTY_GATHER_BYTES`] while they
+//!   follow each other within [`PTY_GATHER_WAIT`] (a flood), and pushed one by one otherwise.
 //! * The ring keeps the newest output up to [`DEFAULT_RING_BYTES`] (1 MiB). Readers hold a
 //!   [`Cursor`] (next sequence number wanted, plus the byte offset) and call `next_batch`, which
 //!   returns all available chunks up to a byte budget, a [`Lag`] when output at the cursor was
@@ -118,7 +120,8 @@
 //! budget): the child and the reader thread then trade the CPU every MiB instead of every 64 KiB,
 //! so pipes read up to [`PIPE_CHUNK_BYTES`] (256 KiB; the buffer grows from 32 KiB only while
 //! reads fill it). The PTY stays at envd's 16 KiB: its line discipline hands over ~4 KiB per read
-//! whatever the buffer. `SpawnOptions::read_chunk_bytes` overrides them.
+//! whatever the buffer. `SpawnOptions::read_chunk_bytes` overrides them. (The table predates the
+//! PTY's gathered reads, `reader::pump_pty`; docs/benchmarks.md, `pty2`, has those figures.)
 #![deny(unsafe_code)]
 
 mod errno;
@@ -146,7 +149,7 @@ pub use nix::sys::signal::Signal;
 pub use pipesize::STDOUT_PIPE_BYTES;
 pub use process::Process;
 pub use pty::WinSize;
-pub use reader::{PIPE_CHUNK_BYTES, PTY_CHUNK_BYTES};
+pub use reader::{PIPE_CHUNK_BYTES, PTY_CHUNK_BYTES, PTY_GATHER_BYTES, PTY_GATHER_WAIT};
 pub use ring::{Batch, CHUNK_OVERHEAD_BYTES, Chunk, Cursor, DEFAULT_RING_BYTES, Lag, Stream};
 pub use spawn::{Io, SpawnError, SpawnOptions, User};
 pub use status::{End, signal_name};

@@ -19,7 +19,7 @@ use nix::unistd::Pid;
 use crate::fanout::{Output, lock};
 use crate::fdio;
 use crate::pty::{self, WinSize};
-use crate::reader::{PIPE_CHUNK_BYTES, PTY_CHUNK_BYTES, pump};
+use crate::reader::{PIPE_CHUNK_BYTES, PTY_CHUNK_BYTES, PTY_GATHER_BYTES, pump, pump_pty};
 use crate::reap;
 use crate::ring::{Batch, Cursor, Stream};
 use crate::spawn::{self, Io, SpawnOptions};
@@ -104,6 +104,8 @@ impl Process {
                 Io::Pty(_) => PTY_CHUNK_BYTES,
             })
             .min(opts.ring_bytes.max(1));
+        // A PTY's reads are gathered up to this (at least one read; see `reader::pump_pty`).
+        let gather = PTY_GATHER_BYTES.min(opts.ring_bytes / 4).max(chunk);
         let spawned = spawn::spawn(opts)?;
         let pid = spawned.pid;
         let inner = Arc::new(Inner {
@@ -131,7 +133,7 @@ impl Process {
         let started = std::thread::Builder::new()
             .name(format!("proc-{pid}"))
             .stack_size(READER_STACK_BYTES)
-            .spawn(move || follow(thread_inner, outputs, chunk));
+            .spawn(move || follow(thread_inner, outputs, chunk, gather));
         if let Err(err) = started {
             spawn::abandon(pid);
             return Err(err);
@@ -277,8 +279,16 @@ impl fmt::Debug for Process {
 
 /// The body of the `proc-<pid>` thread: drain output to EOF, then wait for the child, reap it,
 /// close stdin and record the end (envd's order: both pipes at EOF, then `wait()`, then `end`).
-fn follow(inner: Arc<Inner>, outputs: Vec<(OwnedFd, Stream)>, chunk: usize) {
-    pump(outputs, chunk, &inner.output);
+fn follow(inner: Arc<Inner>, mut outputs: Vec<(OwnedFd, Stream)>, chunk: usize, gather: usize) {
+    match outputs.pop() {
+        Some((master, Stream::Pty)) if outputs.is_empty() => {
+            pump_pty(master, chunk, gather, &inner.output);
+        }
+        last => {
+            outputs.extend(last);
+            pump(outputs, chunk, &inner.output);
+        }
+    }
     let pid = inner.pid;
     let end = match reap::wait_terminated(pid) {
         Ok(()) => {

@@ -6,7 +6,10 @@ use std::io::ErrorKind;
 use std::time::{Duration, Instant};
 
 use common::{collect, run, sh_pty};
-use sandboxd_proc::{Io, Process, SpawnError, SpawnOptions, StartAt, Stream, WinSize};
+use sandboxd_proc::{
+    Io, PTY_CHUNK_BYTES, PTY_GATHER_BYTES, Process, Signal, SpawnError, SpawnOptions, StartAt,
+    Stream, WinSize,
+};
 
 #[test]
 fn tty_is_a_pts() {
@@ -164,4 +167,76 @@ fn exec_failure_names_the_binary() {
             .downcast_ref::<SpawnError>()
             .is_some()
     );
+}
+
+#[test]
+fn a_flood_arrives_whole_and_in_order_in_gathered_chunks() {
+    // ~6.9 MB of numbered lines, each "\n" turned into "\r\n" by the line discipline (ONLCR).
+    let (process, mut sub) = Process::spawn_subscribed(&sh_pty("seq 1 1000000", 80, 24)).unwrap();
+    let expected: String = (1..=1_000_000).map(|i| format!("{i}\r\n")).collect();
+    let mut got = Vec::with_capacity(expected.len());
+    let mut largest = 0;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let end = loop {
+        assert!(
+            Instant::now() < deadline,
+            "no end after {} bytes",
+            got.len()
+        );
+        let batch = sub.recv(usize::MAX, Some(Duration::from_secs(5)));
+        assert!(batch.lagged.is_none(), "{:?}", batch.lagged);
+        for chunk in batch.chunks {
+            assert_eq!(chunk.stream, Stream::Pty);
+            largest = largest.max(chunk.data.len());
+            got.extend_from_slice(&chunk.data);
+        }
+        if let Some(end) = batch.end {
+            break end;
+        }
+    };
+    assert!(end.success(), "{end:?}");
+    assert_eq!(got.len(), expected.len());
+    let first_difference = got
+        .iter()
+        .zip(expected.as_bytes())
+        .position(|(a, b)| a != b);
+    assert_eq!(first_difference, None, "out of order or altered");
+    // The line discipline hands over ~4 KiB per read: larger chunks are reads gathered while the
+    // process flooded, never more than the gathering bound.
+    assert!(
+        largest > PTY_CHUNK_BYTES && largest <= PTY_GATHER_BYTES,
+        "largest chunk {largest} bytes"
+    );
+    drop(process);
+}
+
+#[test]
+fn the_tail_of_a_flood_arrives_while_the_process_goes_quiet() {
+    // The last reads of the flood are gathered; they must go out once no more output follows
+    // (within PTY_GATHER_WAIT), not wait for the process's next output or its end.
+    let total = 1_000_000;
+    let process = Process::spawn(&sh_pty(
+        &format!("head -c {total} /dev/zero; sleep 60"),
+        80,
+        24,
+    ))
+    .unwrap();
+    let mut sub = process.subscribe(StartAt::Oldest).unwrap();
+    let mut got = 0;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while got < total && Instant::now() < deadline {
+        let batch = sub.recv(usize::MAX, Some(Duration::from_secs(1)));
+        assert!(
+            batch.end.is_none(),
+            "the process ended early: {:?}",
+            batch.end
+        );
+        got += batch.bytes();
+    }
+    assert_eq!(
+        got, total,
+        "the flood's tail did not arrive while the process slept"
+    );
+    process.signal(Signal::SIGKILL).unwrap();
+    assert!(!collect(&process).end().success());
 }

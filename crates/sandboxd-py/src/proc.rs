@@ -61,6 +61,7 @@ pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("STREAM_STDOUT", STREAM_STDOUT)?;
     m.add("STREAM_STDERR", STREAM_STDERR)?;
     m.add("STREAM_PTY", STREAM_PTY)?;
+    m.add("PTY_GATHER_BYTES", core::PTY_GATHER_BYTES)?;
     m.add_class::<End>()?;
     m.add_class::<Batch>()?;
     m.add_class::<OutputChunk>()?;

@@ -47,7 +47,10 @@ events raise throughput."""
 HAND_OFF_ABOVE = 64 << 10
 """A stream hands its socket to a worker thread (see :func:`output_events`) once a batch of at least
 this many bytes (or one cut by the byte budget) shows the process flooding: starting the thread costs
-a thread's start and a hop back to the loop, which a command with a line of output should not pay."""
+a thread's start and a hop back to the loop, which a command with a line of output should not pay.
+A flooding PTY's ~4 KiB reads come gathered into chunks of up to ``_core.PTY_GATHER_BYTES`` (64 KiB,
+no less than this), so its first full chunk is such a batch; before they were gathered, a loop that
+kept up saw batches of 4 to 8 KiB, and a PTY flood often went through the loop in 4 KiB frames to its end."""
 
 SDK_SHELL = "/bin/bash"
 """What the SDKs' ``commands.run`` starts (``/bin/bash -l -c CMD``), as envd expects every template to have."""
