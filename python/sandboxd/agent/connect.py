@@ -21,7 +21,7 @@ import contextlib
 import json
 import struct
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from typing import Any
 
 from google.protobuf.message import DecodeError, Message
@@ -34,7 +34,6 @@ from .asgi import (
     Scope,
     Send,
     body_chunks,
-    header_map,
     raw_headers,
     read_body,
     send_bytes,
@@ -119,6 +118,19 @@ class Codec:
         return [_JSON(message_to_dict(message)).encode()]
 
 
+_CODECS = {"json": Codec("json"), "proto": Codec("proto")}
+"""One of each: a codec holds nothing of a call."""
+
+_NO_DEADLINE = contextlib.nullcontext()
+"""What a call without ``connect-timeout-ms`` runs in, instead of an ``asyncio.timeout_at(None)``
+(which makes, enters and leaves a ``Timeout`` for nothing). Holds no state, so one serves all."""
+
+
+def _within(deadline: float | None) -> contextlib.AbstractAsyncContextManager[Any]:
+    """``asyncio.timeout_at`` for a ``time.monotonic()`` deadline, or nothing without one."""
+    return _NO_DEADLINE if deadline is None else asyncio.timeout_at(_loop_deadline(deadline))
+
+
 def error_json(error: RpcError) -> dict[str, Any]:
     """The Connect error object: ``code``, ``message`` (left out when empty) and ``details`` (each
     ``{"type": <full name>, "value": <unpadded base64 of the binary message>}``)."""
@@ -197,6 +209,31 @@ async def envelopes(
         raise RpcError(Code.INVALID_ARGUMENT, f"request body ends inside a message envelope ({len(buffer)} bytes)")
 
 
+def envelopes_of(body: bytes, encoding: str | None, limit: int = MAX_ENVELOPE) -> Iterator[bytes]:
+    """:func:`envelopes` of a body that has all arrived: the same payloads and the same errors, at
+    the same points of the iteration, without an async generator per request."""
+    view = memoryview(body)
+    at = 0
+    end = len(body)
+    while end - at >= _HEADER.size:
+        flags, length = _HEADER.unpack_from(view, at)
+        if length > limit:
+            raise RpcError(Code.RESOURCE_EXHAUSTED, f"message of {length} bytes exceeds the limit of {limit} bytes")
+        if end - at < _HEADER.size + length:
+            break
+        payload = bytes(view[at + _HEADER.size : at + _HEADER.size + length])
+        at += _HEADER.size + length
+        if flags & FLAG_END_STREAM:
+            return
+        if flags & FLAG_COMPRESSED:
+            if not _is_gzip(encoding, "connect-content-encoding"):
+                raise RpcError(Code.INTERNAL, "compressed message without connect-content-encoding")
+            payload = gunzip(payload, "message", limit)
+        yield payload
+    if at < end:
+        raise RpcError(Code.INVALID_ARGUMENT, f"request body ends inside a message envelope ({end - at} bytes)")
+
+
 class ConnectTransport:
     """Serves a set of :class:`Method` over the Connect protocol.
 
@@ -212,7 +249,33 @@ class ConnectTransport:
             # As connect-go: 405 with the verbs allowed, and no body to mistake for a Connect error.
             await send_bytes(send, 405, b"", None, [("allow", "POST")])
             return
-        headers = header_map(scope)
+        header_list = [(k.decode("latin-1").lower(), v.decode("latin-1")) for k, v in scope["headers"]]
+        writer = scope.get("extensions", {}).get(BODY_PARTS)
+        await self.serve(method, dict(header_list), header_list, receive, send, writer, None)
+
+    async def direct(
+        self, writer: Any, method: Method, headers: dict[str, str], header_list: list[tuple[str, str]]
+    ) -> None:
+        """A ``POST`` to ``method`` on the HTTP server's direct path (``GuardedHttpToolsProtocol``):
+        :meth:`serve` with the server's ``ResponseWriter`` as ``send`` (``send_direct``) and the body
+        taken whole when it came with the head (``complete_body``; a client stream reads its own)."""
+        body = writer.complete_body() if method.kind is not Kind.CLIENT_STREAM else None
+        await self.serve(method, headers, header_list, writer.receive, writer.send_direct, writer, body)
+
+    async def serve(
+        self,
+        method: Method,
+        headers: dict[str, str],
+        header_list: list[tuple[str, str]],
+        receive: Receive,
+        send: Send,
+        writer: Any,
+        body: bytes | None,
+    ) -> None:
+        """A ``POST`` to ``method``: ``headers`` as :func:`~.asgi.header_map` gives them and
+        ``header_list`` every one in order (names lower-case); ``writer`` the server's
+        ``ResponseWriter`` (:data:`~.asgi.BODY_PARTS`) or None; ``body`` the whole request body
+        when it has all arrived already (a unary or server-stream call; None: read from ``receive``)."""
         content_type = headers.get("content-type", "").split(";")[0].strip().lower()
         types = UNARY_TYPES if method.kind is Kind.UNARY else STREAM_TYPES
         codec_name = types.get(content_type)
@@ -224,11 +287,10 @@ class ConnectTransport:
             )
             await self._send_unary_error(send, error, [("accept-post", ", ".join(types))], status=415)
             return
-        header_list = [(k.decode("latin-1").lower(), v.decode("latin-1")) for k, v in scope["headers"]]
         if method.kind is Kind.UNARY:
-            await self._unary(method, headers, header_list, Codec(codec_name), receive, send)
+            await self._unary(method, headers, header_list, _CODECS[codec_name], receive, send, body)
         else:
-            await self._stream(method, headers, header_list, Codec(codec_name), scope, receive, send)
+            await self._stream(method, headers, header_list, _CODECS[codec_name], receive, send, writer, body)
 
     def _context(self, headers: dict[str, str], header_list: list[tuple[str, str]]) -> Context:
         return Context(
@@ -246,19 +308,23 @@ class ConnectTransport:
         codec: Codec,
         receive: Receive,
         send: Send,
+        body: bytes | None,
     ) -> None:
         ctx: Context | None = None
         limit = self.message_limit
         try:
             compressed = _is_gzip(headers.get("content-encoding"), "content-encoding")
-            body = await read_body(receive, limit)
+            if body is None:
+                body = await read_body(receive, limit)
+            elif len(body) > limit:
+                body = None
             if body is None:
                 raise RpcError(Code.RESOURCE_EXHAUSTED, f"request body exceeds the limit of {limit} bytes")
             if compressed:
                 body = gunzip(body, "request body", limit)
             ctx = self._context(headers, header_list)
             request = codec.decode(body, method.request_type)
-            async with asyncio.timeout_at(_loop_deadline(ctx.deadline)):
+            async with _within(ctx.deadline):
                 response = await method.handler(request, ctx)
             body = codec.encode(response)
         except ClientDisconnected:
@@ -284,9 +350,10 @@ class ConnectTransport:
         headers: dict[str, str],
         header_list: list[tuple[str, str]],
         codec: Codec,
-        scope: Scope,
         receive: Receive,
         send: Send,
+        body_parts: Any,
+        body: bytes | None,
     ) -> None:
         started = False
         complete = False  # the body's last message was handed to the server: nothing may follow it
@@ -304,8 +371,6 @@ class ConnectTransport:
                 # Only ever called right before the first frame: the head may wait for it.
                 headers = raw_headers(response_headers)
                 await send({"type": "http.response.start", "status": 200, "headers": headers, BODY_FOLLOWS: True})
-
-        body_parts = scope.get("extensions", {}).get(BODY_PARTS)
 
         async def frame(data: bytes | list[Piece], more: bool = True) -> None:
             nonlocal complete
@@ -330,14 +395,18 @@ class ConnectTransport:
             ctx = self._context(headers, header_list)
             encoding = headers.get("connect-content-encoding")
             _is_gzip(encoding, "connect-content-encoding")
-            payloads = envelopes(body_chunks(receive), encoding, self.message_limit)
-            async with asyncio.timeout_at(_loop_deadline(ctx.deadline)):
+            async with _within(ctx.deadline):
                 if method.kind is Kind.CLIENT_STREAM:
+                    payloads = envelopes(body_chunks(receive), encoding, self.message_limit)
                     requests = (codec.decode(p, method.request_type) async for p in payloads)
                     response = await method.handler(requests, ctx)
                     await frame(codec.frame_parts(response))
                 else:
-                    request = await _single_request(payloads, codec, method)
+                    if body is None:
+                        payloads = envelopes(body_chunks(receive), encoding, self.message_limit)
+                        request = await _single_request(payloads, codec, method)
+                    else:
+                        request = _one_request(envelopes_of(body, encoding, self.message_limit), codec, method)
                     await self._serve_stream(method, request, ctx, codec, receive, frame, body_parts)
         except ClientDisconnected:
             return
@@ -530,6 +599,18 @@ async def _single_request(payloads: AsyncIterator[bytes], codec: Codec, method: 
     connect-go gives: the call's shape is not one the method implements)."""
     request: Message | None = None
     async for payload in payloads:
+        if request is not None:
+            raise RpcError(Code.UNIMPLEMENTED, f"{method.path} takes exactly one request message, got more")
+        request = codec.decode(payload, method.request_type)
+    if request is None:
+        raise RpcError(Code.UNIMPLEMENTED, f"{method.path} needs one request message, the body had none")
+    return request
+
+
+def _one_request(payloads: Iterator[bytes], codec: Codec, method: Method) -> Message:
+    """:func:`_single_request` of payloads that have all arrived (:func:`envelopes_of`)."""
+    request: Message | None = None
+    for payload in payloads:
         if request is not None:
             raise RpcError(Code.UNIMPLEMENTED, f"{method.path} takes exactly one request message, got more")
         request = codec.decode(payload, method.request_type)
