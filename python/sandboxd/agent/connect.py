@@ -103,7 +103,8 @@ class Codec:
         a joined envelope on their way to the HTTP server (which copies each body message once more
         into its chunked framing)."""
         parts = self._encode_parts(message)
-        parts.insert(0, _HEADER.pack(0, sum(len(p) for p in parts)))
+        size = len(parts[0]) if len(parts) == 1 else sum(len(p) for p in parts)
+        parts.insert(0, _HEADER.pack(0, size))
         return parts
 
     def _encode_parts(self, message: Message | NestedBytes) -> list[Piece]:
@@ -119,6 +120,11 @@ class Codec:
 
 
 _CODECS = {"json": Codec("json"), "proto": Codec("proto")}
+
+_STREAM_HEADERS = {
+    name: [(b"content-type", f"application/connect+{name}".encode()), (b"x-accel-buffering", b"no")] for name in _CODECS
+}
+"""A stream response's own headers, by codec (a handler's ``response_headers`` follow them)."""
 """One of each: a codec holds nothing of a call."""
 
 _NO_DEADLINE = contextlib.nullcontext()
@@ -158,7 +164,12 @@ def end_stream(error: RpcError | None, trailers: Iterable[tuple[str, str]] = ())
         metadata.setdefault(name, []).append(value)
     if metadata:
         body["metadata"] = metadata
+    elif error is None:
+        return _END_OK  # most streams' end: the same bytes every time
     return envelope(FLAG_END_STREAM, _JSON(body).encode())
+
+
+_END_OK = envelope(FLAG_END_STREAM, b"{}")
 
 
 def deadline_from(headers: dict[str, str]) -> float | None:
@@ -359,24 +370,17 @@ class ConnectTransport:
         complete = False  # the body's last message was handed to the server: nothing may follow it
         ctx: Context | None = None
 
-        async def start() -> None:
-            nonlocal started
-            if not started:
-                started = True
-                response_headers = [
-                    ("content-type", f"application/connect+{codec.name}"),
-                    ("x-accel-buffering", "no"),
-                    *(ctx.response_headers if ctx is not None else ()),
-                ]
-                # Only ever called right before the first frame: the head may wait for it.
-                headers = raw_headers(response_headers)
-                await send({"type": "http.response.start", "status": 200, "headers": headers, BODY_FOLLOWS: True})
-
         async def frame(data: bytes | list[Piece], more: bool = True) -> None:
-            nonlocal complete
+            nonlocal complete, started
             if complete:
                 return  # a keepalive due while the last message was being sent
-            await start()
+            if not started:
+                started = True
+                head = _STREAM_HEADERS[codec.name]
+                if ctx is not None and ctx.response_headers:
+                    head = [*head, *raw_headers(ctx.response_headers)]
+                # Only ever sent right before the first frame: the head may wait for it.
+                await send({"type": "http.response.start", "status": 200, "headers": head, BODY_FOLLOWS: True})
             complete = not more  # before the send: a failed send is not followed by another end
             if isinstance(data, list):
                 if len(data) > 1 and sum(len(part) for part in data) > JOIN_BELOW:

@@ -375,7 +375,7 @@ class ResponseWriter:
         lost.append(callback)
 
         def forget() -> None:
-            with contextlib.suppress(ValueError):
+            if callback in lost:  # (not contextlib.suppress(ValueError): three calls more per stream)
                 lost.remove(callback)
 
         return forget
@@ -741,6 +741,10 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         super().__init__(*args, **kwargs)
         self._admitted = False
         self._head_timer: asyncio.TimerHandle | None = None
+        self._head_due = 0.0
+        """When the head in progress is due (the loop's clock); the timer may be set for an earlier one."""
+        self._idle_since: float | None = None
+        """When the connection's last response ended, if nothing arrived since (the keep-alive clock)."""
         self._in_head = True
         self._head_bytes = 0
         self._lost: list[Callable[[], None]] = []
@@ -763,6 +767,9 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_head_timer()
+        if self.timeout_keep_alive_task is not None:  # uvicorn cancels it only when exc is None
+            self.timeout_keep_alive_task.cancel()
+            self.timeout_keep_alive_task = None
         if self._moving is not None:
             self._moving.cancel()
         if self._admitted:
@@ -793,8 +800,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             self._arm_head_timer()
 
     def on_headers_complete(self) -> None:
-        self._in_head = False
-        self._cancel_head_timer()
+        self._in_head = False  # the head timer, left set, finds no head in progress (_head_timed_out)
         self.guard.busy(self)
         super().on_headers_complete()
         cycle = self.cycle
@@ -819,17 +825,18 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
                 writer = self._attach(cycle)
             serve = direct(cycle.scope, writer)
             if serve is not None:
-                task = self.loop.create_task(self._run_direct(cycle, serve))
-                task.add_done_callback(self.tasks.discard)
-                self.tasks.add(task)
+                # Its own last step takes it out of the server's tasks (_run_direct), where uvicorn
+                # adds a done callback: one more loop turn per request to run it.
+                self.tasks.add(self.loop.create_task(self._run_direct(cycle, serve)))
                 return
         super()._start_asgi_task(cycle, app)
 
-    @staticmethod
-    async def _run_direct(cycle: Any, serve: Coroutine[Any, Any, None]) -> None:
+    async def _run_direct(self, cycle: Any, serve: Coroutine[Any, Any, None]) -> None:
         """uvicorn's ``RequestResponseCycle.run_asgi`` for a direct route's coroutine: an exception
         is logged and answered 500 before the response started, or closes the connection after;
-        a coroutine that did not start or finish its response is told of the same way."""
+        a coroutine that did not start or finish its response is told of the same way. Last, the
+        task leaves the server's tasks. (A task cancelled before its first step never runs this:
+        only the server's shutdown cancels requests, after its wait for them is over.)"""
         try:
             await serve
         except BaseException as exc:
@@ -847,6 +854,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
                 cycle.transport.close()
         finally:
             cycle.on_response = _nothing
+            self.tasks.discard(asyncio.current_task())
 
     def _attach(self, cycle: Any) -> ResponseWriter:
         """The request's :class:`ResponseWriter` and :class:`RawBody`, in its scope's extensions."""
@@ -883,9 +891,41 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def on_response_complete(self) -> None:
         pipelined = bool(self.pipeline)  # a request already read starts now: still busy
-        super().on_response_complete()
+        # uvicorn's HttpToolsProtocol.on_response_complete, but for its keep-alive timer: that is
+        # set once and kept across requests (see _keep_alive_due), not set here and cancelled by
+        # the next request's first bytes each time (a timer made, pushed and cancelled per request).
+        self.server_state.total_requests += 1
+        if not self.transport.is_closing():
+            self.flow.resume_reading()
+            if self.pipeline:
+                cycle, app = self.pipeline.pop()
+                self._start_asgi_task(cycle, app)
+            else:
+                self._idle_since = self.loop.time()
+                if self.timeout_keep_alive_task is None:
+                    due = self._idle_since + self.timeout_keep_alive
+                    self.timeout_keep_alive_task = self.loop.call_at(due, self._keep_alive_due)
         if self._admitted and not self._in_head and not pipelined:
             self.guard.waiting(self)
+
+    def _unset_keepalive_if_required(self) -> None:
+        # uvicorn calls this when bytes arrive (and when the connection is lost without an error,
+        # which connection_lost handles): the connection is no longer idle. The timer stays.
+        self._idle_since = None
+
+    def _keep_alive_due(self) -> None:
+        """The keep-alive timer: closes the connection idle for ``timeout_keep_alive`` since its last
+        response (uvicorn's ``timeout_keep_alive_handler``); set again for the rest of that time when
+        a later response ended, and not at all while a request is in progress (its response will)."""
+        self.timeout_keep_alive_task = None
+        since = self._idle_since
+        if since is None:
+            return
+        due = since + self.timeout_keep_alive
+        if self.loop.time() < due:
+            self.timeout_keep_alive_task = self.loop.call_at(due, self._keep_alive_due)
+        else:
+            self.timeout_keep_alive_handler()
 
     def evict(self) -> None:
         """Closes this waiting connection to make room for a new one (the guard forgot it already)."""
@@ -897,8 +937,11 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             self.transport.close()
 
     def _arm_head_timer(self) -> None:
-        self._cancel_head_timer()
-        self._head_timer = self.loop.call_later(self.guard.limits.head_timeout, self._head_timed_out)
+        """A head starts now, due ``head_timeout`` from now. A timer still set for an earlier head
+        (they are left set when a head completes) is kept: it sets itself again for this one."""
+        self._head_due = self.loop.time() + self.guard.limits.head_timeout
+        if self._head_timer is None:
+            self._head_timer = self.loop.call_at(self._head_due, self._head_timed_out)
 
     def _cancel_head_timer(self) -> None:
         if self._head_timer is not None:
@@ -907,6 +950,9 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def _head_timed_out(self) -> None:
         self._head_timer = None
+        if self._in_head and not self.transport.is_closing() and self.loop.time() < self._head_due:
+            self._head_timer = self.loop.call_at(self._head_due, self._head_timed_out)  # set for an earlier head
+            return
         if self._in_head and not self.transport.is_closing():
             if self._head_bytes:
                 timeout = self.guard.limits.head_timeout
