@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Coroutine
+from itertools import chain
 from typing import Any
 
 from .asgi import Receive, Scope, Send, header_map, send_empty, send_http_error
@@ -54,7 +55,7 @@ class AgentApp:
         writer.head_extra = _CORS_HEAD
         send = writer.send_direct
         raw = scope["headers"]
-        if sum(len(k) + len(v) for k, v in raw) > MAX_HEADER_BYTES:
+        if _header_bytes(raw) > MAX_HEADER_BYTES:
             await send_http_error(send, 431, f"request headers exceed {MAX_HEADER_BYTES} bytes")
             return
         header_list = [(k.decode("latin-1").lower(), v.decode("latin-1")) for k, v in raw]
@@ -68,7 +69,7 @@ class AgentApp:
         if scope["type"] != "http":
             return
         send = _with_cors(send)
-        if sum(len(k) + len(v) for k, v in scope["headers"]) > MAX_HEADER_BYTES:
+        if _header_bytes(scope["headers"]) > MAX_HEADER_BYTES:
             await send_http_error(send, 431, f"request headers exceed {MAX_HEADER_BYTES} bytes")
             return
         path: str = scope["path"]
@@ -102,6 +103,12 @@ class AgentApp:
             await send_http_error(send, 405, f"method {verb} is not allowed on {path}")
         else:
             await send_http_error(send, 404, f"no such endpoint: {verb} {path}")
+
+
+def _header_bytes(headers: list[tuple[bytes, bytes]]) -> int:
+    """The bytes of the request's header names and values together (in C: a generator over the
+    headers was a Python frame step per header, a dozen per SDK call)."""
+    return sum(map(len, chain.from_iterable(headers)))
 
 
 def _with_cors(send: Send) -> Send:

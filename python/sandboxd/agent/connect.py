@@ -441,7 +441,7 @@ class ConnectTransport:
         ``receive``). Either cancels this task, which then raises :class:`ClientDisconnected`."""
         messages: AsyncIterator[Message] = method.handler(request, ctx)
         loop = asyncio.get_running_loop()
-        task = asyncio.current_task()
+        task = asyncio.current_task(loop)  # (with the loop: no getpid(2) to find it again)
         assert task is not None
         gone = False  # the client left (or a keepalive could not be sent): this task was cancelled
         finished = False

@@ -747,6 +747,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         """When the connection's last response ended, if nothing arrived since (the keep-alive clock)."""
         self._in_head = True
         self._head_bytes = 0
+        self._head_begun = False
+        """Bytes of the head in progress have arrived (the parser began a message): a timeout is a 408."""
         self._lost: list[Callable[[], None]] = []
         """What to call when the connection is lost (:meth:`ResponseWriter.on_disconnect`)."""
         self._raw_body: RawBody | None = None
@@ -792,6 +794,9 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     def on_message_begin(self) -> None:
         in_progress = self.cycle is not None and not self.cycle.response_complete  # before super() resets it
         super().on_message_begin()
+        # Not _head_bytes: the bytes that begin a kept-alive connection's next head arrive while no
+        # head is in progress, so they are not counted (that head was closed without its 408).
+        self._head_begun = True
         if not self._in_head:  # the next request on a kept-alive connection: its head starts now
             self._in_head = True
             self._head_bytes = 0
@@ -854,7 +859,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
                 cycle.transport.close()
         finally:
             cycle.on_response = _nothing
-            self.tasks.discard(asyncio.current_task())
+            self.tasks.discard(asyncio.current_task(self.loop))
 
     def _attach(self, cycle: Any) -> ResponseWriter:
         """The request's :class:`ResponseWriter` and :class:`RawBody`, in its scope's extensions."""
@@ -954,7 +959,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             self._head_timer = self.loop.call_at(self._head_due, self._head_timed_out)  # set for an earlier head
             return
         if self._in_head and not self.transport.is_closing():
-            if self._head_bytes:
+            if self._head_begun or self._head_bytes:
                 timeout = self.guard.limits.head_timeout
                 self._refuse(408, "Request Timeout", f"the request head did not arrive within {timeout:g} s")
             else:
