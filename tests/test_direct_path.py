@@ -19,6 +19,8 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from sandboxd._proto.process import process_pb2 as pb
 from sandboxd.agent.app import AgentApp
 from sandboxd.agent.http_server import ConnectionLimits, GuardedHttpToolsProtocol
@@ -177,6 +179,16 @@ JSON, PROTO, STREAM_JSON, STREAM_PROTO = (
     "application/connect+proto",
 )
 HEAD_ONLY = _post(START, START_TRUE, STREAM_PROTO)[: -len(START_TRUE)]
+CHUNKED_HEAD = (
+    f"POST {START} HTTP/1.1\r\nHost: x\r\nContent-Type: {STREAM_PROTO}\r\nX-Access-Token: {TOKEN}\r\n"
+    "Transfer-Encoding: chunked\r\n\r\n"
+).encode()
+
+
+def _chunk(data: bytes) -> bytes:
+    return b"%x\r\n%s\r\n" % (len(data), data)
+
+
 EXPECTING = _post(LIST, b"", JSON, extra="Expect: 100-continue\r\n").replace(b"Content-Length: 0", b"Content-Length: 2")
 BIG_HEADERS = f"X-Big: {'a' * (40 << 10)}\r\nX-Big2: {'a' * (30 << 10)}\r\n"
 NOBODY = "Authorization: Basic bm9ib2R5LWF0LWFsbDo=\r\n"  # user "nobody-at-all"
@@ -201,6 +213,10 @@ CASES: dict[str, tuple[list[bytes], int, float]] = {
     "expect 100-continue": ([EXPECTING, b"{}"], 1, 0.2),
     "start": ([_post(START, START_TRUE, STREAM_PROTO)], 1, 0.0),
     "start, body after the head": ([HEAD_ONLY, START_TRUE], 1, 0.2),
+    "start chunked": ([CHUNKED_HEAD, _chunk(START_TRUE[:3]), _chunk(START_TRUE[3:]) + b"0\r\n\r\n"], 1, 0.1),
+    "start chunked, two messages": ([CHUNKED_HEAD, _chunk(START_TRUE), _chunk(START_TRUE) + b"0\r\n\r\n"], 1, 0.1),
+    "start chunked, cut envelope": ([CHUNKED_HEAD, _chunk(START_TRUE[:-1]), b"0\r\n\r\n"], 1, 0.1),
+    "start chunked, end-stream flag": ([CHUNKED_HEAD, _chunk(_envelope(b"", 0x02)), b"0\r\n\r\n"], 1, 0.1),
     "start empty cmd": ([_post(START, _envelope(b""), STREAM_PROTO)], 1, 0.0),
     "start no message": ([_post(START, b"", STREAM_PROTO)], 1, 0.0),
     "start two messages": ([_post(START, START_TRUE * 2, STREAM_PROTO)], 1, 0.0),
@@ -252,3 +268,84 @@ def test_direct_path_is_taken(servers: _Servers) -> None:
         assert calls
     finally:
         RequestResponseCycle.send = original  # type: ignore[method-assign]
+
+
+def _outcome(run: Any) -> tuple[str, Any]:
+    from sandboxd.agent.errors import RpcError
+
+    try:
+        return "ok", run().SerializeToString()
+    except RpcError as exc:
+        return "error", (exc.code, exc.message)
+
+
+def _reference(body: bytes, cuts: list[int]) -> tuple[str, Any]:
+    """The one request of a server stream as the streaming path finds it: ``envelopes`` over the
+    body's chunks, the first payload decoded, a second refused (what ``_read_single`` replaced)."""
+    from sandboxd.agent.connect import _CODECS, _the_request, envelopes
+    from sandboxd.agent.errors import Code, RpcError
+
+    method = _start_method()
+
+    async def chunks() -> Any:
+        at = 0
+        for cut in [*cuts, len(body)]:
+            if body[at:cut]:
+                yield body[at:cut]
+            at = cut
+
+    async def run() -> Any:
+        request = None
+        async for payload in envelopes(chunks(), "gzip", 64):
+            if request is not None:
+                raise RpcError(Code.UNIMPLEMENTED, f"{method.path} takes exactly one request message, got more")
+            request = _CODECS["proto"].decode(payload, method.request_type)
+        return _the_request(request, method)
+
+    return _outcome(lambda: asyncio.run(run()))
+
+
+def _start_method() -> Any:
+    state = AgentState(default_user=getpass.getuser())
+    return next(m for m in build_methods(state) if m.path == START)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(
+        st.one_of(
+            st.just(START_TRUE),
+            st.just(_envelope(b"", 0x02)),
+            st.just(_envelope(gzip.compress(b"\x0a\x03\x0a\x01x"), 0x01)),
+            st.just(struct.pack(">BI", 0, 65)),  # over the limit of 64 bytes given below
+            st.binary(max_size=12),  # garbage: cut envelopes, undecodable payloads
+        ),
+        max_size=4,
+    ).map(b"".join),
+    st.lists(st.integers(min_value=0, max_value=200), max_size=4).map(sorted),
+)
+def test_a_stream_request_read_whole_or_as_it_arrives_is_the_streaming_path_s(body: bytes, cuts: list[int]) -> None:
+    """``_read_single`` (a body still arriving) and ``envelopes_of`` + ``_one_request`` (a body that
+    came with its head) find the same request, or the same error, as ``envelopes`` over the body's
+    chunks did, wherever the chunks are cut."""
+    from sandboxd.agent.connect import _CODECS, _one_request, _read_single, envelopes_of
+
+    method = _start_method()
+    cuts = [min(cut, len(body)) for cut in cuts]
+    expected = _reference(body, cuts)
+
+    async def read() -> Any:
+        pieces, at = [], 0
+        for cut in [*cuts, len(body)]:
+            pieces.append(body[at:cut])
+            at = cut
+
+        async def receive() -> dict[str, Any]:
+            chunk = pieces.pop(0)
+            return {"type": "http.request", "body": chunk, "more_body": bool(pieces)}
+
+        return await _read_single(receive, _CODECS["proto"], method, "gzip", 64)
+
+    assert _outcome(lambda: asyncio.run(read())) == expected
+    whole = _outcome(lambda: _one_request(envelopes_of(body, "gzip", 64), _CODECS["proto"], method))
+    assert whole == expected
