@@ -143,3 +143,42 @@ def test_close_cancels_a_pending_trim() -> None:
         assert calls == []
 
     asyncio.run(main())
+
+
+def test_a_request_on_the_direct_path_is_counted_while_in_flight() -> None:
+    """The wrapper passes an app's ``direct`` on (the agent's Connect calls take it) and counts what
+    it serves as a request in flight; a request it declines (None) is left to the ASGI call, which
+    counts it itself; an app without ``direct`` gets none."""
+    idle, calls = _counting()
+
+    class Direct:
+        def __init__(self) -> None:
+            self.release = asyncio.Event()
+
+        def direct(self, scope: Any, writer: Any) -> Any:
+            return self.serve() if scope["path"] == "/direct" else None
+
+        async def serve(self) -> None:
+            await self.release.wait()
+
+        async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+            pass
+
+    async def scenario() -> None:
+        inner = Direct()
+        app: Any = idle.wrap(inner)
+        assert app.direct({"path": "/other"}, None) is None
+        task = asyncio.create_task(app.direct({"path": "/direct"}, None))
+        await asyncio.sleep(0)
+        assert idle.active == 1
+        await asyncio.sleep(DELAY * 3)
+        assert calls == [], "trimmed while a direct request was in flight"
+        inner.release.set()
+        await task
+        assert idle.active == 0
+        await asyncio.sleep(DELAY * 3)
+        assert len(calls) == 1
+        assert not hasattr(idle.wrap(_sleeper(0)), "direct")
+
+    asyncio.run(scenario())
+    idle.close()

@@ -176,6 +176,38 @@ def test_an_idle_keep_alive_connection_is_closed_after_the_idle_timeout(guarded:
         assert time.monotonic() - started >= IDLE_TIMEOUT - 0.5
 
 
+def test_a_later_response_moves_the_idle_deadline(guarded: Agent) -> None:
+    """The keep-alive timer is set once per connection and kept across its requests: when it fires
+    for an earlier response it must set itself again for the idle timeout after the latest one."""
+    with socket.create_connection(("127.0.0.1", guarded.port), timeout=5) as s:
+        s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert s.recv(4096).startswith(b"HTTP/1.1 204")
+        time.sleep(IDLE_TIMEOUT * 0.6)
+        s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert s.recv(4096).startswith(b"HTTP/1.1 204")
+        last = time.monotonic()
+        time.sleep(IDLE_TIMEOUT * 0.6)  # past the first response's idle deadline
+        assert closed_by_server(s, within=0.01) is None, "closed by the first response's idle deadline"
+        assert closed_by_server(s, within=IDLE_TIMEOUT + 3) == b""
+        assert time.monotonic() - last >= IDLE_TIMEOUT - 0.5
+
+
+def test_a_kept_alive_connection_s_next_head_gets_its_own_deadline(guarded: Agent) -> None:
+    """The head timer is left set when a head completes: when it fires during a later head it must
+    set itself again for that head's deadline, neither cutting it early nor letting it run on."""
+    with socket.create_connection(("127.0.0.1", guarded.port), timeout=5) as s:
+        s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert s.recv(4096).startswith(b"HTTP/1.1 204")
+        time.sleep(HEAD_TIMEOUT * 0.6)
+        s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+        started = time.monotonic()
+        time.sleep(HEAD_TIMEOUT * 0.6)  # past the first head's deadline
+        assert closed_by_server(s, within=0.01) is None, "cut at the first head's deadline"
+        answer = closed_by_server(s, within=HEAD_TIMEOUT + 2)
+        assert answer is not None and answer.startswith(b"HTTP/1.1 408"), answer
+        assert time.monotonic() - started >= HEAD_TIMEOUT - 0.3
+
+
 def test_open_file_limit_is_raised_to_the_hard_limit(guarded: Agent) -> None:
     limits = Path(f"/proc/{guarded.process.pid}/limits").read_text()
     line = next(x for x in limits.splitlines() if x.startswith("Max open files"))

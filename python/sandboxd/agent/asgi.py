@@ -57,15 +57,23 @@ async def body_chunks(receive: Receive) -> AsyncIterator[bytes]:
 
 
 async def read_body(receive: Receive, limit: int) -> bytes | None:
-    """The whole body, or None when it is larger than ``limit`` bytes."""
+    """The whole body, or None when it is larger than ``limit`` bytes; raises
+    :class:`ClientDisconnected` if the client leaves. (:func:`body_chunks`' loop, without an async
+    generator per request.)"""
     parts: list[bytes] = []
     size = 0
-    async for chunk in body_chunks(receive):
-        size += len(chunk)
-        if size > limit:
-            return None
-        parts.append(chunk)
-    return b"".join(parts)
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientDisconnected
+        chunk = message.get("body", b"")
+        if chunk:
+            size += len(chunk)
+            if size > limit:
+                return None
+            parts.append(chunk)
+        if not message.get("more_body", False):
+            return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
 async def send_bytes(

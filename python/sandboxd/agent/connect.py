@@ -21,7 +21,7 @@ import contextlib
 import json
 import struct
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from typing import Any
 
 from google.protobuf.message import DecodeError, Message
@@ -34,7 +34,6 @@ from .asgi import (
     Scope,
     Send,
     body_chunks,
-    header_map,
     raw_headers,
     read_body,
     send_bytes,
@@ -104,7 +103,8 @@ class Codec:
         a joined envelope on their way to the HTTP server (which copies each body message once more
         into its chunked framing)."""
         parts = self._encode_parts(message)
-        parts.insert(0, _HEADER.pack(0, sum(len(p) for p in parts)))
+        size = len(parts[0]) if len(parts) == 1 else sum(len(p) for p in parts)
+        parts.insert(0, _HEADER.pack(0, size))
         return parts
 
     def _encode_parts(self, message: Message | NestedBytes) -> list[Piece]:
@@ -117,6 +117,24 @@ class Codec:
         if self.name == "proto":
             return [message.SerializeToString()]
         return [_JSON(message_to_dict(message)).encode()]
+
+
+_CODECS = {"json": Codec("json"), "proto": Codec("proto")}
+
+_STREAM_HEADERS = {
+    name: [(b"content-type", f"application/connect+{name}".encode()), (b"x-accel-buffering", b"no")] for name in _CODECS
+}
+"""A stream response's own headers, by codec (a handler's ``response_headers`` follow them)."""
+"""One of each: a codec holds nothing of a call."""
+
+_NO_DEADLINE = contextlib.nullcontext()
+"""What a call without ``connect-timeout-ms`` runs in, instead of an ``asyncio.timeout_at(None)``
+(which makes, enters and leaves a ``Timeout`` for nothing). Holds no state, so one serves all."""
+
+
+def _within(deadline: float | None) -> contextlib.AbstractAsyncContextManager[Any]:
+    """``asyncio.timeout_at`` for a ``time.monotonic()`` deadline, or nothing without one."""
+    return _NO_DEADLINE if deadline is None else asyncio.timeout_at(_loop_deadline(deadline))
 
 
 def error_json(error: RpcError) -> dict[str, Any]:
@@ -146,7 +164,12 @@ def end_stream(error: RpcError | None, trailers: Iterable[tuple[str, str]] = ())
         metadata.setdefault(name, []).append(value)
     if metadata:
         body["metadata"] = metadata
+    elif error is None:
+        return _END_OK  # most streams' end: the same bytes every time
     return envelope(FLAG_END_STREAM, _JSON(body).encode())
+
+
+_END_OK = envelope(FLAG_END_STREAM, b"{}")
 
 
 def deadline_from(headers: dict[str, str]) -> float | None:
@@ -197,6 +220,31 @@ async def envelopes(
         raise RpcError(Code.INVALID_ARGUMENT, f"request body ends inside a message envelope ({len(buffer)} bytes)")
 
 
+def envelopes_of(body: bytes, encoding: str | None, limit: int = MAX_ENVELOPE) -> Iterator[bytes]:
+    """:func:`envelopes` of a body that has all arrived: the same payloads and the same errors, at
+    the same points of the iteration, without an async generator per request."""
+    view = memoryview(body)
+    at = 0
+    end = len(body)
+    while end - at >= _HEADER.size:
+        flags, length = _HEADER.unpack_from(view, at)
+        if length > limit:
+            raise RpcError(Code.RESOURCE_EXHAUSTED, f"message of {length} bytes exceeds the limit of {limit} bytes")
+        if end - at < _HEADER.size + length:
+            break
+        payload = bytes(view[at + _HEADER.size : at + _HEADER.size + length])
+        at += _HEADER.size + length
+        if flags & FLAG_END_STREAM:
+            return
+        if flags & FLAG_COMPRESSED:
+            if not _is_gzip(encoding, "connect-content-encoding"):
+                raise RpcError(Code.INTERNAL, "compressed message without connect-content-encoding")
+            payload = gunzip(payload, "message", limit)
+        yield payload
+    if at < end:
+        raise RpcError(Code.INVALID_ARGUMENT, f"request body ends inside a message envelope ({end - at} bytes)")
+
+
 class ConnectTransport:
     """Serves a set of :class:`Method` over the Connect protocol.
 
@@ -212,7 +260,33 @@ class ConnectTransport:
             # As connect-go: 405 with the verbs allowed, and no body to mistake for a Connect error.
             await send_bytes(send, 405, b"", None, [("allow", "POST")])
             return
-        headers = header_map(scope)
+        header_list = [(k.decode("latin-1").lower(), v.decode("latin-1")) for k, v in scope["headers"]]
+        writer = scope.get("extensions", {}).get(BODY_PARTS)
+        await self.serve(method, dict(header_list), header_list, receive, send, writer, None)
+
+    async def direct(
+        self, writer: Any, method: Method, headers: dict[str, str], header_list: list[tuple[str, str]]
+    ) -> None:
+        """A ``POST`` to ``method`` on the HTTP server's direct path (``GuardedHttpToolsProtocol``):
+        :meth:`serve` with the server's ``ResponseWriter`` as ``send`` (``send_direct``) and the body
+        taken whole when it came with the head (``complete_body``; a client stream reads its own)."""
+        body = writer.complete_body() if method.kind is not Kind.CLIENT_STREAM else None
+        await self.serve(method, headers, header_list, writer.receive, writer.send_direct, writer, body)
+
+    async def serve(
+        self,
+        method: Method,
+        headers: dict[str, str],
+        header_list: list[tuple[str, str]],
+        receive: Receive,
+        send: Send,
+        writer: Any,
+        body: bytes | None,
+    ) -> None:
+        """A ``POST`` to ``method``: ``headers`` as :func:`~.asgi.header_map` gives them and
+        ``header_list`` every one in order (names lower-case); ``writer`` the server's
+        ``ResponseWriter`` (:data:`~.asgi.BODY_PARTS`) or None; ``body`` the whole request body
+        when it has all arrived already (a unary or server-stream call; None: read from ``receive``)."""
         content_type = headers.get("content-type", "").split(";")[0].strip().lower()
         types = UNARY_TYPES if method.kind is Kind.UNARY else STREAM_TYPES
         codec_name = types.get(content_type)
@@ -224,11 +298,10 @@ class ConnectTransport:
             )
             await self._send_unary_error(send, error, [("accept-post", ", ".join(types))], status=415)
             return
-        header_list = [(k.decode("latin-1").lower(), v.decode("latin-1")) for k, v in scope["headers"]]
         if method.kind is Kind.UNARY:
-            await self._unary(method, headers, header_list, Codec(codec_name), receive, send)
+            await self._unary(method, headers, header_list, _CODECS[codec_name], receive, send, body)
         else:
-            await self._stream(method, headers, header_list, Codec(codec_name), scope, receive, send)
+            await self._stream(method, headers, header_list, _CODECS[codec_name], receive, send, writer, body)
 
     def _context(self, headers: dict[str, str], header_list: list[tuple[str, str]]) -> Context:
         return Context(
@@ -246,19 +319,23 @@ class ConnectTransport:
         codec: Codec,
         receive: Receive,
         send: Send,
+        body: bytes | None,
     ) -> None:
         ctx: Context | None = None
         limit = self.message_limit
         try:
             compressed = _is_gzip(headers.get("content-encoding"), "content-encoding")
-            body = await read_body(receive, limit)
+            if body is None:
+                body = await read_body(receive, limit)
+            elif len(body) > limit:
+                body = None
             if body is None:
                 raise RpcError(Code.RESOURCE_EXHAUSTED, f"request body exceeds the limit of {limit} bytes")
             if compressed:
                 body = gunzip(body, "request body", limit)
             ctx = self._context(headers, header_list)
             request = codec.decode(body, method.request_type)
-            async with asyncio.timeout_at(_loop_deadline(ctx.deadline)):
+            async with _within(ctx.deadline):
                 response = await method.handler(request, ctx)
             body = codec.encode(response)
         except ClientDisconnected:
@@ -284,34 +361,26 @@ class ConnectTransport:
         headers: dict[str, str],
         header_list: list[tuple[str, str]],
         codec: Codec,
-        scope: Scope,
         receive: Receive,
         send: Send,
+        body_parts: Any,
+        body: bytes | None,
     ) -> None:
         started = False
         complete = False  # the body's last message was handed to the server: nothing may follow it
         ctx: Context | None = None
 
-        async def start() -> None:
-            nonlocal started
-            if not started:
-                started = True
-                response_headers = [
-                    ("content-type", f"application/connect+{codec.name}"),
-                    ("x-accel-buffering", "no"),
-                    *(ctx.response_headers if ctx is not None else ()),
-                ]
-                # Only ever called right before the first frame: the head may wait for it.
-                headers = raw_headers(response_headers)
-                await send({"type": "http.response.start", "status": 200, "headers": headers, BODY_FOLLOWS: True})
-
-        body_parts = scope.get("extensions", {}).get(BODY_PARTS)
-
         async def frame(data: bytes | list[Piece], more: bool = True) -> None:
-            nonlocal complete
+            nonlocal complete, started
             if complete:
                 return  # a keepalive due while the last message was being sent
-            await start()
+            if not started:
+                started = True
+                head = _STREAM_HEADERS[codec.name]
+                if ctx is not None and ctx.response_headers:
+                    head = [*head, *raw_headers(ctx.response_headers)]
+                # Only ever sent right before the first frame: the head may wait for it.
+                await send({"type": "http.response.start", "status": 200, "headers": head, BODY_FOLLOWS: True})
             complete = not more  # before the send: a failed send is not followed by another end
             if isinstance(data, list):
                 if len(data) > 1 and sum(len(part) for part in data) > JOIN_BELOW:
@@ -330,14 +399,17 @@ class ConnectTransport:
             ctx = self._context(headers, header_list)
             encoding = headers.get("connect-content-encoding")
             _is_gzip(encoding, "connect-content-encoding")
-            payloads = envelopes(body_chunks(receive), encoding, self.message_limit)
-            async with asyncio.timeout_at(_loop_deadline(ctx.deadline)):
+            async with _within(ctx.deadline):
                 if method.kind is Kind.CLIENT_STREAM:
+                    payloads = envelopes(body_chunks(receive), encoding, self.message_limit)
                     requests = (codec.decode(p, method.request_type) async for p in payloads)
                     response = await method.handler(requests, ctx)
                     await frame(codec.frame_parts(response))
                 else:
-                    request = await _single_request(payloads, codec, method)
+                    if body is None:  # still arriving (the SDKs write the head and the body apart)
+                        request = await _read_single(receive, codec, method, encoding, self.message_limit)
+                    else:
+                        request = _one_request(envelopes_of(body, encoding, self.message_limit), codec, method)
                     await self._serve_stream(method, request, ctx, codec, receive, frame, body_parts)
         except ClientDisconnected:
             return
@@ -361,7 +433,7 @@ class ConnectTransport:
         ``receive``). Either cancels this task, which then raises :class:`ClientDisconnected`."""
         messages: AsyncIterator[Message] = method.handler(request, ctx)
         loop = asyncio.get_running_loop()
-        task = asyncio.current_task()
+        task = asyncio.current_task(loop)  # (with the loop: no getpid(2) to find it again)
         assert task is not None
         gone = False  # the client left (or a keepalive could not be sent): this task was cancelled
         finished = False
@@ -525,17 +597,60 @@ def _prefixed_trailers(trailers: Iterable[tuple[str, str]]) -> list[tuple[str, s
     return [(f"trailer-{name}", value) for name, value in trailers]
 
 
-async def _single_request(payloads: AsyncIterator[bytes], codec: Codec, method: Method) -> Message:
-    """The one request message of a server stream; ``unimplemented`` for none or several (the code
-    connect-go gives: the call's shape is not one the method implements)."""
+async def _read_single(receive: Receive, codec: Codec, method: Method, encoding: str | None, limit: int) -> Message:
+    """The one request message of a server stream, read from ``receive`` as it arrives;
+    ``unimplemented`` for none or several (the code connect-go gives: the call's shape is not one the
+    method implements). What iterating :func:`envelopes` over :func:`~.asgi.body_chunks` did (the
+    same payloads and errors, raised at the same points of the body, nothing buffered past the
+    envelope being read) in one coroutine, without two async generators per request."""
+    buffer = bytearray()
     request: Message | None = None
-    async for payload in payloads:
-        if request is not None:
-            raise RpcError(Code.UNIMPLEMENTED, f"{method.path} takes exactly one request message, got more")
-        request = codec.decode(payload, method.request_type)
+    more = True
+    while more:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientDisconnected
+        more = message.get("more_body", False)
+        chunk = message.get("body", b"")
+        if not chunk:
+            continue
+        buffer += chunk
+        while len(buffer) >= _HEADER.size:
+            flags, length = _HEADER.unpack_from(buffer)
+            if length > limit:
+                raise RpcError(Code.RESOURCE_EXHAUSTED, f"message of {length} bytes exceeds the limit of {limit} bytes")
+            if len(buffer) < _HEADER.size + length:
+                break
+            payload = bytes(buffer[_HEADER.size : _HEADER.size + length])
+            del buffer[: _HEADER.size + length]
+            if flags & FLAG_END_STREAM:
+                return _the_request(request, method)
+            if flags & FLAG_COMPRESSED:
+                if not _is_gzip(encoding, "connect-content-encoding"):
+                    raise RpcError(Code.INTERNAL, "compressed message without connect-content-encoding")
+                payload = gunzip(payload, "message", limit)
+            if request is not None:
+                raise RpcError(Code.UNIMPLEMENTED, f"{method.path} takes exactly one request message, got more")
+            request = codec.decode(payload, method.request_type)
+    if buffer:
+        raise RpcError(Code.INVALID_ARGUMENT, f"request body ends inside a message envelope ({len(buffer)} bytes)")
+    return _the_request(request, method)
+
+
+def _the_request(request: Message | None, method: Method) -> Message:
     if request is None:
         raise RpcError(Code.UNIMPLEMENTED, f"{method.path} needs one request message, the body had none")
     return request
+
+
+def _one_request(payloads: Iterator[bytes], codec: Codec, method: Method) -> Message:
+    """:func:`_read_single` of payloads that have all arrived (:func:`envelopes_of`)."""
+    request: Message | None = None
+    for payload in payloads:
+        if request is not None:
+            raise RpcError(Code.UNIMPLEMENTED, f"{method.path} takes exactly one request message, got more")
+        request = codec.decode(payload, method.request_type)
+    return _the_request(request, method)
 
 
 def _loop_deadline(deadline: float | None) -> float | None:

@@ -69,13 +69,19 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import httptools
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.protocols.http.httptools_impl import HEADER_RE, HEADER_VALUE_RE, STATUS_LINE, HttpToolsProtocol
 
 from .._core import RECEIVE_MIN_RATE
 from .asgi import BODY_FOLLOWS, BODY_PARTS, RAW_BODY, ClientDisconnected, Message
 
 if TYPE_CHECKING:
+    from collections.abc import Coroutine
+
     from .rpc import Piece
+
+DirectRoute = Callable[[dict[str, Any], "ResponseWriter"], "Coroutine[Any, Any, None] | None"]
+"""An app's ``direct(scope, writer)`` (see :class:`GuardedHttpToolsProtocol`): the coroutine that
+serves this request without the ASGI ``receive``/``send`` layers, or None to serve it through the app."""
 
 log = logging.getLogger("sandboxd.http")
 
@@ -207,7 +213,7 @@ class ResponseWriter:
     encoding (a streamed response without ``content-length``); :meth:`usable` says whether this one
     is. A head still held goes out in the same ``writelines``."""
 
-    __slots__ = ("_cycle", "_held", "_lost", "_send", "_transport")
+    __slots__ = ("_cycle", "_held", "_lost", "_send", "_transport", "head_extra")
     handed_off = 0
     """Responses being written by worker threads now, in this process (:meth:`hand_off`)."""
 
@@ -218,7 +224,126 @@ class ResponseWriter:
         self._transport: Any = cycle.transport  # uvloop's: its writelines takes any buffer (a Piece)
         self._held: list[bytes] | None = None
         """The bytes uvicorn wrote while this object stood in for the transport, not yet written."""
+        self.head_extra = b""
+        """Header lines (``name: value\r\n`` each) :meth:`send_direct` adds after a start's own
+        headers, as an ASGI middleware appending them to ``http.response.start`` would (the agent's CORS)."""
         cycle.send = self.send  # run_asgi looks ``send`` up when the request's task first runs
+
+    @property
+    def receive(self) -> Callable[[], Any]:
+        """The request's ASGI ``receive`` (uvicorn's)."""
+        return self._cycle.receive  # type: ignore[no-any-return]
+
+    def complete_body(self) -> bytes | None:
+        """The request's whole body when it has all arrived and nothing read it yet, taken as one
+        ``receive()`` would take it (the ``100 Continue`` a client asked for written first, reading
+        resumed); None otherwise (then read it with ``receive()``). What a route that wants the whole
+        body uses to skip a coroutine, an event wait and a message dict per request: a request's
+        small body nearly always arrives with its head."""
+        cycle = self._cycle
+        if cycle.more_body or cycle.disconnected or cycle.response_complete:
+            return None
+        if cycle.waiting_for_100_continue and not cycle.transport.is_closing():
+            cycle.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            cycle.waiting_for_100_continue = False
+        cycle.flow.resume_reading()
+        cycle.message_event.clear()
+        body = bytes(cycle.body)
+        cycle.body = bytearray()
+        return body
+
+    async def send_direct(self, message: Message) -> None:
+        """The request's ``send`` on the direct path (:class:`GuardedHttpToolsProtocol`): what
+        :meth:`send` through uvicorn's ``RequestResponseCycle.send`` does with a message (the same
+        checks of the headers, the same framing, keep-alive and completion, the head held for the
+        body that follows at once), written here in one call instead of three, plus
+        :attr:`head_extra` in each head."""
+        cycle = self._cycle
+        if cycle.flow.write_paused and not cycle.disconnected:
+            await cycle.flow.drain()
+        if cycle.disconnected:
+            return
+        kind = message["type"]
+        if not cycle.response_started:
+            if kind != "http.response.start":
+                raise RuntimeError(f"Expected ASGI message 'http.response.start', but got '{kind}'.")
+            cycle.response_started = True
+            cycle.waiting_for_100_continue = False
+            status = message["status"]
+            content = [STATUS_LINE[status]]
+            has_connection_close = False
+            headers = message.get("headers", ())
+            for name, value in [*cycle.default_headers, *headers] if cycle.default_headers else headers:
+                if HEADER_RE.search(name):
+                    raise RuntimeError("Invalid HTTP header name.")
+                if HEADER_VALUE_RE.search(value):
+                    raise RuntimeError("Invalid HTTP header value.")
+                name = name.lower()
+                if name == b"content-length" and cycle.chunked_encoding is None:
+                    cycle.expected_content_length = int(value.decode())
+                    cycle.chunked_encoding = False
+                elif name == b"transfer-encoding" and value.lower() == b"chunked":
+                    cycle.expected_content_length = 0
+                    cycle.chunked_encoding = True
+                elif name == b"connection" and b"close" in [token.lower().strip() for token in value.split(b",")]:
+                    cycle.keep_alive = False
+                    has_connection_close = True
+                content += (name, b": ", value, b"\r\n")
+            if self.head_extra:
+                content.append(self.head_extra)
+            if not cycle.keep_alive and not has_connection_close:
+                content.append(b"connection: close\r\n")
+            if cycle.chunked_encoding is None and cycle.scope["method"] != "HEAD" and status not in (204, 304):
+                cycle.chunked_encoding = True
+                content.append(b"transfer-encoding: chunked\r\n")
+            content.append(b"\r\n")
+            head = b"".join(content)
+            if _body_follows(message):
+                self._held = [head]
+            else:
+                cycle.transport.write(head)
+            return
+        if cycle.response_complete:
+            raise RuntimeError(f"Unexpected ASGI message '{kind}' sent, after response already completed.")
+        if kind != "http.response.body":
+            raise RuntimeError(f"Expected ASGI message 'http.response.body', but got '{kind}'.")
+        body = message.get("body", b"")
+        more_body = message.get("more_body", False)
+        if cycle.scope["method"] == "HEAD":
+            cycle.expected_content_length = 0
+            self._flush()
+        elif cycle.chunked_encoding:
+            held = self._held
+            self._held = None
+            chunk = [b"%x\r\n" % len(body), body, b"\r\n"] if body else []
+            if not more_body:
+                chunk.append(b"0\r\n\r\n")
+            if held and len(held[0]) + len(body) <= JOIN_BELOW:
+                cycle.transport.write(b"".join(held + chunk))
+            else:  # as uvicorn's send after the head's own write: the chunk joined, a big body copied once
+                if held:
+                    cycle.transport.write(held[0])
+                cycle.transport.write(b"".join(chunk))
+        else:
+            if len(body) > cycle.expected_content_length:
+                raise RuntimeError("Response content longer than Content-Length")
+            cycle.expected_content_length -= len(body)
+            held = self._held
+            self._held = None
+            if held and len(held[0]) + len(body) <= JOIN_BELOW:
+                cycle.transport.write(held[0] + body)
+            else:
+                if held:
+                    cycle.transport.write(held[0])
+                cycle.transport.write(body)
+        if not more_body:
+            if cycle.expected_content_length != 0:
+                raise RuntimeError("Response content shorter than Content-Length")
+            cycle.response_complete = True
+            cycle.message_event.set()
+            if not cycle.keep_alive:
+                cycle.transport.close()
+            cycle.on_response()
 
     async def send(self, message: Message) -> None:
         """The ASGI ``send`` of the request."""
@@ -250,7 +375,7 @@ class ResponseWriter:
         lost.append(callback)
 
         def forget() -> None:
-            with contextlib.suppress(ValueError):
+            if callback in lost:  # (not contextlib.suppress(ValueError): three calls more per stream)
                 lost.remove(callback)
 
         return forget
@@ -633,8 +758,14 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         super().__init__(*args, **kwargs)
         self._admitted = False
         self._head_timer: asyncio.TimerHandle | None = None
+        self._head_due = 0.0
+        """When the head in progress is due (the loop's clock); the timer may be set for an earlier one."""
+        self._idle_since: float | None = None
+        """When the connection's last response ended, if nothing arrived since (the keep-alive clock)."""
         self._in_head = True
         self._head_bytes = 0
+        self._head_begun = False
+        """Bytes of the head in progress have arrived (the parser began a message): a timeout is a 408."""
         self._lost: list[Callable[[], None]] = []
         """What to call when the connection is lost (:meth:`ResponseWriter.on_disconnect`)."""
         self._raw_body: RawBody | None = None
@@ -643,6 +774,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         """A body a worker thread is moving from the socket now."""
         self._shutting_down = False
         """The server asked this connection to close after its answer (:meth:`shutdown`)."""
+        self._direct: DirectRoute | None = getattr(self.app, "direct", None)
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -654,6 +786,9 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_head_timer()
+        if self.timeout_keep_alive_task is not None:  # uvicorn cancels it only when exc is None
+            self.timeout_keep_alive_task.cancel()
+            self.timeout_keep_alive_task = None
         if self._moving is not None:
             self._moving.cancel()
         if self._admitted:
@@ -676,6 +811,9 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     def on_message_begin(self) -> None:
         in_progress = self.cycle is not None and not self.cycle.response_complete  # before super() resets it
         super().on_message_begin()
+        # Not _head_bytes: the bytes that begin a kept-alive connection's next head arrive while no
+        # head is in progress, so they are not counted (that head was closed without its 408).
+        self._head_begun = True
         if not self._in_head:  # the next request on a kept-alive connection: its head starts now
             self._in_head = True
             self._head_bytes = 0
@@ -684,16 +822,70 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             self._arm_head_timer()
 
     def on_headers_complete(self) -> None:
-        self._in_head = False
-        self._cancel_head_timer()
+        self._in_head = False  # the head timer, left set, finds no head in progress (_head_timed_out)
         self.guard.busy(self)
         super().on_headers_complete()
-        if self.cycle is not None and self.cycle.scope is self.scope:  # not when upgraded
-            writer = ResponseWriter(self.cycle, self._lost)
-            self._raw_body = RawBody(self, self.cycle)
-            extensions = self.scope.setdefault("extensions", {})
-            extensions[BODY_PARTS] = writer  # type: ignore[assignment]
-            extensions[RAW_BODY] = self._raw_body  # type: ignore[assignment]
+        cycle = self.cycle
+        if (
+            cycle is not None
+            and cycle.scope is self.scope  # not when upgraded
+            and BODY_PARTS not in cycle.scope.get("extensions", ())  # not made already (_start_asgi_task)
+        ):
+            self._attach(cycle)
+
+    def _start_asgi_task(self, cycle: Any, app: Any) -> None:
+        """Starts a request's task (uvicorn calls it when the head is complete, or when a pipelined
+        request's turn comes). An app with a ``direct(scope, writer)`` (:data:`DirectRoute`) may
+        serve the request with a coroutine of its own: it gets the request's
+        :class:`ResponseWriter`, whose :meth:`~ResponseWriter.send_direct` and
+        :meth:`~ResponseWriter.complete_body` do what uvicorn's ``send`` and ``receive`` do in fewer
+        calls, and it runs under the same guard as uvicorn's ``run_asgi`` (:meth:`_run_direct`)."""
+        direct = self._direct
+        if direct is not None and app is self.app:
+            writer = cycle.scope.get("extensions", {}).get(BODY_PARTS)
+            if writer is None:  # the head is complete only now: uvicorn starts the task before the writer is made
+                writer = self._attach(cycle)
+            serve = direct(cycle.scope, writer)
+            if serve is not None:
+                # Its own last step takes it out of the server's tasks (_run_direct), where uvicorn
+                # adds a done callback: one more loop turn per request to run it.
+                self.tasks.add(self.loop.create_task(self._run_direct(cycle, serve)))
+                return
+        super()._start_asgi_task(cycle, app)
+
+    async def _run_direct(self, cycle: Any, serve: Coroutine[Any, Any, None]) -> None:
+        """uvicorn's ``RequestResponseCycle.run_asgi`` for a direct route's coroutine: an exception
+        is logged and answered 500 before the response started, or closes the connection after;
+        a coroutine that did not start or finish its response is told of the same way. Last, the
+        task leaves the server's tasks. (A task cancelled before its first step never runs this:
+        only the server's shutdown cancels requests, after its wait for them is over.)"""
+        try:
+            await serve
+        except BaseException as exc:
+            cycle.logger.error("Exception in ASGI application\n", exc_info=exc)
+            if not cycle.response_started:
+                await cycle.send_500_response()
+            else:
+                cycle.transport.close()
+        else:
+            if not cycle.response_started and not cycle.disconnected:
+                cycle.logger.error("ASGI callable returned without starting response.")
+                await cycle.send_500_response()
+            elif not cycle.response_complete and not cycle.disconnected:
+                cycle.logger.error("ASGI callable returned without completing response.")
+                cycle.transport.close()
+        finally:
+            cycle.on_response = _nothing
+            self.tasks.discard(asyncio.current_task(self.loop))
+
+    def _attach(self, cycle: Any) -> ResponseWriter:
+        """The request's :class:`ResponseWriter` and :class:`RawBody`, in its scope's extensions."""
+        writer = ResponseWriter(cycle, self._lost)
+        self._raw_body = RawBody(self, cycle)
+        extensions = cycle.scope.setdefault("extensions", {})
+        extensions[BODY_PARTS] = writer
+        extensions[RAW_BODY] = self._raw_body
+        return writer
 
     def on_body(self, body: bytes) -> None:
         if self._raw_body is not None:
@@ -721,9 +913,41 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def on_response_complete(self) -> None:
         pipelined = bool(self.pipeline)  # a request already read starts now: still busy
-        super().on_response_complete()
+        # uvicorn's HttpToolsProtocol.on_response_complete, but for its keep-alive timer: that is
+        # set once and kept across requests (see _keep_alive_due), not set here and cancelled by
+        # the next request's first bytes each time (a timer made, pushed and cancelled per request).
+        self.server_state.total_requests += 1
+        if not self.transport.is_closing():
+            self.flow.resume_reading()
+            if self.pipeline:
+                cycle, app = self.pipeline.pop()
+                self._start_asgi_task(cycle, app)
+            else:
+                self._idle_since = self.loop.time()
+                if self.timeout_keep_alive_task is None:
+                    due = self._idle_since + self.timeout_keep_alive
+                    self.timeout_keep_alive_task = self.loop.call_at(due, self._keep_alive_due)
         if self._admitted and not self._in_head and not pipelined:
             self.guard.waiting(self)
+
+    def _unset_keepalive_if_required(self) -> None:
+        # uvicorn calls this when bytes arrive (and when the connection is lost without an error,
+        # which connection_lost handles): the connection is no longer idle. The timer stays.
+        self._idle_since = None
+
+    def _keep_alive_due(self) -> None:
+        """The keep-alive timer: closes the connection idle for ``timeout_keep_alive`` since its last
+        response (uvicorn's ``timeout_keep_alive_handler``); set again for the rest of that time when
+        a later response ended, and not at all while a request is in progress (its response will)."""
+        self.timeout_keep_alive_task = None
+        since = self._idle_since
+        if since is None:
+            return
+        due = since + self.timeout_keep_alive
+        if self.loop.time() < due:
+            self.timeout_keep_alive_task = self.loop.call_at(due, self._keep_alive_due)
+        else:
+            self.timeout_keep_alive_handler()
 
     def evict(self) -> None:
         """Closes this waiting connection to make room for a new one (the guard forgot it already)."""
@@ -735,8 +959,11 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             self.transport.close()
 
     def _arm_head_timer(self) -> None:
-        self._cancel_head_timer()
-        self._head_timer = self.loop.call_later(self.guard.limits.head_timeout, self._head_timed_out)
+        """A head starts now, due ``head_timeout`` from now. A timer still set for an earlier head
+        (they are left set when a head completes) is kept: it sets itself again for this one."""
+        self._head_due = self.loop.time() + self.guard.limits.head_timeout
+        if self._head_timer is None:
+            self._head_timer = self.loop.call_at(self._head_due, self._head_timed_out)
 
     def _cancel_head_timer(self) -> None:
         if self._head_timer is not None:
@@ -745,8 +972,11 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def _head_timed_out(self) -> None:
         self._head_timer = None
+        if self._in_head and not self.transport.is_closing() and self.loop.time() < self._head_due:
+            self._head_timer = self.loop.call_at(self._head_due, self._head_timed_out)  # set for an earlier head
+            return
         if self._in_head and not self.transport.is_closing():
-            if self._head_bytes:
+            if self._head_begun or self._head_bytes:
                 timeout = self.guard.limits.head_timeout
                 self._refuse(408, "Request Timeout", f"the request head did not arrive within {timeout:g} s")
             else:

@@ -73,22 +73,47 @@ class IdleTrim:
         self.trim()
 
     def wrap(self, app: App) -> App:
-        """``app`` with each of its requests counted (lifespan and other non-HTTP scopes are not)."""
+        """``app`` with each of its requests counted (lifespan and other non-HTTP scopes are not),
+        those it serves on the server's direct path (its ``direct``, see ``AgentApp.direct``) too."""
+        return _Counted(self, app)
 
-        async def counted(scope: Any, receive: Any, send: Any) -> None:
-            if scope["type"] != "http":
-                await app(scope, receive, send)
-                return
-            self.begin()
-            try:
-                await app(scope, receive, send)
-            finally:
-                self.end()
-
-        return counted
+    async def count(self, request: Awaitable[None]) -> None:
+        """Awaits ``request``, counted as a request in flight."""
+        self.begin()
+        try:
+            await request
+        finally:
+            self.end()
 
     def close(self) -> None:
         """Cancel a pending check (the server is shutting down)."""
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+
+
+class _Counted:
+    """An app whose requests an :class:`IdleTrim` counts (:meth:`IdleTrim.wrap`)."""
+
+    __slots__ = ("_app", "_idle", "direct")
+
+    def __init__(self, idle: IdleTrim, app: App) -> None:
+        self._idle = idle
+        self._app = app
+        inner = getattr(app, "direct", None)
+        if inner is not None:
+            self.direct = lambda scope, writer: self._direct(inner, scope, writer)
+
+    def _direct(self, inner: Any, scope: Any, writer: Any) -> Any:
+        serve = inner(scope, writer)
+        return None if serve is None else self._idle.count(serve)
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self._app(scope, receive, send)
+            return
+        self._idle.begin()
+        try:
+            await self._app(scope, receive, send)
+        finally:
+            self._idle.end()

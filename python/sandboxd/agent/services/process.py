@@ -14,7 +14,7 @@ import errno
 import os
 import signal
 import time
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -88,15 +88,37 @@ def _end_event(end: _core.End) -> pb.ProcessEvent:
     return pb.ProcessEvent(end=message)
 
 
+_END_RESPONSES: dict[tuple[type[Any], int, bool, str], Any] = {}
+"""End responses without an error, by type, exit code, ``exited`` and status: nearly every
+process ends with one of a few (``exit status 0``, ``1``, ``signal: killed``), so each is built
+once. The transports only read the messages they are given (encode them), never change them."""
+
+
+def _end_response(response_type: type[Response], end: _core.End) -> Response:
+    if end.error is not None:
+        return response_type(event=_end_event(end))
+    key = (response_type, end.exit_code, end.exited, end.status)
+    found: Response | None = _END_RESPONSES.get(key)
+    if found is None:
+        found = response_type(event=_end_event(end))
+        if len(_END_RESPONSES) < 256:  # exit codes and signals: a few hundred at most anyway
+            _END_RESPONSES[key] = found
+    return found
+
+
 _STREAM_FIELD = {_core.STREAM_STDOUT: "stdout", _core.STREAM_STDERR: "stderr", _core.STREAM_PTY: "pty"}
+_DATA_PATHS = {stream: ("event", "data", name) for stream, name in _STREAM_FIELD.items()}
 
 Response = TypeVar("Response", pb.StartResponse, pb.ConnectResponse)
 
 
 async def output_events(
-    subscriber: _core.Subscriber, response_type: type[Response], hand_off: HandOff | None = None
+    begin: Callable[[], tuple[_core.Subscriber, Response]], response_type: type[Response], ctx: Context
 ) -> AsyncGenerator[Response | NestedBytes, None]:
-    """Responses for the data from ``subscriber`` as it arrives, then for the end event.
+    """A process stream's responses: ``begin()``'s first (the start event), then for the data from
+    its subscriber as it arrives, then for the end event. ``begin`` runs at the first iteration (a
+    ``Start`` spawns there). The handlers return this generator itself, not one of their own around
+    it: one async generator and one hop per message less.
 
     Waits on the subscriber's eventfd through the event loop (no thread per stream). Each run of one
     stream in a batch (consecutive chunks, at most ``MAX_EVENT_BYTES``) is one data event, kept as
@@ -104,31 +126,40 @@ async def output_events(
     Connect stream writes them to the socket as they are, a JSON one joins them for base64. A
     subscriber that fell behind the ring ends with ``data_loss``.
 
-    The wake-up callback reads the eventfd as well as setting ``ready``: the fd is level-triggered
+    The wake-up callback reads the eventfd as well as setting ``woken``: the fd is level-triggered
     and stays readable from the moment new output lands until the next ``next_batch``, so left
     readable while the caller sends a batch to a full socket, it woke the event loop on every turn
     for nothing (a busy loop that took most of the agent's CPU and starved the client). Reading it
-    loses nothing: ``ready`` stays set, and the producer, disarmed by its write, writes again only
+    loses nothing: ``woken`` stays set, and the producer, disarmed by its write, writes again only
     once ``next_batch`` has re-armed it. (Removing and re-adding the reader around each wait did
     the same at ~30 % more agent CPU for PTY output, which waits every few KiB.)
 
-    With ``hand_off`` (a binary Connect stream: :data:`~sandboxd.agent.rpc.HAND_OFF`), once the
+    With a ``hand_off`` in ``ctx.extras`` (a binary Connect stream: :data:`~sandboxd.agent.rpc.HAND_OFF`,
+    set by the transport once it holds this generator, read after the first response), once the
     process floods (:data:`HAND_OFF_ABOVE`) the data frames are written by a worker thread straight
     from the ring to the socket (``Subscriber.pump``, Rust, without the GIL: no loop wake-up, Python
     object or copy per frame) as soon as the connection has nothing else buffered; the loop takes
     over again for the end event or a lag.
     """
+    subscriber, first = begin()
     loop = asyncio.get_running_loop()
-    ready = asyncio.Event()
+    # What an asyncio.Event did, in fewer calls: ``woken`` is its flag (cleared before each
+    # next_batch), ``waiter`` the future of a wait in progress.
+    woken = False
+    waiter: asyncio.Future[None] | None = None
     fd = subscriber.fileno()
 
     def wake() -> None:
-        with contextlib.suppress(BlockingIOError):  # already reset by next_batch
+        nonlocal woken
+        try:  # noqa: SIM105 (contextlib.suppress is three calls more per wake-up)
             os.read(fd, 8)
-        ready.set()
+        except BlockingIOError:  # already reset by next_batch
+            pass
+        woken = True
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     loop.add_reader(fd, wake)
-    paths = {stream: ("event", "data", name) for stream, name in _STREAM_FIELD.items()}
     numbers = _field_numbers(response_type)
     flooding = False
 
@@ -142,6 +173,8 @@ async def output_events(
         loop.add_reader(fd, wake)
 
     try:
+        yield first
+        hand_off: HandOff | None = ctx.extras.get(HAND_OFF)
         while True:
             if flooding and hand_off is not None:
                 handed = await hand_off(pump, before, after)
@@ -150,20 +183,24 @@ async def output_events(
                     if outcome == "lagged":
                         raise RpcError(Code.DATA_LOSS, _lag_message(lost))
                     hand_off = None  # "end": the end event follows through the loop
-            ready.clear()
+            woken = False
             batch = subscriber.next_batch(MAX_EVENT_BYTES, True)
             if batch.lagged_bytes:
                 raise RpcError(Code.DATA_LOSS, _lag_message(batch.lagged_bytes))
             size = 0
             for stream, data in batch.chunks:
                 size += len(data) if isinstance(data, bytes) else sum(len(piece) for piece in data)
-                yield NestedBytes(response_type, paths[stream], data)
+                yield NestedBytes(response_type, _DATA_PATHS[stream], data)
             flooding = flooding or batch.more or size >= HAND_OFF_ABOVE
             if batch.end is not None:
-                yield response_type(event=_end_event(batch.end))
+                yield _end_response(response_type, batch.end)
                 return
-            if not batch.more:
-                await ready.wait()
+            if not batch.more and not woken:
+                waiter = loop.create_future()
+                try:
+                    await waiter
+                finally:
+                    waiter = None
     finally:
         loop.remove_reader(fd)
         subscriber.close()
@@ -349,28 +386,24 @@ class ProcessService:
                 elif now - entry.ended_at >= RETAIN_EXITED_S:
                     del self.processes[pid]
 
-    async def start(self, request: pb.StartRequest, ctx: Context) -> AsyncIterator[pb.StartResponse | NestedBytes]:
-        process = self._spawn(request, ctx)
-        subscriber = process.subscribe(True)
-        self._register(process, request, ctx)
-        yield pb.StartResponse(event=pb.ProcessEvent(start=pb.ProcessEvent.StartEvent(pid=process.pid)))
-        # Closed with this generator, not left to the garbage collector: its reader goes at once.
-        events = output_events(subscriber, pb.StartResponse, ctx.extras.get(HAND_OFF))
-        async with contextlib.aclosing(events):
-            async for response in events:
-                yield response
+    def start(self, request: pb.StartRequest, ctx: Context) -> AsyncIterator[pb.StartResponse | NestedBytes]:
+        def begin() -> tuple[_core.Subscriber, pb.StartResponse]:
+            process = self._spawn(request, ctx)
+            subscriber = process.subscribe(True)
+            self._register(process, request, ctx)
+            started = pb.ProcessEvent(start=pb.ProcessEvent.StartEvent(pid=process.pid))
+            return subscriber, pb.StartResponse(event=started)
 
-    async def connect(
-        self, request: pb.ConnectRequest, ctx: Context
-    ) -> AsyncIterator[pb.ConnectResponse | NestedBytes]:
-        entry = self._find(request.process)
-        subscriber = entry.process.subscribe(True)
-        yield pb.ConnectResponse(event=pb.ProcessEvent(start=pb.ProcessEvent.StartEvent(pid=entry.process.pid)))
-        # Closed with this generator, not left to the garbage collector: its reader goes at once.
-        events = output_events(subscriber, pb.ConnectResponse, ctx.extras.get(HAND_OFF))
-        async with contextlib.aclosing(events):
-            async for response in events:
-                yield response
+        return output_events(begin, pb.StartResponse, ctx)
+
+    def connect(self, request: pb.ConnectRequest, ctx: Context) -> AsyncIterator[pb.ConnectResponse | NestedBytes]:
+        def begin() -> tuple[_core.Subscriber, pb.ConnectResponse]:
+            entry = self._find(request.process)
+            subscriber = entry.process.subscribe(True)
+            pid = entry.process.pid
+            return subscriber, pb.ConnectResponse(event=pb.ProcessEvent(start=pb.ProcessEvent.StartEvent(pid=pid)))
+
+        return output_events(begin, pb.ConnectResponse, ctx)
 
     # ----------------------------------------------------------------------------------- the rest
 
