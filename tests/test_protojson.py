@@ -3,6 +3,8 @@ message type the agent's services answer with, filled in every way a field can b
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 from google.protobuf import json_format
 from google.protobuf.message import Message
@@ -104,7 +106,34 @@ def _outcome(how: Any, data: bytes, message_type: type[Message]) -> tuple[str, A
 
 
 def _json_format_parse(data: bytes, message_type: type[Message]) -> Message:
-    return json_format.Parse(data or b"{}", message_type(), ignore_unknown_fields=True)
+    message = json_format.Parse(data or b"{}", message_type(), ignore_unknown_fields=True)
+    _refuse_enum_numbers_out_of_range(json.loads(data or b"{}"), message_type.DESCRIPTOR)
+    return message
+
+
+def _refuse_enum_numbers_out_of_range(js: Any, descriptor: Any) -> None:
+    """The one place where ``parse`` means to differ from ``json_format``: an enum given as a number
+    outside int32 (``{"signal": "4294967296"}``). ``json_format`` lets upb wrap it silently into range
+    (that one becomes 0, ``SIGNAL_UNSPECIFIED``); ``parse`` refuses it, as Go's protojson (envd) does.
+    Raises ValueError where ``json_format`` accepted such a value (it parsed ``js`` already)."""
+    if not isinstance(js, dict):
+        return
+    for key, value in js.items():
+        field = descriptor.fields_by_camelcase_name.get(key) or descriptor.fields_by_name.get(key)
+        if field is None or value is None:
+            continue
+        items = value if isinstance(value, list) else [value]
+        if field.cpp_type == field.CPPTYPE_ENUM:
+            for item in items:
+                number = None
+                if isinstance(item, int | str) and not isinstance(item, bool):
+                    with contextlib.suppress(ValueError):
+                        number = int(item)
+                if number is not None and not -(1 << 31) <= number < 1 << 31:
+                    raise ValueError(f"enum number {item} out of int32's range")
+        elif field.cpp_type == field.CPPTYPE_MESSAGE and not field.message_type.GetOptions().map_entry:
+            for item in items:
+                _refuse_enum_numbers_out_of_range(item, field.message_type)
 
 
 def _same(data: bytes, message_type: type[Message]) -> None:
@@ -159,6 +188,8 @@ REQUESTS: list[tuple[type[Message], str]] = [
     (proc.SendSignalRequest, '{"process":{"pid":3},"signal":12345}'),
     (proc.SendSignalRequest, '{"process":{"pid":3},"signal":"SIGNAL_NOPE"}'),
     (proc.SendSignalRequest, '{"process":{"pid":3},"signal":"15"}'),
+    (proc.SendSignalRequest, '{"process":{"pid":3},"signal":"4294967296"}'),  # refused (json_format: 0)
+    (proc.SendSignalRequest, '{"process":{"pid":3},"signal":-2147483649}'),
     (proc.SendSignalRequest, '{"process":{"pid":3},"signal":1.5}'),
     (proc.SendSignalRequest, '{"process":{"pid":3},"signal":true}'),
     (proc.SendSignalRequest, '{"process":{"pid":3},"signal":[]}'),
