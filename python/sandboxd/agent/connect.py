@@ -193,6 +193,34 @@ def _is_gzip(encoding: str | None, header: str) -> bool:
     raise RpcError(Code.UNIMPLEMENTED, f"unsupported {header} '{encoding}' (supported: identity, gzip)")
 
 
+def _envelope_at(data: bytes | bytearray, at: int, limit: int, encoding: str | None) -> tuple[int, bool, bytes] | None:
+    """The Connect envelope that starts at ``at`` in ``data``: where the next one starts, whether it
+    ends the stream, and its payload (decompressed); None while it has not all arrived. A length over
+    ``limit`` is refused as soon as the header is in (before its payload arrives), a payload over it
+    once decompressed. The one reader of envelopes behind :func:`envelopes`, :func:`envelopes_of` and
+    :func:`_read_single`."""
+    if len(data) - at < _HEADER.size:
+        return None
+    flags, length = _HEADER.unpack_from(data, at)
+    if length > limit:
+        raise RpcError(Code.RESOURCE_EXHAUSTED, f"message of {length} bytes exceeds the limit of {limit} bytes")
+    end = at + _HEADER.size + length
+    if len(data) < end:
+        return None
+    payload = bytes(memoryview(data)[at + _HEADER.size : end])  # the view is let go at once: data may be resized
+    if flags & FLAG_END_STREAM:
+        return end, True, payload
+    if flags & FLAG_COMPRESSED:
+        if not _is_gzip(encoding, "connect-content-encoding"):
+            raise RpcError(Code.INTERNAL, "compressed message without connect-content-encoding")
+        payload = gunzip(payload, "message", limit)
+    return end, False, payload
+
+
+def _cut_short(left: int) -> RpcError:
+    return RpcError(Code.INVALID_ARGUMENT, f"request body ends inside a message envelope ({left} bytes)")
+
+
 async def envelopes(
     chunks: AsyncIterator[bytes], encoding: str | None, limit: int = MAX_ENVELOPE
 ) -> AsyncIterator[bytes]:
@@ -201,48 +229,27 @@ async def envelopes(
     buffer = bytearray()
     async for chunk in chunks:
         buffer += chunk
-        while len(buffer) >= _HEADER.size:
-            flags, length = _HEADER.unpack_from(buffer)
-            if length > limit:
-                raise RpcError(Code.RESOURCE_EXHAUSTED, f"message of {length} bytes exceeds the limit of {limit} bytes")
-            if len(buffer) < _HEADER.size + length:
-                break
-            payload = bytes(buffer[_HEADER.size : _HEADER.size + length])
-            del buffer[: _HEADER.size + length]
-            if flags & FLAG_END_STREAM:
+        while (taken := _envelope_at(buffer, 0, limit, encoding)) is not None:
+            end, last, payload = taken
+            del buffer[:end]
+            if last:
                 return
-            if flags & FLAG_COMPRESSED:
-                if not _is_gzip(encoding, "connect-content-encoding"):
-                    raise RpcError(Code.INTERNAL, "compressed message without connect-content-encoding")
-                payload = gunzip(payload, "message", limit)
             yield payload
     if buffer:
-        raise RpcError(Code.INVALID_ARGUMENT, f"request body ends inside a message envelope ({len(buffer)} bytes)")
+        raise _cut_short(len(buffer))
 
 
 def envelopes_of(body: bytes, encoding: str | None, limit: int = MAX_ENVELOPE) -> Iterator[bytes]:
     """:func:`envelopes` of a body that has all arrived: the same payloads and the same errors, at
     the same points of the iteration, without an async generator per request."""
-    view = memoryview(body)
     at = 0
-    end = len(body)
-    while end - at >= _HEADER.size:
-        flags, length = _HEADER.unpack_from(view, at)
-        if length > limit:
-            raise RpcError(Code.RESOURCE_EXHAUSTED, f"message of {length} bytes exceeds the limit of {limit} bytes")
-        if end - at < _HEADER.size + length:
-            break
-        payload = bytes(view[at + _HEADER.size : at + _HEADER.size + length])
-        at += _HEADER.size + length
-        if flags & FLAG_END_STREAM:
+    while (taken := _envelope_at(body, at, limit, encoding)) is not None:
+        at, last, payload = taken
+        if last:
             return
-        if flags & FLAG_COMPRESSED:
-            if not _is_gzip(encoding, "connect-content-encoding"):
-                raise RpcError(Code.INTERNAL, "compressed message without connect-content-encoding")
-            payload = gunzip(payload, "message", limit)
         yield payload
-    if at < end:
-        raise RpcError(Code.INVALID_ARGUMENT, f"request body ends inside a message envelope ({end - at} bytes)")
+    if at < len(body):
+        raise _cut_short(len(body) - at)
 
 
 class ConnectTransport:
@@ -615,25 +622,16 @@ async def _read_single(receive: Receive, codec: Codec, method: Method, encoding:
         if not chunk:
             continue
         buffer += chunk
-        while len(buffer) >= _HEADER.size:
-            flags, length = _HEADER.unpack_from(buffer)
-            if length > limit:
-                raise RpcError(Code.RESOURCE_EXHAUSTED, f"message of {length} bytes exceeds the limit of {limit} bytes")
-            if len(buffer) < _HEADER.size + length:
-                break
-            payload = bytes(buffer[_HEADER.size : _HEADER.size + length])
-            del buffer[: _HEADER.size + length]
-            if flags & FLAG_END_STREAM:
+        while (taken := _envelope_at(buffer, 0, limit, encoding)) is not None:
+            end, last, payload = taken
+            del buffer[:end]
+            if last:
                 return _the_request(request, method)
-            if flags & FLAG_COMPRESSED:
-                if not _is_gzip(encoding, "connect-content-encoding"):
-                    raise RpcError(Code.INTERNAL, "compressed message without connect-content-encoding")
-                payload = gunzip(payload, "message", limit)
             if request is not None:
                 raise RpcError(Code.UNIMPLEMENTED, f"{method.path} takes exactly one request message, got more")
             request = codec.decode(payload, method.request_type)
     if buffer:
-        raise RpcError(Code.INVALID_ARGUMENT, f"request body ends inside a message envelope ({len(buffer)} bytes)")
+        raise _cut_short(len(buffer))
     return _the_request(request, method)
 
 
