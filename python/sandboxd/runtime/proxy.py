@@ -624,8 +624,11 @@ async def _splice_request_body(scope: Scope, upstream: _Upstream) -> bool:
         return False
     if _request_movers is None:  # as many threads as the server lets bodies move at once
         _request_movers = ThreadPoolExecutor(MAX_RAW_BODIES, thread_name_prefix="sandboxd-upload")
+    try:  # before the body is taken: once it is, it must be moved (no descriptor left: the loop's way)
+        sink = os.dup(sock.fileno())
+    except OSError:
+        return False
     ahead = raw.take()
-    sink = os.dup(sock.fileno())
     tally = scope["extensions"].get(SPLICED_BYTES)
 
     def move(client: int, length: int, idle_timeout: float, stop: int) -> str:
@@ -657,32 +660,35 @@ async def _splice_body(writer: Any, upstream: _Upstream, remaining: int, tally: 
     if not isinstance(buffered, bytearray) or sock is None or len(buffered) >= remaining:
         return False
     transport = cast(asyncio.Transport, upstream.writer.transport)
-    source: list[int] = []
+    try:  # the thread's own descriptor (none left: the loop's way)
+        source = os.dup(sock.fileno())
+    except OSError:
+        return False
     ahead: list[bytes] = []
     ran: list[bool] = []
 
     def before() -> None:  # the hand-off is decided; the loop runs nothing else until the thread starts
         transport.pause_reading()
-        source.append(os.dup(sock.fileno()))
         ahead.append(bytes(buffered))
         buffered.clear()
 
     def move(client: int, cancel: int) -> tuple[str, int, bytes]:
         ran.append(True)
-        ended, written = _splice(source[0], client, ahead[0], remaining, cancel)
+        ended, written = _splice(source, client, ahead[0], remaining, cancel)
         # hand_off's outcomes: "closed" (it closes the client's connection and raises
         # ClientDisconnected), anything else is returned to us.
         return {"done": "done", "source": "upstream"}.get(ended, "closed"), written, b""
 
     def after() -> None:
-        if source:
-            os.close(source[0])
         if not ran and ahead:  # no thread could be started: the loop relays the read-ahead after all
             buffered[:0] = ahead[0]
         if not transport.is_closing():
             transport.resume_reading()
 
-    handed = await writer.hand_off(move, before, after, raw=remaining)
+    try:
+        handed = await writer.hand_off(move, before, after, raw=remaining)
+    finally:  # hand_off returns or raises only once its thread, if one started, is done
+        os.close(source)
     if handed is None:
         return False
     outcome, written = handed

@@ -379,12 +379,16 @@ class Deliveries:
                 hook = self.hooks.enabled(job.hook_id)
                 if hook is None:
                     continue  # deleted or disabled since
-                if job.body is None:
-                    reader = reader or self.store.reader()
-                    job.body = self._payload(reader, job.seq)
+                try:
                     if job.body is None:
-                        continue  # the event is gone (retention), nothing to send
-                outcome = self._send(hook, job.body)
+                        reader = reader or self.store.reader()
+                        job.body = self._payload(reader, job.seq)
+                        if job.body is None:
+                            continue  # the event is gone (retention), nothing to send
+                    outcome = self._send(hook, job.body)
+                except Exception as exc:  # one delivery's failure, not the thread's end
+                    log.exception("webhook %s: event %d could not be sent", hook.id, job.seq)
+                    outcome = f"{type(exc).__name__}: {exc}"[:300]
                 if outcome is None:
                     self._count("delivered")
                     continue
