@@ -302,6 +302,22 @@ fn enter_with_premade(spec: &sandboxd_jail::SandboxSpec) -> (String, OwnedFd) {
     }
 }
 
+/// The sandbox `enter_with_premade` reported (`P<init pid>`), adopted, with its init's pid; and no
+/// group left under a pre-made name.
+fn adopted_without_premade_groups(
+    spec: &sandboxd_jail::SandboxSpec,
+    msg: &str,
+) -> (SandboxHandle, i32) {
+    let init_pid: i32 = msg
+        .strip_prefix('P')
+        .unwrap_or_else(|| panic!("enter_sandbox_then failed: {msg}"))
+        .parse()
+        .unwrap();
+    let handle = SandboxHandle::adopt(&spec.instance, &spec.id, init_pid).unwrap();
+    assert_eq!(premade_groups(), Vec::<std::path::PathBuf>::new());
+    (handle, init_pid)
+}
+
 /// The sandbox's limits, read from its group on the host: (memory, CPU quota, pids, devices).
 fn limits_of(handle: &SandboxHandle) -> (String, String, String, String) {
     let dirs = handle.cgroup_dirs();
@@ -333,13 +349,7 @@ fn premade_cgroup_becomes_the_sandboxs() {
         assert!(msg.contains("v2"), "{msg}");
         return;
     }
-    let init_pid: i32 = msg
-        .strip_prefix('P')
-        .unwrap_or_else(|| panic!("enter_sandbox_then failed: {msg}"))
-        .parse()
-        .unwrap();
-    let handle = SandboxHandle::adopt(&spec.instance, &spec.id, init_pid).unwrap();
-    assert_eq!(premade_groups(), Vec::<std::path::PathBuf>::new());
+    let (handle, init_pid) = adopted_without_premade_groups(&spec, &msg);
     let (memory, quota, pids, devices) = limits_of(&handle);
     assert_eq!(memory, (256u64 << 20).to_string());
     assert_eq!(quota, "100000");
@@ -378,13 +388,7 @@ fn premade_cgroup_refused_rename_falls_back() {
     fs::create_dir_all(&taken).unwrap();
     let taken_inode = fs::metadata(&taken).unwrap().ino();
     let (msg, go) = enter_with_premade(&spec);
-    let init_pid: i32 = msg
-        .strip_prefix('P')
-        .unwrap_or_else(|| panic!("enter_sandbox_then failed: {msg}"))
-        .parse()
-        .unwrap();
-    let handle = SandboxHandle::adopt(&spec.instance, &spec.id, init_pid).unwrap();
-    assert_eq!(premade_groups(), Vec::<std::path::PathBuf>::new());
+    let (handle, _) = adopted_without_premade_groups(&spec, &msg);
     let (memory, quota, pids, _) = limits_of(&handle);
     assert_eq!(
         (memory.as_str(), quota.as_str(), pids.as_str()),
@@ -434,11 +438,12 @@ fn premade_cgroup_unused_or_unfit_is_removed() {
     common::remove_empty_cgroup_parents();
     let error = PremadeCgroup::make(&common::instance(), &premade_limits()).unwrap_err();
     assert_eq!(error.kind(), std::io::ErrorKind::NotFound, "{error}");
+    // No instance group was made for it (`sandboxd/` itself may be gone: on a host with no other
+    // runtime, removing this process's empty instance group removes its parent too).
     assert!(
-        fs::read_dir("/sys/fs/cgroup/pids/sandboxd")
-            .unwrap()
-            .flatten()
-            .all(|e| e.file_name().to_string_lossy() != common::instance())
+        !std::path::Path::new("/sys/fs/cgroup/pids/sandboxd")
+            .join(common::instance())
+            .exists()
     );
     make_instance_group();
     let made = PremadeCgroup::make(&common::instance(), &premade_limits()).unwrap();
@@ -469,13 +474,7 @@ fn premade_cgroup_unused_or_unfit_is_removed() {
     };
     let _cleanup = Cleanup(spec.id.clone());
     let (msg, go) = enter_with_premade(&spec);
-    let init_pid: i32 = msg
-        .strip_prefix('P')
-        .unwrap_or_else(|| panic!("enter_sandbox_then failed: {msg}"))
-        .parse()
-        .unwrap();
-    let handle = SandboxHandle::adopt(&spec.instance, &spec.id, init_pid).unwrap();
-    assert_eq!(premade_groups(), Vec::<std::path::PathBuf>::new());
+    let (handle, _) = adopted_without_premade_groups(&spec, &msg);
     let (memory, quota, pids, _) = limits_of(&handle);
     assert_ne!(
         memory,
