@@ -47,7 +47,7 @@ import ssl
 import threading
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -284,15 +284,25 @@ def _webhook(row: tuple[Any, ...]) -> Webhook:
 
 
 @dataclass(slots=True)
-class _Job:
+class _Event:
+    """One event to deliver, shared by the jobs of every webhook that subscribes to it: its payload
+    is read and encoded once, by whichever delivery thread first needs it."""
+
     seq: int
-    """The event (``events.seq``)."""
+    """Its ``events.seq``."""
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    body: bytes | None = None
+    read: bool = False
+    """Whether ``body`` was read (None then: the event is gone, retention)."""
+
+
+@dataclass(slots=True)
+class _Job:
+    event: _Event
     hook_id: str
     """Sent as the webhook is at each attempt: a retry goes to a URL mended meanwhile, and none is
     made once it is deleted or disabled."""
     attempt: int = 0
-    body: bytes | None = None
-    """The payload, built on the first attempt (the same bytes on every retry)."""
 
 
 class Deliveries:
@@ -312,16 +322,14 @@ class Deliveries:
         self._cond = threading.Condition()
         self._stopping = False
         self._threads: list[threading.Thread] = []
-        self._tls = ssl.create_default_context()
+        self._tls: ssl.SSLContext | None = None
+        """Made with the first https delivery (it loads the system's CA certificates)."""
         self.dropped = 0
         """Deliveries not queued because :data:`MAX_PENDING` were."""
 
     def start(self) -> None:
+        """Listen to the store's events (the threads start with the first delivery)."""
         self.store.listeners.append(self.offer)
-        for n in range(WORKERS):
-            thread = threading.Thread(target=self._work, name=f"webhooks-{n}", daemon=True)
-            thread.start()
-            self._threads.append(thread)
 
     def stop(self) -> None:
         """Stop the workers; what is queued is not sent. A delivery in flight is not waited for past
@@ -342,7 +350,13 @@ class Deliveries:
         hooks = self.hooks.subscribers(event_type) if event_type is not None else []
         if not hooks:
             return
+        event = _Event(seq)
         with self._cond:
+            if not self._threads and not self._stopping:
+                for n in range(WORKERS):
+                    thread = threading.Thread(target=self._work, name=f"webhooks-{n}", daemon=True)
+                    thread.start()
+                    self._threads.append(thread)
             for hook in hooks:
                 if len(self._due) >= MAX_PENDING:
                     self.dropped += 1
@@ -356,7 +370,7 @@ class Deliveries:
                             self.dropped,
                         )
                     continue
-                heapq.heappush(self._due, (0.0, next(self._order), _Job(seq, hook.id)))
+                heapq.heappush(self._due, (0.0, next(self._order), _Job(event, hook.id)))
             self._cond.notify(len(hooks))
 
     def _next(self) -> _Job | None:
@@ -379,15 +393,18 @@ class Deliveries:
                 hook = self.hooks.enabled(job.hook_id)
                 if hook is None:
                     continue  # deleted or disabled since
+                event = job.event
                 try:
-                    if job.body is None:
-                        reader = reader or self.store.reader()
-                        job.body = self._payload(reader, job.seq)
-                        if job.body is None:
-                            continue  # the event is gone (retention), nothing to send
-                    outcome = self._send(hook, job.body)
+                    with event.lock:
+                        if not event.read:
+                            reader = reader or self.store.reader()
+                            event.body = self._payload(reader, event.seq)
+                            event.read = True
+                    if event.body is None:
+                        continue  # the event is gone (retention), nothing to send
+                    outcome = self._send(hook, event.body)
                 except Exception as exc:  # one delivery's failure, not the thread's end
-                    log.exception("webhook %s: event %d could not be sent", hook.id, job.seq)
+                    log.exception("webhook %s: event %d could not be sent", hook.id, event.seq)
                     outcome = f"{type(exc).__name__}: {exc}"[:300]
                 if outcome is None:
                     self._count("delivered")
@@ -397,7 +414,7 @@ class Deliveries:
                     log.warning(
                         "webhook %s: event %d not delivered to %s after %d attempts: %s",
                         hook.id,
-                        job.seq,
+                        event.seq,
                         hook.url,
                         job.attempt + 1,
                         outcome,
@@ -441,6 +458,8 @@ class Deliveries:
         }
         connection: http.client.HTTPConnection
         if parts.scheme == "https":
+            if self._tls is None:
+                self._tls = ssl.create_default_context()
             connection = http.client.HTTPSConnection(
                 parts.hostname or "", parts.port, timeout=self.timeout_s, context=self._tls
             )
