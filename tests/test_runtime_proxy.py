@@ -115,7 +115,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
 
     def do_GET(self):
-        body = b"over tls: " + self.path.encode()
+        body = bytes(range(256)) * (3 << 12) if self.path == "/big" else b"over tls: " + self.path.encode()
         self.send_response(200)
         self.send_header("content-length", str(len(body)))
         self.end_headers()
@@ -798,6 +798,8 @@ def test_https_ports_are_spoken_to_over_tls_without_checking_the_certificate(sdk
         for _ in range(3):  # the second and third over the pooled TLS connection
             answer = get(8443)
             assert answer.status_code == 200 and answer.text == "over tls: /hello", answer.text
+        # 3 MiB: a body the proxy would splice from a plain port goes through TLS here, whole.
+        assert get(8443, "/big").content == bytes(range(256)) * (3 << 12)
         by_host = httpx.get(
             f"http://127.0.0.1:{sdk.port}/by-host", headers={"Host": f"8443-{sbx.sandbox_id}.local"}, timeout=20
         )

@@ -386,9 +386,7 @@ class SandboxProxy:
             )
             return
         extensions = scope.get("extensions", {})
-        relay = _Relay(
-            send, extensions.get(BODY_PARTS), self._tls(sandbox_id, port) is None, extensions.get(SPLICED_BYTES)
-        )
+        relay = _Relay(send, extensions.get(BODY_PARTS), extensions.get(SPLICED_BYTES))
         try:
             body = await _replayable_body(scope, receive)
         except ClientDisconnected:
@@ -459,9 +457,7 @@ class SandboxProxy:
         body_sent = asyncio.Event()
 
         async def send_body_then_watch() -> None:
-            spliced = (
-                body is None and length is not None and relay.plain and await _splice_request_body(scope, upstream)
-            )
+            spliced = body is None and length is not None and await _splice_request_body(scope, upstream)
             if not spliced and body is None and (length is not None or chunked):
                 async for chunk in body_chunks(receive):
                     upstream.writer.write(b"%x\r\n%b\r\n" % (len(chunk), chunk) if chunked else chunk)
@@ -524,7 +520,7 @@ class SandboxProxy:
             for chunk in response.body:
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
             response.body.clear()
-            if relay.started and not response.complete and relay.plain and relay.writer is not None:
+            if relay.started and not response.complete and relay.writer is not None:
                 length = response.length() if method != "HEAD" else None
                 rest = 0 if length is None else length - response.body_seen
                 if rest >= SPLICE_FROM and await _splice_body(relay.writer, upstream, rest, relay.tally):
@@ -593,14 +589,21 @@ class _Relay:
     send: Send
     writer: Any = None
     """The server's ``ResponseWriter`` of this request (``sandboxd.agent.http_server``), when it has one."""
-    plain: bool = False
-    """Whether the upstream is plain TCP (not an ``https_ports`` port), so its socket can be spliced."""
     tally: list[int] | None = None
     """The request's :data:`~.observe.http.SPLICED_BYTES`, when it is observed."""
     started: bool = False
 
 
 _request_movers: ThreadPoolExecutor | None = None
+
+
+def _plain_socket(upstream: _Upstream) -> socket.socket | None:
+    """The upstream connection's socket, when its bytes are the body's (not TLS: an ``https_ports``
+    port), so that they can be spliced."""
+    if upstream.writer.get_extra_info("sslcontext") is not None:
+        return None
+    sock: socket.socket | None = upstream.writer.get_extra_info("socket")
+    return sock
 
 
 async def _splice_request_body(scope: Scope, upstream: _Upstream) -> bool:
@@ -614,7 +617,7 @@ async def _splice_request_body(scope: Scope, upstream: _Upstream) -> bool:
     global _request_movers
     raw = scope.get("extensions", {}).get(RAW_BODY)
     remaining = raw.remaining() if raw is not None else None
-    sock = upstream.writer.get_extra_info("socket")
+    sock = _plain_socket(upstream)
     if (
         remaining is None
         or remaining < SPLICE_FROM
@@ -656,7 +659,7 @@ async def _splice_body(writer: Any, upstream: _Upstream, remaining: int, tally: 
     client), :class:`ClientDisconnected` when the client goes."""
     reader = upstream.reader
     buffered = getattr(reader, "_buffer", None)  # asyncio's read-ahead (a bytearray), taken whole below
-    sock = upstream.writer.get_extra_info("socket")
+    sock = _plain_socket(upstream)
     if not isinstance(buffered, bytearray) or sock is None or len(buffered) >= remaining:
         return False
     transport = cast(asyncio.Transport, upstream.writer.transport)
