@@ -328,14 +328,8 @@ class ResponseWriter:
             if len(body) > cycle.expected_content_length:
                 raise RuntimeError("Response content longer than Content-Length")
             cycle.expected_content_length -= len(body)
-            held = self._held
-            self._held = None
-            if held and len(held[0]) + len(body) <= JOIN_BELOW:
-                cycle.transport.write(held[0] + body)
-            else:
-                if held:
-                    cycle.transport.write(held[0])
-                cycle.transport.write(body)
+            self._held = [*(self._held or ()), body]
+            self._flush()  # with the head held, in one write up to JOIN_BELOW
         if not more_body:
             if cycle.expected_content_length != 0:
                 raise RuntimeError("Response content shorter than Content-Length")
