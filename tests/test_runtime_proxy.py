@@ -91,6 +91,23 @@ while True:
     threading.Thread(target=answer, args=(srv.accept()[0],), daemon=True).start()
 """
 
+STALLING_SERVER = r"""
+import socket, sys, threading, time
+
+def answer(conn):
+    if conn.recv(65536):
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % (64 << 20))
+        conn.sendall(b"s" * (2 << 20))
+        time.sleep(3600)  # the rest never comes, and the connection stays open
+
+srv = socket.socket()
+srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+srv.bind(("127.0.0.1", int(sys.argv[1])))
+srv.listen(64)
+while True:
+    threading.Thread(target=answer, args=(srv.accept()[0],), daemon=True).start()
+"""
+
 PARTIAL_ANSWER_SERVER = r"""
 import socket, sys, threading, time
 
@@ -269,6 +286,57 @@ def test_an_upstream_whose_body_ends_short_resets_the_client(sdk: Runtime) -> No
         assert sbx.files.exists("/home/user")  # the runtime and the sandbox's agent go on
     finally:
         sbx.kill()
+
+
+def test_a_sandbox_that_stalls_its_downloads_holds_no_more_than_the_cap_of_the_runtimes_threads(
+    sdk: Runtime,
+) -> None:
+    """Code in a sandbox answers 20 downloads with 2 MiB of 64 and then nothing, connections open:
+    at most 16 of them hold a runtime thread (the rest wait on the event loop, which holds none),
+    another sandbox's download goes through whole meanwhile, and the clients leaving frees every
+    thread and descriptor although the sandbox never sends again."""
+    staller = Sandbox.create()
+    other = Sandbox.create()
+    try:
+        _serve_in(staller, STALLING_SERVER, 8102)
+        other.commands.run("head -c 8388608 /dev/urandom > /home/user/ok.bin", timeout=60)
+        want = other.commands.run("sha256sum /home/user/ok.bin").stdout.split()[0]
+        info = httpx.get(f"{sdk.url}/sandboxes/{other.sandbox_id}", headers={"X-API-KEY": sdk.api_key}).json()
+        pid = sdk.process.pid
+        threads_before = len(os.listdir(f"/proc/{pid}/task"))
+        fds_before = _fds(pid)
+        clients = []
+        for _ in range(20):
+            client = socket.create_connection(("127.0.0.1", sdk.port), timeout=20)
+            client.sendall(
+                f"GET / HTTP/1.1\r\nHost: x\r\nE2b-Sandbox-Id: {staller.sandbox_id}\r\n"
+                "E2b-Sandbox-Port: 8102\r\n\r\n".encode()
+            )
+            clients.append(client)
+        for client in clients:  # each has its 2 MiB: its body is under way
+            received = 0
+            while received < (2 << 20):
+                received += len(client.recv(1 << 20))
+        assert len(os.listdir(f"/proc/{pid}/task")) <= threads_before + 16
+        answer = httpx.get(
+            f"{sdk.url}/files",
+            params={"path": "/home/user/ok.bin"},
+            headers={"E2b-Sandbox-Id": other.sandbox_id, "X-Access-Token": info["envdAccessToken"]},
+            timeout=30,
+        )
+        assert hashlib.sha256(answer.content).hexdigest() == want
+        for client in clients:
+            client.close()
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and (
+            len(os.listdir(f"/proc/{pid}/task")) > threads_before or _fds(pid) > fds_before
+        ):
+            time.sleep(0.1)
+        assert len(os.listdir(f"/proc/{pid}/task")) <= threads_before, "a stalled download kept its thread"
+        assert _fds(pid) <= fds_before, "a stalled download kept its descriptors"
+    finally:
+        staller.kill()
+        other.kill()
 
 
 def test_a_client_that_leaves_mid_download_costs_nothing_after(sdk: Runtime) -> None:
@@ -1064,6 +1132,13 @@ def test_splice_reports_a_source_that_ends_early_a_client_that_leaves_and_a_canc
         client_far.close()  # the client is gone
         up_far.sendall(b"y" * 1000)
         assert _splice(up.fileno(), client.fileno(), b"", 5000, cancel)[0] == "sink"
+        for s in (up_far, up, client):
+            s.close()
+
+        up_far, up = _nonblocking_pair()
+        client, client_far = _nonblocking_pair()
+        client_far.close()  # nothing arrives, and the client leaves: noticed without a byte to send
+        assert _splice(up.fileno(), client.fileno(), b"", 5000, cancel) == ("sink", 0)
         for s in (up_far, up, client):
             s.close()
 

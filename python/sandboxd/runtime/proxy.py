@@ -110,6 +110,8 @@ PIPE_SIZE = 1 << 20
 
 _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 
+_PEER_GONE = select.POLLRDHUP | select.POLLHUP | select.POLLERR
+
 
 @functools.cache
 def upstream_tls() -> ssl.SSLContext:
@@ -716,6 +718,9 @@ def _splice(
     into = select.poll()
     into.register(source, select.POLLIN)
     into.register(cancel, select.POLLIN)
+    # The sink's peer closing, while nothing comes to send it: the event loop, which does not read
+    # the sink meanwhile, would not notice (a client gone from a download its sandbox stalls).
+    into.register(sink, select.POLLRDHUP)
     out = select.poll()
     out.register(sink, select.POLLOUT)
     out.register(cancel, select.POLLIN)
@@ -726,6 +731,8 @@ def _splice(
         ready = poller.poll(None if timeout is None else max(0, int(timeout * 1000)) + 1)
         if any(fd == cancel for fd, _ in ready):
             return "stopped"
+        if any(fd == sink and events & _PEER_GONE for fd, events in ready):
+            return "sink"
         return None if ready else "timed out"
 
     written = 0
