@@ -74,31 +74,16 @@ async def main():
 asyncio.run(main())
 """
 
-SHORT_BODY_SERVER = r"""
-import socket, sys, threading
-
-def answer(conn):
-    if conn.recv(65536):
-        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % (64 << 20))
-        conn.sendall(b"x" * (4 << 20))  # 4 MiB of the 64 announced, then the end
-        conn.close()
-
-srv = socket.socket()
-srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-srv.bind(("127.0.0.1", int(sys.argv[1])))
-srv.listen()
-while True:
-    threading.Thread(target=answer, args=(srv.accept()[0],), daemon=True).start()
-"""
-
-STALLING_SERVER = r"""
+ANSWERING_SERVER = r"""
 import socket, sys, threading, time
 
 def answer(conn):
     if conn.recv(65536):
-        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % (64 << 20))
-        conn.sendall(b"s" * (2 << 20))
-        time.sleep(3600)  # the rest never comes, and the connection stays open
+        conn.sendall(b"HTTP/1.1 200 OK\r\n%s\r\n" % HEAD)
+        conn.sendall(BODY)
+        if STALL:
+            time.sleep(3600)
+        conn.close()
 
 srv = socket.socket()
 srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -107,22 +92,20 @@ srv.listen(64)
 while True:
     threading.Thread(target=answer, args=(srv.accept()[0],), daemon=True).start()
 """
+"""A server that answers each request with the head lines ``HEAD``, then ``BODY``, then, with
+``STALL``, nothing more (the connection kept open), else the end: the settings go first."""
 
-PARTIAL_ANSWER_SERVER = r"""
-import socket, sys, threading, time
-
-def answer(conn):
-    if conn.recv(65536):
-        conn.sendall(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n")
-        time.sleep(3600)  # the rest of the answer never comes: the sandbox is killed first
-
-srv = socket.socket()
-srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-srv.bind(("127.0.0.1", int(sys.argv[1])))
-srv.listen()
-while True:
-    threading.Thread(target=answer, args=(srv.accept()[0],), daemon=True).start()
-"""
+SHORT_BODY_SERVER = (
+    f"HEAD, BODY, STALL = b'Content-Length: {64 << 20}\\r\\n', b'x' * (4 << 20), False\n"  # 4 of 64 MiB
+    + ANSWERING_SERVER
+)
+STALLING_SERVER = (
+    f"HEAD, BODY, STALL = b'Content-Length: {64 << 20}\\r\\n', b's' * (2 << 20), True\n" + ANSWERING_SERVER
+)
+PARTIAL_ANSWER_SERVER = (
+    # the rest of the answer never comes: the sandbox is killed first
+    "HEAD, BODY, STALL = b'Transfer-Encoding: chunked\\r\\n', b'5\\r\\nhello\\r\\n', True\n" + ANSWERING_SERVER
+)
 
 
 HTTPS_SERVER = r"""
