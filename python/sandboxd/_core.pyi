@@ -20,6 +20,7 @@ READ_CHUNK: int
 """Default chunk size of ``FileReader`` in bytes."""
 
 RECEIVE_MIN_RATE: int
+MULTIPART_MAX_BOUNDARY: int
 """Bytes per second ``AtomicWriter.receive_from`` requires of a body on average once its idle timeout
 has passed (its deadline: the idle timeout plus a second per this many bytes)."""
 
@@ -121,6 +122,26 @@ class AtomicWriter:
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None: ...
+
+_Ended = Literal["closed", "timed out", "too slow", "stopped"]
+
+class MultipartReader:
+    """A ``multipart/form-data`` body read from a socket by a worker thread, a part at a time:
+    :meth:`next_part` gives a part's header block, :meth:`copy_part` writes its data to a file (or
+    drops it) up to the next delimiter, both without the GIL. Exactly ``length`` bytes are read
+    from the socket (the epilogue included). A malformed body raises ``ValueError`` with the
+    reason; ``idle_timeout`` and ``stop_fd`` as for :meth:`AtomicWriter.receive_from`."""
+
+    def __init__(
+        self, boundary: bytes, prefix: bytes, length: int, idle_timeout: float, stop_fd: int | None = None
+    ) -> None: ...
+    def next_part(self, fd: int) -> tuple[Literal["part", "complete"] | _Ended, bytes | None]:
+        """``("part", headers)`` (CRLF-ended header lines), ``("complete", None)`` once the body is
+        read to its end, or how the transfer ended."""
+    def copy_part(self, fd: int, writer: AtomicWriter | None = None) -> Literal["part done"] | _Ended:
+        """The current part's data into ``writer`` (dropped when None), to the next delimiter."""
+    def discard_rest(self, fd: int) -> Literal["complete"] | _Ended:
+        """Reads and drops the rest of the body (after a refusal midway)."""
 
 # ------------------------------------------------------------------------------------- processes
 

@@ -60,14 +60,14 @@ pub enum Received {
 
 /// What a transfer must keep to: its deadline (`idle` from its start, plus a second per
 /// [`MIN_RATE`] bytes), and its stop descriptor.
-struct Pace {
+pub(crate) struct Pace {
     started: Instant,
     idle: Duration,
     stop: Option<RawFd>,
 }
 
 impl Pace {
-    fn new(idle: Duration, stop: Option<RawFd>) -> Self {
+    pub(crate) fn new(idle: Duration, stop: Option<RawFd>) -> Self {
         Self {
             started: Instant::now(),
             idle,
@@ -76,7 +76,7 @@ impl Pace {
     }
 
     /// Checked before each piece: why the transfer ends now, if it does.
-    fn check(&self, moved: u64) -> Option<Received> {
+    pub(crate) fn check(&self, moved: u64) -> Option<Received> {
         if self.stop.is_some_and(readable_now) {
             Some(Received::Stopped(moved))
         } else if self.behind(moved) {
@@ -101,7 +101,7 @@ impl Pace {
 
     /// Waits for the socket to become readable: within `idle` and the deadline. None when it did;
     /// otherwise why the transfer ends.
-    fn wait(&self, socket: RawFd, moved: u64) -> Option<Received> {
+    pub(crate) fn wait(&self, socket: RawFd, moved: u64) -> Option<Received> {
         let left = self.deadline(moved).map_or(self.idle, |d| {
             self.idle.min(d.saturating_duration_since(Instant::now()))
         });
@@ -331,7 +331,7 @@ fn read_into(socket: RawFd, mut file: &File, left: u64) -> Result<Step, Failure>
     }
 }
 
-fn read_fd(fd: RawFd, buffer: &mut [u8]) -> io::Result<usize> {
+pub(crate) fn read_fd(fd: RawFd, buffer: &mut [u8]) -> io::Result<usize> {
     // SAFETY: `buffer` is valid for writes of its length; `fd` is open for the call.
     let n = unsafe { libc::read(fd, buffer.as_mut_ptr().cast(), buffer.len()) };
     if n < 0 {
