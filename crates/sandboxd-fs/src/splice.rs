@@ -292,6 +292,90 @@ fn receive_copying(
     Ok((moved, Received::Complete))
 }
 
+/// How a [`send_file`] ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sent {
+    /// All of it went.
+    Done,
+    /// The file ended first (it shrank since its size was taken).
+    Short,
+    /// The peer left (or reset the connection).
+    Closed,
+    /// The stop descriptor became readable.
+    Stopped,
+    /// The kernel cannot `sendfile` from this file (`EINVAL`, `ENOSYS`); nothing was sent.
+    Unsupported,
+}
+
+/// Bytes one `sendfile(2)` is asked for: the kernel sends what the socket's buffer takes anyway.
+const SEND_STEP: usize = 4 << 20;
+
+/// Sends `len` bytes of `file`, from its position (which moves on), to `socket` (non-blocking,
+/// shared with an event loop that does not write it meanwhile) with `sendfile(2)`: the page
+/// cache's pages go to the socket without a copy through user space. Waits for room with
+/// `poll(2)`, stops when `stop` (an eventfd) becomes readable. A failed read of the file (`EIO`)
+/// is the error; see [`Sent`] for the rest.
+pub fn send_file(file: &File, socket: RawFd, len: u64, stop: RawFd) -> io::Result<(u64, Sent)> {
+    let mut sent = 0u64;
+    while sent < len {
+        if readable_now(stop) {
+            return Ok((sent, Sent::Stopped));
+        }
+        let want = (len - sent).min(SEND_STEP as u64) as usize;
+        // SAFETY: both descriptors are open for the call; a null offset means the file's position.
+        let n = unsafe { libc::sendfile(socket, file.as_raw_fd(), std::ptr::null_mut(), want) };
+        if n > 0 {
+            sent += n as u64;
+            continue;
+        }
+        if n == 0 {
+            return Ok((sent, Sent::Short));
+        }
+        let err = io::Error::last_os_error();
+        match err.raw_os_error() {
+            Some(libc::EAGAIN) => {
+                if wait_writable(socket, stop) {
+                    return Ok((sent, Sent::Stopped));
+                }
+            }
+            Some(libc::EINTR) => {}
+            Some(libc::EINVAL | libc::ENOSYS) if sent == 0 => return Ok((0, Sent::Unsupported)),
+            Some(libc::EPIPE | libc::ECONNRESET | libc::ENOTCONN | libc::ETIMEDOUT) => {
+                return Ok((sent, Sent::Closed));
+            }
+            _ => return Err(err),
+        }
+    }
+    Ok((sent, Sent::Done))
+}
+
+/// Waits until `socket` has room (or failed: the next call says how) or `stop` is readable;
+/// true for the latter.
+fn wait_writable(socket: RawFd, stop: RawFd) -> bool {
+    loop {
+        let mut pfds = [
+            libc::pollfd {
+                fd: socket,
+                events: libc::POLLOUT,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: stop,
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        // SAFETY: two valid pollfds, as the count says.
+        let n = unsafe { libc::poll(pfds.as_mut_ptr(), 2, -1) };
+        if n > 0 {
+            return pfds[1].revents != 0;
+        }
+        if n < 0 && io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
+            return false; // let the next call report it
+        }
+    }
+}
+
 /// `SIOCATMARK` (`<asm-generic/sockios.h>`; not in the libc crate for Linux): whether a socket's
 /// next byte is at TCP urgent data's mark.
 const SIOCATMARK: libc::Ioctl = 0x8905;

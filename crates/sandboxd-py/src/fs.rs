@@ -215,6 +215,31 @@ impl FileReader {
         self.inner.is_sized()
     }
 
+    /// Bytes still to read; None for a stream read to its end.
+    #[getter]
+    fn remaining(&self) -> Option<u64> {
+        self.inner.remaining()
+    }
+
+    /// Sends the rest of a sized read to the stream socket `fd` (non-blocking; the caller keeps it
+    /// open and writes nothing else to it meanwhile) with `sendfile(2)`, without the GIL, until
+    /// `stop_fd` (an eventfd) becomes readable: `(outcome, sent)`, outcome "done", "short" (the
+    /// file ended first), "closed" (the peer left), "stopped" or "unsupported" (nothing sent: a
+    /// stream, or a file the kernel cannot sendfile from). A failed read raises `OSError`.
+    fn send_to(&mut self, py: Python<'_>, fd: i32, stop_fd: i32) -> PyResult<(&'static str, u64)> {
+        use core::splice::Sent;
+        let inner = &mut self.inner;
+        let (how, sent) = py.detach(|| inner.send_to(fd, stop_fd)).map_err(to_pyerr)?;
+        let how = match how {
+            Sent::Done => "done",
+            Sent::Short => "short",
+            Sent::Closed => "closed",
+            Sent::Stopped => "stopped",
+            Sent::Unsupported => "unsupported",
+        };
+        Ok((how, sent))
+    }
+
     /// The next chunk; `b""` at the end.
     ///
     /// The `bytes` object is allocated at the chunk's size and filled by `read(2)` with the GIL

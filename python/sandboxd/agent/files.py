@@ -10,8 +10,9 @@ that disconnects midway leaves every old file intact and no temporary file behin
 (raw or multipart) are inflated in bounded pieces. A large identity body skips the event loop: the
 server's ``RawBody`` (``scope["extensions"]``) lets a worker thread move it socket → file, a raw one
 with ``splice(2)`` (``AtomicWriter.receive_from``), a multipart one through ``MultipartReader``,
-which finds the boundaries and writes each part's data without Python touching it. Before the renames, the directory watchers are
-brought up to date and told what each rename stands for (``watch_hub``).
+which finds the boundaries and writes each part's data without Python touching it. Before the
+renames, the directory watchers are brought up to date and told what each rename stands for
+(``watch_hub``).
 
 Nothing here reads or writes a file on the event loop: opening, reading, writing and renaming run in
 worker threads, one chunk or batch at a time, while the loop moves the previous one.
@@ -35,6 +36,7 @@ from urllib.parse import parse_qs
 from sandboxd import _core
 
 from .asgi import (
+    BODY_PARTS,
     RAW_BODY,
     ClientDisconnected,
     Receive,
@@ -212,6 +214,9 @@ class _Reply:
     error: str | None = None
     reader: _core.FileReader | None = None
     chunks: Iterator[bytes] | None = None
+    sendable: bool = False
+    """The body is the reader's bytes as they are, with a ``Content-Length``: :func:`_send_file` may
+    send them with ``sendfile(2)``."""
 
 
 def _plan_download(req: _Request) -> _Reply:
@@ -266,7 +271,7 @@ def _plan_download(req: _Request) -> _Reply:
             headers.append(("content-encoding", "gzip"))
             return _Reply(status, headers, reader=reader, chunks=_gzip_chunks(reader))
         headers.append(("content-length", str(length)))
-        return _Reply(status, headers, reader=reader, chunks=iter(reader))
+        return _Reply(status, headers, reader=reader, chunks=iter(reader), sendable=True)
     except BaseException:
         reader.close()
         raise
@@ -295,8 +300,55 @@ async def download(state: AgentState, scope: Scope, receive: Receive, send: Send
     with reply.reader:
         await send({"type": "http.response.start", "status": reply.status, "headers": raw_headers(reply.headers)})
         if scope["method"] != "HEAD":
-            await _stream_chunks(reply.chunks, receive, send)
+            try:
+                if not await _send_file(reply, scope, send):
+                    await _stream_chunks(reply.chunks, receive, send)
+            except ClientDisconnected:
+                return
         await send({"type": "http.response.body", "body": b""})
+
+
+SEND_FILE_MIN = 1 << 20
+"""A download with at least this much left after its first chunk is sent by a thread with
+``sendfile(2)``: below it, starting the thread costs about what the loop's chunks do."""
+
+
+async def _send_file(reply: _Reply, scope: Scope, send: Send) -> bool:
+    """Sends the body: its first chunk through the loop (it goes out with the head, in one write),
+    the rest by a worker thread with ``sendfile(2)`` (``FileReader.send_to``: the page cache's
+    pages go to the socket with no copy into Python and no event-loop work per chunk), through the
+    server's ``ResponseWriter.hand_off``. False, having sent nothing or only the first chunk, when
+    it cannot (not a plain sized body, too little left, the hand-off refused: TLS, the cap of
+    threads): the caller streams the rest of ``reply.chunks`` through the loop. Raises
+    :class:`ClientDisconnected` when the client leaves, or the file ends early (the promised
+    length cannot be kept: the connection is closed)."""
+    writer = scope.get("extensions", {}).get(BODY_PARTS)
+    reader, chunks = reply.reader, reply.chunks
+    if not reply.sendable or writer is None or reader is None or chunks is None:
+        return False
+    left = reader.remaining
+    if left is None or left < SEND_FILE_MIN + _core.READ_CHUNK:
+        return False
+    first = await _in_io_thread(next, chunks, b"")
+    await send({"type": "http.response.body", "body": first, "more_body": True})
+    left = reader.remaining
+    if not first or left is None:
+        return False
+    outcomes: list[str] = []
+
+    def move(sock: int, stop: int) -> tuple[str, int, bytes]:
+        outcome, sent = reader.send_to(sock, stop)
+        outcomes.append(outcome)
+        # hand_off closes the connection on "closed": for a file that ended early too, since the
+        # response cannot have the length it promised.
+        return ("closed" if outcome == "short" else outcome), sent, b""
+
+    handed = await writer.hand_off(move, raw=left)
+    if handed is None or outcomes == ["unsupported"]:
+        return False
+    if handed[0] != "done":  # "stopped": the server is closing the connection
+        raise ClientDisconnected
+    return True
 
 
 async def _stream_chunks(chunks: Iterator[bytes], receive: Receive, send: Send) -> None:
