@@ -306,3 +306,36 @@ def test_a_client_that_leaves_an_idle_stream_is_noticed(start_agent: Callable[..
     while inotify_instances() > before and time.monotonic() < deadline:
         time.sleep(0.05)
     assert inotify_instances() == before
+
+
+def test_constant_end_events_encode_as_a_fresh_message_in_each_codec() -> None:
+    """A process's common end events are built once and declared constants (``rpc.constant``), so the
+    transports encode each once per codec: the bytes must be the fresh message's, whichever codec
+    asked first, and a message only equal to a constant (not it) is encoded as itself."""
+    from sandboxd._proto.process import process_pb2 as pb
+    from sandboxd.agent.connect import _CODECS
+    from sandboxd.agent.services.process import _end_response
+
+    class End:
+        def __init__(self, code: int, exited: bool, status: str) -> None:
+            self.exit_code, self.exited, self.status, self.error = code, exited, status, None
+
+    ends = [End(0, True, "exit status 0"), End(1, True, "exit status 1"), End(-1, False, "signal: killed")]
+    for order in (("proto", "json"), ("json", "proto")):
+        for end in ends:
+            for response_type in (pb.StartResponse, pb.ConnectResponse):
+                message = _end_response(response_type, end)  # type: ignore[arg-type]
+                assert _end_response(response_type, end) is message  # type: ignore[arg-type]  # built once
+                fresh = response_type(
+                    event=pb.ProcessEvent(
+                        end=pb.ProcessEvent.EndEvent(exit_code=end.exit_code, exited=end.exited, status=end.status)
+                    )
+                )
+                for name in (*order, *order):
+                    codec = _CODECS[name]
+                    assert codec.frame(message) == codec.frame(fresh), (name, end.status)
+                changed = response_type()
+                changed.CopyFrom(message)
+                changed.event.end.exit_code = 42  # equal type, other content, not the constant
+                assert _CODECS["json"].encode(changed) != _CODECS["json"].encode(message)
+                assert json.loads(_CODECS["json"].encode(changed))["event"]["end"]["exitCode"] == 42

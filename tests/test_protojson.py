@@ -107,7 +107,8 @@ def _outcome(how: Any, data: bytes, message_type: type[Message]) -> tuple[str, A
 
 def _json_format_parse(data: bytes, message_type: type[Message]) -> Message:
     message = json_format.Parse(data or b"{}", message_type(), ignore_unknown_fields=True)
-    _refuse_enum_numbers_out_of_range(json.loads(data or b"{}"), message_type.DESCRIPTOR)
+    if _is_parseable(message_type.DESCRIPTOR, set()):  # else ``parse`` hands the JSON to json_format itself
+        _refuse_enum_numbers_out_of_range(json.loads(data or b"{}"), message_type.DESCRIPTOR)
     return message
 
 
@@ -171,6 +172,11 @@ REQUESTS: list[tuple[type[Message], str]] = [
     (proc.StartRequest, '{"process":{"cmd":"x"},"pty":{"size":{"cols":[]}}}'),
     (proc.StartRequest, '{"process":{"cmd":"x"},"pty":null}'),
     (proc.StartRequest, '{"process":{"cmd":"x"'),
+    (proc.StartRequest, '\ufeff{"process":{"cmd":"x"}}'),  # a BOM: refused, as json.loads refuses it
+    (proc.StartRequest, '{"process":{"cmd":"x","envs":{"A":"1","A":"2"}}}'),  # a name twice in a map
+    (proc.StartRequest, '{"process":{"cmd":"x","envs":{"A":"\\u00e9\\ud83d\\ude00"},"args":["\\u00e9"]}}'),
+    (proc.StartRequest, '{"process":{"cmd":"x","envs":{"A":"\\u00e9\\udc00"}}}'),  # not ASCII, and unpaired
+    (proc.StartRequest, '{"process":{"cmd":"x","args":["a","\\udbff"]}}'),
     (proc.StartRequest, b'{"process":{"cmd":"\xff"}}'.decode("latin-1")),
     (proc.SendInputRequest, '{"process":{"pid":3},"input":{"stdin":"aGk="}}'),
     (proc.SendInputRequest, '{"process":{"pid":3},"input":{"pty":"aGk"}}'),

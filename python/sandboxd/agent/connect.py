@@ -42,7 +42,7 @@ from .auth import rpc_user
 from .compression import gunzip
 from .errors import HTTP_STATUS, Code, RpcError, to_rpc_error
 from .protojson import message_to_dict, parse
-from .rpc import HAND_OFF, Context, HandOff, Kind, Method, NestedBytes, Piece
+from .rpc import HAND_OFF, Context, HandOff, Kind, Method, NestedBytes, Piece, encoded_constant
 from .state import AgentState
 
 MAX_UNARY_BODY = 16 << 20
@@ -114,9 +114,15 @@ class Codec:
             # base64 has no characters JSON escapes, so the text goes between the names as it is.
             before, after = message.json_affixes()
             return [before + binascii.b2a_base64(message.payload, newline=False) + after]
+        known = encoded_constant(message, self.name, self._encode)
+        if known is not None:
+            return [known]
+        return [self._encode(message)]
+
+    def _encode(self, message: Message) -> bytes:
         if self.name == "proto":
-            return [message.SerializeToString()]
-        return [_JSON(message_to_dict(message)).encode()]
+            return message.SerializeToString()
+        return _JSON(message_to_dict(message)).encode()
 
 
 _CODECS = {"json": Codec("json"), "proto": Codec("proto")}

@@ -206,7 +206,10 @@ def parse(data: bytes, message_type: type[M]) -> M:
             raise ParseError(str(exc)) from None
         return message
     try:
-        js = json.loads(data.decode() if data else "{}", object_pairs_hook=_no_duplicates)
+        text = data.decode() if data else "{}"
+        if text.startswith("\ufeff"):  # as json.loads refuses it
+            raise json.JSONDecodeError("Unexpected UTF-8 BOM (decode using utf-8-sig)", text, 0)
+        js = _DECODER.decode(text)
     except (ValueError, RecursionError) as exc:
         raise ParseError(f"Failed to load JSON: {exc}.") from None
     try:
@@ -219,12 +222,19 @@ def parse(data: bytes, message_type: type[M]) -> M:
 
 
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for name, value in pairs:
-        if name in out:
-            raise ParseError(f"duplicate key {name}")
-        out[name] = value
+    out = dict(pairs)  # in C; a name twice leaves fewer entries than pairs
+    if len(out) != len(pairs):
+        seen: set[str] = set()
+        for name, _ in pairs:
+            if name in seen:
+                raise ParseError(f"duplicate key {name}")
+            seen.add(name)
     return out
+
+
+_DECODER = json.JSONDecoder(object_pairs_hook=_no_duplicates)
+"""One decoder for every :func:`parse` (``json.loads`` with a hook makes a decoder, and its scanner,
+per call)."""
 
 
 def _is_parseable(descriptor: Any, seen: set[Any]) -> bool:
@@ -295,10 +305,17 @@ def _merge(js: Any, message: Any, depth: int) -> None:
             raise ParseError(f"Failed to parse {name} field: {exc}.") from None
 
 
+_MAPS: dict[Any, bool] = {}
+"""Field descriptor → :func:`_is_map` (which builds the entry type's name from the field's each time)."""
+
+
 def _set(message: Any, field: Any, value: Any, depth: int) -> None:
+    is_map = _MAPS.get(field)
+    if is_map is None:
+        is_map = _MAPS[field] = _is_map(field)
     if value is None:
         message.ClearField(field.name)
-    elif _is_map(field):
+    elif is_map:
         message.ClearField(field.name)
         if not isinstance(value, dict):
             raise ParseError(f"Map field {field.name} must be in a dict which is {value}")
@@ -347,7 +364,7 @@ def _scalar_value(value: Any, field: Any, map_key: bool = False) -> Any:
         encoded = value.encode() if isinstance(value, str) else value
         return base64.urlsafe_b64decode(encoded + b"=" * (4 - len(encoded) % 4))  # either alphabet, any padding
     if cpp_type == FieldDescriptor.CPPTYPE_STRING:
-        if _UNPAIRED_SURROGATE.search(value):
+        if not value.isascii() and _UNPAIRED_SURROGATE.search(value):  # (ASCII has no surrogates)
             raise ParseError("Unpaired surrogate")
         return value
     if cpp_type == FieldDescriptor.CPPTYPE_ENUM:

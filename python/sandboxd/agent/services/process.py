@@ -23,7 +23,7 @@ from sandboxd._proto.process import process_pb2 as pb
 
 from ..errors import Code, RpcError
 from ..paths import expand_and_resolve
-from ..rpc import HAND_OFF, Context, HandOff, Kind, Method, NestedBytes
+from ..rpc import HAND_OFF, Context, HandOff, Kind, Method, NestedBytes, constant
 from ..state import AgentState
 from ..validate import check_env_vars, check_no_nul
 
@@ -91,7 +91,9 @@ def _end_event(end: _core.End) -> pb.ProcessEvent:
 _END_RESPONSES: dict[tuple[type[Any], int, bool, str], Any] = {}
 """End responses without an error, by type, exit code, ``exited`` and status: nearly every
 process ends with one of a few (``exit status 0``, ``1``, ``signal: killed``), so each is built
-once. The transports only read the messages they are given (encode them), never change them."""
+once, and declared a :func:`~sandboxd.agent.rpc.constant` so that the transports encode it once too
+(it is on the path from the process's exit to the client). The transports only read the messages
+they are given (encode them), never change them."""
 
 
 def _end_response(response_type: type[Response], end: _core.End) -> Response:
@@ -102,7 +104,7 @@ def _end_response(response_type: type[Response], end: _core.End) -> Response:
     if found is None:
         found = response_type(event=_end_event(end))
         if len(_END_RESPONSES) < 256:  # exit codes and signals: a few hundred at most anyway
-            _END_RESPONSES[key] = found
+            _END_RESPONSES[key] = constant(found)
     return found
 
 
