@@ -1,7 +1,8 @@
 """The code interpreter's HTTP API (ASGI), E2B's contract on port 49999:
 
-``GET /health``; ``POST /execute`` (streamed, see :mod:`.wire`); ``POST /contexts``,
-``GET /contexts``, ``DELETE /contexts/{id}``, ``POST /contexts/{id}/restart``.
+``GET /health`` (``?wait=S``: held until the Python kernel is ready); ``POST /execute`` (streamed,
+see :mod:`.wire`); ``POST /contexts``, ``GET /contexts``, ``DELETE /contexts/{id}``,
+``POST /contexts/{id}/restart``.
 
 Errors are plain text, as E2B's server sends them and as the SDKs show them (``404`` becomes the SDKs'
 ``NotFoundException`` with the text). Requests are bounded and validated before anything reaches a
@@ -53,6 +54,9 @@ MAX_CONTEXTS = 64
 MAX_ENV_VARS = 1024
 """Env vars in one call: far more than anyone passes, far fewer than would slow a kernel down."""
 
+MAX_HEALTH_WAIT = 60.0
+"""The longest ``GET /health?wait=S`` holds its answer."""
+
 MAX_HEADER_BYTES = 64 << 10
 """As the agent: requests whose headers add up to more than 64 KiB are refused with 431."""
 
@@ -103,6 +107,10 @@ class InterpreterApp:
             await send_empty(send, 204)
         elif path == "/health":
             _allow(verb, ("GET", "HEAD"), path)
+            wait = _health_wait(scope.get("query_string", b""))
+            if wait and not self.started.is_set():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.started.wait(), wait)
             if self.started.is_set():
                 await send_json(send, 200, "OK")
             else:
@@ -208,6 +216,22 @@ class InterpreterApp:
                 run.close()
         finally:
             gone.cancel()
+
+
+def _health_wait(query: bytes) -> float:
+    """``wait=S`` of ``GET /health?wait=S`` (ours, not E2B's: the runtime's): answer as soon as the
+    Python kernel is ready, or after S seconds (at most :data:`MAX_HEALTH_WAIT`) with the 503, instead
+    of at once. The runtime holds one request open where it polled every 50 ms, each poll a connect
+    into the sandbox, and learns the moment the kernel is ready. Anything else: 0, no wait."""
+    for field in query.split(b"&"):
+        name, _, value = field.partition(b"=")
+        if name == b"wait":
+            try:
+                seconds = float(value)
+            except ValueError:
+                return 0.0
+            return min(seconds, MAX_HEALTH_WAIT) if seconds > 0 else 0.0  # NaN is not > 0
+    return 0.0
 
 
 def _allow(verb: str, allowed: tuple[str, ...], path: str) -> None:
