@@ -798,3 +798,25 @@ def test_health_wait_holds_the_answer_until_the_kernel_is_ready(tmp_path: Path) 
     finally:
         process.terminate()
         process.wait(30)
+
+
+def test_health_spares_on_use_holds_the_spare_kernel_until_the_first_cell(
+    start_interpreter: Callable[..., Interpreter],
+) -> None:
+    """``GET /health?spares=on-use`` (a warm sandbox's warm-up): the pool's spare kernel is not
+    started on the 1 s timer while the server waits, only once the first cell has run."""
+    from sandboxd.interpreter.contexts import POOL_DELAY
+
+    interpreter = start_interpreter("--pool", "python=1")  # answers /health 200: its default kernel is warm
+    server = psutil.Process(interpreter.process.pid)
+    held = httpx.get(f"{interpreter.url}/health?wait=120&spares=on-use", timeout=130)
+    assert (held.status_code, held.json()) == (200, "OK")
+    time.sleep(POOL_DELAY * 3)  # the timer would have started the spare by now
+    assert len(server.children()) == 1, [k.cmdline() for k in server.children()]
+    assert b'"text":"2"' in _raw_execute(interpreter.url, {"code": "1 + 1"}).content
+    deadline = time.monotonic() + 120
+    while len(server.children()) < 2:  # the default kernel, and now the spare
+        assert time.monotonic() < deadline, "no spare kernel after the first cell"
+        time.sleep(0.1)
+    context = httpx.post(f"{interpreter.url}/contexts", json={}, timeout=60).json()
+    assert b'"text":"2"' in _raw_execute(interpreter.url, {"code": "1 + 1", "context_id": context["id"]}).content

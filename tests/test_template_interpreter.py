@@ -309,6 +309,8 @@ def test_a_warm_sandbox_comes_with_its_kernel_started_and_the_claims_envs(
         ["nsenter", "-t", str(inside), "-n", sys.executable, "-c", probe], capture_output=True, text=True, timeout=60
     )
     assert health.stdout.strip() == "200", health.stderr
+    kernels = [p for p in map(psutil.Process, _cgroup_procs(runtime, pooled)) if "ipykernel" in " ".join(p.cmdline())]
+    assert len(kernels) == 1  # the default kernel; the spare waits for the claimed sandbox's first cell
     before = time.time()
     sandbox = Sandbox.create(envs={"WHO": "the claim"})
     try:

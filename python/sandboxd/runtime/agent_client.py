@@ -166,14 +166,15 @@ async def _exchange(sock: socket.socket, request: bytes) -> bytes:
     return answer
 
 
-async def interpreter_ready(open_socket: OpenSocket, sandbox_id: str) -> bool:
+async def interpreter_ready(open_socket: OpenSocket, sandbox_id: str, spares_on_use: bool = False) -> bool:
     """Wait for the code interpreter's ``GET /health`` to answer 200 (its Python kernel is warm) or
     :data:`INTERPRETER_READY_S` to pass; returns whether it did. Never fails the create: a sandbox
     whose kernel is slow still serves commands and files, and its first ``runCode`` waits.
 
     One request, ``?wait=S``, held by the interpreter until its kernel is ready: the create returns
     the moment it is, where polling every 50 ms lost 25 ms on average (and cost a connect into the
-    sandbox each time). Connects are retried until the interpreter listens."""
+    sandbox each time). Connects are retried until the interpreter listens. ``spares_on_use``: have it
+    start no spare kernel until the first cell or context (a warm sandbox, before it is pooled)."""
     deadline = time.monotonic() + INTERPRETER_READY_S
     pause = INTERPRETER_FIRST_POLL_S
     while (left := deadline - time.monotonic()) > 0:
@@ -183,7 +184,8 @@ async def interpreter_ready(open_socket: OpenSocket, sandbox_id: str) -> bool:
             await asyncio.sleep(pause)
             pause = min(pause * 2, INTERPRETER_POLL_S)
             continue
-        request = f"GET /health?wait={left:.3f} HTTP/1.1\r\nHost: sandbox\r\nConnection: close\r\n\r\n".encode()
+        query = f"wait={left:.3f}" + ("&spares=on-use" if spares_on_use else "")
+        request = f"GET /health?{query} HTTP/1.1\r\nHost: sandbox\r\nConnection: close\r\n\r\n".encode()
         reader, writer = await asyncio.open_connection(sock=sock)
         try:
             writer.write(request)
