@@ -26,8 +26,8 @@ use it, every call through ``sandboxd serve``'s proxy to the interpreter inside 
 * round trip: ``run_code("1+1")`` on the warm default context of such a sandbox, beside the same call
   to the standalone server above;
 * create→first result again on a runtime with ``--warm-template code-interpreter-v1
-  --warm-sandboxes 1`` (its sandbox's kernel started ahead of the create), the pool full and settled
-  before each create, beside the cold figure above.
+  --warm-sandboxes 1`` (its sandbox's kernel started ahead of the create), the pool full before each
+  create, beside the cold figure above.
 """
 
 from __future__ import annotations
@@ -408,13 +408,6 @@ def through_runtime(ctx: Context, standalone: list[float], round_trips: int) -> 
     through_warm_pool(ctx, work, n, cold_first)
 
 
-WARM_SETTLE_S = 2.0
-"""After the pool is full, before a create: a warm code-interpreter sandbox starts its spare kernel
-(for ``create_code_context``) ~1 s after its default kernel is ready, at nice 10; a claim during that
-start-up renices it to 0, beside the claimed sandbox's first run_code. Settled, as a pool is between
-creates that do not come back to back."""
-
-
 def through_warm_pool(ctx: Context, work: Path, n: int, cold_p50: float) -> None:
     """The same create→first result on a runtime keeping one warm ``code-interpreter-v1`` sandbox,
     its kernel started ahead of the create (E2B resumes a snapshot with a warm kernel: the same idea)."""
@@ -429,8 +422,7 @@ def through_warm_pool(ctx: Context, work: Path, n: int, cold_p50: float) -> None
             first_code: list[float] = []
             create_ms: list[float] = []
             for i in range(1 + n):  # the first pays for cold caches: untimed
-                fill_pool(rt, 1)
-                time.sleep(WARM_SETTLE_S)
+                fill_pool(rt, 1)  # full: a create back to back with the last one is a cold one
                 t0 = time.perf_counter()
                 sandbox = Sandbox.create()
                 rt.created.add(sandbox.sandbox_id)
