@@ -758,3 +758,65 @@ def _dechunk(data: bytes) -> bytes:
         out.write(data[:size])
         data = data[size + 2 :]
     return out.getvalue()
+
+
+def test_health_wait_holds_the_answer_until_the_kernel_is_ready(tmp_path: Path) -> None:
+    """``GET /health?wait=S`` (the runtime's create waits on it): answered 200 the moment the Python
+    kernel is ready, 503 once S seconds pass before that; without ``wait`` (or with a bad one), the
+    state at once. The kernel here takes 3 s more to start than ipykernel does."""
+    from conftest import free_port
+
+    spec = tmp_path / "kernels" / "python3"
+    spec.mkdir(parents=True)
+    argv = ["/bin/sh", "-c", f'sleep 3; exec "{sys.executable}" -m ipykernel_launcher -f "$0"', "{connection_file}"]
+    (spec / "kernel.json").write_text(json.dumps({"argv": argv, "display_name": "slow", "language": "python"}))
+    port = free_port()
+    args = [sys.executable, "-m", "sandboxd", "interpreter", "--port", str(port), "--cwd", str(tmp_path)]
+    args += ["--kernel-dir", str(spec.parent), "--envd-url", "", "--pool", "python=0"]
+    home = tmp_path / "home"
+    home.mkdir()
+    log = tmp_path / "interpreter.log"
+    url = f"http://127.0.0.1:{port}"
+    with log.open("wb") as out:
+        process = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "HOME": str(home)})
+    try:
+        deadline = time.monotonic() + 60
+        while True:  # the server listens before its kernel answers
+            with contextlib.suppress(httpx.TransportError):
+                first = httpx.get(f"{url}/health", timeout=5)
+                break
+            assert process.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.05)
+        assert first.status_code == 503, log.read_text()
+        for bad in ("wait=soon", "wait=-1", "wait=nan", "wait="):
+            assert httpx.get(f"{url}/health?{bad}", timeout=5).status_code == 503
+        assert httpx.get(f"{url}/health?wait=0.1", timeout=5).status_code == 503  # not ready within 0.1 s
+        held = httpx.get(f"{url}/health?wait=120", timeout=130)
+        assert (held.status_code, held.json()) == (200, "OK"), log.read_text()
+        assert b'"text":"2"' in _raw_execute(url, {"code": "1 + 1"}).content
+        assert httpx.get(f"{url}/health?wait=120", timeout=5).status_code == 200  # ready: no wait
+    finally:
+        process.terminate()
+        process.wait(30)
+
+
+def test_health_spares_on_use_holds_the_spare_kernel_until_the_first_cell(
+    start_interpreter: Callable[..., Interpreter],
+) -> None:
+    """``GET /health?spares=on-use`` (a warm sandbox's warm-up): the pool's spare kernel is not
+    started on the 1 s timer while the server waits, only once the first cell has run."""
+    from sandboxd.interpreter.contexts import POOL_DELAY
+
+    interpreter = start_interpreter("--pool", "python=1")  # answers /health 200: its default kernel is warm
+    server = psutil.Process(interpreter.process.pid)
+    held = httpx.get(f"{interpreter.url}/health?wait=120&spares=on-use", timeout=130)
+    assert (held.status_code, held.json()) == (200, "OK")
+    time.sleep(POOL_DELAY * 3)  # the timer would have started the spare by now
+    assert len(server.children()) == 1, [k.cmdline() for k in server.children()]
+    assert b'"text":"2"' in _raw_execute(interpreter.url, {"code": "1 + 1"}).content
+    deadline = time.monotonic() + 120
+    while len(server.children()) < 2:  # the default kernel, and now the spare
+        assert time.monotonic() < deadline, "no spare kernel after the first cell"
+        time.sleep(0.1)
+    context = httpx.post(f"{interpreter.url}/contexts", json={}, timeout=60).json()
+    assert b'"text":"2"' in _raw_execute(interpreter.url, {"code": "1 + 1", "context_id": context["id"]}).content

@@ -8,17 +8,20 @@ The ``run_code`` examples themselves (R's included) run in ``test_interpreter_sd
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import re
 import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
 
 import httpx
+import psutil
 import pytest
 from conftest import TEMPLATE_STORE, Runtime, interpreter_recipe
 from e2b import Sandbox as PlainSandbox
@@ -275,3 +278,68 @@ def test_templates_without_the_flag_start_no_interpreter(sdk: Runtime) -> None:
         assert sandbox.commands.run("ss -Hltn 'sport = :49999'").stdout == ""  # nothing listens there
     finally:
         sandbox.kill()
+
+
+def test_a_warm_sandbox_comes_with_its_kernel_started_and_the_claims_envs(
+    start_runtime: Callable[..., Runtime], monkeypatch: pytest.MonkeyPatch, built: dict[str, object]
+) -> None:
+    """``--warm-template code-interpreter-v1``: the pooled sandbox's Python kernel was started before
+    the create that claimed it (it joins the pool once the kernel is ready), yet the first run_code
+    sees the claim's env vars and the default cwd, and is the kernel's first visible execution."""
+    runtime = start_runtime("--warm-template", "code-interpreter-v1", "--warm-sandboxes", "1")
+    for name, value in runtime.env().items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("E2B_DEBUG", raising=False)
+    deadline = time.monotonic() + 180
+    while True:  # the runtime's gauge counts claimable warm sandboxes only
+        text = httpx.get(f"{runtime.url}/metrics", headers={"Authorization": f"Bearer {runtime.api_key}"}).text
+        ready = [line.split()[-1] for line in text.splitlines() if line.startswith("sandboxd_warm_sandboxes ")]
+        if ready and float(ready[0]) >= 1:
+            break
+        assert time.monotonic() < deadline, f"no warm sandbox after 180 s:\n{runtime.log.read_text()[-3000:]}"
+        time.sleep(0.2)
+    warm = {p.name for p in (runtime.data_dir / "sandboxes").iterdir()}
+    assert len(warm) == 1
+    # Pooled only once its kernel is ready: its interpreter answers /health 200 already (asked from
+    # inside its network namespace: the sandbox has no row yet, so the proxy does not know it).
+    (pooled,) = warm
+    inside = _cgroup_procs(runtime, pooled)[0]
+    probe = "import urllib.request; print(urllib.request.urlopen('http://127.0.0.1:49999/health').status)"
+    health = subprocess.run(
+        ["nsenter", "-t", str(inside), "-n", sys.executable, "-c", probe], capture_output=True, text=True, timeout=60
+    )
+    assert health.stdout.strip() == "200", health.stderr
+    kernels = [p for p in map(psutil.Process, _cgroup_procs(runtime, pooled)) if "ipykernel" in " ".join(p.cmdline())]
+    assert len(kernels) == 1  # the default kernel; the spare waits for the claimed sandbox's first cell
+    before = time.time()
+    sandbox = Sandbox.create(envs={"WHO": "the claim"})
+    try:
+        assert sandbox.sandbox_id in warm  # served from the pool
+        first = sandbox.run_code("import os; os.environ.get('WHO'), os.getcwd(), os.getpid()")
+        assert first.error is None and first.execution_count == 1, first
+        who, cwd, inner_pid = first.text.strip("()").split(", ")
+        assert (who, cwd) == ("'the claim'", "'/home/user'")
+        kernel = None
+        procs = _cgroup_procs(runtime, sandbox.sandbox_id)
+        for pid in procs:  # the host's view of the process that answered: its NSpid ends with its own pid
+            with contextlib.suppress(OSError):
+                status = Path(f"/proc/{pid}/status").read_text()
+                nspid = next(line for line in status.splitlines() if line.startswith("NSpid:")).split()
+                if nspid[-1] == inner_pid:
+                    kernel = psutil.Process(pid)
+        assert kernel is not None, procs
+        assert "ipykernel_launcher" in " ".join(kernel.cmdline())
+        assert kernel.create_time() < before  # started in the pool, not by the claim
+    finally:
+        sandbox.kill()
+
+
+def _cgroup_procs(runtime: Runtime, sandbox_id: str) -> list[int]:
+    """The host pids of a sandbox's processes, from its cgroup (v2, else v1's memory hierarchy)."""
+    from sandboxd.runtime.host import instance_name
+
+    group = Path("sandboxd") / instance_name(runtime.data_dir) / sandbox_id
+    for directory in (Path("/sys/fs/cgroup") / group, Path("/sys/fs/cgroup/memory") / group):
+        with contextlib.suppress(OSError):
+            return [int(x) for x in (directory / "cgroup.procs").read_text().split()]
+    return []

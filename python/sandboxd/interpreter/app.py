@@ -1,7 +1,8 @@
 """The code interpreter's HTTP API (ASGI), E2B's contract on port 49999:
 
-``GET /health``; ``POST /execute`` (streamed, see :mod:`.wire`); ``POST /contexts``,
-``GET /contexts``, ``DELETE /contexts/{id}``, ``POST /contexts/{id}/restart``.
+``GET /health`` (``?wait=S``: held until the Python kernel is ready; ``&spares=on-use``); ``POST /execute``
+(streamed, see :mod:`.wire`); ``POST /contexts``, ``GET /contexts``, ``DELETE /contexts/{id}``,
+``POST /contexts/{id}/restart``.
 
 Errors are plain text, as E2B's server sends them and as the SDKs show them (``404`` becomes the SDKs'
 ``NotFoundException`` with the text). Requests are bounded and validated before anything reaches a
@@ -53,6 +54,9 @@ MAX_CONTEXTS = 64
 MAX_ENV_VARS = 1024
 """Env vars in one call: far more than anyone passes, far fewer than would slow a kernel down."""
 
+MAX_HEALTH_WAIT = 60.0
+"""The longest ``GET /health?wait=S`` holds its answer."""
+
 MAX_HEADER_BYTES = 64 << 10
 """As the agent: requests whose headers add up to more than 64 KiB are refused with 431."""
 
@@ -103,6 +107,12 @@ class InterpreterApp:
             await send_empty(send, 204)
         elif path == "/health":
             _allow(verb, ("GET", "HEAD"), path)
+            wait, spares_on_use = _health_query(scope.get("query_string", b""))
+            if spares_on_use:
+                self.contexts.spares_on_use()
+            if wait and not self.started.is_set():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.started.wait(), wait)
             if self.started.is_set():
                 await send_json(send, 200, "OK")
             else:
@@ -208,6 +218,27 @@ class InterpreterApp:
                 run.close()
         finally:
             gone.cancel()
+
+
+def _health_query(query: bytes) -> tuple[float, bool]:
+    """``GET /health?wait=S&spares=on-use``, ours (the runtime's), not E2B's. ``wait=S``: answer as
+    soon as the Python kernel is ready, or after S seconds (at most :data:`MAX_HEALTH_WAIT`) with the
+    503, instead of at once: the runtime holds one request open where it polled every 50 ms, each poll
+    a connect into the sandbox, and learns the moment the kernel is ready. ``spares=on-use``: the
+    pool's spare kernels start only after the first cell or context (a warm sandbox's warm-up:
+    :meth:`.Contexts.spares_on_use`). Anything else: no wait, spares as usual."""
+    wait, spares = 0.0, False
+    for field in query.split(b"&"):
+        name, _, value = field.partition(b"=")
+        if name == b"wait":
+            try:
+                seconds = float(value)
+            except ValueError:
+                seconds = 0.0
+            wait = min(seconds, MAX_HEALTH_WAIT) if seconds > 0 else 0.0  # NaN is not > 0
+        elif name == b"spares":
+            spares = value == b"on-use"
+    return wait, spares
 
 
 def _allow(verb: str, allowed: tuple[str, ...], path: str) -> None:

@@ -13,7 +13,10 @@ by one kernel, whose variables persist from one ``runCode`` to the next.
 * A kernel that dies (an ``exit()``, the OOM killer) is restarted at once; the cell it was running
   reports ``ContextRestarting``.
 * A warm *pool* of spare kernels makes ``create_code_context`` instant; a spare is started in the
-  background whenever one is taken.
+  background whenever one is taken. The first spare waits until the first cell has finished (or a
+  context is created, or ``POOL_DELAY`` passed): started as the default kernel became ready, it ran
+  beside the sandbox's first ``runCode``, the call a user waits on, and its launch held up the
+  event loop answering ``/health`` (~20 ms).
 """
 
 from __future__ import annotations
@@ -50,6 +53,12 @@ ENVS_TIMEOUT = 5.0
 
 MAX_ENVS_BODY = 1 << 20
 """The agent's ``/init`` takes at most 1 MiB, so its ``/envs`` cannot be larger."""
+
+POOL_DELAY = 1.0
+"""Seconds after the default kernels are ready before the pool starts its first spare, unless a cell
+finished or a context was created before. A kernel's start is ~0.5 s of CPU: on 2 cores, started at
+once it slowed the first ``runCode`` of a new sandbox, which comes within milliseconds of
+``/health`` turning 200."""
 
 
 @dataclass
@@ -137,6 +146,7 @@ class Run:
                 await self.contexts._reset_envs(self.context, self.kernel, self.envs)
         finally:
             self.context.lock.release()
+            self.contexts._first_use.set()  # the first result is out: spares may start now
 
 
 class Contexts:
@@ -153,6 +163,10 @@ class Contexts:
         self._commands: dict[str, KernelCommand] = {}
         self._global_envs: dict[str, str] | None = None
         self._closing = False
+        self._first_use = asyncio.Event()
+        """Set when a cell has finished or a context was created: the pool may start its spares."""
+        self._spares_on_use = False
+        """Set by :meth:`spares_on_use`: no ``POOL_DELAY``, the spares wait for ``_first_use``."""
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -177,8 +191,20 @@ class Contexts:
             if context.starting is not None:
                 with contextlib.suppress(KernelError, asyncio.CancelledError):
                     await context.starting
+        try:
+            await asyncio.wait_for(self._first_use.wait(), POOL_DELAY)
+        except TimeoutError:
+            if self._spares_on_use:
+                await self._first_use.wait()
         for language in self.options.pool:
             self._fill_pool(language)
+
+    def spares_on_use(self) -> None:
+        """Start no spare kernel until a cell has finished or a context was created, however long
+        that takes: a warm sandbox's warm-up asks (``GET /health?spares=on-use``). Started while it
+        waits in the pool, a spare is ~60 MiB more per warm sandbox, twice the CPU before the pool
+        is refilled, and, claimed during its start-up, reniced to 0 beside the first ``runCode``."""
+        self._spares_on_use = True
 
     async def close(self) -> None:
         """Stop every kernel."""
@@ -215,6 +241,7 @@ class Contexts:
         context = Context(language, cwd)
         self.contexts[context.id] = context
         if start:
+            self._first_use.set()  # a user's own context: the pool starts the next one's kernel
             self._ensure_starting(context)
             try:
                 await context.starting  # type: ignore[misc]
