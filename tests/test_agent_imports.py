@@ -37,6 +37,36 @@ def test_psutil_is_loaded_by_the_first_metrics_request(start_agent: Callable[...
     assert mapped(pid, "_psutil_linux")
 
 
+
+def test_zlib_is_loaded_by_the_first_gzip_request(start_agent: Callable[..., Agent], tmp_path: Path) -> None:
+    """``zlib`` (with libz) is deferred (``lean.DEFERRED``): commands and plain transfers never map it,
+    and the first request that needs it, a gzip-compressed Connect request or a download with gzip
+    accepted, loads it and is answered."""
+    import gzip
+
+    agent = start_agent()
+    pid = agent.process.pid
+    headers = {**agent.headers(), "Connect-Protocol-Version": "1"}
+    target = tmp_path / "text.txt"
+    target.write_bytes(b"compressible line\n" * 4096)
+    stat = httpx.post(f"{agent.url}/filesystem.Filesystem/Stat", json={"path": str(target)}, headers=headers)
+    assert stat.status_code == 200, stat.text
+    plain = httpx.get(f"{agent.url}/files", params={"path": str(target)}, headers={"Accept-Encoding": "identity"})
+    assert plain.content == target.read_bytes()
+    assert not mapped(pid, "/zlib."), "zlib was imported before any request needed it"
+    body = gzip.compress(json.dumps({"path": str(target)}).encode())
+    stat = httpx.post(
+        f"{agent.url}/filesystem.Filesystem/Stat",
+        content=body,
+        headers={**headers, "Content-Type": "application/json", "Content-Encoding": "gzip"},
+    )
+    assert stat.status_code == 200, stat.text
+    assert int(stat.json()["entry"]["size"]) == target.stat().st_size
+    assert mapped(pid, "/zlib.")
+    download = httpx.get(f"{agent.url}/files", params={"path": str(target)}, headers={"Accept-Encoding": "gzip"})
+    assert download.headers.get("content-encoding") == "gzip"
+    assert download.content == target.read_bytes()  # httpx inflated it
+
 AGENT_PROCESS = """
 import json, sys
 from sandboxd.agent.lean import defer, lazy_protobuf, uvicorn_package_without_cli
@@ -62,7 +92,8 @@ print(json.dumps({
                       __import__("calendar").timegm((1970, 1, 2, 0, 0, 0)),
                       __import__("asyncio").sslproto.SSLProtocol.__name__,
                       str(__import__("ipaddress").ip_address("::1")), __import__("textwrap").indent("x", "> "),
-                      sys.modules["inspect"] is not inspect and sys.modules["inspect"].signature is inspect.signature],
+                      sys.modules["inspect"] is not inspect and sys.modules["inspect"].signature is inspect.signature,
+                      __import__("zlib").crc32(b"zlib")],
 }))
 """
 
@@ -89,10 +120,11 @@ def test_the_agent_server_loads_without_uvicorns_command_line_config_and_server(
             "locale",
             "textwrap",
             "tokenize",
+            "zlib",
         ],
         "config_is_the_submodules": True,
         "uvicorn_date": "Sun, 06 Nov 1994 08:49:37 GMT",  # email.utils.formatdate's, without email
-        "run_when_used": ["Linux", 3, "dictConfig", "(x, y, /)", 86400, "SSLProtocol", "::1", "> x", True],
+        "run_when_used": ["Linux", 3, "dictConfig", "(x, y, /)", 86400, "SSLProtocol", "::1", "> x", True, 1938324794],
     }
 
 
