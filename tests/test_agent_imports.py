@@ -37,7 +37,6 @@ def test_psutil_is_loaded_by_the_first_metrics_request(start_agent: Callable[...
     assert mapped(pid, "_psutil_linux")
 
 
-
 def test_zlib_is_loaded_by_the_first_gzip_request(start_agent: Callable[..., Agent], tmp_path: Path) -> None:
     """``zlib`` (with libz) is deferred (``lean.DEFERRED``): commands and plain transfers never map it,
     and the first request that needs it, a gzip-compressed Connect request or a download with gzip
@@ -66,6 +65,72 @@ def test_zlib_is_loaded_by_the_first_gzip_request(start_agent: Callable[..., Age
     download = httpx.get(f"{agent.url}/files", params={"path": str(target)}, headers={"Accept-Encoding": "gzip"})
     assert download.headers.get("content-encoding") == "gzip"
     assert download.content == target.read_bytes()  # httpx inflated it
+
+
+STAND_IN = """
+import json, sys
+from sandboxd.agent.lean import load_stand_in
+stand_in = load_stand_in("libz.so.1")
+try:
+    import zlib
+    refused = None
+except ImportError as exc:
+    refused = str(exc)
+closed = stand_in.close()
+import zlib
+print(json.dumps({"refused": refused, "closed": closed, "crc": zlib.crc32(b"zlib")}))
+"""
+
+
+def test_a_stand_in_library_satisfies_its_soname_and_a_library_that_needs_its_symbols_fails_to_load() -> None:
+    """``lean.stand_in_library`` is taken by the loader for the library it names: ``zlib``'s module,
+    which needs ``libz.so.1``'s ``inflate``, then fails to import with the loader's error (nothing
+    half-loaded), and imports once the stand-in is unloaded: the fallback ``upb_without_libstdcxx``
+    relies on should upb ever need the C++ runtime."""
+    out = subprocess.run([sys.executable, "-c", STAND_IN], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    got = json.loads(out.stdout)
+    assert got["refused"] is not None and "undefined symbol" in got["refused"], got
+    assert got["closed"] is True
+    assert got["crc"] == 1938324794
+
+
+def real_libstdcxx(pid: int) -> bool:
+    return any("/libstdc++.so." in line for line in Path(f"/proc/{pid}/maps").read_text().splitlines())
+
+
+def test_the_standalone_agent_runs_protobuf_without_the_cxx_runtime_unless_grpc_needs_it(
+    start_agent: Callable[..., Agent], tmp_path: Path
+) -> None:
+    """protobuf's upb names ``libstdc++`` as needed and uses none of it: the standalone agent loads it
+    with a stand-in (``lean.upb_without_libstdcxx``), and its messages work, binary and JSON; with
+    ``--grpc-port`` (grpcio is C++) the real runtime is loaded and gRPC is served."""
+    from sandboxd._proto.process import process_pb2
+
+    agent = start_agent()
+    request = process_pb2.StartRequest()
+    request.process.cmd = "/bin/sh"
+    request.process.args.extend(["-c", "printf hello"])
+    request.process.envs["A"] = "1"
+    body = request.SerializeToString()
+    headers = {**agent.headers(), "Connect-Protocol-Version": "1", "Content-Type": "application/connect+proto"}
+    r = httpx.post(
+        f"{agent.url}/process.Process/Start", content=struct.pack(">BI", 0, len(body)) + body, headers=headers
+    )
+    assert r.status_code == 200 and b"hello" in r.content
+    stat = httpx.post(
+        f"{agent.url}/filesystem.Filesystem/Stat",
+        json={"path": str(tmp_path)},
+        headers={**agent.headers(), "Connect-Protocol-Version": "1"},
+    )
+    assert stat.status_code == 200 and stat.json()["entry"]["type"] == "FILE_TYPE_DIRECTORY"
+    assert not real_libstdcxx(agent.process.pid), "the standalone agent mapped libstdc++"
+    assert mapped(agent.process.pid, "libstdc++.so.6 stand-in")
+
+    with_grpc = start_agent(grpc=True)
+    assert real_libstdcxx(with_grpc.process.pid)
+    assert httpx.get(f"{with_grpc.url}/health").status_code == 204
+
 
 AGENT_PROCESS = """
 import json, sys

@@ -11,7 +11,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from sandboxd.agent import users
 
 
@@ -29,7 +28,12 @@ def test_every_local_account_resolves_as_the_c_library_resolves_it() -> None:
     for name in names:
         entry = pwd.getpwnam(name)
         got = users._lookup(name)
-        assert (got.name, got.uid, got.gid, got.home) == (entry.pw_name, entry.pw_uid, entry.pw_gid, entry.pw_dir or "/")
+        assert (got.name, got.uid, got.gid, got.home) == (
+            entry.pw_name,
+            entry.pw_uid,
+            entry.pw_gid,
+            entry.pw_dir or "/",
+        )
         assert got.groups == tuple(os.getgrouplist(entry.pw_name, entry.pw_gid))
 
 
