@@ -95,6 +95,30 @@ def test_a_stand_in_library_satisfies_its_soname_and_a_library_that_needs_its_sy
     assert got["crc"] == 1938324794
 
 
+def test_the_deferred_subprocess_has_subprocess_own_constants_and_runs_when_used() -> None:
+    """asyncio reads ``subprocess.PIPE``, ``STDOUT`` and ``DEVNULL`` while it is imported; the deferred
+    module answers them without loading ``subprocess`` (``lean._DeferredSubprocess``), with its values."""
+    code = (
+        "import json, sys\n"
+        "from sandboxd.agent import lean\n"
+        "lean.defer()\n"
+        "import asyncio, asyncio.subprocess\n"
+        "stand_in = sys.modules['subprocess']\n"
+        "deferred = type(stand_in).__name__\n"
+        "seen = [asyncio.subprocess.PIPE, asyncio.subprocess.STDOUT, asyncio.subprocess.DEVNULL]\n"
+        "done = stand_in.run(['/bin/echo', 'hi'], stdout=stand_in.PIPE, check=True).stdout\n"
+        "import subprocess\n"
+        "real = [subprocess.PIPE, subprocess.STDOUT, subprocess.DEVNULL]\n"
+        "print(json.dumps([deferred, seen, real, done.decode(), subprocess.Popen is stand_in.Popen]))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    deferred, seen, real, done, same = json.loads(out.stdout)
+    assert deferred == "_DeferredSubprocess"
+    assert seen == real == [-1, -2, -3]
+    assert done == "hi\n" and same
+
+
 def real_libstdcxx(pid: int) -> bool:
     return any("/libstdc++.so." in line for line in Path(f"/proc/{pid}/maps").read_text().splitlines())
 
@@ -145,7 +169,7 @@ unneeded = sorted(m for m in sys.modules if m in ("click", "uvicorn.main", "uvic
                   "multiprocessing", "psutil", "python_multipart", "email", "logging.handlers", "logging.config",
                   "google.protobuf.text_format", "hashlib", "hmac", "secrets", "argparse", "ast", "dis",
                   "google.protobuf.internal.type_checkers"))
-deferred = sorted(m for m, module in sys.modules.items() if type(module).__name__ in ("_LazyModule", "_Deferred"))
+deferred = sorted(m for m, module in sys.modules.items() if type(module).__name__ in ("_LazyModule", "_Deferred", "_DeferredSubprocess"))
 import inspect, uvicorn, uvicorn.config, uvicorn.server
 print(json.dumps({
     "unneeded": unneeded,
@@ -158,7 +182,7 @@ print(json.dumps({
                       __import__("asyncio").sslproto.SSLProtocol.__name__,
                       str(__import__("ipaddress").ip_address("::1")), __import__("textwrap").indent("x", "> "),
                       sys.modules["inspect"] is not inspect and sys.modules["inspect"].signature is inspect.signature,
-                      __import__("zlib").crc32(b"zlib")],
+                      __import__("zlib").crc32(b"zlib"), __import__("subprocess").list2cmdline(["a b"])],
 }))
 """
 
@@ -183,13 +207,26 @@ def test_the_agent_server_loads_without_uvicorns_command_line_config_and_server(
             "inspect",
             "ipaddress",
             "locale",
+            "subprocess",
             "textwrap",
             "tokenize",
             "zlib",
         ],
         "config_is_the_submodules": True,
         "uvicorn_date": "Sun, 06 Nov 1994 08:49:37 GMT",  # email.utils.formatdate's, without email
-        "run_when_used": ["Linux", 3, "dictConfig", "(x, y, /)", 86400, "SSLProtocol", "::1", "> x", True, 1938324794],
+        "run_when_used": [
+            "Linux",
+            3,
+            "dictConfig",
+            "(x, y, /)",
+            86400,
+            "SSLProtocol",
+            "::1",
+            "> x",
+            True,
+            1938324794,
+            '"a b"',
+        ],
     }
 
 
@@ -232,7 +269,7 @@ def requests() -> None:
         "download": replies[4].endswith(b"\\r\\n\\r\\nhello"),
         "never_imported": sorted(m for m in ("argparse", "ast", "dis", "uvicorn.config", "uvicorn.server",
                                  "uvicorn._types", "logging.config", "email") if m in sys.modules),
-        "still_deferred": sorted(m for m in lean.DEFERRED if type(sys.modules[m]) is lean._Deferred),
+        "still_deferred": sorted(m for m in lean.DEFERRED if isinstance(sys.modules[m], lean._Deferred)),
         "ast_types": sum(1 for o in gc.get_objects() if isinstance(o, type) and o.__module__ == "ast"),
         "datetime_py_ran": "__builtins__" in vars(sys.modules["datetime"]),  # set by executing datetime.py
         "optimize": sys.flags.optimize,

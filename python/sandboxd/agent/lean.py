@@ -193,7 +193,17 @@ class _Deferred(types.ModuleType):
         return getattr(module, attribute)
 
 
-DEFERRED = ("inspect", "calendar", "asyncio.sslproto", "ipaddress", "locale", "textwrap", "tokenize", "zlib")
+DEFERRED = (
+    "inspect",
+    "calendar",
+    "asyncio.sslproto",
+    "ipaddress",
+    "locale",
+    "textwrap",
+    "tokenize",
+    "zlib",
+    "subprocess",
+)
 """Standard modules imported at the top of modules the agent runs but used on paths no request takes:
 
 * ``inspect`` (with ``ast``, ``dis``, ``opcode``), imported by asyncio (``coroutines``,
@@ -210,7 +220,11 @@ DEFERRED = ("inspect", "calendar", "asyncio.sslproto", "ipaddress", "locale", "t
   of 5 starts). A logged traceback loads ``tokenize``, as it should.
 * ``zlib`` (with the C library's ``libz``), imported by ``agent.compression`` and ``agent.files`` for
   gzip-compressed requests and downloads with gzip accepted, which commands and plain transfers never
-  are: 0.15 MiB of mappings (``zlib``'s module and ``libz``)."""
+  are: 0.05 MiB (``zlib``'s module; ``libz`` stays, mapped by ``binascii``).
+* ``subprocess`` (with ``_posixsubprocess`` and ``fcntl``), imported by asyncio for
+  ``loop.subprocess_exec``: the agent starts processes through its Rust extension. asyncio reads three
+  of its constants while it is imported, which the deferred module has (:class:`_DeferredSubprocess`).
+  0.15 MiB of idle RSS (medians of 3 starts)."""
 
 
 class _DataclassesInspect(types.ModuleType):
@@ -224,6 +238,17 @@ class _DataclassesInspect(types.ModuleType):
 
     def __getattr__(self, attribute: str) -> object:
         return getattr(importlib.import_module("inspect"), attribute)
+
+
+class _DeferredSubprocess(_Deferred):
+    """``subprocess`` until first used (:func:`defer`), with the three constants asyncio reads while it
+    is imported: ``asyncio.events`` and ``base_events`` as default arguments of ``subprocess_exec``
+    and ``subprocess_shell``, ``asyncio.subprocess`` as its own ``PIPE``, ``STDOUT`` and ``DEVNULL``.
+    Their values are ``subprocess``'s own (a test compares them)."""
+
+    PIPE = -1
+    STDOUT = -2
+    DEVNULL = -3
 
 
 def dataclass_docs_without_inspect() -> None:
@@ -246,11 +271,12 @@ def defer(names: tuple[str, ...] = DEFERRED) -> None:
     registered = []
     for name in names:
         if name not in sys.modules:
-            sys.modules[name] = _Deferred(name, "imported on first use (sandboxd.agent.lean)")
+            kind = _DeferredSubprocess if name == "subprocess" else _Deferred
+            sys.modules[name] = kind(name, "imported on first use (sandboxd.agent.lean)")
             registered.append(name)
     for name in registered:
         parent, _, child = name.rpartition(".")
-        if parent and type(sys.modules.get(name)) is _Deferred:
+        if parent and isinstance(sys.modules.get(name), _Deferred):
             setattr(importlib.import_module(parent), child, sys.modules[name])
 
 
