@@ -169,7 +169,8 @@ unneeded = sorted(m for m in sys.modules if m in ("click", "uvicorn.main", "uvic
                   "multiprocessing", "psutil", "python_multipart", "email", "logging.handlers", "logging.config",
                   "google.protobuf.text_format", "hashlib", "hmac", "secrets", "argparse", "ast", "dis",
                   "google.protobuf.internal.type_checkers"))
-deferred = sorted(m for m, module in sys.modules.items() if type(module).__name__ in ("_LazyModule", "_Deferred", "_DeferredSubprocess"))
+stand_ins = ("_LazyModule", "_Deferred", "_DeferredSubprocess")
+deferred = sorted(m for m, module in sys.modules.items() if type(module).__name__ in stand_ins)
 import inspect, uvicorn, uvicorn.config, uvicorn.server
 print(json.dumps({
     "unneeded": unneeded,
