@@ -183,7 +183,8 @@ print(json.dumps({
                       __import__("asyncio").sslproto.SSLProtocol.__name__,
                       str(__import__("ipaddress").ip_address("::1")), __import__("textwrap").indent("x", "> "),
                       sys.modules["inspect"] is not inspect and sys.modules["inspect"].signature is inspect.signature,
-                      __import__("zlib").crc32(b"zlib"), __import__("subprocess").list2cmdline(["a b"])],
+                      __import__("zlib").crc32(b"zlib"), __import__("subprocess").list2cmdline(["a b"]),
+                      __import__("array").array("i", [7]).tolist()],
 }))
 """
 
@@ -201,6 +202,7 @@ def test_the_agent_server_loads_without_uvicorns_command_line_config_and_server(
     assert got == {
         "unneeded": [],
         "not_run_yet": [  # imported by libraries for paths the agent does not take (sandboxd.agent.lean)
+            "array",
             "asyncio.sslproto",
             "calendar",
             "google.protobuf.internal.python_message",
@@ -227,11 +229,14 @@ def test_the_agent_server_loads_without_uvicorns_command_line_config_and_server(
             True,
             1938324794,
             '"a b"',
+            [7],
         ],
     }
 
 
 AGENT_SERVES = """
+from sandboxd.agent import lean
+lean.defer(("array",))  # the agent defers it before anything imports socket (which imports it); so must we
 import gc, json, os, signal, socket, struct, sys, threading, time
 port, work = int(sys.argv[1]), sys.argv[2]
 
