@@ -46,6 +46,23 @@ def test_write_files_sends_many_files_in_one_request(sandbox: Any, workdir: Path
     assert (workdir / "c.txt").read_text() == "C" * 100_000
 
 
+def test_write_files_of_several_mib_arrive_byte_exact(sandbox: Any, workdir: Path) -> None:
+    """Bodies past 1 MiB are read from the socket by a worker thread (test_files_multipart_body):
+    the SDK's own multipart encoding, several files and metadata, byte for byte."""
+    first, second = os.urandom(3 << 20), os.urandom((2 << 20) + 17)
+    entries = [
+        WriteEntry(path=str(workdir / "one.bin"), data=first),
+        WriteEntry(path=str(workdir / "two" / "two.bin"), data=second),
+    ]
+    infos = sandbox.files.write_files(entries)
+    assert [i.path for i in infos] == [e["path"] for e in entries]
+    assert (workdir / "one.bin").read_bytes() == first
+    assert (workdir / "two" / "two.bin").read_bytes() == second
+    sandbox.files.write(str(workdir / "one.bin"), second, metadata={"k": "v"})
+    assert (workdir / "one.bin").read_bytes() == second
+    assert sandbox.files.get_info(str(workdir / "one.bin")).metadata == {"k": "v"}
+
+
 def test_octet_stream_and_gzip_uploads(sandbox: Any, workdir: Path) -> None:
     sandbox.files.write(str(workdir / "raw.bin"), b"raw" * 1000, use_octet_stream=True)
     assert (workdir / "raw.bin").read_bytes() == b"raw" * 1000

@@ -20,6 +20,7 @@ READ_CHUNK: int
 """Default chunk size of ``FileReader`` in bytes."""
 
 RECEIVE_MIN_RATE: int
+MULTIPART_MAX_BOUNDARY: int
 """Bytes per second ``AtomicWriter.receive_from`` requires of a body on average once its idle timeout
 has passed (its deadline: the idle timeout plus a second per this many bytes)."""
 
@@ -76,6 +77,15 @@ class FileReader:
     """Whether ``size`` is what the read gives: false for ``/proc`` and ``/sys`` files, devices, FIFOs
     and empty files, which are read until EOF (or the requested length)."""
 
+    remaining: int | None
+    """Bytes still to read; None for a stream read to its end."""
+    def send_to(
+        self, fd: int, stop_fd: int
+    ) -> tuple[Literal["done", "short", "closed", "stopped", "unsupported"], int]:
+        """The rest of a sized read to the stream socket ``fd`` with ``sendfile(2)``, without the GIL,
+        until ``stop_fd`` (an eventfd) is readable: the outcome and the bytes sent. ``"short"``: the
+        file ended first; ``"unsupported"``: nothing sent (a stream, or a file the kernel cannot
+        sendfile from). A failed read raises ``OSError``."""
     def __init__(self, path: str, offset: int = 0, length: int | None = None, chunk: int = ...) -> None: ...
     def read(self) -> bytes:
         """The next chunk (at most ``chunk`` bytes, never more than the range left); ``b""`` at the end."""
@@ -121,6 +131,26 @@ class AtomicWriter:
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None: ...
+
+_Ended = Literal["closed", "timed out", "too slow", "stopped"]
+
+class MultipartReader:
+    """A ``multipart/form-data`` body read from a socket by a worker thread, a part at a time:
+    :meth:`next_part` gives a part's header block, :meth:`copy_part` writes its data to a file (or
+    drops it) up to the next delimiter, both without the GIL. Exactly ``length`` bytes are read
+    from the socket (the epilogue included). A malformed body raises ``ValueError`` with the
+    reason; ``idle_timeout`` and ``stop_fd`` as for :meth:`AtomicWriter.receive_from`."""
+
+    def __init__(
+        self, boundary: bytes, prefix: bytes, length: int, idle_timeout: float, stop_fd: int | None = None
+    ) -> None: ...
+    def next_part(self, fd: int) -> tuple[Literal["part", "complete"] | _Ended, bytes | None]:
+        """``("part", headers)`` (CRLF-ended header lines), ``("complete", None)`` once the body is
+        read to its end, or how the transfer ended."""
+    def copy_part(self, fd: int, writer: AtomicWriter | None = None) -> Literal["part done"] | _Ended:
+        """The current part's data into ``writer`` (dropped when None), to the next delimiter."""
+    def discard_rest(self, fd: int) -> Literal["complete"] | _Ended:
+        """Reads and drops the rest of the body (after a refusal midway)."""
 
 # ------------------------------------------------------------------------------------- processes
 

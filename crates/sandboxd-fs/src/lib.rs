@@ -20,6 +20,7 @@ pub mod chunks;
 pub mod entry;
 pub mod error;
 pub mod metadata;
+pub mod multipart;
 pub mod ops;
 pub mod splice;
 pub mod users;

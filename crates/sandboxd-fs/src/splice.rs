@@ -60,14 +60,14 @@ pub enum Received {
 
 /// What a transfer must keep to: its deadline (`idle` from its start, plus a second per
 /// [`MIN_RATE`] bytes), and its stop descriptor.
-struct Pace {
+pub(crate) struct Pace {
     started: Instant,
     idle: Duration,
     stop: Option<RawFd>,
 }
 
 impl Pace {
-    fn new(idle: Duration, stop: Option<RawFd>) -> Self {
+    pub(crate) fn new(idle: Duration, stop: Option<RawFd>) -> Self {
         Self {
             started: Instant::now(),
             idle,
@@ -76,7 +76,7 @@ impl Pace {
     }
 
     /// Checked before each piece: why the transfer ends now, if it does.
-    fn check(&self, moved: u64) -> Option<Received> {
+    pub(crate) fn check(&self, moved: u64) -> Option<Received> {
         if self.stop.is_some_and(readable_now) {
             Some(Received::Stopped(moved))
         } else if self.behind(moved) {
@@ -101,7 +101,7 @@ impl Pace {
 
     /// Waits for the socket to become readable: within `idle` and the deadline. None when it did;
     /// otherwise why the transfer ends.
-    fn wait(&self, socket: RawFd, moved: u64) -> Option<Received> {
+    pub(crate) fn wait(&self, socket: RawFd, moved: u64) -> Option<Received> {
         let left = self.deadline(moved).map_or(self.idle, |d| {
             self.idle.min(d.saturating_duration_since(Instant::now()))
         });
@@ -292,6 +292,90 @@ fn receive_copying(
     Ok((moved, Received::Complete))
 }
 
+/// How a [`send_file`] ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sent {
+    /// All of it went.
+    Done,
+    /// The file ended first (it shrank since its size was taken).
+    Short,
+    /// The peer left (or reset the connection).
+    Closed,
+    /// The stop descriptor became readable.
+    Stopped,
+    /// The kernel cannot `sendfile` from this file (`EINVAL`, `ENOSYS`); nothing was sent.
+    Unsupported,
+}
+
+/// Bytes one `sendfile(2)` is asked for: the kernel sends what the socket's buffer takes anyway.
+const SEND_STEP: usize = 4 << 20;
+
+/// Sends `len` bytes of `file`, from its position (which moves on), to `socket` (non-blocking,
+/// shared with an event loop that does not write it meanwhile) with `sendfile(2)`: the page
+/// cache's pages go to the socket without a copy through user space. Waits for room with
+/// `poll(2)`, stops when `stop` (an eventfd) becomes readable. A failed read of the file (`EIO`)
+/// is the error; see [`Sent`] for the rest.
+pub fn send_file(file: &File, socket: RawFd, len: u64, stop: RawFd) -> io::Result<(u64, Sent)> {
+    let mut sent = 0u64;
+    while sent < len {
+        if readable_now(stop) {
+            return Ok((sent, Sent::Stopped));
+        }
+        let want = (len - sent).min(SEND_STEP as u64) as usize;
+        // SAFETY: both descriptors are open for the call; a null offset means the file's position.
+        let n = unsafe { libc::sendfile(socket, file.as_raw_fd(), std::ptr::null_mut(), want) };
+        if n > 0 {
+            sent += n as u64;
+            continue;
+        }
+        if n == 0 {
+            return Ok((sent, Sent::Short));
+        }
+        let err = io::Error::last_os_error();
+        match err.raw_os_error() {
+            Some(libc::EAGAIN) => {
+                if wait_writable(socket, stop) {
+                    return Ok((sent, Sent::Stopped));
+                }
+            }
+            Some(libc::EINTR) => {}
+            Some(libc::EINVAL | libc::ENOSYS) if sent == 0 => return Ok((0, Sent::Unsupported)),
+            Some(libc::EPIPE | libc::ECONNRESET | libc::ENOTCONN | libc::ETIMEDOUT) => {
+                return Ok((sent, Sent::Closed));
+            }
+            _ => return Err(err),
+        }
+    }
+    Ok((sent, Sent::Done))
+}
+
+/// Waits until `socket` has room (or failed: the next call says how) or `stop` is readable;
+/// true for the latter.
+fn wait_writable(socket: RawFd, stop: RawFd) -> bool {
+    loop {
+        let mut pfds = [
+            libc::pollfd {
+                fd: socket,
+                events: libc::POLLOUT,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: stop,
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        // SAFETY: two valid pollfds, as the count says.
+        let n = unsafe { libc::poll(pfds.as_mut_ptr(), 2, -1) };
+        if n > 0 {
+            return pfds[1].revents != 0;
+        }
+        if n < 0 && io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
+            return false; // let the next call report it
+        }
+    }
+}
+
 /// `SIOCATMARK` (`<asm-generic/sockios.h>`; not in the libc crate for Linux): whether a socket's
 /// next byte is at TCP urgent data's mark.
 const SIOCATMARK: libc::Ioctl = 0x8905;
@@ -331,7 +415,7 @@ fn read_into(socket: RawFd, mut file: &File, left: u64) -> Result<Step, Failure>
     }
 }
 
-fn read_fd(fd: RawFd, buffer: &mut [u8]) -> io::Result<usize> {
+pub(crate) fn read_fd(fd: RawFd, buffer: &mut [u8]) -> io::Result<usize> {
     // SAFETY: `buffer` is valid for writes of its length; `fd` is open for the call.
     let n = unsafe { libc::read(fd, buffer.as_mut_ptr().cast(), buffer.len()) };
     if n < 0 {

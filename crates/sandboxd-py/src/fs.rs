@@ -27,6 +27,8 @@ pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<EntryInfo>()?;
     m.add_class::<FileReader>()?;
     m.add_class::<AtomicWriter>()?;
+    m.add_class::<MultipartReader>()?;
+    m.add("MULTIPART_MAX_BOUNDARY", core::multipart::MAX_BOUNDARY)?;
     m.add_function(wrap_pyfunction!(entry_info, m)?)?;
     m.add_function(wrap_pyfunction!(list_dir, m)?)?;
     m.add_function(wrap_pyfunction!(make_dir, m)?)?;
@@ -213,6 +215,31 @@ impl FileReader {
         self.inner.is_sized()
     }
 
+    /// Bytes still to read; None for a stream read to its end.
+    #[getter]
+    fn remaining(&self) -> Option<u64> {
+        self.inner.remaining()
+    }
+
+    /// Sends the rest of a sized read to the stream socket `fd` (non-blocking; the caller keeps it
+    /// open and writes nothing else to it meanwhile) with `sendfile(2)`, without the GIL, until
+    /// `stop_fd` (an eventfd) becomes readable: `(outcome, sent)`, outcome "done", "short" (the
+    /// file ended first), "closed" (the peer left), "stopped" or "unsupported" (nothing sent: a
+    /// stream, or a file the kernel cannot sendfile from). A failed read raises `OSError`.
+    fn send_to(&mut self, py: Python<'_>, fd: i32, stop_fd: i32) -> PyResult<(&'static str, u64)> {
+        use core::splice::Sent;
+        let inner = &mut self.inner;
+        let (how, sent) = py.detach(|| inner.send_to(fd, stop_fd)).map_err(to_pyerr)?;
+        let how = match how {
+            Sent::Done => "done",
+            Sent::Short => "short",
+            Sent::Closed => "closed",
+            Sent::Stopped => "stopped",
+            Sent::Unsupported => "unsupported",
+        };
+        Ok((how, sent))
+    }
+
     /// The next chunk; `b""` at the end.
     ///
     /// The `bytes` object is allocated at the chunk's size and filled by `read(2)` with the GIL
@@ -374,5 +401,96 @@ impl AtomicWriter {
         } else {
             Ok(())
         }
+    }
+}
+
+/// A `multipart/form-data` body read from a socket by a worker thread (`POST /files`): the caller
+/// asks for each part's headers, decides where its data goes, and has it written there, without
+/// the GIL and without Python touching the bytes (see `sandboxd_fs::multipart`).
+#[pyclass(module = "sandboxd._core", name = "MultipartReader")]
+pub(crate) struct MultipartReader {
+    /// Boxed: its `memmem` searcher holds AVX2 vectors, aligned to 32 bytes, and a Python object's
+    /// memory is aligned to 16 only (unboxed, `vmovdqa` faulted on a misaligned object).
+    inner: Box<core::multipart::MultipartReader>,
+}
+
+/// A step's name for Python: what `RawBody.receive_into` expects of a move ("complete", "closed",
+/// ...), or "part"/"part done"; a malformed body raises `ValueError` with the reason.
+fn step_name(step: core::multipart::Step) -> PyResult<(&'static str, Option<Vec<u8>>)> {
+    use core::multipart::Step;
+    use core::splice::Received;
+    Ok(match step {
+        Step::Part(headers) => ("part", Some(headers)),
+        Step::PartDone => ("part done", None),
+        Step::End => ("complete", None),
+        Step::Ended(Received::Complete) => ("complete", None),
+        Step::Ended(Received::Closed(_)) => ("closed", None),
+        Step::Ended(Received::TimedOut(_)) => ("timed out", None),
+        Step::Ended(Received::TooSlow(_)) => ("too slow", None),
+        Step::Ended(Received::Stopped(_)) => ("stopped", None),
+        Step::Malformed(why) => return Err(PyValueError::new_err(why)),
+    })
+}
+
+#[pymethods]
+impl MultipartReader {
+    /// A reader of a body with `boundary` (1 to `MULTIPART_MAX_BOUNDARY` bytes), of which
+    /// `prefix` was read already and `length` bytes are still in the socket; `idle_timeout` and
+    /// `stop_fd` as for `AtomicWriter.receive_from`.
+    #[new]
+    #[pyo3(signature = (boundary, prefix, length, idle_timeout, stop_fd = None))]
+    fn new(
+        boundary: &[u8],
+        prefix: &[u8],
+        length: u64,
+        idle_timeout: f64,
+        stop_fd: Option<i32>,
+    ) -> PyResult<Self> {
+        if boundary.is_empty() || boundary.len() > core::multipart::MAX_BOUNDARY {
+            return Err(PyValueError::new_err(
+                "a multipart boundary must be 1 to 256 bytes",
+            ));
+        }
+        let idle = Duration::try_from_secs_f64(idle_timeout).map_err(|_| {
+            PyValueError::new_err("idle_timeout must be a non-negative number of seconds")
+        })?;
+        Ok(Self {
+            inner: Box::new(core::multipart::MultipartReader::new(
+                boundary, prefix, length, idle, stop_fd,
+            )),
+        })
+    }
+
+    /// Reads to the next part: `("part", headers)` (the header block, each line ending in CRLF),
+    /// `("complete", None)` after the closing delimiter and the whole body, or how the transfer
+    /// ended (`"closed"`, `"timed out"`, `"too slow"`, `"stopped"`). The current part's unwritten
+    /// data is dropped.
+    fn next_part(&mut self, py: Python<'_>, fd: i32) -> PyResult<(&'static str, Option<Vec<u8>>)> {
+        let inner = &mut self.inner;
+        let step = py.detach(|| inner.next_part(fd)).map_err(to_pyerr)?;
+        step_name(step)
+    }
+
+    /// Reads and drops the rest of the body (after a refusal midway): "complete", or how the
+    /// transfer ended.
+    fn discard_rest(&mut self, py: Python<'_>, fd: i32) -> PyResult<&'static str> {
+        let inner = &mut self.inner;
+        let step = py.detach(|| inner.discard_rest(fd));
+        Ok(step_name(step)?.0)
+    }
+
+    /// Writes the current part's data to `writer` (drops it when None) up to the next delimiter:
+    /// "part done", or how the transfer ended. A failed write raises `OSError`.
+    #[pyo3(signature = (fd, writer = None))]
+    fn copy_part(
+        &mut self,
+        py: Python<'_>,
+        fd: i32,
+        mut writer: Option<PyRefMut<'_, AtomicWriter>>,
+    ) -> PyResult<&'static str> {
+        let inner = &mut self.inner;
+        let file = writer.as_deref_mut().map(|w| &mut w.inner);
+        let step = py.detach(|| inner.copy_part(fd, file)).map_err(to_pyerr)?;
+        Ok(step_name(step)?.0)
     }
 }

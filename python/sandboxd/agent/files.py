@@ -7,10 +7,12 @@ says nothing (``/proc``, ``/sys``, devices) are read to EOF and sent chunked.
 Uploads never tear a file: every part streams into a temporary file beside its target (Rust
 ``AtomicWriter``), and all targets are renamed into place only after the whole body arrived. A client
 that disconnects midway leaves every old file intact and no temporary file behind. gzip bodies
-(raw or multipart) are inflated in bounded pieces. A large identity raw body skips the event loop: the
-server's ``RawBody`` (``scope["extensions"]``) lets a worker thread move it socket → file with
-``splice(2)`` (``AtomicWriter.receive_from``). Before the renames, the directory watchers are
-brought up to date and told what each rename stands for (``watch_hub``).
+(raw or multipart) are inflated in bounded pieces. A large identity body skips the event loop: the
+server's ``RawBody`` (``scope["extensions"]``) lets a worker thread move it socket → file, a raw one
+with ``splice(2)`` (``AtomicWriter.receive_from``), a multipart one through ``MultipartReader``,
+which finds the boundaries and writes each part's data without Python touching it. Before the
+renames, the directory watchers are brought up to date and told what each rename stands for
+(``watch_hub``).
 
 Nothing here reads or writes a file on the event loop: opening, reading, writing and renaming run in
 worker threads, one chunk or batch at a time, while the loop moves the previous one.
@@ -21,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import functools
 import json
 import os
 import stat
@@ -33,6 +36,7 @@ from urllib.parse import parse_qs
 from sandboxd import _core
 
 from .asgi import (
+    BODY_PARTS,
     RAW_BODY,
     ClientDisconnected,
     Receive,
@@ -210,6 +214,9 @@ class _Reply:
     error: str | None = None
     reader: _core.FileReader | None = None
     chunks: Iterator[bytes] | None = None
+    sendable: bool = False
+    """The body is the reader's bytes as they are, with a ``Content-Length``: :func:`_send_file` may
+    send them with ``sendfile(2)``."""
 
 
 def _plan_download(req: _Request) -> _Reply:
@@ -264,7 +271,7 @@ def _plan_download(req: _Request) -> _Reply:
             headers.append(("content-encoding", "gzip"))
             return _Reply(status, headers, reader=reader, chunks=_gzip_chunks(reader))
         headers.append(("content-length", str(length)))
-        return _Reply(status, headers, reader=reader, chunks=iter(reader))
+        return _Reply(status, headers, reader=reader, chunks=iter(reader), sendable=True)
     except BaseException:
         reader.close()
         raise
@@ -293,8 +300,55 @@ async def download(state: AgentState, scope: Scope, receive: Receive, send: Send
     with reply.reader:
         await send({"type": "http.response.start", "status": reply.status, "headers": raw_headers(reply.headers)})
         if scope["method"] != "HEAD":
-            await _stream_chunks(reply.chunks, receive, send)
+            try:
+                if not await _send_file(reply, scope, send):
+                    await _stream_chunks(reply.chunks, receive, send)
+            except ClientDisconnected:
+                return
         await send({"type": "http.response.body", "body": b""})
+
+
+SEND_FILE_MIN = 1 << 20
+"""A download with at least this much left after its first chunk is sent by a thread with
+``sendfile(2)``: below it, starting the thread costs about what the loop's chunks do."""
+
+
+async def _send_file(reply: _Reply, scope: Scope, send: Send) -> bool:
+    """Sends the body: its first chunk through the loop (it goes out with the head, in one write),
+    the rest by a worker thread with ``sendfile(2)`` (``FileReader.send_to``: the page cache's
+    pages go to the socket with no copy into Python and no event-loop work per chunk), through the
+    server's ``ResponseWriter.hand_off``. False, having sent nothing or only the first chunk, when
+    it cannot (not a plain sized body, too little left, the hand-off refused: TLS, the cap of
+    threads): the caller streams the rest of ``reply.chunks`` through the loop. Raises
+    :class:`ClientDisconnected` when the client leaves, or the file ends early (the promised
+    length cannot be kept: the connection is closed)."""
+    writer = scope.get("extensions", {}).get(BODY_PARTS)
+    reader, chunks = reply.reader, reply.chunks
+    if not reply.sendable or writer is None or reader is None or chunks is None:
+        return False
+    left = reader.remaining
+    if left is None or left < SEND_FILE_MIN + _core.READ_CHUNK:
+        return False
+    first = await _in_io_thread(next, chunks, b"")
+    await send({"type": "http.response.body", "body": first, "more_body": True})
+    left = reader.remaining
+    if not first or left is None:
+        return False
+    outcomes: list[str] = []
+
+    def move(sock: int, stop: int) -> tuple[str, int, bytes]:
+        outcome, sent = reader.send_to(sock, stop)
+        outcomes.append(outcome)
+        # hand_off closes the connection on "closed": for a file that ended early too, since the
+        # response cannot have the length it promised.
+        return ("closed" if outcome == "short" else outcome), sent, b""
+
+    handed = await writer.hand_off(move, raw=left)
+    if handed is None or outcomes == ["unsupported"]:
+        return False
+    if handed[0] != "done":  # "stopped": the server is closing the connection
+        raise ClientDisconnected
+    return True
 
 
 async def _stream_chunks(chunks: Iterator[bytes], receive: Receive, send: Send) -> None:
@@ -448,6 +502,15 @@ class _Upload:
         self.sinks: list[_Sink] = []
 
     async def open(self, raw_target: str) -> _Sink:
+        target = self._target(raw_target)
+        return self._opened(target, await _in_io_thread(self._create, target))
+
+    def open_now(self, raw_target: str) -> _core.AtomicWriter:
+        """:meth:`open` for a worker thread that moves a body itself: the writer, blocking."""
+        target = self._target(raw_target)
+        return self._opened(target, self._create(target)).writer
+
+    def _target(self, raw_target: str) -> str:
         if self.req.path:
             if self.sinks:
                 raise RpcError(
@@ -455,17 +518,22 @@ class _Upload:
                     "you cannot upload multiple files to the same path: "
                     f"'{self.req.path}' (omit the path query to take each part's filename)",
                 )
-            target = self.req.path
-        else:
-            if not raw_target:
-                raise RpcError(Code.INVALID_ARGUMENT, "a file part has no filename and the path query is missing")
-            target = expand_and_resolve(raw_target, self.req.user, self.state.default_workdir)
+            return self.req.path
+        if not raw_target:
+            raise RpcError(Code.INVALID_ARGUMENT, "a file part has no filename and the path query is missing")
+        return expand_and_resolve(raw_target, self.req.user, self.state.default_workdir)
+
+    def _create(self, target: str) -> _core.AtomicWriter | OSError:
         try:
-            writer = await _in_io_thread(_core.AtomicWriter, target, self.req.user.uid, self.req.user.gid)
-        except IsADirectoryError:
-            raise RpcError(Code.INVALID_ARGUMENT, f"path '{target}' is a directory") from None
+            return _core.AtomicWriter(target, self.req.user.uid, self.req.user.gid)
         except OSError as exc:
-            raise from_os_error(exc, f"error opening '{target}' for writing") from None
+            return exc
+
+    def _opened(self, target: str, writer: _core.AtomicWriter | OSError) -> _Sink:
+        if isinstance(writer, IsADirectoryError):
+            raise RpcError(Code.INVALID_ARGUMENT, f"path '{target}' is a directory")
+        if isinstance(writer, OSError):
+            raise from_os_error(writer, f"error opening '{target}' for writing")
         sink = _Sink(writer)
         self.sinks.append(sink)
         return sink
@@ -535,7 +603,8 @@ async def upload(state: AgentState, scope: Scope, receive: Receive, send: Send) 
             boundary = options.get(b"boundary")
             if not boundary:
                 raise RpcError(Code.INVALID_ARGUMENT, "multipart content-type has no boundary")
-            await _receive_multipart(upload, boundary, body)
+            socket_body = scope.get("extensions", {}).get(RAW_BODY) if encoding != "gzip" else None
+            await _receive_multipart(upload, boundary, body, socket_body)
         else:
             shown = content_type.decode("latin-1") or "(none)"
             raise RpcError(
@@ -613,7 +682,66 @@ async def _receive_raw(upload: _Upload, req: _Request, body: AsyncIterator[bytes
         await sink.write(chunk)
 
 
-async def _receive_multipart(upload: _Upload, boundary: bytes, body: AsyncIterator[bytes]) -> None:
+async def _receive_multipart(upload: _Upload, boundary: bytes, body: AsyncIterator[bytes], socket_body: Any) -> None:
+    """A multipart body's ``file`` parts into their targets: a large identity body straight from
+    the socket by a worker thread (``socket_body``, as for a raw body: :func:`_move_multipart`),
+    any other through ``receive()`` and python-multipart's parser."""
+    remaining = None
+    if socket_body is not None and len(boundary) <= _core.MULTIPART_MAX_BOUNDARY:
+        remaining = socket_body.remaining()
+    if remaining is not None and remaining >= SOCKET_BODY_MIN:
+        try:
+            prefix = socket_body.take()
+            await socket_body.receive_into(functools.partial(_move_multipart, upload, boundary, prefix), IO_THREADS)
+        finally:
+            socket_body.release()  # the slot take() counted, should receive_into never run
+    else:
+        await _parse_multipart(upload, boundary, body)
+    if not upload.sinks:
+        raise RpcError(Code.INVALID_ARGUMENT, "the multipart body has no part named 'file'")
+
+
+def _move_multipart(
+    upload: _Upload, boundary: bytes, prefix: bytes, fd: int, length: int, idle: float, stop: int
+) -> str:
+    """``RawBody.receive_into``'s move for a multipart body, in a worker thread: each part's headers
+    say where its data goes (:meth:`_Upload.open_now`), and ``MultipartReader`` (Rust, without the
+    GIL) reads the data from the socket and writes it there. Measured against the parser's path
+    (python-multipart through ``receive()``): see docs/benchmarks.md, "Multipart uploads straight
+    from the socket"."""
+    reader = _core.MultipartReader(boundary, prefix, length, idle, stop)
+    try:
+        while True:
+            step, headers = reader.next_part(fd)
+            if step != "part":
+                return step
+            part = _part_start(_part_disposition(headers or b""))
+            copied = reader.copy_part(fd, upload.open_now(part.filename) if part.is_file else None)
+            if copied != "part done":
+                return copied
+    except ValueError as exc:
+        reader.discard_rest(fd)  # the 400 then reaches a client still sending (see discard_rest)
+        raise RpcError(Code.INVALID_ARGUMENT, f"malformed multipart body: {exc}") from None
+    except (RpcError, OSError):
+        reader.discard_rest(fd)
+        raise
+
+
+def _part_disposition(headers: bytes) -> bytes:
+    """The ``Content-Disposition`` value of a part's header block (CRLF-ended lines)."""
+    disposition = b""
+    for line in headers.split(b"\r\n"):
+        if not line:
+            continue
+        name, colon, value = line.partition(b":")
+        if not colon:
+            raise RpcError(Code.INVALID_ARGUMENT, "malformed multipart body: a part's header line has no ':'")
+        if name.strip().lower() == b"content-disposition":
+            disposition = value.strip()
+    return disposition
+
+
+async def _parse_multipart(upload: _Upload, boundary: bytes, body: AsyncIterator[bytes]) -> None:
     from python_multipart.exceptions import MultipartParseError
     from python_multipart.multipart import MultipartParser
 
@@ -646,8 +774,6 @@ async def _receive_multipart(upload: _Upload, boundary: bytes, body: AsyncIterat
                 await sink.write(op)
     if not state.ended:
         raise RpcError(Code.INVALID_ARGUMENT, "multipart body ended before its closing boundary")
-    if not upload.sinks:
-        raise RpcError(Code.INVALID_ARGUMENT, "the multipart body has no part named 'file'")
 
 
 MULTIPART_MAX_HEADER = 16 << 10
@@ -660,6 +786,21 @@ class _PartStart:
 
     is_file: bool
     filename: str
+
+
+def _part_start(disposition: bytes) -> _PartStart:
+    """What a part's ``Content-Disposition`` says: a ``file`` part and its filename, or another
+    form field (envd ignores those)."""
+    from python_multipart.multipart import parse_options_header
+
+    _, options = parse_options_header(disposition.decode("latin-1"))
+    if options.get(b"name") != b"file":
+        return _PartStart(False, "")
+    try:
+        filename = options.get(b"filename", b"").decode("utf-8")
+    except UnicodeDecodeError:
+        raise RpcError(Code.INVALID_ARGUMENT, "the part's filename is not valid UTF-8") from None
+    return _PartStart(True, filename)
 
 
 class _MultipartState:
@@ -693,17 +834,7 @@ class _MultipartState:
         self.value.clear()
 
     def on_headers_finished(self) -> None:
-        from python_multipart.multipart import parse_options_header
-
-        _, options = parse_options_header(self.disposition.decode("latin-1"))
-        if options.get(b"name") != b"file":
-            self.ops.append(_PartStart(False, ""))  # envd ignores other form fields
-            return
-        try:
-            filename = options.get(b"filename", b"").decode("utf-8")
-        except UnicodeDecodeError:
-            raise RpcError(Code.INVALID_ARGUMENT, "the part's filename is not valid UTF-8") from None
-        self.ops.append(_PartStart(True, filename))
+        self.ops.append(_part_start(self.disposition))
 
     def on_part_data(self, data: bytes, start: int, end: int) -> None:
         if end > start:

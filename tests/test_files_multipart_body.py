@@ -1,0 +1,178 @@
+"""Multipart uploads (the SDKs' ``files.write``) read socket → file by a worker thread: the server's
+``RawBody`` and ``MultipartReader`` (Rust), over real sockets to the real agent. Byte-exact parts
+with the boundary's first bytes in their data, the connection's next request after a body with an
+epilogue, clients that leave or stall midway, malformed bodies (400, no file), a full disk (507),
+and the rules the parser's path keeps (no ``file`` part, one path for two files)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import subprocess
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from conftest import Agent
+from test_files_raw_body import IDLE_TIMEOUT, MiB, connection, launched, pattern, read_response, settled_listing
+
+BOUNDARY = "sandboxd-test-boundary"
+
+
+@pytest.fixture(scope="module", params=["asyncio", "uvloop"])
+def agent(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Agent]:
+    with launched(request.param, tmp_path_factory, "--idle-timeout", str(IDLE_TIMEOUT)) as started:
+        yield started
+
+
+def part(data: bytes, filename: str | None = "f.bin", name: str = "file") -> bytes:
+    disposition = f'form-data; name="{name}"' + (f'; filename="{filename}"' if filename is not None else "")
+    return (
+        f"--{BOUNDARY}\r\nContent-Disposition: {disposition}\r\nContent-Type: application/octet-stream\r\n\r\n".encode()
+        + data
+        + b"\r\n"
+    )
+
+
+def multipart(*parts: bytes, epilogue: bytes = b"") -> bytes:
+    return b"".join(parts) + f"--{BOUNDARY}--\r\n".encode() + epilogue
+
+
+def head(query: str, length: int) -> bytes:
+    return (
+        f"POST /files?{query} HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary={BOUNDARY}\r\n"
+        f"Content-Length: {length}\r\n\r\n"
+    ).encode()
+
+
+def test_several_files_in_one_body_arrive_byte_exact(agent: Agent, workdir: Path) -> None:
+    first = pattern(5 * MiB + 7)
+    # Data holding the delimiter's first bytes, cut short and whole but for its last byte.
+    tricky = pattern(MiB) + f"\r\n--{BOUNDARY[:-1]}".encode() + b"\r\n--" + pattern(1000)
+    body = multipart(
+        b"preamble the parser skips\r\n" + part(first, str(workdir / "a.bin")),
+        part(b"not a file", None, name="comment"),
+        part(tricky, str(workdir / "nested" / "b.bin")),
+        part(b"", str(workdir / "empty.bin")),
+    )
+    with connection(agent) as (s, f):
+        s.sendall(head("", len(body)) + body)
+        status, _, answer = read_response(f)
+    assert status == 200, answer
+    assert [e["name"] for e in httpx.Response(200, content=answer).json()] == ["a.bin", "b.bin", "empty.bin"]
+    assert (workdir / "a.bin").read_bytes() == first
+    assert (workdir / "nested" / "b.bin").read_bytes() == tricky
+    assert (workdir / "empty.bin").read_bytes() == b""
+    assert sorted(os.listdir(workdir)) == ["a.bin", "empty.bin", "nested"]
+
+
+def test_httpx_files_and_the_path_query(agent: Agent, workdir: Path) -> None:
+    """httpx's own multipart encoding (the SDK's) with the target in the path query."""
+    data = pattern(3 * MiB)
+    target = workdir / "q.bin"
+    r = httpx.post(f"{agent.url}/files", params={"path": str(target)}, files={"file": ("x", data)}, timeout=30)
+    assert r.status_code == 200, r.text
+    assert target.read_bytes() == data
+
+
+def test_the_connection_goes_on_after_a_body_with_an_epilogue(agent: Agent, workdir: Path) -> None:
+    body = multipart(part(pattern(2 * MiB), str(workdir / "a.bin")), epilogue=b"an epilogue nobody reads\r\n")
+    with connection(agent) as (s, f):
+        s.sendall(head("", len(body)) + body + b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        statuses = [read_response(f)[0] for _ in range(2)]
+        s.sendall(head("", len(body)) + body)  # kept alive: one more on the same connection
+        statuses.append(read_response(f)[0])
+    assert statuses == [200, 204, 200]
+    assert (workdir / "a.bin").read_bytes() == pattern(2 * MiB)
+
+
+def test_a_client_that_closes_halfway_leaves_the_old_files(agent: Agent, workdir: Path) -> None:
+    (workdir / "a.bin").write_bytes(b"old")
+    body = multipart(part(pattern(2 * MiB), str(workdir / "b.bin")), part(pattern(4 * MiB), str(workdir / "a.bin")))
+    with connection(agent) as (s, _):
+        s.sendall(head("", len(body)) + body[: 3 * MiB])
+        s.shutdown(socket.SHUT_WR)
+        s.settimeout(5)
+        assert s.recv(100) == b""
+    assert settled_listing(workdir, ["a.bin"]) == ["a.bin"]
+    assert (workdir / "a.bin").read_bytes() == b"old"
+
+
+def test_a_client_that_stalls_midway_is_cut_off_at_the_idle_timeout(agent: Agent, workdir: Path) -> None:
+    body = multipart(part(pattern(4 * MiB), str(workdir / "a.bin")))
+    with connection(agent) as (s, f):
+        s.sendall(head("", len(body)) + body[: 2 * MiB])
+        status, headers, answer = read_response(f)
+    assert status == 408, answer
+    assert headers.get("connection") == "close"
+    assert settled_listing(workdir, []) == []
+
+
+@pytest.mark.parametrize(
+    ("body", "why"),
+    [
+        (part(pattern(2 * MiB), "/tmp/never.bin"), b"ended before its closing boundary"),
+        (
+            f"--{BOUNDARY}\r\nContent-Disposition: form-data; name=file; filename={'x' * 17000}\r\n\r\n".encode()
+            + pattern(2 * MiB),
+            b"headers are larger than 16 KiB",
+        ),
+        (f"--{BOUNDARY}junk\r\n\r\n".encode() + pattern(2 * MiB), b"not followed by CRLF"),
+        (f"--{BOUNDARY}\r\nno colon here\r\n\r\n".encode() + pattern(2 * MiB), b"header line has no ':'"),
+    ],
+    ids=["no-closing-boundary", "huge-headers", "no-crlf", "bad-header"],
+)
+def test_a_malformed_body_is_400_and_leaves_no_file(agent: Agent, workdir: Path, body: bytes, why: bytes) -> None:
+    (workdir / "keep.bin").write_bytes(b"old")
+    body = part(pattern(MiB), str(workdir / "keep.bin")) + body
+    with connection(agent) as (s, f):
+        with contextlib.suppress(OSError):  # the server may answer and close before reading it all
+            s.sendall(head("", len(body)) + body)
+        status, _, answer = read_response(f)
+    assert status == 400, answer
+    assert b"malformed multipart body" in answer and why in answer, answer
+    assert settled_listing(workdir, ["keep.bin"]) == ["keep.bin"]
+    assert (workdir / "keep.bin").read_bytes() == b"old"
+    assert httpx.get(f"{agent.url}/health").status_code == 204
+
+
+def test_the_parsers_rules_hold(agent: Agent, workdir: Path) -> None:
+    no_file = multipart(part(pattern(2 * MiB), "x", name="other"))
+    two_files_one_path = multipart(part(pattern(MiB), "a"), part(pattern(MiB), "b"))
+    bad_name = multipart(part(pattern(2 * MiB), None).replace(b'name="file"', b'name="file"; filename="\xff"'))
+    cases = [
+        ("", no_file, b"no part named 'file'"),
+        (f"path={workdir / 'one.bin'}", two_files_one_path, b"cannot upload multiple files to the same path"),
+        ("", bad_name, b"not valid UTF-8"),
+    ]
+    for query, body, why in cases:
+        with connection(agent) as (s, f):
+            with contextlib.suppress(OSError):
+                s.sendall(head(query, len(body)) + body)
+            status, _, answer = read_response(f)
+        assert status == 400 and why in answer, answer
+    assert settled_listing(workdir, []) == []
+
+
+def test_a_full_disk_is_507_and_leaves_no_file(agent: Agent, tmp_path: Path) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    small = tmp_path / f"full-{uuid.uuid4().hex[:8]}"
+    small.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(small)], check=False).returncode:
+        pytest.skip("cannot mount tmpfs here")
+    try:
+        os.chmod(small, 0o777)
+        body = multipart(part(pattern(6 * MiB), str(small / "big.bin")))
+        with connection(agent) as (s, f):
+            with contextlib.suppress(OSError):
+                s.sendall(head("", len(body)) + body)
+            status, headers, answer = read_response(f)
+        assert status == 507, answer
+        assert headers.get("connection") == "close"
+        assert os.listdir(small) == []
+    finally:
+        subprocess.run(["umount", "-l", str(small)], check=False)
