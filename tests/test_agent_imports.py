@@ -37,6 +37,125 @@ def test_psutil_is_loaded_by_the_first_metrics_request(start_agent: Callable[...
     assert mapped(pid, "_psutil_linux")
 
 
+def test_zlib_is_loaded_by_the_first_gzip_request(start_agent: Callable[..., Agent], tmp_path: Path) -> None:
+    """``zlib`` (with libz) is deferred (``lean.DEFERRED``): commands and plain transfers never map it,
+    and the first request that needs it, a gzip-compressed Connect request or a download with gzip
+    accepted, loads it and is answered."""
+    import gzip
+
+    agent = start_agent()
+    pid = agent.process.pid
+    headers = {**agent.headers(), "Connect-Protocol-Version": "1"}
+    target = tmp_path / "text.txt"
+    target.write_bytes(b"compressible line\n" * 4096)
+    stat = httpx.post(f"{agent.url}/filesystem.Filesystem/Stat", json={"path": str(target)}, headers=headers)
+    assert stat.status_code == 200, stat.text
+    plain = httpx.get(f"{agent.url}/files", params={"path": str(target)}, headers={"Accept-Encoding": "identity"})
+    assert plain.content == target.read_bytes()
+    assert not mapped(pid, "/zlib."), "zlib was imported before any request needed it"
+    body = gzip.compress(json.dumps({"path": str(target)}).encode())
+    stat = httpx.post(
+        f"{agent.url}/filesystem.Filesystem/Stat",
+        content=body,
+        headers={**headers, "Content-Type": "application/json", "Content-Encoding": "gzip"},
+    )
+    assert stat.status_code == 200, stat.text
+    assert int(stat.json()["entry"]["size"]) == target.stat().st_size
+    assert mapped(pid, "/zlib.")
+    download = httpx.get(f"{agent.url}/files", params={"path": str(target)}, headers={"Accept-Encoding": "gzip"})
+    assert download.headers.get("content-encoding") == "gzip"
+    assert download.content == target.read_bytes()  # httpx inflated it
+
+
+STAND_IN = """
+import json, sys
+from sandboxd.agent.lean import load_stand_in
+stand_in = load_stand_in("libz.so.1")
+try:
+    import zlib
+    refused = None
+except ImportError as exc:
+    refused = str(exc)
+closed = stand_in.close()
+import zlib
+print(json.dumps({"refused": refused, "closed": closed, "crc": zlib.crc32(b"zlib")}))
+"""
+
+
+def test_a_stand_in_library_satisfies_its_soname_and_a_library_that_needs_its_symbols_fails_to_load() -> None:
+    """``lean.stand_in_library`` is taken by the loader for the library it names: ``zlib``'s module,
+    which needs ``libz.so.1``'s ``inflate``, then fails to import with the loader's error (nothing
+    half-loaded), and imports once the stand-in is unloaded: the fallback ``upb_without_libstdcxx``
+    relies on should upb ever need the C++ runtime."""
+    out = subprocess.run([sys.executable, "-c", STAND_IN], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    got = json.loads(out.stdout)
+    assert got["refused"] is not None and "undefined symbol" in got["refused"], got
+    assert got["closed"] is True
+    assert got["crc"] == 1938324794
+
+
+def test_the_deferred_subprocess_has_subprocess_own_constants_and_runs_when_used() -> None:
+    """asyncio reads ``subprocess.PIPE``, ``STDOUT`` and ``DEVNULL`` while it is imported; the deferred
+    module answers them without loading ``subprocess`` (``lean._DeferredSubprocess``), with its values."""
+    code = (
+        "import json, sys\n"
+        "from sandboxd.agent import lean\n"
+        "lean.defer()\n"
+        "import asyncio, asyncio.subprocess\n"
+        "stand_in = sys.modules['subprocess']\n"
+        "deferred = type(stand_in).__name__\n"
+        "seen = [asyncio.subprocess.PIPE, asyncio.subprocess.STDOUT, asyncio.subprocess.DEVNULL]\n"
+        "done = stand_in.run(['/bin/echo', 'hi'], stdout=stand_in.PIPE, check=True).stdout\n"
+        "import subprocess\n"
+        "real = [subprocess.PIPE, subprocess.STDOUT, subprocess.DEVNULL]\n"
+        "print(json.dumps([deferred, seen, real, done.decode(), subprocess.Popen is stand_in.Popen]))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    deferred, seen, real, done, same = json.loads(out.stdout)
+    assert deferred == "_DeferredSubprocess"
+    assert seen == real == [-1, -2, -3]
+    assert done == "hi\n" and same
+
+
+def real_libstdcxx(pid: int) -> bool:
+    return any("/libstdc++.so." in line for line in Path(f"/proc/{pid}/maps").read_text().splitlines())
+
+
+def test_the_standalone_agent_runs_protobuf_without_the_cxx_runtime_unless_grpc_needs_it(
+    start_agent: Callable[..., Agent], tmp_path: Path
+) -> None:
+    """protobuf's upb names ``libstdc++`` as needed and uses none of it: the standalone agent loads it
+    with a stand-in (``lean.upb_without_libstdcxx``), and its messages work, binary and JSON; with
+    ``--grpc-port`` (grpcio is C++) the real runtime is loaded and gRPC is served."""
+    from sandboxd._proto.process import process_pb2
+
+    agent = start_agent()
+    request = process_pb2.StartRequest()
+    request.process.cmd = "/bin/sh"
+    request.process.args.extend(["-c", "printf hello"])
+    request.process.envs["A"] = "1"
+    body = request.SerializeToString()
+    headers = {**agent.headers(), "Connect-Protocol-Version": "1", "Content-Type": "application/connect+proto"}
+    r = httpx.post(
+        f"{agent.url}/process.Process/Start", content=struct.pack(">BI", 0, len(body)) + body, headers=headers
+    )
+    assert r.status_code == 200 and b"hello" in r.content
+    stat = httpx.post(
+        f"{agent.url}/filesystem.Filesystem/Stat",
+        json={"path": str(tmp_path)},
+        headers={**agent.headers(), "Connect-Protocol-Version": "1"},
+    )
+    assert stat.status_code == 200 and stat.json()["entry"]["type"] == "FILE_TYPE_DIRECTORY"
+    assert not real_libstdcxx(agent.process.pid), "the standalone agent mapped libstdc++"
+    assert mapped(agent.process.pid, "libstdc++.so.6 stand-in")
+
+    with_grpc = start_agent(grpc=True)
+    assert real_libstdcxx(with_grpc.process.pid)
+    assert httpx.get(f"{with_grpc.url}/health").status_code == 204
+
+
 AGENT_PROCESS = """
 import json, sys
 from sandboxd.agent.lean import defer, lazy_protobuf, uvicorn_package_without_cli
@@ -50,7 +169,8 @@ unneeded = sorted(m for m in sys.modules if m in ("click", "uvicorn.main", "uvic
                   "multiprocessing", "psutil", "python_multipart", "email", "logging.handlers", "logging.config",
                   "google.protobuf.text_format", "hashlib", "hmac", "secrets", "argparse", "ast", "dis",
                   "google.protobuf.internal.type_checkers"))
-deferred = sorted(m for m, module in sys.modules.items() if type(module).__name__ in ("_LazyModule", "_Deferred"))
+stand_ins = ("_LazyModule", "_Deferred", "_DeferredSubprocess")
+deferred = sorted(m for m, module in sys.modules.items() if type(module).__name__ in stand_ins)
 import inspect, uvicorn, uvicorn.config, uvicorn.server
 print(json.dumps({
     "unneeded": unneeded,
@@ -62,7 +182,10 @@ print(json.dumps({
                       __import__("calendar").timegm((1970, 1, 2, 0, 0, 0)),
                       __import__("asyncio").sslproto.SSLProtocol.__name__,
                       str(__import__("ipaddress").ip_address("::1")), __import__("textwrap").indent("x", "> "),
-                      sys.modules["inspect"] is not inspect and sys.modules["inspect"].signature is inspect.signature],
+                      sys.modules["inspect"] is not inspect and sys.modules["inspect"].signature is inspect.signature,
+                      __import__("zlib").crc32(b"zlib"), __import__("subprocess").list2cmdline(["a b"]),
+                      __import__("array").array("i", [7]).tolist(), __import__("base64").b64encode(b"hi").decode(),
+                      __import__("mimetypes").guess_type("/a.txt")[0]],
 }))
 """
 
@@ -80,23 +203,46 @@ def test_the_agent_server_loads_without_uvicorns_command_line_config_and_server(
     assert got == {
         "unneeded": [],
         "not_run_yet": [  # imported by libraries for paths the agent does not take (sandboxd.agent.lean)
+            "array",
             "asyncio.sslproto",
+            "base64",
+            "binascii",
             "calendar",
             "google.protobuf.internal.python_message",
             "google.protobuf.json_format",
             "inspect",
             "ipaddress",
             "locale",
+            "mimetypes",
+            "subprocess",
             "textwrap",
             "tokenize",
+            "zlib",
         ],
         "config_is_the_submodules": True,
         "uvicorn_date": "Sun, 06 Nov 1994 08:49:37 GMT",  # email.utils.formatdate's, without email
-        "run_when_used": ["Linux", 3, "dictConfig", "(x, y, /)", 86400, "SSLProtocol", "::1", "> x", True],
+        "run_when_used": [
+            "Linux",
+            3,
+            "dictConfig",
+            "(x, y, /)",
+            86400,
+            "SSLProtocol",
+            "::1",
+            "> x",
+            True,
+            1938324794,
+            '"a b"',
+            [7],
+            "aGk=",
+            "text/plain",
+        ],
     }
 
 
 AGENT_SERVES = """
+from sandboxd.agent import lean
+lean.defer(("array",))  # the agent defers it before anything imports socket (which imports it); so must we
 import gc, json, os, signal, socket, struct, sys, threading, time
 port, work = int(sys.argv[1]), sys.argv[2]
 
@@ -135,7 +281,7 @@ def requests() -> None:
         "download": replies[4].endswith(b"\\r\\n\\r\\nhello"),
         "never_imported": sorted(m for m in ("argparse", "ast", "dis", "uvicorn.config", "uvicorn.server",
                                  "uvicorn._types", "logging.config", "email") if m in sys.modules),
-        "still_deferred": sorted(m for m in lean.DEFERRED if type(sys.modules[m]) is lean._Deferred),
+        "still_deferred": sorted(m for m in lean.DEFERRED if isinstance(sys.modules[m], lean._Deferred)),
         "ast_types": sum(1 for o in gc.get_objects() if isinstance(o, type) and o.__module__ == "ast"),
         "datetime_py_ran": "__builtins__" in vars(sys.modules["datetime"]),  # set by executing datetime.py
         "optimize": sys.flags.optimize,
@@ -180,7 +326,9 @@ def test_the_standalone_agent_serves_without_argparse_inspect_and_uvicorns_serve
         "output": True,
         "download": True,
         "never_imported": [],
-        "still_deferred": sorted(DEFERRED),
+        # loaded by the first request of their kind: binascii by the JSON Start's output (base64 in
+        # JSON), mimetypes by the download's content type
+        "still_deferred": sorted(set(DEFERRED) - {"binascii", "mimetypes"}),
         "ast_types": 0,
         "datetime_py_ran": False,
         "optimize": 2 if flags else 0,

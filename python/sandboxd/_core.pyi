@@ -163,6 +163,14 @@ def trim_malloc() -> bool:
     """Return the allocator's free memory to the kernel (``malloc_trim(0)``, the GIL released): for a
     process gone idle, never on a hot path; whether any was released (False on another C library)."""
 
+class SharedLibrary:
+    """A shared library loaded into this process by path (``dlopen``, ``RTLD_NOW | RTLD_LOCAL``; the
+    loader's message as :class:`OSError` when it refuses); it stays loaded until :meth:`close`."""
+
+    def __init__(self, path: str) -> None: ...
+    def close(self) -> bool:
+        """Unload it (once; later calls do nothing); whether the loader accepted."""
+
 STREAM_STDOUT: int
 STREAM_STDERR: int
 STREAM_PTY: int

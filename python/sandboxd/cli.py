@@ -470,8 +470,13 @@ def build_parser(only_agent: bool = False) -> argparse.ArgumentParser:
     return parser
 
 
-def _run_agent(values: dict[str, Any]) -> None:
-    """``sandboxd agent`` with its flags' values by destination (argparse's, or ``sandboxd.agent.argv``'s)."""
+def _run_agent(values: dict[str, Any], lean: bool = False) -> None:
+    """``sandboxd agent`` with its flags' values by destination (argparse's, or ``sandboxd.agent.argv``'s);
+    ``lean`` in a process that runs nothing but the agent (``sandboxd.agent.lean``)."""
+    if lean and values["grpc_port"] is None:  # grpcio is C++: it needs the real libstdc++
+        from sandboxd.agent.lean import upb_without_libstdcxx
+
+        upb_without_libstdcxx()
     from sandboxd.agent.http_server import ConnectionLimits
     from sandboxd.agent.server import AgentOptions, run
 
@@ -520,11 +525,11 @@ def main(argv: list[str] | None = None) -> None:
 
         values = parse_agent_line(given[1:])  # the usual line, without argparse (None: argparse reads it)
         if values is not None:
-            _run_agent(values)
+            _run_agent(values, lean=True)
             return
     args = build_parser(only_agent=only_agent).parse_args(given)
     if args.command == "agent":
-        _run_agent(vars(args))
+        _run_agent(vars(args), lean=only_agent)
     elif args.command == "interpreter":
         from sandboxd.interpreter.languages import LanguageError, normalize
         from sandboxd.interpreter.server import InterpreterOptions

@@ -127,6 +127,7 @@
 mod errno;
 mod fanout;
 mod fdio;
+mod library;
 mod lookup;
 mod malloc;
 mod pipesize;
@@ -144,6 +145,7 @@ mod wake;
 
 pub use errno::errno;
 pub use fanout::DEFAULT_STALL_TIMEOUT;
+pub use library::Library;
 pub use malloc::{trim_malloc, tune_malloc};
 pub use nix::sys::signal::Signal;
 pub use pipesize::STDOUT_PIPE_BYTES;

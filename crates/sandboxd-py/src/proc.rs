@@ -58,6 +58,7 @@ const WAIT_SLICE: Duration = Duration::from_millis(100);
 pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(tune_malloc, m)?)?;
     m.add_function(wrap_pyfunction!(trim_malloc, m)?)?;
+    m.add_class::<SharedLibrary>()?;
     m.add("STREAM_STDOUT", STREAM_STDOUT)?;
     m.add("STREAM_STDERR", STREAM_STDERR)?;
     m.add("STREAM_PTY", STREAM_PTY)?;
@@ -88,6 +89,30 @@ fn tune_malloc(
 #[pyfunction]
 fn trim_malloc(py: Python<'_>) -> bool {
     py.detach(core::trim_malloc)
+}
+
+/// A shared library loaded into this process by path (`dlopen`, `RTLD_NOW | RTLD_LOCAL`); it stays
+/// loaded until `close()`.
+#[pyclass(module = "sandboxd._core", frozen)]
+struct SharedLibrary {
+    library: Mutex<core::Library>,
+}
+
+#[pymethods]
+impl SharedLibrary {
+    #[new]
+    fn new(path: &str) -> PyResult<Self> {
+        let library =
+            core::Library::open(path).map_err(|err| PyOSError::new_err(err.to_string()))?;
+        Ok(SharedLibrary {
+            library: Mutex::new(library),
+        })
+    }
+
+    /// Unload it (once; later calls do nothing); whether the loader accepted.
+    fn close(&self) -> bool {
+        lock(&self.library).close()
+    }
 }
 
 // ------------------------------------------------------------------------------------- errors

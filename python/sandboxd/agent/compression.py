@@ -22,7 +22,7 @@ PIECE = 1 << 20
 """Largest piece of output one zlib call may produce (1 MiB): the bound on the memory one inflating
 request holds, and the size that the upload writer batches anyway."""
 
-GZIP_WBITS = 16 + zlib.MAX_WBITS
+GZIP_WBITS = 16 + 15  # 16 + zlib.MAX_WBITS, written out so that importing this module does not load zlib
 """zlib's window bits for the gzip wrapper (header and CRC), not raw deflate or zlib."""
 
 
