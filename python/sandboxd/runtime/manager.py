@@ -112,6 +112,10 @@ class Limits:
     """Sandboxes booted ahead of need (``--warm-sandboxes``; see :mod:`.warm`)."""
     warm_template: str = "base"
     """The template they are of (``--warm-template``)."""
+    warm_builds: bool = True
+    """Whether the pool builds a built-in template it finds unbuilt (an operator asked for the pool
+    with ``--warm-sandboxes``), or waits for a create to build it (the default pool: a runtime started
+    with no flags must not fetch Debian's archive before anyone asked for a sandbox)."""
 
     def size(self, template: Template) -> tuple[int, int]:
         """CPUs and memory (MiB) of a sandbox of ``template``: its build's, else these defaults."""
@@ -304,7 +308,7 @@ class SandboxManager:
         self._sampling: asyncio.Task[None] | None = None
         self.observe = observer or Observer()
         """Counts and logs every transition (metrics, structured logs, the log redactor's tokens)."""
-        self.warm = WarmPool(self, limits.warm_sandboxes, limits.warm_template)
+        self.warm = WarmPool(self, limits.warm_sandboxes, limits.warm_template, builds=limits.warm_builds)
         self.volumes = Volumes(data_dir, limits.disk_mb)
         """E2B's volumes, mounted into the sandboxes that name them (see :mod:`.volumes`)."""
         self.secrets = SecretStore(store.db)

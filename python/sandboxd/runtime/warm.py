@@ -20,9 +20,13 @@ before its template was rebuilt with another size is discarded), with no size an
 caller, are served warm; anything else is created as before. A ``code-interpreter-v1``
 sandbox is warm with its Python kernel too (a create otherwise waits seconds for it).
 
-Cost, bounded by ``--warm-sandboxes N`` (default 0: none): N idle sandboxes (~7 MiB of PSS each,
+Cost, bounded by ``--warm-sandboxes N``: N idle sandboxes (~8-10 MiB of PSS each,
 ``benches/runtime``), N disks and N network slots, not counted against ``--max-sandboxes`` until
-claimed. A warm sandbox that dies is dropped and replaced; the runtime's stop kills them all (they
+claimed, and each refill's CPU (a create's, at nice 10). Without the flag the runtime keeps a small
+pool sized from the host's memory (:func:`.host.default_warm_sandboxes`: 4 on a host with 8 GiB or
+more for sandboxes, none under 2 GiB), of a template already built: that pool never starts a build
+of ``base`` (a runtime nobody has asked for a sandbox yet fetches nothing), it waits for a create to
+build it. A warm sandbox that dies is dropped and replaced; the runtime's stop kills them all (they
 have no row to be re-adopted from), and its start kills any a crashed runtime left.
 """
 
@@ -63,6 +67,13 @@ of creates, one every <0.1 s, would otherwise keep postponing the refill and sta
 RETRY_S = 2.0
 """Wait before trying again when making a warm sandbox failed (a template being built, no disk)."""
 
+UNBUILT_RETRY_S = 5.0
+"""How often the default pool, which never starts a build, looks again for its template built."""
+
+
+class _NotBuilt(Exception):
+    """The default pool's template is not built yet: it waits, quietly, for a create to build it."""
+
 
 @dataclass
 class Warm:
@@ -80,10 +91,13 @@ class Warm:
 class WarmPool:
     """Keeps up to ``size`` warm sandboxes of ``template``."""
 
-    def __init__(self, manager: SandboxManager, size: int, template: str) -> None:
+    def __init__(self, manager: SandboxManager, size: int, template: str, builds: bool = True) -> None:
         self.manager = manager
         self.size = size
         self.template = template
+        self.builds = builds
+        """Whether making a warm sandbox may start its built-in template's build (``--warm-sandboxes``
+        given), or waits for one built (the default pool)."""
         self.ready: list[Warm] = []
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -123,6 +137,7 @@ class WarmPool:
         return None
 
     async def _fill(self) -> None:
+        waited = False
         while True:
             if len(self.ready) >= self.size:
                 self._wake.clear()
@@ -136,6 +151,11 @@ class WarmPool:
                 self.ready.append(await self._make())
             except asyncio.CancelledError:
                 raise
+            except _NotBuilt:
+                if not waited:
+                    log.info("the warm pool waits for template %s to be built by a create", self.template)
+                    waited = True
+                await asyncio.sleep(UNBUILT_RETRY_S)
             except Exception as exc:
                 detail = exc.message if isinstance(exc, ApiError) else repr(exc)
                 log.info("could not make a warm sandbox (retrying in %gs): %s", RETRY_S, detail)
@@ -143,7 +163,12 @@ class WarmPool:
 
     async def _make(self) -> Warm:
         manager = self.manager
-        template = await manager.templates.prepare(self.template)
+        if self.builds:
+            template = await manager.templates.prepare(self.template)
+        elif (built := manager.templates.built(self.template)) is not None:
+            template = built
+        else:
+            raise _NotBuilt
         from .manager import new_id  # the manager imports this module
 
         limits = manager.limits
