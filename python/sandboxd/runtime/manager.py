@@ -291,6 +291,9 @@ class SandboxManager:
         """One lock per sandbox, held by whichever transition owns it; dropped when nobody holds one."""
         self._slots: set[str] = set()
         """Sandboxes counted against --max-sandboxes: running, or being created or resumed."""
+        self.cold_creates = 0
+        """Creates booting a sandbox of their own right now (not served warm): the warm pool does not
+        refill meanwhile (:meth:`.warm.WarmPool._fill`)."""
         self._pausing: dict[str, str] = {}
         """Sandboxes being paused right now, and why (the proxy treats them as gone already)."""
         self._ending: dict[str, asyncio.Future[None]] = {}
@@ -522,7 +525,12 @@ class SandboxManager:
                 )
                 if warm is not None:
                     row.id_base, row.init_pid, row.init_start = warm.row.id_base, warm.row.init_pid, warm.row.init_start
-                await self._boot(row, template, network=(request.network, traffic_token), warm=warm)
+                cold = int(warm is None)
+                self.cold_creates += cold
+                try:
+                    await self._boot(row, template, network=(request.network, traffic_token), warm=warm)
+                finally:
+                    self.cold_creates -= cold
                 self.store.insert(row, ("created", f"template {request.template}, timeout {timeout}s"))
                 self._first_sample_soon(row, now)
         except BaseException:
