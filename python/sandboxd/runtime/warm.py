@@ -154,8 +154,8 @@ class WarmPool:
                 # Not while creates boot sandboxes of their own (a burst past the pool's size): a refill
                 # is a create's work, and part of it (the zygote's fork, the disk, the link, the
                 # warm-up) runs at full priority, so it would take the CPU those creates are waiting
-                # for (+0.3-0.5 s of the runtime's CPU in a burst of 100 with a pool of 4). Creates
-                # one after another leave gaps between them, where the refill starts.
+                # for (3 refills were made during a burst of 100 against a pool of 4). Creates one
+                # after another leave gaps between them, where the refill starts.
                 await asyncio.sleep(COLD_CREATE_POLL_S)
                 continue
             try:
