@@ -261,3 +261,20 @@ def test_serve_keeps_its_default_pool_and_serves_creates_from_it(
         assert out.stdout.split() == [sandbox.sandbox_id, "default-pool"]
     finally:
         sandbox.kill()
+
+
+def test_the_default_pool_never_starts_a_build_of_its_template(
+    start_runtime: Callable[..., Runtime], tmp_path: Path
+) -> None:
+    """A runtime started with no flag over a template store without ``base`` fetches nothing: its
+    default pool waits for a create to build the template (``--warm-sandboxes N`` builds it at once,
+    as an operator who asked for the pool expects)."""
+    runtime = start_runtime("--warm-sandboxes", "auto", env={"SANDBOXD_TEMPLATE_STORE": str(tmp_path / "store")})
+    deadline = time.monotonic() + 60
+    while "the warm pool waits for template base to be built by a create" not in runtime.log.read_text():
+        assert time.monotonic() < deadline, runtime.log.read_text()[-3000:]
+        time.sleep(0.1)
+    time.sleep(1.0)  # past the pool's first look: a build would have started by now
+    log = runtime.log.read_text()
+    assert "template base: building" not in log, log[-3000:]
+    assert not (runtime.data_dir / "sandboxes").exists() or not _dirs(runtime)
