@@ -75,12 +75,18 @@ TARGET_CORES = 2
 
 WARMUP = 3
 
-WARM_SANDBOXES = 4
-"""``--warm-sandboxes`` of the second runtime, measured beside the first (the same calls, same run)."""
+
+def default_pool(max_sandboxes: int) -> int:
+    """The warm pool ``sandboxd serve`` keeps on this host without ``--warm-sandboxes`` (the second
+    runtime's, measured beside the first: the same calls, same run)."""
+    from sandboxd.runtime.host import default_warm_sandboxes, read_host
+
+    return default_warm_sandboxes(read_host(Path("/")), max_sandboxes)
+
 
 PACE_S = 0.25
 """The gap between creates in the paced runs (4 creates a second, one after another): a warm pool
-refills between creates at this pace, and back to back it drains after ``WARM_SANDBOXES`` creates.
+refills between creates at this pace, and back to back it drains after its size in creates.
 Both runtimes are measured at this pace, so the ratio compares like with like."""
 """Untimed creates (or resumes) before the timed ones: the first ones pay for cold caches."""
 
@@ -179,7 +185,9 @@ class Runtime:
     """``sandboxd serve`` as a subprocess (its own session, killed with the bench), with its data dir
     under the scenario's temp dir. :meth:`stop` kills every sandbox it made, then the runtime."""
 
-    def __init__(self, work: Path, max_sandboxes: int, extra: tuple[str, ...] = ()) -> None:
+    def __init__(self, work: Path, max_sandboxes: int, extra: tuple[str, ...] = (), warm: int | None = 0) -> None:
+        """``warm``: its ``--warm-sandboxes`` (0, none, unless a row is about a pool); None gives it no
+        flag, so that it keeps the pool ``sandboxd serve`` keeps by default (:func:`default_pool`)."""
         self.port = free_port()
         self.api_key = "bench_" + secrets.token_hex(16)
         self.url = f"http://127.0.0.1:{self.port}"
@@ -201,6 +209,7 @@ class Runtime:
             self.api_key,
             "--max-sandboxes",
             str(max_sandboxes),
+            *(("--warm-sandboxes", str(warm)) if warm is not None else ()),
             *extra,
         ]
         with self.log_path.open("wb") as log:
@@ -760,14 +769,15 @@ def run(ctx: Context) -> None:
             cold = measure(ctx, rt, iso, n_seq, n_burst, n_resume, n_idle)
     finally:
         rt.stop()
-    runs: list[tuple[int, str, Callable[[Runtime], None]]] = [
-        (WARM_SANDBOXES, "warm", lambda rt: measure_warm(ctx, rt, cold, n_seq)),
+    max_sandboxes = max(256, n_burst + 16)
+    runs: list[tuple[int | None, str, Callable[[Runtime], None]]] = [
+        (None, "defaults", lambda rt: measure_warm(ctx, rt, cold, n_seq, default_pool(max_sandboxes), n_burst)),
         (n_burst, "warm-burst", lambda rt: measure_warm_burst(ctx, rt, cold[1], n_burst)),
     ]
     for warm, where, measure_it in runs:
-        ctx.log(f"starting sandboxd serve --warm-sandboxes {warm}")
+        ctx.log(f"starting sandboxd serve {'with its defaults' if warm is None else f'--warm-sandboxes {warm}'}")
         (ctx.tmp / where).mkdir()
-        rt = Runtime(ctx.tmp / where, max(256, n_burst + 16), ("--warm-sandboxes", str(warm)))
+        rt = Runtime(ctx.tmp / where, max_sandboxes, warm=warm)
         try:
             with sdk_env(rt):
                 measure_it(rt)
@@ -1005,15 +1015,19 @@ def measure(
     return seq, b, sequential(ctx, rt, n_seq, PACE_S)
 
 
-def measure_warm(ctx: Context, rt: Runtime, cold: tuple[Sequential, Burst, Sequential], n_seq: int) -> None:
-    """The same sequential creates (back to back, and paced) on a runtime with warm sandboxes,
-    beside the cold ones."""
-    cold_seq, _, cold_paced = cold
-
-    label = f"--warm-sandboxes {WARM_SANDBOXES}"
+def measure_warm(
+    ctx: Context, rt: Runtime, cold: tuple[Sequential, Burst, Sequential], n_seq: int, pool: int, n_burst: int
+) -> None:
+    """The same sequential creates (back to back, and paced) and the same burst on a runtime started
+    with ``sandboxd serve``'s defaults, whose warm pool holds ``pool`` sandboxes, beside the cold ones:
+    what a user who passes no flag gets."""
+    cold_seq, cold_burst, cold_paced = cold
+    if pool == 0:
+        ctx.log("  sandboxd serve keeps no warm pool by default on this host (under 2 GiB for sandboxes)")
+    label = f"serve's defaults (a warm pool of {pool})"
     runs = (("", cold_seq, "back to back"), (f", creates {PACE_S:g} s apart", cold_paced, "paced"))
     for suffix, base, how in runs:
-        fill_pool(rt, WARM_SANDBOXES)
+        fill_pool(rt, pool)
         seq = sequential(ctx, rt, n_seq, PACE_S if base is cold_paced else 0.0)
         p50, p99 = percentile(seq.total_ms, 50), percentile(seq.total_ms, 99)
         ctx.report(
@@ -1040,6 +1054,20 @@ def measure_warm(ctx: Context, rt: Runtime, cold: tuple[Sequential, Burst, Seque
             )
         )
         ctx.log(f"  {label}, {how}: create→first command p50 {p50:.1f} ms, p99 {p99:.1f} ms")
+    fill_pool(rt, pool)
+    b = burst(ctx, rt, n_burst)
+    ctx.report(
+        Result(
+            name=f"runtime: burst of {n_burst} concurrent AsyncSandbox.create(), wall time, {label}",
+            unit="s",
+            ours=b.wall_s,
+            baseline=cold_burst.wall_s,
+            baseline_name="the same burst without warm sandboxes (same run)",
+            better="lower",
+            extra={"n": n_burst, "succeeded": b.ok, "cpu_s": b.cpu_s, "create_p50_ms": percentile(b.create_ms, 50)},
+        )
+    )
+    ctx.report(burst_succeeded(b, f", {label}"))
 
 
 def fill_pool(rt: Runtime, n: int) -> None:

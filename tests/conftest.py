@@ -317,6 +317,13 @@ def interpreter_template(request: pytest.FixtureRequest, base_template: bool) ->
     )
 
 
+def _cold(flags: tuple[str, ...]) -> tuple[str, ...]:
+    """A test's runtime keeps no warm pool unless the test asks for one (``--warm-sandboxes``): its
+    sandboxes are then made as the test makes them, and no pool's refills run beside it.
+    ``test_runtime_warm`` covers the pool, the default one included."""
+    return flags if any(f.startswith("--warm-sandboxes") for f in flags) else ("--warm-sandboxes", "0", *flags)
+
+
 @pytest.fixture(scope="session")
 def start_runtime(tmp_path_factory: pytest.TempPathFactory, base_template: bool) -> Iterator[Callable[..., Runtime]]:
     """A factory: ``start_runtime(*flags, tls=None, env=None)`` → a running :class:`Runtime` with its own
@@ -341,7 +348,7 @@ def start_runtime(tmp_path_factory: pytest.TempPathFactory, base_template: bool)
             str(data_dir),
             "--api-key",
             "test-key",
-            *flags,
+            *_cold(flags),
         ]
         environ = {**os.environ, **env} if env else None
         with log.open("wb") as out:

@@ -13,7 +13,8 @@ from pathlib import Path
 import httpx
 import pytest
 from conftest import Runtime
-from sandboxd.runtime.host import instance_name
+from sandboxd.cli import build_parser
+from sandboxd.runtime.host import HostFacts, default_warm_sandboxes, instance_name, read_host
 
 
 def _dirs(runtime: Runtime) -> set[str]:
@@ -208,3 +209,72 @@ def _created_size(template: str) -> tuple[str, tuple[int, int]]:
         return sandbox.sandbox_id, (info.cpu_count, info.memory_mb)
     finally:
         sandbox.kill()
+
+
+def _host(memory_gib: float) -> HostFacts:
+    return HostFacts(
+        cpus=2,
+        memory_bytes=int(memory_gib * (1 << 30)),
+        pid_max=4 << 20,
+        file_max=1 << 20,
+        files_open=1000,
+        inotify_instances=128,
+        inotify_watches=8192,
+        nofile_hard=1 << 20,
+        data_free_mb=100_000,
+    )
+
+
+def test_the_default_pool_is_small_sized_from_memory_and_within_max_sandboxes() -> None:
+    """``sandboxd serve`` without ``--warm-sandboxes`` (or with ``auto``) keeps one warm sandbox per
+    2 GiB of the sandboxes' memory budget (the host's memory less its reserve), at most 4, none on a
+    small host, and never more than ``--max-sandboxes``."""
+    assert build_parser().parse_args(["serve"]).warm_sandboxes is None
+    assert build_parser().parse_args(["serve", "--warm-sandboxes", "auto"]).warm_sandboxes is None
+    assert build_parser().parse_args(["serve", "--warm-sandboxes", "0"]).warm_sandboxes == 0
+    assert [default_warm_sandboxes(_host(gib), 256) for gib in (1, 2, 2.5, 4, 8, 24, 512)] == [0, 0, 1, 1, 3, 4, 4]
+    assert default_warm_sandboxes(_host(24), 2) == 2
+    assert default_warm_sandboxes(_host(24), 0) == 0
+
+
+def test_serve_keeps_its_default_pool_and_serves_creates_from_it(
+    start_runtime: Callable[..., Runtime], sdk_env: Callable[[Runtime], None]
+) -> None:
+    """The default pool (``auto``, what a runtime started with no flag keeps) boots ahead of need and
+    a create is served from it; ``--max-sandboxes`` bounds it. The pool's sandbox is a fresh one with
+    the create's identity (the first test's guarantees hold for it: the same code path)."""
+    from e2b import Sandbox
+
+    runtime = start_runtime("--warm-sandboxes", "auto", "--max-sandboxes", "2")
+    expected = default_warm_sandboxes(read_host(runtime.data_dir), 2)
+    if expected == 0:
+        pytest.skip("this host is too small for a default pool (under 2 GiB for sandboxes)")
+    sdk_env(runtime)
+    warm = _wait_warm(runtime, expected)
+    _pool_ready(runtime, expected)
+    time.sleep(0.5)
+    assert len(_dirs(runtime)) == expected  # the pool stops at its size
+    sandbox = Sandbox.create(envs={"WHO": "default-pool"})
+    try:
+        assert sandbox.sandbox_id in warm
+        out = sandbox.commands.run("hostname; echo $WHO")
+        assert out.stdout.split() == [sandbox.sandbox_id, "default-pool"]
+    finally:
+        sandbox.kill()
+
+
+def test_the_default_pool_never_starts_a_build_of_its_template(
+    start_runtime: Callable[..., Runtime], tmp_path: Path
+) -> None:
+    """A runtime started with no flag over a template store without ``base`` fetches nothing: its
+    default pool waits for a create to build the template (``--warm-sandboxes N`` builds it at once,
+    as an operator who asked for the pool expects)."""
+    runtime = start_runtime("--warm-sandboxes", "auto", env={"SANDBOXD_TEMPLATE_STORE": str(tmp_path / "store")})
+    deadline = time.monotonic() + 60
+    while "the warm pool waits for template base to be built by a create" not in runtime.log.read_text():
+        assert time.monotonic() < deadline, runtime.log.read_text()[-3000:]
+        time.sleep(0.1)
+    time.sleep(1.0)  # past the pool's first look: a build would have started by now
+    log = runtime.log.read_text()
+    assert "template base: building" not in log, log[-3000:]
+    assert not (runtime.data_dir / "sandboxes").exists() or not _dirs(runtime)

@@ -70,7 +70,9 @@ MAX_WARM_SANDBOXES = 256
 booted at nice 10; 256 covers a burst the size of the default ``--max-sandboxes``."""
 
 
-def _warm_count(value: str) -> int:
+def _warm_count(value: str) -> int | None:
+    if value == "auto":
+        return None  # the default: sized from the host (host.default_warm_sandboxes)
     number = int(value)
     if not 0 <= number <= MAX_WARM_SANDBOXES:
         raise _type_error(f"{value} is not between 0 and {MAX_WARM_SANDBOXES}")
@@ -299,10 +301,11 @@ def build_parser(only_agent: bool = False) -> argparse.ArgumentParser:
     serve.add_argument(
         "--warm-sandboxes",
         type=_warm_count,
-        default=0,
-        metavar="N",
+        default=None,
+        metavar="N|auto",
         help="keep N sandboxes of --warm-template booted ahead of need, so creates only give one its "
-        f"identity (0-{MAX_WARM_SANDBOXES}, default 0; see docs/runtime.md)",
+        f"identity (0-{MAX_WARM_SANDBOXES}; default auto: one per 2 GiB of the sandboxes' memory budget, at most 4, "
+        "of a template already built; 0 turns the pool off; see docs/runtime.md)",
     )
     serve.add_argument(
         "--warm-template",

@@ -112,6 +112,10 @@ class Limits:
     """Sandboxes booted ahead of need (``--warm-sandboxes``; see :mod:`.warm`)."""
     warm_template: str = "base"
     """The template they are of (``--warm-template``)."""
+    warm_builds: bool = True
+    """Whether the pool builds a built-in template it finds unbuilt (an operator asked for the pool
+    with ``--warm-sandboxes``), or waits for a create to build it (the default pool: a runtime started
+    with no flags must not fetch Debian's archive before anyone asked for a sandbox)."""
 
     def size(self, template: Template) -> tuple[int, int]:
         """CPUs and memory (MiB) of a sandbox of ``template``: its build's, else these defaults."""
@@ -287,6 +291,9 @@ class SandboxManager:
         """One lock per sandbox, held by whichever transition owns it; dropped when nobody holds one."""
         self._slots: set[str] = set()
         """Sandboxes counted against --max-sandboxes: running, or being created or resumed."""
+        self.cold_creates = 0
+        """Creates booting a sandbox of their own right now (not served warm): the warm pool does not
+        refill meanwhile (:meth:`.warm.WarmPool._fill`)."""
         self._pausing: dict[str, str] = {}
         """Sandboxes being paused right now, and why (the proxy treats them as gone already)."""
         self._ending: dict[str, asyncio.Future[None]] = {}
@@ -304,7 +311,7 @@ class SandboxManager:
         self._sampling: asyncio.Task[None] | None = None
         self.observe = observer or Observer()
         """Counts and logs every transition (metrics, structured logs, the log redactor's tokens)."""
-        self.warm = WarmPool(self, limits.warm_sandboxes, limits.warm_template)
+        self.warm = WarmPool(self, limits.warm_sandboxes, limits.warm_template, builds=limits.warm_builds)
         self.volumes = Volumes(data_dir, limits.disk_mb)
         """E2B's volumes, mounted into the sandboxes that name them (see :mod:`.volumes`)."""
         self.secrets = SecretStore(store.db)
@@ -518,7 +525,12 @@ class SandboxManager:
                 )
                 if warm is not None:
                     row.id_base, row.init_pid, row.init_start = warm.row.id_base, warm.row.init_pid, warm.row.init_start
-                await self._boot(row, template, network=(request.network, traffic_token), warm=warm)
+                cold = int(warm is None)
+                self.cold_creates += cold
+                try:
+                    await self._boot(row, template, network=(request.network, traffic_token), warm=warm)
+                finally:
+                    self.cold_creates -= cold
                 self.store.insert(row, ("created", f"template {request.template}, timeout {timeout}s"))
                 self._first_sample_soon(row, now)
         except BaseException:

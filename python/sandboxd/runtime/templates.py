@@ -343,6 +343,14 @@ class Templates:
         out += [(r.name[len(name) + 1 :], r) for r in rows if r.name.startswith(name + TAG_SEPARATOR)]
         return out
 
+    def built(self, name: str) -> Template | None:
+        """Like :meth:`prepare`, but never starts a build: a built-in template not built yet (or only
+        its fallback) is None. For the default warm pool, which leaves the first build to a create."""
+        canonical = self.canonical(name)
+        if canonical in BUILT:
+            return self._ready(canonical)
+        return self.resolve(canonical)
+
     async def prepare(self, name: str, wait: float = BASE_WAIT_S) -> Template:
         """For a create: like :meth:`resolve`, but a built-in template is built if it is not yet
         (waiting up to ``wait`` seconds), or falls back where it cannot be built."""

@@ -22,12 +22,16 @@ sandbox is warm with its Python kernel too (a create otherwise waits ~0.5 s or m
 at nice 10: it joins the pool only once that kernel is ready. Its interpreter's spare kernel (for
 ``create_code_context``) starts after the claimed sandbox's first cell, as in a cold sandbox.
 
-Cost, bounded by ``--warm-sandboxes N`` (default 0: none): N idle sandboxes (~7 MiB of PSS each,
+Cost, bounded by ``--warm-sandboxes N``: N idle sandboxes (~8-10 MiB of PSS each,
 ``benches/runtime``; a ``code-interpreter-v1`` one ~120 MiB: its interpreter server ~20 MiB and its
 default ipykernel ~70 MiB, measured), N disks and N network slots, not counted against
-``--max-sandboxes`` until claimed. A warm sandbox that dies is dropped and replaced; the
-runtime's stop kills them all (they have no row to be re-adopted from), and its start kills any a
-crashed runtime left.
+``--max-sandboxes`` until claimed, and each refill's CPU (a create's, at nice 10). Without the flag
+the runtime keeps a small pool sized from the host's memory (:func:`.host.default_warm_sandboxes`: 4
+on a host with 8 GiB or more for sandboxes, none under 2 GiB), of a template already built: that
+pool never starts a build of ``base`` (a runtime nobody has asked for a sandbox yet fetches nothing),
+it waits for a create to build it. A warm sandbox that dies is dropped and replaced; the runtime's
+stop kills them all (they have no row to be re-adopted from), and its start kills any a crashed
+runtime left.
 """
 
 from __future__ import annotations
@@ -67,6 +71,16 @@ of creates, one every <0.1 s, would otherwise keep postponing the refill and sta
 RETRY_S = 2.0
 """Wait before trying again when making a warm sandbox failed (a template being built, no disk)."""
 
+COLD_CREATE_POLL_S = 0.005
+"""How often a refill held back by creates in flight looks again."""
+
+UNBUILT_RETRY_S = 5.0
+"""How often the default pool, which never starts a build, looks again for its template built."""
+
+
+class _NotBuilt(Exception):
+    """The default pool's template is not built yet: it waits, quietly, for a create to build it."""
+
 
 @dataclass
 class Warm:
@@ -84,10 +98,13 @@ class Warm:
 class WarmPool:
     """Keeps up to ``size`` warm sandboxes of ``template``."""
 
-    def __init__(self, manager: SandboxManager, size: int, template: str) -> None:
+    def __init__(self, manager: SandboxManager, size: int, template: str, builds: bool = True) -> None:
         self.manager = manager
         self.size = size
         self.template = template
+        self.builds = builds
+        """Whether making a warm sandbox may start its built-in template's build (``--warm-sandboxes``
+        given), or waits for one built (the default pool)."""
         self.ready: list[Warm] = []
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -127,6 +144,7 @@ class WarmPool:
         return None
 
     async def _fill(self) -> None:
+        waited = False
         while True:
             if len(self.ready) >= self.size:
                 self._wake.clear()
@@ -136,10 +154,23 @@ class WarmPool:
             if wait > 0 and self.ready:  # an empty pool refills at once: else steady creates starve it
                 await asyncio.sleep(wait)
                 continue
+            if self.manager.cold_creates:
+                # Not while creates boot sandboxes of their own (a burst past the pool's size): a refill
+                # is a create's work, and part of it (the zygote's fork, the disk, the link, the
+                # warm-up) runs at full priority, so it would take the CPU those creates are waiting
+                # for (3 refills were made during a burst of 100 against a pool of 4). Creates one
+                # after another leave gaps between them, where the refill starts.
+                await asyncio.sleep(COLD_CREATE_POLL_S)
+                continue
             try:
                 self.ready.append(await self._make())
             except asyncio.CancelledError:
                 raise
+            except _NotBuilt:
+                if not waited:
+                    log.info("the warm pool waits for template %s to be built by a create", self.template)
+                    waited = True
+                await asyncio.sleep(UNBUILT_RETRY_S)
             except Exception as exc:
                 detail = exc.message if isinstance(exc, ApiError) else repr(exc)
                 log.info("could not make a warm sandbox (retrying in %gs): %s", RETRY_S, detail)
@@ -147,7 +178,12 @@ class WarmPool:
 
     async def _make(self) -> Warm:
         manager = self.manager
-        template = await manager.templates.prepare(self.template)
+        if self.builds:
+            template = await manager.templates.prepare(self.template)
+        elif (built := manager.templates.built(self.template)) is not None:
+            template = built
+        else:
+            raise _NotBuilt
         from .manager import new_id  # the manager imports this module
 
         limits = manager.limits
