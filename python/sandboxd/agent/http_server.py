@@ -125,7 +125,10 @@ through the event loop again, which holds no thread."""
 
 
 NOTSENT_LOWAT = 256 << 10
-"""``TCP_NOTSENT_LOWAT`` of a socket while it is lent to a thread (:meth:`ResponseWriter.hand_off`):
+"""``TCP_NOTSENT_LOWAT`` of a socket while it is lent to a thread for a framed stream
+(:meth:`ResponseWriter.hand_off` without ``raw``; a raw body keeps the socket's own value: with the
+mark, its thread woken for every 256 KiB, a ``sendfile`` download read 0.74x envd's on a quiet host,
+without it 1.04x, alternating):
 the kernel then reports it writable only while fewer bytes than this wait unsent, so the thread,
 which takes more output only once the socket is writable (``Subscriber.pump``), sends fewer, larger
 frames to a client that is behind (each frame costs it a wake-up and a parse) and each batch at once
@@ -467,9 +470,10 @@ class ResponseWriter:
         if paused_here:
             transport.pause_reading()  # uvicorn's flow control still says "reading": it leaves it be
         lowat: int | None = None
-        with contextlib.suppress(OSError):  # not TCP (a Unix socket): no such option
-            lowat = own.getsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT)
-            own.setsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT, NOTSENT_LOWAT)
+        if raw is None:  # frames: fewer, larger ones to a client that is behind (a raw body has none)
+            with contextlib.suppress(OSError):  # not TCP (a Unix socket): no such option
+                lowat = own.getsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT)
+                own.setsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT, NOTSENT_LOWAT)
         loop = asyncio.get_running_loop()
         done: asyncio.Future[tuple[str, int, bytes]] = loop.create_future()
 
