@@ -338,14 +338,7 @@ def through_runtime(ctx: Context, standalone: list[float], round_trips: int) -> 
             create_ms: list[float] = []
             for i in range(1 + n):  # the first of each pays for cold caches: untimed
                 t0 = time.perf_counter()
-                sandbox = Sandbox.create()
-                rt.created.add(sandbox.sandbox_id)
-                t1 = time.perf_counter()
-                text = sandbox.run_code("1+1").text
-                t2 = time.perf_counter()
-                sandbox.kill()
-                if text != "2":
-                    raise RuntimeError(f"run_code('1+1') in a new sandbox returned {text!r}")
+                t1, t2 = _create_and_run_code(Sandbox, rt, "a new sandbox")
                 plain = PlainSandbox.create()
                 rt.created.add(plain.sandbox_id)
                 plain.commands.run("true")
@@ -424,14 +417,7 @@ def through_warm_pool(ctx: Context, work: Path, n: int, cold_p50: float) -> None
             for i in range(1 + n):  # the first pays for cold caches: untimed
                 fill_pool(rt, 1)  # full: a create back to back with the last one is a cold one
                 t0 = time.perf_counter()
-                sandbox = Sandbox.create()
-                rt.created.add(sandbox.sandbox_id)
-                t1 = time.perf_counter()
-                text = sandbox.run_code("1+1").text
-                t2 = time.perf_counter()
-                sandbox.kill()
-                if text != "2":
-                    raise RuntimeError(f"run_code('1+1') in a warm sandbox returned {text!r}")
+                t1, t2 = _create_and_run_code(Sandbox, rt, "a warm sandbox")
                 if i:
                     first_code.append((t2 - t0) * 1000)
                     create_ms.append((t1 - t0) * 1000)
@@ -463,3 +449,17 @@ def _kernel_rss(sandbox: Any, context: Any) -> float | None:
     if not text or not text.isdigit():
         return None
     return float(psutil.Process(int(text)).memory_info().rss / MiB)
+
+
+def _create_and_run_code(sandbox_class: Any, rt: Any, what: str) -> tuple[float, float]:
+    """``Sandbox.create()`` then ``run_code("1+1")`` through the code-interpreter SDK (the sandbox
+    killed after): ``perf_counter`` when the create returned and when the result came."""
+    sandbox = sandbox_class.create()
+    rt.created.add(sandbox.sandbox_id)
+    created = time.perf_counter()
+    text = sandbox.run_code("1+1").text
+    done = time.perf_counter()
+    sandbox.kill()
+    if text != "2":
+        raise RuntimeError(f"run_code('1+1') in {what} returned {text!r}")
+    return created, done
