@@ -1072,7 +1072,10 @@ def measure_warm(
 
 def fill_pool(rt: Runtime, n: int) -> None:
     """Wait until a runtime's pool holds ``n`` warm sandboxes booted and warmed up (its
-    ``sandboxd_warm_sandboxes`` gauge), then a moment more for their refills to settle."""
+    ``sandboxd_warm_sandboxes`` gauge), then until the host is quiet (:func:`quiet_host`): the pool's
+    rows are about a create that comes after a quiet moment. With a fixed 0.5 s instead, CI's run at
+    18:08 caught the teardown of the runs before still going: the first 8 of 15 paced creates took
+    30-48 ms, the other 7 12-14 ms."""
     deadline = time.monotonic() + 60 + n
     while time.monotonic() < deadline:
         answer = httpx.get(f"{rt.url}/metrics", headers={"Authorization": f"Bearer {rt.api_key}"}, timeout=30)
@@ -1080,7 +1083,27 @@ def fill_pool(rt: Runtime, n: int) -> None:
         if ready and float(ready[0].split()[1]) >= n:
             break
         time.sleep(0.2)
+    quiet_host()
+
+
+def quiet_host(busy: float = 0.1, window_s: float = 0.25, limit_s: float = 15.0) -> None:
+    """Wait (at most ``limit_s``) until the host's CPUs were busy less than ``busy`` of a
+    ``window_s`` window (``/proc/stat``), and at least 0.5 s."""
     time.sleep(0.5)
+    deadline = time.monotonic() + limit_s
+
+    def sample() -> tuple[int, int]:
+        with open("/proc/stat") as stat:
+            fields = [int(x) for x in stat.readline().split()[1:]]
+        idle = fields[3] + fields[4]  # idle and iowait
+        return sum(fields) - idle, sum(fields)
+
+    while time.monotonic() < deadline:
+        busy0, total0 = sample()
+        time.sleep(window_s)
+        busy1, total1 = sample()
+        if total1 > total0 and (busy1 - busy0) / (total1 - total0) < busy:
+            return
 
 
 def measure_warm_burst(ctx: Context, rt: Runtime, cold_burst: Burst, n_burst: int) -> None:
