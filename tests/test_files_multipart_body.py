@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import select
 import socket
 import subprocess
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -176,3 +178,47 @@ def test_a_full_disk_is_507_and_leaves_no_file(agent: Agent, tmp_path: Path) -> 
         assert os.listdir(small) == []
     finally:
         subprocess.run(["umount", "-l", str(small)], check=False)
+
+
+def test_a_body_dripped_a_byte_at_a_time_is_cut_off_and_leaves_no_file(agent: Agent, workdir: Path) -> None:
+    """The slow drip against the worker thread that reads a multipart body: a byte per half idle
+    timeout keeps every wait short of it. Past the first idle timeout the body must average 4 KiB/s:
+    408, the old file as it was."""
+    target = workdir / "drip.bin"
+    target.write_bytes(b"old")
+    body = multipart(part(pattern(4 * MiB), str(target)))
+    with connection(agent) as (s, f):
+        s.sendall(head("", len(body)) + body[:100])
+        started = time.monotonic()
+        sent = 100
+        while not select.select([s], [], [], IDLE_TIMEOUT / 2)[0]:
+            assert time.monotonic() - started < IDLE_TIMEOUT + 10, "the drip still holds the thread"
+            with contextlib.suppress(OSError):
+                s.send(body[sent : sent + 1])
+                sent += 1
+        status, headers, answer = read_response(f)
+    assert status == 408, answer
+    assert b"on average" in answer and headers.get("connection") == "close"
+    assert settled_listing(workdir, ["drip.bin"]) == ["drip.bin"]
+    assert target.read_bytes() == b"old"
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_many_stalled_bodies_at_once_leave_the_files_threads_free(
+    loop: str, tmp_path_factory: pytest.TempPathFactory, workdir: Path
+) -> None:
+    """40 multipart uploads that all stall midway hold at most MAX_RAW_BODIES (16) of the files
+    pool's threads, as raw ones do: a download still gets one at once."""
+    small = workdir / "small.txt"
+    small.write_bytes(b"still served")
+    body = multipart(part(pattern(8 * MiB), "stalled.bin"))
+    with launched(loop, tmp_path_factory, "--idle-timeout", "60") as started, contextlib.ExitStack() as stack:
+        sockets = [
+            stack.enter_context(socket.create_connection(("127.0.0.1", started.port), timeout=10)) for _ in range(40)
+        ]
+        time.sleep(0.5)
+        for s in sockets:
+            s.sendall(head("", len(body)) + body[: 64 << 10])
+        time.sleep(2)
+        r = httpx.get(f"http://127.0.0.1:{started.port}/files", params={"path": str(small)}, timeout=10)
+        assert r.status_code == 200 and r.content == b"still served"
