@@ -707,8 +707,8 @@ def _move_multipart(
     """``RawBody.receive_into``'s move for a multipart body, in a worker thread: each part's headers
     say where its data goes (:meth:`_Upload.open_now`), and ``MultipartReader`` (Rust, without the
     GIL) reads the data from the socket and writes it there. Measured against the parser's path
-    (python-multipart through ``receive()``): see docs/benchmarks.md, "Multipart uploads straight
-    from the socket"."""
+    (python-multipart through ``receive()``): see docs/benchmarks.md, "Multipart uploads and
+    downloads without the event loop"."""
     reader = _core.MultipartReader(boundary, prefix, length, idle, stop)
     try:
         while True:
