@@ -334,17 +334,15 @@ async def _send_file(reply: _Reply, scope: Scope, send: Send) -> bool:
     left = reader.remaining
     if not first or left is None:
         return False
-    outcomes: list[str] = []
 
     def move(sock: int, stop: int) -> tuple[str, int, bytes]:
         outcome, sent = reader.send_to(sock, stop)
-        outcomes.append(outcome)
         # hand_off closes the connection on "closed": for a file that ended early too, since the
         # response cannot have the length it promised.
         return ("closed" if outcome == "short" else outcome), sent, b""
 
     handed = await writer.hand_off(move, raw=left)
-    if handed is None or outcomes == ["unsupported"]:
+    if handed is None or handed[0] == "unsupported":  # nothing sent: the loop goes on from here
         return False
     if handed[0] != "done":  # "stopped": the server is closing the connection
         raise ClientDisconnected
@@ -502,15 +500,13 @@ class _Upload:
         self.sinks: list[_Sink] = []
 
     async def open(self, raw_target: str) -> _Sink:
-        target = self._target(raw_target)
-        return self._opened(target, await _in_io_thread(self._create, target))
+        return await _in_io_thread(self._open, raw_target)
 
     def open_now(self, raw_target: str) -> _core.AtomicWriter:
         """:meth:`open` for a worker thread that moves a body itself: the writer, blocking."""
-        target = self._target(raw_target)
-        return self._opened(target, self._create(target)).writer
+        return self._open(raw_target).writer
 
-    def _target(self, raw_target: str) -> str:
+    def _open(self, raw_target: str) -> _Sink:
         if self.req.path:
             if self.sinks:
                 raise RpcError(
@@ -518,22 +514,17 @@ class _Upload:
                     "you cannot upload multiple files to the same path: "
                     f"'{self.req.path}' (omit the path query to take each part's filename)",
                 )
-            return self.req.path
-        if not raw_target:
-            raise RpcError(Code.INVALID_ARGUMENT, "a file part has no filename and the path query is missing")
-        return expand_and_resolve(raw_target, self.req.user, self.state.default_workdir)
-
-    def _create(self, target: str) -> _core.AtomicWriter | OSError:
+            target = self.req.path
+        else:
+            if not raw_target:
+                raise RpcError(Code.INVALID_ARGUMENT, "a file part has no filename and the path query is missing")
+            target = expand_and_resolve(raw_target, self.req.user, self.state.default_workdir)
         try:
-            return _core.AtomicWriter(target, self.req.user.uid, self.req.user.gid)
+            writer = _core.AtomicWriter(target, self.req.user.uid, self.req.user.gid)
+        except IsADirectoryError:
+            raise RpcError(Code.INVALID_ARGUMENT, f"path '{target}' is a directory") from None
         except OSError as exc:
-            return exc
-
-    def _opened(self, target: str, writer: _core.AtomicWriter | OSError) -> _Sink:
-        if isinstance(writer, IsADirectoryError):
-            raise RpcError(Code.INVALID_ARGUMENT, f"path '{target}' is a directory")
-        if isinstance(writer, OSError):
-            raise from_os_error(writer, f"error opening '{target}' for writing")
+            raise from_os_error(exc, f"error opening '{target}' for writing") from None
         sink = _Sink(writer)
         self.sinks.append(sink)
         return sink
