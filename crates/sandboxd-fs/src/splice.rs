@@ -352,28 +352,7 @@ pub fn send_file(file: &File, socket: RawFd, len: u64, stop: RawFd) -> io::Resul
 /// Waits until `socket` has room (or failed: the next call says how) or `stop` is readable;
 /// true for the latter.
 fn wait_writable(socket: RawFd, stop: RawFd) -> bool {
-    loop {
-        let mut pfds = [
-            libc::pollfd {
-                fd: socket,
-                events: libc::POLLOUT,
-                revents: 0,
-            },
-            libc::pollfd {
-                fd: stop,
-                events: libc::POLLIN,
-                revents: 0,
-            },
-        ];
-        // SAFETY: two valid pollfds, as the count says.
-        let n = unsafe { libc::poll(pfds.as_mut_ptr(), 2, -1) };
-        if n > 0 {
-            return pfds[1].revents != 0;
-        }
-        if n < 0 && io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
-            return false; // let the next call report it
-        }
-    }
+    wait_for(socket, libc::POLLOUT, Some(stop), Duration::MAX) == Wake::Stop
 }
 
 /// `SIOCATMARK` (`<asm-generic/sockios.h>`; not in the libc crate for Linux): whether a socket's
@@ -439,6 +418,12 @@ enum Wake {
 /// Waits until `fd` becomes readable (or closed, or failed), or `stop` does, within `idle`. An
 /// `idle` past what the clock can add (an absurd `--idle-timeout`) waits without a deadline.
 fn wait_readable(fd: RawFd, stop: Option<RawFd>, idle: Duration) -> Wake {
+    wait_for(fd, libc::POLLIN | libc::POLLRDHUP, stop, idle)
+}
+
+/// Waits until `fd` has one of `events` (or is closed, or failed), or `stop` is readable, within
+/// `idle` (without a deadline past what the clock can add).
+fn wait_for(fd: RawFd, events: libc::c_short, stop: Option<RawFd>, idle: Duration) -> Wake {
     let deadline = Instant::now().checked_add(idle);
     loop {
         let left = deadline.map_or(Duration::MAX, |d| {
@@ -448,7 +433,7 @@ fn wait_readable(fd: RawFd, stop: Option<RawFd>, idle: Duration) -> Wake {
         let mut pfds = [
             libc::pollfd {
                 fd,
-                events: libc::POLLIN | libc::POLLRDHUP,
+                events,
                 revents: 0,
             },
             libc::pollfd {
