@@ -182,3 +182,61 @@ def test_a_request_on_the_direct_path_is_counted_while_in_flight() -> None:
 
     asyncio.run(scenario())
     idle.close()
+
+
+def test_memory_freed_outside_a_request_is_trimmed_once_quiet() -> None:
+    """``freed`` (the process table forgot exited processes, long after their requests' trim) trims
+    once the agent is quiet, and waits for a request in flight to end first."""
+
+    async def main() -> None:
+        idle, calls = _counting()
+        idle.freed()
+        await asyncio.sleep(DELAY * 3)
+        assert len(calls) == 1
+        await asyncio.sleep(DELAY * 3)
+        assert len(calls) == 1  # once per call, not every interval
+        release = asyncio.Event()
+
+        async def held(scope: Any, receive: Any, send: Any) -> None:
+            await release.wait()
+
+        slow = asyncio.create_task(_request(idle.wrap(held), 0))
+        await asyncio.sleep(0)
+        idle.freed()
+        await asyncio.sleep(DELAY * 3)
+        assert len(calls) == 1 and idle.active == 1
+        release.set()
+        await slow
+        await asyncio.sleep(DELAY * 3)
+        assert len(calls) == 2
+
+    asyncio.run(main())
+
+
+def test_the_process_tables_sweep_reports_what_it_forgot(monkeypatch: Any) -> None:
+    """A real ``/bin/true`` through the process service's ``Start``: once its retention has passed the
+    sweep forgets it and calls the state's ``freed`` (the server points it at ``IdleTrim.freed``)."""
+    from sandboxd._proto.process import process_pb2 as pb
+    from sandboxd.agent.rpc import Context
+    from sandboxd.agent.services import process as service_module
+    from sandboxd.agent.state import AgentState
+
+    monkeypatch.setattr(service_module, "RETAIN_EXITED_S", 0.2)
+    monkeypatch.setattr(service_module, "SWEEP_INTERVAL_S", 0.05)
+
+    async def main() -> None:
+        freed: list[int] = []
+        state = AgentState(default_user="root")
+        service = service_module.ProcessService(state)
+        state.freed = lambda: freed.append(len(service.processes))
+        request = pb.StartRequest(process=pb.ProcessConfig(cmd="/bin/true"))
+        events = [m async for m in service.start(request, Context(user=state.user(), headers={}))]
+        assert events[-1].event.HasField("end") and events[-1].event.end.exit_code == 0
+        assert len(service.processes) == 1 and freed == []  # retained, connectable for a while
+        for _ in range(100):
+            await asyncio.sleep(0.05)
+            if freed:
+                break
+        assert freed == [0] and service.processes == {}
+
+    asyncio.run(main())

@@ -72,6 +72,7 @@ def prepare(host: str, port: int, connections: ConnectionLimits | None = None) -
     state = AgentState(default_user="root")
     methods = build_methods(state)
     idle = IdleTrim()  # what tune_allocator's trim threshold keeps after a big request, given back when idle
+    state.freed = idle.freed
     config = agent_settings(idle.wrap(AgentApp(state, methods)), host, port, connections)
     config.timeout_graceful_shutdown = SHUTDOWN_GRACE_S
     return Prepared(state, methods, idle, config, AgentServer(config))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 from _operator import _compare_digest
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from .users import User, lookup
@@ -31,6 +32,9 @@ class AgentState:
     env_vars: dict[str, str] = field(default_factory=dict)
     watch_hub: WatchHub = field(default_factory=WatchHub, repr=False)
     """The directory watchers, as uploads need to reach them (see :mod:`.watch_hub`)."""
+    freed: Callable[[], None] = field(default=lambda: None, repr=False)
+    """Called on the event loop when memory was freed outside any request (exited processes
+    forgotten), so that the server's idle trim gives it back (``IdleTrim.freed``)."""
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def user(self, name: str | None = None) -> User:

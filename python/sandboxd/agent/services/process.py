@@ -379,6 +379,7 @@ class ProcessService:
         while self.processes:
             await asyncio.sleep(SWEEP_INTERVAL_S)
             now = time.monotonic()
+            forgotten = False
             for pid, entry in list(self.processes.items()):
                 if entry.ended_at is None:
                     if entry.ended:
@@ -387,6 +388,9 @@ class ProcessService:
                             entry.deadline_timer.cancel()
                 elif now - entry.ended_at >= RETAIN_EXITED_S:
                     del self.processes[pid]
+                    forgotten = True
+            if forgotten:
+                self.state.freed()  # their rings and records, freed long after their requests' trim
 
     def start(self, request: pb.StartRequest, ctx: Context) -> AsyncIterator[pb.StartResponse | NestedBytes]:
         def begin() -> tuple[_core.Subscriber, pb.StartResponse]:
