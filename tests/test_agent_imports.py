@@ -95,6 +95,27 @@ def test_a_stand_in_library_satisfies_its_soname_and_a_library_that_needs_its_sy
     assert got["crc"] == 1938324794
 
 
+LAZY = """
+import json, os, sys
+sys.setdlopenflags(os.RTLD_LAZY)
+from sandboxd.agent.lean import import_with_stand_in
+imported = import_with_stand_in("zlib", "libz.so.1")
+import zlib
+print(json.dumps({"imported": imported, "crc": zlib.crc32(b"zlib"), "lazy": sys.getdlopenflags() == os.RTLD_LAZY}))
+"""
+
+
+def test_a_module_needing_the_stand_ins_symbols_fails_to_import_though_the_process_binds_lazily() -> None:
+    """Bound lazily (``sys.setdlopenflags(RTLD_LAZY)``), ``zlib``'s module imported beside a stand-in
+    for ``libz.so.1`` and its first call of ``zlibVersion`` ended the process with the loader's
+    "symbol lookup error" (exit 127): a protobuf whose upb needed the C++ runtime would have killed
+    the agent mid-request. ``lean.import_with_stand_in`` binds the import at once: it fails, the
+    stand-in goes, the real library loads, and the process's flags are as they were."""
+    out = subprocess.run([sys.executable, "-c", LAZY], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout) == {"imported": False, "crc": 1938324794, "lazy": True}
+
+
 def test_the_deferred_subprocess_has_subprocess_own_constants_and_runs_when_used() -> None:
     """asyncio reads ``subprocess.PIPE``, ``STDOUT`` and ``DEVNULL`` while it is imported; the deferred
     module answers them without loading ``subprocess`` (``lean._DeferredSubprocess``), with its values."""

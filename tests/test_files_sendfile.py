@@ -110,6 +110,36 @@ def test_clients_that_leave_midway_free_the_senders(agent: Agent, workdir: Path)
     assert r.status_code == 200 and r.content == pattern(32 * MiB)
 
 
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_a_client_that_stops_reading_is_given_up_on_after_the_idle_timeout(
+    loop: str, tmp_path_factory: pytest.TempPathFactory, workdir: Path
+) -> None:
+    """A client that asks for a large file, reads a little and then nothing, connection open: the
+    sender waited for room with no deadline, holding its thread (one of MAX_HANDED_OFF, which
+    process output streams share) and the file's descriptor for as long as the client liked. It
+    gives up after the connection's idle timeout with no byte taken, and the connection is closed."""
+    target = workdir / "stalled.bin"
+    target.write_bytes(pattern(64 * MiB))
+    with launched(loop, tmp_path_factory, "--idle-timeout", "1") as agent, connection(agent) as (s, f):
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 << 10)
+        s.sendall(get(target))
+        assert f.readline().startswith(b"HTTP/1.1 200")  # type: ignore[attr-defined]
+        while f.readline() != b"\r\n":  # type: ignore[attr-defined]
+            pass
+        assert len(f.read(2 * MiB)) == 2 * MiB  # type: ignore[attr-defined]
+        assert str(target) in open_files(agent)  # being sent: then the client reads no more
+        deadline = time.monotonic() + 20
+        while str(target) in open_files(agent) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert str(target) not in open_files(agent), "the sender still holds the file"
+        s.settimeout(10)
+        got = 2 * MiB
+        with contextlib.suppress(ConnectionResetError):
+            while chunk := f.read1(1 << 20):  # type: ignore[attr-defined]
+                got += len(chunk)
+        assert got < 64 * MiB  # what the buffers held, then the end: the connection is closed
+
+
 def test_a_slow_reader_gets_every_byte_while_others_download(agent: Agent, workdir: Path) -> None:
     data = pattern(6 * MiB)
     (workdir / "slow.bin").write_bytes(data)

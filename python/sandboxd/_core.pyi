@@ -80,12 +80,13 @@ class FileReader:
     remaining: int | None
     """Bytes still to read; None for a stream read to its end."""
     def send_to(
-        self, fd: int, stop_fd: int
-    ) -> tuple[Literal["done", "short", "closed", "stopped", "unsupported"], int]:
+        self, fd: int, stop_fd: int, idle_timeout: float
+    ) -> tuple[Literal["done", "short", "closed", "stalled", "stopped", "unsupported"], int]:
         """The rest of a sized read to the stream socket ``fd`` with ``sendfile(2)``, without the GIL,
         until ``stop_fd`` (an eventfd) is readable: the outcome and the bytes sent. ``"short"``: the
-        file ended first; ``"unsupported"``: nothing sent (a stream, or a file the kernel cannot
-        sendfile from). A failed read raises ``OSError``."""
+        file ended first; ``"stalled"``: the socket took nothing for ``idle_timeout`` seconds;
+        ``"unsupported"``: nothing sent (a stream, or a file the kernel cannot sendfile from). A
+        failed read raises ``OSError``."""
     def __init__(self, path: str, offset: int = 0, length: int | None = None, chunk: int = ...) -> None: ...
     def read(self) -> bytes:
         """The next chunk (at most ``chunk`` bytes, never more than the range left); ``b""`` at the end."""

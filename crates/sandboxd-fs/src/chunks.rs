@@ -19,6 +19,7 @@ use std::io::{self, Read, Seek, SeekFrom};
 use std::os::fd::RawFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use nix::fcntl::{FcntlArg, OFlag, PosixFadviseAdvice, fcntl, posix_fadvise};
 use nix::sys::statfs::{self, FsType, fstatfs};
@@ -197,9 +198,10 @@ impl FileReader {
     }
 
     /// Sends the rest of a sized read (see [`remaining`](Self::remaining)) to `socket` with
-    /// `sendfile(2)` ([`crate::splice::send_file`]), until `stop` becomes readable: how it ended and
-    /// the bytes sent. A stream (no `remaining`) is [`Sent::Unsupported`](crate::splice::Sent).
-    pub fn send_to(&mut self, socket: RawFd, stop: RawFd) -> Result<(Sent, u64)> {
+    /// `sendfile(2)` ([`crate::splice::send_file`]), until `stop` becomes readable or the socket
+    /// takes nothing for `idle`: how it ended and the bytes sent. A stream (no `remaining`) is
+    /// [`Sent::Unsupported`](crate::splice::Sent).
+    pub fn send_to(&mut self, socket: RawFd, stop: RawFd, idle: Duration) -> Result<(Sent, u64)> {
         let Some(left) = self.remaining else {
             return Ok((Sent::Unsupported, 0));
         };
@@ -207,7 +209,7 @@ impl FileReader {
             path: self.path.clone(),
         })?;
         let (sent, how) =
-            send_file(file, socket, left, stop).map_err(|e| Error::os(e, &self.path))?;
+            send_file(file, socket, left, stop, idle).map_err(|e| Error::os(e, &self.path))?;
         self.remaining = Some(left - sent);
         if how == Sent::Short {
             self.remaining = Some(0);

@@ -301,6 +301,9 @@ pub enum Sent {
     Short,
     /// The peer left (or reset the connection).
     Closed,
+    /// The peer took no byte for `idle`: its connection is given up on, as the event loop's
+    /// idle timeout gives up on a client that sends nothing.
+    Stalled,
     /// The stop descriptor became readable.
     Stopped,
     /// The kernel cannot `sendfile` from this file (`EINVAL`, `ENOSYS`); nothing was sent.
@@ -313,9 +316,17 @@ const SEND_STEP: usize = 4 << 20;
 /// Sends `len` bytes of `file`, from its position (which moves on), to `socket` (non-blocking,
 /// shared with an event loop that does not write it meanwhile) with `sendfile(2)`: the page
 /// cache's pages go to the socket without a copy through user space. Waits for room with
-/// `poll(2)`, stops when `stop` (an eventfd) becomes readable. A failed read of the file (`EIO`)
-/// is the error; see [`Sent`] for the rest.
-pub fn send_file(file: &File, socket: RawFd, len: u64, stop: RawFd) -> io::Result<(u64, Sent)> {
+/// `poll(2)`, at most `idle` at a time ([`Sent::Stalled`]: a client that stops reading would
+/// otherwise hold the thread, and the file, for as long as it keeps the connection open), and stops
+/// when `stop` (an eventfd) becomes readable. A failed read of the file (`EIO`) is the error; see
+/// [`Sent`] for the rest.
+pub fn send_file(
+    file: &File,
+    socket: RawFd,
+    len: u64,
+    stop: RawFd,
+    idle: Duration,
+) -> io::Result<(u64, Sent)> {
     let mut sent = 0u64;
     while sent < len {
         if readable_now(stop) {
@@ -333,11 +344,11 @@ pub fn send_file(file: &File, socket: RawFd, len: u64, stop: RawFd) -> io::Resul
         }
         let err = io::Error::last_os_error();
         match err.raw_os_error() {
-            Some(libc::EAGAIN) => {
-                if wait_writable(socket, stop) {
-                    return Ok((sent, Sent::Stopped));
-                }
-            }
+            Some(libc::EAGAIN) => match wait_for(socket, libc::POLLOUT, Some(stop), idle) {
+                Wake::Ready => {}
+                Wake::Stop => return Ok((sent, Sent::Stopped)),
+                Wake::Quiet => return Ok((sent, Sent::Stalled)),
+            },
             Some(libc::EINTR) => {}
             Some(libc::EINVAL | libc::ENOSYS) if sent == 0 => return Ok((0, Sent::Unsupported)),
             Some(libc::EPIPE | libc::ECONNRESET | libc::ENOTCONN | libc::ETIMEDOUT) => {
@@ -347,12 +358,6 @@ pub fn send_file(file: &File, socket: RawFd, len: u64, stop: RawFd) -> io::Resul
         }
     }
     Ok((sent, Sent::Done))
-}
-
-/// Waits until `socket` has room (or failed: the next call says how) or `stop` is readable;
-/// true for the latter.
-fn wait_writable(socket: RawFd, stop: RawFd) -> bool {
-    wait_for(socket, libc::POLLOUT, Some(stop), Duration::MAX) == Wake::Stop
 }
 
 /// `SIOCATMARK` (`<asm-generic/sockios.h>`; not in the libc crate for Linux): whether a socket's
@@ -729,6 +734,50 @@ mod tests {
             .expect("the move went on after the stop");
         assert!(matches!(got.1, Received::Stopped(n) if n > 0), "{got:?}");
         drop(server);
+    }
+
+    #[test]
+    fn a_send_to_a_client_that_stops_reading_ends_after_idle_and_a_reading_one_gets_it_all() {
+        let len: usize = 32 << 20; // far more than both sockets' buffers hold
+        let mut file = tempfile::tempfile().unwrap();
+        file.write_all(&pattern(len)).unwrap();
+        let stop = eventfd();
+
+        // Connected, then never read: once the buffers are full, no byte moves for `idle`.
+        let (client, server) = connected();
+        file.seek(SeekFrom::Start(0)).unwrap();
+        let started = Instant::now();
+        let (sent, how) = send_file(
+            &file,
+            server.as_raw_fd(),
+            len as u64,
+            stop.as_raw_fd(),
+            Duration::from_millis(300),
+        )
+        .unwrap();
+        assert_eq!(how, Sent::Stalled, "{sent} bytes sent");
+        assert!(sent < len as u64);
+        assert!(started.elapsed() >= Duration::from_millis(300));
+        drop(client);
+
+        // A client that reads, however slowly between reads, is sent every byte.
+        let (mut client, server) = connected();
+        file.seek(SeekFrom::Start(0)).unwrap();
+        let reader = thread::spawn(move || {
+            let mut got = Vec::new();
+            client.read_to_end(&mut got).map(|_| got)
+        });
+        let (sent, how) = send_file(
+            &file,
+            server.as_raw_fd(),
+            len as u64,
+            stop.as_raw_fd(),
+            Duration::from_secs(5),
+        )
+        .unwrap();
+        assert_eq!((sent, how), (len as u64, Sent::Done));
+        drop(server);
+        assert!(reader.join().unwrap().unwrap() == pattern(len));
     }
 
     fn eventfd() -> OwnedFd {

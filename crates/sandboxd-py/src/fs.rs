@@ -224,16 +224,29 @@ impl FileReader {
     /// Sends the rest of a sized read to the stream socket `fd` (non-blocking; the caller keeps it
     /// open and writes nothing else to it meanwhile) with `sendfile(2)`, without the GIL, until
     /// `stop_fd` (an eventfd) becomes readable: `(outcome, sent)`, outcome "done", "short" (the
-    /// file ended first), "closed" (the peer left), "stopped" or "unsupported" (nothing sent: a
-    /// stream, or a file the kernel cannot sendfile from). A failed read raises `OSError`.
-    fn send_to(&mut self, py: Python<'_>, fd: i32, stop_fd: i32) -> PyResult<(&'static str, u64)> {
+    /// file ended first), "closed" (the peer left), "stalled" (the socket took nothing for
+    /// `idle_timeout` seconds), "stopped" or "unsupported" (nothing sent: a stream, or a file the
+    /// kernel cannot sendfile from). A failed read raises `OSError`.
+    fn send_to(
+        &mut self,
+        py: Python<'_>,
+        fd: i32,
+        stop_fd: i32,
+        idle_timeout: f64,
+    ) -> PyResult<(&'static str, u64)> {
         use core::splice::Sent;
+        let idle = Duration::try_from_secs_f64(idle_timeout).map_err(|_| {
+            PyValueError::new_err("idle_timeout must be a non-negative number of seconds")
+        })?;
         let inner = &mut self.inner;
-        let (how, sent) = py.detach(|| inner.send_to(fd, stop_fd)).map_err(to_pyerr)?;
+        let (how, sent) = py
+            .detach(|| inner.send_to(fd, stop_fd, idle))
+            .map_err(to_pyerr)?;
         let how = match how {
             Sent::Done => "done",
             Sent::Short => "short",
             Sent::Closed => "closed",
+            Sent::Stalled => "stalled",
             Sent::Stopped => "stopped",
             Sent::Unsupported => "unsupported",
         };

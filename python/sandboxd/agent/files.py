@@ -320,8 +320,10 @@ async def _send_file(reply: _Reply, scope: Scope, send: Send) -> bool:
     server's ``ResponseWriter.hand_off``. False, having sent nothing or only the first chunk, when
     it cannot (not a plain sized body, too little left, the hand-off refused: TLS, the cap of
     threads): the caller streams the rest of ``reply.chunks`` through the loop. Raises
-    :class:`ClientDisconnected` when the client leaves, or the file ends early (the promised
-    length cannot be kept: the connection is closed)."""
+    :class:`ClientDisconnected` when the client leaves, stops reading for the connection's idle
+    timeout (else it would hold the thread, one of ``MAX_HANDED_OFF``, and the file for as long as
+    it kept the connection open), or the file ends early (the promised length cannot be kept): the
+    connection is closed."""
     writer = scope.get("extensions", {}).get(BODY_PARTS)
     reader, chunks = reply.reader, reply.chunks
     if not reply.sendable or writer is None or reader is None or chunks is None:
@@ -335,11 +337,13 @@ async def _send_file(reply: _Reply, scope: Scope, send: Send) -> bool:
     if not first or left is None:
         return False
 
+    idle = writer.idle_timeout
+
     def move(sock: int, stop: int) -> tuple[str, int, bytes]:
-        outcome, sent = reader.send_to(sock, stop)
+        outcome, sent = reader.send_to(sock, stop, idle)
         # hand_off closes the connection on "closed": for a file that ended early too, since the
-        # response cannot have the length it promised.
-        return ("closed" if outcome == "short" else outcome), sent, b""
+        # response cannot have the length it promised, and for a client that stopped reading.
+        return ("closed" if outcome in ("short", "stalled") else outcome), sent, b""
 
     handed = await writer.hand_off(move, raw=left)
     if handed is None or handed[0] == "unsupported":  # nothing sent: the loop goes on from here

@@ -216,12 +216,18 @@ class ResponseWriter:
     encoding (a streamed response without ``content-length``); :meth:`usable` says whether this one
     is. A head still held goes out in the same ``writelines``."""
 
-    __slots__ = ("_cycle", "_held", "_lost", "_send", "_transport", "head_extra")
+    __slots__ = ("_cycle", "_held", "_lost", "_send", "_transport", "head_extra", "idle_timeout")
     handed_off = 0
     """Responses being written by worker threads now, in this process (:meth:`hand_off`)."""
 
-    def __init__(self, cycle: Any, lost: list[Callable[[], None]]) -> None:
+    def __init__(
+        self, cycle: Any, lost: list[Callable[[], None]], idle_timeout: float = DEFAULT_IDLE_TIMEOUT_S
+    ) -> None:
         self._cycle = cycle
+        self.idle_timeout = idle_timeout
+        """The connection's idle timeout: the longest a :meth:`hand_off` thread writing a raw body
+        should wait for a client that takes nothing (a thread held for a stalled client is a thread
+        of ``MAX_HANDED_OFF`` held for nothing)."""
         self._lost = lost  # the connection's: called when it is lost
         self._send = cycle.send  # uvicorn's
         self._transport: Any = cycle.transport  # uvloop's: its writelines takes any buffer (a Piece)
@@ -878,7 +884,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def _attach(self, cycle: Any) -> ResponseWriter:
         """The request's :class:`ResponseWriter` and :class:`RawBody`, in its scope's extensions."""
-        writer = ResponseWriter(cycle, self._lost)
+        writer = ResponseWriter(cycle, self._lost, self.guard.limits.idle_timeout)
         self._raw_body = RawBody(self, cycle)
         extensions = cycle.scope.setdefault("extensions", {})
         extensions[BODY_PARTS] = writer

@@ -544,30 +544,52 @@ def load_stand_in(soname: str) -> _core.SharedLibrary | None:
 
 def upb_without_libstdcxx() -> bool:
     """Import protobuf's upb module (:data:`UPB`) with a stand-in for :data:`LIBSTDCXX`
-    (:func:`stand_in_library`), so that the C++ runtime it names and never calls is not mapped: 0.9
-    MiB of the standalone agent's idle RSS (medians of 3 starts, 19.37 → 18.48 MiB). Whether it did.
+    (:func:`import_with_stand_in`), so that the C++ runtime it names and never calls is not mapped:
+    0.9 MiB of the standalone agent's idle RSS (medians of 3 starts, 19.37 → 18.48 MiB). Whether it did.
 
     Only for a process that will load no other library needing the real runtime: the standalone
     agent without its gRPC port (grpcio is C++; the caller checks). Nothing happens when upb or the
     runtime is loaded already, or when protobuf is told to use another implementation. If upb needs
-    a symbol of the runtime after all (a protobuf built otherwise), its import fails at once
-    (``RTLD_NOW``): the stand-in is unloaded, and protobuf's own import later loads the real runtime."""
+    a symbol of the runtime after all (a protobuf built otherwise), its import fails at once: the
+    stand-in is unloaded, and protobuf's own import later loads the real runtime."""
     import os
 
-    if UPB in sys.modules or os.environ.get("PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION", "upb") != "upb":
+    if os.environ.get("PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION", "upb") != "upb":
+        return False
+    return import_with_stand_in(UPB, LIBSTDCXX)
+
+
+def import_with_stand_in(module: str, soname: str) -> bool:
+    """Import the extension ``module`` with :func:`stand_in_library` for ``soname`` loaded, so that
+    the library it names as needed is not mapped. Whether it did; False, and nothing kept loaded,
+    when ``module`` is imported already, a library ``soname`` is mapped already, the stand-in cannot
+    be made, or ``module`` needs a symbol of the real library (the stand-in is unloaded: a later
+    import loads the real one).
+
+    The import binds every symbol at once (``RTLD_NOW``), whatever ``sys.getdlopenflags()`` says:
+    bound lazily, a module needing a function of the real library imported, and its first call of
+    that function ended the process (the loader's "symbol lookup error", exit 127): an agent killed
+    mid-request instead of an import that fails at start."""
+    import os
+
+    if module in sys.modules:
         return False
     try:
         with open("/proc/self/maps") as f:
-            if "/libstdc++.so" in f.read():
+            if f"/{soname}" in f.read():
                 return False
     except OSError:
         return False
-    stand_in = load_stand_in(LIBSTDCXX)
+    stand_in = load_stand_in(soname)
     if stand_in is None:
         return False
+    flags = sys.getdlopenflags()
+    sys.setdlopenflags((flags & ~os.RTLD_LAZY) | os.RTLD_NOW)
     try:
-        importlib.import_module(UPB)
+        importlib.import_module(module)
     except ImportError:
         stand_in.close()
         return False
+    finally:
+        sys.setdlopenflags(flags)
     return True
