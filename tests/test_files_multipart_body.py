@@ -159,6 +159,33 @@ def test_the_parsers_rules_hold(agent: Agent, workdir: Path) -> None:
     assert settled_listing(workdir, []) == []
 
 
+@pytest.mark.parametrize("padding", [0, 2 * MiB], ids=["parser", "socket"])
+def test_an_upload_of_many_files_holds_one_descriptor_at_a_time(agent: Agent, workdir: Path, padding: int) -> None:
+    """300 files in one body, with the agent allowed 128 descriptors: each file is sealed (closed)
+    when the next part opens, so the upload never holds more than one. Holding one per part until
+    the commit, the agent ran out (a 503) and a body of ~65,000 tiny parts could use up its limit.
+    Under 1 MiB the body goes through the parser on the event loop, past it through the socket path."""
+    import resource
+
+    count = 300
+    parts = [part(pattern(padding), str(workdir / "padding.bin"))] if padding else []
+    parts += [part(f"file {i}".encode(), str(workdir / "many" / f"{i}.txt")) for i in range(count)]
+    body = multipart(*parts)
+    pid = agent.process.pid
+    saved = resource.prlimit(pid, resource.RLIMIT_NOFILE)
+    resource.prlimit(pid, resource.RLIMIT_NOFILE, (128, saved[1]))
+    try:
+        with connection(agent) as (s, f):
+            s.sendall(head("", len(body)) + body)
+            status, _, answer = read_response(f)
+    finally:
+        resource.prlimit(pid, resource.RLIMIT_NOFILE, saved)
+    assert status == 200, answer
+    assert len(httpx.Response(200, content=answer).json()) == count + bool(padding)
+    assert sorted(os.listdir(workdir / "many")) == sorted(f"{i}.txt" for i in range(count))
+    assert all((workdir / "many" / f"{i}.txt").read_bytes() == f"file {i}".encode() for i in range(count))
+
+
 def test_a_full_disk_is_507_and_leaves_no_file(agent: Agent, tmp_path: Path) -> None:
     if os.geteuid() != 0:
         pytest.skip("mounting a small tmpfs needs root")

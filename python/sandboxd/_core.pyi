@@ -125,8 +125,12 @@ class AtomicWriter:
         under :data:`RECEIVE_MIN_RATE` on average once ``idle_timeout`` had passed (a drip that keeps
         every gap under the idle timeout); ``"stopped"``: ``stop_fd`` (an eventfd) became readable,
         checked while waiting and between pieces. A failed write raises ``OSError``."""
+    def seal(self, metadata: dict[str, str] | None = None) -> None:
+        """Set ``user.e2b.*`` metadata and chown as ``commit`` does, and close the temporary file:
+        ``commit`` then only renames it. A failed seal removes the temporary file."""
     def commit(self, metadata: dict[str, str] | None = None) -> None:
-        """Set ``user.e2b.*`` metadata (replacing any), chown to uid/gid, and rename into place."""
+        """Set ``user.e2b.*`` metadata (replacing any), chown to uid/gid, and rename into place
+        (after ``seal``, only the rename: ``metadata`` is not looked at)."""
     def abort(self) -> None: ...
     def __enter__(self) -> AtomicWriter: ...
     def __exit__(

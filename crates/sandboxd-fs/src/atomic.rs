@@ -45,8 +45,11 @@ const TEMP_ATTEMPTS: usize = 16;
 /// A file being written atomically. See the module documentation.
 #[derive(Debug)]
 pub struct AtomicWriter {
-    /// The temporary file; `None` once committed or aborted.
+    /// The temporary file; `None` once sealed, committed or aborted.
     file: Option<File>,
+    /// True between [`seal`](Self::seal) and the commit or abort: the temporary file is complete
+    /// and closed, only its rename is left.
+    sealed: bool,
     /// The path as requested.
     path: PathBuf,
     /// The file the commit replaces: `path`, or its resolved target if it is a symlink.
@@ -122,6 +125,7 @@ impl AtomicWriter {
         };
         let writer = Self {
             file: Some(file),
+            sealed: false,
             path: path.into(),
             target,
             temp,
@@ -159,7 +163,7 @@ impl AtomicWriter {
         self.written
     }
 
-    /// Whether the writer still accepts writes (neither committed nor aborted).
+    /// Whether the writer still accepts writes (neither sealed, committed nor aborted).
     pub fn is_open(&self) -> bool {
         self.file.is_some()
     }
@@ -206,15 +210,41 @@ impl AtomicWriter {
 
     /// Sets the `user.e2b.*` metadata (the new file has no other; an empty set on a filesystem
     /// without xattrs is fine), gives the file to `uid`:`gid` when root, and renames it over the
-    /// target. A failed commit removes the temporary file: the writer is closed either way.
+    /// target. A failed commit removes the temporary file: the writer is closed either way. After
+    /// [`seal`](Self::seal) only the rename is left, and `metadata` is not looked at.
     pub fn commit(&mut self, metadata: &Metadata) -> Result<()> {
+        if !self.sealed {
+            self.seal(metadata)?;
+        }
+        self.sealed = false;
+        match fs::rename(&self.temp, &self.target).at(&self.path) {
+            Ok(()) => {
+                self.committed = true;
+                Ok(())
+            }
+            Err(e) => {
+                let _ = fs::remove_file(&self.temp);
+                Err(e)
+            }
+        }
+    }
+
+    /// Everything [`commit`](Self::commit) does but the rename: the metadata and owner are set and
+    /// the temporary file is closed. An upload of many files seals each as its part ends, so that it
+    /// holds one descriptor at a time however many parts it has (not one per part until the
+    /// commit, which let a body of 65,000 tiny parts use up the agent's descriptors). A failed seal
+    /// removes the temporary file: the writer is closed either way.
+    pub fn seal(&mut self, metadata: &Metadata) -> Result<()> {
         let file = self.file.take().ok_or_else(|| Error::Closed {
             path: self.path.clone(),
         })?;
-        let result = self.finish(&file, metadata);
+        let mut result = set_metadata_file(&file, &self.path, metadata);
+        if result.is_ok() && is_root() {
+            result = fchown(&file, Some(self.uid), Some(self.gid)).at(&self.path);
+        }
         drop(file);
         match result {
-            Ok(()) => self.committed = true,
+            Ok(()) => self.sealed = true,
             Err(_) => {
                 let _ = fs::remove_file(&self.temp);
             }
@@ -222,18 +252,11 @@ impl AtomicWriter {
         result
     }
 
-    fn finish(&self, file: &File, metadata: &Metadata) -> Result<()> {
-        set_metadata_file(file, &self.path, metadata)?;
-        if is_root() {
-            fchown(file, Some(self.uid), Some(self.gid)).at(&self.path)?;
-        }
-        fs::rename(&self.temp, &self.target).at(&self.path)
-    }
-
     /// Removes the temporary file and leaves the target untouched. Does nothing once committed or
     /// aborted.
     pub fn abort(&mut self) -> Result<()> {
-        if self.file.take().is_none() {
+        let sealed = std::mem::take(&mut self.sealed);
+        if self.file.take().is_none() && !sealed {
             return Ok(());
         }
         match fs::remove_file(&self.temp) {
@@ -383,6 +406,78 @@ mod tests {
         // A new file that is never committed never appears.
         drop(AtomicWriter::create(&dir.path().join("new"), 0, 0).unwrap());
         assert_eq!(names(dir.path()), ["f"]);
+    }
+
+    /// Descriptors this process has open.
+    fn open_fds() -> usize {
+        fs::read_dir("/proc/self/fd").unwrap().count()
+    }
+
+    #[test]
+    fn a_sealed_file_is_closed_complete_and_only_renamed_by_the_commit() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("f");
+        fs::write(&target, "old").unwrap();
+        let mut w = AtomicWriter::create(&target, NOBODY, NOBODY).unwrap();
+        w.write(b"sealed content").unwrap();
+        let before = open_fds();
+        w.seal(&md(&[("k", "v")])).unwrap();
+        assert_eq!(
+            open_fds(),
+            before - 1,
+            "the temporary file's descriptor is closed"
+        );
+        assert!(!w.is_open() && !w.is_committed());
+        assert!(matches!(w.write(b"x"), Err(Error::Closed { .. })));
+        assert!(matches!(
+            w.seal(&Metadata::new()),
+            Err(Error::Closed { .. })
+        ));
+        assert_eq!(
+            fs::read(&target).unwrap(),
+            b"old",
+            "nothing replaced before the commit"
+        );
+        let temp = w.temp_path().to_owned();
+        assert_eq!(read_metadata(&temp), md(&[("k", "v")]));
+        if is_root() {
+            assert_eq!(fs::metadata(&temp).unwrap().uid(), NOBODY);
+        }
+        // The commit's own metadata is not looked at: the seal's stands.
+        w.commit(&md(&[("other", "1")])).unwrap();
+        assert!(w.is_committed());
+        assert_eq!(fs::read(&target).unwrap(), b"sealed content");
+        assert_eq!(read_metadata(&target), md(&[("k", "v")]));
+        assert_eq!(names(dir.path()), ["f"]);
+        assert!(matches!(
+            w.commit(&Metadata::new()),
+            Err(Error::Closed { .. })
+        ));
+    }
+
+    #[test]
+    fn a_sealed_file_that_is_aborted_or_dropped_leaves_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("f");
+        fs::write(&target, "old").unwrap();
+        let mut w = AtomicWriter::create(&target, 0, 0).unwrap();
+        w.write(b"partial").unwrap();
+        w.seal(&Metadata::new()).unwrap();
+        assert_eq!(names(dir.path()).len(), 2);
+        w.abort().unwrap();
+        w.abort().unwrap();
+        assert!(matches!(
+            w.commit(&Metadata::new()),
+            Err(Error::Closed { .. })
+        ));
+        assert_eq!(names(dir.path()), ["f"]);
+
+        let mut w = AtomicWriter::create(&target, 0, 0).unwrap();
+        w.write(b"partial").unwrap();
+        w.seal(&Metadata::new()).unwrap();
+        drop(w);
+        assert_eq!(names(dir.path()), ["f"]);
+        assert_eq!(fs::read(&target).unwrap(), b"old");
     }
 
     #[test]

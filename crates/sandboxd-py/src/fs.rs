@@ -381,12 +381,23 @@ impl AtomicWriter {
         })
     }
 
-    /// Set `user.e2b.*` metadata (replacing any), chown to uid/gid, and rename into place.
+    /// Set `user.e2b.*` metadata (replacing any), chown to uid/gid, and rename into place (after
+    /// `seal`, only the rename).
     #[pyo3(signature = (metadata = None))]
     fn commit(&mut self, py: Python<'_>, metadata: Option<core::Metadata>) -> PyResult<()> {
         let metadata = metadata.unwrap_or_default();
         let inner = &mut self.inner;
         py.detach(|| inner.commit(&metadata)).map_err(to_pyerr)
+    }
+
+    /// Set `user.e2b.*` metadata and chown, as `commit` does, and close the temporary file: the
+    /// data is complete, and `commit` only renames it (an upload of many files holds one
+    /// descriptor at a time).
+    #[pyo3(signature = (metadata = None))]
+    fn seal(&mut self, py: Python<'_>, metadata: Option<core::Metadata>) -> PyResult<()> {
+        let metadata = metadata.unwrap_or_default();
+        let inner = &mut self.inner;
+        py.detach(|| inner.seal(&metadata)).map_err(to_pyerr)
     }
 
     /// Remove the temporary file; the target is untouched. Does nothing after commit or abort.

@@ -495,15 +495,20 @@ def _write_batch(writer: _core.AtomicWriter, batch: list[bytes]) -> None:
 
 
 class _Upload:
-    """The files of one upload request: open writers, committed together at the end. Opening,
-    writing, committing and aborting run in worker threads."""
+    """The files of one upload request: writers committed together at the end. Opening, writing,
+    sealing, committing and aborting run in worker threads. Each file is sealed (its metadata and
+    owner set, its descriptor closed) when the next one opens, so that an upload holds one
+    descriptor however many parts it has: a body of tiny parts cannot use up the agent's."""
 
-    def __init__(self, req: _Request, state: AgentState) -> None:
+    def __init__(self, req: _Request, state: AgentState, metadata: dict[str, str]) -> None:
         self.req = req
         self.state = state
+        self.metadata = metadata
         self.sinks: list[_Sink] = []
 
     async def open(self, raw_target: str) -> _Sink:
+        if self.sinks:
+            await self.sinks[-1].drain()  # its writes done (errors surface here) before it is sealed
         return await _in_io_thread(self._open, raw_target)
 
     def open_now(self, raw_target: str) -> _core.AtomicWriter:
@@ -523,6 +528,8 @@ class _Upload:
             if not raw_target:
                 raise RpcError(Code.INVALID_ARGUMENT, "a file part has no filename and the path query is missing")
             target = expand_and_resolve(raw_target, self.req.user, self.state.default_workdir)
+        if self.sinks:
+            self.sinks[-1].writer.seal(self.metadata)  # complete: the part before this one
         try:
             writer = _core.AtomicWriter(target, self.req.user.uid, self.req.user.gid)
         except IsADirectoryError:
@@ -533,7 +540,7 @@ class _Upload:
         self.sinks.append(sink)
         return sink
 
-    async def commit(self, metadata: dict[str, str]) -> list[dict[str, object]]:
+    async def commit(self) -> list[dict[str, object]]:
         for sink in self.sinks:
             await sink.drain()
         # Every watcher reads its queue now: a directory this upload created is watched before the
@@ -546,12 +553,12 @@ class _Upload:
         for writer in writers:
             existed = await _in_io_thread(os.path.lexists, writer.path)
             hub.note_commit(os.path.basename(writer.temp_path), Commit(existed=existed, wrote=writer.written > 0))
-        await _in_io_thread(_commit_all, writers, metadata)
+        await _in_io_thread(_commit_all, writers, self.metadata)
         result: list[dict[str, object]] = []
         for writer in writers:
             entry: dict[str, object] = {"path": writer.path, "name": os.path.basename(writer.path), "type": "file"}
-            if metadata:
-                entry["metadata"] = metadata
+            if self.metadata:
+                entry["metadata"] = self.metadata
             result.append(entry)
         return result
 
@@ -589,7 +596,7 @@ async def upload(state: AgentState, scope: Scope, receive: Receive, send: Send) 
             raise RpcError(
                 Code.INVALID_ARGUMENT, f"unsupported content-encoding '{encoding}' (supported: identity, gzip)"
             )
-        upload = _Upload(req, state)
+        upload = _Upload(req, state, metadata)
         body = _decoded(body_chunks(receive), encoding == "gzip")
         if content_type == b"application/octet-stream":
             socket_body = scope.get("extensions", {}).get(RAW_BODY) if encoding != "gzip" else None
@@ -606,7 +613,7 @@ async def upload(state: AgentState, scope: Scope, receive: Receive, send: Send) 
                 Code.INVALID_ARGUMENT,
                 f"unsupported content type '{shown}': use multipart/form-data or application/octet-stream",
             )
-        written = await upload.commit(metadata)
+        written = await upload.commit()
     except ClientDisconnected:
         if upload is not None:
             await upload.abort()
