@@ -70,6 +70,21 @@ def test_entries_read_as_the_files_source_reads_them(databases: tuple[Path, Path
         users.lookup("+nis")
 
 
+def test_ids_only_ascii_digits_in_range(databases: tuple[Path, Path]) -> None:
+    """``int()`` reads these; the C library does not read them as the same number, so they are
+    malformed entries here too (skipped, like one with a word for its uid)."""
+    passwd, group = databases
+    odd = {"neg": "-1", "plus": "+5", "under": "1_000", "space": " 7", "arabic": "\u0661\u0662", "max": "4294967295"}
+    passwd.write_text(
+        "".join(f"{name}:x:{uid}:100::/h:/bin/sh\n" for name, uid in odd.items()) + "ok:x:7:100::/h:/bin/sh\n"
+    )
+    group.write_text("minus:x:-3:ok\nfine:x:12:ok\n")
+    for name in odd:
+        with pytest.raises(KeyError):
+            users.lookup(name)
+    assert users.lookup("ok").groups == (100, 12)
+
+
 def test_a_name_the_files_lack_is_still_looked_up_through_nss(databases: tuple[Path, Path]) -> None:
     passwd, group = databases
     passwd.write_text("alice:x:1001:1001::/home/alice:/bin/sh\n")

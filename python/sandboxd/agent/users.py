@@ -117,13 +117,22 @@ def _passwd_entry(match: Callable[[list[str]], bool]) -> tuple[str, int, int, st
     for fields in _lines(DATABASES[0]):
         if len(fields) < 7 or not fields[0]:
             continue
-        try:
-            uid, gid = int(fields[2]), int(fields[3])
-        except ValueError:
+        uid, gid = _id(fields[2]), _id(fields[3])
+        if uid is None or gid is None:
             continue
         if match(fields):
             return fields[0], uid, gid, fields[5] or "/"
     return None
+
+
+def _id(field: str) -> int | None:
+    """A uid or gid field as a number the C library's ``files`` source would give too: ASCII digits,
+    below ``(uid_t) -1``. ``int()`` alone takes ``-1``, ``+5``, ``1_000``, spaces and non-ASCII
+    digits, which glibc reads differently or not at all; such an entry is skipped, as a malformed
+    one is."""
+    if not (field.isascii() and field.isdigit()) or int(field) > 0xFFFFFFFE:
+        return None
+    return int(field)
 
 
 def _groups_of(name: str, gid: int) -> tuple[int, ...]:
@@ -133,9 +142,8 @@ def _groups_of(name: str, gid: int) -> tuple[int, ...]:
     for fields in _lines(DATABASES[1]):
         if len(fields) < 4 or name not in fields[3].split(","):
             continue
-        try:
-            group = int(fields[2])
-        except ValueError:
+        group = _id(fields[2])
+        if group is None:
             continue
         if group not in groups:
             groups.append(group)
