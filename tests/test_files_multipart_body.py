@@ -71,6 +71,19 @@ def test_several_files_in_one_body_arrive_byte_exact(agent: Agent, workdir: Path
     assert sorted(os.listdir(workdir)) == ["a.bin", "empty.bin", "nested"]
 
 
+@pytest.mark.parametrize("size", [1000, 2 * MiB], ids=["parser", "socket"])
+def test_data_that_holds_the_boundary_and_one_more_byte_is_data(agent: Agent, workdir: Path, size: int) -> None:
+    """``CRLF--boundary`` followed by a byte other than padding, CR, LF or ``--`` is not a delimiter
+    (Go's ``mime/multipart``, envd's parser, reads it so): both paths keep it in the file."""
+    data = pattern(size) + f"\r\n--{BOUNDARY}X\r\n--{BOUNDARY}-x\r\n--{BOUNDARY}_".encode()
+    body = multipart(part(data, str(workdir / "held.bin")))
+    with connection(agent) as (s, f):
+        s.sendall(head("", len(body)) + body)
+        status, _, answer = read_response(f)
+    assert status == 200, answer
+    assert (workdir / "held.bin").read_bytes() == data
+
+
 def test_httpx_files_and_the_path_query(agent: Agent, workdir: Path) -> None:
     """httpx's own multipart encoding (the SDK's) with the target in the path query."""
     data = pattern(3 * MiB)
@@ -122,7 +135,7 @@ def test_a_client_that_stalls_midway_is_cut_off_at_the_idle_timeout(agent: Agent
             + pattern(2 * MiB),
             b"headers are larger than 16 KiB",
         ),
-        (f"--{BOUNDARY}junk\r\n\r\n".encode() + pattern(2 * MiB), b"not followed by CRLF"),
+        (f"--{BOUNDARY} junk\r\n\r\n".encode() + pattern(2 * MiB), b"not followed by CRLF"),
         (f"--{BOUNDARY}\r\nno colon here\r\n\r\n".encode() + pattern(2 * MiB), b"header line has no ':'"),
     ],
     ids=["no-closing-boundary", "huge-headers", "no-crlf", "bad-header"],

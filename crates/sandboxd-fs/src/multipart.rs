@@ -17,10 +17,12 @@
 //! [`crate::splice`]: `idle` without a byte, [`crate::splice::MIN_RATE`] on average after it, and
 //! the stop descriptor.
 //!
-//! The grammar is RFC 2046 §5.1.1's, read as leniently as `python-multipart` (the parser of the
-//! event loop's path) reads it: a preamble before the first delimiter is skipped, as is transport
-//! padding (spaces and tabs) after a delimiter; a part's headers end at an empty line and may not
-//! exceed [`MAX_HEADERS`].
+//! The grammar is RFC 2046 §5.1.1's, read as Go's `mime/multipart` (envd's parser) reads it: a
+//! preamble before the first delimiter is skipped, as is transport padding (spaces and tabs) after
+//! a delimiter; CRLF `--` boundary followed by anything but padding, CR, LF or `--` is data (a file
+//! may hold it), not a delimiter; a part's headers end at an empty line and may not exceed
+//! [`MAX_HEADERS`]. (The event loop's path, `python-multipart` for bodies under 1 MiB, refuses a
+//! preamble and padding that this reader and envd take.)
 
 use std::time::Duration;
 
@@ -67,6 +69,19 @@ enum State {
     Data,
     /// The body is complete.
     Done,
+}
+
+/// Whether CRLF `--` boundary followed by `after` is a delimiter, as Go's `mime/multipart` decides
+/// (`matchAfterPrefix`): yes when padding, CR, LF or `--` follows, or the body ends there; no when
+/// any other byte does (`--foobar` is not the boundary `--foo`). None until the bytes that decide
+/// it have arrived (`ended`: the whole body is in the buffer).
+fn is_delimiter(after: &[u8], ended: bool) -> Option<bool> {
+    match after {
+        [] => ended.then_some(true),
+        [b' ' | b'\t' | b'\r' | b'\n', ..] | [b'-', b'-', ..] => Some(true),
+        [b'-'] => ended.then_some(false),
+        _ => Some(false),
+    }
 }
 
 /// A multipart body being read from a socket. See the module documentation.
@@ -143,15 +158,35 @@ impl MultipartReader {
         }
         let needle = self.finder.needle().len();
         let keep = self.state == State::Data; // a preamble is dropped
+        let mut scan = self.pos; // bytes in `pos..scan` are data: a match there was not a delimiter
         loop {
-            if let Some(at) = self.finder.find(&self.buf[self.pos..]) {
-                let end = self.pos + at;
-                if keep && let Some(file) = file.as_deref_mut() {
-                    file.write(&self.buf[self.pos..end])?;
+            if let Some(at) = self.finder.find(&self.buf[scan..]) {
+                let end = scan + at;
+                match is_delimiter(&self.buf[end + needle..], self.left == 0) {
+                    Some(false) => {
+                        scan = end + 1;
+                        continue;
+                    }
+                    decided => {
+                        if keep && let Some(file) = file.as_deref_mut() {
+                            file.write(&self.buf[self.pos..end])?;
+                        }
+                        if decided == Some(true) {
+                            self.pos = end + needle;
+                            self.state = State::Delimiter;
+                            return Ok(Step::PartDone);
+                        }
+                        // Undecided until the next bytes arrive: the match waits at the start.
+                        self.pos = end;
+                        if let Some(step) =
+                            self.fill(socket, "the body ended before its closing boundary")
+                        {
+                            return Ok(step);
+                        }
+                        scan = self.pos;
+                        continue;
+                    }
                 }
-                self.pos = end + needle;
-                self.state = State::Delimiter;
-                return Ok(Step::PartDone);
             }
             // What cannot hold the start of a delimiter is data for sure.
             let safe = self.buf.len().saturating_sub(needle - 1).max(self.pos);
@@ -162,6 +197,7 @@ impl MultipartReader {
             if let Some(step) = self.fill(socket, "the body ended before its closing boundary") {
                 return Ok(step);
             }
+            scan = self.pos;
         }
     }
 
@@ -363,6 +399,37 @@ mod tests {
     }
 
     #[test]
+    fn the_boundary_followed_by_other_bytes_is_data_as_go_reads_it() {
+        // In data, and in the preamble: each of these is the delimiter's bytes and one more.
+        let tricky = b"1\r\n--XyZX\r\n2\r\n--XyZ-x\r\n--XyZ_".to_vec();
+        let first = b"A: b\r\n".as_slice();
+        let sent = body(
+            &[(first, &tricky), (first, b"--XyZz")],
+            b"--XyZpre\r\n",
+            b"",
+        );
+        for prefix in 0..sent.len() {
+            let (found, end) = parts(&sent, prefix, b"");
+            assert_eq!(end, Step::End, "prefix {prefix}");
+            assert_eq!(
+                found,
+                vec![
+                    (first.to_vec(), tricky.clone()),
+                    (first.to_vec(), b"--XyZz".to_vec())
+                ],
+                "prefix {prefix}"
+            );
+        }
+        // A lone `-` after the boundary at the body's very end decides nothing: it is data, and
+        // the body has no closing delimiter.
+        let (_, end) = parts(b"--XyZ\r\nA: b\r\n\r\nx\r\n--XyZ-", 0, b"");
+        assert_eq!(
+            end,
+            Step::Malformed("the body ended before its closing boundary")
+        );
+    }
+
+    #[test]
     fn a_body_that_opens_with_its_delimiter_and_has_padding() {
         let sent = b"--XyZ \t\r\nA: b\r\n\r\nhello\r\n--XyZ--".to_vec();
         let (found, end) = parts(&sent, 0, b"");
@@ -372,7 +439,7 @@ mod tests {
 
     #[test]
     fn malformed_bodies_are_named() {
-        let cases: [(&[u8], &str); 4] = [
+        let cases: [(&[u8], &str); 5] = [
             (
                 b"--XyZ\r\nA: b\r\n\r\nno end",
                 "the body ended before its closing boundary",
@@ -381,7 +448,11 @@ mod tests {
                 b"--XyZ\r\nA: b\r\n",
                 "the body ended inside a part's headers",
             ),
-            (b"--XyZjunk\r\n\r\n", "a boundary is not followed by CRLF"),
+            (b"--XyZ junk\r\n\r\n", "a boundary is not followed by CRLF"),
+            (
+                b"--XyZjunk\r\n\r\n",
+                "the body ended before its closing boundary",
+            ),
             (
                 b"no delimiter at all",
                 "the body ended before its closing boundary",
