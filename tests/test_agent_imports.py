@@ -273,6 +273,9 @@ def requests() -> None:
         call(b"GET /health HTTP/1.1\\r\\nhost: x\\r\\nconnection: close\\r\\n\\r\\n"),
         call(b"POST /process.Process/Start HTTP/1.1\\r\\nhost: x\\r\\nconnection: close\\r\\n"
              b"content-type: application/connect+json\\r\\ncontent-length: %d\\r\\n\\r\\n%s" % (len(frame), frame)),
+    ]
+    filesystem_after_start = "sandboxd.agent.services.filesystem" in sys.modules
+    replies += [
         call(b"POST /filesystem.Filesystem/Stat HTTP/1.1\\r\\nhost: x\\r\\nconnection: close\\r\\n"
              b"content-type: application/json\\r\\ncontent-length: %d\\r\\n\\r\\n%s" % (len(stat), stat)),
         call(b"POST /files?path=%s/f HTTP/1.1\\r\\nhost: x\\r\\nconnection: close\\r\\n"
@@ -294,6 +297,7 @@ def requests() -> None:
         "watcher_id": len(json.loads(replies[6].split(b"\\r\\n\\r\\n", 1)[1])["watcherId"]),
         "multipart": open(work + "/m").read(),
         "multipart_after_raw": multipart_after_raw,
+        "filesystem_after_start": filesystem_after_start,
         "never_imported": sorted(m for m in ("argparse", "ast", "dis", "uvicorn.config", "uvicorn.server",
                                  "uvicorn._types", "logging.config", "email", "secrets", "hmac", "hashlib",
                                  "random", "bz2", "lzma", "fnmatch") if m in sys.modules),
@@ -344,6 +348,7 @@ def test_the_standalone_agent_serves_without_argparse_inspect_and_uvicorns_serve
         "watcher_id": 21,
         "multipart": "hi",
         "multipart_after_raw": False,  # a raw upload's content type is read without python-multipart
+        "filesystem_after_start": False,  # the filesystem and watch services are built by their first call
         "never_imported": [],
         # loaded by the first request of their kind: binascii by the JSON Start's output (base64 in
         # JSON), mimetypes by the download's content type; shutil and tempfile (python-multipart's, for

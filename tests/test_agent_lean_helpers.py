@@ -10,6 +10,7 @@ import string
 import pytest
 from python_multipart.multipart import parse_options_header
 from sandboxd.agent.files import _content_type
+from sandboxd.agent.rpc import Method
 from sandboxd.agent.services.watch import new_watcher_id
 
 
@@ -43,3 +44,27 @@ def test_watcher_ids_are_w_and_20_letters_or_digits_spread_over_all_36() -> None
 )
 def test_an_uploads_content_type_is_read_as_python_multipart_reads_it(value: str) -> None:
     assert _content_type(value) == parse_options_header(value)
+
+
+def test_methods_built_on_first_use_are_built_once_by_a_path_under_their_prefix() -> None:
+    from sandboxd.agent.connect import ConnectTransport
+    from sandboxd.agent.methods import FILESYSTEM_PREFIX, filesystem_methods, process_methods
+    from sandboxd.agent.state import AgentState
+
+    state = AgentState(default_user="root")
+    built: list[int] = []
+
+    def later() -> list[Method]:
+        built.append(1)
+        return filesystem_methods(state)
+
+    transport = ConnectTransport(process_methods(state), state, later=(FILESYSTEM_PREFIX, later))
+    assert "/process.Process/Start" in transport.routes
+    assert transport.route_later("/process.Process/Nope") is None
+    assert transport.route_later("/files") is None
+    assert built == []
+    stat = transport.route_later("/filesystem.Filesystem/Stat")
+    assert stat is not None and stat.name == "Stat" and built == [1]
+    assert transport.routes["/filesystem.Filesystem/CreateWatcher"].name == "CreateWatcher"  # the watch service's
+    assert transport.route_later("/filesystem.Filesystem/Nope") is None
+    assert built == [1]
