@@ -206,7 +206,8 @@ print(json.dumps({
                       sys.modules["inspect"] is not inspect and sys.modules["inspect"].signature is inspect.signature,
                       __import__("zlib").crc32(b"zlib"), __import__("subprocess").list2cmdline(["a b"]),
                       __import__("array").array("i", [7]).tolist(), __import__("base64").b64encode(b"hi").decode(),
-                      __import__("mimetypes").guess_type("/a.txt")[0]],
+                      __import__("mimetypes").guess_type("/a.txt")[0], __import__("shutil").copyfileobj.__name__,
+                      __import__("tempfile").gettempprefix()],
 }))
 """
 
@@ -235,7 +236,9 @@ def test_the_agent_server_loads_without_uvicorns_command_line_config_and_server(
             "ipaddress",
             "locale",
             "mimetypes",
+            "shutil",
             "subprocess",
+            "tempfile",
             "textwrap",
             "tokenize",
             "zlib",
@@ -257,6 +260,8 @@ def test_the_agent_server_loads_without_uvicorns_command_line_config_and_server(
             [7],
             "aGk=",
             "text/plain",
+            "copyfileobj",
+            "tmp",
         ],
     }
 
@@ -289,19 +294,34 @@ def requests() -> None:
         call(b"GET /health HTTP/1.1\\r\\nhost: x\\r\\nconnection: close\\r\\n\\r\\n"),
         call(b"POST /process.Process/Start HTTP/1.1\\r\\nhost: x\\r\\nconnection: close\\r\\n"
              b"content-type: application/connect+json\\r\\ncontent-length: %d\\r\\n\\r\\n%s" % (len(frame), frame)),
+    ]
+    filesystem_after_start = "sandboxd.agent.services.filesystem" in sys.modules
+    replies += [
         call(b"POST /filesystem.Filesystem/Stat HTTP/1.1\\r\\nhost: x\\r\\nconnection: close\\r\\n"
              b"content-type: application/json\\r\\ncontent-length: %d\\r\\n\\r\\n%s" % (len(stat), stat)),
         call(b"POST /files?path=%s/f HTTP/1.1\\r\\nhost: x\\r\\nconnection: close\\r\\n"
              b"content-type: application/octet-stream\\r\\ncontent-length: 5\\r\\n\\r\\nhello" % work.encode()),
         call(b"GET /files?path=%s/f HTTP/1.1\\r\\nhost: x\\r\\nconnection: close\\r\\n\\r\\n" % work.encode()),
         call(b"GET /nowhere HTTP/1.1\\r\\nhost: x\\r\\nconnection: close\\r\\n\\r\\n"),
+        call(b"POST /filesystem.Filesystem/CreateWatcher HTTP/1.1\\r\\nhost: x\\r\\nconnection: close\\r\\n"
+             b"content-type: application/json\\r\\ncontent-length: %d\\r\\n\\r\\n%s" % (len(stat), stat)),
     ]
+    multipart_after_raw = "python_multipart" in sys.modules
+    part = b"--b\\r\\ncontent-disposition: form-data; name=\\"file\\"; filename=\\"m\\"\\r\\n\\r\\nhi\\r\\n--b--\\r\\n"
+    replies.append(call(b"POST /files?path=%s/m HTTP/1.1\\r\\nhost: x\\r\\nconnection: close\\r\\n"
+                        b"content-type: multipart/form-data; boundary=b\\r\\ncontent-length: %d\\r\\n\\r\\n%s"
+                        % (work.encode(), len(part), part)))
     print(json.dumps({
         "status": [int(r.split(b" ", 2)[1]) for r in replies],
         "output": len(replies[1]) > 3000000,
         "download": replies[4].endswith(b"\\r\\n\\r\\nhello"),
+        "watcher_id": len(json.loads(replies[6].split(b"\\r\\n\\r\\n", 1)[1])["watcherId"]),
+        "multipart": open(work + "/m").read(),
+        "multipart_after_raw": multipart_after_raw,
+        "filesystem_after_start": filesystem_after_start,
         "never_imported": sorted(m for m in ("argparse", "ast", "dis", "uvicorn.config", "uvicorn.server",
-                                 "uvicorn._types", "logging.config", "email") if m in sys.modules),
+                                 "uvicorn._types", "logging.config", "email", "secrets", "hmac", "hashlib",
+                                 "random", "bz2", "lzma", "fnmatch") if m in sys.modules),
         "still_deferred": sorted(m for m in lean.DEFERRED if isinstance(sys.modules[m], lean._Deferred)),
         "ast_types": sum(1 for o in gc.get_objects() if isinstance(o, type) and o.__module__ == "ast"),
         "datetime_py_ran": "__builtins__" in vars(sys.modules["datetime"]),  # set by executing datetime.py
@@ -343,12 +363,17 @@ def test_the_standalone_agent_serves_without_argparse_inspect_and_uvicorns_serve
         assert out.returncode == -15, out.stderr  # killed by its own SIGTERM, raised again after the drain
     got = json.loads(out.stdout.strip().splitlines()[-1])
     assert got == {
-        "status": [204, 200, 200, 200, 200, 404],
+        "status": [204, 200, 200, 200, 200, 404, 200, 200],
         "output": True,
         "download": True,
+        "watcher_id": 21,
+        "multipart": "hi",
+        "multipart_after_raw": False,  # a raw upload's content type is read without python-multipart
+        "filesystem_after_start": False,  # the filesystem and watch services are built by their first call
         "never_imported": [],
         # loaded by the first request of their kind: binascii by the JSON Start's output (base64 in
-        # JSON), mimetypes by the download's content type
+        # JSON), mimetypes by the download's content type; shutil and tempfile (python-multipart's, for
+        # its on-disk files) not even by a multipart upload
         "still_deferred": sorted(set(DEFERRED) - {"binascii", "mimetypes"}),
         "ast_types": 0,
         "datetime_py_ran": False,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from itertools import chain
 from typing import Any
 
@@ -33,9 +33,12 @@ _CORS_HEAD = b"".join(b"%s: %s\r\n" % pair for pair in _CORS_RAW)
 class AgentApp:
     """Routes a request to the Connect transport or a REST handler (envd's routing and auth)."""
 
-    def __init__(self, state: AgentState, methods: list[Method]) -> None:
+    def __init__(
+        self, state: AgentState, methods: list[Method], later: tuple[str, Callable[[], list[Method]]] | None = None
+    ) -> None:
+        """``later``: a path prefix and the methods under it, built on first use (``ConnectTransport``)."""
         self.state = state
-        self.connect = ConnectTransport(methods, state)
+        self.connect = ConnectTransport(methods, state, later=later)
 
     def direct(self, scope: Scope, writer: Any) -> Coroutine[Any, Any, None] | None:
         """The agent's HTTP server asks this first (``GuardedHttpToolsProtocol``, with the request's
@@ -46,7 +49,7 @@ class AgentApp:
         Anything else (None) goes through :meth:`__call__`."""
         if scope["method"] != "POST":
             return None
-        rpc = self.connect.routes.get(scope["path"])
+        rpc = self.connect.routes.get(scope["path"]) or self.connect.route_later(scope["path"])
         if rpc is None:
             return None
         return self._rpc(scope, writer, rpc)
@@ -77,7 +80,7 @@ class AgentApp:
         if verb == "OPTIONS":
             await send_empty(send, 204)
             return
-        rpc = self.connect.routes.get(path)
+        rpc = self.connect.routes.get(path) or self.connect.route_later(path)
         if rpc is not None:
             if verb == "POST" and not self.state.token_matches(header_map(scope).get("x-access-token")):
                 await send_http_error(send, 401, TOKEN_ERROR)

@@ -263,10 +263,31 @@ class ConnectTransport:
 
     ``message_limit`` bounds a unary body and each streamed message, as sent and once decompressed."""
 
-    def __init__(self, methods: list[Method], state: AgentState, message_limit: int = MAX_UNARY_BODY) -> None:
+    def __init__(
+        self,
+        methods: list[Method],
+        state: AgentState,
+        message_limit: int = MAX_UNARY_BODY,
+        later: tuple[str, Callable[[], list[Method]]] | None = None,
+    ) -> None:
         self.routes = {m.path: m for m in methods}
         self.state = state
         self.message_limit = message_limit
+        self._later = later
+        """A path prefix and the methods under it, built on the first request to one of them
+        (:meth:`route_later`; ``methods.filesystem_later``)."""
+
+    def route_later(self, path: str) -> Method | None:
+        """The method at ``path`` when it is one of the methods built on first use (built now, once);
+        None for any other path. Asked only when ``routes`` has no such path, so a route found there
+        costs nothing more."""
+        later = self._later
+        if later is None or not path.startswith(later[0]):
+            return None
+        self._later = None
+        for method in later[1]():
+            self.routes.setdefault(method.path, method)
+        return self.routes.get(path)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send, method: Method) -> None:
         if scope["method"] != "POST":

@@ -207,6 +207,8 @@ DEFERRED = (
     "base64",
     "binascii",
     "mimetypes",
+    "shutil",
+    "tempfile",
 )
 """Standard modules imported at the top of modules the agent runs but used on paths no request takes:
 
@@ -235,7 +237,12 @@ DEFERRED = (
   agent's auth and Connect modules and of protobuf's ``descriptor``, for a signed URL, bytes in a JSON
   message, an error's details; and ``mimetypes`` (``agent.contenttype``), for a download's type. The
   first such request loads them; binary commands never do. 0.23 MiB together (18.17 → 17.94 MiB,
-  medians of 3 starts)."""
+  medians of 3 starts).
+* ``shutil`` (with ``fnmatch``, ``bz2``, ``lzma`` and their C libraries) and ``tempfile`` (with
+  ``random``, ``hashlib`` and its digests), imported at the top of python-multipart for its on-disk
+  ``File`` objects, which the agent's multipart parser never makes: the first multipart upload
+  would otherwise keep them for the agent's life: 0.69 MiB of idle RSS after a mix of requests with
+  one multipart upload (19.39 → 18.70 MiB, medians of 5 starts; docs/benchmarks.md, ``rss8``)."""
 
 
 class _DataclassesInspect(types.ModuleType):

@@ -15,7 +15,7 @@ from .app import AgentApp
 from .http_server import ConnectionLimits, limit_connections
 from .idle import IdleTrim
 from .lean import openssl_blocked
-from .methods import build_methods
+from .methods import build_methods, filesystem_later, process_methods
 from .rpc import Method
 from .serving import AgentServer, ServerSettings, agent_settings
 from .state import AgentState
@@ -67,13 +67,16 @@ class Prepared:
     """The server for ``config``, not started."""
 
 
-def prepare(host: str, port: int, connections: ConnectionLimits | None = None) -> Prepared:
-    """Build the agent's state (its default user to be set by :func:`serve`) and server settings."""
+def prepare(host: str, port: int, connections: ConnectionLimits | None = None, *, lazy: bool = False) -> Prepared:
+    """Build the agent's state (its default user to be set by :func:`serve`) and server settings.
+    ``lazy``: the filesystem and watch services are built on their first request
+    (``methods.filesystem_later``), and ``methods`` holds the process service's alone."""
     state = AgentState(default_user="root")
-    methods = build_methods(state)
+    later = filesystem_later(state) if lazy else None
+    methods = process_methods(state) if lazy else build_methods(state)
     idle = IdleTrim()  # what tune_allocator's trim threshold keeps after a big request, given back when idle
     state.freed = idle.freed
-    config = agent_settings(idle.wrap(AgentApp(state, methods)), host, port, connections)
+    config = agent_settings(idle.wrap(AgentApp(state, methods, later)), host, port, connections)
     config.timeout_graceful_shutdown = SHUTDOWN_GRACE_S
     return Prepared(state, methods, idle, config, AgentServer(config))
 
@@ -128,7 +131,8 @@ async def serve(options: AgentOptions) -> None:
     tune_allocator()
     prepared = options.prepared
     if prepared is None:
-        prepared = prepare(options.host, options.port, options.connections)
+        # the gRPC server registers every method at its start; Connect alone builds the filesystem's on use
+        prepared = prepare(options.host, options.port, options.connections, lazy=options.grpc_port is None)
     else:  # built in the zygote: the connection cap follows this process's RLIMIT_NOFILE, not the zygote's
         limit_connections(prepared.config, options.connections)
     state, methods, idle = prepared.state, prepared.methods, prepared.idle

@@ -48,6 +48,24 @@ MAX_WATCHERS = 256
 ``max_user_instances`` is 128 per user, so this is rarely the binding limit), a drain thread and a
 buffer."""
 
+
+WATCHER_ID_ALPHABET = string.ascii_lowercase + string.digits
+WATCHER_ID_LENGTH = 20
+
+
+def new_watcher_id() -> str:
+    """``w`` and 20 random letters and digits (~103 bits), from ``os.urandom``. Not ``secrets.choice``:
+    ``secrets`` imports ``random``, ``hmac`` and ``hashlib`` (with every ``_sha*``, ``_md5`` and
+    ``_blake2`` module), which the standalone agent kept for its life after its first watcher: 0.38 MiB
+    of idle RSS (docs/benchmarks.md, ``rss8``). A byte at or above 252 (7 x 36) is drawn again, so that each
+    character is uniform over the 36."""
+    limit = 256 - 256 % len(WATCHER_ID_ALPHABET)
+    chars: list[str] = []
+    while len(chars) < WATCHER_ID_LENGTH:
+        chars += [WATCHER_ID_ALPHABET[b % len(WATCHER_ID_ALPHABET)] for b in os.urandom(WATCHER_ID_LENGTH) if b < limit]
+    return "w" + "".join(chars[:WATCHER_ID_LENGTH])
+
+
 TRANSLATE_ITEMS = 1024
 """Events a stream takes from its watcher and sends before taking more, so a backlog waits in the
 watcher's byte-bounded buffer (``_core.WATCH_BUFFER_BYTES``) rather than as Python objects."""
@@ -379,9 +397,7 @@ class WatchService:
                 Code.RESOURCE_EXHAUSTED, f"this agent already has {MAX_WATCHERS} watchers: remove unused ones first"
             )
         poll = BufferedWatcher(watcher, EventTranslator(path, request.include_entry, self.state.watch_hub))
-        import secrets  # here: only watchers need it (with hmac and hashlib), see sandboxd.agent.lean
-
-        watcher_id = "w" + "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(20))
+        watcher_id = new_watcher_id()
         self.watchers[watcher_id] = poll  # its thread buffers the events between two polls
         self.state.watch_hub.add(poll)
         if self._expiry is None or self._expiry.done():
