@@ -35,6 +35,29 @@ async def _request(app: Any, seconds: float, scope_type: str = "http") -> None:
     await app({"type": scope_type}, receive, send)
 
 
+def _holder() -> tuple[asyncio.Event, Any]:
+    """An app whose requests stay in flight until the event is set."""
+    release = asyncio.Event()
+
+    async def held(scope: Any, receive: Any, send: Any) -> None:
+        await release.wait()
+
+    return release, held
+
+
+async def _no_trim_until_it_ends(
+    slow: asyncio.Task[None], release: asyncio.Event, idle: IdleTrim, calls: list[bool]
+) -> None:
+    """No trim while ``slow`` (a held request) is in flight; one once it has ended."""
+    before = len(calls)
+    await asyncio.sleep(DELAY * 3)
+    assert len(calls) == before and idle.active == 1
+    release.set()
+    await slow
+    await asyncio.sleep(DELAY * 3)
+    assert len(calls) == before + 1
+
+
 def _sleeper(seconds: float) -> Any:
     async def app(scope: Any, receive: Any, send: Any) -> None:
         await asyncio.sleep(seconds)
@@ -69,11 +92,7 @@ def test_one_trim_after_a_quiet_spell() -> None:
 def test_no_trim_while_a_request_is_in_flight() -> None:
     async def main() -> None:
         idle, calls = _counting()
-        release = asyncio.Event()
-
-        async def held(scope: Any, receive: Any, send: Any) -> None:
-            await release.wait()
-
+        release, held = _holder()
         slow = asyncio.create_task(_request(idle.wrap(held), 0))
         await _request(idle.wrap(_sleeper(0)), 0)  # one ends while the held one is still in flight
         await asyncio.sleep(DELAY * 3)
@@ -87,12 +106,7 @@ def test_no_trim_while_a_request_is_in_flight() -> None:
         release.clear()
         await _request(idle.wrap(_sleeper(0)), 0)
         slow = asyncio.create_task(_request(idle.wrap(held), 0))
-        await asyncio.sleep(DELAY * 3)
-        assert len(calls) == 1 and idle.active == 1
-        release.set()
-        await slow
-        await asyncio.sleep(DELAY * 3)
-        assert len(calls) == 2
+        await _no_trim_until_it_ends(slow, release, idle, calls)
 
     asyncio.run(main())
 
@@ -195,20 +209,11 @@ def test_memory_freed_outside_a_request_is_trimmed_once_quiet() -> None:
         assert len(calls) == 1
         await asyncio.sleep(DELAY * 3)
         assert len(calls) == 1  # once per call, not every interval
-        release = asyncio.Event()
-
-        async def held(scope: Any, receive: Any, send: Any) -> None:
-            await release.wait()
-
+        release, held = _holder()
         slow = asyncio.create_task(_request(idle.wrap(held), 0))
         await asyncio.sleep(0)
         idle.freed()
-        await asyncio.sleep(DELAY * 3)
-        assert len(calls) == 1 and idle.active == 1
-        release.set()
-        await slow
-        await asyncio.sleep(DELAY * 3)
-        assert len(calls) == 2
+        await _no_trim_until_it_ends(slow, release, idle, calls)
 
     asyncio.run(main())
 

@@ -381,31 +381,39 @@ mod tests {
 
     #[test]
     fn abort_and_drop_leave_no_temp_file_and_the_old_content() {
-        let dir = tempfile::tempdir().unwrap();
-        let target = dir.path().join("f");
-        fs::write(&target, "old").unwrap();
+        // Whether the file was sealed first (complete and closed, only its rename left) or not.
+        for seal in [false, true] {
+            let dir = tempfile::tempdir().unwrap();
+            let target = dir.path().join("f");
+            fs::write(&target, "old").unwrap();
+            let partial = || {
+                let mut w = AtomicWriter::create(&target, 0, 0).unwrap();
+                w.write(b"partial").unwrap();
+                if seal {
+                    w.seal(&Metadata::new()).unwrap();
+                }
+                assert_eq!(names(dir.path()).len(), 2);
+                w
+            };
 
-        let mut w = AtomicWriter::create(&target, 0, 0).unwrap();
-        w.write(b"partial").unwrap();
-        w.abort().unwrap();
-        w.abort().unwrap();
-        assert!(matches!(w.write(b"x"), Err(Error::Closed { .. })));
-        assert!(matches!(
-            w.commit(&Metadata::new()),
-            Err(Error::Closed { .. })
-        ));
-        assert_eq!(names(dir.path()), ["f"]);
+            let mut w = partial();
+            w.abort().unwrap();
+            w.abort().unwrap();
+            assert!(matches!(w.write(b"x"), Err(Error::Closed { .. })));
+            assert!(matches!(
+                w.commit(&Metadata::new()),
+                Err(Error::Closed { .. })
+            ));
+            assert_eq!(names(dir.path()), ["f"]);
 
-        let mut w = AtomicWriter::create(&target, 0, 0).unwrap();
-        w.write(b"partial").unwrap();
-        assert_eq!(names(dir.path()).len(), 2);
-        drop(w);
-        assert_eq!(names(dir.path()), ["f"]);
-        assert_eq!(fs::read(&target).unwrap(), b"old");
+            drop(partial());
+            assert_eq!(names(dir.path()), ["f"]);
+            assert_eq!(fs::read(&target).unwrap(), b"old");
 
-        // A new file that is never committed never appears.
-        drop(AtomicWriter::create(&dir.path().join("new"), 0, 0).unwrap());
-        assert_eq!(names(dir.path()), ["f"]);
+            // A new file that is never committed never appears.
+            drop(AtomicWriter::create(&dir.path().join("new"), 0, 0).unwrap());
+            assert_eq!(names(dir.path()), ["f"]);
+        }
     }
 
     /// Descriptors this process has open.
@@ -453,31 +461,6 @@ mod tests {
             w.commit(&Metadata::new()),
             Err(Error::Closed { .. })
         ));
-    }
-
-    #[test]
-    fn a_sealed_file_that_is_aborted_or_dropped_leaves_nothing() {
-        let dir = tempfile::tempdir().unwrap();
-        let target = dir.path().join("f");
-        fs::write(&target, "old").unwrap();
-        let mut w = AtomicWriter::create(&target, 0, 0).unwrap();
-        w.write(b"partial").unwrap();
-        w.seal(&Metadata::new()).unwrap();
-        assert_eq!(names(dir.path()).len(), 2);
-        w.abort().unwrap();
-        w.abort().unwrap();
-        assert!(matches!(
-            w.commit(&Metadata::new()),
-            Err(Error::Closed { .. })
-        ));
-        assert_eq!(names(dir.path()), ["f"]);
-
-        let mut w = AtomicWriter::create(&target, 0, 0).unwrap();
-        w.write(b"partial").unwrap();
-        w.seal(&Metadata::new()).unwrap();
-        drop(w);
-        assert_eq!(names(dir.path()), ["f"]);
-        assert_eq!(fs::read(&target).unwrap(), b"old");
     }
 
     #[test]
