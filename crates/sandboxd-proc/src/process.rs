@@ -5,7 +5,7 @@
 //! on the PTY master.
 //!
 //! Each process has one named thread, `proc-<pid>`, that reads its output into the ring until EOF,
-//! then waits for and reaps the child, records the [`End`] and closes stdin.
+//! then waits for and reaps the child, closes stdin and the PTY master, and records the [`End`].
 
 use std::fmt;
 use std::io;
@@ -43,8 +43,15 @@ pub(crate) struct Inner {
     /// Serializes stdin writes so that two callers' inputs do not interleave. Held for at most the
     /// caller's write timeout.
     stdin_writer: Mutex<()>,
-    /// The PTY master (non-blocking), for PTY processes. Open until the last handle is dropped.
-    pty: Option<OwnedFd>,
+    /// True for a PTY process (whether or not its master is still open).
+    has_pty: bool,
+    /// Invariant: the PTY master (non-blocking) of a PTY process, `Some` until its end is
+    /// recorded; held only to clone or take the `Arc`, as `stdin`. Closed with the end rather than
+    /// kept with the ended process (connectable for 30 s): nothing can reach the terminal then,
+    /// and every descriptor kept open is copied into each later child's descriptor table and
+    /// closed again at its `exec`, 0.1–0.23 µs per descriptor on every spawn (docs/benchmarks.md,
+    /// `rtt7`).
+    pty: Mutex<Option<Arc<OwnedFd>>>,
     /// Serializes PTY writes, like `stdin_writer`.
     pty_writer: Mutex<()>,
     /// Invariant: false until the reader thread has collected the child's status with `waitpid`.
@@ -113,7 +120,8 @@ impl Process {
             output: Output::new(opts.ring_bytes, opts.stall_timeout),
             stdin: Mutex::new(spawned.stdin.map(Arc::new)),
             stdin_writer: Mutex::new(()),
-            pty: spawned.pty,
+            has_pty: spawned.pty.is_some(),
+            pty: Mutex::new(spawned.pty.map(Arc::new)),
             pty_writer: Mutex::new(()),
             reaped: Mutex::new(false),
         });
@@ -148,7 +156,7 @@ impl Process {
 
     /// True when the process was started with a PTY.
     pub fn has_pty(&self) -> bool {
-        self.inner.pty.is_some()
+        self.inner.has_pty
     }
 
     /// A new subscriber with its own cursor and wake-up fd, starting at the oldest retained
@@ -228,7 +236,7 @@ impl Process {
 
     /// Writes all of `data` to the PTY (the child reads it as terminal input), waiting at most
     /// `timeout` while the terminal's input queue is full. `Unsupported` without a PTY; `TimedOut`
-    /// when the child does not read.
+    /// when the child does not read; `BrokenPipe` once the process has ended (its master closed).
     pub fn write_pty(&self, data: &[u8], timeout: Duration) -> io::Result<()> {
         let master = self.master()?;
         let _turn = lock(&self.inner.pty_writer);
@@ -236,12 +244,14 @@ impl Process {
     }
 
     /// Changes the PTY's window size (`TIOCSWINSZ`); the kernel sends `SIGWINCH` to the terminal's
-    /// foreground process group. `Unsupported` without a PTY.
+    /// foreground process group. `Unsupported` without a PTY; `BrokenPipe` once the process has
+    /// ended.
     pub fn resize(&self, size: WinSize) -> io::Result<()> {
         pty::set_size(self.master()?.as_fd(), size)
     }
 
-    /// The PTY's current window size (`TIOCGWINSZ`). `Unsupported` without a PTY.
+    /// The PTY's current window size (`TIOCGWINSZ`). `Unsupported` without a PTY; `BrokenPipe`
+    /// once the process has ended.
     pub fn size(&self) -> io::Result<WinSize> {
         pty::get_size(self.master()?.as_fd())
     }
@@ -259,11 +269,20 @@ impl Process {
         Ok(())
     }
 
-    fn master(&self) -> io::Result<&OwnedFd> {
-        self.inner
-            .pty
-            .as_ref()
-            .ok_or_else(|| io::Error::new(io::ErrorKind::Unsupported, "process has no PTY"))
+    /// The PTY master, kept open by the returned clone for as long as the caller uses it.
+    fn master(&self) -> io::Result<Arc<OwnedFd>> {
+        if !self.inner.has_pty {
+            return Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "process has no PTY",
+            ));
+        }
+        lock(&self.inner.pty).clone().ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::BrokenPipe,
+                "process has ended: its PTY is closed",
+            )
+        })
     }
 }
 
@@ -278,7 +297,7 @@ impl fmt::Debug for Process {
 }
 
 /// The body of the `proc-<pid>` thread: drain output to EOF, then wait for the child, reap it,
-/// close stdin and record the end (envd's order: both pipes at EOF, then `wait()`, then `end`).
+/// close stdin and the PTY master, and record the end (envd's order: both pipes at EOF, then `wait()`, then `end`).
 fn follow(inner: Arc<Inner>, mut outputs: Vec<(OwnedFd, Stream)>, chunk: usize, gather: usize) {
     match outputs.pop() {
         Some((master, Stream::Pty)) if outputs.is_empty() => {
@@ -307,5 +326,7 @@ fn follow(inner: Arc<Inner>, mut outputs: Vec<(OwnedFd, Stream)>, chunk: usize, 
     };
     let stdin = lock(&inner.stdin).take();
     drop(stdin);
+    let master = lock(&inner.pty).take();
+    drop(master);
     inner.output.finish(end);
 }

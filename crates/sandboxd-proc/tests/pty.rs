@@ -240,3 +240,20 @@ fn the_tail_of_a_flood_arrives_while_the_process_goes_quiet() {
     process.signal(Signal::SIGKILL).unwrap();
     assert!(!collect(&process).end().success());
 }
+
+#[test]
+fn the_master_is_closed_with_the_end() {
+    // Closed, not kept with the ended process (which the agent keeps for late readers): every
+    // descriptor kept open is copied into, and closed again by, each later child.
+    let process = Process::spawn(&sh_pty("echo bye", 80, 24)).unwrap();
+    let c = collect(&process);
+    assert_eq!(c.end().exit_code, 0);
+    assert!(process.has_pty());
+    for err in [
+        process.write_pty(b"x", Duration::from_secs(1)).unwrap_err(),
+        process.resize(WinSize::default()).unwrap_err(),
+        process.size().unwrap_err(),
+    ] {
+        assert_eq!(err.kind(), ErrorKind::BrokenPipe, "{err}");
+    }
+}

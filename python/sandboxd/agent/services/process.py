@@ -436,6 +436,8 @@ class ProcessService:
         try:
             await asyncio.to_thread(writer, payload, STDIN_WRITE_TIMEOUT_S)
         except BrokenPipeError:
+            if which == "pty":  # it ended since _find looked: its master is closed with its end
+                raise RpcError(Code.NOT_FOUND, f"process {pid} has already exited") from None
             raise RpcError(
                 Code.FAILED_PRECONDITION,
                 f"stdin of process {pid} is not enabled or already closed (start it with stdin=True)",
@@ -492,5 +494,8 @@ class ProcessService:
             size = request.pty.size
             if not size.cols or not size.rows:
                 raise RpcError(Code.INVALID_ARGUMENT, "pty.size needs non-zero cols and rows")
-            entry.process.resize(size.cols, size.rows)
+            try:
+                entry.process.resize(size.cols, size.rows)
+            except BrokenPipeError:  # it ended since _find looked: its master is closed with its end
+                raise RpcError(Code.NOT_FOUND, f"process {entry.process.pid} has already exited") from None
         return pb.UpdateResponse()
