@@ -125,6 +125,70 @@ def test_a_warm_sandbox_is_a_fresh_sandbox_with_the_claims_identity(
         second.kill()
 
 
+def _cpu_group(runtime: Runtime, sandbox_id: str) -> Path:
+    """The sandbox's cgroup directory that holds its CPU weight (v1: the ``cpu`` hierarchy's)."""
+    group = Path("sandboxd") / instance_name(runtime.data_dir) / sandbox_id
+    v2 = Path("/sys/fs/cgroup") / group
+    return v2 if (v2 / "cpu.weight").exists() else Path("/sys/fs/cgroup/cpu") / group
+
+
+def _weight(runtime: Runtime, sandbox_id: str) -> int:
+    """The sandbox's cgroup CPU weight in v2's units (v1's ``cpu.shares`` 1024 is v2's 100)."""
+    directory = _cpu_group(runtime, sandbox_id)
+    if (directory / "cpu.weight").exists():
+        return int((directory / "cpu.weight").read_text())
+    return round(int((directory / "cpu.shares").read_text()) * 100 / 1024)
+
+
+def _threads(runtime: Runtime, sandbox_id: str) -> dict[int, tuple[int, int]]:
+    """Every thread in the sandbox's cgroup: tid → (scheduling policy, niceness)."""
+    directory = _cpu_group(runtime, sandbox_id)
+    listing = directory / ("cgroup.threads" if (directory / "cpu.weight").exists() else "tasks")
+    threads = {}
+    for tid in map(int, listing.read_text().split()):
+        try:
+            threads[tid] = (os.sched_getscheduler(tid), os.getpriority(os.PRIO_PROCESS, tid))
+        except OSError:  # it exited since the listing
+            continue
+    return threads
+
+
+def test_a_claim_gives_a_warm_sandbox_the_default_priority_also_while_the_pool_refills(
+    start_runtime: Callable[..., Runtime], sdk_env: Callable[[Runtime], None]
+) -> None:
+    """A warm sandbox boots, and waits, at the least CPU weight in its cgroup and nice 10 (so a refill
+    runs on what the creates leave); its claim gives it the kernel's defaults back, the cgroup and
+    every thread in it, before anything of the user's runs: none of a sandbox's own processes stays
+    low. Two claims in a row, the second while the pool refills beside it, and the refill's
+    sandboxes still low."""
+    from e2b import Sandbox
+
+    runtime = start_runtime("--warm-sandboxes", "2")
+    sdk_env(runtime)
+    _pool_ready(runtime, 2)
+    warm = _wait_warm(runtime, 2)
+    for sandbox_id in warm:
+        assert _weight(runtime, sandbox_id) == 1
+        threads = _threads(runtime, sandbox_id)
+        assert len(threads) >= 2 and {nice for _, nice in threads.values()} == {10}, threads  # init, agent
+    first = Sandbox.create()
+    second = Sandbox.create()  # the pool is refilling now: its first refill boots beside this claim
+    try:
+        assert {first.sandbox_id, second.sandbox_id} == warm
+        for sandbox in (first, second):
+            sandbox.commands.run("sleep 600", background=True)  # started by the claimed agent
+            assert _weight(runtime, sandbox.sandbox_id) == 100
+            threads = _threads(runtime, sandbox.sandbox_id)
+            assert len(threads) > 3, threads
+            assert set(threads.values()) == {(os.SCHED_OTHER, 0)}, threads
+        refilled = _wait_warm(runtime, 2, exclude=warm)  # the claimed two keep their directories
+        for sandbox_id in refilled:
+            assert _weight(runtime, sandbox_id) == 1
+    finally:
+        first.kill()
+        second.kill()
+
+
 def test_a_steady_stream_of_creates_keeps_being_served_warm(
     start_runtime: Callable[..., Runtime], sdk_env: Callable[[Runtime], None]
 ) -> None:

@@ -539,11 +539,18 @@ class SandboxManager:
         return row
 
     async def _spawn(
-        self, row: SandboxRow, template: Template, resuming: bool, nice: int = 0
+        self,
+        row: SandboxRow,
+        template: Template,
+        resuming: bool,
+        nice: int = 0,
+        cpu_weight: int | None = None,
     ) -> tuple[_core.SandboxHandle, Slot | None]:
         """Fork the sandbox from the zygote into its jail and watch its init; its agent starts
         without a token. Returns its handle and its network slot (reserved, not linked yet). On
-        failure nothing is left; a resume keeps its disk and id range."""
+        failure nothing is left; a resume keeps its disk and id range. ``nice`` and ``cpu_weight``
+        (its cgroup's, against the other sandboxes): a warm sandbox's (:mod:`.warm`), else the
+        defaults."""
         self.zygote.check_up()
         sandbox_dir = self.sandboxes_dir / row.id
         sandbox_dir.mkdir(parents=True, exist_ok=True)
@@ -570,6 +577,8 @@ class SandboxManager:
             # before: its own copy of the store (what it wrote there) is on its disk, above the layer.
             request = self._zygote_request(row, template, sandbox_dir, trust, ca if trust is None or resuming else None)
             request["nice"] = nice
+            if cpu_weight is not None:
+                request["cpu_weight"] = cpu_weight
             if resuming and RESUME_FAULT:
                 request["fault"] = RESUME_FAULT
             request["volumes"] = [target for target, _ in mounts]

@@ -25,7 +25,8 @@ at nice 10: it joins the pool only once that kernel is ready. Its interpreter's 
 Cost, bounded by ``--warm-sandboxes N``: N idle sandboxes (~8-10 MiB of PSS each,
 ``benches/runtime``; a ``code-interpreter-v1`` one ~120 MiB: its interpreter server ~20 MiB and its
 default ipykernel ~70 MiB, measured), N disks and N network slots, not counted against
-``--max-sandboxes`` until claimed, and each refill's CPU (a create's, at nice 10). Without the flag
+``--max-sandboxes`` until claimed, and each refill's CPU (a create's; the sandbox's part of it at
+:data:`CPU_WEIGHT` in its cgroup and nice 10 inside, so it runs on what creates leave). Without the flag
 the runtime keeps a small pool sized from the host's memory (:func:`.host.default_warm_sandboxes`: 4
 on a host with 8 GiB or more for sandboxes, none under 2 GiB), of a template already built: that
 pool never starts a build of ``base`` (a runtime nobody has asked for a sandbox yet fetches nothing),
@@ -61,7 +62,21 @@ log = logging.getLogger("sandboxd.runtime")
 NICE = 10
 """The niceness a warm sandbox boots with, reset to 0 when it is claimed: booting one takes a few tens
 of ms of CPU, and right after a claim that would compete, as an equal, with the claimed sandbox's
-first command (measured: the first command went from 37 to 65 ms p50 on 2 busy cores)."""
+first command (measured: the first command went from 37 to 65 ms p50 on 2 busy cores). It weighs
+the sandbox's processes against each other and against the zygote and the runtime (its "A" runs in
+the zygote's cgroup until it joins its own), not against other sandboxes: see :data:`CPU_WEIGHT`."""
+
+CPU_WEIGHT = 1
+"""The warm sandbox's cgroup CPU weight until its claim (cgroup v2 ``cpu.weight`` 1, v1
+``cpu.shares`` 10; the kernel's default is :data:`DEFAULT_CPU_WEIGHT`): ~1 % of a default
+sandbox's share while both want the CPU, all of what the others leave. CFS weighs sibling cgroups
+before the tasks inside them, so :data:`NICE` alone left a refill's boot (its jail, its agent's
+start, the warm-up's ``bash -l``) an equal of the foreground create's sandbox booting beside it:
+back to back, the default pool of 4 was slower than none once drained (33.5 against 25.7 ms p50,
+``docs/benchmarks.md``, CI 18:08)."""
+
+DEFAULT_CPU_WEIGHT = 100
+"""The kernel's default cgroup CPU weight, which the claim gives a warm sandbox back."""
 
 REFILL_DELAY_S = 0.1
 """A refill starts this long after the last claim, so that booting the next warm sandbox does not
@@ -201,7 +216,7 @@ class WarmPool:
             memory_mb=memory_mb,
             disk_mb=limits.disk_mb,
         )
-        handle, slot = await manager._spawn(row, template, resuming=False, nice=NICE)
+        handle, slot = await manager._spawn(row, template, resuming=False, nice=NICE, cpu_weight=CPU_WEIGHT)
         warm = Warm(row, template, handle, slot)
         try:
             if slot is not None and manager.networks is not None:
@@ -251,24 +266,27 @@ class WarmPool:
 
 
 async def renice(warm: Warm) -> None:
-    """A claimed warm sandbox back to the default priority, in a worker thread, before its ``/init``
-    (at nice 10 on a loaded host its agent answered seconds late): on the event loop this took ~1 ms a
-    claim, a quarter of the runtime's CPU in a burst of warm creates (py-spy, 64 claims). A sandbox
-    that died in the pool since :meth:`WarmPool.take` checked it fails the create with a 500 that says
-    so (the create's clean-up then runs as for any failed create)."""
+    """A claimed warm sandbox back to the default priority, its cgroup's CPU weight and its threads'
+    niceness, in a worker thread, before its ``/init`` (at nice 10 on a loaded host its agent answered
+    seconds late): on the event loop this took ~1 ms a claim, a quarter of the runtime's CPU in a
+    burst of warm creates (py-spy, 64 claims). A sandbox that died in the pool since
+    :meth:`WarmPool.take` checked it fails the create with a 500 that says so (the create's clean-up
+    then runs as for any failed create)."""
     try:
-        await asyncio.to_thread(_renice, warm.handle.init_pid)
+        await asyncio.to_thread(_renice, warm.handle, warm.handle.init_pid)
     except OSError as exc:
         raise ApiError(500, f"the warm sandbox taken for this create stopped before its claim ({exc}); retry") from None
 
 
-def _renice(init_pid: int) -> None:
-    """Back to the default priority: every thread of every process in the sandbox, found from its
-    init down (its agent, and in a code-interpreter sandbox the interpreter and its kernels; nobody
-    else can have started a process: the agent has no token yet). Niceness is per thread, and the
-    agent's event loop starts its worker threads while niced. A handful of system calls and short
-    reads. Raises OSError when the sandbox's processes are gone (it died: the claim fails as a create
-    would)."""
+def _renice(handle: _core.SandboxHandle, init_pid: int) -> None:
+    """Back to the default priority: the cgroup's weight first (one write: what it weighs against
+    the other sandboxes), then every thread of every process in the sandbox, found from its init
+    down (its agent, and in a code-interpreter sandbox the interpreter and its kernels; nobody else
+    can have started a process: the agent has no token yet). Niceness is per thread, and the agent's
+    event loop starts its worker threads while niced. A handful of system calls and short reads.
+    Raises OSError when the sandbox's processes or its cgroup are gone (it died: the claim fails as
+    a create would)."""
+    handle.set_cpu_weight(DEFAULT_CPU_WEIGHT)
     pending = [init_pid]
     while pending:
         pid = pending.pop()
