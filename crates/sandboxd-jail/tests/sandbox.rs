@@ -444,7 +444,10 @@ print("forked", len(kids), "refused", refused)
         sleep(Duration::from_millis(20));
     };
     let refused: u32 = out.split_whitespace().last().unwrap().parse().unwrap();
-    assert!(sb.handle.set_cpu_weight(0).is_err(), "weight 0 is out of range");
+    assert!(
+        sb.handle.set_cpu_weight(0).is_err(),
+        "weight 0 is out of range"
+    );
     assert!(refused > 0, "pids.max must stop the fork loop: {out}");
 
     let stats = sb.handle.stats().unwrap();
