@@ -14,7 +14,15 @@ import httpx
 import pytest
 from conftest import Runtime
 from sandboxd.cli import build_parser
-from sandboxd.runtime.host import HostFacts, default_warm_sandboxes, instance_name, read_host
+from sandboxd.runtime.host import (
+    HostFacts,
+    SandboxFlags,
+    default_warm_sandboxes,
+    instance_name,
+    read_host,
+    sandbox_limits,
+    warm_growth_cap,
+)
 
 
 def _dirs(runtime: Runtime) -> set[str]:
@@ -299,6 +307,88 @@ def test_the_default_pool_is_small_sized_from_memory_and_within_max_sandboxes() 
     assert [default_warm_sandboxes(_host(gib), 256) for gib in (1, 2, 2.5, 4, 8, 24, 512)] == [0, 0, 1, 1, 3, 4, 4]
     assert default_warm_sandboxes(_host(24), 2) == 2
     assert default_warm_sandboxes(_host(24), 0) == 0
+
+
+def test_the_default_pool_grows_only_within_memory_and_max_sandboxes_and_a_fixed_one_never() -> None:
+    """How far the default pool may follow the bursts it sees: at most 128 warm sandboxes, one per
+    128 MiB of the sandboxes' memory budget, never more than ``--max-sandboxes``; a host too small for
+    a default pool grows none, and ``--warm-sandboxes N`` (``0`` too) is a fixed size."""
+    assert [warm_growth_cap(_host(gib), 256) for gib in (1, 2, 4, 8, 24, 512)] == [4, 12, 28, 56, 128, 128]
+    assert warm_growth_cap(_host(24), 20) == 20
+
+    def grows_to(gib: float, flag: int | None) -> int:
+        return sandbox_limits(_host(gib), SandboxFlags(warm_sandboxes=flag)).warm_grows_to
+
+    assert grows_to(24, None) == 128
+    assert grows_to(1, None) == 0  # no default pool there, none to grow
+    assert grows_to(24, 4) == grows_to(24, 0) == 0
+
+
+def _gauge(runtime: Runtime, name: str) -> float:
+    text = httpx.get(f"{runtime.url}/metrics", headers={"Authorization": f"Bearer {runtime.api_key}"}).text
+    values = [line.split()[-1] for line in text.splitlines() if line.startswith(f"{name} ")]
+    assert values, f"no {name} in /metrics"
+    return float(values[0])
+
+
+def _burst(n: int) -> None:
+    """``n`` concurrent creates through the async SDK, then their kills."""
+    import asyncio
+
+    from e2b import AsyncSandbox
+
+    async def burst() -> None:
+        sandboxes = await asyncio.gather(*(AsyncSandbox.create(timeout=120) for _ in range(n)))
+        await asyncio.gather(*(sandbox.kill() for sandbox in sandboxes))
+
+    asyncio.run(burst())
+
+
+def _until(what: str, done: Callable[[], bool], timeout_s: float = 120) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not done():
+        assert time.monotonic() < deadline, f"{what}: not after {timeout_s:g} s"
+        time.sleep(0.2)
+
+
+def test_the_default_pool_grows_to_a_burst_and_shrinks_back_after_a_quiet_period(
+    start_runtime: Callable[..., Runtime], sdk_env: Callable[[Runtime], None]
+) -> None:
+    """A burst past the default pool: the pool grows to the burst's size and refills to it (the next
+    such burst is served warm), then, once no burst as large came for its quiet period (shortened to
+    15 s here through the runtime's environment), shrinks back to its default size, the extra warm
+    sandboxes killed (their cgroups and directories gone)."""
+    runtime = start_runtime("--warm-sandboxes", "auto", env={"SANDBOXD_WARM_DECAY_S": "15"})
+    base = default_warm_sandboxes(read_host(runtime.data_dir), 256)
+    if base == 0:
+        pytest.skip("this host is too small for a default pool (under 2 GiB for sandboxes)")
+    sdk_env(runtime)
+    _pool_ready(runtime, base)
+    assert _gauge(runtime, "sandboxd_warm_target") == base
+    n = base + 3
+    _burst(n)
+    assert _gauge(runtime, "sandboxd_warm_target") == n
+    _until("the pool refilled past its default size", lambda: _gauge(runtime, "sandboxd_warm_sandboxes") > base)
+    grown = _dirs(runtime)
+    assert len(grown) > base
+    _until("the pool shrank back", lambda: _gauge(runtime, "sandboxd_warm_target") == base, 60)
+    _until("the extra warm sandboxes were killed", lambda: len(_dirs(runtime)) == base, 60)
+    for sandbox_id in grown - _dirs(runtime):
+        assert not _cgroup_procs(runtime, sandbox_id)
+    assert _gauge(runtime, "sandboxd_warm_sandboxes") <= base
+
+
+def test_a_fixed_pool_keeps_its_size_after_a_burst(
+    start_runtime: Callable[..., Runtime], sdk_env: Callable[[Runtime], None]
+) -> None:
+    runtime = start_runtime("--warm-sandboxes", "2")
+    sdk_env(runtime)
+    _pool_ready(runtime, 2)
+    _burst(5)
+    assert _gauge(runtime, "sandboxd_warm_target") == 2
+    _pool_ready(runtime, 2)
+    time.sleep(1.0)
+    assert len(_dirs(runtime)) == 2
 
 
 def test_serve_keeps_its_default_pool_and_serves_creates_from_it(

@@ -116,6 +116,10 @@ class Limits:
     """Whether the pool builds a built-in template it finds unbuilt (an operator asked for the pool
     with ``--warm-sandboxes``), or waits for a create to build it (the default pool: a runtime started
     with no flags must not fetch Debian's archive before anyone asked for a sandbox)."""
+    warm_grows_to: int = 0
+    """How far the pool may grow past ``warm_sandboxes`` to follow the bursts of creates it has seen
+    (the default pool, :func:`.host.warm_growth_cap`); 0, or not above ``warm_sandboxes``: a fixed
+    pool (``--warm-sandboxes N``)."""
 
     def size(self, template: Template) -> tuple[int, int]:
         """CPUs and memory (MiB) of a sandbox of ``template``: its build's, else these defaults."""
@@ -311,7 +315,9 @@ class SandboxManager:
         self._sampling: asyncio.Task[None] | None = None
         self.observe = observer or Observer()
         """Counts and logs every transition (metrics, structured logs, the log redactor's tokens)."""
-        self.warm = WarmPool(self, limits.warm_sandboxes, limits.warm_template, builds=limits.warm_builds)
+        self.warm = WarmPool(
+            self, limits.warm_sandboxes, limits.warm_template, builds=limits.warm_builds, grows_to=limits.warm_grows_to
+        )
         self.volumes = Volumes(data_dir, limits.disk_mb)
         """E2B's volumes, mounted into the sandboxes that name them (see :mod:`.volumes`)."""
         self.secrets = SecretStore(store.db)

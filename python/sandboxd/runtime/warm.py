@@ -38,6 +38,7 @@ runtime left.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import functools
 import logging
@@ -89,6 +90,17 @@ RETRY_S = 2.0
 COLD_CREATE_POLL_S = 0.005
 """How often a refill held back by creates in flight looks again."""
 
+GROWTH_WINDOW_S = 2.0
+"""Creates of the warm template that come within this long of each other are one burst: the default
+pool grows to the largest burst it has seen (bounded, :attr:`WarmPool.size`), so that the next burst
+of that size is served warm (a burst of 100 took 0.71-0.86 s from a pool of 100 against 1.6-4.3 s
+cold, ``docs/benchmarks.md``, ``cold8``). Paced creates count too: 4 a second make a pool of 8."""
+
+DECAY_S = float(os.environ.get("SANDBOXD_WARM_DECAY_S") or 600.0)
+"""How long a grown pool keeps the size of a burst after it: it shrinks back to its default size when
+no burst as large has come for this long, its extra sandboxes killed. The runtime's environment
+(``sandboxd serve``'s, which no sandbox and no client can set) may shorten it: the tests do."""
+
 UNBUILT_RETRY_S = 5.0
 """How often the default pool, which never starts a build, looks again for its template built."""
 
@@ -111,11 +123,17 @@ class Warm:
 
 
 class WarmPool:
-    """Keeps up to ``size`` warm sandboxes of ``template``."""
+    """Keeps up to :attr:`size` warm sandboxes of ``template``: ``base``, or, for a pool that
+    ``grows_to`` more (the default pool), up to the largest burst of creates it has seen within
+    :data:`DECAY_S`."""
 
-    def __init__(self, manager: SandboxManager, size: int, template: str, builds: bool = True) -> None:
+    def __init__(
+        self, manager: SandboxManager, base: int, template: str, builds: bool = True, grows_to: int = 0
+    ) -> None:
         self.manager = manager
-        self.size = size
+        self.base = base
+        self.grows_to = grows_to if base > 0 else 0
+        """At most this many after a burst; not above ``base``: a fixed pool."""
         self.template = template
         self.builds = builds
         """Whether making a warm sandbox may start its built-in template's build (``--warm-sandboxes``
@@ -124,9 +142,43 @@ class WarmPool:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._taken_at = 0.0
+        self._arrivals: collections.deque[float] = collections.deque()
+        """When the creates it could serve came, those of the last :data:`GROWTH_WINDOW_S`."""
+        self._peaks: collections.deque[tuple[float, int]] = collections.deque()
+        """(when, how many creates had come within :data:`GROWTH_WINDOW_S`) over the last
+        :data:`DECAY_S`, each smaller than the one before it: the first is the largest burst of the
+        window (a sliding maximum, O(1) a create)."""
+
+    @property
+    def size(self) -> int:
+        """How many warm sandboxes the pool keeps now: ``base``, or the largest burst of the last
+        :data:`DECAY_S` up to ``grows_to``, and never more than the running sandboxes leave of
+        ``--max-sandboxes`` (so every warm sandbox still has a network slot: the runtime's block
+        holds ``--max-sandboxes`` + ``base``)."""
+        if self.grows_to <= self.base:
+            return self.base
+        horizon = time.monotonic() - DECAY_S
+        while self._peaks and self._peaks[0][0] < horizon:
+            self._peaks.popleft()
+        if not self._peaks:
+            return self.base
+        room = self.base + max(0, self.manager.limits.max_sandboxes - len(self.manager._slots))
+        return max(self.base, min(self._peaks[0][1], self.grows_to, room))
+
+    def _demand(self, now: float) -> None:
+        """Count a create this pool could serve (warm or not: a burst past the pool counts whole)."""
+        if self.grows_to <= self.base:
+            return
+        arrivals = self._arrivals
+        arrivals.append(now)
+        while arrivals[0] < now - GROWTH_WINDOW_S:
+            arrivals.popleft()
+        while self._peaks and self._peaks[-1][1] <= len(arrivals):
+            self._peaks.pop()
+        self._peaks.append((now, len(arrivals)))
 
     def start(self) -> None:
-        if self.size > 0:
+        if self.base > 0:
             self._task = asyncio.get_running_loop().create_task(self._fill())
 
     async def stop(self) -> None:
@@ -147,6 +199,7 @@ class WarmPool:
         if request.volume_mounts:
             return None  # volumes are mounted as the sandbox is made
         self._taken_at = time.monotonic()
+        self._demand(self._taken_at)
         while self.ready:
             warm = self.ready.pop(0)
             self._wake.set()
@@ -160,10 +213,25 @@ class WarmPool:
 
     async def _fill(self) -> None:
         waited = False
+        target = self.base
         while True:
-            if len(self.ready) >= self.size:
+            size = self.size
+            if size != target:
+                if size > target:
+                    burst = self._peaks[0][1] if self._peaks else size
+                    log.info("the warm pool grows to %d: %d creates came within %gs", size, burst, GROWTH_WINDOW_S)
+                else:
+                    log.info("the warm pool shrinks to %d: no burst as large for %gs", size, DECAY_S)
+                target = size
+            if len(self.ready) > size:  # a grown pool after its quiet period
+                await self._discard(self.ready.pop())
+                continue
+            if len(self.ready) >= size:
                 self._wake.clear()
-                await self._wake.wait()
+                # A grown pool looks again when its largest burst leaves the window (it may shrink).
+                timeout = self._peaks[0][0] + DECAY_S - time.monotonic() + 0.01 if size > self.base else None
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), timeout)
                 continue
             wait = self._taken_at + REFILL_DELAY_S - time.monotonic()
             if wait > 0 and self.ready:  # an empty pool refills at once: else steady creates starve it
