@@ -200,10 +200,12 @@ def test_a_claim_gives_a_warm_sandbox_the_default_priority_also_while_the_pool_r
 def test_a_steady_stream_of_creates_keeps_being_served_warm(
     start_runtime: Callable[..., Runtime], sdk_env: Callable[[Runtime], None]
 ) -> None:
-    """Creates one after another: the emptied pool refills at once rather than waiting for a pause in
-    the creates. Where creates come faster than the refill delay (0.1 s; a quiet machine) that pause
-    never came and only the first was served warm; on a busy machine creates are slower than that,
-    and this test then only shows that the pool keeps serving."""
+    """Creates one after another, each used a moment (a command, then 50 ms): the emptied pool refills
+    at once, in the gaps between creates, rather than waiting for the refill delay after a claim
+    (0.1 s). Where gaps are shorter than that delay (a quiet machine) the pool was never refilled and
+    only the first was served warm; on a busy machine gaps are longer, and this test then only shows
+    that the pool keeps serving. (A refill never runs while a create boots: creates with no gap
+    between them at all are served cold once the pool is empty.)"""
     from e2b import Sandbox
 
     runtime = start_runtime("--warm-sandboxes", "1")
@@ -216,10 +218,12 @@ def test_a_steady_stream_of_creates_keeps_being_served_warm(
             before = _dirs(runtime)
             created.append(Sandbox.create())
             served_warm += created[-1].sandbox_id in before
+            created[-1].commands.run("true")
+            time.sleep(0.05)
     finally:
         for sandbox in created:
             sandbox.kill()
-    assert served_warm >= 3, f"only {served_warm} of 20 back-to-back creates were served from the pool"
+    assert served_warm >= 3, f"only {served_warm} of 20 creates one after another were served from the pool"
 
 
 def test_warm_sandboxes_go_with_the_runtime_even_one_that_was_killed(start_runtime: Callable[..., Runtime]) -> None:

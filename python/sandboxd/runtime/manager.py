@@ -295,9 +295,11 @@ class SandboxManager:
         """One lock per sandbox, held by whichever transition owns it; dropped when nobody holds one."""
         self._slots: set[str] = set()
         """Sandboxes counted against --max-sandboxes: running, or being created or resumed."""
-        self.cold_creates = 0
-        """Creates booting a sandbox of their own right now (not served warm): the warm pool does not
-        refill meanwhile (:meth:`.warm.WarmPool._fill`)."""
+        self.creates = 0
+        """Creates booting right now, served warm or not: the warm pool's refill runs only while there
+        are none, and holds its sandbox frozen while there are (:meth:`.warm.WarmPool._make`)."""
+        self.creates_changed = asyncio.Event()
+        """Set whenever :attr:`creates` changes (its waiters clear it)."""
         self._pausing: dict[str, str] = {}
         """Sandboxes being paused right now, and why (the proxy treats them as gone already)."""
         self._ending: dict[str, asyncio.Future[None]] = {}
@@ -531,12 +533,13 @@ class SandboxManager:
                 )
                 if warm is not None:
                     row.id_base, row.init_pid, row.init_start = warm.row.id_base, warm.row.init_pid, warm.row.init_start
-                cold = int(warm is None)
-                self.cold_creates += cold
+                self.creates += 1
+                self.creates_changed.set()
                 try:
                     await self._boot(row, template, network=(request.network, traffic_token), warm=warm)
                 finally:
-                    self.cold_creates -= cold
+                    self.creates -= 1
+                    self.creates_changed.set()
                 self.store.insert(row, ("created", f"template {request.template}, timeout {timeout}s"))
                 self._first_sample_soon(row, now)
         except BaseException:

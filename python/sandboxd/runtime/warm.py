@@ -87,8 +87,6 @@ of creates, one every <0.1 s, would otherwise keep postponing the refill and sta
 RETRY_S = 2.0
 """Wait before trying again when making a warm sandbox failed (a template being built, no disk)."""
 
-COLD_CREATE_POLL_S = 0.005
-"""How often a refill held back by creates in flight looks again."""
 
 GROWTH_WINDOW_S = 2.0
 """Creates of the warm template that come within this long of each other are one burst: the default
@@ -107,6 +105,15 @@ UNBUILT_RETRY_S = 5.0
 
 class _NotBuilt(Exception):
     """The default pool's template is not built yet: it waits, quietly, for a create to build it."""
+
+
+@dataclass
+class _Hold:
+    """A sandbox being made for the pool: whether it is frozen, and whether its maker is done with it."""
+
+    frozen: bool = False
+    stop: bool = False
+    failed: bool = False
 
 
 @dataclass
@@ -237,13 +244,14 @@ class WarmPool:
             if wait > 0 and self.ready:  # an empty pool refills at once: else steady creates starve it
                 await asyncio.sleep(wait)
                 continue
-            if self.manager.cold_creates:
-                # Not while creates boot sandboxes of their own (a burst past the pool's size): a refill
+            if self.manager.creates:
+                # Not while creates boot (a burst past the pool's size, or one served warm): a refill
                 # is a create's work, and part of it (the zygote's fork, the disk, the link, the
-                # warm-up) runs at full priority, so it would take the CPU those creates are waiting
-                # for (3 refills were made during a burst of 100 against a pool of 4). Creates one
-                # after another leave gaps between them, where the refill starts.
-                await asyncio.sleep(COLD_CREATE_POLL_S)
+                # warm-up's requests) runs in the runtime and the zygote at full priority, so it would
+                # take the CPU those creates are waiting for (3 refills were made during a burst of
+                # 100 against a pool of 4). Creates one after another leave gaps between them, where
+                # the refill starts.
+                await self._gap()
                 continue
             try:
                 self.ready.append(await self._make())
@@ -286,17 +294,65 @@ class WarmPool:
         )
         handle, slot = await manager._spawn(row, template, resuming=False, nice=NICE, cpu_weight=CPU_WEIGHT)
         warm = Warm(row, template, handle, slot)
+        hold = _Hold()
+        holding = asyncio.ensure_future(self._frozen_while_creating(handle, hold))
         try:
-            if slot is not None and manager.networks is not None:
-                # The veth pair, ahead of the claim: making it is the claim's largest cost in the
-                # kernel (~2-5 ms of a worker thread, py-spy over a burst of 64 warm creates).
-                await manager.networks.link(slot, handle.init_pid)
-                warm.linked = True
-            await self._warm_up(warm)
+            try:
+                if slot is not None and manager.networks is not None:
+                    # The veth pair, ahead of the claim: making it is the claim's largest cost in the
+                    # kernel (~2-5 ms of a worker thread, py-spy over a burst of 64 warm creates).
+                    await self._gap()
+                    await manager.networks.link(slot, handle.init_pid)
+                    warm.linked = True
+                await self._gap()
+                await self._warm_up(warm)
+            finally:
+                # Never pooled frozen (a claim must find it running), nor left to a freeze still in
+                # a worker thread: the holder ends after its last freeze or thaw, thawed.
+                hold.stop = True
+                self.manager.creates_changed.set()
+                await asyncio.shield(holding)
+            if hold.failed:
+                raise ApiError(500, "a sandbox being made for the warm pool could not be frozen or thawed")
         except BaseException:
             await self._discard(warm)
             raise
         return warm
+
+    async def _gap(self) -> None:
+        """Until no create is booting."""
+        changed = self.manager.creates_changed
+        while self.manager.creates:
+            changed.clear()
+            await changed.wait()
+
+    async def _frozen_while_creating(self, handle: _core.SandboxHandle, hold: _Hold) -> None:
+        """While the sandbox is being made for the pool: frozen (its cgroup's freezer) whenever creates
+        are booting, thawed in the gaps between them. Its agent's start and warm-up run in its own
+        cgroup, whose :data:`CPU_WEIGHT` counts only against sibling sandboxes: at the top of the
+        hierarchy the runtime's group of sandboxes competes with the runtime and the zygote (where
+        most of a create's work runs) at its full weight whichever of its children runs, so a
+        sandbox burning 2 CPUs beside back-to-back creates took ~1 CPU at weight 1 as at 100
+        (``docs/benchmarks.md``, ``pool2``); frozen, none. A frozen task stops only at a safe point
+        (returning to user space, a freezable sleep), never holding a kernel lock a create needs.
+        Ends, thawed, once ``hold.stop`` is set (and :attr:`.SandboxManager.creates_changed` with it);
+        a sandbox that cannot be frozen or thawed (it died, or a task would not stop) ends it too,
+        with ``hold.failed``: it is discarded."""
+        changed = self.manager.creates_changed
+        while True:
+            busy = self.manager.creates > 0 and not hold.stop
+            if busy != hold.frozen:
+                try:
+                    await asyncio.to_thread(handle.freeze if busy else handle.thaw)
+                except OSError:
+                    hold.failed = True  # its freezer state unknown: the pool discards it
+                    return
+                hold.frozen = busy
+                continue
+            if hold.stop:
+                return
+            changed.clear()
+            await changed.wait()
 
     async def _warm_up(self, warm: Warm) -> None:
         """What every create's first moments would otherwise pay for, done before the claim and with
