@@ -200,7 +200,7 @@ def test_a_claim_gives_a_warm_sandbox_the_default_priority_also_while_the_pool_r
 def test_a_steady_stream_of_creates_keeps_being_served_warm(
     start_runtime: Callable[..., Runtime], sdk_env: Callable[[Runtime], None]
 ) -> None:
-    """Creates one after another, each used a moment (a command, then 50 ms): the emptied pool refills
+    """Creates one after another, each used a moment (a command, then 80 ms): the emptied pool refills
     at once, in the gaps between creates, rather than waiting for the refill delay after a claim
     (0.1 s). Where gaps are shorter than that delay (a quiet machine) the pool was never refilled and
     only the first was served warm; on a busy machine gaps are longer, and this test then only shows
@@ -219,7 +219,7 @@ def test_a_steady_stream_of_creates_keeps_being_served_warm(
             created.append(Sandbox.create())
             served_warm += created[-1].sandbox_id in before
             created[-1].commands.run("true")
-            time.sleep(0.05)
+            time.sleep(0.08)
     finally:
         for sandbox in created:
             sandbox.kill()

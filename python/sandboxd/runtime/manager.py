@@ -300,6 +300,8 @@ class SandboxManager:
         are none, and holds its sandbox frozen while there are (:meth:`.warm.WarmPool._make`)."""
         self.creates_changed = asyncio.Event()
         """Set whenever :attr:`creates` changes (its waiters clear it)."""
+        self.create_ended_at = 0.0
+        """When the last create ended (``time.monotonic``): its client's first command comes next."""
         self._pausing: dict[str, str] = {}
         """Sandboxes being paused right now, and why (the proxy treats them as gone already)."""
         self._ending: dict[str, asyncio.Future[None]] = {}
@@ -539,6 +541,7 @@ class SandboxManager:
                     await self._boot(row, template, network=(request.network, traffic_token), warm=warm)
                 finally:
                     self.creates -= 1
+                    self.create_ended_at = time.monotonic()
                     self.creates_changed.set()
                 self.store.insert(row, ("created", f"template {request.template}, timeout {timeout}s"))
                 self._first_sample_soon(row, now)

@@ -42,6 +42,7 @@ import collections
 import contextlib
 import functools
 import logging
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -83,6 +84,12 @@ REFILL_DELAY_S = 0.1
 """A refill starts this long after the last claim, so that booting the next warm sandbox does not
 compete with the claimed sandbox's first command; an empty pool refills at once (a steady stream
 of creates, one every <0.1 s, would otherwise keep postponing the refill and starve the pool)."""
+
+FIRST_COMMAND_GRACE_S = 0.05
+"""A refill waits this long after the last create ended, frozen, before it runs: the created
+sandbox's first command comes then (a few ms on a quiet host), and a refill beside it took the CPU it
+waited for (measured, pool2: paced creates 0.25 s apart from a grown pool, p50 37.5 against 25.2 ms
+for main's pool, whose refill waited 0.1 s after each claim)."""
 
 RETRY_S = 2.0
 """Wait before trying again when making a warm sandbox failed (a template being built, no disk)."""
@@ -244,7 +251,7 @@ class WarmPool:
             if wait > 0 and self.ready:  # an empty pool refills at once: else steady creates starve it
                 await asyncio.sleep(wait)
                 continue
-            if self.manager.creates:
+            if self._busy_for() > 0:
                 # Not while creates boot (a burst past the pool's size, or one served warm): a refill
                 # is a create's work, and part of it (the zygote's fork, the disk, the link, the
                 # warm-up's requests) runs in the runtime and the zygote at full priority, so it would
@@ -319,28 +326,42 @@ class WarmPool:
             raise
         return warm
 
-    async def _gap(self) -> None:
-        """Until no create is booting."""
+    def _busy_for(self) -> float:
+        """How long a refill must still hold back: while creates boot (``inf``), and for
+        :data:`FIRST_COMMAND_GRACE_S` after the last one ended; 0 in a gap."""
+        manager = self.manager
+        if manager.creates:
+            return math.inf
+        return max(0.0, manager.create_ended_at + FIRST_COMMAND_GRACE_S - time.monotonic())
+
+    async def _changed(self, busy_for: float) -> None:
+        """Until the creates change, or ``busy_for`` has passed."""
         changed = self.manager.creates_changed
-        while self.manager.creates:
-            changed.clear()
-            await changed.wait()
+        changed.clear()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(changed.wait(), None if busy_for == math.inf else busy_for + 0.001)
+
+    async def _gap(self) -> None:
+        """Until a gap between creates (:meth:`_busy_for`)."""
+        while (busy_for := self._busy_for()) > 0:
+            await self._changed(busy_for)
 
     async def _frozen_while_creating(self, handle: _core.SandboxHandle, hold: _Hold) -> None:
         """While the sandbox is being made for the pool: frozen (its cgroup's freezer) whenever creates
-        are booting, thawed in the gaps between them. Its agent's start and warm-up run in its own
-        cgroup, whose :data:`CPU_WEIGHT` counts only against sibling sandboxes: at the top of the
-        hierarchy the runtime's group of sandboxes competes with the runtime and the zygote (where
-        most of a create's work runs) at its full weight whichever of its children runs, so a
+        are booting (and :data:`FIRST_COMMAND_GRACE_S` after), thawed in the gaps between them. Its
+        agent's start and warm-up run in its own cgroup, whose :data:`CPU_WEIGHT` counts only against
+        sibling sandboxes: at the top of the hierarchy the runtime's group of sandboxes competes with
+        the runtime and the zygote (where most of a create's work runs) at its full weight whichever
+        of its children runs, so a
         sandbox burning 2 CPUs beside back-to-back creates took ~1 CPU at weight 1 as at 100
         (``docs/benchmarks.md``, ``pool2``); frozen, none. A frozen task stops only at a safe point
         (returning to user space, a freezable sleep), never holding a kernel lock a create needs.
         Ends, thawed, once ``hold.stop`` is set (and :attr:`.SandboxManager.creates_changed` with it);
         a sandbox that cannot be frozen or thawed (it died, or a task would not stop) ends it too,
         with ``hold.failed``: it is discarded."""
-        changed = self.manager.creates_changed
         while True:
-            busy = self.manager.creates > 0 and not hold.stop
+            busy_for = self._busy_for()
+            busy = busy_for > 0 and not hold.stop
             if busy != hold.frozen:
                 try:
                     await asyncio.to_thread(handle.freeze if busy else handle.thaw)
@@ -351,8 +372,7 @@ class WarmPool:
                 continue
             if hold.stop:
                 return
-            changed.clear()
-            await changed.wait()
+            await self._changed(busy_for)
 
     async def _warm_up(self, warm: Warm) -> None:
         """What every create's first moments would otherwise pay for, done before the claim and with
