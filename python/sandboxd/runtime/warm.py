@@ -25,8 +25,8 @@ at nice 10: it joins the pool only once that kernel is ready. Its interpreter's 
 Cost, bounded by ``--warm-sandboxes N``: N idle sandboxes (~8-10 MiB of PSS each,
 ``benches/runtime``; a ``code-interpreter-v1`` one ~120 MiB: its interpreter server ~20 MiB and its
 default ipykernel ~70 MiB, measured), N disks and N network slots, not counted against
-``--max-sandboxes`` until claimed, and each refill's CPU (a create's; the sandbox's part of it at
-:data:`CPU_WEIGHT` in its cgroup and nice 10 inside, so it runs on what creates leave). Without the flag
+``--max-sandboxes`` until claimed, and each refill's CPU (a create's, spent only in the gaps between
+creates: its sandbox is frozen while creates boot, and runs at :data:`CPU_WEIGHT`). Without the flag
 the runtime keeps a small pool sized from the host's memory (:func:`.host.default_warm_sandboxes`: 4
 on a host with 8 GiB or more for sandboxes, none under 2 GiB), of a template already built: that
 pool never starts a build of ``base`` (a runtime nobody has asked for a sandbox yet fetches nothing),
@@ -71,11 +71,12 @@ the zygote's cgroup until it joins its own), not against other sandboxes: see :d
 CPU_WEIGHT = 1
 """The warm sandbox's cgroup CPU weight until its claim (cgroup v2 ``cpu.weight`` 1, v1
 ``cpu.shares`` 10; the kernel's default is :data:`DEFAULT_CPU_WEIGHT`): ~1 % of a default
-sandbox's share while both want the CPU, all of what the others leave. CFS weighs sibling cgroups
-before the tasks inside them, so :data:`NICE` alone left a refill's boot (its jail, its agent's
-start, the warm-up's ``bash -l``) an equal of the foreground create's sandbox booting beside it:
-back to back, the default pool of 4 was slower than none once drained (33.5 against 25.7 ms p50,
-``docs/benchmarks.md``, CI 18:08)."""
+sandbox's share while both want the CPU. CFS weighs sibling cgroups before the tasks inside them, so
+with :data:`NICE` alone a refill's boot (its jail, its agent's start, the warm-up's ``bash -l``) was
+an equal of every busy sandbox beside it. The weight does not shield a create from a refill: most of
+a create runs in the runtime and the zygote, outside the sandboxes' group, against which that group
+competes at its full share whichever child runs (measured, ``docs/benchmarks.md``, ``pool2``); the
+refill's sandbox is frozen while creates boot for that (:meth:`WarmPool._frozen_while_creating`)."""
 
 DEFAULT_CPU_WEIGHT = 100
 """The kernel's default cgroup CPU weight, which the claim gives a warm sandbox back."""
@@ -352,9 +353,8 @@ class WarmPool:
         agent's start and warm-up run in its own cgroup, whose :data:`CPU_WEIGHT` counts only against
         sibling sandboxes: at the top of the hierarchy the runtime's group of sandboxes competes with
         the runtime and the zygote (where most of a create's work runs) at its full weight whichever
-        of its children runs, so a
-        sandbox burning 2 CPUs beside back-to-back creates took ~1 CPU at weight 1 as at 100
-        (``docs/benchmarks.md``, ``pool2``); frozen, none. A frozen task stops only at a safe point
+        of its children runs, so a sandbox burning 2 CPUs beside back-to-back creates took ~1 CPU at
+        weight 1 as at 100 (``docs/benchmarks.md``, ``pool2``); frozen, none. A frozen task stops only at a safe point
         (returning to user space, a freezable sleep), never holding a kernel lock a create needs.
         Ends, thawed, once ``hold.stop`` is set (and :attr:`.SandboxManager.creates_changed` with it);
         a sandbox that cannot be frozen or thawed (it died, or a task would not stop) ends it too,
