@@ -14,7 +14,15 @@ import httpx
 import pytest
 from conftest import Runtime
 from sandboxd.cli import build_parser
-from sandboxd.runtime.host import HostFacts, default_warm_sandboxes, instance_name, read_host
+from sandboxd.runtime.host import (
+    HostFacts,
+    SandboxFlags,
+    default_warm_sandboxes,
+    instance_name,
+    read_host,
+    sandbox_limits,
+    warm_growth_cap,
+)
 
 
 def _dirs(runtime: Runtime) -> set[str]:
@@ -125,13 +133,79 @@ def test_a_warm_sandbox_is_a_fresh_sandbox_with_the_claims_identity(
         second.kill()
 
 
+def _cpu_group(runtime: Runtime, sandbox_id: str) -> Path:
+    """The sandbox's cgroup directory that holds its CPU weight (v1: the ``cpu`` hierarchy's)."""
+    group = Path("sandboxd") / instance_name(runtime.data_dir) / sandbox_id
+    v2 = Path("/sys/fs/cgroup") / group
+    return v2 if (v2 / "cpu.weight").exists() else Path("/sys/fs/cgroup/cpu") / group
+
+
+def _weight(runtime: Runtime, sandbox_id: str) -> int:
+    """The sandbox's cgroup CPU weight in v2's units (v1's ``cpu.shares`` 1024 is v2's 100)."""
+    directory = _cpu_group(runtime, sandbox_id)
+    if (directory / "cpu.weight").exists():
+        return int((directory / "cpu.weight").read_text())
+    return round(int((directory / "cpu.shares").read_text()) * 100 / 1024)
+
+
+def _threads(runtime: Runtime, sandbox_id: str) -> dict[int, tuple[int, int]]:
+    """Every thread in the sandbox's cgroup: tid → (scheduling policy, niceness)."""
+    directory = _cpu_group(runtime, sandbox_id)
+    listing = directory / ("cgroup.threads" if (directory / "cpu.weight").exists() else "tasks")
+    threads = {}
+    for tid in map(int, listing.read_text().split()):
+        try:
+            threads[tid] = (os.sched_getscheduler(tid), os.getpriority(os.PRIO_PROCESS, tid))
+        except OSError:  # it exited since the listing
+            continue
+    return threads
+
+
+def test_a_claim_gives_a_warm_sandbox_the_default_priority_also_while_the_pool_refills(
+    start_runtime: Callable[..., Runtime], sdk_env: Callable[[Runtime], None]
+) -> None:
+    """A warm sandbox boots, and waits, at the least CPU weight in its cgroup and nice 10 (so a refill
+    runs on what the creates leave); its claim gives it the kernel's defaults back, the cgroup and
+    every thread in it, before anything of the user's runs: none of a sandbox's own processes stays
+    low. Two claims in a row, the second while the pool refills beside it, and the refill's
+    sandboxes still low."""
+    from e2b import Sandbox
+
+    runtime = start_runtime("--warm-sandboxes", "2")
+    sdk_env(runtime)
+    _pool_ready(runtime, 2)
+    warm = _wait_warm(runtime, 2)
+    for sandbox_id in warm:
+        assert _weight(runtime, sandbox_id) == 1
+        threads = _threads(runtime, sandbox_id)
+        assert len(threads) >= 2 and {nice for _, nice in threads.values()} == {10}, threads  # init, agent
+    first = Sandbox.create()
+    second = Sandbox.create()  # the pool is refilling now: its first refill boots beside this claim
+    try:
+        assert {first.sandbox_id, second.sandbox_id} == warm
+        for sandbox in (first, second):
+            sandbox.commands.run("sleep 600", background=True)  # started by the claimed agent
+            assert _weight(runtime, sandbox.sandbox_id) == 100
+            threads = _threads(runtime, sandbox.sandbox_id)
+            assert len(threads) > 3, threads
+            assert set(threads.values()) == {(os.SCHED_OTHER, 0)}, threads
+        refilled = _wait_warm(runtime, 2, exclude=warm)  # the claimed two keep their directories
+        for sandbox_id in refilled:
+            assert _weight(runtime, sandbox_id) == 1
+    finally:
+        first.kill()
+        second.kill()
+
+
 def test_a_steady_stream_of_creates_keeps_being_served_warm(
     start_runtime: Callable[..., Runtime], sdk_env: Callable[[Runtime], None]
 ) -> None:
-    """Creates one after another: the emptied pool refills at once rather than waiting for a pause in
-    the creates. Where creates come faster than the refill delay (0.1 s; a quiet machine) that pause
-    never came and only the first was served warm; on a busy machine creates are slower than that,
-    and this test then only shows that the pool keeps serving."""
+    """Creates one after another, each used a moment (a command, then 80 ms): the emptied pool refills
+    at once, in the gaps between creates, rather than waiting for the refill delay after a claim
+    (0.1 s). Where gaps are shorter than that delay (a quiet machine) the pool was never refilled and
+    only the first was served warm; on a busy machine gaps are longer, and this test then only shows
+    that the pool keeps serving. (A refill never runs while a create boots: creates with no gap
+    between them at all are served cold once the pool is empty.)"""
     from e2b import Sandbox
 
     runtime = start_runtime("--warm-sandboxes", "1")
@@ -144,10 +218,12 @@ def test_a_steady_stream_of_creates_keeps_being_served_warm(
             before = _dirs(runtime)
             created.append(Sandbox.create())
             served_warm += created[-1].sandbox_id in before
+            created[-1].commands.run("true")
+            time.sleep(0.08)
     finally:
         for sandbox in created:
             sandbox.kill()
-    assert served_warm >= 3, f"only {served_warm} of 20 back-to-back creates were served from the pool"
+    assert served_warm >= 3, f"only {served_warm} of 20 creates one after another were served from the pool"
 
 
 def test_warm_sandboxes_go_with_the_runtime_even_one_that_was_killed(start_runtime: Callable[..., Runtime]) -> None:
@@ -235,6 +311,88 @@ def test_the_default_pool_is_small_sized_from_memory_and_within_max_sandboxes() 
     assert [default_warm_sandboxes(_host(gib), 256) for gib in (1, 2, 2.5, 4, 8, 24, 512)] == [0, 0, 1, 1, 3, 4, 4]
     assert default_warm_sandboxes(_host(24), 2) == 2
     assert default_warm_sandboxes(_host(24), 0) == 0
+
+
+def test_the_default_pool_grows_only_within_memory_and_max_sandboxes_and_a_fixed_one_never() -> None:
+    """How far the default pool may follow the bursts it sees: at most 128 warm sandboxes, one per
+    128 MiB of the sandboxes' memory budget, never more than ``--max-sandboxes``; a host too small for
+    a default pool grows none, and ``--warm-sandboxes N`` (``0`` too) is a fixed size."""
+    assert [warm_growth_cap(_host(gib), 256) for gib in (1, 2, 4, 8, 24, 512)] == [4, 12, 28, 56, 128, 128]
+    assert warm_growth_cap(_host(24), 20) == 20
+
+    def grows_to(gib: float, flag: int | None) -> int:
+        return sandbox_limits(_host(gib), SandboxFlags(warm_sandboxes=flag)).warm_grows_to
+
+    assert grows_to(24, None) == 128
+    assert grows_to(1, None) == 0  # no default pool there, none to grow
+    assert grows_to(24, 4) == grows_to(24, 0) == 0
+
+
+def _gauge(runtime: Runtime, name: str) -> float:
+    text = httpx.get(f"{runtime.url}/metrics", headers={"Authorization": f"Bearer {runtime.api_key}"}).text
+    values = [line.split()[-1] for line in text.splitlines() if line.startswith(f"{name} ")]
+    assert values, f"no {name} in /metrics"
+    return float(values[0])
+
+
+def _burst(n: int) -> None:
+    """``n`` concurrent creates through the async SDK, then their kills."""
+    import asyncio
+
+    from e2b import AsyncSandbox
+
+    async def burst() -> None:
+        sandboxes = await asyncio.gather(*(AsyncSandbox.create(timeout=120) for _ in range(n)))
+        await asyncio.gather(*(sandbox.kill() for sandbox in sandboxes))
+
+    asyncio.run(burst())
+
+
+def _until(what: str, done: Callable[[], bool], timeout_s: float = 120) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not done():
+        assert time.monotonic() < deadline, f"{what}: not after {timeout_s:g} s"
+        time.sleep(0.2)
+
+
+def test_the_default_pool_grows_to_a_burst_and_shrinks_back_after_a_quiet_period(
+    start_runtime: Callable[..., Runtime], sdk_env: Callable[[Runtime], None]
+) -> None:
+    """A burst past the default pool: the pool grows to the burst's size and refills to it (the next
+    such burst is served warm), then, once no burst as large came for its quiet period (shortened to
+    15 s here through the runtime's environment), shrinks back to its default size, the extra warm
+    sandboxes killed (their cgroups and directories gone)."""
+    runtime = start_runtime("--warm-sandboxes", "auto", env={"SANDBOXD_WARM_DECAY_S": "15"})
+    base = default_warm_sandboxes(read_host(runtime.data_dir), 256)
+    if base == 0:
+        pytest.skip("this host is too small for a default pool (under 2 GiB for sandboxes)")
+    sdk_env(runtime)
+    _pool_ready(runtime, base)
+    assert _gauge(runtime, "sandboxd_warm_target") == base
+    n = base + 3
+    _burst(n)
+    assert _gauge(runtime, "sandboxd_warm_target") == n
+    _until("the pool refilled past its default size", lambda: _gauge(runtime, "sandboxd_warm_sandboxes") > base)
+    grown = _dirs(runtime)
+    assert len(grown) > base
+    _until("the pool shrank back", lambda: _gauge(runtime, "sandboxd_warm_target") == base, 60)
+    _until("the extra warm sandboxes were killed", lambda: len(_dirs(runtime)) == base, 60)
+    for sandbox_id in grown - _dirs(runtime):
+        assert not _cgroup_procs(runtime, sandbox_id)
+    assert _gauge(runtime, "sandboxd_warm_sandboxes") <= base
+
+
+def test_a_fixed_pool_keeps_its_size_after_a_burst(
+    start_runtime: Callable[..., Runtime], sdk_env: Callable[[Runtime], None]
+) -> None:
+    runtime = start_runtime("--warm-sandboxes", "2")
+    sdk_env(runtime)
+    _pool_ready(runtime, 2)
+    _burst(5)
+    assert _gauge(runtime, "sandboxd_warm_target") == 2
+    _pool_ready(runtime, 2)
+    time.sleep(1.0)
+    assert len(_dirs(runtime)) == 2
 
 
 def test_serve_keeps_its_default_pool_and_serves_creates_from_it(

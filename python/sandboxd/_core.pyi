@@ -395,6 +395,9 @@ class SandboxHandle:
     def thaw(self) -> None: ...
     def kill(self) -> None:
         """SIGKILL everything, wait until the cgroup is empty, remove it. Synchronous."""
+    def set_cpu_weight(self, weight: int) -> None:
+        """The cgroup's CPU weight against the other sandboxes (1-10000, the kernel's default 100;
+        v1 ``cpu.shares`` in proportion): a claimed warm sandbox goes back to 100."""
     def stats(self) -> SandboxStats: ...
     def disk_usage(self) -> tuple[int, int]:
         """``(used, total)`` bytes of the sandbox's root filesystem as ``df /`` shows them inside:
@@ -425,6 +428,7 @@ def enter_sandbox(
     open_files: int | None = None,
     inotify_instances: int | None = None,
     inotify_watches: int | None = None,
+    cpu_weight: int | None = None,
     volumes: Sequence[tuple[str, str]] = (),
     payload: Callable[[], object] | None = None,
     premade_cgroup: PremadeCgroup | None = None,

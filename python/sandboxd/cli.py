@@ -305,7 +305,8 @@ def build_parser(only_agent: bool = False) -> argparse.ArgumentParser:
         metavar="N|auto",
         help="keep N sandboxes of --warm-template booted ahead of need, so creates only give one its "
         f"identity (0-{MAX_WARM_SANDBOXES}; default auto: one per 2 GiB of the sandboxes' memory budget, at most 4, "
-        "of a template already built; 0 turns the pool off; see docs/runtime.md)",
+        "of a template already built, grown for a while to the size of the bursts of creates it sees (at most 128, "
+        "one per 128 MiB of the budget); 0 turns the pool off; see docs/runtime.md)",
     )
     serve.add_argument(
         "--warm-template",

@@ -40,7 +40,7 @@ use nix::sys::statfs::{CGROUP2_SUPER_MAGIC, statfs};
 use nix::unistd::Pid;
 
 use crate::devices;
-use crate::spec::Limits;
+use crate::spec::{DEFAULT_CPU_WEIGHT, Limits};
 
 /// Where cgroup filesystems are mounted on every distribution we know of.
 const CGROUP_ROOT: &str = "/sys/fs/cgroup";
@@ -271,7 +271,23 @@ impl Cgroup {
             Layout::V2(dir) => devices::apply_v2(dir)?,
             Layout::V1(v) => devices::apply_v1(need(&v.devices, "devices")?)?,
         }
-        self.write_limits(limits.memory_bytes, limits.cpu_cores, limits.pids_max)
+        self.write_limits(limits.memory_bytes, limits.cpu_cores, limits.pids_max)?;
+        match limits.cpu_weight {
+            Some(weight) => self.set_cpu_weight(weight),
+            None => Ok(()),
+        }
+    }
+
+    /// Sets the group's CPU weight against its siblings ([`Limits::cpu_weight`]): v2 `cpu.weight`,
+    /// v1 `cpu.shares` ([`v1_shares`]). One write.
+    pub(crate) fn set_cpu_weight(&self, weight: u64) -> io::Result<()> {
+        match &self.layout {
+            Layout::V2(dir) => write_file(&dir.join("cpu.weight"), &weight.to_string()),
+            Layout::V1(v) => write_file(
+                &need(&v.cpu, "cpu")?.join("cpu.shares"),
+                &v1_shares(weight).to_string(),
+            ),
+        }
     }
 
     fn write_limits(
@@ -497,6 +513,7 @@ pub struct PremadeCgroup {
     memory_bytes: Option<u64>,
     cpu_cores: Option<f64>,
     pids_max: Option<u64>,
+    cpu_weight: Option<u64>,
 }
 
 impl PremadeCgroup {
@@ -524,6 +541,7 @@ impl PremadeCgroup {
             memory_bytes: limits.memory_bytes,
             cpu_cores: limits.cpu_cores,
             pids_max: limits.pids_max,
+            cpu_weight: limits.cpu_weight,
         };
         // The instance's group must exist already (the runtime made it at its start, with its
         // budget, [`configure_budget`]): a spare never makes one, so it neither leaves an
@@ -582,6 +600,11 @@ impl PremadeCgroup {
                 .filter(|_| self.cpu_cores != limits.cpu_cores),
             differs(self.pids_max, limits.pids_max),
         )?;
+        // A weight is never a reason not to fit: the group's is rewritten to the request's (the
+        // kernel's default when the request has none and the group was made with one).
+        if self.cpu_weight != limits.cpu_weight {
+            group.set_cpu_weight(limits.cpu_weight.unwrap_or(DEFAULT_CPU_WEIGHT))?;
+        }
         let target = Cgroup {
             instance: instance.to_owned(),
             id: id.to_owned(),
@@ -765,6 +788,12 @@ fn v1_mounts() -> io::Result<Vec<(Vec<String>, PathBuf)>> {
     Ok(out)
 }
 
+/// v1's `cpu.shares` for a v2 `cpu.weight`: the same share of a default sibling (v1's default is
+/// 1024 where v2's is 100), at least v1's least (2). Weight 1 is 10 shares.
+fn v1_shares(weight: u64) -> u64 {
+    (weight.saturating_mul(1024) / DEFAULT_CPU_WEIGHT).max(2)
+}
+
 fn cfs_quota_us(cores: f64) -> u64 {
     ((cores * CFS_PERIOD_US as f64).round() as u64).max(MIN_CFS_QUOTA_US)
 }
@@ -885,5 +914,12 @@ mod tests {
         assert_eq!(cfs_quota_us(0.5), 50_000);
         assert_eq!(cfs_quota_us(2.0), 200_000);
         assert_eq!(cfs_quota_us(0.0001), MIN_CFS_QUOTA_US);
+    }
+
+    #[test]
+    fn v1_shares_keep_v2_weights_ratio() {
+        assert_eq!(v1_shares(DEFAULT_CPU_WEIGHT), 1024);
+        assert_eq!(v1_shares(1), 10);
+        assert_eq!(v1_shares(10_000), 102_400);
     }
 }

@@ -86,7 +86,25 @@ pub struct Limits {
     pub inotify_instances: Option<u64>,
     /// `user.max_inotify_watches` of the sandbox's user namespace, likewise.
     pub inotify_watches: Option<u64>,
+    /// The group's CPU weight against its siblings (the instance's other sandboxes), in cgroup
+    /// v2's units: 1 to 10000, the kernel's default [`DEFAULT_CPU_WEIGHT`] (v2 `cpu.weight`; v1
+    /// `cpu.shares`, [`crate::cgroup`]'s conversion). Why a group's and not a nice value: CFS
+    /// weighs each cgroup against its siblings before the tasks inside it, so a niced process in
+    /// a sandbox's own group still takes an equal share against another sandbox booting beside
+    /// it. The runtime's warm sandboxes boot at [`BACKGROUND_CPU_WEIGHT`] and are put back to the
+    /// default at their claim.
+    pub cpu_weight: Option<u64>,
 }
+
+/// The kernel's default cgroup CPU weight (v2 `cpu.weight`; v1 `cpu.shares` 1024).
+pub const DEFAULT_CPU_WEIGHT: u64 = 100;
+
+/// The weight of a group that should run only on what its siblings leave: v2's least (v1
+/// `cpu.shares` 10), ~1 % of a default sibling's share while both want the CPU.
+pub const BACKGROUND_CPU_WEIGHT: u64 = 1;
+
+/// v2's largest `cpu.weight`.
+pub const MAX_CPU_WEIGHT: u64 = 10_000;
 
 /// A host directory (or mount) mounted read-write into a sandbox: an E2B volume.
 ///
@@ -210,6 +228,11 @@ impl SandboxSpec {
             && !(cpu.is_finite() && cpu > 0.0)
         {
             return Err(invalid("cpu_cores must be a positive number"));
+        }
+        if let Some(weight) = self.limits.cpu_weight
+            && !(1..=MAX_CPU_WEIGHT).contains(&weight)
+        {
+            return Err(invalid(format!("cpu_weight must be 1 to {MAX_CPU_WEIGHT}")));
         }
         Ok(())
     }

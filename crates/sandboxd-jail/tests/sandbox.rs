@@ -378,6 +378,7 @@ fn limits_are_written_and_enforced() {
         memory_bytes: Some(256 << 20),
         cpu_cores: Some(0.5),
         pids_max: Some(16),
+        cpu_weight: Some(1),
         ..Limits::default()
     };
     let sb = start(
@@ -417,6 +418,9 @@ print("forked", len(kids), "refused", refused)
                 "100000"
             );
             assert_eq!(read(find("pids.max"), "pids.max"), "16");
+            assert_eq!(read(find("cpu.shares"), "cpu.shares"), "10");
+            sb.handle.set_cpu_weight(100).unwrap();
+            assert_eq!(read(find("cpu.shares"), "cpu.shares"), "1024");
         }
         CgroupVersion::V2 => {
             assert_eq!(
@@ -425,6 +429,9 @@ print("forked", len(kids), "refused", refused)
             );
             assert_eq!(read(find("cpu.max"), "cpu.max"), "50000 100000");
             assert_eq!(read(find("pids.max"), "pids.max"), "16");
+            assert_eq!(read(find("cpu.weight"), "cpu.weight"), "1");
+            sb.handle.set_cpu_weight(100).unwrap();
+            assert_eq!(read(find("cpu.weight"), "cpu.weight"), "100");
         }
     }
     let deadline = Instant::now() + RUN_TIMEOUT;
@@ -437,6 +444,10 @@ print("forked", len(kids), "refused", refused)
         sleep(Duration::from_millis(20));
     };
     let refused: u32 = out.split_whitespace().last().unwrap().parse().unwrap();
+    assert!(
+        sb.handle.set_cpu_weight(0).is_err(),
+        "weight 0 is out of range"
+    );
     assert!(refused > 0, "pids.max must stop the fork loop: {out}");
 
     let stats = sb.handle.stats().unwrap();

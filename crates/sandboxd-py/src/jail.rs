@@ -132,6 +132,13 @@ impl SandboxHandle {
         py.detach(|| self.0.kill()).map_err(to_pyerr)
     }
 
+    /// Sets the sandbox's cgroup CPU weight against the other sandboxes (1 to 10000, the kernel's
+    /// default 100; v1 `cpu.shares` in proportion): a claimed warm sandbox goes back to 100.
+    fn set_cpu_weight(&self, py: Python<'_>, weight: u64) -> PyResult<()> {
+        py.detach(|| self.0.set_cpu_weight(weight))
+            .map_err(to_pyerr)
+    }
+
     fn stats(&self, py: Python<'_>) -> PyResult<SandboxStats> {
         let stats = py.detach(|| self.0.stats()).map_err(to_pyerr)?;
         Ok(SandboxStats {
@@ -181,8 +188,8 @@ fn build_base_template(py: Python<'_>, dir: PathBuf) -> PyResult<()> {
 #[pyo3(signature = (
     id, template_dirs, sandbox_dir, *, instance, id_base, host_usr_ro = true, disk_image = None,
     disk_fd = None, nested_userns = false, memory_bytes = None, cpu_cores = None, pids_max = None,
-    open_files = None, inotify_instances = None, inotify_watches = None, volumes = Vec::new(),
-    payload = None, premade_cgroup = None
+    open_files = None, inotify_instances = None, inotify_watches = None, cpu_weight = None,
+    volumes = Vec::new(), payload = None, premade_cgroup = None
 ))]
 #[allow(clippy::too_many_arguments)]
 fn enter_sandbox(
@@ -202,6 +209,7 @@ fn enter_sandbox(
     open_files: Option<u64>,
     inotify_instances: Option<u64>,
     inotify_watches: Option<u64>,
+    cpu_weight: Option<u64>,
     volumes: Vec<(PathBuf, PathBuf)>,
     payload: Option<Py<PyAny>>,
     premade_cgroup: Option<PyRef<'_, PremadeCgroup>>,
@@ -237,6 +245,7 @@ fn enter_sandbox(
         open_files,
         inotify_instances,
         inotify_watches,
+        cpu_weight,
     };
     // Holding the GIL on purpose: see the module docs.
     if let Some(payload) = payload {

@@ -165,13 +165,33 @@ MiB of PSS (its pages are mostly the zygote's, shared; ``benches/runtime``'s idl
 the default pool costs under 0.5 % of that budget."""
 
 
+WARM_GROWTH_MAX = 128
+"""The default pool grows to at most this many warm sandboxes after the bursts it has seen (see
+:func:`warm_growth_cap` and :class:`.warm.WarmPool`): a burst of 100, issue 16's target, is then
+served warm the second time."""
+
+WARM_GROWTH_MEMORY_PER_SANDBOX = 128 << 20
+"""A grown pool holds at most one warm sandbox per this much of the sandboxes' memory budget: a warm
+sandbox's ~8-10 MiB of PSS is then under 8 % of the budget (128 of them ~1.1 GiB on a host with 16
+GiB or more for sandboxes)."""
+
+
+def warm_growth_cap(host: HostFacts, max_sandboxes: int) -> int:
+    """How far the default pool may grow to follow the bursts it has seen: :data:`WARM_GROWTH_MAX`,
+    one per :data:`WARM_GROWTH_MEMORY_PER_SANDBOX` of the budget, never more than ``max_sandboxes``
+    (the pool also grows only into the network slots and ``--max-sandboxes`` room that running
+    sandboxes leave, :attr:`.warm.WarmPool.size`)."""
+    return max(0, min(WARM_GROWTH_MAX, budget(host).memory_bytes // WARM_GROWTH_MEMORY_PER_SANDBOX, max_sandboxes))
+
+
 def default_warm_sandboxes(host: HostFacts, max_sandboxes: int) -> int:
     """The warm pool a runtime keeps unless told otherwise: a user's first creates, and a create
     after a quiet moment, find a sandbox already booted (create→first command ~15 ms instead of
     ~30 on this project's 2-core VM). Small, because each is memory, a disk and a network slot held
     for nobody, and its refill's CPU is spent whether or not a create comes: :data:`DEFAULT_WARM_SANDBOXES`,
     one per :data:`WARM_MEMORY_PER_SANDBOX` of the budget (none under 2 GiB), never more than
-    ``max_sandboxes``. Bursts larger than the pool are sized by the operator (``--warm-sandboxes``)."""
+    ``max_sandboxes``. After a burst larger than that it grows, for a while, to the burst's size
+    (:func:`warm_growth_cap`); a fixed size is the operator's ``--warm-sandboxes``."""
     return max(0, min(DEFAULT_WARM_SANDBOXES, budget(host).memory_bytes // WARM_MEMORY_PER_SANDBOX, max_sandboxes))
 
 
@@ -254,6 +274,11 @@ def sandbox_limits(host: HostFacts, flags: SandboxFlags) -> Limits:
         ),
         warm_template=flags.warm_template,
         warm_builds=flags.warm_sandboxes is not None,
+        warm_grows_to=(
+            warm_growth_cap(host, flags.max_sandboxes)
+            if flags.warm_sandboxes is None and default_warm_sandboxes(host, flags.max_sandboxes) > 0
+            else 0
+        ),
     )
 
 

@@ -116,6 +116,10 @@ class Limits:
     """Whether the pool builds a built-in template it finds unbuilt (an operator asked for the pool
     with ``--warm-sandboxes``), or waits for a create to build it (the default pool: a runtime started
     with no flags must not fetch Debian's archive before anyone asked for a sandbox)."""
+    warm_grows_to: int = 0
+    """How far the pool may grow past ``warm_sandboxes`` to follow the bursts of creates it has seen
+    (the default pool, :func:`.host.warm_growth_cap`); 0, or not above ``warm_sandboxes``: a fixed
+    pool (``--warm-sandboxes N``)."""
 
     def size(self, template: Template) -> tuple[int, int]:
         """CPUs and memory (MiB) of a sandbox of ``template``: its build's, else these defaults."""
@@ -291,9 +295,13 @@ class SandboxManager:
         """One lock per sandbox, held by whichever transition owns it; dropped when nobody holds one."""
         self._slots: set[str] = set()
         """Sandboxes counted against --max-sandboxes: running, or being created or resumed."""
-        self.cold_creates = 0
-        """Creates booting a sandbox of their own right now (not served warm): the warm pool does not
-        refill meanwhile (:meth:`.warm.WarmPool._fill`)."""
+        self.creates = 0
+        """Creates booting right now, served warm or not: the warm pool's refill runs only while there
+        are none, and holds its sandbox frozen while there are (:meth:`.warm.WarmPool._make`)."""
+        self.creates_changed = asyncio.Event()
+        """Set whenever :attr:`creates` changes (its waiters clear it)."""
+        self.create_ended_at = 0.0
+        """When the last create ended (``time.monotonic``): its client's first command comes next."""
         self._pausing: dict[str, str] = {}
         """Sandboxes being paused right now, and why (the proxy treats them as gone already)."""
         self._ending: dict[str, asyncio.Future[None]] = {}
@@ -311,7 +319,9 @@ class SandboxManager:
         self._sampling: asyncio.Task[None] | None = None
         self.observe = observer or Observer()
         """Counts and logs every transition (metrics, structured logs, the log redactor's tokens)."""
-        self.warm = WarmPool(self, limits.warm_sandboxes, limits.warm_template, builds=limits.warm_builds)
+        self.warm = WarmPool(
+            self, limits.warm_sandboxes, limits.warm_template, builds=limits.warm_builds, grows_to=limits.warm_grows_to
+        )
         self.volumes = Volumes(data_dir, limits.disk_mb)
         """E2B's volumes, mounted into the sandboxes that name them (see :mod:`.volumes`)."""
         self.secrets = SecretStore(store.db)
@@ -525,12 +535,14 @@ class SandboxManager:
                 )
                 if warm is not None:
                     row.id_base, row.init_pid, row.init_start = warm.row.id_base, warm.row.init_pid, warm.row.init_start
-                cold = int(warm is None)
-                self.cold_creates += cold
+                self.creates += 1
+                self.creates_changed.set()
                 try:
                     await self._boot(row, template, network=(request.network, traffic_token), warm=warm)
                 finally:
-                    self.cold_creates -= cold
+                    self.creates -= 1
+                    self.create_ended_at = time.monotonic()
+                    self.creates_changed.set()
                 self.store.insert(row, ("created", f"template {request.template}, timeout {timeout}s"))
                 self._first_sample_soon(row, now)
         except BaseException:
@@ -539,11 +551,18 @@ class SandboxManager:
         return row
 
     async def _spawn(
-        self, row: SandboxRow, template: Template, resuming: bool, nice: int = 0
+        self,
+        row: SandboxRow,
+        template: Template,
+        resuming: bool,
+        nice: int = 0,
+        cpu_weight: int | None = None,
     ) -> tuple[_core.SandboxHandle, Slot | None]:
         """Fork the sandbox from the zygote into its jail and watch its init; its agent starts
         without a token. Returns its handle and its network slot (reserved, not linked yet). On
-        failure nothing is left; a resume keeps its disk and id range."""
+        failure nothing is left; a resume keeps its disk and id range. ``nice`` and ``cpu_weight``
+        (its cgroup's, against the other sandboxes): a warm sandbox's (:mod:`.warm`), else the
+        defaults."""
         self.zygote.check_up()
         sandbox_dir = self.sandboxes_dir / row.id
         sandbox_dir.mkdir(parents=True, exist_ok=True)
@@ -570,6 +589,8 @@ class SandboxManager:
             # before: its own copy of the store (what it wrote there) is on its disk, above the layer.
             request = self._zygote_request(row, template, sandbox_dir, trust, ca if trust is None or resuming else None)
             request["nice"] = nice
+            if cpu_weight is not None:
+                request["cpu_weight"] = cpu_weight
             if resuming and RESUME_FAULT:
                 request["fault"] = RESUME_FAULT
             request["volumes"] = [target for target, _ in mounts]

@@ -25,7 +25,8 @@ at nice 10: it joins the pool only once that kernel is ready. Its interpreter's 
 Cost, bounded by ``--warm-sandboxes N``: N idle sandboxes (~8-10 MiB of PSS each,
 ``benches/runtime``; a ``code-interpreter-v1`` one ~120 MiB: its interpreter server ~20 MiB and its
 default ipykernel ~70 MiB, measured), N disks and N network slots, not counted against
-``--max-sandboxes`` until claimed, and each refill's CPU (a create's, at nice 10). Without the flag
+``--max-sandboxes`` until claimed, and each refill's CPU (a create's, spent only in the gaps between
+creates: its sandbox is frozen while creates boot, and runs at :data:`CPU_WEIGHT`). Without the flag
 the runtime keeps a small pool sized from the host's memory (:func:`.host.default_warm_sandboxes`: 4
 on a host with 8 GiB or more for sandboxes, none under 2 GiB), of a template already built: that
 pool never starts a build of ``base`` (a runtime nobody has asked for a sandbox yet fetches nothing),
@@ -37,9 +38,11 @@ runtime left.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import functools
 import logging
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -61,18 +64,48 @@ log = logging.getLogger("sandboxd.runtime")
 NICE = 10
 """The niceness a warm sandbox boots with, reset to 0 when it is claimed: booting one takes a few tens
 of ms of CPU, and right after a claim that would compete, as an equal, with the claimed sandbox's
-first command (measured: the first command went from 37 to 65 ms p50 on 2 busy cores)."""
+first command (measured: the first command went from 37 to 65 ms p50 on 2 busy cores). It weighs
+the sandbox's processes against each other and against the zygote and the runtime (its "A" runs in
+the zygote's cgroup until it joins its own), not against other sandboxes: see :data:`CPU_WEIGHT`."""
+
+CPU_WEIGHT = 1
+"""The warm sandbox's cgroup CPU weight until its claim (cgroup v2 ``cpu.weight`` 1, v1
+``cpu.shares`` 10; the kernel's default is :data:`DEFAULT_CPU_WEIGHT`): ~1 % of a default
+sandbox's share while both want the CPU. CFS weighs sibling cgroups before the tasks inside them, so
+with :data:`NICE` alone a refill's boot (its jail, its agent's start, the warm-up's ``bash -l``) was
+an equal of every busy sandbox beside it. The weight does not shield a create from a refill: most of
+a create runs in the runtime and the zygote, outside the sandboxes' group, against which that group
+competes at its full share whichever child runs (measured, ``docs/benchmarks.md``, ``pool2``); the
+refill's sandbox is frozen while creates boot for that (:meth:`WarmPool._frozen_while_creating`)."""
+
+DEFAULT_CPU_WEIGHT = 100
+"""The kernel's default cgroup CPU weight, which the claim gives a warm sandbox back."""
 
 REFILL_DELAY_S = 0.1
 """A refill starts this long after the last claim, so that booting the next warm sandbox does not
 compete with the claimed sandbox's first command; an empty pool refills at once (a steady stream
 of creates, one every <0.1 s, would otherwise keep postponing the refill and starve the pool)."""
 
+FIRST_COMMAND_GRACE_S = 0.05
+"""A refill waits this long after the last create ended, frozen, before it runs: the created
+sandbox's first command comes then (a few ms on a quiet host), and a refill beside it took the CPU it
+waited for (measured, pool2: paced creates 0.25 s apart from a grown pool, p50 37.5 against 25.2 ms
+for main's pool, whose refill waited 0.1 s after each claim)."""
+
 RETRY_S = 2.0
 """Wait before trying again when making a warm sandbox failed (a template being built, no disk)."""
 
-COLD_CREATE_POLL_S = 0.005
-"""How often a refill held back by creates in flight looks again."""
+
+GROWTH_WINDOW_S = 2.0
+"""Creates of the warm template that come within this long of each other are one burst: the default
+pool grows to the largest burst it has seen (bounded, :attr:`WarmPool.size`), so that the next burst
+of that size is served warm (a burst of 100 took 0.71-0.86 s from a pool of 100 against 1.6-4.3 s
+cold, ``docs/benchmarks.md``, ``cold8``). Paced creates count too: 4 a second make a pool of 8."""
+
+DECAY_S = float(os.environ.get("SANDBOXD_WARM_DECAY_S") or 600.0)
+"""How long a grown pool keeps the size of a burst after it: it shrinks back to its default size when
+no burst as large has come for this long, its extra sandboxes killed. The runtime's environment
+(``sandboxd serve``'s, which no sandbox and no client can set) may shorten it: the tests do."""
 
 UNBUILT_RETRY_S = 5.0
 """How often the default pool, which never starts a build, looks again for its template built."""
@@ -80,6 +113,15 @@ UNBUILT_RETRY_S = 5.0
 
 class _NotBuilt(Exception):
     """The default pool's template is not built yet: it waits, quietly, for a create to build it."""
+
+
+@dataclass
+class _Hold:
+    """A sandbox being made for the pool: whether it is frozen, and whether its maker is done with it."""
+
+    frozen: bool = False
+    stop: bool = False
+    failed: bool = False
 
 
 @dataclass
@@ -96,11 +138,17 @@ class Warm:
 
 
 class WarmPool:
-    """Keeps up to ``size`` warm sandboxes of ``template``."""
+    """Keeps up to :attr:`size` warm sandboxes of ``template``: ``base``, or, for a pool that
+    ``grows_to`` more (the default pool), up to the largest burst of creates it has seen within
+    :data:`DECAY_S`."""
 
-    def __init__(self, manager: SandboxManager, size: int, template: str, builds: bool = True) -> None:
+    def __init__(
+        self, manager: SandboxManager, base: int, template: str, builds: bool = True, grows_to: int = 0
+    ) -> None:
         self.manager = manager
-        self.size = size
+        self.base = base
+        self.grows_to = grows_to if base > 0 else 0
+        """At most this many after a burst; not above ``base``: a fixed pool."""
         self.template = template
         self.builds = builds
         """Whether making a warm sandbox may start its built-in template's build (``--warm-sandboxes``
@@ -109,9 +157,43 @@ class WarmPool:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._taken_at = 0.0
+        self._arrivals: collections.deque[float] = collections.deque()
+        """When the creates it could serve came, those of the last :data:`GROWTH_WINDOW_S`."""
+        self._peaks: collections.deque[tuple[float, int]] = collections.deque()
+        """(when, how many creates had come within :data:`GROWTH_WINDOW_S`) over the last
+        :data:`DECAY_S`, each smaller than the one before it: the first is the largest burst of the
+        window (a sliding maximum, O(1) a create)."""
+
+    @property
+    def size(self) -> int:
+        """How many warm sandboxes the pool keeps now: ``base``, or the largest burst of the last
+        :data:`DECAY_S` up to ``grows_to``, and never more than the running sandboxes leave of
+        ``--max-sandboxes`` (so every warm sandbox still has a network slot: the runtime's block
+        holds ``--max-sandboxes`` + ``base``)."""
+        if self.grows_to <= self.base:
+            return self.base
+        horizon = time.monotonic() - DECAY_S
+        while self._peaks and self._peaks[0][0] < horizon:
+            self._peaks.popleft()
+        if not self._peaks:
+            return self.base
+        room = self.base + max(0, self.manager.limits.max_sandboxes - len(self.manager._slots))
+        return max(self.base, min(self._peaks[0][1], self.grows_to, room))
+
+    def _demand(self, now: float) -> None:
+        """Count a create this pool could serve (warm or not: a burst past the pool counts whole)."""
+        if self.grows_to <= self.base:
+            return
+        arrivals = self._arrivals
+        arrivals.append(now)
+        while arrivals[0] < now - GROWTH_WINDOW_S:
+            arrivals.popleft()
+        while self._peaks and self._peaks[-1][1] <= len(arrivals):
+            self._peaks.pop()
+        self._peaks.append((now, len(arrivals)))
 
     def start(self) -> None:
-        if self.size > 0:
+        if self.base > 0:
             self._task = asyncio.get_running_loop().create_task(self._fill())
 
     async def stop(self) -> None:
@@ -132,6 +214,7 @@ class WarmPool:
         if request.volume_mounts:
             return None  # volumes are mounted as the sandbox is made
         self._taken_at = time.monotonic()
+        self._demand(self._taken_at)
         while self.ready:
             warm = self.ready.pop(0)
             self._wake.set()
@@ -145,22 +228,38 @@ class WarmPool:
 
     async def _fill(self) -> None:
         waited = False
+        target = self.base
         while True:
-            if len(self.ready) >= self.size:
+            size = self.size
+            if size != target:
+                if size > target:
+                    burst = self._peaks[0][1] if self._peaks else size
+                    log.info("the warm pool grows to %d: %d creates came within %gs", size, burst, GROWTH_WINDOW_S)
+                else:
+                    log.info("the warm pool shrinks to %d: no burst as large for %gs", size, DECAY_S)
+                target = size
+            if len(self.ready) > size:  # a grown pool after its quiet period
+                await self._discard(self.ready.pop())
+                continue
+            if len(self.ready) >= size:
                 self._wake.clear()
-                await self._wake.wait()
+                # A grown pool looks again when its largest burst leaves the window (it may shrink).
+                timeout = self._peaks[0][0] + DECAY_S - time.monotonic() + 0.01 if size > self.base else None
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), timeout)
                 continue
             wait = self._taken_at + REFILL_DELAY_S - time.monotonic()
             if wait > 0 and self.ready:  # an empty pool refills at once: else steady creates starve it
                 await asyncio.sleep(wait)
                 continue
-            if self.manager.cold_creates:
-                # Not while creates boot sandboxes of their own (a burst past the pool's size): a refill
+            if self._busy_for() > 0:
+                # Not while creates boot (a burst past the pool's size, or one served warm): a refill
                 # is a create's work, and part of it (the zygote's fork, the disk, the link, the
-                # warm-up) runs at full priority, so it would take the CPU those creates are waiting
-                # for (3 refills were made during a burst of 100 against a pool of 4). Creates one
-                # after another leave gaps between them, where the refill starts.
-                await asyncio.sleep(COLD_CREATE_POLL_S)
+                # warm-up's requests) runs in the runtime and the zygote at full priority, so it would
+                # take the CPU those creates are waiting for (3 refills were made during a burst of
+                # 100 against a pool of 4). Creates one after another leave gaps between them, where
+                # the refill starts.
+                await self._gap()
                 continue
             try:
                 self.ready.append(await self._make())
@@ -201,19 +300,79 @@ class WarmPool:
             memory_mb=memory_mb,
             disk_mb=limits.disk_mb,
         )
-        handle, slot = await manager._spawn(row, template, resuming=False, nice=NICE)
+        handle, slot = await manager._spawn(row, template, resuming=False, nice=NICE, cpu_weight=CPU_WEIGHT)
         warm = Warm(row, template, handle, slot)
+        hold = _Hold()
+        holding = asyncio.ensure_future(self._frozen_while_creating(handle, hold))
         try:
-            if slot is not None and manager.networks is not None:
-                # The veth pair, ahead of the claim: making it is the claim's largest cost in the
-                # kernel (~2-5 ms of a worker thread, py-spy over a burst of 64 warm creates).
-                await manager.networks.link(slot, handle.init_pid)
-                warm.linked = True
-            await self._warm_up(warm)
+            try:
+                if slot is not None and manager.networks is not None:
+                    # The veth pair, ahead of the claim: making it is the claim's largest cost in the
+                    # kernel (~2-5 ms of a worker thread, py-spy over a burst of 64 warm creates).
+                    await self._gap()
+                    await manager.networks.link(slot, handle.init_pid)
+                    warm.linked = True
+                await self._gap()
+                await self._warm_up(warm)
+            finally:
+                # Never pooled frozen (a claim must find it running), nor left to a freeze still in
+                # a worker thread: the holder ends after its last freeze or thaw, thawed.
+                hold.stop = True
+                self.manager.creates_changed.set()
+                await asyncio.shield(holding)
+            if hold.failed:
+                raise ApiError(500, "a sandbox being made for the warm pool could not be frozen or thawed")
         except BaseException:
             await self._discard(warm)
             raise
         return warm
+
+    def _busy_for(self) -> float:
+        """How long a refill must still hold back: while creates boot (``inf``), and for
+        :data:`FIRST_COMMAND_GRACE_S` after the last one ended; 0 in a gap."""
+        manager = self.manager
+        if manager.creates:
+            return math.inf
+        return max(0.0, manager.create_ended_at + FIRST_COMMAND_GRACE_S - time.monotonic())
+
+    async def _changed(self, busy_for: float) -> None:
+        """Until the creates change, or ``busy_for`` has passed."""
+        changed = self.manager.creates_changed
+        changed.clear()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(changed.wait(), None if busy_for == math.inf else busy_for + 0.001)
+
+    async def _gap(self) -> None:
+        """Until a gap between creates (:meth:`_busy_for`)."""
+        while (busy_for := self._busy_for()) > 0:
+            await self._changed(busy_for)
+
+    async def _frozen_while_creating(self, handle: _core.SandboxHandle, hold: _Hold) -> None:
+        """While the sandbox is being made for the pool: frozen (its cgroup's freezer) whenever creates
+        are booting (and :data:`FIRST_COMMAND_GRACE_S` after), thawed in the gaps between them. Its
+        agent's start and warm-up run in its own cgroup, whose :data:`CPU_WEIGHT` counts only against
+        sibling sandboxes: at the top of the hierarchy the runtime's group of sandboxes competes with
+        the runtime and the zygote (where most of a create's work runs) at its full weight whichever
+        of its children runs, so a sandbox burning 2 CPUs beside back-to-back creates took ~1 CPU at
+        weight 1 as at 100 (``docs/benchmarks.md``, ``pool2``); frozen, none. A frozen task stops only at a safe point
+        (returning to user space, a freezable sleep), never holding a kernel lock a create needs.
+        Ends, thawed, once ``hold.stop`` is set (and :attr:`.SandboxManager.creates_changed` with it);
+        a sandbox that cannot be frozen or thawed (it died, or a task would not stop) ends it too,
+        with ``hold.failed``: it is discarded."""
+        while True:
+            busy_for = self._busy_for()
+            busy = busy_for > 0 and not hold.stop
+            if busy != hold.frozen:
+                try:
+                    await asyncio.to_thread(handle.freeze if busy else handle.thaw)
+                except OSError:
+                    hold.failed = True  # its freezer state unknown: the pool discards it
+                    return
+                hold.frozen = busy
+                continue
+            if hold.stop:
+                return
+            await self._changed(busy_for)
 
     async def _warm_up(self, warm: Warm) -> None:
         """What every create's first moments would otherwise pay for, done before the claim and with
@@ -251,24 +410,27 @@ class WarmPool:
 
 
 async def renice(warm: Warm) -> None:
-    """A claimed warm sandbox back to the default priority, in a worker thread, before its ``/init``
-    (at nice 10 on a loaded host its agent answered seconds late): on the event loop this took ~1 ms a
-    claim, a quarter of the runtime's CPU in a burst of warm creates (py-spy, 64 claims). A sandbox
-    that died in the pool since :meth:`WarmPool.take` checked it fails the create with a 500 that says
-    so (the create's clean-up then runs as for any failed create)."""
+    """A claimed warm sandbox back to the default priority, its cgroup's CPU weight and its threads'
+    niceness, in a worker thread, before its ``/init`` (at nice 10 on a loaded host its agent answered
+    seconds late): on the event loop this took ~1 ms a claim, a quarter of the runtime's CPU in a
+    burst of warm creates (py-spy, 64 claims). A sandbox that died in the pool since
+    :meth:`WarmPool.take` checked it fails the create with a 500 that says so (the create's clean-up
+    then runs as for any failed create)."""
     try:
-        await asyncio.to_thread(_renice, warm.handle.init_pid)
+        await asyncio.to_thread(_renice, warm.handle, warm.handle.init_pid)
     except OSError as exc:
         raise ApiError(500, f"the warm sandbox taken for this create stopped before its claim ({exc}); retry") from None
 
 
-def _renice(init_pid: int) -> None:
-    """Back to the default priority: every thread of every process in the sandbox, found from its
-    init down (its agent, and in a code-interpreter sandbox the interpreter and its kernels; nobody
-    else can have started a process: the agent has no token yet). Niceness is per thread, and the
-    agent's event loop starts its worker threads while niced. A handful of system calls and short
-    reads. Raises OSError when the sandbox's processes are gone (it died: the claim fails as a create
-    would)."""
+def _renice(handle: _core.SandboxHandle, init_pid: int) -> None:
+    """Back to the default priority: the cgroup's weight first (one write: what it weighs against
+    the other sandboxes), then every thread of every process in the sandbox, found from its init
+    down (its agent, and in a code-interpreter sandbox the interpreter and its kernels; nobody else
+    can have started a process: the agent has no token yet). Niceness is per thread, and the agent's
+    event loop starts its worker threads while niced. A handful of system calls and short reads.
+    Raises OSError when the sandbox's processes or its cgroup are gone (it died: the claim fails as
+    a create would)."""
+    handle.set_cpu_weight(DEFAULT_CPU_WEIGHT)
     pending = [init_pid]
     while pending:
         pid = pending.pop()

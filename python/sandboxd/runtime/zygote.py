@@ -281,6 +281,7 @@ def _become_sandbox(
             open_files=request.get("open_files"),
             inotify_instances=request.get("inotify_instances"),
             inotify_watches=request.get("inotify_watches"),
+            cpu_weight=request.get("cpu_weight"),  # a warm sandbox's: it boots on what creates leave
             **_volumes(request),
             payload=become_agent,
             premade_cgroup=premade,

@@ -113,6 +113,7 @@ class OperatorEndpoints:
             zygote_up=self.zygote.down_reason is None,
             zygote_restarts=self.zygote.restarts,
             warm_ready=len(manager.warm.ready),
+            warm_target=manager.warm.size,
             disk_used=manager.disk_used_now,
         )
         for row in rows:

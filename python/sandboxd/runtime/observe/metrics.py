@@ -107,6 +107,8 @@ class RuntimeView:
     zygote_restarts: int = 0
     warm_ready: int = 0
     """Warm sandboxes booted and waiting in the pool (``--warm-sandboxes``)."""
+    warm_target: int = 0
+    """How many the pool keeps now (the default pool's grows after bursts, :mod:`..warm`)."""
     disk_used: Callable[[str, bool], int | None] | None = None
     """``(sandbox_id, may_walk)`` → bytes used by the writable layer, or None when unknown."""
 
@@ -307,6 +309,11 @@ class RuntimeCollector(Collector):
             "sandboxd_warm_sandboxes",
             "Warm sandboxes booted and waiting to be claimed by a create (serve --warm-sandboxes)",
             value=view.warm_ready,
+        )
+        yield GaugeMetricFamily(
+            "sandboxd_warm_target",
+            "Warm sandboxes the pool keeps now: --warm-sandboxes, or the default pool's size after the bursts it saw",
+            value=view.warm_target,
         )
         labels = ["sandbox_id", "template"]
         cpu = CounterMetricFamily("sandboxd_sandbox_cpu_seconds", "CPU time used by a running sandbox", labels=labels)
