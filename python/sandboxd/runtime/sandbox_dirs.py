@@ -10,6 +10,7 @@ last seconds, to skip it): ~18 % of the runtime's CPU in a cold burst (docs/benc
 exactly the skeleton a create makes, is renamed into ``<data dir>/sandbox-dirs/`` and renamed
 again to the next new sandbox's directory: A and the zygote then find their mount points and
 files there (``mkdir``'s ``EEXIST`` is accepted, the modes set again, ``boot_id`` rewritten).
+Measured in docs/benchmarks.md, "A killed sandbox's directory given to the next create".
 
 Nothing of the old sandbox may reach the new one. The sandbox's root never has write access to
 these directories (host root's, ``0711``/``0755``; the sandbox's writable layer is on its own disk
