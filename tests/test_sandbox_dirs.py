@@ -1,6 +1,7 @@
 """A killed sandbox's directory skeleton given to the next new sandbox (:mod:`sandboxd.runtime.sandbox_dirs`):
-kept only when it is exactly what a create makes, emptied, and carrying nothing of the old sandbox
-(files, extended attributes, modes, owners, hard links, mounts); anything else is removed as before.
+kept only when its directories are exactly what a create makes, its files unlinked, and carrying
+nothing of the old sandbox (files, extended attributes, modes, owners, mounts, descriptors of its
+files held elsewhere); anything else is removed as before.
 Real directories on the data dir's filesystem, real mounts; and a real runtime whose second sandbox
 gets the first one's directory while the first one's root did what it could inside."""
 
@@ -54,12 +55,34 @@ def test_a_killed_sandboxs_skeleton_is_emptied_and_given_to_the_next(dirs: Sandb
 
     new = dirs.make("new")
     assert os.stat(new).st_ino == inode and dirs.recycled == 1
-    assert sorted(os.listdir(new)) == ["agent.log", "boot_id", "disk", "lower", "merged"]  # no disk image
-    assert (new / "agent.log").read_bytes() == b""  # nothing the old agent logged
+    assert sorted(os.listdir(new)) == ["disk", "lower", "merged"]  # no file of the old sandbox
     assert not any(dirs.dir.iterdir())
     # The next one has none to take: a new empty directory, as before.
     fresh = dirs.make("fresh")
     assert os.listdir(fresh) == [] and dirs.recycled == 1
+
+
+def test_descriptors_of_the_old_files_do_not_reach_the_new_ones(dirs: SandboxDirs) -> None:
+    """A writable descriptor of the old agent.log, or one of the old boot_id, kept elsewhere (passed
+    over a unix socket on a shared volume): the next sandbox's files are new inodes."""
+    old = dirs.sandboxes_dir / "old"
+    _skeleton(old)
+    log = os.open(old / "agent.log", os.O_WRONLY | os.O_APPEND)
+    boot = os.open(old / "boot_id", os.O_RDONLY)
+    try:
+        dirs.release("old", processes_dead=True)
+        new = dirs.make("new")
+        assert dirs.recycled == 1
+        # What the zygote and A do on a create (zygote._open_log, spec.rs Prepared::new).
+        os.close(os.open(new / "agent.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640))
+        (new / "boot_id").write_text("new boot id\n")
+        os.write(log, b"written through the old descriptor\n")
+        assert (new / "agent.log").read_bytes() == b""
+        assert os.pread(boot, 100, 0) == b"old boot id\n"
+        assert (new / "boot_id").read_text() == "new boot id\n"
+    finally:
+        os.close(log)
+        os.close(boot)
 
 
 def _extra_file(p: Path) -> None:
@@ -82,8 +105,8 @@ def _user_xattr(p: Path) -> None:
     os.setxattr(p / "merged", "user.overlay.opaque", b"y")
 
 
-def _trusted_xattr_on_a_file(p: Path) -> None:
-    os.setxattr(p / "boot_id", "trusted.left", b"y")
+def _trusted_xattr(p: Path) -> None:
+    os.setxattr(p / "lower" / "0", "trusted.left", b"y")
 
 
 def _acl_on_top(p: Path) -> None:
@@ -98,16 +121,12 @@ def _setgid(p: Path) -> None:
     os.chmod(p / "lower", 0o2755)
 
 
-def _setuid_file(p: Path) -> None:
-    os.chmod(p / "agent.log", 0o4640)
+def _setuid(p: Path) -> None:
+    os.chmod(p / "disk", 0o4755)
 
 
 def _owner(p: Path) -> None:
     os.chown(p / "lower" / "0", 100000, 100000)
-
-
-def _hard_link_out(p: Path) -> None:
-    os.link(p / "agent.log", p.parent / "agent.log.link")
 
 
 def _symlink(p: Path) -> None:
@@ -116,8 +135,8 @@ def _symlink(p: Path) -> None:
 
 
 def _fifo(p: Path) -> None:
-    os.unlink(p / "boot_id")
-    os.mkfifo(p / "boot_id", 0o444)
+    os.rmdir(p / "disk")
+    os.mkfifo(p / "disk", 0o755)
 
 
 def _disk_image_a_directory(p: Path) -> None:
@@ -133,13 +152,12 @@ def _disk_image_a_directory(p: Path) -> None:
         _extra_top_entry,
         _odd_layer_name,
         _user_xattr,
-        _trusted_xattr_on_a_file,
+        _trusted_xattr,
         _acl_on_top,
         _world_writable,
         _setgid,
-        _setuid_file,
+        _setuid,
         _owner,
-        _hard_link_out,
         _symlink,
         _fifo,
         _disk_image_a_directory,
@@ -217,6 +235,9 @@ def test_a_runtime_gives_a_killed_sandboxs_directory_to_the_next_with_nothing_of
         " echo marker-of-the-first-log >&2; for p in /proc/1/root/.. /proc/self/root/..; do"
         " touch $p/escaped 2>/dev/null; done; true"
     )
+    # Descriptors of the first sandbox's files that outlive it (a sandbox could pass its own to another).
+    log = os.open(directory / "agent.log", os.O_WRONLY | os.O_APPEND)
+    boot = os.open(directory / "boot_id", os.O_RDONLY)
     first.commands.run(hostile, user="root")
     assert first.commands.run("cat /marker /mnt/m/f", user="root").stdout == "marker-of-the-first\nin-tmpfs\n"
     first.kill()
@@ -228,8 +249,10 @@ def test_a_runtime_gives_a_killed_sandboxs_directory_to_the_next_with_nothing_of
         again = sandboxes / second.sandbox_id
         assert os.stat(again).st_ino == inode  # the same host directory
         assert sorted(os.listdir(again)) == ["agent.log", "boot_id", "disk", "disk.img", "lower", "merged"]
+        os.write(log, b"marker-of-the-first through its descriptor\n")
         assert b"marker-of-the-first" not in (again / "agent.log").read_bytes()
-        assert second.files.read("/proc/sys/kernel/random/boot_id") != old_boot_id
+        new_boot_id = second.files.read("/proc/sys/kernel/random/boot_id")
+        assert new_boot_id != old_boot_id and os.pread(boot, 100, 0).decode() == old_boot_id
         seen = second.commands.run(
             "ls -a / /mnt; grep -s /mnt/m /proc/mounts; getfattr -d / /etc 2>/dev/null; true", user="root"
         ).stdout
@@ -237,3 +260,5 @@ def test_a_runtime_gives_a_killed_sandboxs_directory_to_the_next_with_nothing_of
         assert second.commands.run("echo fine").stdout == "fine\n"
     finally:
         second.kill()
+        os.close(log)
+        os.close(boot)

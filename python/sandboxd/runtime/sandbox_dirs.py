@@ -6,10 +6,10 @@ A new sandbox's directory (``<data dir>/sandboxes/<id>/``, ``crates/sandboxd-jai
 where sandboxes are made and removed all day, ext4's inode allocator is dear
 (``__ext4_new_inode`` → ``recently_deleted`` reads the inode table block of each inode freed in the
 last seconds, to skip it): ~18 % of the runtime's CPU in a cold burst (docs/benchmarks.md,
-``cold8``). So a killed sandbox's directory, once emptied of its disk image and checked to be
-exactly the skeleton a create makes, is renamed into ``<data dir>/sandbox-dirs/`` and renamed
-again to the next new sandbox's directory: A and the zygote then find their mount points and
-files there (``mkdir``'s ``EEXIST`` is accepted, the modes set again, ``boot_id`` rewritten).
+``cold8``). So a killed sandbox's directory, once emptied of its files and checked to be exactly
+the directories a create makes, is renamed into ``<data dir>/sandbox-dirs/`` and renamed again to
+the next new sandbox's directory: A finds its mount points there (``mkdir``'s ``EEXIST`` is
+accepted and the modes set again) and makes ``boot_id`` anew, the zygote ``agent.log``.
 Measured in docs/benchmarks.md, "A killed sandbox's directory given to the next create".
 
 Nothing of the old sandbox may reach the new one. The sandbox's root never has write access to
@@ -17,8 +17,10 @@ these directories (host root's, ``0711``/``0755``; the sandbox's writable layer 
 image), but the check does not rely on that: a skeleton is kept only if every entry is one a
 create makes, with the type, owner, mode and link count a create gives it, no extended attribute,
 on the same filesystem and with no mount at or below it in the runtime's mount namespace, and
-only once every process of the sandbox is known dead (its handle's kill returned), so nothing
-holds ``agent.log`` open; ``agent.log`` is then truncated. Anything else is removed as before.
+only once every process of the sandbox is known dead (its handle's kill returned). The files are
+never kept, only unlinked: a descriptor of the old ``agent.log`` (writable) or ``boot_id`` may
+outlive the sandbox's processes (passed to another sandbox over a unix socket on a shared volume),
+and must not reach the next sandbox's. Anything else is removed as before.
 """
 
 from __future__ import annotations
@@ -33,15 +35,17 @@ from collections import deque
 from pathlib import Path
 
 DISK_IMAGE = "disk.img"
-"""Removed before the check: an image is never reused (its blocks are the old sandbox's)."""
+"""A sandbox's disk image, in its directory; never reused (its blocks are the old sandbox's)."""
+
+_FILES = (DISK_IMAGE, "boot_id", "agent.log")
+"""Unlinked before the check, whatever they are (a directory in their place fails the unlink)."""
 
 LIMIT = 256
-"""Skeletons kept at most (~8 inodes each): enough for a burst as large as ``--max-sandboxes``'s
+"""Skeletons kept at most (~6 inodes each): enough for a burst as large as ``--max-sandboxes``'s
 default after as many kills."""
 
 _DIR_MODE = 0o711
 _MOUNT_POINT_MODE = 0o755
-_FILES = {"boot_id": 0o444, "agent.log": 0o640}
 _MOUNT_POINTS = ("merged", "lower", "disk")
 
 
@@ -87,14 +91,10 @@ class SandboxDirs:
         path = self.sandboxes_dir / sandbox_id
         if processes_dead and len(self._free) < self.limit:
             try:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(path / DISK_IMAGE)
+                for name in _FILES:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(path / name)
                 if self._is_skeleton(path):
-                    fd = os.open(path / "agent.log", os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-                    try:
-                        os.ftruncate(fd, 0)
-                    finally:
-                        os.close(fd)
                     with self._lock:
                         name = str(next(self._names))
                     os.rename(path, self.dir / name)
@@ -106,12 +106,12 @@ class SandboxDirs:
         shutil.rmtree(path, ignore_errors=True)
 
     def _is_skeleton(self, path: Path) -> bool:
-        """Whether ``path`` holds exactly what a create makes there, as a create makes it."""
+        """Whether ``path`` holds exactly the directories a create makes there, as a create makes them."""
         top = os.lstat(path)
         if not self._plain(path, top, stat.S_IFDIR, _DIR_MODE, 2 + len(_MOUNT_POINTS), top.st_dev):
             return False
         names = set(os.listdir(path))
-        if names != {*_MOUNT_POINTS, *_FILES}:
+        if names != set(_MOUNT_POINTS):
             return False
         for name in ("merged", "disk"):
             if not self._empty_dir(path / name, top.st_dev):
@@ -124,9 +124,6 @@ class SandboxDirs:
             return False
         for n in layers:
             if not self._empty_dir(lower / n, top.st_dev):
-                return False
-        for name, mode in _FILES.items():
-            if not self._plain(path / name, os.lstat(path / name), stat.S_IFREG, mode, 1, top.st_dev):
                 return False
         return not _mounted_at_or_under(path)
 
