@@ -28,7 +28,6 @@ import functools
 import logging
 import os
 import secrets
-import shutil
 import socket
 import string
 import sys
@@ -52,6 +51,8 @@ from .metrics import MetricsSample as MetricsSample  # re-exported: sandboxd.kub
 from .network import NetworkConfig, SandboxNetworks
 from .network.addressing import Slot
 from .observe import Observer
+from .sandbox_dirs import DISK_IMAGE as DISK_IMAGE  # a sandbox's disk image, in its directory
+from .sandbox_dirs import SandboxDirs
 from .secrets import SecretStore
 from .store import SandboxRow, Store, TemplateRow
 from .templates import Template, Templates
@@ -84,8 +85,6 @@ KEEP_INIT_CONNECTION_S = 30.0
 closed): a first command normally comes within milliseconds of the create, and this is far below
 the agent's own keep-alive timeout (640 s), so the agent never closes it first."""
 
-DISK_IMAGE = "disk.img"
-"""A sandbox's disk image, in its directory."""
 SNAPSHOT_IMAGE = "snapshot.img"
 """A copy of the disk image while a snapshot is being made of it (removed right after)."""
 
@@ -287,6 +286,8 @@ class SandboxManager:
         self.place = place
         self.sandboxes_dir = data_dir / "sandboxes"
         self.sandboxes_dir.mkdir(parents=True, exist_ok=True)
+        self.dirs = SandboxDirs(data_dir, self.sandboxes_dir)
+        """Killed sandboxes' directory skeletons, given to new ones (:mod:`.sandbox_dirs`)."""
         self.zygote = zygote
         self.limits = limits
         self.handles: dict[str, _core.SandboxHandle] = {}
@@ -564,8 +565,12 @@ class SandboxManager:
         (its cgroup's, against the other sandboxes): a warm sandbox's (:mod:`.warm`), else the
         defaults."""
         self.zygote.check_up()
+        # A resumed sandbox has its directory; a new one takes a killed one's skeleton if there is one.
         sandbox_dir = self.sandboxes_dir / row.id
-        sandbox_dir.mkdir(parents=True, exist_ok=True)
+        if resuming:
+            sandbox_dir.mkdir(parents=True, exist_ok=True)
+        else:
+            self.dirs.make(row.id)
         slot = self.networks.reserve() if self.networks is not None else None
         try:
             ca = self.networks.ca_pem if self.networks is not None else None
@@ -883,15 +888,17 @@ class SandboxManager:
         """In a worker thread: processes and cgroup (the disk unmounts when its last process is gone),
         then, unless kept, the sandbox's directory (its disk image) and its id range, in that order:
         no file owned by the range outlives its claim."""
+        dead = False  # known dead: every process gone, so none holds a file of its directory open
         if handle is not None:
             try:
                 handle.kill()
+                dead = True
             except OSError:
                 _kill_quietly(self.place.instance, sandbox_id)
         else:
             _kill_quietly(self.place.instance, sandbox_id)
         if not keep_files:
-            shutil.rmtree(self.sandboxes_dir / sandbox_id, ignore_errors=True)
+            self.dirs.release(sandbox_id, dead)
             if id_base is not None:
                 self.place.ids.release(id_base, self.data_dir, sandbox_id)
 
