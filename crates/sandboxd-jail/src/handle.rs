@@ -200,12 +200,7 @@ impl SandboxHandle {
     /// Sets the sandbox's CPU weight against the other sandboxes ([`crate::Limits::cpu_weight`]):
     /// a claimed warm sandbox goes back to [`crate::DEFAULT_CPU_WEIGHT`]. One cgroup file write.
     pub fn set_cpu_weight(&self, weight: u64) -> io::Result<()> {
-        if !(1..=crate::MAX_CPU_WEIGHT).contains(&weight) {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                format!("cpu_weight must be 1 to {}", crate::MAX_CPU_WEIGHT),
-            ));
-        }
+        crate::spec::check_cpu_weight(weight)?;
         self.cgroup.set_cpu_weight(weight)
     }
 

@@ -153,7 +153,7 @@ pub use netns::{connect_in_netns, connect_in_netns_fd, socket_in_netns};
 pub use seccomp::seccomp_filter;
 pub use spawn::{InitCommand, spawn_sandbox};
 pub use spec::{
-    BACKGROUND_CPU_WEIGHT, DEFAULT_CPU_WEIGHT, DEFAULT_INSTANCE, Limits, MAX_CPU_WEIGHT,
-    MAX_ID_LEN, MAX_LAYERS, MAX_VOLUMES, SandboxSpec, VolumeMount, validate_volume_target,
+    DEFAULT_CPU_WEIGHT, DEFAULT_INSTANCE, Limits, MAX_CPU_WEIGHT, MAX_ID_LEN, MAX_LAYERS,
+    MAX_VOLUMES, SandboxSpec, VolumeMount, validate_volume_target,
 };
 pub use template::{USER_UID, build_base_template};

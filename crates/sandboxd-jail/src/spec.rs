@@ -91,17 +91,14 @@ pub struct Limits {
     /// `cpu.shares`, [`crate::cgroup`]'s conversion). Why a group's and not a nice value: CFS
     /// weighs each cgroup against its siblings before the tasks inside it, so a niced process in
     /// a sandbox's own group still takes an equal share against another sandbox booting beside
-    /// it. The runtime's warm sandboxes boot at [`BACKGROUND_CPU_WEIGHT`] and are put back to the
-    /// default at their claim.
+    /// it. The runtime's warm sandboxes boot at 1 (v2's least, v1 `cpu.shares` 10: ~1 % of a
+    /// default sibling's share while both want the CPU) and are put back to the default at their
+    /// claim.
     pub cpu_weight: Option<u64>,
 }
 
 /// The kernel's default cgroup CPU weight (v2 `cpu.weight`; v1 `cpu.shares` 1024).
 pub const DEFAULT_CPU_WEIGHT: u64 = 100;
-
-/// The weight of a group that should run only on what its siblings leave: v2's least (v1
-/// `cpu.shares` 10), ~1 % of a default sibling's share while both want the CPU.
-pub const BACKGROUND_CPU_WEIGHT: u64 = 1;
 
 /// v2's largest `cpu.weight`.
 pub const MAX_CPU_WEIGHT: u64 = 10_000;
@@ -229,10 +226,8 @@ impl SandboxSpec {
         {
             return Err(invalid("cpu_cores must be a positive number"));
         }
-        if let Some(weight) = self.limits.cpu_weight
-            && !(1..=MAX_CPU_WEIGHT).contains(&weight)
-        {
-            return Err(invalid(format!("cpu_weight must be 1 to {MAX_CPU_WEIGHT}")));
+        if let Some(weight) = self.limits.cpu_weight {
+            check_cpu_weight(weight)?;
         }
         Ok(())
     }
@@ -342,6 +337,16 @@ fn validate_name(what: &str, s: &str) -> io::Result<()> {
         Err(invalid(format!(
             "{what} {s:?} must be 1-{MAX_ID_LEN} bytes of [A-Za-z0-9._-], not starting with '.'"
         )))
+    }
+}
+
+/// A CPU weight in v2's range, 1 to [`MAX_CPU_WEIGHT`] (`InvalidInput` otherwise): a sandbox's at
+/// its spawn and a running one's ([`crate::SandboxHandle::set_cpu_weight`]).
+pub(crate) fn check_cpu_weight(weight: u64) -> io::Result<()> {
+    if (1..=MAX_CPU_WEIGHT).contains(&weight) {
+        Ok(())
+    } else {
+        Err(invalid(format!("cpu_weight must be 1 to {MAX_CPU_WEIGHT}")))
     }
 }
 
