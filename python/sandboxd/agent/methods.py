@@ -14,7 +14,7 @@ FILESYSTEM_PREFIX = "/filesystem.Filesystem/"
 
 def build_methods(state: AgentState) -> list[Method]:
     """The filesystem, watch and process services' methods, wired to ``state``."""
-    return [*filesystem_methods(state), *ProcessService(state).methods()]
+    return [*filesystem_methods(state), *process_methods(state)]
 
 
 def process_methods(state: AgentState) -> list[Method]:

@@ -130,9 +130,10 @@ def _id(field: str) -> int | None:
     below ``(uid_t) -1``. ``int()`` alone takes ``-1``, ``+5``, ``1_000``, spaces and non-ASCII
     digits, which glibc reads differently or not at all; such an entry is skipped, as a malformed
     one is."""
-    if not (field.isascii() and field.isdigit()) or int(field) > 0xFFFFFFFE:
+    if not (field.isascii() and field.isdigit()):
         return None
-    return int(field)
+    value = int(field)
+    return value if value < 0xFFFFFFFF else None
 
 
 def _groups_of(name: str, gid: int) -> tuple[int, ...]:

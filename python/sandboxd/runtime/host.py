@@ -181,7 +181,7 @@ def warm_growth_cap(host: HostFacts, max_sandboxes: int) -> int:
     one per :data:`WARM_GROWTH_MEMORY_PER_SANDBOX` of the budget, never more than ``max_sandboxes``
     (the pool also grows only into the network slots and ``--max-sandboxes`` room that running
     sandboxes leave, :attr:`.warm.WarmPool.size`)."""
-    return max(0, min(WARM_GROWTH_MAX, budget(host).memory_bytes // WARM_GROWTH_MEMORY_PER_SANDBOX, max_sandboxes))
+    return _warm_count(host, WARM_GROWTH_MAX, WARM_GROWTH_MEMORY_PER_SANDBOX, max_sandboxes)
 
 
 def default_warm_sandboxes(host: HostFacts, max_sandboxes: int) -> int:
@@ -192,7 +192,13 @@ def default_warm_sandboxes(host: HostFacts, max_sandboxes: int) -> int:
     one per :data:`WARM_MEMORY_PER_SANDBOX` of the budget (none under 2 GiB), never more than
     ``max_sandboxes``. After a burst larger than that it grows, for a while, to the burst's size
     (:func:`warm_growth_cap`); a fixed size is the operator's ``--warm-sandboxes``."""
-    return max(0, min(DEFAULT_WARM_SANDBOXES, budget(host).memory_bytes // WARM_MEMORY_PER_SANDBOX, max_sandboxes))
+    return _warm_count(host, DEFAULT_WARM_SANDBOXES, WARM_MEMORY_PER_SANDBOX, max_sandboxes)
+
+
+def _warm_count(host: HostFacts, most: int, memory_each: int, max_sandboxes: int) -> int:
+    """``most`` warm sandboxes, no more than one per ``memory_each`` bytes of the sandboxes' memory
+    budget, nor than ``max_sandboxes``."""
+    return max(0, min(most, budget(host).memory_bytes // memory_each, max_sandboxes))
 
 
 def open_files(host: HostFacts) -> int:

@@ -417,12 +417,12 @@ async def renice(warm: Warm) -> None:
     :meth:`WarmPool.take` checked it fails the create with a 500 that says so (the create's clean-up
     then runs as for any failed create)."""
     try:
-        await asyncio.to_thread(_renice, warm.handle, warm.handle.init_pid)
+        await asyncio.to_thread(_renice, warm.handle)
     except OSError as exc:
         raise ApiError(500, f"the warm sandbox taken for this create stopped before its claim ({exc}); retry") from None
 
 
-def _renice(handle: _core.SandboxHandle, init_pid: int) -> None:
+def _renice(handle: _core.SandboxHandle) -> None:
     """Back to the default priority: the cgroup's weight first (one write: what it weighs against
     the other sandboxes), then every thread of every process in the sandbox, found from its init
     down (its agent, and in a code-interpreter sandbox the interpreter and its kernels; nobody else
@@ -431,7 +431,7 @@ def _renice(handle: _core.SandboxHandle, init_pid: int) -> None:
     Raises OSError when the sandbox's processes or its cgroup are gone (it died: the claim fails as
     a create would)."""
     handle.set_cpu_weight(DEFAULT_CPU_WEIGHT)
-    pending = [init_pid]
+    pending = [handle.init_pid]
     while pending:
         pid = pending.pop()
         for tid in os.listdir(f"/proc/{pid}/task"):

@@ -233,6 +233,11 @@ def _field_numbers(response_type: type[Response]) -> tuple[list[int], list[int],
     return found
 
 
+def _exited(pid: int) -> RpcError:
+    """A call on a process that ended while it was being served (after ``_find`` found it running)."""
+    return RpcError(Code.NOT_FOUND, f"process {pid} has already exited")
+
+
 class ProcessService:
     """Starts processes and keeps them addressable by pid or tag."""
 
@@ -437,7 +442,7 @@ class ProcessService:
             await asyncio.to_thread(writer, payload, STDIN_WRITE_TIMEOUT_S)
         except BrokenPipeError:
             if which == "pty":  # it ended since _find looked: its master is closed with its end
-                raise RpcError(Code.NOT_FOUND, f"process {pid} has already exited") from None
+                raise _exited(pid) from None
             raise RpcError(
                 Code.FAILED_PRECONDITION,
                 f"stdin of process {pid} is not enabled or already closed (start it with stdin=True)",
@@ -483,7 +488,7 @@ class ProcessService:
         try:
             entry.process.signal(number)
         except ProcessLookupError:
-            raise RpcError(Code.NOT_FOUND, f"process {entry.process.pid} has already exited") from None
+            raise _exited(entry.process.pid) from None
         return pb.SendSignalResponse()
 
     async def update(self, request: pb.UpdateRequest, ctx: Context) -> pb.UpdateResponse:
@@ -497,5 +502,5 @@ class ProcessService:
             try:
                 entry.process.resize(size.cols, size.rows)
             except BrokenPipeError:  # it ended since _find looked: its master is closed with its end
-                raise RpcError(Code.NOT_FOUND, f"process {entry.process.pid} has already exited") from None
+                raise _exited(entry.process.pid) from None
         return pb.UpdateResponse()
