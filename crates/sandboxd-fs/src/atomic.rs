@@ -416,9 +416,14 @@ mod tests {
         }
     }
 
-    /// Descriptors this process has open.
-    fn open_fds() -> usize {
-        fs::read_dir("/proc/self/fd").unwrap().count()
+    /// How many of this process's descriptors are open on `path`: counted by what each one names,
+    /// not in total, which the other tests running beside this one change at any moment.
+    fn fds_on(path: &Path) -> usize {
+        fs::read_dir("/proc/self/fd")
+            .unwrap()
+            .filter_map(|e| fs::read_link(e.ok()?.path()).ok())
+            .filter(|target| target == path)
+            .count()
     }
 
     #[test]
@@ -428,11 +433,12 @@ mod tests {
         fs::write(&target, "old").unwrap();
         let mut w = AtomicWriter::create(&target, NOBODY, NOBODY).unwrap();
         w.write(b"sealed content").unwrap();
-        let before = open_fds();
+        let temp = w.temp_path().to_owned();
+        assert_eq!(fds_on(&temp), 1);
         w.seal(&md(&[("k", "v")])).unwrap();
         assert_eq!(
-            open_fds(),
-            before - 1,
+            fds_on(&temp),
+            0,
             "the temporary file's descriptor is closed"
         );
         assert!(!w.is_open() && !w.is_committed());
@@ -446,7 +452,6 @@ mod tests {
             b"old",
             "nothing replaced before the commit"
         );
-        let temp = w.temp_path().to_owned();
         assert_eq!(read_metadata(&temp), md(&[("k", "v")]));
         if is_root() {
             assert_eq!(fs::metadata(&temp).unwrap().uid(), NOBODY);
