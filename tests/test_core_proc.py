@@ -11,9 +11,11 @@ from __future__ import annotations
 import asyncio
 import errno
 import io
+import json
 import os
 import pwd
 import select
+import subprocess
 import sys
 import threading
 import time
@@ -574,3 +576,49 @@ def test_asyncio_add_reader_wakes_on_output() -> None:
     assert data == b"hi\nbye\n"
     assert end.exit_code == 4
     assert 2 <= wakeups <= 6
+
+
+# ----------------------------------------------------------------------------- the allocator's heap
+
+_SCATTERED_FREE_CHUNKS = r"""
+import ctypes, json, sys
+from sandboxd import _core
+
+libc = ctypes.CDLL(None)
+libc.malloc.restype = ctypes.c_void_p
+libc.malloc.argtypes = [ctypes.c_size_t]
+libc.free.argtypes = [ctypes.c_void_p]
+
+class Mallinfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd",
+                "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+libc.mallinfo2.restype = Mallinfo2
+# 2,000-byte blocks (past glibc's per-thread cache and fast bins), every other one freed: free chunks
+# that cannot merge, scattered through the heap as a preload leaves them.
+blocks = [libc.malloc(1992) for _ in range(400)]
+freed = blocks[::2]
+for block in freed:
+    libc.free(block)
+before = libc.mallinfo2()
+held = _core.hold_free_chunks()
+after = libc.mallinfo2()
+again = _core.hold_free_chunks()
+new = [libc.malloc(1992) for _ in range(50)]
+print(json.dumps({
+    "free_before": before.ordblks, "free_after": after.ordblks,
+    "held": held, "again": again, "new_in_a_hole": len(set(new) & set(freed)),
+}))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or os.confstr("CS_GNU_LIBC_VERSION") is None, reason="glibc")
+def test_hold_free_chunks_leaves_later_allocations_to_the_heaps_top() -> None:
+    # In a process of its own (its main thread, the main arena: as the zygote calls it).
+    out = subprocess.run([sys.executable, "-c", _SCATTERED_FREE_CHUNKS], capture_output=True, text=True, check=True)
+    seen = json.loads(out.stdout)
+    assert seen["free_before"] >= 200  # the scattered chunks (and the top, counted by glibc)
+    assert seen["held"] >= 200 * 2000
+    assert seen["free_after"] <= 2  # the top, at most one chunk the report's own reading left
+    assert seen["again"] < 8192  # nothing left to take
+    assert seen["new_in_a_hole"] == 0  # later blocks come from the top, not the freed ones

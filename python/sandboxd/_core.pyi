@@ -168,6 +168,14 @@ def trim_malloc() -> bool:
     """Return the allocator's free memory to the kernel (``malloc_trim(0)``, the GIL released): for a
     process gone idle, never on a hot path; whether any was released (False on another C library)."""
 
+def hold_free_chunks() -> int:
+    """Take every free chunk of the allocator's main heap (glibc's main arena: call it from the main
+    thread) and never give it back, so that later allocations are carved from the heap's top; the
+    bytes held (0 on another C library). For a process about to fork many children that allocate
+    (the zygote): a child's ``malloc`` from a scattered free chunk writes that chunk's page and its
+    bin neighbours', each a copy-on-write fault; from the top, a few contiguous pages. No memory is
+    added: the chunks' pages are resident already."""
+
 class SharedLibrary:
     """A shared library loaded into this process by path (``dlopen``, ``RTLD_NOW | RTLD_LOCAL``; the
     loader's message as :class:`OSError` when it refuses); it stays loaded until :meth:`close`."""

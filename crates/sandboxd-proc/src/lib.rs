@@ -146,7 +146,7 @@ mod wake;
 pub use errno::errno;
 pub use fanout::DEFAULT_STALL_TIMEOUT;
 pub use library::Library;
-pub use malloc::{trim_malloc, tune_malloc};
+pub use malloc::{hold_free_chunks, trim_malloc, tune_malloc};
 pub use nix::sys::signal::Signal;
 pub use pipesize::STDOUT_PIPE_BYTES;
 pub use process::Process;

@@ -65,6 +65,132 @@ pub fn trim_malloc() -> bool {
     }
 }
 
+/// Passes of [`hold_free_chunks`] at most: a pass that takes a chunk from a large bin splits it, and
+/// the remainder is a free chunk the next pass takes.
+const HOLD_PASSES: usize = 8;
+
+/// The bytes of the report buffer [`hold_free_chunks`] has `malloc_info(3)` write into (mapped, not
+/// allocated, so that reading the report leaves no free chunk behind): a heap has at most ~130
+/// bins, one line of ~70 bytes each.
+const REPORT_BYTES: usize = 1 << 20;
+
+/// Takes every free chunk of the calling thread's heap (glibc's main arena: call it from the main
+/// thread), so that later allocations are carved from the heap's top instead; the chunks are never
+/// given back. Returns the bytes now held (0 on a C library other than glibc).
+///
+/// For a process that forks many children which allocate (the zygote): its free chunks are
+/// scattered through its heap, and in a child every `malloc` served from a bin writes that chunk's
+/// header and its bin neighbours' links, each on its own page shared with the parent: a copy-on-
+/// write fault per page, ~3 per allocation. Taken by the parent first, the children's allocations
+/// come from the top, a few contiguous pages. Measured on the zygote after its preload: 840 free
+/// chunks, 355 kB in a 13.8 MB heap; a sandbox's "A" then took ~680 page faults, ~420 with them
+/// held (`docs/benchmarks.md`, `cold10`). It costs no memory: the chunks' pages are resident
+/// already, and only stop being reused.
+pub fn hold_free_chunks() -> usize {
+    #[cfg(target_env = "gnu")]
+    {
+        let mut held = 0;
+        let mut left = usize::MAX;
+        for _ in 0..HOLD_PASSES {
+            let Some(chunks) = malloc_report(main_heap_free_chunks) else {
+                return held;
+            };
+            let free: usize = chunks.iter().map(|(size, count)| size * count).sum();
+            // A pass that did not shrink what is free (chunks some malloc cannot reach) stops,
+            // rather than carving the top for nothing.
+            if free == 0 || free >= left {
+                return held;
+            }
+            left = free;
+            for (size, count) in chunks {
+                // The request whose chunk is exactly `size`: glibc adds 8 bytes of header and
+                // rounds up to 16 (32 at least).
+                let request = size.saturating_sub(8).max(1);
+                for _ in 0..count {
+                    // SAFETY: a plain allocation, deliberately never freed.
+                    let chunk = unsafe { libc::malloc(request) }.cast::<u8>();
+                    if chunk.is_null() {
+                        return held;
+                    }
+                    // A write the compiler must keep: an allocation nothing uses is otherwise
+                    // elided (LLVM knows `malloc`), and the chunk would stay free. Its page holds
+                    // the chunk's links already: nothing is made resident.
+                    // SAFETY: the first of `request` (>= 1) bytes just allocated to us.
+                    unsafe { chunk.write_volatile(0) };
+                    held += size;
+                }
+            }
+        }
+        held
+    }
+    #[cfg(not(target_env = "gnu"))]
+    {
+        0
+    }
+}
+
+/// `read` of `malloc_info(3)`'s XML report, written unbuffered into a mapped buffer and read there:
+/// stdio's own buffer, or a copy of the report, would be allocated, then freed, leaving a free chunk
+/// behind the very call that counts them.
+#[cfg(target_env = "gnu")]
+fn malloc_report<T>(read: impl FnOnce(&str) -> T) -> Option<T> {
+    // SAFETY: a fresh private anonymous mapping, unmapped below; fmemopen writes only inside it
+    // (REPORT_BYTES, with room for its final NUL), and the stream is closed before it is read.
+    unsafe {
+        let buffer = libc::mmap(
+            std::ptr::null_mut(),
+            REPORT_BYTES,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        );
+        if buffer == libc::MAP_FAILED {
+            return None;
+        }
+        let stream = libc::fmemopen(buffer, REPORT_BYTES, c"w".as_ptr());
+        let mut report = None;
+        if !stream.is_null() {
+            let unbuffered = libc::setvbuf(stream, std::ptr::null_mut(), libc::_IONBF, 0) == 0;
+            let written = unbuffered && libc::malloc_info(0, stream) == 0;
+            libc::fclose(stream);
+            if written {
+                let text = std::ffi::CStr::from_ptr(buffer.cast::<libc::c_char>());
+                report = text.to_str().ok().map(read);
+            }
+        }
+        libc::munmap(buffer, REPORT_BYTES);
+        report
+    }
+}
+
+/// The free chunks of the main heap (`<heap nr="0">`) in a `malloc_info` report, as (chunk bytes,
+/// count): each bin's smallest size and its count (a large bin's bigger chunks are split by the
+/// allocations of its smallest, and taken by the next pass), the unsorted ones likewise. glibc prints
+/// a chunk's size with its flag bits (33 for a 32-byte chunk), hence the mask.
+fn main_heap_free_chunks(report: &str) -> Vec<(usize, usize)> {
+    let Some(start) = report.find("<heap nr=\"0\">") else {
+        return Vec::new();
+    };
+    let heap = &report[start..];
+    let heap = &heap[..heap.find("</heap>").unwrap_or(heap.len())];
+    let attribute = |line: &str, name: &str| -> Option<usize> {
+        let at = line.find(name)? + name.len();
+        line[at..].split('"').next()?.parse().ok()
+    };
+    heap.lines()
+        .map(str::trim_start)
+        .filter(|line| line.starts_with("<size ") || line.starts_with("<unsorted "))
+        .filter_map(|line| {
+            Some((
+                attribute(line, " from=\"")? & !7,
+                attribute(line, " count=\"")?,
+            ))
+        })
+        .filter(|&(size, count)| size >= 32 && count > 0)
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     #[test]
@@ -73,6 +199,33 @@ mod tests {
         assert!(!super::tune_malloc(usize::MAX, 64 << 20, 16 << 20, 0));
         assert!(!super::tune_malloc(8 << 20, 64 << 20, 16 << 20, usize::MAX));
         assert!(super::tune_malloc(128 << 10, 128 << 10, 128 << 10, 0)); // glibc's defaults again
+    }
+
+    #[test]
+    fn a_reports_free_chunks_are_read_from_the_main_heap_only() {
+        let report = r#"<malloc version="1">
+<heap nr="0">
+<sizes>
+  <size from="33" to="33" total="1089" count="33"/>
+  <size from="1041" to="1249" total="4576" count="4"/>
+  <unsorted from="71409" to="71409" total="71409" count="1"/>
+</sizes>
+<total type="fast" count="0" size="0"/>
+<total type="rest" count="38" size="77074"/>
+</heap>
+<heap nr="1">
+<sizes>
+  <size from="49" to="49" total="490" count="10"/>
+</sizes>
+</heap>
+<total type="rest" count="48" size="77564"/>
+</malloc>
+"#;
+        assert_eq!(
+            super::main_heap_free_chunks(report),
+            vec![(32, 33), (1040, 4), (71408, 1)]
+        );
+        assert!(super::main_heap_free_chunks("<malloc/>").is_empty());
     }
 
     #[test]

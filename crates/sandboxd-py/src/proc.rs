@@ -58,6 +58,7 @@ const WAIT_SLICE: Duration = Duration::from_millis(100);
 pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(tune_malloc, m)?)?;
     m.add_function(wrap_pyfunction!(trim_malloc, m)?)?;
+    m.add_function(wrap_pyfunction!(hold_free_chunks, m)?)?;
     m.add_class::<SharedLibrary>()?;
     m.add("STREAM_STDOUT", STREAM_STDOUT)?;
     m.add("STREAM_STDERR", STREAM_STDERR)?;
@@ -89,6 +90,16 @@ fn tune_malloc(
 #[pyfunction]
 fn trim_malloc(py: Python<'_>) -> bool {
     py.detach(core::trim_malloc)
+}
+
+/// Take every free chunk of the allocator's main heap and never give it back, so that later
+/// allocations come from the heap's top (`0` on another C library); the bytes held. For the main
+/// thread of a process about to fork many children (the zygote): a child's allocations then write
+/// a few contiguous pages instead of the scattered chunks' and their neighbours' (copy-on-write
+/// faults).
+#[pyfunction]
+fn hold_free_chunks() -> usize {
+    core::hold_free_chunks()
 }
 
 /// A shared library loaded into this process by path (`dlopen`, `RTLD_NOW | RTLD_LOCAL`); it stays
