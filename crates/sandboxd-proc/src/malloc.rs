@@ -69,6 +69,11 @@ pub fn trim_malloc() -> bool {
 /// the remainder is a free chunk the next pass takes.
 const HOLD_PASSES: usize = 8;
 
+/// The largest free chunk [`hold_free_chunks`] takes: glibc's first mmap threshold (it only rises
+/// from there). A request this large may be served by a fresh `mmap` instead of the chunk, which
+/// would stay free while the request added memory; one such chunk is one place, not a scatter.
+const HOLD_MAX_CHUNK: usize = 128 << 10;
+
 /// The bytes of the report buffer [`hold_free_chunks`] has `malloc_info(3)` write into (mapped, not
 /// allocated, so that reading the report leaves no free chunk behind): a heap has at most ~130
 /// bins, one line of ~70 bytes each.
@@ -166,8 +171,9 @@ fn malloc_report<T>(read: impl FnOnce(&str) -> T) -> Option<T> {
 
 /// The free chunks of the main heap (`<heap nr="0">`) in a `malloc_info` report, as (chunk bytes,
 /// count): each bin's smallest size and its count (a large bin's bigger chunks are split by the
-/// allocations of its smallest, and taken by the next pass), the unsorted ones likewise. glibc prints
-/// a chunk's size with its flag bits (33 for a 32-byte chunk), hence the mask.
+/// allocations of its smallest, and taken by the next pass), the unsorted ones likewise; none of
+/// [`HOLD_MAX_CHUNK`] or more. glibc prints a chunk's size with its flag bits (33 for a 32-byte
+/// chunk), hence the mask.
 fn main_heap_free_chunks(report: &str) -> Vec<(usize, usize)> {
     let Some(start) = report.find("<heap nr=\"0\">") else {
         return Vec::new();
@@ -187,7 +193,7 @@ fn main_heap_free_chunks(report: &str) -> Vec<(usize, usize)> {
                 attribute(line, " count=\"")?,
             ))
         })
-        .filter(|&(size, count)| size >= 32 && count > 0)
+        .filter(|&(size, count)| (32..HOLD_MAX_CHUNK).contains(&size) && count > 0)
         .collect()
 }
 
@@ -208,6 +214,7 @@ mod tests {
 <sizes>
   <size from="33" to="33" total="1089" count="33"/>
   <size from="1041" to="1249" total="4576" count="4"/>
+  <size from="262145" to="262145" total="262145" count="1"/>
   <unsorted from="71409" to="71409" total="71409" count="1"/>
 </sizes>
 <total type="fast" count="0" size="0"/>
