@@ -565,6 +565,7 @@ def main(fd: int) -> None:
     preload()
     freeze_heap()
     hold_free_chunks()
+    clear_type_cache()
     serve(sock)
 
 
@@ -594,6 +595,18 @@ def hold_free_chunks() -> int:
     faults ~680 → ~420 per create and the agent's ~1,500 → ~1,390. No memory is added: those pages
     are resident already; the bytes held are returned."""
     return _core.hold_free_chunks()
+
+
+def clear_type_cache() -> None:
+    """Empty the interpreter's attribute cache (``sys._clear_type_cache``) once the preload is done.
+
+    A type attribute lookup that misses the cache writes the entry, taking a reference to the new
+    name and dropping the old one's: with the preload's entries, each of a fork's misses writes a
+    page of some name the preload looked up last, a copy-on-write fault; an emptied entry holds
+    ``None``, whose page every process writes anyway. The fork's hits that the preload's entries
+    would have given are fewer than those faults: measured over bursts of 100 cold creates
+    (``docs/benchmarks.md``, ``cold10``), an agent's page faults to its ``/init`` ~1,390 → ~1,275."""
+    sys._clear_type_cache()
 
 
 if __name__ == "__main__":
