@@ -275,3 +275,32 @@ def test_a_file_mounted_over_a_database_is_seen(databases: tuple[Path, Path], tm
         check=True,
     )
     assert got.stdout.strip() == "3003"
+
+
+FORKED = """
+import os, sys
+from sandboxd.agent import users
+passwd = sys.argv[1]
+users.DATABASES = (passwd, os.path.join(os.path.dirname(passwd), "group"))
+assert users.lookup("alice").uid == 1001
+assert users._TRIPWIRE.armed_for is users.DATABASES
+pid = os.fork()
+if pid == 0:
+    fresh = users._TRIPWIRE.armed_for is None  # the parent's descriptors are not the child's to trust
+    assert users.lookup("alice").uid == 1001
+    with open(passwd, "w") as f:
+        f.write("alice:x:1009:1001::/home/alice:/bin/sh\\n")
+    os._exit(0 if fresh and users.lookup("alice").uid == 1009 else 1)
+_, status = os.waitpid(pid, 0)
+print(os.waitstatus_to_exitcode(status), users.lookup("alice").uid)
+"""
+
+
+def test_a_forked_child_arms_a_tripwire_of_its_own(databases: tuple[Path, Path]) -> None:
+    """The agent in a sandbox is forked from the zygote: a tripwire armed before the fork would
+    watch the parent's files, so the child forgets it (``os.register_at_fork``)."""
+    passwd, group = databases
+    passwd.write_text("alice:x:1001:1001::/home/alice:/bin/sh\n")
+    group.write_text("")
+    got = subprocess.run([sys.executable, "-c", FORKED, str(passwd)], capture_output=True, text=True, check=True)
+    assert got.stdout.split() == ["0", "1009"]  # the child saw its change; the parent sees it too

@@ -111,6 +111,15 @@ class _Tripwire:
         self.armed_for = DATABASES
         return True
 
+    def forget(self) -> None:
+        """In a child just forked: the descriptors are copies of the parent's, for its view of the
+        files (a sandbox's agent is forked from the zygote, then in a mount namespace and a root of
+        its own), and the lock may be held by a thread the child does not have. The next lookup
+        arms a tripwire of the child's own."""
+        self._lock = threading.Lock()
+        self._disarm()
+        self.unarmed_for = None
+
     def _disarm(self) -> None:
         self._poll = None
         self.armed_for = None
@@ -121,6 +130,7 @@ class _Tripwire:
 
 
 _TRIPWIRE = _Tripwire()
+os.register_at_fork(after_in_child=_TRIPWIRE.forget)
 
 
 def _databases_version() -> tuple[int, int, int] | None:
