@@ -54,7 +54,11 @@ class _Tripwire:
     Not armed, so that every lookup takes the ``stat`` s as before, where a change could pass it
     by: a database or a directory on its path is a symlink (its target's changes are not on the
     watched inodes), /proc is not mounted, or inotify refuses (``EMFILE``, ``ENOSPC``). Armed
-    again only when the ``stat`` s see the databases change, not tried on every lookup."""
+    again only when the ``stat`` s see the databases change, not tried on every lookup.
+
+    It holds an inotify instance (of the 64 root inside a sandbox may hold, which ``watch_dir``'s
+    watchers share) and two descriptors. A sandbox that changes ``/etc``'s entries without pause
+    makes each of its lookups arm a new one: its own agent's cost."""
 
     __slots__ = ("_inotify", "_lock", "_mounts", "_poll", "armed_for", "generation", "mtimes", "unarmed_for", "version")
 
