@@ -51,8 +51,8 @@ def test_an_account_added_or_changed_in_a_sandbox_is_used_at_once(e2b_env: Runti
     quiet (``agent.users``): inside a sandbox's jail (its own root, mount namespace and /proc) a
     ``useradd`` and then a ``usermod`` are each seen by the very next request that names the user,
     the second with /etc/passwd's mtime set back.
-    (Through the files API, which chowns to the user: commands as an account added after the
-    sandbox started fail with ``Permission denied`` to exec, on ``main``'s agent as well.)"""
+    (Through the files API, which chowns to the user: a command would start in the sandbox's
+    default workdir, /home/user, which a new account may not enter.)"""
     sbx = Sandbox.create()
     try:
         assert sbx.commands.run("id -un", user="user").stdout == "user\n"  # the cache is armed
