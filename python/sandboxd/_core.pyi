@@ -319,6 +319,12 @@ WATCH_BUFFER_BYTES: int
 WATCH_CLOSED: int
 """Kind of a batch item that reports the watched directory itself was deleted or moved away."""
 
+def tripwire(paths: list[str]) -> int:
+    """A non-blocking inotify descriptor, the caller's to close, that becomes readable once anything
+    at ``paths`` changes: a directory's entries (created, removed, renamed), a file's content,
+    metadata or name. A symlink is watched as itself. Raises ``OSError`` for the first path that
+    cannot be watched (``ENOENT``, ``ENOSPC``, ``EMFILE``)."""
+
 class Watcher:
     """A recursive (or flat) inotify watch on a directory. Event kinds are envd's ``EventType``
     numbers (1 CREATE, 2 WRITE, 3 REMOVE, 4 RENAME, 5 CHMOD); names are relative to the root."""

@@ -27,7 +27,19 @@ pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("WATCH_CLOSED", WATCH_CLOSED)?;
     m.add("WATCH_BUFFER_BYTES", DEFAULT_BUFFER_BYTES)?;
     m.add_class::<Watcher>()?;
+    m.add_function(wrap_pyfunction!(tripwire, m)?)?;
     Ok(())
+}
+
+/// A non-blocking inotify descriptor that becomes readable once anything at ``paths`` changes
+/// (``sandboxd_watch::tripwire``); the caller owns it (``os.close``). GIL released while the
+/// watches are added.
+#[pyfunction]
+fn tripwire(py: Python<'_>, paths: Vec<PathBuf>) -> PyResult<i32> {
+    use std::os::fd::IntoRawFd;
+    py.detach(|| sandboxd_watch::tripwire(&paths))
+        .map(IntoRawFd::into_raw_fd)
+        .map_err(PyErr::from)
 }
 
 fn to_pyerr(err: WatchError) -> PyErr {
