@@ -61,6 +61,12 @@ def test_a_missing_home_starts_at_the_root_and_a_bad_cwd_is_named(sandbox: Any, 
     assert missing.value.exit_code == 127
     if os.geteuid() != 0:
         pytest.skip("runs a command as nobody: needs root")
+    # A cwd the user may not enter: the failing step is named, not taken for the program's error.
+    private = workdir / "private"
+    private.mkdir(mode=0o700)
+    with pytest.raises(InvalidArgumentException) as denied:
+        sandbox.commands.run("true", cwd=str(private), user="nobody")
+    assert f"chdir to '{private}': Permission denied" in str(denied.value)
     home = pwd.getpwnam("nobody").pw_dir
     if os.path.isdir(home):
         pytest.skip(f"nobody's home {home} exists here")
