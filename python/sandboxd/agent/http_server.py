@@ -141,13 +141,12 @@ runtime's proxy reaches a sandbox's agent at ``127.0.0.1`` inside its network na
 benches and a standalone agent's local clients do too. A new namespace inherits the host's default,
 often BBR, which exists to probe a real path's bottleneck: it caps the window at about twice the
 measured bandwidth-delay product and paces every send, with the kernel's own timer where the qdisc
-is not ``fq`` (loopback has none). On loopback there is no bottleneck, queue or loss to probe: a
-flood's window sat at 15-18 segments, a cap near 2 GB/s at the RTTs of a loaded VM, and a C model of
-the agent's reader and writer threads ran at 603 MB/s under BBR against 1,113 under Reno (no pacing;
-the window grows while nothing is lost), with 18 % less CPU. Through the whole agent the gain was
-smaller and noisier on a shared VM (docs/benchmarks.md, ``pipe3``). Reno is always built into Linux
-and allowed to every user (``tcp_allowed_congestion_control``); where it is refused the default
-stays. A peer anywhere else keeps the host's choice."""
+is not ``fq`` (loopback has none). On loopback there is no bottleneck, queue or loss to probe, and
+with BBR 256 MiB of pipe output went out at 0.74x a direct pipe read where Reno (no pacing, the
+window grows as long as nothing is lost) gave 0.94x, with ~22 % less CPU in the agent and in the
+client (same run, alternating; docs/benchmarks.md, ``pipe3``). Reno is always built into Linux and
+allowed to every user (``tcp_allowed_congestion_control``); where it is refused the default stays.
+A peer anywhere else keeps the host's choice."""
 
 
 def _unpaced(transport: asyncio.BaseTransport, peer: tuple[str, int] | None) -> None:
