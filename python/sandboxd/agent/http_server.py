@@ -135,33 +135,6 @@ frames to a client that is behind (each frame costs it a wake-up and a parse) an
 to one that keeps up. The socket's own value is restored after."""
 
 
-LOOPBACK_CONGESTION = b"reno"
-"""TCP congestion control of a connection whose peer is on loopback (``127.0.0.0/8``, ``::1``): the
-runtime's proxy reaches a sandbox's agent at ``127.0.0.1`` inside its network namespace, and the
-benches and a standalone agent's local clients do too. A new namespace inherits the host's default,
-often BBR, which exists to probe a real path's bottleneck: it caps the window at about twice the
-measured bandwidth-delay product and paces every send, with the kernel's own timer where the qdisc
-is not ``fq`` (loopback has none). On loopback there is no bottleneck, queue or loss to probe, and
-with BBR 256 MiB of pipe output went out at 0.74x a direct pipe read where Reno (no pacing, the
-window grows as long as nothing is lost) gave 0.94x, with ~22 % less CPU in the agent and in the
-client (same run, alternating; docs/benchmarks.md, ``pipe3``). Reno is always built into Linux and
-allowed to every user (``tcp_allowed_congestion_control``); where it is refused the default stays.
-A peer anywhere else keeps the host's choice."""
-
-
-def _unpaced(transport: asyncio.BaseTransport, peer: tuple[str, int] | None) -> None:
-    """Sets :data:`LOOPBACK_CONGESTION` on ``transport``'s socket if ``peer`` is on loopback."""
-    if peer is None:  # a Unix socket
-        return
-    host = peer[0]
-    if not (host.startswith("127.") or host == "::1" or host.startswith("::ffff:127.")):
-        return
-    sock = transport.get_extra_info("socket")
-    if sock is not None:
-        with contextlib.suppress(OSError):  # not TCP, or the algorithm refused: the default stays
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, LOOPBACK_CONGESTION)
-
-
 @dataclass(frozen=True)
 class ConnectionLimits:
     """The per-server connection bounds (see the module documentation)."""
@@ -813,7 +786,6 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             self._refuse(503, "Service Unavailable", "too many connections in progress: retry shortly")
             return
         self._admitted = True
-        _unpaced(transport, self.client)
         self._arm_head_timer()
 
     def connection_lost(self, exc: Exception | None) -> None:
