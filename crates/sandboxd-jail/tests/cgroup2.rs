@@ -3,7 +3,8 @@
 //! and puts sandboxes in `/sandboxd/<id>` of the unified hierarchy. On a hybrid host the v2
 //! hierarchy has no controllers (they are bound to v1), so this checks joining, the cgroup
 //! namespace, the device allow-list (a BPF program), freeze/thaw (`cgroup.freeze`), kill
-//! (`cgroup.kill`), CPU stats and cleanup, and that a limit is refused, naming what to enable. Skipped when not root, or when the host already is v2 (the other tests cover it).
+//! (`cgroup.kill`), CPU stats and cleanup, and that a limit is refused, naming what to enable.
+//! Skipped when not root, or when the host already is v2 (the other tests cover it).
 //! `harness = false`: `unshare(CLONE_NEWNS)` needs a single-threaded process.
 
 mod common;
