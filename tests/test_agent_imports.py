@@ -296,6 +296,7 @@ def requests() -> None:
              b"content-type: application/connect+json\\r\\ncontent-length: %d\\r\\n\\r\\n%s" % (len(frame), frame)),
     ]
     filesystem_after_start = "sandboxd.agent.services.filesystem" in sys.modules
+    files_after_start = "sandboxd.agent.files" in sys.modules
     replies += [
         call(b"POST /filesystem.Filesystem/Stat HTTP/1.1\\r\\nhost: x\\r\\nconnection: close\\r\\n"
              b"content-type: application/json\\r\\ncontent-length: %d\\r\\n\\r\\n%s" % (len(stat), stat)),
@@ -319,6 +320,7 @@ def requests() -> None:
         "multipart": open(work + "/m").read(),
         "multipart_after_raw": multipart_after_raw,
         "filesystem_after_start": filesystem_after_start,
+        "files_after_start": files_after_start,
         "never_imported": sorted(m for m in ("argparse", "ast", "dis", "uvicorn.config", "uvicorn.server",
                                  "uvicorn._types", "logging.config", "email", "secrets", "hmac", "hashlib",
                                  "random", "bz2", "lzma", "fnmatch") if m in sys.modules),
@@ -370,6 +372,7 @@ def test_the_standalone_agent_serves_without_argparse_inspect_and_uvicorns_serve
         "multipart": "hi",
         "multipart_after_raw": False,  # a raw upload's content type is read without python-multipart
         "filesystem_after_start": False,  # the filesystem and watch services are built by their first call
+        "files_after_start": False,  # /files' module is imported by the first /files request
         "never_imported": [],
         # loaded by the first request of their kind: binascii by the JSON Start's output (base64 in
         # JSON), mimetypes by the download's content type; shutil and tempfile (python-multipart's, for
