@@ -11,6 +11,7 @@ import socket
 import struct
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -425,6 +426,44 @@ def test_datetime_without_its_python_half_is_the_module_its_import_leaves() -> N
     assert got["ours"] == got["python"]
     assert got["ours"]["same_objects"] is True
     assert got["ours"]["timestamp"] == ["1994-11-06T08:49:37.000005+00:00", 784111777, 5000]
+
+
+def test_python_m_sandboxd_agent_starts_without_the_command_line_module(tmp_path: Path) -> None:
+    """``python -m sandboxd agent`` runs the agent (``agent.standalone``) without importing
+    ``sandboxd.cli`` (every other command's flags and code), as ``-X importtime`` shows (the flag is
+    kept when the agent runs itself again under ``-OO``); it answers, and a line only argparse reads
+    (``--help``) still gets argparse's answer."""
+    port = free_port()
+    line = ["-X", "importtime", "-m", "sandboxd", "agent", "--port", str(port), "--workdir", str(tmp_path)]
+    agent = subprocess.Popen(
+        [sys.executable, *line],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        for _ in range(300):
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 204:
+                    break
+            except httpx.TransportError:
+                pass
+            assert agent.poll() is None, agent.stderr.read() if agent.stderr else ""
+            time.sleep(0.05)
+        else:
+            raise AssertionError("the agent did not answer /health")
+    finally:
+        agent.terminate()
+        _, stderr = agent.communicate(timeout=30)
+    imported = {line.rsplit("|", 1)[-1].strip() for line in stderr.splitlines() if line.startswith("import time:")}
+    assert "sandboxd.agent.server" in imported
+    assert "sandboxd.agent.standalone" in imported
+    assert "sandboxd.cli" not in imported
+    helped = subprocess.run(
+        [sys.executable, "-m", "sandboxd", "agent", "--help"], capture_output=True, text=True, timeout=60
+    )
+    assert helped.returncode == 0 and helped.stdout.startswith("usage: sandboxd agent"), helped.stderr
 
 
 def test_a_port_in_use_ends_the_agent_with_uvicorns_startup_failure(tmp_path: Path) -> None:
