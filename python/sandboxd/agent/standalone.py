@@ -25,19 +25,21 @@ def main(argv: list[str] | None = None) -> None:
         reexec_if_compiled()  # first: under -OO, when its .opt-2.pyc files are there
     from .lean import (
         dataclass_docs_without_inspect,
-        datetime_without_python_half,
+        datetime_later,
         defer,
         lazy_protobuf,
         uvicorn_package_without_cli,
+        well_known_types_later,
         without_openssl,
     )
 
     without_openssl()  # first: asyncio, uvloop and uvicorn import ssl
     defer()  # before asyncio imports inspect
     dataclass_docs_without_inspect()  # under -OO no dataclass has a docstring
-    datetime_without_python_half()  # before protobuf imports datetime
+    datetime_later()  # before anything imports datetime
     uvicorn_package_without_cli()  # before the parser imports the HTTP server's defaults
     lazy_protobuf()
+    well_known_types_later()  # before the first message class
     from .argv import parse
 
     values = parse(given[1:])  # the usual line, without argparse (None: argparse reads it)
