@@ -208,7 +208,7 @@ print(json.dumps({
                       __import__("zlib").crc32(b"zlib"), __import__("subprocess").list2cmdline(["a b"]),
                       __import__("array").array("i", [7]).tolist(), __import__("base64").b64encode(b"hi").decode(),
                       __import__("mimetypes").guess_type("/a.txt")[0], __import__("shutil").copyfileobj.__name__,
-                      __import__("tempfile").gettempprefix()],
+                      __import__("tempfile").gettempprefix(), __import__("urllib.parse").parse.quote("a b")],
 }))
 """
 
@@ -242,6 +242,7 @@ def test_the_agent_server_loads_without_uvicorns_command_line_config_and_server(
             "tempfile",
             "textwrap",
             "tokenize",
+            "urllib.parse",
             "zlib",
         ],
         "config_is_the_submodules": True,
@@ -263,6 +264,7 @@ def test_the_agent_server_loads_without_uvicorns_command_line_config_and_server(
             "text/plain",
             "copyfileobj",
             "tmp",
+            "a%20b",
         ],
     }
 
@@ -298,7 +300,7 @@ def requests() -> None:
     ]
     filesystem_after_start = "sandboxd.agent.services.filesystem" in sys.modules
     files_after_start = "sandboxd.agent.files" in sys.modules
-    deferred_after_start = sorted(name for name in (lean.PROTOBUF_WELL_KNOWN_TYPES, "datetime")
+    deferred_after_start = sorted(name for name in (lean.PROTOBUF_WELL_KNOWN_TYPES, "datetime", "urllib.parse")
                                   if isinstance(sys.modules.get(name), lean._Deferred))
     replies += [
         call(b"POST /filesystem.Filesystem/Stat HTTP/1.1\\r\\nhost: x\\r\\nconnection: close\\r\\n"
@@ -306,7 +308,7 @@ def requests() -> None:
         call(b"POST /files?path=%s/f HTTP/1.1\\r\\nhost: x\\r\\nconnection: close\\r\\n"
              b"content-type: application/octet-stream\\r\\ncontent-length: 5\\r\\n\\r\\nhello" % work.encode()),
         call(b"GET /files?path=%s/f HTTP/1.1\\r\\nhost: x\\r\\nconnection: close\\r\\n\\r\\n" % work.encode()),
-        call(b"GET /nowhere HTTP/1.1\\r\\nhost: x\\r\\nconnection: close\\r\\n\\r\\n"),
+        call(b"GET /nowhere%2Fat%20all HTTP/1.1\\r\\nhost: x\\r\\nconnection: close\\r\\n\\r\\n"),
         call(b"POST /filesystem.Filesystem/CreateWatcher HTTP/1.1\\r\\nhost: x\\r\\nconnection: close\\r\\n"
              b"content-type: application/json\\r\\ncontent-length: %d\\r\\n\\r\\n%s" % (len(stat), stat)),
     ]
@@ -381,7 +383,7 @@ def test_the_standalone_agent_serves_without_argparse_inspect_and_uvicorns_serve
         "files_after_start": False,  # /files' module is imported by the first /files request
         # protobuf's well-known types (and datetime) are imported by the first that is made: the
         # filesystem's Timestamp, printed by its own ToJsonString, a method of its well-known base
-        "deferred_after_start": ["datetime", "google.protobuf.internal.well_known_types"],
+        "deferred_after_start": ["datetime", "google.protobuf.internal.well_known_types", "urllib.parse"],
         "modified_time": "Z",
         "timestamp_bases": [
             "google._upb._message",
@@ -390,9 +392,9 @@ def test_the_standalone_agent_serves_without_argparse_inspect_and_uvicorns_serve
         ],
         "never_imported": [],
         # loaded by the first request of their kind: binascii by the JSON Start's output (base64 in
-        # JSON), mimetypes by the download's content type; shutil and tempfile (python-multipart's, for
-        # its on-disk files) not even by a multipart upload
-        "still_deferred": sorted(set(DEFERRED) - {"binascii", "mimetypes"}),
+        # JSON), mimetypes by the download's content type, urllib.parse by /files' query; shutil and
+        # tempfile (python-multipart's, for its on-disk files) not even by a multipart upload
+        "still_deferred": sorted(set(DEFERRED) - {"binascii", "mimetypes", "urllib.parse"}),
         "ast_types": 0,
         "datetime_py_ran": False,
         "optimize": 2 if flags else 0,
