@@ -304,3 +304,45 @@ def test_a_forked_child_arms_a_tripwire_of_its_own(databases: tuple[Path, Path])
     group.write_text("")
     got = subprocess.run([sys.executable, "-c", FORKED, str(passwd)], capture_output=True, text=True, check=True)
     assert got.stdout.split() == ["0", "1009"]  # the child saw its change; the parent sees it too
+
+
+def _inotify_watches(fd: int) -> list[str]:
+    """The watches of the inotify instance behind ``fd`` as the kernel lists them (wd, inode,
+    mask): two descriptors of one instance list the same; of two instances, not."""
+    with open(f"/proc/self/fdinfo/{fd}") as f:
+        return [line.split(" fhandle")[0] for line in f if line.startswith("inotify ")]
+
+
+def test_a_trip_rearms_the_same_inotify_instance_and_leaves_no_watch_behind(
+    databases: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """Closing an inotify instance that holds watches waits for an SRCU grace period (1-50 ms on the
+    CI VM, on the thread that closes it: the event loop's for an RPC's lookup), so a trip re-arms the
+    instance it has. A database replaced again and again, its old inodes kept alive by hard links
+    (as a hostile root can keep them), leaves no watch on them behind."""
+    passwd, group = databases
+    passwd.write_text("alice:x:1001:1001::/home/alice:/bin/sh\n")
+    group.write_text("")
+    assert users.lookup("alice").uid == 1001
+    ours = os.dup(users._TRIPWIRE.fileno())  # keeps the first instance open, whatever happens to it
+    try:
+        keep = tmp_path / "keep"
+        keep.mkdir()
+        for uid in range(1002, 1008):
+            os.link(passwd, keep / str(uid))
+            staged = passwd.with_name("passwd+")
+            staged.write_text(f"alice:x:{uid}:1001::/home/alice:/bin/sh\n")
+            staged.rename(passwd)
+            assert users.lookup("alice").uid == uid
+            watches = _inotify_watches(users._TRIPWIRE.fileno())
+            assert _inotify_watches(ours) == watches, "a new instance was made"
+        paths = {os.path.dirname(str(passwd))} | {str(passwd), str(group)}
+        directory = os.path.dirname(str(passwd))
+        while directory != "/":
+            directory = os.path.dirname(directory)
+            paths.add(directory)
+        assert len(watches) == len(paths)
+        _write_keeping_mtime(passwd, "alice:x:1100:1001::/home/alice:/bin/sh\n")
+        assert users.lookup("alice").uid == 1100
+    finally:
+        os.close(ours)

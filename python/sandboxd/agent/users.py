@@ -49,7 +49,9 @@ class _Tripwire:
     one read when it was armed. The kernel queues the event before the modifying syscall returns,
     so a change that finished before a request arrived is seen by that request's poll, as the
     ``stat`` saw it; unlike the ``stat``, also when the file's mtime did not move (coarse
-    timestamps, or set back). Once tripped it is thrown away and armed again on the next lookup.
+    timestamps, or set back). Once tripped it is re-armed in place (``Tripwire.rearm``: the paths
+    watched again, the events discarded), not closed: closing an inotify instance with watches
+    waits for an RCU grace period, 1-50 ms on the CI VM, on the thread of the lookup.
 
     Not armed, so that every lookup takes the ``stat`` s as before, where a change could pass it
     by: a database or a directory on its path is a symlink (its target's changes are not on the
@@ -58,13 +60,13 @@ class _Tripwire:
 
     It holds an inotify instance (of the 64 root inside a sandbox may hold, which ``watch_dir``'s
     watchers share) and two descriptors. A sandbox that changes ``/etc``'s entries without pause
-    makes each of its lookups arm a new one: its own agent's cost."""
+    makes each of its lookups re-arm it and read both databases again: its own agent's cost."""
 
     __slots__ = ("_inotify", "_lock", "_mounts", "_poll", "armed_for", "generation", "mtimes", "unarmed_for", "version")
 
     def __init__(self) -> None:
         self._lock = threading.Lock()  # select.poll refuses concurrent poll() calls; worker threads look up too
-        self._inotify: int | None = None
+        self._inotify: _core.Tripwire | None = None
         self._mounts: int | None = None
         self._poll: Any = None
         self.armed_for: tuple[str, ...] | None = None
@@ -76,12 +78,16 @@ class _Tripwire:
         self.mtimes: tuple[int, int] | None = None
         self.version: tuple[int, int, int] | None = None
 
+    def fileno(self) -> int | None:
+        """The inotify descriptor while armed (for tests)."""
+        return None if self._inotify is None else self._inotify.fileno()
+
     def current(self) -> tuple[int, int, int] | None:
         with self._lock:
             if self._poll is not None:
                 if self.armed_for is DATABASES and not self._poll.poll(0):
                     return self.version
-                self._disarm()
+                # Tripped: re-armed in place below (closing it would wait for an RCU grace period).
             elif self.unarmed_for is DATABASES and _stat_version() == self.mtimes:
                 return self.version
             # The first lookup, a change, or a tripwire set for other databases: read them again.
@@ -105,13 +111,16 @@ class _Tripwire:
                 directory = os.path.dirname(directory)
         paths += [database for database in DATABASES if os.path.lexists(database)]
         try:
-            self._mounts = os.open(MOUNTINFO, os.O_RDONLY | os.O_CLOEXEC)
-            self._inotify = _core.tripwire(paths)
+            if self._inotify is None:
+                self._mounts = os.open(MOUNTINFO, os.O_RDONLY | os.O_CLOEXEC)
+                self._inotify = _core.Tripwire(paths)
+                self._poll = select.poll()
+                self._poll.register(self._inotify.fileno(), select.POLLIN)
+                self._poll.register(self._mounts, select.POLLPRI)
+            else:  # the same instance and mountinfo (whose POLLPRI the poll that saw it consumed)
+                self._inotify.rearm(paths)
         except OSError:
             return False
-        self._poll = select.poll()
-        self._poll.register(self._inotify, select.POLLIN)
-        self._poll.register(self._mounts, select.POLLPRI)
         self.armed_for = DATABASES
         return True
 
@@ -127,9 +136,10 @@ class _Tripwire:
     def _disarm(self) -> None:
         self._poll = None
         self.armed_for = None
-        for fd in (self._inotify, self._mounts):
-            if fd is not None:
-                os.close(fd)
+        if self._inotify is not None:
+            self._inotify.close()
+        if self._mounts is not None:
+            os.close(self._mounts)
         self._inotify = self._mounts = None
 
 
