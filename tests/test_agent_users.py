@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from sandboxd import _core
 from sandboxd.agent import users
 
 
@@ -246,6 +247,7 @@ def test_lookups_from_threads_at_once(databases: tuple[Path, Path]) -> None:
 
 BIND_MOUNT = """
 import os, subprocess, sys
+from sandboxd import _core
 from sandboxd.agent import users
 passwd, replacement = sys.argv[1], sys.argv[2]
 users.DATABASES = (passwd, os.path.join(os.path.dirname(passwd), "group"))
@@ -279,6 +281,7 @@ def test_a_file_mounted_over_a_database_is_seen(databases: tuple[Path, Path], tm
 
 FORKED = """
 import os, sys
+from sandboxd import _core
 from sandboxd.agent import users
 passwd = sys.argv[1]
 users.DATABASES = (passwd, os.path.join(os.path.dirname(passwd), "group"))
@@ -346,3 +349,35 @@ def test_a_trip_rearms_the_same_inotify_instance_and_leaves_no_watch_behind(
         assert users.lookup("alice").uid == 1100
     finally:
         os.close(ours)
+
+
+def test_a_symlink_swapped_in_while_the_tripwire_is_armed_is_seen(
+    databases: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A hostile root can swap the database for a symlink after the check for one and before the
+    watches are in place: nothing trips then, and the watch lands on the symlink, not on the file
+    the lookups read. The check is made again once the watches are in place. (The swap is made at
+    that moment by a wrapper around the real constructor: a race a loop would win only by chance.)"""
+    passwd, group = databases
+    passwd.write_text("alice:x:1001:1001::/home/alice:/bin/sh\n")
+    group.write_text("")
+    (tmp_path / "elsewhere").mkdir()  # not in the watched directory, whose watch sees its files
+    target = tmp_path / "elsewhere" / "passwd"
+    target.write_text("alice:x:4004:1001::/home/alice:/bin/sh\n")
+    real = _core.Tripwire
+    swapped: list[bool] = []
+
+    def swapping(paths: list[str]) -> _core.Tripwire:
+        if not swapped:
+            swapped.append(True)
+            passwd.unlink()
+            passwd.symlink_to(target)
+        return real(paths)
+
+    monkeypatch.setattr(_core, "Tripwire", swapping)
+    users._TRIPWIRE.forget()  # disarmed: the next lookup arms a new one
+    assert users.lookup("alice").uid == 4004
+    assert swapped
+    target.write_text("alice:x:4005:1001::/home/alice:/bin/sh\n")
+    os.utime(target, ns=(0, target.stat().st_mtime_ns + 1_000_000))
+    assert users.lookup("alice").uid == 4005

@@ -121,6 +121,10 @@ class _Tripwire:
                 self._inotify.rearm(paths)
         except OSError:
             return False
+        # A symlink put on the path between the check above and its watch: the watches are in
+        # place now, so a swap from here on trips them, and one before is seen here.
+        if any(os.path.realpath(database) != database for database in DATABASES):
+            return False
         self.armed_for = DATABASES
         return True
 
