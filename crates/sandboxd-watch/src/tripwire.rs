@@ -34,6 +34,10 @@ const TRIP_EVENTS: WatchMask = WatchMask::MODIFY
     .union(WatchMask::MOVE_SELF)
     .union(WatchMask::DONT_FOLLOW);
 
+/// The most reads of 16 KiB [`Tripwire::rearm`] makes to empty the queue: more than a full queue
+/// at the default `max_queued_events` (16384 events of 16-48 bytes each) takes.
+const DRAIN_READS: usize = 64;
+
 /// A non-blocking, close-on-exec inotify instance with a watch on each of a list of paths
 /// (directories see their entries change; files their content).
 pub struct Tripwire {
@@ -74,15 +78,18 @@ impl Tripwire {
             }
         }
         self.watched = now;
-        let mut buffer = [0; 4096];
-        loop {
+        // Bounded: writers in the sandbox could refill the queue as fast as it is read. Events
+        // left behind only make the next poll trip again, and the caller re-read once more.
+        let mut buffer = [0; 16 * 1024];
+        for _ in 0..DRAIN_READS {
             match self.inotify.read_events(&mut buffer) {
-                Ok(_) => continue,
-                Err(err) if err.kind() == io::ErrorKind::WouldBlock => return Ok(()),
-                Err(err) if err.kind() == io::ErrorKind::Interrupted => continue,
+                Ok(_) => {}
+                Err(err) if err.kind() == io::ErrorKind::WouldBlock => break,
+                Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
                 Err(err) => return Err(err),
             }
         }
+        Ok(())
     }
 }
 
