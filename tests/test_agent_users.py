@@ -381,3 +381,32 @@ def test_a_symlink_swapped_in_while_the_tripwire_is_armed_is_seen(
     target.write_text("alice:x:4005:1001::/home/alice:/bin/sh\n")
     os.utime(target, ns=(0, target.stat().st_mtime_ns + 1_000_000))
     assert users.lookup("alice").uid == 4005
+
+
+def test_a_database_flipped_between_a_symlink_and_a_file_keeps_one_instance(
+    databases: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """A tripwire that cannot be armed (a symlinked database) is kept, not closed: a hostile root
+    flipping /etc/passwd between a file and a symlink would otherwise make every lookup after a
+    flip close one and wait for an RCU grace period."""
+    passwd, group = databases
+    passwd.write_text("alice:x:1001:1001::/home/alice:/bin/sh\n")
+    group.write_text("")
+    assert users.lookup("alice").uid == 1001
+    ours = os.dup(users._TRIPWIRE.fileno())
+    try:
+        (tmp_path / "elsewhere").mkdir()
+        target = tmp_path / "elsewhere" / "passwd"
+        for uid in range(2001, 2004):
+            target.write_text(f"alice:x:{uid}:1001::/home/alice:/bin/sh\n")
+            passwd.unlink()
+            passwd.symlink_to(target)
+            assert users.lookup("alice").uid == uid
+            assert users._TRIPWIRE.armed_for is None
+            passwd.unlink()
+            passwd.write_text(f"alice:x:{uid + 100}:1001::/home/alice:/bin/sh\n")
+            assert users.lookup("alice").uid == uid + 100
+            assert users._TRIPWIRE.armed_for is users.DATABASES
+            assert _inotify_watches(ours) == _inotify_watches(users._TRIPWIRE.fileno()), "a new instance"
+    finally:
+        os.close(ours)

@@ -330,7 +330,8 @@ class Tripwire:
     def rearm(self, paths: list[str]) -> None:
         """Quiet again, watching ``paths`` as they are now: watches on inodes no path names any more
         removed, queued events discarded. The same instance: closing one with watches waits for an
-        RCU grace period. ``OSError`` as the constructor's; then it is not to be trusted."""
+        RCU grace period. ``OSError`` as the constructor's; then it is not to be trusted until a
+        ``rearm`` succeeds."""
     def close(self) -> None: ...
 
 class Watcher:

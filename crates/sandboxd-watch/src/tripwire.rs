@@ -64,12 +64,23 @@ impl Tripwire {
     /// and then the queued events are discarded. Discarding them last is safe for a caller that
     /// re-reads after this returns: a change whose event is discarded had finished before, and
     /// every later one queues a new event. Errors as [`Tripwire::new`]'s; the tripwire is then
-    /// not to be trusted.
+    /// not to be trusted, but may be re-armed (the watches it did add are removed then if unneeded).
     pub fn rearm<P: AsRef<Path>>(&mut self, paths: &[P]) -> io::Result<()> {
         let mut watches = self.inotify.watches();
         let mut now = Vec::with_capacity(paths.len());
         for path in paths {
-            now.push(watches.add(path, TRIP_EVENTS)?);
+            match watches.add(path, TRIP_EVENTS) {
+                Ok(wd) => now.push(wd),
+                Err(err) => {
+                    // Kept track of, for the next rearm to remove what it does not need.
+                    for wd in now {
+                        if !self.watched.contains(&wd) {
+                            self.watched.push(wd);
+                        }
+                    }
+                    return Err(err);
+                }
+            }
         }
         for old in std::mem::take(&mut self.watched) {
             if !now.contains(&old) {
@@ -195,6 +206,31 @@ mod tests {
         assert_eq!(wire.watched.len(), 2);
         fs::write(&file, "in place\n").unwrap();
         assert!(tripped(&wire), "the current inode is not watched");
+    }
+
+    #[test]
+    fn a_failed_rearm_leaves_no_watch_the_next_one_does_not_ask_for() {
+        let dir = tempfile::tempdir().unwrap();
+        let other = tempfile::tempdir().unwrap();
+        let file = dir.path().join("passwd");
+        let stray = other.path().join("stray");
+        fs::write(&file, "a\n").unwrap();
+        fs::write(&stray, "s\n").unwrap();
+        let mut wire = Tripwire::new(&[dir.path(), file.as_path()]).unwrap();
+        let missing = dir.path().join("missing");
+        assert!(
+            wire.rearm(&[dir.path(), stray.as_path(), missing.as_path()])
+                .is_err()
+        );
+        wire.rearm(&[dir.path(), file.as_path()]).unwrap();
+        assert!(!tripped(&wire));
+        fs::write(&stray, "t\n").unwrap();
+        assert!(
+            !tripped(&wire),
+            "the failed rearm's watch on stray was left behind"
+        );
+        fs::write(&file, "b\n").unwrap();
+        assert!(tripped(&wire));
     }
 
     fn libc_enoent() -> i32 {

@@ -79,13 +79,13 @@ class _Tripwire:
         self.version: tuple[int, int, int] | None = None
 
     def fileno(self) -> int | None:
-        """The inotify descriptor while armed (for tests)."""
+        """The inotify descriptor, once made: kept for the process's life, armed or not (for tests)."""
         return None if self._inotify is None else self._inotify.fileno()
 
     def current(self) -> tuple[int, int, int] | None:
         with self._lock:
-            if self._poll is not None:
-                if self.armed_for is DATABASES and not self._poll.poll(0):
+            if self.armed_for is DATABASES:
+                if not self._poll.poll(0):
                     return self.version
                 # Tripped: re-armed in place below (closing it would wait for an RCU grace period).
             elif self.unarmed_for is DATABASES and _stat_version() == self.mtimes:
@@ -94,13 +94,16 @@ class _Tripwire:
             self.generation += 1
             armed = self._arm()  # before the stat: a change from now on trips it
             self.mtimes = _stat_version()
-            if not armed:
-                self._disarm()
+            self.armed_for = DATABASES if armed else None
             self.unarmed_for = None if armed else DATABASES
             self.version = None if self.mtimes is None else (self.generation, *self.mtimes)
             return self.version
 
     def _arm(self) -> bool:
+        """Watches the databases' paths, on the instance it has if any: one that could not be armed
+        is kept too (unpolled; its watches removed or reused by the next ``rearm``), so that no
+        lookup closes one, not even where a hostile root flips a database between a file and a
+        symlink or holds inotify's watch limit nearly full."""
         paths: list[str] = []
         for database in DATABASES:
             if os.path.realpath(database) != database:  # a symlink somewhere on its path
@@ -112,21 +115,18 @@ class _Tripwire:
         paths += [database for database in DATABASES if os.path.lexists(database)]
         try:
             if self._inotify is None:
-                self._mounts = os.open(MOUNTINFO, os.O_RDONLY | os.O_CLOEXEC)
-                self._inotify = _core.Tripwire(paths)
+                self._inotify = _core.Tripwire([])
                 self._poll = select.poll()
                 self._poll.register(self._inotify.fileno(), select.POLLIN)
+            if self._mounts is None:  # kept: the poll that saw its POLLPRI consumed it
+                self._mounts = os.open(MOUNTINFO, os.O_RDONLY | os.O_CLOEXEC)
                 self._poll.register(self._mounts, select.POLLPRI)
-            else:  # the same instance and mountinfo (whose POLLPRI the poll that saw it consumed)
-                self._inotify.rearm(paths)
+            self._inotify.rearm(paths)
         except OSError:
             return False
         # A symlink put on the path between the check above and its watch: the watches are in
         # place now, so a swap from here on trips them, and one before is seen here.
-        if any(os.path.realpath(database) != database for database in DATABASES):
-            return False
-        self.armed_for = DATABASES
-        return True
+        return all(os.path.realpath(database) == database for database in DATABASES)
 
     def forget(self) -> None:
         """In a child just forked: the descriptors are copies of the parent's, for its view of the
