@@ -42,7 +42,7 @@ class _Tripwire:
     """What tells :func:`_databases_version` that the databases may have changed, without a
     ``stat`` of each per RPC (10-14 µs each on the CI VM, two per RPC: the path walk).
 
-    An inotify instance (``_core.tripwire``) watches each database and every directory from its
+    An inotify instance (``_core.Tripwire``) watches each database and every directory from its
     parent up to ``/`` (an edit in place, a write through another hard link, a rename over it, a
     new or removed entry, an ancestor moved), and ``/proc/self/mountinfo`` reports mounts. While
     neither is readable, a ``poll`` with no timeout (one syscall, ~2 µs) says the version is the
@@ -57,6 +57,11 @@ class _Tripwire:
     by: a database or a directory on its path is a symlink (its target's changes are not on the
     watched inodes), /proc is not mounted, or inotify refuses (``EMFILE``, ``ENOSPC``). Armed
     again only when the ``stat`` s see the databases change, not tried on every lookup.
+
+    Not seen: a write through a shared mapping of a database kept after its descriptor was closed
+    (inotify reports no ``mmap`` write; the close's ``IN_CLOSE_WRITE`` trips it before the write).
+    Only a writer of /etc/passwd can do it, root inside, whose own agent then keeps the old entry
+    until the next change; the ``stat`` s saw it on ext4, where such a write moves the mtime.
 
     It holds an inotify instance (of the 64 root inside a sandbox may hold, which ``watch_dir``'s
     watchers share) and two descriptors. A sandbox that changes ``/etc``'s entries without pause
