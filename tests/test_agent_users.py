@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from sandboxd import _core
 from sandboxd.agent import users
 
 
@@ -246,6 +247,7 @@ def test_lookups_from_threads_at_once(databases: tuple[Path, Path]) -> None:
 
 BIND_MOUNT = """
 import os, subprocess, sys
+from sandboxd import _core
 from sandboxd.agent import users
 passwd, replacement = sys.argv[1], sys.argv[2]
 users.DATABASES = (passwd, os.path.join(os.path.dirname(passwd), "group"))
@@ -279,6 +281,7 @@ def test_a_file_mounted_over_a_database_is_seen(databases: tuple[Path, Path], tm
 
 FORKED = """
 import os, sys
+from sandboxd import _core
 from sandboxd.agent import users
 passwd = sys.argv[1]
 users.DATABASES = (passwd, os.path.join(os.path.dirname(passwd), "group"))
@@ -304,3 +307,106 @@ def test_a_forked_child_arms_a_tripwire_of_its_own(databases: tuple[Path, Path])
     group.write_text("")
     got = subprocess.run([sys.executable, "-c", FORKED, str(passwd)], capture_output=True, text=True, check=True)
     assert got.stdout.split() == ["0", "1009"]  # the child saw its change; the parent sees it too
+
+
+def _inotify_watches(fd: int) -> list[str]:
+    """The watches of the inotify instance behind ``fd`` as the kernel lists them (wd, inode,
+    mask): two descriptors of one instance list the same; of two instances, not."""
+    with open(f"/proc/self/fdinfo/{fd}") as f:
+        return [line.split(" fhandle")[0] for line in f if line.startswith("inotify ")]
+
+
+def test_a_trip_rearms_the_same_inotify_instance_and_leaves_no_watch_behind(
+    databases: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """Closing an inotify instance that holds watches waits for an SRCU grace period (1-50 ms on the
+    CI VM, on the thread that closes it: the event loop's for an RPC's lookup), so a trip re-arms the
+    instance it has. A database replaced again and again, its old inodes kept alive by hard links
+    (as a hostile root can keep them), leaves no watch on them behind."""
+    passwd, group = databases
+    passwd.write_text("alice:x:1001:1001::/home/alice:/bin/sh\n")
+    group.write_text("")
+    assert users.lookup("alice").uid == 1001
+    ours = os.dup(users._TRIPWIRE.fileno())  # keeps the first instance open, whatever happens to it
+    try:
+        keep = tmp_path / "keep"
+        keep.mkdir()
+        for uid in range(1002, 1008):
+            os.link(passwd, keep / str(uid))
+            staged = passwd.with_name("passwd+")
+            staged.write_text(f"alice:x:{uid}:1001::/home/alice:/bin/sh\n")
+            staged.rename(passwd)
+            assert users.lookup("alice").uid == uid
+            watches = _inotify_watches(users._TRIPWIRE.fileno())
+            assert _inotify_watches(ours) == watches, "a new instance was made"
+        paths = {os.path.dirname(str(passwd))} | {str(passwd), str(group)}
+        directory = os.path.dirname(str(passwd))
+        while directory != "/":
+            directory = os.path.dirname(directory)
+            paths.add(directory)
+        assert len(watches) == len(paths)
+        _write_keeping_mtime(passwd, "alice:x:1100:1001::/home/alice:/bin/sh\n")
+        assert users.lookup("alice").uid == 1100
+    finally:
+        os.close(ours)
+
+
+def test_a_symlink_swapped_in_while_the_tripwire_is_armed_is_seen(
+    databases: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A hostile root can swap the database for a symlink after the check for one and before the
+    watches are in place: nothing trips then, and the watch lands on the symlink, not on the file
+    the lookups read. The check is made again once the watches are in place. (The swap is made at
+    that moment by a wrapper around the real constructor: a race a loop would win only by chance.)"""
+    passwd, group = databases
+    passwd.write_text("alice:x:1001:1001::/home/alice:/bin/sh\n")
+    group.write_text("")
+    (tmp_path / "elsewhere").mkdir()  # not in the watched directory, whose watch sees its files
+    target = tmp_path / "elsewhere" / "passwd"
+    target.write_text("alice:x:4004:1001::/home/alice:/bin/sh\n")
+    real = _core.Tripwire
+    swapped: list[bool] = []
+
+    def swapping(paths: list[str]) -> _core.Tripwire:
+        if not swapped:
+            swapped.append(True)
+            passwd.unlink()
+            passwd.symlink_to(target)
+        return real(paths)
+
+    monkeypatch.setattr(_core, "Tripwire", swapping)
+    users._TRIPWIRE.forget()  # disarmed: the next lookup arms a new one
+    assert users.lookup("alice").uid == 4004
+    assert swapped
+    target.write_text("alice:x:4005:1001::/home/alice:/bin/sh\n")
+    os.utime(target, ns=(0, target.stat().st_mtime_ns + 1_000_000))
+    assert users.lookup("alice").uid == 4005
+
+
+def test_a_database_flipped_between_a_symlink_and_a_file_keeps_one_instance(
+    databases: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """A tripwire that cannot be armed (a symlinked database) is kept, not closed: a hostile root
+    flipping /etc/passwd between a file and a symlink would otherwise make every lookup after a
+    flip close one and wait for an RCU grace period."""
+    passwd, group = databases
+    passwd.write_text("alice:x:1001:1001::/home/alice:/bin/sh\n")
+    group.write_text("")
+    assert users.lookup("alice").uid == 1001
+    ours = os.dup(users._TRIPWIRE.fileno())
+    try:
+        (tmp_path / "elsewhere").mkdir()
+        target = tmp_path / "elsewhere" / "passwd"
+        for uid in range(2001, 2004):
+            target.write_text(f"alice:x:{uid}:1001::/home/alice:/bin/sh\n")
+            passwd.unlink()
+            passwd.symlink_to(target)
+            assert users.lookup("alice").uid == uid
+            assert users._TRIPWIRE.armed_for is None
+            passwd.unlink()
+            passwd.write_text(f"alice:x:{uid + 100}:1001::/home/alice:/bin/sh\n")
+            assert users.lookup("alice").uid == uid + 100
+            assert users._TRIPWIRE.armed_for is users.DATABASES
+            assert _inotify_watches(ours) == _inotify_watches(users._TRIPWIRE.fileno()), "a new instance"
+    finally:
+        os.close(ours)

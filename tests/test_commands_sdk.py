@@ -67,6 +67,11 @@ def test_a_missing_home_starts_at_the_root_and_a_bad_cwd_is_named(sandbox: Any, 
     with pytest.raises(InvalidArgumentException) as denied:
         sandbox.commands.run("true", cwd=str(private), user="nobody")
     assert f"chdir to '{private}': Permission denied" in str(denied.value)
+    # Missing, under a directory the user may not search: missing as envd names it (its check is
+    # root's stat), not the Permission denied of the user's chdir that the spawn fails with.
+    with pytest.raises(InvalidArgumentException) as hidden:
+        sandbox.commands.run("true", cwd=str(private / "missing"), user="nobody")
+    assert f"cwd '{private / 'missing'}' does not exist" in str(hidden.value)
     home = pwd.getpwnam("nobody").pw_dir
     if os.path.isdir(home):
         pytest.skip(f"nobody's home {home} exists here")

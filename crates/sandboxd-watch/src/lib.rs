@@ -91,5 +91,5 @@ pub use drain::{DEFAULT_BUFFER_BYTES, Drainer, HANDBACK_ITEMS, ITEM_OVERHEAD_BYT
 pub use error::WatchError;
 pub use event::{Event, EventKind, Item, ROOT_NAME};
 pub use pending::DEFAULT_PENDING_CAP;
-pub use tripwire::tripwire;
+pub use tripwire::Tripwire;
 pub use watcher::Watcher;

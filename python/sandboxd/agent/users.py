@@ -42,29 +42,36 @@ class _Tripwire:
     """What tells :func:`_databases_version` that the databases may have changed, without a
     ``stat`` of each per RPC (10-14 µs each on the CI VM, two per RPC: the path walk).
 
-    An inotify instance (``_core.tripwire``) watches each database and every directory from its
+    An inotify instance (``_core.Tripwire``) watches each database and every directory from its
     parent up to ``/`` (an edit in place, a write through another hard link, a rename over it, a
     new or removed entry, an ancestor moved), and ``/proc/self/mountinfo`` reports mounts. While
     neither is readable, a ``poll`` with no timeout (one syscall, ~2 µs) says the version is the
     one read when it was armed. The kernel queues the event before the modifying syscall returns,
     so a change that finished before a request arrived is seen by that request's poll, as the
     ``stat`` saw it; unlike the ``stat``, also when the file's mtime did not move (coarse
-    timestamps, or set back). Once tripped it is thrown away and armed again on the next lookup.
+    timestamps, or set back). Once tripped it is re-armed in place (``Tripwire.rearm``: the paths
+    watched again, the events discarded), not closed: closing an inotify instance with watches
+    waits for an RCU grace period, 1-50 ms on the CI VM, on the thread of the lookup.
 
     Not armed, so that every lookup takes the ``stat`` s as before, where a change could pass it
     by: a database or a directory on its path is a symlink (its target's changes are not on the
     watched inodes), /proc is not mounted, or inotify refuses (``EMFILE``, ``ENOSPC``). Armed
     again only when the ``stat`` s see the databases change, not tried on every lookup.
 
+    Not seen: a write through a shared mapping of a database kept after its descriptor was closed
+    (inotify reports no ``mmap`` write; the close's ``IN_CLOSE_WRITE`` trips it before the write).
+    Only a writer of /etc/passwd can do it, root inside, whose own agent then keeps the old entry
+    until the next change; the ``stat`` s saw it on ext4, where such a write moves the mtime.
+
     It holds an inotify instance (of the 64 root inside a sandbox may hold, which ``watch_dir``'s
     watchers share) and two descriptors. A sandbox that changes ``/etc``'s entries without pause
-    makes each of its lookups arm a new one: its own agent's cost."""
+    makes each of its lookups re-arm it and read both databases again: its own agent's cost."""
 
     __slots__ = ("_inotify", "_lock", "_mounts", "_poll", "armed_for", "generation", "mtimes", "unarmed_for", "version")
 
     def __init__(self) -> None:
         self._lock = threading.Lock()  # select.poll refuses concurrent poll() calls; worker threads look up too
-        self._inotify: int | None = None
+        self._inotify: _core.Tripwire | None = None
         self._mounts: int | None = None
         self._poll: Any = None
         self.armed_for: tuple[str, ...] | None = None
@@ -76,25 +83,32 @@ class _Tripwire:
         self.mtimes: tuple[int, int] | None = None
         self.version: tuple[int, int, int] | None = None
 
+    def fileno(self) -> int | None:
+        """The inotify descriptor, once made: kept for the process's life, armed or not (for tests)."""
+        return None if self._inotify is None else self._inotify.fileno()
+
     def current(self) -> tuple[int, int, int] | None:
         with self._lock:
-            if self._poll is not None:
-                if self.armed_for is DATABASES and not self._poll.poll(0):
+            if self.armed_for is DATABASES:
+                if not self._poll.poll(0):
                     return self.version
-                self._disarm()
+                # Tripped: re-armed in place below (closing it would wait for an RCU grace period).
             elif self.unarmed_for is DATABASES and _stat_version() == self.mtimes:
                 return self.version
             # The first lookup, a change, or a tripwire set for other databases: read them again.
             self.generation += 1
             armed = self._arm()  # before the stat: a change from now on trips it
             self.mtimes = _stat_version()
-            if not armed:
-                self._disarm()
+            self.armed_for = DATABASES if armed else None
             self.unarmed_for = None if armed else DATABASES
             self.version = None if self.mtimes is None else (self.generation, *self.mtimes)
             return self.version
 
     def _arm(self) -> bool:
+        """Watches the databases' paths, on the instance it has if any: one that could not be armed
+        is kept too (unpolled; its watches removed or reused by the next ``rearm``), so that no
+        lookup closes one, not even where a hostile root flips a database between a file and a
+        symlink or holds inotify's watch limit nearly full."""
         paths: list[str] = []
         for database in DATABASES:
             if os.path.realpath(database) != database:  # a symlink somewhere on its path
@@ -105,15 +119,19 @@ class _Tripwire:
                 directory = os.path.dirname(directory)
         paths += [database for database in DATABASES if os.path.lexists(database)]
         try:
-            self._mounts = os.open(MOUNTINFO, os.O_RDONLY | os.O_CLOEXEC)
-            self._inotify = _core.tripwire(paths)
+            if self._inotify is None:
+                self._inotify = _core.Tripwire([])
+                self._poll = select.poll()
+                self._poll.register(self._inotify.fileno(), select.POLLIN)
+            if self._mounts is None:  # kept: the poll that saw its POLLPRI consumed it
+                self._mounts = os.open(MOUNTINFO, os.O_RDONLY | os.O_CLOEXEC)
+                self._poll.register(self._mounts, select.POLLPRI)
+            self._inotify.rearm(paths)
         except OSError:
             return False
-        self._poll = select.poll()
-        self._poll.register(self._inotify, select.POLLIN)
-        self._poll.register(self._mounts, select.POLLPRI)
-        self.armed_for = DATABASES
-        return True
+        # A symlink put on the path between the check above and its watch: the watches are in
+        # place now, so a swap from here on trips them, and one before is seen here.
+        return all(os.path.realpath(database) == database for database in DATABASES)
 
     def forget(self) -> None:
         """In a child just forked: the descriptors are copies of the parent's, for its view of the
@@ -127,9 +145,10 @@ class _Tripwire:
     def _disarm(self) -> None:
         self._poll = None
         self.armed_for = None
-        for fd in (self._inotify, self._mounts):
-            if fd is not None:
-                os.close(fd)
+        if self._inotify is not None:
+            self._inotify.close()
+        if self._mounts is not None:
+            os.close(self._mounts)
         self._inotify = self._mounts = None
 
 
