@@ -11,6 +11,7 @@ import socket
 import struct
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -207,7 +208,7 @@ print(json.dumps({
                       __import__("zlib").crc32(b"zlib"), __import__("subprocess").list2cmdline(["a b"]),
                       __import__("array").array("i", [7]).tolist(), __import__("base64").b64encode(b"hi").decode(),
                       __import__("mimetypes").guess_type("/a.txt")[0], __import__("shutil").copyfileobj.__name__,
-                      __import__("tempfile").gettempprefix()],
+                      __import__("tempfile").gettempprefix(), __import__("urllib.parse").parse.quote("a b")],
 }))
 """
 
@@ -241,6 +242,7 @@ def test_the_agent_server_loads_without_uvicorns_command_line_config_and_server(
             "tempfile",
             "textwrap",
             "tokenize",
+            "urllib.parse",
             "zlib",
         ],
         "config_is_the_submodules": True,
@@ -262,6 +264,7 @@ def test_the_agent_server_loads_without_uvicorns_command_line_config_and_server(
             "text/plain",
             "copyfileobj",
             "tmp",
+            "a%20b",
         ],
     }
 
@@ -296,13 +299,16 @@ def requests() -> None:
              b"content-type: application/connect+json\\r\\ncontent-length: %d\\r\\n\\r\\n%s" % (len(frame), frame)),
     ]
     filesystem_after_start = "sandboxd.agent.services.filesystem" in sys.modules
+    files_after_start = "sandboxd.agent.files" in sys.modules
+    deferred_after_start = sorted(name for name in (lean.PROTOBUF_WELL_KNOWN_TYPES, "datetime", "urllib.parse")
+                                  if isinstance(sys.modules.get(name), lean._Deferred))
     replies += [
         call(b"POST /filesystem.Filesystem/Stat HTTP/1.1\\r\\nhost: x\\r\\nconnection: close\\r\\n"
              b"content-type: application/json\\r\\ncontent-length: %d\\r\\n\\r\\n%s" % (len(stat), stat)),
         call(b"POST /files?path=%s/f HTTP/1.1\\r\\nhost: x\\r\\nconnection: close\\r\\n"
              b"content-type: application/octet-stream\\r\\ncontent-length: 5\\r\\n\\r\\nhello" % work.encode()),
         call(b"GET /files?path=%s/f HTTP/1.1\\r\\nhost: x\\r\\nconnection: close\\r\\n\\r\\n" % work.encode()),
-        call(b"GET /nowhere HTTP/1.1\\r\\nhost: x\\r\\nconnection: close\\r\\n\\r\\n"),
+        call(b"GET /nowhere%2Fat%20all HTTP/1.1\\r\\nhost: x\\r\\nconnection: close\\r\\n\\r\\n"),
         call(b"POST /filesystem.Filesystem/CreateWatcher HTTP/1.1\\r\\nhost: x\\r\\nconnection: close\\r\\n"
              b"content-type: application/json\\r\\ncontent-length: %d\\r\\n\\r\\n%s" % (len(stat), stat)),
     ]
@@ -319,6 +325,10 @@ def requests() -> None:
         "multipart": open(work + "/m").read(),
         "multipart_after_raw": multipart_after_raw,
         "filesystem_after_start": filesystem_after_start,
+        "files_after_start": files_after_start,
+        "deferred_after_start": deferred_after_start,
+        "modified_time": json.loads(replies[2].split(b"\\r\\n\\r\\n", 1)[1])["entry"]["modifiedTime"][-1:],
+        "timestamp_bases": [c.__module__ for c in sys.modules["google.protobuf.timestamp_pb2"].Timestamp.__mro__[1:-1]],
         "never_imported": sorted(m for m in ("argparse", "ast", "dis", "uvicorn.config", "uvicorn.server",
                                  "uvicorn._types", "logging.config", "email", "secrets", "hmac", "hashlib",
                                  "random", "bz2", "lzma", "fnmatch") if m in sys.modules),
@@ -370,11 +380,21 @@ def test_the_standalone_agent_serves_without_argparse_inspect_and_uvicorns_serve
         "multipart": "hi",
         "multipart_after_raw": False,  # a raw upload's content type is read without python-multipart
         "filesystem_after_start": False,  # the filesystem and watch services are built by their first call
+        "files_after_start": False,  # /files' module is imported by the first /files request
+        # protobuf's well-known types (and datetime) are imported by the first that is made: the
+        # filesystem's Timestamp, printed by its own ToJsonString, a method of its well-known base
+        "deferred_after_start": ["datetime", "google.protobuf.internal.well_known_types", "urllib.parse"],
+        "modified_time": "Z",
+        "timestamp_bases": [
+            "google._upb._message",
+            "google.protobuf.message",
+            "google.protobuf.internal.well_known_types",
+        ],
         "never_imported": [],
         # loaded by the first request of their kind: binascii by the JSON Start's output (base64 in
-        # JSON), mimetypes by the download's content type; shutil and tempfile (python-multipart's, for
-        # its on-disk files) not even by a multipart upload
-        "still_deferred": sorted(set(DEFERRED) - {"binascii", "mimetypes"}),
+        # JSON), mimetypes by the download's content type, urllib.parse by /files' query; shutil and
+        # tempfile (python-multipart's, for its on-disk files) not even by a multipart upload
+        "still_deferred": sorted(set(DEFERRED) - {"binascii", "mimetypes", "urllib.parse"}),
         "ast_types": 0,
         "datetime_py_ran": False,
         "optimize": 2 if flags else 0,
@@ -422,6 +442,94 @@ def test_datetime_without_its_python_half_is_the_module_its_import_leaves() -> N
     assert got["ours"] == got["python"]
     assert got["ours"]["same_objects"] is True
     assert got["ours"]["timestamp"] == ["1994-11-06T08:49:37.000005+00:00", 784111777, 5000]
+
+
+WELL_KNOWN_TYPES = """
+import json, sys
+from sandboxd.agent import lean
+if sys.argv[1] == "ours":
+    lean.defer()
+    lean.datetime_later()
+    lean.lazy_protobuf()
+    assert lean.well_known_types_later()
+from sandboxd._proto.process import process_pb2
+deferred = sorted(n for n in (lean.PROTOBUF_WELL_KNOWN_TYPES, "datetime") if isinstance(sys.modules[n], lean._Deferred))
+started = process_pb2.StartRequest(process=process_pb2.ProcessConfig(cmd="/bin/true")).SerializeToString()
+from google.protobuf import any_pb2, duration_pb2, field_mask_pb2, struct_pb2, timestamp_pb2
+from google.protobuf import json_format
+when = timestamp_pb2.Timestamp(seconds=784111777, nanos=5000)
+packed = any_pb2.Any()
+packed.Pack(when)
+value = struct_pb2.Struct()
+value.update({"a": [1, "b", None]})
+print(json.dumps({
+    "deferred_after_process_pb2": deferred,
+    "started": started.hex(),
+    "bases": {m.DESCRIPTOR.full_name: [c.__module__ + "." + c.__name__ for c in m.__mro__]
+              for m in (any_pb2.Any, duration_pb2.Duration, field_mask_pb2.FieldMask, struct_pb2.Struct,
+                        struct_pb2.ListValue, timestamp_pb2.Timestamp)},
+    "timestamp": [when.ToJsonString(), when.ToDatetime().isoformat()],
+    "duration": duration_pb2.Duration(seconds=90).ToJsonString(),
+    "mask": field_mask_pb2.FieldMask(paths=["a_b", "c"]).ToJsonString(),
+    "any": [packed.type_url, packed.Is(timestamp_pb2.Timestamp.DESCRIPTOR)],
+    "struct": json_format.MessageToDict(value),
+    "loaded": [type(sys.modules[n]).__name__ for n in (lean.PROTOBUF_WELL_KNOWN_TYPES, "datetime")],
+}))
+"""
+
+
+def test_protobufs_well_known_types_deferred_until_one_is_made_have_their_python_halves() -> None:
+    """``lean.well_known_types_later``: making the process service's messages leaves protobuf's
+    ``well_known_types`` (and ``datetime``) unimported; importing a well-known type's module imports
+    them first, and its class gets the same bases and behaves as in a process without the deferral
+    (each of the six types whose class has a Python base, made by importing its module)."""
+    got = {}
+    for how in ("ours", "python"):
+        out = subprocess.run([sys.executable, "-c", WELL_KNOWN_TYPES, how], capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        got[how] = json.loads(out.stdout)
+    assert got["ours"].pop("deferred_after_process_pb2") == ["datetime", "google.protobuf.internal.well_known_types"]
+    assert got["python"].pop("deferred_after_process_pb2") == []
+    assert got["ours"]["bases"]["google.protobuf.Timestamp"][3] == "google.protobuf.internal.well_known_types.Timestamp"
+    assert got["ours"] == got["python"]
+
+
+def test_python_m_sandboxd_agent_starts_without_the_command_line_module(tmp_path: Path) -> None:
+    """``python -m sandboxd agent`` runs the agent (``agent.standalone``) without importing
+    ``sandboxd.cli`` (every other command's flags and code), as ``-X importtime`` shows (the flag is
+    kept when the agent runs itself again under ``-OO``); it answers, and a line only argparse reads
+    (``--help``) still gets argparse's answer."""
+    port = free_port()
+    line = ["-X", "importtime", "-m", "sandboxd", "agent", "--port", str(port), "--workdir", str(tmp_path)]
+    agent = subprocess.Popen(
+        [sys.executable, *line],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        for _ in range(300):
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 204:
+                    break
+            except httpx.TransportError:
+                pass
+            assert agent.poll() is None, agent.stderr.read() if agent.stderr else ""
+            time.sleep(0.05)
+        else:
+            raise AssertionError("the agent did not answer /health")
+    finally:
+        agent.terminate()
+        _, stderr = agent.communicate(timeout=30)
+    imported = {line.rsplit("|", 1)[-1].strip() for line in stderr.splitlines() if line.startswith("import time:")}
+    assert "sandboxd.agent.server" in imported
+    assert "sandboxd.agent.standalone" in imported
+    assert "sandboxd.cli" not in imported
+    helped = subprocess.run(
+        [sys.executable, "-m", "sandboxd", "agent", "--help"], capture_output=True, text=True, timeout=60
+    )
+    assert helped.returncode == 0 and helped.stdout.startswith("usage: sandboxd agent"), helped.stderr
 
 
 def test_a_port_in_use_ends_the_agent_with_uvicorns_startup_failure(tmp_path: Path) -> None:

@@ -45,6 +45,39 @@ def test_envs_cwd_and_user(sandbox: Any, workdir: Path) -> None:
     assert "missing" in str(caught.value)
 
 
+def test_a_missing_home_starts_at_the_root_and_a_bad_cwd_is_named(sandbox: Any, workdir: Path) -> None:
+    """What the agent asks only once a spawn failed (a spawn that succeeds takes no stat of its cwd
+    in Python): a user whose home is missing starts at ``/``; a cwd given that is missing or is a
+    file is named in an ``invalid_argument``; a command that is missing is not taken for a bad cwd."""
+    import pwd
+
+    (workdir / "file").write_text("")
+    for cwd in (workdir / "missing", workdir / "file"):
+        with pytest.raises(InvalidArgumentException) as caught:
+            sandbox.commands.run("true", cwd=str(cwd))
+        assert f"cwd '{cwd}' does not exist" in str(caught.value)
+    with pytest.raises(CommandExitException) as missing:
+        sandbox.commands.run("no-such-command-anywhere", cwd=str(workdir))
+    assert missing.value.exit_code == 127
+    if os.geteuid() != 0:
+        pytest.skip("runs a command as nobody: needs root")
+    # A cwd the user may not enter: the failing step is named, not taken for the program's error.
+    private = workdir / "private"
+    private.mkdir(mode=0o700)
+    with pytest.raises(InvalidArgumentException) as denied:
+        sandbox.commands.run("true", cwd=str(private), user="nobody")
+    assert f"chdir to '{private}': Permission denied" in str(denied.value)
+    # Missing, under a directory the user may not search: missing as envd names it (its check is
+    # root's stat), not the Permission denied of the user's chdir that the spawn fails with.
+    with pytest.raises(InvalidArgumentException) as hidden:
+        sandbox.commands.run("true", cwd=str(private / "missing"), user="nobody")
+    assert f"cwd '{private / 'missing'}' does not exist" in str(hidden.value)
+    home = pwd.getpwnam("nobody").pw_dir
+    if os.path.isdir(home):
+        pytest.skip(f"nobody's home {home} exists here")
+    assert sandbox.commands.run("pwd", user="nobody").stdout == "/\n"
+
+
 def test_streaming_callbacks_see_output_as_it_happens(sandbox: Any) -> None:
     seen: list[tuple[float, str]] = []
     start = time.monotonic()

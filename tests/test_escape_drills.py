@@ -71,11 +71,22 @@ def field(out: str, name: str) -> str:
     return next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith(f"{name}:"))
 
 
+V2_NAMES = {"memory.limit_in_bytes": "memory.max", "cpu.cfs_quota_us": "cpu.max"}
+"""v1 control files' v2 counterparts (the others keep their names), so that a check of a limit reads it on
+either host rather than finding no file on v2 and checking nothing."""
+
+
+def cgroup_v2() -> bool:
+    """Whether the host is cgroup v2 (the unified hierarchy at ``/sys/fs/cgroup``)."""
+    return (CGROUP_ROOT / "cgroup.controllers").exists()
+
+
 def cgroup_file(runtime: Runtime, sandbox_id: str, controller: str, name: str) -> Path:
-    """A control file of the sandbox's cgroup, read from the host (v1: the controller's hierarchy)."""
+    """A control file of the sandbox's cgroup, read from the host (v1: the controller's hierarchy), by its
+    v1 name (:data:`V2_NAMES`)."""
     group = Path("sandboxd") / instance_name(runtime.data_dir) / sandbox_id
-    if (CGROUP_ROOT / "cgroup.controllers").exists():
-        return CGROUP_ROOT / group / name
+    if cgroup_v2():
+        return CGROUP_ROOT / group / V2_NAMES.get(name, name)
     hierarchy = next(d for d in CGROUP_ROOT.iterdir() if controller in d.name.split(","))
     return hierarchy / group / name
 
@@ -140,6 +151,11 @@ for controller, name, value in [("memory", "memory.limit_in_bytes", "3221225472"
             print("mkdir group:", errno.errorcode[e.errno], flush=True)
 if mount("cgroup2", None, "/tmp/c2"):
     write("/tmp/c2/memory.max", "max", "v2 memory")
+    try:
+        os.mkdir("/tmp/c2/escape")
+        print("made a group", flush=True)
+    except OSError as e:
+        print("mkdir v2 group:", errno.errorcode[e.errno], flush=True)
 print("attack over", flush=True)
 """
 """The issue's attack, in a nested user namespace with its own cgroup namespace (``unshare -U -r -C
@@ -178,7 +194,11 @@ def test_cgroup_remount_cannot_raise_limits_even_with_nested_userns_allowed(
         # With nested namespaces allowed the attack runs and may mount; writing the host-owned files
         # or making a group never works.
         out = _limits_hold_after_remount(nested_runtime, sbx)
-        assert "mounted cgroup memory" in out and "write memory: EACCES" in out, out
+        if cgroup_v2():  # the controllers are v2's: no v1 hierarchy of them can be mounted
+            assert "mounted cgroup2" in out and "write v2 memory: EACCES" in out, out
+        else:
+            assert "mounted cgroup memory" in out and "write memory: EACCES" in out, out
+        assert "mkdir v2 group: EACCES" in out, out
     finally:
         sbx.kill()
 

@@ -46,6 +46,28 @@ def test_files_and_commands_inside_a_sandbox(e2b_env: Runtime) -> None:
         sbx.kill()
 
 
+def test_an_account_added_or_changed_in_a_sandbox_is_used_at_once(e2b_env: Runtime) -> None:
+    """The agent keeps its account lookups while its tripwire on /etc/passwd and /etc/group is
+    quiet (``agent.users``): inside a sandbox's jail (its own root, mount namespace and /proc) a
+    ``useradd`` and then a ``usermod`` are each seen by the very next request that names the user,
+    the second with /etc/passwd's mtime set back.
+    (Through the files API, which chowns to the user: a command would start in the sandbox's
+    default workdir, /home/user, which a new account may not enter.)"""
+    sbx = Sandbox.create()
+    try:
+        assert sbx.commands.run("id -un", user="user").stdout == "user\n"  # the cache is armed
+        sbx.commands.run("useradd -u 4100 newcomer", user="root")
+        sbx.files.write("/tmp/first", "x", user="newcomer")
+        # The mtimes set back after the change (as two edits within one coarse tick leave them):
+        # only the tripwire can tell, so this fails where the agent fell back to its stats.
+        script = "touch -r /etc/passwd /tmp/ref; usermod -u 4200 newcomer; touch -r /tmp/ref /etc/passwd"
+        sbx.commands.run(script, user="root")
+        sbx.files.write("/tmp/second", "x", user="newcomer")
+        assert sbx.commands.run("stat -c %u /tmp/first /tmp/second", user="root").stdout == "4100\n4200\n"
+    finally:
+        sbx.kill()
+
+
 def test_sandbox_git_as_e2bs_docs_show_it(e2b_env: Runtime) -> None:
     """``sandbox.git`` (the SDK runs git through commands): init, commit, branch, push to a remote and
     clone it back, in ``base``."""

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -436,3 +438,18 @@ def test_the_default_pool_never_starts_a_build_of_its_template(
     log = runtime.log.read_text()
     assert "template base: building" not in log, log[-3000:]
     assert not (runtime.data_dir / "sandboxes").exists() or not _dirs(runtime)
+
+
+@pytest.mark.parametrize("value", ["soon", "nan", "inf", "-5", "0"])
+def test_a_warm_decay_that_is_not_a_positive_number_of_seconds_stops_serve_with_its_name(value: str) -> None:
+    # A typo must not crash later inside the pool, nor (as "nan" would) keep a grown pool for ever.
+    result = subprocess.run(
+        [sys.executable, "-c", "import sandboxd.runtime.warm"],
+        env={**os.environ, "SANDBOXD_WARM_DECAY_S": value},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1
+    assert f"SANDBOXD_WARM_DECAY_S must be a number of seconds above 0, not {value!r}" in result.stderr
+    assert "Traceback" not in result.stderr

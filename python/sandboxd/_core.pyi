@@ -327,6 +327,21 @@ WATCH_BUFFER_BYTES: int
 WATCH_CLOSED: int
 """Kind of a batch item that reports the watched directory itself was deleted or moved away."""
 
+class Tripwire:
+    """A non-blocking inotify instance that becomes readable (``fileno()``, ``POLLIN``) once anything
+    at ``paths`` changes: a directory's entries (created, removed, renamed), a file's content,
+    metadata or name. A symlink is watched as itself. Raises ``OSError`` for the first path that
+    cannot be watched (``ENOENT``, ``ENOSPC``, ``EMFILE``)."""
+
+    def __init__(self, paths: list[str]) -> None: ...
+    def fileno(self) -> int: ...
+    def rearm(self, paths: list[str]) -> None:
+        """Quiet again, watching ``paths`` as they are now: watches on inodes no path names any more
+        removed, queued events discarded. The same instance: closing one with watches waits for an
+        RCU grace period. ``OSError`` as the constructor's; then it is not to be trusted until a
+        ``rearm`` succeeds."""
+    def close(self) -> None: ...
+
 class Watcher:
     """A recursive (or flat) inotify watch on a directory. Event kinds are envd's ``EventType``
     numbers (1 CREATE, 2 WRITE, 3 REMOVE, 4 RENAME, 5 CHMOD); names are relative to the root."""

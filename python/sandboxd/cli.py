@@ -8,7 +8,7 @@ import os
 import sys
 from typing import TYPE_CHECKING, Any
 
-if TYPE_CHECKING:  # imported where used: ``sandboxd agent`` usually starts without them (see main)
+if TYPE_CHECKING:  # imported where used: the commands start without them
     import argparse
     import ipaddress
     from pathlib import Path
@@ -212,7 +212,7 @@ def _network_options(args: argparse.Namespace) -> Any:
 
 
 def build_parser(only_agent: bool = False) -> argparse.ArgumentParser:
-    """The command line; with ``only_agent``, just ``sandboxd agent`` (see :func:`main`)."""
+    """The command line; with ``only_agent``, just ``sandboxd agent`` (``sandboxd.agent.standalone``)."""
     import argparse
     from pathlib import Path
 
@@ -474,66 +474,18 @@ def build_parser(only_agent: bool = False) -> argparse.ArgumentParser:
     return parser
 
 
-def _run_agent(values: dict[str, Any], lean: bool = False) -> None:
-    """``sandboxd agent`` with its flags' values by destination (argparse's, or ``sandboxd.agent.argv``'s);
-    ``lean`` in a process that runs nothing but the agent (``sandboxd.agent.lean``)."""
-    if lean and values["grpc_port"] is None:  # grpcio is C++: it needs the real libstdc++
-        from sandboxd.agent.lean import upb_without_libstdcxx
-
-        upb_without_libstdcxx()
-    from sandboxd.agent.http_server import ConnectionLimits
-    from sandboxd.agent.server import AgentOptions, run
-
-    limits = ConnectionLimits(
-        max_connections=values["max_connections"],
-        head_timeout=values["header_timeout"],
-        idle_timeout=values["idle_timeout"],
-    )
-    run(
-        AgentOptions(
-            host=values["host"],
-            port=values["port"],
-            user=values["user"],
-            workdir=values["workdir"],
-            access_token=values["access_token"],
-            grpc_port=values["grpc_port"],
-            connections=limits,
-        )
-    )
-
-
 def main(argv: list[str] | None = None) -> None:
     given = sys.argv[1:] if argv is None else argv
-    only_agent = given[:1] == ["agent"]
-    if only_agent:
-        if argv is None:  # this process's own command line, which it can run again
-            from sandboxd.agent.optimized import reexec_if_compiled
+    if given[:1] == ["agent"]:  # a process that runs nothing but the agent (sandboxd.agent.standalone)
+        from sandboxd.agent.standalone import main as agent_main
 
-            reexec_if_compiled()  # first: under -OO, when its .opt-2.pyc files are there
-        from sandboxd.agent.lean import (
-            dataclass_docs_without_inspect,
-            datetime_without_python_half,
-            defer,
-            lazy_protobuf,
-            uvicorn_package_without_cli,
-            without_openssl,
-        )
+        agent_main(argv)
+        return
+    args = build_parser().parse_args(given)
+    if args.command == "agent":  # after a flag of the program's own (``sandboxd --version`` exits first)
+        from sandboxd.agent.standalone import run_agent
 
-        without_openssl()  # first: asyncio, uvloop and uvicorn import ssl
-        defer()  # before asyncio imports inspect
-        dataclass_docs_without_inspect()  # under -OO no dataclass has a docstring
-        datetime_without_python_half()  # before protobuf imports datetime
-        uvicorn_package_without_cli()  # before the parser imports the HTTP server's defaults
-        lazy_protobuf()
-        from sandboxd.agent.argv import parse as parse_agent_line
-
-        values = parse_agent_line(given[1:])  # the usual line, without argparse (None: argparse reads it)
-        if values is not None:
-            _run_agent(values, lean=True)
-            return
-    args = build_parser(only_agent=only_agent).parse_args(given)
-    if args.command == "agent":
-        _run_agent(vars(args), lean=only_agent)
+        run_agent(vars(args))
     elif args.command == "interpreter":
         from sandboxd.interpreter.languages import LanguageError, normalize
         from sandboxd.interpreter.server import InterpreterOptions

@@ -13,7 +13,10 @@
 //!
 //! * **v2** (one unified hierarchy at `/sys/fs/cgroup`): the sandbox is
 //!   `/sys/fs/cgroup/sandboxd/<instance>/<id>`. Controllers reach a child only when listed in its
-//!   parent's `cgroup.subtree_control`, so we enable `memory cpu pids` on the way down.
+//!   parent's `cgroup.subtree_control`, so we enable `memory cpu pids` on the way down (those
+//!   the root offers: a limit whose controller it does not is an `Unsupported` error naming the
+//!   file, never skipped). A memory limit also allows no swap (`memory.swap.max` 0, where swap
+//!   is accounted), as v1's memory+swap cap does.
 //!   Freezing is `cgroup.freeze` (done when `cgroup.events` says `frozen 1`), killing is
 //!   `cgroup.kill` (Linux 5.14+). Devices are limited by an eBPF program (`devices.rs`).
 //! * **v1** (one hierarchy per controller, possibly co-mounted, e.g. `cpu,cpuacct`): the sandbox is
@@ -115,10 +118,35 @@ struct V1Dirs {
     devices: Option<PathBuf>,
 }
 
+/// One group's place in the v2 hierarchy.
+#[derive(Clone, Debug)]
+struct V2Dir {
+    /// The unified hierarchy's mount point, [`CGROUP_ROOT`]: `/proc/<pid>/cgroup` names groups
+    /// relative to it.
+    mount: PathBuf,
+    /// The group `sandboxd/` is made in, whose `cgroup.subtree_control` [`Cgroup::create`]
+    /// enables controllers in: the mount point itself, except in this module's tests, which run
+    /// the v2 code on a group of their own in another cgroup2 mount (a hybrid host's
+    /// `/sys/fs/cgroup/unified`) without changing how production finds its layout.
+    root: PathBuf,
+    /// This group's directory.
+    dir: PathBuf,
+}
+
+impl V2Dir {
+    fn at(rel: &Path) -> V2Dir {
+        V2Dir {
+            mount: PathBuf::from(CGROUP_ROOT),
+            root: PathBuf::from(CGROUP_ROOT),
+            dir: Path::new(CGROUP_ROOT).join(rel),
+        }
+    }
+}
+
 #[derive(Clone, Debug)]
 enum Layout {
     V1(V1Dirs),
-    V2(PathBuf),
+    V2(V2Dir),
 }
 
 /// One sandbox's cgroup (paths only; nothing is created until [`Cgroup::create`]).
@@ -132,7 +160,7 @@ pub(crate) struct Cgroup {
 /// Where `rel` (a path under the cgroup root, e.g. `sandboxd/<instance>/<id>`) lives on this host.
 fn layout(rel: &Path) -> io::Result<Layout> {
     Ok(match cgroup_version()? {
-        CgroupVersion::V2 => Layout::V2(Path::new(CGROUP_ROOT).join(rel)),
+        CgroupVersion::V2 => Layout::V2(V2Dir::at(rel)),
         CgroupVersion::V1 => {
             let mounts = v1_mounts()?;
             let dir = |c: &str| {
@@ -175,7 +203,7 @@ impl Cgroup {
     /// Every directory of this cgroup, without duplicates (co-mounted v1 controllers share one).
     pub(crate) fn dirs(&self) -> Vec<PathBuf> {
         match &self.layout {
-            Layout::V2(d) => vec![d.clone()],
+            Layout::V2(v) => vec![v.dir.clone()],
             Layout::V1(v) => {
                 let set: BTreeSet<PathBuf> = [
                     &v.memory, &v.cpu, &v.cpuacct, &v.pids, &v.freezer, &v.devices,
@@ -238,8 +266,7 @@ impl Cgroup {
 
     fn create_once(&self) -> io::Result<()> {
         match &self.layout {
-            Layout::V2(dir) => {
-                let root = Path::new(CGROUP_ROOT);
+            Layout::V2(V2Dir { root, dir, .. }) => {
                 let top = root.join(CGROUP_PARENT);
                 let instance = top.join(&self.instance);
                 mkdir_existing_ok(&top)?;
@@ -268,7 +295,7 @@ impl Cgroup {
     /// `Unsupported` error.
     pub(crate) fn apply(&self, limits: &Limits) -> io::Result<()> {
         match &self.layout {
-            Layout::V2(dir) => devices::apply_v2(dir)?,
+            Layout::V2(v) => devices::apply_v2(&v.dir)?,
             Layout::V1(v) => devices::apply_v1(need(&v.devices, "devices")?)?,
         }
         self.write_limits(limits.memory_bytes, limits.cpu_cores, limits.pids_max)?;
@@ -282,7 +309,7 @@ impl Cgroup {
     /// v1 `cpu.shares` ([`v1_shares`]). One write.
     pub(crate) fn set_cpu_weight(&self, weight: u64) -> io::Result<()> {
         match &self.layout {
-            Layout::V2(dir) => write_file(&dir.join("cpu.weight"), &weight.to_string()),
+            Layout::V2(v) => write_v2(v, "cpu", "cpu.weight", &weight.to_string()),
             Layout::V1(v) => write_file(
                 &need(&v.cpu, "cpu")?.join("cpu.shares"),
                 &v1_shares(weight).to_string(),
@@ -297,16 +324,24 @@ impl Cgroup {
         pids: Option<u64>,
     ) -> io::Result<()> {
         match &self.layout {
-            Layout::V2(dir) => {
+            Layout::V2(v) => {
                 if let Some(bytes) = memory {
-                    write_file(&dir.join("memory.max"), &bytes.to_string())?;
+                    write_v2(v, "memory", "memory.max", &bytes.to_string())?;
+                    // v1 caps memory+swap at the limit (above); v2 counts swap on its own, with no
+                    // limit unless set, so a sandbox could otherwise swap out past its limit for
+                    // as long as the host has swap. None at all keeps the same bound. The file
+                    // exists only where swap is accounted.
+                    let swap = v.dir.join("memory.swap.max");
+                    if swap.exists() {
+                        write_file(&swap, "0")?;
+                    }
                 }
                 if let Some(cores) = cpu {
                     let quota = cfs_quota_us(cores);
-                    write_file(&dir.join("cpu.max"), &format!("{quota} {CFS_PERIOD_US}"))?;
+                    write_v2(v, "cpu", "cpu.max", &format!("{quota} {CFS_PERIOD_US}"))?;
                 }
                 if let Some(max) = pids {
-                    write_file(&dir.join("pids.max"), &max.to_string())?;
+                    write_v2(v, "pids", "pids.max", &max.to_string())?;
                 }
             }
             Layout::V1(v) => {
@@ -373,7 +408,14 @@ impl Cgroup {
     /// Whether process `pid` is in this cgroup, per `/proc/<pid>/cgroup`.
     pub(crate) fn contains(&self, pid: i32) -> io::Result<bool> {
         let s = fs::read_to_string(format!("/proc/{pid}/cgroup"))?;
-        let want = format!("/{CGROUP_PARENT}/{}/{}", self.instance, self.id);
+        let want = match &self.layout {
+            // The path relative to the hierarchy's root, as `/proc/<pid>/cgroup` names it.
+            Layout::V2(v) => match v.dir.strip_prefix(&v.mount) {
+                Ok(rel) => format!("/{}", rel.display()),
+                Err(_) => return Ok(false),
+            },
+            Layout::V1(_) => format!("/{CGROUP_PARENT}/{}/{}", self.instance, self.id),
+        };
         Ok(s.lines().any(|l| {
             let path = l.splitn(3, ':').nth(2).unwrap_or("");
             path == want || path.starts_with(&format!("{want}/"))
@@ -393,7 +435,7 @@ impl Cgroup {
     fn set_frozen(&self, frozen: bool, timeout: Duration) -> io::Result<()> {
         let deadline = Instant::now() + timeout;
         match &self.layout {
-            Layout::V2(dir) => {
+            Layout::V2(V2Dir { dir, .. }) => {
                 write_file(&dir.join("cgroup.freeze"), if frozen { "1" } else { "0" })?;
                 let want = if frozen { "frozen 1" } else { "frozen 0" };
                 let events = dir.join("cgroup.events");
@@ -419,14 +461,20 @@ impl Cgroup {
 
     /// SIGKILLs every process in the cgroup and waits until it is empty.
     pub(crate) fn kill_all(&self, timeout: Duration) -> io::Result<()> {
+        let cgroup_kill = match &self.layout {
+            Layout::V2(v) => Some(v.dir.join("cgroup.kill")).filter(|p| p.exists()),
+            Layout::V1(_) => None,
+        };
+        self.kill_all_with(cgroup_kill, timeout)
+    }
+
+    /// [`Cgroup::kill_all`] through `cgroup_kill` (v2, Linux 5.14+), or without it by a sweep
+    /// (separate so that tests run the sweep on a kernel that has `cgroup.kill`).
+    fn kill_all_with(&self, cgroup_kill: Option<PathBuf>, timeout: Duration) -> io::Result<()> {
         if !self.exists() {
             return Ok(());
         }
         let deadline = Instant::now() + timeout;
-        let cgroup_kill = match &self.layout {
-            Layout::V2(dir) => Some(dir.join("cgroup.kill")).filter(|p| p.exists()),
-            Layout::V1(_) => None,
-        };
         if let Some(file) = cgroup_kill {
             write_file(&file, "1")?;
         } else {
@@ -467,7 +515,7 @@ impl Cgroup {
     /// Reads memory, CPU and task counts.
     pub(crate) fn stats(&self) -> io::Result<Stats> {
         match &self.layout {
-            Layout::V2(dir) => Ok(Stats {
+            Layout::V2(V2Dir { dir, .. }) => Ok(Stats {
                 memory_bytes: read_u64_opt(&dir.join("memory.current"))?,
                 cpu_usage_ns: match read_opt(&dir.join("cpu.stat"))? {
                     Some(s) => s
@@ -696,7 +744,7 @@ pub fn configure_budget(instance: &str, host: &Budget, own: &Budget) -> io::Resu
             layout: layout(&rel)?,
         };
         match &group.layout {
-            Layout::V2(dir) => {
+            Layout::V2(V2Dir { dir, .. }) => {
                 if let Some(parent) = dir.parent() {
                     enable_controllers(parent)?;
                 }
@@ -805,6 +853,31 @@ fn need<'a>(dir: &'a Option<PathBuf>, controller: &str) -> io::Result<&'a PathBu
             format!("the cgroup v1 '{controller}' controller is not mounted"),
         )
     })
+}
+
+/// Writes `value` to the control file `file` of v2 `controller` in `v`'s group. The file missing
+/// from a group that exists means the controller is not enabled for it, and since
+/// [`Cgroup::create`] enables each of [`V2_CONTROLLERS`] that the root group offers, that the root
+/// does not offer it: an `Unsupported` error naming the file and what to enable, as v1's
+/// [`need`] is for an unmounted controller. Never skipped: a limit asked for and not enforced
+/// would leave hostile code unbounded while the caller believes it is bounded.
+fn write_v2(v: &V2Dir, controller: &str, file: &str, value: &str) -> io::Result<()> {
+    let path = v.dir.join(file);
+    match write_file(&path, value) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound && v.dir.is_dir() => Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            format!(
+                "cannot write {}: the cgroup v2 '{controller}' controller is not enabled there, \
+                 because {} does not offer it (its cgroup.controllers). Delegate it: enable it in \
+                 the cgroup.subtree_control of every group above it (under systemd: Delegate=yes); \
+                 on a hybrid host it is bound to a v1 hierarchy (boot with \
+                 systemd.unified_cgroup_hierarchy=1)",
+                path.display(),
+                v.root.display(),
+            ),
+        )),
+        r => r,
+    }
 }
 
 fn enable_controllers(dir: &Path) -> io::Result<()> {
@@ -921,5 +994,275 @@ mod tests {
         assert_eq!(v1_shares(DEFAULT_CPU_WEIGHT), 1024);
         assert_eq!(v1_shares(1), 10);
         assert_eq!(v1_shares(10_000), 102_400);
+    }
+
+    // The v2 code on a real cgroup2 hierarchy. A hybrid host (v1 controllers) has one at
+    // `/sys/fs/cgroup/unified`, with no controllers (all are bound to v1) but every core file:
+    // `cgroup.procs`, `cgroup.freeze`/`cgroup.events`, `cgroup.kill`. Each test makes its groups
+    // under a group of its own there ([`TestRoot`]), which stands where `/sys/fs/cgroup` does in
+    // production; production's choice of layout is untouched.
+
+    const WAIT: Duration = Duration::from_secs(5);
+
+    /// A cgroup2 mount to run the v2 code on, or `None` (the test skips) when not root or there is
+    /// none.
+    fn v2_mount(test: &str) -> Option<PathBuf> {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("{test}: skipped (needs root)");
+            return None;
+        }
+        let found = ["/sys/fs/cgroup/unified", CGROUP_ROOT]
+            .into_iter()
+            .find(|m| statfs(*m).is_ok_and(|st| st.filesystem_type() == CGROUP2_SUPER_MAGIC));
+        if found.is_none() {
+            eprintln!("{test}: skipped (no cgroup2 hierarchy mounted)");
+        }
+        found.map(PathBuf::from)
+    }
+
+    /// A test's own group in a cgroup2 mount, in which its sandbox groups are made
+    /// (`<root>/sandboxd/<instance>/<id>`). Dropped, it kills what is left in it and removes it.
+    struct TestRoot {
+        mount: PathBuf,
+        root: PathBuf,
+    }
+
+    impl TestRoot {
+        fn new(test: &str) -> Option<TestRoot> {
+            let mount = v2_mount(test)?;
+            let root = mount.join(format!("sandboxd-test-{}-{test}", std::process::id()));
+            fs::create_dir(&root).unwrap();
+            Some(TestRoot { mount, root })
+        }
+
+        fn group(&self, id: &str) -> Cgroup {
+            Cgroup {
+                instance: "test".into(),
+                id: id.into(),
+                layout: Layout::V2(V2Dir {
+                    mount: self.mount.clone(),
+                    root: self.root.clone(),
+                    dir: self.root.join(CGROUP_PARENT).join("test").join(id),
+                }),
+            }
+        }
+
+        /// Whether the hierarchy offers `controller` to this root.
+        fn offers(&self, controller: &str) -> bool {
+            read_file(&self.root.join("cgroup.controllers"))
+                .unwrap()
+                .split_whitespace()
+                .any(|c| c == controller)
+        }
+    }
+
+    impl Drop for TestRoot {
+        fn drop(&mut self) {
+            let _ = write_file(&self.root.join("cgroup.kill"), "1");
+            let _ = wait_until(
+                Instant::now() + WAIT,
+                || Ok(remove_tree(&self.root).is_ok()),
+            );
+        }
+    }
+
+    /// `sh` that waits for a line on its stdin, then starts two `sleep`s and spins: three
+    /// processes, two of them forked only after the test moved the shell into a group.
+    struct Busy(std::process::Child);
+
+    impl Busy {
+        fn start() -> Busy {
+            Busy(
+                std::process::Command::new("sh")
+                    .arg("-c")
+                    .arg("read go; sleep 1000 & sleep 1000 & while :; do :; done")
+                    .stdin(std::process::Stdio::piped())
+                    .spawn()
+                    .unwrap(),
+            )
+        }
+
+        fn pid(&self) -> i32 {
+            self.0.id() as i32
+        }
+
+        /// Moves the shell into `group` as the runtime's joins do (its `cgroup.procs`), then lets
+        /// it fork, and waits until all three processes are there.
+        fn join(&mut self, group: &Cgroup) {
+            for f in group.join_files() {
+                write_file(&f, &self.pid().to_string()).unwrap();
+            }
+            self.0.stdin.take().unwrap().write_all(b"go\n").unwrap();
+            wait_until(Instant::now() + WAIT, || Ok(group.pids()?.len() == 3)).unwrap();
+        }
+
+        /// The shell's CPU time so far, in clock ticks (`utime + stime`).
+        fn cpu_ticks(&self) -> u64 {
+            let stat = fs::read_to_string(format!("/proc/{}/stat", self.pid())).unwrap();
+            let after = &stat[stat.rfind(')').unwrap() + 2..];
+            let f: Vec<&str> = after.split(' ').collect();
+            // Fields 14 and 15 of proc(5), counted from the state (field 3) here.
+            f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
+        }
+
+        /// Reaps the shell, which must have died of SIGKILL.
+        fn assert_killed(&mut self) {
+            use std::os::unix::process::ExitStatusExt;
+            let status = self.0.wait().unwrap();
+            assert_eq!(status.signal(), Some(libc::SIGKILL), "{status:?}");
+        }
+    }
+
+    impl Drop for Busy {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+
+    #[test]
+    fn v2_create_join_freeze_thaw_kill_remove() {
+        let Some(t) = TestRoot::new("lifecycle") else {
+            return;
+        };
+        let group = t.group("sb");
+        group.create().unwrap();
+        let dir = t.root.join("sandboxd/test/sb");
+        assert!(dir.is_dir());
+        assert_eq!(group.version(), CgroupVersion::V2);
+        assert_eq!(group.dirs(), vec![dir.clone()]);
+        assert_eq!(group.join_files(), vec![dir.join("cgroup.procs")]);
+        // No limits: only the device allow-list, a BPF program attached to the group.
+        group.apply(&Limits::default()).unwrap();
+        group.ensure_unused().unwrap();
+
+        let mut busy = Busy::start();
+        busy.join(&group);
+        assert!(group.pids().unwrap().contains(&busy.pid()));
+        assert!(group.contains(busy.pid()).unwrap());
+        assert!(!group.contains(std::process::id() as i32).unwrap());
+        let err = group.ensure_unused().unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::AlreadyExists);
+
+        group.freeze(WAIT).unwrap();
+        let events = read_file(&dir.join("cgroup.events")).unwrap();
+        assert!(events.lines().any(|l| l == "frozen 1"), "{events}");
+        let frozen_at = busy.cpu_ticks();
+        thread::sleep(Duration::from_millis(300));
+        assert_eq!(busy.cpu_ticks(), frozen_at, "a frozen spinner ran");
+        group.thaw(WAIT).unwrap();
+        wait_until(Instant::now() + WAIT, || Ok(busy.cpu_ticks() > frozen_at))
+            .expect("a thawed spinner never ran");
+        // `cpu.stat` is a core file on v2: CPU time is there with or without the cpu controller.
+        let stats = group.stats().unwrap();
+        assert!(stats.cpu_usage_ns.is_some_and(|ns| ns > 0), "{stats:?}");
+
+        assert!(
+            dir.join("cgroup.kill").exists(),
+            "cgroup.kill needs Linux 5.14+"
+        );
+        group.kill_all(WAIT).unwrap();
+        assert_eq!(group.pids().unwrap(), Vec::<i32>::new());
+        busy.assert_killed();
+
+        // A group the sandbox made under its own (were it allowed to) goes with it.
+        fs::create_dir(dir.join("child")).unwrap();
+        group.remove(WAIT).unwrap();
+        assert!(!dir.exists());
+        // Idempotent: killing a group that is gone is no error.
+        group.kill_all(WAIT).unwrap();
+    }
+
+    #[test]
+    fn v2_kill_without_cgroup_kill_sweeps_running_and_frozen_groups() {
+        let Some(t) = TestRoot::new("sweep") else {
+            return;
+        };
+        for (id, paused) in [("running", false), ("paused", true)] {
+            let group = t.group(id);
+            group.create().unwrap();
+            let mut busy = Busy::start();
+            busy.join(&group);
+            if paused {
+                group.freeze(WAIT).unwrap();
+            }
+            // The path of a kernel before 5.14: freeze, SIGKILL each member, thaw.
+            group.kill_all_with(None, WAIT).unwrap();
+            assert_eq!(group.pids().unwrap(), Vec::<i32>::new(), "{id}");
+            busy.assert_killed();
+            group.remove(WAIT).unwrap();
+        }
+    }
+
+    #[test]
+    fn v2_limit_without_its_controller_is_an_error_naming_file_and_fix() {
+        let Some(t) = TestRoot::new("nocontroller") else {
+            return;
+        };
+        let group = t.group("sb");
+        group.create().unwrap();
+        type Write = fn(&Cgroup) -> io::Result<()>;
+        let cases: [(&str, &str, Write); 4] = [
+            ("memory", "memory.max", |g| {
+                g.write_limits(Some(64 << 20), None, None)
+            }),
+            ("cpu", "cpu.max", |g| g.write_limits(None, Some(0.5), None)),
+            ("pids", "pids.max", |g| g.write_limits(None, None, Some(64))),
+            ("cpu", "cpu.weight", |g| g.set_cpu_weight(1)),
+        ];
+        for (controller, file, write) in cases {
+            if t.offers(controller) {
+                // A host that delegates it: the limit is written.
+                write(&group).unwrap();
+                continue;
+            }
+            let err = write(&group).unwrap_err();
+            let msg = err.to_string();
+            assert_eq!(err.kind(), io::ErrorKind::Unsupported, "{file}: {msg}");
+            assert!(msg.contains(&format!("/sandboxd/test/sb/{file}")), "{msg}");
+            assert!(msg.contains(&format!("'{controller}' controller")), "{msg}");
+            assert!(msg.contains("cgroup.subtree_control"), "{msg}");
+            // The same through `apply`, as a sandbox's create reaches it.
+            let mut limits = Limits::default();
+            match file {
+                "memory.max" => limits.memory_bytes = Some(64 << 20),
+                "cpu.max" => limits.cpu_cores = Some(0.5),
+                "pids.max" => limits.pids_max = Some(64),
+                _ => limits.cpu_weight = Some(1),
+            }
+            let err = group.apply(&limits).unwrap_err();
+            assert_eq!(err.kind(), io::ErrorKind::Unsupported, "{file}: {err}");
+        }
+        group.remove(WAIT).unwrap();
+    }
+
+    /// What the v2 code writes for a memory limit, on a directory standing in for a group whose
+    /// memory controller accounts swap (this host's v2 hierarchy has no memory controller).
+    #[test]
+    fn v2_memory_limit_allows_no_swap_where_swap_is_accounted() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("sb");
+        fs::create_dir(&dir).unwrap();
+        let group = Cgroup {
+            instance: "test".into(),
+            id: "sb".into(),
+            layout: Layout::V2(V2Dir {
+                mount: tmp.path().into(),
+                root: tmp.path().into(),
+                dir: dir.clone(),
+            }),
+        };
+        // Empty: a control file takes each write whole, a plain file would keep a longer tail.
+        fs::write(dir.join("memory.max"), "").unwrap();
+        group.write_limits(Some(64 << 20), None, None).unwrap();
+        assert_eq!(read_file(&dir.join("memory.max")).unwrap(), "67108864");
+        assert!(
+            !dir.join("memory.swap.max").exists(),
+            "made where not accounted"
+        );
+
+        fs::write(dir.join("memory.swap.max"), "").unwrap();
+        group.write_limits(Some(64 << 20), None, None).unwrap();
+        assert_eq!(read_file(&dir.join("memory.swap.max")).unwrap(), "0");
     }
 }

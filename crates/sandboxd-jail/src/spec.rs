@@ -70,7 +70,8 @@ const NESTED_USERNS_MAX: u64 = 64;
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Limits {
     /// Memory limit in bytes (v1 `memory.limit_in_bytes` and, where swap is accounted,
-    /// `memory.memsw.limit_in_bytes`; v2 `memory.max`). v1 rounds it down to a page multiple.
+    /// `memory.memsw.limit_in_bytes`; v2 `memory.max` and, where swap is accounted,
+    /// `memory.swap.max` 0: no swap past it on either). v1 rounds it down to a page multiple.
     /// Kernel memory (open files, pipes, sockets, inotify marks...) is charged here too.
     pub memory_bytes: Option<u64>,
     /// CPU limit in cores, e.g. `0.5` or `2.0` (v1 `cpu.cfs_quota_us` over `cpu.cfs_period_us`,

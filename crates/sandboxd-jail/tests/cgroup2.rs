@@ -3,17 +3,21 @@
 //! and puts sandboxes in `/sandboxd/<id>` of the unified hierarchy. On a hybrid host the v2
 //! hierarchy has no controllers (they are bound to v1), so this checks joining, the cgroup
 //! namespace, the device allow-list (a BPF program), freeze/thaw (`cgroup.freeze`), kill
-//! (`cgroup.kill`), CPU stats and cleanup — not limits. Skipped when not root, or when the host already is v2 (the other tests cover it).
+//! (`cgroup.kill`), CPU stats and cleanup, and that a limit is refused, naming what to enable.
+//! Skipped when not root, or when the host already is v2 (the other tests cover it).
 //! `harness = false`: `unshare(CLONE_NEWNS)` needs a single-threaded process.
 
 mod common;
 
 use std::fs;
+use std::io::ErrorKind;
 use std::time::{Duration, Instant};
 
 use nix::mount::{MsFlags, mount};
 use nix::sched::{CloneFlags, unshare};
-use sandboxd_jail::{CgroupVersion, Limits, cgroup_version, list_sandboxes};
+use sandboxd_jail::{
+    Budget, CgroupVersion, Limits, cgroup_version, configure_budget, list_sandboxes, spawn_sandbox,
+};
 
 fn main() {
     if !common::can_run("cgroup2") {
@@ -99,6 +103,41 @@ fn main() {
 
     let stats = sb.handle.stats().unwrap();
     assert!(stats.cpu_usage_ns.unwrap() > 0, "{stats:?}");
+
+    // This hierarchy offers no controller (a hybrid host binds them all to v1), like a v2 host
+    // that does not delegate them to the runtime: a limit is refused, naming its file and what
+    // to enable, and a create that asks for one leaves nothing behind.
+    let offered = fs::read_to_string("/sys/fs/cgroup/cgroup.controllers").unwrap();
+    let offers = |c: &str| offered.split_whitespace().any(|x| x == c);
+    if !offers("cpu") {
+        let err = sb.handle.set_cpu_weight(1).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Unsupported, "{err}");
+        assert!(err.to_string().contains("cpu.weight"), "{err}");
+    }
+    if !offers("memory") {
+        let (mut spec, dir) = common::spec("cg2-limited");
+        spec.limits.memory_bytes = Some(256 << 20);
+        let err = spawn_sandbox(&spec, common::bash("true")).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Unsupported, "{err}");
+        let msg = err.to_string();
+        assert!(
+            msg.contains("memory.max") && msg.contains("'memory' controller"),
+            "{msg}"
+        );
+        assert!(
+            !list_sandboxes(&common::instance())
+                .unwrap()
+                .contains(&spec.id)
+        );
+        drop(dir);
+        let budget = Budget {
+            memory_bytes: Some(1 << 30),
+            pids_max: None,
+        };
+        let err = configure_budget(&common::instance(), &budget, &budget).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Unsupported, "{err}");
+        assert!(err.to_string().contains("memory.max"), "{err}");
+    }
 
     sb.handle.freeze().unwrap();
     sb.handle.kill().unwrap();

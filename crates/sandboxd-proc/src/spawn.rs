@@ -214,6 +214,12 @@ impl SpawnError {
     pub fn os_error(&self) -> &io::Error {
         &self.source
     }
+
+    /// The setup step that failed in the child before `execve` (`chdir to '/home/user'`), or
+    /// `None` when `execve` itself failed.
+    pub fn step(&self) -> Option<&str> {
+        self.step.as_deref()
+    }
 }
 
 impl fmt::Display for SpawnError {

@@ -166,7 +166,15 @@ fn spawn_error(err: io::Error, program: &str, cwd: Option<&str>) -> PyErr {
         .and_then(|inner| inner.downcast_ref::<core::SpawnError>())
     {
         return match spawn.os_error().raw_os_error() {
-            Some(errno) => PyOSError::new_err((errno, strerror(errno), program.to_owned())),
+            // A step before `execve` names itself ("chdir to '/home/user': Permission denied"):
+            // the bare errno would read as the program's, which it is not.
+            Some(errno) => {
+                let what = match spawn.step() {
+                    Some(step) => format!("{step}: {}", strerror(errno)),
+                    None => strerror(errno),
+                };
+                PyOSError::new_err((errno, what, program.to_owned()))
+            }
             None => to_pyerr(io::Error::new(spawn.os_error().kind(), spawn.to_string())),
         };
     }

@@ -27,7 +27,51 @@ pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("WATCH_CLOSED", WATCH_CLOSED)?;
     m.add("WATCH_BUFFER_BYTES", DEFAULT_BUFFER_BYTES)?;
     m.add_class::<Watcher>()?;
+    m.add_class::<Tripwire>()?;
     Ok(())
+}
+
+/// An inotify instance that becomes readable once anything at its paths changes
+/// (``sandboxd_watch::Tripwire``); ``rearm`` makes it quiet again, in place. GIL released while
+/// watches are added.
+#[pyclass(module = "sandboxd._core", name = "Tripwire")]
+struct Tripwire {
+    inner: Option<sandboxd_watch::Tripwire>,
+}
+
+#[pymethods]
+impl Tripwire {
+    #[new]
+    fn new(py: Python<'_>, paths: Vec<PathBuf>) -> PyResult<Self> {
+        let inner = py.detach(|| sandboxd_watch::Tripwire::new(&paths))?;
+        Ok(Self { inner: Some(inner) })
+    }
+
+    /// The inotify descriptor, to poll for ``POLLIN``.
+    fn fileno(&self) -> PyResult<i32> {
+        use std::os::fd::{AsFd, AsRawFd};
+        Ok(self.open()?.as_fd().as_raw_fd())
+    }
+
+    fn rearm(&mut self, py: Python<'_>, paths: Vec<PathBuf>) -> PyResult<()> {
+        let inner = self.inner.as_mut().ok_or_else(closed)?;
+        py.detach(|| inner.rearm(&paths)).map_err(PyErr::from)
+    }
+
+    /// Closes the descriptor (idempotent).
+    fn close(&mut self) {
+        self.inner = None;
+    }
+}
+
+impl Tripwire {
+    fn open(&self) -> PyResult<&sandboxd_watch::Tripwire> {
+        self.inner.as_ref().ok_or_else(closed)
+    }
+}
+
+fn closed() -> PyErr {
+    PyValueError::new_err("tripwire is closed")
 }
 
 fn to_pyerr(err: WatchError) -> PyErr {

@@ -84,10 +84,12 @@ mod pending;
 mod scan;
 mod state;
 mod tree;
+mod tripwire;
 mod watcher;
 
 pub use drain::{DEFAULT_BUFFER_BYTES, Drainer, HANDBACK_ITEMS, ITEM_OVERHEAD_BYTES};
 pub use error::WatchError;
 pub use event::{Event, EventKind, Item, ROOT_NAME};
 pub use pending::DEFAULT_PENDING_CAP;
+pub use tripwire::Tripwire;
 pub use watcher::Watcher;

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Coroutine
 from itertools import chain
+from types import ModuleType
 from typing import Any
 
 from .asgi import Receive, Scope, Send, header_map, send_empty, send_http_error
 from .auth import TOKEN_ERROR
 from .connect import ConnectTransport
-from .files import download, upload
 from .rest import envs, health, init, metrics
 from .rpc import Method
 from .state import AgentState
@@ -28,6 +28,18 @@ CORS = [
 _CORS_RAW = [(name.encode(), value.encode()) for name, value in CORS]
 _CORS_HEAD = b"".join(b"%s: %s\r\n" % pair for pair in _CORS_RAW)
 """The CORS headers as head lines, for the direct path's writer (``ResponseWriter.head_extra``)."""
+
+
+def _files() -> ModuleType:
+    """:mod:`sandboxd.agent.files`, imported by the first ``/files`` request rather than with the app: a
+    standalone agent that only runs commands never loads it, nor the file workers' executor it makes
+    at import (``concurrent.futures.thread``, ``queue``), ``contenttype`` and ``httpdate``: 0.24 MiB
+    of idle RSS (docs/benchmarks.md, ``rss9``). The zygote imports every module of the agent ahead
+    (``runtime.zygote.preload``), so a sandbox's agent finds it loaded; after the first request this
+    is a dictionary lookup."""
+    from . import files
+
+    return files
 
 
 class AgentApp:
@@ -90,9 +102,9 @@ class AgentApp:
         if path == "/health" and verb in ("GET", "HEAD"):
             await health(send)
         elif path == "/files" and verb in ("GET", "HEAD"):
-            await download(self.state, scope, receive, send)
+            await _files().download(self.state, scope, receive, send)
         elif path == "/files" and verb == "POST":
-            await upload(self.state, scope, receive, send)
+            await _files().upload(self.state, scope, receive, send)
         elif path == "/init" and verb == "POST":
             await init(self.state, header_map(scope), receive, send)
         elif path in ("/envs", "/metrics") and verb == "GET":

@@ -209,6 +209,7 @@ DEFERRED = (
     "mimetypes",
     "shutil",
     "tempfile",
+    "urllib.parse",
 )
 """Standard modules imported at the top of modules the agent runs but used on paths no request takes:
 
@@ -242,7 +243,11 @@ DEFERRED = (
   ``random``, ``hashlib`` and its digests), imported at the top of python-multipart for its on-disk
   ``File`` objects, which the agent's multipart parser never makes: the first multipart upload
   would otherwise keep them for the agent's life: 0.69 MiB of idle RSS after a mix of requests with
-  one multipart upload (19.39 → 18.70 MiB, medians of 5 starts; docs/benchmarks.md, ``rss8``)."""
+  one multipart upload (19.39 → 18.70 MiB, medians of 5 starts; docs/benchmarks.md, ``rss8``).
+* ``urllib.parse``, imported at the top of uvicorn's httptools protocol and its ``protocols.utils``
+  (to unquote a path with ``%`` in it, and to quote one for the access log, which the agent does not
+  write), and of ``agent.files`` (a ``/files`` request's query): Connect requests never call it. 0.13
+  MiB of idle RSS after 20 ``Start``s (medians of 4 starts; docs/benchmarks.md, ``rss9``)."""
 
 
 class _DataclassesInspect(types.ModuleType):
@@ -306,9 +311,11 @@ def datetime_without_python_half() -> None:
     *``) and deletes its private helpers: what remains is ``_datetime``'s namespace plus ``sys`` (3.12
     split that half into ``_pydatetime``, imported only without ``_datetime``). Here the module gets
     that namespace straight from ``_datetime``, with its own spec and ``__all__``. protobuf's
-    ``well_known_types`` imports ``datetime`` at the agent's start (``Timestamp``'s conversions, which
-    no request makes). 0.2 MiB of RSS at start. Nothing happens when it is imported already or when
-    ``_datetime`` is missing (the pure-Python half is then the implementation)."""
+    ``well_known_types`` imports ``datetime`` (``Timestamp``'s conversions, which no request makes),
+    now with the first well-known type (:func:`well_known_types_later`): 0.2 MiB of RSS then. The
+    standalone agent registers it to be made on first use (:func:`datetime_later`). Nothing happens
+    when it is imported already or when ``_datetime`` is missing (the pure-Python half is then the
+    implementation)."""
     if "datetime" in sys.modules:
         return
     try:
@@ -330,6 +337,96 @@ def datetime_without_python_half() -> None:
 
 DATETIME_ALL = ("date", "datetime", "time", "timedelta", "timezone", "tzinfo", "MINYEAR", "MAXYEAR", "UTC")
 """``datetime.__all__`` (Python 3.11)."""
+
+
+class _DeferredDatetime(_Deferred):
+    """``datetime`` until first used (:func:`datetime_later`): then the module
+    :func:`datetime_without_python_half` makes, not ``datetime.py``."""
+
+    def __getattr__(self, attribute: str) -> object:
+        if sys.modules.get("datetime") is self:
+            del sys.modules["datetime"]
+        datetime_without_python_half()
+        module = importlib.import_module("datetime")
+        vars(self).update(vars(module))
+        return getattr(module, attribute)
+
+
+def datetime_later() -> None:
+    """Register ``datetime`` to be made on first use, by :func:`datetime_without_python_half` (its
+    ``_datetime`` extension mapped then: 0.15 MiB of idle RSS). What imported it at the standalone agent's
+    start was protobuf's ``well_known_types`` (:func:`well_known_types_later`); a request that needs a
+    date (``httpdate``'s ``UTC``) loads it. Nothing happens when it is imported already."""
+    if "datetime" not in sys.modules:
+        sys.modules["datetime"] = _DeferredDatetime("datetime", "imported on first use (sandboxd.agent.lean)")
+
+
+PROTOBUF_WELL_KNOWN_TYPES = "google.protobuf.internal.well_known_types"
+"""The Python halves of protobuf's well-known types (``Timestamp.ToDatetime``, ``Any.Pack``, ...), with
+``field_mask``, ``datetime`` and ``calendar``: upb imports it the first time it makes *any* message
+class, to look up in its ``WKTBASES`` whether the class is one of them, and keeps that dictionary."""
+
+WELL_KNOWN_TYPE_MODULES = frozenset(
+    f"google.protobuf.{name}_pb2" for name in ("any", "duration", "field_mask", "struct", "timestamp")
+)
+"""The generated modules whose message classes have a base in ``WKTBASES`` (every key of it is a type
+of one of them): a well-known type's class is made by importing its module."""
+
+
+class _DeferredWellKnownTypes(_Deferred):
+    """:data:`PROTOBUF_WELL_KNOWN_TYPES` until first used (:func:`well_known_types_later`), holding a
+    ``WKTBASES`` of its own, empty, for upb to keep; the real module's entries are put in it when the
+    real module is imported, which happens before any well-known type's class is made
+    (:class:`_WellKnownTypesFirst`), so that upb gives those classes their bases as before."""
+
+    def __getattr__(self, attribute: str) -> object:
+        bases: dict[str, type] = vars(self)["WKTBASES"]
+        value = super().__getattr__(attribute)  # the real module, its namespace copied into this one
+        bases.update(sys.modules[PROTOBUF_WELL_KNOWN_TYPES].WKTBASES)
+        vars(self)["WKTBASES"] = bases
+        return value
+
+
+class _WellKnownTypesFirst:
+    """A finder first on ``sys.meta_path`` that finds nothing: asked for one of
+    :data:`WELL_KNOWN_TYPE_MODULES`, it has the deferred :data:`PROTOBUF_WELL_KNOWN_TYPES` imported
+    first (once; then it leaves ``sys.meta_path``)."""
+
+    def __init__(self, deferred: _DeferredWellKnownTypes) -> None:
+        self.deferred = deferred
+
+    def find_spec(self, name: str, path: object = None, target: object = None) -> None:
+        if name in WELL_KNOWN_TYPE_MODULES:
+            if self in sys.meta_path:
+                sys.meta_path.remove(self)
+            self.deferred.__getattr__("WKTBASES")
+        return None
+
+
+def well_known_types_later() -> bool:
+    """Keep :data:`PROTOBUF_WELL_KNOWN_TYPES` (with ``field_mask``; ``datetime``, :func:`datetime_later`)
+    unimported until a well-known type is: the standalone agent that only runs commands never makes
+    one (its process messages have no ``Timestamp``; the filesystem's do, and the first filesystem
+    request imports them). 0.08 MiB of idle RSS, 0.23 with ``datetime`` (medians of 6 starts after 20
+    ``Start``s; docs/benchmarks.md, ``rss9``).
+
+    How: upb's first message class finds a deferred module (:class:`_DeferredWellKnownTypes`) under
+    that name and keeps its ``WKTBASES``, a dictionary filled from the real one when the real module
+    is imported; a finder (:class:`_WellKnownTypesFirst`) has it imported before the first of
+    :data:`WELL_KNOWN_TYPE_MODULES` is, whatever imports that. Anything that reads another attribute
+    of the deferred module imports the real one too. The one way to make a well-known type's class
+    without its module, a descriptor pool given ``timestamp.proto`` by hand, the agent does not take.
+
+    Call it before anything makes a message class (after :func:`lazy_protobuf`); nothing happens when
+    the module is imported already (a class was made). True when done."""
+    if PROTOBUF_WELL_KNOWN_TYPES in sys.modules:
+        return False
+    deferred = _DeferredWellKnownTypes(PROTOBUF_WELL_KNOWN_TYPES, "imported on first use (sandboxd.agent.lean)")
+    vars(deferred)["WKTBASES"] = {}
+    sys.modules[PROTOBUF_WELL_KNOWN_TYPES] = deferred
+    importlib.import_module("google.protobuf.internal").well_known_types = deferred  # type: ignore[attr-defined]
+    sys.meta_path.insert(0, _WellKnownTypesFirst(deferred))
+    return True
 
 
 PROTOBUF_PURE_PYTHON = "google.protobuf.internal.python_message"

@@ -61,7 +61,7 @@ def reexec_if_compiled() -> None:
     """Replace this process (same PID, descriptors and environment) with itself under ``-OO`` when it
     runs without optimisation (no ``-O``, ``-OO`` or ``PYTHONOPTIMIZE``) and the ``.opt-2.pyc`` files
     are there; otherwise return and run as it is. For ``sandboxd agent`` only, before it imports
-    anything else (:func:`sandboxd.cli.main`). The command line is the one this process was started
+    anything else (:func:`sandboxd.agent.standalone.main`). The command line is the one this process was started
     with (``sys.orig_argv``: ``-m sandboxd`` or the ``sandboxd`` script, and any interpreter options),
     with ``-OO`` in front."""
     if sys.flags.optimize or not sys.executable or len(sys.orig_argv) < 2 or not compiled():

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import os
 import pwd
+import select
 import stat
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
+from .. import _core
 from .errors import Code, RpcError
 
 
@@ -22,18 +26,147 @@ class User:
     groups: tuple[int, ...]
 
 
-_CACHE: dict[str, tuple[tuple[int, int], User]] = {}
-"""name → (the account databases' mtimes when looked up, the user). Every RPC resolves its user;
+_CACHE: dict[str, tuple[tuple[int, int, int], User]] = {}
+"""name → (the account databases' version when looked up, the user). Every RPC resolves its user;
 ``getgrouplist`` parses /etc/group each time, which cost ~50 µs per call."""
 
 
 DATABASES = ("/etc/passwd", "/etc/group")
 
+MOUNTINFO = "/proc/self/mountinfo"
+"""Polled for ``POLLPRI``, which it reports once after any mount or unmount in the agent's mount
+namespace (a file bind-mounted over /etc/passwd changes no watched inode)."""
 
-def _databases_version() -> tuple[int, int] | None:
-    """The account databases' mtimes (0 for one that is missing), or None when one is there but is
-    not a regular file: the C library's lookups open and read it, and a FIFO (which the sandbox's
-    root can leave there) would block them for ever, the agent's start and its requests with them."""
+
+class _Tripwire:
+    """What tells :func:`_databases_version` that the databases may have changed, without a
+    ``stat`` of each per RPC (10-14 µs each on the CI VM, two per RPC: the path walk).
+
+    An inotify instance (``_core.Tripwire``) watches each database and every directory from its
+    parent up to ``/`` (an edit in place, a write through another hard link, a rename over it, a
+    new or removed entry, an ancestor moved), and ``/proc/self/mountinfo`` reports mounts. While
+    neither is readable, a ``poll`` with no timeout (one syscall, ~2 µs) says the version is the
+    one read when it was armed. The kernel queues the event before the modifying syscall returns,
+    so a change that finished before a request arrived is seen by that request's poll, as the
+    ``stat`` saw it; unlike the ``stat``, also when the file's mtime did not move (coarse
+    timestamps, or set back). Once tripped it is re-armed in place (``Tripwire.rearm``: the paths
+    watched again, the events discarded), not closed: closing an inotify instance with watches
+    waits for an RCU grace period, 1-50 ms on the CI VM, on the thread of the lookup.
+
+    Not armed, so that every lookup takes the ``stat`` s as before, where a change could pass it
+    by: a database or a directory on its path is a symlink (its target's changes are not on the
+    watched inodes), /proc is not mounted, or inotify refuses (``EMFILE``, ``ENOSPC``). Armed
+    again only when the ``stat`` s see the databases change, not tried on every lookup.
+
+    Not seen: a write through a shared mapping of a database kept after its descriptor was closed
+    (inotify reports no ``mmap`` write; the close's ``IN_CLOSE_WRITE`` trips it before the write).
+    Only a writer of /etc/passwd can do it, root inside, whose own agent then keeps the old entry
+    until the next change; the ``stat`` s saw it on ext4, where such a write moves the mtime.
+
+    It holds an inotify instance (of the 64 root inside a sandbox may hold, which ``watch_dir``'s
+    watchers share) and two descriptors. A sandbox that changes ``/etc``'s entries without pause
+    makes each of its lookups re-arm it and read both databases again: its own agent's cost."""
+
+    __slots__ = ("_inotify", "_lock", "_mounts", "_poll", "armed_for", "generation", "mtimes", "unarmed_for", "version")
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()  # select.poll refuses concurrent poll() calls; worker threads look up too
+        self._inotify: _core.Tripwire | None = None
+        self._mounts: int | None = None
+        self._poll: Any = None
+        self.armed_for: tuple[str, ...] | None = None
+        """The databases the armed tripwire covers (tests point ``DATABASES`` elsewhere)."""
+        self.unarmed_for: tuple[str, ...] | None = None
+        """The databases it could not be armed for: their ``stat`` s are taken at each lookup."""
+        self.generation = 0
+        """Bumped whenever the databases are read again: a change that kept the mtimes misses the cache all the same."""
+        self.mtimes: tuple[int, int] | None = None
+        self.version: tuple[int, int, int] | None = None
+
+    def fileno(self) -> int | None:
+        """The inotify descriptor, once made: kept for the process's life, armed or not (for tests)."""
+        return None if self._inotify is None else self._inotify.fileno()
+
+    def current(self) -> tuple[int, int, int] | None:
+        with self._lock:
+            if self.armed_for is DATABASES:
+                if not self._poll.poll(0):
+                    return self.version
+                # Tripped: re-armed in place below (closing it would wait for an RCU grace period).
+            elif self.unarmed_for is DATABASES and _stat_version() == self.mtimes:
+                return self.version
+            # The first lookup, a change, or a tripwire set for other databases: read them again.
+            self.generation += 1
+            armed = self._arm()  # before the stat: a change from now on trips it
+            self.mtimes = _stat_version()
+            self.armed_for = DATABASES if armed else None
+            self.unarmed_for = None if armed else DATABASES
+            self.version = None if self.mtimes is None else (self.generation, *self.mtimes)
+            return self.version
+
+    def _arm(self) -> bool:
+        """Watches the databases' paths, on the instance it has if any: one that could not be armed
+        is kept too (unpolled; its watches removed or reused by the next ``rearm``), so that no
+        lookup closes one, not even where a hostile root flips a database between a file and a
+        symlink or holds inotify's watch limit nearly full."""
+        paths: list[str] = []
+        for database in DATABASES:
+            if os.path.realpath(database) != database:  # a symlink somewhere on its path
+                return False
+            directory = os.path.dirname(database)
+            while directory not in paths:
+                paths.append(directory)
+                directory = os.path.dirname(directory)
+        paths += [database for database in DATABASES if os.path.lexists(database)]
+        try:
+            if self._inotify is None:
+                self._inotify = _core.Tripwire([])
+                self._poll = select.poll()
+                self._poll.register(self._inotify.fileno(), select.POLLIN)
+            if self._mounts is None:  # kept: the poll that saw its POLLPRI consumed it
+                self._mounts = os.open(MOUNTINFO, os.O_RDONLY | os.O_CLOEXEC)
+                self._poll.register(self._mounts, select.POLLPRI)
+            self._inotify.rearm(paths)
+        except OSError:
+            return False
+        # A symlink put on the path between the check above and its watch: the watches are in
+        # place now, so a swap from here on trips them, and one before is seen here.
+        return all(os.path.realpath(database) == database for database in DATABASES)
+
+    def forget(self) -> None:
+        """In a child just forked: the descriptors are copies of the parent's, for its view of the
+        files (a sandbox's agent is forked from the zygote, then in a mount namespace and a root of
+        its own), and the lock may be held by a thread the child does not have. The next lookup
+        arms a tripwire of the child's own."""
+        self._lock = threading.Lock()
+        self._disarm()
+        self.unarmed_for = None
+
+    def _disarm(self) -> None:
+        self._poll = None
+        self.armed_for = None
+        if self._inotify is not None:
+            self._inotify.close()
+        if self._mounts is not None:
+            os.close(self._mounts)
+        self._inotify = self._mounts = None
+
+
+_TRIPWIRE = _Tripwire()
+os.register_at_fork(after_in_child=_TRIPWIRE.forget)
+
+
+def _databases_version() -> tuple[int, int, int] | None:
+    """The account databases' version: a number that changes with them (see :class:`_Tripwire`),
+    or None when one is there but is not a regular file: the C library's lookups open and read it,
+    and a FIFO (which the sandbox's root can leave there) would block them for ever, the agent's
+    start and its requests with them."""
+    return _TRIPWIRE.current()
+
+
+def _stat_version() -> tuple[int, int] | None:
+    """The account databases' mtimes (0 for one that is missing), or None when one is not a
+    regular file (see :func:`_databases_version`)."""
     versions = [0, 0]
     for i, path in enumerate(DATABASES):
         try:

@@ -102,7 +102,22 @@ pool grows to the largest burst it has seen (bounded, :attr:`WarmPool.size`), so
 of that size is served warm (a burst of 100 took 0.71-0.86 s from a pool of 100 against 1.6-4.3 s
 cold, ``docs/benchmarks.md``, ``cold8``). Paced creates count too: 4 a second make a pool of 8."""
 
-DECAY_S = float(os.environ.get("SANDBOXD_WARM_DECAY_S") or 600.0)
+
+def _decay_s(value: str | None) -> float:
+    """``SANDBOXD_WARM_DECAY_S`` as seconds: a finite number above 0, else ``sandboxd serve`` stops
+    at start with a message naming it (``nan`` would keep a grown pool for ever, silently)."""
+    if not value:
+        return 600.0
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = math.nan
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise SystemExit(f"SANDBOXD_WARM_DECAY_S must be a number of seconds above 0, not {value!r}")
+    return seconds
+
+
+DECAY_S = _decay_s(os.environ.get("SANDBOXD_WARM_DECAY_S"))
 """How long a grown pool keeps the size of a burst after it: it shrinks back to its default size when
 no burst as large has come for this long, its extra sandboxes killed. The runtime's environment
 (``sandboxd serve``'s, which no sandbox and no client can set) may shorten it: the tests do."""

@@ -326,13 +326,51 @@ class ProcessService:
         explicit_cwd = config.HasField("cwd") and config.cwd != ""
         user = ctx.user
         cwd = expand_and_resolve(config.cwd if explicit_cwd else "", user, self.state.default_workdir)
-        if not os.path.isdir(cwd):
-            if explicit_cwd:
-                raise RpcError(Code.INVALID_ARGUMENT, f"cwd '{cwd}' does not exist")
-            cwd = "/"  # the user's home is missing (e.g. nobody's /nonexistent): start at the root
         pty = (request.pty.size.cols or 80, request.pty.size.rows or 24) if request.HasField("pty") else None
         stdin = request.stdin if request.HasField("stdin") else True
         cmd = config.cmd
+        args = list(config.args)
+        env = self._environment(request)
+        identity = (user.name, user.uid, user.gid, user.home, list(user.groups))
+        while True:
+            try:
+                return _core.Process.spawn(
+                    cmd,
+                    args,
+                    env,
+                    cwd=cwd,
+                    identity=identity,
+                    stdin=stdin,
+                    pty=pty,
+                    oom_score_adj=USER_OOM_SCORE_ADJ,
+                )
+            except LookupError as exc:
+                raise RpcError(Code.UNAUTHENTICATED, str(exc)) from None
+            except OSError as exc:
+                if exc.errno in (errno.ENOENT, errno.ENOTDIR):
+                    # What is missing, asked only now: a spawn checks its cwd itself, and one that
+                    # succeeds should not pay a stat for the cwd and another for the shell (each a
+                    # path walk, 10-14 µs on the CI VM) to rule out what nearly never happens.
+                    retry = self._missing(cmd, cwd, explicit_cwd)
+                    if retry is not None:
+                        cmd, cwd = retry
+                        continue
+                if exc.errno in (errno.ENOENT, errno.EACCES, errno.ENOEXEC, errno.ENOTDIR):
+                    raise RpcError(
+                        Code.INVALID_ARGUMENT, f"cannot start '{config.cmd}': {exc.strerror or exc}"
+                    ) from None
+                raise RpcError(Code.INTERNAL, f"cannot start '{config.cmd}': {exc}") from None
+
+    @staticmethod
+    def _missing(cmd: str, cwd: str, explicit_cwd: bool) -> tuple[str, str] | None:
+        """After a spawn failed with ``ENOENT`` or ``ENOTDIR``: the command and cwd to try instead
+        (the root for a user's home that is missing, such as nobody's /nonexistent; ``sh`` for the
+        SDKs' ``bash`` in a template without it), None when neither is the cause, or the error
+        the cause gets."""
+        if not os.path.isdir(cwd):
+            if explicit_cwd:
+                raise RpcError(Code.INVALID_ARGUMENT, f"cwd '{cwd}' does not exist")
+            return (cmd, "/") if cwd != "/" else None
         if cmd == SDK_SHELL and not os.path.exists(SDK_SHELL):
             if not os.path.exists(FALLBACK_SHELL):
                 raise RpcError(
@@ -340,24 +378,8 @@ class ProcessService:
                     f"cannot start '{SDK_SHELL}': this sandbox's template has neither {SDK_SHELL} nor "
                     f"{FALLBACK_SHELL}; commands need a shell in the template (files and watches work without one)",
                 )
-            cmd = FALLBACK_SHELL
-        try:
-            return _core.Process.spawn(
-                cmd,
-                list(config.args),
-                self._environment(request),
-                cwd=cwd,
-                identity=(user.name, user.uid, user.gid, user.home, list(user.groups)),
-                stdin=stdin,
-                pty=pty,
-                oom_score_adj=USER_OOM_SCORE_ADJ,
-            )
-        except LookupError as exc:
-            raise RpcError(Code.UNAUTHENTICATED, str(exc)) from None
-        except OSError as exc:
-            if exc.errno in (errno.ENOENT, errno.EACCES, errno.ENOEXEC, errno.ENOTDIR):
-                raise RpcError(Code.INVALID_ARGUMENT, f"cannot start '{config.cmd}': {exc.strerror or exc}") from None
-            raise RpcError(Code.INTERNAL, f"cannot start '{config.cmd}': {exc}") from None
+            return FALLBACK_SHELL, cwd
+        return None
 
     def _register(self, process: _core.Process, request: pb.StartRequest, ctx: Context) -> Entry:
         tag = request.tag if request.HasField("tag") else None
