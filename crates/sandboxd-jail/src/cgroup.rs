@@ -481,11 +481,23 @@ impl Cgroup {
             // Freeze first so nothing forks between reading cgroup.procs and the kills. A frozen
             // task dies as soon as it is thawed.
             let frozen = self.freeze(timeout).is_ok();
-            for pid in self.pids()? {
-                let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
-            }
+            let killed = self.pids().map(|pids| {
+                for pid in pids {
+                    let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+                }
+            });
+            // Thawed whether or not the freeze completed: one that timed out (v1's freezer left
+            // FREEZING) may have frozen some members already, and a frozen task dies of its
+            // SIGKILL only once thawed. Left frozen, they would outlive this kill and every kill
+            // after it that timed out the same way.
+            let thawed = self.thaw(if frozen {
+                timeout
+            } else {
+                deadline.saturating_duration_since(Instant::now())
+            });
+            killed?;
             if frozen {
-                self.thaw(timeout)?;
+                thawed?;
             }
         }
         wait_until(deadline, || {
@@ -1192,6 +1204,48 @@ mod tests {
             busy.assert_killed();
             group.remove(WAIT).unwrap();
         }
+    }
+
+    #[test]
+    fn v1_kill_whose_freeze_timed_out_leaves_no_member_frozen() {
+        // The sweep's freeze given no time: it times out while v1's freezer is still FREEZING
+        // (most rounds), and the members it froze meanwhile must be thawed to die of the SIGKILL.
+        let freezer = Path::new("/sys/fs/cgroup/freezer");
+        if !nix::unistd::geteuid().is_root() || !freezer.join("tasks").is_file() {
+            return; // no v1 freezer here (a v2 host) or not root
+        }
+        let top = freezer.join(format!("sandboxd-test-{}-v1sweep", std::process::id()));
+        for round in 0..10 {
+            let group = Cgroup {
+                instance: "test".into(),
+                id: format!("r{round}"),
+                layout: Layout::V1(V1Dirs {
+                    memory: None,
+                    cpu: None,
+                    cpuacct: None,
+                    pids: None,
+                    freezer: Some(top.join("test").join(format!("r{round}"))),
+                    devices: None,
+                }),
+            };
+            group.create().unwrap();
+            let mut busy = Busy::start();
+            busy.join(&group);
+            let _ = group.kill_all_with(None, Duration::ZERO);
+            let state = group.dirs()[0].join("freezer.state");
+            let left = read_file(&state).unwrap();
+            if left.trim() != "THAWED" {
+                // Thawed here so that the members die and release the test's output pipe
+                // (they inherited it), then the failure is reported rather than a hang.
+                write_file(&state, "THAWED").unwrap();
+                panic!("round {round}: the sweep left the group {}", left.trim());
+            }
+            wait_until(Instant::now() + WAIT, || Ok(group.pids()?.is_empty())).unwrap();
+            busy.assert_killed();
+            group.remove(WAIT).unwrap();
+        }
+        let _ = fs::remove_dir(top.join("test"));
+        let _ = fs::remove_dir(&top);
     }
 
     #[test]
