@@ -263,12 +263,23 @@ def run(options: ServeOptions) -> None:
         )
     import uvloop
 
-    # uvicorn stops gracefully on SIGTERM and then raises it again with the handler it found, which
-    # by default ends the process on the spot, before the clean-up below (the network table and
-    # links must go). As SIGINT's handler, SIGTERM unwinds through it instead.
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    # uvicorn stops gracefully on SIGTERM and SIGINT and then raises the signal again with the handler
+    # it found. Both must unwind through _serve's clean-up (the zygote, the network table and links
+    # must go), so both get a handler that raises KeyboardInterrupt in the loop. SIGTERM's default
+    # would end the process on the spot. SIGINT's must not be `signal.default_int_handler` either:
+    # asyncio.Runner (uvloop.run) replaces that one with its own, which cancels the main task, and
+    # the cancellation cut the clean-up short at its first await: the network helper and the zygote
+    # were never stopped, and the process hung for ever on its way out (`_interrupted`).
+    signal.signal(signal.SIGTERM, _interrupted)
+    signal.signal(signal.SIGINT, _interrupted)
     with contextlib.suppress(KeyboardInterrupt):
         uvloop.run(_serve(options, listeners, limits, store, templates, api_key, observer, recent))
+
+
+def _interrupted(signum: int, frame: object) -> None:
+    """SIGTERM's and SIGINT's handler while serving: as ``signal.default_int_handler``, but not it (see
+    :func:`run`), so that asyncio.Runner leaves SIGINT to it."""
+    raise KeyboardInterrupt
 
 
 def _prepare_host(options: ServeOptions) -> Limits:
