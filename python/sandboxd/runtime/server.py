@@ -28,7 +28,7 @@ from .debian import DEFAULT_MIRROR
 from .errors import ApiError
 from .host import SandboxFlags
 from .inputs import Query
-from .manager import Limits, SandboxManager
+from .manager import HostPlace, Limits, SandboxManager
 from .network import NetworkOptions, SandboxNetworks
 from .observe import Observer, Secrets
 from .observe import logs as observe_logs
@@ -303,6 +303,7 @@ async def _serve(
     await zygote_client.start()
     networks: SandboxNetworks | None = None
     manager: SandboxManager | None = None
+    place: HostPlace | None = None
     hooks = WebhookStore(store.db)
     deliveries = Deliveries(store, hooks, observer.metrics)
     deliveries.start()
@@ -360,13 +361,19 @@ async def _serve(
         finally:
             operators.close()
     finally:
-        templates.close()
-        if manager is not None:
-            await manager.stop()
-        await asyncio.to_thread(deliveries.stop)
-        if networks is not None:
-            await networks.stop()
-        await zygote_client.stop()
-        await host.close_place(place)
-        store.close()
+        # Each step runs even if one before it raised, or a second signal interrupted it: a failed
+        # step must not leave the zygote, the network table or the disks behind. The stack runs
+        # them last-in first-out, so they are pushed in the reverse of the order they run in; once
+        # all have run, the last error is raised, with the ones before it as its context.
+        async with contextlib.AsyncExitStack() as after:
+            after.callback(store.close)
+            if place is not None:  # unset when the start failed before the place was opened
+                after.push_async_callback(host.close_place, place)
+            after.push_async_callback(zygote_client.stop)
+            if networks is not None:
+                after.push_async_callback(networks.stop)
+            after.push_async_callback(asyncio.to_thread, deliveries.stop)
+            if manager is not None:
+                after.push_async_callback(manager.stop)
+            after.callback(templates.close)
         await asyncio.sleep(0)
