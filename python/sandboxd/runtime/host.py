@@ -330,6 +330,15 @@ async def open_place(data_dir: Path, registry: Path, disk_mb: int, node: str | N
     return HostPlace(instance=instance_name(data_dir, node), ids=_core.IdRegistry(str(registry)), disks=disks)
 
 
+def remove_instance_if_empty(data_dir: Path, node: str | None = None) -> None:
+    """At a stop that came before the place was opened (a start interrupted or failed): remove the
+    instance's cgroup group, made by :func:`prepare`, if no sandbox is in it."""
+    from sandboxd import _core
+
+    with contextlib.suppress(OSError):
+        _core.remove_instance_if_empty(instance_name(data_dir, node))
+
+
 async def close_place(place: HostPlace) -> None:
     """At stop: unmount the pool's disks; remove the instance's cgroup group if no sandbox is left."""
     from sandboxd import _core

@@ -28,7 +28,7 @@ from .debian import DEFAULT_MIRROR
 from .errors import ApiError
 from .host import SandboxFlags
 from .inputs import Query
-from .manager import Limits, SandboxManager
+from .manager import HostPlace, Limits, SandboxManager
 from .network import NetworkOptions, SandboxNetworks
 from .observe import Observer, Secrets
 from .observe import logs as observe_logs
@@ -263,12 +263,23 @@ def run(options: ServeOptions) -> None:
         )
     import uvloop
 
-    # uvicorn stops gracefully on SIGTERM and then raises it again with the handler it found, which
-    # by default ends the process on the spot, before the clean-up below (the network table and
-    # links must go). As SIGINT's handler, SIGTERM unwinds through it instead.
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    # uvicorn stops gracefully on SIGTERM and SIGINT and then raises the signal again with the handler
+    # it found. Both must unwind through _serve's clean-up (the zygote, the network table and links
+    # must go), so both get a handler that raises KeyboardInterrupt in the loop. SIGTERM's default
+    # would end the process on the spot. SIGINT's must not be `signal.default_int_handler` either:
+    # asyncio.Runner (uvloop.run) replaces that one with its own, which cancels the main task, and
+    # the cancellation cut the clean-up short at its first await: the network helper and the zygote
+    # were never stopped, and the process hung for ever on its way out (`_interrupted`).
+    signal.signal(signal.SIGTERM, _interrupted)
+    signal.signal(signal.SIGINT, _interrupted)
     with contextlib.suppress(KeyboardInterrupt):
         uvloop.run(_serve(options, listeners, limits, store, templates, api_key, observer, recent))
+
+
+def _interrupted(signum: int, frame: object) -> None:
+    """SIGTERM's and SIGINT's handler while serving: as ``signal.default_int_handler``, but not it (see
+    :func:`run`), so that asyncio.Runner leaves SIGINT to it."""
+    raise KeyboardInterrupt
 
 
 def _prepare_host(options: ServeOptions) -> Limits:
@@ -292,6 +303,7 @@ async def _serve(
     await zygote_client.start()
     networks: SandboxNetworks | None = None
     manager: SandboxManager | None = None
+    place: HostPlace | None = None
     hooks = WebhookStore(store.db)
     deliveries = Deliveries(store, hooks, observer.metrics)
     deliveries.start()
@@ -349,13 +361,21 @@ async def _serve(
         finally:
             operators.close()
     finally:
-        templates.close()
-        if manager is not None:
-            await manager.stop()
-        await asyncio.to_thread(deliveries.stop)
-        if networks is not None:
-            await networks.stop()
-        await zygote_client.stop()
-        await host.close_place(place)
-        store.close()
+        # Each step runs even if one before it raised, or a second signal interrupted it: a failed
+        # step must not leave the zygote, the network table or the disks behind. The stack runs
+        # them last-in first-out, so they are pushed in the reverse of the order they run in; once
+        # all have run, the last error is raised, with the ones before it as its context.
+        async with contextlib.AsyncExitStack() as after:
+            after.callback(store.close)
+            if place is not None:
+                after.push_async_callback(host.close_place, place)
+            else:  # a start interrupted or failed before the place was opened
+                after.callback(host.remove_instance_if_empty, options.data_dir)
+            after.push_async_callback(zygote_client.stop)
+            if networks is not None:
+                after.push_async_callback(networks.stop)
+            after.push_async_callback(asyncio.to_thread, deliveries.stop)
+            if manager is not None:
+                after.push_async_callback(manager.stop)
+            after.callback(templates.close)
         await asyncio.sleep(0)

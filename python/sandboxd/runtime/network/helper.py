@@ -85,7 +85,15 @@ class HelperProcess:
             process = self.process
             assert process is not None
             started = loop.time()
-            status = await asyncio.to_thread(process.wait)
+            try:
+                status = await asyncio.to_thread(process.wait)
+            except asyncio.CancelledError:
+                # The thread stays in wait() until the helper exits, and the helper exits only when
+                # its stdin ends, with this process: cancelled without stop() (the event loop closing
+                # on an error or a second signal), the loop's executor shutdown waited on that thread
+                # for ever. Ending the helper here lets the thread, and the runtime, finish.
+                _end(process)
+                raise
             log.error("the network helper exited (status %s); restarting it", status)
             failures = 1 if loop.time() - started > HEALTHY_AFTER_S else failures + 1
             await asyncio.sleep(RESTART_DELAYS_S[min(failures - 1, len(RESTART_DELAYS_S) - 1)])
@@ -99,15 +107,21 @@ class HelperProcess:
                 await self._supervisor
         process = self.process
         if process is not None and process.poll() is None:
-            if process.stdin is not None:
-                with contextlib.suppress(OSError):
-                    process.stdin.close()
-            process.terminate()
+            _end(process)
             try:
                 await asyncio.to_thread(process.wait, 5)
             except subprocess.TimeoutExpired:
                 process.kill()
                 await asyncio.to_thread(process.wait)
+
+
+def _end(process: subprocess.Popen[bytes]) -> None:
+    """Ask the helper to exit: its stdin closed (how it notices the runtime is gone) and SIGTERM."""
+    if process.stdin is not None:
+        with contextlib.suppress(OSError):
+            process.stdin.close()
+    with contextlib.suppress(ProcessLookupError):
+        process.terminate()
 
 
 def _lookup(pool: AddressPool, slots: SlotReader, ip: IPAddress) -> Caller | None:
