@@ -109,6 +109,10 @@ def test_slow_loris_and_silent_connections_do_not_block_health_or_requests(guard
         deadline = time.monotonic() + 30
         while open_fds(guarded.process.pid) >= CAP + 64 and time.monotonic() < deadline:
             time.sleep(0.05)
+        if open_fds(guarded.process.pid) >= CAP + 64:
+            # Printed whole (captured output is shown with a failure; the assertion's message is cut
+            # short): CI at f78a43d failed here once with 136 descriptors after the 30 s, truncated.
+            print("descriptors still held:", _what_it_was_doing(guarded))
         assert open_fds(guarded.process.pid) < CAP + 64, (
             "connections beyond the cap hold descriptors",
             _what_it_was_doing(guarded),
