@@ -330,10 +330,10 @@ impl Cgroup {
                     // v1 caps memory+swap at the limit (above); v2 counts swap on its own, with no
                     // limit unless set, so a sandbox could otherwise swap out past its limit for
                     // as long as the host has swap. None at all keeps the same bound. The file
-                    // exists only where swap is accounted.
-                    let swap = v.dir.join("memory.swap.max");
-                    if swap.exists() {
-                        write_file(&swap, "0")?;
+                    // exists only where swap is accounted: its open says so, without a stat first.
+                    match write_file(&v.dir.join("memory.swap.max"), "0") {
+                        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                        r => r?,
                     }
                 }
                 if let Some(cores) = cpu {
