@@ -501,7 +501,8 @@ def configure_budget(
     of every runtime's sandboxes together, and this runtime's."""
 
 def remove_instance_if_empty(instance: str) -> None:
-    """Remove ``sandboxd/<instance>/`` (and ``sandboxd/``) when no sandbox is left in them."""
+    """Remove ``sandboxd/<instance>/`` (and ``sandboxd/``) when no sandbox is left in them (a pre-made
+    group that no spare uses any more is none: it goes first)."""
 
 def format_disk_image(path: str, size_mb: int) -> None:
     """Create ``path`` as a sparse image of ``size_mb`` MiB holding an empty ext4 filesystem."""

@@ -798,9 +798,13 @@ fn remove_stale_premade(instance: &str) -> io::Result<()> {
 }
 
 /// Removes `sandboxd/<instance>/` (and `sandboxd/`) if no sandbox is left in them. Best effort:
-/// a group that still has children stays.
+/// a group that still has children stays. A pre-made group still there (its spare killed with the
+/// zygote, or not yet done removing its own) is no sandbox: it is removed first, as at a start
+/// ([`configure_budget`]); it holds no process, and a spare that outlives this only fails its
+/// rename, which makes the group afresh.
 pub fn remove_instance_if_empty(instance: &str) -> io::Result<()> {
     crate::spec::validate_instance(instance)?;
+    remove_stale_premade(instance)?;
     let top = Path::new(CGROUP_PARENT);
     for rel in [top.join(instance), top.to_owned()] {
         let group = Cgroup {

@@ -222,6 +222,34 @@ def run(options: ServeOptions) -> None:
     store.set_setting("template_store", str(templates.store_dir))
     host.require_isolation(templates, "sandboxd serve")
     _core.become_subreaper()
+    # uvicorn stops gracefully on SIGTERM and SIGINT and then raises the signal again with the handler
+    # it found. Both must unwind through _serve's clean-up (the zygote, the network table and links
+    # must go), so both get a handler of ours from here on (see _interrupted). SIGTERM's default
+    # would end the process on the spot. SIGINT's must not be `signal.default_int_handler` either:
+    # asyncio.Runner (uvloop.run) replaces that one with its own, which cancels the main task, and
+    # the cancellation cut the clean-up short at its first await: the network helper and the zygote
+    # were never stopped, and the process hung for ever on its way out.
+    signal.signal(signal.SIGTERM, _interrupted)
+    signal.signal(signal.SIGINT, _interrupted)
+    try:
+        _prepare_and_serve(options, store, templates, api_key, observer, recent)
+    except KeyboardInterrupt:
+        pass  # a stop signal before the event loop ran
+    finally:
+        # The instance's cgroup group, made by _prepare_host: removed if no sandbox is in it, however
+        # the start ended (a stop signal at any moment, a port taken). _serve's clean-up removes it
+        # too; this covers what came before that clean-up was armed.
+        host.remove_instance_if_empty(options.data_dir)
+
+
+def _prepare_and_serve(
+    options: ServeOptions,
+    store: Store,
+    templates: Templates,
+    api_key: str,
+    observer: Observer,
+    recent: observe_logs.RecentErrors,
+) -> None:
     limits = _prepare_host(options)
     # Listening before anything else runs: the sandbox firewall and `sandboxd status` need the real
     # port, which with --port 0 only the bound socket knows.
@@ -263,23 +291,39 @@ def run(options: ServeOptions) -> None:
         )
     import uvloop
 
-    # uvicorn stops gracefully on SIGTERM and SIGINT and then raises the signal again with the handler
-    # it found. Both must unwind through _serve's clean-up (the zygote, the network table and links
-    # must go), so both get a handler that raises KeyboardInterrupt in the loop. SIGTERM's default
-    # would end the process on the spot. SIGINT's must not be `signal.default_int_handler` either:
-    # asyncio.Runner (uvloop.run) replaces that one with its own, which cancels the main task, and
-    # the cancellation cut the clean-up short at its first await: the network helper and the zygote
-    # were never stopped, and the process hung for ever on its way out (`_interrupted`).
-    signal.signal(signal.SIGTERM, _interrupted)
-    signal.signal(signal.SIGINT, _interrupted)
-    with contextlib.suppress(KeyboardInterrupt):
+    with contextlib.suppress(KeyboardInterrupt, asyncio.CancelledError):
         uvloop.run(_serve(options, listeners, limits, store, templates, api_key, observer, recent))
 
 
+class _Stop:
+    """What a stop signal found, for :func:`_interrupted`: once the event loop runs, the task it
+    cancels (unless that task is cleaning up already)."""
+
+    requested = False
+    loop: asyncio.AbstractEventLoop | None = None
+    task: asyncio.Task[None] | None = None
+    cleaning = False
+
+
 def _interrupted(signum: int, frame: object) -> None:
-    """SIGTERM's and SIGINT's handler while serving: as ``signal.default_int_handler``, but not it (see
-    :func:`run`), so that asyncio.Runner leaves SIGINT to it."""
-    raise KeyboardInterrupt
+    """SIGTERM's and SIGINT's handler outside uvicorn's own (which replaces it while serving).
+
+    Before the event loop runs, as ``signal.default_int_handler``, but not it (see :func:`run`), so
+    that asyncio.Runner leaves SIGINT to it. Once it runs, no exception is raised here: a handler's
+    exception lands in whatever Python code the main thread was running, and where that was a weakref
+    callback or a ``__del__`` the interpreter printed it as "ignored" and the runtime went on starting
+    and then served as if no signal had come (a SIGTERM 0.2 s into the start-up hung the stop for good).
+    The start-up task is cancelled from the loop instead: its clean-up then runs whole. The signal
+    uvicorn raises again once it has stopped serving finds the task cleaning up, and is only noted."""
+    _Stop.requested = True
+    if _Stop.loop is None:
+        raise KeyboardInterrupt
+    _Stop.loop.call_soon_threadsafe(_cancel_unless_cleaning)
+
+
+def _cancel_unless_cleaning() -> None:
+    if _Stop.task is not None and not _Stop.cleaning:
+        _Stop.task.cancel()
 
 
 def _prepare_host(options: ServeOptions) -> Limits:
@@ -299,18 +343,22 @@ async def _serve(
 ) -> None:
     from . import zygote
 
+    _Stop.loop, _Stop.task = asyncio.get_running_loop(), asyncio.current_task()
+    if _Stop.requested:  # a stop signal came before the loop ran (and its exception was lost)
+        return
     zygote_client = ZygoteClient(zygote.start)
-    await zygote_client.start()
     networks: SandboxNetworks | None = None
     manager: SandboxManager | None = None
     place: HostPlace | None = None
     hooks = WebhookStore(store.db)
     deliveries = Deliveries(store, hooks, observer.metrics)
-    deliveries.start()
     # Whatever fails while starting (say, the data dir's state) ends the process with its error: the
     # zygote, the network table and the manager's threads are stopped on the way out, as after serving
-    # (without this, the metrics thread kept a failed runtime alive, silent).
+    # (without this, the metrics thread kept a failed runtime alive, silent). A stop signal at any
+    # moment of the start-up cancels this task (_interrupted): the same clean-up runs.
     try:
+        deliveries.start()
+        await zygote_client.start()
         if options.network is not None:
             # Warm sandboxes hold a network slot each without counting against --max-sandboxes.
             slots = limits.max_sandboxes + limits.warm_sandboxes
@@ -361,6 +409,7 @@ async def _serve(
         finally:
             operators.close()
     finally:
+        _Stop.cleaning = True  # a signal from here on is only noted: the clean-up below runs whole
         # Each step runs even if one before it raised, or a second signal interrupted it: a failed
         # step must not leave the zygote, the network table or the disks behind. The stack runs
         # them last-in first-out, so they are pushed in the reverse of the order they run in; once
