@@ -30,9 +30,11 @@ import os
 import resource
 import shutil
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import leftovers
 from .disks import DiskPool
 from .manager import HostPlace, Limits
 from .templates import HOST, Templates
@@ -306,6 +308,7 @@ def prepare(data_dir: Path, registry: Path, node: str | None = None) -> HostFact
     from sandboxd import _core
 
     facts = read_host(data_dir)
+    leftovers.sweep(_table_remover(), remove_left_instance)
     shared = budget(facts)
     _core.configure_budget(
         instance_name(data_dir, node),
@@ -328,6 +331,42 @@ async def open_place(data_dir: Path, registry: Path, disk_mb: int, node: str | N
     disks = DiskPool(data_dir, disk_mb)
     await disks.start()
     return HostPlace(instance=instance_name(data_dir, node), ids=_core.IdRegistry(str(registry)), disks=disks)
+
+
+def _table_remover() -> Callable[[str], None] | None:
+    """How a gone runtime's nftables table is removed here; ``None`` on a host without libnftables."""
+    from .network.firewall import Nft
+
+    try:
+        Nft().close()
+    except OSError:
+        return None
+
+    def remove(table: str) -> None:
+        nft = Nft()
+        try:
+            nft.run(f"table {table}\ndelete table {table}\n")
+        finally:
+            nft.close()
+
+    return remove
+
+
+def remove_left_instance(instance: str) -> None:
+    """A gone runtime's instance group (``leftovers.sweep``): its sandboxes' groups that hold nothing,
+    then the group itself. A group that still holds a process (a sandbox that outlived its runtime),
+    or a group of its own, is refused by ``rmdir`` and stays."""
+    from sandboxd import _core
+
+    root = Path("/sys/fs/cgroup")  # v2's one hierarchy, or v1's, one per mount under it
+    for base in (root, *root.iterdir()):
+        group = base / "sandboxd" / instance
+        with contextlib.suppress(OSError):
+            for child in group.iterdir():
+                if child.is_dir():
+                    with contextlib.suppress(OSError):
+                        child.rmdir()
+    _core.remove_instance_if_empty(instance)
 
 
 def remove_instance_if_empty(data_dir: Path, node: str | None = None) -> None:

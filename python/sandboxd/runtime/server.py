@@ -19,7 +19,7 @@ from sandboxd import __version__, _core
 from sandboxd.agent.asgi import Receive, Scope, Send, header_map, send_json
 from sandboxd.agent.http_server import ConnectionLimits, bind_listeners, serve_until_signalled, server_config
 
-from . import host
+from . import host, leftovers
 from .api import ControlPlane
 from .backend import ListQuery, LocalBackend
 from .code_interpreter import DEFAULT_INDEX
@@ -30,6 +30,7 @@ from .host import SandboxFlags
 from .inputs import Query
 from .manager import HostPlace, Limits, SandboxManager
 from .network import NetworkOptions, SandboxNetworks
+from .network.addressing import tag_for
 from .observe import Observer, Secrets
 from .observe import logs as observe_logs
 from .observe.endpoints import PATHS as OPERATOR_PATHS
@@ -231,15 +232,26 @@ def run(options: ServeOptions) -> None:
     # were never stopped, and the process hung for ever on its way out.
     signal.signal(signal.SIGTERM, _interrupted)
     signal.signal(signal.SIGINT, _interrupted)
+    # Held while this process lives: if it is killed outright, the next runtime to start on this host
+    # removes the table, links' rules and cgroup group it leaves (see leftovers).
+    tag = tag_for(options.data_dir)
+    try:
+        mark = leftovers.RuntimeMark(host.instance_name(options.data_dir), f"inet sandboxd_{tag}", f"sd{tag}h")
+    except leftovers.MarkHeld as exc:
+        sys.exit(f"sandboxd serve: {exc}")
+    clean = False
     try:
         _prepare_and_serve(options, store, templates, api_key, observer, recent)
+        clean = True
     except KeyboardInterrupt:
-        pass  # a stop signal before the event loop ran
+        clean = True  # a stop signal before the event loop ran
     finally:
         # The instance's cgroup group, made by _prepare_host: removed if no sandbox is in it, however
         # the start ended (a stop signal at any moment, a port taken). _serve's clean-up removes it
         # too; this covers what came before that clean-up was armed.
         host.remove_instance_if_empty(options.data_dir)
+        if clean:
+            mark.close()  # everything it names is gone; after a failed clean-up, it stays to be swept
 
 
 def _prepare_and_serve(

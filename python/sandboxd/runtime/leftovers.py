@@ -1,0 +1,167 @@
+"""What a runtime killed outright (SIGKILL, the OOM killer) leaves on the host, and its removal by the
+next runtime that starts there.
+
+A runtime that stops cleans up after itself (``server._serve``'s clean-up): its nftables table, its
+links, its cgroup instance group. One killed outright cannot, and its data dir may be gone before
+anyone starts it again. Its table then stays in the kernel for good, and it is not inert: besides its
+sandboxes' rules, its ``input`` chain drops every packet from outside the host to the two ports its
+DNS resolver and egress proxy had, ports that any later program may be given.
+
+So each runtime holds a *mark* while it lives: an ``flock`` on ``/run/sandboxd/runtime-<instance>.lock``
+(tmpfs: marks vanish at reboot, with everything they name), whose file names its table and its links.
+A runtime that starts sweeps the marks nobody holds: the lock is free only once its holder's every
+descriptor on it has closed, that is, once it has exited. For each, it removes:
+
+* the table, **only if no link of that runtime is left**: a link means a sandbox of it still runs
+  (sandboxes outlive their runtime, which adopts them again when it restarts), and that sandbox's
+  egress rules and its ingress drop are in the table; removing it would free the sandbox from its
+  policy while nobody watches. The table stays until that runtime returns or its sandboxes end;
+* its instance's cgroup group, if no sandbox's group is in it (a pre-made spare's is removed first);
+
+and then the mark. A runtime's own mark is never swept (it holds it), and tables without a mark (made
+by runtimes before marks existed, or by a ``sandboxd node``, which has none) are never touched."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import re
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+log = logging.getLogger("sandboxd.runtime")
+
+MARK_DIR = Path("/run/sandboxd")
+"""Where the marks are (the network's block locks are there too)."""
+
+_PREFIX = "runtime-"
+
+_INSTANCE = re.compile(r"d-[0-9a-f]{16}")
+_TABLE = re.compile(r"inet sandboxd_[0-9a-f]{6}")
+_LINKS = re.compile(r"sd[0-9a-f]{6}h")
+
+
+class MarkHeld(OSError):
+    """A live runtime holds the mark: it runs on the same data dir."""
+
+
+class RuntimeMark:
+    """This runtime's mark, held until :meth:`close` (or the process's end)."""
+
+    def __init__(self, instance: str, table: str, link_prefix: str, mark_dir: Path = MARK_DIR) -> None:
+        mark_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
+        self.path = mark_dir / f"{_PREFIX}{instance}.lock"
+        deadline = time.monotonic() + 3
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                # A sweeper may have unlinked the file between our open and our lock: a lock on an
+                # unlinked file is no mark anybody can see, so take the one at the path again.
+                if os.fstat(fd).st_ino == os.stat(self.path).st_ino:
+                    break
+            except (BlockingIOError, FileNotFoundError):
+                # Held: another runtime's sweep holds it for a moment, or a runtime on this data dir
+                # lives (they would share its sandboxes' groups, table and database).
+                if time.monotonic() > deadline:
+                    os.close(fd)
+                    raise MarkHeld(
+                        f"another sandboxd runtime is running on this data dir ({self.path} is held)"
+                    ) from None
+                time.sleep(0.05)
+            except BaseException:
+                os.close(fd)
+                raise
+            os.close(fd)
+        self.fd = fd
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps({"instance": instance, "table": table, "link_prefix": link_prefix}).encode(), 0)
+
+    def close(self) -> None:
+        """At a clean stop: the mark goes, as everything it names has (a failed clean-up leaves it,
+        for the next runtime's sweep)."""
+        with contextlib.suppress(OSError):
+            os.unlink(self.path)
+        os.close(self.fd)
+
+
+def sweep(
+    remove_table: Callable[[str], None] | None,
+    remove_instance: Callable[[str], None],
+    mark_dir: Path = MARK_DIR,
+    links: Callable[[], list[str]] | None = None,
+) -> list[str]:
+    """Remove what the runtimes that are gone left (see the module's docstring); returns the instances
+    swept. ``remove_table``: ``None`` when this host has no nftables (then tables stay, and so do
+    their marks). ``links``: the host's interface names (tests give their own)."""
+    swept: list[str] = []
+    try:
+        names = sorted(p.name for p in mark_dir.iterdir() if p.name.startswith(_PREFIX) and p.name.endswith(".lock"))
+    except OSError:
+        return swept
+    for name in names:
+        path = mark_dir / name
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
+        except OSError:
+            continue
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                continue  # held: its runtime lives
+            try:
+                mark = json.loads(os.pread(fd, 4096, 0) or b"{}")
+                instance, table, prefix = str(mark["instance"]), str(mark["table"]), str(mark["link_prefix"])
+            except (ValueError, KeyError, TypeError, OSError):
+                continue  # not ours to judge (a mark being written has its lock held)
+            # Only the names a runtime writes: nothing else is ever passed to nftables or the cgroup tree.
+            if not (_INSTANCE.fullmatch(instance) and _TABLE.fullmatch(table) and _LINKS.fullmatch(prefix)):
+                continue
+            if _swept(instance, table, prefix, remove_table, remove_instance, links):
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
+                swept.append(instance)
+        finally:
+            os.close(fd)
+    if swept:
+        log.info("removed what %d runtimes killed outright left on this host: %s", len(swept), ", ".join(swept))
+    return swept
+
+
+def _swept(
+    instance: str,
+    table: str,
+    prefix: str,
+    remove_table: Callable[[str], None] | None,
+    remove_instance: Callable[[str], None],
+    links: Callable[[], list[str]] | None,
+) -> bool:
+    """Whether everything the mark names is gone now."""
+    done = True
+    names = links() if links is not None else _links()
+    if not prefix or any(n.startswith(prefix) for n in names):
+        done = False  # a sandbox of it still runs: its table holds its rules
+    elif remove_table is not None:
+        try:
+            remove_table(table)
+        except OSError as exc:
+            log.warning("could not remove the table %s of a runtime that is gone: %s", table, exc)
+            done = False
+    else:
+        done = False
+    if done:
+        with contextlib.suppress(OSError):
+            remove_instance(instance)
+    return done
+
+
+def _links() -> list[str]:
+    try:
+        return os.listdir("/sys/class/net")
+    except OSError:
+        return []

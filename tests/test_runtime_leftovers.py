@@ -1,0 +1,147 @@
+"""What a runtime killed outright leaves on the host (its nftables table, its cgroup instance group) is
+removed by the next runtime that starts there, unless a sandbox of it still runs; and a second runtime
+on a data dir in use is refused. Real runtimes, real SIGKILL, real locks, nftables and cgroups."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from conftest import Runtime, free_port
+from sandboxd.runtime import leftovers
+from sandboxd.runtime.host import instance_name
+from sandboxd.runtime.network.addressing import tag_for
+
+
+def _tables() -> set[str]:
+    listed = subprocess.run(["nft", "list", "tables"], capture_output=True, text=True, check=True).stdout
+    return {line.split()[-1] for line in listed.splitlines() if line.startswith("table inet sandboxd_")}
+
+
+def _instance_groups(data_dir: Path) -> list[str]:
+    instance = instance_name(data_dir)
+    root = Path("/sys/fs/cgroup")
+    return [str(p) for base in (root, *root.iterdir()) if (p := base / "sandboxd" / instance).is_dir()]
+
+
+def _mark(data_dir: Path) -> Path:
+    return leftovers.MARK_DIR / f"runtime-{instance_name(data_dir)}.lock"
+
+
+def _write_mark(mark_dir: Path, instance: str, tag: str) -> Path:
+    path = mark_dir / f"runtime-{instance}.lock"
+    path.write_text(json.dumps({"instance": instance, "table": f"inet sandboxd_{tag}", "link_prefix": f"sd{tag}h"}))
+    return path
+
+
+def test_the_sweep_removes_only_what_a_gone_runtime_left(tmp_path: Path) -> None:
+    """Marks in a directory of the test's own: one held by a live process (kept, nothing removed), one
+    free (its table and instance removed, the mark gone), one free whose runtime still has a link (a
+    sandbox runs: its table is kept, and so is the mark), one with names no runtime writes (ignored)."""
+    removed_tables: list[str] = []
+    removed_instances: list[str] = []
+    held = _write_mark(tmp_path, "d-" + "1" * 16, "aaaaaa")
+    gone = _write_mark(tmp_path, "d-" + "2" * 16, "bbbbbb")
+    linked = _write_mark(tmp_path, "d-" + "3" * 16, "cccccc")
+    hostile = tmp_path / "runtime-x.lock"
+    hostile.write_text(json.dumps({"instance": "../../etc", "table": "inet filter; flush ruleset", "link_prefix": ""}))
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import fcntl,os,sys,time; fd=os.open(sys.argv[1], os.O_RDWR); "
+         "fcntl.flock(fd, fcntl.LOCK_EX); print('held', flush=True); time.sleep(60)", str(held)],
+        stdout=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == b"held\n"
+        swept = leftovers.sweep(
+            removed_tables.append, removed_instances.append, tmp_path, links=lambda: ["lo", "eth0", "sdcccccch4"]
+        )
+    finally:
+        holder.kill()
+        holder.wait()
+    assert swept == ["d-" + "2" * 16]
+    assert removed_tables == ["inet sandboxd_bbbbbb"]
+    assert removed_instances == ["d-" + "2" * 16]
+    assert held.exists() and linked.exists() and hostile.exists()
+    assert not gone.exists()
+    # Its holder gone, the first mark is swept too; the linked one waits for its sandboxes.
+    assert leftovers.sweep(removed_tables.append, removed_instances.append, tmp_path, links=lambda: ["sdcccccch4"]) == [
+        "d-" + "1" * 16
+    ]
+    assert linked.exists() and not held.exists()
+
+
+def test_a_mark_is_held_once(tmp_path: Path) -> None:
+    """A second mark for the same instance (a second runtime on one data dir) is refused, with a
+    message naming the cause; once the first is closed, it can be taken."""
+    first = leftovers.RuntimeMark("d-" + "4" * 16, "inet sandboxd_dddddd", "sdddddddh", tmp_path)
+    with pytest.raises(leftovers.MarkHeld, match="another sandboxd runtime is running on this data dir"):
+        leftovers.RuntimeMark("d-" + "4" * 16, "inet sandboxd_dddddd", "sdddddddh", tmp_path)
+    first.close()
+    assert not first.path.exists()
+    again = leftovers.RuntimeMark("d-" + "4" * 16, "inet sandboxd_dddddd", "sdddddddh", tmp_path)
+    fd = os.open(again.path, os.O_RDWR)
+    try:
+        with pytest.raises(BlockingIOError):
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    finally:
+        os.close(fd)
+        again.close()
+
+
+def test_a_runtime_killed_outright_is_cleaned_up_by_the_next_one(start_runtime: Callable[..., Runtime]) -> None:
+    """SIGKILL leaves a runtime's table (whose input chain drops outside packets to its two ports) and
+    its instance group; the next runtime that starts on the host, on another data dir, removes both and
+    the mark. A runtime whose sandbox still runs keeps its table. Without the sweep, all stayed for good."""
+    killed = start_runtime("--warm-sandboxes", "0")
+    table = f"sandboxd_{tag_for(killed.data_dir)}"
+    assert table in _tables() and _instance_groups(killed.data_dir) and _mark(killed.data_dir).exists()
+    os.kill(killed.process.pid, signal.SIGKILL)
+    killed.process.wait()
+    time.sleep(0.5)  # its zygote and network helper see it gone and exit
+    assert table in _tables(), "a killed runtime's table stayed before this change: the test would prove nothing"
+
+    after = start_runtime("--warm-sandboxes", "0")
+    assert table not in _tables()
+    assert _instance_groups(killed.data_dir) == []
+    assert not _mark(killed.data_dir).exists()
+    assert f"sandboxd_{tag_for(after.data_dir)}" in _tables()
+
+    # The same runtime again: it serves, and a sandbox of it keeps its table when it is killed again.
+    killed.restart()
+    import httpx
+
+    created = httpx.post(
+        f"{killed.url}/sandboxes", headers={"X-API-KEY": killed.api_key}, json={"templateID": "base"}, timeout=60
+    )
+    assert created.status_code == 201, created.text
+    os.kill(killed.process.pid, signal.SIGKILL)
+    killed.process.wait()
+    third = start_runtime("--warm-sandboxes", "0")
+    assert third.process.poll() is None
+    assert table in _tables(), "the table of a runtime whose sandbox still runs was removed"
+    assert _mark(killed.data_dir).exists()
+    killed.restart()  # adopts its sandbox; the fixture stops it and kills the sandbox
+
+
+def test_a_second_runtime_on_a_data_dir_in_use_is_refused(start_runtime: Callable[..., Runtime]) -> None:
+    """It exits with a message naming the cause, and the first runtime keeps serving."""
+    import httpx
+
+    first = start_runtime("--warm-sandboxes", "0")
+    second = subprocess.run(
+        [sys.executable, "-m", "sandboxd", "serve", "--port", str(free_port()), "--data-dir", str(first.data_dir)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert second.returncode != 0
+    assert "another sandboxd runtime is running on this data dir" in second.stderr, second.stderr
+    assert httpx.get(f"{first.url}/health", timeout=10).status_code in (200, 204)
