@@ -235,10 +235,15 @@ def run(options: ServeOptions) -> None:
     # Held while this process lives: if it is killed outright, the next runtime to start on this host
     # removes the table, links' rules and cgroup group it leaves (see leftovers).
     tag = tag_for(options.data_dir)
+    mark: leftovers.RuntimeMark | None = None
     try:
         mark = leftovers.RuntimeMark(host.instance_name(options.data_dir), f"inet sandboxd_{tag}", f"sd{tag}h")
     except leftovers.MarkHeld as exc:
         sys.exit(f"sandboxd serve: {exc}")
+    except OSError as exc:  # a read-only /run, say: the runtime works, only a kill -9 would leave things
+        log.warning(
+            "no mark in %s (%s): if this runtime is killed outright, what it leaves stays", leftovers.MARK_DIR, exc
+        )
     clean = False
     try:
         _prepare_and_serve(options, store, templates, api_key, observer, recent)
@@ -250,7 +255,7 @@ def run(options: ServeOptions) -> None:
         # the start ended (a stop signal at any moment, a port taken). _serve's clean-up removes it
         # too; this covers what came before that clean-up was armed.
         host.remove_instance_if_empty(options.data_dir)
-        if clean:
+        if clean and mark is not None:
             mark.close()  # everything it names is gone; after a failed clean-up, it stays to be swept
 
 
