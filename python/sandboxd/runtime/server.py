@@ -335,7 +335,8 @@ def _interrupted(signum: int, frame: object) -> None:
     _Stop.requested = True
     if _Stop.loop is None:
         raise KeyboardInterrupt
-    _Stop.loop.call_soon_threadsafe(_cancel_unless_cleaning)
+    with contextlib.suppress(RuntimeError):  # the loop closed: serving and its clean-up are over
+        _Stop.loop.call_soon_threadsafe(_cancel_unless_cleaning)
 
 
 def _cancel_unless_cleaning() -> None:
