@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import sqlite3
 import string
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -166,3 +168,49 @@ def test_the_disk_pool_refills_at_a_lower_priority_and_makes_disks_on_demand_at_
 def _nice(thread: threading.Thread) -> int:
     assert thread.native_id is not None
     return os.getpriority(os.PRIO_PROCESS, thread.native_id)
+
+
+def test_the_disk_template_holds_the_layer_directories_and_an_earlier_format_is_removed(tmp_path: Path) -> None:
+    """The writable layer's ``upper`` and ``work`` are made once, in the template image (by
+    ``debugfs``, nothing of the host's filesystem in them): no copy's mount allocates a directory
+    block for them on the create path. A template of an earlier format (made without them) is not
+    reused, and goes at the start."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting disks needs root")
+    if shutil.which("debugfs", path="/usr/local/sbin:/usr/sbin:/sbin:/usr/bin:/bin") is None:
+        pytest.skip("no debugfs (e2fsprogs)")
+    old = tmp_path / "disks" / "template-v2-16m.img"
+    old.parent.mkdir(mode=0o700)
+    old.write_bytes(b"an earlier format's template")
+
+    async def run() -> Path:
+        pool = DiskPool(tmp_path, 16, target=1)
+        await pool.start()
+        try:
+            assert not old.exists()
+            assert pool.template.exists() and pool.template != old
+            # A disk copied from it mounts with them, empty.
+            fd = await pool.take(tmp_path / "a.img")
+            try:
+                for name in ("upper", "work"):
+                    assert os.listdir(f"/proc/self/fd/{fd}/{name}") == []
+            finally:
+                os.close(fd)
+        finally:
+            await pool.stop()
+        return pool.template
+
+    template = asyncio.run(run())
+    listing = subprocess.run(
+        ["debugfs", "-R", "ls -l /", str(template)], capture_output=True, text=True, check=True
+    ).stdout
+    # "<inode> <mode> (<type>) <uid> <gid> <size> <date> <name>"
+    entries = {line.split()[-1]: line.split() for line in listing.splitlines() if line.strip()}
+    for name in ("upper", "work"):
+        assert name in entries, listing
+        _, mode, _, uid, gid, *_ = entries[name]
+        assert (mode, uid, gid) == ("40755", "0", "0"), listing
+        inside = subprocess.run(
+            ["debugfs", "-R", f"ls /{name}", str(template)], capture_output=True, text=True, check=True
+        ).stdout.split()
+        assert [e for e in inside if not e.startswith("(") and not e.isdigit()] == [".", ".."], inside

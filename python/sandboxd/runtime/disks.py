@@ -31,9 +31,10 @@ log = logging.getLogger("sandboxd.runtime")
 
 _T = TypeVar("_T")
 
-FORMAT = "v2"
-"""Names the mkfs options of the template image (v2: no journal, no resize inode): an image made with
-other options is not reused."""
+FORMAT = "v3"
+"""Names the mkfs options of the template image (v2: no journal, no resize inode; v3: and the
+writable layer's ``upper`` and ``work`` directories made in it, so no copy's mount allocates them):
+an image made with other options is not reused, and removed at the runtime's start."""
 
 POOL_SIZE = 4
 """Disks kept ready: sequential creates never wait for one, and each costs a loop device and a small
@@ -80,6 +81,9 @@ class DiskPool:
         self.dir.mkdir(mode=0o700, exist_ok=True)
         for stale in self.dir.glob("pool-*.img"):
             stale.unlink(missing_ok=True)
+        for old in self.dir.glob("template-*.img"):  # an earlier format's (or size's) template
+            if old != self.template:
+                old.unlink(missing_ok=True)
         await asyncio.to_thread(self._format_template)
         self._refill = asyncio.get_running_loop().create_task(self._fill())
 

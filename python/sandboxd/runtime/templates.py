@@ -35,6 +35,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import re
 import sqlite3
 import subprocess
@@ -246,6 +247,10 @@ class Templates:
         self._build_processes: list[subprocess.Popen[bytes]] = []
         self.observe: Observer | None = None
         """The runtime's observer: base builds go through its ``template_build`` hook."""
+        self._keys: dict[str, str] = {}
+        """The built-in templates' cache keys (:meth:`_key`), once each: a recipe is a frozen value."""
+        self._records: dict[str, tuple[tuple[int, int, int, int], dict[str, Any]]] = {}
+        """Build cache records as :meth:`_cached_record` last read them, with their file's signature."""
 
     # -------------------------------------------------------------------------------- builtins
 
@@ -256,9 +261,10 @@ class Templates:
     def _host(self) -> Template:
         return Template(HOST, (self.host_dir,), True)
 
-    def _template(self, row: TemplateRow) -> Template:
+    def _template(self, row: TemplateRow, present: bool = False) -> Template:
+        """``row``'s template; ``present``: its layers were just looked for, not again."""
         paths = tuple(self.layers.path(d) for d in row.layers)
-        missing = [d for d in row.layers if not self.layers.has(d)]
+        missing = [] if present else [d for d in row.layers if not self.layers.has(d)]
         if missing:
             raise ApiError(
                 409,
@@ -279,8 +285,12 @@ class Templates:
         return OVERLAY_LOWER_BYTES // (len(str(self.layers.path("sha256:" + "0" * 64))) + 1)
 
     def _key(self, name: str) -> str:
-        """The build cache key of a built-in template's current recipe."""
-        return self.recipe.key() if name == BASE else self.interpreter_recipe.key()
+        """The build cache key of a built-in template's current recipe: hashed once (its canonical
+        JSON is ~10 us of every create's path otherwise), as the recipes are frozen values."""
+        key = self._keys.get(name)
+        if key is None:
+            key = self._keys[name] = self.recipe.key() if name == BASE else self.interpreter_recipe.key()
+        return key
 
     def _describe(self, name: str) -> str:
         return self.recipe.describe() if name == BASE else self.interpreter_recipe.describe()
@@ -288,7 +298,7 @@ class Templates:
     def _ready(self, name: str) -> Template | None:
         """A built-in template once built: the current recipe's cached build (recorded as this
         runtime's row of that name), or an older build this runtime already uses."""
-        cached = self.layers.cached(self._key(name))
+        cached = self._cached_record(self._key(name))
         row = self.db.template(name)
         if cached is not None:
             if row is None or row.layers != cached["layers"]:
@@ -296,10 +306,36 @@ class Templates:
                     name, list(cached["layers"]), dict(cached["config"]), self._describe(name), time.time()
                 )
                 self.db.put_template(row)
-            return self._template(row)
+            return self._template(row, present=True)
         if row is not None and all(self.layers.has(d) for d in row.layers):
-            return self._template(row)
+            return self._template(row, present=True)
         return None
+
+    def _cached_record(self, key: str) -> dict[str, Any] | None:
+        """``self.layers.cached(key)`` for every create of a built-in template, its file read and
+        parsed again only when it changed: the store replaces a record by renaming a new file over
+        it (a new inode), and any write changes its ctime. The layers it lists are looked for every
+        time, as ``cached`` does (another process may collect them). The record is only read here
+        (:meth:`_ready` copies what it keeps)."""
+        path = self.layers.cache / self.layers.cache_record_name(key)
+        try:
+            st = os.stat(path)
+        except OSError:
+            self._records.pop(key, None)
+            return self.layers.cached(key)
+        signature = (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        known = self._records.get(key)
+        if known is None or known[0] != signature:
+            # Read after the stat: a record replaced in between is kept under the older signature,
+            # so the next create, seeing a newer one, reads it again.
+            record = self.layers.cached(key)
+            if record is None:
+                self._records.pop(key, None)
+                return None
+            self._records[key] = (signature, record)
+            return record
+        record = known[1]
+        return record if all(self.layers.has(d) for d in record.get("layers", [])) else None
 
     def _fallback(self, name: str) -> Template:
         """Where creates asking for a built-in template go while it cannot be built here: ``host``
