@@ -150,6 +150,20 @@ fn zygote_child_enters_sandbox_then() {
             // own descriptors without touching A's values.
             let report_fd = w.as_raw_fd();
             let go_fd = go_r.as_raw_fd();
+            // glibc's tid word in this thread's struct pthread (glibc's fork gave it to the kernel
+            // as clear_child_tid), which the payload inherits with the thread pointer.
+            let mut tid_word: *mut libc::pid_t = std::ptr::null_mut();
+            // SAFETY: the kernel writes one pointer into `tid_word`.
+            let r = unsafe {
+                libc::prctl(
+                    libc::PR_GET_TID_ADDRESS,
+                    std::ptr::from_mut(&mut tid_word) as libc::c_ulong,
+                    0,
+                    0,
+                    0,
+                )
+            };
+            assert_eq!(r, 0);
             let mut payload = || -> i32 {
                 // The payload's copy of A's report pipe (A's descriptors are the payload's).
                 // SAFETY: the payload's own descriptor table entry.
@@ -162,13 +176,21 @@ fn zygote_child_enters_sandbox_then() {
                 unsafe { fs::File::from_raw_fd(go_fd) }
                     .read_to_end(&mut rest)
                     .unwrap();
+                // Now that A has exited (the test reaped it before closing `go`): what recursive
+                // mutexes take as the owner's id must be the payload's own tid (A's would be
+                // wrong; zero, what A's exit writes to its clear_child_tid, worse).
+                // SAFETY: the struct pthread's tid word, mapped for the process's life.
+                let word = unsafe { tid_word.read_volatile() };
+                // SAFETY: gettid takes no arguments.
+                let tid = unsafe { libc::syscall(libc::SYS_gettid) } as libc::pid_t;
                 let facts = format!(
-                    "pid={} ppid={} hostname={} cwd={} work-visible={}\n",
+                    "pid={} ppid={} hostname={} cwd={} work-visible={} tid-word-is-own={}\n",
                     std::process::id(),
                     nix::unistd::getppid(),
                     fs::read_to_string("/etc/hostname").unwrap().trim(),
                     std::env::current_dir().unwrap().display(),
                     std::path::Path::new("/work").exists(),
+                    word == tid,
                 );
                 fs::write("/tmp/zygote-then", facts).unwrap();
                 // A status the init must pass on.
@@ -212,7 +234,10 @@ fn zygote_child_enters_sandbox_then() {
             let facts = wait_for_file(&spec.upper_dir().unwrap().join("tmp/zygote-then"));
             assert_eq!(
                 facts.trim(),
-                format!("pid=2 ppid=1 hostname={} cwd=/ work-visible=false", spec.id)
+                format!(
+                    "pid=2 ppid=1 hostname={} cwd=/ work-visible=false tid-word-is-own=true",
+                    spec.id
+                )
             );
             handle.kill().unwrap();
         }
