@@ -431,6 +431,33 @@ fn set_tid_address(addr: *mut libc::pid_t) -> libc::pid_t {
     tid as libc::pid_t
 }
 
+/// A's robust-futex list (glibc registers the `struct pthread`'s list head with the kernel, which
+/// walks it when the thread exits): `(head, len)`, from `get_robust_list`, raw.
+fn robust_list() -> (usize, usize) {
+    let (mut head, mut len) = (0usize, 0usize);
+    // SAFETY: the kernel writes one pointer and one size_t, both on our stack.
+    let r = unsafe {
+        crate::raw::syscall6(
+            libc::SYS_get_robust_list,
+            [
+                0,
+                std::ptr::from_mut(&mut head) as usize,
+                std::ptr::from_mut(&mut len) as usize,
+                0,
+                0,
+                0,
+            ],
+        )
+    };
+    if r < 0 { (0, 0) } else { (head, len) }
+}
+
+/// `set_robust_list(head, len)`, raw; a null head unregisters (with the kernel's size as `len`).
+fn set_robust_list(head: usize, len: usize) {
+    // SAFETY: the kernel only stores the pointer, which is glibc's list head or null.
+    unsafe { crate::raw::syscall6(libc::SYS_set_robust_list, [head, len, 0, 0, 0, 0]) };
+}
+
 /// What the init ("B") gets from A, in A's frame, which A keeps until it exits (the payload
 /// reads it too, and runs `payload`, which lives in A's frames).
 struct InitArgs<'a> {
@@ -494,6 +521,11 @@ fn enter_namespaces_and_clone(
     // A's exit must not zero the tid word C will use (the kernel does so for a clear_child_tid
     // while other tasks share the memory), whenever A exits: even killed.
     let own_tid = set_tid_address(std::ptr::null_mut());
+    // Likewise A's robust-futex list, which is the struct pthread's and so C's from now on: A's
+    // exit must not walk it (it would only touch futexes whose owner is A's tid, and wake one
+    // waiter of a pending one, but C's locks are none of A's business).
+    let robust = robust_list();
+    set_robust_list(0, robust.1.max(std::mem::size_of::<[usize; 3]>()));
     // SAFETY: the stack is B's alone, its top 16-byte aligned (a page-aligned mapping); B runs
     // init_main, which never returns; `args` stays in this frame, unchanged, until A exits or
     // returns with B and C gone.
@@ -533,6 +565,9 @@ fn enter_namespaces_and_clone(
         unsafe { tid.write_volatile(own_tid) };
     }
     set_tid_address(tid);
+    if robust.0 != 0 {
+        set_robust_list(robust.0, robust.1);
+    }
     let _ = pthread_sigmask(SigmaskHow::SIG_SETMASK, Some(&caller_mask), None);
     std::hint::black_box(&args);
     drop(fds);
