@@ -14,7 +14,8 @@ The bench starts ``sandboxd serve`` itself (a free loopback port, a temporary da
 * the memory each additional idle sandbox costs: RSS and PSS summed over the runtime, the zygote
   and every process in the sandboxes' cgroups, before and after creating N idle sandboxes. PSS
   splits each shared page among the processes that map it, so it is the honest figure when the
-  agents are forks of one zygote; RSS counts shared pages once per process.
+  agents are forks of one zygote; RSS counts shared pages once per process. Processes that share
+  one memory (the agent, a ``CLONE_VM`` clone of its init) count it once.
 
 The baseline, measured in the same run: ``crates/sandboxd-jail/examples/isolation_cost.rs``
 (built here with cargo, release): the raw cost of today's isolation (a user namespace created by
@@ -32,9 +33,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import itertools
 import json
 import os
+import platform
 import secrets
 import subprocess
 import sys
@@ -403,6 +406,17 @@ class Memory:
     """role → [(rss, pss)] per process: runtime, zygote, sandbox init, sandbox agent"""
 
 
+_KCMP = {"x86_64": 312, "aarch64": 272}.get(platform.machine())
+_KCMP_VM = 1
+
+
+def same_memory(pid1: int, pid2: int) -> bool:
+    """Whether two processes share one memory (kcmp(2) ``KCMP_VM``); False when the kernel cannot say."""
+    if _KCMP is None:
+        return False
+    return bool(ctypes.CDLL(None, use_errno=True).syscall(_KCMP, pid1, pid2, _KCMP_VM, 0, 0) == 0)
+
+
 def measure_memory(rt: Runtime, sandbox_ids: list[str]) -> Memory:
     """RSS and PSS summed over the runtime, the zygote and every process in the sandboxes' cgroups."""
     roles: dict[int, str] = {rt.ps.pid: "runtime"}
@@ -414,12 +428,19 @@ def measure_memory(rt: Runtime, sandbox_ids: list[str]) -> Memory:
             # pages it shares would move from "before" into the sandboxes' share "after".
             for child in zygote.children():
                 roles[child.pid] = "zygote spare"
+    shared: set[int] = set()
     for sandbox_id in sandbox_ids:
         pids = cgroup_pids(sandbox_id)
         for i, pid in enumerate(pids):
             roles.setdefault(pid, "sandbox init" if i == 0 else "sandbox process")
+            # The agent is a CLONE_VM clone of the init (crates/sandboxd-jail/src/init.rs): one memory,
+            # whose RSS and PSS each of them reports in full. Counted once, with the init.
+            if any(same_memory(pid, earlier) for earlier in pids[:i]):
+                shared.add(pid)
     got = Memory()
     for pid, role in roles.items():
+        if pid in shared:
+            continue
         rss, pss = rss_pss(pid)
         got.rss += rss
         got.pss += pss or 0

@@ -4,8 +4,11 @@ escape drill suite (test_escape_drills.py)."""
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import glob
 import os
+import platform
 import signal
 import time
 from collections.abc import Callable
@@ -210,6 +213,66 @@ def _agent_host_pid(sandbox_id: str) -> int:
         if sandbox_id in cgroup and nspid[-1:] == ["2"]:
             return int(pid)
     raise AssertionError(f"no agent process found for {sandbox_id}")
+
+
+def _init_host_pid(sandbox_id: str) -> int:
+    """The host pid of the sandbox's init (``sandboxd-init``, in its cgroup)."""
+    return next(
+        int(p.parent.name)
+        for p in Path("/proc").glob("[0-9]*/comm")
+        if _read(p) == "sandboxd-init\n" and sandbox_id in _read(p.parent / "cgroup")
+    )
+
+
+KCMP_VM = 1
+"""kcmp(2)'s type for "do these two processes share one memory (mm)?"."""
+
+SYS_KCMP = {"x86_64": 312, "aarch64": 272}
+
+
+def _same_memory(pid1: int, pid2: int) -> bool:
+    libc = ctypes.CDLL(None, use_errno=True)
+    r = libc.syscall(SYS_KCMP[platform.machine()], pid1, pid2, KCMP_VM, 0, 0)
+    assert r >= 0, os.strerror(ctypes.get_errno())
+    return bool(r == 0)
+
+
+def test_the_agent_and_the_init_share_one_memory(pair: tuple[Sandbox, Sandbox]) -> None:
+    """The agent (PID 2) is a ``CLONE_VM`` clone of the init, as the init is of the zygote's fork:
+    no page tables copied for it, no copy-on-write faults on what the fork had made its own
+    (crates/sandboxd-jail/src/init.rs, ``clone_payload_and_serve``). A fork would give it a memory
+    of its own, which kcmp tells apart."""
+    a, b = pair
+    for sbx in (a, b):
+        assert _same_memory(_init_host_pid(sbx.sandbox_id), _agent_host_pid(sbx.sandbox_id))
+    # One sandbox's processes never share the other's memory.
+    assert not _same_memory(_agent_host_pid(a.sandbox_id), _agent_host_pid(b.sandbox_id))
+    assert a.commands.run("echo ok").stdout == "ok\n"
+
+
+def test_orphans_are_reaped_and_an_agent_killed_from_inside_ends_the_sandbox(e2b_env: Runtime) -> None:
+    """The init, sharing the agent's memory, serves with raw system calls only: it still reaps the
+    orphans re-parented to it, and exits (ending the sandbox) when the agent dies, here killed by
+    root inside."""
+    sbx = Sandbox.create()
+    try:
+        # The shell exits at once: its sleeps become the init's, which must reap them.
+        sbx.commands.run("sh -c 'for i in 1 2 3; do sleep 0.1 & done'")
+        time.sleep(1)
+        states = sbx.commands.run("cat /proc/[0-9]*/stat", user="root").stdout.splitlines()
+        assert [line for line in states if line.rsplit(")", 1)[-1].split()[0] == "Z"] == []
+        # The agent answering dies with the command: whatever the SDK raises then, the sandbox's end is
+        # what is checked.
+        with contextlib.suppress(Exception):
+            sbx.commands.run("kill -9 2", user="root", timeout=10)
+        api = httpx.Client(base_url=e2b_env.url, headers={"X-API-KEY": e2b_env.api_key})
+        deadline = time.monotonic() + 10
+        while api.get(f"/sandboxes/{sbx.sandbox_id}").status_code == 200:
+            assert time.monotonic() < deadline, "the sandbox whose agent was killed is still running"
+            time.sleep(0.1)
+    finally:
+        with contextlib.suppress(Exception):
+            Sandbox.kill(sbx.sandbox_id)
 
 
 def test_the_data_dir_and_database_are_owner_only(runtime: Runtime) -> None:

@@ -455,17 +455,21 @@ def enter_sandbox(
     volumes: Sequence[tuple[str, str]] = (),
     payload: Callable[[], object] | None = None,
     premade_cgroup: PremadeCgroup | None = None,
+    report_fd: int | None = None,
 ) -> Entered:
     """Call in a freshly forked, single-threaded child of a zygote: puts it in a new sandbox and
     returns twice (see ``crates/sandboxd-jail`` docs): ``inside=True`` in the payload, which must
     never return into the zygote's code, and ``inside=False`` in the forked child, which must report
     ``init_pid`` and exit.
 
-    With ``payload``, it returns only in the forked child (``inside=False``): the sandbox's payload
-    calls ``payload()`` and exits (status 1 if it raised, after printing the traceback). Its init is
-    then a clone sharing the forked child's memory, not a fork of it: one copy of the caller's page
-    tables instead of two (``jail::enter_sandbox_then``). Only then, ``premade_cgroup`` (made by this
-    process) becomes the sandbox's cgroup when it fits, and is removed when it does not.
+    With ``payload`` (and then ``report_fd``, required), it returns only on failure, in the forked
+    child, once nothing of the sandbox runs: on success the forked child writes ``P<init pid>\n`` to
+    ``report_fd`` and exits (status 0) without returning into Python, because the sandbox's payload,
+    which calls ``payload()`` and exits (status 1 if it raised, after printing the traceback), runs
+    on the same memory: its init and its payload are clones sharing the forked child's memory, not
+    forks: no copy of the caller's page tables (``jail::enter_sandbox_then``). Only then,
+    ``premade_cgroup`` (made by this process) becomes the sandbox's cgroup when it fits, and is
+    removed when it does not.
 
     The sandbox's cgroup is ``sandboxd/<instance>/<id>``; its uids and gids 0-65535 are the host's
     ``id_base..id_base+65536`` (claimed from :class:`IdRegistry`). Its writable layer lives on

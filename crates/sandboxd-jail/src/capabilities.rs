@@ -87,25 +87,22 @@ fn restrict(keep: u64) -> Result<(), StepError> {
         if keep & (1 << cap) != 0 {
             continue;
         }
-        // SAFETY: PR_CAPBSET_DROP takes an integer argument; no pointers.
-        let r = unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap as libc::c_ulong, 0, 0, 0) };
-        match Errno::result(r) {
+        // Raw (`raw.rs`): the init drops its capabilities while the payload, sharing its memory,
+        // may already run, and this probe fails (EINVAL) on purpose; a libc call would write
+        // the payload's `errno`.
+        match crate::raw::prctl(libc::PR_CAPBSET_DROP, cap as usize, 0, 0, 0) {
             Ok(_) => {}
             Err(Errno::EINVAL) => break, // past the kernel's last capability
             Err(e) => return Err(fail(e)),
         }
     }
-    // SAFETY: PR_CAP_AMBIENT_CLEAR_ALL takes integer arguments only.
-    let r = unsafe {
-        libc::prctl(
-            libc::PR_CAP_AMBIENT,
-            libc::PR_CAP_AMBIENT_CLEAR_ALL as libc::c_ulong,
-            0,
-            0,
-            0,
-        )
-    };
-    match Errno::result(r) {
+    match crate::raw::prctl(
+        libc::PR_CAP_AMBIENT,
+        libc::PR_CAP_AMBIENT_CLEAR_ALL as usize,
+        0,
+        0,
+        0,
+    ) {
         Ok(_) | Err(Errno::EINVAL) => {} // EINVAL: kernel without ambient capabilities
         Err(e) => return Err(fail(e)),
     }
@@ -129,10 +126,19 @@ pub(crate) fn set_only(keep: u64) -> Result<(), Errno> {
         }
     };
     let data = [half(0), half(32)];
+    // Raw, as above.
     // SAFETY: capset reads a v3 header and two CapData structs (the layout of
     // __user_cap_header_struct / __user_cap_data_struct); both live on our stack for the call.
-    let r = unsafe { libc::syscall(libc::SYS_capset, &mut header, data.as_ptr()) };
-    Errno::result(r).map(drop)
+    let r = unsafe {
+        crate::raw::call(
+            libc::SYS_capset,
+            &[
+                std::ptr::from_mut(&mut header) as usize,
+                data.as_ptr() as usize,
+            ],
+        )
+    };
+    r.map(drop)
 }
 
 #[cfg(test)]

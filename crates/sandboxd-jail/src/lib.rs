@@ -65,10 +65,12 @@
 //! # runtime: handle = SandboxHandle.adopt(id, init_pid); on "E": kill_sandbox(id)
 //! ```
 //!
-//! The zygote itself calls [`enter_sandbox_then`] (`_core.enter_sandbox(spec, payload=run_agent)`):
-//! it returns only in A, and C runs the closure instead of returning, because its init is a clone
-//! of A sharing A's memory, and C a fork of that clone: one copy of the zygote's page tables per
-//! create instead of two.
+//! The zygote itself calls [`enter_sandbox_then`]
+//! (`_core.enter_sandbox(spec, payload=run_agent, report_fd=w)`): B and C are both `CLONE_VM`
+//! clones sharing A's memory, so a create copies the zygote's page tables once (its fork of A)
+//! instead of three times as the recipe does; C runs the closure instead of returning, and A, on
+//! success, writes `P<init pid>\n` and exits inside the call, never running Python again (C runs
+//! Python on that same memory). It returns only a failure, once B and C are gone.
 //!
 //! Notes for the binding: call `enter_sandbox` *holding* the GIL (the forks inside copy the
 //! calling thread, which then owns the GIL in every copy; B never runs Python), and in C call
@@ -131,6 +133,7 @@ mod init;
 mod mounts;
 mod namespaces;
 mod netns;
+mod raw;
 mod report;
 mod seccomp;
 mod spawn;

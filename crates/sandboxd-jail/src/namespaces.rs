@@ -28,9 +28,12 @@
 //!    seccomp filter, capabilities, see `init.rs`), and becomes the init.
 //! 8. A waits on a pipe until B and C report success (end of file) or a failed step.
 //!
-//! [`enter_sandbox_then`] differs in step 7 only: B is not a fork of A but a `CLONE_VM` clone on a
-//! stack of its own, so the only copy of A's page tables is B's fork of C, and C runs a closure
-//! (it cannot return into A's frames) instead of returning. It may also be given the group A made
+//! [`enter_sandbox_then`] differs in steps 7 and 8: neither B nor C is a fork, both are
+//! `CLONE_VM` clones on stacks of their own, sharing A's memory, so a sandbox costs no copy of A's
+//! page tables at all (only the zygote's fork of A); C runs a closure (it cannot return into A's
+//! frames) instead of returning, and A, on success, writes its report and exits without returning
+//! into its caller (`init.rs`, `clone_payload_and_serve`: why three tasks on one memory are
+//! sound). It may also be given the group A made
 //! ahead of need ([`crate::PremadeCgroup`], v1 only): before step 2, A renames it to the sandbox's
 //! and rewrites the limits that differ, instead of making and limiting the sandbox's group then.
 //!
@@ -56,7 +59,7 @@ use nix::unistd::{ForkResult, Pid, chdir, fork, pipe2, sethostname, setsid, writ
 
 use crate::cgroup::{Cgroup, PremadeCgroup};
 use crate::idmap::{LAYER_ATTRS, VOLUME_ATTRS, idmapped_tree};
-use crate::init::fork_payload_and_serve;
+use crate::init::{clone_payload_and_serve, fork_payload_and_serve};
 use crate::mounts::{make_private, setup_root};
 use crate::netns::loopback_up;
 use crate::report::{AtStep, Record, Step, StepError, read_until_eof, write_record};
@@ -130,29 +133,37 @@ pub fn enter_sandbox(spec: &SandboxSpec) -> io::Result<Entered> {
     }
 }
 
-/// Like [`enter_sandbox`], but the payload runs `payload` and exits with its value: returns only
-/// in the caller ("A"), with the init's pid (in the caller's pid namespace).
+/// Like [`enter_sandbox`], but the payload runs `payload` and exits with its value, and the
+/// caller ("A") never returns on success: it writes `P<init pid>\n` (the init's pid in the
+/// caller's pid namespace) to `report` and exits with status 0. Returns only a failure, once
+/// nothing of the sandbox runs (its cgroup may remain, as for [`enter_sandbox`]).
 ///
-/// The difference is the init: here it is not a fork of A but a `CLONE_VM` clone on a stack of its
-/// own, and it forks the payload, which runs `payload` on (its copy of) that stack. A sandbox of
-/// a large process (the Python zygote, ~70 MiB) thereby costs one copy of its page tables instead
-/// of two (~1 ms each on the create's path). The payload cannot return into the caller's frames
-/// as a fork of A would, hence the closure: in a Python caller, it runs with the GIL held (as the
-/// caller held it), in a copy of the caller's thread.
+/// The difference is the init and the payload: here neither is a fork, both are `CLONE_VM`
+/// clones of A on stacks of their own, sharing A's memory. A sandbox of a large process (the
+/// Python zygote, ~70 MiB) thereby costs no copy of its page tables besides the caller's own
+/// fork, and the payload does not fault in again the pages the caller already made its own. The
+/// payload cannot return into the caller's frames, hence the closure: in a Python caller, it runs
+/// with the GIL held (as the caller held it), on the caller's thread state, and the caller itself
+/// never runs again (`init.rs`, `clone_payload_and_serve`, says why each part is sound).
 ///
 /// `premade`: a group this process made ahead of need ([`PremadeCgroup`]); it becomes the
 /// sandbox's (renamed, its limits made the request's) when it fits, and is removed otherwise.
 pub fn enter_sandbox_then(
     spec: &SandboxSpec,
     premade: Option<PremadeCgroup>,
+    report: RawFd,
     payload: &mut dyn FnMut() -> i32,
-) -> io::Result<i32> {
-    let prepared = prepare_entry(spec, premade)?;
+) -> io::Error {
+    let prepared = match prepare_entry(spec, premade) {
+        Ok(p) => p,
+        Err(e) => return e,
+    };
     let deadline = Instant::now() + SETUP_TIMEOUT;
-    let fds = join_and_make_userns(&prepared)?;
-    Ok(enter_namespaces_and_clone(
-        &prepared, fds, deadline, payload,
-    )?)
+    let fds = match join_and_make_userns(&prepared) {
+        Ok(fds) => fds,
+        Err(e) => return e.into(),
+    };
+    enter_namespaces_and_clone(&prepared, fds, deadline, report, payload).into()
 }
 
 /// What both entries do first, in the caller: checks, then the sandbox's cgroup made (refusing one
@@ -350,41 +361,16 @@ fn enter_namespaces_and_fork(
     }
 }
 
-/// Size of the init's stack, which the payload runs on too (a copy of it): a main thread's usual
-/// 8 MiB. Only what is touched costs memory.
+/// Size of the init's stack and of the payload's (each its own): a main thread's usual 8 MiB.
+/// Only what is touched costs memory.
 const INIT_STACK_SIZE: usize = 8 << 20;
 
-/// A guard page below that stack, so that an overflow faults instead of writing other memory.
+/// A guard page below each stack, so that an overflow faults instead of writing other memory.
 const GUARD_SIZE: usize = 4096;
 
-/// What the init ("B") gets from A, in A's frame, which A keeps until B and the payload have
-/// reported.
-struct InitArgs<'a> {
-    p: &'a Prepared,
-    fds: &'a SetupFds,
-    /// The report pipe's read end (A's) and write end (B's and the payload's).
-    report: [RawFd; 2],
-    /// A's signal mask, for the payload (B is born with every signal blocked).
-    payload_mask: SigSet,
-    payload: *mut (dyn FnMut() -> i32 + 'a),
-}
-
-/// Steps 5-8 for [`enter_sandbox_then`]: as [`enter_namespaces_and_fork`], with B cloned.
-///
-/// B shares A's memory: while B builds the root and forks the payload, A only waits on the report
-/// pipe (so B may read `Prepared` and write `errno`, which is in A's thread-local storage). B is
-/// born with every signal blocked (no handler of A's may run in B, on A's memory) and keeps them
-/// blocked, taking its own with `sigwait`. A hears end of file only once B has closed every
-/// descriptor and waits in `sigwait`, where it writes nothing of A's memory (a failing `waitpid`
-/// would write `errno`, but B has the payload as its child until the payload exits, and then B
-/// exits). The stack is never unmapped: B keeps A's memory when A exits.
-fn enter_namespaces_and_clone(
-    p: &Prepared,
-    fds: SetupFds,
-    deadline: Instant,
-    payload: &mut dyn FnMut() -> i32,
-) -> Result<i32, StepError> {
-    let (report_r, report_w) = enter_namespaces(p, &fds)?;
+/// A fresh stack (with its guard page) for a `CLONE_VM` clone; returns its top. Never unmapped:
+/// the clone that runs on it keeps the memory when A exits.
+fn map_stack() -> Result<*mut libc::c_void, StepError> {
     // SAFETY: a fresh private anonymous mapping; no existing memory is touched.
     let stack = unsafe {
         libc::mmap(
@@ -401,58 +387,221 @@ fn enter_namespaces_and_clone(
     }
     // SAFETY: the lowest page of the mapping just made.
     Errno::result(unsafe { libc::mprotect(stack, GUARD_SIZE, libc::PROT_NONE) }).at(Step::Fork)?;
+    // SAFETY: one past the end of the mapping: the (16-byte aligned, page-aligned) top.
+    Ok(unsafe { stack.cast::<u8>().add(GUARD_SIZE + INIT_STACK_SIZE).cast() })
+}
+
+/// The address of this thread's tid in glibc's `struct pthread`, which the payload's clone shares
+/// and the kernel must write the payload's own tid into (`init.rs`): glibc's `fork` gave it to
+/// the kernel as `clear_child_tid`, which `PR_GET_TID_ADDRESS` returns. Null when the kernel
+/// lacks that call (no `CONFIG_CHECKPOINT_RESTORE`) or the word there is not our tid (a caller
+/// not forked by glibc): the payload then keeps A's tid in it, a host pid no thread of the
+/// sandbox's pid namespace is likely to have.
+fn own_tid_address() -> *mut libc::pid_t {
+    let mut addr: *mut libc::pid_t = std::ptr::null_mut();
+    // SAFETY: the kernel writes one pointer into `addr`.
+    let r = unsafe {
+        libc::prctl(
+            libc::PR_GET_TID_ADDRESS,
+            std::ptr::from_mut(&mut addr) as libc::c_ulong,
+            0,
+            0,
+            0,
+        )
+    };
+    if r != 0 || addr.is_null() {
+        return std::ptr::null_mut();
+    }
+    // SAFETY: glibc's struct pthread of this thread, mapped for the process's life; read only.
+    let here = unsafe { addr.read_volatile() };
+    // SAFETY: gettid takes no arguments.
+    let tid = unsafe { libc::syscall(libc::SYS_gettid) } as libc::pid_t;
+    if here == tid {
+        addr
+    } else {
+        std::ptr::null_mut()
+    }
+}
+
+/// `set_tid_address`, raw (`raw.rs`): what the kernel zeroes (and wakes) when this thread exits.
+fn set_tid_address(addr: *mut libc::pid_t) -> libc::pid_t {
+    // SAFETY: the kernel only stores the pointer; it always succeeds and returns our tid.
+    let tid =
+        unsafe { crate::raw::syscall6(libc::SYS_set_tid_address, [addr as usize, 0, 0, 0, 0, 0]) };
+    tid as libc::pid_t
+}
+
+/// A's robust-futex list (glibc registers the `struct pthread`'s list head with the kernel, which
+/// walks it when the thread exits): `(head, len)`, from `get_robust_list`, raw.
+fn robust_list() -> (usize, usize) {
+    let (mut head, mut len) = (0usize, 0usize);
+    // SAFETY: the kernel writes one pointer and one size_t, both on our stack.
+    let r = unsafe {
+        crate::raw::syscall6(
+            libc::SYS_get_robust_list,
+            [
+                0,
+                std::ptr::from_mut(&mut head) as usize,
+                std::ptr::from_mut(&mut len) as usize,
+                0,
+                0,
+                0,
+            ],
+        )
+    };
+    if r < 0 { (0, 0) } else { (head, len) }
+}
+
+/// `set_robust_list(head, len)`, raw; a null head unregisters (with the kernel's size as `len`).
+fn set_robust_list(head: usize, len: usize) {
+    // SAFETY: the kernel only stores the pointer, which is glibc's list head or null.
+    unsafe { crate::raw::syscall6(libc::SYS_set_robust_list, [head, len, 0, 0, 0, 0]) };
+}
+
+/// What the init ("B") gets from A, in A's frame, which A keeps until it exits (the payload
+/// reads it too, and runs `payload`, which lives in A's frames).
+struct InitArgs<'a> {
+    p: &'a Prepared,
+    fds: &'a SetupFds,
+    /// The report pipe's read end (A's) and write end (B's and the payload's).
+    report: [RawFd; 2],
+    /// A's signal mask, for the payload (B is born with every signal blocked).
+    payload_mask: SigSet,
+    /// The top of the payload's own stack.
+    payload_stack: *mut libc::c_void,
+    /// See [`own_tid_address`].
+    tid: *mut libc::pid_t,
+    payload: *mut (dyn FnMut() -> i32 + 'a),
+}
+
+/// Steps 5-8 for [`enter_sandbox_then`]: as [`enter_namespaces_and_fork`], with B and C cloned
+/// (`CLONE_VM`): A, B and C share one memory. Returns only on failure, once B and C are gone (B
+/// reaped: an init's exit waits for every other process of its pid namespace); on success writes
+/// `P<init pid>\n` to `report` and exits.
+///
+/// B shares A's memory: while B builds the root and clones the payload, A only waits on the
+/// report pipe (so B may read `Prepared` and write `errno`, which is in A's thread-local storage,
+/// until then). From the clone of B on, A makes raw system calls only, with every signal blocked,
+/// and never returns into its caller unless C is dead or was never made: C runs Python on this
+/// memory (`init.rs`, `clone_payload_and_serve`: the reasoning for all three).
+fn enter_namespaces_and_clone(
+    p: &Prepared,
+    fds: SetupFds,
+    deadline: Instant,
+    report: RawFd,
+    payload: &mut dyn FnMut() -> i32,
+) -> StepError {
+    let (report_r, report_w) = match enter_namespaces(p, &fds) {
+        Ok(pipe) => pipe,
+        Err(e) => return e,
+    };
+    let stacks = map_stack().and_then(|b| Ok((b, map_stack()?)));
+    let (init_stack, payload_stack) = match stacks {
+        Ok(stacks) => stacks,
+        Err(e) => return e,
+    };
+    let tid = own_tid_address();
     let mut caller_mask = SigSet::empty();
-    pthread_sigmask(
+    if let Err(e) = pthread_sigmask(
         SigmaskHow::SIG_SETMASK,
         Some(&SigSet::all()),
         Some(&mut caller_mask),
-    )
-    .at(Step::Signals)?;
+    ) {
+        return StepError::new(Step::Signals, e);
+    }
     let args = InitArgs {
         p,
         fds: &fds,
         report: [report_r.as_raw_fd(), report_w.as_raw_fd()],
         payload_mask: caller_mask,
+        payload_stack,
+        tid,
         payload: std::ptr::from_mut(payload),
     };
+    // A's exit must not zero the tid word C will use (the kernel does so for a clear_child_tid
+    // while other tasks share the memory), whenever A exits: even killed.
+    let own_tid = set_tid_address(std::ptr::null_mut());
+    // Likewise A's robust-futex list, which is the struct pthread's and so C's from now on: A's
+    // exit must not walk it (it would only touch futexes whose owner is A's tid, and wake one
+    // waiter of a pending one, but C's locks are none of A's business).
+    let robust = robust_list();
+    set_robust_list(0, robust.1.max(std::mem::size_of::<[usize; 3]>()));
     // SAFETY: the stack is B's alone, its top 16-byte aligned (a page-aligned mapping); B runs
-    // init_main, which never returns; `args` stays in this frame, unchanged, until the report
-    // pipe's end of file (or a failure record), after which neither B nor the payload reads it.
-    let cloned = Errno::result(unsafe {
+    // init_main, which never returns; `args` stays in this frame, unchanged, until A exits or
+    // returns with B and C gone.
+    let cloned = unsafe {
         libc::clone(
             init_main,
-            stack.cast::<u8>().add(GUARD_SIZE + INIT_STACK_SIZE).cast(),
+            init_stack,
             libc::CLONE_VM | libc::SIGCHLD,
             std::ptr::from_ref(&args).cast_mut().cast(),
         )
-    });
-    // A's own mask again, as soon as the clone exists (B keeps its own).
-    let restored = pthread_sigmask(SigmaskHow::SIG_SETMASK, Some(&caller_mask), None);
-    let init = Pid::from_raw(cloned.at(Step::Fork)?);
-    drop(report_w);
-    let result = restored
-        .at(Step::Signals)
-        .and_then(|()| read_until_eof(report_r.as_fd(), deadline));
-    // B and the payload read `args` (and through it `fds`) until then.
+    };
+    let result = if cloned < 0 {
+        Err(StepError::new(Step::Fork, Errno::last()))
+    } else {
+        // From here until B is reaped: raw system calls only, every signal blocked (C may run
+        // Python on this memory at any time).
+        let _ = crate::raw::close(report_w.as_raw_fd());
+        std::mem::forget(report_w);
+        let result = read_until_eof(report_r.as_fd(), deadline);
+        if result.is_ok() {
+            // Success: the report, and exit here, never back into the caller (Python).
+            let mut line = [0u8; 16];
+            let n = format_report(cloned, &mut line);
+            let _ = crate::raw::write_all(report, &line[..n]);
+            crate::raw::exit_group(0);
+        }
+        // B is our child, so its pid cannot have been reused; killing the init kills the whole
+        // pid namespace, and B is reaped only once every other process of it has exited.
+        let _ = crate::raw::kill(cloned, libc::SIGKILL);
+        while let Err(Errno::EINTR) = crate::raw::wait4(cloned, 0) {}
+        result
+    };
+    // B and C are gone (or never were): A is alone with its memory again. Its tid where C's
+    // was, its clear_child_tid and signal mask back, as before the clone.
+    if !tid.is_null() {
+        // SAFETY: the struct pthread's tid word (own_tid_address), which no one else uses now.
+        unsafe { tid.write_volatile(own_tid) };
+    }
+    set_tid_address(tid);
+    if robust.0 != 0 {
+        set_robust_list(robust.0, robust.1);
+    }
+    let _ = pthread_sigmask(SigmaskHow::SIG_SETMASK, Some(&caller_mask), None);
     std::hint::black_box(&args);
     drop(fds);
     match result {
-        Ok(()) => Ok(init.as_raw()),
-        Err(e) => {
-            // B is our child, so its pid cannot have been reused; killing the init kills the
-            // whole pid namespace. Reap it, or it would be re-parented as a zombie when we exit.
-            let _ = kill(init, Signal::SIGKILL);
-            reap(init);
-            Err(e)
-        }
+        Err(e) => e,
+        // Not reached: success exits above.
+        Ok(()) => StepError::new(Step::Fork, Errno::EINVAL),
     }
 }
 
-/// B: build the root, fork the payload and become the init (never returns); in the payload
-/// (PID 2), run the caller's closure and exit with its value.
+/// `P<pid>\n`, A's report to the zygote (`zygote.py`), into `buf`; returns its length.
+fn format_report(pid: i32, buf: &mut [u8; 16]) -> usize {
+    let mut digits = [0u8; 10];
+    let mut n = 0;
+    let mut v = pid.unsigned_abs();
+    loop {
+        digits[n] = b'0' + (v % 10) as u8;
+        n += 1;
+        v /= 10;
+        if v == 0 {
+            break;
+        }
+    }
+    buf[0] = b'P';
+    for i in 0..n {
+        buf[1 + i] = digits[n - 1 - i];
+    }
+    buf[1 + n] = b'\n';
+    n + 2
+}
+
+/// B: build the root, clone the payload and become the init (never returns).
 extern "C" fn init_main(arg: *mut libc::c_void) -> libc::c_int {
-    // SAFETY: `arg` is enter_namespaces_and_clone's `args`, alive and unchanged until the report
-    // pipe's end of file, which neither B nor the payload causes before they are done with it.
+    // SAFETY: `arg` is enter_namespaces_and_clone's `args`, alive and unchanged while B lives.
     let args = unsafe { &*arg.cast::<InitArgs<'_>>() };
     let [report_r, report_w] = args.report;
     // B has copies of A's descriptors, not A's table: A's end goes.
@@ -463,20 +612,21 @@ extern "C" fn init_main(arg: *mut libc::c_void) -> libc::c_int {
     let built = setup_root(args.p, args.fds);
     // The payload must not inherit a way back to the template's or the disk's mounts.
     args.fds.close_copies();
-    match built.and_then(|()| fork_payload_and_serve(report, args.p, Some(&args.payload_mask))) {
-        // Only the payload gets here (the init never returns), in its own copy of the memory.
-        Ok(()) => {
-            // SAFETY: the payload's own copy of the write end: A hears end of file once B's is
-            // closed too.
-            unsafe { libc::close(report_w) };
-            // SAFETY: the caller's closure, in this process's copy of the caller's memory; the
-            // payload is single-threaded and nothing else uses it.
-            let code = unsafe { (*args.payload)() };
-            exit_now(code)
-        }
-        Err(e) => {
-            write_record(report, Record::Failed(e));
-            exit_now(1)
-        }
-    }
+    let failed = match built {
+        Ok(()) => match clone_payload_and_serve(
+            report,
+            args.p,
+            &args.payload_mask,
+            args.payload_stack,
+            args.tid,
+            args.payload,
+        ) {
+            Ok(never) => match never {},
+            Err(e) => e,
+        },
+        Err(e) => e,
+    };
+    // C was never made: libc is still B's to use.
+    write_record(report, Record::Failed(failed));
+    exit_now(1)
 }

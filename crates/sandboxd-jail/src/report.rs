@@ -13,11 +13,10 @@
 
 use std::fmt;
 use std::io;
-use std::os::fd::{AsFd, BorrowedFd};
+use std::os::fd::{AsRawFd, BorrowedFd};
 use std::time::Instant;
 
 use nix::errno::Errno;
-use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 
 /// One step of building a sandbox, named in error messages.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -258,14 +257,8 @@ pub(crate) fn write_record(fd: BorrowedFd<'_>, record: Record) {
     buf[0..4].copy_from_slice(&tag.to_ne_bytes());
     buf[4..8].copy_from_slice(&a.to_ne_bytes());
     buf[8..12].copy_from_slice(&b.to_ne_bytes());
-    let mut done = 0;
-    while done < RECORD_LEN {
-        match nix::unistd::write(fd, &buf[done..]) {
-            Ok(n) => done += n,
-            Err(Errno::EINTR) => {}
-            Err(_) => return,
-        }
-    }
+    // Raw, so that a failure writes no `errno` (which may be the payload's: `raw.rs`).
+    let _ = crate::raw::write_all(fd.as_raw_fd(), &buf);
 }
 
 /// Reads one record, waiting until `deadline`. `Ok(None)` is end of file. Async-signal-safe.
@@ -277,7 +270,8 @@ pub(crate) fn read_record(
     let mut got = 0;
     while got < RECORD_LEN {
         wait_readable(fd, deadline)?;
-        match nix::unistd::read(fd, &mut buf[got..]) {
+        // Raw, so that nothing here writes `errno` (which may be the payload's: `raw.rs`).
+        match crate::raw::read(fd.as_raw_fd(), &mut buf[got..]) {
             Ok(0) if got == 0 => return Ok(None),
             Ok(0) => return Err(StepError::new(Step::ReadReport, Errno::EPIPE)),
             Ok(n) => got += n,
@@ -320,12 +314,11 @@ pub(crate) fn wait_readable(fd: BorrowedFd<'_>, deadline: Instant) -> Result<(),
         if left.is_zero() {
             return Err(StepError::new(Step::Timeout, Errno::ETIMEDOUT));
         }
-        // Round up so a sub-millisecond remainder still waits instead of spinning.
-        let ms = u16::try_from(left.as_millis() + 1).unwrap_or(u16::MAX);
-        let mut fds = [PollFd::new(fd.as_fd(), PollFlags::POLLIN)];
-        match poll(&mut fds, PollTimeout::from(ms)) {
-            Ok(0) | Err(Errno::EINTR) => {}
-            Ok(_) => return Ok(()),
+        // Raw (`raw.rs`), as is `Instant::now` in effect: the vDSO's clock_gettime writes
+        // `errno` only on failure, which `Instant` does not survive anyway.
+        match crate::raw::poll_in(fd.as_raw_fd(), left) {
+            Ok(false) | Err(Errno::EINTR) => {}
+            Ok(true) => return Ok(()),
             Err(e) => return Err(StepError::new(Step::ReadReport, e)),
         }
     }

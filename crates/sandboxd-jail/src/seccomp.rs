@@ -301,17 +301,20 @@ pub(crate) fn install(program: &[sock_filter]) -> Result<(), Errno> {
         len: program.len() as u16,
         filter: program.as_ptr() as *mut libc::sock_filter,
     };
+    // Raw (`raw.rs`): the init installs it too, while the payload, sharing its memory, runs.
     // SAFETY: the kernel copies the program (`len` instructions at `filter`, which outlive the
     // call); seccompiler's sock_filter has the kernel's layout (repr(C) u16, u8, u8, u32).
     let r = unsafe {
-        libc::syscall(
+        crate::raw::call(
             libc::SYS_seccomp,
-            libc::SECCOMP_SET_MODE_FILTER,
-            0,
-            &fprog as *const libc::sock_fprog,
+            &[
+                libc::SECCOMP_SET_MODE_FILTER as usize,
+                0,
+                std::ptr::from_ref(&fprog) as usize,
+            ],
         )
     };
-    Errno::result(r).map(drop)
+    r.map(drop)
 }
 
 #[cfg(test)]

@@ -14,8 +14,8 @@ use nix::errno::Errno;
 
 /// Ends the calling process now with `code`. Async-signal-safe.
 pub(crate) fn exit_now(code: i32) -> ! {
-    // SAFETY: _exit takes no pointers and never returns; skipping atexit handlers is the point.
-    unsafe { libc::_exit(code) }
+    // exit_group, as _exit, without libc: the init exits while the payload may share its memory.
+    crate::raw::exit_group(code)
 }
 
 /// Opens a pidfd for `pid` (Linux 5.3+).
@@ -35,14 +35,20 @@ const FALLBACK_MAX_FD: i32 = 1024;
 
 /// Closes every descriptor from `first` up. Async-signal-safe.
 pub(crate) fn close_from(first: u32) -> Result<(), Errno> {
+    // Raw (`raw.rs`): the init closes them while the payload may share its memory.
     // SAFETY: close_range takes integers only; closing descriptors nobody else uses in this
     // (forked) process is harmless.
-    let r = unsafe { libc::syscall(libc::SYS_close_range, first, u32::MAX, 0u32) };
-    match Errno::result(r) {
+    let r = unsafe {
+        crate::raw::call(
+            libc::SYS_close_range,
+            &[first as usize, u32::MAX as usize, 0],
+        )
+    };
+    match r {
         Err(Errno::ENOSYS) => {
             for fd in first as i32..=FALLBACK_MAX_FD {
-                // SAFETY: as above, one descriptor at a time; EBADF for unused numbers is fine.
-                unsafe { libc::close(fd) };
+                // As above, one descriptor at a time; EBADF for unused numbers is fine.
+                let _ = crate::raw::close(fd);
             }
             Ok(())
         }

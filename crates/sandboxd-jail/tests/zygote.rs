@@ -8,8 +8,9 @@ mod common;
 
 use std::fs;
 use std::io::Read;
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::MetadataExt;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::{Signal, kill};
@@ -145,39 +146,60 @@ fn zygote_child_enters_sandbox_then() {
         ForkResult::Child => {
             drop(r);
             drop(go_w);
-            let mut report = Some(w);
-            let mut go = Some(go_r);
+            // By number: the payload shares A's memory (and so this frame), so it closes its
+            // own descriptors without touching A's values.
+            let report_fd = w.as_raw_fd();
+            let go_fd = go_r.as_raw_fd();
+            // glibc's tid word in this thread's struct pthread (glibc's fork gave it to the kernel
+            // as clear_child_tid), which the payload inherits with the thread pointer.
+            let mut tid_word: *mut libc::pid_t = std::ptr::null_mut();
+            // SAFETY: the kernel writes one pointer into `tid_word`.
+            let r = unsafe {
+                libc::prctl(
+                    libc::PR_GET_TID_ADDRESS,
+                    std::ptr::from_mut(&mut tid_word) as libc::c_ulong,
+                    0,
+                    0,
+                    0,
+                )
+            };
+            assert_eq!(r, 0);
             let mut payload = || -> i32 {
                 // The payload's copy of A's report pipe (A's descriptors are the payload's).
-                drop(report.take());
+                // SAFETY: the payload's own descriptor table entry.
+                unsafe { libc::close(report_fd) };
+                // Seen by the init (and A) too when they share this memory: the test reads it
+                // through the init's /proc/<pid>/mem.
+                SHARED_MARK.store(MARK, Ordering::SeqCst);
                 let mut rest = Vec::new();
-                fs::File::from(go.take().unwrap())
+                // SAFETY: the payload's copy of `go`'s read end, used only here.
+                unsafe { fs::File::from_raw_fd(go_fd) }
                     .read_to_end(&mut rest)
                     .unwrap();
+                // Now that A has exited (the test reaped it before closing `go`): what recursive
+                // mutexes take as the owner's id must be the payload's own tid (A's would be
+                // wrong; zero, what A's exit writes to its clear_child_tid, worse).
+                // SAFETY: the struct pthread's tid word, mapped for the process's life.
+                let word = unsafe { tid_word.read_volatile() };
+                // SAFETY: gettid takes no arguments.
+                let tid = unsafe { libc::syscall(libc::SYS_gettid) } as libc::pid_t;
                 let facts = format!(
-                    "pid={} ppid={} hostname={} cwd={} work-visible={}\n",
+                    "pid={} ppid={} hostname={} cwd={} work-visible={} tid-word-is-own={}\n",
                     std::process::id(),
                     nix::unistd::getppid(),
                     fs::read_to_string("/etc/hostname").unwrap().trim(),
                     std::env::current_dir().unwrap().display(),
                     std::path::Path::new("/work").exists(),
+                    word == tid,
                 );
                 fs::write("/tmp/zygote-then", facts).unwrap();
                 // A status the init must pass on.
                 7
             };
-            let entered = enter_sandbox_then(&spec, None, &mut payload);
-            let w = report.take().unwrap();
-            match entered {
-                Ok(init_pid) => {
-                    nix::unistd::write(&w, format!("P{init_pid}").as_bytes()).unwrap();
-                    std::process::exit(0)
-                }
-                Err(e) => {
-                    nix::unistd::write(&w, format!("E{e}").as_bytes()).unwrap();
-                    std::process::exit(1)
-                }
-            }
+            // Returns only on failure (on success A writes `P<init pid>` and exits).
+            let e = enter_sandbox_then(&spec, None, report_fd, &mut payload);
+            nix::unistd::write(&w, format!("E{e}").as_bytes()).unwrap();
+            std::process::exit(1)
         }
         ForkResult::Parent { child } => {
             drop(w);
@@ -191,11 +213,18 @@ fn zygote_child_enters_sandbox_then() {
             let init_pid: i32 = msg
                 .strip_prefix('P')
                 .unwrap_or_else(|| panic!("enter_sandbox_then failed: {msg}"))
+                .trim_end()
                 .parse()
                 .unwrap();
             let handle = SandboxHandle::adopt(&spec.instance, &spec.id, init_pid)
                 .unwrap()
                 .with_merged_dir(spec.dir.join("merged"));
+            // The init and the payload are one memory: the payload's mark is in the init's.
+            let mark = wait_for_mark(init_pid);
+            assert_eq!(
+                mark, MARK,
+                "the payload's write is not in the init's memory"
+            );
             drop(go_w);
             assert!(
                 handle.wait(common::RUN_TIMEOUT).unwrap(),
@@ -205,11 +234,42 @@ fn zygote_child_enters_sandbox_then() {
             let facts = wait_for_file(&spec.upper_dir().unwrap().join("tmp/zygote-then"));
             assert_eq!(
                 facts.trim(),
-                format!("pid=2 ppid=1 hostname={} cwd=/ work-visible=false", spec.id)
+                format!(
+                    "pid=2 ppid=1 hostname={} cwd=/ work-visible=false tid-word-is-own=true",
+                    spec.id
+                )
             );
             handle.kill().unwrap();
         }
     }
+}
+
+/// What the payload of `zygote_child_enters_sandbox_then` writes into [`SHARED_MARK`].
+const MARK: u64 = 0x5a5a_c0de_0011_0001;
+
+/// Zero in this process and in every fork of it; [`MARK`] in the memory the payload writes.
+static SHARED_MARK: AtomicU64 = AtomicU64::new(0);
+
+/// [`SHARED_MARK`] as the init `pid` sees it (read through `/proc/<pid>/mem`, as host root), once
+/// it is not zero or after a few seconds: the payload sets it as it starts.
+fn wait_for_mark(pid: i32) -> u64 {
+    let mem = fs::File::open(format!("/proc/{pid}/mem")).unwrap();
+    let mut value = 0;
+    for _ in 0..200 {
+        let mut buf = [0u8; 8];
+        std::os::unix::fs::FileExt::read_exact_at(
+            &mem,
+            &mut buf,
+            std::ptr::from_ref(&SHARED_MARK) as u64,
+        )
+        .unwrap();
+        value = u64::from_ne_bytes(buf);
+        if value != 0 {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    value
 }
 
 /// The pre-made groups (`.spare-<pid>`) in this test process's instance, in every hierarchy.
@@ -264,29 +324,31 @@ fn enter_with_premade(spec: &sandboxd_jail::SandboxSpec) -> (String, OwnedFd) {
         ForkResult::Child => {
             drop(r);
             drop(go_w);
-            let mut go = Some(go_r);
-            let mut w = Some(w);
-            let report = |w: Option<OwnedFd>, msg: String| -> ! {
-                nix::unistd::write(w.unwrap(), msg.as_bytes()).unwrap();
+            let report_fd = w.as_raw_fd();
+            let go_fd = go_r.as_raw_fd();
+            let report = |msg: String| -> ! {
+                nix::unistd::write(&w, msg.as_bytes()).unwrap();
                 std::process::exit(0)
             };
             let premade = match PremadeCgroup::make(&spec.instance, &premade_limits()) {
                 Ok(p) => p,
-                Err(e) => report(w.take(), format!("M{e}")),
+                Err(e) => report(format!("M{e}")),
             };
             let mut payload = || -> i32 {
-                drop(w.take()); // A's report: its end of file says the sandbox is up
+                // A's report: its end of file says the sandbox is up. By number, as in
+                // zygote_child_enters_sandbox_then: this is A's memory too.
+                // SAFETY: the payload's own descriptor table entries.
+                unsafe { libc::close(report_fd) };
                 let mut rest = Vec::new();
-                fs::File::from(go.take().unwrap())
+                // SAFETY: as above, used only here.
+                unsafe { fs::File::from_raw_fd(go_fd) }
                     .read_to_end(&mut rest)
                     .unwrap();
                 0
             };
-            let entered = enter_sandbox_then(spec, Some(premade), &mut payload);
-            match entered {
-                Ok(init_pid) => report(w.take(), format!("P{init_pid}")),
-                Err(e) => report(w.take(), format!("E{e}")),
-            }
+            // Returns only on failure (on success A writes `P<init pid>` and exits 0).
+            let e = enter_sandbox_then(spec, Some(premade), report_fd, &mut payload);
+            report(format!("E{e}"))
         }
         ForkResult::Parent { child } => {
             drop(w);
@@ -311,6 +373,7 @@ fn adopted_without_premade_groups(
     let init_pid: i32 = msg
         .strip_prefix('P')
         .unwrap_or_else(|| panic!("enter_sandbox_then failed: {msg}"))
+        .trim_end()
         .parse()
         .unwrap();
     let handle = SandboxHandle::adopt(&spec.instance, &spec.id, init_pid).unwrap();

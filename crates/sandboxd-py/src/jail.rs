@@ -189,7 +189,7 @@ fn build_base_template(py: Python<'_>, dir: PathBuf) -> PyResult<()> {
     id, template_dirs, sandbox_dir, *, instance, id_base, host_usr_ro = true, disk_image = None,
     disk_fd = None, nested_userns = false, memory_bytes = None, cpu_cores = None, pids_max = None,
     open_files = None, inotify_instances = None, inotify_watches = None, cpu_weight = None,
-    volumes = Vec::new(), payload = None, premade_cgroup = None
+    volumes = Vec::new(), payload = None, premade_cgroup = None, report_fd = None
 ))]
 #[allow(clippy::too_many_arguments)]
 fn enter_sandbox(
@@ -213,6 +213,7 @@ fn enter_sandbox(
     volumes: Vec<(PathBuf, PathBuf)>,
     payload: Option<Py<PyAny>>,
     premade_cgroup: Option<PyRef<'_, PremadeCgroup>>,
+    report_fd: Option<i32>,
 ) -> PyResult<Entered> {
     let Some(first) = template_dirs.first() else {
         return Err(PyValueError::new_err(
@@ -261,12 +262,20 @@ fn enter_sandbox(
                 }
             }
         };
+        let Some(report_fd) = report_fd else {
+            return Err(PyValueError::new_err("a payload needs report_fd"));
+        };
         let premade = premade_cgroup.and_then(|p| p.take());
-        let init_pid = jail::enter_sandbox_then(&spec, premade, &mut run).map_err(to_pyerr)?;
-        return Ok(Entered {
-            inside: false,
-            init_pid,
-        });
+        // On success A writes `P<init pid>\n` to `report_fd` and exits: Python never runs in
+        // it again (its payload may already run Python on the same memory).
+        return Err(to_pyerr(jail::enter_sandbox_then(
+            &spec, premade, report_fd, &mut run,
+        )));
+    }
+    if report_fd.is_some() {
+        return Err(PyValueError::new_err(
+            "report_fd is used with a payload only",
+        ));
     }
     if premade_cgroup.is_some() {
         return Err(PyValueError::new_err(

@@ -264,9 +264,11 @@ def _become_sandbox(
     try:
         if request.get("nice"):  # a warm sandbox (.warm): inherited by its init and agent
             os.setpriority(os.PRIO_PROCESS, 0, int(request["nice"]))
-        # With a payload, the sandbox's init is a clone sharing A's memory rather than a fork of
-        # A: one copy of this process's page tables (~1 ms) instead of two on every create.
-        where = _core.enter_sandbox(
+        # With a payload, the sandbox's init and its agent are clones sharing A's memory rather
+        # than forks: no copy of this process's page tables on a create (the zygote's fork of A
+        # aside). On success A writes its report (P<init pid>) and exits inside enter_sandbox,
+        # never running Python again: the agent runs Python on this very memory.
+        _core.enter_sandbox(
             request["id"],
             request["template_dirs"],
             request["sandbox_dir"],
@@ -285,14 +287,15 @@ def _become_sandbox(
             **_volumes(request),
             payload=become_agent,
             premade_cgroup=premade,
+            report_fd=report,
         )
+        raise RuntimeError("enter_sandbox returned without an error")  # not reached
     except BaseException as exc:  # A must never return into the zygote's loop
         if premade is not None:  # unless enter_sandbox took it (then it removed it, or it is the sandbox's)
             premade.discard()
+        # Here only once the sandbox's processes are gone (or never were): Python is A's again.
         _tell(report, _report(f"E{exc}".encode(errors="replace")))
         os._exit(1)
-    _tell(report, _report(b"P%d" % where.init_pid))
-    os._exit(0)
 
 
 def _tell(report: int, message: bytes) -> None:
