@@ -12,6 +12,11 @@
 
 use nix::errno::Errno;
 
+// The two architectures written below (both built: x86_64 natively, aarch64 with
+// `cargo build --target aarch64-unknown-linux-gnu`); another needs its own `syscall6`.
+#[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+compile_error!("sandboxd-jail's raw system calls are written for x86_64 and aarch64 only");
+
 /// One system call with up to six arguments; returns the kernel's raw result (`-errno` on
 /// failure).
 ///
