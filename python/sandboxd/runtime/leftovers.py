@@ -122,6 +122,13 @@ def sweep(
             # Only the names a runtime writes: nothing else is ever passed to nftables or the cgroup tree.
             if not (_INSTANCE.fullmatch(instance) and _TABLE.fullmatch(table) and _LINKS.fullmatch(prefix)):
                 continue
+            # And only as one runtime writes them together (RuntimeMark): its file named for its instance,
+            # its table and its links one tag. The links are what keep a table with a running sandbox's
+            # rules; a mark whose table is another tag's would have that table removed by the absence of
+            # links that never were its own (a live runtime's, whose sandboxes would lose their policy),
+            # and one whose file is not its instance's would have a live runtime's groups emptied.
+            if name != f"{_PREFIX}{instance}.lock" or table.removeprefix("inet sandboxd_") != prefix[2:-1]:
+                continue
             if _swept(instance, table, prefix, remove_table, remove_instance, links):
                 with contextlib.suppress(OSError):
                     os.unlink(path)
