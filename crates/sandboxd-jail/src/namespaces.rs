@@ -47,6 +47,7 @@ use std::fs;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
@@ -501,6 +502,15 @@ fn enter_namespaces_and_clone(
         Err(e) => return e,
     };
     let tid = own_tid_address();
+    // Set by C as it starts the caller's closure. From then on this memory's heap, locks and (in
+    // the zygote) interpreter may be half-changed by a C that is killed on a failure after it
+    // started (B's seccomp filter or capabilities refused, the setup deadline while B finishes):
+    // A must then not return into its caller, failure or not.
+    let started = AtomicBool::new(false);
+    let mut marked = || -> i32 {
+        started.store(true, Ordering::SeqCst);
+        payload()
+    };
     let mut caller_mask = SigSet::empty();
     if let Err(e) = pthread_sigmask(
         SigmaskHow::SIG_SETMASK,
@@ -516,7 +526,7 @@ fn enter_namespaces_and_clone(
         payload_mask: caller_mask,
         payload_stack,
         tid,
-        payload: std::ptr::from_mut(payload),
+        payload: std::ptr::from_mut(&mut marked),
     };
     // A's exit must not zero the tid word C will use (the kernel does so for a clear_child_tid
     // while other tasks share the memory), whenever A exits: even killed.
@@ -556,6 +566,15 @@ fn enter_namespaces_and_clone(
         // pid namespace, and B is reaped only once every other process of it has exited.
         let _ = crate::raw::kill(cloned, libc::SIGKILL);
         while let Err(Errno::EINTR) = crate::raw::wait4(cloned, 0) {}
+        if started.load(Ordering::SeqCst)
+            && let Err(e) = &result
+        {
+            // C ran the closure and was killed in it: report, raw, and exit here.
+            let mut line = [0u8; 160];
+            let n = format_failure(e, &mut line);
+            let _ = crate::raw::write_all(report, &line[..n]);
+            crate::raw::exit_group(1);
+        }
         result
     };
     // B and C are gone (or never were): A is alone with its memory again. Its tid where C's
@@ -597,6 +616,35 @@ fn format_report(pid: i32, buf: &mut [u8; 16]) -> usize {
     }
     buf[1 + n] = b'\n';
     n + 2
+}
+
+/// `E<why>\n`, A's report of a failure once C had started its closure (so A cannot return into
+/// its caller to report it), into `buf` without allocating (`raw.rs`: the heap may be C's,
+/// half-changed); returns its length.
+fn format_failure(e: &StepError, buf: &mut [u8; 160]) -> usize {
+    struct Buf<'a>(&'a mut [u8], usize);
+    impl std::fmt::Write for Buf<'_> {
+        fn write_str(&mut self, s: &str) -> std::fmt::Result {
+            // Cut to what fits, one newline kept free.
+            let room = self.0.len() - 1 - self.1;
+            let n = s.len().min(room);
+            self.0[self.1..self.1 + n].copy_from_slice(&s.as_bytes()[..n]);
+            self.1 += n;
+            Ok(())
+        }
+    }
+    let mut out = Buf(buf, 0);
+    let _ = std::fmt::Write::write_fmt(
+        &mut out,
+        format_args!(
+            "Esandbox setup failed while {} (errno {}), after the agent had started",
+            e.step.describe(),
+            e.errno as i32
+        ),
+    );
+    let n = out.1;
+    buf[n] = b'\n';
+    n + 1
 }
 
 /// B: build the root, clone the payload and become the init (never returns).
