@@ -114,6 +114,14 @@ def sweep(
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError:
                 continue  # held: its runtime lives
+            # Still the mark at its path: one unlinked between our open and our lock (its runtime
+            # stopped cleanly, or another sweep took it) is nobody's any more, and that runtime may
+            # have started again since, with a new mark naming the same table, which is live.
+            try:
+                if os.fstat(fd).st_ino != os.stat(path, follow_symlinks=False).st_ino:
+                    continue
+            except OSError:
+                continue
             try:
                 mark = json.loads(os.pread(fd, 4096, 0) or b"{}")
                 instance, table, prefix = str(mark["instance"]), str(mark["table"]), str(mark["link_prefix"])
