@@ -137,7 +137,10 @@ pub fn enter_sandbox(spec: &SandboxSpec) -> io::Result<Entered> {
 /// Like [`enter_sandbox`], but the payload runs `payload` and exits with its value, and the
 /// caller ("A") never returns on success: it writes `P<init pid>\n` (the init's pid in the
 /// caller's pid namespace) to `report` and exits with status 0. Returns only a failure, once
-/// nothing of the sandbox runs (its cgroup may remain, as for [`enter_sandbox`]).
+/// nothing of the sandbox runs (its cgroup may remain, as for [`enter_sandbox`]), and only one
+/// that came before the payload started `payload`: after that (the init's own set-up refused,
+/// or the deadline), the payload was killed in the middle of it, on this memory, so A writes
+/// `E<why>\n` to `report` and exits with status 1 without returning.
 ///
 /// The difference is the init and the payload: here neither is a fork, both are `CLONE_VM`
 /// clones of A on stacks of their own, sharing A's memory. A sandbox of a large process (the
@@ -477,8 +480,9 @@ struct InitArgs<'a> {
 
 /// Steps 5-8 for [`enter_sandbox_then`]: as [`enter_namespaces_and_fork`], with B and C cloned
 /// (`CLONE_VM`): A, B and C share one memory. Returns only on failure, once B and C are gone (B
-/// reaped: an init's exit waits for every other process of its pid namespace); on success writes
-/// `P<init pid>\n` to `report` and exits.
+/// reaped: an init's exit waits for every other process of its pid namespace) and if C never
+/// started `payload`; on success writes `P<init pid>\n` to `report` and exits (`E<why>\n` and
+/// exit 1 on a failure after C started).
 ///
 /// B shares A's memory: while B builds the root and clones the payload, A only waits on the
 /// report pipe (so B may read `Prepared` and write `errno`, which is in A's thread-local storage,
