@@ -250,6 +250,102 @@ def test_the_agent_and_the_init_share_one_memory(pair: tuple[Sandbox, Sandbox]) 
     assert a.commands.run("echo ok").stdout == "ok\n"
 
 
+SHARED_MEMORY_ATTACKS = r"""
+import ctypes, errno, os, signal, subprocess
+libc = ctypes.CDLL(None, use_errno=True)
+libc.syscall.restype = ctypes.c_long
+NR = {"x86_64": (310, 311, 101), "aarch64": (270, 271, 117)}[os.uname().machine]
+class Iovec(ctypes.Structure):
+    _fields_ = [("base", ctypes.c_void_p), ("len", ctypes.c_size_t)]
+buf = ctypes.create_string_buffer(8)
+local = Iovec(ctypes.addressof(buf), 8)
+def call(name, r):
+    print(f"{name}:", "ok" if r >= 0 else errno.errorcode.get(ctypes.get_errno()), flush=True)
+# A control: root inside's own process (a sleep: dumpable, its credentials), which the calls reach.
+control = subprocess.Popen(["sleep", "60"])
+for pid in (1, 2, control.pid):
+    label = "control" if pid == control.pid else pid
+    # The remote address is the local buffer's: the two are one memory for PID 1 and 2 (and the
+    # prober's own is its own), so only the permission check can refuse.
+    remote = Iovec(ctypes.addressof(buf), 8)
+    # Every integer a long: a variadic int leaves the register's upper half undefined.
+    one, zero, p = ctypes.c_long(1), ctypes.c_long(0), ctypes.c_long(pid)
+    iovs = (ctypes.byref(local), one, ctypes.byref(remote), one, zero)
+    call(f"readv{label}", libc.syscall(ctypes.c_long(NR[0]), p, *iovs))
+    call(f"writev{label}", libc.syscall(ctypes.c_long(NR[1]), p, *iovs))
+    call(f"seize{label}", libc.syscall(ctypes.c_long(NR[2]), ctypes.c_long(0x4206), p, zero, zero))
+    for what in ("mem", "map_files", "fd", "maps"):
+        path = f"/proc/{pid}/{what}"
+        try:
+            if what == "mem":
+                os.close(os.open(path, os.O_RDWR))
+            elif what == "maps":
+                open(path).read()
+            else:
+                os.listdir(path)
+            print(f"{what}{label}: ok", flush=True)
+        except OSError as e:
+            print(f"{what}{label}:", errno.errorcode[e.errno], flush=True)
+control.kill()
+# Signals root inside may send the init: none reaches it (no handler: the kernel drops them).
+for sig in (signal.SIGSTOP, signal.SIGSEGV, signal.SIGABRT, signal.SIGKILL):
+    try:
+        os.kill(1, sig)
+    except OSError as e:
+        print("kill", sig, errno.errorcode[e.errno], flush=True)
+print("attack over", flush=True)
+"""
+"""What root inside could try on the memory its agent shares with the init (PID 1 and 2, one
+memory): read or write it across processes, trace them, open their memory, mapped files,
+descriptors or maps, and signal the init."""
+
+
+def _status(pid: int) -> dict[str, str]:
+    return dict(line.split(":\t", 1) for line in _read(Path(f"/proc/{pid}/status")).splitlines() if ":\t" in line)
+
+
+def test_the_memory_the_init_and_agent_share_is_out_of_reach_of_root_inside(pair: tuple[Sandbox, Sandbox]) -> None:
+    """Whoever can write the agent's memory writes the init's (``CLONE_VM``): root inside must reach
+    neither (the memory is not dumpable: A changed credentials), and the init, once the agent runs,
+    must be worth nothing (no capability, the agent's seccomp filter, no descriptor but /dev/null)
+    and deaf to root inside's signals."""
+    a, _ = pair
+    init, agent = _init_host_pid(a.sandbox_id), _agent_host_pid(a.sandbox_id)
+    a.files.write("/tmp/attack.py", SHARED_MEMORY_ATTACKS, user="root")
+    out = a.commands.run("python3 /tmp/attack.py 2>&1", user="root").stdout
+    assert "attack over" in out, out
+    for pid in (1, 2):
+        for name in ("readv", "writev", "seize"):
+            assert _field(out, f"{name}{pid}") == "EPERM", out
+        for name in ("mem", "map_files", "fd", "maps"):
+            assert _field(out, f"{name}{pid}") in ("EACCES", "EPERM"), out
+    # The same calls reach root inside's own process: the refusals above are the kernel's about PID 1
+    # and 2, not a refusal of the calls (or of their arguments) themselves.
+    assert _field(out, "readvcontrol") in ("ok", "EFAULT") and _field(out, "seizecontrol") == "ok", out
+    for name in ("mem", "fd", "maps"):  # (map_files needs CAP_SYS_ADMIN over the host, even for one's own)
+        assert _field(out, f"{name}control") == "ok", out
+    # The init lives on, not stopped, and the sandbox serves.
+    assert a.commands.run("echo ok").stdout == "ok\n"
+    assert _read(Path(f"/proc/{init}/stat")).rsplit(")", 1)[-1].split()[0] in ("S", "R")  # not stopped (T)
+    assert _init_host_pid(a.sandbox_id) == init and _agent_host_pid(a.sandbox_id) == agent
+    status = _status(init)
+    for caps in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"):
+        assert int(status[caps], 16) == 0, (caps, status[caps])
+    assert status["Seccomp"].strip() == "2" and _status(agent)["Seccomp"].strip() == "2"
+    assert {fd: os.readlink(f"/proc/{init}/fd/{fd}") for fd in os.listdir(f"/proc/{init}/fd")} == {
+        "0": "/dev/null",
+        "1": "/dev/null",
+        "2": "/dev/null",
+    }
+    # The agent's bounding set is the payload's (crates/sandboxd-jail/src/capabilities.rs), not A's.
+    payload_capabilities = (0, 1, 3, 4, 5, 6, 7, 8, 10, 13, 18, 29, 31)
+    assert int(_status(agent)["CapBnd"], 16) == sum(1 << c for c in payload_capabilities)
+
+
+def _field(out: str, name: str) -> str:
+    return next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith(f"{name}:"))
+
+
 def test_orphans_are_reaped_and_an_agent_killed_from_inside_ends_the_sandbox(e2b_env: Runtime) -> None:
     """The init, sharing the agent's memory, serves with raw system calls only: it still reaps the
     orphans re-parented to it, and exits (ending the sandbox) when the agent dies, here killed by

@@ -78,6 +78,55 @@ def test_the_sweep_removes_only_what_a_gone_runtime_left(tmp_path: Path) -> None
     assert linked.exists() and not held.exists()
 
 
+def test_a_mark_whose_names_do_not_belong_together_is_left_alone(tmp_path: Path) -> None:
+    """A mark no runtime writes: its table another tag's than its links (whose absence would remove a
+    table whose own sandboxes still run: the links checked are not that table's), or its file another
+    instance's than its contents (whose groups would be emptied). Nothing is removed; the marks stay."""
+    removed_tables: list[str] = []
+    removed_instances: list[str] = []
+    crossed = tmp_path / f"runtime-d-{'5' * 16}.lock"
+    crossed.write_text(
+        json.dumps({"instance": "d-" + "5" * 16, "table": "inet sandboxd_eeeeee", "link_prefix": "sdffffffh"})
+    )
+    renamed = tmp_path / f"runtime-d-{'6' * 16}.lock"
+    renamed.write_text(
+        json.dumps({"instance": "d-" + "7" * 16, "table": "inet sandboxd_aaaaaa", "link_prefix": "sdaaaaaah"})
+    )
+    # The live runtime of tag eeeeee has a sandbox (its link); the crossed mark's own tag has none.
+    swept = leftovers.sweep(removed_tables.append, removed_instances.append, tmp_path, links=lambda: ["sdeeeeeeh1"])
+    assert swept == [] and removed_tables == [] and removed_instances == []
+    assert crossed.exists() and renamed.exists()
+
+
+def test_a_mark_unlinked_before_the_sweep_locks_it_is_left_alone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The sweep opens a mark; before it locks it, the runtime that held it stops cleanly (its mark
+    unlinked and released) and starts again (a new mark at the path; its table, of the same name,
+    made again). The lock the sweep then gets is on the old, unlinked file, which names the live
+    runtime's table: nothing may be removed. The interleaving is forced at the sweep's flock."""
+    removed_tables: list[str] = []
+    removed_instances: list[str] = []
+    instance = "d-" + "8" * 16
+    first = leftovers.RuntimeMark(instance, "inet sandboxd_999999", "sd999999h", tmp_path)
+    real_flock = fcntl.flock
+    restarted: list[leftovers.RuntimeMark] = []
+
+    def flock_after_a_restart(fd: int, operation: int) -> None:
+        if not restarted and fd != first.fd:
+            first.close()
+            restarted.append(leftovers.RuntimeMark(instance, "inet sandboxd_999999", "sd999999h", tmp_path))
+        real_flock(fd, operation)
+
+    monkeypatch.setattr(fcntl, "flock", flock_after_a_restart)
+    swept = leftovers.sweep(removed_tables.append, removed_instances.append, tmp_path, links=lambda: [])
+    monkeypatch.undo()
+    assert restarted, "the interleaving was not forced"
+    assert swept == [] and removed_tables == [] and removed_instances == []
+    assert restarted[0].path.exists()
+    restarted[0].close()
+
+
 def test_a_mark_is_held_once(tmp_path: Path) -> None:
     """A second mark for the same instance (a second runtime on one data dir) is refused, with a
     message naming the cause; once the first is closed, it can be taken."""

@@ -467,7 +467,10 @@ def enter_sandbox(
     ``report_fd`` and exits (status 0) without returning into Python, because the sandbox's payload,
     which calls ``payload()`` and exits (status 1 if it raised, after printing the traceback), runs
     on the same memory: its init and its payload are clones sharing the forked child's memory, not
-    forks: no copy of the caller's page tables (``jail::enter_sandbox_then``). Only then,
+    forks: no copy of the caller's page tables (``jail::enter_sandbox_then``). Nor does it return
+    on a failure once the payload has started ``payload()`` (the init's own set-up refused, or the
+    deadline, after that): the payload was killed mid-Python on this memory, so the forked child
+    writes ``E<why>\n`` to ``report_fd`` and exits (status 1) without Python. Only then,
     ``premade_cgroup`` (made by this process) becomes the sandbox's cgroup when it fits, and is
     removed when it does not.
 

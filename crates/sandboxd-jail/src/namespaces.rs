@@ -47,6 +47,7 @@ use std::fs;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
@@ -136,7 +137,10 @@ pub fn enter_sandbox(spec: &SandboxSpec) -> io::Result<Entered> {
 /// Like [`enter_sandbox`], but the payload runs `payload` and exits with its value, and the
 /// caller ("A") never returns on success: it writes `P<init pid>\n` (the init's pid in the
 /// caller's pid namespace) to `report` and exits with status 0. Returns only a failure, once
-/// nothing of the sandbox runs (its cgroup may remain, as for [`enter_sandbox`]).
+/// nothing of the sandbox runs (its cgroup may remain, as for [`enter_sandbox`]), and only one
+/// that came before the payload started `payload`: after that (the init's own set-up refused,
+/// or the deadline), the payload was killed in the middle of it, on this memory, so A writes
+/// `E<why>\n` to `report` and exits with status 1 without returning.
 ///
 /// The difference is the init and the payload: here neither is a fork, both are `CLONE_VM`
 /// clones of A on stacks of their own, sharing A's memory. A sandbox of a large process (the
@@ -476,8 +480,9 @@ struct InitArgs<'a> {
 
 /// Steps 5-8 for [`enter_sandbox_then`]: as [`enter_namespaces_and_fork`], with B and C cloned
 /// (`CLONE_VM`): A, B and C share one memory. Returns only on failure, once B and C are gone (B
-/// reaped: an init's exit waits for every other process of its pid namespace); on success writes
-/// `P<init pid>\n` to `report` and exits.
+/// reaped: an init's exit waits for every other process of its pid namespace) and if C never
+/// started `payload`; on success writes `P<init pid>\n` to `report` and exits (`E<why>\n` and
+/// exit 1 on a failure after C started).
 ///
 /// B shares A's memory: while B builds the root and clones the payload, A only waits on the
 /// report pipe (so B may read `Prepared` and write `errno`, which is in A's thread-local storage,
@@ -501,6 +506,15 @@ fn enter_namespaces_and_clone(
         Err(e) => return e,
     };
     let tid = own_tid_address();
+    // Set by C as it starts the caller's closure. From then on this memory's heap, locks and (in
+    // the zygote) interpreter may be half-changed by a C that is killed on a failure after it
+    // started (B's seccomp filter or capabilities refused, the setup deadline while B finishes):
+    // A must then not return into its caller, failure or not.
+    let started = AtomicBool::new(false);
+    let mut marked = || -> i32 {
+        started.store(true, Ordering::SeqCst);
+        payload()
+    };
     let mut caller_mask = SigSet::empty();
     if let Err(e) = pthread_sigmask(
         SigmaskHow::SIG_SETMASK,
@@ -516,7 +530,7 @@ fn enter_namespaces_and_clone(
         payload_mask: caller_mask,
         payload_stack,
         tid,
-        payload: std::ptr::from_mut(payload),
+        payload: std::ptr::from_mut(&mut marked),
     };
     // A's exit must not zero the tid word C will use (the kernel does so for a clear_child_tid
     // while other tasks share the memory), whenever A exits: even killed.
@@ -556,6 +570,15 @@ fn enter_namespaces_and_clone(
         // pid namespace, and B is reaped only once every other process of it has exited.
         let _ = crate::raw::kill(cloned, libc::SIGKILL);
         while let Err(Errno::EINTR) = crate::raw::wait4(cloned, 0) {}
+        if started.load(Ordering::SeqCst)
+            && let Err(e) = &result
+        {
+            // C ran the closure and was killed in it: report, raw, and exit here.
+            let mut line = [0u8; 160];
+            let n = format_failure(e, &mut line);
+            let _ = crate::raw::write_all(report, &line[..n]);
+            crate::raw::exit_group(1);
+        }
         result
     };
     // B and C are gone (or never were): A is alone with its memory again. Its tid where C's
@@ -597,6 +620,35 @@ fn format_report(pid: i32, buf: &mut [u8; 16]) -> usize {
     }
     buf[1 + n] = b'\n';
     n + 2
+}
+
+/// `E<why>\n`, A's report of a failure once C had started its closure (so A cannot return into
+/// its caller to report it), into `buf` without allocating (`raw.rs`: the heap may be C's,
+/// half-changed); returns its length.
+fn format_failure(e: &StepError, buf: &mut [u8; 160]) -> usize {
+    struct Buf<'a>(&'a mut [u8], usize);
+    impl std::fmt::Write for Buf<'_> {
+        fn write_str(&mut self, s: &str) -> std::fmt::Result {
+            // Cut to what fits, one newline kept free.
+            let room = self.0.len() - 1 - self.1;
+            let n = s.len().min(room);
+            self.0[self.1..self.1 + n].copy_from_slice(&s.as_bytes()[..n]);
+            self.1 += n;
+            Ok(())
+        }
+    }
+    let mut out = Buf(buf, 0);
+    let _ = std::fmt::Write::write_fmt(
+        &mut out,
+        format_args!(
+            "Esandbox setup failed while {} (errno {}), after the agent had started",
+            e.step.describe(),
+            e.errno as i32
+        ),
+    );
+    let n = out.1;
+    buf[n] = b'\n';
+    n + 1
 }
 
 /// B: build the root, clone the payload and become the init (never returns).

@@ -123,7 +123,7 @@ impl Step {
             .unwrap_or(Step::ReadReport)
     }
 
-    fn describe(self) -> &'static str {
+    pub(crate) fn describe(self) -> &'static str {
         match self {
             Step::Setsid => "setsid",
             Step::JoinCgroup => "joining the sandbox cgroup",

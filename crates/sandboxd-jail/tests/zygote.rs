@@ -244,6 +244,155 @@ fn zygote_child_enters_sandbox_then() {
     }
 }
 
+/// A seccomp filter for the test's supervisor: `prctl(PR_CAPBSET_DROP, 0)` (the init's first
+/// capability dropped, which the payload keeps and never drops) waits for the supervisor's answer
+/// on the returned listener; everything else is allowed.
+fn hold_the_inits_capability_drop() -> OwnedFd {
+    const LD_ABS: u16 = 0x20; // BPF_LD | BPF_W | BPF_ABS
+    const JEQ: u16 = 0x15; // BPF_JMP | BPF_JEQ | BPF_K
+    const RET: u16 = 0x06; // BPF_RET | BPF_K
+    let insn = |code, jt, jf, k| libc::sock_filter { code, jt, jf, k };
+    let program = [
+        insn(LD_ABS, 0, 0, 0), // seccomp_data.nr
+        insn(JEQ, 0, 5, libc::SYS_prctl as u32),
+        insn(LD_ABS, 0, 0, 16), // args[0], low half
+        insn(JEQ, 0, 3, libc::PR_CAPBSET_DROP as u32),
+        insn(LD_ABS, 0, 0, 24), // args[1], low half
+        insn(JEQ, 0, 1, 0),
+        insn(RET, 0, 0, 0x7fc0_0000), // SECCOMP_RET_USER_NOTIF
+        insn(RET, 0, 0, 0x7fff_0000), // SECCOMP_RET_ALLOW
+    ];
+    let fprog = libc::sock_fprog {
+        len: program.len() as u16,
+        filter: program.as_ptr().cast_mut(),
+    };
+    // SAFETY: the kernel copies the program; SECCOMP_FILTER_FLAG_NEW_LISTENER (8) returns a new
+    // descriptor (root: no no_new_privs needed).
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_seccomp,
+            libc::SECCOMP_SET_MODE_FILTER,
+            8,
+            std::ptr::from_ref(&fprog),
+        )
+    };
+    assert!(fd >= 0, "{}", std::io::Error::last_os_error());
+    // SAFETY: the kernel just returned this descriptor.
+    unsafe { OwnedFd::from_raw_fd(fd as i32) }
+}
+
+/// Answers the next call held by [`hold_the_inits_capability_drop`] with `EPERM`, within a few
+/// seconds; false if none came.
+fn refuse_held_call(listener: &OwnedFd) -> bool {
+    let mut pfd = libc::pollfd {
+        fd: listener.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one pollfd on the stack.
+    if unsafe { libc::poll(&mut pfd, 1, 10_000) } != 1 {
+        return false;
+    }
+    // struct seccomp_notif (80 bytes: id, pid, flags, seccomp_data) and seccomp_notif_resp.
+    let mut notif = [0u64; 10];
+    // SAFETY: SECCOMP_IOCTL_NOTIF_RECV writes one struct seccomp_notif into `notif`.
+    let r = unsafe { libc::ioctl(listener.as_raw_fd(), 0xc050_2100, notif.as_mut_ptr()) };
+    assert_eq!(r, 0, "{}", std::io::Error::last_os_error());
+    #[repr(C)]
+    struct Resp {
+        id: u64,
+        val: i64,
+        error: i32,
+        flags: u32,
+    }
+    let mut resp = Resp {
+        id: notif[0],
+        val: 0,
+        error: -libc::EPERM,
+        flags: 0,
+    };
+    // SAFETY: SECCOMP_IOCTL_NOTIF_SEND reads one struct seccomp_notif_resp.
+    let r = unsafe { libc::ioctl(listener.as_raw_fd(), 0xc018_2101, &mut resp) };
+    assert_eq!(r, 0, "{}", std::io::Error::last_os_error());
+    true
+}
+
+/// A failure of the init's own set-up once the payload already runs the closure (here its
+/// capability drop refused, held by a supervisor until the payload has said it started; the
+/// setup deadline expiring while the init finishes is the other way): the init kills the payload
+/// mid-closure, and A, whose memory that was, must not return into its caller (the zygote would
+/// run Python on a heap and interpreter a killed payload was changing). A reports the failure
+/// itself, raw, and exits 1; the caller's code after `enter_sandbox_then` never runs.
+fn a_failure_after_the_payload_started_never_returns_into_the_caller() {
+    let (spec, _dir) = common::spec("zygote-late");
+    let _cleanup = Cleanup(spec.id.clone());
+    let (r, w) = pipe().unwrap();
+    let (started_r, started_w) = pipe().unwrap();
+    // SAFETY: single-threaded here (no harness).
+    match unsafe { fork() }.unwrap() {
+        ForkResult::Child => {
+            // The supervisor: its filter is A's, B's and C's too.
+            drop(r);
+            let listener = hold_the_inits_capability_drop();
+            // SAFETY: still single-threaded.
+            match unsafe { fork() }.unwrap() {
+                ForkResult::Child => {
+                    // A.
+                    drop(listener);
+                    drop(started_r);
+                    let report_fd = w.as_raw_fd();
+                    let started_fd = started_w.as_raw_fd();
+                    let mut payload = || -> i32 {
+                        // SAFETY: the payload's own copies, by number.
+                        unsafe {
+                            libc::close(report_fd);
+                            libc::write(started_fd, b"s".as_ptr().cast(), 1);
+                            libc::close(started_fd);
+                        }
+                        loop {
+                            // SAFETY: waits for the signal that kills it.
+                            unsafe { libc::pause() };
+                        }
+                    };
+                    let e = enter_sandbox_then(&spec, None, report_fd, &mut payload);
+                    let _ = nix::unistd::write(&w, format!("RETURNED E{e}\n").as_bytes());
+                    std::process::exit(3)
+                }
+                ForkResult::Parent { child } => {
+                    drop(w);
+                    drop(started_w);
+                    let mut byte = [0u8; 1];
+                    let n = fs::File::from(started_r).read(&mut byte).unwrap();
+                    let refused = n == 1 && refuse_held_call(&listener);
+                    let status = waitpid(child, None).unwrap();
+                    let ok = refused && status == WaitStatus::Exited(child, 1);
+                    if !ok {
+                        eprintln!("started={n} refused={refused} A: {status:?}");
+                    }
+                    // SAFETY: ends the supervisor without running the test's clean-up twice.
+                    unsafe { libc::_exit(if ok { 0 } else { 1 }) }
+                }
+            }
+        }
+        ForkResult::Parent { child } => {
+            drop(w);
+            drop(started_r);
+            drop(started_w);
+            let msg = read_all(r);
+            let status = waitpid(child, None).unwrap();
+            assert!(
+                !msg.contains("RETURNED"),
+                "A returned into its caller: {msg}"
+            );
+            assert!(
+                msg.starts_with("Esandbox setup failed while dropping capabilities (errno 1)"),
+                "{msg}"
+            );
+            assert_eq!(status, WaitStatus::Exited(child, 0), "{msg}");
+        }
+    }
+}
+
 /// What the payload of `zygote_child_enters_sandbox_then` writes into [`SHARED_MARK`].
 const MARK: u64 = 0x5a5a_c0de_0011_0001;
 
@@ -647,7 +796,7 @@ fn main() {
         return;
     }
     common::template();
-    let tests: [(&str, fn()); 8] = [
+    let tests: [(&str, fn()); 9] = [
         ("zygote_child_enters_sandbox", zygote_child_enters_sandbox),
         ("sandbox_survives_its_runtime", sandbox_survives_its_runtime),
         // After the others: it makes this process a subreaper.
@@ -670,6 +819,10 @@ fn main() {
         (
             "premade_cgroup_unused_or_unfit_is_removed",
             premade_cgroup_unused_or_unfit_is_removed,
+        ),
+        (
+            "a_failure_after_the_payload_started_never_returns_into_the_caller",
+            a_failure_after_the_payload_started_never_returns_into_the_caller,
         ),
         // Last: it leaves this process multithreaded.
         (

@@ -114,6 +114,14 @@ def sweep(
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError:
                 continue  # held: its runtime lives
+            # Still the mark at its path: one unlinked between our open and our lock (its runtime
+            # stopped cleanly, or another sweep took it) is nobody's any more, and that runtime may
+            # have started again since, with a new mark naming the same table, which is live.
+            try:
+                if os.fstat(fd).st_ino != os.stat(path, follow_symlinks=False).st_ino:
+                    continue
+            except OSError:
+                continue
             try:
                 mark = json.loads(os.pread(fd, 4096, 0) or b"{}")
                 instance, table, prefix = str(mark["instance"]), str(mark["table"]), str(mark["link_prefix"])
@@ -121,6 +129,13 @@ def sweep(
                 continue  # not ours to judge (a mark being written has its lock held)
             # Only the names a runtime writes: nothing else is ever passed to nftables or the cgroup tree.
             if not (_INSTANCE.fullmatch(instance) and _TABLE.fullmatch(table) and _LINKS.fullmatch(prefix)):
+                continue
+            # And only as one runtime writes them together (RuntimeMark): its file named for its instance,
+            # its table and its links one tag. The links are what keep a table with a running sandbox's
+            # rules; a mark whose table is another tag's would have that table removed by the absence of
+            # links that never were its own (a live runtime's, whose sandboxes would lose their policy),
+            # and one whose file is not its instance's would have a live runtime's groups emptied.
+            if name != f"{_PREFIX}{instance}.lock" or table.removeprefix("inet sandboxd_") != prefix[2:-1]:
                 continue
             if _swept(instance, table, prefix, remove_table, remove_instance, links):
                 with contextlib.suppress(OSError):
