@@ -127,6 +127,36 @@ def test_a_mark_unlinked_before_the_sweep_locks_it_is_left_alone(
     restarted[0].close()
 
 
+def test_a_gone_runtimes_table_that_a_live_runtime_also_names_is_kept(tmp_path: Path) -> None:
+    """Two data dirs whose 24-bit tags collide name one table: the gone one's mark must not remove the
+    live one's table, even with no link of that tag (the live runtime has no sandbox yet)."""
+    removed_tables: list[str] = []
+    live = leftovers.RuntimeMark("d-" + "5" * 16, "inet sandboxd_eeeeee", "sdeeeeeeh", tmp_path)
+    try:
+        gone = _write_mark(tmp_path, "d-" + "6" * 16, "eeeeee")
+        assert leftovers.sweep(removed_tables.append, lambda _: None, tmp_path, links=lambda: []) == []
+        assert removed_tables == [] and gone.exists()
+    finally:
+        live.close()
+    # The live one stopped: now the table is the gone one's alone.
+    assert leftovers.sweep(removed_tables.append, lambda _: None, tmp_path, links=lambda: []) == ["d-" + "6" * 16]
+    assert removed_tables == ["inet sandboxd_eeeeee"]
+
+
+def test_a_mark_torn_by_its_runtimes_death_is_removed(tmp_path: Path) -> None:
+    """A runtime killed while it wrote its mark leaves it empty or cut short: nobody holds it and it
+    names nothing, so the sweep removes it (it used to skip it for ever). Anything else it cannot read
+    is not its to remove."""
+    empty = tmp_path / f"runtime-d-{'7' * 16}.lock"
+    empty.write_bytes(b"")
+    torn = tmp_path / f"runtime-d-{'8' * 16}.lock"
+    torn.write_bytes(b'{"instance": "d-88')
+    other = tmp_path / f"runtime-d-{'9' * 16}.lock"
+    other.write_bytes(b"not a mark")
+    assert leftovers.sweep(lambda _: None, lambda _: None, tmp_path, links=lambda: []) == []
+    assert not empty.exists() and not torn.exists() and other.exists()
+
+
 def test_a_mark_is_held_once(tmp_path: Path) -> None:
     """A second mark for the same instance (a second runtime on one data dir) is refused, with a
     message naming the cause; once the first is closed, it can be taken."""

@@ -55,7 +55,7 @@ class RuntimeMark:
     def __init__(self, instance: str, table: str, link_prefix: str, mark_dir: Path = MARK_DIR) -> None:
         mark_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
         self.path = mark_dir / f"{_PREFIX}{instance}.lock"
-        deadline = time.monotonic() + 3
+        deadline = time.monotonic() + 10
         while True:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
             try:
@@ -78,8 +78,11 @@ class RuntimeMark:
                 raise
             os.close(fd)
         self.fd = fd
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps({"instance": instance, "table": table, "link_prefix": link_prefix}).encode(), 0)
+        # Written over what was there, then cut to its length: never empty on the way (a mark left
+        # unparseable by a death mid-write is removed by the next sweep, see _sweep_one).
+        data = json.dumps({"instance": instance, "table": table, "link_prefix": link_prefix}).encode()
+        os.pwrite(fd, data, 0)
+        os.ftruncate(fd, len(data))
 
     def close(self) -> None:
         """At a clean stop: the mark goes, as everything it names has (a failed clean-up leaves it,
@@ -103,49 +106,83 @@ def sweep(
         names = sorted(p.name for p in mark_dir.iterdir() if p.name.startswith(_PREFIX) and p.name.endswith(".lock"))
     except OSError:
         return swept
-    for name in names:
-        path = mark_dir / name
-        try:
-            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
-        except OSError:
-            continue
-        try:
+    # First every mark's state: the free ones locked (kept so until they are swept), and the tables
+    # the held ones name. A tag is 24 bits of a hash of the data dir: two data dirs can share one, and
+    # so one table name. A gone runtime's table that a live runtime also names is that live runtime's.
+    free: list[tuple[str, int]] = []
+    live_tables: set[str] = set()
+    try:
+        for name in names:
+            path = mark_dir / name
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
+            except OSError:
+                continue
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
-                continue  # held: its runtime lives
-            # Still the mark at its path: one unlinked between our open and our lock (its runtime
-            # stopped cleanly, or another sweep took it) is nobody's any more, and that runtime may
-            # have started again since, with a new mark naming the same table, which is live.
-            try:
-                if os.fstat(fd).st_ino != os.stat(path, follow_symlinks=False).st_ino:
-                    continue
-            except OSError:
+            except OSError:  # held: its runtime lives
+                with contextlib.suppress(ValueError, KeyError, TypeError, OSError):
+                    live_tables.add(str(json.loads(os.pread(fd, 4096, 0))["table"]))
+                os.close(fd)
                 continue
-            try:
-                mark = json.loads(os.pread(fd, 4096, 0) or b"{}")
-                instance, table, prefix = str(mark["instance"]), str(mark["table"]), str(mark["link_prefix"])
-            except (ValueError, KeyError, TypeError, OSError):
-                continue  # not ours to judge (a mark being written has its lock held)
-            # Only the names a runtime writes: nothing else is ever passed to nftables or the cgroup tree.
-            if not (_INSTANCE.fullmatch(instance) and _TABLE.fullmatch(table) and _LINKS.fullmatch(prefix)):
-                continue
-            # And only as one runtime writes them together (RuntimeMark): its file named for its instance,
-            # its table and its links one tag. The links are what keep a table with a running sandbox's
-            # rules; a mark whose table is another tag's would have that table removed by the absence of
-            # links that never were its own (a live runtime's, whose sandboxes would lose their policy),
-            # and one whose file is not its instance's would have a live runtime's groups emptied.
-            if name != f"{_PREFIX}{instance}.lock" or table.removeprefix("inet sandboxd_") != prefix[2:-1]:
-                continue
-            if _swept(instance, table, prefix, remove_table, remove_instance, links):
-                with contextlib.suppress(OSError):
-                    os.unlink(path)
-                swept.append(instance)
-        finally:
+            free.append((name, fd))
+        for name, fd in free:
+            if _sweep_one(mark_dir / name, name, fd, live_tables, remove_table, remove_instance, links):
+                swept.append(name.removeprefix(_PREFIX).removesuffix(".lock"))
+    finally:
+        for _, fd in free:
             os.close(fd)
     if swept:
         log.info("removed what %d runtimes killed outright left on this host: %s", len(swept), ", ".join(swept))
     return swept
+
+
+def _sweep_one(
+    path: Path,
+    name: str,
+    fd: int,
+    live_tables: set[str],
+    remove_table: Callable[[str], None] | None,
+    remove_instance: Callable[[str], None],
+    links: Callable[[], list[str]] | None,
+) -> bool:
+    """One free mark, locked on ``fd``: whether what it names was removed, and the mark with it."""
+    # Still the mark at its path: one unlinked between our open and our lock (its runtime stopped
+    # cleanly, or another sweep took it) is nobody's any more, and that runtime may have started
+    # again since, with a new mark naming the same table, which is live.
+    try:
+        if os.fstat(fd).st_ino != os.stat(path, follow_symlinks=False).st_ino:
+            return False
+        content = os.pread(fd, 4096, 0)
+    except OSError:
+        return False
+    try:
+        mark = json.loads(content)
+        instance, table, prefix = str(mark["instance"]), str(mark["table"]), str(mark["link_prefix"])
+    except (ValueError, KeyError, TypeError):
+        # Free and naming nothing: its runtime died while writing it (or before: a runtime between
+        # its open and its lock finds the file gone once it holds the lock, and makes another).
+        if not content.strip() or content[:1] == b"{":
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+        return False
+    # Only the names a runtime writes: nothing else is ever passed to nftables or the cgroup tree.
+    if not (_INSTANCE.fullmatch(instance) and _TABLE.fullmatch(table) and _LINKS.fullmatch(prefix)):
+        return False
+    # And only as one runtime writes them together (RuntimeMark): its file named for its instance,
+    # its table and its links one tag. The links are what keep a table with a running sandbox's
+    # rules; a mark whose table is another tag's would have that table removed by the absence of
+    # links that never were its own (a live runtime's, whose sandboxes would lose their policy),
+    # and one whose file is not its instance's would have a live runtime's groups emptied.
+    if name != f"{_PREFIX}{instance}.lock" or table.removeprefix("inet sandboxd_") != prefix[2:-1]:
+        return False
+    if table in live_tables:
+        return False  # a live runtime on a data dir with the same tag: the table is its own
+    if not _swept(instance, table, prefix, remove_table, remove_instance, links):
+        return False
+    with contextlib.suppress(OSError):
+        os.unlink(path)
+    return True
 
 
 def _swept(

@@ -208,6 +208,23 @@ def run(options: ServeOptions) -> None:
     # The database holds the API key and every sandbox's access token: owner-only, like ~/.ssh.
     options.data_dir.mkdir(parents=True, exist_ok=True)
     options.data_dir.chmod(0o700)
+    # Held while this process lives: if it is killed outright, the next runtime to start on this host
+    # removes the table, links' rules and cgroup group it leaves (see leftovers). Taken before anything
+    # of this runtime is made or written, and before its signal handlers: a runtime that finds another
+    # on its data dir must leave that one's database and groups alone, and a stop signal here finds
+    # nothing to clean up.
+    tag = tag_for(options.data_dir)
+    mark: leftovers.RuntimeMark | None = None
+    try:
+        mark = leftovers.RuntimeMark(host.instance_name(options.data_dir), f"inet sandboxd_{tag}", f"sd{tag}h")
+    except leftovers.MarkHeld as exc:
+        sys.exit(f"sandboxd serve: {exc}")
+    except OSError as exc:  # a read-only /run, say: the runtime works, only a kill -9 would leave things
+        log.warning(
+            "no mark in %s (%s): if this runtime is killed outright, what it leaves stays", leftovers.MARK_DIR, exc
+        )
+    except KeyboardInterrupt:  # Ctrl-C this early: nothing made yet (a torn mark is swept)
+        return
     store = Store(options.data_dir / "sandboxd.db")
     api_key = _api_key(store, options.api_key)
     known_secrets.add(api_key)
@@ -223,29 +240,17 @@ def run(options: ServeOptions) -> None:
     store.set_setting("template_store", str(templates.store_dir))
     host.require_isolation(templates, "sandboxd serve")
     _core.become_subreaper()
-    # uvicorn stops gracefully on SIGTERM and SIGINT and then raises the signal again with the handler
-    # it found. Both must unwind through _serve's clean-up (the zygote, the network table and links
-    # must go), so both get a handler of ours from here on (see _interrupted). SIGTERM's default
-    # would end the process on the spot. SIGINT's must not be `signal.default_int_handler` either:
-    # asyncio.Runner (uvloop.run) replaces that one with its own, which cancels the main task, and
-    # the cancellation cut the clean-up short at its first await: the network helper and the zygote
-    # were never stopped, and the process hung for ever on its way out.
-    signal.signal(signal.SIGTERM, _interrupted)
-    signal.signal(signal.SIGINT, _interrupted)
-    # Held while this process lives: if it is killed outright, the next runtime to start on this host
-    # removes the table, links' rules and cgroup group it leaves (see leftovers).
-    tag = tag_for(options.data_dir)
-    mark: leftovers.RuntimeMark | None = None
-    try:
-        mark = leftovers.RuntimeMark(host.instance_name(options.data_dir), f"inet sandboxd_{tag}", f"sd{tag}h")
-    except leftovers.MarkHeld as exc:
-        sys.exit(f"sandboxd serve: {exc}")
-    except OSError as exc:  # a read-only /run, say: the runtime works, only a kill -9 would leave things
-        log.warning(
-            "no mark in %s (%s): if this runtime is killed outright, what it leaves stays", leftovers.MARK_DIR, exc
-        )
     clean = False
     try:
+        # uvicorn stops gracefully on SIGTERM and SIGINT and then raises the signal again with the
+        # handler it found. Both must unwind through _serve's clean-up (the zygote, the network table and
+        # links must go), so both get a handler of ours from here on (see _interrupted). SIGTERM's
+        # default would end the process on the spot. SIGINT's must not be `signal.default_int_handler`
+        # either: asyncio.Runner (uvloop.run) replaces that one with its own, which cancels the main
+        # task, and the cancellation cut the clean-up short at its first await: the network helper and
+        # the zygote were never stopped, and the process hung for ever on its way out.
+        signal.signal(signal.SIGTERM, _interrupted)
+        signal.signal(signal.SIGINT, _interrupted)
         _prepare_and_serve(options, store, templates, api_key, observer, recent)
         clean = True
     except KeyboardInterrupt:
