@@ -115,11 +115,22 @@ async def init(state: AgentState, headers: dict[str, str], receive: Receive, sen
             # username"). Refused here, a sandbox whose own code removed the account (or /etc) could
             # not be resumed, and its files were lost to the user.
             logging.getLogger("sandboxd.agent").warning("defaultUser '%s' does not exist in this sandbox", user)
+    first = not state.env_vars_set
     state.apply_init(access_token=token, env_vars=env_vars, default_user=user, default_workdir=workdir)
     if env_vars is not None:
         # As envd: the variables are set either way; a file the sandbox's own code broke is its loss.
         try:
-            await asyncio.to_thread(identity.write, env_vars)
+            if first:
+                # In a sandbox the first env vars are the runtime's, as it boots (a create, a warm
+                # sandbox's claim, a resume), before its id is named to anyone: no code of the user's
+                # has run in this agent's mount namespace, so nothing mounted at /run/e2b can make the
+                # write block (and replace_file opens nothing planted on the disk before a pause),
+                # and the agent serves nothing else the loop would keep waiting. Inline, no thread:
+                # the default executor's first worker, started for these few small files, was ~1.2
+                # ms of CPU and ~100 page faults of every create (docs/benchmarks.md, cold13).
+                identity.write(env_vars)
+            else:
+                await asyncio.to_thread(identity.write, env_vars)
         except (OSError, ValueError) as exc:
             logging.getLogger("sandboxd.agent").warning("envd's /run/e2b files were not written: %s", exc)
     await send_empty(send, 204, [("x-envd-version", ENVD_VERSION), ("cache-control", "no-store")])

@@ -30,6 +30,9 @@ class AgentState:
     default_workdir: str | None = None
     access_token: str | None = None
     env_vars: dict[str, str] = field(default_factory=dict)
+    env_vars_set: bool = False
+    """Whether a ``POST /init`` has set env vars in this agent yet (``rest.init`` writes the first
+    set's ``/run/e2b`` files inline, and later ones in a thread)."""
     watch_hub: WatchHub = field(default_factory=WatchHub, repr=False)
     """The directory watchers, as uploads need to reach them (see :mod:`.watch_hub`)."""
     freed: Callable[[], None] = field(default=lambda: None, repr=False)
@@ -64,6 +67,7 @@ class AgentState:
                 self.access_token = access_token or None
             if env_vars is not None:
                 self.env_vars = dict(env_vars)
+                self.env_vars_set = True
             if default_user:
                 self.default_user = default_user
             if default_workdir is not None:
