@@ -379,10 +379,14 @@ def test_a_second_subscriber_gets_the_replay_and_the_rest_through_its_own_pump(l
 
 
 def test_keepalives_come_from_the_pump_while_the_process_is_quiet(lone_agent: Agent) -> None:
-    # Two keepalives at a 1 s interval need 2 s of quiet; 3.5 s leaves a loaded host's late timers
-    # room (with 2.5 s it saw one, once, at load ~100).
-    argv = ["/bin/sh", "-c", "head -c 4M /dev/zero; sleep 3.5; printf b"]
-    stream = RawStream(lone_agent, argv, headers={"Keepalive-Ping-Interval": "1"})
+    # Two keepalives at a 1 s interval need 2 s of quiet; 3.5 s after the client starts reading leaves
+    # a loaded host's late timers room (with 2.5 s it saw one, once, at load ~100).
+    # The stream must flood for the hand-off: a client that reads as fast as a slowed `head` writes
+    # (CI at load ~200 did) sees small batches through the loop, and then no pump at all. So the client
+    # waits a second before reading, with a small receive buffer: the socket fills and the ring backs
+    # up behind it, as under a flood.
+    argv = ["/bin/sh", "-c", "head -c 4M /dev/zero; sleep 4.5; printf b"]
+    stream = RawStream(lone_agent, argv, headers={"Keepalive-Ping-Interval": "1"}, rcvbuf=64 << 10, wait=1.0)
     kinds: list[str] = []
     pumping = 0
     with stream.sock:
