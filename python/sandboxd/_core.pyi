@@ -511,6 +511,10 @@ def remove_instance_if_empty(instance: str) -> None:
     """Remove ``sandboxd/<instance>/`` (and ``sandboxd/``) when no sandbox is left in them (a pre-made
     group that no spare uses any more is none: it goes first)."""
 
+def remove_left_instance(instance: str) -> None:
+    """What a runtime that is gone left of ``sandboxd/<instance>/``: its sandboxes' groups that hold
+    nothing, then the group itself (a group that still holds a process stays, and so does the instance's)."""
+
 def format_disk_image(path: str, size_mb: int) -> None:
     """Create ``path`` as a sparse image of ``size_mb`` MiB holding an empty ext4 filesystem."""
 

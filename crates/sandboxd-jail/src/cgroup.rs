@@ -778,6 +778,12 @@ pub fn configure_budget(instance: &str, host: &Budget, own: &Budget) -> io::Resu
 /// An empty group only: `rmdir` refuses one that holds a process, and a group whose spare still
 /// lives only makes that spare's rename fail, which falls back to making the group afresh.
 fn remove_stale_premade(instance: &str) -> io::Result<()> {
+    remove_empty_children(instance, |name| name.starts_with(PREMADE_PREFIX))
+}
+
+/// `rmdir`s each child group of `sandboxd/<instance>/` whose name `which` picks, in every
+/// hierarchy: only the empty ones go (the kernel refuses a group that holds a process or a group).
+fn remove_empty_children(instance: &str, which: impl Fn(&str) -> bool) -> io::Result<()> {
     let rel = Path::new(CGROUP_PARENT).join(instance);
     let group = Cgroup {
         instance: String::new(),
@@ -789,12 +795,22 @@ fn remove_stale_premade(instance: &str) -> io::Result<()> {
             continue;
         };
         for e in entries.flatten() {
-            if e.file_name().to_string_lossy().starts_with(PREMADE_PREFIX) {
+            if e.file_type().is_ok_and(|t| t.is_dir()) && which(&e.file_name().to_string_lossy()) {
                 let _ = fs::remove_dir(e.path());
             }
         }
     }
     Ok(())
+}
+
+/// Removes what a runtime that is gone (killed outright) left of `sandboxd/<instance>/`: its
+/// sandboxes' groups that hold nothing any more, then the group itself (see
+/// [`remove_instance_if_empty`]). A sandbox that outlived its runtime keeps its group, and so the
+/// instance's.
+pub fn remove_left_instance(instance: &str) -> io::Result<()> {
+    crate::spec::validate_instance(instance)?;
+    remove_empty_children(instance, |_| true)?;
+    remove_instance_if_empty(instance)
 }
 
 /// Removes `sandboxd/<instance>/` (and `sandboxd/`) if no sandbox is left in them. Best effort:

@@ -145,7 +145,7 @@ mod userns;
 pub use capabilities::PAYLOAD_CAPABILITIES;
 pub use cgroup::{
     Budget, CGROUP_PARENT, CgroupVersion, PremadeCgroup, Stats, cgroup_version, configure_budget,
-    list_sandboxes, remove_instance_if_empty,
+    list_sandboxes, remove_instance_if_empty, remove_left_instance,
 };
 pub use disk::{Disk, DiskUsage, copy_sparse, disk_usage, format_image, mount_disk};
 pub use handle::{FREEZE_TIMEOUT, KILL_TIMEOUT, SandboxHandle, become_subreaper, kill_sandbox};

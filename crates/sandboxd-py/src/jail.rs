@@ -30,6 +30,7 @@ pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(become_subreaper, m)?)?;
     m.add_function(wrap_pyfunction!(configure_budget, m)?)?;
     m.add_function(wrap_pyfunction!(remove_instance_if_empty, m)?)?;
+    m.add_function(wrap_pyfunction!(remove_left_instance, m)?)?;
     m.add_function(wrap_pyfunction!(format_disk_image, m)?)?;
     m.add_function(wrap_pyfunction!(copy_sparse, m)?)?;
     m.add_function(wrap_pyfunction!(mount_disk, m)?)?;
@@ -402,6 +403,13 @@ fn configure_budget(
 #[pyfunction]
 fn remove_instance_if_empty(py: Python<'_>, instance: &str) -> PyResult<()> {
     py.detach(|| jail::remove_instance_if_empty(instance))
+        .map_err(to_pyerr)
+}
+
+/// Removes what a gone runtime left of `sandboxd/<instance>/`: its empty sandbox groups, then it.
+#[pyfunction]
+fn remove_left_instance(py: Python<'_>, instance: &str) -> PyResult<()> {
+    py.detach(|| jail::remove_left_instance(instance))
         .map_err(to_pyerr)
 }
 

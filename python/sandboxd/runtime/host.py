@@ -308,7 +308,7 @@ def prepare(data_dir: Path, registry: Path, node: str | None = None) -> HostFact
     from sandboxd import _core
 
     facts = read_host(data_dir)
-    leftovers.sweep(_table_remover(), remove_left_instance)
+    leftovers.sweep(_table_remover(), _core.remove_left_instance)
     shared = budget(facts)
     _core.configure_budget(
         instance_name(data_dir, node),
@@ -352,25 +352,8 @@ def _table_remover() -> Callable[[str], None] | None:
     return remove
 
 
-def remove_left_instance(instance: str) -> None:
-    """A gone runtime's instance group (``leftovers.sweep``): its sandboxes' groups that hold nothing,
-    then the group itself. A group that still holds a process (a sandbox that outlived its runtime),
-    or a group of its own, is refused by ``rmdir`` and stays."""
-    from sandboxd import _core
-
-    root = Path("/sys/fs/cgroup")  # v2's one hierarchy, or v1's, one per mount under it
-    for base in (root, *root.iterdir()):
-        group = base / "sandboxd" / instance
-        with contextlib.suppress(OSError):
-            for child in group.iterdir():
-                if child.is_dir():
-                    with contextlib.suppress(OSError):
-                        child.rmdir()
-    _core.remove_instance_if_empty(instance)
-
-
 def remove_instance_if_empty(data_dir: Path, node: str | None = None) -> None:
-    """At a stop that came before the place was opened (a start interrupted or failed): remove the
+    """At a runtime's end, however its start went (interrupted, failed, or served): remove the
     instance's cgroup group, made by :func:`prepare`, if no sandbox is in it."""
     from sandboxd import _core
 

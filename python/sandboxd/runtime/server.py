@@ -439,10 +439,8 @@ async def _serve(
         # all have run, the last error is raised, with the ones before it as its context.
         async with contextlib.AsyncExitStack() as after:
             after.callback(store.close)
-            if place is not None:
+            if place is not None:  # else run()'s own clean-up removes the instance's group
                 after.push_async_callback(host.close_place, place)
-            else:  # a start interrupted or failed before the place was opened
-                after.callback(host.remove_instance_if_empty, options.data_dir)
             after.push_async_callback(zygote_client.stop)
             if networks is not None:
                 after.push_async_callback(networks.stop)
