@@ -127,6 +127,36 @@ def test_metrics_report_the_disk_quota(pair: tuple[Sandbox, Sandbox], runtime: R
     assert sample.disk_used >= 20_000_000
 
 
+def _ext4_options_of(image: Path) -> list[str]:
+    """The options of the ext4 filesystem in ``image``, as ext4 shows them for the loop device
+    that backs it (the runtime's mounts are detached: no mount table lists them)."""
+    want = os.path.realpath(image)
+    for backing in Path("/sys/block").glob("loop*/loop/backing_file"):
+        if os.path.realpath(backing.read_text().strip()) == want:
+            return Path(f"/proc/fs/ext4/{backing.parent.parent.name}/options").read_text().split()
+    raise AssertionError(f"no loop device backs {image}")
+
+
+def test_a_sandboxs_disk_has_no_write_barriers_and_a_volume_keeps_them(
+    pair: tuple[Sandbox, Sandbox], runtime: Runtime
+) -> None:
+    """A sandbox's disk is scratch space: a flush inside stops at its image, where a loop device
+    would turn it into an ``fsync`` of the whole image through the host's journal (20-60 ms an
+    unmount, on every kill's path). A volume's writes are meant to outlive a host crash."""
+    from e2b import Volume
+
+    a, _ = pair
+    assert a.commands.run("echo data > /home/user/f && sync").exit_code == 0
+    options = _ext4_options_of(runtime.data_dir / "sandboxes" / a.sandbox_id / "disk.img")
+    assert "nobarrier" in options and "barrier" not in options, options
+    volume = Volume.create(f"barriers-{os.getpid()}-{time.monotonic_ns()}")
+    try:
+        options = _ext4_options_of(runtime.data_dir / "volumes" / volume.volume_id / "volume.img")
+        assert "barrier" in options and "nobarrier" not in options, options
+    finally:
+        Volume.destroy(volume.volume_id)
+
+
 # ------------------------------------------------------------------------------------------ faults
 
 

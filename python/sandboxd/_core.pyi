@@ -521,9 +521,11 @@ def format_disk_image(path: str, size_mb: int) -> None:
 def copy_sparse(src: str, dst: str) -> None:
     """Copy a file, keeping its holes (a copy of an empty formatted image writes a few MiB)."""
 
-def mount_disk(image: str) -> int:
+def mount_disk(image: str, scratch: bool = False) -> int:
     """Mount a disk image as a detached mount (attached nowhere until a sandbox attaches it); returns
-    its descriptor, which the caller owns and closes. Closing every copy unmounts it."""
+    its descriptor, which the caller owns and closes. Closing every copy unmounts it. ``scratch``: a
+    sandbox's own disk, without write barriers (a flush inside stops at the image file; the runtime
+    syncs the image of a disk it keeps)."""
 
 def disk_usage(path: str) -> tuple[int, int]:
     """``(used, total)`` bytes of the filesystem holding ``path``, as ``df`` shows them."""

@@ -432,6 +432,20 @@ impl Cgroup {
         self.set_frozen(false, timeout)
     }
 
+    /// [`Cgroup::thaw`] unless the cgroup is thawed already (or gone): one read when it is.
+    pub(crate) fn thaw_if_frozen(&self, timeout: Duration) -> io::Result<()> {
+        let (file, thawed) = match &self.layout {
+            Layout::V2(V2Dir { dir, .. }) => (dir.join("cgroup.freeze"), "0"),
+            Layout::V1(v) => (need(&v.freezer, "freezer")?.join("freezer.state"), "THAWED"),
+        };
+        match read_file(&file) {
+            Ok(now) if now.trim() == thawed => Ok(()),
+            Ok(_) => self.thaw(timeout),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
     fn set_frozen(&self, frozen: bool, timeout: Duration) -> io::Result<()> {
         let deadline = Instant::now() + timeout;
         match &self.layout {
@@ -471,7 +485,7 @@ impl Cgroup {
     /// [`Cgroup::kill_all`] through `cgroup_kill` (v2, Linux 5.14+), or without it by a sweep
     /// (separate so that tests run the sweep on a kernel that has `cgroup.kill`).
     fn kill_all_with(&self, cgroup_kill: Option<PathBuf>, timeout: Duration) -> io::Result<()> {
-        if !self.exists() {
+        if !self.exists() || self.pids()?.is_empty() {
             return Ok(());
         }
         let deadline = Instant::now() + timeout;

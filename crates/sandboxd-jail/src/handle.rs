@@ -31,7 +31,7 @@ use crate::disk::{DiskUsage, disk_usage};
 use crate::mounts::detach_if_mounted;
 use crate::netns::{connect_in_netns_fd, socket_in_netns};
 use crate::spec::validate_id;
-use crate::sys::pidfd_open;
+use crate::sys::{pidfd_open, pidfd_send_signal};
 
 /// How long freeze and thaw may take. Freezing waits for every task to reach a stopping point;
 /// tasks in uninterruptible I/O can delay that, so allow seconds, not milliseconds.
@@ -264,10 +264,25 @@ impl SandboxHandle {
     /// not mounted in the caller's namespace, and removes the cgroup. Works on a frozen sandbox
     /// and on one that already exited; idempotent. The upper, work and merged dirs are left for
     /// the caller to keep (filesystem pause) or delete. Waits at most about [`KILL_TIMEOUT`].
+    ///
+    /// The init goes first: SIGKILL to a PID namespace's init makes the kernel kill every other
+    /// process of the namespace (those of namespaces nested in it too) and stop it from forking,
+    /// and the init's exit completes only once they are all reaped. So its pidfd says when the
+    /// whole sandbox is gone, without polling the cgroup: the sweep after it finds the cgroup empty
+    /// in one read, and stays for anything in the cgroup outside the namespace (nothing, as the
+    /// jail builds it). A frozen task dies of a SIGKILL only once thawed (cgroup v1), so a frozen
+    /// sandbox is thawed after the signal.
     pub fn kill(&self) -> io::Result<()> {
-        self.cgroup.kill_all(KILL_TIMEOUT)?;
-        // The init is out of the cgroup as soon as it exits; its pidfd says when it is fully dead.
+        match pidfd_send_signal(self.pidfd.as_fd(), libc::SIGKILL) {
+            Ok(()) => {}
+            Err(e) if e.raw_os_error() == Some(libc::ESRCH) => {} // exited already
+            Err(e) => return Err(e),
+        }
+        if self.cgroup.exists() {
+            self.cgroup.thaw_if_frozen(FREEZE_TIMEOUT)?;
+        }
         self.wait(KILL_TIMEOUT)?;
+        self.cgroup.kill_all(KILL_TIMEOUT)?;
         if let Some(merged) = &self.merged_dir {
             detach_if_mounted(merged)?;
         }

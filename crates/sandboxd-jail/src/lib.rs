@@ -147,7 +147,9 @@ pub use cgroup::{
     Budget, CGROUP_PARENT, CgroupVersion, PremadeCgroup, Stats, cgroup_version, configure_budget,
     list_sandboxes, remove_instance_if_empty, remove_left_instance,
 };
-pub use disk::{Disk, DiskUsage, copy_sparse, disk_usage, format_image, mount_disk};
+pub use disk::{
+    Disk, DiskUsage, copy_sparse, disk_usage, format_image, mount_disk, mount_scratch_disk,
+};
 pub use handle::{FREEZE_TIMEOUT, KILL_TIMEOUT, SandboxHandle, become_subreaper, kill_sandbox};
 pub use idmap::check_idmapped_mounts;
 pub use idrange::{Claim, DEFAULT_REGISTRY, FIRST_BASE, IdRegistry, RANGE_SIZE, RANGES};

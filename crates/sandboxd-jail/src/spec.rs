@@ -456,7 +456,7 @@ impl Prepared {
             Some(d) => {
                 mkdir_mode(&spec.dir.join("disk"), 0o755)?;
                 let mounted = match d {
-                    Disk::Image(image) => disk::mount_disk(image)?,
+                    Disk::Image(image) => disk::mount_scratch_disk(image)?,
                     Disk::Mounted(fd) => fd.try_clone()?,
                 };
                 disk::prepare_layer_dirs(&mounted, spec.id_base)?;

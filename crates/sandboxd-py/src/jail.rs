@@ -428,9 +428,19 @@ fn copy_sparse(py: Python<'_>, src: PathBuf, dst: PathBuf) -> PyResult<()> {
 }
 
 /// Mounts a disk image as a detached mount; returns its descriptor (the caller owns it).
+/// `scratch`: a sandbox's own disk, mounted without write barriers (see `mount_scratch_disk`).
 #[pyfunction]
-fn mount_disk(py: Python<'_>, image: PathBuf) -> PyResult<i32> {
-    let fd = py.detach(|| jail::mount_disk(&image)).map_err(to_pyerr)?;
+#[pyo3(signature = (image, scratch = false))]
+fn mount_disk(py: Python<'_>, image: PathBuf, scratch: bool) -> PyResult<i32> {
+    let fd = py
+        .detach(|| {
+            if scratch {
+                jail::mount_scratch_disk(&image)
+            } else {
+                jail::mount_disk(&image)
+            }
+        })
+        .map_err(to_pyerr)?;
     Ok(fd.into_raw_fd())
 }
 

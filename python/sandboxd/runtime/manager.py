@@ -42,7 +42,7 @@ from sandboxd import _core
 
 from . import lifecycle, snapshots
 from .agent_client import AGENT_PORT, init_agent, interpreter_ready, start_template_command
-from .disks import DiskPool
+from .disks import DiskPool, make_durable
 from .errors import ApiError, not_found
 from .lifecycle import RETENTION_S, LifecycleEvent, LifecycleQuery
 from .logs import LogEntry, agent_failure, from_events, read_agent_log
@@ -897,7 +897,16 @@ class SandboxManager:
                 _kill_quietly(self.place.instance, sandbox_id)
         else:
             _kill_quietly(self.place.instance, sandbox_id)
-        if not keep_files:
+        if keep_files:
+            # Its disk had no write barriers (see make_durable); with its processes gone it is
+            # unmounted, all it wrote is in the image, and the image now goes to the host's disk.
+            try:
+                make_durable(self.sandboxes_dir / sandbox_id / DISK_IMAGE)
+            except FileNotFoundError:
+                pass
+            except OSError:
+                log.exception("could not sync sandbox %s's disk", sandbox_id, extra={"sandbox_id": sandbox_id})
+        else:
             self.dirs.release(sandbox_id, dead)
             if id_base is not None:
                 self.place.ids.release(id_base, self.data_dir, sandbox_id)
