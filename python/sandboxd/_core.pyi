@@ -176,6 +176,13 @@ def hold_free_chunks() -> int:
     bin neighbours', each a copy-on-write fault; from the top, a few contiguous pages. No memory is
     added: the chunks' pages are resident already."""
 
+def collapse_anonymous() -> int:
+    """Gather every whole, 2 MiB-aligned range of this process's private anonymous memory (the heap,
+    Python's arenas) into transparent huge pages (``madvise(MADV_COLLAPSE)``, the GIL released); the
+    bytes collapsed (0 where the kernel cannot: before Linux 6.1, huge pages ``never``, another C
+    library). The same pages with the same contents, held by fewer page-table entries: for a process
+    about to fork many children (the zygote), each fork copies one entry per huge page, not 512."""
+
 class SharedLibrary:
     """A shared library loaded into this process by path (``dlopen``, ``RTLD_NOW | RTLD_LOCAL``; the
     loader's message as :class:`OSError` when it refuses); it stays loaded until :meth:`close`."""

@@ -127,6 +127,7 @@
 mod errno;
 mod fanout;
 mod fdio;
+mod hugepages;
 mod library;
 mod lookup;
 mod malloc;
@@ -145,6 +146,7 @@ mod wake;
 
 pub use errno::errno;
 pub use fanout::DEFAULT_STALL_TIMEOUT;
+pub use hugepages::{HUGE_PAGE_BYTES, collapse_anonymous};
 pub use library::Library;
 pub use malloc::{hold_free_chunks, trim_malloc, tune_malloc};
 pub use nix::sys::signal::Signal;

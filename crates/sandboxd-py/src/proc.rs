@@ -59,6 +59,7 @@ pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(tune_malloc, m)?)?;
     m.add_function(wrap_pyfunction!(trim_malloc, m)?)?;
     m.add_function(wrap_pyfunction!(hold_free_chunks, m)?)?;
+    m.add_function(wrap_pyfunction!(collapse_anonymous, m)?)?;
     m.add_class::<SharedLibrary>()?;
     m.add("STREAM_STDOUT", STREAM_STDOUT)?;
     m.add("STREAM_STDERR", STREAM_STDERR)?;
@@ -100,6 +101,16 @@ fn trim_malloc(py: Python<'_>) -> bool {
 #[pyfunction]
 fn hold_free_chunks() -> usize {
     core::hold_free_chunks()
+}
+
+/// Gather every whole, 2 MiB-aligned range of this process's private anonymous memory (the heap,
+/// Python's arenas) into transparent huge pages (`madvise(MADV_COLLAPSE)`, the GIL released); the
+/// bytes collapsed (`0` where the kernel cannot: before Linux 6.1, huge pages `never`, another C
+/// library). For a process about to fork many children (the zygote): a fork copies one page-table
+/// entry per huge page instead of 512.
+#[pyfunction]
+fn collapse_anonymous(py: Python<'_>) -> usize {
+    py.detach(core::collapse_anonymous)
 }
 
 /// A shared library loaded into this process by path (`dlopen`, `RTLD_NOW | RTLD_LOCAL`); it stays
