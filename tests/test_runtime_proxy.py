@@ -347,6 +347,58 @@ def test_a_client_that_leaves_mid_download_costs_nothing_after(sdk: Runtime) -> 
         sbx.kill()
 
 
+SILENT_SERVER = r"""
+import socket, sys, time
+
+srv = socket.socket()
+srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+srv.bind(("127.0.0.1", int(sys.argv[1])))
+srv.listen(8)
+while True:
+    conn, _ = srv.accept()
+    if not conn.recv(65536):  # the request, never answered (none: a probe that only connected)
+        conn.close()
+        continue
+    conn.settimeout(60)
+    try:
+        left = conn.recv(1) == b""
+    except OSError:
+        left = True
+    with open("/tmp/silent.log", "a") as log:
+        log.write(f"{'closed' if left else 'timed out'} {time.time()}\n")
+    conn.close()
+"""
+"""Reads each connection's request and never answers; logs when the connection is closed."""
+
+
+@pytest.mark.parametrize("method", ["GET", "POST"])
+def test_a_client_that_leaves_before_any_answer_closes_the_sandbox_side_at_once(sdk: Runtime, method: str) -> None:
+    """A request whose body went with its head (none, or small) is relayed with no task watching the
+    client: the server's callback for a lost connection aborts the upstream. A client that leaves
+    while the sandbox's server has not answered still closes the proxy's connection to that server
+    at once, not when the server answers (never, here) or a pool reaps it."""
+    sbx = Sandbox.create()
+    try:
+        _serve_in(sbx, SILENT_SERVER, 8124)
+        body = b'{"x": 1}' if method == "POST" else b""
+        with socket.create_connection(("127.0.0.1", sdk.port), timeout=20) as client:
+            client.sendall(
+                b"%b / HTTP/1.1\r\nHost: x\r\nE2b-Sandbox-Id: %b\r\nE2b-Sandbox-Port: 8124\r\n"
+                b"Content-Length: %d\r\n\r\n%b" % (method.encode(), sbx.sandbox_id.encode(), len(body), body)
+            )
+            time.sleep(1)  # the request reaches the server, which keeps it unanswered
+        deadline = time.monotonic() + 10
+        seen = ""
+        while time.monotonic() < deadline:
+            seen = sbx.commands.run("cat /tmp/silent.log 2>/dev/null || true").stdout
+            if seen:
+                break
+            time.sleep(0.2)
+        assert seen.startswith("closed"), f"the sandbox's side stayed open after the client left: {seen!r}"
+    finally:
+        sbx.kill()
+
+
 def test_upstream_connections_are_reused(sdk: Runtime) -> None:
     """Requests share pooled connections into the sandbox (a new one each is a thread hop and a setns
     per request): 50 calls leave at most a few closed connections behind in the sandbox."""
