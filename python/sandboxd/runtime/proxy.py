@@ -529,7 +529,9 @@ class SandboxProxy:
             forget()
         if gone:
             raise ClientDisconnected
-        return complete
+        # Reusable only once all of the request went (the task waited for that): an answer that came
+        # before the agent read the whole body must not pool a connection with our bytes still queued.
+        return complete and not upstream.writer.transport.get_write_buffer_size()
 
     async def _relay_response(self, method: str, relay: _Relay, upstream: _Upstream) -> bool:
         """Relay the upstream's response; True when it ended cleanly with the connection reusable.
