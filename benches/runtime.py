@@ -494,23 +494,105 @@ def sequential(ctx: Context, rt: Runtime, n: int, pace_s: float = 0.0) -> Sequen
     return got
 
 
-def steady_run_true(ctx: Context, rt: Runtime, n: int) -> list[float]:
-    """``commands.run("true")`` on a sandbox that is already running: what a command costs without a resume."""
+_DIRECT_CLIENT = """
+import json, sys, time
+from e2b import Sandbox
+from e2b.connection_config import ConnectionConfig
+from packaging.version import Version
+sandbox_id, version, token = sys.argv[1:4]
+headers = {"E2b-Sandbox-Id": sandbox_id, "E2b-Sandbox-Port": "49983", "X-Access-Token": token}
+config = ConnectionConfig(api_key="unused", sandbox_url="http://127.0.0.1:49983", extra_sandbox_headers=headers)
+sbx = Sandbox(sandbox_id=sandbox_id, envd_version=Version(version), envd_access_token=token, sandbox_domain=None,
+              connection_config=config)
+for line in sys.stdin:
+    times = []
+    for _ in range(int(line)):
+        t0 = time.perf_counter()
+        sbx.commands.run("true")
+        times.append((time.perf_counter() - t0) * 1e3)
+    print(json.dumps(times), flush=True)
+"""
+"""The same SDK call straight to a sandbox's agent: run in the sandbox's network namespace (``nsenter -n``,
+nothing else of the sandbox), on its loopback, with the sandbox's own token: the proxy's hop taken out."""
+
+_INSIDE = (
+    "import subprocess, time\n"
+    "for _ in range({n}):\n"
+    "    t0 = time.perf_counter(); subprocess.run(['bash', '-l', '-c', 'true']); "
+    "print((time.perf_counter() - t0) * 1e3)\n"
+)
+"""What ``run("true")`` has the agent spawn, timed inside the sandbox (python3 there): the sandbox's floor."""
+
+
+@dataclass
+class Steady:
+    proxied_ms: list[float] = field(default_factory=list)
+    direct_ms: list[float] = field(default_factory=list)
+    """The same call to the sandbox's agent from inside its network namespace (empty if that failed)."""
+    inside_ms: list[float] = field(default_factory=list)
+    """``bash -l -c true`` run by python3 inside the sandbox."""
+
+
+def steady_run_true(ctx: Context, rt: Runtime, n: int) -> Steady:
+    """``commands.run("true")`` on a sandbox that is already running: what a command costs without a
+    resume, through the runtime's proxy and, alternating in rounds of 10, the same SDK call straight to
+    the sandbox's agent; then ``bash -l -c true`` inside the sandbox (what the agent spawns)."""
     from e2b import Sandbox
 
+    got = Steady()
     sbx = Sandbox.create()
     rt.created.add(sbx.sandbox_id)
+    direct: subprocess.Popen[str] | None = None
     try:
-        samples = []
-        for i in range(WARMUP + n):
-            t0 = time.perf_counter()
+        pids = cgroup_pids(sbx.sandbox_id)
+        token = sbx._envd_access_token or ""
+        if pids:
+            args = [str(sbx._envd_version), token]
+            direct = subprocess.Popen(
+                ["nsenter", "-t", str(pids[0]), "-n", sys.executable, "-c", _DIRECT_CLIENT, sbx.sandbox_id, *args],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+
+        def direct_round(k: int) -> list[float]:
+            if direct is None or direct.stdin is None or direct.stdout is None:
+                return []
+            direct.stdin.write(f"{k}\n")
+            direct.stdin.flush()
+            line = direct.stdout.readline()
+            return [float(x) for x in json.loads(line)] if line else []
+
+        for _ in range(WARMUP):
             sbx.commands.run("true")
-            if i >= WARMUP:
-                samples.append((time.perf_counter() - t0) * 1e3)
+        direct_round(WARMUP)
+        while len(got.proxied_ms) < n:
+            for _ in range(10):
+                t0 = time.perf_counter()
+                sbx.commands.run("true")
+                got.proxied_ms.append((time.perf_counter() - t0) * 1e3)
+            got.direct_ms += direct_round(10)
+        inside = sbx.commands.run(f'python3 -c "{_INSIDE.format(n=n)}"', timeout=120)
+        got.inside_ms = [float(x) for x in inside.stdout.split()]
     finally:
+        if direct is not None:
+            with contextlib.suppress(OSError):
+                if direct.stdin is not None:
+                    direct.stdin.close()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                direct.wait(10)
+            if direct.poll() is None:
+                direct.kill()
         sbx.kill()
-    ctx.log(f'  commands.run("true") on a running sandbox: p50 {percentile(samples, 50):.2f} ms')
-    return samples
+    line = (
+        f'  commands.run("true") on a running sandbox: p50 {percentile(got.proxied_ms, 50):.2f} ms through the runtime'
+    )
+    if got.direct_ms:
+        line += f", {percentile(got.direct_ms, 50):.2f} ms straight to its agent"
+    if got.inside_ms:
+        line += f"; bash -l -c true inside it {percentile(got.inside_ms, 50):.2f} ms"
+    ctx.log(line)
+    return got
 
 
 @dataclass
@@ -877,7 +959,31 @@ def measure(
         )
     )
 
-    steady = steady_run_true(ctx, rt, max(20, n_resume * 2))
+    got_steady = steady_run_true(ctx, rt, max(20, n_resume * 2))
+    steady = got_steady.proxied_ms
+    proxied, direct = percentile(steady, 50), percentile(got_steady.direct_ms, 50)
+    if proxied is not None and direct is not None:
+        inside = percentile(got_steady.inside_ms, 50)
+        ctx.report(
+            Result(
+                name='runtime: commands.run("true") on a running sandbox, through the runtime\'s proxy',
+                unit="ms (p50)",
+                ours=proxied,
+                baseline=direct,
+                baseline_name="the same SDK call straight to the sandbox's agent (from its network namespace)",
+                better="lower",
+                p50=proxied,
+                p99=percentile(steady, 99),
+                samples={"ours": steady, "baseline": got_steady.direct_ms},
+                extra={
+                    "n": len(steady),
+                    "proxy_ms": round(proxied - direct, 2),
+                    "inside_bash_l_p50_ms": inside,
+                    "over_inside_ms": round(proxied - inside, 2) if inside is not None else None,
+                    "direct_over_inside_ms": round(direct - inside, 2) if inside is not None else None,
+                },
+            )
+        )
     for mode in ("full", "filesystem"):
         got = resumes(ctx, rt, mode, n_resume)
         if mode == "full":

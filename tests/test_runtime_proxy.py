@@ -347,6 +347,58 @@ def test_a_client_that_leaves_mid_download_costs_nothing_after(sdk: Runtime) -> 
         sbx.kill()
 
 
+SILENT_SERVER = r"""
+import socket, sys, time
+
+srv = socket.socket()
+srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+srv.bind(("127.0.0.1", int(sys.argv[1])))
+srv.listen(8)
+while True:
+    conn, _ = srv.accept()
+    if not conn.recv(65536):  # the request, never answered (none: a probe that only connected)
+        conn.close()
+        continue
+    conn.settimeout(60)
+    try:
+        left = conn.recv(1) == b""
+    except OSError:
+        left = True
+    with open("/tmp/silent.log", "a") as log:
+        log.write(f"{'closed' if left else 'timed out'} {time.time()}\n")
+    conn.close()
+"""
+"""Reads each connection's request and never answers; logs when the connection is closed."""
+
+
+@pytest.mark.parametrize("method", ["GET", "POST"])
+def test_a_client_that_leaves_before_any_answer_closes_the_sandbox_side_at_once(sdk: Runtime, method: str) -> None:
+    """A request whose body went with its head (none, or small) is relayed with no task watching the
+    client: the server's callback for a lost connection aborts the upstream. A client that leaves
+    while the sandbox's server has not answered still closes the proxy's connection to that server
+    at once, not when the server answers (never, here) or a pool reaps it."""
+    sbx = Sandbox.create()
+    try:
+        _serve_in(sbx, SILENT_SERVER, 8124)
+        body = b'{"x": 1}' if method == "POST" else b""
+        with socket.create_connection(("127.0.0.1", sdk.port), timeout=20) as client:
+            client.sendall(
+                b"%b / HTTP/1.1\r\nHost: x\r\nE2b-Sandbox-Id: %b\r\nE2b-Sandbox-Port: 8124\r\n"
+                b"Content-Length: %d\r\n\r\n%b" % (method.encode(), sbx.sandbox_id.encode(), len(body), body)
+            )
+            time.sleep(1)  # the request reaches the server, which keeps it unanswered
+        deadline = time.monotonic() + 10
+        seen = ""
+        while time.monotonic() < deadline:
+            seen = sbx.commands.run("cat /tmp/silent.log 2>/dev/null || true").stdout
+            if seen:
+                break
+            time.sleep(0.2)
+        assert seen.startswith("closed"), f"the sandbox's side stayed open after the client left: {seen!r}"
+    finally:
+        sbx.kill()
+
+
 def test_upstream_connections_are_reused(sdk: Runtime) -> None:
     """Requests share pooled connections into the sandbox (a new one each is a thread hop and a setns
     per request): 50 calls leave at most a few closed connections behind in the sandbox."""
@@ -356,6 +408,55 @@ def test_upstream_connections_are_reused(sdk: Runtime) -> None:
             assert sbx.files.exists("/home/user")
         closed = sbx.commands.run("ss -tan state time-wait | tail -n +2 | wc -l").stdout.strip()
         assert int(closed) <= 5, f"{closed} connections into the sandbox were closed for 50 requests"
+    finally:
+        sbx.kill()
+
+
+RECORDING_SERVER = r"""
+import json, socket, sys
+
+srv = socket.socket()
+srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+srv.bind(("127.0.0.1", int(sys.argv[1])))
+srv.listen(8)
+while True:
+    conn, _ = srv.accept()
+    pieces = [conn.recv(65536)]
+    while not pieces[-1].endswith(b"0\r\n\r\n") and pieces[-1]:
+        pieces.append(conn.recv(65536))
+    got = b"".join(pieces)
+    reply = json.dumps({"reads": len([p for p in pieces if p]), "request": got.decode("latin-1")}).encode()
+    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%b" % (len(reply), reply))
+    conn.close()
+"""
+"""Answers each connection's first request (a chunked one) with how many reads it took and its bytes."""
+
+
+def test_a_chunked_body_that_came_with_its_head_goes_into_the_sandbox_with_it_in_one_write(sdk: Runtime) -> None:
+    """The SDKs send a command's ``Start`` as a head and then a small chunked body. When the body is all
+    there (here it comes in the head's own write), the proxy sends head and body into the sandbox in
+    one write, the body still chunked and byte for byte: the server inside reads the whole request
+    at once, where it used to get the head, the chunk and the body's end apart (three wake-ups)."""
+    sbx = Sandbox.create()
+    try:
+        _serve_in(sbx, RECORDING_SERVER, 8123)
+        payload = b'{"process":{"cmd":"/bin/bash","args":["-l","-c","true"]}}'
+        request = (
+            b"POST /process.Process/Start HTTP/1.1\r\nHost: 127.0.0.1\r\nE2b-Sandbox-Id: %b\r\n"
+            b"E2b-Sandbox-Port: 8123\r\nConnection: close\r\nTransfer-Encoding: chunked\r\n\r\n%x\r\n%b\r\n0\r\n\r\n"
+        ) % (sbx.sandbox_id.encode(), len(payload), payload)
+        with socket.create_connection(("127.0.0.1", sdk.port), timeout=20) as client:
+            client.sendall(request)
+            answer = b""
+            while chunk := client.recv(65536):
+                answer += chunk
+        head, _, reply = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200"), answer
+        seen = json.loads(reply)
+        upstream_head, _, upstream_body = seen["request"].encode("latin-1").partition(b"\r\n\r\n")
+        assert b"transfer-encoding: chunked" in upstream_head.lower(), seen
+        assert upstream_body == b"%x\r\n%b\r\n0\r\n\r\n" % (len(payload), payload), seen
+        assert seen["reads"] == 1, f"the request reached the sandbox's server in {seen['reads']} writes"
     finally:
         sbx.kill()
 
@@ -592,6 +693,91 @@ def test_a_kept_connection_the_agent_closes_as_it_is_handed_out_costs_a_fresh_on
     assert status in (200, 204), (status, answer)
     if body:
         assert json.loads(answer)["entry"]["name"] == "tmp", answer
+
+
+@pytest.mark.parametrize("apart", [False, True])
+def test_an_answer_that_comes_in_one_piece_is_relayed_in_one_piece_and_a_head_alone_at_once(apart: bool) -> None:
+    """A sandbox server's answer that arrives whole (a Connect stream's head, its message and its end,
+    as the agent writes a short command's) goes to the client as a head held for its body
+    (``BODY_FOLLOWS``: one write with it) and one body message that ends the response: one write, not
+    four. A head that arrives alone (``apart``) is passed on at once, unheld, before the rest of the
+    answer comes (the server sends the rest only once the client has seen the head): a stream's head is
+    never held waiting for its first message. The real proxy and a real server on a socket; the
+    backend is reduced to connecting to it."""
+    import asyncio
+
+    from sandboxd.agent.asgi import BODY_FOLLOWS
+    from sandboxd.runtime.network.policy import NetworkConfig
+    from sandboxd.runtime.proxy import ENVD_PORT, SandboxProxy
+
+    head = b"HTTP/1.1 200 OK\r\ncontent-type: application/connect+json\r\ntransfer-encoding: chunked\r\n\r\n"
+    body = b"5\r\nstart\r\n3\r\nend\r\n0\r\n\r\n"
+    head_seen = threading.Event()
+    server = socket.create_server(("127.0.0.1", 0))
+
+    def serve() -> None:
+        conn, _ = server.accept()
+        with conn:
+            conn.recv(65536)
+            if apart:
+                conn.sendall(head)
+                assert head_seen.wait(10), "the head was not relayed before the rest of the answer came"
+                conn.sendall(body)
+            else:
+                conn.sendall(head + body)
+            conn.recv(65536)  # until the proxy closes or pools it
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+
+    class Backend:
+        def kept_socket(self, sandbox_id: str, port: int) -> socket.socket | None:
+            return None
+
+        async def open_socket(self, sandbox_id: str, port: int) -> socket.socket:
+            sock = socket.create_connection(server.getsockname(), timeout=10)
+            sock.setblocking(False)
+            return sock
+
+        async def ensure_reachable(self, sandbox_id: str) -> None:
+            return None
+
+        def network_config(self, sandbox_id: str) -> NetworkConfig:
+            return NetworkConfig()
+
+    async def main() -> list[dict[str, Any]]:
+        proxy = SandboxProxy(Backend())  # type: ignore[arg-type]
+        scope = {"type": "http", "method": "GET", "path": "/", "query_string": b"", "headers": [(b"host", b"s")]}
+        sent: list[dict[str, Any]] = []
+        delivered = False
+
+        async def receive() -> dict[str, object]:
+            nonlocal delivered
+            if not delivered:
+                delivered = True
+                return {"type": "http.request", "body": b"", "more_body": False}
+            await asyncio.Event().wait()  # the client stays
+            raise AssertionError
+
+        async def send(message: dict[str, Any]) -> None:
+            sent.append(message)
+            if message["type"] == "http.response.start":
+                head_seen.set()
+
+        await proxy(scope, receive, send, "a", ENVD_PORT)
+        proxy.forget("a")
+        return sent
+
+    try:
+        sent = asyncio.run(main())
+    finally:
+        server.close()
+    thread.join(10)
+    kinds = [(m["type"], m.get(BODY_FOLLOWS, False), m.get("body"), m.get("more_body")) for m in sent]
+    if apart:  # the head at once, unheld; the rest, which came whole, as one message that ends the body
+        assert kinds == [("http.response.start", False, None, None), ("http.response.body", False, b"startend", False)]
+    else:
+        assert kinds == [("http.response.start", True, None, None), ("http.response.body", False, b"startend", False)]
 
 
 def test_an_init_answer_with_bytes_after_its_head_is_not_kept() -> None:

@@ -90,6 +90,25 @@ def test_a_new_sandbox_and_its_first_event_are_one_transaction(tmp_path: Path) -
     assert other.get(row.id) == row and len(other.events(row.id)) == 1
 
 
+def test_what_the_proxy_reads_of_a_sandbox_per_request_is_its_rows_state(tmp_path: Path) -> None:
+    """``Store.reach``, the proxy's per-request question, answers as the whole row does."""
+    store = Store(tmp_path / "sandboxd.db")
+    now = time.time()
+    store.insert(SandboxRow("r" * 20, "base", None, "running", now, now + 300, "t" * 32, 1, 1024, 10240))
+    store.insert(SandboxRow("p" * 20, "base", None, "paused", now, now + 300, "t" * 32, 1, 1024, 10240))
+    store.update("p" * 20, auto_resume=True)
+    store.insert(SandboxRow("e" * 20, "base", None, "running", now, now + 300, "t" * 32, 1, 1024, 10240))
+    store.update("e" * 20, state="ended", ended_reason="killed by the API")
+    for sandbox_id in ("r" * 20, "p" * 20, "e" * 20):
+        row = store.get(sandbox_id)
+        assert row is not None
+        assert store.reach(sandbox_id) == (row.state, row.ended_reason, row.auto_resume)
+    assert store.reach("p" * 20) == ("paused", None, True)
+    assert store.reach("e" * 20) == ("ended", "killed by the API", False)
+    assert store.reach("x" * 20) is None
+    store.close()
+
+
 @pytest.mark.parametrize(
     "config",
     [

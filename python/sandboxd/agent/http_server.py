@@ -261,6 +261,16 @@ class ResponseWriter:
         cycle.body = bytearray()
         return body
 
+    def body_arrived(self) -> int | None:
+        """The size of the request's body when all of it has arrived and ``receive()`` has not been
+        called yet (it then returns the whole body at once, without waiting), else None. For a proxy
+        that would send a request's small body with its head, but must not wait for a body that a
+        client may send only after the answer has begun."""
+        cycle = self._cycle
+        if cycle.more_body or cycle.disconnected or cycle.response_complete:
+            return None
+        return len(cycle.body)
+
     async def send_direct(self, message: Message) -> None:
         """The request's ``send`` on the direct path (:class:`GuardedHttpToolsProtocol`): what
         :meth:`send` through uvicorn's ``RequestResponseCycle.send`` does with a message (the same

@@ -813,12 +813,13 @@ class SandboxManager:
         pausing = self._pausing.get(sandbox_id)
         if pausing is not None:
             raise ApiError(502, f"The sandbox was not found: {pausing}")
-        row = self.store.get(sandbox_id)
-        if row is None or row.state == "ended":
-            reason = f": {row.ended_reason}" if row is not None and row.ended_reason else ""
+        row = self.store.reach(sandbox_id)  # per proxied request: three columns, not the whole row
+        if row is None or row[0] == "ended":
+            reason = f": {row[1]}" if row is not None and row[1] else ""
             raise ApiError(502, f"The sandbox was not found{reason}")
-        if row.state == "paused":
-            if row.auto_resume:
+        state, _, auto_resume = row
+        if state == "paused":
+            if auto_resume:
                 with contextlib.suppress(ApiError):  # a concurrent request may have resumed it first
                     await self.resume(sandbox_id, None, cause="auto_resume")
                 if self._row(sandbox_id).state == "running":

@@ -47,13 +47,13 @@ import httptools
 
 from sandboxd._core import RECEIVE_MIN_RATE
 from sandboxd.agent.asgi import (
+    BODY_FOLLOWS,
     BODY_PARTS,
     RAW_BODY,
     ClientDisconnected,
     Receive,
     Scope,
     Send,
-    body_chunks,
     read_body,
     send_json,
 )
@@ -454,18 +454,32 @@ class SandboxProxy:
             head.append(b"content-length: " + length)
         elif chunked:
             head.append(b"transfer-encoding: chunked")
+        if body is not None and chunked:  # a chunked body held whole: framed again, still chunked
+            body = b"%x\r\n%b\r\n0\r\n\r\n" % (len(body), body) if body else b"0\r\n\r\n"
+        # One write for the head and a held body: each write into the sandbox is a segment and a
+        # wake-up of its server (the SDK's commands.run was head, body, and its end: three).
         upstream.writer.write(b"\r\n".join(head) + b"\r\n\r\n" + (body or b""))
+        if body is not None and relay.writer is not None:
+            return await self._relay_watched(method, relay, upstream)
 
         body_sent = asyncio.Event()
 
         async def send_body_then_watch() -> None:
             spliced = body is None and length is not None and await _splice_request_body(scope, upstream)
             if not spliced and body is None and (length is not None or chunked):
-                async for chunk in body_chunks(receive):
-                    upstream.writer.write(b"%x\r\n%b\r\n" % (len(chunk), chunk) if chunked else chunk)
-                    await upstream.writer.drain()
-                if chunked:
-                    upstream.writer.write(b"0\r\n\r\n")
+                more = True
+                while more:
+                    message = await receive()
+                    if message["type"] == "http.disconnect":
+                        raise ClientDisconnected
+                    chunk: bytes = message.get("body", b"")
+                    more = message.get("more_body", False)
+                    if chunked:  # the last chunk and the body's end in one write when they came together
+                        framed = b"%x\r\n%b\r\n" % (len(chunk), chunk) if chunk else b""
+                        chunk = framed if more else framed + b"0\r\n\r\n"
+                    if chunk:
+                        upstream.writer.write(chunk)
+                        await upstream.writer.drain()
             await upstream.writer.drain()
             body_sent.set()
             while (await receive())["type"] != "http.disconnect":
@@ -491,6 +505,34 @@ class SandboxProxy:
                     await task
         return complete and body_sent.is_set()
 
+    async def _relay_watched(self, method: str, relay: _Relay, upstream: _Upstream) -> bool:
+        """:meth:`_relay_response` for a request whose body went with its head (the common case: the
+        SDK's calls), without a second task: the server calls back when the client goes, which aborts
+        the upstream at once (the agent sees it, as with the task) and ends the relay with
+        :class:`ClientDisconnected`. The task, its ``asyncio.wait`` and its cancellation cost ~5% of the
+        runtime's event-loop CPU per ``commands.run`` (1.17 ms → 1.09 ms, median of 3 alternating runs)."""
+        gone = False
+
+        def left() -> None:
+            nonlocal gone
+            gone = True
+            upstream.abort()
+
+        forget = relay.writer.on_disconnect(left)
+        try:
+            complete = await self._relay_response(method, relay, upstream)
+        except (OSError, _UpstreamLost):
+            if gone:
+                raise ClientDisconnected from None
+            raise
+        finally:
+            forget()
+        if gone:
+            raise ClientDisconnected
+        # Reusable only once all of the request went (the task waited for that): an answer that came
+        # before the agent read the whole body must not pool a connection with our bytes still queued.
+        return complete and not upstream.writer.transport.get_write_buffer_size()
+
     async def _relay_response(self, method: str, relay: _Relay, upstream: _Upstream) -> bool:
         """Relay the upstream's response; True when it ended cleanly with the connection reusable.
         Raises :class:`_UpstreamLost` (or ``OSError``) when the upstream fails before its end."""
@@ -498,6 +540,7 @@ class SandboxProxy:
         parser = httptools.HttpResponseParser(response)
         response.parser = parser
         send = relay.send
+        ended = False  # the last body message (more_body False) was sent
         while not response.complete:
             data = await upstream.reader.read(READ_SIZE)
             if not data:
@@ -516,18 +559,31 @@ class SandboxProxy:
                 relay.started = True
                 out = [(k, v) for k, v in response.headers if k not in HOP_BY_HOP or k == b"content-length"]
                 out = [(k, v) for k, v in out if not _BAD_NAME.search(k) and not _BAD_VALUE.search(v)]
-                await send({"type": "http.response.start", "status": response.status, "headers": out})
                 if method == "HEAD":
                     response.complete = True
-            for chunk in response.body:
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
-            response.body.clear()
+                # Body bytes that came in the same read as the head go out in the same write as it
+                # (the server holds the head for them), as they would from the sandbox's server directly:
+                # a Connect stream's head and its first message, one segment and one wake-up of the
+                # client, not two. A head that came alone is written at once (a stream that starts
+                # with its head only must show it before its first message, however late that is).
+                follows = bool(response.body) or response.complete
+                start = {"type": "http.response.start", "status": response.status, "headers": out}
+                await send({**start, BODY_FOLLOWS: True} if follows else start)
+            if response.body:
+                # What one read gave is sent as one message (a few small chunks: one write, not one each),
+                # with the end of the body when the response ended in it (the chunked body's last
+                # chunk and its terminator in one write, not two).
+                chunk = response.body[0] if len(response.body) == 1 else b"".join(response.body)
+                response.body.clear()
+                ended = response.complete
+                await send({"type": "http.response.body", "body": chunk, "more_body": not ended})
             if relay.started and not response.complete and relay.writer is not None:
                 length = response.length() if method != "HEAD" else None
                 rest = 0 if length is None else length - response.body_seen
                 if rest >= SPLICE_FROM and await _splice_body(relay.writer, upstream, rest, relay.tally):
                     response.complete = True
-        await send({"type": "http.response.body", "body": b""})
+        if not ended:
+            await send({"type": "http.response.body", "body": b""})
         return response.complete and response.keep_alive
 
     # ------------------------------------------------------------------------------ upgrades
@@ -791,14 +847,35 @@ def _splice(
 
 async def _replayable_body(scope: Scope, receive: Receive) -> bytes | None:
     """The request's whole body when it can be held to be sent again (none: ``b""``; one of a
-    ``Content-Length`` up to :data:`REPLAY_BODY`, read now), else None: it streams as it comes.
-    Raises :class:`ClientDisconnected` if the client leaves meanwhile."""
+    ``Content-Length`` up to :data:`REPLAY_BODY`, read now; a chunked one that is all there already,
+    :func:`_arrived_body`), else None: it streams as it comes. Raises :class:`ClientDisconnected` if
+    the client leaves meanwhile."""
     lengths = [v for k, v in scope["headers"] if k.lower() == b"content-length"]
     if any(k.lower() == b"transfer-encoding" for k, _ in scope["headers"]):
-        return None
+        return await _arrived_body(scope, receive)
     if not lengths:
         return b""
     if len(lengths) > 1 or not lengths[0].isdigit() or int(lengths[0]) > REPLAY_BODY:
         return None
     held = await read_body(receive, REPLAY_BODY)
     return held if held is not None else b""  # never None: the server ends the body at its Content-Length
+
+
+async def _arrived_body(scope: Scope, receive: Receive) -> bytes | None:
+    """A chunked request body (no length to wait for) when all of it, up to :data:`REPLAY_BODY`, has
+    arrived after at most one turn of the event loop, else None (it streams). The SDKs send a
+    command's ``Start`` so: the head, then its small body with the body's end, in two writes that
+    usually arrive apart. The turn lets the body's bytes be read, so the head goes upstream with the
+    body in one write (and the request can be sent again, :data:`REPLAY_BODY`). Never waits longer:
+    a client may send the rest of a body only once the answer has begun."""
+    writer = scope.get("extensions", {}).get(BODY_PARTS)
+    if writer is None:
+        return None
+    size: int | None = writer.body_arrived()
+    if size is None:
+        await asyncio.sleep(0)
+        size = writer.body_arrived()
+    if size is None or size > REPLAY_BODY:
+        return None
+    held = await read_body(receive, REPLAY_BODY)  # all there: no wait
+    return held if held is not None else b""

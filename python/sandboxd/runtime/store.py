@@ -193,6 +193,15 @@ class Store:
         row = cur.fetchone()
         return None if row is None else self._decode(row)
 
+    def reach(self, sandbox_id: str) -> tuple[str, str | None, bool] | None:
+        """``(state, ended_reason, auto_resume)`` of a sandbox, or None: what the proxy asks of every
+        request (:meth:`.manager.SandboxManager.ensure_reachable`), without :meth:`get`'s whole row
+        (three JSON columns decoded, a dataclass built: ~4x the cost of this query alone)."""
+        row = self.db.execute(
+            "SELECT state, ended_reason, auto_resume FROM sandboxes WHERE id = ?", (sandbox_id,)
+        ).fetchone()
+        return None if row is None else (row[0], row[1], bool(row[2]))
+
     def live(self) -> list[SandboxRow]:
         """Running and paused sandboxes, oldest first."""
         cur = self.db.execute(
