@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use pyo3::exceptions::{PyOSError, PyValueError};
 use pyo3::prelude::*;
-use sandboxd_watch::{DEFAULT_BUFFER_BYTES, Drainer, Item, WatchError};
+use sandboxd_watch::{DEFAULT_BUFFER_BYTES, Drainer, Item, TAKEOVER_AFTER, WatchError};
 
 /// Batch item kind for lost events (kernel overflow or the pending cap), after envd's 1..=5.
 const WATCH_OVERFLOW: i32 = 100;
@@ -26,6 +26,7 @@ pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("WATCH_OVERFLOW", WATCH_OVERFLOW)?;
     m.add("WATCH_CLOSED", WATCH_CLOSED)?;
     m.add("WATCH_BUFFER_BYTES", DEFAULT_BUFFER_BYTES)?;
+    m.add("WATCH_TAKEOVER_S", TAKEOVER_AFTER.as_secs_f64())?;
     m.add_class::<Watcher>()?;
     m.add_class::<Tripwire>()?;
     Ok(())
@@ -144,7 +145,8 @@ impl Watcher {
         Ok(self.drainer()?.kernel_fd())
     }
 
-    /// The caller reads the kernel queue itself while it waits (see `Drainer::park`).
+    /// The caller reads the kernel queue itself while it waits (see `Drainer::park`); the thread
+    /// takes it back by itself if the caller leaves it unread for `WATCH_TAKEOVER_S`.
     fn park(&self) -> PyResult<()> {
         self.drainer()?.park();
         Ok(())

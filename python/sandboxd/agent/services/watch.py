@@ -339,8 +339,13 @@ class WatchService:
 
         def park() -> None:
             nonlocal parked
-            if not parked and not handed_back:
-                watcher.park()
+            if handed_back:
+                return
+            # Also when the stream thinks it is parked: the thread takes the queue back by itself
+            # when the loop leaves it readable and unread for long (busy elsewhere, or off the CPU:
+            # ``_core.WATCH_TAKEOVER_S``). A no-op when the thread is parked already.
+            watcher.park()
+            if not parked:
                 loop.add_reader(kernel_fd, kernel_woken)
                 parked = True
 
