@@ -68,6 +68,13 @@ pub const HANDBACK_ITEMS: usize = 64;
 /// read since its last look, never while the watch is idle.
 pub const TAKEOVER_AFTER: Duration = Duration::from_millis(5);
 
+/// Looks at a quiet queue (neither read nor readable since the last look) before the drain thread
+/// waits for the next event instead of looking again (see `run`). Events that come every few
+/// milliseconds (a shell loop, an editor saving) then keep the thread on its timer, woken apart from
+/// them, rather than woken by each one at the moment the consumer is; a watch that goes quiet
+/// costs this many wake-ups more, then none.
+const QUIET_LOOKS: u32 = 2;
+
 /// Stack of the drain thread. It handles events and walks new directories iteratively (no
 /// recursion), so a small stack is enough; the default 2 MiB would be mapped for nothing.
 const DRAIN_STACK_BYTES: usize = 256 << 10;
@@ -492,6 +499,8 @@ fn run(shared: &Shared, epoll: &Epoll, inotify: &OwnedFd) {
     let mut interest = KernelInterest::Read;
     // While parked and the queue busy: the consumer's read count at the thread's last look.
     let mut watching: Option<u64> = None;
+    // Quiet looks in a row while watching (see QUIET_LOOKS).
+    let mut quiet = 0;
     let mut events = [EpollEvent::empty(); 3];
     loop {
         let parked = shared.parked.load(Ordering::Acquire);
@@ -563,21 +572,36 @@ fn run(shared: &Shared, epoll: &Epoll, inotify: &OwnedFd) {
         let reads = shared.reads.load(Ordering::Relaxed);
         match watching {
             // The first event after a quiet spell: look again in TAKEOVER_AFTER.
-            None if kernel => watching = Some(reads),
+            None if kernel => {
+                watching = Some(reads);
+                quiet = 0;
+            }
             // Woken for something else (the consumer's park signal) before the time was up.
             None => {}
             Some(_) if n > 0 => {}
-            // The consumer read since the last look: it is alive; look again while the queue is
-            // busy, and go back to one wake-up per quiet spell once it is empty.
-            Some(seen) if seen != reads => watching = is_readable(inotify).then_some(reads),
-            // Not read for TAKEOVER_AFTER: if events wait, the consumer is not coming for them.
+            // The consumer read since the last look: it is alive, and events are coming; look
+            // again in TAKEOVER_AFTER rather than at the next event (events that come every few
+            // milliseconds then wake the thread once per TAKEOVER_AFTER, on a timer, none of them
+            // on an event's path).
+            Some(seen) if seen != reads => {
+                watching = Some(reads);
+                quiet = 0;
+            }
+            // Neither read nor readable for TAKEOVER_AFTER: after QUIET_LOOKS of these in a row,
+            // a quiet spell: wait for the next event.
+            Some(_) if !is_readable(inotify) => {
+                quiet += 1;
+                if quiet >= QUIET_LOOKS {
+                    watching = None;
+                }
+            }
+            // Readable and not read for TAKEOVER_AFTER: the consumer is not coming for them.
             Some(_) => {
                 watching = None;
-                if is_readable(inotify)
-                    && shared
-                        .parked
-                        .compare_exchange(true, false, Ordering::AcqRel, Ordering::Acquire)
-                        .is_ok()
+                if shared
+                    .parked
+                    .compare_exchange(true, false, Ordering::AcqRel, Ordering::Acquire)
+                    .is_ok()
                 {
                     shared.takeovers.fetch_add(1, Ordering::Relaxed);
                     if shared.drain(true) {
