@@ -139,6 +139,11 @@ struct Buffer {
     dropped: u64,
     /// An error met while draining (a new directory that could not be watched), for the next take.
     failed: Option<WatchError>,
+    /// Whether `wake` was written and not read since: a take that empties the buffer reads it only
+    /// then. Items a parked consumer read itself come without a write, and a `read(2)` of the
+    /// eventfd for nothing cost each of their takes a syscall (two an event: the stream takes
+    /// until a take comes back empty).
+    signalled: bool,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -251,8 +256,17 @@ impl Shared {
         };
         if wake && was_idle && (!buffer.items.is_empty() || buffer.failed.is_some()) {
             let _ = self.wake.write(1);
+            buffer.signalled = true;
         }
         over.then_some(true)
+    }
+
+    /// Makes `wake` unreadable again if it was written (the buffer is empty and has no error).
+    fn unsignal(&self, buffer: &mut Buffer) {
+        if buffer.signalled {
+            let _ = self.wake.read();
+            buffer.signalled = false;
+        }
     }
 
     fn set_parked(&self, parked: bool) {
@@ -283,6 +297,7 @@ impl Drainer {
                 cap: buffer_bytes.max(ITEM_OVERHEAD_BYTES),
                 dropped: 0,
                 failed: None,
+                signalled: false,
             }),
             wake: EventFd::from_flags(flags).map_err(io_error)?,
             stop: EventFd::from_flags(flags).map_err(io_error)?,
@@ -409,13 +424,13 @@ impl Drainer {
         let mut buffer = lock(&self.shared.buffer);
         if let Some(err) = buffer.failed.take() {
             if buffer.items.is_empty() {
-                let _ = self.shared.wake.read();
+                self.shared.unsignal(&mut buffer);
             }
             return Err(err);
         }
         let items = buffer.take(max_items);
         if buffer.items.is_empty() {
-            let _ = self.shared.wake.read();
+            self.shared.unsignal(&mut buffer);
         }
         Ok(items)
     }

@@ -250,8 +250,11 @@ class BufferedWatcher:
             self.watcher.sync()
 
     def take(self, max_items: int | None) -> tuple[list[pb.FilesystemEvent], bool]:
-        """Up to ``max_items`` buffered items as events (all for None); and whether any were taken
-        (hidden upload temporaries give items without events)."""
+        """Up to ``max_items`` buffered items as events (all for None); and whether items may be left
+        (``max_items`` were taken, or an error came instead of items). Items buffered after a take
+        that left none signal themselves: the thread writes the eventfd when its buffer turns
+        non-empty, and a parked loop's own read sets ``changed``. (Taking again until a take came back
+        empty cost every event a second ``read_batch``.)"""
         try:
             items = self.watcher.read_batch(max_items)
         except OSError as exc:
@@ -261,7 +264,7 @@ class BufferedWatcher:
         if overflow:
             self.lost = self.lost or overflow
         self.closed = self.closed or closed
-        return events, bool(items)
+        return events, max_items is not None and len(items) >= max_items
 
 
 class WatchService:
@@ -373,9 +376,9 @@ class WatchService:
                     park()
                 await buffered.changed.wait()
                 buffered.changed.clear()
-                taken = True
-                while taken:
-                    events, taken = buffered.take(TRANSLATE_ITEMS)
+                more = True
+                while more:
+                    events, more = buffered.take(TRANSLATE_ITEMS)
                     for event in events:
                         yield pb.WatchDirResponse(filesystem=event)
                     if buffered.lost:
