@@ -18,7 +18,10 @@
 //! loop through the eventfd). The thread takes over again ([`Drainer::unpark`]) whenever the
 //! consumer stops waiting for long, and by itself on a backlog ([`HANDBACK_ITEMS`]) or on events
 //! that can be costly to handle (a directory appearing or going, an overflow), so the kernel
-//! queue is still read at the kernel's pace and no walk of the tree runs on the loop.
+//! queue is still read at the kernel's pace and no walk of the tree runs on the loop. And it keeps
+//! an eye on a parked queue: one that stays readable and unread for [`TAKEOVER_AFTER`] (the loop
+//! busy with something else, or off the CPU) is taken back, so a burst does not overflow the kernel
+//! queue while nobody reads it; an idle watch never wakes the thread.
 //!
 //! Loss still has one cause left, a consumer that stays behind by more than the buffer holds: the
 //! events past the bound are dropped, counted and reported in place as an [`Item::Overflow`], as the

@@ -5,7 +5,8 @@ Each watcher's kernel queue is read by a thread of its own (Rust, ``_core.Watche
 kernel fills it, into a buffer bounded by bytes, so a busy event loop or a slow client does not make
 the kernel drop events. A ``WatchDir`` stream parks that thread and reads the queue on the loop, one
 bounded read at a time, for as long as events come a few at a time (one thread wake-up per event
-instead of two); the thread takes over on a burst or when a directory appears or goes.
+instead of two); the thread takes over on a burst or when a directory appears or goes, and by itself
+when the loop leaves the queue readable and unread for a few milliseconds (busy, or off the CPU).
 
 Never silently lossy: when the kernel queue overflows anyway (``IN_Q_OVERFLOW``) or a watcher's
 buffer fills, the watcher rescans and goes on, and the client is told explicitly with a Connect
