@@ -456,3 +456,27 @@ async def watch_creates_with_exit(
         str(path), on_event, recursive=True, on_exit=lambda e: exited.done() or exited.set_result(e)
     )
     return creates, handle, arrived
+
+
+@pytest.mark.parametrize("codec", ["json", "proto"])
+def test_a_watch_event_encodes_to_the_bytes_of_its_message(codec: str) -> None:
+    """A stream's events are encoded without building ``WatchDirResponse`` (``WatchEvent``): the
+    frames must be the codec's own for the message, byte for byte, for any name (escapes,
+    non-ASCII, empty: left out) and every event type; an event with an entry stays a message."""
+    from sandboxd._proto.filesystem import filesystem_pb2 as pb
+    from sandboxd.agent.connect import _CODECS
+    from sandboxd.agent.services.watch import WatchEvent
+
+    names = ["sub/r1", "", 'q"uote\\back/sl', "ünï/☃", "ctl\x01\n\t", "a" * 300, "\U0001f600", "</script>"]
+    kinds = [number for _, number in pb.EventType.items() if number]
+    assert len(kinds) == 5
+    for name in names:
+        for kind in kinds:
+            event = pb.FilesystemEvent(name=name, type=kind)  # type: ignore[arg-type]
+            fast = WatchEvent.of(event)
+            assert isinstance(fast, WatchEvent)
+            message = pb.WatchDirResponse(filesystem=event)
+            assert _CODECS[codec].frame(fast) == _CODECS[codec].frame(message), (name, kind)
+    with_entry = pb.FilesystemEvent(name="f", type=pb.EVENT_TYPE_CREATE)
+    with_entry.entry.name = "f"
+    assert isinstance(WatchEvent.of(with_entry), pb.WatchDirResponse)

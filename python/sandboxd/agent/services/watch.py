@@ -33,13 +33,14 @@ import string
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from json.encoder import encode_basestring_ascii
 
 from sandboxd import _core
 from sandboxd._proto.filesystem import filesystem_pb2 as pb
 
 from ..errors import Code, RpcError, from_os_error
 from ..paths import expand_and_resolve
-from ..rpc import Context, Kind, Method
+from ..rpc import Context, Encoded, Kind, Method
 from ..state import AgentState
 from ..watch_hub import Commit, WatchHub
 from .filesystem import SERVICE, entry_to_proto
@@ -233,6 +234,41 @@ class EventTranslator:
         return event
 
 
+_EVENT_TYPE_JSON: dict[int, bytes] = {
+    int(number): b'"type":"' + name.encode() + b'"}}' for name, number in pb.EventType.items() if number
+}
+"""The end of a :class:`WatchEvent`'s JSON for each event type (not 0: proto3 JSON leaves a default out)."""
+
+
+class WatchEvent(Encoded):
+    """``WatchDirResponse{filesystem: {name, type}}`` (an event without an entry), encoded without
+    building the message: a stream's JSON frame straight from the name and the type, the same
+    bytes as the JSON codec's (``encode_basestring_ascii`` is what its encoder does with a string;
+    an empty name is left out, as proto3 JSON leaves out a default). ~1 us instead of ~9 us."""
+
+    __slots__ = ("kind", "name")
+
+    def __init__(self, name: str, kind: int) -> None:
+        self.name = name
+        self.kind = kind
+
+    @staticmethod
+    def of(event: pb.FilesystemEvent) -> WatchEvent | pb.WatchDirResponse:
+        if event.type in _EVENT_TYPE_JSON and not event.HasField("entry"):
+            return WatchEvent(event.name, event.type)
+        return pb.WatchDirResponse(filesystem=event)
+
+    def to_json(self) -> bytes:
+        tail = _EVENT_TYPE_JSON[self.kind]
+        if not self.name:
+            return b'{"filesystem":{' + tail
+        return b'{"filesystem":{"name":' + encode_basestring_ascii(self.name).encode() + b"," + tail
+
+    def SerializeToString(self) -> bytes:  # protobuf's name, so serializers take either
+        event = pb.FilesystemEvent(name=self.name, type=self.kind)  # type: ignore[arg-type]
+        return pb.WatchDirResponse(filesystem=event).SerializeToString()
+
+
 @dataclass(slots=True, eq=False)
 class BufferedWatcher:
     """A watcher (whose thread buffers its events, bounded by bytes) and what its client has not
@@ -316,7 +352,9 @@ class WatchService:
     def _resolve(self, path: str, ctx: Context) -> str:
         return expand_and_resolve(path, ctx.user, self.state.default_workdir)
 
-    async def watch_dir(self, request: pb.WatchDirRequest, ctx: Context) -> AsyncIterator[pb.WatchDirResponse]:
+    async def watch_dir(
+        self, request: pb.WatchDirRequest, ctx: Context
+    ) -> AsyncIterator[pb.WatchDirResponse | WatchEvent]:
         path = self._resolve(request.path, ctx)
         watcher = await _open_watcher(path, request.recursive, request.allow_network_mounts)
         buffered = BufferedWatcher(watcher, EventTranslator(path, request.include_entry, self.state.watch_hub))
@@ -381,7 +419,7 @@ class WatchService:
                 while more:
                     events, more = buffered.take(TRANSLATE_ITEMS)
                     for event in events:
-                        yield pb.WatchDirResponse(filesystem=event)
+                        yield WatchEvent.of(event)
                     if buffered.lost:
                         raise overflow_error(buffered.lost)
                     if buffered.closed:
