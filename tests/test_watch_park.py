@@ -8,14 +8,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import os
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from conftest import Agent
 from e2b import AsyncSandbox, FilesystemEvent, FilesystemEventType
@@ -336,3 +339,147 @@ def test_an_upload_rename_read_in_two_batches_is_still_the_upload() -> None:
         ("my-folder/my-file", pb.EVENT_TYPE_WRITE),
     ]
     assert [(e.name, e.type) for e in third] == [("my-folder/other", pb.EVENT_TYPE_CREATE)]
+
+
+PTRACE_SEIZE, PTRACE_INTERRUPT, PTRACE_DETACH = 0x4206, 0x4207, 17
+WALL = 0x40000000  # waitpid's __WALL: a traced thread's stop, whoever's child it is
+
+
+@contextlib.contextmanager
+def thread_stopped(tid: int) -> Iterator[None]:
+    """Holds one thread of another process stopped (ptrace's seize and interrupt stop that thread
+    alone, not its process, as SIGSTOP would) until the block ends. ptrace's requests must all
+    come from the thread that attached, so a helper thread attaches, waits and detaches."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.ptrace.argtypes = [ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p]
+    stopped, release = threading.Event(), threading.Event()
+    failure: list[BaseException] = []
+
+    def tracer() -> None:
+        try:
+            if libc.ptrace(PTRACE_SEIZE, tid, None, None) != 0:
+                raise OSError(ctypes.get_errno(), "ptrace(PTRACE_SEIZE)")
+            try:
+                if libc.ptrace(PTRACE_INTERRUPT, tid, None, None) != 0:
+                    raise OSError(ctypes.get_errno(), "ptrace(PTRACE_INTERRUPT)")
+                os.waitpid(tid, WALL)
+                stopped.set()
+                release.wait(60)
+            finally:
+                libc.ptrace(PTRACE_DETACH, tid, None, None)
+        except BaseException as exc:
+            failure.append(exc)
+            stopped.set()
+
+    thread = threading.Thread(target=tracer, name="loop-stopper")
+    thread.start()
+    try:
+        stopped.wait(10)
+        if failure:
+            if isinstance(failure[0], OSError) and failure[0].errno == errno.EPERM:
+                pytest.skip("ptrace is not permitted here")
+            raise failure[0]
+        yield
+    finally:
+        release.set()
+        thread.join()
+
+
+def test_a_10k_burst_made_while_the_parked_loop_cannot_run_is_delivered_whole(
+    start_agent: Callable[..., Agent], workdir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A parked stream leaves the kernel queue to the agent's event loop. A loop that does not run
+    (busy with something else, or off the CPU on a loaded host) while a burst comes must not cost
+    events: 10,000 files made with ``touch`` queue 20,000 events (CREATE, ATTRIB), more than the
+    kernel's 16,384 (``fs.inotify.max_queued_events``), so the drain thread has to take the queue
+    back. The loop (the agent's main thread) is held stopped for the whole burst, which is made in
+    a directory the stream watches already. Before the drain thread watched a parked queue, this lost
+    events every time (8,192 of 10,000 delivered, then ``data_loss``)."""
+    if int(Path("/proc/sys/fs/inotify/max_queued_events").read_text()) >= 20_000:
+        pytest.skip("the kernel queue holds the whole burst: nothing to take over")
+    agent = start_agent()
+    monkeypatch.setenv("E2B_DEBUG", "true")
+    monkeypatch.setenv("E2B_SANDBOX_URL", agent.url)
+    (workdir / "burst").mkdir()
+    n = 10_000
+
+    async def main() -> tuple[list[str], Exception | None]:
+        sbx = await AsyncSandbox.create()
+        exited: asyncio.Future[Exception | None] = asyncio.get_running_loop().create_future()
+        creates, handle, arrived = await watch_creates_with_exit(sbx, workdir, ["first", "after"], exited)
+        try:
+            (workdir / "first").touch()  # the stream is up and parked once this arrived
+            await asyncio.wait_for(arrived["first"].wait(), 10)
+
+            def burst() -> None:
+                with thread_stopped(agent.process.pid):
+                    # The precondition: the loop is held (it answers nothing).
+                    with pytest.raises(httpx.TimeoutException):
+                        httpx.get(f"{agent.url}/health", timeout=0.2)
+                    subprocess.run(["sh", "-c", f"seq 1 {n} | xargs touch"], cwd=workdir / "burst", check=True)
+                    time.sleep(0.2)  # the queue stays unread a while after the burst, too
+
+            await asyncio.to_thread(burst)
+            (workdir / "after").touch()  # the stream goes on (parked again) after the take-over
+            await asyncio.wait(
+                [asyncio.ensure_future(asyncio.wait_for(arrived["after"].wait(), 30)), exited],
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+            # A loss is reported after the events of the batch it came in (which can hold "after"
+            # too): give the stream's end, if any, the time to arrive.
+            await asyncio.sleep(0.5)
+        finally:
+            await handle.stop()
+        return creates, exited.result() if exited.done() else None
+
+    creates, error = asyncio.run(main())
+    assert error is None, error
+    got = {name for name in creates if name.startswith("burst/")}
+    assert len(got) == n, f"{n - len(got)} of {n} files missing"
+    assert "after" in creates
+
+
+async def watch_creates_with_exit(
+    sbx: Any, path: Path, names: list[str], exited: asyncio.Future[Exception | None]
+) -> tuple[list[str], Any, dict[str, asyncio.Event]]:
+    """A recursive stream on ``path``: the names it reports created, its handle, and for each of
+    ``names`` an event set once it was reported; the stream's end (and its error) set on ``exited``."""
+    creates: list[str] = []
+    arrived = {name: asyncio.Event() for name in names}
+
+    def on_event(event: FilesystemEvent) -> None:
+        if event.type == CREATE:
+            creates.append(event.name)
+            if event.name in arrived:
+                arrived[event.name].set()
+
+    handle = await sbx.files.watch_dir(
+        str(path), on_event, recursive=True, on_exit=lambda e: exited.done() or exited.set_result(e)
+    )
+    return creates, handle, arrived
+
+
+@pytest.mark.parametrize("codec", ["json", "proto"])
+def test_a_watch_event_encodes_to_the_bytes_of_its_message(codec: str) -> None:
+    """A stream's events are encoded without building ``WatchDirResponse`` (``WatchEvent``): the
+    frames must be the codec's own for the message, byte for byte, for any name (escapes,
+    non-ASCII, empty: left out) and every event type; an event with an entry stays a message."""
+    from sandboxd._proto.filesystem import filesystem_pb2 as pb
+    from sandboxd.agent.connect import _CODECS
+    from sandboxd.agent.services.watch import WatchEvent
+
+    names = ["sub/r1", "", 'q"uote\\back/sl', "ünï/☃", "ctl\x01\n\t", "a" * 300, "\U0001f600", "</script>"]
+    kinds = [number for _, number in pb.EventType.items() if number]
+    assert len(kinds) == 5
+    for name in names:
+        for kind in kinds:
+            event = pb.FilesystemEvent(name=name, type=kind)  # type: ignore[arg-type]
+            fast = WatchEvent.of(event)
+            assert isinstance(fast, WatchEvent)
+            message = pb.WatchDirResponse(filesystem=event)
+            assert _CODECS[codec].frame(fast) == _CODECS[codec].frame(message), (name, kind)
+    with_entry = pb.FilesystemEvent(name="f", type=pb.EVENT_TYPE_CREATE)
+    with_entry.entry.name = "f"
+    assert isinstance(WatchEvent.of(with_entry), pb.WatchDirResponse)

@@ -331,6 +331,9 @@ watcher has rescanned and goes on), or events the watcher's buffer had no room f
 in decimal)."""
 WATCH_BUFFER_BYTES: int
 """The default bound on a watcher's buffered events, in bytes (names included)."""
+WATCH_TAKEOVER_S: float
+"""How long a parked caller may leave a readable kernel queue unread before the drain thread takes
+it back by itself (``Watcher.park``)."""
 WATCH_CLOSED: int
 """Kind of a batch item that reports the watched directory itself was deleted or moved away."""
 
@@ -373,8 +376,11 @@ class Watcher:
         """The inotify descriptor, readable while the kernel holds events (for a parked caller)."""
     def park(self) -> None:
         """The caller reads the kernel queue itself while it waits: it polls ``kernel_fileno()`` as
-        well as ``fileno()`` and calls ``read_kernel()``; the drain thread stops polling the kernel.
-        The caller must ``unpark()`` whenever it stops waiting for more than a few milliseconds."""
+        well as ``fileno()`` and calls ``read_kernel()``; the drain thread stops reading the kernel,
+        but takes the queue back by itself (unparks) when it stays readable and unread for
+        ``WATCH_TAKEOVER_S`` (the caller busy elsewhere or off the CPU), so a burst is not lost to a
+        caller that cannot read. A no-op while parked. The caller should still ``unpark()`` when it
+        knows it will stop waiting for long."""
     def unpark(self) -> None:
         """The drain thread reads the kernel queue again (the default)."""
     def read_kernel(self) -> bool:

@@ -18,7 +18,10 @@
 //! loop through the eventfd). The thread takes over again ([`Drainer::unpark`]) whenever the
 //! consumer stops waiting for long, and by itself on a backlog ([`HANDBACK_ITEMS`]) or on events
 //! that can be costly to handle (a directory appearing or going, an overflow), so the kernel
-//! queue is still read at the kernel's pace and no walk of the tree runs on the loop.
+//! queue is still read at the kernel's pace and no walk of the tree runs on the loop. And it keeps
+//! an eye on a parked queue: one that stays readable and unread for [`TAKEOVER_AFTER`] (the loop
+//! busy with something else, or off the CPU) is taken back, so a burst does not overflow the kernel
+//! queue while nobody reads it; an idle watch never wakes the thread.
 //!
 //! Loss still has one cause left, a consumer that stays behind by more than the buffer holds: the
 //! events past the bound are dropped, counted and reported in place as an [`Item::Overflow`], as the
@@ -28,13 +31,14 @@ use std::collections::VecDeque;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags};
 use nix::sys::eventfd::{EfdFlags, EventFd};
 
 use crate::error::WatchError;
@@ -57,6 +61,22 @@ pub const ITEM_OVERHEAD_BYTES: usize = 64;
 /// far less), 64 events keep the consumer from the kernel for ~13 ms at most, well inside what the
 /// kernel queue holds at full pace (16384 events at 300k/s is ~55 ms).
 pub const HANDBACK_ITEMS: usize = 64;
+
+/// How long a parked consumer may leave a readable kernel queue unread before the thread takes it
+/// over (see [`Drainer::park`]). A consumer that is merely alive reads within a few hundred
+/// microseconds of an event; one that has not read for this long is busy with something else or
+/// off the CPU (a loaded host), and at the kernel's full pace the queue lasts ~55 ms (16384 events
+/// at 300k/s), so two of these (the worst case, see `run`) plus the thread's own wake-up leave a
+/// wide margin. The thread wakes every `TAKEOVER_AFTER` only while the queue is readable or was
+/// read since its last look, never while the watch is idle.
+pub const TAKEOVER_AFTER: Duration = Duration::from_millis(5);
+
+/// Looks at a quiet queue (neither read nor readable since the last look) before the drain thread
+/// waits for the next event instead of looking again (see `run`). Events that come every few
+/// milliseconds (a shell loop, an editor saving) then keep the thread on its timer, woken apart from
+/// them, rather than woken by each one at the moment the consumer is; a watch that goes quiet
+/// costs this many wake-ups more, then none.
+const QUIET_LOOKS: u32 = 2;
 
 /// Stack of the drain thread. It handles events and walks new directories iteratively (no
 /// recursion), so a small stack is enough; the default 2 MiB would be mapped for nothing.
@@ -102,6 +122,13 @@ struct Shared {
     /// Set once the watched directory is gone (its `Closed` item is buffered); readable without
     /// waiting for a drain in progress.
     closed: AtomicBool,
+    /// Reads of the kernel queue made by anyone but the thread (a parked consumer's
+    /// [`Drainer::read_kernel`], a [`Drainer::sync`]): the thread, watching a parked consumer,
+    /// takes the queue over when this has not moved for [`TAKEOVER_AFTER`] while the queue was
+    /// readable.
+    reads: AtomicU64,
+    /// How many times the thread took the queue from a consumer that had left it unread.
+    takeovers: AtomicU64,
 }
 
 /// Items waiting for the consumer.
@@ -115,6 +142,11 @@ struct Buffer {
     dropped: u64,
     /// An error met while draining (a new directory that could not be watched), for the next take.
     failed: Option<WatchError>,
+    /// Whether `wake` was written and not read since: a take that empties the buffer reads it only
+    /// then. Items a parked consumer read itself come without a write, and a `read(2)` of the
+    /// eventfd for nothing cost each of their takes a syscall (two an event: the stream takes
+    /// until a take comes back empty).
+    signalled: bool,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -227,8 +259,17 @@ impl Shared {
         };
         if wake && was_idle && (!buffer.items.is_empty() || buffer.failed.is_some()) {
             let _ = self.wake.write(1);
+            buffer.signalled = true;
         }
         over.then_some(true)
+    }
+
+    /// Makes `wake` unreadable again if it was written (the buffer is empty and has no error).
+    fn unsignal(&self, buffer: &mut Buffer) {
+        if buffer.signalled {
+            let _ = self.wake.read();
+            buffer.signalled = false;
+        }
     }
 
     fn set_parked(&self, parked: bool) {
@@ -259,6 +300,7 @@ impl Drainer {
                 cap: buffer_bytes.max(ITEM_OVERHEAD_BYTES),
                 dropped: 0,
                 failed: None,
+                signalled: false,
             }),
             wake: EventFd::from_flags(flags).map_err(io_error)?,
             stop: EventFd::from_flags(flags).map_err(io_error)?,
@@ -267,12 +309,15 @@ impl Drainer {
             kernel_fd,
             handoff: AtomicBool::new(false),
             closed: AtomicBool::new(false),
+            reads: AtomicU64::new(0),
+            takeovers: AtomicU64::new(0),
         });
+        let epoll = epoll_set(&shared, &inotify)?;
         let for_thread = Arc::clone(&shared);
         let thread = std::thread::Builder::new()
             .name("watch-drain".into())
             .stack_size(DRAIN_STACK_BYTES)
-            .spawn(move || run(&for_thread, &inotify))
+            .spawn(move || run(&for_thread, &epoll, &inotify))
             .map_err(WatchError::Io)?;
         Ok(Drainer {
             shared,
@@ -288,6 +333,7 @@ impl Drainer {
     /// Handles everything the kernel holds right now (the thread may not have woken yet), so that a
     /// directory created before this call is watched when it returns.
     pub fn sync(&self) {
+        self.shared.reads.fetch_add(1, Ordering::Relaxed);
         self.shared.drain(false);
     }
 
@@ -299,9 +345,14 @@ impl Drainer {
 
     /// The consumer takes the kernel queue over: it polls [`kernel_fd`](Drainer::kernel_fd) as well
     /// as the eventfd, and calls [`read_kernel`](Drainer::read_kernel) when it is readable. The
-    /// thread stops polling the kernel (after the read it may be in). A consumer that parks must
-    /// [`unpark`](Drainer::unpark) whenever it stops waiting for longer than the kernel queue
-    /// lasts at full speed; a few milliseconds is safe.
+    /// thread stops reading the kernel (after the read it may be in) but keeps an eye on it: the
+    /// first event after a quiet spell wakes it once (its wait entry is behind the consumer's, see
+    /// `run`), and while the queue stays busy it looks every [`TAKEOVER_AFTER`]; when the queue has
+    /// been readable and unread by the consumer for that long, the thread unparks itself and drains
+    /// (the consumer is busy with something else, or off the CPU). The consumer then finds itself
+    /// unparked ([`read_kernel`](Drainer::read_kernel) returns false, [`is_parked`](Drainer::is_parked)
+    /// says so) and may park again. A consumer should still [`unpark`](Drainer::unpark) when it
+    /// knows it will stop waiting for long: the take-over is the safety net, not the plan.
     pub fn park(&self) {
         self.shared.set_parked(true);
     }
@@ -309,6 +360,12 @@ impl Drainer {
     /// The thread reads the kernel queue again (the default).
     pub fn unpark(&self) {
         self.shared.set_parked(false);
+    }
+
+    /// How many times the thread took the kernel queue from a parked consumer that had left it
+    /// readable and unread for [`TAKEOVER_AFTER`] (see [`park`](Drainer::park)).
+    pub fn takeovers(&self) -> u64 {
+        self.shared.takeovers.load(Ordering::Relaxed)
     }
 
     /// Whether the consumer holds the kernel queue (see [`park`](Drainer::park)).
@@ -330,6 +387,7 @@ impl Drainer {
         if !self.is_parked() {
             return false;
         }
+        self.shared.reads.fetch_add(1, Ordering::Relaxed);
         let mut watcher = match self.shared.watcher.try_lock() {
             Ok(watcher) => watcher,
             Err(std::sync::TryLockError::Poisoned(poisoned)) => poisoned.into_inner(),
@@ -369,13 +427,13 @@ impl Drainer {
         let mut buffer = lock(&self.shared.buffer);
         if let Some(err) = buffer.failed.take() {
             if buffer.items.is_empty() {
-                let _ = self.shared.wake.read();
+                self.shared.unsignal(&mut buffer);
             }
             return Err(err);
         }
         let items = buffer.take(max_items);
         if buffer.items.is_empty() {
-            let _ = self.shared.wake.read();
+            self.shared.unsignal(&mut buffer);
         }
         Ok(items)
     }
@@ -431,37 +489,170 @@ impl std::fmt::Debug for Drainer {
     }
 }
 
+/// Tokens of the drain thread's epoll set.
+const STOP: u64 = 0;
+const CONTROL: u64 = 1;
+const KERNEL: u64 = 2;
+
+/// How the drain thread's epoll set holds the kernel descriptor.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum KernelInterest {
+    /// Level-triggered: the thread reads the queue (not parked).
+    Read,
+    /// One-shot, armed: the consumer reads the queue; the first event wakes the thread once.
+    Watch,
+    /// One-shot, fired: the thread looks every [`TAKEOVER_AFTER`] instead of at every event.
+    Fired,
+}
+
 /// The drain thread: waits for the kernel (or the stop signal) and drains, until stopped or the
-/// watched directory is gone.
-fn run(shared: &Shared, inotify: &OwnedFd) {
+/// watched directory is gone; while the consumer is parked, watches that it keeps reading.
+///
+/// An epoll set, not `poll(2)`, so that the kernel descriptor's wait entry is made once and stays:
+/// entries are woken newest first, and the consumer's (registered at each park) is then ahead of
+/// the thread's, so the thread's wake-up never delays the consumer's on a lone event. And one-shot
+/// while parked, so that a busy queue wakes the thread at most once per [`TAKEOVER_AFTER`], not
+/// once per event: the kernel skips a fired one-shot entry in its wake-up loop.
+fn run(shared: &Shared, epoll: &Epoll, inotify: &OwnedFd) {
+    let mut interest = KernelInterest::Read;
+    // While parked and the queue busy: the consumer's read count at the thread's last look.
+    let mut watching: Option<u64> = None;
+    // Quiet looks in a row while watching (see QUIET_LOOKS).
+    let mut quiet = 0;
+    let mut events = [EpollEvent::empty(); 3];
     loop {
         let parked = shared.parked.load(Ordering::Acquire);
-        let mut fds = [
-            PollFd::new(shared.stop.as_fd(), PollFlags::POLLIN),
-            PollFd::new(shared.control.as_fd(), PollFlags::POLLIN),
-            PollFd::new(inotify.as_fd(), PollFlags::POLLIN),
-        ];
-        // Parked: the consumer polls the kernel, the thread only its two signals.
-        let polled = if parked { 2 } else { 3 };
-        match poll(&mut fds[..polled], PollTimeout::NONE) {
-            Ok(_) => {}
+        if !parked {
+            watching = None;
+        }
+        let want = match (parked, watching) {
+            (false, _) => KernelInterest::Read,
+            (true, None) => KernelInterest::Watch,
+            (true, Some(_)) => KernelInterest::Fired,
+        };
+        let flags = match (want, interest) {
+            (KernelInterest::Read, KernelInterest::Read)
+            | (KernelInterest::Watch, KernelInterest::Watch)
+            | (KernelInterest::Fired, KernelInterest::Watch | KernelInterest::Fired) => None,
+            (KernelInterest::Read, _) => Some(EpollFlags::EPOLLIN),
+            // Armed: fires at once if events are queued already (the thread then looks later).
+            (KernelInterest::Watch, _) | (KernelInterest::Fired, KernelInterest::Read) => {
+                Some(EpollFlags::EPOLLIN | EpollFlags::EPOLLONESHOT)
+            }
+        };
+        if let Some(flags) = flags {
+            if epoll
+                .modify(inotify, &mut EpollEvent::new(flags, KERNEL))
+                .is_err()
+            {
+                return;
+            }
+            interest = if want == KernelInterest::Read {
+                KernelInterest::Read
+            } else {
+                KernelInterest::Watch
+            };
+        }
+        let timeout = if watching.is_some() {
+            PollTimeout::try_from(TAKEOVER_AFTER).unwrap_or(PollTimeout::MAX)
+        } else {
+            PollTimeout::NONE
+        };
+        let n = match epoll.wait(&mut events, timeout) {
+            Ok(n) => n,
             Err(Errno::EINTR) => continue,
             Err(_) => return,
+        };
+        let mut kernel = false;
+        for event in &events[..n] {
+            match event.data() {
+                STOP => return,
+                CONTROL => {
+                    let _ = shared.control.read();
+                }
+                _ => kernel = true,
+            }
         }
-        if fds[0].revents().is_some_and(|r| !r.is_empty()) {
-            return;
-        }
-        if fds[1].revents().is_some_and(|r| !r.is_empty()) {
-            let _ = shared.control.read();
+        if kernel && interest == KernelInterest::Watch {
+            interest = KernelInterest::Fired;
         }
         // Unparked by the consumer, the queue may hold events (or events the consumer held back
         // for the thread) without the descriptor's edge being seen: drain in any case. Events
         // held back are handled even if the consumer has parked the thread again since.
         let handoff = shared.handoff.load(Ordering::Acquire);
-        if (handoff || !shared.parked.load(Ordering::Acquire)) && shared.drain(true) {
-            return;
+        if handoff || !shared.parked.load(Ordering::Acquire) {
+            watching = None;
+            if shared.drain(true) {
+                return;
+            }
+            continue;
+        }
+        let reads = shared.reads.load(Ordering::Relaxed);
+        match watching {
+            // The first event after a quiet spell: look again in TAKEOVER_AFTER.
+            None if kernel => {
+                watching = Some(reads);
+                quiet = 0;
+            }
+            // Woken for something else (the consumer's park signal) before the time was up.
+            None => {}
+            Some(_) if n > 0 => {}
+            // The consumer read since the last look: it is alive, and events are coming; look
+            // again in TAKEOVER_AFTER rather than at the next event (events that come every few
+            // milliseconds then wake the thread once per TAKEOVER_AFTER, on a timer, none of them
+            // on an event's path).
+            Some(seen) if seen != reads => {
+                watching = Some(reads);
+                quiet = 0;
+            }
+            // Neither read nor readable for TAKEOVER_AFTER: after QUIET_LOOKS of these in a row,
+            // a quiet spell: wait for the next event.
+            Some(_) if !is_readable(inotify) => {
+                quiet += 1;
+                if quiet >= QUIET_LOOKS {
+                    watching = None;
+                }
+            }
+            // Readable and not read for TAKEOVER_AFTER: the consumer is not coming for them.
+            Some(_) => {
+                watching = None;
+                if shared
+                    .parked
+                    .compare_exchange(true, false, Ordering::AcqRel, Ordering::Acquire)
+                    .is_ok()
+                {
+                    shared.takeovers.fetch_add(1, Ordering::Relaxed);
+                    if shared.drain(true) {
+                        return;
+                    }
+                }
+            }
         }
     }
+}
+
+/// The drain thread's epoll set: the stop and control signals, and the kernel descriptor
+/// level-triggered (the thread reads it until the consumer parks). Made before the thread starts,
+/// so that running out of descriptors is the caller's error, not a thread that silently ends.
+fn epoll_set(shared: &Shared, inotify: &OwnedFd) -> Result<Epoll, WatchError> {
+    let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC).map_err(io_error)?;
+    epoll
+        .add(&shared.stop, EpollEvent::new(EpollFlags::EPOLLIN, STOP))
+        .and_then(|()| {
+            epoll.add(
+                &shared.control,
+                EpollEvent::new(EpollFlags::EPOLLIN, CONTROL),
+            )
+        })
+        .and_then(|()| epoll.add(inotify, EpollEvent::new(EpollFlags::EPOLLIN, KERNEL)))
+        .map_err(io_error)?;
+    Ok(epoll)
+}
+
+/// Whether the kernel holds events now (a poll that does not wait).
+fn is_readable(inotify: &OwnedFd) -> bool {
+    let mut fds = [PollFd::new(inotify.as_fd(), PollFlags::POLLIN)];
+    matches!(poll(&mut fds, PollTimeout::ZERO), Ok(n) if n > 0)
 }
 
 fn wait_readable(fd: &EventFd, timeout: Option<Duration>) -> Result<bool, WatchError> {

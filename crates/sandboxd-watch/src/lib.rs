@@ -87,7 +87,9 @@ mod tree;
 mod tripwire;
 mod watcher;
 
-pub use drain::{DEFAULT_BUFFER_BYTES, Drainer, HANDBACK_ITEMS, ITEM_OVERHEAD_BYTES};
+pub use drain::{
+    DEFAULT_BUFFER_BYTES, Drainer, HANDBACK_ITEMS, ITEM_OVERHEAD_BYTES, TAKEOVER_AFTER,
+};
 pub use error::WatchError;
 pub use event::{Event, EventKind, Item, ROOT_NAME};
 pub use pending::DEFAULT_PENDING_CAP;

@@ -6,7 +6,9 @@ use std::collections::HashSet;
 use std::fs;
 use std::time::{Duration, Instant};
 
-use sandboxd_watch::{DEFAULT_BUFFER_BYTES, Drainer, EventKind, ITEM_OVERHEAD_BYTES, Item};
+use sandboxd_watch::{
+    DEFAULT_BUFFER_BYTES, Drainer, EventKind, ITEM_OVERHEAD_BYTES, Item, TAKEOVER_AFTER,
+};
 
 const EXPECT_WITHIN: Duration = Duration::from_secs(20);
 
@@ -171,14 +173,17 @@ fn a_parked_thread_leaves_the_kernel_queue_to_the_consumer() {
     drainer.park();
     assert!(drainer.is_parked());
     fs::File::create(dir.path().join("a")).unwrap();
-    // The thread does not read it: nothing is buffered until the consumer reads the kernel.
-    assert!(!buffered_within(&drainer, Duration::from_millis(100)));
+    // A consumer that reads (within TAKEOVER_AFTER) keeps the queue: the thread reads nothing.
     let items =
         read_kernel_until_items(&drainer).expect("one file is no reason to hand the queue back");
     assert!(drainer.is_parked());
     assert_eq!(creates(&items), HashSet::from(["a".to_string()]));
     // The consumer knows what it read: the eventfd stays for what the thread buffers.
     assert!(!buffered_within(&drainer, Duration::ZERO));
+    // Nothing was left for the thread to take over, however long the consumer now waits.
+    assert!(!buffered_within(&drainer, TAKEOVER_AFTER * 10));
+    assert_eq!(drainer.takeovers(), 0);
+    assert!(drainer.is_parked());
     // Unparked, the thread reads again by itself.
     drainer.unpark();
     fs::File::create(dir.path().join("b")).unwrap();
@@ -227,4 +232,35 @@ fn a_burst_read_while_parked_hands_the_queue_back() {
     assert!(!drainer.is_parked());
     let items = take_until(&drainer, |items| creates(items).len() >= files);
     assert_eq!(creates(&items).len(), files);
+}
+
+#[test]
+fn a_parked_consumer_that_stops_reading_loses_nothing_the_thread_takes_over() {
+    // The consumer parks, then does not read (an event loop busy elsewhere, or off the CPU) while
+    // a burst larger than the kernel queue (fs.inotify.max_queued_events, 16384 by default) is
+    // made: the thread must notice the unread queue and drain it, or the kernel drops events.
+    let dir = tempfile::tempdir().unwrap();
+    fs::create_dir(dir.path().join("burst")).unwrap();
+    let drainer = Drainer::new(dir.path(), true, DEFAULT_BUFFER_BYTES).unwrap();
+    drainer.park();
+    let n = 20_000;
+    for i in 0..n {
+        fs::File::create(dir.path().join(format!("burst/{i}"))).unwrap();
+    }
+    let items = take_until(&drainer, |items| creates(items).len() >= n);
+    assert!(
+        !items
+            .iter()
+            .any(|item| matches!(item, Item::Overflow { .. })),
+        "events were lost while the consumer did not read"
+    );
+    assert_eq!(creates(&items).len(), n);
+    assert!(drainer.takeovers() >= 1);
+    // The consumer finds the queue taken back, and may park again.
+    assert!(!drainer.is_parked());
+    assert!(!drainer.read_kernel());
+    drainer.park();
+    fs::File::create(dir.path().join("after")).unwrap();
+    let items = read_kernel_until_items(&drainer).expect("one file after parking again");
+    assert_eq!(creates(&items), HashSet::from(["after".to_string()]));
 }

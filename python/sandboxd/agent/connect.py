@@ -42,7 +42,7 @@ from .auth import rpc_user
 from .compression import gunzip
 from .errors import HTTP_STATUS, Code, RpcError, to_rpc_error
 from .protojson import message_to_dict, parse
-from .rpc import HAND_OFF, Context, HandOff, Kind, Method, NestedBytes, Piece, encoded_constant
+from .rpc import HAND_OFF, Context, Encoded, HandOff, Kind, Method, NestedBytes, Piece, encoded_constant
 from .state import AgentState
 
 MAX_UNARY_BODY = 16 << 20
@@ -90,14 +90,14 @@ class Codec:
             ) from None
         return message
 
-    def encode(self, message: Message | NestedBytes) -> bytes:
+    def encode(self, message: Message | NestedBytes | Encoded) -> bytes:
         return b"".join(self._encode_parts(message))
 
-    def frame(self, message: Message | NestedBytes) -> bytes:
+    def frame(self, message: Message | NestedBytes | Encoded) -> bytes:
         """``message`` as one stream envelope."""
         return b"".join(self.frame_parts(message))
 
-    def frame_parts(self, message: Message | NestedBytes) -> list[Piece]:
+    def frame_parts(self, message: Message | NestedBytes | Encoded) -> list[Piece]:
         """``message`` as one stream envelope, in pieces that add up to it: a :class:`NestedBytes`
         (process output) keeps its bytes as a piece of their own, so that they are not copied into
         a joined envelope on their way to the HTTP server (which copies each body message once more
@@ -107,7 +107,9 @@ class Codec:
         parts.insert(0, _HEADER.pack(0, size))
         return parts
 
-    def _encode_parts(self, message: Message | NestedBytes) -> list[Piece]:
+    def _encode_parts(self, message: Message | NestedBytes | Encoded) -> list[Piece]:
+        if isinstance(message, Encoded):
+            return [message.SerializeToString() if self.name == "proto" else message.to_json()]
         if isinstance(message, NestedBytes):
             if self.name == "proto":
                 return [message.proto_prefix(), *message.pieces]

@@ -117,6 +117,22 @@ class Piece(Protocol):
     def __buffer__(self, flags: int, /) -> memoryview: ...
 
 
+class Encoded:
+    """A response message that encodes itself: ``SerializeToString()`` gives its binary wire form,
+    ``to_json()`` its proto3 JSON as the JSON codec writes a message (compact, the same bytes).
+    For a stream whose messages are simple and many, where building the protobuf message and
+    converting it through ``message_to_dict`` cost more than the bytes (a watch stream's events:
+    ~9 us of the agent's ~80 us of Python per event, docs/benchmarks.md, ``watch3``)."""
+
+    __slots__ = ()
+
+    def SerializeToString(self) -> bytes:  # protobuf's name, so serializers take either
+        raise NotImplementedError
+
+    def to_json(self) -> bytes:
+        raise NotImplementedError
+
+
 @dataclass(frozen=True, slots=True)
 class NestedBytes:
     """A response message whose only content is one ``bytes`` field nested in singular message
