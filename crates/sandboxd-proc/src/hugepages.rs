@@ -57,8 +57,12 @@ pub fn collapse_anonymous() -> usize {
                 if done {
                     collapsed += HUGE_PAGE_BYTES;
                 } else if std::io::Error::last_os_error().raw_os_error() == Some(libc::EINVAL) {
-                    // Not supported here (an older kernel, THP off): every range would say so.
-                    return collapsed;
+                    // Not supported here (an older kernel, THP off), or not for this mapping (one
+                    // the kernel will not collapse, or one that changed since the maps were read:
+                    // another thread's malloc arena growing): the next mapping's first range says
+                    // which, at one call a mapping. Returning at the first EINVAL skipped every
+                    // mapping after such a one.
+                    break;
                 }
                 at += HUGE_PAGE_BYTES;
             }
