@@ -572,7 +572,9 @@ def test_syncs_inside_a_sandbox_never_flush_the_hosts_disk(pair: tuple[Sandbox, 
     )
 
 
-def test_no_file_a_sandbox_can_open_lets_it_flush_the_hosts_disk(pair: tuple[Sandbox, Sandbox], runtime: Runtime) -> None:
+def test_no_file_a_sandbox_can_open_lets_it_flush_the_hosts_disk(
+    pair: tuple[Sandbox, Sandbox], runtime: Runtime
+) -> None:
     """``fsync`` of a file, even a clean one opened read-only through a read-only mount, makes ext4
     flush its disk's cache, and ``syncfs`` writes back and flushes its whole filesystem: on a file
     of the host's own filesystem (the data dir's), either is ``sync(2)`` for that disk. The boot id

@@ -412,7 +412,7 @@ WRITER = (
     "i = 0\n"
     "while True:\n"
     "    i += 1\n"
-    "    os.pwrite(fd, b\"%012d\" % i, 0)\n' "
+    '    os.pwrite(fd, b"%012d" % i, 0)\n\' '
 )
 
 
