@@ -510,17 +510,11 @@ def _flushes(path: Path) -> int:
     return int(fields[15])
 
 
-def test_syncs_inside_a_sandbox_never_flush_the_hosts_disk(pair: tuple[Sandbox, Sandbox], runtime: Runtime) -> None:
-    """``sync(2)`` is not namespaced: it writes back and flushes every filesystem of the host, so a
-    loop of ``sync`` inside (root's included) kept the host's disk flushing its cache, against
-    every other tenant's I/O (5,626 flushes for 200 calls). It now succeeds without running; and a
-    sandbox's disk has no write barriers, so its own ``syncfs`` and ``fsync`` stop at its image."""
-    a, _ = pair
-    data = runtime.data_dir
-    syncs = 200
+def _check_flushes_counted(data: Path) -> None:
+    """The control: the host's own fsyncs under ``data`` do reach its disk, and the counter sees them."""
     before = _flushes(data)
     fd = os.open(data / "flush-control", os.O_WRONLY | os.O_CREAT, 0o600)
-    try:  # the control: the host's own fsyncs do reach the disk, and the counter sees them
+    try:
         for _ in range(20):
             os.write(fd, b"x")
             os.fsync(fd)
@@ -530,17 +524,86 @@ def test_syncs_inside_a_sandbox_never_flush_the_hosts_disk(pair: tuple[Sandbox, 
     control = _flushes(data) - before
     if control < 20:
         pytest.skip(f"the disk under {data} counts {control} flushes for 20 fsyncs (no volatile cache?)")
-    before = _flushes(data)
-    out = sh(
-        a,
-        f"for i in $(seq {syncs}); do echo $i >> /home/user/f; sync; sync -f /home/user/f;"
-        " dd if=/home/user/f of=/home/user/g conv=fsync status=none; done; echo done",
-        user="root",
+
+
+def _flushes_beyond_background(data: Path, work: Callable[[], object]) -> tuple[int, int]:
+    """The flushes of the disk under ``data`` during ``work()``, and the most it made in either of
+    two waits as long right after: the host's own (its journal's commits, other tests and jobs),
+    which a drill must not count against a sandbox. Tens a second on a loaded host."""
+    started = time.monotonic()
+    at = _flushes(data)
+    work()
+    took = time.monotonic() - started
+    during = _flushes(data) - at
+    windows = []
+    for _ in range(2):
+        at = _flushes(data)
+        time.sleep(took)
+        windows.append(_flushes(data) - at)
+    return during, max(windows)
+
+
+def test_syncs_inside_a_sandbox_never_flush_the_hosts_disk(pair: tuple[Sandbox, Sandbox], runtime: Runtime) -> None:
+    """``sync(2)`` is not namespaced: it writes back and flushes every filesystem of the host, so a
+    loop of ``sync`` inside (root's included) kept the host's disk flushing its cache, against
+    every other tenant's I/O (5,626 flushes for 200 calls). It now succeeds without running; and a
+    sandbox's disk has no write barriers, so its own ``syncfs`` and ``fsync`` stop at its image."""
+    a, _ = pair
+    data = runtime.data_dir
+    syncs = 200
+    _check_flushes_counted(data)
+    outs: list[str] = []
+    flushes, background = _flushes_beyond_background(
+        data,
+        lambda: outs.append(
+            sh(
+                a,
+                f"for i in $(seq {syncs}); do echo $i >> /home/user/f; sync; sync -f /home/user/f;"
+                " dd if=/home/user/f of=/home/user/g conv=fsync status=none; done; echo done",
+                user="root",
+            )
+        ),
     )
-    assert out == "done\n", out
-    flushes = _flushes(data) - before
-    # The host's own writes go on meanwhile (a commit every 5 s, other tests): a few, not one a sync.
-    assert flushes < syncs // 4, f"{syncs} rounds of syncs inside made the host's disk flush {flushes} times"
+    assert outs == ["done\n"], outs
+    # Unfixed: thousands (14-28 a sync). The host's own flushes go on meanwhile: a loaded host (other
+    # tests, other jobs) makes tens a second, counted here as the background and allowed for.
+    assert flushes - background < syncs // 2, (
+        f"{syncs} rounds of syncs inside made the host's disk flush {flushes} times ({background} meanwhile without)"
+    )
+
+
+def test_no_file_a_sandbox_can_open_lets_it_flush_the_hosts_disk(
+    pair: tuple[Sandbox, Sandbox], runtime: Runtime
+) -> None:
+    """``fsync`` of a file, even a clean one opened read-only through a read-only mount, makes ext4
+    flush its disk's cache, and ``syncfs`` writes back and flushes its whole filesystem: on a file
+    of the host's own filesystem (the data dir's), either is ``sync(2)`` for that disk. The boot id
+    was such a file: bound from the sandbox's directory onto ``/proc/sys/kernel/random/boot_id``,
+    readable by every user inside. No file a sandbox reaches may be one of the host's (a volume is
+    by design: its barriers are kept so that its writes survive a host crash)."""
+    a, _ = pair
+    data = runtime.data_dir
+    rounds = 200
+    _check_flushes_counted(data)
+    outs: list[str] = []
+    flushes, background = _flushes_beyond_background(
+        data,
+        lambda: outs.append(
+            sh(
+                a,
+                f"for i in $(seq {rounds}); do sync /proc/sys/kernel/random/boot_id;"
+                " sync -f /proc/sys/kernel/random/boot_id; done; cat /proc/sys/kernel/random/boot_id",
+                user="user",
+            )
+        ),
+    )
+    out = outs[0].strip()
+    assert len(out) == 36 and out.count("-") == 4, out  # still the sandbox's boot id, readable
+    # Unfixed: two a round (the fsync's flush, the syncfs's commit), 400 here.
+    assert flushes - background < rounds // 2, (
+        f"{rounds} rounds of fsync/syncfs of the boot id flushed the host's disk {flushes} times"
+        f" ({background} meanwhile without)"
+    )
 
 
 # -------------------------------------------------------------------------- the host, others

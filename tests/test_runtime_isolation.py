@@ -404,3 +404,44 @@ def test_orphans_are_reaped_and_an_agent_killed_from_inside_ends_the_sandbox(e2b
 def test_the_data_dir_and_database_are_owner_only(runtime: Runtime) -> None:
     assert runtime.data_dir.stat().st_mode & 0o777 == 0o700
     assert (runtime.data_dir / "sandboxd.db").stat().st_mode & 0o777 == 0o600
+
+
+WRITER = (
+    "python3 -c 'import os, sys\n"
+    "fd = os.open(sys.argv[1], os.O_WRONLY | os.O_CREAT, 0o644)\n"
+    "i = 0\n"
+    "while True:\n"
+    "    i += 1\n"
+    '    os.pwrite(fd, b"%012d" % i, 0)\n\' '
+)
+
+
+def test_a_frozen_sandbox_killed_runs_not_one_more_instruction(e2b_env: Runtime) -> None:
+    """A sandbox paused with its memory is frozen; killing it must not let its processes run again.
+    The kill signals the init, which makes the kernel kill the rest of its PID namespace, and thaws
+    the group (on cgroup v1 a frozen task dies of a SIGKILL only once thawed): every task must have
+    its SIGKILL before the thaw, or those but the init run between the thaw and the init's exit,
+    here writing to a volume a second sandbox reads."""
+    from e2b import Volume
+
+    volume = Volume.create(f"frozen-kill-{os.getpid()}-{time.monotonic_ns()}")
+    reader = Sandbox.create(volume_mounts={"/mnt/v": volume})
+    try:
+        for round_ in range(6):
+            path = f"/mnt/v/n{round_}"
+            writer = Sandbox.create(volume_mounts={"/mnt/v": volume})
+            writer.commands.run(WRITER + path, user="root", background=True)
+            deadline = time.monotonic() + 30
+            while not reader.commands.run(f"test -s {path} && echo yes || true").stdout.strip():
+                assert time.monotonic() < deadline, "the writer never wrote"
+                time.sleep(0.05)
+            writer.pause()
+            paused_at = reader.files.read(path)
+            time.sleep(0.1)
+            assert reader.files.read(path) == paused_at, "the writer runs on while paused"  # frozen indeed
+            writer.kill()
+            after = reader.files.read(path)
+            assert after == paused_at, f"round {round_}: written {paused_at} when paused, {after} after the kill"
+    finally:
+        reader.kill()
+        Volume.destroy(volume.volume_id)

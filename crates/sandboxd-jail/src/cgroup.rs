@@ -432,15 +432,25 @@ impl Cgroup {
         self.set_frozen(false, timeout)
     }
 
-    /// [`Cgroup::thaw`] unless the cgroup is thawed already (or gone): one read when it is.
-    pub(crate) fn thaw_if_frozen(&self, timeout: Duration) -> io::Result<()> {
+    /// Unless the cgroup is thawed already (or gone; one read then): SIGKILL to each of its
+    /// processes, then [`Cgroup::thaw`]. Frozen, none can fork or exit between the read of its
+    /// processes and the signals, and each thawed task dies before it runs another instruction of
+    /// its own. Signalling only some (a PID namespace's init, whose exit kills the rest) lets the
+    /// others run from the thaw until the kernel gets to them: a paused sandbox's processes wrote
+    /// thousands more times to a volume while it was being killed.
+    pub(crate) fn kill_then_thaw_if_frozen(&self, timeout: Duration) -> io::Result<()> {
         let (file, thawed) = match &self.layout {
             Layout::V2(V2Dir { dir, .. }) => (dir.join("cgroup.freeze"), "0"),
             Layout::V1(v) => (need(&v.freezer, "freezer")?.join("freezer.state"), "THAWED"),
         };
         match read_file(&file) {
             Ok(now) if now.trim() == thawed => Ok(()),
-            Ok(_) => self.thaw(timeout),
+            Ok(_) => {
+                for pid in self.pids()? {
+                    let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+                }
+                self.thaw(timeout)
+            }
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
             Err(e) => Err(e),
         }

@@ -271,7 +271,8 @@ impl SandboxHandle {
     /// whole sandbox is gone, without polling the cgroup: the sweep after it finds the cgroup empty
     /// in one read, and stays for anything in the cgroup outside the namespace (nothing, as the
     /// jail builds it). A frozen task dies of a SIGKILL only once thawed (cgroup v1), so a frozen
-    /// sandbox is thawed after the signal.
+    /// sandbox is thawed after the signal, and every one of its tasks is signalled before the thaw:
+    /// the others would otherwise run from the thaw until the init's exit got to them.
     pub fn kill(&self) -> io::Result<()> {
         match pidfd_send_signal(self.pidfd.as_fd(), libc::SIGKILL) {
             Ok(()) => {}
@@ -279,7 +280,7 @@ impl SandboxHandle {
             Err(e) => return Err(e),
         }
         if self.cgroup.exists() {
-            self.cgroup.thaw_if_frozen(FREEZE_TIMEOUT)?;
+            self.cgroup.kill_then_thaw_if_frozen(FREEZE_TIMEOUT)?;
         }
         self.wait(KILL_TIMEOUT)?;
         self.cgroup.kill_all(KILL_TIMEOUT)?;

@@ -40,7 +40,7 @@ use nix::errno::Errno;
 use nix::fcntl::{AT_FDCWD, OFlag, open, openat};
 use nix::mount::{MntFlags, MsFlags, mount, umount2};
 use nix::sys::stat::{Mode, SFlag, fstat, lstat, mkdirat};
-use nix::unistd::{chdir, mkdir, pivot_root, symlinkat, write};
+use nix::unistd::{chdir, mkdir, pivot_root, symlinkat, unlink, write};
 
 use std::os::fd::{AsFd, OwnedFd};
 
@@ -126,9 +126,9 @@ pub(crate) fn make_private() -> Result<(), StepError> {
     .at(Step::MakePrivate)
 }
 
-/// The sandbox's boot id file, relative to the merged root: in the sandbox's directory, next to
-/// `merged/`.
-const BOOT_ID_SOURCE: &CStr = c"../boot_id";
+/// Where the boot id is written before it is bound, relative to the merged root: on the
+/// sandbox's own `/dev` tmpfs, and unlinked once bound.
+const BOOT_ID_SOURCE: &CStr = c"dev/.boot_id";
 
 /// Where the kernel shows the boot id, relative to the merged root.
 const BOOT_ID_TARGET: &CStr = c"proc/sys/kernel/random/boot_id";
@@ -184,7 +184,7 @@ pub(crate) fn setup_root(p: &Prepared, fds: &SetupFds) -> Result<(), StepError> 
     .at(Step::MountSys)?;
 
     setup_dev()?;
-    bind_boot_id()?;
+    bind_boot_id(&p.boot_id)?;
     for (file, value) in &p.user_limits {
         let f = open(
             file.as_c_str(),
@@ -259,7 +259,25 @@ fn setup_dev() -> Result<(), StepError> {
 }
 
 /// Binds the sandbox's boot id over the host's, read-only.
-fn bind_boot_id() -> Result<(), StepError> {
+///
+/// The file bound is on the sandbox's own `/dev` tmpfs, never one of the host's filesystems:
+/// every user inside can open it, and `fsync` of a file (even clean, even through a read-only
+/// mount) makes ext4 flush its disk's cache, and `syncfs` writes back and flushes its whole
+/// filesystem. A file in the sandbox's directory on the data dir made those `sync(2)` for the
+/// host's disk (the seccomp filter answers `sync` itself without running it). On tmpfs both do
+/// nothing. The name is unlinked once bound: the mount keeps the file, and nothing inside can reach
+/// it to write.
+fn bind_boot_id(boot_id: &[u8]) -> Result<(), StepError> {
+    let f = open(
+        BOOT_ID_SOURCE,
+        OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+        Mode::from_bits_truncate(0o444),
+    )
+    .at(Step::BootId)?;
+    if write(&f, boot_id).at(Step::BootId)? != boot_id.len() {
+        return Err(StepError::new(Step::BootId, Errno::EIO));
+    }
+    drop(f);
     mount(
         Some(BOOT_ID_SOURCE),
         BOOT_ID_TARGET,
@@ -280,7 +298,8 @@ fn bind_boot_id() -> Result<(), StepError> {
             | MsFlags::MS_NOEXEC,
         None::<&CStr>,
     )
-    .at(Step::BootId)
+    .at(Step::BootId)?;
+    unlink(BOOT_ID_SOURCE).at(Step::BootId)
 }
 
 /// Hides or freezes the parts of `/proc` and `/sys` that reach past the sandbox. Paths the kernel

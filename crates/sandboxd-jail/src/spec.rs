@@ -8,7 +8,6 @@
 //!
 //! ```text
 //! <dir>/            mode 0711: the sandbox's root (its host uid) can reach the mount points
-//!   boot_id         the sandbox's /proc/sys/kernel/random/boot_id (new at every start)
 //!   lower/<n>/      mount points of the idmapped template layers (inside the sandbox only)
 //!   disk/           mount point of the sandbox's disk, holding upper/ and work/ (with a disk)
 //!   upper/ work/    the writable layer and overlayfs' scratch dir (without a disk)
@@ -25,7 +24,7 @@ use std::fs;
 use std::io::{self, Read};
 use std::os::fd::OwnedFd;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt, chown};
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt, chown};
 use std::path::{Path, PathBuf};
 
 use seccompiler::BpfProgram;
@@ -387,6 +386,8 @@ pub(crate) struct Prepared {
     pub(crate) etc_hostname: Vec<u8>,
     /// Contents of the sandbox's `/etc/hosts`.
     pub(crate) etc_hosts: Vec<u8>,
+    /// Contents of the sandbox's `/proc/sys/kernel/random/boot_id` (new at every start).
+    pub(crate) boot_id: Vec<u8>,
     /// `(file under proc/sys/user/, value)` for the sandbox's user namespace limits.
     pub(crate) user_limits: Vec<(CString, Vec<u8>)>,
     /// `RLIMIT_NOFILE` for the payload.
@@ -481,16 +482,6 @@ impl Prepared {
             lowers.join(":")
         );
 
-        let boot_id = spec.dir.join("boot_id");
-        let mut f = fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o444)
-            .open(&boot_id)?;
-        io::Write::write_all(&mut f, random_uuid()?.as_bytes())?;
-        fs::set_permissions(&boot_id, fs::Permissions::from_mode(0o444))?;
-
         let userns_max = if spec.nested_userns {
             NESTED_USERNS_MAX
         } else {
@@ -534,6 +525,7 @@ impl Prepared {
                 .collect::<io::Result<_>>()?,
             etc_hostname: format!("{}\n", spec.hostname).into_bytes(),
             etc_hosts: hosts_file(Some(&spec.hostname)).into_bytes(),
+            boot_id: random_uuid()?.into_bytes(),
             user_limits,
             open_files: spec.limits.open_files,
             seccomp: seccomp::build(spec.nested_userns)?,

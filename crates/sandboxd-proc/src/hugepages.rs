@@ -40,35 +40,41 @@ pub fn collapse_anonymous() -> usize {
         let Ok(maps) = fs::read_to_string("/proc/self/maps") else {
             return 0;
         };
-        let mut collapsed = 0;
-        for (start, end) in anonymous_ranges(&maps) {
-            let mut at = start.next_multiple_of(HUGE_PAGE_BYTES);
-            while at.saturating_add(HUGE_PAGE_BYTES) <= end {
-                // SAFETY: `at..at + 2 MiB` lies inside a mapping of ours; MADV_COLLAPSE copies its
-                // pages into a huge page and maps that in their place, with the same contents, or
-                // fails and leaves the range as it was. It changes no byte we can observe.
-                let done = unsafe {
-                    libc::madvise(
-                        at as *mut libc::c_void,
-                        HUGE_PAGE_BYTES,
-                        libc::MADV_COLLAPSE,
-                    )
-                } == 0;
-                if done {
-                    collapsed += HUGE_PAGE_BYTES;
-                } else if std::io::Error::last_os_error().raw_os_error() == Some(libc::EINVAL) {
-                    // Not supported here (an older kernel, THP off): every range would say so.
-                    return collapsed;
-                }
-                at += HUGE_PAGE_BYTES;
-            }
-        }
-        collapsed
+        collapse_ranges(anonymous_ranges(&maps))
     }
     #[cfg(not(target_env = "gnu"))]
     {
         0
     }
+}
+
+/// [`collapse_anonymous`]'s work on the given (start, end) ranges of mappings of ours.
+#[cfg(target_env = "gnu")]
+fn collapse_ranges(ranges: impl Iterator<Item = (usize, usize)>) -> usize {
+    let mut collapsed = 0;
+    for (start, end) in ranges {
+        let mut at = start.next_multiple_of(HUGE_PAGE_BYTES);
+        while at.saturating_add(HUGE_PAGE_BYTES) <= end {
+            // SAFETY: `at..at + 2 MiB` lies inside a mapping of ours; MADV_COLLAPSE copies its
+            // pages into a huge page and maps that in their place, with the same contents, or
+            // fails and leaves the range as it was. It changes no byte we can observe.
+            let done = unsafe {
+                libc::madvise(
+                    at as *mut libc::c_void,
+                    HUGE_PAGE_BYTES,
+                    libc::MADV_COLLAPSE,
+                )
+            } == 0;
+            if done {
+                collapsed += HUGE_PAGE_BYTES;
+            } else if std::io::Error::last_os_error().raw_os_error() == Some(libc::EINVAL) {
+                // Not supported here (an older kernel, THP off): every range would say so.
+                return collapsed;
+            }
+            at += HUGE_PAGE_BYTES;
+        }
+    }
+    collapsed
 }
 
 /// The private, writable, anonymous mappings of a `/proc/<pid>/maps` text, as (start, end): no
@@ -96,7 +102,9 @@ fn anonymous_ranges(maps: &str) -> impl Iterator<Item = (usize, usize)> + '_ {
 
 #[cfg(test)]
 mod tests {
-    use super::{HUGE_PAGE_BYTES, anonymous_ranges, collapse_anonymous};
+    #[cfg(target_env = "gnu")]
+    use super::collapse_ranges;
+    use super::{HUGE_PAGE_BYTES, anonymous_ranges};
 
     #[test]
     fn only_private_writable_anonymous_mappings_and_the_heap_are_taken() {
@@ -146,6 +154,7 @@ mod tests {
         panic!("no mapping holds {address:#x}");
     }
 
+    #[cfg(target_env = "gnu")]
     #[test]
     fn written_anonymous_memory_is_collapsed_with_its_contents_and_a_fork_sees_them() {
         let thp = std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled")
@@ -177,7 +186,10 @@ mod tests {
         let aligned = (base as usize).next_multiple_of(HUGE_PAGE_BYTES);
         assert_eq!(anon_huge_kib(aligned), 0, "4 KiB pages before");
 
-        let collapsed = collapse_anonymous();
+        // Its own mapping only: the whole process's (collapse_anonymous) would meet the other
+        // tests' threads' malloc arenas changing meanwhile, whose EINVAL ends the collapse early
+        // (the zygote, which uses it, has one thread then).
+        let collapsed = collapse_ranges(std::iter::once((base as usize, base as usize + length)));
 
         assert!(collapsed >= HUGE_PAGE_BYTES, "collapsed {collapsed} bytes");
         assert!(anon_huge_kib(aligned) >= 2048, "a huge page after");

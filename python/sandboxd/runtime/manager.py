@@ -929,10 +929,9 @@ class SandboxManager:
             # API, the proxy's 502) already says it is gone, never "running but unreachable".
             self.store.update(sandbox_id, state="ended", ended_reason=reason)
             self._notify_gone(sandbox_id)
-            handle = self.handles.get(sandbox_id)
-            if row.state == "paused" and row.pause_mode == "full" and handle is not None:
-                with contextlib.suppress(OSError):
-                    await asyncio.to_thread(handle.thaw)
+            # A sandbox paused with its memory stays frozen: its handle's kill signals every task
+            # before it thaws them, so none runs again (thawed first, they ran until the kill came:
+            # a paused sandbox wrote on to its volumes while being killed).
             await self._stop_processes(sandbox_id, id_base=row.id_base)
             self._slots.discard(sandbox_id)
             await self._forget_samples(sandbox_id)

@@ -1,15 +1,16 @@
 """Killed sandboxes' directory skeletons, kept for the next creates instead of removed and made again.
 
 A new sandbox's directory (``<data dir>/sandboxes/<id>/``, ``crates/sandboxd-jail/src/spec.rs``) is
-~8 new inodes: the directory, ``merged/``, ``lower/``, ``lower/<n>/`` per layer, ``disk/``,
-``boot_id`` (made by the sandbox's "A") and ``agent.log`` (opened by the zygote). On a data dir
+~7 new inodes: the directory, ``merged/``, ``lower/``, ``lower/<n>/`` per layer, ``disk/`` and
+``agent.log`` (opened by the zygote; a ``boot_id`` there is from an older version: the boot id is now
+on the sandbox's own ``/dev``, so that no file of the host's disk is reachable inside). On a data dir
 where sandboxes are made and removed all day, ext4's inode allocator is dear
 (``__ext4_new_inode`` → ``recently_deleted`` reads the inode table block of each inode freed in the
 last seconds, to skip it): ~18 % of the runtime's CPU in a cold burst (docs/benchmarks.md,
 ``cold8``). So a killed sandbox's directory, once emptied of its files and checked to be exactly
 the directories a create makes, is renamed into ``<data dir>/sandbox-dirs/`` and renamed again to
 the next new sandbox's directory: A finds its mount points there (``mkdir``'s ``EEXIST`` is
-accepted and the modes set again) and makes ``boot_id`` anew, the zygote ``agent.log``.
+accepted and the modes set again), the zygote makes ``agent.log``.
 Measured in docs/benchmarks.md, "A killed sandbox's directory given to the next create".
 
 Nothing of the old sandbox may reach the new one. The sandbox's root never has write access to
@@ -18,7 +19,7 @@ image), but the check does not rely on that: a skeleton is kept only if every en
 create makes, with the type, owner, mode and link count a create gives it, no extended attribute,
 on the same filesystem and with no mount at or below it in the runtime's mount namespace, and
 only once every process of the sandbox is known dead (its handle's kill returned). The files are
-never kept, only unlinked: a descriptor of the old ``agent.log`` (writable) or ``boot_id`` may
+never kept, only unlinked: a descriptor of the old ``agent.log`` (writable) may
 outlive the sandbox's processes (passed to another sandbox over a unix socket on a shared volume),
 and must not reach the next sandbox's. Anything else is removed as before.
 """
