@@ -438,9 +438,11 @@ def test_the_zygotes_memory_is_forked_as_huge_pages_and_a_sandbox_still_faults_s
         spare_mapped, spare_in_huge, spare_marked = _anonymous_in_huge_pages(spare)
         # ~24 MiB of the ~46 collapsed when measured; the zygote's own writes since its first fork
         # split the entries of most (~6 MiB still mapped huge), never the huge pages themselves.
+        # How much stays mapped huge in either process depends on those writes (the spare's read
+        # 0 in 4 of 5 runs alone), so only the pages are asserted.
         assert zygote_in_huge >= 16 << 10, zygote_in_huge
         assert spare_in_huge >= 16 << 10, spare_in_huge  # the same pages
-        assert zygote_mapped > 0 and spare_mapped > 0
+        del zygote_mapped, spare_mapped
         assert zygote_marked == [] and spare_marked == []
     finally:
         sock.close()

@@ -163,6 +163,17 @@ mod tests {
             eprintln!("skipped: transparent huge pages are off here");
             return;
         }
+        let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+        let mut version = release
+            .split(|c: char| !c.is_ascii_digit())
+            .map(|n| n.parse::<u32>().unwrap_or(0));
+        if (version.next().unwrap_or(0), version.next().unwrap_or(0)) < (6, 1) {
+            eprintln!(
+                "skipped: no MADV_COLLAPSE before Linux 6.1 ({})",
+                release.trim()
+            );
+            return;
+        }
         // 3 huge pages' worth, so that at least one aligned 2 MiB range lies inside, written with
         // 4 KiB pages (never marked MADV_HUGEPAGE: only the collapse may make a huge page).
         let length = 3 * HUGE_PAGE_BYTES;
