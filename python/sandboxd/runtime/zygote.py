@@ -627,8 +627,8 @@ def collapse_heap() -> int:
     collapsed (about half of the memory: Python's 1 MiB arenas and the heap are not aligned). Only
     ``MADV_COLLAPSE``, never ``MADV_HUGEPAGE``: a sandbox's own new memory still comes in 4 KiB pages.
     Nothing changes what a sandbox sees: the same pages, the same contents. Measured over bursts of
-    100 cold creates (``docs/benchmarks.md``, ``cold14``): the zygote's CPU per create 4.9 → 3.7 ms
-    (medians of 6 rounds); a fork of the preloaded zygote alone ~3.0 → ~2.1 ms."""
+    100 cold creates (``docs/benchmarks.md``, ``cold14``): the zygote's CPU per create 4.64 → 3.42 ms
+    (medians of 8 rounds); a fork of the preloaded zygote alone ~3.0 → ~2.1 ms."""
     return _core.collapse_anonymous()
 
 
