@@ -1,8 +1,9 @@
 """The ``base`` template's login shell (``bash -l -c``, how the agent runs every SDK command): it
 starts no process, and it leaves exactly the environment Debian's own ``/etc/profile`` leaves.
 
-The template replaces Debian's ``/etc/profile`` (kept as ``/etc/profile.distrib``, see
-``sandboxd.runtime.debian.PROFILE``); these tests run both in the same sandbox and compare."""
+The template writes its own ``/etc/profile`` over Debian's (``sandboxd.runtime.debian.PROFILE``);
+Debian's stays in ``/usr/share/base-files/profile``. These tests run both in the same sandbox and
+compare."""
 
 from __future__ import annotations
 
@@ -137,15 +138,15 @@ def test_login_environment_is_debians(sbx: Sandbox) -> None:
     """Each shell, as user and as root, with sandboxd's /etc/profile and then with Debian's (swapped
     in for the second dump), over a profile.d of names run-parts' regex tells apart."""
     sbx.commands.run(PROFILE_D, user="root")
-    assert sbx.commands.run("dpkg-divert --list /etc/profile", user="root").stdout == (
-        "local diversion of /etc/profile to /etc/profile.distrib\n"
-    )
+    differs = sbx.commands.run("cmp -s /etc/profile /usr/share/base-files/profile || echo differs", user="root")
+    assert differs.stdout == "differs\n"
     ours: dict[tuple[str, str], tuple[str, str, int]] = {}
     debians: dict[tuple[str, str], tuple[str, str, int]] = {}
     for shell in SHELLS:
         for user in ("user", "root"):
             ours[shell, user] = _dump(sbx, user, shell)
-    sbx.commands.run("cp -p /etc/profile /tmp/profile.ours && cp -p /etc/profile.distrib /etc/profile", user="root")
+    debian_in = "cp -p /etc/profile /tmp/profile.ours && cp /usr/share/base-files/profile /etc/profile"
+    sbx.commands.run(debian_in, user="root")
     try:
         for shell in SHELLS:
             for user in ("user", "root"):
@@ -161,3 +162,14 @@ def test_login_environment_is_debians(sbx: Sandbox) -> None:
     seen = "9nine.sh Upper.sh _under.sh a_first.sh dots.in.name.sh linked{} zz-last.sh"
     assert f'declare -- seen=" {seen.format("")}"\n' in ours["bash -l", "user"][0]
     assert f'declare -- seen=" {seen.format(" unreadable")}"\n' in ours["bash -l", "root"][0]
+
+
+def test_base_files_upgrade_keeps_it(sbx: Sandbox) -> None:
+    """base-files' postinst, as an upgrade runs it (``configure <old version>``), replaces
+    ``/etc/profile`` only when it is one of Debian's defaults: ours stays, and nothing asks."""
+    before = sbx.commands.run("sha256sum /etc/profile", user="root").stdout
+    result = sbx.commands.run(
+        "sh -e /var/lib/dpkg/info/base-files.postinst configure 13.8 </dev/null", user="root", timeout=60
+    )
+    assert result.stderr == ""
+    assert sbx.commands.run("sha256sum /etc/profile", user="root").stdout == before

@@ -22,7 +22,7 @@ Left out, because a sandbox here is not a VM: systemd, chrony, openssh-server, f
 nftables, nfs-common (no init system runs, and the sandbox's network is the runtime's business).
 
 Changed, with the same result: ``/etc/profile`` (:data:`PROFILE`), which every command's login shell
-reads; Debian's starts ``id`` and ``run-parts``, ours uses shell builtins (Debian's is kept, diverted).
+reads; Debian's starts ``id`` and ``run-parts``, ours uses shell builtins.
 
 Reproducible: the recipe (suite, mirror, packages, hooks) is hashed into the build's cache key, and
 ``SOURCE_DATE_EPOCH`` (mmdebstrap's, and every mtime clamped to it afterwards) makes the tree depend
@@ -137,7 +137,6 @@ mkdir -p "$root"/usr/share/man/man1 "$root"/usr/share/man/man5 "$root"/usr/share
 # file it was written against ($2, its sha256), so a base-files that changes it keeps Debian's
 # (slower, the same) until PROFILE follows.
 if printf '%s  %s\n' "$2" "$root/etc/profile" | sha256sum --check --status; then
-  chroot "$root" dpkg-divert --quiet --local --rename --divert /etc/profile.distrib --add /etc/profile
   cp "$(dirname "$0")/profile" "$root/etc/profile"
   chmod 0644 "$root/etc/profile"
 else
@@ -151,14 +150,14 @@ chroot "$root" dpkg-query --show --showformat='${Package}\t${Version}\n' > "$roo
 mmdebstrap copies the host's (the runtime writes a sandbox's own)."""
 
 DEBIAN_PROFILE_SHA256 = "8fec28102e0c371e6f2ecb949b95c1ba802260766b18c2445882b082418428b9"
-"""sha256 of the ``/etc/profile`` that :data:`PROFILE` reproduces: base-files 13.8 (trixie)."""
+"""sha256 of the ``/etc/profile`` that :data:`PROFILE` reproduces: base-files 13.8+deb13u8 (trixie)."""
 
 PROFILE = r"""# /etc/profile: system-wide .profile file for the Bourne shell (sh(1))
 # and Bourne compatible shells (bash(1), ksh(1), ash(1), ...).
 #
-# sandboxd: Debian's file (base-files; kept, diverted, as /etc/profile.distrib) with the same
-# result, but without starting `id -u` and `run-parts`: every command the SDK runs is a login
-# shell (bash -l -c), and those two processes were most of its cost.
+# sandboxd: Debian's file (base-files' /usr/share/base-files/profile) with the same result, but
+# without starting `id -u` and `run-parts`: every command the SDK runs is a login shell
+# (bash -l -c), and those two processes were most of its cost.
 
 # The effective uid `id -u` prints, from this shell's own /proc entry ("Uid:" real, effective,
 # saved, fs) with the read builtin. Not $EUID: dash has none, and bash takes EUID from the
@@ -213,10 +212,12 @@ fi
 """Debian's ``/etc/profile`` with the same result and no process started (see ``docs/benchmarks.md``:
 a login shell on ``base`` cost ~7 ms against ~2 on ``host``, mostly ``id`` and ``run-parts``).
 
-Put in place with ``dpkg-divert --local --rename``, what a Debian admin does to replace another
-package's conffile: base-files' own goes to ``/etc/profile.distrib`` (tests compare the two), and a
-``base-files`` upgrade inside a sandbox writes its new one there, with no conffile prompt (which an
-edited-in-place conffile would raise, and which fails ``apt-get upgrade`` without a terminal)."""
+Written over Debian's in place, as a local admin edits it: ``/etc/profile`` is no conffile and no
+file of any package. base-files' postinst copies it from ``/usr/share/base-files/profile`` when
+it is missing and, on upgrades, replaces it only when it is one of Debian's past defaults
+(``profile.md5sums``), so an ``apt-get upgrade`` in a sandbox keeps ours, with no prompt (a test
+runs that postinst). A diversion would change nothing (dpkg unpacks no ``/etc/profile``). Debian's
+own stays in ``/usr/share/base-files/profile``, which the tests run beside ours."""
 
 CONFIG = {"env": {"LANG": "C.UTF-8"}, "user": "user", "workdir": "/home/user"}
 """The template's config: what E2B's base sandboxes start with."""
