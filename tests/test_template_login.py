@@ -113,6 +113,7 @@ def test_login_shell_starts_no_process(sbx: Sandbox, user: str) -> None:
 
 SHELLS = {
     "bash -l": DUMP_BASH,  # what the agent runs: bash -l -c <cmd>
+    "bash -l, EUID=0 given": DUMP_BASH,  # bash takes EUID from the environment: `id -u` does not
     "bash -i -l": DUMP_BASH,  # interactive: the PS1 branch, bash.bashrc
     "sh -l": DUMP_DASH,  # dash: no EUID, no BASH
     "sh -i -l": DUMP_DASH,  # dash interactive: PS1 chosen by the effective uid
@@ -121,7 +122,7 @@ SHELLS = {
 
 def _dump(sbx: Sandbox, user: str, shell: str) -> tuple[str, str, int]:
     """The dump from ``shell`` run as the agent runs commands (``bash -l -c``, outer) or directly."""
-    if shell == "bash -l":
+    if shell.startswith("bash -l"):
         command = SHELLS[shell]
     else:
         # env -i, with what the agent gives a login shell: the outer login must not leave its own
@@ -130,7 +131,7 @@ def _dump(sbx: Sandbox, user: str, shell: str) -> tuple[str, str, int]:
             f'exec env -i HOME="$HOME" USER="$USER" LOGNAME="$LOGNAME" PATH=/usr/bin:/bin LANG=C.UTF-8 '
             f"{shell} -c {shlex.quote(SHELLS[shell])}"
         )
-    result = sbx.commands.run(command, user=user)
+    result = sbx.commands.run(command, user=user, envs={"EUID": "0"} if "EUID=0" in shell else None)
     return result.stdout, result.stderr, result.exit_code
 
 
@@ -158,6 +159,7 @@ def test_login_environment_is_debians(sbx: Sandbox) -> None:
     # what the comparison covered: both PATHs, both PS1s of dash, run-parts' choice and order
     assert "PATH=/usr/local/bin:/usr/bin:/bin:/usr/local/games:/usr/games\n" in ours["bash -l", "user"][0]
     assert "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin\n" in ours["bash -l", "root"][0]
+    assert "PATH=/usr/local/bin:/usr/bin:/bin:/usr/local/games:/usr/games\n" in ours["bash -l, EUID=0 given", "user"][0]
     assert "PS1='$ '" in ours["sh -i -l", "user"][0] and "PS1='# '" in ours["sh -i -l", "root"][0]
     seen = "9nine.sh Upper.sh _under.sh a_first.sh dots.in.name.sh linked{} zz-last.sh"
     assert f'declare -- seen=" {seen.format("")}"\n' in ours["bash -l", "user"][0]
