@@ -212,6 +212,11 @@ fi
 """Debian's ``/etc/profile`` with the same result and no process started (see ``docs/benchmarks.md``:
 a login shell on ``base`` cost ~7 ms against ~2 on ``host``, mostly ``id`` and ``run-parts``).
 
+The same result wherever Debian's runs coreutils' ``id``. Not where the inherited ``PATH`` finds no
+``id`` (a command's ``envs`` may set ``PATH``): Debian's then prints two errors and gives root the
+non-root ``PATH``, ours root's; nor where it finds another ``id`` first. Copying that would need the
+fork back, and its errors name line numbers of Debian's file anyway.
+
 Written over Debian's in place, as a local admin edits it: ``/etc/profile`` is no conffile and no
 file of any package. base-files' postinst copies it from ``/usr/share/base-files/profile`` when
 it is missing and, on upgrades, replaces it only when it is one of Debian's past defaults
