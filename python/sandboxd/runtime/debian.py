@@ -21,6 +21,9 @@ What E2B's base has, and where each part of ours comes from (read from e2b-dev/E
 Left out, because a sandbox here is not a VM: systemd, chrony, openssh-server, fuse3, iptables and
 nftables, nfs-common (no init system runs, and the sandbox's network is the runtime's business).
 
+Changed, with the same result: ``/etc/profile`` (:data:`PROFILE`), which every command's login shell
+reads; Debian's starts ``id`` and ``run-parts``, ours uses shell builtins.
+
 Reproducible: the recipe (suite, mirror, packages, hooks) is hashed into the build's cache key, and
 ``SOURCE_DATE_EPOCH`` (mmdebstrap's, and every mtime clamped to it afterwards) makes the tree depend
 only on the recipe and the archive's contents; the installed package versions are recorded beside
@@ -130,11 +133,96 @@ printf 'sandbox\n' > "$root/etc/hostname"
 # The manuals are left out (DPKG_OPTIONS), their directories not: a package whose postinst registers
 # a manual page with update-alternatives (OpenJDK's java.1.gz) fails to configure without them.
 mkdir -p "$root"/usr/share/man/man1 "$root"/usr/share/man/man5 "$root"/usr/share/man/man7 "$root"/usr/share/man/man8
+# /etc/profile without the two programs Debian's starts (PROFILE, beside this script): only over the
+# file it was written against ($2, its sha256), so a base-files that changes it keeps Debian's
+# (slower, the same) until PROFILE follows.
+if printf '%s  %s\n' "$2" "$root/etc/profile" | sha256sum --check --status; then
+  cp "$(dirname "$0")/profile" "$root/etc/profile"
+  chmod 0644 "$root/etc/profile"
+else
+  echo "W: base-files' /etc/profile is not the one sandboxd's was written against: Debian's kept" >&2
+fi
 chroot "$root" dpkg-query --show --showformat='${Package}\t${Version}\n' > "$root/.sandboxd-packages"
 """
-"""Run by mmdebstrap once the packages are installed, with the new root as ``$1``: E2B's
+"""Run by mmdebstrap once the packages are installed, with the new root as ``$1`` (and
+:data:`DEBIAN_PROFILE_SHA256` as ``$2``): E2B's
 ``configure.sh`` in our words. ``/etc/resolv.conf`` and ``/etc/hostname`` are emptied because
 mmdebstrap copies the host's (the runtime writes a sandbox's own)."""
+
+DEBIAN_PROFILE_SHA256 = "8fec28102e0c371e6f2ecb949b95c1ba802260766b18c2445882b082418428b9"
+"""sha256 of the ``/etc/profile`` that :data:`PROFILE` reproduces: base-files 13.8+deb13u8 (trixie)."""
+
+PROFILE = r"""# /etc/profile: system-wide .profile file for the Bourne shell (sh(1))
+# and Bourne compatible shells (bash(1), ksh(1), ash(1), ...).
+#
+# sandboxd: Debian's file (base-files' /usr/share/base-files/profile) with the same result, but
+# without starting `id -u` and `run-parts`: every command the SDK runs is a login shell
+# (bash -l -c), and those two processes were most of its cost.
+
+# The effective uid `id -u` prints, from this shell's own /proc entry ("Uid:" real, effective,
+# saved, fs) with the read builtin. Not $EUID: dash has none, and bash takes EUID from the
+# environment when it is there.
+sandboxd_key=
+if [ -r /proc/self/status ]; then
+  while read -r sandboxd_key sandboxd_ruid sandboxd_euid sandboxd_rest; do
+    [ "$sandboxd_key" = Uid: ] && break
+  done < /proc/self/status
+fi
+[ "$sandboxd_key" = Uid: ] || sandboxd_euid=$(id -u)
+
+if [ "$sandboxd_euid" -eq 0 ]; then
+  PATH="/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+else
+  PATH="/usr/local/bin:/usr/bin:/bin:/usr/local/games:/usr/games"
+fi
+export PATH
+
+if [ "${PS1-}" ]; then
+  if [ "${BASH-}" ] && [ "$BASH" != "/bin/sh" ]; then
+    # The file bash.bashrc already sets the default PS1.
+    # PS1='\h:\w\$ '
+    if [ -f /etc/bash.bashrc ]; then
+      . /etc/bash.bashrc
+    fi
+  else
+    if [ "$sandboxd_euid" -eq 0 ]; then
+      PS1='# '
+    else
+      PS1='$ '
+    fi
+  fi
+fi
+unset sandboxd_key sandboxd_ruid sandboxd_euid sandboxd_rest
+
+# What `run-parts --list --regex '^[a-zA-Z0-9_][a-zA-Z0-9._-]*\.sh$' /etc/profile.d` lists, by a
+# glob (sorted, as run-parts sorts) and the regex as a pattern: regular files (or links to them),
+# whose names start with a letter, digit or underscore and hold only those, dots and dashes.
+if [ -d /etc/profile.d ]; then
+  for i in /etc/profile.d/*.sh; do
+    case ${i#/etc/profile.d/} in
+      [!a-zA-Z0-9_]* | *[!a-zA-Z0-9._-]*) continue ;;
+    esac
+    if [ -f $i ] && [ -r $i ]; then
+      . $i
+    fi
+  done
+  unset i
+fi
+"""
+"""Debian's ``/etc/profile`` with the same result and no process started (see ``docs/benchmarks.md``:
+a login shell on ``base`` cost ~7 ms against ~2 on ``host``, mostly ``id`` and ``run-parts``).
+
+The same result wherever Debian's runs coreutils' ``id``. Not where the inherited ``PATH`` finds no
+``id`` (a command's ``envs`` may set ``PATH``): Debian's then prints two errors and gives root the
+non-root ``PATH``, ours root's; nor where it finds another ``id`` first. Copying that would need the
+fork back, and its errors name line numbers of Debian's file anyway.
+
+Written over Debian's in place, as a local admin edits it: ``/etc/profile`` is no conffile and no
+file of any package. base-files' postinst copies it from ``/usr/share/base-files/profile`` when
+it is missing and, on upgrades, replaces it only when it is one of Debian's past defaults
+(``profile.md5sums``), so an ``apt-get upgrade`` in a sandbox keeps ours, with no prompt (a test
+runs that postinst). A diversion would change nothing (dpkg unpacks no ``/etc/profile``). Debian's
+own stays in ``/usr/share/base-files/profile``, which the tests run beside ours."""
 
 CONFIG = {"env": {"LANG": "C.UTF-8"}, "user": "user", "workdir": "/home/user"}
 """The template's config: what E2B's base sandboxes start with."""
@@ -171,6 +259,8 @@ class Recipe:
             "packages": sorted(PACKAGES),
             "dpkg": DPKG_OPTIONS,
             "customize": CUSTOMIZE,
+            "profile": PROFILE,
+            "debian_profile": DEBIAN_PROFILE_SHA256,
             "epoch": SOURCE_DATE_EPOCH,
             "config": CONFIG,
         }
@@ -255,6 +345,7 @@ def build(
         log_path = store.root / "base-build.log"
         hook = staging / "customize.sh"
         hook.write_text(CUSTOMIZE)
+        (staging / "profile").write_text(PROFILE)
         command = [  # contained (layer_step.CONTAINED): it ends, with every apt and dpkg, when we do
             "mmdebstrap",
             "--verbose",
@@ -269,7 +360,7 @@ def build(
             f"--include={','.join(PACKAGES)}",
             f'--setup-hook=mkdir -p "$1/var/cache/apt/archives" && cp -a {shlex.quote(str(debs))}/. '
             '"$1/var/cache/apt/archives/"',
-            f'--customize-hook=sh {shlex.quote(str(hook))} "$1"',
+            f'--customize-hook=sh {shlex.quote(str(hook))} "$1" {DEBIAN_PROFILE_SHA256}',
             '--customize-hook=chroot "$1" apt-get autoclean -q',
             f"--customize-hook=sync-out /var/cache/apt/archives {debs}",
             recipe.suite,
