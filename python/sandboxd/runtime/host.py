@@ -355,7 +355,7 @@ def _table_remover() -> Callable[[str], None] | None:
 class _CgroupSandboxes:
     """A gone runtime's sandboxes, for :func:`.leftovers.sweep`: found and killed through their cgroups."""
 
-    def list(self, instance: str) -> list[str]:
+    def ids(self, instance: str) -> list[str]:
         from sandboxd import _core
 
         return _core.list_sandboxes(instance)

@@ -271,7 +271,7 @@ class Sandboxes(Protocol):
     """How the sweep finds and kills a gone runtime's sandboxes (``_core``'s, through the cgroup
     tree, every hierarchy; tests give their own)."""
 
-    def list(self, instance: str) -> list[str]:
+    def ids(self, instance: str) -> list[str]:
         """The ids of the sandboxes whose groups are in the instance's group."""
         ...
 
@@ -283,7 +283,7 @@ class Sandboxes(Protocol):
 
 def _any_left(instance: str, sandboxes: Sandboxes) -> bool:
     try:
-        return bool(sandboxes.list(instance))
+        return bool(sandboxes.ids(instance))
     except OSError:
         return True
 
@@ -331,7 +331,7 @@ def _kill_unadoptable(instance: str, data_dir: Path | None, sandboxes: Sandboxes
     and no process has its ids (else by the runtime's own start there, with its directory, whose
     files those ids own)."""
     try:
-        ids = sandboxes.list(instance)
+        ids = sandboxes.ids(instance)
     except OSError as exc:
         log.warning("could not list the sandboxes of %s, a runtime that is gone: %s", instance, exc)
         return 0, 1
