@@ -141,8 +141,9 @@ DATABASE = "sandboxd.db"
 
 def live_ids(path: Path) -> set[str]:
     """The ids of the running and paused sandboxes (:meth:`Store.live`'s) in the database at ``path``,
-    read without writing anything to it: for another runtime's data dir (:mod:`.leftovers`), whose
-    owner may start on it at any moment. Raises ``sqlite3.Error`` when it cannot be read."""
+    read without changing it (no checkpoint, no migration): for another runtime's data dir
+    (:mod:`.leftovers`), whose owner may start on it at any moment. Raises ``sqlite3.Error`` when it
+    cannot be read."""
     reader = sqlite3.connect(f"file:{quote(str(path))}?mode=ro", uri=True, timeout=1)
     try:
         return {str(r[0]) for r in reader.execute("SELECT id FROM sandboxes WHERE state IN ('running', 'paused')")}
