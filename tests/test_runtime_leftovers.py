@@ -4,10 +4,13 @@ on a data dir in use is refused. Real runtimes, real SIGKILL, real locks, nftabl
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
+import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -76,6 +79,85 @@ def test_the_sweep_removes_only_what_a_gone_runtime_left(tmp_path: Path) -> None
         "d-" + "1" * 16
     ]
     assert linked.exists() and not held.exists()
+
+
+class _Sandboxes:
+    """Sandboxes of each instance as the sweep sees them: listed, and killed (recorded)."""
+
+    def __init__(self, groups: dict[str, list[str]]) -> None:
+        self.groups = groups
+        self.killed: list[tuple[str, str]] = []
+
+    def ids(self, instance: str) -> list[str]:
+        return list(self.groups.get(instance, []))
+
+    def kill(self, instance: str, sandbox_id: str) -> None:
+        self.killed.append((instance, sandbox_id))
+        self.groups[instance].remove(sandbox_id)
+
+
+def _write_mark_of(mark_dir: Path, directory: Path, tag: str, **fields: object) -> tuple[Path, str]:
+    """A mark as a runtime on ``directory`` writes it (its data dir recorded), ``fields`` over it."""
+    instance = instance_name(directory)
+    path = mark_dir / f"runtime-{instance}.lock"
+    mark = {"instance": instance, "table": f"inet sandboxd_{tag}", "link_prefix": f"sd{tag}h"}
+    path.write_text(json.dumps({**mark, "data_dir": str(directory.resolve()), **fields}))
+    return path, instance
+
+
+def _database(data_dir: Path, rows: dict[str, str]) -> None:
+    """A data dir's database with these sandboxes (id: state)."""
+    data_dir.mkdir()
+    db = sqlite3.connect(data_dir / "sandboxd.db")
+    db.execute("CREATE TABLE sandboxes (id TEXT PRIMARY KEY, state TEXT NOT NULL)")
+    db.executemany("INSERT INTO sandboxes VALUES (?, ?)", rows.items())
+    db.commit()
+    db.close()
+
+
+def test_the_sweep_kills_the_sandboxes_nobody_can_adopt(tmp_path: Path) -> None:
+    """Marks of gone runtimes, their sandboxes listed: the data dir gone, all are killed (then the
+    table and mark go); the data dir there, only those without a running or paused row (warm ones,
+    unfinished creates) are, and the table and mark stay for the rest's links; a mark that records no
+    data dir (older runtimes), or one that is not its instance's, or whose database cannot be read:
+    none is killed. A runtime without links (``--no-network``) whose sandbox is left keeps its mark."""
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    removed_tables: list[str] = []
+    dirs = (tmp_path / n for n in ("gone", "kept", "old", "odd", "torn", "unlinked"))
+    gone_dir, kept_dir, old_dir, odd_dir, torn_dir, unlinked_dir = dirs
+    _database(kept_dir, {"claimed": "running", "paused": "paused", "ended": "killed"})
+    _database(unlinked_dir, {"claimed": "running"})
+    torn_dir.mkdir()
+    (torn_dir / "sandboxd.db").write_bytes(b"not a database, but long enough for sqlite to say so" * 20)
+    gone_mark, gone = _write_mark_of(marks, gone_dir, "aaaaaa")
+    kept_mark, kept = _write_mark_of(marks, kept_dir, "bbbbbb")
+    old_mark, old = _write_mark_of(marks, old_dir, "cccccc")
+    old_mark.write_text(json.dumps({k: v for k, v in json.loads(old_mark.read_text()).items() if k != "data_dir"}))
+    odd_mark, odd = _write_mark_of(marks, odd_dir, "dddddd", data_dir=str(gone_dir.resolve()))
+    torn_mark, torn = _write_mark_of(marks, torn_dir, "eeeeee")
+    unlinked_mark, unlinked = _write_mark_of(marks, unlinked_dir, "ffffff")
+    sandboxes = _Sandboxes({
+        gone: ["w1", "claimed"],
+        kept: ["claimed", "paused", "ended", "warm"],
+        old: ["w2"],
+        odd: ["w3"],
+        torn: ["w4"],
+        unlinked: ["claimed", "w5"],
+    })  # fmt: skip
+
+    def links() -> list[str]:  # each runtime's sandboxes have links; the gone dir's go once it has none
+        return ["lo", "sdbbbbbbh1", "sdcccccch1", "sdddddddh1", "sdeeeeeeh1"] + ["sdaaaaaah1"] * bool(
+            sandboxes.groups[gone]
+        )
+
+    swept = leftovers.sweep(removed_tables.append, lambda _: None, marks, links=links, sandboxes=sandboxes)
+    killed = [(gone, "w1"), (gone, "claimed"), (kept, "ended"), (kept, "warm"), (unlinked, "w5")]
+    assert sorted(sandboxes.killed) == sorted(killed)
+    assert swept == [gone] and sorted(removed_tables) == ["inet sandboxd_aaaaaa", "inet sandboxd_ffffff"]
+    assert not gone_mark.exists() and kept_mark.exists() and old_mark.exists() and odd_mark.exists()
+    assert torn_mark.exists() and unlinked_mark.exists()
+    assert sandboxes.groups[kept] == ["claimed", "paused"] and sandboxes.groups[unlinked] == ["claimed"]
 
 
 def test_a_mark_whose_names_do_not_belong_together_is_left_alone(tmp_path: Path) -> None:
@@ -208,6 +290,135 @@ def test_a_runtime_killed_outright_is_cleaned_up_by_the_next_one(start_runtime: 
     assert table in _tables(), "the table of a runtime whose sandbox still runs was removed"
     assert _mark(killed.data_dir).exists()
     killed.restart()  # adopts its sandbox; the fixture stops it and kills the sandbox
+
+
+def _sandbox_procs(data_dir: Path) -> dict[str, set[int]]:
+    """Each sandbox group of the runtime's instance, in every hierarchy, with the processes in it."""
+    instance = instance_name(data_dir)
+    root = Path("/sys/fs/cgroup")
+    found: dict[str, set[int]] = {}
+    for base in (root, *root.iterdir()):
+        group = base / "sandboxd" / instance
+        if not group.is_dir():
+            continue
+        for sandbox in group.iterdir():
+            if sandbox.is_dir() and not sandbox.name.startswith("."):
+                procs = found.setdefault(sandbox.name, set())
+                with contextlib.suppress(OSError):
+                    procs.update(int(p) for p in (sandbox / "cgroup.procs").read_text().split())
+    return found
+
+
+def _alive(pid: int) -> bool:
+    """Whether the process runs (a zombie waiting for PID 1 to reap it does not)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _links_of(data_dir: Path) -> list[str]:
+    return [n for n in os.listdir("/sys/class/net") if n.startswith(f"sd{tag_for(data_dir)}h")]
+
+
+def _loop_devices_of(data_dir: Path) -> list[str]:
+    """The loop devices whose backing file is (or was, before its unlink) in the data dir."""
+    found = []
+    for backing in Path("/sys/block").glob("loop*/loop/backing_file"):
+        with contextlib.suppress(OSError):
+            if backing.read_text().startswith(f"{data_dir}/"):
+                found.append(backing.parent.parent.name)
+    return found
+
+
+def _eventually(done: Callable[[], bool], what: str) -> None:
+    """A killed sandbox's link goes with its network namespace, and its loop device with its disk's
+    last mount: the kernel finishes both a moment after its processes are gone."""
+    deadline = time.monotonic() + 10
+    while not done():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.1)
+
+
+def _id_claims_of(data_dir: Path) -> list[tuple[int, str]]:
+    from sandboxd import _core
+
+    return list(_core.IdRegistry(_core.DEFAULT_ID_REGISTRY).claims_of(str(data_dir)))
+
+
+def _with_a_claimed_and_two_warm_sandboxes(runtime: Runtime) -> tuple[str, dict[str, set[int]]]:
+    """Claim a sandbox (from the pool of two), and wait until the pool is full again and every
+    sandbox has processes and a link: its id, and every sandbox's processes."""
+    import httpx
+
+    created = httpx.post(
+        f"{runtime.url}/sandboxes", headers={"X-API-KEY": runtime.api_key}, json={"templateID": "host"}, timeout=60
+    )
+    assert created.status_code == 201, created.text
+    claimed = str(created.json()["sandboxID"])
+    deadline = time.monotonic() + 120
+    while True:
+        procs = _sandbox_procs(runtime.data_dir)
+        if len(procs) == 3 and all(procs.values()) and len(_links_of(runtime.data_dir)) == 3:
+            return claimed, procs
+        assert time.monotonic() < deadline, f"no 3 sandboxes after 120 s: {procs}\n{runtime.log.read_text()[-3000:]}"
+        time.sleep(0.2)
+
+
+def test_a_gone_runtime_whose_data_dir_is_gone_has_its_sandboxes_killed_by_the_next_one(
+    start_runtime: Callable[..., Runtime],
+) -> None:
+    """A runtime with a claimed sandbox and two warm ones is SIGKILLed and its data dir removed (as the
+    tests' harnesses do): nobody can adopt those sandboxes any more. The next runtime that starts on
+    the host kills them and releases what they held: their processes and groups, their links and the
+    runtime's table, their disks' loop devices, their id ranges, and the mark. Before this change all
+    of it stayed on the host for good."""
+    killed = start_runtime("--warm-sandboxes", "2", "--warm-template", "host")
+    _, procs = _with_a_claimed_and_two_warm_sandboxes(killed)
+    data_dir, table = killed.data_dir, f"sandboxd_{tag_for(killed.data_dir)}"
+    assert _loop_devices_of(data_dir) and len(_id_claims_of(data_dir)) >= 3
+    os.kill(killed.process.pid, signal.SIGKILL)
+    killed.process.wait()
+    shutil.rmtree(data_dir)
+    assert _mark(data_dir).exists() and table in _tables()
+
+    start_runtime("--warm-sandboxes", "0")
+    assert _sandbox_procs(data_dir) == {} and _instance_groups(data_dir) == []
+    assert not [pid for pids in procs.values() for pid in pids if _alive(pid)]
+    assert _links_of(data_dir) == [] and table not in _tables()
+    _eventually(lambda: _loop_devices_of(data_dir) == [], f"loop devices left: {_loop_devices_of(data_dir)}")
+    assert _id_claims_of(data_dir) == []
+    assert not _mark(data_dir).exists()
+
+
+def test_a_gone_runtime_whose_data_dir_remains_has_only_its_warm_sandboxes_killed(
+    start_runtime: Callable[..., Runtime],
+) -> None:
+    """A runtime with a claimed sandbox and two warm ones is SIGKILLed; its data dir stays. The next
+    runtime that starts on the host (on another data dir) kills the warm ones, which have no row and
+    so are never adopted (before this change they stayed until their own runtime restarted, for good
+    if it never did), and leaves the claimed one running, with its link, its runtime's table and the
+    mark: that runtime adopts it when it restarts."""
+    import httpx
+
+    killed = start_runtime("--warm-sandboxes", "2", "--warm-template", "host")
+    claimed, procs = _with_a_claimed_and_two_warm_sandboxes(killed)
+    warm = set(procs) - {claimed}
+    os.kill(killed.process.pid, signal.SIGKILL)
+    killed.process.wait()
+
+    start_runtime("--warm-sandboxes", "0")
+    assert set(_sandbox_procs(killed.data_dir)) == {claimed}
+    assert all(_alive(pid) for pid in procs[claimed])
+    assert not [pid for sandbox in warm for pid in procs[sandbox] if _alive(pid)]
+    _eventually(lambda: len(_links_of(killed.data_dir)) == 1, f"links: {_links_of(killed.data_dir)}")
+    assert f"sandboxd_{tag_for(killed.data_dir)}" in _tables()
+    assert _mark(killed.data_dir).exists()
+
+    killed.restart()
+    got = httpx.get(f"{killed.url}/sandboxes/{claimed}", headers={"X-API-KEY": killed.api_key}, timeout=30)
+    assert got.status_code == 200, got.text
+    assert all(_alive(pid) for pid in procs[claimed])
 
 
 def test_a_second_runtime_on_a_data_dir_in_use_is_refused(start_runtime: Callable[..., Runtime]) -> None:

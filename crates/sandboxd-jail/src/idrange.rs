@@ -336,7 +336,8 @@ fn sub_id_ranges(text: &str) -> impl Iterator<Item = (u64, u64)> + '_ {
     })
 }
 
-/// Every real, effective, saved and filesystem uid and gid of every process on the host.
+/// Every real, effective, saved and filesystem uid and gid of every process on the host, zombies
+/// left out.
 fn ids_of_live_processes() -> io::Result<Vec<u32>> {
     let mut ids = Vec::new();
     for e in fs::read_dir("/proc")? {
@@ -352,6 +353,9 @@ fn ids_of_live_processes() -> io::Result<Vec<u32>> {
         let Ok(status) = fs::read_to_string(e.path().join("status")) else {
             continue; // exited meanwhile
         };
+        if zombie(&status) {
+            continue;
+        }
         for line in status.lines() {
             if let Some(rest) = line
                 .strip_prefix("Uid:")
@@ -365,6 +369,24 @@ fn ids_of_live_processes() -> io::Result<Vec<u32>> {
         }
     }
     Ok(ids)
+}
+
+/// Whether a `/proc/<pid>/status` is a process that has exited and waits to be reaped: it holds no
+/// file, mapping or task its ids could act through any more, only its entry. A sandbox's init is one
+/// for a while after a runtime's sweep kills it (its runtime gone, PID 1 reaps it, when it gets to
+/// it), and counting it kept that sandbox's range claimed until the next runtime's start. A leader
+/// that exited before its threads is `Z` too, but its other threads still run (`Threads:` above 1).
+fn zombie(status: &str) -> bool {
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .map(str::trim)
+    };
+    field("State:").is_some_and(|s| s.starts_with('Z'))
+        && field("Threads:")
+            .and_then(|n| n.parse::<u32>().ok())
+            .is_some_and(|n| n <= 1)
 }
 
 #[cfg(test)]
@@ -450,6 +472,60 @@ mod tests {
         assert_eq!(r.reclaim_stale().unwrap(), vec![stale]);
         assert!(r.read(kept).unwrap().is_some());
         assert!(r.read(stale).unwrap().is_none());
+    }
+
+    #[test]
+    fn a_stale_claim_waits_for_its_processes_but_not_for_their_zombies() {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("skipped: needs root (a process with an id of the range)");
+            return;
+        }
+        use std::os::unix::process::CommandExt;
+        use std::process::{Command, Stdio};
+        let (t, mut r) = registry();
+        // The last range: the host's runtimes claim from the first, and a process of theirs with an
+        // id of this test's range would keep its claim.
+        r.taken_by_host = vec![(
+            u64::from(FIRST_BASE),
+            u64::from(FIRST_BASE) + u64::from((RANGES - 1) * RANGE_SIZE),
+        )];
+        let gone = t.path().join("gone");
+        fs::create_dir(&gone).unwrap();
+        let stale = r.claim(&gone, "z").unwrap();
+        assert_eq!(stale, FIRST_BASE + (RANGES - 1) * RANGE_SIZE);
+        fs::remove_dir(&gone).unwrap();
+        let mut child = Command::new("sleep")
+            .arg("60")
+            .uid(stale + 1000)
+            .gid(stale + 1000)
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap();
+        assert_eq!(r.reclaim_stale().unwrap(), Vec::<u32>::new());
+        assert!(r.read(stale).unwrap().is_some());
+        // Killed and not yet reaped (this process waits for it only below): a zombie.
+        child.kill().unwrap();
+        let status = format!("/proc/{}/status", child.id());
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !zombie(&fs::read_to_string(&status).unwrap()) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the child never became a zombie"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        let freed = r.reclaim_stale();
+        child.wait().unwrap();
+        assert_eq!(freed.unwrap(), vec![stale]);
+        assert!(r.read(stale).unwrap().is_none());
+    }
+
+    #[test]
+    fn a_zombie_is_told_from_a_leader_whose_threads_run() {
+        assert!(zombie("Name:\tsleep\nState:\tZ (zombie)\nThreads:\t1\n"));
+        assert!(!zombie("Name:\tsleep\nState:\tZ (zombie)\nThreads:\t3\n"));
+        assert!(!zombie("Name:\tsleep\nState:\tS (sleeping)\nThreads:\t1\n"));
+        assert!(!zombie("State:\tZ (zombie)\n"));
     }
 
     #[test]

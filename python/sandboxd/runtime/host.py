@@ -308,7 +308,7 @@ def prepare(data_dir: Path, registry: Path, node: str | None = None) -> HostFact
     from sandboxd import _core
 
     facts = read_host(data_dir)
-    leftovers.sweep(_table_remover(), _core.remove_left_instance)
+    leftovers.sweep(_table_remover(), _core.remove_left_instance, sandboxes=_CgroupSandboxes())
     shared = budget(facts)
     _core.configure_budget(
         instance_name(data_dir, node),
@@ -350,6 +350,20 @@ def _table_remover() -> Callable[[str], None] | None:
             nft.close()
 
     return remove
+
+
+class _CgroupSandboxes:
+    """A gone runtime's sandboxes, for :func:`.leftovers.sweep`: found and killed through their cgroups."""
+
+    def ids(self, instance: str) -> list[str]:
+        from sandboxd import _core
+
+        return _core.list_sandboxes(instance)
+
+    def kill(self, instance: str, sandbox_id: str) -> None:
+        from sandboxd import _core
+
+        _core.kill_sandbox(instance, sandbox_id)
 
 
 def remove_instance_if_empty(data_dir: Path, node: str | None = None) -> None:

@@ -2,21 +2,38 @@
 next runtime that starts there.
 
 A runtime that stops cleans up after itself (``server._serve``'s clean-up): its nftables table, its
-links, its cgroup instance group. One killed outright cannot, and its data dir may be gone before
-anyone starts it again. Its table then stays in the kernel for good, and it is not inert: besides its
-sandboxes' rules, its ``input`` chain drops every packet from outside the host to the two ports its
-DNS resolver and egress proxy had, ports that any later program may be given.
+links, its cgroup instance group, its warm sandboxes. One killed outright cannot, and its data dir may
+be gone before anyone starts it again. Its table then stays in the kernel for good, and it is not
+inert: besides its sandboxes' rules, its ``input`` chain drops every packet from outside the host to
+the two ports its DNS resolver and egress proxy had, ports that any later program may be given. And
+its sandboxes outlive it: the ones it could adopt again (it does when it restarts on the same data
+dir: their rows are there) are meant to, but its warm sandboxes have no row, and once its data dir is
+gone none has: those stay on the host for good, with their memory, disks, loop devices, links and id
+ranges (CI saw a harness's SIGKILLed runtime leave its four warm sandboxes so).
 
 So each runtime holds a *mark* while it lives: an ``flock`` on ``/run/sandboxd/runtime-<instance>.lock``
-(tmpfs: marks vanish at reboot, with everything they name), whose file names its table and its links.
-A runtime that starts sweeps the marks nobody holds: the lock is free only once its holder's every
-descriptor on it has closed, that is, once it has exited. For each, it removes:
+(tmpfs: marks vanish at reboot, with everything they name), whose file names its table, its links and
+its data dir. A runtime that starts sweeps the marks nobody holds: the lock is free only once its
+holder's every descriptor on it has closed, that is, once it has exited. The sweep holds each such
+lock until it is done, so a runtime that starts on that data dir meanwhile waits (``RuntimeMark``)
+before it reads its rows and adopts. For each, it
 
-* the table, **only if no link of that runtime is left**: a link means a sandbox of it still runs
-  (sandboxes outlive their runtime, which adopts them again when it restarts), and that sandbox's
-  egress rules and its ingress drop are in the table; removing it would free the sandbox from its
-  policy while nobody watches. The table stays until that runtime returns or its sandboxes end;
-* its instance's cgroup group, if no sandbox's group is in it (a pre-made spare's is removed first);
+* kills the sandboxes nobody can adopt, found by the instance's cgroup group (``sandboxd/<instance>/``,
+  in every hierarchy, v1 and v2) and killed through it (``cgroup.kill``; on v1 frozen, killed and
+  thawed), as the runtime's own kill does: every one if the data dir the mark records is gone, else
+  those without a running or paused row in its database (warm ones, creates cut short), as the
+  runtime's own start there would. The others are left alone, and so is everything when it cannot
+  tell: a mark from before marks recorded the data dir, one whose data dir is not its instance's, a
+  database it cannot read. A killed sandbox's disk (a detached mount, whose loop device goes with it)
+  and links (with its network namespace) go with its processes; its id range is freed by the
+  registry's ``reclaim_stale`` right after the sweep once its data dir is gone (else by the
+  runtime's start there, with the sandbox's directory, whose files the range owns);
+* removes the table, **only if no link of that runtime is left**: a link means a sandbox of it still
+  runs, one it will adopt, and that sandbox's egress rules and its ingress drop are in the table;
+  removing it would free the sandbox from its policy while nobody watches. The table stays until that
+  runtime returns or its sandboxes end;
+* removes its instance's cgroup group, if no sandbox's group is in it (a pre-made spare's is removed
+  first);
 
 and then the mark. A runtime's own mark is never swept (it holds it), and tables without a mark (made
 by runtimes before marks existed, or by a ``sandboxd node``, which has none) are never touched."""
@@ -25,13 +42,18 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import logging
 import os
 import re
+import sqlite3
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Protocol
+
+from . import store
 
 log = logging.getLogger("sandboxd.runtime")
 
@@ -39,6 +61,11 @@ MARK_DIR = Path("/run/sandboxd")
 """Where the marks are (the network's block locks are there too)."""
 
 _PREFIX = "runtime-"
+
+LINKS_GONE_S = 5.0
+"""How long a sweep that killed every sandbox of a runtime waits for their links to go (the kernel
+removes them with each network namespace, in a worker of its own) before it leaves the runtime's
+table and mark for the next sweep."""
 
 _INSTANCE = re.compile(r"d-[0-9a-f]{16}")
 _TABLE = re.compile(r"inet sandboxd_[0-9a-f]{6}")
@@ -52,7 +79,9 @@ class MarkHeld(OSError):
 class RuntimeMark:
     """This runtime's mark, held until :meth:`close` (or the process's end)."""
 
-    def __init__(self, instance: str, table: str, link_prefix: str, mark_dir: Path = MARK_DIR) -> None:
+    def __init__(
+        self, instance: str, table: str, link_prefix: str, mark_dir: Path = MARK_DIR, data_dir: str | None = None
+    ) -> None:
         mark_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
         self.path = mark_dir / f"{_PREFIX}{instance}.lock"
         deadline = time.monotonic() + 10
@@ -80,7 +109,12 @@ class RuntimeMark:
         self.fd = fd
         # Written over what was there, then cut to its length: never empty on the way (a mark left
         # unparseable by a death mid-write is removed by the next sweep, see _sweep_one).
-        data = json.dumps({"instance": instance, "table": table, "link_prefix": link_prefix}).encode()
+        # The data dir (resolved, as the instance is derived from it): whether its sandboxes can be
+        # adopted again once this runtime is gone (see _adoptable).
+        fields = {"instance": instance, "table": table, "link_prefix": link_prefix}
+        if data_dir is not None:
+            fields["data_dir"] = data_dir
+        data = json.dumps(fields).encode()
         os.pwrite(fd, data, 0)
         os.ftruncate(fd, len(data))
 
@@ -97,10 +131,12 @@ def sweep(
     remove_instance: Callable[[str], None],
     mark_dir: Path = MARK_DIR,
     links: Callable[[], list[str]] | None = None,
+    sandboxes: Sandboxes | None = None,
 ) -> list[str]:
     """Remove what the runtimes that are gone left (see the module's docstring); returns the instances
     swept. ``remove_table``: ``None`` when this host has no nftables (then tables stay, and so do
-    their marks). ``links``: the host's interface names (tests give their own)."""
+    their marks). ``links``: the host's interface names (tests give their own). ``sandboxes``: how an
+    instance's sandboxes are listed and killed; ``None`` kills none."""
     swept: list[str] = []
     try:
         names = sorted(p.name for p in mark_dir.iterdir() if p.name.startswith(_PREFIX) and p.name.endswith(".lock"))
@@ -127,7 +163,7 @@ def sweep(
                 continue
             free.append((name, fd))
         for name, fd in free:
-            if _sweep_one(mark_dir / name, name, fd, live_tables, remove_table, remove_instance, links):
+            if _sweep_one(mark_dir / name, name, fd, live_tables, remove_table, remove_instance, links, sandboxes):
                 swept.append(name.removeprefix(_PREFIX).removesuffix(".lock"))
     finally:
         for _, fd in free:
@@ -145,6 +181,7 @@ def _sweep_one(
     remove_table: Callable[[str], None] | None,
     remove_instance: Callable[[str], None],
     links: Callable[[], list[str]] | None,
+    sandboxes: Sandboxes | None,
 ) -> bool:
     """One free mark, locked on ``fd``: whether what it names was removed, and the mark with it."""
     # Still the mark at its path: one unlinked between our open and our lock (its runtime stopped
@@ -176,9 +213,17 @@ def _sweep_one(
     # and one whose file is not its instance's would have a live runtime's groups emptied.
     if name != f"{_PREFIX}{instance}.lock" or table.removeprefix("inet sandboxd_") != prefix[2:-1]:
         return False
+    # Its sandboxes that nobody can adopt, killed while the mark is locked: a runtime that starts on
+    # its data dir meanwhile waits for the lock (RuntimeMark) before it reads its rows and adopts.
+    # By instance, not by tag: no other runtime's sandbox is in this instance's groups.
+    killed, spared = (0, 0) if sandboxes is None else _kill_unadoptable(instance, _data_dir(mark, instance), sandboxes)
     if table in live_tables:
         return False  # a live runtime on a data dir with the same tag: the table is its own
-    if not _swept(instance, table, prefix, remove_table, remove_instance, links):
+    if not _swept(instance, table, prefix, remove_table, remove_instance, links, wait=killed > 0 and not spared):
+        return False
+    if sandboxes is not None and _any_left(instance, sandboxes):
+        # One its runtime will adopt, on a runtime without links (--no-network), or one a zygote
+        # forked as its runtime died, after the list above: the mark stays, for the next sweep.
         return False
     with contextlib.suppress(OSError):
         os.unlink(path)
@@ -192,11 +237,16 @@ def _swept(
     remove_table: Callable[[str], None] | None,
     remove_instance: Callable[[str], None],
     links: Callable[[], list[str]] | None,
+    wait: bool = False,
 ) -> bool:
-    """Whether everything the mark names is gone now."""
+    """Whether everything the mark names is gone now. ``wait``: every sandbox of it was just killed,
+    and their links go with their network namespaces, which the kernel tears down a moment later
+    (a worker of its own): they are waited for, for up to :data:`LINKS_GONE_S`."""
     done = True
-    names = links() if links is not None else _links()
-    if not prefix or any(n.startswith(prefix) for n in names):
+    deadline = time.monotonic() + (LINKS_GONE_S if wait else 0)
+    while (linked := _linked(prefix, links)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if not prefix or linked:
         done = False  # a sandbox of it still runs: its table holds its rules
     elif remove_table is not None:
         try:
@@ -210,6 +260,104 @@ def _swept(
         with contextlib.suppress(OSError):
             remove_instance(instance)
     return done
+
+
+def _linked(prefix: str, links: Callable[[], list[str]] | None) -> bool:
+    names = links() if links is not None else _links()
+    return any(n.startswith(prefix) for n in names)
+
+
+class Sandboxes(Protocol):
+    """How the sweep finds and kills a gone runtime's sandboxes (``_core``'s, through the cgroup
+    tree, every hierarchy; tests give their own)."""
+
+    def ids(self, instance: str) -> list[str]:
+        """The ids of the sandboxes whose groups are in the instance's group."""
+        ...
+
+    def kill(self, instance: str, sandbox_id: str) -> None:
+        """Kill every process in the sandbox's group (``cgroup.kill``, or freeze, kill and thaw on v1),
+        wait until it is empty, and remove the group."""
+        ...
+
+
+def _any_left(instance: str, sandboxes: Sandboxes) -> bool:
+    try:
+        return bool(sandboxes.ids(instance))
+    except OSError:
+        return True
+
+
+def _data_dir(mark: dict[str, object], instance: str) -> Path | None:
+    """The data dir a mark records, if it is the one its instance is derived from
+    (:func:`.host.instance_name`); ``None`` for a mark from before marks recorded it, or any other."""
+    recorded = mark.get("data_dir")
+    if not isinstance(recorded, str) or not recorded.startswith("/"):
+        return None
+    if f"d-{hashlib.sha256(recorded.encode()).hexdigest()[:16]}" != instance:
+        return None
+    return Path(recorded)
+
+
+def _adoptable(data_dir: Path | None) -> set[str] | None:
+    """The sandboxes a runtime that starts on ``data_dir`` would adopt (its running and paused rows,
+    as ``SandboxManager.start`` reads them); ``None`` when that cannot be told (the data dir unknown
+    or unreadable): then every sandbox is taken for adoptable."""
+    if data_dir is None:
+        return None
+    try:
+        os.stat(data_dir)
+    except FileNotFoundError:
+        return set()  # gone: nobody can start on it and find them
+    except OSError:
+        return None
+    database = data_dir / store.DATABASE
+    try:
+        if not database.exists():
+            return set()  # its runtime died before it made its database, so before any sandbox
+        return store.live_ids(database)
+    except (sqlite3.Error, OSError) as exc:
+        log.warning("could not read %s, so its sandboxes are left alone: %s", database, exc)
+        return None
+
+
+def _kill_unadoptable(instance: str, data_dir: Path | None, sandboxes: Sandboxes) -> tuple[int, int]:
+    """Kill the gone runtime's sandboxes that nobody can adopt: all of them when its data dir is gone,
+    else those without a running or paused row (its warm ones, and creates it did not finish), as its
+    own start there would (``SandboxManager.start``). Returns how many were killed, and how many were
+    left (adoptable, or not killed). What else a sandbox holds goes with its processes: its disk is a
+    detached mount (its loop device is freed with the mount), its links go with its network
+    namespace; its id range is freed by the registry's ``reclaim_stale`` once its data dir is gone
+    and no process has its ids (else by the runtime's own start there, with its directory, whose
+    files those ids own)."""
+    try:
+        ids = sandboxes.ids(instance)
+    except OSError as exc:
+        log.warning("could not list the sandboxes of %s, a runtime that is gone: %s", instance, exc)
+        return 0, 1
+    if not ids:
+        return 0, 0
+    adoptable = _adoptable(data_dir)
+    if adoptable is None:
+        return 0, len(ids)
+    killed: list[str] = []
+    for sandbox_id in ids:
+        if sandbox_id in adoptable:
+            continue
+        try:
+            sandboxes.kill(instance, sandbox_id)
+            killed.append(sandbox_id)
+        except OSError as exc:
+            log.warning("could not kill sandbox %s of %s, a runtime that is gone: %s", sandbox_id, instance, exc)
+    if killed:
+        log.info(
+            "killed %d sandboxes that nobody can adopt of %s, a runtime that is gone (data dir %s): %s",
+            len(killed),
+            instance,
+            data_dir,
+            ", ".join(killed),
+        )
+    return len(killed), len(ids) - len(killed)
 
 
 def _links() -> list[str]:

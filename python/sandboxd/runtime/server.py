@@ -216,7 +216,12 @@ def run(options: ServeOptions) -> None:
     tag = tag_for(options.data_dir)
     mark: leftovers.RuntimeMark | None = None
     try:
-        mark = leftovers.RuntimeMark(host.instance_name(options.data_dir), f"inet sandboxd_{tag}", f"sd{tag}h")
+        mark = leftovers.RuntimeMark(
+            host.instance_name(options.data_dir),
+            f"inet sandboxd_{tag}",
+            f"sd{tag}h",
+            data_dir=str(options.data_dir.resolve()),
+        )
     except leftovers.MarkHeld as exc:
         sys.exit(f"sandboxd serve: {exc}")
     except OSError as exc:  # a read-only /run, say: the runtime works, only a kill -9 would leave things

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS sandboxes (
@@ -132,6 +133,22 @@ _STORED_EVENT = (
     " FROM events e LEFT JOIN sandboxes s ON s.id = e.sandbox_id"
 )
 """What :class:`StoredEvent` is read with (a ``WHERE`` follows)."""
+
+
+DATABASE = "sandboxd.db"
+"""The database's name in a data dir."""
+
+
+def live_ids(path: Path) -> set[str]:
+    """The ids of the running and paused sandboxes (:meth:`Store.live`'s) in the database at ``path``,
+    read without changing it (no checkpoint, no migration): for another runtime's data dir
+    (:mod:`.leftovers`), whose owner may start on it at any moment. Raises ``sqlite3.Error`` when it
+    cannot be read."""
+    reader = sqlite3.connect(f"file:{quote(str(path))}?mode=ro", uri=True, timeout=1)
+    try:
+        return {str(r[0]) for r in reader.execute("SELECT id FROM sandboxes WHERE state IN ('running', 'paused')")}
+    finally:
+        reader.close()
 
 
 _COLUMNS = [f for f in SandboxRow.__dataclass_fields__]

@@ -32,7 +32,7 @@ on a host with 8 GiB or more for sandboxes, none under 2 GiB), of a template alr
 pool never starts a build of ``base`` (a runtime nobody has asked for a sandbox yet fetches nothing),
 it waits for a create to build it. A warm sandbox that dies is dropped and replaced; the runtime's
 stop kills them all (they have no row to be re-adopted from), and its start kills any a crashed
-runtime left.
+runtime left; if it is not started again, the next runtime to start on the host does (:mod:`.leftovers`).
 """
 
 from __future__ import annotations
