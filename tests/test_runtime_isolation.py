@@ -198,8 +198,9 @@ def test_a_resume_never_mounts_a_disk_whose_last_filesystem_lives_on(e2b_env: Ru
     shared volume; or in flight, a socket sent over itself, until the kernel's unix garbage collector
     runs) keeps its filesystem alive after a pause to disk killed it, with what it wrote not yet in
     the image. A resume then mounted the image a second time beside it (two loop devices, two ext4
-    filesystems writing one image) and found the files it had written missing. A resume now waits for
-    the image to be released and refuses while it is not; the pause syncs it once released."""
+    filesystems writing one image) and found the files it had written missing. A resume (and a
+    snapshot) now waits for the image to be released and refuses while it is not; the pause waits for
+    it before it syncs the image."""
     from e2b import Volume
 
     volume = Volume.create(f"hold-{os.getpid()}-{time.monotonic_ns()}")
@@ -222,6 +223,8 @@ def test_a_resume_never_mounts_a_disk_whose_last_filesystem_lives_on(e2b_env: Ru
             refused = exc
         assert len(_loops_of(image)) == 1, "the image was mounted a second time beside its live filesystem"
         assert refused is not None and "still mounted" in str(refused), refused
+        with pytest.raises(Exception, match="still mounted"):  # nor copies it into a snapshot
+            Sandbox.create_snapshot(sbx.sandbox_id)
         holder.kill()  # the held file closes: the filesystem writes back what it had and goes
         deadline = time.monotonic() + 30
         while _loops_of(image):

@@ -1096,10 +1096,19 @@ class SandboxManager:
             assert row.id_base is not None
             copy = self.sandboxes_dir / sandbox_id / SNAPSHOT_IMAGE
             handle = self.handles.get(sandbox_id)
+            image = self.sandboxes_dir / sandbox_id / DISK_IMAGE
+            if handle is None and not await asyncio.to_thread(wait_released, image):
+                # Paused to disk, its last run's filesystem alive (see wait_released): the image may
+                # lack what that filesystem has not written back.
+                raise ApiError(
+                    503,
+                    f"sandbox {sandbox_id}'s disk is still mounted by its last run: a file of it is held open"
+                    " outside it (sent out over a unix socket); snapshot it once that file is closed",
+                )
             try:
                 await asyncio.to_thread(
                     snapshots.copy_disk,
-                    self.sandboxes_dir / sandbox_id / DISK_IMAGE,
+                    image,
                     copy,
                     handle,
                     row.state == "running",
