@@ -596,6 +596,40 @@ def test_no_file_a_sandbox_can_open_lets_it_flush_the_hosts_disk(
     )
 
 
+@pytest.mark.parametrize("user", ["user", "root"])
+def test_no_file_of_the_host_templates_usr_lets_it_flush_the_hosts_disk(e2b_env: Runtime, user: str) -> None:
+    """The ``host`` template's ``/usr`` is the host's own, idmapped and read-only: ``fsync`` of any
+    file there (a clean one, read-only, as ``user``: ``/usr/bin/ls``, a directory, the running
+    program through ``/proc/self/exe``) made ext4 flush the host's disk, and ``syncfs`` wrote back
+    and flushed its whole filesystem. It is now under a read-only overlay, which syncs no lower
+    file and, with no upper layer, no filesystem. The rest of what a sandbox can open is checked
+    beside it: its root (template layers and its disk: overlayfs), ``/etc/hostname`` (written at
+    every start, on its disk) and the host's device nodes (devtmpfs)."""
+    data = e2b_env.data_dir
+    if os.stat("/usr").st_dev != os.stat(data).st_dev:
+        pytest.skip("the host's /usr is not on the data dir's disk, whose flushes are counted")
+    sandbox = Sandbox.create(template="host")
+    try:
+        rounds = 200
+        out, flushes, background = _run_counting_flushes(
+            sandbox,
+            data,
+            f"for i in $(seq {rounds}); do sync /usr/bin/ls /usr /proc/self/exe /etc/passwd /etc/hostname /;"
+            " sync /dev/null 2>/dev/null; sync -f /usr/bin/ls; sync -f /etc/passwd; done;"
+            " ls /usr/bin/ls; touch /usr/bin/sandboxd-probe 2>&1 | grep -o 'Read-only file system'",
+            user=user,
+        )
+    finally:
+        sandbox.kill()
+    # /usr is still the host's, still read-only.
+    assert out == "/usr/bin/ls\nRead-only file system\n", out
+    # Unfixed: four a round (the fsyncs of the three files under /usr, the syncfs's), 800 here.
+    assert flushes - background < rounds // 2, (
+        f"{rounds} rounds of fsync/syncfs under the host template's /usr flushed the host's disk {flushes} times"
+        f" ({background} meanwhile without)"
+    )
+
+
 # -------------------------------------------------------------------------- the host, others
 
 

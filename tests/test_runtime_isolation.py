@@ -157,6 +157,89 @@ def test_a_sandboxs_disk_has_no_write_barriers_and_a_volume_keeps_them(
         Volume.destroy(volume.volume_id)
 
 
+def _loops_of(image: Path) -> list[str]:
+    """The loop devices ``image`` backs (each one a live filesystem over it)."""
+    want = os.path.realpath(image)
+    return [
+        backing.parent.parent.name
+        for backing in Path("/sys/block").glob("loop*/loop/backing_file")
+        if backing.read_text().strip().removesuffix(" (deleted)") == want
+    ]
+
+
+HOLD = r"""
+import array, socket, time
+listener = socket.socket(socket.AF_UNIX)
+listener.bind("/mnt/v/hold.sock")
+listener.listen()
+conn, _ = listener.accept()
+_, ancillary, _, _ = conn.recvmsg(1, socket.CMSG_SPACE(4))
+held = array.array("i", ancillary[0][2])[0]
+print("holding", held, flush=True)
+time.sleep(600)
+"""
+"""Run in one sandbox: keeps the descriptor another sandbox sends over a unix socket on their volume."""
+
+SEND = r"""
+import array, os, socket
+fd = os.open("/home/user/kept", os.O_RDWR | os.O_CREAT, 0o644)
+os.write(fd, b"kept\n")
+s = socket.socket(socket.AF_UNIX)
+s.connect("/mnt/v/hold.sock")
+s.sendmsg([b"x"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))])
+print("sent")
+"""
+"""Run in the sandbox to pause: a file of its disk, written, sent to the holder."""
+
+
+def test_a_resume_never_mounts_a_disk_whose_last_filesystem_lives_on(e2b_env: Runtime) -> None:
+    """A sandbox's disk is unmounted when the last file open on it closes, wherever that file is, not
+    with the sandbox's processes: a descriptor it sent over a unix socket (to another sandbox, on a
+    shared volume; or in flight, a socket sent over itself, until the kernel's unix garbage collector
+    runs) keeps its filesystem alive after a pause to disk killed it, with what it wrote not yet in
+    the image. A resume then mounted the image a second time beside it (two loop devices, two ext4
+    filesystems writing one image) and found the files it had written missing. A resume (and a
+    snapshot) now waits for the image to be released and refuses while it is not; the pause waits for
+    it before it syncs the image."""
+    from e2b import Volume
+
+    volume = Volume.create(f"hold-{os.getpid()}-{time.monotonic_ns()}")
+    holder = Sandbox.create(volume_mounts={"/mnt/v": volume})
+    sbx = Sandbox.create(volume_mounts={"/mnt/v": volume})
+    image = e2b_env.data_dir / "sandboxes" / sbx.sandbox_id / "disk.img"
+    try:
+        holder.commands.run(f"python3 -c '{HOLD}'", user="user", background=True, timeout=0)
+        deadline = time.monotonic() + 30
+        while holder.commands.run("test -S /mnt/v/hold.sock && echo up || echo down").stdout != "up\n":
+            assert time.monotonic() < deadline, "the holder never listened"
+            time.sleep(0.1)
+        assert sbx.commands.run(f"python3 -c '{SEND}'", user="user").stdout == "sent\n"
+        sbx.pause(mode="filesystem")
+        assert len(_loops_of(image)) == 1  # its filesystem lives on, held by the holder
+        refused: Exception | None = None
+        try:
+            Sandbox.connect(sbx.sandbox_id)
+        except Exception as exc:  # the SDK's ServiceBusyException (503)
+            refused = exc
+        assert len(_loops_of(image)) == 1, "the image was mounted a second time beside its live filesystem"
+        assert refused is not None and "still mounted" in str(refused), refused
+        with pytest.raises(Exception, match="still mounted"):  # nor copies it into a snapshot
+            Sandbox.create_snapshot(sbx.sandbox_id)
+        holder.kill()  # the held file closes: the filesystem writes back what it had and goes
+        deadline = time.monotonic() + 30
+        while _loops_of(image):
+            assert time.monotonic() < deadline, "the disk stayed mounted after its holder was killed"
+            time.sleep(0.05)
+        again = Sandbox.connect(sbx.sandbox_id)
+        assert again.files.read("/home/user/kept") == "kept\n"
+        assert len(_loops_of(image)) == 1
+    finally:
+        with contextlib.suppress(Exception):
+            Sandbox.kill(holder.sandbox_id)
+        Sandbox.kill(sbx.sandbox_id)
+        Volume.destroy(volume.volume_id)
+
+
 # ------------------------------------------------------------------------------------------ faults
 
 

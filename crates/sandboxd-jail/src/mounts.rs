@@ -1,5 +1,6 @@
 //! The sandbox's root filesystem: overlayfs over the idmapped template layers with the writable
-//! layer on the sandbox's disk, host `/usr` idmapped and read-only, fresh `/proc` (with the
+//! layer on the sandbox's disk, host `/usr` idmapped and read-only under an overlay of its own
+//! (so nothing inside can `fsync` a file of the host's disk), fresh `/proc` (with the
 //! sandbox's own boot id), read-only `/sys`, a minimal `/dev`, then `pivot_root` into it.
 //!
 //! What the kernel does here: every call below runs in the sandbox's own mount namespace, owned
@@ -156,6 +157,7 @@ pub(crate) fn setup_root(p: &Prepared, fds: &SetupFds) -> Result<(), StepError> 
     if let Some(usr) = fds.usr() {
         ensure_dir(c"usr")?;
         attach(usr, c"usr").at(Step::BindUsr)?;
+        overlay_usr(p)?;
     }
     for (volume, target) in fds.volumes().zip(&p.volume_targets) {
         let at = open_beneath_root(target)?;
@@ -300,6 +302,30 @@ fn bind_boot_id(boot_id: &[u8]) -> Result<(), StepError> {
     )
     .at(Step::BootId)?;
     unlink(BOOT_ID_SOURCE).at(Step::BootId)
+}
+
+/// Covers the host's `/usr`, just attached at `usr`, with a read-only overlay of it (and an empty
+/// second lower: overlayfs without an upper layer wants two), so that no file of the host's disk
+/// is open inside.
+///
+/// Why: `fsync` of a file of the host's ext4, even a clean one opened read-only through a
+/// read-only mount, makes ext4 flush its disk's cache, and `syncfs` writes back and flushes its
+/// whole filesystem; every user inside can open `/usr/bin/ls`, so either was `sync(2)` for the
+/// host's disk, against every other tenant's I/O (400 flushes for 200 rounds). Through overlayfs
+/// neither reaches it: `ovl_fsync` syncs only an upper file and `ovl_sync_fs` returns at once
+/// without an upper layer (the template layers are safe for the same reason). Measured on Linux
+/// 6.18: 0 flushes for the same 200 rounds. The host's mount stays beneath, covered: nothing
+/// inside can unmount it (no `CAP_SYS_ADMIN`) or open a path through it. Submounts of the host's
+/// `/usr` do not show through the overlay (a lower layer is one filesystem).
+fn overlay_usr(p: &Prepared) -> Result<(), StepError> {
+    mount(
+        Some(c"overlay"),
+        c"usr",
+        Some(c"overlay"),
+        MsFlags::MS_RDONLY | MsFlags::MS_NODEV,
+        Some(p.usr_overlay_options.as_c_str()),
+    )
+    .at(Step::OverlayUsr)
 }
 
 /// Hides or freezes the parts of `/proc` and `/sys` that reach past the sandbox. Paths the kernel

@@ -257,9 +257,11 @@ fn make_userns_and_layers(p: &Prepared) -> Result<SetupFds, StepError> {
                 idmapped_tree(source, userns.as_fd(), false, LAYER_ATTRS).at(Step::IdmapLayer)?,
             );
         }
+        // Not recursive: the host's /usr is an overlay's lower layer inside (`mounts.rs`,
+        // `overlay_usr`), and a lower layer is one filesystem, so submounts would not show.
         let usr = match p.host_usr_ro {
             true => Some(
-                idmapped_tree(c"/usr", userns.as_fd(), true, LAYER_ATTRS).at(Step::IdmapLayer)?,
+                idmapped_tree(c"/usr", userns.as_fd(), false, LAYER_ATTRS).at(Step::IdmapLayer)?,
             ),
             false => None,
         };

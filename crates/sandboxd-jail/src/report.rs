@@ -65,11 +65,12 @@ pub(crate) enum Step {
     IdmapVolume,
     VolumeTarget,
     AttachVolume,
+    OverlayUsr,
 }
 
 impl Step {
     /// Every step, to decode a record read from a pipe.
-    const ALL: [Step; 43] = [
+    const ALL: [Step; 44] = [
         Step::Setsid,
         Step::JoinCgroup,
         Step::Unshare,
@@ -113,6 +114,7 @@ impl Step {
         Step::IdmapVolume,
         Step::VolumeTarget,
         Step::AttachVolume,
+        Step::OverlayUsr,
     ];
 
     fn from_u32(v: u32) -> Step {
@@ -137,6 +139,7 @@ impl Step {
             Step::Chdir => "chdir into the new root",
             Step::MountPoint => "preparing a mount point (must be a directory, not a symlink)",
             Step::BindUsr => "attaching the idmapped host /usr",
+            Step::OverlayUsr => "mounting the read-only overlay over the host /usr",
             Step::MountProc => "mounting /proc",
             Step::MountSys => "mounting /sys",
             Step::MountDev => "mounting the /dev tmpfs",

@@ -379,6 +379,8 @@ pub(crate) struct Prepared {
     /// `lowerdir=...,upperdir=...,workdir=...,userxattr` (relative paths).
     pub(crate) overlay_options: CString,
     pub(crate) host_usr_ro: bool,
+    /// `lowerdir=usr:../lower/<n>` (relative to the merged root) when `host_usr_ro`.
+    pub(crate) usr_overlay_options: CString,
     /// The files to write `0` into to join the cgroup (each v1 hierarchy's `tasks`; the v2
     /// `cgroup.procs`; see `Cgroup::join_files`).
     pub(crate) cgroup_join: Vec<CString>,
@@ -453,6 +455,20 @@ impl Prepared {
             mkdir_mode(&spec.dir.join("lower").join(i.to_string()), 0o755)?;
             lower_targets.push(cstr(&format!("lower/{i}")));
         }
+        // The host's /usr is covered by a read-only overlay (see `mounts.rs`, `overlay_usr`), and
+        // overlayfs without an upper layer wants two lowers: the second is one more empty
+        // `lower/<n>`, nothing attached to it (a killed sandbox's skeleton keeps it, as it keeps
+        // the layers' mount points: `sandbox_dirs.py` accepts any empty `lower/<n>`).
+        let usr_overlay_options = if spec.host_usr_ro {
+            let empty = spec.lower_dirs.len();
+            mkdir_mode(&spec.dir.join("lower").join(empty.to_string()), 0o755)?;
+            // Relative to the merged root, the cwd when it is mounted; `usr` is then the host's
+            // /usr attached there. No `userxattr`: with no upper layer overlayfs writes no xattr,
+            // and it reads none of the host's `trusted.*` from a user namespace.
+            cstr(&format!("lowerdir=usr:../lower/{empty}"))
+        } else {
+            CString::default()
+        };
         let (disk, upper, work) = match &spec.disk {
             Some(d) => {
                 mkdir_mode(&spec.dir.join("disk"), 0o755)?;
@@ -518,6 +534,7 @@ impl Prepared {
             disk,
             overlay_options: CString::new(options).map_err(|_| invalid("NUL"))?,
             host_usr_ro: spec.host_usr_ro,
+            usr_overlay_options,
             cgroup_join: cgroup
                 .join_files()
                 .iter()

@@ -42,7 +42,7 @@ from sandboxd import _core
 
 from . import lifecycle, snapshots
 from .agent_client import AGENT_PORT, init_agent, interpreter_ready, start_template_command
-from .disks import DiskPool, make_durable
+from .disks import DiskPool, make_durable, wait_released
 from .errors import ApiError, not_found
 from .lifecycle import RETENTION_S, LifecycleEvent, LifecycleQuery
 from .logs import LogEntry, agent_failure, from_events, read_agent_log
@@ -568,6 +568,15 @@ class SandboxManager:
         # A resumed sandbox has its directory; a new one takes a killed one's skeleton if there is one.
         sandbox_dir = self.sandboxes_dir / row.id
         if resuming:
+            if not await asyncio.to_thread(wait_released, sandbox_dir / DISK_IMAGE):
+                # Its last run's filesystem is alive (see wait_released): a second mount of the image
+                # would be a second filesystem writing it, and would miss what the first has not written.
+                # 503, not 409: a connect takes a 409 for "resumed meanwhile by another" and answers 200.
+                raise ApiError(
+                    503,
+                    f"sandbox {row.id}'s disk is still mounted by its last run: a file of it is held open"
+                    " outside it (sent out over a unix socket); resume it once that file is closed",
+                )
             sandbox_dir.mkdir(parents=True, exist_ok=True)
         else:
             self.dirs.make(row.id)
@@ -899,10 +908,20 @@ class SandboxManager:
         else:
             _kill_quietly(self.place.instance, sandbox_id)
         if keep_files:
-            # Its disk had no write barriers (see make_durable); with its processes gone it is
-            # unmounted, all it wrote is in the image, and the image now goes to the host's disk.
+            # Its disk had no write barriers (see make_durable); once unmounted (normally with its last
+            # process; wait_released says when not), all it wrote is in the image, which now goes to
+            # the host's disk.
+            image = self.sandboxes_dir / sandbox_id / DISK_IMAGE
+            if not wait_released(image):
+                log.warning(
+                    "sandbox %s's disk is still mounted after its processes ended: a file of it is open"
+                    " outside it (sent out over a unix socket); it is synced now as it is, and a resume waits"
+                    " for it to be released",
+                    sandbox_id,
+                    extra={"sandbox_id": sandbox_id},
+                )
             try:
-                make_durable(self.sandboxes_dir / sandbox_id / DISK_IMAGE)
+                make_durable(image)
             except FileNotFoundError:
                 pass
             except OSError:
@@ -1077,10 +1096,19 @@ class SandboxManager:
             assert row.id_base is not None
             copy = self.sandboxes_dir / sandbox_id / SNAPSHOT_IMAGE
             handle = self.handles.get(sandbox_id)
+            image = self.sandboxes_dir / sandbox_id / DISK_IMAGE
+            if handle is None and not await asyncio.to_thread(wait_released, image):
+                # Paused to disk, its last run's filesystem alive (see wait_released): the image may
+                # lack what that filesystem has not written back.
+                raise ApiError(
+                    503,
+                    f"sandbox {sandbox_id}'s disk is still mounted by its last run: a file of it is held open"
+                    " outside it (sent out over a unix socket); snapshot it once that file is closed",
+                )
             try:
                 await asyncio.to_thread(
                     snapshots.copy_disk,
-                    self.sandboxes_dir / sandbox_id / DISK_IMAGE,
+                    image,
                     copy,
                     handle,
                     row.state == "running",

@@ -1,7 +1,8 @@
 """Killed sandboxes' directory skeletons, kept for the next creates instead of removed and made again.
 
 A new sandbox's directory (``<data dir>/sandboxes/<id>/``, ``crates/sandboxd-jail/src/spec.rs``) is
-~7 new inodes: the directory, ``merged/``, ``lower/``, ``lower/<n>/`` per layer, ``disk/`` and
+~7 new inodes: the directory, ``merged/``, ``lower/``, ``lower/<n>/`` per layer (and one more, empty,
+under the ``host`` template's ``/usr`` overlay), ``disk/`` and
 ``agent.log`` (opened by the zygote; a ``boot_id`` there is from an older version: the boot id is now
 on the sandbox's own ``/dev``, so that no file of the host's disk is reachable inside). On a data dir
 where sandboxes are made and removed all day, ext4's inode allocator is dear
