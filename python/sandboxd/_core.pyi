@@ -183,6 +183,19 @@ def collapse_anonymous() -> int:
     library). The same pages with the same contents, held by fewer page-table entries: for a process
     about to fork many children (the zygote), each fork copies one entry per huge page, not 512."""
 
+def zygote_serve(
+    sock: int,
+    spare: Callable[[int, int, bytes | None], object],
+    sandbox: Callable[[bytes, list[int], int, int], object],
+) -> None:
+    """The zygote's serve loop, which runs no Python in this process (``sandboxd.runtime.zygote.serve``):
+    answer the create requests on ``sock`` (JSON, one per ``SOCK_SEQPACKET`` message, the disk and
+    volumes' mounts as ``SCM_RIGHTS``) until the runtime closes its end. ``spare(channel, report,
+    last_request)`` runs in each spare fork, ``sandbox(request, fds, log, report)`` in each fork made
+    at request time; neither may return (a fork whose callback does exits with status 1). Each fork
+    has closed ``sock`` and the other creates' report pipes, and reset the interpreter as
+    ``os.fork()``'s child does. ``ValueError`` for a request that is not JSON or has no ``id``."""
+
 class SharedLibrary:
     """A shared library loaded into this process by path (``dlopen``, ``RTLD_NOW | RTLD_LOCAL``; the
     loader's message as :class:`OSError` when it refuses); it stays loaded until :meth:`close`."""
