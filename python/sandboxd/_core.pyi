@@ -196,6 +196,12 @@ def zygote_serve(
     has closed ``sock`` and the other creates' report pipes, and reset the interpreter as
     ``os.fork()``'s child does. ``ValueError`` for a request that is not JSON or has no ``id``."""
 
+def split_huge_mappings() -> int:
+    """Map this process's huge pages (:func:`collapse_anonymous`) by 4 KiB entries again, keeping the
+    huge pages themselves (an ``mprotect`` of one page of each 2 MiB range, read-only and back); the
+    2 MiB ranges gone through. A fork then copies each huge page's entries in a batch and inherits no
+    2 MiB entry that its first write into the range would have to split."""
+
 class SharedLibrary:
     """A shared library loaded into this process by path (``dlopen``, ``RTLD_NOW | RTLD_LOCAL``; the
     loader's message as :class:`OSError` when it refuses); it stays loaded until :meth:`close`."""

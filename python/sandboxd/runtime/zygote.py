@@ -507,21 +507,27 @@ def clear_type_cache() -> None:
 
 def collapse_heap() -> int:
     """Gather the zygote's anonymous memory (its heap and Python's arenas, ~46 MiB after the
-    preload) into transparent huge pages, last before it serves (:func:`_core.collapse_anonymous`);
-    the bytes collapsed.
+    preload) into transparent huge pages, last before it serves (:func:`_core.collapse_anonymous`),
+    then map them by 4 KiB entries again (:func:`_core.split_huge_mappings`); the bytes collapsed.
 
     The zygote's fork of "A" is the one copy of page tables a cold create makes (``cold11``): ~11,600
     entries, one per 4 KiB page, each made copy-on-write, ~75 % of the fork's CPU in
-    ``copy_page_range``. A collapsed 2 MiB range is one entry to copy. A sandbox that writes into
-    one splits its own entry back into 512 (the same pages) and copies the page it wrote, as before;
-    the zygote's own writes while a fork shares a range split the zygote's entry, but the range stays
-    one large folio, whose entries a fork copies in batches. Only whole aligned ranges can be
-    collapsed (about half of the memory: Python's 1 MiB arenas and the heap are not aligned). Only
-    ``MADV_COLLAPSE``, never ``MADV_HUGEPAGE``: a sandbox's own new memory still comes in 4 KiB pages.
-    Nothing changes what a sandbox sees: the same pages, the same contents. Measured over bursts of
-    100 cold creates (``docs/benchmarks.md``, ``cold14``): the zygote's CPU per create 4.9 → 3.7 ms
-    (medians of 6 rounds); a fork of the preloaded zygote alone ~3.0 → ~2.1 ms."""
-    return _core.collapse_anonymous()
+    ``copy_page_range``. The entries of one huge page (a large folio) a fork copies in batches (Linux
+    6.9+), one reference and mapcount update per run instead of 512. They are 4 KiB entries, not one
+    2 MiB entry, because a fork holding a 2 MiB entry splits it on its first write into the range, in
+    every sandbox's A: while the serve loop was Python its own writes split the zygote's entries
+    within its first create anyway; the Rust loop writes ~20 pages a create, and A's CPU per create
+    in a burst rose 3.9 → 4.7 ms until the zygote split them once here (4.0, ``docs/benchmarks.md``,
+    ``cold15``). Only whole aligned ranges can be collapsed (about half of the memory: Python's 1 MiB
+    arenas and the heap are not aligned). Only ``MADV_COLLAPSE``, never ``MADV_HUGEPAGE``: a
+    sandbox's own new memory still comes in 4 KiB pages. Nothing changes what a sandbox sees: the
+    same pages, the same contents. Measured over bursts of 100 cold creates (``cold14``): the
+    zygote's CPU per create 4.9 → 3.7 ms (medians of 6 rounds); a fork of the preloaded zygote alone
+    ~3.0 → ~2.1 ms."""
+    collapsed = _core.collapse_anonymous()
+    if collapsed:
+        _core.split_huge_mappings()
+    return collapsed
 
 
 if __name__ == "__main__":
