@@ -424,7 +424,7 @@ def measure_memory(rt: Runtime, sandbox_ids: list[str]) -> Memory:
     if zygote is not None:
         roles[zygote.pid] = "zygote"
         with contextlib.suppress(psutil.Error):
-            # Its spare fork (sandboxd.runtime.zygote.Spare) shares the zygote's pages: left out, the
+            # Its spare fork (sandboxd.runtime.zygote._spare) shares the zygote's pages: left out, the
             # pages it shares would move from "before" into the sandboxes' share "after".
             for child in zygote.children():
                 roles[child.pid] = "zygote spare"

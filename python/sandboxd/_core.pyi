@@ -183,6 +183,25 @@ def collapse_anonymous() -> int:
     library). The same pages with the same contents, held by fewer page-table entries: for a process
     about to fork many children (the zygote), each fork copies one entry per huge page, not 512."""
 
+def zygote_serve(
+    sock: int,
+    spare: Callable[[int, int, bytes | None], object],
+    sandbox: Callable[[bytes, list[int], int, int], object],
+) -> None:
+    """The zygote's serve loop, which runs no Python in this process (``sandboxd.runtime.zygote.serve``):
+    answer the create requests on ``sock`` (JSON, one per ``SOCK_SEQPACKET`` message, the disk and
+    volumes' mounts as ``SCM_RIGHTS``) until the runtime closes its end. ``spare(channel, report,
+    last_request)`` runs in each spare fork, ``sandbox(request, fds, log, report)`` in each fork made
+    at request time; neither may return (a fork whose callback does exits with status 1). Each fork
+    has closed ``sock`` and the other creates' report pipes, and reset the interpreter as
+    ``os.fork()``'s child does. ``ValueError`` for a request that is not JSON or has no ``id``."""
+
+def split_huge_mappings() -> int:
+    """Map this process's huge pages (:func:`collapse_anonymous`) by 4 KiB entries again, keeping the
+    huge pages themselves (an ``mprotect`` of one page of each 2 MiB range, read-only and back); the
+    2 MiB ranges gone through. A fork then copies each huge page's entries in a batch and inherits no
+    2 MiB entry that its first write into the range would have to split."""
+
 class SharedLibrary:
     """A shared library loaded into this process by path (``dlopen``, ``RTLD_NOW | RTLD_LOCAL``; the
     loader's message as :class:`OSError` when it refuses); it stays loaded until :meth:`close`."""

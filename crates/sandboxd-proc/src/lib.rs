@@ -146,7 +146,7 @@ mod wake;
 
 pub use errno::errno;
 pub use fanout::DEFAULT_STALL_TIMEOUT;
-pub use hugepages::{HUGE_PAGE_BYTES, collapse_anonymous};
+pub use hugepages::{HUGE_PAGE_BYTES, collapse_anonymous, split_huge_mappings};
 pub use library::Library;
 pub use malloc::{hold_free_chunks, trim_malloc, tune_malloc};
 pub use nix::sys::signal::Signal;

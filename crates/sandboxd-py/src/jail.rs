@@ -300,7 +300,7 @@ fn enter_sandbox(
 
 /// What `os.fork()` runs in a child: reinitialise the interpreter's fork-sensitive state.
 #[allow(unsafe_code)]
-fn after_fork_child() {
+pub(crate) fn after_fork_child() {
     // SAFETY: called in the freshly forked payload by the only thread, which holds the GIL,
     // before any other Python code runs there: the documented contract of this function.
     unsafe { pyo3::ffi::PyOS_AfterFork_Child() };

@@ -15,6 +15,7 @@ mod jail;
 mod net;
 mod proc;
 mod watch;
+mod zygote;
 
 use pyo3::prelude::*;
 
@@ -27,5 +28,6 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     net::register(m)?;
     proc::register(m)?;
     watch::register(m)?;
+    zygote::register(m)?;
     Ok(())
 }

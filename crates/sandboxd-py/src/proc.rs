@@ -60,6 +60,7 @@ pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(trim_malloc, m)?)?;
     m.add_function(wrap_pyfunction!(hold_free_chunks, m)?)?;
     m.add_function(wrap_pyfunction!(collapse_anonymous, m)?)?;
+    m.add_function(wrap_pyfunction!(split_huge_mappings, m)?)?;
     m.add_class::<SharedLibrary>()?;
     m.add("STREAM_STDOUT", STREAM_STDOUT)?;
     m.add("STREAM_STDERR", STREAM_STDERR)?;
@@ -111,6 +112,13 @@ fn hold_free_chunks() -> usize {
 #[pyfunction]
 fn collapse_anonymous(py: Python<'_>) -> usize {
     py.detach(core::collapse_anonymous)
+}
+
+/// `split_huge_mappings()`: this process's huge pages mapped by 4 KiB entries again, the pages kept
+/// (the GIL released); the 2 MiB ranges gone through.
+#[pyfunction]
+fn split_huge_mappings(py: Python<'_>) -> usize {
+    py.detach(core::split_huge_mappings)
 }
 
 /// A shared library loaded into this process by path (`dlopen`, `RTLD_NOW | RTLD_LOCAL`); it stays

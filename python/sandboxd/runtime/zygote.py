@@ -20,7 +20,6 @@ import contextlib
 import json
 import os
 import select
-import selectors
 import signal
 import socket
 import subprocess
@@ -305,49 +304,6 @@ def _tell(report: int, message: bytes) -> None:
         os.write(report, message)
 
 
-def _open_log(request: dict[str, Any]) -> int:
-    """The agent's log file, opened by the zygote (as host root, outside the sandbox)."""
-    return os.open(request["log"], os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o640)
-
-
-def _fork_sandbox(request: dict[str, Any], disk_fd: int | None, inherited: list[int]) -> tuple[int, int]:
-    """Fork "A", which puts itself into a new sandbox; returns (A's pid, the pipe A answers on).
-    (Used when no :class:`Spare` is ready: a burst, or a spare that died.)
-
-    ``disk_fd`` is the sandbox's mounted disk, sent with the request. ``inherited`` are the zygote's
-    descriptors that the sandbox must not keep: the socket to the runtime (a process inside could
-    otherwise forge answers), the zygote's selector, and other creates' pipes."""
-    log_fd = _open_log(request)
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # "A": a single-threaded copy of the zygote
-        os.close(r)
-        for fd in inherited:
-            os.close(fd)
-        _become_sandbox(request, disk_fd, log_fd, w)
-    os.close(w)
-    os.close(log_fd)
-    return pid, r
-
-
-class Spare(NamedTuple):
-    """An "A" forked ahead of need, waiting for its request on ``channel``.
-
-    Forking the zygote (a large Python process: its page tables copied, then the child's first
-    writes faulting in private pages) was ~4 ms of every create before the jail even started
-    (``docs/benchmarks.md``); a spare pays it while the zygote is idle. It is the same copy of the
-    zygote a fork at request time would be, with the same descriptors closed, so a sandbox made
-    from it sees nothing more."""
-
-    pid: int
-    report: int
-    """The read end of the pipe it reports on, as :func:`_fork_sandbox`'s."""
-    channel: socket.socket
-    """The zygote's end of a ``SOCK_SEQPACKET`` pair: one message, the request with the agent's
-    log, the disk and the volumes' mounts as ``SCM_RIGHTS``; the zygote closes it after sending,
-    and a spare whose channel closes unused exits."""
-
-
 PREMAKE_NICE = 10
 """The niceness at which a spare makes its cgroup. A spare is forked as soon as the last create's "A"
 has exited, while that create's agent starts and the runtime links it: ~1 ms of system calls that
@@ -391,65 +347,60 @@ def _premake(premake: Premake | None) -> _core.PremadeCgroup | None:
             os.setpriority(os.PRIO_PROCESS, 0, own)
 
 
-def _fork_spare(inherited: list[int], premake: Premake | None = None) -> Spare:
-    """Fork a :class:`Spare`, which makes its cgroup ahead of need with ``premake``'s instance and
-    limits (:func:`_premake`). ``inherited`` as for :func:`_fork_sandbox`."""
-    r, w = os.pipe()
-    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+def _spare(channel_fd: int, report: int, premake_source: bytes | None) -> NoReturn:
+    """In a spare "A" (forked by the serve loop while no create is in flight, ahead of need): make
+    the sandbox's cgroup with the last request's instance and limits (``premake_source``, that
+    request as received; :func:`_premake`), then wait on ``channel_fd`` for its own request (one
+    message, with the agent's log, the disk and the volumes' mounts as ``SCM_RIGHTS``) and become
+    that sandbox. A channel closed unused (the zygote stopped, or could not hand it a request):
+    exit. Never returns.
+
+    A spare pays the fork of the zygote (its page tables copied, then the child's first writes
+    faulting in private pages; ~4 ms of every create before the jail started, ``docs/benchmarks.md``)
+    while the zygote is idle. It is the same copy of the zygote a fork at request time would be, with
+    the same descriptors closed (the serve loop closes them), so a sandbox made from it sees nothing
+    more."""
+    premade = None
     try:
-        pid = os.fork()
-    except OSError:
-        for fd in (r, w):
-            os.close(fd)
-        ours.close()
-        theirs.close()
-        raise
-    if pid == 0:  # "A", before its request
-        premade = None
-        try:
-            os.close(r)
-            ours.close()
-            for fd in inherited:
-                os.close(fd)
-            premade = _premake(premake)
-            data, fds, _flags, _addr = socket.recv_fds(theirs, MAX_MESSAGE, 2 + MAX_VOLUMES)
-            theirs.close()
-            if not data:  # the zygote is gone, or stopped and closed its end
-                if premade is not None:
-                    premade.discard()
-                os._exit(0)
-            request = json.loads(data)
-            log_fd, rest = fds[0], fds[1:]
-            request["volume_fds"] = rest[1:]
-        except BaseException:
-            if premade is not None:  # never left behind: os._exit runs no finalizer
+        premade = _premake(_premake_of(premake_source))
+        channel = socket.socket(fileno=channel_fd)
+        data, fds, _flags, _addr = socket.recv_fds(channel, MAX_MESSAGE, 2 + MAX_VOLUMES)
+        channel.close()
+        if not data:  # the zygote is gone, or stopped and closed its end
+            if premade is not None:
                 premade.discard()
-            os._exit(1)
-        _become_sandbox(request, rest[0] if rest else None, log_fd, w, premade)
-    os.close(w)
-    theirs.close()
-    return Spare(pid, r, ours)
+            os._exit(0)
+        request = json.loads(data)
+        log_fd, rest = fds[0], fds[1:]
+        request["volume_fds"] = rest[1:]
+    except BaseException:
+        if premade is not None:  # never left behind: os._exit runs no finalizer
+            premade.discard()
+        os._exit(1)
+    _become_sandbox(request, rest[0] if rest else None, log_fd, report, premade)
 
 
-def _hand_to_spare(spare: Spare, data: bytes, request: dict[str, Any], fds: list[int]) -> bool:
-    """Send a create request (as received) to ``spare``, which is used up either way; False if it
-    could not be (it died, or the log would not open): then it is reaped, and the caller forks (and
-    answers the same error). Any error, not only an ``OSError`` (a ``log`` that is no path): a spare
-    not reaped stays a zombie, and its report pipe, left open here, would reach every later sandbox."""
+def _premake_of(source: bytes | None) -> Premake | None:
+    """The :class:`Premake` of a request as received; None without one, or if it has none."""
+    if source is None:
+        return None
     try:
-        log_fd = _open_log(request)
-        try:
-            socket.send_fds(spare.channel, [data], [log_fd, *fds])
-        finally:
-            os.close(log_fd)
-        return True
-    except Exception:
-        spare.channel.close()  # a spare still waiting exits on the end of its channel
-        os.close(spare.report)
-        os.waitpid(spare.pid, 0)
-        return False
-    finally:
-        spare.channel.close()
+        return Premake.of(json.loads(source))
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return None
+
+
+def _sandbox(data: bytes, fds: list[int], log_fd: int, report: int) -> NoReturn:
+    """In an "A" forked at request time (no spare was ready: a burst, or a spare that died): become
+    the sandbox of ``data``, the request as received, with ``fds`` (the disk's, then each volume's
+    mount, in the order of its ``volumes``) and the agent's log opened by the zygote. Never returns."""
+    try:
+        request = json.loads(data)
+        request["volume_fds"] = fds[1:]
+    except BaseException as exc:
+        _tell(report, _report(f"E{type(exc).__name__}: {exc}".encode(errors="replace")))
+        os._exit(1)
+    _become_sandbox(request, fds[0] if fds else None, log_fd, report)
 
 
 REPORT_MAX = select.PIPE_BUF
@@ -462,15 +413,10 @@ def _report(message: bytes) -> bytes:
     return message[: REPORT_MAX - 1].replace(b"\n", b" ") + b"\n"
 
 
-def _answer(sandbox_id: str, message: bytes) -> dict[str, Any]:
-    message = message.rstrip(b"\n")
-    if message.startswith(b"P"):
-        return {"id": sandbox_id, "ok": True, "init_pid": int(message[1:])}
-    return {"id": sandbox_id, "ok": False, "error": message[1:].decode(errors="replace") or "sandbox setup failed"}
-
-
 def serve(sock: socket.socket) -> None:
-    """Answer create requests until the runtime closes its end.
+    """Answer create requests until the runtime closes its end (:func:`_core.zygote_serve`: the loop
+    runs no Python in the zygote, whose every page written after a fork is a copy-on-write fault,
+    shared as it is with every live sandbox; ~190 pages a create when the loop was Python's).
 
     Creates overlap: a new request is forked while earlier sandboxes are still setting up (most of
     a create is the kernel attaching cgroups and the new init mounting its root), and each answer
@@ -479,66 +425,12 @@ def serve(sock: socket.socket) -> None:
     space down took milliseconds of every create (``benches/runtime``). A is reaped at the EOF
     that follows; an A that dies without a whole report is answered then, with what it said.
 
-    A request goes to the :class:`Spare` if one is ready; a new spare is forked when no create is
-    in flight (every A has exited), so its fork never competes with a create's own."""
-    selector = selectors.DefaultSelector()
-    selector.register(sock, selectors.EVENT_READ)
-    # pipe → (A's pid, sandbox id, what A said, whether it was answered)
-    pending: dict[int, tuple[int, str, bytearray, bool]] = {}
-    spare: Spare | None = None
-    premake: Premake | None = None  # the last request's instance and limits
-    try:
-        while True:
-            if spare is None and not pending:
-                # A spare that cannot be forked now (out of memory or processes) is not an error:
-                # the next create forks at request time, and answers an error if that fails too.
-                with contextlib.suppress(OSError):
-                    spare = _fork_spare([sock.fileno(), selector.fileno()], premake)
-            for key, _ in selector.select():
-                if key.fileobj is sock:
-                    data, fds, _flags, _addr = socket.recv_fds(sock, MAX_MESSAGE, 1 + MAX_VOLUMES)
-                    if not data:
-                        return
-                    request = json.loads(data)
-                    disk_fd = fds[0] if fds else None
-                    request["volume_fds"] = fds[1:]  # each volume's mount, in the order of request["volumes"]
-                    with contextlib.suppress(KeyError, TypeError):
-                        premake = Premake.of(request)
-                    used, spare = spare, None
-                    try:
-                        if used is not None and _hand_to_spare(used, data, request, fds):
-                            pid, pipe = used.pid, used.report
-                        else:
-                            pid, pipe = _fork_sandbox(request, disk_fd, [sock.fileno(), selector.fileno(), *pending])
-                    except Exception as exc:
-                        sock.send(json.dumps(_answer(request["id"], f"E{type(exc).__name__}: {exc}".encode())).encode())
-                        continue
-                    finally:
-                        for fd in fds:  # A has its copy; later creates must not inherit this one
-                            os.close(fd)
-                    pending[pipe] = (pid, request["id"], bytearray(), False)
-                    selector.register(pipe, selectors.EVENT_READ)
-                    continue
-                pipe = int(key.fd)
-                chunk = os.read(pipe, REPORT_MAX)
-                pid, sandbox_id, said, answered = pending[pipe]
-                if chunk:
-                    said += chunk
-                    if not answered and said.endswith(b"\n"):
-                        sock.send(json.dumps(_answer(sandbox_id, bytes(said))).encode())
-                        pending[pipe] = (pid, sandbox_id, said, True)
-                    continue
-                selector.unregister(pipe)
-                os.close(pipe)
-                del pending[pipe]
-                os.waitpid(pid, 0)
-                if not answered:
-                    sock.send(json.dumps(_answer(sandbox_id, bytes(said))).encode())
-    finally:
-        if spare is not None:  # it exits when its channel closes
-            spare.channel.close()
-            os.close(spare.report)
-            os.waitpid(spare.pid, 0)
+    A request goes to the spare (:func:`_spare`) if one is ready, else to an A forked for it
+    (:func:`_sandbox`); a new spare is forked when no create is in flight (every A has exited), so
+    its fork never competes with a create's own. Each fork closes the zygote's descriptors a sandbox
+    must not keep: the socket to the runtime (a process inside could otherwise forge answers) and
+    other creates' pipes."""
+    _core.zygote_serve(sock.fileno(), _spare, _sandbox)
 
 
 ZYGOTE_ENV = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"}
@@ -615,21 +507,27 @@ def clear_type_cache() -> None:
 
 def collapse_heap() -> int:
     """Gather the zygote's anonymous memory (its heap and Python's arenas, ~46 MiB after the
-    preload) into transparent huge pages, last before it serves (:func:`_core.collapse_anonymous`);
-    the bytes collapsed.
+    preload) into transparent huge pages, last before it serves (:func:`_core.collapse_anonymous`),
+    then map them by 4 KiB entries again (:func:`_core.split_huge_mappings`); the bytes collapsed.
 
     The zygote's fork of "A" is the one copy of page tables a cold create makes (``cold11``): ~11,600
     entries, one per 4 KiB page, each made copy-on-write, ~75 % of the fork's CPU in
-    ``copy_page_range``. A collapsed 2 MiB range is one entry to copy. A sandbox that writes into
-    one splits its own entry back into 512 (the same pages) and copies the page it wrote, as before;
-    the zygote's own writes while a fork shares a range split the zygote's entry, but the range stays
-    one large folio, whose entries a fork copies in batches. Only whole aligned ranges can be
-    collapsed (about half of the memory: Python's 1 MiB arenas and the heap are not aligned). Only
-    ``MADV_COLLAPSE``, never ``MADV_HUGEPAGE``: a sandbox's own new memory still comes in 4 KiB pages.
-    Nothing changes what a sandbox sees: the same pages, the same contents. Measured over bursts of
-    100 cold creates (``docs/benchmarks.md``, ``cold14``): the zygote's CPU per create 4.64 → 3.42 ms
-    (medians of 8 rounds); a fork of the preloaded zygote alone ~3.0 → ~2.1 ms."""
-    return _core.collapse_anonymous()
+    ``copy_page_range``. The entries of one huge page (a large folio) a fork copies in batches (Linux
+    6.9+), one reference and mapcount update per run instead of 512. They are 4 KiB entries, not one
+    2 MiB entry, because a fork holding a 2 MiB entry splits it on its first write into the range, in
+    every sandbox's A: while the serve loop was Python its own writes split the zygote's entries
+    within its first create anyway; the Rust loop writes ~20 pages a create, and A's CPU per create
+    in a burst rose 3.9 → 4.7 ms until the zygote split them once here (4.0, ``docs/benchmarks.md``,
+    ``cold15``). Only whole aligned ranges can be collapsed (about half of the memory: Python's 1 MiB
+    arenas and the heap are not aligned). Only ``MADV_COLLAPSE``, never ``MADV_HUGEPAGE``: a
+    sandbox's own new memory still comes in 4 KiB pages. Nothing changes what a sandbox sees: the
+    same pages, the same contents. Measured over bursts of 100 cold creates (``cold14``): the
+    zygote's CPU per create 4.64 → 3.42 ms (medians of 8 rounds); a fork of the preloaded zygote alone
+    ~3.0 → ~2.1 ms."""
+    collapsed = _core.collapse_anonymous()
+    if collapsed:
+        _core.split_huge_mappings()
+    return collapsed
 
 
 if __name__ == "__main__":
