@@ -139,7 +139,12 @@ export async function startRuntime() {
         console.error(`could not kill the sandboxes: ${err}`)
       }
       child.kill('SIGTERM')
-      const timer = setTimeout(() => child.kill('SIGKILL'), 10_000)
+      const timer = setTimeout(() => {
+        // A runtime killed outright leaves its warm sandboxes to the next runtime's sweep: say so,
+        // with its log, so that a stop that hangs is seen, not only its leftovers.
+        console.error(`sandboxd serve did not stop within 10 s of SIGTERM; SIGKILL. Its log:\n${readLog().slice(-4000)}`)
+        child.kill('SIGKILL')
+      }, 10_000)
       await exit
       clearTimeout(timer)
     }
