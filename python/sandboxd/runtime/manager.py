@@ -625,7 +625,7 @@ class SandboxManager:
                 self.networks.unreserve(slot)
             await asyncio.to_thread(self._destroy, row.id, None, resuming, row.id_base)
             if resuming:
-                await self._keep_disk(row.id)
+                await asyncio.shield(self._keep_disk(row.id))
             raise
         row.init_pid = handle.init_pid
         row.init_start = _proc_start_time(handle.init_pid)
@@ -892,7 +892,8 @@ class SandboxManager:
             asyncio.get_running_loop().remove_reader(handle.pidfd())
         await asyncio.to_thread(self._destroy, sandbox_id, handle, keep_files, id_base)
         if keep_files:
-            await self._keep_disk(sandbox_id)
+            # Shielded: a cancelled pause still syncs the image, as when this was all _destroy's.
+            await asyncio.shield(self._keep_disk(sandbox_id))
         if self.networks is not None:
             await self.networks.detach(sandbox_id, forget=not keep_files)
 
