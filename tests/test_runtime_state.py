@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+from sandboxd.runtime import disks
 from sandboxd.runtime.disks import REFILL_NICE, DiskPool
 from sandboxd.runtime.inputs import SANDBOX_ID
 from sandboxd.runtime.manager import new_id
@@ -233,3 +234,62 @@ def test_the_disk_template_holds_the_layer_directories_and_an_earlier_format_is_
             ["debugfs", "-R", f"ls /{name}", str(template)], capture_output=True, text=True, check=True
         ).stdout.split()
         assert [e for e in inside if not e.startswith("(") and not e.isdigit()] == [".", ".."], inside
+
+
+def test_waiting_for_a_held_disk_keeps_no_worker_thread(tmp_path: Path) -> None:
+    """A resume, a pause to disk and a snapshot of a sandbox whose disk's filesystem lives on (a file
+    of it sent out over a unix socket, see ``disks.released``) wait for it, up to
+    ``RELEASE_WAIT_S`` each, and how long it lives is the sandbox's owner's choice. The wait held one
+    of the event loop's default worker threads throughout (cores + 4: six on two cores), so an owner
+    of a few such sandboxes resuming them in a loop kept every other tenant's creates, kills and
+    resumes queued behind those threads. It now sleeps on the event loop: a thread only for each scan.
+    Here the loop has one worker, the image is backed by a real loop device for the whole wait, and a
+    job queued meanwhile must finish before the wait gives up."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root (a loop device)")
+    image = tmp_path / "disk.img"
+    with open(image, "wb") as f:
+        f.truncate(1 << 20)
+    device = subprocess.run(
+        ["losetup", "--find", "--show", str(image)], check=True, capture_output=True, text=True
+    ).stdout.strip()
+    try:
+        assert disks.loop_devices_of(image) == [Path(device).name]
+
+        async def scenario() -> list[str]:
+            import concurrent.futures
+
+            asyncio.get_running_loop().set_default_executor(concurrent.futures.ThreadPoolExecutor(1))
+            order: list[str] = []
+
+            async def wait() -> None:
+                released = await disks.released(image, timeout=1.0)
+                order.append(f"waited, released={released}")
+
+            async def other() -> None:
+                await asyncio.sleep(0.1)  # the wait has begun
+                await asyncio.to_thread(lambda: None)
+                order.append("other job")
+
+            await asyncio.gather(wait(), other())
+            return order
+
+        assert asyncio.run(scenario()) == ["other job", "waited, released=False"]
+        # And it scans less and less often: a scan reads every loop device's backing file (~4 ms for
+        # 300 devices, on a busy host), and scans 5 ms apart kept about half a core busy per waiting
+        # resume (~110 scans a second), as long as the owner kept asking.
+        scans = 0
+        scan = disks.loop_devices_of
+
+        def counted(image: Path) -> list[str]:
+            nonlocal scans
+            scans += 1
+            return scan(image)
+
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(disks, "loop_devices_of", counted)
+            assert asyncio.run(disks.released(image, timeout=1.0)) is False
+        assert 2 <= scans <= 20, scans
+    finally:
+        subprocess.run(["losetup", "--detach", device], check=True)
+    assert asyncio.run(disks.released(image, timeout=1.0)) is True

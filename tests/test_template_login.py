@@ -117,6 +117,10 @@ SHELLS = {
     "bash -i -l": DUMP_BASH,  # interactive: the PS1 branch, bash.bashrc
     "sh -l": DUMP_DASH,  # dash: no EUID, no BASH
     "sh -i -l": DUMP_DASH,  # dash interactive: PS1 chosen by the effective uid
+    # noglob (-f; bash also takes it from SHELLOPTS in the environment): run-parts needs no glob,
+    # and Debian's sources /etc/profile.d under it; a glob left unexpanded sourced none
+    "bash -f -l": DUMP_BASH,
+    "sh -f -l": DUMP_DASH,
 }
 
 
@@ -164,6 +168,8 @@ def test_login_environment_is_debians(sbx: Sandbox) -> None:
     seen = "9nine.sh Upper.sh _under.sh a_first.sh dots.in.name.sh linked{} zz-last.sh"
     assert f'declare -- seen=" {seen.format("")}"\n' in ours["bash -l", "user"][0]
     assert f'declare -- seen=" {seen.format(" unreadable")}"\n' in ours["bash -l", "root"][0]
+    assert f'declare -- seen=" {seen.format("")}"\n' in ours["bash -f -l", "user"][0]
+    assert f"seen=' {seen.format('')}'\n" in ours["sh -f -l", "user"][0]
 
 
 def test_base_files_upgrade_keeps_it(sbx: Sandbox) -> None:

@@ -197,8 +197,16 @@ unset sandboxd_key sandboxd_ruid sandboxd_euid sandboxd_rest
 # What `run-parts --list --regex '^[a-zA-Z0-9_][a-zA-Z0-9._-]*\.sh$' /etc/profile.d` lists, by a
 # glob (sorted, as run-parts sorts) and the regex as a pattern: regular files (or links to them),
 # whose names start with a letter, digit or underscore and hold only those, dots and dashes.
+# A shell started with noglob (`sh -f`, `bash -f`, SHELLOPTS=noglob) would not expand the glob, and
+# run-parts needs none: it is expanded with globbing on, and noglob is back before the first script.
 if [ -d /etc/profile.d ]; then
+  sandboxd_noglob=
+  case $- in *f*) sandboxd_noglob=1; set +f ;; esac
   for i in /etc/profile.d/*.sh; do
+    if [ "$sandboxd_noglob" ]; then
+      set -f
+      sandboxd_noglob=
+    fi
     case ${i#/etc/profile.d/} in
       [!a-zA-Z0-9_]* | *[!a-zA-Z0-9._-]*) continue ;;
     esac
@@ -206,7 +214,7 @@ if [ -d /etc/profile.d ]; then
       . $i
     fi
   done
-  unset i
+  unset i sandboxd_noglob
 fi
 """
 """Debian's ``/etc/profile`` with the same result and no process started (see ``docs/benchmarks.md``:
@@ -215,7 +223,10 @@ a login shell on ``base`` cost ~7 ms against ~2 on ``host``, mostly ``id`` and `
 The same result wherever Debian's runs coreutils' ``id``. Not where the inherited ``PATH`` finds no
 ``id`` (a command's ``envs`` may set ``PATH``): Debian's then prints two errors and gives root the
 non-root ``PATH``, ours root's; nor where it finds another ``id`` first. Copying that would need the
-fork back, and its errors name line numbers of Debian's file anyway.
+fork back, and its errors name line numbers of Debian's file anyway. Nor for the shell's own variables
+named ``sandboxd_key``, ``sandboxd_ruid``, ``sandboxd_euid``, ``sandboxd_rest`` and
+``sandboxd_noglob``, which it uses and unsets (Debian's uses only ``i``, and unsets it too): one given
+in a command's ``envs`` is gone in that command.
 
 Written over Debian's in place, as a local admin edits it: ``/etc/profile`` is no conffile and no
 file of any package. base-files' postinst copies it from ``/usr/share/base-files/profile`` when

@@ -42,7 +42,7 @@ from sandboxd import _core
 
 from . import lifecycle, snapshots
 from .agent_client import AGENT_PORT, init_agent, interpreter_ready, start_template_command
-from .disks import DiskPool, make_durable, wait_released
+from .disks import DiskPool, make_durable, released
 from .errors import ApiError, not_found
 from .lifecycle import RETENTION_S, LifecycleEvent, LifecycleQuery
 from .logs import LogEntry, agent_failure, from_events, read_agent_log
@@ -568,8 +568,8 @@ class SandboxManager:
         # A resumed sandbox has its directory; a new one takes a killed one's skeleton if there is one.
         sandbox_dir = self.sandboxes_dir / row.id
         if resuming:
-            if not await asyncio.to_thread(wait_released, sandbox_dir / DISK_IMAGE):
-                # Its last run's filesystem is alive (see wait_released): a second mount of the image
+            if not await released(sandbox_dir / DISK_IMAGE):
+                # Its last run's filesystem is alive (see disks.released): a second mount of the image
                 # would be a second filesystem writing it, and would miss what the first has not written.
                 # 503, not 409: a connect takes a 409 for "resumed meanwhile by another" and answers 200.
                 raise ApiError(
@@ -624,6 +624,8 @@ class SandboxManager:
             if slot is not None and self.networks is not None:
                 self.networks.unreserve(slot)
             await asyncio.to_thread(self._destroy, row.id, None, resuming, row.id_base)
+            if resuming:
+                await asyncio.shield(self._keep_disk(row.id))
             raise
         row.init_pid = handle.init_pid
         row.init_start = _proc_start_time(handle.init_pid)
@@ -889,15 +891,34 @@ class SandboxManager:
         if handle is not None:
             asyncio.get_running_loop().remove_reader(handle.pidfd())
         await asyncio.to_thread(self._destroy, sandbox_id, handle, keep_files, id_base)
+        if keep_files:
+            # Shielded: a cancelled pause still syncs the image, as when this was all _destroy's.
+            await asyncio.shield(self._keep_disk(sandbox_id))
         if self.networks is not None:
             await self.networks.detach(sandbox_id, forget=not keep_files)
+
+    async def _keep_disk(self, sandbox_id: str) -> None:
+        """After its processes are gone (``_destroy`` with ``keep_files``): a kept sandbox's disk onto
+        the host's disk. It had no write barriers (see make_durable); once unmounted (normally with its
+        last process; disks.released says when not), all it wrote is in the image. Waited for here, on
+        the event loop, not in a worker thread (see disks.released)."""
+        image = self.sandboxes_dir / sandbox_id / DISK_IMAGE
+        if not await released(image):
+            log.warning(
+                "sandbox %s's disk is still mounted after its processes ended: a file of it is open"
+                " outside it (sent out over a unix socket); it is synced now as it is, and a resume waits"
+                " for it to be released",
+                sandbox_id,
+                extra={"sandbox_id": sandbox_id},
+            )
+        await asyncio.to_thread(_sync_kept_disk, image, sandbox_id)
 
     def _destroy(
         self, sandbox_id: str, handle: _core.SandboxHandle | None, keep_files: bool, id_base: int | None
     ) -> None:
-        """In a worker thread: processes and cgroup (the disk unmounts when its last process is gone),
-        then, unless kept, the sandbox's directory (its disk image) and its id range, in that order:
-        no file owned by the range outlives its claim."""
+        """In a worker thread: processes and cgroup (the disk unmounts when its last process is gone; a
+        kept one is synced by :meth:`_keep_disk`), then, unless kept, the sandbox's directory (its disk
+        image) and its id range, in that order: no file owned by the range outlives its claim."""
         dead = False  # known dead: every process gone, so none holds a file of its directory open
         if handle is not None:
             try:
@@ -907,26 +928,7 @@ class SandboxManager:
                 _kill_quietly(self.place.instance, sandbox_id)
         else:
             _kill_quietly(self.place.instance, sandbox_id)
-        if keep_files:
-            # Its disk had no write barriers (see make_durable); once unmounted (normally with its last
-            # process; wait_released says when not), all it wrote is in the image, which now goes to
-            # the host's disk.
-            image = self.sandboxes_dir / sandbox_id / DISK_IMAGE
-            if not wait_released(image):
-                log.warning(
-                    "sandbox %s's disk is still mounted after its processes ended: a file of it is open"
-                    " outside it (sent out over a unix socket); it is synced now as it is, and a resume waits"
-                    " for it to be released",
-                    sandbox_id,
-                    extra={"sandbox_id": sandbox_id},
-                )
-            try:
-                make_durable(image)
-            except FileNotFoundError:
-                pass
-            except OSError:
-                log.exception("could not sync sandbox %s's disk", sandbox_id, extra={"sandbox_id": sandbox_id})
-        else:
+        if not keep_files:
             self.dirs.release(sandbox_id, dead)
             if id_base is not None:
                 self.place.ids.release(id_base, self.data_dir, sandbox_id)
@@ -1097,8 +1099,8 @@ class SandboxManager:
             copy = self.sandboxes_dir / sandbox_id / SNAPSHOT_IMAGE
             handle = self.handles.get(sandbox_id)
             image = self.sandboxes_dir / sandbox_id / DISK_IMAGE
-            if handle is None and not await asyncio.to_thread(wait_released, image):
-                # Paused to disk, its last run's filesystem alive (see wait_released): the image may
+            if handle is None and not await released(image):
+                # Paused to disk, its last run's filesystem alive (see disks.released): the image may
                 # lack what that filesystem has not written back.
                 raise ApiError(
                     503,
@@ -1253,6 +1255,16 @@ class SandboxManager:
             return handle.disk_usage()[0]
         except OSError:
             return None
+
+
+def _sync_kept_disk(image: Path, sandbox_id: str) -> None:
+    """In a worker thread: a paused sandbox's disk image onto the host's disk (see make_durable)."""
+    try:
+        make_durable(image)
+    except FileNotFoundError:
+        pass
+    except OSError:
+        log.exception("could not sync sandbox %s's disk", sandbox_id, extra={"sandbox_id": sandbox_id})
 
 
 def _kill_quietly(instance: str, sandbox_id: str) -> None:
