@@ -239,6 +239,23 @@ def test_a_mark_torn_by_its_runtimes_death_is_removed(tmp_path: Path) -> None:
     assert not empty.exists() and not torn.exists() and other.exists()
 
 
+def test_a_mark_nested_past_jsons_depth_stops_no_start(tmp_path: Path) -> None:
+    """``json.loads`` raises ``RecursionError`` (not ``ValueError``) for arrays nested past its depth:
+    such a mark, free or held, must not make every later runtime's start fail."""
+    deep = b"[" * 4000
+    free = tmp_path / f"runtime-d-{'a' * 16}.lock"
+    free.write_bytes(deep)
+    held = tmp_path / f"runtime-d-{'b' * 16}.lock"
+    held.write_bytes(deep)
+    fd = os.open(held, os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        assert leftovers.sweep(lambda _: None, lambda _: None, tmp_path, links=lambda: []) == []
+    finally:
+        os.close(fd)
+    assert free.exists() and held.exists()  # not a torn mark of ours: not ours to remove
+
+
 def test_a_mark_is_held_once(tmp_path: Path) -> None:
     """A second mark for the same instance (a second runtime on one data dir) is refused, with a
     message naming the cause; once the first is closed, it can be taken."""

@@ -157,7 +157,9 @@ def sweep(
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError:  # held: its runtime lives
-                with contextlib.suppress(ValueError, KeyError, TypeError, OSError):
+                # RecursionError: a mark nested past json's depth (only root writes here, but a
+                # mark never stops a runtime's start).
+                with contextlib.suppress(ValueError, KeyError, TypeError, OSError, RecursionError):
                     live_tables.add(str(json.loads(os.pread(fd, 4096, 0))["table"]))
                 os.close(fd)
                 continue
@@ -196,7 +198,7 @@ def _sweep_one(
     try:
         mark = json.loads(content)
         instance, table, prefix = str(mark["instance"]), str(mark["table"]), str(mark["link_prefix"])
-    except (ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError, RecursionError):
         # Free and naming nothing: its runtime died while writing it (or before: a runtime between
         # its open and its lock finds the file gone once it holds the lock, and makes another).
         if not content.strip() or content[:1] == b"{":
