@@ -526,22 +526,29 @@ def _check_flushes_counted(data: Path) -> None:
         pytest.skip(f"the disk under {data} counts {control} flushes for 20 fsyncs (no volatile cache?)")
 
 
-def _run_counting_flushes(sandbox: Sandbox, data: Path, script: str, user: str) -> tuple[str, int, int]:
+def _run_counting_flushes(sandbox: Sandbox, data: Path, script: str, user: str, limit: int) -> tuple[str, int, int]:
     """``script``'s output in ``sandbox``, the flushes of the disk under ``data`` while it ran, and
     the most that disk made in either of two waits as long right after: the host's own (its
     journal's commits, other tests and jobs), which a drill must not count against a sandbox. Tens
-    a second on a loaded host. Skips where the disk does not count the host's own fsyncs."""
+    a second on a loaded host, and bursty: other runtimes' SQLite commits and disks kept by pauses
+    once made one window read ~400 more than the two after it (CI, beside a benchmark's bursts of
+    creates). So up to three tries, until one's excess is under ``limit``: a sandbox that does make
+    the disk flush exceeds it in every try (thousands for a ``sync`` loop, hundreds for fsyncs), the
+    host's bursts rarely thrice. Skips where the disk does not count the host's own fsyncs."""
     _check_flushes_counted(data)
-    started = time.monotonic()
-    at = _flushes(data)
-    out = sh(sandbox, script, user=user)
-    took = time.monotonic() - started
-    during = _flushes(data) - at
-    windows = []
-    for _ in range(2):
+    for _ in range(3):
+        started = time.monotonic()
         at = _flushes(data)
-        time.sleep(took)
-        windows.append(_flushes(data) - at)
+        out = sh(sandbox, script, user=user)
+        took = time.monotonic() - started
+        during = _flushes(data) - at
+        windows = []
+        for _ in range(2):
+            at = _flushes(data)
+            time.sleep(took)
+            windows.append(_flushes(data) - at)
+        if during - max(windows) < limit:
+            break
     return out, during, max(windows)
 
 
@@ -559,6 +566,7 @@ def test_syncs_inside_a_sandbox_never_flush_the_hosts_disk(pair: tuple[Sandbox, 
         f"for i in $(seq {syncs}); do echo $i >> /home/user/f; sync; sync -f /home/user/f;"
         " dd if=/home/user/f of=/home/user/g conv=fsync status=none; done; echo done",
         user="root",
+        limit=syncs // 2,
     )
     assert out == "done\n", out
     # Unfixed: thousands (14-28 a sync). The host's own flushes go on meanwhile: a loaded host (other
@@ -586,6 +594,7 @@ def test_no_file_a_sandbox_can_open_lets_it_flush_the_hosts_disk(
         f"for i in $(seq {rounds}); do sync /proc/sys/kernel/random/boot_id;"
         " sync -f /proc/sys/kernel/random/boot_id; done; cat /proc/sys/kernel/random/boot_id",
         user="user",
+        limit=rounds // 2,
     )
     out = out.strip()
     assert len(out) == 36 and out.count("-") == 4, out  # still the sandbox's boot id, readable
@@ -618,6 +627,7 @@ def test_no_file_of_the_host_templates_usr_lets_it_flush_the_hosts_disk(e2b_env:
             " sync /dev/null 2>/dev/null; sync -f /usr/bin/ls; sync -f /etc/passwd; done;"
             " ls /usr/bin/ls; touch /usr/bin/sandboxd-probe 2>&1 | grep -o 'Read-only file system'",
             user=user,
+            limit=rounds // 2,
         )
     finally:
         sandbox.kill()
