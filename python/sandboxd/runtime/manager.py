@@ -314,9 +314,9 @@ class SandboxManager:
         self.sampler = Sampler()
         self._tasks: set[asyncio.Task[None]] = set()
         self._first_samples: dict[str, tuple[int, SandboxRow]] = {}
-        """New sandboxes whose first metrics sample is due, each with the batch it is in, and the
-        batches' timers by when they fire, in ms (:meth:`_first_sample_soon`)."""
+        """New sandboxes whose first metrics sample is due, each with its batch (:meth:`_first_sample_soon`)."""
         self._first_batches: dict[int, asyncio.TimerHandle] = {}
+        """The batches' timers, by when they fire (unix ms)."""
         self.on_gone: list[Callable[[str], None]] = []
         self._reaper: asyncio.Task[None] | None = None
         self._sampling: asyncio.Task[None] | None = None
