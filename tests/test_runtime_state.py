@@ -110,6 +110,35 @@ def test_what_the_proxy_reads_of_a_sandbox_per_request_is_its_rows_state(tmp_pat
     store.close()
 
 
+def test_the_reapers_query_finds_what_the_live_rows_say_has_expired_and_decodes_none(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``Store.expired``, the reaper's question four times a second, answers as the old loop over
+    every live row did (running, its end at or before now, oldest first), without decoding a row."""
+    store = Store(tmp_path / "sandboxd.db")
+    now = time.time()
+    rows = [  # (id, started, end, state): out of start order, so the order is the query's
+        ("c" * 20, now - 30, now - 1, "running"),
+        ("a" * 20, now - 50, now - 5, "running"),
+        ("n" * 20, now - 40, now, "running"),  # ends exactly now: expired, as `end_at > now` skipped it not
+        ("f" * 20, now - 60, now + 300, "running"),  # not yet
+        ("p" * 20, now - 70, now - 9, "paused"),  # a paused one is not reaped
+        ("e" * 20, now - 80, now - 9, "running"),  # ended below
+    ]
+    for sandbox_id, started, end, state in rows:
+        store.insert(SandboxRow(sandbox_id, "base", None, state, started, end, "t" * 32, 1, 1024, 10240))
+    store.update("e" * 20, state="ended", ended_reason="killed by the API")
+    oracle = [r.id for r in store.live() if r.state == "running" and r.end_at <= now]
+
+    def no_decode(row: tuple[object, ...]) -> SandboxRow:
+        raise AssertionError("the reaper's query decoded a row")
+
+    monkeypatch.setattr(Store, "_decode", staticmethod(no_decode))
+    assert store.expired(now) == oracle == ["a" * 20, "n" * 20, "c" * 20]
+    assert store.expired(now - 100) == []
+    store.close()
+
+
 @pytest.mark.parametrize(
     "config",
     [

@@ -226,6 +226,16 @@ class Store:
         )
         return [self._decode(r) for r in cur.fetchall()]
 
+    def expired(self, now: float) -> list[str]:
+        """The running sandboxes whose end is at or before ``now``, oldest first: what the reaper
+        looks for every tick. Only their ids: :meth:`live` decodes every live row (three JSON
+        columns, a dataclass: ~14 us a row, so 1.4 ms a tick with 100 sandboxes live and four ticks a
+        second), this is one query on the ``sandboxes_listing`` index (~15 us at 100)."""
+        cur = self.db.execute(
+            "SELECT id FROM sandboxes WHERE state = 'running' AND end_at <= ? ORDER BY started_at, id", (now,)
+        )
+        return [str(r[0]) for r in cur.fetchall()]
+
     def page(
         self, states: list[str], after: tuple[float, str] | None, descending: bool, limit: int
     ) -> list[SandboxRow]:
