@@ -123,9 +123,19 @@ runtime's ``base``, Debian with E2B's base contents (``docs/templates.md``)."""
 TAIL_LINES = 20
 """Output lines of a failed step quoted in the build's failure reason (all of it is in the log)."""
 
-LEFT_RUNNING = 'cd /proc && for p in [0-9]*; do [ "$p" -gt 2 ] && [ "$p" != "$$" ] && echo "$p"; done; true'
+LEFT_RUNNING = (
+    'cd /proc && for p in [0-9]*; do [ "$p" -gt 2 ] && [ "$p" != "$$" ] || continue;'
+    ' read -r s 2>/dev/null < "$p/stat" || continue; s=${s##*) }; case $s in Z*|X*) continue ;; esac;'
+    ' echo "$p"; done; true'
+)
 """The processes of a build sandbox but its init and agent (pids 1 and 2) and this shell, from shell
-builtins alone (no ``ps`` in every image)."""
+builtins alone (no ``ps`` in every image). Not a zombie (``Z``, or ``X`` being reaped): a process a
+step killed as it ended is one until the init reaps it, and is no server a later step could use
+(CI53: a step's ``kill`` of its server, then this check before the init's reap, kept a layer uncut)."""
+
+LEFT_RUNNING_RECHECK_S = 0.1
+"""How long the build waits to look again when processes seem left running: a process sent a signal
+by the step's last command may not have run to its exit yet on a busy host."""
 
 COPY_SCRIPT = r"""set -eu
 archive=$1; src=$2; dest=$3; owner=$4; mode=$5
@@ -670,7 +680,19 @@ class TemplateBuilder:
 
     async def _left_running(self, run: _Session) -> bool:
         """Whether the steps left processes running (a server a later step uses, as E2B's builds
-        allow): a cut would end them, so the build keeps its sandbox until they are gone."""
+        allow): a cut would end them, so the build keeps its sandbox until they are gone. Looked at
+        twice, :data:`LEFT_RUNNING_RECHECK_S` apart, before it says so (a process dying as the step
+        ended is not left running)."""
+        if not await self._processes_left(run):
+            return False
+        await asyncio.sleep(LEFT_RUNNING_RECHECK_S)
+        if not await self._processes_left(run):
+            return False
+        run.build.log(f"No layer cut after step {run.step}: processes the steps started still run", step=run.step)
+        return True
+
+    async def _processes_left(self, run: _Session) -> bool:
+        """Whether a process but the init, the agent and the checking shell is in the sandbox now."""
         pids: list[str] = []
 
         def on_line(stream: str, line: str) -> None:
@@ -683,10 +705,7 @@ class TemplateBuilder:
             )
         except (OSError, ValueError):
             return False
-        if result.exit_code != 0 or not pids:
-            return False
-        run.build.log(f"No layer cut after step {run.step}: processes the steps started still run", step=run.step)
-        return True
+        return result.exit_code == 0 and bool(pids)
 
     async def _step(self, run: _Session, step: Step) -> bool:
         """Run one step; whether it may have changed files (then its layer must be cut to cache it)."""
