@@ -45,7 +45,7 @@ from sandboxd.runtime.errors import ApiError
 from sandboxd.runtime.manager import CreateRequest, Limits, SandboxManager
 from sandboxd.runtime.network import NetworkConfig, NetworkOptions, SandboxNetworks
 from sandboxd.runtime.network.policy import secret_references
-from sandboxd.runtime.store import Store
+from sandboxd.runtime.store import DATABASE, Store
 from sandboxd.runtime.templates import Templates, default_store_dir
 
 from . import pods
@@ -705,8 +705,8 @@ def run(options: NodeOptions) -> None:
         sys.exit("sandboxd node needs root: sandboxes are built from namespaces, overlayfs and cgroups")
     options.data_dir.mkdir(parents=True, exist_ok=True)
     options.data_dir.chmod(0o700)
-    fresh = not (options.data_dir / "sandboxd.db").exists()
-    store = Store(options.data_dir / "sandboxd.db")
+    fresh = not (options.data_dir / DATABASE).exists()
+    store = Store(options.data_dir / DATABASE)
     key = node_key(store, options.name, fresh)
     templates = Templates(store, options.template_store or default_store_dir(options.data_dir), options.debian_mirror)
     templates.ensure_host()

@@ -40,7 +40,7 @@ from .observe.probes import Readiness
 from .proxy import ENVD_PORT, SandboxProxy, parse_target
 from .secret_api import SecretApi
 from .signed import find_signer, operation_of
-from .store import Store
+from .store import DATABASE, Store
 from .template_api import TemplateApi
 from .template_builder import TemplateBuilder
 from .templates import Templates, default_store_dir
@@ -230,7 +230,7 @@ def run(options: ServeOptions) -> None:
         )
     except KeyboardInterrupt:  # Ctrl-C this early: nothing made yet (a torn mark is swept)
         return
-    store = Store(options.data_dir / "sandboxd.db")
+    store = Store(options.data_dir / DATABASE)
     api_key = _api_key(store, options.api_key)
     known_secrets.add(api_key)
     observer = Observer(secrets=known_secrets)

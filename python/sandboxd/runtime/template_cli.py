@@ -13,7 +13,7 @@ from pathlib import Path
 from . import code_interpreter, debian, oci, template_file
 from .errors import ApiError
 from .layers import LayerError
-from .store import Store
+from .store import DATABASE, Store
 from .templates import ALIASES, Collected, Templates, default_store_dir
 
 
@@ -23,7 +23,7 @@ def _open(args: argparse.Namespace) -> tuple[Store, Templates]:
     data_dir: Path = args.data_dir or DEFAULT_DATA_DIR
     data_dir.mkdir(parents=True, exist_ok=True)
     data_dir.chmod(0o700)
-    store = Store(data_dir / "sandboxd.db")
+    store = Store(data_dir / DATABASE)
     chosen = args.template_store or store.setting("template_store") or os.environ.get("SANDBOXD_TEMPLATE_STORE")
     store_dir = Path(chosen) if chosen else default_store_dir(data_dir)
     mirror = getattr(args, "debian_mirror", None) or os.environ.get("SANDBOXD_DEBIAN_MIRROR") or debian.DEFAULT_MIRROR

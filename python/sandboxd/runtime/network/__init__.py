@@ -34,7 +34,7 @@ from pathlib import Path
 from sandboxd import _core
 
 from ..errors import ApiError
-from ..store import Store
+from ..store import DATABASE, Store
 from .addressing import (
     SLOT_PREFIX_V4,
     SLOT_PREFIX_V6,
@@ -179,7 +179,7 @@ class SandboxNetworks:
         upstreams = self.options.dns_upstreams or upstreams_from_resolv_conf()
         never = [str(n) for n in (*map(ipaddress.ip_network, (*NEVER_V4, *NEVER_V6)), *self.options.deny)]
         settings = {
-            "db": str(self.data_dir / "sandboxd.db"),
+            "db": str(self.data_dir / DATABASE),
             "tag": self.tag,
             "v4_block": str(block),
             "v6_prefix": v6,
