@@ -575,11 +575,7 @@ class SandboxManager:
                 # Its last run's filesystem is alive (see disks.released): a second mount of the image
                 # would be a second filesystem writing it, and would miss what the first has not written.
                 # 503, not 409: a connect takes a 409 for "resumed meanwhile by another" and answers 200.
-                raise ApiError(
-                    503,
-                    f"sandbox {row.id}'s disk is still mounted by its last run: a file of it is held open"
-                    " outside it (sent out over a unix socket); resume it once that file is closed",
-                )
+                raise _disk_held(row.id, "resume")
             sandbox_dir.mkdir(parents=True, exist_ok=True)
         else:
             self.dirs.make(row.id)
@@ -1102,11 +1098,7 @@ class SandboxManager:
             if handle is None and not await released(image):
                 # Paused to disk, its last run's filesystem alive (see disks.released): the image may
                 # lack what that filesystem has not written back.
-                raise ApiError(
-                    503,
-                    f"sandbox {sandbox_id}'s disk is still mounted by its last run: a file of it is held open"
-                    " outside it (sent out over a unix socket); snapshot it once that file is closed",
-                )
+                raise _disk_held(sandbox_id, "snapshot")
             try:
                 await asyncio.to_thread(
                     snapshots.copy_disk,
@@ -1285,3 +1277,14 @@ def _kill_quietly(instance: str, sandbox_id: str) -> None:
     """Kill whatever is left in the sandbox's cgroup and remove it; nothing there is fine."""
     with contextlib.suppress(OSError):
         _core.kill_sandbox(instance, sandbox_id)
+
+
+def _disk_held(sandbox_id: str, action: str) -> ApiError:
+    """503 for a resume or snapshot of a paused sandbox whose disk image a file of its last run still
+    holds mounted (:func:`.disks.released`): the sandbox stays paused, and ``action`` works once that
+    file is closed."""
+    return ApiError(
+        503,
+        f"sandbox {sandbox_id}'s disk is still mounted by its last run: a file of it is held open"
+        f" outside it (sent out over a unix socket); {action} it once that file is closed",
+    )
