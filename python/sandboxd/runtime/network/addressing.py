@@ -11,8 +11,9 @@ Several runtimes share a host (tests, the Kubernetes mode), so everything here i
 * the *tag*, 6 hex digits derived from the data dir, names the interfaces, the nftables table and
   the link group, and a lock file under ``/run/sandboxd`` keeps two live runtimes from sharing it;
 * the IPv4 block is ``--sandbox-subnet`` if given, else the first block of
-  :data:`DEFAULT_V4_RANGE` that no route, nameserver or other live runtime uses (an ``flock`` on
-  ``/run/sandboxd/net-<block>.lock`` held for the runtime's life claims it); the block chosen is kept
+  :data:`DEFAULT_V4_RANGE` that overlaps no route, nameserver or other live runtime's block (an
+  ``flock`` on ``/run/sandboxd/net-<block>.lock`` held for the runtime's life claims it, taken while
+  every claim is read under one more lock); the block chosen is kept
   in the data dir's settings so a restarted runtime takes the same one back;
 * the IPv6 prefix is a random ULA /48 made once per data dir.
 
@@ -183,8 +184,8 @@ class BlockLock:
 
     def __init__(self, block: ipaddress.IPv4Network) -> None:
         LOCK_DIR.mkdir(mode=0o755, parents=True, exist_ok=True)
-        self.path = LOCK_DIR / f"net-{block.network_address}-{block.prefixlen}.lock"
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        self.path = _lock_path(block)
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
@@ -195,30 +196,88 @@ class BlockLock:
         os.close(self.fd)
 
 
+def _lock_path(block: ipaddress.IPv4Network) -> Path:
+    return LOCK_DIR / f"net-{block.network_address}-{block.prefixlen}.lock"
+
+
+def _claimed_blocks() -> list[ipaddress.IPv4Network]:
+    """The blocks live runtimes hold, each a lock file whose ``flock`` is taken; the caller holds
+    :data:`CHOOSING_LOCK`. A block's name alone cannot tell a claim: two runtimes of different
+    ``--max-sandboxes`` pick blocks of different sizes (``net-10.240.0.0-22`` and ``net-10.240.0.0-24``
+    overlap), so every claim is read and each candidate tested against all of them.
+
+    A lock file nobody holds is removed here: every runtime takes its block's lock while it holds
+    :data:`CHOOSING_LOCK`, so none can be between opening such a file and locking it (which makes the
+    unlink safe), and the files no longer pile up in ``/run/sandboxd``, one per block ever used."""
+    claimed = []
+    with contextlib.suppress(FileNotFoundError):
+        for entry in os.scandir(LOCK_DIR):
+            block = _block_of_lock_name(entry.name)
+            if block is None:
+                continue
+            try:
+                fd = os.open(entry.path, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
+            except FileNotFoundError:
+                continue
+            except OSError:
+                claimed.append(block)  # not ours to judge (a symlink, another owner's mode): taken
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                claimed.append(block)
+            else:
+                with contextlib.suppress(OSError):
+                    os.unlink(entry.path)
+            finally:
+                os.close(fd)
+    return claimed
+
+
+def _block_of_lock_name(name: str) -> ipaddress.IPv4Network | None:
+    if not (name.startswith("net-") and name.endswith(".lock")):
+        return None
+    address, _, prefix = name[len("net-") : -len(".lock")].rpartition("-")
+    try:
+        return ipaddress.IPv4Network(f"{address}/{int(prefix)}")
+    except ValueError:
+        return None
+
+
+CHOOSING_LOCK = "net-choosing"
+"""The lock file (in :data:`LOCK_DIR`) a runtime holds while it reads the claims and takes its block's."""
+
+
 def choose_v4_block(
     preferred: ipaddress.IPv4Network | None, explicit: bool, prefix: int
 ) -> tuple[ipaddress.IPv4Network, BlockLock]:
-    """The runtime's IPv4 block and the lock that claims it: ``preferred`` when it is free (or when
-    ``explicit``, the operator's choice: then it must be free), else the first free block of
-    :data:`DEFAULT_V4_RANGE` that overlaps no route and no nameserver of this host."""
-    if preferred is not None:
-        try:
-            return preferred, BlockLock(preferred)
-        except OSError:
+    """The runtime's IPv4 block and the lock that claims it: ``preferred`` when no live runtime's
+    block overlaps it (or when ``explicit``, the operator's choice: then it must be free), else the
+    first block of :data:`DEFAULT_V4_RANGE` that overlaps no claimed block, no route and no
+    nameserver of this host."""
+    LOCK_DIR.mkdir(mode=0o755, parents=True, exist_ok=True)
+    choosing = os.open(LOCK_DIR / CHOOSING_LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+    try:
+        fcntl.flock(choosing, fcntl.LOCK_EX)  # held for a directory scan: other runtimes' starts wait that long
+        claimed = _claimed_blocks()
+        if preferred is not None:
+            taken = [b for b in claimed if b.overlaps(preferred)]
+            if not taken:
+                return preferred, BlockLock(preferred)
             if explicit:
                 raise OSError(
-                    f"the sandbox subnet {preferred} is in use by another sandboxd runtime on this host"
-                ) from None
-    routes = _routes_v4()
-    servers = _nameservers()
-    for block in DEFAULT_V4_RANGE.subnets(new_prefix=prefix):
-        if any(block.overlaps(r) for r in routes) or any(s in block for s in servers):
-            continue
-        try:
+                    f"the sandbox subnet {preferred} overlaps {taken[0]}, which another sandboxd runtime on this"
+                    " host uses: pass a --sandbox-subnet that overlaps no other runtime's"
+                )
+        routes = _routes_v4()
+        servers = _nameservers()
+        for block in DEFAULT_V4_RANGE.subnets(new_prefix=prefix):
+            if any(block.overlaps(n) for n in (*claimed, *routes)) or any(s in block for s in servers):
+                continue
             return block, BlockLock(block)
-        except OSError:
-            continue
-    raise OSError(f"no free /{prefix} for sandboxes in {DEFAULT_V4_RANGE}: pass --sandbox-subnet")
+        raise OSError(f"no free /{prefix} for sandboxes in {DEFAULT_V4_RANGE}: pass --sandbox-subnet")
+    finally:
+        os.close(choosing)
 
 
 def new_v6_prefix() -> ipaddress.IPv6Network:

@@ -1,0 +1,117 @@
+"""How a runtime claims its IPv4 block beside other live runtimes on one host.
+
+A live runtime holds an ``flock`` on ``/run/sandboxd/net-<block>.lock`` for its life. Runtimes of
+different ``--max-sandboxes`` choose blocks of different sizes, so a claim of ``10.240.0.0/22``
+must keep another runtime off ``10.240.0.0/24`` too: the two would give two sandboxes the same
+addresses, and the host would route one's replies to the other. "Another runtime" here is a real
+second process holding a real lock, as a runtime does; the lock directory is the test's own.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from sandboxd.runtime.network import addressing
+from sandboxd.runtime.network.addressing import choose_v4_block
+
+HOLD = """
+import fcntl, os, sys
+fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT, 0o600)
+fcntl.flock(fd, fcntl.LOCK_EX)
+print("held", flush=True)
+sys.stdin.read()
+"""
+
+
+@pytest.fixture
+def lock_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setattr(addressing, "LOCK_DIR", tmp_path)
+    return tmp_path
+
+
+@pytest.fixture
+def other_runtime(lock_dir: Path) -> Iterator[list[subprocess.Popen[str]]]:
+    """Start processes that each hold a block's claim, as a live runtime does."""
+    holders: list[subprocess.Popen[str]] = []
+    yield holders
+    for holder in holders:
+        holder.kill()
+        holder.wait()
+
+
+def hold(holders: list[subprocess.Popen[str]], lock_dir: Path, block: str) -> subprocess.Popen[str]:
+    net = ipaddress.IPv4Network(block)
+    path = lock_dir / f"net-{net.network_address}-{net.prefixlen}.lock"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD, str(path)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    holders.append(holder)
+    assert holder.stdout is not None and holder.stdout.readline() == "held\n"
+    return holder
+
+
+def test_a_smaller_block_is_never_chosen_inside_a_larger_one_another_runtime_holds(
+    lock_dir: Path, other_runtime: list[subprocess.Popen[str]]
+) -> None:
+    hold(other_runtime, lock_dir, "10.240.0.0/22")
+    hold(other_runtime, lock_dir, "10.240.8.0/24")
+    block, lock = choose_v4_block(None, False, 24)
+    try:
+        assert not block.overlaps(ipaddress.IPv4Network("10.240.0.0/22"))
+        assert block != ipaddress.IPv4Network("10.240.8.0/24")
+        assert (lock_dir / f"net-{block.network_address}-24.lock").exists()
+    finally:
+        lock.close()
+
+
+def test_a_larger_block_is_never_chosen_over_a_smaller_one_another_runtime_holds(
+    lock_dir: Path, other_runtime: list[subprocess.Popen[str]]
+) -> None:
+    hold(other_runtime, lock_dir, "10.240.2.0/24")
+    block, lock = choose_v4_block(None, False, 22)
+    try:
+        assert not block.overlaps(ipaddress.IPv4Network("10.240.2.0/24")), block
+    finally:
+        lock.close()
+
+
+def test_a_kept_block_that_now_overlaps_a_live_claim_gives_way_and_an_explicit_one_is_refused(
+    lock_dir: Path, other_runtime: list[subprocess.Popen[str]]
+) -> None:
+    hold(other_runtime, lock_dir, "10.240.16.0/22")
+    kept = ipaddress.IPv4Network("10.240.17.0/24")
+    block, lock = choose_v4_block(kept, False, 24)
+    try:
+        assert not block.overlaps(ipaddress.IPv4Network("10.240.16.0/22"))
+    finally:
+        lock.close()
+    with pytest.raises(OSError, match=r"overlaps 10\.240\.16\.0/22, which another sandboxd runtime"):
+        choose_v4_block(kept, True, 24)
+
+
+def test_a_claim_ends_with_its_runtime_and_only_free_lock_files_are_removed(
+    lock_dir: Path, other_runtime: list[subprocess.Popen[str]]
+) -> None:
+    stale = lock_dir / "net-10.240.4.0-24.lock"
+    stale.touch()
+    holder = hold(other_runtime, lock_dir, "10.240.0.0/22")
+    explicit = ipaddress.IPv4Network("10.240.1.0/24")
+    with pytest.raises(OSError):
+        choose_v4_block(explicit, True, 24)
+    assert not stale.exists(), "a lock file nobody holds is left behind"
+    assert (lock_dir / "net-10.240.0.0-22.lock").exists(), "a live runtime's claim was removed"
+
+    holder.kill()
+    holder.wait()
+    block, lock = choose_v4_block(explicit, True, 24)
+    try:
+        assert block == explicit
+        assert sorted(os.listdir(lock_dir)) == ["net-10.240.1.0-24.lock", addressing.CHOOSING_LOCK]
+    finally:
+        lock.close()
