@@ -8,6 +8,7 @@ closed, and the runtime would see only "sandbox setup failed")."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import glob
 import json
@@ -26,6 +27,8 @@ from typing import Any
 import pytest
 from sandboxd import _core
 from sandboxd.runtime import zygote
+from sandboxd.runtime.errors import ApiError
+from sandboxd.runtime.zygote_client import ZygoteClient
 
 
 @pytest.fixture(scope="module")
@@ -96,6 +99,31 @@ def test_volumes_in_a_request_reach_the_jail(zygote_socket: socket.socket, tmp_p
     answer = json.loads(zygote_socket.recv(zygote.MAX_MESSAGE))
     assert answer["ok"] is False
     assert 'volume mount path "/mnt/../etc" must be normalised' in answer["error"], answer
+
+
+def test_a_request_the_zygote_cannot_read_whole_is_refused_and_it_goes_on(tmp_path: Path) -> None:
+    # The zygote reads at most MAX_MESSAGE bytes a request: a longer one came cut and unreadable,
+    # and stopped the zygote with every create in flight. Non-ASCII text in a request (a volume's
+    # mount path from the API) was sent as \u escapes, 6 bytes a character: 15,000 of them are 90 kB
+    # escaped, 30 kB in UTF-8, which the zygote reads and serves. 40,000 are 80 kB even so: refused
+    # by the runtime (400) before they reach the zygote.
+    async def main() -> None:
+        client = ZygoteClient(zygote.start)
+        await client.start()
+        try:
+            wide = refused("bad/wide", tmp_path) | {"files": {"/etc/motd": "\u00e9" * 15_000}}
+            answer = await client.create(wide)
+            assert answer["ok"] is False and "must be 1-64 bytes" in answer["error"], answer
+            with pytest.raises(ApiError) as too_long:
+                await client.create(refused("too-long", tmp_path) | {"files": {"/etc/motd": "\u00e9" * 40_000}})
+            assert too_long.value.status == 400 and "more than the 65536" in too_long.value.message
+            answer = await client.create(refused("bad/after", tmp_path))
+            assert answer["id"] == "bad/after" and "must be 1-64 bytes" in answer["error"], answer
+            assert client.restarts == 0 and client.down_reason is None
+        finally:
+            await client.stop()
+
+    asyncio.run(main())
 
 
 def spare_of(zygote_pid: int, timeout: float = 60) -> int:
@@ -350,6 +378,8 @@ def test_the_runtimes_resolv_conf_is_written_only_through_the_sandboxs_own_direc
 _PRELOADED_HOLD = """
 import json
 from sandboxd.runtime import zygote
+from sandboxd.runtime.errors import ApiError
+from sandboxd.runtime.zygote_client import ZygoteClient
 zygote.preload()
 zygote.freeze_heap()
 print(json.dumps([zygote.hold_free_chunks(), zygote.hold_free_chunks()]))
@@ -369,6 +399,8 @@ def test_the_preloads_free_chunks_are_held_before_the_zygote_forks() -> None:
 _FORK_LOOKUPS = """
 import json, os, resource, sys
 from sandboxd.runtime import zygote
+from sandboxd.runtime.errors import ApiError
+from sandboxd.runtime.zygote_client import ZygoteClient
 
 zygote.preload()
 zygote.freeze_heap()
