@@ -267,9 +267,7 @@ def test_bad_volume_mounts_get_a_400_and_no_sandbox(e2b_env: Runtime, volume: ob
     assert len(api.get("/v2/sandboxes").json()) == before
 
 
-def test_long_non_ascii_mount_paths_start_the_sandbox_and_leave_the_zygote_up(
-    e2b_env: Runtime, volume: object
-) -> None:
+def test_long_non_ascii_mount_paths_start_the_sandbox_and_leave_the_zygote_up(e2b_env: Runtime, volume: object) -> None:
     # The API's most: 16 mounts, each path 1,024 characters. Not ASCII, they were sent to the zygote
     # as \u escapes (~98 kB), past the 64 KiB it reads a request: it stopped, failing this create and
     # every other one in flight, and was restarted. They go as UTF-8 now (~33 kB).
