@@ -126,6 +126,35 @@ def test_a_request_the_zygote_cannot_read_whole_is_refused_and_it_goes_on(tmp_pa
     asyncio.run(main())
 
 
+def test_a_request_cut_to_the_zygotes_buffer_is_named_so_when_it_stops(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    # The runtime never sends one (zygote_client.encode); if it did, the zygote's last words say
+    # what happened, not that a string of JSON ended early.
+    sock, process = zygote.start()
+    try:
+        request = refused("bad/cut", tmp_path) | {"files": {"/etc/motd": "x" * zygote.MAX_MESSAGE}}
+        socket.send_fds(sock, [json.dumps(request).encode()], [])
+        assert process.wait(timeout=120) == 1
+    finally:
+        sock.close()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.wait(timeout=30)
+    assert f"a request longer than {zygote.MAX_MESSAGE} bytes (cut)" in capfd.readouterr().err
+
+
+def test_the_agents_log_is_never_opened_through_a_link(zygote_socket: socket.socket, tmp_path: Path) -> None:
+    # The zygote opens the agent's log as host root, to append: through a link at its path it would
+    # write wherever the link points. Only host root can make one there (the runtime's data dir):
+    # a second lock behind that one.
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.write_bytes(b"")
+    (tmp_path / "agent.log").symlink_to(elsewhere)
+    answer = ask(zygote_socket, refused("bad/link", tmp_path))
+    assert answer["ok"] is False and "[Errno 40]" in answer["error"], answer  # ELOOP
+    assert elsewhere.read_bytes() == b""
+
+
 def spare_of(zygote_pid: int, timeout: float = 60) -> int:
     """The zygote's spare "A" (its only child while no create is in flight), once it is forked."""
     deadline = time.monotonic() + timeout
