@@ -187,6 +187,41 @@ def test_the_spare_holds_none_of_the_zygotes_descriptors(
     assert runtime_socket in zygote_fds and runtime_socket not in held.values(), held
 
 
+@pytest.mark.skipif(not Path("/sys/fs/cgroup/pids/cgroup.procs").exists(), reason="no cgroup v1 pids hierarchy")
+def test_a_fork_the_pids_limit_refuses_is_answered_and_the_zygote_goes_on(tmp_path: Path) -> None:
+    # The zygote's forks (the spare, an "A" at request time) count against its own cgroup's pids.max
+    # until A moves into its sandbox's: a fork refused there (EAGAIN) fails that create with the
+    # reason, leaves no spare for the next, and the zygote serves again once forks are allowed.
+    group = Path(f"/sys/fs/cgroup/pids/zygote-test-{os.getpid()}")
+    group.mkdir()
+    sock, process = zygote.start()
+    try:
+        (group / "cgroup.procs").write_text(str(process.pid))
+        ask(sock, refused("bad/first", tmp_path))
+        spare = spare_of(process.pid)
+        (group / "pids.max").write_text("1")  # the zygote and its spare are 2: no fork more
+        answer = ask(sock, refused("bad/spare", tmp_path))  # the spare takes it: no fork needed
+        assert "must be 1-64 bytes" in answer["error"], answer
+        answer = ask(sock, refused("bad/no-fork", tmp_path))  # no spare could be forked after it
+        assert answer["id"] == "bad/no-fork" and answer["ok"] is False, answer
+        assert "[Errno 11]" in answer["error"], answer
+        children = Path(f"/proc/{process.pid}/task/{process.pid}/children")
+        deadline = time.monotonic() + 30  # the first create's A exits just after its answer, and is reaped
+        while children.read_text().split():
+            assert time.monotonic() < deadline, children.read_text()
+            time.sleep(0.01)
+        (group / "pids.max").write_text("max")
+        answer = ask(sock, refused("bad/again", tmp_path))  # forked at request time
+        assert "must be 1-64 bytes" in answer["error"], answer
+        assert spare_of(process.pid) != spare
+    finally:
+        sock.close()
+        process.wait(timeout=30)
+        with contextlib.suppress(OSError):
+            (group / "pids.max").write_text("max")
+        group.rmdir()
+
+
 def sock_fd_of(zygote_pid: int) -> int:
     """The zygote's end of its socket to the runtime: the descriptor named on its command line."""
     return int(Path(f"/proc/{zygote_pid}/cmdline").read_bytes().split(b"\0")[-2])
