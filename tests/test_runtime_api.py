@@ -4,6 +4,7 @@ input with a 400 that names the field (issue 11 item 7). The official SDK and ra
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sqlite3
 import time
@@ -145,6 +146,64 @@ def test_creates_close_together_each_get_their_create_buckets_sample_unasked(e2b
             for sbx in sandboxes:
                 sbx.kill()
     pytest.fail("three rounds of creates each ended too late in their bucket to tell")
+
+
+def test_the_reaper_follows_each_end_as_set_timeout_pause_resume_and_connect_move_it(api: httpx.Client) -> None:
+    """The reaper asks the database for running rows whose ``end_at`` has passed (``Store.expired``),
+    no longer each live row: every move of a sandbox's end must reach that column, and a paused row
+    whose old end has passed is never picked. Shortened, it ends at its new end; lengthened, not at
+    its old; paused past its end, it stays paused; resumed by a connect with a short timeout, it
+    ends at that; a running one a connect lengthens outlives its old end (review6's drill)."""
+
+    def gone(sbx: Sandbox) -> bool:
+        answer = api.get(f"/sandboxes/{sbx.sandbox_id}")
+        return answer.status_code == 404 and "timed out" in answer.json()["message"]
+
+    def wait_gone(sbx: Sandbox) -> None:
+        deadline = time.monotonic() + 20
+        while not gone(sbx):
+            assert time.monotonic() < deadline, api.get(f"/sandboxes/{sbx.sandbox_id}").text
+            time.sleep(0.1)
+
+    shortened, lengthened, paused, connected = (Sandbox.create(timeout=t) for t in (300, 3, 3, 3))
+    try:
+        old_end = time.monotonic() + 3
+        shortened.set_timeout(1)
+        lengthened.set_timeout(300)
+        paused.pause()
+        Sandbox.connect(connected.sandbox_id, timeout=300)
+        wait_gone(shortened)
+        time.sleep(max(0.0, old_end - time.monotonic()) + 1.5)  # every old end passed, and a reaper tick
+        assert api.get(f"/sandboxes/{lengthened.sandbox_id}").json()["state"] == "running"
+        assert api.get(f"/sandboxes/{connected.sandbox_id}").json()["state"] == "running"
+        assert api.get(f"/sandboxes/{paused.sandbox_id}").json()["state"] == "paused"
+        Sandbox.connect(paused.sandbox_id, timeout=1)
+        wait_gone(paused)
+    finally:
+        for sbx in (shortened, lengthened, paused, connected):
+            with contextlib.suppress(Exception):
+                sbx.kill()
+
+
+def test_a_sandbox_killed_before_its_first_sample_has_no_history(e2b_env: Runtime) -> None:
+    """Creates close together share a first metrics sample, taken 0.25-0.5 s after (a batch): a
+    sandbox killed before its batch is read, or while it is, leaves no row in the history that its
+    kill forgot (review6's drill of the batch against a racing kill)."""
+    ids = []
+    for _ in range(4):
+        with ThreadPoolExecutor(3) as pool:
+            made = list(pool.map(lambda _: Sandbox.create(), range(3)))
+        for sbx in made:
+            sbx.kill()
+            ids.append(sbx.sandbox_id)
+    time.sleep(1.0)  # every batch of theirs due and done
+    db = sqlite3.connect(f"file:{e2b_env.data_dir / 'metrics.db'}?mode=ro", uri=True, timeout=5)
+    try:
+        marks = ",".join("?" * len(ids))
+        left = db.execute(f"SELECT sandbox_id, at FROM samples WHERE sandbox_id IN ({marks})", ids).fetchall()
+    finally:
+        db.close()
+    assert left == []
 
 
 # ---------------------------------------------------------------------------------------- logs

@@ -528,3 +528,31 @@ def test_a_frozen_sandbox_killed_runs_not_one_more_instruction(e2b_env: Runtime)
     finally:
         reader.kill()
         Volume.destroy(volume.volume_id)
+
+
+def test_the_agent_holds_nothing_of_the_zygotes_but_dev_null(e2b_env: Runtime) -> None:
+    """The agent is a clone of the zygote's fork: every descriptor the zygote held and did not close
+    in the fork would be the sandbox's. The zygote's socket to the runtime (answers could be forged),
+    its spare's channel and pipe, the runtime's log on its standard streams: none of them is the
+    agent's. What the agent holds is its own (its log, its sockets) and /dev/null (review6)."""
+    zygote = next(
+        int(pid)
+        for task in Path(f"/proc/{e2b_env.process.pid}/task").iterdir()  # started from a worker thread
+        for pid in _read(task / "children").split()
+        if b"sandboxd.runtime.zygote" in Path(f"/proc/{pid}/cmdline").read_bytes()
+        and _status(int(pid))["Uid"].split()[0] == "0"
+    )
+    sbx = Sandbox.create()
+    try:
+        agent = _agent_host_pid(sbx.sandbox_id)
+
+        def held(pid: int) -> set[str]:
+            return {os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")}
+
+        zygotes = held(zygote)
+        assert str(e2b_env.log) in zygotes and any(t.startswith("socket:[") for t in zygotes), zygotes
+        agents = held(agent)
+        assert agents & zygotes <= {"/dev/null"}, (agents, zygotes)
+        assert str(e2b_env.data_dir / "sandboxes" / sbx.sandbox_id / "agent.log") in agents, agents
+    finally:
+        sbx.kill()

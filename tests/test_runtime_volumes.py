@@ -265,3 +265,24 @@ def test_bad_volume_mounts_get_a_400_and_no_sandbox(e2b_env: Runtime, volume: ob
         assert answer.status_code == 400, (mounts, answer.text)
         assert answer.json()["message"]
     assert len(api.get("/v2/sandboxes").json()) == before
+
+
+def test_long_non_ascii_mount_paths_start_the_sandbox_and_leave_the_zygote_up(e2b_env: Runtime, volume: object) -> None:
+    # The API's most: 16 mounts, each path 1,024 characters. Not ASCII, they were sent to the zygote
+    # as \u escapes (~98 kB), past the 64 KiB it reads a request: it stopped, failing this create and
+    # every other one in flight, and was restarted. They go as UTF-8 now (~33 kB).
+    from e2b import Sandbox, Volume
+
+    vol: Volume = volume  # type: ignore[assignment]
+    api = httpx.Client(base_url=e2b_env.url, headers={"X-API-KEY": e2b_env.api_key})
+    restarts = api.get("/status").json()["zygote"]["restarts"]
+    component = "\u00e9" * 127  # 254 bytes: a file name's most is 255
+    paths = [f"/{i:x}/" + "/".join([component] * 7) + "/" + "\u00e9" * 125 for i in range(16)]
+    assert all(len(p) == 1024 for p in paths)
+    sandbox = Sandbox.create(volume_mounts={p: vol for p in paths}, timeout=60)
+    try:
+        vol.write_file("/hello.txt", "hi")
+        assert sandbox.files.read(paths[15] + "/hello.txt") == "hi"
+    finally:
+        sandbox.kill()
+    assert api.get("/status").json()["zygote"]["restarts"] == restarts

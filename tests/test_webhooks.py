@@ -15,12 +15,16 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 import pytest
 import requests
 from conftest import Runtime
 from e2b import Sandbox
+from sandboxd.runtime.inputs import Body
+from sandboxd.runtime.store import SandboxRow, Store
+from sandboxd.runtime.webhooks import Deliveries, WebhookStore
 
 CREATED = "sandbox.lifecycle.created"
 UPDATED = "sandbox.lifecycle.updated"
@@ -48,6 +52,8 @@ class Delivery:
     path: str
     headers: dict[str, str]
     raw: str
+    status: int = 200
+    """What the endpoint answered."""
 
     @property
     def event(self) -> dict[str, Any]:
@@ -66,6 +72,9 @@ class Endpoint:
     log: list[Delivery] = field(default_factory=list)
     """Each delivery, kept."""
     statuses: list[int] = field(default_factory=list)
+    by_type: dict[str, list[tuple[float, int]]] = field(default_factory=dict)
+    """Scripted answers to the deliveries of an event type, in turn: (seconds the receiver takes to
+    handle it, status). A delivery is recorded once handled."""
 
     skipped: list[Delivery] = field(default_factory=list)
     """Deliveries a :meth:`take` passed over, for a later one: concurrent deliveries may arrive in
@@ -102,9 +111,13 @@ def endpoint() -> Iterator[Endpoint]:
             raw = self.rfile.read(length).decode()
             target = box[0]
             delivery = Delivery(self.path, {k.lower(): v for k, v in self.headers.items()}, raw)
+            scripted = target.by_type.get(delivery.event["type"])
+            took, status = scripted.pop(0) if scripted else (0.0, 0)
+            time.sleep(took)
+            delivery.status = status or (target.statuses.pop(0) if target.statuses else 200)
             target.log.append(delivery)
             target.received.put(delivery)
-            status = target.statuses.pop(0) if target.statuses else 200
+            status = delivery.status
             self.send_response(status)
             self.send_header("Content-Length", "0")
             self.end_headers()
@@ -306,6 +319,26 @@ def test_disabled_deleted_and_unsubscribed_webhooks_get_nothing(
     endpoint.take(lambda d: d.path.endswith("who=off") and d.event["sandboxId"] == sbx2.sandbox_id)
 
 
+@pytest.mark.parametrize("first", [(1.0, 200), (0.0, 503)], ids=["handled-slowly", "retried"])
+def test_one_sandboxs_events_reach_a_webhook_in_order(
+    hooks: tuple[str, dict[str, str]], endpoint: Endpoint, first: tuple[float, int]
+) -> None:
+    # The sandbox's "created" is still being handled when its later events come (a receiver that
+    # takes its time), or fails once and is sent again 1 s later: either way its "updated" and
+    # "killed" are handled after it, not by another delivery thread meanwhile (CI54 saw them race).
+    base, headers = hooks
+    endpoint.by_type[CREATED] = [first]
+    _register(base, headers, name="ordered", url=endpoint.url, events=[CREATED, UPDATED, KILLED], signatureSecret="o")
+    sbx = Sandbox.create(timeout=60)
+    sbx.set_timeout(30)
+    sbx.kill()
+    endpoint.take(lambda d: d.event["sandboxId"] == sbx.sandbox_id and d.event["type"] == KILLED)
+    mine = [d for d in endpoint.log if d.event["sandboxId"] == sbx.sandbox_id]
+    assert [d.event["type"] for d in mine if d.status == 200] == [CREATED, UPDATED, KILLED], [
+        (d.event["type"], d.status) for d in mine
+    ]
+
+
 @pytest.mark.parametrize(
     ("fields", "message"),
     [
@@ -351,3 +384,35 @@ def test_auth_unknown_ids_and_empty_updates(hooks: tuple[str, dict[str, str]]) -
     assert bad.status_code == 400
     assert requests.get(one, headers=headers, timeout=30).json()["url"] == "http://127.0.0.1:9/x"
     assert requests.put(one, headers=headers, json={}, timeout=30).status_code == 405
+
+
+def test_a_lane_goes_on_once_its_event_is_given_up_and_nothing_is_left_of_it(
+    tmp_path: Path, endpoint: Endpoint
+) -> None:
+    # The delivery threads and a runtime's database, without a runtime: the sandbox's "created"
+    # fails every attempt (two here) and is given up; its "killed", held meanwhile, goes next; the
+    # lane and the pending count are gone once both are done.
+    store = Store(tmp_path / "sandboxd.db")
+    hooks = WebhookStore(store.db)
+    hook = hooks.create(Body({"name": "lane", "url": endpoint.url, "signatureSecret": "l"}))
+    deliveries = Deliveries(store, hooks)
+    deliveries.retry_delays_s = (0.2,)
+    deliveries.start()
+    endpoint.by_type[CREATED] = [(0.0, 500), (0.0, 500)]
+    sandbox_id = "lane" + "0" * 16
+    now = time.time()
+    try:
+        store.insert(
+            SandboxRow(sandbox_id, "base", None, "running", now, now + 60, "t" * 32, 1, 1024, 10240), ("created", None)
+        )
+        store.event(sandbox_id, "killed", "killed through the API")
+        endpoint.take(lambda d: d.event["type"] == KILLED)
+        assert [(d.event["type"], d.status) for d in endpoint.log] == [(CREATED, 500), (CREATED, 500), (KILLED, 200)]
+        deadline = time.monotonic() + 10  # the thread is done with it just after the answer
+        while deliveries._pending or deliveries._lanes:
+            assert time.monotonic() < deadline, (deliveries._pending, deliveries._lanes)
+            time.sleep(0.01)
+        assert all(d.headers["e2b-webhook-id"] == hook.id for d in endpoint.log)
+    finally:
+        deliveries.stop()
+        store.close()

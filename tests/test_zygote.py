@@ -8,6 +8,7 @@ closed, and the runtime would see only "sandbox setup failed")."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import glob
 import json
@@ -26,6 +27,8 @@ from typing import Any
 import pytest
 from sandboxd import _core
 from sandboxd.runtime import zygote
+from sandboxd.runtime.errors import ApiError
+from sandboxd.runtime.zygote_client import ZygoteClient
 
 
 @pytest.fixture(scope="module")
@@ -98,6 +101,60 @@ def test_volumes_in_a_request_reach_the_jail(zygote_socket: socket.socket, tmp_p
     assert 'volume mount path "/mnt/../etc" must be normalised' in answer["error"], answer
 
 
+def test_a_request_the_zygote_cannot_read_whole_is_refused_and_it_goes_on(tmp_path: Path) -> None:
+    # The zygote reads at most MAX_MESSAGE bytes a request: a longer one came cut and unreadable,
+    # and stopped the zygote with every create in flight. Non-ASCII text in a request (a volume's
+    # mount path from the API) was sent as \u escapes, 6 bytes a character: 15,000 of them are 90 kB
+    # escaped, 30 kB in UTF-8, which the zygote reads and serves. 40,000 are 80 kB even so: refused
+    # by the runtime (400) before they reach the zygote.
+    async def main() -> None:
+        client = ZygoteClient(zygote.start)
+        await client.start()
+        try:
+            wide = refused("bad/wide", tmp_path) | {"files": {"/etc/motd": "\u00e9" * 15_000}}
+            answer = await client.create(wide)
+            assert answer["ok"] is False and "must be 1-64 bytes" in answer["error"], answer
+            with pytest.raises(ApiError) as too_long:
+                await client.create(refused("too-long", tmp_path) | {"files": {"/etc/motd": "\u00e9" * 40_000}})
+            assert too_long.value.status == 400 and "more than the 65536" in too_long.value.message
+            answer = await client.create(refused("bad/after", tmp_path))
+            assert answer["id"] == "bad/after" and "must be 1-64 bytes" in answer["error"], answer
+            assert client.restarts == 0 and client.down_reason is None
+        finally:
+            await client.stop()
+
+    asyncio.run(main())
+
+
+def test_a_request_cut_to_the_zygotes_buffer_is_named_so_when_it_stops(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    # The runtime never sends one (zygote_client.encode); if it did, the zygote's last words say
+    # what happened, not that a string of JSON ended early.
+    sock, process = zygote.start()
+    try:
+        request = refused("bad/cut", tmp_path) | {"files": {"/etc/motd": "x" * zygote.MAX_MESSAGE}}
+        socket.send_fds(sock, [json.dumps(request).encode()], [])
+        assert process.wait(timeout=120) == 1
+    finally:
+        sock.close()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.wait(timeout=30)
+    assert f"a request longer than {zygote.MAX_MESSAGE} bytes (cut)" in capfd.readouterr().err
+
+
+def test_the_agents_log_is_never_opened_through_a_link(zygote_socket: socket.socket, tmp_path: Path) -> None:
+    # The zygote opens the agent's log as host root, to append: through a link at its path it would
+    # write wherever the link points. Only host root can make one there (the runtime's data dir):
+    # a second lock behind that one.
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.write_bytes(b"")
+    (tmp_path / "agent.log").symlink_to(elsewhere)
+    answer = ask(zygote_socket, refused("bad/link", tmp_path))
+    assert answer["ok"] is False and "[Errno 40]" in answer["error"], answer  # ELOOP
+    assert elsewhere.read_bytes() == b""
+
+
 def spare_of(zygote_pid: int, timeout: float = 60) -> int:
     """The zygote's spare "A" (its only child while no create is in flight), once it is forked."""
     deadline = time.monotonic() + timeout
@@ -128,6 +185,41 @@ def test_the_spare_holds_none_of_the_zygotes_descriptors(
     assert not any(target.startswith("anon_inode:") for target in held.values()), held
     runtime_socket = os.readlink(f"/proc/{process.pid}/fd/{sock_fd_of(process.pid)}")
     assert runtime_socket in zygote_fds and runtime_socket not in held.values(), held
+
+
+@pytest.mark.skipif(not Path("/sys/fs/cgroup/pids/cgroup.procs").exists(), reason="no cgroup v1 pids hierarchy")
+def test_a_fork_the_pids_limit_refuses_is_answered_and_the_zygote_goes_on(tmp_path: Path) -> None:
+    # The zygote's forks (the spare, an "A" at request time) count against its own cgroup's pids.max
+    # until A moves into its sandbox's: a fork refused there (EAGAIN) fails that create with the
+    # reason, leaves no spare for the next, and the zygote serves again once forks are allowed.
+    group = Path(f"/sys/fs/cgroup/pids/zygote-test-{os.getpid()}")
+    group.mkdir()
+    sock, process = zygote.start()
+    try:
+        (group / "cgroup.procs").write_text(str(process.pid))
+        ask(sock, refused("bad/first", tmp_path))
+        spare = spare_of(process.pid)
+        (group / "pids.max").write_text("1")  # the zygote and its spare are 2: no fork more
+        answer = ask(sock, refused("bad/spare", tmp_path))  # the spare takes it: no fork needed
+        assert "must be 1-64 bytes" in answer["error"], answer
+        answer = ask(sock, refused("bad/no-fork", tmp_path))  # no spare could be forked after it
+        assert answer["id"] == "bad/no-fork" and answer["ok"] is False, answer
+        assert "[Errno 11]" in answer["error"], answer
+        children = Path(f"/proc/{process.pid}/task/{process.pid}/children")
+        deadline = time.monotonic() + 30  # the first create's A exits just after its answer, and is reaped
+        while children.read_text().split():
+            assert time.monotonic() < deadline, children.read_text()
+            time.sleep(0.01)
+        (group / "pids.max").write_text("max")
+        answer = ask(sock, refused("bad/again", tmp_path))  # forked at request time
+        assert "must be 1-64 bytes" in answer["error"], answer
+        assert spare_of(process.pid) != spare
+    finally:
+        sock.close()
+        process.wait(timeout=30)
+        with contextlib.suppress(OSError):
+            (group / "pids.max").write_text("max")
+        group.rmdir()
 
 
 def sock_fd_of(zygote_pid: int) -> int:
@@ -350,6 +442,8 @@ def test_the_runtimes_resolv_conf_is_written_only_through_the_sandboxs_own_direc
 _PRELOADED_HOLD = """
 import json
 from sandboxd.runtime import zygote
+from sandboxd.runtime.errors import ApiError
+from sandboxd.runtime.zygote_client import ZygoteClient
 zygote.preload()
 zygote.freeze_heap()
 print(json.dumps([zygote.hold_free_chunks(), zygote.hold_free_chunks()]))
@@ -369,6 +463,8 @@ def test_the_preloads_free_chunks_are_held_before_the_zygote_forks() -> None:
 _FORK_LOOKUPS = """
 import json, os, resource, sys
 from sandboxd.runtime import zygote
+from sandboxd.runtime.errors import ApiError
+from sandboxd.runtime.zygote_client import ZygoteClient
 
 zygote.preload()
 zygote.freeze_heap()

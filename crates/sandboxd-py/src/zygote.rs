@@ -150,12 +150,18 @@ impl Loop<'_, '_> {
 
     /// One request from the runtime; false at its end (the runtime closed its socket).
     fn request(&mut self, buf: &mut [u8]) -> PyResult<bool> {
-        let (len, fds) = receive(self.sock.as_raw_fd(), buf)?;
+        let (len, truncated, fds) = receive(self.sock.as_raw_fd(), buf)?;
         if len == 0 {
             return Ok(false);
         }
-        let data = &buf[..len];
         // A request that is not JSON is the runtime's bug: the zygote stops, as the Python loop did.
+        // One cut to the buffer's size says so (the runtime refuses longer ones: zygote_client.encode).
+        if truncated {
+            return Err(PyValueError::new_err(format!(
+                "a request longer than {MAX_MESSAGE} bytes (cut)"
+            )));
+        }
+        let data = &buf[..len];
         let request: Value = serde_json::from_slice(data)
             .map_err(|e| PyValueError::new_err(format!("a request that is not JSON: {e}")))?;
         let Some(id) = request.get("id").cloned() else {
@@ -365,9 +371,10 @@ impl Loop<'_, '_> {
     }
 }
 
-/// A request and its descriptors (the disk's, then each volume's mount). Received without
-/// `MSG_CMSG_CLOEXEC`, as Python's `socket.recv_fds`: the fork at request time keeps them.
-fn receive(sock: RawFd, buf: &mut [u8]) -> PyResult<(usize, Vec<OwnedFd>)> {
+/// A request, whether it was cut to `buf`'s size, and its descriptors (the disk's, then each
+/// volume's mount). Received without `MSG_CMSG_CLOEXEC`, as Python's `socket.recv_fds`: the fork at
+/// request time keeps them.
+fn receive(sock: RawFd, buf: &mut [u8]) -> PyResult<(usize, bool, Vec<OwnedFd>)> {
     let mut space = nix::cmsg_space!([RawFd; 1 + sandboxd_jail::MAX_VOLUMES]);
     loop {
         let mut iov = [IoSliceMut::new(buf)];
@@ -387,7 +394,7 @@ fn receive(sock: RawFd, buf: &mut [u8]) -> PyResult<(usize, Vec<OwnedFd>)> {
                         }
                     }
                 }
-                return Ok((msg.bytes, fds));
+                return Ok((msg.bytes, msg.flags.contains(MsgFlags::MSG_TRUNC), fds));
             }
             Err(Errno::EINTR) => continue,
             Err(e) => return Err(PyOSError::new_err((e as i32, e.desc()))),
@@ -396,7 +403,10 @@ fn receive(sock: RawFd, buf: &mut [u8]) -> PyResult<(usize, Vec<OwnedFd>)> {
 }
 
 /// The agent's log file, opened by the zygote (as host root, outside the sandbox), as the Python
-/// loop's `_open_log`; its errors worded as Python's, which the create's answer carries.
+/// loop's `_open_log`; its errors worded as Python's, which the create's answer carries. Never
+/// through a link (`O_NOFOLLOW`), nor a terminal made the zygote's (`O_NOCTTY`): the path is the
+/// runtime's (`<data dir>/sandboxes/<id>/agent.log`, in a directory only host root can write), so
+/// this is a second lock behind that one, against a file root appends to wherever a link points.
 fn open_log(request: &Value) -> Result<OwnedFd, String> {
     let path = match request.get("log") {
         Some(Value::String(path)) => path,
@@ -407,6 +417,7 @@ fn open_log(request: &Value) -> Result<OwnedFd, String> {
         .append(true)
         .create(true)
         .mode(0o640)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NOCTTY)
         .open(path)
         .map(OwnedFd::from)
         .map_err(|e| match e.raw_os_error() {

@@ -171,8 +171,8 @@ class Store:
             self.db.execute("ALTER TABLE sandboxes ADD COLUMN id_base INTEGER")
         if "volume_mounts" not in columns:  # a data dir from before volumes
             self.db.execute("ALTER TABLE sandboxes ADD COLUMN volume_mounts TEXT NOT NULL DEFAULT '{}'")
-        self.listeners: list[Callable[[int, str], None]] = []
-        """Told of each event once it is committed (its ``seq`` and kind), on the writer's thread:
+        self.listeners: list[Callable[[int, str, str], None]] = []
+        """Told of each event once it is committed (its ``seq``, sandbox and kind), on the writer's thread:
         they must be quick (the webhooks' hand-off to their delivery threads)."""
 
     def close(self) -> None:
@@ -198,7 +198,7 @@ class Store:
             self.db.execute(_INSERT, values)
             seq = None if event is None else self._event(row.id, *event)
         if event is not None:
-            self._announce(seq, event[0])
+            self._announce(seq, row.id, event[0])
 
     def update(self, sandbox_id: str, **changes: Any) -> None:
         assignments = ",".join(f"{name} = ?" for name in changes)
@@ -282,7 +282,7 @@ class Store:
     # ---------------------------------------------------------------------------------- events
 
     def event(self, sandbox_id: str, kind: str, reason: str | None = None) -> None:
-        self._announce(self._event(sandbox_id, kind, reason), kind)
+        self._announce(self._event(sandbox_id, kind, reason), sandbox_id, kind)
 
     def _event(self, sandbox_id: str, kind: str, reason: str | None) -> int | None:
         cursor = self.db.execute(
@@ -291,10 +291,10 @@ class Store:
         )
         return cursor.lastrowid
 
-    def _announce(self, seq: int | None, kind: str) -> None:
+    def _announce(self, seq: int | None, sandbox_id: str, kind: str) -> None:
         if seq is not None:
             for listener in self.listeners:
-                listener(seq, kind)
+                listener(seq, sandbox_id, kind)
 
     def events(self, sandbox_id: str) -> list[tuple[float, str, str | None]]:
         cur = self.db.execute("SELECT at, kind, reason FROM events WHERE sandbox_id = ? ORDER BY seq", (sandbox_id,))

@@ -21,6 +21,16 @@ page's ``verify_webhook_signature`` checks. A 2xx answer delivers it; anything e
 a refused connection, no answer within :data:`TIMEOUT_S`) is tried again after each of
 :data:`RETRY_DELAYS_S`, then given up and logged. Redirects are not followed.
 
+**Order.** One sandbox's events reach one webhook in the order they happened: each is sent once the
+one before it is delivered or given up (a *lane* per webhook and sandbox). E2B's page promises no
+order, but a receiver that keeps a sandbox's state from its events would otherwise record a
+``killed`` before its ``created`` whenever two delivery threads race (CI54 saw it), or whenever the
+``created`` is retried: without lanes a retry arrives after every later event of its sandbox. A lane
+waits for its retries too (1 + 10 + 60 s at most, and a timeout per attempt), which costs only that
+sandbox's later events at that webhook: an endpoint that failed one likely fails the next anyway,
+and a lane holds at most one delivery thread, so a dead endpoint no longer takes all of them for one
+busy sandbox. Other sandboxes and other webhooks go on meanwhile.
+
 Nothing of it runs on the event loop but the hand-off: :meth:`Deliveries.offer` (called by the
 store for each event it commits) only looks up the event's subscribers in memory and queues a job.
 Worker threads read the event through connections of their own and send it. The queue is bounded
@@ -47,6 +57,7 @@ import ssl
 import threading
 import time
 import uuid
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
@@ -300,6 +311,8 @@ class _Event:
 class _Job:
     event: _Event
     hook_id: str
+    sandbox_id: str
+    """With ``hook_id``, its lane: the jobs sent one after another, in order (:class:`Deliveries`)."""
     """Sent as the webhook is at each attempt: a retry goes to a URL mended meanwhile, and none is
     made once it is deleted or disabled."""
     attempt: int = 0
@@ -317,7 +330,12 @@ class Deliveries:
         self.timeout_s = timeout_s
         self.retry_delays_s = RETRY_DELAYS_S
         self._due: list[tuple[float, int, _Job]] = []
-        """(when, tie-breaker, job): a heap."""
+        """(when, tie-breaker, job): a heap, of at most one job a lane."""
+        self._lanes: dict[tuple[str, str], deque[_Job]] = {}
+        """(webhook, sandbox) -> the jobs waiting behind the one due or in flight; a lane is here while
+        it has one, and gone once its last is done."""
+        self._pending = 0
+        """Jobs due or waiting in a lane (bounded by :data:`MAX_PENDING`)."""
         self._order = itertools.count()
         self._cond = threading.Condition()
         self._stopping = False
@@ -343,7 +361,7 @@ class Deliveries:
         for thread in self._threads:
             thread.join(max(0.0, deadline - time.monotonic()))
 
-    def offer(self, seq: int, kind: str) -> None:
+    def offer(self, seq: int, sandbox_id: str, kind: str) -> None:
         """A committed event (the store's listener, on the event loop): queued for each webhook
         that subscribes to its type."""
         event_type = lifecycle.KINDS.get(kind)
@@ -358,7 +376,7 @@ class Deliveries:
                     thread.start()
                     self._threads.append(thread)
             for hook in hooks:
-                if len(self._due) >= MAX_PENDING:
+                if self._pending >= MAX_PENDING:
                     self.dropped += 1
                     self._count("dropped")
                     if self.dropped % 1000 == 1:  # the first, then one line a thousand
@@ -370,7 +388,14 @@ class Deliveries:
                             self.dropped,
                         )
                     continue
-                heapq.heappush(self._due, (0.0, next(self._order), _Job(event, hook.id)))
+                self._pending += 1
+                job = _Job(event, hook.id, sandbox_id)
+                lane = self._lanes.get((hook.id, sandbox_id))
+                if lane is not None:  # an earlier event of the sandbox is still on its way there
+                    lane.append(job)
+                    continue
+                self._lanes[hook.id, sandbox_id] = deque()
+                heapq.heappush(self._due, (0.0, next(self._order), job))
             self._cond.notify(len(hooks))
 
     def _next(self) -> _Job | None:
@@ -387,48 +412,66 @@ class Deliveries:
             return None
 
     def _work(self) -> None:
-        reader: sqlite3.Connection | None = None
+        reader: list[sqlite3.Connection] = []  # this thread's connection to the database, once needed
         try:
             while (job := self._next()) is not None:
-                hook = self.hooks.enabled(job.hook_id)
-                if hook is None:
-                    continue  # deleted or disabled since
-                event = job.event
-                try:
-                    with event.lock:
-                        if not event.read:
-                            reader = reader or self.store.reader()
-                            event.body = self._payload(reader, event.seq)
-                            event.read = True
-                    if event.body is None:
-                        continue  # the event is gone (retention), nothing to send
-                    outcome = self._send(hook, event.body)
-                except Exception as exc:  # one delivery's failure, not the thread's end
-                    log.exception("webhook %s: event %d could not be sent", hook.id, event.seq)
-                    outcome = f"{type(exc).__name__}: {exc}"[:300]
-                if outcome is None:
-                    self._count("delivered")
-                    continue
-                if job.attempt >= len(self.retry_delays_s):
-                    self._count("failed")
-                    log.warning(
-                        "webhook %s: event %d not delivered to %s after %d attempts: %s",
-                        hook.id,
-                        event.seq,
-                        hook.url,
-                        job.attempt + 1,
-                        outcome,
-                    )
-                    continue
-                self._count("retried")
-                delay = self.retry_delays_s[job.attempt]
-                job.attempt += 1
-                with self._cond:
-                    heapq.heappush(self._due, (time.monotonic() + delay, next(self._order), job))
-                    self._cond.notify()
+                if not self._attempt(job, reader):
+                    self._done(job)
         finally:
-            if reader is not None:
-                reader.close()
+            for connection in reader:
+                connection.close()
+
+    def _done(self, job: _Job) -> None:
+        """``job`` is over (delivered, given up, or not to be sent): the next of its lane is due."""
+        with self._cond:
+            self._pending -= 1
+            lane = self._lanes.get((job.hook_id, job.sandbox_id))
+            if lane:
+                heapq.heappush(self._due, (0.0, next(self._order), lane.popleft()))
+                self._cond.notify()
+            elif lane is not None:
+                del self._lanes[job.hook_id, job.sandbox_id]
+
+    def _attempt(self, job: _Job, reader: list[sqlite3.Connection]) -> bool:
+        """One attempt at ``job``; whether it is due again, for a retry (its lane waits for it)."""
+        hook = self.hooks.enabled(job.hook_id)
+        if hook is None:
+            return False  # deleted or disabled since
+        event = job.event
+        try:
+            with event.lock:
+                if not event.read:
+                    if not reader:
+                        reader.append(self.store.reader())
+                    event.body = self._payload(reader[0], event.seq)
+                    event.read = True
+            if event.body is None:
+                return False  # the event is gone (retention), nothing to send
+            outcome = self._send(hook, event.body)
+        except Exception as exc:  # one delivery's failure, not the thread's end
+            log.exception("webhook %s: event %d could not be sent", hook.id, event.seq)
+            outcome = f"{type(exc).__name__}: {exc}"[:300]
+        if outcome is None:
+            self._count("delivered")
+            return False
+        if job.attempt >= len(self.retry_delays_s):
+            self._count("failed")
+            log.warning(
+                "webhook %s: event %d not delivered to %s after %d attempts: %s",
+                hook.id,
+                event.seq,
+                hook.url,
+                job.attempt + 1,
+                outcome,
+            )
+            return False
+        self._count("retried")
+        delay = self.retry_delays_s[job.attempt]
+        job.attempt += 1
+        with self._cond:
+            heapq.heappush(self._due, (time.monotonic() + delay, next(self._order), job))
+            self._cond.notify()
+        return True
 
     def _count(self, result: str) -> None:
         if self.metrics is not None:

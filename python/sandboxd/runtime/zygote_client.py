@@ -72,8 +72,10 @@ class ZygoteClient:
         """Ask for a sandbox; the answer is ``{"id", "ok", "init_pid"}`` or ``{"id", "ok": False, "error"}``.
         ``fds`` travel with the request (``SCM_RIGHTS``); the caller keeps and closes its own copies.
 
-        Raises a 503 :class:`ApiError` when no zygote is up or it dies before answering."""
+        Raises a 503 :class:`ApiError` when no zygote is up or it dies before answering, a 400 for a
+        request the zygote could not read whole (:func:`encode`)."""
         self.check_up()
+        data = encode(request)
         sock = self._sock
         assert sock is not None
         loop = asyncio.get_running_loop()
@@ -81,7 +83,7 @@ class ZygoteClient:
         self._waiting[request["id"]] = answer
         try:
             async with self._send_lock:
-                await _send(sock, json.dumps(request).encode(), fds or [])
+                await _send(sock, data, fds or [])
             return await answer
         except OSError as exc:  # the zygote died between our check and the send
             raise ApiError(503, f"cannot create sandboxes right now: the zygote died ({exc}); retry") from None
@@ -139,6 +141,27 @@ class ZygoteClient:
             pending = self._waiting.get(answer.get("id"))
             if pending is not None and not pending.done():
                 pending.set_result(answer)
+
+
+def encode(request: dict[str, Any]) -> bytes:
+    """A request as the zygote reads it: JSON in UTF-8 (not ``\\u`` escapes, 6 or 12 bytes a
+    character), of at most :data:`.zygote.MAX_MESSAGE` bytes; a 400 otherwise.
+
+    The zygote receives at most that much (``SOCK_SEQPACKET`` cuts a longer message), and a request it
+    cannot read is the end of it, with every create in flight: a sandbox's 16 volume mount paths of
+    1,024 characters each (the API's limits) are ~98 KiB escaped when they are not ASCII, and were
+    one create request's way to restart the zygote (``docs/security.md``, ``review6``)."""
+    try:
+        data = json.dumps(request, ensure_ascii=False).encode()
+    except UnicodeEncodeError:  # a lone surrogate: not a path the jail would take anyway
+        raise ApiError(400, "the sandbox's settings are not valid UTF-8") from None
+    if len(data) > MAX_MESSAGE:
+        raise ApiError(
+            400,
+            f"the sandbox's settings take {len(data)} bytes, more than the {MAX_MESSAGE} a create can carry:"
+            " use shorter volume mount paths",
+        )
+    return data
 
 
 async def _send(sock: socket.socket, data: bytes, fds: list[int]) -> None:
