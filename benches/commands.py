@@ -61,6 +61,16 @@ STREAM_TIMEOUT_S = 600.0
 TARGET_PIPE_MBPS = 2000.0
 TARGET_OVER_FLOOR_MS = 1.0
 PTY_COLS, PTY_ROWS = 80, 24
+PTY_RUNS = 5
+"""Timed PTY runs per client, in quick and full runs alike (unless ``--runs``). A PTY moves ~4 KiB
+per turn of a wake-up cycle (the writer, the tty's flush worker, the reader), so on 2 shared cores
+a single 64 MiB run is mostly the scheduler's luck: with one run each the row read 0.68x and 1.10x
+in two CI runs started a minute apart, and in one A/B (16 rounds, load 41 to 62) one round's ratio
+went from 0.24x to 4.9x. Five rounds, the order rotating, give medians and the median of the
+rounds' ratios (``extra.paired_ratio_median``); see docs/benchmarks.md, `pty3`."""
+PTY_WARM_UP = 16 << 20
+"""One untimed PTY run of this size per client before the timed ones, as the pipe runs get one: no
+timed run is a client's first PTY (the SDK's first ``pty.create``, the agent's first PTY stream)."""
 READ_BYTES = 1 << 20
 """Bytes per ``read`` for the direct baselines (a pipe gives up to 64 KiB per read, a PTY ~4 KiB)."""
 RECV_BYTES = READ_BYTES
@@ -388,37 +398,40 @@ def direct_pipe_output(size: int, env: dict[str, str], cwd: Path) -> Run:
 
 def direct_pty_output(size: int, env: dict[str, str], cwd: Path) -> Run:
     """The same command with a fresh PTY's slave as stdout and stderr (default termios, as the agent
-    leaves it), read from the master until EIO."""
+    leaves it), read from the master until EIO. An :class:`RssSampler` runs around it as around the
+    agent's runs (here on this process's own tree): its thread takes this process's GIL every 20 ms
+    and scans /proc every 0.25 s, a cost the binary client's runs pay, so the direct read pays it too."""
     master, slave = os.openpty()
     cpu0 = time.process_time()
-    t0 = time.perf_counter()
+    n = 0
     try:
-        proc = subprocess.Popen(
-            ["/bin/bash", "-c", f"head -c {size} /dev/zero"],
-            stdin=slave,
-            stdout=slave,
-            stderr=slave,
-            env=env,
-            cwd=cwd,
-            start_new_session=True,
-        )
-        os.close(slave)
-        slave = -1
-        n = 0
-        while True:
-            try:
-                chunk = os.read(master, READ_BYTES)
-            except OSError:  # EIO: the slave side is closed
-                break
-            if not chunk:
-                break
-            n += len(chunk)
-        proc.wait()
+        with RssSampler(psutil.Process()):
+            t0 = time.perf_counter()
+            proc = subprocess.Popen(
+                ["/bin/bash", "-c", f"head -c {size} /dev/zero"],
+                stdin=slave,
+                stdout=slave,
+                stderr=slave,
+                env=env,
+                cwd=cwd,
+                start_new_session=True,
+            )
+            os.close(slave)
+            slave = -1
+            while True:
+                try:
+                    chunk = os.read(master, READ_BYTES)
+                except OSError:  # EIO: the slave side is closed
+                    break
+                if not chunk:
+                    break
+                n += len(chunk)
+            proc.wait()
+            seconds = time.perf_counter() - t0
     finally:
         os.close(master)
         if slave >= 0:
             os.close(slave)
-    seconds = time.perf_counter() - t0
     if n != size:
         raise RuntimeError(f"direct PTY: {n} bytes, expected {size}")
     return Run(n, seconds, 0.0, time.process_time() - cpu0)
@@ -546,6 +559,9 @@ def paired(ours: Any, floor: Any, n: int) -> tuple[list[float], list[float]]:
 
 
 def throughput_row(name: str, ours: list[Run], base: list[Run], base_name: str, extra: dict[str, Any]) -> Result:
+    # Runs of the same round (``alternate``) ran back to back, under the same load: the median of
+    # their ratios is less swayed by a round that a neighbour slowed than the ratio of the medians.
+    paired = [a.mbps / b.mbps for a, b in zip(ours, base, strict=True)] if len(ours) == len(base) else []
     return Result(
         name=name,
         unit="MB/s",
@@ -561,6 +577,7 @@ def throughput_row(name: str, ours: list[Run], base: list[Run], base_name: str, 
             "client_cpu_s": [round(r.client_cpu_s, 2) for r in ours],
             "seconds": [round(r.seconds, 2) for r in ours],
             "agent_peak_rss_MiB": round(max(r.peak_rss for r in ours) / MiB, 1) if ours[0].peak_rss else None,
+            "paired_ratio_median": round(median(paired) or 0.0, 3) if paired else None,
             **extra,
         },
     )
@@ -743,7 +760,16 @@ def run(ctx: Context) -> None:
 
         # ------------------------------------------------------------------------------- PTY
         label = size_label(pty_size)
-        ctx.log(f"PTY output: {runs} x {label} per client, alternating")
+        pty_runs = ctx.runs or PTY_RUNS
+        ctx.log(
+            f"PTY output: {pty_runs} x {label} per client, alternating, "
+            f"after one untimed {size_label(PTY_WARM_UP)} each"
+        )
+        binary_output(client, agent.url, agent.token, agent.ps, PTY_WARM_UP, pty=True)
+        sdk_pty_output(sandbox, sdk.ps, PTY_WARM_UP)
+        direct_pty_output(PTY_WARM_UP, env, cwd)
+        if theirs is not None:
+            sdk_pty_output(theirs, compare.ps if compare is not None else None, PTY_WARM_UP)
         tty_steps = {
             "binary": lambda: binary_output(client, agent.url, agent.token, agent.ps, pty_size, pty=True),
             "sdk": lambda: sdk_pty_output(sandbox, sdk.ps, pty_size),
@@ -752,7 +778,7 @@ def run(ctx: Context) -> None:
         if compare is not None and theirs is not None:
             tty_steps["cmp_sdk"] = lambda: sdk_pty_output(theirs, compare.ps, pty_size)
         tty: dict[str, list[Run]] = {key: [] for key in tty_steps}
-        alternate(ctx, tty_steps, tty, runs)
+        alternate(ctx, tty_steps, tty, pty_runs)
         base_pty = "the same command's PTY master read directly (Python, os.read)"
         ctx.report(
             throughput_row(
@@ -777,4 +803,8 @@ def alternate(ctx: Context, steps: dict[str, Any], into: dict[str, list[Run]], r
             r = steps[key]()
             into[key].append(r)
             cpu = f"agent CPU {r.agent_cpu_s:5.2f} s, " if r.agent_cpu_s else ""
-            ctx.log(f"  {key:<8} {r.mbps:8,.0f} MB/s  {r.seconds:6.2f} s  ({cpu}client CPU {r.client_cpu_s:5.2f} s)")
+            load = os.getloadavg()[0]
+            ctx.log(
+                f"  {key:<8} {r.mbps:8,.0f} MB/s  {r.seconds:6.2f} s  ({cpu}client CPU {r.client_cpu_s:5.2f} s, "
+                f"load {load:.1f})"
+            )
