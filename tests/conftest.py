@@ -326,14 +326,20 @@ def _cold(flags: tuple[str, ...]) -> tuple[str, ...]:
 
 @pytest.fixture(scope="session")
 def start_runtime(tmp_path_factory: pytest.TempPathFactory, base_template: bool) -> Iterator[Callable[..., Runtime]]:
-    """A factory: ``start_runtime(*flags, tls=None, env=None)`` → a running :class:`Runtime` with its own
-    data dir, over the shared template store. ``tls``: an SSL context trusting the certificate the flags
-    give it (``--tls-cert``/``--tls-key``); ``env``: variables added to its environment."""
+    """A factory: ``start_runtime(*flags, tls=None, env=None, preexec_fn=None)`` → a running :class:`Runtime`
+    with its own data dir, over the shared template store. ``tls``: an SSL context trusting the certificate
+    the flags give it (``--tls-cert``/``--tls-key``); ``env``: variables added to its environment;
+    ``preexec_fn``: run in the runtime's process before it starts (what its starter leaves it)."""
     if os.geteuid() != 0:
         pytest.skip("the runtime needs root (namespaces, overlayfs, cgroups)")
     started: list[Runtime] = []
 
-    def start(*flags: str, tls: ssl.SSLContext | None = None, env: dict[str, str] | None = None) -> Runtime:
+    def start(
+        *flags: str,
+        tls: ssl.SSLContext | None = None,
+        env: dict[str, str] | None = None,
+        preexec_fn: Callable[[], None] | None = None,
+    ) -> Runtime:
         port = free_port()
         data_dir = tmp_path_factory.mktemp("runtime")
         log = data_dir / "serve.log"
@@ -352,7 +358,7 @@ def start_runtime(tmp_path_factory: pytest.TempPathFactory, base_template: bool)
         ]
         environ = {**os.environ, **env} if env else None
         with log.open("wb") as out:
-            process = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=environ)
+            process = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=environ, preexec_fn=preexec_fn)
         runtime = Runtime(process, port, "test-key", data_dir, log, args, tls if tls is not None else True, environ)
         started.append(runtime)
         wait_healthy(runtime.url, runtime.process, runtime.log, status=200, verify=runtime.verify)

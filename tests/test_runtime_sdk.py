@@ -3,8 +3,11 @@ docs, over real namespaces, overlayfs and cgroups."""
 
 from __future__ import annotations
 
+import signal
 import time
 import uuid
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -289,5 +292,37 @@ def test_an_alias_reports_the_template_and_its_name(e2b_env: Runtime) -> None:
         info = sbx.get_info()
         assert info.template_id == "base"
         assert info.name == "desktop"
+    finally:
+        sbx.kill()
+
+
+def _ignored(status: str) -> int:
+    return int(next(line for line in status.splitlines() if line.startswith("SigIgn:")).split()[1], 16)
+
+
+def test_nothing_in_a_sandbox_ignores_a_signal_because_of_how_the_runtime_was_started(
+    start_runtime: Callable[..., Runtime], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``nohup sandboxd serve &`` from a script leaves the runtime SIGHUP, SIGINT and SIGQUIT ignored,
+    and ignored dispositions survive ``fork`` and ``execve``: every sandbox's agent, and so its
+    commands, terminals and code interpreter, ignored them too (a hang-up or a Ctrl-C that never
+    arrives). The sandbox's agent starts with them at their defaults (it keeps CPython's SIGPIPE
+    and SIGXFSZ, which every spawn resets)."""
+
+    def ignoring() -> None:
+        for sig in (signal.SIGHUP, signal.SIGINT, signal.SIGQUIT, signal.SIGUSR2):
+            signal.signal(sig, signal.SIG_IGN)
+
+    runtime = start_runtime(preexec_fn=ignoring)
+    assert _ignored(Path(f"/proc/{runtime.process.pid}/status").read_text()) & (1 << (signal.SIGHUP - 1))
+    for name, value in runtime.env().items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("E2B_DEBUG", raising=False)
+    sbx = Sandbox.create()
+    try:
+        assert _ignored(sbx.commands.run("cat /proc/self/status").stdout) == 0
+        assert _ignored(sbx.commands.run("cat /proc/self/status", user="root").stdout) == 0
+        pythons = (1 << (signal.SIGPIPE - 1)) | (1 << (signal.SIGXFSZ - 1))
+        assert _ignored(sbx.commands.run("cat /proc/2/status", user="root").stdout) == pythons
     finally:
         sbx.kill()

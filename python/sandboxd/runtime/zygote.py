@@ -157,6 +157,16 @@ def _listen(host: str, port: int) -> socket.socket:
     return sock
 
 
+_IGNORED: list[int] = []
+"""The signals the zygote ignores, its own SIGINT and what it inherited (``nohup sandboxd serve``'s
+SIGHUP; a shell without job control gives a background job SIGINT and SIGQUIT ignored), but SIGPIPE
+and SIGXFSZ (CPython's own, reset by every spawn of the agent and by ``subprocess``): set back to
+their defaults in each sandbox's agent, before it starts anything. Ignored dispositions survive
+``fork`` and ``execve``, so every command, terminal, code interpreter and kernel of every sandbox
+would otherwise ignore them, by how the runtime was started: a hang-up or a Ctrl-C that never
+arrives. Listed once here, so that a create pays only for the signals there are."""
+
+
 def _run_agent(
     log_fd: int,
     files: dict[str, str],
@@ -183,6 +193,8 @@ def _run_agent(
     )
     os.chdir("/")
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    for sig in _IGNORED:
+        signal.signal(sig, signal.SIG_DFL)
     code = 0
     try:
         if fault:
@@ -457,6 +469,11 @@ def main(fd: int) -> None:
     """The zygote process: preload, then serve create requests until the runtime goes away."""
     sock = socket.socket(fileno=fd)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _IGNORED.extend(
+        sig
+        for sig in signal.valid_signals()
+        if sig not in (signal.SIGPIPE, signal.SIGXFSZ) and signal.getsignal(sig) == signal.SIG_IGN
+    )
     preload()
     freeze_heap()
     hold_free_chunks()
