@@ -7,7 +7,10 @@ import contextlib
 import json
 import os
 import shlex
+import signal
 import struct
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -279,3 +282,66 @@ def test_agent_stays_responsive_while_user_processes_spin(agent: Agent, sandbox:
     finally:
         for spinner in spinners:
             sandbox.commands.kill(spinner.pid)
+
+
+IGNORED_BY_THE_STARTER = (signal.SIGHUP, signal.SIGINT, signal.SIGQUIT, signal.SIGUSR1)
+"""What ``nohup sandboxd agent &`` from a script leaves ignored (``nohup``: SIGHUP; a shell without
+job control: SIGINT and SIGQUIT for a background job), and one more."""
+
+
+def _ignored_signals(status: str) -> int:
+    return int(next(line for line in status.splitlines() if line.startswith("SigIgn:")).split()[1], 16)
+
+
+def test_commands_and_terminals_start_with_no_signal_ignored_whatever_the_agent_was_started_with(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ignored dispositions survive ``fork`` and ``execve``: without a reset, an agent started by
+    ``nohup`` gave every command a SIGHUP it could not receive, and one started in the background of
+    a script gave them a SIGINT no Ctrl-C could deliver. The agent keeps what it was given (``nohup``
+    is there so that it survives a hang-up); what it starts begins with every signal at its default,
+    as a command on a freshly booted machine (envd's, under systemd) does."""
+    from conftest import die_with_parent, free_port, wait_healthy
+    from e2b import Sandbox
+
+    def ignoring() -> None:
+        die_with_parent()
+        for sig in IGNORED_BY_THE_STARTER:
+            signal.signal(sig, signal.SIG_IGN)
+
+    port = free_port()
+    log = tmp_path / "agent.log"
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "sandboxd", "agent", "--port", str(port)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            preexec_fn=ignoring,
+        )
+    try:
+        wait_healthy(f"http://127.0.0.1:{port}", process, log)
+        agent_ignores = _ignored_signals(Path(f"/proc/{process.pid}/status").read_text())
+        assert agent_ignores & (1 << (signal.SIGHUP - 1)), "the agent itself no longer ignores nohup's SIGHUP"
+        monkeypatch.setenv("E2B_DEBUG", "true")
+        monkeypatch.setenv("E2B_SANDBOX_URL", f"http://127.0.0.1:{port}")
+        sbx = Sandbox.create()
+        assert _ignored_signals(sbx.commands.run("cat /proc/self/status").stdout) == 0
+        background = sbx.commands.run("sleep 30", background=True)
+        assert _ignored_signals(sbx.commands.run(f"cat /proc/{background.pid}/status").stdout) == 0
+        background.kill()
+
+        output = bytearray()
+        terminal = sbx.pty.create(PtySize(rows=24, cols=200))
+        reader = threading.Thread(target=lambda: _drain_pty(terminal, output), daemon=True)
+        reader.start()
+        # A child of the terminal's shell: bash passes on what it was started with ignored.
+        sbx.pty.send_stdin(terminal.pid, b"grep SigIgn /proc/self/status | tr -d '\\t'; echo done-$((6*7))\n")
+        deadline = time.monotonic() + 10
+        while b"done-42" not in output and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert b"SigIgn:0000000000000000" in output, output.decode(errors="replace")
+        sbx.pty.kill(terminal.pid)
+        reader.join(10)
+    finally:
+        process.terminate()
+        process.wait(10)

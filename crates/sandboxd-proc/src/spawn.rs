@@ -7,8 +7,8 @@
 //! credentials and the working directory; and turns a failure into a [`SpawnError`] naming the
 //! program (and the step, when the child failed before `execve`).
 //!
-//! What the child does before `execve`: reset signal handlers, with `SIGPIPE`/`SIGXFSZ` back to
-//! their defaults (ignored dispositions survive `exec`, and hosts such as CPython ignore both);
+//! What the child does before `execve`: every signal handled or ignored back to its default
+//! (ignored dispositions survive `exec`: CPython ignores `SIGPIPE` and `SIGXFSZ`, `nohup` `SIGHUP`);
 //! `setsid()` (new session and process group, so the whole tree can be signalled with `killpg`);
 //! for a PTY, `TIOCSCTTY` on fd 0, making the slave the controlling terminal; the `oom_score_adj`
 //! write; `setgroups`/`setgid`/`setuid` when switching user; and `chdir`.

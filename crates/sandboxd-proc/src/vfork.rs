@@ -63,9 +63,12 @@
 //! run on our heap. The parent blocks every signal around `clone` (glibc's two internal ones
 //! cannot be blocked, but are only ever sent to our own threads' ids), the child inherits that
 //! mask, resets every handled signal to `SIG_DFL` first thing, and unblocks everything just before
-//! `execve`, leaving the child the empty mask it always had. It also resets `SIGPIPE` and `SIGXFSZ`
-//! from ignored to default (ignored dispositions survive `execve`, and CPython and Rust ignore
-//! `SIGPIPE`); other ignored signals stay ignored, as they did through `fork`.
+//! `execve`, leaving the child the empty mask it always had. It also resets every ignored signal to
+//! its default: ignored dispositions survive `execve`, CPython and Rust ignore `SIGPIPE` (and CPython
+//! `SIGXFSZ`), and whatever started the agent may have left others ignored (`nohup`: `SIGHUP`; a
+//! shell without job control, for a background job: `SIGINT` and `SIGQUIT`). The agent keeps those
+//! (`nohup` is there so that it survives a hang-up); a command starts with every signal at its
+//! default, as on a freshly booted machine (envd's, under systemd).
 //!
 //! Errors come back through shared memory rather than a close-on-exec pipe: the child writes the
 //! step and errno into the [`Report`] and exits with status 127; `CLONE_VFORK` guarantees the
@@ -476,9 +479,8 @@ fn errno() -> c_int {
     nix::errno::Errno::last_raw()
 }
 
-/// In the child: sets every signal that has a handler to `SIG_DFL`, and `SIGPIPE` and `SIGXFSZ`
-/// also when ignored. Signals `sigaction` refuses (`SIGKILL`, `SIGSTOP`, glibc's internal ones)
-/// are skipped.
+/// In the child: sets every signal that has a handler or is ignored to `SIG_DFL`. Signals
+/// `sigaction` refuses (`SIGKILL`, `SIGSTOP`, glibc's internal ones) are skipped.
 fn reset_signal_handlers() {
     // SAFETY: an all-zero `struct sigaction` is valid: handler SIG_DFL (0), empty mask, no flags.
     let default: libc::sigaction = unsafe { std::mem::zeroed() };
@@ -491,12 +493,7 @@ fn reset_signal_handlers() {
         }
         // SAFETY: sigaction succeeded, so it initialised `current`.
         let handler = unsafe { current.assume_init_ref() }.sa_sigaction;
-        let reset = match handler {
-            libc::SIG_DFL => false,
-            libc::SIG_IGN => signal == libc::SIGPIPE || signal == libc::SIGXFSZ,
-            _ => true,
-        };
-        if reset {
+        if handler != libc::SIG_DFL {
             // SAFETY: `default` is a valid disposition; the child's table is its own copy (no
             // CLONE_SIGHAND), so ours is unchanged.
             unsafe { libc::sigaction(signal, &default, ptr::null_mut()) };
