@@ -452,3 +452,40 @@ def test_a_second_runtime_on_a_data_dir_in_use_is_refused(start_runtime: Callabl
     assert second.returncode != 0
     assert "another sandboxd runtime is running on this data dir" in second.stderr, second.stderr
     assert httpx.get(f"{first.url}/health", timeout=10).status_code in (200, 204)
+
+
+def test_sandboxes_a_clean_stop_leaves_running_are_killed_once_their_data_dir_is_gone(
+    start_runtime: Callable[..., Runtime],
+) -> None:
+    """A clean stop (SIGTERM) leaves a claimed sandbox running, for the next runtime on that data dir
+    to adopt, and a stop with none left removes its mark. The mark of the first stays: once the data
+    dir is removed (Ctrl-C, then ``rm -rf`` of a scratch dir), the next runtime on the host kills the
+    sandbox by it. Before, a clean stop removed the mark whatever it left, and such a sandbox's
+    processes, groups, disk and id range stayed on the host for good."""
+    import httpx
+
+    stopped = start_runtime("--warm-sandboxes", "0")
+    created = httpx.post(
+        f"{stopped.url}/sandboxes", headers={"X-API-KEY": stopped.api_key}, json={"templateID": "host"}, timeout=60
+    )
+    assert created.status_code == 201, created.text
+    procs = _sandbox_procs(stopped.data_dir)
+    assert len(procs) == 1 and all(procs.values())
+    stopped.process.terminate()
+    assert stopped.process.wait(30) == 0
+    assert all(_alive(pid) for pids in procs.values() for pid in pids), "a clean stop killed its sandbox"
+    assert _mark(stopped.data_dir).exists()
+
+    empty = start_runtime("--warm-sandboxes", "0")
+    empty.process.terminate()
+    assert empty.process.wait(30) == 0
+    assert not _mark(empty.data_dir).exists(), "a clean stop that leaves nothing left its mark"
+    assert all(_alive(pid) for pids in procs.values() for pid in pids), "a sweep killed an adoptable sandbox"
+
+    shutil.rmtree(stopped.data_dir)
+    start_runtime("--warm-sandboxes", "0")
+    assert _sandbox_procs(stopped.data_dir) == {} and _instance_groups(stopped.data_dir) == []
+    assert not [pid for pids in procs.values() for pid in pids if _alive(pid)]
+    _eventually(lambda: _loop_devices_of(stopped.data_dir) == [], f"loop devices: {_loop_devices_of(stopped.data_dir)}")
+    assert _id_claims_of(stopped.data_dir) == []
+    assert not _mark(stopped.data_dir).exists()

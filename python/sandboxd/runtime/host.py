@@ -375,6 +375,17 @@ def remove_instance_if_empty(data_dir: Path, node: str | None = None) -> None:
         _core.remove_instance_if_empty(instance_name(data_dir, node))
 
 
+def sandboxes_left(data_dir: Path, node: str | None = None) -> bool:
+    """Whether a sandbox of this runtime still has a group (a clean stop leaves them running); yes
+    when the cgroup tree cannot be read."""
+    from sandboxd import _core
+
+    try:
+        return bool(_core.list_sandboxes(instance_name(data_dir, node)))
+    except OSError:
+        return True
+
+
 async def close_place(place: HostPlace) -> None:
     """At stop: unmount the pool's disks; remove the instance's cgroup group if no sandbox is left."""
     from sandboxd import _core

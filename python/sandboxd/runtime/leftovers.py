@@ -125,6 +125,13 @@ class RuntimeMark:
             os.unlink(self.path)
         os.close(self.fd)
 
+    def release(self) -> None:
+        """At a clean stop that leaves sandboxes running (for this data dir's next runtime to adopt):
+        the mark stays, free, as a runtime killed outright leaves it. Should the data dir go before
+        a runtime starts on it again, the next runtime's sweep finds them by it and kills them;
+        without it, nothing on the host would name them any more."""
+        os.close(self.fd)
+
 
 def sweep(
     remove_table: Callable[[str], None] | None,

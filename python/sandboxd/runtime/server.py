@@ -266,7 +266,10 @@ def run(options: ServeOptions) -> None:
         # too; this covers what came before that clean-up was armed.
         host.remove_instance_if_empty(options.data_dir)
         if clean and mark is not None:
-            mark.close()  # everything it names is gone; after a failed clean-up, it stays to be swept
+            if host.sandboxes_left(options.data_dir):
+                mark.release()  # sandboxes run on, for the next runtime here to adopt
+            else:
+                mark.close()  # everything it names is gone; after a failed clean-up, it stays to be swept
 
 
 def _prepare_and_serve(
