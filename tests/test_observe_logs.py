@@ -162,14 +162,19 @@ def _scrub_everything(values: list[str], text: str) -> str:
         "",
     ],
 )
-def test_the_scrubs_fast_paths_leave_what_the_full_scrub_leaves(text: str) -> None:
+@pytest.mark.parametrize("live", [0, 300])
+def test_the_scrubs_fast_paths_leave_what_the_full_scrub_leaves(text: str, live: int) -> None:
     """``Secrets.scrub`` skips the value search for a text shorter than every value and the shapes for
-    a text that holds none of their required characters: on each kind of text it returns exactly what
-    searching for everything returns."""
-    values = [TOKEN, "my-own-api-key-value"]
+    a text that holds none of their required characters: on each kind of text, with ``live`` other
+    tokens registered beside the two, it returns exactly what searching for everything returns."""
+    others = [f"{i:04d}" + TOKEN[4:] for i in range(live)]  # TOKEN's length, and its tail
+    values = [TOKEN, "my-own-api-key-value", *others]
     known = logs.Secrets()
     for value in values:
         known.add(value)
     assert known.scrub(text) == _scrub_everything(values, text)
+    assert known.scrub(f"{others[7]} {text}" if others else text) == _scrub_everything(
+        values, f"{others[7]} {text}" if others else text
+    )
     known.discard("my-own-api-key-value")  # the shortest goes: a text of its length is not searched now
-    assert known.scrub(text) == _scrub_everything([TOKEN], text)
+    assert known.scrub(text) == _scrub_everything([TOKEN, *others], text)
