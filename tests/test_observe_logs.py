@@ -129,3 +129,52 @@ def test_label_values_are_bounded() -> None:
     ]
     assert bounded("api", ("api", "timeout")) == "api"
     assert bounded("anything a client sent", ("api", "timeout")) == "other"
+
+
+def _scrub_everything(values: list[str], text: str) -> str:
+    """The scrub without its fast paths: every value searched for and the shapes run on every text."""
+    for value in values:
+        text = text.replace(value, logs.REDACTED)
+    return logs._SHAPES.sub(lambda m: (m.group(1) or "") + logs.REDACTED, text)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "sandbox.created",  # shorter than every value, no shape: both fast paths
+        "created from template base in 21 ms",
+        TOKEN,  # exactly a value's length
+        f"a{TOKEN}",
+        "my-own-api-key-value",  # the shortest value, alone
+        "key my-own-api-key-value and " + TOKEN,
+        f"X-Access-Token: {TOKEN}",
+        f"x-api-key={TOKEN}",
+        f'{{"envdAccessToken" : "{TOKEN}"}}',
+        f"GET /files?path=/a&SIGNATURE=v1_{TOKEN}",
+        f"AUTHORIZATION: Basic {TOKEN}",
+        f"password= {TOKEN}",
+        f"the key {API_KEY} leaked",
+        f"the key {API_KEY.upper().replace('E2B_', 'E2b_')} leaked",  # the shapes ignore case, so must the check
+        f"sk_e2b_{'a1' * 12} in a line",
+        f"{API_KEY}",
+        "e2b_ but too short to be a key",
+        "x: y",
+        "",
+    ],
+)
+@pytest.mark.parametrize("live", [0, 300])
+def test_the_scrubs_fast_paths_leave_what_the_full_scrub_leaves(text: str, live: int) -> None:
+    """``Secrets.scrub`` skips the value search for a text shorter than every value and the shapes for
+    a text that holds none of their required characters: on each kind of text, with ``live`` other
+    tokens registered beside the two, it returns exactly what searching for everything returns."""
+    others = [f"{i:04d}" + TOKEN[4:] for i in range(live)]  # TOKEN's length, and its tail
+    values = [TOKEN, "my-own-api-key-value", *others]
+    known = logs.Secrets()
+    for value in values:
+        known.add(value)
+    assert known.scrub(text) == _scrub_everything(values, text)
+    assert known.scrub(f"{others[7]} {text}" if others else text) == _scrub_everything(
+        values, f"{others[7]} {text}" if others else text
+    )
+    known.discard("my-own-api-key-value")  # the shortest goes: a text of its length is not searched now
+    assert known.scrub(text) == _scrub_everything([TOKEN, *others], text)

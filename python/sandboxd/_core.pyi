@@ -547,8 +547,9 @@ def remove_left_instance(instance: str) -> None:
     """What a runtime that is gone left of ``sandboxd/<instance>/``: its sandboxes' groups that hold
     nothing, then the group itself (a group that still holds a process stays, and so does the instance's)."""
 
-def format_disk_image(path: str, size_mb: int) -> None:
-    """Create ``path`` as a sparse image of ``size_mb`` MiB holding an empty ext4 filesystem."""
+def format_disk_image(path: str, size_mb: int, template: bool = False) -> None:
+    """Create ``path`` as a sparse image of ``size_mb`` MiB holding an empty ext4 filesystem;
+    ``template``: the layout of the image sandbox disks are copied from (fewer data extents)."""
 
 def copy_sparse(src: str, dst: str) -> None:
     """Copy a file, keeping its holes (a copy of an empty formatted image writes a few MiB)."""

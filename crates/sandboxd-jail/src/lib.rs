@@ -148,7 +148,8 @@ pub use cgroup::{
     list_sandboxes, remove_instance_if_empty, remove_left_instance,
 };
 pub use disk::{
-    Disk, DiskUsage, copy_sparse, disk_usage, format_image, mount_disk, mount_scratch_disk,
+    Disk, DiskUsage, copy_sparse, disk_usage, format_image, format_template_image, mount_disk,
+    mount_scratch_disk,
 };
 pub use handle::{FREEZE_TIMEOUT, KILL_TIMEOUT, SandboxHandle, become_subreaper, kill_sandbox};
 pub use idmap::check_idmapped_mounts;

@@ -413,11 +413,19 @@ fn remove_left_instance(py: Python<'_>, instance: &str) -> PyResult<()> {
         .map_err(to_pyerr)
 }
 
-/// Creates a sparse image of `size_mb` MiB holding an empty ext4 filesystem.
+/// Creates a sparse image of `size_mb` MiB holding an empty ext4 filesystem; `template`: the
+/// layout of the image sandbox disks are copied from (`jail::format_template_image`).
 #[pyfunction]
-fn format_disk_image(py: Python<'_>, path: PathBuf, size_mb: u64) -> PyResult<()> {
-    py.detach(|| jail::format_image(&path, size_mb))
-        .map_err(to_pyerr)
+#[pyo3(signature = (path, size_mb, template = false))]
+fn format_disk_image(py: Python<'_>, path: PathBuf, size_mb: u64, template: bool) -> PyResult<()> {
+    py.detach(|| {
+        if template {
+            jail::format_template_image(&path, size_mb)
+        } else {
+            jail::format_image(&path, size_mb)
+        }
+    })
+    .map_err(to_pyerr)
 }
 
 /// Copies a file keeping its holes.
