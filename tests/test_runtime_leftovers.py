@@ -489,3 +489,26 @@ def test_sandboxes_a_clean_stop_leaves_running_are_killed_once_their_data_dir_is
     _eventually(lambda: _loop_devices_of(stopped.data_dir) == [], f"loop devices: {_loop_devices_of(stopped.data_dir)}")
     assert _id_claims_of(stopped.data_dir) == []
     assert not _mark(stopped.data_dir).exists()
+
+
+def test_a_clean_stops_mark_spares_its_sandboxes_while_its_data_dir_is_there_without_a_database(
+    tmp_path: Path,
+) -> None:
+    """A runtime stopped cleanly with a sandbox left (its mark released, not removed); its data dir
+    then found without its database (a volume unmounted at its mount point, a restore under way):
+    the sandbox is left alone, as one whose database cannot be read, not killed as one of a runtime
+    that died before it made a database. Once the data dir itself is gone it is killed."""
+    marks = tmp_path / "marks"
+    data_dir = tmp_path / "volume"
+    _database(data_dir, {"claimed": "running"})
+    instance = instance_name(data_dir)
+    mark = leftovers.RuntimeMark(instance, "inet sandboxd_abcdef", "sdabcdefh", marks, str(data_dir.resolve()))
+    mark.release()
+    (data_dir / "sandboxd.db").unlink()  # the volume's mount point, empty for now
+    sandboxes = _Sandboxes({instance: ["claimed"]})
+    assert leftovers.sweep(lambda _: None, lambda _: None, marks, links=lambda: [], sandboxes=sandboxes) == []
+    assert sandboxes.killed == [] and (marks / f"runtime-{instance}.lock").exists()
+
+    data_dir.rmdir()
+    assert leftovers.sweep(lambda _: None, lambda _: None, marks, links=lambda: [], sandboxes=sandboxes) == [instance]
+    assert sandboxes.killed == [(instance, "claimed")]
