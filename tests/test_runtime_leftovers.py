@@ -512,3 +512,48 @@ def test_a_clean_stops_mark_spares_its_sandboxes_while_its_data_dir_is_there_wit
     data_dir.rmdir()
     assert leftovers.sweep(lambda _: None, lambda _: None, marks, links=lambda: [], sandboxes=sandboxes) == [instance]
     assert sandboxes.killed == [(instance, "claimed")]
+
+
+def test_a_runtime_restarting_on_its_data_dir_does_not_wait_for_a_sweep_of_other_marks(tmp_path: Path) -> None:
+    """A runtime stopped cleanly with a sandbox left (its mark kept, free) and restarted, while
+    another runtime's start sweeps: that sweep takes every free mark's lock first, this one's
+    included. It holds each only while that mark is swept, not until the sweep is done: killing a
+    gone runtime's sandboxes (and waiting up to 5 s for their links) can take longer than the 10 s a
+    restarting runtime waits for its mark before it says another runtime runs on its data dir."""
+    import threading
+
+    marks = tmp_path / "marks"
+    restarted_dir = tmp_path / "restarted"
+    _database(restarted_dir, {"claimed": "running"})
+    restarted = instance_name(restarted_dir)
+    mark = leftovers.RuntimeMark(restarted, "inet sandboxd_abcdef", "sdabcdefh", marks, str(restarted_dir.resolve()))
+    mark.release()
+    gone_dir = next(p for n in range(100) if instance_name(p := tmp_path / f"gone{n}") > restarted)  # swept after it
+    _, gone = _write_mark_of(marks, gone_dir, "fedcba")
+    killing, adopted = threading.Event(), threading.Event()
+
+    class Slow(_Sandboxes):
+        def kill(self, instance: str, sandbox_id: str) -> None:
+            killing.set()
+            adopted.wait(15)
+            super().kill(instance, sandbox_id)
+
+    sandboxes = Slow({restarted: ["claimed"], gone: ["w1"]})
+    sweeping = threading.Thread(
+        target=leftovers.sweep,
+        args=(lambda _: None, lambda _: None, marks),
+        kwargs={"links": list, "sandboxes": sandboxes},
+    )
+    sweeping.start()
+    try:
+        assert killing.wait(15)
+        again = leftovers.RuntimeMark(
+            restarted, "inet sandboxd_abcdef", "sdabcdefh", marks, str(restarted_dir.resolve())
+        )
+        assert sweeping.is_alive(), "the sweep was done before the mark was taken: nothing tested"
+        adopted.set()
+        again.close()
+    finally:
+        adopted.set()
+        sweeping.join(30)
+    assert sandboxes.killed == [(gone, "w1")]

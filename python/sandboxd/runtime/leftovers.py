@@ -183,9 +183,18 @@ def sweep(
                 os.close(fd)
                 continue
             free.append((name, fd))
-        for name, fd in free:
-            if _sweep_one(mark_dir / name, name, fd, live_tables, remove_table, remove_instance, links, sandboxes):
-                swept.append(name.removeprefix(_PREFIX).removesuffix(".lock"))
+        # Each lock let go once its mark is swept, not at the sweep's end: a runtime restarting on
+        # that data dir waits for it (10 s at most, RuntimeMark), and a clean stop that leaves
+        # sandboxes keeps its mark for exactly that restart, while another mark's sandboxes can take
+        # seconds to kill and their links up to LINKS_GONE_S to go (review7).
+        while free:
+            name, fd = free[0]
+            try:
+                if _sweep_one(mark_dir / name, name, fd, live_tables, remove_table, remove_instance, links, sandboxes):
+                    swept.append(name.removeprefix(_PREFIX).removesuffix(".lock"))
+            finally:
+                free.pop(0)
+                os.close(fd)
     finally:
         for _, fd in free:
             os.close(fd)
