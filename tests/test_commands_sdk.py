@@ -340,6 +340,17 @@ def test_commands_and_terminals_start_with_no_signal_ignored_whatever_the_agent_
         while b"done-42" not in output and time.monotonic() < deadline:
             time.sleep(0.05)
         assert b"SigIgn:0000000000000000" in output, output.decode(errors="replace")
+        # And Ctrl-C reaches a foreground command: the terminal's ^C is a SIGINT to its group.
+        sbx.pty.send_stdin(terminal.pid, b"sleep 300\n")
+        deadline = time.monotonic() + 10
+        while not sbx.commands.run("pgrep -x sleep || true").stdout.strip():
+            assert time.monotonic() < deadline, output.decode(errors="replace")
+            time.sleep(0.1)
+        sbx.pty.send_stdin(terminal.pid, b"\x03")
+        deadline = time.monotonic() + 10
+        while sbx.commands.run("pgrep -x sleep || true").stdout.strip():
+            assert time.monotonic() < deadline, "Ctrl-C did not interrupt the terminal's sleep"
+            time.sleep(0.1)
         sbx.pty.kill(terminal.pid)
         reader.join(10)
     finally:
