@@ -171,3 +171,40 @@ def test_runtimes_that_start_at_once_beside_odd_files_choose_blocks_that_never_o
     assert (lock_dir / "net-10.240.1.0-24.lock").is_symlink()
     assert len(os.listdir(lock_dir)) == 2 + 1 + len(blocks), "lock files nobody holds are left behind"
     target.unlink()
+
+
+def test_a_start_behind_a_stopped_chooser_fails_with_a_reason_instead_of_hanging(
+    lock_dir: Path, other_runtime: list[subprocess.Popen[str]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A runtime stopped (SIGSTOP, a frozen cgroup) while it holds the choosing lock: every other
+    # start waited on it without a word, for as long as it stayed stopped.
+    import threading
+
+    monkeypatch.setattr(addressing, "CHOOSING_WAIT_S", 0.5, raising=False)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD, str(lock_dir / addressing.CHOOSING_LOCK)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    other_runtime.append(holder)
+    assert holder.stdout is not None and holder.stdout.readline() == "held\n"
+    outcome: list[BaseException | ipaddress.IPv4Network] = []
+
+    def choose() -> None:
+        try:
+            block, lock = choose_v4_block(None, False, 24)
+            lock.close()
+            outcome.append(block)
+        except OSError as exc:
+            outcome.append(exc)
+
+    chooser = threading.Thread(target=choose, daemon=True)
+    chooser.start()
+    chooser.join(10)
+    assert not chooser.is_alive(), "the start still waits on the choosing lock"
+    assert isinstance(outcome[0], OSError) and "net-choosing for 0.5 s" in str(outcome[0]), outcome
+    holder.kill()
+    holder.wait()
+    _, lock = choose_v4_block(None, False, 24)
+    lock.close()
