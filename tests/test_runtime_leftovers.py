@@ -557,3 +557,34 @@ def test_a_runtime_restarting_on_its_data_dir_does_not_wait_for_a_sweep_of_other
         adopted.set()
         sweeping.join(30)
     assert sandboxes.killed == [(gone, "w1")]
+
+
+def test_a_mark_is_held_to_the_sweeps_end_when_a_later_one_names_its_table(tmp_path: Path) -> None:
+    """Two data dirs whose tags collide (24 bits of a hash) name one table. A runtime restarting on
+    the first while the second's sandboxes are killed would be live with that table, which the
+    sweep read as nobody's before it began: it would remove it once the second's links were gone.
+    So the first's lock is let go early only when no later mark names its table."""
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    first_dir = tmp_path / "first"
+    _database(first_dir, {"claimed": "running"})
+    first_mark, first = _write_mark_of(marks, first_dir, "abcdef")
+    later_dir = next(p for n in range(100) if instance_name(p := tmp_path / f"later{n}") > first)
+    _, later = _write_mark_of(marks, later_dir, "abcdef")
+    held: list[bool] = []
+
+    class Probing(_Sandboxes):
+        def kill(self, instance: str, sandbox_id: str) -> None:
+            fd = os.open(first_mark, os.O_RDWR)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                held.append(False)
+            except BlockingIOError:
+                held.append(True)
+            finally:
+                os.close(fd)
+            super().kill(instance, sandbox_id)
+
+    sandboxes = Probing({first: ["claimed"], later: ["w1"]})
+    leftovers.sweep(lambda _: None, lambda _: None, marks, links=list, sandboxes=sandboxes)
+    assert held == [True], "the first mark was let go while a mark naming its table was being swept"

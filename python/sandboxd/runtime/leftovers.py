@@ -165,6 +165,7 @@ def sweep(
     # the held ones name. A tag is 24 bits of a hash of the data dir: two data dirs can share one, and
     # so one table name. A gone runtime's table that a live runtime also names is that live runtime's.
     free: list[tuple[str, int]] = []
+    closed: set[int] = set()  # of free's descriptors, those let go already (see below)
     live_tables: set[str] = set()
     try:
         for name in names:
@@ -186,21 +187,31 @@ def sweep(
         # Each lock let go once its mark is swept, not at the sweep's end: a runtime restarting on
         # that data dir waits for it (10 s at most, RuntimeMark), and a clean stop that leaves
         # sandboxes keeps its mark for exactly that restart, while another mark's sandboxes can take
-        # seconds to kill and their links up to LINKS_GONE_S to go (review7).
-        while free:
-            name, fd = free[0]
+        # seconds to kill and their links up to LINKS_GONE_S to go (review7). Unless a mark still to
+        # be swept names the same table: a runtime started meanwhile on the first one's data dir
+        # would be live with that table, which live_tables, read above, does not know.
+        tables = {name: _table_of(fd) for name, fd in free}
+        for n, (name, fd) in enumerate(free):
             try:
                 if _sweep_one(mark_dir / name, name, fd, live_tables, remove_table, remove_instance, links, sandboxes):
                     swept.append(name.removeprefix(_PREFIX).removesuffix(".lock"))
             finally:
-                free.pop(0)
-                os.close(fd)
+                if tables[name] is None or all(tables[later] != tables[name] for later, _ in free[n + 1 :]):
+                    os.close(fd)
+                    closed.add(fd)
     finally:
         for _, fd in free:
-            os.close(fd)
+            if fd not in closed:
+                os.close(fd)
     if swept:
         log.info("removed what %d runtimes killed outright left on this host: %s", len(swept), ", ".join(swept))
     return swept
+
+
+def _table_of(fd: int) -> str | None:
+    with contextlib.suppress(ValueError, KeyError, TypeError, OSError, RecursionError):
+        return str(json.loads(os.pread(fd, 4096, 0))["table"])
+    return None
 
 
 def _sweep_one(
