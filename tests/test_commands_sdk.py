@@ -327,6 +327,15 @@ def test_commands_and_terminals_start_with_no_signal_ignored_whatever_the_agent_
         sbx = Sandbox.create()
         assert _ignored_signals(sbx.commands.run("cat /proc/self/status").stdout) == 0
         assert _ignored_signals(sbx.commands.run("cat /proc/self/status", user="root").stdout) == 0
+        background = sbx.commands.run("sleep 30", background=True)
+        # Once its bash has exec'd the sleep: bash itself ignores SIGQUIT while it runs (every bash,
+        # whatever it was started with), and a read before the exec saw that (review7: 1 run in 2).
+        deadline = time.monotonic() + 10
+        while "Name:\tsleep" not in (status := sbx.commands.run(f"cat /proc/{background.pid}/status").stdout):
+            assert time.monotonic() < deadline, status
+            time.sleep(0.05)
+        assert _ignored_signals(status) == 0
+        background.kill()
 
         output = bytearray()
         terminal = sbx.pty.create(PtySize(rows=24, cols=200))
@@ -338,6 +347,18 @@ def test_commands_and_terminals_start_with_no_signal_ignored_whatever_the_agent_
         while b"done-42" not in output and time.monotonic() < deadline:
             time.sleep(0.05)
         assert b"SigIgn:0000000000000000" in output, output.decode(errors="replace")
+        # And Ctrl-C reaches a foreground command: the terminal's ^C is a SIGINT to its group.
+        sleeping = f"pgrep -P {terminal.pid} -x sleep || true"  # the terminal's, not the one killed above
+        sbx.pty.send_stdin(terminal.pid, b"sleep 300\n")
+        deadline = time.monotonic() + 10
+        while not sbx.commands.run(sleeping).stdout.strip():
+            assert time.monotonic() < deadline, output.decode(errors="replace")
+            time.sleep(0.1)
+        sbx.pty.send_stdin(terminal.pid, b"\x03")
+        deadline = time.monotonic() + 10
+        while sbx.commands.run(sleeping).stdout.strip():
+            assert time.monotonic() < deadline, "Ctrl-C did not interrupt the terminal's sleep"
+            time.sleep(0.1)
         sbx.pty.kill(terminal.pid)
         reader.join(10)
     finally:

@@ -820,3 +820,39 @@ def test_health_spares_on_use_holds_the_spare_kernel_until_the_first_cell(
         time.sleep(0.1)
     context = httpx.post(f"{interpreter.url}/contexts", json={}, timeout=60).json()
     assert b'"text":"2"' in _raw_execute(interpreter.url, {"code": "1 + 1", "context_id": context["id"]}).content
+
+
+def test_kernels_are_interrupted_when_the_runtime_was_started_with_sigint_ignored(
+    start_runtime: Callable[..., Runtime], interpreter_template: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # `nohup sandboxd serve &` from a script: the runtime starts with SIGHUP, SIGINT and SIGQUIT
+    # ignored, and the zygote ignores SIGINT of its own. A run_code's timeout is a SIGINT to the
+    # kernel's process group (bash, R; Python's too), which an inherited SIG_IGN would swallow:
+    # each kernel's cell is cut short and the next call does not wait for it (review7).
+    def ignoring() -> None:
+        for sig in (signal.SIGHUP, signal.SIGINT, signal.SIGQUIT):
+            signal.signal(sig, signal.SIG_IGN)
+
+    if not interpreter_template:
+        pytest.skip("no code-interpreter-v1 template here")
+    runtime = start_runtime("--max-timeout", "3600", preexec_fn=ignoring)
+    for name, value in runtime.env().items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("E2B_DEBUG", raising=False)
+    sandbox = Sandbox.create(timeout=600)
+    try:
+        for language, sleep, after in (
+            (None, "import time\ntime.sleep(60)", "'after'"),
+            ("bash", "sleep 60", "echo after"),
+            ("r", "Sys.sleep(60)", "cat('after')"),
+        ):
+            context = sandbox.create_code_context(language=language) if language else None
+            sandbox.run_code("1", context=context, timeout=120)  # started, whatever it costs
+            with pytest.raises(TimeoutException):
+                sandbox.run_code(sleep, context=context, timeout=2)
+            started = time.monotonic()
+            execution = sandbox.run_code(after, context=context, timeout=30)
+            assert time.monotonic() - started < 20, language
+            assert "after" in (execution.text or "") + "".join(execution.logs.stdout), (language, execution)
+    finally:
+        sandbox.kill()

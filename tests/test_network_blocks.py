@@ -115,3 +115,96 @@ def test_a_claim_ends_with_its_runtime_and_only_free_lock_files_are_removed(
         assert sorted(os.listdir(lock_dir)) == ["net-10.240.1.0-24.lock", addressing.CHOOSING_LOCK]
     finally:
         lock.close()
+
+
+CHOOSE = """
+import ipaddress, sys
+from pathlib import Path
+from sandboxd.runtime.network import addressing
+addressing.LOCK_DIR = Path(sys.argv[1])
+sys.stdin.readline()  # all start choosing at once
+block, lock = addressing.choose_v4_block(None, False, int(sys.argv[2]))
+print(block, flush=True)
+sys.stdin.read()
+"""
+
+
+def test_runtimes_that_start_at_once_beside_odd_files_choose_blocks_that_never_overlap(
+    lock_dir: Path, other_runtime: list[subprocess.Popen[str]]
+) -> None:
+    # Real processes, released together, of two block sizes (a /22 holds four /24s), among what a
+    # host's /run/sandboxd may hold besides claims: a directory and a symlink with a claim's name
+    # (neither can be a runtime's lock: both stay taken, and neither is followed or removed), and
+    # 2,000 lock files of runtimes long gone (removed by the first that chooses).
+    (lock_dir / "net-10.240.0.0-24.lock").mkdir()
+    target = lock_dir.parent / f"{lock_dir.name}-target"
+    target.write_text("not a lock")
+    (lock_dir / "net-10.240.1.0-24.lock").symlink_to(target)
+    for n in range(2000):
+        (lock_dir / f"net-10.{241 + n // 256}.{n % 256}.0-24.lock").touch()
+    choosers = [
+        subprocess.Popen(
+            [sys.executable, "-c", CHOOSE, str(lock_dir), str(prefix)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for prefix in (24, 22, 24, 22, 24, 24)
+    ]
+    other_runtime.extend(choosers)
+    for chooser in choosers:
+        assert chooser.stdin is not None
+        chooser.stdin.write("go\n")
+        chooser.stdin.flush()
+    blocks = []
+    for chooser in choosers:
+        assert chooser.stdout is not None
+        chosen = chooser.stdout.readline().strip()
+        assert chosen, "a runtime could not choose a block (see its stderr above)"
+        blocks.append(ipaddress.IPv4Network(chosen))
+    for n, block in enumerate(blocks):
+        assert not block.overlaps(ipaddress.IPv4Network("10.240.0.0/23")), blocks
+        for other in blocks[n + 1 :]:
+            assert not block.overlaps(other), blocks
+    assert target.read_text() == "not a lock"
+    assert (lock_dir / "net-10.240.0.0-24.lock").is_dir()
+    assert (lock_dir / "net-10.240.1.0-24.lock").is_symlink()
+    assert len(os.listdir(lock_dir)) == 2 + 1 + len(blocks), "lock files nobody holds are left behind"
+    target.unlink()
+
+
+def test_a_start_behind_a_stopped_chooser_fails_with_a_reason_instead_of_hanging(
+    lock_dir: Path, other_runtime: list[subprocess.Popen[str]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A runtime stopped (SIGSTOP, a frozen cgroup) while it holds the choosing lock: every other
+    # start waited on it without a word, for as long as it stayed stopped.
+    import threading
+
+    monkeypatch.setattr(addressing, "CHOOSING_WAIT_S", 0.5, raising=False)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD, str(lock_dir / addressing.CHOOSING_LOCK)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    other_runtime.append(holder)
+    assert holder.stdout is not None and holder.stdout.readline() == "held\n"
+    outcome: list[BaseException | ipaddress.IPv4Network] = []
+
+    def choose() -> None:
+        try:
+            block, lock = choose_v4_block(None, False, 24)
+            lock.close()
+            outcome.append(block)
+        except OSError as exc:
+            outcome.append(exc)
+
+    chooser = threading.Thread(target=choose, daemon=True)
+    chooser.start()
+    chooser.join(10)
+    assert not chooser.is_alive(), "the start still waits on the choosing lock"
+    assert isinstance(outcome[0], OSError) and "net-choosing for 0.5 s" in str(outcome[0]), outcome
+    holder.kill()
+    holder.wait()
+    _, lock = choose_v4_block(None, False, 24)
+    lock.close()

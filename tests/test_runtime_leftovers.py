@@ -489,3 +489,102 @@ def test_sandboxes_a_clean_stop_leaves_running_are_killed_once_their_data_dir_is
     _eventually(lambda: _loop_devices_of(stopped.data_dir) == [], f"loop devices: {_loop_devices_of(stopped.data_dir)}")
     assert _id_claims_of(stopped.data_dir) == []
     assert not _mark(stopped.data_dir).exists()
+
+
+def test_a_clean_stops_mark_spares_its_sandboxes_while_its_data_dir_is_there_without_a_database(
+    tmp_path: Path,
+) -> None:
+    """A runtime stopped cleanly with a sandbox left (its mark released, not removed); its data dir
+    then found without its database (a volume unmounted at its mount point, a restore under way):
+    the sandbox is left alone, as one whose database cannot be read, not killed as one of a runtime
+    that died before it made a database. Once the data dir itself is gone it is killed."""
+    marks = tmp_path / "marks"
+    data_dir = tmp_path / "volume"
+    _database(data_dir, {"claimed": "running"})
+    instance = instance_name(data_dir)
+    mark = leftovers.RuntimeMark(instance, "inet sandboxd_abcdef", "sdabcdefh", marks, str(data_dir.resolve()))
+    mark.release()
+    (data_dir / "sandboxd.db").unlink()  # the volume's mount point, empty for now
+    sandboxes = _Sandboxes({instance: ["claimed"]})
+    assert leftovers.sweep(lambda _: None, lambda _: None, marks, links=lambda: [], sandboxes=sandboxes) == []
+    assert sandboxes.killed == [] and (marks / f"runtime-{instance}.lock").exists()
+
+    data_dir.rmdir()
+    assert leftovers.sweep(lambda _: None, lambda _: None, marks, links=lambda: [], sandboxes=sandboxes) == [instance]
+    assert sandboxes.killed == [(instance, "claimed")]
+
+
+def test_a_runtime_restarting_on_its_data_dir_does_not_wait_for_a_sweep_of_other_marks(tmp_path: Path) -> None:
+    """A runtime stopped cleanly with a sandbox left (its mark kept, free) and restarted, while
+    another runtime's start sweeps: that sweep takes every free mark's lock first, this one's
+    included. It holds each only while that mark is swept, not until the sweep is done: killing a
+    gone runtime's sandboxes (and waiting up to 5 s for their links) can take longer than the 10 s a
+    restarting runtime waits for its mark before it says another runtime runs on its data dir."""
+    import threading
+
+    marks = tmp_path / "marks"
+    restarted_dir = tmp_path / "restarted"
+    _database(restarted_dir, {"claimed": "running"})
+    restarted = instance_name(restarted_dir)
+    mark = leftovers.RuntimeMark(restarted, "inet sandboxd_abcdef", "sdabcdefh", marks, str(restarted_dir.resolve()))
+    mark.release()
+    gone_dir = next(p for n in range(100) if instance_name(p := tmp_path / f"gone{n}") > restarted)  # swept after it
+    _, gone = _write_mark_of(marks, gone_dir, "fedcba")
+    killing, adopted = threading.Event(), threading.Event()
+
+    class Slow(_Sandboxes):
+        def kill(self, instance: str, sandbox_id: str) -> None:
+            killing.set()
+            adopted.wait(15)
+            super().kill(instance, sandbox_id)
+
+    sandboxes = Slow({restarted: ["claimed"], gone: ["w1"]})
+    sweeping = threading.Thread(
+        target=leftovers.sweep,
+        args=(lambda _: None, lambda _: None, marks),
+        kwargs={"links": list, "sandboxes": sandboxes},
+    )
+    sweeping.start()
+    try:
+        assert killing.wait(15)
+        again = leftovers.RuntimeMark(
+            restarted, "inet sandboxd_abcdef", "sdabcdefh", marks, str(restarted_dir.resolve())
+        )
+        assert sweeping.is_alive(), "the sweep was done before the mark was taken: nothing tested"
+        adopted.set()
+        again.close()
+    finally:
+        adopted.set()
+        sweeping.join(30)
+    assert sandboxes.killed == [(gone, "w1")]
+
+
+def test_a_mark_is_held_to_the_sweeps_end_when_a_later_one_names_its_table(tmp_path: Path) -> None:
+    """Two data dirs whose tags collide (24 bits of a hash) name one table. A runtime restarting on
+    the first while the second's sandboxes are killed would be live with that table, which the
+    sweep read as nobody's before it began: it would remove it once the second's links were gone.
+    So the first's lock is let go early only when no later mark names its table."""
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    first_dir = tmp_path / "first"
+    _database(first_dir, {"claimed": "running"})
+    first_mark, first = _write_mark_of(marks, first_dir, "abcdef")
+    later_dir = next(p for n in range(100) if instance_name(p := tmp_path / f"later{n}") > first)
+    _, later = _write_mark_of(marks, later_dir, "abcdef")
+    held: list[bool] = []
+
+    class Probing(_Sandboxes):
+        def kill(self, instance: str, sandbox_id: str) -> None:
+            fd = os.open(first_mark, os.O_RDWR)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                held.append(False)
+            except BlockingIOError:
+                held.append(True)
+            finally:
+                os.close(fd)
+            super().kill(instance, sandbox_id)
+
+    sandboxes = Probing({first: ["claimed"], later: ["w1"]})
+    leftovers.sweep(lambda _: None, lambda _: None, marks, links=list, sandboxes=sandboxes)
+    assert held == [True], "the first mark was let go while a mark naming its table was being swept"

@@ -324,5 +324,10 @@ def test_nothing_in_a_sandbox_ignores_a_signal_because_of_how_the_runtime_was_st
         assert _ignored(sbx.commands.run("cat /proc/self/status", user="root").stdout) == 0
         pythons = (1 << (signal.SIGPIPE - 1)) | (1 << (signal.SIGXFSZ - 1))
         assert _ignored(sbx.commands.run("cat /proc/2/status", user="root").stdout) == pythons
+        # A resume starts the agent again (through the zygote's fork, as a create): the same (review7).
+        assert sbx.pause() is True
+        resumed = Sandbox.connect(sbx.sandbox_id)
+        assert _ignored(resumed.commands.run("cat /proc/2/status", user="root").stdout) == pythons
+        assert _ignored(resumed.commands.run("cat /proc/self/status").stdout) == 0
     finally:
         sbx.kill()

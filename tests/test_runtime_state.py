@@ -377,3 +377,52 @@ def test_waiting_for_a_held_disk_keeps_no_worker_thread(tmp_path: Path) -> None:
     finally:
         subprocess.run(["losetup", "--detach", device], check=True)
     assert asyncio.run(disks.released(image, timeout=1.0)) is True
+
+
+def test_a_disk_from_the_template_filled_to_its_quota_checks_clean(tmp_path: Path) -> None:
+    """A sandbox that fills its disk: the copy of the packed template (its metadata at the start, one
+    backup superblock, ``format_disk_image(template=True)``) takes data until ENOSPC and files until
+    its inodes run out, then checks clean with ``e2fsck``: the packed layout leaves block and inode
+    accounting as the kernel expects when every group is in use (``review7``)."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting disks needs root")
+    e2fsck = shutil.which("e2fsck", path="/usr/local/sbin:/usr/sbin:/sbin:/usr/bin:/bin")
+    if e2fsck is None:
+        pytest.skip("no e2fsck (e2fsprogs)")
+    size_mb = 400  # 4 groups: the backup superblock (group 1) and the last group both in use
+
+    async def run() -> int:
+        pool = DiskPool(tmp_path, size_mb, target=1)
+        await pool.start()
+        try:
+            return await pool.take(tmp_path / "full.img")
+        finally:
+            await pool.stop()
+
+    fd = asyncio.run(run())
+    try:
+        top = Path(f"/proc/self/fd/{fd}/upper")
+        chunk = b"\xa5" * (1 << 20)
+        written = 0
+        with pytest.raises(OSError, match="No space left"), open(top / "fill", "wb", buffering=0) as f:
+            while True:
+                written += f.write(chunk)
+        assert written > (size_mb - 40) << 20, written  # (~10 MB of metadata, in 4 groups)
+        (top / "fill").unlink()
+        made = 0
+        with pytest.raises(OSError, match="No space left"):
+            for batch in range(1 << 20):
+                (top / f"d{batch}").mkdir()
+                for n in range(1000):
+                    (top / f"d{batch}" / str(n)).write_bytes(b"x" * 100)
+                    made += 1
+        assert made > 10_000, made
+        statvfs = os.statvfs(top)
+        assert statvfs.f_ffree == 0 or statvfs.f_bavail == 0, statvfs
+    finally:
+        os.close(fd)
+    image = tmp_path / "full.img"
+    deadline = time.monotonic() + 10  # the copy's unmount ends with its last descriptor, at once or nearly
+    while (checked := subprocess.run([e2fsck, "-fn", str(image)], capture_output=True, text=True)).returncode:
+        assert time.monotonic() < deadline, checked.stdout + checked.stderr
+        time.sleep(0.1)

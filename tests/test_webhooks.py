@@ -22,6 +22,7 @@ import pytest
 import requests
 from conftest import Runtime
 from e2b import Sandbox
+from sandboxd.runtime import webhooks
 from sandboxd.runtime.inputs import Body
 from sandboxd.runtime.store import SandboxRow, Store
 from sandboxd.runtime.webhooks import Deliveries, WebhookStore
@@ -413,6 +414,74 @@ def test_a_lane_goes_on_once_its_event_is_given_up_and_nothing_is_left_of_it(
             assert time.monotonic() < deadline, (deliveries._pending, deliveries._lanes)
             time.sleep(0.01)
         assert all(d.headers["e2b-webhook-id"] == hook.id for d in endpoint.log)
+    finally:
+        deliveries.stop()
+        store.close()
+
+
+def _deliveries_alone(tmp_path: Path) -> tuple[Store, WebhookStore, Deliveries]:
+    """The delivery threads and a runtime's database, without a runtime."""
+    store = Store(tmp_path / "sandboxd.db")
+    hooks = WebhookStore(store.db)
+    return store, hooks, Deliveries(store, hooks)
+
+
+def _sandbox(store: Store, sandbox_id: str) -> None:
+    now = time.time()
+    store.insert(
+        SandboxRow(sandbox_id, "base", None, "running", now, now + 60, "t" * 32, 1, 1024, 10240), ("created", None)
+    )
+
+
+def test_a_dead_endpoint_does_not_take_every_other_webhooks_deliveries(
+    tmp_path: Path, endpoint: Endpoint, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A sandbox kept alive by a set_timeout every few seconds, and a webhook whose endpoint is down:
+    # its lane drains one event per 71 s (the retries), and so it grows past every bound there is.
+    # Before review7 it took all of MAX_PENDING, and every other webhook's events were dropped.
+    monkeypatch.setattr(webhooks, "MAX_PENDING", 40)
+    monkeypatch.setattr(webhooks, "MAX_PENDING_PER_WEBHOOK", 10, raising=False)
+    store, hooks, deliveries = _deliveries_alone(tmp_path)
+    hooks.create(Body({"name": "dead", "url": "http://127.0.0.1:9/dead", "signatureSecret": "d"}))
+    hooks.create(Body({"name": "alive", "url": endpoint.url, "signatureSecret": "a"}))
+    deliveries.retry_delays_s = (30.0,)  # the dead one's first event waits for its retry all along
+    deliveries.start()
+    try:
+        busy = "busy" + "0" * 16
+        _sandbox(store, busy)
+        endpoint.take(lambda d: d.event["type"] == CREATED)
+        for n in range(60):  # each delivered to the live endpoint before the next comes
+            store.event(busy, "timeout_set", f"keep-alive {n}")
+            endpoint.take(lambda d: d.event["type"] == UPDATED)
+        other = "other" + "0" * 15
+        _sandbox(store, other)
+        endpoint.take(lambda d: d.event["sandboxId"] == other)
+        assert sum(d.event["sandboxId"] == busy for d in endpoint.log) == 61
+        assert deliveries.dropped == 52  # the dead webhook's, past its 10
+    finally:
+        deliveries.stop()
+        store.close()
+
+
+def test_one_busy_sandbox_keeps_its_last_events_within_its_lanes_bound(
+    tmp_path: Path, endpoint: Endpoint, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The sandbox's "created" is handled slowly; 10 "updated" and its "killed" come meanwhile, past
+    # a lane's bound of 3: the oldest waiting are dropped, its "killed" is not, and the order holds.
+    monkeypatch.setattr(webhooks, "MAX_LANE", 3, raising=False)
+    store, hooks, deliveries = _deliveries_alone(tmp_path)
+    hooks.create(Body({"name": "lane", "url": endpoint.url, "signatureSecret": "l"}))
+    endpoint.by_type[CREATED] = [(1.0, 200)]
+    deliveries.start()
+    try:
+        busy = "busy" + "0" * 16
+        _sandbox(store, busy)
+        for n in range(10):
+            store.event(busy, "timeout_set", f"update {n}")
+        store.event(busy, "killed", "killed through the API")
+        endpoint.take(lambda d: d.event["type"] == KILLED)
+        assert [d.event["type"] for d in endpoint.log] == [CREATED, UPDATED, UPDATED, KILLED]
+        assert deliveries.dropped == 8
     finally:
         deliveries.stop()
         store.close()

@@ -114,9 +114,13 @@ class RuntimeMark:
         fields = {"instance": instance, "table": table, "link_prefix": link_prefix}
         if data_dir is not None:
             fields["data_dir"] = data_dir
-        data = json.dumps(fields).encode()
-        os.pwrite(fd, data, 0)
-        os.ftruncate(fd, len(data))
+        self.fields: dict[str, object] = dict(fields)
+        self._write()
+
+    def _write(self) -> None:
+        data = json.dumps(self.fields).encode()
+        os.pwrite(self.fd, data, 0)
+        os.ftruncate(self.fd, len(data))
 
     def close(self) -> None:
         """At a clean stop: the mark goes, as everything it names has (a failed clean-up leaves it,
@@ -129,7 +133,15 @@ class RuntimeMark:
         """At a clean stop that leaves sandboxes running (for this data dir's next runtime to adopt):
         the mark stays, free, as a runtime killed outright leaves it. Should the data dir go before
         a runtime starts on it again, the next runtime's sweep finds them by it and kills them;
-        without it, nothing on the host would name them any more."""
+        without it, nothing on the host would name them any more.
+
+        It records the clean stop: this runtime made its database, so a data dir found without one
+        later is not one whose runtime died before any sandbox (:func:`_adoptable`) but one not
+        there for now (a volume unmounted at its mount point, a restore under way), whose sandboxes
+        are left alone (``review7``)."""
+        with contextlib.suppress(OSError):
+            self.fields["stopped"] = True
+            self._write()
         os.close(self.fd)
 
 
@@ -153,6 +165,7 @@ def sweep(
     # the held ones name. A tag is 24 bits of a hash of the data dir: two data dirs can share one, and
     # so one table name. A gone runtime's table that a live runtime also names is that live runtime's.
     free: list[tuple[str, int]] = []
+    closed: set[int] = set()  # of free's descriptors, those let go already (see below)
     live_tables: set[str] = set()
     try:
         for name in names:
@@ -171,15 +184,34 @@ def sweep(
                 os.close(fd)
                 continue
             free.append((name, fd))
-        for name, fd in free:
-            if _sweep_one(mark_dir / name, name, fd, live_tables, remove_table, remove_instance, links, sandboxes):
-                swept.append(name.removeprefix(_PREFIX).removesuffix(".lock"))
+        # Each lock let go once its mark is swept, not at the sweep's end: a runtime restarting on
+        # that data dir waits for it (10 s at most, RuntimeMark), and a clean stop that leaves
+        # sandboxes keeps its mark for exactly that restart, while another mark's sandboxes can take
+        # seconds to kill and their links up to LINKS_GONE_S to go (review7). Unless a mark still to
+        # be swept names the same table: a runtime started meanwhile on the first one's data dir
+        # would be live with that table, which live_tables, read above, does not know.
+        tables = {name: _table_of(fd) for name, fd in free}
+        for n, (name, fd) in enumerate(free):
+            try:
+                if _sweep_one(mark_dir / name, name, fd, live_tables, remove_table, remove_instance, links, sandboxes):
+                    swept.append(name.removeprefix(_PREFIX).removesuffix(".lock"))
+            finally:
+                if tables[name] is None or all(tables[later] != tables[name] for later, _ in free[n + 1 :]):
+                    os.close(fd)
+                    closed.add(fd)
     finally:
         for _, fd in free:
-            os.close(fd)
+            if fd not in closed:
+                os.close(fd)
     if swept:
         log.info("removed what %d runtimes killed outright left on this host: %s", len(swept), ", ".join(swept))
     return swept
+
+
+def _table_of(fd: int) -> str | None:
+    with contextlib.suppress(ValueError, KeyError, TypeError, OSError, RecursionError):
+        return str(json.loads(os.pread(fd, 4096, 0))["table"])
+    return None
 
 
 def _sweep_one(
@@ -225,7 +257,11 @@ def _sweep_one(
     # Its sandboxes that nobody can adopt, killed while the mark is locked: a runtime that starts on
     # its data dir meanwhile waits for the lock (RuntimeMark) before it reads its rows and adopts.
     # By instance, not by tag: no other runtime's sandbox is in this instance's groups.
-    killed, spared = (0, 0) if sandboxes is None else _kill_unadoptable(instance, _data_dir(mark, instance), sandboxes)
+    killed, spared = (
+        (0, 0)
+        if sandboxes is None
+        else _kill_unadoptable(instance, _data_dir(mark, instance), sandboxes, stopped=mark.get("stopped") is True)
+    )
     if table in live_tables:
         return False  # a live runtime on a data dir with the same tag: the table is its own
     if not _swept(instance, table, prefix, remove_table, remove_instance, links, wait=killed > 0 and not spared):
@@ -308,10 +344,11 @@ def _data_dir(mark: dict[str, object], instance: str) -> Path | None:
     return Path(recorded)
 
 
-def _adoptable(data_dir: Path | None) -> set[str] | None:
+def _adoptable(data_dir: Path | None, stopped: bool = False) -> set[str] | None:
     """The sandboxes a runtime that starts on ``data_dir`` would adopt (its running and paused rows,
     as ``SandboxManager.start`` reads them); ``None`` when that cannot be told (the data dir unknown
-    or unreadable): then every sandbox is taken for adoptable."""
+    or unreadable, or without the database a runtime that ``stopped`` cleanly had): then every
+    sandbox is taken for adoptable."""
     if data_dir is None:
         return None
     try:
@@ -323,14 +360,18 @@ def _adoptable(data_dir: Path | None) -> set[str] | None:
     database = data_dir / store.DATABASE
     try:
         if not database.exists():
-            return set()  # its runtime died before it made its database, so before any sandbox
+            # Its runtime died before it made its database, so before any sandbox; unless it stopped
+            # cleanly (RuntimeMark.release), with one: then the data dir is not there for now.
+            return None if stopped else set()
         return store.live_ids(database)
     except (sqlite3.Error, OSError) as exc:
         log.warning("could not read %s, so its sandboxes are left alone: %s", database, exc)
         return None
 
 
-def _kill_unadoptable(instance: str, data_dir: Path | None, sandboxes: Sandboxes) -> tuple[int, int]:
+def _kill_unadoptable(
+    instance: str, data_dir: Path | None, sandboxes: Sandboxes, stopped: bool = False
+) -> tuple[int, int]:
     """Kill the gone runtime's sandboxes that nobody can adopt: all of them when its data dir is gone,
     else those without a running or paused row (its warm ones, and creates it did not finish), as its
     own start there would (``SandboxManager.start``). Returns how many were killed, and how many were
@@ -346,7 +387,7 @@ def _kill_unadoptable(instance: str, data_dir: Path | None, sandboxes: Sandboxes
         return 0, 1
     if not ids:
         return 0, 0
-    adoptable = _adoptable(data_dir)
+    adoptable = _adoptable(data_dir, stopped)
     if adoptable is None:
         return 0, len(ids)
     killed: list[str] = []

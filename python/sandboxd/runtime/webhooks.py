@@ -34,7 +34,8 @@ busy sandbox. Other sandboxes and other webhooks go on meanwhile.
 Nothing of it runs on the event loop but the hand-off: :meth:`Deliveries.offer` (called by the
 store for each event it commits) only looks up the event's subscribers in memory and queues a job.
 Worker threads read the event through connections of their own and send it. The queue is bounded
-(:data:`MAX_PENDING`; past it, new deliveries are dropped and logged), as is what is read of an
+(:data:`MAX_PENDING`, of which one webhook's :data:`MAX_PENDING_PER_WEBHOOK` and one lane's
+:data:`MAX_LANE`; past them, deliveries are dropped and logged), as is what is read of an
 answer, so a slow or hostile endpoint costs at most a worker's time until its timeout.
 
 Kept in the runtime's database (table ``webhooks``; its data dir is root's, ``0700``), so a webhook
@@ -101,6 +102,17 @@ RETRY_DELAYS_S = (1.0, 10.0, 60.0)
 
 MAX_PENDING = 10_000
 """Deliveries queued or waiting for a retry at most."""
+
+MAX_PENDING_PER_WEBHOOK = MAX_PENDING // 4
+"""Of which one webhook's at most: a dead endpoint's lanes drain at one delivery a lane per
+``sum(RETRY_DELAYS_S)`` and 4 timeouts (71 s or more), so a sandbox kept alive by a ``set_timeout``
+every few seconds (an ``updated`` each) would otherwise grow its lane until every webhook of the
+runtime lost its events to :data:`MAX_PENDING` (``review7``)."""
+
+MAX_LANE = 100
+"""Deliveries waiting in one lane at most; past it the oldest waiting one is dropped (not the new
+one: a receiver keeping a sandbox's state wants its ``killed`` more than its 101st ``updated``), so
+one busy sandbox does not take its webhook's share from the others."""
 
 WORKERS = 4
 """Threads sending: a few endpoints that time out do not hold up the others."""
@@ -336,6 +348,8 @@ class Deliveries:
         it has one, and gone once its last is done."""
         self._pending = 0
         """Jobs due or waiting in a lane (bounded by :data:`MAX_PENDING`)."""
+        self._hook_pending: dict[str, int] = {}
+        """The same a webhook, while it has any (each bounded by :data:`MAX_PENDING_PER_WEBHOOK`)."""
         self._order = itertools.count()
         self._cond = threading.Condition()
         self._stopping = False
@@ -343,7 +357,7 @@ class Deliveries:
         self._tls: ssl.SSLContext | None = None
         """Made with the first https delivery (it loads the system's CA certificates)."""
         self.dropped = 0
-        """Deliveries not queued because :data:`MAX_PENDING` were."""
+        """Deliveries not queued because :data:`MAX_PENDING` (or a webhook's or lane's share) were."""
 
     def start(self) -> None:
         """Listen to the store's events (the threads start with the first delivery)."""
@@ -376,27 +390,32 @@ class Deliveries:
                     thread.start()
                     self._threads.append(thread)
             for hook in hooks:
-                if self._pending >= MAX_PENDING:
-                    self.dropped += 1
-                    self._count("dropped")
-                    if self.dropped % 1000 == 1:  # the first, then one line a thousand
-                        log.warning(
-                            "webhook %s: event %d not delivered: %d deliveries are pending (%d dropped so far)",
-                            hook.id,
-                            seq,
-                            MAX_PENDING,
-                            self.dropped,
-                        )
-                    continue
-                self._pending += 1
                 job = _Job(event, hook.id, sandbox_id)
                 lane = self._lanes.get((hook.id, sandbox_id))
+                if lane is not None and len(lane) >= MAX_LANE:
+                    gone = lane.popleft()  # the oldest waiting: the new one takes its place
+                    self._drop(hook.id, gone.event.seq, f"{MAX_LANE} of its sandbox's are waiting")
+                    lane.append(job)
+                    continue
+                held = self._hook_pending.get(hook.id, 0)
+                if self._pending >= MAX_PENDING or held >= MAX_PENDING_PER_WEBHOOK:
+                    self._drop(hook.id, seq, f"{max(self._pending, held)} deliveries are pending")
+                    continue
+                self._pending += 1
+                self._hook_pending[hook.id] = held + 1
                 if lane is not None:  # an earlier event of the sandbox is still on its way there
                     lane.append(job)
                     continue
                 self._lanes[hook.id, sandbox_id] = deque()
                 heapq.heappush(self._due, (0.0, next(self._order), job))
             self._cond.notify(len(hooks))
+
+    def _drop(self, hook_id: str, seq: int, why: str) -> None:
+        """A delivery not made, counted (the caller holds ``_cond``)."""
+        self.dropped += 1
+        self._count("dropped")
+        if self.dropped % 1000 == 1:  # the first, then one line a thousand
+            log.warning("webhook %s: event %d not delivered: %s (%d dropped so far)", hook_id, seq, why, self.dropped)
 
     def _next(self) -> _Job | None:
         with self._cond:
@@ -425,6 +444,9 @@ class Deliveries:
         """``job`` is over (delivered, given up, or not to be sent): the next of its lane is due."""
         with self._cond:
             self._pending -= 1
+            held = self._hook_pending.pop(job.hook_id) - 1
+            if held:
+                self._hook_pending[job.hook_id] = held
             lane = self._lanes.get((job.hook_id, job.sandbox_id))
             if lane:
                 heapq.heappush(self._due, (0.0, next(self._order), lane.popleft()))
