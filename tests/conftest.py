@@ -63,6 +63,15 @@ def _no_stale_pyenv_lock() -> None:
             PYENV_LOCK.unlink()
 
 
+def ignored_signals(status: str) -> int:
+    """The ignored signals of a ``/proc/<pid>/status``, but glibc's own two (32 and 33: SIGCANCEL and
+    SIGSETXID). glibc's ``posix_spawn`` leaves them ignored in every child (GNU make's recipes, so
+    CI's pytest, and all it starts); its ``sigaction`` refuses to change them, and glibc in the
+    command installs its handlers for them when it needs them."""
+    ignored = int(next(line for line in status.splitlines() if line.startswith("SigIgn:")).split()[1], 16)
+    return ignored & ~((1 << 31) | (1 << 32))
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

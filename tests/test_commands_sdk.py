@@ -19,7 +19,7 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import Agent
+from conftest import Agent, ignored_signals
 from e2b import AsyncSandbox, CommandExitException, PtySize
 from e2b.exceptions import InvalidArgumentException, TimeoutException
 
@@ -290,15 +290,6 @@ IGNORED_BY_THE_STARTER = (signal.SIGHUP, signal.SIGINT, signal.SIGQUIT, signal.S
 job control: SIGINT and SIGQUIT for a background job), and one more."""
 
 
-def _ignored_signals(status: str) -> int:
-    """The ignored signals of ``/proc/<pid>/status``, but glibc's own two (32 and 33: SIGCANCEL and
-    SIGSETXID). glibc's ``posix_spawn`` leaves them ignored in every child (GNU make's recipes, so
-    CI's pytest, and all it starts); its ``sigaction`` refuses to change them, and glibc in the
-    command installs its handlers for them when it needs them."""
-    ignored = int(next(line for line in status.splitlines() if line.startswith("SigIgn:")).split()[1], 16)
-    return ignored & ~((1 << 31) | (1 << 32))
-
-
 def test_commands_and_terminals_start_with_no_signal_ignored_whatever_the_agent_was_started_with(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -326,13 +317,13 @@ def test_commands_and_terminals_start_with_no_signal_ignored_whatever_the_agent_
         )
     try:
         wait_healthy(f"http://127.0.0.1:{port}", process, log)
-        agent_ignores = _ignored_signals(Path(f"/proc/{process.pid}/status").read_text())
+        agent_ignores = ignored_signals(Path(f"/proc/{process.pid}/status").read_text())
         assert agent_ignores & (1 << (signal.SIGHUP - 1)), "the agent itself no longer ignores nohup's SIGHUP"
         monkeypatch.setenv("E2B_DEBUG", "true")
         monkeypatch.setenv("E2B_SANDBOX_URL", f"http://127.0.0.1:{port}")
         sbx = Sandbox.create()
-        assert _ignored_signals(sbx.commands.run("cat /proc/self/status").stdout) == 0
-        assert _ignored_signals(sbx.commands.run("cat /proc/self/status", user="root").stdout) == 0
+        assert ignored_signals(sbx.commands.run("cat /proc/self/status").stdout) == 0
+        assert ignored_signals(sbx.commands.run("cat /proc/self/status", user="root").stdout) == 0
         background = sbx.commands.run("sleep 30", background=True)
         # Once its bash has exec'd the sleep: bash itself ignores SIGQUIT while it runs (every bash,
         # whatever it was started with), and a read before the exec saw that (review7: 1 run in 2).
@@ -340,7 +331,7 @@ def test_commands_and_terminals_start_with_no_signal_ignored_whatever_the_agent_
         while "Name:\tsleep" not in (status := sbx.commands.run(f"cat /proc/{background.pid}/status").stdout):
             assert time.monotonic() < deadline, status
             time.sleep(0.05)
-        assert _ignored_signals(status) == 0
+        assert ignored_signals(status) == 0
         background.kill()
 
         output = bytearray()
@@ -354,7 +345,7 @@ def test_commands_and_terminals_start_with_no_signal_ignored_whatever_the_agent_
             time.sleep(0.05)
         found = re.search(rb"SigIgn:([0-9a-f]{16})", output)
         assert found is not None, output.decode(errors="replace")
-        assert _ignored_signals(f"SigIgn: {found[1].decode()}") == 0, output.decode(errors="replace")
+        assert ignored_signals(f"SigIgn: {found[1].decode()}") == 0, output.decode(errors="replace")
         # And Ctrl-C reaches a foreground command: the terminal's ^C is a SIGINT to its group.
         sleeping = f"pgrep -P {terminal.pid} -x sleep || true"  # the terminal's, not the one killed above
         sbx.pty.send_stdin(terminal.pid, b"sleep 300\n")

@@ -12,7 +12,7 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import Runtime
+from conftest import Runtime, ignored_signals
 from e2b import Sandbox, SandboxQuery, SandboxState
 from e2b.exceptions import NotFoundException, SandboxException
 
@@ -296,15 +296,6 @@ def test_an_alias_reports_the_template_and_its_name(e2b_env: Runtime) -> None:
         sbx.kill()
 
 
-def _ignored(status: str) -> int:
-    """The ignored signals of ``/proc/<pid>/status``, but glibc's own two (32 and 33: SIGCANCEL and
-    SIGSETXID). glibc's ``posix_spawn`` leaves them ignored in every child (GNU make's recipes, so
-    CI's pytest, and all it starts); its ``sigaction`` refuses to change them, and glibc in the
-    command installs its handlers for them when it needs them."""
-    ignored = int(next(line for line in status.splitlines() if line.startswith("SigIgn:")).split()[1], 16)
-    return ignored & ~((1 << 31) | (1 << 32))
-
-
 def test_nothing_in_a_sandbox_ignores_a_signal_because_of_how_the_runtime_was_started(
     start_runtime: Callable[..., Runtime], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -319,20 +310,20 @@ def test_nothing_in_a_sandbox_ignores_a_signal_because_of_how_the_runtime_was_st
             signal.signal(sig, signal.SIG_IGN)
 
     runtime = start_runtime(preexec_fn=ignoring)
-    assert _ignored(Path(f"/proc/{runtime.process.pid}/status").read_text()) & (1 << (signal.SIGHUP - 1))
+    assert ignored_signals(Path(f"/proc/{runtime.process.pid}/status").read_text()) & (1 << (signal.SIGHUP - 1))
     for name, value in runtime.env().items():
         monkeypatch.setenv(name, value)
     monkeypatch.delenv("E2B_DEBUG", raising=False)
     sbx = Sandbox.create()
     try:
-        assert _ignored(sbx.commands.run("cat /proc/self/status").stdout) == 0
-        assert _ignored(sbx.commands.run("cat /proc/self/status", user="root").stdout) == 0
+        assert ignored_signals(sbx.commands.run("cat /proc/self/status").stdout) == 0
+        assert ignored_signals(sbx.commands.run("cat /proc/self/status", user="root").stdout) == 0
         pythons = (1 << (signal.SIGPIPE - 1)) | (1 << (signal.SIGXFSZ - 1))
-        assert _ignored(sbx.commands.run("cat /proc/2/status", user="root").stdout) == pythons
+        assert ignored_signals(sbx.commands.run("cat /proc/2/status", user="root").stdout) == pythons
         # A resume starts the agent again (through the zygote's fork, as a create): the same (review7).
         assert sbx.pause() is True
         resumed = Sandbox.connect(sbx.sandbox_id)
-        assert _ignored(resumed.commands.run("cat /proc/2/status", user="root").stdout) == pythons
-        assert _ignored(resumed.commands.run("cat /proc/self/status").stdout) == 0
+        assert ignored_signals(resumed.commands.run("cat /proc/2/status", user="root").stdout) == pythons
+        assert ignored_signals(resumed.commands.run("cat /proc/self/status").stdout) == 0
     finally:
         sbx.kill()
