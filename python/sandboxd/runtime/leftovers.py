@@ -164,8 +164,7 @@ def sweep(
     # First every mark's state: the free ones locked (kept so until they are swept), and the tables
     # the held ones name. A tag is 24 bits of a hash of the data dir: two data dirs can share one, and
     # so one table name. A gone runtime's table that a live runtime also names is that live runtime's.
-    free: list[tuple[str, int]] = []
-    closed: set[int] = set()  # of free's descriptors, those let go already (see below)
+    free: dict[str, int] = {}  # each free mark's locked descriptor, until it is let go (below)
     live_tables: set[str] = set()
     try:
         for name in names:
@@ -177,38 +176,39 @@ def sweep(
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError:  # held: its runtime lives
-                # RecursionError: a mark nested past json's depth (only root writes here, but a
-                # mark never stops a runtime's start).
-                with contextlib.suppress(ValueError, KeyError, TypeError, OSError, RecursionError):
-                    live_tables.add(str(json.loads(os.pread(fd, 4096, 0))["table"]))
+                if (table := _table_of(fd)) is not None:
+                    live_tables.add(table)
                 os.close(fd)
                 continue
-            free.append((name, fd))
+            free[name] = fd
         # Each lock let go once its mark is swept, not at the sweep's end: a runtime restarting on
         # that data dir waits for it (10 s at most, RuntimeMark), and a clean stop that leaves
         # sandboxes keeps its mark for exactly that restart, while another mark's sandboxes can take
         # seconds to kill and their links up to LINKS_GONE_S to go (review7). Unless a mark still to
         # be swept names the same table: a runtime started meanwhile on the first one's data dir
         # would be live with that table, which live_tables, read above, does not know.
-        tables = {name: _table_of(fd) for name, fd in free}
-        for n, (name, fd) in enumerate(free):
+        tables = {name: _table_of(fd) for name, fd in free.items()}
+        order = list(free)
+        for n, name in enumerate(order):
             try:
-                if _sweep_one(mark_dir / name, name, fd, live_tables, remove_table, remove_instance, links, sandboxes):
+                if _sweep_one(
+                    mark_dir / name, name, free[name], live_tables, remove_table, remove_instance, links, sandboxes
+                ):
                     swept.append(name.removeprefix(_PREFIX).removesuffix(".lock"))
             finally:
-                if tables[name] is None or all(tables[later] != tables[name] for later, _ in free[n + 1 :]):
-                    os.close(fd)
-                    closed.add(fd)
+                if tables[name] is None or tables[name] not in (tables[later] for later in order[n + 1 :]):
+                    os.close(free.pop(name))
     finally:
-        for _, fd in free:
-            if fd not in closed:
-                os.close(fd)
+        for fd in free.values():
+            os.close(fd)
     if swept:
         log.info("removed what %d runtimes killed outright left on this host: %s", len(swept), ", ".join(swept))
     return swept
 
 
 def _table_of(fd: int) -> str | None:
+    """The table a mark names, if it can be read. RecursionError: a mark nested past json's depth
+    (only root writes here, but a mark never stops a runtime's start)."""
     with contextlib.suppress(ValueError, KeyError, TypeError, OSError, RecursionError):
         return str(json.loads(os.pread(fd, 4096, 0))["table"])
     return None

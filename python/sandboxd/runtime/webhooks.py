@@ -323,10 +323,10 @@ class _Event:
 class _Job:
     event: _Event
     hook_id: str
-    sandbox_id: str
-    """With ``hook_id``, its lane: the jobs sent one after another, in order (:class:`Deliveries`)."""
     """Sent as the webhook is at each attempt: a retry goes to a URL mended meanwhile, and none is
     made once it is deleted or disabled."""
+    sandbox_id: str
+    """With ``hook_id``, its lane: the jobs sent one after another, in order (:class:`Deliveries`)."""
     attempt: int = 0
 
 
