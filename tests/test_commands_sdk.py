@@ -159,14 +159,10 @@ def test_timeout_kills_the_process(sandbox: Any, workdir: Path) -> None:
 
 
 def test_pty_create_input_resize_kill(sandbox: Any) -> None:
-    output = bytearray()
     terminal = sandbox.pty.create(PtySize(rows=24, cols=80), cwd="/tmp")
-    reader = threading.Thread(target=lambda: _drain_pty(terminal, output), daemon=True)
-    reader.start()
+    output, reader = _read_terminal(terminal)
     sandbox.pty.send_stdin(terminal.pid, b"stty size; echo marker-$((6*7))\n")
-    deadline = time.monotonic() + 10
-    while b"marker-42" not in output and time.monotonic() < deadline:
-        time.sleep(0.05)
+    deadline = _wait_for(output, b"marker-42")
     assert b"24 80" in output
     sandbox.pty.resize(terminal.pid, PtySize(rows=30, cols=100))
     sandbox.pty.send_stdin(terminal.pid, b"stty size\n")
@@ -178,9 +174,25 @@ def test_pty_create_input_resize_kill(sandbox: Any) -> None:
     assert not reader.is_alive()
 
 
-def _drain_pty(terminal: Any, output: bytearray) -> None:
-    with contextlib.suppress(CommandExitException):
-        terminal.wait(on_pty=output.extend)
+def _read_terminal(terminal: Any) -> tuple[bytearray, threading.Thread]:
+    """What the terminal prints, gathered by a thread until it ends."""
+    output = bytearray()
+
+    def drain() -> None:
+        with contextlib.suppress(CommandExitException):
+            terminal.wait(on_pty=output.extend)
+
+    reader = threading.Thread(target=drain, daemon=True)
+    reader.start()
+    return output, reader
+
+
+def _wait_for(output: bytearray, marker: bytes) -> float:
+    """Wait up to 10 s for ``marker`` in ``output``; the deadline, for what waits after it."""
+    deadline = time.monotonic() + 10
+    while marker not in output and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return deadline
 
 
 def test_multibyte_characters_split_across_chunks_arrive_intact(sandbox: Any) -> None:
@@ -334,15 +346,11 @@ def test_commands_and_terminals_start_with_no_signal_ignored_whatever_the_agent_
         assert ignored_signals(status) == 0
         background.kill()
 
-        output = bytearray()
         terminal = sbx.pty.create(PtySize(rows=24, cols=200))
-        reader = threading.Thread(target=lambda: _drain_pty(terminal, output), daemon=True)
-        reader.start()
+        output, reader = _read_terminal(terminal)
         # A child of the terminal's shell: bash passes on what it was started with ignored.
         sbx.pty.send_stdin(terminal.pid, b"grep SigIgn /proc/self/status | tr -d '\\t'; echo done-$((6*7))\n")
-        deadline = time.monotonic() + 10
-        while b"done-42" not in output and time.monotonic() < deadline:
-            time.sleep(0.05)
+        _wait_for(output, b"done-42")
         found = re.search(rb"SigIgn:([0-9a-f]{16})", output)
         assert found is not None, output.decode(errors="replace")
         assert ignored_signals(f"SigIgn: {found[1].decode()}") == 0, output.decode(errors="replace")

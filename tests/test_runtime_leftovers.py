@@ -491,6 +491,15 @@ def test_sandboxes_a_clean_stop_leaves_running_are_killed_once_their_data_dir_is
     assert not _mark(stopped.data_dir).exists()
 
 
+def _stopped_cleanly_with_a_sandbox_left(marks: Path, data_dir: Path) -> str:
+    """The mark a runtime on ``data_dir`` leaves when it stops cleanly with its sandbox ``claimed``
+    running (released, not removed); its instance."""
+    _database(data_dir, {"claimed": "running"})
+    instance = instance_name(data_dir)
+    leftovers.RuntimeMark(instance, "inet sandboxd_abcdef", "sdabcdefh", marks, str(data_dir.resolve())).release()
+    return instance
+
+
 def test_a_clean_stops_mark_spares_its_sandboxes_while_its_data_dir_is_there_without_a_database(
     tmp_path: Path,
 ) -> None:
@@ -500,10 +509,7 @@ def test_a_clean_stops_mark_spares_its_sandboxes_while_its_data_dir_is_there_wit
     that died before it made a database. Once the data dir itself is gone it is killed."""
     marks = tmp_path / "marks"
     data_dir = tmp_path / "volume"
-    _database(data_dir, {"claimed": "running"})
-    instance = instance_name(data_dir)
-    mark = leftovers.RuntimeMark(instance, "inet sandboxd_abcdef", "sdabcdefh", marks, str(data_dir.resolve()))
-    mark.release()
+    instance = _stopped_cleanly_with_a_sandbox_left(marks, data_dir)
     (data_dir / "sandboxd.db").unlink()  # the volume's mount point, empty for now
     sandboxes = _Sandboxes({instance: ["claimed"]})
     assert leftovers.sweep(lambda _: None, lambda _: None, marks, links=lambda: [], sandboxes=sandboxes) == []
@@ -524,10 +530,7 @@ def test_a_runtime_restarting_on_its_data_dir_does_not_wait_for_a_sweep_of_other
 
     marks = tmp_path / "marks"
     restarted_dir = tmp_path / "restarted"
-    _database(restarted_dir, {"claimed": "running"})
-    restarted = instance_name(restarted_dir)
-    mark = leftovers.RuntimeMark(restarted, "inet sandboxd_abcdef", "sdabcdefh", marks, str(restarted_dir.resolve()))
-    mark.release()
+    restarted = _stopped_cleanly_with_a_sandbox_left(marks, restarted_dir)
     gone_dir = next(p for n in range(100) if instance_name(p := tmp_path / f"gone{n}") > restarted)  # swept after it
     _, gone = _write_mark_of(marks, gone_dir, "fedcba")
     killing, adopted = threading.Event(), threading.Event()
