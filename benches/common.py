@@ -457,12 +457,14 @@ def tree_rss(proc: psutil.Process, children: list[psutil.Process] | None = None)
 
 
 def tree_cpu(proc: psutil.Process) -> float:
-    """User + system CPU seconds of a process and its live descendants."""
+    """User + system CPU seconds of a process and its descendants: the live ones' own, and those
+    already reaped through their reapers' children times (a command that exited during a measured
+    block, such as the PTY row's ``head``, counts; once reaped it is in no live process's own times)."""
     total = 0.0
     for p in [proc, *_children(proc)]:
         with contextlib.suppress(psutil.Error):
             t = p.cpu_times()
-            total += t.user + t.system
+            total += t.user + t.system + t.children_user + t.children_system
     return total
 
 
