@@ -438,6 +438,64 @@ def test_a_gone_runtime_whose_data_dir_remains_has_only_its_warm_sandboxes_kille
     assert all(_alive(pid) for pid in procs[claimed])
 
 
+def _colliding_data_dirs(parent: Path) -> tuple[Path, Path]:
+    """Two data dirs under ``parent`` whose 24-bit network tags are one (a birthday search: ~5,000
+    names)."""
+    seen: dict[str, Path] = {}
+    for i in range(1 << 16):
+        path = parent / f"d{i}"
+        tag = tag_for(path)
+        if tag in seen:
+            return seen[tag], path
+        seen[tag] = path
+    raise AssertionError("no two of 65,536 names share a tag")
+
+
+def test_a_runtime_whose_tag_a_live_runtime_holds_is_refused(tmp_path: Path) -> None:
+    """Two live runtimes on data dirs whose tags collide would share one table and one link prefix:
+    the later one is refused, naming the other's data dir, and leaves no mark; the earlier one's
+    mark stays held. Once the earlier is gone, the later starts."""
+    first_dir, second_dir = _colliding_data_dirs(tmp_path)
+    tag = tag_for(first_dir)
+    table, links = f"inet sandboxd_{tag}", f"sd{tag}h"
+    first = leftovers.RuntimeMark(instance_name(first_dir), table, links, tmp_path, str(first_dir))
+    try:
+        with pytest.raises(leftovers.MarkHeld, match=f"the runtime on {first_dir} uses the same network tag"):
+            leftovers.RuntimeMark(instance_name(second_dir), table, links, tmp_path, str(second_dir))
+        assert not (tmp_path / f"runtime-{instance_name(second_dir)}.lock").exists()
+        with pytest.raises(BlockingIOError):
+            fcntl.flock(os.open(first.path, os.O_RDONLY), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    finally:
+        first.release()  # gone, as a runtime killed outright: its mark stays, free
+    second = leftovers.RuntimeMark(instance_name(second_dir), table, links, tmp_path, str(second_dir))
+    second.close()
+
+
+def test_serve_refuses_a_data_dir_whose_tag_a_live_runtime_holds(tmp_path: Path) -> None:
+    """The same through ``sandboxd serve``: it exits with the message, before it makes anything
+    (no database in its data dir). This test's process holds the other runtime's mark, in the
+    host's mark directory, as that runtime would."""
+    if os.geteuid() != 0:
+        pytest.skip("the runtime needs root")
+    first_dir, second_dir = _colliding_data_dirs(tmp_path)
+    tag = tag_for(first_dir)
+    first = leftovers.RuntimeMark(
+        instance_name(first_dir), f"inet sandboxd_{tag}", f"sd{tag}h", data_dir=str(first_dir.resolve())
+    )
+    try:
+        second = subprocess.run(
+            [sys.executable, "-m", "sandboxd", "serve", "--port", str(free_port()), "--data-dir", str(second_dir)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    finally:
+        first.close()
+    assert second.returncode != 0
+    assert "uses the same network tag as this data dir" in second.stderr, second.stderr
+    assert not (second_dir / "sandboxd.db").exists()
+
+
 def test_a_second_runtime_on_a_data_dir_in_use_is_refused(start_runtime: Callable[..., Runtime]) -> None:
     """It exits with a message naming the cause, and the first runtime keeps serving."""
     import httpx

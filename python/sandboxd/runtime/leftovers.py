@@ -73,7 +73,8 @@ _LINKS = re.compile(r"sd[0-9a-f]{6}h")
 
 
 class MarkHeld(OSError):
-    """A live runtime holds the mark: it runs on the same data dir."""
+    """A live runtime holds the mark (it runs on the same data dir), or one on a data dir whose
+    network tag is this one's."""
 
 
 class RuntimeMark:
@@ -116,6 +117,18 @@ class RuntimeMark:
             fields["data_dir"] = data_dir
         self.fields: dict[str, object] = dict(fields)
         self._write()
+        # The table and links are named by a 24-bit tag of the data dir (addressing.tag_for): two
+        # data dirs can share one, ~1 in 16.7 million a pair, and two live runtimes on them would
+        # share one table and one link prefix, each flushing the other's rules. Checked after our
+        # own mark is written, so of two such runtimes starting at once, the later check sees the
+        # other (both may refuse; neither shares).
+        other = _live_holder_of(table, self.path, mark_dir)
+        if other is not None:
+            self.close()
+            raise MarkHeld(
+                f"the runtime on {other} uses the same network tag as this data dir ({table}); "
+                "start this runtime on another --data-dir"
+            )
 
     def _write(self) -> None:
         data = json.dumps(self.fields).encode()
@@ -204,6 +217,36 @@ def sweep(
     if swept:
         log.info("removed what %d runtimes killed outright left on this host: %s", len(swept), ", ".join(swept))
     return swept
+
+
+def _live_holder_of(table: str, own: Path, mark_dir: Path) -> str | None:
+    """The data dir (or mark) of a live runtime, other than ``own``'s, whose mark names ``table``."""
+    try:
+        names = sorted(p.name for p in mark_dir.iterdir() if p.name.startswith(_PREFIX) and p.name.endswith(".lock"))
+    except OSError:
+        return None
+    for name in names:
+        path = mark_dir / name
+        if path == own:
+            continue
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        except OSError:
+            continue
+        try:
+            if _table_of(fd) != table:
+                continue
+            # Only a mark naming our table is tried (a collision, ~never): a sweep that meets the
+            # try's moment of lock takes that mark for a live runtime's and sweeps it next time.
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except OSError:  # held: its runtime lives
+                with contextlib.suppress(ValueError, KeyError, TypeError, OSError, RecursionError):
+                    return str(json.loads(os.pread(fd, 4096, 0))["data_dir"])
+                return str(path)
+        finally:
+            os.close(fd)
+    return None
 
 
 def _table_of(fd: int) -> str | None:
