@@ -538,29 +538,35 @@ def test_a_data_dir_on_a_volume_unmounted_for_now_is_not_taken_for_deleted(tmp_p
     for directory in (backing, volume, root):
         directory.mkdir()
     below = volume / "data"
-    subprocess.run(["mount", "--bind", str(backing), str(volume)], check=True)
+    mounted: list[Path] = []  # not os.path.ismount: a bind mount of the same file system is not one to it
+
+    def mount(*args: str) -> None:
+        subprocess.run(["mount", *args], check=True)
+        mounted.append(Path(args[-1]))
+
+    def umount(path: Path) -> None:
+        subprocess.run(["umount", str(path)], check=True)
+        mounted.remove(path)
+
     try:
-        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "sandboxd-test", str(root)], check=True)
-        try:
-            instances = []
-            for data_dir, tag in ((below, "a1a1a1"), (root, "b2b2b2")):
-                _database(data_dir, {"claimed": "running"})
-                instance = instance_name(data_dir)
-                mark = leftovers.RuntimeMark(
-                    instance, f"inet sandboxd_{tag}", f"sd{tag}h", marks, str(data_dir.resolve())
-                )
-                os.close(mark.fd)  # killed outright: its mark left, free
-                instances.append(instance)
-            below_instance, root_instance = instances
-        finally:
-            subprocess.run(["umount", str(root)], check=True)
+        mount("--bind", str(backing), str(volume))
+        mount("-t", "tmpfs", "-o", "size=1m", "sandboxd-test", str(root))
+        instances = []
+        for data_dir, tag in ((below, "a1a1a1"), (root, "b2b2b2")):
+            _database(data_dir, {"claimed": "running"})
+            instance = instance_name(data_dir)
+            mark = leftovers.RuntimeMark(instance, f"inet sandboxd_{tag}", f"sd{tag}h", marks, str(data_dir.resolve()))
+            os.close(mark.fd)  # killed outright: its mark left, free
+            instances.append(instance)
+        below_instance, root_instance = instances
         sandboxes = _Sandboxes({below_instance: ["claimed", "warm"], root_instance: ["claimed", "warm"]})
-        subprocess.run(["umount", str(volume)], check=True)
+        umount(root)
+        umount(volume)
         assert not below.exists() and volume.is_dir() and not (root / "sandboxd.db").exists()
         assert leftovers.sweep(lambda _: None, lambda _: None, marks, links=list, sandboxes=sandboxes) == []
         assert sandboxes.killed == []
 
-        subprocess.run(["mount", "--bind", str(backing), str(volume)], check=True)
+        mount("--bind", str(backing), str(volume))
         leftovers.sweep(lambda _: None, lambda _: None, marks, links=list, sandboxes=sandboxes)
         assert sandboxes.killed == [(below_instance, "warm")]
 
@@ -571,8 +577,8 @@ def test_a_data_dir_on_a_volume_unmounted_for_now_is_not_taken_for_deleted(tmp_p
         assert sandboxes.killed == [(below_instance, "warm"), (below_instance, "claimed")]
         assert sandboxes.groups[root_instance] == ["claimed", "warm"]
     finally:
-        if os.path.ismount(volume):
-            subprocess.run(["umount", str(volume)], check=True)
+        for path in reversed(mounted):
+            subprocess.run(["umount", str(path)], check=False)
 
 
 def test_a_runtime_restarting_on_its_data_dir_does_not_wait_for_a_sweep_of_other_marks(tmp_path: Path) -> None:
