@@ -64,12 +64,41 @@ def _no_stale_pyenv_lock() -> None:
 
 
 def ignored_signals(status: str) -> int:
-    """The ignored signals of a ``/proc/<pid>/status``, but glibc's own two (32 and 33: SIGCANCEL and
-    SIGSETXID). glibc's ``posix_spawn`` leaves them ignored in every child (GNU make's recipes, so
-    CI's pytest, and all it starts); its ``sigaction`` refuses to change them, and glibc in the
-    command installs its handlers for them when it needs them."""
-    ignored = int(next(line for line in status.splitlines() if line.startswith("SigIgn:")).split()[1], 16)
-    return ignored & ~((1 << 31) | (1 << 32))
+    """The ignored signals of a ``/proc/<pid>/status`` (``SigIgn``), bit ``n - 1`` for signal ``n``."""
+    return int(next(line for line in status.splitlines() if line.startswith("SigIgn:")).split()[1], 16)
+
+
+GLIBC_SIGNALS = (1 << 31) | (1 << 32)
+"""glibc's own two signals in a ``SigIgn`` mask: 32 and 33 (``SIGCANCEL`` and ``SIGSETXID``). glibc's
+``posix_spawn`` leaves them ignored in every child (GNU make's recipes, so CI's pytest and all it
+starts), and its ``sigaction`` (so Python's ``signal``) refuses to change them."""
+
+
+def ignore_glibc_signals() -> Callable[[], None]:
+    """A ``preexec_fn`` step that sets signals 32 and 33 to ``SIG_IGN`` with a raw ``rt_sigaction``
+    (glibc's ``sigaction`` refuses them), as a ``posix_spawn`` parent leaves them. Everything ctypes
+    needs is made here, in the parent; the returned function only calls it."""
+    import ctypes
+
+    class KernelSigaction(ctypes.Structure):  # the kernel's layout, x86-64 and arm64 alike
+        _fields_ = [
+            ("handler", ctypes.c_ulong),
+            ("flags", ctypes.c_ulong),
+            ("restorer", ctypes.c_ulong),
+            ("mask", ctypes.c_ulong),
+        ]
+
+    rt_sigaction = {"x86_64": 13, "aarch64": 134}[os.uname().machine]
+    ignore = KernelSigaction(1, 0, 0, 0)  # SIG_IGN
+    syscall = ctypes.CDLL(None, use_errno=True).syscall
+    args = [(ctypes.c_long(rt_sigaction), ctypes.c_long(sig), ctypes.byref(ignore)) for sig in (32, 33)]
+
+    def ignoring() -> None:
+        for number, sig, act in args:
+            if syscall(number, sig, act, None, ctypes.c_long(8)) != 0:
+                raise OSError(ctypes.get_errno(), f"rt_sigaction({sig.value})")
+
+    return ignoring
 
 
 def free_port() -> int:

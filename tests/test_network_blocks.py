@@ -47,7 +47,10 @@ def other_runtime(lock_dir: Path) -> Iterator[list[subprocess.Popen[str]]]:
 
 def hold(holders: list[subprocess.Popen[str]], lock_dir: Path, block: str) -> subprocess.Popen[str]:
     net = ipaddress.IPv4Network(block)
-    path = lock_dir / f"net-{net.network_address}-{net.prefixlen}.lock"
+    return hold_file(holders, lock_dir / f"net-{net.network_address}-{net.prefixlen}.lock")
+
+
+def hold_file(holders: list[subprocess.Popen[str]], path: Path) -> subprocess.Popen[str]:
     holder = subprocess.Popen(
         [sys.executable, "-c", HOLD, str(path)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
     )
@@ -115,6 +118,35 @@ def test_a_claim_ends_with_its_runtime_and_only_free_lock_files_are_removed(
         assert sorted(os.listdir(lock_dir)) == ["net-10.240.1.0-24.lock", addressing.CHOOSING_LOCK]
     finally:
         lock.close()
+
+
+def test_a_held_lock_file_no_runtime_could_have_made_blocks_no_start_and_a_huge_block_only_what_it_uses(
+    lock_dir: Path, other_runtime: list[subprocess.Popen[str]]
+) -> None:
+    """A held ``net-0.0.0.0-0.lock`` overlapped every block, so no runtime on the host could start
+    (review7). A runtime uses at most a /14 of its block, from its start (its slots): that much of
+    a huge block is claimed, no more. A name no runtime writes (a block too small for two /30s, a
+    prefix spelled otherwise) claims nothing, held or not; a free one is removed as before."""
+    for name in ("net-0.0.0.0-0.lock", "net-10.0.0.0-8.lock", "net-10.240.0.0-31.lock", "net-10.240.0.0-024.lock"):
+        hold_file(other_runtime, lock_dir / name)
+    (lock_dir / "net-10.240.0.0-12.lock").touch()  # free: removed
+    block, lock = choose_v4_block(None, False, 24)
+    try:
+        assert block == ipaddress.IPv4Network("10.240.0.0/24")
+        assert not (lock_dir / "net-10.240.0.0-12.lock").exists()
+    finally:
+        lock.close()
+
+    # A held 10.240.0.0/12 (a runtime's explicit choice) uses its first /14: the next block is free,
+    # and an explicit choice inside the /14 is refused as before.
+    hold(other_runtime, lock_dir, "10.240.0.0/12")
+    block, lock = choose_v4_block(None, False, 24)
+    try:
+        assert block == ipaddress.IPv4Network("10.244.0.0/24")
+    finally:
+        lock.close()
+    with pytest.raises(OSError, match=r"overlaps 10\.240\.0\.0/14, which another sandboxd runtime"):
+        choose_v4_block(ipaddress.IPv4Network("10.243.255.0/24"), True, 24)
 
 
 CHOOSE = """

@@ -97,17 +97,23 @@ class _Sandboxes:
 
 
 def _write_mark_of(mark_dir: Path, directory: Path, tag: str, **fields: object) -> tuple[Path, str]:
-    """A mark as a runtime on ``directory`` writes it (its data dir recorded), ``fields`` over it."""
+    """A mark as a runtime on ``directory`` writes it (its data dir recorded, and where it is), ``fields``
+    over it. A ``directory`` that does not exist is one deleted since: made for the record, then removed."""
     instance = instance_name(directory)
     path = mark_dir / f"runtime-{instance}.lock"
     mark = {"instance": instance, "table": f"inet sandboxd_{tag}", "link_prefix": f"sd{tag}h"}
-    path.write_text(json.dumps({**mark, "data_dir": str(directory.resolve()), **fields}))
+    made = not directory.exists()
+    directory.mkdir(exist_ok=True)
+    where = leftovers.filesystem_of(directory)
+    if made:
+        directory.rmdir()
+    path.write_text(json.dumps({**mark, "data_dir": str(directory.resolve()), "data_fs": where, **fields}))
     return path, instance
 
 
 def _database(data_dir: Path, rows: dict[str, str]) -> None:
     """A data dir's database with these sandboxes (id: state)."""
-    data_dir.mkdir()
+    data_dir.mkdir(exist_ok=True)
     db = sqlite3.connect(data_dir / "sandboxd.db")
     db.execute("CREATE TABLE sandboxes (id TEXT PRIMARY KEY, state TEXT NOT NULL)")
     db.executemany("INSERT INTO sandboxes VALUES (?, ?)", rows.items())
@@ -576,6 +582,61 @@ def test_a_clean_stops_mark_spares_its_sandboxes_while_its_data_dir_is_there_wit
     data_dir.rmdir()
     assert leftovers.sweep(lambda _: None, lambda _: None, marks, links=lambda: [], sandboxes=sandboxes) == [instance]
     assert sandboxes.killed == [(instance, "claimed")]
+
+
+def test_a_data_dir_on_a_volume_unmounted_for_now_is_not_taken_for_deleted(tmp_path: Path) -> None:
+    """Runtimes killed outright, their data dirs on volumes unmounted since: one inside a volume (a bind
+    mount of a directory on the same file system: its path is missing, its mount point's directory
+    there), one at a volume's root (a tmpfs: its path is an empty directory). Neither was deleted, so
+    none of their sandboxes is killed: before, a data dir not found was taken for deleted (every
+    sandbox killed), and one found without a database for a runtime that died before it made one
+    (the same). Once the volume is back, only the warm sandbox goes; once the data dir inside the
+    mounted volume is really deleted, all of it."""
+    marks, backing, volume, root = (tmp_path / n for n in ("marks", "backing", "volume", "root"))
+    for directory in (backing, volume, root):
+        directory.mkdir()
+    below = volume / "data"
+    mounted: list[Path] = []  # not os.path.ismount: a bind mount of the same file system is not one to it
+
+    def mount(*args: str) -> None:
+        subprocess.run(["mount", *args], check=True)
+        mounted.append(Path(args[-1]))
+
+    def umount(path: Path) -> None:
+        subprocess.run(["umount", str(path)], check=True)
+        mounted.remove(path)
+
+    try:
+        mount("--bind", str(backing), str(volume))
+        mount("-t", "tmpfs", "-o", "size=1m", "sandboxd-test", str(root))
+        instances = []
+        for data_dir, tag in ((below, "a1a1a1"), (root, "b2b2b2")):
+            _database(data_dir, {"claimed": "running"})
+            instance = instance_name(data_dir)
+            mark = leftovers.RuntimeMark(instance, f"inet sandboxd_{tag}", f"sd{tag}h", marks, str(data_dir.resolve()))
+            os.close(mark.fd)  # killed outright: its mark left, free
+            instances.append(instance)
+        below_instance, root_instance = instances
+        sandboxes = _Sandboxes({below_instance: ["claimed", "warm"], root_instance: ["claimed", "warm"]})
+        umount(root)
+        umount(volume)
+        assert not below.exists() and volume.is_dir() and not (root / "sandboxd.db").exists()
+        assert leftovers.sweep(lambda _: None, lambda _: None, marks, links=list, sandboxes=sandboxes) == []
+        assert sandboxes.killed == []
+
+        mount("--bind", str(backing), str(volume))
+        leftovers.sweep(lambda _: None, lambda _: None, marks, links=list, sandboxes=sandboxes)
+        assert sandboxes.killed == [(below_instance, "warm")]
+
+        shutil.rmtree(below)
+        assert leftovers.sweep(lambda _: None, lambda _: None, marks, links=list, sandboxes=sandboxes) == [
+            below_instance
+        ]
+        assert sandboxes.killed == [(below_instance, "warm"), (below_instance, "claimed")]
+        assert sandboxes.groups[root_instance] == ["claimed", "warm"]
+    finally:
+        for path in reversed(mounted):
+            subprocess.run(["umount", str(path)], check=False)
 
 
 def test_a_runtime_restarting_on_its_data_dir_does_not_wait_for_a_sweep_of_other_marks(tmp_path: Path) -> None:

@@ -12,7 +12,7 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import Runtime, ignored_signals
+from conftest import Runtime, ignore_glibc_signals, ignored_signals
 from e2b import Sandbox, SandboxQuery, SandboxState
 from e2b.exceptions import NotFoundException, SandboxException
 
@@ -303,14 +303,21 @@ def test_nothing_in_a_sandbox_ignores_a_signal_because_of_how_the_runtime_was_st
     and ignored dispositions survive ``fork`` and ``execve``: every sandbox's agent, and so its
     commands, terminals and code interpreter, ignored them too (a hang-up or a Ctrl-C that never
     arrives). The sandbox's agent starts with them at their defaults (it keeps CPython's SIGPIPE
-    and SIGXFSZ, which every spawn resets)."""
+    and SIGXFSZ, which every spawn resets). glibc's own 32 and 33 too, which a ``posix_spawn``
+    parent (GNU make) leaves ignored and ``signal`` cannot reset: the agent and its commands kept
+    them ignored."""
+    ignore_glibcs = ignore_glibc_signals()
 
     def ignoring() -> None:
         for sig in (signal.SIGHUP, signal.SIGINT, signal.SIGQUIT, signal.SIGUSR2):
             signal.signal(sig, signal.SIG_IGN)
+        ignore_glibcs()
 
     runtime = start_runtime(preexec_fn=ignoring)
-    assert ignored_signals(Path(f"/proc/{runtime.process.pid}/status").read_text()) & (1 << (signal.SIGHUP - 1))
+    runtime_ignores = ignored_signals(Path(f"/proc/{runtime.process.pid}/status").read_text())
+    assert runtime_ignores & (1 << (signal.SIGHUP - 1))
+    # 32 at least: glibc installs its handler for 33 (over SIG_IGN) once a threaded process changes ids.
+    assert runtime_ignores & (1 << 31), f"{runtime_ignores:x}"
     for name, value in runtime.env().items():
         monkeypatch.setenv(name, value)
     monkeypatch.delenv("E2B_DEBUG", raising=False)

@@ -9,6 +9,7 @@ import base64
 import hashlib
 import json
 import queue
+import socket
 import threading
 import time
 import uuid
@@ -461,6 +462,45 @@ def test_a_dead_endpoint_does_not_take_every_other_webhooks_deliveries(
     finally:
         deliveries.stop()
         store.close()
+
+
+def test_four_dead_endpoints_do_not_take_a_healthy_webhooks_deliveries_between_them(
+    tmp_path: Path, endpoint: Endpoint, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Four webhooks whose endpoints are dead, on loopback: two that accept the connection and never
+    # answer, two that refuse it. Each holds its share of the queue (a quarter of it), so between them
+    # they held all of it, and the healthy webhook's every event was dropped (review7's bound kept one
+    # dead webhook from that, not four). It keeps its reserve of the queue whatever the others hold.
+    monkeypatch.setattr(webhooks, "MAX_PENDING", 40)
+    monkeypatch.setattr(webhooks, "MAX_PENDING_PER_WEBHOOK", 10, raising=False)
+    monkeypatch.setattr(webhooks, "RESERVED_PER_WEBHOOK", 2, raising=False)
+    silent = [socket.create_server(("127.0.0.1", 0), backlog=64) for _ in range(2)]
+    refusing = [socket.socket() for _ in range(2)]  # bound, never listening: a connection is refused
+    for sock in refusing:
+        sock.bind(("127.0.0.1", 0))
+    store = Store(tmp_path / "sandboxd.db")
+    hooks = WebhookStore(store.db)
+    deliveries = Deliveries(store, hooks, timeout_s=1.0)
+    for n, sock in enumerate(silent + refusing):
+        port = sock.getsockname()[1]
+        hooks.create(Body({"name": f"dead{n}", "url": f"http://127.0.0.1:{port}/dead", "signatureSecret": "d"}))
+    hooks.create(Body({"name": "alive", "url": endpoint.url, "signatureSecret": "a"}))
+    deliveries.retry_delays_s = (30.0,)  # the dead ones' first events wait for their retry all along
+    deliveries.start()
+    try:
+        busy = "busy" + "0" * 16
+        _sandbox(store, busy)
+        endpoint.take(lambda d: d.event["type"] == CREATED)
+        for n in range(30):  # each delivered to the live endpoint before the next comes
+            store.event(busy, "timeout_set", f"keep-alive {n}")
+            endpoint.take(lambda d: d.event["type"] == UPDATED)
+        assert sum(d.event["sandboxId"] == busy for d in endpoint.log) == 31
+        assert deliveries.dropped == 4 * 21  # each dead webhook's, past its 10
+    finally:
+        deliveries.stop()
+        store.close()
+        for sock in silent + refusing:
+            sock.close()
 
 
 def test_one_busy_sandbox_keeps_its_last_events_within_its_lanes_bound(

@@ -196,6 +196,11 @@ def zygote_serve(
     has closed ``sock`` and the other creates' report pipes, and reset the interpreter as
     ``os.fork()``'s child does. ``ValueError`` for a request that is not JSON or has no ``id``."""
 
+def default_ignored_glibc_signals() -> None:
+    """Set glibc's two internal signals (32: ``SIGCANCEL``, 33: ``SIGSETXID``), which ``signal``
+    cannot reach, back to their default when they are ignored (a ``posix_spawn`` parent, such as GNU
+    make, leaves them so in every child); a handler glibc installed for them is left alone."""
+
 def split_huge_mappings() -> int:
     """Map this process's huge pages (:func:`collapse_anonymous`) by 4 KiB entries again, keeping the
     huge pages themselves (an ``mprotect`` of one page of each 2 MiB range, read-only and back); the

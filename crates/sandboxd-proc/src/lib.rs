@@ -158,6 +158,7 @@ pub use ring::{Batch, CHUNK_OVERHEAD_BYTES, Chunk, Cursor, DEFAULT_RING_BYTES, L
 pub use spawn::{Io, SpawnError, SpawnOptions, User};
 pub use status::{End, signal_name};
 pub use subscriber::{StartAt, Subscriber};
+pub use vfork::default_ignored_glibc_signals;
 
 #[cfg(test)]
 mod tests {

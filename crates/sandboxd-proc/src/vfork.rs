@@ -62,7 +62,8 @@
 //! Signals. A handler of ours (CPython installs several) must never run in the child: it would
 //! run on our heap. The parent blocks every signal around `clone` (glibc's two internal ones
 //! cannot be blocked, but are only ever sent to our own threads' ids), the child inherits that
-//! mask, resets every handled signal to `SIG_DFL` first thing, and unblocks everything just before
+//! mask, resets every handled signal to `SIG_DFL` first thing (with raw `rt_sigaction`: glibc's
+//! `sigaction` cannot reach its own two), and unblocks everything just before
 //! `execve`, leaving the child the empty mask it always had. It also resets every ignored signal to
 //! its default: ignored dispositions survive `execve`, CPython and Rust ignore `SIGPIPE` (and CPython
 //! `SIGXFSZ`), and whatever started the agent may have left others ignored (`nohup`: `SIGHUP`; a
@@ -98,7 +99,7 @@ use std::sync::atomic::{AtomicI32, AtomicU32, Ordering};
 compile_error!("vfork.rs supports 64-bit Linux only");
 
 /// The child's stack. It holds [`Plan::run`]'s few small frames and those of the libc wrappers
-/// it calls (two `struct sigaction` are the largest locals); 64 KiB leaves ample room, and only
+/// it calls (two kernel `struct sigaction` are the largest locals); 64 KiB leaves ample room, and only
 /// the pages touched are ever backed by memory.
 const STACK_BYTES: usize = 64 * 1024;
 
@@ -479,25 +480,92 @@ fn errno() -> c_int {
     nix::errno::Errno::last_raw()
 }
 
-/// In the child: sets every signal that has a handler or is ignored to `SIG_DFL`. Signals
-/// `sigaction` refuses (`SIGKILL`, `SIGSTOP`, glibc's internal ones) are skipped.
+/// The kernel's `struct sigaction` (x86-64 and arm64 alike: handler, flags, restorer, mask), as
+/// the raw `rt_sigaction` system call takes it; glibc's own `struct sigaction` is laid out
+/// differently (its mask is 128 bytes, and its flags come after it).
+#[repr(C)]
+struct KernelSigaction {
+    handler: libc::sighandler_t,
+    flags: u64,
+    /// Only read with `SA_RESTORER`, which setting `SIG_DFL` does not need.
+    restorer: usize,
+    mask: u64,
+}
+
+/// The size of the kernel's signal set, `rt_sigaction`'s last argument: 64 signals, 8 bytes.
+const KERNEL_SIGSET_BYTES: c_long = 8;
+
+/// Sets `signal` to `SIG_DFL` when it has a handler or is ignored (`all`) or only when it is
+/// ignored (`!all`); the kernel refuses `SIGKILL` and `SIGSTOP` and this skips them.
+/// Async-signal-safe: two raw `rt_sigaction` calls on the stack's memory.
+///
+/// Made with `syscall(2)` rather than glibc's `sigaction`, which refuses (`EINVAL`) glibc's own
+/// two signals, 32 and 33 (`SIGCANCEL` and `SIGSETXID`): glibc's `posix_spawn` sets them to
+/// `SIG_IGN` in its child when the parent had handlers for them, and an ignored disposition
+/// survives `execve`, so everything a posix_spawn parent starts (GNU make 4.3's recipes, and so
+/// a runtime or agent started from a Makefile) ignores them, and would pass that on to every
+/// command. glibc in the command installs its handlers for them when it needs them; anything
+/// else (a static or Go binary) would see them ignored.
+fn default_if_set(signal: c_int, all: bool) {
+    let mut current = MaybeUninit::<KernelSigaction>::uninit();
+    // SAFETY: rt_sigaction with a NULL `act` changes nothing and writes the current disposition
+    // into `current`, valid for writes of a kernel `struct sigaction`.
+    let read = unsafe {
+        libc::syscall(
+            libc::SYS_rt_sigaction,
+            c_long::from(signal),
+            ptr::null::<KernelSigaction>(),
+            current.as_mut_ptr(),
+            KERNEL_SIGSET_BYTES,
+        )
+    };
+    if read != 0 {
+        return;
+    }
+    // SAFETY: rt_sigaction succeeded, so it initialised `current`.
+    let handler = unsafe { current.assume_init_ref() }.handler;
+    if handler == libc::SIG_IGN || (all && handler != libc::SIG_DFL) {
+        let default = KernelSigaction {
+            handler: libc::SIG_DFL,
+            flags: 0,
+            restorer: 0,
+            mask: 0,
+        };
+        // SAFETY: `default` is a valid kernel disposition that outlives the call; the old one is
+        // not asked for. It changes only the calling process's table (see the callers).
+        unsafe {
+            libc::syscall(
+                libc::SYS_rt_sigaction,
+                c_long::from(signal),
+                &default,
+                ptr::null_mut::<KernelSigaction>(),
+                KERNEL_SIGSET_BYTES,
+            )
+        };
+    }
+}
+
+/// In the child: sets every signal that has a handler or is ignored to `SIG_DFL`, glibc's
+/// internal two included (see [`default_if_set`]). The child's table is its own copy (no
+/// `CLONE_SIGHAND`), so ours is unchanged.
 fn reset_signal_handlers() {
-    // SAFETY: an all-zero `struct sigaction` is valid: handler SIG_DFL (0), empty mask, no flags.
-    let default: libc::sigaction = unsafe { std::mem::zeroed() };
     for signal in 1..NSIG {
-        let mut current = MaybeUninit::<libc::sigaction>::uninit();
-        // SAFETY: sigaction writes the current disposition into `current`, valid for writes,
-        // and changes nothing when `act` is NULL.
-        if unsafe { libc::sigaction(signal, ptr::null(), current.as_mut_ptr()) } != 0 {
-            continue;
-        }
-        // SAFETY: sigaction succeeded, so it initialised `current`.
-        let handler = unsafe { current.assume_init_ref() }.sa_sigaction;
-        if handler != libc::SIG_DFL {
-            // SAFETY: `default` is a valid disposition; the child's table is its own copy (no
-            // CLONE_SIGHAND), so ours is unchanged.
-            unsafe { libc::sigaction(signal, &default, ptr::null_mut()) };
-        }
+        default_if_set(signal, true);
+    }
+}
+
+/// glibc's internal signals (32: `SIGCANCEL`, 33: `SIGSETXID`), which its `sigaction` (and so
+/// Python's `signal` module) cannot reach.
+const GLIBC_INTERNAL_SIGNALS: [c_int; 2] = [32, 33];
+
+/// Sets glibc's two internal signals back to `SIG_DFL` in the calling process when they are
+/// ignored (inherited from a `posix_spawn` parent; see [`default_if_set`]); a handler glibc
+/// installed for them is left alone. For a process whose children are not started through this
+/// module (the runtime's zygote forks each sandbox's agent, and the agent's own `subprocess`
+/// children would inherit them).
+pub fn default_ignored_glibc_signals() {
+    for signal in GLIBC_INTERNAL_SIGNALS {
+        default_if_set(signal, false);
     }
 }
 

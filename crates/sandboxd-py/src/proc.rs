@@ -61,6 +61,7 @@ pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(hold_free_chunks, m)?)?;
     m.add_function(wrap_pyfunction!(collapse_anonymous, m)?)?;
     m.add_function(wrap_pyfunction!(split_huge_mappings, m)?)?;
+    m.add_function(wrap_pyfunction!(default_ignored_glibc_signals, m)?)?;
     m.add_class::<SharedLibrary>()?;
     m.add("STREAM_STDOUT", STREAM_STDOUT)?;
     m.add("STREAM_STDERR", STREAM_STDERR)?;
@@ -72,6 +73,14 @@ pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Subscriber>()?;
     m.add_class::<Process>()?;
     Ok(())
+}
+
+/// Set glibc's two internal signals (32 and 33), which Python's `signal` module cannot reach, back
+/// to their default when they are ignored (a `posix_spawn` parent leaves them so); a handler glibc
+/// installed is left alone.
+#[pyfunction]
+fn default_ignored_glibc_signals() {
+    core::default_ignored_glibc_signals();
 }
 
 /// Set glibc's mmap threshold, trim threshold and top pad (bytes) and its arena limit (0: the

@@ -70,6 +70,7 @@ table and mark for the next sweep."""
 _INSTANCE = re.compile(r"d-[0-9a-f]{16}")
 _TABLE = re.compile(r"inet sandboxd_[0-9a-f]{6}")
 _LINKS = re.compile(r"sd[0-9a-f]{6}h")
+_OCTAL = re.compile(rb"\\([0-7]{3})")
 
 
 class MarkHeld(OSError):
@@ -112,10 +113,14 @@ class RuntimeMark:
         # unparseable by a death mid-write is removed by the next sweep, see _sweep_one).
         # The data dir (resolved, as the instance is derived from it): whether its sandboxes can be
         # adopted again once this runtime is gone (see _adoptable).
-        fields = {"instance": instance, "table": table, "link_prefix": link_prefix}
+        fields: dict[str, object] = {"instance": instance, "table": table, "link_prefix": link_prefix}
         if data_dir is not None:
             fields["data_dir"] = data_dir
-        self.fields: dict[str, object] = dict(fields)
+            # And the file system it is on: a data dir not found later is deleted only if what is
+            # left of its path is still on that file system (see _deleted).
+            with contextlib.suppress(OSError):
+                fields["data_fs"] = filesystem_of(Path(data_dir))
+        self.fields = fields
         self._write()
         # The table and links are named by a 24-bit tag of the data dir (addressing.tag_for): two
         # data dirs can share one, ~1 in 16.7 million a pair, and two live runtimes on them would
@@ -303,7 +308,9 @@ def _sweep_one(
     killed, spared = (
         (0, 0)
         if sandboxes is None
-        else _kill_unadoptable(instance, _data_dir(mark, instance), sandboxes, stopped=mark.get("stopped") is True)
+        else _kill_unadoptable(
+            instance, _data_dir(mark, instance), sandboxes, stopped=mark.get("stopped") is True, fs=_data_fs(mark)
+        )
     )
     if table in live_tables:
         return False  # a live runtime on a data dir with the same tag: the table is its own
@@ -387,18 +394,87 @@ def _data_dir(mark: dict[str, object], instance: str) -> Path | None:
     return Path(recorded)
 
 
-def _adoptable(data_dir: Path | None, stopped: bool = False) -> set[str] | None:
+def filesystem_of(path: Path) -> list[object]:
+    """Where ``path`` is, as a mark records its data dir: its device number, and the mount it is
+    under (the mount point, and the kernel's id of that mount, from ``/proc/self/mountinfo``). The
+    device alone cannot tell a volume's mount point from the volume when both are on one file
+    system (a bind mount), and an anonymous device number (tmpfs) is reused by the next such mount.
+    ``OSError`` when ``path`` cannot be seen."""
+    device = os.stat(path).st_dev
+    mount_id, mount_point = _mount_of(os.path.abspath(path))
+    return [device, mount_point, mount_id]
+
+
+def _mount_of(path: str) -> tuple[int, str]:
+    """The mount ``path`` (absolute, as the kernel spells it) is under: the longest mount point that
+    is it or one of its ancestors, the last one mounted there when several are (the top one)."""
+    best: tuple[int, str] = (-1, "")
+    with open("/proc/self/mountinfo", "rb") as f:
+        for line in f:
+            fields = line.split(b" ", 5)
+            # The mount point's space, tab, newline and backslash are escaped as octal (\040).
+            point = os.fsdecode(_OCTAL.sub(lambda m: bytes([int(m[1], 8)]), fields[4]))
+            under = path == point or path.startswith(point.rstrip("/") + "/")
+            if under and len(point) >= len(best[1]):
+                best = (int(fields[0]), point)
+    if best[0] < 0:
+        raise OSError(f"no mount of {path} in /proc/self/mountinfo")
+    return best
+
+
+def _data_fs(mark: dict[str, object]) -> list[object] | None:
+    """Where a mark records its data dir (:func:`filesystem_of`); ``None`` for a mark from before
+    marks recorded it, or one that is not a device number, an absolute path and a mount id."""
+    recorded = mark.get("data_fs")
+    if not isinstance(recorded, list) or len(recorded) != 3:
+        return None
+    device, point, mount_id = recorded
+    if not all(isinstance(n, int) and not isinstance(n, bool) for n in (device, mount_id)):
+        return None
+    if not isinstance(point, str) or not point.startswith("/"):
+        return None
+    return [device, point, mount_id]
+
+
+def _deleted(data_dir: Path, fs: list[object] | None) -> bool:
+    """Whether a data dir that cannot be found was deleted, rather than is not there for now: only
+    when its nearest ancestor that can be seen is on the device and under the very mount the data
+    dir was (``fs``). A volume unmounted at its mount point leaves the path's upper part under
+    another mount (the mount point's directory, or the mount point gone too): its data dir may come
+    back, with its sandboxes' rows, so they are not killed (``fixes35``). Without ``fs`` (a mark
+    from before marks recorded it) it cannot be told: not deleted."""
+    if fs is None:
+        return False
+    ancestor = data_dir.parent
+    while True:
+        try:
+            return filesystem_of(ancestor) == fs
+        except FileNotFoundError:
+            if ancestor.parent == ancestor:
+                return False
+            ancestor = ancestor.parent
+        except OSError:
+            return False
+
+
+def _adoptable(data_dir: Path | None, stopped: bool = False, fs: list[object] | None = None) -> set[str] | None:
     """The sandboxes a runtime that starts on ``data_dir`` would adopt (its running and paused rows,
     as ``SandboxManager.start`` reads them); ``None`` when that cannot be told (the data dir unknown
-    or unreadable, or without the database a runtime that ``stopped`` cleanly had): then every
-    sandbox is taken for adoptable."""
+    or unreadable, not found but maybe not deleted, on another file system than the mark's ``fs``,
+    or without the database a runtime that ``stopped`` cleanly had): then every sandbox is taken for
+    adoptable. Killing one wrongly loses a user's work; sparing one wrongly, some memory."""
     if data_dir is None:
         return None
     try:
-        os.stat(data_dir)
+        found = filesystem_of(data_dir)
     except FileNotFoundError:
-        return set()  # gone: nobody can start on it and find them
+        # Gone, nobody can start on it and find them; or not there for now (review7).
+        return set() if _deleted(data_dir, fs) else None
     except OSError:
+        return None
+    if fs is not None and found[:2] != fs[:2]:
+        # Another device or mount there now: the volume's mount point without the volume. (A new
+        # mount id alone is the volume mounted again.)
         return None
     database = data_dir / store.DATABASE
     try:
@@ -413,7 +489,11 @@ def _adoptable(data_dir: Path | None, stopped: bool = False) -> set[str] | None:
 
 
 def _kill_unadoptable(
-    instance: str, data_dir: Path | None, sandboxes: Sandboxes, stopped: bool = False
+    instance: str,
+    data_dir: Path | None,
+    sandboxes: Sandboxes,
+    stopped: bool = False,
+    fs: list[object] | None = None,
 ) -> tuple[int, int]:
     """Kill the gone runtime's sandboxes that nobody can adopt: all of them when its data dir is gone,
     else those without a running or paused row (its warm ones, and creates it did not finish), as its
@@ -430,7 +510,7 @@ def _kill_unadoptable(
         return 0, 1
     if not ids:
         return 0, 0
-    adoptable = _adoptable(data_dir, stopped)
+    adoptable = _adoptable(data_dir, stopped, fs)
     if adoptable is None:
         return 0, len(ids)
     killed: list[str] = []

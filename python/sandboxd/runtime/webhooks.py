@@ -34,9 +34,10 @@ busy sandbox. Other sandboxes and other webhooks go on meanwhile.
 Nothing of it runs on the event loop but the hand-off: :meth:`Deliveries.offer` (called by the
 store for each event it commits) only looks up the event's subscribers in memory and queues a job.
 Worker threads read the event through connections of their own and send it. The queue is bounded
-(:data:`MAX_PENDING`, of which one webhook's :data:`MAX_PENDING_PER_WEBHOOK` and one lane's
-:data:`MAX_LANE`; past them, deliveries are dropped and logged), as is what is read of an
-answer, so a slow or hostile endpoint costs at most a worker's time until its timeout.
+(:data:`MAX_PENDING`, past which each webhook still has its :data:`RESERVED_PER_WEBHOOK`; of it one
+webhook's :data:`MAX_PENDING_PER_WEBHOOK` and one lane's :data:`MAX_LANE`; past them, deliveries are
+dropped and logged), as is what is read of an answer, so a slow or hostile endpoint costs at most a
+worker's time until its timeout.
 
 Kept in the runtime's database (table ``webhooks``; its data dir is root's, ``0700``), so a webhook
 outlives a restart. With ``--backend kubernetes`` the API is not served (the lifecycle events come from
@@ -101,13 +102,23 @@ RETRY_DELAYS_S = (1.0, 10.0, 60.0)
 """Waits before the second, third and fourth attempt: an endpoint down for a restart gets the event."""
 
 MAX_PENDING = 10_000
-"""Deliveries queued or waiting for a retry at most."""
+"""Deliveries queued or waiting for a retry at most, but for each webhook's
+:data:`RESERVED_PER_WEBHOOK`."""
 
 MAX_PENDING_PER_WEBHOOK = MAX_PENDING // 4
 """Of which one webhook's at most: a dead endpoint's lanes drain at one delivery a lane per
 ``sum(RETRY_DELAYS_S)`` and 4 timeouts (71 s or more), so a sandbox kept alive by a ``set_timeout``
 every few seconds (an ``updated`` each) would otherwise grow its lane until every webhook of the
 runtime lost its events to :data:`MAX_PENDING` (``review7``)."""
+
+RESERVED_PER_WEBHOOK = MAX_PENDING // MAX_WEBHOOKS
+"""Deliveries a webhook may have pending whatever the others hold, :data:`MAX_PENDING` reached or
+not: four dead endpoints (each up to :data:`MAX_PENDING_PER_WEBHOOK`) held all of
+:data:`MAX_PENDING` between them, and a healthy webhook's every event was dropped. A webhook's share
+of the queue is so never less than this; a share of whoever holds any at the time would not do: the
+webhooks that came while the queue was full would each take a share of their own, and some dozen
+dead ones would leave none. All the reserves together are :data:`MAX_PENDING` again, so never more
+than twice it are pending."""
 
 MAX_LANE = 100
 """Deliveries waiting in one lane at most; past it the oldest waiting one is dropped (not the new
@@ -347,7 +358,7 @@ class Deliveries:
         """(webhook, sandbox) -> the jobs waiting behind the one due or in flight; a lane is here while
         it has one, and gone once its last is done."""
         self._pending = 0
-        """Jobs due or waiting in a lane (bounded by :data:`MAX_PENDING`)."""
+        """Jobs due or waiting in a lane (bounded by :data:`MAX_PENDING` and the reserves)."""
         self._hook_pending: dict[str, int] = {}
         """The same a webhook, while it has any (each bounded by :data:`MAX_PENDING_PER_WEBHOOK`)."""
         self._order = itertools.count()
@@ -398,8 +409,8 @@ class Deliveries:
                     lane.append(job)
                     continue
                 held = self._hook_pending.get(hook.id, 0)
-                if self._pending >= MAX_PENDING or held >= MAX_PENDING_PER_WEBHOOK:
-                    self._drop(hook.id, seq, f"{max(self._pending, held)} deliveries are pending")
+                if held >= MAX_PENDING_PER_WEBHOOK or (self._pending >= MAX_PENDING and held >= RESERVED_PER_WEBHOOK):
+                    self._drop(hook.id, seq, f"{held} of its deliveries and {self._pending} in all are pending")
                     continue
                 self._pending += 1
                 self._hook_pending[hook.id] = held + 1

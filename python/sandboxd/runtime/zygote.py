@@ -469,6 +469,10 @@ def main(fd: int) -> None:
     """The zygote process: preload, then serve create requests until the runtime goes away."""
     sock = socket.socket(fileno=fd)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # Once here rather than in each agent (a fork inherits it): glibc's 32 and 33, ignored when
+    # the runtime was started by a posix_spawn parent (GNU make), are out of ``signal``'s reach,
+    # and the agent's own children (``subprocess``) would inherit them ignored.
+    _core.default_ignored_glibc_signals()
     _IGNORED.extend(
         sig
         for sig in signal.valid_signals()

@@ -80,6 +80,20 @@ class Slot:
         )
 
 
+def slot_count(v4_block: ipaddress.IPv4Network) -> int:
+    """How many slots a runtime has in ``v4_block``: a /30 each, at most as many as /64s in a /48
+    and 100,000."""
+    return min(1 << (SLOT_PREFIX_V4 - v4_block.prefixlen), 1 << (SLOT_PREFIX_V6 - 48), 100_000)
+
+
+def used_range(v4_block: ipaddress.IPv4Network) -> ipaddress.IPv4Network:
+    """The part of ``v4_block`` a runtime's sandboxes can have addresses in: its slots, counted
+    from the block's start (the whole block up to a /14; the first /14 of a larger one). Nothing
+    else of the block is used (no route or firewall rule covers it), so this, not the block, is
+    what two runtimes must not share."""
+    return ipaddress.IPv4Network((v4_block.network_address, SLOT_PREFIX_V4 - (slot_count(v4_block).bit_length() - 1)))
+
+
 class AddressPool:
     """The slots of one runtime."""
 
@@ -94,7 +108,7 @@ class AddressPool:
         self.group = LINK_GROUP_BASE | int(tag, 16)
         self.host_prefix = f"sd{tag}h"
         """Every host-side interface of this runtime starts with this (the firewall matches on it)."""
-        self.size = min(1 << (SLOT_PREFIX_V4 - v4_block.prefixlen), 1 << (SLOT_PREFIX_V6 - 48), 100_000)
+        self.size = slot_count(v4_block)
         self._free: deque[int] = deque(range(self.size))
         self._taken: set[int] = set()
 
@@ -202,10 +216,16 @@ def _lock_path(block: ipaddress.IPv4Network) -> Path:
 
 
 def _claimed_blocks() -> list[ipaddress.IPv4Network]:
-    """The blocks live runtimes hold, each a lock file whose ``flock`` is taken; the caller holds
-    :data:`CHOOSING_LOCK`. A block's name alone cannot tell a claim: two runtimes of different
-    ``--max-sandboxes`` pick blocks of different sizes (``net-10.240.0.0-22`` and ``net-10.240.0.0-24``
-    overlap), so every claim is read and each candidate tested against all of them.
+    """The address ranges live runtimes hold (:func:`used_range` of each block), each claimed by a
+    lock file whose ``flock`` is taken; the caller holds :data:`CHOOSING_LOCK`. A block's name alone
+    cannot tell a claim: two runtimes of different ``--max-sandboxes`` pick blocks of different sizes
+    (``net-10.240.0.0-22`` and ``net-10.240.0.0-24`` overlap), so every claim is read and each
+    candidate tested against all of them.
+
+    Only a name :func:`_lock_path` could have written for a block a runtime can run with counts: a
+    held ``net-0.0.0.0-0.lock`` (or ``net-10.0.0.0-8.lock``) stopped every start, as a claim of
+    every block (review7), though a runtime uses at most a /14 of its block, from its start; and a
+    name no runtime writes (``net-10.240.0.0-31.lock``, ``net-10.240.0.0-024.lock``) is not a claim.
 
     A lock file nobody holds is removed here: every runtime takes its block's lock while it holds
     :data:`CHOOSING_LOCK`, so none can be between opening such a file and locking it (which makes the
@@ -221,12 +241,14 @@ def _claimed_blocks() -> list[ipaddress.IPv4Network]:
             except FileNotFoundError:
                 continue
             except OSError:
-                claimed.append(block)  # not ours to judge (a symlink, another owner's mode): taken
+                # Not ours to judge (a symlink, another owner's mode): taken, as a start on this
+                # very block could not lock it either.
+                claimed.append(used_range(block))
                 continue
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                claimed.append(block)
+                claimed.append(used_range(block))
             else:
                 with contextlib.suppress(OSError):
                     os.unlink(entry.path)
@@ -236,13 +258,19 @@ def _claimed_blocks() -> list[ipaddress.IPv4Network]:
 
 
 def _block_of_lock_name(name: str) -> ipaddress.IPv4Network | None:
+    """The block of a lock file's name, or None when no runtime could have written it: not
+    :func:`_lock_path`'s spelling of a block, or a block too small for a runtime (see
+    :class:`AddressPool`)."""
     if not (name.startswith("net-") and name.endswith(".lock")):
         return None
     address, _, prefix = name[len("net-") : -len(".lock")].rpartition("-")
     try:
-        return ipaddress.IPv4Network(f"{address}/{int(prefix)}")
+        block = ipaddress.IPv4Network(f"{address}/{int(prefix)}")
     except ValueError:
         return None
+    if block.prefixlen > SLOT_PREFIX_V4 - 1 or _lock_path(block).name != name:
+        return None
+    return block
 
 
 CHOOSING_LOCK = "net-choosing"
@@ -283,7 +311,7 @@ def choose_v4_block(
         _wait_for(choosing)
         claimed = _claimed_blocks()
         if preferred is not None:
-            taken = [b for b in claimed if b.overlaps(preferred)]
+            taken = [b for b in claimed if b.overlaps(used_range(preferred))]
             if not taken:
                 return preferred, BlockLock(preferred)
             if explicit:
