@@ -56,6 +56,9 @@ const LOCK_FILE: &str = ".lock";
 /// Prefix of the temporary files claims are written to before being linked into place.
 const TEMP_PREFIX: &str = ".claim-";
 
+/// Fourth line's key: where the data dir was when claimed (see [`Place`]).
+const PLACE_KEY: &str = "place=";
+
 /// A claim file as read back.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Claim {
@@ -65,6 +68,170 @@ pub struct Claim {
     pub data_dir: PathBuf,
     /// The sandbox it belongs to.
     pub sandbox_id: String,
+    /// Where the data dir was when claimed; `None` for claims made before claims recorded it (or
+    /// whose data dir could not be looked at then).
+    pub place: Option<Place>,
+}
+
+/// Where a claim's data dir was when it was claimed, so that a data dir not found later can be told
+/// deleted (its range is free) from not there for now (a volume unmounted at its mount point: its
+/// files, owned by the range, come back with it, and the range must still be its sandbox's alone).
+/// Claims outlive reboots (`/var/lib/sandboxd-ids`), so mount ids, which a reboot renumbers, are of
+/// no use here (runtime marks, in `/run`, use them: `python/sandboxd/runtime/leftovers.py`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Place {
+    /// The identity of every directory from `/` down to the data dir itself, as far as they could
+    /// be looked at then.
+    pub dirs: Vec<DirId>,
+    /// The boot (`/proc/sys/kernel/random/boot_id`) during which the claim was made, when the data
+    /// dir was on a file system that lives in memory (tmpfs, ramfs): its files end with that boot.
+    pub volatile_boot: Option<String>,
+}
+
+/// A directory's identity: its inode number on its file system, and that file system's id.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DirId {
+    /// `statfs`'s `f_fsid`: ext4 and btrfs derive it from the file system's UUID, so it survives a
+    /// reboot (and a disk found at another device number); 0 when the file system has none.
+    pub fsid: u64,
+    /// `st_dev`: what tells file systems apart when they have no `fsid`. The kernel may number
+    /// devices differently at the next boot.
+    pub dev: u64,
+    /// `st_ino`.
+    pub ino: u64,
+}
+
+impl DirId {
+    fn of(path: &Path) -> io::Result<DirId> {
+        use std::os::unix::fs::MetadataExt;
+        let meta = fs::metadata(path)?;
+        let fsid = nix::sys::statvfs::statvfs(path).map_err(io::Error::from)?;
+        Ok(DirId {
+            fsid: fsid.filesystem_id(),
+            dev: meta.dev(),
+            ino: meta.ino(),
+        })
+    }
+
+    /// The same file system: the same `fsid` when either has one, else the same device.
+    fn same_fs(&self, other: &DirId) -> bool {
+        if self.fsid != 0 || other.fsid != 0 {
+            self.fsid == other.fsid
+        } else {
+            self.dev == other.dev
+        }
+    }
+
+    /// The same directory: the same inode of the same file system.
+    fn same(&self, other: &DirId) -> bool {
+        self.ino == other.ino && self.same_fs(other)
+    }
+}
+
+/// tmpfs's `f_type` is in nix; ramfs's is not (linux/magic.h).
+const RAMFS_MAGIC: nix::sys::statfs::FsType = nix::sys::statfs::FsType(0x8584_58f6);
+
+impl Place {
+    /// Where `data_dir` (absolute) is now: its directories' identities from `/` down, stopping at
+    /// the first that cannot be looked at.
+    fn of(data_dir: &Path) -> Place {
+        let mut paths: Vec<&Path> = data_dir.ancestors().collect();
+        paths.reverse();
+        let dirs: Vec<DirId> = paths.iter().map_while(|p| DirId::of(p).ok()).collect();
+        let volatile = (dirs.len().checked_sub(1))
+            .and_then(|deepest| paths.get(deepest))
+            .and_then(|p| nix::sys::statfs::statfs(*p).ok())
+            .is_some_and(|s| {
+                let kind = s.filesystem_type();
+                kind == nix::sys::statfs::TMPFS_MAGIC || kind == RAMFS_MAGIC
+            });
+        Place {
+            dirs,
+            volatile_boot: if volatile { boot_id() } else { None },
+        }
+    }
+
+    fn render(&self) -> String {
+        let dirs: Vec<String> = self
+            .dirs
+            .iter()
+            .map(|d| format!("{}:{}:{}", d.fsid, d.dev, d.ino))
+            .collect();
+        let mut line = format!("{PLACE_KEY}{}", dirs.join(" "));
+        if let Some(boot) = &self.volatile_boot {
+            line.push_str(&format!(" volatile={boot}"));
+        }
+        line
+    }
+
+    fn parse(line: &str) -> Option<Place> {
+        let mut place = Place {
+            dirs: Vec::new(),
+            volatile_boot: None,
+        };
+        for word in line.strip_prefix(PLACE_KEY)?.split_whitespace() {
+            if let Some(boot) = word.strip_prefix("volatile=") {
+                place.volatile_boot = Some(boot.to_owned());
+                continue;
+            }
+            let mut n = word.split(':').map(|v| v.parse::<u64>().ok());
+            let (fsid, dev, ino) = (n.next()??, n.next()??, n.next()??);
+            place.dirs.push(DirId { fsid, dev, ino });
+        }
+        Some(place)
+    }
+
+    /// Whether `data_dir` (this place's, and not found) was deleted, rather than is not there for
+    /// now. Deleted when
+    ///
+    /// * it was on a file system in memory and the host has rebooted since (its files went then);
+    /// * or its nearest ancestor that can be seen is still the very directory it was (the data dir
+    ///   was deleted from it, however far up), and the topmost missing one was on that directory's
+    ///   file system: a missing directory that was on another one was a mount point, which cannot be
+    ///   deleted while mounted, so it was unmounted and may come back.
+    ///
+    /// A volume unmounted at its mount point leaves the mount point's directory (another directory,
+    /// of the file system below), or no directory at all where the volume's root was: not deleted.
+    /// The walk up to the nearest ancestor that can be seen is what frees the ranges of data dirs
+    /// removed with a whole tree (test suites' temporary directories), which would otherwise be
+    /// claimed for good. A directory that cannot be looked at (`EACCES`) tells nothing: not deleted.
+    fn deleted(&self, data_dir: &Path) -> bool {
+        if self
+            .volatile_boot
+            .as_ref()
+            .is_some_and(|b| boot_id().is_some_and(|now| &now != b))
+        {
+            return true;
+        }
+        let mut paths: Vec<&Path> = data_dir.ancestors().collect();
+        paths.reverse();
+        for depth in (0..paths.len()).rev() {
+            match DirId::of(paths[depth]) {
+                Ok(now) => {
+                    let Some(then) = self.dirs.get(depth) else {
+                        // Not there when claimed (nor the data dir): nothing to tell it by.
+                        return true;
+                    };
+                    return now.same(then)
+                        && self
+                            .dirs
+                            .get(depth + 1)
+                            .is_none_or(|child| child.same_fs(then));
+                }
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(_) => return false,
+            }
+        }
+        false
+    }
+}
+
+/// This boot's id; `None` without procfs.
+fn boot_id() -> Option<String> {
+    fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .ok()
+        .map(|s| s.trim().to_owned())
+        .filter(|s| !s.is_empty() && !s.contains(char::is_whitespace))
 }
 
 /// The host-wide registry of id ranges.
@@ -174,7 +341,7 @@ impl IdRegistry {
             .truncate(true)
             .mode(0o600)
             .open(&path)?;
-        f.write_all(render(data_dir, sandbox_id)?.as_bytes())?;
+        f.write_all(render(data_dir, sandbox_id, &Place::of(data_dir))?.as_bytes())?;
         Ok(path)
     }
 
@@ -249,6 +416,15 @@ impl IdRegistry {
             if claim.data_dir.exists() {
                 continue;
             }
+            // A claim from before claims recorded their place: its data dir not found is taken for
+            // deleted, as it always was (one on a volume unmounted for now included).
+            if claim
+                .place
+                .as_ref()
+                .is_some_and(|p| !p.deleted(&claim.data_dir))
+            {
+                continue;
+            }
             let (start, end) = (claim.base, claim.base + RANGE_SIZE);
             if in_use.iter().any(|id| (start..end).contains(id)) {
                 continue;
@@ -286,7 +462,7 @@ fn absolute(p: &Path) -> io::Result<PathBuf> {
     }
 }
 
-fn render(data_dir: &Path, sandbox_id: &str) -> io::Result<String> {
+fn render(data_dir: &Path, sandbox_id: &str, place: &Place) -> io::Result<String> {
     let dir = data_dir
         .to_str()
         .filter(|s| !s.contains('\n'))
@@ -302,7 +478,12 @@ fn render(data_dir: &Path, sandbox_id: &str) -> io::Result<String> {
             "sandbox id contains a newline",
         ));
     }
-    Ok(format!("{MAGIC}\ndata_dir={dir}\nsandbox={sandbox_id}\n"))
+    // The place is a fourth line: runtimes from before it read the first three and ignore the rest
+    // (`parse`), so they still read, release and reclaim (by their rule) these claims.
+    Ok(format!(
+        "{MAGIC}\ndata_dir={dir}\nsandbox={sandbox_id}\n{}\n",
+        place.render()
+    ))
 }
 
 fn parse(base: u32, s: &str) -> Option<Claim> {
@@ -316,6 +497,7 @@ fn parse(base: u32, s: &str) -> Option<Claim> {
         base,
         data_dir: PathBuf::from(data_dir),
         sandbox_id: sandbox_id.to_owned(),
+        place: lines.next().and_then(Place::parse),
     })
 }
 
@@ -472,6 +654,173 @@ mod tests {
         assert_eq!(r.reclaim_stale().unwrap(), vec![stale]);
         assert!(r.read(kept).unwrap().is_some());
         assert!(r.read(stale).unwrap().is_none());
+    }
+
+    /// A registry whose claims go to the last `n` ranges: the host's runtimes, whose processes have
+    /// ids of their ranges (which keeps a stale claim), rarely have those.
+    fn registry_at_the_top(n: u32) -> (tempfile::TempDir, IdRegistry) {
+        let (t, mut r) = registry();
+        r.taken_by_host = vec![(
+            u64::from(FIRST_BASE),
+            u64::from(FIRST_BASE) + u64::from((RANGES - n) * RANGE_SIZE),
+        )];
+        (t, r)
+    }
+
+    #[test]
+    fn a_data_dir_whose_volume_is_away_keeps_its_claim_and_a_deleted_one_is_freed() {
+        // No mount needed: a volume away is a directory in its place that is not the one the data
+        // dir was in (what an unmounted volume leaves: its mount point's own directory).
+        let (t, r) = registry_at_the_top(3);
+        let (volume, away) = (t.path().join("volume"), t.path().join("away"));
+        let data = volume.join("data");
+        fs::create_dir_all(&data).unwrap();
+        let tree = t.path().join("tree");
+        let deep = tree.join("a/b/data");
+        fs::create_dir_all(&deep).unwrap();
+        let on_volume = r.claim(&data, "v").unwrap();
+        let in_tree = r.claim(&deep, "t").unwrap();
+        let place = r.read(on_volume).unwrap().unwrap().place.unwrap();
+        assert_eq!(place.dirs.len(), data.ancestors().count());
+
+        fs::rename(&volume, &away).unwrap();
+        fs::create_dir(&volume).unwrap();
+        // The whole tree the other data dir was in is deleted: its nearest ancestor left (the
+        // temporary directory) is the one it was in, so it is freed, though its parent is gone.
+        fs::remove_dir_all(&tree).unwrap();
+        assert_eq!(r.reclaim_stale().unwrap(), vec![in_tree]);
+        assert!(r.read(on_volume).unwrap().is_some());
+
+        // The volume back, the data dir deleted from it: freed.
+        fs::remove_dir(&volume).unwrap();
+        fs::rename(&away, &volume).unwrap();
+        assert_eq!(r.reclaim_stale().unwrap(), Vec::<u32>::new());
+        fs::remove_dir(&data).unwrap();
+        assert_eq!(r.reclaim_stale().unwrap(), vec![on_volume]);
+    }
+
+    #[test]
+    fn a_claim_from_before_claims_recorded_their_place_is_freed_as_before() {
+        let (t, r) = registry_at_the_top(1);
+        let gone = t.path().join("volume/data");
+        let base = FIRST_BASE + (RANGES - 1) * RANGE_SIZE;
+        fs::write(
+            r.dir().join(base.to_string()),
+            format!("{MAGIC}\ndata_dir={}\nsandbox=old\n", gone.display()),
+        )
+        .unwrap();
+        assert_eq!(r.read(base).unwrap().unwrap().place, None);
+        assert_eq!(r.reclaim_stale().unwrap(), vec![base]);
+    }
+
+    #[test]
+    fn claims_with_a_place_keep_the_three_lines_earlier_runtimes_read() {
+        let (t, r) = registry();
+        let base = r.claim(t.path(), "s").unwrap();
+        let text = fs::read_to_string(r.dir().join(base.to_string())).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 4, "{text}");
+        assert_eq!(
+            lines[..3],
+            [
+                MAGIC,
+                &format!("data_dir={}", t.path().display()),
+                "sandbox=s"
+            ]
+        );
+        // The earlier parser: the magic, then exactly two lines, the rest ignored.
+        let mut old = text.lines();
+        assert_eq!(old.next(), Some(MAGIC));
+        assert!(old.next().unwrap().starts_with("data_dir="));
+        assert!(old.next().unwrap().starts_with("sandbox="));
+        assert_eq!(Place::parse(lines[3]), r.read(base).unwrap().unwrap().place);
+    }
+
+    #[test]
+    fn a_data_dir_in_memory_is_deleted_once_the_host_has_rebooted() {
+        let t = tempfile::tempdir().unwrap();
+        let data = t.path().join("volume/data");
+        fs::create_dir_all(&data).unwrap();
+        let mut place = Place::of(&data);
+        // Its volume away (another directory in its place): not deleted, in this boot or another,
+        // unless its files lived in memory and that memory is gone.
+        fs::rename(t.path().join("volume"), t.path().join("away")).unwrap();
+        fs::create_dir(t.path().join("volume")).unwrap();
+        place.volatile_boot = None;
+        assert!(!place.deleted(&data));
+        place.volatile_boot = boot_id();
+        assert!(!place.deleted(&data));
+        place.volatile_boot = Some("an-earlier-boot".to_owned());
+        assert!(place.deleted(&data));
+    }
+
+    /// Mounts made by a test, unmounted (lazily, last first) when it ends, however it ends.
+    struct Mounts(Vec<PathBuf>);
+
+    impl Mounts {
+        fn mount(&mut self, source: &Path, target: &Path, fstype: Option<&str>) {
+            use nix::mount::{MsFlags, mount};
+            let flags = if fstype.is_none() {
+                MsFlags::MS_BIND
+            } else {
+                MsFlags::empty()
+            };
+            mount(Some(source), target, fstype, flags, Some("size=1m")).unwrap();
+            self.0.push(target.to_owned());
+        }
+
+        fn umount(&mut self, target: &Path) {
+            nix::mount::umount(target).unwrap();
+            self.0.retain(|p| p != target);
+        }
+    }
+
+    impl Drop for Mounts {
+        fn drop(&mut self) {
+            for target in self.0.iter().rev() {
+                let _ = nix::mount::umount2(target, nix::mount::MntFlags::MNT_DETACH);
+            }
+        }
+    }
+
+    #[test]
+    fn a_data_dir_on_an_unmounted_volume_keeps_its_claim() {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("skipped: needs root (mounts)");
+            return;
+        }
+        let (t, r) = registry_at_the_top(2);
+        let (backing, volume, root) = (
+            t.path().join("backing"),
+            t.path().join("volume"),
+            t.path().join("root"),
+        );
+        for dir in [&backing, &volume, &root] {
+            fs::create_dir(dir).unwrap();
+        }
+        let mut mounts = Mounts(Vec::new());
+        // A bind mount of a directory of the same file system: only the inode tells the volume's
+        // root from its mount point's directory. And a tmpfs that is the data dir itself.
+        mounts.mount(&backing, &volume, None);
+        mounts.mount(Path::new("sandboxd-test"), &root, Some("tmpfs"));
+        let data = volume.join("data");
+        fs::create_dir(&data).unwrap();
+        let on_volume = r.claim(&data, "v").unwrap();
+        let at_root = r.claim(&root, "r").unwrap();
+
+        mounts.umount(&volume);
+        mounts.umount(&root);
+        // The mount point's directory is gone too: the data dir was another file system's root.
+        fs::remove_dir(&root).unwrap();
+        assert!(!data.exists() && volume.is_dir());
+        assert_eq!(r.reclaim_stale().unwrap(), Vec::<u32>::new());
+        assert!(r.read(on_volume).unwrap().is_some());
+        assert!(r.read(at_root).unwrap().is_some());
+
+        mounts.mount(&backing, &volume, None);
+        fs::remove_dir(&data).unwrap();
+        assert_eq!(r.reclaim_stale().unwrap(), vec![on_volume]);
+        mounts.umount(&volume);
     }
 
     #[test]
