@@ -639,6 +639,63 @@ def test_a_data_dir_on_a_volume_unmounted_for_now_is_not_taken_for_deleted(tmp_p
             subprocess.run(["umount", str(path)], check=False)
 
 
+def test_an_id_range_stays_claimed_while_its_data_dirs_volume_is_unmounted(tmp_path: Path) -> None:
+    """The host's id registry, as a runtime's start reclaims it: a claim whose data dir is on a volume
+    unmounted for now (inside a bind mount of the same file system: its mount point's directory is
+    there; at a tmpfs's root: its mount point's directory gone too) is kept, since the sandbox's files,
+    owned by the range, come back with the volume, and the range must still be its alone. Before,
+    a data dir not found was taken for deleted and its range handed to the next sandbox (fixes35).
+    A data dir deleted inside the mounted volume, and one deleted with the whole tree it was in
+    (what test suites do with their temporary directories), are freed."""
+    from sandboxd import _core
+
+    registry = _core.IdRegistry(_core.DEFAULT_ID_REGISTRY)
+    backing, volume, root, tree = (tmp_path / n for n in ("backing", "volume", "root", "tree"))
+    for directory in (backing, volume, root):
+        directory.mkdir()
+    below, deep = volume / "data", tree / "a" / "data"
+    mounted: list[Path] = []
+    claims: list[tuple[int, Path, str]] = []
+
+    def mount(*args: str) -> None:
+        subprocess.run(["mount", *args], check=True)
+        mounted.append(Path(args[-1]))
+
+    def umount(path: Path) -> None:
+        subprocess.run(["umount", str(path)], check=True)
+        mounted.remove(path)
+
+    try:
+        mount("--bind", str(backing), str(volume))
+        mount("-t", "tmpfs", "-o", "size=1m", "sandboxd-test", str(root))
+        below.mkdir()
+        deep.mkdir(parents=True)
+        for data_dir, sandbox in ((below, "below"), (root, "root"), (deep, "deep")):
+            claims.append((registry.claim(str(data_dir), sandbox), data_dir, sandbox))
+        (below_base, _, _), (root_base, _, _), (deep_base, _, _) = claims
+        umount(root)
+        umount(volume)
+        root.rmdir()
+        shutil.rmtree(tree)
+
+        freed = registry.reclaim_stale()
+        assert deep_base in freed
+        assert below_base not in freed and root_base not in freed
+        assert _id_claims_of(below) == [(below_base, "below")]
+        assert _id_claims_of(root) == [(root_base, "root")]
+
+        mount("--bind", str(backing), str(volume))
+        assert below_base not in registry.reclaim_stale()
+        shutil.rmtree(below)
+        assert below_base in registry.reclaim_stale()
+        assert _id_claims_of(below) == []
+    finally:
+        for path in reversed(mounted):
+            subprocess.run(["umount", str(path)], check=False)
+        for base, data_dir, sandbox in claims:
+            registry.release(base, str(data_dir), sandbox)
+
+
 def test_a_runtime_restarting_on_its_data_dir_does_not_wait_for_a_sweep_of_other_marks(tmp_path: Path) -> None:
     """A runtime stopped cleanly with a sandbox left (its mark kept, free) and restarted, while
     another runtime's start sweeps: that sweep takes every free mark's lock first, this one's

@@ -14,6 +14,20 @@
 //! state) and whose ids no process uses any more is stale: [`IdRegistry::reclaim_stale`] removes
 //! those, holding an exclusive `flock` on the registry so two reclaimers never race.
 //!
+//! "Gone" is deleted, not merely not found: a data dir on a volume that is unmounted for now (the
+//! runtime stopped, a sandbox paused to disk there, its files owned by the range) is not found
+//! either, and freeing its range would hand the range to another sandbox while those files wait for
+//! the volume to come back, and the paused sandbox to resume, sharing host ids with it. So a claim
+//! records where its data dir was ([`Place`]: the identity of each directory from `/` down), and a
+//! data dir not found counts as deleted only when its nearest ancestor that is there is still the
+//! directory it was, and what is missing below it was on its file system. A volume unmounted at its
+//! mount point leaves the mount point's own directory there (another one), or nothing; a data dir
+//! deleted, however much of the tree above it went with it, leaves the directory it was deleted
+//! from. Claims persist across reboots, so the identities are ones a reboot keeps where file
+//! systems allow (`f_fsid`, which ext4 and btrfs derive from their UUID, and inode numbers); a data
+//! dir on a tmpfs counts as deleted once the host has rebooted. Claims written before claims
+//! recorded a place are judged as they were: a data dir not found is deleted.
+//!
 //! Where the ranges are: [`FIRST_BASE`] = 0x70000000 (1879048192) up to systemd's "foreign" range
 //! at 0x7FFE0000, in 64 Ki steps (4094 ranges). systemd documents 0x70000000-0x7FFDFFFF as free:
 //! below is its container range (524288-1879048191, which `systemd-nspawn --private-users=pick`
