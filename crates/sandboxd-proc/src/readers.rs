@@ -1,0 +1,178 @@
+//! The threads that follow processes (`proc-<pid>`), kept for the next process for a moment
+//! after theirs ended instead of exiting at once.
+//!
+//! Why: a command as short as `/bin/true` made and ended a thread per process, and both ends sat
+//! on its round trip. The start (`clone3`, the stack's `mmap` and guard, two `rt_sigprocmask`
+//! in the caller, the new thread's own set-up) ran on the event loop's thread while the child
+//! exec'd, and the new thread usually took the loop's CPU from it before the start event was
+//! written; the exit (the stack given back, thread-local destructors, the kernel's task exit)
+//! ran right after the thread had written the subscriber's eventfd, on the CPU where that write
+//! had just woken the event loop, which then waited for it. A thread kept here waits on a
+//! condition variable instead: handing it the next process is a futex wake, and after its
+//! eventfd write it only goes back to waiting. std's threads and a condition variable, not a
+//! thread-pool crate: the pool is a list of at most [`KEEP_IDLE`] waiting threads, nothing more.
+//!
+//! A kept thread that gets no process for [`IDLE_FOR`] exits, so an idle agent holds no more
+//! threads (nor their stacks) than before. After a `fork` (a sandbox's agent is forked from a
+//! zygote) the parent's kept threads do not exist in the child: the list belongs to the process
+//! id that filled it, and a different caller's id empties it first.
+
+use std::ffi::CString;
+use std::io;
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::fanout::lock;
+
+/// Threads kept waiting at most: two, enough for commands started one after another (the
+/// round trip the pool is for) and for a pair that overlaps; a burst of starts makes new threads
+/// as before.
+pub(crate) const KEEP_IDLE: usize = 2;
+
+/// How long a kept thread waits for a process before it exits.
+pub(crate) const IDLE_FOR: Duration = Duration::from_secs(1);
+
+/// Stack size of a reader thread. It holds a few frames and no large locals (the read buffer is
+/// on the heap), so 256 KiB is ample and keeps 100s of processes cheap.
+const STACK_BYTES: usize = 256 * 1024;
+
+type Job = Box<dyn FnOnce() + Send + 'static>;
+
+/// One kept thread's mailbox: the next job and its thread name, and the variable it waits on.
+#[derive(Default)]
+struct Slot {
+    next: Mutex<Option<(CString, Job)>>,
+    given: Condvar,
+}
+
+/// The kept threads, newest last, and the process id they belong to.
+struct Idle {
+    owner: u32,
+    slots: Vec<Arc<Slot>>,
+}
+
+static IDLE: Mutex<Idle> = Mutex::new(Idle {
+    owner: 0,
+    slots: Vec::new(),
+});
+
+/// Runs `job` on a reader thread named `name`: a kept one if one is waiting, else a new one.
+pub(crate) fn run(name: String, job: Job) -> io::Result<()> {
+    let me = std::process::id();
+    let kept = {
+        let mut idle = lock(&IDLE);
+        if idle.owner != me {
+            // Forked since the list was filled (or never filled): those threads are not ours.
+            idle.slots.clear();
+            idle.owner = me;
+        }
+        idle.slots.pop()
+    };
+    if let Some(slot) = kept {
+        let name = CString::new(name).unwrap_or_default();
+        *lock(&slot.next) = Some((name, job));
+        slot.given.notify_one();
+        return Ok(());
+    }
+    std::thread::Builder::new()
+        .name(name)
+        .stack_size(STACK_BYTES)
+        .spawn(move || follow_processes(me, job))
+        .map(drop)
+}
+
+/// A reader thread's life: its first job, then, while it can be kept, the next ones.
+fn follow_processes(owner: u32, first: Job) {
+    first();
+    let slot = Arc::new(Slot::default());
+    loop {
+        {
+            let mut idle = lock(&IDLE);
+            if idle.owner != owner || idle.slots.len() >= KEEP_IDLE {
+                return;
+            }
+            idle.slots.push(Arc::clone(&slot));
+        }
+        let Some((name, job)) = wait_for_job(&slot) else {
+            return;
+        };
+        // The thread's name follows its process (`proc-<pid>`), as a new thread's would.
+        let _ = nix::sys::prctl::set_name(&name);
+        job();
+    }
+}
+
+/// Waits for a job in `slot` for [`IDLE_FOR`]; `None` when none came and the slot was taken off
+/// the list (the thread exits). A slot that was taken off by [`run`] gets its job: wait for it.
+fn wait_for_job(slot: &Arc<Slot>) -> Option<(CString, Job)> {
+    let deadline = Instant::now() + IDLE_FOR;
+    let mut next = lock(&slot.next);
+    loop {
+        if let Some(found) = next.take() {
+            return Some(found);
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            drop(next);
+            {
+                let mut idle = lock(&IDLE);
+                if let Some(at) = idle.slots.iter().position(|s| Arc::ptr_eq(s, slot)) {
+                    idle.slots.remove(at);
+                    return None;
+                }
+            }
+            // `run` popped this slot and is about to fill it.
+            next = lock(&slot.next);
+            while next.is_none() {
+                next = slot.given.wait(next).unwrap_or_else(|e| e.into_inner());
+            }
+            continue;
+        }
+        next = slot
+            .given
+            .wait_timeout(next, left)
+            .map(|(guard, _)| guard)
+            .unwrap_or_else(|e| e.into_inner().0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::mpsc;
+
+    /// The only test in this binary that runs jobs (the processes' tests are integration tests,
+    /// each its own binary), so the kept threads here are this test's.
+    #[test]
+    fn a_kept_thread_runs_the_next_job_under_its_name_and_leaves_when_idle() {
+        let (tx, rx) = mpsc::channel::<(libc::pid_t, String)>();
+        let job = |tx: mpsc::Sender<(libc::pid_t, String)>| -> Job {
+            Box::new(move || {
+                let name = std::fs::read_to_string("/proc/thread-self/comm").unwrap();
+                tx.send((nix::unistd::gettid().as_raw(), name.trim_end().to_owned()))
+                    .unwrap();
+            })
+        };
+        run("readers-one".into(), job(tx.clone())).unwrap();
+        let (one, name) = rx.recv_timeout(Duration::from_secs(5)).unwrap();
+        assert_eq!(name, "readers-one");
+        // Back to waiting by then; the next job must land on the same thread, renamed.
+        std::thread::sleep(Duration::from_millis(100));
+        run("readers-two".into(), job(tx.clone())).unwrap();
+        let (two, name) = rx.recv_timeout(Duration::from_secs(5)).unwrap();
+        assert_eq!(two, one, "a new thread was made while one was kept");
+        assert_eq!(name, "readers-two");
+        // Idle for longer than IDLE_FOR: it has left, and the list is empty.
+        std::thread::sleep(IDLE_FOR + Duration::from_millis(500));
+        assert!(
+            !std::path::Path::new(&format!("/proc/self/task/{two}")).exists(),
+            "a kept thread outlived IDLE_FOR"
+        );
+        assert!(lock(&IDLE).slots.is_empty());
+        // And a job after that gets a new thread.
+        run("readers-three".into(), job(tx)).unwrap();
+        let (three, name) = rx.recv_timeout(Duration::from_secs(5)).unwrap();
+        assert_ne!(three, one);
+        assert_eq!(name, "readers-three");
+    }
+}
