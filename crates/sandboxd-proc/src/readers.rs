@@ -14,12 +14,17 @@
 //!
 //! A kept thread that gets no process for [`IDLE_FOR`] exits, so an idle agent holds no more
 //! threads (nor their stacks) than before. After a `fork` (a sandbox's agent is forked from a
-//! zygote) the parent's kept threads do not exist in the child: the list belongs to the process
-//! id that filled it, and a different caller's id empties it first.
+//! zygote) the parent's kept threads do not exist in the child, so the child must never hand a
+//! process to one: a `pthread_atfork` handler marks the child, whose first spawn empties the list;
+//! and the list belongs to the process id that filled it (a `clone` that bypasses libc's `fork`
+//! runs no handler). The pid alone would not do: a child in a new pid namespace may get the very
+//! number its parent had in its own.
+#![allow(unsafe_code)] // `pthread_atfork`, registered once; its handler only stores an atomic
 
 use std::ffi::CString;
 use std::io;
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, Once};
 use std::time::{Duration, Instant};
 
 use crate::fanout::lock;
@@ -59,12 +64,28 @@ static IDLE: Mutex<Idle> = Mutex::new(Idle {
     slots: Vec::new(),
 });
 
+/// Set in a forked child (by [`forked_child`]): the list's threads were the parent's.
+static FORKED: AtomicBool = AtomicBool::new(false);
+
+static AT_FORK: Once = Once::new();
+
+/// `pthread_atfork`'s child handler: one atomic store (async-signal-safe, as a handler run in the
+/// child of a multithreaded process must be).
+extern "C" fn forked_child() {
+    FORKED.store(true, Ordering::SeqCst);
+}
+
 /// Runs `job` on a reader thread named `name`: a kept one if one is waiting, else a new one.
 pub(crate) fn run(name: String, job: Job) -> io::Result<()> {
+    AT_FORK.call_once(|| {
+        // SAFETY: registers a handler that only stores to a static atomic; the call has no other
+        // precondition. If it fails (ENOMEM) the pid check below still catches a plain fork.
+        let _ = unsafe { libc::pthread_atfork(None, None, Some(forked_child)) };
+    });
     let me = std::process::id();
     let kept = {
         let mut idle = lock(&IDLE);
-        if idle.owner != me {
+        if FORKED.swap(false, Ordering::SeqCst) || idle.owner != me {
             // Forked since the list was filled (or never filled): those threads are not ours.
             idle.slots.clear();
             idle.owner = me;
@@ -177,5 +198,38 @@ mod tests {
         let (three, name) = rx.recv_timeout(Duration::from_secs(5)).unwrap();
         assert_ne!(three, one);
         assert_eq!(name, "readers-three");
+
+        // A kept thread waits now (readers-three's). A forked child has no such thread: a job it
+        // runs must get a new one, not be handed to the parent's and never run.
+        std::thread::sleep(Duration::from_millis(100));
+        assert_eq!(lock(&IDLE).slots.len(), 1);
+        let (read, write) = nix::unistd::pipe().unwrap();
+        // SAFETY: the child only runs the pool's own code, a pipe write and `_exit`.
+        match unsafe { nix::unistd::fork() }.unwrap() {
+            nix::unistd::ForkResult::Child => {
+                let ran = run(
+                    "readers-child".into(),
+                    Box::new(move || {
+                        let _ = nix::unistd::write(&write, b"x");
+                    }),
+                )
+                .is_ok();
+                let mut fds = [nix::poll::PollFd::new(
+                    std::os::fd::AsFd::as_fd(&read),
+                    nix::poll::PollFlags::POLLIN,
+                )];
+                let got = nix::poll::poll(&mut fds, 5000u16).unwrap_or(0) == 1;
+                // SAFETY: ends the child without running the test harness's exit path.
+                unsafe { libc::_exit(if ran && got { 0 } else { 1 }) };
+            }
+            nix::unistd::ForkResult::Parent { child } => {
+                let status = nix::sys::wait::waitpid(child, None).unwrap();
+                assert_eq!(
+                    status,
+                    nix::sys::wait::WaitStatus::Exited(child, 0),
+                    "a forked child's job went to a thread it does not have"
+                );
+            }
+        }
     }
 }
