@@ -36,8 +36,9 @@ pub(crate) const KEEP_IDLE: usize = 2;
 
 /// How long a kept thread waits for a process before it exits: 250 ms, far longer than the gap
 /// between the commands of one client's sequence, and shorter than the agent's idle trim (1 s
-/// after its last request, `agent/idle.py`): a thread's exit hands its malloc cache back to the
-/// arena, and after the trim that stayed resident (+0.09 MiB idle RSS with 1 s here, medians of 6).
+/// after its last request, `agent/idle.py`), so that what a thread's exit hands back to the malloc
+/// arena (its cache of freed chunks) is there before the trim runs. Idle RSS after 20 commands,
+/// pool on and off in the same build: equal (docs/benchmarks.md, `rtt11`).
 pub(crate) const IDLE_FOR: Duration = Duration::from_millis(250);
 
 /// Stack size of a reader thread. It holds a few frames and no large locals (the read buffer is
