@@ -14,7 +14,8 @@
 //! * [`Process::spawn`] starts a child from [`SpawnOptions`] (pipes or PTY, user, env, cwd,
 //!   `oom_score_adj`); [`Process::spawn_subscribed`] also returns a subscriber that was there
 //!   before the first byte, for callers that must see all of the output.
-//! * One named thread per process (`proc-<pid>`) reads its output with `poll` + `read` in chunks
+//! * One named thread per process (`proc-<pid>`; a thread whose process ended is kept up to a
+//!   quarter of a second for the next one, see `readers.rs`) reads its output with `poll` + `read` in chunks
 //!   of [`PIPE_CHUNK_BYTES`] (pipes) or [`PTY_CHUNK_BYTES`] (PTY), appends each read to the
 //!   process's ring as a [`Chunk`] tagged [`Stream::Stdout`]/[`Stream::Stderr`]/[`Stream::Pty`],
 //!   then waits for the child, reaps it and records its [`End`] (envd's mapping, Go's strings).
@@ -86,7 +87,9 @@
 //! pidfds or `SIGCHLD` — to reap, and a flow-control wait or one stuck callback would delay every
 //! process, so it would need per-process timers too). A sandbox runs tens of processes,
 //! not thousands; each thread costs one kernel task and a 256 KiB stack reservation of which only
-//! a few pages are touched, and 100 concurrent processes are tested. If thousands were ever
+//! a few pages are touched, and 100 concurrent processes are tested. Up to two threads whose
+//! processes ended wait 250 ms for the next process rather than exit (`readers.rs`: a command's
+//! round trip then pays neither a thread's start nor its exit). If thousands were ever
 //! needed, the `pump` loop would move onto one epoll thread without changing the ring or the API.
 //!
 //! # Throughput and chunk sizes (`examples/throughput.rs`, release build, this 2-core machine)
@@ -136,6 +139,7 @@ mod process;
 mod pty;
 pub mod pump;
 mod reader;
+mod readers;
 mod reap;
 mod ring;
 mod spawn;

@@ -5,7 +5,8 @@
 //! on the PTY master.
 //!
 //! Each process has one named thread, `proc-<pid>`, that reads its output into the ring until EOF,
-//! then waits for and reaps the child, closes stdin and the PTY master, and records the [`End`].
+//! then waits for and reaps the child, closes stdin and the PTY master, and records the [`End`]
+//! (a thread kept from an ended process when one is waiting: `readers.rs`).
 
 use std::fmt;
 use std::io;
@@ -20,15 +21,12 @@ use crate::fanout::{Output, lock};
 use crate::fdio;
 use crate::pty::{self, WinSize};
 use crate::reader::{PIPE_CHUNK_BYTES, PTY_CHUNK_BYTES, PTY_GATHER_BYTES, pump, pump_pty};
+use crate::readers;
 use crate::reap;
 use crate::ring::{Batch, Cursor, Stream};
 use crate::spawn::{self, Io, SpawnOptions};
 use crate::status::End;
 use crate::subscriber::{StartAt, Subscriber};
-
-/// Stack size of the per-process reader thread. It holds a few frames and no large locals (the
-/// read buffer is on the heap), so 256 KiB is ample and keeps 100s of processes cheap.
-const READER_STACK_BYTES: usize = 256 * 1024;
 
 /// State shared by the handles of one process, its subscribers and its reader thread.
 pub(crate) struct Inner {
@@ -138,10 +136,10 @@ impl Process {
         };
         let thread_inner = Arc::clone(&inner);
         let outputs = spawned.outputs;
-        let started = std::thread::Builder::new()
-            .name(format!("proc-{pid}"))
-            .stack_size(READER_STACK_BYTES)
-            .spawn(move || follow(thread_inner, outputs, chunk, gather));
+        let started = readers::run(
+            format!("proc-{pid}"),
+            Box::new(move || follow(thread_inner, outputs, chunk, gather)),
+        );
         if let Err(err) = started {
             spawn::abandon(pid);
             return Err(err);
