@@ -10,6 +10,7 @@ import shutil
 import sqlite3
 import string
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -426,3 +427,42 @@ def test_a_disk_from_the_template_filled_to_its_quota_checks_clean(tmp_path: Pat
     while (checked := subprocess.run([e2fsck, "-fn", str(image)], capture_output=True, text=True)).returncode:
         assert time.monotonic() < deadline, checked.stdout + checked.stderr
         time.sleep(0.1)
+
+
+_CONNECTS = """
+import asyncio, os, socket, sys, uvloop
+from sandboxd.runtime import manager
+
+class Handle:  # a sandbox's handle as _connect uses it: a new non-blocking socket (here the host's)
+    def socket(self):
+        return socket.socket(socket.AF_INET, socket.SOCK_STREAM | socket.SOCK_NONBLOCK).detach()
+
+async def main():
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen()
+    port = server.getsockname()[1]
+    for _ in range(3):
+        sock = await manager._connect(Handle(), port)
+        assert sock.getpeername() == ("127.0.0.1", port) and sock.getblocking() is False
+        server.accept()[0].close()
+        sock.close()
+    server.close()
+    try:
+        await manager._connect(Handle(), port)
+    except ConnectionRefusedError:
+        print("refused", len(os.listdir("/proc/self/task")))
+
+uvloop.run(main())
+"""
+
+
+def test_a_connect_into_a_sandbox_takes_no_thread_and_a_refusal_is_at_once() -> None:
+    # The runtime connects into a sandbox on its event loop: /init (and its retries before the agent
+    # listens), and the proxy's new connections. uvloop's sock_connect resolved even 127.0.0.1 with
+    # getaddrinfo in libuv's thread pool first: a worker thread's start, then a thread hop per connect
+    # (a wait for a CPU on a busy host, ~2.6 ms of a cold create's /init connect). Run in a process of
+    # its own on uvloop, the runtime's loop: connected, refused when nothing listens, and the process
+    # still has its one thread (with sock_connect: five, libuv's four workers).
+    out = subprocess.run([sys.executable, "-c", _CONNECTS], capture_output=True, text=True, timeout=60, check=True)
+    assert out.stdout.split() == ["refused", "1"], (out.stdout, out.stderr)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import functools
 import logging
 import os
@@ -227,11 +228,43 @@ async def _connect(handle: _core.SandboxHandle, port: int) -> socket.socket:
     try:
         sock.setblocking(False)  # it is (SOCK_NONBLOCK); this tells the socket object, which asyncio asks
         async with asyncio.timeout(CONNECT_TIMEOUT_S):
-            await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
+            await connect_numeric(sock, ("127.0.0.1", port))
     except BaseException:
         sock.close()
         raise
     return sock
+
+
+async def connect_numeric(sock: socket.socket, address: tuple[str, int]) -> None:
+    """``loop.sock_connect(sock, address)`` for a non-blocking socket and a numeric address, with no
+    thread: a ``connect``, then, if it is in progress, the socket's writability and its ``SO_ERROR``
+    (what asyncio's own selector loop does, ``BaseSelectorEventLoop._sock_connect``). Refused at once
+    when nothing listens (``ConnectionRefusedError``).
+
+    Why not ``sock_connect``: uvloop's (0.23, the runtime's loop) resolves the address of every
+    ``AF_INET`` socket with ``getaddrinfo`` in libuv's thread pool, ``127.0.0.1`` included (its
+    no-thread path for numeric addresses needs the socket type, which ``sock_connect`` does not
+    pass): a worker thread's wake-up and the loop's own, ~60 µs of CPU a connect, and a wait for a
+    CPU that was ~2.6 ms of a cold create's ``/init`` connect on a busy 2-core host, where the new
+    agent and the zygote held both (``docs/benchmarks.md``, ``cold18``)."""
+    err = sock.connect_ex(address)
+    if err == errno.EINPROGRESS:
+        loop = asyncio.get_running_loop()
+        writable: asyncio.Future[None] = loop.create_future()
+        fd = sock.fileno()
+        loop.add_writer(fd, _set_done, writable)
+        try:
+            await writable
+        finally:
+            loop.remove_writer(fd)
+        err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+    if err:
+        raise OSError(err, os.strerror(err))  # its subclass by errno: ConnectionRefusedError, ...
+
+
+def _set_done(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
 
 
 def _running(handle: _core.SandboxHandle) -> bool:
