@@ -212,11 +212,12 @@ def _stop_unless_ok(waiting: asyncio.Future[Any], done: asyncio.Future[Any]) -> 
 async def _connect(handle: _core.SandboxHandle, port: int) -> socket.socket:
     """A TCP connection to ``127.0.0.1:port`` inside the sandbox, connected by the event loop. The
     socket is made in the sandbox's network namespace (``handle.socket``: a short-lived helper thread
-    enters it, ~30-60 µs) and connected here, non-blocking: refused at once when nothing listens, at
-    most :data:`CONNECT_TIMEOUT_S` otherwise. This was ``handle.connect`` in a worker thread, a
-    thread hop (and that helper thread) per connect: ~0.1 ms of the runtime's CPU and up to a
-    millisecond of waiting for the thread on a busy host, once or more per create (``/init``, and
-    its retries before the agent listens), and per new connection of the proxy.
+    enters it, ~30-60 µs) and connected here, non-blocking and with no thread (:func:`connect_numeric`):
+    refused at once when nothing listens, at most :data:`CONNECT_TIMEOUT_S` otherwise. This was
+    ``handle.connect`` in a worker thread, a thread hop (and that helper thread) per connect: ~0.1 ms
+    of the runtime's CPU and up to a millisecond of waiting for the thread on a busy host, once or
+    more per create (``/init``, and its retries before the agent listens), and per new connection of
+    the proxy.
 
     Cancelled or failed, the socket is closed at once: a socket in the sandbox's namespace keeps the
     namespace, and its link and slot, alive after a kill. No frame of a failure keeps ``handle`` (an
