@@ -418,6 +418,12 @@ def test_never_reachable_from_root_even_after_root_rewires_its_network(env: Runt
     sandbox = create(network={"allow_out": ["10.0.0.0/8", "169.254.0.0/16", "fc00::/7"]})  # asking is not enough
     try:
         other.commands.run("python3 -m http.server 8000 --bind :: >/dev/null 2>&1", background=True, user="root")
+        # Listening before the first probe (it raced the server's start on a busy host: cold18).
+        listening = other.commands.run(
+            "for i in $(seq 100); do python3 -c \"import socket; socket.create_connection(('127.0.0.1', 8000))\""
+            " 2>/dev/null && echo listening && break; sleep 0.1; done"
+        )
+        assert "listening" in listening.stdout
         other_v4 = other.commands.run("ip -4 -o addr show eth0").stdout.split()[3].split("/")[0]
         other_v6 = other.commands.run("ip -6 -o addr show eth0 scope global").stdout.split()[3].split("/")[0]
         gateway = sandbox.commands.run("ip -4 route show default").stdout.split()[2]
