@@ -584,6 +584,29 @@ def test_a_clean_stops_mark_spares_its_sandboxes_while_its_data_dir_is_there_wit
     assert sandboxes.killed == [(instance, "claimed")]
 
 
+class _Mounts:
+    """The mounts a test makes, by a list (not ``os.path.ismount``: a bind mount of the same file
+    system is not one to it); whatever is still mounted is unmounted at the ``with``'s end."""
+
+    def __init__(self) -> None:
+        self.mounted: list[Path] = []
+
+    def mount(self, *args: str) -> None:
+        subprocess.run(["mount", *args], check=True)
+        self.mounted.append(Path(args[-1]))
+
+    def umount(self, path: Path) -> None:
+        subprocess.run(["umount", str(path)], check=True)
+        self.mounted.remove(path)
+
+    def __enter__(self) -> _Mounts:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for path in reversed(self.mounted):
+            subprocess.run(["umount", str(path)], check=False)
+
+
 def test_a_data_dir_on_a_volume_unmounted_for_now_is_not_taken_for_deleted(tmp_path: Path) -> None:
     """Runtimes killed outright, their data dirs on volumes unmounted since: one inside a volume (a bind
     mount of a directory on the same file system: its path is missing, its mount point's directory
@@ -596,17 +619,8 @@ def test_a_data_dir_on_a_volume_unmounted_for_now_is_not_taken_for_deleted(tmp_p
     for directory in (backing, volume, root):
         directory.mkdir()
     below = volume / "data"
-    mounted: list[Path] = []  # not os.path.ismount: a bind mount of the same file system is not one to it
-
-    def mount(*args: str) -> None:
-        subprocess.run(["mount", *args], check=True)
-        mounted.append(Path(args[-1]))
-
-    def umount(path: Path) -> None:
-        subprocess.run(["umount", str(path)], check=True)
-        mounted.remove(path)
-
-    try:
+    with _Mounts() as mounts:
+        mount, umount = mounts.mount, mounts.umount
         mount("--bind", str(backing), str(volume))
         mount("-t", "tmpfs", "-o", "size=1m", "sandboxd-test", str(root))
         instances = []
@@ -634,9 +648,6 @@ def test_a_data_dir_on_a_volume_unmounted_for_now_is_not_taken_for_deleted(tmp_p
         ]
         assert sandboxes.killed == [(below_instance, "warm"), (below_instance, "claimed")]
         assert sandboxes.groups[root_instance] == ["claimed", "warm"]
-    finally:
-        for path in reversed(mounted):
-            subprocess.run(["umount", str(path)], check=False)
 
 
 def test_an_id_range_stays_claimed_while_its_data_dirs_volume_is_unmounted(tmp_path: Path) -> None:
@@ -654,17 +665,9 @@ def test_an_id_range_stays_claimed_while_its_data_dirs_volume_is_unmounted(tmp_p
     for directory in (backing, volume, root):
         directory.mkdir()
     below, deep = volume / "data", tree / "a" / "data"
-    mounted: list[Path] = []
     claims: list[tuple[int, Path, str]] = []
-
-    def mount(*args: str) -> None:
-        subprocess.run(["mount", *args], check=True)
-        mounted.append(Path(args[-1]))
-
-    def umount(path: Path) -> None:
-        subprocess.run(["umount", str(path)], check=True)
-        mounted.remove(path)
-
+    mounts = _Mounts()
+    mount, umount = mounts.mount, mounts.umount
     try:
         mount("--bind", str(backing), str(volume))
         mount("-t", "tmpfs", "-o", "size=1m", "sandboxd-test", str(root))
@@ -690,8 +693,7 @@ def test_an_id_range_stays_claimed_while_its_data_dirs_volume_is_unmounted(tmp_p
         assert below_base in registry.reclaim_stale()
         assert _id_claims_of(below) == []
     finally:
-        for path in reversed(mounted):
-            subprocess.run(["umount", str(path)], check=False)
+        mounts.__exit__()
         for base, data_dir, sandbox in claims:
             registry.release(base, str(data_dir), sandbox)
 
