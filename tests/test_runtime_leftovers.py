@@ -769,3 +769,26 @@ def test_a_mark_is_held_to_the_sweeps_end_when_a_later_one_names_its_table(tmp_p
     sandboxes = Probing({first: ["claimed"], later: ["w1"]})
     leftovers.sweep(lambda _: None, lambda _: None, marks, links=list, sandboxes=sandboxes)
     assert held == [True], "the first mark was let go while a mark naming its table was being swept"
+
+
+def test_a_mount_point_with_escaped_bytes_is_read_as_its_path(tmp_path: Path) -> None:
+    """``/proc/self/mountinfo`` escapes a mount point's space, tab, newline and backslash as octal:
+    a data dir under a tmpfs mounted at a path with all of them (and a literal ``\\040``) is recorded
+    under that mount point as the path spells it, through the mark's JSON, and its volume unmounted
+    is not taken for deleted (review8)."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting needs root")
+    odd = tmp_path / "a b\tc\nd\\040e\\134"
+    odd.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "sandboxd-test", str(odd)], check=True)
+    try:
+        data_dir = odd / "data"
+        data_dir.mkdir()
+        where = leftovers.filesystem_of(data_dir)
+        assert where[1] == str(odd)
+        recorded = json.loads(json.dumps(where))
+        assert recorded == where
+    finally:
+        subprocess.run(["umount", str(odd)], check=True)
+    assert not data_dir.exists()
+    assert not leftovers._deleted(data_dir, recorded)

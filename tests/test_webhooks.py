@@ -503,6 +503,45 @@ def test_four_dead_endpoints_do_not_take_a_healthy_webhooks_deliveries_between_t
             sock.close()
 
 
+def test_webhooks_deleted_and_made_again_do_not_take_the_queue_past_twice_its_bound(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Each webhook may hold its reserve past MAX_PENDING, and there are at most MAX_WEBHOOKS of them:
+    # never more than twice MAX_PENDING pending, said the bound. But a deleted webhook's deliveries
+    # stay pending until its lane drains (its head in flight to a silent endpoint, then waiting for
+    # its retry), and the webhooks made in its place have reserves of their own: three rounds of
+    # "make five, fill, delete them" held three times the reserves past MAX_PENDING (review8).
+    monkeypatch.setattr(webhooks, "MAX_PENDING", 40)
+    monkeypatch.setattr(webhooks, "MAX_PENDING_PER_WEBHOOK", 10)
+    monkeypatch.setattr(webhooks, "MAX_WEBHOOKS", 5)
+    monkeypatch.setattr(webhooks, "RESERVED_PER_WEBHOOK", 8)
+    silent = socket.create_server(("127.0.0.1", 0), backlog=64)  # accepts, never answers
+    store = Store(tmp_path / "sandboxd.db")
+    hooks = WebhookStore(store.db)
+    deliveries = Deliveries(store, hooks, timeout_s=30.0)
+    deliveries.retry_delays_s = (30.0,)
+    deliveries.start()
+    url = f"http://127.0.0.1:{silent.getsockname()[1]}/dead"
+    try:
+        busy = "busy" + "0" * 16
+        _sandbox(store, busy)
+        most = 0
+        for round_ in range(3):
+            made = [
+                hooks.create(Body({"name": f"dead{round_}-{n}", "url": url, "signatureSecret": "d"})) for n in range(5)
+            ]
+            for n in range(20):
+                store.event(busy, "timeout_set", f"keep-alive {round_}-{n}")
+                most = max(most, deliveries._pending)
+            for hook in made:
+                hooks.delete(hook.id)
+        assert most <= 2 * webhooks.MAX_PENDING, f"{most} deliveries pending at once"
+    finally:
+        deliveries.stop()
+        store.close()
+        silent.close()
+
+
 def test_one_busy_sandbox_keeps_its_last_events_within_its_lanes_bound(
     tmp_path: Path, endpoint: Endpoint, monkeypatch: pytest.MonkeyPatch
 ) -> None:

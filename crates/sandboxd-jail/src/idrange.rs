@@ -378,11 +378,20 @@ impl IdRegistry {
         }
     }
 
-    /// Reads the claim of the range at `base`, if any.
+    /// Reads the claim of the range at `base`, if any: `None` also for a file that is no claim
+    /// (unparseable, not UTF-8, a directory). Its range stays taken (its name is), and it is never
+    /// freed; an error for it instead stopped [`claims`](Self::claims) and so
+    /// [`reclaim_stale`](Self::reclaim_stale), which every runtime's start runs (review8).
     pub fn read(&self, base: u32) -> io::Result<Option<Claim>> {
         match fs::read_to_string(self.path(base)) {
             Ok(s) => Ok(parse(base, &s)),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e)
+                if e.kind() == io::ErrorKind::InvalidData
+                    || e.kind() == io::ErrorKind::IsADirectory =>
+            {
+                Ok(None)
+            }
             Err(e) => Err(e),
         }
     }
@@ -766,6 +775,57 @@ mod tests {
         assert!(!place.deleted(&data));
         place.volatile_boot = Some("an-earlier-boot".to_owned());
         assert!(place.deleted(&data));
+    }
+
+    #[test]
+    fn claims_crafted_or_corrupted_are_read_without_a_panic_and_freed_only_by_the_rules() {
+        // review8: a claim file is root's, but a disk that lost a write or a hand that edited one
+        // must not stop every runtime's start (`reclaim_stale` runs at each) nor free a range
+        // that its rules keep.
+        let (t, r) = registry_at_the_top(8);
+        let gone = t.path().join("gone/data");
+        let base = |n: u32| FIRST_BASE + (RANGES - 8 + n) * RANGE_SIZE;
+        let claim = |n: u32, dir: &str, place: &str| {
+            fs::write(
+                r.dir().join(base(n).to_string()),
+                format!("{MAGIC}\ndata_dir={dir}\nsandbox=s{n}\n{place}\n"),
+            )
+            .unwrap();
+        };
+        let dir = gone.to_str().unwrap();
+        // A place line that does not parse is no place: the claim is judged as one from before
+        // claims recorded it (data dir not found: freed), whatever is wrong with it.
+        claim(0, dir, "place=garbage");
+        claim(1, dir, "place=1:2");
+        claim(2, dir, "place=99999999999999999999999:1:1");
+        // A place that parses but is not where the data dir was: kept (its ancestors are not the
+        // directories recorded), however long.
+        claim(
+            3,
+            dir,
+            &format!("place={}", vec!["1:1:1"; 10_000].join(" ")),
+        );
+        // A relative data dir (no runtime writes one): nothing of it is found, nothing told.
+        claim(4, "relative/data", "place=1:1:1 1:1:2");
+        // Bytes that are not UTF-8, and a directory where a claim would be.
+        fs::write(r.dir().join(base(5).to_string()), b"\xff\xfe\n\x00").unwrap();
+        fs::create_dir(r.dir().join(base(6).to_string())).unwrap();
+
+        let read: Vec<u32> = r.claims().unwrap().iter().map(|c| c.base).collect();
+        assert_eq!(read, (0..5).map(base).collect::<Vec<_>>());
+        assert_eq!(r.reclaim_stale().unwrap(), vec![base(0), base(1), base(2)]);
+        assert!(r.read(base(3)).unwrap().is_some());
+        assert!(r.read(base(4)).unwrap().is_some());
+        // The unreadable ones are left as they are, and their ranges are not handed out.
+        assert!(r.dir().join(base(5).to_string()).is_file());
+        assert!(r.dir().join(base(6).to_string()).is_dir());
+        let claimed: Vec<u32> = (0..8)
+            .map(|n| r.claim(t.path(), &format!("new{n}")).unwrap_or(0))
+            .collect();
+        assert!(
+            !claimed.contains(&base(5)) && !claimed.contains(&base(6)),
+            "{claimed:?}"
+        );
     }
 
     /// Mounts made by a test, unmounted (lazily, last first) when it ends, however it ends.

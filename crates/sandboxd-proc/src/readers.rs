@@ -15,10 +15,12 @@
 //! A kept thread that gets no process for [`IDLE_FOR`] exits, so an idle agent holds no more
 //! threads (nor their stacks) than before. After a `fork` (a sandbox's agent is forked from a
 //! zygote) the parent's kept threads do not exist in the child, so the child must never hand a
-//! process to one: a `pthread_atfork` handler marks the child, whose first spawn empties the list;
-//! and the list belongs to the process id that filled it (a `clone` that bypasses libc's `fork`
-//! runs no handler). The pid alone would not do: a child in a new pid namespace may get the very
-//! number its parent had in its own.
+//! process to one: a `pthread_atfork` handler marks the child, which then never uses the list (nor
+//! its lock, which a parent's thread may have held at the fork: [`run`]); and the list belongs to
+//! the process id that filled it (a `clone` that bypasses libc's `fork` runs no handler; such a
+//! child has the same lock left held if a thread held it at the clone, which nothing here does).
+//! The pid alone would not do: a child in a new pid namespace may get the very number its parent
+//! had in its own.
 #![allow(unsafe_code)] // `pthread_atfork`, registered once; its handler only stores an atomic
 
 use std::ffi::CString;
@@ -65,7 +67,8 @@ static IDLE: Mutex<Idle> = Mutex::new(Idle {
     slots: Vec::new(),
 });
 
-/// Set in a forked child (by [`forked_child`]): the list's threads were the parent's.
+/// Set in a forked child (by [`forked_child`]) of a process that had used the list, and kept set:
+/// the list's threads were the parent's, and its lock may be held for good (see [`run`]).
 static FORKED: AtomicBool = AtomicBool::new(false);
 
 static AT_FORK: Once = Once::new();
@@ -83,11 +86,20 @@ pub(crate) fn run(name: String, job: Job) -> io::Result<()> {
         // precondition. If it fails (ENOMEM) the pid check below still catches a plain fork.
         let _ = unsafe { libc::pthread_atfork(None, None, Some(forked_child)) };
     });
+    if FORKED.load(Ordering::SeqCst) {
+        // A forked child of a process that had used the list never touches it: a fork while one of
+        // the parent's threads held its lock (putting itself on the list or taking itself off)
+        // left the child's copy locked by a thread the child does not have, and the child's first
+        // start waited for it for ever (review8). Its threads are made and end, as before the
+        // list; the runtime's agents are forked from a zygote that never used it, and keep theirs.
+        return spawn_thread(name, None, job);
+    }
     let me = std::process::id();
     let kept = {
         let mut idle = lock(&IDLE);
-        if FORKED.swap(false, Ordering::SeqCst) || idle.owner != me {
-            // Forked since the list was filled (or never filled): those threads are not ours.
+        if idle.owner != me {
+            // Never filled, or filled before a `clone` that ran no fork handler (see the module's
+            // docs): those threads are not ours.
             idle.slots.clear();
             idle.owner = me;
         }
@@ -99,16 +111,26 @@ pub(crate) fn run(name: String, job: Job) -> io::Result<()> {
         slot.given.notify_one();
         return Ok(());
     }
+    spawn_thread(name, Some(me), job)
+}
+
+/// A new reader thread for `job`, kept for the next ones after it when `owner` is the process's id
+/// (`None`: it ends with its job).
+fn spawn_thread(name: String, owner: Option<u32>, job: Job) -> io::Result<()> {
     std::thread::Builder::new()
         .name(name)
         .stack_size(STACK_BYTES)
-        .spawn(move || follow_processes(me, job))
+        .spawn(move || {
+            job();
+            if let Some(owner) = owner {
+                follow_processes(owner);
+            }
+        })
         .map(drop)
 }
 
-/// A reader thread's life: its first job, then, while it can be kept, the next ones.
-fn follow_processes(owner: u32, first: Job) {
-    first();
+/// A reader thread's life after its first job: while it can be kept, the next ones.
+fn follow_processes(owner: u32) {
     let slot = Arc::new(Slot::default());
     loop {
         {
@@ -229,6 +251,43 @@ mod tests {
                     status,
                     nix::sys::wait::WaitStatus::Exited(child, 0),
                     "a forked child's job went to a thread it does not have"
+                );
+            }
+        }
+
+        // A fork while one of our threads holds the list's lock (a kept thread putting itself on
+        // it, or taking itself off): the child's copy of the lock stays held, by a thread the child
+        // does not have. Its jobs must still run, not wait for that lock for ever (review8). This
+        // thread holding the lock across the fork is that moment, made certain.
+        let (read, write) = nix::unistd::pipe().unwrap();
+        let held = lock(&IDLE);
+        // SAFETY: the child only runs the pool's own code, a pipe write, `alarm` and `_exit`.
+        match unsafe { nix::unistd::fork() }.unwrap() {
+            nix::unistd::ForkResult::Child => {
+                // SAFETY: `alarm` has no preconditions; its SIGALRM ends a child that hangs.
+                unsafe { libc::alarm(5) };
+                let ran = run(
+                    "readers-locked".into(),
+                    Box::new(move || {
+                        let _ = nix::unistd::write(&write, b"x");
+                    }),
+                )
+                .is_ok();
+                let mut fds = [nix::poll::PollFd::new(
+                    std::os::fd::AsFd::as_fd(&read),
+                    nix::poll::PollFlags::POLLIN,
+                )];
+                let got = nix::poll::poll(&mut fds, 5000u16).unwrap_or(0) == 1;
+                // SAFETY: ends the child without running the test harness's exit path.
+                unsafe { libc::_exit(if ran && got { 0 } else { 1 }) };
+            }
+            nix::unistd::ForkResult::Parent { child } => {
+                drop(held);
+                let status = nix::sys::wait::waitpid(child, None).unwrap();
+                assert_eq!(
+                    status,
+                    nix::sys::wait::WaitStatus::Exited(child, 0),
+                    "a child forked while the list was locked did not run its job"
                 );
             }
         }

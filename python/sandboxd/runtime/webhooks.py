@@ -118,7 +118,10 @@ not: four dead endpoints (each up to :data:`MAX_PENDING_PER_WEBHOOK`) held all o
 of the queue is so never less than this; a share of whoever holds any at the time would not do: the
 webhooks that came while the queue was full would each take a share of their own, and some dozen
 dead ones would leave none. All the reserves together are :data:`MAX_PENDING` again, so never more
-than twice it are pending."""
+than twice it are pending: a bound :meth:`Deliveries.offer` enforces as such, as the webhooks deleted
+while their deliveries are pending (until their lanes drain, a minute and more for a silent endpoint)
+and the ones made in their place would otherwise each hold a reserve (``review8``); a healthy
+webhook's reserve holds as long as the webhooks are not deleted and made again faster than that."""
 
 MAX_LANE = 100
 """Deliveries waiting in one lane at most; past it the oldest waiting one is dropped (not the new
@@ -409,7 +412,15 @@ class Deliveries:
                     lane.append(job)
                     continue
                 held = self._hook_pending.get(hook.id, 0)
-                if held >= MAX_PENDING_PER_WEBHOOK or (self._pending >= MAX_PENDING and held >= RESERVED_PER_WEBHOOK):
+                # The last clause is the bound the reserves imply (MAX_WEBHOOKS of them past
+                # MAX_PENDING), made a bound of its own: a deleted webhook's deliveries stay pending
+                # until its lanes drain, and the webhooks made in its place bring reserves of their
+                # own, so without it churn grew the queue a round of reserves at a time (review8).
+                if (
+                    held >= MAX_PENDING_PER_WEBHOOK
+                    or (self._pending >= MAX_PENDING and held >= RESERVED_PER_WEBHOOK)
+                    or self._pending >= MAX_PENDING + MAX_WEBHOOKS * RESERVED_PER_WEBHOOK
+                ):
                     self._drop(hook.id, seq, f"{held} of its deliveries and {self._pending} in all are pending")
                     continue
                 self._pending += 1
