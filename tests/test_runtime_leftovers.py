@@ -502,6 +502,23 @@ def test_serve_refuses_a_data_dir_whose_tag_a_live_runtime_holds(tmp_path: Path)
     assert not (second_dir / "sandboxd.db").exists()
 
 
+def test_serve_refuses_a_data_dir_with_a_newline(tmp_path: Path) -> None:
+    """The id registry records a data dir on one line: such a runtime would start, and every create
+    would then fail at its id claim (review8). It is refused at start, before it makes the dir."""
+    if os.geteuid() != 0:
+        pytest.skip("the runtime needs root")
+    data_dir = tmp_path / "two\nlines"
+    refused = subprocess.run(
+        [sys.executable, "-m", "sandboxd", "serve", "--port", str(free_port()), "--data-dir", str(data_dir)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert refused.returncode != 0
+    assert "--data-dir must not contain a newline" in refused.stderr, refused.stderr
+    assert not data_dir.exists()
+
+
 def test_a_second_runtime_on_a_data_dir_in_use_is_refused(start_runtime: Callable[..., Runtime]) -> None:
     """It exits with a message naming the cause, and the first runtime keeps serving."""
     import httpx

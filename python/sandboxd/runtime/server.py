@@ -205,6 +205,9 @@ def run(options: ServeOptions) -> None:
     recent = observe_logs.configure(options.log_format, known_secrets)
     if os.geteuid() != 0:
         sys.exit("sandboxd serve needs root: sandboxes are built from namespaces, overlayfs and cgroups")
+    if "\n" in str(options.data_dir.resolve()):
+        # The host's id registry records the data dir on a line of its own: every create would fail.
+        sys.exit("sandboxd serve: --data-dir must not contain a newline")
     # The database holds the API key and every sandbox's access token: owner-only, like ~/.ssh.
     options.data_dir.mkdir(parents=True, exist_ok=True)
     options.data_dir.chmod(0o700)
