@@ -226,48 +226,36 @@ mod tests {
         // runs must get a new one, not be handed to the parent's and never run.
         std::thread::sleep(Duration::from_millis(100));
         assert_eq!(lock(&IDLE).slots.len(), 1);
-        let (read, write) = nix::unistd::pipe().unwrap();
-        // SAFETY: the child only runs the pool's own code, a pipe write and `_exit`.
-        match unsafe { nix::unistd::fork() }.unwrap() {
-            nix::unistd::ForkResult::Child => {
-                let ran = run(
-                    "readers-child".into(),
-                    Box::new(move || {
-                        let _ = nix::unistd::write(&write, b"x");
-                    }),
-                )
-                .is_ok();
-                let mut fds = [nix::poll::PollFd::new(
-                    std::os::fd::AsFd::as_fd(&read),
-                    nix::poll::PollFlags::POLLIN,
-                )];
-                let got = nix::poll::poll(&mut fds, 5000u16).unwrap_or(0) == 1;
-                // SAFETY: ends the child without running the test harness's exit path.
-                unsafe { libc::_exit(if ran && got { 0 } else { 1 }) };
-            }
-            nix::unistd::ForkResult::Parent { child } => {
-                let status = nix::sys::wait::waitpid(child, None).unwrap();
-                assert_eq!(
-                    status,
-                    nix::sys::wait::WaitStatus::Exited(child, 0),
-                    "a forked child's job went to a thread it does not have"
-                );
-            }
-        }
+        assert_eq!(
+            a_forked_child_runs_a_job("readers-child", None::<()>),
+            0,
+            "a forked child's job went to a thread it does not have"
+        );
 
         // A fork while one of our threads holds the list's lock (a kept thread putting itself on
         // it, or taking itself off): the child's copy of the lock stays held, by a thread the child
         // does not have. Its jobs must still run, not wait for that lock for ever (review8). This
         // thread holding the lock across the fork is that moment, made certain.
-        let (read, write) = nix::unistd::pipe().unwrap();
         let held = lock(&IDLE);
+        assert_eq!(
+            a_forked_child_runs_a_job("readers-locked", Some(held)),
+            0,
+            "a child forked while the list was locked did not run its job"
+        );
+    }
+
+    /// Forks; the child runs one job through [`run`] (a pipe write) and exits 0 once it has seen it
+    /// run within 5 s (its `alarm` ends it if it hangs); the child's exit code. `held`, a guard the
+    /// caller holds across the fork, is let go in the parent once the child is forked.
+    fn a_forked_child_runs_a_job<T>(name: &str, held: Option<T>) -> i32 {
+        let (read, write) = nix::unistd::pipe().unwrap();
         // SAFETY: the child only runs the pool's own code, a pipe write, `alarm` and `_exit`.
         match unsafe { nix::unistd::fork() }.unwrap() {
             nix::unistd::ForkResult::Child => {
                 // SAFETY: `alarm` has no preconditions; its SIGALRM ends a child that hangs.
                 unsafe { libc::alarm(5) };
                 let ran = run(
-                    "readers-locked".into(),
+                    name.into(),
                     Box::new(move || {
                         let _ = nix::unistd::write(&write, b"x");
                     }),
@@ -283,12 +271,10 @@ mod tests {
             }
             nix::unistd::ForkResult::Parent { child } => {
                 drop(held);
-                let status = nix::sys::wait::waitpid(child, None).unwrap();
-                assert_eq!(
-                    status,
-                    nix::sys::wait::WaitStatus::Exited(child, 0),
-                    "a child forked while the list was locked did not run its job"
-                );
+                match nix::sys::wait::waitpid(child, None).unwrap() {
+                    nix::sys::wait::WaitStatus::Exited(_, code) => code,
+                    other => panic!("the forked child ended as {other:?}"),
+                }
             }
         }
     }
