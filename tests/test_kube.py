@@ -739,6 +739,7 @@ def test_a_secret_in_a_header_rule_reaches_the_server_from_a_node(kube: Env, int
                 # which side refused it.
                 node = kube.core.read_namespaced_pod(sbx.sandbox_id, NAMESPACE).spec.node_name
                 helper = next(p for p in kube.nodes.values() if p.name == node).log.parent / "network-helper.log"
+                time.sleep(12)  # the proxy's own timeouts (10 s) pass: it logs how its attempt ended
                 said = helper.read_text().splitlines()[-20:] if helper.exists() else []
                 raise AssertionError(f"the first request was not sent: {answers} (node {node}; its proxy said {said})")
             return mine[0]["headers"].get("Authorization") if mine else None

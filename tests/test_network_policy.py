@@ -220,3 +220,56 @@ def test_nodes_that_see_their_own_host_folders_at_one_path_get_tables_of_their_o
     assert by_path not in (a, b)
     assert start("machine-sandboxd", used_before=True) == by_path
     assert start("machine-sandboxd", new_folder=False) == by_path
+
+
+def test_the_proxys_resolver_asks_again_soon_after_a_lost_query_and_keeps_answers_for_their_ttl() -> None:
+    """A real UDP DNS server on loopback that ignores the first query it gets: the egress proxy's
+    resolver has its answer about a second later (it waited the whole 4 s before, while the
+    sandbox's client waited on its connection), and a second lookup asks nothing."""
+    import asyncio
+    import socket
+    import threading
+    import time
+
+    import dns.message
+    import dns.rdatatype
+    import dns.rrset
+    from sandboxd.runtime.network.resolver import Resolver
+
+    server = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    server.bind(("127.0.0.1", 0))
+    server.settimeout(0.2)
+    asked: list[str] = []
+    stop = threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                data, peer = server.recvfrom(4096)
+            except TimeoutError:
+                continue
+            query = dns.message.from_wire(data)
+            kind = dns.rdatatype.to_text(query.question[0].rdtype)
+            asked.append(kind)
+            if asked.count(kind) == 1:
+                continue  # lost
+            response = dns.message.make_response(query)
+            found = {"A": "198.18.0.2", "AAAA": "2001:db8::2"}[kind]
+            response.answer.append(dns.rrset.from_text(query.question[0].name, 300, "IN", kind, found))
+            server.sendto(response.to_wire(), peer)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        resolver = Resolver([f"127.0.0.1:{server.getsockname()[1]}"])
+        began = time.monotonic()
+        assert asyncio.run(resolver.addresses("lossy.test")) == ["198.18.0.2", "2001:db8::2"]
+        took = time.monotonic() - began
+        assert 0.9 < took < 4.0, took  # one retry for each kind, asked at once (it took 8 s)
+        assert sorted(asked) == ["A", "A", "AAAA", "AAAA"]
+        assert asyncio.run(resolver.addresses("lossy.test")) == ["198.18.0.2", "2001:db8::2"]
+        assert len(asked) == 4  # from the cache
+    finally:
+        stop.set()
+        thread.join()
+        server.close()

@@ -72,6 +72,11 @@ CONNECT_TIMEOUT_S = 10.0
 RELAY_CHUNK = 256 << 10
 """Read size while relaying: big reads keep the per-byte cost of the loop low."""
 
+SLOW_SETUP_S = 1.0
+"""A connection whose set-up (naming, resolving, dialing, the TLS handshakes) takes longer than this
+is logged with the time of each step: its client may have given up meanwhile, and nothing else would
+say which step it waited on."""
+
 WARN_EVERY_S = 60.0
 MAX_WARNED = 4096
 """Sandboxes whose last warning time is kept (cleared past it: a few more warnings, no growth)."""
@@ -216,6 +221,7 @@ class EgressProxy:
 
     async def _handle(self, conn: socket.socket) -> None:
         upstream: socket.socket | None = None
+        steps = _Steps()
         try:
             conn.setblocking(False)
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -233,6 +239,7 @@ class EgressProxy:
             name: str | None = None
             tls = False
             if egress.header_rules or (egress.allow_domains and verdict is not True):
+                steps.caller = caller.sandbox_id
                 if verdict is False:
                     name, tls, _silent = await self._peek_name(conn, PEEK_TIMEOUT_S)
                 else:
@@ -253,6 +260,7 @@ class EgressProxy:
                                     name,
                                     time.monotonic() - began,
                                 )
+            steps.done("named")
             by_name = name is not None and egress.name_allowed(name)
             if not by_name and verdict is False:
                 return
@@ -270,7 +278,7 @@ class EgressProxy:
                 assert name is not None
                 if upstream is not None:  # dialed by address while the client was silent: unused
                     upstream.close()
-                upstream = await self._dial_name(name, port)
+                upstream = await self._dial_name(name, port, steps)
                 if upstream is None:
                     self._warn(caller.sandbox_id, "egress: sandbox %s: %s:%d did not resolve or answer", name, port)
                     return
@@ -279,14 +287,14 @@ class EgressProxy:
             if upstream is None:
                 return
             if headers is not None and tls and self.leaves is not None:
-                await self._intercept_tls(conn, upstream, name or "", port, headers)
+                await self._intercept_tls(conn, upstream, name or "", port, headers, steps)
                 upstream = None  # owned by the TLS streams now
             elif headers is not None and not tls:
                 await _relay_rewriting(conn, upstream, lambda host: headers if host == name else None)
             else:
                 await _relay(conn, upstream)
         except (OSError, TimeoutError, ValueError, ssl.SSLError, asyncio.IncompleteReadError) as exc:
-            log.info("egress: a connection ended with %s: %s", type(exc).__name__, exc)
+            log.info("egress: a connection ended with %s: %s%s", type(exc).__name__, exc, steps.slow())
             return
         finally:
             conn.close()
@@ -335,25 +343,35 @@ class EgressProxy:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return sock
 
-    async def _dial_name(self, name: str, port: int) -> socket.socket | None:
+    async def _dial_name(self, name: str, port: int, steps: _Steps) -> socket.socket | None:
         """Connect to ``name`` as the host's resolvers see it, skipping never-reachable addresses
         (a name pointed at a private address does not get the sandbox in)."""
-        for text in await self.resolver.addresses(name):
+        found = await self.resolver.addresses(name)
+        steps.done("resolved")
+        for text in found:
             ip = _plain(ipaddress.ip_address(text))
             if not self.reachable(ip) or (_own_address(ip) and not any(ip in n for n in self.opened)):
                 log.warning("egress: %s resolved to %s, which sandboxes may not reach", name, ip)
                 continue
             sock = await self._dial(ip, port)
+            steps.done(f"dialed {ip}" if sock is not None else f"not dialed {ip}")
             if sock is not None:
                 return sock
         return None
 
     async def _intercept_tls(
-        self, conn: socket.socket, upstream: socket.socket, name: str, port: int, headers: tuple[tuple[str, str], ...]
+        self,
+        conn: socket.socket,
+        upstream: socket.socket,
+        name: str,
+        port: int,
+        headers: tuple[tuple[str, str], ...],
+        steps: _Steps,
     ) -> None:
         assert self.leaves is not None
         loop = asyncio.get_running_loop()
         server_context = await loop.run_in_executor(None, self.leaves.context_for, name)
+        steps.done("certificate")
         # TLS as the server, on the socket already accepted (StreamWriter.start_tls is client-side only).
         client_r = asyncio.StreamReader(limit=RELAY_CHUNK)
         protocol = asyncio.StreamReaderProtocol(client_r)
@@ -361,7 +379,11 @@ class EgressProxy:
             lambda: protocol, sock=conn, ssl=server_context, ssl_handshake_timeout=CONNECT_TIMEOUT_S
         )
         client_w = asyncio.StreamWriter(transport, protocol, client_r, loop)
+        steps.done("client's handshake")
         up_r, up_w = await asyncio.open_connection(sock=upstream, ssl=self.upstream_tls, server_hostname=name)
+        steps.done("server's handshake")
+        if slow := steps.slow():
+            log.info("egress: sandbox %s's connection to %s:%d was set up slowly%s", steps.caller, name, port, slow)
         try:
             # Only requests whose Host is the name dialed (the SNI): a request naming another host on
             # this connection (a CDN routing by Host) does not get the rule's headers.
@@ -369,6 +391,25 @@ class EgressProxy:
         finally:
             up_w.close()
             client_w.close()
+
+
+class _Steps:
+    """When each step of a connection's set-up ended, for :data:`SLOW_SETUP_S`."""
+
+    def __init__(self) -> None:
+        self.began = time.monotonic()
+        self.caller = "?"
+        self.ended: list[tuple[str, float]] = []
+
+    def done(self, step: str) -> None:
+        self.ended.append((step, time.monotonic() - self.began))
+
+    def slow(self) -> str:
+        """``" (step at N s, ...)"`` when the set-up has taken longer than :data:`SLOW_SETUP_S`."""
+        if time.monotonic() - self.began <= SLOW_SETUP_S:
+            return ""
+        said = ", ".join(f"{step} at {at:.2f} s" for step, at in self.ended)
+        return f" (after {time.monotonic() - self.began:.2f} s: {said or 'no step done'})"
 
 
 def _own_address(ip: IPAddress) -> bool:

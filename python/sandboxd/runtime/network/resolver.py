@@ -30,6 +30,7 @@ import dns.exception
 import dns.message
 import dns.rcode
 import dns.rdatatype
+import dns.resolver
 
 log = logging.getLogger("sandboxd.network")
 
@@ -199,8 +200,19 @@ def _servfail(query: bytes) -> bytes | None:
     return response.to_wire()
 
 
+RETRY_AFTER_S = 1.0
+"""The egress proxy's resolver asks again after this long without an answer (a lost datagram cost
+the whole :data:`UPSTREAM_TIMEOUT_S`, while the sandbox's client waited on a connection it had made)."""
+
+CACHED_NAMES = 1024
+"""Answers the egress proxy keeps, each for its TTL (dnspython's LRU cache: bounded, whatever names
+sandboxes dial)."""
+
+
 class Resolver:
-    """Names to addresses through the upstreams (the egress proxy's dialing)."""
+    """Names to addresses through the upstreams (the egress proxy's dialing). Every connection that
+    needs its name dialed (rules by name, header rules) resolves it: answers are cached for their
+    TTL, and A and AAAA are asked at once."""
 
     def __init__(self, upstreams: list[str]) -> None:
         self._resolver = dns.asyncresolver.Resolver(configure=False)
@@ -208,13 +220,16 @@ class Resolver:
         self._resolver.nameservers = [h for h, _ in hosts]
         self._resolver.port = hosts[0][1] if hosts else 53
         self._resolver.lifetime = UPSTREAM_TIMEOUT_S * 2
-        self._resolver.timeout = UPSTREAM_TIMEOUT_S
+        self._resolver.timeout = RETRY_AFTER_S
+        self._resolver.cache = dns.resolver.LRUCache(CACHED_NAMES)
 
     async def addresses(self, name: str) -> list[str]:
         """IPv4 then IPv6 addresses of ``name`` (empty when it has none)."""
-        found: list[str] = []
-        for kind in (dns.rdatatype.A, dns.rdatatype.AAAA):
-            with contextlib.suppress(dns.exception.DNSException):
-                answer = await self._resolver.resolve(name, kind, search=False)
-                found += [r.to_text() for r in answer]
-        return found
+        v4, v6 = await asyncio.gather(self._of_kind(name, dns.rdatatype.A), self._of_kind(name, dns.rdatatype.AAAA))
+        return v4 + v6
+
+    async def _of_kind(self, name: str, kind: dns.rdatatype.RdataType) -> list[str]:
+        with contextlib.suppress(dns.exception.DNSException):
+            answer = await self._resolver.resolve(name, kind, search=False)
+            return [r.to_text() for r in answer]
+        return []
