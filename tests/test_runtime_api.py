@@ -226,7 +226,11 @@ def test_logs_in_e2bs_v1_and_v2_shapes(api: httpx.Client) -> None:
     created = next(e for e in v1["logEntries"] if e["fields"].get("event") == "created")
     assert set(created) == {"timestamp", "level", "message", "fields"}
     created_ms = int(datetime.fromisoformat(created["timestamp"].replace("Z", "+00:00")).timestamp() * 1000)
-    later = api.get(f"/sandboxes/{sbx.sandbox_id}/logs", params={"start": created_ms + 1, "limit": 1}).json()
+    # The agent logs its start after the create's answer: the entry after "created" may be its.
+    paused = next(e for e in v1["logEntries"] if e["fields"].get("event") == "paused")
+    paused_ms = int(datetime.fromisoformat(paused["timestamp"].replace("Z", "+00:00")).timestamp() * 1000)
+    assert paused_ms > created_ms
+    later = api.get(f"/sandboxes/{sbx.sandbox_id}/logs", params={"start": paused_ms, "limit": 1}).json()
     assert [json.loads(e["line"]).get("event") for e in later["logs"]] == ["paused"]
 
     def events(**params: Any) -> list[str | None]:
@@ -234,7 +238,8 @@ def test_logs_in_e2bs_v1_and_v2_shapes(api: httpx.Client) -> None:
         return [e["fields"].get("event") for e in found if e["fields"]["logger"] == "runtime"]
 
     assert events() == ["resumed", "paused", "created"]  # backward (newest first) by default
-    assert events(direction="forward", cursor=created_ms, limit=2) == ["created", "paused"]
+    assert events(direction="forward", cursor=created_ms, limit=100) == ["created", "paused", "resumed"]
+    assert events(direction="forward", cursor=paused_ms, limit=1) == ["paused"]
     assert events(search="paused") == ["paused"]
     assert api.get(f"/v2/sandboxes/{sbx.sandbox_id}/logs", params={"level": "error"}).json()["logs"] == []
     sbx.kill()

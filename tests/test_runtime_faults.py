@@ -318,6 +318,36 @@ def test_a_resume_whose_agent_dies_before_it_listens_fails_at_once_saying_why(
         other.kill()
 
 
+def test_a_create_answered_before_its_agent_died_ends_it_and_its_held_requests_get_the_reason(
+    start_runtime: Callable[..., Runtime], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A create is answered once its agent runs (its link and ``/init`` go on meanwhile, its requests
+    held until they are done). Here every new agent exits a second after it starts, past the answer:
+    the create succeeds, its first command (held) and later ones fail with the agent's reason and no
+    host path, the sandbox is no longer listed, and its kill says it is gone."""
+    from e2b import Sandbox
+    from e2b.exceptions import SandboxNotRunningException
+
+    runtime = start_runtime(env={"SANDBOXD_FAULT_CREATED_AGENT": f"after:1:the test's fault, at {sys.prefix}/lib"})
+    for name, value in runtime.env().items():
+        monkeypatch.setenv(name, value)
+    started = time.monotonic()
+    sbx = Sandbox.create()
+    assert time.monotonic() - started < 1, "the create waited for the agent's /init"
+    for attempt in range(2):
+        with pytest.raises(SandboxNotRunningException) as failed:
+            sbx.commands.run("true")
+        message = str(failed.value)
+        assert "its start failed" in message and "agent exited before it listened" in message, (attempt, message)
+        assert "RuntimeError: the test's fault, at <host>/lib" in message, message
+        assert str(runtime.data_dir) not in message and sys.prefix not in message, message
+    assert sbx.sandbox_id not in [s.sandbox_id for s in Sandbox.list().next_items()]
+    with _api(runtime) as api:
+        info = api.get(f"/sandboxes/{sbx.sandbox_id}")
+        assert info.status_code == 404 and "its start failed" in info.json()["message"], info.text
+    assert Sandbox.kill(sbx.sandbox_id) is False
+
+
 def test_an_agents_last_words_reach_a_client_bounded_and_without_host_paths(tmp_path: Path) -> None:
     from sandboxd.runtime.logs import FAILURE_MARK, MAX_FAILURE_CHARS, agent_failure
 

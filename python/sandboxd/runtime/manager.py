@@ -194,6 +194,19 @@ this as its reason. The tests' trigger of the fail-at-once path for agents that 
 listen (:meth:`SandboxManager._agent_up`): what a sandbox breaks of its own files (its trust store,
 its ``/etc/resolv.conf``) no longer reaches it, as it is logged and the agent starts."""
 
+CREATE_FAULT = os.environ.get("SANDBOXD_FAULT_CREATED_AGENT") or None
+"""The same for every new sandbox's agent (not a warm one's). ``after:SECONDS:REASON`` has the agent
+wait that long first: past a create answered early (:func:`answers_early`), so the tests see the
+sandbox end after its answer, and its requests get the reason."""
+
+
+def answers_early(template: Template) -> bool:
+    """Whether a create of ``template`` is answered as soon as its agent runs, before its link and its
+    ``/init`` are done (the proxy holding its requests until they are): unless the create's answer
+    must wait for more than the agent (a start command and its ready check, E2B's ``set_start_cmd``;
+    the code interpreter's warm kernel, which the create's answer promises)."""
+    return not (template.start_cmd or template.ready_cmd or template.code_interpreter)
+
 
 def identity_env(row: SandboxRow) -> dict[str, str]:
     """The variables envd reads from Firecracker's metadata service (which sandbox, of which template),
@@ -339,6 +352,9 @@ class SandboxManager:
         """When the last create ended (``time.monotonic``): its client's first command comes next."""
         self._pausing: dict[str, str] = {}
         """Sandboxes being paused right now, and why (the proxy treats them as gone already)."""
+        self._booting: dict[str, asyncio.Task[None]] = {}
+        """Sandboxes whose create was answered before their link and ``/init`` (:func:`answers_early`),
+        each with the task finishing its boot."""
         self._ending: dict[str, asyncio.Future[None]] = {}
         """Sandboxes whose agent is being started, each done when its init exits (``_init_exited``)."""
         self._init_connections: dict[str, tuple[socket.socket, asyncio.TimerHandle]] = {}
@@ -434,11 +450,14 @@ class SandboxManager:
     @contextlib.asynccontextmanager
     async def _owning(self, sandbox_id: str) -> AsyncIterator[None]:
         """Hold the sandbox's lock: the one owner of its state for the duration."""
+        async with self._lock(sandbox_id):
+            yield
+
+    def _lock(self, sandbox_id: str) -> asyncio.Lock:
         lock = self._locks.get(sandbox_id)
         if lock is None:
             lock = self._locks[sandbox_id] = asyncio.Lock()
-        async with lock:
-            yield
+        return lock
 
     def events(self, sandbox_id: str) -> list[tuple[float, str, str | None]]:
         """The sandbox's lifecycle events (also after it ended), oldest first."""
@@ -549,8 +568,11 @@ class SandboxManager:
         warm = self.warm.take(template, request) if len(self._slots) < self.limits.max_sandboxes else None
         sandbox_id = warm.row.id if warm is not None else request.sandbox_id or new_id()
         self._take_slot(sandbox_id)
+        lock = self._lock(sandbox_id)
+        await lock.acquire()
+        booting: asyncio.Task[None] | None = None  # once set, the rest of the boot owns the lock and the slot
         try:
-            async with self._owning(sandbox_id):
+            try:
                 now = time.time()
                 cpus, memory_mb = self.limits.size(template)
                 row = SandboxRow(
@@ -575,18 +597,85 @@ class SandboxManager:
                     row.id_base, row.init_pid, row.init_start = warm.row.id_base, warm.row.init_pid, warm.row.init_start
                 self.creates += 1
                 self.creates_changed.set()
+                network = (request.network, traffic_token)
+                created = ("created", f"template {request.template}, timeout {timeout}s")
                 try:
-                    await self._boot(row, template, network=(request.network, traffic_token), warm=warm)
+                    handle, slot = await self._launch(row, template, False, warm)
+                    if answers_early(template):
+                        try:
+                            if slot is not None and self.networks is not None:
+                                # Its settings and traffic token hold from the answer on: the proxy
+                                # checks the token of every request, and the info shows the settings.
+                                self.networks.record(row.id, slot, request.network, traffic_token)
+                            self.store.insert(row, created)
+                        except BaseException:
+                            await self._stop_processes(row.id, id_base=row.id_base)
+                            raise
+                        self._first_sample_soon(row, now)
+                        booting = asyncio.get_running_loop().create_task(
+                            self._boot_after_answer(row, template, handle, slot, network, warm, lock)
+                        )
+                        self._booting[row.id] = booting
+                        self._tasks.add(booting)
+                        booting.add_done_callback(self._tasks.discard)
+                        return row
+                    await self._finish_boot(row, template, handle, slot, False, network, warm)
                 finally:
-                    self.creates -= 1
-                    self.create_ended_at = time.monotonic()
-                    self.creates_changed.set()
-                self.store.insert(row, ("created", f"template {request.template}, timeout {timeout}s"))
+                    if booting is None:
+                        self._create_ended()
+                self.store.insert(row, created)
                 self._first_sample_soon(row, now)
+            finally:
+                if booting is None:
+                    lock.release()
         except BaseException:
-            self._slots.discard(sandbox_id)
+            if booting is None:
+                self._slots.discard(sandbox_id)
             raise
         return row
+
+    def _create_ended(self) -> None:
+        self.creates -= 1
+        self.create_ended_at = time.monotonic()
+        self.creates_changed.set()
+
+    async def _boot_after_answer(
+        self,
+        row: SandboxRow,
+        template: Template,
+        handle: _core.SandboxHandle,
+        slot: Slot | None,
+        network: tuple[NetworkConfig, str | None],
+        warm: Warm | None,
+        lock: asyncio.Lock,
+    ) -> None:
+        """The rest of a create whose answer went out once its agent ran (:func:`answers_early`): the
+        link and ``/init``, holding the sandbox's lock (so a kill, pause or network update waits for
+        it) while the proxy holds the sandbox's requests (:meth:`ensure_reachable`). The client's
+        answer, its parsing and its first request (~5 ms of the SDK's own) overlap them. If they fail,
+        the sandbox ends with the reason, which its held and later requests get."""
+        try:
+            await self._finish_boot(row, template, handle, slot, False, network, warm)
+        except BaseException as exc:
+            reason = exc.message if isinstance(exc, ApiError) else f"{type(exc).__name__}: {exc}"
+            # Counted as a death (``start_failed``): its create was counted, and answered, already.
+            await asyncio.shield(self._start_failed(row, f"its start failed: {reason}"))
+            if not isinstance(exc, Exception):
+                raise
+        finally:
+            del self._booting[row.id]
+            self._create_ended()
+            lock.release()
+
+    async def _start_failed(self, row: SandboxRow, reason: str) -> None:
+        """A create answered already whose link or ``/init`` failed (its processes, disk and link are
+        gone already: :meth:`_finish_boot`): it ends, saying why."""
+        self.store.update(row.id, state="ended", ended_reason=reason)
+        self.store.event(row.id, "died", reason)
+        self.observe.died(row, "start_failed", reason)
+        self._notify_gone(row.id)
+        self._slots.discard(row.id)
+        await self._forget_samples(row.id)
 
     async def _spawn(
         self,
@@ -640,6 +729,8 @@ class SandboxManager:
                 request["cpu_weight"] = cpu_weight
             if resuming and RESUME_FAULT:
                 request["fault"] = RESUME_FAULT
+            elif not resuming and CREATE_FAULT and nice == 0:  # a warm sandbox's spawn is niced
+                request["fault"] = CREATE_FAULT
             request["volumes"] = [target for target, _ in mounts]
             if slot is not None:
                 request["files"] = {"/etc/resolv.conf": slot.resolv_conf()}
@@ -677,10 +768,28 @@ class SandboxManager:
         its network, and hand the agent its settings. On failure nothing of the sandbox is left
         running; a resume keeps its disk and id range, a create gives them back. ``network``: a new
         sandbox's settings and traffic token (a resume has its own stored)."""
+        handle, slot = await self._launch(row, template, resuming, warm)
+        await self._finish_boot(row, template, handle, slot, resuming, network, warm)
+
+    async def _launch(
+        self, row: SandboxRow, template: Template, resuming: bool, warm: Warm | None
+    ) -> tuple[_core.SandboxHandle, Slot | None]:
+        """The sandbox forked from the zygote, its agent running (or ``warm``, forked already)."""
         if warm is None:
-            handle, slot = await self._spawn(row, template, resuming)
-        else:
-            handle, slot = warm.handle, warm.slot
+            return await self._spawn(row, template, resuming)
+        return warm.handle, warm.slot
+
+    async def _finish_boot(
+        self,
+        row: SandboxRow,
+        template: Template,
+        handle: _core.SandboxHandle,
+        slot: Slot | None,
+        resuming: bool,
+        network: tuple[NetworkConfig, str | None] | None,
+        warm: Warm | None,
+    ) -> None:
+        """Link a launched sandbox's network and hand its agent its settings (see :meth:`_boot`)."""
         try:
             if warm is not None:
                 await renice(warm)  # first: a niced agent answers /init late on a busy host
@@ -690,7 +799,7 @@ class SandboxManager:
                     row.id,
                     handle,
                     init_agent(
-                        functools.partial(self.open_socket, row.id),
+                        functools.partial(self._open_now, row.id),
                         row.access_token,
                         {**identity_env(row), **template.env, **row.env_vars},
                         default_user=template.user,
@@ -704,7 +813,7 @@ class SandboxManager:
                 linked = warm is not None and warm.linked
                 steps.append(self.networks.attach(row.id, slot, handle.init_pid, config, token, linked))
             if template.code_interpreter:  # returns once its Python kernel is warm, so the first runCode is fast
-                ready = asyncio.ensure_future(interpreter_ready(functools.partial(self.open_socket, row.id), row.id))
+                ready = asyncio.ensure_future(interpreter_ready(functools.partial(self._open_now, row.id), row.id))
                 agent.add_done_callback(functools.partial(_stop_unless_ok, ready))  # no agent, no kernel
                 steps.append(ready)
             outcomes = await asyncio.gather(*steps, return_exceptions=True)
@@ -713,7 +822,7 @@ class SandboxManager:
                     raise outcome
             if not resuming and (template.start_cmd or template.ready_cmd):  # E2B's set_start_cmd
                 await start_template_command(
-                    functools.partial(self.open_socket, row.id),
+                    functools.partial(self._open_now, row.id),
                     row.access_token,
                     template.start_cmd,
                     template.ready_cmd,
@@ -804,7 +913,19 @@ class SandboxManager:
 
     async def open_socket(self, sandbox_id: str, port: int) -> socket.socket:
         """A TCP connection to ``port`` inside the sandbox (its own network namespace): for the
-        agent's port, the sandbox's ``/init`` connection while it is kept and still idle."""
+        agent's port, the sandbox's ``/init`` connection while it is kept and still idle. A sandbox
+        whose create was answered early is connected to once its boot is done."""
+        await self.booted(sandbox_id)
+        return await self._open_now(sandbox_id, port)
+
+    async def booted(self, sandbox_id: str) -> None:
+        """Return once the boot of a sandbox whose create was answered early is over, done or failed
+        (at once for any other). Cancelling the caller does not cancel the boot."""
+        booting = self._booting.get(sandbox_id)
+        if booting is not None:
+            await asyncio.wait((booting,))
+
+    async def _open_now(self, sandbox_id: str, port: int) -> socket.socket:
         handle = self.handles.get(sandbox_id)
         if handle is None:
             raise ConnectionRefusedError(f"sandbox {sandbox_id} is not running")
@@ -853,7 +974,9 @@ class SandboxManager:
 
     async def ensure_reachable(self, sandbox_id: str) -> None:
         """For the proxy: running, or resumed now if paused with auto-resume; else a 502 the SDK
-        turns into ``SandboxNotRunningException`` (it looks for "was not found")."""
+        turns into ``SandboxNotRunningException`` (it looks for "was not found"). A sandbox whose
+        create was answered early is reachable once its boot is done."""
+        await self.booted(sandbox_id)
         pausing = self._pausing.get(sandbox_id)
         if pausing is not None:
             raise ApiError(502, f"The sandbox was not found: {pausing}")

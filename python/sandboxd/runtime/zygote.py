@@ -24,6 +24,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from typing import TYPE_CHECKING, Any, NamedTuple, NoReturn
 
 from sandboxd import _core
@@ -198,7 +199,11 @@ def _run_agent(
     code = 0
     try:
         if fault:
-            raise RuntimeError(fault)
+            delay, _, reason = fault.removeprefix("after:").partition(":")
+            if not fault.startswith("after:"):
+                delay, reason = "0", fault
+            time.sleep(float(delay))
+            raise RuntimeError(reason)
         _write_files(files)
         if ca_bundle:
             from sandboxd.agent import cacerts

@@ -307,6 +307,11 @@ class SandboxNetworks:
         self._applied[sandbox_id] = (slot, rules)
         self.rows.put(NetworkRow(sandbox_id, slot.index, config, traffic_token))
 
+    def record(self, sandbox_id: str, slot: Slot, config: NetworkConfig, traffic_token: str | None) -> None:
+        """Store a new sandbox's settings and traffic token ahead of :meth:`attach` (which stores
+        them again, and whose failure's :meth:`detach` forgets them)."""
+        self.rows.put(NetworkRow(sandbox_id, slot.index, config, traffic_token))
+
     async def link(self, slot: Slot, init_pid: int) -> None:
         """Make a booted sandbox's veth pair, with no rules yet (:meth:`attach` puts them in force).
         The caller keeps the slot either way."""

@@ -63,7 +63,7 @@ PAUSE_REASONS = ("api", "timeout")
 RESUME_REASONS = ("api", "connect", "auto_resume")
 PAUSE_MODES = ("full", "filesystem")
 TIMEOUT_ACTIONS = ("kill", "pause")
-DEATH_REASONS = ("agent_exited", "gone_after_restart", "not_adoptable")
+DEATH_REASONS = ("agent_exited", "gone_after_restart", "not_adoptable", "start_failed")
 STATES = ("running", "paused", "starting")
 COMMON_STATUSES = frozenset(
     {200, 201, 204, 206, 301, 302, 304, 400, 401, 403, 404, 405, 409, 413, 416, 429, 500, 502, 503, 504}
