@@ -261,6 +261,18 @@ class Runtime:
             "E2B_VOLUME_API_URL": self.url,
         }
 
+    def booted(self, sandbox_id: str) -> None:
+        """Return once the sandbox's boot is done: a create is answered once its agent runs, before
+        its link and ``/init``, and the proxy holds the sandbox's requests until they are (here the
+        agent's ``/health``, through the proxy)."""
+        served = httpx.get(
+            f"{self.url}/health",
+            headers={"X-API-KEY": self.api_key, "E2b-Sandbox-Id": sandbox_id, "E2b-Sandbox-Port": "49983"},
+            verify=self.verify,
+            timeout=60,
+        )
+        assert served.status_code == 204, served.text
+
     def restart(self) -> None:
         """Start the same runtime again (after it was stopped or killed)."""
         with self.log.open("ab") as out:

@@ -123,7 +123,7 @@ def test_a_connect_cancelled_while_it_hangs_leaves_no_socket(
 
         async def cancelled() -> None:
             before = descriptors()
-            task = asyncio.ensure_future(SandboxManager.open_socket(holder, sbx.sandbox_id, 9999))  # type: ignore[arg-type]
+            task = asyncio.ensure_future(SandboxManager._open_now(holder, sbx.sandbox_id, 9999))  # type: ignore[arg-type]
             await asyncio.sleep(0.3)  # the connect waits for its SYN's answer
             assert descriptors() == before + 1, "the connect's socket is open while it hangs"
             task.cancel()

@@ -306,6 +306,7 @@ def test_a_runtime_killed_outright_is_cleaned_up_by_the_next_one(start_runtime: 
         f"{killed.url}/sandboxes", headers={"X-API-KEY": killed.api_key}, json={"templateID": "base"}, timeout=60
     )
     assert created.status_code == 201, created.text
+    killed.booted(created.json()["sandboxID"])  # else it is killed half-booted: nobody's to adopt
     os.kill(killed.process.pid, signal.SIGKILL)
     killed.process.wait()
     third = start_runtime("--warm-sandboxes", "0")

@@ -181,10 +181,7 @@ def _kill_agent(runtime: Runtime, sandbox_id: str) -> None:
     """Kill a sandbox's agent from the host, as the OOM killer would: its init then ends the sandbox.
     Once the agent has served (a create is answered before its ``/init``, which the proxy waits for):
     else it dies as it starts, a failed start rather than a death."""
-    served = httpx.get(
-        f"{runtime.url}/health", headers={**_key(runtime), "E2b-Sandbox-Id": sandbox_id, "E2b-Sandbox-Port": "49983"}
-    )
-    assert served.status_code == 204, served.text
+    runtime.booted(sandbox_id)
     init = _init_pid(runtime, sandbox_id)
     with open(f"/proc/{init}/task/{init}/children") as f:
         os.kill(int(f.read().split()[0]), signal.SIGKILL)

@@ -67,6 +67,53 @@ def test_serve_stops_its_zygote_and_network_and_exits_on_a_stop_signal(
     assert _instance_groups(runtime.data_dir) == [], "the runtime's cgroup groups are left"
 
 
+def test_a_stop_signal_while_an_answered_create_boots_keeps_its_sandbox_for_the_next_runtime(
+    start_runtime: Callable[..., Runtime], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A create is answered once its agent runs; its ``/init`` and link finish after (here its agent
+    starts 2 s late). A stop signal meanwhile lets that boot finish before the runtime stops watching:
+    the sandbox the answer named stays, with the create's env, and the restarted runtime adopts it."""
+    from e2b import Sandbox
+
+    runtime = start_runtime(env={"SANDBOXD_FAULT_CREATED_AGENT": "after:2:"})
+    for name, value in runtime.env().items():
+        monkeypatch.setenv(name, value)
+    sbx = Sandbox.create(envs={"KEPT": "yes"})
+    runtime.process.send_signal(signal.SIGTERM)
+    assert runtime.process.wait(30) == 0, runtime.log.read_text()[-3000:]
+    runtime.restart()
+    try:
+        assert sbx.commands.run("echo $KEPT").stdout == "yes\n"
+    finally:
+        sbx.kill()
+
+
+def test_a_runtime_killed_while_an_answered_create_boots_ends_that_sandbox_when_it_starts_again(
+    start_runtime: Callable[..., Runtime],
+) -> None:
+    """A SIGKILL between a create's answer and the end of its boot leaves a sandbox whose agent never
+    got its token or env (its row says so: ``booting``). The restarted runtime does not adopt it: it
+    ends it, with the reason its client then reads, and its processes are gone."""
+    import sqlite3
+
+    import httpx
+
+    runtime = start_runtime("--warm-sandboxes", "0", env={"SANDBOXD_FAULT_CREATED_AGENT": "after:3:"})
+    headers = {"X-API-KEY": runtime.api_key}
+    created = httpx.post(f"{runtime.url}/sandboxes", headers=headers, json={"templateID": "base"}, timeout=60)
+    assert created.status_code == 201, created.text
+    sandbox_id = created.json()["sandboxID"]
+    with sqlite3.connect(runtime.data_dir / "sandboxd.db") as db:
+        init_pid, booting = db.execute("SELECT init_pid, booting FROM sandboxes WHERE id = ?", (sandbox_id,)).fetchone()
+    assert booting == 1, "the test killed the runtime after the boot: it would prove nothing"
+    os.kill(runtime.process.pid, signal.SIGKILL)
+    runtime.process.wait()
+    runtime.restart()
+    info = httpx.get(f"{runtime.url}/sandboxes/{sandbox_id}", headers=headers)
+    assert info.status_code == 404 and "the runtime stopped before the sandbox's boot was done" in info.text, info.text
+    assert _gone(init_pid, 10), "the half-booted sandbox's processes are left"
+
+
 def test_a_zygote_exits_when_its_runtime_is_killed(start_runtime: Callable[..., Runtime]) -> None:
     """A SIGKILL runs no clean-up: the zygote notices its socket's end (no signal, no timer) and exits.
     (The sandboxes keep running, by design, for a restarted runtime to re-adopt.)"""

@@ -42,7 +42,7 @@ from typing import Any
 from sandboxd import _core
 
 from . import lifecycle, snapshots
-from .agent_client import AGENT_PORT, init_agent, interpreter_ready, start_template_command
+from .agent_client import AGENT_PORT, READY_TIMEOUT_S, init_agent, interpreter_ready, start_template_command
 from .disks import DiskPool, make_durable, released
 from .errors import ApiError, not_found
 from .lifecycle import RETENTION_S, LifecycleEvent, LifecycleQuery
@@ -197,7 +197,8 @@ its ``/etc/resolv.conf``) no longer reaches it, as it is logged and the agent st
 CREATE_FAULT = os.environ.get("SANDBOXD_FAULT_CREATED_AGENT") or None
 """The same for every new sandbox's agent (not a warm one's). ``after:SECONDS:REASON`` has the agent
 wait that long first: past a create answered early (:func:`answers_early`), so the tests see the
-sandbox end after its answer, and its requests get the reason."""
+sandbox end after its answer, and its requests get the reason; with no reason (``after:SECONDS:``) the
+agent only starts that much later."""
 
 
 def answers_early(template: Template) -> bool:
@@ -396,6 +397,13 @@ class SandboxManager:
             self.observe.secrets.add(row.access_token)  # never logged, whatever becomes of the sandbox
             if row.state == "paused" and row.pause_mode == "filesystem":
                 continue  # no processes to adopt: only the writable layer, which is on disk
+            if row.booting:
+                # Its create was answered, then this runtime's last run ended before the sandbox's
+                # link and /init were done (killed: a clean stop waits for them): its agent has no
+                # token and no env. It ends, saying so; its client sees that reason.
+                reason = "its start was cut short: the runtime stopped before the sandbox's boot was done"
+                await self._died(row, reason, "start_failed")
+                continue
             if row.init_pid is None or _proc_start_time(row.init_pid) != row.init_start:
                 await self._died(row, "its init was gone when the runtime restarted", "gone_after_restart")
                 continue
@@ -420,6 +428,10 @@ class SandboxManager:
 
     async def stop(self) -> None:
         """Stop watching (sandboxes keep running; a restarted runtime re-adopts them; warm ones are killed)."""
+        if self._booting:
+            # Creates answered already finish their boot first (milliseconds): the sandboxes they
+            # named then stay, as any other, for the next runtime to adopt.
+            await asyncio.wait(list(self._booting.values()), timeout=READY_TIMEOUT_S)
         await self.warm.stop()
         for background in (self._reaper, self._sampling, *self._tasks):
             if background is not None:
@@ -607,7 +619,8 @@ class SandboxManager:
                                 # Its settings and traffic token hold from the answer on: the proxy
                                 # checks the token of every request, and the info shows the settings.
                                 self.networks.record(row.id, slot, request.network, traffic_token)
-                            self.store.insert(row, created)
+                            row.booting = True  # cleared once booted: a runtime killed before then
+                            self.store.insert(row, created)  # leaves a sandbox nobody may adopt
                         except BaseException:
                             await self._stop_processes(row.id, id_base=row.id_base)
                             raise
@@ -656,6 +669,8 @@ class SandboxManager:
         the sandbox ends with the reason, which its held and later requests get."""
         try:
             await self._finish_boot(row, template, handle, slot, False, network, warm)
+            row.booting = False
+            self.store.update(row.id, booting=False)
         except BaseException as exc:
             reason = exc.message if isinstance(exc, ApiError) else f"{type(exc).__name__}: {exc}"
             # Counted as a death (``start_failed``): its create was counted, and answered, already.

@@ -39,7 +39,8 @@ CREATE TABLE IF NOT EXISTS sandboxes (
     init_start    INTEGER,                -- /proc/<pid>/stat starttime, to tell a reused pid apart
     ended_reason  TEXT,
     id_base       INTEGER,                -- first host uid/gid of its user namespace's range
-    volume_mounts TEXT NOT NULL DEFAULT '{}'  -- {path inside: volume name}
+    volume_mounts TEXT NOT NULL DEFAULT '{}',  -- {path inside: volume name}
+    booting       INTEGER NOT NULL DEFAULT 0   -- 1 from a create's early answer until its boot is done
 );
 CREATE INDEX IF NOT EXISTS sandboxes_listing ON sandboxes (state, started_at, id);
 CREATE TABLE IF NOT EXISTS events (
@@ -107,6 +108,10 @@ class SandboxRow:
     id_base: int | None = None
     volume_mounts: dict[str, str] = field(default_factory=dict)
     """Where volumes are mounted: path inside the sandbox -> volume name (E2B's ``volumeMounts``)."""
+    booting: bool = False
+    """Stored from a create answered early (``manager.answers_early``) until its link and ``/init``
+    are done: a runtime that finds it still set never finished the boot (it was killed meanwhile), so
+    the sandbox's agent has no token and no env, and nobody adopts it."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,13 +145,17 @@ DATABASE = "sandboxd.db"
 
 
 def live_ids(path: Path) -> set[str]:
-    """The ids of the running and paused sandboxes (:meth:`Store.live`'s) in the database at ``path``,
+    """The ids of the running and paused sandboxes a runtime starting on the database at ``path``
+    would adopt (:meth:`Store.live`'s, less those whose boot never finished: ``SandboxRow.booting``),
     read without changing it (no checkpoint, no migration): for another runtime's data dir
     (:mod:`.leftovers`), whose owner may start on it at any moment. Raises ``sqlite3.Error`` when it
     cannot be read."""
     reader = sqlite3.connect(f"file:{quote(str(path))}?mode=ro", uri=True, timeout=1)
     try:
-        return {str(r[0]) for r in reader.execute("SELECT id FROM sandboxes WHERE state IN ('running', 'paused')")}
+        columns = {r[1] for r in reader.execute("PRAGMA table_info(sandboxes)")}
+        booted = " AND booting = 0" if "booting" in columns else ""  # an older runtime's: none boots
+        query = f"SELECT id FROM sandboxes WHERE state IN ('running', 'paused'){booted}"
+        return {str(r[0]) for r in reader.execute(query)}
     finally:
         reader.close()
 
@@ -171,6 +180,8 @@ class Store:
             self.db.execute("ALTER TABLE sandboxes ADD COLUMN id_base INTEGER")
         if "volume_mounts" not in columns:  # a data dir from before volumes
             self.db.execute("ALTER TABLE sandboxes ADD COLUMN volume_mounts TEXT NOT NULL DEFAULT '{}'")
+        if "booting" not in columns:  # a data dir from before creates answered early
+            self.db.execute("ALTER TABLE sandboxes ADD COLUMN booting INTEGER NOT NULL DEFAULT 0")
         self.listeners: list[Callable[[int, str, str], None]] = []
         """Told of each event once it is committed (its ``seq``, sandbox and kind), on the writer's thread:
         they must be quick (the webhooks' hand-off to their delivery threads)."""
@@ -373,7 +384,7 @@ class Store:
     def _encode(name: str, value: Any) -> Any:
         if name in ("metadata", "env_vars", "volume_mounts"):
             return json.dumps(value, separators=(",", ":"))
-        if name == "auto_resume":
+        if name in ("auto_resume", "booting"):
             return int(bool(value))
         return value
 
@@ -384,4 +395,5 @@ class Store:
         values["env_vars"] = json.loads(values["env_vars"])
         values["volume_mounts"] = json.loads(values["volume_mounts"])
         values["auto_resume"] = bool(values["auto_resume"])
+        values["booting"] = bool(values["booting"])
         return SandboxRow(**values)

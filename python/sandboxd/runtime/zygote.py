@@ -203,7 +203,8 @@ def _run_agent(
             if not fault.startswith("after:"):
                 delay, reason = "0", fault
             time.sleep(float(delay))
-            raise RuntimeError(reason)
+            if reason:  # "after:S:" only delays the agent's start
+                raise RuntimeError(reason)
         _write_files(files)
         if ca_bundle:
             from sandboxd.agent import cacerts
