@@ -111,12 +111,17 @@ def _write_mark_of(mark_dir: Path, directory: Path, tag: str, **fields: object) 
     return path, instance
 
 
-def _database(data_dir: Path, rows: dict[str, str]) -> None:
-    """A data dir's database with these sandboxes (id: state)."""
+def _database(data_dir: Path, rows: dict[str, str], booting: set[str] | None = None) -> None:
+    """A data dir's database with these sandboxes (id: state); with a ``booting`` column (a runtime
+    that answers creates early) when ``booting`` is given: those ids' boots never finished."""
     data_dir.mkdir(exist_ok=True)
     db = sqlite3.connect(data_dir / "sandboxd.db")
-    db.execute("CREATE TABLE sandboxes (id TEXT PRIMARY KEY, state TEXT NOT NULL)")
-    db.executemany("INSERT INTO sandboxes VALUES (?, ?)", rows.items())
+    if booting is None:  # an older runtime's
+        db.execute("CREATE TABLE sandboxes (id TEXT PRIMARY KEY, state TEXT NOT NULL)")
+        db.executemany("INSERT INTO sandboxes VALUES (?, ?)", rows.items())
+    else:
+        db.execute("CREATE TABLE sandboxes (id TEXT PRIMARY KEY, state TEXT NOT NULL, booting INTEGER NOT NULL)")
+        db.executemany("INSERT INTO sandboxes VALUES (?, ?, ?)", [(k, v, k in booting) for k, v in rows.items()])
     db.commit()
     db.close()
 
@@ -124,15 +129,17 @@ def _database(data_dir: Path, rows: dict[str, str]) -> None:
 def test_the_sweep_kills_the_sandboxes_nobody_can_adopt(tmp_path: Path) -> None:
     """Marks of gone runtimes, their sandboxes listed: the data dir gone, all are killed (then the
     table and mark go); the data dir there, only those without a running or paused row (warm ones,
-    unfinished creates) are, and the table and mark stay for the rest's links; a mark that records no
-    data dir (older runtimes), or one that is not its instance's, or whose database cannot be read:
-    none is killed. A runtime without links (``--no-network``) whose sandbox is left keeps its mark."""
+    unfinished creates) or whose row says its boot never finished (a create answered early) are,
+    and the table and mark stay for the rest's links; a mark that records no data dir (older
+    runtimes), or one that is not its instance's, or whose database cannot be read: none is killed.
+    A runtime without links (``--no-network``) whose sandbox is left keeps its mark."""
     marks = tmp_path / "marks"
     marks.mkdir()
     removed_tables: list[str] = []
     dirs = (tmp_path / n for n in ("gone", "kept", "old", "odd", "torn", "unlinked"))
     gone_dir, kept_dir, old_dir, odd_dir, torn_dir, unlinked_dir = dirs
-    _database(kept_dir, {"claimed": "running", "paused": "paused", "ended": "killed"})
+    kept_rows = {"claimed": "running", "paused": "paused", "ended": "killed", "halfway": "running"}
+    _database(kept_dir, kept_rows, booting={"halfway"})
     _database(unlinked_dir, {"claimed": "running"})
     torn_dir.mkdir()
     (torn_dir / "sandboxd.db").write_bytes(b"not a database, but long enough for sqlite to say so" * 20)
@@ -145,7 +152,7 @@ def test_the_sweep_kills_the_sandboxes_nobody_can_adopt(tmp_path: Path) -> None:
     unlinked_mark, unlinked = _write_mark_of(marks, unlinked_dir, "ffffff")
     sandboxes = _Sandboxes({
         gone: ["w1", "claimed"],
-        kept: ["claimed", "paused", "ended", "warm"],
+        kept: ["claimed", "paused", "ended", "warm", "halfway"],
         old: ["w2"],
         odd: ["w3"],
         torn: ["w4"],
@@ -158,7 +165,7 @@ def test_the_sweep_kills_the_sandboxes_nobody_can_adopt(tmp_path: Path) -> None:
         )
 
     swept = leftovers.sweep(removed_tables.append, lambda _: None, marks, links=links, sandboxes=sandboxes)
-    killed = [(gone, "w1"), (gone, "claimed"), (kept, "ended"), (kept, "warm"), (unlinked, "w5")]
+    killed = [(gone, "w1"), (gone, "claimed"), (kept, "ended"), (kept, "warm"), (kept, "halfway"), (unlinked, "w5")]
     assert sorted(sandboxes.killed) == sorted(killed)
     assert swept == [gone] and sorted(removed_tables) == ["inet sandboxd_aaaaaa", "inet sandboxd_ffffff"]
     assert not gone_mark.exists() and kept_mark.exists() and old_mark.exists() and odd_mark.exists()
