@@ -503,6 +503,66 @@ def test_four_dead_endpoints_do_not_take_a_healthy_webhooks_deliveries_between_t
             sock.close()
 
 
+def test_a_silent_endpoint_with_many_sandboxes_due_does_not_hold_a_healthy_webhooks_deliveries(
+    tmp_path: Path, endpoint: Endpoint
+) -> None:
+    # An endpoint that accepts connections and never answers, and the events of 12 new sandboxes due
+    # at once, a lane each. Every delivery thread was free to take one of the silent webhook's, and
+    # held it for the whole timeout (30 s here): the healthy webhook's events arrived a few a round.
+    # The silent one has WORKERS - 1 attempts under way at most, so a thread is left for the other.
+    silent = socket.create_server(("127.0.0.1", 0), backlog=64)
+    store = Store(tmp_path / "sandboxd.db")
+    hooks = WebhookStore(store.db)
+    deliveries = Deliveries(store, hooks, timeout_s=30.0)
+    url = f"http://127.0.0.1:{silent.getsockname()[1]}/silent"
+    quiet = hooks.create(Body({"name": "silent", "url": url, "signatureSecret": "s"}))
+    hooks.create(Body({"name": "alive", "url": endpoint.url, "signatureSecret": "a"}))
+    deliveries.start()
+    try:
+        ids = [f"sbx{n:02d}" + "0" * 15 for n in range(12)]
+        for sandbox_id in ids:
+            _sandbox(store, sandbox_id)
+        for sandbox_id in ids:  # each well before a single silent attempt could time out
+            endpoint.take(lambda d, sandbox_id=sandbox_id: d.event["sandboxId"] == sandbox_id, timeout=15)
+        with deliveries._cond:
+            assert deliveries._in_flight[quiet.id] == webhooks.IN_FLIGHT_PER_WEBHOOK
+    finally:
+        deliveries.stop()
+        store.close()
+        silent.close()
+
+
+def test_a_webhook_whose_attempts_failed_has_one_under_way_at_a_time(tmp_path: Path) -> None:
+    # The same silent endpoint, timing out at 0.5 s: its first round has its share under way; once
+    # they have failed, it has one at a time (a healthy answer would give it its share back).
+    silent = socket.create_server(("127.0.0.1", 0), backlog=64)
+    store = Store(tmp_path / "sandboxd.db")
+    hooks = WebhookStore(store.db)
+    deliveries = Deliveries(store, hooks, timeout_s=0.5)
+    deliveries.retry_delays_s = (0.1, 0.1, 0.1)
+    quiet = hooks.create(
+        Body({"name": "silent", "url": f"http://127.0.0.1:{silent.getsockname()[1]}/", "signatureSecret": "s"})
+    )
+    deliveries.start()
+    try:
+        for n in range(12):
+            _sandbox(store, f"sbx{n:02d}" + "0" * 15)
+        seen: list[tuple[float, int]] = []  # (seconds since the creates, attempts under way)
+        start = time.monotonic()
+        while (now := time.monotonic() - start) < 3:
+            with deliveries._cond:
+                seen.append((now, deliveries._in_flight.get(quiet.id, 0)))
+            time.sleep(0.01)
+        first = [n for at, n in seen if at < 0.4]  # before any attempt could time out
+        later = [n for at, n in seen if at > 1.5]
+        assert max(first) > webhooks.IN_FLIGHT_FAILING, first
+        assert max(later) == webhooks.IN_FLIGHT_FAILING, later
+    finally:
+        deliveries.stop()
+        store.close()
+        silent.close()
+
+
 def test_webhooks_deleted_and_made_again_do_not_take_the_queue_past_twice_its_bound(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -29,7 +29,9 @@ order, but a receiver that keeps a sandbox's state from its events would otherwi
 waits for its retries too (1 + 10 + 60 s at most, and a timeout per attempt), which costs only that
 sandbox's later events at that webhook: an endpoint that failed one likely fails the next anyway,
 and a lane holds at most one delivery thread, so a dead endpoint no longer takes all of them for one
-busy sandbox. Other sandboxes and other webhooks go on meanwhile.
+busy sandbox. Nor for many: a webhook has at most :data:`IN_FLIGHT_PER_WEBHOOK` attempts under way,
+one once an attempt of it failed (:data:`IN_FLIGHT_FAILING`). Other sandboxes and other webhooks go
+on meanwhile.
 
 Nothing of it runs on the event loop but the hand-off: :meth:`Deliveries.offer` (called by the
 store for each event it commits) only looks up the event's subscribers in memory and queues a job.
@@ -128,8 +130,20 @@ MAX_LANE = 100
 one: a receiver keeping a sandbox's state wants its ``killed`` more than its 101st ``updated``), so
 one busy sandbox does not take its webhook's share from the others."""
 
-WORKERS = 4
-"""Threads sending: a few endpoints that time out do not hold up the others."""
+WORKERS = 8
+"""Threads sending (started with the first delivery)."""
+
+IN_FLIGHT_PER_WEBHOOK = WORKERS - 1
+"""Attempts one webhook has under way at most: every thread was free to take the next due delivery,
+so an endpoint that accepts a connection and never answers, with events of a few sandboxes due (a
+lane each), held every thread for its :data:`TIMEOUT_S`, and a healthy webhook's deliveries waited
+behind it, round after round. A delivery due while its webhook has its share under way waits
+aside (``Deliveries._parked``) and is due again as one of them ends."""
+
+IN_FLIGHT_FAILING = 1
+"""The same for a webhook whose last attempt failed (refused, timed out, not a 2xx): a dead
+endpoint, likely, which so takes one thread at a time; a healthy answer gives it its share back.
+Between them, :data:`WORKERS` - 1 dead endpoints leave a thread for the rest."""
 
 MAX_ANSWER_BYTES = 64 << 10
 """What is read of an endpoint's answer (then the connection is closed)."""
@@ -365,6 +379,13 @@ class Deliveries:
         self._hook_pending: dict[str, int] = {}
         """The same a webhook, while it has any (each bounded by :data:`MAX_PENDING_PER_WEBHOOK`)."""
         self._order = itertools.count()
+        self._in_flight: dict[str, int] = {}
+        """Attempts under way, by webhook (:data:`IN_FLIGHT_PER_WEBHOOK`)."""
+        self._failing: set[str] = set()
+        """Webhooks whose last attempt failed (:data:`IN_FLIGHT_FAILING`)."""
+        self._parked: dict[str, deque[tuple[float, int, _Job]]] = {}
+        """Due entries taken off the heap while their webhook had its share under way: while a
+        webhook has any, it has an attempt under way, whose end puts them back."""
         self._cond = threading.Condition()
         self._stopping = False
         self._threads: list[threading.Thread] = []
@@ -439,24 +460,54 @@ class Deliveries:
         if self.dropped % 1000 == 1:  # the first, then one line a thousand
             log.warning("webhook %s: event %d not delivered: %s (%d dropped so far)", hook_id, seq, why, self.dropped)
 
+    def _share(self, hook_id: str) -> int:
+        return IN_FLIGHT_FAILING if hook_id in self._failing else IN_FLIGHT_PER_WEBHOOK
+
     def _next(self) -> _Job | None:
+        """The next due job whose webhook is under its share of attempts, counted in flight. (Each
+        entry set aside here is put back once, by an attempt's end: a pick stays O(log n).)"""
         with self._cond:
             while not self._stopping:
+                while self._due and self._due[0][0] <= time.monotonic():
+                    entry = heapq.heappop(self._due)
+                    hook_id = entry[2].hook_id
+                    under_way = self._in_flight.get(hook_id, 0)
+                    if under_way >= self._share(hook_id):
+                        self._parked.setdefault(hook_id, deque()).append(entry)
+                        continue
+                    self._in_flight[hook_id] = under_way + 1
+                    return entry[2]
                 if self._due:
-                    when = self._due[0][0]
-                    wait = when - time.monotonic()
-                    if wait <= 0:
-                        return heapq.heappop(self._due)[2]
-                    self._cond.wait(wait)
+                    self._cond.wait(self._due[0][0] - time.monotonic())
                 else:
                     self._cond.wait()
             return None
+
+    def _ended(self, hook_id: str) -> None:
+        """An attempt of ``hook_id``'s is over: as many of its entries set aside as its share now
+        has room for are due again."""
+        with self._cond:
+            under_way = self._in_flight.pop(hook_id) - 1
+            if under_way:
+                self._in_flight[hook_id] = under_way
+            parked = self._parked.get(hook_id)
+            if parked is None:
+                return
+            for _ in range(min(len(parked), self._share(hook_id) - under_way)):
+                heapq.heappush(self._due, parked.popleft())
+                self._cond.notify()
+            if not parked:
+                del self._parked[hook_id]
 
     def _work(self) -> None:
         reader: list[sqlite3.Connection] = []  # this thread's connection to the database, once needed
         try:
             while (job := self._next()) is not None:
-                if not self._attempt(job, reader):
+                try:
+                    again = self._attempt(job, reader)
+                finally:
+                    self._ended(job.hook_id)
+                if not again:
                     self._done(job)
         finally:
             for connection in reader:
@@ -469,6 +520,8 @@ class Deliveries:
             held = self._hook_pending.pop(job.hook_id) - 1
             if held:
                 self._hook_pending[job.hook_id] = held
+            else:  # nothing of it is pending: its state goes (a deleted one's would stay for good)
+                self._failing.discard(job.hook_id)
             lane = self._lanes.get((job.hook_id, job.sandbox_id))
             if lane:
                 heapq.heappush(self._due, (0.0, next(self._order), lane.popleft()))
@@ -495,6 +548,11 @@ class Deliveries:
         except Exception as exc:  # one delivery's failure, not the thread's end
             log.exception("webhook %s: event %d could not be sent", hook.id, event.seq)
             outcome = f"{type(exc).__name__}: {exc}"[:300]
+        with self._cond:
+            if outcome is None:
+                self._failing.discard(hook.id)
+            else:
+                self._failing.add(hook.id)
         if outcome is None:
             self._count("delivered")
             return False
