@@ -17,8 +17,10 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import fcntl
 import logging
 import os
+import struct
 import threading
 import time
 from collections import deque
@@ -221,6 +223,34 @@ async def released(image: Path, timeout: float = RELEASE_WAIT_S) -> bool:
         await asyncio.sleep(pause)
         pause = min(pause * 2, _RELEASE_POLL_MAX_S)
     return True
+
+
+FS_IOC_SHUTDOWN = 0x8004587D
+"""``_IOR('X', 125, __u32)`` (linux/fs.h): shut a filesystem down; ext4's since Linux 4.10."""
+
+FS_SHUTDOWN_FLAGS_NOLOGFLUSH = 2
+"""Shut down without writing anything back (ext4 calls it ``EXT4_GOING_FLAGS_NOLOGFLUSH``)."""
+
+
+def open_root(disk: int) -> int:
+    """A descriptor of a sandbox's disk's root directory, from its mount's (``O_PATH``, which no
+    ``ioctl`` takes): the runtime keeps it while the sandbox runs, for :func:`discard`."""
+    return os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=disk)
+
+
+def discard(root: int) -> None:
+    """In a worker thread, before the processes of a sandbox whose disk is deleted next are killed:
+    its filesystem shut down, so that what it holds unwritten is dropped, not written back to an
+    image about to be unlinked. Without it the unmount at the sandbox's end ran ext4's whole
+    ``sync_filesystem`` (its data, inode tables, bitmaps and directories through the loop device),
+    and the kill waited for it: ~13 of a kill's ~16 ms on the CI VM, more after a sandbox wrote a
+    lot, and that much disk traffic for nothing in a burst of kills. ``root`` (:func:`open_root`) is
+    the sandbox's own disk: opened from the mount the runtime made for it, nothing inside can put
+    another filesystem in its place. A filesystem that cannot shut down is written back as before."""
+    try:
+        fcntl.ioctl(root, FS_IOC_SHUTDOWN, struct.pack("I", FS_SHUTDOWN_FLAGS_NOLOGFLUSH))
+    except OSError as exc:
+        log.debug("could not shut down a sandbox's disk before its kill: %s", exc)
 
 
 def make_durable(image: Path) -> None:

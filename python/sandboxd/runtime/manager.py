@@ -43,7 +43,7 @@ from sandboxd import _core
 
 from . import lifecycle, snapshots
 from .agent_client import AGENT_PORT, READY_TIMEOUT_S, init_agent, interpreter_ready, start_template_command
-from .disks import DiskPool, make_durable, released
+from .disks import DiskPool, discard, make_durable, open_root, released
 from .errors import ApiError, not_found
 from .lifecycle import RETENTION_S, LifecycleEvent, LifecycleQuery
 from .logs import LogEntry, agent_failure, from_events, read_agent_log
@@ -356,6 +356,10 @@ class SandboxManager:
         self._booting: dict[str, asyncio.Task[None]] = {}
         """Sandboxes whose create was answered before their link and ``/init`` (:func:`answers_early`),
         each with the task finishing its boot."""
+        self._disk_roots: dict[str, int] = {}
+        """The root directory of each sandbox's disk that this run mounted (:func:`.disks.open_root`):
+        :meth:`_destroy` shuts it down before a kill that deletes it, and closes it. (Holding it keeps
+        the disk mounted after the sandbox's processes are gone, until it is closed.)"""
         self._ending: dict[str, asyncio.Future[None]] = {}
         """Sandboxes whose agent is being started, each done when its init exits (``_init_exited``)."""
         self._init_connections: dict[str, tuple[socket.socket, asyncio.TimerHandle]] = {}
@@ -445,6 +449,9 @@ class SandboxManager:
             loop.remove_reader(handle.pidfd())
         for sandbox_id in [*self._init_connections]:
             self._drop_init_connection(sandbox_id)
+        while self._disk_roots:  # one at a time: a kill's thread may take one meanwhile
+            os.close(self._disk_roots.popitem()[1])  # the sandboxes keep their disks mounted
+
         self.handles.clear()
         await self.history.close()
         self.volumes.close()
@@ -736,6 +743,11 @@ class SandboxManager:
                 disk = await (self.place.disks.mount(image) if resuming else self.place.disks.take(image))
             except OSError as exc:
                 raise ApiError(500, f"could not prepare the sandbox's disk: {exc}") from None
+            try:
+                self._disk_roots[row.id] = open_root(disk)
+            except OSError:
+                os.close(disk)
+                raise
             # A new sandbox finds the CA in its trust store already. A resumed one is given it too, as
             # before: its own copy of the store (what it wrote there) is on its disk, above the layer.
             request = self._zygote_request(row, template, sandbox_dir, trust, ca if trust is None or resuming else None)
@@ -1091,14 +1103,21 @@ class SandboxManager:
         kept one is synced by :meth:`_keep_disk`), then, unless kept, the sandbox's directory (its disk
         image) and its id range, in that order: no file owned by the range outlives its claim."""
         dead = False  # known dead: every process gone, so none holds a file of its directory open
-        if handle is not None:
-            try:
-                handle.kill()
-                dead = True
-            except OSError:
+        root = self._disk_roots.pop(sandbox_id, None)
+        try:
+            if root is not None and not keep_files:
+                discard(root)  # its disk is deleted below: nothing of it is written back
+            if handle is not None:
+                try:
+                    handle.kill()
+                    dead = True
+                except OSError:
+                    _kill_quietly(self.place.instance, sandbox_id)
+            else:
                 _kill_quietly(self.place.instance, sandbox_id)
-        else:
-            _kill_quietly(self.place.instance, sandbox_id)
+        finally:
+            if root is not None:
+                os.close(root)  # its filesystem's last holder once its processes are gone: unmounted now
         if not keep_files:
             self.dirs.release(sandbox_id, dead)
             if id_base is not None:
