@@ -451,7 +451,6 @@ class SandboxManager:
             self._drop_init_connection(sandbox_id)
         while self._disk_roots:  # one at a time: a kill's thread may take one meanwhile
             os.close(self._disk_roots.popitem()[1])  # the sandboxes keep their disks mounted
-
         self.handles.clear()
         await self.history.close()
         self.volumes.close()
@@ -676,14 +675,17 @@ class SandboxManager:
         the sandbox ends with the reason, which its held and later requests get."""
         try:
             await self._finish_boot(row, template, handle, slot, False, network, warm)
-            row.booting = False
-            self.store.update(row.id, booting=False)
         except BaseException as exc:
             reason = exc.message if isinstance(exc, ApiError) else f"{type(exc).__name__}: {exc}"
             # Counted as a death (``start_failed``): its create was counted, and answered, already.
             await asyncio.shield(self._start_failed(row, f"its start failed: {reason}"))
             if not isinstance(exc, Exception):
                 raise
+        else:
+            # Outside the try: a failed write here leaves a running sandbox marked booting (the next
+            # start ends it), never one ended whose processes run on.
+            row.booting = False
+            self.store.update(row.id, booting=False)
         finally:
             del self._booting[row.id]
             self._create_ended()
@@ -743,11 +745,6 @@ class SandboxManager:
                 disk = await (self.place.disks.mount(image) if resuming else self.place.disks.take(image))
             except OSError as exc:
                 raise ApiError(500, f"could not prepare the sandbox's disk: {exc}") from None
-            try:
-                self._disk_roots[row.id] = open_root(disk)
-            except OSError:
-                os.close(disk)
-                raise
             # A new sandbox finds the CA in its trust store already. A resumed one is given it too, as
             # before: its own copy of the store (what it wrote there) is on its disk, above the layer.
             request = self._zygote_request(row, template, sandbox_dir, trust, ca if trust is None or resuming else None)
@@ -762,6 +759,7 @@ class SandboxManager:
             if slot is not None:
                 request["files"] = {"/etc/resolv.conf": slot.resolv_conf()}
             try:
+                self._disk_roots[row.id] = open_root(disk)
                 answer = await self.zygote.create(request, [disk, *volume_fds])
             finally:
                 os.close(disk)  # the sandbox has it attached now (or failed and let it go)
