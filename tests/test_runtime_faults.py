@@ -4,6 +4,7 @@ metrics of a big sandbox while the API must stay responsive. Real runtime, real 
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import signal
 import sys
@@ -346,6 +347,41 @@ def test_a_create_answered_before_its_agent_died_ends_it_and_its_held_requests_g
         info = api.get(f"/sandboxes/{sbx.sandbox_id}")
         assert info.status_code == 404 and "its start failed" in info.json()["message"], info.text
     assert Sandbox.kill(sbx.sandbox_id) is False
+
+
+def test_an_agent_whose_init_exited_before_its_watch_began_fails_the_boot_at_once(tmp_path: Path) -> None:
+    """A create answered early starts its ``/init`` (:meth:`SandboxManager._agent_up`) a loop turn or
+    more after the sandbox's init is watched: its row is stored and its answer sent between. An agent
+    that exits in that gap (its init with it) has had its exit noticed before ``_agent_up`` waits for
+    it, so nothing would tell it: ``/init``'s connects were refused until ``READY_TIMEOUT_S`` (10 s,
+    the client's first request held as long; seen about once in 120 creates whose agent exits at
+    start). It fails at once, with the agent's reason."""
+    import asyncio
+    import types
+
+    from sandboxd.runtime.errors import ApiError
+    from sandboxd.runtime.manager import SandboxManager
+
+    class Exited:  # the handle of an init that has exited, its pidfd's reader fired already
+        def is_running(self) -> bool:
+            return False
+
+        def exit_code(self) -> int | None:
+            return 1
+
+    holder = types.SimpleNamespace(_ending={}, data_dir=tmp_path, sandboxes_dir=tmp_path)
+    holder._agent_failure = functools.partial(SandboxManager._agent_failure, holder)
+
+    async def init_refused() -> None:  # /init, its connects refused while nothing listens
+        await asyncio.sleep(30)
+
+    async def boot() -> None:
+        async with asyncio.timeout(3):
+            await SandboxManager._agent_up(holder, "sbx", Exited(), init_refused())  # type: ignore[arg-type]
+
+    with pytest.raises(ApiError, match=r"agent exited before it listened \(exit status 1\)"):
+        asyncio.run(boot())
+    assert holder._ending == {}
 
 
 def test_an_agents_last_words_reach_a_client_bounded_and_without_host_paths(tmp_path: Path) -> None:

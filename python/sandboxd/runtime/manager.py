@@ -869,6 +869,10 @@ class SandboxManager:
         (:meth:`_keep_init_connection`)."""
         loop = asyncio.get_running_loop()
         ending = self._ending[sandbox_id] = loop.create_future()
+        if not _running(handle):
+            # It exited before this wait began (a create answered early starts its /init a loop turn
+            # or more after its init is watched): its pidfd's reader fired with no one to tell.
+            ending.set_result(None)
         task = asyncio.ensure_future(init)
         try:
             try:
