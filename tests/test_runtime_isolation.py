@@ -563,6 +563,9 @@ def test_the_agent_holds_nothing_of_the_zygotes_but_dev_null(e2b_env: Runtime) -
     )
     sbx = Sandbox.create()
     try:
+        # A create is answered before the agent's /init: read its descriptors once that is done, not
+        # while /init opens and closes them (a readlink of one closed meanwhile fails).
+        e2b_env.booted(sbx.sandbox_id)
         agent = _agent_host_pid(sbx.sandbox_id)
 
         def held(pid: int) -> set[str]:

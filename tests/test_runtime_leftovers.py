@@ -387,6 +387,9 @@ def _with_a_claimed_and_two_warm_sandboxes(runtime: Runtime) -> tuple[str, dict[
     )
     assert created.status_code == 201, created.text
     claimed = str(created.json()["sandboxID"])
+    # A claim is answered before its /init and rules: killed sooner, its row says it never finished
+    # booting, and the next runtime's sweep kills it as nobody's to adopt.
+    runtime.booted(claimed)
     deadline = time.monotonic() + 120
     while True:
         procs = _sandbox_procs(runtime.data_dir)

@@ -190,6 +190,22 @@ def _sandbox_sockets(pid: int) -> set[str]:
     return found
 
 
+def _boot_done(runtime: Runtime, sandbox_id: str) -> None:
+    """Return once the sandbox's boot is done, its kept ``/init`` connection made, without a request
+    into it (``Runtime.booted``'s would take that connection): a create is answered before its
+    ``/init``, and its row says ``booting`` until the boot is done."""
+    import sqlite3
+
+    deadline = time.monotonic() + 60
+    db = sqlite3.connect(f"file:{runtime.data_dir / 'sandboxd.db'}?mode=ro", uri=True, timeout=5)
+    try:
+        while db.execute("SELECT booting FROM sandboxes WHERE id = ?", (sandbox_id,)).fetchone() != (0,):
+            assert time.monotonic() < deadline, "the sandbox's boot never finished"
+            time.sleep(0.01)
+    finally:
+        db.close()
+
+
 # ------------------------------------------------------------------------------------- kill
 
 
@@ -518,6 +534,7 @@ def test_an_upgrade_as_the_first_request_into_a_new_sandbox_gets_its_agents_answ
     kept ``/init`` connection, answered by the agent, and that connection closes when the client does."""
     sbx = Sandbox.create()
     try:
+        _boot_done(sdk, sbx.sandbox_id)  # else the kept connection may not be made yet, nor seen here
         kept = _sandbox_sockets(sdk.process.pid)  # the kept connection among them
         with socket.create_connection(("127.0.0.1", sdk.port)) as client:
             client.sendall(
@@ -555,6 +572,7 @@ def test_create_kill_cycles_leave_no_kept_connection_open(sdk: Runtime) -> None:
     before = _sandbox_sockets(pid)
     sbx = Sandbox.create()
     try:
+        _boot_done(sdk, sbx.sandbox_id)  # the kept connection is made once the boot is: after the answer
         assert _sandbox_sockets(pid) - before, "the kept /init connection is not seen: this test could not fail"
     finally:
         sbx.kill()
