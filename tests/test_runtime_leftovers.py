@@ -642,10 +642,14 @@ def test_a_data_dir_on_a_volume_unmounted_for_now_is_not_taken_for_deleted(tmp_p
     none of their sandboxes is killed: before, a data dir not found was taken for deleted (every
     sandbox killed), and one found without a database for a runtime that died before it made one
     (the same). Once the volume is back, only the warm sandbox goes; once the data dir inside the
-    mounted volume is really deleted, all of it."""
-    marks, backing, volume, root = (tmp_path / n for n in ("marks", "backing", "volume", "root"))
-    for directory in (backing, volume, root):
-        directory.mkdir()
+    mounted volume is really deleted, all of it. The volume comes back with a mount id of its own
+    (the kernel hands out the lowest free one: two placeholder mounts take the ids the unmounts
+    freed), as it would once anything else mounted meanwhile: before, the data dir deleted from it
+    then was not taken for deleted (seen as a flake, when the kernel happened to give it its old
+    id back)."""
+    marks, backing, volume, root, hold = (tmp_path / n for n in ("marks", "backing", "volume", "root", "hold"))
+    for directory in (backing, volume, root, hold / "1", hold / "2"):
+        directory.mkdir(parents=True)
     below = volume / "data"
     with _Mounts() as mounts:
         mount, umount = mounts.mount, mounts.umount
@@ -666,7 +670,11 @@ def test_a_data_dir_on_a_volume_unmounted_for_now_is_not_taken_for_deleted(tmp_p
         assert leftovers.sweep(lambda _: None, lambda _: None, marks, links=list, sandboxes=sandboxes) == []
         assert sandboxes.killed == []
 
+        mount("-t", "tmpfs", "-o", "size=1m", "sandboxd-test", str(hold / "1"))
+        mount("-t", "tmpfs", "-o", "size=1m", "sandboxd-test", str(hold / "2"))
         mount("--bind", str(backing), str(volume))
+        recorded = json.loads((marks / f"runtime-{below_instance}.lock").read_text())["data_fs"]
+        assert leftovers.filesystem_of(volume)[2] != recorded[2], "the volume is back with its old mount id"
         leftovers.sweep(lambda _: None, lambda _: None, marks, links=list, sandboxes=sandboxes)
         assert sandboxes.killed == [(below_instance, "warm")]
 

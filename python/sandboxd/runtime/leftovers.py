@@ -398,8 +398,8 @@ def filesystem_of(path: Path) -> list[object]:
     """Where ``path`` is, as a mark records its data dir: its device number, and the mount it is
     under (the mount point, and the kernel's id of that mount, from ``/proc/self/mountinfo``). The
     device alone cannot tell a volume's mount point from the volume when both are on one file
-    system (a bind mount), and an anonymous device number (tmpfs) is reused by the next such mount.
-    ``OSError`` when ``path`` cannot be seen."""
+    system (a bind mount). The mount id is recorded, as marks always have, but not compared (see
+    :func:`_deleted`). ``OSError`` when ``path`` cannot be seen."""
     device = os.stat(path).st_dev
     mount_id, mount_point = _mount_of(os.path.abspath(path))
     return [device, mount_point, mount_id]
@@ -438,17 +438,20 @@ def _data_fs(mark: dict[str, object]) -> list[object] | None:
 
 def _deleted(data_dir: Path, fs: list[object] | None) -> bool:
     """Whether a data dir that cannot be found was deleted, rather than is not there for now: only
-    when its nearest ancestor that can be seen is on the device and under the very mount the data
+    when its nearest ancestor that can be seen is on the device and under the mount point the data
     dir was (``fs``). A volume unmounted at its mount point leaves the path's upper part under
     another mount (the mount point's directory, or the mount point gone too): its data dir may come
-    back, with its sandboxes' rows, so they are not killed (``fixes35``). Without ``fs`` (a mark
-    from before marks recorded it) it cannot be told: not deleted."""
+    back, with its sandboxes' rows, so they are not killed (``fixes35``). The mount id is not
+    compared: a volume unmounted and mounted again has a new one (or its old one, when the kernel
+    hands the freed id out again), and a data dir missing from it was deleted all the same (an
+    anonymous device, a tmpfs's, is reused only once the tmpfs it numbered is gone, and its files
+    with it). Without ``fs`` (a mark from before marks recorded it) it cannot be told: not deleted."""
     if fs is None:
         return False
     ancestor = data_dir.parent
     while True:
         try:
-            return filesystem_of(ancestor) == fs
+            return filesystem_of(ancestor)[:2] == fs[:2]
         except FileNotFoundError:
             if ancestor.parent == ancestor:
                 return False
