@@ -173,6 +173,29 @@ def test_the_parsers_rules_hold(agent: Agent, workdir: Path) -> None:
 
 
 @pytest.mark.parametrize("padding", [0, 2 * MiB], ids=["parser", "socket"])
+def test_a_part_inside_an_earlier_parts_file_is_refused_before_anything_is_written(
+    agent: Agent, workdir: Path, padding: int
+) -> None:
+    """``x`` then ``x/y`` in one body: ``x/y``'s directories would be made where ``x`` is to be
+    renamed, so ``x``'s rename would fail at the commit, after ``a.bin``'s (an upload torn across its
+    files, answered with an error). The part is refused as it opens: 400, every old file as it was,
+    nothing new. (``x/y`` then ``x`` is refused as a directory, as before.)"""
+    (workdir / "a.bin").write_bytes(b"old")
+    body = multipart(
+        part(pattern(padding + 10), str(workdir / "a.bin")),
+        part(pattern(padding + 20), str(workdir / "x")),
+        part(pattern(padding + 30), str(workdir / "x" / ".." / "x" / "y")),
+    )
+    with connection(agent) as (s, f):
+        with contextlib.suppress(OSError):
+            s.sendall(head("", len(body)) + body)
+        status, _, answer = read_response(f)
+    assert (workdir / "a.bin").read_bytes() == b"old", answer
+    assert status == 400 and b"which this upload writes as a file: nothing was written" in answer, answer
+    assert settled_listing(workdir, ["a.bin"]) == ["a.bin"]
+
+
+@pytest.mark.parametrize("padding", [0, 2 * MiB], ids=["parser", "socket"])
 def test_an_upload_of_many_files_holds_one_descriptor_at_a_time(agent: Agent, workdir: Path, padding: int) -> None:
     """300 files in one body, with the agent allowed 128 descriptors: each file is sealed (closed)
     when the next part opens, so the upload never holds more than one. Holding one per part until

@@ -505,6 +505,22 @@ class _Upload:
         self.state = state
         self.metadata = metadata
         self.sinks: list[_Sink] = []
+        self._placed: set[str] = set()  # each part's path, as resolved
+
+    def _refuse_file_under_file(self, target: str) -> None:
+        """A part inside a file an earlier part of this upload writes: its parent directories would
+        be made where that file is renamed to, so that rename would fail at the commit, after the
+        parts before it were renamed into place (a torn upload). Refused before anything is written;
+        the other way round (a file where an earlier part made directories) is refused as a
+        directory when it opens. envd writes the earlier file and fails on this one."""
+        parent = os.path.dirname(os.path.normpath(target))
+        while parent not in ("/", "//", ""):
+            if parent in self._placed:
+                raise RpcError(
+                    Code.INVALID_ARGUMENT,
+                    f"path '{target}' is inside '{parent}', which this upload writes as a file: nothing was written",
+                )
+            parent = os.path.dirname(parent)
 
     async def open(self, raw_target: str) -> _Sink:
         if self.sinks:
@@ -528,6 +544,7 @@ class _Upload:
             if not raw_target:
                 raise RpcError(Code.INVALID_ARGUMENT, "a file part has no filename and the path query is missing")
             target = expand_and_resolve(raw_target, self.req.user, self.state.default_workdir)
+            self._refuse_file_under_file(target)
         if self.sinks:
             self.sinks[-1].writer.seal(self.metadata)  # complete: the part before this one
         try:
@@ -538,6 +555,7 @@ class _Upload:
             raise from_os_error(exc, f"error opening '{target}' for writing") from None
         sink = _Sink(writer)
         self.sinks.append(sink)
+        self._placed.add(os.path.normpath(writer.path))
         return sink
 
     async def commit(self) -> list[dict[str, object]]:
