@@ -4,7 +4,10 @@ crash (the node turns it into a failed Pod or a refused update)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import types
+from typing import Any
 
 import pytest
 from sandboxd.kube import pods
@@ -201,3 +204,35 @@ def test_a_nodes_copy_of_the_secrets_never_goes_back_to_an_older_version() -> No
     # Versions that are not numbers cannot be compared: each one applies, as it comes.
     assert fresh.apply(secret("b", new="x")) and fresh.apply(secret("a", new="y"))
     assert held() == {"new": "y"}
+
+
+def test_a_sandbox_that_goes_while_its_pod_is_reconciled_has_its_pod_reconciled_again() -> None:
+    """The manager's ``on_gone`` (a kill, a pause, a death) while a reconcile of that Pod is under
+    way, after it read the sandbox's row: the Pod is reconciled once more, after it, so its status
+    follows the sandbox. Before, the refresh was dropped for a Pod being worked on."""
+    from sandboxd.kube.node import SandboxNode
+
+    key, pod = "ns/pod-a", {"metadata": {"name": "pod-a", "namespace": "ns"}}
+    node = SandboxNode.__new__(SandboxNode)
+    node.local, node.latest, node.working, node.tasks = {key: "sbx-a"}, {}, set(), set()
+    node.pods = types.SimpleNamespace(items={key: pod})  # type: ignore[assignment]
+    reconciled: list[str] = []
+
+    async def reconcile(k: str, p: dict[str, Any] | None) -> None:
+        reconciled.append(k)
+        if len(reconciled) == 1:
+            await asyncio.sleep(0)
+            node._sandbox_gone("sbx-a")  # it went after this reconcile read its row
+            node._sandbox_gone("sbx-a")  # once queued, not twice
+        await asyncio.sleep(0)
+
+    node._reconcile = reconcile  # type: ignore[method-assign]
+
+    async def run() -> None:
+        node._pod_event("MODIFIED", pod)
+        while node.tasks:
+            await asyncio.gather(*node.tasks)
+
+    asyncio.run(run())
+    assert reconciled == [key, key]
+    assert node.working == set() and node.latest == {}

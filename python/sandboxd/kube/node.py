@@ -320,10 +320,15 @@ class SandboxNode:
                 log.warning("reading the cluster's secrets failed: %r", exc)
 
     def _sandbox_gone(self, sandbox_id: str) -> None:
-        """The manager's callback (kill, pause, or death): look at that Pod again."""
+        """The manager's callback (kill, pause, or death): look at that Pod again. Also while a
+        reconcile of it is under way: that one may have read the sandbox's row before it went, so
+        the Pod goes back in its queue (:meth:`_work` reconciles it after), unless a newer version of
+        it waits there already. Before, a death during a reconcile was dropped, and the Pod said
+        Running until something else changed it."""
         for key, local_id in self.local.items():
-            if local_id == sandbox_id and key in self.pods.items and key not in self.working:
-                self._pod_event("REFRESH", self.pods.items[key])
+            if local_id == sandbox_id and key in self.pods.items:
+                if key not in self.latest:
+                    self._pod_event("REFRESH", self.pods.items[key])
                 return
 
     async def _work(self, key: str) -> None:
