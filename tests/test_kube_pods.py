@@ -226,7 +226,7 @@ def test_a_sandbox_that_goes_while_its_pod_is_reconciled_has_its_pod_reconciled_
             node._sandbox_gone("sbx-a")  # once queued, not twice
         await asyncio.sleep(0)
 
-    node._reconcile = reconcile  # type: ignore[method-assign]
+    node._reconcile = reconcile  # type: ignore[method-assign,assignment]
 
     async def run() -> None:
         node._pod_event("MODIFIED", pod)
