@@ -435,7 +435,13 @@ class SandboxManager:
         if self._booting:
             # Creates answered already finish their boot first (milliseconds): the sandboxes they
             # named then stay, as any other, for the next runtime to adopt.
-            await asyncio.wait(list(self._booting.values()), timeout=READY_TIMEOUT_S)
+            _, stuck = await asyncio.wait(list(self._booting.values()), timeout=READY_TIMEOUT_S)
+            # A boot still under way (its own deadline is as long, so this is rare) is cancelled and
+            # waited for: its failure path ends the sandbox in the store, which closes after this.
+            for task in stuck:
+                task.cancel("the runtime stopped before its boot was done")
+            if stuck:
+                await asyncio.wait(stuck, timeout=READY_TIMEOUT_S)
         await self.warm.stop()
         for background in (self._reaper, self._sampling, *self._tasks):
             if background is not None:
@@ -676,7 +682,12 @@ class SandboxManager:
         try:
             await self._finish_boot(row, template, handle, slot, False, network, warm)
         except BaseException as exc:
-            reason = exc.message if isinstance(exc, ApiError) else f"{type(exc).__name__}: {exc}"
+            if isinstance(exc, ApiError):
+                reason = exc.message
+            elif isinstance(exc, asyncio.CancelledError) and exc.args:
+                reason = str(exc)  # stop()'s reason
+            else:
+                reason = f"{type(exc).__name__}: {exc}"
             # Counted as a death (``start_failed``): its create was counted, and answered, already.
             await asyncio.shield(self._start_failed(row, f"its start failed: {reason}"))
             if not isinstance(exc, Exception):
