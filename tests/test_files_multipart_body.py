@@ -196,6 +196,34 @@ def test_a_part_inside_an_earlier_parts_file_is_refused_before_anything_is_writt
 
 
 @pytest.mark.parametrize("padding", [0, 2 * MiB], ids=["parser", "socket"])
+def test_a_directory_made_at_a_target_while_the_body_arrives_fails_the_upload_before_any_rename(
+    agent: Agent, workdir: Path, padding: int
+) -> None:
+    """Something in the sandbox makes a directory where the second file goes while the body is on
+    its way (after that file's part opened). The renames run one after another: before, the first
+    file was renamed into place and the second's rename failed (an upload torn across its files,
+    answered 400). Now every rename is looked at first: 400, the first file as it was."""
+    (workdir / "a.bin").write_bytes(b"old")
+    body = multipart(
+        part(pattern(padding + 10), str(workdir / "a.bin")), part(pattern(padding + 4096), str(workdir / "b.bin"))
+    )
+    cut = len(body) - 1000  # inside the second part's data
+    with connection(agent) as (s, f):
+        s.sendall(head("", len(body)) + body[:cut])
+        deadline = time.monotonic() + 10
+        while not any(n.startswith(".b.bin.sandboxd-") for n in os.listdir(workdir)):
+            assert time.monotonic() < deadline, "the second part never opened"
+            time.sleep(0.01)
+        (workdir / "b.bin").mkdir()
+        s.sendall(body[cut:])
+        status, _, answer = read_response(f)
+    assert (workdir / "a.bin").read_bytes() == b"old", answer
+    assert status == 400 and b"is a directory (made while the upload arrived): nothing was written" in answer, answer
+    assert settled_listing(workdir, ["a.bin", "b.bin"]) == ["a.bin", "b.bin"]
+    assert list((workdir / "b.bin").iterdir()) == []
+
+
+@pytest.mark.parametrize("padding", [0, 2 * MiB], ids=["parser", "socket"])
 def test_an_upload_of_many_files_holds_one_descriptor_at_a_time(agent: Agent, workdir: Path, padding: int) -> None:
     """300 files in one body, with the agent allowed 128 descriptors: each file is sealed (closed)
     when the next part opens, so the upload never holds more than one. Holding one per part until

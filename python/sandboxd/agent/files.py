@@ -568,8 +568,7 @@ class _Upload:
         hub = self.state.watch_hub
         await _in_io_thread(hub.settle)
         writers = [sink.writer for sink in self.sinks]
-        for writer in writers:
-            existed = await _in_io_thread(os.path.lexists, writer.path)
+        for writer, existed in zip(writers, await _in_io_thread(_renamable, writers), strict=True):
             hub.note_commit(os.path.basename(writer.temp_path), Commit(existed=existed, wrote=writer.written > 0))
         await _in_io_thread(_commit_all, writers, self.metadata)
         result: list[dict[str, object]] = []
@@ -584,6 +583,28 @@ class _Upload:
         for sink in self.sinks:
             await sink.settle()
         await _in_io_thread(_abort_all, [sink.writer for sink in self.sinks])
+
+
+def _renamable(writers: list[_core.AtomicWriter]) -> list[bool]:
+    """Whether each target exists, once each rename is seen to be possible: the renames run one after
+    another, and one that failed after others had landed would tear the upload across its files.
+    What the sandbox changed while the body arrived (a directory made where a file goes, a temporary
+    file removed) is refused here, before anything is renamed; only a change in the moment between
+    this look and the renames is not."""
+    existed: list[bool] = []
+    for writer in writers:
+        if os.path.isdir(writer.path):
+            raise RpcError(
+                Code.INVALID_ARGUMENT,
+                f"path '{writer.path}' is a directory (made while the upload arrived): nothing was written",
+            )
+        if not os.path.lexists(writer.temp_path):
+            raise RpcError(
+                Code.ABORTED,
+                f"the temporary file for '{writer.path}' was removed while the upload arrived: nothing was written",
+            )
+        existed.append(os.path.lexists(writer.path))
+    return existed
 
 
 def _commit_all(writers: list[_core.AtomicWriter], metadata: dict[str, str]) -> None:
