@@ -196,6 +196,29 @@ def test_a_part_inside_an_earlier_parts_file_is_refused_before_anything_is_writt
 
 
 @pytest.mark.parametrize("padding", [0, 2 * MiB], ids=["parser", "socket"])
+@pytest.mark.parametrize("suffix", ["/", "/.", "//"], ids=["slash", "dot", "slashes"])
+def test_a_part_whose_path_ends_in_a_slash_is_refused_before_anything_is_written(
+    agent: Agent, workdir: Path, padding: int, suffix: str
+) -> None:
+    """``x/`` (an absolute path is used as given, not cleaned): its temporary file went beside ``x``,
+    and only the commit's rename onto ``x/`` failed (ENOTDIR), after ``a.bin``'s had landed (an
+    upload torn across its files). Refused as it opens, as a directory (envd: 400, ``x`` made a
+    directory): ``a.bin`` as it was, nothing new."""
+    (workdir / "a.bin").write_bytes(b"old")
+    body = multipart(
+        part(pattern(padding + 10), str(workdir / "a.bin")),
+        part(pattern(padding + 20), str(workdir / "x") + suffix),
+    )
+    with connection(agent) as (s, f):
+        with contextlib.suppress(OSError):
+            s.sendall(head("", len(body)) + body)
+        status, _, answer = read_response(f)
+    assert (workdir / "a.bin").read_bytes() == b"old", answer
+    assert status == 400 and b"is a directory" in answer, answer
+    assert settled_listing(workdir, ["a.bin"]) == ["a.bin"]
+
+
+@pytest.mark.parametrize("padding", [0, 2 * MiB], ids=["parser", "socket"])
 def test_a_directory_made_at_a_target_while_the_body_arrives_fails_the_upload_before_any_rename(
     agent: Agent, workdir: Path, padding: int
 ) -> None:

@@ -545,6 +545,11 @@ class _Upload:
                 raise RpcError(Code.INVALID_ARGUMENT, "a file part has no filename and the path query is missing")
             target = expand_and_resolve(raw_target, self.req.user, self.state.default_workdir)
             self._refuse_file_under_file(target)
+        if os.path.basename(target) in ("", ".", ".."):
+            # ``/x/`` or ``/x/.`` (an absolute path is not cleaned): the temporary file goes beside
+            # ``x`` and the rename onto the name fails (ENOTDIR) at the commit, after the parts before
+            # it were renamed into place. envd makes ``x`` a directory and answers that it is one.
+            raise RpcError(Code.INVALID_ARGUMENT, f"path '{target}' is a directory")
         if self.sinks:
             self.sinks[-1].writer.seal(self.metadata)  # complete: the part before this one
         try:
