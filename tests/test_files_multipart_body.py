@@ -196,6 +196,40 @@ def test_a_part_inside_an_earlier_parts_file_is_refused_before_anything_is_writt
 
 
 @pytest.mark.parametrize("padding", [0, 2 * MiB], ids=["parser", "socket"])
+def test_a_part_is_inside_an_earlier_parts_file_as_the_kernel_resolves_its_path(
+    agent: Agent, workdir: Path, padding: int
+) -> None:
+    """Whether a part is inside an earlier part's file is decided on the paths as the kernel
+    resolves them, not as text: ``link/../x/y``, ``link`` a directory elsewhere, is not inside ``x``
+    (envd writes both; before, it was refused), and ``alias/x/y``, ``alias`` this directory, is
+    (before, its directories were made where ``x`` goes, and left there)."""
+    (workdir / "deep" / "down").mkdir(parents=True)
+    (workdir / "link").symlink_to(workdir / "deep" / "down")
+    (workdir / "alias").symlink_to(workdir)
+    body = multipart(
+        part(pattern(padding + 10), str(workdir / "x")),
+        part(pattern(padding + 20), str(workdir / "link" / ".." / "x" / "y")),
+    )
+    with connection(agent) as (s, f):
+        s.sendall(head("", len(body)) + body)
+        status, _, answer = read_response(f)
+    assert status == 200, answer
+    assert (workdir / "x").read_bytes() == pattern(padding + 10)
+    assert (workdir / "deep" / "x" / "y").read_bytes() == pattern(padding + 20)
+
+    body = multipart(
+        part(pattern(padding + 10), str(workdir / "z")),
+        part(pattern(padding + 20), str(workdir / "alias" / "z" / "y")),
+    )
+    with connection(agent) as (s, f):
+        with contextlib.suppress(OSError):
+            s.sendall(head("", len(body)) + body)
+        status, _, answer = read_response(f)
+    assert status == 400 and b"which this upload writes as a file: nothing was written" in answer, answer
+    assert settled_listing(workdir, ["alias", "deep", "link", "x"]) == ["alias", "deep", "link", "x"]
+
+
+@pytest.mark.parametrize("padding", [0, 2 * MiB], ids=["parser", "socket"])
 @pytest.mark.parametrize("suffix", ["/", "/.", "//"], ids=["slash", "dot", "slashes"])
 def test_a_part_whose_path_ends_in_a_slash_is_refused_before_anything_is_written(
     agent: Agent, workdir: Path, padding: int, suffix: str

@@ -505,15 +505,18 @@ class _Upload:
         self.state = state
         self.metadata = metadata
         self.sinks: list[_Sink] = []
-        self._placed: set[str] = set()  # each part's path, as resolved
+        self._placed: set[str] = set()  # each part's path, as the kernel resolves it
 
     def _refuse_file_under_file(self, target: str) -> None:
         """A part inside a file an earlier part of this upload writes: its parent directories would
         be made where that file is renamed to, so that rename would fail at the commit, after the
         parts before it were renamed into place (a torn upload). Refused before anything is written;
         the other way round (a file where an earlier part made directories) is refused as a
-        directory when it opens. envd writes the earlier file and fails on this one."""
-        parent = os.path.dirname(os.path.normpath(target))
+        directory when it opens. envd writes the earlier file and fails on this one. On the paths
+        as the kernel resolves them (symlinks, then ``..``), not as text: ``link/../x/y`` is not
+        inside ``x`` when ``link`` is a directory elsewhere, ``alias/x/y`` is when ``alias`` is
+        ``x``'s directory."""
+        parent = os.path.realpath(os.path.dirname(target))
         while parent not in ("/", "//", ""):
             if parent in self._placed:
                 raise RpcError(
@@ -560,7 +563,9 @@ class _Upload:
             raise from_os_error(exc, f"error opening '{target}' for writing") from None
         sink = _Sink(writer)
         self.sinks.append(sink)
-        self._placed.add(os.path.normpath(writer.path))
+        # Where the rename puts it: the link replaced (a dangling one) or its target (see AtomicWriter).
+        self._placed.add(os.path.join(os.path.realpath(os.path.dirname(writer.path)), os.path.basename(writer.path)))
+        self._placed.add(os.path.realpath(writer.path))
         return sink
 
     async def commit(self) -> list[dict[str, object]]:
