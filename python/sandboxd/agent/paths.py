@@ -1,7 +1,7 @@
 """Path resolution exactly as envd's ``ExpandAndResolve`` (spec §3.2).
 
 * empty ⇒ the default workdir if set, else the user's home;
-* ``~`` / ``~/x`` ⇒ the user's home; ``~other`` ⇒ an error;
+* ``~`` / ``~/x`` ⇒ the user's home, cleaned (``~/x/`` is ``x``); ``~other`` ⇒ an error;
 * absolute ⇒ used as given (no cleaning, as envd);
 * relative ⇒ joined to the **user's home** (not the workdir) and cleaned.
 """
@@ -25,7 +25,7 @@ def expand_and_resolve(path: str, user: User, default_workdir: str | None = None
             return user.home
         if not path.startswith("~/"):
             raise RpcError(Code.INVALID_ARGUMENT, f"cannot expand user-specific home dir: '{path}'")
-        path = os.path.join(user.home, path[2:])
+        path = os.path.normpath(os.path.join(user.home, path[2:]))  # envd's filepath.Join cleans
     if os.path.isabs(path):
         return path
     return os.path.normpath(os.path.join(user.home, path))
