@@ -646,7 +646,8 @@ def test_a_data_dir_on_a_volume_unmounted_for_now_is_not_taken_for_deleted(tmp_p
     (the kernel hands out the lowest free one: two placeholder mounts take the ids the unmounts
     freed), as it would once anything else mounted meanwhile: before, the data dir deleted from it
     then was not taken for deleted (seen as a flake, when the kernel happened to give it its old
-    id back)."""
+    id back). Meanwhile another directory of the same file system bound at the volume's mount point
+    (the same device and mount point, another root) is not the volume either."""
     marks, backing, volume, root, hold = (tmp_path / n for n in ("marks", "backing", "volume", "root", "hold"))
     for directory in (backing, volume, root, hold / "1", hold / "2"):
         directory.mkdir(parents=True)
@@ -669,6 +670,13 @@ def test_a_data_dir_on_a_volume_unmounted_for_now_is_not_taken_for_deleted(tmp_p
         assert not below.exists() and volume.is_dir() and not (root / "sandboxd.db").exists()
         assert leftovers.sweep(lambda _: None, lambda _: None, marks, links=list, sandboxes=sandboxes) == []
         assert sandboxes.killed == []
+
+        # Another directory of the same file system bound at the volume's mount point: the same
+        # device and mount point, another root. The data dir is not deleted, it is not there.
+        mount("--bind", str(hold), str(volume))
+        assert leftovers.sweep(lambda _: None, lambda _: None, marks, links=list, sandboxes=sandboxes) == []
+        assert sandboxes.killed == []
+        umount(volume)
 
         mount("-t", "tmpfs", "-o", "size=1m", "sandboxd-test", str(hold / "1"))
         mount("-t", "tmpfs", "-o", "size=1m", "sandboxd-test", str(hold / "2"))

@@ -396,62 +396,81 @@ def _data_dir(mark: dict[str, object], instance: str) -> Path | None:
 
 def filesystem_of(path: Path) -> list[object]:
     """Where ``path`` is, as a mark records its data dir: its device number, and the mount it is
-    under (the mount point, and the kernel's id of that mount, from ``/proc/self/mountinfo``). The
-    device alone cannot tell a volume's mount point from the volume when both are on one file
-    system (a bind mount). The mount id is recorded, as marks always have, but not compared (see
-    :func:`_deleted`). ``OSError`` when ``path`` cannot be seen."""
+    under (the mount point, the kernel's id of that mount, and the directory of the file system
+    that mount shows at its point, from ``/proc/self/mountinfo``). The device alone cannot tell a
+    volume's mount point from the volume when both are on one file system (a bind mount), nor the
+    mount point and device a bind mount of another directory of that file system put there since.
+    The mount id is recorded, as marks always have, but not compared (see :func:`_same_mount`).
+    ``OSError`` when ``path`` cannot be seen."""
     device = os.stat(path).st_dev
-    mount_id, mount_point = _mount_of(os.path.abspath(path))
-    return [device, mount_point, mount_id]
+    mount_id, mount_point, root = _mount_of(os.path.abspath(path))
+    return [device, mount_point, mount_id, root]
 
 
-def _mount_of(path: str) -> tuple[int, str]:
+def _mount_of(path: str) -> tuple[int, str, str]:
     """The mount ``path`` (absolute, as the kernel spells it) is under: the longest mount point that
-    is it or one of its ancestors, the last one mounted there when several are (the top one)."""
-    best: tuple[int, str] = (-1, "")
+    is it or one of its ancestors, the last one mounted there when several are (the top one); its id,
+    its point, and its root (the directory of its file system it shows there)."""
+    best: tuple[int, str, str] = (-1, "", "")
     with open("/proc/self/mountinfo", "rb") as f:
         for line in f:
             fields = line.split(b" ", 5)
-            # The mount point's space, tab, newline and backslash are escaped as octal (\040).
-            point = os.fsdecode(_OCTAL.sub(lambda m: bytes([int(m[1], 8)]), fields[4]))
+            point = _unescape(fields[4])
             under = path == point or path.startswith(point.rstrip("/") + "/")
             if under and len(point) >= len(best[1]):
-                best = (int(fields[0]), point)
+                best = (int(fields[0]), point, _unescape(fields[3]))
     if best[0] < 0:
         raise OSError(f"no mount of {path} in /proc/self/mountinfo")
     return best
 
 
+def _unescape(field: bytes) -> str:
+    """A path of ``/proc/self/mountinfo``: its space, tab, newline and backslash escaped as octal (\\040)."""
+    return os.fsdecode(_OCTAL.sub(lambda m: bytes([int(m[1], 8)]), field))
+
+
 def _data_fs(mark: dict[str, object]) -> list[object] | None:
     """Where a mark records its data dir (:func:`filesystem_of`); ``None`` for a mark from before
-    marks recorded it, or one that is not a device number, an absolute path and a mount id."""
+    marks recorded it, or one that is not a device number, an absolute path, a mount id and (since
+    marks record it) the mount's root."""
     recorded = mark.get("data_fs")
-    if not isinstance(recorded, list) or len(recorded) != 3:
+    if not isinstance(recorded, list) or len(recorded) not in (3, 4):
         return None
-    device, point, mount_id = recorded
+    device, point, mount_id = recorded[:3]
     if not all(isinstance(n, int) and not isinstance(n, bool) for n in (device, mount_id)):
         return None
     if not isinstance(point, str) or not point.startswith("/"):
         return None
-    return [device, point, mount_id]
+    if len(recorded) == 4 and not (isinstance(recorded[3], str) and recorded[3].startswith("/")):
+        return None
+    return list(recorded)
+
+
+def _same_mount(found: list[object], recorded: list[object]) -> bool:
+    """Whether ``found`` (:func:`filesystem_of`) is under the mount a mark recorded: the same device,
+    mount point and, when the mark has it, root. Not the mount id: a volume unmounted and mounted
+    again has a new one (or its old one, when the kernel hands the freed id out again), and it is
+    the same volume (an anonymous device, a tmpfs's, is reused only once the tmpfs it numbered is
+    gone, and its files with it). The root tells that volume from a bind mount of another directory
+    of its file system put at its point since."""
+    if found[:2] != recorded[:2]:
+        return False
+    return len(recorded) < 4 or found[3] == recorded[3]
 
 
 def _deleted(data_dir: Path, fs: list[object] | None) -> bool:
     """Whether a data dir that cannot be found was deleted, rather than is not there for now: only
-    when its nearest ancestor that can be seen is on the device and under the mount point the data
-    dir was (``fs``). A volume unmounted at its mount point leaves the path's upper part under
+    when its nearest ancestor that can be seen is under the mount the data dir was (``fs``,
+    :func:`_same_mount`). A volume unmounted at its mount point leaves the path's upper part under
     another mount (the mount point's directory, or the mount point gone too): its data dir may come
-    back, with its sandboxes' rows, so they are not killed (``fixes35``). The mount id is not
-    compared: a volume unmounted and mounted again has a new one (or its old one, when the kernel
-    hands the freed id out again), and a data dir missing from it was deleted all the same (an
-    anonymous device, a tmpfs's, is reused only once the tmpfs it numbered is gone, and its files
-    with it). Without ``fs`` (a mark from before marks recorded it) it cannot be told: not deleted."""
+    back, with its sandboxes' rows, so they are not killed (``fixes35``). Without ``fs`` (a mark
+    from before marks recorded it) it cannot be told: not deleted."""
     if fs is None:
         return False
     ancestor = data_dir.parent
     while True:
         try:
-            return filesystem_of(ancestor)[:2] == fs[:2]
+            return _same_mount(filesystem_of(ancestor), fs)
         except FileNotFoundError:
             if ancestor.parent == ancestor:
                 return False
@@ -475,9 +494,9 @@ def _adoptable(data_dir: Path | None, stopped: bool = False, fs: list[object] | 
         return set() if _deleted(data_dir, fs) else None
     except OSError:
         return None
-    if fs is not None and found[:2] != fs[:2]:
-        # Another device or mount there now: the volume's mount point without the volume. (A new
-        # mount id alone is the volume mounted again.)
+    if fs is not None and not _same_mount(found, fs):
+        # Another device or mount there now: the volume's mount point without the volume, or
+        # another directory mounted there. (A new mount id alone is the volume mounted again.)
         return None
     database = data_dir / store.DATABASE
     try:
