@@ -875,8 +875,10 @@ def test_a_create_cancelled_as_its_init_returns_closes_the_connection_it_returne
             return ours
 
         manager = types.SimpleNamespace(_ending={}, _keep_init_connection=lambda _id, conn: kept.append(conn))
-        up = asyncio.ensure_future(SandboxManager._agent_up(manager, "sbx", None, init()))  # type: ignore[arg-type]
-        await returned.wait()
+        running = types.SimpleNamespace(is_running=lambda: True)  # the sandbox's init, still running
+        up = asyncio.ensure_future(SandboxManager._agent_up(manager, "sbx", running, init()))  # type: ignore[arg-type]
+        async with asyncio.timeout(10):  # a failure, not a hang, if _agent_up never awaits init
+            await returned.wait()
         up.cancel()  # before _agent_up resumes from its wait
         with pytest.raises(asyncio.CancelledError):
             await up
@@ -908,8 +910,10 @@ def test_a_create_cancelled_while_its_init_answers_closes_the_connection_init_re
             return ours
 
         manager = types.SimpleNamespace(_ending={}, _keep_init_connection=lambda _id, conn: kept.append(conn))
-        up = asyncio.ensure_future(SandboxManager._agent_up(manager, "sbx", None, init()))  # type: ignore[arg-type]
-        await waiting.wait()
+        running = types.SimpleNamespace(is_running=lambda: True)  # the sandbox's init, still running
+        up = asyncio.ensure_future(SandboxManager._agent_up(manager, "sbx", running, init()))  # type: ignore[arg-type]
+        async with asyncio.timeout(10):
+            await waiting.wait()
         up.cancel()
         with pytest.raises(asyncio.CancelledError):
             await up
