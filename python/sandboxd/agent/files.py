@@ -505,7 +505,8 @@ class _Upload:
         self.state = state
         self.metadata = metadata
         self.sinks: list[_Sink] = []
-        self._placed: set[str] = set()  # each part's path, as the kernel resolves it
+        self._placed: set[str] = set()  # the paths of the parts before, as the kernel resolves them
+        self._placed_parts = 0  # how many parts' paths are in _placed
 
     def _refuse_file_under_file(self, target: str) -> None:
         """A part inside a file an earlier part of this upload writes: its parent directories would
@@ -515,7 +516,15 @@ class _Upload:
         directory when it opens. envd writes the earlier file and fails on this one. On the paths
         as the kernel resolves them (symlinks, then ``..``), not as text: ``link/../x/y`` is not
         inside ``x`` when ``link`` is a directory elsewhere, ``alias/x/y`` is when ``alias`` is
-        ``x``'s directory."""
+        ``x``'s directory. Looked at from the second part on: a one-file upload walks no path."""
+        if not self.sinks:
+            return
+        for sink in self.sinks[self._placed_parts :]:
+            path = sink.writer.path
+            # Where its rename lands: the link replaced (a dangling one) or its target (AtomicWriter).
+            self._placed.add(os.path.join(os.path.realpath(os.path.dirname(path)), os.path.basename(path)))
+            self._placed.add(os.path.realpath(path))
+        self._placed_parts = len(self.sinks)
         parent = os.path.realpath(os.path.dirname(target))
         while parent not in ("/", "//", ""):
             if parent in self._placed:
@@ -563,9 +572,6 @@ class _Upload:
             raise from_os_error(exc, f"error opening '{target}' for writing") from None
         sink = _Sink(writer)
         self.sinks.append(sink)
-        # Where the rename puts it: the link replaced (a dangling one) or its target (see AtomicWriter).
-        self._placed.add(os.path.join(os.path.realpath(os.path.dirname(writer.path)), os.path.basename(writer.path)))
-        self._placed.add(os.path.realpath(writer.path))
         return sink
 
     async def commit(self) -> list[dict[str, object]]:
