@@ -50,6 +50,16 @@ def head(query: str, length: int) -> bytes:
     ).encode()
 
 
+def posted(agent: Agent, body: bytes) -> tuple[int, bytes]:
+    """``POST /files`` of a multipart ``body`` on a connection of its own: the answer's status and
+    body. A refusal may come, and the connection close, before the body is all sent."""
+    with connection(agent) as (s, f):
+        with contextlib.suppress(OSError):
+            s.sendall(head("", len(body)) + body)
+        status, _, answer = read_response(f)
+    return status, answer
+
+
 def test_several_files_in_one_body_arrive_byte_exact(agent: Agent, workdir: Path) -> None:
     first = pattern(5 * MiB + 7)
     # Data holding the delimiter's first bytes, cut short and whole but for its last byte.
@@ -186,10 +196,7 @@ def test_a_part_inside_an_earlier_parts_file_is_refused_before_anything_is_writt
         part(pattern(padding + 20), str(workdir / "x")),
         part(pattern(padding + 30), str(workdir / "x" / ".." / "x" / "y")),
     )
-    with connection(agent) as (s, f):
-        with contextlib.suppress(OSError):
-            s.sendall(head("", len(body)) + body)
-        status, _, answer = read_response(f)
+    status, answer = posted(agent, body)
     assert (workdir / "a.bin").read_bytes() == b"old", answer
     assert status == 400 and b"which this upload writes as a file: nothing was written" in answer, answer
     assert settled_listing(workdir, ["a.bin"]) == ["a.bin"]
@@ -210,9 +217,7 @@ def test_a_part_is_inside_an_earlier_parts_file_as_the_kernel_resolves_its_path(
         part(pattern(padding + 10), str(workdir / "x")),
         part(pattern(padding + 20), str(workdir / "link" / ".." / "x" / "y")),
     )
-    with connection(agent) as (s, f):
-        s.sendall(head("", len(body)) + body)
-        status, _, answer = read_response(f)
+    status, answer = posted(agent, body)
     assert status == 200, answer
     assert (workdir / "x").read_bytes() == pattern(padding + 10)
     assert (workdir / "deep" / "x" / "y").read_bytes() == pattern(padding + 20)
@@ -221,10 +226,7 @@ def test_a_part_is_inside_an_earlier_parts_file_as_the_kernel_resolves_its_path(
         part(pattern(padding + 10), str(workdir / "z")),
         part(pattern(padding + 20), str(workdir / "alias" / "z" / "y")),
     )
-    with connection(agent) as (s, f):
-        with contextlib.suppress(OSError):
-            s.sendall(head("", len(body)) + body)
-        status, _, answer = read_response(f)
+    status, answer = posted(agent, body)
     assert status == 400 and b"which this upload writes as a file: nothing was written" in answer, answer
     assert settled_listing(workdir, ["alias", "deep", "link", "x"]) == ["alias", "deep", "link", "x"]
 
@@ -243,10 +245,7 @@ def test_a_part_whose_path_ends_in_a_slash_is_refused_before_anything_is_written
         part(pattern(padding + 10), str(workdir / "a.bin")),
         part(pattern(padding + 20), str(workdir / "x") + suffix),
     )
-    with connection(agent) as (s, f):
-        with contextlib.suppress(OSError):
-            s.sendall(head("", len(body)) + body)
-        status, _, answer = read_response(f)
+    status, answer = posted(agent, body)
     assert (workdir / "a.bin").read_bytes() == b"old", answer
     assert status == 400 and b"is a directory" in answer, answer
     assert settled_listing(workdir, ["a.bin"]) == ["a.bin"]
