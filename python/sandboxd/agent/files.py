@@ -526,7 +526,7 @@ class _Upload:
             self._placed.add(os.path.realpath(path))
         self._placed_parts = len(self.sinks)
         parent = os.path.realpath(os.path.dirname(target))
-        while parent not in ("/", "//", ""):
+        while parent != "/":  # realpath: absolute and clean
             if parent in self._placed:
                 raise RpcError(
                     Code.INVALID_ARGUMENT,
@@ -607,9 +607,10 @@ def _renamable(writers: list[_core.AtomicWriter]) -> list[bool]:
     What the sandbox changed while the body arrived (a directory made where a file goes, a temporary
     file removed) is refused here, before anything is renamed; only a change in the moment between
     this look and the renames is not."""
-    existed: list[bool] = []
+    found: list[bool] = []
     for writer in writers:
-        if os.path.isdir(writer.path):
+        existed = os.path.lexists(writer.path)  # a new file's target: one look, not two
+        if existed and os.path.isdir(writer.path):
             raise RpcError(
                 Code.INVALID_ARGUMENT,
                 f"path '{writer.path}' is a directory (made while the upload arrived): nothing was written",
@@ -619,8 +620,8 @@ def _renamable(writers: list[_core.AtomicWriter]) -> list[bool]:
                 Code.ABORTED,
                 f"the temporary file for '{writer.path}' was removed while the upload arrived: nothing was written",
             )
-        existed.append(os.path.lexists(writer.path))
-    return existed
+        found.append(existed)
+    return found
 
 
 def _commit_all(writers: list[_core.AtomicWriter], metadata: dict[str, str]) -> None:
