@@ -655,12 +655,13 @@ def _zygote_settled(rt: Runtime, timeout_s: float = 5.0) -> None:
     """Wait (at most ``timeout_s``) until the zygote has one child, its spare fork, and no other: a
     fork on its way out of an earlier create or kill, caught by one snapshot and gone by the next,
     moved its pages from "before" to nowhere (one run counted 8 new processes for 5 sandboxes, and
-    half the PSS)."""
+    half the PSS). One, not none: the spare is forked a moment after the last create's fork has
+    exited (``zygote.SPARE_DELAY_S``), and one forked between the snapshots would count as theirs."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         zygote = rt.zygote()
         with contextlib.suppress(psutil.Error):
-            if zygote is None or len(zygote.children()) <= 1:
+            if zygote is None or len(zygote.children()) == 1:
                 return
         time.sleep(0.05)
 

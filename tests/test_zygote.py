@@ -168,6 +168,39 @@ def spare_of(zygote_pid: int, timeout: float = 60) -> int:
     raise AssertionError(f"the zygote has no single spare: children {children}")
 
 
+def test_the_next_spare_waits_out_the_delay_and_a_create_meanwhile_forks_its_own(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A create's "A" exits once its agent runs, which is when the agent starts, the runtime links it
+    # and the client's first command comes: the next spare's fork waits SPARE_DELAY_S (here 2 s) so
+    # as not to take a CPU from them, and a create in the meantime is served by a fork on the spot.
+    monkeypatch.setenv("SANDBOXD_SPARE_DELAY_S", "2")
+    sock, process = zygote.start()
+    children = Path(f"/proc/{process.pid}/task/{process.pid}/children")
+
+    def without_children() -> float:
+        deadline = time.monotonic() + 30
+        while children.read_text().split():
+            assert time.monotonic() < deadline, children.read_text()
+            time.sleep(0.005)
+        return time.monotonic()
+
+    try:
+        first = spare_of(process.pid)  # the first is forked at once
+        assert "must be 1-64 bytes" in ask(sock, refused("bad/spare", tmp_path))["error"]
+        without_children()  # its A has exited
+        time.sleep(0.5)
+        assert children.read_text().split() == [], "a spare forked within the delay"
+        answer = ask(sock, refused("bad/on-the-spot", tmp_path))
+        assert answer["id"] == "bad/on-the-spot" and "must be 1-64 bytes" in answer["error"], answer
+        gone = without_children()
+        second = spare_of(process.pid)
+        assert second != first and time.monotonic() - gone >= 1.5
+    finally:
+        sock.close()
+        assert process.wait(timeout=30) == 0
+
+
 def test_the_spare_holds_none_of_the_zygotes_descriptors(
     zygote_process: tuple[socket.socket, subprocess.Popen[bytes]], tmp_path: Path
 ) -> None:

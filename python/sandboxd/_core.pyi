@@ -187,6 +187,7 @@ def zygote_serve(
     sock: int,
     spare: Callable[[int, int, bytes | None], object],
     sandbox: Callable[[bytes, list[int], int, int], object],
+    spare_delay: float = 0.0,
 ) -> None:
     """The zygote's serve loop, which runs no Python in this process (``sandboxd.runtime.zygote.serve``):
     answer the create requests on ``sock`` (JSON, one per ``SOCK_SEQPACKET`` message, the disk and
@@ -194,7 +195,9 @@ def zygote_serve(
     last_request)`` runs in each spare fork, ``sandbox(request, fds, log, report)`` in each fork made
     at request time; neither may return (a fork whose callback does exits with status 1). Each fork
     has closed ``sock`` and the other creates' report pipes, and reset the interpreter as
-    ``os.fork()``'s child does. ``ValueError`` for a request that is not JSON or has no ``id``."""
+    ``os.fork()``'s child does. A spare is forked at once, then ``spare_delay`` seconds after each
+    create's "A" has exited with no other in flight (0 to 60). ``ValueError`` for a request that is
+    not JSON or has no ``id``, or a ``spare_delay`` out of range."""
 
 def default_ignored_glibc_signals() -> None:
     """Set glibc's two internal signals (32: ``SIGCANCEL``, 33: ``SIGSETXID``), which ``signal``

@@ -12,14 +12,16 @@
 //!
 //! It keeps the Python loop's protocol and behaviour: one JSON request per `SOCK_SEQPACKET` message
 //! with the disk and the volumes' mounts as `SCM_RIGHTS`, one JSON answer per create, sent as soon as A
-//! has written its whole report line; A reaped at the EOF that follows; a spare forked whenever no
-//! create is in flight. JSON is read and written with `serde_json`.
+//! has written its whole report line; A reaped at the EOF that follows; a spare forked once no create
+//! has been in flight for `spare_delay` (at once when the zygote starts). JSON is read and written
+//! with `serde_json`.
 
 use std::collections::HashMap;
 use std::fs::OpenOptions;
 use std::io::{IoSlice, IoSliceMut};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, IntoRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::OpenOptionsExt;
+use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
 use nix::fcntl::OFlag;
@@ -69,8 +71,26 @@ struct Pending {
 /// cgroup it makes ahead) or None. `sandbox(request, fds, log, report)` runs in a fork made at
 /// request time: the request as received, its descriptors, the agent's log, the report pipe. Neither
 /// may return (they end with `os._exit`); one that does exits the fork with status 1.
+///
+/// The next spare is forked `spare_delay` seconds after the last create's A has exited, not at
+/// once: A exits once the sandbox's agent runs, which is when the agent starts, the runtime links
+/// the sandbox and sends its `/init`, and the client's first command comes; a fork of this large
+/// process beside them took a CPU they wait for on a 2-core host (`docs/benchmarks.md`, `cold19`).
+/// A request in the meantime forks its A on the spot, as a burst's do.
 #[pyfunction]
-fn zygote_serve(py: Python<'_>, sock: RawFd, spare: Py<PyAny>, sandbox: Py<PyAny>) -> PyResult<()> {
+#[pyo3(signature = (sock, spare, sandbox, spare_delay = 0.0))]
+fn zygote_serve(
+    py: Python<'_>,
+    sock: RawFd,
+    spare: Py<PyAny>,
+    sandbox: Py<PyAny>,
+    spare_delay: f64,
+) -> PyResult<()> {
+    if !(spare_delay.is_finite() && (0.0..=60.0).contains(&spare_delay)) {
+        return Err(PyValueError::new_err(
+            "spare_delay must be between 0 and 60 seconds",
+        ));
+    }
     // SAFETY: the caller's socket object holds `sock` open for the whole call.
     #[allow(unsafe_code)]
     let sock = unsafe { BorrowedFd::borrow_raw(sock) };
@@ -82,6 +102,8 @@ fn zygote_serve(py: Python<'_>, sock: RawFd, spare: Py<PyAny>, sandbox: Py<PyAny
         pending: HashMap::new(),
         spare: None,
         premake: None,
+        spare_delay: Duration::from_secs_f64(spare_delay),
+        spare_due: Instant::now(),
     };
     let result = lp.serve();
     if let Some(spare) = lp.spare.take() {
@@ -103,18 +125,28 @@ struct Loop<'py, 'fd> {
     spare: Option<Spare>,
     /// The last request that named an instance: what the next spare makes its cgroup with.
     premake: Option<Vec<u8>>,
+    spare_delay: Duration,
+    /// When the next spare is forked, if none is ready and no create is in flight: `spare_delay`
+    /// after the last create's A exited.
+    spare_due: Instant,
 }
 
 impl Loop<'_, '_> {
     fn serve(&mut self) -> PyResult<()> {
         let mut buf = vec![0u8; MAX_MESSAGE];
         loop {
+            let mut timeout = None;
             if self.spare.is_none() && self.pending.is_empty() {
-                // One that cannot be forked now (out of memory or processes) is not an error: the
-                // next create forks at request time, and answers an error if that fails too.
-                self.spare = self.fork_spare().ok();
+                let left = self.spare_due.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    // One that cannot be forked now (out of memory or processes) is not an error:
+                    // the next create forks at request time, and answers an error if that fails too.
+                    self.spare = self.fork_spare().ok();
+                } else {
+                    timeout = Some(left);
+                }
             }
-            let ready = self.wait_ready()?;
+            let ready = self.wait_ready(timeout)?;
             for fd in ready {
                 if fd == self.sock.as_raw_fd() {
                     if !self.request(&mut buf)? {
@@ -127,15 +159,20 @@ impl Loop<'_, '_> {
         }
     }
 
-    /// The descriptors that can be read now: the runtime's socket, A's report pipes.
-    fn wait_ready(&self) -> PyResult<Vec<RawFd>> {
+    /// The descriptors that can be read now (the runtime's socket, A's report pipes), waiting at
+    /// most `timeout` (rounded up to a millisecond) for one; none when it passes first.
+    fn wait_ready(&self, timeout: Option<Duration>) -> PyResult<Vec<RawFd>> {
+        let timeout = timeout.map_or(PollTimeout::NONE, |t| {
+            let ms = t.as_micros().div_ceil(1000).min(i32::MAX as u128);
+            PollTimeout::try_from(ms as i32).unwrap_or(PollTimeout::MAX)
+        });
         let mut fds = Vec::with_capacity(1 + self.pending.len());
         fds.push(PollFd::new(self.sock, PollFlags::POLLIN));
         for (pipe, _) in self.pending.values() {
             fds.push(PollFd::new(pipe.as_fd(), PollFlags::POLLIN));
         }
         loop {
-            match poll(&mut fds, PollTimeout::NONE) {
+            match poll(&mut fds, timeout) {
                 Ok(_) => break,
                 Err(Errno::EINTR) => continue,
                 Err(e) => return Err(PyOSError::new_err((e as i32, e.desc()))),
@@ -328,6 +365,9 @@ impl Loop<'_, '_> {
             return Ok(());
         };
         drop(pipe);
+        if self.pending.is_empty() {
+            self.spare_due = Instant::now() + self.spare_delay;
+        }
         wait(pending.pid);
         if !pending.answered {
             self.answer_report(&pending.id, &pending.said)?;

@@ -444,11 +444,32 @@ def serve(sock: socket.socket) -> None:
     that follows; an A that dies without a whole report is answered then, with what it said.
 
     A request goes to the spare (:func:`_spare`) if one is ready, else to an A forked for it
-    (:func:`_sandbox`); a new spare is forked when no create is in flight (every A has exited), so
-    its fork never competes with a create's own. Each fork closes the zygote's descriptors a sandbox
-    must not keep: the socket to the runtime (a process inside could otherwise forge answers) and
-    other creates' pipes."""
-    _core.zygote_serve(sock.fileno(), _spare, _sandbox)
+    (:func:`_sandbox`); a new spare is forked :data:`SPARE_DELAY_S` after no create is in flight
+    (every A has exited), so its fork competes neither with a create's own nor with what follows
+    it. Each fork closes the zygote's descriptors a sandbox must not keep: the socket to the runtime
+    (a process inside could otherwise forge answers) and other creates' pipes."""
+    _core.zygote_serve(sock.fileno(), _spare, _sandbox, spare_delay=_spare_delay())
+
+
+SPARE_DELAY_S = 0.02
+"""How long after the last create's "A" has exited the zygote forks its next spare. A exits once the
+sandbox's agent runs: then the agent starts, the runtime links the sandbox and sends its ``/init``,
+the create is answered and the client's first command comes, ~15-20 ms on a quiet 2-core host. A
+fork of the zygote (~3 ms of its CPU and ~3 of the spare's) beside them took a CPU they waited for.
+A create that comes sooner forks its A on the spot (~3 ms more for it), as a burst's do. Measured
+(``docs/benchmarks.md``, ``cold19``): 20 ms was the best of 10-60 ms both for creates 0.15 s apart and
+back to back (create, first command, kill), ~2.5-3.4 ms off a cold create→first command; 40 ms and
+more lose it back to back, where the next create then comes before its spare."""
+
+
+def _spare_delay() -> float:
+    """:data:`SPARE_DELAY_S`, or ``SANDBOXD_SPARE_DELAY_S`` (seconds, 0 to 60) where it is set: for
+    the benchmarks' A/B of the delay only, not a setting."""
+    raw = os.environ.get("SANDBOXD_SPARE_DELAY_S")
+    try:
+        return SPARE_DELAY_S if raw is None else min(60.0, max(0.0, float(raw)))
+    except ValueError:
+        return SPARE_DELAY_S
 
 
 ZYGOTE_ENV = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"}
@@ -460,10 +481,13 @@ no sandbox can read the runtime's command line, environment or memory (``--api-k
 def start() -> tuple[socket.socket, subprocess.Popen[bytes]]:
     """Start the zygote process; returns the runtime's end of its socket, and the process."""
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    env = dict(ZYGOTE_ENV)
+    if "SANDBOXD_SPARE_DELAY_S" in os.environ:  # the benchmarks' A/B (_spare_delay)
+        env["SANDBOXD_SPARE_DELAY_S"] = os.environ["SANDBOXD_SPARE_DELAY_S"]
     process = subprocess.Popen(
         [sys.executable, "-m", "sandboxd.runtime.zygote", str(theirs.fileno())],
         pass_fds=[theirs.fileno()],
-        env=ZYGOTE_ENV,
+        env=env,
         stdin=subprocess.DEVNULL,
         start_new_session=True,
     )
