@@ -216,6 +216,37 @@ def test_the_disk_pool_refills_at_a_lower_priority_and_makes_disks_on_demand_at_
     asyncio.run(run())
 
 
+def test_the_disk_pool_refills_a_while_after_a_take_and_at_once_when_empty(tmp_path: Path) -> None:
+    """A create takes its disk a few ms in, and its sandbox's start and first command follow: the
+    refill waits ``refill_delay`` after the last take (here 30 s) while a disk is left, and starts at
+    once when none is."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting disks needs root")
+
+    async def filled(pool: DiskPool, n: int) -> None:
+        deadline = time.monotonic() + 20  # well within the delay: not the delay's refill
+        while len(pool._ready) < n:
+            assert time.monotonic() < deadline, f"{len(pool._ready)} of {n} disks ready"
+            await asyncio.sleep(0.02)
+
+    async def run() -> None:
+        pool = DiskPool(tmp_path, 16, target=2, refill_delay=30.0)
+        await pool.start()
+        try:
+            await filled(pool, 2)  # the first fill does not wait
+            os.close(await pool.take(tmp_path / "a.img"))
+            await asyncio.sleep(1.0)
+            assert len(pool._ready) == 1, "refilled within the delay while a disk was left"
+            os.close(await pool.take(tmp_path / "b.img"))
+            await filled(pool, 1)  # empty: at once
+            await asyncio.sleep(0.5)
+            assert len(pool._ready) == 1, "the second refill did not wait for the delay"
+        finally:
+            await pool.stop()
+
+    asyncio.run(run())
+
+
 def _nice(thread: threading.Thread) -> int:
     assert thread.native_id is not None
     return os.getpriority(os.PRIO_PROCESS, thread.native_id)

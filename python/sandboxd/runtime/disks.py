@@ -54,9 +54,17 @@ side rather than a handful at a time as the default executor (cores + 4 threads)
 
 REFILL_NICE = 10
 """The niceness of the thread that refills the pool (the warm sandboxes' own, :mod:`.warm`). A refill
-(~1.5 ms of CPU: the copy, the loop device, the mount) starts as a create takes a disk, and so ran
+(~1.5 ms of CPU: the copy, the loop device, the mount) started as a create took a disk, and so ran
 beside that create's jail and agent start-up, each wanting one of a 2-core host's cores; niced, it
-takes what they leave. Disks made on demand (the pool empty) are made at the default priority."""
+takes what they leave of the runtime's share (and it now waits :data:`REFILL_DELAY_S` as well).
+Disks made on demand (the pool empty) are made at the default priority."""
+
+REFILL_DELAY_S = 0.025
+"""A refill starts this long after the last take, not at once, while the pool still has a disk: a
+create takes its disk ~4 ms in, and its jail, its agent's start, its ``/init`` and the client's first
+command follow within ~20 ms on a quiet 2-core host. Even niced, a refill beside them took a CPU they
+waited for: its nice weighs only against the runtime's own threads, not the zygote's or the new
+sandbox's groups. An empty pool refills at once. Measured (``docs/benchmarks.md``, ``cold19``)."""
 
 REFILL_RETRY_S = 5.0
 """Wait before retrying after a refill failed (no loop device free, disk full): a failure that lasts
@@ -66,10 +74,14 @@ would otherwise spin; creates meanwhile make their disks themselves and report t
 class DiskPool:
     """Disks of ``size_mb`` MiB, ready to be given to new sandboxes."""
 
-    def __init__(self, data_dir: Path, size_mb: int, target: int = POOL_SIZE) -> None:
+    def __init__(
+        self, data_dir: Path, size_mb: int, target: int = POOL_SIZE, refill_delay: float = REFILL_DELAY_S
+    ) -> None:
         self.dir = data_dir / "disks"
         self.size_mb = size_mb
         self.target = target
+        self.refill_delay = refill_delay
+        self._taken_at = -refill_delay
         self.template = self.dir / f"template-{FORMAT}-{size_mb}m.img"
         self._ready: deque[tuple[Path, int]] = deque()
         self._wake = asyncio.Event()
@@ -108,6 +120,7 @@ class DiskPool:
     async def take(self, dest: Path) -> int:
         """A mounted disk for a new sandbox, whose image is moved to ``dest``. Returns the mount's
         descriptor: the caller owns it and closes it once the sandbox has started (or failed)."""
+        self._taken_at = time.monotonic()
         self._wake.set()
         if self._ready:
             path, fd = self._ready.popleft()
@@ -148,6 +161,12 @@ class DiskPool:
     async def _fill(self) -> None:
         while True:
             while len(self._ready) < self.target:
+                wait = self._taken_at + self.refill_delay - time.monotonic()
+                if wait > 0 and self._ready:  # an empty pool refills at once (REFILL_DELAY_S)
+                    self._wake.clear()  # a take meanwhile may empty it
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._wake.wait(), wait)
+                    continue
                 path = self.dir / f"pool-{self._next}.img"
                 self._next += 1
                 try:
