@@ -201,6 +201,17 @@ def test_the_next_spare_waits_out_the_delay_and_a_create_meanwhile_forks_its_own
         assert process.wait(timeout=30) == 0
 
 
+def test_the_spare_delay_is_shorter_on_a_host_with_more_cpus(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("SANDBOXD_SPARE_DELAY_S", raising=False)
+    assert zygote._spare_delay(1) == zygote._spare_delay(2) == zygote.SPARE_DELAY_S
+    assert zygote._spare_delay(8) == pytest.approx(zygote.SPARE_DELAY_S / 4)
+    assert 0 < zygote._spare_delay() <= zygote.SPARE_DELAY_S  # this host's
+    monkeypatch.setenv("SANDBOXD_SPARE_DELAY_S", "0")
+    assert zygote._spare_delay(2) == 0.0
+    monkeypatch.setenv("SANDBOXD_SPARE_DELAY_S", "not a number")
+    assert zygote._spare_delay(2) == zygote.SPARE_DELAY_S
+
+
 def test_the_spare_holds_none_of_the_zygotes_descriptors(
     zygote_process: tuple[socket.socket, subprocess.Popen[bytes]], tmp_path: Path
 ) -> None:

@@ -459,17 +459,23 @@ fork of the zygote (~3 ms of its CPU and ~3 of the spare's) beside them took a C
 A create that comes sooner forks its A on the spot (~3 ms more for it), as a burst's do. Measured
 (``docs/benchmarks.md``, ``cold19``): 20 ms was the best of 10-60 ms both for creates 0.15 s apart and
 back to back (create, first command, kill), ~2.5-3.4 ms off a cold create→first command; 40 ms and
-more lose it back to back, where the next create then comes before its spare."""
+more lose it back to back, where the next create then comes before its spare. Shorter on a host with
+more CPUs (:func:`_spare_delay`)."""
 
 
-def _spare_delay() -> float:
-    """:data:`SPARE_DELAY_S`, or ``SANDBOXD_SPARE_DELAY_S`` (seconds, 0 to 60) where it is set: for
-    the benchmarks' A/B of the delay only, not a setting."""
+def _spare_delay(cpus: int | None = None) -> float:
+    """:data:`SPARE_DELAY_S` on a host of 2 CPUs (or fewer) that this process may run on, shorter on
+    more (``2 / cpus`` of it): the fork competes less for a CPU there, and a create's next create, in
+    a loop of create, command and kill, comes sooner; one that comes before the spare is forked pays
+    the fork on its path instead. ``SANDBOXD_SPARE_DELAY_S`` (seconds, 0 to 60) where it is set: for
+    the benchmarks' A/B of the delay and the tests only, not a setting."""
     raw = os.environ.get("SANDBOXD_SPARE_DELAY_S")
-    try:
-        return SPARE_DELAY_S if raw is None else min(60.0, max(0.0, float(raw)))
-    except ValueError:
-        return SPARE_DELAY_S
+    if raw is not None:
+        with contextlib.suppress(ValueError):
+            return min(60.0, max(0.0, float(raw)))
+    if cpus is None:
+        cpus = len(os.sched_getaffinity(0))
+    return SPARE_DELAY_S * min(1.0, 2 / max(cpus, 1))
 
 
 ZYGOTE_ENV = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"}
