@@ -183,6 +183,33 @@ def test_the_parsers_rules_hold(agent: Agent, workdir: Path) -> None:
 
 
 @pytest.mark.parametrize("padding", [0, 2 * MiB], ids=["parser", "socket"])
+def test_a_refused_upload_takes_back_the_directories_it_made(agent: Agent, workdir: Path, padding: int) -> None:
+    """``x/y/z`` then ``x``: the first part made ``x`` and ``x/y`` for its file, and the second is
+    refused as a directory. Nothing of the upload is left, those directories included (envd makes
+    them, writes ``x/y/z`` and then fails); a directory that was there before stays."""
+    (workdir / "kept").mkdir()
+    body = multipart(
+        part(pattern(padding + 10), str(workdir / "kept" / "new" / "f")),
+        part(pattern(padding + 20), str(workdir / "x" / "y" / "z")),
+        part(pattern(padding + 30), str(workdir / "x")),
+    )
+    status, answer = posted(agent, body)
+    assert status == 400 and b"is a directory" in answer, answer
+    assert settled_listing(workdir, ["kept"]) == ["kept"]
+    assert settled_listing(workdir / "kept", []) == []
+
+
+def test_a_client_that_closes_halfway_leaves_no_directory_made_for_its_file(agent: Agent, workdir: Path) -> None:
+    body = multipart(part(pattern(4 * MiB), str(workdir / "a" / "b" / "c.bin")))
+    with connection(agent) as (s, _):
+        s.sendall(head("", len(body)) + body[: 2 * MiB])
+        s.shutdown(socket.SHUT_WR)
+        s.settimeout(5)
+        assert s.recv(100) == b""
+    assert settled_listing(workdir, []) == []
+
+
+@pytest.mark.parametrize("padding", [0, 2 * MiB], ids=["parser", "socket"])
 def test_a_part_inside_an_earlier_parts_file_is_refused_before_anything_is_written(
     agent: Agent, workdir: Path, padding: int
 ) -> None:

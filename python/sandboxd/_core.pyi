@@ -103,8 +103,10 @@ class AtomicWriter:
     which ``commit`` renames over the target. Until then the old file is untouched; ``abort`` (or
     garbage collection, or ``__exit__`` with an exception) removes the temporary file.
 
-    Missing parent directories are created (0755, chowned to uid/gid when running as root). An
-    existing target keeps its permission bits; a new one gets ``0o666 & ~umask``.
+    Missing parent directories are created (0755, chowned to uid/gid when running as root); an abort,
+    a failed seal or a failed commit removes them again while they are empty (abort the writers of
+    one upload last first). An existing target keeps its permission bits; a new one gets
+    ``0o666 & ~umask``.
     Raises ``IsADirectoryError`` when the target is a directory.
     """
 

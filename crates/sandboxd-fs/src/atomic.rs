@@ -28,7 +28,7 @@ use std::time::Duration;
 
 use crate::error::{Error, IoResultExt, Result};
 use crate::metadata::{Metadata, set_metadata_file};
-use crate::ops::{ensure_dirs, is_root};
+use crate::ops::{ensure_dirs, is_root, remove_made_dirs};
 use crate::splice::{self, Failure, Received};
 
 /// Mode of a new file before the umask, as envd's `os.OpenFile(..., 0o666)`.
@@ -64,6 +64,9 @@ pub struct AtomicWriter {
     gid: u32,
     /// Whether `commit` succeeded.
     committed: bool,
+    /// The parent directories `create` made for the file, root-most first: an abort removes them
+    /// again while they are empty.
+    made_dirs: Vec<PathBuf>,
 }
 
 impl AtomicWriter {
@@ -97,9 +100,11 @@ impl AtomicWriter {
             Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
             _ => PathBuf::from("."),
         };
-        if existing.is_none() {
-            ensure_dirs(&dir, uid, gid)?;
-        }
+        let made_dirs = if existing.is_none() {
+            ensure_dirs(&dir, uid, gid)?
+        } else {
+            Vec::new()
+        };
         let mode = existing
             .as_ref()
             .map_or(NEW_FILE_MODE, |m| m.mode() & 0o777);
@@ -120,7 +125,10 @@ impl AtomicWriter {
                 {
                     attempt += 1
                 }
-                Err(e) => return Err(Error::os(e, path)),
+                Err(e) => {
+                    remove_made_dirs(&made_dirs);
+                    return Err(Error::os(e, path));
+                }
             }
         };
         let writer = Self {
@@ -133,6 +141,7 @@ impl AtomicWriter {
             uid,
             gid,
             committed: false,
+            made_dirs,
         };
         if existing.is_some() {
             // The umask applied at open; an existing file's bits are kept exactly, as O_TRUNC would.
@@ -224,6 +233,7 @@ impl AtomicWriter {
             }
             Err(e) => {
                 let _ = fs::remove_file(&self.temp);
+                remove_made_dirs(&std::mem::take(&mut self.made_dirs));
                 Err(e)
             }
         }
@@ -233,7 +243,8 @@ impl AtomicWriter {
     /// the temporary file is closed. An upload of many files seals each as its part ends, so that it
     /// holds one descriptor at a time however many parts it has (not one per part until the
     /// commit, which let a body of 65,000 tiny parts use up the agent's descriptors). A failed seal
-    /// removes the temporary file: the writer is closed either way.
+    /// removes the temporary file (and the directories made for it, as an abort): the writer is
+    /// closed either way.
     pub fn seal(&mut self, metadata: &Metadata) -> Result<()> {
         let file = self.file.take().ok_or_else(|| Error::Closed {
             path: self.path.clone(),
@@ -247,22 +258,26 @@ impl AtomicWriter {
             Ok(()) => self.sealed = true,
             Err(_) => {
                 let _ = fs::remove_file(&self.temp);
+                remove_made_dirs(&std::mem::take(&mut self.made_dirs));
             }
         }
         result
     }
 
-    /// Removes the temporary file and leaves the target untouched. Does nothing once committed or
-    /// aborted.
+    /// Removes the temporary file, and the parent directories `create` made for it while they are
+    /// empty (another writer's file in one keeps it: abort the writers of an upload last first), and
+    /// leaves the target untouched. Does nothing once committed or aborted.
     pub fn abort(&mut self) -> Result<()> {
         let sealed = std::mem::take(&mut self.sealed);
         if self.file.take().is_none() && !sealed {
             return Ok(());
         }
-        match fs::remove_file(&self.temp) {
+        let removed = match fs::remove_file(&self.temp) {
             Err(e) if e.kind() != io::ErrorKind::NotFound => Err(Error::os(e, &self.temp)),
             _ => Ok(()),
-        }
+        };
+        remove_made_dirs(&std::mem::take(&mut self.made_dirs));
+        removed
     }
 }
 
@@ -377,6 +392,40 @@ mod tests {
         assert_eq!(fs::read(&target).unwrap(), b"new content");
         assert_eq!(fs::metadata(&target).unwrap().mode() & 0o777, 0o666);
         assert!(read_metadata(&target).is_empty());
+    }
+
+    #[test]
+    fn abort_removes_the_parents_it_made_while_empty_and_no_others() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::create_dir(dir.path().join("kept")).unwrap();
+        let mut w = AtomicWriter::create(&dir.path().join("kept/a/b/f"), 0, 0).unwrap();
+        w.write(b"partial").unwrap();
+        w.abort().unwrap();
+        assert_eq!(names(&dir.path().join("kept")), Vec::<String>::new());
+
+        // A file another writer put in one of them keeps it, and those above it: aborted last first,
+        // an upload's writers leave nothing.
+        let mut first = AtomicWriter::create(&dir.path().join("x/f1"), 0, 0).unwrap();
+        let mut second = AtomicWriter::create(&dir.path().join("x/y/f2"), 0, 0).unwrap();
+        second.write(b"2").unwrap();
+        first.abort().unwrap(); // first: x still holds y and f2's temporary file
+        assert!(dir.path().join("x/y").is_dir());
+        second.abort().unwrap();
+        assert!(!dir.path().join("x/y").exists());
+        assert!(dir.path().join("x").is_dir()); // made by the first, whose abort is over
+
+        let mut a = AtomicWriter::create(&dir.path().join("p/q/f1"), 0, 0).unwrap();
+        let mut b = AtomicWriter::create(&dir.path().join("p/q/r/f2"), 0, 0).unwrap();
+        b.abort().unwrap();
+        a.abort().unwrap();
+        assert!(!dir.path().join("p").exists());
+
+        // Committed: nothing is taken back.
+        let mut c = AtomicWriter::create(&dir.path().join("m/n/f"), 0, 0).unwrap();
+        c.write(b"kept").unwrap();
+        c.commit(&Metadata::new()).unwrap();
+        c.abort().unwrap();
+        assert_eq!(fs::read(dir.path().join("m/n/f")).unwrap(), b"kept");
     }
 
     #[test]

@@ -4,7 +4,7 @@
 use std::fs::{self, DirBuilder};
 use std::io;
 use std::os::unix::fs::{DirBuilderExt, chown};
-use std::path::{Component, Path};
+use std::path::{Component, Path, PathBuf};
 
 use crate::entry::{EntryInfo, entry_info};
 use crate::error::{Error, IoResultExt, Result};
@@ -62,10 +62,23 @@ pub fn remove_all(path: &Path) -> Result<()> {
 /// Creates `dir` and its missing ancestors, root-most first, as envd's `EnsureDirs`: each missing
 /// one is created with [`DIR_MODE`] and chowned to `uid`:`gid` when running as root. A directory
 /// created concurrently by someone else is accepted (and chowned, since its creator may not have
-/// yet). An existing non-directory (symlinks followed) is `ENOTDIR`.
-pub(crate) fn ensure_dirs(dir: &Path, uid: u32, gid: u32) -> Result<()> {
+/// yet). An existing non-directory (symlinks followed) is `ENOTDIR`. Returns the directories this
+/// call made, root-most first (not one made concurrently by someone else): what
+/// [`remove_made_dirs`] takes back. On an error (a disk full half-way) those it made are removed.
+pub(crate) fn ensure_dirs(dir: &Path, uid: u32, gid: u32) -> Result<Vec<PathBuf>> {
+    let mut made = Vec::new();
+    match make_missing(dir, uid, gid, &mut made) {
+        Ok(()) => Ok(made),
+        Err(e) => {
+            remove_made_dirs(&made); // a disk full half-way: none of them left behind
+            Err(e)
+        }
+    }
+}
+
+fn make_missing(dir: &Path, uid: u32, gid: u32, made: &mut Vec<PathBuf>) -> Result<()> {
     let root = is_root();
-    let mut current = std::path::PathBuf::new();
+    let mut current = PathBuf::new();
     for component in dir.components() {
         current.push(component);
         if !matches!(component, Component::Normal(_)) {
@@ -78,7 +91,7 @@ pub(crate) fn ensure_dirs(dir: &Path, uid: u32, gid: u32) -> Result<()> {
             Err(e) => return Err(Error::os(e, &current)),
         }
         match DirBuilder::new().mode(DIR_MODE).create(&current) {
-            Ok(()) => {}
+            Ok(()) => made.push(current.clone()),
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists && current.is_dir() => {}
             Err(e) => return Err(Error::os(e, &current)),
         }
@@ -87,6 +100,18 @@ pub(crate) fn ensure_dirs(dir: &Path, uid: u32, gid: u32) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Removes the directories [`ensure_dirs`] made (`made`, root-most first), deepest first, while they
+/// are empty: the first that is not (or is gone, or is no longer a directory: `rmdir` never follows
+/// a link at the name) stops it, and the ones above it stay. Best effort: what a failed upload
+/// made for its file and nothing else needs.
+pub(crate) fn remove_made_dirs(made: &[PathBuf]) {
+    for dir in made.iter().rev() {
+        if fs::remove_dir(dir).is_err() {
+            break;
+        }
+    }
 }
 
 #[cfg(test)]

@@ -630,7 +630,9 @@ def _commit_all(writers: list[_core.AtomicWriter], metadata: dict[str, str]) -> 
 
 
 def _abort_all(writers: list[_core.AtomicWriter]) -> None:
-    for writer in writers:
+    """Each writer's temporary file removed, and the directories it made for it: last first, so that
+    a directory an earlier part made is empty by the time its own writer takes it back."""
+    for writer in reversed(writers):
         with contextlib.suppress(OSError):
             writer.abort()
 
