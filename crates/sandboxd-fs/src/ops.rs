@@ -34,14 +34,19 @@ pub fn make_dir(path: &Path, uid: u32, gid: u32) -> Result<EntryInfo> {
 }
 
 /// Creates the destination's missing parents (as [`make_dir`] does), then `rename(2)`s `source`
-/// to `destination`, and describes the destination.
+/// to `destination`, and describes the destination. A rename that fails takes back the parents it
+/// made.
 ///
 /// A missing source is `ENOENT`; a rename across filesystems stays `EXDEV` (nothing is copied).
 pub fn rename(source: &Path, destination: &Path, uid: u32, gid: u32) -> Result<EntryInfo> {
-    if let Some(parent) = destination.parent() {
-        ensure_dirs(parent, uid, gid)?;
+    let made = match destination.parent() {
+        Some(parent) => ensure_dirs(parent, uid, gid)?,
+        None => Vec::new(),
+    };
+    if let Err(e) = fs::rename(source, destination).at2(source, destination) {
+        remove_made_dirs(&made); // a missing source leaves no directories made for it
+        return Err(e);
     }
-    fs::rename(source, destination).at2(source, destination)?;
     entry_info(destination)
 }
 
@@ -187,6 +192,9 @@ mod tests {
             (err.path(), err.path2()),
             (d.join("missing").as_path(), Some(d.join("z").as_path()))
         );
+        // A failed rename leaves none of the parents it made; those that were there stay.
+        rename(&d.join("missing"), &d.join("x/new/deeper/z"), 0, 0).unwrap_err();
+        assert!(d.join("x/y").is_dir() && !d.join("x/new").exists());
     }
 
     #[test]
