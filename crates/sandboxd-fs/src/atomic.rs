@@ -232,8 +232,7 @@ impl AtomicWriter {
                 Ok(())
             }
             Err(e) => {
-                let _ = fs::remove_file(&self.temp);
-                remove_made_dirs(&std::mem::take(&mut self.made_dirs));
+                let _ = self.discard();
                 Err(e)
             }
         }
@@ -257,8 +256,7 @@ impl AtomicWriter {
         match result {
             Ok(()) => self.sealed = true,
             Err(_) => {
-                let _ = fs::remove_file(&self.temp);
-                remove_made_dirs(&std::mem::take(&mut self.made_dirs));
+                let _ = self.discard();
             }
         }
         result
@@ -272,6 +270,13 @@ impl AtomicWriter {
         if self.file.take().is_none() && !sealed {
             return Ok(());
         }
+        self.discard()
+    }
+
+    /// Removes the temporary file (one already gone is not an error), then the parent directories
+    /// `create` made for it while they are empty: what an abort, a failed seal and a failed commit
+    /// leave behind, nothing.
+    fn discard(&mut self) -> Result<()> {
         let removed = match fs::remove_file(&self.temp) {
             Err(e) if e.kind() != io::ErrorKind::NotFound => Err(Error::os(e, &self.temp)),
             _ => Ok(()),
