@@ -1,6 +1,15 @@
 //! Flow control: the process is throttled to the pace of its most advanced live subscriber, a
 //! subscriber that stops reading delays it at most once by the stall timeout, slower subscribers
 //! are never waited for, and nobody is waited for when nobody is subscribed.
+//!
+//! A test that counts what a subscriber got takes its first subscriber from `spawn_subscribed`,
+//! as the agent does: subscribed after `spawn`, it could start after the ring had already let
+//! output go with nobody to wait for (a loaded host once descheduled the test's thread for the
+//! ~10 MiB it took, and the count came up short with no lag to show for it, as by design).
+//! Where two readers race, the one that must get everything reads once before the other
+//! subscribes: one that has never read is protected only while it leads, so when a loaded host
+//! (this binary's tests run side by side, in debug builds, on 2 CPUs) started its thread late and
+//! the other read first, it lost a 32 KiB chunk, by design (CI, 2026-12-04: `lost: 32768`).
 
 mod common;
 
@@ -46,6 +55,21 @@ fn drain(sub: &mut Subscriber) -> Seen {
     drain_paced(sub, 1 << 20, Duration::ZERO)
 }
 
+/// A subscriber's first read (some output, not the end), as bytes to add to what it reads next.
+fn first_read(sub: &mut Subscriber) -> u64 {
+    let batch = sub.recv(1 << 20, Some(Duration::from_secs(10)));
+    assert!(batch.lagged.is_none() && batch.end.is_none(), "{batch:?}");
+    batch.bytes() as u64
+}
+
+impl Seen {
+    /// What was seen, with `bytes` read before it.
+    fn after(mut self, bytes: u64) -> Seen {
+        self.got += bytes;
+        self
+    }
+}
+
 fn head(bytes: u64) -> SpawnOptions {
     sh(&format!("head -c {bytes} /dev/zero"))
 }
@@ -66,8 +90,7 @@ fn eager_subscriber_gets_all_of_200_mib_through_the_default_ring() {
     const TOTAL: u64 = 200 << 20;
     let opts = head(TOTAL);
     assert_eq!(opts.ring_bytes, DEFAULT_RING_BYTES);
-    let process = Process::spawn(&opts).unwrap();
-    let mut sub = process.subscribe(StartAt::Oldest).unwrap();
+    let (_process, mut sub) = Process::spawn_subscribed(&opts).unwrap();
     let seen = drain(&mut sub);
     assert_eq!((seen.got, seen.lost, seen.lags), (TOTAL, 0, 0), "{seen:?}");
     assert!(!sub.is_stalled());
@@ -78,8 +101,8 @@ fn slow_reader_throttles_the_process_and_loses_nothing_up_to_exit() {
     // The reader takes ~1 s for 8 MiB; the process has to wait for it, exits with its last
     // output still unread, and the reader still gets every byte, then the exit code.
     const TOTAL: u64 = 8 << 20;
-    let process = Process::spawn(&sh(&format!("head -c {TOTAL} /dev/zero; exit 0"))).unwrap();
-    let mut sub = process.subscribe(StartAt::Oldest).unwrap();
+    let (_process, mut sub) =
+        Process::spawn_subscribed(&sh(&format!("head -c {TOTAL} /dev/zero; exit 0"))).unwrap();
     let seen = drain_paced(&mut sub, 256 << 10, Duration::from_millis(30));
     assert_eq!((seen.got, seen.lost), (TOTAL, 0), "{seen:?}");
 }
@@ -89,13 +112,12 @@ fn slow_reader_of_a_pty_loses_nothing_up_to_eio() {
     // The same through a PTY: the child exits while the reader thread is throttled, and what the
     // line discipline still holds is read before EIO ends the stream.
     const TOTAL: u64 = 4 << 20;
-    let process = Process::spawn(&sh_pty(
+    let (_process, mut sub) = Process::spawn_subscribed(&sh_pty(
         &format!("stty raw -echo; head -c {TOTAL} /dev/zero"),
         80,
         24,
     ))
     .unwrap();
-    let mut sub = process.subscribe(StartAt::Oldest).unwrap();
     let seen = drain_paced(&mut sub, 256 << 10, Duration::from_millis(30));
     assert_eq!((seen.got, seen.lost), (TOTAL, 0), "{seen:?}");
 }
@@ -105,8 +127,7 @@ fn stalled_subscriber_alone_delays_the_process_once_then_lags() {
     const TOTAL: u64 = 32 << 20;
     let stall = Duration::from_millis(800);
     let started = Instant::now();
-    let process = Process::spawn(&with_stall(head(TOTAL), stall)).unwrap();
-    let mut idle = process.subscribe(StartAt::Oldest).unwrap();
+    let (process, mut idle) = Process::spawn_subscribed(&with_stall(head(TOTAL), stall)).unwrap();
     let end = process
         .wait(Some(Duration::from_secs(20)))
         .expect("process did not end");
@@ -135,8 +156,7 @@ fn stalled_subscriber_does_not_delay_a_reading_one() {
     // A stall timeout far longer than the run: any wait for the idle subscriber would show.
     let stall = Duration::from_secs(20);
     let started = Instant::now();
-    let process = Process::spawn(&with_stall(head(TOTAL), stall)).unwrap();
-    let mut idle = process.subscribe(StartAt::Oldest).unwrap();
+    let (process, mut idle) = Process::spawn_subscribed(&with_stall(head(TOTAL), stall)).unwrap();
     let mut eager = process.subscribe(StartAt::Oldest).unwrap();
     let reader = std::thread::Builder::new()
         .name("eager-reader".into())
@@ -192,8 +212,8 @@ fn dropping_or_closing_the_leading_subscriber_releases_the_process_at_once() {
     for close in [false, true] {
         // A timeout that never expires (and must not overflow a deadline computation).
         let stall = Duration::MAX;
-        let process = Process::spawn(&with_stall(head(16 << 20), stall)).unwrap();
-        let idle = process.subscribe(StartAt::Oldest).unwrap();
+        let (process, idle) =
+            Process::spawn_subscribed(&with_stall(head(16 << 20), stall)).unwrap();
         assert!(
             process.wait(Some(Duration::from_millis(300))).is_none(),
             "the process should be throttled while its only subscriber does not read"
@@ -260,12 +280,12 @@ fn a_reader_that_bursts_ahead_then_stalls_does_not_cost_a_steady_one_output() {
     const TOTAL: u64 = 48 << 20;
     let stall = Duration::from_millis(800);
     let started = Instant::now();
-    let process = Process::spawn(&with_stall(head(TOTAL), stall)).unwrap();
+    let (process, mut steady) = Process::spawn_subscribed(&with_stall(head(TOTAL), stall)).unwrap();
+    let first = first_read(&mut steady);
     let mut bursty = process.subscribe(StartAt::Oldest).unwrap();
-    let mut steady = process.subscribe(StartAt::Oldest).unwrap();
     let steady_reader = std::thread::Builder::new()
         .name("steady-reader".into())
-        .spawn(move || drain_paced(&mut steady, 256 << 10, Duration::from_millis(2)))
+        .spawn(move || drain_paced(&mut steady, 256 << 10, Duration::from_millis(2)).after(first))
         .unwrap();
     let bursty_reader = std::thread::Builder::new()
         .name("bursty-reader".into())
@@ -292,12 +312,12 @@ fn a_slower_reader_slows_a_faster_one_at_most_once() {
     const TOTAL: u64 = 64 << 20;
     let stall = Duration::from_millis(800);
     let started = Instant::now();
-    let process = Process::spawn(&with_stall(head(TOTAL), stall)).unwrap();
+    let (process, mut fast) = Process::spawn_subscribed(&with_stall(head(TOTAL), stall)).unwrap();
+    let first = first_read(&mut fast);
     let mut slow = process.subscribe(StartAt::Oldest).unwrap();
-    let mut fast = process.subscribe(StartAt::Oldest).unwrap();
     let fast_reader = std::thread::Builder::new()
         .name("fast-reader".into())
-        .spawn(move || drain(&mut fast))
+        .spawn(move || drain(&mut fast).after(first))
         .unwrap();
     let slow_reader = std::thread::Builder::new()
         .name("slow-reader".into())

@@ -67,8 +67,10 @@ fn parse(mut raw: &[u8]) -> (Vec<u8>, usize) {
 #[test]
 fn every_byte_arrives_framed_and_in_order_then_the_end() {
     const TOTAL: usize = 8 << 20;
-    let process = Process::spawn(&sh(&format!("head -c {TOTAL} /dev/zero"))).unwrap();
-    let mut sub = process.subscribe(StartAt::Oldest).unwrap();
+    // Subscribed from the start, as the agent is: a subscriber added after `spawn` could begin
+    // after output the ring had let go of with nobody to wait for (tests/flow.rs).
+    let (_process, mut sub) =
+        Process::spawn_subscribed(&sh(&format!("head -c {TOTAL} /dev/zero"))).unwrap();
     let (ours, mut theirs) = UnixStream::pair().unwrap();
     ours.set_nonblocking(true).unwrap();
     let cancel = EventFd::from_flags(EfdFlags::EFD_NONBLOCK).unwrap();
