@@ -69,16 +69,47 @@ _SIGNALS = {pb.SIGNAL_SIGKILL: signal.SIGKILL, pb.SIGNAL_SIGTERM: signal.SIGTERM
 class Entry:
     """A process the agent started, while it runs and for ``RETAIN_EXITED_S`` after it ends."""
 
-    process: _core.Process
-    config: pb.ProcessConfig
+    pid: int
+    process: _core.Process | None
+    """None once it has ended without output (:meth:`settle`): its end is then all there is to replay."""
+    config: pb.ProcessConfig | None
+    """What it was started with, for ``List``; None once it has ended (``List`` shows only running
+    processes, and an ended one is kept for ``RETAIN_EXITED_S`` for its output and end alone)."""
     tag: str | None
     deadline_timer: asyncio.TimerHandle | None = None
     ended_at: float | None = None
     """``time.monotonic()`` when the sweeper first saw the process ended."""
+    end_response: pb.ConnectResponse | None = None
+    """What ``Connect`` answers after the start event, once the process is let go of (shared by every
+    process that ended alike: :func:`_end_response`)."""
 
     @property
     def ended(self) -> bool:
-        return self.process.end() is not None
+        return self.process is None or self.process.end() is not None
+
+    def running(self) -> _core.Process:
+        """The process, for a call that needs it running (found so by ``_find``); the "exited" error if
+        it has ended and been let go of since."""
+        if self.process is None:
+            raise _exited(self.pid)
+        return self.process
+
+    def settle(self, without_output: bool = False) -> None:
+        """Let go of what only a running process needs, once it has ended: its config (its request's
+        whole message, ~0.5 KiB for a bare ``/bin/true``, more with an environment) and its deadline's
+        timer (whose callback holds the process, and which the loop keeps until it is due, a minute
+        for the SDK's default); and, ``without_output`` (its ``Start`` stream saw the end and not one
+        byte), the process itself (its output's ring and locks, ~0.4 KiB): a ``Connect`` then gets
+        the start and end events it would have got. An agent that ran a thousand commands held them
+        all for 30 s."""
+        self.config = None
+        if self.deadline_timer is not None:
+            self.deadline_timer.cancel()
+            self.deadline_timer = None
+        end = self.process.end() if without_output and self.process is not None else None
+        if end is not None:
+            self.end_response = _end_response(pb.ConnectResponse, end)
+            self.process = None
 
 
 def _end_event(end: _core.End) -> pb.ProcessEvent:
@@ -115,7 +146,10 @@ Response = TypeVar("Response", pb.StartResponse, pb.ConnectResponse)
 
 
 async def output_events(
-    begin: Callable[[], tuple[_core.Subscriber, Response]], response_type: type[Response], ctx: Context
+    begin: Callable[[], tuple[_core.Subscriber | Response, Response]],
+    response_type: type[Response],
+    ctx: Context,
+    ended: Callable[[bool], object] | None = None,
 ) -> AsyncGenerator[Response | NestedBytes, None]:
     """A process stream's responses: ``begin()``'s first (the start event), then for the data from
     its subscriber as it arrives, then for the end event. ``begin`` runs at the first iteration (a
@@ -126,7 +160,9 @@ async def output_events(
     stream in a batch (consecutive chunks, at most ``MAX_EVENT_BYTES``) is one data event, kept as
     :class:`NestedBytes` over the ring's own chunks (``OutputChunk``, lent without a copy): a binary
     Connect stream writes them to the socket as they are, a JSON one joins them for base64. A
-    subscriber that fell behind the ring ends with ``data_loss``.
+    subscriber that fell behind the ring ends with ``data_loss``. ``ended`` is called when the end
+    event is sent, with whether any output was. ``begin`` gives the end event in place of a
+    subscriber for a process that ended without output and was let go of (:meth:`Entry.settle`).
 
     The wake-up callback reads the eventfd as well as setting ``woken``: the fd is level-triggered
     and stays readable from the moment new output lands until the next ``next_batch``, so left
@@ -144,6 +180,10 @@ async def output_events(
     over again for the end event or a lag.
     """
     subscriber, first = begin()
+    if not isinstance(subscriber, _core.Subscriber):
+        yield first
+        yield subscriber
+        return
     loop = asyncio.get_running_loop()
     # What an asyncio.Event did, in fewer calls: ``woken`` is its flag (cleared before each
     # next_batch), ``waiter`` the future of a wait in progress.
@@ -177,6 +217,7 @@ async def output_events(
     try:
         yield first
         hand_off: HandOff | None = ctx.extras.get(HAND_OFF)
+        output = False
         while True:
             if flooding and hand_off is not None:
                 handed = await hand_off(pump, before, after)
@@ -194,7 +235,10 @@ async def output_events(
                 size += len(data) if isinstance(data, bytes) else sum(len(piece) for piece in data)
                 yield NestedBytes(response_type, _DATA_PATHS[stream], data)
             flooding = flooding or batch.more or size >= HAND_OFF_ABOVE
+            output = output or size > 0  # set before any hand-off: flooding needs a batch with data
             if batch.end is not None:
+                if ended is not None:
+                    ended(output)
                 yield _end_response(response_type, batch.end)
                 return
             if not batch.more and not woken:
@@ -383,7 +427,7 @@ class ProcessService:
 
     def _register(self, process: _core.Process, request: pb.StartRequest, ctx: Context) -> Entry:
         tag = request.tag if request.HasField("tag") else None
-        entry = Entry(process, request.process, tag)
+        entry = Entry(process.pid, process, request.process, tag)
         self.processes[process.pid] = entry
         remaining = ctx.time_remaining()
         if remaining is not None:
@@ -411,8 +455,7 @@ class ProcessService:
                 if entry.ended_at is None:
                     if entry.ended:
                         entry.ended_at = now
-                        if entry.deadline_timer is not None:
-                            entry.deadline_timer.cancel()
+                        entry.settle()
                 elif now - entry.ended_at >= RETAIN_EXITED_S:
                     del self.processes[pid]
                     forgotten = True
@@ -420,21 +463,30 @@ class ProcessService:
                 self.state.freed()  # their rings and records, freed long after their requests' trim
 
     def start(self, request: pb.StartRequest, ctx: Context) -> AsyncIterator[pb.StartResponse | NestedBytes]:
+        entry: Entry | None = None
+
         def begin() -> tuple[_core.Subscriber, pb.StartResponse]:
+            nonlocal entry
             process = self._spawn(request, ctx)
             subscriber = process.subscribe(True)
-            self._register(process, request, ctx)
+            entry = self._register(process, request, ctx)
             started = pb.ProcessEvent(start=pb.ProcessEvent.StartEvent(pid=process.pid))
             return subscriber, pb.StartResponse(event=started)
 
-        return output_events(begin, pb.StartResponse, ctx)
+        def ended(output: bool) -> None:
+            if entry is not None:
+                entry.settle(without_output=not output)
+
+        return output_events(begin, pb.StartResponse, ctx, ended)
 
     def connect(self, request: pb.ConnectRequest, ctx: Context) -> AsyncIterator[pb.ConnectResponse | NestedBytes]:
-        def begin() -> tuple[_core.Subscriber, pb.ConnectResponse]:
+        def begin() -> tuple[_core.Subscriber | pb.ConnectResponse, pb.ConnectResponse]:
             entry = self._find(request.process)
-            subscriber = entry.process.subscribe(True)
-            pid = entry.process.pid
-            return subscriber, pb.ConnectResponse(event=pb.ProcessEvent(start=pb.ProcessEvent.StartEvent(pid=pid)))
+            started = pb.ConnectResponse(event=pb.ProcessEvent(start=pb.ProcessEvent.StartEvent(pid=entry.pid)))
+            if entry.process is None:
+                assert entry.end_response is not None  # set as the process is let go of
+                return entry.end_response, started
+            return entry.process.subscribe(True), started
 
         return output_events(begin, pb.ConnectResponse, ctx)
 
@@ -443,27 +495,32 @@ class ProcessService:
     async def list(self, request: pb.ListRequest, ctx: Context) -> pb.ListResponse:
         return pb.ListResponse(
             processes=[
-                pb.ProcessInfo(config=e.config, pid=pid, tag=e.tag) for pid, e in self.processes.items() if not e.ended
+                pb.ProcessInfo(config=e.config, pid=pid, tag=e.tag)
+                for pid, e in self.processes.items()
+                if e.config is not None and not e.ended
             ]
         )
 
     async def _write(self, entry: Entry, data: pb.ProcessInput) -> None:
         which = data.WhichOneof("input")
-        pid = entry.process.pid
+        pid = entry.pid
         if which is None:
             return
+        process = entry.running()  # a StreamInput's entry may have ended since its start message
         if which == "pty":
-            if not entry.process.has_pty:
+            if not process.has_pty:
                 raise RpcError(Code.FAILED_PRECONDITION, f"process {pid} has no PTY: send input as stdin")
-            writer, payload = entry.process.write_pty, data.pty
+            writer, payload = process.write_pty, data.pty
         else:
-            if entry.process.has_pty:
+            if process.has_pty:
                 raise RpcError(Code.FAILED_PRECONDITION, f"process {pid} runs in a PTY: send input as pty")
-            writer, payload = entry.process.write_stdin, data.stdin
+            writer, payload = process.write_stdin, data.stdin
         try:
             await asyncio.to_thread(writer, payload, STDIN_WRITE_TIMEOUT_S)
         except BrokenPipeError:
-            if which == "pty":  # it ended since _find looked: its master is closed with its end
+            # It ended since _find looked (a PTY's master is closed with its end; a StreamInput's
+            # entry was found at its start message): the answer _find gives an ended process.
+            if which == "pty" or entry.ended:
                 raise _exited(pid) from None
             raise RpcError(
                 Code.FAILED_PRECONDITION,
@@ -493,36 +550,36 @@ class ProcessService:
         return pb.StreamInputResponse()
 
     async def close_stdin(self, request: pb.CloseStdinRequest, ctx: Context) -> pb.CloseStdinResponse:
-        entry = self._find(request.process, running=True)
-        if entry.process.has_pty:
+        process = self._find(request.process, running=True).running()
+        if process.has_pty:
             raise RpcError(
                 Code.FAILED_PRECONDITION,
-                f"process {entry.process.pid} runs in a PTY, which has no stdin to close: send Ctrl-D (\\x04)",
+                f"process {process.pid} runs in a PTY, which has no stdin to close: send Ctrl-D (\\x04)",
             )
-        entry.process.close_stdin()
+        process.close_stdin()
         return pb.CloseStdinResponse()
 
     async def send_signal(self, request: pb.SendSignalRequest, ctx: Context) -> pb.SendSignalResponse:
         number = _SIGNALS.get(request.signal)
         if number is None:
             raise RpcError(Code.UNIMPLEMENTED, f"signal {request.signal} is not supported: use SIGTERM or SIGKILL")
-        entry = self._find(request.process, running=True)
+        process = self._find(request.process, running=True).running()
         try:
-            entry.process.signal(number)
+            process.signal(number)
         except ProcessLookupError:
-            raise _exited(entry.process.pid) from None
+            raise _exited(process.pid) from None
         return pb.SendSignalResponse()
 
     async def update(self, request: pb.UpdateRequest, ctx: Context) -> pb.UpdateResponse:
-        entry = self._find(request.process, running=True)
+        process = self._find(request.process, running=True).running()
         if request.HasField("pty"):
-            if not entry.process.has_pty:
-                raise RpcError(Code.FAILED_PRECONDITION, f"process {entry.process.pid} has no PTY to resize")
+            if not process.has_pty:
+                raise RpcError(Code.FAILED_PRECONDITION, f"process {process.pid} has no PTY to resize")
             size = request.pty.size
             if not size.cols or not size.rows:
                 raise RpcError(Code.INVALID_ARGUMENT, "pty.size needs non-zero cols and rows")
             try:
-                entry.process.resize(size.cols, size.rows)
+                process.resize(size.cols, size.rows)
             except BrokenPipeError:  # it ended since _find looked: its master is closed with its end
-                raise _exited(entry.process.pid) from None
+                raise _exited(process.pid) from None
         return pb.UpdateResponse()
