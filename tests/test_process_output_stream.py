@@ -583,7 +583,7 @@ def test_sigterm_stops_the_agent_within_its_grace_while_a_stalled_stream_is_hand
         started = time.monotonic()
         agent.process.terminate()
         with contextlib.suppress(subprocess.TimeoutExpired):
-            agent.process.wait(15)  # the grace (agent.server.SHUTDOWN_GRACE_S) with room to spare
+            agent.process.wait(15)  # the grace (agent.http_server.SHUTDOWN_GRACE_S) with room to spare
         took = time.monotonic() - started
     assert agent.process.returncode is not None, f"still running {took:.1f} s after SIGTERM"
 

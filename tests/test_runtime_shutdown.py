@@ -88,6 +88,46 @@ def test_a_stop_signal_while_an_answered_create_boots_keeps_its_sandbox_for_the_
         sbx.kill()
 
 
+def test_a_stop_signal_ends_the_runtime_while_a_client_holds_a_command_stream_open(
+    start_runtime: Callable[..., Runtime], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found by a benchmark's loop (stop 39): uvicorn waited, with no bound, for every open request to
+    end before the runtime's clean-up, and a stream through the proxy (a background command's, a
+    watch's, a terminal's) lasts as long as its client: on SIGTERM the runtime stopped listening and
+    never exited, its zygote, network helper and warm pool running on. Now the stream is cut after the
+    grace, the runtime exits 0 with no traceback in its log, and the sandbox and its command run on for
+    the restarted runtime."""
+    from e2b import Sandbox
+    from sandboxd.agent.http_server import SHUTDOWN_GRACE_S
+
+    runtime = start_runtime("--warm-sandboxes", "0")
+    for name, value in runtime.env().items():
+        monkeypatch.setenv(name, value)
+    sbx = Sandbox.create()
+    try:
+        command = sbx.commands.run("sleep 600", background=True)  # its output stream stays open
+        time.sleep(0.3)
+        started = time.monotonic()
+        runtime.process.send_signal(signal.SIGTERM)
+        try:
+            status = runtime.process.wait(SHUTDOWN_GRACE_S + 25)
+        except subprocess.TimeoutExpired:
+            runtime.process.kill()
+            runtime.process.wait()
+            runtime.restart()  # so that the sandbox is killed below
+            raise AssertionError("the runtime did not exit on SIGTERM while a command stream was open") from None
+        took = time.monotonic() - started
+        log = runtime.log.read_text()
+        assert status == 0, log[-3000:]
+        assert took >= SHUTDOWN_GRACE_S - 0.5, f"exited in {took:.1f} s: the stream was not waited for at all"
+        assert "Traceback" not in log and "Exception in ASGI application" not in log, log[-3000:]
+        runtime.restart()
+        running = [p for p in sbx.commands.list() if p.pid == command.pid]
+        assert running and running[0].args[-1] == "sleep 600", sbx.commands.list()
+    finally:
+        sbx.kill()
+
+
 def test_a_runtime_killed_while_an_answered_create_boots_ends_that_sandbox_when_it_starts_again(
     start_runtime: Callable[..., Runtime],
 ) -> None:

@@ -85,6 +85,15 @@ serves this request without the ASGI ``receive``/``send`` layers, or None to ser
 
 log = logging.getLogger("sandboxd.http")
 
+SHUTDOWN_GRACE_S = 5
+"""How long SIGTERM waits for requests in flight before uvicorn cancels them (its
+``timeout_graceful_shutdown``; unset, it waits for ever), in every server here: the agent, the runtime,
+the code interpreter. A process's output stream lasts as long as the process, a watch or a terminal as
+long as its client, and one whose client stopped reading as long as the socket stays full; without a
+bound one such stream kept the agent from ever exiting, and the runtime too (its proxy carries the
+same streams): it stopped listening and never got to its clean-up, its zygote, network helper and
+warm pool running on. 5 s lets requests that are about to end finish."""
+
 DEFAULT_MAX_CONNECTIONS = 4096
 """Open connections per server. The SDKs pool at most 200 connections per client
 (``E2B_MAX_CONNECTIONS``) and hold one per running background command; 4096 leaves room for many
@@ -1101,10 +1110,27 @@ def server_config(
         # No X-Forwarded-* rewriting of the client address: nothing reads it, and the middleware
         # that does it is one more coroutine and header scan on every request.
         proxy_headers=False,
+        timeout_graceful_shutdown=SHUTDOWN_GRACE_S,
         **logging_options,
     )
     limit_connections(config, limits)
+    error = logging.getLogger("uvicorn.error")
+    if not any(isinstance(f, _CutAtStop) for f in error.filters):
+        error.addFilter(_CutAtStop())
     return config
+
+
+class _CutAtStop(logging.Filter):
+    """Drops uvicorn's "Exception in ASGI application" for a request it cancelled itself: that happens
+    only at a stop, to the streams still open after the grace (:data:`SHUTDOWN_GRACE_S`: a background
+    command's, a watch's, a terminal's), whose end its own line already says ("Cancel N running
+    task(s)"). A traceback per stream would read as a fault of the server's. On the logger, so it
+    holds whoever's handlers carry the line (the runtime routes uvicorn's through its own)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        cut = isinstance(exc, asyncio.CancelledError)
+        return not (cut and record.getMessage().startswith("Exception in ASGI application"))
 
 
 def limit_connections(config: Any, limits: ConnectionLimits | None = None) -> None:

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from sandboxd import ENVD_VERSION, __version__, _core
 
 from .app import AgentApp
-from .http_server import ConnectionLimits, limit_connections
+from .http_server import SHUTDOWN_GRACE_S, ConnectionLimits, limit_connections
 from .idle import IdleTrim
 from .lean import openssl_blocked
 from .methods import build_methods, filesystem_later, process_methods
@@ -25,12 +25,6 @@ log = logging.getLogger("sandboxd.agent")
 
 OOM_SCORE_ADJ = -900
 """The agent's own OOM score: user processes (envd sets them to 100) die first under memory pressure."""
-
-SHUTDOWN_GRACE_S = 5.0
-"""How long SIGTERM waits for requests in flight before uvicorn cancels them (its
-``timeout_graceful_shutdown``; unset, it waits forever). A process's output stream lasts as long as the
-process, or as long as a client that stopped reading keeps the socket full, so without a bound one
-such stream kept the agent from ever exiting; 5 s lets requests that are about to end finish."""
 
 
 @dataclass
