@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
 import os
 import socket
+import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from sandboxd import ENVD_VERSION, __version__, _core
 
@@ -142,14 +145,10 @@ async def serve(options: AgentOptions) -> None:
         from .grpc_server import start_grpc
 
         grpc_server = await start_grpc(state, methods, options.host, options.grpc_port)
-    log.warning(
-        "sandboxd agent %s (envd %s) on http://%s:%d%s, default user %s",
-        __version__,
-        ENVD_VERSION,
-        options.host,
-        options.port,
-        f", gRPC on {options.host}:{options.grpc_port}" if grpc_server else "",
-        state.default_user,
+    grpc = f", gRPC on {options.host}:{options.grpc_port}" if grpc_server else ""
+    start_line(
+        f"sandboxd agent {__version__} (envd {ENVD_VERSION}) on http://{options.host}:{options.port}{grpc}, "
+        f"default user {state.default_user}"
     )
     try:
         await prepared.server.serve([options.listener] if options.listener is not None else None)
@@ -159,12 +158,53 @@ async def serve(options: AgentOptions) -> None:
             await grpc_server.stop(grace=1)
 
 
+LOG_FORMAT = "%(asctime)s %(name)s %(levelname)s %(message)s"
+
+
 def configure_logging() -> None:
-    """The agent's log lines (``<date> <time>,<ms> <logger> <LEVEL> <message>``, which the runtime's
-    ``sandbox logs`` parses), warnings and up, on stderr; once (later calls change nothing). The
-    zygote calls it after its preload, so a sandbox's agent does not build the handler (~0.4 ms in a
-    fresh fork)."""
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    """The agent's log lines (``<date> <time>,<ms> <logger> <LEVEL> <message>``, the time in UTC,
+    which is how the runtime's ``sandbox logs`` reads it), warnings and up, on stderr; once (later
+    calls change nothing). The zygote calls it after its preload, so a sandbox's agent does not build
+    the handler (~0.4 ms in a fresh fork).
+
+    UTC, not the local time ``logging`` writes by default: an agent forked from the zygote keeps the
+    zone the zygote's C library loaded from the host (``localtime_r`` never reads it again), and a
+    standalone agent has its template's ``/etc/localtime``; read as UTC, either zone put the agent's
+    lines hours away from the runtime's own on a host or template that is not on UTC."""
+    global _HANDLER
+    root = logging.getLogger()
+    if root.handlers:
+        return
+    _HANDLER = logging.StreamHandler()
+    formatter = logging.Formatter(LOG_FORMAT)
+    formatter.converter = time.gmtime
+    _HANDLER.setFormatter(formatter)
+    root.addHandler(_HANDLER)
+    root.setLevel(logging.WARNING)
+
+
+_HANDLER: logging.StreamHandler[Any] | None = None
+"""The handler :func:`configure_logging` made, if it made one (a process that embeds the agent may
+have configured ``logging`` its own way first)."""
+
+
+def start_line(message: str) -> None:
+    """The agent's one line at every start, as :func:`configure_logging` writes a warning (the
+    runtime's ``sandbox logs`` shows it), in one ``write`` of its own rather than through ``logging``:
+    the first record in a fresh fork of the zygote touches enough of ``logging``'s objects (each a
+    copy-on-write fault there) to take ~0.3-0.4 ms of the agent's start, and so of every cold create's
+    first command, where this write takes ~0.01 (``docs/benchmarks.md``, ``cold20``). A later
+    warning pays that, off that path. Through ``logging`` after all where it is not configured as
+    :func:`configure_logging` leaves it (a process that embeds the agent, a test's capture)."""
+    handler = _HANDLER
+    if handler is None or logging.getLogger().handlers != [handler] or not log.isEnabledFor(logging.WARNING):
+        log.warning("%s", message)
+        return
+    now = time.time()
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(now))
+    line = f"{stamp},{int(now * 1000) % 1000:03d} {log.name} WARNING {message}\n"
+    with contextlib.suppress(OSError, ValueError):  # as logging's: a closed stream loses the line, not the agent
+        os.write(handler.stream.fileno(), line.encode(errors="backslashreplace"))
 
 
 def run(options: AgentOptions, *, exits_after: bool = False) -> None:
