@@ -375,14 +375,22 @@ def _cold(flags: tuple[str, ...]) -> tuple[str, ...]:
 
 
 @pytest.fixture(scope="session")
-def start_runtime(tmp_path_factory: pytest.TempPathFactory, base_template: bool) -> Iterator[Callable[..., Runtime]]:
+def runtimes_started() -> list[Runtime]:
+    """Every runtime ``start_runtime`` has started this session, in order."""
+    return []
+
+
+@pytest.fixture(scope="session")
+def start_runtime(
+    tmp_path_factory: pytest.TempPathFactory, base_template: bool, runtimes_started: list[Runtime]
+) -> Iterator[Callable[..., Runtime]]:
     """A factory: ``start_runtime(*flags, tls=None, env=None, preexec_fn=None)`` → a running :class:`Runtime`
     with its own data dir, over the shared template store. ``tls``: an SSL context trusting the certificate
     the flags give it (``--tls-cert``/``--tls-key``); ``env``: variables added to its environment;
     ``preexec_fn``: run in the runtime's process before it starts (what its starter leaves it)."""
     if os.geteuid() != 0:
         pytest.skip("the runtime needs root (namespaces, overlayfs, cgroups)")
-    started: list[Runtime] = []
+    started = runtimes_started
 
     def start(
         *flags: str,
@@ -416,18 +424,42 @@ def start_runtime(tmp_path_factory: pytest.TempPathFactory, base_template: bool)
 
     yield start
     for runtime in started:
-        if runtime.process.poll() is None:
-            with httpx.Client(headers={"X-API-KEY": runtime.api_key}, verify=runtime.verify) as client:
-                try:
-                    for sandbox in client.get(f"{runtime.url}/v2/sandboxes", params={"limit": 100}).json():
-                        client.delete(f"{runtime.url}/sandboxes/{sandbox['sandboxID']}")
-                except (httpx.HTTPError, ValueError):
-                    pass
-            runtime.process.terminate()
-            try:
-                runtime.process.wait(10)
-            except subprocess.TimeoutExpired:
-                runtime.process.kill()
+        _stop(runtime)
+
+
+def _stop(runtime: Runtime) -> None:
+    """Kill a runtime's sandboxes, then stop it (SIGTERM; SIGKILL after 10 s); nothing if it has exited."""
+    if runtime.process.poll() is not None:
+        return
+    with httpx.Client(headers={"X-API-KEY": runtime.api_key}, verify=runtime.verify) as client:
+        try:
+            for sandbox in client.get(f"{runtime.url}/v2/sandboxes", params={"limit": 100}).json():
+                client.delete(f"{runtime.url}/sandboxes/{sandbox['sandboxID']}")
+        except (httpx.HTTPError, ValueError):
+            pass
+    runtime.process.terminate()
+    try:
+        runtime.process.wait(10)
+    except subprocess.TimeoutExpired:
+        runtime.process.kill()
+        runtime.process.wait()
+
+
+@pytest.fixture(autouse=True)
+def _stop_a_tests_own_runtimes(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Stop, at a test's end, the runtimes ``start_runtime`` started for it (by the test or by its
+    function-scoped fixtures); those of module- and session-scoped fixtures, set up before this, stay.
+    Before, every runtime lived until the session's end: ~50 at once by the suite's last third, each
+    with its zygote, disk pool and warm sandboxes, loading the host every later test ran on (CI78
+    failed on a race that only such a load opened)."""
+    if "start_runtime" not in request.fixturenames:
+        yield
+        return
+    started: list[Runtime] = request.getfixturevalue("runtimes_started")
+    before = len(started)
+    yield
+    for runtime in started[before:]:
+        _stop(runtime)
 
 
 @pytest.fixture(scope="session")

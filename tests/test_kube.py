@@ -252,21 +252,27 @@ def kube(
     run = f"t{uuid.uuid4().hex[:5]}"
     nodes: dict[str, Proc] = {}
     # node-c offers room for one sandbox only: the scheduler must treat it as full once it has one.
-    # node-b takes the port the kernel picks (--tunnel-port 0), and the replicas find it on its Node.
+    # node-b takes the port the kernel picks (--tunnel-port 0), and the replicas find it on its Node. It
+    # starts once the others listen on theirs: started before, the kernel once gave it the port picked
+    # for node-c, which then could not listen (CI82: "cannot listen ...: Address already in use").
+    ports = {"a": free_port(), "b": 0, "c": free_port()}
     for suffix, capacity in (("a", "50"), ("b", "50"), ("c", "1")):
         name = f"{run}-node-{suffix}"
-        tunnel_port = "0" if suffix == "b" else str(free_port())
         data_dir = tmp_path_factory.mktemp(name)
         args = [
             sys.executable, "-m", "sandboxd", "node", "--name", name, "--data-dir", str(data_dir),
             "--kubeconfig", str(kube_cluster.kubeconfig("sandboxd-node")), "--namespace", NAMESPACE,
-            "--tunnel-port", tunnel_port, "--max-sandboxes", capacity,
+            "--tunnel-port", str(ports[suffix]), "--max-sandboxes", capacity,
             "--sandbox-cpus", "1", "--sandbox-memory-mb", "512",
             "--dns-upstream", internet.web, "--egress-trust", str(internet.dir / "lab-ca.pem"),
         ]  # fmt: skip
-        proc = Proc(name, args, data_dir / "node.log", None)  # type: ignore[arg-type]
-        proc.start()
-        nodes[suffix] = proc
+        nodes[suffix] = Proc(name, args, data_dir / "node.log", None)  # type: ignore[arg-type]
+    for suffix in ("a", "c"):
+        nodes[suffix].start()
+    for suffix in ("a", "c"):
+        node = nodes[suffix]
+        _wait(f"node {node.name} listening", lambda p=ports[suffix], n=node: _listening(p) or _died(n))
+    nodes["b"].start()
     # Nodes never create Secrets: started before any replica, they wait for one to create their keys'.
     waited = _node_keys_absent(core)
     if waited:
@@ -294,6 +300,13 @@ def kube(
     finally:
         _teardown(env)
         api.close()
+
+
+def _listening(port: int) -> bool:
+    """Whether something listens on TCP ``port`` (``/proc/net/tcp``: state 0A; a probe that connects
+    would leave a connection in the listener's backlog)."""
+    lines = Path("/proc/net/tcp").read_text().splitlines()[1:]
+    return any(f.split()[1].endswith(f":{port:04X}") and f.split()[3] == "0A" for f in lines)
 
 
 def _died(proc: Proc) -> bool:

@@ -324,9 +324,13 @@ def test_a_runtime_killed_outright_is_cleaned_up_by_the_next_one(start_runtime: 
 
 
 def _sandbox_procs(data_dir: Path) -> dict[str, set[int]]:
-    """Each sandbox group of the runtime's instance, in every hierarchy, with the processes in it."""
+    """Each sandbox group of the runtime's instance, in every hierarchy, with the sandbox's processes
+    in it: those in a pid namespace of their own. Not the zygote's "A", which joins the group to make
+    the sandbox and exits once it has reported, possibly after the create is answered (on a busy host
+    it was still there, then gone, and read as a sandbox process a clean stop had killed)."""
     instance = instance_name(data_dir)
     root = Path("/sys/fs/cgroup")
+    host_pid_ns = os.readlink("/proc/self/ns/pid")
     found: dict[str, set[int]] = {}
     for base in (root, *root.iterdir()):
         group = base / "sandboxd" / instance
@@ -337,7 +341,15 @@ def _sandbox_procs(data_dir: Path) -> dict[str, set[int]]:
                 procs = found.setdefault(sandbox.name, set())
                 with contextlib.suppress(OSError):
                     procs.update(int(p) for p in (sandbox / "cgroup.procs").read_text().split())
-    return found
+    return {name: {pid for pid in procs if _pid_ns(pid) not in (host_pid_ns, None)} for name, procs in found.items()}
+
+
+def _pid_ns(pid: int) -> str | None:
+    """The pid namespace of ``pid``; None once it is gone."""
+    try:
+        return os.readlink(f"/proc/{pid}/ns/pid")
+    except OSError:
+        return None
 
 
 def _alive(pid: int) -> bool:
