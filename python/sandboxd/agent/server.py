@@ -15,7 +15,7 @@ from typing import Any
 from sandboxd import ENVD_VERSION, __version__, _core
 
 from .app import AgentApp
-from .http_server import SHUTDOWN_GRACE_S, ConnectionLimits, limit_connections
+from .http_server import ConnectionLimits, limit_connections
 from .idle import IdleTrim
 from .lean import openssl_blocked
 from .methods import build_methods, filesystem_later, process_methods
@@ -74,7 +74,6 @@ def prepare(host: str, port: int, connections: ConnectionLimits | None = None, *
     idle = IdleTrim()  # what tune_allocator's trim threshold keeps after a big request, given back when idle
     state.freed = idle.freed
     config = agent_settings(idle.wrap(AgentApp(state, methods, later)), host, port, connections)
-    config.timeout_graceful_shutdown = SHUTDOWN_GRACE_S
     return Prepared(state, methods, idle, config, AgentServer(config))
 
 

@@ -36,7 +36,13 @@ import sys
 import threading
 from typing import Any
 
-from .http_server import ConnectionLimits, GuardedHttpToolsProtocol, limit_connections, log_like_uvicorn
+from .http_server import (
+    SHUTDOWN_GRACE_S,
+    ConnectionLimits,
+    GuardedHttpToolsProtocol,
+    limit_connections,
+    log_like_uvicorn,
+)
 
 log = logging.getLogger("uvicorn.error")  # uvicorn's logger, as its server's messages
 
@@ -69,7 +75,7 @@ class ServerSettings:
         """The protocol class, with its :class:`~.http_server.ConnectionGuard` (``limit_connections``)."""
         self.backlog = 2048
         self.timeout_keep_alive = 5
-        self.timeout_graceful_shutdown: float | None = None
+        self.timeout_graceful_shutdown: float | None = SHUTDOWN_GRACE_S  # as server_config's, every server's
 
     def load(self) -> None:
         """Nothing to load (uvicorn's ``Config.load`` wraps and checks the app; the agent's needs neither)."""
