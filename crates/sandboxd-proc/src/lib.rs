@@ -122,7 +122,9 @@
 //! whole agent they do once the stdout pipe is enlarged to 1 MiB ([`STDOUT_PIPE_BYTES`], within a
 //! budget): the child and the reader thread then trade the CPU every MiB instead of every 64 KiB,
 //! so pipes read up to [`PIPE_CHUNK_BYTES`] (256 KiB; the buffer grows from 32 KiB only while
-//! reads fill it). The PTY stays at envd's 16 KiB: its line discipline hands over ~4 KiB per read
+//! reads fill it). A reader that empties a flooding pipe waits 50 µs before it polls again, so
+//! that its reads stay large instead of following the child 4 KiB at a time (`reader.rs`,
+//! `PIPE_FLOOD_NAP`). The PTY stays at envd's 16 KiB: its line discipline hands over ~4 KiB per read
 //! whatever the buffer. `SpawnOptions::read_chunk_bytes` overrides them. (The table predates the
 //! PTY's gathered reads, `reader::pump_pty`; docs/benchmarks.md, `pty2`, has those figures.)
 #![deny(unsafe_code)]
