@@ -9,6 +9,7 @@ errno → ``OSError`` subclasses naming the binary or cwd, ``LookupError`` for u
 from __future__ import annotations
 
 import asyncio
+import binascii
 import errno
 import io
 import json
@@ -622,3 +623,35 @@ def test_hold_free_chunks_leaves_later_allocations_to_the_heaps_top() -> None:
     assert seen["free_after"] <= 2  # the top, at most one chunk the report's own reading left
     assert seen["again"] < 8192  # nothing left to take
     assert seen["new_in_a_hole"] == 0  # later blocks come from the top, not the freed ones
+
+
+def test_base64_between_encodes_a_batchs_pieces_as_their_joined_bytes() -> None:
+    """The JSON streams' encoder (``Codec._encode_parts``) is given ``next_batch(views=True)``'s data
+    as it comes: ``OutputChunk`` views of the ring and the small reads between them, joined; its
+    result must be ``before + base64(all of it) + after`` whatever the pieces' sizes (3-byte groups
+    cross their edges)."""
+    script = "head -c 100001 /dev/urandom; printf ab; sleep 0.05; head -c 70000 /dev/urandom"
+    process = sh(script, path=PATH)
+    assert process.wait(10) is not None
+    before, after = b'{"event":{"data":{"stdout":"', b'"}}}'
+    kinds: set[str] = set()
+    with process.subscribe() as sub:
+        batch = sub.next_batch(views=True)
+        for _, data in batch.chunks:
+            pieces = [data] if isinstance(data, bytes) else data
+            kinds.update(type(piece).__name__ for piece in pieces)
+            joined = b"".join(pieces)
+            want = before + binascii.b2a_base64(joined, newline=False) + after
+            assert _core.base64_between(before, data, after) == want
+            assert _core.base64_between(before, tuple(pieces), after) == want
+    assert "OutputChunk" in kinds
+    assert _core.base64_between(b"", [], b"") == b""
+    for n in range(8):  # one-byte pieces: a group carried across several
+        data = bytes(range(n))
+        assert _core.base64_between(b"<", [data[i : i + 1] for i in range(n)], b">") == (
+            b"<" + binascii.b2a_base64(data, newline=False) + b">"
+        )
+    with pytest.raises(TypeError, match="bytes or OutputChunk, not str"):
+        _core.base64_between(b"", [b"ok", "text"], b"")
+    with pytest.raises(TypeError, match="list or tuple"):
+        _core.base64_between(b"", iter([b"a"]), b"")  # type: ignore[arg-type]

@@ -241,6 +241,12 @@ class OutputChunk:
     def __len__(self) -> int: ...
     def __buffer__(self, flags: int, /) -> memoryview: ...
 
+def base64_between(before: bytes, data: bytes | Sequence[object], after: bytes) -> bytes:
+    """``before + base64(data) + after`` (standard alphabet, padded) as one ``bytes``: process output
+    in a JSON stream, ``data`` as ``Subscriber.next_batch`` gives it (``bytes``, or a list or tuple of
+    ``bytes`` and ``OutputChunk`` that add up to it), encoded straight into the result. ``TypeError``
+    for any other kind of data."""
+
 class Batch:
     """What a subscriber may read now: lost output (if it fell behind), chunks, and the end."""
 

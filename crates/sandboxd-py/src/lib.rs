@@ -9,6 +9,7 @@
 #![deny(unsafe_code)]
 
 mod chunk;
+mod encode;
 mod errors;
 mod fs;
 mod jail;
@@ -23,6 +24,7 @@ use pyo3::prelude::*;
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    encode::register(m)?;
     fs::register(m)?;
     jail::register(m)?;
     net::register(m)?;

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import binascii
 import contextlib
 import json
 import struct
@@ -26,6 +25,7 @@ from typing import Any
 
 from google.protobuf.message import DecodeError, Message
 
+from .. import _core
 from .asgi import (
     BODY_FOLLOWS,
     BODY_PARTS,
@@ -113,9 +113,11 @@ class Codec:
         if isinstance(message, NestedBytes):
             if self.name == "proto":
                 return [message.proto_prefix(), *message.pieces]
-            # base64 has no characters JSON escapes, so the text goes between the names as it is.
+            # base64 has no characters JSON escapes, so the text goes between the names as it is;
+            # encoded in Rust from the ring's chunks straight into the one result (CPython's
+            # encoder is a byte-at-a-time loop: crates/sandboxd-py/src/encode.rs).
             before, after = message.json_affixes()
-            return [before + binascii.b2a_base64(message.payload, newline=False) + after]
+            return [_core.base64_between(before, message.data, after)]
         known = encoded_constant(message, self.name, self._encode)
         if known is not None:
             return [known]
