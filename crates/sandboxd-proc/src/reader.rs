@@ -133,14 +133,8 @@ pub(crate) fn pump(mut sources: Vec<(OwnedFd, Stream)>, chunk_bytes: usize, outp
     // Given back when this returns, once every source is closed.
     let mut stdout_pipe: Option<Option<Enlarged>> = None;
     let mut evicted = Vec::new();
-    // Whether stdout, emptied by the last wake-up, is flooding (then wait before the next poll).
     let mut clock = FloodClock::default();
-    let mut flooding = false;
     while !sources.is_empty() {
-        if flooding {
-            std::thread::sleep(PIPE_FLOOD_NAP);
-        }
-        flooding = false;
         let ready: Vec<bool> = {
             let mut fds: Vec<PollFd<'_>> = sources
                 .iter()
@@ -158,6 +152,8 @@ pub(crate) fn pump(mut sources: Vec<(OwnedFd, Stream)>, chunk_bytes: usize, outp
                 .collect()
         };
         let mut index = 0;
+        // Whether this wake-up emptied stdout while it floods: then wait before the next poll.
+        let mut flooding = false;
         sources.retain(|(fd, stream)| {
             let is_ready = ready[index];
             index += 1;
@@ -178,6 +174,9 @@ pub(crate) fn pump(mut sources: Vec<(OwnedFd, Stream)>, chunk_bytes: usize, outp
             }
             status != Status::Closed
         });
+        if flooding && !sources.is_empty() {
+            std::thread::sleep(PIPE_FLOOD_NAP);
+        }
     }
 }
 

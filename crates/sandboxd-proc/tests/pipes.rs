@@ -6,7 +6,7 @@ mod common;
 use std::io::ErrorKind;
 use std::time::{Duration, Instant};
 
-use common::{PATH, collect, eventually, is_dead, run, sh};
+use common::{PATH, collect, eventually, is_dead, read_to_end, run, sh};
 use sandboxd_proc::{Io, Process, Signal, SpawnError, SpawnOptions, StartAt, User};
 
 #[test]
@@ -328,23 +328,12 @@ fn hundred_concurrent_processes() {
 #[test]
 fn a_flood_written_4_kib_at_a_time_is_read_in_large_chunks() {
     const SIZE: usize = 8 << 20;
-    let (process, mut sub) =
+    let (process, sub) =
         Process::spawn_subscribed(&sh(&format!("head -c {SIZE} /dev/zero"))).expect("spawn");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let (mut bytes, mut chunks) = (0, 0);
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        assert!(!left.is_zero(), "process {} did not end", process.pid());
-        let batch = sub.recv(usize::MAX, Some(left));
-        assert!(batch.lagged.is_none(), "unexpected lag {:?}", batch.lagged);
-        chunks += batch.chunks.len();
-        bytes += batch.chunks.iter().map(|c| c.data.len()).sum::<usize>();
-        if let Some(end) = batch.end {
-            assert!(end.success(), "{end:?}");
-            break;
-        }
-    }
-    assert_eq!(bytes, SIZE);
+    let out = read_to_end(&process, sub, Duration::from_secs(20));
+    assert!(out.end().success(), "{:?}", out.end());
+    assert_eq!(out.stdout.len(), SIZE);
+    let chunks = out.chunks;
     // 64 KiB a chunk on average, sixteen of the child's writes. Measured: 35-49 chunks, quiet or
     // beside four busy loops; without the wait 230-412 on a quiet host (35-285 beside the loops).
     assert!(

@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use sandboxd_proc::{End, Io, Process, SpawnOptions, StartAt, Stream};
+use sandboxd_proc::{End, Io, Process, SpawnOptions, StartAt, Stream, Subscriber};
 
 /// The PATH the tests hand to children.
 pub const PATH: &str = "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin";
@@ -27,6 +27,8 @@ pub struct Collected {
     pub stderr: Vec<u8>,
     pub pty: Vec<u8>,
     pub end: Option<End>,
+    /// How many chunks the output came in (one per read of the reader thread).
+    pub chunks: usize,
 }
 
 impl Collected {
@@ -44,7 +46,13 @@ impl Collected {
 /// Reads a process's output from the oldest retained chunk until its end, failing on lag or if
 /// it takes longer than `limit`.
 pub fn collect_within(process: &Process, limit: Duration) -> Collected {
-    let mut sub = process.subscribe(StartAt::Oldest).expect("subscribe");
+    let sub = process.subscribe(StartAt::Oldest).expect("subscribe");
+    read_to_end(process, sub, limit)
+}
+
+/// Reads `sub` (a subscriber of `process`) until the process's end, failing on lag or if it takes
+/// longer than `limit`.
+pub fn read_to_end(process: &Process, mut sub: Subscriber, limit: Duration) -> Collected {
     let deadline = Instant::now() + limit;
     let mut out = Collected::default();
     loop {
@@ -56,6 +64,7 @@ pub fn collect_within(process: &Process, limit: Duration) -> Collected {
         );
         let batch = sub.recv(usize::MAX, Some(left));
         assert!(batch.lagged.is_none(), "unexpected lag {:?}", batch.lagged);
+        out.chunks += batch.chunks.len();
         for chunk in &batch.chunks {
             match chunk.stream {
                 Stream::Stdout => out.stdout.extend_from_slice(&chunk.data),
