@@ -1157,9 +1157,9 @@ def measure_warm(
     for suffix, base, how in runs:
         fill_pool(rt, pool)
         seq = sequential(ctx, rt, n_seq, PACE_S if base is cold_paced else 0.0)
-        ctx.report(pooled_result(f"{label}{suffix}", seq, base, how))
-        p50, p99 = percentile(seq.total_ms, 50), percentile(seq.total_ms, 99)
-        ctx.log(f"  {label}, {how}: create→first command p50 {p50:.1f} ms, p99 {p99:.1f} ms")
+        row = pooled_result(f"{label}{suffix}", seq, base, how)
+        ctx.report(row)
+        ctx.log(f"  {label}, {how}: create→first command p50 {row.p50:.1f} ms, p99 {row.p99:.1f} ms")
         if base is cold_seq and pool > 0:
             second_stream(ctx, rt, n_seq, pool, label, cold_seq)
     fill_pool(rt, pool)
@@ -1217,17 +1217,10 @@ def second_stream(ctx: Context, rt: Runtime, n_seq: int, pool: int, label: str, 
         return
     fill_pool(rt, int(target))
     seq = sequential(ctx, rt, n_seq)
-    ctx.report(
-        pooled_result(
-            f"{label}, a second stream back to back (the pool grown to the first)",
-            seq,
-            cold_seq,
-            "back to back",
-            pool_grown_to=target,
-        )
-    )
-    p50, p99 = percentile(seq.total_ms, 50), percentile(seq.total_ms, 99)
-    ctx.log(f"  {label}, a second stream (the pool grown to {target:g}): p50 {p50:.1f} ms, p99 {p99:.1f} ms")
+    label_second = f"{label}, a second stream back to back (the pool grown to the first)"
+    row = pooled_result(label_second, seq, cold_seq, "back to back", pool_grown_to=target)
+    ctx.report(row)
+    ctx.log(f"  {label}, a second stream (the pool grown to {target:g}): p50 {row.p50:.1f} ms, p99 {row.p99:.1f} ms")
 
 
 def warm_gauge(rt: Runtime, name: str) -> float | None:
