@@ -17,7 +17,10 @@ The proxy is a faithful pipe, as Go's reverse proxy in front of E2B's sandboxes 
 * an upgraded connection is spliced byte for byte, and closed on both sides when either ends.
 
 The Host header goes upstream as the client sent it (servers inside, such as Jupyter, compare it
-with ``Origin``), as E2B's proxy does.
+with ``Origin``), as E2B's proxy does. One header is the proxy's to decide: a request for the agent
+from this host itself loses the ``Accept-Encoding`` its HTTP client adds by default (:func:`same_host`,
+:data:`SAME_HOST_DROPPED`), so its downloads come back as they are rather than gzipped for a link
+that has no bandwidth to save.
 
 A port the sandbox was created with in ``network.https_ports`` serves TLS itself: the proxy speaks
 TLS to it, plain requests and upgrades alike, without verifying its certificate (so a self-signed
@@ -31,6 +34,7 @@ import contextlib
 import fcntl
 import functools
 import hmac
+import ipaddress
 import json
 import os
 import re
@@ -82,6 +86,21 @@ HOP_BY_HOP = {
     b"content-length",
     b"expect",  # the runtime's server answers 100-continue itself, when the body is read
 }
+FORWARDING_HEADERS = frozenset({b"forwarded", b"x-forwarded-for", b"x-real-ip"})
+"""What a reverse proxy in front of the runtime adds for a client elsewhere (nginx's usual
+configuration, Caddy's and Traefik's defaults): a loopback peer with one of them is not this host."""
+
+SAME_HOST_DROPPED = frozenset({b"accept-encoding"})
+"""Headers a request for the agent (:data:`ENVD_PORT`) from this host loses (:func:`_dropped`). The
+SDKs send ``Accept-Encoding: gzip, deflate`` on every ``files.read``, ``gzip=False`` included
+(httpx's default; the JS SDK's fetch likewise), and the agent, as envd, then gzips a compressible
+file up to 8 MiB. Over loopback no byte is saved and both sides pay: a 1.2 MB text file read by the
+Python SDK through the proxy took 52 ms gzipped and 4 ms not, 4 MiB of repeated text 75 ms and 10
+(the agent's level-1 deflate ran at ~65 MB/s on text, the SDK's inflate slower still;
+docs/benchmarks.md, stop 44). Identity is an answer every client accepts (spec §3.4). Kept: what a
+user asked for (the SDKs' ``gzip=True`` sends ``gzip`` alone), and every header of a client on
+another host, whose link may gain from gzip."""
+
 MAX_IDLE_PER_TARGET = 16
 """Idle upstream connections kept per (sandbox, port): enough for an SDK's pool of parallel calls."""
 
@@ -235,17 +254,52 @@ def parse_target(headers: dict[str, str], domain: str | None) -> tuple[str, int]
     return None
 
 
+def same_host(scope: Scope) -> bool:
+    """Whether the request's client runs on this host: its peer is a loopback address (an IPv4-mapped
+    one included) and no reverse proxy forwarded it (none of :data:`FORWARDING_HEADERS`). A forged
+    header only makes a local client look remote (it keeps its own ``Accept-Encoding``): nothing to
+    gain by sending one."""
+    client = scope.get("client")
+    if not client:
+        return False
+    try:
+        address = ipaddress.ip_address(client[0])
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    if not address.is_loopback:
+        return False
+    return not any(name.lower() in FORWARDING_HEADERS for name, _ in scope["headers"])
+
+
+def _dropped(scope: Scope, port: int) -> frozenset[bytes]:
+    """The client's headers the proxy does not send on (:data:`SAME_HOST_DROPPED`): for the agent's
+    port, from this host, unless the ``Accept-Encoding`` is an SDK's ``gzip=True`` (``gzip`` alone)."""
+    if port != ENVD_PORT or not same_host(scope):
+        return frozenset()
+    accept = next((v for k, v in scope["headers"] if k.lower() == b"accept-encoding"), None)
+    if accept is None or accept.strip().lower() == b"gzip":
+        return frozenset()
+    return SAME_HOST_DROPPED
+
+
 def _header_map(raw: list[tuple[bytes, bytes]]) -> dict[str, str]:
     return {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in raw}
 
 
 def _request_head(
-    method: str, target: bytes, headers: list[tuple[bytes, bytes]], keep: set[bytes], host: bytes | None
+    method: str,
+    target: bytes,
+    headers: list[tuple[bytes, bytes]],
+    keep: set[bytes],
+    host: bytes | None,
+    drop: frozenset[bytes] = frozenset(),
 ) -> list[bytes]:
     """The request line and the end-to-end headers (those named by ``Connection`` are hop-by-hop too),
-    with any of ``keep`` kept; the client's Host unless ``host`` replaces it."""
+    with any of ``keep`` kept and none of ``drop``; the client's Host unless ``host`` replaces it."""
     named = {token.strip().lower() for k, v in headers if k.lower() == b"connection" for token in v.split(b",")}
-    dropped = (HOP_BY_HOP | named) - keep
+    dropped = (HOP_BY_HOP | named | drop) - keep
     if host is not None or not any(k.lower() == b"host" for k, _ in headers):
         dropped.add(b"host")
     head = [method.encode("latin-1") + b" " + target + b" HTTP/1.1"]
@@ -393,6 +447,7 @@ class SandboxProxy:
             body = await _replayable_body(scope, receive)
         except ClientDisconnected:
             return
+        dropped = _dropped(scope, port)
         # A reused connection the agent closed meanwhile fails before any reply: retry once on a
         # fresh one when the request's body can be sent again (none, or held whole).
         attempts = 1 if body is None else 2
@@ -411,7 +466,7 @@ class SandboxProxy:
                 return
             reusable = False
             try:
-                reusable = await self._exchange(scope, receive, relay, upstream, host, body)
+                reusable = await self._exchange(scope, receive, relay, upstream, host, body, dropped)
                 return
             except ClientDisconnected:
                 upstream.abort()  # the agent sees the abort now, not when a pooled socket is reaped
@@ -438,9 +493,11 @@ class SandboxProxy:
         upstream: _Upstream,
         host: bytes | None = None,
         body: bytes | None = None,
+        drop: frozenset[bytes] = frozenset(),
     ) -> bool:
         """One request/response over ``upstream``; True when the connection may be reused. ``body``:
-        the request's whole body, already read (None: it streams from ``receive``).
+        the request's whole body, already read (None: it streams from ``receive``); ``drop``: the
+        client's headers not sent on (:data:`SAME_HOST_DROPPED`).
 
         Two tasks: one sends the request body and then waits for the client to go away; the other
         relays the response. Whichever ends first decides: the response done ends the exchange; the
@@ -449,7 +506,7 @@ class SandboxProxy:
         headers = [(k.lower(), v) for k, v in scope["headers"]]
         length = next((v for k, v in headers if k == b"content-length"), None)
         chunked = length is None and any(k == b"transfer-encoding" for k, _ in headers)
-        head = _request_head(method, _target(scope), headers, set(), host)
+        head = _request_head(method, _target(scope), headers, set(), host, drop)
         if length is not None:
             head.append(b"content-length: " + length)
         elif chunked:
