@@ -11,16 +11,22 @@ import errno
 import gc
 import grp
 import importlib.metadata
+import json
 import os
 import pwd
+import shutil
 import stat
 import subprocess
+import tempfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from sandboxd import _core
+from sandboxd._proto.filesystem import filesystem_pb2 as pb
+from sandboxd.agent.connect import Codec
+from sandboxd.agent.services.filesystem import entry_to_proto
 
 
 def names(directory: Path) -> list[str]:
@@ -142,6 +148,109 @@ def test_list_dir_depth_order_and_paths(tmp_path: Path) -> None:
     # A symlinked root is followed; paths stay under the requested (link) path.
     assert listed(tmp_path / "link", 2) == ["f", "sub", "sub/deep"]
     assert _core.list_dir(str(tmp_path / "link"), 1)[0].path == str(tmp_path / "link" / "f")
+
+
+def _varied_tree(root: Path) -> None:
+    """Entries of every kind ListDir reports: files, directories two deep, symlinks to a file, to a
+    directory, to nothing and to themselves, metadata, names that JSON must escape or that are not
+    UTF-8, modification times of every precision protobuf's JSON distinguishes, before 1970 and zero."""
+    (root / "sub" / "deeper").mkdir(parents=True)
+    (root / "sub" / "deeper" / "leaf.txt").write_text("leaf")
+    (root / "plain.txt").write_text("x" * 300)
+    (root / "empty").write_bytes(b"")
+    (root / 'quote"back\\slash\ttab\x01ctl').write_text("q")
+    (root / "ünïcödé 文件 🙂").write_text("u")
+    os.close(os.open(os.path.join(os.fsencode(root), b"not-utf8-\xff"), os.O_CREAT | os.O_WRONLY, 0o600))
+    (root / "link-to-file").symlink_to(root / "plain.txt")
+    (root / "link-to-dir").symlink_to(root / "sub")
+    (root / "dangling").symlink_to(root / "missing")
+    (root / "loop").symlink_to(root / "loop")
+    os.mkfifo(root / "fifo")
+    os.chmod(root / "plain.txt", 0o4755)
+    _core.set_metadata(str(root / "plain.txt"), {"owner": "me", "b": "", "a": 'ü"\n'})
+    times = {"empty": 0, "plain.txt": 1_700_000_000_123_000_000, "sub": 1_700_000_000_000_123_000}
+    times |= {"fifo": 1_700_000_000_000_000_007, "ünïcödé 文件 🙂": -1_500_000_000, "loop": 5}
+    for name, ns in times.items():
+        os.utime(root / name, ns=(ns, ns), follow_symlinks=False)
+
+
+def _listing_in_python(root: Path, depth: int) -> pb.ListDirResponse:
+    """The response as the agent built it before it was encoded in Rust: a message per entry."""
+    return pb.ListDirResponse(entries=[entry_to_proto(e) for e in _core.list_dir(str(root), depth)])
+
+
+@pytest.mark.parametrize("depth", [1, 3])
+def test_list_dir_encoded_is_the_response_python_would_encode(tmp_path: Path, depth: int) -> None:
+    _varied_tree(tmp_path)
+    want = _listing_in_python(tmp_path, depth)
+    assert len(want.entries) == (13 if depth > 1 else 11)
+    assert _core.list_dir_encoded(str(tmp_path), depth, False) == want.SerializeToString(deterministic=True)
+    got_json = _core.list_dir_encoded(str(tmp_path), depth, True)
+    assert json.loads(got_json) == json.loads(Codec("json").encode(want))
+    assert json.loads(got_json)["entries"][0]["name"] == "dangling"  # the walk's order, kept
+
+
+def test_list_dir_encoded_of_an_empty_directory_and_its_errors(tmp_path: Path) -> None:
+    assert _core.list_dir_encoded(str(tmp_path), 1, True) == Codec("json").encode(pb.ListDirResponse()) == b"{}"
+    assert _core.list_dir_encoded(str(tmp_path), 1, False) == b""
+    with pytest.raises(FileNotFoundError):
+        _core.list_dir_encoded(str(tmp_path / "missing"), 1, True)
+    (tmp_path / "f").write_text("f")
+    with pytest.raises(NotADirectoryError):
+        _core.list_dir_encoded(str(tmp_path / "f"), 1, False)
+
+
+@pytest.fixture
+def tmpfs_dir(tmp_path: Path) -> Iterator[Path]:
+    """A directory on tmpfs (``/dev/shm``) when there is one, which stores any 64-bit time (ext4 stops
+    at year 2446); else ``tmp_path``."""
+    shm = Path("/dev/shm")
+    if not (shm.is_dir() and os.access(shm, os.W_OK)):
+        yield tmp_path
+        return
+    made = Path(tempfile.mkdtemp(dir=shm))
+    try:
+        yield made
+    finally:
+        shutil.rmtree(made)
+
+
+def test_a_time_a_timestamp_cannot_hold_is_left_out_not_the_listing(tmpfs_dir: Path) -> None:
+    """Year 10000 and later have no RFC 3339 form (protobuf's JSON fails the whole message); the
+    entry is still listed, without its time."""
+    far = tmpfs_dir / "far"
+    far.write_text("f")
+    (tmpfs_dir / "near").write_text("n")
+    os.utime(far, ns=(260_000_000_000 * 10**9,) * 2)
+    if os.stat(far).st_mtime < 253_402_300_800:
+        pytest.skip("this filesystem cannot store a time after year 9999")
+    entries = json.loads(_core.list_dir_encoded(str(tmpfs_dir), 1, True))["entries"]
+    assert [e["name"] for e in entries] == ["far", "near"]
+    assert "modifiedTime" not in entries[0] and "modifiedTime" in entries[1]
+    message = pb.ListDirResponse.FromString(_core.list_dir_encoded(str(tmpfs_dir), 1, False))
+    assert not message.entries[0].HasField("modified_time") and message.entries[1].HasField("modified_time")
+
+
+def test_list_dir_encoded_releases_the_gil(tmp_path: Path) -> None:
+    for i in range(3000):
+        (tmp_path / f"f{i:05d}").write_text("")
+    ticks = 0
+    done = threading.Event()
+
+    def count() -> None:
+        nonlocal ticks
+        while not done.is_set():
+            ticks += 1
+
+    counter = threading.Thread(target=count)
+    counter.start()
+    try:
+        for _ in range(5):
+            _core.list_dir_encoded(str(tmp_path), 1, True)
+    finally:
+        done.set()
+        counter.join()
+    assert ticks > 1000  # the counter ran beside the walks, not only between them
 
 
 def test_make_dir_rename_remove_all(tmp_path: Path) -> None:

@@ -13,6 +13,7 @@ mod encode;
 mod errors;
 mod fs;
 mod jail;
+mod listing;
 mod net;
 mod proc;
 mod watch;
@@ -27,6 +28,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     encode::register(m)?;
     fs::register(m)?;
     jail::register(m)?;
+    listing::register(m)?;
     net::register(m)?;
     proc::register(m)?;
     watch::register(m)?;
