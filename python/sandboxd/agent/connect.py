@@ -341,12 +341,13 @@ class ConnectTransport:
         else:
             await self._stream(method, headers, header_list, _CODECS[codec_name], receive, send, writer, body)
 
-    def _context(self, headers: dict[str, str], header_list: list[tuple[str, str]]) -> Context:
+    def _context(self, headers: dict[str, str], header_list: list[tuple[str, str]], codec: Codec) -> Context:
         return Context(
             user=rpc_user(self.state, headers.get("authorization")),
             headers=headers,
             deadline=deadline_from(headers),
             header_list=header_list,
+            codec=codec.name,
         )
 
     async def _unary(
@@ -371,7 +372,7 @@ class ConnectTransport:
                 raise RpcError(Code.RESOURCE_EXHAUSTED, f"request body exceeds the limit of {limit} bytes")
             if compressed:
                 body = gunzip(body, "request body", limit)
-            ctx = self._context(headers, header_list)
+            ctx = self._context(headers, header_list, codec)
             request = codec.decode(body, method.request_type)
             async with _within(ctx.deadline):
                 response = await method.handler(request, ctx)
@@ -434,7 +435,7 @@ class ConnectTransport:
 
         error: RpcError | None = None
         try:
-            ctx = self._context(headers, header_list)
+            ctx = self._context(headers, header_list, codec)
             encoding = headers.get("connect-content-encoding")
             _is_gzip(encoding, "connect-content-encoding")
             async with _within(ctx.deadline):

@@ -45,6 +45,9 @@ class Context:
     response_trailers: list[tuple[str, str]] = field(default_factory=list)
     """Trailers the handler adds: ``trailer-``-prefixed headers of a unary reply, or the end-stream
     frame's ``metadata`` of a stream."""
+    codec: str = "proto"
+    """The codec the call's messages are encoded with: ``json`` or ``proto`` (gRPC's is ``proto``),
+    for a handler that encodes its response itself (:class:`Preencoded`)."""
 
     def time_remaining(self) -> float | None:
         """Seconds until the deadline, or None without one."""
@@ -131,6 +134,28 @@ class Encoded:
 
     def to_json(self) -> bytes:
         raise NotImplementedError
+
+
+class Preencoded(Encoded):
+    """A response already encoded for its call's codec (:attr:`Context.codec`), where the encoding grows
+    with a sandbox's contents and so is done in a worker thread, not by the transport on the event
+    loop (a ``ListDir`` of a large directory: ``_core.list_dir_encoded``)."""
+
+    __slots__ = ("codec", "data")
+
+    def __init__(self, data: bytes, codec: str) -> None:
+        self.data = data
+        self.codec = codec
+
+    def SerializeToString(self) -> bytes:
+        if self.codec != "proto":
+            raise TypeError(f"a response encoded as {self.codec} was asked for its binary form")
+        return self.data
+
+    def to_json(self) -> bytes:
+        if self.codec != "json":
+            raise TypeError(f"a response encoded as {self.codec} was asked for its JSON")
+        return self.data
 
 
 @dataclass(frozen=True, slots=True)
