@@ -838,6 +838,45 @@ def proxied_download(ctx: Context, rt: Runtime, size: int, runs: int) -> Proxied
     return got
 
 
+TEXT_READ_SIZE = 2 * MiB
+"""The text file :func:`sdk_text_reads` reads: a CSV log, as a user's program leaves one."""
+
+
+def _csv_text(size: int) -> bytes:
+    rows = (
+        f"{i},{i * 7919 % 100_003},user{i % 97},2026-12-04T{i % 24:02}:{i % 60:02}Z,ok\n" for i in range(size // 30)
+    )
+    return "".join(rows).encode()[:size]  # rows of 40-odd bytes: more than enough
+
+
+def sdk_text_reads(ctx: Context, rt: Runtime, runs: int) -> tuple[list[float], list[float]]:
+    """``files.read(format="bytes")`` of a 2 MiB text file through the runtime's proxy (ms per call):
+    as the SDK reads by default (it sends ``Accept-Encoding: gzip, deflate``, which the proxy drops for
+    a client on this host), beside the same call with ``gzip=True`` (gzipped: what envd answers the
+    SDK's default). Alternating; returns (default, gzip=True)."""
+    from e2b import Sandbox
+
+    sbx = Sandbox.create()
+    rt.created.add(sbx.sandbox_id)
+    text = _csv_text(TEXT_READ_SIZE)
+    plain: list[float] = []
+    zipped: list[float] = []
+    try:
+        sbx.files.write("/home/user/log.csv", text)
+        for i in range(runs + 1):
+            for gz, into in ((False, plain), (True, zipped))[:: 1 if i % 2 else -1]:
+                t0 = time.perf_counter()
+                got = sbx.files.read("/home/user/log.csv", format="bytes", gzip=gz)
+                elapsed = (time.perf_counter() - t0) * 1e3
+                if len(got) != len(text):
+                    raise RuntimeError(f"read {len(got)} bytes of {len(text)} (gzip={gz})")
+                if i:  # the first of each: untimed
+                    into.append(elapsed)
+    finally:
+        sbx.kill()
+    return plain, zipped
+
+
 # ----------------------------------------------------------------------------------------------- scenario
 
 
@@ -1061,6 +1100,22 @@ def measure(
                 else {"n": n_idle, "details": "in the PSS row"},
             )
         )
+
+    plain, zipped = sdk_text_reads(ctx, rt, 15 if ctx.quick else 40)
+    ctx.log(f"  SDK files.read of 2 MiB of text: p50 {median(plain):.2f} ms as sent, {median(zipped):.2f} ms gzip=True")
+    ctx.report(
+        Result(
+            name='runtime: SDK files.read(format="bytes") of a 2 MiB text file through the proxy',
+            unit="ms (p50)",
+            ours=median(plain),
+            baseline=median(zipped),
+            baseline_name="the same read gzipped (gzip=True: what envd answers the SDK's default Accept-Encoding)",
+            better="lower",
+            samples={"ours": plain, "baseline": zipped},
+            p50=median(plain),
+            p99=percentile(plain, 99),
+        )
+    )
 
     size = (64 if ctx.quick else 256) * MiB
     proxy = proxied_download(ctx, rt, size, 1 if ctx.quick else (ctx.runs or 3))
