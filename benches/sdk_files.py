@@ -6,6 +6,7 @@
 * download: ``sandbox.files.read(path, format="bytes")`` (the whole body into a ``bytearray``) and
   ``format="stream"`` (the body as an iterator of chunks, counted and dropped), beside ``curl`` ``GET
   /files`` to the same agent, written to ``/dev/null``.
+* listing: ``sandbox.files.list(dir)`` of 10,000 files, beside ``ls -la`` of the same directory.
 
 The SDK runs in this process in debug mode (``E2B_DEBUG=true``, ``E2B_SANDBOX_URL``) against a token-less
 agent of its own (:func:`watch.sdk_agent`), so ``ours / curl`` is what the SDK's client side costs on top
@@ -18,6 +19,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
+import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -122,6 +125,62 @@ def curl_steps(curl_bin: str, url: str, token: str | None, src: Path, proc: psut
     return {"upload": Step("curl", proc, upload, upload=True), "download": Step("curl", proc, download, upload=False)}
 
 
+LIST_FILES = 10_000
+"""Entries in the directory :func:`listing` lists."""
+
+
+def listing(ctx: Context, sandbox: Any, data: Path, compare: Any) -> None:
+    """``files.list`` of a directory of 10,000 files (one ``ListDir``: every entry stat-ed, its owner
+    and group named, its metadata read), beside ``ls -la`` of the same directory (coreutils, its own
+    process: the same facts, printed), and with ``--compare-agent`` beside the same SDK call to that
+    agent. Alternating; ms per call."""
+    ls_bin = which("ls")
+    directory = data / "listed"
+    directory.mkdir()
+    for i in range(LIST_FILES):
+        (directory / f"file-{i:05d}.txt").write_bytes(b"x")
+    if compare is not None:
+        open_for_compare(ctx.tmp, directory)
+    calls: dict[str, Callable[[], int]] = {"ours": lambda: len(sandbox.files.list(str(directory)))}
+    if ls_bin is not None:
+        ls = [ls_bin, "-la", "--time-style=full-iso", str(directory)]
+        calls["ls"] = lambda: len(subprocess.run(ls, capture_output=True, check=True).stdout.splitlines()) - 3
+    if compare is not None:
+        theirs = sdk_sandbox(compare.url, compare.token)
+        calls["compare"] = lambda: len(theirs.files.list(str(directory)))
+    runs = 5 if ctx.quick else 15
+    got: dict[str, list[float]] = {key: [] for key in calls}
+    for i in range(runs + 1):
+        for key in list(calls)[i % len(calls) :] + list(calls)[: i % len(calls)]:
+            t0 = time.perf_counter()
+            n = calls[key]()
+            elapsed = (time.perf_counter() - t0) * 1e3
+            if n != LIST_FILES:
+                raise RuntimeError(f"{key} listed {n} entries of {LIST_FILES}")
+            if i:  # the first round: untimed
+                got[key].append(elapsed)
+    ctx.log("files.list of 10,000 files: " + ", ".join(f"{k} p50 {median(v):.1f} ms" for k, v in got.items()))
+    name = f"sdk-files: files.list of a directory of {LIST_FILES:,} files, SDK"
+    bases = [("ls", "ls -la of the same directory (coreutils, a process of its own)")]
+    if compare is not None:
+        bases.append(("compare", f"{compare.name}, SDK files.list"))
+    for key, base_name in bases:
+        if key in got:
+            ctx.report(
+                Result(
+                    name=name,
+                    unit="ms (p50)",
+                    ours=median(got["ours"]),
+                    baseline=median(got[key]),
+                    baseline_name=base_name,
+                    better="lower",
+                    samples={"ours": got["ours"], "baseline": got[key]},
+                    p50=median(got["ours"]),
+                )
+            )
+    shutil.rmtree(directory)
+
+
 @dataclass
 class Transfers:
     data: Path
@@ -176,7 +235,8 @@ def run(ctx: Context) -> None:
     with sdk_agent(ctx.tmp) as agent:
         from e2b import Sandbox
 
-        ours = sdk_steps(Sandbox.create(), "ours", src, payload, agent.ps)
+        sandbox = Sandbox.create()
+        ours = sdk_steps(sandbox, "ours", src, payload, agent.ps)
         # clients per kind: ours (SDK) first, then what it is set beside
         clients: dict[str, dict[str, Step]] = {kind: {"ours": step} for kind, step in ours.items()}
         if curl_bin is not None:
@@ -191,6 +251,7 @@ def run(ctx: Context) -> None:
             for kind, step in theirs.items():
                 clients[kind]["compare"] = step
 
+        listing(ctx, sandbox, data, compare)
         transfers = Transfers(data, src_sha, size)
         measured: dict[str, dict[str, Runs]] = {}
         curl_download: Runs | None = None
