@@ -55,8 +55,9 @@ def list_dir(path: str, depth: int) -> list[EntryInfo]:
 def list_dir_encoded(path: str, depth: int, json: bool) -> bytes:
     """:func:`list_dir`'s entries as an encoded ``ListDirResponse``: proto3 JSON when ``json`` (fields
     and defaults as ``protojson.message_to_dict`` writes them, strings in UTF-8, ``metadata`` keys
-    sorted), else binary protobuf. The walk and the encoding release the GIL. A modification time a
-    ``Timestamp`` cannot hold (outside years 1-9999) is left out. Raises as :func:`list_dir`."""
+    sorted), else binary protobuf. The walk and the encoding release the GIL. In JSON, a modification
+    time RFC 3339 cannot write (outside years 1-9999) is left out of its entry; the binary form keeps
+    it. Raises as :func:`list_dir`."""
 
 def make_dir(path: str, uid: int, gid: int) -> EntryInfo:
     """Create ``path`` and its missing parents (mode 0755, chowned to uid/gid when running as root).

@@ -10,9 +10,10 @@
 //! The JSON is what `message_to_dict` and the compact encoder give, field for field: fields in
 //! number order, proto3 defaults left out, `size` (int64) as a string, the type by its enum name, the
 //! time as protobuf's RFC 3339 (0, 3, 6 or 9 fractional digits) and `metadata` with its keys sorted;
-//! strings are UTF-8 (Python's encoder escapes non-ASCII instead; both are the same JSON). A time
-//! outside what a `Timestamp` can hold (years 1 to 9999) is left out rather than failing the whole
-//! listing, as the Python path did.
+//! strings are UTF-8 (Python's encoder escapes non-ASCII instead; both are the same JSON). In JSON, a
+//! time RFC 3339 cannot write (outside years 1 to 9999, which tmpfs can hold) is left out of its
+//! entry, where the Python path failed the whole listing; the binary form carries it, as before and
+//! as envd does.
 
 use std::path::PathBuf;
 
@@ -56,17 +57,17 @@ fn list_dir_encoded(
 /// 9999-12-31T23:59:59Z).
 const TIMESTAMP_SECONDS: std::ops::RangeInclusive<i64> = -62_135_596_800..=253_402_300_799;
 
-/// The entry's modification time as a `Timestamp`'s (seconds, nanos), or None when the entry has
-/// none to report (zero, as `entry_to_proto` leaves it out) or one a `Timestamp` cannot hold.
+/// The entry's modification time as a `Timestamp`'s (seconds, nanos), or None when it has none to
+/// report (zero, as `entry_to_proto` leaves it out).
 fn modified(entry: &EntryInfo) -> Option<(i64, u32)> {
     let (seconds, nanos) = (entry.mtime_sec, entry.mtime_nsec);
-    if (seconds == 0 && nanos == 0)
-        || !TIMESTAMP_SECONDS.contains(&seconds)
-        || nanos >= 1_000_000_000
-    {
-        return None;
-    }
-    Some((seconds, nanos))
+    (seconds != 0 || nanos != 0).then_some((seconds, nanos))
+}
+
+/// [`modified`], when its JSON form exists: RFC 3339 stops at years 1 and 9999.
+fn modified_for_json(entry: &EntryInfo) -> Option<(i64, u32)> {
+    modified(entry)
+        .filter(|(seconds, nanos)| TIMESTAMP_SECONDS.contains(seconds) && *nanos < 1_000_000_000)
 }
 
 fn type_name(file_type: FileType) -> &'static str {
@@ -143,7 +144,7 @@ fn json_entry(out: &mut Vec<u8>, entry: &EntryInfo) {
     f.string("permissions", &entry.permissions);
     f.string("owner", &entry.owner);
     f.string("group", &entry.group);
-    if let Some((seconds, nanos)) = modified(entry) {
+    if let Some((seconds, nanos)) = modified_for_json(entry) {
         f.name("modifiedTime");
         f.out.push(b'"');
         f.out.extend_from_slice(rfc3339(seconds, nanos).as_bytes());
