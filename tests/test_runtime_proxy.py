@@ -306,6 +306,37 @@ def test_a_client_on_this_host_gets_the_agents_downloads_as_they_are(sdk: Runtim
 
 
 @pytest.mark.parametrize(
+    ("accept_encoding", "dropped"),
+    [
+        ([b"gzip, deflate"], True),  # httpx's default: the SDK's gzip=False
+        ([b"gzip, deflate, br, zstd"], True),
+        ([b"br", b"gzip"], True),  # two lines: one header, both codings
+        ([], False),
+        ([b"gzip"], False),  # the SDKs' gzip=True
+        ([b"GZIP"], False),
+        ([b"gzip;q=1"], False),
+        ([b"x-gzip"], False),
+        ([b"gzip", b"identity;q=0.5"], False),
+        ([b"gzip, br;q=0"], False),
+        ([b"gzip;q=0, br"], True),
+        ([b"*"], True),
+        ([b"gzip;q=bogus"], True),
+    ],
+)
+def test_only_an_ask_for_gzip_alone_keeps_its_accept_encoding_from_this_host(
+    accept_encoding: list[bytes], dropped: bool
+) -> None:
+    from sandboxd.runtime.proxy import ENVD_PORT, SAME_HOST_DROPPED, _dropped
+
+    headers = [(b"Accept-Encoding", value) for value in accept_encoding]
+    scope = {"client": ("127.0.0.1", 5000), "headers": headers}
+    assert _dropped(scope, ENVD_PORT) == (SAME_HOST_DROPPED if dropped else frozenset())
+    assert _dropped(scope, 8080) == frozenset()  # a server of the sandbox's own: as the client sent it
+    forwarded = {"client": ("127.0.0.1", 5000), "headers": [*headers, (b"Via", b"1.1 squid")]}
+    assert _dropped(forwarded, ENVD_PORT) == frozenset()
+
+
+@pytest.mark.parametrize(
     ("client", "headers", "expected"),
     [
         (("127.0.0.1", 5000), [], True),

@@ -86,9 +86,22 @@ HOP_BY_HOP = {
     b"content-length",
     b"expect",  # the runtime's server answers 100-continue itself, when the body is read
 }
-FORWARDING_HEADERS = frozenset({b"forwarded", b"x-forwarded-for", b"x-real-ip"})
-"""What a reverse proxy in front of the runtime adds for a client elsewhere (nginx's usual
-configuration, Caddy's and Traefik's defaults): a loopback peer with one of them is not this host."""
+FORWARDING_HEADERS = frozenset(
+    {
+        b"forwarded",
+        b"x-forwarded-for",
+        b"x-forwarded-host",
+        b"x-forwarded-proto",
+        b"x-real-ip",
+        b"via",
+        b"cf-connecting-ip",
+        b"true-client-ip",
+    }
+)
+"""What a proxy in front of the runtime adds for a client elsewhere (nginx's usual configuration,
+Caddy's and Traefik's defaults, Squid's ``Via``, a CDN's client address): a loopback peer with one of
+them is not this host. A tunnel that adds none (``ssh -L``, ``kubectl port-forward``, a TCP proxy)
+looks local, and its client gets identity: slower on a slow link, never wrong."""
 
 SAME_HOST_DROPPED = frozenset({b"accept-encoding"})
 """Headers a request for the agent (:data:`ENVD_PORT`) from this host loses (:func:`_dropped`). The
@@ -275,13 +288,36 @@ def same_host(scope: Scope) -> bool:
 
 def _dropped(scope: Scope, port: int) -> frozenset[bytes]:
     """The client's headers the proxy does not send on (:data:`SAME_HOST_DROPPED`): for the agent's
-    port, from this host, unless the ``Accept-Encoding`` is an SDK's ``gzip=True`` (``gzip`` alone)."""
+    port, from this host, unless the ``Accept-Encoding`` asks for gzip alone (:func:`_gzip_alone`)."""
     if port != ENVD_PORT or not same_host(scope):
         return frozenset()
-    accept = next((v for k, v in scope["headers"] if k.lower() == b"accept-encoding"), None)
-    if accept is None or accept.strip().lower() == b"gzip":
+    accepted = [v for k, v in scope["headers"] if k.lower() == b"accept-encoding"]
+    if not accepted or _gzip_alone(accepted):
         return frozenset()
     return SAME_HOST_DROPPED
+
+
+def _gzip_alone(values: list[bytes]) -> bool:
+    """Whether ``Accept-Encoding`` (every line of it) names gzip (``gzip``, ``x-gzip``) and no other
+    coding with a ``q`` above 0, ``identity`` aside: the SDKs' ``gzip=True``, a user's choice rather
+    than an HTTP client's default list."""
+    codings = set()
+    for item in b",".join(values).split(b","):
+        name, _, params = item.partition(b";")
+        name = name.strip().lower()
+        if not name:
+            continue
+        q = 1.0
+        for param in params.split(b";"):
+            key, _, value = param.partition(b"=")
+            if key.strip().lower() == b"q":
+                try:
+                    q = float(value.strip())
+                except ValueError:
+                    q = 0.0
+        if q > 0 and name != b"identity":
+            codings.add(name)
+    return bool(codings) and codings <= {b"gzip", b"x-gzip"}
 
 
 def _header_map(raw: list[tuple[bytes, bytes]]) -> dict[str, str]:
