@@ -61,3 +61,37 @@ def test_start_streams_the_output_and_the_end(channel: grpc.Channel) -> None:
     assert b"".join(r.event.data.stdout for r in replies if r.event.HasField("data")) == b"out"
     assert b"".join(r.event.data.stderr for r in replies if r.event.HasField("data")) == b"err"
     assert replies[-1].event.end.exit_code == 0
+
+
+def test_list_dir_and_a_watchs_backlog_over_grpc(channel: grpc.Channel, grpc_agent: Agent, tmp_path: Path) -> None:
+    """The responses the Connect transport sends pre-encoded or batched (a ListDir encoded in Rust for
+    the call's codec, a watch's backlog as one write) come over gRPC as protobuf messages, one by one."""
+    import os
+    import signal
+
+    token = [("x-access-token", "grpc-token")]
+    stub = fs_grpc.FilesystemStub(channel)
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "deep").write_text("d")
+    listed = stub.ListDir(fs.ListDirRequest(path=str(tmp_path), depth=2), metadata=token)
+    assert [e.name for e in listed.entries] == ["sub", "deep"]
+    assert listed.entries[1].path == str(tmp_path / "sub" / "deep") and listed.entries[1].size == 1
+
+    watched = tmp_path / "watched"
+    watched.mkdir()
+    stream = stub.WatchDir(fs.WatchDirRequest(path=str(watched)), metadata=token, timeout=30)
+    assert next(stream).WhichOneof("event") == "start"
+    os.kill(grpc_agent.process.pid, signal.SIGSTOP)  # the events wait in the kernel: one backlog
+    try:
+        for i in range(50):
+            os.close(os.open(watched / f"b-{i:02d}", os.O_CREAT | os.O_WRONLY, 0o644))
+    finally:
+        os.kill(grpc_agent.process.pid, signal.SIGCONT)
+    names = []
+    for reply in stream:
+        if reply.WhichOneof("event") == "filesystem" and reply.filesystem.type == fs.EVENT_TYPE_CREATE:
+            names.append(reply.filesystem.name)
+            if len(names) == 50:
+                break
+    stream.cancel()
+    assert names == [f"b-{i:02d}" for i in range(50)]

@@ -341,3 +341,58 @@ def test_a_stalled_watch_client_does_not_make_the_agent_spin(start_agent: Callab
         time.sleep(3)
         used = (cpu_s() - before) / 3
         assert used < 0.3, f"the agent used {used:.0%} of a core while its only client was stalled"
+
+
+def test_events_that_are_ready_together_go_out_together(start_agent: Callable[..., Agent], workdir: Path) -> None:
+    """A backlog of events (made here while the agent is stopped) goes out as many envelopes per HTTP
+    chunk, not one chunk per event: the SDKs' HTTP client wakes its event loop for every chunk it
+    receives (~200 us of its CPU each), which held an SDK stream to ~4,800 events/s (12,000-17,000
+    with the backlog batched; docs/benchmarks.md, stop 44)."""
+    import json
+    import signal
+    import socket
+    import struct
+
+    agent = start_agent()
+    message = json.dumps({"path": str(workdir)}).encode()
+    body = struct.pack(">BI", 0, len(message)) + message
+    with socket.create_connection(("127.0.0.1", agent.port), timeout=20) as client:
+        client.sendall(
+            b"POST /filesystem.Filesystem/WatchDir HTTP/1.1\r\nHost: x\r\n"
+            b"Content-Type: application/connect+json\r\nConnect-Protocol-Version: 1\r\n"
+            + f"Content-Length: {len(body)}\r\n\r\n".encode()
+            + body
+        )
+        reader = client.makefile("rb")
+        assert b" 200 " in reader.readline()
+        while reader.readline() != b"\r\n":  # the head
+            pass
+
+        def chunk() -> bytes:
+            size = int(reader.readline().split(b";")[0], 16)
+            data = reader.read(size)
+            assert reader.read(2) == b"\r\n"
+            return data
+
+        def creates(data: bytes) -> int:
+            found, at = 0, 0
+            while at < len(data):
+                _, length = struct.unpack_from(">BI", data, at)
+                event = json.loads(data[at + 5 : at + 5 + length]).get("filesystem", {})
+                found += event.get("type") == "EVENT_TYPE_CREATE" and event["name"].startswith("b-")
+                at += 5 + length
+            return found
+
+        assert b'"start"' in chunk()
+        os.kill(agent.process.pid, signal.SIGSTOP)
+        try:
+            for i in range(300):
+                os.close(os.open(workdir / f"b-{i:03d}", os.O_CREAT | os.O_WRONLY, 0o644))
+        finally:
+            os.kill(agent.process.pid, signal.SIGCONT)
+        seen, chunks = 0, 0
+        while seen < 300:
+            got = creates(chunk())
+            seen += got
+            chunks += got > 0
+        assert seen == 300 and chunks <= 30, f"300 events came in {chunks} chunks"

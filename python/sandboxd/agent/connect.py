@@ -42,7 +42,7 @@ from .auth import rpc_user
 from .compression import gunzip
 from .errors import HTTP_STATUS, Code, RpcError, to_rpc_error
 from .protojson import message_to_dict, parse
-from .rpc import HAND_OFF, Context, Encoded, HandOff, Kind, Method, NestedBytes, Piece, encoded_constant
+from .rpc import HAND_OFF, Batch, Context, Encoded, HandOff, Kind, Method, NestedBytes, Piece, encoded_constant
 from .state import AgentState
 
 MAX_UNARY_BODY = 16 << 20
@@ -501,7 +501,11 @@ class ConnectTransport:
         try:
             try:
                 async for message in messages:
-                    parts = codec.frame_parts(message)
+                    if isinstance(message, Batch):  # several envelopes, one write
+                        parts = [part for each in message.messages for part in codec.frame_parts(each)]
+                        message = message.messages[-1]
+                    else:
+                        parts = codec.frame_parts(message)
                     if is_last is not None and is_last(message):
                         parts.append(end_stream(None, ctx.response_trailers))
                         await frame(parts, more=False)

@@ -18,7 +18,7 @@ from grpc_reflection.v1alpha import reflection
 from .auth import TOKEN_ERROR, rpc_user
 from .errors import GRPC_NUMBER, Code, RpcError, to_rpc_error
 from .keepalive import with_keepalives
-from .rpc import Context, Kind, Method
+from .rpc import Batch, Context, Kind, Method
 from .state import AgentState
 
 _STATUS = {
@@ -68,7 +68,11 @@ def _handler(state: AgentState, method: Method) -> grpc.RpcMethodHandler:
                 if method.keepalive is not None:
                     messages = with_keepalives(messages, ctx.keepalive_interval, method.keepalive)
                 async for message in messages:
-                    yield message
+                    if isinstance(message, Batch):
+                        for each in message.messages:
+                            yield each
+                    else:
+                        yield message
             except Exception as exc:
                 await _abort(grpc_ctx, exc)
 

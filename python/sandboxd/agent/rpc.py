@@ -136,6 +136,17 @@ class Encoded:
         raise NotImplementedError
 
 
+@dataclass(frozen=True, slots=True)
+class Batch:
+    """Messages of one server stream that were ready together, sent as one piece: each its own
+    envelope, all in one write (one HTTP chunk); gRPC sends them one by one. A watch's backlog: the
+    SDKs' HTTP client (pyqwest) hands each chunk it receives to Python with a wake-up of the event loop
+    from its own thread, ~200 us of client CPU a chunk, so a chunk per event held an SDK stream to
+    ~4,800 events/s (docs/benchmarks.md, stop 44)."""
+
+    messages: list[Any]
+
+
 class Preencoded(Encoded):
     """A response already encoded for its call's codec (:attr:`Context.codec`), where the encoding grows
     with a sandbox's contents and so is done in a worker thread, not by the transport on the event

@@ -40,7 +40,7 @@ from sandboxd._proto.filesystem import filesystem_pb2 as pb
 
 from ..errors import Code, RpcError, from_os_error
 from ..paths import expand_and_resolve
-from ..rpc import Context, Encoded, Kind, Method
+from ..rpc import Batch, Context, Encoded, Kind, Method
 from ..state import AgentState
 from ..watch_hub import Commit, WatchHub
 from .filesystem import SERVICE, entry_to_proto
@@ -354,7 +354,7 @@ class WatchService:
 
     async def watch_dir(
         self, request: pb.WatchDirRequest, ctx: Context
-    ) -> AsyncIterator[pb.WatchDirResponse | WatchEvent]:
+    ) -> AsyncIterator[pb.WatchDirResponse | WatchEvent | Batch]:
         path = self._resolve(request.path, ctx)
         watcher = await _open_watcher(path, request.recursive, request.allow_network_mounts)
         buffered = BufferedWatcher(watcher, EventTranslator(path, request.include_entry, self.state.watch_hub))
@@ -418,8 +418,10 @@ class WatchService:
                 more = True
                 while more:
                     events, more = buffered.take(TRANSLATE_ITEMS)
-                    for event in events:
-                        yield WatchEvent.of(event)
+                    if len(events) == 1:
+                        yield WatchEvent.of(events[0])
+                    elif events:  # a backlog: one write, not one per event (rpc.Batch)
+                        yield Batch([WatchEvent.of(event) for event in events])
                     if buffered.lost:
                         raise overflow_error(buffered.lost)
                     if buffered.closed:
