@@ -89,7 +89,9 @@ impl Piece {
     }
 }
 
-fn varint(out: &mut Vec<u8>, mut value: u64) {
+/// Appends `value` as a protobuf varint (base 128, least significant group first), the form of
+/// field keys, lengths and integer fields on the wire.
+pub fn varint(out: &mut Vec<u8>, mut value: u64) {
     while value >= 0x80 {
         out.push((value as u8) | 0x80);
         value >>= 7;

@@ -21,6 +21,7 @@ use pyo3::prelude::*;
 use pyo3::types::PyBytes;
 use sandboxd_fs as core;
 use sandboxd_fs::{EntryInfo, FileType};
+use sandboxd_proc::pump::varint;
 
 use crate::errors::to_pyerr;
 
@@ -221,14 +222,6 @@ fn civil_from_days(days: i64) -> (i64, u32, u32) {
 }
 
 // ---------------------------------------------------------------------------------------- binary
-
-fn varint(out: &mut Vec<u8>, mut value: u64) {
-    while value >= 0x80 {
-        out.push((value as u8) | 0x80);
-        value >>= 7;
-    }
-    out.push(value as u8);
-}
 
 /// A length-delimited field: its key, the length, the bytes.
 fn delimited(out: &mut Vec<u8>, field: u32, bytes: &[u8]) {
