@@ -26,6 +26,27 @@ GZIP_WBITS = 16 + 15  # 16 + zlib.MAX_WBITS, written out so that importing this 
 """zlib's window bits for the gzip wrapper (header and CRC), not raw deflate or zlib."""
 
 
+def accepted_codings(accept_encoding: str) -> list[tuple[str, float]]:
+    """The content codings an ``Accept-Encoding`` value lists, in its order: each name lower-case,
+    with its ``q`` (1 when there is none, 0 when it cannot be read). The one reading of the header,
+    for the agent's downloads and the runtime's proxy."""
+    codings = []
+    for item in accept_encoding.split(","):
+        name, _, params = item.strip().partition(";")
+        name = name.strip().lower()
+        if not name:
+            continue
+        q = 1.0
+        params = params.strip()
+        if params.startswith("q="):
+            try:
+                q = float(params[2:])
+            except ValueError:
+                q = 0.0
+        codings.append((name, q))
+    return codings
+
+
 class BodyTooLarge(RpcError):
     """A body (or one message) is larger than a limit once decompressed."""
 

@@ -48,7 +48,7 @@ from .asgi import (
     send_http_error,
 )
 from .auth import check_files_access
-from .compression import GzipInflater
+from .compression import GzipInflater, accepted_codings
 from .contenttype import content_type as download_type
 from .errors import Code, RpcError, from_os_error
 from .httpdate import format_http_date, parse_http_date
@@ -166,16 +166,9 @@ def _parse_range(header: str, size: int) -> tuple[int, int] | str | None:
 
 
 def _accepts_gzip(accept_encoding: str) -> bool:
-    for item in accept_encoding.split(","):
-        name, _, params = item.strip().partition(";")
-        if name.strip().lower() in ("gzip", "*"):
-            q = params.strip()
-            if q.startswith("q="):
-                try:
-                    return float(q[2:]) > 0
-                except ValueError:
-                    return False
-            return True
+    for name, q in accepted_codings(accept_encoding):
+        if name in ("gzip", "*"):
+            return q > 0
     return False
 
 

@@ -61,6 +61,7 @@ from sandboxd.agent.asgi import (
     read_body,
     send_json,
 )
+from sandboxd.agent.compression import accepted_codings
 from sandboxd.agent.http_server import MAX_RAW_BODIES
 
 from .backend import Backend
@@ -299,25 +300,11 @@ def _dropped(scope: Scope, port: int) -> frozenset[bytes]:
 
 def _gzip_alone(values: list[bytes]) -> bool:
     """Whether ``Accept-Encoding`` (every line of it) names gzip (``gzip``, ``x-gzip``) and no other
-    coding with a ``q`` above 0, ``identity`` aside: the SDKs' ``gzip=True``, a user's choice rather
-    than an HTTP client's default list."""
-    codings = set()
-    for item in b",".join(values).split(b","):
-        name, _, params = item.partition(b";")
-        name = name.strip().lower()
-        if not name:
-            continue
-        q = 1.0
-        for param in params.split(b";"):
-            key, _, value = param.partition(b"=")
-            if key.strip().lower() == b"q":
-                try:
-                    q = float(value.strip())
-                except ValueError:
-                    q = 0.0
-        if q > 0 and name != b"identity":
-            codings.add(name)
-    return bool(codings) and codings <= {b"gzip", b"x-gzip"}
+    coding with a ``q`` above 0, ``identity`` aside, read as the agent reads it: the SDKs'
+    ``gzip=True``, a user's choice rather than an HTTP client's default list."""
+    codings = {name for name, q in accepted_codings(b",".join(values).decode("latin-1")) if q > 0}
+    codings.discard("identity")
+    return bool(codings) and codings <= {"gzip", "x-gzip"}
 
 
 def _header_map(raw: list[tuple[bytes, bytes]]) -> dict[str, str]:
