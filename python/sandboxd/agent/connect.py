@@ -503,10 +503,10 @@ class ConnectTransport:
                 async for message in messages:
                     if isinstance(message, Batch):  # several envelopes, one write
                         parts = [part for each in message.messages for part in codec.frame_parts(each)]
-                        message = message.messages[-1]
+                        last = message.messages[-1]
                     else:
-                        parts = codec.frame_parts(message)
-                    if is_last is not None and is_last(message):
+                        parts, last = codec.frame_parts(message), message
+                    if is_last is not None and is_last(last):
                         parts.append(end_stream(None, ctx.response_trailers))
                         await frame(parts, more=False)
                         return

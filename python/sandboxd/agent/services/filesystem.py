@@ -83,7 +83,7 @@ class FilesystemService:
             if exc.errno == errno.ELOOP:
                 raise RpcError(Code.FAILED_PRECONDITION, f"too many levels of symlinks: '{path}'") from None
             raise from_os_error(exc, "error reading directory") from None
-        return Preencoded(encoded, "json" if ctx.codec == "json" else "proto")
+        return Preencoded(encoded, ctx.codec)
 
     async def make_dir(self, request: pb.MakeDirRequest, ctx: Context) -> pb.MakeDirResponse:
         path = self._resolve(request.path, ctx)
