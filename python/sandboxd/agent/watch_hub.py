@@ -68,7 +68,9 @@ class WatchHub:
             watcher.settle()
 
     def note_commit(self, temp_name: str, commit: Commit) -> None:
-        """Records what the rename of the temporary file ``temp_name`` (a base name) stands for."""
+        """Records what the rename of the temporary file ``temp_name`` (a base name) stands for. Called
+        by an upload's commit in a worker thread, before its renames: each of the dict's operations
+        holds the GIL, and two commits that trim at once only trim one note more."""
         self._notes[temp_name] = commit
         while len(self._notes) > NOTES_KEPT:
             self._notes.popitem(last=False)
