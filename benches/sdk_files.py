@@ -7,6 +7,8 @@
   ``format="stream"`` (the body as an iterator of chunks, counted and dropped), beside ``curl`` ``GET
   /files`` to the same agent, written to ``/dev/null``.
 * listing: ``sandbox.files.list(dir)`` of 10,000 files, beside ``ls -la`` of the same directory.
+* small files: ``sandbox.files.write_files`` of 100 files of 100 bytes, beside this process writing
+  them (temporary file, rename).
 
 The SDK runs in this process in debug mode (``E2B_DEBUG=true``, ``E2B_SANDBOX_URL``) against a token-less
 agent of its own (:func:`watch.sdk_agent`), so ``ours / curl`` is what the SDK's client side costs on top
@@ -181,6 +183,69 @@ def listing(ctx: Context, sandbox: Any, data: Path, compare: Any) -> None:
     shutil.rmtree(directory)
 
 
+SMALL_FILES = 100
+SMALL_BYTES = 100
+"""What :func:`small_files` writes in one call: 100 files of 100 bytes (a project's sources, say)."""
+
+
+def small_files(ctx: Context, sandbox: Any, data: Path, compare: Any) -> None:
+    """``files.write_files`` of 100 files of 100 bytes into one directory (one multipart request, a
+    part per file), beside the same files written by this process as the agent writes them (each to
+    a temporary file, then renamed: the kernel's part of the work), and with ``--compare-agent``
+    beside the same SDK call to that agent. Alternating; ms per call, every file checked after each."""
+    directory = data / "small"
+    directory.mkdir()
+    if compare is not None:
+        open_for_compare(ctx.tmp, directory)
+    payloads = [os.urandom(SMALL_BYTES // 2).hex().encode() for _ in range(SMALL_FILES)]
+    paths = [directory / f"module_{i:03d}.py" for i in range(SMALL_FILES)]
+    entries = [{"path": str(path), "data": payload} for path, payload in zip(paths, payloads, strict=True)]
+
+    def direct() -> None:
+        for path, payload in zip(paths, payloads, strict=True):
+            temp = path.with_name(f".{path.name}.tmp")
+            with open(temp, "wb") as f:
+                f.write(payload)
+            os.rename(temp, path)
+
+    calls: dict[str, Callable[[], object]] = {"ours": lambda: sandbox.files.write_files(entries), "direct": direct}
+    if compare is not None:
+        theirs = sdk_sandbox(compare.url, compare.token)
+        calls["compare"] = lambda: theirs.files.write_files(entries)
+    runs = 10 if ctx.quick else 30
+    got: dict[str, list[float]] = {key: [] for key in calls}
+    for i in range(runs + 1):
+        for key in list(calls)[i % len(calls) :] + list(calls)[: i % len(calls)]:
+            for path in paths:
+                path.unlink(missing_ok=True)
+            t0 = time.perf_counter()
+            calls[key]()
+            elapsed = (time.perf_counter() - t0) * 1e3
+            if [path.read_bytes() for path in paths] != payloads:
+                raise RuntimeError(f"{key}: write_files left other bytes than it was given")
+            if i:  # the first round: untimed
+                got[key].append(elapsed)
+    ctx.log("write_files of 100 small files: " + ", ".join(f"{k} p50 {median(v):.1f} ms" for k, v in got.items()))
+    name = f"sdk-files: write_files of {SMALL_FILES} files of {SMALL_BYTES} B, SDK"
+    bases = [("direct", "the same files written by this process (temporary file, rename), no transport")]
+    if compare is not None:
+        bases.append(("compare", f"{compare.name}, SDK write_files"))
+    for key, base_name in bases:
+        ctx.report(
+            Result(
+                name=name,
+                unit="ms (p50)",
+                ours=median(got["ours"]),
+                baseline=median(got[key]),
+                baseline_name=base_name,
+                better="lower",
+                samples={"ours": got["ours"], "baseline": got[key]},
+                p50=median(got["ours"]),
+            )
+        )
+    shutil.rmtree(directory)
+
+
 @dataclass
 class Transfers:
     data: Path
@@ -252,6 +317,7 @@ def run(ctx: Context) -> None:
                 clients[kind]["compare"] = step
 
         listing(ctx, sandbox, data, compare)
+        small_files(ctx, sandbox, data, compare)
         transfers = Transfers(data, src_sha, size)
         measured: dict[str, dict[str, Runs]] = {}
         curl_download: Runs | None = None
