@@ -284,6 +284,35 @@ def test_gzip_reply_is_valid_gzip(agent: Agent, workdir: Path) -> None:
     assert gzip.decompress(raw) == target.read_bytes()
 
 
+@pytest.mark.parametrize("accept", ["gzip", "identity"])
+def test_a_small_file_comes_whole_with_its_length_and_a_large_one_streams(
+    agent: Agent, workdir: Path, accept: str
+) -> None:
+    """A file of up to 1 MiB is read (and gzipped) whole before the head goes out, so every small
+    download has a ``Content-Length``, its gzipped form's included (before, a gzipped download was
+    always chunked); past 1 MiB a gzipped one streams in chunks, as before. The bytes are the file's
+    either way, and a HEAD answers the same headers without reading it."""
+    small, large = workdir / "small.json", workdir / "large.json"
+    small.write_text('{"k": 1}\n' * 1000)
+    large.write_text('{"k": 2}\n' * 150_000)
+    for target, whole in ((small, True), (large, accept == "identity")):
+        with httpx.Client() as client:
+            request = client.build_request("GET", f"{agent.url}/files", params={"path": str(target)})
+            request.headers["Accept-Encoding"] = accept
+            r = client.send(request, stream=True)
+            raw = b"".join(r.iter_raw())
+        assert r.status_code == 200
+        gzipped = r.headers.get("content-encoding") == "gzip"
+        assert gzipped == (accept == "gzip"), r.headers
+        assert (gzip.decompress(raw) if gzipped else raw) == target.read_bytes()
+        if whole:
+            assert r.headers["content-length"] == str(len(raw)) and "transfer-encoding" not in r.headers, r.headers
+        else:
+            assert r.headers.get("transfer-encoding") == "chunked" and "content-length" not in r.headers, r.headers
+    head = httpx.head(f"{agent.url}/files", params={"path": str(small)}, headers={"Accept-Encoding": "identity"})
+    assert head.status_code == 200 and head.headers["content-length"] == str(small.stat().st_size)
+
+
 def test_incompressible_files_are_sent_raw_even_when_gzip_is_accepted(agent: Agent, workdir: Path) -> None:
     target = workdir / "random.bin"
     target.write_bytes(os.urandom(200_000))
