@@ -118,6 +118,9 @@ class AtomicWriter:
     """
 
     path: str
+    target: str
+    """The file ``commit`` replaces: ``path``, or the resolved target when ``path`` was a symlink
+    to a file as it opened."""
     temp_path: str
     """The hidden temporary file the data goes to until ``commit``."""
     written: int

@@ -248,7 +248,13 @@ impl AtomicWriter {
         let file = self.file.take().ok_or_else(|| Error::Closed {
             path: self.path.clone(),
         })?;
-        let mut result = set_metadata_file(&file, &self.path, metadata);
+        // The temporary file is this writer's own, made new (`O_EXCL`): it has no `user.e2b.*`
+        // attribute to replace, so without metadata there is nothing to list or set.
+        let mut result = if metadata.is_empty() {
+            Ok(())
+        } else {
+            set_metadata_file(&file, &self.path, metadata)
+        };
         if result.is_ok() && is_root() {
             result = fchown(&file, Some(self.uid), Some(self.gid)).at(&self.path);
         }

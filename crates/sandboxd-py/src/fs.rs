@@ -331,6 +331,13 @@ impl AtomicWriter {
         self.inner.path().as_os_str()
     }
 
+    /// The file `commit` replaces: `path`, or the resolved target when `path` was a symlink to
+    /// a file as it opened (a `str`, as `path`).
+    #[getter]
+    fn target(&self) -> &OsStr {
+        self.inner.target().as_os_str()
+    }
+
     /// The hidden temporary file the data goes to until `commit` (a `str`, as `path`). Watchers
     /// see its name in the rename that commits the upload.
     #[getter]
