@@ -50,12 +50,20 @@ def head(query: str, length: int) -> bytes:
     ).encode()
 
 
-def posted(agent: Agent, body: bytes) -> tuple[int, bytes]:
+def posted(agent: Agent, body: bytes, chunked: bool = False) -> tuple[int, bytes]:
     """``POST /files`` of a multipart ``body`` on a connection of its own: the answer's status and
-    body. A refusal may come, and the connection close, before the body is all sent."""
+    body. A refusal may come, and the connection close, before the body is all sent. ``chunked``:
+    sent with ``Transfer-Encoding: chunked`` (no length known ahead: the parser's streaming path),
+    in pieces of 4 KiB."""
+    if chunked:
+        start = head("", 0).replace(b"Content-Length: 0", b"Transfer-Encoding: chunked")
+        pieces = [body[i : i + 4096] for i in range(0, len(body), 4096)]
+        data = start + b"".join(b"%x\r\n%s\r\n" % (len(piece), piece) for piece in pieces) + b"0\r\n\r\n"
+    else:
+        data = head("", len(body)) + body
     with connection(agent) as (s, f):
         with contextlib.suppress(OSError):
-            s.sendall(head("", len(body)) + body)
+            s.sendall(data)
         status, _, answer = read_response(f)
     return status, answer
 
@@ -336,14 +344,17 @@ def test_an_upload_of_many_files_holds_one_descriptor_at_a_time(agent: Agent, wo
     assert all((workdir / "many" / f"{i}.txt").read_bytes() == f"file {i}".encode() for i in range(count))
 
 
-def test_parts_opened_many_at_a_time_keep_their_order_and_their_checks(agent: Agent, workdir: Path) -> None:
-    """Through the parser, small parts open in groups, each group in one worker-thread job with the
-    data gathered for them (the upload's ``OPEN_BATCH``, 64). Across groups: 150 files of every size
-    from 0 bytes arrive byte exact; and a part inside a file of the first group, sent in the third,
-    is refused with every file of the upload taken back, the ones already opened included."""
+@pytest.mark.parametrize("chunked", [False, True], ids=["whole", "chunked"])
+def test_many_small_parts_keep_their_order_and_their_checks(agent: Agent, workdir: Path, chunked: bool) -> None:
+    """A small body with a length is parsed whole by one worker-thread job; a chunked one through
+    the parser on the event loop, where small parts open in groups, each group one job with the data
+    gathered for them (the upload's ``OPEN_BATCH``, 64). Either way, across groups: 150 files of every
+    size from 0 bytes arrive byte exact, in order; and a part inside a file of the first group, sent
+    in the third, is refused with every file of the upload taken back, the ones already opened
+    included."""
     sizes = [(i * 37) % 3000 for i in range(150)]
     parts = [part(pattern(size), str(workdir / "tree" / f"d{i % 7}" / f"{i}.bin")) for i, size in enumerate(sizes)]
-    status, answer = posted(agent, multipart(*parts))
+    status, answer = posted(agent, multipart(*parts), chunked)
     assert status == 200, answer
     assert [entry["path"] for entry in httpx.Response(200, content=answer).json()] == [
         str(workdir / "tree" / f"d{i % 7}" / f"{i}.bin") for i in range(150)
@@ -354,7 +365,7 @@ def test_parts_opened_many_at_a_time_keep_their_order_and_their_checks(agent: Ag
     parts = [part(pattern(10), str(workdir / "x"))]
     parts += [part(pattern(i), str(workdir / "more" / f"{i}.bin")) for i in range(140)]
     parts.append(part(pattern(10), str(workdir / "x" / "y")))
-    status, answer = posted(agent, multipart(*parts))
+    status, answer = posted(agent, multipart(*parts), chunked)
     assert status == 400 and b"which this upload writes as a file: nothing was written" in answer, answer
     assert settled_listing(workdir, ["tree"]) == ["tree"]
 

@@ -21,7 +21,7 @@
 //! preamble before the first delimiter is skipped, as is transport padding (spaces and tabs) after
 //! a delimiter; CRLF `--` boundary followed by anything but padding, CR, LF or `--` is data (a file
 //! may hold it), not a delimiter; a part's headers end at an empty line and may not exceed
-//! [`MAX_HEADERS`]. (The event loop's path, `python-multipart` for bodies under 1 MiB, refuses a
+//! [`MAX_HEADERS`]. (The event loop's path, `python-multipart` for chunked and gzip bodies, refuses a
 //! preamble and padding that this reader and envd take.)
 
 use std::time::Duration;
@@ -102,7 +102,8 @@ pub struct MultipartReader {
 impl MultipartReader {
     /// A reader of a body with `boundary`, of which `prefix` was already read (the server's
     /// buffer) and `left` bytes are still in the socket. The boundary must be 1 to
-    /// [`MAX_BOUNDARY`] bytes (the caller checks).
+    /// [`MAX_BOUNDARY`] bytes (the caller checks). With `left` 0 the whole body is `prefix` (a small
+    /// one, held in memory): the reader never reads, and the socket passed to it is not used.
     pub fn new(
         boundary: &[u8],
         prefix: &[u8],
