@@ -131,41 +131,30 @@ LIST_FILES = 10_000
 """Entries in the directory :func:`listing` lists."""
 
 
-def listing(ctx: Context, sandbox: Any, data: Path, compare: Any) -> None:
-    """``files.list`` of a directory of 10,000 files (one ``ListDir``: every entry stat-ed, its owner
-    and group named, its metadata read), beside ``ls -la`` of the same directory (coreutils, its own
-    process: the same facts, printed), and with ``--compare-agent`` beside the same SDK call to that
-    agent. Alternating; ms per call."""
-    ls_bin = which("ls")
-    directory = data / "listed"
-    directory.mkdir()
-    for i in range(LIST_FILES):
-        (directory / f"file-{i:05d}.txt").write_bytes(b"x")
-    if compare is not None:
-        open_for_compare(ctx.tmp, directory)
-    calls: dict[str, Callable[[], int]] = {"ours": lambda: len(sandbox.files.list(str(directory)))}
-    if ls_bin is not None:
-        ls = [ls_bin, "-la", "--time-style=full-iso", str(directory)]
-        calls["ls"] = lambda: len(subprocess.run(ls, capture_output=True, check=True).stdout.splitlines()) - 3
-    if compare is not None:
-        theirs = sdk_sandbox(compare.url, compare.token)
-        calls["compare"] = lambda: len(theirs.files.list(str(directory)))
-    runs = 5 if ctx.quick else 15
+def _rotate(
+    calls: dict[str, Callable[[], object]],
+    runs: int,
+    check: Callable[[str, object], None],
+    before: Callable[[], None] | None = None,
+) -> dict[str, list[float]]:
+    """Each call ``runs`` times after one untimed round, the order rotated every round: ms per call.
+    ``before`` runs ahead of each call, untimed; ``check(key, result)`` after it, untimed."""
     got: dict[str, list[float]] = {key: [] for key in calls}
     for i in range(runs + 1):
         for key in list(calls)[i % len(calls) :] + list(calls)[: i % len(calls)]:
+            if before is not None:
+                before()
             t0 = time.perf_counter()
-            n = calls[key]()
+            result = calls[key]()
             elapsed = (time.perf_counter() - t0) * 1e3
-            if n != LIST_FILES:
-                raise RuntimeError(f"{key} listed {n} entries of {LIST_FILES}")
+            check(key, result)
             if i:  # the first round: untimed
                 got[key].append(elapsed)
-    ctx.log("files.list of 10,000 files: " + ", ".join(f"{k} p50 {median(v):.1f} ms" for k, v in got.items()))
-    name = f"sdk-files: files.list of a directory of {LIST_FILES:,} files, SDK"
-    bases = [("ls", "ls -la of the same directory (coreutils, a process of its own)")]
-    if compare is not None:
-        bases.append(("compare", f"{compare.name}, SDK files.list"))
+    return got
+
+
+def _report_p50(ctx: Context, name: str, got: dict[str, list[float]], bases: list[tuple[str, str]]) -> None:
+    """A row per baseline that was measured: ours beside it, ms p50, lower is better."""
     for key, base_name in bases:
         if key in got:
             ctx.report(
@@ -180,6 +169,38 @@ def listing(ctx: Context, sandbox: Any, data: Path, compare: Any) -> None:
                     p50=median(got["ours"]),
                 )
             )
+
+
+def listing(ctx: Context, sandbox: Any, data: Path, compare: Any) -> None:
+    """``files.list`` of a directory of 10,000 files (one ``ListDir``: every entry stat-ed, its owner
+    and group named, its metadata read), beside ``ls -la`` of the same directory (coreutils, its own
+    process: the same facts, printed), and with ``--compare-agent`` beside the same SDK call to that
+    agent. Alternating; ms per call."""
+    ls_bin = which("ls")
+    directory = data / "listed"
+    directory.mkdir()
+    for i in range(LIST_FILES):
+        (directory / f"file-{i:05d}.txt").write_bytes(b"x")
+    if compare is not None:
+        open_for_compare(ctx.tmp, directory)
+    calls: dict[str, Callable[[], object]] = {"ours": lambda: len(sandbox.files.list(str(directory)))}
+    if ls_bin is not None:
+        ls = [ls_bin, "-la", "--time-style=full-iso", str(directory)]
+        calls["ls"] = lambda: len(subprocess.run(ls, capture_output=True, check=True).stdout.splitlines()) - 3
+    if compare is not None:
+        theirs = sdk_sandbox(compare.url, compare.token)
+        calls["compare"] = lambda: len(theirs.files.list(str(directory)))
+
+    def check(key: str, n: object) -> None:
+        if n != LIST_FILES:
+            raise RuntimeError(f"{key} listed {n} entries of {LIST_FILES}")
+
+    got = _rotate(calls, 5 if ctx.quick else 15, check)
+    ctx.log("files.list of 10,000 files: " + ", ".join(f"{k} p50 {median(v):.1f} ms" for k, v in got.items()))
+    bases = [("ls", "ls -la of the same directory (coreutils, a process of its own)")]
+    if compare is not None:
+        bases.append(("compare", f"{compare.name}, SDK files.list"))
+    _report_p50(ctx, f"sdk-files: files.list of a directory of {LIST_FILES:,} files, SDK", got, bases)
     shutil.rmtree(directory)
 
 
@@ -212,37 +233,21 @@ def small_files(ctx: Context, sandbox: Any, data: Path, compare: Any) -> None:
     if compare is not None:
         theirs = sdk_sandbox(compare.url, compare.token)
         calls["compare"] = lambda: theirs.files.write_files(entries)
-    runs = 10 if ctx.quick else 30
-    got: dict[str, list[float]] = {key: [] for key in calls}
-    for i in range(runs + 1):
-        for key in list(calls)[i % len(calls) :] + list(calls)[: i % len(calls)]:
-            for path in paths:
-                path.unlink(missing_ok=True)
-            t0 = time.perf_counter()
-            calls[key]()
-            elapsed = (time.perf_counter() - t0) * 1e3
-            if [path.read_bytes() for path in paths] != payloads:
-                raise RuntimeError(f"{key}: write_files left other bytes than it was given")
-            if i:  # the first round: untimed
-                got[key].append(elapsed)
+
+    def fresh() -> None:
+        for path in paths:
+            path.unlink(missing_ok=True)
+
+    def check(key: str, _: object) -> None:
+        if [path.read_bytes() for path in paths] != payloads:
+            raise RuntimeError(f"{key}: write_files left other bytes than it was given")
+
+    got = _rotate(calls, 10 if ctx.quick else 30, check, before=fresh)
     ctx.log("write_files of 100 small files: " + ", ".join(f"{k} p50 {median(v):.1f} ms" for k, v in got.items()))
-    name = f"sdk-files: write_files of {SMALL_FILES} files of {SMALL_BYTES} B, SDK"
     bases = [("direct", "the same files written by this process (temporary file, rename), no transport")]
     if compare is not None:
         bases.append(("compare", f"{compare.name}, SDK write_files"))
-    for key, base_name in bases:
-        ctx.report(
-            Result(
-                name=name,
-                unit="ms (p50)",
-                ours=median(got["ours"]),
-                baseline=median(got[key]),
-                baseline_name=base_name,
-                better="lower",
-                samples={"ours": got["ours"], "baseline": got[key]},
-                p50=median(got["ours"]),
-            )
-        )
+    _report_p50(ctx, f"sdk-files: write_files of {SMALL_FILES} files of {SMALL_BYTES} B, SDK", got, bases)
     shutil.rmtree(directory)
 
 
