@@ -433,3 +433,30 @@ def test_many_stalled_bodies_at_once_leave_the_files_threads_free(
         time.sleep(2)
         r = httpx.get(f"http://127.0.0.1:{started.port}/files", params={"path": str(small)}, timeout=10)
         assert r.status_code == 200 and r.content == b"still served"
+
+
+def test_the_plain_disposition_reads_as_python_multipart_reads_it() -> None:
+    """A part's ``Content-Disposition`` in the form the SDKs and curl write is read by one regular
+    expression (``_PLAIN_DISPOSITION``), anything else by python-multipart: both give the same part
+    for every form, including the ones the expression must leave to the parser (escapes, other
+    spacing or case, more parameters, RFC 2231's ``filename*``, which RFC 7578 forbids)."""
+    from python_multipart.multipart import parse_options_header
+    from sandboxd.agent.files import _PLAIN_DISPOSITION, _part_start
+
+    names = ['"file"', '"other"', "file", '""', '"fi;le"']
+    filenames = [None, '""', '"/a/b.py"', '"a;b=c"', '"/h/\u00e9 x.txt"', '"a\\"b"', '"C:\\\\x\\\\y"', "x", '"~/x"']
+    extras = ["", '; foo="y"', "; filename*=UTF-8''z"]
+    plain = 0
+    for name in names:
+        for filename in filenames:
+            for extra in extras:
+                for head, sep in (("form-data", "; "), ("Form-Data", ";"), ("form-data", ";  ")):
+                    value = f"{head}{sep}name={name}" + (f"{sep}filename={filename}" if filename is not None else "")
+                    raw = (value + extra).encode()
+                    _, options = parse_options_header(raw.decode("latin-1"))
+                    is_file = options.get(b"name") == b"file"
+                    expected = (is_file, options.get(b"filename", b"").decode() if is_file else "")
+                    got = _part_start(raw)
+                    assert (got.is_file, got.filename) == expected, raw
+                    plain += _PLAIN_DISPOSITION.fullmatch(raw) is not None
+    assert plain >= 20  # the common forms do take the expression's path

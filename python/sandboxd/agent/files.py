@@ -26,6 +26,7 @@ import contextlib
 import functools
 import json
 import os
+import re
 import stat
 import zlib
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
@@ -516,6 +517,7 @@ class _Upload:
         self._placed: set[str] = set()  # the paths of the parts before, as the kernel resolves them
         self._placed_parts = 0  # how many parts' paths are in _placed
         self._real_dirs: dict[str, str] = {}
+        self._clear: set[str] = set()  # real directories whose every ancestor was found not placed
         self._finished = False
 
     def _refuse_file_under_file(self, target: str, index: int) -> None:
@@ -537,6 +539,9 @@ class _Upload:
                 self._placed.add(os.path.join(self._real_dir(os.path.dirname(path)), os.path.basename(path)))
         self._placed_parts = index
         parent = self._real_dir(os.path.dirname(target))
+        if parent in self._clear:
+            return
+        clear = parent
         while parent != "/":  # realpath: absolute and clean
             if parent in self._placed:
                 raise RpcError(
@@ -544,6 +549,10 @@ class _Upload:
                     f"path '{target}' is inside '{parent}', which this upload writes as a file: nothing was written",
                 )
             parent = os.path.dirname(parent)
+        # No later part can place a file at this directory or above it: the part that opens here
+        # makes it a directory, and a file where a directory is fails as it opens. So the walk is
+        # not made again for the next part in it (write_files' files share a few directories).
+        self._clear.add(clear)
 
     def _real_dir(self, path: str) -> str:
         """``os.path.realpath`` of a directory, once per directory an upload names: ``write_files``
@@ -1011,16 +1020,29 @@ class _PartStart:
     filename: str
 
 
+_PLAIN_DISPOSITION = re.compile(rb'form-data; name="([^"\\]*)"(?:; filename="([^"\\]*)")?')
+"""``Content-Disposition`` as the SDKs (httpx, undici) and curl write it: quoted values without an
+escape. Read by this one match, it gives what python-multipart's ``parse_options_header`` gives for
+it (a latin-1 decode, the split at ``;`` outside quotes, the quotes removed), at a fraction of its
+cost per part (~10 µs, a sixth of the agent's Python for each of ``write_files``' files); anything
+else (other spacing, escapes, case, more parameters) goes through ``parse_options_header``."""
+
+
 def _part_start(disposition: bytes) -> _PartStart:
     """What a part's ``Content-Disposition`` says: a ``file`` part and its filename, or another
     form field (envd ignores those)."""
-    from python_multipart.multipart import parse_options_header
+    plain = _PLAIN_DISPOSITION.fullmatch(disposition)
+    if plain is not None:
+        name, raw_filename = plain.group(1), plain.group(2) or b""
+    else:
+        from python_multipart.multipart import parse_options_header
 
-    _, options = parse_options_header(disposition.decode("latin-1"))
-    if options.get(b"name") != b"file":
+        _, options = parse_options_header(disposition.decode("latin-1"))
+        name, raw_filename = options.get(b"name"), options.get(b"filename", b"")
+    if name != b"file":
         return _PartStart(False, "")
     try:
-        filename = options.get(b"filename", b"").decode("utf-8")
+        filename = raw_filename.decode("utf-8")
     except UnicodeDecodeError:
         raise RpcError(Code.INVALID_ARGUMENT, "the part's filename is not valid UTF-8") from None
     return _PartStart(True, filename)
