@@ -884,16 +884,20 @@ def _body_length(headers: dict[str, str]) -> int | None:
 async def _receive_multipart(
     upload: _Upload, boundary: bytes, body: AsyncIterator[bytes], socket_body: Any, length: int | None
 ) -> None:
-    """A multipart body's ``file`` parts into their targets: a large identity body straight from
-    the socket by a worker thread (``socket_body``, as for a raw body: :func:`_move_multipart`); a
-    small one whose length is known (``length``, under :data:`SOCKET_BODY_MIN`) gathered whole, then
-    parsed, written and committed by one worker-thread job (:func:`_write_whole_multipart`); any
-    other (chunked, gzip) through ``receive()`` and python-multipart's parser."""
+    """A multipart body's ``file`` parts into their targets: an identity body still arriving, straight
+    from the socket by a worker thread that also commits (``socket_body``, as for a raw body:
+    :func:`_move_multipart`); one that has arrived whole (``length`` known, under
+    :data:`SOCKET_BODY_MIN`: the server holds it) parsed, written and committed by one worker-thread
+    job (:func:`_write_whole_multipart`); any other (chunked, gzip, more bodies moving than the
+    server allows at once) through ``receive()`` and python-multipart's parser."""
     short_boundary = len(boundary) <= _core.MULTIPART_MAX_BOUNDARY
     remaining = None
     if socket_body is not None and short_boundary:
         remaining = socket_body.remaining()
-    if remaining is not None and remaining >= SOCKET_BODY_MIN:
+    if remaining is not None:
+        # Whatever its size: each piece of a body through receive() is a turn of the event loop (the
+        # SDK sends a write_files body a part at a time), and from the socket it is a read(2) in
+        # the worker thread the body needs anyway.
         try:
             prefix = socket_body.take()
             await socket_body.receive_into(functools.partial(_move_multipart, upload, boundary, prefix), IO_THREADS)
@@ -945,6 +949,8 @@ def _move_multipart(
     try:
         while True:
             step, headers = reader.next_part(fd)
+            if step == "complete" and upload.sinks:
+                upload.finish_now()  # the commit in this job too: no thread hop after it
             if step != "part":
                 return step
             part = _part_start(_part_disposition(headers or b""))
