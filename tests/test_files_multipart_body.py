@@ -172,6 +172,42 @@ def test_a_malformed_body_is_400_and_leaves_no_file(agent: Agent, workdir: Path,
     assert httpx.get(f"{agent.url}/health").status_code == 204
 
 
+@pytest.mark.parametrize("split", [False, True], ids=["whole", "arriving"])
+@pytest.mark.parametrize(
+    ("tail", "why"),
+    [
+        (part(b"data", "/tmp/never.bin"), b"ended before its closing boundary"),
+        (
+            f"--{BOUNDARY}\r\nContent-Disposition: form-data; name=file; filename={'x' * 17000}\r\n\r\n".encode(),
+            b"headers are larger than 16 KiB",
+        ),
+        (f"--{BOUNDARY} junk\r\n\r\ndata".encode(), b"not followed by CRLF"),
+        (f"--{BOUNDARY}\r\nno colon here\r\n\r\ndata".encode(), b"header line has no ':'"),
+        (f"--{BOUNDARY}\r\nContent-Disposition: form-data; name=file\r\n\r\nx\r\n--{BOUNDARY}--".encode(), b""),
+    ],
+    ids=["no-closing-boundary", "huge-headers", "no-crlf", "bad-header", "no-filename"],
+)
+def test_a_small_malformed_body_is_400_and_leaves_no_file(
+    agent: Agent, workdir: Path, tail: bytes, why: bytes, split: bool
+) -> None:
+    """The small bodies' paths (whole in memory, or read from the socket while arriving) refuse what
+    the large one refuses, with its reasons, and leave every file as it was; the agent goes on."""
+    (workdir / "keep.bin").write_bytes(b"old")
+    body = part(b"new", str(workdir / "keep.bin")) + tail
+    with connection(agent) as (s, f):
+        with contextlib.suppress(OSError):
+            s.sendall(head("", len(body)) + body[: len(body) // 2 if split else len(body)])
+            if split:
+                time.sleep(0.05)
+                s.sendall(body[len(body) // 2 :])
+        status, _, answer = read_response(f)
+    assert status == 400, answer
+    assert (b"malformed multipart body" in answer and why in answer) if why else b"no filename" in answer, answer
+    assert settled_listing(workdir, ["keep.bin"]) == ["keep.bin"]
+    assert (workdir / "keep.bin").read_bytes() == b"old"
+    assert httpx.get(f"{agent.url}/health").status_code == 204
+
+
 def test_the_parsers_rules_hold(agent: Agent, workdir: Path) -> None:
     no_file = multipart(part(pattern(2 * MiB), "x", name="other"))
     two_files_one_path = multipart(part(pattern(MiB), "a"), part(pattern(MiB), "b"))
