@@ -215,7 +215,7 @@ class _Reply:
     """The whole body, read (and compressed) already: a small file's (:data:`WHOLE_BODY_MAX`)."""
 
 
-WHOLE_BODY_MAX = 1 << 20
+WHOLE_BODY_MAX = _core.READ_CHUNK
 """A sized body this small (one read chunk) is read, and gzipped when that pays, by the thread that
 plans the download, so that the loop sends head and body in one write with no more thread hops:
 before, a 5-byte file took three hops (the plan, its chunk, the end), ~0.1 ms of the agent's CPU
@@ -296,8 +296,7 @@ def _whole_body(
         return _Reply(status, headers, reader=reader, chunks=_chunks(data, reader))
     reader.close()
     if gzip_allowed:
-        deflate = zlib.compressobj(GZIP_LEVEL, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
-        packed = deflate.compress(data) + deflate.flush()
+        packed = b"".join(_gzip_chunks([data]))
         if len(packed) <= len(data) * GZIP_MIN_SAVING:
             headers += [("content-encoding", "gzip"), ("content-length", str(len(packed)))]
             return _Reply(status, headers, body=packed)
@@ -511,14 +510,15 @@ class _Upload:
         self.state = state
         self.metadata = metadata
         self.sinks: list[_Sink] = []
-        self.job: asyncio.Future[None] | None = None
+        self.job: asyncio.Future[Any] | None = None
         self._unsent = 0  # sinks[_unsent:] may have an open or data not yet handed to a job
         self._unsent_bytes = 0
         self._placed: set[str] = set()  # the paths of the parts before, as the kernel resolves them
         self._placed_parts = 0  # how many parts' paths are in _placed
         self._real_dirs: dict[str, str] = {}
         self._clear: set[str] = set()  # real directories whose every ancestor was found not placed
-        self._finished = False
+        self.finished = False
+        """Committed by a job already (:meth:`finish`): :meth:`commit` has only the answer to make."""
 
     def _refuse_file_under_file(self, target: str, index: int) -> None:
         """A part inside a file an earlier part of this upload writes: its parent directories would
@@ -659,22 +659,18 @@ class _Upload:
             raise from_os_error(exc, f"error opening '{target}' for writing") from None
         self.sinks[index].writer = writer
 
-    async def run(self, function: Callable[..., None], *args: Any) -> None:
-        """``function(*args)`` as the upload's job, in a worker thread (errors surface here)."""
+    async def run(self, function: Callable[..., T], *args: Any) -> T:
+        """``function(*args)`` as the upload's job, in a worker thread: its result (its errors
+        surface here)."""
         await self.wait()
-        self.job = asyncio.get_running_loop().run_in_executor(IO_THREADS, function, *args)
+        job: asyncio.Future[T] = asyncio.get_running_loop().run_in_executor(IO_THREADS, function, *args)
+        self.job = job
         await self.wait()
-
-    def finish_now(self) -> None:
-        """The commit, by a job that has opened and written every part itself: the last step of
-        :func:`_write_whole_multipart`, so that :meth:`commit` has only the answer left to make."""
-        self._finish([])
-        self._finished = True
+        return job.result()
 
     async def commit(self) -> list[dict[str, object]]:
-        if not self._finished:
-            await self.wait()
-            await self.run(self._finish, self._take())
+        if not self.finished:
+            await self.run(self.finish)
         result: list[dict[str, object]] = []
         for sink in self.sinks:
             path = _opened(sink).path
@@ -684,19 +680,21 @@ class _Upload:
             result.append(entry)
         return result
 
-    def _finish(self, work: list[tuple[int, list[bytes]]]) -> None:
-        """The commit, in a worker thread: what has gathered opened and written; every watcher made to
+    def finish(self) -> None:
+        """The commit, in a worker thread (the upload's job, or the end of the one that moved the
+        body itself: :func:`_move_multipart`): what has gathered opened and written; every watcher made to
         read its queue, so that a directory this upload created is watched before the rename lands in
         it (see watch_hub; here, not on the event loop: a watcher's drain thread may hold its lock for
         a walk of a tree just moved in, which grows with the sandbox's files); each rename noted for
         the watchers; then the renames."""
-        self._apply(work)
+        self._apply(self._take())  # no job in flight: this is the upload's job
         writers = [_opened(sink) for sink in self.sinks]
         hub = self.state.watch_hub
         hub.settle()
         for writer, existed in zip(writers, _renamable(writers), strict=True):
             hub.note_commit(os.path.basename(writer.temp_path), Commit(existed=existed, wrote=writer.written > 0))
         _commit_all(writers, self.metadata)
+        self.finished = True
 
     async def abort(self) -> None:
         """Waits for the job in flight without raising (the writers are its), then takes back what
@@ -888,7 +886,7 @@ async def _receive_multipart(
     from the socket by a worker thread that also commits (``socket_body``, as for a raw body:
     :func:`_move_multipart`); one that has arrived whole (``length`` known, under
     :data:`SOCKET_BODY_MIN`: the server holds it) parsed, written and committed by one worker-thread
-    job (:func:`_write_whole_multipart`); any other (chunked, gzip, more bodies moving than the
+    job (the same :func:`_move_multipart`, over memory); any other (chunked, gzip, more bodies moving than the
     server allows at once) through ``receive()`` and python-multipart's parser."""
     short_boundary = len(boundary) <= _core.MULTIPART_MAX_BOUNDARY
     remaining = None
@@ -905,40 +903,18 @@ async def _receive_multipart(
             socket_body.release()  # the slot take() counted, should receive_into never run
     elif length is not None and length < SOCKET_BODY_MIN and short_boundary:
         pieces = [chunk async for chunk in body]  # at most ``length`` bytes: the server stops there
-        await upload.run(_write_whole_multipart, upload, boundary, pieces)
-        return
+        # The socket path's move over the body in memory: no byte is left in any socket (length 0),
+        # so the reader never reads and is given no descriptor.
+        if await upload.run(_move_multipart, upload, boundary, b"".join(pieces), -1, 0, 1.0, None) != "complete":
+            raise RpcError(Code.INVALID_ARGUMENT, "malformed multipart body: it ended before its closing boundary")
     else:
         await _parse_multipart(upload, boundary, body)
     if not upload.sinks:
         raise RpcError(Code.INVALID_ARGUMENT, "the multipart body has no part named 'file'")
 
 
-def _write_whole_multipart(upload: _Upload, boundary: bytes, pieces: list[bytes]) -> None:
-    """A small multipart body, whole in memory, in a worker thread: parsed by the socket path's
-    reader (Rust, without the GIL: the same grammar, envd's), each ``file`` part opened and written
-    as it comes, then the upload committed, all in this one job. Through python-multipart on the
-    event loop, 100 files of 100 bytes took ~40 % of the agent's CPU for the parse alone, and two
-    thread hops each before parts opened in batches."""
-    # No byte is left in any socket (length 0): the reader never reads, so it is given no descriptor.
-    reader = _core.MultipartReader(boundary, b"".join(pieces), 0, 1.0)
-    step: str = "part done"
-    try:
-        while step == "part done":
-            step, headers = reader.next_part(-1)
-            if step == "part":
-                part = _part_start(_part_disposition(headers or b""))
-                step = reader.copy_part(-1, upload.open_now(part.filename) if part.is_file else None)
-    except ValueError as exc:
-        raise RpcError(Code.INVALID_ARGUMENT, f"malformed multipart body: {exc}") from None
-    if step != "complete":  # a body in memory cannot end otherwise (the reader reads no socket)
-        raise RpcError(Code.INVALID_ARGUMENT, f"malformed multipart body: the reader stopped ({step})")
-    if not upload.sinks:
-        raise RpcError(Code.INVALID_ARGUMENT, "the multipart body has no part named 'file'")
-    upload.finish_now()
-
-
 def _move_multipart(
-    upload: _Upload, boundary: bytes, prefix: bytes, fd: int, length: int, idle: float, stop: int
+    upload: _Upload, boundary: bytes, prefix: bytes, fd: int, length: int, idle: float, stop: int | None
 ) -> str:
     """``RawBody.receive_into``'s move for a multipart body, in a worker thread: each part's headers
     say where its data goes (:meth:`_Upload.open_now`), and ``MultipartReader`` (Rust, without the
@@ -950,7 +926,7 @@ def _move_multipart(
         while True:
             step, headers = reader.next_part(fd)
             if step == "complete" and upload.sinks:
-                upload.finish_now()  # the commit in this job too: no thread hop after it
+                upload.finish()  # the commit in this job too: no thread hop after it
             if step != "part":
                 return step
             part = _part_start(_part_disposition(headers or b""))
