@@ -406,6 +406,40 @@ def test_many_small_parts_keep_their_order_and_their_checks(agent: Agent, workdi
     assert settled_listing(workdir, ["tree"]) == ["tree"]
 
 
+def test_an_upload_of_more_files_than_its_limit_is_413_and_writes_none(
+    agent: Agent, workdir: Path, request: pytest.FixtureRequest
+) -> None:
+    """One file over ``UPLOAD_MAX_FILES`` (100,000 one-byte parts, 12 MiB of body, through the
+    socket path): refused with a 413 that says what to do, and nothing of it stays, neither the
+    100,000 files opened before it nor their directories. Without the limit all were written and
+    the agent's RSS grew ~1 KiB a file until the commit. One event loop only: ~10 s a run."""
+    from sandboxd.agent.files import UPLOAD_MAX_FILES
+
+    if request.node.callspec.params.get("agent") != "uvloop":
+        pytest.skip("the limit is the worker thread's, not the loop's: one loop is enough")
+    parts = [part(b"x", str(workdir / "up" / f"d{i % 100}" / f"{i}")) for i in range(UPLOAD_MAX_FILES + 1)]
+    status, answer = posted(agent, multipart(*parts))
+    assert status == 413, answer
+    assert f"an upload holds at most {UPLOAD_MAX_FILES} files: nothing was written".encode() in answer, answer
+    assert settled_listing(workdir, []) == []
+
+
+def test_an_upload_whose_paths_come_to_more_than_their_limit_is_413_and_writes_none(
+    agent: Agent, workdir: Path
+) -> None:
+    """Paths near ``PATH_MAX`` (~3.8 KiB each, 250-byte directory names) over
+    ``UPLOAD_MAX_PATH_BYTES`` (16 MiB) together, in ~4,500 parts, far under the count's limit: refused
+    before the commit, nothing written. The agent keeps each path two or three times until then."""
+    from sandboxd.agent.files import UPLOAD_MAX_PATH_BYTES
+
+    deep = workdir.joinpath(*(f"{i:02d}" + "d" * 248 for i in range(15)))
+    count = UPLOAD_MAX_PATH_BYTES // len(str(deep / "00000")) + 2
+    status, answer = posted(agent, multipart(*(part(b"x", str(deep / f"{i:05d}")) for i in range(count))))
+    assert status == 413, answer
+    assert b"paths come to at most" in answer and b"nothing was written" in answer, answer
+    assert settled_listing(workdir, []) == []
+
+
 def test_a_full_disk_is_507_and_leaves_no_file(agent: Agent, tmp_path: Path) -> None:
     if os.geteuid() != 0:
         pytest.skip("mounting a small tmpfs needs root")

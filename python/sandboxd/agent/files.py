@@ -480,6 +480,17 @@ OPEN_BATCH = 64
 the files of ``write_files`` open in one hop per 64 rather than one or two hops each, while what a
 body of empty parts keeps waiting on the event loop stays small."""
 
+UPLOAD_MAX_FILES = 100_000
+"""Files one upload may hold. Each costs the agent ~1 KiB until the commit (its writer, its paths, its
+entry in the answer): 100,000 small parts, 13 MiB of body, peaked at 128 MiB of the agent's RSS, and
+nothing else bounded it. envd has no limit; it writes each part in place as it comes, where this agent
+renames them all at the end. More files go in more requests."""
+
+UPLOAD_MAX_PATH_BYTES = 16 << 20
+"""The bytes of one upload's resolved paths, together: a path is kept two or three times per file
+(the writer's, its temporary file's, the upload's record of what it places), so with paths near
+``PATH_MAX`` the count alone would let a body of 16 KiB headers hold gigabytes."""
+
 
 class _Sink:
     """One uploaded file: where it goes, then its ``AtomicWriter`` once a worker thread has opened it
@@ -517,6 +528,7 @@ class _Upload:
         self._placed_parts = 0  # how many parts' paths are in _placed
         self._real_dirs: dict[str, str] = {}
         self._clear: set[str] = set()  # real directories whose every ancestor was found not placed
+        self._path_bytes = 0  # of the parts' resolved paths, against UPLOAD_MAX_PATH_BYTES
         self.finished = False
         """Committed by a job already (:meth:`finish`): :meth:`commit` has only the answer to make."""
 
@@ -630,6 +642,13 @@ class _Upload:
         return _opened(self.sinks[-1])
 
     def _open(self, index: int) -> None:
+        if index >= UPLOAD_MAX_FILES:
+            raise RpcError(
+                Code.RESOURCE_EXHAUSTED,
+                f"an upload holds at most {UPLOAD_MAX_FILES} files: nothing was written; "
+                "send the rest in another request",
+                http_status=413,
+            )
         raw_target = self.sinks[index].target
         if self.req.path:
             if index:
@@ -644,6 +663,14 @@ class _Upload:
                 raise RpcError(Code.INVALID_ARGUMENT, "a file part has no filename and the path query is missing")
             target = expand_and_resolve(raw_target, self.req.user, self.state.default_workdir)
             self._refuse_file_under_file(target, index)
+        self._path_bytes += len(target)
+        if self._path_bytes > UPLOAD_MAX_PATH_BYTES:
+            raise RpcError(
+                Code.RESOURCE_EXHAUSTED,
+                f"an upload's paths come to at most {UPLOAD_MAX_PATH_BYTES} bytes together: nothing was written; "
+                "send the rest in another request",
+                http_status=413,
+            )
         if os.path.basename(target) in ("", ".", ".."):
             # ``/x/`` or ``/x/.`` (an absolute path is not cleaned): the temporary file goes beside
             # ``x`` and the rename onto the name fails (ENOTDIR) at the commit, after the parts before
