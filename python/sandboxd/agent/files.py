@@ -173,6 +173,12 @@ def _accepts_gzip(accept_encoding: str) -> bool:
     return False
 
 
+GZIP_OVER_ZLIB = 12
+"""How much longer a gzip member is than ``zlib.compress`` of the same bytes at the same level: the same
+deflate stream, framed in 18 bytes (header, CRC-32, size) instead of 6 (header, Adler-32). A test holds
+it to :func:`_gzip_chunks`."""
+
+
 def _compresses(sample: bytes) -> bool:
     return len(zlib.compress(sample, GZIP_LEVEL)) <= len(sample) * GZIP_MIN_SAVING
 
@@ -287,17 +293,24 @@ def _plan_download(req: _Request, whole: bool = False) -> _Reply:
 def _whole_body(
     reader: _core.FileReader, status: int, headers: list[tuple[str, str]], length: int, gzip_allowed: bool
 ) -> _Reply:
-    """A small sized body read whole (:data:`WHOLE_BODY_MAX`): gzipped when it shrinks to
-    :data:`GZIP_MIN_SAVING` (the file itself is the sample), with its ``Content-Length`` either way. A
-    file that shrank since it was opened is streamed as it is, as a large one would be."""
+    """A small sized body read whole (:data:`WHOLE_BODY_MAX`), with its ``Content-Length``: gzipped
+    when its first :data:`GZIP_SAMPLE` bytes shrink to :data:`GZIP_MIN_SAVING`, the rule a ``HEAD``
+    (:func:`_worth_compressing`) and a large file follow, so that a ``HEAD`` and a ``GET`` of the same
+    file answer the same encoding. A file that shrank since it was opened is streamed as it is, as a
+    large one would be."""
     data = reader.read()
     if len(data) != length:
         headers.append(("content-length", str(length)))
         return _Reply(status, headers, reader=reader, chunks=_chunks(data, reader))
     reader.close()
     if gzip_allowed:
-        packed = b"".join(_gzip_chunks([data]))
-        if len(packed) <= len(data) * GZIP_MIN_SAVING:
+        if len(data) <= GZIP_SAMPLE:  # the file is its own sample: one deflate decides and is sent
+            packed = b"".join(_gzip_chunks([data]))
+            worth = len(packed) - GZIP_OVER_ZLIB <= len(data) * GZIP_MIN_SAVING
+        else:
+            worth = _compresses(data[:GZIP_SAMPLE])
+            packed = b"".join(_gzip_chunks([data])) if worth else b""
+        if worth:
             headers += [("content-encoding", "gzip"), ("content-length", str(len(packed)))]
             return _Reply(status, headers, body=packed)
     headers.append(("content-length", str(length)))
@@ -886,7 +899,13 @@ async def _receive_raw(upload: _Upload, req: _Request, body: AsyncIterator[bytes
         raise RpcError(Code.INVALID_ARGUMENT, "path query parameter is required for raw body upload")
     sink = await upload.open("")
     remaining = socket_body.remaining() if socket_body is not None else None
-    if remaining is not None and remaining >= SOCKET_BODY_MIN:
+    large = remaining is not None and remaining >= SOCKET_BODY_MIN
+    if large or "100-continue" in req.headers.get("expect", "").lower():
+        # The file opened before the body is asked for (the server answers ``100 Continue`` at the
+        # first read): a target that cannot be written is refused at once, as envd does, and the
+        # client sends nothing. A small body without ``Expect`` opens with its data, one job.
+        await upload.drain()
+    if large:
         try:
             await upload.write(sink, socket_body.take())
             await upload.drain()
@@ -968,8 +987,14 @@ def _move_multipart(
         raise
 
 
+_TOKEN_CHARS = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789!#$%&'*+-.^_`|~"
+"""RFC 9110's ``tchar``: what a header's name is made of."""
+
+
 def _part_disposition(headers: bytes) -> bytes:
-    """The ``Content-Disposition`` value of a part's header block (CRLF-ended lines)."""
+    """The ``Content-Disposition`` value of a part's header block (CRLF-ended lines). A header name
+    must be a token, as python-multipart (the path of chunked bodies) requires: a space before the
+    colon, an empty name or an 8-bit one is a malformed body, never read as another header's."""
     disposition = b""
     for line in headers.split(b"\r\n"):
         if not line:
@@ -977,7 +1002,12 @@ def _part_disposition(headers: bytes) -> bytes:
         name, colon, value = line.partition(b":")
         if not colon:
             raise RpcError(Code.INVALID_ARGUMENT, "malformed multipart body: a part's header line has no ':'")
-        if name.strip().lower() == b"content-disposition":
+        if not name or name.translate(None, _TOKEN_CHARS):
+            raise RpcError(
+                Code.INVALID_ARGUMENT,
+                f"malformed multipart body: a part's header name {name[:64]!r} is not a token",
+            )
+        if name.lower() == b"content-disposition":
             disposition = value.strip()
     return disposition
 
