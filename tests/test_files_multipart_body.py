@@ -226,6 +226,30 @@ def test_the_parsers_rules_hold(agent: Agent, workdir: Path) -> None:
     assert settled_listing(workdir, []) == []
 
 
+@pytest.mark.parametrize("chunked", [False, True], ids=["whole", "chunked"])
+@pytest.mark.parametrize("padding", [0, 2 * MiB], ids=["small", "socket"])
+def test_two_parts_for_one_path_are_refused_and_write_nothing(
+    agent: Agent, workdir: Path, padding: int, chunked: bool
+) -> None:
+    """Two ``file`` parts for one path: envd refuses the second with 400 ("you cannot upload multiple
+    files to the same path"), having written the first; this agent refuses the upload and writes
+    neither, the old file and the other part's included. It had renamed both into place, the last
+    one winning. Through every parsing path. (An absolute path is compared as sent, as envd compares
+    it: ``sub/../dup.bin`` is another path, whose file the later rename replaces, as envd's.)"""
+    (workdir / "dup.bin").write_bytes(b"old")
+    body = multipart(
+        part(pattern(padding), str(workdir / "other.bin")),
+        part(b"first", str(workdir / "dup.bin")),
+        part(b"second", str(workdir / "dup.bin")),
+    )
+    status, answer = posted(agent, body, chunked)
+    assert status == 400, answer
+    assert f"you cannot upload multiple files to the same path '{workdir / 'dup.bin'}'".encode() in answer, answer
+    assert b"nothing was written" in answer
+    assert settled_listing(workdir, ["dup.bin"]) == ["dup.bin"]
+    assert (workdir / "dup.bin").read_bytes() == b"old"
+
+
 @pytest.mark.parametrize("padding", [0, 2 * MiB], ids=["parser", "socket"])
 def test_a_refused_upload_takes_back_the_directories_it_made(agent: Agent, workdir: Path, padding: int) -> None:
     """``x/y/z`` then ``x``: the first part made ``x`` and ``x/y`` for its file, and the second is

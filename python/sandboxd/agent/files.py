@@ -542,6 +542,7 @@ class _Upload:
         self._real_dirs: dict[str, str] = {}
         self._clear: set[str] = set()  # real directories whose every ancestor was found not placed
         self._path_bytes = 0  # of the parts' resolved paths, against UPLOAD_MAX_PATH_BYTES
+        self._targets: set[str] = set()  # the parts' resolved paths, as text: one file each
         self.finished = False
         """Committed by a job already (:meth:`finish`): :meth:`commit` has only the answer to make."""
 
@@ -675,6 +676,15 @@ class _Upload:
             if not raw_target:
                 raise RpcError(Code.INVALID_ARGUMENT, "a file part has no filename and the path query is missing")
             target = expand_and_resolve(raw_target, self.req.user, self.state.default_workdir)
+            if target in self._targets:
+                # envd's rule and words (it compares the resolved paths as text, as here); it has
+                # written the first file by then, this agent nothing.
+                raise RpcError(
+                    Code.INVALID_ARGUMENT,
+                    f"you cannot upload multiple files to the same path '{target}' in one upload request: "
+                    "nothing was written",
+                )
+            self._targets.add(target)
             self._refuse_file_under_file(target, index)
         self._path_bytes += len(target)
         if self._path_bytes > UPLOAD_MAX_PATH_BYTES:
