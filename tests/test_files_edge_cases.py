@@ -5,38 +5,16 @@ header that python-multipart refuses read as ``Content-Disposition``. Each test 
 
 from __future__ import annotations
 
-import contextlib
 import os
-import socket
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 from conftest import Agent
+from test_files_raw_body import connection, read_response
 
 MiB = 1 << 20
 BOUNDARY = "review46-boundary"
-
-
-@contextlib.contextmanager
-def connection(agent: Agent) -> Iterator[tuple[socket.socket, object]]:
-    s = socket.create_connection(("127.0.0.1", agent.port), timeout=10)
-    try:
-        yield s, s.makefile("rb")
-    finally:
-        s.close()
-
-
-def read_response(f: object) -> tuple[int, dict[str, str], bytes]:
-    status_line = f.readline()  # type: ignore[attr-defined]
-    assert status_line.startswith(b"HTTP/1.1 "), status_line
-    headers: dict[str, str] = {}
-    while (line := f.readline()) not in (b"\r\n", b""):  # type: ignore[attr-defined]
-        name, _, value = line.decode().partition(":")
-        headers[name.strip().lower()] = value.strip()
-    body = f.read(int(headers.get("content-length", "0")))  # type: ignore[attr-defined]
-    return int(status_line.split()[1]), headers, body
 
 
 def test_head_and_get_agree_on_the_content_encoding_of_a_small_file(agent: Agent, workdir: Path) -> None:
