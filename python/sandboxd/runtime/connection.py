@@ -280,7 +280,11 @@ class RuntimeProtocol(HttpToolsProtocol):
         if self.cycle is not None and not self.cycle.response_complete:
             self.send_400_response("An upgrade cannot follow a request whose response is still being sent.")
             return
-        url = httptools.parse_url(self.url)
+        try:
+            url = httptools.parse_url(self.url)
+        except httptools.HttpParserInvalidURLError:  # llhttp let it through (a port past 65535, CONNECT's form)
+            self.send_400_response("Invalid HTTP request received: the request target is not a URL.")
+            return
         scope: dict[str, Any] = {
             "type": "http",
             "http_version": "1.1",

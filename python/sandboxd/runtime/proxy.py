@@ -193,12 +193,21 @@ class _Response:
     body_seen: int = 0
     """Body bytes the parser has given (all of ``body`` and what was relayed before)."""
     head_size: int = 0
+    head_read: int = 0
+    """Bytes fed to the parser before the head was complete: httptools gathers a header line across
+    reads and calls :meth:`on_header` only once it ends, so a line that never ends is counted here."""
     headers_done: bool = False
     complete: bool = False
+    overrun: bool = False
+    """A second answer began in the bytes after this one's end: this one is whole, the connection
+    is not reusable (what the sandbox sent past its answer is never relayed to anyone)."""
     keep_alive: bool = False
     """Read when the head is complete: llhttp forgets it once the message is."""
 
     def on_message_begin(self) -> None:
+        if self.complete:
+            self.overrun = True
+            raise _UpstreamLost  # stops the parser here: the answer relayed keeps its own head
         self.headers = []
         self.head_size = 0
 
@@ -633,18 +642,28 @@ class SandboxProxy:
                 if response.headers_done and not response.framed(method):
                     break  # a body delimited by the end of the connection: this is its end
                 raise _UpstreamLost  # the agent went away before its answer was complete
+            if not response.headers_done:
+                response.head_read += len(data)
             try:
                 parser.feed_data(data)
             except httptools.HttpParserUpgrade:
                 raise _UpstreamLost from None  # an upgrade answer to a request that asked for none
             except httptools.HttpParserError:
-                raise _UpstreamLost from None
+                if not response.overrun:
+                    raise _UpstreamLost from None
+            if not response.headers_done and response.head_read > MAX_RESPONSE_HEAD:
+                raise _UpstreamLost  # a head, or a header line, that does not end
             if response.headers_done and not relay.started:
                 if not 200 <= response.status <= 599:
                     raise _UpstreamLost
                 relay.started = True
                 out = [(k, v) for k, v in response.headers if k not in HOP_BY_HOP or k == b"content-length"]
                 out = [(k, v) for k, v in out if not _BAD_NAME.search(k) and not _BAD_VALUE.search(v)]
+                if response.status in (204, 304):
+                    # No body follows either (RFC 9110 §6.4.1); a 304 may carry the length a 200 would
+                    # have, which the client's server would then wait for: the client gets none.
+                    out = [(k, v) for k, v in out if k != b"content-length"]
+                    response.complete = True
                 if method == "HEAD":
                     response.complete = True
                 # Body bytes that came in the same read as the head go out in the same write as it
@@ -670,7 +689,7 @@ class SandboxProxy:
                     response.complete = True
         if not ended:
             await send({"type": "http.response.body", "body": b""})
-        return response.complete and response.keep_alive
+        return response.complete and response.keep_alive and not response.overrun
 
     # ------------------------------------------------------------------------------ upgrades
 
