@@ -144,6 +144,18 @@ frames to a client that is behind (each frame costs it a wake-up and a parse) an
 to one that keeps up. The socket's own value is restored after."""
 
 
+MAX_PIPELINED = 64
+"""Requests a connection may send ahead of their answers (HTTP/1.1 pipelining). uvicorn parses all
+that one read holds and queues a request cycle for each, ~3 KiB apiece: 256 KiB of ``GET /health``
+held ~24 MiB until the answers were read, and the head cap counts each head alone. Past this the
+parse stops, the client gets a 400 saying why and the connection closes. Clients that pipeline at
+all (few do) keep a handful in flight."""
+
+
+class _PipelinedTooFar(Exception):
+    """Raised in the parser's callback to stop it at the request past :data:`MAX_PIPELINED`."""
+
+
 @dataclass(frozen=True)
 class ConnectionLimits:
     """The per-server connection bounds (see the module documentation)."""
@@ -797,6 +809,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         """A body a worker thread is moving from the socket now."""
         self._shutting_down = False
         """The server asked this connection to close after its answer (:meth:`shutdown`)."""
+        self._pipelined_too_far = False
+        """More than :data:`MAX_PIPELINED` requests came ahead of their answers: the 400 says so."""
         self._direct: DirectRoute | None = getattr(self.app, "direct", None)
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -848,6 +862,9 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._in_head = False  # the head timer, left set, finds no head in progress (_head_timed_out)
         self.guard.busy(self)
         super().on_headers_complete()
+        if len(self.pipeline) > MAX_PIPELINED:
+            self._pipelined_too_far = True
+            raise _PipelinedTooFar  # the parser stops here; uvicorn answers with send_400_response
         cycle = self.cycle
         if (
             cycle is not None
@@ -1004,6 +1021,11 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
                 self._refuse(408, "Request Timeout", f"the request head did not arrive within {timeout:g} s")
             else:
                 self.transport.close()  # a connection that never said anything gets no answer
+
+    def send_400_response(self, msg: str) -> None:
+        if self._pipelined_too_far:
+            msg = f"more than {MAX_PIPELINED} requests were sent ahead of their answers: read the answers first"
+        super().send_400_response(msg)
 
     def _refuse(self, status: int, reason: str, message: str) -> None:
         body = message.encode()
