@@ -174,6 +174,13 @@ def check_url(value: Any) -> str:
         raise ApiError(400, f"'url' has an invalid port: {url[:200]}") from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ApiError(400, f"'url' must be an absolute http:// or https:// URL, got {url[:200]!r}")
+    # What a delivery's request needs (http.client): a host that encodes for DNS, and an ASCII target.
+    try:
+        parts.hostname.encode("idna")
+    except UnicodeError:
+        raise ApiError(400, f"'url' has a host that is not a DNS name: {parts.hostname[:200]!r}") from None
+    if not url.isascii() and not (parts.path + parts.query + parts.fragment).isascii():
+        raise ApiError(400, "'url' must have an ASCII path and query: percent-encode the rest")
     return url
 
 

@@ -76,14 +76,15 @@ MAX_HOST_LEN = 253
 """Longest DNS name."""
 
 _LABEL = r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
-_DNS_NAME = re.compile(rf"^{_LABEL}(?:\.{_LABEL})*\.?$")
-_TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
+_DNS_NAME = re.compile(rf"{_LABEL}(?:\.{_LABEL})*\.?")  # fullmatch: `$` would take a final newline
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 """An HTTP header field name (RFC 9110 token)."""
 
 
 def bad_header_value(value: str) -> bool:
-    """Whether ``value`` holds a character no HTTP header value may (a control character but tab)."""
-    return any((ord(c) < 0x20 and c != "\t") or ord(c) == 0x7F for c in value)
+    """Whether ``value`` holds a character no HTTP header value may (a control character but tab), or
+    one no encoding can carry (a lone surrogate)."""
+    return any((ord(c) < 0x20 and c != "\t") or ord(c) == 0x7F or 0xD800 <= ord(c) <= 0xDFFF for c in value)
 
 
 SECRET_NAME = r"[^{}\s\x00-\x1f\x7f-\x9f]{1,128}"
@@ -135,7 +136,7 @@ def is_domain_pattern(text: str) -> bool:
     if not text or len(text) > MAX_HOST_LEN:
         return False
     name = text[2:] if text.startswith("*.") else text
-    return bool(_DNS_NAME.match(name)) and "*" not in name
+    return bool(_DNS_NAME.fullmatch(name)) and "*" not in name
 
 
 def match_domain(host: str, pattern: str) -> bool:
@@ -304,7 +305,7 @@ def _validate_rules(rules: dict[str, tuple[dict[str, str], ...]] | None) -> None
             for name, value in headers.items():
                 if not name:
                     raise ApiError(400, f'Header name in rule for domain "{domain}" must not be empty.')
-                if not _TOKEN.match(name):
+                if not _TOKEN.fullmatch(name):
                     raise ApiError(
                         400,
                         f'Header name "{name}" in rule for domain "{domain}" must contain only valid HTTP token '
