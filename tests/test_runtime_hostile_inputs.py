@@ -5,12 +5,10 @@ URLs no request can carry). Found by a review of stop 46; each test failed befor
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import contextlib
 import json
 import socket
-import threading
 import time
 import tracemalloc
 from collections.abc import Callable, Iterator
@@ -20,72 +18,9 @@ import httpx
 import pytest
 from conftest import Runtime
 from e2b import Sandbox
+from test_runtime_proxy import relay_once
 
 # ----------------------------------------------------------------------------- proxy, unit level
-
-
-def _proxy_once(answer: Any) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """The real :class:`SandboxProxy` relaying one GET to a local 'sandbox' server that runs
-    ``answer(conn, result)`` on the accepted connection; the ASGI messages the proxy sent, and
-    what ``answer`` recorded. The backend is reduced to connecting to that server (as in
-    test_runtime_proxy)."""
-    from sandboxd.runtime.network.policy import NetworkConfig
-    from sandboxd.runtime.proxy import ENVD_PORT, SandboxProxy
-
-    server = socket.create_server(("127.0.0.1", 0))
-    result: dict[str, Any] = {}
-
-    def serve() -> None:
-        conn, _ = server.accept()
-        with conn:
-            conn.recv(65536)
-            answer(conn, result)
-
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
-
-    class Backend:
-        def kept_socket(self, sandbox_id: str, port: int) -> socket.socket | None:
-            return None
-
-        async def open_socket(self, sandbox_id: str, port: int) -> socket.socket:
-            sock = socket.create_connection(server.getsockname(), timeout=10)
-            sock.setblocking(False)
-            return sock
-
-        async def ensure_reachable(self, sandbox_id: str) -> None:
-            return None
-
-        def network_config(self, sandbox_id: str) -> NetworkConfig:
-            return NetworkConfig()
-
-    async def main() -> list[dict[str, Any]]:
-        proxy = SandboxProxy(Backend())  # type: ignore[arg-type]
-        scope = {"type": "http", "method": "GET", "path": "/", "query_string": b"", "headers": [(b"host", b"s")]}
-        sent: list[dict[str, Any]] = []
-        delivered = False
-
-        async def receive() -> dict[str, object]:
-            nonlocal delivered
-            if not delivered:
-                delivered = True
-                return {"type": "http.request", "body": b"", "more_body": False}
-            await asyncio.Event().wait()  # the client stays
-            raise AssertionError
-
-        async def send(message: dict[str, Any]) -> None:
-            sent.append(message)
-
-        await asyncio.wait_for(proxy(scope, receive, send, "a", ENVD_PORT), 60)
-        proxy.forget("a")
-        return sent
-
-    try:
-        sent = asyncio.run(main())
-    finally:
-        server.close()
-    thread.join(30)
-    return sent, result
 
 
 def test_a_sandbox_answer_whose_header_never_ends_is_refused_at_the_head_limit() -> None:
@@ -96,7 +31,9 @@ def test_a_sandbox_answer_whose_header_never_ends_is_refused_at_the_head_limit()
     grew by all the sandbox sent (found: 64 MiB sent, all of it read, ~130 MiB of the runtime's memory)."""
     total = 64 << 20
 
-    def flood(conn: socket.socket, result: dict[str, Any]) -> None:
+    result: dict[str, Any] = {}
+
+    def flood(conn: socket.socket) -> None:
         sent = 0
         try:
             conn.sendall(b"HTTP/1.1 200 OK\r\nX-Flood: ")
@@ -112,7 +49,7 @@ def test_a_sandbox_answer_whose_header_never_ends_is_refused_at_the_head_limit()
 
     tracemalloc.start()
     try:
-        sent, result = _proxy_once(flood)
+        sent = relay_once(flood)
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()

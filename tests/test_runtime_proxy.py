@@ -807,37 +807,24 @@ def test_a_kept_connection_the_agent_closes_as_it_is_handed_out_costs_a_fresh_on
         assert json.loads(answer)["entry"]["name"] == "tmp", answer
 
 
-@pytest.mark.parametrize("apart", [False, True])
-def test_an_answer_that_comes_in_one_piece_is_relayed_in_one_piece_and_a_head_alone_at_once(apart: bool) -> None:
-    """A sandbox server's answer that arrives whole (a Connect stream's head, its message and its end,
-    as the agent writes a short command's) goes to the client as a head held for its body
-    (``BODY_FOLLOWS``: one write with it) and one body message that ends the response: one write, not
-    four. A head that arrives alone (``apart``) is passed on at once, unheld, before the rest of the
-    answer comes (the server sends the rest only once the client has seen the head): a stream's head is
-    never held waiting for its first message. The real proxy and a real server on a socket; the
-    backend is reduced to connecting to it."""
+def relay_once(
+    answer: Callable[[socket.socket], None], on_send: Callable[[dict[str, Any]], None] | None = None
+) -> list[dict[str, Any]]:
+    """The real :class:`SandboxProxy` relaying one GET to a local 'sandbox' server, which reads the
+    request and then runs ``answer`` on its connection; the ASGI messages the proxy sent (each also
+    given to ``on_send`` as it is sent). The backend is reduced to connecting to that server."""
     import asyncio
 
-    from sandboxd.agent.asgi import BODY_FOLLOWS
     from sandboxd.runtime.network.policy import NetworkConfig
     from sandboxd.runtime.proxy import ENVD_PORT, SandboxProxy
 
-    head = b"HTTP/1.1 200 OK\r\ncontent-type: application/connect+json\r\ntransfer-encoding: chunked\r\n\r\n"
-    body = b"5\r\nstart\r\n3\r\nend\r\n0\r\n\r\n"
-    head_seen = threading.Event()
     server = socket.create_server(("127.0.0.1", 0))
 
     def serve() -> None:
         conn, _ = server.accept()
         with conn:
             conn.recv(65536)
-            if apart:
-                conn.sendall(head)
-                assert head_seen.wait(10), "the head was not relayed before the rest of the answer came"
-                conn.sendall(body)
-            else:
-                conn.sendall(head + body)
-            conn.recv(65536)  # until the proxy closes or pools it
+            answer(conn)
 
     thread = threading.Thread(target=serve, daemon=True)
     thread.start()
@@ -873,18 +860,49 @@ def test_an_answer_that_comes_in_one_piece_is_relayed_in_one_piece_and_a_head_al
 
         async def send(message: dict[str, Any]) -> None:
             sent.append(message)
-            if message["type"] == "http.response.start":
-                head_seen.set()
+            if on_send is not None:
+                on_send(message)
 
-        await proxy(scope, receive, send, "a", ENVD_PORT)
+        await asyncio.wait_for(proxy(scope, receive, send, "a", ENVD_PORT), 60)
         proxy.forget("a")
         return sent
 
     try:
-        sent = asyncio.run(main())
+        return asyncio.run(main())
     finally:
         server.close()
-    thread.join(10)
+        thread.join(30)
+
+
+@pytest.mark.parametrize("apart", [False, True])
+def test_an_answer_that_comes_in_one_piece_is_relayed_in_one_piece_and_a_head_alone_at_once(apart: bool) -> None:
+    """A sandbox server's answer that arrives whole (a Connect stream's head, its message and its end,
+    as the agent writes a short command's) goes to the client as a head held for its body
+    (``BODY_FOLLOWS``: one write with it) and one body message that ends the response: one write, not
+    four. A head that arrives alone (``apart``) is passed on at once, unheld, before the rest of the
+    answer comes (the server sends the rest only once the client has seen the head): a stream's head is
+    never held waiting for its first message. The real proxy and a real server on a socket; the
+    backend is reduced to connecting to it."""
+    from sandboxd.agent.asgi import BODY_FOLLOWS
+
+    head = b"HTTP/1.1 200 OK\r\ncontent-type: application/connect+json\r\ntransfer-encoding: chunked\r\n\r\n"
+    body = b"5\r\nstart\r\n3\r\nend\r\n0\r\n\r\n"
+    head_seen = threading.Event()
+
+    def answer(conn: socket.socket) -> None:
+        if apart:
+            conn.sendall(head)
+            assert head_seen.wait(10), "the head was not relayed before the rest of the answer came"
+            conn.sendall(body)
+        else:
+            conn.sendall(head + body)
+        conn.recv(65536)  # until the proxy closes or pools it
+
+    def seen(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.start":
+            head_seen.set()
+
+    sent = relay_once(answer, seen)
     kinds = [(m["type"], m.get(BODY_FOLLOWS, False), m.get("body"), m.get("more_body")) for m in sent]
     if apart:  # the head at once, unheld; the rest, which came whole, as one message that ends the body
         assert kinds == [("http.response.start", False, None, None), ("http.response.body", False, b"startend", False)]
