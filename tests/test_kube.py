@@ -112,6 +112,15 @@ def _node_ready(core: Any, name: str) -> bool:
     return any(c.type == "Ready" and c.status == "True" for c in node.status.conditions or [])
 
 
+def _kept_off(core: Any, name: str) -> bool:
+    """Whether the node lifecycle controller has tainted a NotReady node so that the scheduler puts
+    nothing new there (``unreachable`` or ``not-ready``, ``NoSchedule``). It does so just after it
+    marks the node NotReady, not with it: a Pod created in between can be bound to the dead node."""
+    keys = {"node.kubernetes.io/unreachable", "node.kubernetes.io/not-ready"}
+    taints = core.read_node(name).spec.taints or []
+    return any(t.key in keys and t.effect == "NoSchedule" for t in taints)
+
+
 INTERNET = """
 import sys
 from pathlib import Path
@@ -1227,6 +1236,9 @@ def test_a_killed_node_goes_notready_and_its_sandboxes_are_reported_dead(kube: E
         assert node_b.name in message and "not ready" in message
         pod = kube.core.read_namespaced_pod(sbx.sandbox_id, NAMESPACE)
         assert pod.status.phase == "Failed" and pod.status.reason == "NodeLost"
+    # CI103: a fresh create bound to node b in the moment between NotReady and its taint never started.
+    _wait("node b kept off by its taint", lambda: _kept_off(kube.core, node_b.name), timeout=20)
+    time.sleep(0.5)  # the scheduler learns the taint from its watch
     fresh = [Sandbox.create(timeout=600, **r.opts()) for r in (a, b, a, b)]
     placed = {kube.core.read_namespaced_pod(s.sandbox_id, NAMESPACE).spec.node_name for s in fresh}
     assert placed == {node_a.name}
