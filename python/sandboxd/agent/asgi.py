@@ -33,6 +33,16 @@ class ClientDisconnected(Exception):
     """The client went away before the request body was complete."""
 
 
+_TOKEN_CHARS = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789!#$%&'*+-.^_`|~"
+"""RFC 9110's ``tchar``."""
+
+
+def is_token(name: bytes) -> bool:
+    """Whether ``name`` is an RFC 9110 token, what a header field's name is made of: not empty, and no
+    space, separator, control or 8-bit byte."""
+    return bool(name) and not name.translate(None, _TOKEN_CHARS)
+
+
 def header_map(scope: Scope) -> dict[str, str]:
     """Request headers as a dict with lower-case names (the last value wins), decoded as latin-1."""
     return {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}

@@ -45,6 +45,7 @@ from .asgi import (
     Send,
     body_chunks,
     header_map,
+    is_token,
     raw_headers,
     send_http_error,
 )
@@ -997,10 +998,6 @@ def _move_multipart(
         raise
 
 
-_TOKEN_CHARS = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789!#$%&'*+-.^_`|~"
-"""RFC 9110's ``tchar``: what a header's name is made of."""
-
-
 def _part_disposition(headers: bytes) -> bytes:
     """The ``Content-Disposition`` value of a part's header block (CRLF-ended lines). A header name
     must be a token, as python-multipart (the path of chunked bodies) requires: a space before the
@@ -1012,7 +1009,7 @@ def _part_disposition(headers: bytes) -> bytes:
         name, colon, value = line.partition(b":")
         if not colon:
             raise RpcError(Code.INVALID_ARGUMENT, "malformed multipart body: a part's header line has no ':'")
-        if not name or name.translate(None, _TOKEN_CHARS):
+        if not is_token(name):
             raise RpcError(
                 Code.INVALID_ARGUMENT,
                 f"malformed multipart body: a part's header name {name[:64]!r} is not a token",

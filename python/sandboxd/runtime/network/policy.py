@@ -39,6 +39,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from ...agent.asgi import is_token
 from ..agent_client import AGENT_PORT as ENVD_PORT
 from ..errors import ApiError
 
@@ -77,8 +78,6 @@ MAX_HOST_LEN = 253
 
 _LABEL = r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
 _DNS_NAME = re.compile(rf"{_LABEL}(?:\.{_LABEL})*\.?")  # fullmatch: `$` would take a final newline
-_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
-"""An HTTP header field name (RFC 9110 token)."""
 
 
 def bad_header_value(value: str) -> bool:
@@ -305,7 +304,7 @@ def _validate_rules(rules: dict[str, tuple[dict[str, str], ...]] | None) -> None
             for name, value in headers.items():
                 if not name:
                     raise ApiError(400, f'Header name in rule for domain "{domain}" must not be empty.')
-                if not _TOKEN.fullmatch(name):
+                if not is_token(name.encode("utf-8", "surrogatepass")):
                     raise ApiError(
                         400,
                         f'Header name "{name}" in rule for domain "{domain}" must contain only valid HTTP token '
