@@ -809,8 +809,6 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         """A body a worker thread is moving from the socket now."""
         self._shutting_down = False
         """The server asked this connection to close after its answer (:meth:`shutdown`)."""
-        self._pipelined_too_far = False
-        """More than :data:`MAX_PIPELINED` requests came ahead of their answers: the 400 says so."""
         self._direct: DirectRoute | None = getattr(self.app, "direct", None)
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -863,7 +861,6 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self.guard.busy(self)
         super().on_headers_complete()
         if len(self.pipeline) > MAX_PIPELINED:
-            self._pipelined_too_far = True
             raise _PipelinedTooFar  # the parser stops here; uvicorn answers with send_400_response
         cycle = self.cycle
         if (
@@ -1023,7 +1020,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
                 self.transport.close()  # a connection that never said anything gets no answer
 
     def send_400_response(self, msg: str) -> None:
-        if self._pipelined_too_far:
+        if len(self.pipeline) > MAX_PIPELINED:  # only ever so when the parse was stopped for it
             msg = f"more than {MAX_PIPELINED} requests were sent ahead of their answers: read the answers first"
         super().send_400_response(msg)
 

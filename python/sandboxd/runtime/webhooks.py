@@ -179,7 +179,7 @@ def check_url(value: Any) -> str:
         parts.hostname.encode("idna")
     except UnicodeError:
         raise ApiError(400, f"'url' has a host that is not a DNS name: {parts.hostname[:200]!r}") from None
-    if not url.isascii() and not (parts.path + parts.query + parts.fragment).isascii():
+    if not (parts.path + parts.query + parts.fragment).isascii():
         raise ApiError(400, "'url' must have an ASCII path and query: percent-encode the rest")
     return url
 
