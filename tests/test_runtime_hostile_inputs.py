@@ -5,6 +5,7 @@ URLs no request can carry). Found by a review of stop 46; each test failed befor
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import json
@@ -21,6 +22,33 @@ from e2b import Sandbox
 from test_runtime_proxy import relay_once
 
 # ----------------------------------------------------------------------------- proxy, unit level
+
+
+def test_an_interpreter_whose_health_line_never_ends_does_not_fail_the_create(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The code interpreter's ``/health`` is read by the create, from a server inside the sandbox (a
+    template's own, or one a paused sandbox's root replaced). A status line past asyncio's 64 KiB
+    line limit raised ``ValueError`` out of ``interpreter_ready`` and so out of the create; "never
+    fails the create" says it waits out its time and answers False, as for a server that is slow."""
+    from sandboxd.runtime import agent_client
+
+    monkeypatch.setattr(agent_client, "INTERPRETER_READY_S", 0.5)
+    answered = []
+
+    async def open_socket(port: int) -> socket.socket:
+        ours, theirs = socket.socketpair()
+        theirs.sendall(b"HTTP/1.1 200 " + b"a" * (80 << 10))  # no line end within asyncio's limit
+        answered.append(theirs)
+        ours.setblocking(False)
+        return ours
+
+    try:
+        assert asyncio.run(agent_client.interpreter_ready(open_socket, "sbx")) is False
+    finally:
+        for sock in answered:
+            sock.close()
+    assert answered, "the interpreter was never asked"
 
 
 def test_a_sandbox_answer_whose_header_never_ends_is_refused_at_the_head_limit() -> None:

@@ -190,7 +190,7 @@ async def interpreter_ready(open_socket: OpenSocket, sandbox_id: str, spares_on_
         try:
             writer.write(request)
             status_line = await asyncio.wait_for(reader.readline(), max(deadline - time.monotonic(), 0.1))
-        except (OSError, TimeoutError):
+        except (OSError, TimeoutError, ValueError):  # ValueError: a line past the reader's 64 KiB limit
             status_line = b""
         finally:
             writer.close()
