@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import logging
 import queue
 import socket
 import threading
@@ -418,6 +419,44 @@ def test_a_lane_goes_on_once_its_event_is_given_up_and_nothing_is_left_of_it(
     finally:
         deliveries.stop()
         store.close()
+
+
+def test_a_given_up_delivery_is_logged_without_the_urls_token(
+    tmp_path: Path, endpoint: Endpoint, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Webhook URLs carry their tokens in the path (Slack's /services/T/B/secret), the query or the
+    # user part. The line a given-up delivery logs names the endpoint by scheme, host and port only.
+    store = Store(tmp_path / "sandboxd.db")
+    hooks = WebhookStore(store.db)
+    url = endpoint.url.replace("http://", "http://user:pw-secret@") + "/services/path-secret?token=query-secret"
+    hooks.create(Body({"name": "token", "url": url, "signatureSecret": "s"}))
+    deliveries = Deliveries(store, hooks)
+    deliveries.retry_delays_s = (0.05,)
+    endpoint.by_type[CREATED] = [(0.0, 500), (0.0, 500)]
+    deliveries.start()
+    try:
+        with caplog.at_level(logging.WARNING, logger="sandboxd.runtime"):
+            _sandbox(store, "tok" + "0" * 17)
+            deadline = time.monotonic() + 10
+            while deliveries._pending:
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+        assert [d.status for d in endpoint.log] == [500, 500]  # the token's path was used to deliver
+        lines = [r.getMessage() for r in caplog.records if "not delivered" in r.getMessage()]
+        assert len(lines) == 1, lines
+        assert "secret" not in lines[0], lines[0]
+        assert f"to {webhooks.shown_url(url)} after 2 attempts: HTTP 500" in lines[0]
+        assert webhooks.shown_url(url).endswith("/…")
+    finally:
+        deliveries.stop()
+        store.close()
+
+
+def test_shown_url_keeps_scheme_host_and_port() -> None:
+    assert webhooks.shown_url("https://hooks.example.com") == "https://hooks.example.com/"
+    assert webhooks.shown_url("https://hooks.example.com:8443/") == "https://hooks.example.com:8443/"
+    assert webhooks.shown_url("http://[::1]:9/x?y") == "http://[::1]:9/…"
+    assert webhooks.shown_url("http://a@h/") == "http://h/…"
 
 
 def _deliveries_alone(tmp_path: Path) -> tuple[Store, WebhookStore, Deliveries]:

@@ -184,6 +184,22 @@ def check_url(value: Any) -> str:
     return url
 
 
+def shown_url(url: str) -> str:
+    """``url`` as a log line may show it: its scheme, host and port. A webhook's path, query and user
+    part often carry its token (Slack's ``/services/T/B/secret``, ``?token=``), and logs travel further
+    than the API key that could read the webhook back."""
+    parts = urlsplit(url)
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    rest = "/…" if (parts.path not in ("", "/") or parts.query or parts.fragment or parts.username) else "/"
+    return f"{parts.scheme}://{host}{'' if port is None else f':{port}'}{rest}"
+
+
 def check_events(value: Any) -> tuple[str, ...]:
     """A non-empty list of E2B's lifecycle event types, each once."""
     if not isinstance(value, list) or not value:
@@ -569,7 +585,7 @@ class Deliveries:
                 "webhook %s: event %d not delivered to %s after %d attempts: %s",
                 hook.id,
                 event.seq,
-                hook.url,
+                shown_url(hook.url),
                 job.attempt + 1,
                 outcome,
             )
