@@ -48,6 +48,28 @@ def test_bad_settings_get_e2bs_400(config: NetworkConfig, message: str) -> None:
     assert caught.value.status == 400 and message in caught.value.message
 
 
+@pytest.mark.parametrize(
+    "config",
+    [
+        NetworkConfig(deny_out=("x" * 500_000,)),
+        NetworkConfig(allow_out=("1.2.3.4/" + "9" * 500_000,)),
+        NetworkConfig(dns_servers=("1" * 500_000,)),
+        NetworkConfig(rules={"a" * 500_000: ({"a": "b"},)}),
+        NetworkConfig(rules={"a.com": ({"bad name" * 50_000: "x"},)}),
+        NetworkConfig(rules={"a.com": ({"n" * 500_000: "x"},)}),
+        NetworkConfig(mask_request_host="h" * 500_000),
+    ],
+    ids=["deny", "allow", "dns", "domain", "header-token", "header-long", "mask"],
+)
+def test_a_refused_entry_is_quoted_clipped(config: NetworkConfig) -> None:
+    # E2B's messages quote the entry they refuse; one may be as long as the 1 MiB body allows.
+    with pytest.raises(ApiError) as caught:
+        validate(config)
+    assert caught.value.status == 400
+    assert 20 < len(caught.value.message) < 600, len(caught.value.message)
+    assert "…" in caught.value.message
+
+
 def test_e2bs_decision_order_and_all_traffic() -> None:
     config = NetworkConfig(allow_out=("api.example.com", "1.2.3.0/24"), deny_out=("0.0.0.0/0",))
     validate(config)

@@ -76,6 +76,9 @@ MAX_DNS_SERVERS = 10
 MAX_HOST_LEN = 253
 """Longest DNS name."""
 
+MAX_ECHO = 256
+"""The most of a refused entry that its 400's message quotes (a DNS name's length, and then some)."""
+
 _LABEL = r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
 _DNS_NAME = re.compile(rf"{_LABEL}(?:\.{_LABEL})*\.?")  # fullmatch: `$` would take a final newline
 
@@ -245,15 +248,15 @@ def validate(config: NetworkConfig) -> None:
     for entry in deny:
         net = parse_net(entry)
         if net is None or not _is_specified(entry, net):
-            raise ApiError(400, f"invalid denied CIDR {entry}")
+            raise ApiError(400, f"invalid denied CIDR {_clip(entry)}")
     domains = []
     for entry in allow:
         net = parse_net(entry)
         if net is not None:
             if not _is_specified(entry, net):
-                raise ApiError(400, f"invalid allowed address {entry}")
+                raise ApiError(400, f"invalid allowed address {_clip(entry)}")
         elif _looks_like_address(entry) or not (entry == "*" or is_domain_pattern(entry)):
-            raise ApiError(400, f"invalid allowed address {entry}")
+            raise ApiError(400, f"invalid allowed address {_clip(entry)}")
         else:
             domains.append(entry)
     if domains and ALL_TRAFFIC not in deny:
@@ -265,17 +268,23 @@ def validate(config: NetworkConfig) -> None:
             try:
                 ipaddress.IPv4Address(server)
             except ValueError:
-                raise ApiError(400, f"invalid DNS server {server}: each entry must be an IPv4 address") from None
+                raise ApiError(400, f"invalid DNS server {_clip(server)}: each entry must be an IPv4 address") from None
     _validate_rules(config.rules)
     if config.mask_request_host is not None:
         mask = config.mask_request_host
         if not mask or len(mask) > MAX_HOST_LEN or not all(0x21 <= ord(c) < 0x7F for c in mask):
-            raise ApiError(400, f"mask request host is not valid: {mask}")
+            raise ApiError(400, f"mask request host is not valid: {_clip(mask)}")
     for port in config.https_ports or ():
         if not 0 < port < 65536:
             raise ApiError(400, f"https ports: {port} is not a TCP port")
         if port == ENVD_PORT:
             raise ApiError(400, f"https ports: the envd port ({ENVD_PORT}) cannot be listed")
+
+
+def _clip(text: str) -> str:
+    """An entry as a message echoes it: E2B's messages quote what they refuse, but an entry may be as
+    long as the body limit lets it be (1 MiB), and a message is for reading."""
+    return text if len(text) <= MAX_ECHO else text[: MAX_ECHO - 1] + "…"
 
 
 def _looks_like_address(entry: str) -> bool:
@@ -293,7 +302,9 @@ def _validate_rules(rules: dict[str, tuple[dict[str, str], ...]] | None) -> None
         if not domain:
             raise ApiError(400, "Rule domain must not be empty.")
         if len(domain) > MAX_RULE_DOMAIN_LEN:
-            raise ApiError(400, f'Rule domain "{domain}" exceeds maximum length of {MAX_RULE_DOMAIN_LEN} characters.')
+            raise ApiError(
+                400, f'Rule domain "{_clip(domain)}" exceeds maximum length of {MAX_RULE_DOMAIN_LEN} characters.'
+            )
         if not is_domain_pattern(domain):
             raise ApiError(400, f'Rule domain "{domain}" is not a valid domain name.')
         if len(domain_rules) > MAX_TRANSFORMS_PER_DOMAIN:
@@ -307,13 +318,13 @@ def _validate_rules(rules: dict[str, tuple[dict[str, str], ...]] | None) -> None
                 if not is_token(name.encode("utf-8", "surrogatepass")):
                     raise ApiError(
                         400,
-                        f'Header name "{name}" in rule for domain "{domain}" must contain only valid HTTP token '
+                        f'Header name "{_clip(name)}" in rule for domain "{domain}" must contain only valid HTTP token '
                         "characters.",
                     )
                 if len(name) > MAX_HEADER_NAME_LEN:
                     raise ApiError(
                         400,
-                        f'Header name "{name}" in rule for domain "{domain}" exceeds maximum length of '
+                        f'Header name "{_clip(name)}" in rule for domain "{domain}" exceeds maximum length of '
                         f"{MAX_HEADER_NAME_LEN} characters.",
                     )
                 if bad_header_value(value):
