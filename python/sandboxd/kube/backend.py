@@ -78,6 +78,11 @@ START_TIMEOUT_S = 60.0
 """How long a create waits for its Pod to run: scheduling and a sandbox boot take well under a
 second, but a burst of creates on a busy cluster queues in the scheduler."""
 
+NODE_LOST_RETRY_S = 0.5
+"""A create whose Pod was bound to a node that then stopped reporting starts a new Pod after this
+long (the Pod is marked ``NodeLost`` by the leader; see :meth:`KubernetesBackend._reap`), while
+:data:`START_TIMEOUT_S` lasts."""
+
 TRANSITION_TIMEOUT_S = 30.0
 """How long pause, resume and kill wait for the node to report that it acted."""
 
@@ -296,6 +301,32 @@ class KubernetesBackend:
             )
         if len(request.template) > 253 or any(c.isspace() for c in request.template):
             raise ApiError(400, f"'templateID' {request.template[:80]!r} is not a template name")
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while True:
+            pod = await self._start_pod(request, timeout, deadline)
+            if pod.get("status", {}).get("phase") == "Running":
+                return self.row(pod)
+            await self._force_delete(pod["metadata"]["name"])
+            status = pod.get("status", {})
+            if status.get("reason") == "NodeLost" and time.monotonic() + NODE_LOST_RETRY_S < deadline:
+                # Bound to a node that died before it started the sandbox: nothing of it ran, so the
+                # create goes on with a new Pod, which the scheduler places elsewhere once the node
+                # controller has tainted the dead one (until then it may pick it again).
+                log.warning("create: %s; starting the sandbox again", status.get("message"))
+                await asyncio.sleep(NODE_LOST_RETRY_S)
+                continue
+            unschedulable = _unschedulable(pod)
+            if unschedulable is not None:
+                raise ApiError(403, f"no sandboxd node has room for the sandbox: {unschedulable}")
+            if status.get("reason") == "UnknownTemplate":
+                raise ApiError(404, status.get("message", "unknown template"))
+            if status.get("reason") == "NodeLost":
+                raise ApiError(503, f"the sandbox could not start: {status.get('message')}")
+            raise ApiError(400, f"the sandbox could not start: {status.get('reason')}: {status.get('message')}")
+
+    async def _start_pod(self, request: CreateRequest, timeout: int, deadline: float) -> dict[str, Any]:
+        """A new sandbox Pod, once it is Running, or ended, or refused by the scheduler, within
+        ``deadline``."""
         name = pods.new_id()
         body = pods.sandbox_pod(
             name=name,
@@ -320,23 +351,15 @@ class KubernetesBackend:
                 raise ApiError(403, f"the sandbox was refused: {exc.body.get('message', exc)}") from None
             raise ApiError(503, f"the Kubernetes API server failed: {exc}") from None
         try:
-            pod = await self._wait_for(name, _settled, START_TIMEOUT_S, created)
+            pod: dict[str, Any] | None = await self._wait_for(
+                name, _settled, max(deadline - time.monotonic(), 0.0), created
+            )
         except TimeoutError:
             await self._force_delete(name)
             raise ApiError(503, f"no sandboxd node started the sandbox within {START_TIMEOUT_S:.0f}s") from None
         if pod is None:
             raise ApiError(409, f'Sandbox "{name}" was deleted while it started')
-        phase = pod.get("status", {}).get("phase")
-        if phase == "Running":
-            return self.row(pod)
-        unschedulable = _unschedulable(pod)
-        await self._force_delete(name)
-        if unschedulable is not None:
-            raise ApiError(403, f"no sandboxd node has room for the sandbox: {unschedulable}")
-        status = pod.get("status", {})
-        if status.get("reason") == "UnknownTemplate":
-            raise ApiError(404, status.get("message", "unknown template"))
-        raise ApiError(400, f"the sandbox could not start: {status.get('reason')}: {status.get('message')}")
+        return pod
 
     async def _force_delete(self, name: str) -> None:
         with contextlib.suppress(KubeError):
@@ -812,11 +835,16 @@ class KubernetesBackend:
                 name = meta["name"]
                 if name in self.busy or meta.get("deletionTimestamp"):
                     continue
-                if pod.get("status", {}).get("phase") != "Running":
+                phase = pod.get("status", {}).get("phase")
+                if phase not in ("Running", "Pending"):
                     continue
                 node = pod.get("spec", {}).get("nodeName")
                 if node and not self._node_ready(node):
+                    # Pending and bound: the node died before it started the sandbox, and no one
+                    # else will (its create starts a new Pod; it waited START_TIMEOUT_S for nothing).
                     self._start_reaping(name, self._node_lost(pod, node))
+                    continue
+                if phase != "Running":
                     continue
                 notes = meta.get("annotations") or {}
                 if (meta.get("labels") or {}).get(pods.STATE_LABEL) == "paused" or pods.END_AT_ANNOTATION not in notes:
