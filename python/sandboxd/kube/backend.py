@@ -839,9 +839,12 @@ class KubernetesBackend:
                 if phase not in ("Running", "Pending"):
                     continue
                 node = pod.get("spec", {}).get("nodeName")
-                if node and not self._node_ready(node):
-                    # Pending and bound: the node died before it started the sandbox, and no one
-                    # else will (its create starts a new Pod; it waited START_TIMEOUT_S for nothing).
+                # Pending and bound: the node died before it started the sandbox, and no one else
+                # will (its create starts a new Pod; it waited START_TIMEOUT_S for nothing). Only a
+                # node this replica knows and sees NotReady: one it has not heard of yet may have
+                # registered a moment ago, and the scheduler may bind to it before the watch says so.
+                lost = phase == "Running" or f"/{node}" in self.nodes.items
+                if node and lost and not self._node_ready(node):
                     self._start_reaping(name, self._node_lost(pod, node))
                     continue
                 if phase != "Running":
