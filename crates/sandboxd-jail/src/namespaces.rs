@@ -510,7 +510,7 @@ fn enter_namespaces_and_clone(
     let tid = own_tid_address();
     // Set by C as it starts the caller's closure. From then on this memory's heap, locks and (in
     // the zygote) interpreter may be half-changed by a C that is killed on a failure after it
-    // started (B's seccomp filter or capabilities refused, the setup deadline while B finishes):
+    // started (B's capabilities refused, the setup deadline while B finishes):
     // A must then not return into its caller, failure or not.
     let started = AtomicBool::new(false);
     let mut marked = || -> i32 {

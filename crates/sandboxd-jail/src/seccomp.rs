@@ -6,9 +6,10 @@
 //! system call of the process and all its descendants (it survives `fork` and `execve` and can
 //! never be removed); it sees the call number, architecture and raw arguments, and answers allow
 //! or an errno. Installing one needs `CAP_SYS_ADMIN` in the caller's user namespace or
-//! `no_new_privs`. The payload installs it while it still holds `CAP_SYS_ADMIN` over the sandbox's
-//! user namespace, so `no_new_privs` stays off and setuid programs (`sudo`) keep working inside,
-//! where setuid root is the sandbox's root.
+//! `no_new_privs`. It is installed while the installer still holds `CAP_SYS_ADMIN` over the
+//! sandbox's user namespace (the init, just before it clones the payload, which inherits it; the
+//! payload itself where it is forked instead, `init.rs`), so `no_new_privs` stays off and setuid
+//! programs (`sudo`) keep working inside, where setuid root is the sandbox's root.
 //!
 //! The program is built with `seccompiler` (rust-vmm, Firecracker's filter compiler) before the
 //! sandbox is forked, and installed with the raw `seccomp(2)` call, because seccompiler's own
