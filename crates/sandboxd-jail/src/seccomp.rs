@@ -199,7 +199,7 @@ pub(crate) fn build(nested_userns: bool) -> io::Result<BpfProgram> {
     for &nr in conditional.keys() {
         leaves.insert(u32::try_from(nr).map_err(other)?, Leaf::Onward);
     }
-    let mut program = match search(&leaves.into_iter().collect::<Vec<_>>()) {
+    let program = match search(&leaves.into_iter().collect::<Vec<_>>()) {
         Some(search) => {
             let mut program = compile(conditional)?;
             let at = ARCH_CHECK_LEN + SPLICE_LEN;
@@ -214,7 +214,6 @@ pub(crate) fn build(nested_userns: bool) -> io::Result<BpfProgram> {
             program.len()
         )));
     }
-    program.shrink_to_fit();
     Ok(program)
 }
 

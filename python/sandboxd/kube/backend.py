@@ -304,10 +304,10 @@ class KubernetesBackend:
         deadline = time.monotonic() + START_TIMEOUT_S
         while True:
             pod = await self._start_pod(request, timeout, deadline)
-            if pod.get("status", {}).get("phase") == "Running":
+            status = pod.get("status", {})
+            if status.get("phase") == "Running":
                 return self.row(pod)
             await self._force_delete(pod["metadata"]["name"])
-            status = pod.get("status", {})
             if status.get("reason") == "NodeLost" and time.monotonic() + NODE_LOST_RETRY_S < deadline:
                 # Bound to a node that died before it started the sandbox: nothing of it ran, so the
                 # create goes on with a new Pod, which the scheduler places elsewhere once the node
